@@ -1,0 +1,16 @@
+"""deco_ops: fused Triton kernels for the visual-token compressors of multimodal LLMs."""
+
+# _backend must come first: it switches on Triton's interpreter (DECO_OPS_BACKEND=triton on a
+# machine without a GPU) before any kernel module is decorated by triton.
+from ._backend import use_backend  # noqa: I001
+from .pooling import adaptive_avg_pool_tokens
+from .projector import pool_linear, pool_mlp
+from .modules import DeCoProjector
+
+__all__ = [
+    "adaptive_avg_pool_tokens",
+    "pool_linear",
+    "pool_mlp",
+    "DeCoProjector",
+    "use_backend",
+]

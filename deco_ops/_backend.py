@@ -1,0 +1,92 @@
+"""Which implementation runs an op: compiled Triton, Triton's interpreter, or the PyTorch reference.
+
+``DECO_OPS_BACKEND`` selects, per process (``deco_ops.use_backend`` overrides it per block):
+
+* ``auto`` (default): CUDA tensors run the compiled Triton kernels, CPU tensors the PyTorch
+  reference path.
+* ``triton``: every op runs the Triton kernels. On a machine without a GPU this switches on
+  Triton's interpreter (``TRITON_INTERPRET=1``) so the real kernels run on CPU tensors; that switch
+  has to happen before triton decorates any kernel, which is why ``deco_ops/__init__.py`` imports
+  this module before ``deco_ops.kernels``. It is never switched on in a process that has a GPU.
+* ``torch``: the PyTorch reference path everywhere.
+
+There is no silent fallback: if the selected backend cannot run an input, the op raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+ENV_VAR = "DECO_OPS_BACKEND"
+BACKENDS = ("auto", "triton", "torch")
+
+_override: str | None = None
+
+
+def _check(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def selected() -> str:
+    """The backend in force: the innermost ``use_backend`` block, else ``$DECO_OPS_BACKEND``."""
+    if _override is not None:
+        return _override
+    return _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+def _switch_on_interpreter() -> None:
+    """Run Triton kernels through the interpreter when the triton backend is asked for on a CPU-only
+    machine. Called once, at package import, before any kernel is decorated."""
+    if os.environ.get(ENV_VAR, "auto").strip().lower() != "triton":
+        return
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_switch_on_interpreter()
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels in this process run through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend inside a ``with`` block (tests, A/B comparisons)."""
+    global _override
+    previous, _override = _override, _check(name, "backend")
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def use_triton(device: torch.device) -> bool:
+    """True if an op on ``device`` must run the Triton kernels, False for the reference path.
+
+    Raises if the selected backend cannot serve the device, instead of falling back.
+    """
+    backend = selected()
+    if backend == "torch":
+        return False
+    if device.type == "cuda":
+        return True
+    if backend == "auto":
+        return False
+    if device.type == "cpu" and interpreting():
+        return True
+    if device.type == "cpu":
+        raise RuntimeError(
+            "DECO_OPS_BACKEND=triton on CPU tensors needs Triton's interpreter, which deco_ops switches "
+            "on only when DECO_OPS_BACKEND=triton is set before `import deco_ops` in a process without "
+            "a GPU. Move the tensors to CUDA or use the 'torch' backend."
+        )
+    raise RuntimeError(f"the triton backend has no kernels for device {device}")

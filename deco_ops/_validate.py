@@ -1,0 +1,88 @@
+"""Argument checks shared by every public op. Each raises ValueError/TypeError naming the
+argument, before anything is launched."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REFERENCE_ONLY_DTYPES = (torch.float64,)
+
+
+def tensor(name: str, value, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    return value
+
+
+def floating(name: str, value: torch.Tensor, use_triton: bool) -> None:
+    allowed = FLOAT_DTYPES if use_triton else FLOAT_DTYPES + REFERENCE_ONLY_DTYPES
+    if value.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{name} has dtype {value.dtype}; supported here: {names}")
+
+
+def same_dtype(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, value in others.items():
+        if value is not None and value.dtype != reference.dtype:
+            raise TypeError(f"{name} has dtype {value.dtype} but {reference_name} has {reference.dtype}; cast them to one dtype")
+
+
+def same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, value in others.items():
+        if value is not None and value.device != reference.device:
+            raise ValueError(f"{name} is on {value.device} but {reference_name} is on {reference.device}")
+
+
+def grid(name: str, value) -> tuple[int, ...]:
+    """A 2D (H, W) or 3D (T, H, W) grid of positive ints."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, Sequence) or isinstance(value, str):
+        raise TypeError(f"{name} must be a tuple of 2 or 3 ints, got {value!r}")
+    if len(value) not in (2, 3):
+        raise ValueError(f"{name} must have 2 (H, W) or 3 (T, H, W) entries, got {tuple(value)}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} entries must be ints, got {tuple(value)}")
+        if v < 1:
+            raise ValueError(f"{name} entries must be >= 1, got {tuple(value)}")
+        out.append(int(v))
+    return tuple(out)
+
+
+def grids(grid_value, out_grid_value) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    g = grid("grid", grid_value)
+    o = grid("out_grid", out_grid_value)
+    if len(g) != len(o):
+        raise ValueError(f"out_grid {o} must have as many entries as grid {g}")
+    return g, o
+
+
+def tokens(x: torch.Tensor, g: tuple[int, ...]) -> None:
+    expected = math.prod(g)
+    if x.shape[1] != expected:
+        raise ValueError(
+            f"x has {x.shape[1]} tokens but grid {g} needs {expected}; if x carries prefix (CLS) tokens, "
+            f"drop them first (x[:, k:]) or use DeCoProjector(num_prefix_tokens=k)"
+        )
+
+
+def linear(w_name: str, w, b_name: str, b, in_features: int, in_name: str) -> None:
+    tensor(w_name, w, 2)
+    if w.shape[1] != in_features:
+        raise ValueError(f"{w_name} has shape {tuple(w.shape)}: its in_features {w.shape[1]} must equal {in_name} = {in_features}")
+    if b is not None:
+        tensor(b_name, b, 1)
+        if b.shape[0] != w.shape[0]:
+            raise ValueError(f"{b_name} has shape {tuple(b.shape)} but {w_name} has {w.shape[0]} output features")
+
+
+def activation(value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"activation must be one of {tuple(choices)}, got {value!r}")
+    return value

@@ -1,0 +1,93 @@
+"""Drop-in ``nn.Module`` compressors built on the fused ops."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import _validate
+from .projector import ACTIVATIONS, pool_mlp
+
+_DECO_PAPER_PREFIX = "mlp_projector."
+
+
+class DeCoProjector(nn.Module):
+    """DeCo: 2D/3D adaptive average pooling of the patch grid, then LLaVA's MLP projector.
+
+    ``forward(x)`` takes ``(B, num_prefix_tokens + prod(grid), in_features)`` (prefix/CLS tokens are
+    dropped) and returns ``(B, prod(out_grid), out_features)``. ``grid``/``out_grid`` may be given
+    per call (AnyRes tiles, video) without rebuilding the module.
+
+    The two Linear layers are registered as children ``"0"`` and ``"2"``, exactly as in LLaVA's
+    ``mlp2x_gelu`` projector ``nn.Sequential(Linear, GELU, Linear)``, so its ``state_dict``
+    (``0.weight``, ``0.bias``, ``2.weight``, ``2.bias``) loads unchanged and ours loads into it.
+    The DeCo paper's ``AvgPoolProjector`` keys (``mlp_projector.0.weight``, ...) load too.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        hidden_features: int | None = None,
+        grid=(24, 24),
+        out_grid=(12, 12),
+        activation: str = "gelu",
+        num_prefix_tokens: int = 0,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        hidden_features = out_features if hidden_features is None else hidden_features
+        if isinstance(hidden_features, bool) or not isinstance(hidden_features, int) or hidden_features < 1:
+            raise ValueError(f"hidden_features must be a positive int, got {hidden_features!r}")
+        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+        self.grid, self.out_grid = _validate.grids(grid, out_grid)
+        self.activation = _validate.activation(activation, ACTIVATIONS)
+        self.num_prefix_tokens = num_prefix_tokens
+        factory = {"device": device, "dtype": dtype}
+        self.add_module("0", nn.Linear(in_features, hidden_features, bias=bias, **factory))
+        self.add_module("2", nn.Linear(hidden_features, out_features, bias=bias, **factory))
+        self._register_load_state_dict_pre_hook(self._accept_deco_paper_keys)
+
+    @property
+    def fc1(self) -> nn.Linear:
+        return self._modules["0"]
+
+    @property
+    def fc2(self) -> nn.Linear:
+        return self._modules["2"]
+
+    @staticmethod
+    def _accept_deco_paper_keys(state_dict, prefix, *args) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix + _DECO_PAPER_PREFIX)]:
+            state_dict[prefix + key[len(prefix + _DECO_PAPER_PREFIX):]] = state_dict.pop(key)
+
+    def forward(self, x: torch.Tensor, *, grid=None, out_grid=None) -> torch.Tensor:
+        grid, out_grid = _validate.grids(self.grid if grid is None else grid, self.out_grid if out_grid is None else out_grid)
+        _validate.tensor("x", x, 3)
+        expected = self.num_prefix_tokens + math.prod(grid)
+        if x.shape[1] != expected:
+            raise ValueError(
+                f"x has {x.shape[1]} tokens but DeCoProjector expects num_prefix_tokens + prod(grid) = "
+                f"{self.num_prefix_tokens} + {math.prod(grid)} = {expected} (grid {grid})"
+            )
+        if self.num_prefix_tokens:
+            x = x[:, self.num_prefix_tokens:]
+        return pool_mlp(
+            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+            grid=grid, out_grid=out_grid, activation=self.activation,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"grid={self.grid}, out_grid={self.out_grid}, activation={self.activation!r}, "
+            f"num_prefix_tokens={self.num_prefix_tokens}"
+        )

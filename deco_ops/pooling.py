@@ -1,0 +1,84 @@
+"""``adaptive_avg_pool_tokens``: 2D/3D adaptive average pooling of (B, N, C) token grids.
+
+Registered as ``torch.ops.deco.adaptive_avg_pool_tokens`` and its adjoint
+``torch.ops.deco.unpool_tokens``; each one's autograd formula is the other, so gradients of any
+order flow and both are opaque, graph-break-free nodes under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _backend, _validate, reference
+from .kernels import adaptive_pool
+
+
+def as_3d(grid) -> tuple[int, int, int]:
+    """(H, W) -> (1, H, W): the kernels treat every grid as (T, H, W)."""
+    return tuple(grid) if len(grid) == 3 else (1, *grid)
+
+
+@torch.library.custom_op("deco::adaptive_avg_pool_tokens", mutates_args=())
+def _pool(x: torch.Tensor, grid: list[int], out_grid: list[int]) -> torch.Tensor:
+    if _backend.use_triton(x.device):
+        return adaptive_pool.pool_tokens(x, as_3d(grid), as_3d(out_grid))
+    return reference.adaptive_avg_pool_tokens(x, grid, out_grid).contiguous()
+
+
+@_pool.register_fake
+def _(x, grid, out_grid):
+    return x.new_empty((x.shape[0], math.prod(out_grid), x.shape[2]))
+
+
+@torch.library.custom_op("deco::unpool_tokens", mutates_args=())
+def _unpool(grad: torch.Tensor, grid: list[int], out_grid: list[int]) -> torch.Tensor:
+    if _backend.use_triton(grad.device):
+        return adaptive_pool.unpool_tokens(grad, as_3d(grid), as_3d(out_grid))
+    return reference.unpool_tokens(grad, grid, out_grid).contiguous()
+
+
+@_unpool.register_fake
+def _(grad, grid, out_grid):
+    return grad.new_empty((grad.shape[0], math.prod(grid), grad.shape[2]))
+
+
+def _setup(ctx, inputs, output):
+    ctx.grid, ctx.out_grid = inputs[1], inputs[2]
+
+
+def _pool_backward(ctx, grad):
+    return torch.ops.deco.unpool_tokens(grad.contiguous(), ctx.grid, ctx.out_grid), None, None
+
+
+def _unpool_backward(ctx, grad):
+    return torch.ops.deco.adaptive_avg_pool_tokens(grad, ctx.grid, ctx.out_grid), None, None
+
+
+_pool.register_autograd(_pool_backward, setup_context=_setup)
+_unpool.register_autograd(_unpool_backward, setup_context=_setup)
+
+
+def check_pool_input(x, grid, out_grid) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Validates (B, N, C) tokens against their grid; returns the parsed grids."""
+    _validate.tensor("x", x, 3)
+    _validate.floating("x", x, _backend.use_triton(x.device))
+    g, o = _validate.grids(grid, out_grid)
+    _validate.tokens(x, g)
+    return g, o
+
+
+def adaptive_avg_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
+    """Adaptive average pooling of a token grid, exactly ``F.adaptive_avg_pool2d``/``3d``.
+
+    Args:
+        x: ``(B, N, C)`` tokens, ``N = prod(grid)`` in row-major ``(H, W)`` or ``(T, H, W)`` order.
+        grid: ``(H, W)`` or ``(T, H, W)``.
+        out_grid: same rank as ``grid``, every entry >= 1 (may exceed ``grid``).
+
+    Returns:
+        ``(B, prod(out_grid), C)``; window ``i`` of an axis covers ``floor(i*L/O) .. ceil((i+1)*L/O)``.
+    """
+    g, o = check_pool_input(x, grid, out_grid)
+    return torch.ops.deco.adaptive_avg_pool_tokens(x, list(g), list(o))

@@ -1,0 +1,34 @@
+"""One place that turns a kernel's CUDA config list into its autotuner.
+
+Under Triton's interpreter there is no driver to time configs (autotuning several of them crashes),
+so every kernel runs a single fixed config there; on CUDA it autotunes over ``cuda_configs``.
+``deco_ops.aot`` compiles every entry of ``cuda_configs`` ahead of time for sm_90 and sm_80.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotuned(cuda_configs: list[triton.Config], interpret_config: triton.Config, key: list[str]):
+    """Decorator: autotune over ``cuda_configs`` on a GPU, run ``interpret_config`` alone when interpreting."""
+    configs = [interpret_config] if INTERPRET else cuda_configs
+    return triton.autotune(configs=configs, key=key)
+
+
+def dot_dtype_workaround(dtype_is_bf16: bool) -> bool:
+    """Whether tl.dot operands must be upcast to fp32: Triton's interpreter (3.6 and 3.9) returns
+    garbage for bf16 dots, fp16/fp32 are right. Compiled kernels keep bf16 tensor-core dots."""
+    return INTERPRET and dtype_is_bf16
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow ``torch.backends.cuda.matmul.allow_tf32``, as torch.matmul does."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"

@@ -1,0 +1,51 @@
+"""Activations of the MLP projector and their derivatives, evaluated in fp32 inside GEMM epilogues.
+
+ACTIVATION codes (constexpr): 0 = identity, 1 = erf-GELU (``nn.GELU()``), 2 = tanh-GELU
+(``nn.GELU(approximate="tanh")``), 3 = SiLU.
+"""
+
+import triton
+import triton.language as tl
+
+IDENTITY, GELU, GELU_TANH, SILU = 0, 1, 2, 3
+CODES = {"identity": IDENTITY, "gelu": GELU, "gelu_tanh": GELU_TANH, "silu": SILU}
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = 0.7978845608028654
+_TANH_CUBIC = 0.044715
+
+
+@triton.jit
+def _tanh(x):
+    # tl has no tanh on every backend; 2*sigmoid(2x)-1 is exact in fp32 and saturates cleanly.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def apply(z, ACTIVATION: tl.constexpr):
+    """act(z) for fp32 ``z``."""
+    if ACTIVATION == 1:
+        return 0.5 * z * (1.0 + tl.erf(z * _SQRT_HALF))
+    elif ACTIVATION == 2:
+        return 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + _TANH_CUBIC * z * z * z)))
+    elif ACTIVATION == 3:
+        return z * tl.sigmoid(z)
+    else:
+        return z
+
+
+@triton.jit
+def derivative(z, ACTIVATION: tl.constexpr):
+    """act'(z) for fp32 ``z``."""
+    if ACTIVATION == 1:
+        return 0.5 * (1.0 + tl.erf(z * _SQRT_HALF)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACTIVATION == 2:
+        inner = _SQRT_2_OVER_PI * (z + _TANH_CUBIC * z * z * z)
+        t = _tanh(inner)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_CUBIC * z * z)
+    elif ACTIVATION == 3:
+        s = tl.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    else:
+        return tl.full(z.shape, 1.0, tl.float32)

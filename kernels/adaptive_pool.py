@@ -1,0 +1,122 @@
+"""Adaptive average pooling of token grids, forward and its adjoint (the un-pooling of gradients).
+
+Tokens are ``(B, N, C)`` with ``N = T*H*W`` in row-major (t, h, w) order, pooled to
+``(B, OT*OH*OW, C)``.
+
+* ``pool_tokens_kernel``: one program per (batch, output cell, channel block) sums its window.
+  Reads B*N*C elements (more where windows overlap), writes B*P*C.
+* ``unpool_tokens_kernel``: the backward. One program per (batch, input token, channel block)
+  *gathers* ``grad_out / |window|`` from every window that contains the token, in a fixed order,
+  so the result is deterministic (PyTorch's CUDA adaptive-pool backward scatters with atomics and
+  is not: pytorch issue 149130) and every input element is written exactly once.
+
+Both accumulate in fp32 and honour arbitrary strides of their (B, N, C) operands; program ids are
+widened to int64 before they multiply strides.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .adaptive_window import window, windows_containing
+
+BLOCK_C = 256
+
+
+@triton.jit
+def pool_tokens_kernel(
+    x_ptr, out_ptr,
+    C, T, H, W, OT, OH, OW,
+    sxb, sxn, sxc, sob, son, soc,
+    BLOCK_C: tl.constexpr,
+):
+    cell = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    ow = cell % OW
+    oh = (cell // OW) % OH
+    ot = cell // (OW * OH)
+    t0, t1 = window(ot, T, OT)
+    h0, h1 = window(oh, H, OH)
+    w0, w1 = window(ow, W, OW)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    x_b = x_ptr + b * sxb + c * sxc
+    for t in range(t0, t1):
+        for h in range(h0, h1):
+            for w in range(w0, w1):
+                acc += tl.load(x_b + ((t * H + h) * W + w) * sxn, mask=c_mask, other=0.0).to(tl.float32)
+    acc = acc / ((t1 - t0) * (h1 - h0) * (w1 - w0)).to(tl.float32)
+    tl.store(out_ptr + b * sob + cell * son + c * soc, acc.to(out_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def unpool_tokens_kernel(
+    g_ptr, dx_ptr,
+    C, T, H, W, OT, OH, OW,
+    sgb, sgp, sgc, sdb, sdn, sdc,
+    BLOCK_C: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    w = token % W
+    h = (token // W) % H
+    t = token // (W * H)
+    it0, it1 = windows_containing(t, T, OT)
+    ih0, ih1 = windows_containing(h, H, OH)
+    iw0, iw1 = windows_containing(w, W, OW)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    g_b = g_ptr + b * sgb + c * sgc
+    for ot in range(it0, it1):
+        t0, t1 = window(ot, T, OT)
+        for oh in range(ih0, ih1):
+            h0, h1 = window(oh, H, OH)
+            for ow in range(iw0, iw1):
+                w0, w1 = window(ow, W, OW)
+                count = ((t1 - t0) * (h1 - h0) * (w1 - w0)).to(tl.float32)
+                g = tl.load(g_b + ((ot * OH + oh) * OW + ow) * sgp, mask=c_mask, other=0.0).to(tl.float32)
+                acc += g / count
+    tl.store(dx_ptr + b * sdb + token * sdn + c * sdc, acc.to(dx_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _block_c(C: int) -> int:
+    return min(BLOCK_C, triton.next_power_of_2(C))
+
+
+def pool_tokens(x: torch.Tensor, grid: tuple[int, int, int], out_grid: tuple[int, int, int]) -> torch.Tensor:
+    """(B, T*H*W, C) -> (B, OT*OH*OW, C), adaptive average over each cell's window."""
+    B, _, C = x.shape
+    T, H, W = grid
+    OT, OH, OW = out_grid
+    P = OT * OH * OW
+    out = torch.empty((B, P, C), device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    block = _block_c(C)
+    pool_tokens_kernel[(P, B, triton.cdiv(C, block))](
+        x, out, C, T, H, W, OT, OH, OW, *x.stride(), *out.stride(), BLOCK_C=block,
+    )
+    return out
+
+
+def unpool_tokens(grad: torch.Tensor, grid: tuple[int, int, int], out_grid: tuple[int, int, int]) -> torch.Tensor:
+    """Adjoint of ``pool_tokens``: (B, P, C) gradient -> (B, T*H*W, C) gradient."""
+    B, _, C = grad.shape
+    T, H, W = grid
+    OT, OH, OW = out_grid
+    N = T * H * W
+    dx = torch.empty((B, N, C), device=grad.device, dtype=grad.dtype)
+    if dx.numel() == 0:
+        return dx
+    block = _block_c(C)
+    unpool_tokens_kernel[(N, B, triton.cdiv(C, block))](
+        grad, dx, C, T, H, W, OT, OH, OW, *grad.stride(), *dx.stride(), BLOCK_C=block,
+    )
+    return dx
+
+
+def pool_bytes(B: int, N: int, P: int, C: int, elem: int) -> int:
+    """Fewest bytes pooling must move: read every token once, write every pooled cell once."""
+    return (B * N * C + B * P * C) * elem

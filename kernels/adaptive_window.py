@@ -1,0 +1,36 @@
+"""Adaptive-pooling window geometry, shared by every pooling kernel and its launcher.
+
+Output cell ``i`` of an axis of input length ``L`` pooled to ``O`` averages inputs
+``floor(i*L/O) .. ceil((i+1)*L/O) - 1`` (PyTorch's definition; windows overlap when O does not
+divide L). Conversely input ``j`` lies in the windows ``floor(j*O/L) .. ceil((j+1)*O/L) - 1``.
+Grids are handled as (T, H, W); a 2D grid is (1, H, W).
+"""
+
+import functools
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def window(i, L, O):
+    """[start, end) of the inputs averaged by output cell ``i``."""
+    return (i * L) // O, ((i + 1) * L + O - 1) // O
+
+
+@triton.jit
+def windows_containing(j, L, O):
+    """[first, last + 1) of the output cells whose window contains input ``j``."""
+    return (j * O) // L, ((j + 1) * O + L - 1) // L
+
+
+@functools.lru_cache(maxsize=None)
+def max_window(L: int, O: int) -> int:
+    """Largest window along one axis: the unrolled trip count of the pooled A-tile loads."""
+    return max(((i + 1) * L + O - 1) // O - (i * L) // O for i in range(O))
+
+
+@functools.lru_cache(maxsize=None)
+def max_windows_containing(L: int, O: int) -> int:
+    """Most windows any one input belongs to along one axis (>1 when windows overlap or O > L)."""
+    return max(((j + 1) * O + L - 1) // L - (j * O) // L for j in range(L))

@@ -1,0 +1,96 @@
+"""Backward through the MLP projector's activation, fused into the GEMM that needs it.
+
+    dz[m, n] = (sum_k dy[m, k] * w2[k, n]) * act'(z[m, n])     (dy @ w2, then the chain rule)
+    a[m, n]  = act(z[m, n])                                   (rebuilt for dW2 = dy.T @ a)
+
+``z`` is the saved pre-activation. The epilogue reads each z tile once and writes both dz and the
+recomputed activation, so the activation never had to be kept from the forward pass and the
+elementwise GELU backward costs no extra pass over memory. dW2, dW1 and the input gradient are
+plain GEMMs on these tensors and stay on cuBLAS.
+
+Counts: flops = 2*M*N*K;  bytes = (M*K + K*N + 3*M*N) * elem.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import activations
+from .tiling import grouped_tile
+from ._tuning import autotuned, dot_dtype_workaround, input_precision
+
+
+def cuda_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 128, 64, 8, 3),
+            (128, 256, 64, 8, 3),
+            (64, 128, 64, 4, 4),
+            (128, 64, 64, 4, 4),
+        ]
+    ]
+
+
+INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
+
+
+@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K"])
+@triton.jit
+def gemm_act_grad_kernel(
+    dy_ptr, w_ptr, z_ptr, dz_ptr, a_ptr,
+    M, N, K,
+    sdym, sdyk, swk, swn, szm, szn,
+    ACTIVATION: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        k_mask = k < K
+        g = tl.load(dy_ptr + rows[:, None] * sdym + k[None, :] * sdyk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_ptr + k.to(tl.int64)[:, None] * swk + cols[None, :] * swn, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(g.to(tl.float32), wt.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(g, wt, acc, input_precision=INPUT_PRECISION)
+
+    mask = row_mask[:, None] & col_mask[None, :]
+    z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :] * szn, mask=mask, other=0.0).to(tl.float32)
+    offsets = rows[:, None] * N + cols[None, :]
+    tl.store(dz_ptr + offsets, (acc * activations.derivative(z, ACTIVATION)).to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(a_ptr + offsets, activations.apply(z, ACTIVATION).to(a_ptr.dtype.element_ty), mask=mask)
+
+
+def gemm_act_grad(dy: torch.Tensor, w2: torch.Tensor, z: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy (M, K) , w2 (K, N) in nn.Linear layout (out=K, in=N), z (M, N) -> (dz, act(z)), both (M, N)."""
+    M, K = dy.shape
+    N = w2.shape[1]
+    dz = torch.empty((M, N), device=dy.device, dtype=z.dtype)
+    a = torch.empty((M, N), device=dy.device, dtype=z.dtype)
+    if M == 0 or N == 0:
+        return dz, a
+
+    def grid_fn(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    gemm_act_grad_kernel[grid_fn](
+        dy, w2, z, dz, a, M, N, K,
+        *dy.stride(), *w2.stride(), *z.stride(),
+        ACTIVATION=activations.CODES[activation],
+        DOT_FP32=dot_dtype_workaround(dy.dtype == torch.bfloat16),
+        INPUT_PRECISION=input_precision(dy.dtype),
+    )
+    return dz, a
+
+
+def flops(M: int, N: int, K: int) -> int:
+    return 2 * M * N * K

@@ -1,0 +1,157 @@
+"""Adaptive pooling fused into a GEMM's A-operand load, with bias and activation in the epilogue.
+
+    out[m, n] = act( sum_k pooled[m, k] * w[n, k] + b[n] ),   m = (batch, output cell)
+
+``pooled`` never exists in memory: each A tile (BLOCK_M pooled rows x BLOCK_K channels) is formed
+in registers by summing the tokens of every row's window (an unrolled loop over the largest window,
+masked per row, so overlapping and uneven windows cost only their own loads), scaling by
+1/|window| in fp32 and rounding to the operand dtype exactly once, as PyTorch's pooling output is.
+Then a tensor-core ``tl.dot`` with fp32 accumulation; the epilogue adds the bias, optionally stores
+the pre-activation (the one hidden-sized tensor kept for backward), applies the activation and
+stores the result. When autograd needs it, the programs of the first N tile also store the pooled
+tile they formed (the small tensor kept for backward) so the patch tokens are never saved.
+
+Used for the first Linear of the DeCo MLP projector (and the whole "linear" projector). The second
+Linear of the MLP runs on cuBLAS (``torch.addmm``): its A operand is an ordinary activation tensor,
+so there is nothing to fuse into its loads, and cuBLAS is the fastest plain GEMM we could write.
+
+Counts (the benchmarks report TFLOP/s and GB/s from these):
+    flops = 2 * M * N * K                                  (pooling adds M*K*|window| adds)
+    bytes = (B*N_tok*K + N*K + N + M*N * (1 + stored_pre) + M*K * stored_pooled) * elem
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import activations
+from .tiling import grouped_tile
+from ._tuning import autotuned, dot_dtype_workaround, input_precision
+from .adaptive_window import max_window, window
+
+
+def cuda_configs() -> list[triton.Config]:
+    """Tiles for Hopper/Ampere; M = batch * pooled cells is a few thousand, N and K are 1-5k."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 128, 64, 8, 3),
+            (128, 256, 64, 8, 3),
+            (64, 128, 64, 4, 4),
+            (128, 64, 64, 4, 4),
+            (64, 64, 64, 4, 3),
+        ]
+    ]
+
+
+INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
+
+
+@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K", "WT", "WH", "WW", "STORE_PRE", "STORE_POOLED"])
+@triton.jit
+def pool_gemm_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, pre_ptr, pooled_ptr,
+    M, N, K,
+    T, H, W, OT, OH, OW,
+    sxb, sxn, sxc, swn, swk,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    STORE_PRE: tl.constexpr, STORE_POOLED: tl.constexpr,
+    WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+
+    # Each pooled row's batch and window, once per program.
+    P = OT * OH * OW
+    rows64 = rows.to(tl.int64)
+    batch = rows64 // P
+    cell = rows64 % P
+    t0, t1 = window(cell // (OH * OW), T, OT)
+    h0, h1 = window((cell // OW) % OH, H, OH)
+    w0, w1 = window(cell % OW, W, OW)
+    inv_count = 1.0 / ((t1 - t0) * (h1 - h0) * (w1 - w0)).to(tl.float32)
+    x_rows = x_ptr + batch * sxb
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w_tile = w_ptr + cols.to(tl.int64)[None, :] * swn
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        k_mask = k < K
+        a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for dt in tl.static_range(WT):
+            for dh in tl.static_range(WH):
+                for dw in tl.static_range(WW):
+                    t, h, w = t0 + dt, h0 + dh, w0 + dw
+                    inside = row_mask & (t < t1) & (h < h1) & (w < w1)
+                    token = (t * H + h) * W + w
+                    ptrs = x_rows[:, None] + token[:, None] * sxn + k[None, :] * sxc
+                    a += tl.load(ptrs, mask=inside[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        a = (a * inv_count[:, None]).to(x_ptr.dtype.element_ty)
+        if STORE_POOLED:
+            if pid_n == 0:
+                pooled_ptrs = pooled_ptr + rows64[:, None] * K + k[None, :]
+                tl.store(pooled_ptrs, a, mask=row_mask[:, None] & k_mask[None, :])
+        wt = tl.load(w_tile + k[:, None] * swk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(a, wt, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    out_offsets = rows64[:, None] * N + cols[None, :]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if STORE_PRE:
+        tl.store(pre_ptr + out_offsets, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
+    acc = activations.apply(acc, ACTIVATION)
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def pool_gemm(
+    x: torch.Tensor,
+    grid: tuple[int, int, int],
+    out_grid: tuple[int, int, int],
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    activation: str,
+    store_pre: bool,
+    store_pooled: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """act(pool(x) @ w.T + b) for x (B, T*H*W, K), w (N, K) -> (B*P, N) plus, on request, the
+    pre-activation (B*P, N) and the pooled rows (B*P, K). ``w`` and ``b`` must be contiguous."""
+    B, _, K = x.shape
+    N = w.shape[0]
+    T, H, W = grid
+    OT, OH, OW = out_grid
+    M = B * OT * OH * OW
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    pre = torch.empty((M, N), device=x.device, dtype=x.dtype) if store_pre else None
+    pooled = torch.empty((M, K), device=x.device, dtype=x.dtype) if store_pooled else None
+    if M == 0 or N == 0:
+        return out, pre, pooled
+
+    def grid_fn(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    pool_gemm_kernel[grid_fn](
+        x, w, b if b is not None else out, out, pre if store_pre else out, pooled if store_pooled else out,
+        M, N, K, T, H, W, OT, OH, OW,
+        *x.stride(), *w.stride(),
+        HAS_BIAS=b is not None, ACTIVATION=activations.CODES[activation],
+        STORE_PRE=store_pre, STORE_POOLED=store_pooled,
+        WT=max_window(T, OT), WH=max_window(H, OH), WW=max_window(W, OW),
+        DOT_FP32=dot_dtype_workaround(x.dtype == torch.bfloat16),
+        INPUT_PRECISION=input_precision(x.dtype),
+    )
+    return out, pre, pooled
+
+
+def flops(M: int, N: int, K: int) -> int:
+    return 2 * M * N * K

@@ -1,0 +1,87 @@
+"""Shared test harness: float64 references, per-dtype tolerances, NaN-poisoned outputs and
+NaN guard bands around inputs.
+
+* ``guarded(t)`` returns a copy of ``t`` living inside a larger NaN-filled buffer (with padding
+  before, after and between rows), so any read out of bounds turns the result into NaN.
+* ``poisoned_empty`` patches ``torch.empty``/``torch.empty_like`` inside a ``with`` block to
+  hand out NaN-filled memory, so an output element a kernel forgets to write stays NaN.
+* ``assert_close(out, ref, dtype)`` compares ``||out - ref|| / ||ref||`` against ``TOL[dtype]``
+  and fails on any NaN/Inf that the reference does not have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-4,
+    torch.float16: 5e-3,
+    torch.bfloat16: 2e-2,
+}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output", tol: float | None = None) -> None:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    bad_out = ~torch.isfinite(out.double())
+    bad_ref = ~torch.isfinite(ref.double())
+    assert torch.equal(bad_out, bad_ref), f"{what}: {int((bad_out & ~bad_ref).sum())} non-finite values where the reference is finite"
+    finite = ~bad_ref
+    err = rel_err(out.double()[finite], ref.double()[finite])
+    limit = TOL[dtype] if tol is None else tol
+    assert err <= limit, f"{what}: relative error {err:.3e} > {limit:.1e} ({dtype})"
+
+
+def guarded(t: torch.Tensor, pad: int = 3) -> torch.Tensor:
+    """A copy of ``t`` (same values, same shape) that is a strided view into a NaN-filled buffer:
+    ``pad`` NaNs before and after and between consecutive rows of the last dimension."""
+    if t.dim() == 0:
+        return t.clone()
+    *lead, last = t.shape
+    rows = 1
+    for s in lead:
+        rows *= s
+    buf = torch.full((pad + rows * (last + pad) + pad,), float("nan"), dtype=t.dtype, device=t.device)
+    body = buf[pad: pad + rows * (last + pad)].view(rows, last + pad)[:, :last]
+    body.copy_(t.reshape(rows, last))
+    return body.view(*lead, last) if lead else body.view(last)
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """Inside the block, torch.empty / empty_like / new_empty return NaN-filled floating tensors."""
+    real_empty, real_empty_like, real_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def fill(t):
+        if t.is_floating_point() and t.numel():
+            t.fill_(float("nan"))
+        return t
+
+    torch.empty = lambda *a, **k: fill(real_empty(*a, **k))
+    torch.empty_like = lambda *a, **k: fill(real_empty_like(*a, **k))
+    torch.Tensor.new_empty = lambda self, *a, **k: fill(real_new_empty(self, *a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like, torch.Tensor.new_empty = real_empty, real_empty_like, real_new_empty
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", scale: float = 1.0, generator=None) -> torch.Tensor:
+    return (torch.randn(*shape, dtype=torch.float64, device=device, generator=generator) * scale).to(dtype)
+
+
+def leaf(t: torch.Tensor | None, dtype=None) -> torch.Tensor | None:
+    """A fresh leaf requiring grad (optionally cast), or None."""
+    if t is None:
+        return None
+    return t.detach().to(dtype or t.dtype).requires_grad_(True)
