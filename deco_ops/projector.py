@@ -48,8 +48,8 @@ def _pool_linear(
             x, as_3d(grid), as_3d(out_grid), w.contiguous(), None if b is None else b.contiguous(),
             "identity", store_pre=False, store_pooled=keep_residuals,
         )
-        pooled = pooled.view(B, P, -1) if keep_residuals else _empty(x)
-        return y.view(B, P, -1), pooled
+        pooled = pooled.view(B, P, x.shape[2]) if keep_residuals else _empty(x)
+        return y.view(B, P, w.shape[0]), pooled
     pooled = reference.adaptive_avg_pool_tokens(x, grid, out_grid).contiguous()
     return torch.nn.functional.linear(pooled, w, b), pooled if keep_residuals else _empty(x)
 
@@ -128,9 +128,10 @@ def _pool_mlp(
         )
         w2t = w2.t()
         y = torch.addmm(b2, act, w2t) if b2 is not None else act @ w2t
+        y = y.view(B, P, w2.shape[0])
         if not keep_residuals:
-            return y.view(B, P, -1), _empty(x), _empty(x)
-        return y.view(B, P, -1), pooled.view(B, P, -1), pre.view(B, P, -1)
+            return y, _empty(x), _empty(x)
+        return y, pooled.view(B, P, x.shape[2]), pre.view(B, P, w1.shape[0])
     pooled = reference.adaptive_avg_pool_tokens(x, grid, out_grid).contiguous()
     pre = torch.nn.functional.linear(pooled, w1, b1)
     y = torch.nn.functional.linear(reference.ACTIVATIONS[activation](pre), w2, b2)

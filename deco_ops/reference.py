@@ -3,6 +3,8 @@ tests compare with (in float64). Tokens are (B, N, C) with N = prod(grid) in row
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +24,7 @@ def adaptive_avg_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
     """F.adaptive_avg_pool2d/3d applied to the token grid."""
     B, _, C = x.shape
     pool = F.adaptive_avg_pool2d if len(grid) == 2 else F.adaptive_avg_pool3d
-    return pool(_as_image(x, grid), tuple(out_grid)).reshape(B, C, -1).transpose(1, 2)
+    return pool(_as_image(x, grid), tuple(out_grid)).reshape(B, C, math.prod(out_grid)).transpose(1, 2)
 
 
 def unpool_tokens(grad: torch.Tensor, grid, out_grid) -> torch.Tensor:
@@ -31,7 +33,7 @@ def unpool_tokens(grad: torch.Tensor, grid, out_grid) -> torch.Tensor:
     like = grad.new_empty(()).expand(B, C, *grid)
     backward = torch.ops.aten._adaptive_avg_pool2d_backward if len(grid) == 2 else torch.ops.aten._adaptive_avg_pool3d_backward
     dx = backward(_as_image(grad, out_grid).contiguous(), like)
-    return dx.reshape(B, C, -1).transpose(1, 2)
+    return dx.reshape(B, C, math.prod(grid)).transpose(1, 2)
 
 
 def pool_linear(x, w, b, grid, out_grid):
@@ -43,10 +45,28 @@ def pool_mlp(x, w1, b1, w2, b2, grid, out_grid, activation="gelu"):
     return F.linear(ACTIVATIONS[activation](F.linear(adaptive_avg_pool_tokens(x, grid, out_grid), w1, b1)), w2, b2)
 
 
+def _gelu_grad(z):
+    return 0.5 * (1.0 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_tanh_grad(z):
+    k = math.sqrt(2.0 / math.pi)
+    t = torch.tanh(k * (z + 0.044715 * z**3))
+    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k * (1.0 + 3 * 0.044715 * z * z)
+
+
+def _silu_grad(z):
+    s = torch.sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+# Closed forms (autograd is off inside a custom op's implementation); tests check them against
+# torch.autograd on the ACTIVATIONS above.
+ACTIVATION_GRADS = {"gelu": _gelu_grad, "gelu_tanh": _gelu_tanh_grad, "silu": _silu_grad}
+
+
 def mlp_activation_backward(dy, w2, pre, activation):
-    """(dy @ w2 * act'(pre), act(pre)), with act' from PyTorch's own autograd formula."""
-    with torch.enable_grad():
-        z = pre.detach().requires_grad_(True)
-        a = ACTIVATIONS[activation](z)
-        (dz,) = torch.autograd.grad(a, z, dy @ w2)
-    return dz, a.detach()
+    """(dy @ w2 * act'(pre), act(pre)), the activation math in at least fp32."""
+    z = pre.float() if pre.dtype in (torch.float16, torch.bfloat16) else pre
+    dz = (dy @ w2).to(z.dtype) * ACTIVATION_GRADS[activation](z)
+    return dz.to(pre.dtype), ACTIVATIONS[activation](z).to(pre.dtype)

@@ -10,10 +10,12 @@ import triton.language as tl
 IDENTITY, GELU, GELU_TANH, SILU = 0, 1, 2, 3
 CODES = {"identity": IDENTITY, "gelu": GELU, "gelu_tanh": GELU_TANH, "silu": SILU}
 
-_SQRT_HALF = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
-_TANH_CUBIC = 0.044715
+# Globals read inside @triton.jit functions must be tl.constexpr: compiled Triton rejects plain
+# Python floats (the interpreter accepts them, so only an ahead-of-time compile catches it).
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_TANH_CUBIC = tl.constexpr(0.044715)
 
 
 @triton.jit

@@ -1,0 +1,225 @@
+"""Named benchmark shapes, defined once, from the models they come from (issue 4, issue 7).
+
+Every shape has a ``tiny`` twin with the same structure (2D/3D grid, divisible or not, shared
+queries, ``kv_lens``) but sizes small enough for a CPU smoke run; ``for_device`` picks the real
+shape on CUDA and the twin elsewhere. Real shapes run in bf16 on CUDA; CPU smoke runs use fp32.
+
+Where the issue leaves a number open, the choice is written next to it (``note``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class PoolMLPShape:
+    """pool -> Linear -> GELU -> Linear on ``(batch, prod(grid), in_features)`` tokens (DeCo)."""
+
+    name: str
+    batch: int
+    grid: tuple[int, ...]
+    out_grid: tuple[int, ...]
+    in_features: int
+    hidden: int
+    out_features: int
+    source: str = ""
+    note: str = ""
+    tiny: PoolMLPShape | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def pooled(self) -> int:
+        return math.prod(self.out_grid)
+
+    def describe(self) -> str:
+        g = "x".join(map(str, self.grid))
+        o = "x".join(map(str, self.out_grid))
+        return f"B={self.batch}, {g}->{o}, {self.in_features}->{self.hidden}->{self.out_features}"
+
+
+@dataclass(frozen=True)
+class MLPPoolShape(PoolMLPShape):
+    """Project-then-pool (PLLaVA / LLaVA-OneVision order): Linear -> GELU -> Linear, then pool."""
+
+    mode: str = "avg"  # "avg" (adaptive average) or "bilinear" (F.interpolate, align_corners=False)
+
+    def describe(self) -> str:
+        return super().describe() + f", {self.mode}"
+
+
+@dataclass(frozen=True)
+class PackedShape:
+    """A ragged batch of token grids packed back to back, ``(sum_i prod(grids[i]), C)`` (issue 7)."""
+
+    name: str
+    grids: tuple[tuple[int, ...], ...]
+    out_grids: tuple[tuple[int, ...], ...]
+    in_features: int
+    hidden: int
+    out_features: int
+    source: str = ""
+    note: str = ""
+    tiny: PackedShape | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def tokens(self) -> int:
+        return sum(math.prod(g) for g in self.grids)
+
+    @property
+    def pooled(self) -> int:
+        return sum(math.prod(g) for g in self.out_grids)
+
+    def describe(self) -> str:
+        return f"{len(self.grids)} grids, {self.tokens} tokens -> {self.pooled}, {self.in_features}->{self.hidden}->{self.out_features}"
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Cross-attention: ``M`` queries (shared by the batch when ``shared_q``) over ``N`` keys."""
+
+    name: str
+    batch: int
+    M: int
+    N: int
+    heads: int
+    head_dim: int
+    shared_q: bool = True
+    kv_lens: tuple[int, ...] | None = None
+    source: str = ""
+    note: str = ""
+    tiny: AttentionShape | None = field(default=None, compare=False, repr=False)
+
+    def describe(self) -> str:
+        q = "shared" if self.shared_q else "per-sample"
+        lens = f", kv_lens={list(self.kv_lens)}" if self.kv_lens else ""
+        return f"B={self.batch}, M={self.M} ({q}), N={self.N}, H={self.heads}, D={self.head_dim}{lens}"
+
+
+def _with_tiny(shape, **tiny_fields):
+    return replace(shape, tiny=replace(shape, name=shape.name + "_tiny", **tiny_fields))
+
+
+# ----------------------------------------------------------------------------------------------
+# pool + MLP (deco_ops.pool_mlp)
+
+POOL_MLP = {
+    s.name: s
+    for s in [
+        _with_tiny(
+            PoolMLPShape("llava15_7b", 32, (24, 24), (12, 12), 1024, 4096, 4096,
+                         source="LLaVA-1.5-7B: CLIP ViT-L/14-336 (24x24 patches), Vicuna-7B (4096)"),
+            batch=2, grid=(8, 8), out_grid=(4, 4), in_features=32, hidden=64, out_features=64,
+        ),
+        _with_tiny(
+            PoolMLPShape("llava15_13b", 32, (24, 24), (12, 12), 1024, 5120, 5120,
+                         source="LLaVA-1.5-13B: CLIP ViT-L/14-336, Vicuna-13B (5120)"),
+            batch=2, grid=(8, 8), out_grid=(4, 4), in_features=32, hidden=80, out_features=80,
+        ),
+        _with_tiny(
+            PoolMLPShape("siglip_qwen2_7b", 32, (27, 27), (12, 12), 1152, 3584, 3584,
+                         source="SigLIP-so400m/14-384 (27x27 patches), Qwen2-7B (3584)",
+                         note="27 -> 12 is not divisible: overlapping, uneven windows"),
+            batch=2, grid=(9, 9), out_grid=(4, 4), in_features=48, hidden=56, out_features=56,
+        ),
+        _with_tiny(
+            PoolMLPShape("pllava_16f", 4, (16, 24, 24), (16, 12, 12), 1024, 4096, 4096,
+                         source="PLLaVA-7B: 16 frames of CLIP ViT-L/14-336, Vicuna-7B",
+                         note="batch not given by the issue: 4 videos (36,864 tokens, 2x llava15_7b's)"),
+            batch=1, grid=(4, 8, 8), out_grid=(4, 4, 4), in_features=32, hidden=64, out_features=64,
+        ),
+        _with_tiny(
+            PoolMLPShape("infer_b1", 1, (24, 24), (12, 12), 1024, 4096, 4096,
+                         source="LLaVA-1.5-7B widths, one image: inference latency"),
+            batch=1, grid=(8, 8), out_grid=(4, 4), in_features=32, hidden=64, out_features=64,
+        ),
+    ]
+}
+
+# ----------------------------------------------------------------------------------------------
+# cross-attention (deco_ops.cross_attention)
+
+_VIDEO_FRAMES = (16, 12, 10, 7)
+
+CROSS_ATTENTION = {
+    s.name: s
+    for s in [
+        _with_tiny(
+            AttentionShape("blip2_qformer", 64, 32, 257, 12, 64,
+                           source="BLIP-2 Q-Former: 32 learned queries, EVA ViT-g/14-224 (256+CLS tokens)"),
+            batch=2, M=4, N=17, heads=2, head_dim=16,
+        ),
+        _with_tiny(
+            AttentionShape("blip2_vitl336", 64, 32, 577, 12, 64,
+                           source="BLIP-2-style Q-Former over CLIP ViT-L/14-336 (576+CLS tokens)"),
+            batch=2, M=4, N=37, heads=2, head_dim=16,
+        ),
+        _with_tiny(
+            AttentionShape("qwenvl_resampler", 16, 256, 1024, 32, 128,
+                           source="Qwen-VL resampler: 256 queries, 4096 wide (32x128), 448px/14 -> 1024 tokens"),
+            batch=2, M=8, N=32, heads=2, head_dim=32,
+        ),
+        _with_tiny(
+            AttentionShape("video_resampler", 4, 256, 16 * 576, 16, 64,
+                           kv_lens=tuple(f * 576 for f in _VIDEO_FRAMES),
+                           source="video resampler: 256 queries over up to 16 frames x 576 tokens",
+                           note=f"kv_lens not given by the issue: videos of {list(_VIDEO_FRAMES)} frames x 576"),
+            batch=2, M=8, N=36, heads=2, head_dim=16, kv_lens=(36, 27),
+        ),
+    ]
+}
+
+# ----------------------------------------------------------------------------------------------
+# issue 7: packed ragged batches and project-then-pool. Benchmarked only when deco_ops exposes
+# pool_mlp_packed / mlp_pool.
+
+PACKED = {
+    s.name: s
+    for s in [
+        _with_tiny(
+            PackedShape("anyres_5tiles", tuple([(24, 24)] * 5 * 8), tuple([(12, 12)] * 5 * 8), 1024, 4096, 4096,
+                        source="LLaVA-NeXT-7B AnyRes: base 24x24 + 4 tiles of 24x24 per image (672x672, 2x2)",
+                        note="8 images x 5 grids packed; the padded baseline is the (40, 576, C) batch"),
+            grids=tuple([(4, 4)] * 5 * 2), out_grids=tuple([(2, 2)] * 5 * 2), in_features=32, hidden=64, out_features=64,
+        ),
+    ]
+}
+
+MLP_POOL = {
+    s.name: s
+    for s in [
+        _with_tiny(
+            MLPPoolShape("onevision_32f", 1, (32, 27, 27), (32, 14, 14), 1152, 3584, 3584, mode="bilinear",
+                         source="LLaVA-OneVision-7B video: 32 frames of SigLIP-so400m (27x27), MLP to Qwen2-7B, "
+                                "then 2x bilinear down-sampling to 14x14",
+                         note="runs adaptive average if deco_ops.mlp_pool takes no mode= argument"),
+            grid=(4, 9, 9), out_grid=(4, 5, 5), in_features=32, hidden=48, out_features=48,
+        ),
+    ]
+}
+
+ALL = {**POOL_MLP, **CROSS_ATTENTION, **PACKED, **MLP_POOL}
+
+# Shapes the bar of issue 4 speaks of come first in the report, so a run cut short still has them.
+PRIORITY = ["llava15_7b", "infer_b1", "blip2_qformer", "blip2_vitl336", "qwenvl_resampler", "video_resampler"]
+
+
+def for_device(shape, device) -> object:
+    """The real shape on CUDA, its tiny twin elsewhere."""
+    is_cuda = getattr(device, "type", device) == "cuda"
+    return shape if is_cuda or shape.tiny is None else shape.tiny
+
+
+def select(names: list[str] | None) -> list[str]:
+    """Shape names to run, bar shapes first; ``names`` filters (unknown names raise)."""
+    order = PRIORITY + [n for n in ALL if n not in PRIORITY]
+    if not names:
+        return order
+    unknown = [n for n in names if n not in ALL]
+    if unknown:
+        raise ValueError(f"unknown shape(s) {unknown}; known: {list(ALL)}")
+    return [n for n in order if n in names]

@@ -1,0 +1,197 @@
+"""Plain-PyTorch cross-attention: the default CPU backend of ``deco_ops.cross_attention`` and the
+float64 references the tests compare with.
+
+* ``attention_dense``: textbook softmax attention with the full M x N matrix (tests only).
+* ``attention_fwd`` / ``attention_bwd``: the reference *backend*. It streams the keys in chunks with
+  an online softmax, keeps only O and the log-sum-exp for backward, and recomputes each chunk's
+  probabilities from the LSE in backward, so no M x N matrix outlives a chunk (FlashAttention's
+  algorithm in PyTorch, in fp32 for half inputs).
+* ``dropout_keep``: Triton's Philox ``tl.rand`` in PyTorch, bit for bit, so both backends drop the
+  same elements for a given (seed, offset) and gradients compare across backends.
+
+Layouts as in the kernels: q (B or 1, M, H, D), k and v (B, N, H, D); LSE (B, H, M), natural log,
++inf for a row without keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK = 1024
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_UNIFORM_SCALE = 4.6566127342e-10  # triton.language.random.uint_to_uniform_float, 32-bit
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of a * b for a uint32 constant and uint32 values held in int64,
+    splitting b in 16-bit halves so no product overflows int64."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p_lo, p_hi = a * b_lo, a * b_hi
+    high = (p_hi + (p_lo >> 16)) >> 16
+    low = (p_lo + ((p_hi & 0xFFFF) << 16)) & _MASK32
+    return high, low
+
+
+def philox_uniform(seed: int, counter: torch.Tensor, rounds: int = 10) -> torch.Tensor:
+    """``tl.rand(seed, counter)`` for an int64 ``counter`` tensor: float32 uniforms in [0, 1)."""
+    c0, c1 = counter & _MASK32, (counter >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _MASK32, (k1 + _PHILOX_KEY_B) & _MASK32
+    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def dropout_keep(rng: tuple[int, int], H: int, M: int, N: int, b: torch.Tensor, h: torch.Tensor,
+                 rows: torch.Tensor, cols: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """The kernels' keep-mask at broadcastable index tensors (batch, head, query, key): counter
+    ``offset + ((b * H + h) * M + row) * N + col``, kept where the uniform draw is >= p (fp32)."""
+    seed, offset = rng
+    counter = offset + ((b * H + h) * M + rows) * N + cols
+    return philox_uniform(seed, counter) >= torch.tensor(dropout_p, dtype=torch.float32)
+
+
+def _chunk_keep(rng, B, H, M, N, start, stop, dropout_p, device) -> torch.Tensor:
+    """Keep-mask (B, H, M, stop - start) of keys start..stop."""
+    ar = lambda n: torch.arange(n, device=device, dtype=torch.int64)  # noqa: E731
+    cols = torch.arange(start, stop, device=device, dtype=torch.int64)
+    return dropout_keep(rng, H, M, N, ar(B)[:, None, None, None], ar(H)[None, :, None, None],
+                        ar(M)[None, None, :, None], cols[None, None, None, :], dropout_p)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _valid_keys(kv_lens: torch.Tensor | None, B: int, start: int, stop: int, device) -> torch.Tensor | None:
+    """(B, 1, 1, chunk) bool: key j of batch b exists."""
+    if kv_lens is None:
+        return None
+    cols = torch.arange(start, stop, device=device)
+    return (cols[None, :] < kv_lens.to(device=device, dtype=torch.int64)[:, None])[:, None, None, :]
+
+
+def attention_dense(q, k, v, kv_lens=None, scale=None, keep=None, dropout_p=0.0):
+    """Softmax attention with the whole (B, H, M, N) matrix, in the inputs' dtype (tests pass
+    float64). ``keep`` (B, H, M, N) bool applies dropout. Rows without keys give zeros."""
+    B, N, H, D = k.shape
+    scale = D**-0.5 if scale is None else scale
+    s = torch.einsum("bmhd,bnhd->bhmn", q.expand(B, -1, -1, -1), k) * scale
+    valid = _valid_keys(kv_lens, B, 0, N, k.device)
+    if valid is not None:
+        s = s.masked_fill(~valid, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    if valid is not None:
+        p = p.masked_fill(~valid, 0.0)
+    if keep is not None:
+        p = torch.where(keep, p / (1.0 - dropout_p), 0.0)
+    v = v if valid is None else v.masked_fill(~valid[:, 0, 0, :, None, None], 0.0)
+    return torch.einsum("bhmn,bnhd->bmhd", p, v)
+
+
+def _chunks(N: int):
+    return ((start, min(start + CHUNK, N)) for start in range(0, N, CHUNK))
+
+
+def _chunk_scores(qc, k, valid, start, stop, scale):
+    s = torch.einsum("bmhd,bnhd->bhmn", qc, k[:, start:stop].to(qc.dtype)) * scale
+    return s if valid is None else s.masked_fill(~valid, float("-inf"))
+
+
+def _chunk_values(v, valid, start, stop, dtype):
+    vc = v[:, start:stop].to(dtype)
+    return vc if valid is None else vc.masked_fill(~valid[:, 0, 0, :, None, None], 0.0)
+
+
+def attention_fwd(q, k, v, kv_lens, scale, dropout_p, rng):
+    """(O in q's dtype, LSE (B, H, M)): online softmax over key chunks of ``CHUNK`` keys."""
+    B, N, H, D = k.shape
+    M = q.shape[1]
+    ct = _compute_dtype(q.dtype)
+    qc = q.to(ct).expand(B, -1, -1, -1)
+    m = torch.full((B, H, M), float("-inf"), dtype=ct, device=q.device)
+    l = torch.zeros((B, H, M), dtype=ct, device=q.device)
+    acc = torch.zeros((B, H, M, D), dtype=ct, device=q.device)
+    for start, stop in _chunks(N):
+        valid = _valid_keys(kv_lens, B, start, stop, q.device)
+        s = _chunk_scores(qc, k, valid, start, stop, scale)
+        m_new = torch.maximum(m, s.amax(-1))
+        m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
+        p = torch.exp(s - m_safe[..., None])
+        alpha = torch.exp(m - m_safe)
+        l = l * alpha + p.sum(-1)
+        if dropout_p > 0:
+            p = torch.where(_chunk_keep(rng, B, H, M, N, start, stop, dropout_p, q.device), p / (1.0 - dropout_p), 0.0)
+        acc = acc * alpha[..., None] + p @ _chunk_values(v, valid, start, stop, ct).permute(0, 2, 1, 3)
+        m = m_new
+    has_keys = l > 0
+    out = acc / torch.where(has_keys, l, 1.0)[..., None]
+    lse = torch.where(has_keys, m + torch.log(torch.where(has_keys, l, 1.0)), float("inf"))
+    return out.permute(0, 2, 1, 3).to(q.dtype).contiguous(), lse
+
+
+def attention_bwd(dout, q, k, v, out, lse, kv_lens, scale, dropout_p, rng):
+    """(dq, dk, dv): each key chunk's probabilities recomputed from the LSE,
+    dS = P o (dP - rowsum(dO o O)). dq of a shared (1, M, H, D) q is summed over the batch."""
+    B, N, H, D = k.shape
+    M = q.shape[1]
+    ct = _compute_dtype(q.dtype)
+    qc = q.to(ct).expand(B, -1, -1, -1)
+    do = dout.to(ct).permute(0, 2, 1, 3)
+    delta = (do * out.to(ct).permute(0, 2, 1, 3)).sum(-1)
+    dq = torch.zeros((B, H, M, D), dtype=ct, device=q.device)
+    dk = torch.zeros((B, N, H, D), dtype=ct, device=q.device)
+    dv = torch.zeros((B, N, H, D), dtype=ct, device=q.device)
+    for start, stop in _chunks(N):
+        valid = _valid_keys(kv_lens, B, start, stop, q.device)
+        p = torch.exp(_chunk_scores(qc, k, valid, start, stop, scale) - lse.to(ct)[..., None])
+        vc = _chunk_values(v, valid, start, stop, ct).permute(0, 2, 1, 3)
+        dp = do @ vc.transpose(-1, -2)
+        pz = p
+        if dropout_p > 0:
+            keep = _chunk_keep(rng, B, H, M, N, start, stop, dropout_p, q.device)
+            pz = torch.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = torch.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[..., None]) * scale
+        kc = k[:, start:stop].to(ct).permute(0, 2, 1, 3)
+        if valid is not None:
+            kc = kc.masked_fill(~valid[:, :, 0, :, None], 0.0)
+        dq += ds @ kc
+        dk[:, start:stop] = (ds.transpose(-1, -2) @ qc.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+        dv[:, start:stop] = (pz.transpose(-1, -2) @ do).permute(0, 2, 1, 3)
+    dq = dq.permute(0, 2, 1, 3)
+    if q.shape[0] == 1 and B > 1:
+        dq = dq.sum(0, keepdim=True)
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def unpack_keys(k: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed (total_N, H, D) keys -> padded (B, max_seqlen, H, D), their lengths (B,) and the
+    (B, max_seqlen) bool mask of real positions (padding rows are zeros)."""
+    cu = cu_seqlens_k.to(device=k.device, dtype=torch.int64)
+    lens = cu[1:] - cu[:-1]
+    pos = torch.arange(max_seqlen, device=k.device)
+    real = pos[None, :] < lens[:, None]
+    index = torch.where(real, cu[:-1, None] + pos[None, :], 0)
+    padded = torch.where(real[..., None, None], k[index], 0.0)
+    return padded, lens, real
+
+
+def pack_keys(padded: torch.Tensor, cu_seqlens_k: torch.Tensor, real: torch.Tensor, total: int) -> torch.Tensor:
+    """Inverse of ``unpack_keys`` for gradients: rows of no sequence get zeros."""
+    cu = cu_seqlens_k.to(device=padded.device, dtype=torch.int64)
+    pos = torch.arange(padded.shape[1], device=padded.device)
+    packed = padded.new_zeros((total, *padded.shape[2:]))
+    packed[(cu[:-1, None] + pos[None, :])[real]] = padded[real]
+    return packed

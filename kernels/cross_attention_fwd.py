@@ -1,0 +1,357 @@
+"""Cross-attention forward, FlashAttention-style, specialised for few queries M over many keys N.
+
+    S = scale * Q K^T    (per batch b, head h: Q is M x D, K and V are N_b x D)
+    P = softmax(S) over the first N_b = kv_lens[b] keys (keys >= N_b do not exist)
+    O = (P o Z / (1 - p)) V,   Z the dropout keep-mask (all ones when dropout_p == 0)
+    LSE = log(sum_j exp(S_j))   (natural log, fp32; +inf for a row with no keys)
+
+Algorithm: one program owns a BLOCK_M x D tile of queries of one (batch, head) and streams the
+keys in BLOCK_N blocks (online softmax, base-2 exponentials with the scale folded into
+log2(e)): it keeps the running row maximum m, the running sum l and the unnormalised output
+accumulator in registers, so nothing of size M x N is ever written. Keys at or past ``kv_lens[b]``
+are never loaded (masked loads), and their scores are replaced by -inf with ``tl.where``, so NaN or
+garbage in the padding cannot leak. A row with no keys ends with l == 0: its output is written as
+zeros and its LSE as +inf, which makes every backward probability exp(S - LSE) zero.
+
+Split keys: when B * H * ceil(M / 64) < 0.8 * SM count (BLIP-2's 32 queries at small batch), the
+queries alone cannot fill the GPU, so the key range is cut into ``S`` splits, one program each; each
+writes its partial state (unnormalised O, m, l) in fp32, and ``cross_attention_combine_kernel``
+merges the splits exactly, in a fixed order (deterministic):
+    m = max_s m_s,  l = sum_s l_s 2^(m_s - m),  O = sum_s O_s 2^(m_s - m) / l.
+
+Queries shared by the whole batch (learned queries, ``q`` of shape (1, M, H, D)) are read through
+a zero batch stride: every batch's programs read the same rows, never a copied or expanded tensor.
+
+Dropout: the keep-mask is never stored. Element (b, h, i, j) uses the counter
+``offset + ((b * H + h) * M + i) * N + j`` of Triton's Philox generator (``tl.rand(seed, counter)``,
+kept if ``u >= p``), so the backward kernels regenerate exactly the same mask from ``(seed, offset)``
+and ``deco_ops.reference_attention.dropout_keep`` reproduces it bit for bit in PyTorch.
+
+Packed keys (``cu_seqlens_k``): batch b's keys are rows ``cu[b] .. cu[b+1]`` of a (total_N, H, D)
+tensor; N is then the longest sequence, used for the split ranges and the dropout counters.
+
+Counts (the benchmarks report TFLOP/s and GB/s from these):
+    flops = 4 * B * H * M * N * D                     (QK^T and PV; softmax adds O(B*H*M*N))
+    bytes = (Bq*M*H*D + 2*B*N*H*D + B*M*H*D) * elem + B*H*M * 4       (Q, K, V, O, LSE)
+            + S > 1: 2 * S*B*H*M*(D + 2) * 4          (the partial states, written then read)
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tuning import autotuned, dot_dtype_workaround, input_precision
+
+LOG2E = 1.4426950408889634
+
+# How a batch finds its keys: all N of them, the first kv_lens[b], or rows cu[b]..cu[b+1] (packed).
+KV_DENSE, KV_LENS, KV_PACKED = 0, 1, 2
+
+H100_SMS = 132
+MIN_KEYS_PER_SPLIT = 128
+MAX_SPLITS = 64
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; an H100's 132 when there is no GPU (interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return H100_SMS
+
+
+def choose_num_splits(work: int, N: int, device: torch.device) -> int:
+    """Key splits for ``work`` independent (batch, head, query block) programs over N keys.
+
+    FlashAttention's rule: split only when ``work < 0.8 * SMs``; then as many splits as it takes to
+    give every SM a program, but never fewer than ``MIN_KEYS_PER_SPLIT`` keys per split (a split
+    must amortise its partial-state round trip) and at most ``MAX_SPLITS``.
+    """
+    sms = sm_count(device)
+    if work >= 0.8 * sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, work), triton.cdiv(N, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+
+
+def split_ranges(N: int, num_splits: int) -> tuple[int, int]:
+    """(keys per split, effective number of splits): splits cover whole 16-key groups."""
+    per_split = triton.cdiv(triton.cdiv(N, num_splits), 16) * 16
+    return per_split, triton.cdiv(N, per_split)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared with the backward kernels
+
+
+@triton.jit
+def kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE: tl.constexpr):
+    """(first key row of batch b within its (packed) key tensor, number of valid keys in [0, N])."""
+    b64 = b.to(tl.int64)
+    if KV_MODE == 2:
+        start = tl.load(cu_ptr + b).to(tl.int64)
+        length = tl.load(cu_ptr + b + 1).to(tl.int64) - start
+    else:
+        start = b64 * 0
+        if KV_MODE == 1:
+            length = tl.load(lens_ptr + b).to(tl.int64)
+        else:
+            length = start + N
+    return start, tl.minimum(tl.maximum(length, 0), N)
+
+
+@triton.jit
+def dot(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b; operands upcast to fp32 where the interpreter's bf16 dot is broken."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def dropout_keep(seed, rng_offset, bh, M, N, rows, cols, dropout_p):
+    """Keep-mask of the (rows x cols) tile of (batch * H + head) ``bh``: Philox counter
+    ``offset + (bh * M + row) * N + col``, kept where the uniform draw is >= dropout_p."""
+    counter = rng_offset + (bh.to(tl.int64) * M + rows.to(tl.int64)[:, None]) * N + cols.to(tl.int64)[None, :]
+    return tl.rand(seed, counter) >= dropout_p
+
+
+@triton.jit
+def load_rows(base, rows, row_mask, stride_row, dims, dim_mask, stride_dim):
+    """A (rows x dims) tile; masked rows/dims read as 0 and are never touched in memory."""
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_row + dims[None, :] * stride_dim
+    return tl.load(ptrs, mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+
+
+def cuda_configs() -> list[triton.Config]:
+    """Key-block sizes and pipelining for Hopper/Ampere; BLOCK_M follows M (few queries)."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (64, 64, 4, 3),
+            (64, 128, 4, 3),
+            (128, 64, 8, 3),
+            (128, 128, 8, 2),
+            (32, 128, 4, 3),
+            (16, 128, 4, 3),
+        ]
+    ]
+
+
+INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
+
+
+@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "SPLIT"])
+@triton.jit
+def cross_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, m_ptr, l_ptr, lens_ptr, cu_ptr, rng_ptr,
+    H, M, N, D, keys_per_split,
+    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, som, soh, sod,
+    qk_scale, dropout_p,
+    KV_MODE: tl.constexpr, DROPOUT: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (ceil(M / BLOCK_M), B * H, splits). ``qk_scale`` = softmax scale * log2(e).
+
+    SPLIT: write the fp32 partial state (unnormalised O at o_ptr, laid out (S, B, H, M, D), and m,
+    l at m_ptr/l_ptr, (S, B, H, M)); otherwise O (strided, input dtype) and the LSE (B, H, M)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < D
+    q = load_rows(q_ptr + b.to(tl.int64) * sqb + h * sqh, rows, row_mask, sqm, dims, dim_mask, sqd)
+
+    kv_start, kv_len = kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE)
+    k_base = k_ptr + b.to(tl.int64) * skb + kv_start * skn + h * skh
+    v_base = v_ptr + b.to(tl.int64) * svb + kv_start * svn + h * svh
+    lo = split.to(tl.int64) * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, kv_len)
+    if DROPOUT:
+        seed = tl.load(rng_ptr)
+        rng_offset = tl.load(rng_ptr + 1)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_mask = cols < hi
+        k = load_rows(k_base, cols, col_mask, skn, dims, dim_mask, skd)
+        s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC), DOT_FP32, INPUT_PRECISION) * qk_scale
+        s = tl.where(col_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = dropout_keep(seed, rng_offset, bh, M, N, rows, cols, dropout_p)
+            p = tl.where(keep, p * inv_keep, 0.0)
+        v = load_rows(v_base, cols, col_mask, svn, dims, dim_mask, svd)
+        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32, INPUT_PRECISION)
+        m_i = m_new
+
+    if SPLIT:
+        state = (split * tl.num_programs(1) + bh).to(tl.int64) * M + rows
+        tl.store(o_ptr + state[:, None] * D + dims[None, :], acc, mask=row_mask[:, None] & dim_mask[None, :])
+        tl.store(m_ptr + state, m_i, mask=row_mask)
+        tl.store(l_ptr + state, l_i, mask=row_mask)
+    else:
+        store_output(o_ptr, lse_ptr, acc, m_i, l_i, b, h, bh, M, rows, row_mask, dims, dim_mask, sob, som, soh, sod)
+
+
+@triton.jit
+def store_output(o_ptr, lse_ptr, acc, m_i, l_i, b, h, bh, M, rows, row_mask, dims, dim_mask, sob, som, soh, sod):
+    """O = acc / l (zero rows where l == 0) and LSE = (m + log2 l) * ln 2 (+inf where l == 0)."""
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    o_ptrs = o_ptr + b.to(tl.int64) * sob + h * soh + rows.to(tl.int64)[:, None] * som + dims[None, :] * sod
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+    tl.store(lse_ptr + bh.to(tl.int64) * M + rows, lse, mask=row_mask)
+
+
+def combine_cuda_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in [(16, 4), (32, 4), (64, 8)]]
+
+
+COMBINE_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32})
+
+
+@autotuned(combine_cuda_configs(), COMBINE_INTERPRET_CONFIG, key=["M", "BLOCK_D", "S"])
+@triton.jit
+def cross_attention_combine_kernel(
+    part_o_ptr, part_m_ptr, part_l_ptr, o_ptr, lse_ptr,
+    BH, H, M, D, S,
+    sob, som, soh, sod,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (ceil(M / BLOCK_M), B * H): exact merge of the S partial softmax states, splits in order."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < D
+
+    m_tot = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    for s in range(0, S):
+        state = (s * BH + bh).to(tl.int64) * M + rows
+        m_tot = tl.maximum(m_tot, tl.load(part_m_ptr + state, mask=row_mask, other=float("-inf")))
+    m_safe = tl.where(m_tot == float("-inf"), 0.0, m_tot)
+    l_tot = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for s in range(0, S):
+        state = (s * BH + bh).to(tl.int64) * M + rows
+        w = tl.exp2(tl.load(part_m_ptr + state, mask=row_mask, other=float("-inf")) - m_safe)
+        l_tot += w * tl.load(part_l_ptr + state, mask=row_mask, other=0.0)
+        part = tl.load(part_o_ptr + state[:, None] * D + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+        acc += w[:, None] * part
+    store_output(o_ptr, lse_ptr, acc, m_tot, l_tot, bh // H, bh % H, bh, M, rows, row_mask, dims, dim_mask, sob, som, soh, sod)
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Accumulator / statistics dtype: fp32, fp64 for float64 inputs (interpreter gradchecks)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float64 else input_precision(dtype)
+
+
+def kv_mode(kv_lens: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None) -> int:
+    if cu_seqlens_k is not None:
+        return KV_PACKED
+    return KV_DENSE if kv_lens is None else KV_LENS
+
+
+def kv_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(batch, key, head, dim) strides of a (B, N, H, D) or packed (total_N, H, D) tensor."""
+    return (0, *t.stride()) if t.dim() == 3 else tuple(t.stride())
+
+
+def cross_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_lens: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    B: int,
+    N: int,
+    scale: float,
+    dropout_p: float,
+    rng: torch.Tensor | None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O (B, M, H, D) in q's dtype, LSE (B, H, M) fp32 (fp64 for float64)).
+
+    ``q`` is (B, M, H, D) or (1, M, H, D) (shared, zero batch stride); ``k``/``v`` are (B, N, H, D),
+    or packed (total_N, H, D) with ``cu_seqlens_k`` (B + 1,) and N the longest sequence.
+    ``kv_lens``/``cu_seqlens_k`` are int32 on q's device; ``rng`` is int64 (seed, offset) when
+    ``dropout_p > 0``. ``num_splits`` overrides ``choose_num_splits``.
+    """
+    _, M, H, D = q.shape
+    out = torch.empty((B, M, H, D), device=q.device, dtype=q.dtype)
+    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.empty((B, H, M), device=q.device, dtype=stat_dtype)
+    if num_splits is None:
+        num_splits = choose_num_splits(B * H * triton.cdiv(M, 64), N, q.device)
+    keys_per_split, num_splits = split_ranges(N, num_splits)
+    split = num_splits > 1
+    if split:
+        part_o = torch.empty((num_splits, B, H, M, D), device=q.device, dtype=stat_dtype)
+        part_m = torch.empty((num_splits, B, H, M), device=q.device, dtype=stat_dtype)
+        part_l = torch.empty_like(part_m)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    mode = kv_mode(kv_lens, cu_seqlens_k)
+    sqb = 0 if q.shape[0] == 1 else q.stride(0)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), B * H, num_splits)
+
+    cross_attention_fwd_kernel[grid](
+        q, k, v, part_o if split else out, lse, part_m if split else lse, part_l if split else lse,
+        kv_lens if kv_lens is not None else lse, cu_seqlens_k if cu_seqlens_k is not None else lse,
+        rng if rng is not None else lse,
+        H, M, N, D, keys_per_split,
+        sqb, *q.stride()[1:], *kv_strides(k), *kv_strides(v), *out.stride(),
+        scale * LOG2E, dropout_p,
+        KV_MODE=mode, DROPOUT=dropout_p > 0, SPLIT=split, ACC=acc_dtype(q.dtype),
+        DOT_FP32=dot_dtype_workaround(q.dtype == torch.bfloat16), INPUT_PRECISION=dot_precision(q.dtype),
+        BLOCK_D=BLOCK_D,
+    )
+    if split:
+        cross_attention_combine_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H)](
+            part_o, part_m, part_l, out, lse,
+            B * H, H, M, D, num_splits, *out.stride(),
+            ACC=acc_dtype(q.dtype), BLOCK_D=BLOCK_D,
+        )
+    return out, lse
+
+
+def flops(B: int, H: int, M: int, N: int, D: int) -> int:
+    """Matmul FLOPs of the forward: QK^T and PV, 2*M*N*D each per (batch, head)."""
+    return 4 * B * H * M * N * D
+
+
+def bytes_moved(B: int, H: int, M: int, N: int, D: int, elem: int, shared_q: bool = False, num_splits: int = 1) -> int:
+    """Fewest bytes the forward moves: read Q (once if shared), K, V; write O and the fp32 LSE;
+    plus the fp32 partial states written and read back when the keys are split."""
+    q_rows = M if shared_q else B * M
+    partial = 2 * num_splits * B * H * M * (D + 2) * 4 if num_splits > 1 else 0
+    return (q_rows * H * D + 2 * B * N * H * D + B * M * H * D) * elem + B * H * M * 4 + partial

@@ -1,0 +1,122 @@
+"""DeCoProjector: a drop-in for LLaVA's mlp2x_gelu projector after DeCo's adaptive pooling."""
+
+import pytest
+import torch
+from torch import nn
+
+import deco_ops
+from harness import assert_close
+
+
+class AvgPoolProjector(nn.Module):
+    """The DeCo paper's published projector (arXiv 2405.20985), written out in plain PyTorch."""
+
+    def __init__(self, query_num=144, mm_hidden_size=64, llm_hidden_size=96):
+        super().__init__()
+        hw = int(query_num**0.5)
+        self.sampler = nn.AdaptiveAvgPool2d((hw, hw))
+        self.mlp_projector = nn.Sequential(nn.Linear(mm_hidden_size, llm_hidden_size), nn.GELU(), nn.Linear(llm_hidden_size, llm_hidden_size))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        hw = int(n**0.5)
+        img = x.transpose(1, 2).reshape(b, d, hw, hw)
+        return self.mlp_projector(self.sampler(img).flatten(2).transpose(1, 2))
+
+
+def llava_mlp2x_gelu(c, h):
+    return nn.Sequential(nn.Linear(c, h), nn.GELU(), nn.Linear(h, h))
+
+
+def test_loads_llava_mm_projector_state_dict(backend):
+    torch.manual_seed(0)
+    llava = llava_mlp2x_gelu(40, 56)
+    proj = deco_ops.DeCoProjector(40, 56, grid=(8, 8), out_grid=(4, 4))
+    proj.load_state_dict(llava.state_dict())
+    assert set(proj.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    x = torch.randn(3, 64, 40, requires_grad=True)
+    y = proj(x)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(x.transpose(1, 2).reshape(3, 40, 8, 8), (4, 4)).flatten(2).transpose(1, 2)
+    assert_close(y, llava(pooled), torch.float32)
+    # and the other way round: our state_dict loads into LLaVA's Sequential
+    llava.load_state_dict(proj.state_dict())
+
+
+def test_matches_deco_paper_projector_forward_and_grads(backend):
+    torch.manual_seed(1)
+    paper = AvgPoolProjector(144, 64, 96).double()
+    proj = deco_ops.DeCoProjector(64, 96, grid=(24, 24), out_grid=(12, 12))
+    proj.load_state_dict(paper.state_dict())
+    x = torch.randn(1, 576, 64)
+    x_ours, x_ref = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+    y = proj(x_ours)
+    ref = paper(x_ref)
+    assert_close(y, ref, torch.float32)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref.backward(dy.double())
+    assert_close(x_ours.grad, x_ref.grad, torch.float32, "grad x")
+    assert_close(proj.fc1.weight.grad, paper.mlp_projector[0].weight.grad, torch.float32, "grad w1")
+    assert_close(proj.fc2.bias.grad, paper.mlp_projector[2].bias.grad, torch.float32, "grad b2")
+
+
+def test_prefix_tokens_are_dropped(backend):
+    proj = deco_ops.DeCoProjector(16, 24, grid=(4, 4), out_grid=(2, 2), num_prefix_tokens=1)
+    x = torch.randn(2, 17, 16)
+    x_nan_cls = x.clone()
+    x_nan_cls[:, 0] = float("nan")
+    assert torch.equal(proj(x_nan_cls), proj(x))
+    assert proj(x).shape == (2, 4, 24)
+
+
+def test_per_call_grid(backend):
+    proj = deco_ops.DeCoProjector(16, 24, grid=(4, 4), out_grid=(2, 2))
+    x = torch.randn(2, 6 * 5, 16)
+    y = proj(x, grid=(6, 5), out_grid=(3, 2))
+    expected = deco_ops.pool_mlp(x, proj.fc1.weight, proj.fc1.bias, proj.fc2.weight, proj.fc2.bias, grid=(6, 5), out_grid=(3, 2))
+    assert torch.equal(y, expected)
+
+
+def test_hidden_features_and_activation():
+    proj = deco_ops.DeCoProjector(16, 24, hidden_features=40, activation="silu", bias=False, grid=(4, 4), out_grid=(2, 2))
+    assert proj.fc1.weight.shape == (40, 16) and proj.fc2.weight.shape == (24, 40) and proj.fc1.bias is None
+    assert "silu" in repr(proj)
+
+
+def test_torch_compile_fullgraph_matches_eager(backend):
+    torch.manual_seed(2)
+    proj = deco_ops.DeCoProjector(32, 48, grid=(6, 6), out_grid=(3, 3), num_prefix_tokens=1)
+    x = torch.randn(2, 37, 32)
+    compiled = torch.compile(proj, fullgraph=True, backend="aot_eager" if backend == "triton" else "inductor")
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ye, yc = proj(xe), compiled(xc)
+    assert torch.equal(ye, yc)
+    dy = torch.randn_like(ye)
+    (ge,) = torch.autograd.grad(ye, xe, dy)
+    (gc,) = torch.autograd.grad(yc, xc, dy)
+    assert torch.equal(ge, gc)
+    explanation = torch._dynamo.explain(proj)(x)
+    assert explanation.graph_break_count == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"in_features": 0}, "in_features"),
+        ({"hidden_features": -1}, "hidden_features"),
+        ({"grid": (24,)}, "grid must have 2"),
+        ({"out_grid": (12, 12, 1)}, "as many entries"),
+        ({"activation": "relu"}, "activation"),
+        ({"num_prefix_tokens": -1}, "num_prefix_tokens"),
+    ],
+)
+def test_bad_construction(kwargs, match):
+    args = {"in_features": 8, "out_features": 8} | kwargs
+    with pytest.raises(ValueError, match=match):
+        deco_ops.DeCoProjector(args.pop("in_features"), args.pop("out_features"), **args)
+
+
+def test_wrong_token_count_names_prefix():
+    proj = deco_ops.DeCoProjector(8, 8, grid=(4, 4), out_grid=(2, 2))
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        proj(torch.randn(1, 17, 8))

@@ -1,0 +1,108 @@
+"""adaptive_avg_pool_tokens and its adjoint against F.adaptive_avg_pool2d/3d in float64."""
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+
+import deco_ops
+from deco_ops import reference
+from deco_ops.kernels import adaptive_pool
+from harness import DTYPES, assert_close, guarded, poisoned_empty, randn
+
+GRIDS = [
+    ((24, 24), (12, 12)),  # CLIP ViT-L/14-336 -> DeCo 144
+    ((27, 27), (12, 12)),  # SigLIP, overlapping windows
+    ((24, 24), (7, 7)),
+    ((5, 9), (3, 4)),  # non-square
+    ((6, 6), (6, 6)),  # out == in
+    ((3, 4), (5, 7)),  # out larger than in
+    ((1, 1), (1, 1)),
+    ((4, 6, 6), (2, 3, 3)),  # video (T, H, W)
+    ((3, 5, 7), (2, 2, 3)),
+]
+
+
+def _pool_case(grid, out_grid, dtype, B=2, C=19, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = randn(B, math.prod(grid), C, dtype=dtype, generator=g)
+    dy = randn(B, math.prod(out_grid), C, dtype=dtype, generator=g)
+    return x, dy
+
+
+@pytest.mark.parametrize("grid,out_grid", GRIDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pool_forward_backward(backend, grid, out_grid, dtype):
+    x, dy = _pool_case(grid, out_grid, dtype, B=1 if math.prod(grid) > 200 else 2)
+    xg = guarded(x).requires_grad_(True)
+    with poisoned_empty():
+        y = deco_ops.adaptive_avg_pool_tokens(xg, grid, out_grid)
+        (dx,) = torch.autograd.grad(y, xg, guarded(dy))
+    x64 = x.double().requires_grad_(True)
+    y64 = reference.adaptive_avg_pool_tokens(x64, grid, out_grid)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    assert y.dtype == dtype and y.shape == (x.shape[0], math.prod(out_grid), 19)
+    assert_close(y, y64, dtype, "pooled")
+    assert_close(dx, dx64, dtype, "grad x")
+
+
+def test_reference_is_pytorch_pooling():
+    """The float64 reference really is F.adaptive_avg_pool2d on the (B, C, H, W) image."""
+    x = torch.randn(2, 27 * 27, 5, dtype=torch.float64)
+    img = x.transpose(1, 2).reshape(2, 5, 27, 27)
+    expected = torch.nn.functional.adaptive_avg_pool2d(img, (12, 12)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(reference.adaptive_avg_pool_tokens(x, (27, 27), (12, 12)), expected)
+
+
+def test_unpool_is_deterministic_gather():
+    _, dy = _pool_case((11, 11), (4, 4), torch.float32, B=1, C=300)
+    with deco_ops.use_backend("triton"):
+        runs = [torch.ops.deco.unpool_tokens(dy, [11, 11], [4, 4]) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_unpool_gradient_is_pool(backend):
+    """unpool's registered autograd formula is pool (the adjoint), so gradients of any order flow."""
+    _, g = _pool_case((5, 7), (3, 2), torch.float32)
+    w, _ = _pool_case((5, 7), (3, 2), torch.float32, seed=1)
+    g = g.requires_grad_(True)
+    (dg,) = torch.autograd.grad((torch.ops.deco.unpool_tokens(g, [5, 7], [3, 2]) * w).sum(), g)
+    assert_close(dg, reference.adaptive_avg_pool_tokens(w.double(), (5, 7), (3, 2)), torch.float32)
+
+
+def test_triton_kernels_launch():
+    x, dy = _pool_case((6, 6), (3, 3), torch.float32)
+    x.requires_grad_(True)
+    with deco_ops.use_backend("triton"), \
+            mock.patch.object(adaptive_pool.pool_tokens_kernel, "run", wraps=adaptive_pool.pool_tokens_kernel.run) as fwd, \
+            mock.patch.object(adaptive_pool.unpool_tokens_kernel, "run", wraps=adaptive_pool.unpool_tokens_kernel.run) as bwd:
+        deco_ops.adaptive_avg_pool_tokens(x, (6, 6), (3, 3)).backward(dy)
+    assert fwd.call_count == 1 and bwd.call_count == 1
+
+
+def test_empty_batch(backend):
+    x = torch.randn(0, 36, 8)
+    assert deco_ops.adaptive_avg_pool_tokens(x, (6, 6), (2, 2)).shape == (0, 4, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"x": torch.randn(2, 36)}, ValueError, "x must have 3 dimensions"),
+        ({"x": [1.0]}, TypeError, "x must be a torch.Tensor"),
+        ({"x": torch.randn(2, 35, 4)}, ValueError, "needs 36"),
+        ({"grid": (6,)}, ValueError, "grid must have 2"),
+        ({"grid": (6, 6, 1, 1)}, ValueError, "grid must have 2"),
+        ({"out_grid": (0, 3)}, ValueError, "out_grid entries must be >= 1"),
+        ({"out_grid": (3, 3, 1)}, ValueError, "as many entries"),
+        ({"grid": (6.0, 6)}, TypeError, "grid entries must be ints"),
+        ({"x": torch.randint(0, 3, (2, 36, 4))}, TypeError, "x has dtype"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    args = {"x": torch.randn(2, 36, 4), "grid": (6, 6), "out_grid": (3, 3)} | kwargs
+    with deco_ops.use_backend("triton"), mock.patch.object(adaptive_pool.pool_tokens_kernel, "run") as launch:
+        with pytest.raises(error, match=match):
+            deco_ops.adaptive_avg_pool_tokens(args["x"], args["grid"], args["out_grid"])
+    launch.assert_not_called()
