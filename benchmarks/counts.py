@@ -5,8 +5,9 @@ Conventions (the same counts credit deco_ops and every baseline, so TFLOP/s and 
 
 * FLOPs are matrix-multiply FLOPs, 2 per multiply-add. Pooling sums, bias adds, activations and
   softmax exponentials are not counted (they are < 1% of the GEMM FLOPs at every named shape).
-* Attention (FlashAttention's convention): forward ``4*B*M*N*H*D`` (QK^T and PV), backward
-  ``10*B*M*N*H*D`` (recomputed QK^T, dV, dP, dQ, dK); with ``kv_lens`` only valid keys count
+* Attention (FlashAttention's convention): forward ``4*B*M*N*H*D`` (QK^T and PV, the formula of
+  ``kernels/cross_attention_fwd.py``), backward ``10*B*M*N*H*D`` (recomputed QK^T, dV, dP, dQ, dK,
+  whatever schedule the kernel picks); with ``kv_lens`` only valid keys count
   (``N`` -> ``sum(kv_lens) / B``), i.e. the useful work.
 * pool+MLP backward: dZ = dY W2, dW2 = dY^T act, dW1 = dZ^T pooled, and when the tokens need a
   gradient d(pooled) = dZ W1: ``2 * fwd`` with the token gradient, ``2*fwd - 2*M*C*hidden`` with
@@ -24,10 +25,12 @@ import math
 
 from deco_ops.kernels import adaptive_pool, gemm_act_grad, pool_gemm
 
-try:  # being written alongside; the formulas below do not depend on it
-    from deco_ops.kernels import cross_attention_fwd as _xattn_fwd  # noqa: F401
+try:  # the attention kernels' own counts (issue 3); the fallback is the same formula
+    from deco_ops.kernels.cross_attention_fwd import flops as _attention_fwd_flops
 except Exception:  # pragma: no cover - absent until issue 3 lands
-    _xattn_fwd = None
+
+    def _attention_fwd_flops(B: int, H: int, M: int, N: int, D: int) -> int:
+        return 4 * B * H * M * N * D
 
 ATTENTION_FWD_FACTOR = 4
 ATTENTION_BWD_FACTOR = 10
@@ -110,7 +113,7 @@ def cross_attention(B: int, M: int, N: int, H: int, D: int, elem: int, *, direct
     """
     n_total = sum(int(n) for n in kv_lens) if kv_lens is not None else B * N
     qB = 1 if shared_q else B
-    fwd_flops = ATTENTION_FWD_FACTOR * M * n_total * H * D
+    fwd_flops = _attention_fwd_flops(1, H, M, n_total, D)  # = 4 * sum_b(valid keys_b) * M * H * D
     q = qB * M * H * D
     kv = 2 * n_total * H * D
     o = B * M * H * D
@@ -120,6 +123,8 @@ def cross_attention(B: int, M: int, N: int, H: int, D: int, elem: int, *, direct
         return fwd_flops, fwd_bytes
     if direction != "fwd_bwd":
         raise ValueError(direction)
+    # the op's minimal backward (one pass: recomputed S, dV, dP, dQ, dK). The two-pass schedule of
+    # kernels/cross_attention_bwd.py recomputes S once more (14x) for large M; it is not credited.
     bwd_flops = ATTENTION_BWD_FACTOR * M * n_total * H * D
     bwd_bytes = (q + kv + o + o) * elem + lse + (q + kv) * elem  # read q,k,v,o,dO,lse; write dq,dk,dv
     return fwd_flops + bwd_flops, fwd_bytes + bwd_bytes

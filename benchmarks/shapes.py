@@ -46,7 +46,7 @@ class PoolMLPShape:
 class MLPPoolShape(PoolMLPShape):
     """Project-then-pool (PLLaVA / LLaVA-OneVision order): Linear -> GELU -> Linear, then pool."""
 
-    mode: str = "avg"  # "avg" (adaptive average) or "bilinear" (F.interpolate, align_corners=False)
+    mode: str = "average"  # "average" (adaptive average) or "bilinear" (F.interpolate, align_corners=False)
 
     def describe(self) -> str:
         return super().describe() + f", {self.mode}"
@@ -196,7 +196,7 @@ MLP_POOL = {
             MLPPoolShape("onevision_32f", 1, (32, 27, 27), (32, 14, 14), 1152, 3584, 3584, mode="bilinear",
                          source="LLaVA-OneVision-7B video: 32 frames of SigLIP-so400m (27x27), MLP to Qwen2-7B, "
                                 "then 2x bilinear down-sampling to 14x14",
-                         note="runs adaptive average if deco_ops.mlp_pool takes no mode= argument"),
+                         note="bilinear per frame (deco_ops: trilinear on (T, H, W) with T unchanged, the same map)"),
             grid=(4, 9, 9), out_grid=(4, 5, 5), in_features=32, hidden=48, out_features=48,
         ),
     ]

@@ -12,6 +12,8 @@ CODES = {"identity": IDENTITY, "gelu": GELU, "gelu_tanh": GELU_TANH, "silu": SIL
 
 # Globals read inside @triton.jit functions must be tl.constexpr: compiled Triton rejects plain
 # Python floats (the interpreter accepts them, so only an ahead-of-time compile catches it).
+# Keep the tensor on the left of each product: in the interpreter `constexpr * tensor` wraps the
+# tensor in a constexpr, which tl.math functions then reject.
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -25,12 +27,18 @@ def _tanh(x):
 
 
 @triton.jit
+def _tanh_gelu_inner(z):
+    """sqrt(2/pi) * (z + 0.044715 z^3), the argument of tanh in tanh-GELU."""
+    return (z + z * z * z * _TANH_CUBIC) * _SQRT_2_OVER_PI
+
+
+@triton.jit
 def apply(z, ACTIVATION: tl.constexpr):
     """act(z) for fp32 ``z``."""
     if ACTIVATION == 1:
         return 0.5 * z * (1.0 + tl.erf(z * _SQRT_HALF))
     elif ACTIVATION == 2:
-        return 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + _TANH_CUBIC * z * z * z)))
+        return 0.5 * z * (1.0 + _tanh(_tanh_gelu_inner(z)))
     elif ACTIVATION == 3:
         return z * tl.sigmoid(z)
     else:
@@ -43,9 +51,8 @@ def derivative(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
         return 0.5 * (1.0 + tl.erf(z * _SQRT_HALF)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
     elif ACTIVATION == 2:
-        inner = _SQRT_2_OVER_PI * (z + _TANH_CUBIC * z * z * z)
-        t = _tanh(inner)
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_CUBIC * z * z)
+        t = _tanh(_tanh_gelu_inner(z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (z * z * (3.0 * _TANH_CUBIC) + 1.0)
     elif ACTIVATION == 3:
         s = tl.sigmoid(z)
         return s * (1.0 + z * (1.0 - s))

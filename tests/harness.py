@@ -31,7 +31,18 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / denom if denom > 0 else diff
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output", tol: float | None = None) -> None:
+def assert_close(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    dtype: torch.dtype,
+    what: str = "output",
+    tol: float | None = None,
+    eager: torch.Tensor | None = None,
+) -> None:
+    """``||out - ref|| / ||ref|| <= TOL[dtype]``. With ``eager`` (the same computation by eager
+    PyTorch in ``dtype``), the bound is widened to twice eager's own error: tiny, ill-conditioned
+    fuzzed cases (one element near a root of GELU') are judged against what PyTorch itself
+    achieves in that dtype, never looser than the dtype tolerance otherwise."""
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     bad_out = ~torch.isfinite(out.double())
     bad_ref = ~torch.isfinite(ref.double())
@@ -39,6 +50,8 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
     finite = ~bad_ref
     err = rel_err(out.double()[finite], ref.double()[finite])
     limit = TOL[dtype] if tol is None else tol
+    if eager is not None:
+        limit = max(limit, 2 * rel_err(eager.double()[finite], ref.double()[finite]))
     assert err <= limit, f"{what}: relative error {err:.3e} > {limit:.1e} ({dtype})"
 
 

@@ -1,0 +1,400 @@
+"""What is timed: for each op, shape and direction, a group holding deco_ops and its baselines as
+zero-argument callables on the same data. Shared by the pytest-benchmark suite and the report.
+
+Directions:
+* ``fwd``: inference, under ``torch.no_grad()`` for every implementation.
+* ``fwd_bwd``: forward then ``backward`` of a fixed random output gradient. Pool ops: the weights
+  are trained and the vision tokens are frozen (LLaVA's setting: the vision tower needs no
+  gradient). Attention: q, k and v all need gradients (Q-Former training).
+* ``fwd_bwd_dx`` (pool ops only): as ``fwd_bwd`` and the tokens need a gradient too.
+Gradients are reset to None at the start of every call, so no call pays for accumulation.
+
+Baselines:
+* pool ops: ``eager``, DeCo's ``AvgPoolProjector`` (rearrange to (B, C, H, W), ``nn.AdaptiveAvgPool2d``
+  / ``3d``, ``nn.Sequential(Linear, GELU, Linear)``); ``compile``, ``torch.compile`` of it (CUDA,
+  or ``--compile``).
+* attention: ``sdpa_<backend>``, ``F.scaled_dot_product_attention`` on (B, H, M, D) views with one
+  backend forced by ``sdpa_kernel`` (flash, efficient, cudnn, math; a backend that cannot take the
+  inputs is skipped, and the report's ``sdpa`` column is the fastest one); ``eager_softmax``, the BLIP-2 Q-Former's attention (matmul, scale, additive mask, softmax,
+  dropout with p=0, matmul, permute + contiguous); ``compile``, ``torch.compile`` of that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deco_ops
+
+from . import counts, shapes
+
+DIRECTIONS = ("fwd", "fwd_bwd", "fwd_bwd_dx")
+POOL_IMPLS = ("deco_ops", "eager", "compile")
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+ATTENTION_IMPLS = ("deco_ops", *(f"sdpa_{b}" for b in SDPA_BACKENDS), "eager_softmax", "compile")
+# which callable a baseline's column in the report stands for
+BASELINE_KIND = {"eager": "eager", "compile": "compile", "eager_softmax": "eager_softmax",
+                 **{f"sdpa_{b}": "sdpa" for b in SDPA_BACKENDS}}
+
+
+class Unavailable(Exception):
+    """This implementation cannot run here (op not in deco_ops yet, backend missing, ...)."""
+
+
+@dataclass
+class Env:
+    device: torch.device
+    dtype: torch.dtype
+    backend: str = "auto"  # deco_ops backend inside the timed calls ("auto": Triton on CUDA, reference on CPU)
+    compile: bool = False  # run torch.compile baselines
+    seed: int = 0
+
+    @classmethod
+    def default(cls, compile: bool | None = None, dtype: torch.dtype | None = None, backend: str = "auto") -> Env:
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda" if cuda else "cpu")
+        return cls(
+            device=device,
+            dtype=dtype or (torch.bfloat16 if cuda else torch.float32),
+            backend=backend,
+            compile=cuda if compile is None else compile,
+        )
+
+    @property
+    def elem(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class Runner:
+    """One implementation ready to time: ``run()`` is the timed call (no synchronisation),
+    ``reset()`` drops gradients so memory is measured from a clean state."""
+
+    run: Callable[[], object]
+    reset: Callable[[], None] = lambda: None
+    output: Callable[[], torch.Tensor] | None = None  # forward output, for agreement checks
+
+
+@dataclass
+class Group:
+    op: str
+    shape: str  # the named shape (the real one, even when its tiny twin runs)
+    shape_obj: object  # what actually runs
+    direction: str
+    flops: int
+    bytes: int
+    impls: dict[str, Callable[[], Runner]]  # name -> factory (raises Unavailable)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.op}-{self.shape}-{self.direction}"
+
+
+def _randn(shape, env: Env, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen) * scale).to(device=env.device, dtype=env.dtype)
+
+
+def _generator(env: Env, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(env.seed * 1000 + salt)
+
+
+def _deco(env: Env):
+    return deco_ops.use_backend(env.backend)
+
+
+def _compiled(fn, env: Env):
+    if not env.compile:
+        raise Unavailable("torch.compile baselines run on CUDA only (pass --compile to force)")
+    import torch._dynamo.config as dynamo_config
+
+    # every shape and direction is a recompile of the same code object: keep them all compiled
+    # (past the limit dynamo silently runs eager) and static (no dynamic-shape kernels)
+    for attr in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, attr):
+            setattr(dynamo_config, attr, max(getattr(dynamo_config, attr), 256))
+    if hasattr(dynamo_config, "accumulated_recompile_limit"):
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 1024)
+    return torch.compile(fn, dynamic=False)
+
+
+def _grad_runner(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], dy: torch.Tensor,
+                 ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Runner:
+    def reset():
+        for t in leaves:
+            t.grad = None
+
+    def run():
+        reset()
+        with ctx():
+            y = forward()
+            y.backward(dy)
+        return y
+
+    return Runner(run, reset)
+
+
+def _fwd_runner(forward: Callable[[], torch.Tensor],
+                ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Runner:
+    def run():
+        with torch.no_grad(), ctx():
+            return forward()
+
+    return Runner(run, output=run)
+
+
+# ----------------------------------------------------------------------------------------------
+# pool + MLP
+
+
+class AvgPoolProjector(nn.Module):
+    """DeCo's projector as the paper's code writes it (rearrange, AdaptiveAvgPool, MLP); 3D grids
+    pool with AdaptiveAvgPool3d. ``order="mlp_pool"`` is PLLaVA/OneVision's project-then-pool."""
+
+    def __init__(self, in_features, hidden, out_features, grid, out_grid, order="pool_mlp", mode="average",
+                 device=None, dtype=None):
+        super().__init__()
+        self.grid, self.out_grid, self.order, self.mode = tuple(grid), tuple(out_grid), order, mode
+        f = {"device": device, "dtype": dtype}
+        self.mlp_projector = nn.Sequential(nn.Linear(in_features, hidden, **f), nn.GELU(), nn.Linear(hidden, out_features, **f))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, C = x.shape
+        img = x.transpose(1, 2).reshape(B, C, *self.grid)  # "b (h w) d -> b d h w": a channels-last view
+        if self.mode == "bilinear":
+            T = self.grid[0] if len(self.grid) == 3 else 1
+            frames = img.reshape(B, C, T, *self.grid[-2:]).transpose(1, 2).reshape(B * T, C, *self.grid[-2:])
+            pooled = F.interpolate(frames, size=self.out_grid[-2:], mode="bilinear", align_corners=False)
+            pooled = pooled.reshape(B, T, C, -1).transpose(1, 2)
+        elif len(self.grid) == 2:
+            pooled = F.adaptive_avg_pool2d(img, self.out_grid)
+        else:
+            pooled = F.adaptive_avg_pool3d(img, self.out_grid)
+        return pooled.reshape(B, C, -1).transpose(1, 2)  # "b d h w -> b (h w) d"
+
+    def forward(self, x):
+        if self.order == "mlp_pool":
+            return self.pool(self.mlp_projector(x))
+        return self.mlp_projector(self.pool(x))
+
+
+def _pool_setup(s, env: Env, order: str = "pool_mlp", mode: str = "average"):
+    gen = _generator(env, 1)
+    eager = AvgPoolProjector(s.in_features, s.hidden, s.out_features, s.grid, s.out_grid, order=order, mode=mode,
+                             dtype=torch.float32)
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+    eager = eager.to(device=env.device, dtype=env.dtype)
+    w1, b1 = eager.mlp_projector[0].weight, eager.mlp_projector[0].bias
+    w2, b2 = eager.mlp_projector[2].weight, eager.mlp_projector[2].bias
+    x = _randn((s.batch, s.tokens, s.in_features), env, gen)
+    dy = _randn((s.batch, s.pooled, s.out_features), env, gen)
+    return eager, (w1, b1, w2, b2), x, dy
+
+
+def _pool_group(op: str, name: str, s, env: Env, direction: str, deco_forward, eager, weights, x, dy, flops_bytes,
+                extra=None) -> Group:
+    grad = direction != "fwd"
+    tokens_grad = direction == "fwd_bwd_dx"
+    xin = x.detach().requires_grad_(tokens_grad)
+    leaves = list(weights) + ([xin] if tokens_grad else [])
+
+    def make(forward, ctx=contextlib.nullcontext):
+        return (lambda: _grad_runner(forward, leaves, dy, ctx)) if grad else (lambda: _fwd_runner(forward, ctx))
+
+    def compiled():
+        c = _compiled(eager, env)
+        return make(lambda: c(xin))()
+
+    flops, nbytes = flops_bytes(tokens_grad)
+    return Group(op, name, s, direction, flops, nbytes, {
+        "deco_ops": make(lambda: deco_forward(xin), lambda: _deco(env)),
+        "eager": make(lambda: eager(xin)),
+        "compile": compiled,
+    }, extra or {})
+
+
+def pool_mlp_groups(name: str, env: Env, directions) -> list[Group]:
+    s = shapes.for_device(shapes.POOL_MLP[name], env.device)
+    eager, (w1, b1, w2, b2), x, dy = _pool_setup(s, env)
+
+    def deco_forward(xin):
+        return deco_ops.pool_mlp(xin, w1, b1, w2, b2, grid=s.grid, out_grid=s.out_grid, activation="gelu")
+
+    return [
+        _pool_group("pool_mlp", name, s, env, d, deco_forward, eager, (w1, b1, w2, b2), x, dy,
+                    lambda tg, d=d: counts.pool_mlp_shape(s, env.elem, "fwd" if d == "fwd" else "fwd_bwd", tg))
+        for d in directions
+    ]
+
+
+def mlp_pool_groups(name: str, env: Env, directions) -> list[Group]:
+    if not hasattr(deco_ops, "mlp_pool"):
+        raise Unavailable("deco_ops.mlp_pool does not exist yet (issue 7)")
+    s = shapes.for_device(shapes.MLP_POOL[name], env.device)
+    takes_mode = "mode" in inspect.signature(deco_ops.mlp_pool).parameters
+    mode = s.mode if takes_mode else "average"
+    eager, (w1, b1, w2, b2), x, dy = _pool_setup(s, env, order="mlp_pool", mode=mode)
+    kw = {"mode": mode} if takes_mode else {}
+
+    def deco_forward(xin):
+        return deco_ops.mlp_pool(xin, w1, b1, w2, b2, grid=s.grid, out_grid=s.out_grid, activation="gelu", **kw)
+
+    def fb(tg, d):
+        return counts.mlp_pool_shape(s, env.elem, "fwd" if d == "fwd" else "fwd_bwd", tg)
+
+    return [
+        _pool_group("mlp_pool", name, s, env, d, deco_forward, eager, (w1, b1, w2, b2), x, dy,
+                    lambda tg, d=d: fb(tg, d),
+                    extra={"mode": mode, "eager_order_flops": counts.mlp_pool_shape(
+                        s, env.elem, "fwd" if d == "fwd" else "fwd_bwd", d == "fwd_bwd_dx", fused=False)[0]})
+        for d in directions
+    ]
+
+
+def packed_groups(name: str, env: Env, directions) -> list[Group]:
+    if not hasattr(deco_ops, "pool_mlp_packed"):
+        raise Unavailable("deco_ops.pool_mlp_packed does not exist yet (issue 7)")
+    s = shapes.for_device(shapes.PACKED[name], env.device)
+    if len(set(s.grids)) != 1 or len(set(s.out_grids)) != 1:
+        raise Unavailable("the padded baseline is implemented for equal grids only")
+    n_img, grid, out_grid = len(s.grids), s.grids[0], s.out_grids[0]
+    as_batch = shapes.PoolMLPShape(s.name, n_img, grid, out_grid, s.in_features, s.hidden, s.out_features)
+    eager, (w1, b1, w2, b2), x, dy = _pool_setup(as_batch, env)
+    grids_t = torch.tensor(s.grids, dtype=torch.int32, device=env.device)
+    out_grids_t = torch.tensor(s.out_grids, dtype=torch.int32, device=env.device)
+    tokens_per_img = math.prod(grid)
+
+    def deco_forward(xin):
+        y, _ = deco_ops.pool_mlp_packed(xin.reshape(-1, xin.shape[-1]), grids_t, w1, b1, w2, b2,
+                                        out_grids=out_grids_t, activation="gelu")
+        return y.view(n_img, -1, y.shape[-1])
+
+    assert x.shape[1] == tokens_per_img
+    return [
+        _pool_group("pool_mlp_packed", name, s, env, d, deco_forward, eager, (w1, b1, w2, b2), x, dy,
+                    lambda tg, d=d: counts.packed_shape(s, env.elem, "fwd" if d == "fwd" else "fwd_bwd", tg))
+        for d in directions
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# cross-attention
+
+
+def _sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
+
+
+def eager_softmax_attention(q, k, v, additive_mask, scale, dropout_p: float = 0.0):
+    """BLIP-2 Q-Former ``BertSelfAttention`` as cross-attention, on (B, L, H, D) projections."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # transpose_for_scores
+    scores = torch.matmul(qt, kt.transpose(-1, -2))
+    scores = scores * scale
+    if additive_mask is not None:
+        scores = scores + additive_mask
+    probs = nn.functional.softmax(scores, dim=-1)
+    probs = F.dropout(probs, p=dropout_p, training=True)
+    ctx = torch.matmul(probs, vt)
+    return ctx.permute(0, 2, 1, 3).contiguous()
+
+
+def attention_groups(name: str, env: Env, directions) -> list[Group]:
+    s = shapes.for_device(shapes.CROSS_ATTENTION[name], env.device)
+    has_op = hasattr(deco_ops, "cross_attention")
+    gen = _generator(env, 2)
+    B, M, N, H, D = s.batch, s.M, s.N, s.heads, s.head_dim
+    q0 = _randn((1 if s.shared_q else B, M, H, D), env, gen)
+    k0 = _randn((B, N, H, D), env, gen)
+    v0 = _randn((B, N, H, D), env, gen)
+    dy = _randn((B, M, H, D), env, gen)
+    scale = D ** -0.5
+    kv_lens = bool_mask = additive = None
+    if s.kv_lens is not None:
+        kv_lens = torch.tensor(s.kv_lens, dtype=torch.int32, device=env.device)
+        keep = torch.arange(N, device=env.device)[None, :] < kv_lens[:, None]
+        bool_mask = keep[:, None, None, :]  # (B, 1, 1, N), True = attend
+        additive = ((~bool_mask).to(env.dtype) * -10000.0)  # BLIP-2's extended attention mask
+
+    groups = []
+    for d in directions:
+        if d == "fwd_bwd_dx":
+            continue  # attention's fwd_bwd already differentiates q, k and v
+        grad = d == "fwd_bwd"
+        q, k, v = (t.detach().requires_grad_(grad) for t in (q0, k0, v0))
+        leaves = [q, k, v]
+
+        def make(forward, ctx=contextlib.nullcontext, grad=grad, leaves=leaves):
+            return (lambda: _grad_runner(forward, leaves, dy, ctx)) if grad else (lambda: _fwd_runner(forward, ctx))
+
+        def deco_factory(q=q, k=k, v=v, make=make):
+            if not has_op:
+                raise Unavailable("deco_ops.cross_attention does not exist yet (issue 3)")
+            return make(lambda: deco_ops.cross_attention(q, k, v, kv_lens=kv_lens, softmax_scale=scale),
+                        lambda: _deco(env))()
+
+        def sdpa_forward(q, k, v):
+            qt = q.transpose(1, 2).expand(B, H, M, D)
+            out = F.scaled_dot_product_attention(qt, k.transpose(1, 2), v.transpose(1, 2), attn_mask=bool_mask,
+                                                 scale=scale)
+            return out.transpose(1, 2)
+
+        def sdpa_factory(backend, q=q, k=k, v=v, make=make):
+            from torch.nn.attention import sdpa_kernel
+
+            runner = make(lambda: sdpa_forward(q, k, v), lambda: sdpa_kernel([_sdpa_backend(backend)]))()
+            try:  # probe: SDPA raises when the forced backend cannot take these inputs
+                runner.run()
+                runner.reset()
+            except RuntimeError as e:
+                raise Unavailable(f"SDPA {backend} backend unavailable: {str(e).splitlines()[0][:160]}") from None
+            return runner
+
+        def compiled(q=q, k=k, v=v, make=make):
+            c = _compiled(eager_softmax_attention, env)
+            return make(lambda: c(q, k, v, additive, scale))()
+
+        flops, nbytes = counts.cross_attention_shape(s, env.elem, d)
+        impls = {"deco_ops": deco_factory}
+        for b in SDPA_BACKENDS:
+            impls[f"sdpa_{b}"] = lambda b=b, f=sdpa_factory: f(b)
+        impls["eager_softmax"] = make(lambda q=q, k=k, v=v: eager_softmax_attention(q, k, v, additive, scale))
+        impls["compile"] = compiled
+        groups.append(Group("cross_attention", name, s, d, flops, nbytes, impls,
+                            {"eager_saved_bytes": counts.saved_bytes_eager_attention(B, M, N, H, env.elem)}))
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------
+
+OPS = {
+    **{n: pool_mlp_groups for n in shapes.POOL_MLP},
+    **{n: attention_groups for n in shapes.CROSS_ATTENTION},
+    **{n: packed_groups for n in shapes.PACKED},
+    **{n: mlp_pool_groups for n in shapes.MLP_POOL},
+}
+
+
+def groups_for(name: str, env: Env, directions=("fwd", "fwd_bwd")) -> list[Group]:
+    """Every group of one named shape (raises Unavailable if its op does not exist in deco_ops)."""
+    return OPS[name](name, env, directions)
+
+
+def op_of(name: str) -> str:
+    return {pool_mlp_groups: "pool_mlp", attention_groups: "cross_attention", packed_groups: "pool_mlp_packed",
+            mlp_pool_groups: "mlp_pool"}[OPS[name]]

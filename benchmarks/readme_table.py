@@ -1,0 +1,80 @@
+"""Print the README's results section from a results folder written by ``python -m benchmarks``.
+
+    python -m benchmarks.readme_table benchmarks/results/<device>-<date>
+    python -m benchmarks.readme_table benchmarks/results/<device>-<date> --write README.md
+
+``--write`` replaces the text between ``<!-- benchmark-results:begin -->`` and
+``<!-- benchmark-results:end -->`` in the given file (the markers are added at the end if absent),
+so the README's numbers are always drawn from committed results, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .report import bar_markdown
+
+BEGIN, END = "<!-- benchmark-results:begin -->", "<!-- benchmark-results:end -->"
+KINDS = [("eager", "eager"), ("compile", "torch.compile"), ("sdpa", "best SDPA"), ("eager_softmax", "eager softmax")]
+
+
+def _x(sp: dict, kind: str) -> str:
+    e = sp.get(kind)
+    return f"{e['ratio']:.2f}x" if e and e.get("ratio") else "–"
+
+
+def table(data: dict, folder: str) -> str:
+    m, c = data["meta"], data["ceilings"]
+    lines = [
+        f"Measured on **{m['device']}**, {m['dtype']}, torch {m['torch']}, triton {m['triton']}, "
+        f"commit `{m['commit']}`, {m['date'][:10]} ([full tables]({folder}/results.md), [JSON]({folder}/results.json)). "
+        f"Ceilings measured in the same run: copy {c['copy_GBps']:.0f} GB/s, matmul {c['matmul_TFLOPs']:.0f} TFLOP/s.",
+        "",
+    ]
+    if m.get("cpu_smoke_run"):
+        lines += ["**CPU smoke run — not GPU results.**", ""]
+    lines += ["| op | shape | direction | deco_ops (ms) | " + " | ".join(f"vs {n}" for _, n in KINDS)
+              + " | TFLOP/s | % roofline |",
+              "|---|---|---|---:|" + "---:|" * len(KINDS) + "---:|---:|"]
+    for r in data["results"]:
+        d = r["impls"].get("deco_ops", {})
+        if "ms" not in d:
+            continue
+        lines.append(f"| {r['op']} | {r['shape']} | {r['direction']} | {d['ms']:.3f} | "
+                     + " | ".join(_x(r["speedup"], k) for k, _ in KINDS)
+                     + f" | {d['TFLOPs']:.1f} | {d['roofline_pct']:.0f}% |")
+    lines += ["", "Speedup = baseline time / deco_ops time in the same run; > 1 means deco_ops is faster.", ""]
+    lines += [ln.replace("## The bar (issue 4)", "**Targets (issue 4)**") for ln in bar_markdown(data)]
+    if (Path(folder) / "speedup.png").exists() or m.get("plot"):
+        lines += [f"![deco_ops speedup]({folder}/speedup.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.readme_table", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", type=Path, help="a results folder holding results.json")
+    p.add_argument("--write", type=Path, help="file whose marked section to replace (e.g. README.md)")
+    args = p.parse_args(argv)
+    data = json.loads((args.folder / "results.json").read_text())
+    text = table(data, args.folder.as_posix())
+    if not args.write:
+        print(text)
+        return 0
+    doc = args.write.read_text() if args.write.exists() else ""
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in doc and END in doc:
+        head, rest = doc.split(BEGIN, 1)
+        doc = head + block + rest.split(END, 1)[1]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
+    args.write.write_text(doc)
+    print(f"updated {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The FLOP/byte formulas and the report's bar logic, checked by hand on small numbers."""
+
+import torch
+
+from . import cases, counts, report, shapes
+
+
+def test_pool_mlp_counts():
+    # B=1, 4 tokens pooled to 1, C=2 -> hidden 3 -> out 5, fp16
+    f, b = counts.pool_mlp(1, 4, 1, 2, 3, 5, 2, direction="fwd")
+    assert f == 2 * 1 * 3 * 2 + 2 * 1 * 3 * 5
+    assert b == (4 * 2 + 3 * 2 + 3 + 5 * 3 + 5 + 1 * 5) * 2
+    fb, _ = counts.pool_mlp(1, 4, 1, 2, 3, 5, 2, direction="fwd_bwd", tokens_grad=True)
+    assert fb == 3 * f  # backward with the token gradient is twice the forward
+    fb_frozen, _ = counts.pool_mlp(1, 4, 1, 2, 3, 5, 2, direction="fwd_bwd")
+    assert fb_frozen == fb - 2 * 1 * 3 * 2
+
+
+def test_attention_counts_follow_flash_convention():
+    s = shapes.CROSS_ATTENTION["blip2_qformer"]
+    f, _ = counts.cross_attention_shape(s, 2, "fwd")
+    assert f == 4 * 64 * 32 * 257 * 12 * 64
+    fb, _ = counts.cross_attention_shape(s, 2, "fwd_bwd")
+    assert fb == 14 * 64 * 32 * 257 * 12 * 64
+    v = shapes.CROSS_ATTENTION["video_resampler"]
+    fv, _ = counts.cross_attention_shape(v, 2, "fwd")
+    assert fv == 4 * 256 * sum(v.kv_lens) * 16 * 64  # only valid keys count
+
+
+def test_mlp_pool_fused_saves_flops():
+    s = shapes.MLP_POOL["onevision_32f"]
+    fused, _ = counts.mlp_pool_shape(s, 2, "fwd")
+    eager, _ = counts.mlp_pool_shape(s, 2, "fwd", fused=False)
+    assert fused < eager
+
+
+def test_shapes_are_named_once_and_have_tiny_twins():
+    for name, s in shapes.ALL.items():
+        assert s.name == name and s.tiny is not None
+    assert shapes.select(["infer_b1", "llava15_7b"]) == ["llava15_7b", "infer_b1"]
+
+
+def test_bar_check_reads_ratios():
+    rec = {"op": "pool_mlp", "shape": "infer_b1", "direction": "fwd",
+           "impls": {"deco_ops": {"ms": 1.0, "TFLOPs": 1.0, "GBps": 1.0}, "eager": {"ms": 1.5}}}
+    rec["speedup"] = report.speedups(rec)
+    rows = report.check_bar([rec], {"matmul_TFLOPs": 1.0, "copy_GBps": 1.0}, cpu=False)
+    row = next(r for r in rows if r["shape"] == "infer_b1")
+    assert row["met"] is False and abs(row["measured"] - 1.5) < 1e-12 and round(row["margin_pct"]) == -25
+    assert all(r["status"] == "not run" for r in rows if r["shape"] != "infer_b1")
+
+
+def test_report_smoke(tmp_path):
+    """``python -m benchmarks`` end to end on one tiny shape (CPU) or one real shape (CUDA)."""
+    if torch.cuda.is_available():
+        return  # the GPU run is benchmarks/run_gpu.sh's job
+    assert report.main(["--quick", "--shapes", "infer_b1", "--directions", "fwd", "--out", str(tmp_path), "--no-plot"]) == 0
+    assert (tmp_path / "results.json").exists() and (tmp_path / "results.md").exists()
+    assert "CPU smoke run" in (tmp_path / "results.md").read_text()
+    assert cases.Env.default().device.type == "cpu"

@@ -1,0 +1,80 @@
+"""Timing, peak memory and the device's measured ceilings (copy bandwidth, matmul rate).
+
+On CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median). Elsewhere:
+``time.perf_counter`` loops (a CPU smoke run: the numbers only prove the code runs).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_ms(fn: Callable[[], object], device: torch.device, quick: bool = False) -> float:
+    """Median milliseconds of one call of ``fn`` (warm-up excluded)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        warmup, rep = (10, 40) if quick else (25, 100)
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    fn()  # warm-up
+    budget = 0.01 if quick else 0.1
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def peak_mib(fn: Callable[[], object], reset: Callable[[], None], device: torch.device) -> float | None:
+    """Device memory one call allocates above what was allocated before it (outputs, saved
+    activations, gradients and workspace), in MiB. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    reset()
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    reset()
+    return peak / 2**20
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool = False) -> dict:
+    """The device's copy bandwidth (bytes read + written per second) and dense matmul rate in
+    ``dtype``, measured now, on random data."""
+    if device.type == "cuda":
+        n_copy, n_mm = (2**28, 8192)  # 512 MiB of bf16 each way; 8192^3 matmul
+    else:
+        n_copy, n_mm = (2**22, 256) if quick else (2**23, 512)
+    src = torch.randn(n_copy, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    copy_ms = bench_ms(lambda: dst.copy_(src), device, quick)
+    copy_bytes = 2 * src.numel() * src.element_size()
+    del src, dst
+    a = torch.randn(n_mm, n_mm, device=device, dtype=dtype)
+    b = torch.randn(n_mm, n_mm, device=device, dtype=dtype)
+    mm_ms = bench_ms(lambda: torch.matmul(a, b), device, quick)
+    del a, b
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "copy_GBps": copy_bytes / (copy_ms * 1e-3) / 1e9,
+        "copy_bytes": copy_bytes,
+        "matmul_TFLOPs": 2 * n_mm**3 / (mm_ms * 1e-3) / 1e12,
+        "matmul_size": n_mm,
+        "dtype": str(dtype).removeprefix("torch."),
+    }

@@ -1,0 +1,148 @@
+"""Hardening of the pooling ops and the DeCo projector: fuzzed parity, strides, determinism,
+NaN propagation and 64-bit offsets, all on the Triton kernels (interpreter on a CPU)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import deco_ops
+from deco_ops import reference
+from fuzz import dtypes, examples, grid_pairs, lay_out, layouts
+from harness import assert_close, guarded, poisoned_empty, randn
+
+pytestmark = pytest.mark.usefixtures("triton_backend")
+
+
+@pytest.fixture
+def triton_backend():
+    with deco_ops.use_backend("triton"):
+        yield
+
+
+@examples(12)
+@given(grids=grid_pairs(), B=st.integers(0, 3), C=st.integers(1, 300), dtype=dtypes, layout=layouts, seed=st.integers(0, 2**16))
+def test_fuzz_pool(grids, B, C, dtype, layout, seed):
+    grid, out_grid = grids
+    g = torch.Generator().manual_seed(seed)
+    x = lay_out(randn(B, math.prod(grid), C, dtype=dtype, generator=g), layout).requires_grad_(True)
+    dy = randn(B, math.prod(out_grid), C, dtype=dtype, generator=g)
+    with poisoned_empty():
+        y = deco_ops.adaptive_avg_pool_tokens(x, grid, out_grid)
+        (dx,) = torch.autograd.grad(y, x, guarded(dy)) if B else (torch.zeros_like(x),)
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = reference.adaptive_avg_pool_tokens(x64, grid, out_grid)
+    assert_close(y, y64, dtype, "pooled")
+    if B:
+        (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+        assert_close(dx, dx64, dtype, "grad x")
+
+
+@examples(10)
+@given(
+    grids=grid_pairs(max_side=16, max_tokens=300),
+    B=st.integers(0, 3),
+    C=st.integers(1, 80),
+    hidden=st.integers(1, 96),
+    out=st.integers(1, 80),
+    bias=st.booleans(),
+    activation=st.sampled_from(["gelu", "gelu_tanh", "silu"]),
+    dtype=dtypes,
+    layout=layouts,
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_pool_mlp(grids, B, C, hidden, out, bias, activation, dtype, layout, seed):
+    grid, out_grid = grids
+    g = torch.Generator().manual_seed(seed)
+    x = lay_out(randn(B, math.prod(grid), C, dtype=dtype, generator=g), layout)
+    params = [
+        randn(hidden, C, dtype=dtype, scale=C**-0.5, generator=g),
+        randn(hidden, dtype=dtype, generator=g) if bias else None,
+        randn(out, hidden, dtype=dtype, scale=hidden**-0.5, generator=g),
+        randn(out, dtype=dtype, generator=g) if bias else None,
+    ]
+    leaves = [t.requires_grad_(True) if t is not None else None for t in [x, *params]]
+    dy = randn(B, math.prod(out_grid), out, dtype=dtype, generator=g)
+    with poisoned_empty():
+        y = deco_ops.pool_mlp(*leaves, grid=grid, out_grid=out_grid, activation=activation)
+        y.backward(guarded(dy))
+    ref = [t.detach().double().requires_grad_(True) if t is not None else None for t in leaves]
+    y64 = reference.pool_mlp(*ref, grid, out_grid, activation)
+    y64.backward(dy.double())
+    eager = [t.detach().clone().requires_grad_(True) if t is not None else None for t in leaves]
+    y_eager = reference.pool_mlp(*eager, grid, out_grid, activation)
+    y_eager.backward(dy)
+    assert_close(y, y64, dtype, "y", eager=y_eager)
+    if B == 0:
+        return
+    for name, got, want, base in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref, eager):
+        if got is not None:
+            assert_close(got.grad, want.grad, dtype, f"grad {name}", eager=base.grad)
+
+
+def _projector_step(x, params):
+    leaves = [x.detach().requires_grad_(True)] + [p.detach().requires_grad_(True) for p in params]
+    y = deco_ops.pool_mlp(*leaves, grid=(27, 27), out_grid=(12, 12))
+    y.backward(torch.ones_like(y) / y.numel() ** 0.5)
+    return [y] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitwise_deterministic(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = randn(1, 729, 24, dtype=dtype, generator=g)
+    params = [randn(40, 24, dtype=dtype, generator=g), randn(40, dtype=dtype, generator=g), randn(16, 40, dtype=dtype, generator=g), randn(16, dtype=dtype, generator=g)]
+    first, second = _projector_step(x, params), _projector_step(x, params)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_nan_propagates_like_the_reference():
+    """A NaN token poisons exactly the windows that contain it, forward and backward."""
+    x = randn(1, 27 * 27, 8)
+    x[0, 5 * 27 + 13, 3] = float("nan")
+    x.requires_grad_(True)
+    y = deco_ops.adaptive_avg_pool_tokens(x, (27, 27), (12, 12))
+    ref = reference.adaptive_avg_pool_tokens(x.detach().double(), (27, 27), (12, 12))
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(y).sum() == 4
+    dy = torch.zeros_like(y)
+    dy[0, 0, 0] = float("inf")
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert torch.isinf(dx[0, :3 * 27, 0]).sum() == 9 and torch.isfinite(dx[0, :, 1:]).all()
+
+
+def _far_strided(shape, stride, dtype=torch.float16):
+    """A view whose last elements lie past 2**31 elements into a lazily allocated buffer: only the
+    touched pages are ever committed, so a 4-9 GB buffer costs a few MB of RAM."""
+    size = 1 + sum((n - 1) * s for n, s in zip(shape, stride))
+    return torch.empty(size, dtype=dtype).as_strided(shape, stride)
+
+
+@pytest.mark.parametrize("case", ["batch_stride", "token_stride"])
+def test_offsets_past_2_31_elements(case):
+    """Products of program ids and strides exceed int32 here; 32-bit offset math would read the
+    wrong tokens (or fault) and the comparison with the contiguous copy would fail."""
+    C = 8
+    if case == "batch_stride":
+        x = _far_strided((3, 16, C), (2**30 + 64, C, 1))  # batch 2 starts at 2**31 + 128
+        grid, out_grid = (4, 4), (2, 2)
+    else:
+        x = _far_strided((1, 36, C), (36 * (2**27 + 1), 2**27 + 1, 1))  # token 35 at ~4.4e9
+        grid, out_grid = (6, 6), (3, 3)
+    x.copy_(randn(*x.shape, dtype=x.dtype))
+    dense = x.contiguous()
+    assert x.storage_offset() + max((n - 1) * s for n, s in zip(x.shape, x.stride())) > 2**31
+
+    y = deco_ops.adaptive_avg_pool_tokens(x, grid, out_grid)
+    assert torch.equal(y, deco_ops.adaptive_avg_pool_tokens(dense, grid, out_grid))
+
+    w1, w2 = randn(16, C, dtype=x.dtype), randn(8, 16, dtype=x.dtype)
+    y = deco_ops.pool_mlp(x, w1, None, w2, None, grid=grid, out_grid=out_grid)
+    assert torch.equal(y, deco_ops.pool_mlp(dense, w1, None, w2, None, grid=grid, out_grid=out_grid))
+
+    g = _far_strided(x.shape[:1] + (math.prod(out_grid), C), (x.stride(0), x.stride(1), 1))
+    g.copy_(randn(*g.shape, dtype=g.dtype))
+    dx = torch.ops.deco.unpool_tokens(g, list(grid), list(out_grid))
+    assert torch.equal(dx, torch.ops.deco.unpool_tokens(g.contiguous(), list(grid), list(out_grid)))
