@@ -5,12 +5,25 @@
 from ._backend import use_backend  # noqa: I001
 from .pooling import adaptive_avg_pool_tokens
 from .projector import pool_linear, pool_mlp
+from .packed import (
+    adaptive_avg_pool_tokens_packed,
+    bilinear_pool_tokens,
+    bilinear_pool_tokens_packed,
+    pool_mlp_packed,
+)
+from .mlp_pool import mlp_pool, mlp_pool_packed
 from .modules import DeCoProjector
 
 __all__ = [
     "adaptive_avg_pool_tokens",
     "pool_linear",
     "pool_mlp",
+    "adaptive_avg_pool_tokens_packed",
+    "bilinear_pool_tokens",
+    "bilinear_pool_tokens_packed",
+    "pool_mlp_packed",
+    "mlp_pool",
+    "mlp_pool_packed",
     "DeCoProjector",
     "use_backend",
 ]

@@ -9,6 +9,10 @@ from torch import nn
 
 from . import _validate
 from .projector import ACTIVATIONS, pool_mlp
+from .mlp_pool import mlp_pool
+from .packed import check_mode, pool_mlp_resampled
+
+ORDERS = ("pool_mlp", "mlp_pool")
 
 _DECO_PAPER_PREFIX = "mlp_projector."
 
@@ -24,6 +28,11 @@ class DeCoProjector(nn.Module):
     ``mlp2x_gelu`` projector ``nn.Sequential(Linear, GELU, Linear)``, so its ``state_dict``
     (``0.weight``, ``0.bias``, ``2.weight``, ``2.bias``) loads unchanged and ours loads into it.
     The DeCo paper's ``AvgPoolProjector`` keys (``mlp_projector.0.weight``, ...) load too.
+
+    ``order="mlp_pool"`` projects first and pools after (PLLaVA, LLaVA-OneVision/Video:
+    ``pool(Linear2(act(Linear1(x))))``, computed with the second GEMM on pooled rows only, see
+    ``deco_ops.mlp_pool``); ``mode="bilinear"`` resamples with ``F.interpolate(mode="bilinear",
+    align_corners=False)`` (trilinear for 3D grids) instead of adaptive average pooling.
     """
 
     def __init__(
@@ -35,6 +44,8 @@ class DeCoProjector(nn.Module):
         grid=(24, 24),
         out_grid=(12, 12),
         activation: str = "gelu",
+        order: str = "pool_mlp",
+        mode: str = "average",
         num_prefix_tokens: int = 0,
         bias: bool = True,
         device=None,
@@ -51,6 +62,9 @@ class DeCoProjector(nn.Module):
             raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
         self.grid, self.out_grid = _validate.grids(grid, out_grid)
         self.activation = _validate.activation(activation, ACTIVATIONS)
+        if not isinstance(order, str) or order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        self.order, self.mode = order, check_mode(mode)
         self.num_prefix_tokens = num_prefix_tokens
         factory = {"device": device, "dtype": dtype}
         self.add_module("0", nn.Linear(in_features, hidden_features, bias=bias, **factory))
@@ -81,13 +95,16 @@ class DeCoProjector(nn.Module):
             )
         if self.num_prefix_tokens:
             x = x[:, self.num_prefix_tokens:]
-        return pool_mlp(
-            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-            grid=grid, out_grid=out_grid, activation=self.activation,
-        )
+        params = (x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        if self.order == "mlp_pool":
+            return mlp_pool(*params, grid=grid, out_grid=out_grid, activation=self.activation, mode=self.mode)
+        if self.mode != "average":
+            return pool_mlp_resampled(*params, grid=grid, out_grid=out_grid, activation=self.activation, mode=self.mode)
+        return pool_mlp(*params, grid=grid, out_grid=out_grid, activation=self.activation)
 
     def extra_repr(self) -> str:
         return (
             f"grid={self.grid}, out_grid={self.out_grid}, activation={self.activation!r}, "
+            f"order={self.order!r}, mode={self.mode!r}, "
             f"num_prefix_tokens={self.num_prefix_tokens}"
         )

@@ -63,11 +63,41 @@ def gemm_act_grad_kernel(
         else:
             acc = tl.dot(g, wt, acc, input_precision=INPUT_PRECISION)
 
-    mask = row_mask[:, None] & col_mask[None, :]
-    z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :] * szn, mask=mask, other=0.0).to(tl.float32)
-    offsets = rows[:, None] * N + cols[None, :]
-    tl.store(dz_ptr + offsets, (acc * activations.derivative(z, ACTIVATION)).to(dz_ptr.dtype.element_ty), mask=mask)
-    tl.store(a_ptr + offsets, activations.apply(z, ACTIVATION).to(a_ptr.dtype.element_ty), mask=mask)
+    # Epilogue in two column halves (as Triton's persistent-matmul tutorial's EPILOGUE_SUBTILE): a
+    # full BLOCK_M x BLOCK_N tile of z, act'(z) and act(z) next to the accumulator spills registers.
+    first_row = (pid_m * BLOCK_M).to(tl.int64)
+    # Wide tiles (BLOCK_N >= 256) go in quarters.
+    col0 = pid_n * BLOCK_N
+    acc_lo, acc_hi = _halves(acc)
+    if BLOCK_N >= 256:
+        q0, q1 = _halves(acc_lo)
+        q2, q3 = _halves(acc_hi)
+        quarter = col0 + tl.arange(0, BLOCK_N // 4)
+        _act_grad_tile(q0, z_ptr, dz_ptr, a_ptr, first_row, quarter, M, N, szm, szn, ACTIVATION, BLOCK_M)
+        _act_grad_tile(q1, z_ptr, dz_ptr, a_ptr, first_row, quarter + BLOCK_N // 4, M, N, szm, szn, ACTIVATION, BLOCK_M)
+        _act_grad_tile(q2, z_ptr, dz_ptr, a_ptr, first_row, quarter + BLOCK_N // 2, M, N, szm, szn, ACTIVATION, BLOCK_M)
+        _act_grad_tile(q3, z_ptr, dz_ptr, a_ptr, first_row, quarter + 3 * (BLOCK_N // 4), M, N, szm, szn, ACTIVATION, BLOCK_M)
+    else:
+        half = col0 + tl.arange(0, BLOCK_N // 2)
+        _act_grad_tile(acc_lo, z_ptr, dz_ptr, a_ptr, first_row, half, M, N, szm, szn, ACTIVATION, BLOCK_M)
+        _act_grad_tile(acc_hi, z_ptr, dz_ptr, a_ptr, first_row, half + BLOCK_N // 2, M, N, szm, szn, ACTIVATION, BLOCK_M)
+
+
+@triton.jit
+def _halves(t):
+    """(left, right) column halves of a 2D tile."""
+    return tl.split(tl.permute(tl.reshape(t, (t.shape[0], 2, t.shape[1] // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _act_grad_tile(acc, z_ptr, dz_ptr, a_ptr, first_row, cols, M, N, szm, szn, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Stores dz = acc * act'(z) and act(z) for rows first_row + [0, BLOCK_M) and columns ``cols``."""
+    local = tl.arange(0, BLOCK_M)
+    mask = ((first_row + local) < M)[:, None] & (cols < N)[None, :]
+    z = tl.load(z_ptr + first_row * szm + (local[:, None] * szm + cols[None, :] * szn), mask=mask, other=0.0).to(tl.float32)
+    offsets = local[:, None] * N + cols[None, :]
+    tl.store(dz_ptr + first_row * N + offsets, (acc * activations.derivative(z, ACTIVATION)).to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(a_ptr + first_row * N + offsets, activations.apply(z, ACTIVATION).to(a_ptr.dtype.element_ty), mask=mask)
 
 
 def gemm_act_grad(dy: torch.Tensor, w2: torch.Tensor, z: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,11 @@ the pre-activation (the one hidden-sized tensor kept for backward), applies the 
 stores the result. When autograd needs it, the programs of the first N tile also store the pooled
 tile they formed (the small tensor kept for backward) so the patch tokens are never saved.
 
+``PACKED=True`` (``pool_gemm_packed``): rows of a ragged batch of images with their own grids;
+each row's geometry comes from the int32 tables of ``packed_pool.py`` and its A row is formed by
+``packed_pool.pooled_tile`` (``MODE`` 0 adaptive average, 1 bilinear; runtime window loops, so one
+compiled variant serves every mix of grids; WT/WH/WW are unused and passed as 1).
+
 Used for the first Linear of the DeCo MLP projector (and the whole "linear" projector). The second
 Linear of the MLP runs on cuBLAS (``torch.addmm``): its A operand is an ordinary activation tensor,
 so there is nothing to fuse into its loads, and cuBLAS is the fastest plain GEMM we could write.
@@ -28,6 +33,7 @@ from . import activations
 from .tiling import grouped_tile
 from ._tuning import autotuned, dot_dtype_workaround, input_precision
 from .adaptive_window import max_window, window
+from .packed_pool import MODES, image_index, out_rows_per_image, packed_geometry, pooled_tile
 
 
 def cuda_configs() -> list[triton.Config]:
@@ -47,16 +53,17 @@ def cuda_configs() -> list[triton.Config]:
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
 
 
-@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K", "WT", "WH", "WW", "STORE_PRE", "STORE_POOLED"])
+@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K", "WT", "WH", "WW", "STORE_PRE", "STORE_POOLED", "PACKED", "MODE"])
 @triton.jit
 def pool_gemm_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, pre_ptr, pooled_ptr,
+    x_ptr, w_ptr, b_ptr, out_ptr, pre_ptr, pooled_ptr, image_ptr, geometry_ptr,
     M, N, K,
     T, H, W, OT, OH, OW,
     sxb, sxn, sxc, swn, swk,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     STORE_PRE: tl.constexpr, STORE_POOLED: tl.constexpr,
     WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+    PACKED: tl.constexpr, MODE: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -68,32 +75,41 @@ def pool_gemm_kernel(
     col_mask = cols < N
     ks = tl.arange(0, BLOCK_K)
 
-    # Each pooled row's batch and window, once per program.
-    P = OT * OH * OW
     rows64 = rows.to(tl.int64)
-    batch = rows64 // P
-    cell = rows64 % P
-    t0, t1 = window(cell // (OH * OW), T, OT)
-    h0, h1 = window((cell // OW) % OH, H, OH)
-    w0, w1 = window(cell % OW, W, OW)
-    inv_count = 1.0 / ((t1 - t0) * (h1 - h0) * (w1 - w0)).to(tl.float32)
-    x_rows = x_ptr + batch * sxb
+    if PACKED:
+        # Ragged batch: each row's image geometry from the tables (packed_pool.py), any MODE.
+        T, H, W, OT, OH, OW, tok0, row0 = packed_geometry(rows64, row_mask, image_ptr, geometry_ptr)
+        cell = rows64 - row0
+    else:
+        # Each pooled row's batch and window, once per program.
+        P = OT * OH * OW
+        batch = rows64 // P
+        cell = rows64 % P
+        t0, t1 = window(cell // (OH * OW), T, OT)
+        h0, h1 = window((cell // OW) % OH, H, OH)
+        w0, w1 = window(cell % OW, W, OW)
+        inv_count = 1.0 / ((t1 - t0) * (h1 - h0) * (w1 - w0)).to(tl.float32)
+        x_rows = x_ptr + batch * sxb
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     w_tile = w_ptr + cols.to(tl.int64)[None, :] * swn
     for k0 in range(0, K, BLOCK_K):
         k = k0 + ks
         k_mask = k < K
-        a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        for dt in tl.static_range(WT):
-            for dh in tl.static_range(WH):
-                for dw in tl.static_range(WW):
-                    t, h, w = t0 + dt, h0 + dh, w0 + dw
-                    inside = row_mask & (t < t1) & (h < h1) & (w < w1)
-                    token = (t * H + h) * W + w
-                    ptrs = x_rows[:, None] + token[:, None] * sxn + k[None, :] * sxc
-                    a += tl.load(ptrs, mask=inside[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        a = (a * inv_count[:, None]).to(x_ptr.dtype.element_ty)
+        if PACKED:
+            a = pooled_tile(x_ptr, sxn, sxc, cell, T, H, W, OT, OH, OW, tok0, row_mask, k, k_mask, MODE)
+        else:
+            a = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+            for dt in tl.static_range(WT):
+                for dh in tl.static_range(WH):
+                    for dw in tl.static_range(WW):
+                        t, h, w = t0 + dt, h0 + dh, w0 + dw
+                        inside = row_mask & (t < t1) & (h < h1) & (w < w1)
+                        token = (t * H + h) * W + w
+                        ptrs = x_rows[:, None] + token[:, None] * sxn + k[None, :] * sxc
+                        a += tl.load(ptrs, mask=inside[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            a = a * inv_count[:, None]
+        a = a.to(x_ptr.dtype.element_ty)
         if STORE_POOLED:
             if pid_n == 0:
                 pooled_ptrs = pooled_ptr + rows64[:, None] * K + k[None, :]
@@ -141,12 +157,53 @@ def pool_gemm(
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     pool_gemm_kernel[grid_fn](
-        x, w, b if b is not None else out, out, pre if store_pre else out, pooled if store_pooled else out,
+        x, w, b if b is not None else out, out, pre if store_pre else out, pooled if store_pooled else out, out, out,
         M, N, K, T, H, W, OT, OH, OW,
         *x.stride(), *w.stride(),
         HAS_BIAS=b is not None, ACTIVATION=activations.CODES[activation],
         STORE_PRE=store_pre, STORE_POOLED=store_pooled,
         WT=max_window(T, OT), WH=max_window(H, OH), WW=max_window(W, OW),
+        PACKED=False, MODE=0,
+        DOT_FP32=dot_dtype_workaround(x.dtype == torch.bfloat16),
+        INPUT_PRECISION=input_precision(x.dtype),
+    )
+    return out, pre, pooled
+
+
+def pool_gemm_packed(
+    x: torch.Tensor,
+    geometry: torch.Tensor,
+    num_out: int,
+    mode: str,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    activation: str,
+    store_pre: bool,
+    store_pooled: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The same fused GEMM over a packed ragged batch: x (total_tokens, K) with per-image
+    ``geometry`` (packed_pool.py layout) -> (num_out, N) plus the optional residuals. ``mode`` is
+    ``"average"`` (adaptive average) or ``"bilinear"``. One launch for the whole batch."""
+    K = x.shape[1]
+    N = w.shape[0]
+    M = num_out
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    pre = torch.empty((M, N), device=x.device, dtype=x.dtype) if store_pre else None
+    pooled = torch.empty((M, K), device=x.device, dtype=x.dtype) if store_pooled else None
+    if M == 0 or N == 0:
+        return out, pre, pooled
+    image = image_index(geometry, out_rows_per_image(geometry), M)
+
+    def grid_fn(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    pool_gemm_kernel[grid_fn](
+        x, w, b if b is not None else out, out, pre if store_pre else out, pooled if store_pooled else out, image, geometry,
+        M, N, K, 1, 1, 1, 1, 1, 1,
+        0, *x.stride(), *w.stride(),
+        HAS_BIAS=b is not None, ACTIVATION=activations.CODES[activation],
+        STORE_PRE=store_pre, STORE_POOLED=store_pooled,
+        WT=1, WH=1, WW=1, PACKED=True, MODE=MODES[mode],
         DOT_FP32=dot_dtype_workaround(x.dtype == torch.bfloat16),
         INPUT_PRECISION=input_precision(x.dtype),
     )

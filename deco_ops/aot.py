@@ -1,0 +1,621 @@
+"""Ahead-of-time compile check of every Triton kernel of deco_ops, no GPU needed.
+
+    python -m deco_ops.aot [--kernels pool_gemm,gemm_act_grad] [--targets 90,80]
+                           [--dtypes fp16,bf16] [--json rows.json] [--jobs 2]
+
+For each registered kernel, each entry of its CUDA config list (``cuda_configs()`` for the
+autotuned kernels, the launcher's fixed block sizes for the plain ones), each dtype and a few
+representative constexpr sets (activation, pooling window, ...), it compiles the kernel with
+``triton.compile`` for sm_90 (Hopper, H100) and sm_80 (Ampere, A100) and reads the cubin back with
+the ``cuobjdump`` that ships with Triton: registers per thread, spill bytes (ptxas' own count),
+shared memory per program (Triton's dynamic allocation + static), and the tensor-core instruction
+in the SASS (``HGMMA`` = Hopper warpgroup MMA, which sm_90 GEMMs need to reach their roofline;
+``HMMA`` = the Ampere-style warp MMA).
+
+It prints a markdown table and exits non-zero on any compile error, any spill, shared memory over
+the target's per-block limit, or an fp16/bf16 GEMM config whose sm_90 SASS has no HGMMA.
+
+Kernels are compiled the way the JIT would compile them for a representative launch: integer
+arguments are specialised from real-model values exactly as ``JITFunction`` does (a value of 1
+becomes a constant, multiples of 16 get the divisibility hint), pointers are 16-byte aligned. Each
+kernel's representative arguments live next to its registry entry below.
+
+Nothing is cached globally: Triton's cache goes to a temporary directory removed at exit. The check
+must run with compiled Triton, not its interpreter: if ``TRITON_INTERPRET=1`` is set (or
+``DECO_OPS_BACKEND`` asked for it), the tool re-runs itself in a clean subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import importlib
+import io
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+TARGETS = (90, 80)
+# Largest shared memory one block may use (opt-in), bytes: H100 227 KiB, A100 163 KiB.
+SMEM_LIMIT = {90: 232448, 80: 166912}
+DTYPES = ("fp16", "bf16", "fp32")
+_REEXEC_MARK = "DECO_OPS_AOT_CLEAN"
+
+
+# ----------------------------------------------------------------------------------------------
+# registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One representative specialisation of a kernel.
+
+    ``args`` maps every non-config parameter of the kernel to a representative value: a pointer
+    type string (``"*fp16"``), a Python int/float (specialised as the JIT would), or the value of
+    a ``tl.constexpr`` parameter. ``hgmma`` says whether the sm_90 SASS must contain HGMMA (tensor
+    core dots on fp16/bf16 operands)."""
+
+    label: str
+    dtype: str
+    args: dict[str, Any]
+    hgmma: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A kernel to compile: where it lives, its config list and its representative variants."""
+
+    name: str
+    module: str
+    attr: str
+    configs: Callable[[Any], list]  # module -> list[triton.Config]
+    variants: Callable[[Any, list[str]], list[Variant]]  # (module, dtypes) -> variants
+    optional: bool = False  # the module may not exist yet (work in progress elsewhere)
+
+
+def _ptr(dtype: str) -> str:
+    return "*" + dtype
+
+
+def _plain_config(**meta):
+    """A fixed launch config of a non-autotuned kernel (the JIT's defaults: 4 warps, 3 stages)."""
+    import triton
+
+    num_warps = meta.pop("num_warps", 4)
+    num_stages = meta.pop("num_stages", 3)
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+# -- representative shapes: LLaVA-1.5-7B projector (B=32, 24x24 patch grid, 1024 -> 4096 -> 4096),
+#    pooled 24x24 -> 12x12 (2x2 windows) and 24x24 -> 6x6 (4x4 windows).
+_B, _GRID, _C, _HIDDEN = 32, 24, 1024, 4096
+_WINDOWS = {"2x2": 12, "4x4": 6}  # window label -> pooled side of a 24x24 grid
+_FP32_PRECISIONS = ("ieee", "tf32")  # torch's default (allow_tf32=False) and allow_tf32=True
+
+
+def _dtype_variants(dtypes: list[str]):
+    """(dtype, input_precision, label suffix, tensor-core dot expected) for each requested dtype."""
+    for dtype in dtypes:
+        if dtype == "fp32":
+            for precision in _FP32_PRECISIONS:
+                yield dtype, precision, f"fp32/{precision}", False
+        else:
+            yield dtype, "tf32", dtype, True
+
+
+def _pool_gemm_variants(module, dtypes):
+    from .kernels import activations, adaptive_window
+
+    out = []
+    for dtype, precision, dlabel, tensor_cores in _dtype_variants(dtypes):
+        for wlabel, side in _WINDOWS.items():
+            win = adaptive_window.max_window(_GRID, side)
+            M, N, K = _B * side * side, _HIDDEN, _C
+            args = dict(
+                x_ptr=_ptr(dtype), w_ptr=_ptr(dtype), b_ptr=_ptr(dtype), out_ptr=_ptr(dtype),
+                pre_ptr=_ptr(dtype), pooled_ptr=_ptr(dtype),
+                M=M, N=N, K=K, T=1, H=_GRID, W=_GRID, OT=1, OH=side, OW=side,
+                sxb=_GRID * _GRID * _C, sxn=_C, sxc=1, swn=_C, swk=1,
+                # training forward of pool_mlp: bias, GELU, pre-activation and pooled rows kept
+                HAS_BIAS=True, ACTIVATION=activations.GELU, STORE_PRE=True, STORE_POOLED=True,
+                WT=1, WH=win, WW=win, DOT_FP32=False, INPUT_PRECISION=precision,
+            )
+            if "PACKED" in module.pool_gemm_kernel.arg_names:  # ragged-batch tables (packed_pool.py), unused here
+                args.update(image_ptr="*i32", geometry_ptr="*i32", PACKED=False, MODE=0)
+            out.append(Variant(f"{dlabel} gelu {wlabel}", dtype, args, hgmma=tensor_cores))
+    return out
+
+
+def _gemm_act_grad_variants(module, dtypes):
+    from .kernels import activations
+
+    out = []
+    M, N, K = _B * 144, _HIDDEN, _HIDDEN  # dz = dy (M, out) @ w2 (out, hidden)
+    for dtype, precision, dlabel, tensor_cores in _dtype_variants(dtypes):
+        args = dict(
+            dy_ptr=_ptr(dtype), w_ptr=_ptr(dtype), z_ptr=_ptr(dtype), dz_ptr=_ptr(dtype), a_ptr=_ptr(dtype),
+            M=M, N=N, K=K, sdym=K, sdyk=1, swk=N, swn=1, szm=N, szn=1,
+            ACTIVATION=activations.GELU, DOT_FP32=False, INPUT_PRECISION=precision,
+        )
+        out.append(Variant(f"{dlabel} gelu", dtype, args, hgmma=tensor_cores))
+    return out
+
+
+def _pool_tokens_variants(module, dtypes, unpool: bool):
+    out = []
+    for dtype in dtypes:
+        for wlabel, side in list(_WINDOWS.items())[:1]:  # windows are runtime values here: one compile
+            # pool: x (B, 576, C) -> out (B, side^2, C); unpool: g (B, side^2, C) -> dx (B, 576, C)
+            big, small = (_GRID * _GRID * _C, _C, 1), (side * side * _C, _C, 1)
+            src, dst = (small, big) if unpool else (big, small)
+            names = ("g_ptr", "dx_ptr", "sgb", "sgp", "sgc", "sdb", "sdn", "sdc") if unpool else (
+                "x_ptr", "out_ptr", "sxb", "sxn", "sxc", "sob", "son", "soc")
+            args = {names[0]: _ptr(dtype), names[1]: _ptr(dtype), "C": _C, "T": 1, "H": _GRID, "W": _GRID,
+                    "OT": 1, "OH": side, "OW": side}
+            args.update(zip(names[2:5], src))
+            args.update(zip(names[5:8], dst))
+            out.append(Variant(f"{dtype} {wlabel}", dtype, args))
+    return out
+
+
+def _adaptive_pool_configs(module):
+    # The launcher uses BLOCK_C = min(256, next_pow2(C)) with the JIT's default warps/stages.
+    return [_plain_config(BLOCK_C=module.BLOCK_C), _plain_config(BLOCK_C=64)]
+
+
+# -- cross-attention (kernels/cross_attention_fwd.py, kernels/cross_attention_bwd.py) ----------
+# Representative shapes: BLIP-2 Q-Former (B=64, M=32 queries, N=257 keys, H=12, D=64) and the
+# Qwen-VL resampler (M=256, N=1024, H=32, D=128); head dim 80 is padded to a 128 block.
+_ATTN_HEAD_DIMS = (64, 80, 128)
+
+
+_ATTN_SHAPES = {  # head dim -> (B, M queries, N keys, H): BLIP-2 Q-Former, padded D=80, Qwen-VL resampler
+    64: (64, 32, 257, 12), 80: (64, 32, 257, 12), 128: (16, 256, 1024, 32),
+}
+_FP32_BUFFERS = ("lse_ptr", "m_ptr", "l_ptr", "delta_ptr", "part_o_ptr", "part_m_ptr", "part_l_ptr")
+_STRIDE = re.compile(r"^s(q|k|v|o|do|dq|dk|dv)(s?)(b|m|n|h|d)$")
+
+
+def _attn_args(fn, dtype: str, precision: str, D: int, **constexprs) -> dict[str, Any]:
+    """Representative arguments of a cross-attention kernel, from its parameter names: (B, L, H, D)
+    contiguous tensors, fp32 statistics, int32 length tables, dense keys, no dropout."""
+    import triton
+
+    B, M, N, H = _ATTN_SHAPES[D]
+    if "single_pass" in fn.__name__:  # the launcher takes the single pass only for few queries (BLIP-2)
+        B, M, N, H = _ATTN_SHAPES[64]
+    split_o = constexprs.get("SPLIT", False)
+    args: dict[str, Any] = {}
+    for name in fn.arg_names:
+        if name.endswith("_ptr"):
+            if name in ("lens_ptr", "cu_ptr"):
+                args[name] = "*i32"
+            elif name == "rng_ptr":
+                args[name] = "*i64"
+            elif name in _FP32_BUFFERS or (split_o and name == "o_ptr"):
+                args[name] = "*fp32"
+            else:
+                args[name] = _ptr(dtype)
+        elif name == "sdqs":  # split stride of the fp32 partial dQ (S, B, M, H, D)
+            args[name] = B * M * H * D
+        elif m := _STRIDE.match(name):
+            L = N if m.group(1) in ("k", "v", "dk", "dv") else M
+            args[name] = {"b": L * H * D, "m": H * D, "n": H * D, "h": D, "d": 1}[m.group(3)]
+            if m.group(2):  # split stride of a partial dQ
+                args[name] = B * L * H * D
+        elif name in ("B", "BH", "H", "M", "N", "D", "S", "keys_per_split"):
+            args[name] = {"B": B, "BH": B * H, "H": H, "M": M, "N": N, "D": D, "S": 4,
+                          "keys_per_split": triton.cdiv(N, 4)}[name]
+        elif name in ("qk_scale", "scale", "dropout_p"):
+            args[name] = {"qk_scale": D ** -0.5 * 1.4426950408889634, "scale": D ** -0.5, "dropout_p": 0.0}[name]
+    import triton.language as tl
+
+    defaults = dict(KV_MODE=0, DROPOUT=False, ACC=tl.float32, DOT_FP32=False, INPUT_PRECISION=precision,
+                    BLOCK_D=triton.next_power_of_2(D), SPLIT=False,
+                    BLOCK_M=max(16, triton.next_power_of_2(M)))  # single-pass bwd: all queries in one block
+    configured = set().union(*(c.kwargs for c in _ATTN_CONFIGS.get(fn.__name__, lambda: [])()))
+    for p in fn.params:
+        if p.is_constexpr and p.name in defaults and p.name not in args and p.name not in configured:
+            args[p.name] = constexprs.get(p.name, defaults[p.name])
+    return args
+
+
+_ATTN_CONFIGS: dict[str, Callable[[], list]] = {}  # kernel name -> its config list (set by _attn_entries)
+
+
+def _attn_variants(attr: str, splits=(False,), gemm: bool = True):
+    def variants(module, dtypes):
+        fn = _raw_jit_function(getattr(module, attr))
+        kv_dense = getattr(module, "KV_DENSE", 0)
+        out = []
+        for dtype, precision, dlabel, tensor_cores in _dtype_variants(dtypes):
+            for D in _ATTN_HEAD_DIMS:
+                for split in splits:
+                    args = _attn_args(fn, dtype, precision, D, SPLIT=split)
+                    if "KV_MODE" in args:
+                        args["KV_MODE"] = kv_dense
+                    label = f"{dlabel} D{D}" + (" split" if split else "")
+                    out.append(Variant(label, dtype, args, hgmma=tensor_cores and gemm))
+        return out
+
+    return variants
+
+
+def _attn_entries() -> list[Entry]:
+    """The cross-attention kernels (kernels/cross_attention_fwd.py, kernels/cross_attention_bwd.py)."""
+    fwd, bwd = "deco_ops.kernels.cross_attention_fwd", "deco_ops.kernels.cross_attention_bwd"
+
+    def configs(module_name, fn_name):
+        def get():
+            return getattr(importlib.import_module(module_name), fn_name)()
+        return get
+
+    _ATTN_CONFIGS.update({
+        "cross_attention_fwd_kernel": configs(fwd, "cuda_configs"),
+        "cross_attention_combine_kernel": configs(fwd, "combine_cuda_configs"),
+        "cross_attention_bwd_preprocess_kernel": configs(bwd, "preprocess_cuda_configs"),
+        "cross_attention_bwd_single_pass_kernel": configs(bwd, "single_pass_cuda_configs"),
+        "cross_attention_bwd_dkdv_kernel": configs(bwd, "fa2_cuda_configs"),
+        "cross_attention_bwd_dq_kernel": configs(bwd, "fa2_cuda_configs"),
+    })
+    return [
+        Entry("cross_attention_fwd", fwd, "cross_attention_fwd_kernel", lambda m: m.cuda_configs(),
+              _attn_variants("cross_attention_fwd_kernel", splits=(False, True)), optional=True),
+        Entry("cross_attention_combine", fwd, "cross_attention_combine_kernel", lambda m: m.combine_cuda_configs(),
+              _attn_variants("cross_attention_combine_kernel", gemm=False), optional=True),
+        Entry("cross_attention_bwd_preprocess", bwd, "cross_attention_bwd_preprocess_kernel",
+              lambda m: m.preprocess_cuda_configs(), _attn_variants("cross_attention_bwd_preprocess_kernel", gemm=False),
+              optional=True),
+        Entry("cross_attention_bwd_single_pass", bwd, "cross_attention_bwd_single_pass_kernel",
+              lambda m: m.single_pass_cuda_configs(), _attn_variants("cross_attention_bwd_single_pass_kernel"), optional=True),
+        Entry("cross_attention_bwd_dkdv", bwd, "cross_attention_bwd_dkdv_kernel", lambda m: m.fa2_cuda_configs(),
+              _attn_variants("cross_attention_bwd_dkdv_kernel"), optional=True),
+        Entry("cross_attention_bwd_dq", bwd, "cross_attention_bwd_dq_kernel", lambda m: m.fa2_cuda_configs(),
+              _attn_variants("cross_attention_bwd_dq_kernel"), optional=True),
+    ]
+
+
+REGISTRY: list[Entry] = [
+    Entry("pool_gemm", "deco_ops.kernels.pool_gemm", "pool_gemm_kernel",
+          configs=lambda m: m.cuda_configs(), variants=_pool_gemm_variants),
+    Entry("gemm_act_grad", "deco_ops.kernels.gemm_act_grad", "gemm_act_grad_kernel",
+          configs=lambda m: m.cuda_configs(), variants=_gemm_act_grad_variants),
+    Entry("pool_tokens", "deco_ops.kernels.adaptive_pool", "pool_tokens_kernel",
+          configs=_adaptive_pool_configs, variants=lambda m, d: _pool_tokens_variants(m, d, unpool=False)),
+    Entry("unpool_tokens", "deco_ops.kernels.adaptive_pool", "unpool_tokens_kernel",
+          configs=_adaptive_pool_configs, variants=lambda m, d: _pool_tokens_variants(m, d, unpool=True)),
+    *_attn_entries(),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# specialisation: the signature / constexprs / attrs that JITFunction.run would build
+
+
+def _raw_jit_function(obj):
+    """The JITFunction under an Autotuner/Heuristics wrapper."""
+    from triton.runtime.jit import JITFunction
+
+    fn = obj
+    while not isinstance(fn, JITFunction):
+        inner = getattr(fn, "fn", None)
+        if inner is None or inner is fn:
+            raise TypeError(
+                f"{getattr(obj, '__name__', obj)!r} is {type(fn).__name__}, not a triton JITFunction "
+                "(is TRITON_INTERPRET=1 set in this process?)"
+            )
+        fn = inner
+    return fn
+
+
+def _int_type(value: int) -> str:
+    return "i32" if -(2**31) <= value < 2**31 else ("i64" if -(2**63) <= value < 2**63 else "u64")
+
+
+def specialize(fn, args: dict[str, Any], config) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ``triton.compiler.ASTSource``, as the JIT builds them
+    for a launch with these argument values and this autotune config."""
+    values = {**args, **config.kwargs}
+    names = [p.name for p in fn.params]
+    missing = [n for n in names if n not in values]
+    unknown = [n for n in values if n not in names]
+    if missing or unknown:
+        raise ValueError(f"{fn.__name__}: registry arguments do not match the kernel: missing {missing}, unknown {unknown}")
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        v = values[p.name]
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", v
+        elif isinstance(v, str) and v.startswith("*"):
+            signature[p.name] = v
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif isinstance(v, bool):
+            signature[p.name] = "i1"
+        elif isinstance(v, int):
+            if v == 1 and not p.do_not_specialize:
+                signature[p.name], constexprs[p.name] = "constexpr", 1  # JIT turns 1 into a constant
+            else:
+                signature[p.name] = _int_type(v)
+                if v % 16 == 0 and not p.do_not_specialize:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            signature[p.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot specialise argument {p.name}={v!r}")
+    return signature, constexprs, attrs
+
+
+# ----------------------------------------------------------------------------------------------
+# one compile job (runs in a worker process)
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if bundled.exists():
+        return str(bundled)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found next to triton ({bundled}) nor on PATH")
+    return found
+
+
+def _run(cmd: list[str]) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+_RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_MMA = re.compile(r"\b((?:HGMMA|HMMA|IMMA|QGMMA|UTCHMMA)\.[\w.]+)")
+
+
+def config_label(config) -> str:
+    short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "GROUP_M": "G", "BLOCK_C": "C"}
+    parts = [f"{short.get(k, k)}{v}" for k, v in config.kwargs.items()]
+    return " ".join(parts + [f"w{config.num_warps}", f"s{config.num_stages}"])
+
+
+def _entry(name: str) -> Entry:
+    for e in REGISTRY:
+        if e.name == name:
+            return e
+    raise KeyError(name)
+
+
+def wgmma_eligible(config) -> bool:
+    """Triton lowers tl.dot to Hopper's wgmma (HGMMA) only for warpgroups (num_warps % 4 == 0) and
+    tiles whose M side is >= 64 (one warpgroup's wgmma is 64 rows). Tiles of 16/32 query rows (the
+    M << N attention configs) use the Ampere mma.sync (HMMA) on sm_90 by construction, so HGMMA is
+    expected only where every tile side (BLOCK_M, BLOCK_N) is >= 64."""
+    sides = [v for k, v in config.kwargs.items() if k in ("BLOCK_M", "BLOCK_N")]
+    return config.num_warps % 4 == 0 and all(v >= 64 for v in sides)
+
+
+def compile_job(name: str, config_index: int, variant_index: int, dtypes: list[str], arch: int) -> dict:
+    """Compile one (kernel, config, variant) for one target and measure the cubin."""
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+    entry = _entry(name)
+    row: dict[str, Any] = {"kernel": name, "target": f"sm_{arch}", "arch": arch}
+    try:
+        module = importlib.import_module(entry.module)
+        config = entry.configs(module)[config_index]
+        variant = entry.variants(module, dtypes)[variant_index]
+        row.update(config=config_label(config), variant=variant.label, dtype=variant.dtype,
+                   num_warps=config.num_warps, num_stages=config.num_stages,
+                   expect_hgmma=variant.hgmma and arch >= 90 and wgmma_eligible(config))
+        start = time.perf_counter()
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        fn = _raw_jit_function(getattr(module, entry.attr))
+        signature, constexprs, attrs = specialize(fn, variant.args, config)
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        log = io.StringIO()
+        # A fresh cache per job: a cache hit would skip ptxas and its spill report.
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(dir=os.environ.get("DECO_OPS_AOT_CACHE"))
+        os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints ptxas -v (spill counts) to stdout
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                    options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        row["compile_s"] = round(time.perf_counter() - start, 2)
+        ptxas_log = log.getvalue()
+        if not _SPILL.search(ptxas_log):  # no log captured: run ptxas -v on the same PTX
+            ptxas_log = _ptxas_verbose(kernel)
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = Path(tmp) / f"{name}.cubin"
+            cubin.write_bytes(kernel.asm["cubin"])
+            res = _RES.search(_run([_tool("cuobjdump"), "-res-usage", str(cubin)]))
+            try:
+                sass = _run([_tool("cuobjdump"), "--dump-sass", str(cubin)])
+            except (subprocess.CalledProcessError, FileNotFoundError):
+                sass = _run([_tool("nvdisasm"), "-c", str(cubin)])
+        spill = _SPILL.search(ptxas_log)
+        regs = int(res.group(1)) if res else int(_PTXAS_REGS.search(ptxas_log).group(1))
+        mma = sorted(set(_MMA.findall(sass)))
+        row.update(
+            registers=regs,
+            spill_stores=int(spill.group(2)) if spill else None,
+            spill_loads=int(spill.group(3)) if spill else None,
+            local_bytes=int(res.group(4)) if res else None,
+            shared_bytes=int(kernel.metadata.shared) + (int(res.group(3)) if res else 0),
+            hgmma=any(m.startswith("HGMMA") for m in mma),
+            mma=mma[0].split(".")[0] + "." + mma[0].split(".")[1] if mma else "",
+            error="",
+        )
+    except Exception as exc:  # reported in the table; the tool exits non-zero
+        msg = str(exc).strip().splitlines()
+        row.setdefault("config", "?")
+        row.setdefault("variant", "?")
+        row["error"] = f"{type(exc).__name__}: " + (" | ".join(msg[-3:]) if msg else "")
+    return row
+
+
+def _ptxas_verbose(kernel) -> str:
+    arch = kernel.metadata.arch if isinstance(kernel.metadata.arch, str) else f"sm_{kernel.metadata.arch}"
+    arch = arch if arch.startswith("sm_") else "sm_" + arch.removeprefix("sm")
+    if arch == "sm_90":
+        arch = "sm_90a"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        out = ""
+        for name in ("ptxas", "ptxas-blackwell"):  # the one that accepts this PTX version
+            with contextlib.suppress(FileNotFoundError):
+                proc = subprocess.run([_tool(name), "-v", f"--gpu-name={arch}", str(ptx), "-o", str(ptx) + ".o"],
+                                      capture_output=True, text=True)
+                out = proc.stdout + proc.stderr
+                if proc.returncode == 0:
+                    break
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+
+
+def _problems(row: dict) -> list[str]:
+    out = []
+    if row.get("error"):
+        return ["compile error"]
+    if (row["spill_stores"] or 0) + (row["spill_loads"] or 0) > 0 or (row["local_bytes"] or 0) > 0:
+        out.append("spills")
+    if row["shared_bytes"] > SMEM_LIMIT.get(row["arch"], 1 << 30):
+        out.append(f"smem > {SMEM_LIMIT[row['arch']]}")
+    if row["expect_hgmma"] and not row["hgmma"]:
+        out.append("no HGMMA")
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| kernel | variant | config | target | regs | spill st/ld (B) | smem (B) | MMA | HGMMA | s | status |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['kernel']} | {r['variant']} | {r['config']} | {r['target']} | | | | | | | "
+                         f"ERROR {r['error'][:200].replace('|', '/')} |")
+            continue
+        hg = ("yes" if r["hgmma"] else "no") if r["arch"] >= 90 else "n/a"
+        status = ", ".join(r["problems"]) or "ok"
+        lines.append(
+            f"| {r['kernel']} | {r['variant']} | {r['config']} | {r['target']} | {r['registers']} | "
+            f"{r['spill_stores']}/{r['spill_loads']} | {r['shared_bytes']} | {r['mma'] or '-'} | {hg} | "
+            f"{r['compile_s']} | {status} |"
+        )
+    return "\n".join(lines)
+
+
+def _jobs(names: list[str], dtypes: list[str], targets: list[int]) -> tuple[list[tuple], list[str]]:
+    jobs, skipped = [], []
+    for name in names:
+        entry = _entry(name)
+        try:
+            module = importlib.import_module(entry.module)
+        except ModuleNotFoundError as exc:
+            if entry.optional and exc.name == entry.module:
+                skipped.append(f"{name}: {entry.module} does not exist yet")
+                continue
+            raise
+        if entry.optional and not hasattr(module, entry.attr):
+            skipped.append(f"{name}: {entry.module} has no {entry.attr} yet")
+            continue
+        n_configs = len(entry.configs(module))
+        n_variants = len(entry.variants(module, dtypes))
+        for v in range(n_variants):
+            for c in range(n_configs):
+                for arch in targets:
+                    jobs.append((name, c, v, dtypes, arch))
+    return jobs, skipped
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def _reexec_clean(argv: list[str]) -> int:
+    """Run this tool again in a process where Triton compiles instead of interpreting."""
+    if os.environ.get(_REEXEC_MARK):
+        raise SystemExit("deco_ops.aot: TRITON_INTERPRET is still set in the clean subprocess; unset it and rerun")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DECO_OPS_BACKEND")}
+    env[_REEXEC_MARK] = "1"
+    print("deco_ops.aot: TRITON_INTERPRET/DECO_OPS_BACKEND set in this process; re-running without them",
+          file=sys.stderr, flush=True)
+    return subprocess.call([sys.executable, "-m", "deco_ops.aot", *argv], env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m deco_ops.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernels", help="comma-separated registry names (default: all): "
+                        + ", ".join(e.name for e in REGISTRY))
+    parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="compute capabilities, e.g. 90,80")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="subset of fp16,bf16,fp32")
+    parser.add_argument("--json", type=Path, help="write the rows (and versions) to this file")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="worker processes")
+    args = parser.parse_args(argv)
+
+    # deco_ops/__init__ may itself have switched the interpreter on (DECO_OPS_BACKEND=triton on a
+    # CPU-only machine), and kernels decorated under it are not JITFunctions: start over cleanly.
+    if _interpreting() or os.environ.get("DECO_OPS_BACKEND"):
+        return _reexec_clean(argv)
+
+    names = args.kernels.split(",") if args.kernels else [e.name for e in REGISTRY]
+    known = {e.name for e in REGISTRY}
+    if bad := [n for n in names if n not in known]:
+        parser.error(f"unknown kernels {bad}; known: {sorted(known)}")
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    if bad := [d for d in dtypes if d not in DTYPES]:
+        parser.error(f"unknown dtypes {bad}; known: {DTYPES}")
+    targets = [int(t.strip().removeprefix("sm_")) for t in args.targets.split(",") if t.strip()]
+
+    import triton
+
+    start = time.perf_counter()
+    cache = tempfile.mkdtemp(prefix="deco_ops_aot_cache_")
+    os.environ["DECO_OPS_AOT_CACHE"] = cache  # workers make one Triton cache per job under it; removed below
+    try:
+        jobs, skipped = _jobs(names, dtypes, targets)
+        for s in skipped:
+            print(f"deco_ops.aot: skipped {s}", file=sys.stderr)
+        ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no state forked from torch
+        with cf.ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx) as pool:
+            rows = list(pool.map(compile_job, *zip(*jobs))) if jobs else []
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    for r in rows:
+        r["problems"] = _problems(r)
+    rows.sort(key=lambda r: (r["kernel"], r.get("variant", ""), r.get("config", ""), -r["arch"]))
+    elapsed = time.perf_counter() - start
+
+    print(markdown(rows))
+    bad = [r for r in rows if r["problems"]]
+    print(f"\n{len(rows)} compiles ({len(jobs)} jobs, {args.jobs} workers) in {elapsed:.1f}s with triton "
+          f"{triton.__version__}; {len(bad)} with problems")
+    for r in bad:
+        print(f"  FAIL {r['kernel']} [{r.get('variant')}] [{r.get('config')}] {r['target']}: "
+              f"{', '.join(r['problems'])} {r.get('error', '')}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "triton_version": triton.__version__, "elapsed_s": round(elapsed, 1),
+            "skipped": skipped, "rows": rows,
+        }, indent=1))
+    return 1 if bad or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

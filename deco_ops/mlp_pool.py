@@ -1,0 +1,179 @@
+"""``mlp_pool``: the project-then-pool order of PLLaVA and LLaVA-OneVision/Video,
+``pool(Linear2(act(Linear1(x))))``, computed exactly as ``Linear2(pool(act(Linear1(x))))``.
+
+Pooling (adaptive average or bilinear) is a per-axis weighted average whose weights sum to one,
+so it commutes with the affine ``Linear2``: the second GEMM runs on the pooled rows only
+(``2 * P * hidden * out`` FLOPs instead of ``2 * N * hidden * out``, N tokens, P pooled rows).
+
+Forward on the Triton backend, two launches: ``pool_gemm`` as a plain GEMM over every token with
+bias + activation in its epilogue, then ``pool_gemm`` (packed) pooling that activation inside its
+A-operand loads and applying ``Linear2``'s bias. One launch per stage for a whole packed batch.
+
+Saved for backward: ``x`` (an input, so it costs no memory; dW1 needs it anyway), the weights,
+and the pooled activation ``(P, hidden)`` when autograd needs it. Not the token-sized
+pre-activation nor the activation: backward recomputes the pre-activation in
+``kernels/mlp_pool.py``, whose epilogue also gathers the un-pooled gradient and applies act'.
+
+Registered ops: ``deco::mlp_pool_packed`` and ``deco::mlp_pool_act_backward``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend, _validate, reference
+from .kernels import mlp_pool as mlp_pool_kernel
+from .kernels import pool_gemm
+from .projector import ACTIVATIONS
+from .packed import check_mlp, check_tokens, dense_geometry, needs_residuals, parse, reference_pool, reference_unpool, to_device
+
+
+@torch.library.custom_op("deco::mlp_pool_packed", mutates_args=())
+def _mlp_pool(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    geometry: torch.Tensor,
+    num_out: int,
+    activation: str,
+    mode: str,
+    keep_residuals: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    M = x.shape[0]
+    if _backend.use_triton(x.device):
+        act, _, _ = pool_gemm.pool_gemm(
+            x.unsqueeze(0), (1, 1, M), (1, 1, M), w1.contiguous(), None if b1 is None else b1.contiguous(),
+            activation, store_pre=False, store_pooled=False,
+        )
+        y, _, pooled = pool_gemm.pool_gemm_packed(
+            act, geometry, num_out, mode, w2.contiguous(), None if b2 is None else b2.contiguous(),
+            "identity", store_pre=False, store_pooled=keep_residuals,
+        )
+        return y, pooled if keep_residuals else x.new_empty((0,))
+    pooled = reference_pool(reference.ACTIVATIONS[activation](F.linear(x, w1, b1)), geometry, num_out, mode)
+    return F.linear(pooled, w2, b2), pooled if keep_residuals else x.new_empty((0,))
+
+
+@_mlp_pool.register_fake
+def _(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals):
+    pooled = x.new_empty((num_out, w1.shape[0])) if keep_residuals else x.new_empty((0,))
+    return x.new_empty((num_out, w2.shape[0])), pooled
+
+
+@torch.library.custom_op("deco::mlp_pool_act_backward", mutates_args=())
+def _act_backward(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, dpooled: torch.Tensor, geometry: torch.Tensor, activation: str, mode: str
+) -> torch.Tensor:
+    """dz = unpool(dpooled) * act'(x @ w1.T + b1), (tokens, hidden), the pre-activation recomputed."""
+    if _backend.use_triton(x.device):
+        return mlp_pool_kernel.gemm_unpool_act_grad(
+            x, w1.contiguous(), None if b1 is None else b1.contiguous(), dpooled, geometry, activation, mode
+        )
+    z = F.linear(x, w1, b1)
+    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    da = reference_unpool(dpooled, geometry, x.shape[0], mode)
+    return (da.to(z.dtype) * reference.ACTIVATION_GRADS[activation](z)).to(x.dtype)
+
+
+@_act_backward.register_fake
+def _(x, w1, b1, dpooled, geometry, activation, mode):
+    return x.new_empty((x.shape[0], w1.shape[0]))
+
+
+def _setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep = inputs
+    ctx.save_for_backward(x, w1, b1, w2, output[1], geometry)
+    ctx.activation, ctx.mode, ctx.keep = activation, mode, keep
+    ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+
+
+def _backward(ctx, dy, dpooled_extra):
+    x, w1, b1, w2, pooled, geometry = ctx.saved_tensors
+    if not ctx.keep:
+        raise RuntimeError("deco::mlp_pool_packed ran with keep_residuals=False; call deco_ops.mlp_pool to differentiate it")
+    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+    dx = dw1 = db1 = dw2 = db2 = None
+    if need_w2:
+        dw2 = dy.t() @ pooled
+    if need_b2 and ctx.has_b2:
+        db2 = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    if need_x or need_w1 or (need_b1 and ctx.has_b1):
+        dpooled = dy @ w2
+        if dpooled_extra is not None:
+            dpooled = dpooled + dpooled_extra
+        dz = torch.ops.deco.mlp_pool_act_backward(x, w1, b1, dpooled, geometry, ctx.activation, ctx.mode)
+        if need_w1:
+            dw1 = dz.t() @ x
+        if need_b1 and ctx.has_b1:
+            db1 = dz.sum(0, dtype=torch.float32).to(dz.dtype)
+        if need_x:
+            dx = dz @ w1
+    return dx, dw1, db1, dw2, db2, None, None, None, None, None
+
+
+_mlp_pool.register_autograd(_backward, setup_context=_setup)
+
+
+def mlp_pool(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    *,
+    grid,
+    out_grid,
+    activation: str = "gelu",
+    mode: str = "average",
+) -> torch.Tensor:
+    """Project then pool (PLLaVA, LLaVA-OneVision): ``pool(Linear2(act(Linear1(x))))``, fused.
+
+    Args:
+        x: ``(B, prod(grid), C)`` tokens in row-major grid order.
+        w1, b1: first Linear ``(hidden, C)``, ``(hidden,)`` or None. w2, b2: ``(out, hidden)``, ``(out,)`` or None.
+        grid, out_grid: ``(H, W)`` or ``(T, H, W)``.
+        activation: ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``.
+        mode: ``"average"`` (``F.adaptive_avg_pool2d/3d``) or ``"bilinear"`` (``F.interpolate``
+            bilinear / trilinear, ``align_corners=False``).
+    Returns:
+        ``(B, prod(out_grid), out)``, computed as ``Linear2(pool(act(Linear1(x))))``.
+    """
+    _validate.tensor("x", x, 3)
+    _validate.floating("x", x, _backend.use_triton(x.device))
+    check_mlp(x, w1, b1, w2, b2, activation, mode, ACTIVATIONS)
+    g, o = _validate.grids(grid, out_grid)
+    _validate.tokens(x, g)
+    B, N, C = x.shape
+    P = math.prod(o)
+    geometry = dense_geometry(g, o, B, x.device)
+    keep = needs_residuals(x, w1, b1, w2, b2)
+    y = torch.ops.deco.mlp_pool_packed(x.reshape(B * N, C), w1, b1, w2, b2, geometry, B * P, activation, mode, keep)[0]
+    return y.view(B, P, -1)
+
+
+def mlp_pool_packed(
+    x: torch.Tensor,
+    grids: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    *,
+    out_grids: torch.Tensor | None = None,
+    stride=None,
+    activation: str = "gelu",
+    mode: str = "average",
+):
+    """``mlp_pool`` over a packed ragged batch (arguments as ``pool_mlp_packed``) -> ``(y, cu_seqlens)``."""
+    check_tokens(x)
+    check_mlp(x, w1, b1, w2, b2, activation, mode, ACTIVATIONS)
+    packing = parse(x, grids, out_grids, stride)
+    geometry = to_device(packing.geometry, x.device)
+    keep = needs_residuals(x, w1, b1, w2, b2)
+    y = torch.ops.deco.mlp_pool_packed(x, w1, b1, w2, b2, geometry, packing.num_out, activation, mode, keep)[0]
+    return y, to_device(packing.cu_seqlens, x.device)

@@ -1,0 +1,415 @@
+"""Packed ragged batches: many images, each with its own (H, W) or (T, H, W) grid, back to back.
+
+``x`` is ``(total_tokens, C)`` (LLaVA-NeXT AnyRes tiles, MiniCPM-V slices, native-resolution
+encoders, videos), ``grids`` an int tensor ``(num_images, 2 | 3)``. Each image is resampled to its
+own ``out_grids[i]`` (or ``ceil(grid / stride)``) and the outputs are packed back to back, with
+``cu_seqlens`` (int32, ``num_images + 1``, FlashAttention's convention) marking where each begins.
+Every stage is one kernel launch for the whole batch, with no padding.
+
+Two resampling modes: ``"average"`` (adaptive average pooling, ``F.adaptive_avg_pool2d/3d``) and
+``"bilinear"`` (``F.interpolate(mode="bilinear"`` for 2D grids, ``"trilinear"`` for 3D,
+``align_corners=False, antialias=False)``, LLaVA-OneVision's down-sampling).
+
+Host sync: output sizes depend on the grid values, so the public functions read ``grids`` (and
+``out_grids``) to the host once per call (``Tensor.tolist()``: a device-to-host copy and a stream
+sync when they live on the GPU; pass them as CPU tensors to avoid it). The per-image geometry table
+then goes back to the device through pinned memory without blocking. The custom ops themselves take
+the geometry as a tensor plus the output size as an int, so they never sync.
+
+Registered ops (each one's autograd formula is the other, or the fused MLP backward):
+``deco::pool_tokens_packed``, ``deco::unpool_tokens_packed``, ``deco::pool_mlp_packed``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend, _validate, reference
+from .kernels import packed_pool, pool_gemm
+from .projector import ACTIVATIONS
+
+MODES = ("average", "bilinear")
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation and geometry
+
+
+def check_mode(value) -> str:
+    if not isinstance(value, str) or value not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {value!r}")
+    return value
+
+
+def _grid_table(name: str, value, ndim: int | None = None) -> list[tuple[int, ...]]:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be an int torch.Tensor of shape (num_images, 2) or (num_images, 3), got {type(value).__name__}")
+    if value.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {value.dtype}")
+    if value.dim() != 2 or value.shape[1] not in (2, 3):
+        raise ValueError(f"{name} must have shape (num_images, 2) or (num_images, 3), got {tuple(value.shape)}")
+    if value.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one image, got shape {tuple(value.shape)}")
+    if ndim is not None and value.shape[1] != ndim:
+        raise ValueError(f"{name} has {value.shape[1]} columns but grids has {ndim}; they must match")
+    rows = [tuple(int(v) for v in r) for r in value.tolist()]  # the one host read (sync if on GPU)
+    for i, r in enumerate(rows):
+        if min(r) < 1:
+            raise ValueError(f"{name}[{i}] = {r}: entries must be >= 1")
+    return rows
+
+
+def _stride(value, ndim: int) -> tuple[int, ...]:
+    entries = (value,) * ndim if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(entries, torch.Tensor) or not isinstance(entries, (tuple, list)) or len(entries) != ndim:
+        raise ValueError(f"stride must be an int or a tuple of {ndim} ints (one per grid axis), got {value!r}")
+    for v in entries:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"stride entries must be ints, got {value!r}")
+        if v < 1:
+            raise ValueError(f"stride entries must be >= 1, got {value!r}")
+    return tuple(entries)
+
+
+def as_3d(g) -> tuple[int, int, int]:
+    return tuple(g) if len(g) == 3 else (1, *g)
+
+
+class Packing:
+    """Parsed host-side description of a packed batch (grids as tuples, sizes, geometry table)."""
+
+    def __init__(self, grids: list[tuple[int, ...]], out_grids: list[tuple[int, ...]]):
+        self.grids, self.out_grids = grids, out_grids
+        self.tokens = [math.prod(g) for g in grids]
+        self.outs = [math.prod(o) for o in out_grids]
+        self.num_tokens, self.num_out = sum(self.tokens), sum(self.outs)
+        if max(self.num_tokens, self.num_out) >= 2**31:
+            raise ValueError(f"packed batches are limited to 2**31 - 1 tokens and outputs, got {self.num_tokens} and {self.num_out}")
+        rows, tok0, row0 = [], 0, 0
+        for g, o, n, p in zip(grids, out_grids, self.tokens, self.outs):
+            rows.append([*as_3d(g), *as_3d(o), tok0, row0])
+            tok0, row0 = tok0 + n, row0 + p
+        self.geometry = torch.tensor(rows, dtype=torch.int32).reshape(-1, packed_pool.GEOMETRY_FIELDS)
+        self.cu_seqlens = torch.tensor([0, *itertools.accumulate(self.outs)], dtype=torch.int32)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host table -> device without a blocking copy (pinned staging on CUDA)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def parse(x, grids, out_grids, stride) -> Packing:
+    """Validates a packed call (x already checked to be 2D); reads grids to the host once."""
+    g = _grid_table("grids", grids)
+    ndim = len(g[0])
+    if (out_grids is None) == (stride is None):
+        raise ValueError("pass exactly one of out_grids (per-image output grids) or stride (out = ceil(grid / stride))")
+    if out_grids is not None:
+        o = _grid_table("out_grids", out_grids, ndim)
+        if len(o) != len(g):
+            raise ValueError(f"out_grids has {len(o)} rows but grids has {len(g)} images")
+    else:
+        s = _stride(stride, ndim)
+        o = [tuple(-(-a // b) for a, b in zip(r, s)) for r in g]
+    packing = Packing(g, o)
+    if x.shape[0] != packing.num_tokens:
+        raise ValueError(f"x has {x.shape[0]} tokens but grids need sum(prod(grids)) = {packing.num_tokens}")
+    return packing
+
+
+@functools.lru_cache(maxsize=256)
+def _dense_geometry(grid: tuple[int, ...], out_grid: tuple[int, ...], batch: int, device: torch.device) -> torch.Tensor:
+    return to_device(Packing([grid] * batch, [out_grid] * batch).geometry, device)
+
+
+def dense_geometry(grid, out_grid, batch: int, device: torch.device) -> torch.Tensor:
+    """The geometry of a dense (B, N, C) batch seen as B packed images of one grid (cached)."""
+    return _dense_geometry(tuple(grid), tuple(out_grid), batch, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch reference path (default CPU backend): a loop over images
+
+
+def _image(x: torch.Tensor, grid) -> torch.Tensor:
+    return x.t().reshape(1, x.shape[1], *grid)
+
+
+def _rows(img: torch.Tensor) -> torch.Tensor:
+    return img.reshape(img.shape[1], -1).t()
+
+
+def _geometry_rows(geometry: torch.Tensor):
+    for T, H, W, OT, OH, OW, tok0, row0 in geometry.tolist():
+        yield (T, H, W), (OT, OH, OW), tok0, row0
+
+
+def reference_pool(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: str) -> torch.Tensor:
+    out = x.new_empty((num_out, x.shape[1]))
+    for g, o, tok0, row0 in _geometry_rows(geometry):
+        xi = x[tok0: tok0 + math.prod(g)]
+        if mode == "average":
+            yi = F.adaptive_avg_pool3d(_image(xi, g), o)
+        else:
+            yi = F.interpolate(_image(xi, g), size=o, mode="trilinear", align_corners=False)
+        out[row0: row0 + math.prod(o)] = _rows(yi)
+    return out
+
+
+def reference_unpool(grad: torch.Tensor, geometry: torch.Tensor, num_tokens: int, mode: str) -> torch.Tensor:
+    dx = grad.new_empty((num_tokens, grad.shape[1]))
+    C = grad.shape[1]
+    for g, o, tok0, row0 in _geometry_rows(geometry):
+        gi = _image(grad[row0: row0 + math.prod(o)], o).contiguous()
+        if mode == "average":
+            di = torch.ops.aten._adaptive_avg_pool3d_backward(gi, gi.new_empty(()).expand(1, C, *g))
+        else:
+            di = torch.ops.aten.upsample_trilinear3d_backward(gi, list(o), [1, C, *g], False)
+        dx[tok0: tok0 + math.prod(g)] = _rows(di)
+    return dx
+
+
+# ----------------------------------------------------------------------------------------------
+# pooling ops
+
+
+@torch.library.custom_op("deco::pool_tokens_packed", mutates_args=())
+def _pool(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: str) -> torch.Tensor:
+    if _backend.use_triton(x.device):
+        return packed_pool.pool_packed(x, geometry, num_out, mode)
+    return reference_pool(x, geometry, num_out, mode)
+
+
+@_pool.register_fake
+def _(x, geometry, num_out, mode):
+    return x.new_empty((num_out, x.shape[1]))
+
+
+@torch.library.custom_op("deco::unpool_tokens_packed", mutates_args=())
+def _unpool(grad: torch.Tensor, geometry: torch.Tensor, num_tokens: int, mode: str) -> torch.Tensor:
+    if _backend.use_triton(grad.device):
+        return packed_pool.unpool_packed(grad, geometry, num_tokens, mode)
+    return reference_unpool(grad, geometry, num_tokens, mode)
+
+
+@_unpool.register_fake
+def _(grad, geometry, num_tokens, mode):
+    return grad.new_empty((num_tokens, grad.shape[1]))
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.size, ctx.mode = inputs[0].shape[0], inputs[3]
+
+
+def _pool_backward(ctx, grad):
+    (geometry,) = ctx.saved_tensors
+    return torch.ops.deco.unpool_tokens_packed(grad, geometry, ctx.size, ctx.mode), None, None, None
+
+
+def _unpool_backward(ctx, grad):
+    (geometry,) = ctx.saved_tensors
+    return torch.ops.deco.pool_tokens_packed(grad, geometry, ctx.size, ctx.mode), None, None, None
+
+
+_pool.register_autograd(_pool_backward, setup_context=_setup)
+_unpool.register_autograd(_unpool_backward, setup_context=_setup)
+
+
+def check_tokens(x) -> None:
+    _validate.tensor("x", x, 2)
+    _validate.floating("x", x, _backend.use_triton(x.device))
+
+
+def _resample_packed(x, grids, out_grids, stride, resample_mode):
+    check_tokens(x)
+    packing = parse(x, grids, out_grids, stride)
+    geometry = to_device(packing.geometry, x.device)
+    y = torch.ops.deco.pool_tokens_packed(x, geometry, packing.num_out, resample_mode)
+    return y, to_device(packing.cu_seqlens, x.device)
+
+
+def adaptive_avg_pool_tokens_packed(x: torch.Tensor, grids: torch.Tensor, *, out_grids: torch.Tensor | None = None, stride=None):
+    """Adaptive average pooling of a packed ragged batch, one launch for all images.
+
+    Args:
+        x: ``(total_tokens, C)``, the images' tokens back to back, each in row-major grid order.
+        grids: int tensor ``(num_images, 2)`` ``(H, W)`` or ``(num_images, 3)`` ``(T, H, W)``.
+        out_grids: int tensor shaped like ``grids``, or None with ``stride``.
+        stride: int or per-axis tuple: ``out_grids = ceil(grids / stride)``.
+
+    Returns:
+        ``(y, cu_seqlens)``: ``y`` ``(sum(prod(out_grids)), C)`` equal to a loop of
+        ``adaptive_avg_pool_tokens`` over the images, concatenated; ``cu_seqlens`` int32
+        ``(num_images + 1,)`` offsets of each image's rows in ``y``.
+    """
+    return _resample_packed(x, grids, out_grids, stride, "average")
+
+
+def bilinear_pool_tokens_packed(x: torch.Tensor, grids: torch.Tensor, *, out_grids: torch.Tensor | None = None, stride=None):
+    """As ``adaptive_avg_pool_tokens_packed`` with bilinear (trilinear for 3D grids) resampling,
+    ``F.interpolate(..., align_corners=False, antialias=False)`` per image."""
+    return _resample_packed(x, grids, out_grids, stride, "bilinear")
+
+
+def bilinear_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
+    """``F.interpolate(mode="bilinear"`` (2D grid) or ``"trilinear"`` (3D), ``align_corners=False)``
+    on a dense ``(B, prod(grid), C)`` token grid -> ``(B, prod(out_grid), C)``, with its backward."""
+    _validate.tensor("x", x, 3)
+    _validate.floating("x", x, _backend.use_triton(x.device))
+    g, o = _validate.grids(grid, out_grid)
+    _validate.tokens(x, g)
+    B, N, C = x.shape
+    geometry = dense_geometry(g, o, B, x.device)
+    y = torch.ops.deco.pool_tokens_packed(x.reshape(B * N, C), geometry, B * math.prod(o), "bilinear")
+    return y.view(B, math.prod(o), C)
+
+
+# ----------------------------------------------------------------------------------------------
+# pool -> Linear -> activation -> Linear over a packed batch
+
+
+@torch.library.custom_op("deco::pool_mlp_packed", mutates_args=())
+def _pool_mlp(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    geometry: torch.Tensor,
+    num_out: int,
+    activation: str,
+    mode: str,
+    keep_residuals: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    empty = x.new_empty((0,))
+    if _backend.use_triton(x.device):
+        act, pre, pooled = pool_gemm.pool_gemm_packed(
+            x, geometry, num_out, mode, w1.contiguous(), None if b1 is None else b1.contiguous(),
+            activation, store_pre=keep_residuals, store_pooled=keep_residuals,
+        )
+        w2t = w2.t()
+        y = torch.addmm(b2, act, w2t) if b2 is not None else act @ w2t
+        return (y, pooled, pre) if keep_residuals else (y, empty, x.new_empty((0,)))
+    pooled = reference_pool(x, geometry, num_out, mode)
+    pre = F.linear(pooled, w1, b1)
+    y = F.linear(reference.ACTIVATIONS[activation](pre), w2, b2)
+    return (y, pooled, pre) if keep_residuals else (y, empty, x.new_empty((0,)))
+
+
+@_pool_mlp.register_fake
+def _(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals):
+    y = x.new_empty((num_out, w2.shape[0]))
+    if not keep_residuals:
+        return y, x.new_empty((0,)), x.new_empty((0,))
+    return y, x.new_empty((num_out, x.shape[1])), x.new_empty((num_out, w1.shape[0]))
+
+
+def _pool_mlp_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, geometry, num_out, activation, mode_, keep = inputs
+    ctx.save_for_backward(w1, w2, output[1], output[2], geometry)
+    ctx.num_tokens, ctx.activation, ctx.mode, ctx.keep = x.shape[0], activation, mode_, keep
+    ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+
+
+def _pool_mlp_backward(ctx, dy, dpooled_extra, dpre_extra):
+    w1, w2, pooled, pre, geometry = ctx.saved_tensors
+    if not ctx.keep:
+        raise RuntimeError("deco::pool_mlp_packed ran with keep_residuals=False; call deco_ops.pool_mlp_packed to differentiate it")
+    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+    dz, act = torch.ops.deco.mlp_activation_backward(dy, w2, pre, ctx.activation)
+    if dpre_extra is not None:
+        dz = dz + dpre_extra
+    dx = dw1 = db1 = dw2 = db2 = None
+    if need_w2:
+        dw2 = dy.t() @ act
+    if need_b2 and ctx.has_b2:
+        db2 = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    if need_w1:
+        dw1 = dz.t() @ pooled
+    if need_b1 and ctx.has_b1:
+        db1 = dz.sum(0, dtype=torch.float32).to(dz.dtype)
+    if need_x:
+        dpooled = dz @ w1
+        if dpooled_extra is not None:
+            dpooled = dpooled + dpooled_extra
+        dx = torch.ops.deco.unpool_tokens_packed(dpooled, geometry, ctx.num_tokens, ctx.mode)
+    return dx, dw1, db1, dw2, db2, None, None, None, None, None
+
+
+_pool_mlp.register_autograd(_pool_mlp_backward, setup_context=_pool_mlp_setup)
+
+
+def needs_residuals(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def check_mlp(x, w1, b1, w2, b2, activation, resample_mode, activations) -> None:
+    """Checks of the MLP operands shared by the packed and project-then-pool ops (x checked already)."""
+    _validate.linear("w1", w1, "b1", b1, x.shape[-1], "x.shape[-1]")
+    _validate.linear("w2", w2, "b2", b2, w1.shape[0], "w1.shape[0] (hidden features)")
+    _validate.activation(activation, activations)
+    check_mode(resample_mode)
+    use_triton = _backend.use_triton(x.device)
+    params = {"w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    for name, value in params.items():
+        if value is not None:
+            _validate.floating(name, value, use_triton)
+    _validate.same_dtype("x", x, **params)
+    _validate.same_device("x", x, **params)
+
+
+def pool_mlp_packed(
+    x: torch.Tensor,
+    grids: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    *,
+    out_grids: torch.Tensor | None = None,
+    stride=None,
+    activation: str = "gelu",
+    mode: str = "average",
+):
+    """The DeCo projector ``Linear2(act(Linear1(pool(x_i))))`` for every image of a packed batch.
+
+    Args:
+        x: ``(total_tokens, C)``; grids, out_grids, stride: as ``adaptive_avg_pool_tokens_packed``.
+        w1, b1, w2, b2, activation: as ``pool_mlp``.
+        mode: ``"average"`` (adaptive average pooling) or ``"bilinear"``.
+    Returns:
+        ``(y, cu_seqlens)``: ``y`` ``(sum(prod(out_grids)), out)``, cu_seqlens int32 ``(num_images+1,)``.
+        One fused pool+GEMM launch for the whole batch (cuBLAS for the second Linear).
+    """
+    check_tokens(x)
+    check_mlp(x, w1, b1, w2, b2, activation, mode, ACTIVATIONS)
+    packing = parse(x, grids, out_grids, stride)
+    geometry = to_device(packing.geometry, x.device)
+    keep = needs_residuals(x, w1, b1, w2, b2)
+    y = torch.ops.deco.pool_mlp_packed(x, w1, b1, w2, b2, geometry, packing.num_out, activation, mode, keep)[0]
+    return y, to_device(packing.cu_seqlens, x.device)
+
+
+def pool_mlp_resampled(x, w1, b1, w2, b2, *, grid, out_grid, activation="gelu", mode="average"):
+    """Dense ``(B, prod(grid), C)`` ``pool_mlp`` with either resampling mode (the packed kernel on
+    B images of one grid); what ``DeCoProjector(mode="bilinear")`` runs."""
+    _validate.tensor("x", x, 3)
+    _validate.floating("x", x, _backend.use_triton(x.device))
+    check_mlp(x, w1, b1, w2, b2, activation, mode, ACTIVATIONS)
+    g, o = _validate.grids(grid, out_grid)
+    _validate.tokens(x, g)
+    B, N, C = x.shape
+    P = math.prod(o)
+    geometry = dense_geometry(g, o, B, x.device)
+    keep = needs_residuals(x, w1, b1, w2, b2)
+    y = torch.ops.deco.pool_mlp_packed(x.reshape(B * N, C), w1, b1, w2, b2, geometry, B * P, activation, mode, keep)[0]
+    return y.view(B, P, -1)

@@ -1,0 +1,121 @@
+"""Backward of project-then-pool (PLLaVA / LLaVA-OneVision order), ``y = Linear2(pool(act(Linear1(x))))``.
+
+The forward runs as two ``pool_gemm`` launches: ``act(x @ W1.T + b1)`` over every token (a GEMM
+with bias + activation in its epilogue), then ``pool(.) @ W2.T + b2`` with the pooling in the
+second GEMM's A-operand load, so the second GEMM runs on pooled rows only (pool weights sum to
+one, so pooling commutes with the affine Linear2). The token-sized hidden activation is written
+once and read once; nothing token-sized is kept for backward except ``x`` itself.
+
+Backward, with ``dpa = dy @ W2`` (pooled rows only, cuBLAS), this kernel computes
+
+    dz[m, n] = act'( sum_k x[m, k] * W1[n, k] + b1[n] ) * unpool(dpa)[m, n]      m = token
+
+recomputing the pre-activation with a tensor-core GEMM instead of storing it (tokens x hidden,
+the largest tensor of the op) and gathering the un-pooled gradient of each token in its epilogue
+(``packed_pool.unpooled_tile``: deterministic, no atomics), so neither the pre-activation nor the
+un-pooled gradient ever exists in memory. dW1 = dz.T @ x, db1 and dx = dz @ W1 stay on cuBLAS.
+
+Counts: flops = 2*M*N*K (the recomputed GEMM; the gather adds ~taps*M*N);
+bytes = (M*K + N*K + N + M*N + P*N * taps) * elem, P = pooled rows.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import activations
+from .tiling import grouped_tile
+from ._tuning import autotuned, dot_dtype_workaround, input_precision
+from .packed_pool import MODES, image_index, packed_geometry, tokens_per_image, unpooled_tile
+
+
+def cuda_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 128, 64, 8, 3),
+            (64, 128, 64, 4, 4),
+            (128, 64, 64, 4, 4),
+            (64, 64, 64, 4, 3),
+        ]
+    ]
+
+
+INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
+
+
+@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K", "MODE"])
+@triton.jit
+def gemm_unpool_act_grad_kernel(
+    x_ptr, w_ptr, b_ptr, g_ptr, dz_ptr, image_ptr, geometry_ptr,
+    M, N, K,
+    sxm, sxk, swn, swk, sgp, sgn,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, MODE: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_rows = x_ptr + rows[:, None] * sxm
+    w_tile = w_ptr + cols.to(tl.int64)[None, :] * swn
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        k_mask = k < K
+        a = tl.load(x_rows + k[None, :] * sxk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_tile + k[:, None] * swk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(a, wt, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    # The pre-activation is rounded to the operand dtype, as the forward's stored activation was.
+    z = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+
+    T, H, W, OT, OH, OW, tok0, row0 = packed_geometry(rows, row_mask, image_ptr, geometry_ptr)
+    da = unpooled_tile(g_ptr, sgp, sgn, rows - tok0, T, H, W, OT, OH, OW, row0, row_mask, cols, col_mask, MODE)
+    da = da.to(g_ptr.dtype.element_ty).to(tl.float32)
+    dz = da * activations.derivative(z, ACTIVATION)
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(dz_ptr + rows[:, None] * N + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=out_mask)
+
+
+def gemm_unpool_act_grad(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    dpa: torch.Tensor,
+    geometry: torch.Tensor,
+    activation: str,
+    mode: str,
+) -> torch.Tensor:
+    """x (tokens, K), w1 (N, K) nn.Linear layout, dpa (pooled rows, N) -> dz (tokens, N)."""
+    M, K = x.shape
+    N = w1.shape[0]
+    dz = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return dz
+    image = image_index(geometry, tokens_per_image(geometry), M)
+
+    def grid_fn(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    gemm_unpool_act_grad_kernel[grid_fn](
+        x, w1, b1 if b1 is not None else dz, dpa, dz, image, geometry,
+        M, N, K, *x.stride(), *w1.stride(), *dpa.stride(),
+        HAS_BIAS=b1 is not None, ACTIVATION=activations.CODES[activation], MODE=MODES[mode],
+        DOT_FP32=dot_dtype_workaround(x.dtype == torch.bfloat16),
+        INPUT_PRECISION=input_precision(x.dtype),
+    )
+    return dz
+
+
+def flops(M: int, N: int, K: int) -> int:
+    return 2 * M * N * K

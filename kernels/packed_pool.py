@@ -1,0 +1,289 @@
+"""Pooling of packed ragged batches: many images (or videos), each with its own grid, back to back.
+
+Layout. Tokens are ``(total_tokens, C)``; image ``i`` holds ``T_i*H_i*W_i`` tokens in row-major
+(t, h, w) order starting at token ``tok0_i``, and is resampled to ``OT_i*OH_i*OW_i`` output rows
+starting at row ``row0_i``. One int32 ``geometry`` table ``(num_images, 8)`` holds, per image,
+``[T, H, W, OT, OH, OW, tok0, row0]`` (a 2D grid is ``T = OT = 1``), and an int32 ``image`` table
+maps every output row (forward) or every token (backward) to its image. Every program loads its
+rows' geometry from these tables, so a whole batch of mixed grids is one launch with no padding.
+
+Two resampling modes, both separable over the (t, h, w) axes:
+
+* ``MODE = AVERAGE`` (0): adaptive average pooling, ``F.adaptive_avg_pool2d/3d``. Output ``o`` of
+  an axis averages inputs ``floor(o*L/O) .. ceil((o+1)*L/O) - 1``.
+* ``MODE = BILINEAR`` (1): ``F.interpolate(mode="bilinear"/"trilinear", align_corners=False,
+  antialias=False)``: ``src = max((o + 0.5) * L/O - 0.5, 0)``, taps ``floor(src)`` and the next input
+  (the same one on the last input), weights ``1 - frac(src)`` and ``frac(src)``, in fp32 as PyTorch.
+
+Forward (``pooled_tile``) sums ``weight * token`` over each output row's taps. The loop bounds are
+the largest tap count of the rows in the tile (runtime values), so a tile pays only for its own
+windows, and one compiled kernel serves every mix of grids. Backward (``unpooled_tile``) is the
+adjoint as a deterministic *gather*: every input token walks the outputs that read it (for
+bilinear a small superset, weight 0 where the output does not read it) in a fixed order and
+accumulates ``weight * grad``; every input gradient is written exactly once, no atomics.
+
+The tile helpers are shared with the fused GEMMs (``pool_gemm`` forms its A operand with
+``pooled_tile``; ``mlp_pool`` gathers its epilogue's gradient with ``unpooled_tile``).
+
+Counts: pooling reads every token once (more where windows overlap) and writes every output row:
+bytes = (total_tokens + total_out) * C * elem; flops ~ taps * total_out * C.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tuning import INTERPRET
+from .adaptive_window import window, windows_containing
+
+AVERAGE, BILINEAR = 0, 1
+MODES = {"average": AVERAGE, "bilinear": BILINEAR}
+GEOMETRY_FIELDS = 8  # T, H, W, OT, OH, OW, tok0, row0
+
+
+# ----------------------------------------------------------------------------------------------
+# geometry
+
+
+@triton.jit
+def packed_geometry(idx, mask, image_ptr, geometry_ptr):
+    """Per-row (T, H, W, OT, OH, OW, tok0, row0) of the images that rows ``idx`` belong to."""
+    img = tl.load(image_ptr + idx, mask=mask, other=0).to(tl.int64)
+    g = geometry_ptr + img * 8
+    T = tl.load(g + 0, mask=mask, other=1)
+    H = tl.load(g + 1, mask=mask, other=1)
+    W = tl.load(g + 2, mask=mask, other=1)
+    OT = tl.load(g + 3, mask=mask, other=1)
+    OH = tl.load(g + 4, mask=mask, other=1)
+    OW = tl.load(g + 5, mask=mask, other=1)
+    tok0 = tl.load(g + 6, mask=mask, other=0).to(tl.int64)
+    row0 = tl.load(g + 7, mask=mask, other=0).to(tl.int64)
+    return T, H, W, OT, OH, OW, tok0, row0
+
+
+@triton.jit
+def bilinear_taps(o, L, O):
+    """Inputs (i0, i1) and fp32 weights (w0, w1) of output ``o``; on the last input w1 = 0."""
+    src = tl.maximum((L.to(tl.float32) / O.to(tl.float32)) * (o.to(tl.float32) + 0.5) - 0.5, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), L - 1)
+    frac = src - i0.to(tl.float32)
+    last = i0 >= L - 1
+    w0 = tl.where(last, 1.0, 1.0 - frac)
+    w1 = tl.where(last, 0.0, frac)
+    return i0, tl.where(last, i0, i0 + 1), w0, w1
+
+
+@triton.jit
+def source_count(o, L, O, MODE: tl.constexpr):
+    """How many inputs output ``o`` reads along an axis."""
+    if MODE == 0:
+        s, e = window(o, L, O)
+        n = e - s
+    else:
+        _, _, _, w1 = bilinear_taps(o, L, O)
+        n = 1 + (w1 != 0.0).to(tl.int32)
+    return n
+
+
+@triton.jit
+def source_tap(o, d, L, O, MODE: tl.constexpr):
+    """(input index, weight) of tap ``d`` of output ``o`` along an axis; weight 0 past its taps."""
+    if MODE == 0:
+        s, e = window(o, L, O)
+        i = s + d
+        wgt = tl.where(i < e, 1.0 / (e - s).to(tl.float32), 0.0)
+    else:
+        i0, i1, w0, w1 = bilinear_taps(o, L, O)
+        i = tl.where(d == 0, i0, i1)
+        wgt = tl.where(d == 0, w0, tl.where(d == 1, w1, 0.0))
+    return i, wgt
+
+
+@triton.jit
+def target_span(j, L, O, MODE: tl.constexpr):
+    """(first, count) of the outputs along an axis that may read input ``j`` (exact for average, a
+    superset for bilinear: outputs whose source lies in [j - 1, j + 1), one spare on each side)."""
+    if MODE == 0:
+        f, e = windows_containing(j, L, O)
+    else:
+        r = O.to(tl.float32) / L.to(tl.float32)
+        f = tl.maximum(tl.floor((j.to(tl.float32) - 0.5) * r - 0.5).to(tl.int32) - 1, 0)
+        e = tl.minimum(tl.ceil((j.to(tl.float32) + 1.5) * r - 0.5).to(tl.int32) + 1, O)
+        e = tl.maximum(e, f)
+    return f, e - f
+
+
+@triton.jit
+def target_weight(o, j, L, O, MODE: tl.constexpr):
+    """Weight with which output ``o`` reads input ``j`` along an axis (0 if it does not)."""
+    if MODE == 0:
+        s, e = window(o, L, O)
+        wgt = tl.where((s <= j) & (j < e) & (o < O), 1.0 / (e - s).to(tl.float32), 0.0)
+    else:
+        i0, i1, w0, w1 = bilinear_taps(o, L, O)
+        wgt = tl.where(o < O, tl.where(i0 == j, w0, 0.0) + tl.where(i1 == j, w1, 0.0), 0.0)
+    return wgt
+
+
+# ----------------------------------------------------------------------------------------------
+# tiles shared with the fused GEMMs
+
+
+@triton.jit
+def pooled_tile(x_ptr, sxn, sxc, cell, T, H, W, OT, OH, OW, tok0, rmask, k, kmask, MODE: tl.constexpr):
+    """fp32 [rows, k] tile of resampled rows: row r is output ``cell[r]`` of its image."""
+    ot = cell // (OH * OW)
+    oh = (cell // OW) % OH
+    ow = cell % OW
+    nt = tl.max(tl.where(rmask, source_count(ot, T, OT, MODE), 0))
+    nh = tl.max(tl.where(rmask, source_count(oh, H, OH, MODE), 0))
+    nw = tl.max(tl.where(rmask, source_count(ow, W, OW, MODE), 0))
+    acc = tl.zeros([cell.shape[0], k.shape[0]], dtype=tl.float32)
+    x_k = x_ptr + k[None, :] * sxc
+    for dt in range(0, nt):
+        t, wt = source_tap(ot, dt, T, OT, MODE)
+        for dh in range(0, nh):
+            h, wh = source_tap(oh, dh, H, OH, MODE)
+            for dw in range(0, nw):
+                w, ww = source_tap(ow, dw, W, OW, MODE)
+                wgt = wt * wh * ww
+                use = rmask & (wgt != 0.0)
+                token = tok0 + (t * H + h) * W + w
+                v = tl.load(x_k + token[:, None] * sxn, mask=use[:, None] & kmask[None, :], other=0.0)
+                acc += wgt[:, None] * v.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def unpooled_tile(g_ptr, sgn, sgc, j, T, H, W, OT, OH, OW, row0, rmask, c, cmask, MODE: tl.constexpr):
+    """fp32 [rows, c] tile of the adjoint: row r is input token ``j[r]`` of its image, gathering
+    ``weight * grad`` from every output that reads it, in a fixed order (deterministic)."""
+    t = j // (H * W)
+    h = (j // W) % H
+    w = j % W
+    ft, ct = target_span(t, T, OT, MODE)
+    fh, ch = target_span(h, H, OH, MODE)
+    fw, cw = target_span(w, W, OW, MODE)
+    nt = tl.max(tl.where(rmask, ct, 0))
+    nh = tl.max(tl.where(rmask, ch, 0))
+    nw = tl.max(tl.where(rmask, cw, 0))
+    acc = tl.zeros([j.shape[0], c.shape[0]], dtype=tl.float32)
+    g_c = g_ptr + c[None, :] * sgc
+    for dt in range(0, nt):
+        ot = ft + dt
+        wt = tl.where(dt < ct, target_weight(ot, t, T, OT, MODE), 0.0)
+        for dh in range(0, nh):
+            oh = fh + dh
+            wh = tl.where(dh < ch, target_weight(oh, h, H, OH, MODE), 0.0)
+            for dw in range(0, nw):
+                ow = fw + dw
+                ww = tl.where(dw < cw, target_weight(ow, w, W, OW, MODE), 0.0)
+                wgt = wt * wh * ww
+                use = rmask & (wgt != 0.0)
+                row = row0 + (ot * OH + oh) * OW + ow
+                v = tl.load(g_c + row[:, None] * sgn, mask=use[:, None] & cmask[None, :], other=0.0)
+                acc += wgt[:, None] * v.to(tl.float32)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# standalone kernels
+
+
+def cuda_configs() -> list[triton.Config]:
+    """The one config of both kernels on a GPU (BLOCK_C shrinks to next_power_of_2(C) below 128)."""
+    return [triton.Config({"BLOCK_R": 16, "BLOCK_C": 128}, num_warps=4)]
+
+
+BLOCK_R_INTERPRET = 64  # few, wide programs: the interpreter's cost is per program and per op
+
+
+@triton.jit
+def pool_packed_kernel(
+    x_ptr, out_ptr, image_ptr, geometry_ptr,
+    M, C, sxn, sxc, son, soc,
+    MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < M
+    cmask = c < C
+    T, H, W, OT, OH, OW, tok0, row0 = packed_geometry(rows, rmask, image_ptr, geometry_ptr)
+    acc = pooled_tile(x_ptr, sxn, sxc, rows - row0, T, H, W, OT, OH, OW, tok0, rmask, c, cmask, MODE)
+    ptrs = out_ptr + rows[:, None] * son + c[None, :] * soc
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def unpool_packed_kernel(
+    g_ptr, dx_ptr, image_ptr, geometry_ptr,
+    N, C, sgn, sgc, sdn, sdc,
+    MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    tokens = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = tokens < N
+    cmask = c < C
+    T, H, W, OT, OH, OW, tok0, row0 = packed_geometry(tokens, rmask, image_ptr, geometry_ptr)
+    acc = unpooled_tile(g_ptr, sgn, sgc, tokens - tok0, T, H, W, OT, OH, OW, row0, rmask, c, cmask, MODE)
+    ptrs = dx_ptr + tokens[:, None] * sdn + c[None, :] * sdc
+    tl.store(ptrs, acc.to(dx_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def image_index(geometry: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
+    """int32 (total,): the image of every row, from per-image row counts (no host sync)."""
+    ids = torch.arange(geometry.shape[0], device=geometry.device, dtype=torch.int32)
+    return torch.repeat_interleave(ids, counts, output_size=total)
+
+
+def out_rows_per_image(geometry: torch.Tensor) -> torch.Tensor:
+    return geometry[:, 3] * geometry[:, 4] * geometry[:, 5]
+
+
+def tokens_per_image(geometry: torch.Tensor) -> torch.Tensor:
+    return geometry[:, 0] * geometry[:, 1] * geometry[:, 2]
+
+
+def _blocks(C: int) -> tuple[int, int]:
+    cfg = cuda_configs()[0].kwargs
+    block_r = BLOCK_R_INTERPRET if INTERPRET else cfg["BLOCK_R"]
+    return block_r, min(cfg["BLOCK_C"], triton.next_power_of_2(max(C, 1)))
+
+
+def pool_packed(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: str) -> torch.Tensor:
+    """(total_tokens, C) -> (num_out, C): every image resampled to its own output grid."""
+    C = x.shape[1]
+    out = torch.empty((num_out, C), device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    image = image_index(geometry, out_rows_per_image(geometry), num_out)
+    block_r, block_c = _blocks(C)
+    pool_packed_kernel[(triton.cdiv(num_out, block_r), triton.cdiv(C, block_c))](
+        x, out, image, geometry, num_out, C, *x.stride(), *out.stride(),
+        MODE=MODES[mode], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+    )
+    return out
+
+
+def unpool_packed(grad: torch.Tensor, geometry: torch.Tensor, num_tokens: int, mode: str) -> torch.Tensor:
+    """Adjoint of ``pool_packed``: (num_out, C) gradient -> (total_tokens, C)."""
+    C = grad.shape[1]
+    dx = torch.empty((num_tokens, C), device=grad.device, dtype=grad.dtype)
+    if dx.numel() == 0:
+        return dx
+    image = image_index(geometry, tokens_per_image(geometry), num_tokens)
+    block_r, block_c = _blocks(C)
+    unpool_packed_kernel[(triton.cdiv(num_tokens, block_r), triton.cdiv(C, block_c))](
+        grad, dx, image, geometry, num_tokens, C, *grad.stride(), *dx.stride(),
+        MODE=MODES[mode], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+    )
+    return dx
+
+
+def pool_bytes(total_tokens: int, total_out: int, C: int, elem: int) -> int:
+    """Fewest bytes packed pooling must move (the int32 tables are noise)."""
+    return (total_tokens + total_out) * C * elem

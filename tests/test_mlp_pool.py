@@ -1,0 +1,212 @@
+"""mlp_pool (project then pool, PLLaVA / LLaVA-OneVision) and DeCoProjector's order/mode switches,
+forward and every gradient, against float64 eager PyTorch in the eager order pool(Linear2(act(Linear1(x))))."""
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deco_ops
+from deco_ops import reference
+from deco_ops.kernels import mlp_pool as mlp_pool_kernel
+from deco_ops.kernels import pool_gemm
+from harness import DTYPES, assert_close, guarded, leaf, poisoned_empty, randn
+from test_packed import _mlp_params, _t, loop64, random_mix, resample64
+
+GRIDS = [
+    ((24, 24), (12, 12)),
+    ((27, 27), (12, 12)),
+    ((5, 9), (3, 4)),
+    ((4, 4), (4, 4)),
+    ((3, 2), (4, 5)),
+    ((4, 6, 6), (2, 3, 3)),
+]
+
+
+def eager64(params, grid, out_grid, activation, mode):
+    """PLLaVA's order in float64: the MLP on every token, then pool."""
+    x, w1, b1, w2, b2 = params
+    h = F.linear(reference.ACTIVATIONS[activation](F.linear(x, w1, b1)), w2, b2)
+    return torch.stack([resample64(h[b], grid, out_grid, mode) for b in range(x.shape[0])])
+
+
+def _case(grid, out_grid, dtype, B=2, C=37, hidden=48, out=29, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = randn(B, math.prod(grid), C, dtype=dtype, generator=gen)
+    dy = randn(B, math.prod(out_grid), out, dtype=dtype, generator=gen)
+    return [x, *_mlp_params(C, hidden, out, dtype, bias=bias, seed=seed)], dy
+
+
+def _check(params, dy, grid, out_grid, dtype, activation="gelu", mode="average", requires_x=True):
+    leaves = [leaf(guarded(p) if p is not None else None) for p in params]
+    if not requires_x:
+        leaves[0].requires_grad_(False)
+    with poisoned_empty():
+        y = deco_ops.mlp_pool(*leaves, grid=grid, out_grid=out_grid, activation=activation, mode=mode)
+        y.backward(guarded(dy))
+    ref = [leaf(p, torch.float64) for p in params]
+    y64 = eager64(ref, grid, out_grid, activation, mode)
+    y64.backward(dy.double())
+    assert y.dtype == dtype
+    assert_close(y, y64, dtype, "y")
+    for name, got, want in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref):
+        if got is None or not got.requires_grad:
+            continue
+        assert_close(got.grad, want.grad, dtype, f"grad {name}")
+    if not requires_x:
+        assert leaves[0].grad is None
+
+
+@pytest.mark.parametrize("grid,out_grid", GRIDS)
+@pytest.mark.parametrize("mode", ["average", "bilinear"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mlp_pool(backend, grid, out_grid, mode, dtype):
+    params, dy = _case(grid, out_grid, dtype, B=1 if math.prod(grid) > 200 else 2, C=24, hidden=40, out=20)
+    _check(params, dy, grid, out_grid, dtype, mode=mode)
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "silu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mlp_pool_activations(backend, activation, dtype):
+    params, dy = _case((6, 5), (3, 2), dtype, C=64, hidden=96, out=70)
+    _check(params, dy, (6, 5), (3, 2), dtype, activation)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mlp_pool_without_bias_and_frozen_tokens(backend, dtype):
+    params, dy = _case((7, 7), (3, 3), dtype, bias=False, B=1)
+    _check(params, dy, (7, 7), (3, 3), dtype, requires_x=False)
+
+
+@pytest.mark.parametrize("mode", ["average", "bilinear"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mlp_pool_packed(backend, mode, dtype):
+    grids, outs = random_mix(4, 4, 2, max_tokens=300)
+    C, hidden, out = 20, 36, 18
+    gen = torch.Generator().manual_seed(2)
+    x = randn(sum(map(math.prod, grids)), C, dtype=dtype, generator=gen)
+    dy = randn(sum(map(math.prod, outs)), out, dtype=dtype, generator=gen)
+    params = [x, *_mlp_params(C, hidden, out, dtype)]
+    leaves = [leaf(guarded(p)) for p in params]
+    with poisoned_empty():
+        y, cu = deco_ops.mlp_pool_packed(leaves[0], _t(grids), *leaves[1:], out_grids=_t(outs), mode=mode)
+        y.backward(guarded(dy))
+    ref = [leaf(p, torch.float64) for p in params]
+    h = F.linear(F.gelu(F.linear(ref[0], ref[1], ref[2])), ref[3], ref[4])
+    y64 = loop64(h, grids, outs, mode)
+    y64.backward(dy.double())
+    assert cu.tolist()[-1] == y.shape[0]
+    assert_close(y, y64, dtype, "y")
+    for name, got, want in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref):
+        assert_close(got.grad, want.grad, dtype, f"grad {name}")
+
+
+def test_mlp_pool_packed_equals_single_image_loop(backend):
+    grids, outs = [(6, 6), (5, 9)], [(3, 3), (3, 5)]
+    x = torch.randn(sum(map(math.prod, grids)), 16)
+    w = _mlp_params(16, 32, 24, torch.float32)
+    y, _ = deco_ops.mlp_pool_packed(x, _t(grids), *w, stride=2)
+    ys = [deco_ops.mlp_pool(xi[None], *w, grid=g, out_grid=o)[0]
+          for xi, g, o in zip(x.split([math.prod(g) for g in grids]), grids, outs)]
+    assert_close(y, torch.cat(ys), torch.float32, "vs loop")
+
+
+def test_launches_and_what_backward_skips():
+    """Forward: two pool_gemm launches (GEMM+act over tokens, pool+GEMM over pooled rows).
+    Backward: one fused recompute/un-pool/act' launch, skipped when x, w1, b1 need no gradient."""
+    params, dy = _case((6, 6), (3, 3), torch.float32, B=2, C=16, hidden=24, out=8)
+    leaves = [leaf(p) for p in params]
+    fwd, bwd = pool_gemm.pool_gemm_kernel, mlp_pool_kernel.gemm_unpool_act_grad_kernel
+    with deco_ops.use_backend("triton"), mock.patch.object(fwd, "run", wraps=fwd.run) as f, \
+            mock.patch.object(bwd, "run", wraps=bwd.run) as b:
+        deco_ops.mlp_pool(*leaves, grid=(6, 6), out_grid=(3, 3)).backward(dy)
+        assert f.call_count == 2 and b.call_count == 1
+        for p in leaves[:3]:
+            p.requires_grad_(False)
+        deco_ops.mlp_pool(*leaves, grid=(6, 6), out_grid=(3, 3)).backward(dy)
+        assert f.call_count == 4 and b.call_count == 1
+
+
+def test_saved_tensors_are_small():
+    """Nothing token-by-hidden is saved: only x (an input), weights, the pooled activation, geometry."""
+    params, _ = _case((8, 8), (2, 2), torch.float32, B=1, C=16, hidden=64, out=8)
+    leaves = [leaf(p) for p in params]
+    sizes = []
+
+    def pack(t):
+        sizes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        deco_ops.mlp_pool(*leaves, grid=(8, 8), out_grid=(2, 2))
+    assert (64, 64) not in sizes  # (tokens, hidden) pre-activation / activation
+    assert (4, 64) in sizes  # pooled activation
+
+
+@pytest.mark.parametrize("mode", ["average", "bilinear"])
+def test_opcheck(mode):
+    packing = deco_ops.packed.Packing([(4, 5), (3, 3)], [(2, 3), (2, 2)])
+    x = torch.randn(packing.num_tokens, 6, requires_grad=True)
+    w1, b1, w2, b2 = [p.requires_grad_(True) for p in _mlp_params(6, 8, 5, torch.float32)]
+    torch.library.opcheck(torch.ops.deco.mlp_pool_packed, (x, w1, b1, w2, b2, packing.geometry, packing.num_out, "gelu", mode, True))
+    dpa = torch.randn(packing.num_out, 8)
+    torch.library.opcheck(torch.ops.deco.mlp_pool_act_backward, (x.detach(), w1.detach(), b1.detach(), dpa, packing.geometry, "silu", mode))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"x": torch.randn(36, 4)}, ValueError, "x must have 3 dimensions"),
+        ({"x": torch.randn(2, 35, 4)}, ValueError, "needs 36"),
+        ({"grid": (6,)}, ValueError, "grid must have 2"),
+        ({"out_grid": (3, 3, 1)}, ValueError, "as many entries"),
+        ({"mode": "area"}, ValueError, "mode must be one of"),
+        ({"activation": "relu"}, ValueError, "activation must be one of"),
+        ({"w1": torch.randn(8, 5)}, ValueError, "w1 has shape"),
+        ({"w2": torch.randn(5, 7)}, ValueError, "w2 has shape"),
+        ({"b2": torch.randn(5).double()}, TypeError, "b2 has dtype"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    args = {"x": torch.randn(2, 36, 4), "w1": torch.randn(8, 4), "b1": torch.randn(8), "w2": torch.randn(5, 8),
+            "b2": torch.randn(5), "grid": (6, 6), "out_grid": (3, 3), "mode": "average", "activation": "gelu"} | kwargs
+    with deco_ops.use_backend("triton"), mock.patch.object(pool_gemm.pool_gemm_kernel, "run") as launch:
+        with pytest.raises(error, match=match):
+            deco_ops.mlp_pool(args["x"], args["w1"], args["b1"], args["w2"], args["b2"], grid=args["grid"],
+                              out_grid=args["out_grid"], activation=args["activation"], mode=args["mode"])
+    launch.assert_not_called()
+
+
+# ----------------------------------------------------------------------------------------------
+# DeCoProjector(order=..., mode=...)
+
+
+@pytest.mark.parametrize("order", ["pool_mlp", "mlp_pool"])
+@pytest.mark.parametrize("mode", ["average", "bilinear"])
+def test_projector_order_and_mode(backend, order, mode):
+    torch.manual_seed(0)
+    proj = deco_ops.DeCoProjector(12, 10, hidden_features=16, grid=(6, 6), out_grid=(3, 3), order=order, mode=mode,
+                                  num_prefix_tokens=1)
+    x = torch.randn(2, 37, 12, requires_grad=True)
+    y = proj(x)
+    p64 = [t.detach().double() for t in (x[:, 1:], proj.fc1.weight, proj.fc1.bias, proj.fc2.weight, proj.fc2.bias)]
+    if order == "mlp_pool":
+        y64 = eager64(p64, (6, 6), (3, 3), "gelu", mode)
+    else:
+        pooled = torch.stack([resample64(p64[0][b], (6, 6), (3, 3), mode) for b in range(2)])
+        y64 = F.linear(F.gelu(F.linear(pooled, p64[1], p64[2])), p64[3], p64[4])
+    assert_close(y, y64, torch.float32)
+    y.sum().backward()
+    assert x.grad is not None and proj.fc1.weight.grad is not None
+    # per-call grids (AnyRes): no rebuild
+    assert proj(torch.randn(1, 1 + 20, 12), grid=(4, 5), out_grid=(2, 2)).shape == (1, 4, 10)
+    assert f"order={order!r}" in repr(proj) and f"mode={mode!r}" in repr(proj)
+
+
+def test_projector_bad_switches():
+    with pytest.raises(ValueError, match="order must be one of"):
+        deco_ops.DeCoProjector(4, 4, order="pool_then_mlp")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        deco_ops.DeCoProjector(4, 4, mode="nearest")

@@ -1,0 +1,319 @@
+"""Packed ragged batches (adaptive_avg_pool_tokens_packed, bilinear_pool_tokens[_packed],
+pool_mlp_packed) against float64 PyTorch per image and against a loop of the single-image ops."""
+
+import math
+import random
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deco_ops
+from deco_ops.kernels import packed_pool, pool_gemm
+from harness import DTYPES, assert_close, guarded, leaf, poisoned_empty, randn
+
+MODES = ("average", "bilinear")
+
+
+def resample64(x: torch.Tensor, grid, out_grid, mode: str) -> torch.Tensor:
+    """float64 reference for one image: (N, C) tokens -> (prod(out_grid), C), autograd-able."""
+    img = x.t().reshape(1, x.shape[1], *grid)
+    if mode == "average":
+        pool = F.adaptive_avg_pool2d if len(grid) == 2 else F.adaptive_avg_pool3d
+        out = pool(img, tuple(out_grid))
+    else:
+        out = F.interpolate(img, size=tuple(out_grid), mode="bilinear" if len(grid) == 2 else "trilinear", align_corners=False)
+    return out.reshape(x.shape[1], -1).t()
+
+
+def loop64(x: torch.Tensor, grids, out_grids, mode: str) -> torch.Tensor:
+    outs, start = [], 0
+    for g, o in zip(grids, out_grids):
+        n = math.prod(g)
+        outs.append(resample64(x[start: start + n], g, o, mode))
+        start += n
+    return torch.cat(outs)
+
+
+def random_mix(seed: int, num: int, ndim: int, max_side: int = 40, max_tokens: int = 600):
+    """Random grids 1..max_side per axis (non-square; 3D with short time axes) and output grids
+    from 1 up to a bit beyond the input (exercises up-sampling too), total tokens bounded."""
+    rng = random.Random(seed)
+    grids, outs = [], []
+    budget = max_tokens // num
+    while len(grids) < num:
+        if ndim == 2:
+            h = rng.randint(1, max_side)
+            g = (h, rng.randint(1, max(1, min(max_side, budget // h))))
+            g = g if rng.random() < 0.5 else g[::-1]
+        else:
+            g = (rng.randint(1, 4), rng.randint(1, 8), rng.randint(1, 8))
+        # output at least ~1/4 of the input per axis (bounded windows), sometimes larger than it
+        o = tuple(rng.randint(max(1, -(-s // 4)), s + 2) for s in g)
+        grids.append(g)
+        outs.append(o)
+    return grids, outs
+
+
+def _case(grids, out_grids, dtype, C, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    N = sum(map(math.prod, grids))
+    P = sum(map(math.prod, out_grids))
+    return randn(N, C, dtype=dtype, generator=gen), randn(P, C, dtype=dtype, generator=gen)
+
+
+def _t(rows):
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def _pool_fn(mode):
+    return deco_ops.adaptive_avg_pool_tokens_packed if mode == "average" else deco_ops.bilinear_pool_tokens_packed
+
+
+MIXES = [
+    pytest.param(2, 0, 5, id="2d-5imgs"),
+    pytest.param(2, 1, 3, id="2d-3imgs"),
+    pytest.param(3, 2, 4, id="3d-4vids"),
+]
+
+
+@pytest.mark.parametrize("ndim,seed,num", MIXES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pool_packed_forward_backward(backend, ndim, seed, num, mode, dtype):
+    grids, outs = random_mix(seed, num, ndim)
+    x, dy = _case(grids, outs, dtype, C=11, seed=seed)
+    xg = guarded(x).requires_grad_(True)
+    with poisoned_empty():
+        y, cu = _pool_fn(mode)(xg, _t(grids), out_grids=_t(outs))
+        (dx,) = torch.autograd.grad(y, xg, guarded(dy))
+    x64 = x.double().requires_grad_(True)
+    y64 = loop64(x64, grids, outs, mode)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    assert y.dtype == dtype and cu.dtype == torch.int32
+    assert cu.tolist() == [0, *torch.tensor([math.prod(o) for o in outs]).cumsum(0).tolist()]
+    assert_close(y, y64, dtype, "pooled")
+    assert_close(dx, dx64, dtype, "grad x")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pool_packed_equals_single_image_loop(backend, dtype):
+    """Bit-for-bit the per-image single-image op on fp32 accumulations rounded once: compare with
+    a Python loop of adaptive_avg_pool_tokens (same backend) at the dtype's tolerance."""
+    grids = [(12, 12), (11, 11), (5, 9), (1, 1), (7, 3), (40, 2)]
+    outs = [(6, 6), (4, 4), (3, 4), (1, 1), (7, 3), (14, 1)]
+    x, dy = _case(grids, outs, dtype, C=6)
+    x = x.requires_grad_(True)
+    y, cu = deco_ops.adaptive_avg_pool_tokens_packed(x, _t(grids), out_grids=_t(outs))
+    (dx,) = torch.autograd.grad(y, x, dy)
+    xs = [t.detach().requires_grad_(True) for t in x.detach().split([math.prod(g) for g in grids])]
+    ys = [deco_ops.adaptive_avg_pool_tokens(xi[None], g, o)[0] for xi, g, o in zip(xs, grids, outs)]
+    dxs = torch.autograd.grad(ys, xs, list(dy.split([math.prod(o) for o in outs])))
+    assert_close(y, torch.cat(ys), dtype, "pooled vs loop")
+    assert_close(dx, torch.cat(dxs), dtype, "grad vs loop")
+
+
+@pytest.mark.parametrize("stride,ndim", [(2, 2), ((2, 3), 2), (2, 3), ((1, 2, 2), 3)])
+@pytest.mark.parametrize("mode", MODES)
+def test_stride(backend, stride, ndim, mode):
+    grids = [(7, 5), (4, 4), (1, 3)] if ndim == 2 else [(3, 5, 4), (2, 2, 2)]
+    s = (stride,) * ndim if isinstance(stride, int) else stride
+    outs = [tuple(-(-a // b) for a, b in zip(g, s)) for g in grids]
+    x, _ = _case(grids, outs, torch.float32, C=5)
+    y, cu = _pool_fn(mode)(x, _t(grids), stride=stride)
+    assert cu.tolist()[-1] == sum(map(math.prod, outs))
+    assert_close(y, loop64(x.double(), grids, outs, mode), torch.float32)
+
+
+@pytest.mark.parametrize("grid,out_grid", [((24, 24), (12, 12)), ((27, 27), (14, 14)), ((5, 9), (3, 4)),
+                                           ((3, 4), (5, 7)), ((1, 1), (1, 1)), ((4, 6, 6), (2, 3, 3))])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bilinear_pool_tokens(backend, grid, out_grid, dtype):
+    gen = torch.Generator().manual_seed(1)
+    B = 2
+    x = randn(B, math.prod(grid), 9, dtype=dtype, generator=gen)
+    dy = randn(B, math.prod(out_grid), 9, dtype=dtype, generator=gen)
+    xg = guarded(x).requires_grad_(True)
+    with poisoned_empty():
+        y = deco_ops.bilinear_pool_tokens(xg, grid, out_grid)
+        (dx,) = torch.autograd.grad(y, xg, guarded(dy))
+    x64 = x.double().requires_grad_(True)
+    y64 = torch.stack([resample64(x64[b], grid, out_grid, "bilinear") for b in range(B)])
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    assert_close(y, y64, dtype, "bilinear")
+    assert_close(dx, dx64, dtype, "grad x")
+
+
+def _mlp_params(C, hidden, out, dtype, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w1 = randn(hidden, C, dtype=dtype, scale=C**-0.5, generator=gen)
+    b1 = randn(hidden, dtype=dtype, generator=gen) if bias else None
+    w2 = randn(out, hidden, dtype=dtype, scale=hidden**-0.5, generator=gen)
+    b2 = randn(out, dtype=dtype, generator=gen) if bias else None
+    return [w1, b1, w2, b2]
+
+
+@pytest.mark.parametrize("ndim,seed,num", [MIXES[0], MIXES[2]])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pool_mlp_packed(backend, ndim, seed, num, mode, dtype):
+    grids, outs = random_mix(seed, num, ndim, max_tokens=400)
+    C, hidden, out = 21, 40, 19
+    x, _ = _case(grids, outs, dtype, C=C, seed=seed)
+    weights = _mlp_params(C, hidden, out, dtype, seed=seed)
+    dy = randn(sum(map(math.prod, outs)), out, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    leaves = [leaf(guarded(p)) for p in [x, *weights]]
+    with poisoned_empty():
+        y, cu = deco_ops.pool_mlp_packed(leaves[0], _t(grids), *leaves[1:], out_grids=_t(outs), mode=mode)
+        y.backward(guarded(dy))
+    ref = [leaf(p, torch.float64) for p in [x, *weights]]
+    pooled = loop64(ref[0], grids, outs, mode)
+    y64 = F.linear(F.gelu(F.linear(pooled, ref[1], ref[2])), ref[3], ref[4])
+    y64.backward(dy.double())
+    assert_close(y, y64, dtype, "y")
+    for name, got, want in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref):
+        assert_close(got.grad, want.grad, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pool_mlp_packed_equals_single_image_loop(backend, dtype):
+    grids = [(6, 6), (5, 9)]
+    outs = [(3, 3), (3, 4)]
+    C, hidden, out = 16, 32, 24
+    x, _ = _case(grids, outs, dtype, C=C)
+    w = _mlp_params(C, hidden, out, dtype, bias=False)
+    y, _ = deco_ops.pool_mlp_packed(x, _t(grids), *w, out_grids=_t(outs), activation="silu")
+    ys = [deco_ops.pool_mlp(xi[None], *w, grid=g, out_grid=o, activation="silu")[0]
+          for xi, g, o in zip(x.split([math.prod(g) for g in grids]), grids, outs)]
+    assert_close(y, torch.cat(ys), dtype, "vs loop")
+
+
+def test_one_launch_per_stage():
+    grids, outs = random_mix(3, 6, 2, max_tokens=800)
+    x, dy = _case(grids, outs, torch.float32, C=8)
+    x.requires_grad_(True)
+    fwd_k, bwd_k = packed_pool.pool_packed_kernel, packed_pool.unpool_packed_kernel
+    with deco_ops.use_backend("triton"), \
+            mock.patch.object(fwd_k, "run", wraps=fwd_k.run) as fwd, \
+            mock.patch.object(bwd_k, "run", wraps=bwd_k.run) as bwd:
+        y, _ = deco_ops.adaptive_avg_pool_tokens_packed(x, _t(grids), out_grids=_t(outs))
+        y.backward(dy)
+    assert fwd.call_count == 1 and bwd.call_count == 1
+    w = _mlp_params(8, 16, 8, torch.float32)
+    gemm = pool_gemm.pool_gemm_kernel
+    with deco_ops.use_backend("triton"), mock.patch.object(gemm, "run", wraps=gemm.run) as launch, \
+            mock.patch.object(bwd_k, "run", wraps=bwd_k.run) as bwd:
+        y, _ = deco_ops.pool_mlp_packed(x, _t(grids), *w, out_grids=_t(outs))
+        y.backward(torch.randn_like(y))
+    assert launch.call_count == 1 and bwd.call_count == 1
+
+
+def test_unpool_packed_is_deterministic_gather():
+    grids, outs = [(11, 11), (9, 13)], [(4, 4), (5, 3)]
+    _, dy = _case(grids, outs, torch.float32, C=70)
+    for mode in MODES:
+        packing = deco_ops.packed.Packing(grids, outs)
+        with deco_ops.use_backend("triton"):
+            runs = [torch.ops.deco.unpool_tokens_packed(dy, packing.geometry, packing.num_tokens, mode) for _ in range(2)]
+        assert torch.equal(runs[0], runs[1])
+
+
+def test_unpool_gradient_is_pool(backend):
+    """unpool's autograd formula is pool (its adjoint): gradients of any order flow."""
+    grids, outs = [(5, 7), (3, 3)], [(3, 2), (2, 2)]
+    packing = deco_ops.packed.Packing(grids, outs)
+    g, _ = _case(outs, grids, torch.float32, C=4)  # (num_out, C)
+    w, _ = _case(grids, outs, torch.float32, C=4, seed=1)
+    g.requires_grad_(True)
+    for mode in MODES:
+        dx = torch.ops.deco.unpool_tokens_packed(g, packing.geometry, packing.num_tokens, mode)
+        (dg,) = torch.autograd.grad((dx * w).sum(), g)
+        assert_close(dg, loop64(w.double(), grids, outs, mode), torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck(mode):
+    packing = deco_ops.packed.Packing([(4, 5), (3, 3)], [(2, 3), (2, 2)])
+    x = torch.randn(packing.num_tokens, 6, requires_grad=True)
+    g = torch.randn(packing.num_out, 6, requires_grad=True)
+    torch.library.opcheck(torch.ops.deco.pool_tokens_packed, (x, packing.geometry, packing.num_out, mode))
+    torch.library.opcheck(torch.ops.deco.unpool_tokens_packed, (g, packing.geometry, packing.num_tokens, mode))
+    w1, b1, w2, b2 = [p.requires_grad_(True) for p in _mlp_params(6, 8, 5, torch.float32)]
+    torch.library.opcheck(torch.ops.deco.pool_mlp_packed, (x, w1, b1, w2, b2, packing.geometry, packing.num_out, "gelu", mode, True))
+
+
+def test_grids_on_any_int_dtype_and_2d_3d_sizes(backend):
+    x = torch.randn(20 + 18, 3)
+    y, cu = deco_ops.adaptive_avg_pool_tokens_packed(x, torch.tensor([[4, 5], [3, 6]], dtype=torch.int32), stride=(2, 2))
+    assert y.shape == (6 + 6, 3) and cu.tolist() == [0, 6, 12]
+    y, cu = deco_ops.adaptive_avg_pool_tokens_packed(torch.randn(12, 3), torch.tensor([[3, 2, 2]]), out_grids=torch.tensor([[1, 1, 1]]))
+    assert y.shape == (1, 3) and cu.tolist() == [0, 1]
+
+
+G = torch.tensor([[4, 5], [3, 3]])
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"x": torch.randn(1, 29, 4)}, ValueError, "x must have 2 dimensions"),
+        ({"x": [1.0]}, TypeError, "x must be a torch.Tensor"),
+        ({"x": torch.randint(0, 3, (29, 4))}, TypeError, "x has dtype"),
+        ({"x": torch.randn(28, 4)}, ValueError, r"sum\(prod\(grids\)\) = 29"),
+        ({"grids": [[4, 5], [3, 3]]}, TypeError, "grids must be an int torch.Tensor"),
+        ({"grids": G.float()}, TypeError, "grids must be an integer tensor"),
+        ({"grids": torch.tensor([4, 5])}, ValueError, "grids must have shape"),
+        ({"grids": torch.tensor([[4, 5, 1, 1]])}, ValueError, "grids must have shape"),
+        ({"grids": torch.zeros(0, 2, dtype=torch.int64)}, ValueError, "at least one image"),
+        ({"grids": torch.tensor([[29, 0], [0, 3]])}, ValueError, r"grids\[0\] = \(29, 0\): entries must be >= 1"),
+        ({"out_grids": None, "stride": None}, ValueError, "exactly one of out_grids"),
+        ({"stride": 2}, ValueError, "exactly one of out_grids"),
+        ({"out_grids": torch.tensor([[2, 2]])}, ValueError, "out_grids has 1 rows but grids has 2"),
+        ({"out_grids": torch.tensor([[2, 2, 1], [1, 1, 1]])}, ValueError, "out_grids has 3 columns"),
+        ({"out_grids": torch.tensor([[2, 2], [0, 1]])}, ValueError, r"out_grids\[1\]"),
+        ({"out_grids": None, "stride": 0}, ValueError, "stride entries must be >= 1"),
+        ({"out_grids": None, "stride": (2, 2, 2)}, ValueError, "stride must be an int or a tuple of 2"),
+        ({"out_grids": None, "stride": 2.0}, ValueError, "stride must be an int"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    args = {"x": torch.randn(29, 4), "grids": G, "out_grids": torch.tensor([[2, 2], [1, 1]]), "stride": None} | kwargs
+    with deco_ops.use_backend("triton"), mock.patch.object(packed_pool.pool_packed_kernel, "run") as launch:
+        with pytest.raises(error, match=match):
+            deco_ops.adaptive_avg_pool_tokens_packed(args["x"], args["grids"], out_grids=args["out_grids"], stride=args["stride"])
+    launch.assert_not_called()
+
+
+def test_bad_mlp_input():
+    x = torch.randn(29, 4)
+    w1, b1, w2, b2 = _mlp_params(4, 8, 5, torch.float32)
+    outs = torch.tensor([[2, 2], [1, 1]])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        deco_ops.pool_mlp_packed(x, G, w1, b1, w2, b2, out_grids=outs, mode="nearest")
+    with pytest.raises(ValueError, match="w1 has shape"):
+        deco_ops.pool_mlp_packed(x, G, w1[:, :3], b1, w2, b2, out_grids=outs)
+    with pytest.raises(TypeError, match="w2 has dtype"):
+        deco_ops.pool_mlp_packed(x, G, w1, b1, w2.double(), b2, out_grids=outs)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        deco_ops.pool_mlp_packed(x, G, w1, b1, w2, b2, out_grids=outs, activation="relu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(6))
+def test_pool_packed_fuzz_large(seed):
+    """Bigger random mixes up to 40x40 (down to 1x1 outputs) on the Triton kernels."""
+    rng = random.Random(seed)
+    grids = [(rng.randint(1, 40), rng.randint(1, 40)) for _ in range(6)]
+    outs = [tuple(rng.randint(1, s) for s in g) for g in grids]
+    x, dy = _case(grids, outs, torch.float32, C=33, seed=seed)
+    x.requires_grad_(True)
+    for mode in MODES:
+        with deco_ops.use_backend("triton"):
+            y, _ = _pool_fn(mode)(x, _t(grids), out_grids=_t(outs))
+            (dx,) = torch.autograd.grad(y, x, dy)
+        x64 = x.detach().double().requires_grad_(True)
+        y64 = loop64(x64, grids, outs, mode)
+        (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+        assert_close(y, y64, torch.float32)
+        assert_close(dx, dx64, torch.float32)
