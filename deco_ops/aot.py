@@ -83,6 +83,9 @@ class Entry:
     configs: Callable[[Any], list]  # module -> list[triton.Config]
     variants: Callable[[Any, list[str]], list[Variant]]  # (module, dtypes) -> variants
     optional: bool = False  # the module may not exist yet (work in progress elsewhere)
+    # (module, config, variant, arch) -> whether the kernel's own autotune pruning keeps this
+    # config for this variant on this target; pruned pairs are never launched, so not compiled.
+    launchable: Callable[[Any, Any, Variant, int], bool] | None = None
 
 
 def _ptr(dtype: str) -> str:
@@ -136,6 +139,15 @@ def _pool_gemm_variants(module, dtypes):
                 args.update(image_ptr="*i32", geometry_ptr="*i32", PACKED=False, MODE=0)
             out.append(Variant(f"{dlabel} gelu {wlabel}", dtype, args, hgmma=tensor_cores))
     return out
+
+
+def _pool_gemm_launchable(module, config, variant, arch) -> bool:
+    from .kernels._tuning import SMEM_LIMIT
+
+    args = variant.args
+    elem = 4 if variant.dtype == "fp32" else 2
+    ieee = variant.dtype == "fp32" and args["INPUT_PRECISION"] == "ieee"
+    return module.fits(config, args["WT"] * args["WH"] * args["WW"], elem, ieee, SMEM_LIMIT[arch])
 
 
 def _gemm_act_grad_variants(module, dtypes):
@@ -289,7 +301,7 @@ def _attn_entries() -> list[Entry]:
 
 REGISTRY: list[Entry] = [
     Entry("pool_gemm", "deco_ops.kernels.pool_gemm", "pool_gemm_kernel",
-          configs=lambda m: m.cuda_configs(), variants=_pool_gemm_variants),
+          configs=lambda m: m.cuda_configs(), variants=_pool_gemm_variants, launchable=_pool_gemm_launchable),
     Entry("gemm_act_grad", "deco_ops.kernels.gemm_act_grad", "gemm_act_grad_kernel",
           configs=lambda m: m.cuda_configs(), variants=_gemm_act_grad_variants),
     Entry("pool_tokens", "deco_ops.kernels.adaptive_pool", "pool_tokens_kernel",
@@ -533,12 +545,14 @@ def _jobs(names: list[str], dtypes: list[str], targets: list[int]) -> tuple[list
         if entry.optional and not hasattr(module, entry.attr):
             skipped.append(f"{name}: {entry.module} has no {entry.attr} yet")
             continue
-        n_configs = len(entry.configs(module))
-        n_variants = len(entry.variants(module, dtypes))
-        for v in range(n_variants):
-            for c in range(n_configs):
+        configs = entry.configs(module)
+        for v, variant in enumerate(entry.variants(module, dtypes)):
+            for c, config in enumerate(configs):
                 for arch in targets:
-                    jobs.append((name, c, v, dtypes, arch))
+                    if entry.launchable is None or entry.launchable(module, config, variant, arch):
+                        jobs.append((name, c, v, dtypes, arch))
+                    else:
+                        skipped.append(f"{name} {config_label(config)} {variant.label} sm_{arch}: pruned by the autotuner (does not fit)")
     return jobs, skipped
 
 

@@ -15,10 +15,22 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def autotuned(cuda_configs: list[triton.Config], interpret_config: triton.Config, key: list[str]):
-    """Decorator: autotune over ``cuda_configs`` on a GPU, run ``interpret_config`` alone when interpreting."""
-    configs = [interpret_config] if INTERPRET else cuda_configs
-    return triton.autotune(configs=configs, key=key)
+def autotuned(cuda_configs: list[triton.Config], interpret_config: triton.Config, key: list[str], prune=None):
+    """Decorator: autotune over ``cuda_configs`` on a GPU (after ``prune(configs, named_args,
+    **constexprs)`` drops those that cannot fit the call), run ``interpret_config`` alone when
+    interpreting."""
+    if INTERPRET:
+        return triton.autotune(configs=[interpret_config], key=key)
+    return triton.autotune(configs=cuda_configs, key=key, prune_configs_by={"early_config_prune": prune} if prune else None)
+
+
+# Opt-in shared memory per block: sm_90 (H100/H200) 227 KiB, sm_80 (A100) 163 KiB.
+SMEM_LIMIT = {90: 232448, 80: 166912}
+
+
+def device_smem_limit(t: torch.Tensor) -> int:
+    """Shared memory one block may use on ``t``'s GPU."""
+    return torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin
 
 
 def dot_dtype_workaround(dtype_is_bf16: bool) -> bool:

@@ -31,29 +31,57 @@ import triton.language as tl
 
 from . import activations
 from .tiling import grouped_tile
-from ._tuning import autotuned, dot_dtype_workaround, input_precision
+from ._tuning import autotuned, device_smem_limit, dot_dtype_workaround, input_precision
 from .adaptive_window import max_window, window
 from .packed_pool import MODES, image_index, out_rows_per_image, packed_geometry, pooled_tile
 
 
 def cuda_configs() -> list[triton.Config]:
-    """Tiles for Hopper/Ampere; M = batch * pooled cells is a few thousand, N and K are 1-5k."""
+    """Tiles for Hopper/Ampere; M = batch * pooled cells is a few thousand, N and K are 1-5k.
+    ``fits`` keeps, per call, the ones whose staged window taps fit in shared memory."""
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
             (128, 128, 64, 8, 3),
-            (128, 256, 64, 8, 3),
+            (128, 128, 64, 8, 2),
             (64, 128, 64, 4, 4),
-            (128, 64, 64, 4, 4),
             (64, 64, 64, 4, 3),
+            (64, 128, 32, 8, 2),
+            (64, 64, 32, 4, 2),
         ]
     ]
+
+
+def fits(config: triton.Config, taps: int, elem_bytes: int, ieee_fp32: bool, smem_limit: int) -> bool:
+    """Whether ``config`` can launch for windows of ``taps`` tokens.
+
+    Triton's pipeliner stages every window-tap load of the A tile through shared memory, so a
+    stage holds ``taps`` A tiles and one W tile: ``num_stages * (taps*BM*BK + BK*BN) * elem`` is
+    an upper bound (checked against the cubins of ``python -m deco_ops.aot``) that must fit the
+    device. Exact fp32 dots (no tf32) run on FMA units and spill beyond 64x64 tiles.
+    """
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    if ieee_fp32 and bm * bn > 64 * 64:
+        return False
+    return config.num_stages * (taps * bm * bk + bk * bn) * elem_bytes <= smem_limit
+
+
+def _prune(configs, named_args, **constexprs):
+    x = named_args["x_ptr"]
+    taps = constexprs["WT"] * constexprs["WH"] * constexprs["WW"]
+    ieee = x.dtype == torch.float32 and constexprs["INPUT_PRECISION"] == "ieee"
+    kept = [c for c in configs if fits(c, taps, x.element_size(), ieee, device_smem_limit(x))]
+    return kept or [min(configs, key=lambda c: c.num_stages * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
 
 
-@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K", "WT", "WH", "WW", "STORE_PRE", "STORE_POOLED", "PACKED", "MODE"])
+@autotuned(
+    cuda_configs(), INTERPRET_CONFIG,
+    key=["M", "N", "K", "WT", "WH", "WW", "STORE_PRE", "STORE_POOLED", "PACKED", "MODE", "INPUT_PRECISION"],
+    prune=_prune,
+)
 @triton.jit
 def pool_gemm_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, pre_ptr, pooled_ptr, image_ptr, geometry_ptr,
