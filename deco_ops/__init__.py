@@ -13,6 +13,8 @@ from .packed import (
 )
 from .mlp_pool import mlp_pool, mlp_pool_packed
 from .modules import DeCoProjector
+from .attention import cross_attention
+from .attention_modules import CrossAttention, QueryResampler
 
 __all__ = [
     "adaptive_avg_pool_tokens",
@@ -25,5 +27,8 @@ __all__ = [
     "mlp_pool",
     "mlp_pool_packed",
     "DeCoProjector",
+    "cross_attention",
+    "CrossAttention",
+    "QueryResampler",
     "use_backend",
 ]

@@ -105,6 +105,7 @@ def _plain_config(**meta):
 #    pooled 24x24 -> 12x12 (2x2 windows) and 24x24 -> 6x6 (4x4 windows).
 _B, _GRID, _C, _HIDDEN = 32, 24, 1024, 4096
 _WINDOWS = {"2x2": 12, "4x4": 6}  # window label -> pooled side of a 24x24 grid
+_PACKED_MODES = {0: "average", 1: "bilinear"}  # packed_pool.MODES
 _FP32_PRECISIONS = ("ieee", "tf32")  # torch's default (allow_tf32=False) and allow_tf32=True
 
 
@@ -135,9 +136,21 @@ def _pool_gemm_variants(module, dtypes):
                 HAS_BIAS=True, ACTIVATION=activations.GELU, STORE_PRE=True, STORE_POOLED=True,
                 WT=1, WH=win, WW=win, DOT_FP32=False, INPUT_PRECISION=precision,
             )
-            if "PACKED" in module.pool_gemm_kernel.arg_names:  # ragged-batch tables (packed_pool.py), unused here
-                args.update(image_ptr="*i32", geometry_ptr="*i32", PACKED=False, MODE=0)
+            args.update(image_ptr="*i32", geometry_ptr="*i32", PACKED=False, MODE=0)  # tables unused
             out.append(Variant(f"{dlabel} gelu {wlabel}", dtype, args, hgmma=tensor_cores))
+        # pool_gemm_packed (pool_mlp_packed's training forward): a ragged batch of 24x24 grids
+        # pooled to 12x12, geometry from the int32 tables; runtime tap loops, WT=WH=WW=1.
+        for mode, mlabel in _PACKED_MODES.items():
+            M, N, K = _B * 144, _HIDDEN, _C
+            args = dict(
+                x_ptr=_ptr(dtype), w_ptr=_ptr(dtype), b_ptr=_ptr(dtype), out_ptr=_ptr(dtype),
+                pre_ptr=_ptr(dtype), pooled_ptr=_ptr(dtype), image_ptr="*i32", geometry_ptr="*i32",
+                M=M, N=N, K=K, T=1, H=1, W=1, OT=1, OH=1, OW=1,
+                sxb=0, sxn=_C, sxc=1, swn=_C, swk=1,
+                HAS_BIAS=True, ACTIVATION=activations.GELU, STORE_PRE=True, STORE_POOLED=True,
+                WT=1, WH=1, WW=1, PACKED=True, MODE=mode, DOT_FP32=False, INPUT_PRECISION=precision,
+            )
+            out.append(Variant(f"{dlabel} gelu packed {mlabel}", dtype, args, hgmma=tensor_cores))
     return out
 
 
@@ -147,7 +160,7 @@ def _pool_gemm_launchable(module, config, variant, arch) -> bool:
     args = variant.args
     elem = 4 if variant.dtype == "fp32" else 2
     ieee = variant.dtype == "fp32" and args["INPUT_PRECISION"] == "ieee"
-    return module.fits(config, args["WT"] * args["WH"] * args["WW"], elem, ieee, SMEM_LIMIT[arch])
+    return module.fits(config, args["WT"] * args["WH"] * args["WW"], elem, ieee, SMEM_LIMIT[arch], args.get("PACKED", False))
 
 
 def _gemm_act_grad_variants(module, dtypes):
@@ -162,6 +175,40 @@ def _gemm_act_grad_variants(module, dtypes):
             ACTIVATION=activations.GELU, DOT_FP32=False, INPUT_PRECISION=precision,
         )
         out.append(Variant(f"{dlabel} gelu", dtype, args, hgmma=tensor_cores))
+    return out
+
+
+def _mlp_pool_variants(module, dtypes):
+    """gemm_unpool_act_grad (mlp_pool's backward): dz = act'(x @ w1.T + b1) * unpool(dpa) over
+    the tokens of a packed batch of 24x24 grids pooled to 12x12 (x (B*576, 1024), w1 (4096, 1024))."""
+    from .kernels import activations
+
+    out = []
+    M, N, K = _B * _GRID * _GRID, _HIDDEN, _C
+    for dtype, precision, dlabel, tensor_cores in _dtype_variants(dtypes):
+        for mode, mlabel in _PACKED_MODES.items():
+            args = dict(
+                x_ptr=_ptr(dtype), w_ptr=_ptr(dtype), b_ptr=_ptr(dtype), g_ptr=_ptr(dtype), dz_ptr=_ptr(dtype),
+                image_ptr="*i32", geometry_ptr="*i32",
+                M=M, N=N, K=K, sxm=K, sxk=1, swn=K, swk=1, sgp=N, sgn=1,
+                HAS_BIAS=True, ACTIVATION=activations.GELU, MODE=mode, DOT_FP32=False, INPUT_PRECISION=precision,
+            )
+            out.append(Variant(f"{dlabel} gelu {mlabel}", dtype, args, hgmma=tensor_cores))
+    return out
+
+
+def _packed_pool_variants(module, dtypes, unpool: bool):
+    """pool_packed / unpool_packed: a packed batch of 24x24 grids <-> 12x12, C = 1024 (no dots)."""
+    out = []
+    rows, tokens = _B * 144, _B * _GRID * _GRID
+    for dtype in dtypes:
+        for mode, mlabel in _PACKED_MODES.items():
+            if unpool:  # g (rows, C) -> dx (tokens, C)
+                args = dict(g_ptr=_ptr(dtype), dx_ptr=_ptr(dtype), N=tokens, sgn=_C, sgc=1, sdn=_C, sdc=1)
+            else:  # x (tokens, C) -> out (rows, C)
+                args = dict(x_ptr=_ptr(dtype), out_ptr=_ptr(dtype), M=rows, sxn=_C, sxc=1, son=_C, soc=1)
+            args.update(image_ptr="*i32", geometry_ptr="*i32", C=_C, MODE=mode)
+            out.append(Variant(f"{dtype} {mlabel}", dtype, args))
     return out
 
 
@@ -191,57 +238,85 @@ def _adaptive_pool_configs(module):
 # Representative shapes: BLIP-2 Q-Former (B=64, M=32 queries, N=257 keys, H=12, D=64) and the
 # Qwen-VL resampler (M=256, N=1024, H=32, D=128); head dim 80 is padded to a 128 block.
 _ATTN_HEAD_DIMS = (64, 80, 128)
+# The default run compiles the representative subset below; ``--full`` (DECO_OPS_AOT_FULL=1 in the
+# workers) compiles every variant. Head dim 80 pads to BLOCK_D=128 and compiles to the same code as
+# 128 (only runtime ints differ, all multiples of 16), the split forward differs from the plain one
+# only in its epilogue (kept at D=128), the single-pass backward's worst case is its largest
+# BLOCK_M, and kernels without dots compile identically for fp32/ieee and fp32/tf32.
+
+
+def _full() -> bool:
+    return os.environ.get("DECO_OPS_AOT_FULL", "0") not in ("", "0")
+
+
+def _attn_head_dims() -> tuple[int, ...]:
+    return _ATTN_HEAD_DIMS if _full() else (64, 128)
 
 
 _ATTN_SHAPES = {  # head dim -> (B, M queries, N keys, H): BLIP-2 Q-Former, padded D=80, Qwen-VL resampler
     64: (64, 32, 257, 12), 80: (64, 32, 257, 12), 128: (16, 256, 1024, 32),
 }
+# The FA2 backward (dkdv, dq) runs only where the single pass cannot (cross_attention_bwd.use_single_pass:
+# M > 128 or BLOCK_M * BLOCK_D > 8192): Qwen-VL's 256 queries at every head dim.
+_FA2_SHAPE = (16, 256, 1024, 32)
 _FP32_BUFFERS = ("lse_ptr", "m_ptr", "l_ptr", "delta_ptr", "part_o_ptr", "part_m_ptr", "part_l_ptr")
+# Dense keys and no dropout: the launchers pass the fp32 ``lse`` tensor for the unused kv_lens /
+# cu_seqlens_k (int32 when used) and rng (int64 (seed, offset) when used) pointers.
+_UNUSED_PTRS = ("lens_ptr", "cu_ptr", "rng_ptr")
 _STRIDE = re.compile(r"^s(q|k|v|o|do|dq|dk|dv)(s?)(b|m|n|h|d)$")
 
 
-def _attn_args(fn, dtype: str, precision: str, D: int, **constexprs) -> dict[str, Any]:
+def _attn_args(fn, dtype: str, precision: str, D: int, shape=None, **constexprs) -> dict[str, Any]:
     """Representative arguments of a cross-attention kernel, from its parameter names: (B, L, H, D)
-    contiguous tensors, fp32 statistics, int32 length tables, dense keys, no dropout."""
+    contiguous tensors, fp32 statistics, dense keys, no dropout, as the launchers pass them."""
     import triton
 
-    B, M, N, H = _ATTN_SHAPES[D]
-    if "single_pass" in fn.__name__:  # the launcher takes the single pass only for few queries (BLIP-2)
-        B, M, N, H = _ATTN_SHAPES[64]
-    split_o = constexprs.get("SPLIT", False)
+    from .kernels.cross_attention_fwd import split_ranges
+
+    B, M, N, H = shape or _ATTN_SHAPES[D]
+    split = constexprs.get("SPLIT", False)
+    S = 4 if split else 1
     args: dict[str, Any] = {}
     for name in fn.arg_names:
         if name.endswith("_ptr"):
-            if name in ("lens_ptr", "cu_ptr"):
-                args[name] = "*i32"
-            elif name == "rng_ptr":
-                args[name] = "*i64"
-            elif name in _FP32_BUFFERS or (split_o and name == "o_ptr"):
+            if name in _UNUSED_PTRS or name in _FP32_BUFFERS or (split and name in ("o_ptr", "dq_ptr")):
                 args[name] = "*fp32"
             else:
                 args[name] = _ptr(dtype)
-        elif name == "sdqs":  # split stride of the fp32 partial dQ (S, B, M, H, D)
-            args[name] = B * M * H * D
+        elif name == "sdqs":  # split stride of the single pass's dQ: 0 when written directly (one split)
+            args[name] = B * M * H * D if split else 0
         elif m := _STRIDE.match(name):
             L = N if m.group(1) in ("k", "v", "dk", "dv") else M
             args[name] = {"b": L * H * D, "m": H * D, "n": H * D, "h": D, "d": 1}[m.group(3)]
             if m.group(2):  # split stride of a partial dQ
                 args[name] = B * L * H * D
         elif name in ("B", "BH", "H", "M", "N", "D", "S", "keys_per_split"):
-            args[name] = {"B": B, "BH": B * H, "H": H, "M": M, "N": N, "D": D, "S": 4,
-                          "keys_per_split": triton.cdiv(N, 4)}[name]
+            args[name] = {"B": B, "BH": B * H, "H": H, "M": M, "N": N, "D": D, "S": S,
+                          "keys_per_split": split_ranges(N, S)[0]}[name]
         elif name in ("qk_scale", "scale", "dropout_p"):
             args[name] = {"qk_scale": D ** -0.5 * 1.4426950408889634, "scale": D ** -0.5, "dropout_p": 0.0}[name]
     import triton.language as tl
 
     defaults = dict(KV_MODE=0, DROPOUT=False, ACC=tl.float32, DOT_FP32=False, INPUT_PRECISION=precision,
-                    BLOCK_D=triton.next_power_of_2(D), SPLIT=False,
+                    BLOCK_D=max(16, triton.next_power_of_2(D)), SPLIT=False,
                     BLOCK_M=max(16, triton.next_power_of_2(M)))  # single-pass bwd: all queries in one block
     configured = set().union(*(c.kwargs for c in _ATTN_CONFIGS.get(fn.__name__, lambda: [])()))
     for p in fn.params:
         if p.is_constexpr and p.name in defaults and p.name not in args and p.name not in configured:
             args[p.name] = constexprs.get(p.name, defaults[p.name])
     return args
+
+
+def _single_pass_shapes(D: int, elem: int):
+    """(label, shape) of the single-pass backward at head dim D: BLIP-2's 32 queries and the most
+    queries the launcher gives it at this head dim (the largest BLOCK_M, the most registers)."""
+    from .kernels.cross_attention_bwd import SINGLE_PASS_MAX_M, SINGLE_PASS_MAX_TILE, use_single_pass
+
+    B, M, N, H = _ATTN_SHAPES[64]
+    largest = min(SINGLE_PASS_MAX_M, SINGLE_PASS_MAX_TILE * 2 // elem // max(16, 1 << (D - 1).bit_length()))
+    out = [("", (B, M, N, H)), (f" M{largest}", (B, largest, N, H))] if _full() else [(f" M{largest}", (B, largest, N, H))]
+    assert all(use_single_pass(shape[1], D, elem) for _, shape in out)
+    return out
 
 
 _ATTN_CONFIGS: dict[str, Callable[[], list]] = {}  # kernel name -> its config list (set by _attn_entries)
@@ -253,13 +328,24 @@ def _attn_variants(attr: str, splits=(False,), gemm: bool = True):
         kv_dense = getattr(module, "KV_DENSE", 0)
         out = []
         for dtype, precision, dlabel, tensor_cores in _dtype_variants(dtypes):
-            for D in _ATTN_HEAD_DIMS:
-                for split in splits:
-                    args = _attn_args(fn, dtype, precision, D, SPLIT=split)
-                    if "KV_MODE" in args:
-                        args["KV_MODE"] = kv_dense
-                    label = f"{dlabel} D{D}" + (" split" if split else "")
-                    out.append(Variant(label, dtype, args, hgmma=tensor_cores and gemm))
+            if not gemm and precision == "ieee" and not _full():  # no dots: ieee == tf32
+                continue
+            for D in _attn_head_dims():
+                if "single_pass" in attr:
+                    shapes = _single_pass_shapes(D, 4 if dtype == "fp32" else 2)
+                elif attr in ("cross_attention_bwd_dkdv_kernel", "cross_attention_bwd_dq_kernel"):
+                    shapes = [("", _FA2_SHAPE)]
+                else:
+                    shapes = [("", None)]
+                for slabel, shape in shapes:
+                    for split in splits:
+                        if split and D != max(_attn_head_dims()) and not _full():
+                            continue
+                        args = _attn_args(fn, dtype, precision, D, shape, SPLIT=split)
+                        if "KV_MODE" in args:
+                            args["KV_MODE"] = kv_dense
+                        label = f"{dlabel} D{D}{slabel}" + (" split" if split else "")
+                        out.append(Variant(label, dtype, args, hgmma=tensor_cores and gemm))
         return out
 
     return variants
@@ -291,7 +377,9 @@ def _attn_entries() -> list[Entry]:
               lambda m: m.preprocess_cuda_configs(), _attn_variants("cross_attention_bwd_preprocess_kernel", gemm=False),
               optional=True),
         Entry("cross_attention_bwd_single_pass", bwd, "cross_attention_bwd_single_pass_kernel",
-              lambda m: m.single_pass_cuda_configs(), _attn_variants("cross_attention_bwd_single_pass_kernel"), optional=True),
+              lambda m: m.single_pass_cuda_configs(), _attn_variants("cross_attention_bwd_single_pass_kernel"), optional=True,
+              launchable=lambda m, config, variant, arch: m.single_pass_fits(
+                  config, variant.args["BLOCK_M"], variant.args["BLOCK_D"], arch)),
         Entry("cross_attention_bwd_dkdv", bwd, "cross_attention_bwd_dkdv_kernel", lambda m: m.fa2_cuda_configs(),
               _attn_variants("cross_attention_bwd_dkdv_kernel"), optional=True),
         Entry("cross_attention_bwd_dq", bwd, "cross_attention_bwd_dq_kernel", lambda m: m.fa2_cuda_configs(),
@@ -304,6 +392,13 @@ REGISTRY: list[Entry] = [
           configs=lambda m: m.cuda_configs(), variants=_pool_gemm_variants, launchable=_pool_gemm_launchable),
     Entry("gemm_act_grad", "deco_ops.kernels.gemm_act_grad", "gemm_act_grad_kernel",
           configs=lambda m: m.cuda_configs(), variants=_gemm_act_grad_variants),
+    Entry("gemm_unpool_act_grad", "deco_ops.kernels.mlp_pool", "gemm_unpool_act_grad_kernel",
+          configs=lambda m: m.cuda_configs(), variants=_mlp_pool_variants,
+          launchable=lambda m, config, variant, arch: m.fits(config, 4 if variant.dtype == "fp32" else 2)),
+    Entry("pool_packed", "deco_ops.kernels.packed_pool", "pool_packed_kernel",
+          configs=lambda m: m.cuda_configs(), variants=lambda m, d: _packed_pool_variants(m, d, unpool=False)),
+    Entry("unpool_packed", "deco_ops.kernels.packed_pool", "unpool_packed_kernel",
+          configs=lambda m: m.cuda_configs(), variants=lambda m, d: _packed_pool_variants(m, d, unpool=True)),
     Entry("pool_tokens", "deco_ops.kernels.adaptive_pool", "pool_tokens_kernel",
           configs=_adaptive_pool_configs, variants=lambda m, d: _pool_tokens_variants(m, d, unpool=False)),
     Entry("unpool_tokens", "deco_ops.kernels.adaptive_pool", "unpool_tokens_kernel",
@@ -396,7 +491,7 @@ _MMA = re.compile(r"\b((?:HGMMA|HMMA|IMMA|QGMMA|UTCHMMA)\.[\w.]+)")
 
 
 def config_label(config) -> str:
-    short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "GROUP_M": "G", "BLOCK_C": "C"}
+    short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "GROUP_M": "G", "BLOCK_C": "C", "BLOCK_R": "R"}
     parts = [f"{short.get(k, k)}{v}" for k, v in config.kwargs.items()]
     return " ".join(parts + [f"w{config.num_warps}", f"s{config.num_stages}"])
 
@@ -531,6 +626,58 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(data: dict, arch: int = 90, labels: tuple[str, ...] = ("bf16", "fp32/tf32")) -> str:
+    """A compact markdown table from a ``--json`` file: one row per (dtype, kernel, config) on
+    ``arch``, the worst of its variants (most registers; spills and shared memory are maxima),
+    then a totals line per target and dtype label."""
+    rows = data["rows"]
+
+    def dlabel(r):
+        return r["variant"].split(" ")[0] if r.get("variant") else "?"
+
+    head = "| dtype | kernel | config | variants | worst variant | regs | spill st/ld (B) | smem (B) | HGMMA | status |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for label in labels:
+        groups: dict[tuple, list[dict]] = {}
+        for r in rows:
+            if r["arch"] == arch and dlabel(r) == label:
+                groups.setdefault((r["kernel"], r["config"]), []).append(r)
+        for (kernel, config), rs in sorted(groups.items()):
+            ok = [r for r in rs if not r.get("error")]
+            problems = sorted({p for r in rs for p in (r.get("problems") or _problems(r))})
+            if not ok:
+                lines.append(f"| {label} | {kernel} | {config} | {len(rs)} | | | | | | {', '.join(problems)} |")
+                continue
+            worst = max(ok, key=lambda r: (r["registers"], (r["spill_stores"] or 0) + (r["spill_loads"] or 0)))
+            st = max(r["spill_stores"] or 0 for r in ok)
+            ld = max(r["spill_loads"] or 0 for r in ok)
+            smem = max(r["shared_bytes"] for r in ok)
+            if not any(r["expect_hgmma"] or r["hgmma"] for r in ok):
+                hg = "-"
+            else:
+                hg = "yes" if all(r["hgmma"] for r in ok) else ("no" if not any(r["hgmma"] for r in ok) else "some")
+            variant = " ".join(worst["variant"].split(" ")[1:]) or "-"
+            lines.append(f"| {label} | {kernel} | {config} | {len(rs)} | {variant} | {worst['registers']} | "
+                         f"{st}/{ld} | {smem} | {hg} | {', '.join(problems) or 'ok'} |")
+    lines.append("")
+    totals = []
+    for target in sorted({r["target"] for r in rows}, reverse=True):
+        for label in sorted({dlabel(r) for r in rows}):
+            rs = [r for r in rows if r["target"] == target and dlabel(r) == label]
+            if not rs:
+                continue
+            bad = [r for r in rs if r.get("problems") or _problems(r)]
+            spill = sum(1 for r in rs if not r.get("error") and "spills" in _problems(r))
+            errors = sum(1 for r in rs if r.get("error"))
+            smem = sum(1 for r in rs if not r.get("error") and any(p.startswith("smem") for p in _problems(r)))
+            totals.append(f"{target} {label}: {len(rs)} compiles, {len(bad)} with problems "
+                          f"({errors} errors, {spill} spill, {smem} smem over limit)")
+    lines.append("Totals: " + "; ".join(totals) + ".")
+    lines.append(f"Triton {data.get('triton_version')}, {len(rows)} compiles in {data.get('elapsed_s')} s"
+                 + (f" ({data['jobs_note']})" if data.get("jobs_note") else "") + ".")
+    return "\n".join(lines)
+
+
 def _jobs(names: list[str], dtypes: list[str], targets: list[int]) -> tuple[list[tuple], list[str]]:
     jobs, skipped = [], []
     for name in names:
@@ -580,7 +727,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="subset of fp16,bf16,fp32")
     parser.add_argument("--json", type=Path, help="write the rows (and versions) to this file")
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="worker processes")
+    parser.add_argument("--full", action="store_true",
+                        help="every representative variant (attention head dim 80, split forward at every head dim, "
+                        "BLIP-2's 32-query single pass, fp32/ieee for dot-free kernels); default: the subset that "
+                        "still covers every kernel x config x dtype x target")
+    parser.add_argument("--summary", type=Path, metavar="JSON",
+                        help="print the compact sm_90 bf16 + fp32/tf32 table of a --json file (no compiling)")
     args = parser.parse_args(argv)
+    if args.summary:
+        print(summary(json.loads(args.summary.read_text())))
+        return 0
 
     # deco_ops/__init__ may itself have switched the interpreter on (DECO_OPS_BACKEND=triton on a
     # CPU-only machine), and kernels decorated under it are not JITFunctions: start over cleanly.
@@ -596,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown dtypes {bad}; known: {DTYPES}")
     targets = [int(t.strip().removeprefix("sm_")) for t in args.targets.split(",") if t.strip()]
 
+    if args.full:
+        os.environ["DECO_OPS_AOT_FULL"] = "1"  # read by the variant builders here and in the workers
     import triton
 
     start = time.perf_counter()
@@ -625,7 +783,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "triton_version": triton.__version__, "elapsed_s": round(elapsed, 1),
+            "triton_version": triton.__version__, "elapsed_s": round(elapsed, 1), "full": _full(),
+            "jobs_note": f"{len(jobs)} jobs on {args.jobs} workers" + (", --full" if _full() else ""),
             "skipped": skipped, "rows": rows,
         }, indent=1))
     return 1 if bad or not rows else 0

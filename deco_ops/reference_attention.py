@@ -87,16 +87,18 @@ def attention_dense(q, k, v, kv_lens=None, scale=None, keep=None, dropout_p=0.0)
     float64). ``keep`` (B, H, M, N) bool applies dropout. Rows without keys give zeros."""
     B, N, H, D = k.shape
     scale = D**-0.5 if scale is None else scale
-    s = torch.einsum("bmhd,bnhd->bhmn", q.expand(B, -1, -1, -1), k) * scale
     valid = _valid_keys(kv_lens, B, 0, N, k.device)
     if valid is not None:
-        s = s.masked_fill(~valid, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        real = valid[:, 0, 0, :, None, None]
+        k, v = torch.where(real, k, 0.0), torch.where(real, v, 0.0)
+    s = torch.einsum("bmhd,bnhd->bhmn", q.expand(B, -1, -1, -1), k) * scale
+    if valid is not None:
+        s = s.masked_fill(~valid, float("-inf")).masked_fill(~valid.any(-1, keepdim=True), 0.0)
+    p = torch.softmax(s, dim=-1)
     if valid is not None:
         p = p.masked_fill(~valid, 0.0)
     if keep is not None:
         p = torch.where(keep, p / (1.0 - dropout_p), 0.0)
-    v = v if valid is None else v.masked_fill(~valid[:, 0, 0, :, None, None], 0.0)
     return torch.einsum("bhmn,bnhd->bmhd", p, v)
 
 

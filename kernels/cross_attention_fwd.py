@@ -84,7 +84,8 @@ def split_ranges(N: int, num_splits: int) -> tuple[int, int]:
 
 @triton.jit
 def kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE: tl.constexpr):
-    """(first key row of batch b within its (packed) key tensor, number of valid keys in [0, N])."""
+    """(first key row of batch b within its (packed) key tensor, number of valid keys in [0, N]).
+    KV_MODE: 0 = KV_DENSE (all N keys), 1 = KV_LENS (kv_lens[b]), 2 = KV_PACKED (cu_seqlens_k)."""
     b64 = b.to(tl.int64)
     if KV_MODE == 2:
         start = tl.load(cu_ptr + b).to(tl.int64)
@@ -309,6 +310,8 @@ def cross_attention_fwd(
     out = torch.empty((B, M, H, D), device=q.device, dtype=q.dtype)
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty((B, H, M), device=q.device, dtype=stat_dtype)
+    if B == 0:
+        return out, lse
     if num_splits is None:
         num_splits = choose_num_splits(B * H * triton.cdiv(M, 64), N, q.device)
     keys_per_split, num_splits = split_ranges(N, num_splits)

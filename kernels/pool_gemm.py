@@ -31,7 +31,7 @@ import triton.language as tl
 
 from . import activations
 from .tiling import grouped_tile
-from ._tuning import autotuned, device_smem_limit, dot_dtype_workaround, input_precision
+from ._tuning import INTERPRET, autotuned, device_smem_limit, dot_dtype_workaround, input_precision
 from .adaptive_window import max_window, window
 from .packed_pool import MODES, image_index, out_rows_per_image, packed_geometry, pooled_tile
 
@@ -48,12 +48,17 @@ def cuda_configs() -> list[triton.Config]:
             (64, 64, 64, 4, 3),
             (64, 128, 32, 8, 2),
             (64, 64, 32, 4, 2),
+            (32, 64, 32, 4, 2),
         ]
     ]
 
 
-def fits(config: triton.Config, taps: int, elem_bytes: int, ieee_fp32: bool, smem_limit: int) -> bool:
-    """Whether ``config`` can launch for windows of ``taps`` tokens.
+def fits(config: triton.Config, taps: int, elem_bytes: int, ieee_fp32: bool, smem_limit: int, packed: bool = False) -> bool:
+    """Whether ``config`` can launch for windows of ``taps`` tokens without spilling.
+
+    ``packed``: the ragged path's runtime window loops keep per-row geometry live beside the
+    accumulator; of our tiles only 32x64 compiles without spills on sm_80 and sm_90 in every dtype
+    and mode. The dense path keeps to 64-row tiles and up (Hopper's wgmma needs 64 rows).
 
     Triton's pipeliner stages every window-tap load of the A tile through shared memory, so a
     stage holds ``taps`` A tiles and one W tile: ``num_stages * (taps*BM*BK + BK*BN) * elem`` is
@@ -61,6 +66,10 @@ def fits(config: triton.Config, taps: int, elem_bytes: int, ieee_fp32: bool, sme
     device. Exact fp32 dots (no tf32) run on FMA units and spill beyond 64x64 tiles.
     """
     bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    if packed:
+        return (bm, bn) == (32, 64)
+    if bm < 64:
+        return False
     if ieee_fp32 and bm * bn > 64 * 64:
         return False
     return config.num_stages * (taps * bm * bk + bk * bn) * elem_bytes <= smem_limit
@@ -70,8 +79,16 @@ def _prune(configs, named_args, **constexprs):
     x = named_args["x_ptr"]
     taps = constexprs["WT"] * constexprs["WH"] * constexprs["WW"]
     ieee = x.dtype == torch.float32 and constexprs["INPUT_PRECISION"] == "ieee"
-    kept = [c for c in configs if fits(c, taps, x.element_size(), ieee, device_smem_limit(x))]
-    return kept or [min(configs, key=lambda c: c.num_stages * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return [c for c in configs if fits(c, taps, x.element_size(), ieee, device_smem_limit(x), constexprs["PACKED"])]
+
+
+def unrolled_windows_fit(x: torch.Tensor, taps: int) -> bool:
+    """Whether some config of the dense path (window loop unrolled, taps staged in shared memory)
+    fits windows of ``taps`` tokens on ``x``'s device. Always true under the interpreter."""
+    if INTERPRET:
+        return True
+    ieee = x.dtype == torch.float32 and input_precision(x.dtype) == "ieee"
+    return any(fits(c, taps, x.element_size(), ieee, device_smem_limit(x)) for c in cuda_configs())
 
 
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
@@ -180,6 +197,16 @@ def pool_gemm(
     pooled = torch.empty((M, K), device=x.device, dtype=x.dtype) if store_pooled else None
     if M == 0 or N == 0:
         return out, pre, pooled
+    windows = (max_window(T, OT), max_window(H, OH), max_window(W, OW))
+    if not unrolled_windows_fit(x, windows[0] * windows[1] * windows[2]):
+        # Windows too large to unroll on this device (e.g. 24x24 -> 3x3): the ragged path's
+        # runtime window loops serve the batch as B images of one grid.
+        n_tok, P = T * H * W, OT * OH * OW
+        geometry = torch.tensor([[T, H, W, OT, OH, OW, i * n_tok, i * P] for i in range(B)], dtype=torch.int32)
+        return pool_gemm_packed(
+            x.reshape(B * n_tok, K), geometry.to(x.device, non_blocking=True), M, "average", w, b,
+            activation, store_pre, store_pooled,
+        )
 
     def grid_fn(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -190,7 +217,7 @@ def pool_gemm(
         *x.stride(), *w.stride(),
         HAS_BIAS=b is not None, ACTIVATION=activations.CODES[activation],
         STORE_PRE=store_pre, STORE_POOLED=store_pooled,
-        WT=max_window(T, OT), WH=max_window(H, OH), WW=max_window(W, OW),
+        WT=windows[0], WH=windows[1], WW=windows[2],
         PACKED=False, MODE=0,
         DOT_FP32=dot_dtype_workaround(x.dtype == torch.bfloat16),
         INPUT_PRECISION=input_precision(x.dtype),

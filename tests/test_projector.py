@@ -223,3 +223,16 @@ def test_reference_activation_grads_match_autograd(activation):
     z = torch.randn(1000, dtype=torch.float64, requires_grad=True) * 4
     (expected,) = torch.autograd.grad(reference.ACTIVATIONS[activation](z).sum(), z)
     torch.testing.assert_close(reference.ACTIVATION_GRADS[activation](z.detach()), expected)
+
+
+def test_windows_too_large_to_unroll_take_the_runtime_loop_path(monkeypatch):
+    """When no config can stage a window's taps in shared memory (e.g. 24x24 -> 3x3 on a GPU),
+    the launcher serves the dense batch through the ragged path's runtime window loops."""
+    params, dy = _mlp_case((12, 12), (3, 2), torch.float32)
+    with deco_ops.use_backend("triton"):
+        expected = deco_ops.pool_mlp(*params, grid=(12, 12), out_grid=(3, 2))
+        monkeypatch.setattr(pool_gemm, "unrolled_windows_fit", lambda x, taps: False)
+        with mock.patch.object(pool_gemm, "pool_gemm_packed", wraps=pool_gemm.pool_gemm_packed) as packed:
+            got = deco_ops.pool_mlp(*params, grid=(12, 12), out_grid=(3, 2))
+    packed.assert_called_once()
+    assert_close(got, expected, torch.float32)

@@ -1,0 +1,110 @@
+"""Argument checks of ``deco_ops.cross_attention``: each raises ValueError/TypeError naming the
+argument, before anything is launched. Value checks that read tensor contents (``kv_lens`` range,
+``cu_seqlens_k`` monotonicity) are skipped while ``torch.compile`` traces, where they would be
+data-dependent; the kernels clamp lengths into [0, N] regardless."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _backend, _validate
+
+MAX_HEAD_DIM = 256
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def floating(name: str, value: torch.Tensor, use_triton: bool) -> None:
+    """fp16/bf16/fp32 everywhere; float64 on the reference path and under Triton's interpreter
+    (there the kernels accumulate in fp64, so float64 gradchecks run the real kernels)."""
+    _validate.floating(name, value, use_triton and not (_backend.interpreting() and value.device.type == "cpu"))
+
+
+def qkv(q, k, v, packed: bool) -> tuple[int, int]:
+    """Shapes of q (B or 1, M, H, D) and k, v (B, N, H, D), or packed (total_N, H, D); returns (H, D)."""
+    _validate.tensor("q", q, 4)
+    kv_rank = 3 if packed else 4
+    layout = "(total_N, H, D) with cu_seqlens_k" if packed else "(B, N, H, D)"
+    for name, t in (("k", k), ("v", v)):
+        _validate.tensor(name, t)
+        if t.dim() != kv_rank:
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    H, D = q.shape[2], q.shape[3]
+    if k.shape[-2] != H:
+        raise ValueError(f"k/v have {k.shape[-2]} heads but q has {H} (q is (B, M, H, D), k/v {layout})")
+    if k.shape[-1] != D:
+        raise ValueError(f"k/v have head dim {k.shape[-1]} but q has {D}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got q of shape {tuple(q.shape)}")
+    if q.shape[1] < 1:
+        raise ValueError(f"q must have at least one query, got shape {tuple(q.shape)}")
+    if H < 1:
+        raise ValueError(f"q must have at least one head, got shape {tuple(q.shape)}")
+    if k.shape[-3] < 1:
+        raise ValueError(f"k/v must have at least one key, got shape {tuple(k.shape)}")
+    use_triton = _backend.use_triton(q.device)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        floating(name, t, use_triton)
+    _validate.same_dtype("q", q, k=k, v=v)
+    _validate.same_device("q", q, k=k, v=v)
+    return H, D
+
+
+def query_batch(q: torch.Tensor, B: int) -> None:
+    if q.shape[0] not in (1, B):
+        raise ValueError(f"q has batch {q.shape[0]}; it must be 1 (queries shared by the batch) or the key batch {B}")
+
+
+def kv_lens(value, B: int, N: int, device: torch.device) -> torch.Tensor | None:
+    """(B,) int32/int64 lengths in [0, N] on q's device; returned as contiguous int32."""
+    if value is None:
+        return None
+    _validate.tensor("kv_lens", value, 1)
+    if value.dtype not in INDEX_DTYPES:
+        raise TypeError(f"kv_lens must be int32 or int64, got {value.dtype}")
+    if value.shape[0] != B:
+        raise ValueError(f"kv_lens has {value.shape[0]} entries but the batch is {B}")
+    if value.device != device:
+        raise ValueError(f"kv_lens is on {value.device} but q is on {device}")
+    if not _tracing() and B and bool(((value < 0) | (value > N)).any()):
+        raise ValueError(f"kv_lens must lie in [0, N={N}], got {value.tolist()}")
+    return value.to(torch.int32).contiguous()
+
+
+def cu_seqlens(value, total: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """int32 (B + 1,) offsets, 0 = cu[0] <= cu[1] <= ... <= cu[B] <= total_N (FlashAttention's
+    convention). Returns (cu_seqlens_k, B, longest sequence)."""
+    _validate.tensor("cu_seqlens_k", value, 1)
+    if value.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens_k must be int32 (FlashAttention's convention), got {value.dtype}")
+    if value.shape[0] < 2:
+        raise ValueError(f"cu_seqlens_k must have B + 1 >= 2 entries, got {value.shape[0]}")
+    if value.device != device:
+        raise ValueError(f"cu_seqlens_k is on {value.device} but q is on {device}")
+    lens = value[1:] - value[:-1]
+    if not _tracing() and (int(value[0]) != 0 or bool((lens < 0).any()) or int(value[-1]) > total):
+        raise ValueError(f"cu_seqlens_k must start at 0, never decrease and end at most at total_N={total}, got {value.tolist()}")
+    return value.contiguous(), value.shape[0] - 1, max(1, int(lens.max()))
+
+
+def scale(value, D: int) -> float:
+    if value is None:
+        return D**-0.5
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"softmax_scale must be a finite float or None, got {value!r}")
+    return float(value)
+
+
+def dropout(p, generator) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {p!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return float(p)

@@ -1,0 +1,190 @@
+"""``cross_attention``: FlashAttention-style cross-attention for few queries over many keys
+(Q-Former / resampler), forward and deterministic backward.
+
+Registered as ``torch.ops.deco.cross_attention`` (returns the output and the log-sum-exp) with its
+backward as its own op, ``torch.ops.deco.cross_attention_backward``, so both are opaque,
+graph-break-free nodes under ``torch.compile``. What autograd keeps: q, k, v, the output and the
+fp32 LSE (B, H, M), plus the int lengths and the (seed, offset) of the dropout RNG. Never the
+M x N attention matrix, never the dropout mask: backward recomputes both.
+
+Backends (``deco_ops._backend``): the Triton kernels in ``kernels/cross_attention_fwd.py`` and
+``kernels/cross_attention_bwd.py``, or the PyTorch reference path of
+``deco_ops.reference_attention`` (key chunks with an online softmax), which reproduces the kernels'
+dropout mask bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backend
+from . import _validate_attention as _check
+from . import reference_attention as reference
+from .kernels import cross_attention_bwd, cross_attention_fwd
+
+
+def _batch_and_keys(k: torch.Tensor, cu_seqlens_k: torch.Tensor | None, max_seqlen_k: int) -> tuple[int, int]:
+    if cu_seqlens_k is None:
+        return k.shape[0], k.shape[1]
+    return cu_seqlens_k.shape[0] - 1, max_seqlen_k
+
+
+def _rng_pair(rng: torch.Tensor | None) -> tuple[int, int] | None:
+    return None if rng is None else tuple(int(x) for x in rng.tolist())
+
+
+@torch.library.custom_op("deco::cross_attention", mutates_args=())
+def _cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_lens: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_k: int,
+    scale: float,
+    dropout_p: float,
+    rng: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
+    if _backend.use_triton(q.device):
+        return cross_attention_fwd.cross_attention_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng)
+    if cu_seqlens_k is not None:
+        k, kv_lens, _ = reference.unpack_keys(k, cu_seqlens_k, N)
+        v, _, _ = reference.unpack_keys(v, cu_seqlens_k, N)
+    return reference.attention_fwd(q, k, v, kv_lens, scale, dropout_p, _rng_pair(rng))
+
+
+@_cross_attention.register_fake
+def _(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng):
+    B, _ = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
+    _, M, H, D = q.shape
+    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((B, M, H, D)), q.new_empty((B, H, M), dtype=stat_dtype)
+
+
+def _or_empty(grad: torch.Tensor | None, needed: bool, like: torch.Tensor) -> torch.Tensor:
+    """A gradient that was asked for, else a fresh empty (0,) tensor (outputs may not alias)."""
+    return grad if needed else like.new_empty((0,))
+
+
+@torch.library.custom_op("deco::cross_attention_backward", mutates_args=())
+def _cross_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_lens: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_k: int,
+    scale: float,
+    dropout_p: float,
+    rng: torch.Tensor | None,
+    need_dq: bool,
+    need_dkv: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv); a gradient not asked for comes back as an empty (0,) tensor."""
+    B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
+    if _backend.use_triton(q.device):
+        dq, dk, dv = cross_attention_bwd.cross_attention_bwd(
+            dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, need_dq, need_dkv
+        )
+    elif cu_seqlens_k is not None:
+        kp, lens, real = reference.unpack_keys(k, cu_seqlens_k, N)
+        vp, _, _ = reference.unpack_keys(v, cu_seqlens_k, N)
+        dq, dkp, dvp = reference.attention_bwd(dout, q, kp, vp, out, lse, lens, scale, dropout_p, _rng_pair(rng))
+        dk = reference.pack_keys(dkp, cu_seqlens_k, real, k.shape[0])
+        dv = reference.pack_keys(dvp, cu_seqlens_k, real, v.shape[0])
+    else:
+        dq, dk, dv = reference.attention_bwd(dout, q, k, v, out, lse, kv_lens, scale, dropout_p, _rng_pair(rng))
+    return _or_empty(dq, need_dq, q), _or_empty(dk, need_dkv, q), _or_empty(dv, need_dkv, q)
+
+
+@_cross_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, need_dq, need_dkv):
+    dq = _or_empty(q.new_empty(q.shape), need_dq, q)
+    return dq, _or_empty(k.new_empty(k.shape), need_dkv, q), _or_empty(v.new_empty(v.shape), need_dkv, q)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], kv_lens, cu_seqlens_k, rng)
+    ctx.max_seqlen_k, ctx.scale, ctx.dropout_p = max_seqlen_k, scale, dropout_p
+
+
+def _backward(ctx, dout, dlse):
+    """The LSE output is an auxiliary statistic: its gradient is not propagated."""
+    q, k, v, out, lse, kv_lens, cu_seqlens_k, rng = ctx.saved_tensors
+    need_dq = ctx.needs_input_grad[0]
+    need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    if not (need_dq or need_dkv):
+        return (None,) * 9
+    dq, dk, dv = torch.ops.deco.cross_attention_backward(
+        dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, ctx.max_seqlen_k, ctx.scale, ctx.dropout_p, rng, need_dq, need_dkv
+    )
+    return (dq if need_dq else None), (dk if need_dkv else None), (dv if need_dkv else None), None, None, None, None, None, None
+
+
+_cross_attention.register_autograd(_backward, setup_context=_setup)
+
+
+def _draw_rng(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """(seed, offset) for the kernels' Philox counters, drawn from ``generator`` (or torch's
+    default generator of ``device``)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randint(0, 2**62, (2,), generator=generator, device=gen_device, dtype=torch.int64).to(device)
+
+
+def cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    kv_lens: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax cross-attention ``softmax(scale * q k^T) v`` per batch and head, FlashAttention-style.
+
+    Args:
+        q: ``(B, M, H, D)`` queries, or ``(1, M, H, D)``: queries shared by the whole batch (learned
+            queries), read through a zero batch stride, never expanded or copied; their gradient
+            is reduced over the batch.
+        k, v: ``(B, N, H, D)`` (FlashAttention's layout, so projections need no transpose); with
+            ``cu_seqlens_k``, packed ``(total_N, H, D)``.
+        kv_lens: optional int32/int64 ``(B,)`` in ``[0, N]``: keys at positions >= ``kv_lens[b]`` are
+            ignored completely (their values may be garbage or NaN; their gradients are exactly
+            zero). ``kv_lens[b] == 0`` gives a zero output row and zero gradients.
+        softmax_scale: default ``D ** -0.5``.
+        dropout_p: attention dropout in ``[0, 1)`` applied to the probabilities (pass 0 in eval).
+            The mask comes from a counter-based RNG seeded from ``generator``, is never stored and
+            is regenerated in backward; with a generator in a fixed state the op is deterministic.
+        generator: the ``torch.Generator`` the dropout seed is drawn from (default: torch's).
+        cu_seqlens_k: optional int32 ``(B + 1,)`` offsets into packed ``k``/``v`` (FlashAttention's
+            varlen convention: batch ``b`` owns key rows ``cu[b] .. cu[b+1]``). Exclusive with
+            ``kv_lens``. Reads the longest length on the host (one sync), so it is not traced by
+            ``torch.compile(fullgraph=True)``.
+
+    Returns:
+        ``(B, M, H, D)`` in q's dtype. fp16/bf16/fp32 (fp32 dots follow
+        ``torch.backends.cuda.matmul.allow_tf32``); softmax statistics in fp32.
+    """
+    packed = cu_seqlens_k is not None
+    H, D = _check.qkv(q, k, v, packed)
+    if packed:
+        if kv_lens is not None:
+            raise ValueError("pass either kv_lens or cu_seqlens_k, not both")
+        cu_seqlens_k, B, max_seqlen_k = _check.cu_seqlens(cu_seqlens_k, k.shape[0], q.device)
+        N = max_seqlen_k
+    else:
+        B, N = k.shape[0], k.shape[1]
+        max_seqlen_k = N
+    _check.query_batch(q, B)
+    kv_lens = _check.kv_lens(kv_lens, B, N, q.device)
+    scale = _check.scale(softmax_scale, D)
+    dropout_p = _check.dropout(dropout_p, generator)
+    rng = _draw_rng(generator, q.device) if dropout_p > 0 else None
+    return torch.ops.deco.cross_attention(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng)[0]

@@ -1,0 +1,176 @@
+"""CrossAttention against nn.MultiheadAttention and QueryResampler against a plain-PyTorch
+resampler on the same weights, forward and gradients; torch.compile(fullgraph=True)."""
+
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deco_ops
+from deco_ops import attention_modules
+from deco_ops.attention_modules import CrossAttention, QueryResampler
+from harness import assert_close, randn
+
+
+def _grads(module, inputs):
+    return [p.grad for p in module.parameters()] + [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("kdim,vdim", [(None, None), (48, 40)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_multihead_attention(backend, kdim, vdim, bias, masked):
+    E, H, B, M, N = 64, 4, 2, 7, 29
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, kdim=kdim, vdim=vdim, bias=bias, batch_first=True, dtype=torch.float64)
+    ours = CrossAttention(E, H, kdim=kdim, vdim=vdim, bias=bias)
+    ours.load_state_dict(mha.state_dict())
+    assert set(ours.state_dict()) == set(mha.state_dict())
+    g = torch.Generator().manual_seed(1)
+    query = randn(B, M, E, generator=g)
+    key = randn(B, N, kdim or E, generator=g)
+    value = randn(B, N, vdim or E, generator=g)
+    mask = (torch.arange(N)[None, :] >= torch.tensor([N, 11])[:, None]) if masked else None
+    dout = randn(B, M, E, generator=g)
+
+    inputs = [t.clone().requires_grad_(True) for t in (query, key, value)]
+    out, weights = ours(*inputs, key_padding_mask=mask)
+    out.backward(dout)
+    ref_inputs = [t.double().requires_grad_(True) for t in (query, key, value)]
+    ref, _ = mha(*ref_inputs, key_padding_mask=mask, need_weights=False)
+    ref.backward(dout.double())
+
+    assert weights is None
+    assert_close(out, ref, torch.float32, "attn_output")
+    names = [n for n, _ in ours.named_parameters()] + ["query", "key", "value"]
+    for name, got, want in zip(names, _grads(ours, inputs), _grads(mha, ref_inputs)):
+        assert_close(got, want, torch.float32, f"grad {name}")
+
+
+def test_state_dict_round_trip_and_batch_first_false():
+    torch.manual_seed(0)
+    ours = CrossAttention(32, 2, batch_first=False)
+    mha = nn.MultiheadAttention(32, 2, batch_first=False)
+    mha.load_state_dict(ours.state_dict())
+    query, key = torch.randn(5, 3, 32), torch.randn(9, 3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(query, key, key)[0], mha(query, key, key, need_weights=False)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    ours = CrossAttention(32, 2, dropout=0.5)
+    query, key = torch.randn(2, 5, 32), torch.randn(2, 9, 32)
+    with torch.no_grad():
+        ours.eval()
+        a, b = ours(query, key, key)[0], ours(query, key, key)[0]
+        ours.train()
+        c = ours(query, key, key)[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "mask,error,match",
+    [
+        (torch.tensor([[False, True, False, True]]), ValueError, "contiguous prefix"),
+        (torch.tensor([[True, False, False, False]]), ValueError, "contiguous prefix"),
+        (torch.zeros(1, 4), TypeError, "bool tensor"),
+        (torch.zeros(1, 5, dtype=torch.bool), ValueError, "shape"),
+    ],
+)
+def test_bad_key_padding_mask(mask, error, match):
+    ours = CrossAttention(16, 1)
+    with pytest.raises(error, match=match):
+        ours(torch.randn(1, 3, 16), torch.randn(1, 4, 16), torch.randn(1, 4, 16), key_padding_mask=mask)
+
+
+def test_module_bad_arguments():
+    with pytest.raises(ValueError, match="divisible"):
+        CrossAttention(30, 4)
+    with pytest.raises(ValueError, match="need_weights"):
+        CrossAttention(16, 1)(torch.randn(1, 3, 16), torch.randn(1, 4, 16), torch.randn(1, 4, 16), need_weights=True)
+    with pytest.raises(ValueError, match="kv_dim=24"):
+        QueryResampler(4, 16, 24, 2)(torch.randn(1, 4, 16))
+
+
+class PlainResampler(nn.Module):
+    """The same computation with eager PyTorch ops: expanded queries, masked softmax attention."""
+
+    def __init__(self, ours: QueryResampler):
+        super().__init__()
+        self.ours = ours
+
+    def forward(self, x, kv_lens=None):
+        m = self.ours
+        B, N, _ = x.shape
+        q = m.q_proj(m.ln_q(m.queries)).expand(B, -1, -1).view(B, -1, m.num_heads, m.head_dim).transpose(1, 2)
+        kv = m.ln_kv(x)
+        k = m.k_proj(kv).view(B, N, m.num_heads, m.head_dim).transpose(1, 2)
+        v = m.v_proj(kv).view(B, N, m.num_heads, m.head_dim).transpose(1, 2)
+        mask = None if kv_lens is None else (torch.arange(N)[None, :] < kv_lens[:, None])[:, None, None, :]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return m.out_proj(o.transpose(1, 2).reshape(B, -1, m.embed_dim))
+
+
+@pytest.mark.parametrize("with_lens", [False, True])
+def test_query_resampler_matches_plain_pytorch(backend, with_lens):
+    torch.manual_seed(0)
+    ours = QueryResampler(9, 64, 48, 4)
+    plain = PlainResampler(QueryResampler(9, 64, 48, 4).double())
+    plain.ours.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 37, 48)
+    kv_lens = torch.tensor([37, 5, 20]) if with_lens else None
+    dout = torch.randn(3, 9, 64)
+    xs = x.clone().requires_grad_(True)
+    out = ours(xs, kv_lens=kv_lens)
+    out.backward(dout)
+    xd = x.double().requires_grad_(True)
+    ref = plain(xd, kv_lens)
+    ref.backward(dout.double())
+    assert out.shape == (3, 9, 64)
+    assert_close(out, ref, torch.float32, "output")
+    assert_close(xs.grad, xd.grad, torch.float32, "grad x")
+    for (name, got), want in zip(ours.named_parameters(), plain.ours.parameters()):
+        if name == "k_proj.bias":  # softmax ignores a shift shared by all keys: the gradient is 0
+            assert want.grad.abs().max() < 1e-12 and got.grad.abs().max() < 1e-5
+            continue
+        assert_close(got.grad, want.grad, torch.float32, f"grad {name}")
+
+
+def test_query_resampler_shares_queries():
+    """The learned queries reach the op as (1, M, H, D): never expanded over the batch."""
+    ours = QueryResampler(4, 32, 16, 2)
+    seen = []
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape[0], q.untyped_storage().nbytes()))
+        return deco_ops.attention.cross_attention(q, k, v, **kw)
+
+    with mock.patch.object(attention_modules, "cross_attention", spy):
+        ours(torch.randn(5, 7, 16))
+    assert seen == [(1, 4 * 32 * 4)]
+
+
+def _compiled_matches_eager(module, *inputs):
+    compiled = torch.compile(module, fullgraph=True)
+    leaves = [[t.clone().requires_grad_(t.is_floating_point()) for t in inputs] for _ in range(2)]
+    results = []
+    for fn, args in ((module, leaves[0]), (compiled, leaves[1])):
+        module.zero_grad()
+        out = fn(*args)
+        out = out[0] if isinstance(out, tuple) else out
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in module.parameters()], [a.grad for a in args if a.requires_grad]))
+    (eager_out, eager_p, eager_x), (comp_out, comp_p, comp_x) = results
+    torch.testing.assert_close(comp_out, eager_out, atol=1e-5, rtol=1e-4)
+    for got, want in zip(comp_p + comp_x, eager_p + eager_x):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    _compiled_matches_eager(CrossAttention(32, 2), torch.randn(2, 5, 32), torch.randn(2, 11, 32), torch.randn(2, 11, 32))
+    _compiled_matches_eager(QueryResampler(6, 32, 24, 2), torch.randn(2, 13, 24), torch.tensor([13, 4]))

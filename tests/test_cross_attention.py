@@ -1,0 +1,404 @@
+"""cross_attention forward and dQ/dK/dV against float64 softmax attention, on the Triton kernels
+(interpreter) and the default backend; dropout, determinism, schedules, packed keys, bad input."""
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import deco_ops
+from deco_ops import reference_attention as reference
+from deco_ops.attention import cross_attention
+from deco_ops.kernels import cross_attention_bwd, cross_attention_fwd
+from harness import DTYPES, assert_close, guarded, poisoned_empty, randn
+
+FWD_KERNELS = [cross_attention_fwd.cross_attention_fwd_kernel, cross_attention_fwd.cross_attention_combine_kernel]
+BWD_KERNELS = [
+    cross_attention_bwd.cross_attention_bwd_preprocess_kernel,
+    cross_attention_bwd.cross_attention_bwd_single_pass_kernel,
+    cross_attention_bwd.cross_attention_bwd_dkdv_kernel,
+    cross_attention_bwd.cross_attention_bwd_dq_kernel,
+]
+
+
+def _case(B, Bq, M, N, H, D, lens, dtype, seed=0):
+    """q, k, v, dout and kv_lens; keys past kv_lens are NaN (they must never be read into the result)."""
+    g = torch.Generator().manual_seed(seed)
+    q = randn(Bq, M, H, D, dtype=dtype, generator=g)
+    k = randn(B, N, H, D, dtype=dtype, generator=g)
+    v = randn(B, N, H, D, dtype=dtype, generator=g)
+    dout = randn(B, M, H, D, dtype=dtype, generator=g)
+    kv_lens = None if lens is None else torch.tensor(lens, dtype=torch.int32)
+    if kv_lens is not None:
+        pad = torch.arange(N)[None, :] >= kv_lens[:, None]
+        k[pad], v[pad] = float("nan"), float("nan")
+    return q, k, v, dout, kv_lens
+
+
+def _reference(q, k, v, dout, kv_lens, **kw):
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    out = reference.attention_dense(*leaves, kv_lens, **kw)
+    out.backward(dout.double())
+    return out.detach(), *(t.grad for t in leaves)
+
+
+def _run(q, k, v, dout, kv_lens, **kw):
+    leaves = [guarded(t).requires_grad_(True) for t in (q, k, v)]
+    with poisoned_empty():
+        out = cross_attention(*leaves, kv_lens=kv_lens, **kw)
+        out.backward(guarded(dout))
+    return out.detach(), *(t.grad for t in leaves)
+
+
+def _check(got, want, dtype, kv_lens, N, tol=None):
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.dtype == dtype and g.shape == w.shape, name
+        assert_close(g, w, dtype, name, tol)
+    if kv_lens is not None:
+        pad = torch.arange(N)[None, :] >= kv_lens[:, None].long()
+        for name, g in (("dk", got[2]), ("dv", got[3])):
+            assert torch.equal(g[pad], torch.zeros_like(g[pad])), f"{name} of padding keys must be exactly 0"
+
+
+# (B, q batch, M, N, H, D, kv_lens): BLIP-2 (32 x 257 / 577, D 64), M and N off the block sizes,
+# head dims 72/80/128, lengths 0, 1 and N, shared and per-sample queries, both backward schedules.
+CASES = [
+    pytest.param(2, 1, 32, 257, 2, 64, [257, 0], id="blip2-shared-M32-N257-D64"),
+    pytest.param(2, 2, 17, 37, 2, 72, [37, 1], id="M17-N37-D72"),
+    pytest.param(1, 1, 1, 577, 1, 80, None, id="M1-N577-D80"),
+    pytest.param(2, 2, 33, 1, 1, 32, [1, 0], id="M33-N1-D32"),
+    pytest.param(2, 1, 144, 64, 1, 128, [64, 30], id="fa2-shared-M144-D128"),
+    pytest.param(1, 1, 256, 37, 1, 32, None, id="fa2-M256-N37"),
+    pytest.param(2, 2, 17, 1030, 1, 32, [1030, 513], id="M17-N1030"),
+]
+
+
+@pytest.mark.parametrize("B,Bq,M,N,H,D,lens", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parity(backend, B, Bq, M, N, H, D, lens, dtype):
+    q, k, v, dout, kv_lens = _case(B, Bq, M, N, H, D, lens, dtype)
+    _check(_run(q, k, v, dout, kv_lens), _reference(q, k, v, dout, kv_lens), dtype, kv_lens, N)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("B,Bq,M,N,H,D", [(2, 1, 256, 1024, 2, 128), (4, 4, 32, 577, 12, 64), (2, 1, 144, 2048, 2, 96)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parity_large(backend, B, Bq, M, N, H, D, dtype):
+    lens = [N] + [int(x) for x in torch.randint(0, N + 1, (B - 1,), generator=torch.Generator().manual_seed(B))]
+    q, k, v, dout, kv_lens = _case(B, Bq, M, N, H, D, lens, dtype)
+    _check(_run(q, k, v, dout, kv_lens), _reference(q, k, v, dout, kv_lens), dtype, kv_lens, N)
+
+
+def _forced(num_splits, single_pass):
+    """Patches the forward key-split and backward schedule choices of the Triton launchers."""
+    return [
+        mock.patch.object(cross_attention_fwd, "choose_num_splits", return_value=num_splits),
+        mock.patch.object(cross_attention_bwd, "choose_num_splits", return_value=num_splits),
+        mock.patch.object(cross_attention_bwd, "use_single_pass", return_value=single_pass),
+    ]
+
+
+@pytest.mark.parametrize("num_splits,single_pass", [(1, True), (3, True), (1, False), (5, False)])
+@pytest.mark.parametrize("Bq", [1, 2])
+def test_schedules(num_splits, single_pass, Bq):
+    """Unsplit and split-key forward (exact merge), single-pass and FA2 backward, same inputs."""
+    q, k, v, dout, kv_lens = _case(2, Bq, 33, 300, 2, 64, [300, 150], torch.float32)
+    patches = _forced(num_splits, single_pass)
+    with deco_ops.use_backend("triton"), patches[0], patches[1], patches[2]:
+        got = _run(q, k, v, dout, kv_lens)
+    _check(got, _reference(q, k, v, dout, kv_lens), torch.float32, kv_lens, 300)
+
+
+def test_split_heuristic():
+    """Split only when B*H*ceil(M/64) < 0.8 * SMs (132 on an H100 / without a GPU), at least 128 keys each."""
+    cpu = torch.device("cpu")
+    assert cross_attention_fwd.choose_num_splits(1 * 12 * 1, 257, cpu) == 3
+    assert cross_attention_fwd.choose_num_splits(8 * 12 * 1, 577, cpu) == 2
+    assert cross_attention_fwd.choose_num_splits(16 * 12 * 1, 577, cpu) == 1
+    assert cross_attention_fwd.choose_num_splits(1, 100_000, cpu) == cross_attention_fwd.MAX_SPLITS
+    assert cross_attention_bwd.use_single_pass(32, 128) and cross_attention_bwd.use_single_pass(64, 64)
+    assert not cross_attention_bwd.use_single_pass(64, 128) and not cross_attention_bwd.use_single_pass(144, 16)
+
+
+def test_zero_length_and_nan_padding(backend):
+    """kv_lens[b] == 0: zero output row, zero dq (per-sample q), zero dk/dv; NaN keys never leak."""
+    q, k, v, dout, kv_lens = _case(3, 3, 5, 40, 2, 32, [0, 1, 40], torch.float32)
+    out, dq, dk, dv = _run(q, k, v, dout, kv_lens)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(dq[0], torch.zeros_like(dq[0]))
+    assert torch.equal(dk[0], torch.zeros_like(dk[0])) and torch.equal(dv[0], torch.zeros_like(dv[0]))
+    assert torch.isfinite(out).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    torch.testing.assert_close(out[1], v[1, :1].expand(5, -1, -1))
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_backward_is_bitwise_deterministic(single_pass):
+    q, k, v, dout, kv_lens = _case(3, 1, 40, 300, 2, 64, [300, 77, 0], torch.float32, seed=3)
+    patches = _forced(3, single_pass)
+    with deco_ops.use_backend("triton"), patches[0], patches[1], patches[2]:
+        first = _run(q, k, v, dout, kv_lens)
+        second = _run(q, k, v, dout, kv_lens)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_frozen_inputs_skip_work():
+    """FA2 schedule: no dK/dV kernel for frozen k, v; no dQ kernel for frozen q."""
+    q, k, v, dout, _ = _case(1, 1, 144, 40, 1, 32, None, torch.float32)
+    dkdv, dq = cross_attention_bwd.cross_attention_bwd_dkdv_kernel, cross_attention_bwd.cross_attention_bwd_dq_kernel
+    with deco_ops.use_backend("triton"), mock.patch.object(dkdv, "run", wraps=dkdv.run) as dkdv_run, \
+            mock.patch.object(dq, "run", wraps=dq.run) as dq_run:
+        qq = q.clone().requires_grad_(True)
+        cross_attention(qq, k, v).backward(dout)
+        assert dkdv_run.call_count == 0 and dq_run.call_count == 1
+        kk, vv = k.clone().requires_grad_(True), v.clone().requires_grad_(True)
+        cross_attention(q, kk, vv).backward(dout)
+        assert dkdv_run.call_count == 1 and dq_run.call_count == 1
+    want = _reference(q, k, v, dout, None)
+    assert_close(qq.grad, want[1], torch.float32, "dq")
+    assert_close(kk.grad, want[2], torch.float32, "dk")
+    assert_close(vv.grad, want[3], torch.float32, "dv")
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_triton_kernels_launch(single_pass):
+    q, k, v, dout, kv_lens = _case(2, 1, 20, 50, 2, 32, [50, 20], torch.float16)
+    kernels = FWD_KERNELS + BWD_KERNELS
+    patches = _forced(2, single_pass)
+    with deco_ops.use_backend("triton"), patches[0], patches[1], patches[2], \
+            mock.patch.multiple(reference, attention_fwd=mock.DEFAULT, attention_bwd=mock.DEFAULT):
+        spies = [mock.patch.object(kernel, "run", wraps=kernel.run) for kernel in kernels]
+        mocks = [s.start() for s in spies]
+        try:
+            _run(q, k, v, dout, kv_lens)
+        finally:
+            for s in spies:
+                s.stop()
+    expected = [1, 1, 1, 1, 0, 0] if single_pass else [1, 1, 1, 0, 1, 1]
+    assert [m.call_count for m in mocks] == expected
+
+
+def test_custom_scale_and_dtype_float64_on_interpreter(backend):
+    """float64 runs on the reference path and under the interpreter (fp64 accumulation)."""
+    q, k, v, dout, kv_lens = _case(2, 2, 6, 45, 1, 16, [45, 9], torch.float64)
+    got = _run(q, k, v, dout, kv_lens, softmax_scale=0.3)
+    _check(got, _reference(q, k, v, dout, kv_lens, scale=0.3), torch.float64, kv_lens, 45, tol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# dropout
+
+
+@triton.jit
+def _keep_kernel(out_ptr, rng_ptr, bh, M, N, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    keep = cross_attention_fwd.dropout_keep(tl.load(rng_ptr), tl.load(rng_ptr + 1), bh, M, N, rows, cols, p)
+    tl.store(out_ptr + rows[:, None] * BLOCK_N + cols[None, :], keep.to(tl.int8))
+
+
+@pytest.mark.skipif(not deco_ops._backend.interpreting(), reason="checks the kernel helper through the interpreter")
+def test_reference_dropout_mask_is_the_kernels():
+    """deco_ops.reference_attention.dropout_keep reproduces the kernels' tl.rand mask bit for bit."""
+    rng = torch.tensor([2**61 + 12345, 2**33 + 7], dtype=torch.int64)
+    B, H, M, N = 3, 5, 16, 64
+    got = torch.empty(M, N, dtype=torch.int8)
+    _keep_kernel[(1,)](got, rng, 2 * H + 3, M, N, 0.37, BLOCK_M=M, BLOCK_N=N)
+    want = reference.dropout_keep(tuple(rng.tolist()), H, M, N, torch.tensor(2), torch.tensor(3),
+                                  torch.arange(M)[:, None], torch.arange(N)[None, :], 0.37)
+    assert torch.equal(got.bool(), want)
+
+
+def _dropout_run(q, k, v, dout, kv_lens, p, seed):
+    return _run(q, k, v, dout, kv_lens, dropout_p=p, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_dropout_same_mask_on_both_backends(single_pass):
+    q, k, v, dout, kv_lens = _case(2, 1, 17, 90, 2, 32, [90, 41], torch.float32)
+    patches = _forced(2, single_pass)
+    with deco_ops.use_backend("triton"), patches[0], patches[1], patches[2]:
+        got = _dropout_run(q, k, v, dout, kv_lens, 0.3, seed=5)
+    with deco_ops.use_backend("torch"):
+        want = _dropout_run(q, k, v, dout, kv_lens, 0.3, seed=5)
+    no_dropout = _reference(q, k, v, dout, kv_lens)
+    assert (got[0] - no_dropout[0]).abs().max() > 0.1
+    _check(got, want, torch.float32, kv_lens, 90)
+
+
+def test_dropout_gradcheck(backend):
+    """With the generator in a fixed state the op is a deterministic function of q, k, v (fast mode:
+    the numerical and analytical Jacobians are compared along random directions)."""
+    q, k, v, _, kv_lens = _case(2, 1, 3, 20, 1, 16, [20, 11], torch.float64)
+    k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)
+
+    def fn(q, k, v):
+        return cross_attention(q, k, v, kv_lens=kv_lens, dropout_p=0.25, generator=torch.Generator().manual_seed(11))
+
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+def test_dropout_kept_fraction(backend):
+    """q = 0 makes attention uniform and v = 1 makes the output (kept keys / N) / (1 - p) per row."""
+    B, M, N, H, D, p = 2, 16, 200, 2, 16, 0.2
+    q = torch.zeros(1, M, H, D)
+    k = torch.randn(B, N, H, D)
+    v = torch.ones(B, N, H, D)
+    out = cross_attention(q, k, v, dropout_p=p, generator=torch.Generator().manual_seed(0))
+    kept = out[..., 0] * (1 - p) * N
+    torch.testing.assert_close(kept, kept.round(), atol=1e-3, rtol=0)
+    n = B * M * H * N
+    fraction = kept.sum().item() / n
+    assert abs(fraction - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_dropout_expectation_is_no_dropout(backend):
+    """Inverted dropout is unbiased: the mean output over seeds approaches the no-dropout output."""
+    q, k, v, _, _ = _case(1, 1, 4, 24, 1, 16, None, torch.float32)
+    seeds = 64
+    mean = sum(cross_attention(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(s)) for s in range(seeds)) / seeds
+    exact = cross_attention(q, k, v)
+    # Per element: var(mean) = p/(1-p) * sum_j P_j^2 v_j^2 / seeds.
+    P = torch.softmax(torch.einsum("bmhd,bnhd->bhmn", q, k) * 16**-0.5, -1)
+    std = (0.3 / 0.7 * torch.einsum("bhmn,bnhd->bmhd", P**2, v**2) / seeds).sqrt()
+    assert ((mean - exact).abs() <= 6 * std + 1e-6).all()
+    assert (mean - exact).abs().max() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# packed keys
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_packed_keys(backend, single_pass):
+    """cu_seqlens_k: k, v packed (total_N, H, D); batch b owns rows cu[b]..cu[b+1]; rows of no batch
+    get zero gradients."""
+    lens = [37, 0, 90, 1]
+    H, D, M = 2, 32, 9
+    total = sum(lens) + 5
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    q = randn(len(lens), M, H, D, generator=g)
+    k, v = randn(total, H, D, generator=g), randn(total, H, D, generator=g)
+    dout = randn(len(lens), M, H, D, generator=g)
+    patches = _forced(2, single_pass)
+    with patches[0], patches[1], patches[2]:
+        got = _run(q, k, v, dout, None, cu_seqlens_k=cu)
+    padded_k, kv_lens, real = reference.unpack_keys(k, cu, max(lens))
+    padded_v, _, _ = reference.unpack_keys(v, cu, max(lens))
+    want = list(_reference(q, padded_k, padded_v, dout, kv_lens))
+    want[2] = reference.pack_keys(want[2], cu, real, total)
+    want[3] = reference.pack_keys(want[3], cu, real, total)
+    _check(got, want, torch.float32, None, total)
+    assert torch.equal(got[2][-5:], torch.zeros_like(got[2][-5:]))
+
+
+# ----------------------------------------------------------------------------------------------
+# memory, torch.library, bad input
+
+
+def test_saved_for_backward_bytes(capsys):
+    """Autograd keeps q, k, v, O and the fp32 LSE; eager softmax attention also keeps the M x N
+    probabilities. At M=256, N=4608, D=64: (2*M*D + 2*N*D + M) / (M*D + 2*N*D + M*N) = 0.35."""
+    M, N, H, D = 256, 4608, 1, 64
+    q = torch.randn(1, M, H, D, requires_grad=True)
+    k = torch.randn(1, N, H, D, requires_grad=True)
+    v = torch.randn(1, N, H, D, requires_grad=True)
+
+    def saved_bytes(fn):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(seen.values())
+
+    def eager():
+        s = torch.einsum("bmhd,bnhd->bhmn", q, k) * D**-0.5
+        return torch.einsum("bhmn,bnhd->bmhd", torch.softmax(s, -1), v)
+
+    # What is saved is the custom op's inputs and outputs whatever backend computes them; the
+    # reference backend keeps this large case fast on a CPU.
+    with deco_ops.use_backend("torch"):
+        ratio = saved_bytes(lambda: cross_attention(q, k, v)) / saved_bytes(eager)
+    with capsys.disabled():
+        print(f"\nsaved-for-backward bytes, cross_attention / eager (M={M}, N={N}, D={D}): {ratio:.3f}")
+    assert ratio <= 0.5
+
+
+def test_opcheck(backend):
+    q, k, v, dout, kv_lens = _case(2, 1, 5, 40, 2, 16, [40, 13], torch.float32)
+    k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    rng = torch.tensor([7, 0], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.deco.cross_attention, (*leaves, kv_lens, None, 40, 0.25, 0.0, None))
+    torch.library.opcheck(torch.ops.deco.cross_attention, (*leaves, None, None, 40, 0.25, 0.2, rng))
+    out, lse = torch.ops.deco.cross_attention(q, k, v, kv_lens, None, 40, 0.25, 0.2, rng)
+    torch.library.opcheck(
+        torch.ops.deco.cross_attention_backward, (dout, q, k, v, out, lse, kv_lens, None, 40, 0.25, 0.2, rng, True, True)
+    )
+
+
+def test_empty_batch(backend):
+    q, k, v = torch.randn(1, 3, 2, 16), torch.randn(0, 5, 2, 16), torch.randn(0, 5, 2, 16)
+    assert cross_attention(q, k, v).shape == (0, 3, 2, 16)
+
+
+def _good():
+    return dict(q=torch.randn(2, 4, 2, 16), k=torch.randn(2, 9, 2, 16), v=torch.randn(2, 9, 2, 16))
+
+
+def _packed(cu, dtype=torch.int32):
+    return {"k": torch.randn(9, 2, 16), "v": torch.randn(9, 2, 16), "cu_seqlens_k": torch.tensor(cu, dtype=dtype)}
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"q": torch.randn(2, 4, 32)}, ValueError, "q must have 4 dimensions"),
+        ({"k": torch.randn(2, 9, 32)}, ValueError, "k must be"),
+        ({"v": torch.randn(2, 9, 2, 8)}, ValueError, "k and v must have the same shape"),
+        ({"q": torch.randn(2, 4, 3, 16)}, ValueError, "heads"),
+        ({"q": torch.randn(2, 4, 2, 8)}, ValueError, "head dim"),
+        ({"q": torch.randn(3, 4, 2, 16)}, ValueError, "q has batch 3"),
+        ({"k": torch.randn(2, 9, 2, 16, dtype=torch.float16)}, TypeError, "k has dtype"),
+        ({"q": torch.randn(2, 4, 2, 16).int()}, TypeError, "q has dtype"),
+        ({"q": torch.randn(2, 4, 2, 300), "k": torch.randn(2, 9, 2, 300), "v": torch.randn(2, 9, 2, 300)}, ValueError, "head dim must be"),
+        ({"kv_lens": torch.tensor([9, 9, 9])}, ValueError, "kv_lens has 3 entries"),
+        ({"kv_lens": torch.tensor([9.0, 1.0])}, TypeError, "kv_lens must be int32 or int64"),
+        ({"kv_lens": torch.tensor([10, 1])}, ValueError, r"kv_lens must lie in \[0, N=9\]"),
+        ({"kv_lens": torch.tensor([-1, 1])}, ValueError, "kv_lens must lie"),
+        ({"kv_lens": torch.tensor([[1, 1]])}, ValueError, "kv_lens must have 1 dimensions"),
+        ({"kv_lens": torch.tensor([1, 1], device="meta")}, ValueError, "kv_lens is on meta"),
+        ({"k": torch.randn(2, 9, 2, 16, device="meta"), "v": torch.randn(2, 9, 2, 16, device="meta")}, ValueError, "k is on meta"),
+        ({"dropout_p": 1.0}, ValueError, "dropout_p"),
+        ({"softmax_scale": "big"}, TypeError, "softmax_scale"),
+        ({"generator": 3}, TypeError, "generator"),
+        ({"cu_seqlens_k": torch.tensor([0, 4, 9], dtype=torch.int32)}, ValueError, r"k must be \(total_N"),
+        (_packed([0, 4, 9], torch.int64), TypeError, "cu_seqlens_k must be int32"),
+        (_packed([0, 5, 4]), ValueError, "never decrease"),
+        (_packed([0, 4, 10]), ValueError, "total_N=9"),
+        (_packed([0, 4, 9]) | {"kv_lens": torch.tensor([1, 1])}, ValueError, "either kv_lens or cu_seqlens_k"),
+        ({"q": "queries"}, TypeError, "q must be a torch.Tensor"),
+    ],
+)
+def test_bad_input(change, error, match):
+    args = _good() | change
+    with deco_ops.use_backend("triton"), mock.patch.object(cross_attention_fwd.cross_attention_fwd_kernel, "run") as launch:
+        with pytest.raises(error, match=match):
+            cross_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+    launch.assert_not_called()
+
+
+def test_flop_and_byte_counts():
+    assert cross_attention_fwd.flops(2, 12, 32, 257, 64) == 4 * 2 * 12 * 32 * 257 * 64
+    assert cross_attention_bwd.flops(2, 12, 32, 257, 64) == 10 * 2 * 12 * 32 * 257 * 64
+    assert cross_attention_bwd.flops(2, 8, 256, 1024, 128) == 14 * 2 * 8 * 256 * 1024 * 128
+    shared = cross_attention_fwd.bytes_moved(8, 12, 32, 577, 64, 2, shared_q=True)
+    assert shared < cross_attention_fwd.bytes_moved(8, 12, 32, 577, 64, 2)
+    assert cross_attention_bwd.bytes_moved(8, 12, 32, 577, 64, 2) > 4 * 8 * 577 * 12 * 64 * 2
