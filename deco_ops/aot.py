@@ -158,7 +158,7 @@ def _pool_gemm_launchable(module, config, variant, arch) -> bool:
     from .kernels._tuning import SMEM_LIMIT
 
     args = variant.args
-    elem = 4 if variant.dtype == "fp32" else 2
+    elem = _elem(variant)
     ieee = variant.dtype == "fp32" and args["INPUT_PRECISION"] == "ieee"
     return module.fits(config, args["WT"] * args["WH"] * args["WW"], elem, ieee, SMEM_LIMIT[arch], args.get("PACKED", False))
 
@@ -351,6 +351,10 @@ def _attn_variants(attr: str, splits=(False,), gemm: bool = True):
     return variants
 
 
+def _elem(variant: Variant) -> int:
+    return 4 if variant.dtype == "fp32" else 2
+
+
 def _attn_entries() -> list[Entry]:
     """The cross-attention kernels (kernels/cross_attention_fwd.py, kernels/cross_attention_bwd.py)."""
     fwd, bwd = "deco_ops.kernels.cross_attention_fwd", "deco_ops.kernels.cross_attention_bwd"
@@ -370,7 +374,8 @@ def _attn_entries() -> list[Entry]:
     })
     return [
         Entry("cross_attention_fwd", fwd, "cross_attention_fwd_kernel", lambda m: m.cuda_configs(),
-              _attn_variants("cross_attention_fwd_kernel", splits=(False, True)), optional=True),
+              _attn_variants("cross_attention_fwd_kernel", splits=(False, True)), optional=True,
+              launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant))),
         Entry("cross_attention_combine", fwd, "cross_attention_combine_kernel", lambda m: m.combine_cuda_configs(),
               _attn_variants("cross_attention_combine_kernel", gemm=False), optional=True),
         Entry("cross_attention_bwd_preprocess", bwd, "cross_attention_bwd_preprocess_kernel",
@@ -381,9 +386,11 @@ def _attn_entries() -> list[Entry]:
               launchable=lambda m, config, variant, arch: m.single_pass_fits(
                   config, variant.args["BLOCK_M"], variant.args["BLOCK_D"], arch)),
         Entry("cross_attention_bwd_dkdv", bwd, "cross_attention_bwd_dkdv_kernel", lambda m: m.fa2_cuda_configs(),
-              _attn_variants("cross_attention_bwd_dkdv_kernel"), optional=True),
+              _attn_variants("cross_attention_bwd_dkdv_kernel"), optional=True,
+              launchable=lambda m, config, variant, arch: m.fa2_fits("dkdv", config, _elem(variant), arch)),
         Entry("cross_attention_bwd_dq", bwd, "cross_attention_bwd_dq_kernel", lambda m: m.fa2_cuda_configs(),
-              _attn_variants("cross_attention_bwd_dq_kernel"), optional=True),
+              _attn_variants("cross_attention_bwd_dq_kernel"), optional=True,
+              launchable=lambda m, config, variant, arch: m.fa2_fits("dq", config, _elem(variant), arch)),
     ]
 
 
@@ -391,10 +398,11 @@ REGISTRY: list[Entry] = [
     Entry("pool_gemm", "deco_ops.kernels.pool_gemm", "pool_gemm_kernel",
           configs=lambda m: m.cuda_configs(), variants=_pool_gemm_variants, launchable=_pool_gemm_launchable),
     Entry("gemm_act_grad", "deco_ops.kernels.gemm_act_grad", "gemm_act_grad_kernel",
-          configs=lambda m: m.cuda_configs(), variants=_gemm_act_grad_variants),
+          configs=lambda m: m.cuda_configs(), variants=_gemm_act_grad_variants,
+          launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant))),
     Entry("gemm_unpool_act_grad", "deco_ops.kernels.mlp_pool", "gemm_unpool_act_grad_kernel",
           configs=lambda m: m.cuda_configs(), variants=_mlp_pool_variants,
-          launchable=lambda m, config, variant, arch: m.fits(config, 4 if variant.dtype == "fp32" else 2)),
+          launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant))),
     Entry("pool_packed", "deco_ops.kernels.packed_pool", "pool_packed_kernel",
           configs=lambda m: m.cuda_configs(), variants=lambda m, d: _packed_pool_variants(m, d, unpool=False)),
     Entry("unpool_packed", "deco_ops.kernels.packed_pool", "unpool_packed_kernel",
@@ -727,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="subset of fp16,bf16,fp32")
     parser.add_argument("--json", type=Path, help="write the rows (and versions) to this file")
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="worker processes")
+    parser.add_argument("--verbose", action="store_true", help="list every pruned (config, variant, target)")
     parser.add_argument("--full", action="store_true",
                         help="every representative variant (attention head dim 80, split forward at every head dim, "
                         "BLIP-2's 32-query single pass, fp32/ieee for dot-free kernels); default: the subset that "
@@ -761,8 +770,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["DECO_OPS_AOT_CACHE"] = cache  # workers make one Triton cache per job under it; removed below
     try:
         jobs, skipped = _jobs(names, dtypes, targets)
+        pruned = [s for s in skipped if s.endswith("(does not fit)")]
         for s in skipped:
-            print(f"deco_ops.aot: skipped {s}", file=sys.stderr)
+            if s not in pruned or args.verbose:
+                print(f"deco_ops.aot: skipped {s}", file=sys.stderr)
+        if pruned:
+            print(f"deco_ops.aot: {len(pruned)} (config, variant, target) combinations pruned by the kernels' "
+                  "own autotune rules (never launched); --verbose lists them", file=sys.stderr)
         ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no state forked from torch
         with cf.ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx) as pool:
             rows = list(pool.map(compile_job, *zip(*jobs))) if jobs else []

@@ -44,3 +44,9 @@ def input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def device_arch(t: torch.Tensor) -> int:
+    """Compute capability of ``t``'s GPU as an int (90 for H100)."""
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tuning import autotuned, dot_dtype_workaround
+from ._tuning import autotuned, device_arch, dot_dtype_workaround
 from .cross_attention_fwd import (
     KV_PACKED, LOG2E, acc_dtype, choose_num_splits, dot, dot_precision, dropout_keep, kv_extent, kv_mode, kv_strides,
     load_rows, split_ranges,
@@ -153,8 +153,7 @@ def single_pass_fits(config: triton.Config, block_m: int, block_d: int, arch: in
 
 
 def _single_pass_prune(configs, named_args, **constexprs):
-    major, minor = torch.cuda.get_device_capability(named_args["q_ptr"].device)
-    arch = 10 * major + minor
+    arch = device_arch(named_args["q_ptr"])
     return [c for c in configs if single_pass_fits(c, constexprs["BLOCK_M"], constexprs["BLOCK_D"], arch)]
 
 
@@ -245,7 +244,28 @@ def fa2_cuda_configs() -> list[triton.Config]:
 FA2_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 
 
-@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT"])
+def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, arch: int) -> bool:
+    """Whether ``config`` compiles without register spills for the dK/dV (``kernel="dkdv"``) or
+    dQ (``"dq"``) kernel, as measured with ``python -m deco_ops.aot`` on sm_80 and sm_90 at head
+    dims 64 and 128: dK/dV keeps two BLOCK_N x D accumulators, so only 64-key tiles with 128 queries
+    on Hopper's wgmma (32 queries elsewhere) stay in registers; dQ keeps one."""
+    tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
+    hopper_16bit = arch >= 90 and elem_bytes == 2
+    if kernel == "dkdv":
+        return tile == ((128, 64) if hopper_16bit else (32, 64))
+    if hopper_16bit:
+        return tile in ((64, 128), (64, 64), (32, 128))
+    return tile in (((32, 64), (64, 64)) if elem_bytes == 4 else ((32, 64), (32, 128)))
+
+
+def _fa2_prune(kernel: str):
+    def prune(configs, named_args, **constexprs):
+        q = named_args["q_ptr"]
+        return [c for c in configs if fa2_fits(kernel, c, q.element_size(), device_arch(q))]
+    return prune
+
+
+@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT"], prune=_fa2_prune("dkdv"))
 @triton.jit
 def cross_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, lens_ptr, cu_ptr, rng_ptr,
@@ -298,7 +318,7 @@ def cross_attention_bwd_dkdv_kernel(
     store_rows(dv_ptr + b64 * sdvb + kv_start * sdvn + h * sdvh, dv, cols, owned, sdvn, dims, dim_mask, sdvd)
 
 
-@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT"])
+@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT"], prune=_fa2_prune("dq"))
 @triton.jit
 def cross_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, lens_ptr, cu_ptr, rng_ptr,

@@ -138,14 +138,28 @@ def cuda_configs() -> list[triton.Config]:
             (128, 128, 8, 2),
             (32, 128, 4, 3),
             (16, 128, 4, 3),
+            (32, 64, 4, 2),
         ]
     ]
+
+
+def fits(config: triton.Config, elem_bytes: int) -> bool:
+    """Whether ``config`` compiles without register spills (measured with ``python -m deco_ops.aot``
+    on sm_80 and sm_90 at head dims 64 and 128, split or not): 128-query tiles spill at D=128 in
+    16-bit, and fp32 operands only fit 32x64 tiles (fp32 still spills at D=128 with exact, non-tf32
+    dots: see the README's compile table)."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    return bm * bn <= 32 * 64 and bn <= 64 if elem_bytes == 4 else bm <= 64
+
+
+def _prune(configs, named_args, **constexprs):
+    return [c for c in configs if fits(c, named_args["q_ptr"].element_size())]
 
 
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 
 
-@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "SPLIT"])
+@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "SPLIT"], prune=_prune)
 @triton.jit
 def cross_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, m_ptr, l_ptr, lens_ptr, cu_ptr, rng_ptr,
