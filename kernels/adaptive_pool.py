@@ -10,8 +10,8 @@ Tokens are ``(B, N, C)`` with ``N = T*H*W`` in row-major (t, h, w) order, pooled
   so the result is deterministic (PyTorch's CUDA adaptive-pool backward scatters with atomics and
   is not: pytorch issue 149130) and every input element is written exactly once.
 
-Both accumulate in fp32 and honour arbitrary strides of their (B, N, C) operands; program ids are
-widened to int64 before they multiply strides.
+Both accumulate in fp32 and honour arbitrary strides of their (B, N, C) operands; program ids and
+token indices are widened to int64 before they multiply strides.
 """
 
 import torch
@@ -45,7 +45,8 @@ def pool_tokens_kernel(
     for t in range(t0, t1):
         for h in range(h0, h1):
             for w in range(w0, w1):
-                acc += tl.load(x_b + ((t * H + h) * W + w) * sxn, mask=c_mask, other=0.0).to(tl.float32)
+                token = ((t * H + h) * W + w).to(tl.int64)
+                acc += tl.load(x_b + token * sxn, mask=c_mask, other=0.0).to(tl.float32)
     acc = acc / ((t1 - t0) * (h1 - h0) * (w1 - w0)).to(tl.float32)
     tl.store(out_ptr + b * sob + cell * son + c * soc, acc.to(out_ptr.dtype.element_ty), mask=c_mask)
 
@@ -76,7 +77,8 @@ def unpool_tokens_kernel(
             for ow in range(iw0, iw1):
                 w0, w1 = window(ow, W, OW)
                 count = ((t1 - t0) * (h1 - h0) * (w1 - w0)).to(tl.float32)
-                g = tl.load(g_b + ((ot * OH + oh) * OW + ow) * sgp, mask=c_mask, other=0.0).to(tl.float32)
+                cell = ((ot * OH + oh) * OW + ow).to(tl.int64)
+                g = tl.load(g_b + cell * sgp, mask=c_mask, other=0.0).to(tl.float32)
                 acc += g / count
     tl.store(dx_ptr + b * sdb + token * sdn + c * sdc, acc.to(dx_ptr.dtype.element_ty), mask=c_mask)
 

@@ -148,7 +148,7 @@ def pooled_tile(x_ptr, sxn, sxc, cell, T, H, W, OT, OH, OW, tok0, rmask, k, kmas
                 w, ww = source_tap(ow, dw, W, OW, MODE)
                 wgt = wt * wh * ww
                 use = rmask & (wgt != 0.0)
-                token = tok0 + (t * H + h) * W + w
+                token = (tok0 + (t * H + h) * W + w).to(tl.int64)
                 v = tl.load(x_k + token[:, None] * sxn, mask=use[:, None] & kmask[None, :], other=0.0)
                 acc += wgt[:, None] * v.to(tl.float32)
     return acc
@@ -180,7 +180,7 @@ def unpooled_tile(g_ptr, sgn, sgc, j, T, H, W, OT, OH, OW, row0, rmask, c, cmask
                 ww = tl.where(dw < cw, target_weight(ow, w, W, OW, MODE), 0.0)
                 wgt = wt * wh * ww
                 use = rmask & (wgt != 0.0)
-                row = row0 + (ot * OH + oh) * OW + ow
+                row = (row0 + (ot * OH + oh) * OW + ow).to(tl.int64)
                 v = tl.load(g_c + row[:, None] * sgn, mask=use[:, None] & cmask[None, :], other=0.0)
                 acc += wgt[:, None] * v.to(tl.float32)
     return acc
