@@ -92,3 +92,19 @@ def test_compile_two_op_model_matches_eager(backend_name):
         for a, b in zip(ge, gc):
             torch.testing.assert_close(b, a, rtol=0, atol=0)
         assert torch._dynamo.explain(model)(x).graph_break_count == 0
+
+
+def test_offsets_past_2_31_elements():
+    """k/v whose last batch starts past 2**31 elements into a lazily allocated buffer (only the
+    touched pages are committed): 32-bit offset math would read the wrong keys or fault."""
+    B, N, H, D = 3, 40, 2, 32
+    stride_b = 2**30 + 64  # batch 2 starts at 2**31 + 128
+    size = 1 + (B - 1) * stride_b + (N - 1) * H * D + (H - 1) * D + D
+    k, v = (torch.empty(size, dtype=torch.float16).as_strided((B, N, H, D), (stride_b, H * D, D, 1)) for _ in range(2))
+    k.copy_(randn(B, N, H, D, dtype=torch.float16))
+    v.copy_(randn(B, N, H, D, dtype=torch.float16))
+    q = randn(1, 5, H, D, dtype=torch.float16)
+    with deco_ops.use_backend("triton"):
+        far = deco_ops.cross_attention(q, k, v)
+        near = deco_ops.cross_attention(q, k.contiguous(), v.contiguous())
+    assert torch.equal(far, near)
