@@ -120,3 +120,65 @@ def test_fuzz_mlp_pool(grids, B, C, hidden, out, mode, activation, dtype, seed):
     assert_close(y, y64, dtype, "y", eager=y_eager)
     for name, got, want, base in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref, same_dtype):
         assert_close(got.grad, want.grad, dtype, f"grad {name}", eager=base.grad)
+
+
+@examples(6)
+@given(batch=packed_batches(), C=st.integers(1, 48), hidden=st.integers(1, 64), out=st.integers(1, 48),
+       mode=st.sampled_from(["average", "bilinear"]), order=st.sampled_from(["pool_mlp", "mlp_pool"]),
+       dtype=dtypes, seed=st.integers(0, 2**16))
+def test_fuzz_packed_projectors(batch, C, hidden, out, mode, order, dtype, seed):
+    """pool_mlp_packed and mlp_pool_packed against a float64 loop over the images."""
+    grids, outs = batch
+    g = torch.Generator().manual_seed(seed)
+    x = randn(sum(math.prod(s) for s in grids), C, dtype=dtype, generator=g)
+    params = [randn(hidden, C, dtype=dtype, scale=C**-0.5, generator=g), randn(hidden, dtype=dtype, generator=g),
+              randn(out, hidden, dtype=dtype, scale=hidden**-0.5, generator=g), randn(out, dtype=dtype, generator=g)]
+    leaves = [t.requires_grad_(True) for t in [x, *params]]
+    op = deco_ops.pool_mlp_packed if order == "pool_mlp" else deco_ops.mlp_pool_packed
+    with poisoned_empty():
+        y, _ = op(leaves[0], torch.tensor(grids), *leaves[1:], out_grids=torch.tensor(outs), mode=mode)
+    dy = randn(*y.shape, dtype=dtype, generator=g)
+    y.backward(dy)
+
+    def loop(x, w1, b1, w2, b2):
+        mlp = lambda t: F.linear(F.gelu(F.linear(t, w1, b1)), w2, b2)  # noqa: E731
+        pieces, start = [], 0
+        for grid, out_grid in zip(grids, outs):
+            xi = x[start:start + math.prod(grid)][None]
+            start += math.prod(grid)
+            pieces.append((mlp(_resample64(xi, grid, out_grid, mode)) if order == "pool_mlp"
+                           else _resample64(mlp(xi), grid, out_grid, mode))[0])
+        return torch.cat(pieces)
+
+    ref = [t.detach().double().requires_grad_(True) for t in leaves]
+    y64 = loop(*ref)
+    y64.backward(dy.double())
+    same_dtype = [t.detach().clone().requires_grad_(True) for t in leaves]
+    y_eager = loop(*same_dtype)
+    y_eager.backward(dy)
+    assert_close(y, y64, dtype, "y", eager=y_eager)
+    for name, got, want, base in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref, same_dtype):
+        assert_close(got.grad, want.grad, dtype, f"grad {name}", eager=base.grad)
+
+
+def test_offsets_past_2_31_elements():
+    """Token rows 2**27+1 elements apart: token index x stride passes 2**31 within 36 tokens, so
+    32-bit offset math in the packed gathers or GEMM loads would read the wrong rows (or fault).
+    The buffer is allocated lazily: only the touched pages are committed."""
+    C, stride = 8, 2**27 + 1
+    grids = torch.tensor([[6, 6]])
+    x = torch.empty(35 * stride + C, dtype=torch.float16).as_strided((36, C), (stride, 1))
+    x.copy_(randn(36, C, dtype=torch.float16))
+    dense = x.contiguous()
+    w1, w2 = randn(16, C, dtype=torch.float16), randn(8, 16, dtype=torch.float16)
+    for mode in ("average", "bilinear"):
+        assert torch.equal(deco_ops.pool_mlp_packed(x, grids, w1, None, w2, None, stride=2, mode=mode)[0],
+                           deco_ops.pool_mlp_packed(dense, grids, w1, None, w2, None, stride=2, mode=mode)[0])
+        op = deco_ops.adaptive_avg_pool_tokens_packed if mode == "average" else deco_ops.bilinear_pool_tokens_packed
+        assert torch.equal(op(x, grids, stride=2)[0], op(dense, grids, stride=2)[0])
+    dy = torch.empty(35 * stride + 8, dtype=torch.float16).as_strided((36, 8), (stride, 1))
+    dy.copy_(randn(36, 8, dtype=torch.float16))
+    pre = randn(36, 16, dtype=torch.float16)
+    far = torch.ops.deco.mlp_activation_backward(dy, w2, pre, "gelu")
+    near = torch.ops.deco.mlp_activation_backward(dy.contiguous(), w2, pre, "gelu")
+    assert all(torch.equal(a, b) for a, b in zip(far, near))

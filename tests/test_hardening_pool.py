@@ -23,7 +23,7 @@ def triton_backend():
 
 
 @examples(12)
-@given(grids=grid_pairs(), B=st.integers(0, 3), C=st.integers(1, 300), dtype=dtypes, layout=layouts, seed=st.integers(0, 2**16))
+@given(grids=grid_pairs(), B=st.integers(0, 5), C=st.integers(1, 300), dtype=dtypes, layout=layouts, seed=st.integers(0, 2**16))
 def test_fuzz_pool(grids, B, C, dtype, layout, seed):
     grid, out_grid = grids
     g = torch.Generator().manual_seed(seed)
@@ -43,7 +43,7 @@ def test_fuzz_pool(grids, B, C, dtype, layout, seed):
 @examples(10)
 @given(
     grids=grid_pairs(max_side=16, max_tokens=300),
-    B=st.integers(0, 3),
+    B=st.integers(0, 5),
     C=st.integers(1, 80),
     hidden=st.integers(1, 96),
     out=st.integers(1, 80),
