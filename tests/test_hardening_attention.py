@@ -104,7 +104,12 @@ def test_offsets_past_2_31_elements():
     k.copy_(randn(B, N, H, D, dtype=torch.float16))
     v.copy_(randn(B, N, H, D, dtype=torch.float16))
     q = randn(1, 5, H, D, dtype=torch.float16)
+    dout = randn(B, 5, H, D, dtype=torch.float16)
     with deco_ops.use_backend("triton"):
-        far = deco_ops.cross_attention(q, k, v)
-        near = deco_ops.cross_attention(q, k.contiguous(), v.contiguous())
-    assert torch.equal(far, near)
+        results = []
+        for keys, values in ((k, v), (k.contiguous(), v.contiguous())):
+            leaves = [q.clone().requires_grad_(True), keys.requires_grad_(True), values.requires_grad_(True)]
+            out = deco_ops.cross_attention(*leaves)
+            results.append([out, *torch.autograd.grad(out, leaves, dout)])
+    for far, near in zip(*results):
+        assert torch.equal(far, near)

@@ -176,6 +176,12 @@ def test_offsets_past_2_31_elements():
                            deco_ops.pool_mlp_packed(dense, grids, w1, None, w2, None, stride=2, mode=mode)[0])
         op = deco_ops.adaptive_avg_pool_tokens_packed if mode == "average" else deco_ops.bilinear_pool_tokens_packed
         assert torch.equal(op(x, grids, stride=2)[0], op(dense, grids, stride=2)[0])
+    grads = []
+    for tokens in (x, dense):  # mlp_pool: its backward kernel re-reads the tokens by their strides
+        leaves = [tokens.requires_grad_(True), w1.clone().requires_grad_(True)]
+        y = deco_ops.mlp_pool(leaves[0][None], leaves[1], None, w2, None, grid=(6, 6), out_grid=(3, 3))
+        grads.append([y, *torch.autograd.grad(y, leaves, torch.ones_like(y))])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
     dy = torch.empty(35 * stride + 8, dtype=torch.float16).as_strided((36, 8), (stride, 1))
     dy.copy_(randn(36, 8, dtype=torch.float16))
     pre = randn(36, 16, dtype=torch.float16)
