@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from . import _backend, _validate, reference
 from .kernels import mlp_pool as mlp_pool_kernel
 from .kernels import pool_gemm
-from .projector import ACTIVATIONS
-from .packed import check_mlp, check_tokens, dense_geometry, needs_residuals, parse, reference_pool, reference_unpool, to_device
+from .projector import ACTIVATIONS, needs_residuals
+from .packed import check_mlp, check_tokens, dense_geometry, parse, reference_pool, reference_unpool, to_device
 
 
 @torch.library.custom_op("deco::mlp_pool_packed", mutates_args=())

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import _backend, _validate, reference
 from .kernels import packed_pool, pool_gemm
-from .projector import ACTIVATIONS
+from .projector import ACTIVATIONS, needs_residuals
 
 MODES = ("average", "bilinear")
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -346,10 +346,6 @@ def _pool_mlp_backward(ctx, dy, dpooled_extra, dpre_extra):
 
 
 _pool_mlp.register_autograd(_pool_mlp_backward, setup_context=_pool_mlp_setup)
-
-
-def needs_residuals(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def check_mlp(x, w1, b1, w2, b2, activation, resample_mode, activations) -> None:

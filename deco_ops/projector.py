@@ -189,7 +189,8 @@ _pool_mlp.register_autograd(_pool_mlp_backward, setup_context=_pool_mlp_setup)
 # public API
 
 
-def _needs_residuals(*tensors: torch.Tensor | None) -> bool:
+def needs_residuals(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will need the ops' residuals (pooled input, pre-activation)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -216,7 +217,7 @@ def pool_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     _validate.tensor("x", x, 3)
     _validate.linear("w", w, "b", b, x.shape[2], "x.shape[-1]")
     g, o = _check_common(x, grid, out_grid, w=w, b=b)
-    return torch.ops.deco.pool_linear(x, w, b, g, o, _needs_residuals(x, w, b))[0]
+    return torch.ops.deco.pool_linear(x, w, b, g, o, needs_residuals(x, w, b))[0]
 
 
 def pool_mlp(
@@ -246,4 +247,4 @@ def pool_mlp(
     _validate.linear("w2", w2, "b2", b2, w1.shape[0], "w1.shape[0] (hidden features)")
     _validate.activation(activation, ACTIVATIONS)
     g, o = _check_common(x, grid, out_grid, w1=w1, b1=b1, w2=w2, b2=b2)
-    return torch.ops.deco.pool_mlp(x, w1, b1, w2, b2, g, o, activation, _needs_residuals(x, w1, b1, w2, b2))[0]
+    return torch.ops.deco.pool_mlp(x, w1, b1, w2, b2, g, o, activation, needs_residuals(x, w1, b1, w2, b2))[0]
