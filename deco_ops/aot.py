@@ -375,7 +375,8 @@ def _attn_entries() -> list[Entry]:
     return [
         Entry("cross_attention_fwd", fwd, "cross_attention_fwd_kernel", lambda m: m.cuda_configs(),
               _attn_variants("cross_attention_fwd_kernel", splits=(False, True)), optional=True,
-              launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant))),
+              launchable=lambda m, config, variant, arch: m.fits(
+                  config, _elem(variant), variant.args["INPUT_PRECISION"] == "ieee")),
         Entry("cross_attention_combine", fwd, "cross_attention_combine_kernel", lambda m: m.combine_cuda_configs(),
               _attn_variants("cross_attention_combine_kernel", gemm=False), optional=True),
         Entry("cross_attention_bwd_preprocess", bwd, "cross_attention_bwd_preprocess_kernel",
@@ -384,7 +385,7 @@ def _attn_entries() -> list[Entry]:
         Entry("cross_attention_bwd_single_pass", bwd, "cross_attention_bwd_single_pass_kernel",
               lambda m: m.single_pass_cuda_configs(), _attn_variants("cross_attention_bwd_single_pass_kernel"), optional=True,
               launchable=lambda m, config, variant, arch: m.single_pass_fits(
-                  config, variant.args["BLOCK_M"], variant.args["BLOCK_D"], arch)),
+                  config, variant.args["BLOCK_M"], variant.args["BLOCK_D"], _elem(variant), arch)),
         Entry("cross_attention_bwd_dkdv", bwd, "cross_attention_bwd_dkdv_kernel", lambda m: m.fa2_cuda_configs(),
               _attn_variants("cross_attention_bwd_dkdv_kernel"), optional=True,
               launchable=lambda m, config, variant, arch: m.fa2_fits("dkdv", config, _elem(variant), arch)),
@@ -404,9 +405,11 @@ REGISTRY: list[Entry] = [
           configs=lambda m: m.cuda_configs(), variants=_mlp_pool_variants,
           launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant))),
     Entry("pool_packed", "deco_ops.kernels.packed_pool", "pool_packed_kernel",
-          configs=lambda m: m.cuda_configs(), variants=lambda m, d: _packed_pool_variants(m, d, unpool=False)),
+          configs=lambda m: m.cuda_configs(), variants=lambda m, d: _packed_pool_variants(m, d, unpool=False),
+          launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant))),
     Entry("unpool_packed", "deco_ops.kernels.packed_pool", "unpool_packed_kernel",
-          configs=lambda m: m.cuda_configs(), variants=lambda m, d: _packed_pool_variants(m, d, unpool=True)),
+          configs=lambda m: m.cuda_configs(), variants=lambda m, d: _packed_pool_variants(m, d, unpool=True),
+          launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant))),
     Entry("pool_tokens", "deco_ops.kernels.adaptive_pool", "pool_tokens_kernel",
           configs=_adaptive_pool_configs, variants=lambda m, d: _pool_tokens_variants(m, d, unpool=False)),
     Entry("unpool_tokens", "deco_ops.kernels.adaptive_pool", "unpool_tokens_kernel",

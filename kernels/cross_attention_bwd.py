@@ -19,7 +19,10 @@ Two schedules, chosen by ``use_single_pass(M, D)``:
   the GPU.
 * FlashAttention-2 (many queries): a dK/dV kernel, one program per key block, loops over all query
   blocks; a separate dQ kernel, one program per query block, loops over the key blocks. P is
-  recomputed in both (7 matmuls per tile instead of 5), in exchange for bounded registers.
+  recomputed in both (7 matmuls per tile instead of 5), in exchange for bounded registers. The
+  dK/dV kernel forms its tiles keys-major (S^T = K Q^T, dV += Pz^T dO, dK += dS^T Q with the
+  transposed tiles as left operands): with exact fp32 dots (FMA) the queries-major form, which
+  transposes P and dS in registers, spilled in every config.
 
 Crossover: single pass while ``M <= 128`` and ``next_pow2(M) * next_pow2(D) * elem <= 8 KiB``, i.e.
 for fp16/bf16 up to 64 queries at head dim 64 and 32 at head dim 80-128 (fp32: half that). There
@@ -67,13 +70,29 @@ def use_single_pass(M: int, D: int, elem: int = 2) -> bool:
 @triton.jit
 def grad_tile(q, do, lse2, delta, k, v, rows, cols, valid, seed, rng_offset, bh, M, N, qk_scale, dropout_p,
               DROPOUT: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(Pz, dS) of one (query block, key block) tile; ``valid`` masks missing queries and keys.
-    ``lse2`` is LSE * log2(e), ``qk_scale`` = softmax scale * log2(e); dS excludes the scale."""
-    zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    s = dot(q, tl.trans(k), zero, DOT_FP32, INPUT_PRECISION) * qk_scale
-    p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-    dp = dot(do, tl.trans(v), zero, DOT_FP32, INPUT_PRECISION)
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEYS_MAJOR: tl.constexpr):
+    """(Pz, dS) of one (query block, key block) tile, queries x keys, or with KEYS_MAJOR its
+    transpose, keys x queries (S^T = K Q^T, as the dK/dV kernel consumes it: its dots then need no
+    register transpose, which keeps the exact-fp32 FMA dots free of spills). ``valid`` masks missing
+    queries and keys, shaped like the tile. ``lse2`` is LSE * log2(e), ``qk_scale`` = softmax scale *
+    log2(e); dS excludes the scale."""
+    if KEYS_MAJOR:
+        zero = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+        s = dot(k, tl.trans(q), zero, DOT_FP32, INPUT_PRECISION) * qk_scale
+        dp = dot(v, tl.trans(do), zero, DOT_FP32, INPUT_PRECISION)
+        lse2 = lse2[None, :]
+        delta = delta[None, :]
+        rows = rows[None, :]
+        cols = cols[:, None]
+    else:
+        zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        s = dot(q, tl.trans(k), zero, DOT_FP32, INPUT_PRECISION) * qk_scale
+        dp = dot(do, tl.trans(v), zero, DOT_FP32, INPUT_PRECISION)
+        lse2 = lse2[:, None]
+        delta = delta[:, None]
+        rows = rows[:, None]
+        cols = cols[None, :]
+    p = tl.where(valid, tl.exp2(s - lse2), 0.0)
     if DROPOUT:
         keep = dropout_keep(seed, rng_offset, bh, M, N, rows, cols, dropout_p)
         inv_keep = 1.0 / (1.0 - dropout_p)
@@ -81,7 +100,7 @@ def grad_tile(q, do, lse2, delta, k, v, rows, cols, valid, seed, rng_offset, bh,
         dp = tl.where(keep, dp * inv_keep, 0.0)
     else:
         pz = p
-    return pz, p * (dp - delta[:, None])
+    return pz, p * (dp - delta)
 
 
 @triton.jit
@@ -145,21 +164,26 @@ def single_pass_cuda_configs() -> list[triton.Config]:
 SINGLE_PASS_INTERPRET_CONFIG = triton.Config({"BLOCK_N": 32})
 
 
-def single_pass_fits(config: triton.Config, block_m: int, block_d: int, arch: int) -> bool:
+def single_pass_fits(config: triton.Config, block_m: int, block_d: int, elem_bytes: int, arch: int) -> bool:
     """Whether ``config`` compiles without spills (measured by ``python -m deco_ops.aot``): on
-    sm_80 the 64-key block spills once the resident query tiles reach 64x64; Hopper's wgmma keeps
-    its accumulators in fewer registers and runs it clean."""
-    return not (arch < 90 and config.kwargs["BLOCK_N"] >= 64 and block_m * block_d >= 64 * 64)
+    sm_80 the 64-key block spills once the resident query tiles reach 64x64 (Hopper's wgmma keeps
+    its accumulators in fewer registers and runs it clean); fp32 inputs, exact or tf32, only fit
+    32-key blocks on 8 warps."""
+    bn = config.kwargs["BLOCK_N"]
+    if elem_bytes == 4:
+        return bn == 32 and config.num_warps == 8
+    return not (arch < 90 and bn >= 64 and block_m * block_d >= 64 * 64)
 
 
 def _single_pass_prune(configs, named_args, **constexprs):
-    arch = device_arch(named_args["q_ptr"])
-    return [c for c in configs if single_pass_fits(c, constexprs["BLOCK_M"], constexprs["BLOCK_D"], arch)]
+    q = named_args["q_ptr"]
+    return [c for c in configs
+            if single_pass_fits(c, constexprs["BLOCK_M"], constexprs["BLOCK_D"], q.element_size(), device_arch(q))]
 
 
 @autotuned(
     single_pass_cuda_configs(), SINGLE_PASS_INTERPRET_CONFIG,
-    key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT"], prune=_single_pass_prune,
+    key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "INPUT_PRECISION"], prune=_single_pass_prune,
 )
 @triton.jit
 def cross_attention_bwd_single_pass_kernel(
@@ -208,7 +232,7 @@ def cross_attention_bwd_single_pass_kernel(
         v = load_rows(v_base, cols, col_mask, svn, dims, dim_mask, svd)
         pz, ds = grad_tile(q, do, lse2, delta, k, v, rows, cols, row_mask[:, None] & col_mask[None, :],
                            seed, rng_offset, bh, M, N, qk_scale, dropout_p,
-                           DROPOUT, ACC, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+                           DROPOUT, ACC, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, False)
         zero = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
         dv = dot(tl.trans(pz).to(do.dtype), do, zero, DOT_FP32, INPUT_PRECISION)
         dk = dot(tl.trans(ds).to(q.dtype), q, zero, DOT_FP32, INPUT_PRECISION) * scale
@@ -237,7 +261,10 @@ def cross_attention_bwd_single_pass_kernel(
 def fa2_cuda_configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 2)]
+        for bm, bn, w, s in [
+            (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 8, 2), (32, 32, 8, 2),
+            (32, 64, 8, 2),
+        ]
     ]
 
 
@@ -247,15 +274,18 @@ FA2_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, arch: int) -> bool:
     """Whether ``config`` compiles without register spills for the dK/dV (``kernel="dkdv"``) or
     dQ (``"dq"``) kernel, as measured with ``python -m deco_ops.aot`` on sm_80 and sm_90 at head
-    dims 64 and 128: dK/dV keeps two BLOCK_N x D accumulators, so only 64-key tiles with 128 queries
-    on Hopper's wgmma (32 queries elsewhere) stay in registers; dQ keeps one."""
-    tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
-    hopper_16bit = arch >= 90 and elem_bytes == 2
+    dims 64 and 128. dK/dV keeps two BLOCK_N x D accumulators: 16-bit inputs fit 64 keys x 64
+    queries on 8 warps or 64 x 32 on 4, fp32 (exact or tf32) only 32 x 32 on 8 warps. dQ keeps one:
+    16-bit inputs fit up to 64 x 128 on Hopper's wgmma, 32 queries elsewhere; fp32 fits 32 queries
+    on 8 warps."""
+    tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
     if kernel == "dkdv":
-        return tile == ((128, 64) if hopper_16bit else (32, 64))
-    if hopper_16bit:
-        return tile in ((64, 128), (64, 64), (32, 128))
-    return tile in (((32, 64), (64, 64)) if elem_bytes == 4 else ((32, 64), (32, 128)))
+        return tile in (((32, 32, 8),) if elem_bytes == 4 else ((32, 64, 4), (64, 64, 8), (32, 32, 8)))
+    if elem_bytes == 4:
+        return tile in ((32, 32, 8), (32, 64, 8))
+    if arch >= 90:
+        return tile in ((64, 128, 8), (64, 64, 4), (32, 128, 4))
+    return tile in ((32, 64, 4), (32, 128, 4))
 
 
 def _fa2_prune(kernel: str):
@@ -265,7 +295,7 @@ def _fa2_prune(kernel: str):
     return prune
 
 
-@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT"], prune=_fa2_prune("dkdv"))
+@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "INPUT_PRECISION"], prune=_fa2_prune("dkdv"))
 @triton.jit
 def cross_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, lens_ptr, cu_ptr, rng_ptr,
@@ -306,11 +336,11 @@ def cross_attention_bwd_dkdv_kernel(
         q = load_rows(q_base, rows, row_mask, sqm, dims, dim_mask, sqd)
         do = load_rows(do_base, rows, row_mask, sdom, dims, dim_mask, sdod)
         lse2, delta = load_row_stats(lse_ptr, delta_ptr, bh, M, rows, row_mask)
-        pz, ds = grad_tile(q, do, lse2, delta, k, v, rows, cols, row_mask[:, None] & col_mask[None, :],
-                           seed, rng_offset, bh, M, N, qk_scale, dropout_p,
-                           DROPOUT, ACC, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N)
-        dv = dot(tl.trans(pz).to(do.dtype), do, dv, DOT_FP32, INPUT_PRECISION)
-        dk = dot(tl.trans(ds).to(q.dtype), q, dk, DOT_FP32, INPUT_PRECISION)
+        pz_t, ds_t = grad_tile(q, do, lse2, delta, k, v, rows, cols, col_mask[:, None] & row_mask[None, :],
+                               seed, rng_offset, bh, M, N, qk_scale, dropout_p,
+                               DROPOUT, ACC, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, True)
+        dv = dot(pz_t.to(do.dtype), do, dv, DOT_FP32, INPUT_PRECISION)
+        dk = dot(ds_t.to(q.dtype), q, dk, DOT_FP32, INPUT_PRECISION)
 
     # Written for every key the batch owns: zeros past kv_lens[b]; packed batches own kv_len rows.
     owned = cols < (N if KV_MODE != 2 else kv_len)
@@ -318,7 +348,7 @@ def cross_attention_bwd_dkdv_kernel(
     store_rows(dv_ptr + b64 * sdvb + kv_start * sdvn + h * sdvh, dv, cols, owned, sdvn, dims, dim_mask, sdvd)
 
 
-@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT"], prune=_fa2_prune("dq"))
+@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "INPUT_PRECISION"], prune=_fa2_prune("dq"))
 @triton.jit
 def cross_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, lens_ptr, cu_ptr, rng_ptr,
@@ -359,7 +389,7 @@ def cross_attention_bwd_dq_kernel(
         v = load_rows(v_base, cols, col_mask, svn, dims, dim_mask, svd)
         _, ds = grad_tile(q, do, lse2, delta, k, v, rows, cols, row_mask[:, None] & col_mask[None, :],
                           seed, rng_offset, bh, M, N, qk_scale, dropout_p,
-                          DROPOUT, ACC, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N)
+                          DROPOUT, ACC, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, False)
         dq = dot(ds.to(k.dtype), k, dq, DOT_FP32, INPUT_PRECISION)
     store_rows(dq_ptr + b64 * sdqb + h * sdqh, dq * scale, rows, row_mask, sdqm, dims, dim_mask, sdqd)
 

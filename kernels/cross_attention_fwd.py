@@ -110,9 +110,11 @@ def dot(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 @triton.jit
 def dropout_keep(seed, rng_offset, bh, M, N, rows, cols, dropout_p):
-    """Keep-mask of the (rows x cols) tile of (batch * H + head) ``bh``: Philox counter
-    ``offset + (bh * M + row) * N + col``, kept where the uniform draw is >= dropout_p."""
-    counter = rng_offset + (bh.to(tl.int64) * M + rows.to(tl.int64)[:, None]) * N + cols.to(tl.int64)[None, :]
+    """Keep-mask of a tile of (batch * H + head) ``bh``: Philox counter ``offset + (bh * M + row) * N
+    + col``, kept where the uniform draw is >= dropout_p. ``rows`` and ``cols`` (query and key
+    indices) come shaped for the tile: ``rows[:, None], cols[None, :]`` for a queries x keys tile,
+    ``rows[None, :], cols[:, None]`` for its transpose."""
+    counter = rng_offset + (bh.to(tl.int64) * M + rows.to(tl.int64)) * N + cols.to(tl.int64)
     return tl.rand(seed, counter) >= dropout_p
 
 
@@ -139,27 +141,33 @@ def cuda_configs() -> list[triton.Config]:
             (32, 128, 4, 3),
             (16, 128, 4, 3),
             (32, 64, 4, 2),
+            (16, 16, 4, 2),
+            (32, 64, 8, 2),
         ]
     ]
 
 
-def fits(config: triton.Config, elem_bytes: int) -> bool:
+def fits(config: triton.Config, elem_bytes: int, ieee: bool) -> bool:
     """Whether ``config`` compiles without register spills (measured with ``python -m deco_ops.aot``
-    on sm_80 and sm_90 at head dims 64 and 128, split or not): 128-query tiles spill at D=128 in
-    16-bit, and fp32 operands only fit 32x64 tiles (fp32 still spills at D=128 with exact, non-tf32
-    dots: see the README's compile table)."""
-    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    return bm * bn <= 32 * 64 and bn <= 64 if elem_bytes == 4 else bm <= 64
+    on sm_80 and sm_90 at head dims 64 and 128, split or not, with triton 3.6 and 3.9): 16-bit inputs
+    take up to 64 queries a tile (128-query tiles spill at D=128). fp32 operands take 16x16 tiles on
+    4 warps, and with tf32 also 32x64 on 8 warps; exact fp32 dots (``ieee``: FMA, no tensor cores)
+    spill somewhere in every larger shape tried (16x32 to 32x64 tiles on 4 or 8 warps)."""
+    bm, bn, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
+    if elem_bytes == 2:
+        return bm <= 64
+    return (bm, bn, warps) == (16, 16, 4) or (not ieee and (bm, bn, warps) == (32, 64, 8))
 
 
 def _prune(configs, named_args, **constexprs):
-    return [c for c in configs if fits(c, named_args["q_ptr"].element_size())]
+    ieee = constexprs["INPUT_PRECISION"] == "ieee"
+    return [c for c in configs if fits(c, named_args["q_ptr"].element_size(), ieee)]
 
 
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 
 
-@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "SPLIT"], prune=_prune)
+@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "SPLIT", "INPUT_PRECISION"], prune=_prune)
 @triton.jit
 def cross_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, m_ptr, l_ptr, lens_ptr, cu_ptr, rng_ptr,
@@ -211,7 +219,7 @@ def cross_attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = dropout_keep(seed, rng_offset, bh, M, N, rows, cols, dropout_p)
+            keep = dropout_keep(seed, rng_offset, bh, M, N, rows[:, None], cols[None, :], dropout_p)
             p = tl.where(keep, p * inv_keep, 0.0)
         v = load_rows(v_base, cols, col_mask, svn, dims, dim_mask, svd)
         acc = dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32, INPUT_PRECISION)

@@ -191,9 +191,16 @@ def unpooled_tile(g_ptr, sgn, sgc, j, T, H, W, OT, OH, OW, row0, rmask, c, cmask
 
 
 def cuda_configs() -> list[triton.Config]:
-    """The one config of both kernels on a GPU (BLOCK_C shrinks to next_power_of_2(C) below 64).
-    128 channels spill the fp32 un-pooling gather (python -m deco_ops.aot)."""
-    return [triton.Config({"BLOCK_R": 16, "BLOCK_C": 64}, num_warps=4)]
+    """The configs of both kernels on a GPU, one per input width (``fits``); BLOCK_C shrinks to
+    next_power_of_2(C) below 64. 128 channels spill the fp32 un-pooling gather."""
+    return [triton.Config({"BLOCK_R": 16, "BLOCK_C": 64}, num_warps=w) for w in (4, 8)]
+
+
+def fits(config: triton.Config, elem_bytes: int) -> bool:
+    """Whether ``config`` is the one launched for ``elem_bytes``-wide inputs, measured spill-free
+    with ``python -m deco_ops.aot`` on sm_80 and sm_90: 4 warps for 16-bit inputs, 8 for fp32
+    (on 4 warps the fp32 bilinear pooling spills on sm_90; on 8 the bf16 one does)."""
+    return config.num_warps == (8 if elem_bytes == 4 else 4)
 
 
 BLOCK_R_INTERPRET = 64  # few, wide programs: the interpreter's cost is per program and per op
@@ -249,10 +256,12 @@ def tokens_per_image(geometry: torch.Tensor) -> torch.Tensor:
     return geometry[:, 0] * geometry[:, 1] * geometry[:, 2]
 
 
-def _blocks(C: int) -> tuple[int, int]:
-    cfg = cuda_configs()[0].kwargs
-    block_r = BLOCK_R_INTERPRET if INTERPRET else cfg["BLOCK_R"]
-    return block_r, min(cfg["BLOCK_C"], triton.next_power_of_2(max(C, 1)))
+def _launch_config(C: int, elem_bytes: int) -> dict:
+    """BLOCK_R, BLOCK_C and num_warps of a launch over C channels of ``elem_bytes``-wide inputs."""
+    config = next(c for c in cuda_configs() if fits(c, elem_bytes))
+    block_r = BLOCK_R_INTERPRET if INTERPRET else config.kwargs["BLOCK_R"]
+    block_c = min(config.kwargs["BLOCK_C"], triton.next_power_of_2(max(C, 1)))
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=config.num_warps)
 
 
 def pool_packed(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: str) -> torch.Tensor:
@@ -262,10 +271,9 @@ def pool_packed(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: str
     if out.numel() == 0:
         return out
     image = image_index(geometry, out_rows_per_image(geometry), num_out)
-    block_r, block_c = _blocks(C)
-    pool_packed_kernel[(triton.cdiv(num_out, block_r), triton.cdiv(C, block_c))](
-        x, out, image, geometry, num_out, C, *x.stride(), *out.stride(),
-        MODE=MODES[mode], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+    launch = _launch_config(C, x.element_size())
+    pool_packed_kernel[(triton.cdiv(num_out, launch["BLOCK_R"]), triton.cdiv(C, launch["BLOCK_C"]))](
+        x, out, image, geometry, num_out, C, *x.stride(), *out.stride(), MODE=MODES[mode], **launch,
     )
     return out
 
@@ -277,10 +285,9 @@ def unpool_packed(grad: torch.Tensor, geometry: torch.Tensor, num_tokens: int, m
     if dx.numel() == 0:
         return dx
     image = image_index(geometry, tokens_per_image(geometry), num_tokens)
-    block_r, block_c = _blocks(C)
-    unpool_packed_kernel[(triton.cdiv(num_tokens, block_r), triton.cdiv(C, block_c))](
-        grad, dx, image, geometry, num_tokens, C, *grad.stride(), *dx.stride(),
-        MODE=MODES[mode], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+    launch = _launch_config(C, grad.element_size())
+    unpool_packed_kernel[(triton.cdiv(num_tokens, launch["BLOCK_R"]), triton.cdiv(C, launch["BLOCK_C"]))](
+        grad, dx, image, geometry, num_tokens, C, *grad.stride(), *dx.stride(), MODE=MODES[mode], **launch,
     )
     return dx
 

@@ -4,8 +4,9 @@ memory over the limit, and the fp16/bf16 GEMMs use Hopper's wgmma (HGMMA) on sm_
 
 The default test compiles every non-attention kernel (every config that can launch, every
 representative variant) in fp16/bf16 for both targets (~130 compiles, ~1-2 min on 2 CPU cores).
-The cross-attention kernels (bf16, sm_90) are a separate slow test (``--runslow``). The full
-check, fp32 included, is ``python -m deco_ops.aot``. The tool runs from this process's environment,
+The fp32 cross-attention kernels (exact and tf32 dots, sm_90) have their own test; every
+attention kernel in every dtype on both targets is a slow test (``--runslow``). The full check is
+``python -m deco_ops.aot``. The tool runs from this process's environment,
 which has TRITON_INTERPRET=1 under the test suite: it must re-run itself with compiled Triton.
 """
 
@@ -76,9 +77,24 @@ def test_aot_gemms_use_hgmma_on_sm90(aot_run):
     assert variants == with_hgmma, f"variants with no tensor-core (HGMMA) config on sm_90: {variants - with_hgmma}"
 
 
+def test_aot_attention_fp32_sm90(tmp_path_factory):
+    """fp32 attention, exact (FMA) and tf32 dots: the dK/dV kernel's keys-major tiles and the small
+    fp32 tiles of every other attention kernel compile without spills at head dims 64 and 128."""
+    kernels = "cross_attention_fwd,cross_attention_bwd_single_pass,cross_attention_bwd_dkdv,cross_attention_bwd_dq"
+    proc, data = _run(tmp_path_factory, "--kernels", kernels, "--dtypes", "fp32", "--targets", "90")
+    print(proc.stdout)
+    assert data is not None, proc.stderr[-4000:]
+    rows = data["rows"]
+    assert {r["kernel"] for r in rows} == set(kernels.split(","))
+    assert {r["variant"].split(" ")[0] for r in rows} == {"fp32/ieee", "fp32/tf32"}
+    assert {r["variant"].split(" ")[1] for r in rows} == {"D64", "D128"}
+    _check_rows(rows)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+
+
 @pytest.mark.slow
-def test_aot_attention_bf16_sm90(tmp_path_factory):
-    proc, data = _run(tmp_path_factory, "--kernels", ATTENTION, "--dtypes", "bf16", "--targets", "90")
+def test_aot_attention_every_dtype_and_target(tmp_path_factory):
+    proc, data = _run(tmp_path_factory, "--kernels", ATTENTION)
     print(proc.stdout)
     assert data is not None, proc.stderr[-4000:]
     rows = data["rows"]

@@ -194,7 +194,7 @@ def test_custom_scale_and_dtype_float64_on_interpreter(backend):
 def _keep_kernel(out_ptr, rng_ptr, bh, M, N, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    keep = cross_attention_fwd.dropout_keep(tl.load(rng_ptr), tl.load(rng_ptr + 1), bh, M, N, rows, cols, p)
+    keep = cross_attention_fwd.dropout_keep(tl.load(rng_ptr), tl.load(rng_ptr + 1), bh, M, N, rows[:, None], cols[None, :], p)
     tl.store(out_ptr + rows[:, None] * BLOCK_N + cols[None, :], keep.to(tl.int8))
 
 
