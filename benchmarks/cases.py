@@ -201,7 +201,8 @@ def _pool_setup(s, env: Env, order: str = "pool_mlp", mode: str = "average"):
 
 
 def _pool_group(op: str, name: str, s, env: Env, direction: str, deco_forward, eager, weights, x, dy, flops_bytes,
-                extra=None) -> Group:
+                extra=None, more_deco=None) -> Group:
+    """``more_deco``: name -> forward of further deco_ops variants timed beside the baselines."""
     grad = direction != "fwd"
     tokens_grad = direction == "fwd_bwd_dx"
     xin = x.detach().requires_grad_(tokens_grad)
@@ -215,11 +216,14 @@ def _pool_group(op: str, name: str, s, env: Env, direction: str, deco_forward, e
         return make(lambda: c(xin))()
 
     flops, nbytes = flops_bytes(tokens_grad)
-    return Group(op, name, s, direction, flops, nbytes, {
+    impls = {
         "deco_ops": make(lambda: deco_forward(xin), lambda: _deco(env)),
         "eager": make(lambda: eager(xin)),
         "compile": compiled,
-    }, extra or {})
+    }
+    for impl, forward in (more_deco or {}).items():
+        impls[impl] = make(lambda forward=forward: forward(xin), lambda: _deco(env))
+    return Group(op, name, s, direction, flops, nbytes, impls, extra or {})
 
 
 def pool_mlp_groups(name: str, env: Env, directions) -> list[Group]:
@@ -260,28 +264,68 @@ def mlp_pool_groups(name: str, env: Env, directions) -> list[Group]:
     ]
 
 
+class Padded(nn.Module):
+    """What a batch of unequal grids costs without packing: scatter the packed tokens into a zero
+    padded ``(num_grids, prod(pad_grid), C)`` batch, run ``project`` on it (pooling every grid as if
+    it were ``pad_grid``), and gather every grid's own pooled rows back, packed."""
+
+    def __init__(self, project, grids, out_grids, device):
+        super().__init__()
+        self.project = project
+        pad = tuple(max(g[d] for g in grids) for d in range(len(grids[0])))
+        pad_out = tuple(max(o[d] for o in out_grids) for d in range(len(grids[0])))
+        stride = [p // o for p, o in zip(pad, pad_out)]
+        if any(g[d] != o[d] * r for g, o in zip((pad, *grids), (pad_out, *out_grids)) for d, r in enumerate(stride)):
+            raise Unavailable("the padded baseline pools like packing only where every grid is pooled by one integer stride")
+        total = sum(math.prod(g) for g in grids)
+        token_of = torch.full((len(grids), *pad), total, dtype=torch.long)  # ``total``: the appended zero row
+        out_pos = torch.arange(len(grids) * math.prod(pad_out)).view(len(grids), *pad_out)
+        crop, tok0 = [], 0
+        for i, (g, o) in enumerate(zip(grids, out_grids)):
+            token_of[i][tuple(slice(0, n) for n in g)] = torch.arange(tok0, tok0 + math.prod(g)).view(g)
+            crop.append(out_pos[i][tuple(slice(0, n) for n in o)].reshape(-1))
+            tok0 += math.prod(g)
+        self.num_grids, self.pad, self.pad_out = len(grids), pad, pad_out
+        self.register_buffer("token_of", token_of.view(-1).to(device))
+        self.register_buffer("crop", torch.cat(crop).to(device))
+
+    def forward(self, x):
+        x0 = torch.cat([x, x.new_zeros(1, x.shape[1])])
+        y = self.project(x0[self.token_of].view(self.num_grids, -1, x.shape[1]))
+        return y.reshape(-1, y.shape[-1])[self.crop]
+
+
 def packed_groups(name: str, env: Env, directions) -> list[Group]:
-    if not hasattr(deco_ops, "pool_mlp_packed"):
-        raise Unavailable("deco_ops.pool_mlp_packed does not exist yet (issue 7)")
+    """deco_ops.pool_mlp_packed on the packed batch, against the padded batch (eager, compiled, and
+    deco_ops.pool_mlp as ``deco_ops_padded``): the same outputs, the padding's work saved."""
     s = shapes.for_device(shapes.PACKED[name], env.device)
-    if len(set(s.grids)) != 1 or len(set(s.out_grids)) != 1:
-        raise Unavailable("the padded baseline is implemented for equal grids only")
-    n_img, grid, out_grid = len(s.grids), s.grids[0], s.out_grids[0]
-    as_batch = shapes.PoolMLPShape(s.name, n_img, grid, out_grid, s.in_features, s.hidden, s.out_features)
-    eager, (w1, b1, w2, b2), x, dy = _pool_setup(as_batch, env)
+    gen = _generator(env, 2)
+    pad = tuple(max(g[d] for g in s.grids) for d in range(len(s.grids[0])))
+    pad_out = tuple(max(o[d] for o in s.out_grids) for d in range(len(s.grids[0])))
+    as_batch = shapes.PoolMLPShape(s.name, len(s.grids), pad, pad_out, s.in_features, s.hidden, s.out_features)
+    projector, (w1, b1, w2, b2), _, _ = _pool_setup(as_batch, env)
+    eager = Padded(projector, s.grids, s.out_grids, env.device)
+    x = _randn((s.tokens, s.in_features), env, gen)
+    dy = _randn((s.pooled, s.out_features), env, gen)
     grids_t = torch.tensor(s.grids, dtype=torch.int32, device=env.device)
     out_grids_t = torch.tensor(s.out_grids, dtype=torch.int32, device=env.device)
-    tokens_per_img = math.prod(grid)
 
     def deco_forward(xin):
-        y, _ = deco_ops.pool_mlp_packed(xin.reshape(-1, xin.shape[-1]), grids_t, w1, b1, w2, b2,
-                                        out_grids=out_grids_t, activation="gelu")
-        return y.view(n_img, -1, y.shape[-1])
+        return deco_ops.pool_mlp_packed(xin, grids_t, w1, b1, w2, b2, out_grids=out_grids_t, activation="gelu")[0]
 
-    assert x.shape[1] == tokens_per_img
+    deco_padded = Padded(lambda xp: deco_ops.pool_mlp(xp, w1, b1, w2, b2, grid=pad, out_grid=pad_out, activation="gelu"),
+                         s.grids, s.out_grids, env.device)
+
+    def fb(tg, d):
+        return counts.packed_shape(s, env.elem, "fwd" if d == "fwd" else "fwd_bwd", tg)
+
+    def padded_flops(d):
+        return counts.pool_mlp_shape(as_batch, env.elem, "fwd" if d == "fwd" else "fwd_bwd", d == "fwd_bwd_dx")[0]
+
     return [
         _pool_group("pool_mlp_packed", name, s, env, d, deco_forward, eager, (w1, b1, w2, b2), x, dy,
-                    lambda tg, d=d: counts.packed_shape(s, env.elem, "fwd" if d == "fwd" else "fwd_bwd", tg))
+                    lambda tg, d=d: fb(tg, d), extra={"padded_flops": padded_flops(d)},
+                    more_deco={"deco_ops_padded": deco_padded})
         for d in directions
     ]
 

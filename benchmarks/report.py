@@ -271,6 +271,9 @@ def markdown(data: dict) -> str:
                         f"{e['roofline_pct']:.1f} | {_f(e['peak_MiB'], '.1f')} |")
                 if "rel_err_vs_eager" in r:
                     notes.append(f"{r['direction']}: deco_ops vs eager output, relative error {r['rel_err_vs_eager']:.2e}")
+                if "padded_flops" in r["extra"]:
+                    notes.append(f"{r['direction']}: the padded batch does {r['extra']['padded_flops']:.3g} FLOPs vs "
+                                 f"{r['flops']:.3g} packed")
                 if "eager_order_flops" in r["extra"]:
                     notes.append(f"{r['direction']}: eager project-then-pool order does {r['extra']['eager_order_flops']:.3g} "
                                  f"FLOPs vs {r['flops']:.3g} fused")

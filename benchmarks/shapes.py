@@ -177,14 +177,41 @@ CROSS_ATTENTION = {
 # issue 7: packed ragged batches and project-then-pool. Benchmarked only when deco_ops exposes
 # pool_mlp_packed / mlp_pool.
 
+def llava_next_unpadded_grid(width: int, height: int, side: int = 48) -> tuple[int, int]:
+    """(rows, cols) of an image's high-resolution token grid after LLaVA-NeXT's ``unpad_image``: the
+    ``side x side`` grid of its tiles (2x2 tiles of 24x24 for 672x672) with the rows or columns
+    of letterbox padding cropped, as LLaVA-NeXT computes them (the kept extent is always even)."""
+    if width / height > 1:
+        pad = (side - int(height * side / width)) // 2
+        return side - 2 * pad, side
+    pad = (side - int(width * side / height)) // 2
+    return side, side - 2 * pad
+
+
+# Typical photo and screenshot sizes; every one selects LLaVA-NeXT's 672x672 (2x2 tiles) layout.
+_ANYRES_IMAGES = ((1024, 1024), (640, 480), (480, 640), (1280, 720), (720, 1280), (1280, 1024), (800, 1200), (1200, 800))
+
+
+def _anyres_batch(images, base: int, side: int) -> tuple[tuple, tuple]:
+    """(grids, out_grids): per image its base grid and its unpadded high-res grid, pooled 2x."""
+    grids = []
+    for w, h in images:
+        grids += [(base, base), llava_next_unpadded_grid(w, h, side)]
+    return tuple(grids), tuple((r // 2, c // 2) for r, c in grids)
+
+
 PACKED = {
     s.name: s
     for s in [
         _with_tiny(
-            PackedShape("anyres_5tiles", tuple([(24, 24)] * 5 * 8), tuple([(12, 12)] * 5 * 8), 1024, 4096, 4096,
-                        source="LLaVA-NeXT-7B AnyRes: base 24x24 + 4 tiles of 24x24 per image (672x672, 2x2)",
-                        note="8 images x 5 grids packed; the padded baseline is the (40, 576, C) batch"),
-            grids=tuple([(4, 4)] * 5 * 2), out_grids=tuple([(2, 2)] * 5 * 2), in_features=32, hidden=64, out_features=64,
+            PackedShape("anyres_5tiles", *_anyres_batch(_ANYRES_IMAGES, 24, 48), 1024, 4096, 4096,
+                        source="LLaVA-NeXT-7B AnyRes: per image the base 24x24 grid and its 2x2 tiles' 48x48 grid, "
+                               "unpadded to the image's aspect ratio; 2x2 pooling of each grid",
+                        note=f"8 images {[f'{w}x{h}' for w, h in _ANYRES_IMAGES]}: 16 grids of "
+                             f"{len(set(_anyres_batch(_ANYRES_IMAGES, 24, 48)[0]))} sizes; the padded baseline pads "
+                             "every grid to 48x48, a (16, 2304, C) batch"),
+            **dict(zip(("grids", "out_grids"), _anyres_batch(_ANYRES_IMAGES[:3], 4, 8))),
+            in_features=32, hidden=64, out_features=64,
         ),
     ]
 }

@@ -8,7 +8,8 @@ from . import cases, shapes
 
 DIRECTIONS = ("fwd", "fwd_bwd")
 POOL_SHAPES = list(shapes.POOL_MLP) + list(shapes.PACKED) + list(shapes.MLP_POOL)
-CASES = [(s, d, i) for s in POOL_SHAPES for d in DIRECTIONS for i in cases.POOL_IMPLS]
+CASES = [(s, d, i) for s in POOL_SHAPES for d in DIRECTIONS
+         for i in cases.POOL_IMPLS + (("deco_ops_padded",) if s in shapes.PACKED else ())]
 
 
 @pytest.mark.parametrize("shape,direction,impl", CASES, ids=["-".join(c) for c in CASES])
