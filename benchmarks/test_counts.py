@@ -34,6 +34,24 @@ def test_mlp_pool_fused_saves_flops():
     assert fused < eager
 
 
+def test_anyres_grids_follow_llava_next_unpad_and_packing_saves_flops():
+    # LLaVA-NeXT unpad_image on the 48x48 grid of 2x2 tiles: 640x480 keeps 36 of 48 rows, 1280x720
+    # keeps 27 rounded up to an even 28, a portrait image keeps columns instead.
+    assert shapes.llava_next_unpadded_grid(640, 480) == (36, 48)
+    assert shapes.llava_next_unpadded_grid(1280, 720) == (28, 48)
+    assert shapes.llava_next_unpadded_grid(480, 640) == (48, 36)
+    assert shapes.llava_next_unpadded_grid(1024, 1024) == (48, 48)
+    s = shapes.PACKED["anyres_5tiles"]
+    assert len(s.grids) == 16 and len(set(s.grids)) == 9 and s.pooled == 4488
+    packed, _ = counts.packed_shape(s, 2, "fwd")
+    padded, _ = counts.pool_mlp(16, 48 * 48, 24 * 24, s.in_features, s.hidden, s.out_features, 2, direction="fwd")
+    assert padded / packed == 16 * 576 / 4488  # the MLP runs on 9216 padded rows instead of 4488
+    env = cases.Env(device=torch.device("cpu"), dtype=torch.float32)
+    for group in cases.packed_groups("anyres_5tiles", env, ("fwd", "fwd_bwd")):  # the tiny twin on CPU
+        assert group.extra["padded_flops"] > group.flops
+        assert set(group.impls) == {"deco_ops", "eager", "compile", "deco_ops_padded"}
+
+
 def test_shapes_are_named_once_and_have_tiny_twins():
     for name, s in shapes.ALL.items():
         assert s.name == name and s.tiny is not None
