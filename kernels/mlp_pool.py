@@ -34,17 +34,18 @@ def cuda_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
             (128, 64, 64, 4, 4),
-            (32, 64, 32, 4, 2),
-            (32, 32, 32, 4, 2),
+            (64, 64, 32, 8, 3),
+            (32, 64, 32, 8, 2),
         ]
     ]
 
 
 def fits(config: triton.Config, elem_bytes: int) -> bool:
-    """Whether ``config`` runs without register spills (measured by ``python -m deco_ops.aot``):
-    the epilogue holds the gathered gradient tile and its pointers beside the accumulator, so
-    wider tiles spill; fp32 operands only fit 32x32 tiles."""
-    return elem_bytes < 4 or config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 32 * 32
+    """Whether ``config`` runs without register spills (measured by ``python -m deco_ops.aot`` on
+    sm_80 and sm_90 with triton 3.6 and 3.9): the epilogue holds the gathered gradient tile and
+    its pointers beside the accumulator, so the 16-bit tiles take 8 warps below 128 rows (on 4,
+    32x32 and 32x64 tiles spill under triton 3.6), and fp32 operands only fit 32x64 on 8 warps."""
+    return elem_bytes < 4 or (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps) == (32, 64, 8)
 
 
 def _prune(configs, named_args, **constexprs):
