@@ -47,8 +47,8 @@ import triton.language as tl
 
 from ._tuning import autotuned, device_arch, dot_dtype_workaround
 from .cross_attention_fwd import (
-    KV_PACKED, LOG2E, acc_dtype, choose_num_splits, dot, dot_precision, dropout_keep, kv_extent, kv_mode, kv_strides,
-    load_rows, split_ranges,
+    KV_PACKED, LOG2E, acc_dtype, choose_num_splits, dot, dot_precision, dropout_keep, dropout_stream, kv_extent,
+    kv_mode, kv_strides, load_rows, split_ranges,
 )
 
 SINGLE_PASS_MAX_M = 128
@@ -110,11 +110,14 @@ def store_rows(base, tile, rows, row_mask, stride_row, dims, dim_mask, stride_di
 
 
 @triton.jit
-def load_row_stats(lse_ptr, delta_ptr, bh, M, rows, row_mask):
-    """LSE * log2(e) and Delta of the given query rows of (batch * H + head) ``bh``."""
+def load_query_rows(q_base, do_base, lse_ptr, delta_ptr, bh, M, rows, row_mask, sqm, sqd, sdom, sdod, dims, dim_mask):
+    """Q and dO tiles of the query ``rows`` of (batch * H + head) ``bh`` (``q_base``/``do_base``
+    already at its batch and head), with their LSE * log2(e) and Delta."""
+    q = load_rows(q_base, rows, row_mask, sqm, dims, dim_mask, sqd)
+    do = load_rows(do_base, rows, row_mask, sdom, dims, dim_mask, sdod)
     offs = bh.to(tl.int64) * M + rows
     lse2 = tl.load(lse_ptr + offs, mask=row_mask, other=0.0) * 1.4426950408889634
-    return lse2, tl.load(delta_ptr + offs, mask=row_mask, other=0.0)
+    return q, do, lse2, tl.load(delta_ptr + offs, mask=row_mask, other=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,9 +210,8 @@ def cross_attention_bwd_single_pass_kernel(
     row_mask = rows < M
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
-    q = load_rows(q_ptr + b64 * sqb + h * sqh, rows, row_mask, sqm, dims, dim_mask, sqd)
-    do = load_rows(do_ptr + b64 * sdob + h * sdoh, rows, row_mask, sdom, dims, dim_mask, sdod)
-    lse2, delta = load_row_stats(lse_ptr, delta_ptr, bh, M, rows, row_mask)
+    q, do, lse2, delta = load_query_rows(q_ptr + b64 * sqb + h * sqh, do_ptr + b64 * sdob + h * sdoh, lse_ptr,
+                                         delta_ptr, bh, M, rows, row_mask, sqm, sqd, sdom, sdod, dims, dim_mask)
 
     kv_start, kv_len = kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE)
     k_base = k_ptr + b64 * skb + kv_start * skn + h * skh
@@ -218,11 +220,7 @@ def cross_attention_bwd_single_pass_kernel(
     dv_base = dv_ptr + b64 * sdvb + kv_start * sdvn + h * sdvh
     lo = split.to(tl.int64) * keys_per_split
     hi = tl.minimum(lo + keys_per_split, kv_len)
-    seed = 0
-    rng_offset = 0
-    if DROPOUT:
-        seed = tl.load(rng_ptr)
-        rng_offset = tl.load(rng_ptr + 1)
+    seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start in range(lo, hi, BLOCK_N):
@@ -295,7 +293,8 @@ def _fa2_prune(kernel: str):
     return prune
 
 
-@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "INPUT_PRECISION"], prune=_fa2_prune("dkdv"))
+@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "INPUT_PRECISION"],
+           prune=_fa2_prune("dkdv"))
 @triton.jit
 def cross_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, lens_ptr, cu_ptr, rng_ptr,
@@ -319,11 +318,7 @@ def cross_attention_bwd_dkdv_kernel(
     col_mask = cols < kv_len
     k = load_rows(k_ptr + b64 * skb + kv_start * skn + h * skh, cols, col_mask, skn, dims, dim_mask, skd)
     v = load_rows(v_ptr + b64 * svb + kv_start * svn + h * svh, cols, col_mask, svn, dims, dim_mask, svd)
-    seed = 0
-    rng_offset = 0
-    if DROPOUT:
-        seed = tl.load(rng_ptr)
-        rng_offset = tl.load(rng_ptr + 1)
+    seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
 
     q_base = q_ptr + b64 * sqb + h * sqh
     do_base = do_ptr + b64 * sdob + h * sdoh
@@ -333,9 +328,8 @@ def cross_attention_bwd_dkdv_kernel(
     for start_m in range(0, m_end, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_mask = rows < M
-        q = load_rows(q_base, rows, row_mask, sqm, dims, dim_mask, sqd)
-        do = load_rows(do_base, rows, row_mask, sdom, dims, dim_mask, sdod)
-        lse2, delta = load_row_stats(lse_ptr, delta_ptr, bh, M, rows, row_mask)
+        q, do, lse2, delta = load_query_rows(q_base, do_base, lse_ptr, delta_ptr, bh, M, rows, row_mask,
+                                             sqm, sqd, sdom, sdod, dims, dim_mask)
         pz_t, ds_t = grad_tile(q, do, lse2, delta, k, v, rows, cols, col_mask[:, None] & row_mask[None, :],
                                seed, rng_offset, bh, M, N, qk_scale, dropout_p,
                                DROPOUT, ACC, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, True)
@@ -348,7 +342,8 @@ def cross_attention_bwd_dkdv_kernel(
     store_rows(dv_ptr + b64 * sdvb + kv_start * sdvn + h * sdvh, dv, cols, owned, sdvn, dims, dim_mask, sdvd)
 
 
-@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "INPUT_PRECISION"], prune=_fa2_prune("dq"))
+@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "INPUT_PRECISION"],
+           prune=_fa2_prune("dq"))
 @triton.jit
 def cross_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, lens_ptr, cu_ptr, rng_ptr,
@@ -369,17 +364,12 @@ def cross_attention_bwd_dq_kernel(
     row_mask = rows < M
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
-    q = load_rows(q_ptr + b64 * sqb + h * sqh, rows, row_mask, sqm, dims, dim_mask, sqd)
-    do = load_rows(do_ptr + b64 * sdob + h * sdoh, rows, row_mask, sdom, dims, dim_mask, sdod)
-    lse2, delta = load_row_stats(lse_ptr, delta_ptr, bh, M, rows, row_mask)
+    q, do, lse2, delta = load_query_rows(q_ptr + b64 * sqb + h * sqh, do_ptr + b64 * sdob + h * sdoh, lse_ptr,
+                                         delta_ptr, bh, M, rows, row_mask, sqm, sqd, sdom, sdod, dims, dim_mask)
     kv_start, kv_len = kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE)
     k_base = k_ptr + b64 * skb + kv_start * skn + h * skh
     v_base = v_ptr + b64 * svb + kv_start * svn + h * svh
-    seed = 0
-    rng_offset = 0
-    if DROPOUT:
-        seed = tl.load(rng_ptr)
-        rng_offset = tl.load(rng_ptr + 1)
+    seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start in range(0, kv_len, BLOCK_N):

@@ -119,6 +119,17 @@ def dropout_keep(seed, rng_offset, bh, M, N, rows, cols, dropout_p):
 
 
 @triton.jit
+def dropout_stream(rng_ptr, DROPOUT: tl.constexpr):
+    """(seed, offset) of the Philox stream drawn for this call; (0, 0) without dropout."""
+    seed = 0
+    rng_offset = 0
+    if DROPOUT:
+        seed = tl.load(rng_ptr)
+        rng_offset = tl.load(rng_ptr + 1)
+    return seed, rng_offset
+
+
+@triton.jit
 def load_rows(base, rows, row_mask, stride_row, dims, dim_mask, stride_dim):
     """A (rows x dims) tile; masked rows/dims read as 0 and are never touched in memory."""
     ptrs = base + rows.to(tl.int64)[:, None] * stride_row + dims[None, :] * stride_dim
@@ -167,7 +178,8 @@ def _prune(configs, named_args, **constexprs):
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 
 
-@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "SPLIT", "INPUT_PRECISION"], prune=_prune)
+@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "SPLIT", "INPUT_PRECISION"],
+           prune=_prune)
 @triton.jit
 def cross_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, m_ptr, l_ptr, lens_ptr, cu_ptr, rng_ptr,
@@ -199,10 +211,8 @@ def cross_attention_fwd_kernel(
     v_base = v_ptr + b.to(tl.int64) * svb + kv_start * svn + h * svh
     lo = split.to(tl.int64) * keys_per_split
     hi = tl.minimum(lo + keys_per_split, kv_len)
-    if DROPOUT:
-        seed = tl.load(rng_ptr)
-        rng_offset = tl.load(rng_ptr + 1)
-        inv_keep = 1.0 / (1.0 - dropout_p)
+    seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
+    inv_keep = 1.0 / (1.0 - dropout_p)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
