@@ -236,7 +236,9 @@ def _adaptive_pool_configs(module):
 
 # -- cross-attention (kernels/cross_attention_fwd.py, kernels/cross_attention_bwd.py) ----------
 # Representative shapes: BLIP-2 Q-Former (B=64, M=32 queries, N=257 keys, H=12, D=64) and the
-# Qwen-VL resampler (M=256, N=1024, H=32, D=128); head dim 80 is padded to a 128 block.
+# Qwen-VL resampler (M=256, N=1024, H=32, D=128); head dim 80 is padded to a 128 block. Every
+# kernel with dots is compiled twice per head dim: inference (dense keys, no dropout) and BLIP-2's
+# training path (``kv_lens`` and dropout, whose in-loop Philox mask takes the most registers).
 _ATTN_HEAD_DIMS = (64, 80, 128)
 # The default run compiles the representative subset below; ``--full`` (DECO_OPS_AOT_FULL=1 in the
 # workers) compiles every variant. Head dim 80 pads to BLOCK_D=128 and compiles to the same code as
@@ -263,12 +265,15 @@ _FP32_BUFFERS = ("lse_ptr", "m_ptr", "l_ptr", "delta_ptr", "part_o_ptr", "part_m
 # Dense keys and no dropout: the launchers pass the fp32 ``lse`` tensor for the unused kv_lens /
 # cu_seqlens_k (int32 when used) and rng (int64 (seed, offset) when used) pointers.
 _UNUSED_PTRS = ("lens_ptr", "cu_ptr", "rng_ptr")
+_TRAINING_PTRS = {"lens_ptr": "*i32", "rng_ptr": "*i64"}  # kv_lens as the launchers pass it; (seed, offset)
 _STRIDE = re.compile(r"^s(q|k|v|o|do|dq|dk|dv)(s?)(b|m|n|h|d)$")
 
 
-def _attn_args(fn, dtype: str, precision: str, D: int, shape=None, **constexprs) -> dict[str, Any]:
+def _attn_args(fn, dtype: str, precision: str, D: int, shape=None, training: bool = False,
+               **constexprs) -> dict[str, Any]:
     """Representative arguments of a cross-attention kernel, from its parameter names: (B, L, H, D)
-    contiguous tensors, fp32 statistics, dense keys, no dropout, as the launchers pass them."""
+    contiguous tensors, fp32 statistics, as the launchers pass them; dense keys and no dropout, or
+    with ``training`` BLIP-2's training path, ``kv_lens`` and dropout 0.1 (the most live values)."""
     import triton
 
     from .kernels.cross_attention_fwd import split_ranges
@@ -279,7 +284,9 @@ def _attn_args(fn, dtype: str, precision: str, D: int, shape=None, **constexprs)
     args: dict[str, Any] = {}
     for name in fn.arg_names:
         if name.endswith("_ptr"):
-            if name in _UNUSED_PTRS or name in _FP32_BUFFERS or (split and name in ("o_ptr", "dq_ptr")):
+            if training and name in _TRAINING_PTRS:
+                args[name] = _TRAINING_PTRS[name]
+            elif name in _UNUSED_PTRS or name in _FP32_BUFFERS or (split and name in ("o_ptr", "dq_ptr")):
                 args[name] = "*fp32"
             else:
                 args[name] = _ptr(dtype)
@@ -294,10 +301,11 @@ def _attn_args(fn, dtype: str, precision: str, D: int, shape=None, **constexprs)
             args[name] = {"B": B, "BH": B * H, "H": H, "M": M, "N": N, "D": D, "S": S,
                           "keys_per_split": split_ranges(N, S)[0]}[name]
         elif name in ("qk_scale", "scale", "dropout_p"):
-            args[name] = {"qk_scale": D ** -0.5 * 1.4426950408889634, "scale": D ** -0.5, "dropout_p": 0.0}[name]
+            args[name] = {"qk_scale": D ** -0.5 * 1.4426950408889634, "scale": D ** -0.5,
+                          "dropout_p": 0.1 if training else 0.0}[name]
     import triton.language as tl
 
-    defaults = dict(KV_MODE=0, DROPOUT=False, ACC=tl.float32, DOT_FP32=False, INPUT_PRECISION=precision,
+    defaults = dict(KV_MODE=1 if training else 0, DROPOUT=training, ACC=tl.float32, DOT_FP32=False, INPUT_PRECISION=precision,
                     BLOCK_D=max(16, triton.next_power_of_2(D)), SPLIT=False,
                     BLOCK_M=max(16, triton.next_power_of_2(M)))  # single-pass bwd: all queries in one block
     configured = set().union(*(c.kwargs for c in _ATTN_CONFIGS.get(fn.__name__, lambda: [])()))
@@ -325,7 +333,6 @@ _ATTN_CONFIGS: dict[str, Callable[[], list]] = {}  # kernel name -> its config l
 def _attn_variants(attr: str, splits=(False,), gemm: bool = True):
     def variants(module, dtypes):
         fn = _raw_jit_function(getattr(module, attr))
-        kv_dense = getattr(module, "KV_DENSE", 0)
         out = []
         for dtype, precision, dlabel, tensor_cores in _dtype_variants(dtypes):
             if not gemm and precision == "ieee" and not _full():  # no dots: ieee == tf32
@@ -338,13 +345,11 @@ def _attn_variants(attr: str, splits=(False,), gemm: bool = True):
                 else:
                     shapes = [("", None)]
                 for slabel, shape in shapes:
-                    for split in splits:
+                    for split, training in [(split, False) for split in splits] + [(False, True)] * gemm:
                         if split and D != max(_attn_head_dims()) and not _full():
                             continue
-                        args = _attn_args(fn, dtype, precision, D, shape, SPLIT=split)
-                        if "KV_MODE" in args:
-                            args["KV_MODE"] = kv_dense
-                        label = f"{dlabel} D{D}{slabel}" + (" split" if split else "")
+                        args = _attn_args(fn, dtype, precision, D, shape, training=training, SPLIT=split)
+                        label = f"{dlabel} D{D}{slabel}" + (" split" if split else "") + (" drop+lens" if training else "")
                         out.append(Variant(label, dtype, args, hgmma=tensor_cores and gemm))
         return out
 
@@ -376,7 +381,7 @@ def _attn_entries() -> list[Entry]:
         Entry("cross_attention_fwd", fwd, "cross_attention_fwd_kernel", lambda m: m.cuda_configs(),
               _attn_variants("cross_attention_fwd_kernel", splits=(False, True)), optional=True,
               launchable=lambda m, config, variant, arch: m.fits(
-                  config, _elem(variant), variant.args["INPUT_PRECISION"] == "ieee")),
+                  config, _elem(variant), variant.args["INPUT_PRECISION"] == "ieee", variant.args["DROPOUT"])),
         Entry("cross_attention_combine", fwd, "cross_attention_combine_kernel", lambda m: m.combine_cuda_configs(),
               _attn_variants("cross_attention_combine_kernel", gemm=False), optional=True),
         Entry("cross_attention_bwd_preprocess", bwd, "cross_attention_bwd_preprocess_kernel",
@@ -385,13 +390,15 @@ def _attn_entries() -> list[Entry]:
         Entry("cross_attention_bwd_single_pass", bwd, "cross_attention_bwd_single_pass_kernel",
               lambda m: m.single_pass_cuda_configs(), _attn_variants("cross_attention_bwd_single_pass_kernel"), optional=True,
               launchable=lambda m, config, variant, arch: m.single_pass_fits(
-                  config, variant.args["BLOCK_M"], variant.args["BLOCK_D"], _elem(variant), arch)),
+                  config, variant.args["BLOCK_M"], variant.args["BLOCK_D"], _elem(variant), variant.args["DROPOUT"], arch)),
         Entry("cross_attention_bwd_dkdv", bwd, "cross_attention_bwd_dkdv_kernel", lambda m: m.fa2_cuda_configs(),
               _attn_variants("cross_attention_bwd_dkdv_kernel"), optional=True,
-              launchable=lambda m, config, variant, arch: m.fa2_fits("dkdv", config, _elem(variant), arch)),
+              launchable=lambda m, config, variant, arch: m.fa2_fits("dkdv", config, _elem(variant),
+                                                                     variant.args["DROPOUT"], arch)),
         Entry("cross_attention_bwd_dq", bwd, "cross_attention_bwd_dq_kernel", lambda m: m.fa2_cuda_configs(),
               _attn_variants("cross_attention_bwd_dq_kernel"), optional=True,
-              launchable=lambda m, config, variant, arch: m.fa2_fits("dq", config, _elem(variant), arch)),
+              launchable=lambda m, config, variant, arch: m.fa2_fits("dq", config, _elem(variant),
+                                                                     variant.args["DROPOUT"], arch)),
     ]
 
 

@@ -160,28 +160,30 @@ def single_pass_cuda_configs() -> list[triton.Config]:
     Key blocks of 64 take 8 warps: with 4 (or with 128-key blocks) the resident Q/dO/dQ tiles spill."""
     return [
         triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn, w, s in [(32, 4, 2), (32, 8, 3), (64, 8, 2)]
+        for bn, w, s in [(32, 4, 2), (32, 8, 3), (64, 8, 2), (32, 8, 2)]
     ]
 
 
 SINGLE_PASS_INTERPRET_CONFIG = triton.Config({"BLOCK_N": 32})
 
 
-def single_pass_fits(config: triton.Config, block_m: int, block_d: int, elem_bytes: int, arch: int) -> bool:
-    """Whether ``config`` compiles without spills (measured by ``python -m deco_ops.aot``): on
-    sm_80 the 64-key block spills once the resident query tiles reach 64x64 (Hopper's wgmma keeps
-    its accumulators in fewer registers and runs it clean); fp32 inputs, exact or tf32, only fit
-    32-key blocks on 8 warps."""
-    bn = config.kwargs["BLOCK_N"]
-    if elem_bytes == 4:
-        return bn == 32 and config.num_warps == 8
+def single_pass_fits(config: triton.Config, block_m: int, block_d: int, elem_bytes: int, dropout: bool,
+                     arch: int) -> bool:
+    """Whether ``config`` compiles without spills (measured by ``python -m deco_ops.aot`` with
+    triton 3.6 and 3.9). fp32 inputs, exact or tf32, take 32-key blocks on 8 warps and 3 stages.
+    Dropout regenerates the Philox mask inside the loop: every input width then takes 32-key blocks
+    on 8 warps and 2 stages. Otherwise, on sm_80 the 64-key block spills once the resident query tiles
+    reach 64x64 (Hopper's wgmma keeps its accumulators in fewer registers and runs it clean)."""
+    bn, warps, stages = config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+    if dropout or elem_bytes == 4:
+        return (bn, warps, stages) == (32, 8, 2 if dropout else 3)
     return not (arch < 90 and bn >= 64 and block_m * block_d >= 64 * 64)
 
 
 def _single_pass_prune(configs, named_args, **constexprs):
     q = named_args["q_ptr"]
-    return [c for c in configs
-            if single_pass_fits(c, constexprs["BLOCK_M"], constexprs["BLOCK_D"], q.element_size(), device_arch(q))]
+    return [c for c in configs if single_pass_fits(c, constexprs["BLOCK_M"], constexprs["BLOCK_D"], q.element_size(),
+                                                   constexprs["DROPOUT"], device_arch(q))]
 
 
 @autotuned(
@@ -261,7 +263,7 @@ def fa2_cuda_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [
             (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 8, 2), (32, 32, 8, 2),
-            (32, 64, 8, 2),
+            (32, 64, 8, 2), (16, 64, 8, 2),
         ]
     ]
 
@@ -269,18 +271,23 @@ def fa2_cuda_configs() -> list[triton.Config]:
 FA2_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 
 
-def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, arch: int) -> bool:
+def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool, arch: int) -> bool:
     """Whether ``config`` compiles without register spills for the dK/dV (``kernel="dkdv"``) or
     dQ (``"dq"``) kernel, as measured with ``python -m deco_ops.aot`` on sm_80 and sm_90 at head
-    dims 64 and 128. dK/dV keeps two BLOCK_N x D accumulators: 16-bit inputs fit 64 keys x 64
-    queries on 8 warps or 64 x 32 on 4, fp32 (exact or tf32) only 32 x 32 on 8 warps. dQ keeps one:
-    16-bit inputs fit up to 64 x 128 on Hopper's wgmma, 32 queries elsewhere; fp32 fits 32 queries
-    on 8 warps."""
+    dims 64 and 128, with triton 3.6 and 3.9. dK/dV keeps two BLOCK_N x D accumulators: 16-bit
+    inputs fit 64 keys x 64 queries on 8 warps or 64 x 32 on 4, and 32 x 32 on 8 warps, the only
+    one left with dropout's in-loop Philox mask; fp32 (exact or tf32) fits 32 x 32 on 8 warps. dQ keeps one: 16-bit inputs fit up to
+    64 x 128 on Hopper's wgmma, 32 queries elsewhere, and with dropout 32 x 64 on 4 warps or 32 x 32
+    on 8; fp32 fits 32 queries on 8 warps, and with dropout 16 queries x 64 keys on 8 warps."""
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
     if kernel == "dkdv":
-        return tile in (((32, 32, 8),) if elem_bytes == 4 else ((32, 64, 4), (64, 64, 8), (32, 32, 8)))
+        if elem_bytes == 4:
+            return tile == (32, 32, 8)
+        return tile == (32, 32, 8) or (tile in ((32, 64, 4), (64, 64, 8)) and not dropout)
     if elem_bytes == 4:
-        return tile in ((32, 32, 8), (32, 64, 8))
+        return tile == (16, 64, 8) if dropout else tile in ((32, 32, 8), (32, 64, 8))
+    if dropout:
+        return tile in ((32, 64, 4), (32, 32, 8))
     if arch >= 90:
         return tile in ((64, 128, 8), (64, 64, 4), (32, 128, 4))
     return tile in ((32, 64, 4), (32, 128, 4))
@@ -289,7 +296,7 @@ def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, arch: int) -> 
 def _fa2_prune(kernel: str):
     def prune(configs, named_args, **constexprs):
         q = named_args["q_ptr"]
-        return [c for c in configs if fa2_fits(kernel, c, q.element_size(), device_arch(q))]
+        return [c for c in configs if fa2_fits(kernel, c, q.element_size(), constexprs["DROPOUT"], device_arch(q))]
     return prune
 
 
