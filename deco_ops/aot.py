@@ -106,7 +106,8 @@ def _plain_config(**meta):
 _B, _GRID, _C, _HIDDEN = 32, 24, 1024, 4096
 _WINDOWS = {"2x2": 12, "4x4": 6}  # window label -> pooled side of a 24x24 grid
 _PACKED_MODES = {0: "average", 1: "bilinear"}  # packed_pool.MODES
-_FP32_PRECISIONS = ("ieee", "tf32")  # torch's default (allow_tf32=False) and allow_tf32=True
+_FP32_PRECISIONS = ("ieee", "tf32")
+_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")  # the projector's; each GEMM epilogue is compiled with each  # torch's default (allow_tf32=False) and allow_tf32=True
 
 
 def _dtype_variants(dtypes: list[str]):
@@ -124,7 +125,8 @@ def _pool_gemm_variants(module, dtypes):
 
     out = []
     for dtype, precision, dlabel, tensor_cores in _dtype_variants(dtypes):
-        for wlabel, side in _WINDOWS.items():
+        for wlabel, side, act in [(w, side, a) for w, side in _WINDOWS.items() for a in _ACTIVATIONS
+                                  if a == "gelu" or w == "2x2"]:
             win = adaptive_window.max_window(_GRID, side)
             M, N, K = _B * side * side, _HIDDEN, _C
             args = dict(
@@ -132,12 +134,12 @@ def _pool_gemm_variants(module, dtypes):
                 pre_ptr=_ptr(dtype), pooled_ptr=_ptr(dtype),
                 M=M, N=N, K=K, T=1, H=_GRID, W=_GRID, OT=1, OH=side, OW=side,
                 sxb=_GRID * _GRID * _C, sxn=_C, sxc=1, swn=_C, swk=1,
-                # training forward of pool_mlp: bias, GELU, pre-activation and pooled rows kept
-                HAS_BIAS=True, ACTIVATION=activations.GELU, STORE_PRE=True, STORE_POOLED=True,
+                # training forward of pool_mlp: bias, activation, pre-activation and pooled rows kept
+                HAS_BIAS=True, ACTIVATION=activations.CODES[act], STORE_PRE=True, STORE_POOLED=True,
                 WT=1, WH=win, WW=win, DOT_FP32=False, INPUT_PRECISION=precision,
             )
             args.update(image_ptr="*i32", geometry_ptr="*i32", PACKED=False, MODE=0)  # tables unused
-            out.append(Variant(f"{dlabel} gelu {wlabel}", dtype, args, hgmma=tensor_cores))
+            out.append(Variant(f"{dlabel} {act} {wlabel}", dtype, args, hgmma=tensor_cores))
         # pool_gemm_packed (pool_mlp_packed's training forward): a ragged batch of 24x24 grids
         # pooled to 12x12, geometry from the int32 tables; runtime tap loops, WT=WH=WW=1.
         for mode, mlabel in _PACKED_MODES.items():
@@ -169,12 +171,13 @@ def _gemm_act_grad_variants(module, dtypes):
     out = []
     M, N, K = _B * 144, _HIDDEN, _HIDDEN  # dz = dy (M, out) @ w2 (out, hidden)
     for dtype, precision, dlabel, tensor_cores in _dtype_variants(dtypes):
-        args = dict(
-            dy_ptr=_ptr(dtype), w_ptr=_ptr(dtype), z_ptr=_ptr(dtype), dz_ptr=_ptr(dtype), a_ptr=_ptr(dtype),
-            M=M, N=N, K=K, sdym=K, sdyk=1, swk=N, swn=1, szm=N, szn=1,
-            ACTIVATION=activations.GELU, DOT_FP32=False, INPUT_PRECISION=precision,
-        )
-        out.append(Variant(f"{dlabel} gelu", dtype, args, hgmma=tensor_cores))
+        for act in _ACTIVATIONS:
+            args = dict(
+                dy_ptr=_ptr(dtype), w_ptr=_ptr(dtype), z_ptr=_ptr(dtype), dz_ptr=_ptr(dtype), a_ptr=_ptr(dtype),
+                M=M, N=N, K=K, sdym=K, sdyk=1, swk=N, swn=1, szm=N, szn=1,
+                ACTIVATION=activations.CODES[act], DOT_FP32=False, INPUT_PRECISION=precision,
+            )
+            out.append(Variant(f"{dlabel} {act}", dtype, args, hgmma=tensor_cores))
     return out
 
 
@@ -186,14 +189,15 @@ def _mlp_pool_variants(module, dtypes):
     out = []
     M, N, K = _B * _GRID * _GRID, _HIDDEN, _C
     for dtype, precision, dlabel, tensor_cores in _dtype_variants(dtypes):
-        for mode, mlabel in _PACKED_MODES.items():
+        for (mode, mlabel), act in [(m, a) for m in _PACKED_MODES.items() for a in _ACTIVATIONS]:
             args = dict(
                 x_ptr=_ptr(dtype), w_ptr=_ptr(dtype), b_ptr=_ptr(dtype), g_ptr=_ptr(dtype), dz_ptr=_ptr(dtype),
                 image_ptr="*i32", geometry_ptr="*i32",
                 M=M, N=N, K=K, sxm=K, sxk=1, swn=K, swk=1, sgp=N, sgn=1,
-                HAS_BIAS=True, ACTIVATION=activations.GELU, MODE=mode, DOT_FP32=False, INPUT_PRECISION=precision,
+                HAS_BIAS=True, ACTIVATION=activations.CODES[act], MODE=mode, DOT_FP32=False,
+                INPUT_PRECISION=precision,
             )
-            out.append(Variant(f"{dlabel} gelu {mlabel}", dtype, args, hgmma=tensor_cores))
+            out.append(Variant(f"{dlabel} {act} {mlabel}", dtype, args, hgmma=tensor_cores))
     return out
 
 
@@ -410,7 +414,7 @@ REGISTRY: list[Entry] = [
           launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant))),
     Entry("gemm_unpool_act_grad", "deco_ops.kernels.mlp_pool", "gemm_unpool_act_grad_kernel",
           configs=lambda m: m.cuda_configs(), variants=_mlp_pool_variants,
-          launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant))),
+          launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant), variant.args["ACTIVATION"])),
     Entry("pool_packed", "deco_ops.kernels.packed_pool", "pool_packed_kernel",
           configs=lambda m: m.cuda_configs(), variants=lambda m, d: _packed_pool_variants(m, d, unpool=False),
           launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant))),

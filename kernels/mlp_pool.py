@@ -40,23 +40,27 @@ def cuda_configs() -> list[triton.Config]:
     ]
 
 
-def fits(config: triton.Config, elem_bytes: int) -> bool:
+def fits(config: triton.Config, elem_bytes: int, activation: int) -> bool:
     """Whether ``config`` runs without register spills (measured by ``python -m deco_ops.aot`` on
     sm_80 and sm_90 with triton 3.6 and 3.9): the epilogue holds the gathered gradient tile and
     its pointers beside the accumulator, so the 16-bit tiles take 8 warps below 128 rows (on 4,
-    32x32 and 32x64 tiles spill under triton 3.6), and fp32 operands only fit 32x64 on 8 warps."""
-    return elem_bytes < 4 or (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps) == (32, 64, 8)
+    32x32 and 32x64 tiles spill under triton 3.6), the 128-row tile does not fit tanh-GELU's
+    derivative, and fp32 operands only fit 32x64 on 8 warps."""
+    tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
+    if elem_bytes == 4:
+        return tile == (32, 64, 8)
+    return tile[0] < 128 or activation != activations.GELU_TANH
 
 
 def _prune(configs, named_args, **constexprs):
     elem = named_args["x_ptr"].element_size()
-    return [c for c in configs if fits(c, elem)]
+    return [c for c in configs if fits(c, elem, constexprs["ACTIVATION"])]
 
 
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
 
 
-@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K", "MODE"], prune=_prune)
+@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K", "MODE", "ACTIVATION"], prune=_prune)
 @triton.jit
 def gemm_unpool_act_grad_kernel(
     x_ptr, w_ptr, b_ptr, g_ptr, dz_ptr, image_ptr, geometry_ptr,
