@@ -397,12 +397,12 @@ def _attn_entries() -> list[Entry]:
                   config, variant.args["BLOCK_M"], variant.args["BLOCK_D"], _elem(variant), variant.args["DROPOUT"], arch)),
         Entry("cross_attention_bwd_dkdv", bwd, "cross_attention_bwd_dkdv_kernel", lambda m: m.fa2_cuda_configs(),
               _attn_variants("cross_attention_bwd_dkdv_kernel"), optional=True,
-              launchable=lambda m, config, variant, arch: m.fa2_fits("dkdv", config, _elem(variant),
-                                                                     variant.args["DROPOUT"], arch)),
+              launchable=lambda m, config, variant, arch: m.fa2_fits(
+                  "dkdv", config, _elem(variant), variant.args["DROPOUT"], variant.args["BLOCK_D"], arch)),
         Entry("cross_attention_bwd_dq", bwd, "cross_attention_bwd_dq_kernel", lambda m: m.fa2_cuda_configs(),
               _attn_variants("cross_attention_bwd_dq_kernel"), optional=True,
-              launchable=lambda m, config, variant, arch: m.fa2_fits("dq", config, _elem(variant),
-                                                                     variant.args["DROPOUT"], arch)),
+              launchable=lambda m, config, variant, arch: m.fa2_fits(
+                  "dq", config, _elem(variant), variant.args["DROPOUT"], variant.args["BLOCK_D"], arch)),
     ]
 
 

@@ -263,7 +263,7 @@ def fa2_cuda_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [
             (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 8, 2), (32, 32, 8, 2),
-            (32, 64, 8, 2), (16, 64, 8, 2),
+            (32, 64, 8, 2), (16, 64, 8, 2), (16, 16, 4, 2),
         ]
     ]
 
@@ -271,21 +271,24 @@ def fa2_cuda_configs() -> list[triton.Config]:
 FA2_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 
 
-def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool, arch: int) -> bool:
+def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool, block_d: int, arch: int) -> bool:
     """Whether ``config`` compiles without register spills for the dK/dV (``kernel="dkdv"``) or
     dQ (``"dq"``) kernel, as measured with ``python -m deco_ops.aot`` on sm_80 and sm_90 at head
     dims 64 and 128, with triton 3.6 and 3.9. dK/dV keeps two BLOCK_N x D accumulators: 16-bit
     inputs fit 64 keys x 64 queries on 8 warps or 64 x 32 on 4, and 32 x 32 on 8 warps, the only
     one left with dropout's in-loop Philox mask; fp32 (exact or tf32) fits 32 x 32 on 8 warps. dQ keeps one: 16-bit inputs fit up to
     64 x 128 on Hopper's wgmma, 32 queries elsewhere, and with dropout 32 x 64 on 4 warps or 32 x 32
-    on 8; fp32 fits 32 queries on 8 warps, and with dropout 16 queries x 64 keys on 8 warps."""
+    on 8; fp32 fits 32 queries on 8 warps, and with dropout 16 queries x 64 keys on 8 warps (at
+    head dims above 128 that tile needs more shared memory than an A100 has: 16 x 16 on 4 warps)."""
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
     if kernel == "dkdv":
         if elem_bytes == 4:
             return tile == (32, 32, 8)
         return tile == (32, 32, 8) or (tile in ((32, 64, 4), (64, 64, 8)) and not dropout)
     if elem_bytes == 4:
-        return tile == (16, 64, 8) if dropout else tile in ((32, 32, 8), (32, 64, 8))
+        if dropout:
+            return tile == ((16, 64, 8) if block_d <= 128 else (16, 16, 4))
+        return tile in ((32, 32, 8), (32, 64, 8))
     if dropout:
         return tile in ((32, 64, 4), (32, 32, 8))
     if arch >= 90:
@@ -296,7 +299,8 @@ def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool,
 def _fa2_prune(kernel: str):
     def prune(configs, named_args, **constexprs):
         q = named_args["q_ptr"]
-        return [c for c in configs if fa2_fits(kernel, c, q.element_size(), constexprs["DROPOUT"], device_arch(q))]
+        return [c for c in configs
+                if fa2_fits(kernel, c, q.element_size(), constexprs["DROPOUT"], constexprs["BLOCK_D"], device_arch(q))]
     return prune
 
 
