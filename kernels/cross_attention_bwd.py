@@ -274,12 +274,14 @@ FA2_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool, block_d: int, arch: int) -> bool:
     """Whether ``config`` compiles without register spills for the dK/dV (``kernel="dkdv"``) or
     dQ (``"dq"``) kernel, as measured with ``python -m deco_ops.aot`` on sm_80 and sm_90 at head
-    dims 64 and 128, with triton 3.6 and 3.9. dK/dV keeps two BLOCK_N x D accumulators: 16-bit
-    inputs fit 64 keys x 64 queries on 8 warps or 64 x 32 on 4, and 32 x 32 on 8 warps, the only
-    one left with dropout's in-loop Philox mask; fp32 (exact or tf32) fits 32 x 32 on 8 warps. dQ keeps one: 16-bit inputs fit up to
-    64 x 128 on Hopper's wgmma, 32 queries elsewhere, and with dropout 32 x 64 on 4 warps or 32 x 32
-    on 8; fp32 fits 32 queries on 8 warps, and with dropout 16 queries x 64 keys on 8 warps (at
-    head dims above 128 that tile needs more shared memory than an A100 has: 16 x 16 on 4 warps)."""
+    dims 64 and 128, with triton 3.6 and 3.9.
+
+    dK/dV keeps two BLOCK_N x D accumulators: 16-bit inputs fit 64 keys x 64 queries on 8 warps,
+    64 x 32 on 4, and 32 x 32 on 8 warps, the only one left with dropout's in-loop Philox mask;
+    fp32 (exact or tf32) fits 32 x 32 on 8 warps. dQ keeps one: 16-bit inputs fit up to 64 queries
+    x 128 keys on Hopper's wgmma, 32 queries elsewhere, and with dropout 32 x 64 on 4 warps or
+    32 x 32 on 8; fp32 fits 32 queries on 8 warps, and with dropout 16 x 64 on 8 warps (at head
+    dims above 128 that tile needs more shared memory than an A100 has: 16 x 16 on 4 warps)."""
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
     if kernel == "dkdv":
         if elem_bytes == 4:
