@@ -185,8 +185,8 @@ class AvgPoolProjector(nn.Module):
         return self.mlp_projector(self.pool(x))
 
 
-def _pool_setup(s, env: Env, order: str = "pool_mlp", mode: str = "average"):
-    gen = _generator(env, 1)
+def _projector(s, env: Env, gen: torch.Generator, order: str = "pool_mlp", mode: str = "average"):
+    """The eager projector of shape ``s`` with random weights, and its (w1, b1, w2, b2)."""
     eager = AvgPoolProjector(s.in_features, s.hidden, s.out_features, s.grid, s.out_grid, order=order, mode=mode,
                              dtype=torch.float32)
     with torch.no_grad():
@@ -195,9 +195,15 @@ def _pool_setup(s, env: Env, order: str = "pool_mlp", mode: str = "average"):
     eager = eager.to(device=env.device, dtype=env.dtype)
     w1, b1 = eager.mlp_projector[0].weight, eager.mlp_projector[0].bias
     w2, b2 = eager.mlp_projector[2].weight, eager.mlp_projector[2].bias
+    return eager, (w1, b1, w2, b2)
+
+
+def _pool_setup(s, env: Env, order: str = "pool_mlp", mode: str = "average"):
+    gen = _generator(env, 1)
+    eager, weights = _projector(s, env, gen, order, mode)
     x = _randn((s.batch, s.tokens, s.in_features), env, gen)
     dy = _randn((s.batch, s.pooled, s.out_features), env, gen)
-    return eager, (w1, b1, w2, b2), x, dy
+    return eager, weights, x, dy
 
 
 def _pool_group(op: str, name: str, s, env: Env, direction: str, deco_forward, eager, weights, x, dy, flops_bytes,
@@ -264,6 +270,11 @@ def mlp_pool_groups(name: str, env: Env, directions) -> list[Group]:
     ]
 
 
+def enclosing_grid(grids) -> tuple[int, ...]:
+    """The smallest grid that holds each of ``grids`` (their elementwise maximum)."""
+    return tuple(map(max, zip(*grids)))
+
+
 class Padded(nn.Module):
     """What a batch of unequal grids costs without packing: scatter the packed tokens into a zero
     padded ``(num_grids, prod(pad_grid), C)`` batch, run ``project`` on it (pooling every grid as if
@@ -272,8 +283,7 @@ class Padded(nn.Module):
     def __init__(self, project, grids, out_grids, device):
         super().__init__()
         self.project = project
-        pad = tuple(max(g[d] for g in grids) for d in range(len(grids[0])))
-        pad_out = tuple(max(o[d] for o in out_grids) for d in range(len(grids[0])))
+        pad, pad_out = enclosing_grid(grids), enclosing_grid(out_grids)
         stride = [p // o for p, o in zip(pad, pad_out)]
         if any(g[d] != o[d] * r for g, o in zip((pad, *grids), (pad_out, *out_grids)) for d, r in enumerate(stride)):
             raise Unavailable("the padded baseline pools like packing only where every grid is pooled by one integer stride")
@@ -285,7 +295,7 @@ class Padded(nn.Module):
             token_of[i][tuple(slice(0, n) for n in g)] = torch.arange(tok0, tok0 + math.prod(g)).view(g)
             crop.append(out_pos[i][tuple(slice(0, n) for n in o)].reshape(-1))
             tok0 += math.prod(g)
-        self.num_grids, self.pad, self.pad_out = len(grids), pad, pad_out
+        self.num_grids = len(grids)
         self.register_buffer("token_of", token_of.view(-1).to(device))
         self.register_buffer("crop", torch.cat(crop).to(device))
 
@@ -300,10 +310,9 @@ def packed_groups(name: str, env: Env, directions) -> list[Group]:
     deco_ops.pool_mlp as ``deco_ops_padded``): the same outputs, the padding's work saved."""
     s = shapes.for_device(shapes.PACKED[name], env.device)
     gen = _generator(env, 2)
-    pad = tuple(max(g[d] for g in s.grids) for d in range(len(s.grids[0])))
-    pad_out = tuple(max(o[d] for o in s.out_grids) for d in range(len(s.grids[0])))
+    pad, pad_out = enclosing_grid(s.grids), enclosing_grid(s.out_grids)
     as_batch = shapes.PoolMLPShape(s.name, len(s.grids), pad, pad_out, s.in_features, s.hidden, s.out_features)
-    projector, (w1, b1, w2, b2), _, _ = _pool_setup(as_batch, env)
+    projector, (w1, b1, w2, b2) = _projector(as_batch, env, gen)
     eager = Padded(projector, s.grids, s.out_grids, env.device)
     x = _randn((s.tokens, s.in_features), env, gen)
     dy = _randn((s.pooled, s.out_features), env, gen)

@@ -200,15 +200,17 @@ def _anyres_batch(images, base: int, side: int) -> tuple[tuple, tuple]:
     return tuple(grids), tuple((r // 2, c // 2) for r, c in grids)
 
 
+_ANYRES_GRIDS, _ANYRES_OUT_GRIDS = _anyres_batch(_ANYRES_IMAGES, 24, 48)
+
 PACKED = {
     s.name: s
     for s in [
         _with_tiny(
-            PackedShape("anyres_5tiles", *_anyres_batch(_ANYRES_IMAGES, 24, 48), 1024, 4096, 4096,
+            PackedShape("anyres_5tiles", _ANYRES_GRIDS, _ANYRES_OUT_GRIDS, 1024, 4096, 4096,
                         source="LLaVA-NeXT-7B AnyRes: per image the base 24x24 grid and its 2x2 tiles' 48x48 grid, "
                                "unpadded to the image's aspect ratio; 2x2 pooling of each grid",
                         note=f"8 images {[f'{w}x{h}' for w, h in _ANYRES_IMAGES]}: 16 grids of "
-                             f"{len(set(_anyres_batch(_ANYRES_IMAGES, 24, 48)[0]))} sizes; the padded baseline pads "
+                             f"{len(set(_ANYRES_GRIDS))} sizes; the padded baseline pads "
                              "every grid to 48x48, a (16, 2304, C) batch"),
             **dict(zip(("grids", "out_grids"), _anyres_batch(_ANYRES_IMAGES[:3], 4, 8))),
             in_features=32, hidden=64, out_features=64,

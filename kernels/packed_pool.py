@@ -264,32 +264,30 @@ def _launch_config(C: int, elem_bytes: int) -> dict:
     return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=config.num_warps)
 
 
+def _resample(kernel, src: torch.Tensor, geometry: torch.Tensor, rows: int, rows_per_image: torch.Tensor,
+              mode: str) -> torch.Tensor:
+    """Launch ``kernel`` (pooling or its adjoint) from ``src`` into ``rows`` new rows, the
+    ``rows_per_image[i]`` rows of image i back to back."""
+    C = src.shape[1]
+    dst = torch.empty((rows, C), device=src.device, dtype=src.dtype)
+    if dst.numel() == 0:
+        return dst
+    image = image_index(geometry, rows_per_image, rows)
+    launch = _launch_config(C, src.element_size())
+    kernel[(triton.cdiv(rows, launch["BLOCK_R"]), triton.cdiv(C, launch["BLOCK_C"]))](
+        src, dst, image, geometry, rows, C, *src.stride(), *dst.stride(), MODE=MODES[mode], **launch,
+    )
+    return dst
+
+
 def pool_packed(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: str) -> torch.Tensor:
     """(total_tokens, C) -> (num_out, C): every image resampled to its own output grid."""
-    C = x.shape[1]
-    out = torch.empty((num_out, C), device=x.device, dtype=x.dtype)
-    if out.numel() == 0:
-        return out
-    image = image_index(geometry, out_rows_per_image(geometry), num_out)
-    launch = _launch_config(C, x.element_size())
-    pool_packed_kernel[(triton.cdiv(num_out, launch["BLOCK_R"]), triton.cdiv(C, launch["BLOCK_C"]))](
-        x, out, image, geometry, num_out, C, *x.stride(), *out.stride(), MODE=MODES[mode], **launch,
-    )
-    return out
+    return _resample(pool_packed_kernel, x, geometry, num_out, out_rows_per_image(geometry), mode)
 
 
 def unpool_packed(grad: torch.Tensor, geometry: torch.Tensor, num_tokens: int, mode: str) -> torch.Tensor:
     """Adjoint of ``pool_packed``: (num_out, C) gradient -> (total_tokens, C)."""
-    C = grad.shape[1]
-    dx = torch.empty((num_tokens, C), device=grad.device, dtype=grad.dtype)
-    if dx.numel() == 0:
-        return dx
-    image = image_index(geometry, tokens_per_image(geometry), num_tokens)
-    launch = _launch_config(C, grad.element_size())
-    unpool_packed_kernel[(triton.cdiv(num_tokens, launch["BLOCK_R"]), triton.cdiv(C, launch["BLOCK_C"]))](
-        grad, dx, image, geometry, num_tokens, C, *grad.stride(), *dx.stride(), MODE=MODES[mode], **launch,
-    )
-    return dx
+    return _resample(unpool_packed_kernel, grad, geometry, num_tokens, tokens_per_image(geometry), mode)
 
 
 def pool_bytes(total_tokens: int, total_out: int, C: int, elem: int) -> int:
