@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import activations
+from .gemm_epilogue import bias_act_store, mma
 from .tiling import grouped_tile
 from ._tuning import INTERPRET, autotuned, device_smem_limit, dot_dtype_workaround, input_precision
 from .adaptive_window import max_window, window
@@ -160,19 +161,9 @@ def pool_gemm_kernel(
                 pooled_ptrs = pooled_ptr + rows64[:, None] * K + k[None, :]
                 tl.store(pooled_ptrs, a, mask=row_mask[:, None] & k_mask[None, :])
         wt = tl.load(w_tile + k[:, None] * swk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(a, wt, acc, input_precision=INPUT_PRECISION)
+        acc = mma(a, wt, acc, DOT_FP32, INPUT_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    out_offsets = rows64[:, None] * N + cols[None, :]
-    out_mask = row_mask[:, None] & col_mask[None, :]
-    if STORE_PRE:
-        tl.store(pre_ptr + out_offsets, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
-    acc = activations.apply(acc, ACTIVATION)
-    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    bias_act_store(acc, rows64, cols, row_mask, col_mask, N, b_ptr, pre_ptr, out_ptr, HAS_BIAS, STORE_PRE, ACTIVATION)
 
 
 def pool_gemm(

@@ -1,0 +1,320 @@
+"""Patch-merge projectors, fused: ``merge_mlp`` and ``merge_mlp_packed``, forward and backward.
+
+``Linear2(act(Linear1(norm(merge(x)))))`` (norm before the merge over each token's C channels, or
+after it over the merged row's S*S*C): Qwen2-VL's ``PatchMerger`` (LayerNorm, pre),
+Qwen2.5-VL's (RMSNorm, pre), Qwen3-VL's (LayerNorm, pre or post) and InternVL's ``pixel_shuffle``
++ ``mlp1`` (LayerNorm, post, row-major grid).
+
+Forward on the Triton backend, two launches and a cuBLAS GEMM: ``merge_norm_stats`` (per-group
+mean and rstd, fp32), ``merge_gemm`` (the merge is a gather in the first GEMM's A-tile load, the
+norm is applied there from the statistics, bias + activation in the epilogue), then
+``torch.addmm`` for the second Linear. Elsewhere, or as the composed twin, the HF modules' own
+sequence (``merge_reference.composed_forward``).
+
+Kept for backward (only when autograd needs it): the statistics ``(M, groups, 2)`` fp32 and the
+pre-activation ``(M, hidden)``, plus the tokens ``x`` (an input) only when a gradient needs them
+(``x``, the norm's parameters or ``w1``). Never the merged or normalised tensor, never the
+activation. Backward: ``gemm_act_grad`` (dz and act(z) in one GEMM epilogue), cuBLAS for
+``dW2``, ``dn = dz @ W1`` and ``dW1`` (whose A operand, the norm output, ``merge_norm_backward``
+rebuilds from the tokens and the statistics in the same pass that writes ``dx`` to every token's
+place and the norm's parameter gradients as deterministic per-program partial sums).
+
+Registered op: ``deco::merge_mlp``; ``merge_mlp_packed`` runs it on a packed batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _backend, _validate, merge_reference
+from .kernels import merge_gemm, merge_norm, packed_pool
+from .packed import Packing, _grid_table, to_device
+from .projector import ACTIVATIONS, needs_residuals
+
+ORDERS = ("block", "grid")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+
+
+def use_fused(device: torch.device) -> bool:
+    """Fused kernels or the composed twin: the one place ``deco_ops.strategy``'s per-shape choice
+    plugs in. Until then the backend decides (Triton: fused; reference: composed)."""
+    return _backend.use_triton(device)
+
+
+def _image_table(geometry: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    if geometry is None:
+        return None
+    return packed_pool.image_index(geometry, packed_pool.out_rows_per_image(geometry), rows)
+
+
+def _layout(grid: list[int]) -> tuple[int, int, int]:
+    return tuple(grid) if grid else (1, 1, 1)
+
+
+@torch.library.custom_op("deco::merge_mlp", mutates_args=())
+def _merge_mlp(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    geometry: torch.Tensor | None,
+    grid: list[int],
+    merge: int,
+    order: str,
+    norm: str,
+    pre: bool,
+    eps: float,
+    activation: str,
+    keep_residuals: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, N, _ = x.shape
+    M = B * N // (merge * merge)
+    layout = _layout(grid)
+    if use_fused(x.device):
+        image = _image_table(geometry, M)
+        stats = merge_norm.merge_norm_stats(x, merge, order, layout, geometry, image, norm, pre, eps)
+        act, pre_act = merge_gemm.merge_gemm(
+            x, stats, _contiguous(norm_weight), _contiguous(norm_bias), w1.contiguous(), _contiguous(b1),
+            merge, order, layout, geometry, image, norm, pre, activation, store_pre=keep_residuals,
+        )
+        w2t = w2.t()
+        y = torch.addmm(b2, act, w2t) if b2 is not None else act @ w2t
+    else:
+        y, stats, pre_act = merge_reference.composed_forward(
+            x, norm_weight, norm_bias, w1, b1, w2, b2, merge, order, layout, geometry, norm, pre, eps, activation)
+    y = y.view(B, N // (merge * merge), w2.shape[0])
+    if not keep_residuals:
+        return y, x.new_empty((0,)), x.new_empty((0,))
+    return y, stats, pre_act
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+@_merge_mlp.register_fake
+def _(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals):
+    B, N, _ = x.shape
+    M = B * N // (merge * merge)
+    y = x.new_empty((B, N // (merge * merge), w2.shape[0]))
+    if not keep_residuals:
+        return y, x.new_empty((0,)), x.new_empty((0,))
+    groups = merge * merge if pre else 1
+    stats = x.new_empty((M, groups, 2), dtype=merge_reference.stats_dtype(x.dtype))
+    return y, stats, x.new_empty((M, w1.shape[0]))
+
+
+def _setup(ctx, inputs, output):
+    x, nw, nb, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep = inputs
+    need_x, need_nw, need_nb, need_w1 = ctx.needs_input_grad[:4]
+    # The tokens are needed for dx, the norm's parameter gradients and dW1 (its A operand is
+    # rebuilt from them); a frozen tower under a frozen first layer keeps nothing token-sized.
+    tokens = x if need_x or need_nw or need_nb or need_w1 else None
+    ctx.save_for_backward(tokens, nw, nb, w1, w2, geometry, output[1], output[2])
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    ctx.args = (_layout(grid), merge, order, norm, pre)
+    ctx.activation, ctx.keep = activation, keep
+    ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+
+
+def _backward(ctx, dy, dstats, dpre_extra):
+    x, nw, nb, w1, w2, geometry, stats, pre_act = ctx.saved_tensors
+    if not ctx.keep:
+        raise RuntimeError("deco::merge_mlp ran with keep_residuals=False; call deco_ops.merge_mlp to differentiate it")
+    need_x, need_nw, need_nb, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:7]
+    layout, merge, order, norm, pre = ctx.args
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dz, act = torch.ops.deco.mlp_activation_backward(dy2, w2, pre_act, ctx.activation)
+    if dpre_extra is not None:
+        dz = dz + dpre_extra
+    dw2 = dy2.t() @ act if need_w2 else None
+    db2 = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if need_b2 and ctx.has_b2 else None
+    db1 = dz.sum(0, dtype=torch.float32).to(dz.dtype) if need_b1 and ctx.has_b1 else None
+    need_nw, need_nb = need_nw and nw is not None, need_nb and nb is not None
+    dx = dnw = dnb = dw1 = None
+    if need_x or need_nw or need_nb or need_w1:
+        dn = dz @ w1 if need_x or need_nw or need_nb else None
+        args = (x, stats, nw, nb, dn, merge, order, layout, geometry)
+        if use_fused(dz.device):
+            image = _image_table(geometry, stats.shape[0])
+            dx, n, dnw, dnb = merge_norm.merge_norm_backward(*args, image, norm, pre, need_x, need_w1, need_nw, need_nb)
+        else:
+            dx, n, dnw, dnb = merge_reference.norm_backward(*args, norm, pre, need_x, need_w1, need_nw, need_nb)
+        dw1 = dz.t() @ n if need_w1 else None
+        dnw = dnw.to(nw.dtype) if need_nw else None
+        dnb = dnb.to(nb.dtype) if need_nb else None
+    return dx, dnw, dnb, dw1, db1, dw2, db2, None, None, None, None, None, None, None, None, None
+
+
+_merge_mlp.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation and public API
+
+
+def _choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_params(x, norm_weight, norm_bias, w1, b1, w2, b2, merge, norm, norm_position, eps, activation):
+    """Checks every argument but the token layout; returns (norm, pre, eps)."""
+    C = x.shape[-1]
+    merge = _positive_int("merge_size", merge)
+    _choice("norm", norm, NORMS)
+    pre = _choice("norm_position", norm_position, NORM_POSITIONS) == "pre"
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or math.isinf(eps):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    width, width_name = (C, "x.shape[-1]") if pre else (merge * merge * C, "merge_size**2 * x.shape[-1]")
+    for name, p in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if p is not None:
+            _validate.tensor(name, p, 1)
+            if p.shape[0] != width:
+                raise ValueError(f"{name} has shape {tuple(p.shape)} but a {norm_position}-merge norm spans {width_name} = {width} channels")
+    if norm == "rmsnorm" and norm_bias is not None:
+        raise ValueError("norm_bias must be None for norm='rmsnorm' (RMSNorm has no bias)")
+    _validate.linear("w1", w1, "b1", b1, merge * merge * C, "merge_size**2 * x.shape[-1]")
+    _validate.linear("w2", w2, "b2", b2, w1.shape[0], "w1.shape[0] (hidden features)")
+    _validate.activation(activation, ACTIVATIONS)
+    use_triton = _backend.use_triton(x.device)
+    params = {"norm_weight": norm_weight, "norm_bias": norm_bias, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    _validate.floating("x", x, use_triton)
+    for name, value in params.items():
+        if value is not None:
+            _validate.floating(name, value, use_triton)
+    _validate.same_dtype("x", x, **params)
+    _validate.same_device("x", x, **params)
+    return merge, pre, float(eps)
+
+
+def _merge_grid(grid, merge: int, tokens: int) -> list[int]:
+    """(T, H, W) of a dense "grid"-order input, checked against the token count and merge size."""
+    g = _validate.grid("grid", grid)
+    if math.prod(g) != tokens:
+        raise ValueError(f"x has {tokens} tokens but grid {g} needs {math.prod(g)}")
+    if g[-2] % merge or g[-1] % merge:
+        raise ValueError(f"grid {g}: H and W must be multiples of merge_size = {merge}")
+    return [1, *g] if len(g) == 2 else list(g)
+
+
+def merge_mlp(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    *,
+    grid=None,
+    merge_size: int = 2,
+    order: str = "block",
+    norm: str = "layernorm",
+    norm_position: str = "pre",
+    eps: float = 1e-6,
+    activation: str = "gelu",
+) -> torch.Tensor:
+    """The patch-merge projector ``Linear2(act(Linear1(norm(merge(x)))))``, fused.
+
+    Args:
+        x: ``(B, N, C)`` or ``(N, C)`` patch tokens.
+        norm_weight, norm_bias: the norm's ``(C,)`` (``norm_position="pre"``) or ``(S*S*C,)``
+            (``"post"``) weight and bias, or None; RMSNorm takes no bias.
+        w1, b1: ``(hidden, S*S*C)`` and ``(hidden,)`` or None. w2, b2: ``(out, hidden)``, ``(out,)``.
+        grid: ``(H, W)`` or ``(T, H, W)`` of a row-major token grid, with ``order="grid"`` only.
+        merge_size: S, the side of the merged blocks (Qwen's ``spatial_merge_size``, InternVL's
+            ``1 / downsample_ratio``).
+        order: ``"block"``: each block's S*S tokens are consecutive (Qwen2/2.5/3-VL's vision
+            towers; the merge is HF's ``view(-1, S*S*C)``). ``"grid"``: row-major grid, merged as
+            InternVL's ``pixel_shuffle(x, 1/S)`` (channel block ``dh*S + dw``).
+        norm: ``"layernorm"`` or ``"rmsnorm"``; norm_position: ``"pre"`` (each token over C,
+            Qwen2/2.5-VL) or ``"post"`` (the merged row over S*S*C, InternVL, Qwen3-VL's
+            post-shuffle norm). eps: the norm's epsilon.
+        activation: ``"gelu"`` (erf, ``nn.GELU()``), ``"gelu_tanh"`` or ``"silu"``.
+    Returns:
+        ``(B, N / S², out)`` (``(N / S², out)`` for 2D ``x``), merged rows in block order
+        (``"block"``) or row-major over the merged ``(T, H/S, W/S)`` grid (``"grid"``).
+    """
+    _validate.tensor("x", x)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must have 2 (N, C) or 3 (B, N, C) dimensions, got shape {tuple(x.shape)}")
+    x3 = x if x.dim() == 3 else x.unsqueeze(0)
+    merge, pre, eps = _check_params(x3, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, norm, norm_position, eps, activation)
+    _choice("order", order, ORDERS)
+    N = x3.shape[1]
+    if order == "grid":
+        if grid is None:
+            raise ValueError("order='grid' needs grid=(H, W) or (T, H, W), the row-major token grid")
+        layout = _merge_grid(grid, merge, N)
+    else:
+        if grid is not None:
+            raise ValueError(f"grid is only used with order='grid' (row-major tokens), got grid={grid!r} with order='block'")
+        if N % (merge * merge):
+            raise ValueError(f"x has {N} tokens, not a multiple of merge_size**2 = {merge * merge} (order='block')")
+        layout = []
+    keep = needs_residuals(x, norm_weight, norm_bias, w1, b1, w2, b2)
+    y = torch.ops.deco.merge_mlp(x3, norm_weight, norm_bias, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps, activation, keep)[0]
+    return y if x.dim() == 3 else y[0]
+
+
+def merge_mlp_packed(
+    x: torch.Tensor,
+    grids: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    *,
+    merge_size: int = 2,
+    order: str = "block",
+    norm: str = "layernorm",
+    norm_position: str = "pre",
+    eps: float = 1e-6,
+    activation: str = "gelu",
+):
+    """``merge_mlp`` over a packed batch of images with their own grids (Qwen2-VL's ``grid_thw``).
+
+    Args:
+        x: ``(total_tokens, C)``, the images' tokens back to back: each image's merge blocks
+            consecutive (``order="block"``, what Qwen's vision towers emit) or its grid row-major
+            (``order="grid"``).
+        grids: int tensor ``(num_images, 2)`` ``(H, W)`` or ``(num_images, 3)`` ``(T, H, W)``, in
+            patches; H and W multiples of ``merge_size``. Read on the host once (pass a CPU tensor
+            to avoid a device sync).
+        the rest: as ``merge_mlp``.
+    Returns:
+        ``(y, cu_seqlens)``: ``y`` ``(total_tokens / S², out)``, each image's merged rows back to
+        back; ``cu_seqlens`` int32 ``(num_images + 1,)`` offsets of each image's rows in ``y``.
+        One statistics launch and one fused GEMM launch for the whole batch.
+    """
+    _validate.tensor("x", x, 2)
+    merge, pre, eps = _check_params(x, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, norm, norm_position, eps, activation)
+    _choice("order", order, ORDERS)
+    g = _grid_table("grids", grids)
+    for i, r in enumerate(g):
+        if r[-2] % merge or r[-1] % merge:
+            raise ValueError(f"grids[{i}] = {r}: H and W must be multiples of merge_size = {merge}")
+    packing = Packing(g, [(*r[:-2], r[-2] // merge, r[-1] // merge) for r in g])
+    if x.shape[0] != packing.num_tokens:
+        raise ValueError(f"x has {x.shape[0]} tokens but grids need sum(prod(grids)) = {packing.num_tokens}")
+    geometry = to_device(packing.geometry, x.device) if order == "grid" else None
+    keep = needs_residuals(x, norm_weight, norm_bias, w1, b1, w2, b2)
+    y = torch.ops.deco.merge_mlp(
+        x.unsqueeze(0), norm_weight, norm_bias, w1, b1, w2, b2, geometry, [], merge, order, norm, pre, eps, activation, keep)[0]
+    return y[0], to_device(packing.cu_seqlens, x.device)

@@ -1,0 +1,139 @@
+"""The patch-merge projector composed of PyTorch ops, the way the Hugging Face modules run it:
+the norm (``torch.native_layer_norm``, or Qwen2.5-VL's RMSNorm sequence), the merge as a
+``view`` (Qwen's block order) or ``view``/``permute`` (InternVL's ``pixel_shuffle``), and two
+cuBLAS Linears. It is the default CPU backend and the composed twin of the fused kernels, and it
+returns the same residuals (the norm statistics and the pre-activation), so both paths share one
+backward formula (``norm_backward`` here, ``kernels/merge_norm.py`` on the Triton backend).
+
+Layouts: tokens ``x`` are ``(B, N, C)``; ``grid`` ``(T, H, W)`` for the dense ``"grid"`` order, or
+the int32 ``geometry`` table of a packed batch (``packed_pool`` layout; read on the host here).
+Merged rows are ``(M, K)``, ``K = S*S*C``, channel ``(dh*S + dw)*C + c``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norm statistics are fp32 (float64 for float64 tokens on the reference backend)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _images(geometry: torch.Tensor):
+    for T, H, W, _, _, _, tok0, _ in geometry.tolist():
+        yield T, H, W, tok0
+
+
+def _blocks(t: torch.Tensor, T: int, H: int, W: int, S: int) -> torch.Tensor:
+    """(B, T*H*W, C) row-major grid -> (B, T*(H/S)*(W/S), S*S*C) merged rows (InternVL's
+    pixel_shuffle channel order). Swapping axes 3 and 4 is its own inverse."""
+    B, _, C = t.shape
+    return t.reshape(B, T, H // S, S, W // S, S, C).transpose(3, 4).reshape(B, -1, S * S * C)
+
+
+def _unblocks(m: torch.Tensor, T: int, H: int, W: int, S: int) -> torch.Tensor:
+    B, _, K = m.shape
+    C = K // (S * S)
+    return m.reshape(B, T, H // S, W // S, S, S, C).transpose(3, 4).reshape(B, T * H * W, C)
+
+
+def merge_tokens(x: torch.Tensor, merge: int, order: str, grid, geometry) -> torch.Tensor:
+    """(B, N, C) tokens -> (B*N/S², S²·C) merged rows."""
+    B, N, C = x.shape
+    K = merge * merge * C
+    if order == "block":
+        return x.reshape(-1, K)
+    if geometry is None:
+        return _blocks(x, *grid, merge).reshape(-1, K)
+    return torch.cat([_blocks(x[:, tok0: tok0 + T * H * W], T, H, W, merge) for T, H, W, tok0 in _images(geometry)], 1).reshape(-1, K)
+
+
+def unmerge_tokens(m: torch.Tensor, shape, merge: int, order: str, grid, geometry) -> torch.Tensor:
+    """Inverse of ``merge_tokens``: (M, S²·C) rows -> tokens of ``shape`` (B, N, C)."""
+    B, N, C = shape
+    if order == "block":
+        return m.reshape(shape)
+    m = m.reshape(B, -1, m.shape[-1])
+    if geometry is None:
+        return _unblocks(m, *grid, merge)
+    parts, row0 = [], 0
+    for T, H, W, _ in _images(geometry):
+        rows = T * H * W // (merge * merge)
+        parts.append(_unblocks(m[:, row0: row0 + rows], T, H, W, merge))
+        row0 += rows
+    return torch.cat(parts, 1)
+
+
+def _tiled(p: torch.Tensor | None, merge: int, pre: bool) -> torch.Tensor | None:
+    """A pre-merge norm's (C,) parameter repeated over the S² tokens of a merged row."""
+    return p.repeat(merge * merge) if p is not None and pre else p
+
+
+def norm_forward(x, nw, nb, merge, order, grid, geometry, norm, pre, eps):
+    """(merged norm output (M, K) in x's dtype, stats (M, groups, 2)) as the HF modules compute
+    the norm: ``native_layer_norm`` (statistics in fp32 on CUDA) or Qwen2.5-VL's RMSNorm
+    (``x.float() * rsqrt(mean(x²) + eps)``, rounded, times the weight)."""
+    groups = merge * merge if pre else 1
+    src = x if pre else merge_tokens(x, merge, order, grid, geometry)
+    width = src.shape[-1]
+    acc = stats_dtype(x.dtype)
+    if norm == "layernorm":
+        out, mean, rstd = torch.native_layer_norm(src, [width], nw, nb, eps)
+        mean, rstd = mean.to(acc), rstd.to(acc)
+    else:
+        xf = src.to(acc)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        out = (xf * rstd).to(x.dtype)
+        out = out * nw if nw is not None else out
+        mean = torch.zeros_like(rstd)
+    stats = torch.stack((mean, rstd), -1)
+    if pre:
+        out = merge_tokens(out, merge, order, grid, geometry)
+        stats = merge_tokens(stats.reshape(*x.shape[:2], 2), merge, order, grid, geometry)
+    return out.reshape(-1, merge * merge * x.shape[-1]), stats.reshape(-1, groups, 2)
+
+
+def composed_forward(x, nw, nb, w1, b1, w2, b2, merge, order, grid, geometry, norm, pre, eps, activation):
+    """(y (M, out), stats, pre-activation (M, hidden)): the HF sequence, cuBLAS for both Linears."""
+    n, stats = norm_forward(x, nw, nb, merge, order, grid, geometry, norm, pre, eps)
+    pre_act = F.linear(n, w1, b1)
+    return F.linear(reference.ACTIVATIONS[activation](pre_act), w2, b2), stats, pre_act
+
+
+def norm_backward(x, stats, nw, nb, dn, merge, order, grid, geometry, norm, pre,
+                  need_dx, store_n, need_dwn, need_dbn):
+    """(dx, norm output (M, K), dweight, dbias), each None unless requested: the PyTorch twin of
+    ``kernels/merge_norm.merge_norm_backward``, in at least fp32."""
+    acc = stats.dtype
+    groups = stats.shape[1]
+    M = stats.shape[0]
+    xm = merge_tokens(x, merge, order, grid, geometry).to(acc).view(M, groups, -1)
+    xhat = ((xm - stats[..., :1]) * stats[..., 1:]).view(M, -1)
+    wn, bn = _tiled(nw, merge, pre), _tiled(nb, merge, pre)
+    C = x.shape[-1]
+
+    def per_channel(t):  # sum over rows, then over the S² tokens for a pre-merge norm
+        total = t.sum(0)
+        return total.view(merge * merge, C).sum(0) if pre else total
+
+    dx = n = dwn = dbn = None
+    if store_n:
+        n = xhat * wn if wn is not None else xhat
+        n = (n + bn if bn is not None else n).to(x.dtype)
+    if need_dwn or need_dbn or need_dx:
+        g = dn.to(acc)
+        if need_dwn:
+            dwn = per_channel(g * xhat)
+        if need_dbn:
+            dbn = per_channel(g)
+        if need_dx:
+            dxhat = (g * wn if wn is not None else g).view(M, groups, -1)
+            xh = xhat.view(M, groups, -1)
+            centred = dxhat - dxhat.mean(-1, keepdim=True) if norm == "layernorm" else dxhat
+            d = (centred - xh * (dxhat * xh).mean(-1, keepdim=True)) * stats[..., 1:]
+            dx = unmerge_tokens(d.view(M, -1).to(x.dtype), x.shape, merge, order, grid, geometry)
+    return dx, n, dwn, dbn

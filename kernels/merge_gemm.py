@@ -1,0 +1,139 @@
+"""Patch merge + norm fused into a GEMM's A-operand load, with bias and activation in the epilogue:
+
+    out[m, n] = act( sum_k norm(merge(x))[m, k] * w[n, k] + b[n] ),   m = merged row, k = q*C + c
+
+the first Linear of the Qwen2/2.5/3-VL ``PatchMerger`` and InternVL's ``mlp1``. Neither the merged
+nor the normalised tensor exists in memory: the K loop walks the S*S sub-tokens ``q`` of each
+merged row and, inside, chunks of their C channels; each A tile is gathered from its tokens
+(``merge_rows.merged_rows``: consecutive tokens for Qwen's order, a strided 2x2 block of the grid
+for InternVL's), normalised in fp32 with the per-group statistics of the ``merge_norm_stats``
+pre-pass and the norm's weight and bias, and rounded to the operand dtype once, as the eager
+norm's output is. Then a tensor-core ``tl.dot`` with fp32 accumulation; the epilogue adds the
+bias, optionally stores the pre-activation (kept for backward) and applies the activation.
+
+Why a pre-pass and not a fold of the norm into W1: ``W1 @ LN(x)`` can be rewritten as
+``rstd * (x @ (W1*gamma).T) - rstd*mean*rowsum(W1*gamma) + W1 @ beta``, a plain GEMM on raw
+tokens, but that subtracts two large terms when the tokens' mean is large against their spread
+(cancellation in the fp32 accumulator), rounds ``W1*gamma`` to 16 bits, and needs S*S separate
+accumulators for a pre-merge norm. The pre-pass costs one extra read of the tokens (C/hidden of
+the GEMM's own operand traffic) and keeps the GEMM's A operand bit-identical to eager's.
+
+Counts (M merged rows, K = S*S*C, N = hidden):
+    flops = 2 * M * N * K                                   (the norm adds ~4*M*K)
+    bytes = (M*K + N*K + N + M*N * (1 + stored_pre)) * elem + 8 * M * groups
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import activations
+from .gemm_epilogue import bias_act_store, mma
+from .merge_rows import NORMS, ORDERS, affine, group_stats, load_token_tile, merged_rows, norm_channels, standardize
+from .tiling import grouped_tile
+from ._tuning import autotuned, dot_dtype_workaround, input_precision
+
+
+def cuda_configs() -> list[triton.Config]:
+    """Tiles for Hopper/Ampere: M = merged rows is a few hundred to a few thousand per image
+    batch, N (hidden) and K (S*S*C) are 4-5k."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 128, 64, 8, 3),
+            (64, 128, 64, 4, 4),
+            (64, 64, 64, 4, 3),
+            (64, 64, 32, 4, 2),
+        ]
+    ]
+
+
+def fits(config: triton.Config, ieee_fp32: bool) -> bool:
+    """Whether ``config`` compiles without spills (``python -m deco_ops.aot``): exact fp32 dots
+    (no tf32) run on FMA units and only fit 64x64 tiles."""
+    return not ieee_fp32 or config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 64 * 64
+
+
+def _prune(configs, named_args, **constexprs):
+    ieee = named_args["x_ptr"].dtype == torch.float32 and constexprs["INPUT_PRECISION"] == "ieee"
+    return [c for c in configs if fits(c, ieee)]
+
+
+INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
+
+
+@autotuned(
+    cuda_configs(), INTERPRET_CONFIG,
+    key=["M", "N", "C", "ORDER", "PACKED", "MERGE", "NORM", "PRE", "STORE_PRE", "ACTIVATION", "INPUT_PRECISION"],
+    prune=_prune,
+)
+@triton.jit
+def merge_gemm_kernel(
+    x_ptr, stats_ptr, wn_ptr, bn_ptr, w_ptr, b_ptr, out_ptr, pre_ptr, image_ptr, geometry_ptr,
+    M, N, C, P, H, W,
+    sxb, sxn, sxc, swn, swk,
+    ORDER: tl.constexpr, PACKED: tl.constexpr, MERGE: tl.constexpr, NORM: tl.constexpr, PRE: tl.constexpr,
+    HAS_WN: tl.constexpr, HAS_BN: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    STORE_PRE: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    base, step_h = merged_rows(rows, row_mask, P, H, W, sxb, sxn, image_ptr, geometry_ptr, ORDER, PACKED, MERGE)
+    if not PRE:
+        mean, rstd = group_stats(stats_ptr, rows, row_mask, 0, 1)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * swn
+    for q in range(MERGE * MERGE):
+        if PRE:
+            mean, rstd = group_stats(stats_ptr, rows, row_mask, q, MERGE * MERGE)
+        for c0 in range(0, C, BLOCK_K):
+            c = c0 + ks
+            c_mask = c < C
+            mask = row_mask[:, None] & c_mask[None, :]
+            xhat = standardize(load_token_tile(x_ptr, base, step_h, sxn, sxc, q, c, mask, MERGE), mean, rstd, mask, NORM)
+            a = affine(xhat, wn_ptr, bn_ptr, norm_channels(q, c, C, PRE), c_mask, HAS_WN, HAS_BN)
+            a = a.to(x_ptr.dtype.element_ty)
+            k = (q * C + c).to(tl.int64)
+            wt = tl.load(w_cols + k[:, None] * swk, mask=c_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = mma(a, wt, acc, DOT_FP32, INPUT_PRECISION)
+
+    bias_act_store(acc, rows, cols, row_mask, col_mask, N, b_ptr, pre_ptr, out_ptr, HAS_BIAS, STORE_PRE, ACTIVATION)
+
+
+def merge_gemm(x, stats, wn, bn, w, b, merge, order, grid, geometry, image, norm, pre, activation, store_pre):
+    """act(norm(merge(x)) @ w.T + b) for x (B, N, C) -> (M, hidden) with M = B*N/merge**2, plus
+    the pre-activation on request. ``stats`` from ``merge_norm.merge_norm_stats``; ``w``, ``b``,
+    ``wn``, ``bn`` contiguous; ``grid`` (T, H, W) for dense ``"grid"`` order, ``geometry``/``image``
+    for packed grids."""
+    B, N, C = x.shape
+    P = N // (merge * merge)
+    M, Nout = B * P, w.shape[0]
+    out = torch.empty((M, Nout), device=x.device, dtype=x.dtype)
+    pre_act = torch.empty((M, Nout), device=x.device, dtype=x.dtype) if store_pre else None
+    if M == 0 or Nout == 0:
+        return out, pre_act
+    packed = geometry is not None
+
+    def grid_fn(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Nout, meta["BLOCK_N"]),)
+
+    merge_gemm_kernel[grid_fn](
+        x, stats, out if wn is None else wn, out if bn is None else bn, w, out if b is None else b, out,
+        pre_act if store_pre else out, image if packed else stats, geometry if packed else stats,
+        M, Nout, C, P, grid[1], grid[2], *x.stride(), *w.stride(),
+        ORDER=ORDERS[order], PACKED=packed, MERGE=merge, NORM=NORMS[norm], PRE=pre,
+        HAS_WN=wn is not None, HAS_BN=bn is not None, HAS_BIAS=b is not None,
+        ACTIVATION=activations.CODES[activation], STORE_PRE=store_pre,
+        DOT_FP32=dot_dtype_workaround(x.dtype == torch.bfloat16), INPUT_PRECISION=input_precision(x.dtype),
+    )
+    return out, pre_act
+
+
+def flops(M: int, N: int, K: int) -> int:
+    return 2 * M * N * K
