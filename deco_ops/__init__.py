@@ -13,6 +13,8 @@ from .packed import (
 )
 from .mlp_pool import mlp_pool, mlp_pool_packed
 from .modules import DeCoProjector
+from .merge import merge_mlp, merge_mlp_packed
+from .merge_modules import PatchMergerProjector
 from .attention import cross_attention
 from .attention_modules import CrossAttention, QueryResampler
 
@@ -27,6 +29,9 @@ __all__ = [
     "mlp_pool",
     "mlp_pool_packed",
     "DeCoProjector",
+    "merge_mlp",
+    "merge_mlp_packed",
+    "PatchMergerProjector",
     "cross_attention",
     "CrossAttention",
     "QueryResampler",

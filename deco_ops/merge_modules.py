@@ -1,0 +1,200 @@
+"""``PatchMergerProjector``: a drop-in for the patch-merge projectors of Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL and InternVL, running the fused ``merge_mlp``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import _validate
+from .merge import NORM_POSITIONS, NORMS, ORDERS, merge_mlp
+from .projector import ACTIVATIONS
+
+# Where each family keeps (norm, first Linear, second Linear) in its state_dict.
+KEY_LAYOUTS = {
+    "qwen2_vl": ("ln_q", "mlp.0", "mlp.2"),  # Qwen2-VL PatchMerger, Qwen2_5_VLPatchMerger
+    "qwen3_vl": ("norm", "linear_fc1", "linear_fc2"),  # Qwen3VLVisionPatchMerger
+    "internvl": ("layer_norm", "linear_1", "linear_2"),  # HF InternVLMultiModalProjector
+}
+# The original InternVL checkpoints' mlp1 = Sequential(LayerNorm, Linear, GELU, Linear).
+INTERNVL_ORIGINAL = ("mlp1.0", "mlp1.1", "mlp1.3")
+
+# Activation modules of nn / transformers (by class name: transformers is optional) -> our names.
+_ACTIVATION_CLASSES = {
+    "GELUActivation": "gelu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh", "SiLU": "silu", "SiLUActivation": "silu",
+}
+
+
+def _activation_of(module: nn.Module) -> str:
+    if isinstance(module, nn.GELU):
+        return "gelu" if module.approximate == "none" else "gelu_tanh"
+    name = _ACTIVATION_CLASSES.get(type(module).__name__)
+    if name is None:
+        raise ValueError(f"unsupported activation module {type(module).__name__}; supported: nn.GELU, nn.SiLU, {sorted(_ACTIVATION_CLASSES)}")
+    return name
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    return norm.eps if hasattr(norm, "eps") else norm.variance_epsilon
+
+
+def _is_rms(norm: nn.Module) -> bool:
+    return not isinstance(norm, nn.LayerNorm)
+
+
+class PatchMergerProjector(nn.Module):
+    """``Linear2(act(Linear1(norm(merge(x)))))``: each ``merge_size`` x ``merge_size`` block of
+    patch tokens concatenated into one row, normalised before (per token) or after (per merged
+    row) the merge, then the MLP, fused (``deco_ops.merge_mlp``).
+
+    ``forward(x, grid=None)`` takes what the Hugging Face pipeline feeds the stage it replaces:
+
+    * ``order="block"`` (Qwen2/2.5/3-VL): the ``(N, C)`` token sequence the merger receives (or a
+      batch ``(B, N, C)``), each block's tokens consecutive; returns ``(N / S², out)``.
+    * ``order="grid"`` (InternVL): ``(B, N, C)`` row-major vision tokens (CLS dropped), which
+      InternVL reshapes to a square grid and pixel-shuffles; ``grid=(H, W)`` (per call or at
+      construction) for a non-square grid. Returns ``(B, N / S², out)``.
+
+    Parameters are registered under the names of ``keys`` (``KEY_LAYOUTS``), so the HF module's
+    ``state_dict`` loads unchanged and ours loads into it; every other layout's keys, and the
+    original InternVL checkpoints' ``mlp1.0/1/3`` keys, load too.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        hidden_features: int | None = None,
+        merge_size: int = 2,
+        order: str = "block",
+        norm: str = "layernorm",
+        norm_position: str = "pre",
+        eps: float = 1e-6,
+        activation: str = "gelu",
+        grid=None,
+        keys: str = "qwen2_vl",
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features), ("merge_size", merge_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        merged = merge_size * merge_size * in_features
+        hidden_features = merged if hidden_features is None else hidden_features
+        if isinstance(hidden_features, bool) or not isinstance(hidden_features, int) or hidden_features < 1:
+            raise ValueError(f"hidden_features must be a positive int, got {hidden_features!r}")
+        for name, value, choices in (("order", order, ORDERS), ("norm", norm, NORMS),
+                                     ("norm_position", norm_position, NORM_POSITIONS), ("keys", keys, tuple(KEY_LAYOUTS))):
+            if not isinstance(value, str) or value not in choices:
+                raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        self.merge_size, self.order, self.norm_type, self.norm_position = merge_size, order, norm, norm_position
+        self.eps, self.activation = float(eps), _validate.activation(activation, ACTIVATIONS)
+        self.grid = None if grid is None else _validate.grid("grid", grid)
+        if self.grid is not None and order != "grid":
+            raise ValueError("grid is only used with order='grid'")
+        self.keys = keys
+        factory = {"device": device, "dtype": dtype}
+        width = in_features if norm_position == "pre" else merged
+        norm_layer = nn.LayerNorm(width, eps=eps, **factory) if norm == "layernorm" else nn.RMSNorm(width, eps=eps, **factory)
+        parts = (norm_layer, nn.Linear(merged, hidden_features, bias=bias, **factory),
+                 nn.Linear(hidden_features, out_features, bias=bias, **factory))
+        for path, module in zip(KEY_LAYOUTS[keys], parts):
+            self._register_at(path, module)
+        self._register_load_state_dict_pre_hook(self._accept_other_layouts)
+
+    def _register_at(self, path: str, module: nn.Module) -> None:
+        parent = self
+        *heads, leaf = path.split(".")
+        for head in heads:
+            if head not in parent._modules:
+                parent.add_module(head, nn.Module())
+            parent = parent._modules[head]
+        parent.add_module(leaf, module)
+
+    @property
+    def norm_layer(self) -> nn.Module:
+        return self.get_submodule(KEY_LAYOUTS[self.keys][0])
+
+    @property
+    def fc1(self) -> nn.Linear:
+        return self.get_submodule(KEY_LAYOUTS[self.keys][1])
+
+    @property
+    def fc2(self) -> nn.Linear:
+        return self.get_submodule(KEY_LAYOUTS[self.keys][2])
+
+    def _accept_other_layouts(self, state_dict, prefix, *args) -> None:
+        ours = KEY_LAYOUTS[self.keys]
+        for theirs in (*KEY_LAYOUTS.values(), INTERNVL_ORIGINAL):
+            if theirs == ours:
+                continue
+            for old, new in zip(theirs, ours):
+                head = f"{prefix}{old}."
+                for key in [k for k in state_dict if k.startswith(head)]:
+                    state_dict[f"{prefix}{new}.{key[len(head):]}"] = state_dict.pop(key)
+
+    @classmethod
+    def from_hf(cls, module: nn.Module, *, merge_size: int | None = None, grid=None) -> PatchMergerProjector:
+        """A projector with ``module``'s configuration and a copy of its weights, for HF's Qwen2-VL
+        ``PatchMerger``, ``Qwen2_5_VLPatchMerger``, ``Qwen3VLVisionPatchMerger`` or
+        ``InternVLMultiModalProjector``. ``merge_size`` is needed where the module does not
+        determine it (InternVL: ``1 / downsample_ratio``, default 2; Qwen3-VL's post-shuffle
+        norm: ``spatial_merge_size``, default 2); ``grid`` as in ``__init__``."""
+        kind = type(module).__name__
+        if hasattr(module, "ln_q"):  # Qwen2-VL / Qwen2.5-VL
+            norm, fc1, fc2, act = module.ln_q, module.mlp[0], module.mlp[2], module.mlp[1]
+            C = norm.weight.shape[0]
+            merge_size = math.isqrt(fc1.in_features // C)
+            keys, order, position = "qwen2_vl", "block", "pre"
+        elif hasattr(module, "linear_fc1") and hasattr(module, "use_postshuffle_norm"):  # Qwen3-VL
+            norm, fc1, fc2, act = module.norm, module.linear_fc1, module.linear_fc2, module.act_fn
+            position = "post" if module.use_postshuffle_norm else "pre"
+            if position == "pre":
+                merge_size = math.isqrt(fc1.in_features // norm.weight.shape[0])
+            keys, order = "qwen3_vl", "block"
+        elif hasattr(module, "layer_norm") and hasattr(module, "linear_1"):  # InternVL
+            norm, fc1, fc2, act = module.layer_norm, module.linear_1, module.linear_2, module.act
+            keys, order, position = "internvl", "grid", "post"
+        else:
+            raise TypeError(f"from_hf does not know {kind}; expected a Qwen2-VL/Qwen2.5-VL/Qwen3-VL patch merger or InternVLMultiModalProjector")
+        merge_size = 2 if merge_size is None else merge_size
+        C = fc1.in_features // (merge_size * merge_size)
+        if C * merge_size * merge_size != fc1.in_features:
+            raise ValueError(f"{kind}: first Linear's in_features {fc1.in_features} is not merge_size**2 = {merge_size**2} times a channel count")
+        weight = fc1.weight
+        out = cls(
+            C, fc2.out_features, hidden_features=fc1.out_features, merge_size=merge_size, order=order,
+            norm="rmsnorm" if _is_rms(norm) else "layernorm", norm_position=position, eps=_norm_eps(norm),
+            activation=_activation_of(act), grid=grid, keys=keys, bias=fc1.bias is not None,
+            device=weight.device, dtype=weight.dtype,
+        )
+        out.load_state_dict(module.state_dict())
+        return out
+
+    def forward(self, x: torch.Tensor, grid=None) -> torch.Tensor:
+        grid = self.grid if grid is None else grid
+        if self.order == "grid":
+            _validate.tensor("x", x, 3)
+            if grid is None:
+                side = math.isqrt(x.shape[1])
+                if side * side != x.shape[1]:
+                    raise ValueError(f"x has {x.shape[1]} tokens, not a square grid; pass grid=(H, W) (drop any CLS token first)")
+                grid = (side, side)
+        norm = self.norm_layer
+        return merge_mlp(
+            x, norm.weight, getattr(norm, "bias", None), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+            grid=grid, merge_size=self.merge_size, order=self.order, norm=self.norm_type, norm_position=self.norm_position,
+            eps=self.eps, activation=self.activation,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"merge_size={self.merge_size}, order={self.order!r}, norm={self.norm_type!r}, "
+            f"norm_position={self.norm_position!r}, eps={self.eps}, activation={self.activation!r}, keys={self.keys!r}"
+        )
