@@ -110,6 +110,46 @@ def _(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, n
     return y, stats, x.new_empty((M, w1.shape[0]))
 
 
+@torch.library.custom_op("deco::merge_norm_backward", mutates_args=())
+def _norm_backward(
+    x: torch.Tensor,
+    stats: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    dn: torch.Tensor | None,
+    geometry: torch.Tensor | None,
+    grid: list[int],
+    merge: int,
+    order: str,
+    norm: str,
+    pre: bool,
+    need_dx: bool,
+    store_n: bool,
+    need_dwn: bool,
+    need_dbn: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, norm output (M, K), fp32 dweight, fp32 dbias); empty where not requested."""
+    args = (x, stats, norm_weight, norm_bias, dn, merge, order, _layout(grid), geometry)
+    flags = (need_dx, store_n, need_dwn, need_dbn)
+    if use_fused(x.device):
+        out = merge_norm.merge_norm_backward(*args, _image_table(geometry, stats.shape[0]), norm, pre, *flags)
+    else:
+        out = merge_reference.norm_backward(*args, norm, pre, *flags)
+    return tuple(x.new_empty((0,)) if t is None else t for t in out)
+
+
+@_norm_backward.register_fake
+def _(x, stats, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, need_dx, store_n, need_dwn, need_dbn):
+    width = x.shape[2] * (1 if pre else merge * merge)
+    empty = x.new_empty((0,))
+    return (
+        x.new_empty(x.shape) if need_dx else empty,
+        x.new_empty((stats.shape[0], merge * merge * x.shape[2])) if store_n else empty,
+        stats.new_empty((width,)) if need_dwn else empty,
+        stats.new_empty((width,)) if need_dbn else empty,
+    )
+
+
 def _setup(ctx, inputs, output):
     x, nw, nb, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep = inputs
     need_x, need_nw, need_nb, need_w1 = ctx.needs_input_grad[:4]
@@ -118,7 +158,7 @@ def _setup(ctx, inputs, output):
     tokens = x if need_x or need_nw or need_nb or need_w1 else None
     ctx.save_for_backward(tokens, nw, nb, w1, w2, geometry, output[1], output[2])
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-    ctx.args = (_layout(grid), merge, order, norm, pre)
+    ctx.args = (grid, merge, order, norm, pre)
     ctx.activation, ctx.keep = activation, keep
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
 
@@ -128,7 +168,7 @@ def _backward(ctx, dy, dstats, dpre_extra):
     if not ctx.keep:
         raise RuntimeError("deco::merge_mlp ran with keep_residuals=False; call deco_ops.merge_mlp to differentiate it")
     need_x, need_nw, need_nb, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:7]
-    layout, merge, order, norm, pre = ctx.args
+    grid, merge, order, norm, pre = ctx.args
     dy2 = dy.reshape(-1, dy.shape[-1])
     dz, act = torch.ops.deco.mlp_activation_backward(dy2, w2, pre_act, ctx.activation)
     if dpre_extra is not None:
@@ -140,13 +180,10 @@ def _backward(ctx, dy, dstats, dpre_extra):
     dx = dnw = dnb = dw1 = None
     if need_x or need_nw or need_nb or need_w1:
         dn = dz @ w1 if need_x or need_nw or need_nb else None
-        args = (x, stats, nw, nb, dn, merge, order, layout, geometry)
-        if use_fused(dz.device):
-            image = _image_table(geometry, stats.shape[0])
-            dx, n, dnw, dnb = merge_norm.merge_norm_backward(*args, image, norm, pre, need_x, need_w1, need_nw, need_nb)
-        else:
-            dx, n, dnw, dnb = merge_reference.norm_backward(*args, norm, pre, need_x, need_w1, need_nw, need_nb)
+        dx, n, dnw, dnb = torch.ops.deco.merge_norm_backward(
+            x, stats, nw, nb, dn, geometry, grid, merge, order, norm, pre, need_x, need_w1, need_nw, need_nb)
         dw1 = dz.t() @ n if need_w1 else None
+        dx = dx if need_x else None
         dnw = dnw.to(nw.dtype) if need_nw else None
         dnb = dnb.to(nb.dtype) if need_nb else None
     return dx, dnw, dnb, dw1, db1, dw2, db2, None, None, None, None, None, None, None, None, None

@@ -1,0 +1,360 @@
+"""merge_mlp / merge_mlp_packed, forward and every gradient, against float64 eager PyTorch written
+the way the HF modules compute it (Qwen's ``view``, InternVL's ``pixel_shuffle``)."""
+
+import itertools
+import math
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import deco_ops
+from deco_ops import reference
+from deco_ops.kernels import gemm_act_grad, merge_gemm, merge_norm
+from fuzz import dtypes, examples
+from harness import DTYPES, assert_close, guarded, leaf, poisoned_empty, randn
+
+NAMES = ("x", "norm_weight", "norm_bias", "w1", "b1", "w2", "b2")
+KERNELS = [merge_norm.merge_norm_stats_kernel, merge_gemm.merge_gemm_kernel, gemm_act_grad.gemm_act_grad_kernel,
+           merge_norm.merge_norm_backward_kernel]
+
+
+def pixel_shuffle(x, scale):
+    """InternVL's pixel_shuffle (HF ``InternVLModel.pixel_shuffle``), transcribed, for (B, H, W, C)."""
+    n, w, h, c = x.size()
+    x = x.view(n, w, int(h * scale), int(c / scale))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
+    return x.permute(0, 2, 1, 3).contiguous()
+
+
+def eager_merge_mlp(x, nw, nb, w1, b1, w2, b2, *, grid=None, merge_size=2, order="block", norm="layernorm",
+                    norm_position="pre", eps=1e-6, activation="gelu"):
+    """The HF modules' sequence in plain PyTorch (differentiable): norm, merge, Linear, act, Linear."""
+    S, C = merge_size, x.shape[-1]
+
+    def normalize(t):
+        if norm == "layernorm":
+            return F.layer_norm(t, (t.shape[-1],), nw, nb, eps)
+        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps)
+        return t * nw if nw is not None else t
+
+    def merged(t):
+        if order == "block":
+            return t.reshape(*t.shape[:-2], -1, S * S * t.shape[-1])
+        *T, H, W = grid
+        frames = t.reshape(-1, H, W, t.shape[-1])
+        return pixel_shuffle(frames, 1 / S).reshape(t.shape[0], -1, S * S * t.shape[-1])
+
+    h = merged(normalize(x)) if norm_position == "pre" else normalize(merged(x))
+    return F.linear(reference.ACTIVATIONS[activation](F.linear(h, w1, b1)), w2, b2)
+
+
+def _case(dtype, *, B=2, N=24, C=12, hidden=40, out=24, merge_size=2, norm="layernorm", norm_position="pre",
+          bias=(True, True, True, True), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = C if norm_position == "pre" else merge_size * merge_size * C
+    K = merge_size * merge_size * C
+    x = randn(B, N, C, dtype=dtype, generator=g) * 1.5 + 0.5  # a mean away from 0: LayerNorm centres
+    nw = randn(width, dtype=dtype, generator=g) * 0.5 + 1 if bias[0] else None
+    nb = randn(width, dtype=dtype, generator=g) * 0.3 if bias[1] and norm == "layernorm" else None
+    w1 = randn(hidden, K, dtype=dtype, scale=K**-0.5, generator=g)
+    b1 = randn(hidden, dtype=dtype, generator=g) if bias[2] else None
+    w2 = randn(out, hidden, dtype=dtype, scale=hidden**-0.5, generator=g)
+    b2 = randn(out, dtype=dtype, generator=g) if bias[3] else None
+    dy = randn(B, N // (merge_size * merge_size), out, dtype=dtype, generator=g)
+    return [x, nw, nb, w1, b1, w2, b2], dy
+
+
+def _check(params, dy, dtype, requires=None, **kw):
+    """Fused op on guard-banded inputs with NaN-poisoned outputs vs float64 eager; ``requires``:
+    the names of the inputs that require grad (default all present)."""
+    requires = set(NAMES) if requires is None else requires
+    leaves = [None if p is None else leaf(guarded(p)).requires_grad_(n in requires) for n, p in zip(NAMES, params)]
+    with poisoned_empty():
+        y = deco_ops.merge_mlp(*leaves, **kw)
+        if any(t is not None and t.requires_grad for t in leaves):
+            y.backward(guarded(dy))
+    ref = [leaf(p, torch.float64) for p in params]
+    y64 = eager_merge_mlp(*ref, **kw)
+    y64.backward(dy.double())
+    same = [leaf(p) for p in params]
+    y_same = eager_merge_mlp(*same, **kw)
+    y_same.backward(dy)
+    assert y.dtype == dtype
+    assert_close(y, y64, dtype, "y", eager=y_same)
+    for name, got, want, base in zip(NAMES, leaves, ref, same):
+        if got is None:
+            continue
+        if name in requires:
+            assert_close(got.grad, want.grad, dtype, f"grad {name}", eager=base.grad)
+        else:
+            assert got.grad is None, name
+
+
+MATRIX = [(o, n, p) for o in ("block", "grid") for n in ("layernorm", "rmsnorm") for p in ("pre", "post")]
+
+
+@pytest.mark.parametrize("order,norm,position", MATRIX)
+def test_merge_mlp(backend, order, norm, position):
+    params, dy = _case(torch.float32, norm=norm, norm_position=position)
+    _check(params, dy, torch.float32, grid=(4, 6) if order == "grid" else None, order=order, norm=norm,
+           norm_position=position, eps=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("order,norm,position", [("block", "layernorm", "pre"), ("grid", "layernorm", "post"), ("block", "rmsnorm", "pre")])
+def test_merge_mlp_16bit(dtype, order, norm, position):
+    """The three HF configurations (Qwen2-VL, InternVL, Qwen2.5-VL) in fp16 and bf16, widths
+    that are not multiples of the tiles (C = 37: every K chunk crosses a token boundary)."""
+    params, dy = _case(dtype, B=1, N=36, C=37, hidden=70, out=29, norm=norm, norm_position=position)
+    with deco_ops.use_backend("triton"):
+        _check(params, dy, dtype, grid=(6, 6) if order == "grid" else None, order=order, norm=norm, norm_position=position)
+
+
+@pytest.mark.parametrize("requires", [set(s) for r in range(5) for s in itertools.combinations(("x", "norm_weight", "norm_bias", "w1"), r)],
+                         ids=lambda s: "+".join(sorted(s)) or "only_b1_w2_b2")
+def test_every_subset_requiring_grad(requires):
+    """Each subset of the inputs whose gradients the norm backward kernel serves (its NEED_DX /
+    NEED_DWN / NEED_DBN / STORE_N flags), b1, w2 and b2 requiring grad (plain reductions and cuBLAS
+    GEMMs); the frozen ones get no gradient."""
+    params, dy = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8, norm_position="post")
+    with deco_ops.use_backend("triton"):
+        _check(params, dy, torch.float32, requires=requires | {"b1", "w2", "b2"}, grid=(4, 4), order="grid", norm_position="post")
+
+
+@pytest.mark.parametrize("norm,present", [("layernorm", (False, True, True, True)), ("layernorm", (True, False, True, True)),
+                                          ("layernorm", (True, True, False, False)), ("rmsnorm", (False, False, True, False)),
+                                          ("layernorm", (False, False, False, False))],
+                         ids=["no_norm_weight", "no_norm_bias", "no_b1_b2", "rmsnorm_no_weight_no_b2", "none"])
+def test_optional_arguments(norm, present):
+    params, dy = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8, norm=norm, bias=present)
+    with deco_ops.use_backend("triton"):
+        _check(params, dy, torch.float32, norm=norm)
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "silu"])
+def test_activations(activation):
+    params, dy = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8)
+    with deco_ops.use_backend("triton"):
+        _check(params, dy, torch.float32, activation=activation)
+
+
+def test_merge_size_3_and_video_grid():
+    """3x3 merges of a (T, H, W) grid (each frame merged on its own) and of consecutive blocks."""
+    params, dy = _case(torch.float32, B=1, N=2 * 36, C=8, hidden=16, out=8, merge_size=3)
+    with deco_ops.use_backend("triton"):
+        _check(params, dy, torch.float32, grid=(2, 6, 6), order="grid", merge_size=3)
+    params, dy = _case(torch.float32, B=1, N=2 * 36, C=8, hidden=16, out=8, merge_size=3, norm_position="post")
+    with deco_ops.use_backend("triton"):
+        _check(params, dy, torch.float32, merge_size=3, norm_position="post")
+
+
+def test_two_dimensional_tokens_are_one_sequence():
+    """Qwen's merger input: the (N, C) token sequence, merged rows (N/4, out)."""
+    params, _ = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8)
+    with deco_ops.use_backend("triton"):
+        y2 = deco_ops.merge_mlp(params[0][0], *params[1:])
+        y3 = deco_ops.merge_mlp(*params)
+    assert y2.shape == (4, 8) and torch.equal(y2, y3[0])
+
+
+@given(
+    dtype=dtypes, batch=st.integers(0, 3), merge_size=st.integers(1, 3), blocks=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    frames=st.integers(1, 2), C=st.integers(1, 40), hidden=st.integers(1, 48), out=st.integers(1, 40),
+    order=st.sampled_from(["block", "grid"]), norm=st.sampled_from(["layernorm", "rmsnorm"]),
+    position=st.sampled_from(["pre", "post"]),
+)
+@examples(5)
+def test_fuzzed(dtype, batch, merge_size, blocks, frames, C, hidden, out, order, norm, position):
+    grid = (frames, blocks[0] * merge_size, blocks[1] * merge_size)
+    params, dy = _case(dtype, B=batch, N=math.prod(grid), C=C, hidden=hidden, out=out, merge_size=merge_size,
+                       norm=norm, norm_position=position, seed=C)
+    if batch == 0:
+        with deco_ops.use_backend("triton"):
+            y = deco_ops.merge_mlp(*params, grid=grid if order == "grid" else None, merge_size=merge_size, order=order,
+                                   norm=norm, norm_position=position)
+        assert y.shape == (0, math.prod(grid) // merge_size**2, out)
+        return
+    with deco_ops.use_backend("triton"):
+        _check(params, dy, dtype, grid=grid if order == "grid" else None, merge_size=merge_size, order=order, norm=norm,
+               norm_position=position)
+
+
+# ----------------------------------------------------------------------------------------------
+# packed batches
+
+
+GRIDS = torch.tensor([[4, 6], [2, 2], [6, 4], [8, 2]])
+
+
+@pytest.mark.parametrize("order,position", [("block", "pre"), ("grid", "post"), ("grid", "pre")])
+def test_packed_equals_a_loop_over_images(order, position):
+    """One launch per stage for images of different grids == the single-image op per image,
+    forward and backward (Qwen2-VL's grid_thw batches in block order; row-major grids)."""
+    sizes = GRIDS.prod(1).tolist()
+    params, _ = _case(torch.float32, B=1, N=sum(sizes), C=8, hidden=16, out=8, norm_position=position)
+    x = params[0][0]
+    dy = randn(sum(sizes) // 4, 8)
+    with deco_ops.use_backend("triton"):
+        leaves = [leaf(t) for t in (x, *params[1:])]
+        y, cu = deco_ops.merge_mlp_packed(leaves[0], GRIDS, *leaves[1:], order=order, norm_position=position)
+        y.backward(dy)
+        loop = [leaf(t) for t in (x, *params[1:])]
+        parts = []
+        for (H, W), xi in zip(GRIDS.tolist(), torch.split(loop[0], sizes)):
+            grid = (H, W) if order == "grid" else None
+            parts.append(deco_ops.merge_mlp(xi[None], *loop[1:], grid=grid, order=order, norm_position=position)[0])
+        torch.cat(parts).backward(dy)
+    assert cu.tolist() == [0, 6, 7, 13, 17]
+    assert_close(y, torch.cat(parts).detach(), torch.float32)
+    for name, a, b in zip(NAMES, leaves, loop):
+        if a is not None:
+            assert_close(a.grad, b.grad, torch.float32, f"grad {name}")
+
+
+def test_packed_video_grids():
+    grids = torch.tensor([[2, 4, 4], [1, 2, 6]])
+    params, _ = _case(torch.float32, B=1, N=44, C=8, hidden=16, out=8)
+    with deco_ops.use_backend("triton"):
+        y, cu = deco_ops.merge_mlp_packed(params[0][0], grids, *params[1:], order="grid")
+        first = deco_ops.merge_mlp(params[0][:, :32], *params[1:], grid=(2, 4, 4), order="grid")[0]
+    assert cu.tolist() == [0, 8, 11]
+    assert_close(y[:8], first, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# launches, residuals, registration
+
+
+def _spy(kernels):
+    spies = [mock.patch.object(k, "run", wraps=k.run) for k in kernels]
+    return spies, [s.start() for s in spies]
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_kernel_launches(frozen):
+    """Forward: the statistics pre-pass and the fused GEMM; backward: gemm_act_grad and the norm
+    backward. A frozen tower, norm and first Linear: no norm backward at all."""
+    params, dy = _case(torch.float16, B=1, N=16, C=8, hidden=16, out=8)
+    leaves = [leaf(p) for p in params]
+    if frozen:
+        for t in leaves[:4]:
+            t.requires_grad_(False)
+    with deco_ops.use_backend("triton"), mock.patch.multiple(
+            "deco_ops.merge_reference", composed_forward=mock.DEFAULT, norm_backward=mock.DEFAULT):
+        spies, mocks = _spy(KERNELS)
+        try:
+            deco_ops.merge_mlp(*leaves).backward(dy)
+        finally:
+            for s in spies:
+                s.stop()
+    assert [m.call_count for m in mocks] == [1, 1, 1, 0 if frozen else 1]
+    assert leaves[5].grad is not None
+
+
+def test_frozen_tokens_and_first_layer_save_no_tokens():
+    """x is kept for backward only when a gradient needs it (x, the norm's parameters, w1)."""
+    params, _ = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8)
+    x = params[0]
+    saved = []
+    leaves = [leaf(p) for p in params]
+    for t in leaves[:4]:
+        t.requires_grad_(False)
+    with deco_ops.use_backend("triton"), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        deco_ops.merge_mlp(x, *leaves[1:])
+    assert saved and not any(t.data_ptr() == x.data_ptr() for t in saved)
+
+
+def test_inference_keeps_no_residuals():
+    params, _ = _case(torch.float32)
+    with torch.no_grad(), deco_ops.use_backend("triton"):
+        y, stats, pre = torch.ops.deco.merge_mlp(*params, None, [], 2, "block", "layernorm", True, 1e-6, "gelu", False)
+    assert stats.numel() == 0 and pre.numel() == 0 and y.shape == (2, 6, 24)
+
+
+def test_opcheck():
+    params, _ = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8)
+    leaves = [leaf(p) for p in params]
+    with deco_ops.use_backend("triton"):
+        torch.library.opcheck(torch.ops.deco.merge_mlp, (*leaves, None, [1, 4, 4], 2, "grid", "layernorm", True, 1e-5, "gelu", True))
+
+
+def test_offsets_past_2_31_elements():
+    """Token rows 2**27+1 elements apart: token index x stride passes 2**31 within 32 tokens; the
+    stats pre-pass, the fused GEMM and the norm backward all read the tokens by their strides."""
+    C, stride = 8, 2**27 + 1
+    x = torch.empty(31 * stride + C, dtype=torch.float16).as_strided((1, 32, C), (32 * stride, stride, 1))
+    x.copy_(randn(1, 32, C, dtype=torch.float16))
+    params, _ = _case(torch.float16, B=1, N=32, C=C, hidden=16, out=8)
+    results = []
+    with deco_ops.use_backend("triton"):
+        for tokens in (x, x.contiguous()):
+            leaves = [tokens.detach().requires_grad_(True), *(leaf(p) for p in params[1:])]
+            y = deco_ops.merge_mlp(*leaves, grid=(4, 8), order="grid")
+            results.append([y, *torch.autograd.grad(y, leaves[:4], torch.ones_like(y))])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+# ----------------------------------------------------------------------------------------------
+# errors
+
+
+def _good():
+    params, _ = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8)
+    return dict(zip(NAMES, params))
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"x": torch.randn(16)}, ValueError, "x must have 2 .* or 3"),
+        ({"x": torch.randn(1, 18, 8)}, ValueError, "not a multiple of merge_size"),
+        ({"merge_size": 0}, ValueError, "merge_size must be a positive int"),
+        ({"order": "pixel_shuffle"}, ValueError, "order must be one of"),
+        ({"order": "grid"}, ValueError, "order='grid' needs grid"),
+        ({"grid": (4, 4)}, ValueError, "grid is only used with order='grid'"),
+        ({"order": "grid", "grid": (4, 5)}, ValueError, "x has 16 tokens but grid"),
+        ({"order": "grid", "grid": (1, 16)}, ValueError, "multiples of merge_size"),
+        ({"norm": "batchnorm"}, ValueError, "norm must be one of"),
+        ({"norm_position": "middle"}, ValueError, "norm_position must be one of"),
+        ({"norm_weight": torch.randn(32)}, ValueError, "norm_weight has shape .* pre-merge norm spans x.shape"),
+        ({"norm_position": "post"}, ValueError, "norm_weight has shape .* post-merge norm spans merge_size"),
+        ({"norm": "rmsnorm"}, ValueError, "norm_bias must be None for norm='rmsnorm'"),
+        ({"eps": -1.0}, ValueError, "eps must be a finite float >= 0"),
+        ({"w1": torch.randn(16, 8)}, ValueError, r"w1 has shape \(16, 8\): its in_features 8 must equal merge_size\*\*2"),
+        ({"b2": torch.randn(9)}, ValueError, "b2 has shape"),
+        ({"norm_bias": torch.randn(8, dtype=torch.float16)}, TypeError, "norm_bias has dtype"),
+        ({"activation": "relu"}, ValueError, "activation must be one of"),
+        ({"norm_weight": [1.0] * 8}, TypeError, "norm_weight must be a torch.Tensor"),
+        ({"w1": torch.randn(16, 32, device="meta")}, ValueError, "w1 is on meta"),
+    ],
+)
+def test_bad_input(change, error, match):
+    args = _good() | change
+    tensors = [args.pop(n) for n in NAMES]
+    with deco_ops.use_backend("triton"), mock.patch.object(merge_gemm.merge_gemm_kernel, "run") as launch:
+        with pytest.raises(error, match=match):
+            deco_ops.merge_mlp(*tensors, **args)
+    launch.assert_not_called()
+
+
+@pytest.mark.parametrize(
+    "grids,kw,error,match",
+    [
+        (torch.tensor([[4, 4], [2, 3]]), {}, ValueError, r"grids\[1\] = \(2, 3\): H and W must be multiples"),
+        (torch.tensor([[4, 4]]), {}, ValueError, "x has 20 tokens but grids need"),
+        (torch.tensor([[4.0, 5.0]]), {}, TypeError, "grids must be an integer tensor"),
+        (torch.tensor([[4, 4], [2, 2]]), {"order": "rows"}, ValueError, "order must be one of"),
+    ],
+)
+def test_bad_packed_input(grids, kw, error, match):
+    p = _good()
+    x = torch.randn(20, 8)
+    with deco_ops.use_backend("triton"), mock.patch.object(merge_gemm.merge_gemm_kernel, "run") as launch:
+        with pytest.raises(error, match=match):
+            deco_ops.merge_mlp_packed(x, grids, *(p[n] for n in NAMES[1:]), **kw)
+    launch.assert_not_called()
