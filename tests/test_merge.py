@@ -15,7 +15,7 @@ import deco_ops
 from deco_ops import reference
 from deco_ops.kernels import gemm_act_grad, merge_gemm, merge_norm
 from fuzz import dtypes, examples
-from harness import DTYPES, assert_close, guarded, leaf, poisoned_empty, randn
+from harness import assert_close, guarded, leaf, poisoned_empty, randn
 
 NAMES = ("x", "norm_weight", "norm_bias", "w1", "b1", "w2", "b2")
 KERNELS = [merge_norm.merge_norm_stats_kernel, merge_gemm.merge_gemm_kernel, gemm_act_grad.gemm_act_grad_kernel,
@@ -105,25 +105,16 @@ def test_merge_mlp(backend, order, norm, position):
            norm_position=position, eps=1e-5)
 
 
-@pytest.mark.parametrize("dtype", DTYPES[1:])
-@pytest.mark.parametrize("order,norm,position", [("block", "layernorm", "pre"), ("grid", "layernorm", "post"), ("block", "rmsnorm", "pre")])
-def test_merge_mlp_16bit(dtype, order, norm, position):
-    """The three HF configurations (Qwen2-VL, InternVL, Qwen2.5-VL) in fp16 and bf16, widths
-    that are not multiples of the tiles (C = 37: every K chunk crosses a token boundary)."""
-    params, dy = _case(dtype, B=1, N=36, C=37, hidden=70, out=29, norm=norm, norm_position=position)
-    with deco_ops.use_backend("triton"):
-        _check(params, dy, dtype, grid=(6, 6) if order == "grid" else None, order=order, norm=norm, norm_position=position)
-
-
 @pytest.mark.parametrize("requires", [set(s) for r in range(5) for s in itertools.combinations(("x", "norm_weight", "norm_bias", "w1"), r)],
                          ids=lambda s: "+".join(sorted(s)) or "only_b1_w2_b2")
 def test_every_subset_requiring_grad(requires):
     """Each subset of the inputs whose gradients the norm backward kernel serves (its NEED_DX /
     NEED_DWN / NEED_DBN / STORE_N flags), b1, w2 and b2 requiring grad (plain reductions and cuBLAS
     GEMMs); the frozen ones get no gradient."""
-    params, dy = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8, norm_position="post")
+    params, dy = _case(torch.float32, B=1, N=8, C=8, hidden=16, out=8, norm_position="post", merge_size=1)
     with deco_ops.use_backend("triton"):
-        _check(params, dy, torch.float32, requires=requires | {"b1", "w2", "b2"}, grid=(4, 4), order="grid", norm_position="post")
+        _check(params, dy, torch.float32, requires=requires | {"b1", "w2", "b2"}, grid=(2, 4), order="grid",
+               norm_position="post", merge_size=1)
 
 
 @pytest.mark.parametrize("norm,present", [("layernorm", (False, True, True, True)), ("layernorm", (True, False, True, True)),
@@ -191,7 +182,7 @@ def test_fuzzed(dtype, batch, merge_size, blocks, frames, C, hidden, out, order,
 GRIDS = torch.tensor([[4, 6], [2, 2], [6, 4], [8, 2]])
 
 
-@pytest.mark.parametrize("order,position", [("block", "pre"), ("grid", "post"), ("grid", "pre")])
+@pytest.mark.parametrize("order,position", [("block", "pre"), ("grid", "post")])
 def test_packed_equals_a_loop_over_images(order, position):
     """One launch per stage for images of different grids == the single-image op per image,
     forward and backward (Qwen2-VL's grid_thw batches in block order; row-major grids)."""

@@ -1,0 +1,164 @@
+"""PatchMergerProjector against the Hugging Face modules it replaces (transformers' own code, tiny
+random-init configs): Qwen2-VL PatchMerger, Qwen2.5-VL's, Qwen3-VL's (pre and post-shuffle norm)
+and InternVL's pixel_shuffle + multi_modal_projector; forward, backward, state_dicts, memory."""
+
+import pytest
+import torch
+
+import deco_ops
+from harness import DTYPES, assert_close
+
+qwen2_vl = pytest.importorskip("transformers.models.qwen2_vl.modeling_qwen2_vl")
+qwen2_5_vl = pytest.importorskip("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl")
+qwen3_vl = pytest.importorskip("transformers.models.qwen3_vl.modeling_qwen3_vl")
+internvl = pytest.importorskip("transformers.models.internvl.modeling_internvl")
+from transformers import InternVLConfig, Qwen3VLVisionConfig  # noqa: E402
+
+C, D = 16, 24
+
+
+def _init(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights everywhere (norm weights away from 1, biases away from 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else p.shape[-1] ** -0.5) + (1.0 if p.dim() == 1 else 0.0))
+    return module
+
+
+def qwen3_merger(post: bool, c: int = C, d: int = D):
+    config = Qwen3VLVisionConfig(hidden_size=c, spatial_merge_size=2, out_hidden_size=d)
+    return qwen3_vl.Qwen3VLVisionPatchMerger(config, use_postshuffle_norm=post)
+
+
+def internvl_projector(c: int = C, d: int = D):
+    config = InternVLConfig(vision_config={"hidden_size": c}, text_config={"model_type": "qwen2", "hidden_size": d},
+                            downsample_ratio=0.5, projector_hidden_act="gelu")
+    return internvl.InternVLMultiModalProjector(config)
+
+
+def internvl_stage(projector, x, grid):
+    """What InternVL runs on (B, N, C) vision tokens: reshape to the grid, pixel_shuffle, project."""
+    B = x.shape[0]
+    feats = internvl.InternVLModel.pixel_shuffle(None, x.reshape(B, *grid, x.shape[-1]), scale_factor=0.5)
+    return projector(feats.reshape(B, -1, feats.shape[-1]))
+
+
+MODULES = {
+    "qwen2_vl": lambda: qwen2_vl.PatchMerger(D, C),
+    "qwen2_5_vl": lambda: qwen2_5_vl.Qwen2_5_VLPatchMerger(D, C),
+    "qwen3_vl": lambda: qwen3_merger(False),
+    "qwen3_vl_postshuffle": lambda: qwen3_merger(True),
+    "internvl": internvl_projector,
+}
+
+
+def _tokens(name, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, 24, C) if name == "internvl" else (48, C)  # InternVL: a 4x6 grid; Qwen: 12 merge blocks
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 + 0.5).to(dtype)
+
+
+def _run(module, name, x):
+    return internvl_stage(module, x, (4, 6)) if name == "internvl" else module(x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(MODULES))
+def test_matches_hf_forward_and_backward(name, dtype):
+    hf = _init(MODULES[name](), seed=len(name))
+    hf64 = _init(MODULES[name](), seed=len(name)).double()
+    ours = deco_ops.PatchMergerProjector.from_hf(hf.to(dtype))
+    x = _tokens(name, dtype)
+    xs = [x.clone().requires_grad_(True) for _ in range(3)]
+    with deco_ops.use_backend("triton"):
+        y = ours(xs[0], grid=(4, 6)) if name == "internvl" else ours(xs[0])
+        dy = torch.randn_like(y)
+        y.backward(dy)
+    ref = _run(hf64, name, xs[1].double())
+    ref.backward(dy.double())
+    eager = _run(hf, name, xs[2])
+    eager.backward(dy)
+    assert_close(y, ref, dtype, "y", eager=eager)
+    assert_close(xs[0].grad, xs[1].grad, dtype, "grad x", eager=xs[2].grad)
+    theirs, theirs64 = dict(hf.named_parameters()), dict(hf64.named_parameters())
+    for key, p in ours.named_parameters():
+        assert_close(p.grad, theirs64[key].grad, dtype, f"grad {key}", eager=theirs[key].grad)
+
+
+def test_state_dicts_load_unchanged_both_ways():
+    for name, make in MODULES.items():
+        hf = _init(make(), seed=3)
+        ours = deco_ops.PatchMergerProjector.from_hf(hf)
+        assert list(ours.state_dict()) == list(hf.state_dict()), name
+        fresh = _init(make(), seed=4)
+        fresh.load_state_dict(ours.state_dict())
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), hf.state_dict().values())), name
+
+
+def test_loads_other_layouts_and_original_internvl_mlp1_keys():
+    """An InternVL-configured projector loads the original checkpoints' mlp1.{0,1,3}.* keys and
+    HF's layer_norm/linear_1/linear_2; a Qwen2-VL one loads Qwen3-VL's norm/linear_fc1/linear_fc2."""
+    hf = _init(internvl_projector(), seed=5)
+    ours = deco_ops.PatchMergerProjector(C, D, hidden_features=D, order="grid", norm_position="post", eps=1e-5, keys="internvl")
+    original = {f"mlp1.{i}.{k.split('.')[-1]}": v for k, v in hf.state_dict().items()
+                for i, head in ((0, "layer_norm"), (1, "linear_1"), (3, "linear_2")) if k.startswith(head + ".")}
+    ours.load_state_dict(original)
+    x = _tokens("internvl", torch.float32)
+    with deco_ops.use_backend("torch"):
+        assert_close(ours(x, grid=(4, 6)), internvl_stage(hf, x, (4, 6)), torch.float32)
+    qwen3 = _init(qwen3_merger(False), seed=6)
+    ours = deco_ops.PatchMergerProjector(C, D)
+    ours.load_state_dict(qwen3.state_dict())
+    assert torch.equal(ours.fc1.weight, qwen3.linear_fc1.weight) and torch.equal(ours.norm_layer.bias, qwen3.norm.bias)
+
+
+def test_internvl_square_grid_by_default():
+    hf = _init(internvl_projector(), seed=7)
+    ours = deco_ops.PatchMergerProjector.from_hf(hf)
+    x = torch.randn(2, 36, C)
+    with deco_ops.use_backend("torch"):
+        assert_close(ours(x), internvl_stage(hf, x, (6, 6)), torch.float32)
+        with pytest.raises(ValueError, match="not a square grid; pass grid"):
+            ours(torch.randn(2, 24, C))
+
+
+def test_from_hf_rejects_other_modules():
+    with pytest.raises(TypeError, match="from_hf does not know Linear"):
+        deco_ops.PatchMergerProjector.from_hf(torch.nn.Linear(4, 4))
+
+
+def _saved_bytes(fn, params) -> int:
+    """Bytes autograd keeps for backward while ``fn`` runs, parameters (and views of them) excluded."""
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_storages:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("name,c,d", [("qwen2_vl", 1280, 3584), ("qwen2_5_vl", 1280, 8192), ("internvl", 1024, 4096)])
+def test_saved_for_backward_bytes(name, c, d, capsys):
+    """Fused: the tokens (an input), fp32 norm statistics and the pre-activation. Eager HF: the
+    tokens, the norm output (LayerNorm; RMSNorm's fp32 sequence keeps two more token-sized
+    tensors), the pre-activation and the activation. Qwen2-VL-7B / Qwen2.5-VL-72B / InternVL2.5-8B
+    widths, 256 tokens (64 merged rows), fp32."""
+    hf = {"qwen2_vl": lambda: qwen2_vl.PatchMerger(d, c), "qwen2_5_vl": lambda: qwen2_5_vl.Qwen2_5_VLPatchMerger(d, c),
+          "internvl": lambda: internvl_projector(c, d)}[name]()
+    ours = deco_ops.PatchMergerProjector.from_hf(hf)
+    x = torch.randn((1, 256, c) if name == "internvl" else (256, c), requires_grad=True)
+    params = list(hf.parameters()) + list(ours.parameters())
+    with deco_ops.use_backend("torch"):  # the residuals are the op's outputs on every backend
+        fused = _saved_bytes(lambda: ours(x), params)
+    eager = _saved_bytes(lambda: _run(hf, name, x) if name != "internvl" else internvl_stage(hf, x, (16, 16)), params)
+    ratio = fused / eager
+    with capsys.disabled():
+        print(f"\nsaved-for-backward bytes, PatchMergerProjector / eager HF {name}: {ratio:.4f} ({fused} / {eager})")
+    assert ratio <= (0.41 if name == "qwen2_5_vl" else 0.501)
