@@ -434,12 +434,91 @@ def attention_groups(name: str, env: Env, directions) -> list[Group]:
 
 
 # ----------------------------------------------------------------------------------------------
+# patch merge + norm + MLP (issue 13)
+
+
+class HFRMSNorm(nn.Module):
+    """Qwen2.5-VL's RMSNorm as HF writes it: fp32 variance and rsqrt, rounded back, times the weight."""
+
+    def __init__(self, width, eps, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class HFPatchMerger(nn.Module):
+    """The HF modules' code: Qwen2-VL's ``PatchMerger`` (norm per token, ``view(-1, S*S*C)``, MLP),
+    Qwen2.5-VL's (its RMSNorm) and InternVL's ``get_image_features`` tail (reshape to the grid,
+    ``pixel_shuffle``, LayerNorm over S*S*C, MLP)."""
+
+    def __init__(self, s, device=None, dtype=None):
+        super().__init__()
+        self.s = s
+        f = {"device": device, "dtype": dtype}
+        K = s.merge * s.merge * s.in_features
+        width = s.in_features if s.norm_position == "pre" else K
+        self.norm = nn.LayerNorm(width, eps=s.eps, **f) if s.norm == "layernorm" else HFRMSNorm(width, s.eps, **f)
+        self.mlp = nn.Sequential(nn.Linear(K, s.hidden, **f), nn.GELU(), nn.Linear(s.hidden, s.out_features, **f))
+
+    def pixel_shuffle(self, x):
+        n, w, h, c = x.size()
+        scale = 1 / self.s.merge
+        x = x.view(n, w, int(h * scale), int(c / scale)).permute(0, 2, 1, 3).contiguous()
+        x = x.view(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
+        return x.permute(0, 2, 1, 3).contiguous()
+
+    def forward(self, x):
+        K = self.s.merge * self.s.merge * self.s.in_features
+        if self.s.order == "block":
+            return self.mlp(self.norm(x).view(-1, K))
+        merged = self.pixel_shuffle(x.reshape(x.shape[0], *self.s.grid, -1)).reshape(x.shape[0], -1, K)
+        return self.mlp(self.norm(merged))
+
+
+def merge_groups(name: str, env: Env, directions) -> list[Group]:
+    if not hasattr(deco_ops, "merge_mlp"):
+        raise Unavailable("deco_ops.merge_mlp does not exist yet (issue 13)")
+    s = shapes.for_device(shapes.MERGE[name], env.device)
+    gen = _generator(env, 13)
+    eager = HFPatchMerger(s, dtype=torch.float32)
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]) + (1.0 if p.dim() == 1 else 0.0))
+    eager = eager.to(device=env.device, dtype=env.dtype)
+    norm = eager.norm
+    weights = [p for p in (norm.weight, getattr(norm, "bias", None), eager.mlp[0].weight, eager.mlp[0].bias,
+                           eager.mlp[2].weight, eager.mlp[2].bias) if p is not None]
+    x_shape = (s.tokens, s.in_features) if s.order == "block" else (s.batch, math.prod(s.grid), s.in_features)
+    x = _randn(x_shape, env, gen)
+    dy = _randn((s.merged, s.out_features) if s.order == "block" else (s.batch, s.merged // s.batch, s.out_features), env, gen)
+
+    def deco_forward(xin):
+        return deco_ops.merge_mlp(
+            xin, norm.weight, getattr(norm, "bias", None), eager.mlp[0].weight, eager.mlp[0].bias,
+            eager.mlp[2].weight, eager.mlp[2].bias, grid=s.grid if s.order == "grid" else None, merge_size=s.merge,
+            order=s.order, norm=s.norm, norm_position=s.norm_position, eps=s.eps,
+        )
+
+    return [
+        _pool_group("merge_mlp", name, s, env, d, deco_forward, eager, weights, x, dy,
+                    lambda tg, d=d: counts.merge_mlp_shape(s, env.elem, "fwd" if d == "fwd" else "fwd_bwd", tg))
+        for d in directions
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
 
 OPS = {
     **{n: pool_mlp_groups for n in shapes.POOL_MLP},
     **{n: attention_groups for n in shapes.CROSS_ATTENTION},
     **{n: packed_groups for n in shapes.PACKED},
     **{n: mlp_pool_groups for n in shapes.MLP_POOL},
+    **{n: merge_groups for n in shapes.MERGE},
 }
 
 
@@ -450,4 +529,4 @@ def groups_for(name: str, env: Env, directions=("fwd", "fwd_bwd")) -> list[Group
 
 def op_of(name: str) -> str:
     return {pool_mlp_groups: "pool_mlp", attention_groups: "cross_attention", packed_groups: "pool_mlp_packed",
-            mlp_pool_groups: "mlp_pool"}[OPS[name]]
+            mlp_pool_groups: "mlp_pool", merge_groups: "merge_mlp"}[OPS[name]]

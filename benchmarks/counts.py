@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 
-from deco_ops.kernels import adaptive_pool, gemm_act_grad, pool_gemm
+from deco_ops.kernels import adaptive_pool, gemm_act_grad, merge_gemm, pool_gemm
 
 try:  # the attention kernels' own counts (issue 3); the fallback is the same formula
     from deco_ops.kernels.cross_attention_fwd import flops as _attention_fwd_flops
@@ -98,6 +98,25 @@ def packed_shape(shape, elem: int, direction: str, tokens_grad: bool = False) ->
 def mlp_pool_shape(shape, elem: int, direction: str, tokens_grad: bool = False, fused: bool = True) -> tuple[int, int]:
     return mlp_pool(shape.batch, shape.tokens, shape.pooled, shape.in_features, shape.hidden, shape.out_features,
                     elem, direction=direction, tokens_grad=tokens_grad, fused=fused)
+
+
+def merge_mlp_shape(shape, elem: int, direction: str, tokens_grad: bool = False) -> tuple[int, int]:
+    """(flops, bytes) of ``Linear2(act(Linear1(norm(merge(x)))))``. The norm's arithmetic is not
+    counted (as pooling's is not); its parameters are trained, so backward always computes
+    d(norm output) = dZ W1, the token gradient only with ``tokens_grad``."""
+    M, K = shape.merged, shape.merge * shape.merge * shape.in_features
+    hidden, out = shape.hidden, shape.out_features
+    norm_params = 2 * (shape.in_features if shape.norm_position == "pre" else K)
+    weights = norm_params + hidden * K + hidden + out * hidden + out
+    fwd_flops = merge_gemm.flops(M, hidden, K) + 2 * M * hidden * out
+    fwd_bytes = (M * K + weights + M * out) * elem
+    if direction == "fwd":
+        return fwd_flops, fwd_bytes
+    if direction != "fwd_bwd":
+        raise ValueError(direction)
+    bwd_flops = gemm_act_grad.flops(M, hidden, out) + 2 * M * out * hidden + 2 * M * hidden * K * 2
+    bwd_bytes = (M * out + weights + (M * K if tokens_grad else 0)) * elem
+    return fwd_flops + bwd_flops, fwd_bytes + bwd_bytes
 
 
 # ----------------------------------------------------------------------------------------------

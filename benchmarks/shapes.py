@@ -100,6 +100,40 @@ class AttentionShape:
         return f"B={self.batch}, M={self.M} ({q}), N={self.N}, H={self.heads}, D={self.head_dim}{lens}"
 
 
+@dataclass(frozen=True)
+class MergeShape:
+    """Patch merge (each ``merge`` x ``merge`` block of tokens concatenated) -> norm -> Linear -> GELU
+    -> Linear on ``batch`` images of ``grid`` patches each (issue 13)."""
+
+    name: str
+    batch: int
+    grid: tuple[int, int]
+    in_features: int
+    hidden: int
+    out_features: int
+    order: str  # "block" (Qwen: each block's tokens consecutive) or "grid" (InternVL: row-major)
+    norm: str  # "layernorm" or "rmsnorm"
+    norm_position: str  # "pre" (per token, over C) or "post" (per merged row, over merge**2 * C)
+    eps: float
+    merge: int = 2
+    source: str = ""
+    note: str = ""
+    tiny: MergeShape | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * math.prod(self.grid)
+
+    @property
+    def merged(self) -> int:
+        return self.tokens // (self.merge * self.merge)
+
+    def describe(self) -> str:
+        g = "x".join(map(str, self.grid))
+        return (f"{self.batch}x {g} grid, {self.order} order, {self.norm} {self.norm_position}, "
+                f"{self.merge * self.merge * self.in_features}->{self.hidden}->{self.out_features}")
+
+
 def _with_tiny(shape, **tiny_fields):
     return replace(shape, tiny=replace(shape, name=shape.name + "_tiny", **tiny_fields))
 
@@ -231,7 +265,37 @@ MLP_POOL = {
     ]
 }
 
-ALL = {**POOL_MLP, **CROSS_ATTENTION, **PACKED, **MLP_POOL}
+# ----------------------------------------------------------------------------------------------
+# issue 13: patch-merge projectors (deco_ops.merge_mlp)
+
+_MERGE_TINY = dict(batch=2, grid=(8, 8), in_features=16, hidden=64, out_features=32)
+
+MERGE = {
+    s.name: s
+    for s in [
+        _with_tiny(
+            MergeShape("qwen2vl_7b_merger", 4, (56, 56), 1280, 5120, 3584, "block", "layernorm", "pre", 1e-6,
+                       source="Qwen2-VL-7B PatchMerger: LayerNorm(1280) per token, 2x2 merge (5120), MLP to Qwen2-7B (3584)",
+                       note="4 images of 784x784 px (56x56 patches of 14 px, 3136 tokens each), packed as one sequence"),
+            **_MERGE_TINY,
+        ),
+        _with_tiny(
+            MergeShape("qwen25vl_72b_merger", 4, (56, 56), 1280, 5120, 8192, "block", "rmsnorm", "pre", 1e-6,
+                       source="Qwen2.5-VL-72B PatchMerger: RMSNorm(1280) per token, 2x2 merge, MLP to Qwen2.5-72B (8192)",
+                       note="4 images of 784x784 px, as qwen2vl_7b_merger"),
+            **_MERGE_TINY,
+        ),
+        _with_tiny(
+            MergeShape("internvl25_8b_mlp1", 13, (32, 32), 1024, 4096, 4096, "grid", "layernorm", "post", 1e-5,
+                       source="InternVL2.5-8B: InternViT-300M (1024) on 448x448 tiles, 32x32 grid pixel-shuffled to "
+                              "16x16 (4096), LayerNorm(4096), MLP to InternLM2.5-7B (4096)",
+                       note="13 tiles: InternVL's dynamic tiling at its default max of 12 tiles plus the thumbnail"),
+            **_MERGE_TINY,
+        ),
+    ]
+}
+
+ALL = {**POOL_MLP, **CROSS_ATTENTION, **PACKED, **MLP_POOL, **MERGE}
 
 # Shapes the bar of issue 4 speaks of come first in the report, so a run cut short still has them.
 PRIORITY = ["llava15_7b", "infer_b1", "blip2_qformer", "blip2_vitl336", "qwenvl_resampler", "video_resampler"]

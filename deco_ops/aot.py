@@ -238,6 +238,70 @@ def _adaptive_pool_configs(module):
     return [_plain_config(BLOCK_C=module.BLOCK_C), _plain_config(BLOCK_C=64)]
 
 
+# -- patch-merge projectors (kernels/merge_gemm.py, kernels/merge_norm.py): 16 images' worth of
+#    merged rows (M = 4096), Qwen2-VL-7B (block order, LayerNorm over C = 1280 before the merge,
+#    K = hidden = 5120), Qwen2.5-VL (RMSNorm, no bias) and InternVL2.5-8B (32x32 grid of C = 1024,
+#    pixel-shuffled, LayerNorm over K = 4096 after it, hidden 4096); packed grids for the ragged path.
+_MERGE_ROWS = 4096
+_MERGE_VARIANTS = {  # label -> (C, hidden, ORDER, PACKED, NORM, PRE, norm bias)
+    "qwen2vl": (1280, 5120, 0, False, 0, True, True),
+    "qwen25vl rms": (1280, 5120, 0, False, 1, True, False),
+    "internvl": (1024, 4096, 1, False, 0, False, True),
+    "internvl packed": (1024, 4096, 1, True, 0, False, True),
+}
+
+
+def _merge_layout(dtype: str, C: int, order: int, packed: bool, pre: bool, norm: int, bias: bool) -> dict:
+    tokens = 4 * _MERGE_ROWS
+    tables = "*i32" if packed else "*fp32"  # the launcher passes the stats tensor when unused
+    return dict(
+        x_ptr=_ptr(dtype), stats_ptr="*fp32", image_ptr=tables, geometry_ptr=tables,
+        C=C, P=_MERGE_ROWS // 16, H=32, W=32, sxb=tokens // 16 * C, sxn=C, sxc=1,
+        ORDER=order, PACKED=packed, MERGE=2, NORM=norm, PRE=pre,
+    )
+
+
+def _merge_gemm_variants(module, dtypes):
+    from .kernels import activations
+
+    out = []
+    for dtype, precision, dlabel, tensor_cores in _dtype_variants(dtypes):
+        for label, (C, hidden, order, packed, norm, pre, bias) in _MERGE_VARIANTS.items():
+            for act in (_ACTIVATIONS if label == "qwen2vl" else ("gelu",)):
+                args = _merge_layout(dtype, C, order, packed, pre, norm, bias)
+                args.update(
+                    wn_ptr=_ptr(dtype), bn_ptr=_ptr(dtype), w_ptr=_ptr(dtype), b_ptr=_ptr(dtype), out_ptr=_ptr(dtype),
+                    pre_ptr=_ptr(dtype), M=_MERGE_ROWS, N=hidden, swn=4 * C, swk=1,
+                    # training forward: the pre-activation is kept
+                    HAS_WN=True, HAS_BN=bias, HAS_BIAS=True, ACTIVATION=activations.CODES[act], STORE_PRE=True,
+                    DOT_FP32=False, INPUT_PRECISION=precision,
+                )
+                out.append(Variant(f"{dlabel} {act} {label}", dtype, args, hgmma=tensor_cores))
+    return out
+
+
+def _merge_norm_variants(module, dtypes, backward: bool):
+    out = []
+    for dtype in dtypes:
+        for label, (C, _, order, packed, norm, pre, bias) in _MERGE_VARIANTS.items():
+            args = _merge_layout(dtype, C, order, packed, pre, norm, bias)
+            args["M"] = _MERGE_ROWS
+            if backward:  # every gradient requested: the most live tiles
+                args.update(
+                    wn_ptr=_ptr(dtype), bn_ptr=_ptr(dtype), dn_ptr=_ptr(dtype), dx_ptr=_ptr(dtype), n_ptr=_ptr(dtype),
+                    dwn_ptr="*fp32", dbn_ptr="*fp32", sdb=args["sxb"], sdn=C, sdc=1, HAS_WN=True, HAS_BN=bias,
+                    NEED_DX=True, STORE_N=True, NEED_DWN=True, NEED_DBN=bias,
+                )
+            else:
+                args["eps"] = 1e-6
+            out.append(Variant(f"{dtype} {label}", dtype, args))
+    return out
+
+
+def _merge_norm_configs(module):
+    return [_plain_config(**c.kwargs, num_warps=c.num_warps) for c in module.cuda_configs()]
+
+
 # -- cross-attention (kernels/cross_attention_fwd.py, kernels/cross_attention_bwd.py) ----------
 # Representative shapes: BLIP-2 Q-Former (B=64, M=32 queries, N=257 keys, H=12, D=64) and the
 # Qwen-VL resampler (M=256, N=1024, H=32, D=128); head dim 80 is padded to a 128 block. Every
@@ -425,6 +489,14 @@ REGISTRY: list[Entry] = [
           configs=_adaptive_pool_configs, variants=lambda m, d: _pool_tokens_variants(m, d, unpool=False)),
     Entry("unpool_tokens", "deco_ops.kernels.adaptive_pool", "unpool_tokens_kernel",
           configs=_adaptive_pool_configs, variants=lambda m, d: _pool_tokens_variants(m, d, unpool=True)),
+    Entry("merge_gemm", "deco_ops.kernels.merge_gemm", "merge_gemm_kernel",
+          configs=lambda m: m.cuda_configs(), variants=_merge_gemm_variants,
+          launchable=lambda m, config, variant, arch: m.fits(
+              config, variant.dtype == "fp32" and variant.args["INPUT_PRECISION"] == "ieee")),
+    Entry("merge_norm_stats", "deco_ops.kernels.merge_norm", "merge_norm_stats_kernel",
+          configs=_merge_norm_configs, variants=lambda m, d: _merge_norm_variants(m, d, backward=False)),
+    Entry("merge_norm_backward", "deco_ops.kernels.merge_norm", "merge_norm_backward_kernel",
+          configs=_merge_norm_configs, variants=lambda m, d: _merge_norm_variants(m, d, backward=True)),
     *_attn_entries(),
 ]
 
