@@ -202,7 +202,7 @@ def _choice(name: str, value, choices) -> str:
     return value
 
 
-def _positive_int(name: str, value) -> int:
+def positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
@@ -211,7 +211,7 @@ def _positive_int(name: str, value) -> int:
 def _check_params(x, norm_weight, norm_bias, w1, b1, w2, b2, merge, norm, norm_position, eps, activation):
     """Checks every argument but the token layout; returns (norm, pre, eps)."""
     C = x.shape[-1]
-    merge = _positive_int("merge_size", merge)
+    merge = positive_int("merge_size", merge)
     _choice("norm", norm, NORMS)
     pre = _choice("norm_position", norm_position, NORM_POSITIONS) == "pre"
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or math.isinf(eps):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import _validate
-from .merge import NORM_POSITIONS, NORMS, ORDERS, merge_mlp
+from .merge import NORM_POSITIONS, NORMS, ORDERS, merge_mlp, positive_int
 from .projector import ACTIVATIONS
 
 # Where each family keeps (norm, first Linear, second Linear) in its state_dict.
@@ -83,12 +83,9 @@ class PatchMergerProjector(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features), ("merge_size", merge_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            positive_int(name, value)
         merged = merge_size * merge_size * in_features
-        hidden_features = merged if hidden_features is None else hidden_features
-        if isinstance(hidden_features, bool) or not isinstance(hidden_features, int) or hidden_features < 1:
-            raise ValueError(f"hidden_features must be a positive int, got {hidden_features!r}")
+        hidden_features = positive_int("hidden_features", merged if hidden_features is None else hidden_features)
         for name, value, choices in (("order", order, ORDERS), ("norm", norm, NORMS),
                                      ("norm_position", norm_position, NORM_POSITIONS), ("keys", keys, tuple(KEY_LAYOUTS))):
             if not isinstance(value, str) or value not in choices:

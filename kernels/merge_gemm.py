@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import activations
 from .gemm_epilogue import bias_act_store, mma
-from .merge_rows import NORMS, ORDERS, affine, group_stats, load_token_tile, merged_rows, norm_channels, standardize
+from .merge_rows import NORMS, ORDERS, affine, group_stats, merged_rows, norm_channels, standardized_tile
 from .tiling import grouped_tile
 from ._tuning import autotuned, dot_dtype_workaround, input_precision
 
@@ -48,15 +48,21 @@ def cuda_configs() -> list[triton.Config]:
     ]
 
 
-def fits(config: triton.Config, ieee_fp32: bool) -> bool:
-    """Whether ``config`` compiles without spills (``python -m deco_ops.aot``): exact fp32 dots
-    (no tf32) run on FMA units and only fit 64x64 tiles."""
-    return not ieee_fp32 or config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 64 * 64
+def fits(config: triton.Config, elem_bytes: int, ieee_fp32: bool) -> bool:
+    """Whether ``config`` compiles without spills (``python -m deco_ops.aot``, sm_90): 16-bit
+    operands fit every tile; fp32 ones (tf32) only 64x64 tiles (64x128 and 128x128 spilled
+    64-192 B, the fp32 A tile and its normalisation sit beside the accumulator); exact fp32 dots
+    (no tf32) run on FMA units and fit only the 64x64x32 tile (BLOCK_K 64 spilled 20-48 B)."""
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    if elem_bytes < 4:
+        return True
+    return bm * bn <= 64 * 64 and (not ieee_fp32 or bk <= 32)
 
 
 def _prune(configs, named_args, **constexprs):
-    ieee = named_args["x_ptr"].dtype == torch.float32 and constexprs["INPUT_PRECISION"] == "ieee"
-    return [c for c in configs if fits(c, ieee)]
+    x = named_args["x_ptr"]
+    ieee = x.dtype == torch.float32 and constexprs["INPUT_PRECISION"] == "ieee"
+    return [c for c in configs if fits(c, x.element_size(), ieee)]
 
 
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
@@ -94,9 +100,7 @@ def merge_gemm_kernel(
             mean, rstd = group_stats(stats_ptr, rows, row_mask, q, MERGE * MERGE)
         for c0 in range(0, C, BLOCK_K):
             c = c0 + ks
-            c_mask = c < C
-            mask = row_mask[:, None] & c_mask[None, :]
-            xhat = standardize(load_token_tile(x_ptr, base, step_h, sxn, sxc, q, c, mask, MERGE), mean, rstd, mask, NORM)
+            xhat, c_mask = standardized_tile(x_ptr, base, step_h, sxn, sxc, q, c, C, row_mask, mean, rstd, NORM, MERGE)
             a = affine(xhat, wn_ptr, bn_ptr, norm_channels(q, c, C, PRE), c_mask, HAS_WN, HAS_BN)
             a = a.to(x_ptr.dtype.element_ty)
             k = (q * C + c).to(tl.int64)

@@ -30,7 +30,7 @@ import triton.language as tl
 from ._tuning import INTERPRET
 from .merge_rows import (
     NORMS, ORDERS, affine, group_stats, groups, load_token_tile, merged_rows, norm_channels, scale,
-    standardize,
+    standardized_tile,
 )
 
 BLOCK_R_INTERPRET = 64  # few, wide programs: the interpreter's cost is per program and per op
@@ -109,9 +109,8 @@ def merge_norm_backward_kernel(
                 q = g * TOKENS + t
                 for c0 in range(0, C, BLOCK_C):
                     c = c0 + cs
-                    c_mask = c < C
+                    xhat, c_mask = standardized_tile(x_ptr, base, step_h, sxn, sxc, q, c, C, row_mask, mean, rstd, NORM, MERGE)
                     mask = row_mask[:, None] & c_mask[None, :]
-                    xhat = standardize(load_token_tile(x_ptr, base, step_h, sxn, sxc, q, c, mask, MERGE), mean, rstd, mask, NORM)
                     dn = tl.load(dn_ptr + rows[:, None] * K + (q * C + c)[None, :], mask=mask, other=0.0).to(tl.float32)
                     dxhat = scale(dn, wn_ptr, norm_channels(q, c, C, PRE), c_mask, HAS_WN)
                     sum_d += tl.sum(dxhat, axis=1)
@@ -122,10 +121,9 @@ def merge_norm_backward_kernel(
             q = g * TOKENS + t
             for c0 in range(0, C, BLOCK_C):
                 c = c0 + cs
-                c_mask = c < C
+                xhat, c_mask = standardized_tile(x_ptr, base, step_h, sxn, sxc, q, c, C, row_mask, mean, rstd, NORM, MERGE)
                 mask = row_mask[:, None] & c_mask[None, :]
                 channel = norm_channels(q, c, C, PRE)
-                xhat = standardize(load_token_tile(x_ptr, base, step_h, sxn, sxc, q, c, mask, MERGE), mean, rstd, mask, NORM)
                 merged = rows[:, None] * K + (q * C + c)[None, :]
                 if READ_DN:
                     dn = tl.load(dn_ptr + merged, mask=mask, other=0.0).to(tl.float32)

@@ -91,6 +91,15 @@ def standardize(x, mean, rstd, mask, NORM: tl.constexpr):
 
 
 @triton.jit
+def standardized_tile(x_ptr, base, step_h, sxn, sxc, q, c, C, row_mask, mean, rstd, NORM: tl.constexpr, MERGE: tl.constexpr):
+    """(x-hat ``[rows, c]`` tile of sub-token ``q``, 0 outside the tokens; the channel mask)."""
+    c_mask = c < C
+    mask = row_mask[:, None] & c_mask[None, :]
+    x = load_token_tile(x_ptr, base, step_h, sxn, sxc, q, c, mask, MERGE)
+    return standardize(x, mean, rstd, mask, NORM), c_mask
+
+
+@triton.jit
 def norm_channels(q, c, C, PRE: tl.constexpr):
     """Index into the norm's weight and bias of channel ``c`` of sub-token ``q``."""
     if PRE:

@@ -98,3 +98,20 @@ def leaf(t: torch.Tensor | None, dtype=None) -> torch.Tensor | None:
     if t is None:
         return None
     return t.detach().to(dtype or t.dtype).requires_grad_(True)
+
+
+def saved_bytes(fn, params) -> int:
+    """Bytes autograd keeps for backward while ``fn`` runs; tensors sharing storage with a
+    parameter (weights and their transposed views) are excluded."""
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_storages:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import deco_ops
-from harness import DTYPES, assert_close
+from harness import DTYPES, assert_close, saved_bytes
 
 qwen2_vl = pytest.importorskip("transformers.models.qwen2_vl.modeling_qwen2_vl")
 qwen2_5_vl = pytest.importorskip("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl")
@@ -128,22 +128,6 @@ def test_from_hf_rejects_other_modules():
         deco_ops.PatchMergerProjector.from_hf(torch.nn.Linear(4, 4))
 
 
-def _saved_bytes(fn, params) -> int:
-    """Bytes autograd keeps for backward while ``fn`` runs, parameters (and views of them) excluded."""
-    param_storages = {p.untyped_storage().data_ptr() for p in params}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in param_storages:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("name,c,d", [("qwen2_vl", 1280, 3584), ("qwen2_5_vl", 1280, 8192), ("internvl", 1024, 4096)])
 def test_saved_for_backward_bytes(name, c, d, capsys):
     """Fused: the tokens (an input), fp32 norm statistics and the pre-activation. Eager HF: the
@@ -156,8 +140,8 @@ def test_saved_for_backward_bytes(name, c, d, capsys):
     x = torch.randn((1, 256, c) if name == "internvl" else (256, c), requires_grad=True)
     params = list(hf.parameters()) + list(ours.parameters())
     with deco_ops.use_backend("torch"):  # the residuals are the op's outputs on every backend
-        fused = _saved_bytes(lambda: ours(x), params)
-    eager = _saved_bytes(lambda: _run(hf, name, x) if name != "internvl" else internvl_stage(hf, x, (16, 16)), params)
+        fused = saved_bytes(lambda: ours(x), params)
+    eager = saved_bytes(lambda: _run(hf, name, x) if name != "internvl" else internvl_stage(hf, x, (16, 16)), params)
     ratio = fused / eager
     with capsys.disabled():
         print(f"\nsaved-for-backward bytes, PatchMergerProjector / eager HF {name}: {ratio:.4f} ({fused} / {eager})")

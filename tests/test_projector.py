@@ -9,7 +9,7 @@ import torch
 import deco_ops
 from deco_ops import reference
 from deco_ops.kernels import adaptive_pool, gemm_act_grad, pool_gemm
-from harness import DTYPES, assert_close, guarded, leaf, poisoned_empty, randn
+from harness import DTYPES, assert_close, guarded, leaf, poisoned_empty, randn, saved_bytes
 
 GRIDS = [
     ((24, 24), (12, 12)),
@@ -125,23 +125,6 @@ def test_inference_keeps_no_residuals():
     assert pooled.numel() == 0 and pre.numel() == 0 and y.shape == (2, 9, 29)
 
 
-def _saved_bytes(fn, params) -> int:
-    """Bytes autograd keeps for backward while ``fn`` runs; tensors sharing storage with a
-    parameter (weights and their transposed views) are excluded."""
-    param_storages = {p.untyped_storage().data_ptr() for p in params}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in param_storages:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("tokens_require_grad", [True, False])
 def test_saved_for_backward_bytes(tokens_require_grad, capsys):
     """The fused projector keeps the pooled input and the pre-activation; eager keeps the patch
@@ -164,7 +147,7 @@ def test_saved_for_backward_bytes(tokens_require_grad, capsys):
     # The residuals are the custom op's outputs whatever backend computes them; the reference
     # backend keeps this LLaVA-sized case fast on a CPU.
     with deco_ops.use_backend("torch"):
-        ratio = _saved_bytes(fused, params) / _saved_bytes(eager, params)
+        ratio = saved_bytes(fused, params) / saved_bytes(eager, params)
     with capsys.disabled():
         print(f"\nsaved-for-backward bytes, pool_mlp / eager (tokens require grad={tokens_require_grad}): {ratio:.3f}")
     assert ratio <= (0.45 if tokens_require_grad else 0.56)
