@@ -8,8 +8,11 @@ Qwen2.5-VL's (RMSNorm, pre), Qwen3-VL's (LayerNorm, pre or post) and InternVL's 
 Forward on the Triton backend, two launches and a cuBLAS GEMM: ``merge_norm_stats`` (per-group
 mean and rstd, fp32), ``merge_gemm`` (the merge is a gather in the first GEMM's A-tile load, the
 norm is applied there from the statistics, bias + activation in the epilogue), then
-``torch.addmm`` for the second Linear. Elsewhere, or as the composed twin, the HF modules' own
-sequence (``merge_reference.composed_forward``).
+``torch.addmm`` for the second Linear. Its composed twin is the HF modules' own sequence
+(``merge_reference.composed_forward``), the only path on the PyTorch backend; on CUDA
+``deco_ops.strategy`` picks between them per shape bucket (``DECO_OPS_STRATEGY`` /
+``use_strategy`` force one), and the norm backward likewise between its kernel and
+``merge_reference.norm_backward``.
 
 Kept for backward (only when autograd needs it): the statistics ``(M, groups, 2)`` fp32 and the
 pre-activation ``(M, hidden)``, plus the tokens ``x`` (an input) only when a gradient needs them
@@ -28,7 +31,7 @@ import math
 
 import torch
 
-from . import _backend, _validate, merge_reference
+from . import _backend, _validate, merge_reference, strategy
 from .kernels import merge_gemm, merge_norm, packed_pool
 from .packed import Packing, _grid_table, to_device
 from .projector import ACTIVATIONS, needs_residuals
@@ -38,10 +41,14 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 
 
-def use_fused(device: torch.device) -> bool:
-    """Fused kernels or the composed twin: the one place ``deco_ops.strategy``'s per-shape choice
-    plugs in. Until then the backend decides (Triton: fused; reference: composed)."""
-    return _backend.use_triton(device)
+def _strategy(op: str, fused, composed, on_triton: bool, key) -> str:
+    """``deco_ops.strategy``'s choice between the fused kernels and the composed twin (the HF
+    sequence). On the PyTorch backend the composed code is the only implementation: it serves as
+    ``"fused"`` (the reference) too."""
+    candidates = {"fused": strategy.Candidate(fused if on_triton else composed)}
+    if on_triton:
+        candidates["composed"] = strategy.Candidate(composed)
+    return strategy.choose(op, candidates, on_triton=on_triton, key=key)
 
 
 def _image_table(geometry: torch.Tensor | None, rows: int) -> torch.Tensor | None:
@@ -73,10 +80,11 @@ def _merge_mlp(
     activation: str,
     keep_residuals: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, N, _ = x.shape
+    B, N, C = x.shape
     M = B * N // (merge * merge)
     layout = _layout(grid)
-    if use_fused(x.device):
+
+    def fused():
         image = _image_table(geometry, M)
         stats = merge_norm.merge_norm_stats(x, merge, order, layout, geometry, image, norm, pre, eps)
         act, pre_act = merge_gemm.merge_gemm(
@@ -84,10 +92,20 @@ def _merge_mlp(
             merge, order, layout, geometry, image, norm, pre, activation, store_pre=keep_residuals,
         )
         w2t = w2.t()
-        y = torch.addmm(b2, act, w2t) if b2 is not None else act @ w2t
-    else:
-        y, stats, pre_act = merge_reference.composed_forward(
+        return torch.addmm(b2, act, w2t) if b2 is not None else act @ w2t, stats, pre_act
+
+    def composed():
+        return merge_reference.composed_forward(
             x, norm_weight, norm_bias, w1, b1, w2, b2, merge, order, layout, geometry, norm, pre, eps, activation)
+
+    def key():
+        return strategy.make_key(
+            "merge_mlp", x.device, x.dtype, keep_residuals, rows=strategy.bucket(M), C=C, hidden=w1.shape[0],
+            out=w2.shape[0], merge=merge, order=order, packed=geometry is not None, norm=norm, pre=pre,
+            activation=activation)
+
+    run = {"fused": fused, "composed": composed}[_strategy("merge_mlp", fused, composed, _backend.use_triton(x.device), key)]
+    y, stats, pre_act = run()
     y = y.view(B, N // (merge * merge), w2.shape[0])
     if not keep_residuals:
         return y, x.new_empty((0,)), x.new_empty((0,))
@@ -131,11 +149,20 @@ def _norm_backward(
     """(dx, norm output (M, K), fp32 dweight, fp32 dbias); empty where not requested."""
     args = (x, stats, norm_weight, norm_bias, dn, merge, order, _layout(grid), geometry)
     flags = (need_dx, store_n, need_dwn, need_dbn)
-    if use_fused(x.device):
-        out = merge_norm.merge_norm_backward(*args, _image_table(geometry, stats.shape[0]), norm, pre, *flags)
-    else:
-        out = merge_reference.norm_backward(*args, norm, pre, *flags)
-    return tuple(x.new_empty((0,)) if t is None else t for t in out)
+
+    def fused():
+        return merge_norm.merge_norm_backward(*args, _image_table(geometry, stats.shape[0]), norm, pre, *flags)
+
+    def composed():
+        return merge_reference.norm_backward(*args, norm, pre, *flags)
+
+    def key():
+        return strategy.make_key(
+            "merge_norm_backward", x.device, x.dtype, False, rows=strategy.bucket(stats.shape[0]), C=x.shape[2],
+            merge=merge, order=order, packed=geometry is not None, norm=norm, pre=pre, flags="".join(str(int(f)) for f in flags))
+
+    run = {"fused": fused, "composed": composed}[_strategy("merge_norm_backward", fused, composed, _backend.use_triton(x.device), key)]
+    return tuple(x.new_empty((0,)) if t is None else t for t in run())
 
 
 @_norm_backward.register_fake

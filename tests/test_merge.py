@@ -247,6 +247,31 @@ def test_kernel_launches(frozen):
     assert leaves[5].grad is not None
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_composed_strategy_runs_the_hf_sequence(packed):
+    """``use_strategy("composed")`` on the Triton backend: no kernel launches, the same outputs
+    and gradients as the fused kernels (either backward follows either forward)."""
+    params, dy = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8, norm_position="post")
+    results = []
+    for name in ("fused", "composed"):
+        leaves = [leaf(p) for p in params]
+        with deco_ops.use_backend("triton"), deco_ops.use_strategy(name):
+            spies, mocks = _spy(KERNELS[:2] + KERNELS[3:])
+            try:
+                if packed:
+                    y = deco_ops.merge_mlp_packed(leaves[0][0], torch.tensor([[4, 4]]), *leaves[1:], order="grid", norm_position="post")[0]
+                else:
+                    y = deco_ops.merge_mlp(*leaves, grid=(4, 4), order="grid", norm_position="post")
+                y.backward(dy.view_as(y))
+            finally:
+                for s in spies:
+                    s.stop()
+        assert [m.call_count for m in mocks] == ([1, 1, 1] if name == "fused" else [0, 0, 0])
+        results.append([y, *(t.grad for t in leaves)])
+    for a, b in zip(*results):
+        assert_close(a, b, torch.float32)
+
+
 def test_frozen_tokens_and_first_layer_save_no_tokens():
     """x is kept for backward only when a gradient needs it (x, the norm's parameters, w1)."""
     params, _ = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8)
