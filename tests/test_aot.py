@@ -103,3 +103,19 @@ def test_aot_attention_every_dtype_and_target(tmp_path_factory):
     assert {r["kernel"] for r in rows} == set(ATTENTION.split(","))
     _check_rows(rows)
     assert proc.returncode == 0, proc.stdout[-4000:]
+
+
+MERGE = "merge_gemm,merge_norm_stats,merge_norm_backward"
+
+
+@pytest.mark.slow
+def test_aot_merge_kernels_sm90(tmp_path_factory):
+    """The patch-merge kernels (issue 13) in every dtype for sm_90: no spills, wgmma in the 16-bit
+    and tf32 GEMMs (90 compiles, ~9 min on 2 CPU cores, hence --runslow)."""
+    proc, data = _run(tmp_path_factory, "--kernels", MERGE, "--targets", "90")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = data["rows"]
+    _check_rows(rows)
+    assert {r["kernel"] for r in rows} == set(MERGE.split(","))
+    gemm = [r for r in rows if r["kernel"] == "merge_gemm" and r["expect_hgmma"]]
+    assert gemm and all(r["hgmma"] for r in gemm)
