@@ -76,3 +76,16 @@ def test_report_smoke(tmp_path):
     assert (tmp_path / "results.json").exists() and (tmp_path / "results.md").exists()
     assert "CPU smoke run" in (tmp_path / "results.md").read_text()
     assert cases.Env.default().device.type == "cpu"
+
+
+def test_merge_counts():
+    """Patch merger: first GEMM over M = tokens/4 merged rows of K = 4C; backward adds dZ, dW2 and,
+    with the norm trained, dW1 and d(norm output) = dZ W1."""
+    s = shapes.MERGE["qwen2vl_7b_merger"]
+    M, K, hidden, out = 4 * 56 * 56 // 4, 5120, 5120, 3584
+    assert (s.tokens, s.merged) == (4 * 3136, M)
+    f, b = counts.merge_mlp_shape(s, 2, "fwd")
+    assert f == 2 * M * hidden * K + 2 * M * hidden * out
+    assert b == (M * K + 2 * 1280 + hidden * K + hidden + out * hidden + out + M * out) * 2
+    fb, _ = counts.merge_mlp_shape(s, 2, "fwd_bwd")
+    assert fb == f + 4 * M * hidden * out + 4 * M * hidden * K
