@@ -47,6 +47,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .projector import ACTIVATIONS
+
 TARGETS = (90, 80)
 # Largest shared memory one block may use (opt-in), bytes: H100 227 KiB, A100 163 KiB.
 SMEM_LIMIT = {90: 232448, 80: 166912}
@@ -106,8 +108,8 @@ def _plain_config(**meta):
 _B, _GRID, _C, _HIDDEN = 32, 24, 1024, 4096
 _WINDOWS = {"2x2": 12, "4x4": 6}  # window label -> pooled side of a 24x24 grid
 _PACKED_MODES = {0: "average", 1: "bilinear"}  # packed_pool.MODES
-_FP32_PRECISIONS = ("ieee", "tf32")
-_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")  # the projector's; each GEMM epilogue is compiled with each  # torch's default (allow_tf32=False) and allow_tf32=True
+_FP32_PRECISIONS = ("ieee", "tf32")  # torch's default (allow_tf32=False) and allow_tf32=True
+_ACTIVATIONS = ACTIVATIONS  # the projector's; each GEMM epilogue is compiled with each
 
 
 def _dtype_variants(dtypes: list[str]):
