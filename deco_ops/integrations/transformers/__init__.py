@@ -1,0 +1,20 @@
+"""Hugging Face transformers integration (``pip install "transformers>=5"``; ``import deco_ops`` never
+needs it).
+
+Importing this module registers ``attn_implementation="deco_ops"``: the attention function and the
+mask function (see ``attention``), so BLIP-2 / InstructBLIP Q-Formers and other models on
+transformers' attention interface run ``deco_ops.cross_attention``::
+
+    import deco_ops.integrations.transformers
+    model = Blip2Model(config)                           # or from_pretrained(...)
+    model.qformer.set_attn_implementation("deco_ops")   # the Q-Former only; the LM stays causal
+
+``llava_to_deco`` turns a ``LlavaForConditionalGeneration`` and its processor into the DeCo
+variant (see ``llava``).
+"""
+
+from .attention import NAME, deco_ops_attention, deco_ops_mask, register
+
+register()
+
+__all__ = ["NAME", "deco_ops_attention", "deco_ops_mask", "register"]
