@@ -10,7 +10,6 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     Blip2QFormerConfig,
-    CLIPImageProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -43,6 +42,8 @@ def tiny_llava(vision_feature_select_strategy: str = "default", seed: int = 0) -
         vision_feature_select_strategy=vision_feature_select_strategy, image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
         pad_token_id=0,
     )
+    from transformers import CLIPImageProcessor  # imported here: without torchvision it warns on import
+
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     processor = LlavaProcessor(
