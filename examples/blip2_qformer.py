@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers import Blip2QFormerModel
 
-import deco_ops.integrations.transformers  # noqa: F401  (registers attn_implementation="deco_ops")
+# deco_ops before transformers: with DECO_OPS_BACKEND=triton on a CPU, deco_ops must switch on
+# Triton's interpreter before anything imports triton.
+import deco_ops.integrations.transformers  # noqa: F401, I001  (registers attn_implementation="deco_ops")
+from transformers import Blip2QFormerModel
 from tiny_models import qformer_config
 
 
