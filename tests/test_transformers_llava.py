@@ -74,3 +74,21 @@ def test_hf_activation_names_match_act2fn(hf_name):
     x = torch.randn(2, 4, 8, dtype=torch.float64) * 3
     with torch.no_grad():
         assert_close(proj(x.float()), fc2(ACT2FN[hf_name](fc1(x))), torch.float32)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    """A converted model saves its projector under Hugging Face's names: from_pretrained loads the
+    trained weights (no random projector), and llava_to_deco restores the DeCo variant; the
+    processor reloads with its token count."""
+    model, processor = tiny_llava()
+    model, processor = llava_to_deco(model, processor)
+    with torch.no_grad():
+        model.model.multi_modal_projector.fc1.weight.add_(1.0)  # "trained": differs from any init
+    trained = model.model.multi_modal_projector.fc1.weight.clone()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert torch.equal(reloaded.model.multi_modal_projector.linear_1.weight, trained)
+    reloaded, _ = llava_to_deco(reloaded)
+    assert torch.equal(reloaded.model.multi_modal_projector.fc1.weight, trained)
+    assert DeCoLlavaProcessor.from_pretrained(tmp_path).num_image_tokens == 16

@@ -11,6 +11,10 @@ conversion the projector returns ``prod(out_grid)`` rows per image (a CLS token 
 ``"full"`` is dropped, DeCo pools only the patch grid), and ``DeCoLlavaProcessor`` writes as many
 placeholders; ``config.image_seq_length`` says the same.
 
+A converted model saves its projector under Hugging Face's names (``linear_1``, ``linear_2``), so
+``save_pretrained`` writes a checkpoint ``LlavaForConditionalGeneration.from_pretrained`` loads
+(as the plain LLaVA, with the trained weights); call ``llava_to_deco`` again after loading it.
+
 Not covered: vision towers called with ``image_sizes`` (Pixtral-style variable resolution), which
 split the projector's output by their own patch counts.
 """
@@ -45,6 +49,14 @@ class DeCoLlavaProcessor(_transformers.LlavaProcessor):
         return _MultiModalData(
             num_image_tokens=[self.num_image_tokens] * len(image_sizes), num_image_patches=[1] * len(image_sizes)
         )
+
+
+def _save_with_hf_names(module, state_dict, prefix, local_metadata) -> None:
+    """State_dict post-hook: the projector's ``0.*``/``2.*`` keys under Hugging Face's ``linear_1.*``/
+    ``linear_2.*`` (``DeCoProjector`` loads both)."""
+    for ours, theirs in (("0.", "linear_1."), ("2.", "linear_2.")):
+        for key in [k for k in state_dict if k.startswith(prefix + ours)]:
+            state_dict[prefix + theirs + key[len(prefix + ours):]] = state_dict.pop(key)
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -109,6 +121,7 @@ def llava_to_deco(model, processor=None, *, out_grid=None, num_prefix_tokens: in
     deco.load_state_dict(projector.state_dict())
     for ours, theirs in zip(deco.parameters(), projector.parameters()):
         ours.requires_grad_(theirs.requires_grad)
+    deco.register_state_dict_post_hook(_save_with_hf_names)
     base.multi_modal_projector = deco
     config.image_seq_length = math.prod(deco.out_grid)
     if processor is None:
