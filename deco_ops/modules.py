@@ -32,8 +32,7 @@ _LAYER_NAMES = {
     "linear_1.": "0.", "linear_2.": "2.",                    # Hugging Face LlavaMultiModalProjector
     "mlp_projector.0.": "0.", "mlp_projector.2.": "2.",      # DeCo's AvgPoolProjector
 }
-# Where a whole-model checkpoint keeps the projector, longest first so that a prefix is not
-# mistaken for the tail of a longer one.
+# Where a whole-model checkpoint keeps the projector (a key must match prefix + layer + param exactly).
 PROJECTOR_PREFIXES = (
     "model.multi_modal_projector.",  # Hugging Face LLaVA, transformers >= 4.52
     "multi_modal_projector.",        # Hugging Face LLaVA, older checkpoints
@@ -58,9 +57,8 @@ def _projector_key(rest: str) -> str | None:
 
 def activation_name(value) -> str:
     """Our activation name for one of ours or a Hugging Face name (``gelu_pytorch_tanh``, ...)."""
-    if isinstance(value, str) and value not in ACTIVATIONS and value in HF_ACTIVATIONS:
-        value = HF_ACTIVATIONS[value]
-    if not isinstance(value, str) or value not in ACTIVATIONS:
+    value = HF_ACTIVATIONS.get(value, value) if isinstance(value, str) else value
+    if value not in ACTIVATIONS:
         raise ValueError(
             f"activation must be one of {ACTIVATIONS} or a Hugging Face name {tuple(HF_ACTIVATIONS)}, got {value!r}"
         )
