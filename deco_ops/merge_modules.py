@@ -24,7 +24,7 @@ INTERNVL_ORIGINAL = ("mlp1.0", "mlp1.1", "mlp1.3")
 # Activation modules of nn / transformers (by class name: transformers is optional) -> our names.
 _ACTIVATION_CLASSES = {
     "GELUActivation": "gelu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
-    "NewGELUActivation": "gelu_tanh", "SiLU": "silu", "SiLUActivation": "silu",
+    "NewGELUActivation": "gelu_tanh", "SiLU": "silu", "SiLUActivation": "silu", "QuickGELUActivation": "quick_gelu",
 }
 
 
