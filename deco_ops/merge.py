@@ -41,14 +41,14 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 
 
-def _strategy(op: str, fused, composed, on_triton: bool, key) -> str:
-    """``deco_ops.strategy``'s choice between the fused kernels and the composed twin (the HF
-    sequence). On the PyTorch backend the composed code is the only implementation: it serves as
-    ``"fused"`` (the reference) too."""
+def _strategy(op: str, fused, composed, on_triton: bool, key):
+    """The implementation to run: ``deco_ops.strategy``'s choice between the fused kernels and the
+    composed twin (the HF sequence). On the PyTorch backend the composed code is the only
+    implementation: it serves as ``"fused"`` (the reference) too."""
     candidates = {"fused": strategy.Candidate(fused if on_triton else composed)}
     if on_triton:
         candidates["composed"] = strategy.Candidate(composed)
-    return strategy.choose(op, candidates, on_triton=on_triton, key=key)
+    return candidates[strategy.choose(op, candidates, on_triton=on_triton, key=key)].run
 
 
 def _image_table(geometry: torch.Tensor | None, rows: int) -> torch.Tensor | None:
@@ -104,8 +104,7 @@ def _merge_mlp(
             out=w2.shape[0], merge=merge, order=order, packed=geometry is not None, norm=norm, pre=pre,
             activation=activation)
 
-    run = {"fused": fused, "composed": composed}[_strategy("merge_mlp", fused, composed, _backend.use_triton(x.device), key)]
-    y, stats, pre_act = run()
+    y, stats, pre_act = _strategy("merge_mlp", fused, composed, _backend.use_triton(x.device), key)()
     y = y.view(B, N // (merge * merge), w2.shape[0])
     if not keep_residuals:
         return y, x.new_empty((0,)), x.new_empty((0,))
@@ -161,8 +160,8 @@ def _norm_backward(
             "merge_norm_backward", x.device, x.dtype, False, rows=strategy.bucket(stats.shape[0]), C=x.shape[2],
             merge=merge, order=order, packed=geometry is not None, norm=norm, pre=pre, flags="".join(str(int(f)) for f in flags))
 
-    run = {"fused": fused, "composed": composed}[_strategy("merge_norm_backward", fused, composed, _backend.use_triton(x.device), key)]
-    return tuple(x.new_empty((0,)) if t is None else t for t in run())
+    out = _strategy("merge_norm_backward", fused, composed, _backend.use_triton(x.device), key)()
+    return tuple(x.new_empty((0,)) if t is None else t for t in out)
 
 
 @_norm_backward.register_fake

@@ -249,13 +249,14 @@ def test_kernel_launches(frozen):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_composed_strategy_runs_the_hf_sequence(packed):
-    """``use_strategy("composed")`` on the Triton backend: no kernel launches, the same outputs
-    and gradients as the fused kernels (either backward follows either forward)."""
+    """``use_strategy("composed")`` on the Triton backend, and the PyTorch backend whatever the
+    strategy: no kernel launches, the same outputs and gradients as the fused kernels (either
+    backward follows either forward)."""
     params, dy = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8, norm_position="post")
     results = []
-    for name in ("fused", "composed"):
+    for name, backend in (("fused", "triton"), ("composed", "triton"), ("fused", "torch")):
         leaves = [leaf(p) for p in params]
-        with deco_ops.use_backend("triton"), deco_ops.use_strategy(name):
+        with deco_ops.use_backend(backend), deco_ops.use_strategy(name):
             spies, mocks = _spy(KERNELS[:2] + KERNELS[3:])
             try:
                 if packed:
@@ -266,10 +267,11 @@ def test_composed_strategy_runs_the_hf_sequence(packed):
             finally:
                 for s in spies:
                     s.stop()
-        assert [m.call_count for m in mocks] == ([1, 1, 1] if name == "fused" else [0, 0, 0])
+        assert [m.call_count for m in mocks] == ([1, 1, 1] if backend == "triton" and name == "fused" else [0, 0, 0])
         results.append([y, *(t.grad for t in leaves)])
-    for a, b in zip(*results):
-        assert_close(a, b, torch.float32)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert_close(a, b, torch.float32)
 
 
 def test_frozen_tokens_and_first_layer_save_no_tokens():
