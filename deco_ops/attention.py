@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend
+from . import _backend, composed_attention, strategy
 from . import _validate_attention as _check
 from . import reference_attention as reference
 from .kernels import cross_attention_bwd, cross_attention_fwd
@@ -33,6 +33,23 @@ def _rng_pair(rng: torch.Tensor | None) -> tuple[int, int] | None:
     return None if rng is None else tuple(int(x) for x in rng.tolist())
 
 
+def _padded(k, v, kv_lens, cu_seqlens_k, N):
+    """Keys for the PyTorch paths: packed keys become (B, N, H, D) with zeros past each length;
+    (k, v, lengths, real-position mask or None)."""
+    if cu_seqlens_k is None:
+        return k, v, kv_lens, None
+    kp, lens, real = reference.unpack_keys(k, cu_seqlens_k, N)
+    vp, _, _ = reference.unpack_keys(v, cu_seqlens_k, N)
+    return kp, vp, lens, real
+
+
+def _key(op, q, B, N, kv_lens, cu_seqlens_k, needs_grad, **more) -> str:
+    _, M, H, D = q.shape
+    mask = "packed" if cu_seqlens_k is not None else "lens" if kv_lens is not None else "none"
+    return strategy.make_key(op, q.device, q.dtype, needs_grad, batch=strategy.bucket(B), M=strategy.bucket(M),
+                             N=strategy.bucket(N), H=H, D=D, q="shared" if q.shape[0] == 1 else "per-batch", mask=mask, **more)
+
+
 @torch.library.custom_op("deco::cross_attention", mutates_args=())
 def _cross_attention(
     q: torch.Tensor,
@@ -46,12 +63,23 @@ def _cross_attention(
     rng: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
-    if _backend.use_triton(q.device):
-        return cross_attention_fwd.cross_attention_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng)
-    if cu_seqlens_k is not None:
-        k, kv_lens, _ = reference.unpack_keys(k, cu_seqlens_k, N)
-        v, _, _ = reference.unpack_keys(v, cu_seqlens_k, N)
-    return reference.attention_fwd(q, k, v, kv_lens, scale, dropout_p, _rng_pair(rng))
+    on_triton = _backend.use_triton(q.device)
+
+    def fused():
+        if on_triton:
+            return cross_attention_fwd.cross_attention_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng)
+        kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, N)
+        return reference.attention_fwd(q, kp, vp, lens, scale, dropout_p, _rng_pair(rng))
+
+    def composed():
+        kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, N)
+        return composed_attention.forward(q, kp, vp, lens, scale)
+
+    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
+    return strategy.run(
+        "cross_attention", on_triton=on_triton, key=lambda: _key("cross_attention", q, B, N, kv_lens, cu_seqlens_k, needs_grad),
+        fused=fused, composed=composed if composed_attention.expressible(q, dropout_p) else None,
+    )
 
 
 @_cross_attention.register_fake
@@ -86,18 +114,31 @@ def _cross_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv); a gradient not asked for comes back as an empty (0,) tensor."""
     B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
-    if _backend.use_triton(q.device):
-        dq, dk, dv = cross_attention_bwd.cross_attention_bwd(
-            dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, need_dq, need_dkv
-        )
-    elif cu_seqlens_k is not None:
-        kp, lens, real = reference.unpack_keys(k, cu_seqlens_k, N)
-        vp, _, _ = reference.unpack_keys(v, cu_seqlens_k, N)
-        dq, dkp, dvp = reference.attention_bwd(dout, q, kp, vp, out, lse, lens, scale, dropout_p, _rng_pair(rng))
-        dk = reference.pack_keys(dkp, cu_seqlens_k, real, k.shape[0])
-        dv = reference.pack_keys(dvp, cu_seqlens_k, real, v.shape[0])
-    else:
-        dq, dk, dv = reference.attention_bwd(dout, q, k, v, out, lse, kv_lens, scale, dropout_p, _rng_pair(rng))
+    on_triton = _backend.use_triton(q.device)
+
+    def on_padded_keys(backward):
+        kp, vp, lens, real = _padded(k, v, kv_lens, cu_seqlens_k, N)
+        dq, dk, dv = backward(kp, vp, lens)
+        if cu_seqlens_k is None or dk is None:
+            return dq, dk, dv
+        return dq, reference.pack_keys(dk, cu_seqlens_k, real, k.shape[0]), reference.pack_keys(dv, cu_seqlens_k, real, v.shape[0])
+
+    def fused():
+        if on_triton:
+            return cross_attention_bwd.cross_attention_bwd(
+                dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, need_dq, need_dkv
+            )
+        return on_padded_keys(lambda kp, vp, lens: reference.attention_bwd(dout, q, kp, vp, out, lse, lens, scale, dropout_p, _rng_pair(rng)))
+
+    def composed():
+        return on_padded_keys(lambda kp, vp, lens: composed_attention.backward(dout, q, kp, vp, out, lse, lens, scale, need_dq, need_dkv))
+
+    dq, dk, dv = strategy.run(
+        "cross_attention_backward", on_triton=on_triton,
+        key=lambda: _key("cross_attention_backward", q, B, N, kv_lens, cu_seqlens_k, True, need=f"{'q' * need_dq}{'kv' * need_dkv}"),
+        fused=fused, composed=composed if composed_attention.expressible(q, dropout_p) else None,
+        composed_deterministic=composed_attention.deterministic_backward(q.device),
+    )
     return _or_empty(dq, need_dq, q), _or_empty(dk, need_dkv, q), _or_empty(dv, need_dkv, q)
 
 

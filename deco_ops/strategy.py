@@ -123,36 +123,59 @@ class Candidate:
 
 
 def choose(op: str, candidates: Mapping[str, Candidate], *, on_triton: bool, key: Callable[[], str]) -> str:
-    """The name of the candidate to run (``"fused"`` must be one of them).
+    """The name of the candidate to run; the first one listed is the default (``"fused"`` where
+    the op has a fused path on this backend).
 
     ``on_triton``: whether the op runs on the Triton backend (else the PyTorch one). ``key``
     builds the decision's key string; it is only called when a measurement may be needed.
     """
+    default = next(iter(candidates))
     forced = selected()
     if forced != "auto":
-        return forced if forced in candidates else "fused"
+        return forced if forced in candidates else default
     if not on_triton:
-        return "composed" if "composed" in candidates else "fused"
+        return "composed" if "composed" in candidates else default
     if _backend.interpreting() or len(candidates) == 1:
-        return "fused"
+        return default
     return decide(key(), candidates, _time_cuda)
+
+
+def run(op: str, *, on_triton: bool, key: Callable[[], str], fused: Callable[[], object] | None = None,
+        composed: Callable[[], object] | None = None, composed_deterministic: bool = True):
+    """Run ``op`` the chosen way: ``fused`` (None where this backend has no fused path) or
+    ``composed`` (None where the composed twin cannot express the call)."""
+    candidates = {}
+    if fused is not None:
+        candidates["fused"] = Candidate(fused)
+    if composed is not None:
+        candidates["composed"] = Candidate(composed, composed_deterministic)
+    return candidates[choose(op, candidates, on_triton=on_triton, key=key)].run()
 
 
 def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Callable[[], object]], float]) -> str:
     """The measured choice for ``key``: a decision made or preloaded earlier in this process,
     else one from the on-disk cache, else the fastest candidate by ``timer(run) -> ms``, which is
     then remembered in memory and on disk. Under ``torch.use_deterministic_algorithms(True)``
-    only deterministic candidates compete (and then none is timed if one is left)."""
+    only deterministic candidates compete (the first candidate if none is). A candidate that
+    raises while it is timed drops out of the competition, with a warning."""
+    default = next(iter(candidates))
     usable = dict(candidates)
     if torch.are_deterministic_algorithms_enabled():
-        usable = {name: c for name, c in usable.items() if c.deterministic} or {"fused": candidates["fused"]}
+        usable = {name: c for name, c in usable.items() if c.deterministic} or {default: candidates[default]}
     known = _decisions.get(key) or _read_disk().get(key)
     if known in usable:
         _decisions[key] = known
         return known
     if len(usable) == 1:
         return next(iter(usable))
-    times = {name: timer(c.run) for name, c in usable.items()}
+    times = {}
+    for name, candidate in usable.items():
+        try:
+            times[name] = timer(candidate.run)
+        except Exception as e:  # noqa: BLE001 - a candidate this GPU cannot run loses, it does not crash the op
+            if name == default:
+                raise
+            warnings.warn(f"deco_ops: {key}: the {name} candidate failed and is not used: {type(e).__name__}: {e}", stacklevel=3)
     winner = min(times, key=times.get)
     _decisions[key] = winner
     _write_disk(key, winner)
