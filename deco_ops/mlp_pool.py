@@ -22,13 +22,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from . import _backend, _validate, reference
+from . import _backend, _validate, composed, strategy
 from .kernels import mlp_pool as mlp_pool_kernel
 from .kernels import pool_gemm
 from .projector import ACTIVATIONS, needs_residuals
-from .packed import check_mlp, check_tokens, dense_geometry, parse, reference_pool, reference_unpool, to_device
+from .packed import check_mlp, check_tokens, dense_geometry, packed_key, parse, to_device
 
 
 @torch.library.custom_op("deco::mlp_pool_packed", mutates_args=())
@@ -45,7 +44,9 @@ def _mlp_pool(
     keep_residuals: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     M = x.shape[0]
-    if _backend.use_triton(x.device):
+    on_triton = _backend.use_triton(x.device)
+
+    def fused():
         act, _, _ = pool_gemm.pool_gemm(
             x.unsqueeze(0), (1, 1, M), (1, 1, M), w1.contiguous(), None if b1 is None else b1.contiguous(),
             activation, store_pre=False, store_pooled=False,
@@ -55,8 +56,17 @@ def _mlp_pool(
             "identity", store_pre=False, store_pooled=keep_residuals,
         )
         return y, pooled if keep_residuals else x.new_empty((0,))
-    pooled = reference_pool(reference.ACTIVATIONS[activation](F.linear(x, w1, b1)), geometry, num_out, mode)
-    return F.linear(pooled, w2, b2), pooled if keep_residuals else x.new_empty((0,))
+
+    def composed_():
+        pool = lambda a: torch.ops.deco.pool_tokens_packed(a, geometry, num_out, mode)  # noqa: E731
+        return composed.mlp_pool(x, w1, b1, w2, b2, pool, activation, keep_residuals)
+
+    return strategy.run(
+        "mlp_pool_packed", on_triton=on_triton,
+        key=lambda: packed_key("mlp_pool_packed", x, num_out, keep_residuals, hidden=w1.shape[0], out=w2.shape[0],
+                               act=activation, mode=mode),
+        fused=fused if on_triton else None, composed=composed_,
+    )
 
 
 @_mlp_pool.register_fake
@@ -70,14 +80,22 @@ def _act_backward(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, dpooled: torch.Tensor, geometry: torch.Tensor, activation: str, mode: str
 ) -> torch.Tensor:
     """dz = unpool(dpooled) * act'(x @ w1.T + b1), (tokens, hidden), the pre-activation recomputed."""
-    if _backend.use_triton(x.device):
+    on_triton = _backend.use_triton(x.device)
+
+    def fused():
         return mlp_pool_kernel.gemm_unpool_act_grad(
             x, w1.contiguous(), None if b1 is None else b1.contiguous(), dpooled, geometry, activation, mode
         )
-    z = F.linear(x, w1, b1)
-    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-    da = reference_unpool(dpooled, geometry, x.shape[0], mode)
-    return (da.to(z.dtype) * reference.ACTIVATION_GRADS[activation](z)).to(x.dtype)
+
+    def composed_():
+        unpool = lambda d: torch.ops.deco.unpool_tokens_packed(d, geometry, x.shape[0], mode)  # noqa: E731
+        return composed.mlp_pool_act_backward(x, w1, b1, dpooled, unpool, activation)
+
+    return strategy.run(
+        "mlp_pool_act_backward", on_triton=on_triton,
+        key=lambda: packed_key("mlp_pool_act_backward", x, dpooled.shape[0], True, hidden=w1.shape[0], act=activation, mode=mode),
+        fused=fused if on_triton else None, composed=composed_,
+    )
 
 
 @_act_backward.register_fake

@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _validate, reference
+from . import _backend, _validate, composed, strategy
 from .kernels import packed_pool, pool_gemm
 from .projector import ACTIVATIONS, needs_residuals
 
@@ -277,6 +277,12 @@ def bilinear_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
 # pool -> Linear -> activation -> Linear over a packed batch
 
 
+def packed_key(op: str, x: torch.Tensor, num_out: int, keep_residuals: bool, **dims) -> str:
+    """The strategy key of a packed projector: token and output row counts bucketed."""
+    return strategy.make_key(op, x.device, x.dtype, keep_residuals, tokens=strategy.bucket(x.shape[0]),
+                             rows=strategy.bucket(num_out), C=x.shape[1], **dims)
+
+
 @torch.library.custom_op("deco::pool_mlp_packed", mutates_args=())
 def _pool_mlp(
     x: torch.Tensor,
@@ -290,19 +296,26 @@ def _pool_mlp(
     mode: str,
     keep_residuals: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    empty = x.new_empty((0,))
-    if _backend.use_triton(x.device):
+    on_triton = _backend.use_triton(x.device)
+
+    def fused():
         act, pre, pooled = pool_gemm.pool_gemm_packed(
             x, geometry, num_out, mode, w1.contiguous(), None if b1 is None else b1.contiguous(),
             activation, store_pre=keep_residuals, store_pooled=keep_residuals,
         )
-        w2t = w2.t()
-        y = torch.addmm(b2, act, w2t) if b2 is not None else act @ w2t
-        return (y, pooled, pre) if keep_residuals else (y, empty, x.new_empty((0,)))
-    pooled = reference_pool(x, geometry, num_out, mode)
-    pre = F.linear(pooled, w1, b1)
-    y = F.linear(reference.ACTIVATIONS[activation](pre), w2, b2)
-    return (y, pooled, pre) if keep_residuals else (y, empty, x.new_empty((0,)))
+        y = F.linear(act, w2, b2)
+        return (y, pooled, pre) if keep_residuals else (y, x.new_empty((0,)), x.new_empty((0,)))
+
+    def composed_():
+        pooled = torch.ops.deco.pool_tokens_packed(x, geometry, num_out, mode)
+        return composed.pool_mlp(pooled, w1, b1, w2, b2, activation, keep_residuals)
+
+    return strategy.run(
+        "pool_mlp_packed", on_triton=on_triton,
+        key=lambda: packed_key("pool_mlp_packed", x, num_out, keep_residuals, hidden=w1.shape[0], out=w2.shape[0],
+                               act=activation, mode=mode),
+        fused=fused if on_triton else None, composed=composed_,
+    )
 
 
 @_pool_mlp.register_fake

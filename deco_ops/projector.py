@@ -18,8 +18,9 @@ costs nothing).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from . import _backend, _validate, reference
+from . import _backend, _validate, composed, reference, strategy
 from .kernels import gemm_act_grad, pool_gemm
 from .pooling import as_3d, check_pool_input
 
@@ -38,20 +39,32 @@ def _empty(x: torch.Tensor) -> torch.Tensor:
 # pool -> Linear
 
 
+def _key(op: str, x: torch.Tensor, grid, out_grid, keep_residuals: bool, **dims) -> str:
+    rows = x.shape[0] * torch.Size(out_grid).numel()
+    return strategy.make_key(op, x.device, x.dtype, keep_residuals, rows=strategy.bucket(rows), C=x.shape[2],
+                             grid=grid, out_grid=out_grid, **dims)
+
+
 @torch.library.custom_op("deco::pool_linear", mutates_args=())
 def _pool_linear(
     x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, grid: list[int], out_grid: list[int], keep_residuals: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, P = x.shape[0], torch.Size(out_grid).numel()
-    if _backend.use_triton(x.device):
+    on_triton = _backend.use_triton(x.device)
+
+    def fused():
         y, _, pooled = pool_gemm.pool_gemm(
             x, as_3d(grid), as_3d(out_grid), w.contiguous(), None if b is None else b.contiguous(),
             "identity", store_pre=False, store_pooled=keep_residuals,
         )
         pooled = pooled.view(B, P, x.shape[2]) if keep_residuals else _empty(x)
         return y.view(B, P, w.shape[0]), pooled
-    pooled = reference.adaptive_avg_pool_tokens(x, grid, out_grid).contiguous()
-    return torch.nn.functional.linear(pooled, w, b), pooled if keep_residuals else _empty(x)
+
+    return strategy.run(
+        "pool_linear", on_triton=on_triton, key=lambda: _key("pool_linear", x, grid, out_grid, keep_residuals, out=w.shape[0]),
+        fused=fused if on_triton else None,
+        composed=lambda: composed.pool_linear(torch.ops.deco.adaptive_avg_pool_tokens(x, grid, out_grid), w, b, keep_residuals),
+    )
 
 
 @_pool_linear.register_fake
@@ -98,9 +111,14 @@ def _mlp_activation_backward(
     dy: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy @ w2 * act'(pre), act(pre)) for 2D dy (rows, out), w2 (out, hidden), pre (rows, hidden)."""
-    if _backend.use_triton(dy.device):
-        return gemm_act_grad.gemm_act_grad(dy, w2, pre, activation)
-    return reference.mlp_activation_backward(dy, w2, pre, activation)
+    on_triton = _backend.use_triton(dy.device)
+    return strategy.run(
+        "mlp_activation_backward", on_triton=on_triton,
+        key=lambda: strategy.make_key("mlp_activation_backward", dy.device, dy.dtype, True, rows=strategy.bucket(dy.shape[0]),
+                                      out=dy.shape[1], hidden=pre.shape[1], act=activation),
+        fused=(lambda: gemm_act_grad.gemm_act_grad(dy, w2, pre, activation)) if on_triton else None,
+        composed=lambda: reference.mlp_activation_backward(dy, w2, pre, activation),
+    )
 
 
 @_mlp_activation_backward.register_fake
@@ -121,23 +139,27 @@ def _pool_mlp(
     keep_residuals: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, P = x.shape[0], torch.Size(out_grid).numel()
-    if _backend.use_triton(x.device):
+    on_triton = _backend.use_triton(x.device)
+
+    def fused():
         act, pre, pooled = pool_gemm.pool_gemm(
             x, as_3d(grid), as_3d(out_grid), w1.contiguous(), None if b1 is None else b1.contiguous(),
             activation, store_pre=keep_residuals, store_pooled=keep_residuals,
         )
-        w2t = w2.t()
-        y = torch.addmm(b2, act, w2t) if b2 is not None else act @ w2t
-        y = y.view(B, P, w2.shape[0])
+        y = F.linear(act, w2, b2).view(B, P, w2.shape[0])
         if not keep_residuals:
             return y, _empty(x), _empty(x)
         return y, pooled.view(B, P, x.shape[2]), pre.view(B, P, w1.shape[0])
-    pooled = reference.adaptive_avg_pool_tokens(x, grid, out_grid).contiguous()
-    pre = torch.nn.functional.linear(pooled, w1, b1)
-    y = torch.nn.functional.linear(reference.ACTIVATIONS[activation](pre), w2, b2)
-    if not keep_residuals:
-        return y, _empty(x), _empty(x)
-    return y, pooled, pre
+
+    def composed_():
+        pooled = torch.ops.deco.adaptive_avg_pool_tokens(x, grid, out_grid)
+        return composed.pool_mlp(pooled, w1, b1, w2, b2, activation, keep_residuals)
+
+    return strategy.run(
+        "pool_mlp", on_triton=on_triton,
+        key=lambda: _key("pool_mlp", x, grid, out_grid, keep_residuals, hidden=w1.shape[0], out=w2.shape[0], act=activation),
+        fused=fused if on_triton else None, composed=composed_,
+    )
 
 
 @_pool_mlp.register_fake
