@@ -113,7 +113,8 @@ def stamp(env: cases.Env, args) -> dict:
         "deco_ops_backend": env.backend,
         "torch_compile_baselines": env.compile,
         "quick": bool(args.quick),
-        "timer": "triton.testing.do_bench (CUDA events, median)" if not cpu else "time.perf_counter loop (median)",
+        "timer": "triton.testing.do_bench (CUDA events, median)" if not cpu
+        else "time.perf_counter, implementations interleaved round by round, fastest of >= 10 calls (5 with --quick)",
         "shapes": "real" if not cpu else ("tiny twins (CPU smoke run: timings say nothing about GPU speed); "
                                            "the *_cpu_* shapes at real size (the CPU path)"),
     }
@@ -140,14 +141,18 @@ def run_group(group: cases.Group, env: cases.Env, ceilings: dict, quick: bool) -
         "impls": {},
     }
     outputs = {}
+    cpu_runners = {}  # on a CPU every implementation is timed in turn, round after round (timing.interleaved_ms)
     for name, factory in group.impls.items():
         entry: dict = {}
         runner = None
         try:
             runner = factory()
-            ms = timing.bench_ms(runner.run, env.device, quick)
-            entry["ms"] = ms
-            entry["peak_MiB"] = timing.peak_mib(runner.run, runner.reset, env.device)
+            if env.device.type == "cuda":
+                entry["ms"] = timing.bench_ms(runner.run, env.device, quick)
+                entry["peak_MiB"] = timing.peak_mib(runner.run, runner.reset, env.device)
+            else:
+                runner.run()  # warm-up, and a failure is this implementation's alone
+                cpu_runners[name] = runner
             if runner.output is not None and name in ("deco_ops", "eager", "eager_softmax"):
                 outputs[name] = runner.output().float()
         except cases.Unavailable as e:
@@ -162,6 +167,13 @@ def run_group(group: cases.Group, env: cases.Env, ceilings: dict, quick: bool) -
             del runner
             if env.device.type == "cuda":
                 torch.cuda.empty_cache()
+        rec["impls"][name] = entry
+    if cpu_runners:
+        for name, ms in timing.interleaved_ms({n: r.run for n, r in cpu_runners.items()}, quick).items():
+            rec["impls"][name].update(ms=ms, peak_MiB=None)
+        for runner in cpu_runners.values():
+            runner.reset()
+    for entry in rec["impls"].values():
         if "ms" in entry:
             s = entry["ms"] * 1e-3
             entry["TFLOPs"] = group.flops / s / 1e12
@@ -170,7 +182,6 @@ def run_group(group: cases.Group, env: cases.Env, ceilings: dict, quick: bool) -
             entry["roofline_pct"] = 100.0 * floor / s
             entry["matmul_pct"] = 100.0 * entry["TFLOPs"] / ceilings["matmul_TFLOPs"]
             entry["bandwidth_pct"] = 100.0 * entry["GBps"] / ceilings["copy_GBps"]
-        rec["impls"][name] = entry
     ref = outputs.get("eager") if "eager" in outputs else outputs.get("eager_softmax")
     if "deco_ops" in outputs and ref is not None:
         rec["rel_err_vs_eager"] = _rel_err(outputs["deco_ops"], ref)

@@ -1,7 +1,8 @@
 """Timing, peak memory and the device's measured ceilings (copy bandwidth, matmul rate).
 
-On CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median). Elsewhere:
-``time.perf_counter`` loops (a CPU smoke run: the numbers only prove the code runs).
+On CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median). On a CPU:
+``time.perf_counter``, the implementations of a group interleaved round by round, fastest call
+(``interleaved_ms``); ``bench_ms`` loops over one function (the device ceilings).
 """
 
 from __future__ import annotations
@@ -34,6 +35,26 @@ def bench_ms(fn: Callable[[], object], device: torch.device, quick: bool = False
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], quick: bool = False) -> dict[str, float]:
+    """CPU: the fastest of several calls of each function, timed in turn, round after round.
+
+    On shared cores the load from other processes comes and goes; interleaving lets it fall on every
+    implementation alike, and the fastest call is the least disturbed one, so the *ratios* hold
+    (timing one implementation after the other let a 2x swing in machine speed decide them).
+    The caller has warmed every function up."""
+    min_rounds, budget = (5, 0.05) if quick else (10, 1.0)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - start < budget and rounds < 50):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: min(ts) * 1e3 for name, ts in times.items()}
 
 
 def peak_mib(fn: Callable[[], object], reset: Callable[[], None], device: torch.device) -> float | None:

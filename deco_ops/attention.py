@@ -7,6 +7,10 @@ graph-break-free nodes under ``torch.compile``. What autograd keeps: q, k, v, th
 fp32 LSE (B, H, M), plus the int lengths and the (seed, offset) of the dropout RNG. Never the
 M x N attention matrix, never the dropout mask: backward recomputes both.
 
+Strategies (``deco_ops.strategy``): the kernels below, or the composed twin on SDPA's own kernels
+(``deco_ops.composed_attention``), which returns the same O and LSE, so either backward follows
+either forward; on the PyTorch backend ``auto`` runs the twin.
+
 Backends (``deco_ops._backend``): the Triton kernels in ``kernels/cross_attention_fwd.py`` and
 ``kernels/cross_attention_bwd.py``, or the PyTorch reference path of
 ``deco_ops.reference_attention`` (key chunks with an online softmax), which reproduces the kernels'

@@ -14,6 +14,9 @@ and the pooled activation ``(P, hidden)`` when autograd needs it. Not the token-
 pre-activation nor the activation: backward recomputes the pre-activation in
 ``kernels/mlp_pool.py``, whose epilogue also gathers the un-pooled gradient and applies act'.
 
+Both ops have composed twins (``deco_ops.composed``: ``F.linear``, the activation and our packed
+pooling / un-pooling kernel), chosen by ``deco_ops.strategy``.
+
 Registered ops: ``deco::mlp_pool_packed`` and ``deco::mlp_pool_act_backward``.
 """
 

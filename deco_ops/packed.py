@@ -16,6 +16,9 @@ sync when they live on the GPU; pass them as CPU tensors to avoid it). The per-i
 then goes back to the device through pinned memory without blocking. The custom ops themselves take
 the geometry as a tensor plus the output size as an int, so they never sync.
 
+``pool_mlp_packed`` has a composed twin (the packed pooling kernel, then ``F.linear``), chosen by
+``deco_ops.strategy`` as for the dense projectors.
+
 Registered ops (each one's autograd formula is the other, or the fused MLP backward):
 ``deco::pool_tokens_packed``, ``deco::unpool_tokens_packed``, ``deco::pool_mlp_packed``.
 """

@@ -9,6 +9,10 @@ pre-activation ``(B, P, hidden)``. Never the patch tokens, never the activation.
 return these residuals as extra outputs (empty when not kept) because a ``torch.library`` autograd
 formula can only save inputs and outputs; the public functions return the projection alone.
 
+Each op and backward GEMM has a composed twin (``deco_ops.composed``: our pooling kernel, then
+cuBLAS, then the activation in PyTorch) returning the same residuals; ``deco_ops.strategy`` picks
+which runs. On the PyTorch backend the composed twin is the implementation.
+
 Backward: one Triton GEMM computes ``dz = (dy @ W2) * act'(z)`` and rebuilds ``act(z)`` in its
 epilogue; dW2, dW1 and d(pooled) are cuBLAS GEMMs; the input gradient is un-pooled by a
 deterministic Triton gather, and only computed when ``x`` requires grad (a frozen vision tower
