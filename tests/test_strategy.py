@@ -136,3 +136,40 @@ def test_unreadable_cache_is_ignored(cache_dir):
     with pytest.warns(UserWarning, match="unreadable strategy cache"):
         assert strategy.decide("k|d|t|s|grad|any", _candidates(), FakeTimer({"fused": 1.0, "composed": 2.0})) == "fused"
     assert json.loads((cache_dir / strategy.CACHE_FILE).read_text()) == {"k|d|t|s|grad|any": "fused"}
+
+
+def test_ops_measure_once_per_key(cache_dir, monkeypatch):
+    """The ops' wiring of the measured path, as on CUDA: the first call of a key times both
+    candidates (a fake timer here), the winner runs and is remembered under the op's key string;
+    a batch size in the same bucket is not timed again."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from deco_ops import composed
+    from deco_ops.kernels import pool_gemm
+    from harness import randn
+
+    monkeypatch.setattr(strategy, "_backend", SimpleNamespace(interpreting=lambda: False))
+    timed = []
+
+    def fake_timer(run):
+        timed.append(run)
+        run()
+        return 1.0 if len(timed) % 2 == 0 else 2.0  # the second candidate timed (composed) wins
+
+    monkeypatch.setattr(strategy, "_time_cuda", fake_timer)
+    w1, w2 = randn(6, 8), randn(5, 6)
+    with deco_ops.use_backend("triton"), deco_ops.use_strategy("auto"):
+        with mock.patch.object(composed, "pool_mlp", wraps=composed.pool_mlp) as twin:
+            deco_ops.pool_mlp(randn(3, 16, 8), w1, None, w2, None, grid=(4, 4), out_grid=(2, 2))
+        assert len(timed) == 2 and twin.call_count == 2  # timed once (the fake timer runs once), then run
+        assert strategy.choices() == {
+            "pool_mlp|cpu|float32|rows=16,C=8,grid=4x4,out_grid=2x2,hidden=6,out=5,act=gelu|infer|any": "composed"
+        }
+        with mock.patch.object(pool_gemm, "pool_gemm", wraps=pool_gemm.pool_gemm) as kernel:
+            deco_ops.pool_mlp(randn(4, 16, 8), w1, None, w2, None, grid=(4, 4), out_grid=(2, 2))  # 16 rows: same bucket
+        assert len(timed) == 2 and not kernel.called
+        q, k = randn(1, 5, 2, 16), randn(3, 9, 2, 16)
+        deco_ops.cross_attention(q, k, k, kv_lens=torch.tensor([9, 0, 4]))
+        assert len(timed) == 4
+        assert strategy.choices()["cross_attention|cpu|float32|batch=4,M=8,N=16,H=2,D=16,q=shared,mask=lens|infer|any"] == "composed"
