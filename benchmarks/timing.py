@@ -44,7 +44,7 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], quick: bool = False) ->
     implementation alike, and the fastest call is the least disturbed one, so the *ratios* hold
     (timing one implementation after the other let a 2x swing in machine speed decide them).
     The caller has warmed every function up."""
-    min_rounds, budget = (5, 0.05) if quick else (10, 1.0)
+    min_rounds, budget = (5, 0.05) if quick else (10, 3.0)
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     rounds = 0

@@ -81,7 +81,7 @@ def _cross_attention(
 
     needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
     return strategy.run(
-        "cross_attention", on_triton=on_triton, key=lambda: _key("cross_attention", q, B, N, kv_lens, cu_seqlens_k, needs_grad),
+        on_triton=on_triton, key=lambda: _key("cross_attention", q, B, N, kv_lens, cu_seqlens_k, needs_grad),
         fused=fused, composed=composed if composed_attention.expressible(q, dropout_p) else None,
     )
 
@@ -138,7 +138,7 @@ def _cross_attention_backward(
         return on_padded_keys(lambda kp, vp, lens: composed_attention.backward(dout, q, kp, vp, out, lse, lens, scale, need_dq, need_dkv))
 
     dq, dk, dv = strategy.run(
-        "cross_attention_backward", on_triton=on_triton,
+        on_triton=on_triton,
         key=lambda: _key("cross_attention_backward", q, B, N, kv_lens, cu_seqlens_k, True, need=f"{'q' * need_dq}{'kv' * need_dkv}"),
         fused=fused, composed=composed if composed_attention.expressible(q, dropout_p) else None,
         composed_deterministic=composed_attention.deterministic_backward(q.device),

@@ -65,7 +65,7 @@ def _mlp_pool(
         return composed.mlp_pool(x, w1, b1, w2, b2, pool, activation, keep_residuals)
 
     return strategy.run(
-        "mlp_pool_packed", on_triton=on_triton,
+        on_triton=on_triton,
         key=lambda: packed_key("mlp_pool_packed", x, num_out, keep_residuals, hidden=w1.shape[0], out=w2.shape[0],
                                act=activation, mode=mode),
         fused=fused if on_triton else None, composed=composed_,
@@ -95,7 +95,7 @@ def _act_backward(
         return composed.mlp_pool_act_backward(x, w1, b1, dpooled, unpool, activation)
 
     return strategy.run(
-        "mlp_pool_act_backward", on_triton=on_triton,
+        on_triton=on_triton,
         key=lambda: packed_key("mlp_pool_act_backward", x, dpooled.shape[0], True, hidden=w1.shape[0], act=activation, mode=mode),
         fused=fused if on_triton else None, composed=composed_,
     )

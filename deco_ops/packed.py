@@ -314,7 +314,7 @@ def _pool_mlp(
         return composed.pool_mlp(pooled, w1, b1, w2, b2, activation, keep_residuals)
 
     return strategy.run(
-        "pool_mlp_packed", on_triton=on_triton,
+        on_triton=on_triton,
         key=lambda: packed_key("pool_mlp_packed", x, num_out, keep_residuals, hidden=w1.shape[0], out=w2.shape[0],
                                act=activation, mode=mode),
         fused=fused if on_triton else None, composed=composed_,

@@ -65,7 +65,7 @@ def _pool_linear(
         return y.view(B, P, w.shape[0]), pooled
 
     return strategy.run(
-        "pool_linear", on_triton=on_triton, key=lambda: _key("pool_linear", x, grid, out_grid, keep_residuals, out=w.shape[0]),
+        on_triton=on_triton, key=lambda: _key("pool_linear", x, grid, out_grid, keep_residuals, out=w.shape[0]),
         fused=fused if on_triton else None,
         composed=lambda: composed.pool_linear(torch.ops.deco.adaptive_avg_pool_tokens(x, grid, out_grid), w, b, keep_residuals),
     )
@@ -117,7 +117,7 @@ def _mlp_activation_backward(
     """(dy @ w2 * act'(pre), act(pre)) for 2D dy (rows, out), w2 (out, hidden), pre (rows, hidden)."""
     on_triton = _backend.use_triton(dy.device)
     return strategy.run(
-        "mlp_activation_backward", on_triton=on_triton,
+        on_triton=on_triton,
         key=lambda: strategy.make_key("mlp_activation_backward", dy.device, dy.dtype, True, rows=strategy.bucket(dy.shape[0]),
                                       out=dy.shape[1], hidden=pre.shape[1], act=activation),
         fused=(lambda: gemm_act_grad.gemm_act_grad(dy, w2, pre, activation)) if on_triton else None,
@@ -160,7 +160,7 @@ def _pool_mlp(
         return composed.pool_mlp(pooled, w1, b1, w2, b2, activation, keep_residuals)
 
     return strategy.run(
-        "pool_mlp", on_triton=on_triton,
+        on_triton=on_triton,
         key=lambda: _key("pool_mlp", x, grid, out_grid, keep_residuals, hidden=w1.shape[0], out=w2.shape[0], act=activation),
         fused=fused if on_triton else None, composed=composed_,
     )

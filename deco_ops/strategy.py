@@ -122,7 +122,7 @@ class Candidate:
     deterministic: bool = True  # bitwise reproducible from run to run
 
 
-def choose(op: str, candidates: Mapping[str, Candidate], *, on_triton: bool, key: Callable[[], str]) -> str:
+def choose(candidates: Mapping[str, Candidate], *, on_triton: bool, key: Callable[[], str]) -> str:
     """The name of the candidate to run; the first one listed is the default (``"fused"`` where
     the op has a fused path on this backend).
 
@@ -140,16 +140,16 @@ def choose(op: str, candidates: Mapping[str, Candidate], *, on_triton: bool, key
     return decide(key(), candidates, _time_cuda)
 
 
-def run(op: str, *, on_triton: bool, key: Callable[[], str], fused: Callable[[], object] | None = None,
+def run(*, on_triton: bool, key: Callable[[], str], fused: Callable[[], object] | None = None,
         composed: Callable[[], object] | None = None, composed_deterministic: bool = True):
-    """Run ``op`` the chosen way: ``fused`` (None where this backend has no fused path) or
+    """Run an op the chosen way: ``fused`` (None where this backend has no fused path) or
     ``composed`` (None where the composed twin cannot express the call)."""
     candidates = {}
     if fused is not None:
         candidates["fused"] = Candidate(fused)
     if composed is not None:
         candidates["composed"] = Candidate(composed, composed_deterministic)
-    return candidates[choose(op, candidates, on_triton=on_triton, key=key)].run()
+    return candidates[choose(candidates, on_triton=on_triton, key=key)].run()
 
 
 def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Callable[[], object]], float]) -> str:
