@@ -318,7 +318,7 @@ def markdown(data: dict) -> str:
 
 
 def bar_markdown(data: dict) -> list[str]:
-    lines = ["## The bar (issue 4; on a CPU also issue 11's CPU path)", ""]
+    lines = ["## The bar (issue 4)", ""]
     if data["meta"]["cpu_smoke_run"]:
         lines += ["CPU smoke run: issue 4's bar is defined for an H100 in bf16; its checks below only exercise the code. "
                   "The CPU-path rows (`*_cpu_*` shapes, real sizes, default backend) are real CPU targets.", ""]

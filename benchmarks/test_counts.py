@@ -2,7 +2,7 @@
 
 import torch
 
-from . import cases, counts, report, shapes
+from . import cases, counts, readme_table, report, shapes
 
 
 def test_pool_mlp_counts():
@@ -82,6 +82,18 @@ def test_cpu_bar_reads_time_ratios():
     assert rows["blip2_qformer_cpu_b8"]["met"] is True and rows["blip2_qformer_cpu_b32"]["met"] is False
     assert "1.050x sdpa's time" in rows["blip2_qformer_cpu_b8"]["status"]
     assert not any(r["shape"] in shapes.CPU_PATH for r in report.check_bar(recs, {}, cpu=False))
+
+
+def test_cpu_path_readme_table():
+    rec = {"op": "pool_mlp", "shape": "llava15_cpu_b1", "direction": "fwd",
+           "impls": {"deco_ops": {"ms": 100.0}, "deco_ops_composed": {"ms": 101.0}, "eager": {"ms": 105.0}}}
+    rec["speedup"] = report.speedups(rec)
+    data = {"meta": {"device": "CPU", "dtype": "float32", "torch": "2.x", "commit": "abc", "date": "2026-11-25T00:00",
+                     "timer": "interleaved"}, "results": [rec]}
+    data["bar"] = report.check_bar([rec], {}, cpu=True)
+    text = readme_table.cpu_path_table(data, "results/cpu")
+    assert "| pool_mlp | llava15_cpu_b1 | fwd | 100.00 | 105.00 (eager) | 0.952x | <= 1.05x: met | 101.00 | – |" in text
+    assert text.count("\n| pool_mlp") == 1  # the rows not run are left out
 
 
 def test_report_smoke(tmp_path):
