@@ -178,9 +178,9 @@ def test_attention_composed_packed_keys(device):
     assert torch.equal(leaves[1].grad[11:], torch.zeros_like(leaves[1].grad[11:]))
 
 
-def test_dropout_keeps_the_fused_path():
+def test_dropout_keeps_the_fused_path(device):
     """SDPA cannot reproduce the Philox mask: forcing composed with dropout still runs the kernels."""
-    q, k, v, dout, _ = _attention_case(2, 1, 4, 8, 1, 16, None, torch.float32)
+    q, k, v = (t.to(device) for t in _attention_case(2, 1, 4, 8, 1, 16, None, torch.float32)[:3])
     with deco_ops.use_strategy("composed"), \
             mock.patch.object(composed_attention, "forward", wraps=composed_attention.forward) as sdpa, \
             mock.patch.object(cross_attention_fwd, "cross_attention_fwd", wraps=cross_attention_fwd.cross_attention_fwd) as kernel:
