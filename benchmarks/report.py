@@ -441,7 +441,8 @@ def main(argv=None) -> int:
     meta = stamp(env, args)
     out = args.out or HERE / "results" / f"{'cpu-smoke' if cpu else slug(meta['device'])}-{meta['date'][:10]}"
     banner = f"deco_ops benchmarks on {meta['device']} ({meta['dtype']}), torch {meta['torch']}, triton {meta['triton']}"
-    print(banner + ("\nCPU SMOKE RUN: tiny shapes; timings say nothing about GPU speed." if cpu else ""), flush=True)
+    print(banner + ("\nCPU SMOKE RUN: tiny shapes, timings say nothing about GPU speed; the *_cpu_* shapes run at real "
+                    "size (the CPU path)." if cpu else ""), flush=True)
 
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
