@@ -114,7 +114,7 @@ def stamp(env: cases.Env, args) -> dict:
         "torch_compile_baselines": env.compile,
         "quick": bool(args.quick),
         "timer": "triton.testing.do_bench (CUDA events, median)" if not cpu
-        else "time.perf_counter, implementations interleaved round by round, fastest of >= 10 calls (5 with --quick)",
+        else "process CPU time (one thread), implementations interleaved round by round, fastest of >= 10 calls (5 with --quick)",
         "shapes": "real" if not cpu else ("tiny twins (CPU smoke run: timings say nothing about GPU speed); "
                                            "the *_cpu_* shapes at real size (the CPU path)"),
     }
