@@ -7,7 +7,7 @@
 ``<!-- benchmark-results:end -->`` in the given file (the markers are added at the end if absent),
 so the README's numbers are always drawn from committed results, never typed by hand.
 ``--section cpu-path`` prints (or writes between ``<!-- cpu-path:begin -->`` and
-``<!-- cpu-path:end -->``) the CPU path's table from a CPU run instead (issue 11's targets).
+``<!-- cpu-path:end -->``) the CPU path's table from a CPU run instead (its targets).
 """
 
 from __future__ import annotations
@@ -52,14 +52,14 @@ def table(data: dict, folder: str) -> str:
                      + " | ".join(_x(r["speedup"], k) for k, _ in KINDS)
                      + f" | {d['TFLOPs']:.1f} | {d['roofline_pct']:.0f}% |")
     lines += ["", "Speedup = baseline time / deco_ops time in the same run; > 1 means deco_ops is faster.", ""]
-    lines += [ln.replace("## The bar (issue 4)", "**Targets (issue 4)**") for ln in bar_markdown(data)]
+    lines += [ln.replace("## Targets", "**Targets**") for ln in bar_markdown(data)]
     if (Path(folder) / "speedup.png").exists() or m.get("plot"):
         lines += [f"![deco_ops speedup]({folder}/speedup.png)", ""]
     return "\n".join(lines)
 
 
 def cpu_path_table(data: dict, folder: str) -> str:
-    """Issue 11's CPU path: deco_ops' default CPU backend against SDPA / eager PyTorch at real sizes."""
+    """The CPU path: deco_ops' default CPU backend against SDPA / eager PyTorch at real sizes."""
     m = data["meta"]
     by_key = {(r["op"], r["shape"], r["direction"]): r for r in data["results"]}
     lines = [
@@ -83,7 +83,7 @@ def cpu_path_table(data: dict, folder: str) -> str:
     lines += ["", "Time ratio = deco_ops time / baseline time in the same run (< 1: deco_ops faster). On a CPU "
               "`auto` runs the composed twin, so the gap between the deco_ops and `composed` forced columns, the "
               "same code, is the measurement's noise on shared cores. `fused` forced on the PyTorch backend is "
-              "attention's chunked online-softmax reference, the CPU path before issue 11; the projectors have "
+              "attention's chunked online-softmax reference, the CPU path before SDPA took it over; the projectors have "
               "one CPU path.", ""]
     return "\n".join(lines)
 
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("folder", type=Path, help="a results folder holding results.json")
     p.add_argument("--write", type=Path, help="file whose marked section to replace (e.g. README.md)")
     p.add_argument("--section", choices=list(SECTIONS), default="results",
-                   help="results: the GPU results table; cpu-path: issue 11's CPU path table from a CPU run")
+                   help="results: the GPU results table; cpu-path: the CPU path's table from a CPU run")
     args = p.parse_args(argv)
     data = json.loads((args.folder / "results.json").read_text())
     text = (cpu_path_table if args.section == "cpu-path" else table)(data, args.folder.as_posix())

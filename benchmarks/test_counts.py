@@ -71,7 +71,7 @@ def test_bar_check_reads_ratios():
 
 
 def test_cpu_bar_reads_time_ratios():
-    """Issue 11's CPU targets: deco_ops' time within 1.1x of SDPA's (checked on CPU runs only)."""
+    """The CPU path's targets: deco_ops' time within 1.1x of SDPA's (checked on CPU runs only)."""
     recs = []
     for shape, ms in (("blip2_qformer_cpu_b8", 1.05), ("blip2_qformer_cpu_b32", 1.2)):
         rec = {"op": "cross_attention", "shape": shape, "direction": "fwd",
