@@ -15,6 +15,7 @@ from .mlp_pool import mlp_pool, mlp_pool_packed
 from .modules import DeCoProjector
 from .attention import cross_attention
 from .attention_modules import CrossAttention, QueryResampler
+from . import tuning_tables  # noqa: F401,E402  (installs the per-GPU tuning tables into the autotuner)
 
 __all__ = [
     "adaptive_avg_pool_tokens",
