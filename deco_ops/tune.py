@@ -212,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run:
         os.environ[tuning_tables.ENV_VAR] = "none"  # measure every bucket afresh
         os.environ[_tuning.AUTOTUNE_ENV] = "1"
+        device_name = torch.cuda.get_device_name(device)
+        path = output_path(args.out, device_name)
+        previous = tuning_tables.read(path)
+        previous = previous if previous.get("device") == device_name else {}
 
     start = time.perf_counter()
     done = []
@@ -233,17 +237,13 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.synchronize(device)
                     print(f"deco_ops.tune: {name} {work.op} {dtype_name} in {time.perf_counter() - t0:.1f}s", flush=True)
         done.append(name)
-    if args.dry_run:
-        return 0
-
-    device_name = torch.cuda.get_device_name(device)
-    path = output_path(args.out, device_name)
-    previous = tuning_tables.read(path)
-    result = table(device, done, previous if previous.get("device") == device_name else {})
-    tuning_tables.write(result, path)
-    buckets = sum(len(b) for b in result["kernels"].values())
-    print(f"deco_ops.tune: {buckets} buckets of {len(result['kernels'])} kernels, {len(result['strategies'])} "
-          f"strategy choices -> {path} ({time.perf_counter() - start:.0f}s)")
+        if not args.dry_run:  # after every shape, so a run cut short keeps what it measured
+            result = table(device, done, previous)
+            tuning_tables.write(result, path)
+    if not args.dry_run and done:
+        buckets = sum(len(b) for b in result["kernels"].values())
+        print(f"deco_ops.tune: {buckets} buckets of {len(result['kernels'])} kernels, {len(result['strategies'])} "
+              f"strategy choices -> {path} ({time.perf_counter() - start:.0f}s)")
     return 0
 
 
