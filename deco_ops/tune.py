@@ -11,8 +11,9 @@ with a new bucket times the kernel's candidate configs (``deco_ops.kernels._tuni
 tables are switched off while tuning), and the winners and timings are written as the GPU's table
 (``deco_ops.tuning_tables``): ``--out`` names a file, or a folder to hold ``<GPU name>.json``
 (default: ``deco_ops/tuning/`` of this checkout). An existing table at that path is extended,
-its entries for re-measured buckets replaced. Where ``deco_ops.strategy`` exists, its choices
-(fused vs composed, measured on the same calls) go into the table's ``strategies``.
+its entries for re-measured buckets replaced. The fused-vs-composed choices ``deco_ops.strategy``
+measures on the same calls (afresh: its on-disk cache is set aside) go into the table's
+``strategies``.
 
 ``--dry-run`` needs no GPU: it lists, per shape, the ops, each kernel's buckets and the candidate
 configs that tuning would time there (pruned as for an H100 when run on a CPU), launching nothing
@@ -26,6 +27,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +38,7 @@ from torch.utils._pytree import tree_map
 
 import deco_ops
 
-from . import _backend, tuning_tables
+from . import _backend, strategy, tuning_tables
 from .kernels import _tuning
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -145,10 +147,7 @@ def table(device: torch.device, shape_names: list[str], previous: dict) -> dict:
     kernels = {name: dict(buckets) for name, buckets in previous.get("kernels", {}).items()}
     for name, buckets in measured(_tuning.TUNED_KERNELS).items():
         kernels.setdefault(name, {}).update(buckets)
-    strategies = dict(previous.get("strategies", {}))
-    strategy = tuning_tables.strategy_module()
-    if strategy is not None:
-        strategies.update(strategy.choices())
+    strategies = {**previous.get("strategies", {}), **strategy.choices()}
     return {
         "format": tuning_tables.FORMAT,
         "device": torch.cuda.get_device_name(device),
@@ -210,8 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.call([sys.executable, "-m", "deco_ops.tune", *argv], env=env)
     device = torch.device("cuda" if cuda else "cpu")
     if not args.dry_run:
-        os.environ[tuning_tables.ENV_VAR] = "none"  # measure every bucket afresh
+        # measure every bucket and strategy afresh: no table, no strategy decisions from disk
+        os.environ[tuning_tables.ENV_VAR] = "none"
         os.environ[_tuning.AUTOTUNE_ENV] = "1"
+        os.environ[strategy.CACHE_DIR_ENV] = tempfile.mkdtemp(prefix="deco_ops_tune_")
+        strategy.forget()
         device_name = torch.cuda.get_device_name(device)
         path = output_path(args.out, device_name)
         previous = tuning_tables.read(path)

@@ -20,14 +20,12 @@ Format (``FORMAT``)::
      "strategies": {"<strategy key>": "fused" | "composed"}}
 
 A bucket label is the kernel's autotune key with rows and key lengths bucketed, then the dtypes of
-its tensor arguments, e.g. ``M=8192 N=4096 K=1024 ... | bfloat16,bfloat16,...``. Loading a table
-hands its ``strategies`` to ``deco_ops.strategy.preload`` where that module exists.
+its tensor arguments, e.g. ``M=8192 N=4096 K=1024 ... | bfloat16,bfloat16,...``. Strategy keys and
+winners are ``deco_ops.strategy``'s; loading a table hands them to ``strategy.preload``.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import re
@@ -35,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from . import strategy
 from .kernels import _tuning
 
 ENV_VAR = "DECO_OPS_TUNING_TABLE"
@@ -76,13 +75,6 @@ def write(table: dict, path: Path) -> None:
         f.write("\n")
 
 
-def strategy_module():
-    """``deco_ops.strategy`` where this checkout has it (it chooses fused vs composed paths), else None."""
-    if importlib.util.find_spec(f"{__package__}.strategy") is None:
-        return None
-    return importlib.import_module(f"{__package__}.strategy")
-
-
 def load(device: torch.device) -> dict:
     """The table of ``device``'s GPU, read once per process; its strategies are preloaded then."""
     path = table_path(torch.cuda.get_device_name(device))
@@ -90,9 +82,7 @@ def load(device: torch.device) -> dict:
         return {}
     if str(path) not in _tables:
         table = read(path)
-        strategy = strategy_module()
-        if strategy is not None and table.get("strategies"):
-            strategy.preload(table["strategies"])
+        strategy.preload(table.get("strategies", {}))
         _tables[str(path)] = table
     return _tables[str(path)]
 

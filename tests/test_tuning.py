@@ -11,7 +11,7 @@ import torch
 import triton
 
 import deco_ops  # noqa: F401  (installs the tuning-table lookup)
-from deco_ops import tune, tuning_tables
+from deco_ops import strategy, tune, tuning_tables
 from deco_ops.kernels import _tuning
 
 CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w, num_stages=2) for b, w in [(128, 8), (64, 4), (32, 4), (16, 2)]]
@@ -164,17 +164,14 @@ def test_no_table_and_table_strategies_preloaded(tmp_path, monkeypatch):
     monkeypatch.setenv(tuning_tables.ENV_VAR, "none")
     assert tuning_tables.lookup("pool_gemm_kernel", torch.device("cuda", 0), "M=1") is None
     preloaded = []
-
-    class Strategy:
-        preload = preloaded.append
-
-    monkeypatch.setattr(tuning_tables, "strategy_module", lambda: Strategy)
+    monkeypatch.setattr(strategy, "preload", preloaded.append)
     path = tmp_path / "t.json"
-    tuning_tables.write({"format": tuning_tables.FORMAT, "kernels": {}, "strategies": {"k": "fused"}}, path)
+    key = "pool_mlp|Fake GPU|bfloat16|M=256,N=4096|grad|any"
+    tuning_tables.write({"format": tuning_tables.FORMAT, "kernels": {}, "strategies": {key: "composed"}}, path)
     monkeypatch.setenv(tuning_tables.ENV_VAR, str(path))
     assert tuning_tables.lookup("pool_gemm_kernel", torch.device("cuda", 0), "M=1") is None
     tuning_tables.load(torch.device("cuda", 0))
-    assert preloaded == [{"k": "fused"}]  # once per process
+    assert preloaded == [{key: "composed"}]  # once per process
     path.write_text('{"format": 0}')
     monkeypatch.setattr(tuning_tables, "_tables", {})
     with pytest.raises(ValueError, match="not a deco_ops tuning table"):
