@@ -68,7 +68,7 @@ def as_launched(config):
 
 def test_bucket():
     assert [_tuning.bucket(n) for n in (1, 2, 3, 17, 144, 577, 1024)] == [1, 2, 4, 32, 256, 1024, 1024]
-    assert [_tuning.bucket(n) for n in (1025, 4608, 4609, 9216)] == [1152, 4608, 4736, 9216]
+    assert [_tuning.bucket(n) for n in (1025, 4608, 8192, 9216)] == [2048, 8192, 8192, 16384]
 
 
 def test_bucket_is_timed_once_and_serves_other_sizes(kernel):
