@@ -126,6 +126,7 @@ def measured(kernels: list[_tuning.TunedKernel]) -> dict:
     """The ``kernels`` section: every bucket timed in this process, its winner and timings (ms)."""
     section = {}
     for k in kernels:
+        k.settle()
         for label, timings in k.timings.items():
             section.setdefault(k.name, {})[label] = {
                 "config": _tuning.config_dict(k.chosen[label]),

@@ -91,8 +91,10 @@ def planning() -> Iterator[list[tuple[str, str, list[triton.Config]]]]:
 
 class TunedKernel(Autotuner):
     """Triton's ``Autotuner`` with bucketed keys, ``DECO_OPS_AUTOTUNE=0``, tuning tables and no
-    timing of a lone candidate (triton 3.6 times even one). It only fills Triton's per-key cache
-    before ``Autotuner.run`` looks there; the timing itself stays Triton's."""
+    timing of a lone candidate (triton 3.6 times even one). Triton's ``run`` is untouched on a
+    launch whose exact key it has cached (no added host work); on a new key it asks
+    ``prune_configs`` for the candidates, which answers with the one config to launch untimed
+    where there is one, and ``_bench`` skips timing that lone config."""
 
     def __init__(self, fn, configs: list[triton.Config], cuda_configs: list[triton.Config], key: list[str],
                  buckets: tuple[str, ...] = (), prune=None):
@@ -106,6 +108,8 @@ class TunedKernel(Autotuner):
         self.buckets = frozenset(buckets)
         self.chosen: dict[str, triton.Config] = {}  # bucket label -> config, this process
         self.timings: dict[str, dict[triton.Config, float]] = {}  # bucket label -> what Triton measured
+        self._untimed = False  # the current new key launches a preset config
+        self._pending: tuple[str, tuple, bool] | None = None  # (label, key, timed) of the last new key
         TUNED_KERNELS.append(self)
 
     def triton_key(self, args: dict) -> tuple:
@@ -140,33 +144,41 @@ class TunedKernel(Autotuner):
         # A stale table entry (other configs or pruning rules) never launches a config that does not fit.
         return known if known is not None and known in candidates else None
 
-    def run(self, *args, **kwargs):
-        nargs = dict(zip(self.arg_names, args))
-        all_args = {**nargs, **kwargs}
-        if _plan is not None:
-            _plan.append((self.name, self.bucket_label(all_args), self.candidates(self.cuda_configs, nargs, kwargs)))
-            return None
-        if len(self.configs) > 1:
-            key = self.triton_key(all_args)
-            if key not in self.cache:
-                return self._run_new_key(key, nargs, kwargs, args)
-        return super().run(*args, **kwargs)
+    def settle(self) -> None:
+        """Record what the last new key ended with (Triton stores it after ``prune_configs``):
+        its config for the whole bucket, and the timings if Triton measured them."""
+        if self._pending is None:
+            return
+        label, key, timed = self._pending
+        self._pending = None
+        self.chosen.setdefault(label, self.cache[key])
+        if timed:
+            self.timings[label] = dict(self.configs_timings)
 
-    def _run_new_key(self, key: tuple, nargs: dict, kwargs: dict, args: tuple):
-        """First launch with this exact key: preset Triton's cache, or let it time the candidates
-        and remember the winner for the whole bucket."""
-        all_args = {**nargs, **kwargs}
+    def prune_configs(self, kwargs: dict) -> list[triton.Config]:
+        """Called by ``Autotuner.run`` for a key it has not cached (``self.nargs`` is set): the one
+        preset config, or the candidates Triton is to time."""
+        self.settle()
+        all_args = {**self.nargs, **kwargs}
         label = self.bucket_label(all_args)
         device = next(v.device for v in all_args.values() if isinstance(v, torch.Tensor))
-        config = self.preset(label, self.candidates(self.configs, nargs, kwargs), device)
-        if config is not None:
-            self.cache[key] = config
-        self.configs_timings = None  # set by Triton's benchmark, if it runs one
-        ret = super().run(*args, **kwargs)
-        if self.configs_timings is not None:
-            self.timings[label] = dict(self.configs_timings)
-        self.chosen.setdefault(label, self.cache[key])
-        return ret
+        candidates = self.candidates(self.configs, self.nargs, kwargs)
+        config = self.preset(label, candidates, device)
+        self._untimed = config is not None
+        self._pending = (label, self.triton_key(all_args), not self._untimed)
+        return [config] if self._untimed else candidates
+
+    def _bench(self, *args, config, **meta):
+        if self._untimed:  # triton 3.6 benchmarks even a single config
+            return [0.0, 0.0, 0.0]
+        return super()._bench(*args, config=config, **meta)
+
+    def run(self, *args, **kwargs):
+        if _plan is not None:
+            nargs = dict(zip(self.arg_names, args))
+            _plan.append((self.name, self.bucket_label({**nargs, **kwargs}), self.candidates(self.cuda_configs, nargs, kwargs)))
+            return None
+        return super().run(*args, **kwargs)
 
 
 def autotuned(cuda_configs: list[triton.Config], interpret_config: triton.Config, key: list[str],
