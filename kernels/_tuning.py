@@ -11,9 +11,10 @@ How a CUDA launch picks its config (``TunedKernel``), the first time its key is 
    composition or key length reuses the choice made for its bucket instead of timing 7-9 configs.
 2. Candidates are the configs the kernel's ``prune`` rules keep for this call.
 3. ``DECO_OPS_AUTOTUNE=0``: the first candidate, never timed (the same config on every GPU; the
-   test suite on CUDA uses it). Otherwise a bucket chosen earlier in this process, else one in the
-   GPU's tuning table (``deco_ops.tuning_tables``, installed as ``table_lookup``), else the only
-   candidate, else every candidate is timed once, by Triton, and the bucket remembers the winner.
+   test suite on CUDA uses it). Otherwise the only candidate if there is one (never timed), else
+   the config chosen earlier in this process for the bucket, else the one in the GPU's tuning table
+   (``deco_ops.tuning_tables``, installed as ``table_lookup``), else Triton times every candidate
+   once and the bucket remembers the winner.
 
 ``planning()`` records launches instead of running them: ``python -m deco_ops.tune --dry-run``
 lists each kernel's buckets and candidates without a GPU.
@@ -91,8 +92,8 @@ def planning() -> Iterator[list[tuple[str, str, list[triton.Config]]]]:
 
 class TunedKernel(Autotuner):
     """Triton's ``Autotuner`` with bucketed keys, ``DECO_OPS_AUTOTUNE=0``, tuning tables and no
-    timing of a lone candidate (triton 3.6 times even one). Triton's ``run`` is untouched on a
-    launch whose exact key it has cached (no added host work); on a new key it asks
+    timing of a lone candidate (triton 3.6 times even one). A launch whose exact key Triton has
+    cached costs one extra check (the planning switch); on a new key Triton's ``run`` asks
     ``prune_configs`` for the candidates, which answers with the one config to launch untimed
     where there is one, and ``_bench`` skips timing that lone config."""
 
@@ -151,6 +152,8 @@ class TunedKernel(Autotuner):
             return
         label, key, timed = self._pending
         self._pending = None
+        if key not in self.cache:  # the launch failed, or it was a warmup (compiles, caches nothing)
+            return
         self.chosen.setdefault(label, self.cache[key])
         if timed:
             self.timings[label] = dict(self.configs_timings)
