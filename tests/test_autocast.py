@@ -149,8 +149,8 @@ def _modules():
     projector = deco_ops.DeCoProjector(C, OUT, hidden_features=HIDDEN, grid=GRID, out_grid=OUT_GRID)
     llava = nn.Sequential(nn.Linear(C, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, OUT))
     llava.load_state_dict(projector.state_dict())
-    attention = deco_ops.CrossAttention(16, 2, batch_first=True)
-    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    attention = deco_ops.CrossAttention(16, 2, batch_first=True, add_bias_kv=True)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True, add_bias_kv=True)
     mha.load_state_dict(attention.state_dict())
     resampler = deco_ops.QueryResampler(3, 16, 12, 2)
     return {

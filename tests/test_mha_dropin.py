@@ -6,6 +6,7 @@ unbatched input), forward and gradients, on both backends; the PyTorch path (wei
 attn_mask, is_causal); rejected combinations raise; a Hugging Face keep-mask is recognised."""
 
 import inspect
+import itertools
 import warnings
 from unittest import mock
 
@@ -90,17 +91,35 @@ def test_signature_is_multihead_attentions():
 
 
 MASKS = (None, "bool", "float")
-# every configuration with every mask on the default backend; on the Triton kernels (the module
-# logic is the same, the kernels' key lengths are tested in test_cross_attention.py) each mask once
-FUSED_CASES = [("auto", c, m) for c in CONFIGS for m in MASKS] + [
-    ("triton", c, MASKS[i % len(MASKS)]) for i, c in enumerate(CONFIGS)
-]
+OPTIONS = ("batch_first", "bias", "add_bias_kv", "add_zero_attn", "kdim_vdim")
 
 
-@pytest.mark.parametrize("backend_name,config,mask", FUSED_CASES, ids=str)
-def test_fused_path_matches_multihead_attention(backend_name, config, mask):
+def _config(flags: dict) -> dict:
+    config = {k: v for k, v in flags.items() if k != "kdim_vdim"}
+    return config | ({"kdim": 12, "vdim": 10} if flags["kdim_vdim"] else {})
+
+
+def test_every_option_combination_matches_multihead_attention():
+    """All 32 combinations of the constructor's options, the padding mask kind (none, bool,
+    float) rotating so that every (add_bias_kv, add_zero_attn) pair meets every kind, on the
+    default backend (the module's logic does not depend on the backend)."""
+    seen = set()
+    for i, values in enumerate(itertools.product((False, True), repeat=len(OPTIONS))):
+        flags = dict(zip(OPTIONS, values))
+        config, mask = _config(flags), MASKS[i % len(MASKS)]
+        seen.add((flags["add_bias_kv"], flags["add_zero_attn"], mask))
+        ours, mha = _pair(config)
+        with deco_ops.use_backend("auto"):
+            _compare(ours, mha, _inputs(config), key_padding_mask=_mask(mask), need_weights=False)
+    assert len(seen) == 4 * len(MASKS)
+
+
+@pytest.mark.parametrize("config,mask", [(c, MASKS[i % len(MASKS)]) for i, c in enumerate(CONFIGS)], ids=str)
+def test_fused_path_on_triton_kernels(config, mask):
+    """Each configuration, each mask once, through the Triton kernels (their key lengths are
+    tested in depth in test_cross_attention.py)."""
     ours, mha = _pair(CONFIGS[config])
-    with deco_ops.use_backend(backend_name):
+    with deco_ops.use_backend("triton"):
         _compare(ours, mha, _inputs(CONFIGS[config]), key_padding_mask=_mask(mask), need_weights=False)
 
 
