@@ -36,6 +36,12 @@ def _hf_hint(key_padding_mask: torch.Tensor) -> str:
     )
 
 
+def _reads_values(device: torch.device) -> bool:
+    """Whether checks may read a mask's values on the host: never while ``torch.compile`` traces
+    (they would be data-dependent), elsewhere as ``deco_ops._checks.value_checks`` says."""
+    return not torch.compiler.is_compiling() and value_checks(device)
+
+
 def padding_mask_to_lengths(key_padding_mask: torch.Tensor, B: int, N: int) -> torch.Tensor:
     """``nn.MultiheadAttention``'s ``key_padding_mask`` (B, N) as ``kv_lens`` (B,), without a
     host synchronisation: bool (True = ignore) or float (added to the scores: 0 keeps a key,
@@ -52,12 +58,13 @@ def padding_mask_to_lengths(key_padding_mask: torch.Tensor, B: int, N: int) -> t
     if not isinstance(key_padding_mask, torch.Tensor) or not (
         key_padding_mask.dtype == torch.bool or key_padding_mask.is_floating_point()
     ):
-        raise TypeError(f"key_padding_mask must be a bool or float tensor (True or -inf = ignore this key), got {key_padding_mask!r}")
+        got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+        raise TypeError(f"key_padding_mask must be a bool or float tensor (True or -inf = ignore this key), got {got}")
     if tuple(key_padding_mask.shape) != (B, N):
         raise ValueError(f"key_padding_mask must have shape (batch, keys) = {(B, N)}, got {tuple(key_padding_mask.shape)}")
     valid = ~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask == 0
     lengths = valid.sum(1, dtype=torch.int32)
-    if value_checks(valid.device) and not torch.compiler.is_compiling():
+    if _reads_values(valid.device):
         _check_padding_mask(key_padding_mask, valid, lengths)
     return lengths
 
@@ -264,7 +271,7 @@ class CrossAttention(nn.Module):
     def _pytorch_attention(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, batched):
         """``nn.MultiheadAttention.forward``'s computation on these parameters: the attention
         matrix is formed, so weights, attention masks and arbitrary key masks are exact."""
-        if key_padding_mask is not None and key_padding_mask.dtype == torch.bool and value_checks(key_padding_mask.device):
+        if key_padding_mask is not None and key_padding_mask.dtype == torch.bool and _reads_values(key_padding_mask.device):
             _warn_if_every_key_ignored(key_padding_mask)
         if batched and self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))

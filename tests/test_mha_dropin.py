@@ -226,3 +226,20 @@ def test_padding_mask_conversion_reads_no_values_when_checks_are_off(monkeypatch
     monkeypatch.setenv("DECO_OPS_CHECKS", "1")
     with pytest.raises(ValueError, match="contiguous prefix"):
         padding_mask_to_lengths(mask, B, S)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_torch_compile_fullgraph_with_padding_mask(need_weights):
+    """Both paths trace without graph breaks with a padding mask: the checks that read the mask
+    step aside while torch.compile traces."""
+    torch._dynamo.reset()
+    ours, _ = _pair(CONFIGS["zero_attn_bias_kv_kdim"])
+    inputs, mask = _inputs(CONFIGS["zero_attn_bias_kv_kdim"]), _mask("bool")
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    with deco_ops.use_backend("auto"):
+        (out, weights), (ref, ref_weights) = (m(*inputs, mask, need_weights=need_weights) for m in (compiled, ours))
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
+    else:
+        assert weights is None and ref_weights is None
