@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import AUTOCAST_DEVICE_TYPES
+from ._validate import AUTOCAST_DEVICE_TYPES, dtype_under_autocast
 
 LOWER_PRECISION = ("pool_linear", "pool_mlp", "pool_mlp_packed", "mlp_pool_packed", "cross_attention")
 OWN_DTYPE = (
@@ -42,12 +42,13 @@ OWN_DTYPE = (
 _lib = torch.library.Library("deco", "FRAGMENT")
 
 
-def _cast(value, device_type: str, dtype: torch.dtype):
+def _cast(value):
+    """Tensors (also inside lists) as ``_validate.dtype_under_autocast`` says: the one rule that
+    the public functions' dtype checks apply too."""
     if isinstance(value, torch.Tensor):
-        eligible = value.is_floating_point() and value.device.type == device_type and value.dtype != torch.float64
-        return value.to(dtype) if eligible else value
+        return value.to(dtype_under_autocast(value))
     if isinstance(value, (list, tuple)):
-        return type(value)(_cast(v, device_type, dtype) for v in value)
+        return type(value)(_cast(v) for v in value)
     return value
 
 
@@ -58,7 +59,7 @@ def _register(name: str, device_type: str, cast: bool) -> None:
 
     def kernel(_keyset, *args):
         if cast:
-            args = _cast(args, device_type, torch.get_autocast_dtype(device_type))
+            args = _cast(args)
         with torch._C._ExcludeDispatchKeyGuard(excluded):
             return op(*args)
 

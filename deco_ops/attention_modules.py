@@ -210,7 +210,7 @@ class CrossAttention(nn.Module):
         batch_dim = 0 if self.batch_first else 1
         if batched and query.shape[batch_dim] != key.shape[batch_dim]:
             raise ValueError(f"query has batch {query.shape[batch_dim]} but key has {key.shape[batch_dim]} ({layout})")
-        if not batched and key_padding_mask is not None and key_padding_mask.dim() != 1:
+        if not batched and isinstance(key_padding_mask, torch.Tensor) and key_padding_mask.dim() != 1:
             raise ValueError(f"unbatched inputs take a key_padding_mask of shape (keys,), got {tuple(key_padding_mask.shape)}")
         return batched
 
