@@ -50,7 +50,7 @@ def _pool_packed(x, mode="average"):
 
 
 def _lens_mask(kv_lens, N):
-    return (torch.arange(N)[None, :] < kv_lens[:, None])[:, None, None, :]
+    return (torch.arange(N, device=kv_lens.device)[None, :] < kv_lens[:, None])[:, None, None, :]
 
 
 def _sdpa(q, k, v, kv_lens):
@@ -68,8 +68,9 @@ KV_LENS = torch.tensor([9, 4])
 CU_SEQLENS = torch.tensor([0, 9, 13], dtype=torch.int32)
 
 
-def _ops():
+def _ops(device="cpu"):
     """name -> (deco_ops callable, eager PyTorch callable, input shapes); both take the same tensors."""
+    kv_lens, cu_seqlens = KV_LENS.to(device), CU_SEQLENS.to(device)
     mlp = [(HIDDEN, C), (HIDDEN,), (OUT, HIDDEN), (OUT,)]
     tokens, packed = (2, math.prod(GRID), C), (sum(math.prod(g) for g in GRIDS), C)
     grids, out_grids = torch.tensor(GRIDS), torch.tensor(OUT_GRIDS)
@@ -116,13 +117,13 @@ def _ops():
             [packed, *mlp],
         ),
         "cross_attention": (
-            lambda q, k, v: deco_ops.cross_attention(q, k, v, kv_lens=KV_LENS),
-            lambda q, k, v: _sdpa(q, k, v, KV_LENS),
+            lambda q, k, v: deco_ops.cross_attention(q, k, v, kv_lens=kv_lens),
+            lambda q, k, v: _sdpa(q, k, v, kv_lens),
             qkv,
         ),
         "cross_attention_packed": (
-            lambda q, k, v: deco_ops.cross_attention(q, _packed_keys(k), _packed_keys(v), cu_seqlens_k=CU_SEQLENS),
-            lambda q, k, v: _sdpa(q, k, v, KV_LENS),
+            lambda q, k, v: deco_ops.cross_attention(q, _packed_keys(k), _packed_keys(v), cu_seqlens_k=cu_seqlens),
+            lambda q, k, v: _sdpa(q, k, v, kv_lens),
             qkv,
         ),
     }
@@ -175,7 +176,7 @@ def _rounded64(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _run(fn, leaves, dout_seed=5):
     out = fn(*leaves)
     g = torch.Generator().manual_seed(dout_seed)
-    out.backward(randn(*out.shape, generator=g).to(out.dtype))
+    out.backward(randn(*out.shape, generator=g).to(out.device, out.dtype))
     return out.detach(), [t.grad for t in leaves]
 
 
@@ -185,14 +186,27 @@ OP_CASES = [(name, torch.bfloat16) for name in _ops()] + [("pool_mlp", torch.flo
 
 @pytest.mark.parametrize("name,dtype", OP_CASES, ids=str)
 def test_op_under_autocast(backend, name, dtype):
+    _check_op(name, dtype, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.autocast('cuda') over the compiled kernels")
+def test_every_op_under_cuda_autocast():
+    for name in _ops():
+        for dtype in (torch.bfloat16, torch.float16):
+            _check_op(name, dtype, "cuda")
+
+
+def _check_op(name, dtype, device):
     """Tokens (or queries) come in the autocast dtype, as from a vision tower run under autocast;
     weights, biases, keys and values are fp32."""
-    deco_fn, eager_fn, shapes = _ops()[name]
+    deco_fn, eager_fn, shapes = _ops(device)[name]
     g = torch.Generator().manual_seed(0)
-    inputs = [randn(*s, generator=g, scale=0.5, dtype=dtype if i == 0 else torch.float32) for i, s in enumerate(shapes)]
+    inputs = [
+        randn(*s, generator=g, scale=0.5, dtype=dtype if i == 0 else torch.float32).to(device) for i, s in enumerate(shapes)
+    ]
     leaves = [t.clone().requires_grad_(True) for t in inputs]
     eager_leaves = [t.clone().requires_grad_(True) for t in inputs]
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(device, dtype=dtype):
         out, grads = _run(deco_fn, leaves)
         eager, eager_grads = _run(eager_fn, eager_leaves)
     # float64 reference on the inputs as autocast rounds them (pooling alone: not rounded)
