@@ -9,7 +9,9 @@ Two rules, declared once for every op:
   differentiable ``Tensor.to`` calls, so an fp32 parameter gets an fp32 gradient.
 * ``OWN_DTYPE``: pooling (``F.adaptive_avg_pool2d`` has no autocast rule either) and the ops that
   only autograd formulas call (their inputs already carry the forward's dtypes) run in the dtype of
-  their inputs.
+  their inputs. PyTorch's autocast runs ``F.interpolate`` in fp32 on CUDA and
+  ``F.adaptive_avg_pool3d`` in fp32 on CPU; the pooling kernels accumulate in fp32 whatever their
+  input dtype, so they keep one rule on every device.
 
 The public functions check dtypes as the op will see them (``_validate.dtype_under_autocast``):
 fp32 weights with bf16 tokens are accepted inside an autocast region, refused outside it.
