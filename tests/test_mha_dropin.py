@@ -12,10 +12,11 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import deco_ops
-from deco_ops import CrossAttention
+from deco_ops import CrossAttention, attention_modules
 from deco_ops.attention_modules import padding_mask_to_lengths
 from harness import assert_close, leaf, randn
 
@@ -243,3 +244,17 @@ def test_torch_compile_fullgraph_with_padding_mask(need_weights):
         torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
     else:
         assert weights is None and ref_weights is None
+
+
+def test_which_path_runs():
+    """need_weights=False without attn_mask runs the kernel and never forms the attention matrix;
+    need_weights=True or an attn_mask runs PyTorch's F.multi_head_attention_forward."""
+    ours, _ = _pair(CONFIGS["zero_attn_bias_kv_kdim"])
+    q, k, v = _inputs(CONFIGS["zero_attn_bias_kv_kdim"])
+    with mock.patch.object(attention_modules, "cross_attention", wraps=attention_modules.cross_attention) as kernel, \
+            mock.patch.object(attention_modules.F, "multi_head_attention_forward", wraps=F.multi_head_attention_forward) as pytorch:
+        ours(q, k, v, _mask("bool"), need_weights=False)
+        assert (kernel.call_count, pytorch.call_count) == (1, 0)
+        ours(q, k, v, _mask("bool"))
+        ours(q, k, v, need_weights=False, attn_mask=_causal("bool"))
+        assert (kernel.call_count, pytorch.call_count) == (1, 2)
