@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything the GPU has to do, in one device call of at most 10 minutes (issues 4, 6, 11). Each
+# Everything the GPU has to do, in one device call of at most 10 minutes. Each
 # stage has its own time budget (seconds), so a slow stage cannot eat the ones after it:
 #   1. nvidia-smi and versions                                   -> env.txt
 #   2. pytest tests/ on CUDA tensors, DECO_OPS_AUTOTUNE=0        -> pytest.log   (TESTS_S=150; plus the

@@ -17,6 +17,7 @@ from .modules import DeCoProjector
 from .attention import cross_attention
 from .attention_modules import CrossAttention, QueryResampler
 from . import tuning_tables  # noqa: F401,E402  (installs the per-GPU tuning tables into the autotuner)
+from . import _autocast  # noqa: F401  (autocast rules of every torch.ops.deco op, once they exist)
 
 __all__ = [
     "adaptive_avg_pool_tokens",
