@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from harness import DEVICE, skip_reason, suite_env
+from harness import DEVICE, SeededDrawsFollowDevice, skip_reason, suite_env
 
 os.environ.setdefault("DECO_OPS_BACKEND", "triton")
 for name, value in suite_env(DEVICE).items():
@@ -26,6 +26,7 @@ import deco_ops  # noqa: E402  (switches the interpreter on before any kernel is
 if DEVICE.type == "cuda":
     # Tensors the tests create without a device (at collection time too) land on the GPU.
     torch.set_default_device(DEVICE)
+    SeededDrawsFollowDevice().__enter__()
 
 
 def pytest_addoption(parser):

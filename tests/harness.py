@@ -9,8 +9,9 @@ NaN guard bands around inputs.
   and fails on any NaN/Inf that the reference does not have.
 * ``DEVICE`` is the one switch for where the suite runs: CUDA when a GPU is present (compiled
   kernels), else the CPU (Triton's interpreter). ``conftest.py`` makes it the default device, so
-  every tensor a test creates follows it; ``randn``/``randint`` draw from the (CPU) generators the
-  tests seed, then move to ``DEVICE``, so a seed gives the same data on either device.
+  every tensor a test creates follows it; draws from the (CPU) generators the tests seed are made
+  on the CPU, then moved (``randn``, ``randint``, and ``SeededDrawsFollowDevice`` for direct
+  ``torch.randn(..., generator=g)`` calls), so a seed gives the same data on either device.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 
 TOL = {
     torch.float64: 1e-10,
@@ -110,6 +113,24 @@ def poisoned_empty():
         yield
     finally:
         torch.empty, torch.empty_like, torch.Tensor.new_empty = real_empty, real_empty_like, real_new_empty
+
+
+class SeededDrawsFollowDevice(TorchFunctionMode):
+    """Under ``torch.set_default_device(DEVICE)``, a factory call given a generator of another
+    device (the CPU generators the tests seed) draws on the generator's device, then moves the
+    result to the default device, instead of raising: tests written for the CPU run on CUDA as
+    they are, with the same data."""
+
+    def __init__(self):
+        super().__init__()
+        self.constructors = _device_constructors()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        generator = kwargs.get("generator")
+        if func in self.constructors and generator is not None and kwargs.get("device") is None:
+            return func(*args, **{**kwargs, "device": generator.device}).to(torch.get_default_device())
+        return func(*args, **kwargs)
 
 
 def randn(*shape, dtype=torch.float32, scale: float = 1.0, generator=None) -> torch.Tensor:

@@ -3,7 +3,7 @@ same functions conftest.py uses what they do for a CUDA device."""
 
 import torch
 
-from harness import DEVICE, randint, randn, skip_reason, suite_env
+from harness import DEVICE, SeededDrawsFollowDevice, randint, randn, skip_reason, suite_env
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
@@ -29,3 +29,18 @@ def test_seeded_draws_land_on_the_suite_device_with_the_cpu_generator_values():
     assert torch.equal(x.cpu(), want.half())
     assert torch.equal(n.cpu(), torch.randint(0, 10, (5,), generator=torch.Generator().manual_seed(3), device="cpu").int())
     assert torch.empty(1).device.type == DEVICE.type  # conftest made DEVICE the default device
+
+
+def test_direct_seeded_draws_follow_the_default_device():
+    """What conftest installs on CUDA, with the meta device standing in for the GPU: a CPU generator
+    given to a factory draws on the CPU and lands on the default device; other calls are untouched."""
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    with torch.device("meta"), SeededDrawsFollowDevice():
+        x = torch.randn(2, 3, generator=g)
+        assert not torch.equal(g.get_state(), before)  # drawn on the CPU (a meta draw uses no generator)
+        n = torch.randint(0, 5, (4,), generator=g, dtype=torch.int32)
+        z = torch.zeros(2)
+        c = torch.randn(2, generator=g, device="cpu")
+    assert (x.device.type, n.device.type, z.device.type, c.device.type) == ("meta", "meta", "meta", "cpu")
+    assert x.shape == (2, 3) and n.dtype == torch.int32
