@@ -31,8 +31,7 @@ object ``{key: winner}``)::
 * ``device name``: ``torch.cuda.get_device_name``, e.g. ``NVIDIA H100 80GB HBM3``.
 * ``dtype``: ``float16``, ``bfloat16`` or ``float32``.
 * ``shape``: comma-separated ``name=value`` pairs in the op's own order. Row counts and key
-  lengths are bucketed by ``bucket()`` (next power of two up to 1024, then the next multiple of
-  128); weight dimensions, grids and other sizes are exact; strings such as the activation as is.
+  lengths are bucketed by ``bucket()`` (the next power of two); weight dimensions, grids and other sizes are exact; strings such as the activation as is.
 * ``grad``: ``grad`` when autograd needs the op's residuals (the forward stores more), else ``infer``.
 * ``determinism``: ``deterministic`` under ``torch.use_deterministic_algorithms(True)``, else ``any``.
 
@@ -53,6 +52,7 @@ from pathlib import Path
 import torch
 
 from . import _backend
+from .kernels import _tuning
 
 ENV_VAR = "DECO_OPS_STRATEGY"
 CACHE_DIR_ENV = "DECO_OPS_CACHE_DIR"
@@ -94,11 +94,10 @@ def use_strategy(name: str) -> Iterator[None]:
 
 
 def bucket(n: int) -> int:
-    """Rows and key lengths share a bucket: the next power of two up to 1024, then the next
-    multiple of 128 (so a new batch size rarely means a new measurement)."""
-    if n <= 1024:
-        return 1 << max(0, n - 1).bit_length()
-    return -(-n // 128) * 128
+    """Rows and key lengths share a bucket, the same one the kernels' autotuning uses
+    (``deco_ops.kernels._tuning.bucket``: the next power of two), so a new batch size rarely
+    means a new measurement and one tuning run covers both decisions."""
+    return _tuning.bucket(n)
 
 
 def make_key(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, **shape) -> str:
@@ -137,7 +136,17 @@ def choose(candidates: Mapping[str, Candidate], *, on_triton: bool, key: Callabl
         return "composed" if "composed" in candidates else default
     if _backend.interpreting() or len(candidates) == 1:
         return default
-    return decide(key(), candidates, _time_cuda)
+    measured_key = key()
+    _preload_shipped_table(measured_key)
+    return decide(measured_key, candidates, _time_cuda)
+
+
+def _preload_shipped_table(key: str) -> None:
+    """Hand the decisions of the key's GPU tuning table to ``preload`` before anything is timed
+    (the table is otherwise read at a kernel's first unseen launch, which may come later)."""
+    from . import tuning_tables  # tuning_tables imports this module
+
+    tuning_tables.load_named(key.split("|")[1])
 
 
 def run(*, on_triton: bool, key: Callable[[], str], fused: Callable[[], object] | None = None,

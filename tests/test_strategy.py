@@ -121,7 +121,7 @@ def test_deterministic_mode_filters_candidates(cache_dir, monkeypatch):
 
 
 def test_keys_and_buckets():
-    assert [strategy.bucket(n) for n in (1, 2, 3, 144, 1024, 1025, 1152, 1153)] == [1, 2, 4, 256, 1024, 1152, 1152, 1280]
+    assert [strategy.bucket(n) for n in (1, 2, 3, 144, 1024, 1025, 1152, 1153)] == [1, 2, 4, 256, 1024, 2048, 2048, 2048]
     key = strategy.make_key("pool_mlp", torch.device("cpu"), torch.bfloat16, True, rows=strategy.bucket(144), C=1024,
                             grid=(24, 24), act="gelu")
     assert key == "pool_mlp|cpu|bfloat16|rows=256,C=1024,grid=24x24,act=gelu|grad|any"
@@ -172,3 +172,19 @@ def test_ops_measure_once_per_key(cache_dir, monkeypatch):
         deco_ops.cross_attention(q, k, k, kv_lens=torch.tensor([9, 0, 4]))
         assert len(timed) == 4
         assert strategy.choices()["cross_attention|cpu|float32|batch=4,M=8,N=16,H=2,D=16,q=shared,mask=lens|infer|any"] == "composed"
+
+
+def test_shipped_table_decides_before_anything_is_timed(cache_dir, tmp_path, monkeypatch):
+    """On CUDA a key's first measurement consults the GPU's tuning table first: its decision is
+    used as it is, even when no kernel has launched yet (which is when kernels read the table)."""
+    from deco_ops import tuning_tables
+
+    key = strategy.make_key("pool_mlp", torch.device("cpu"), torch.bfloat16, True, rows=256, C=1024)
+    table = tmp_path / "table.json"
+    tuning_tables.write({"format": tuning_tables.FORMAT, "kernels": {}, "strategies": {key: "composed"}}, table)
+    monkeypatch.setenv(tuning_tables.ENV_VAR, str(table))
+    monkeypatch.setattr(tuning_tables, "_tables", {})
+    monkeypatch.setattr(strategy._backend, "interpreting", lambda: False)
+    monkeypatch.setattr(strategy, "_time_cuda", lambda run: pytest.fail("a table decision must not be timed"))
+    monkeypatch.delenv(strategy.ENV_VAR, raising=False)
+    assert strategy.choose(_candidates(), on_triton=True, key=lambda: key) == "composed"
