@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from . import _backend, _validate, reference
 from .kernels import mlp_pool as mlp_pool_kernel
 from .kernels import pool_gemm
-from .projector import ACTIVATIONS, needs_residuals
-from .packed import check_mlp, check_tokens, dense_geometry, parse, reference_pool, reference_unpool, to_device
+from .projector import ACTIVATIONS, add_grads, needs_residuals
+from ._transfer import to_device
+from .packed import check_mlp, check_tokens, dense_geometry, parse, reference_pool, reference_unpool
 
 
 @torch.library.custom_op("deco::mlp_pool_packed", mutates_args=())
@@ -90,22 +91,25 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, w1, b1, w2, output[1], geometry)
     ctx.activation, ctx.mode, ctx.keep = activation, mode, keep
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, dpooled_extra):
+    """Gradients that nothing produced arrive as None (no zero-filled tensors) and stay None."""
     x, w1, b1, w2, pooled, geometry = ctx.saved_tensors
     if not ctx.keep:
         raise RuntimeError("deco::mlp_pool_packed ran with keep_residuals=False; call deco_ops.mlp_pool to differentiate it")
     need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-    dx = dw1 = db1 = dw2 = db2 = None
-    if need_w2:
-        dw2 = dy.t() @ pooled
-    if need_b2 and ctx.has_b2:
-        db2 = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-    if need_x or need_w1 or (need_b1 and ctx.has_b1):
-        dpooled = dy @ w2
-        if dpooled_extra is not None:
-            dpooled = dpooled + dpooled_extra
+    dx = dw1 = db1 = dw2 = db2 = dpooled = None
+    if dy is not None:
+        if need_w2:
+            dw2 = dy.t() @ pooled
+        if need_b2 and ctx.has_b2:
+            db2 = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+        if need_x or need_w1 or (need_b1 and ctx.has_b1):
+            dpooled = dy @ w2
+    dpooled = add_grads(dpooled, dpooled_extra)
+    if dpooled is not None and (need_x or need_w1 or (need_b1 and ctx.has_b1)):
         dz = torch.ops.deco.mlp_pool_act_backward(x, w1, b1, dpooled, geometry, ctx.activation, ctx.mode)
         if need_w1:
             dw1 = dz.t() @ x

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
 from ._tuning import autotuned, dot_dtype_workaround, input_precision
 
 LOG2E = 1.4426950408889634
@@ -80,6 +81,16 @@ def split_ranges(N: int, num_splits: int) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------------
 # helpers shared with the backward kernels
+
+
+@triton.jit
+def head_and_block(num_blocks):
+    """(batch * H + head, block) of this program. Grid axis 0 enumerates all B * H * num_blocks
+    programs, blocks fastest: B * H sits on the axis whose limit is 2**31 - 1 (axes 1 and 2 stop at
+    65535, which BLIP-2 feature extraction, B * 12 heads, passes at B = 5462), and the programs of
+    one head run together, sharing its K/V tiles in L2."""
+    pid = tl.program_id(0)
+    return pid // num_blocks, pid % num_blocks
 
 
 @triton.jit
@@ -191,13 +202,13 @@ def cross_attention_fwd_kernel(
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (ceil(M / BLOCK_M), B * H, splits). ``qk_scale`` = softmax scale * log2(e).
+    """Grid (B * H * ceil(M / BLOCK_M), splits) (``head_and_block``). ``qk_scale`` = softmax scale * log2(e).
 
     SPLIT: write the fp32 partial state (unnormalised O at o_ptr, laid out (S, B, H, M, D), and m,
     l at m_ptr/l_ptr, (S, B, H, M)); otherwise O (strided, input dtype) and the LSE (B, H, M)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    split = tl.program_id(2)
+    num_m = tl.cdiv(M, BLOCK_M)
+    bh, pid_m = head_and_block(num_m)
+    split = tl.program_id(1)
     b = bh // H
     h = bh % H
 
@@ -237,7 +248,7 @@ def cross_attention_fwd_kernel(
         m_i = m_new
 
     if SPLIT:
-        state = (split * tl.num_programs(1) + bh).to(tl.int64) * M + rows
+        state = (split * (tl.num_programs(0) // num_m) + bh).to(tl.int64) * M + rows
         tl.store(o_ptr + state[:, None] * D + dims[None, :], acc, mask=row_mask[:, None] & dim_mask[None, :])
         tl.store(m_ptr + state, m_i, mask=row_mask)
         tl.store(l_ptr + state, l_i, mask=row_mask)
@@ -271,9 +282,8 @@ def cross_attention_combine_kernel(
     sob, som, soh, sod,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (ceil(M / BLOCK_M), B * H): exact merge of the S partial softmax states, splits in order."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Grid (B * H * ceil(M / BLOCK_M),): exact merge of the S partial softmax states, splits in order."""
+    bh, pid_m = head_and_block(tl.cdiv(M, BLOCK_M))
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     dims = tl.arange(0, BLOCK_D)
@@ -319,6 +329,7 @@ def kv_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return (0, *t.stride()) if t.dim() == 3 else tuple(t.stride())
 
 
+@on_input_device
 def cross_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -358,7 +369,7 @@ def cross_attention_fwd(
     sqb = 0 if q.shape[0] == 1 else q.stride(0)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), B * H, num_splits)
+        return (B * H * triton.cdiv(M, meta["BLOCK_M"]), num_splits)
 
     cross_attention_fwd_kernel[grid](
         q, k, v, part_o if split else out, lse, part_m if split else lse, part_l if split else lse,
@@ -372,7 +383,7 @@ def cross_attention_fwd(
         BLOCK_D=BLOCK_D,
     )
     if split:
-        cross_attention_combine_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H)](
+        cross_attention_combine_kernel[lambda meta: (B * H * triton.cdiv(M, meta["BLOCK_M"]),)](
             part_o, part_m, part_l, out, lse,
             B * H, H, M, D, num_splits, *out.stride(),
             ACC=acc_dtype(q.dtype), BLOCK_D=BLOCK_D,
