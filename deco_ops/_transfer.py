@@ -12,7 +12,7 @@ import torch
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` (a CPU tensor) on ``device``, without a blocking copy (pinned staging on CUDA)."""
-    if device.type == "cuda":
+    """``t`` on ``device``; a CPU tensor goes to a GPU without a blocking copy (pinned staging)."""
+    if t.device.type == "cpu" and device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

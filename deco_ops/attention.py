@@ -137,8 +137,7 @@ def _draw_rng(generator: torch.Generator | None, device: torch.device) -> torch.
     default generator of ``device``) on the generator's device: with a generator on the inputs'
     device (or none) the draw never leaves it; a CPU generator's draw goes over without blocking."""
     gen_device = generator.device if generator is not None else device
-    rng = torch.randint(0, 2**62, (2,), generator=generator, device=gen_device, dtype=torch.int64)
-    return rng if gen_device == device else to_device(rng, device)
+    return to_device(torch.randint(0, 2**62, (2,), generator=generator, device=gen_device, dtype=torch.int64), device)
 
 
 def cross_attention(

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import _backend, _validate, reference
 from .kernels import mlp_pool as mlp_pool_kernel
 from .kernels import pool_gemm
-from .projector import ACTIVATIONS, add_grads, needs_residuals
+from .projector import ACTIVATIONS, add_grads, linear_grads, needs_residuals
 from ._transfer import to_device
 from .packed import check_mlp, check_tokens, dense_geometry, parse, reference_pool, reference_unpool
 
@@ -102,19 +102,13 @@ def _backward(ctx, dy, dpooled_extra):
     need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
     dx = dw1 = db1 = dw2 = db2 = dpooled = None
     if dy is not None:
-        if need_w2:
-            dw2 = dy.t() @ pooled
-        if need_b2 and ctx.has_b2:
-            db2 = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+        dw2, db2 = linear_grads(dy, pooled, need_w2, need_b2 and ctx.has_b2)
         if need_x or need_w1 or (need_b1 and ctx.has_b1):
             dpooled = dy @ w2
     dpooled = add_grads(dpooled, dpooled_extra)
     if dpooled is not None and (need_x or need_w1 or (need_b1 and ctx.has_b1)):
         dz = torch.ops.deco.mlp_pool_act_backward(x, w1, b1, dpooled, geometry, ctx.activation, ctx.mode)
-        if need_w1:
-            dw1 = dz.t() @ x
-        if need_b1 and ctx.has_b1:
-            db1 = dz.sum(0, dtype=torch.float32).to(dz.dtype)
+        dw1, db1 = linear_grads(dz, x, need_w1, need_b1 and ctx.has_b1)
         if need_x:
             dx = dz @ w1
     return dx, dw1, db1, dw2, db2, None, None, None, None, None

@@ -22,6 +22,7 @@ Registered ops (each one's autograd formula is the other, or the fused MLP backw
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -118,16 +119,32 @@ def parse(x, grids, out_grids, stride) -> Packing:
     return packing
 
 
+# Images per cached dense geometry table: 128 KiB of int32 per (grid, out_grid, device).
+DENSE_GEOMETRY_CAPACITY = 4096
+
+
 @torch.compiler.assume_constant_result
-def _cached_dense_geometry(grid: tuple[int, ...], out_grid: tuple[int, ...], batch: int, device: torch.device) -> torch.Tensor:
-    return packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), batch, device)
+def _dense_geometry_table(grid: tuple[int, ...], out_grid: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), DENSE_GEOMETRY_CAPACITY, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _dense_geometry_view(grid: tuple[int, ...], out_grid: tuple[int, ...], batch: int, device: torch.device) -> torch.Tensor:
+    return _dense_geometry_table(grid, out_grid, device)[:batch]
 
 
 def dense_geometry(grid, out_grid, batch: int, device: torch.device) -> torch.Tensor:
-    """The geometry of a dense (B, N, C) batch seen as B packed images of one grid, cached per
-    (grid, out_grid, batch, device). Under ``torch.compile`` it is looked up once while tracing and
-    enters the graph as a constant: never built inside the graph (the batch size is specialised)."""
-    return _cached_dense_geometry(tuple(grid), tuple(out_grid), int(batch), device)
+    """The geometry of a dense (B, N, C) batch seen as B packed images of one grid: the first B rows
+    of a table built once per (grid, out_grid, device). Eager calls get the same tensor for the same
+    batch (so its index tables are cached too). Under ``torch.compile`` the table enters the graph
+    as a constant, looked up once while tracing, and the graph only slices it (any batch size,
+    dynamic ones included, up to ``DENSE_GEOMETRY_CAPACITY``; larger batches build their own)."""
+    grid, out_grid = tuple(grid), tuple(out_grid)
+    if batch > DENSE_GEOMETRY_CAPACITY:
+        return packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), batch, device)
+    if torch.compiler.is_compiling():
+        return _dense_geometry_table(grid, out_grid, device)[:batch]
+    return _dense_geometry_view(grid, out_grid, batch, device)
 
 
 # ----------------------------------------------------------------------------------------------

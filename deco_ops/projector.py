@@ -42,6 +42,14 @@ def add_grads(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | 
     return a if b is None else a + b
 
 
+def linear_grads(g: torch.Tensor, a: torch.Tensor, need_w: bool, need_b: bool):
+    """(dW, db) of a Linear with output gradient ``g`` (rows, out) and input ``a`` (rows, in); None
+    where not needed. db is summed in fp32, as cuBLAS accumulates dW."""
+    dw = g.t() @ a if need_w else None
+    db = g.sum(0, dtype=torch.float32).to(g.dtype) if need_b else None
+    return dw, db
+
+
 def mlp_backward(ctx, dy, dpre_extra, w1, w2, pooled, pre):
     """Shared backward of the pool -> Linear -> act -> Linear ops (dense and packed), on 2D rows.
 
@@ -51,19 +59,13 @@ def mlp_backward(ctx, dy, dpre_extra, w1, w2, pooled, pre):
     (x, w1, b1, w2, b2 first) and ``ctx.has_b1``/``ctx.has_b2``.
     """
     need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-    dz = act = dpooled = dw1 = db1 = dw2 = db2 = None
+    dz = dpooled = dw1 = db1 = dw2 = db2 = None
     if dy is not None:
         dz, act = torch.ops.deco.mlp_activation_backward(dy, w2, pre, ctx.activation)
-        if need_w2:
-            dw2 = dy.t() @ act
-        if need_b2 and ctx.has_b2:
-            db2 = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+        dw2, db2 = linear_grads(dy, act, need_w2, need_b2 and ctx.has_b2)
     dz = add_grads(dz, dpre_extra)
     if dz is not None:
-        if need_w1:
-            dw1 = dz.t() @ pooled
-        if need_b1 and ctx.has_b1:
-            db1 = dz.sum(0, dtype=torch.float32).to(dz.dtype)
+        dw1, db1 = linear_grads(dz, pooled, need_w1, need_b1 and ctx.has_b1)
         if need_x:
             dpooled = dz @ w1
     return dpooled, dw1, db1, dw2, db2
@@ -112,10 +114,7 @@ def _pool_linear_backward(ctx, dy, dpooled_extra):
     dx = dw = db = dpooled = None
     if dy is not None:
         dy2 = _rows(dy)
-        if need_w:
-            dw = dy2.t() @ _rows(pooled)
-        if need_b and ctx.has_bias:
-            db = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
+        dw, db = linear_grads(dy2, _rows(pooled), need_w, need_b and ctx.has_bias)
         if need_x:
             dpooled = (dy2 @ w).view(pooled.shape)
     dpooled = add_grads(dpooled, dpooled_extra)
