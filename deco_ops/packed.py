@@ -123,9 +123,14 @@ def parse(x, grids, out_grids, stride) -> Packing:
 DENSE_GEOMETRY_CAPACITY = 4096
 
 
+def _capacity(grid: tuple[int, ...], out_grid: tuple[int, ...]) -> int:
+    """Images the cached table holds: its int32 token/row offsets must not overflow."""
+    return min(DENSE_GEOMETRY_CAPACITY, (2**31 - 1) // max(math.prod(grid), math.prod(out_grid)))
+
+
 @torch.compiler.assume_constant_result
 def _dense_geometry_table(grid: tuple[int, ...], out_grid: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), DENSE_GEOMETRY_CAPACITY, device)
+    return packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), _capacity(grid, out_grid), device)
 
 
 @functools.lru_cache(maxsize=256)
@@ -140,7 +145,7 @@ def dense_geometry(grid, out_grid, batch: int, device: torch.device) -> torch.Te
     as a constant, looked up once while tracing, and the graph only slices it (any batch size,
     dynamic ones included, up to ``DENSE_GEOMETRY_CAPACITY``; larger batches build their own)."""
     grid, out_grid = tuple(grid), tuple(out_grid)
-    if batch > DENSE_GEOMETRY_CAPACITY:
+    if batch > _capacity(grid, out_grid):
         return packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), batch, device)
     if torch.compiler.is_compiling():
         return _dense_geometry_table(grid, out_grid, device)[:batch]
