@@ -24,6 +24,7 @@ import torch
 from . import _backend, composed_attention, strategy
 from . import _validate_attention as _check
 from . import reference_attention as reference
+from ._transfer import to_device
 from .kernels import cross_attention_bwd, cross_attention_fwd
 
 
@@ -156,14 +157,16 @@ def _setup(ctx, inputs, output):
     q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], kv_lens, cu_seqlens_k, rng)
     ctx.max_seqlen_k, ctx.scale, ctx.dropout_p = max_seqlen_k, scale, dropout_p
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
-    """The LSE output is an auxiliary statistic: its gradient is not propagated."""
+    """The LSE output is an auxiliary statistic: its gradient is not propagated. Gradients that
+    nothing produced arrive as None (no zero-filled tensors)."""
     q, k, v, out, lse, kv_lens, cu_seqlens_k, rng = ctx.saved_tensors
     need_dq = ctx.needs_input_grad[0]
     need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    if not (need_dq or need_dkv):
+    if dout is None or not (need_dq or need_dkv):
         return (None,) * 9
     dq, dk, dv = torch.ops.deco.cross_attention_backward(
         dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, ctx.max_seqlen_k, ctx.scale, ctx.dropout_p, rng, need_dq, need_dkv
@@ -176,9 +179,10 @@ _cross_attention.register_autograd(_backward, setup_context=_setup)
 
 def _draw_rng(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """(seed, offset) for the kernels' Philox counters, drawn from ``generator`` (or torch's
-    default generator of ``device``)."""
+    default generator of ``device``) on the generator's device: with a generator on the inputs'
+    device (or none) the draw never leaves it; a CPU generator's draw goes over without blocking."""
     gen_device = generator.device if generator is not None else device
-    return torch.randint(0, 2**62, (2,), generator=generator, device=gen_device, dtype=torch.int64).to(device)
+    return to_device(torch.randint(0, 2**62, (2,), generator=generator, device=gen_device, dtype=torch.int64), device)
 
 
 def cross_attention(
@@ -210,12 +214,13 @@ def cross_attention(
         generator: the ``torch.Generator`` the dropout seed is drawn from (default: torch's).
         cu_seqlens_k: optional int32 ``(B + 1,)`` offsets into packed ``k``/``v`` (FlashAttention's
             varlen convention: batch ``b`` owns key rows ``cu[b] .. cu[b+1]``). Exclusive with
-            ``kv_lens``. Reads the longest length on the host (one sync), so it is not traced by
+            ``kv_lens``. Reads the offsets on the host once (one sync when they live on the GPU:
+            the longest length sizes the launch), so it is not traced by
             ``torch.compile(fullgraph=True)``.
 
     Returns:
-        ``(B, M, H, D)`` in q's dtype. fp16/bf16/fp32 (fp32 dots follow
-        ``torch.backends.cuda.matmul.allow_tf32``); softmax statistics in fp32.
+        ``(B, M, H, D)`` in q's dtype. fp16/bf16/fp32 (fp32 dots follow torch.matmul's fp32
+        precision, ``torch.backends.cuda.matmul.fp32_precision``); softmax statistics in fp32.
     """
     packed = cu_seqlens_k is not None
     H, D = _check.qkv(q, k, v, packed)

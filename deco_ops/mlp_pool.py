@@ -29,8 +29,9 @@ import torch
 from . import _backend, _validate, composed, strategy
 from .kernels import mlp_pool as mlp_pool_kernel
 from .kernels import pool_gemm
-from .projector import ACTIVATIONS, needs_residuals
-from .packed import check_mlp, check_tokens, dense_geometry, packed_key, parse, to_device
+from ._transfer import to_device
+from .packed import check_mlp, check_tokens, dense_geometry, packed_key, parse
+from .projector import ACTIVATIONS, add_grads, linear_grads, needs_residuals
 
 
 @torch.library.custom_op("deco::mlp_pool_packed", mutates_args=())
@@ -111,27 +112,24 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, w1, b1, w2, output[1], geometry)
     ctx.activation, ctx.mode, ctx.keep = activation, mode, keep
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, dpooled_extra):
+    """Gradients that nothing produced arrive as None (no zero-filled tensors) and stay None."""
     x, w1, b1, w2, pooled, geometry = ctx.saved_tensors
     if not ctx.keep:
         raise RuntimeError("deco::mlp_pool_packed ran with keep_residuals=False; call deco_ops.mlp_pool to differentiate it")
     need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-    dx = dw1 = db1 = dw2 = db2 = None
-    if need_w2:
-        dw2 = dy.t() @ pooled
-    if need_b2 and ctx.has_b2:
-        db2 = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-    if need_x or need_w1 or (need_b1 and ctx.has_b1):
-        dpooled = dy @ w2
-        if dpooled_extra is not None:
-            dpooled = dpooled + dpooled_extra
+    dx = dw1 = db1 = dw2 = db2 = dpooled = None
+    if dy is not None:
+        dw2, db2 = linear_grads(dy, pooled, need_w2, need_b2 and ctx.has_b2)
+        if need_x or need_w1 or (need_b1 and ctx.has_b1):
+            dpooled = dy @ w2
+    dpooled = add_grads(dpooled, dpooled_extra)
+    if dpooled is not None and (need_x or need_w1 or (need_b1 and ctx.has_b1)):
         dz = torch.ops.deco.mlp_pool_act_backward(x, w1, b1, dpooled, geometry, ctx.activation, ctx.mode)
-        if need_w1:
-            dw1 = dz.t() @ x
-        if need_b1 and ctx.has_b1:
-            db1 = dz.sum(0, dtype=torch.float32).to(dz.dtype)
+        dw1, db1 = linear_grads(dz, x, need_w1, need_b1 and ctx.has_b1)
         if need_x:
             dx = dz @ w1
     return dx, dw1, db1, dw2, db2, None, None, None, None, None
