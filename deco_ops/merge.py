@@ -33,7 +33,8 @@ import torch
 
 from . import _backend, _validate, merge_reference, strategy
 from .kernels import merge_gemm, merge_norm, packed_pool
-from .packed import Packing, _grid_table, to_device
+from ._transfer import to_device
+from .packed import Packing, _grid_table
 from .projector import ACTIVATIONS, needs_residuals
 
 ORDERS = ("block", "grid")
@@ -41,20 +42,10 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 
 
-def _strategy(op: str, fused, composed, on_triton: bool, key):
-    """The implementation to run: ``deco_ops.strategy``'s choice between the fused kernels and the
-    composed twin (the HF sequence). On the PyTorch backend the composed code is the only
-    implementation: it serves as ``"fused"`` (the reference) too."""
-    candidates = {"fused": strategy.Candidate(fused if on_triton else composed)}
-    if on_triton:
-        candidates["composed"] = strategy.Candidate(composed)
-    return candidates[strategy.choose(op, candidates, on_triton=on_triton, key=key)].run
-
-
 def _image_table(geometry: torch.Tensor | None, rows: int) -> torch.Tensor | None:
     if geometry is None:
         return None
-    return packed_pool.image_index(geometry, packed_pool.out_rows_per_image(geometry), rows)
+    return packed_pool.image_index(geometry, "out_rows", rows)
 
 
 def _layout(grid: list[int]) -> tuple[int, int, int]:
@@ -104,7 +95,8 @@ def _merge_mlp(
             out=w2.shape[0], merge=merge, order=order, packed=geometry is not None, norm=norm, pre=pre,
             activation=activation)
 
-    y, stats, pre_act = _strategy("merge_mlp", fused, composed, _backend.use_triton(x.device), key)()
+    on_triton = _backend.use_triton(x.device)
+    y, stats, pre_act = strategy.run(on_triton=on_triton, key=key, fused=fused if on_triton else None, composed=composed)
     y = y.view(B, N // (merge * merge), w2.shape[0])
     if not keep_residuals:
         return y, x.new_empty((0,)), x.new_empty((0,))
@@ -160,7 +152,8 @@ def _norm_backward(
             "merge_norm_backward", x.device, x.dtype, False, rows=strategy.bucket(stats.shape[0]), C=x.shape[2],
             merge=merge, order=order, packed=geometry is not None, norm=norm, pre=pre, flags="".join(str(int(f)) for f in flags))
 
-    out = _strategy("merge_norm_backward", fused, composed, _backend.use_triton(x.device), key)()
+    on_triton = _backend.use_triton(x.device)
+    out = strategy.run(on_triton=on_triton, key=key, fused=fused if on_triton else None, composed=composed)
     return tuple(x.new_empty((0,)) if t is None else t for t in out)
 
 

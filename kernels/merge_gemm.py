@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import activations
+from ._device import on_input_device
 from .gemm_epilogue import bias_act_store, mma
 from .merge_rows import NORMS, ORDERS, affine, group_stats, merged_rows, norm_channels, standardized_tile
 from .tiling import grouped_tile
@@ -71,7 +72,7 @@ INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "
 @autotuned(
     cuda_configs(), INTERPRET_CONFIG,
     key=["M", "N", "C", "ORDER", "PACKED", "MERGE", "NORM", "PRE", "STORE_PRE", "ACTIVATION", "INPUT_PRECISION"],
-    prune=_prune,
+    buckets=("M",), prune=_prune,
 )
 @triton.jit
 def merge_gemm_kernel(
@@ -110,6 +111,7 @@ def merge_gemm_kernel(
     bias_act_store(acc, rows, cols, row_mask, col_mask, N, b_ptr, pre_ptr, out_ptr, HAS_BIAS, STORE_PRE, ACTIVATION)
 
 
+@on_input_device
 def merge_gemm(x, stats, wn, bn, w, b, merge, order, grid, geometry, image, norm, pre, activation, store_pre):
     """act(norm(merge(x)) @ w.T + b) for x (B, N, C) -> (M, hidden) with M = B*N/merge**2, plus
     the pre-activation on request. ``stats`` from ``merge_norm.merge_norm_stats``; ``w``, ``b``,

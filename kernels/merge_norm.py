@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
 from ._tuning import INTERPRET
 from .merge_rows import (
     NORMS, ORDERS, affine, group_stats, groups, load_token_tile, merged_rows, norm_channels, scale,
@@ -161,6 +162,7 @@ def _layout(x: torch.Tensor, merge: int, grid: tuple[int, int, int]) -> tuple[in
     return B * P, P, grid[1], grid[2]
 
 
+@on_input_device
 def merge_norm_stats(x, merge, order, grid, geometry, image, norm, pre, eps) -> torch.Tensor:
     """fp32 (M, groups, 2) mean and rstd of every norm group of x (B, N, C) merged ``merge`` x
     ``merge`` in ``order`` ("block" or "grid" with ``grid`` (T, H, W), or packed grids from the
@@ -180,6 +182,7 @@ def merge_norm_stats(x, merge, order, grid, geometry, image, norm, pre, eps) -> 
     return stats
 
 
+@on_input_device
 def merge_norm_backward(x, stats, wn, bn, dn, merge, order, grid, geometry, image, norm, pre,
                         need_dx: bool, store_n: bool, need_dwn: bool, need_dbn: bool):
     """(dx like x, norm output (M, K), dweight, dbias), each None unless requested. ``dn`` (M, K)

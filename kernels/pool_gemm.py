@@ -30,11 +30,12 @@ import triton
 import triton.language as tl
 
 from . import activations
+from ._device import on_input_device
 from .gemm_epilogue import bias_act_store, mma
 from .tiling import grouped_tile
 from ._tuning import INTERPRET, autotuned, device_smem_limit, dot_dtype_workaround, input_precision
 from .adaptive_window import max_window, window
-from .packed_pool import MODES, image_index, out_rows_per_image, packed_geometry, pooled_tile
+from .packed_pool import MODES, dense_geometry, image_index, packed_geometry, pooled_tile
 
 
 def cuda_configs() -> list[triton.Config]:
@@ -98,7 +99,7 @@ INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "
 @autotuned(
     cuda_configs(), INTERPRET_CONFIG,
     key=["M", "N", "K", "WT", "WH", "WW", "STORE_PRE", "STORE_POOLED", "PACKED", "MODE", "INPUT_PRECISION"],
-    prune=_prune,
+    buckets=("M",), prune=_prune,
 )
 @triton.jit
 def pool_gemm_kernel(
@@ -166,6 +167,7 @@ def pool_gemm_kernel(
     bias_act_store(acc, rows64, cols, row_mask, col_mask, N, b_ptr, pre_ptr, out_ptr, HAS_BIAS, STORE_PRE, ACTIVATION)
 
 
+@on_input_device
 def pool_gemm(
     x: torch.Tensor,
     grid: tuple[int, int, int],
@@ -192,10 +194,8 @@ def pool_gemm(
     if not unrolled_windows_fit(x, windows[0] * windows[1] * windows[2]):
         # Windows too large to unroll on this device (e.g. 24x24 -> 3x3): the ragged path's
         # runtime window loops serve the batch as B images of one grid.
-        n_tok, P = T * H * W, OT * OH * OW
-        geometry = torch.tensor([[T, H, W, OT, OH, OW, i * n_tok, i * P] for i in range(B)], dtype=torch.int32)
         return pool_gemm_packed(
-            x.reshape(B * n_tok, K), geometry.to(x.device, non_blocking=True), M, "average", w, b,
+            x.reshape(B * T * H * W, K), dense_geometry(grid, out_grid, B, x.device), M, "average", w, b,
             activation, store_pre, store_pooled,
         )
 
@@ -216,6 +216,7 @@ def pool_gemm(
     return out, pre, pooled
 
 
+@on_input_device
 def pool_gemm_packed(
     x: torch.Tensor,
     geometry: torch.Tensor,
@@ -238,7 +239,7 @@ def pool_gemm_packed(
     pooled = torch.empty((M, K), device=x.device, dtype=x.dtype) if store_pooled else None
     if M == 0 or N == 0:
         return out, pre, pooled
-    image = image_index(geometry, out_rows_per_image(geometry), M)
+    image = image_index(geometry, "out_rows", M)
 
     def grid_fn(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
