@@ -30,7 +30,7 @@ import torch
 
 from ._validate import AUTOCAST_DEVICE_TYPES, dtype_under_autocast
 
-LOWER_PRECISION = ("pool_linear", "pool_mlp", "pool_mlp_packed", "mlp_pool_packed", "cross_attention")
+LOWER_PRECISION = ("pool_linear", "pool_mlp", "pool_mlp_packed", "mlp_pool_packed", "cross_attention", "merge_mlp")
 OWN_DTYPE = (
     "adaptive_avg_pool_tokens",
     "unpool_tokens",
@@ -39,6 +39,7 @@ OWN_DTYPE = (
     "mlp_activation_backward",
     "mlp_pool_act_backward",
     "cross_attention_backward",
+    "merge_norm_backward",
 )
 
 _lib = torch.library.Library("deco", "FRAGMENT")

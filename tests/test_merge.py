@@ -376,3 +376,18 @@ def test_bad_packed_input(grids, kw, error, match):
         with pytest.raises(error, match=match):
             deco_ops.merge_mlp_packed(x, grids, *(p[n] for n in NAMES[1:]), **kw)
     launch.assert_not_called()
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    """Inside ``torch.autocast`` fp32 weights meet bf16 tokens (as nn.Linear would): the op runs in
+    bf16 and the fp32 parameters get fp32 gradients."""
+    params, dy = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8)
+    leaves = [leaf(p) for p in params]
+    x = leaves[0].detach().bfloat16().requires_grad_(True)
+    with deco_ops.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = deco_ops.merge_mlp(x, *leaves[1:])
+    assert y.dtype == torch.bfloat16
+    y.backward(dy.bfloat16())
+    assert all(t.grad.dtype == torch.float32 for t in leaves[1:]) and x.grad.dtype == torch.bfloat16
+    ref = eager_merge_mlp(*(leaf(p, torch.float64) for p in [x.detach(), *params[1:]]))
+    assert_close(y, ref, torch.bfloat16)
