@@ -147,9 +147,10 @@ def baseline(copies: list[Path], mutants: list[Mutant], timeout: float) -> bool:
     print(f"baseline: {len(selections)} test selections on the unmutated copy", flush=True)
     ok = True
     for tests, result in _in_parallel(lambda copy, t: run_tests(copy, t, timeout), selections, copies):
-        if result.status != SURVIVED:
-            ok = False
-            print(f"  FAILS WITHOUT A MUTANT ({result.detail}): {' '.join(tests)}", flush=True)
+        passed = result.status == SURVIVED
+        ok = ok and passed
+        verdict = "passes" if passed else f"FAILS WITHOUT A MUTANT ({result.detail})"
+        print(f"  {result.seconds:6.1f} s  {' '.join(tests)}: {verdict}", flush=True)
     return ok
 
 
@@ -190,9 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{result.status:>8}  {mutant.name:<34} {result.seconds:6.1f} s  {result.detail}", flush=True)
 
     by_status = {s: [m for m in mutants if results[m.name].status == s] for s in (KILLED, SURVIVED, ERROR)}
-    judged = len(by_status[KILLED]) + len(by_status[SURVIVED])
-    score = len(by_status[KILLED]) / judged if judged else 0.0
-    print(f"\nmutation score: {len(by_status[KILLED])}/{judged} killed = {100 * score:.1f}%")
+    killed, judged = len(by_status[KILLED]), len(by_status[KILLED]) + len(by_status[SURVIVED])
+    equivalent = sum(1 for m in by_status[SURVIVED] if m.equivalent)
+    print(f"\nmutation score: {killed}/{judged} killed = {100 * killed / max(judged, 1):.1f}%"
+          f" ({killed}/{judged - equivalent} = {100 * killed / max(judged - equivalent, 1):.1f}% of the non-equivalent)")
     for m in by_status[SURVIVED]:
         reason = f"equivalent: {m.equivalent}" if m.equivalent else "NOT EXPLAINED: add a test that kills it, or say why it is equivalent"
         print(f"  survivor {m.name} ({m.file}): {m.bug}\n      {reason}")
