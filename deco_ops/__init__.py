@@ -3,6 +3,7 @@
 # _backend must come first: it switches on Triton's interpreter (DECO_OPS_BACKEND=triton on a
 # machine without a GPU) before any kernel module is decorated by triton.
 from ._backend import use_backend  # noqa: I001
+from .strategy import use_strategy
 from .pooling import adaptive_avg_pool_tokens
 from .projector import pool_linear, pool_mlp
 from .packed import (
@@ -31,4 +32,5 @@ __all__ = [
     "CrossAttention",
     "QueryResampler",
     "use_backend",
+    "use_strategy",
 ]

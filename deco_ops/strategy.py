@@ -1,0 +1,238 @@
+"""Which implementation of an op runs: its fused Triton kernel, or its *composed* twin built from
+the pieces a careful user would use (our pooling kernel + cuBLAS ``addmm`` + the activation in
+PyTorch; ``F.scaled_dot_product_attention``'s kernels for attention).
+
+``DECO_OPS_STRATEGY`` selects, per process (``deco_ops.use_strategy`` overrides it per block,
+the innermost block wins):
+
+* ``auto`` (default):
+  - Triton backend on CUDA: the first call of an op for a *key* (op, GPU name, dtype, shape
+    bucket, whether autograd needs the residuals, deterministic mode) times every candidate and
+    keeps the fastest; the choice is remembered in memory and in an on-disk cache. Under
+    ``torch.use_deterministic_algorithms(True)`` only deterministic candidates compete.
+  - Triton backend under Triton's interpreter: ``fused``, so the kernels stay tested.
+  - PyTorch backend (CPU tensors by default): ``composed``, PyTorch's own fast kernels.
+* ``fused``: the fused Triton kernel (on the PyTorch backend: the reference implementation that
+  mirrors it, e.g. the chunked online softmax of ``reference_attention``).
+* ``composed``: the composed twin, where the op has one for this call (SDPA cannot express
+  attention dropout with our Philox mask, so such calls keep the fused path).
+
+What is timed: one custom op's own work. Forward and backward are separate custom ops with their
+own decisions; the fused and composed forwards return identical residuals, so either backward
+follows either forward and the forward+backward pair is optimised piece by piece.
+
+Key strings, the format that ``choices()`` returns, ``preload()`` accepts and the on-disk cache
+stores (``$DECO_OPS_CACHE_DIR/strategy.json``, default ``~/.cache/deco_ops/strategy.json``, a JSON
+object ``{key: winner}``)::
+
+    <op>|<device name>|<dtype>|<shape>|<grad>|<determinism>
+
+* ``op``: the custom op's name without namespace, e.g. ``pool_mlp``, ``cross_attention_backward``.
+* ``device name``: ``torch.cuda.get_device_name``, e.g. ``NVIDIA H100 80GB HBM3``.
+* ``dtype``: ``float16``, ``bfloat16`` or ``float32``.
+* ``shape``: comma-separated ``name=value`` pairs in the op's own order. Row counts and key
+  lengths are bucketed by ``bucket()`` (next power of two up to 1024, then the next multiple of
+  128); weight dimensions, grids and other sizes are exact; strings such as the activation as is.
+* ``grad``: ``grad`` when autograd needs the op's residuals (the forward stores more), else ``infer``.
+* ``determinism``: ``deterministic`` under ``torch.use_deterministic_algorithms(True)``, else ``any``.
+
+Winners are candidate names: ``fused`` or ``composed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import _backend
+
+ENV_VAR = "DECO_OPS_STRATEGY"
+CACHE_DIR_ENV = "DECO_OPS_CACHE_DIR"
+STRATEGIES = ("auto", "fused", "composed")
+CANDIDATES = ("fused", "composed")
+CACHE_FILE = "strategy.json"
+
+_override: str | None = None
+_decisions: dict[str, str] = {}  # measured or preloaded in this process: key -> winner
+_disk: dict[str, str] | None = None  # the on-disk cache, read once on first need
+
+
+def _check(name: str, source: str) -> str:
+    if name not in STRATEGIES:
+        raise ValueError(f"{source} must be one of {STRATEGIES}, got {name!r}")
+    return name
+
+
+def selected() -> str:
+    """The strategy in force: the innermost ``use_strategy`` block, else ``$DECO_OPS_STRATEGY``."""
+    if _override is not None:
+        return _override
+    return _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+@contextlib.contextmanager
+def use_strategy(name: str) -> Iterator[None]:
+    """Force ``"fused"`` or ``"composed"`` (or restore ``"auto"``) inside a ``with`` block."""
+    global _override
+    previous, _override = _override, _check(name, "strategy")
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+# ----------------------------------------------------------------------------------------------
+# keys
+
+
+def bucket(n: int) -> int:
+    """Rows and key lengths share a bucket: the next power of two up to 1024, then the next
+    multiple of 128 (so a new batch size rarely means a new measurement)."""
+    if n <= 1024:
+        return 1 << max(0, n - 1).bit_length()
+    return -(-n // 128) * 128
+
+
+def make_key(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, **shape) -> str:
+    """The key string of one decision (format in the module docstring). ``shape`` values are
+    written as given: bucket row counts and key lengths with ``bucket()`` before passing them."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    fields = ",".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}" for k, v in shape.items())
+    determinism = "deterministic" if torch.are_deterministic_algorithms_enabled() else "any"
+    return "|".join((op, name, str(dtype).removeprefix("torch."), fields, "grad" if needs_grad else "infer", determinism))
+
+
+# ----------------------------------------------------------------------------------------------
+# choosing
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run an op on its current inputs: ``run()`` computes it (what is timed)."""
+
+    run: Callable[[], object]
+    deterministic: bool = True  # bitwise reproducible from run to run
+
+
+def choose(op: str, candidates: Mapping[str, Candidate], *, on_triton: bool, key: Callable[[], str]) -> str:
+    """The name of the candidate to run (``"fused"`` must be one of them).
+
+    ``on_triton``: whether the op runs on the Triton backend (else the PyTorch one). ``key``
+    builds the decision's key string; it is only called when a measurement may be needed.
+    """
+    forced = selected()
+    if forced != "auto":
+        return forced if forced in candidates else "fused"
+    if not on_triton:
+        return "composed" if "composed" in candidates else "fused"
+    if _backend.interpreting() or len(candidates) == 1:
+        return "fused"
+    return decide(key(), candidates, _time_cuda)
+
+
+def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Callable[[], object]], float]) -> str:
+    """The measured choice for ``key``: a decision made or preloaded earlier in this process,
+    else one from the on-disk cache, else the fastest candidate by ``timer(run) -> ms``, which is
+    then remembered in memory and on disk. Under ``torch.use_deterministic_algorithms(True)``
+    only deterministic candidates compete (and then none is timed if one is left)."""
+    usable = dict(candidates)
+    if torch.are_deterministic_algorithms_enabled():
+        usable = {name: c for name, c in usable.items() if c.deterministic} or {"fused": candidates["fused"]}
+    known = _decisions.get(key) or _read_disk().get(key)
+    if known in usable:
+        _decisions[key] = known
+        return known
+    if len(usable) == 1:
+        return next(iter(usable))
+    times = {name: timer(c.run) for name, c in usable.items()}
+    winner = min(times, key=times.get)
+    _decisions[key] = winner
+    _write_disk(key, winner)
+    return winner
+
+
+def _time_cuda(run: Callable[[], object]) -> float:
+    """Median milliseconds of ``run`` on the GPU (CUDA events, warm, a few repetitions)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median"))
+
+
+# ----------------------------------------------------------------------------------------------
+# the decision table: in memory, preloaded from tuning tables, on disk
+
+
+def choices() -> dict[str, str]:
+    """Every decision made or preloaded in this process, ``key string -> winner``."""
+    return dict(_decisions)
+
+
+def preload(table: Mapping[str, str]) -> None:
+    """Adopt decisions (e.g. from a per-GPU tuning table): they are used as they are, never re-timed."""
+    for key, winner in table.items():
+        if not isinstance(key, str) or key.count("|") != 5:
+            raise ValueError(f"preload: {key!r} is not a strategy key string (op|device|dtype|shape|grad|determinism)")
+        if winner not in CANDIDATES:
+            raise ValueError(f"preload: the winner of {key!r} must be one of {CANDIDATES}, got {winner!r}")
+    _decisions.update(table)
+
+
+def forget() -> None:
+    """Drop this process's decisions and its copy of the on-disk cache (the file stays)."""
+    global _disk
+    _decisions.clear()
+    _disk = None
+
+
+def cache_path() -> Path:
+    """Where measured decisions persist: ``$DECO_OPS_CACHE_DIR/strategy.json`` or ``~/.cache/deco_ops/strategy.json``."""
+    root = os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "deco_ops"
+    return Path(root) / CACHE_FILE
+
+
+def _load(path: Path) -> dict[str, str]:
+    try:
+        table = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        warnings.warn(f"deco_ops: ignoring the unreadable strategy cache {path}: {e}", stacklevel=3)
+        return {}
+    if not isinstance(table, dict):
+        return {}
+    return {k: v for k, v in table.items() if isinstance(k, str) and v in CANDIDATES}
+
+
+def _read_disk() -> dict[str, str]:
+    global _disk
+    if _disk is None:
+        _disk = _load(cache_path())
+    return _disk
+
+
+def _write_disk(key: str, winner: str) -> None:
+    """Add one decision to the cache file: re-read it (another process may have written), then
+    replace it atomically (write a temporary file beside it, ``os.replace``)."""
+    path = cache_path()
+    table = _load(path)
+    table[key] = winner
+    _read_disk()[key] = winner
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".strategy-", suffix=".json", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"deco_ops: could not write the strategy cache {path}: {e}", stacklevel=3)
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
