@@ -21,7 +21,6 @@ from unittest import mock
 
 import pytest
 import torch
-import triton
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
@@ -84,10 +83,6 @@ def backward_without_residuals(op, *args):
 def use(backend):
     with deco_ops.use_backend(backend):
         pass
-
-
-def tokens_16():
-    return torch.randn(16, 4)
 
 
 META = torch.device("meta")
@@ -312,4 +307,3 @@ def test_every_raise_has_a_case():
 
 def test_covered_modules_exist():
     assert all((PACKAGE / f"{m}.py").exists() for m in COVERED)
-    assert triton.__version__  # the launch guard patches triton's runtime classes; keep the import honest

@@ -7,9 +7,10 @@ A gradient formula's ``needs_input_grad`` flags and optional-bias branches are w
 hide (issue 14: ``has_b2`` tested where ``has_b1`` was meant, ``pool_linear``'s flags swapped), and
 the other suites pass every bias or none and make every input require grad.
 
-Tiny shapes with overlapping, uneven windows (3x3 -> 2x2, two images). The Triton kernels
-(interpreter on a CPU) run the whole matrix; the default backend runs its "diagonal" (nothing,
-each input alone, everything), enough for the autograd formulas both backends share.
+Tiny shapes with overlapping windows (3x3 -> 2x2, two images). On the Triton kernels (the
+interpreter on a CPU): every subset with all optional inputs present, and the "diagonal" (nothing,
+each input alone, everything) for each way of leaving them out. The default backend runs the
+diagonal, enough for the autograd formulas both backends share.
 """
 
 import copy
@@ -28,7 +29,7 @@ from deco_ops import reference, reference_attention
 from deco_ops.kernels import cross_attention_bwd
 from harness import assert_close, guarded, poisoned_empty, randn
 from test_attention_modules import PlainResampler
-from test_packed import loop64
+from test_packed import _t, loop64
 
 GRID, OUT_GRID = (3, 3), (2, 2)
 B, C, HIDDEN, OUT = 2, 5, 6, 4
@@ -141,10 +142,6 @@ def test_pool_mlp(backend, absent, trainable):
 def test_mlp_pool(backend, absent, trainable):
     values, dy, want = _dense_case("mlp_pool", absent)
     check(functools.partial(deco_ops.mlp_pool, grid=GRID, out_grid=OUT_GRID), values, trainable, dy, want, backend)
-
-
-def _t(rows):
-    return torch.tensor(rows, dtype=torch.int64)
 
 
 @functools.lru_cache(maxsize=None)

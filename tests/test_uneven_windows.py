@@ -24,7 +24,7 @@ import deco_ops
 from deco_ops import reference
 from deco_ops.kernels import pool_gemm
 from harness import assert_close, guarded, leaf, poisoned_empty, randn
-from test_packed import loop64
+from test_packed import _t, loop64
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
 
@@ -119,10 +119,6 @@ def _packed_grids(grid, out_grid):
     """This case's grid and a second, smaller image of the same rank (uneven too)."""
     other = ((3, 2, 3), (2, 3, 2)) if len(grid) == 3 else ((5, 3), (3, 2))
     return [grid, other[0]], [out_grid, other[1]]
-
-
-def _t(rows):
-    return torch.tensor(rows, dtype=torch.int64)
 
 
 @pytest.mark.parametrize("mode", ["average", "bilinear"])
