@@ -80,21 +80,27 @@ def backward_without_residuals(op, *args):
         op(*leaves)[0].sum().backward()
 
 
+def on_cpu(fn):
+    with torch.device("cpu"):
+        return fn()
+
+
 def use(backend):
     with deco_ops.use_backend(backend):
         pass
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 META = torch.device("meta")
 NO_RESIDUALS = [torch.randn(16, 4), torch.randn(8, 4), None, torch.randn(5, 8), None]
 
-# (id, fn(monkeypatch), exception, message regex). Cases run on the Triton backend unless they say.
+# (id, fn(monkeypatch), exception, message regex), each run by run_case.
 CASES = [
     # _backend
     ("backend-name", lambda mp: use("fast"), ValueError, r"backend must be one of \('auto', 'triton', 'torch'\), got 'fast'"),
     ("backend-env", lambda mp: (mp.setenv("DECO_OPS_BACKEND", "cuda"), mp.setattr(_backend, "_override", None), _backend.selected()), ValueError,
      "DECO_OPS_BACKEND must be one of"),
-    ("backend-no-interpreter", lambda mp: (mp.setattr(_backend, "interpreting", lambda: False), mlp()), RuntimeError,
+    ("backend-no-interpreter", lambda mp: (mp.setattr(_backend, "interpreting", lambda: False), on_cpu(mlp)), RuntimeError,
      "DECO_OPS_BACKEND=triton on CPU tensors needs Triton's interpreter"),
     ("backend-no-kernels", lambda mp: _backend.use_triton(META), RuntimeError, "no kernels for device meta"),
     # _checks
@@ -107,7 +113,7 @@ CASES = [
      "x has dtype torch.float64; supported here: float16, bfloat16, float32"),
     ("mixed-dtype", lambda mp: mlp(w1=torch.randn(8, 4).half()), TypeError,
      "w1 has dtype torch.float16 but x has torch.float32; cast them to one dtype"),
-    ("mixed-device", lambda mp: mlp(w2=torch.randn(5, 8, device=META)), ValueError, "w2 is on meta but x is on cpu"),
+    ("mixed-device", lambda mp: mlp(w2=torch.randn(5, 8, device=META)), ValueError, "w2 is on meta but x is on (cpu|cuda)"),
     ("grid-type", lambda mp: mlp(grid=torch.tensor([4, 4])), TypeError, "grid must be a tuple of 2 or 3 ints"),
     ("grid-rank", lambda mp: mlp(grid=(16,)), ValueError, r"grid must have 2 \(H, W\) or 3 \(T, H, W\) entries, got \(16,\)"),
     ("grid-int", lambda mp: mlp(grid=(4.0, 4)), TypeError, r"grid entries must be ints, got \(4.0, 4\)"),
@@ -139,14 +145,14 @@ CASES = [
      r"q has batch 3; it must be 1 \(queries shared by the batch\) or the key batch 2"),
     ("kv-lens-dtype", lambda mp: attention(kv_lens=torch.tensor([9.0, 1.0])), TypeError, "kv_lens must be int32 or int64"),
     ("kv-lens-batch", lambda mp: attention(kv_lens=torch.tensor([9, 9, 9])), ValueError, "kv_lens has 3 entries but the batch is 2"),
-    ("kv-lens-device", lambda mp: attention(kv_lens=torch.tensor([1, 1], device=META)), ValueError, "kv_lens is on meta but q is on cpu"),
+    ("kv-lens-device", lambda mp: attention(kv_lens=torch.tensor([1, 1], device=META)), ValueError, "kv_lens is on meta but q is on (cpu|cuda)"),
     ("kv-lens-above-n", lambda mp: attention(kv_lens=torch.tensor([10, 1])), ValueError, r"kv_lens must lie in \[0, N=9\], got \[10, 1\]"),
     ("kv-lens-negative", lambda mp: attention(kv_lens=torch.tensor([9, -1])), ValueError, r"kv_lens must lie in \[0, N=9\]"),
     ("cu-dtype", lambda mp: packed_keys([0, 4, 9], torch.int64), TypeError, "cu_seqlens_k must be int32"),
     ("cu-length", lambda mp: packed_keys([0]), ValueError, r"cu_seqlens_k must have B \+ 1 >= 2 entries, got 1"),
     ("cu-device", lambda mp: attention(k=torch.randn(9, 2, 16), v=torch.randn(9, 2, 16),
                                        cu_seqlens_k=torch.tensor([0, 9], dtype=torch.int32, device=META)),
-     ValueError, "cu_seqlens_k is on meta but q is on cpu"),
+     ValueError, "cu_seqlens_k is on meta but q is on (cpu|cuda)"),
     ("cu-start", lambda mp: packed_keys([1, 4, 9]), ValueError, r"cu_seqlens_k must start at 0.*got \[1, 4, 9\]"),
     ("cu-decreasing", lambda mp: packed_keys([0, 5, 4]), ValueError, r"never decrease.*got \[0, 5, 4\]"),
     ("cu-past-total", lambda mp: packed_keys([0, 4, 10]), ValueError, r"end at most at total_N=9, got \[0, 4, 10\]"),
@@ -284,8 +290,10 @@ def no_kernel_launch():
 
 
 def run_case(fn, error, match):
-    """Runs one case on the Triton backend; returns the pytest ExceptionInfo."""
-    with pytest.MonkeyPatch.context() as mp, deco_ops.use_backend("triton"), no_kernel_launch():
+    """Runs one case on the Triton backend, its tensors made on DEVICE (the CPU goes through the
+    interpreter), with the checks that read tensor values on; returns the pytest ExceptionInfo."""
+    with pytest.MonkeyPatch.context() as mp, torch.device(DEVICE), deco_ops.use_backend("triton"), no_kernel_launch():
+        mp.setenv("DECO_OPS_CHECKS", "1")
         with pytest.raises(error, match=match) as info:
             fn(mp)
     return info
