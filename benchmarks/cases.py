@@ -248,7 +248,7 @@ def pool_mlp_groups(name: str, env: Env, directions) -> list[Group]:
 
 def mlp_pool_groups(name: str, env: Env, directions) -> list[Group]:
     if not hasattr(deco_ops, "mlp_pool"):
-        raise Unavailable("deco_ops.mlp_pool does not exist yet (issue 7)")
+        raise Unavailable("deco_ops.mlp_pool does not exist in this version")
     s = shapes.for_device(shapes.MLP_POOL[name], env.device)
     takes_mode = "mode" in inspect.signature(deco_ops.mlp_pool).parameters
     mode = s.mode if takes_mode else "average"
@@ -397,7 +397,7 @@ def attention_groups(name: str, env: Env, directions) -> list[Group]:
 
         def deco_factory(q=q, k=k, v=v, make=make):
             if not has_op:
-                raise Unavailable("deco_ops.cross_attention does not exist yet (issue 3)")
+                raise Unavailable("deco_ops.cross_attention does not exist in this version")
             return make(lambda: deco_ops.cross_attention(q, k, v, kv_lens=kv_lens, softmax_scale=scale),
                         lambda: _deco(env))()
 

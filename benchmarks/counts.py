@@ -25,12 +25,7 @@ import math
 
 from deco_ops.kernels import adaptive_pool, gemm_act_grad, pool_gemm
 
-try:  # the attention kernels' own counts (issue 3); the fallback is the same formula
-    from deco_ops.kernels.cross_attention_fwd import flops as _attention_fwd_flops
-except Exception:  # pragma: no cover - absent until issue 3 lands
-
-    def _attention_fwd_flops(B: int, H: int, M: int, N: int, D: int) -> int:
-        return 4 * B * H * M * N * D
+from deco_ops.kernels.cross_attention_fwd import flops as _attention_fwd_flops
 
 ATTENTION_FWD_FACTOR = 4
 ATTENTION_BWD_FACTOR = 10

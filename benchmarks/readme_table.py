@@ -47,7 +47,7 @@ def table(data: dict, folder: str) -> str:
                      + " | ".join(_x(r["speedup"], k) for k, _ in KINDS)
                      + f" | {d['TFLOPs']:.1f} | {d['roofline_pct']:.0f}% |")
     lines += ["", "Speedup = baseline time / deco_ops time in the same run; > 1 means deco_ops is faster.", ""]
-    lines += [ln.replace("## The bar (issue 4)", "**Targets (issue 4)**") for ln in bar_markdown(data)]
+    lines += [ln.replace("## Targets", "**Targets**") for ln in bar_markdown(data)]
     if (Path(folder) / "speedup.png").exists() or m.get("plot"):
         lines += [f"![deco_ops speedup]({folder}/speedup.png)", ""]
     return "\n".join(lines)

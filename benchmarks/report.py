@@ -3,8 +3,8 @@
 Times deco_ops and every baseline on every named shape (forward, forward+backward) on the current
 device, measures the device's copy bandwidth and matmul rate in the same run, and writes
 ``results.json``, ``results.md`` and ``speedup.png`` to a results folder stamped with the device,
-torch/triton versions, git commit and date. Then checks the bar of issue 4 from the ratios of this
-run. Without a GPU it runs the tiny twins of the shapes in fp32 and says it is a CPU smoke run.
+torch/triton versions, git commit and date. Then checks the performance targets from the ratios of
+this run. Without a GPU it runs the tiny twins of the shapes in fp32 and says it is a CPU smoke run.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from . import cases, shapes, timing
 
 HERE = Path(__file__).resolve().parent
 
-# The bar of issue 4 (H100, bf16). kind: "speedup" = baseline time / deco_ops time;
+# The performance targets (H100, bf16). kind: "speedup" = baseline time / deco_ops time;
 # "matmul_fraction" = deco_ops TFLOP/s / measured matmul rate; "bandwidth_fraction" = deco_ops
 # GB/s (fewest bytes) / measured copy bandwidth.
 BAR = [
@@ -287,9 +287,9 @@ def markdown(data: dict) -> str:
 
 
 def bar_markdown(data: dict) -> list[str]:
-    lines = ["## The bar (issue 4)", ""]
+    lines = ["## Targets", ""]
     if data["meta"]["cpu_smoke_run"]:
-        lines += ["CPU smoke run: the bar is defined for an H100 in bf16; the checks below only exercise the code.", ""]
+        lines += ["CPU smoke run: the targets are defined for an H100 in bf16; the checks below only exercise the code.", ""]
     lines += ["| target | status |", "|---|---|"]
     lines += [f"| {row['target']} | {row['status']} |" for row in data.get("bar", [])]
     return lines + [""]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything the H100 has to do, in one device call of at most 10 minutes (issue 4 / issue 6):
+# Everything the H100 has to do, in one device call of at most 10 minutes:
 #   1. nvidia-smi and versions            -> env.txt
 #   2. pytest tests/ on CUDA              -> pytest.log   (plus the benchmark suite's agreement checks
 #                                                          at the real shapes)

@@ -1,10 +1,10 @@
-"""Named benchmark shapes, defined once, from the models they come from (issue 4, issue 7).
+"""Named benchmark shapes, defined once, from the models they come from.
 
 Every shape has a ``tiny`` twin with the same structure (2D/3D grid, divisible or not, shared
 queries, ``kv_lens``) but sizes small enough for a CPU smoke run; ``for_device`` picks the real
 shape on CUDA and the twin elsewhere. Real shapes run in bf16 on CUDA; CPU smoke runs use fp32.
 
-Where the issue leaves a number open, the choice is written next to it (``note``).
+Where the model leaves a number open, the choice is written next to it (``note``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class MLPPoolShape(PoolMLPShape):
 
 @dataclass(frozen=True)
 class PackedShape:
-    """A ragged batch of token grids packed back to back, ``(sum_i prod(grids[i]), C)`` (issue 7)."""
+    """A ragged batch of token grids packed back to back, ``(sum_i prod(grids[i]), C)`` ."""
 
     name: str
     grids: tuple[tuple[int, ...], ...]
@@ -129,7 +129,7 @@ POOL_MLP = {
         _with_tiny(
             PoolMLPShape("pllava_16f", 4, (16, 24, 24), (16, 12, 12), 1024, 4096, 4096,
                          source="PLLaVA-7B: 16 frames of CLIP ViT-L/14-336, Vicuna-7B",
-                         note="batch not given by the issue: 4 videos (36,864 tokens, 2x llava15_7b's)"),
+                         note="batch chosen here: 4 videos (36,864 tokens, 2x llava15_7b's)"),
             batch=1, grid=(4, 8, 8), out_grid=(4, 4, 4), in_features=32, hidden=64, out_features=64,
         ),
         _with_tiny(
@@ -167,14 +167,14 @@ CROSS_ATTENTION = {
             AttentionShape("video_resampler", 4, 256, 16 * 576, 16, 64,
                            kv_lens=tuple(f * 576 for f in _VIDEO_FRAMES),
                            source="video resampler: 256 queries over up to 16 frames x 576 tokens",
-                           note=f"kv_lens not given by the issue: videos of {list(_VIDEO_FRAMES)} frames x 576"),
+                           note=f"kv_lens chosen here: videos of {list(_VIDEO_FRAMES)} frames x 576"),
             batch=2, M=8, N=36, heads=2, head_dim=16, kv_lens=(36, 27),
         ),
     ]
 }
 
 # ----------------------------------------------------------------------------------------------
-# issue 7: packed ragged batches and project-then-pool. Benchmarked only when deco_ops exposes
+# Packed ragged batches and project-then-pool. Benchmarked only when deco_ops exposes
 # pool_mlp_packed / mlp_pool.
 
 def llava_next_unpadded_grid(width: int, height: int, side: int = 48) -> tuple[int, int]:
@@ -233,7 +233,7 @@ MLP_POOL = {
 
 ALL = {**POOL_MLP, **CROSS_ATTENTION, **PACKED, **MLP_POOL}
 
-# Shapes the bar of issue 4 speaks of come first in the report, so a run cut short still has them.
+# Shapes the performance targets speak of come first in the report, so a run cut short still has them.
 PRIORITY = ["llava15_7b", "infer_b1", "blip2_qformer", "blip2_vitl336", "qwenvl_resampler", "video_resampler"]
 
 

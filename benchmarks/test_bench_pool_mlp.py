@@ -1,4 +1,4 @@
-"""pytest-benchmark: deco_ops.pool_mlp (and issue 7's mlp_pool / pool_mlp_packed) against DeCo's
+"""pytest-benchmark: deco_ops.pool_mlp (and mlp_pool / pool_mlp_packed) against DeCo's
 eager AvgPoolProjector and torch.compile of it, forward and forward+backward, every named shape."""
 
 import pytest

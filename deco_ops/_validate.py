@@ -27,9 +27,30 @@ def floating(name: str, value: torch.Tensor, use_triton: bool) -> None:
         raise TypeError(f"{name} has dtype {value.dtype}; supported here: {names}")
 
 
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def dtype_under_autocast(t: torch.Tensor) -> torch.dtype:
+    """The dtype an op that runs in the autocast dtype (``deco_ops._autocast.LOWER_PRECISION``)
+    computes ``t`` in: inside ``torch.autocast`` for ``t``'s device, floating tensors other than
+    float64 are cast to the autocast dtype (as for ``nn.Linear``); elsewhere ``t.dtype``."""
+    device_type = t.device.type
+    if (
+        device_type in AUTOCAST_DEVICE_TYPES
+        and torch.is_autocast_enabled(device_type)
+        and t.is_floating_point()
+        and t.dtype != torch.float64
+    ):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
 def same_dtype(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """The tensors of one GEMM/attention op agree in dtype once autocast has cast them: inside
+    ``torch.autocast`` fp32 weights may meet bf16 tokens; outside, dtypes must be equal."""
+    want = dtype_under_autocast(reference)
     for name, value in others.items():
-        if value is not None and value.dtype != reference.dtype:
+        if value is not None and dtype_under_autocast(value) != want:
             raise TypeError(f"{name} has dtype {value.dtype} but {reference_name} has {reference.dtype}; cast them to one dtype")
 
 

@@ -1,7 +1,8 @@
 """Ahead-of-time compile check of every Triton kernel of deco_ops, no GPU needed.
 
     python -m deco_ops.aot [--kernels pool_gemm,gemm_act_grad] [--targets 90,80]
-                           [--dtypes fp16,bf16] [--json rows.json] [--jobs 2]
+                           [--dtypes fp16,bf16] [--json rows.json] [--jobs 2] [--doc docs/aot.md]
+    python -m deco_ops.aot --summary rows.json [--doc docs/aot.md]
 
 For each registered kernel, each entry of its CUDA config list (``cuda_configs()`` for the
 autotuned kernels, the launcher's fixed block sizes for the plain ones), each dtype and a few
@@ -47,11 +48,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .projector import ACTIVATIONS
+
 TARGETS = (90, 80)
 # Largest shared memory one block may use (opt-in), bytes: H100 227 KiB, A100 163 KiB.
 SMEM_LIMIT = {90: 232448, 80: 166912}
 DTYPES = ("fp16", "bf16", "fp32")
 _REEXEC_MARK = "DECO_OPS_AOT_CLEAN"
+# The generated block of the compile report (docs/aot.md); the prose around it is kept.
+DOC_BEGIN, DOC_END = "<!-- aot-summary:begin -->", "<!-- aot-summary:end -->"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,8 +111,8 @@ def _plain_config(**meta):
 _B, _GRID, _C, _HIDDEN = 32, 24, 1024, 4096
 _WINDOWS = {"2x2": 12, "4x4": 6}  # window label -> pooled side of a 24x24 grid
 _PACKED_MODES = {0: "average", 1: "bilinear"}  # packed_pool.MODES
-_FP32_PRECISIONS = ("ieee", "tf32")
-_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")  # the projector's; each GEMM epilogue is compiled with each  # torch's default (allow_tf32=False) and allow_tf32=True
+_FP32_PRECISIONS = ("ieee", "tf32")  # torch's default (allow_tf32=False) and allow_tf32=True
+_ACTIVATIONS = ACTIVATIONS  # the projector's; each GEMM epilogue is compiled with each
 
 
 def _dtype_variants(dtypes: list[str]):
@@ -700,6 +705,21 @@ def summary(data: dict, arch: int = 90, labels: tuple[str, ...] = ("bf16", "fp32
     return "\n".join(lines)
 
 
+def write_doc(path: Path, data: dict) -> None:
+    """Replaces the block between ``DOC_BEGIN`` and ``DOC_END`` in ``path`` with the sm_90 summary
+    of bf16 and exact fp32 (PyTorch's default), appending the block (or creating the file) where
+    there is none."""
+    block = f"{DOC_BEGIN}\n{summary(data, labels=('bf16', 'fp32/ieee'))}\n{DOC_END}"
+    doc = path.read_text() if path.exists() else "# Ahead-of-time compile check\n"
+    if DOC_BEGIN in doc and DOC_END in doc:
+        head, rest = doc.split(DOC_BEGIN, 1)
+        doc = head + block + rest.split(DOC_END, 1)[1]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(doc)
+
+
 def _jobs(names: list[str], dtypes: list[str], targets: list[int]) -> tuple[list[tuple], list[str]]:
     jobs, skipped = [], []
     for name in names:
@@ -756,9 +776,15 @@ def main(argv: list[str] | None = None) -> int:
                         "still covers every kernel x config x dtype x target")
     parser.add_argument("--summary", type=Path, metavar="JSON",
                         help="print the compact sm_90 bf16 + fp32/tf32 table of a --json file (no compiling)")
+    parser.add_argument("--doc", type=Path, metavar="MARKDOWN",
+                        help="write the compact sm_90 table of bf16 and exact fp32 into this file (e.g. docs/aot.md) "
+                        f"between {DOC_BEGIN} and {DOC_END}, keeping the rest; from this run, or from --summary's file")
     args = parser.parse_args(argv)
     if args.summary:
-        print(summary(json.loads(args.summary.read_text())))
+        data = json.loads(args.summary.read_text())
+        print(summary(data))
+        if args.doc:
+            write_doc(args.doc, data)
         return 0
 
     # deco_ops/__init__ may itself have switched the interpreter on (DECO_OPS_BACKEND=triton on a
@@ -808,13 +834,16 @@ def main(argv: list[str] | None = None) -> int:
     for r in bad:
         print(f"  FAIL {r['kernel']} [{r.get('variant')}] [{r.get('config')}] {r['target']}: "
               f"{', '.join(r['problems'])} {r.get('error', '')}")
+    data = {
+        "triton_version": triton.__version__, "elapsed_s": round(elapsed, 1), "full": _full(),
+        "jobs_note": f"{len(jobs)} jobs on {args.jobs} workers" + (", --full" if _full() else ""),
+        "skipped": skipped, "rows": rows,
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "triton_version": triton.__version__, "elapsed_s": round(elapsed, 1), "full": _full(),
-            "jobs_note": f"{len(jobs)} jobs on {args.jobs} workers" + (", --full" if _full() else ""),
-            "skipped": skipped, "rows": rows,
-        }, indent=1))
+        args.json.write_text(json.dumps(data, indent=1))
+    if args.doc:
+        write_doc(args.doc, data)
     return 1 if bad or not rows else 0
 
 

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import value_checks
 from .attention import cross_attention
 
 
@@ -24,57 +27,112 @@ def _head_dim(embed_dim: int, num_heads: int) -> int:
     return embed_dim // num_heads
 
 
-def padding_mask_to_lengths(key_padding_mask: torch.Tensor, B: int, N: int) -> torch.Tensor:
-    """``nn.MultiheadAttention``'s bool ``key_padding_mask`` (B, N), True = ignore, as kv_lens (B,).
+def _hf_hint(key_padding_mask: torch.Tensor) -> str:
+    return (
+        "key_padding_mask uses PyTorch's convention (True or -inf = ignore this key); a Hugging Face "
+        "attention mask (1/True = keep) must be inverted first: key_padding_mask = ~hf_mask.bool()"
+        if key_padding_mask.dtype == torch.bool
+        else "a float key_padding_mask is added to the scores: 0 keeps a key, -inf ignores it"
+    )
 
-    Only right padding is representable (the valid keys of every row are a prefix): any other
-    mask raises ValueError (checked eagerly; skipped while ``torch.compile`` traces). For keys
-    with holes, gather the valid keys to the front (or pack them and call ``cross_attention`` with
-    ``cu_seqlens_k``) first.
+
+def _reads_values(device: torch.device) -> bool:
+    """Whether checks may read a mask's values on the host: never while ``torch.compile`` traces
+    (they would be data-dependent), elsewhere as ``deco_ops._checks.value_checks`` says."""
+    return not torch.compiler.is_compiling() and value_checks(device)
+
+
+def padding_mask_to_lengths(key_padding_mask: torch.Tensor, B: int, N: int) -> torch.Tensor:
+    """``nn.MultiheadAttention``'s ``key_padding_mask`` (B, N) as ``kv_lens`` (B,), without a
+    host synchronisation: bool (True = ignore) or float (added to the scores: 0 keeps a key,
+    -inf, or anything at or below the dtype's most negative finite value, ignores it).
+
+    Only right padding is representable (the valid keys of every row are a prefix). Where
+    ``deco_ops._checks.value_checks`` allows reading the mask (CPU by default; not while
+    ``torch.compile`` traces) other masks raise ValueError, a float mask with other values (a
+    real additive bias, which ``kv_lens`` cannot express) raises ValueError, and a bool row that
+    ignores every key warns: it is what a Hugging Face keep-mask (True = keep) looks like when
+    passed uninverted. Unchecked, a non-prefix mask gives wrong results and any nonzero float
+    entry counts as ignored.
     """
-    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-        raise TypeError("key_padding_mask must be a bool tensor (True = ignore this key); additive float masks are not supported")
+    if not isinstance(key_padding_mask, torch.Tensor) or not (
+        key_padding_mask.dtype == torch.bool or key_padding_mask.is_floating_point()
+    ):
+        got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+        raise TypeError(f"key_padding_mask must be a bool or float tensor (True or -inf = ignore this key), got {got}")
     if tuple(key_padding_mask.shape) != (B, N):
         raise ValueError(f"key_padding_mask must have shape (batch, keys) = {(B, N)}, got {tuple(key_padding_mask.shape)}")
-    valid = ~key_padding_mask
+    valid = ~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask == 0
     lengths = valid.sum(1, dtype=torch.int32)
-    if not torch.compiler.is_compiling():
-        prefix = torch.arange(N, device=valid.device)[None, :] < lengths[:, None]
-        if not torch.equal(prefix, valid):
-            raise ValueError(
-                "key_padding_mask must mark a contiguous prefix of valid keys per row (right padding: "
-                "False...False True...True); move the valid keys to the front first"
-            )
+    if _reads_values(valid.device):
+        _check_padding_mask(key_padding_mask, valid, lengths)
     return lengths
 
 
+def _check_padding_mask(key_padding_mask: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor) -> None:
+    """The value checks of ``padding_mask_to_lengths`` (they read the mask on the host)."""
+    if key_padding_mask.is_floating_point():
+        ignored = key_padding_mask <= torch.finfo(key_padding_mask.dtype).min
+        if not bool((valid | ignored).all()):
+            raise ValueError(
+                "a float key_padding_mask must hold only 0 (keep) and -inf (ignore): other additive values "
+                "cannot be expressed by the kernel's key lengths; call with need_weights=True for the PyTorch path"
+            )
+    prefix = torch.arange(valid.shape[1], device=valid.device)[None, :] < lengths[:, None]
+    if not torch.equal(prefix, valid):
+        raise ValueError(
+            "key_padding_mask must mark a contiguous prefix of valid keys per row (right padding: "
+            f"False...False True...True); move the valid keys to the front first. {_hf_hint(key_padding_mask)}"
+        )
+    if key_padding_mask.dtype == torch.bool:
+        _warn_if_every_key_ignored(key_padding_mask)
+
+
+def _warn_if_every_key_ignored(key_padding_mask: torch.Tensor) -> None:
+    """A bool row of all True ignores every key: what a Hugging Face keep-mask (True = keep) of an
+    unpadded row looks like when passed uninverted."""
+    rows = torch.nonzero(key_padding_mask.reshape(-1, key_padding_mask.shape[-1]).all(-1)).flatten().tolist()
+    if rows:
+        warnings.warn(
+            f"key_padding_mask ignores every key of batch rows {rows} (nn.MultiheadAttention gives NaN there, "
+            f"the fused kernel a zero attention output). {_hf_hint(key_padding_mask)}",
+            stacklevel=4,
+        )
+
+
 class CrossAttention(nn.Module):
-    """Drop-in for ``nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)`` used as
-    cross-attention, running ``deco_ops.cross_attention``.
+    """Drop-in for ``nn.MultiheadAttention``: the same constructor (positional order and
+    defaults), ``forward`` signature, return value, parameters and ``state_dict`` keys
+    (``in_proj_weight`` or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``, ``in_proj_bias``,
+    ``bias_k``/``bias_v``, ``out_proj.*``), so ``load_state_dict`` works both ways.
 
-    Same parameters and ``state_dict`` keys as ``nn.MultiheadAttention``: ``in_proj_weight``
-    (3E, E) when ``kdim == vdim == embed_dim``, else ``q_proj_weight``/``k_proj_weight``/
-    ``v_proj_weight``; ``in_proj_bias`` (3E,) and ``out_proj.weight``/``out_proj.bias``. So
-    ``load_state_dict(mha.state_dict())`` works both ways.
+    Two paths:
 
-    ``forward(query, key, value, key_padding_mask=None, need_weights=False)`` returns
-    ``(attn_output, None)`` like ``nn.MultiheadAttention(..., need_weights=False)``.
-    ``key_padding_mask`` is bool (B, N), True = ignore, and must be right padding (see
-    ``padding_mask_to_lengths``). A row whose keys are all masked gives ``out_proj.bias`` (the
-    attention output is zero) where ``nn.MultiheadAttention`` gives NaN. ``need_weights=True``
-    is not supported: the attention matrix is never formed.
+    * ``need_weights=False`` and no ``attn_mask``: the fused kernel ``deco_ops.cross_attention``.
+      ``key_padding_mask`` (bool, True = ignore; or float, 0 / -inf) must be right padding (see
+      ``padding_mask_to_lengths``); ``add_bias_kv`` and ``add_zero_attn`` become extra keys placed
+      first (softmax attention does not depend on the order of keys); ``is_causal`` without
+      ``attn_mask`` raises, as in ``nn.MultiheadAttention``. A row whose keys are all masked
+      gives ``out_proj.bias`` where ``nn.MultiheadAttention`` gives NaN. Returns ``(out, None)``.
+    * ``need_weights=True`` (``nn.MultiheadAttention``'s default) or an ``attn_mask``: PyTorch's own
+      ``F.multi_head_attention_forward`` on these parameters, which forms the (L, S) attention
+      matrix per head: every mask and option exactly as ``nn.MultiheadAttention``, at its speed and
+      memory. Returns ``(out, weights)`` (``None`` with ``need_weights=False``).
+
+    Pass ``need_weights=False`` to run the kernel.
     """
 
     def __init__(
         self,
         embed_dim: int,
         num_heads: int,
-        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
         kdim: int | None = None,
         vdim: int | None = None,
-        bias: bool = True,
-        dropout: float = 0.0,
-        batch_first: bool = True,
+        batch_first: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -85,10 +143,11 @@ class CrossAttention(nn.Module):
         self.kdim = embed_dim if kdim is None else _positive("kdim", kdim)
         self.vdim = embed_dim if vdim is None else _positive("vdim", vdim)
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         self.dropout = float(dropout)
         self.batch_first = bool(batch_first)
+        self.add_zero_attn = bool(add_zero_attn)
         if self._qkv_same_embed_dim:
             self.in_proj_weight = nn.Parameter(torch.empty((3 * embed_dim, embed_dim), **factory))
             self.register_parameter("q_proj_weight", None)
@@ -104,6 +163,11 @@ class CrossAttention(nn.Module):
         else:
             self.register_parameter("in_proj_bias", None)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
+            self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
+        else:
+            self.bias_k = self.bias_v = None
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -117,11 +181,38 @@ class CrossAttention(nn.Module):
         if self.in_proj_bias is not None:
             nn.init.constant_(self.in_proj_bias, 0.0)
             nn.init.constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
 
     def _projection_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._qkv_same_embed_dim:
             return self.in_proj_weight.chunk(3)
         return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+
+    def _check_inputs(self, query, key, value, key_padding_mask) -> bool:
+        """Shapes as ``nn.MultiheadAttention`` takes them; returns whether the input is batched."""
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        layout = "(batch, tokens, features)" if self.batch_first else "(tokens, batch, features)"
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(
+                f"query, key and value must all be batched {layout} or all unbatched (tokens, features), got "
+                f"shapes {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+            )
+        for name, t, dim in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.shape[-1] != dim:
+                raise ValueError(f"{name} has {t.shape[-1]} features but the module expects {dim}")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ValueError(f"key and value must have the same tokens and batch, got {tuple(key.shape)} and {tuple(value.shape)}")
+        batched = query.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if batched and query.shape[batch_dim] != key.shape[batch_dim]:
+            raise ValueError(f"query has batch {query.shape[batch_dim]} but key has {key.shape[batch_dim]} ({layout})")
+        if not batched and isinstance(key_padding_mask, torch.Tensor) and key_padding_mask.dim() != 1:
+            raise ValueError(f"unbatched inputs take a key_padding_mask of shape (keys,), got {tuple(key_padding_mask.shape)}")
+        return batched
 
     def forward(
         self,
@@ -129,26 +220,72 @@ class CrossAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = False,
-    ) -> tuple[torch.Tensor, None]:
-        if need_weights:
-            raise ValueError("CrossAttention never forms the attention matrix; call it with need_weights=False")
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3:
-                raise ValueError(f"{name} must be a 3D (batch, tokens, features) tensor, got {getattr(t, 'shape', t)!r}")
-        if not self.batch_first:
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batched = self._check_inputs(query, key, value, key_padding_mask)
+        if need_weights or attn_mask is not None:
+            return self._pytorch_attention(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, batched)
+        if is_causal:
+            raise ValueError(
+                "is_causal is a hint that attn_mask is the causal mask (nn.MultiheadAttention's contract): pass attn_mask "
+                "too. Causal masks run on the PyTorch path; the kernel expresses key padding only"
+            )
+        if batched and not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        elif not batched:
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        out = self._fused_attention(query, key, value, key_padding_mask)
+        if not batched:
+            return out.squeeze(0), None
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _fused_attention(self, query, key, value, key_padding_mask) -> torch.Tensor:
+        """Batch-first (B, L, E) inputs through ``deco_ops.cross_attention``."""
         B, M, _ = query.shape
         N = key.shape[1]
         wq, wk, wv = self._projection_weights()
         bq, bk, bv = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        q = F.linear(query, wq, bq).view(B, M, self.num_heads, self.head_dim)
-        k = F.linear(key, wk, bk).view(key.shape[0], N, self.num_heads, self.head_dim)
-        v = F.linear(value, wv, bv).view(value.shape[0], value.shape[1], self.num_heads, self.head_dim)
-        kv_lens = None if key_padding_mask is None else padding_mask_to_lengths(key_padding_mask, key.shape[0], N)
-        o = cross_attention(q, k, v, kv_lens=kv_lens, dropout_p=self.dropout if self.training else 0.0)
-        out = self.out_proj(o.reshape(B, M, self.embed_dim))
-        return (out if self.batch_first else out.transpose(0, 1)), None
+        q = F.linear(query, wq, bq)
+        k, v = F.linear(key, wk, bk), F.linear(value, wv, bv)
+        kv_lens = None if key_padding_mask is None else padding_mask_to_lengths(key_padding_mask, B, N)
+        extra_k, extra_v = [], []
+        if self.bias_k is not None:
+            extra_k.append(self.bias_k.expand(B, 1, -1).to(k.dtype))
+            extra_v.append(self.bias_v.expand(B, 1, -1).to(v.dtype))
+        if self.add_zero_attn:
+            extra_k.append(k.new_zeros((B, 1, self.embed_dim)))
+            extra_v.append(v.new_zeros((B, 1, self.embed_dim)))
+        if extra_k:  # never-masked keys: first, so that right padding stays a prefix
+            k, v = torch.cat([*extra_k, k], 1), torch.cat([*extra_v, v], 1)
+            kv_lens = None if kv_lens is None else kv_lens + len(extra_k)
+        shape = (B, -1, self.num_heads, self.head_dim)
+        o = cross_attention(
+            q.view(shape), k.view(shape), v.view(shape), kv_lens=kv_lens, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out_proj(o.reshape(B, M, self.embed_dim))
+
+    def _pytorch_attention(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, batched):
+        """``nn.MultiheadAttention.forward``'s computation on these parameters: the attention
+        matrix is formed, so weights, attention masks and arbitrary key masks are exact."""
+        if key_padding_mask is not None and key_padding_mask.dtype == torch.bool and _reads_values(key_padding_mask.device):
+            _warn_if_every_key_ignored(key_padding_mask)
+        if batched and self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
+            training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+            attn_mask=attn_mask, use_separate_proj_weight=not self._qkv_same_embed_dim,
+            q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
+            average_attn_weights=average_attn_weights, is_causal=is_causal,
+        )
+        if batched and self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
 
 
 class QueryResampler(nn.Module):

@@ -137,7 +137,7 @@ def mlp_pool(
         x: ``(B, prod(grid), C)`` tokens in row-major grid order.
         w1, b1: first Linear ``(hidden, C)``, ``(hidden,)`` or None. w2, b2: ``(out, hidden)``, ``(out,)`` or None.
         grid, out_grid: ``(H, W)`` or ``(T, H, W)``.
-        activation: ``"gelu"``, ``"gelu_tanh"`` or ``"silu"``.
+        activation: ``"gelu"``, ``"gelu_tanh"``, ``"silu"`` or ``"quick_gelu"``.
         mode: ``"average"`` (``F.adaptive_avg_pool2d/3d``) or ``"bilinear"`` (``F.interpolate``
             bilinear / trilinear, ``align_corners=False``).
     Returns:

@@ -14,7 +14,55 @@ from .packed import check_mode, pool_mlp_resampled
 
 ORDERS = ("pool_mlp", "mlp_pool")
 
-_DECO_PAPER_PREFIX = "mlp_projector."
+# Hugging Face activation names (``config.projector_hidden_act``, ``transformers.ACT2FN``) -> ours.
+# gelu_new and gelu_pytorch_tanh are the same tanh approximation of GELU; swish is SiLU.
+HF_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+    "silu": "silu",
+    "swish": "silu",
+}
+
+# The projector's two Linear layers under the names each codebase gives them, mapped to ours
+# ("0", "2": LLaVA's mm_projector nn.Sequential(Linear, GELU, Linear)).
+_LAYER_NAMES = {
+    "0.": "0.", "2.": "2.",                                  # LLaVA (liuhaotian), and ours
+    "linear_1.": "0.", "linear_2.": "2.",                    # Hugging Face LlavaMultiModalProjector
+    "mlp_projector.0.": "0.", "mlp_projector.2.": "2.",      # DeCo's AvgPoolProjector
+}
+# Where a whole-model checkpoint keeps the projector (a key must match prefix + layer + param exactly).
+PROJECTOR_PREFIXES = (
+    "model.multi_modal_projector.",  # Hugging Face LLaVA, transformers >= 4.52
+    "multi_modal_projector.",        # Hugging Face LLaVA, older checkpoints
+    "model.mm_projector.",           # LLaVA / DeCo training checkpoints
+    "mm_projector.",                 # mm_projector.bin saved on its own
+)
+_PARAMS = ("weight", "bias")
+
+
+def _projector_key(rest: str) -> str | None:
+    """Our name ("0.weight", ...) for a checkpoint key relative to this module, or None if the key
+    is not one of the projector's parameters."""
+    for outer in ("", *PROJECTOR_PREFIXES):
+        if not rest.startswith(outer):
+            continue
+        layer_key = rest[len(outer):]
+        for theirs, ours in _LAYER_NAMES.items():
+            if layer_key.startswith(theirs) and layer_key[len(theirs):] in _PARAMS:
+                return ours + layer_key[len(theirs):]
+    return None
+
+
+def activation_name(value) -> str:
+    """Our activation name for one of ours or a Hugging Face name (``gelu_pytorch_tanh``, ...)."""
+    value = HF_ACTIVATIONS.get(value, value) if isinstance(value, str) else value
+    if value not in ACTIVATIONS:
+        raise ValueError(
+            f"activation must be one of {ACTIVATIONS} or a Hugging Face name {tuple(HF_ACTIVATIONS)}, got {value!r}"
+        )
+    return value
 
 
 class DeCoProjector(nn.Module):
@@ -27,7 +75,13 @@ class DeCoProjector(nn.Module):
     The two Linear layers are registered as children ``"0"`` and ``"2"``, exactly as in LLaVA's
     ``mlp2x_gelu`` projector ``nn.Sequential(Linear, GELU, Linear)``, so its ``state_dict``
     (``0.weight``, ``0.bias``, ``2.weight``, ``2.bias``) loads unchanged and ours loads into it.
-    The DeCo paper's ``AvgPoolProjector`` keys (``mlp_projector.0.weight``, ...) load too.
+    ``load_state_dict`` also takes Hugging Face's ``linear_1.*``/``linear_2.*`` keys and the DeCo
+    paper's ``mlp_projector.0.*``/``mlp_projector.2.*``, each with or without the prefix a whole-model
+    checkpoint gives them (``PROJECTOR_PREFIXES``: ``model.multi_modal_projector.``,
+    ``model.mm_projector.``, ...), so a full LLaVA checkpoint loads with ``strict=False``. A load in
+    which no key names a projector parameter raises, even with ``strict=False``: it would
+    otherwise keep the random initialisation silently. ``activation`` takes our names or Hugging
+    Face's (``HF_ACTIVATIONS``: ``gelu_pytorch_tanh``, ``gelu_new``, ``quick_gelu``, ...).
 
     ``order="mlp_pool"`` projects first and pools after (PLLaVA, LLaVA-OneVision/Video:
     ``pool(Linear2(act(Linear1(x))))``, computed with the second GEMM on pooled rows only, see
@@ -61,7 +115,7 @@ class DeCoProjector(nn.Module):
         if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
             raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
         self.grid, self.out_grid = _validate.grids(grid, out_grid)
-        self.activation = _validate.activation(activation, ACTIVATIONS)
+        self.activation = activation_name(activation)
         if not isinstance(order, str) or order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         self.order, self.mode = order, check_mode(mode)
@@ -69,7 +123,7 @@ class DeCoProjector(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.add_module("0", nn.Linear(in_features, hidden_features, bias=bias, **factory))
         self.add_module("2", nn.Linear(hidden_features, out_features, bias=bias, **factory))
-        self._register_load_state_dict_pre_hook(self._accept_deco_paper_keys)
+        self._register_load_state_dict_pre_hook(self._rename_projector_keys)
 
     @property
     def fc1(self) -> nn.Linear:
@@ -80,9 +134,29 @@ class DeCoProjector(nn.Module):
         return self._modules["2"]
 
     @staticmethod
-    def _accept_deco_paper_keys(state_dict, prefix, *args) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix + _DECO_PAPER_PREFIX)]:
-            state_dict[prefix + key[len(prefix + _DECO_PAPER_PREFIX):]] = state_dict.pop(key)
+    def _rename_projector_keys(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+        """Renames every recognised projector key under ``prefix`` to ours; reports (through
+        ``error_msgs``, which ``load_state_dict`` raises whatever ``strict`` says) a state_dict in
+        which none is found, or two keys naming the same parameter."""
+        renamed: dict[str, str] = {}
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            ours = _projector_key(key[len(prefix):])
+            if ours is None:
+                continue
+            if ours in renamed:
+                error_msgs.append(f"both {renamed[ours]!r} and {key!r} name the projector's {ours!r}; pass one checkpoint format")
+                return
+            renamed[ours] = key
+        if not renamed:
+            sample = [k for k in state_dict if k.startswith(prefix)][:4]
+            error_msgs.append(
+                f"no projector weights found {f'under {prefix!r}' if prefix else 'at the top level'} (keys such as {sample}); DeCoProjector "
+                "loads 0.*/2.* (LLaVA), linear_1.*/linear_2.* (Hugging Face) or mlp_projector.0.*/.2.* (DeCo), "
+                f"optionally under one of {PROJECTOR_PREFIXES}"
+            )
+            return
+        for ours, key in renamed.items():
+            state_dict[prefix + ours] = state_dict.pop(key)
 
     def forward(self, x: torch.Tensor, *, grid=None, out_grid=None) -> torch.Tensor:
         grid, out_grid = _validate.grids(self.grid if grid is None else grid, self.out_grid if out_grid is None else out_grid)

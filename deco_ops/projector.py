@@ -23,7 +23,7 @@ from . import _backend, _validate, reference
 from .kernels import gemm_act_grad, pool_gemm
 from .pooling import as_3d, check_pool_input
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "quick_gelu")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -238,7 +238,7 @@ def pool_mlp(
         w1, b1: first Linear, ``(hidden, C)`` and ``(hidden,)`` or None.
         w2, b2: second Linear, ``(out, hidden)`` and ``(out,)`` or None.
         grid, out_grid: ``(H, W)`` or ``(T, H, W)``; windows as ``F.adaptive_avg_pool2d``/``3d``.
-        activation: ``"gelu"`` (erf, ``nn.GELU()``), ``"gelu_tanh"`` or ``"silu"``.
+        activation: ``"gelu"`` (erf, ``nn.GELU()``), ``"gelu_tanh"``, ``"silu"`` or ``"quick_gelu"``.
     Returns:
         ``(B, prod(out_grid), out)``.
     """

@@ -12,6 +12,7 @@ ACTIVATIONS = {
     "gelu": lambda z: F.gelu(z),
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
     "silu": F.silu,
+    "quick_gelu": lambda z: z * torch.sigmoid(1.702 * z),
 }
 
 
@@ -60,9 +61,14 @@ def _silu_grad(z):
     return s * (1.0 + z * (1.0 - s))
 
 
+def _quick_gelu_grad(z):
+    s = torch.sigmoid(1.702 * z)
+    return s * (1.0 + 1.702 * z * (1.0 - s))
+
+
 # Closed forms (autograd is off inside a custom op's implementation); tests check them against
 # torch.autograd on the ACTIVATIONS above.
-ACTIVATION_GRADS = {"gelu": _gelu_grad, "gelu_tanh": _gelu_tanh_grad, "silu": _silu_grad}
+ACTIVATION_GRADS = {"gelu": _gelu_grad, "gelu_tanh": _gelu_tanh_grad, "silu": _silu_grad, "quick_gelu": _quick_gelu_grad}
 
 
 def mlp_activation_backward(dy, w2, pre, activation):

@@ -1,14 +1,15 @@
 """Activations of the MLP projector and their derivatives, evaluated in fp32 inside GEMM epilogues.
 
 ACTIVATION codes (constexpr): 0 = identity, 1 = erf-GELU (``nn.GELU()``), 2 = tanh-GELU
-(``nn.GELU(approximate="tanh")``), 3 = SiLU.
+(``nn.GELU(approximate="tanh")``), 3 = SiLU, 4 = quick-GELU (``x * sigmoid(1.702 x)``, CLIP's and
+Hugging Face's ``quick_gelu``).
 """
 
 import triton
 import triton.language as tl
 
-IDENTITY, GELU, GELU_TANH, SILU = 0, 1, 2, 3
-CODES = {"identity": IDENTITY, "gelu": GELU, "gelu_tanh": GELU_TANH, "silu": SILU}
+IDENTITY, GELU, GELU_TANH, SILU, QUICK_GELU = 0, 1, 2, 3, 4
+CODES = {"identity": IDENTITY, "gelu": GELU, "gelu_tanh": GELU_TANH, "silu": SILU, "quick_gelu": QUICK_GELU}
 
 # Globals read inside @triton.jit functions must be tl.constexpr: compiled Triton rejects plain
 # Python floats (the interpreter accepts them, so only an ahead-of-time compile catches it).
@@ -18,6 +19,7 @@ _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _TANH_CUBIC = tl.constexpr(0.044715)
+_QUICK_GELU_SLOPE = tl.constexpr(1.702)
 
 
 @triton.jit
@@ -41,6 +43,8 @@ def apply(z, ACTIVATION: tl.constexpr):
         return 0.5 * z * (1.0 + _tanh(_tanh_gelu_inner(z)))
     elif ACTIVATION == 3:
         return z * tl.sigmoid(z)
+    elif ACTIVATION == 4:
+        return z * tl.sigmoid(z * _QUICK_GELU_SLOPE)
     else:
         return z
 
@@ -56,5 +60,8 @@ def derivative(z, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 3:
         s = tl.sigmoid(z)
         return s * (1.0 + z * (1.0 - s))
+    elif ACTIVATION == 4:
+        s = tl.sigmoid(z * _QUICK_GELU_SLOPE)
+        return s * (1.0 + z * _QUICK_GELU_SLOPE * (1.0 - s))
     else:
         return tl.full(z.shape, 1.0, tl.float32)

@@ -67,7 +67,7 @@ def test_mlp_pool(backend, grid, out_grid, mode, dtype):
     _check(params, dy, grid, out_grid, dtype, mode=mode)
 
 
-@pytest.mark.parametrize("activation", ["gelu_tanh", "silu"])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "silu", "quick_gelu"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mlp_pool_activations(backend, activation, dtype):
     params, dy = _case((6, 5), (3, 2), dtype, C=64, hidden=96, out=70)

@@ -120,3 +120,57 @@ def test_wrong_token_count_names_prefix():
     proj = deco_ops.DeCoProjector(8, 8, grid=(4, 4), out_grid=(2, 2))
     with pytest.raises(ValueError, match="num_prefix_tokens"):
         proj(torch.randn(1, 17, 8))
+
+
+LAYER_FORMATS = {
+    "llava": ("0.", "2."),
+    "hf": ("linear_1.", "linear_2."),
+    "deco": ("mlp_projector.0.", "mlp_projector.2."),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(LAYER_FORMATS))
+@pytest.mark.parametrize("outer", ["", *deco_ops.modules.PROJECTOR_PREFIXES])
+def test_loads_every_checkpoint_format_and_prefix(fmt, outer):
+    torch.manual_seed(3)
+    first, second = LAYER_FORMATS[fmt]
+    weights = {"0.weight": torch.randn(12, 8), "0.bias": torch.randn(12), "2.weight": torch.randn(10, 12), "2.bias": torch.randn(10)}
+    names = {"0.": first, "2.": second}
+    checkpoint = {outer + names[k[:2]] + k[2:]: v for k, v in weights.items()}
+    checkpoint["model.language_model.layers.0.weight"] = torch.randn(3)  # the rest of a whole-model checkpoint
+    proj = deco_ops.DeCoProjector(8, 10, hidden_features=12, grid=(2, 2), out_grid=(1, 1))
+    result = proj.load_state_dict(checkpoint, strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == ["model.language_model.layers.0.weight"]
+    for key, value in weights.items():
+        assert torch.equal(proj.state_dict()[key], value), key
+
+
+def test_loads_hf_keys_as_a_submodule_and_strict():
+    """Inside a parent model the prefix comes from the parent; strict loading of a projector-only dict works."""
+    parent = nn.Module()
+    parent.multi_modal_projector = deco_ops.DeCoProjector(8, 10, grid=(2, 2), out_grid=(1, 1))
+    hf = nn.Module()
+    hf.linear_1, hf.linear_2 = nn.Linear(8, 10), nn.Linear(10, 10)
+    parent.load_state_dict({f"multi_modal_projector.{k}": v for k, v in hf.state_dict().items()})
+    assert torch.equal(parent.multi_modal_projector.fc2.weight, hf.linear_2.weight)
+
+
+def test_load_without_any_projector_key_raises_even_non_strict():
+    proj = deco_ops.DeCoProjector(8, 10, grid=(2, 2), out_grid=(1, 1))
+    before = proj.fc1.weight.clone()
+    with pytest.raises(RuntimeError, match="no projector weights found"):
+        proj.load_state_dict({"vision_tower.0.weight": torch.randn(10, 8), "linear_3.weight": torch.randn(10, 10)}, strict=False)
+    assert torch.equal(proj.fc1.weight, before)
+
+
+def test_two_formats_for_one_parameter_raise():
+    proj = deco_ops.DeCoProjector(8, 10, grid=(2, 2), out_grid=(1, 1))
+    sd = dict(proj.state_dict())
+    sd["linear_1.weight"] = torch.randn(10, 8)
+    with pytest.raises(RuntimeError, match="name the projector's '0.weight'"):
+        proj.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("hf_name,ours", sorted(deco_ops.modules.HF_ACTIVATIONS.items()))
+def test_hf_activation_names(hf_name, ours):
+    assert deco_ops.DeCoProjector(8, 8, grid=(2, 2), out_grid=(1, 1), activation=hf_name).activation == ours

@@ -60,7 +60,7 @@ def test_pool_mlp(backend, grid, out_grid, dtype):
     _check_mlp(params, dy, grid, out_grid, dtype, "gelu")
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu", "quick_gelu"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pool_mlp_activations(backend, activation, dtype):
     params, dy = _mlp_case((6, 5), (3, 2), dtype, C=64, hidden=96, out=70)
@@ -218,11 +218,24 @@ def test_empty_batch(backend):
     assert deco_ops.pool_mlp(*params, grid=(4, 4), out_grid=(2, 2)).shape == (0, 4, 29)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu", "quick_gelu"])
 def test_reference_activation_grads_match_autograd(activation):
     z = torch.randn(1000, dtype=torch.float64, requires_grad=True) * 4
     (expected,) = torch.autograd.grad(reference.ACTIVATIONS[activation](z).sum(), z)
     torch.testing.assert_close(reference.ACTIVATION_GRADS[activation](z.detach()), expected)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu", "quick_gelu"])
+def test_epilogue_activation_and_derivative_to_a_few_ulps(activation):
+    """The kernels' act(z) and act'(z) on their own: through gemm_act_grad with dy = 1 and an
+    identity w2 (an exact fp32 GEMM), dz = act'(z) and the second output is act(z), compared with
+    the float64 closed forms at a few fp32 ulps (a 1e-4 GEMM tolerance hides a wrong constant)."""
+    z = torch.linspace(-8, 8, 257, dtype=torch.float64).reshape(1, 257)
+    ones, eye = torch.ones(1, 257, dtype=torch.float32), torch.eye(257, dtype=torch.float32)
+    dz, act = gemm_act_grad.gemm_act_grad(ones, eye, z.float(), activation)
+    bound = dict(rtol=8 * torch.finfo(torch.float32).eps, atol=8 * torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(act.double(), reference.ACTIVATIONS[activation](z), **bound)
+    torch.testing.assert_close(dz.double(), reference.ACTIVATION_GRADS[activation](z), **bound)
 
 
 def test_windows_too_large_to_unroll_take_the_runtime_loop_path(monkeypatch):

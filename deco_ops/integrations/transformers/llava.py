@@ -1,0 +1,138 @@
+"""Hugging Face LLaVA -> DeCo: the projector becomes a ``DeCoProjector`` (adaptive pooling fused into
+the same two Linear layers, weights kept) and the image-token count everywhere becomes the pooled
+grid's.
+
+transformers 5.24's LLaVA feeds the projector the vision tower's tokens of one layer
+(``vision_feature_layer``), without the CLS token when ``vision_feature_select_strategy ==
+"default"``, and scatters the projector's output rows into the ``<image>`` placeholders of
+``input_ids``; ``LlavaProcessor`` writes ``(H // patch_size) * (W // patch_size) +
+num_additional_image_tokens`` placeholders per image, minus one for ``"default"``. After the
+conversion the projector returns ``prod(out_grid)`` rows per image (a CLS token kept by
+``"full"`` is dropped, DeCo pools only the patch grid), and ``DeCoLlavaProcessor`` writes as many
+placeholders; ``config.image_seq_length`` says the same.
+
+A converted model saves its projector under Hugging Face's names (``linear_1``, ``linear_2``), so
+``save_pretrained`` writes a checkpoint ``LlavaForConditionalGeneration.from_pretrained`` loads
+(as the plain LLaVA, with the trained weights); call ``llava_to_deco`` again after loading it.
+
+Not covered: vision towers called with ``image_sizes`` (Pixtral-style variable resolution), which
+split the projector's output by their own patch counts.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ...modules import DeCoProjector
+from ._require import transformers_module
+
+_transformers = transformers_module()
+_MultiModalData = transformers_module("transformers.processing_utils").MultiModalData
+
+
+class DeCoLlavaProcessor(_transformers.LlavaProcessor):
+    """``LlavaProcessor`` that writes ``num_image_tokens`` ``<image>`` placeholders per image (the
+    DeCo projector's pooled grid) instead of one per vision patch."""
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: int = 144, **kwargs):
+        super().__init__(image_processor, tokenizer, **kwargs)
+        if isinstance(num_image_tokens, bool) or not isinstance(num_image_tokens, int) or num_image_tokens < 1:
+            raise ValueError(f"num_image_tokens must be a positive int, got {num_image_tokens!r}")
+        self.num_image_tokens = num_image_tokens
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.num_image_tokens
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+        if image_sizes is None:
+            return _MultiModalData()
+        return _MultiModalData(
+            num_image_tokens=[self.num_image_tokens] * len(image_sizes), num_image_patches=[1] * len(image_sizes)
+        )
+
+
+def _save_with_hf_names(module, state_dict, prefix, local_metadata) -> None:
+    """State_dict post-hook: the projector's ``0.*``/``2.*`` keys under Hugging Face's ``linear_1.*``/
+    ``linear_2.*`` (``DeCoProjector`` loads both)."""
+    for ours, theirs in (("0.", "linear_1."), ("2.", "linear_2.")):
+        for key in [k for k in state_dict if k.startswith(prefix + ours)]:
+            state_dict[prefix + theirs + key[len(prefix + ours):]] = state_dict.pop(key)
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ValueError(f"{name} must be a positive int or (height, width), got {value!r}")
+    return pair
+
+
+def _prefix_tokens(vision_tower, grid: tuple[int, int], strategy: str) -> int:
+    """Tokens before the patch grid in what LLaVA hands its projector: none after ``"default"``
+    drops the CLS token, else the tower's extra positions (CLIP: the CLS token, SigLIP: none)."""
+    if strategy == "default":
+        return 0
+    embeddings = getattr(getattr(vision_tower, "vision_model", vision_tower), "embeddings", None)
+    positions = getattr(embeddings, "num_positions", None)
+    if not isinstance(positions, int) or positions < math.prod(grid):
+        raise ValueError(
+            f"cannot tell how many prefix (CLS) tokens {type(vision_tower).__name__} emits before its {grid} patch grid; "
+            "pass num_prefix_tokens"
+        )
+    return positions - math.prod(grid)
+
+
+def llava_to_deco(model, processor=None, *, out_grid=None, num_prefix_tokens: int | None = None, order: str = "pool_mlp", mode: str = "average"):
+    """Turns a ``LlavaForConditionalGeneration`` (or ``LlavaModel``) into its DeCo variant, in place.
+
+    Args:
+        model: the LLaVA model. Its ``multi_modal_projector`` (``linear_1``, act, ``linear_2``) is
+            replaced by a ``DeCoProjector`` holding the same weights (same dtype, device and
+            ``requires_grad``), with ``config.projector_hidden_act`` as its activation.
+        processor: optional ``LlavaProcessor``; a ``DeCoLlavaProcessor`` built from its parts is
+            returned, writing ``prod(out_grid)`` ``<image>`` tokens per image.
+        out_grid: the pooled grid, default half the patch grid per side rounded up (DeCo's 2x2
+            pooling: CLIP ViT-L/14-336's 24x24 -> 12x12, 576 -> 144 tokens).
+        num_prefix_tokens: tokens before the patch grid in the projector's input; default read
+            from ``vision_feature_select_strategy`` and the vision tower.
+        order, mode: as ``DeCoProjector``.
+
+    Returns:
+        ``(model, processor)``: the same model object, and the new processor (or None).
+    """
+    base = getattr(model, "model", model)
+    projector = getattr(base, "multi_modal_projector", None)
+    if not all(hasattr(projector, name) for name in ("linear_1", "linear_2")):
+        raise TypeError(
+            f"model must be a Hugging Face LlavaForConditionalGeneration or LlavaModel with a linear_1/act/linear_2 "
+            f"multi_modal_projector, got {type(model).__name__}"
+        )
+    config = model.config
+    vision = config.vision_config
+    grid = tuple(s // p for s, p in zip(_pair(vision.image_size, "image_size"), _pair(vision.patch_size, "patch_size")))
+    out_grid = tuple(math.ceil(g / 2) for g in grid) if out_grid is None else tuple(out_grid)
+    if num_prefix_tokens is None:
+        num_prefix_tokens = _prefix_tokens(base.vision_tower, grid, config.vision_feature_select_strategy)
+    first, second = projector.linear_1, projector.linear_2
+    deco = DeCoProjector(
+        first.in_features, second.out_features, hidden_features=first.out_features, grid=grid, out_grid=out_grid,
+        activation=config.projector_hidden_act, order=order, mode=mode, num_prefix_tokens=num_prefix_tokens,
+        bias=first.bias is not None, device=first.weight.device, dtype=first.weight.dtype,
+    )
+    deco.load_state_dict(projector.state_dict())
+    for ours, theirs in zip(deco.parameters(), projector.parameters()):
+        ours.requires_grad_(theirs.requires_grad)
+    deco.register_state_dict_post_hook(_save_with_hf_names)
+    base.multi_modal_projector = deco
+    config.image_seq_length = math.prod(deco.out_grid)
+    if processor is None:
+        return model, None
+    return model, DeCoLlavaProcessor(
+        image_processor=processor.image_processor,
+        tokenizer=processor.tokenizer,
+        num_image_tokens=config.image_seq_length,
+        patch_size=processor.patch_size,
+        vision_feature_select_strategy=processor.vision_feature_select_strategy,
+        chat_template=processor.chat_template,
+        image_token=processor.image_token,
+        num_additional_image_tokens=processor.num_additional_image_tokens,
+    )

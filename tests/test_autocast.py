@@ -1,0 +1,314 @@
+"""Every public op and module inside ``torch.autocast("cpu", dtype=bf16/fp16)`` with fp32 inputs
+and parameters, on the Triton kernels (interpreter) and the default backend, against the same
+computation written with eager PyTorch ops (``F.linear``, ``F.adaptive_avg_pool2d``, SDPA,
+``nn.MultiheadAttention``):
+
+* the output has the dtype eager PyTorch gives under the same autocast (bf16/fp16 for the GEMM
+  and attention ops, the input's dtype for pooling alone);
+* values and gradients match a float64 reference computed from the inputs rounded as autocast
+  rounds them, within the autocast dtype's tolerance (or twice eager autocast's own error);
+* every gradient has its leaf's dtype: fp32 parameters get fp32 gradients;
+* ``torch.compile`` under autocast gives eager's dtypes and values.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import deco_ops
+from deco_ops import _autocast
+from harness import assert_close, randn
+from test_attention_modules import PlainResampler
+
+GRID, OUT_GRID = (4, 6), (3, 4)
+GRIDS, OUT_GRIDS = [(4, 6), (3, 3)], [(2, 3), (2, 2)]
+C, HIDDEN, OUT = 16, 24, 8
+
+
+def _gelu_mlp(x, w1, b1, w2, b2):
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+
+def _pool(x, grid, out_grid, mode="average"):
+    """(B, N, C) tokens -> (B, P, C) with F.adaptive_avg_pool2d / F.interpolate (eager PyTorch)."""
+    img = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
+    if mode == "average":
+        out = F.adaptive_avg_pool2d(img, out_grid)
+    else:
+        out = F.interpolate(img, size=out_grid, mode="bilinear", align_corners=False)
+    return out.flatten(2).transpose(1, 2)
+
+
+def _pool_packed(x, mode="average"):
+    sizes = [math.prod(g) for g in GRIDS]
+    return torch.cat([_pool(xi[None], g, o, mode)[0] for xi, g, o in zip(x.split(sizes), GRIDS, OUT_GRIDS)])
+
+
+def _lens_mask(kv_lens, N):
+    return (torch.arange(N, device=kv_lens.device)[None, :] < kv_lens[:, None])[:, None, None, :]
+
+
+def _sdpa(q, k, v, kv_lens):
+    """(B, M, H, D) layout through F.scaled_dot_product_attention with a key mask."""
+    q, k, v = (t.transpose(1, 2) for t in (q.expand(k.shape[0], -1, -1, -1), k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_lens_mask(kv_lens, k.shape[2])).transpose(1, 2)
+
+
+def _packed_keys(kv):
+    """(B, N, H, D) right-padded keys with lengths KV_LENS -> packed (total_N, H, D)."""
+    return torch.cat([kv[b, :n] for b, n in enumerate(KV_LENS.tolist())])
+
+
+KV_LENS = torch.tensor([9, 4])
+CU_SEQLENS = torch.tensor([0, 9, 13], dtype=torch.int32)
+
+
+def _ops(device="cpu"):
+    """name -> (deco_ops callable, eager PyTorch callable, input shapes); both take the same tensors."""
+    kv_lens, cu_seqlens = KV_LENS.to(device), CU_SEQLENS.to(device)
+    mlp = [(HIDDEN, C), (HIDDEN,), (OUT, HIDDEN), (OUT,)]
+    tokens, packed = (2, math.prod(GRID), C), (sum(math.prod(g) for g in GRIDS), C)
+    grids, out_grids = torch.tensor(GRIDS), torch.tensor(OUT_GRIDS)
+    qkv = [(1, 3, 2, 8), (2, 9, 2, 8), (2, 9, 2, 8)]
+    return {
+        "adaptive_avg_pool_tokens": (
+            lambda x: deco_ops.adaptive_avg_pool_tokens(x, GRID, OUT_GRID),
+            lambda x: _pool(x, GRID, OUT_GRID),
+            [tokens],
+        ),
+        "bilinear_pool_tokens": (
+            lambda x: deco_ops.bilinear_pool_tokens(x, GRID, OUT_GRID),
+            lambda x: _pool(x, GRID, OUT_GRID, "bilinear"),
+            [tokens],
+        ),
+        "adaptive_avg_pool_tokens_packed": (
+            lambda x: deco_ops.adaptive_avg_pool_tokens_packed(x, grids, out_grids=out_grids)[0],
+            _pool_packed,
+            [packed],
+        ),
+        "pool_linear": (
+            lambda x, w, b: deco_ops.pool_linear(x, w, b, grid=GRID, out_grid=OUT_GRID),
+            lambda x, w, b: F.linear(_pool(x, GRID, OUT_GRID), w, b),
+            [tokens, (OUT, C), (OUT,)],
+        ),
+        "pool_mlp": (
+            lambda x, *p: deco_ops.pool_mlp(x, *p, grid=GRID, out_grid=OUT_GRID),
+            lambda x, *p: _gelu_mlp(_pool(x, GRID, OUT_GRID), *p),
+            [tokens, *mlp],
+        ),
+        "mlp_pool": (
+            lambda x, *p: deco_ops.mlp_pool(x, *p, grid=GRID, out_grid=OUT_GRID),
+            lambda x, *p: _pool(_gelu_mlp(x, *p), GRID, OUT_GRID),
+            [tokens, *mlp],
+        ),
+        "pool_mlp_packed": (
+            lambda x, *p: deco_ops.pool_mlp_packed(x, grids, *p, out_grids=out_grids)[0],
+            lambda x, *p: _gelu_mlp(_pool_packed(x), *p),
+            [packed, *mlp],
+        ),
+        "mlp_pool_packed": (
+            lambda x, *p: deco_ops.mlp_pool_packed(x, grids, *p, out_grids=out_grids, mode="bilinear")[0],
+            lambda x, *p: _pool_packed(_gelu_mlp(x, *p), "bilinear"),
+            [packed, *mlp],
+        ),
+        "cross_attention": (
+            lambda q, k, v: deco_ops.cross_attention(q, k, v, kv_lens=kv_lens),
+            lambda q, k, v: _sdpa(q, k, v, kv_lens),
+            qkv,
+        ),
+        "cross_attention_packed": (
+            lambda q, k, v: deco_ops.cross_attention(q, _packed_keys(k), _packed_keys(v), cu_seqlens_k=cu_seqlens),
+            lambda q, k, v: _sdpa(q, k, v, kv_lens),
+            qkv,
+        ),
+    }
+
+
+class Call(nn.Module):
+    """``fn(inner, *inputs)`` as a module whose parameters are ``inner``'s, under ``inner.``."""
+
+    def __init__(self, inner: nn.Module, fn):
+        super().__init__()
+        self.inner, self.fn = inner, fn
+
+    def forward(self, *inputs):
+        return self.fn(self.inner, *inputs)
+
+
+def _attend(m, q, kv):
+    return m(q, kv, kv, need_weights=False)[0]
+
+
+def _modules():
+    """name -> (deco_ops module, its eager PyTorch twin with the same parameter names and values, input shapes)."""
+    torch.manual_seed(0)
+    projector = deco_ops.DeCoProjector(C, OUT, hidden_features=HIDDEN, grid=GRID, out_grid=OUT_GRID)
+    llava = nn.Sequential(nn.Linear(C, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, OUT))
+    llava.load_state_dict(projector.state_dict())
+    attention = deco_ops.CrossAttention(16, 2, batch_first=True, add_bias_kv=True)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True, add_bias_kv=True)
+    mha.load_state_dict(attention.state_dict())
+    resampler = deco_ops.QueryResampler(3, 16, 12, 2)
+    return {
+        "DeCoProjector": (
+            Call(projector, lambda m, x: m(x)),
+            Call(llava, lambda m, x: m(_pool(x, GRID, OUT_GRID))),
+            [(2, math.prod(GRID), C)],
+        ),
+        "CrossAttention": (Call(attention, _attend), Call(mha, _attend), [(2, 3, 16), (2, 9, 16)]),
+        "QueryResampler": (
+            Call(resampler, lambda m, x: m(x)),
+            Call(copy.deepcopy(resampler), lambda m, x: PlainResampler(m)(x)),
+            [(2, 9, 12)],
+        ),
+    }
+
+
+def _rounded64(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to(dtype).double().requires_grad_(True)
+
+
+def _run(fn, leaves, dout_seed=5):
+    out = fn(*leaves)
+    g = torch.Generator().manual_seed(dout_seed)
+    out.backward(randn(*out.shape, generator=g).to(out.device, out.dtype))
+    return out.detach(), [t.grad for t in leaves]
+
+
+# bf16 for every op; fp16 (the region's dtype, not one fixed at registration) for a GEMM and attention
+OP_CASES = [(name, torch.bfloat16) for name in _ops()] + [("pool_mlp", torch.float16), ("cross_attention", torch.float16)]
+
+
+@pytest.mark.parametrize("name,dtype", OP_CASES, ids=str)
+def test_op_under_autocast(backend, name, dtype):
+    _check_op(name, dtype, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.autocast('cuda') over the compiled kernels")
+def test_every_op_under_cuda_autocast():
+    for name in _ops():
+        for dtype in (torch.bfloat16, torch.float16):
+            _check_op(name, dtype, "cuda")
+
+
+POOL_ONLY = ("adaptive_avg_pool_tokens", "bilinear_pool_tokens", "adaptive_avg_pool_tokens_packed")
+
+
+def _check_op(name, dtype, device):
+    """The GEMM/attention ops take tokens (or queries) in the autocast dtype, as from a vision
+    tower run under autocast, with fp32 weights, biases, keys and values, and give the autocast
+    dtype. Pooling alone takes fp32 tokens and keeps fp32, as F.adaptive_avg_pool2d does."""
+    deco_fn, eager_fn, shapes = _ops(device)[name]
+    expected = torch.float32 if name in POOL_ONLY else dtype
+    g = torch.Generator().manual_seed(0)
+    inputs = [
+        randn(*s, generator=g, scale=0.5, dtype=expected if i == 0 else torch.float32).to(device) for i, s in enumerate(shapes)
+    ]
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    eager_leaves = [t.clone().requires_grad_(True) for t in inputs]
+    with torch.autocast(device, dtype=dtype):
+        out, grads = _run(deco_fn, leaves)
+        eager, eager_grads = _run(eager_fn, eager_leaves)
+    # float64 reference on the inputs as autocast rounds them
+    ref, ref_grads = _run(eager_fn, [_rounded64(t, expected) for t in inputs])
+
+    assert out.dtype == expected, f"{name}: {out.dtype} under autocast, expected {expected}"
+    if device == "cpu":  # on CUDA eager F.interpolate runs in fp32 under autocast, so mlp_pool's twin does
+        assert eager.dtype == expected, f"{name}: eager PyTorch gives {eager.dtype} under autocast"
+    assert_close(out, ref, expected, f"{name} output", eager=eager)
+    for i, (got, want, eager_grad) in enumerate(zip(grads, ref_grads, eager_grads)):
+        assert got.dtype == inputs[i].dtype == eager_grad.dtype, f"{name}: grad of input {i} is {got.dtype}"
+        assert_close(got, want, expected, f"{name} grad of input {i}", eager=eager_grad)
+
+
+@pytest.mark.parametrize("name", list(_modules()))
+def test_module_under_autocast(backend, name, dtype=torch.bfloat16):
+    """fp32 modules and inputs (a model trained with autocast): fp32 parameter gradients."""
+    ours, eager, shapes = _modules()[name]
+    twin64 = copy.deepcopy(eager).double()
+    with torch.no_grad():
+        for p in twin64.parameters():
+            p.copy_(p.to(dtype))
+    g = torch.Generator().manual_seed(0)
+    inputs = [randn(*s, generator=g) for s in shapes]
+    with torch.autocast("cpu", dtype=dtype):
+        out, _ = _run(ours, [t.clone().requires_grad_(True) for t in inputs])
+        eager_out, _ = _run(eager, [t.clone().requires_grad_(True) for t in inputs])
+    ref, _ = _run(twin64, [_rounded64(t, dtype) for t in inputs])
+
+    assert out.dtype == eager_out.dtype == dtype
+    assert_close(out, ref, dtype, f"{name} output", eager=eager_out)
+    params, eager_params, ref_params = (dict(m.named_parameters()) for m in (ours, eager, twin64))
+    assert set(params) == set(eager_params) == set(ref_params)
+    for key, p in params.items():
+        assert p.grad.dtype == torch.float32, f"{name}.{key}: gradient in {p.grad.dtype}"
+        if key == "inner.k_proj.bias":  # softmax ignores a shift shared by all keys: exactly 0, rounding noise here
+            continue
+        assert_close(p.grad, ref_params[key].grad, dtype, f"{name}.{key} grad", eager=eager_params[key].grad)
+
+
+def test_every_op_declares_its_autocast_rule():
+    """A new ``torch.ops.deco`` op must be classified in ``deco_ops._autocast`` (GEMM/attention ops
+    run in the autocast dtype, the rest in their inputs' dtype), on CPU and CUDA."""
+    ops = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("deco::")}
+    assert ops == set(_autocast.LOWER_PRECISION) | set(_autocast.OWN_DTYPE)
+    for op in ops:
+        for key in ("AutocastCPU", "AutocastCUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"deco::{op}", key), (op, key)
+
+
+def test_mixed_dtypes_refused_outside_autocast():
+    x, w = torch.randn(1, 24, C, dtype=torch.bfloat16), torch.randn(OUT, C)
+    with pytest.raises(TypeError, match="w has dtype torch.float32 but x has torch.bfloat16"):
+        deco_ops.pool_linear(x, w, grid=GRID, out_grid=OUT_GRID)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert deco_ops.pool_linear(x, w, grid=GRID, out_grid=OUT_GRID).dtype == torch.bfloat16
+        with pytest.raises(TypeError, match="w has dtype torch.float64"):  # autocast leaves float64 alone
+            deco_ops.pool_linear(x, w.double(), grid=GRID, out_grid=OUT_GRID)
+
+
+def _dense_model(projector, attention, x, q, kv):
+    """A compiled region using every dense op and both modules."""
+    tokens = projector(x)
+    pooled = deco_ops.adaptive_avg_pool_tokens(x, GRID, OUT_GRID) + deco_ops.bilinear_pool_tokens(x, GRID, OUT_GRID)
+    w1, b1, w2, b2 = projector.fc1.weight, projector.fc1.bias, projector.fc2.weight, projector.fc2.bias
+    lin = deco_ops.pool_linear(x, w1, b1, grid=GRID, out_grid=OUT_GRID)
+    mlp = deco_ops.mlp_pool(x, w1, b1, w2, b2, grid=GRID, out_grid=OUT_GRID)
+    heads = q.view(2, 3, 2, 8)
+    att = deco_ops.cross_attention(heads, kv.view(2, 9, 2, 8), kv.view(2, 9, 2, 8), kv_lens=KV_LENS)
+    return tokens, pooled, lin, mlp, att, attention(q, kv, kv, need_weights=False)[0]
+
+
+def test_torch_compile_under_autocast_matches_eager():
+    """Inside ``torch.compile`` the ops give eager's dtypes under autocast, and the same values
+    and fp32 parameter gradients. ``aot_eager`` traces exactly what Inductor receives (Dynamo's
+    graph, the fake implementations, the autocast casts) at a fraction of the compile time. On
+    the default backend, whose reference path inside the ops would follow autocast on its own:
+    the Triton kernels' dtypes under autocast are checked eagerly above."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    projector = deco_ops.DeCoProjector(C, OUT, hidden_features=HIDDEN, grid=GRID, out_grid=OUT_GRID)
+    attention = deco_ops.CrossAttention(16, 2, batch_first=True)
+    g = torch.Generator().manual_seed(0)
+    inputs = [randn(2, math.prod(GRID), C, generator=g), randn(2, 3, 16, generator=g), randn(2, 9, 16, generator=g)]
+    compiled = torch.compile(_dense_model, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (_dense_model, compiled):
+        projector.zero_grad()
+        attention.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16), deco_ops.use_backend("auto"):
+            outs = fn(projector, attention, *inputs)
+        sum(o.float().square().sum() for o in outs).backward()
+        grads = [p.grad.clone() for p in (*projector.parameters(), *attention.parameters())]
+        results.append(([o.detach() for o in outs], grads))
+    (eager_outs, eager_grads), (comp_outs, comp_grads) = results
+    assert [o.dtype for o in comp_outs] == [o.dtype for o in eager_outs]
+    assert [o.dtype for o in eager_outs] == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16]
+    for got, want in zip(comp_outs + comp_grads, eager_outs + eager_grads):
+        assert got.dtype == want.dtype
+        assert_close(got, want, torch.bfloat16)

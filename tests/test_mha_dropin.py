@@ -1,0 +1,260 @@
+"""``CrossAttention`` as a drop-in for ``nn.MultiheadAttention``: same constructor (positional
+order, defaults), forward signature and return values, state_dict both ways; compared with a
+float64 ``nn.MultiheadAttention`` on the same weights over every option the kernel runs
+(batch_first, kdim/vdim, bias, add_bias_kv, add_zero_attn, bool and float padding masks,
+unbatched input), forward and gradients, on both backends; the PyTorch path (weights,
+attn_mask, is_causal); rejected combinations raise; a Hugging Face keep-mask is recognised."""
+
+import inspect
+import itertools
+import warnings
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deco_ops
+from deco_ops import CrossAttention, attention_modules
+from deco_ops.attention_modules import padding_mask_to_lengths
+from harness import assert_close, leaf, randn
+
+E, H, B, L, S = 16, 2, 3, 4, 7
+LENGTHS = torch.tensor([S, 3, 1])
+
+# each constructor configuration flips batch_first too, so both layouts meet every option
+CONFIGS = {
+    "defaults": {},
+    "kdim_vdim_no_bias_batch_first": {"kdim": 12, "vdim": 10, "bias": False, "batch_first": True},
+    "bias_kv": {"add_bias_kv": True, "batch_first": True},
+    "zero_attn_bias_kv_kdim": {"add_zero_attn": True, "add_bias_kv": True, "kdim": 12, "vdim": 10},
+}
+
+
+def _pair(config):
+    """Our module (fp32) and nn.MultiheadAttention (float64) holding the same weights."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, **config).double()
+    ours = CrossAttention(E, H, **config)
+    ours.load_state_dict(mha.state_dict())
+    return ours, mha
+
+
+def _inputs(config, batched=True, seed=1):
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n, d):
+        if not batched:
+            return randn(n, d, generator=g)
+        return randn(B, n, d, generator=g) if config.get("batch_first") else randn(n, B, d, generator=g)
+
+    return make(L, E), make(S, config.get("kdim", E)), make(S, config.get("vdim", E))
+
+
+def _mask(kind, batched=True):
+    ignore = torch.arange(S)[None, :] >= LENGTHS[:, None]
+    ignore = ignore if batched else ignore[1]
+    if kind == "bool":
+        return ignore
+    if kind == "float":
+        return torch.zeros(ignore.shape).masked_fill(ignore, float("-inf"))
+    return None
+
+
+def _run(module, inputs, dtype, **kwargs):
+    """Forward and backward in ``dtype`` (float masks too: MHA wants them in the query dtype)."""
+    leaves = [leaf(t, dtype) for t in inputs]
+    kwargs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+    out, weights = module(*leaves, **kwargs)
+    out.backward(randn(*out.shape, generator=torch.Generator().manual_seed(7)).to(dtype))
+    grads = {n: p.grad for n, p in module.named_parameters()} | {f"input {i}": t.grad for i, t in enumerate(leaves)}
+    return out.detach(), weights, grads
+
+
+def _compare(ours, mha, inputs, **kwargs):
+    out, weights, grads = _run(ours, inputs, torch.float32, **kwargs)
+    ref, ref_weights, ref_grads = _run(mha, inputs, torch.float64, **kwargs)
+    assert out.dtype == torch.float32
+    assert_close(out, ref, torch.float32, "attn_output")
+    assert (weights is None) == (ref_weights is None)
+    if weights is not None:
+        assert_close(weights, ref_weights, torch.float32, "attn_output_weights")
+    assert grads.keys() == ref_grads.keys()
+    for name, got in grads.items():
+        assert_close(got, ref_grads[name], torch.float32, f"grad {name}")
+
+
+def test_signature_is_multihead_attentions():
+    for ours, theirs in ((CrossAttention.__init__, nn.MultiheadAttention.__init__), (CrossAttention.forward, nn.MultiheadAttention.forward)):
+        mine, ref = inspect.signature(ours).parameters, inspect.signature(theirs).parameters
+        assert [(p.name, p.default, p.kind) for p in mine.values()] == [(p.name, p.default, p.kind) for p in ref.values()]
+
+
+MASKS = (None, "bool", "float")
+OPTIONS = ("batch_first", "bias", "add_bias_kv", "add_zero_attn", "kdim_vdim")
+
+
+def _config(flags: dict) -> dict:
+    config = {k: v for k, v in flags.items() if k != "kdim_vdim"}
+    return config | ({"kdim": 12, "vdim": 10} if flags["kdim_vdim"] else {})
+
+
+def test_every_option_combination_matches_multihead_attention():
+    """All 32 combinations of the constructor's options, the padding mask kind (none, bool,
+    float) rotating so that every (add_bias_kv, add_zero_attn) pair meets every kind, on the
+    default backend (the module's logic does not depend on the backend)."""
+    seen = set()
+    for i, values in enumerate(itertools.product((False, True), repeat=len(OPTIONS))):
+        flags = dict(zip(OPTIONS, values))
+        config, mask = _config(flags), MASKS[i % len(MASKS)]
+        seen.add((flags["add_bias_kv"], flags["add_zero_attn"], mask))
+        ours, mha = _pair(config)
+        with deco_ops.use_backend("auto"):
+            _compare(ours, mha, _inputs(config), key_padding_mask=_mask(mask), need_weights=False)
+    assert len(seen) == 4 * len(MASKS)
+
+
+@pytest.mark.parametrize("config,mask", [(c, MASKS[i % len(MASKS)]) for i, c in enumerate(CONFIGS)], ids=str)
+def test_fused_path_on_triton_kernels(config, mask):
+    """Each configuration, each mask once, through the Triton kernels (their key lengths are
+    tested in depth in test_cross_attention.py)."""
+    ours, mha = _pair(CONFIGS[config])
+    with deco_ops.use_backend("triton"):
+        _compare(ours, mha, _inputs(CONFIGS[config]), key_padding_mask=_mask(mask), need_weights=False)
+
+
+def test_unbatched_fused_path(backend):
+    ours, mha = _pair(CONFIGS["zero_attn_bias_kv_kdim"])
+    inputs = _inputs(CONFIGS["zero_attn_bias_kv_kdim"], batched=False)
+    _compare(ours, mha, inputs, key_padding_mask=_mask("bool", batched=False), need_weights=False)
+
+
+def _causal(kind):
+    allowed = torch.ones(L, S, dtype=torch.bool).tril(S - L)
+    return ~allowed if kind == "bool" else torch.zeros(L, S).masked_fill(~allowed, float("-inf"))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"average_attn_weights": False, "key_padding_mask": "bool"},
+        {"attn_mask": "bool", "need_weights": False},
+        {"attn_mask": "bool", "is_causal": True, "need_weights": False},
+        {"attn_mask": "float", "key_padding_mask": "float"},
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("config", ["defaults", "zero_attn_bias_kv_kdim"])
+def test_pytorch_path_matches_multihead_attention(config, kwargs):
+    """need_weights=True (the default) or an attn_mask: nn.MultiheadAttention's own computation."""
+    ours, mha = _pair(CONFIGS[config])
+    kwargs = dict(kwargs)
+    if "key_padding_mask" in kwargs:
+        kwargs["key_padding_mask"] = _mask(kwargs["key_padding_mask"])
+    if "attn_mask" in kwargs:
+        kwargs["attn_mask"] = _causal(kwargs["attn_mask"])
+    _compare(ours, mha, _inputs(CONFIGS[config]), **kwargs)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_state_dict_both_ways(config):
+    ours, mha = _pair(CONFIGS[config])
+    assert list(ours.state_dict()) == list(mha.state_dict())
+    fresh_mha = nn.MultiheadAttention(E, H, **CONFIGS[config])
+    fresh_mha.load_state_dict(CrossAttention(E, H, **CONFIGS[config]).state_dict())
+    for (name, a), (_, b) in zip(ours.named_parameters(), mha.named_parameters()):
+        assert torch.equal(a, b.float()), name
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda m, q, k: m(q, k, k, need_weights=False, is_causal=True), ValueError, "is_causal is a hint"),
+        (lambda m, q, k: m(q, k, k, _mask("bool").flip(1), need_weights=False), ValueError, "contiguous prefix"),
+        (lambda m, q, k: m(q, k, k, ~_mask("bool"), need_weights=False), ValueError, "Hugging Face"),
+        (lambda m, q, k: m(q, k, k, _mask("float") - 0.5, need_weights=False), ValueError, "only 0 .keep. and -inf"),
+        (lambda m, q, k: m(q, k, k, _mask("bool").int(), need_weights=False), TypeError, "bool or float"),
+        (lambda m, q, k: m(q, k, k, _mask("bool")[:, 1:], need_weights=False), ValueError, "shape"),
+        (lambda m, q, k: m(q, k[:, :2], k[:, :2], need_weights=False), ValueError, "query has batch 3 but key has 2"),
+        (lambda m, q, k: m(q[..., :8], k, k), ValueError, "query has 8 features"),
+        (lambda m, q, k: m(q, k[:3], k, need_weights=False), ValueError, "same tokens and batch"),
+        (lambda m, q, k: m(q[0], k, k), ValueError, "all be batched"),
+        (lambda m, q, k: m(q[:, 0], k[:, 0], k[:, 0], _mask("bool"), need_weights=False), ValueError, "unbatched inputs take"),
+    ],
+)
+def test_rejected_combinations_raise(call, error, match):
+    ours, _ = _pair({})
+    q, k, _ = _inputs({})
+    with pytest.raises(error, match=match):
+        call(ours, q, k)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="divisible"):
+        CrossAttention(30, 4)
+    with pytest.raises(ValueError, match="dropout"):
+        CrossAttention(16, 2, 1.5)
+    with pytest.raises(ValueError, match="kdim"):
+        CrossAttention(16, 2, kdim=0)
+
+
+def test_hugging_face_keep_mask_warns():
+    """An unpadded row of a keep-mask (all True) ignores every key in PyTorch's convention."""
+    ours, _ = _pair({})
+    q, k, _ = _inputs({})
+    keep = ~_mask("bool")
+    keep[1:] = True
+    for need_weights in (False, True):
+        with pytest.warns(UserWarning, match=r"ignores every key of batch rows \[0, 1, 2\].*Hugging Face"):
+            ours(q, k, k, keep, need_weights=need_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours(q, k, k, _mask("bool"), need_weights=False)
+
+
+def test_padding_mask_conversion_reads_no_values_when_checks_are_off(monkeypatch):
+    """With value checks off (CUDA's default) the mask becomes kv_lens on the device: no host
+    read, so no synchronisation (and no right-padding check)."""
+    monkeypatch.setenv("DECO_OPS_CHECKS", "0")
+    host_read = mock.Mock(side_effect=AssertionError("host read"))
+    mask = _mask("bool").flip(1)
+    with mock.patch.object(torch.Tensor, "__bool__", host_read), mock.patch.object(torch.Tensor, "tolist", host_read), \
+            mock.patch.object(torch.Tensor, "item", host_read), mock.patch("torch.equal", host_read):
+        lengths = padding_mask_to_lengths(mask, B, S)
+    assert lengths.tolist() == LENGTHS.tolist()
+    monkeypatch.setenv("DECO_OPS_CHECKS", "1")
+    with pytest.raises(ValueError, match="contiguous prefix"):
+        padding_mask_to_lengths(mask, B, S)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_torch_compile_fullgraph_with_padding_mask(need_weights):
+    """Both paths trace without graph breaks with a padding mask: the checks that read the mask
+    step aside while torch.compile traces."""
+    torch._dynamo.reset()
+    ours, _ = _pair(CONFIGS["zero_attn_bias_kv_kdim"])
+    inputs, mask = _inputs(CONFIGS["zero_attn_bias_kv_kdim"]), _mask("bool")
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    with deco_ops.use_backend("auto"):
+        (out, weights), (ref, ref_weights) = (m(*inputs, mask, need_weights=need_weights) for m in (compiled, ours))
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
+    else:
+        assert weights is None and ref_weights is None
+
+
+def test_which_path_runs():
+    """need_weights=False without attn_mask runs the kernel and never forms the attention matrix;
+    need_weights=True or an attn_mask runs PyTorch's F.multi_head_attention_forward."""
+    ours, _ = _pair(CONFIGS["zero_attn_bias_kv_kdim"])
+    q, k, v = _inputs(CONFIGS["zero_attn_bias_kv_kdim"])
+    with mock.patch.object(attention_modules, "cross_attention", wraps=attention_modules.cross_attention) as kernel, \
+            mock.patch.object(attention_modules.F, "multi_head_attention_forward", wraps=F.multi_head_attention_forward) as pytorch:
+        ours(q, k, v, _mask("bool"), need_weights=False)
+        assert (kernel.call_count, pytorch.call_count) == (1, 0)
+        ours(q, k, v, _mask("bool"))
+        ours(q, k, v, need_weights=False, attn_mask=_causal("bool"))
+        assert (kernel.call_count, pytorch.call_count) == (1, 2)

@@ -1,0 +1,75 @@
+"""The wheel ships ``deco_ops`` (with ``deco_ops.kernels``, the integrations and ``py.typed``) and
+nothing else at top level, and works installed (non-editable) in a fresh environment, imported
+from outside the checkout.
+
+The wheel is built from a copy of the files git knows (tracked, plus untracked ones that are not
+ignored), never from the working directory itself: a checkout may hold ignored helpers (such as a
+``deco_ops/kernels`` symlink for imports) that a clean clone does not.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git_files() -> list[str]:
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs a git checkout to know which files a clean clone holds")
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    files = _git_files()
+    for name in files:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"), str(src)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    (path,) = (tmp / "dist").glob("deco_ops-*.whl")
+    return path, files
+
+
+def test_wheel_ships_deco_ops_only(wheel):
+    path, files = wheel
+    names = set(zipfile.ZipFile(path).namelist())
+    top = {n.split("/")[0] for n in names}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"deco_ops"}, sorted(top)
+    expected = {f for f in files if f.startswith("deco_ops/") and f.endswith(".py")}
+    expected |= {"deco_ops/kernels/" + f.removeprefix("kernels/") for f in files if f.startswith("kernels/") and f.endswith(".py")}
+    assert expected - names == set(), f"missing from the wheel: {sorted(expected - names)}"
+    assert "deco_ops/py.typed" in names
+    assert not [n for n in names if n.startswith(("benchmarks/", "tests/", "examples/", "kernels/"))]
+
+
+def test_installed_wheel_imports_outside_the_checkout(wheel, tmp_path):
+    path, _ = wheel
+    env_dir = tmp_path / "venv"
+    # torch, triton (and the rest) come from this interpreter's site-packages, never from an index
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(path)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    code = (
+        "import sys, deco_ops, deco_ops.kernels, deco_ops.kernels.pool_gemm\n"
+        "assert deco_ops.__file__.startswith(sys.prefix), deco_ops.__file__\n"
+        "assert deco_ops.kernels.__file__.startswith(sys.prefix), deco_ops.kernels.__file__\n"
+        "assert 'transformers' not in sys.modules, 'import deco_ops imported transformers'\n"
+        "print(deco_ops.DeCoProjector(8, 8, grid=(2, 2), out_grid=(1, 1))(__import__('torch').randn(1, 4, 8)).shape)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DECO_OPS_BACKEND", "TRITON_INTERPRET", "PYTHONPATH")}
+    proc = subprocess.run([str(python), "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.Size([1, 1, 8])" in proc.stdout

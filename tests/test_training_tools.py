@@ -1,0 +1,198 @@
+"""The ops in the tools of a training run: DDP and FSDP2 (``fully_shard``) in 2 CPU processes on
+gloo give one process's loss and gradients; ``torch.utils.checkpoint`` (non-reentrant) around
+every op and module gives the gradients without it, dropout included; ``torch.compile`` with
+dynamic batch and key counts compiles once, not once per batch size."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import deco_ops
+from harness import assert_close, randn
+
+GRID, OUT_GRID, C = (4, 4), (2, 2), 16
+
+
+class Tiny(nn.Module):
+    """A compressor as a training run holds it: DeCo projector, then learned queries attending
+    to its tokens through the nn.MultiheadAttention drop-in (with dropout)."""
+
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        self.proj = deco_ops.DeCoProjector(C, 32, hidden_features=24, grid=GRID, out_grid=OUT_GRID)
+        self.attn = deco_ops.CrossAttention(32, 2, dropout=dropout, batch_first=True)
+        self.queries = nn.Parameter(torch.randn(3, 32))
+
+    def forward(self, x):
+        tokens = self.proj(x)
+        return self.attn(self.queries.expand(x.shape[0], -1, -1), tokens, tokens, need_weights=False)[0]
+
+
+def _model():
+    torch.manual_seed(0)
+    return Tiny()
+
+
+def _batch(batch=4):
+    return randn(batch, 16, C, generator=torch.Generator().manual_seed(1))
+
+
+def _loss(model, x):
+    return model(x).square().mean()
+
+
+def _full_grads(model) -> dict[str, torch.Tensor]:
+    """Gradients as full tensors (FSDP2 holds DTensor shards)."""
+    return {n: getattr(p.grad, "full_tensor", p.grad.clone)() for n, p in model.named_parameters()}
+
+
+def _wrap(model, mode, world):
+    if mode == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = dist.device_mesh.init_device_mesh("cpu", (world,))
+    for child in (model.proj, model.attn, model):
+        fully_shard(child, mesh=mesh)
+    return model
+
+
+def _worker(rank, world, store_path, out_path):
+    """One training step per mode on this rank's half of the batch; rank 0 saves what it sees."""
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    results = {}
+    try:
+        with deco_ops.use_backend("auto"):
+            for mode in MODES:
+                model = _model()
+                wrapped = _wrap(model, mode, world)  # DDP's reducer lives as long as the wrapper: keep it through backward
+                loss = _loss(wrapped, _batch().chunk(world)[rank])
+                loss.backward()
+                mean_loss = loss.detach().clone()
+                dist.all_reduce(mean_loss)  # gloo has no AVG: sum, then divide
+                results[mode] = {"loss": mean_loss / world, "grads": _full_grads(model)}
+        if rank == 0:
+            torch.save(results, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+MODES = ("ddp", "fsdp2")
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    """Both modes in one spawn of 2 processes (process start-up dominates the cost)."""
+    tmp = tmp_path_factory.mktemp("gloo")
+    mp.spawn(_worker, args=(2, str(tmp / "store"), str(tmp / "rank0.pt")), nprocs=2, join=True)
+    return torch.load(tmp / "rank0.pt")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_data_parallel_two_processes_match_one(two_process_results, mode):
+    """Each of 2 gloo ranks takes half the batch; their averaged loss and gradients equal one
+    process's over the whole batch (DDP all-reduces gradients; FSDP2 shards parameters, gathers
+    them for forward and backward and reduce-scatters gradients)."""
+    got = two_process_results[mode]
+    with deco_ops.use_backend("auto"):
+        model = _model()
+        loss = _loss(model, _batch())
+        loss.backward()
+    assert_close(got["loss"], loss.detach(), torch.float32, f"{mode} loss")
+    want = _full_grads(model)
+    assert got["grads"].keys() == want.keys()
+    for name, grad in want.items():
+        assert_close(got["grads"][name], grad, torch.float32, f"{mode} grad {name}")
+
+
+def _checkpoint_cases():
+    """name -> (callable of the leaves, leaf shapes); dropout > 0 where an op has it, so the
+    recomputation must replay the same mask (checkpoint restores the RNG state it drew from)."""
+    torch.manual_seed(0)
+    projector = deco_ops.DeCoProjector(C, 8, hidden_features=12, grid=GRID, out_grid=OUT_GRID)
+    attention = deco_ops.CrossAttention(16, 2, dropout=0.3, batch_first=True, add_bias_kv=True)
+    resampler = deco_ops.QueryResampler(3, 16, C, 2, dropout=0.3)
+    mlp = [(12, C), (12,), (8, 12), (8,)]
+    tokens = (2, 16, C)
+    pool = {"grid": GRID, "out_grid": OUT_GRID}
+    lens = torch.tensor([7, 3])
+    return {
+        "adaptive_avg_pool_tokens": (lambda x: deco_ops.adaptive_avg_pool_tokens(x, GRID, OUT_GRID), [tokens]),
+        "pool_linear": (lambda x, w, b: deco_ops.pool_linear(x, w, b, **pool), [tokens, (8, C), (8,)]),
+        "pool_mlp": (lambda x, *p: deco_ops.pool_mlp(x, *p, **pool), [tokens, *mlp]),
+        "mlp_pool": (lambda x, *p: deco_ops.mlp_pool(x, *p, **pool, mode="bilinear"), [tokens, *mlp]),
+        "pool_mlp_packed": (
+            lambda x, *p: deco_ops.pool_mlp_packed(x, torch.tensor([[4, 4], [2, 3]]), *p, stride=2)[0],
+            [(22, C), *mlp],
+        ),
+        "cross_attention": (
+            lambda q, k, v: deco_ops.cross_attention(q, k, v, kv_lens=lens, dropout_p=0.3),
+            [(1, 3, 2, 8), (2, 7, 2, 8), (2, 7, 2, 8)],
+        ),
+        "DeCoProjector": (projector, [tokens]),
+        "CrossAttention": (lambda q, kv: attention(q, kv, kv, need_weights=False)[0], [(2, 3, 16), (2, 7, 16)]),
+        "QueryResampler": (lambda x: resampler(x, kv_lens=lens), [(2, 7, C)]),
+    }
+
+
+# every op and module on the default backend; on the Triton kernels the attention op (dropout
+# inside the kernels) and both modules
+CHECKPOINT_CASES = [("auto", name) for name in _checkpoint_cases()] + [
+    ("triton", name) for name in ("cross_attention", "DeCoProjector", "CrossAttention")
+]
+
+
+@pytest.mark.parametrize("backend_name,name", CHECKPOINT_CASES, ids=str)
+def test_activation_checkpointing(backend_name, name):
+    """``checkpoint(fn, use_reentrant=False)`` recomputes the forward in backward: same output,
+    same input and parameter gradients as without it, bit for bit."""
+    fn, shapes = _checkpoint_cases()[name]
+    params = list(fn.parameters()) if isinstance(fn, nn.Module) else [
+        p for cell in (fn.__closure__ or ()) if isinstance(cell.cell_contents, nn.Module) for p in cell.cell_contents.parameters()
+    ]
+    g = torch.Generator().manual_seed(2)
+    inputs = [randn(*s, generator=g) for s in shapes]
+    results = []
+    for wrap in (lambda *t: fn(*t), lambda *t: checkpoint(fn, *t, use_reentrant=False)):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        for p in params:
+            p.grad = None
+        torch.manual_seed(3)  # the dropout draw
+        with deco_ops.use_backend(backend_name):
+            out = wrap(*leaves)
+            out.backward(randn(*out.shape, generator=torch.Generator().manual_seed(4)))
+        results.append([out.detach()] + [t.grad for t in leaves] + [p.grad.clone() for p in params])
+    assert len(results[1]) == len(results[0])
+    for i, (got, want) in enumerate(zip(*results[::-1])):
+        assert torch.equal(got, want), f"{name}: result {i} differs under checkpoint"
+
+
+def test_torch_compile_dynamic_batch_and_keys_compiles_once():
+    """Batch sizes 2..5 and key counts 7..13 through the graphs compiled for the first call: the
+    ops' fake implementations take symbolic sizes, so nothing specialises on them."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Tiny()
+    resampler = deco_ops.QueryResampler(3, 32, C, 2)
+    compiles = {}
+    for name, fn in (("projector+attention", model), ("resampler", resampler)):
+        counter = CompileCounterWithBackend("eager")  # Dynamo decides recompiles; its fake tensors run the ops' fake kernels
+        compiled = torch.compile(fn, backend=counter, dynamic=True, fullgraph=True)
+        for batch, keys in ((2, 7), (3, 9), (4, 11), (5, 13)):
+            with deco_ops.use_backend("auto"):
+                if name == "resampler":
+                    x = torch.randn(batch, keys, C)
+                    lens = torch.randint(1, keys + 1, (batch,))
+                    out, ref = compiled(x, lens), resampler(x, lens)
+                else:
+                    x = torch.randn(batch, 16, C)
+                    out, ref = compiled(x), model(x)
+            out.sum().backward()
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+            compiles.setdefault(name, []).append(counter.frame_count)
+    assert all(counts[0] >= 1 and counts == counts[:1] * 4 for counts in compiles.values()), compiles

@@ -1,0 +1,177 @@
+"""attn_implementation="deco_ops" in Hugging Face transformers: BLIP-2 / InstructBLIP Q-Formers (tiny,
+random init) against the same models' eager attention in float64, forward and backward, with and
+without padding masks; masks deco_ops cannot express raise.
+
+Each attention call costs about a second in Triton's interpreter, so the padded Q-Former case (the
+one that turns the mask into ``kv_lens``) runs the Triton kernels and the others the default CPU
+path; tests/test_cross_attention.py holds the two backends to each other.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import deco_ops  # noqa: E402
+import deco_ops.integrations.transformers as hf_deco  # noqa: E402
+from deco_ops.integrations.transformers._require import transformers_module  # noqa: E402
+from harness import assert_close  # noqa: E402
+from transformers import (  # noqa: E402
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+    InstructBlipQFormerConfig,
+    InstructBlipQFormerModel,
+)
+from transformers.masking_utils import eager_mask  # noqa: E402
+
+QFORMER = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, encoder_hidden_size=24,
+               cross_attention_frequency=1, vocab_size=50, max_position_embeddings=64)
+
+
+def _pair(model_cls, config):
+    """(deco_ops model in fp32, eager model in float64) with the same random weights."""
+    torch.manual_seed(0)
+    ours = model_cls(config).eval()
+    eager = model_cls(config.__class__(**config.to_dict())).eval()
+    eager.load_state_dict(ours.state_dict())
+    ours.set_attn_implementation("deco_ops")
+    eager.set_attn_implementation("eager")
+    return ours, eager.double()
+
+
+@pytest.fixture(scope="module")
+def qformers():
+    return _pair(Blip2QFormerModel, Blip2QFormerConfig(**QFORMER))
+
+
+def _encoder_mask(lengths, n):
+    return (torch.arange(n) < torch.tensor(lengths)[:, None]).long()
+
+
+@pytest.fixture(autouse=True)
+def default_backend():
+    with deco_ops.use_backend("auto"):
+        yield
+
+
+@pytest.mark.parametrize("lengths,backend", [(None, "auto"), ((20, 13), "triton")])
+def test_blip2_qformer_matches_eager_forward_and_backward(qformers, lengths, backend):
+    with deco_ops.use_backend(backend):
+        _check_qformer(*qformers, lengths)
+
+
+def _check_qformer(ours, eager, lengths):
+    gen = torch.Generator().manual_seed(1)
+    q, enc = torch.randn(2, 8, 32, generator=gen), torch.randn(2, 20, 24, generator=gen)
+    mask = None if lengths is None else _encoder_mask(lengths, 20)
+    leaves = [q.clone().requires_grad_(), enc.clone().requires_grad_()]
+    refs = [q.double().requires_grad_(), enc.double().requires_grad_()]
+    y = ours(query_embeds=leaves[0], encoder_hidden_states=leaves[1], encoder_attention_mask=mask).last_hidden_state
+    y64 = eager(query_embeds=refs[0], encoder_hidden_states=refs[1], encoder_attention_mask=mask).last_hidden_state
+    assert_close(y, y64, torch.float32, tol=1e-5)
+    dy = torch.randn(y.shape, generator=gen)
+    ours.zero_grad(), eager.zero_grad()
+    y.backward(dy)
+    y64.backward(dy.double())
+    assert_close(leaves[0].grad, refs[0].grad, torch.float32, "grad query_embeds", tol=1e-5)
+    assert_close(leaves[1].grad, refs[1].grad, torch.float32, "grad encoder_hidden_states", tol=1e-5)
+    for (name, p), p64 in zip(ours.named_parameters(), eager.parameters()):
+        if name.endswith("key.bias"):  # softmax ignores a per-row shift: exactly zero, up to rounding
+            assert p.grad.abs().max() < 1e-5
+        elif p64.grad is not None:
+            assert_close(p.grad, p64.grad, torch.float32, f"grad {name}", tol=1e-5)
+    if lengths is not None:  # padded image tokens are never read: NaN there changes nothing
+        poisoned = enc.clone()
+        poisoned[1, lengths[1]:] = float("nan")
+        with torch.no_grad():
+            again = ours(query_embeds=q, encoder_hidden_states=poisoned, encoder_attention_mask=mask).last_hidden_state
+        assert torch.equal(again, y.detach())
+
+
+def test_instructblip_qformer_text_padding_matches_eager():
+    """InstructBLIP's Q-Former attends over [queries, instruction text] with the text's padding mask."""
+    config = InstructBlipQFormerConfig(**QFORMER)
+    ours, eager = _pair(InstructBlipQFormerModel, config)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 50, (2, 5), generator=gen)
+    mask = torch.cat([torch.ones(2, 8, dtype=torch.long), _encoder_mask((5, 2), 5)], 1)
+    q, enc = torch.randn(2, 8, 32, generator=gen), torch.randn(2, 20, 24, generator=gen)
+    y = ours(input_ids=ids, attention_mask=mask, query_embeds=q, encoder_hidden_states=enc).last_hidden_state
+    y64 = eager(input_ids=ids, attention_mask=mask, query_embeds=q.double(), encoder_hidden_states=enc.double()).last_hidden_state
+    assert_close(y, y64, torch.float32, tol=1e-5)
+
+
+def test_blip2_vision_and_qformer_on_deco_ops_language_model_stays_causal():
+    config = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8),
+        qformer_config=dict(QFORMER, encoder_hidden_size=32),
+        text_config=dict(model_type="opt", hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=48,
+                         vocab_size=60, max_position_embeddings=64, word_embed_proj_dim=32),
+        num_query_tokens=8, image_token_index=59)
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(config).eval()
+    gen = torch.Generator().manual_seed(3)
+    pixels = torch.randn(2, 3, 32, 32, generator=gen)
+    ids = torch.cat([torch.full((2, 8), 59), torch.randint(0, 50, (2, 5), generator=gen)], 1)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels, input_ids=ids).logits
+        model.set_attn_implementation({"vision_config": "deco_ops", "qformer_config": "deco_ops"})
+        got = model(pixel_values=pixels, input_ids=ids).logits
+    assert_close(got, expected, torch.float32)
+    model.set_attn_implementation("deco_ops")  # the OPT language model is causal: refused, never a fallback
+    with pytest.raises(ValueError, match="causal_mask_function"):
+        model(pixel_values=pixels, input_ids=ids)
+
+
+def _qkv(B=2, H=4, M=3, N=6, D=8, kv_heads=None):
+    gen = torch.Generator().manual_seed(4)
+    return (torch.randn(B, H, M, D, generator=gen), torch.randn(B, kv_heads or H, N, D, generator=gen),
+            torch.randn(B, kv_heads or H, N, D, generator=gen))
+
+
+class _Layer(torch.nn.Module):
+    is_causal = False
+
+
+def test_eager_style_float_mask_and_grouped_heads_match_sdpa():
+    q, k, v = _qkv(kv_heads=2)
+    keep = _encoder_mask((6, 4), 6).bool()
+    mask = eager_mask(2, 3, 6, mask_function=lambda *idx: torch.ones((), dtype=torch.bool), attention_mask=keep)
+    out, weights = hf_deco.deco_ops_attention(_Layer(), q, k, v, mask, scaling=0.3)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, keep[:, None, None], scale=0.3, enable_gqa=True)
+    assert weights is None
+    assert_close(out, expected.transpose(1, 2), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "mask,match",
+    [
+        (torch.tensor([[1, 1, 0, 1, 1, 0], [1] * 6]).bool()[:, None, None], "not a prefix"),
+        (torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6]).bool()[:, None, None], "not a prefix"),
+        (torch.zeros(2, 1, 3, 6).masked_fill(torch.eye(3, 6, dtype=torch.bool), -2.0), "additive biases"),
+        (torch.ones(2, 1, 3, 6, dtype=torch.bool).tril(), "differs between queries"),
+        (torch.ones(2, 4, 1, 6, dtype=torch.bool), "4 heads"),
+        (torch.ones(2, 1, 1, 5, dtype=torch.bool), "needs key padding"),
+    ],
+)
+def test_masks_it_cannot_express_raise(mask, match):
+    with pytest.raises(ValueError, match=match):
+        hf_deco.deco_ops_attention(_Layer(), *_qkv(), mask)
+
+
+def test_causal_layers_and_unsupported_arguments_raise():
+    causal = _Layer()
+    causal.is_causal = True
+    with pytest.raises(ValueError, match="non-causal"):
+        hf_deco.deco_ops_attention(causal, *_qkv(), None)
+    with pytest.raises(ValueError, match="sliding_window"):
+        hf_deco.deco_ops_attention(_Layer(), *_qkv(), None, sliding_window=4)
+
+
+def test_missing_transformers_says_how_to_install():
+    """(That ``import deco_ops`` never imports transformers is checked in the installed wheel,
+    tests/test_packaging.py.)"""
+    with pytest.raises(ImportError, match='pip install "transformers>=5"'):
+        transformers_module("transformers.no_such_module")

@@ -1,0 +1,94 @@
+"""llava_to_deco: a tiny random-init Hugging Face LLaVA (CLIP tower, Llama LM) and its processor,
+built locally, become the DeCo variant; the projector keeps its weights and pools, the processor
+writes the pooled token count, generate runs end to end. HF activation names match ACT2FN."""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the tiny models the examples build
+
+import deco_ops  # noqa: E402
+from deco_ops.integrations.transformers import DeCoLlavaProcessor, llava_to_deco  # noqa: E402
+from deco_ops.modules import HF_ACTIVATIONS  # noqa: E402
+from harness import assert_close  # noqa: E402
+from tiny_models import PROMPT, image, tiny_llava  # noqa: E402
+from transformers.activations import ACT2FN  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def default_backend():
+    with deco_ops.use_backend("auto"):
+        yield
+
+
+@pytest.mark.parametrize("strategy,prefix", [("default", 0), ("full", 1)])
+def test_projector_keeps_weights_and_pools(strategy, prefix):
+    model, processor = tiny_llava(vision_feature_select_strategy=strategy)
+    hf_projector = copy.deepcopy(model.model.multi_modal_projector).double()
+    pixels = processor(images=image(), text=PROMPT, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        tokens = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]  # 8x8 grid, CLS dropped
+    llava_to_deco(model)
+    deco = model.model.multi_modal_projector
+    assert isinstance(deco, deco_ops.DeCoProjector) and deco.num_prefix_tokens == prefix
+    assert (deco.grid, deco.out_grid, model.config.image_seq_length) == ((8, 8), (4, 4), 16)
+    pooled = F.adaptive_avg_pool2d(tokens.double().transpose(1, 2).reshape(1, 32, 8, 8), (4, 4)).flatten(2).transpose(1, 2)
+    with torch.no_grad(), deco_ops.use_backend("triton"):
+        features = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
+    assert_close(features, hf_projector(pooled)[0], torch.float32)
+
+
+def test_processor_and_generate_end_to_end():
+    model, processor = tiny_llava()
+    model, deco_processor = llava_to_deco(model, processor)
+    assert isinstance(deco_processor, DeCoLlavaProcessor)
+    inputs = deco_processor(images=image(), text=PROMPT, return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16
+    assert deco_processor._get_num_multimodal_tokens(image_sizes=[[40, 48]]).num_image_tokens == [16]
+    out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
+
+
+def test_frozen_projector_stays_frozen_and_bad_models_are_refused():
+    model, _ = tiny_llava()
+    model.model.multi_modal_projector.requires_grad_(False)
+    llava_to_deco(model, out_grid=(3, 3))
+    assert not any(p.requires_grad for p in model.model.multi_modal_projector.parameters())
+    assert model.config.image_seq_length == 9
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        llava_to_deco(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("hf_name", sorted(HF_ACTIVATIONS))
+def test_hf_activation_names_match_act2fn(hf_name):
+    torch.manual_seed(5)
+    fc1, fc2 = torch.nn.Linear(8, 12).double(), torch.nn.Linear(12, 10).double()
+    proj = deco_ops.DeCoProjector(8, 10, hidden_features=12, grid=(2, 2), out_grid=(2, 2), activation=hf_name)
+    proj.load_state_dict({"linear_1.weight": fc1.weight, "linear_1.bias": fc1.bias, "linear_2.weight": fc2.weight, "linear_2.bias": fc2.bias})
+    x = torch.randn(2, 4, 8, dtype=torch.float64) * 3
+    with torch.no_grad():
+        assert_close(proj(x.float()), fc2(ACT2FN[hf_name](fc1(x))), torch.float32)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    """A converted model saves its projector under Hugging Face's names: from_pretrained loads the
+    trained weights (no random projector), and llava_to_deco restores the DeCo variant; the
+    processor reloads with its token count."""
+    model, processor = tiny_llava()
+    model, processor = llava_to_deco(model, processor)
+    with torch.no_grad():
+        model.model.multi_modal_projector.fc1.weight.add_(1.0)  # "trained": differs from any init
+    trained = model.model.multi_modal_projector.fc1.weight.clone()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert torch.equal(reloaded.model.multi_modal_projector.linear_1.weight, trained)
+    reloaded, _ = llava_to_deco(reloaded)
+    assert torch.equal(reloaded.model.multi_modal_projector.fc1.weight, trained)
+    assert DeCoLlavaProcessor.from_pretrained(tmp_path).num_image_tokens == 16
