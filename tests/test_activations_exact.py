@@ -27,6 +27,7 @@ REFERENCES = {
     "gelu": F.gelu,
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
     "silu": F.silu,
+    "quick_gelu": lambda z: z * torch.sigmoid(1.702 * z),
 }
 
 BLOCK = 1024

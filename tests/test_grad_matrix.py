@@ -433,7 +433,7 @@ def _cross_attention_module_cases():
 @pytest.mark.parametrize("backend,trainable,masked,params", _cross_attention_module_cases())
 def test_cross_attention_module(backend, trainable, masked, params):
     torch.manual_seed(0)
-    ours = deco_ops.CrossAttention(E, HEADS)
+    ours = deco_ops.CrossAttention(E, HEADS, batch_first=True)
     mha = _MHA64(ours)
     g = torch.Generator().manual_seed(1)
     inputs = {"query": randn(B, M, E, generator=g), "key": randn(B, N, E, generator=g), "value": randn(B, N, E, generator=g)}
