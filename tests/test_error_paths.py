@@ -69,7 +69,7 @@ def packed_keys(cu, dtype=torch.int32, **change):
 
 def cross_attention_module(mask=None, **change):
     args = {"query": torch.randn(1, 3, 16), "key": torch.randn(1, 4, 16), "value": torch.randn(1, 4, 16)} | change
-    return deco_ops.CrossAttention(16, 1)(**args, key_padding_mask=mask)
+    return deco_ops.CrossAttention(16, 1, batch_first=True)(**args, key_padding_mask=mask, need_weights=False)
 
 
 def backward_without_residuals(op, *args):
@@ -127,8 +127,7 @@ CASES = [
      r"w1 has shape \(8, 3\): its in_features 3 must equal x.shape\[-1\] = 4"),
     ("hidden-features", lambda mp: mlp(w2=torch.randn(5, 7)), ValueError, r"w2 has shape \(5, 7\): its in_features 7 must equal w1"),
     ("bias", lambda mp: mlp(b1=torch.randn(7)), ValueError, r"b1 has shape \(7,\) but w1 has 8 output features"),
-    ("activation", lambda mp: mlp(activation="relu"), ValueError,
-     r"activation must be one of \('gelu', 'gelu_tanh', 'silu'\), got 'relu'"),
+    ("activation", lambda mp: mlp(activation="relu"), ValueError, r"activation must be one of \('gelu', .*'silu'.*\), got 'relu'"),
     # _validate_attention, through cross_attention
     ("k-layout", lambda mp: attention(k=torch.randn(2, 9, 32)), ValueError, r"k must be \(B, N, H, D\), got shape \(2, 9, 32\)"),
     ("kv-shapes", lambda mp: attention(v=torch.randn(2, 8, 2, 16)), ValueError, "k and v must have the same shape"),
@@ -166,16 +165,29 @@ CASES = [
     # attention_modules
     ("positive", lambda mp: deco_ops.QueryResampler(0, 16, 8, 2), ValueError, "num_queries must be a positive int, got 0"),
     ("divisible", lambda mp: deco_ops.CrossAttention(30, 4), ValueError, "embed_dim 30 must be divisible by num_heads 4"),
-    ("mask-dtype", lambda mp: cross_attention_module(torch.zeros(1, 4)), TypeError, "key_padding_mask must be a bool tensor"),
+    ("mask-dtype", lambda mp: cross_attention_module(torch.zeros(1, 4, dtype=torch.int64)), TypeError,
+     "key_padding_mask must be a bool or float tensor .*got torch.int64"),
     ("mask-shape", lambda mp: cross_attention_module(torch.zeros(1, 5, dtype=torch.bool)), ValueError,
      r"key_padding_mask must have shape \(batch, keys\) = \(1, 4\)"),
+    ("mask-additive", lambda mp: cross_attention_module(torch.tensor([[0.0, 0.5, 0.0, 0.0]])), ValueError,
+     "a float key_padding_mask must hold only 0 \\(keep\\) and -inf \\(ignore\\)"),
     ("mask-holes", lambda mp: cross_attention_module(torch.tensor([[False, True, False, True]])), ValueError,
      "key_padding_mask must mark a contiguous prefix of valid keys"),
-    ("mha-dropout", lambda mp: deco_ops.CrossAttention(16, 2, dropout=1.5), ValueError, r"dropout must be in \[0, 1\), got 1.5"),
-    ("need-weights", lambda mp: deco_ops.CrossAttention(16, 1)(torch.randn(1, 3, 16), torch.randn(1, 4, 16), torch.randn(1, 4, 16),
-                                                               need_weights=True),
-     ValueError, "CrossAttention never forms the attention matrix"),
-    ("mha-rank", lambda mp: cross_attention_module(query=torch.randn(3, 16)), ValueError, r"query must be a 3D \(batch, tokens, features\)"),
+    ("mha-dropout", lambda mp: deco_ops.CrossAttention(16, 2, dropout=1.5), ValueError, r"dropout must be a float in \[0, 1\), got 1.5"),
+    ("mha-not-a-tensor", lambda mp: cross_attention_module(query=[[0.0]]), TypeError, "query must be a torch.Tensor, got list"),
+    ("mha-rank", lambda mp: cross_attention_module(query=torch.randn(3, 16)), ValueError,
+     r"query, key and value must all be batched \(batch, tokens, features\) or all unbatched"),
+    ("mha-features", lambda mp: cross_attention_module(query=torch.randn(1, 3, 8)), ValueError,
+     "query has 8 features but the module expects 16"),
+    ("mha-key-value", lambda mp: cross_attention_module(value=torch.randn(1, 5, 16)), ValueError,
+     "key and value must have the same tokens and batch"),
+    ("mha-batch", lambda mp: cross_attention_module(query=torch.randn(2, 3, 16)), ValueError, "query has batch 2 but key has 1"),
+    ("mha-unbatched-mask", lambda mp: cross_attention_module(torch.zeros(1, 4, dtype=torch.bool), query=torch.randn(3, 16),
+                                                             key=torch.randn(4, 16), value=torch.randn(4, 16)),
+     ValueError, r"unbatched inputs take a key_padding_mask of shape \(keys,\)"),
+    ("mha-is-causal", lambda mp: deco_ops.CrossAttention(16, 1)(torch.randn(3, 1, 16), torch.randn(4, 1, 16), torch.randn(4, 1, 16),
+                                                                need_weights=False, is_causal=True),
+     ValueError, "is_causal is a hint that attn_mask is the causal mask"),
     ("resampler-dropout", lambda mp: deco_ops.QueryResampler(4, 16, 8, 2, dropout=-0.1), ValueError, r"dropout must be in \[0, 1\)"),
     ("resampler-x", lambda mp: deco_ops.QueryResampler(4, 16, 24, 2)(torch.randn(1, 4, 16)), ValueError,
      r"x must be \(batch, tokens, kv_dim=24\)"),
@@ -184,6 +196,8 @@ CASES = [
     ("hidden-module", lambda mp: deco_ops.DeCoProjector(4, 4, hidden_features=True), ValueError,
      "hidden_features must be a positive int, got True"),
     ("prefix-module", lambda mp: deco_ops.DeCoProjector(4, 4, num_prefix_tokens=-1), ValueError, "num_prefix_tokens must be an int >= 0"),
+    ("activation-module", lambda mp: deco_ops.DeCoProjector(4, 4, activation="relu"), ValueError,
+     r"activation must be one of .* or a Hugging Face name .*got 'relu'"),
     ("order-module", lambda mp: deco_ops.DeCoProjector(4, 4, order="pool_then_mlp"), ValueError,
      r"order must be one of \('pool_mlp', 'mlp_pool'\)"),
     ("tokens-module", lambda mp: deco_ops.DeCoProjector(4, 5, grid=(4, 4), out_grid=(2, 2), num_prefix_tokens=1)(torch.randn(2, 16, 4)),
