@@ -16,6 +16,7 @@ from .mlp_pool import mlp_pool, mlp_pool_packed
 from .modules import DeCoProjector
 from .attention import cross_attention
 from .attention_modules import CrossAttention, QueryResampler
+from . import tuning_tables  # noqa: F401,E402  (installs the per-GPU tuning tables into the autotuner)
 from . import _autocast  # noqa: F401  (autocast rules of every torch.ops.deco op, once they exist)
 
 __all__ = [

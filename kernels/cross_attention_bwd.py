@@ -131,7 +131,7 @@ def preprocess_cuda_configs() -> list[triton.Config]:
 PREPROCESS_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32})
 
 
-@autotuned(preprocess_cuda_configs(), PREPROCESS_INTERPRET_CONFIG, key=["M", "BLOCK_D"])
+@autotuned(preprocess_cuda_configs(), PREPROCESS_INTERPRET_CONFIG, key=["M", "BLOCK_D"], buckets=("M",))
 @triton.jit
 def cross_attention_bwd_preprocess_kernel(
     o_ptr, do_ptr, delta_ptr, H, M, D,
@@ -188,7 +188,8 @@ def _single_pass_prune(configs, named_args, **constexprs):
 
 @autotuned(
     single_pass_cuda_configs(), SINGLE_PASS_INTERPRET_CONFIG,
-    key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "INPUT_PRECISION"], prune=_single_pass_prune,
+    key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "INPUT_PRECISION"], buckets=("M", "N"),
+    prune=_single_pass_prune,
 )
 @triton.jit
 def cross_attention_bwd_single_pass_kernel(
@@ -307,7 +308,7 @@ def _fa2_prune(kernel: str):
 
 
 @autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "INPUT_PRECISION"],
-           prune=_fa2_prune("dkdv"))
+           buckets=("M", "N"), prune=_fa2_prune("dkdv"))
 @triton.jit
 def cross_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, lens_ptr, cu_ptr, rng_ptr,
@@ -356,7 +357,7 @@ def cross_attention_bwd_dkdv_kernel(
 
 
 @autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "INPUT_PRECISION"],
-           prune=_fa2_prune("dq"))
+           buckets=("M", "N"), prune=_fa2_prune("dq"))
 @triton.jit
 def cross_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, lens_ptr, cu_ptr, rng_ptr,

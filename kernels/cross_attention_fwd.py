@@ -180,7 +180,7 @@ INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 
 
 @autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "SPLIT", "INPUT_PRECISION"],
-           prune=_prune)
+           buckets=("M", "N"), prune=_prune)
 @triton.jit
 def cross_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, m_ptr, l_ptr, lens_ptr, cu_ptr, rng_ptr,
@@ -263,7 +263,7 @@ def combine_cuda_configs() -> list[triton.Config]:
 COMBINE_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32})
 
 
-@autotuned(combine_cuda_configs(), COMBINE_INTERPRET_CONFIG, key=["M", "BLOCK_D", "S"])
+@autotuned(combine_cuda_configs(), COMBINE_INTERPRET_CONFIG, key=["M", "BLOCK_D", "S"], buckets=("M",))
 @triton.jit
 def cross_attention_combine_kernel(
     part_o_ptr, part_m_ptr, part_l_ptr, o_ptr, lse_ptr,

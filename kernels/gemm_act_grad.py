@@ -46,7 +46,7 @@ def _prune(configs, named_args, **constexprs):
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
 
 
-@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K"], prune=_prune)
+@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K"], buckets=("M",), prune=_prune)
 @triton.jit
 def gemm_act_grad_kernel(
     dy_ptr, w_ptr, z_ptr, dz_ptr, a_ptr,

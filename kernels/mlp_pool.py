@@ -60,7 +60,8 @@ def _prune(configs, named_args, **constexprs):
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
 
 
-@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K", "MODE", "ACTIVATION"], prune=_prune)
+@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K", "MODE", "ACTIVATION"], buckets=("M",),
+           prune=_prune)
 @triton.jit
 def gemm_unpool_act_grad_kernel(
     x_ptr, w_ptr, b_ptr, g_ptr, dz_ptr, image_ptr, geometry_ptr,

@@ -97,7 +97,7 @@ INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "
 @autotuned(
     cuda_configs(), INTERPRET_CONFIG,
     key=["M", "N", "K", "WT", "WH", "WW", "STORE_PRE", "STORE_POOLED", "PACKED", "MODE", "INPUT_PRECISION"],
-    prune=_prune,
+    buckets=("M",), prune=_prune,
 )
 @triton.jit
 def pool_gemm_kernel(

@@ -3,16 +3,30 @@
 The suite runs the real Triton kernels: on a machine without a GPU through Triton's interpreter,
 which deco_ops switches on when DECO_OPS_BACKEND=triton is set before it is imported (here, before
 any test module imports it). Tests pick the backend per case with ``deco_ops.use_backend``.
+
+With a GPU present the same tests run on CUDA tensors and the compiled kernels (``harness.DEVICE``
+is the one switch; ``harness.suite_env`` sets DECO_OPS_AUTOTUNE=0 and DECO_OPS_CHECKS=1 there);
+the ``auto`` backend cases (the same Triton path on CUDA) and ``interpreter_only`` tests skip with
+their reason.
 """
 
 import os
 
+import pytest
+import torch
+
+from harness import DEVICE, SeededDrawsFollowDevice, skip_reason, suite_env
+
 os.environ.setdefault("DECO_OPS_BACKEND", "triton")
+for name, value in suite_env(DEVICE).items():
+    os.environ.setdefault(name, value)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import deco_ops  # noqa: E402  (switches the interpreter on before any kernel is decorated)
 
-import deco_ops  # noqa: E402,F401  (switches the interpreter on before any kernel is decorated)
+if DEVICE.type == "cuda":
+    # Tensors the tests create without a device (at collection time too) land on the GPU.
+    torch.set_default_device(DEVICE)
+    SeededDrawsFollowDevice().__enter__()
 
 
 def pytest_addoption(parser):
@@ -20,26 +34,31 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "interpreter_only: checks the Triton interpreter path; skipped on CUDA")
     if config.getoption("--runslow"):
         os.environ["DECO_OPS_RUNSLOW"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow") or os.environ.get("DECO_OPS_RUNSLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    runslow = config.getoption("--runslow") or os.environ.get("DECO_OPS_RUNSLOW") == "1"
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not runslow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))
+        reason = skip_reason(DEVICE, None, "interpreter_only" in item.keywords)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(params=["triton", "auto"])
 def backend(request):
     """Each test runs on the Triton kernels and on the default backend (reference on CPU)."""
+    reason = skip_reason(DEVICE, request.param, False)
+    if reason:
+        pytest.skip(reason)
     with deco_ops.use_backend(request.param):
         yield request.param
 
 
 @pytest.fixture
 def device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return DEVICE

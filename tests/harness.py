@@ -7,6 +7,11 @@ NaN guard bands around inputs.
   hand out NaN-filled memory, so an output element a kernel forgets to write stays NaN.
 * ``assert_close(out, ref, dtype)`` compares ``||out - ref|| / ||ref||`` against ``TOL[dtype]``
   and fails on any NaN/Inf that the reference does not have.
+* ``DEVICE`` is the one switch for where the suite runs: CUDA when a GPU is present (compiled
+  kernels), else the CPU (Triton's interpreter). ``conftest.py`` makes it the default device, so
+  every tensor a test creates follows it; draws from the (CPU) generators the tests seed are made
+  on the CPU, then moved (``randn``, ``randint``, and ``SeededDrawsFollowDevice`` for direct
+  ``torch.randn(..., generator=g)`` calls), so a seed gives the same data on either device.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 
 TOL = {
     torch.float64: 1e-10,
@@ -22,6 +29,25 @@ TOL = {
     torch.bfloat16: 2e-2,
 }
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def suite_env(device: torch.device) -> dict[str, str]:
+    """Environment defaults of a test run on ``device``. On CUDA: one fixed config per kernel,
+    never timed (hundreds of test shapes must not each autotune), and the value checks that are
+    off there by default (``deco_ops._checks``) on, so the bad-input tests hold on both devices."""
+    return {"DECO_OPS_AUTOTUNE": "0", "DECO_OPS_CHECKS": "1"} if device.type == "cuda" else {}
+
+
+def skip_reason(device: torch.device, backend: str | None, interpreter_only: bool) -> str | None:
+    """Why a test case does not run on ``device``, or None."""
+    if device.type != "cuda":
+        return None
+    if interpreter_only:
+        return "checks the Triton interpreter path (e.g. float64 kernels), which CUDA does not have"
+    if backend == "auto":
+        return "on CUDA tensors the default backend is the Triton one: covered by [triton]"
+    return None
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -89,8 +115,34 @@ def poisoned_empty():
         torch.empty, torch.empty_like, torch.Tensor.new_empty = real_empty, real_empty_like, real_new_empty
 
 
-def randn(*shape, dtype=torch.float32, device="cpu", scale: float = 1.0, generator=None) -> torch.Tensor:
-    return (torch.randn(*shape, dtype=torch.float64, device=device, generator=generator) * scale).to(dtype)
+class SeededDrawsFollowDevice(TorchFunctionMode):
+    """Under ``torch.set_default_device(DEVICE)``, a factory call given a generator of another
+    device (the CPU generators the tests seed) draws on the generator's device, then moves the
+    result to the default device, instead of raising: tests written for the CPU run on CUDA as
+    they are, with the same data."""
+
+    def __init__(self):
+        super().__init__()
+        self.constructors = _device_constructors()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        generator = kwargs.get("generator")
+        if func in self.constructors and generator is not None and kwargs.get("device") is None:
+            return func(*args, **{**kwargs, "device": generator.device}).to(torch.get_default_device())
+        return func(*args, **kwargs)
+
+
+def randn(*shape, dtype=torch.float32, scale: float = 1.0, generator=None) -> torch.Tensor:
+    """Normal draws in float64 on ``generator``'s device, scaled, cast, on ``DEVICE``."""
+    draws = torch.randn(*shape, dtype=torch.float64, generator=generator,
+                        device=generator.device if generator is not None else DEVICE)
+    return (draws * scale).to(device=DEVICE, dtype=dtype)
+
+
+def randint(low: int, high: int, shape: tuple[int, ...], generator: torch.Generator, dtype=torch.int64) -> torch.Tensor:
+    """Uniform integers on ``generator``'s device, on ``DEVICE``."""
+    return torch.randint(low, high, shape, generator=generator, dtype=dtype, device=generator.device).to(DEVICE)
 
 
 def leaf(t: torch.Tensor | None, dtype=None) -> torch.Tensor | None:

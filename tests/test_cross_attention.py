@@ -13,7 +13,7 @@ import deco_ops
 from deco_ops import reference_attention as reference
 from deco_ops.attention import cross_attention
 from deco_ops.kernels import cross_attention_bwd, cross_attention_fwd
-from harness import DTYPES, assert_close, guarded, poisoned_empty, randn
+from harness import DTYPES, assert_close, guarded, poisoned_empty, randint, randn
 
 FWD_KERNELS = [cross_attention_fwd.cross_attention_fwd_kernel, cross_attention_fwd.cross_attention_combine_kernel]
 BWD_KERNELS = [
@@ -87,7 +87,7 @@ def test_parity(backend, B, Bq, M, N, H, D, lens, dtype):
 @pytest.mark.parametrize("B,Bq,M,N,H,D", [(2, 1, 256, 1024, 2, 128), (4, 4, 32, 577, 12, 64), (2, 1, 144, 2048, 2, 96)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_parity_large(backend, B, Bq, M, N, H, D, dtype):
-    lens = [N] + [int(x) for x in torch.randint(0, N + 1, (B - 1,), generator=torch.Generator().manual_seed(B))]
+    lens = [N] + randint(0, N + 1, (B - 1,), torch.Generator().manual_seed(B)).tolist()
     q, k, v, dout, kv_lens = _case(B, Bq, M, N, H, D, lens, dtype)
     _check(_run(q, k, v, dout, kv_lens), _reference(q, k, v, dout, kv_lens), dtype, kv_lens, N)
 
@@ -179,6 +179,7 @@ def test_triton_kernels_launch(single_pass):
     assert [m.call_count for m in mocks] == expected
 
 
+@pytest.mark.interpreter_only
 def test_custom_scale_and_dtype_float64_on_interpreter(backend):
     """float64 runs on the reference path and under the interpreter (fp64 accumulation)."""
     q, k, v, dout, kv_lens = _case(2, 2, 6, 45, 1, 16, [45, 9], torch.float64)
@@ -227,6 +228,7 @@ def test_dropout_same_mask_on_both_backends(single_pass):
     _check(got, want, torch.float32, kv_lens, 90)
 
 
+@pytest.mark.interpreter_only  # float64
 def test_dropout_gradcheck(backend):
     """With the generator in a fixed state the op is a deterministic function of q, k, v (fast mode:
     the numerical and analytical Jacobians are compared along random directions)."""

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import deco_ops
 from deco_ops import reference_attention
 from fuzz import dtypes, examples
-from harness import assert_close, guarded, poisoned_empty, randn
+from harness import assert_close, guarded, poisoned_empty, randint, randn
 
 
 @st.composite
@@ -41,7 +41,7 @@ def test_fuzz_cross_attention(shape, shared, with_lens, layout, dtype, seed):
     q = randn(1 if shared else B, M, H, D, dtype=dtype, generator=g)
     k = randn(B, N, H, D, dtype=dtype, generator=g)
     v = randn(B, N, H, D, dtype=dtype, generator=g)
-    kv_lens = torch.randint(0, N + 1, (B,), generator=g, dtype=torch.int32) if with_lens else None
+    kv_lens = randint(0, N + 1, (B,), g, dtype=torch.int32) if with_lens else None
     if with_lens:
         pad = torch.arange(N)[None, :] >= kv_lens[:, None].long()
         k[pad], v[pad] = float("nan"), float("nan")

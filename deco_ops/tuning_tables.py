@@ -1,0 +1,98 @@
+"""Per-GPU tuning tables: the tile config every autotuned kernel launches for each shape bucket,
+measured once by ``python -m deco_ops.tune`` and shipped inside the package as
+``deco_ops/tuning/<GPU name>.json`` (``file_name``), the way vLLM ships its fused-MoE configs.
+
+A CUDA launch whose bucket is in its GPU's table runs that config with no autotuning; a bucket the
+table lacks is timed once per process and then serves every other batch size in it
+(``deco_ops.kernels._tuning``). A table entry that the kernel's pruning rules no longer keep for
+the call (configs changed since it was written) is ignored, never launched.
+
+``DECO_OPS_TUNING_TABLE``: a JSON file to use instead of the shipped table (for every GPU), or
+``none`` for no table at all.
+
+Format (``FORMAT``)::
+
+    {"format": 1, "device": "NVIDIA H100 80GB HBM3", "capability": [9, 0],
+     "triton": "3.6.0", "torch": "2.9.0", "shapes": ["llava15_7b", ...],
+     "kernels": {"pool_gemm_kernel": {"<bucket label>": {
+         "config": {"kwargs": {"BLOCK_M": 128, ...}, "num_warps": 8, "num_stages": 3},
+         "timings_ms": {"BLOCK_M=128,...,w8,s3": 0.412, ...}}}},
+     "strategies": {"<strategy key>": "fused" | "composed"}}
+
+A bucket label is the kernel's autotune key with rows and key lengths bucketed, then the dtypes of
+its tensor arguments, e.g. ``M=8192 N=4096 K=1024 ... | bfloat16,bfloat16,...``. Strategy keys and
+winners are ``deco_ops.strategy``'s; loading a table hands them to ``strategy.preload``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from . import strategy
+from .kernels import _tuning
+
+ENV_VAR = "DECO_OPS_TUNING_TABLE"
+TABLE_DIR = Path(__file__).parent / "tuning"
+FORMAT = 1
+
+_tables: dict[str, dict] = {}  # path -> table, read once per process
+
+
+def file_name(device_name: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``NVIDIA_H100_80GB_HBM3.json``."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", device_name).strip("_") + ".json"
+
+
+def table_path(device_name: str) -> Path | None:
+    """The table a GPU named ``device_name`` uses: ``$DECO_OPS_TUNING_TABLE``, else the shipped
+    one; None when ``DECO_OPS_TUNING_TABLE=none``."""
+    setting = os.environ.get(ENV_VAR, "").strip()
+    if setting.lower() == "none":
+        return None
+    return Path(setting) if setting else TABLE_DIR / file_name(device_name)
+
+
+def read(path: Path) -> dict:
+    """The table at ``path`` ({} if there is none), checked for its format."""
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        table = json.load(f)
+    if not isinstance(table, dict) or table.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a deco_ops tuning table of format {FORMAT} (write it with python -m deco_ops.tune)")
+    return table
+
+
+def write(table: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def load(device: torch.device) -> dict:
+    """The table of ``device``'s GPU, read once per process; its strategies are preloaded then."""
+    path = table_path(torch.cuda.get_device_name(device))
+    if path is None:
+        return {}
+    if str(path) not in _tables:
+        table = read(path)
+        strategy.preload(table.get("strategies", {}))
+        _tables[str(path)] = table
+    return _tables[str(path)]
+
+
+def lookup(kernel: str, device: torch.device, label: str) -> dict | None:
+    """The config dict the table holds for ``kernel``'s bucket ``label`` on ``device``, if any."""
+    if device.type != "cuda":
+        return None
+    entry = load(device).get("kernels", {}).get(kernel, {}).get(label)
+    return entry["config"] if entry else None
+
+
+_tuning.table_lookup = lookup
