@@ -410,8 +410,8 @@ class _MHA64(nn.Module):
         self.mha = nn.MultiheadAttention(E, HEADS, batch_first=True, dtype=torch.float64)
         self.mha.load_state_dict(ours.state_dict())
 
-    def forward(self, query, key, value, key_padding_mask):
-        return self.mha(query, key, value, key_padding_mask=key_padding_mask, need_weights=False)[0]
+    def forward(self, query, key, value, key_padding_mask, need_weights):
+        return self.mha(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights)[0]
 
 
 def _cross_attention_module_cases():
@@ -439,7 +439,7 @@ def test_cross_attention_module(backend, trainable, masked, params):
     inputs = {"query": randn(B, M, E, generator=g), "key": randn(B, N, E, generator=g), "value": randn(B, N, E, generator=g)}
     mask = (torch.arange(N)[None, :] >= torch.tensor(LENS)[:, None]) if masked else None
     frozen = {"in_proj_weight", "in_proj_bias", "out_proj"} if params == "frozen" else set()
-    extra = {"key_padding_mask": mask}
+    extra = {"key_padding_mask": mask, "need_weights": False}  # need_weights=True takes PyTorch's path
     _module_check(ours, mha, inputs, trainable, frozen, extra, randn(B, M, E, generator=g), backend)
 
 
