@@ -9,6 +9,12 @@ Directions:
 * ``fwd_bwd_dx`` (pool ops only): as ``fwd_bwd`` and the tokens need a gradient too.
 Gradients are reset to None at the start of every call, so no call pays for accumulation.
 
+deco_ops itself appears three times: ``deco_ops``, the strategy it picks by itself (``auto``: measured
+per shape bucket on CUDA, the composed twin on the PyTorch backend), and ``deco_ops_fused`` /
+``deco_ops_composed``, each candidate forced (``deco_ops.use_strategy``), so the fused kernels' own
+speed is never hidden behind the winner. On the PyTorch backend the projectors have only their
+composed twin, and attention's ``fused`` is the chunked online-softmax reference.
+
 Baselines:
 * pool ops: ``eager``, DeCo's ``AvgPoolProjector`` (rearrange to (B, C, H, W), ``nn.AdaptiveAvgPool2d``
   / ``3d``, ``nn.Sequential(Linear, GELU, Linear)``); ``compile``, ``torch.compile`` of it (CUDA,
@@ -36,9 +42,12 @@ import deco_ops
 from . import counts, shapes
 
 DIRECTIONS = ("fwd", "fwd_bwd", "fwd_bwd_dx")
-POOL_IMPLS = ("deco_ops", "eager", "compile")
+# "deco_ops" runs the strategy deco_ops picks (``auto``); these force each candidate, so the fused
+# kernels' own speed stays visible beside the winner
+STRATEGY_IMPLS = ("deco_ops_fused", "deco_ops_composed")
+POOL_IMPLS = ("deco_ops", *STRATEGY_IMPLS, "eager", "compile")
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
-ATTENTION_IMPLS = ("deco_ops", *(f"sdpa_{b}" for b in SDPA_BACKENDS), "eager_softmax", "compile")
+ATTENTION_IMPLS = ("deco_ops", *STRATEGY_IMPLS, *(f"sdpa_{b}" for b in SDPA_BACKENDS), "eager_softmax", "compile")
 # which callable a baseline's column in the report stands for
 BASELINE_KIND = {"eager": "eager", "compile": "compile", "eager_softmax": "eager_softmax",
                  **{f"sdpa_{b}": "sdpa" for b in SDPA_BACKENDS}}
@@ -106,8 +115,18 @@ def _generator(env: Env, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(env.seed * 1000 + salt)
 
 
-def _deco(env: Env):
-    return deco_ops.use_backend(env.backend)
+@contextlib.contextmanager
+def _deco(env: Env, strategy: str = "auto"):
+    with deco_ops.use_backend(env.backend), deco_ops.use_strategy(strategy):
+        yield
+
+
+def _projectors_fused(env: Env) -> None:
+    """Raises Unavailable where the projectors have no fused path: the PyTorch backend runs only
+    their composed twin (pooling, then ``F.linear``)."""
+    with deco_ops.use_backend(env.backend):
+        if not deco_ops._backend.use_triton(env.device):
+            raise Unavailable("the PyTorch backend has one projector path, the composed one")
 
 
 def _compiled(fn, env: Env):
@@ -221,9 +240,19 @@ def _pool_group(op: str, name: str, s, env: Env, direction: str, deco_forward, e
         c = _compiled(eager, env)
         return make(lambda: c(xin))()
 
+    def forced(strategy):
+        def factory():
+            if strategy == "fused":
+                _projectors_fused(env)
+            return make(lambda: deco_forward(xin), lambda: _deco(env, strategy))()
+
+        return factory
+
     flops, nbytes = flops_bytes(tokens_grad)
     impls = {
         "deco_ops": make(lambda: deco_forward(xin), lambda: _deco(env)),
+        "deco_ops_fused": forced("fused"),
+        "deco_ops_composed": forced("composed"),
         "eager": make(lambda: eager(xin)),
         "compile": compiled,
     }
@@ -233,7 +262,7 @@ def _pool_group(op: str, name: str, s, env: Env, direction: str, deco_forward, e
 
 
 def pool_mlp_groups(name: str, env: Env, directions) -> list[Group]:
-    s = shapes.for_device(shapes.POOL_MLP[name], env.device)
+    s = shapes.for_device(shapes.ALL[name], env.device)
     eager, (w1, b1, w2, b2), x, dy = _pool_setup(s, env)
 
     def deco_forward(xin):
@@ -368,7 +397,7 @@ def eager_softmax_attention(q, k, v, additive_mask, scale, dropout_p: float = 0.
 
 
 def attention_groups(name: str, env: Env, directions) -> list[Group]:
-    s = shapes.for_device(shapes.CROSS_ATTENTION[name], env.device)
+    s = shapes.for_device(shapes.ALL[name], env.device)
     has_op = hasattr(deco_ops, "cross_attention")
     gen = _generator(env, 2)
     B, M, N, H, D = s.batch, s.M, s.N, s.heads, s.head_dim
@@ -395,11 +424,11 @@ def attention_groups(name: str, env: Env, directions) -> list[Group]:
         def make(forward, ctx=contextlib.nullcontext, grad=grad, leaves=leaves):
             return (lambda: _grad_runner(forward, leaves, dy, ctx)) if grad else (lambda: _fwd_runner(forward, ctx))
 
-        def deco_factory(q=q, k=k, v=v, make=make):
+        def deco_factory(strategy="auto", q=q, k=k, v=v, make=make):
             if not has_op:
                 raise Unavailable("deco_ops.cross_attention does not exist in this version")
             return make(lambda: deco_ops.cross_attention(q, k, v, kv_lens=kv_lens, softmax_scale=scale),
-                        lambda: _deco(env))()
+                        lambda: _deco(env, strategy))()
 
         def sdpa_forward(q, k, v):
             qt = q.transpose(1, 2).expand(B, H, M, D)
@@ -424,6 +453,8 @@ def attention_groups(name: str, env: Env, directions) -> list[Group]:
 
         flops, nbytes = counts.cross_attention_shape(s, env.elem, d)
         impls = {"deco_ops": deco_factory}
+        for strategy in ("fused", "composed"):  # on the PyTorch backend "fused" is the chunked online-softmax reference
+            impls[f"deco_ops_{strategy}"] = lambda strategy=strategy, f=deco_factory: f(strategy)
         for b in SDPA_BACKENDS:
             impls[f"sdpa_{b}"] = lambda b=b, f=sdpa_factory: f(b)
         impls["eager_softmax"] = make(lambda q=q, k=k, v=v: eager_softmax_attention(q, k, v, additive, scale))
@@ -438,6 +469,7 @@ def attention_groups(name: str, env: Env, directions) -> list[Group]:
 OPS = {
     **{n: pool_mlp_groups for n in shapes.POOL_MLP},
     **{n: attention_groups for n in shapes.CROSS_ATTENTION},
+    **{n: attention_groups if isinstance(s, shapes.AttentionShape) else pool_mlp_groups for n, s in shapes.CPU_PATH.items()},
     **{n: packed_groups for n in shapes.PACKED},
     **{n: mlp_pool_groups for n in shapes.MLP_POOL},
 }

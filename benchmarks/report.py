@@ -4,7 +4,8 @@ Times deco_ops and every baseline on every named shape (forward, forward+backwar
 device, measures the device's copy bandwidth and matmul rate in the same run, and writes
 ``results.json``, ``results.md`` and ``speedup.png`` to a results folder stamped with the device,
 torch/triton versions, git commit and date. Then checks the performance targets from the ratios of
-this run. Without a GPU it runs the tiny twins of the shapes in fp32 and says it is a CPU smoke run.
+this run. Without a GPU it runs the tiny twins of the shapes in fp32 and says it is a CPU smoke run,
+plus the CPU path's shapes at their real sizes (``shapes.CPU_PATH``), checked against ``CPU_BAR``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,19 @@ BAR = [
     ("cross_attention", "qwenvl_resampler", "fwd_bwd", "speedup", "sdpa", 1.0),
     ("cross_attention", "video_resampler", "fwd", "speedup", "sdpa", 1.0),
     ("cross_attention", "video_resampler", "fwd_bwd", "speedup", "sdpa", 1.0),
+]
+
+# The CPU path (CPU tensors, default backend, no dropout), checked on CPU runs: deco_ops'
+# time within 1.1x of SDPA's and 1.05x of eager PyTorch's, i.e. a speedup of at least 1/1.1, 1/1.05.
+CPU_BAR = [
+    *((op, shape, direction, "speedup", baseline, 1 / slack)
+      for op, shape, baseline, slack in (
+          ("cross_attention", "blip2_qformer_cpu_b8", "sdpa", 1.1),
+          ("cross_attention", "blip2_qformer_cpu_b32", "sdpa", 1.1),
+          ("pool_mlp", "llava15_cpu_b1", "eager", 1.05),
+          ("pool_mlp", "llava15_cpu_b2", "eager", 1.05),
+      )
+      for direction in ("fwd", "fwd_bwd")),
 ]
 
 
@@ -99,8 +113,10 @@ def stamp(env: cases.Env, args) -> dict:
         "deco_ops_backend": env.backend,
         "torch_compile_baselines": env.compile,
         "quick": bool(args.quick),
-        "timer": "triton.testing.do_bench (CUDA events, median)" if not cpu else "time.perf_counter loop (median)",
-        "shapes": "real" if not cpu else "tiny twins (CPU smoke run: timings say nothing about GPU speed)",
+        "timer": "triton.testing.do_bench (CUDA events, median)" if not cpu
+        else "process CPU time (one thread), implementations interleaved round by round, fastest of >= 10 calls (5 with --quick)",
+        "shapes": "real" if not cpu else ("tiny twins (CPU smoke run: timings say nothing about GPU speed); "
+                                           "the *_cpu_* shapes at real size (the CPU path)"),
     }
     if env.device.type == "cuda":
         p = torch.cuda.get_device_properties(env.device)
@@ -125,14 +141,18 @@ def run_group(group: cases.Group, env: cases.Env, ceilings: dict, quick: bool) -
         "impls": {},
     }
     outputs = {}
+    cpu_runners = {}  # on a CPU every implementation is timed in turn, round after round (timing.interleaved_ms)
     for name, factory in group.impls.items():
         entry: dict = {}
         runner = None
         try:
             runner = factory()
-            ms = timing.bench_ms(runner.run, env.device, quick)
-            entry["ms"] = ms
-            entry["peak_MiB"] = timing.peak_mib(runner.run, runner.reset, env.device)
+            if env.device.type == "cuda":
+                entry["ms"] = timing.bench_ms(runner.run, env.device, quick)
+                entry["peak_MiB"] = timing.peak_mib(runner.run, runner.reset, env.device)
+            else:
+                runner.run()  # warm-up, and a failure is this implementation's alone
+                cpu_runners[name] = runner
             if runner.output is not None and name in ("deco_ops", "eager", "eager_softmax"):
                 outputs[name] = runner.output().float()
         except cases.Unavailable as e:
@@ -147,6 +167,13 @@ def run_group(group: cases.Group, env: cases.Env, ceilings: dict, quick: bool) -
             del runner
             if env.device.type == "cuda":
                 torch.cuda.empty_cache()
+        rec["impls"][name] = entry
+    if cpu_runners:
+        for name, ms in timing.interleaved_ms({n: r.run for n, r in cpu_runners.items()}, quick).items():
+            rec["impls"][name].update(ms=ms, peak_MiB=None)
+        for runner in cpu_runners.values():
+            runner.reset()
+    for entry in rec["impls"].values():
         if "ms" in entry:
             s = entry["ms"] * 1e-3
             entry["TFLOPs"] = group.flops / s / 1e12
@@ -155,7 +182,6 @@ def run_group(group: cases.Group, env: cases.Env, ceilings: dict, quick: bool) -
             entry["roofline_pct"] = 100.0 * floor / s
             entry["matmul_pct"] = 100.0 * entry["TFLOPs"] / ceilings["matmul_TFLOPs"]
             entry["bandwidth_pct"] = 100.0 * entry["GBps"] / ceilings["copy_GBps"]
-        rec["impls"][name] = entry
     ref = outputs.get("eager") if "eager" in outputs else outputs.get("eager_softmax")
     if "deco_ops" in outputs and ref is not None:
         rec["rel_err_vs_eager"] = _rel_err(outputs["deco_ops"], ref)
@@ -182,9 +208,11 @@ def speedups(rec: dict) -> dict:
 def check_bar(records: list[dict], ceilings: dict, cpu: bool) -> list[dict]:
     by_key = {(r["op"], r["shape"], r["direction"]): r for r in records}
     rows = []
-    for op, shape, direction, kind, baseline, target in BAR:
+    for op, shape, direction, kind, baseline, target in BAR + (CPU_BAR if cpu else []):
+        cpu_target = shape in shapes.CPU_PATH
         label = f"{op} {direction} @ {shape}: " + (
-            f">= {target:g}x {baseline}" if kind == "speedup"
+            f"time <= {1 / target:.3g}x {baseline}'s" if cpu_target
+            else f">= {target:g}x {baseline}" if kind == "speedup"
             else f">= {target:.0%} of measured {'matmul rate' if kind == 'matmul_fraction' else 'copy bandwidth'}")
         row = {"target": label, "op": op, "shape": shape, "direction": direction, "kind": kind,
                "baseline": baseline, "required": target, "measured": None, "met": None}
@@ -210,8 +238,10 @@ def check_bar(records: list[dict], ceilings: dict, cpu: bool) -> list[dict]:
             row["met"] = row["measured"] >= target
             row["margin_pct"] = 100.0 * (row["measured"] / target - 1.0)
             shown = f"{row['measured']:.2f}x" if kind == "speedup" else f"{row['measured']:.0%}"
+            if cpu_target:
+                shown = f"{1 / row['measured']:.3f}x {baseline}'s time"
             row["status"] = ("met" if row["met"] else "MISSED") + f": {shown} ({row['margin_pct']:+.0f}% vs target)"
-            if cpu:
+            if cpu and not cpu_target:
                 row["status"] += " [CPU smoke run: not a GPU result]"
         rows.append(row)
     return rows
@@ -229,8 +259,9 @@ def markdown(data: dict) -> str:
     m, c = data["meta"], data["ceilings"]
     lines = [f"# deco_ops benchmarks: {m['device']}", ""]
     if m["cpu_smoke_run"]:
-        lines += ["**CPU smoke run**: tiny shapes, fp32, reference backend. These numbers prove the benchmark code runs; "
-                  "they say nothing about GPU speed.", ""]
+        lines += ["**CPU smoke run**: tiny shapes, fp32, default (PyTorch) backend. These numbers prove the benchmark code "
+                  "runs; they say nothing about GPU speed. The `*_cpu_*` shapes run at real size: they measure the CPU "
+                  "path itself.", ""]
     lines += [
         f"torch {m['torch']}, triton {m['triton']}, CUDA {m['cuda']}, commit `{m['commit']}`, {m['date']}, "
         f"dtype {m['dtype']}, timer: {m['timer']}.",
@@ -265,7 +296,7 @@ def markdown(data: dict) -> str:
                         notes.append(f"{r['direction']} {name}: {e.get('skipped') or e.get('error')}")
                         continue
                     ratio = "1.00" if name == "deco_ops" else (f"{e['ms'] / deco_ms:.2f}x" if deco_ms else "–")
-                    label = f"**{name}**" if name == "deco_ops" else name + (" (best SDPA)" if name == best_sdpa else "")
+                    label = "**deco_ops** (auto)" if name == "deco_ops" else name + (" (best SDPA)" if name == best_sdpa else "")
                     lines.append(
                         f"| {r['direction']} | {label} | {e['ms']:.4g} | {ratio} | {e['TFLOPs']:.3g} | {e['GBps']:.4g} | "
                         f"{e['roofline_pct']:.1f} | {_f(e['peak_MiB'], '.1f')} |")
@@ -289,7 +320,8 @@ def markdown(data: dict) -> str:
 def bar_markdown(data: dict) -> list[str]:
     lines = ["## Targets", ""]
     if data["meta"]["cpu_smoke_run"]:
-        lines += ["CPU smoke run: the targets are defined for an H100 in bf16; the checks below only exercise the code.", ""]
+        lines += ["CPU smoke run: the GPU targets are defined for an H100 in bf16; their checks below only exercise the "
+                  "code. The CPU-path rows (`*_cpu_*` shapes, real sizes, default backend) are real CPU targets.", ""]
     lines += ["| target | status |", "|---|---|"]
     lines += [f"| {row['target']} | {row['status']} |" for row in data.get("bar", [])]
     return lines + [""]
@@ -400,8 +432,8 @@ def main(argv=None) -> int:
                             backend=args.backend)
     cpu = env.device.type != "cuda"
     if cpu:
-        torch.set_num_threads(1)  # tiny shapes on shared cores: threads only add scheduling noise
-    names = shapes.select(args.shapes.split(",") if args.shapes else None)
+        torch.set_num_threads(1)  # shared cores: threads only add scheduling noise; every implementation gets one
+    names = shapes.select(args.shapes.split(",") if args.shapes else None, cpu=cpu)
     directions = [d.strip() for d in args.directions.split(",") if d.strip()]
     bad = [d for d in directions if d not in cases.DIRECTIONS]
     if bad:
@@ -409,7 +441,8 @@ def main(argv=None) -> int:
     meta = stamp(env, args)
     out = args.out or HERE / "results" / f"{'cpu-smoke' if cpu else slug(meta['device'])}-{meta['date'][:10]}"
     banner = f"deco_ops benchmarks on {meta['device']} ({meta['dtype']}), torch {meta['torch']}, triton {meta['triton']}"
-    print(banner + ("\nCPU SMOKE RUN: tiny shapes; timings say nothing about GPU speed." if cpu else ""), flush=True)
+    print(banner + ("\nCPU SMOKE RUN: tiny shapes, timings say nothing about GPU speed; the *_cpu_* shapes run at real "
+                    "size (the CPU path)." if cpu else ""), flush=True)
 
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")

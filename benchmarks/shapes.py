@@ -231,7 +231,25 @@ MLP_POOL = {
     ]
 }
 
-ALL = {**POOL_MLP, **CROSS_ATTENTION, **PACKED, **MLP_POOL}
+# ----------------------------------------------------------------------------------------------
+# the CPU path: real sizes, run only on a CPU (no tiny twin), where the default backend must
+# stay within 1.1x of SDPA and 1.05x of eager PyTorch
+
+CPU_PATH = {
+    s.name: s
+    for s in [
+        AttentionShape("blip2_qformer_cpu_b8", 8, 32, 257, 12, 64,
+                       source="BLIP-2 Q-Former on a CPU: 32 learned queries, EVA ViT-g/14-224 (256+CLS tokens)"),
+        AttentionShape("blip2_qformer_cpu_b32", 32, 32, 257, 12, 64,
+                       source="BLIP-2 Q-Former on a CPU, batch 32"),
+        PoolMLPShape("llava15_cpu_b1", 1, (24, 24), (12, 12), 1024, 4096, 4096,
+                     source="LLaVA-1.5-7B DeCo projector on a CPU, one image"),
+        PoolMLPShape("llava15_cpu_b2", 2, (24, 24), (12, 12), 1024, 4096, 4096,
+                     source="LLaVA-1.5-7B DeCo projector on a CPU, two images"),
+    ]
+}
+
+ALL = {**POOL_MLP, **CROSS_ATTENTION, **PACKED, **MLP_POOL, **CPU_PATH}
 
 # Shapes the performance targets speak of come first in the report, so a run cut short still has them.
 PRIORITY = ["llava15_7b", "infer_b1", "blip2_qformer", "blip2_vitl336", "qwenvl_resampler", "video_resampler"]
@@ -243,11 +261,12 @@ def for_device(shape, device) -> object:
     return shape if is_cuda or shape.tiny is None else shape.tiny
 
 
-def select(names: list[str] | None) -> list[str]:
-    """Shape names to run, bar shapes first; ``names`` filters (unknown names raise)."""
-    order = PRIORITY + [n for n in ALL if n not in PRIORITY]
+def select(names: list[str] | None, cpu: bool = False) -> list[str]:
+    """Shape names to run, bar shapes first; ``names`` filters (unknown names raise). The CPU
+    path's shapes run by default only on a CPU, first."""
+    order = [*CPU_PATH, *PRIORITY] + [n for n in ALL if n not in PRIORITY and n not in CPU_PATH]
     if not names:
-        return order
+        return order if cpu else [n for n in order if n not in CPU_PATH]
     unknown = [n for n in names if n not in ALL]
     if unknown:
         raise ValueError(f"unknown shape(s) {unknown}; known: {list(ALL)}")

@@ -2,7 +2,7 @@
 
 import torch
 
-from . import cases, counts, report, shapes
+from . import cases, counts, readme_table, report, shapes
 
 
 def test_pool_mlp_counts():
@@ -49,13 +49,15 @@ def test_anyres_grids_follow_llava_next_unpad_and_packing_saves_flops():
     env = cases.Env(device=torch.device("cpu"), dtype=torch.float32)
     for group in cases.packed_groups("anyres_5tiles", env, ("fwd", "fwd_bwd")):  # the tiny twin on CPU
         assert group.extra["padded_flops"] > group.flops
-        assert set(group.impls) == {"deco_ops", "eager", "compile", "deco_ops_padded"}
+        assert set(group.impls) == {"deco_ops", "deco_ops_fused", "deco_ops_composed", "eager", "compile", "deco_ops_padded"}
 
 
 def test_shapes_are_named_once_and_have_tiny_twins():
     for name, s in shapes.ALL.items():
-        assert s.name == name and s.tiny is not None
+        assert s.name == name and (s.tiny is None) == (name in shapes.CPU_PATH)
     assert shapes.select(["infer_b1", "llava15_7b"]) == ["llava15_7b", "infer_b1"]
+    assert not set(shapes.select(None)) & set(shapes.CPU_PATH)
+    assert shapes.select(None, cpu=True)[:len(shapes.CPU_PATH)] == list(shapes.CPU_PATH)
 
 
 def test_bar_check_reads_ratios():
@@ -66,6 +68,32 @@ def test_bar_check_reads_ratios():
     row = next(r for r in rows if r["shape"] == "infer_b1")
     assert row["met"] is False and abs(row["measured"] - 1.5) < 1e-12 and round(row["margin_pct"]) == -25
     assert all(r["status"] == "not run" for r in rows if r["shape"] != "infer_b1")
+
+
+def test_cpu_bar_reads_time_ratios():
+    """The CPU path's targets: deco_ops' time within 1.1x of SDPA's (checked on CPU runs only)."""
+    recs = []
+    for shape, ms in (("blip2_qformer_cpu_b8", 1.05), ("blip2_qformer_cpu_b32", 1.2)):
+        rec = {"op": "cross_attention", "shape": shape, "direction": "fwd",
+               "impls": {"deco_ops": {"ms": ms}, "sdpa_flash": {"ms": 1.0}}}
+        rec["speedup"] = report.speedups(rec)
+        recs.append(rec)
+    rows = {r["shape"]: r for r in report.check_bar(recs, {}, cpu=True) if r["direction"] == "fwd" and r["op"] == "cross_attention"}
+    assert rows["blip2_qformer_cpu_b8"]["met"] is True and rows["blip2_qformer_cpu_b32"]["met"] is False
+    assert "1.050x sdpa's time" in rows["blip2_qformer_cpu_b8"]["status"]
+    assert not any(r["shape"] in shapes.CPU_PATH for r in report.check_bar(recs, {}, cpu=False))
+
+
+def test_cpu_path_readme_table():
+    rec = {"op": "pool_mlp", "shape": "llava15_cpu_b1", "direction": "fwd",
+           "impls": {"deco_ops": {"ms": 100.0}, "deco_ops_composed": {"ms": 101.0}, "eager": {"ms": 105.0}}}
+    rec["speedup"] = report.speedups(rec)
+    data = {"meta": {"device": "CPU", "dtype": "float32", "torch": "2.x", "commit": "abc", "date": "2026-11-25T00:00",
+                     "timer": "interleaved"}, "results": [rec]}
+    data["bar"] = report.check_bar([rec], {}, cpu=True)
+    text = readme_table.cpu_path_table(data, "results/cpu")
+    assert "| pool_mlp | llava15_cpu_b1 | fwd | 100.00 | 105.00 (eager) | 0.952x | <= 1.05x: met | 101.00 | – |" in text
+    assert text.count("\n| pool_mlp") == 1  # the rows not run are left out
 
 
 def test_report_smoke(tmp_path):

@@ -1,7 +1,8 @@
 """Timing, peak memory and the device's measured ceilings (copy bandwidth, matmul rate).
 
-On CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median). Elsewhere:
-``time.perf_counter`` loops (a CPU smoke run: the numbers only prove the code runs).
+On CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median). On a CPU:
+the process's CPU time, the implementations of a group interleaved round by round, fastest call
+(``interleaved_ms``); ``bench_ms`` loops over one function (the device ceilings).
 """
 
 from __future__ import annotations
@@ -34,6 +35,27 @@ def bench_ms(fn: Callable[[], object], device: torch.device, quick: bool = False
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], quick: bool = False) -> dict[str, float]:
+    """CPU: milliseconds of this process's CPU time (``time.process_time``) of the fastest call of
+    each function, the functions timed in turn, round after round.
+
+    On shared cores the wall clock counts other processes' work too (a 2x swing between two runs of
+    the same code was seen); CPU time does not, and interleaving spreads what remains (cache and
+    frequency effects) over every implementation alike. Meant for one intra-op thread, where CPU
+    time is the compute time. The caller has warmed every function up."""
+    min_rounds, budget = (5, 0.05) if quick else (10, 3.0)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - start < budget and rounds < 50):
+        for name, fn in fns.items():
+            t0 = time.process_time()
+            fn()
+            times[name].append(time.process_time() - t0)
+        rounds += 1
+    return {name: min(ts) * 1e3 for name, ts in times.items()}
 
 
 def peak_mib(fn: Callable[[], object], reset: Callable[[], None], device: torch.device) -> float | None:

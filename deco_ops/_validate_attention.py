@@ -1,7 +1,11 @@
 """Argument checks of ``deco_ops.cross_attention``: each raises ValueError/TypeError naming the
-argument, before anything is launched. Value checks that read tensor contents (``kv_lens`` range,
-``cu_seqlens_k`` monotonicity) are skipped while ``torch.compile`` traces, where they would be
-data-dependent; the kernels clamp lengths into [0, N] regardless."""
+argument, before anything is launched.
+
+Host syncs: the ``kv_lens`` range check reads device values, so it runs only where
+``deco_ops._checks.value_checks`` allows it (off on CUDA by default) and never while
+``torch.compile`` traces; the kernels clamp every length into [0, N] regardless. Packed keys
+(``cu_seqlens_k``) need their longest length on the host to size the launch: that is one
+documented transfer (one ``tolist()``), and the offsets are checked from that host copy for free."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import math
 
 import torch
 
-from . import _backend, _validate
+from . import _backend, _checks, _validate
 
 MAX_HEAD_DIM = 256
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -73,7 +77,7 @@ def kv_lens(value, B: int, N: int, device: torch.device) -> torch.Tensor | None:
         raise ValueError(f"kv_lens has {value.shape[0]} entries but the batch is {B}")
     if value.device != device:
         raise ValueError(f"kv_lens is on {value.device} but q is on {device}")
-    if not _tracing() and B and bool(((value < 0) | (value > N)).any()):
+    if B and not _tracing() and _checks.value_checks(device) and bool(((value < 0) | (value > N)).any()):
         raise ValueError(f"kv_lens must lie in [0, N={N}], got {value.tolist()}")
     return value.to(torch.int32).contiguous()
 
@@ -88,10 +92,11 @@ def cu_seqlens(value, total: int, device: torch.device) -> tuple[torch.Tensor, i
         raise ValueError(f"cu_seqlens_k must have B + 1 >= 2 entries, got {value.shape[0]}")
     if value.device != device:
         raise ValueError(f"cu_seqlens_k is on {value.device} but q is on {device}")
-    lens = value[1:] - value[:-1]
-    if not _tracing() and (int(value[0]) != 0 or bool((lens < 0).any()) or int(value[-1]) > total):
-        raise ValueError(f"cu_seqlens_k must start at 0, never decrease and end at most at total_N={total}, got {value.tolist()}")
-    return value.contiguous(), value.shape[0] - 1, max(1, int(lens.max()))
+    offsets = value.tolist()  # the one host transfer (a sync when on the GPU): sizes the launch
+    lens = [b - a for a, b in zip(offsets, offsets[1:])]
+    if offsets[0] != 0 or min(lens) < 0 or offsets[-1] > total:
+        raise ValueError(f"cu_seqlens_k must start at 0, never decrease and end at most at total_N={total}, got {offsets}")
+    return value.contiguous(), value.shape[0] - 1, max(1, max(lens))
 
 
 def scale(value, D: int) -> float:

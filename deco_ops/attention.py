@@ -7,6 +7,10 @@ graph-break-free nodes under ``torch.compile``. What autograd keeps: q, k, v, th
 fp32 LSE (B, H, M), plus the int lengths and the (seed, offset) of the dropout RNG. Never the
 M x N attention matrix, never the dropout mask: backward recomputes both.
 
+Strategies (``deco_ops.strategy``): the kernels below, or the composed twin on SDPA's own kernels
+(``deco_ops.composed_attention``), which returns the same O and LSE, so either backward follows
+either forward; on the PyTorch backend ``auto`` runs the twin.
+
 Backends (``deco_ops._backend``): the Triton kernels in ``kernels/cross_attention_fwd.py`` and
 ``kernels/cross_attention_bwd.py``, or the PyTorch reference path of
 ``deco_ops.reference_attention`` (key chunks with an online softmax), which reproduces the kernels'
@@ -17,9 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend
+from . import _backend, composed_attention, strategy
 from . import _validate_attention as _check
 from . import reference_attention as reference
+from ._transfer import to_device
 from .kernels import cross_attention_bwd, cross_attention_fwd
 
 
@@ -31,6 +36,23 @@ def _batch_and_keys(k: torch.Tensor, cu_seqlens_k: torch.Tensor | None, max_seql
 
 def _rng_pair(rng: torch.Tensor | None) -> tuple[int, int] | None:
     return None if rng is None else tuple(int(x) for x in rng.tolist())
+
+
+def _padded(k, v, kv_lens, cu_seqlens_k, N):
+    """Keys for the PyTorch paths: packed keys become (B, N, H, D) with zeros past each length;
+    (k, v, lengths, real-position mask or None)."""
+    if cu_seqlens_k is None:
+        return k, v, kv_lens, None
+    kp, lens, real = reference.unpack_keys(k, cu_seqlens_k, N)
+    vp, _, _ = reference.unpack_keys(v, cu_seqlens_k, N)
+    return kp, vp, lens, real
+
+
+def _key(op, q, B, N, kv_lens, cu_seqlens_k, needs_grad, **more) -> str:
+    _, M, H, D = q.shape
+    mask = "packed" if cu_seqlens_k is not None else "lens" if kv_lens is not None else "none"
+    return strategy.make_key(op, q.device, q.dtype, needs_grad, batch=strategy.bucket(B), M=strategy.bucket(M),
+                             N=strategy.bucket(N), H=H, D=D, q="shared" if q.shape[0] == 1 else "per-batch", mask=mask, **more)
 
 
 @torch.library.custom_op("deco::cross_attention", mutates_args=())
@@ -46,12 +68,23 @@ def _cross_attention(
     rng: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
-    if _backend.use_triton(q.device):
-        return cross_attention_fwd.cross_attention_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng)
-    if cu_seqlens_k is not None:
-        k, kv_lens, _ = reference.unpack_keys(k, cu_seqlens_k, N)
-        v, _, _ = reference.unpack_keys(v, cu_seqlens_k, N)
-    return reference.attention_fwd(q, k, v, kv_lens, scale, dropout_p, _rng_pair(rng))
+    on_triton = _backend.use_triton(q.device)
+
+    def fused():
+        if on_triton:
+            return cross_attention_fwd.cross_attention_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng)
+        kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, N)
+        return reference.attention_fwd(q, kp, vp, lens, scale, dropout_p, _rng_pair(rng))
+
+    def composed():
+        kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, N)
+        return composed_attention.forward(q, kp, vp, lens, scale)
+
+    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
+    return strategy.run(
+        on_triton=on_triton, key=lambda: _key("cross_attention", q, B, N, kv_lens, cu_seqlens_k, needs_grad),
+        fused=fused, composed=composed if composed_attention.expressible(q, dropout_p) else None,
+    )
 
 
 @_cross_attention.register_fake
@@ -86,18 +119,31 @@ def _cross_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv); a gradient not asked for comes back as an empty (0,) tensor."""
     B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
-    if _backend.use_triton(q.device):
-        dq, dk, dv = cross_attention_bwd.cross_attention_bwd(
-            dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, need_dq, need_dkv
-        )
-    elif cu_seqlens_k is not None:
-        kp, lens, real = reference.unpack_keys(k, cu_seqlens_k, N)
-        vp, _, _ = reference.unpack_keys(v, cu_seqlens_k, N)
-        dq, dkp, dvp = reference.attention_bwd(dout, q, kp, vp, out, lse, lens, scale, dropout_p, _rng_pair(rng))
-        dk = reference.pack_keys(dkp, cu_seqlens_k, real, k.shape[0])
-        dv = reference.pack_keys(dvp, cu_seqlens_k, real, v.shape[0])
-    else:
-        dq, dk, dv = reference.attention_bwd(dout, q, k, v, out, lse, kv_lens, scale, dropout_p, _rng_pair(rng))
+    on_triton = _backend.use_triton(q.device)
+
+    def on_padded_keys(backward):
+        kp, vp, lens, real = _padded(k, v, kv_lens, cu_seqlens_k, N)
+        dq, dk, dv = backward(kp, vp, lens)
+        if cu_seqlens_k is None or dk is None:
+            return dq, dk, dv
+        return dq, reference.pack_keys(dk, cu_seqlens_k, real, k.shape[0]), reference.pack_keys(dv, cu_seqlens_k, real, v.shape[0])
+
+    def fused():
+        if on_triton:
+            return cross_attention_bwd.cross_attention_bwd(
+                dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, need_dq, need_dkv
+            )
+        return on_padded_keys(lambda kp, vp, lens: reference.attention_bwd(dout, q, kp, vp, out, lse, lens, scale, dropout_p, _rng_pair(rng)))
+
+    def composed():
+        return on_padded_keys(lambda kp, vp, lens: composed_attention.backward(dout, q, kp, vp, out, lse, lens, scale, need_dq, need_dkv))
+
+    dq, dk, dv = strategy.run(
+        on_triton=on_triton,
+        key=lambda: _key("cross_attention_backward", q, B, N, kv_lens, cu_seqlens_k, True, need=f"{'q' * need_dq}{'kv' * need_dkv}"),
+        fused=fused, composed=composed if composed_attention.expressible(q, dropout_p) else None,
+        composed_deterministic=composed_attention.deterministic_backward(q.device),
+    )
     return _or_empty(dq, need_dq, q), _or_empty(dk, need_dkv, q), _or_empty(dv, need_dkv, q)
 
 
@@ -111,14 +157,16 @@ def _setup(ctx, inputs, output):
     q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], kv_lens, cu_seqlens_k, rng)
     ctx.max_seqlen_k, ctx.scale, ctx.dropout_p = max_seqlen_k, scale, dropout_p
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
-    """The LSE output is an auxiliary statistic: its gradient is not propagated."""
+    """The LSE output is an auxiliary statistic: its gradient is not propagated. Gradients that
+    nothing produced arrive as None (no zero-filled tensors)."""
     q, k, v, out, lse, kv_lens, cu_seqlens_k, rng = ctx.saved_tensors
     need_dq = ctx.needs_input_grad[0]
     need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    if not (need_dq or need_dkv):
+    if dout is None or not (need_dq or need_dkv):
         return (None,) * 9
     dq, dk, dv = torch.ops.deco.cross_attention_backward(
         dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, ctx.max_seqlen_k, ctx.scale, ctx.dropout_p, rng, need_dq, need_dkv
@@ -131,9 +179,10 @@ _cross_attention.register_autograd(_backward, setup_context=_setup)
 
 def _draw_rng(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """(seed, offset) for the kernels' Philox counters, drawn from ``generator`` (or torch's
-    default generator of ``device``)."""
+    default generator of ``device``) on the generator's device: with a generator on the inputs'
+    device (or none) the draw never leaves it; a CPU generator's draw goes over without blocking."""
     gen_device = generator.device if generator is not None else device
-    return torch.randint(0, 2**62, (2,), generator=generator, device=gen_device, dtype=torch.int64).to(device)
+    return to_device(torch.randint(0, 2**62, (2,), generator=generator, device=gen_device, dtype=torch.int64), device)
 
 
 def cross_attention(
@@ -165,12 +214,13 @@ def cross_attention(
         generator: the ``torch.Generator`` the dropout seed is drawn from (default: torch's).
         cu_seqlens_k: optional int32 ``(B + 1,)`` offsets into packed ``k``/``v`` (FlashAttention's
             varlen convention: batch ``b`` owns key rows ``cu[b] .. cu[b+1]``). Exclusive with
-            ``kv_lens``. Reads the longest length on the host (one sync), so it is not traced by
+            ``kv_lens``. Reads the offsets on the host once (one sync when they live on the GPU:
+            the longest length sizes the launch), so it is not traced by
             ``torch.compile(fullgraph=True)``.
 
     Returns:
-        ``(B, M, H, D)`` in q's dtype. fp16/bf16/fp32 (fp32 dots follow
-        ``torch.backends.cuda.matmul.allow_tf32``); softmax statistics in fp32.
+        ``(B, M, H, D)`` in q's dtype. fp16/bf16/fp32 (fp32 dots follow torch.matmul's fp32
+        precision, ``torch.backends.cuda.matmul.fp32_precision``); softmax statistics in fp32.
     """
     packed = cu_seqlens_k is not None
     H, D = _check.qkv(q, k, v, packed)

@@ -14,6 +14,9 @@ and the pooled activation ``(P, hidden)`` when autograd needs it. Not the token-
 pre-activation nor the activation: backward recomputes the pre-activation in
 ``kernels/mlp_pool.py``, whose epilogue also gathers the un-pooled gradient and applies act'.
 
+Both ops have composed twins (``deco_ops.composed``: ``F.linear``, the activation and our packed
+pooling / un-pooling kernel), chosen by ``deco_ops.strategy``.
+
 Registered ops: ``deco::mlp_pool_packed`` and ``deco::mlp_pool_act_backward``.
 """
 
@@ -22,13 +25,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from . import _backend, _validate, reference
+from . import _backend, _validate, composed, strategy
 from .kernels import mlp_pool as mlp_pool_kernel
 from .kernels import pool_gemm
-from .projector import ACTIVATIONS, needs_residuals
-from .packed import check_mlp, check_tokens, dense_geometry, parse, reference_pool, reference_unpool, to_device
+from ._transfer import to_device
+from .packed import check_mlp, check_tokens, dense_geometry, packed_key, parse
+from .projector import ACTIVATIONS, add_grads, linear_grads, needs_residuals
 
 
 @torch.library.custom_op("deco::mlp_pool_packed", mutates_args=())
@@ -45,7 +48,9 @@ def _mlp_pool(
     keep_residuals: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     M = x.shape[0]
-    if _backend.use_triton(x.device):
+    on_triton = _backend.use_triton(x.device)
+
+    def fused():
         act, _, _ = pool_gemm.pool_gemm(
             x.unsqueeze(0), (1, 1, M), (1, 1, M), w1.contiguous(), None if b1 is None else b1.contiguous(),
             activation, store_pre=False, store_pooled=False,
@@ -55,8 +60,17 @@ def _mlp_pool(
             "identity", store_pre=False, store_pooled=keep_residuals,
         )
         return y, pooled if keep_residuals else x.new_empty((0,))
-    pooled = reference_pool(reference.ACTIVATIONS[activation](F.linear(x, w1, b1)), geometry, num_out, mode)
-    return F.linear(pooled, w2, b2), pooled if keep_residuals else x.new_empty((0,))
+
+    def composed_():
+        pool = lambda a: torch.ops.deco.pool_tokens_packed(a, geometry, num_out, mode)  # noqa: E731
+        return composed.mlp_pool(x, w1, b1, w2, b2, pool, activation, keep_residuals)
+
+    return strategy.run(
+        on_triton=on_triton,
+        key=lambda: packed_key("mlp_pool_packed", x, num_out, keep_residuals, hidden=w1.shape[0], out=w2.shape[0],
+                               act=activation, mode=mode),
+        fused=fused if on_triton else None, composed=composed_,
+    )
 
 
 @_mlp_pool.register_fake
@@ -70,14 +84,22 @@ def _act_backward(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, dpooled: torch.Tensor, geometry: torch.Tensor, activation: str, mode: str
 ) -> torch.Tensor:
     """dz = unpool(dpooled) * act'(x @ w1.T + b1), (tokens, hidden), the pre-activation recomputed."""
-    if _backend.use_triton(x.device):
+    on_triton = _backend.use_triton(x.device)
+
+    def fused():
         return mlp_pool_kernel.gemm_unpool_act_grad(
             x, w1.contiguous(), None if b1 is None else b1.contiguous(), dpooled, geometry, activation, mode
         )
-    z = F.linear(x, w1, b1)
-    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-    da = reference_unpool(dpooled, geometry, x.shape[0], mode)
-    return (da.to(z.dtype) * reference.ACTIVATION_GRADS[activation](z)).to(x.dtype)
+
+    def composed_():
+        unpool = lambda d: torch.ops.deco.unpool_tokens_packed(d, geometry, x.shape[0], mode)  # noqa: E731
+        return composed.mlp_pool_act_backward(x, w1, b1, dpooled, unpool, activation)
+
+    return strategy.run(
+        on_triton=on_triton,
+        key=lambda: packed_key("mlp_pool_act_backward", x, dpooled.shape[0], True, hidden=w1.shape[0], act=activation, mode=mode),
+        fused=fused if on_triton else None, composed=composed_,
+    )
 
 
 @_act_backward.register_fake
@@ -90,27 +112,24 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, w1, b1, w2, output[1], geometry)
     ctx.activation, ctx.mode, ctx.keep = activation, mode, keep
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, dpooled_extra):
+    """Gradients that nothing produced arrive as None (no zero-filled tensors) and stay None."""
     x, w1, b1, w2, pooled, geometry = ctx.saved_tensors
     if not ctx.keep:
         raise RuntimeError("deco::mlp_pool_packed ran with keep_residuals=False; call deco_ops.mlp_pool to differentiate it")
     need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-    dx = dw1 = db1 = dw2 = db2 = None
-    if need_w2:
-        dw2 = dy.t() @ pooled
-    if need_b2 and ctx.has_b2:
-        db2 = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-    if need_x or need_w1 or (need_b1 and ctx.has_b1):
-        dpooled = dy @ w2
-        if dpooled_extra is not None:
-            dpooled = dpooled + dpooled_extra
+    dx = dw1 = db1 = dw2 = db2 = dpooled = None
+    if dy is not None:
+        dw2, db2 = linear_grads(dy, pooled, need_w2, need_b2 and ctx.has_b2)
+        if need_x or need_w1 or (need_b1 and ctx.has_b1):
+            dpooled = dy @ w2
+    dpooled = add_grads(dpooled, dpooled_extra)
+    if dpooled is not None and (need_x or need_w1 or (need_b1 and ctx.has_b1)):
         dz = torch.ops.deco.mlp_pool_act_backward(x, w1, b1, dpooled, geometry, ctx.activation, ctx.mode)
-        if need_w1:
-            dw1 = dz.t() @ x
-        if need_b1 and ctx.has_b1:
-            db1 = dz.sum(0, dtype=torch.float32).to(dz.dtype)
+        dw1, db1 = linear_grads(dz, x, need_w1, need_b1 and ctx.has_b1)
         if need_x:
             dx = dz @ w1
     return dx, dw1, db1, dw2, db2, None, None, None, None, None

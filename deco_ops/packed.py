@@ -16,6 +16,9 @@ sync when they live on the GPU; pass them as CPU tensors to avoid it). The per-i
 then goes back to the device through pinned memory without blocking. The custom ops themselves take
 the geometry as a tensor plus the output size as an int, so they never sync.
 
+``pool_mlp_packed`` has a composed twin (the packed pooling kernel, then ``F.linear``), chosen by
+``deco_ops.strategy`` as for the dense projectors.
+
 Registered ops (each one's autograd formula is the other, or the fused MLP backward):
 ``deco::pool_tokens_packed``, ``deco::unpool_tokens_packed``, ``deco::pool_mlp_packed``.
 """
@@ -29,9 +32,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _validate, reference
+from . import _backend, _validate, composed, strategy
+from ._transfer import to_device
 from .kernels import packed_pool, pool_gemm
-from .projector import ACTIVATIONS, needs_residuals
+from .projector import ACTIVATIONS, add_grads, mlp_backward, needs_residuals
 
 MODES = ("average", "bilinear")
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -99,13 +103,6 @@ class Packing:
         self.cu_seqlens = torch.tensor([0, *itertools.accumulate(self.outs)], dtype=torch.int32)
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host table -> device without a blocking copy (pinned staging on CUDA)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def parse(x, grids, out_grids, stride) -> Packing:
     """Validates a packed call (x already checked to be 2D); reads grids to the host once."""
     g = _grid_table("grids", grids)
@@ -125,14 +122,37 @@ def parse(x, grids, out_grids, stride) -> Packing:
     return packing
 
 
+# Images per cached dense geometry table: 128 KiB of int32 per (grid, out_grid, device).
+DENSE_GEOMETRY_CAPACITY = 4096
+
+
+def _capacity(grid: tuple[int, ...], out_grid: tuple[int, ...]) -> int:
+    """Images the cached table holds: its int32 token/row offsets must not overflow."""
+    return min(DENSE_GEOMETRY_CAPACITY, (2**31 - 1) // max(math.prod(grid), math.prod(out_grid)))
+
+
+@torch.compiler.assume_constant_result
+def _dense_geometry_table(grid: tuple[int, ...], out_grid: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), _capacity(grid, out_grid), device)
+
+
 @functools.lru_cache(maxsize=256)
-def _dense_geometry(grid: tuple[int, ...], out_grid: tuple[int, ...], batch: int, device: torch.device) -> torch.Tensor:
-    return to_device(Packing([grid] * batch, [out_grid] * batch).geometry, device)
+def _dense_geometry_view(grid: tuple[int, ...], out_grid: tuple[int, ...], batch: int, device: torch.device) -> torch.Tensor:
+    return _dense_geometry_table(grid, out_grid, device)[:batch]
 
 
 def dense_geometry(grid, out_grid, batch: int, device: torch.device) -> torch.Tensor:
-    """The geometry of a dense (B, N, C) batch seen as B packed images of one grid (cached)."""
-    return _dense_geometry(tuple(grid), tuple(out_grid), batch, device)
+    """The geometry of a dense (B, N, C) batch seen as B packed images of one grid: the first B rows
+    of a table built once per (grid, out_grid, device). Eager calls get the same tensor for the same
+    batch (so its index tables are cached too). Under ``torch.compile`` the table enters the graph
+    as a constant, looked up once while tracing, and the graph only slices it (any batch size,
+    dynamic ones included, up to ``DENSE_GEOMETRY_CAPACITY``; larger batches build their own)."""
+    grid, out_grid = tuple(grid), tuple(out_grid)
+    if batch > _capacity(grid, out_grid):
+        return packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), batch, device)
+    if torch.compiler.is_compiling():
+        return _dense_geometry_table(grid, out_grid, device)[:batch]
+    return _dense_geometry_view(grid, out_grid, batch, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,14 +228,19 @@ def _(grad, geometry, num_tokens, mode):
 def _setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[1])
     ctx.size, ctx.mode = inputs[0].shape[0], inputs[3]
+    ctx.set_materialize_grads(False)
 
 
 def _pool_backward(ctx, grad):
+    if grad is None:
+        return None, None, None, None
     (geometry,) = ctx.saved_tensors
     return torch.ops.deco.unpool_tokens_packed(grad, geometry, ctx.size, ctx.mode), None, None, None
 
 
 def _unpool_backward(ctx, grad):
+    if grad is None:
+        return None, None, None, None
     (geometry,) = ctx.saved_tensors
     return torch.ops.deco.pool_tokens_packed(grad, geometry, ctx.size, ctx.mode), None, None, None
 
@@ -277,6 +302,12 @@ def bilinear_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
 # pool -> Linear -> activation -> Linear over a packed batch
 
 
+def packed_key(op: str, x: torch.Tensor, num_out: int, keep_residuals: bool, **dims) -> str:
+    """The strategy key of a packed projector: token and output row counts bucketed."""
+    return strategy.make_key(op, x.device, x.dtype, keep_residuals, tokens=strategy.bucket(x.shape[0]),
+                             rows=strategy.bucket(num_out), C=x.shape[1], **dims)
+
+
 @torch.library.custom_op("deco::pool_mlp_packed", mutates_args=())
 def _pool_mlp(
     x: torch.Tensor,
@@ -290,19 +321,26 @@ def _pool_mlp(
     mode: str,
     keep_residuals: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    empty = x.new_empty((0,))
-    if _backend.use_triton(x.device):
+    on_triton = _backend.use_triton(x.device)
+
+    def fused():
         act, pre, pooled = pool_gemm.pool_gemm_packed(
             x, geometry, num_out, mode, w1.contiguous(), None if b1 is None else b1.contiguous(),
             activation, store_pre=keep_residuals, store_pooled=keep_residuals,
         )
-        w2t = w2.t()
-        y = torch.addmm(b2, act, w2t) if b2 is not None else act @ w2t
-        return (y, pooled, pre) if keep_residuals else (y, empty, x.new_empty((0,)))
-    pooled = reference_pool(x, geometry, num_out, mode)
-    pre = F.linear(pooled, w1, b1)
-    y = F.linear(reference.ACTIVATIONS[activation](pre), w2, b2)
-    return (y, pooled, pre) if keep_residuals else (y, empty, x.new_empty((0,)))
+        y = F.linear(act, w2, b2)
+        return (y, pooled, pre) if keep_residuals else (y, x.new_empty((0,)), x.new_empty((0,)))
+
+    def composed_():
+        pooled = torch.ops.deco.pool_tokens_packed(x, geometry, num_out, mode)
+        return composed.pool_mlp(pooled, w1, b1, w2, b2, activation, keep_residuals)
+
+    return strategy.run(
+        on_triton=on_triton,
+        key=lambda: packed_key("pool_mlp_packed", x, num_out, keep_residuals, hidden=w1.shape[0], out=w2.shape[0],
+                               act=activation, mode=mode),
+        fused=fused if on_triton else None, composed=composed_,
+    )
 
 
 @_pool_mlp.register_fake
@@ -318,31 +356,19 @@ def _pool_mlp_setup(ctx, inputs, output):
     ctx.save_for_backward(w1, w2, output[1], output[2], geometry)
     ctx.num_tokens, ctx.activation, ctx.mode, ctx.keep = x.shape[0], activation, mode_, keep
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+    ctx.set_materialize_grads(False)
 
 
 def _pool_mlp_backward(ctx, dy, dpooled_extra, dpre_extra):
     w1, w2, pooled, pre, geometry = ctx.saved_tensors
     if not ctx.keep:
         raise RuntimeError("deco::pool_mlp_packed ran with keep_residuals=False; call deco_ops.pool_mlp_packed to differentiate it")
-    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-    dz, act = torch.ops.deco.mlp_activation_backward(dy, w2, pre, ctx.activation)
-    if dpre_extra is not None:
-        dz = dz + dpre_extra
-    dx = dw1 = db1 = dw2 = db2 = None
-    if need_w2:
-        dw2 = dy.t() @ act
-    if need_b2 and ctx.has_b2:
-        db2 = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-    if need_w1:
-        dw1 = dz.t() @ pooled
-    if need_b1 and ctx.has_b1:
-        db1 = dz.sum(0, dtype=torch.float32).to(dz.dtype)
-    if need_x:
-        dpooled = dz @ w1
-        if dpooled_extra is not None:
-            dpooled = dpooled + dpooled_extra
+    dpooled, *param_grads = mlp_backward(ctx, dy, dpre_extra, w1, w2, pooled, pre)
+    dpooled = add_grads(dpooled, dpooled_extra)
+    dx = None
+    if ctx.needs_input_grad[0] and dpooled is not None:
         dx = torch.ops.deco.unpool_tokens_packed(dpooled, geometry, ctx.num_tokens, ctx.mode)
-    return dx, dw1, db1, dw2, db2, None, None, None, None, None
+    return dx, *param_grads, None, None, None, None, None
 
 
 _pool_mlp.register_autograd(_pool_mlp_backward, setup_context=_pool_mlp_setup)

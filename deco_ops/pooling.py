@@ -46,13 +46,18 @@ def _(grad, grid, out_grid):
 
 def _setup(ctx, inputs, output):
     ctx.grid, ctx.out_grid = inputs[1], inputs[2]
+    ctx.set_materialize_grads(False)
 
 
 def _pool_backward(ctx, grad):
+    if grad is None:
+        return None, None, None
     return torch.ops.deco.unpool_tokens(grad.contiguous(), ctx.grid, ctx.out_grid), None, None
 
 
 def _unpool_backward(ctx, grad):
+    if grad is None:
+        return None, None, None
     return torch.ops.deco.adaptive_avg_pool_tokens(grad, ctx.grid, ctx.out_grid), None, None
 
 

@@ -9,6 +9,10 @@ pre-activation ``(B, P, hidden)``. Never the patch tokens, never the activation.
 return these residuals as extra outputs (empty when not kept) because a ``torch.library`` autograd
 formula can only save inputs and outputs; the public functions return the projection alone.
 
+Each op and backward GEMM has a composed twin (``deco_ops.composed``: our pooling kernel, then
+cuBLAS, then the activation in PyTorch) returning the same residuals; ``deco_ops.strategy`` picks
+which runs. On the PyTorch backend the composed twin is the implementation.
+
 Backward: one Triton GEMM computes ``dz = (dy @ W2) * act'(z)`` and rebuilds ``act(z)`` in its
 epilogue; dW2, dW1 and d(pooled) are cuBLAS GEMMs; the input gradient is un-pooled by a
 deterministic Triton gather, and only computed when ``x`` requires grad (a frozen vision tower
@@ -18,8 +22,9 @@ costs nothing).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from . import _backend, _validate, reference
+from . import _backend, _validate, composed, reference, strategy
 from .kernels import gemm_act_grad, pool_gemm
 from .pooling import as_3d, check_pool_input
 
@@ -34,8 +39,51 @@ def _empty(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((0,))
 
 
+def add_grads(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """a + b where None stands for a zero gradient (the ops set ``ctx.set_materialize_grads(False)``,
+    so an output nothing used brings None, never a zero-filled tensor)."""
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def linear_grads(g: torch.Tensor, a: torch.Tensor, need_w: bool, need_b: bool):
+    """(dW, db) of a Linear with output gradient ``g`` (rows, out) and input ``a`` (rows, in); None
+    where not needed. db is summed in fp32, as cuBLAS accumulates dW."""
+    dw = g.t() @ a if need_w else None
+    db = g.sum(0, dtype=torch.float32).to(g.dtype) if need_b else None
+    return dw, db
+
+
+def mlp_backward(ctx, dy, dpre_extra, w1, w2, pooled, pre):
+    """Shared backward of the pool -> Linear -> act -> Linear ops (dense and packed), on 2D rows.
+
+    ``dy`` (rows, out) and ``dpre_extra`` (rows, hidden) may be None (zero). Returns
+    ``(dpooled, dw1, db1, dw2, db2)``: ``dpooled`` (rows, C) only when ``x`` needs a gradient, each
+    entry None where it is not needed or zero. The input flags come from ``ctx.needs_input_grad``
+    (x, w1, b1, w2, b2 first) and ``ctx.has_b1``/``ctx.has_b2``.
+    """
+    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+    dz = dpooled = dw1 = db1 = dw2 = db2 = None
+    if dy is not None:
+        dz, act = torch.ops.deco.mlp_activation_backward(dy, w2, pre, ctx.activation)
+        dw2, db2 = linear_grads(dy, act, need_w2, need_b2 and ctx.has_b2)
+    dz = add_grads(dz, dpre_extra)
+    if dz is not None:
+        dw1, db1 = linear_grads(dz, pooled, need_w1, need_b1 and ctx.has_b1)
+        if need_x:
+            dpooled = dz @ w1
+    return dpooled, dw1, db1, dw2, db2
+
+
 # ----------------------------------------------------------------------------------------------
 # pool -> Linear
+
+
+def _key(op: str, x: torch.Tensor, grid, out_grid, keep_residuals: bool, **dims) -> str:
+    rows = x.shape[0] * torch.Size(out_grid).numel()
+    return strategy.make_key(op, x.device, x.dtype, keep_residuals, rows=strategy.bucket(rows), C=x.shape[2],
+                             grid=grid, out_grid=out_grid, **dims)
 
 
 @torch.library.custom_op("deco::pool_linear", mutates_args=())
@@ -43,15 +91,21 @@ def _pool_linear(
     x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, grid: list[int], out_grid: list[int], keep_residuals: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, P = x.shape[0], torch.Size(out_grid).numel()
-    if _backend.use_triton(x.device):
+    on_triton = _backend.use_triton(x.device)
+
+    def fused():
         y, _, pooled = pool_gemm.pool_gemm(
             x, as_3d(grid), as_3d(out_grid), w.contiguous(), None if b is None else b.contiguous(),
             "identity", store_pre=False, store_pooled=keep_residuals,
         )
         pooled = pooled.view(B, P, x.shape[2]) if keep_residuals else _empty(x)
         return y.view(B, P, w.shape[0]), pooled
-    pooled = reference.adaptive_avg_pool_tokens(x, grid, out_grid).contiguous()
-    return torch.nn.functional.linear(pooled, w, b), pooled if keep_residuals else _empty(x)
+
+    return strategy.run(
+        on_triton=on_triton, key=lambda: _key("pool_linear", x, grid, out_grid, keep_residuals, out=w.shape[0]),
+        fused=fused if on_triton else None,
+        composed=lambda: composed.pool_linear(torch.ops.deco.adaptive_avg_pool_tokens(x, grid, out_grid), w, b, keep_residuals),
+    )
 
 
 @_pool_linear.register_fake
@@ -65,23 +119,23 @@ def _pool_linear_setup(ctx, inputs, output):
     _, w, b, grid, out_grid, keep = inputs
     ctx.save_for_backward(w, output[1])
     ctx.grid, ctx.out_grid, ctx.keep, ctx.has_bias = grid, out_grid, keep, b is not None
+    ctx.set_materialize_grads(False)
 
 
 def _pool_linear_backward(ctx, dy, dpooled_extra):
+    """Gradients that nothing produced arrive as None (no zero-filled tensors) and stay None."""
     w, pooled = ctx.saved_tensors
     if not ctx.keep:
         raise RuntimeError("deco::pool_linear ran with keep_residuals=False; call deco_ops.pool_linear to differentiate it")
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dy2 = _rows(dy)
-    dx = dw = db = None
-    if need_w:
-        dw = dy2.t() @ _rows(pooled)
-    if need_b and ctx.has_bias:
-        db = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
-    if need_x:
-        dpooled = (dy2 @ w).view(pooled.shape)
-        if dpooled_extra is not None:
-            dpooled = dpooled + dpooled_extra
+    dx = dw = db = dpooled = None
+    if dy is not None:
+        dy2 = _rows(dy)
+        dw, db = linear_grads(dy2, _rows(pooled), need_w, need_b and ctx.has_bias)
+        if need_x:
+            dpooled = (dy2 @ w).view(pooled.shape)
+    dpooled = add_grads(dpooled, dpooled_extra)
+    if need_x and dpooled is not None:
         dx = torch.ops.deco.unpool_tokens(dpooled, ctx.grid, ctx.out_grid)
     return dx, dw, db, None, None, None
 
@@ -98,9 +152,14 @@ def _mlp_activation_backward(
     dy: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy @ w2 * act'(pre), act(pre)) for 2D dy (rows, out), w2 (out, hidden), pre (rows, hidden)."""
-    if _backend.use_triton(dy.device):
-        return gemm_act_grad.gemm_act_grad(dy, w2, pre, activation)
-    return reference.mlp_activation_backward(dy, w2, pre, activation)
+    on_triton = _backend.use_triton(dy.device)
+    return strategy.run(
+        on_triton=on_triton,
+        key=lambda: strategy.make_key("mlp_activation_backward", dy.device, dy.dtype, True, rows=strategy.bucket(dy.shape[0]),
+                                      out=dy.shape[1], hidden=pre.shape[1], act=activation),
+        fused=(lambda: gemm_act_grad.gemm_act_grad(dy, w2, pre, activation)) if on_triton else None,
+        composed=lambda: reference.mlp_activation_backward(dy, w2, pre, activation),
+    )
 
 
 @_mlp_activation_backward.register_fake
@@ -121,23 +180,27 @@ def _pool_mlp(
     keep_residuals: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, P = x.shape[0], torch.Size(out_grid).numel()
-    if _backend.use_triton(x.device):
+    on_triton = _backend.use_triton(x.device)
+
+    def fused():
         act, pre, pooled = pool_gemm.pool_gemm(
             x, as_3d(grid), as_3d(out_grid), w1.contiguous(), None if b1 is None else b1.contiguous(),
             activation, store_pre=keep_residuals, store_pooled=keep_residuals,
         )
-        w2t = w2.t()
-        y = torch.addmm(b2, act, w2t) if b2 is not None else act @ w2t
-        y = y.view(B, P, w2.shape[0])
+        y = F.linear(act, w2, b2).view(B, P, w2.shape[0])
         if not keep_residuals:
             return y, _empty(x), _empty(x)
         return y, pooled.view(B, P, x.shape[2]), pre.view(B, P, w1.shape[0])
-    pooled = reference.adaptive_avg_pool_tokens(x, grid, out_grid).contiguous()
-    pre = torch.nn.functional.linear(pooled, w1, b1)
-    y = torch.nn.functional.linear(reference.ACTIVATIONS[activation](pre), w2, b2)
-    if not keep_residuals:
-        return y, _empty(x), _empty(x)
-    return y, pooled, pre
+
+    def composed_():
+        pooled = torch.ops.deco.adaptive_avg_pool_tokens(x, grid, out_grid)
+        return composed.pool_mlp(pooled, w1, b1, w2, b2, activation, keep_residuals)
+
+    return strategy.run(
+        on_triton=on_triton,
+        key=lambda: _key("pool_mlp", x, grid, out_grid, keep_residuals, hidden=w1.shape[0], out=w2.shape[0], act=activation),
+        fused=fused if on_triton else None, composed=composed_,
+    )
 
 
 @_pool_mlp.register_fake
@@ -154,32 +217,21 @@ def _pool_mlp_setup(ctx, inputs, output):
     ctx.save_for_backward(w1, w2, output[1], output[2])
     ctx.grid, ctx.out_grid, ctx.activation, ctx.keep = grid, out_grid, activation, keep
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+    ctx.set_materialize_grads(False)
 
 
 def _pool_mlp_backward(ctx, dy, dpooled_extra, dpre_extra):
     w1, w2, pooled, pre = ctx.saved_tensors
     if not ctx.keep:
         raise RuntimeError("deco::pool_mlp ran with keep_residuals=False; call deco_ops.pool_mlp to differentiate it")
-    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-    dy2 = _rows(dy)
-    dz, act = torch.ops.deco.mlp_activation_backward(dy2, w2, _rows(pre), ctx.activation)
-    if dpre_extra is not None:
-        dz = dz + _rows(dpre_extra)
-    dx = dw1 = db1 = dw2 = db2 = None
-    if need_w2:
-        dw2 = dy2.t() @ act
-    if need_b2 and ctx.has_b2:
-        db2 = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
-    if need_w1:
-        dw1 = dz.t() @ _rows(pooled)
-    if need_b1 and ctx.has_b1:
-        db1 = dz.sum(0, dtype=torch.float32).to(dz.dtype)
-    if need_x:
-        dpooled = (dz @ w1).view(pooled.shape)
-        if dpooled_extra is not None:
-            dpooled = dpooled + dpooled_extra
+    dy2 = None if dy is None else _rows(dy)
+    dpre2 = None if dpre_extra is None else _rows(dpre_extra)
+    dpooled, *param_grads = mlp_backward(ctx, dy2, dpre2, w1, w2, _rows(pooled), _rows(pre))
+    dpooled = add_grads(None if dpooled is None else dpooled.view(pooled.shape), dpooled_extra)
+    dx = None
+    if ctx.needs_input_grad[0] and dpooled is not None:
         dx = torch.ops.deco.unpool_tokens(dpooled, ctx.grid, ctx.out_grid)
-    return dx, dw1, db1, dw2, db2, None, None, None, None
+    return dx, *param_grads, None, None, None, None
 
 
 _pool_mlp.register_autograd(_pool_mlp_backward, setup_context=_pool_mlp_setup)

@@ -31,8 +31,7 @@ object ``{key: winner}``)::
 * ``device name``: ``torch.cuda.get_device_name``, e.g. ``NVIDIA H100 80GB HBM3``.
 * ``dtype``: ``float16``, ``bfloat16`` or ``float32``.
 * ``shape``: comma-separated ``name=value`` pairs in the op's own order. Row counts and key
-  lengths are bucketed by ``bucket()`` (next power of two up to 1024, then the next multiple of
-  128); weight dimensions, grids and other sizes are exact; strings such as the activation as is.
+  lengths are bucketed by ``bucket()`` (the next power of two); weight dimensions, grids and other sizes are exact; strings such as the activation as is.
 * ``grad``: ``grad`` when autograd needs the op's residuals (the forward stores more), else ``infer``.
 * ``determinism``: ``deterministic`` under ``torch.use_deterministic_algorithms(True)``, else ``any``.
 
@@ -53,6 +52,7 @@ from pathlib import Path
 import torch
 
 from . import _backend
+from .kernels import _tuning
 
 ENV_VAR = "DECO_OPS_STRATEGY"
 CACHE_DIR_ENV = "DECO_OPS_CACHE_DIR"
@@ -94,11 +94,10 @@ def use_strategy(name: str) -> Iterator[None]:
 
 
 def bucket(n: int) -> int:
-    """Rows and key lengths share a bucket: the next power of two up to 1024, then the next
-    multiple of 128 (so a new batch size rarely means a new measurement)."""
-    if n <= 1024:
-        return 1 << max(0, n - 1).bit_length()
-    return -(-n // 128) * 128
+    """Rows and key lengths share a bucket, the same one the kernels' autotuning uses
+    (``deco_ops.kernels._tuning.bucket``: the next power of two), so a new batch size rarely
+    means a new measurement and one tuning run covers both decisions."""
+    return _tuning.bucket(n)
 
 
 def make_key(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, **shape) -> str:
@@ -122,37 +121,70 @@ class Candidate:
     deterministic: bool = True  # bitwise reproducible from run to run
 
 
-def choose(op: str, candidates: Mapping[str, Candidate], *, on_triton: bool, key: Callable[[], str]) -> str:
-    """The name of the candidate to run (``"fused"`` must be one of them).
+def choose(candidates: Mapping[str, Candidate], *, on_triton: bool, key: Callable[[], str]) -> str:
+    """The name of the candidate to run; the first one listed is the default (``"fused"`` where
+    the op has a fused path on this backend).
 
     ``on_triton``: whether the op runs on the Triton backend (else the PyTorch one). ``key``
     builds the decision's key string; it is only called when a measurement may be needed.
     """
+    default = next(iter(candidates))
     forced = selected()
     if forced != "auto":
-        return forced if forced in candidates else "fused"
+        return forced if forced in candidates else default
     if not on_triton:
-        return "composed" if "composed" in candidates else "fused"
+        return "composed" if "composed" in candidates else default
     if _backend.interpreting() or len(candidates) == 1:
-        return "fused"
-    return decide(key(), candidates, _time_cuda)
+        return default
+    measured_key = key()
+    _preload_shipped_table(measured_key)
+    return decide(measured_key, candidates, _time_cuda)
+
+
+def _preload_shipped_table(key: str) -> None:
+    """Hand the decisions of the key's GPU tuning table to ``preload`` before anything is timed
+    (the table is otherwise read at a kernel's first unseen launch, which may come later)."""
+    from . import tuning_tables  # tuning_tables imports this module
+
+    tuning_tables.load_named(key.split("|")[1])
+
+
+def run(*, on_triton: bool, key: Callable[[], str], fused: Callable[[], object] | None = None,
+        composed: Callable[[], object] | None = None, composed_deterministic: bool = True):
+    """Run an op the chosen way: ``fused`` (None where this backend has no fused path) or
+    ``composed`` (None where the composed twin cannot express the call)."""
+    candidates = {}
+    if fused is not None:
+        candidates["fused"] = Candidate(fused)
+    if composed is not None:
+        candidates["composed"] = Candidate(composed, composed_deterministic)
+    return candidates[choose(candidates, on_triton=on_triton, key=key)].run()
 
 
 def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Callable[[], object]], float]) -> str:
     """The measured choice for ``key``: a decision made or preloaded earlier in this process,
     else one from the on-disk cache, else the fastest candidate by ``timer(run) -> ms``, which is
     then remembered in memory and on disk. Under ``torch.use_deterministic_algorithms(True)``
-    only deterministic candidates compete (and then none is timed if one is left)."""
+    only deterministic candidates compete (the first candidate if none is). A candidate that
+    raises while it is timed drops out of the competition, with a warning."""
+    default = next(iter(candidates))
     usable = dict(candidates)
     if torch.are_deterministic_algorithms_enabled():
-        usable = {name: c for name, c in usable.items() if c.deterministic} or {"fused": candidates["fused"]}
+        usable = {name: c for name, c in usable.items() if c.deterministic} or {default: candidates[default]}
     known = _decisions.get(key) or _read_disk().get(key)
     if known in usable:
         _decisions[key] = known
         return known
     if len(usable) == 1:
         return next(iter(usable))
-    times = {name: timer(c.run) for name, c in usable.items()}
+    times = {}
+    for name, candidate in usable.items():
+        try:
+            times[name] = timer(candidate.run)
+        except Exception as e:  # noqa: BLE001 - a candidate this GPU cannot run loses, it does not crash the op
+            if name == default:
+                raise
+            warnings.warn(f"deco_ops: {key}: the {name} candidate failed and is not used: {type(e).__name__}: {e}", stacklevel=3)
     winner = min(times, key=times.get)
     _decisions[key] = winner
     _write_disk(key, winner)

@@ -77,7 +77,12 @@ def write(table: dict, path: Path) -> None:
 
 def load(device: torch.device) -> dict:
     """The table of ``device``'s GPU, read once per process; its strategies are preloaded then."""
-    path = table_path(torch.cuda.get_device_name(device))
+    return load_named(torch.cuda.get_device_name(device))
+
+
+def load_named(device_name: str) -> dict:
+    """``load`` by GPU name (``torch.cuda.get_device_name``)."""
+    path = table_path(device_name)
     if path is None:
         return {}
     if str(path) not in _tables:

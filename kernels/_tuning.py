@@ -213,9 +213,28 @@ def dot_dtype_workaround(dtype_is_bf16: bool) -> bool:
     return INTERPRET and dtype_is_bf16
 
 
+def fp32_matmul_precision() -> str:
+    """``"tf32"`` or ``"ieee"``: what torch.matmul does with fp32 CUDA operands right now.
+
+    PyTorch >= 2.9 keeps the setting in ``torch.backends.cuda.matmul.fp32_precision`` (``"none"``
+    inherits ``torch.backends.fp32_precision``; the legacy ``allow_tf32`` and
+    ``torch.set_float32_matmul_precision`` write it too). Reading ``allow_tf32`` or
+    ``torch.get_float32_matmul_precision()`` once the new API was used raises ("mix of the legacy
+    and new APIs"), so the legacy flag is read only where the new attribute does not exist.
+    """
+    matmul = torch.backends.cuda.matmul
+    setting = getattr(matmul, "fp32_precision", None)
+    if setting is None:
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    if setting == "none":
+        setting = getattr(torch.backends, "fp32_precision", "none")
+    return "tf32" if setting == "tf32" else "ieee"
+
+
 def input_precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow ``torch.backends.cuda.matmul.allow_tf32``, as torch.matmul does."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """``tl.dot``'s input_precision: fp32 dots follow ``fp32_matmul_precision()``, as torch.matmul
+    does; 16-bit dots ignore it."""
+    if dtype == torch.float32 and fp32_matmul_precision() == "ieee":
         return "ieee"
     return "tf32"
 

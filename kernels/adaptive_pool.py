@@ -10,14 +10,17 @@ Tokens are ``(B, N, C)`` with ``N = T*H*W`` in row-major (t, h, w) order, pooled
   so the result is deterministic (PyTorch's CUDA adaptive-pool backward scatters with atomics and
   is not: pytorch issue 149130) and every input element is written exactly once.
 
-Both accumulate in fp32 and honour arbitrary strides of their (B, N, C) operands; program ids and
-token indices are widened to int64 before they multiply strides.
+Grid ``(B * cells, channel blocks)``: the batch rides on axis 0, whose limit is 2**31 - 1 (axes 1
+and 2 stop at 65535), cells fastest so one image's programs run together. Both accumulate in fp32
+and honour arbitrary strides of their (B, N, C) operands; program ids and token indices are
+widened to int64 before they multiply strides.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
 from .adaptive_window import window, windows_containing
 
 BLOCK_C = 256
@@ -30,9 +33,10 @@ def pool_tokens_kernel(
     sxb, sxn, sxc, sob, son, soc,
     BLOCK_C: tl.constexpr,
 ):
-    cell = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // (OT * OH * OW)
+    cell = pid % (OT * OH * OW)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     ow = cell % OW
     oh = (cell // OW) % OH
@@ -58,9 +62,10 @@ def unpool_tokens_kernel(
     sgb, sgp, sgc, sdb, sdn, sdc,
     BLOCK_C: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // (T * H * W)
+    token = pid % (T * H * W)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     w = token % W
     h = (token // W) % H
@@ -87,6 +92,7 @@ def _block_c(C: int) -> int:
     return min(BLOCK_C, triton.next_power_of_2(C))
 
 
+@on_input_device
 def pool_tokens(x: torch.Tensor, grid: tuple[int, int, int], out_grid: tuple[int, int, int]) -> torch.Tensor:
     """(B, T*H*W, C) -> (B, OT*OH*OW, C), adaptive average over each cell's window."""
     B, _, C = x.shape
@@ -97,12 +103,13 @@ def pool_tokens(x: torch.Tensor, grid: tuple[int, int, int], out_grid: tuple[int
     if out.numel() == 0:
         return out
     block = _block_c(C)
-    pool_tokens_kernel[(P, B, triton.cdiv(C, block))](
+    pool_tokens_kernel[(B * P, triton.cdiv(C, block))](
         x, out, C, T, H, W, OT, OH, OW, *x.stride(), *out.stride(), BLOCK_C=block,
     )
     return out
 
 
+@on_input_device
 def unpool_tokens(grad: torch.Tensor, grid: tuple[int, int, int], out_grid: tuple[int, int, int]) -> torch.Tensor:
     """Adjoint of ``pool_tokens``: (B, P, C) gradient -> (B, T*H*W, C) gradient."""
     B, _, C = grad.shape
@@ -113,7 +120,7 @@ def unpool_tokens(grad: torch.Tensor, grid: tuple[int, int, int], out_grid: tupl
     if dx.numel() == 0:
         return dx
     block = _block_c(C)
-    unpool_tokens_kernel[(N, B, triton.cdiv(C, block))](
+    unpool_tokens_kernel[(B * N, triton.cdiv(C, block))](
         grad, dx, C, T, H, W, OT, OH, OW, *grad.stride(), *dx.stride(), BLOCK_C=block,
     )
     return dx

@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
 from ._tuning import autotuned, device_arch, dot_dtype_workaround
 from .cross_attention_fwd import (
     KV_PACKED, LOG2E, acc_dtype, choose_num_splits, dot, dot_precision, dropout_keep, dropout_stream, kv_extent,
@@ -138,11 +139,11 @@ def cross_attention_bwd_preprocess_kernel(
     sob, som, soh, sod, sdob, sdom, sdoh, sdod,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (ceil(M / BLOCK_M), B * H): Delta (B, H, M) = rowsum(dO o O) in the accumulator dtype."""
-    bh = tl.program_id(1)
+    """Grid (B * H, ceil(M / BLOCK_M)): Delta (B, H, M) = rowsum(dO o O) in the accumulator dtype."""
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
@@ -202,9 +203,9 @@ def cross_attention_bwd_single_pass_kernel(
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (splits, B * H). dQ partial of split s goes to dq_ptr + s * sdqs (+ batch, row, head, dim)."""
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Grid (B * H, splits). dQ partial of split s goes to dq_ptr + s * sdqs (+ batch, row, head, dim)."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
     b = bh // H
     b64 = b.to(tl.int64)
     h = bh % H
@@ -320,15 +321,15 @@ def cross_attention_bwd_dkdv_kernel(
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (ceil(N / BLOCK_N), B * H): one key block's dK, dV, looping over every query block."""
-    bh = tl.program_id(1)
+    """Grid (B * H, ceil(N / BLOCK_N)): one key block's dK, dV, looping over every query block."""
+    bh = tl.program_id(0)
     b = bh // H
     b64 = b.to(tl.int64)
     h = bh % H
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
     kv_start, kv_len = kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < kv_len
     k = load_rows(k_ptr + b64 * skb + kv_start * skn + h * skh, cols, col_mask, skn, dims, dim_mask, skd)
     v = load_rows(v_ptr + b64 * svb + kv_start * svn + h * svh, cols, col_mask, svn, dims, dim_mask, svd)
@@ -338,7 +339,7 @@ def cross_attention_bwd_dkdv_kernel(
     do_base = do_ptr + b64 * sdob + h * sdoh
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
-    m_end = tl.where(tl.program_id(0) * BLOCK_N < kv_len, M, 0)
+    m_end = tl.where(tl.program_id(1) * BLOCK_N < kv_len, M, 0)
     for start_m in range(0, m_end, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_mask = rows < M
@@ -369,12 +370,12 @@ def cross_attention_bwd_dq_kernel(
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (ceil(M / BLOCK_M), B * H): one query block's dQ (per batch), looping over the keys."""
-    bh = tl.program_id(1)
+    """Grid (B * H, ceil(M / BLOCK_M)): one query block's dQ (per batch), looping over the keys."""
+    bh = tl.program_id(0)
     b = bh // H
     b64 = b.to(tl.int64)
     h = bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
@@ -402,6 +403,7 @@ def cross_attention_bwd_dq_kernel(
 # launcher
 
 
+@on_input_device
 def cross_attention_bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -447,7 +449,7 @@ def cross_attention_bwd(
     scales = (scale * LOG2E, scale, dropout_p)
 
     delta = torch.empty((B, H, M), device=q.device, dtype=stat_dtype)
-    cross_attention_bwd_preprocess_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H)](
+    cross_attention_bwd_preprocess_kernel[lambda meta: (B * H, triton.cdiv(M, meta["BLOCK_M"]))](
         out, dout, delta, H, M, D, *out.stride(), *dout.stride(), ACC=ACC, BLOCK_D=BLOCK_D,
     )
     # Gradients are contiguous (as the op's fake implementation says). Packed keys: rows outside
@@ -464,7 +466,7 @@ def cross_attention_bwd(
         dq_part = torch.empty(q.shape, device=q.device, dtype=q.dtype) if direct else \
             torch.empty((num_splits, B, M, H, D), device=q.device, dtype=stat_dtype)
         dq_strides = (0, *dq_part.stride()) if direct else dq_part.stride()
-        cross_attention_bwd_single_pass_kernel[(num_splits, B * H)](
+        cross_attention_bwd_single_pass_kernel[(B * H, num_splits)](
             q, k, v, dout, lse, delta, dq_part, dk, dv, *extras,
             H, M, N, D, keys_per_split, *in_strides, *dq_strides, *kv_strides(dk), *kv_strides(dv), *scales,
             BLOCK_M=max(16, triton.next_power_of_2(M)), **aux,
@@ -475,13 +477,13 @@ def cross_attention_bwd(
     dq = dk = dv = None
     if need_dkv:
         dk, dv = new_kv(k), new_kv(v)
-        cross_attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
+        cross_attention_bwd_dkdv_kernel[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"]))](
             q, k, v, dout, lse, delta, dk, dv, *extras,
             H, M, N, D, *in_strides, *kv_strides(dk), *kv_strides(dv), *scales, **aux,
         )
     if need_dq:
         dq_part = torch.empty((B, M, H, D), device=q.device, dtype=stat_dtype if shared else q.dtype)
-        cross_attention_bwd_dq_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H)](
+        cross_attention_bwd_dq_kernel[lambda meta: (B * H, triton.cdiv(M, meta["BLOCK_M"]))](
             q, k, v, dout, lse, delta, dq_part, *extras,
             H, M, N, D, *in_strides, *dq_part.stride(), *scales, **aux,
         )

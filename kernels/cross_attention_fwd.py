@@ -13,6 +13,11 @@ are never loaded (masked loads), and their scores are replaced by -inf with ``tl
 garbage in the padding cannot leak. A row with no keys ends with l == 0: its output is written as
 zeros and its LSE as +inf, which makes every backward probability exp(S - LSE) zero.
 
+Grids: every kernel puts B * H on grid axis 0, whose limit is 2**31 - 1; axes 1 and 2 (query or
+key blocks, key splits) stop at 65535, which B * H passes in BLIP-2 feature extraction (12 heads,
+B >= 5462). Program ids are read, never divided: a flattened (head, block) index cost the
+forward's 32x128 tile 8 B of spills.
+
 Split keys: when B * H * ceil(M / 64) < 0.8 * SM count (BLIP-2's 32 queries at small batch), the
 queries alone cannot fill the GPU, so the key range is cut into ``S`` splits, one program each; each
 writes its partial state (unnormalised O, m, l) in fp32, and ``cross_attention_combine_kernel``
@@ -40,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_input_device
 from ._tuning import autotuned, dot_dtype_workaround, input_precision
 
 LOG2E = 1.4426950408889634
@@ -191,12 +197,12 @@ def cross_attention_fwd_kernel(
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (ceil(M / BLOCK_M), B * H, splits). ``qk_scale`` = softmax scale * log2(e).
+    """Grid (B * H, ceil(M / BLOCK_M), splits). ``qk_scale`` = softmax scale * log2(e).
 
     SPLIT: write the fp32 partial state (unnormalised O at o_ptr, laid out (S, B, H, M, D), and m,
     l at m_ptr/l_ptr, (S, B, H, M)); otherwise O (strided, input dtype) and the LSE (B, H, M)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     split = tl.program_id(2)
     b = bh // H
     h = bh % H
@@ -237,7 +243,7 @@ def cross_attention_fwd_kernel(
         m_i = m_new
 
     if SPLIT:
-        state = (split * tl.num_programs(1) + bh).to(tl.int64) * M + rows
+        state = (split * tl.num_programs(0) + bh).to(tl.int64) * M + rows
         tl.store(o_ptr + state[:, None] * D + dims[None, :], acc, mask=row_mask[:, None] & dim_mask[None, :])
         tl.store(m_ptr + state, m_i, mask=row_mask)
         tl.store(l_ptr + state, l_i, mask=row_mask)
@@ -271,9 +277,9 @@ def cross_attention_combine_kernel(
     sob, som, soh, sod,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (ceil(M / BLOCK_M), B * H): exact merge of the S partial softmax states, splits in order."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Grid (B * H, ceil(M / BLOCK_M)): exact merge of the S partial softmax states, splits in order."""
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     dims = tl.arange(0, BLOCK_D)
@@ -319,6 +325,7 @@ def kv_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return (0, *t.stride()) if t.dim() == 3 else tuple(t.stride())
 
 
+@on_input_device
 def cross_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -358,7 +365,7 @@ def cross_attention_fwd(
     sqb = 0 if q.shape[0] == 1 else q.stride(0)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), B * H, num_splits)
+        return (B * H, triton.cdiv(M, meta["BLOCK_M"]), num_splits)
 
     cross_attention_fwd_kernel[grid](
         q, k, v, part_o if split else out, lse, part_m if split else lse, part_l if split else lse,
@@ -372,7 +379,7 @@ def cross_attention_fwd(
         BLOCK_D=BLOCK_D,
     )
     if split:
-        cross_attention_combine_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H)](
+        cross_attention_combine_kernel[lambda meta: (B * H, triton.cdiv(M, meta["BLOCK_M"]))](
             part_o, part_m, part_l, out, lse,
             B * H, H, M, D, num_splits, *out.stride(),
             ACC=acc_dtype(q.dtype), BLOCK_D=BLOCK_D,

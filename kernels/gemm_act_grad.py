@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from . import activations
+from ._device import on_input_device
 from .tiling import grouped_tile
 from ._tuning import autotuned, dot_dtype_workaround, input_precision
 
@@ -111,6 +112,7 @@ def _act_grad_tile(acc, z_ptr, dz_ptr, a_ptr, first_row, cols, M, N, szm, szn, A
     tl.store(a_ptr + first_row * N + offsets, activations.apply(z, ACTIVATION).to(a_ptr.dtype.element_ty), mask=mask)
 
 
+@on_input_device
 def gemm_act_grad(dy: torch.Tensor, w2: torch.Tensor, z: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """dy (M, K) , w2 (K, N) in nn.Linear layout (out=K, in=N), z (M, N) -> (dz, act(z)), both (M, N)."""
     M, K = dy.shape

@@ -24,9 +24,10 @@ import triton
 import triton.language as tl
 
 from . import activations
+from ._device import on_input_device
 from .tiling import grouped_tile
 from ._tuning import autotuned, dot_dtype_workaround, input_precision
-from .packed_pool import MODES, image_index, packed_geometry, tokens_per_image, unpooled_tile
+from .packed_pool import MODES, image_index, packed_geometry, unpooled_tile
 
 
 def cuda_configs() -> list[triton.Config]:
@@ -104,6 +105,7 @@ def gemm_unpool_act_grad_kernel(
     tl.store(dz_ptr + rows[:, None] * N + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=out_mask)
 
 
+@on_input_device
 def gemm_unpool_act_grad(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -119,7 +121,7 @@ def gemm_unpool_act_grad(
     dz = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return dz
-    image = image_index(geometry, tokens_per_image(geometry), M)
+    image = image_index(geometry, "tokens", M)
 
     def grid_fn(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

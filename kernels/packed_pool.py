@@ -29,10 +29,15 @@ Counts: pooling reads every token once (more where windows overlap) and writes e
 bytes = (total_tokens + total_out) * C * elem; flops ~ taps * total_out * C.
 """
 
+import functools
+import math
+
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakTensorKeyDictionary
 
+from ._device import on_input_device
 from ._tuning import INTERPRET
 from .adaptive_window import window, windows_containing
 
@@ -242,18 +247,42 @@ def unpool_packed_kernel(
 # launchers
 
 
-def image_index(geometry: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
-    """int32 (total,): the image of every row, from per-image row counts (no host sync)."""
-    ids = torch.arange(geometry.shape[0], device=geometry.device, dtype=torch.int32)
-    return torch.repeat_interleave(ids, counts, output_size=total)
-
-
 def out_rows_per_image(geometry: torch.Tensor) -> torch.Tensor:
     return geometry[:, 3] * geometry[:, 4] * geometry[:, 5]
 
 
 def tokens_per_image(geometry: torch.Tensor) -> torch.Tensor:
     return geometry[:, 0] * geometry[:, 1] * geometry[:, 2]
+
+
+@functools.lru_cache(maxsize=256)
+def dense_geometry(grid: tuple[int, int, int], out_grid: tuple[int, int, int], batch: int, device: torch.device) -> torch.Tensor:
+    """The geometry of a dense (B, T*H*W, C) batch seen as B packed images of one grid: built and
+    copied to ``device`` once per (grid, out_grid, batch, device), never per call."""
+    tokens, out_rows = math.prod(grid), math.prod(out_grid)
+    rows = [[*grid, *out_grid, i * tokens, i * out_rows] for i in range(batch)]
+    return torch.tensor(rows, dtype=torch.int32, device=device).reshape(batch, GEOMETRY_FIELDS)
+
+
+ROWS_PER_IMAGE = {"out_rows": out_rows_per_image, "tokens": tokens_per_image}
+
+# Index tables built once per geometry tensor (and per kind): a dense batch passes the same cached
+# geometry on every call (``deco_ops.packed.dense_geometry``), so its calls build nothing; a packed
+# call's table serves its forward and backward. Entries die with their geometry tensor.
+_image_tables = WeakTensorKeyDictionary()
+
+
+def image_index(geometry: torch.Tensor, kind: str, total: int) -> torch.Tensor:
+    """int32 (total,): the image of every output row (``kind="out_rows"``) or every input token
+    (``"tokens"``), built on the device without a host sync the first time a geometry asks."""
+    version, tables = _image_tables.get(geometry, (None, None))
+    if version != geometry._version:  # new geometry, or written in place since: rebuild
+        version, tables = geometry._version, {}
+        _image_tables[geometry] = (version, tables)
+    if (kind, total) not in tables:
+        ids = torch.arange(geometry.shape[0], device=geometry.device, dtype=torch.int32)
+        tables[kind, total] = torch.repeat_interleave(ids, ROWS_PER_IMAGE[kind](geometry), output_size=total)
+    return tables[kind, total]
 
 
 def _launch_config(C: int, elem_bytes: int) -> dict:
@@ -264,15 +293,14 @@ def _launch_config(C: int, elem_bytes: int) -> dict:
     return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=config.num_warps)
 
 
-def _resample(kernel, src: torch.Tensor, geometry: torch.Tensor, rows: int, rows_per_image: torch.Tensor,
-              mode: str) -> torch.Tensor:
-    """Launch ``kernel`` (pooling or its adjoint) from ``src`` into ``rows`` new rows, the
-    ``rows_per_image[i]`` rows of image i back to back."""
+def _resample(kernel, src: torch.Tensor, geometry: torch.Tensor, rows: int, kind: str, mode: str) -> torch.Tensor:
+    """Launch ``kernel`` (pooling or its adjoint) from ``src`` into ``rows`` new rows, image i's
+    ``ROWS_PER_IMAGE[kind]`` rows back to back."""
     C = src.shape[1]
     dst = torch.empty((rows, C), device=src.device, dtype=src.dtype)
     if dst.numel() == 0:
         return dst
-    image = image_index(geometry, rows_per_image, rows)
+    image = image_index(geometry, kind, rows)
     launch = _launch_config(C, src.element_size())
     kernel[(triton.cdiv(rows, launch["BLOCK_R"]), triton.cdiv(C, launch["BLOCK_C"]))](
         src, dst, image, geometry, rows, C, *src.stride(), *dst.stride(), MODE=MODES[mode], **launch,
@@ -280,14 +308,16 @@ def _resample(kernel, src: torch.Tensor, geometry: torch.Tensor, rows: int, rows
     return dst
 
 
+@on_input_device
 def pool_packed(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: str) -> torch.Tensor:
     """(total_tokens, C) -> (num_out, C): every image resampled to its own output grid."""
-    return _resample(pool_packed_kernel, x, geometry, num_out, out_rows_per_image(geometry), mode)
+    return _resample(pool_packed_kernel, x, geometry, num_out, "out_rows", mode)
 
 
+@on_input_device
 def unpool_packed(grad: torch.Tensor, geometry: torch.Tensor, num_tokens: int, mode: str) -> torch.Tensor:
     """Adjoint of ``pool_packed``: (num_out, C) gradient -> (total_tokens, C)."""
-    return _resample(unpool_packed_kernel, grad, geometry, num_tokens, tokens_per_image(geometry), mode)
+    return _resample(unpool_packed_kernel, grad, geometry, num_tokens, "tokens", mode)
 
 
 def pool_bytes(total_tokens: int, total_out: int, C: int, elem: int) -> int:

@@ -30,10 +30,11 @@ import triton
 import triton.language as tl
 
 from . import activations
+from ._device import on_input_device
 from .tiling import grouped_tile
 from ._tuning import INTERPRET, autotuned, device_smem_limit, dot_dtype_workaround, input_precision
 from .adaptive_window import max_window, window
-from .packed_pool import MODES, image_index, out_rows_per_image, packed_geometry, pooled_tile
+from .packed_pool import MODES, dense_geometry, image_index, packed_geometry, pooled_tile
 
 
 def cuda_configs() -> list[triton.Config]:
@@ -175,6 +176,7 @@ def pool_gemm_kernel(
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@on_input_device
 def pool_gemm(
     x: torch.Tensor,
     grid: tuple[int, int, int],
@@ -201,10 +203,8 @@ def pool_gemm(
     if not unrolled_windows_fit(x, windows[0] * windows[1] * windows[2]):
         # Windows too large to unroll on this device (e.g. 24x24 -> 3x3): the ragged path's
         # runtime window loops serve the batch as B images of one grid.
-        n_tok, P = T * H * W, OT * OH * OW
-        geometry = torch.tensor([[T, H, W, OT, OH, OW, i * n_tok, i * P] for i in range(B)], dtype=torch.int32)
         return pool_gemm_packed(
-            x.reshape(B * n_tok, K), geometry.to(x.device, non_blocking=True), M, "average", w, b,
+            x.reshape(B * T * H * W, K), dense_geometry(grid, out_grid, B, x.device), M, "average", w, b,
             activation, store_pre, store_pooled,
         )
 
@@ -225,6 +225,7 @@ def pool_gemm(
     return out, pre, pooled
 
 
+@on_input_device
 def pool_gemm_packed(
     x: torch.Tensor,
     geometry: torch.Tensor,
@@ -247,7 +248,7 @@ def pool_gemm_packed(
     pooled = torch.empty((M, K), device=x.device, dtype=x.dtype) if store_pooled else None
     if M == 0 or N == 0:
         return out, pre, pooled
-    image = image_index(geometry, out_rows_per_image(geometry), M)
+    image = image_index(geometry, "out_rows", M)
 
     def grid_fn(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

@@ -1,0 +1,56 @@
+"""The projectors' composed twins: what a careful user writes with the same pieces. Our pooling op
+(the Triton pooling / packed-gather kernel on the Triton backend, PyTorch's adaptive pooling on
+the PyTorch backend), then ``F.linear`` (cuBLAS ``addmm`` on CUDA), then the activation in PyTorch.
+
+They return exactly the fused paths' residuals (the pooled input and the pre-activation, or the
+pooled activation for ``mlp_pool``), so one backward serves both. On the PyTorch backend they are
+the projectors' only implementation.
+
+No cuBLASLt epilogue: ``torch._addmm_activation``'s GELU epilogue is the tanh approximation
+applied to the fp32 accumulator, so it is not erf-GELU (``nn.GELU()``, the default here) and not
+bit-identical to ``F.gelu(approximate="tanh")`` on the rounded pre-activation either; and under
+autograd the pre-activation must be stored anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+
+def _empty(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((0,))
+
+
+def pool_linear(pooled: torch.Tensor, w, b, keep_residuals: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``Linear(pooled)``, pooled or empty), as ``deco::pool_linear``."""
+    return F.linear(pooled, w, b), pooled if keep_residuals else _empty(pooled)
+
+
+def pool_mlp(pooled: torch.Tensor, w1, b1, w2, b2, activation: str, keep_residuals: bool):
+    """(``Linear2(act(Linear1(pooled)))``, pooled, pre-activation) (empties when not kept), as
+    ``deco::pool_mlp`` and ``deco::pool_mlp_packed``."""
+    pre = F.linear(pooled, w1, b1)
+    y = F.linear(reference.ACTIVATIONS[activation](pre), w2, b2)
+    if not keep_residuals:
+        return y, _empty(pooled), _empty(pooled)
+    return y, pooled, pre
+
+
+def mlp_pool(x: torch.Tensor, w1, b1, w2, b2, pool: Callable[[torch.Tensor], torch.Tensor], activation: str,
+             keep_residuals: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``Linear2(pool(act(Linear1(x))))``, the pooled activation or empty), as ``deco::mlp_pool_packed``."""
+    pooled = pool(reference.ACTIVATIONS[activation](F.linear(x, w1, b1)))
+    return F.linear(pooled, w2, b2), pooled if keep_residuals else _empty(x)
+
+
+def mlp_pool_act_backward(x: torch.Tensor, w1, b1, dpooled: torch.Tensor, unpool: Callable[[torch.Tensor], torch.Tensor],
+                          activation: str) -> torch.Tensor:
+    """``unpool(dpooled) * act'(x @ w1.T + b1)``, the pre-activation recomputed, act' in at least fp32."""
+    z = F.linear(x, w1, b1)
+    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    return (unpool(dpooled).to(z.dtype) * reference.ACTIVATION_GRADS[activation](z)).to(x.dtype)

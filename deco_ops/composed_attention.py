@@ -1,0 +1,121 @@
+"""``cross_attention``'s composed twin: PyTorch's own scaled-dot-product-attention kernels, wherever
+they express the call exactly.
+
+The kernels are the ones ``F.scaled_dot_product_attention`` dispatches to, called through the ATen
+ops that also return the log-sum-exp, so this twin keeps exactly the fused path's residuals (the
+output and the fp32 LSE ``(B, H, M)``, natural log, ``+inf`` for a row without keys) and either
+backward can follow either forward:
+
+* CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward (SDPA's CPU kernel),
+  on ``(B, H, L, D)`` views.
+* CUDA: ``aten._efficient_attention_forward`` / ``_backward`` (SDPA's memory-efficient kernel, the
+  one that takes an additive mask), which read our ``(B, L, H, D)`` layout as it is. Its LSE holds
+  ``ceil(M / 32) * 32`` queries per row; its mask rows must be 16-element aligned.
+
+How the call is expressed:
+
+* shared queries ``(1, M, H, D)`` are expanded to the batch (a stride-0 view, never a copy, except
+  in the CUDA backward: see ``backward``); their gradient is summed over the batch;
+* ``kv_lens`` becomes an additive ``0 / -inf`` mask. Keys at or past ``kv_lens[b]`` are replaced by
+  zeros first, because SDPA still reads masked keys and ``0 * NaN`` would leak their garbage; a
+  batch without keys attends to its zeroed keys and its rows are then set to zero output and
+  ``+inf`` LSE, which makes every gradient of that batch exactly zero in backward.
+
+Not expressible, so the fused path runs: dropout (SDPA draws its own mask; ours is Philox,
+reproduced bit for bit by the reference path) and, on CUDA, head dims that are not a multiple of 8
+(the memory-efficient kernel's alignment).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LSE_ALIGN_CUDA = 32  # the memory-efficient kernel's LSE holds ceil(M / 32) * 32 queries
+_BIAS_ALIGN_CUDA = 16  # ... and wants its additive mask's rows 16-element aligned
+
+
+def expressible(q: torch.Tensor, dropout_p: float) -> bool:
+    """Whether SDPA's kernels compute this call exactly."""
+    if dropout_p > 0:
+        return False
+    if q.device.type == "cuda":
+        return q.shape[-1] % 8 == 0
+    return q.device.type == "cpu"
+
+
+def deterministic_backward(device: torch.device) -> bool:
+    """SDPA's CPU backward reduces in a fixed order; the memory-efficient CUDA backward may not."""
+    return device.type != "cuda"
+
+
+def _inputs(q, k, v, kv_lens):
+    """q expanded to the batch (a view), k and v (zeroed past ``kv_lens``), the additive mask
+    ``(B, 1 or H, 1 or M, N)`` or None, and the (B,) bool "batch has keys" or None; layouts as given."""
+    B, N, H, _ = k.shape
+    M = q.shape[1]
+    q = q.expand(B, -1, -1, -1)
+    if kv_lens is None:
+        return q, k, v, None, None
+    valid = torch.arange(N, device=k.device)[None, :] < kv_lens.to(device=k.device, dtype=torch.int64)[:, None]
+    has_keys = kv_lens > 0
+    k = torch.where(valid[:, :, None, None], k, 0.0)
+    v = torch.where(valid[:, :, None, None], v, 0.0)
+    attend = valid | ~has_keys[:, None]
+    cuda = q.device.type == "cuda"
+    width = -(-N // _BIAS_ALIGN_CUDA) * _BIAS_ALIGN_CUDA if cuda else N
+    bias = torch.zeros((B, 1, 1, width), dtype=q.dtype, device=q.device)
+    bias[..., :N].masked_fill_(~attend[:, None, None, :], float("-inf"))
+    bias = bias[..., :N]
+    if cuda:
+        bias = bias.expand(B, H, M, N)
+    return q, k, v, bias, has_keys
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def forward(q, k, v, kv_lens, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O ``(B, M, H, D)`` in q's dtype, LSE ``(B, H, M)``), as ``deco::cross_attention``."""
+    M = q.shape[1]
+    q, k, v, bias, has_keys = _inputs(q, k, v, kv_lens)
+    if q.device.type == "cuda":
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        out, lse, *_ = torch.ops.aten._efficient_attention_forward(q, k, v, bias, None, None, None, None, 0.0, 0, True, scale=scale)
+        lse = lse[:, :, :M]
+    else:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias, scale=scale
+        )
+        out = o.transpose(1, 2)
+    if has_keys is not None:
+        out = torch.where(has_keys[:, None, None, None], out, 0.0)
+        lse = torch.where(has_keys[:, None, None], lse, float("inf"))
+    return out.contiguous(), lse.contiguous()
+
+
+def backward(dout, q, k, v, out, lse, kv_lens, scale, need_dq: bool, need_dkv: bool):
+    """(dq, dk, dv) from the residuals of either forward (None where not needed); dq of shared
+    queries summed over the batch."""
+    shared = q.shape[0] == 1
+    M, N = q.shape[1], k.shape[1]
+    q, k, v, bias, _ = _inputs(q, k, v, kv_lens)
+    if q.device.type == "cuda":
+        # q is materialised: the kernel may lay dq out like q, and a stride-0 batch would alias it
+        q = q.contiguous()
+        dout, k, v, out = (_last_dim_contiguous(t) for t in (dout, k, v, out))
+        padded = -(-M // _LSE_ALIGN_CUDA) * _LSE_ALIGN_CUDA
+        lse = torch.nn.functional.pad(lse.float(), (0, padded - M))
+        unused_rng = torch.zeros((), dtype=torch.int64)  # the Philox seed and offset, read only with dropout
+        dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
+            dout, q, k, v, bias, out, None, None, M, N, lse, 0.0, unused_rng, unused_rng, 0, False, scale=scale
+        )
+    else:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2), lse,
+            0.0, False, attn_mask=bias, scale=scale,
+        )
+        dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    if shared and dq.shape[0] > 1:
+        dq = dq.sum(0, keepdim=True)
+    return (dq.contiguous() if need_dq else None), (dk.contiguous() if need_dkv else None), (dv.contiguous() if need_dkv else None)
