@@ -10,7 +10,8 @@ deterministic.
 
 Paths: the pooling kernel and its un-pooling gather; pool_gemm's unrolled window loads (dense,
 ``pool_linear``/``pool_mlp``) and its runtime window loops (taken on a GPU when the windows are
-too large to unroll; forced here); the packed kernels (``*_packed``, both modes) and the packed
+too large to unroll; forced here); ``pool_mlp``'s composed twin (pooling kernel, then
+``F.linear``); the packed kernels (``*_packed``, both modes) and the packed
 pool+GEMM; ``mlp_pool``'s pooled second GEMM and its fused un-pool + act' backward.
 """
 
@@ -103,14 +104,16 @@ def test_pool_linear_unrolled_windows(grid, out_grid):
     _compare(got, want, ["x", "w", "b"])
 
 
-@pytest.mark.parametrize("runtime_loops", [False, True], ids=["unrolled", "runtime_loops"])
+@pytest.mark.parametrize("path", ["unrolled", "runtime_loops", "composed"])
 @pytest.mark.parametrize("grid,out_grid", CASES)
-def test_pool_mlp(grid, out_grid, runtime_loops, monkeypatch):
-    if runtime_loops:  # what a GPU runs when no tile can stage the unrolled window taps
+def test_pool_mlp(grid, out_grid, path, monkeypatch):
+    if path == "runtime_loops":  # what a GPU runs when no tile can stage the unrolled window taps
         monkeypatch.setattr(pool_gemm, "unrolled_windows_fit", lambda x, taps: False)
+    strategy = "composed" if path == "composed" else "fused"  # composed: the pooling kernel, then F.linear
     inputs = [randn(1, math.prod(grid), C), *_params()]
     dy = randn(1, math.prod(out_grid), OUT)
-    got = _run(lambda *p: deco_ops.pool_mlp(*p, grid=grid, out_grid=out_grid), inputs, dy)
+    with deco_ops.use_strategy(strategy):
+        got = _run(lambda *p: deco_ops.pool_mlp(*p, grid=grid, out_grid=out_grid), inputs, dy)
     want = _reference(lambda *p: reference.pool_mlp(*p, grid, out_grid), inputs, dy)
     _compare(got, want, ["x", "w1", "b1", "w2", "b2"])
 
