@@ -1,0 +1,331 @@
+"""Every error path: each ``raise`` statement in the modules listed in COVERED is triggered by a
+case of CASES, with its exception type and message checked, before any kernel is launched.
+
+``test_every_raise_has_a_case`` walks the covered modules' source (AST) for ``raise`` statements,
+runs every case, and finds which statement raised from the traceback (line numbers are read from
+the current source, so edits elsewhere never break it). A raise added to a covered module without
+a case fails it, naming the file, function and line. Modules added later (and other engineers'
+new files) are not covered until they are listed here with their cases.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import functools
+import os
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+import deco_ops
+from deco_ops import _backend, _checks, aot
+
+PACKAGE = Path(os.path.realpath(deco_ops.__file__)).parent
+
+COVERED = (
+    "_backend", "_checks", "_validate", "_validate_attention", "aot", "attention", "attention_modules",
+    "mlp_pool", "modules", "packed", "pooling", "projector", "reference", "reference_attention",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs: valid ones, and the single change each case makes
+
+
+def mlp(**change):
+    args = {"x": torch.randn(2, 16, 4), "w1": torch.randn(8, 4), "b1": torch.randn(8), "w2": torch.randn(5, 8),
+            "b2": torch.randn(5), "grid": (4, 4), "out_grid": (2, 2), "activation": "gelu"} | change
+    return deco_ops.pool_mlp(args.pop("x"), args.pop("w1"), args.pop("b1"), args.pop("w2"), args.pop("b2"), **args)
+
+
+def packed(op=deco_ops.adaptive_avg_pool_tokens_packed, **change):
+    args = {"x": torch.randn(28, 4), "grids": torch.tensor([[4, 4], [3, 4]]), "stride": 2} | change
+    return op(args.pop("x"), args.pop("grids"), **args)
+
+
+def packed_mlp(**change):
+    args = {"x": torch.randn(16, 4), "grids": torch.tensor([[4, 4]]), "w1": torch.randn(8, 4), "b1": None,
+            "w2": torch.randn(5, 8), "b2": None, "stride": 2, "mode": "average"} | change
+    positional = [args.pop(k) for k in ("x", "grids", "w1", "b1", "w2", "b2")]
+    return deco_ops.pool_mlp_packed(*positional, **args)
+
+
+def attention(**change):
+    args = {"q": torch.randn(2, 4, 2, 16), "k": torch.randn(2, 9, 2, 16), "v": torch.randn(2, 9, 2, 16)} | change
+    return deco_ops.cross_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+def packed_keys(cu, dtype=torch.int32, **change):
+    return attention(k=torch.randn(9, 2, 16), v=torch.randn(9, 2, 16), cu_seqlens_k=torch.tensor(cu, dtype=dtype), **change)
+
+
+def cross_attention_module(mask=None, **change):
+    args = {"query": torch.randn(1, 3, 16), "key": torch.randn(1, 4, 16), "value": torch.randn(1, 4, 16)} | change
+    return deco_ops.CrossAttention(16, 1, batch_first=True)(**args, key_padding_mask=mask, need_weights=False)
+
+
+def backward_without_residuals(op, *args):
+    """A custom op run with keep_residuals=False, then differentiated (only deco_ops' own
+    functions choose keep_residuals, so this is a misuse of the raw op)."""
+    leaves = [a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    with deco_ops.use_backend("torch"):
+        op(*leaves)[0].sum().backward()
+
+
+def on_cpu(fn):
+    with torch.device("cpu"):
+        return fn()
+
+
+def use(backend):
+    with deco_ops.use_backend(backend):
+        pass
+
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+META = torch.device("meta")
+NO_RESIDUALS = [torch.randn(16, 4), torch.randn(8, 4), None, torch.randn(5, 8), None]
+
+# (id, fn(monkeypatch), exception, message regex), each run by run_case.
+CASES = [
+    # _backend
+    ("backend-name", lambda mp: use("fast"), ValueError, r"backend must be one of \('auto', 'triton', 'torch'\), got 'fast'"),
+    ("backend-env", lambda mp: (mp.setenv("DECO_OPS_BACKEND", "cuda"), mp.setattr(_backend, "_override", None), _backend.selected()), ValueError,
+     "DECO_OPS_BACKEND must be one of"),
+    ("backend-no-interpreter", lambda mp: (mp.setattr(_backend, "interpreting", lambda: False), on_cpu(mlp)), RuntimeError,
+     "DECO_OPS_BACKEND=triton on CPU tensors needs Triton's interpreter"),
+    ("backend-no-kernels", lambda mp: _backend.use_triton(META), RuntimeError, "no kernels for device meta"),
+    # _checks
+    ("checks-env", lambda mp: (mp.setenv("DECO_OPS_CHECKS", "yes"), _checks.value_checks(torch.device("cpu"))), ValueError,
+     "DECO_OPS_CHECKS must be 0 or 1, got 'yes'"),
+    # _validate, through pool_mlp
+    ("not-a-tensor", lambda mp: mlp(x=[[1.0]]), TypeError, "x must be a torch.Tensor, got list"),
+    ("rank", lambda mp: mlp(x=torch.randn(2, 16)), ValueError, r"x must have 3 dimensions, got shape \(2, 16\)"),
+    ("dtype", lambda mp: mlp(x=torch.randn(2, 16, 4, dtype=torch.float64)), TypeError,
+     "x has dtype torch.float64; supported here: float16, bfloat16, float32"),
+    ("mixed-dtype", lambda mp: mlp(w1=torch.randn(8, 4).half()), TypeError,
+     "w1 has dtype torch.float16 but x has torch.float32; cast them to one dtype"),
+    ("mixed-device", lambda mp: mlp(w2=torch.randn(5, 8, device=META)), ValueError, "w2 is on meta but x is on (cpu|cuda)"),
+    ("grid-type", lambda mp: mlp(grid=torch.tensor([4, 4])), TypeError, "grid must be a tuple of 2 or 3 ints"),
+    ("grid-rank", lambda mp: mlp(grid=(16,)), ValueError, r"grid must have 2 \(H, W\) or 3 \(T, H, W\) entries, got \(16,\)"),
+    ("grid-int", lambda mp: mlp(grid=(4.0, 4)), TypeError, r"grid entries must be ints, got \(4.0, 4\)"),
+    ("grid-bool", lambda mp: mlp(out_grid=(True, 2)), TypeError, "out_grid entries must be ints"),
+    ("out-grid-zero", lambda mp: mlp(out_grid=(0, 2)), ValueError, r"out_grid entries must be >= 1, got \(0, 2\)"),
+    ("grid-ranks-differ", lambda mp: mlp(out_grid=(2, 2, 1)), ValueError,
+     r"out_grid \(2, 2, 1\) must have as many entries as grid \(4, 4\)"),
+    ("tokens", lambda mp: mlp(x=torch.randn(2, 17, 4)), ValueError,
+     r"x has 17 tokens but grid \(4, 4\) needs 16; .*num_prefix_tokens"),
+    ("in-features", lambda mp: mlp(w1=torch.randn(8, 3)), ValueError,
+     r"w1 has shape \(8, 3\): its in_features 3 must equal x.shape\[-1\] = 4"),
+    ("hidden-features", lambda mp: mlp(w2=torch.randn(5, 7)), ValueError, r"w2 has shape \(5, 7\): its in_features 7 must equal w1"),
+    ("bias", lambda mp: mlp(b1=torch.randn(7)), ValueError, r"b1 has shape \(7,\) but w1 has 8 output features"),
+    ("activation", lambda mp: mlp(activation="relu"), ValueError, r"activation must be one of \('gelu', .*'silu'.*\), got 'relu'"),
+    # _validate_attention, through cross_attention
+    ("k-layout", lambda mp: attention(k=torch.randn(2, 9, 32)), ValueError, r"k must be \(B, N, H, D\), got shape \(2, 9, 32\)"),
+    ("kv-shapes", lambda mp: attention(v=torch.randn(2, 8, 2, 16)), ValueError, "k and v must have the same shape"),
+    ("heads", lambda mp: attention(q=torch.randn(2, 4, 3, 16)), ValueError, "k/v have 2 heads but q has 3"),
+    ("head-dim-mismatch", lambda mp: attention(q=torch.randn(2, 4, 2, 8)), ValueError, "k/v have head dim 16 but q has 8"),
+    ("head-dim-range", lambda mp: attention(q=torch.randn(1, 4, 1, 300), k=torch.randn(1, 9, 1, 300), v=torch.randn(1, 9, 1, 300)),
+     ValueError, r"head dim must be in \[1, 256\]"),
+    ("no-query", lambda mp: attention(q=torch.randn(2, 0, 2, 16)), ValueError, "q must have at least one query"),
+    ("no-head", lambda mp: attention(q=torch.randn(2, 4, 0, 16), k=torch.randn(2, 9, 0, 16), v=torch.randn(2, 9, 0, 16)),
+     ValueError, "q must have at least one head"),
+    ("no-key", lambda mp: attention(k=torch.randn(2, 0, 2, 16), v=torch.randn(2, 0, 2, 16)), ValueError,
+     "k/v must have at least one key"),
+    ("q-batch", lambda mp: attention(q=torch.randn(3, 4, 2, 16)), ValueError,
+     r"q has batch 3; it must be 1 \(queries shared by the batch\) or the key batch 2"),
+    ("kv-lens-dtype", lambda mp: attention(kv_lens=torch.tensor([9.0, 1.0])), TypeError, "kv_lens must be int32 or int64"),
+    ("kv-lens-batch", lambda mp: attention(kv_lens=torch.tensor([9, 9, 9])), ValueError, "kv_lens has 3 entries but the batch is 2"),
+    ("kv-lens-device", lambda mp: attention(kv_lens=torch.tensor([1, 1], device=META)), ValueError, "kv_lens is on meta but q is on (cpu|cuda)"),
+    ("kv-lens-above-n", lambda mp: attention(kv_lens=torch.tensor([10, 1])), ValueError, r"kv_lens must lie in \[0, N=9\], got \[10, 1\]"),
+    ("kv-lens-negative", lambda mp: attention(kv_lens=torch.tensor([9, -1])), ValueError, r"kv_lens must lie in \[0, N=9\]"),
+    ("cu-dtype", lambda mp: packed_keys([0, 4, 9], torch.int64), TypeError, "cu_seqlens_k must be int32"),
+    ("cu-length", lambda mp: packed_keys([0]), ValueError, r"cu_seqlens_k must have B \+ 1 >= 2 entries, got 1"),
+    ("cu-device", lambda mp: attention(k=torch.randn(9, 2, 16), v=torch.randn(9, 2, 16),
+                                       cu_seqlens_k=torch.tensor([0, 9], dtype=torch.int32, device=META)),
+     ValueError, "cu_seqlens_k is on meta but q is on (cpu|cuda)"),
+    ("cu-start", lambda mp: packed_keys([1, 4, 9]), ValueError, r"cu_seqlens_k must start at 0.*got \[1, 4, 9\]"),
+    ("cu-decreasing", lambda mp: packed_keys([0, 5, 4]), ValueError, r"never decrease.*got \[0, 5, 4\]"),
+    ("cu-past-total", lambda mp: packed_keys([0, 4, 10]), ValueError, r"end at most at total_N=9, got \[0, 4, 10\]"),
+    ("scale-type", lambda mp: attention(softmax_scale="big"), TypeError, "softmax_scale must be a finite float or None, got 'big'"),
+    ("scale-inf", lambda mp: attention(softmax_scale=float("inf")), TypeError, "softmax_scale must be a finite float"),
+    ("dropout-p", lambda mp: attention(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\), got 1.0"),
+    ("generator", lambda mp: attention(dropout_p=0.1, generator=3), TypeError, "generator must be a torch.Generator or None, got int"),
+    # attention
+    ("lens-and-cu", lambda mp: packed_keys([0, 4, 9], kv_lens=torch.tensor([1, 1])), ValueError,
+     "pass either kv_lens or cu_seqlens_k, not both"),
+    # attention_modules
+    ("positive", lambda mp: deco_ops.QueryResampler(0, 16, 8, 2), ValueError, "num_queries must be a positive int, got 0"),
+    ("divisible", lambda mp: deco_ops.CrossAttention(30, 4), ValueError, "embed_dim 30 must be divisible by num_heads 4"),
+    ("mask-dtype", lambda mp: cross_attention_module(torch.zeros(1, 4, dtype=torch.int64)), TypeError,
+     "key_padding_mask must be a bool or float tensor .*got torch.int64"),
+    ("mask-shape", lambda mp: cross_attention_module(torch.zeros(1, 5, dtype=torch.bool)), ValueError,
+     r"key_padding_mask must have shape \(batch, keys\) = \(1, 4\)"),
+    ("mask-additive", lambda mp: cross_attention_module(torch.tensor([[0.0, 0.5, 0.0, 0.0]])), ValueError,
+     "a float key_padding_mask must hold only 0 \\(keep\\) and -inf \\(ignore\\)"),
+    ("mask-holes", lambda mp: cross_attention_module(torch.tensor([[False, True, False, True]])), ValueError,
+     "key_padding_mask must mark a contiguous prefix of valid keys"),
+    ("mha-dropout", lambda mp: deco_ops.CrossAttention(16, 2, dropout=1.5), ValueError, r"dropout must be a float in \[0, 1\), got 1.5"),
+    ("mha-not-a-tensor", lambda mp: cross_attention_module(query=[[0.0]]), TypeError, "query must be a torch.Tensor, got list"),
+    ("mha-rank", lambda mp: cross_attention_module(query=torch.randn(3, 16)), ValueError,
+     r"query, key and value must all be batched \(batch, tokens, features\) or all unbatched"),
+    ("mha-features", lambda mp: cross_attention_module(query=torch.randn(1, 3, 8)), ValueError,
+     "query has 8 features but the module expects 16"),
+    ("mha-key-value", lambda mp: cross_attention_module(value=torch.randn(1, 5, 16)), ValueError,
+     "key and value must have the same tokens and batch"),
+    ("mha-batch", lambda mp: cross_attention_module(query=torch.randn(2, 3, 16)), ValueError, "query has batch 2 but key has 1"),
+    ("mha-unbatched-mask", lambda mp: cross_attention_module(torch.zeros(1, 4, dtype=torch.bool), query=torch.randn(3, 16),
+                                                             key=torch.randn(4, 16), value=torch.randn(4, 16)),
+     ValueError, r"unbatched inputs take a key_padding_mask of shape \(keys,\)"),
+    ("mha-is-causal", lambda mp: deco_ops.CrossAttention(16, 1)(torch.randn(3, 1, 16), torch.randn(4, 1, 16), torch.randn(4, 1, 16),
+                                                                need_weights=False, is_causal=True),
+     ValueError, "is_causal is a hint that attn_mask is the causal mask"),
+    ("resampler-dropout", lambda mp: deco_ops.QueryResampler(4, 16, 8, 2, dropout=-0.1), ValueError, r"dropout must be in \[0, 1\)"),
+    ("resampler-x", lambda mp: deco_ops.QueryResampler(4, 16, 24, 2)(torch.randn(1, 4, 16)), ValueError,
+     r"x must be \(batch, tokens, kv_dim=24\)"),
+    # modules
+    ("in-features-module", lambda mp: deco_ops.DeCoProjector(0, 4), ValueError, "in_features must be a positive int, got 0"),
+    ("hidden-module", lambda mp: deco_ops.DeCoProjector(4, 4, hidden_features=True), ValueError,
+     "hidden_features must be a positive int, got True"),
+    ("prefix-module", lambda mp: deco_ops.DeCoProjector(4, 4, num_prefix_tokens=-1), ValueError, "num_prefix_tokens must be an int >= 0"),
+    ("activation-module", lambda mp: deco_ops.DeCoProjector(4, 4, activation="relu"), ValueError,
+     r"activation must be one of .* or a Hugging Face name .*got 'relu'"),
+    ("order-module", lambda mp: deco_ops.DeCoProjector(4, 4, order="pool_then_mlp"), ValueError,
+     r"order must be one of \('pool_mlp', 'mlp_pool'\)"),
+    ("tokens-module", lambda mp: deco_ops.DeCoProjector(4, 5, grid=(4, 4), out_grid=(2, 2), num_prefix_tokens=1)(torch.randn(2, 16, 4)),
+     ValueError, r"x has 16 tokens but DeCoProjector expects num_prefix_tokens \+ prod\(grid\) = 1 \+ 16 = 17"),
+    # packed
+    ("mode", lambda mp: packed_mlp(mode="area"), ValueError, r"mode must be one of \('average', 'bilinear'\), got 'area'"),
+    ("grids-type", lambda mp: packed(grids=[[4, 4]]), TypeError, "grids must be an int torch.Tensor of shape"),
+    ("grids-dtype", lambda mp: packed(grids=torch.tensor([[4.0, 4.0]])), TypeError, "grids must be an integer tensor, got dtype torch.float32"),
+    ("grids-shape", lambda mp: packed(grids=torch.tensor([4, 4])), ValueError,
+     r"grids must have shape \(num_images, 2\) or \(num_images, 3\), got \(2,\)"),
+    ("grids-empty", lambda mp: packed(grids=torch.zeros(0, 2, dtype=torch.int64)), ValueError, "grids must hold at least one image"),
+    ("out-grids-columns", lambda mp: packed(stride=None, out_grids=torch.tensor([[2, 2, 1], [2, 2, 1]])), ValueError,
+     "out_grids has 3 columns but grids has 2; they must match"),
+    ("grids-entry", lambda mp: packed(grids=torch.tensor([[4, 4], [0, 4]])), ValueError, r"grids\[1\] = \(0, 4\): entries must be >= 1"),
+    ("stride-shape", lambda mp: packed(stride=(2, 2, 2)), ValueError, r"stride must be an int or a tuple of 2 ints"),
+    ("stride-type", lambda mp: packed(stride=(2.0, 2)), TypeError, r"stride entries must be ints, got \(2.0, 2\)"),
+    ("stride-zero", lambda mp: packed(stride=0), ValueError, "stride entries must be >= 1, got 0"),
+    ("packed-limit", lambda mp: packed(grids=torch.tensor([[65536, 32768]]), stride=1), ValueError,
+     "packed batches are limited to 2\\*\\*31 - 1 tokens and outputs, got 2147483648"),
+    ("stride-or-out-grids", lambda mp: packed(stride=None), ValueError, "pass exactly one of out_grids .* or stride"),
+    ("stride-and-out-grids", lambda mp: packed(out_grids=torch.tensor([[2, 2], [2, 2]])), ValueError, "pass exactly one of out_grids"),
+    ("out-grids-rows", lambda mp: packed(stride=None, out_grids=torch.tensor([[2, 2]])), ValueError,
+     "out_grids has 1 rows but grids has 2 images"),
+    ("packed-tokens", lambda mp: packed(x=torch.randn(27, 4)), ValueError, r"x has 27 tokens but grids need sum\(prod\(grids\)\) = 28"),
+    # keep_residuals=False ops differentiated
+    ("pool-linear-residuals", lambda mp: backward_without_residuals(torch.ops.deco.pool_linear, torch.randn(1, 16, 4),
+                                                                    torch.randn(8, 4), None, [4, 4], [2, 2], False),
+     RuntimeError, "deco::pool_linear ran with keep_residuals=False; call deco_ops.pool_linear"),
+    ("pool-mlp-residuals", lambda mp: backward_without_residuals(torch.ops.deco.pool_mlp, torch.randn(1, 16, 4), torch.randn(8, 4), None,
+                                                                 torch.randn(5, 8), None, [4, 4], [2, 2], "gelu", False),
+     RuntimeError, "deco::pool_mlp ran with keep_residuals=False"),
+    ("pool-mlp-packed-residuals", lambda mp: backward_without_residuals(
+        torch.ops.deco.pool_mlp_packed, *NO_RESIDUALS, deco_ops.packed.Packing([(4, 4)], [(2, 2)]).geometry, 4, "gelu", "average", False),
+     RuntimeError, "deco::pool_mlp_packed ran with keep_residuals=False"),
+    ("mlp-pool-residuals", lambda mp: backward_without_residuals(
+        torch.ops.deco.mlp_pool_packed, *NO_RESIDUALS, deco_ops.packed.Packing([(4, 4)], [(2, 2)]).geometry, 4, "gelu", "average", False),
+     RuntimeError, "deco::mlp_pool_packed ran with keep_residuals=False"),
+    # aot (the compile checker's own consistency checks)
+    ("aot-not-jit", lambda mp: aot._raw_jit_function(object()), TypeError, "not a triton JITFunction"),
+    ("aot-registry-args", lambda mp: aot.specialize(_fake_kernel(), {}, SimpleNamespace(kwargs={})), ValueError,
+     r"k: registry arguments do not match the kernel: missing \['a'\]"),
+    ("aot-argument-type", lambda mp: aot.specialize(_fake_kernel(), {"a": [1]}, SimpleNamespace(kwargs={})), TypeError,
+     r"k: cannot specialise argument a=\[1\]"),
+    ("aot-tool", lambda mp: aot._tool("no-such-cuda-tool"), FileNotFoundError, "no-such-cuda-tool not found next to triton"),
+    ("aot-entry", lambda mp: aot._entry("no_such_kernel"), KeyError, "no_such_kernel"),
+    ("aot-reexec", lambda mp: (mp.setenv(aot._REEXEC_MARK, "1"), aot._reexec_clean([])), SystemExit,
+     "TRITON_INTERPRET is still set in the clean subprocess"),
+]
+
+
+def _fake_kernel():
+    """What aot.specialize reads of a JITFunction: its name and parameters."""
+    return SimpleNamespace(__name__="k", params=[SimpleNamespace(name="a", is_constexpr=False, do_not_specialize=False)])
+
+
+# ----------------------------------------------------------------------------------------------
+# raise statements and the one that raised
+
+
+@functools.lru_cache(maxsize=1)
+def raise_sites() -> list[tuple[str, str, int, int]]:
+    """(file, qualified function, first line, last line) of every ``raise <exception>`` in COVERED."""
+    sites = []
+    for module in COVERED:
+        path = PACKAGE / f"{module}.py"
+
+        def visit(node, scope):
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    visit(child, [*scope, child.name])
+                    continue
+                if isinstance(child, ast.Raise) and child.exc is not None:
+                    sites.append((path.name, ".".join(scope) or "<module>", child.lineno, child.end_lineno))
+                visit(child, scope)
+
+        visit(ast.parse(path.read_text(), str(path)), [])
+    return sites
+
+
+def _raising_line(tb) -> tuple[str, int] | None:
+    """(file name, line) of the innermost deco_ops frame of a traceback."""
+    inner = None
+    for frame, line in traceback.walk_tb(tb):
+        path = Path(os.path.realpath(frame.f_code.co_filename))
+        if path.parent == PACKAGE:
+            inner = (path.name, line)
+    return inner
+
+
+def _site_of(tb, sites):
+    where = _raising_line(tb)
+    matches = [s for s in sites if where and s[0] == where[0] and s[2] <= where[1] <= s[3]]
+    return matches[0] if matches else None
+
+
+@contextlib.contextmanager
+def no_kernel_launch():
+    """Any kernel launch inside the block fails the case: validation comes first."""
+    launched = AssertionError("a kernel was launched before the argument was rejected")
+    with mock.patch.object(JITFunction, "run", side_effect=launched), \
+            mock.patch.object(InterpretedFunction, "run", side_effect=launched), \
+            mock.patch.object(Autotuner, "run", side_effect=launched):
+        yield
+
+
+def run_case(fn, error, match):
+    """Runs one case on the Triton backend, its tensors made on DEVICE (the CPU goes through the
+    interpreter), with the checks that read tensor values on; returns the pytest ExceptionInfo."""
+    with pytest.MonkeyPatch.context() as mp, torch.device(DEVICE), deco_ops.use_backend("triton"), no_kernel_launch():
+        mp.setenv("DECO_OPS_CHECKS", "1")
+        with pytest.raises(error, match=match) as info:
+            fn(mp)
+    return info
+
+
+@pytest.mark.parametrize("fn,error,match", [pytest.param(*c[1:], id=c[0]) for c in CASES])
+def test_error(fn, error, match):
+    info = run_case(fn, error, match)
+    assert _site_of(info.tb, raise_sites()) is not None, f"raised at {_raising_line(info.tb)}, not by a raise statement of COVERED"
+
+
+def test_every_raise_has_a_case():
+    sites = raise_sites()
+    assert len({s[0] for s in sites}) >= 10, "the AST walk found too few files with raise statements"
+    hit = {_site_of(run_case(*c[1:]).tb, sites) for c in CASES}
+    missing = [f"{file}:{function} (line {line})" for file, function, line, _ in sites if (file, function, line, _) not in hit]
+    assert not missing, "raise statements without a case in CASES: " + ", ".join(missing)
+
+
+def test_covered_modules_exist():
+    assert all((PACKAGE / f"{m}.py").exists() for m in COVERED)

@@ -1,0 +1,1 @@
+"""Developer tools of the repository (never shipped in the wheel): ``python -m tools.mutate``."""

@@ -1,0 +1,231 @@
+"""The mutants of ``python -m tools.mutate``: realistic one-line bugs, each the kind a kernel author
+writes (a window bound off by one, a mask or a count that forgets the time axis, a gradient flag
+read for the wrong input, a validation clause dropped), and the narrowest test selection that
+should catch it.
+
+Each mutant replaces ``original`` (which must occur exactly once in ``file``) by ``replacement``.
+Snippets are kept to the semantically central parts (kernel math, window bounds, masks, gradient
+flags, validation checks) so that refactors elsewhere leave them intact;
+``tests/test_mutants.py`` checks in CI that every snippet still occurs exactly once.
+
+``equivalent``: for a mutant no test can kill because it does not change behaviour, why. Every
+survivor of a run is either killed by a new test or gets its reason here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    original: str
+    replacement: str
+    tests: tuple[str, ...]  # pytest arguments, run from the repository root
+    bug: str  # what the mutant gets wrong, in words
+    equivalent: str = ""
+
+
+def _grad_matrix(k: str) -> tuple[str, ...]:
+    return ("tests/test_grad_matrix.py", "-k", k)
+
+
+def _uneven(k: str) -> tuple[str, ...]:
+    return ("tests/test_uneven_windows.py", "-k", k)
+
+
+def _error(case: str) -> tuple[str, ...]:
+    return ("tests/test_error_paths.py", "-k", case)
+
+
+_ACTIVATIONS = ("tests/test_activations_exact.py",)
+
+MUTANTS: tuple[Mutant, ...] = (
+    # ------------------------------------------------------------------------------------------
+    # kernels/activations.py
+    Mutant("tanh_gelu_constant", "kernels/activations.py",
+           "_TANH_CUBIC = tl.constexpr(0.044715)", "_TANH_CUBIC = tl.constexpr(0.0447)",
+           _ACTIVATIONS, "tanh-GELU's cubic coefficient truncated (issue 14, mutant 1)"),
+    Mutant("gelu_derivative_drops_z", "kernels/activations.py",
+           "z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)", "_INV_SQRT_2PI * tl.exp(-0.5 * z * z)",
+           _ACTIVATIONS, "erf-GELU' without the z of z * phi(z)"),
+    Mutant("silu_derivative", "kernels/activations.py",
+           "return s * (1.0 + z * (1.0 - s))", "return s * (1.0 + z * s)",
+           _ACTIVATIONS, "SiLU' with s for (1 - s)"),
+    Mutant("tanh_argument", "kernels/activations.py",
+           "2.0 * tl.sigmoid(2.0 * x) - 1.0", "2.0 * tl.sigmoid(x) - 1.0",
+           _ACTIVATIONS, "tanh(x) as 2 sigmoid(x) - 1 (that is tanh(x / 2))"),
+    Mutant("tanh_gelu_derivative_cubic", "kernels/activations.py",
+           "(3.0 * _TANH_CUBIC)", "_TANH_CUBIC",
+           _ACTIVATIONS, "tanh-GELU' differentiates c z^3 as c z^2"),
+    # ------------------------------------------------------------------------------------------
+    # kernels/adaptive_window.py, kernels/adaptive_pool.py
+    Mutant("window_end_floor", "kernels/adaptive_window.py",
+           "return (i * L) // O, ((i + 1) * L + O - 1) // O", "return (i * L) // O, ((i + 1) * L) // O",
+           _uneven("test_pool_tokens and not packed"), "window end rounded down instead of up"),
+    Mutant("windows_containing_end_floor", "kernels/adaptive_window.py",
+           "return (j * O) // L, ((j + 1) * O + L - 1) // L", "return (j * O) // L, ((j + 1) * O) // L",
+           _uneven("test_pool_tokens and not packed"), "an input's last window rounded down: overlaps lose gradient"),
+    Mutant("pool_count_drops_time", "kernels/adaptive_pool.py",
+           "acc = acc / ((t1 - t0) * (h1 - h0)", "acc = acc / ((h1 - h0)",
+           _uneven("test_pool_tokens and not packed"), "pooling divides by the window's H x W, not T x H x W"),
+    Mutant("unpool_first_time_window_only", "kernels/adaptive_pool.py",
+           "for ot in range(it0, it1):", "for ot in range(it0, it0 + 1):",
+           _uneven("test_pool_tokens and not packed"), "un-pooling gathers from the first time window only"),
+    # ------------------------------------------------------------------------------------------
+    # kernels/pool_gemm.py
+    Mutant("pool_gemm_time_mask", "kernels/pool_gemm.py",
+           "inside = row_mask & (t < t1) & (h < h1) & (w < w1)", "inside = row_mask & (h < h1) & (w < w1)",
+           _uneven("pool_linear"), "the A-tile window mask forgets the time axis (issue 14, the fuzzer's flaky find)"),
+    Mutant("pool_gemm_count_drops_time", "kernels/pool_gemm.py",
+           "inv_count = 1.0 / ((t1 - t0) * (h1 - h0) * (w1 - w0))", "inv_count = 1.0 / ((h1 - h0) * (w1 - w0))",
+           _uneven("pool_linear"), "the fused pooling divides by H x W only"),
+    Mutant("pool_gemm_pooled_row_stride", "kernels/pool_gemm.py",
+           "pooled_ptrs = pooled_ptr + rows64[:, None] * K + k[None, :]",
+           "pooled_ptrs = pooled_ptr + rows64[:, None] * N + k[None, :]",
+           _grad_matrix("test_pool_linear and triton"), "the saved pooled tile written with the output's row stride"),
+    Mutant("pool_gemm_packed_cell", "kernels/pool_gemm.py",
+           "cell = rows64 - row0", "cell = rows64 - tok0",
+           _uneven("test_pool_mlp_packed"), "a packed row's cell counted from the image's first token, not its first row"),
+    # ------------------------------------------------------------------------------------------
+    # kernels/packed_pool.py
+    Mutant("packed_geometry_tok0_field", "kernels/packed_pool.py",
+           "tok0 = tl.load(g + 6, mask=mask, other=0)", "tok0 = tl.load(g + 7, mask=mask, other=0)",
+           _uneven("test_pool_tokens_packed"), "an image's first token read from the row0 column"),
+    Mutant("source_tap_window_bound", "kernels/packed_pool.py",
+           "wgt = tl.where(i < e, 1.0 / (e - s).to(tl.float32), 0.0)",
+           "wgt = tl.where(i <= e, 1.0 / (e - s).to(tl.float32), 0.0)",
+           _uneven("test_pool_tokens_packed and average"), "packed pooling reads one tap past a shorter window"),
+    Mutant("target_weight_window_bound", "kernels/packed_pool.py",
+           "(s <= j) & (j < e) & (o < O)", "(s <= j) & (j <= e) & (o < O)",
+           _uneven("test_pool_tokens_packed and average"), "packed un-pooling credits the token after a window",
+           equivalent="in average mode unpooled_tile only visits the outputs target_span returns, which are exactly "
+           "the windows containing j (windows_containing), so s <= j < e holds for every visited output and j == e "
+           "never occurs: the membership test is a redundant guard there"),
+    Mutant("bilinear_last_input_weight", "kernels/packed_pool.py",
+           "w1 = tl.where(last, 0.0, frac)", "w1 = frac",
+           _uneven("test_pool_tokens_packed and bilinear"), "bilinear's clamped last input counted twice"),
+    Mutant("unpool_packed_token_origin", "kernels/packed_pool.py",
+           "tokens - tok0, T, H, W, OT, OH, OW, row0", "tokens - row0, T, H, W, OT, OH, OW, row0",
+           _uneven("test_pool_tokens_packed"), "packed un-pooling indexes tokens from the image's first output row"),
+    # ------------------------------------------------------------------------------------------
+    # kernels/tiling.py, kernels/gemm_act_grad.py, kernels/mlp_pool.py
+    Mutant("grouped_tile_last_group", "kernels/tiling.py",
+           "group_rows = min(num_m - first_m, GROUP_M)", "group_rows = GROUP_M",
+           ("tests/test_projector.py", "-k", "test_pool_mlp_activations and triton and dtype0"),
+           "a short last group of row tiles maps programs past M and leaves tiles unwritten"),
+    Mutant("act_grad_applies_activation", "kernels/gemm_act_grad.py",
+           "(acc * activations.derivative(z, ACTIVATION))", "(acc * activations.apply(z, ACTIVATION))",
+           ("tests/test_projector.py", "-k", "test_pool_mlp_activations and triton and dtype0"),
+           "the chain rule multiplies by act(z) instead of act'(z)"),
+    Mutant("act_grad_z_strides", "kernels/gemm_act_grad.py",
+           "(local[:, None] * szm + cols[None, :] * szn)", "(local[:, None] * szn + cols[None, :] * szm)",
+           ("tests/test_projector.py", "-k", "test_pool_mlp_activations and triton and dtype0"),
+           "the pre-activation tile read transposed"),
+    Mutant("mlp_pool_recompute_drops_bias", "kernels/mlp_pool.py",
+           "HAS_BIAS=b1 is not None", "HAS_BIAS=False",
+           _uneven("test_mlp_pool"), "mlp_pool's backward recomputes the pre-activation without b1"),
+    Mutant("mlp_pool_token_origin", "kernels/mlp_pool.py",
+           "rows - tok0, T, H, W", "rows - row0, T, H, W",
+           _uneven("test_mlp_pool"), "the fused un-pooling indexes tokens from the image's first output row"),
+    # ------------------------------------------------------------------------------------------
+    # kernels/cross_attention_fwd.py
+    Mutant("attention_fwd_key_mask", "kernels/cross_attention_fwd.py",
+           's = tl.where(col_mask[None, :], s, float("-inf"))', "s = s",
+           _grad_matrix("test_cross_attention and kv_lens and not module"), "scores of keys past kv_lens not masked"),
+    Mutant("attention_fwd_no_rescale", "kernels/cross_attention_fwd.py",
+           "acc * alpha[:, None], DOT_FP32", "acc, DOT_FP32",
+           ("tests/test_cross_attention.py", "-k", "test_parity and triton and dtype0 and M17-N37"),
+           "online softmax: the accumulator is not rescaled when the running maximum grows"),
+    Mutant("attention_packed_length", "kernels/cross_attention_fwd.py",
+           "length = tl.load(cu_ptr + b + 1).to(tl.int64) - start", "length = tl.load(cu_ptr + b + 1).to(tl.int64)",
+           _grad_matrix("test_cross_attention and cu_seqlens_k and not module"), "a packed sequence's length taken as its end offset"),
+    Mutant("attention_combine_weights", "kernels/cross_attention_fwd.py",
+           "l_tot += w * tl.load(part_l_ptr", "l_tot += tl.load(part_l_ptr",
+           ("tests/test_cross_attention.py", "-k", "test_schedules and 3-True"), "split-key merge sums the partial sums unscaled"),
+    Mutant("attention_fwd_dropout_scale", "kernels/cross_attention_fwd.py",
+           "p = tl.where(keep, p * inv_keep, 0.0)", "p = tl.where(keep, p, 0.0)",
+           ("tests/test_cross_attention.py", "-k", "test_dropout_same_mask_on_both_backends"),
+           "inverted dropout without the 1 / (1 - p) rescale of kept probabilities"),
+    Mutant("attention_lse_base", "kernels/cross_attention_fwd.py",
+           "(m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453",
+           "(m_i + tl.log2(tl.where(has_keys, l_i, 1.0)))",
+           _grad_matrix("test_cross_attention and dense and not module"), "the LSE stored in base 2"),
+    # ------------------------------------------------------------------------------------------
+    # kernels/cross_attention_bwd.py
+    Mutant("attention_bwd_delta", "kernels/cross_attention_bwd.py",
+           "return pz, p * (dp - delta)", "return pz, p * dp",
+           _grad_matrix("test_cross_attention and dense and not module"), "dS without the rowsum(dO o O) term"),
+    Mutant("attention_bwd_dropout_mask", "kernels/cross_attention_bwd.py",
+           "dp = tl.where(keep, dp * inv_keep, 0.0)", "dp = dp * inv_keep",
+           ("tests/test_cross_attention.py", "-k", "test_dropout_same_mask_on_both_backends"),
+           "backward applies dropout's scale to dP but not its mask"),
+    Mutant("attention_dk_scale", "kernels/cross_attention_bwd.py",
+           "h * sdkh, dk * scale,", "h * sdkh, dk,",
+           _grad_matrix("test_cross_attention and fa2"), "FA2 dK without the softmax scale"),
+    Mutant("attention_padding_gradients", "kernels/cross_attention_bwd.py",
+           "owned = N if KV_MODE != 2 else kv_len", "owned = kv_len",
+           _grad_matrix("test_cross_attention and single_pass and kv_lens"), "dK, dV of keys past kv_lens never written"),
+    Mutant("attention_shared_dq_direct", "kernels/cross_attention_bwd.py",
+           "direct = num_splits == 1 and not shared", "direct = num_splits == 1",
+           _grad_matrix("test_cross_attention and single_pass-dense"), "shared queries' dQ written per batch into one q-sized buffer"),
+    # ------------------------------------------------------------------------------------------
+    # autograd formulas (deco_ops/)
+    Mutant("pool_linear_flags_swapped", "deco_ops/projector.py",
+           "need_x, need_w, need_b = ctx.needs_input_grad[:3]", "need_w, need_x, need_b = ctx.needs_input_grad[:3]",
+           _grad_matrix("test_pool_linear"), "pool_linear's x and w need-grad flags swapped (issue 14, mutant 4)"),
+    Mutant("pool_mlp_b1_tests_has_b2", "deco_ops/projector.py",
+           "need_b1 and ctx.has_b1", "need_b1 and ctx.has_b2",
+           _grad_matrix("test_pool_mlp and not packed"), "b1's gradient gated on b2 being present (issue 14, mutant 2)"),
+    Mutant("pool_mlp_dw2_from_pre", "deco_ops/projector.py",
+           "linear_grads(dy, act,", "linear_grads(dy, pre,",
+           _grad_matrix("test_pool_mlp and not packed"), "dW2 from the pre-activation instead of the activation"),
+    Mutant("unpool_backward_grids_swapped", "deco_ops/pooling.py",
+           "torch.ops.deco.adaptive_avg_pool_tokens(grad, ctx.grid, ctx.out_grid)",
+           "torch.ops.deco.adaptive_avg_pool_tokens(grad, ctx.out_grid, ctx.grid)",
+           _grad_matrix("double_backward"), "the un-pooling's own gradient pools with the grids swapped"),
+    Mutant("mlp_backward_flags", "deco_ops/projector.py",
+           "need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]",
+           "need_x, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:5]",
+           _grad_matrix("test_pool_mlp_packed"), "the MLP backward (dense and packed) reads b1's flag for w2 and w2's for b1"),
+    Mutant("packed_unpool_mode", "deco_ops/packed.py",
+           "unpool_tokens_packed(grad, geometry, ctx.size, ctx.mode)", 'unpool_tokens_packed(grad, geometry, ctx.size, "average")',
+           _grad_matrix("test_pool_tokens_packed and bilinear"), "packed pooling's backward always un-pools as average"),
+    Mutant("mlp_pool_b1_alone", "deco_ops/mlp_pool.py",
+           "if need_x or need_w1 or (need_b1 and ctx.has_b1):", "if need_x or need_w1:",
+           _grad_matrix("test_mlp_pool and not packed"), "mlp_pool skips the fused backward when only b1 needs a gradient"),
+    Mutant("attention_need_dkv_v", "deco_ops/attention.py",
+           "need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]", "need_dkv = ctx.needs_input_grad[1]",
+           _grad_matrix("test_cross_attention and dense and not module"), "v's gradient only when k needs one too"),
+    Mutant("deco_prefix_slice", "deco_ops/modules.py",
+           "x = x[:, self.num_prefix_tokens:]", "x = x[:, :-self.num_prefix_tokens]",
+           _grad_matrix("deco_projector"), "DeCoProjector drops the last tokens instead of the prefix"),
+    Mutant("padding_mask_lengths", "deco_ops/attention_modules.py",
+           "lengths = valid.sum(1, dtype=torch.int32)", "lengths = key_padding_mask.sum(1, dtype=torch.int32)",
+           _grad_matrix("test_cross_attention_module and mask and not no_mask"), "kv_lens counted from the ignored keys"),
+    # ------------------------------------------------------------------------------------------
+    # validation
+    Mutant("cu_seqlens_start_unchecked", "deco_ops/_validate_attention.py",
+           "offsets[0] != 0 or ", "",
+           _error("cu-start"), "cu_seqlens_k = [1, 4, 9] accepted (issue 14, mutant 3)"),
+    Mutant("kv_lens_negative_unchecked", "deco_ops/_validate_attention.py",
+           "(value < 0) | (value > N)", "(value > N)",
+           _error("kv-lens-negative"), "negative kv_lens accepted"),
+    Mutant("grid_entry_zero", "deco_ops/_validate.py",
+           "if v < 1:", "if v < 0:",
+           _error("out-grid-zero"), "a zero grid entry accepted"),
+    Mutant("bias_checked_against_in_features", "deco_ops/_validate.py",
+           "if b.shape[0] != w.shape[0]:", "if b.shape[0] != w.shape[1]:",
+           _uneven("pool_linear"), "a bias compared with the weight's input features: valid Linears rejected"),
+    Mutant("packed_stride_floor", "deco_ops/packed.py",
+           "o = [tuple(-(-a // b) for a, b in zip(r, s)) for r in g]", "o = [tuple(a // b for a, b in zip(r, s)) for r in g]",
+           _grad_matrix("test_pool_tokens_packed and stride"), "stride's output grid rounded down instead of up"),
+    Mutant("packed_out_grids_and_stride", "deco_ops/packed.py",
+           "if (out_grids is None) == (stride is None):", "if out_grids is None and stride is None:",
+           _error("stride-and-out-grids"), "out_grids and stride both given: stride silently ignored"),
+    Mutant("packed_grid_entry_zero", "deco_ops/packed.py",
+           "if min(r) < 1:", "if min(r) < 0:",
+           _error("grids-entry"), "a packed image with a zero-length axis accepted"),
+)
