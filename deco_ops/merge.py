@@ -35,7 +35,7 @@ from . import _backend, _validate, merge_reference, strategy
 from .kernels import merge_gemm, merge_norm, packed_pool
 from ._transfer import to_device
 from .packed import Packing, _grid_table
-from .projector import ACTIVATIONS, needs_residuals
+from .projector import ACTIVATIONS, add_grads, linear_grads, needs_residuals
 
 ORDERS = ("block", "grid")
 NORMS = ("layernorm", "rmsnorm")
@@ -176,6 +176,7 @@ def _setup(ctx, inputs, output):
     # rebuilt from them); a frozen tower under a frozen first layer keeps nothing token-sized.
     tokens = x if need_x or need_nw or need_nb or need_w1 else None
     ctx.save_for_backward(tokens, nw, nb, w1, w2, geometry, output[1], output[2])
+    ctx.set_materialize_grads(False)  # outputs nothing used (the residuals) bring None, not zeros
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
     ctx.args = (grid, merge, order, norm, pre)
     ctx.activation, ctx.keep = activation, keep
@@ -188,15 +189,16 @@ def _backward(ctx, dy, dstats, dpre_extra):
         raise RuntimeError("deco::merge_mlp ran with keep_residuals=False; call deco_ops.merge_mlp to differentiate it")
     need_x, need_nw, need_nb, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:7]
     grid, merge, order, norm, pre = ctx.args
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    dz, act = torch.ops.deco.mlp_activation_backward(dy2, w2, pre_act, ctx.activation)
-    if dpre_extra is not None:
-        dz = dz + dpre_extra
-    dw2 = dy2.t() @ act if need_w2 else None
-    db2 = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if need_b2 and ctx.has_b2 else None
+    dz = dw2 = db2 = db1 = dx = dnw = dnb = dw1 = None
+    if dy is not None:  # None (not zeros) when only the residual outputs were used
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dz, act = torch.ops.deco.mlp_activation_backward(dy2, w2, pre_act, ctx.activation)
+        dw2, db2 = linear_grads(dy2, act, need_w2, need_b2 and ctx.has_b2)
+    dz = add_grads(dz, dpre_extra)
+    if dz is None:
+        return dx, dnw, dnb, dw1, db1, dw2, db2, None, None, None, None, None, None, None, None, None
     db1 = dz.sum(0, dtype=torch.float32).to(dz.dtype) if need_b1 and ctx.has_b1 else None
     need_nw, need_nb = need_nw and nw is not None, need_nb and nb is not None
-    dx = dnw = dnb = dw1 = None
     if need_x or need_nw or need_nb or need_w1:
         dn = dz @ w1 if need_x or need_nw or need_nb else None
         dx, n, dnw, dnb = torch.ops.deco.merge_norm_backward(
