@@ -465,7 +465,7 @@ def attention_groups(name: str, env: Env, directions) -> list[Group]:
 
 
 # ----------------------------------------------------------------------------------------------
-# patch merge + norm + MLP (issue 13)
+# patch merge + norm + MLP
 
 
 class HFRMSNorm(nn.Module):
@@ -512,8 +512,6 @@ class HFPatchMerger(nn.Module):
 
 
 def merge_groups(name: str, env: Env, directions) -> list[Group]:
-    if not hasattr(deco_ops, "merge_mlp"):
-        raise Unavailable("deco_ops.merge_mlp does not exist yet (issue 13)")
     s = shapes.for_device(shapes.MERGE[name], env.device)
     gen = _generator(env, 13)
     eager = HFPatchMerger(s, dtype=torch.float32)

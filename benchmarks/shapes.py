@@ -103,7 +103,7 @@ class AttentionShape:
 @dataclass(frozen=True)
 class MergeShape:
     """Patch merge (each ``merge`` x ``merge`` block of tokens concatenated) -> norm -> Linear -> GELU
-    -> Linear on ``batch`` images of ``grid`` patches each (issue 13)."""
+    -> Linear on ``batch`` images of ``grid`` patches each."""
 
     name: str
     batch: int
@@ -266,7 +266,7 @@ MLP_POOL = {
 }
 
 # ----------------------------------------------------------------------------------------------
-# issue 13: patch-merge projectors (deco_ops.merge_mlp)
+# patch-merge projectors (deco_ops.merge_mlp)
 
 _MERGE_TINY = dict(batch=2, grid=(8, 8), in_features=16, hidden=64, out_features=32)
 

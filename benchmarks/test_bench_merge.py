@@ -1,4 +1,4 @@
-"""pytest-benchmark: deco_ops.merge_mlp (issue 13) against the HF patch mergers' own code path
+"""pytest-benchmark: deco_ops.merge_mlp against the HF patch mergers' own code path
 (Qwen2-VL / Qwen2.5-VL ``PatchMerger``, InternVL's pixel_shuffle + projector) and torch.compile of
 it, forward and forward+backward, every named merge shape."""
 
