@@ -14,13 +14,15 @@ norm is applied there from the statistics, bias + activation in the epilogue), t
 ``use_strategy`` force one), and the norm backward likewise between its kernel and
 ``merge_reference.norm_backward``.
 
-Kept for backward (only when autograd needs it): the statistics ``(M, groups, 2)`` fp32 and the
-pre-activation ``(M, hidden)``, plus the tokens ``x`` (an input) only when a gradient needs them
-(``x``, the norm's parameters or ``w1``). Never the merged or normalised tensor, never the
-activation. Backward: ``gemm_act_grad`` (dz and act(z) in one GEMM epilogue), cuBLAS for
-``dW2``, ``dn = dz @ W1`` and ``dW1`` (whose A operand, the norm output, ``merge_norm_backward``
-rebuilds from the tokens and the statistics in the same pass that writes ``dx`` to every token's
-place and the norm's parameter gradients as deterministic per-program partial sums).
+Kept for backward (only when autograd needs it): the pre-activation ``(M, hidden)``, plus the
+tokens ``x`` (an input) only when a gradient needs them (``x``, the norm's parameters or ``w1``).
+Never the statistics, the merged or normalised tensor, or the activation. Backward:
+``gemm_act_grad`` (dz and act(z) in one GEMM epilogue), cuBLAS for ``dW2``, ``dn = dz @ W1`` and
+``dW1``; ``deco::merge_norm_backward`` recomputes the statistics from the tokens (the forward's
+pre-pass again: one more read of tokens that it reads anyway, instead of keeping 8 bytes per
+group alive between the passes) and rebuilds dW1's A operand, the norm output, from them in the
+same pass that writes ``dx`` to every token's place and the norm's parameter gradients as
+deterministic per-program partial sums.
 
 Registered op: ``deco::merge_mlp``; ``merge_mlp_packed`` runs it on a packed batch.
 """
@@ -70,7 +72,7 @@ def _merge_mlp(
     eps: float,
     activation: str,
     keep_residuals: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     B, N, C = x.shape
     M = B * N // (merge * merge)
     layout = _layout(grid)
@@ -83,7 +85,7 @@ def _merge_mlp(
             merge, order, layout, geometry, image, norm, pre, activation, store_pre=keep_residuals,
         )
         w2t = w2.t()
-        return torch.addmm(b2, act, w2t) if b2 is not None else act @ w2t, stats, pre_act
+        return torch.addmm(b2, act, w2t) if b2 is not None else act @ w2t, pre_act
 
     def composed():
         return merge_reference.composed_forward(
@@ -96,11 +98,9 @@ def _merge_mlp(
             activation=activation)
 
     on_triton = _backend.use_triton(x.device)
-    y, stats, pre_act = strategy.run(on_triton=on_triton, key=key, fused=fused if on_triton else None, composed=composed)
+    y, pre_act = strategy.run(on_triton=on_triton, key=key, fused=fused if on_triton else None, composed=composed)
     y = y.view(B, N // (merge * merge), w2.shape[0])
-    if not keep_residuals:
-        return y, x.new_empty((0,)), x.new_empty((0,))
-    return y, stats, pre_act
+    return y, pre_act if keep_residuals else x.new_empty((0,))
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -112,17 +112,12 @@ def _(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, n
     B, N, _ = x.shape
     M = B * N // (merge * merge)
     y = x.new_empty((B, N // (merge * merge), w2.shape[0]))
-    if not keep_residuals:
-        return y, x.new_empty((0,)), x.new_empty((0,))
-    groups = merge * merge if pre else 1
-    stats = x.new_empty((M, groups, 2), dtype=merge_reference.stats_dtype(x.dtype))
-    return y, stats, x.new_empty((M, w1.shape[0]))
+    return y, x.new_empty((M, w1.shape[0])) if keep_residuals else x.new_empty((0,))
 
 
 @torch.library.custom_op("deco::merge_norm_backward", mutates_args=())
 def _norm_backward(
     x: torch.Tensor,
-    stats: torch.Tensor,
     norm_weight: torch.Tensor | None,
     norm_bias: torch.Tensor | None,
     dn: torch.Tensor | None,
@@ -132,24 +127,32 @@ def _norm_backward(
     order: str,
     norm: str,
     pre: bool,
+    eps: float,
     need_dx: bool,
     store_n: bool,
     need_dwn: bool,
     need_dbn: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, norm output (M, K), fp32 dweight, fp32 dbias); empty where not requested."""
-    args = (x, stats, norm_weight, norm_bias, dn, merge, order, _layout(grid), geometry)
+    """(dx, norm output (M, K), fp32 dweight, fp32 dbias); empty where not requested. The norm
+    statistics are recomputed from the tokens by the forward's own pre-pass, not saved."""
+    M = x.shape[0] * x.shape[1] // (merge * merge)
+    layout = _layout(grid)
     flags = (need_dx, store_n, need_dwn, need_dbn)
 
     def fused():
-        return merge_norm.merge_norm_backward(*args, _image_table(geometry, stats.shape[0]), norm, pre, *flags)
+        image = _image_table(geometry, M)
+        stats = merge_norm.merge_norm_stats(x, merge, order, layout, geometry, image, norm, pre, eps)
+        return merge_norm.merge_norm_backward(
+            x, stats, norm_weight, norm_bias, dn, merge, order, layout, geometry, image, norm, pre, *flags)
 
     def composed():
-        return merge_reference.norm_backward(*args, norm, pre, *flags)
+        stats = merge_reference.norm_stats(x, merge, order, layout, geometry, norm, pre, eps)
+        return merge_reference.norm_backward(
+            x, stats, norm_weight, norm_bias, dn, merge, order, layout, geometry, norm, pre, *flags)
 
     def key():
         return strategy.make_key(
-            "merge_norm_backward", x.device, x.dtype, False, rows=strategy.bucket(stats.shape[0]), C=x.shape[2],
+            "merge_norm_backward", x.device, x.dtype, False, rows=strategy.bucket(M), C=x.shape[2],
             merge=merge, order=order, packed=geometry is not None, norm=norm, pre=pre, flags="".join(str(int(f)) for f in flags))
 
     on_triton = _backend.use_triton(x.device)
@@ -158,14 +161,16 @@ def _norm_backward(
 
 
 @_norm_backward.register_fake
-def _(x, stats, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, need_dx, store_n, need_dwn, need_dbn):
+def _(x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps, need_dx, store_n, need_dwn, need_dbn):
     width = x.shape[2] * (1 if pre else merge * merge)
+    rows = x.shape[0] * x.shape[1] // (merge * merge)
+    acc = merge_reference.stats_dtype(x.dtype)
     empty = x.new_empty((0,))
     return (
         x.new_empty(x.shape) if need_dx else empty,
-        x.new_empty((stats.shape[0], merge * merge * x.shape[2])) if store_n else empty,
-        stats.new_empty((width,)) if need_dwn else empty,
-        stats.new_empty((width,)) if need_dbn else empty,
+        x.new_empty((rows, merge * merge * x.shape[2])) if store_n else empty,
+        x.new_empty((width,), dtype=acc) if need_dwn else empty,
+        x.new_empty((width,), dtype=acc) if need_dbn else empty,
     )
 
 
@@ -175,20 +180,20 @@ def _setup(ctx, inputs, output):
     # The tokens are needed for dx, the norm's parameter gradients and dW1 (its A operand is
     # rebuilt from them); a frozen tower under a frozen first layer keeps nothing token-sized.
     tokens = x if need_x or need_nw or need_nb or need_w1 else None
-    ctx.save_for_backward(tokens, nw, nb, w1, w2, geometry, output[1], output[2])
-    ctx.set_materialize_grads(False)  # outputs nothing used (the residuals) bring None, not zeros
+    ctx.save_for_backward(tokens, nw, nb, w1, w2, geometry, output[1])
+    ctx.set_materialize_grads(False)  # outputs nothing used (the residual) bring None, not zeros
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-    ctx.args = (grid, merge, order, norm, pre)
+    ctx.args = (grid, merge, order, norm, pre, eps)
     ctx.activation, ctx.keep = activation, keep
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
 
 
-def _backward(ctx, dy, dstats, dpre_extra):
-    x, nw, nb, w1, w2, geometry, stats, pre_act = ctx.saved_tensors
+def _backward(ctx, dy, dpre_extra):
+    x, nw, nb, w1, w2, geometry, pre_act = ctx.saved_tensors
     if not ctx.keep:
         raise RuntimeError("deco::merge_mlp ran with keep_residuals=False; call deco_ops.merge_mlp to differentiate it")
     need_x, need_nw, need_nb, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:7]
-    grid, merge, order, norm, pre = ctx.args
+    grid, merge, order, norm, pre, eps = ctx.args
     dz = dw2 = db2 = db1 = dx = dnw = dnb = dw1 = None
     if dy is not None:  # None (not zeros) when only the residual outputs were used
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -202,7 +207,7 @@ def _backward(ctx, dy, dstats, dpre_extra):
     if need_x or need_nw or need_nb or need_w1:
         dn = dz @ w1 if need_x or need_nw or need_nb else None
         dx, n, dnw, dnb = torch.ops.deco.merge_norm_backward(
-            x, stats, nw, nb, dn, geometry, grid, merge, order, norm, pre, need_x, need_w1, need_nw, need_nb)
+            x, nw, nb, dn, geometry, grid, merge, order, norm, pre, eps, need_x, need_w1, need_nw, need_nb)
         dw1 = dz.t() @ n if need_w1 else None
         dx = dx if need_x else None
         dnw = dnw.to(nw.dtype) if need_nw else None

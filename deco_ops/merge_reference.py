@@ -2,8 +2,8 @@
 the norm (``torch.native_layer_norm``, or Qwen2.5-VL's RMSNorm sequence), the merge as a
 ``view`` (Qwen's block order) or ``view``/``permute`` (InternVL's ``pixel_shuffle``), and two
 cuBLAS Linears. It is the default CPU backend and the composed twin of the fused kernels, and it
-returns the same residuals (the norm statistics and the pre-activation), so both paths share one
-backward formula (``norm_backward`` here, ``kernels/merge_norm.py`` on the Triton backend).
+returns the same residual (the pre-activation), so both paths share one backward formula
+(``norm_stats`` and ``norm_backward`` here, ``kernels/merge_norm.py`` on the Triton backend).
 
 Layouts: tokens ``x`` are ``(B, N, C)``; ``grid`` ``(T, H, W)`` for the dense ``"grid"`` order, or
 the int32 ``geometry`` table of a packed batch (``packed_pool`` layout; read on the host here).
@@ -73,35 +73,52 @@ def _tiled(p: torch.Tensor | None, merge: int, pre: bool) -> torch.Tensor | None
     return p.repeat(merge * merge) if p is not None and pre else p
 
 
+def _rms_rstd(xf: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2.5-VL's RMSNorm scale ``rsqrt(mean(x²) + eps)`` of fp32 rows, keepdim."""
+    return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _norm_source(x, merge, order, grid, geometry, pre) -> torch.Tensor:
+    """The rows the norm spans: tokens (pre-merge) or merged rows (post-merge)."""
+    return x if pre else merge_tokens(x, merge, order, grid, geometry)
+
+
 def norm_forward(x, nw, nb, merge, order, grid, geometry, norm, pre, eps):
-    """(merged norm output (M, K) in x's dtype, stats (M, groups, 2)) as the HF modules compute
-    the norm: ``native_layer_norm`` (statistics in fp32 on CUDA) or Qwen2.5-VL's RMSNorm
-    (``x.float() * rsqrt(mean(x²) + eps)``, rounded, times the weight)."""
-    groups = merge * merge if pre else 1
-    src = x if pre else merge_tokens(x, merge, order, grid, geometry)
-    width = src.shape[-1]
-    acc = stats_dtype(x.dtype)
+    """Merged norm output (M, K) in x's dtype, as the HF modules compute the norm:
+    ``native_layer_norm`` or Qwen2.5-VL's RMSNorm (``x.float() * rsqrt(mean(x²) + eps)``,
+    rounded, times the weight)."""
+    src = _norm_source(x, merge, order, grid, geometry, pre)
     if norm == "layernorm":
-        out, mean, rstd = torch.native_layer_norm(src, [width], nw, nb, eps)
-        mean, rstd = mean.to(acc), rstd.to(acc)
+        out = torch.native_layer_norm(src, [src.shape[-1]], nw, nb, eps)[0]
     else:
-        xf = src.to(acc)
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        out = (xf * rstd).to(x.dtype)
+        xf = src.to(stats_dtype(x.dtype))
+        out = (xf * _rms_rstd(xf, eps)).to(x.dtype)
         out = out * nw if nw is not None else out
+    if pre:
+        out = merge_tokens(out, merge, order, grid, geometry)
+    return out.reshape(-1, merge * merge * x.shape[-1])
+
+
+def norm_stats(x, merge, order, grid, geometry, norm, pre, eps) -> torch.Tensor:
+    """(M, groups, 2) per-group mean and rstd in at least fp32, recomputed from the tokens for
+    backward: the PyTorch twin of ``kernels/merge_norm.merge_norm_stats`` (RMSNorm's mean is 0)."""
+    xf = _norm_source(x, merge, order, grid, geometry, pre).to(stats_dtype(x.dtype))
+    if norm == "layernorm":
+        var, mean = torch.var_mean(xf, -1, correction=0)
+        rstd = torch.rsqrt(var + eps)
+    else:
+        rstd = _rms_rstd(xf, eps)[..., 0]
         mean = torch.zeros_like(rstd)
     stats = torch.stack((mean, rstd), -1)
     if pre:
-        out = merge_tokens(out, merge, order, grid, geometry)
         stats = merge_tokens(stats.reshape(*x.shape[:2], 2), merge, order, grid, geometry)
-    return out.reshape(-1, merge * merge * x.shape[-1]), stats.reshape(-1, groups, 2)
+    return stats.reshape(-1, merge * merge if pre else 1, 2)
 
 
 def composed_forward(x, nw, nb, w1, b1, w2, b2, merge, order, grid, geometry, norm, pre, eps, activation):
-    """(y (M, out), stats, pre-activation (M, hidden)): the HF sequence, cuBLAS for both Linears."""
-    n, stats = norm_forward(x, nw, nb, merge, order, grid, geometry, norm, pre, eps)
-    pre_act = F.linear(n, w1, b1)
-    return F.linear(reference.ACTIVATIONS[activation](pre_act), w2, b2), stats, pre_act
+    """(y (M, out), pre-activation (M, hidden)): the HF sequence, cuBLAS for both Linears."""
+    pre_act = F.linear(norm_forward(x, nw, nb, merge, order, grid, geometry, norm, pre, eps), w1, b1)
+    return F.linear(reference.ACTIVATIONS[activation](pre_act), w2, b2), pre_act
 
 
 def norm_backward(x, stats, nw, nb, dn, merge, order, grid, geometry, norm, pre,

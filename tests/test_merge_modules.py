@@ -130,10 +130,11 @@ def test_from_hf_rejects_other_modules():
 
 @pytest.mark.parametrize("name,c,d", [("qwen2_vl", 1280, 3584), ("qwen2_5_vl", 1280, 8192), ("internvl", 1024, 4096)])
 def test_saved_for_backward_bytes(name, c, d, capsys):
-    """Fused: the tokens (an input), fp32 norm statistics and the pre-activation. Eager HF: the
-    tokens, the norm output (LayerNorm; RMSNorm's fp32 sequence keeps two more token-sized
-    tensors), the pre-activation and the activation. Qwen2-VL-7B / Qwen2.5-VL-72B / InternVL2.5-8B
-    widths, 256 tokens (64 merged rows), fp32."""
+    """Fused: the tokens (an input) and the pre-activation (the norm statistics are recomputed in
+    backward). Eager HF: the tokens, the norm output (LayerNorm; RMSNorm's fp32 sequence keeps two
+    more token-sized tensors), the pre-activation and the activation: with hidden = 4C exactly
+    half for LayerNorm. Qwen2-VL-7B / Qwen2.5-VL-72B / InternVL2.5-8B widths, 256 tokens (64
+    merged rows), fp32."""
     hf = {"qwen2_vl": lambda: qwen2_vl.PatchMerger(d, c), "qwen2_5_vl": lambda: qwen2_5_vl.Qwen2_5_VLPatchMerger(d, c),
           "internvl": lambda: internvl_projector(c, d)}[name]()
     ours = deco_ops.PatchMergerProjector.from_hf(hf)
@@ -143,6 +144,7 @@ def test_saved_for_backward_bytes(name, c, d, capsys):
         fused = saved_bytes(lambda: ours(x), params)
     eager = saved_bytes(lambda: _run(hf, name, x) if name != "internvl" else internvl_stage(hf, x, (16, 16)), params)
     ratio = fused / eager
+    bound = 0.41 if name == "qwen2_5_vl" else 0.5
     with capsys.disabled():
-        print(f"\nsaved-for-backward bytes, PatchMergerProjector / eager HF {name}: {ratio:.4f} ({fused} / {eager})")
-    assert ratio <= (0.41 if name == "qwen2_5_vl" else 0.501)
+        print(f"\nsaved-for-backward bytes, PatchMergerProjector / eager HF {name}: {ratio:.4f} ({fused} / {eager}), target <= {bound}")
+    assert ratio <= bound
