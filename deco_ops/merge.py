@@ -11,8 +11,8 @@ norm is applied there from the statistics, bias + activation in the epilogue), t
 ``torch.addmm`` for the second Linear. Its composed twin is the HF modules' own sequence
 (``merge_reference.composed_forward``), the only path on the PyTorch backend; on CUDA
 ``deco_ops.strategy`` picks between them per shape bucket (``DECO_OPS_STRATEGY`` /
-``use_strategy`` force one), and the norm backward likewise between its kernel and
-``merge_reference.norm_backward``.
+``use_strategy`` force one), and the norm backward likewise between its kernels (statistics
+pre-pass + backward) and ``merge_reference.norm_stats`` + ``norm_backward``.
 
 Kept for backward (only when autograd needs it): the pre-activation ``(M, hidden)``, plus the
 tokens ``x`` (an input) only when a gradient needs them (``x``, the norm's parameters or ``w1``).
@@ -195,7 +195,7 @@ def _backward(ctx, dy, dpre_extra):
     need_x, need_nw, need_nb, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:7]
     grid, merge, order, norm, pre, eps = ctx.args
     dz = dw2 = db2 = db1 = dx = dnw = dnb = dw1 = None
-    if dy is not None:  # None (not zeros) when only the residual outputs were used
+    if dy is not None:  # None (not zeros) when only the residual output was used
         dy2 = dy.reshape(-1, dy.shape[-1])
         dz, act = torch.ops.deco.mlp_activation_backward(dy2, w2, pre_act, ctx.activation)
         dw2, db2 = linear_grads(dy2, act, need_w2, need_b2 and ctx.has_b2)

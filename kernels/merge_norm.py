@@ -1,11 +1,11 @@
-"""The norm of a patch-merge projector outside its GEMM: the statistics pre-pass (forward) and the
-norm's backward, both reading the tokens through the merge gather of ``merge_rows.py``.
+"""The norm of a patch-merge projector outside its GEMM: the statistics pre-pass (forward, and
+again in backward) and the norm's backward, both reading the tokens through the merge gather of ``merge_rows.py``.
 
 ``merge_norm_stats``: per norm group (a token, or a merged row) the mean and ``1/sqrt(var + eps)``
 in fp32, two passes over the group (mean first, then the centred squares: no cancellation when
 the mean is large against the spread, as ViT activations often are). The fused GEMM
-(``merge_gemm.py``) applies them while it loads its A tiles; backward reuses them, so the
-normalised tensor is never stored.
+(``merge_gemm.py``) applies them while it loads its A tiles; backward runs the pre-pass again
+rather than keeping them, so neither they nor the normalised tensor outlive the forward.
 
 ``merge_norm_backward``: given ``dn`` (the gradient of the norm's output in merged layout,
 ``dz @ W1`` on cuBLAS), recomputes x-hat from the tokens and the statistics and, each only on
