@@ -182,7 +182,6 @@ def _setup(ctx, inputs, output):
     tokens = x if need_x or need_nw or need_nb or need_w1 else None
     ctx.save_for_backward(tokens, nw, nb, w1, w2, geometry, output[1])
     ctx.set_materialize_grads(False)  # outputs nothing used (the residual) bring None, not zeros
-    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
     ctx.args = (grid, merge, order, norm, pre, eps)
     ctx.activation, ctx.keep = activation, keep
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
