@@ -282,8 +282,9 @@ def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool,
     64 x 32 on 4, and 32 x 32 on 8 warps, the only one left with dropout's in-loop Philox mask;
     fp32 (exact or tf32) fits 32 x 32 on 8 warps. dQ keeps one: 16-bit inputs fit up to 64 queries
     x 128 keys on Hopper's wgmma, 32 queries elsewhere, and with dropout 32 x 64 on 4 warps or
-    32 x 32 on 8; fp32 fits 32 queries on 8 warps, and with dropout 16 x 64 on 8 warps (at head
-    dims above 128 that tile needs more shared memory than an A100 has: 16 x 16 on 4 warps)."""
+    32 x 32 on 8; fp32 fits 32 queries on 8 warps, and with dropout 16 x 64 on 8 warps at head dim
+    64, 16 x 16 on 4 warps above (with tf32 the 16 x 64 tile spills 8 B at head dim 128 since B*H
+    moved to grid axis 0; above 128 it needs more shared memory than an A100 has)."""
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
     if kernel == "dkdv":
         if elem_bytes == 4:
@@ -291,7 +292,7 @@ def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool,
         return tile == (32, 32, 8) or (tile in ((32, 64, 4), (64, 64, 8)) and not dropout)
     if elem_bytes == 4:
         if dropout:
-            return tile == ((16, 64, 8) if block_d <= 128 else (16, 16, 4))
+            return tile == ((16, 64, 8) if block_d <= 64 else (16, 16, 4))
         return tile in ((32, 32, 8), (32, 64, 8))
     if dropout:
         return tile in ((32, 64, 4), (32, 32, 8))

@@ -41,6 +41,7 @@ def _error(case: str) -> tuple[str, ...]:
 
 
 _ACTIVATIONS = ("tests/test_activations_exact.py",)
+_MERGE = ("tests/test_merge.py",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------------------------------------------------
@@ -228,4 +229,25 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("packed_grid_entry_zero", "deco_ops/packed.py",
            "if min(r) < 1:", "if min(r) < 0:",
            _error("grids-entry"), "a packed image with a zero-length axis accepted"),
+    # ------------------------------------------------------------------------------------------
+    # patch merge: kernels/merge_rows.py, merge_norm.py, merge_gemm.py, gemm_epilogue.py, deco_ops/merge.py
+    Mutant("merge_subtoken_order", "kernels/merge_rows.py",
+           "offsets = base + (q // MERGE) * step_h + (q % MERGE) * sxn",
+           "offsets = base + (q % MERGE) * step_h + (q // MERGE) * sxn",
+           _MERGE, "a merged row's sub-tokens gathered in (dw, dh) order: not HF's / pixel_shuffle's channel order"),
+    Mutant("merge_stats_mean_width", "kernels/merge_norm.py",
+           "mean = total / width", "mean = total / C",
+           _MERGE, "a post-merge LayerNorm's mean divided by C instead of the merged row's S*S*C channels"),
+    Mutant("merge_norm_dx_projection", "kernels/merge_norm.py",
+           "dx = (dxhat - xhat * mean_dx[:, None]) * rstd[:, None]", "dx = (dxhat - mean_dx[:, None]) * rstd[:, None]",
+           _MERGE, "the norm's input gradient drops the x-hat factor of its projection term"),
+    Mutant("merge_gemm_group_stats", "kernels/merge_gemm.py",
+           "group_stats(stats_ptr, rows, row_mask, q, MERGE * MERGE)", "group_stats(stats_ptr, rows, row_mask, 0, MERGE * MERGE)",
+           _MERGE, "a pre-merge norm standardises every sub-token with the first token's statistics"),
+    Mutant("epilogue_bias_flag", "kernels/gemm_epilogue.py",
+           "    if HAS_BIAS:\n        acc += tl.load(b_ptr", "    if not HAS_BIAS:\n        acc += tl.load(b_ptr",
+           _MERGE, "the shared GEMM epilogue adds the bias exactly when there is none"),
+    Mutant("merge_tokens_for_dw1", "deco_ops/merge.py",
+           "tokens = x if need_x or need_nw or need_nb or need_w1 else None", "tokens = x if need_x or need_nw or need_nb else None",
+           _MERGE, "the tokens are not kept when only W1 needs a gradient (its A operand is rebuilt from them)"),
 )
