@@ -454,7 +454,7 @@ def _attn_entries() -> list[Entry]:
         Entry("cross_attention_fwd", fwd, "cross_attention_fwd_kernel", lambda m: m.cuda_configs(),
               _attn_variants("cross_attention_fwd_kernel", splits=(False, True)), optional=True,
               launchable=lambda m, config, variant, arch: m.fits(
-                  config, _elem(variant), variant.args["INPUT_PRECISION"] == "ieee", variant.args["DROPOUT"])),
+                  config, _elem(variant), variant.args["INPUT_PRECISION"] == "ieee", variant.args["DROPOUT"], arch)),
         Entry("cross_attention_combine", fwd, "cross_attention_combine_kernel", lambda m: m.combine_cuda_configs(),
               _attn_variants("cross_attention_combine_kernel", gemm=False), optional=True),
         Entry("cross_attention_bwd_preprocess", bwd, "cross_attention_bwd_preprocess_kernel",

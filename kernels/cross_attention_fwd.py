@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
-from ._tuning import autotuned, dot_dtype_workaround, input_precision
+from ._tuning import autotuned, device_arch, dot_dtype_workaround, input_precision
 
 LOG2E = 1.4426950408889634
 
@@ -164,22 +164,27 @@ def cuda_configs() -> list[triton.Config]:
     ]
 
 
-def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool) -> bool:
+def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch: int) -> bool:
     """Whether ``config`` compiles without register spills (measured with ``python -m deco_ops.aot``
     on sm_80 and sm_90 at head dims 64 and 128, split or not, with triton 3.6 and 3.9): 16-bit inputs
-    take up to 64 queries a tile (128-query tiles spill at D=128), and with dropout's Philox mask
-    tiles of at most 32x64. fp32 operands take 16x16 tiles on 4 warps, and with tf32 also 32x64
-    on 8 warps; exact fp32 dots (``ieee``: FMA, no tensor cores) spill somewhere in every larger
-    shape tried (16x32 to 32x64 tiles on 4 or 8 warps)."""
+    take up to 64 queries a tile (128-query tiles spill at D=128; without wgmma, on sm_80, 64x128
+    tiles on 4 warps spill 40 B at D=128), and with dropout's Philox mask tiles of at most 32x64.
+    fp32 operands take 16x16 tiles on 4 warps, and with tf32 but no dropout also 32x64 on 8 warps
+    (with dropout it spills since B*H moved to grid axis 0); exact fp32
+    dots (``ieee``: FMA, no tensor cores) spill somewhere in every larger shape tried (16x32 to
+    32x64 tiles on 4 or 8 warps)."""
     bm, bn, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
     if elem_bytes == 2:
+        if arch < 90 and bm * bn > 64 * 64 and warps == 4:
+            return False
         return bm <= 64 and (bm * bn <= 32 * 64 or not dropout)
-    return (bm, bn, warps) == (16, 16, 4) or (not ieee and (bm, bn, warps) == (32, 64, 8))
+    return (bm, bn, warps) == (16, 16, 4) or (not ieee and not dropout and (bm, bn, warps) == (32, 64, 8))
 
 
 def _prune(configs, named_args, **constexprs):
     ieee = constexprs["INPUT_PRECISION"] == "ieee"
-    return [c for c in configs if fits(c, named_args["q_ptr"].element_size(), ieee, constexprs["DROPOUT"])]
+    q = named_args["q_ptr"]
+    return [c for c in configs if fits(c, q.element_size(), ieee, constexprs["DROPOUT"], device_arch(q))]
 
 
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
