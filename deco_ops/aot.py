@@ -497,7 +497,7 @@ REGISTRY: list[Entry] = [
     Entry("merge_gemm", "deco_ops.kernels.merge_gemm", "merge_gemm_kernel",
           configs=lambda m: m.cuda_configs(), variants=_merge_gemm_variants,
           launchable=lambda m, config, variant, arch: m.fits(
-              config, _elem(variant), variant.dtype == "fp32" and variant.args["INPUT_PRECISION"] == "ieee")),
+              config, _elem(variant), variant.dtype == "fp32" and variant.args["INPUT_PRECISION"] == "ieee", arch)),
     Entry("merge_norm_stats", "deco_ops.kernels.merge_norm", "merge_norm_stats_kernel",
           configs=_merge_norm_configs, variants=lambda m, d: _merge_norm_variants(m, d, backward=False)),
     Entry("merge_norm_backward", "deco_ops.kernels.merge_norm", "merge_norm_backward_kernel",

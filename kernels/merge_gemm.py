@@ -32,7 +32,7 @@ from ._device import on_input_device
 from .gemm_epilogue import bias_act_store, mma
 from .merge_rows import NORMS, ORDERS, affine, group_stats, merged_rows, norm_channels, standardized_tile
 from .tiling import grouped_tile
-from ._tuning import autotuned, dot_dtype_workaround, input_precision
+from ._tuning import autotuned, device_arch, dot_dtype_workaround, input_precision
 
 
 def cuda_configs() -> list[triton.Config]:
@@ -45,16 +45,22 @@ def cuda_configs() -> list[triton.Config]:
             (64, 128, 64, 4, 4),
             (64, 64, 64, 4, 3),
             (64, 64, 32, 4, 2),
+            (32, 64, 32, 4, 2),
         ]
     ]
 
 
-def fits(config: triton.Config, elem_bytes: int, ieee_fp32: bool) -> bool:
-    """Whether ``config`` compiles without spills (``python -m deco_ops.aot``, sm_90): 16-bit
-    operands fit every tile; fp32 ones (tf32) only 64x64 tiles (64x128 and 128x128 spilled
-    64-192 B, the fp32 A tile and its normalisation sit beside the accumulator); exact fp32 dots
-    (no tf32) run on FMA units and fit only the 64x64x32 tile (BLOCK_K 64 spilled 20-48 B)."""
+def fits(config: triton.Config, elem_bytes: int, ieee_fp32: bool, arch: int) -> bool:
+    """Whether ``config`` compiles without spills (``python -m deco_ops.aot``, sm_90 and sm_80).
+    sm_90: 16-bit operands fit every tile; fp32 ones (tf32) only 64x64 tiles (64x128 and 128x128
+    spilled 64-192 B, the fp32 A tile and its normalisation sit beside the accumulator); exact
+    fp32 dots (no tf32) run on FMA units and fit only the 64x64x32 tile (BLOCK_K 64 spilled
+    20-48 B). sm_80 (no wgmma, the accumulator in registers): 16-bit operands fit 64x64 tiles
+    (64x128 and 128x128 spill with a pre-merge norm or packed rows); fp32 only 32x64x32 (every
+    64x64 tile spills for some norm, order or precision)."""
     bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    if arch < 90:
+        return bm * bn <= 64 * 64 if elem_bytes < 4 else (bm, bn, bk) == (32, 64, 32)
     if elem_bytes < 4:
         return True
     return bm * bn <= 64 * 64 and (not ieee_fp32 or bk <= 32)
@@ -63,7 +69,7 @@ def fits(config: triton.Config, elem_bytes: int, ieee_fp32: bool) -> bool:
 def _prune(configs, named_args, **constexprs):
     x = named_args["x_ptr"]
     ieee = x.dtype == torch.float32 and constexprs["INPUT_PRECISION"] == "ieee"
-    return [c for c in configs if fits(c, x.element_size(), ieee)]
+    return [c for c in configs if fits(c, x.element_size(), ieee, device_arch(x))]
 
 
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
