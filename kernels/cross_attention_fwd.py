@@ -169,8 +169,8 @@ def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch
     on sm_80 and sm_90 at head dims 64 and 128, split or not, with triton 3.6 and 3.9): 16-bit inputs
     take up to 64 queries a tile (128-query tiles spill at D=128; without wgmma, on sm_80, 64x128
     tiles on 4 warps spill 40 B at D=128), and with dropout's Philox mask tiles of at most 32x64.
-    fp32 operands take 16x16 tiles on 4 warps, and with tf32 but no dropout also 32x64 on 8 warps
-    (with dropout it spills since B*H moved to grid axis 0); exact fp32
+    fp32 operands take 16x16 tiles on 4 warps (with tf32, 32x64 on 8 warps spills at D=128 under
+    triton 3.6 and with dropout under 3.9 since B*H moved to grid axis 0); exact fp32
     dots (``ieee``: FMA, no tensor cores) spill somewhere in every larger shape tried (16x32 to
     32x64 tiles on 4 or 8 warps)."""
     bm, bn, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
@@ -178,7 +178,7 @@ def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch
         if arch < 90 and bm * bn > 64 * 64 and warps == 4:
             return False
         return bm <= 64 and (bm * bn <= 32 * 64 or not dropout)
-    return (bm, bn, warps) == (16, 16, 4) or (not ieee and not dropout and (bm, bn, warps) == (32, 64, 8))
+    return (bm, bn, warps) == (16, 16, 4)
 
 
 def _prune(configs, named_args, **constexprs):

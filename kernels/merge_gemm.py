@@ -57,13 +57,15 @@ def fits(config: triton.Config, elem_bytes: int, ieee_fp32: bool, arch: int) -> 
     fp32 dots (no tf32) run on FMA units and fit only the 64x64x32 tile (BLOCK_K 64 spilled
     20-48 B). sm_80 (no wgmma, the accumulator in registers): 16-bit operands fit 64x64 tiles
     (64x128 and 128x128 spill with a pre-merge norm or packed rows); fp32 only 32x64x32 (every
-    64x64 tile spills for some norm, order or precision)."""
+    64x64 tile spills for some norm, order or precision; with exact fp32 dots that tile still
+    spills under triton 3.6, on sm_80 and, for InternVL's post-merge norm, on sm_90 — so sm_90
+    keeps its 64x64 tiles)."""
     bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     if arch < 90:
         return bm * bn <= 64 * 64 if elem_bytes < 4 else (bm, bn, bk) == (32, 64, 32)
     if elem_bytes < 4:
         return True
-    return bm * bn <= 64 * 64 and (not ieee_fp32 or bk <= 32)
+    return (bm, bn) == (64, 64) and (not ieee_fp32 or bk <= 32)
 
 
 def _prune(configs, named_args, **constexprs):
