@@ -69,12 +69,12 @@ class Workload:
             y.backward(torch.randn_like(y))
 
 
-def _weights(shape, device, dtype) -> list[torch.Tensor]:
-    """w1, b1, w2, b2 of a projector shape, nn.Linear-scaled."""
+def _weights(shape, device, dtype, in_features: int) -> list[torch.Tensor]:
+    """w1, b1, w2, b2 of a projector shape taking ``in_features``, nn.Linear-scaled."""
     def linear(n_out, n_in):
         return (torch.randn(n_out, n_in, device=device) / math.sqrt(n_in)).to(dtype), \
             (torch.randn(n_out, device=device) / math.sqrt(n_in)).to(dtype)
-    return [*linear(shape.hidden, shape.in_features), *linear(shape.out_features, shape.hidden)]
+    return [*linear(shape.hidden, in_features), *linear(shape.out_features, shape.hidden)]
 
 
 def workload(shape, device: torch.device, dtype: torch.dtype) -> Workload:
@@ -86,7 +86,23 @@ def workload(shape, device: torch.device, dtype: torch.dtype) -> Workload:
         k, v = (torch.randn(B, N, H, D, device=device).to(dtype) for _ in range(2))
         lens = None if shape.kv_lens is None else torch.tensor(shape.kv_lens, dtype=torch.int32, device=device)
         return Workload("cross_attention", lambda: deco_ops.cross_attention(q, k, v, kv_lens=lens), [[], [q, k, v]])
-    w = _weights(shape, device, dtype)
+    if isinstance(shape, S.MergeShape):
+        w = _weights(shape, device, dtype, shape.merge ** 2 * shape.in_features)
+        norm_width = shape.in_features if shape.norm_position == "pre" else shape.merge ** 2 * shape.in_features
+        norm_w = [(1 + 0.1 * torch.randn(norm_width, device=device)).to(dtype)]
+        norm_w.append(torch.randn(norm_width, device=device).to(dtype) if shape.norm == "layernorm" else None)
+        x_shape = (shape.tokens, shape.in_features) if shape.order == "block" else \
+            (shape.batch, math.prod(shape.grid), shape.in_features)
+        x = torch.randn(x_shape, device=device).to(dtype)
+        grid = shape.grid if shape.order == "grid" else None
+
+        def forward():
+            return deco_ops.merge_mlp(x, *norm_w, *w, grid=grid, merge_size=shape.merge, order=shape.order,
+                                      norm=shape.norm, norm_position=shape.norm_position, eps=shape.eps)
+
+        trained = [*w, *(t for t in norm_w if t is not None)]
+        return Workload("merge_mlp", forward, [[], trained, [*trained, x]])
+    w = _weights(shape, device, dtype, shape.in_features)
     if isinstance(shape, S.PackedShape):
         x = torch.randn(shape.tokens, shape.in_features, device=device).to(dtype)
         grids = torch.tensor(shape.grids, dtype=torch.int32, device=device)

@@ -200,3 +200,19 @@ def test_tune_dry_run_lists_ops_buckets_and_candidates(capsys):
     assert "cross_attention_fwd_kernel  [M=32 N=512 BLOCK_D=64" in out
     assert "cross_attention_bwd_single_pass_kernel  [M=32 N=512" in out
     assert "5 candidates (timed):\n      BLOCK_M=128,BLOCK_N=128,BLOCK_K=64,GROUP_M=8,w8,s2" in out
+
+
+def test_tune_dry_run_plans_every_kind_of_named_shape(capsys):
+    """Each shape family of benchmarks/shapes.py has a workload (the merge projectors once had none,
+    which a real tuning run would have met only on the GPU)."""
+    from benchmarks import shapes
+
+    kinds = {}
+    for name in shapes.select(None):
+        kinds.setdefault(type(shapes.ALL[name]), name)
+    assert len(kinds) == 5, kinds
+    assert tune.main(["--dry-run", "--shapes", *kinds.values()]) == 0
+    out = capsys.readouterr().out
+    for name in kinds.values():
+        assert f"\n{name}  " in f"\n{out}", name
+    assert "merge_gemm_kernel  [" in out
