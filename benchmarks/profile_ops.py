@@ -1,0 +1,125 @@
+"""``python -m benchmarks.profile_ops``: where an op's time goes, host or GPU.
+
+For each named shape and direction, and each implementation asked for (default: deco_ops under
+each strategy, eager PyTorch, the best SDPA), it reports per call:
+* ``host_us``: how long the Python side takes to issue one call (``N`` calls issued back to back,
+  no synchronisation, the GPU queue never full), the launch overhead a small batch pays;
+* ``wall_us``: the same ``N`` calls until the GPU is done, per call;
+* ``gpu_us``: the summed time of the GPU kernels of one call (``torch.profiler``);
+so ``host_us > gpu_us`` means the call is host-bound. Then, for deco_ops, the profiler's top rows
+by host time and by GPU time, and a ``cProfile`` of the Python functions that cost the host most.
+
+    python -m benchmarks.profile_ops [--shapes NAMES] [--impls NAMES] [--out FILE]
+
+Made for the one short GPU run a session gets: each case takes a second or two after its kernels
+are compiled. Without a GPU it runs the tiny shapes on the CPU (a smoke test of the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+
+import torch
+
+from . import cases, shapes
+
+DEFAULT_SHAPES = ["infer_b1", "llava15_7b", "blip2_qformer", "qwenvl_resampler"]
+DEFAULT_IMPLS = ["deco_ops", "deco_ops_fused", "deco_ops_composed", "eager", "eager_softmax", "sdpa_cudnn", "sdpa_flash"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_and_wall_us(run, device: torch.device, n: int) -> tuple[float, float]:
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        run()
+    t1 = time.perf_counter()
+    _sync(device)
+    t2 = time.perf_counter()
+    return (t1 - t0) / n * 1e6, (t2 - t0) / n * 1e6
+
+
+def profiled(run, device: torch.device, n: int):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            run()
+        _sync(device)
+    events = prof.key_averages()
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in events) / n
+    return gpu_us, events
+
+
+def python_hotspots(run, n: int, rows: int) -> str:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(n):
+        run()
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(rows)
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_ops", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES)
+    p.add_argument("--impls", nargs="+", default=DEFAULT_IMPLS)
+    p.add_argument("--directions", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
+    p.add_argument("--calls", type=int, default=30, help="calls per host/wall measurement")
+    p.add_argument("--out", help="write the report here too")
+    args = p.parse_args(argv)
+
+    env = cases.Env.default(compile=False)
+    report = open(args.out, "w") if args.out else None  # written as it goes: a run cut short keeps its lines
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        if report:
+            report.write(line + "\n")
+            report.flush()
+
+    say(f"# host vs GPU time per call, {torch.cuda.get_device_name() if env.device.type == 'cuda' else 'CPU (smoke)'}, "
+        f"torch {torch.__version__}")
+    say(f"{'case':<44} {'impl':<20} {'host_us':>9} {'wall_us':>9} {'gpu_us':>9}")
+    for name in args.shapes:
+        for group in cases.groups_for(name, env, tuple(args.directions)):
+            for impl in args.impls:
+                if impl not in group.impls:
+                    continue
+                try:
+                    runner = group.impls[impl]()
+                except cases.Unavailable:
+                    continue
+                for _ in range(3):  # compile, choose strategies, fill allocator caches
+                    runner.run()
+                _sync(env.device)
+                host, wall = host_and_wall_us(runner.run, env.device, args.calls)
+                gpu, events = profiled(runner.run, env.device, 5)
+                say(f"{group.key:<44} {impl:<20} {host:9.1f} {wall:9.1f} {gpu:9.1f}")
+                if impl == "deco_ops":
+                    sort = "self_device_time_total" if env.device.type == "cuda" else "self_cpu_time_total"
+                    say(f"\n## {group.key} deco_ops: profiler, by host time\n"
+                        + events.table(sort_by="self_cpu_time_total", row_limit=18)
+                        + f"\n## {group.key} deco_ops: profiler, by GPU time\n"
+                        + events.table(sort_by=sort, row_limit=12)
+                        + f"\n## {group.key} deco_ops: Python functions, 20 calls\n"
+                        + python_hotspots(runner.run, 20, 25))
+    if report:
+        report.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
