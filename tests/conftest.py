@@ -5,7 +5,7 @@ which deco_ops switches on when DECO_OPS_BACKEND=triton is set before it is impo
 any test module imports it). Tests pick the backend per case with ``deco_ops.use_backend``.
 
 With a GPU present the same tests run on CUDA tensors and the compiled kernels (``harness.DEVICE``
-is the one switch; ``harness.suite_env`` sets DECO_OPS_AUTOTUNE=0 and DECO_OPS_CHECKS=1 there);
+is the one switch; ``harness.suite_env`` sets DECO_OPS_AUTOTUNE=0, DECO_OPS_STRATEGY=fused and DECO_OPS_CHECKS=1 there);
 the ``auto`` backend cases (the same Triton path on CUDA) and ``interpreter_only`` tests skip with
 their reason.
 """

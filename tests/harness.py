@@ -34,9 +34,14 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def suite_env(device: torch.device) -> dict[str, str]:
     """Environment defaults of a test run on ``device``. On CUDA: one fixed config per kernel,
-    never timed (hundreds of test shapes must not each autotune), and the value checks that are
-    off there by default (``deco_ops._checks``) on, so the bad-input tests hold on both devices."""
-    return {"DECO_OPS_AUTOTUNE": "0", "DECO_OPS_CHECKS": "1"} if device.type == "cuda" else {}
+    never timed (hundreds of test shapes must not each autotune); the fused kernels, as under the
+    interpreter (``auto`` would time both strategies at every new shape, so launch counts and the
+    path tested would depend on the GPU's timings; the strategy tests choose their own); and the
+    value checks that are off there by default (``deco_ops._checks``) on, so the bad-input tests
+    hold on both devices."""
+    if device.type != "cuda":
+        return {}
+    return {"DECO_OPS_AUTOTUNE": "0", "DECO_OPS_STRATEGY": "fused", "DECO_OPS_CHECKS": "1"}
 
 
 def skip_reason(device: torch.device, backend: str | None, interpreter_only: bool) -> str | None:

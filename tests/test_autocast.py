@@ -1,4 +1,4 @@
-"""Every public op and module inside ``torch.autocast("cpu", dtype=bf16/fp16)`` with fp32 inputs
+"""Every public op and module inside ``torch.autocast(<the suite's device>, dtype=bf16/fp16)`` with fp32 inputs
 and parameters, on the Triton kernels (interpreter) and the default backend, against the same
 computation written with eager PyTorch ops (``F.linear``, ``F.adaptive_avg_pool2d``, SDPA,
 ``nn.MultiheadAttention``):
@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 import deco_ops
 from deco_ops import _autocast
-from harness import assert_close, randn
+from harness import DEVICE, assert_close, randn
 from test_attention_modules import PlainResampler
 
 GRID, OUT_GRID = (4, 6), (3, 4)
@@ -186,7 +186,7 @@ OP_CASES = [(name, torch.bfloat16) for name in _ops()] + [("pool_mlp", torch.flo
 
 @pytest.mark.parametrize("name,dtype", OP_CASES, ids=str)
 def test_op_under_autocast(backend, name, dtype):
-    _check_op(name, dtype, "cpu")
+    _check_op(name, dtype, DEVICE.type)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.autocast('cuda') over the compiled kernels")
@@ -236,7 +236,7 @@ def test_module_under_autocast(backend, name, dtype=torch.bfloat16):
             p.copy_(p.to(dtype))
     g = torch.Generator().manual_seed(0)
     inputs = [randn(*s, generator=g) for s in shapes]
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(DEVICE.type, dtype=dtype):
         out, _ = _run(ours, [t.clone().requires_grad_(True) for t in inputs])
         eager_out, _ = _run(eager, [t.clone().requires_grad_(True) for t in inputs])
     ref, _ = _run(twin64, [_rounded64(t, dtype) for t in inputs])
@@ -266,7 +266,7 @@ def test_mixed_dtypes_refused_outside_autocast():
     x, w = torch.randn(1, 24, C, dtype=torch.bfloat16), torch.randn(OUT, C)
     with pytest.raises(TypeError, match="w has dtype torch.float32 but x has torch.bfloat16"):
         deco_ops.pool_linear(x, w, grid=GRID, out_grid=OUT_GRID)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         assert deco_ops.pool_linear(x, w, grid=GRID, out_grid=OUT_GRID).dtype == torch.bfloat16
         with pytest.raises(TypeError, match="w has dtype torch.float64"):  # autocast leaves float64 alone
             deco_ops.pool_linear(x, w.double(), grid=GRID, out_grid=OUT_GRID)
@@ -301,7 +301,7 @@ def test_torch_compile_under_autocast_matches_eager():
     for fn in (_dense_model, compiled):
         projector.zero_grad()
         attention.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16), deco_ops.use_backend("auto"):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16), deco_ops.use_backend("auto"):
             outs = fn(projector, attention, *inputs)
         sum(o.float().square().sum() for o in outs).backward()
         grads = [p.grad.clone() for p in (*projector.parameters(), *attention.parameters())]

@@ -15,7 +15,7 @@ import deco_ops
 from deco_ops import reference
 from deco_ops.kernels import gemm_act_grad, merge_gemm, merge_norm
 from fuzz import dtypes, examples
-from harness import assert_close, guarded, leaf, poisoned_empty, randn
+from harness import DEVICE, assert_close, guarded, leaf, poisoned_empty, randn
 
 NAMES = ("x", "norm_weight", "norm_bias", "w1", "b1", "w2", "b2")
 KERNELS = [merge_norm.merge_norm_stats_kernel, merge_gemm.merge_gemm_kernel, gemm_act_grad.gemm_act_grad_kernel,
@@ -385,7 +385,7 @@ def test_autocast_runs_in_the_autocast_dtype():
     params, dy = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8)
     leaves = [leaf(p) for p in params]
     x = leaves[0].detach().bfloat16().requires_grad_(True)
-    with deco_ops.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+    with deco_ops.use_backend("triton"), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         y = deco_ops.merge_mlp(x, *leaves[1:])
     assert y.dtype == torch.bfloat16
     y.backward(dy.bfloat16())

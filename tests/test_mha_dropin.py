@@ -253,8 +253,12 @@ def test_which_path_runs():
     q, k, v = _inputs(CONFIGS["zero_attn_bias_kv_kdim"])
     with mock.patch.object(attention_modules, "cross_attention", wraps=attention_modules.cross_attention) as kernel, \
             mock.patch.object(attention_modules.F, "multi_head_attention_forward", wraps=F.multi_head_attention_forward) as pytorch:
+        # a TorchFunctionMode (the CUDA suite's default device) re-enters the patched function, so
+        # each call is checked for reaching PyTorch at all, not counted
         ours(q, k, v, _mask("bool"), need_weights=False)
         assert (kernel.call_count, pytorch.call_count) == (1, 0)
         ours(q, k, v, _mask("bool"))
+        assert (kernel.call_count, pytorch.call_count > 0) == (1, True)
+        reached = pytorch.call_count
         ours(q, k, v, need_weights=False, attn_mask=_causal("bool"))
-        assert (kernel.call_count, pytorch.call_count) == (1, 2)
+        assert (kernel.call_count, pytorch.call_count > reached) == (1, True)

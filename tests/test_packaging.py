@@ -9,6 +9,7 @@ ignored), never from the working directory itself: a checkout may hold ignored h
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -57,9 +58,15 @@ def test_wheel_ships_deco_ops_only(wheel):
 def test_installed_wheel_imports_outside_the_checkout(wheel, tmp_path):
     path, _ = wheel
     env_dir = tmp_path / "venv"
-    # torch, triton (and the rest) come from this interpreter's site-packages, never from an index
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    # torch, triton (and the rest) come from this interpreter's site-packages, never from an index:
+    # a .pth file lists them (system_site_packages would miss them where this interpreter is itself
+    # a virtual environment; and unlike a site dir, a .pth line does not run the checkout's
+    # editable-install hook, so deco_ops can only come from the wheel)
+    venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    Path(purelib, "parent_site_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(path)],
                    check=True, capture_output=True, text=True, timeout=300)
     code = (

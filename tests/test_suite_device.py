@@ -9,7 +9,7 @@ CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
 
 def test_cuda_run_uses_fixed_configs_and_value_checks():
-    assert suite_env(CUDA) == {"DECO_OPS_AUTOTUNE": "0", "DECO_OPS_CHECKS": "1"}
+    assert suite_env(CUDA) == {"DECO_OPS_AUTOTUNE": "0", "DECO_OPS_STRATEGY": "fused", "DECO_OPS_CHECKS": "1"}
     assert suite_env(CPU) == {}
 
 
