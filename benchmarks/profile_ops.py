@@ -72,6 +72,49 @@ def python_hotspots(run, n: int, rows: int) -> str:
     return out.getvalue()
 
 
+def host_pieces(device: torch.device) -> list[tuple[str, float]]:
+    """Host microseconds of the pieces one deco_ops call is made of, each alone (best of 5 runs of
+    300 calls; 2 on a CPU, where the Triton piece runs in the interpreter), on a tiny LLaVA-shaped
+    pooling so the GPU never holds the host back."""
+    n = 300 if device.type == "cuda" else 2
+    import deco_ops
+    from deco_ops import _direct, strategy, tuning_tables
+    from deco_ops.kernels import adaptive_pool
+    from deco_ops.pooling import as_3d
+
+    x = torch.randn(1, 576, 64, device=device)
+    w1, w2 = torch.randn(128, 64, device=device), torch.randn(64, 128, device=device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    grid, out_grid = [24, 24], [12, 12]
+    pieces = {
+        "torch add (one ATen kernel)": lambda: x.add(1.0),
+        "F.linear (cuBLAS)": lambda: torch.nn.functional.linear(x, w1),
+        "strategy.make_key": lambda: strategy.make_key("pool_mlp", device, x.dtype, True, rows=256, C=64, grid=grid,
+                                                      out_grid=out_grid, hidden=128, out=64, act="gelu"),
+        "tuning_tables.load_named": lambda: tuning_tables.load_named(name),
+        "pool kernel launch (Triton)": lambda: adaptive_pool.pool_tokens(x, as_3d(grid), as_3d(out_grid)),
+        "deco.adaptive_avg_pool_tokens.body": lambda: _direct.deco.adaptive_avg_pool_tokens.body(x, grid, out_grid),
+        "torch.ops.deco.adaptive_avg_pool_tokens": lambda: torch.ops.deco.adaptive_avg_pool_tokens(x, grid, out_grid),
+        "deco_ops.adaptive_avg_pool_tokens": lambda: deco_ops.adaptive_avg_pool_tokens(x, (24, 24), (12, 12)),
+        "deco_ops.pool_mlp, no grad": lambda: deco_ops.pool_mlp(x, w1, None, w2, None, grid=(24, 24), out_grid=(12, 12)),
+    }
+    if device.type == "cuda":
+        def guard():
+            with torch.cuda.device(x.device):
+                pass
+
+        pieces["torch.cuda.device guard"] = guard
+    results = []
+    with torch.no_grad():
+        for label, fn in pieces.items():
+            for _ in range(20):
+                fn()
+            _sync(device)
+            best = min(host_and_wall_us(fn, device, n)[0] for _ in range(5))
+            results.append((label, best))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_ops", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES)
@@ -92,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
 
     say(f"# host vs GPU time per call, {torch.cuda.get_device_name() if env.device.type == 'cuda' else 'CPU (smoke)'}, "
         f"torch {torch.__version__}")
+    say(f"{'host piece':<44} {'host_us':>9}")
+    for label, us in host_pieces(env.device):
+        say(f"{label:<44} {us:9.1f}")
+    say()
     say(f"{'case':<44} {'impl':<20} {'host_us':>9} {'wall_us':>9} {'gpu_us':>9}")
     for name in args.shapes:
         for group in cases.groups_for(name, env, tuple(args.directions)):

@@ -238,9 +238,16 @@ def _pool_tokens_variants(module, dtypes, unpool: bool):
     return out
 
 
-def _adaptive_pool_configs(module):
-    # The launcher uses BLOCK_C = min(256, next_pow2(C)) with the JIT's default warps/stages.
-    return [_plain_config(BLOCK_C=module.BLOCK_C), _plain_config(BLOCK_C=64)]
+def _pool_tokens_configs(module):
+    # The tiles ``pool_tile`` picks (JIT default warps/stages): LLaVA's 2x2 windows at C = 1024,
+    # SigLIP's 27 -> 12 (windows of 3-4), a global pool of a 24x24 grid (one row of 32 at a time).
+    return [_plain_config(**dict(zip(("BLOCK_C", "KH", "KW"), module.pool_tile(C, H, W, OH, OW))))
+            for C, H, W, OH, OW in ((1024, 24, 24, 12, 12), (1152, 27, 27, 12, 12), (1024, 24, 24, 1, 1))]
+
+
+def _unpool_tokens_configs(module):
+    # The launcher uses BLOCK_C = min(UNPOOL_BLOCK_C, next_pow2(C)) with the JIT's default warps/stages.
+    return [_plain_config(BLOCK_C=module.UNPOOL_BLOCK_C), _plain_config(BLOCK_C=64)]
 
 
 # -- patch-merge projectors (kernels/merge_gemm.py, kernels/merge_norm.py): 16 images' worth of
@@ -491,9 +498,9 @@ REGISTRY: list[Entry] = [
           configs=lambda m: m.cuda_configs(), variants=lambda m, d: _packed_pool_variants(m, d, unpool=True),
           launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant))),
     Entry("pool_tokens", "deco_ops.kernels.adaptive_pool", "pool_tokens_kernel",
-          configs=_adaptive_pool_configs, variants=lambda m, d: _pool_tokens_variants(m, d, unpool=False)),
+          configs=_pool_tokens_configs, variants=lambda m, d: _pool_tokens_variants(m, d, unpool=False)),
     Entry("unpool_tokens", "deco_ops.kernels.adaptive_pool", "unpool_tokens_kernel",
-          configs=_adaptive_pool_configs, variants=lambda m, d: _pool_tokens_variants(m, d, unpool=True)),
+          configs=_unpool_tokens_configs, variants=lambda m, d: _pool_tokens_variants(m, d, unpool=True)),
     Entry("merge_gemm", "deco_ops.kernels.merge_gemm", "merge_gemm_kernel",
           configs=lambda m: m.cuda_configs(), variants=_merge_gemm_variants,
           launchable=lambda m, config, variant, arch: m.fits(

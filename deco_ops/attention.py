@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend, composed_attention, strategy
+from ._direct import custom_op, deco, register_autograd
 from . import _validate_attention as _check
 from . import reference_attention as reference
 from ._transfer import to_device
@@ -55,7 +56,7 @@ def _key(op, q, B, N, kv_lens, cu_seqlens_k, needs_grad, **more) -> str:
                              N=strategy.bucket(N), H=H, D=D, q="shared" if q.shape[0] == 1 else "per-batch", mask=mask, **more)
 
 
-@torch.library.custom_op("deco::cross_attention", mutates_args=())
+@custom_op("cross_attention")
 def _cross_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -100,7 +101,7 @@ def _or_empty(grad: torch.Tensor | None, needed: bool, like: torch.Tensor) -> to
     return grad if needed else like.new_empty((0,))
 
 
-@torch.library.custom_op("deco::cross_attention_backward", mutates_args=())
+@custom_op("cross_attention_backward")
 def _cross_attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -168,13 +169,13 @@ def _backward(ctx, dout, dlse):
     need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     if dout is None or not (need_dq or need_dkv):
         return (None,) * 9
-    dq, dk, dv = torch.ops.deco.cross_attention_backward(
+    dq, dk, dv = deco.cross_attention_backward(
         dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, ctx.max_seqlen_k, ctx.scale, ctx.dropout_p, rng, need_dq, need_dkv
     )
     return (dq if need_dq else None), (dk if need_dkv else None), (dv if need_dkv else None), None, None, None, None, None, None
 
 
-_cross_attention.register_autograd(_backward, setup_context=_setup)
+register_autograd(_cross_attention, _backward, _setup)
 
 
 def _draw_rng(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -237,4 +238,4 @@ def cross_attention(
     scale = _check.scale(softmax_scale, D)
     dropout_p = _check.dropout(dropout_p, generator)
     rng = _draw_rng(generator, q.device) if dropout_p > 0 else None
-    return torch.ops.deco.cross_attention(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng)[0]
+    return deco.cross_attention(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng)[0]

@@ -34,6 +34,7 @@ import math
 import torch
 
 from . import _backend, _validate, merge_reference, strategy
+from ._direct import custom_op, deco, register_autograd
 from .kernels import merge_gemm, merge_norm, packed_pool
 from ._transfer import to_device
 from .packed import Packing, _grid_table
@@ -54,7 +55,7 @@ def _layout(grid: list[int]) -> tuple[int, int, int]:
     return tuple(grid) if grid else (1, 1, 1)
 
 
-@torch.library.custom_op("deco::merge_mlp", mutates_args=())
+@custom_op("merge_mlp")
 def _merge_mlp(
     x: torch.Tensor,
     norm_weight: torch.Tensor | None,
@@ -115,7 +116,7 @@ def _(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, n
     return y, x.new_empty((M, w1.shape[0])) if keep_residuals else x.new_empty((0,))
 
 
-@torch.library.custom_op("deco::merge_norm_backward", mutates_args=())
+@custom_op("merge_norm_backward")
 def _norm_backward(
     x: torch.Tensor,
     norm_weight: torch.Tensor | None,
@@ -196,7 +197,7 @@ def _backward(ctx, dy, dpre_extra):
     dz = dw2 = db2 = db1 = dx = dnw = dnb = dw1 = None
     if dy is not None:  # None (not zeros) when only the residual output was used
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dz, act = torch.ops.deco.mlp_activation_backward(dy2, w2, pre_act, ctx.activation)
+        dz, act = deco.mlp_activation_backward(dy2, w2, pre_act, ctx.activation)
         dw2, db2 = linear_grads(dy2, act, need_w2, need_b2 and ctx.has_b2)
     dz = add_grads(dz, dpre_extra)
     if dz is None:
@@ -205,7 +206,7 @@ def _backward(ctx, dy, dpre_extra):
     need_nw, need_nb = need_nw and nw is not None, need_nb and nb is not None
     if need_x or need_nw or need_nb or need_w1:
         dn = dz @ w1 if need_x or need_nw or need_nb else None
-        dx, n, dnw, dnb = torch.ops.deco.merge_norm_backward(
+        dx, n, dnw, dnb = deco.merge_norm_backward(
             x, nw, nb, dn, geometry, grid, merge, order, norm, pre, eps, need_x, need_w1, need_nw, need_nb)
         dw1 = dz.t() @ n if need_w1 else None
         dx = dx if need_x else None
@@ -214,7 +215,7 @@ def _backward(ctx, dy, dpre_extra):
     return dx, dnw, dnb, dw1, db1, dw2, db2, None, None, None, None, None, None, None, None, None
 
 
-_merge_mlp.register_autograd(_backward, setup_context=_setup)
+register_autograd(_merge_mlp, _backward, _setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,7 +330,7 @@ def merge_mlp(
             raise ValueError(f"x has {N} tokens, not a multiple of merge_size**2 = {merge * merge} (order='block')")
         layout = []
     keep = needs_residuals(x, norm_weight, norm_bias, w1, b1, w2, b2)
-    y = torch.ops.deco.merge_mlp(x3, norm_weight, norm_bias, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps, activation, keep)[0]
+    y = deco.merge_mlp(x3, norm_weight, norm_bias, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps, activation, keep)[0]
     return y if x.dim() == 3 else y[0]
 
 
@@ -377,6 +378,6 @@ def merge_mlp_packed(
         raise ValueError(f"x has {x.shape[0]} tokens but grids need sum(prod(grids)) = {packing.num_tokens}")
     geometry = to_device(packing.geometry, x.device) if order == "grid" else None
     keep = needs_residuals(x, norm_weight, norm_bias, w1, b1, w2, b2)
-    y = torch.ops.deco.merge_mlp(
+    y = deco.merge_mlp(
         x.unsqueeze(0), norm_weight, norm_bias, w1, b1, w2, b2, geometry, [], merge, order, norm, pre, eps, activation, keep)[0]
     return y[0], to_device(packing.cu_seqlens, x.device)

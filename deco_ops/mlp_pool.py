@@ -27,6 +27,7 @@ import math
 import torch
 
 from . import _backend, _validate, composed, strategy
+from ._direct import custom_op, deco, register_autograd
 from .kernels import mlp_pool as mlp_pool_kernel
 from .kernels import pool_gemm
 from ._transfer import to_device
@@ -34,7 +35,7 @@ from .packed import check_mlp, check_tokens, dense_geometry, packed_key, parse
 from .projector import ACTIVATIONS, add_grads, linear_grads, needs_residuals
 
 
-@torch.library.custom_op("deco::mlp_pool_packed", mutates_args=())
+@custom_op("mlp_pool_packed")
 def _mlp_pool(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -62,7 +63,7 @@ def _mlp_pool(
         return y, pooled if keep_residuals else x.new_empty((0,))
 
     def composed_():
-        pool = lambda a: torch.ops.deco.pool_tokens_packed(a, geometry, num_out, mode)  # noqa: E731
+        pool = lambda a: deco.pool_tokens_packed.body(a, geometry, num_out, mode)  # noqa: E731
         return composed.mlp_pool(x, w1, b1, w2, b2, pool, activation, keep_residuals)
 
     return strategy.run(
@@ -79,7 +80,7 @@ def _(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals):
     return x.new_empty((num_out, w2.shape[0])), pooled
 
 
-@torch.library.custom_op("deco::mlp_pool_act_backward", mutates_args=())
+@custom_op("mlp_pool_act_backward")
 def _act_backward(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, dpooled: torch.Tensor, geometry: torch.Tensor, activation: str, mode: str
 ) -> torch.Tensor:
@@ -92,7 +93,7 @@ def _act_backward(
         )
 
     def composed_():
-        unpool = lambda d: torch.ops.deco.unpool_tokens_packed(d, geometry, x.shape[0], mode)  # noqa: E731
+        unpool = lambda d: deco.unpool_tokens_packed.body(d, geometry, x.shape[0], mode)  # noqa: E731
         return composed.mlp_pool_act_backward(x, w1, b1, dpooled, unpool, activation)
 
     return strategy.run(
@@ -128,14 +129,14 @@ def _backward(ctx, dy, dpooled_extra):
             dpooled = dy @ w2
     dpooled = add_grads(dpooled, dpooled_extra)
     if dpooled is not None and (need_x or need_w1 or (need_b1 and ctx.has_b1)):
-        dz = torch.ops.deco.mlp_pool_act_backward(x, w1, b1, dpooled, geometry, ctx.activation, ctx.mode)
+        dz = deco.mlp_pool_act_backward(x, w1, b1, dpooled, geometry, ctx.activation, ctx.mode)
         dw1, db1 = linear_grads(dz, x, need_w1, need_b1 and ctx.has_b1)
         if need_x:
             dx = dz @ w1
     return dx, dw1, db1, dw2, db2, None, None, None, None, None
 
 
-_mlp_pool.register_autograd(_backward, setup_context=_setup)
+register_autograd(_mlp_pool, _backward, _setup)
 
 
 def mlp_pool(
@@ -171,7 +172,7 @@ def mlp_pool(
     P = math.prod(o)
     geometry = dense_geometry(g, o, B, x.device)
     keep = needs_residuals(x, w1, b1, w2, b2)
-    y = torch.ops.deco.mlp_pool_packed(x.reshape(B * N, C), w1, b1, w2, b2, geometry, B * P, activation, mode, keep)[0]
+    y = deco.mlp_pool_packed(x.reshape(B * N, C), w1, b1, w2, b2, geometry, B * P, activation, mode, keep)[0]
     return y.view(B, P, -1)
 
 
@@ -194,5 +195,5 @@ def mlp_pool_packed(
     packing = parse(x, grids, out_grids, stride)
     geometry = to_device(packing.geometry, x.device)
     keep = needs_residuals(x, w1, b1, w2, b2)
-    y = torch.ops.deco.mlp_pool_packed(x, w1, b1, w2, b2, geometry, packing.num_out, activation, mode, keep)[0]
+    y = deco.mlp_pool_packed(x, w1, b1, w2, b2, geometry, packing.num_out, activation, mode, keep)[0]
     return y, to_device(packing.cu_seqlens, x.device)

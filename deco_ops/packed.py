@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend, _validate, composed, strategy
+from ._direct import custom_op, deco, register_autograd
 from ._transfer import to_device
 from .kernels import packed_pool, pool_gemm
 from .projector import ACTIVATIONS, add_grads, mlp_backward, needs_residuals
@@ -201,7 +202,7 @@ def reference_unpool(grad: torch.Tensor, geometry: torch.Tensor, num_tokens: int
 # pooling ops
 
 
-@torch.library.custom_op("deco::pool_tokens_packed", mutates_args=())
+@custom_op("pool_tokens_packed")
 def _pool(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: str) -> torch.Tensor:
     if _backend.use_triton(x.device):
         return packed_pool.pool_packed(x, geometry, num_out, mode)
@@ -213,7 +214,7 @@ def _(x, geometry, num_out, mode):
     return x.new_empty((num_out, x.shape[1]))
 
 
-@torch.library.custom_op("deco::unpool_tokens_packed", mutates_args=())
+@custom_op("unpool_tokens_packed")
 def _unpool(grad: torch.Tensor, geometry: torch.Tensor, num_tokens: int, mode: str) -> torch.Tensor:
     if _backend.use_triton(grad.device):
         return packed_pool.unpool_packed(grad, geometry, num_tokens, mode)
@@ -235,18 +236,18 @@ def _pool_backward(ctx, grad):
     if grad is None:
         return None, None, None, None
     (geometry,) = ctx.saved_tensors
-    return torch.ops.deco.unpool_tokens_packed(grad, geometry, ctx.size, ctx.mode), None, None, None
+    return deco.unpool_tokens_packed(grad, geometry, ctx.size, ctx.mode), None, None, None
 
 
 def _unpool_backward(ctx, grad):
     if grad is None:
         return None, None, None, None
     (geometry,) = ctx.saved_tensors
-    return torch.ops.deco.pool_tokens_packed(grad, geometry, ctx.size, ctx.mode), None, None, None
+    return deco.pool_tokens_packed(grad, geometry, ctx.size, ctx.mode), None, None, None
 
 
-_pool.register_autograd(_pool_backward, setup_context=_setup)
-_unpool.register_autograd(_unpool_backward, setup_context=_setup)
+register_autograd(_pool, _pool_backward, _setup)
+register_autograd(_unpool, _unpool_backward, _setup)
 
 
 def check_tokens(x) -> None:
@@ -258,7 +259,7 @@ def _resample_packed(x, grids, out_grids, stride, resample_mode):
     check_tokens(x)
     packing = parse(x, grids, out_grids, stride)
     geometry = to_device(packing.geometry, x.device)
-    y = torch.ops.deco.pool_tokens_packed(x, geometry, packing.num_out, resample_mode)
+    y = deco.pool_tokens_packed(x, geometry, packing.num_out, resample_mode)
     return y, to_device(packing.cu_seqlens, x.device)
 
 
@@ -294,7 +295,7 @@ def bilinear_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
     _validate.tokens(x, g)
     B, N, C = x.shape
     geometry = dense_geometry(g, o, B, x.device)
-    y = torch.ops.deco.pool_tokens_packed(x.reshape(B * N, C), geometry, B * math.prod(o), "bilinear")
+    y = deco.pool_tokens_packed(x.reshape(B * N, C), geometry, B * math.prod(o), "bilinear")
     return y.view(B, math.prod(o), C)
 
 
@@ -308,7 +309,7 @@ def packed_key(op: str, x: torch.Tensor, num_out: int, keep_residuals: bool, **d
                              rows=strategy.bucket(num_out), C=x.shape[1], **dims)
 
 
-@torch.library.custom_op("deco::pool_mlp_packed", mutates_args=())
+@custom_op("pool_mlp_packed")
 def _pool_mlp(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -332,7 +333,7 @@ def _pool_mlp(
         return (y, pooled, pre) if keep_residuals else (y, x.new_empty((0,)), x.new_empty((0,)))
 
     def composed_():
-        pooled = torch.ops.deco.pool_tokens_packed(x, geometry, num_out, mode)
+        pooled = deco.pool_tokens_packed.body(x, geometry, num_out, mode)
         return composed.pool_mlp(pooled, w1, b1, w2, b2, activation, keep_residuals)
 
     return strategy.run(
@@ -367,11 +368,11 @@ def _pool_mlp_backward(ctx, dy, dpooled_extra, dpre_extra):
     dpooled = add_grads(dpooled, dpooled_extra)
     dx = None
     if ctx.needs_input_grad[0] and dpooled is not None:
-        dx = torch.ops.deco.unpool_tokens_packed(dpooled, geometry, ctx.num_tokens, ctx.mode)
+        dx = deco.unpool_tokens_packed(dpooled, geometry, ctx.num_tokens, ctx.mode)
     return dx, *param_grads, None, None, None, None, None
 
 
-_pool_mlp.register_autograd(_pool_mlp_backward, setup_context=_pool_mlp_setup)
+register_autograd(_pool_mlp, _pool_mlp_backward, _pool_mlp_setup)
 
 
 def check_mlp(x, w1, b1, w2, b2, activation, resample_mode, activations) -> None:
@@ -417,7 +418,7 @@ def pool_mlp_packed(
     packing = parse(x, grids, out_grids, stride)
     geometry = to_device(packing.geometry, x.device)
     keep = needs_residuals(x, w1, b1, w2, b2)
-    y = torch.ops.deco.pool_mlp_packed(x, w1, b1, w2, b2, geometry, packing.num_out, activation, mode, keep)[0]
+    y = deco.pool_mlp_packed(x, w1, b1, w2, b2, geometry, packing.num_out, activation, mode, keep)[0]
     return y, to_device(packing.cu_seqlens, x.device)
 
 
@@ -433,5 +434,5 @@ def pool_mlp_resampled(x, w1, b1, w2, b2, *, grid, out_grid, activation="gelu", 
     P = math.prod(o)
     geometry = dense_geometry(g, o, B, x.device)
     keep = needs_residuals(x, w1, b1, w2, b2)
-    y = torch.ops.deco.pool_mlp_packed(x.reshape(B * N, C), w1, b1, w2, b2, geometry, B * P, activation, mode, keep)[0]
+    y = deco.pool_mlp_packed(x.reshape(B * N, C), w1, b1, w2, b2, geometry, B * P, activation, mode, keep)[0]
     return y.view(B, P, -1)

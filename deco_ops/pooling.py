@@ -12,6 +12,7 @@ import math
 import torch
 
 from . import _backend, _validate, reference
+from ._direct import custom_op, deco, register_autograd
 from .kernels import adaptive_pool
 
 
@@ -20,7 +21,7 @@ def as_3d(grid) -> tuple[int, int, int]:
     return tuple(grid) if len(grid) == 3 else (1, *grid)
 
 
-@torch.library.custom_op("deco::adaptive_avg_pool_tokens", mutates_args=())
+@custom_op("adaptive_avg_pool_tokens")
 def _pool(x: torch.Tensor, grid: list[int], out_grid: list[int]) -> torch.Tensor:
     if _backend.use_triton(x.device):
         return adaptive_pool.pool_tokens(x, as_3d(grid), as_3d(out_grid))
@@ -32,7 +33,7 @@ def _(x, grid, out_grid):
     return x.new_empty((x.shape[0], math.prod(out_grid), x.shape[2]))
 
 
-@torch.library.custom_op("deco::unpool_tokens", mutates_args=())
+@custom_op("unpool_tokens")
 def _unpool(grad: torch.Tensor, grid: list[int], out_grid: list[int]) -> torch.Tensor:
     if _backend.use_triton(grad.device):
         return adaptive_pool.unpool_tokens(grad, as_3d(grid), as_3d(out_grid))
@@ -52,17 +53,17 @@ def _setup(ctx, inputs, output):
 def _pool_backward(ctx, grad):
     if grad is None:
         return None, None, None
-    return torch.ops.deco.unpool_tokens(grad.contiguous(), ctx.grid, ctx.out_grid), None, None
+    return deco.unpool_tokens(grad.contiguous(), ctx.grid, ctx.out_grid), None, None
 
 
 def _unpool_backward(ctx, grad):
     if grad is None:
         return None, None, None
-    return torch.ops.deco.adaptive_avg_pool_tokens(grad, ctx.grid, ctx.out_grid), None, None
+    return deco.adaptive_avg_pool_tokens(grad, ctx.grid, ctx.out_grid), None, None
 
 
-_pool.register_autograd(_pool_backward, setup_context=_setup)
-_unpool.register_autograd(_unpool_backward, setup_context=_setup)
+register_autograd(_pool, _pool_backward, _setup)
+register_autograd(_unpool, _unpool_backward, _setup)
 
 
 def check_pool_input(x, grid, out_grid) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -86,4 +87,4 @@ def adaptive_avg_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
         ``(B, prod(out_grid), C)``; window ``i`` of an axis covers ``floor(i*L/O) .. ceil((i+1)*L/O)``.
     """
     g, o = check_pool_input(x, grid, out_grid)
-    return torch.ops.deco.adaptive_avg_pool_tokens(x, list(g), list(o))
+    return deco.adaptive_avg_pool_tokens(x, list(g), list(o))

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend, _validate, composed, reference, strategy
+from ._direct import custom_op, deco, register_autograd
 from .kernels import gemm_act_grad, pool_gemm
 from .pooling import as_3d, check_pool_input
 
@@ -49,9 +50,10 @@ def add_grads(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | 
 
 def linear_grads(g: torch.Tensor, a: torch.Tensor, need_w: bool, need_b: bool):
     """(dW, db) of a Linear with output gradient ``g`` (rows, out) and input ``a`` (rows, in); None
-    where not needed. db is summed in fp32, as cuBLAS accumulates dW."""
+    where not needed. db is one reduction kernel that accumulates 16-bit ``g`` in fp32, as cuBLAS
+    accumulates dW (and as eager ``nn.Linear``'s backward sums it)."""
     dw = g.t() @ a if need_w else None
-    db = g.sum(0, dtype=torch.float32).to(g.dtype) if need_b else None
+    db = g.sum(0) if need_b else None
     return dw, db
 
 
@@ -66,7 +68,7 @@ def mlp_backward(ctx, dy, dpre_extra, w1, w2, pooled, pre):
     need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
     dz = dpooled = dw1 = db1 = dw2 = db2 = None
     if dy is not None:
-        dz, act = torch.ops.deco.mlp_activation_backward(dy, w2, pre, ctx.activation)
+        dz, act = deco.mlp_activation_backward(dy, w2, pre, ctx.activation)
         dw2, db2 = linear_grads(dy, act, need_w2, need_b2 and ctx.has_b2)
     dz = add_grads(dz, dpre_extra)
     if dz is not None:
@@ -86,7 +88,7 @@ def _key(op: str, x: torch.Tensor, grid, out_grid, keep_residuals: bool, **dims)
                              grid=grid, out_grid=out_grid, **dims)
 
 
-@torch.library.custom_op("deco::pool_linear", mutates_args=())
+@custom_op("pool_linear")
 def _pool_linear(
     x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, grid: list[int], out_grid: list[int], keep_residuals: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +106,7 @@ def _pool_linear(
     return strategy.run(
         on_triton=on_triton, key=lambda: _key("pool_linear", x, grid, out_grid, keep_residuals, out=w.shape[0]),
         fused=fused if on_triton else None,
-        composed=lambda: composed.pool_linear(torch.ops.deco.adaptive_avg_pool_tokens(x, grid, out_grid), w, b, keep_residuals),
+        composed=lambda: composed.pool_linear(deco.adaptive_avg_pool_tokens.body(x, grid, out_grid), w, b, keep_residuals),
     )
 
 
@@ -136,18 +138,18 @@ def _pool_linear_backward(ctx, dy, dpooled_extra):
             dpooled = (dy2 @ w).view(pooled.shape)
     dpooled = add_grads(dpooled, dpooled_extra)
     if need_x and dpooled is not None:
-        dx = torch.ops.deco.unpool_tokens(dpooled, ctx.grid, ctx.out_grid)
+        dx = deco.unpool_tokens(dpooled, ctx.grid, ctx.out_grid)
     return dx, dw, db, None, None, None
 
 
-_pool_linear.register_autograd(_pool_linear_backward, setup_context=_pool_linear_setup)
+register_autograd(_pool_linear, _pool_linear_backward, _pool_linear_setup)
 
 
 # ----------------------------------------------------------------------------------------------
 # pool -> Linear -> activation -> Linear
 
 
-@torch.library.custom_op("deco::mlp_activation_backward", mutates_args=())
+@custom_op("mlp_activation_backward")
 def _mlp_activation_backward(
     dy: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +169,7 @@ def _(dy, w2, pre, activation):
     return torch.empty_like(pre), torch.empty_like(pre)
 
 
-@torch.library.custom_op("deco::pool_mlp", mutates_args=())
+@custom_op("pool_mlp")
 def _pool_mlp(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -193,7 +195,7 @@ def _pool_mlp(
         return y, pooled.view(B, P, x.shape[2]), pre.view(B, P, w1.shape[0])
 
     def composed_():
-        pooled = torch.ops.deco.adaptive_avg_pool_tokens(x, grid, out_grid)
+        pooled = deco.adaptive_avg_pool_tokens.body(x, grid, out_grid)
         return composed.pool_mlp(pooled, w1, b1, w2, b2, activation, keep_residuals)
 
     return strategy.run(
@@ -230,11 +232,11 @@ def _pool_mlp_backward(ctx, dy, dpooled_extra, dpre_extra):
     dpooled = add_grads(None if dpooled is None else dpooled.view(pooled.shape), dpooled_extra)
     dx = None
     if ctx.needs_input_grad[0] and dpooled is not None:
-        dx = torch.ops.deco.unpool_tokens(dpooled, ctx.grid, ctx.out_grid)
+        dx = deco.unpool_tokens(dpooled, ctx.grid, ctx.out_grid)
     return dx, *param_grads, None, None, None, None
 
 
-_pool_mlp.register_autograd(_pool_mlp_backward, setup_context=_pool_mlp_setup)
+register_autograd(_pool_mlp, _pool_mlp_backward, _pool_mlp_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +271,7 @@ def pool_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     _validate.tensor("x", x, 3)
     _validate.linear("w", w, "b", b, x.shape[2], "x.shape[-1]")
     g, o = _check_common(x, grid, out_grid, w=w, b=b)
-    return torch.ops.deco.pool_linear(x, w, b, g, o, needs_residuals(x, w, b))[0]
+    return deco.pool_linear(x, w, b, g, o, needs_residuals(x, w, b))[0]
 
 
 def pool_mlp(
@@ -299,4 +301,4 @@ def pool_mlp(
     _validate.linear("w2", w2, "b2", b2, w1.shape[0], "w1.shape[0] (hidden features)")
     _validate.activation(activation, ACTIVATIONS)
     g, o = _check_common(x, grid, out_grid, w1=w1, b1=b1, w2=w2, b2=b2)
-    return torch.ops.deco.pool_mlp(x, w1, b1, w2, b2, g, o, activation, needs_residuals(x, w1, b1, w2, b2))[0]
+    return deco.pool_mlp(x, w1, b1, w2, b2, g, o, activation, needs_residuals(x, w1, b1, w2, b2))[0]

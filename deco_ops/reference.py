@@ -71,8 +71,21 @@ def _quick_gelu_grad(z):
 ACTIVATION_GRADS = {"gelu": _gelu_grad, "gelu_tanh": _gelu_tanh_grad, "silu": _silu_grad, "quick_gelu": _quick_gelu_grad}
 
 
+# PyTorch's own backward kernels, one elementwise pass each (what eager autograd launches for
+# nn.GELU / nn.SiLU): fp32 math inside, one rounding, as the closed forms below in fp32.
+_ATEN_ACTIVATION_BACKWARD = {
+    "gelu": lambda g, z: torch.ops.aten.gelu_backward(g, z, approximate="none"),
+    "gelu_tanh": lambda g, z: torch.ops.aten.gelu_backward(g, z, approximate="tanh"),
+    "silu": torch.ops.aten.silu_backward,
+}
+
+
 def mlp_activation_backward(dy, w2, pre, activation):
     """(dy @ w2 * act'(pre), act(pre)), the activation math in at least fp32."""
+    g = dy @ w2
+    backward = _ATEN_ACTIVATION_BACKWARD.get(activation)
+    if backward is not None:
+        return backward(g, pre), ACTIVATIONS[activation](pre)
     z = pre.float() if pre.dtype in (torch.float16, torch.bfloat16) else pre
-    dz = (dy @ w2).to(z.dtype) * ACTIVATION_GRADS[activation](z)
+    dz = g.to(z.dtype) * ACTIVATION_GRADS[activation](z)
     return dz.to(pre.dtype), ACTIVATIONS[activation](z).to(pre.dtype)

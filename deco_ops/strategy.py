@@ -63,6 +63,7 @@ CACHE_FILE = "strategy.json"
 _override: str | None = None
 _decisions: dict[str, str] = {}  # measured or preloaded in this process: key -> winner
 _disk: dict[str, str] | None = None  # the on-disk cache, read once on first need
+_device_names: dict[torch.device, str] = {}  # device -> the name its keys carry
 
 
 def _check(name: str, source: str) -> str:
@@ -103,7 +104,9 @@ def bucket(n: int) -> int:
 def make_key(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, **shape) -> str:
     """The key string of one decision (format in the module docstring). ``shape`` values are
     written as given: bucket row counts and key lengths with ``bucket()`` before passing them."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    name = _device_names.get(device)
+    if name is None:
+        name = _device_names[device] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     fields = ",".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}" for k, v in shape.items())
     determinism = "deterministic" if torch.are_deterministic_algorithms_enabled() else "any"
     return "|".join((op, name, str(dtype).removeprefix("torch."), fields, "grad" if needs_grad else "infer", determinism))

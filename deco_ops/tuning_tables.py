@@ -40,7 +40,7 @@ ENV_VAR = "DECO_OPS_TUNING_TABLE"
 TABLE_DIR = Path(__file__).parent / "tuning"
 FORMAT = 1
 
-_tables: dict[str, dict] = {}  # path -> table, read once per process
+_tables: dict[tuple[str, str], dict] = {}  # (GPU name, DECO_OPS_TUNING_TABLE) -> its table, read once per process
 
 
 def file_name(device_name: str) -> str:
@@ -81,15 +81,16 @@ def load(device: torch.device) -> dict:
 
 
 def load_named(device_name: str) -> dict:
-    """``load`` by GPU name (``torch.cuda.get_device_name``)."""
-    path = table_path(device_name)
-    if path is None:
-        return {}
-    if str(path) not in _tables:
-        table = read(path)
+    """``load`` by GPU name (``torch.cuda.get_device_name``). Called on every measured strategy
+    choice, so a table is found by (GPU, ``DECO_OPS_TUNING_TABLE``) in one dict lookup."""
+    setting = (device_name, os.environ.get(ENV_VAR, ""))
+    table = _tables.get(setting)
+    if table is None:
+        path = table_path(device_name)
+        table = {} if path is None else read(path)
         strategy.preload(table.get("strategies", {}))
-        _tables[str(path)] = table
-    return _tables[str(path)]
+        _tables[setting] = table
+    return table
 
 
 def lookup(kernel: str, device: torch.device, label: str) -> dict | None:

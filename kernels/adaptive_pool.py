@@ -3,8 +3,9 @@
 Tokens are ``(B, N, C)`` with ``N = T*H*W`` in row-major (t, h, w) order, pooled to
 ``(B, OT*OH*OW, C)``.
 
-* ``pool_tokens_kernel``: one program per (batch, output cell, channel block) sums its window.
-  Reads B*N*C elements (more where windows overlap), writes B*P*C.
+* ``pool_tokens_kernel``: one program per (batch, output cell, channel block) sums its window,
+  loading its tokens as one tile (``pool_tile``). Reads B*N*C elements (more where windows
+  overlap), writes B*P*C.
 * ``unpool_tokens_kernel``: the backward. One program per (batch, input token, channel block)
   *gathers* ``grad_out / |window|`` from every window that contains the token, in a fixed order,
   so the result is deterministic (PyTorch's CUDA adaptive-pool backward scatters with atomics and
@@ -21,9 +22,10 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
-from .adaptive_window import window, windows_containing
+from .adaptive_window import max_window, window, windows_containing
 
-BLOCK_C = 256
+UNPOOL_BLOCK_C = 1024  # 8 channels per thread of 4 warps: 16-byte loads and stores in 16-bit
+TILE = 4096  # elements of one pooling program's [window tokens, channels] tile
 
 
 @triton.jit
@@ -31,7 +33,7 @@ def pool_tokens_kernel(
     x_ptr, out_ptr,
     C, T, H, W, OT, OH, OW,
     sxb, sxn, sxc, sob, son, soc,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // (OT * OH * OW)
@@ -44,15 +46,22 @@ def pool_tokens_kernel(
     t0, t1 = window(ot, T, OT)
     h0, h1 = window(oh, H, OH)
     w0, w1 = window(ow, W, OW)
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    x_b = x_ptr + b * sxb + c * sxc
+    # KH window rows of KW tokens each load as one [KH * KW, BLOCK_C] tile: every load of a
+    # window in flight at once (a token at a time, the loads wait on each other)
+    r = tl.arange(0, KH * KW)
+    dh = r // KW
+    w = w0 + r % KW
+    acc = tl.zeros([KH * KW, BLOCK_C], dtype=tl.float32)
+    x_b = x_ptr + b * sxb
     for t in range(t0, t1):
-        for h in range(h0, h1):
-            for w in range(w0, w1):
-                token = ((t * H + h) * W + w).to(tl.int64)
-                acc += tl.load(x_b + token * sxn, mask=c_mask, other=0.0).to(tl.float32)
-    acc = acc / ((t1 - t0) * (h1 - h0) * (w1 - w0)).to(tl.float32)
-    tl.store(out_ptr + b * sob + cell * son + c * soc, acc.to(out_ptr.dtype.element_ty), mask=c_mask)
+        for h in range(h0, h1, KH):
+            rows = h + dh
+            token = ((t * H + rows) * W + w).to(tl.int64)
+            valid = (rows < h1) & (w < w1)
+            acc += tl.load(x_b + token[:, None] * sxn + c[None, :] * sxc, mask=valid[:, None] & c_mask[None, :],
+                           other=0.0).to(tl.float32)
+    total = tl.sum(acc, axis=0) / ((t1 - t0) * (h1 - h0) * (w1 - w0)).to(tl.float32)
+    tl.store(out_ptr + b * sob + cell * son + c * soc, total.to(out_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -88,8 +97,19 @@ def unpool_tokens_kernel(
     tl.store(dx_ptr + b * sdb + token * sdn + c * sdc, acc.to(dx_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _block_c(C: int) -> int:
-    return min(BLOCK_C, triton.next_power_of_2(C))
+def _block_c(C: int, limit: int) -> int:
+    return min(limit, triton.next_power_of_2(C))
+
+
+def pool_tile(C: int, H: int, W: int, OH: int, OW: int) -> tuple[int, int, int]:
+    """(BLOCK_C, KH, KW) of ``pool_tokens_kernel``: KW covers the widest window (a power of two),
+    KH as many of its rows as keep the tile at most 16 tokens (all of them for LLaVA's 2x2 and
+    SigLIP's 27->12 windows, 4x4 at most), and the channel block fills 4096 elements (16-byte
+    loads per thread for 16-bit tokens), at least 32 channels."""
+    KW = triton.next_power_of_2(max_window(W, OW))
+    KH = triton.next_power_of_2(max_window(H, OH))
+    KH = KH if KH * KW <= 16 else 1
+    return _block_c(C, max(32, TILE // (KH * KW))), KH, KW
 
 
 @on_input_device
@@ -102,9 +122,9 @@ def pool_tokens(x: torch.Tensor, grid: tuple[int, int, int], out_grid: tuple[int
     out = torch.empty((B, P, C), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
-    block = _block_c(C)
+    block, KH, KW = pool_tile(C, H, W, OH, OW)
     pool_tokens_kernel[(B * P, triton.cdiv(C, block))](
-        x, out, C, T, H, W, OT, OH, OW, *x.stride(), *out.stride(), BLOCK_C=block,
+        x, out, C, T, H, W, OT, OH, OW, *x.stride(), *out.stride(), BLOCK_C=block, KH=KH, KW=KW,
     )
     return out
 
@@ -119,7 +139,7 @@ def unpool_tokens(grad: torch.Tensor, grid: tuple[int, int, int], out_grid: tupl
     dx = torch.empty((B, N, C), device=grad.device, dtype=grad.dtype)
     if dx.numel() == 0:
         return dx
-    block = _block_c(C)
+    block = _block_c(C, UNPOOL_BLOCK_C)
     unpool_tokens_kernel[(B * N, triton.cdiv(C, block))](
         grad, dx, C, T, H, W, OT, OH, OW, *grad.stride(), *dx.stride(), BLOCK_C=block,
     )

@@ -1,0 +1,126 @@
+"""Eager calls of deco's ops, without ``torch.library``'s dispatch on the way.
+
+Every ``torch.ops.deco.*`` op is a ``torch.library`` custom op: ``torch.compile`` sees one opaque
+node with a fake implementation and an autograd formula, ``torch.autocast`` its rules
+(``_autocast``), dispatch modes their calls. In eager mode that machinery is pure host time on every
+call, nested ops paying it again (the first GPU run: a LLaVA-1.5 batch-1 forward+backward spent
+1.28 ms on the host against eager PyTorch's 0.57 ms, its kernels 0.1-0.2 ms).
+
+``deco.<name>(*args)`` (the namespace below) runs the same implementation and the same autograd
+formula directly when the call is *plain eager*: not compiling, no functorch transform, no
+dispatch mode (FakeTensorMode, FlopCounterMode, a test's mode), every tensor argument a plain
+``torch.Tensor`` or ``nn.Parameter`` (no FakeTensor, FunctionalTensor, DTensor), and autocast off
+for the tensors' device. Then autograd records a ``torch.autograd.Function`` built from the op's
+``setup_context`` and backward, or nothing at all where it would record nothing (grad mode off, or
+no input that requires grad: backward formulas, inference). Any other call goes through
+``torch.ops.deco.<name>``, exactly as before.
+
+``deco.<name>.body(*args)`` is the implementation alone: what one op's body calls for another op's
+work (a body runs below autograd, with autocast already applied, on real tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ._validate import AUTOCAST_DEVICE_TYPES
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_peek_functorch = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
+
+_names: dict[object, str] = {}  # custom op definition -> its name in ``deco``
+
+
+def custom_op(name: str) -> Callable:
+    """``torch.library.custom_op("deco::<name>", mutates_args=())``, remembering the implementation
+    for ``deco.<name>``."""
+
+    def register(fn: Callable):
+        opdef = torch.library.custom_op(f"deco::{name}", mutates_args=())(fn)
+        deco.add(name, fn)
+        _names[opdef] = name
+        return opdef
+
+    return register
+
+
+def register_autograd(opdef, backward: Callable, setup_context: Callable) -> None:
+    """``opdef.register_autograd``, remembering the formula for ``deco.<name>``'s eager path."""
+    opdef.register_autograd(backward, setup_context=setup_context)
+    getattr(deco, _names[opdef]).set_autograd(backward, setup_context)
+
+
+def plain_eager(args: tuple) -> bool:
+    """Whether a call with ``args`` may skip the dispatcher (module docstring)."""
+    if torch._C._len_torch_dispatch_stack() or _peek_functorch() is not None:
+        return False
+    device_type = None
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN:
+                return False
+            device_type = device_type or a.device.type
+    return device_type not in AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type)
+
+
+class Op:
+    """One deco op, callable as ``torch.ops.deco.<name>`` is (positional arguments)."""
+
+    __slots__ = ("name", "body", "_function", "_formula")
+
+    def __init__(self, name: str, body: Callable):
+        self.name, self.body = name, body
+        self._function: type[torch.autograd.Function] | None = None
+        self._formula: tuple[Callable, Callable] | None = None
+
+    def set_autograd(self, backward: Callable, setup_context: Callable) -> None:
+        self._formula = (backward, setup_context)
+        self._function = None
+
+    @property
+    def overload(self):
+        return getattr(torch.ops.deco, self.name).default
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling() or not plain_eager(args):
+            return self.overload(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            if self._formula is None:  # no autograd formula: the op's own error, unchanged
+                return self.overload(*args)
+            return self.function().apply(*args)
+        return self.body(*args)
+
+    def function(self) -> type[torch.autograd.Function]:
+        """The op's implementation and autograd formula as a ``torch.autograd.Function``."""
+        if self._function is None:
+            body, (backward, setup) = self.body, self._formula
+
+            # forward(ctx, ...) rather than a separate setup_context: Function.apply then skips
+            # binding the arguments to forward's signature (inspect) on every call
+            class DecoOp(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, *args):
+                    output = body(*args)
+                    setup(ctx, args, output)
+                    return output
+
+                @staticmethod
+                def backward(ctx, *grads):
+                    return backward(ctx, *grads)
+
+            DecoOp.__name__ = DecoOp.__qualname__ = f"deco_{self.name}"
+            self._function = DecoOp
+        return self._function
+
+
+class Namespace:
+    """``deco.<name>``: the ops registered through ``custom_op``."""
+
+    def add(self, name: str, body: Callable) -> None:
+        setattr(self, name, Op(name, body))
+
+
+deco = Namespace()
