@@ -25,6 +25,7 @@ ENV_VAR = "DECO_OPS_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
 
 _override: str | None = None
+_parsed: dict[str, str] = {}  # raw environment value -> its checked name
 
 
 def _check(name: str, source: str) -> str:
@@ -37,7 +38,11 @@ def selected() -> str:
     """The backend in force: the innermost ``use_backend`` block, else ``$DECO_OPS_BACKEND``."""
     if _override is not None:
         return _override
-    return _check(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+    raw = os.environ.get(ENV_VAR, "auto")
+    name = _parsed.get(raw)
+    if name is None:  # parsed once per value: every op call asks
+        name = _parsed[raw] = _check(raw.strip().lower() or "auto", ENV_VAR)
+    return name
 
 
 def _switch_on_interpreter() -> None:

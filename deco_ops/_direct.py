@@ -100,18 +100,14 @@ class Op:
 
             # forward(ctx, ...) rather than a separate setup_context: Function.apply then skips
             # binding the arguments to forward's signature (inspect) on every call
-            class DecoOp(torch.autograd.Function):
-                @staticmethod
-                def forward(ctx, *args):
-                    output = body(*args)
-                    setup(ctx, args, output)
-                    return output
+            def forward(ctx, *args):
+                output = body(*args)
+                setup(ctx, args, output)
+                return output
 
-                @staticmethod
-                def backward(ctx, *grads):
-                    return backward(ctx, *grads)
-
-            DecoOp.__name__ = DecoOp.__qualname__ = f"deco_{self.name}"
+            # built with type() so that autograd names its node after the op (deco_pool_mlpBackward)
+            DecoOp = type(f"deco_{self.name}", (torch.autograd.Function,),
+                          {"forward": staticmethod(forward), "backward": staticmethod(backward)})
             self._function = DecoOp
         return self._function
 

@@ -1,0 +1,98 @@
+"""The eager path (``deco_ops._direct``): plain eager calls run each op's implementation and
+autograd formula without the dispatcher, every other call goes through ``torch.ops.deco``; both
+give the same bits, forward and backward."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import deco_ops
+from deco_ops import _direct, reference
+from harness import DEVICE, randn
+
+
+class CountingMode(TorchDispatchMode):
+    """Records the deco ops that reach the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "deco":
+            self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _pool_mlp_case():
+    g = torch.Generator().manual_seed(0)
+    x = randn(2, 36, 16, generator=g)
+    params = [randn(24, 16, generator=g) / 4, randn(24, generator=g), randn(8, 24, generator=g) / 5, randn(8, generator=g)]
+    return lambda x, *p: deco_ops.pool_mlp(x, *p, grid=(6, 6), out_grid=(3, 3)), [x, *params]
+
+
+def _attention_case():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = randn(1, 5, 2, 16, generator=g), randn(3, 11, 2, 16, generator=g), randn(3, 11, 2, 16, generator=g)
+    lens = torch.tensor([11, 4, 7], device=DEVICE)
+    return lambda q, k, v: deco_ops.cross_attention(q, k, v, kv_lens=lens), [q, k, v]
+
+
+def _outputs_and_grads(fn, inputs):
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
+    out.backward(dy)
+    return [out.detach(), *(t.grad for t in leaves)]
+
+
+@pytest.mark.parametrize("case", [_pool_mlp_case, _attention_case], ids=["pool_mlp", "cross_attention"])
+def test_direct_and_dispatched_paths_agree_bitwise(case, backend, monkeypatch):
+    fn, inputs = case()
+    direct = _outputs_and_grads(fn, inputs)
+    with CountingMode() as mode:  # a dispatch mode: every op goes through torch.ops.deco
+        dispatched = _outputs_and_grads(fn, inputs)
+    assert mode.ops, "the dispatch mode saw no deco op: the call did not take the dispatched path"
+    for a, b in zip(direct, dispatched):
+        assert a is not None and torch.equal(a, b)
+
+
+def test_plain_eager_calls_skip_the_dispatcher(backend):
+    """The autograd node of a plain eager call is the direct path's Function, not the op's."""
+    fn, inputs = _pool_mlp_case()
+    out = fn(*[t.clone().requires_grad_(True) for t in inputs])
+    assert type(out.grad_fn).__name__ == "deco_pool_mlpBackward"
+    with CountingMode():
+        dispatched = fn(*[t.clone().requires_grad_(True) for t in inputs])
+    assert type(dispatched.grad_fn).__name__ != "deco_pool_mlpBackward"
+
+
+def test_what_counts_as_plain_eager():
+    x = randn(2, 3)
+    w = torch.nn.Parameter(randn(3, 3))
+    assert _direct.plain_eager((x, w, None, [1, 2], "gelu", True))
+    assert _direct.plain_eager(([4, 4], "mode"))  # no tensor at all
+    with CountingMode():
+        assert not _direct.plain_eager((x,))
+    with FakeTensorMode() as fake_mode:
+        fake = fake_mode.from_tensor(x)
+    assert not _direct.plain_eager((fake,))
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        assert not _direct.plain_eager((x,))
+    assert _direct.plain_eager((x,))
+
+
+def test_double_backward_through_the_direct_path():
+    """Pooling's formula is the un-pooling op and vice versa: second derivatives flow on the
+    direct path too (the backward runs with grad mode on under create_graph)."""
+    x = randn(1, 12, 2, dtype=torch.float64).requires_grad_(True)
+    with deco_ops.use_backend("torch"):
+        y = deco_ops.adaptive_avg_pool_tokens(x, (3, 4), (2, 3))
+        (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.sum(), x)
+    # y = P x, so d/dx sum(2 P^T P x) = 2 P^T P 1: compare with the dense pooling matrix
+    eye = torch.eye(12, dtype=torch.float64, device=x.device)
+    P = torch.stack([reference.adaptive_avg_pool_tokens(e.view(1, 12, 1), (3, 4), (2, 3)).flatten() for e in eye], 1)
+    want = (2 * P.t() @ P @ torch.ones(12, dtype=torch.float64, device=x.device)).view(1, 12, 1).expand(1, 12, 2)
+    assert torch.allclose(gg, want, atol=1e-12)
