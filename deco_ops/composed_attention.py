@@ -71,16 +71,23 @@ def _inputs(q, k, v, kv_lens):
     return q, k, v, bias, has_keys
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the memory-efficient CUDA kernel accepts it: a 16-byte aligned start and strides,
+    unit stride on the last dim (its alignment check fails otherwise, "no kernel found to launch",
+    e.g. for a view that starts mid-buffer). Anything else is copied; an aligned tensor is not."""
+    step = 16 // t.element_size()
+    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % step == 0 for s in t.stride()[:-1]):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def forward(q, k, v, kv_lens, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """(O ``(B, M, H, D)`` in q's dtype, LSE ``(B, H, M)``), as ``deco::cross_attention``."""
     M = q.shape[1]
+    if q.device.type == "cuda":
+        q, k, v = (_aligned(t) for t in (q, k, v))
     q, k, v, bias, has_keys = _inputs(q, k, v, kv_lens)
     if q.device.type == "cuda":
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         out, lse, *_ = torch.ops.aten._efficient_attention_forward(q, k, v, bias, None, None, None, None, 0.0, 0, True, scale=scale)
         lse = lse[:, :, :M]
     else:
@@ -103,7 +110,7 @@ def backward(dout, q, k, v, out, lse, kv_lens, scale, need_dq: bool, need_dkv: b
     if q.device.type == "cuda":
         # q is materialised: the kernel may lay dq out like q, and a stride-0 batch would alias it
         q = q.contiguous()
-        dout, k, v, out = (_last_dim_contiguous(t) for t in (dout, k, v, out))
+        dout, k, v, out = (_aligned(t) for t in (dout, k, v, out))
         padded = -(-M // _LSE_ALIGN_CUDA) * _LSE_ALIGN_CUDA
         lse = torch.nn.functional.pad(lse.float(), (0, padded - M))
         unused_rng = torch.zeros((), dtype=torch.int64)  # the Philox seed and offset, read only with dropout
