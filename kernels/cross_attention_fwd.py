@@ -41,6 +41,8 @@ Counts (the benchmarks report TFLOP/s and GB/s from these):
             + S > 1: 2 * S*B*H*M*(D + 2) * 4          (the partial states, written then read)
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -58,6 +60,7 @@ MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 64
 
 
+@functools.lru_cache(maxsize=None)
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``; an H100's 132 when there is no GPU (interpreter)."""
     if device.type == "cuda":

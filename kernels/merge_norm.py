@@ -23,6 +23,8 @@ group; backward reads tokens and ``dn`` once or twice and writes ``dx`` and the 
 bytes ~ (2 + 2 + 1 + 1) * M * K * elem at most.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -148,6 +150,7 @@ def merge_norm_backward_kernel(
 # launchers
 
 
+@functools.lru_cache(maxsize=None)
 def _launch_config(C: int) -> dict:
     config = cuda_configs()[0]
     block_r = BLOCK_R_INTERPRET if INTERPRET else config.kwargs["BLOCK_R"]

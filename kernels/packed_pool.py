@@ -285,6 +285,7 @@ def image_index(geometry: torch.Tensor, kind: str, total: int) -> torch.Tensor:
     return tables[kind, total]
 
 
+@functools.lru_cache(maxsize=None)
 def _launch_config(C: int, elem_bytes: int) -> dict:
     """BLOCK_R, BLOCK_C and num_warps of a launch over C channels of ``elem_bytes``-wide inputs."""
     config = next(c for c in cuda_configs() if fits(c, elem_bytes))

@@ -25,6 +25,8 @@ Counts (the benchmarks report TFLOP/s and GB/s from these):
     bytes = (B*N_tok*K + N*K + N + M*N * (1 + stored_pre) + M*K * stored_pooled) * elem
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -89,8 +91,16 @@ def unrolled_windows_fit(x: torch.Tensor, taps: int) -> bool:
     fits windows of ``taps`` tokens on ``x``'s device. Always true under the interpreter."""
     if INTERPRET:
         return True
-    ieee = x.dtype == torch.float32 and input_precision(x.dtype) == "ieee"
-    return any(fits(c, taps, x.element_size(), ieee, device_smem_limit(x)) for c in cuda_configs())
+    return _windows_fit(x.device, x.dtype, taps, input_precision(x.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _windows_fit(device: torch.device, dtype: torch.dtype, taps: int, precision: str) -> bool:
+    """``unrolled_windows_fit`` once per setting: every dense call asks, and the answer builds and
+    checks the whole config list against the device's shared memory."""
+    ieee = dtype == torch.float32 and precision == "ieee"
+    smem_limit = device_smem_limit(torch.empty(0, device=device))
+    return any(fits(c, taps, dtype.itemsize, ieee, smem_limit) for c in cuda_configs())
 
 
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
