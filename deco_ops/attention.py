@@ -79,7 +79,7 @@ def _cross_attention(
 
     def composed():
         kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, N)
-        return composed_attention.forward(q, kp, vp, lens, scale)
+        return composed_attention.forward(q, kp, vp, lens, scale, need_lse=needs_grad)
 
     needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
     return strategy.run(
