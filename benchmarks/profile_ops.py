@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from . import cases, shapes
+from . import cases
 
 DEFAULT_SHAPES = ["infer_b1", "llava15_7b", "blip2_qformer", "qwenvl_resampler"]
 DEFAULT_IMPLS = ["deco_ops", "deco_ops_fused", "deco_ops_composed", "eager", "eager_softmax", "sdpa_cudnn", "sdpa_flash"]
@@ -78,7 +78,7 @@ def host_pieces(device: torch.device) -> list[tuple[str, float]]:
     pooling so the GPU never holds the host back."""
     n = 300 if device.type == "cuda" else 2
     import deco_ops
-    from deco_ops import _direct, strategy, tuning_tables
+    from deco_ops import _backend, _direct, strategy, tuning_tables
     from deco_ops.kernels import adaptive_pool
     from deco_ops.pooling import as_3d
 
@@ -92,12 +92,13 @@ def host_pieces(device: torch.device) -> list[tuple[str, float]]:
         "strategy.make_key": lambda: strategy.make_key("pool_mlp", device, x.dtype, True, rows=256, C=64, grid=grid,
                                                       out_grid=out_grid, hidden=128, out=64, act="gelu"),
         "tuning_tables.load_named": lambda: tuning_tables.load_named(name),
-        "pool kernel launch (Triton)": lambda: adaptive_pool.pool_tokens(x, as_3d(grid), as_3d(out_grid)),
         "deco.adaptive_avg_pool_tokens.body": lambda: _direct.deco.adaptive_avg_pool_tokens.body(x, grid, out_grid),
         "torch.ops.deco.adaptive_avg_pool_tokens": lambda: torch.ops.deco.adaptive_avg_pool_tokens(x, grid, out_grid),
         "deco_ops.adaptive_avg_pool_tokens": lambda: deco_ops.adaptive_avg_pool_tokens(x, (24, 24), (12, 12)),
         "deco_ops.pool_mlp, no grad": lambda: deco_ops.pool_mlp(x, w1, None, w2, None, grid=(24, 24), out_grid=(12, 12)),
     }
+    if _backend.use_triton(device):  # the kernel itself, where this backend launches it
+        pieces["pool kernel launch (Triton)"] = lambda: adaptive_pool.pool_tokens(x, as_3d(grid), as_3d(out_grid))
     if device.type == "cuda":
         def guard():
             with torch.cuda.device(x.device):
