@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -25,7 +25,7 @@ ENV_VAR = "DECO_OPS_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
 
 _override: str | None = None
-_parsed: dict[str, str] = {}  # raw environment value -> its checked name
+_parsed: dict[tuple[str, str], str] = {}  # (variable, raw value) -> its checked setting
 
 
 def _check(name: str, source: str) -> str:
@@ -38,10 +38,16 @@ def selected() -> str:
     """The backend in force: the innermost ``use_backend`` block, else ``$DECO_OPS_BACKEND``."""
     if _override is not None:
         return _override
-    raw = os.environ.get(ENV_VAR, "auto")
-    name = _parsed.get(raw)
-    if name is None:  # parsed once per value: every op call asks
-        name = _parsed[raw] = _check(raw.strip().lower() or "auto", ENV_VAR)
+    return env_setting(ENV_VAR, _check)
+
+
+def env_setting(var: str, check: Callable[[str, str], str]) -> str:
+    """``$var`` (default ``auto``), normalised and validated by ``check(value, var)`` once per
+    distinct value: every op call asks (the backend here, the strategy in ``deco_ops.strategy``)."""
+    raw = os.environ.get(var, "auto")
+    name = _parsed.get((var, raw))
+    if name is None:
+        name = _parsed[var, raw] = check(raw.strip().lower() or "auto", var)
     return name
 
 

@@ -93,14 +93,14 @@ def forward(q, k, v, kv_lens, scale, need_lse: bool = True) -> tuple[torch.Tenso
     if cuda and need_lse:
         q, k, v = (_aligned(t) for t in (q, k, v))
     q, k, v, bias, has_keys = _inputs(q, k, v, kv_lens)
-    if cuda and not need_lse:
+    if cuda and need_lse:
+        out, lse, *_ = torch.ops.aten._efficient_attention_forward(q, k, v, bias, None, None, None, None, 0.0, 0, True, scale=scale)
+        lse = lse[:, :, :M]
+    elif cuda:
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=scale
         ).transpose(1, 2)
         lse = torch.empty((q.shape[0], q.shape[2], M), device=q.device, dtype=torch.float32)
-    elif cuda:
-        out, lse, *_ = torch.ops.aten._efficient_attention_forward(q, k, v, bias, None, None, None, None, 0.0, 0, True, scale=scale)
-        lse = lse[:, :, :M]
     else:
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias, scale=scale

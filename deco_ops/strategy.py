@@ -61,7 +61,6 @@ CANDIDATES = ("fused", "composed")
 CACHE_FILE = "strategy.json"
 
 _override: str | None = None
-_parsed: dict[str, str] = {}  # raw environment value -> its checked name
 _decisions: dict[str, str] = {}  # measured or preloaded in this process: key -> winner
 _disk: dict[str, str] | None = None  # the on-disk cache, read once on first need
 _device_names: dict[torch.device, str] = {}  # device -> the name its keys carry
@@ -77,11 +76,7 @@ def selected() -> str:
     """The strategy in force: the innermost ``use_strategy`` block, else ``$DECO_OPS_STRATEGY``."""
     if _override is not None:
         return _override
-    raw = os.environ.get(ENV_VAR, "auto")
-    name = _parsed.get(raw)
-    if name is None:  # parsed once per value: every op call asks
-        name = _parsed[raw] = _check(raw.strip().lower() or "auto", ENV_VAR)
-    return name
+    return _backend.env_setting(ENV_VAR, _check)
 
 
 @contextlib.contextmanager
