@@ -62,3 +62,18 @@ def backend(request):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(scope="module")
+def cpu_tensors():
+    """CPU tensors by default, also where the suite's tensors default to a GPU: for modules whose
+    tests compare on a CPU (the HF tiny models: their processors and mask helpers make CPU tensors)."""
+    with torch.device("cpu"):
+        yield
+
+
+@pytest.fixture
+def auto_backend():
+    """The default backend (what a user gets), whatever DECO_OPS_BACKEND the suite set."""
+    with deco_ops.use_backend("auto"):
+        yield

@@ -50,18 +50,8 @@ def _encoder_mask(lengths, n):
     return (torch.arange(n) < torch.tensor(lengths)[:, None]).long()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def cpu_tensors():
-    """Tiny random HF models on CPU tensors, also where the suite's tensors default to a GPU: the
-    processors and HF's mask helpers make CPU tensors, as these tests compare on a CPU."""
-    with torch.device("cpu"):
-        yield
-
-
-@pytest.fixture(autouse=True)
-def default_backend():
-    with deco_ops.use_backend("auto"):
-        yield
+# tiny random HF models compared on CPU tensors on the default backend (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("cpu_tensors", "auto_backend")
 
 
 @pytest.mark.parametrize("lengths,backend", [(None, "auto"), ((20, 13), "triton")])

@@ -21,18 +21,8 @@ from tiny_models import PROMPT, image, tiny_llava  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def cpu_tensors():
-    """Tiny random HF models on CPU tensors, also where the suite's tensors default to a GPU: the
-    processors and HF's mask helpers make CPU tensors, as these tests compare on a CPU."""
-    with torch.device("cpu"):
-        yield
-
-
-@pytest.fixture(autouse=True)
-def default_backend():
-    with deco_ops.use_backend("auto"):
-        yield
+# tiny random HF models compared on CPU tensors on the default backend (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("cpu_tensors", "auto_backend")
 
 
 @pytest.mark.parametrize("strategy,prefix", [("default", 0), ("full", 1)])
