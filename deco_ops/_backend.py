@@ -15,40 +15,20 @@ There is no silent fallback: if the selected backend cannot run an input, the op
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
 
 import torch
+
+from ._setting import Setting
 
 ENV_VAR = "DECO_OPS_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
 
-_override: str | None = None
-_parsed: dict[tuple[str, str], str] = {}  # (variable, raw value) -> its checked setting
-
-
-def _check(name: str, source: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
-    return name
-
-
-def selected() -> str:
-    """The backend in force: the innermost ``use_backend`` block, else ``$DECO_OPS_BACKEND``."""
-    if _override is not None:
-        return _override
-    return env_setting(ENV_VAR, _check)
-
-
-def env_setting(var: str, check: Callable[[str, str], str]) -> str:
-    """``$var`` (default ``auto``), normalised and validated by ``check(value, var)`` once per
-    distinct value: every op call asks (the backend here, the strategy in ``deco_ops.strategy``)."""
-    raw = os.environ.get(var, "auto")
-    name = _parsed.get((var, raw))
-    if name is None:
-        name = _parsed[var, raw] = check(raw.strip().lower() or "auto", var)
-    return name
+SETTING = Setting(ENV_VAR, BACKENDS, "backend")
+# The backend in force: the innermost ``use_backend`` block, else ``$DECO_OPS_BACKEND``.
+selected = SETTING.selected
+# Force a backend inside a ``with`` block (tests, A/B comparisons).
+use_backend = SETTING.use
 
 
 def _switch_on_interpreter() -> None:
@@ -67,17 +47,6 @@ _switch_on_interpreter()
 def interpreting() -> bool:
     """Whether Triton kernels in this process run through the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Force a backend inside a ``with`` block (tests, A/B comparisons)."""
-    global _override
-    previous, _override = _override, _check(name, "backend")
-    try:
-        yield
-    finally:
-        _override = previous
 
 
 def use_triton(device: torch.device) -> bool:

@@ -40,18 +40,18 @@ Winners are candidate names: ``fused`` or ``composed``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import _backend
+from ._setting import Setting
 from .kernels import _tuning
 
 ENV_VAR = "DECO_OPS_STRATEGY"
@@ -60,34 +60,16 @@ STRATEGIES = ("auto", "fused", "composed")
 CANDIDATES = ("fused", "composed")
 CACHE_FILE = "strategy.json"
 
-_override: str | None = None
 _decisions: dict[str, str] = {}  # measured or preloaded in this process: key -> winner
 _disk: dict[str, str] | None = None  # the on-disk cache, read once on first need
 _device_names: dict[torch.device, str] = {}  # device -> the name its keys carry
 
 
-def _check(name: str, source: str) -> str:
-    if name not in STRATEGIES:
-        raise ValueError(f"{source} must be one of {STRATEGIES}, got {name!r}")
-    return name
-
-
-def selected() -> str:
-    """The strategy in force: the innermost ``use_strategy`` block, else ``$DECO_OPS_STRATEGY``."""
-    if _override is not None:
-        return _override
-    return _backend.env_setting(ENV_VAR, _check)
-
-
-@contextlib.contextmanager
-def use_strategy(name: str) -> Iterator[None]:
-    """Force ``"fused"`` or ``"composed"`` (or restore ``"auto"``) inside a ``with`` block."""
-    global _override
-    previous, _override = _override, _check(name, "strategy")
-    try:
-        yield
-    finally:
-        _override = previous
+SETTING = Setting(ENV_VAR, STRATEGIES, "strategy")
+# The strategy in force: the innermost ``use_strategy`` block, else ``$DECO_OPS_STRATEGY``.
+selected = SETTING.selected
+# Force ``"fused"`` or ``"composed"`` (or restore ``"auto"``) inside a ``with`` block.
+use_strategy = SETTING.use
 
 
 # ----------------------------------------------------------------------------------------------
