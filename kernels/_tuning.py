@@ -200,11 +200,11 @@ def autotuned(cuda_configs: list[triton.Config], interpret_config: triton.Config
 SMEM_LIMIT = {90: 232448, 80: 166912}
 
 
-def device_smem_limit(t: torch.Tensor) -> int:
-    """Shared memory one block may use on ``t``'s GPU; an H100's for a CPU tensor (planning)."""
-    if t.device.type != "cuda":
+def device_smem_limit(device: torch.device) -> int:
+    """Shared memory one block may use on ``device``; an H100's for the CPU (planning)."""
+    if device.type != "cuda":
         return SMEM_LIMIT[90]
-    return torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 def dot_dtype_workaround(dtype_is_bf16: bool) -> bool:
@@ -239,9 +239,9 @@ def input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def device_arch(t: torch.Tensor) -> int:
-    """Compute capability of ``t``'s GPU as an int (90 for H100); an H100's for a CPU tensor (planning)."""
-    if t.device.type != "cuda":
+def device_arch(device: torch.device) -> int:
+    """Compute capability of ``device`` as an int (90 for H100); an H100's for the CPU (planning)."""
+    if device.type != "cuda":
         return 90
-    major, minor = torch.cuda.get_device_capability(t.device)
+    major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor

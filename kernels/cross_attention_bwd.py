@@ -47,8 +47,9 @@ import triton.language as tl
 
 from ._device import on_input_device
 from ._tuning import autotuned, device_arch, dot_dtype_workaround
+from .dot import dot
 from .cross_attention_fwd import (
-    KV_PACKED, LOG2E, acc_dtype, choose_num_splits, dot, dot_precision, dropout_keep, dropout_stream, kv_extent,
+    KV_PACKED, LOG2E, acc_dtype, choose_num_splits, dot_precision, dropout_keep, dropout_stream, kv_extent,
     kv_mode, kv_strides, load_rows, split_ranges,
 )
 
@@ -184,7 +185,7 @@ def single_pass_fits(config: triton.Config, block_m: int, block_d: int, elem_byt
 def _single_pass_prune(configs, named_args, **constexprs):
     q = named_args["q_ptr"]
     return [c for c in configs if single_pass_fits(c, constexprs["BLOCK_M"], constexprs["BLOCK_D"], q.element_size(),
-                                                   constexprs["DROPOUT"], device_arch(q))]
+                                                   constexprs["DROPOUT"], device_arch(q.device))]
 
 
 @autotuned(
@@ -305,7 +306,7 @@ def _fa2_prune(kernel: str):
     def prune(configs, named_args, **constexprs):
         q = named_args["q_ptr"]
         return [c for c in configs
-                if fa2_fits(kernel, c, q.element_size(), constexprs["DROPOUT"], constexprs["BLOCK_D"], device_arch(q))]
+                if fa2_fits(kernel, c, q.element_size(), constexprs["DROPOUT"], constexprs["BLOCK_D"], device_arch(q.device))]
     return prune
 
 

@@ -49,6 +49,7 @@ import triton.language as tl
 
 from ._device import on_input_device
 from ._tuning import autotuned, device_arch, dot_dtype_workaround, input_precision
+from .dot import dot
 
 LOG2E = 1.4426950408889634
 
@@ -106,15 +107,6 @@ def kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE: tl.constexpr):
         else:
             length = start + N
     return start, tl.minimum(tl.maximum(length, 0), N)
-
-
-@triton.jit
-def dot(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc + a @ b; operands upcast to fp32 where the interpreter's bf16 dot is broken."""
-    if DOT_FP32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit
@@ -187,7 +179,7 @@ def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch
 def _prune(configs, named_args, **constexprs):
     ieee = constexprs["INPUT_PRECISION"] == "ieee"
     q = named_args["q_ptr"]
-    return [c for c in configs if fits(c, q.element_size(), ieee, constexprs["DROPOUT"], device_arch(q))]
+    return [c for c in configs if fits(c, q.element_size(), ieee, constexprs["DROPOUT"], device_arch(q.device))]
 
 
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})

@@ -17,21 +17,19 @@ import triton.language as tl
 
 from . import activations
 from ._device import on_input_device
-from .tiling import grouped_tile
+from .dot import dot
+from .tiling import INTERPRET_CONFIG, gemm_configs, output_tile, tile_grid
 from ._tuning import autotuned, dot_dtype_workaround, input_precision
 
 
 def cuda_configs() -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (128, 128, 64, 8, 3),
-            (128, 256, 64, 8, 3),
-            (64, 128, 64, 4, 4),
-            (128, 64, 64, 4, 4),
-            (64, 64, 32, 4, 3),
-        ]
-    ]
+    return gemm_configs([
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 32, 4, 3),
+    ])
 
 
 def fits(config: triton.Config, elem_bytes: int) -> bool:
@@ -44,9 +42,6 @@ def _prune(configs, named_args, **constexprs):
     return [c for c in configs if fits(c, named_args["dy_ptr"].element_size())]
 
 
-INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
-
-
 @autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K"], buckets=("M",), prune=_prune)
 @triton.jit
 def gemm_act_grad_kernel(
@@ -56,12 +51,7 @@ def gemm_act_grad_kernel(
     ACTIVATION: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
+    pid_m, pid_n, rows, cols, row_mask, col_mask = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     ks = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -70,10 +60,7 @@ def gemm_act_grad_kernel(
         k_mask = k < K
         g = tl.load(dy_ptr + rows[:, None] * sdym + k[None, :] * sdyk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_ptr + k.to(tl.int64)[:, None] * swk + cols[None, :] * swn, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(g.to(tl.float32), wt.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(g, wt, acc, input_precision=INPUT_PRECISION)
+        acc = dot(g, wt, acc, DOT_FP32, INPUT_PRECISION)
 
     # Epilogue in two column halves (as Triton's persistent-matmul tutorial's EPILOGUE_SUBTILE): a
     # full BLOCK_M x BLOCK_N tile of z, act'(z) and act(z) next to the accumulator spills registers.
@@ -122,10 +109,7 @@ def gemm_act_grad(dy: torch.Tensor, w2: torch.Tensor, z: torch.Tensor, activatio
     if M == 0 or N == 0:
         return dz, a
 
-    def grid_fn(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    gemm_act_grad_kernel[grid_fn](
+    gemm_act_grad_kernel[tile_grid(M, N)](
         dy, w2, z, dz, a, M, N, K,
         *dy.stride(), *w2.stride(), *z.stride(),
         ACTIVATION=activations.CODES[activation],

@@ -1,20 +1,10 @@
-"""The tensor-core step and the bias + activation epilogue shared by the fused first-Linear GEMMs
-(``pool_gemm.py``, ``merge_gemm.py``), which differ only in how they form their A tiles."""
+"""The bias + activation epilogue shared by the fused first-Linear GEMMs (``pool_gemm.py``,
+``merge_gemm.py``), which differ only in how they form their A tiles."""
 
 import triton
 import triton.language as tl
 
 from . import activations
-
-
-@triton.jit
-def mma(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """``acc + a @ b`` with fp32 accumulation; ``DOT_FP32`` upcasts the operands (the interpreter's
-    bf16 dots are wrong, see ``_tuning.dot_dtype_workaround``)."""
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-    else:
-        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit

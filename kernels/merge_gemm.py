@@ -29,25 +29,23 @@ import triton.language as tl
 
 from . import activations
 from ._device import on_input_device
-from .gemm_epilogue import bias_act_store, mma
+from .dot import dot
+from .gemm_epilogue import bias_act_store
 from .merge_rows import NORMS, ORDERS, affine, group_stats, merged_rows, norm_channels, standardized_tile
-from .tiling import grouped_tile
+from .tiling import INTERPRET_CONFIG, gemm_configs, output_tile, tile_grid
 from ._tuning import autotuned, device_arch, dot_dtype_workaround, input_precision
 
 
 def cuda_configs() -> list[triton.Config]:
     """Tiles for Hopper/Ampere: M = merged rows is a few hundred to a few thousand per image
     batch, N (hidden) and K (S*S*C) are 4-5k."""
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (128, 128, 64, 8, 3),
-            (64, 128, 64, 4, 4),
-            (64, 64, 64, 4, 3),
-            (64, 64, 32, 4, 2),
-            (32, 64, 32, 4, 2),
-        ]
-    ]
+    return gemm_configs([
+        (128, 128, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 3),
+        (64, 64, 32, 4, 2),
+        (32, 64, 32, 4, 2),
+    ])
 
 
 def fits(config: triton.Config, elem_bytes: int, ieee_fp32: bool, arch: int) -> bool:
@@ -71,10 +69,7 @@ def fits(config: triton.Config, elem_bytes: int, ieee_fp32: bool, arch: int) -> 
 def _prune(configs, named_args, **constexprs):
     x = named_args["x_ptr"]
     ieee = x.dtype == torch.float32 and constexprs["INPUT_PRECISION"] == "ieee"
-    return [c for c in configs if fits(c, x.element_size(), ieee, device_arch(x))]
-
-
-INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
+    return [c for c in configs if fits(c, x.element_size(), ieee, device_arch(x.device))]
 
 
 @autotuned(
@@ -92,11 +87,7 @@ def merge_gemm_kernel(
     STORE_PRE: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
+    _, _, rows, cols, row_mask, col_mask = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     ks = tl.arange(0, BLOCK_K)
     base, step_h = merged_rows(rows, row_mask, P, H, W, sxb, sxn, image_ptr, geometry_ptr, ORDER, PACKED, MERGE)
     if not PRE:
@@ -114,7 +105,7 @@ def merge_gemm_kernel(
             a = a.to(x_ptr.dtype.element_ty)
             k = (q * C + c).to(tl.int64)
             wt = tl.load(w_cols + k[:, None] * swk, mask=c_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = mma(a, wt, acc, DOT_FP32, INPUT_PRECISION)
+            acc = dot(a, wt, acc, DOT_FP32, INPUT_PRECISION)
 
     bias_act_store(acc, rows, cols, row_mask, col_mask, N, b_ptr, pre_ptr, out_ptr, HAS_BIAS, STORE_PRE, ACTIVATION)
 
@@ -134,10 +125,7 @@ def merge_gemm(x, stats, wn, bn, w, b, merge, order, grid, geometry, image, norm
         return out, pre_act
     packed = geometry is not None
 
-    def grid_fn(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Nout, meta["BLOCK_N"]),)
-
-    merge_gemm_kernel[grid_fn](
+    merge_gemm_kernel[tile_grid(M, Nout)](
         x, stats, out if wn is None else wn, out if bn is None else bn, w, out if b is None else b, out,
         pre_act if store_pre else out, image if packed else stats, geometry if packed else stats,
         M, Nout, C, P, grid[1], grid[2], *x.stride(), *w.stride(),

@@ -83,6 +83,22 @@ def merge_norm_stats_kernel(
 
 
 @triton.jit
+def _grad_tile(x_ptr, dn_ptr, base, step_h, sxn, sxc, rows, row_mask, q, c, C, K, mean, rstd,
+               NORM: tl.constexpr, MERGE: tl.constexpr, READ_DN: tl.constexpr):
+    """What both backward passes read of sub-token ``q``'s channels ``c``: ``(xhat, dn, c_mask,
+    mask, merged)``, with ``dn`` in fp32 (zeros unless ``READ_DN``) and ``merged`` the tile's
+    offsets into the merged ``(M, K)`` layout."""
+    xhat, c_mask = standardized_tile(x_ptr, base, step_h, sxn, sxc, q, c, C, row_mask, mean, rstd, NORM, MERGE)
+    mask = row_mask[:, None] & c_mask[None, :]
+    merged = rows[:, None] * K + (q * C + c)[None, :]
+    if READ_DN:
+        dn = tl.load(dn_ptr + merged, mask=mask, other=0.0).to(tl.float32)
+    else:
+        dn = tl.zeros_like(xhat)
+    return xhat, dn, c_mask, mask, merged
+
+
+@triton.jit
 def merge_norm_backward_kernel(
     x_ptr, stats_ptr, wn_ptr, bn_ptr, dn_ptr, dx_ptr, n_ptr, dwn_ptr, dbn_ptr, image_ptr, geometry_ptr,
     M, C, P, H, W, sxb, sxn, sxc, sdb, sdn, sdc,
@@ -112,9 +128,8 @@ def merge_norm_backward_kernel(
                 q = g * TOKENS + t
                 for c0 in range(0, C, BLOCK_C):
                     c = c0 + cs
-                    xhat, c_mask = standardized_tile(x_ptr, base, step_h, sxn, sxc, q, c, C, row_mask, mean, rstd, NORM, MERGE)
-                    mask = row_mask[:, None] & c_mask[None, :]
-                    dn = tl.load(dn_ptr + rows[:, None] * K + (q * C + c)[None, :], mask=mask, other=0.0).to(tl.float32)
+                    xhat, dn, c_mask, _, _ = _grad_tile(x_ptr, dn_ptr, base, step_h, sxn, sxc, rows, row_mask, q, c, C, K,
+                                                        mean, rstd, NORM, MERGE, True)
                     dxhat = scale(dn, wn_ptr, norm_channels(q, c, C, PRE), c_mask, HAS_WN)
                     sum_d += tl.sum(dxhat, axis=1)
                     sum_dx += tl.sum(dxhat * xhat, axis=1)
@@ -124,12 +139,9 @@ def merge_norm_backward_kernel(
             q = g * TOKENS + t
             for c0 in range(0, C, BLOCK_C):
                 c = c0 + cs
-                xhat, c_mask = standardized_tile(x_ptr, base, step_h, sxn, sxc, q, c, C, row_mask, mean, rstd, NORM, MERGE)
-                mask = row_mask[:, None] & c_mask[None, :]
+                xhat, dn, c_mask, mask, merged = _grad_tile(x_ptr, dn_ptr, base, step_h, sxn, sxc, rows, row_mask, q, c, C,
+                                                            K, mean, rstd, NORM, MERGE, READ_DN)
                 channel = norm_channels(q, c, C, PRE)
-                merged = rows[:, None] * K + (q * C + c)[None, :]
-                if READ_DN:
-                    dn = tl.load(dn_ptr + merged, mask=mask, other=0.0).to(tl.float32)
                 if NEED_DX:
                     dxhat = scale(dn, wn_ptr, channel, c_mask, HAS_WN)
                     if NORM == 0:

@@ -25,20 +25,18 @@ import triton.language as tl
 
 from . import activations
 from ._device import on_input_device
-from .tiling import grouped_tile
+from .dot import dot
+from .tiling import INTERPRET_CONFIG, gemm_configs, output_tile, tile_grid
 from ._tuning import autotuned, dot_dtype_workaround, input_precision
 from .packed_pool import MODES, image_index, packed_geometry, unpooled_tile
 
 
 def cuda_configs() -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (128, 64, 64, 4, 4),
-            (64, 64, 32, 8, 3),
-            (32, 64, 32, 8, 2),
-        ]
-    ]
+    return gemm_configs([
+        (128, 64, 64, 4, 4),
+        (64, 64, 32, 8, 3),
+        (32, 64, 32, 8, 2),
+    ])
 
 
 def fits(config: triton.Config, elem_bytes: int, activation: int) -> bool:
@@ -58,9 +56,6 @@ def _prune(configs, named_args, **constexprs):
     return [c for c in configs if fits(c, elem, constexprs["ACTIVATION"])]
 
 
-INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
-
-
 @autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K", "MODE", "ACTIVATION"], buckets=("M",),
            prune=_prune)
 @triton.jit
@@ -72,12 +67,7 @@ def gemm_unpool_act_grad_kernel(
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
+    _, _, rows, cols, row_mask, col_mask = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     ks = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -88,10 +78,7 @@ def gemm_unpool_act_grad_kernel(
         k_mask = k < K
         a = tl.load(x_rows + k[None, :] * sxk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_tile + k[:, None] * swk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(a, wt, acc, input_precision=INPUT_PRECISION)
+        acc = dot(a, wt, acc, DOT_FP32, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     # The pre-activation is rounded to the operand dtype, as the forward's stored activation was.
@@ -123,10 +110,7 @@ def gemm_unpool_act_grad(
         return dz
     image = image_index(geometry, "tokens", M)
 
-    def grid_fn(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    gemm_unpool_act_grad_kernel[grid_fn](
+    gemm_unpool_act_grad_kernel[tile_grid(M, N)](
         x, w1, b1 if b1 is not None else dz, dpa, dz, image, geometry,
         M, N, K, *x.stride(), *w1.stride(), *dpa.stride(),
         HAS_BIAS=b1 is not None, ACTIVATION=activations.CODES[activation], MODE=MODES[mode],

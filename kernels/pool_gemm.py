@@ -33,8 +33,9 @@ import triton.language as tl
 
 from . import activations
 from ._device import on_input_device
-from .gemm_epilogue import bias_act_store, mma
-from .tiling import grouped_tile
+from .dot import dot
+from .gemm_epilogue import bias_act_store
+from .tiling import INTERPRET_CONFIG, gemm_configs, output_tile, tile_grid
 from ._tuning import INTERPRET, autotuned, device_smem_limit, dot_dtype_workaround, input_precision
 from .adaptive_window import max_window, window
 from .packed_pool import MODES, dense_geometry, image_index, packed_geometry, pooled_tile
@@ -43,18 +44,15 @@ from .packed_pool import MODES, dense_geometry, image_index, packed_geometry, po
 def cuda_configs() -> list[triton.Config]:
     """Tiles for Hopper/Ampere; M = batch * pooled cells is a few thousand, N and K are 1-5k.
     ``fits`` keeps, per call, the ones whose staged window taps fit in shared memory."""
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (128, 128, 64, 8, 3),
-            (128, 128, 64, 8, 2),
-            (64, 128, 64, 4, 4),
-            (64, 64, 64, 4, 3),
-            (64, 128, 32, 8, 2),
-            (64, 64, 32, 4, 2),
-            (32, 64, 32, 4, 2),
-        ]
-    ]
+    return gemm_configs([
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 8, 2),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 3),
+        (64, 128, 32, 8, 2),
+        (64, 64, 32, 4, 2),
+        (32, 64, 32, 4, 2),
+    ])
 
 
 def fits(config: triton.Config, taps: int, elem_bytes: int, ieee_fp32: bool, smem_limit: int, packed: bool = False) -> bool:
@@ -83,7 +81,7 @@ def _prune(configs, named_args, **constexprs):
     x = named_args["x_ptr"]
     taps = constexprs["WT"] * constexprs["WH"] * constexprs["WW"]
     ieee = x.dtype == torch.float32 and constexprs["INPUT_PRECISION"] == "ieee"
-    return [c for c in configs if fits(c, taps, x.element_size(), ieee, device_smem_limit(x), constexprs["PACKED"])]
+    return [c for c in configs if fits(c, taps, x.element_size(), ieee, device_smem_limit(x.device), constexprs["PACKED"])]
 
 
 def unrolled_windows_fit(x: torch.Tensor, taps: int) -> bool:
@@ -99,11 +97,8 @@ def _windows_fit(device: torch.device, dtype: torch.dtype, taps: int, precision:
     """``unrolled_windows_fit`` once per setting: every dense call asks, and the answer builds and
     checks the whole config list against the device's shared memory."""
     ieee = dtype == torch.float32 and precision == "ieee"
-    smem_limit = device_smem_limit(torch.empty(0, device=device))
+    smem_limit = device_smem_limit(device)
     return any(fits(c, taps, dtype.itemsize, ieee, smem_limit) for c in cuda_configs())
-
-
-INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4})
 
 
 @autotuned(
@@ -124,15 +119,9 @@ def pool_gemm_kernel(
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
+    _, pid_n, rows64, cols, row_mask, col_mask = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     ks = tl.arange(0, BLOCK_K)
 
-    rows64 = rows.to(tl.int64)
     if PACKED:
         # Ragged batch: each row's image geometry from the tables (packed_pool.py), any MODE.
         T, H, W, OT, OH, OW, tok0, row0 = packed_geometry(rows64, row_mask, image_ptr, geometry_ptr)
@@ -172,7 +161,7 @@ def pool_gemm_kernel(
                 pooled_ptrs = pooled_ptr + rows64[:, None] * K + k[None, :]
                 tl.store(pooled_ptrs, a, mask=row_mask[:, None] & k_mask[None, :])
         wt = tl.load(w_tile + k[:, None] * swk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = mma(a, wt, acc, DOT_FP32, INPUT_PRECISION)
+        acc = dot(a, wt, acc, DOT_FP32, INPUT_PRECISION)
 
     bias_act_store(acc, rows64, cols, row_mask, col_mask, N, b_ptr, pre_ptr, out_ptr, HAS_BIAS, STORE_PRE, ACTIVATION)
 
@@ -209,10 +198,7 @@ def pool_gemm(
             activation, store_pre, store_pooled,
         )
 
-    def grid_fn(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    pool_gemm_kernel[grid_fn](
+    pool_gemm_kernel[tile_grid(M, N)](
         x, w, b if b is not None else out, out, pre if store_pre else out, pooled if store_pooled else out, out, out,
         M, N, K, T, H, W, OT, OH, OW,
         *x.stride(), *w.stride(),
@@ -251,10 +237,7 @@ def pool_gemm_packed(
         return out, pre, pooled
     image = image_index(geometry, "out_rows", M)
 
-    def grid_fn(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    pool_gemm_kernel[grid_fn](
+    pool_gemm_kernel[tile_grid(M, N)](
         x, w, b if b is not None else out, out, pre if store_pre else out, pooled if store_pooled else out, image, geometry,
         M, N, K, 1, 1, 1, 1, 1, 1,
         0, *x.stride(), *w.stride(),

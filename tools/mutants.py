@@ -112,11 +112,19 @@ MUTANTS: tuple[Mutant, ...] = (
            "tokens - tok0, T, H, W, OT, OH, OW, row0", "tokens - row0, T, H, W, OT, OH, OW, row0",
            _uneven("test_pool_tokens_packed"), "packed un-pooling indexes tokens from the image's first output row"),
     # ------------------------------------------------------------------------------------------
-    # kernels/tiling.py, kernels/gemm_act_grad.py, kernels/mlp_pool.py
+    # kernels/tiling.py, kernels/dot.py, kernels/gemm_act_grad.py, kernels/mlp_pool.py
     Mutant("grouped_tile_last_group", "kernels/tiling.py",
            "group_rows = min(num_m - first_m, GROUP_M)", "group_rows = GROUP_M",
            ("tests/test_projector.py", "-k", "test_pool_mlp_activations and triton and dtype0"),
            "a short last group of row tiles maps programs past M and leaves tiles unwritten"),
+    Mutant("tile_rows_unmasked", "kernels/tiling.py",
+           "return pid_m, pid_n, rows, cols, rows < M, cols < N", "return pid_m, pid_n, rows, cols, rows >= 0, cols < N",
+           ("tests/test_projector.py", "-k", "test_pool_mlp_activations and triton and dtype0"),
+           "the last row tile reads and writes past the M rows of its output"),
+    Mutant("dot_drops_accumulator", "kernels/dot.py",
+           "return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)", "return tl.dot(a, b, input_precision=INPUT_PRECISION)",
+           ("tests/test_projector.py", "-k", "test_pool_mlp_activations and triton and dtype0"),
+           "each K step of a GEMM replaces the running sum instead of adding to it"),
     Mutant("act_grad_applies_activation", "kernels/gemm_act_grad.py",
            "(acc * activations.derivative(z, ACTIVATION))", "(acc * activations.apply(z, ACTIVATION))",
            ("tests/test_projector.py", "-k", "test_pool_mlp_activations and triton and dtype0"),
