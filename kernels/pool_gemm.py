@@ -180,36 +180,19 @@ def pool_gemm(
     """act(pool(x) @ w.T + b) for x (B, T*H*W, K), w (N, K) -> (B*P, N) plus, on request, the
     pre-activation (B*P, N) and the pooled rows (B*P, K). ``w`` and ``b`` must be contiguous."""
     B, _, K = x.shape
-    N = w.shape[0]
     T, H, W = grid
     OT, OH, OW = out_grid
     M = B * OT * OH * OW
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    pre = torch.empty((M, N), device=x.device, dtype=x.dtype) if store_pre else None
-    pooled = torch.empty((M, K), device=x.device, dtype=x.dtype) if store_pooled else None
-    if M == 0 or N == 0:
-        return out, pre, pooled
     windows = (max_window(T, OT), max_window(H, OH), max_window(W, OW))
-    if not unrolled_windows_fit(x, windows[0] * windows[1] * windows[2]):
+    if M and not unrolled_windows_fit(x, windows[0] * windows[1] * windows[2]):
         # Windows too large to unroll on this device (e.g. 24x24 -> 3x3): the ragged path's
         # runtime window loops serve the batch as B images of one grid.
         return pool_gemm_packed(
             x.reshape(B * T * H * W, K), dense_geometry(grid, out_grid, B, x.device), M, "average", w, b,
             activation, store_pre, store_pooled,
         )
-
-    pool_gemm_kernel[tile_grid(M, N)](
-        x, w, b if b is not None else out, out, pre if store_pre else out, pooled if store_pooled else out, out, out,
-        M, N, K, T, H, W, OT, OH, OW,
-        *x.stride(), *w.stride(),
-        HAS_BIAS=b is not None, ACTIVATION=activations.CODES[activation],
-        STORE_PRE=store_pre, STORE_POOLED=store_pooled,
-        WT=windows[0], WH=windows[1], WW=windows[2],
-        PACKED=False, MODE=0,
-        DOT_FP32=dot_dtype_workaround(x.dtype == torch.bfloat16),
-        INPUT_PRECISION=input_precision(x.dtype),
-    )
-    return out, pre, pooled
+    return _launch(x, x.stride(), (T, H, W, OT, OH, OW), windows, None, None, M, "average", w, b, activation,
+                   store_pre, store_pooled)
 
 
 @on_input_device
@@ -227,23 +210,28 @@ def pool_gemm_packed(
     """The same fused GEMM over a packed ragged batch: x (total_tokens, K) with per-image
     ``geometry`` (packed_pool.py layout) -> (num_out, N) plus the optional residuals. ``mode`` is
     ``"average"`` (adaptive average) or ``"bilinear"``. One launch for the whole batch."""
-    K = x.shape[1]
-    N = w.shape[0]
-    M = num_out
+    image = image_index(geometry, "out_rows", num_out) if num_out else None
+    return _launch(x, (0, *x.stride()), (1,) * 6, (1, 1, 1), image, geometry, num_out, mode, w, b, activation,
+                   store_pre, store_pooled)
+
+
+def _launch(x, x_strides, dims, windows, image, geometry, M, mode, w, b, activation, store_pre, store_pooled):
+    """Allocates the outputs and launches ``pool_gemm_kernel`` over M pooled rows: dense (``dims``
+    the grids, ``windows`` unrolled) or packed (``geometry`` tables, ``dims`` unused)."""
+    N, K = w.shape
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     pre = torch.empty((M, N), device=x.device, dtype=x.dtype) if store_pre else None
     pooled = torch.empty((M, K), device=x.device, dtype=x.dtype) if store_pooled else None
     if M == 0 or N == 0:
         return out, pre, pooled
-    image = image_index(geometry, "out_rows", M)
-
+    packed = geometry is not None
     pool_gemm_kernel[tile_grid(M, N)](
-        x, w, b if b is not None else out, out, pre if store_pre else out, pooled if store_pooled else out, image, geometry,
-        M, N, K, 1, 1, 1, 1, 1, 1,
-        0, *x.stride(), *w.stride(),
+        x, w, b if b is not None else out, out, pre if store_pre else out, pooled if store_pooled else out,
+        image if packed else out, geometry if packed else out,
+        M, N, K, *dims, *x_strides, *w.stride(),
         HAS_BIAS=b is not None, ACTIVATION=activations.CODES[activation],
         STORE_PRE=store_pre, STORE_POOLED=store_pooled,
-        WT=1, WH=1, WW=1, PACKED=True, MODE=MODES[mode],
+        WT=windows[0], WH=windows[1], WW=windows[2], PACKED=packed, MODE=MODES[mode],
         DOT_FP32=dot_dtype_workaround(x.dtype == torch.bfloat16),
         INPUT_PRECISION=input_precision(x.dtype),
     )
