@@ -15,6 +15,7 @@ There is no silent fallback: if the selected backend cannot run an input, the op
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -25,10 +26,17 @@ ENV_VAR = "DECO_OPS_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
 
 SETTING = Setting(ENV_VAR, BACKENDS, "backend")
-# The backend in force: the innermost ``use_backend`` block, else ``$DECO_OPS_BACKEND``.
-selected = SETTING.selected
-# Force a backend inside a ``with`` block (tests, A/B comparisons).
-use_backend = SETTING.use
+
+
+def selected() -> str:
+    """The backend in force: the innermost ``use_backend`` block, else ``$DECO_OPS_BACKEND``."""
+    return SETTING.selected()
+
+
+def use_backend(name: str) -> contextlib.AbstractContextManager[None]:
+    """Force a backend (``"auto"``, ``"triton"`` or ``"torch"``) inside a ``with`` block (tests,
+    A/B comparisons); the innermost block wins."""
+    return SETTING.use(name)
 
 
 def _switch_on_interpreter() -> None:

@@ -40,6 +40,7 @@ Winners are candidate names: ``fused`` or ``composed``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -66,10 +67,17 @@ _device_names: dict[torch.device, str] = {}  # device -> the name its keys carry
 
 
 SETTING = Setting(ENV_VAR, STRATEGIES, "strategy")
-# The strategy in force: the innermost ``use_strategy`` block, else ``$DECO_OPS_STRATEGY``.
-selected = SETTING.selected
-# Force ``"fused"`` or ``"composed"`` (or restore ``"auto"``) inside a ``with`` block.
-use_strategy = SETTING.use
+
+
+def selected() -> str:
+    """The strategy in force: the innermost ``use_strategy`` block, else ``$DECO_OPS_STRATEGY``."""
+    return SETTING.selected()
+
+
+def use_strategy(name: str) -> contextlib.AbstractContextManager[None]:
+    """Force ``"fused"`` or ``"composed"`` (or restore ``"auto"``) inside a ``with`` block; the
+    innermost block wins."""
+    return SETTING.use(name)
 
 
 # ----------------------------------------------------------------------------------------------
