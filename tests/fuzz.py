@@ -2,6 +2,8 @@
 
 Each fuzzed op runs ``examples(default)`` examples: a small budget that keeps CI inside its time
 under Triton's interpreter, and 10x that with ``pytest --runslow`` (or DECO_OPS_RUNSLOW=1).
+CI's examples are derandomised (the same every run); DECO_OPS_FUZZ_RANDOM=1 draws new ones each run
+to hunt beyond them (hypothesis reports the ``--hypothesis-seed`` that reproduces a failure).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 from harness import DTYPES
 
 SLOW = os.environ.get("DECO_OPS_RUNSLOW") == "1"
+RANDOM = os.environ.get("DECO_OPS_FUZZ_RANDOM") == "1"
 
 
 def examples(default: int):
@@ -22,7 +25,7 @@ def examples(default: int):
     return settings(
         max_examples=default * (10 if SLOW else 1),
         deadline=None,
-        derandomize=True,
+        derandomize=not RANDOM,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
 
