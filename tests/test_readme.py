@@ -1,18 +1,15 @@
 """The README's Python examples run as written (default backend: the reference path on a CPU),
-on CPU tensors also where the suite's tensors default to a GPU (the examples use CPU autocast)."""
+on CPU tensors also where the suite's tensors default to a GPU (the examples use CPU autocast):
+conftest's ``auto_backend`` and ``cpu_tensors``."""
 
 import re
 from pathlib import Path
 
-import torch
-
-import deco_ops
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_examples_run():
+def test_readme_examples_run(cpu_tensors, auto_backend):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert blocks
-    with deco_ops.use_backend("auto"), torch.device("cpu"):
-        exec(compile("\n".join(blocks), str(README), "exec"), {})
+    exec(compile("\n".join(blocks), str(README), "exec"), {})
