@@ -21,6 +21,7 @@ work (a body runs below autograd, with autocast already applied, on real tensors
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 
 import torch
@@ -48,9 +49,26 @@ def custom_op(name: str) -> Callable:
 
 
 def register_autograd(opdef, backward: Callable, setup_context: Callable) -> None:
-    """``opdef.register_autograd``, remembering the formula for ``deco.<name>``'s eager path."""
+    """``opdef.register_autograd``, remembering the formula for ``deco.<name>``'s eager path; the
+    backward runs in the forward's context (``_in_forward_context``)."""
+    backward, setup_context = _in_forward_context(backward, setup_context)
     opdef.register_autograd(backward, setup_context=setup_context)
     getattr(deco, _names[opdef]).set_autograd(backward, setup_context)
+
+
+def _in_forward_context(backward: Callable, setup_context: Callable) -> tuple[Callable, Callable]:
+    """The formula with its backward run in a copy of the ``contextvars`` context its forward ran
+    in: ``use_backend`` / ``use_strategy`` blocks hold per context, and autograd runs the backward
+    of CUDA tensors on its own device thread, which would otherwise see none of them."""
+
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.forward_context = contextvars.copy_context()
+
+    def in_context(ctx, *grads):
+        return ctx.forward_context.run(backward, ctx, *grads)
+
+    return in_context, setup
 
 
 def plain_eager(args: tuple) -> bool:

@@ -1,9 +1,14 @@
-"""A process-wide choice among named options (the backend, the strategy): read from an environment
-variable (default ``auto``), overridable per ``with`` block, checked with an error that names it."""
+"""A choice among named options (the backend, the strategy): read from an environment variable
+(default ``auto``), overridable per ``with`` block, checked with an error that names it.
+
+Overrides live in a ``contextvars.ContextVar``: a ``use`` block affects the thread (or asyncio
+task) that entered it and nothing else, so two threads that force different choices never see
+each other's. A new thread starts without overrides (it reads the environment variable)."""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from collections.abc import Iterator
 
@@ -13,7 +18,7 @@ class Setting:
         self.var = var
         self.choices = choices
         self.what = what  # how the error of a bad ``use(name)`` names the argument
-        self.override: str | None = None
+        self._override: contextvars.ContextVar[str | None] = contextvars.ContextVar(f"deco_ops_{what}", default=None)
         self._parsed: dict[str, str] = {}  # raw environment value -> its checked setting
 
     def check(self, name: str, source: str) -> str:
@@ -21,11 +26,16 @@ class Setting:
             raise ValueError(f"{source} must be one of {self.choices}, got {name!r}")
         return name
 
+    def override(self) -> str | None:
+        """The innermost ``use`` block's choice in the current context, or None."""
+        return self._override.get()
+
     def selected(self) -> str:
         """The innermost ``use`` block's choice, else ``$var``, normalised and checked once per
         distinct value (every op call asks)."""
-        if self.override is not None:
-            return self.override
+        forced = self.override()
+        if forced is not None:
+            return forced
         raw = os.environ.get(self.var, "auto")
         name = self._parsed.get(raw)
         if name is None:
@@ -34,9 +44,9 @@ class Setting:
 
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[None]:
-        """Force ``name`` inside a ``with`` block."""
-        previous, self.override = self.override, self.check(name, self.what)
+        """Force ``name`` inside a ``with`` block, in the current thread / context only."""
+        token = self._override.set(self.check(name, self.what))
         try:
             yield
         finally:
-            self.override = previous
+            self._override.reset(token)

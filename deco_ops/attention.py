@@ -19,6 +19,8 @@ dropout mask bit for bit.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _backend, composed_attention, strategy
@@ -56,6 +58,14 @@ def _key(op, q, B, N, kv_lens, cu_seqlens_k, needs_grad, **more) -> str:
                              N=strategy.bucket(N), H=H, D=D, q="shared" if q.shape[0] == 1 else "per-batch", mask=mask, **more)
 
 
+def _composed_candidates(q, kv_lens, cu_seqlens_k, dropout_p, run, deterministic=lambda kernel: True):
+    """The strategy's candidates for the composed kernels that express this call (see
+    ``composed_attention.kernels``): ``run(kernel)`` computes the call with one of them."""
+    masked = kv_lens is not None or cu_seqlens_k is not None
+    return {kernel: strategy.Candidate(functools.partial(run, kernel), deterministic(kernel))
+            for kernel in composed_attention.kernels(q, masked, dropout_p)}
+
+
 @custom_op("cross_attention")
 def _cross_attention(
     q: torch.Tensor,
@@ -77,14 +87,14 @@ def _cross_attention(
         kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, N)
         return reference.attention_fwd(q, kp, vp, lens, scale, dropout_p, _rng_pair(rng))
 
-    def composed():
+    def composed(kernel):
         kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, N)
-        return composed_attention.forward(q, kp, vp, lens, scale, need_lse=needs_grad)
+        return composed_attention.forward(q, kp, vp, lens, scale, need_lse=needs_grad, kernel=kernel)
 
     needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
     return strategy.run(
         on_triton=on_triton, key=lambda: _key("cross_attention", q, B, N, kv_lens, cu_seqlens_k, needs_grad),
-        fused=fused, composed=composed if composed_attention.expressible(q, dropout_p) else None,
+        fused=fused, composed_kernels=_composed_candidates(q, kv_lens, cu_seqlens_k, dropout_p, composed),
     )
 
 
@@ -136,14 +146,15 @@ def _cross_attention_backward(
             )
         return on_padded_keys(lambda kp, vp, lens: reference.attention_bwd(dout, q, kp, vp, out, lse, lens, scale, dropout_p, _rng_pair(rng)))
 
-    def composed():
-        return on_padded_keys(lambda kp, vp, lens: composed_attention.backward(dout, q, kp, vp, out, lse, lens, scale, need_dq, need_dkv))
+    def composed(kernel):
+        return on_padded_keys(lambda kp, vp, lens: composed_attention.backward(
+            dout, q, kp, vp, out, lse, lens, scale, need_dq, need_dkv, kernel=kernel))
 
     dq, dk, dv = strategy.run(
         on_triton=on_triton,
         key=lambda: _key("cross_attention_backward", q, B, N, kv_lens, cu_seqlens_k, True, need=f"{'q' * need_dq}{'kv' * need_dkv}"),
-        fused=fused, composed=composed if composed_attention.expressible(q, dropout_p) else None,
-        composed_deterministic=composed_attention.deterministic_backward(q.device),
+        fused=fused,
+        composed_kernels=_composed_candidates(q, kv_lens, cu_seqlens_k, dropout_p, composed, composed_attention.deterministic_backward),
     )
     return _or_empty(dq, need_dq, q), _or_empty(dk, need_dkv, q), _or_empty(dv, need_dkv, q)
 

@@ -1,56 +1,105 @@
-"""``cross_attention``'s composed twin: PyTorch's own scaled-dot-product-attention kernels, wherever
-they express the call exactly.
+"""``cross_attention``'s composed twins: PyTorch's own scaled-dot-product-attention kernels, wherever
+they express the call exactly, one candidate per kernel.
 
 The kernels are the ones ``F.scaled_dot_product_attention`` dispatches to, called through the ATen
-ops that also return the log-sum-exp, so this twin keeps exactly the fused path's residuals (the
-output and the fp32 LSE ``(B, H, M)``, natural log, ``+inf`` for a row without keys) and either
-backward can follow either forward:
+ops that also return the log-sum-exp, so every twin keeps exactly the fused path's residuals: the
+output ``(B, M, H, D)`` and the fp32 LSE ``(B, H, M)`` (natural log, ``+inf`` for a row without
+keys). Each kernel lays its LSE out its own way; forward normalises it to ``(B, H, M)`` and backward
+hands each kernel the layout it reads, so any backward follows any forward (fused or composed, of
+any kernel) and the strategy decides forward and backward separately.
 
-* CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward (SDPA's CPU kernel),
-  on ``(B, H, L, D)`` views.
-* CUDA: ``aten._efficient_attention_forward`` / ``_backward`` (SDPA's memory-efficient kernel, the
-  one that takes an additive mask), which read our ``(B, L, H, D)`` layout as it is. Its LSE holds
-  ``ceil(M / 32) * 32`` queries per row; its mask rows must be 16-element aligned.
+Candidates (``kernels``: those that express a call, in order of preference; ``forward`` /
+``backward`` take the name):
 
-How the call is expressed:
+* ``composed`` (CPU): ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward (SDPA's
+  CPU kernel), on ``(B, H, L, D)`` views, with an additive mask for ``kv_lens``.
+* ``composed_efficient`` (CUDA): ``aten._efficient_attention_forward`` / ``_backward`` (SDPA's
+  memory-efficient kernel), which read our ``(B, L, H, D)`` layout as it is. Any float dtype, head
+  dims that are multiples of 8, ``kv_lens`` as an additive mask. Its LSE holds ``ceil(M / 32) * 32``
+  queries per row; its mask rows must be 16-element aligned. Listed first: ``use_strategy("composed")``
+  without a measured decision runs it, the kernel the first GPU runs validated in training.
+* ``composed_flash`` (CUDA, sm80+): ``aten._scaled_dot_product_flash_attention`` / ``_backward``
+  (FlashAttention-2). fp16/bf16, head dims multiples of 8 up to 256, no mask (so no ``kv_lens``).
+  LSE ``(B, H, M)`` fp32.
+* ``composed_cudnn`` (CUDA, sm80+): ``aten._scaled_dot_product_cudnn_attention`` / ``_backward``.
+  fp16/bf16, head dims multiples of 8 up to 128 (cuDNN's backward limit), no ``kv_lens``: the op
+  takes an additive bias, but its handling of a broadcast ``-inf`` padding bias has not been
+  checked on a GPU, so padded keys stay with the memory-efficient kernel. LSE ``(B, H, M, 1)``
+  (the rank the installed torch's forward returns, read from its meta kernel).
 
-* shared queries ``(1, M, H, D)`` are expanded to the batch (a stride-0 view, never a copy, except
-  in the CUDA backward: see ``backward``); their gradient is summed over the batch;
+Determinism of the backward (``deterministic_backward``), as PyTorch implements it: the CPU kernel
+reduces in a fixed order; flash runs its deterministic backward under
+``torch.use_deterministic_algorithms(True)`` (not in ``warn_only`` mode); the memory-efficient
+kernel only drops key splitting there, which we do not count on; cuDNN's backward is never
+deterministic. Forwards are deterministic.
+
+How a call is expressed:
+
+* shared queries ``(1, M, H, D)`` are expanded to the batch (a stride-0 view for the kernels that
+  read it; a copy where a kernel might write dq laid out like q, and for flash/cuDNN, which get a
+  materialised query of a few rows); their gradient is summed over the batch;
 * ``kv_lens`` becomes an additive ``0 / -inf`` mask. Keys at or past ``kv_lens[b]`` are replaced by
   zeros first, because SDPA still reads masked keys and ``0 * NaN`` would leak their garbage; a
   batch without keys attends to its zeroed keys and its rows are then set to zero output and
   ``+inf`` LSE, which makes every gradient of that batch exactly zero in backward.
 
 Not expressible, so the fused path runs: dropout (SDPA draws its own mask; ours is Philox,
-reproduced bit for bit by the reference path) and, on CUDA, head dims that are not a multiple of 8
-(the memory-efficient kernel's alignment).
+reproduced bit for bit by the reference path) and, on CUDA, head dims that are not a multiple of 8.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-_LSE_ALIGN_CUDA = 32  # the memory-efficient kernel's LSE holds ceil(M / 32) * 32 queries
-_BIAS_ALIGN_CUDA = 16  # ... and wants its additive mask's rows 16-element aligned
+_LSE_ALIGN_EFFICIENT = 32  # the memory-efficient kernel's LSE holds ceil(M / 32) * 32 queries
+_BIAS_ALIGN_EFFICIENT = 16  # ... and wants its additive mask's rows 16-element aligned
+_HALF = (torch.float16, torch.bfloat16)
+# kernel -> (aten forward op, largest head dim) of the 16-bit-only CUDA kernels
+_HALF_KERNELS = {
+    "composed_flash": ("_scaled_dot_product_flash_attention", 256),
+    "composed_cudnn": ("_scaled_dot_product_cudnn_attention", 128),
+}
+CUDA_KERNELS = ("composed_efficient", *_HALF_KERNELS)
 
 
-def expressible(q: torch.Tensor, dropout_p: float) -> bool:
-    """Whether SDPA's kernels compute this call exactly."""
+def kernels(q: torch.Tensor, masked: bool, dropout_p: float) -> tuple[str, ...]:
+    """The composed candidates that compute this call exactly, in order of preference (empty if
+    none does). ``masked``: whether some keys are masked out (``kv_lens``, packed keys)."""
     if dropout_p > 0:
-        return False
-    if q.device.type == "cuda":
-        return q.shape[-1] % 8 == 0
-    return q.device.type == "cpu"
+        return ()
+    if q.device.type == "cpu":
+        return ("composed",)
+    if q.device.type != "cuda" or q.shape[-1] % 8 or q.dtype not in (*_HALF, torch.float32):
+        return ()
+    return ("composed_efficient", *(name for name in _HALF_KERNELS if _half_kernel_applies(name, q, masked)))
 
 
-def deterministic_backward(device: torch.device) -> bool:
-    """SDPA's CPU backward reduces in a fixed order; the memory-efficient CUDA backward may not."""
-    return device.type != "cuda"
+def _half_kernel_applies(name: str, q: torch.Tensor, masked: bool) -> bool:
+    op, max_head_dim = _HALF_KERNELS[name]
+    return (not masked and q.dtype in _HALF and q.shape[-1] <= max_head_dim and hasattr(torch.ops.aten, op)
+            and _sm80_or_newer(q.device))
 
 
-def _inputs(q, k, v, kv_lens):
+@functools.cache
+def _sm80_or_newer(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def deterministic_backward(kernel: str) -> bool:
+    """Whether ``kernel``'s backward is bitwise reproducible in the current mode (module docstring)."""
+    if kernel == "composed":
+        return True
+    if kernel == "composed_flash":
+        return torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    return False
+
+
+def _inputs(q, k, v, kv_lens, align: int = 1, per_head: bool = False):
     """q expanded to the batch (a view), k and v (zeroed past ``kv_lens``), the additive mask
-    ``(B, 1 or H, 1 or M, N)`` or None, and the (B,) bool "batch has keys" or None; layouts as given."""
+    ``(B, 1 or H, 1 or M, N)`` (rows allocated ``align``-element aligned; expanded to every head
+    and query if ``per_head``) or None, and the (B,) bool "batch has keys" or None; layouts as given."""
     B, N, H, _ = k.shape
     M = q.shape[1]
     q = q.expand(B, -1, -1, -1)
@@ -61,79 +110,115 @@ def _inputs(q, k, v, kv_lens):
     k = torch.where(valid[:, :, None, None], k, 0.0)
     v = torch.where(valid[:, :, None, None], v, 0.0)
     attend = valid | ~has_keys[:, None]
-    cuda = q.device.type == "cuda"
-    width = -(-N // _BIAS_ALIGN_CUDA) * _BIAS_ALIGN_CUDA if cuda else N
+    width = -(-N // align) * align
     bias = torch.zeros((B, 1, 1, width), dtype=q.dtype, device=q.device)
     bias[..., :N].masked_fill_(~attend[:, None, None, :], float("-inf"))
     bias = bias[..., :N]
-    if cuda:
+    if per_head:
         bias = bias.expand(B, H, M, N)
     return q, k, v, bias, has_keys
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as the memory-efficient CUDA kernel accepts it: a 16-byte aligned start and strides,
-    unit stride on the last dim (its alignment check fails otherwise, "no kernel found to launch",
-    e.g. for a view that starts mid-buffer). Anything else is copied; an aligned tensor is not."""
+    """``t`` as the CUDA kernels accept it: a 16-byte aligned start and strides, unit stride on the
+    last dim (the memory-efficient kernel's alignment check fails otherwise, "no kernel found to
+    launch", e.g. for a view that starts mid-buffer). Anything else is copied; an aligned tensor is not."""
     step = 16 // t.element_size()
     if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % step == 0 for s in t.stride()[:-1]):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def forward(q, k, v, kv_lens, scale, need_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(O ``(B, M, H, D)`` in q's dtype, LSE ``(B, H, M)``), as ``deco::cross_attention``.
+def _heads_first(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(B, L, H, D)`` -> ``(B, H, L, D)`` views, the layout SDPA's ATen ops take."""
+    return tuple(t.transpose(1, 2) for t in tensors)
 
-    Without ``need_lse`` (no input requires grad: no backward will read the LSE) on CUDA, the
-    output comes from ``F.scaled_dot_product_attention``, which picks PyTorch's fastest kernel for
-    the call (cuDNN, flash or memory-efficient; the first GPU run measured cuDNN 1.3-2x faster than
-    the memory-efficient kernel on BLIP-2 and Qwen-VL shapes), and the LSE is left unwritten."""
-    M = q.shape[1]
-    cuda = q.device.type == "cuda"
-    if cuda and need_lse:
-        q, k, v = (_aligned(t) for t in (q, k, v))
-    q, k, v, bias, has_keys = _inputs(q, k, v, kv_lens)
-    if cuda and need_lse:
-        out, lse, *_ = torch.ops.aten._efficient_attention_forward(q, k, v, bias, None, None, None, None, 0.0, 0, True, scale=scale)
-        lse = lse[:, :, :M]
-    elif cuda:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=scale
-        ).transpose(1, 2)
-        lse = torch.empty((q.shape[0], q.shape[2], M), device=q.device, dtype=torch.float32)
-    else:
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias, scale=scale
-        )
+
+def normalised_lse(lse: torch.Tensor | None, B: int, H: int, M: int, device: torch.device) -> torch.Tensor:
+    """A kernel's LSE (``(B, H, M)``, ``(B, H, M, 1)`` or ``(B, H, >= M)`` padded; fp32, fp64 for
+    fp64 inputs on CPU) as the op's ``(B, H, M)`` (a view where it already is); an unwritten
+    ``(B, H, M)`` fp32 tensor where the kernel computed none (None or empty)."""
+    if lse is None or lse.numel() == 0:
+        return torch.empty((B, H, M), device=device, dtype=torch.float32)
+    return lse.reshape(B, H, -1)[:, :, :M]
+
+
+@functools.cache
+def _cudnn_lse_rank() -> int:
+    """How many dims the installed torch's cuDNN forward gives its LSE (its backward reads the
+    same): ``(B, H, M, 1)`` so far; asked of the op's meta kernel, which describes the real one."""
+    x = torch.empty((1, 1, 1, 8), dtype=torch.float16, device="meta")
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(x, x, x, None, True)[1].dim()
+
+
+def forward(q, k, v, kv_lens, scale, need_lse: bool = True, kernel: str = "composed") -> tuple[torch.Tensor, torch.Tensor]:
+    """(O ``(B, M, H, D)`` in q's dtype, LSE ``(B, H, M)`` fp32), as ``deco::cross_attention``, by the
+    named composed ``kernel`` (one ``kernels`` lists for the call). Without ``need_lse`` (no input
+    requires grad: no backward will read it) the kernels that can skip the LSE do, and it is left
+    unwritten."""
+    B, H, M = k.shape[0], q.shape[2], q.shape[1]
+    if kernel == "composed":
+        q, k, v, bias, has_keys = _inputs(q, k, v, kv_lens)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_heads_first(q, k, v), 0.0, False, attn_mask=bias, scale=scale)
         out = o.transpose(1, 2)
+    elif kernel == "composed_efficient":
+        q, k, v = (_aligned(t) for t in (q, k, v))
+        q, k, v, bias, has_keys = _inputs(q, k, v, kv_lens, _BIAS_ALIGN_EFFICIENT, per_head=True)
+        out, lse, *_ = torch.ops.aten._efficient_attention_forward(q, k, v, bias, None, None, None, None, 0.0, 0, need_lse, scale=scale)
+    else:
+        q = _aligned(q.expand(B, -1, -1, -1).contiguous())
+        k, v = _aligned(k), _aligned(v)
+        has_keys = None  # no kv_lens here (``kernels``)
+        if kernel == "composed_flash":
+            o, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(*_heads_first(q, k, v), 0.0, False, False, scale=scale)
+        else:
+            o, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(*_heads_first(q, k, v), None, need_lse, 0.0, False, False, scale=scale)
+        out = o.transpose(1, 2)
+    lse = normalised_lse(lse, B, H, M, q.device)
     if has_keys is not None:
         out = torch.where(has_keys[:, None, None, None], out, 0.0)
         lse = torch.where(has_keys[:, None, None], lse, float("inf"))
     return out.contiguous(), lse.contiguous()
 
 
-def backward(dout, q, k, v, out, lse, kv_lens, scale, need_dq: bool, need_dkv: bool):
-    """(dq, dk, dv) from the residuals of either forward (None where not needed); dq of shared
-    queries summed over the batch."""
+def backward(dout, q, k, v, out, lse, kv_lens, scale, need_dq: bool, need_dkv: bool, kernel: str = "composed"):
+    """(dq, dk, dv) from the residuals of any forward (None where not needed), by the named
+    composed ``kernel``; dq of shared queries summed over the batch."""
     shared = q.shape[0] == 1
-    M, N = q.shape[1], k.shape[1]
-    q, k, v, bias, _ = _inputs(q, k, v, kv_lens)
-    if q.device.type == "cuda":
+    B, M, N = k.shape[0], q.shape[1], k.shape[1]
+    if kernel == "composed":
+        q, k, v, bias, _ = _inputs(q, k, v, kv_lens)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            *_heads_first(dout, q, k, v, out), lse, 0.0, False, attn_mask=bias, scale=scale
+        )
+        dq, dk, dv = _heads_first(*grads)
+    elif kernel == "composed_efficient":
+        q, k, v, bias, _ = _inputs(q, k, v, kv_lens, _BIAS_ALIGN_EFFICIENT, per_head=True)
         # q is materialised: the kernel may lay dq out like q, and a stride-0 batch would alias it
         q = q.contiguous()
         dout, k, v, out = (_aligned(t) for t in (dout, k, v, out))
-        padded = -(-M // _LSE_ALIGN_CUDA) * _LSE_ALIGN_CUDA
+        padded = -(-M // _LSE_ALIGN_EFFICIENT) * _LSE_ALIGN_EFFICIENT
         lse = torch.nn.functional.pad(lse.float(), (0, padded - M))
         unused_rng = torch.zeros((), dtype=torch.int64)  # the Philox seed and offset, read only with dropout
         dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
             dout, q, k, v, bias, out, None, None, M, N, lse, 0.0, unused_rng, unused_rng, 0, False, scale=scale
         )
     else:
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2), lse,
-            0.0, False, attn_mask=bias, scale=scale,
-        )
-        dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        q = _aligned(q.expand(B, -1, -1, -1).contiguous())
+        k, v = _aligned(k), _aligned(v)
+        dout, out = (_aligned(t.contiguous()) for t in (dout, out))  # one layout: cuDNN reads dout with out's strides
+        lse = lse.float().contiguous()
+        unused_rng = torch.empty((2,), dtype=torch.int64, device=q.device)  # Philox seed / offset: read only with dropout
+        if kernel == "composed_flash":
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                *_heads_first(dout, q, k, v, out), lse, None, None, M, N, 0.0, False, unused_rng, unused_rng, scale=scale
+            )
+        else:
+            lse = lse.reshape(B, lse.shape[1], M, *([1] * (_cudnn_lse_rank() - 3)))
+            grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                *_heads_first(dout, q, k, v, out), lse, unused_rng, unused_rng, None, None, None, M, N, 0.0, False, scale=scale
+            )
+        dq, dk, dv = _heads_first(*grads)
     if shared and dq.shape[0] > 1:
         dq = dq.sum(0, keepdim=True)
     return (dq.contiguous() if need_dq else None), (dk.contiguous() if need_dkv else None), (dv.contiguous() if need_dkv else None)

@@ -1,31 +1,56 @@
-"""Which implementation of an op runs: its fused Triton kernel, or its *composed* twin built from
+"""Which implementation of an op runs: its fused Triton kernel, or a *composed* twin built from
 the pieces a careful user would use (our pooling kernel + cuBLAS ``addmm`` + the activation in
-PyTorch; ``F.scaled_dot_product_attention``'s kernels for attention).
+PyTorch; the scaled-dot-product-attention kernels of PyTorch for attention).
 
-``DECO_OPS_STRATEGY`` selects, per process (``deco_ops.use_strategy`` overrides it per block,
-the innermost block wins):
+Candidates, by name (``CANDIDATES``): ``fused``; ``composed`` (an op's one composed twin);
+attention's composed twins on CUDA, one per SDPA kernel that returns the log-sum-exp
+(``composed_efficient``, ``composed_flash``, ``composed_cudnn``: ``deco_ops.composed_attention``
+says which applies to which call). An op offers those that can express the call, the fused one
+first.
+
+``DECO_OPS_STRATEGY`` selects (``deco_ops.use_strategy`` overrides it inside a ``with`` block, in
+the current thread or context only, the innermost block winning):
 
 * ``auto`` (default):
-  - Triton backend on CUDA: the first call of an op for a *key* (op, GPU name, dtype, shape
-    bucket, whether autograd needs the residuals, deterministic mode) times every candidate and
+  - Triton backend on CUDA: the first call of an op for a *key* (below) times every candidate and
     keeps the fastest; the choice is remembered in memory and in an on-disk cache. Under
     ``torch.use_deterministic_algorithms(True)`` only deterministic candidates compete.
   - Triton backend under Triton's interpreter: ``fused``, so the kernels stay tested.
-  - PyTorch backend (CPU tensors by default): ``composed``, PyTorch's own fast kernels.
+  - PyTorch backend (CPU tensors by default): the composed twin, PyTorch's own fast kernels.
 * ``fused``: the fused Triton kernel (on the PyTorch backend: the reference implementation that
   mirrors it, e.g. the chunked online softmax of ``reference_attention``).
-* ``composed``: the composed twin, where the op has one for this call (SDPA cannot express
-  attention dropout with our Philox mask, so such calls keep the fused path).
+* ``composed``: the composed twin where the op has one for this call (SDPA cannot express
+  attention dropout with our Philox mask, so such calls keep the fused path); among several, the
+  one this process measured or preloaded for the key, else the first that applies (deterministic
+  ones first in deterministic mode). Never timed.
+* ``composed_efficient`` / ``composed_flash`` / ``composed_cudnn``: that kernel where it applies,
+  else as ``composed``.
 
 What is timed: one custom op's own work. Forward and backward are separate custom ops with their
-own decisions; the fused and composed forwards return identical residuals, so either backward
-follows either forward and the forward+backward pair is optimised piece by piece.
+own decisions; every forward returns the same residuals (the output and the fp32 log-sum-exp in
+the op's own layout), so any backward follows any forward and the pair is optimised piece by piece.
+
+Measuring is made safe for training:
+
+* *Versions*: every key ends with the deco_ops, torch and triton versions, so neither the on-disk
+  cache nor a tuning table serves a decision measured under other ones.
+* *CUDA graph capture*: nothing is timed while the current stream captures: a decision made or
+  preloaded in this process, else one from the on-disk cache, else the first candidate (``fused``
+  on the Triton backend); such a default is not remembered, the next call outside a capture
+  measures.
+* *torch.distributed*: once the default process group is initialised with more than one rank,
+  rank 0 makes each new decision (from its cache or by timing) and broadcasts it; every rank adopts
+  it (``DECO_OPS_STRATEGY_SYNC=0`` lets each rank decide alone). Every rank must then meet new keys
+  in the same order, as data-parallel replicas do; a rank that receives rank 0's decision for
+  another key raises.
+* *Determinism*: the key records the mode, and deterministic mode admits only candidates whose
+  result is bitwise reproducible.
 
 Key strings, the format that ``choices()`` returns, ``preload()`` accepts and the on-disk cache
 stores (``$DECO_OPS_CACHE_DIR/strategy.json``, default ``~/.cache/deco_ops/strategy.json``, a JSON
 object ``{key: winner}``)::
 
-    <op>|<device name>|<dtype>|<shape>|<grad>|<determinism>
+    <op>|<device name>|<dtype>|<shape>|<grad>|<determinism>|<versions>
 
 * ``op``: the custom op's name without namespace, e.g. ``pool_mlp``, ``cross_attention_backward``.
 * ``device name``: ``torch.cuda.get_device_name``, e.g. ``NVIDIA H100 80GB HBM3``.
@@ -34,13 +59,16 @@ object ``{key: winner}``)::
   lengths are bucketed by ``bucket()`` (the next power of two); weight dimensions, grids and other sizes are exact; strings such as the activation as is.
 * ``grad``: ``grad`` when autograd needs the op's residuals (the forward stores more), else ``infer``.
 * ``determinism``: ``deterministic`` under ``torch.use_deterministic_algorithms(True)``, else ``any``.
+* ``versions``: ``versions()``, e.g. ``deco_ops=0.1.0,torch=2.11.0+cu130,triton=3.6.0``.
 
-Winners are candidate names: ``fused`` or ``composed``.
+Winners are candidate names (``CANDIDATES``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -50,6 +78,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import triton
 
 from . import _backend
 from ._setting import Setting
@@ -57,11 +86,13 @@ from .kernels import _tuning
 
 ENV_VAR = "DECO_OPS_STRATEGY"
 CACHE_DIR_ENV = "DECO_OPS_CACHE_DIR"
-STRATEGIES = ("auto", "fused", "composed")
-CANDIDATES = ("fused", "composed")
+SYNC_ENV = "DECO_OPS_STRATEGY_SYNC"
+CANDIDATES = ("fused", "composed", "composed_efficient", "composed_flash", "composed_cudnn")
+STRATEGIES = ("auto", *CANDIDATES)
 CACHE_FILE = "strategy.json"
+KEY_FIELDS = 7
 
-_decisions: dict[str, str] = {}  # measured or preloaded in this process: key -> winner
+_decisions: dict[str, str] = {}  # measured, agreed or preloaded in this process: key -> winner
 _disk: dict[str, str] | None = None  # the on-disk cache, read once on first need
 _device_names: dict[torch.device, str] = {}  # device -> the name its keys carry
 
@@ -75,9 +106,14 @@ def selected() -> str:
 
 
 def use_strategy(name: str) -> contextlib.AbstractContextManager[None]:
-    """Force ``"fused"`` or ``"composed"`` (or restore ``"auto"``) inside a ``with`` block; the
-    innermost block wins."""
+    """Force ``"fused"``, ``"composed"`` or one named composed candidate (or restore ``"auto"``)
+    inside a ``with`` block, in the current thread or context only; the innermost block wins."""
     return SETTING.use(name)
+
+
+def is_composed(name: str) -> bool:
+    """Whether a candidate name is one of the composed twins."""
+    return name.startswith("composed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,6 +127,16 @@ def bucket(n: int) -> int:
     return _tuning.bucket(n)
 
 
+@functools.cache
+def versions() -> str:
+    """The last field of every key: the versions whose kernels a decision was measured with."""
+    try:
+        own = importlib.metadata.version("deco-ops")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+        own = "source"
+    return f"deco_ops={own},torch={torch.__version__},triton={triton.__version__}"
+
+
 def make_key(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, **shape) -> str:
     """The key string of one decision (format in the module docstring). ``shape`` values are
     written as given: bucket row counts and key lengths with ``bucket()`` before passing them."""
@@ -99,7 +145,7 @@ def make_key(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool
         name = _device_names[device] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     fields = ",".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}" for k, v in shape.items())
     determinism = "deterministic" if torch.are_deterministic_algorithms_enabled() else "any"
-    return "|".join((op, name, str(dtype).removeprefix("torch."), fields, "grad" if needs_grad else "infer", determinism))
+    return "|".join((op, name, str(dtype).removeprefix("torch."), fields, "grad" if needs_grad else "infer", determinism, versions()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,19 +165,36 @@ def choose(candidates: Mapping[str, Candidate], *, on_triton: bool, key: Callabl
     the op has a fused path on this backend).
 
     ``on_triton``: whether the op runs on the Triton backend (else the PyTorch one). ``key``
-    builds the decision's key string; it is only called when a measurement may be needed.
+    builds the decision's key string; it is only called when a decision may be looked up.
     """
     default = next(iter(candidates))
     forced = selected()
-    if forced != "auto":
-        return forced if forced in candidates else default
-    if not on_triton:
-        return "composed" if "composed" in candidates else default
-    if _backend.interpreting() or len(candidates) == 1:
-        return default
-    measured_key = key()
-    _preload_shipped_table(measured_key)
-    return decide(measured_key, candidates, _time_cuda)
+    if forced == "auto" and on_triton:
+        if _backend.interpreting() or len(candidates) == 1:
+            return default
+        measured_key = key()
+        _preload_shipped_table(measured_key)
+        return decide(measured_key, candidates, _time_cuda)
+    if forced in candidates:
+        return forced
+    if forced == "auto" or is_composed(forced):
+        return _composed_choice(candidates, key) or default
+    return default
+
+
+def _composed_choice(candidates: Mapping[str, Candidate], key: Callable[[], str]) -> str | None:
+    """The composed candidate a forced ``composed`` (or the PyTorch backend's ``auto``) runs, None
+    if there is none: among several, the one measured or preloaded for the key if any, else the
+    first listed; deterministic ones only under ``torch.use_deterministic_algorithms(True)``
+    where there is one."""
+    composed = [name for name in candidates if is_composed(name)]
+    if torch.are_deterministic_algorithms_enabled():
+        composed = [name for name in composed if candidates[name].deterministic] or composed
+    if len(composed) > 1:
+        known = _decisions.get(key())
+        if known in composed:
+            return known
+    return composed[0] if composed else None
 
 
 def _preload_shipped_table(key: str) -> None:
@@ -143,33 +206,66 @@ def _preload_shipped_table(key: str) -> None:
 
 
 def run(*, on_triton: bool, key: Callable[[], str], fused: Callable[[], object] | None = None,
-        composed: Callable[[], object] | None = None, composed_deterministic: bool = True):
-    """Run an op the chosen way: ``fused`` (None where this backend has no fused path) or
-    ``composed`` (None where the composed twin cannot express the call)."""
+        composed: Callable[[], object] | None = None, composed_deterministic: bool = True,
+        composed_kernels: Mapping[str, Candidate] | None = None):
+    """Run an op the chosen way: ``fused`` (None where this backend has no fused path),
+    ``composed`` (None where the composed twin cannot express the call), or, for an op with
+    several composed twins, one of ``composed_kernels`` (named candidates that express the call,
+    in order of preference)."""
     candidates = {}
     if fused is not None:
         candidates["fused"] = Candidate(fused)
     if composed is not None:
         candidates["composed"] = Candidate(composed, composed_deterministic)
+    if composed_kernels:
+        candidates.update(composed_kernels)
     return candidates[choose(candidates, on_triton=on_triton, key=key)].run()
 
 
 def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Callable[[], object]], float]) -> str:
-    """The measured choice for ``key``: a decision made or preloaded earlier in this process,
-    else one from the on-disk cache, else the fastest candidate by ``timer(run) -> ms``, which is
-    then remembered in memory and on disk. Under ``torch.use_deterministic_algorithms(True)``
-    only deterministic candidates compete (the first candidate if none is). A candidate that
-    raises while it is timed drops out of the competition, with a warning."""
+    """The measured choice for ``key`` (the rules of the module docstring): a decision made,
+    agreed or preloaded earlier in this process; else, inside a CUDA graph capture, one that
+    needs no timing; else one from the on-disk cache or the fastest candidate by
+    ``timer(run) -> ms`` (remembered in memory and on disk), made by rank 0 and adopted by every
+    rank under torch.distributed. Under ``torch.use_deterministic_algorithms(True)`` only
+    deterministic candidates compete (the first candidate if none is). A candidate that raises
+    while it is timed drops out of the competition, with a warning."""
     default = next(iter(candidates))
     usable = dict(candidates)
     if torch.are_deterministic_algorithms_enabled():
         usable = {name: c for name, c in usable.items() if c.deterministic} or {default: candidates[default]}
-    known = _decisions.get(key) or _read_disk().get(key)
+    known = _decisions.get(key)
     if known in usable:
-        _decisions[key] = known
         return known
     if len(usable) == 1:
         return next(iter(usable))
+    synchronised = _synchronised()
+    if capturing():
+        return _untimed(key, usable, synchronised)
+    winner = _agree(key, usable, lambda: _measure(key, usable, timer)) if synchronised else _measure(key, usable, timer)
+    _decisions[key] = winner
+    return winner
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph (timing there would record the
+    timed runs into the graph, and the synchronisation it needs is illegal)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _untimed(key: str, usable: Mapping[str, Candidate], synchronised: bool) -> str:
+    """The choice inside a capture: the on-disk cache's (not under torch.distributed, where each
+    rank's disk may differ), else the first usable candidate; not remembered."""
+    known = None if synchronised else _read_disk().get(key)
+    return known if known in usable else next(iter(usable))
+
+
+def _measure(key: str, usable: Mapping[str, Candidate], timer: Callable[[Callable[[], object]], float]) -> str:
+    """This process's own decision: the on-disk cache's, else the fastest by ``timer``, written to disk."""
+    known = _read_disk().get(key)
+    if known in usable:
+        return known
+    default = next(iter(usable))
     times = {}
     for name, candidate in usable.items():
         try:
@@ -177,10 +273,36 @@ def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Calla
         except Exception as e:  # noqa: BLE001 - a candidate this GPU cannot run loses, it does not crash the op
             if name == default:
                 raise
-            warnings.warn(f"deco_ops: {key}: the {name} candidate failed and is not used: {type(e).__name__}: {e}", stacklevel=3)
+            warnings.warn(f"deco_ops: {key}: the {name} candidate failed and is not used: {type(e).__name__}: {e}", stacklevel=4)
     winner = min(times, key=times.get)
-    _decisions[key] = winner
     _write_disk(key, winner)
+    return winner
+
+
+def _synchronised() -> bool:
+    """Whether decisions are agreed across ranks: the default process group is initialised with
+    more than one rank and ``$DECO_OPS_STRATEGY_SYNC`` is not ``0``."""
+    setting = os.environ.get(SYNC_ENV, "1").strip()
+    if setting not in ("0", "1"):
+        raise ValueError(f"{SYNC_ENV} must be 0 or 1, got {setting!r}")
+    if setting == "0" or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return False
+    return torch.distributed.get_world_size() > 1
+
+
+def _agree(key: str, usable: Mapping[str, Candidate], decide_here: Callable[[], str]) -> str:
+    """Rank 0's decision for ``key``, broadcast to every rank (``decide_here`` runs on rank 0 only;
+    the other ranks wait in the broadcast)."""
+    dist = torch.distributed
+    message = [key, decide_here() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(message, src=0)
+    agreed_key, winner = message
+    if agreed_key != key or winner not in usable:
+        raise RuntimeError(
+            f"deco_ops: rank {dist.get_rank()} decides {key!r} while rank 0 decided {agreed_key!r} -> {winner!r}: "
+            "the ranks meet different op calls (shapes, dtypes or order). Decide on one rank and preload the "
+            f"decisions on every rank (strategy.choices() / strategy.preload()), or set {SYNC_ENV}=0 to let each rank decide alone."
+        )
     return winner
 
 
@@ -201,10 +323,11 @@ def choices() -> dict[str, str]:
 
 
 def preload(table: Mapping[str, str]) -> None:
-    """Adopt decisions (e.g. from a per-GPU tuning table): they are used as they are, never re-timed."""
+    """Adopt decisions (e.g. from a per-GPU tuning table): they are used as they are, never re-timed.
+    Under torch.distributed, preload the same decisions on every rank."""
     for key, winner in table.items():
-        if not isinstance(key, str) or key.count("|") != 5:
-            raise ValueError(f"preload: {key!r} is not a strategy key string (op|device|dtype|shape|grad|determinism)")
+        if not isinstance(key, str) or key.count("|") != KEY_FIELDS - 1:
+            raise ValueError(f"preload: {key!r} is not a strategy key string (op|device|dtype|shape|grad|determinism|versions)")
         if winner not in CANDIDATES:
             raise ValueError(f"preload: the winner of {key!r} must be one of {CANDIDATES}, got {winner!r}")
     _decisions.update(table)

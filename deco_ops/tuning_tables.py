@@ -10,6 +10,11 @@ the call (configs changed since it was written) is ignored, never launched.
 ``DECO_OPS_TUNING_TABLE``: a JSON file to use instead of the shipped table (for every GPU), or
 ``none`` for no table at all.
 
+A table recorded under another triton major.minor than the installed one (its ``triton`` field;
+a table without one counts as another) is ignored as a whole, with a warning: tile configs are
+compiled and timed by triton, and a new minor version changes both. Its strategy decisions could
+not match anyway (their keys name the versions, ``deco_ops.strategy``).
+
 Format (``FORMAT``)::
 
     {"format": 1, "device": "NVIDIA H100 80GB HBM3", "capability": [9, 0],
@@ -17,7 +22,7 @@ Format (``FORMAT``)::
      "kernels": {"pool_gemm_kernel": {"<bucket label>": {
          "config": {"kwargs": {"BLOCK_M": 128, ...}, "num_warps": 8, "num_stages": 3},
          "timings_ms": {"BLOCK_M=128,...,w8,s3": 0.412, ...}}}},
-     "strategies": {"<strategy key>": "fused" | "composed"}}
+     "strategies": {"<strategy key>": "<candidate name>"}}
 
 A bucket label is the kernel's autotune key with rows and key lengths bucketed, then the dtypes of
 its tensor arguments, e.g. ``M=8192 N=4096 K=1024 ... | bfloat16,bfloat16,...``. Strategy keys and
@@ -29,9 +34,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
+import triton
 
 from . import strategy
 from .kernels import _tuning
@@ -68,6 +75,21 @@ def read(path: Path) -> dict:
     return table
 
 
+def major_minor(version: str) -> tuple[str, ...]:
+    """``"3.6.0"`` -> ``("3", "6")``."""
+    return tuple(version.split(".")[:2])
+
+
+def same_triton(table: dict, path: Path) -> bool:
+    """Whether ``table`` was recorded under the installed triton's major.minor; warns if not."""
+    recorded = table.get("triton")
+    if isinstance(recorded, str) and major_minor(recorded) == major_minor(triton.__version__):
+        return True
+    warnings.warn(f"deco_ops: ignoring the tuning table {path}: it was recorded under triton {recorded}, this is triton "
+                  f"{triton.__version__} (measure a table for it with python -m deco_ops.tune)", stacklevel=3)
+    return False
+
+
 def write(table: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
@@ -82,12 +104,15 @@ def load(device: torch.device) -> dict:
 
 def load_named(device_name: str) -> dict:
     """``load`` by GPU name (``torch.cuda.get_device_name``). Called on every measured strategy
-    choice, so a table is found by (GPU, ``DECO_OPS_TUNING_TABLE``) in one dict lookup."""
+    choice, so a table is found by (GPU, ``DECO_OPS_TUNING_TABLE``) in one dict lookup. A table
+    from another triton major.minor loads as ``{}``."""
     setting = (device_name, os.environ.get(ENV_VAR, ""))
     table = _tables.get(setting)
     if table is None:
         path = table_path(device_name)
         table = {} if path is None else read(path)
+        if table and not same_triton(table, path):
+            table = {}
         strategy.preload(table.get("strategies", {}))
         _tables[setting] = table
     return table

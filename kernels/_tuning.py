@@ -13,8 +13,9 @@ How a CUDA launch picks its config (``TunedKernel``), the first time its key is 
 3. ``DECO_OPS_AUTOTUNE=0``: the first candidate, never timed (the same config on every GPU; the
    test suite on CUDA uses it). Otherwise the only candidate if there is one (never timed), else
    the config chosen earlier in this process for the bucket, else the one in the GPU's tuning table
-   (``deco_ops.tuning_tables``, installed as ``table_lookup``), else Triton times every candidate
-   once and the bucket remembers the winner.
+   (``deco_ops.tuning_tables``, installed as ``table_lookup``), else, inside a CUDA graph capture,
+   the first candidate untimed, else Triton times every candidate once; the bucket remembers what
+   ran.
 
 ``planning()`` records launches instead of running them: ``python -m deco_ops.tune --dry-run``
 lists each kernel's buckets and candidates without a GPU.
@@ -143,7 +144,10 @@ class TunedKernel(Autotuner):
             entry = table_lookup(self.name, device, label)
             known = next((c for c in candidates if config_dict(c) == entry), None)
         # A stale table entry (other configs or pruning rules) never launches a config that does not fit.
-        return known if known is not None and known in candidates else None
+        if known is not None and known in candidates:
+            return known
+        # Timing inside a CUDA graph capture would record the timed launches into the graph.
+        return candidates[0] if capturing(device) else None
 
     def settle(self) -> None:
         """Record what the last new key ended with (Triton stores it after ``prune_configs``):
@@ -205,6 +209,11 @@ def device_smem_limit(device: torch.device) -> int:
     if device.type != "cuda":
         return SMEM_LIMIT[90]
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def dot_dtype_workaround(dtype_is_bf16: bool) -> bool:

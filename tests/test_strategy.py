@@ -1,10 +1,14 @@
 """deco_ops.strategy: the env var and context manager, the selection rules, the measured choice
 (fake candidates and a fake timer: nothing is timed for real), the decision cache."""
 
+import importlib.metadata
 import json
+import os
+import threading
 
 import pytest
 import torch
+import triton
 
 import deco_ops
 from deco_ops import strategy
@@ -92,7 +96,7 @@ def test_measured_once_then_remembered(cache_dir):
 
 
 def test_preload_is_used_as_is(cache_dir):
-    key = "cross_attention|GPU|float16|M=32,N=512,H=12,D=64,lens=0|infer|any"
+    key = f"cross_attention|GPU|float16|M=32,N=512,H=12,D=64,lens=0|infer|any|{strategy.versions()}"
     strategy.preload({key: "fused"})
     assert strategy.decide(key, _candidates(), FakeTimer({})) == "fused"  # the timer would fail if called
     assert strategy.choices() == {key: "fused"}
@@ -104,6 +108,8 @@ def test_preload_is_used_as_is(cache_dir):
         strategy.preload({key: "cublas"})
     with pytest.raises(ValueError, match="not a strategy key string"):
         strategy.preload({"pool_mlp": "fused"})
+    with pytest.raises(ValueError, match="not a strategy key string"):  # a key from before versions were recorded
+        strategy.preload({key.rsplit("|", 1)[0]: "fused"})
 
 
 def test_deterministic_mode_filters_candidates(cache_dir, monkeypatch):
@@ -116,7 +122,7 @@ def test_deterministic_mode_filters_candidates(cache_dir, monkeypatch):
     assert strategy.decide(key_any, _candidates(composed_deterministic=False), timer) == "fused"  # the cached winner is not allowed
     assert timer.calls == []  # one candidate left: nothing to time
     key_det = key_any.replace("|any", "|deterministic")
-    assert strategy.make_key("op", torch.device("cpu"), torch.float32, True).endswith("|grad|deterministic")
+    assert strategy.make_key("op", torch.device("cpu"), torch.float32, True).endswith(f"|grad|deterministic|{strategy.versions()}")
     assert strategy.decide(key_det, _candidates(composed_deterministic=True), timer) == "composed"
     assert sorted(timer.calls) == ["composed", "fused"]
 
@@ -125,7 +131,7 @@ def test_keys_and_buckets():
     assert [strategy.bucket(n) for n in (1, 2, 3, 144, 1024, 1025, 1152, 1153)] == [1, 2, 4, 256, 1024, 2048, 2048, 2048]
     key = strategy.make_key("pool_mlp", torch.device("cpu"), torch.bfloat16, True, rows=strategy.bucket(144), C=1024,
                             grid=(24, 24), act="gelu")
-    assert key == "pool_mlp|cpu|bfloat16|rows=256,C=1024,grid=24x24,act=gelu|grad|any"
+    assert key == f"pool_mlp|cpu|bfloat16|rows=256,C=1024,grid=24x24,act=gelu|grad|any|{strategy.versions()}"
     strategy.preload({key: "composed"})  # a key make_key writes is one preload reads
     strategy.forget()
 
@@ -164,7 +170,7 @@ def test_ops_measure_once_per_key(cache_dir, monkeypatch):
             deco_ops.pool_mlp(randn(3, 16, 8), w1, None, w2, None, grid=(4, 4), out_grid=(2, 2))
         assert len(timed) == 2 and twin.call_count == 2  # timed once (the fake timer runs once), then run
         assert strategy.choices() == {
-            "pool_mlp|cpu|float32|rows=16,C=8,grid=4x4,out_grid=2x2,hidden=6,out=5,act=gelu|infer|any": "composed"
+            f"pool_mlp|cpu|float32|rows=16,C=8,grid=4x4,out_grid=2x2,hidden=6,out=5,act=gelu|infer|any|{strategy.versions()}": "composed"
         }
         with mock.patch.object(pool_gemm, "pool_gemm", wraps=pool_gemm.pool_gemm) as kernel:
             deco_ops.pool_mlp(randn(4, 16, 8), w1, None, w2, None, grid=(4, 4), out_grid=(2, 2))  # 16 rows: same bucket
@@ -172,7 +178,8 @@ def test_ops_measure_once_per_key(cache_dir, monkeypatch):
         q, k = randn(1, 5, 2, 16), randn(3, 9, 2, 16)
         deco_ops.cross_attention(q, k, k, kv_lens=torch.tensor([9, 0, 4]))
         assert len(timed) == 4
-        assert strategy.choices()["cross_attention|cpu|float32|batch=4,M=8,N=16,H=2,D=16,q=shared,mask=lens|infer|any"] == "composed"
+        key = f"cross_attention|cpu|float32|batch=4,M=8,N=16,H=2,D=16,q=shared,mask=lens|infer|any|{strategy.versions()}"
+        assert strategy.choices()[key] == "composed"
 
 
 def test_shipped_table_decides_before_anything_is_timed(cache_dir, tmp_path, monkeypatch):
@@ -182,10 +189,184 @@ def test_shipped_table_decides_before_anything_is_timed(cache_dir, tmp_path, mon
 
     key = strategy.make_key("pool_mlp", torch.device("cpu"), torch.bfloat16, True, rows=256, C=1024)
     table = tmp_path / "table.json"
-    tuning_tables.write({"format": tuning_tables.FORMAT, "kernels": {}, "strategies": {key: "composed"}}, table)
+    tuning_tables.write({"format": tuning_tables.FORMAT, "triton": triton.__version__, "kernels": {}, "strategies": {key: "composed"}}, table)
     monkeypatch.setenv(tuning_tables.ENV_VAR, str(table))
     monkeypatch.setattr(tuning_tables, "_tables", {})
     monkeypatch.setattr(strategy._backend, "interpreting", lambda: False)
     monkeypatch.setattr(strategy, "_time_cuda", lambda run: pytest.fail("a table decision must not be timed"))
     monkeypatch.delenv(strategy.ENV_VAR, raising=False)
     assert strategy.choose(_candidates(), on_triton=True, key=lambda: key) == "composed"
+
+
+def test_keys_carry_the_versions_and_the_cache_serves_only_its_own(cache_dir):
+    """A decision measured under other deco_ops / torch / triton versions is never served: the
+    versions end every key, so an older key in the cache file simply does not match."""
+    assert strategy.versions() == (f"deco_ops={importlib.metadata.version('deco-ops')},torch={torch.__version__},"
+                                   f"triton={triton.__version__}")
+    key = strategy.make_key("pool_mlp", torch.device("cpu"), torch.bfloat16, True, rows=256)
+    assert key.endswith(f"|{strategy.versions()}") and key.count("|") == strategy.KEY_FIELDS - 1
+    older = key.replace(f"torch={torch.__version__}", "torch=2.0.0")
+    (cache_dir / strategy.CACHE_FILE).write_text(json.dumps({older: "composed"}))
+    timer = FakeTimer({"fused": 1.0, "composed": 2.0})
+    assert strategy.decide(key, _candidates(), timer) == "fused"
+    assert sorted(timer.calls) == ["composed", "fused"]  # measured anew
+    assert json.loads((cache_dir / strategy.CACHE_FILE).read_text()) == {older: "composed", key: "fused"}
+
+
+def test_nothing_is_timed_inside_a_cuda_graph_capture(cache_dir, monkeypatch):
+    """While the current stream captures: a decision this process holds, else the on-disk one, else
+    the first candidate (fused), never timed and not remembered; after the capture the key is measured."""
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    assert strategy.capturing()
+    never = FakeTimer({})  # a call fails: no timing allowed
+    key, on_disk, held = "op|GPU|bfloat16|rows=1|grad|any|v", "op|GPU|bfloat16|rows=2|grad|any|v", "op|GPU|bfloat16|rows=4|grad|any|v"
+    (cache_dir / strategy.CACHE_FILE).write_text(json.dumps({on_disk: "composed"}))
+    strategy.preload({held: "composed"})
+    assert strategy.decide(key, _candidates(), never) == "fused"
+    assert strategy.decide(on_disk, _candidates(), never) == "composed"
+    assert strategy.decide(held, _candidates(), never) == "composed"
+    assert key not in strategy.choices() and never.calls == []
+    capturing[0] = False
+    timer = FakeTimer({"fused": 2.0, "composed": 1.0})
+    assert strategy.decide(key, _candidates(), timer) == "composed"
+    assert sorted(timer.calls) == ["composed", "fused"]
+
+
+def _named_candidates(flash_deterministic=False):
+    return {
+        "fused": strategy.Candidate(lambda: "fused"),
+        "composed_efficient": strategy.Candidate(lambda: "composed_efficient", deterministic=False),
+        "composed_flash": strategy.Candidate(lambda: "composed_flash", deterministic=flash_deterministic),
+        "composed_cudnn": strategy.Candidate(lambda: "composed_cudnn", deterministic=False),
+    }
+
+
+def test_named_composed_candidates(cache_dir, monkeypatch):
+    """Several composed twins (attention's SDPA kernels): auto times all that apply; a forced
+    ``composed`` runs the one measured for the key, else the first; a forced kernel name runs that
+    kernel where it applies, else as ``composed``; deterministic mode admits only deterministic ones."""
+    monkeypatch.delenv(strategy.ENV_VAR, raising=False)
+    key = strategy.make_key("cross_attention_backward", torch.device("cpu"), torch.bfloat16, True, M=32)
+    timer = FakeTimer({"fused": 3.0, "composed_efficient": 2.0, "composed_flash": 1.5, "composed_cudnn": 1.0})
+    assert strategy.decide(key, _named_candidates(), timer) == "composed_cudnn"
+    assert sorted(timer.calls) == sorted(_named_candidates())
+    other = key.replace("M=32", "M=64")
+    no_key = lambda: pytest.fail("one composed candidate: nothing to look up")  # noqa: E731
+    with deco_ops.use_strategy("composed"):
+        assert strategy.choose(_named_candidates(), on_triton=True, key=lambda: key) == "composed_cudnn"  # measured
+        assert strategy.choose(_named_candidates(), on_triton=True, key=lambda: other) == "composed_efficient"  # first
+        only_efficient = {n: c for n, c in _named_candidates().items() if n in ("fused", "composed_efficient")}
+        assert strategy.choose(only_efficient, on_triton=True, key=no_key) == "composed_efficient"
+    with deco_ops.use_strategy("composed_flash"):
+        assert strategy.choose(_named_candidates(), on_triton=True, key=lambda: key) == "composed_flash"
+        assert strategy.choose(only_efficient, on_triton=True, key=no_key) == "composed_efficient"  # flash cannot express it
+        assert strategy.choose({"fused": strategy.Candidate(lambda: "fused")}, on_triton=True, key=no_key) == "fused"
+    with deco_ops.use_strategy("fused"):
+        assert strategy.choose(_named_candidates(), on_triton=True, key=lambda: key) == "fused"
+    strategy.preload({key: "composed_flash"})  # a named winner is a valid table entry
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    det = key.replace("|any|", "|deterministic|")
+    timer = FakeTimer({"fused": 3.0, "composed_flash": 1.0})
+    assert strategy.decide(det, _named_candidates(flash_deterministic=True), timer) == "composed_flash"
+    assert sorted(timer.calls) == ["composed_flash", "fused"]  # the nondeterministic kernels never compete
+    assert strategy.decide(det.replace("M=32", "M=128"), _named_candidates(), FakeTimer({})) == "fused"
+    with deco_ops.use_strategy("composed"):
+        assert strategy.choose(_named_candidates(flash_deterministic=True), on_triton=True, key=lambda: other) == "composed_flash"
+
+
+def test_overrides_hold_per_thread():
+    """use_backend / use_strategy live in a contextvars context: two threads forcing different
+    choices at the same time each see their own, and a new thread sees none."""
+    barrier = threading.Barrier(2)
+    seen = {}
+
+    def worker(name, backend):
+        with deco_ops.use_strategy(name), deco_ops.use_backend(backend):
+            barrier.wait()  # both blocks are open now
+            seen[name] = (strategy.selected(), deco_ops._backend.selected())
+            barrier.wait()
+
+    threads = [threading.Thread(target=worker, args=args) for args in (("fused", "torch"), ("composed", "triton"))]
+    with deco_ops.use_strategy("composed_cudnn"):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        fresh = {}
+        probe = threading.Thread(target=lambda: fresh.update(overridden=strategy.SETTING.override()))
+        probe.start()
+        probe.join()
+        assert strategy.selected() == "composed_cudnn"
+    assert seen == {"fused": ("fused", "torch"), "composed": ("composed", "triton")}
+    assert fresh == {"overridden": None}
+
+
+def test_backward_runs_under_the_forward_s_overrides():
+    """Autograd runs the backward of CUDA tensors on its own thread, outside the caller's context:
+    the forward's context goes with it (here: a backward started from a thread with no override)."""
+    from unittest import mock
+
+    from deco_ops import composed_attention, reference_attention
+
+    leaves = [torch.randn(s, generator=torch.Generator().manual_seed(i)).requires_grad_() for i, s in
+              enumerate([(1, 3, 2, 8), (2, 5, 2, 8), (2, 5, 2, 8)])]
+    with deco_ops.use_backend("torch"), deco_ops.use_strategy("fused"):
+        out = deco_ops.cross_attention(*leaves)
+    with mock.patch.object(composed_attention, "backward", wraps=composed_attention.backward) as sdpa, \
+            mock.patch.object(reference_attention, "attention_bwd", wraps=reference_attention.attention_bwd) as chunked:
+        worker = threading.Thread(target=lambda: out.sum().backward())
+        worker.start()
+        worker.join()
+    assert chunked.called and not sdpa.called  # "fused" on the torch backend, not the default composed
+    assert all(t.grad is not None for t in leaves)
+
+
+def _rank_decides(rank: int, world: int, init_file: str, cache_root: str, results) -> None:
+    """One gloo rank: decides a key whose timing disagrees between the ranks, then a key the ranks
+    name differently."""
+    import torch.distributed as dist
+
+    os.environ[strategy.CACHE_DIR_ENV] = os.path.join(cache_root, str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        key = "pool_mlp|GPU|bfloat16|rows=256|grad|any|v"
+        # rank 0 finds composed faster, rank 1 would pick fused
+        timer = FakeTimer({"fused": 2.0, "composed": 1.0} if rank == 0 else {"fused": 1.0, "composed": 2.0})
+        winner = strategy.decide(key, _candidates(), timer)
+        again = strategy.decide(key, _candidates(), FakeTimer({}))  # agreed once: no second broadcast
+        other = "pool_mlp|GPU|bfloat16|rows=512|grad|any|v" if rank == 0 else "pool_mlp|GPU|bfloat16|rows=1024|grad|any|v"
+        try:
+            strategy.decide(other, _candidates(), FakeTimer({"fused": 1.0, "composed": 2.0}))
+            mismatch = None
+        except RuntimeError as e:
+            mismatch = str(e)
+        results.put((rank, winner, again, timer.calls, mismatch))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_ranks_adopt_rank_0_decisions(tmp_path):
+    """Two gloo processes: rank 0 times and decides, rank 1 adopts the decision without timing, even
+    though its own clock would pick the other candidate; ranks that meet different keys are told."""
+    # forked, as DataLoader workers are: a spawned rank would spend seconds importing deco_ops again
+    results = torch.multiprocessing.get_context("fork").SimpleQueue()
+    torch.multiprocessing.start_processes(_rank_decides, args=(2, str(tmp_path / "init"), str(tmp_path), results),
+                                          nprocs=2, join=True, start_method="fork")
+    by_rank = {}
+    for _ in range(2):
+        rank, *rest = results.get()
+        by_rank[rank] = rest
+    assert by_rank[0][:3] == ["composed", "composed", ["fused", "composed"]]
+    assert by_rank[1][:3] == ["composed", "composed", []]  # rank 1 never timed
+    assert by_rank[0][3] is None  # rank 0 sends; the receiver notices
+    assert "rows=1024" in by_rank[1][3] and "rows=512" in by_rank[1][3] and strategy.SYNC_ENV in by_rank[1][3]
+
+
+def test_sync_setting(monkeypatch):
+    monkeypatch.setenv(strategy.SYNC_ENV, "yes")
+    with pytest.raises(ValueError, match="DECO_OPS_STRATEGY_SYNC must be 0 or 1"):
+        strategy._synchronised()
+    monkeypatch.setenv(strategy.SYNC_ENV, "1")
+    assert not strategy._synchronised()  # no process group here
