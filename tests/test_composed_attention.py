@@ -1,0 +1,220 @@
+"""cross_attention's composed candidates (deco_ops.composed_attention): which SDPA kernel applies to
+which call, their determinism, and the plumbing of every kernel's ATen ops, here without a GPU:
+
+* the real ATen schemas and meta kernels check arity, argument order and output layouts;
+* stand-ins for the CUDA ops, built on SDPA's CPU kernel and laying out their log-sum-exp as each
+  CUDA kernel does, check the numbers: every forward against float64 and every backward after
+  every forward (the residual contract: LSE normalised to ``(B, H, M)`` whoever wrote it);
+
+and on a GPU, every candidate that applies against float64, forced through the op."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import deco_ops
+from deco_ops import composed_attention as ca
+from deco_ops import strategy
+from harness import assert_close
+from test_cross_attention import _case, _check, _reference, _run
+
+CUDA = torch.device("cuda", 0)
+ALL_CUDA = ("composed_efficient", "composed_flash", "composed_cudnn")
+
+
+def _fake_q(D=64, dtype=torch.bfloat16, device=CUDA):
+    """What ``kernels`` reads of the query: no CUDA tensor needed."""
+    return SimpleNamespace(device=device, dtype=dtype, shape=(2, 32, 8, D))
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    monkeypatch.setattr(ca, "_sm80_or_newer", lambda device: True)
+
+
+def test_which_kernels_apply(hopper, monkeypatch):
+    assert ca.kernels(_fake_q(), False, 0.0) == ALL_CUDA
+    assert ca.kernels(_fake_q(dtype=torch.float16), False, 0.0) == ALL_CUDA
+    assert ca.kernels(_fake_q(dtype=torch.float32), False, 0.0) == ("composed_efficient",)  # flash / cuDNN: 16-bit only
+    assert ca.kernels(_fake_q(dtype=torch.float64), False, 0.0) == ()
+    assert ca.kernels(_fake_q(D=72), False, 0.0) == ALL_CUDA
+    assert ca.kernels(_fake_q(D=160), False, 0.0) == ("composed_efficient", "composed_flash")  # cuDNN backward: D <= 128
+    assert ca.kernels(_fake_q(D=264), False, 0.0) == ("composed_efficient",)  # flash: D <= 256
+    assert ca.kernels(_fake_q(D=36), False, 0.0) == ()  # not a multiple of 8: the fused kernel
+    assert ca.kernels(_fake_q(), True, 0.0) == ("composed_efficient",)  # padded keys need the additive mask
+    assert ca.kernels(_fake_q(), False, 0.1) == ()  # dropout: our Philox mask, fused only
+    assert ca.kernels(_fake_q(dtype=torch.float32, device=torch.device("cpu")), True, 0.0) == ("composed",)
+    assert ca.kernels(_fake_q(device=torch.device("cpu")), False, 0.2) == ()
+    monkeypatch.setattr(ca, "_HALF_KERNELS", {**ca._HALF_KERNELS, "composed_cudnn": ("_no_such_attention_op", 128)})
+    assert ca.kernels(_fake_q(), False, 0.0) == ("composed_efficient", "composed_flash")  # an older torch without the op
+    monkeypatch.setattr(ca, "_sm80_or_newer", lambda device: False)
+    assert ca.kernels(_fake_q(), False, 0.0) == ("composed_efficient",)
+    assert set(ALL_CUDA) | {"composed"} <= set(strategy.CANDIDATES) and ca.CUDA_KERNELS == ALL_CUDA
+
+
+def test_backward_determinism(monkeypatch):
+    def mode(on, warn_only=False):
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: on)
+        monkeypatch.setattr(torch, "is_deterministic_algorithms_warn_only_enabled", lambda: warn_only)
+        return {name: ca.deterministic_backward(name) for name in ("composed", *ALL_CUDA)}
+
+    assert mode(False) == {"composed": True, "composed_efficient": False, "composed_flash": False, "composed_cudnn": False}
+    assert mode(True) == {"composed": True, "composed_efficient": False, "composed_flash": True, "composed_cudnn": False}
+    assert mode(True, warn_only=True)["composed_flash"] is False  # flash keeps its atomics when determinism only warns
+
+
+@pytest.mark.parametrize("kernel", ["composed_flash", "composed_cudnn"])
+@pytest.mark.parametrize("need_lse", [True, False])
+def test_aten_schemas_and_layouts(kernel, need_lse):
+    """Meta tensors run the real ATen schemas and the ops' meta kernels (what torch.compile trusts)."""
+    B, M, N, H, D = 3, 5, 9, 2, 64
+    q = torch.empty(1, M, H, D, device="meta", dtype=torch.bfloat16)
+    k, v = (torch.empty(B, N, H, D, device="meta", dtype=torch.bfloat16) for _ in range(2))
+    out, lse = ca.forward(q, k, v, None, 0.125, need_lse=need_lse, kernel=kernel)
+    assert out.shape == (B, M, H, D) and out.is_contiguous() and lse.shape == (B, H, M) and lse.dtype == torch.float32
+    dq, dk, dv = ca.backward(out, q, k, v, out, lse, None, 0.125, True, True, kernel=kernel)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape  # dq of shared queries summed
+
+
+def test_lse_normalisation():
+    lse = torch.randn(2, 3, 5)
+    assert torch.equal(ca.normalised_lse(lse, 2, 3, 5, lse.device), lse)
+    assert torch.equal(ca.normalised_lse(lse[..., None], 2, 3, 5, lse.device), lse)  # cuDNN (B, H, M, 1)
+    padded = torch.full((2, 3, 32), float("nan"))
+    padded[..., :5] = lse
+    assert torch.equal(ca.normalised_lse(padded, 2, 3, 5, lse.device), lse)  # memory-efficient: ceil(M / 32) * 32
+    for unwritten in (None, torch.empty(0)):
+        assert ca.normalised_lse(unwritten, 2, 3, 5, lse.device).shape == (2, 3, 5)
+
+
+# ----------------------------------------------------------------------------------------------
+# stand-ins for the CUDA ops on SDPA's CPU kernel, laying out their LSE as each CUDA kernel does
+
+
+def _cpu(q, k, v, bias, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+
+
+def _cpu_backward(dout, q, k, v, out, lse, bias, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, False,
+                                                                               attn_mask=bias, scale=scale)
+
+
+def _efficient_forward(q, k, v, bias, cu_q, cu_k, max_q, max_k, dropout_p, mask_type, compute_lse, *, scale):
+    """(B, L, H, D) inputs, an expanded (B, H, M, N) bias, LSE padded to 32 queries (NaN past M)."""
+    assert (cu_q, cu_k, max_q, max_k, dropout_p, mask_type) == (None, None, None, None, 0.0, 0)
+    assert bias is None or bias.shape == (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    o, lse = _cpu(*(t.transpose(1, 2) for t in (q, k, v)), bias, scale)
+    M = q.shape[1]
+    padded = torch.full((*lse.shape[:2], -(-M // 32) * 32), float("nan"))
+    padded[..., :M] = lse
+    return o.transpose(1, 2), padded if compute_lse else torch.empty(0), None, None, M, k.shape[1]
+
+
+def _efficient_backward(dout, q, k, v, bias, out, cu_q, cu_k, M, N, lse, dropout_p, seed, offset, mask_type, bias_grad, *, scale):
+    assert lse.shape[-1] % 32 == 0 and (cu_q, cu_k, dropout_p, mask_type, bias_grad) == (None, None, 0.0, 0, False)
+    grads = _cpu_backward(*(t.transpose(1, 2) for t in (dout, q, k, v, out)), lse[..., :M].contiguous(), bias, scale)
+    return (*(g.transpose(1, 2) for g in grads), None)
+
+
+def _flash_forward(q, k, v, dropout_p, is_causal, debug_mask, *, scale):
+    assert (dropout_p, is_causal, debug_mask) == (0.0, False, False)
+    o, lse = _cpu(q, k, v, None, scale)
+    return o, lse, None, None, q.shape[2], k.shape[2], None, None, None
+
+
+def _flash_backward(dout, q, k, v, out, lse, cu_q, cu_k, M, N, dropout_p, is_causal, seed, offset, *, scale):
+    assert lse.shape == q.shape[:3] and (cu_q, cu_k, M, N, dropout_p, is_causal) == (None, None, q.shape[2], k.shape[2], 0.0, False)
+    return _cpu_backward(dout, q, k, v, out, lse, None, scale)
+
+
+def _cudnn_forward(q, k, v, bias, compute_lse, dropout_p, is_causal, debug_mask, *, scale):
+    assert bias is None and (dropout_p, is_causal, debug_mask) == (0.0, False, False)
+    o, lse = _cpu(q, k, v, None, scale)
+    return o, lse[..., None] if compute_lse else None, None, None, q.shape[2], k.shape[2], None, None, None
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, seed, offset, bias, cu_q, cu_k, M, N, dropout_p, is_causal, *, scale):
+    assert lse.shape == (*q.shape[:3], 1) and bias is None and (cu_q, cu_k, dropout_p, is_causal) == (None, None, 0.0, False)
+    assert dout.stride() == out.stride()  # cuDNN reads dout with out's strides
+    return _cpu_backward(dout, q, k, v, out, lse[..., 0], None, scale)
+
+
+STAND_INS = {
+    "_efficient_attention_forward": _efficient_forward,
+    "_efficient_attention_backward": _efficient_backward,
+    "_scaled_dot_product_flash_attention": _flash_forward,
+    "_scaled_dot_product_flash_attention_backward": _flash_backward,
+    "_scaled_dot_product_cudnn_attention": _cudnn_forward,
+    "_scaled_dot_product_cudnn_attention_backward": _cudnn_backward,
+}
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    for name, fn in STAND_INS.items():
+        monkeypatch.setattr(torch.ops.aten, name, fn)
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param((2, 1, 5, 37, 2, 16, None), id="shared-q"),
+    pytest.param((2, 2, 33, 20, 1, 32, None), id="per-batch-q-M33"),
+    pytest.param((3, 1, 4, 19, 2, 16, [19, 0, 7]), id="kv-lens-with-empty-batch"),
+])
+def test_every_backward_follows_every_forward(stand_ins, case):
+    *shape, lens = case
+    q, k, v, dout, kv_lens = _case(*shape, lens, torch.float32)
+    kernels = ("composed", "composed_efficient") if lens else ("composed", *ALL_CUDA)
+    want = _reference(q, k, v, dout, kv_lens)
+    scale = q.shape[-1] ** -0.5
+    for fwd in kernels:
+        out, lse = ca.forward(q, k, v, kv_lens, scale, kernel=fwd)
+        assert_close(out, want[0], torch.float32, f"{fwd} out")
+        assert lse.shape == (k.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
+        for bwd in kernels:
+            grads = ca.backward(dout, q, k, v, out, lse, kv_lens, scale, True, True, kernel=bwd)
+            _check((out, *grads), want, torch.float32, kv_lens, k.shape[1])
+
+
+@pytest.mark.parametrize("kernel", ALL_CUDA)
+def test_the_op_runs_the_forced_kernel(stand_ins, monkeypatch, kernel):
+    """``use_strategy(<kernel>)`` reaches that kernel's forward and backward through the op."""
+    from unittest import mock
+
+    monkeypatch.setattr(ca, "kernels", lambda q, masked, dropout_p: ALL_CUDA)
+    q, k, v, dout, kv_lens = _case(2, 1, 6, 21, 2, 16, None, torch.float32)
+    with deco_ops.use_backend("torch"), deco_ops.use_strategy(kernel), \
+            mock.patch.object(ca, "forward", wraps=ca.forward) as fwd, mock.patch.object(ca, "backward", wraps=ca.backward) as bwd:
+        got = _run(q, k, v, dout, kv_lens)
+    assert fwd.call_args.kwargs["kernel"] == kernel and bwd.call_args.kwargs["kernel"] == kernel
+    _check(got, _reference(q, k, v, dout, kv_lens), torch.float32, kv_lens, 21)
+
+
+# ----------------------------------------------------------------------------------------------
+# on a GPU: the real kernels
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", [
+    pytest.param((2, 1, 32, 257, 2, 64, None), id="blip2-shared-D64"),
+    pytest.param((2, 2, 17, 577, 2, 128, None), id="per-batch-D128"),
+    pytest.param((1, 1, 64, 300, 2, 80, None), id="D80"),
+    pytest.param((2, 1, 32, 257, 2, 64, [257, 0]), id="kv-lens-empty-batch"),
+])
+def test_every_cuda_kernel_against_float64(case, dtype):
+    *shape, lens = case
+    q, k, v, dout, kv_lens = (t if t is None else t.cuda() for t in _case(*shape, lens, dtype))
+    kernels = ca.kernels(q, kv_lens is not None, 0.0)
+    assert kernels and kernels[0] == "composed_efficient"
+    want = _reference(q, k, v, dout, kv_lens)
+    for kernel in kernels:
+        with deco_ops.use_strategy(kernel):
+            got = _run(q, k, v, dout, kv_lens)
+        _check(got, want, dtype, kv_lens, k.shape[1])
+    scale = q.shape[-1] ** -0.5
+    for fwd in kernels:  # the residual contract on the real kernels
+        out, lse = ca.forward(q, k, v, kv_lens, scale, kernel=fwd)
+        for bwd in kernels:
+            _check((out, *ca.backward(dout, q, k, v, out, lse, kv_lens, scale, True, True, kernel=bwd)), want, dtype, kv_lens, k.shape[1])
