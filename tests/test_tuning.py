@@ -123,8 +123,8 @@ def table_file(kernel, tmp_path, monkeypatch):
     process on a (fake) GPU named 'Fake GPU' would read it; returns its path."""
     launch(kernel, 100)
     path = tmp_path / tuning_tables.file_name("Fake GPU")
-    tuning_tables.write({"format": tuning_tables.FORMAT, "device": "Fake GPU", "kernels": tune.measured([kernel]),
-                         "strategies": {}}, path)
+    tuning_tables.write({"format": tuning_tables.FORMAT, "device": "Fake GPU", "triton": triton.__version__,
+                         "kernels": tune.measured([kernel]), "strategies": {}}, path)
     monkeypatch.setenv(tuning_tables.ENV_VAR, str(path))
     monkeypatch.setattr(tuning_tables, "_tables", {})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
@@ -154,6 +154,38 @@ def test_table_round_trip_launches_its_config_untimed(kernel, table_file, monkey
     assert len(k.timed) == 3
 
 
+def test_table_from_another_triton_minor_is_ignored(kernel, table_file, monkeypatch):
+    """Configs are compiled and timed by triton: a table recorded under another major.minor (or
+    without a record) is ignored as a whole, with a warning, and the bucket is timed."""
+    table = tuning_tables.read(table_file)
+    major, minor, *_ = triton.__version__.split(".")
+    table["triton"] = f"{major}.{minor}.99"  # another patch release: still used
+    tuning_tables.write(table, table_file)
+    k = fresh(kernel, monkeypatch)
+    assert launch(k, 77) == as_launched(FAST) and k.timed == []
+    for recorded in (f"{major}.{int(minor) + 1}.0", f"{int(major) - 1}.{minor}.0", None):
+        table["triton"] = recorded
+        tuning_tables.write(table, table_file)
+        monkeypatch.setattr(tuning_tables, "_tables", {})
+        k = fresh(kernel, monkeypatch)
+        with pytest.warns(UserWarning, match=f"ignoring the tuning table .* recorded under triton {recorded}, this is triton"):
+            launch(k, 77)
+        assert len(k.timed) == 3, recorded
+
+
+def test_shipped_table_records_its_triton():
+    """Every shipped table says which triton measured it (the H200 one: 3.6.0, as its run's env.txt)."""
+    for path in tuning_tables.TABLE_DIR.glob("*.json"):
+        assert tuning_tables.major_minor(tuning_tables.read(path)["triton"]) >= ("3", "4"), path
+
+
+def test_no_timing_inside_a_cuda_graph_capture(kernel, monkeypatch):
+    """A new bucket met while a CUDA graph is captured launches its first candidate untimed."""
+    monkeypatch.setattr(_tuning, "capturing", lambda device: True)
+    assert launch(kernel, 100) == as_launched(CONFIGS[1])  # CONFIGS[0] is pruned for FLAG=True
+    assert kernel.timed == []
+
+
 def test_stale_table_entry_is_never_launched(kernel, table_file, monkeypatch):
     table = tuning_tables.read(table_file)
     table["kernels"]["stand_in_kernel"]["M=128 N=4096 FLAG=True | float16"]["config"] = _tuning.config_dict(CONFIGS[0])
@@ -172,7 +204,8 @@ def test_no_table_and_table_strategies_preloaded(tmp_path, monkeypatch):
     monkeypatch.setattr(strategy, "preload", preloaded.append)
     path = tmp_path / "t.json"
     key = "pool_mlp|Fake GPU|bfloat16|M=256,N=4096|grad|any"
-    tuning_tables.write({"format": tuning_tables.FORMAT, "kernels": {}, "strategies": {key: "composed"}}, path)
+    tuning_tables.write({"format": tuning_tables.FORMAT, "triton": triton.__version__, "kernels": {},
+                         "strategies": {key: "composed"}}, path)
     monkeypatch.setenv(tuning_tables.ENV_VAR, str(path))
     assert tuning_tables.lookup("pool_gemm_kernel", torch.device("cuda", 0), "M=1") is None
     tuning_tables.load(torch.device("cuda", 0))
