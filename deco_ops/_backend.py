@@ -20,10 +20,24 @@ import os
 
 import torch
 
-from ._setting import Setting
-
 ENV_VAR = "DECO_OPS_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
+
+
+def _switch_on_interpreter() -> None:
+    """Run Triton kernels through the interpreter when the triton backend is asked for on a CPU-only
+    machine. Called once, at package import, before anything imports triton (``_setting`` does,
+    through torch._dynamo)."""
+    if os.environ.get(ENV_VAR, "auto").strip().lower() != "triton":
+        return
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_switch_on_interpreter()
+
+from ._setting import Setting  # noqa: E402  (after the switch)
 
 SETTING = Setting(ENV_VAR, BACKENDS, "backend")
 
@@ -37,19 +51,6 @@ def use_backend(name: str) -> contextlib.AbstractContextManager[None]:
     """Force a backend (``"auto"``, ``"triton"`` or ``"torch"``) inside a ``with`` block (tests,
     A/B comparisons); the innermost block wins."""
     return SETTING.use(name)
-
-
-def _switch_on_interpreter() -> None:
-    """Run Triton kernels through the interpreter when the triton backend is asked for on a CPU-only
-    machine. Called once, at package import, before any kernel is decorated."""
-    if os.environ.get(ENV_VAR, "auto").strip().lower() != "triton":
-        return
-    if torch.cuda.is_available():
-        return
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-_switch_on_interpreter()
 
 
 def interpreting() -> bool:

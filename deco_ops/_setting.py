@@ -3,7 +3,9 @@
 
 Overrides live in a ``contextvars.ContextVar``: a ``use`` block affects the thread (or asyncio
 task) that entered it and nothing else, so two threads that force different choices never see
-each other's. A new thread starts without overrides (it reads the environment variable)."""
+each other's. A new thread starts without overrides (it reads the environment variable).
+torch.compile cannot trace ``ContextVar.get``: code it traces (the ops' argument checks) keeps the
+override in force when it traced the graph; the ops themselves read it when they run."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import contextlib
 import contextvars
 import os
 from collections.abc import Iterator
+
+import torch
 
 
 class Setting:
@@ -26,6 +30,7 @@ class Setting:
             raise ValueError(f"{source} must be one of {self.choices}, got {name!r}")
         return name
 
+    @torch.compiler.assume_constant_result
     def override(self) -> str | None:
         """The innermost ``use`` block's choice in the current context, or None."""
         return self._override.get()
