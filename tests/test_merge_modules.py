@@ -1,6 +1,7 @@
 """PatchMergerProjector against the Hugging Face modules it replaces (transformers' own code, tiny
 random-init configs): Qwen2-VL PatchMerger, Qwen2.5-VL's, Qwen3-VL's (pre and post-shuffle norm)
-and InternVL's pixel_shuffle + multi_modal_projector; forward, backward, state_dicts, memory."""
+and InternVL's pixel_shuffle + multi_modal_projector; forward, backward, state_dicts, memory, and the
+merge size from_hf reads from the module, the HF config or model, or merge_size=."""
 
 import pytest
 import torch
