@@ -4,16 +4,19 @@
     python -m benchmarks.readme_table benchmarks/results/<device>-<date> --write README.md
 
 ``--write`` replaces the text between ``<!-- benchmark-results:begin -->`` and
-``<!-- benchmark-results:end -->`` in the given file (the markers are added at the end if absent),
-so the README's numbers are always drawn from committed results, never typed by hand.
-``--section cpu-path`` prints (or writes between ``<!-- cpu-path:begin -->`` and
-``<!-- cpu-path:end -->``) the CPU path's table from a CPU run instead (its targets).
+``<!-- benchmark-results:end -->`` in the given file (the markers are added at the end if absent;
+links to the folder are made relative to that file), so the README's numbers are always drawn
+from committed results, never typed by hand; ``tests/test_readme.py`` checks the committed block
+equals what its folder generates. ``--section cpu-path`` prints (or writes between
+``<!-- cpu-path:begin -->`` and ``<!-- cpu-path:end -->``, in docs/results-history.md) the CPU
+path's table from a CPU run instead (its targets).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -97,7 +100,9 @@ def main(argv=None) -> int:
                    help="results: the GPU results table; cpu-path: the CPU path's table from a CPU run")
     args = p.parse_args(argv)
     data = json.loads((args.folder / "results.json").read_text())
-    text = (cpu_path_table if args.section == "cpu-path" else table)(data, args.folder.as_posix())
+    # links relative to the file they are written into (README.md at the root, or a page in docs/)
+    folder = Path(os.path.relpath(args.folder, args.write.parent)) if args.write else args.folder
+    text = (cpu_path_table if args.section == "cpu-path" else table)(data, folder.as_posix())
     if not args.write:
         print(text)
         return 0

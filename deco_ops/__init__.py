@@ -18,6 +18,7 @@ from .merge import merge_mlp, merge_mlp_packed
 from .merge_modules import PatchMergerProjector
 from .attention import cross_attention
 from .attention_modules import CrossAttention, QueryResampler
+from ._version import __version__
 from . import tuning_tables  # noqa: F401,E402  (installs the per-GPU tuning tables into the autotuner)
 from . import _autocast  # noqa: F401  (autocast rules of every torch.ops.deco op, once they exist)
 

@@ -45,6 +45,33 @@ def _is_rms(norm: nn.Module) -> bool:
     return not isinstance(norm, nn.LayerNorm)
 
 
+def _merge_from_widths(merged: int, channels: int) -> int | None:
+    """S where the first Linear's input width is S² times the per-token norm's width, else None
+    (left to the check that names merge_size)."""
+    side = math.isqrt(merged // channels)
+    return side if side * side * channels == merged else None
+
+
+def _config_merge_size(config) -> int:
+    """S from a Hugging Face config or model: InternVL's ``1 / downsample_ratio``, Qwen-VL's
+    ``spatial_merge_size`` (on the config or its ``vision_config``)."""
+    config = getattr(config, "config", config)  # a model: its config
+    ratio = getattr(config, "downsample_ratio", None)
+    if ratio is not None:
+        side = round(1 / ratio) if isinstance(ratio, (int, float)) and ratio > 0 else 0
+        if side < 1 or abs(side * ratio - 1) > 1e-6:
+            raise ValueError(f"config.downsample_ratio {ratio!r} is not 1 / merge_size for an integer merge_size")
+        return side
+    for candidate in (config, getattr(config, "vision_config", None)):
+        side = getattr(candidate, "spatial_merge_size", None)
+        if side is not None:
+            return positive_int("config's spatial_merge_size", side)
+    raise ValueError(
+        f"config ({type(config).__name__}) has no downsample_ratio (InternVL) or spatial_merge_size (Qwen-VL) "
+        "to give merge_size; pass merge_size="
+    )
+
+
 class PatchMergerProjector(nn.Module):
     """``Linear2(act(Linear1(norm(merge(x)))))``: each ``merge_size`` x ``merge_size`` block of
     patch tokens concatenated into one row, normalised before (per token) or after (per merged
@@ -137,30 +164,49 @@ class PatchMergerProjector(nn.Module):
                     state_dict[f"{prefix}{new}.{key[len(head):]}"] = state_dict.pop(key)
 
     @classmethod
-    def from_hf(cls, module: nn.Module, *, merge_size: int | None = None, grid=None) -> PatchMergerProjector:
+    def from_hf(cls, module: nn.Module, *, config=None, merge_size: int | None = None, grid=None) -> PatchMergerProjector:
         """A projector with ``module``'s configuration and a copy of its weights, for HF's Qwen2-VL
         ``PatchMerger``, ``Qwen2_5_VLPatchMerger``, ``Qwen3VLVisionPatchMerger`` or
-        ``InternVLMultiModalProjector``. ``merge_size`` is needed where the module does not
-        determine it (InternVL: ``1 / downsample_ratio``, default 2; Qwen3-VL's post-shuffle
-        norm: ``spatial_merge_size``, default 2); ``grid`` as in ``__init__``."""
+        ``InternVLMultiModalProjector``; ``grid`` as in ``__init__``.
+
+        The merge size S is read from the module's weights where they determine it (Qwen2/2.5-VL,
+        Qwen3-VL with the per-token norm). ``InternVLMultiModalProjector`` and Qwen3-VL's
+        post-shuffle merger hold only S²·C, so for them pass ``config`` (the model's or vision
+        tower's HF config, or the model itself: ``downsample_ratio`` gives S = 1 / ratio,
+        ``spatial_merge_size`` gives S) or ``merge_size``; without either, ``from_hf`` raises
+        ``ValueError``. Sources that are given must agree."""
         kind = type(module).__name__
+        inferred = None  # the merge size the weights determine, where they do
         if hasattr(module, "ln_q"):  # Qwen2-VL / Qwen2.5-VL
             norm, fc1, fc2, act = module.ln_q, module.mlp[0], module.mlp[2], module.mlp[1]
-            C = norm.weight.shape[0]
-            merge_size = math.isqrt(fc1.in_features // C)
+            inferred = _merge_from_widths(fc1.in_features, norm.weight.shape[0])
             keys, order, position = "qwen2_vl", "block", "pre"
         elif hasattr(module, "linear_fc1") and hasattr(module, "use_postshuffle_norm"):  # Qwen3-VL
             norm, fc1, fc2, act = module.norm, module.linear_fc1, module.linear_fc2, module.act_fn
             position = "post" if module.use_postshuffle_norm else "pre"
             if position == "pre":
-                merge_size = math.isqrt(fc1.in_features // norm.weight.shape[0])
+                inferred = _merge_from_widths(fc1.in_features, norm.weight.shape[0])
             keys, order = "qwen3_vl", "block"
         elif hasattr(module, "layer_norm") and hasattr(module, "linear_1"):  # InternVL
             norm, fc1, fc2, act = module.layer_norm, module.linear_1, module.linear_2, module.act
             keys, order, position = "internvl", "grid", "post"
         else:
             raise TypeError(f"from_hf does not know {kind}; expected a Qwen2-VL/Qwen2.5-VL/Qwen3-VL patch merger or InternVLMultiModalProjector")
-        merge_size = 2 if merge_size is None else merge_size
+        sources = {}
+        if merge_size is not None:
+            sources["merge_size"] = positive_int("merge_size", merge_size)
+        if config is not None:
+            sources["config"] = _config_merge_size(config)
+        if inferred is not None:
+            sources[f"{kind}'s weights"] = inferred
+        if not sources:
+            raise ValueError(
+                f"{kind}'s weights do not determine merge_size (they hold only merge_size**2 * channels = {fc1.in_features}); "
+                "pass config= (the HF model's config, or the model: downsample_ratio / spatial_merge_size) or merge_size="
+            )
+        if len(set(sources.values())) > 1:
+            raise ValueError("merge_size sources disagree: " + ", ".join(f"{source} gives {value}" for source, value in sources.items()))
+        (merge_size,) = set(sources.values())
         C = fc1.in_features // (merge_size * merge_size)
         if C * merge_size * merge_size != fc1.in_features:
             raise ValueError(f"{kind}: first Linear's in_features {fc1.in_features} is not merge_size**2 = {merge_size**2} times a channel count")

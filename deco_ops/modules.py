@@ -78,9 +78,10 @@ class DeCoProjector(nn.Module):
     ``load_state_dict`` also takes Hugging Face's ``linear_1.*``/``linear_2.*`` keys and the DeCo
     paper's ``mlp_projector.0.*``/``mlp_projector.2.*``, each with or without the prefix a whole-model
     checkpoint gives them (``PROJECTOR_PREFIXES``: ``model.multi_modal_projector.``,
-    ``model.mm_projector.``, ...), so a full LLaVA checkpoint loads with ``strict=False``. A load in
-    which no key names a projector parameter raises, even with ``strict=False``: it would
-    otherwise keep the random initialisation silently. ``activation`` takes our names or Hugging
+    ``model.mm_projector.``, ...), so a full LLaVA checkpoint loads with ``strict=False``. As for
+    any ``nn.Module``, a ``strict=False`` load in which no key names a projector parameter raises
+    nothing and returns them all in ``missing_keys`` (check it: the weights keep their
+    initialisation); a strict one raises. ``activation`` takes our names or Hugging
     Face's (``HF_ACTIVATIONS``: ``gelu_pytorch_tanh``, ``gelu_new``, ``quick_gelu``, ...).
 
     ``order="mlp_pool"`` projects first and pools after (PLLaVA, LLaVA-OneVision/Video:
@@ -136,8 +137,9 @@ class DeCoProjector(nn.Module):
     @staticmethod
     def _rename_projector_keys(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
         """Renames every recognised projector key under ``prefix`` to ours; reports (through
-        ``error_msgs``, which ``load_state_dict`` raises whatever ``strict`` says) a state_dict in
-        which none is found, or two keys naming the same parameter."""
+        ``error_msgs``, which ``load_state_dict`` raises whatever ``strict`` says) two keys naming
+        the same parameter. Keys it does not recognise are left for ``load_state_dict`` to report
+        as unexpected (and our parameters as missing), as any ``nn.Module`` does."""
         renamed: dict[str, str] = {}
         for key in [k for k in state_dict if k.startswith(prefix)]:
             ours = _projector_key(key[len(prefix):])
@@ -147,14 +149,6 @@ class DeCoProjector(nn.Module):
                 error_msgs.append(f"both {renamed[ours]!r} and {key!r} name the projector's {ours!r}; pass one checkpoint format")
                 return
             renamed[ours] = key
-        if not renamed:
-            sample = [k for k in state_dict if k.startswith(prefix)][:4]
-            error_msgs.append(
-                f"no projector weights found {f'under {prefix!r}' if prefix else 'at the top level'} (keys such as {sample}); DeCoProjector "
-                "loads 0.*/2.* (LLaVA), linear_1.*/linear_2.* (Hugging Face) or mlp_projector.0.*/.2.* (DeCo), "
-                f"optionally under one of {PROJECTOR_PREFIXES}"
-            )
-            return
         for ours, key in renamed.items():
             state_dict[prefix + ours] = state_dict.pop(key)
 

@@ -1,10 +1,11 @@
 """Measure a GPU's tuning table: the best tile config of every autotuned kernel, per shape bucket.
 
-    python -m deco_ops.tune [--shapes NAMES ...] [--dtypes bf16 ...] [--out FILE_OR_DIR]
-                            [--time-limit SECONDS] [--dry-run]
+    python -m deco_ops.tune [--shapes NAMES ...] [--shape SPEC ...] [--dtypes bf16 ...]
+                            [--out FILE_OR_DIR] [--time-limit SECONDS] [--dry-run]
 
-For each named benchmark shape (``benchmarks/shapes.py``: run from a checkout; the package itself
-never imports ``benchmarks``) and dtype, it runs the shape's op on CUDA at its real size: inference,
+For each named shape (``deco_ops/shapes.py``, shipped in the package; all of them by default) and
+each ``--shape`` of a user's own model (``KIND:field=value,...``, see ``deco_ops.shapes.parse``;
+with ``--shape`` alone only those run), and each dtype, it runs the shape's op on CUDA at its real size: inference,
 then forward + backward with trained weights, then with the tokens needing a gradient too
 (attention: with q, k and v needing one), so every kernel variant of the op launches. Every launch
 with a new bucket times the kernel's candidate configs (``deco_ops.kernels._tuning``; the shipped
@@ -38,7 +39,7 @@ from torch.utils._pytree import tree_map
 
 import deco_ops
 
-from . import _backend, strategy, tuning_tables
+from . import _backend, shapes, strategy, tuning_tables
 from .kernels import _tuning
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -78,15 +79,13 @@ def _weights(shape, device, dtype, in_features: int) -> list[torch.Tensor]:
 
 
 def workload(shape, device: torch.device, dtype: torch.dtype) -> Workload:
-    from benchmarks import shapes as S
-
-    if isinstance(shape, S.AttentionShape):
+    if isinstance(shape, shapes.AttentionShape):
         B, M, N, H, D = shape.batch, shape.M, shape.N, shape.heads, shape.head_dim
         q = torch.randn(1 if shape.shared_q else B, M, H, D, device=device).to(dtype)
         k, v = (torch.randn(B, N, H, D, device=device).to(dtype) for _ in range(2))
         lens = None if shape.kv_lens is None else torch.tensor(shape.kv_lens, dtype=torch.int32, device=device)
         return Workload("cross_attention", lambda: deco_ops.cross_attention(q, k, v, kv_lens=lens), [[], [q, k, v]])
-    if isinstance(shape, S.MergeShape):
+    if isinstance(shape, shapes.MergeShape):
         w = _weights(shape, device, dtype, shape.merge ** 2 * shape.in_features)
         norm_width = shape.in_features if shape.norm_position == "pre" else shape.merge ** 2 * shape.in_features
         norm_w = [(1 + 0.1 * torch.randn(norm_width, device=device)).to(dtype)]
@@ -103,14 +102,14 @@ def workload(shape, device: torch.device, dtype: torch.dtype) -> Workload:
         trained = [*w, *(t for t in norm_w if t is not None)]
         return Workload("merge_mlp", forward, [[], trained, [*trained, x]])
     w = _weights(shape, device, dtype, shape.in_features)
-    if isinstance(shape, S.PackedShape):
+    if isinstance(shape, shapes.PackedShape):
         x = torch.randn(shape.tokens, shape.in_features, device=device).to(dtype)
         grids = torch.tensor(shape.grids, dtype=torch.int32, device=device)
         out_grids = torch.tensor(shape.out_grids, dtype=torch.int32, device=device)
         op, forward = "pool_mlp_packed", lambda: deco_ops.pool_mlp_packed(x, grids, *w, out_grids=out_grids)[0]
     else:
         x = torch.randn(shape.batch, shape.tokens, shape.in_features, device=device).to(dtype)
-        if isinstance(shape, S.MLPPoolShape):
+        if isinstance(shape, shapes.MLPPoolShape):
             op, forward = "mlp_pool", lambda: deco_ops.mlp_pool(x, *w, grid=shape.grid, out_grid=shape.out_grid,
                                                                 mode=shape.mode)
         else:
@@ -204,7 +203,11 @@ def _plan_lines(name: str, op: str, dtype_name: str, plan) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m deco_ops.tune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", help="named shapes of benchmarks/shapes.py (default: all)")
+    parser.add_argument("--shapes", nargs="+", help="named shapes of deco_ops/shapes.py (default: all, unless --shape is given)")
+    parser.add_argument("--shape", action="append", default=[], metavar="SPEC",
+                        help="a shape of your model, KIND:field=value,... with KIND one of "
+                             f"{', '.join(shapes.SPEC_KINDS)}; e.g. pool_mlp:batch=8,grid=24x24,out_grid=12x12,"
+                             "in_features=1024,hidden=4096,out_features=4096 (repeatable)")
     parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(DTYPES))
     parser.add_argument("--out", type=Path, help="table file (.json) or folder (default: deco_ops/tuning/)")
     parser.add_argument("--time-limit", type=float, default=math.inf,
@@ -212,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list ops, buckets and candidates; launch nothing")
     args = parser.parse_args(argv)
     try:
-        from benchmarks import shapes
-    except ImportError:
-        parser.error("the benchmark shapes (benchmarks/shapes.py) are not importable: run from a deco_ops checkout")
-    names = shapes.select(args.shapes)
+        todo = {name: shapes.ALL[name] for name in shapes.select(args.shapes)} if args.shapes or not args.shape else {}
+        todo.update((shape.name, shape) for shape in map(shapes.parse, args.shape))
+    except ValueError as e:
+        parser.error(str(e))
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:
@@ -238,13 +241,13 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     done = []
-    for name in names:
+    for name, shape in todo.items():
         if time.perf_counter() - start > args.time_limit:
             print(f"deco_ops.tune: time limit reached, not starting {name}", flush=True)
             continue
         for dtype_name in args.dtypes:
             torch.manual_seed(0)
-            work = workload(shape=shapes.ALL[name], device=device, dtype=DTYPES[dtype_name])
+            work = workload(shape=shape, device=device, dtype=DTYPES[dtype_name])
             with deco_ops.use_backend("triton"):
                 if args.dry_run:
                     with _tuning.planning() as plan, SkipHostGemms():

@@ -1,18 +1,19 @@
 """PatchMergerProjector against the Hugging Face modules it replaces (transformers' own code, tiny
 random-init configs): Qwen2-VL PatchMerger, Qwen2.5-VL's, Qwen3-VL's (pre and post-shuffle norm)
-and InternVL's pixel_shuffle + multi_modal_projector; forward, backward, state_dicts, memory."""
+and InternVL's pixel_shuffle + multi_modal_projector; forward, backward, state_dicts, memory, and the
+merge size from_hf reads from the module, the HF config or model, or merge_size=."""
 
 import pytest
 import torch
 
 import deco_ops
-from harness import DTYPES, assert_close, saved_bytes
+from harness import DTYPES, assert_close, guarded, saved_bytes
 
 qwen2_vl = pytest.importorskip("transformers.models.qwen2_vl.modeling_qwen2_vl")
 qwen2_5_vl = pytest.importorskip("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl")
 qwen3_vl = pytest.importorskip("transformers.models.qwen3_vl.modeling_qwen3_vl")
 internvl = pytest.importorskip("transformers.models.internvl.modeling_internvl")
-from transformers import InternVLConfig, Qwen3VLVisionConfig  # noqa: E402
+from transformers import InternVLConfig, Qwen2_5_VLConfig, Qwen3VLVisionConfig  # noqa: E402
 
 C, D = 16, 24
 
@@ -26,21 +27,31 @@ def _init(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def qwen3_merger(post: bool, c: int = C, d: int = D):
-    config = Qwen3VLVisionConfig(hidden_size=c, spatial_merge_size=2, out_hidden_size=d)
-    return qwen3_vl.Qwen3VLVisionPatchMerger(config, use_postshuffle_norm=post)
+def qwen3_config(c: int = C, d: int = D, merge: int = 2):
+    return Qwen3VLVisionConfig(hidden_size=c, spatial_merge_size=merge, out_hidden_size=d, depth=1, num_heads=2,
+                               intermediate_size=32, deepstack_visual_indexes=[0])
 
 
-def internvl_projector(c: int = C, d: int = D):
-    config = InternVLConfig(vision_config={"hidden_size": c}, text_config={"model_type": "qwen2", "hidden_size": d},
-                            downsample_ratio=0.5, projector_hidden_act="gelu")
-    return internvl.InternVLMultiModalProjector(config)
+def qwen3_merger(post: bool, c: int = C, d: int = D, merge: int = 2):
+    return qwen3_vl.Qwen3VLVisionPatchMerger(qwen3_config(c, d, merge), use_postshuffle_norm=post)
 
 
-def internvl_stage(projector, x, grid):
+def internvl_config(c: int = C, d: int = D, ratio: float = 0.5):
+    return InternVLConfig(
+        vision_config={"hidden_size": c, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
+        text_config={"model_type": "qwen2", "hidden_size": d, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "intermediate_size": 32, "vocab_size": 64},
+        downsample_ratio=ratio, projector_hidden_act="gelu")
+
+
+def internvl_projector(c: int = C, d: int = D, ratio: float = 0.5):
+    return internvl.InternVLMultiModalProjector(internvl_config(c, d, ratio))
+
+
+def internvl_stage(projector, x, grid, ratio=0.5):
     """What InternVL runs on (B, N, C) vision tokens: reshape to the grid, pixel_shuffle, project."""
     B = x.shape[0]
-    feats = internvl.InternVLModel.pixel_shuffle(None, x.reshape(B, *grid, x.shape[-1]), scale_factor=0.5)
+    feats = internvl.InternVLModel.pixel_shuffle(None, x.reshape(B, *grid, x.shape[-1]), scale_factor=ratio)
     return projector(feats.reshape(B, -1, feats.shape[-1]))
 
 
@@ -51,6 +62,12 @@ MODULES = {
     "qwen3_vl_postshuffle": lambda: qwen3_merger(True),
     "internvl": internvl_projector,
 }
+# the HF config from_hf needs where the module's weights hold only merge_size**2 * C
+CONFIGS = {"qwen3_vl_postshuffle": qwen3_config, "internvl": internvl_config}
+
+
+def from_hf(hf, name):
+    return deco_ops.PatchMergerProjector.from_hf(hf, config=CONFIGS[name]() if name in CONFIGS else None)
 
 
 def _tokens(name, dtype, seed=1):
@@ -68,7 +85,7 @@ def _run(module, name, x):
 def test_matches_hf_forward_and_backward(name, dtype):
     hf = _init(MODULES[name](), seed=len(name))
     hf64 = _init(MODULES[name](), seed=len(name)).double()
-    ours = deco_ops.PatchMergerProjector.from_hf(hf.to(dtype))
+    ours = from_hf(hf.to(dtype), name)
     x = _tokens(name, dtype)
     xs = [x.clone().requires_grad_(True) for _ in range(3)]
     with deco_ops.use_backend("triton"):
@@ -89,7 +106,7 @@ def test_matches_hf_forward_and_backward(name, dtype):
 def test_state_dicts_load_unchanged_both_ways():
     for name, make in MODULES.items():
         hf = _init(make(), seed=3)
-        ours = deco_ops.PatchMergerProjector.from_hf(hf)
+        ours = from_hf(hf, name)
         assert list(ours.state_dict()) == list(hf.state_dict()), name
         fresh = _init(make(), seed=4)
         fresh.load_state_dict(ours.state_dict())
@@ -113,9 +130,26 @@ def test_loads_other_layouts_and_original_internvl_mlp1_keys():
     assert torch.equal(ours.fc1.weight, qwen3.linear_fc1.weight) and torch.equal(ours.norm_layer.bias, qwen3.norm.bias)
 
 
+@pytest.mark.parametrize("make", [lambda: deco_ops.PatchMergerProjector(C, D, keys="internvl"),
+                                  lambda: deco_ops.DeCoProjector(C, D, grid=(2, 2), out_grid=(1, 1))],
+                         ids=["PatchMergerProjector", "DeCoProjector"])
+def test_load_without_matching_keys_follows_strict_as_nn_module(make):
+    """Both projectors treat a load with no key of theirs as nn.Module does: strict=False returns
+    every parameter as missing and every key as unexpected, raising nothing and changing nothing;
+    strict=True raises."""
+    ours = make()
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    unrelated = {"vision_tower.0.weight": torch.randn(3, 3), "lm_head.weight": torch.randn(5, 3)}
+    result = ours.load_state_dict(unrelated, strict=False)
+    assert sorted(result.missing_keys) == sorted(before) and sorted(result.unexpected_keys) == sorted(unrelated)
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(RuntimeError, match=r"Error\(s\) in loading state_dict"):
+        ours.load_state_dict(unrelated)
+
+
 def test_internvl_square_grid_by_default():
     hf = _init(internvl_projector(), seed=7)
-    ours = deco_ops.PatchMergerProjector.from_hf(hf)
+    ours = from_hf(hf, "internvl")
     x = torch.randn(2, 36, C)
     with deco_ops.use_backend("torch"):
         assert_close(ours(x), internvl_stage(hf, x, (6, 6)), torch.float32)
@@ -128,6 +162,77 @@ def test_from_hf_rejects_other_modules():
         deco_ops.PatchMergerProjector.from_hf(torch.nn.Linear(4, 4))
 
 
+# merge size S of each HF module, and what from_hf is given to know it: nothing where the module's
+# weights determine S, else the HF config, the HF model holding the module, or merge_size=
+MERGES = {
+    "internvl_ratio_0.25_config": ("internvl", 4, lambda: {"config": internvl_config(ratio=0.25)}),
+    "internvl_ratio_0.25_model": ("internvl", 4, lambda: {"config": internvl.InternVLModel(internvl_config(ratio=0.25))}),
+    "internvl_ratio_0.5_config": ("internvl", 2, lambda: {"config": internvl_config(ratio=0.5)}),
+    "internvl_ratio_0.25_merge_size": ("internvl", 4, lambda: {"merge_size": 4}),
+    "qwen3_vl_postshuffle_merge3_config": ("qwen3_vl_postshuffle", 3, lambda: {"config": qwen3_config(merge=3)}),
+    "qwen3_vl_postshuffle_merge3_model": ("qwen3_vl_postshuffle", 3, lambda: {"config": qwen3_vl.Qwen3VLVisionModel(qwen3_config(merge=3))}),
+    "qwen3_vl_merge3": ("qwen3_vl", 3, dict),
+    "qwen2_vl_merge3": ("qwen2_vl", 3, dict),
+    "qwen2_5_vl_merge3": ("qwen2_5_vl", 3, dict),
+    "qwen2_5_vl_merge3_config": ("qwen2_5_vl", 3, lambda: {"config": Qwen2_5_VLConfig(vision_config={"spatial_merge_size": 3})}),
+}
+
+
+def _hf_module(name, merge):
+    if name == "internvl":
+        return internvl_projector(ratio=1 / merge)
+    if name.startswith("qwen3_vl"):
+        return qwen3_merger(name.endswith("postshuffle"), merge=merge)
+    return (qwen2_vl.PatchMerger if name == "qwen2_vl" else qwen2_5_vl.Qwen2_5_VLPatchMerger)(D, C, spatial_merge_size=merge)
+
+
+@pytest.mark.parametrize("case", list(MERGES))
+def test_from_hf_merge_size_from_module_config_or_model(case, backend):
+    """InternVL with downsample_ratio 0.25 and 0.5, Qwen3-VL's post-shuffle merger with S = 3 (the
+    config or the model given), the Qwen mergers with S = 3 from their weights: the HF module's
+    forward in float64, fp32 within 1e-5, tokens inside a NaN-filled buffer."""
+    name, merge, given = MERGES[case]
+    hf = _init(_hf_module(name, merge), seed=merge)
+    ours = deco_ops.PatchMergerProjector.from_hf(hf, **given())
+    assert ours.merge_size == merge
+    g = torch.Generator().manual_seed(merge)
+    if name == "internvl":
+        grid = (2 * merge, 3 * merge)
+        x = torch.randn(2, grid[0] * grid[1], C, generator=g) * 1.5 + 0.5
+        ref = internvl_stage(hf.double(), x.double(), grid, ratio=1 / merge)
+        y = ours(guarded(x), grid=grid)
+    else:
+        x = torch.randn(6 * merge * merge, C, generator=g) * 1.5 + 0.5
+        ref = hf.double()(x.double())
+        y = ours(guarded(x))
+    assert_close(y, ref, torch.float32, tol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["internvl", "qwen3_vl_postshuffle"])
+def test_from_hf_raises_naming_merge_size_where_the_module_is_ambiguous(name):
+    """InternVL's projector and Qwen3-VL's post-shuffle merger hold only S²·C: without a config or
+    merge_size, from_hf raises instead of guessing S = 2 (here S = 4, C = 16 and S = 2, C = 64
+    give the same module)."""
+    hf = _hf_module(name, 4)
+    with pytest.raises(ValueError, match=r"do not determine merge_size .*pass config= .* or merge_size="):
+        deco_ops.PatchMergerProjector.from_hf(hf)
+
+
+def test_from_hf_rejects_merge_sizes_that_disagree_or_do_not_fit():
+    with pytest.raises(ValueError, match="merge_size sources disagree: merge_size gives 2, config gives 4"):
+        deco_ops.PatchMergerProjector.from_hf(internvl_projector(ratio=0.25), merge_size=2, config=internvl_config(ratio=0.25))
+    with pytest.raises(ValueError, match="merge_size sources disagree: .*PatchMerger's weights gives 3"):
+        deco_ops.PatchMergerProjector.from_hf(_hf_module("qwen2_vl", 3), merge_size=2)
+    with pytest.raises(ValueError, match=r"in_features 256 is not merge_size\*\*2 = 9 times a channel count"):
+        deco_ops.PatchMergerProjector.from_hf(internvl_projector(ratio=0.25), merge_size=3)
+    with pytest.raises(ValueError, match="downsample_ratio 0.3 is not 1 / merge_size"):
+        deco_ops.PatchMergerProjector.from_hf(internvl_projector(), config=internvl_config(ratio=0.3))
+    with pytest.raises(ValueError, match="no downsample_ratio .* or spatial_merge_size .*; pass merge_size="):
+        deco_ops.PatchMergerProjector.from_hf(internvl_projector(), config=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="merge_size must be a positive int"):
+        deco_ops.PatchMergerProjector.from_hf(internvl_projector(), merge_size=0)
+
+
 @pytest.mark.parametrize("name,c,d", [("qwen2_vl", 1280, 3584), ("qwen2_5_vl", 1280, 8192), ("internvl", 1024, 4096)])
 def test_saved_for_backward_bytes(name, c, d, capsys):
     """Fused: the tokens (an input) and the pre-activation (the norm statistics are recomputed in
@@ -137,7 +242,7 @@ def test_saved_for_backward_bytes(name, c, d, capsys):
     merged rows), fp32."""
     hf = {"qwen2_vl": lambda: qwen2_vl.PatchMerger(d, c), "qwen2_5_vl": lambda: qwen2_5_vl.Qwen2_5_VLPatchMerger(d, c),
           "internvl": lambda: internvl_projector(c, d)}[name]()
-    ours = deco_ops.PatchMergerProjector.from_hf(hf)
+    ours = deco_ops.PatchMergerProjector.from_hf(hf, merge_size=2)
     x = torch.randn((1, 256, c) if name == "internvl" else (256, c), requires_grad=True)
     params = list(hf.parameters()) + list(ours.parameters())
     with deco_ops.use_backend("torch"):  # the residuals are the op's outputs on every backend

@@ -155,12 +155,18 @@ def test_loads_hf_keys_as_a_submodule_and_strict():
     assert torch.equal(parent.multi_modal_projector.fc2.weight, hf.linear_2.weight)
 
 
-def test_load_without_any_projector_key_raises_even_non_strict():
+def test_load_without_any_projector_key_follows_strict():
+    """strict=False: nothing raised, every parameter in missing_keys, the weights untouched; strict:
+    RuntimeError listing them (as any nn.Module)."""
     proj = deco_ops.DeCoProjector(8, 10, grid=(2, 2), out_grid=(1, 1))
-    before = proj.fc1.weight.clone()
-    with pytest.raises(RuntimeError, match="no projector weights found"):
-        proj.load_state_dict({"vision_tower.0.weight": torch.randn(10, 8), "linear_3.weight": torch.randn(10, 10)}, strict=False)
-    assert torch.equal(proj.fc1.weight, before)
+    before = {k: v.clone() for k, v in proj.state_dict().items()}
+    unrelated = {"vision_tower.0.weight": torch.randn(10, 8), "linear_3.weight": torch.randn(10, 10)}
+    result = proj.load_state_dict(unrelated, strict=False)
+    assert sorted(result.missing_keys) == sorted(before) and sorted(result.unexpected_keys) == sorted(unrelated)
+    assert all(torch.equal(proj.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: .*0\.weight"):
+        proj.load_state_dict(unrelated)
+    assert all(torch.equal(proj.state_dict()[k], v) for k, v in before.items())
 
 
 def test_two_formats_for_one_parameter_raise():

@@ -8,6 +8,7 @@ ignored), never from the working directory itself: a checkout may hold ignored h
 """
 
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT_VERSION = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
 
 
 def _git_files() -> list[str]:
@@ -55,9 +57,13 @@ def test_wheel_ships_deco_ops_only(wheel):
     assert not [n for n in names if n.startswith(("benchmarks/", "tests/", "examples/", "kernels/"))]
 
 
-def test_installed_wheel_imports_outside_the_checkout(wheel, tmp_path):
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory):
+    """A fresh virtual environment with the wheel installed; returns ``run(code_or_args)``, which
+    runs its python from a temporary directory outside the checkout, with no PYTHONPATH."""
     path, _ = wheel
-    env_dir = tmp_path / "venv"
+    tmp = tmp_path_factory.mktemp("installed")
+    env_dir = tmp / "venv"
     # torch, triton (and the rest) come from this interpreter's site-packages, never from an index:
     # a .pth file lists them (system_site_packages would miss them where this interpreter is itself
     # a virtual environment; and unlike a site dir, a .pth line does not run the checkout's
@@ -69,6 +75,19 @@ def test_installed_wheel_imports_outside_the_checkout(wheel, tmp_path):
     Path(purelib, "parent_site_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(path)],
                    check=True, capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in ("DECO_OPS_BACKEND", "TRITON_INTERPRET", "PYTHONPATH")}
+    cwd = tmp / "elsewhere"
+    cwd.mkdir()
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([str(python), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    return run
+
+
+def test_installed_wheel_imports_outside_the_checkout(installed):
     code = (
         "import sys, deco_ops, deco_ops.kernels, deco_ops.kernels.pool_gemm\n"
         "assert deco_ops.__file__.startswith(sys.prefix), deco_ops.__file__\n"
@@ -76,7 +95,32 @@ def test_installed_wheel_imports_outside_the_checkout(wheel, tmp_path):
         "assert 'transformers' not in sys.modules, 'import deco_ops imported transformers'\n"
         "print(deco_ops.DeCoProjector(8, 8, grid=(2, 2), out_grid=(1, 1))(__import__('torch').randn(1, 4, 8)).shape)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("DECO_OPS_BACKEND", "TRITON_INTERPRET", "PYTHONPATH")}
-    proc = subprocess.run([str(python), "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "torch.Size([1, 1, 8])" in proc.stdout
+    assert "torch.Size([1, 1, 8])" in installed("-c", code).stdout
+
+
+def test_installed_version_is_the_package_metadata(installed):
+    code = ("import importlib.metadata, deco_ops\n"
+            "print(deco_ops.__version__, importlib.metadata.version('deco-ops'))\n")
+    ours, metadata = installed("-c", code).stdout.split()
+    assert ours == metadata == PYPROJECT_VERSION
+
+
+def test_installed_wheel_tunes_outside_the_checkout(installed):
+    """``python -m deco_ops.tune --dry-run`` from the wheel alone (no benchmarks/, no checkout on
+    sys.path): a shipped pool_mlp and cross_attention shape, and a --shape of one's own."""
+    out = installed("-m", "deco_ops.tune", "--dry-run", "--shapes", "infer_b1", "blip2_qformer",
+                    "--shape", "cross_attention:name=mine,batch=2,M=8,N=300,heads=2,head_dim=16").stdout
+    assert "infer_b1  pool_mlp  bf16" in out and "pool_gemm_kernel  [M=256 N=4096 K=1024" in out
+    assert "blip2_qformer  cross_attention  bf16" in out and "cross_attention_fwd_kernel  [M=32 N=512 BLOCK_D=64" in out
+    assert "mine  cross_attention  bf16" in out and "cross_attention_fwd_kernel  [M=8 N=512 BLOCK_D=16" in out
+
+
+def test_checkout_version_without_metadata_is_pyprojects(monkeypatch):
+    """A source checkout imported without being installed reports pyproject.toml's version."""
+    from deco_ops import _version
+
+    def not_installed(name):
+        raise _version.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(_version.metadata, "version", not_installed)
+    assert _version.version() == PYPROJECT_VERSION

@@ -236,9 +236,9 @@ def test_tune_dry_run_lists_ops_buckets_and_candidates(capsys):
 
 
 def test_tune_dry_run_plans_every_kind_of_named_shape(capsys):
-    """Each shape family of benchmarks/shapes.py has a workload (the merge projectors once had none,
+    """Each shape family of deco_ops/shapes.py has a workload (the merge projectors once had none,
     which a real tuning run would have met only on the GPU)."""
-    from benchmarks import shapes
+    from deco_ops import shapes
 
     kinds = {}
     for name in shapes.select(None):
@@ -249,3 +249,39 @@ def test_tune_dry_run_plans_every_kind_of_named_shape(capsys):
     for name in kinds.values():
         assert f"\n{name}  " in f"\n{out}", name
     assert "merge_gemm_kernel  [" in out
+
+
+def test_shape_spec_gives_each_kind_and_names_what_is_wrong():
+    from deco_ops import shapes
+
+    pool = shapes.parse("pool_mlp:batch=8,grid=27x27,out_grid=12x12,in_features=1152,hidden=3584,out_features=3584")
+    assert pool == shapes.PoolMLPShape(pool.name, 8, (27, 27), (12, 12), 1152, 3584, 3584)
+    assert pool.name.startswith("pool_mlp:batch=8")
+    attention = shapes.parse("cross_attention:name=mine,batch=3,M=64,N=700,heads=8,head_dim=80,shared_q=false,kv_lens=700x650x3")
+    assert attention == shapes.AttentionShape("mine", 3, 64, 700, 8, 80, shared_q=False, kv_lens=(700, 650, 3))
+    merge = shapes.parse("merge_mlp:batch=2,grid=32x32,in_features=1024,hidden=4096,out_features=4096,order=grid,"
+                         "norm=layernorm,norm_position=post,eps=1e-5,merge=4")
+    assert (merge.merge, merge.eps, merge.order) == (4, 1e-5, "grid")
+    assert shapes.parse("mlp_pool:batch=1,grid=8x27x27,out_grid=8x14x14,in_features=1152,hidden=3584,"
+                        "out_features=3584,mode=bilinear").mode == "bilinear"
+    for spec, message in [("pool_mlp", "must be KIND:field=value"), ("resampler:batch=1", "KIND one of"),
+                          ("pool_mlp:batch=8", r"lacks \['grid', 'out_grid', 'in_features', 'hidden', 'out_features'\]"),
+                          ("pool_mlp:batch=8,heads=2", "'heads=2' is not field=value with a field of pool_mlp"),
+                          ("pool_mlp:batch=8,tiny=1", "'tiny=1' is not field=value"),
+                          ("cross_attention:batch=two", "batch='two' does not parse as int"),
+                          ("cross_attention:shared_q=maybe", "shared_q='maybe' does not parse as bool"),
+                          ("pool_mlp:grid=24,24", "'24' is not field=value")]:
+        with pytest.raises(ValueError, match=message):
+            shapes.parse(spec)
+
+
+def test_tune_dry_run_of_own_shape_only(capsys):
+    """--shape alone plans that shape and no named one; a bad spec is a usage error naming it."""
+    assert tune.main(["--dry-run", "--shape", "pool_mlp:name=mine,batch=3,grid=20x20,out_grid=10x10,"
+                                              "in_features=64,hidden=96,out_features=32"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("mine  pool_mlp  bf16") and "infer_b1" not in out
+    assert "pool_gemm_kernel  [M=512 N=96 K=64 WT=1 WH=2 WW=2" in out  # 300 pooled rows -> bucket 512
+    with pytest.raises(SystemExit):
+        tune.main(["--dry-run", "--shape", "pool_mlp:batch=3"])
+    assert "lacks ['grid'" in capsys.readouterr().err
