@@ -30,6 +30,8 @@ import torch
 import triton
 from triton.runtime.autotuner import Autotuner
 
+from . import _traceable
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE_ENV = "DECO_OPS_AUTOTUNE"
 
@@ -177,6 +179,10 @@ class TunedKernel(Autotuner):
         return super()._bench(*args, config=config, **meta)
 
     def run(self, *args, **kwargs):
+        if _traceable.tracing(args):  # inside torch.compile's trace of an op body: a graph node
+            grid = kwargs.pop("grid")
+            kwargs.pop("warmup", None)
+            return _traceable.launch(self, grid, args, kwargs)
         if _plan is not None:
             nargs = dict(zip(self.arg_names, args))
             _plan.append((self.name, self.bucket_label({**nargs, **kwargs}), self.candidates(self.cuda_configs, nargs, kwargs)))
