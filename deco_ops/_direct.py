@@ -1,7 +1,7 @@
 """Eager calls of deco's ops, without ``torch.library``'s dispatch on the way.
 
-Every ``torch.ops.deco.*`` op is a ``torch.library`` custom op: ``torch.compile`` sees one opaque
-node with a fake implementation and an autograd formula, ``torch.autocast`` its rules
+Every ``torch.ops.deco.*`` op is a ``torch.library`` triton op: ``torch.compile`` sees its kernels
+(``_triton_op``) or one opaque node with a fake implementation, and an autograd formula, ``torch.autocast`` its rules
 (``_autocast``), dispatch modes their calls. In eager mode that machinery is pure host time on every
 call, nested ops paying it again (the first GPU run: a LLaVA-1.5 batch-1 forward+backward spent
 1.28 ms on the host against eager PyTorch's 0.57 ms, its kernels 0.1-0.2 ms).
@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import _backend
+from ._triton_op import triton_op
 from ._validate import AUTOCAST_DEVICE_TYPES
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -36,40 +36,16 @@ _names: dict[object, str] = {}  # custom op definition -> its name in ``deco``
 
 
 def custom_op(name: str) -> Callable:
-    """``torch.library.triton_op("deco::<name>", mutates_args=())``, remembering the implementation
-    for ``deco.<name>``.
-
-    A ``triton_op`` is a ``custom_op`` that ``torch.compile`` sees through: AOTAutograd traces its
-    body, every launch becomes a ``triton_kernel_wrapper`` node (``kernels/_traceable.py``), and
-    Inductor launches the kernels itself (CUDA graphs included). That holds where the body runs the
-    Triton kernels (``_backend.use_triton``); on the PyTorch backend the op stays one opaque node
-    with its registered fake, as a ``custom_op`` is: the reference paths read index tables on the
-    host (packed pooling), which no trace can do."""
+    """``torch.library.triton_op("deco::<name>", mutates_args=())`` (``_triton_op``: compiled
+    graphs see its kernels), remembering the implementation for ``deco.<name>``."""
 
     def register(fn: Callable):
-        opdef = torch.library.triton_op(f"deco::{name}", fn, mutates_args=())
-        _trace_only_on_triton(opdef)
+        opdef = triton_op(f"deco::{name}", fn)
         deco.add(name, fn)
         _names[opdef] = name
         return opdef
 
     return register
-
-
-def _trace_only_on_triton(opdef) -> None:
-    """Replace the rule ``triton_op`` gives ``opdef`` under ``FunctionalTensorMode`` (trace the body)
-    by one that traces it only when the op runs on the Triton backend (``custom_op`` docstring)."""
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    trace_body = opdef._torch_dispatch_fns[FunctionalTensorMode]
-
-    def rule(mode, op, types, args, kwargs):
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        if _backend.use_triton(device):
-            return trace_body(mode, op, types, args, kwargs)
-        return mode.__torch_dispatch__(op, types, args, kwargs)
-
-    opdef.register_torch_dispatch(FunctionalTensorMode, rule)
 
 
 def register_autograd(opdef, backward: Callable, setup_context: Callable) -> None:
