@@ -143,8 +143,8 @@ class _Sm90Target:
 # ``triton.language`` as imported, before any interpreted launch: the interpreter patches these
 # namespaces while it runs a kernel and leaves some patched (nested helper calls never restore),
 # which would route IR generation through the interpreter's builder.
-_LANGUAGE = (tl, tl.core, tl.math, tl.core.tensor, tl.core.tensor_descriptor_base, tl.core.dtype)
-_PRISTINE = [(namespace, dict(vars(namespace))) for namespace in _LANGUAGE]
+_LANGUAGE = (tl, tl.core, tl.math, tl.core.tensor, getattr(tl.core, "tensor_descriptor_base", None), tl.core.dtype)
+_PRISTINE = [(namespace, dict(vars(namespace))) for namespace in _LANGUAGE if namespace is not None]
 _MISSING = object()
 
 
