@@ -80,10 +80,16 @@ class InterpretedJITFunction(JITFunction):
 _twins: dict[int, object] = {}  # id(interpreted kernel, helper or autotuner) -> its twin
 
 
+def _interpreted(kernel) -> InterpretedFunction | None:
+    """The interpreted function behind ``kernel`` (a kernel or its autotuner), None when compiled."""
+    base = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    return base if isinstance(base, InterpretedFunction) else None
+
+
 def _twin(kernel):
     """``kernel`` as a trace can read it: itself when compiled, its twin when interpreted."""
-    base = kernel.fn if isinstance(kernel, Autotuner) else kernel
-    if not isinstance(base, InterpretedFunction):
+    base = _interpreted(kernel)
+    if base is None:
         return kernel
     twin = _twins.get(id(kernel))
     if twin is None:
@@ -150,10 +156,7 @@ _MISSING = object()
 
 def _analysis_context(kernel) -> contextlib.AbstractContextManager:
     """What PyTorch needs to read an interpreted kernel's twin IR during one traced launch."""
-    base = kernel.fn if isinstance(kernel, Autotuner) else kernel
-    if not isinstance(base, InterpretedFunction):
-        return contextlib.nullcontext()
-    return _ir_generation()
+    return contextlib.nullcontext() if _interpreted(kernel) is None else _ir_generation()
 
 
 @contextlib.contextmanager
