@@ -11,11 +11,15 @@ the tensors the kernels store to (PyTorch reads that from each kernel's Triton I
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from triton.runtime.jit import JITFunction
 
 import deco_ops
 from deco_ops._triton_op import trace_interpreted_kernels
+from deco_ops.kernels import _tuning
 
 pytestmark = pytest.mark.interpreter_only  # on a GPU the same graphs come from Inductor (test_cuda_graphs.py)
 
@@ -123,3 +127,28 @@ def test_modules_compile_without_graph_breaks(backend_name):
             torch._dynamo.reset()
             explanation = torch._dynamo.explain(module)(*args, **kwargs)
             assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), (type(module).__name__, explanation.break_reasons)
+
+
+def _scale(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, 2 * tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+def test_traced_launch_takes_the_config_eager_would(monkeypatch):
+    """On a GPU a trace records the config an eager launch takes untimed (tuning table, the bucket's
+    earlier choice, DECO_OPS_AUTOTUNE=0), so Inductor launches the same tile; with nothing to go by,
+    the whole autotuner (Inductor times its candidates). Checked on a compiled-kernel TunedKernel
+    (no launch: ``for_trace`` only decides)."""
+    monkeypatch.setattr(_tuning, "INTERPRET", False)
+    monkeypatch.setattr(_tuning, "TUNED_KERNELS", [])  # the suite's list of real kernels stays as it is
+    small, large = (triton.Config({"BLOCK": b}) for b in (32, 128))
+    kernel = _tuning.TunedKernel(JITFunction(_scale), [small, large], [small, large], key=["n"], buckets=("n",))
+    x = torch.randn(100)
+    args, kwargs = (x, torch.empty_like(x), 100), {}
+    assert kernel.for_trace(args, kwargs) is kernel  # autotuning on, nothing known: Inductor times both
+    kernel.chosen[kernel.bucket_label({"x_ptr": x, "out_ptr": x, "n": 100})] = large  # an eager launch chose
+    traced = kernel.for_trace(args, kwargs)
+    assert traced.configs == [large] and traced.fn is kernel.fn and kernel.for_trace(args, kwargs) is traced
+    monkeypatch.setenv("DECO_OPS_AUTOTUNE", "0")
+    kernel.chosen.clear()
+    assert kernel.for_trace(args, kwargs).configs == [small]  # untimed: the first candidate, as eager
