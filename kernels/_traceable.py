@@ -1,7 +1,7 @@
 """How a launch shows itself to ``torch.compile``: through ``torch.library.wrap_triton`` while an op
 body is being traced, straight to Triton otherwise.
 
-The ops that run these kernels are ``torch.library.triton_op``s (``deco_ops._direct``): while
+The ops that run these kernels are ``torch.library.triton_op``s (``deco_ops._triton_op``): while
 ``torch.compile`` traces one on the Triton backend, its body runs on FakeTensors /
 FunctionalTensors, and every launch must become a ``triton_kernel_wrapper`` node (kernel, grid,
 arguments) that Inductor launches itself and CUDA graphs capture. An eager launch keeps Triton's own
