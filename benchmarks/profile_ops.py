@@ -5,7 +5,7 @@ each strategy, eager PyTorch, the best SDPA), it reports per call:
 * ``host_us``: how long the Python side takes to issue one call (``N`` calls issued back to back,
   no synchronisation, the GPU queue never full), the launch overhead a small batch pays;
 * ``wall_us``: the same ``N`` calls until the GPU is done, per call;
-* ``gpu_us``: the summed time of the GPU kernels of one call (``torch.profiler``);
+* ``gpu_us``: the summed time of the GPU kernels of one call (``torch.profiler``, each kernel once);
 so ``host_us > gpu_us`` means the call is host-bound. Then, for deco_ops, the profiler's top rows
 by host time and by GPU time, and a ``cProfile`` of the Python functions that cost the host most.
 
@@ -25,6 +25,7 @@ import sys
 import time
 
 import torch
+from torch.autograd import DeviceType
 
 from . import cases
 
@@ -57,8 +58,15 @@ def profiled(run, device: torch.device, n: int):
             run()
         _sync(device)
     events = prof.key_averages()
-    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in events) / n
-    return gpu_us, events
+    return device_us(events, n), events
+
+
+def device_us(events, calls: int) -> float:
+    """GPU microseconds per call in profiler ``events``, each kernel counted once: the device-side
+    rows only (kernels, copies, memsets). The CPU-side row that launched a kernel (the op, the
+    launch call) reports the same time again as its "self device time"; summing every row, as this
+    script did up to the H200 runs of 2026-11-26, counted each kernel twice."""
+    return sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / calls
 
 
 def python_hotspots(run, n: int, rows: int) -> str:

@@ -113,7 +113,7 @@ def stamp(env: cases.Env, args) -> dict:
         "deco_ops_backend": env.backend,
         "torch_compile_baselines": env.compile,
         "quick": bool(args.quick),
-        "timer": "triton.testing.do_bench (CUDA events, median)" if not cpu
+        "timer": "triton.testing.do_bench (CUDA events, median); GPU-only: do_bench_cudagraph (median)" if not cpu
         else "process CPU time (one thread), implementations interleaved round by round, fastest of >= 10 calls (5 with --quick)",
         "shapes": "real" if not cpu else ("tiny twins (CPU smoke run: timings say nothing about GPU speed); "
                                            "the *_cpu_* shapes at real size (the CPU path)"),
@@ -150,6 +150,7 @@ def run_group(group: cases.Group, env: cases.Env, ceilings: dict, quick: bool) -
             if env.device.type == "cuda":
                 entry["ms"] = timing.bench_ms(runner.run, env.device, quick)
                 entry["peak_MiB"] = timing.peak_mib(runner.run, runner.reset, env.device)
+                entry.update(_gpu_only(runner, env.device, quick))
             else:
                 runner.run()  # warm-up, and a failure is this implementation's alone
                 cpu_runners[name] = runner
@@ -187,6 +188,28 @@ def run_group(group: cases.Group, env: cases.Env, ceilings: dict, quick: bool) -
         rec["rel_err_vs_eager"] = _rel_err(outputs["deco_ops"], ref)
     rec["speedup"] = speedups(rec)
     return rec
+
+
+def _gpu_only(runner, device: torch.device, quick: bool) -> dict:
+    """``{"gpu_ms": ...}``, the call's GPU work alone (``timing.gpu_ms``), or ``{"gpu_error": ...}``
+    when the call cannot be captured in a CUDA graph (the end-to-end time still stands)."""
+    try:
+        return {"gpu_ms": timing.gpu_ms(runner.run, device, quick)}
+    except Exception as e:  # noqa: BLE001 - an uncapturable baseline keeps its end-to-end time
+        torch.cuda.synchronize(device)
+        return {"gpu_error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+    finally:
+        runner.reset()
+
+
+def host_bound(entry: dict) -> str:
+    """The GPU-only time, and how much longer the end-to-end call takes: ``0.021 (2.4x)`` says the
+    call spends 2.4x its GPU time, so the host holds it back; ``(1.0x)``, the GPU does. ``n/a`` off
+    CUDA (no CUDA graphs), ``–`` where the call could not be captured."""
+    gpu = entry.get("gpu_ms")
+    if gpu is None:
+        return "–" if "gpu_error" in entry else "n/a"
+    return f"{gpu:.4g} ({entry['ms'] / gpu:.1f}x)"
 
 
 def speedups(rec: dict) -> dict:
@@ -269,6 +292,9 @@ def markdown(data: dict) -> str:
         f"Measured ceilings: copy {c['copy_GBps']:.0f} GB/s (read + write), {c['dtype']} matmul "
         f"{c['matmul_TFLOPs']:.1f} TFLOP/s ({c['matmul_size']}^3). "
         "% roofline = max(FLOPs / matmul rate, fewest bytes / copy bandwidth) / time. "
+        "Time: end to end (`do_bench`), host work included where the GPU waits for it. GPU-only: the same call "
+        "captured in a CUDA graph and replayed (`do_bench_cudagraph`), no host time; in brackets time / GPU-only "
+        "(1.0x: GPU-bound; well above 1: the host holds the call back). "
         "Speedup = baseline time / deco_ops time (> 1: deco_ops faster). Peak = memory one call allocates "
         "above its inputs. FLOP and byte conventions: `benchmarks/counts.py`.",
         "",
@@ -285,8 +311,9 @@ def markdown(data: dict) -> str:
         for shape in seen_shapes:
             rs = [r for r in recs if r["shape"] == shape]
             lines += [f"### {shape} ({rs[0]['shape_desc']})", ""]
-            lines += ["| direction | implementation | time (ms) | deco_ops speedup | TFLOP/s | GB/s | % roofline | peak (MiB) |",
-                      "|---|---|---:|---:|---:|---:|---:|---:|"]
+            lines += ["| direction | implementation | time (ms) | GPU-only (ms) (time / GPU) | deco_ops speedup | TFLOP/s | GB/s | "
+                      "% roofline | peak (MiB) |",
+                      "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
             notes = []
             for r in rs:
                 deco_ms = r["impls"].get("deco_ops", {}).get("ms")
@@ -295,10 +322,12 @@ def markdown(data: dict) -> str:
                     if "ms" not in e:
                         notes.append(f"{r['direction']} {name}: {e.get('skipped') or e.get('error')}")
                         continue
+                    if "gpu_error" in e:
+                        notes.append(f"{r['direction']} {name}: no GPU-only time (not capturable in a CUDA graph): {e['gpu_error']}")
                     ratio = "1.00" if name == "deco_ops" else (f"{e['ms'] / deco_ms:.2f}x" if deco_ms else "–")
                     label = "**deco_ops** (auto)" if name == "deco_ops" else name + (" (best SDPA)" if name == best_sdpa else "")
                     lines.append(
-                        f"| {r['direction']} | {label} | {e['ms']:.4g} | {ratio} | {e['TFLOPs']:.3g} | {e['GBps']:.4g} | "
+                        f"| {r['direction']} | {label} | {e['ms']:.4g} | {host_bound(e)} | {ratio} | {e['TFLOPs']:.3g} | {e['GBps']:.4g} | "
                         f"{e['roofline_pct']:.1f} | {_f(e['peak_MiB'], '.1f')} |")
                 if "rel_err_vs_eager" in r:
                     notes.append(f"{r['direction']}: deco_ops vs eager output, relative error {r['rel_err_vs_eager']:.2e}")

@@ -102,7 +102,10 @@ def test_report_smoke(tmp_path):
         return  # the GPU run is benchmarks/run_gpu.sh's job
     assert report.main(["--quick", "--shapes", "infer_b1", "--directions", "fwd", "--out", str(tmp_path), "--no-plot"]) == 0
     assert (tmp_path / "results.json").exists() and (tmp_path / "results.md").exists()
-    assert "CPU smoke run" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "CPU smoke run" in text
+    assert "| fwd | **deco_ops** (auto) |" in text and all(
+        row.split("|")[4].strip() == "n/a" for row in text.splitlines() if row.startswith("| fwd |"))  # no GPU-only time
     assert cases.Env.default().device.type == "cpu"
 
 

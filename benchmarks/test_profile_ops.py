@@ -1,6 +1,9 @@
 """``python -m benchmarks.profile_ops`` runs (here on the CPU's tiny shapes) and reports each piece
 and each case, so the GPU run's one call of it cannot fail on the script."""
 
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import FunctionEvent
+
 import deco_ops
 
 from . import profile_ops
@@ -18,3 +21,21 @@ def test_profile_ops_reports_pieces_and_cases(tmp_path):
     rows = [r for r in text.splitlines() if r.startswith("pool_mlp-infer_b1-fwd ")]
     assert {r.split()[1] for r in rows} == {"deco_ops", "eager"}
     assert all(float(r.split()[2]) > 0 for r in rows)  # host_us measured
+
+
+def test_gpu_time_counts_each_kernel_once():
+    """A profile of one call: the op's CPU row launched a 30 us kernel, which also has its own GPU
+    row (as torch.profiler records a Triton launch under a custom op), then a 12 us cuBLAS kernel
+    under aten::addmm; and a CPU-only op. GPU time per call: 42 us, not 84."""
+    def event(i, name, start, end, device_type=DeviceType.CPU):
+        return FunctionEvent(id=i, name=name, thread=0, start_us=start, end_us=end, use_device="cuda",
+                             device_type=device_type, stack=[], input_shapes=[])
+
+    op, addmm, view = event(0, "deco::pool_mlp", 0, 100), event(2, "aten::addmm", 50, 90), event(4, "aten::view", 95, 96)
+    op.append_kernel("pool_gemm_kernel", 0, 30)
+    addmm.append_kernel("sm90_gemm", 0, 12)
+    kernels = [event(1, "pool_gemm_kernel", 10, 40, DeviceType.CUDA), event(3, "sm90_gemm", 60, 72, DeviceType.CUDA)]
+    events = [op, addmm, view, *kernels]
+    assert sum(e.self_device_time_total for e in events) == 84  # the old sum
+    assert profile_ops.device_us(events, 1) == 42
+    assert profile_ops.device_us(events * 2, 2) == 42

@@ -1,6 +1,8 @@
 """Timing, peak memory and the device's measured ceilings (copy bandwidth, matmul rate).
 
-On CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median). On a CPU:
+On CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median): the end-to-end
+time of a call, host work included wherever the GPU waits for it; beside it ``gpu_ms``, the GPU work
+alone (``do_bench_cudagraph``: the call captured once in a CUDA graph, then replayed). On a CPU:
 the process's CPU time, the implementations of a group interleaved round by round, fastest call
 (``interleaved_ms``); ``bench_ms`` loops over one function (the device ceilings).
 """
@@ -35,6 +37,17 @@ def bench_ms(fn: Callable[[], object], device: torch.device, quick: bool = False
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+
+def gpu_ms(fn: Callable[[], object], device: torch.device, quick: bool = False) -> float | None:
+    """Median milliseconds of the GPU work of one call of ``fn``, no host time: Triton's
+    ``do_bench_cudagraph`` captures the call in a CUDA graph and times replays (no Python, launch
+    or allocator work). None off CUDA. Raises if the call cannot be captured (a host sync)."""
+    if device.type != "cuda":
+        return None
+    import triton.testing
+
+    return float(triton.testing.do_bench_cudagraph(fn, rep=10 if quick else 20, return_mode="median"))
 
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], quick: bool = False) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """Eager calls of deco's ops, without ``torch.library``'s dispatch on the way.
 
-Every ``torch.ops.deco.*`` op is a ``torch.library`` custom op: ``torch.compile`` sees one opaque
-node with a fake implementation and an autograd formula, ``torch.autocast`` its rules
+Every ``torch.ops.deco.*`` op is a ``torch.library`` triton op: ``torch.compile`` sees its kernels
+(``_triton_op``) or one opaque node with a fake implementation, and an autograd formula, ``torch.autocast`` its rules
 (``_autocast``), dispatch modes their calls. In eager mode that machinery is pure host time on every
 call, nested ops paying it again (the first GPU run: a LLaVA-1.5 batch-1 forward+backward spent
 1.28 ms on the host against eager PyTorch's 0.57 ms, its kernels 0.1-0.2 ms).
@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 
+from ._triton_op import triton_op
 from ._validate import AUTOCAST_DEVICE_TYPES
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -36,11 +37,11 @@ _names: dict[object, str] = {}  # custom op definition -> its name in ``deco``
 
 
 def custom_op(name: str) -> Callable:
-    """``torch.library.custom_op("deco::<name>", mutates_args=())``, remembering the implementation
-    for ``deco.<name>``."""
+    """``torch.library.triton_op("deco::<name>", mutates_args=())`` (``_triton_op``: compiled
+    graphs see its kernels), remembering the implementation for ``deco.<name>``."""
 
     def register(fn: Callable):
-        opdef = torch.library.custom_op(f"deco::{name}", mutates_args=())(fn)
+        opdef = triton_op(f"deco::{name}", fn)
         deco.add(name, fn)
         _names[opdef] = name
         return opdef

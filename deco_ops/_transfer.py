@@ -12,7 +12,17 @@ import torch
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``; a CPU tensor goes to a GPU without a blocking copy (pinned staging)."""
+    """``t`` on ``device``; a CPU tensor goes to a GPU without a blocking copy (pinned staging).
+
+    Refused while a CUDA graph is being captured: the graph would keep the copy from one pinned
+    buffer that the host allocator hands out again after the capture, so a replay would read
+    whatever lies there then (docs/cuda-graphs.md: which calls capture)."""
     if t.device.type == "cpu" and device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "deco_ops: this call copies a host table to the GPU (a packed batch's geometry, its cu_seqlens, or a "
+                "dropout seed drawn from a CPU generator), which a CUDA graph cannot capture; capture the dense ops, "
+                "or dropout with a CUDA generator (docs/cuda-graphs.md)"
+            )
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

@@ -172,6 +172,8 @@ def choose(candidates: Mapping[str, Candidate], *, on_triton: bool, key: Callabl
     if forced == "auto" and on_triton:
         if _backend.interpreting() or len(candidates) == 1:
             return default
+        if torch.compiler.is_compiling():
+            return _traced_choice(candidates, key)
         measured_key = key()
         _preload_shipped_table(measured_key)
         return decide(measured_key, candidates, _time_cuda)
@@ -195,6 +197,21 @@ def _composed_choice(candidates: Mapping[str, Candidate], key: Callable[[], str]
         if known in composed:
             return known
     return composed[0] if composed else None
+
+
+def _traced_choice(candidates: Mapping[str, Candidate], key: Callable[[], str]) -> str:
+    """The choice while ``torch.compile`` traces an op body (FakeTensors: nothing can be timed, and
+    the graph keeps what is chosen here): the decision known for the key (made by an eager call,
+    preloaded, on disk or in the GPU's tuning table), else the default. Symbolic sizes (dynamic
+    shapes) have no key: the default."""
+    default = next(iter(candidates))
+    try:
+        known_key = key()
+    except AttributeError:  # bucket() of a SymInt: int.bit_length has no symbolic twin
+        return default
+    _preload_shipped_table(known_key)
+    known = _decisions.get(known_key) or _read_disk().get(known_key)
+    return known if known in candidates else default
 
 
 def _preload_shipped_table(key: str) -> None:

@@ -31,6 +31,8 @@ import torch
 import triton
 from triton.runtime.autotuner import Autotuner
 
+from . import _traceable
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE_ENV = "DECO_OPS_AUTOTUNE"
 
@@ -112,6 +114,7 @@ class TunedKernel(Autotuner):
         self.timings: dict[str, dict[triton.Config, float]] = {}  # bucket label -> what Triton measured
         self._untimed = False  # the current new key launches a preset config
         self._pending: tuple[str, tuple, bool] | None = None  # (label, key, timed) of the last new key
+        self._traced: dict[triton.Config, Autotuner] = {}  # config -> the one-config autotuner traces record
         TUNED_KERNELS.append(self)
 
     def triton_key(self, args: dict) -> tuple:
@@ -175,12 +178,35 @@ class TunedKernel(Autotuner):
         self._pending = (label, self.triton_key(all_args), not self._untimed)
         return [config] if self._untimed else candidates
 
+    def for_trace(self, args: tuple, kwargs: dict) -> Autotuner:
+        """The kernel a ``torch.compile`` trace records for a launch (``kwargs``: no grid): an
+        autotuner over the one config an eager launch would take untimed (``preset``: tuning table,
+        this process's choice for the bucket, ``DECO_OPS_AUTOTUNE=0``, a lone candidate), so compiled
+        and eager calls launch alike; else this autotuner, whose fitting candidates Inductor then
+        times itself. Under the interpreter its one config, as eager."""
+        nargs = dict(zip(self.arg_names, args))
+        named = {**nargs, **kwargs}
+        if INTERPRET or any(isinstance(named.get(k), torch.SymInt) for k in self.keys):  # dynamic shapes: no bucket
+            return self
+        device = next(v.device for v in named.values() if isinstance(v, torch.Tensor))
+        config = self.preset(self.bucket_label(named), self.candidates(self.configs, nargs, kwargs), device)
+        if config is None:
+            return self
+        if config not in self._traced:
+            self._traced[config] = Autotuner(self.fn, self.arg_names, [config], self.keys, reset_to_zero=None,
+                                             restore_value=None)
+        return self._traced[config]
+
     def _bench(self, *args, config, **meta):
         if self._untimed:  # triton 3.6 benchmarks even a single config
             return [0.0, 0.0, 0.0]
         return super()._bench(*args, config=config, **meta)
 
     def run(self, *args, **kwargs):
+        if _traceable.tracing(args):  # inside torch.compile's trace of an op body: a graph node
+            grid = kwargs.pop("grid")
+            kwargs.pop("warmup", None)
+            return _traceable.launch(self.for_trace(args, kwargs), grid, args, kwargs)
         if _plan is not None:
             nargs = dict(zip(self.arg_names, args))
             _plan.append((self.name, self.bucket_label({**nargs, **kwargs}), self.candidates(self.cuda_configs, nargs, kwargs)))

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._traceable import launcher
 from .adaptive_window import max_window, window, windows_containing
 
 UNPOOL_BLOCK_C = 1024  # 8 channels per thread of 4 warps: 16-byte loads and stores in 16-bit
@@ -123,7 +124,7 @@ def pool_tokens(x: torch.Tensor, grid: tuple[int, int, int], out_grid: tuple[int
     if out.numel() == 0:
         return out
     block, KH, KW = pool_tile(C, H, W, OH, OW)
-    pool_tokens_kernel[(B * P, triton.cdiv(C, block))](
+    launcher(pool_tokens_kernel, x)[(B * P, triton.cdiv(C, block))](
         x, out, C, T, H, W, OT, OH, OW, *x.stride(), *out.stride(), BLOCK_C=block, KH=KH, KW=KW,
     )
     return out
@@ -140,7 +141,7 @@ def unpool_tokens(grad: torch.Tensor, grid: tuple[int, int, int], out_grid: tupl
     if dx.numel() == 0:
         return dx
     block = _block_c(C, UNPOOL_BLOCK_C)
-    unpool_tokens_kernel[(B * N, triton.cdiv(C, block))](
+    launcher(unpool_tokens_kernel, grad)[(B * N, triton.cdiv(C, block))](
         grad, dx, C, T, H, W, OT, OH, OW, *grad.stride(), *dx.stride(), BLOCK_C=block,
     )
     return dx

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._traceable import launcher
 from ._tuning import INTERPRET
 from .merge_rows import (
     NORMS, ORDERS, affine, group_stats, groups, load_token_tile, merged_rows, norm_channels, scale,
@@ -189,7 +190,7 @@ def merge_norm_stats(x, merge, order, grid, geometry, image, norm, pre, eps) -> 
         return stats
     launch = _launch_config(C)
     packed = geometry is not None
-    merge_norm_stats_kernel[(triton.cdiv(M, launch["BLOCK_R"]),)](
+    launcher(merge_norm_stats_kernel, x)[(triton.cdiv(M, launch["BLOCK_R"]),)](
         x, stats, image if packed else stats, geometry if packed else stats,
         M, C, P, H, W, *x.stride(), eps,
         ORDER=ORDERS[order], PACKED=packed, MERGE=merge, NORM=NORMS[norm], PRE=pre, **launch,
@@ -215,7 +216,7 @@ def merge_norm_backward(x, stats, wn, bn, dn, merge, order, grid, geometry, imag
     if M > 0:
         packed = geometry is not None
         dummy = stats
-        merge_norm_backward_kernel[(programs,)](
+        launcher(merge_norm_backward_kernel, x)[(programs,)](
             x, stats, dummy if wn is None else wn, dummy if bn is None else bn, dummy if dn is None else dn,
             dummy if dx is None else dx, dummy if n is None else n, dummy if dwn is None else dwn,
             dummy if dbn is None else dbn, image if packed else dummy, geometry if packed else dummy,

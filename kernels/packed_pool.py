@@ -38,6 +38,7 @@ import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ._device import on_input_device
+from ._traceable import launcher, tracing
 from ._tuning import INTERPRET
 from .adaptive_window import window, windows_containing
 
@@ -274,15 +275,22 @@ _image_tables = WeakTensorKeyDictionary()
 
 def image_index(geometry: torch.Tensor, kind: str, total: int) -> torch.Tensor:
     """int32 (total,): the image of every output row (``kind="out_rows"``) or every input token
-    (``"tokens"``), built on the device without a host sync the first time a geometry asks."""
+    (``"tokens"``), built on the device without a host sync the first time a geometry asks (every
+    time while a trace builds it: the graph holds the ops, the cache only real tensors)."""
+    if tracing((geometry,)):
+        return _index(geometry, kind, total)
     version, tables = _image_tables.get(geometry, (None, None))
     if version != geometry._version:  # new geometry, or written in place since: rebuild
         version, tables = geometry._version, {}
         _image_tables[geometry] = (version, tables)
     if (kind, total) not in tables:
-        ids = torch.arange(geometry.shape[0], device=geometry.device, dtype=torch.int32)
-        tables[kind, total] = torch.repeat_interleave(ids, ROWS_PER_IMAGE[kind](geometry), output_size=total)
+        tables[kind, total] = _index(geometry, kind, total)
     return tables[kind, total]
+
+
+def _index(geometry: torch.Tensor, kind: str, total: int) -> torch.Tensor:
+    ids = torch.arange(geometry.shape[0], device=geometry.device, dtype=torch.int32)
+    return torch.repeat_interleave(ids, ROWS_PER_IMAGE[kind](geometry), output_size=total)
 
 
 @functools.lru_cache(maxsize=None)
@@ -303,7 +311,7 @@ def _resample(kernel, src: torch.Tensor, geometry: torch.Tensor, rows: int, kind
         return dst
     image = image_index(geometry, kind, rows)
     launch = _launch_config(C, src.element_size())
-    kernel[(triton.cdiv(rows, launch["BLOCK_R"]), triton.cdiv(C, launch["BLOCK_C"]))](
+    launcher(kernel, src)[(triton.cdiv(rows, launch["BLOCK_R"]), triton.cdiv(C, launch["BLOCK_C"]))](
         src, dst, image, geometry, rows, C, *src.stride(), *dst.stride(), MODE=MODES[mode], **launch,
     )
     return dst

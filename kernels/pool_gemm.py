@@ -33,6 +33,7 @@ import triton.language as tl
 
 from . import activations
 from ._device import on_input_device
+from ._traceable import tracing
 from .dot import dot
 from .gemm_epilogue import bias_act_store
 from .tiling import INTERPRET_CONFIG, gemm_configs, output_tile, tile_grid
@@ -187,8 +188,9 @@ def pool_gemm(
     if M and not unrolled_windows_fit(x, windows[0] * windows[1] * windows[2]):
         # Windows too large to unroll on this device (e.g. 24x24 -> 3x3): the ragged path's
         # runtime window loops serve the batch as B images of one grid.
+        geometry = (dense_geometry.__wrapped__ if tracing((x,)) else dense_geometry)(grid, out_grid, B, x.device)  # no fakes cached
         return pool_gemm_packed(
-            x.reshape(B * T * H * W, K), dense_geometry(grid, out_grid, B, x.device), M, "average", w, b,
+            x.reshape(B * T * H * W, K), geometry, M, "average", w, b,
             activation, store_pre, store_pooled,
         )
     return _launch(x, x.stride(), (T, H, W, OT, OH, OW), windows, None, None, M, "average", w, b, activation,

@@ -1,0 +1,154 @@
+"""``torch.compile`` sees through the ops: no graph break, and on the Triton backend the kernels
+themselves in the compiled graph.
+
+Every deco op is a ``torch.library.triton_op`` (``deco_ops/_triton_op.py``). On the Triton backend
+AOTAutograd traces its body and each launch becomes a ``triton_kernel_wrapper_functional`` node
+naming its kernel: what Inductor launches itself and CUDA graphs capture on a GPU. Here the kernels
+run under Triton's interpreter, so the graphs are recorded by a backend that runs them in Python,
+inside ``trace_interpreted_kernels()``; they must give eager's values and gradients, and write only
+the tensors the kernels store to (PyTorch reads that from each kernel's Triton IR).
+"""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from triton.runtime.jit import JITFunction
+
+import deco_ops
+from deco_ops._triton_op import trace_interpreted_kernels
+from deco_ops.kernels import _tuning
+
+pytestmark = pytest.mark.interpreter_only  # on a GPU the same graphs come from Inductor (test_cuda_graphs.py)
+
+WRAPPER = torch.ops.higher_order.triton_kernel_wrapper_functional
+
+
+class RecordingBackend:
+    """A ``torch.compile`` backend that keeps AOTAutograd's forward and backward graphs and runs
+    them as they are."""
+
+    def __init__(self):
+        self.graphs: list[torch.fx.GraphModule] = []
+
+    def __call__(self, gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=self._keep, bw_compiler=self._keep)
+
+    def _keep(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm
+
+    def launches(self, graph: int) -> list[tuple[str, list[str]]]:
+        """(kernel name, tensors it writes) of every kernel node of graph ``graph``, in order."""
+        return [(_kernel_name(kernel_side_table.get_kernel(node.kwargs["kernel_idx"])), node.kwargs["tensors_to_clone"])
+                for node in self.graphs[graph].graph.nodes if node.target is WRAPPER]
+
+
+def _kernel_name(kernel) -> str:
+    while not hasattr(kernel, "__code__"):  # Autotuner -> JITFunction -> Python function
+        kernel = kernel.fn
+    return kernel.__name__
+
+
+def _compiled_run(module, inputs, **kwargs):
+    """(eager output and gradients, compiled output and gradients, the recording backend)."""
+    backend = RecordingBackend()
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=backend, fullgraph=True)
+    runs = []
+    for fn in (module, compiled):
+        module.zero_grad()
+        args = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        out = fn(*args, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+        runs.append([out.detach()] + [p.grad.clone() for p in module.parameters()] + [a.grad for a in args if a.requires_grad])
+    for got, want in zip(*reversed(runs)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    return backend
+
+
+@pytest.fixture
+def traced_triton():
+    with deco_ops.use_backend("triton"), trace_interpreted_kernels():
+        yield
+
+
+def test_projector_kernels_in_compiled_graph(traced_triton):
+    torch.manual_seed(0)
+    proj = deco_ops.DeCoProjector(16, 24, hidden_features=32, grid=(4, 4), out_grid=(2, 2))
+    backend = _compiled_run(proj, [torch.randn(2, 16, 16)])
+    forward, backward = backend.launches(0), backend.launches(1)
+    assert forward == [("pool_gemm_kernel", ["out_ptr", "pre_ptr", "pooled_ptr"])]
+    assert [name for name, _ in backward] == ["gemm_act_grad_kernel", "unpool_tokens_kernel"]
+    # the second Linear and the weight gradients stay torch ops beside the kernels
+    assert any(node.target is torch.ops.aten.addmm.default for node in backend.graphs[0].graph.nodes)
+
+
+def test_cross_attention_kernels_in_compiled_graph(traced_triton):
+    torch.manual_seed(0)
+    attn = deco_ops.CrossAttention(32, 2, batch_first=True)
+    q, kv = torch.randn(2, 5, 32), torch.randn(2, 11, 32)
+    backend = _compiled_run(attn, [q, kv, kv.clone()], need_weights=False)
+    assert [name for name, _ in backend.launches(0)] == ["cross_attention_fwd_kernel"]
+    assert [name for name, _ in backend.launches(1)] == ["cross_attention_bwd_preprocess_kernel", "cross_attention_bwd_single_pass_kernel"]
+
+
+def test_query_resampler_kernels_in_compiled_graph(traced_triton):
+    torch.manual_seed(0)
+    resampler = deco_ops.QueryResampler(6, 32, 24, 2)
+    backend = _compiled_run(resampler, [torch.randn(2, 13, 24)])
+    assert "cross_attention_fwd_kernel" in [name for name, _ in backend.launches(0)]
+
+
+def test_patch_merger_kernels_in_compiled_graph(traced_triton):
+    torch.manual_seed(0)
+    merger = deco_ops.PatchMergerProjector(8, 16, hidden_features=24)
+    backend = _compiled_run(merger, [torch.randn(16, 8)])
+    forward = [name for name, _ in backend.launches(0)]
+    assert "merge_gemm_kernel" in forward
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "auto"])
+def test_modules_compile_without_graph_breaks(backend_name):
+    """Either backend: one graph per module (the ops are traced or opaque, never a break)."""
+    torch.manual_seed(0)
+    cases = [
+        (deco_ops.DeCoProjector(16, 24, grid=(4, 4), out_grid=(2, 2)), (torch.randn(2, 16, 16),), {}),
+        (deco_ops.CrossAttention(32, 2, batch_first=True), (torch.randn(2, 5, 32), torch.randn(2, 11, 32), torch.randn(2, 11, 32)),
+         {"need_weights": False}),
+        (deco_ops.QueryResampler(6, 32, 24, 2), (torch.randn(2, 13, 24),), {}),
+        (deco_ops.PatchMergerProjector(8, 16), (torch.randn(16, 8),), {}),
+    ]
+    with deco_ops.use_backend(backend_name), trace_interpreted_kernels():
+        for module, args, kwargs in cases:
+            torch._dynamo.reset()
+            explanation = torch._dynamo.explain(module)(*args, **kwargs)
+            assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), (type(module).__name__, explanation.break_reasons)
+
+
+def _scale(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, 2 * tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+def test_traced_launch_takes_the_config_eager_would(monkeypatch):
+    """On a GPU a trace records the config an eager launch takes untimed (tuning table, the bucket's
+    earlier choice, DECO_OPS_AUTOTUNE=0), so Inductor launches the same tile; with nothing to go by,
+    the whole autotuner (Inductor times its candidates). Checked on a compiled-kernel TunedKernel
+    (no launch: ``for_trace`` only decides)."""
+    monkeypatch.setattr(_tuning, "INTERPRET", False)
+    monkeypatch.setattr(_tuning, "TUNED_KERNELS", [])  # the suite's list of real kernels stays as it is
+    small, large = (triton.Config({"BLOCK": b}) for b in (32, 128))
+    kernel = _tuning.TunedKernel(JITFunction(_scale), [small, large], [small, large], key=["n"], buckets=("n",))
+    x = torch.randn(100)
+    args, kwargs = (x, torch.empty_like(x), 100), {}
+    assert kernel.for_trace(args, kwargs) is kernel  # autotuning on, nothing known: Inductor times both
+    kernel.chosen[kernel.bucket_label({"x_ptr": x, "out_ptr": x, "n": 100})] = large  # an eager launch chose
+    traced = kernel.for_trace(args, kwargs)
+    assert traced.configs == [large] and traced.fn is kernel.fn and kernel.for_trace(args, kwargs) is traced
+    monkeypatch.setenv("DECO_OPS_AUTOTUNE", "0")
+    kernel.chosen.clear()
+    assert kernel.for_trace(args, kwargs).configs == [small]  # untimed: the first candidate, as eager
