@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .kernels import activation_backward
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -54,3 +55,16 @@ def mlp_pool_act_backward(x: torch.Tensor, w1, b1, dpooled: torch.Tensor, unpool
     z = F.linear(x, w1, b1)
     z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
     return (unpool(dpooled).to(z.dtype) * reference.ACTIVATION_GRADS[activation](z)).to(x.dtype)
+
+
+def mlp_activation_backward(dy: torch.Tensor, w2, pre: torch.Tensor, activation: str, need_db1: bool,
+                            elementwise_kernel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(``dh * act'(pre)``, ``act(pre)``, db1 or empty) with ``dh = dy @ w2``, as
+    ``deco::mlp_activation_backward``: cuBLAS for ``dh``, then (``elementwise_kernel``, the Triton
+    backend) one Triton pass over ``dh`` and ``pre`` that writes both tensors and sums db1 in the
+    same read, or (PyTorch backend) ATen's activation backward kernel and one reduction."""
+    if elementwise_kernel:
+        dz, act, db1 = activation_backward.activation_backward(dy @ w2, pre, activation, need_db1)
+        return dz, act, db1.to(dz.dtype) if need_db1 else _empty(dz)
+    dz, act = reference.mlp_activation_backward(dy, w2, pre, activation)
+    return dz, act, reference.bias_grad(dz) if need_db1 else _empty(dz)
