@@ -16,10 +16,10 @@ import argparse
 import math
 
 import torch
-import torch.nn.functional as F
 
 import deco_ops
 
+from .cases import eager_pool_tokens
 from .timing import interleaved_ms
 
 # (name, batch, grid, out_grid, channels): LLaVA-1.5's CLIP ViT-L/14-336 grid pooled 2x2 at
@@ -29,17 +29,6 @@ SHAPES = [
     ("siglip_b8", 8, (27, 27), (12, 12), 1152),
     ("pllava_8f", 1, (8, 24, 24), (8, 12, 12), 1024),
 ]
-
-
-def _eager_pool(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
-    B, _, C = x.shape
-    pool = F.adaptive_avg_pool2d if len(grid) == 2 else F.adaptive_avg_pool3d
-    image = x.transpose(1, 2).reshape(B, C, *grid)
-    return pool(image, tuple(out_grid)).reshape(B, C, -1).transpose(1, 2)
-
-
-def _deco_pool(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
-    return deco_ops.adaptive_avg_pool_tokens(x, grid, out_grid)
 
 
 def measure(batch: int, grid, out_grid, C: int, quick: bool) -> dict[str, float]:
@@ -59,8 +48,9 @@ def measure(batch: int, grid, out_grid, C: int, quick: bool) -> dict[str, float]
             x.grad = None
         return run
 
-    fns = {"deco fwd": forward(_deco_pool), "eager fwd": forward(_eager_pool),
-           "deco fwd+bwd": forward_backward(_deco_pool), "eager fwd+bwd": forward_backward(_eager_pool)}
+    deco = deco_ops.adaptive_avg_pool_tokens
+    fns = {"deco fwd": forward(deco), "eager fwd": forward(eager_pool_tokens),
+           "deco fwd+bwd": forward_backward(deco), "eager fwd+bwd": forward_backward(eager_pool_tokens)}
     for fn in fns.values():
         fn()
     return interleaved_ms(fns, quick=quick)
