@@ -6,6 +6,10 @@ They return exactly the fused paths' residuals (the pooled input and the pre-act
 pooled activation for ``mlp_pool``), so one backward serves both. On the PyTorch backend they are
 the projectors' only implementation.
 
+The backward through the activation is cuBLAS's ``dy @ W2`` then, on the Triton backend, one
+elementwise Triton pass (``kernels/activation_backward.py``: dz, act and db1 from one read of the
+pre-activation); on the PyTorch backend ATen's own activation backward kernel.
+
 No cuBLASLt epilogue: ``torch._addmm_activation``'s GELU epilogue is the tanh approximation
 applied to the fp32 accumulator, so it is not erf-GELU (``nn.GELU()``, the default here) and not
 bit-identical to ``F.gelu(approximate="tanh")`` on the rounded pre-activation either; and under

@@ -128,6 +128,24 @@ def test_inference_keeps_no_residuals():
     assert pooled.numel() == 0 and pre.numel() == 0 and y.shape == (2, 9, 29)
 
 
+@pytest.mark.parametrize("strategy", ["fused", "composed"])
+def test_gradient_of_the_pre_activation_output_joins_db1(strategy):
+    """deco::pool_mlp's residual outputs are differentiable too: a loss on the pre-activation adds
+    to dz after the activation backward, so db1 is summed from the total, not taken from the pass."""
+    params, dy = _mlp_case((4, 6), (2, 3), torch.float32)
+    dpre = randn(2, 6, 48, generator=torch.Generator().manual_seed(5))
+    leaves = [leaf(p) for p in params]
+    with deco_ops.use_backend("triton"), deco_ops.use_strategy(strategy):
+        y, _, pre = torch.ops.deco.pool_mlp(*leaves, [4, 6], [2, 3], "gelu", True)
+        ((y * dy).sum() + (pre * dpre).sum()).backward()
+    ref = [leaf(p, torch.float64) for p in params]
+    pre64 = torch.nn.functional.linear(reference.adaptive_avg_pool_tokens(ref[0], (4, 6), (2, 3)), ref[1], ref[2])
+    y64 = torch.nn.functional.linear(reference.ACTIVATIONS["gelu"](pre64), ref[3], ref[4])
+    ((y64 * dy.double()).sum() + (pre64 * dpre.double()).sum()).backward()
+    for name, got, want in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref):
+        assert_close(got.grad, want.grad, torch.float32, f"grad {name}")
+
+
 @pytest.mark.parametrize("tokens_require_grad", [True, False])
 def test_saved_for_backward_bytes(tokens_require_grad, capsys):
     """The fused projector keeps the pooled input and the pre-activation; eager keeps the patch
