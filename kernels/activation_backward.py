@@ -11,9 +11,10 @@ each program owns ``ROWS`` rows of a column block, adds its rounded ``dz`` tile 
 writes one partial row; the launcher then sums the ``cdiv(M, ROWS)`` partial rows (a tiny second
 reduction, deterministic: no float atomics). Without it ``db1`` would be another full read of dz.
 
-Counts: flops = 2*M*N*K for ``dh = dy @ W2`` (cuBLAS; the pass itself does no matmul work);
-pass bytes = 4*M*N*elem (read dh and z, write dz and a) + 8*cdiv(M, ROWS)*N (fp32 partials,
-written then read) + N*elem (db).
+Counts: flops = 2*M*N*K for ``dh = dy @ W2`` (cuBLAS; the pass itself does no matmul work), the
+same as ``gemm_act_grad.flops``, which the benchmarks credit to either twin; pass bytes =
+4*M*N*elem (read dh and z, write dz and a) + 8*cdiv(M, ROWS)*N (fp32 partials, written then read)
++ N*4 (db), against 6*M*N*elem for the unfused dh round trip plus a separate db1 reduction.
 """
 
 import torch
@@ -78,12 +79,3 @@ def activation_backward(
     )
     return dz, a, partials.sum(0) if bias_grad else None
 
-
-def flops(M: int, N: int, K: int) -> int:
-    """dh = dy (M, K) @ W2 (K, N) on cuBLAS; the elementwise pass adds no matmul FLOPs."""
-    return 2 * M * N * K
-
-
-def pass_bytes(M: int, N: int, elem: int, bias_grad: bool) -> int:
-    """Bytes the elementwise pass moves (the formula in the module docstring)."""
-    return 4 * M * N * elem + ((8 * triton.cdiv(M, ROWS) * N + N * elem) if bias_grad else 0)
