@@ -173,6 +173,23 @@ def _fwd_runner(forward: Callable[[], torch.Tensor],
 # pool + MLP
 
 
+def eager_pool_tokens(x: torch.Tensor, grid, out_grid, mode: str = "average") -> torch.Tensor:
+    """Pooling of ``(B, prod(grid), C)`` tokens as eager code writes it: viewed as an image,
+    ``F.adaptive_avg_pool2d``/``3d`` or bilinear ``F.interpolate`` per frame, back to tokens."""
+    B, _, C = x.shape
+    img = x.transpose(1, 2).reshape(B, C, *grid)  # "b (h w) d -> b d h w": a channels-last view
+    if mode == "bilinear":
+        T = grid[0] if len(grid) == 3 else 1
+        frames = img.reshape(B, C, T, *grid[-2:]).transpose(1, 2).reshape(B * T, C, *grid[-2:])
+        pooled = F.interpolate(frames, size=tuple(out_grid[-2:]), mode="bilinear", align_corners=False)
+        pooled = pooled.reshape(B, T, C, -1).transpose(1, 2)
+    elif len(grid) == 2:
+        pooled = F.adaptive_avg_pool2d(img, tuple(out_grid))
+    else:
+        pooled = F.adaptive_avg_pool3d(img, tuple(out_grid))
+    return pooled.reshape(B, C, -1).transpose(1, 2)  # "b d h w -> b (h w) d"
+
+
 class AvgPoolProjector(nn.Module):
     """DeCo's projector as the paper's code writes it (rearrange, AdaptiveAvgPool, MLP); 3D grids
     pool with AdaptiveAvgPool3d. ``order="mlp_pool"`` is PLLaVA/OneVision's project-then-pool."""
@@ -185,18 +202,7 @@ class AvgPoolProjector(nn.Module):
         self.mlp_projector = nn.Sequential(nn.Linear(in_features, hidden, **f), nn.GELU(), nn.Linear(hidden, out_features, **f))
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, C = x.shape
-        img = x.transpose(1, 2).reshape(B, C, *self.grid)  # "b (h w) d -> b d h w": a channels-last view
-        if self.mode == "bilinear":
-            T = self.grid[0] if len(self.grid) == 3 else 1
-            frames = img.reshape(B, C, T, *self.grid[-2:]).transpose(1, 2).reshape(B * T, C, *self.grid[-2:])
-            pooled = F.interpolate(frames, size=self.out_grid[-2:], mode="bilinear", align_corners=False)
-            pooled = pooled.reshape(B, T, C, -1).transpose(1, 2)
-        elif len(self.grid) == 2:
-            pooled = F.adaptive_avg_pool2d(img, self.out_grid)
-        else:
-            pooled = F.adaptive_avg_pool3d(img, self.out_grid)
-        return pooled.reshape(B, C, -1).transpose(1, 2)  # "b d h w -> b (h w) d"
+        return eager_pool_tokens(x, self.grid, self.out_grid, self.mode)
 
     def forward(self, x):
         if self.order == "mlp_pool":
@@ -273,6 +279,28 @@ def pool_mlp_groups(name: str, env: Env, directions) -> list[Group]:
                     lambda tg, d=d: counts.pool_mlp_shape(s, env.elem, "fwd" if d == "fwd" else "fwd_bwd", tg))
         for d in directions
     ]
+
+
+def pooling_groups(name: str, env: Env, directions) -> list[Group]:
+    """``adaptive_avg_pool_tokens`` alone at a pool+MLP shape's batch, grids and width (the
+    projector's first stage), against eager ``eager_pool_tokens``: forward pools, forward+backward
+    also un-pools (token gradients). No FLOPs: GB/s against the copy bandwidth is the figure."""
+    s = shapes.for_device(shapes.POOL_MLP[name], env.device)
+    gen = _generator(env, 7)
+    x = _randn((s.batch, s.tokens, s.in_features), env, gen)
+    dy = _randn((s.batch, s.pooled, s.in_features), env, gen)
+    groups = []
+    for d in directions:
+        grad = d != "fwd"
+        xin = x.detach().requires_grad_(grad)
+
+        def make(pool, ctx=contextlib.nullcontext, xin=xin, grad=grad):
+            forward = lambda: pool(xin, s.grid, s.out_grid)  # noqa: E731
+            return (lambda: _grad_runner(forward, [xin], dy, ctx)) if grad else (lambda: _fwd_runner(forward, ctx))
+
+        impls = {"deco_ops": make(deco_ops.adaptive_avg_pool_tokens, lambda: _deco(env)), "eager": make(eager_pool_tokens)}
+        groups.append(Group("adaptive_avg_pool_tokens", name, s, d, 0, counts.pool_tokens_shape(s, env.elem, d), impls))
+    return groups
 
 
 def mlp_pool_groups(name: str, env: Env, directions) -> list[Group]:

@@ -39,6 +39,14 @@ def _bias_bytes(n: int, bias: bool) -> int:
 # pool -> Linear -> act -> Linear
 
 
+def pool_tokens_shape(s, elem: int, direction: str) -> int:
+    """Fewest bytes of ``adaptive_avg_pool_tokens`` at shape ``s`` (a pool+MLP shape's batch, grids
+    and ``in_features``): pooling reads the tokens and writes the pooled cells; with the backward,
+    un-pooling reads the pooled gradient and writes the tokens' gradient, the same count again."""
+    one_way = adaptive_pool.pool_bytes(s.batch, s.tokens, s.pooled, s.in_features, elem)
+    return one_way if direction == "fwd" else 2 * one_way
+
+
 def pool_mlp(B: int, tokens: int, pooled: int, C: int, hidden: int, out: int, elem: int, *,
              direction: str, tokens_grad: bool = False, bias: bool = True) -> tuple[int, int]:
     """(flops, bytes) of ``Linear2(act(Linear1(pool(x))))`` on ``x`` of ``(B, tokens, C)``."""

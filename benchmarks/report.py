@@ -492,6 +492,8 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             try:
                 groups = cases.groups_for(name, env, directions)
+                if name in shapes.POOL_MLP:  # the projector's pooling stage alone: its GB/s
+                    groups += cases.pooling_groups(name, env, directions)
             except cases.Unavailable as e:
                 data["not_run"][name] = str(e)
                 progress.step(name + " (unavailable)")

@@ -196,13 +196,31 @@ def _mlp_pool_variants(module, dtypes):
     for dtype, precision, dlabel, tensor_cores in _dtype_variants(dtypes):
         for (mode, mlabel), act in [(m, a) for m in _PACKED_MODES.items() for a in _ACTIVATIONS]:
             args = dict(
-                x_ptr=_ptr(dtype), w_ptr=_ptr(dtype), b_ptr=_ptr(dtype), g_ptr=_ptr(dtype), dz_ptr=_ptr(dtype),
+                # dpa = dy @ W2 stays fp32 until un-pooled (deco_ops/mlp_pool.py)
+                x_ptr=_ptr(dtype), w_ptr=_ptr(dtype), b_ptr=_ptr(dtype), g_ptr=_ptr("fp32"), dz_ptr=_ptr(dtype),
                 image_ptr="*i32", geometry_ptr="*i32",
                 M=M, N=N, K=K, sxm=K, sxk=1, swn=K, swk=1, sgp=N, sgn=1,
                 HAS_BIAS=True, ACTIVATION=activations.CODES[act], MODE=mode, DOT_FP32=False,
                 INPUT_PRECISION=precision,
             )
             out.append(Variant(f"{dlabel} {act} {mlabel}", dtype, args, hgmma=tensor_cores))
+    return out
+
+
+def _activation_backward_variants(module, dtypes):
+    """activation_backward (the composed MLP backward's elementwise pass after cuBLAS's dh = dy @ W2):
+    dz, act and db1's partial sums over LLaVA's B*144 pooled rows x hidden 4096 (no dots)."""
+    from .kernels import activations
+
+    out = []
+    M, N = _B * 144, _HIDDEN
+    for dtype in dtypes:
+        for act in _ACTIVATIONS:
+            args = dict(
+                dh_ptr=_ptr(dtype), z_ptr=_ptr(dtype), dz_ptr=_ptr(dtype), a_ptr=_ptr(dtype), partial_ptr=_ptr("fp32"),
+                M=M, N=N, sdm=N, sdn=1, szm=N, szn=1, ACTIVATION=activations.CODES[act], BIAS_GRAD=True,
+            )
+            out.append(Variant(f"{dtype} {act}", dtype, args))
     return out
 
 
@@ -490,7 +508,10 @@ REGISTRY: list[Entry] = [
           launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant))),
     Entry("gemm_unpool_act_grad", "deco_ops.kernels.mlp_pool", "gemm_unpool_act_grad_kernel",
           configs=lambda m: m.cuda_configs(), variants=_mlp_pool_variants,
-          launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant), variant.args["ACTIVATION"])),
+          launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant), variant.args["ACTIVATION"], variant.args["MODE"])),
+    Entry("activation_backward", "deco_ops.kernels.activation_backward", "activation_backward_kernel",
+          configs=lambda m: [_plain_config(ROWS=m.ROWS, BLOCK_M=m.BLOCK_M, BLOCK_N=m.BLOCK_N)],
+          variants=_activation_backward_variants),
     Entry("pool_packed", "deco_ops.kernels.packed_pool", "pool_packed_kernel",
           configs=lambda m: m.cuda_configs(), variants=lambda m, d: _packed_pool_variants(m, d, unpool=False),
           launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant))),

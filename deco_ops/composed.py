@@ -6,6 +6,10 @@ They return exactly the fused paths' residuals (the pooled input and the pre-act
 pooled activation for ``mlp_pool``), so one backward serves both. On the PyTorch backend they are
 the projectors' only implementation.
 
+The backward through the activation is cuBLAS's ``dy @ W2`` then, on the Triton backend, one
+elementwise Triton pass (``kernels/activation_backward.py``: dz, act and db1 from one read of the
+pre-activation); on the PyTorch backend ATen's own activation backward kernel.
+
 No cuBLASLt epilogue: ``torch._addmm_activation``'s GELU epilogue is the tanh approximation
 applied to the fp32 accumulator, so it is not erf-GELU (``nn.GELU()``, the default here) and not
 bit-identical to ``F.gelu(approximate="tanh")`` on the rounded pre-activation either; and under
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .kernels import activation_backward
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -54,3 +59,16 @@ def mlp_pool_act_backward(x: torch.Tensor, w1, b1, dpooled: torch.Tensor, unpool
     z = F.linear(x, w1, b1)
     z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
     return (unpool(dpooled).to(z.dtype) * reference.ACTIVATION_GRADS[activation](z)).to(x.dtype)
+
+
+def mlp_activation_backward(dy: torch.Tensor, w2, pre: torch.Tensor, activation: str, need_db1: bool,
+                            elementwise_kernel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(``dh * act'(pre)``, ``act(pre)``, db1 or empty) with ``dh = dy @ w2``, as
+    ``deco::mlp_activation_backward``: cuBLAS for ``dh``, then (``elementwise_kernel``, the Triton
+    backend) one Triton pass over ``dh`` and ``pre`` that writes both tensors and sums db1 in the
+    same read, or (PyTorch backend) ATen's activation backward kernel and one reduction."""
+    if elementwise_kernel:
+        dz, act, db1 = activation_backward.activation_backward(dy @ w2, pre, activation, need_db1)
+        return dz, act, db1.to(dz.dtype) if need_db1 else _empty(dz)
+    dz, act = reference.mlp_activation_backward(dy, w2, pre, activation)
+    return dz, act, reference.bias_grad(dz) if need_db1 else _empty(dz)

@@ -33,12 +33,12 @@ import math
 
 import torch
 
-from . import _backend, _validate, merge_reference, strategy
+from . import _backend, _validate, merge_reference, reference, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import merge_gemm, merge_norm, packed_pool
 from ._transfer import to_device
 from .packed import Packing, _grid_table
-from .projector import ACTIVATIONS, add_grads, linear_grads, needs_residuals
+from .projector import ACTIVATIONS, activation_backward, add_grads, linear_grads, needs_residuals
 
 ORDERS = ("block", "grid")
 NORMS = ("layernorm", "rmsnorm")
@@ -195,14 +195,16 @@ def _backward(ctx, dy, dpre_extra):
     need_x, need_nw, need_nb, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:7]
     grid, merge, order, norm, pre, eps = ctx.args
     dz = dw2 = db2 = db1 = dx = dnw = dnb = dw1 = None
+    need_b1 = need_b1 and ctx.has_b1
     if dy is not None:  # None (not zeros) when only the residual output was used
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dz, act = deco.mlp_activation_backward(dy2, w2, pre_act, ctx.activation)
+        dz, act, db1 = activation_backward(dy2, w2, pre_act, ctx.activation, need_b1 and dpre_extra is None)
         dw2, db2 = linear_grads(dy2, act, need_w2, need_b2 and ctx.has_b2)
     dz = add_grads(dz, dpre_extra)
     if dz is None:
         return dx, dnw, dnb, dw1, db1, dw2, db2, None, None, None, None, None, None, None, None, None
-    db1 = dz.sum(0, dtype=torch.float32).to(dz.dtype) if need_b1 and ctx.has_b1 else None
+    if need_b1 and db1 is None:
+        db1 = reference.bias_grad(dz)
     need_nw, need_nb = need_nw and nw is not None, need_nb and nb is not None
     if need_x or need_nw or need_nb or need_w1:
         dn = dz @ w1 if need_x or need_nw or need_nb else None

@@ -108,6 +108,17 @@ def _(x, w1, b1, dpooled, geometry, activation, mode):
     return x.new_empty((x.shape[0], w1.shape[0]))
 
 
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in fp32. ``dy @ W2`` per pooled row is un-pooled next: a
+    token in several windows (overlap, up-sampling, bilinear) sums their gradients, and where
+    they cancel, rounding each to 16 bits first loses the difference (eager PyTorch un-pools ``dy``
+    before its GEMM, so it rounds after the cancellation). cuBLAS writes the fp32 accumulator
+    directly (``out_dtype``, CUDA only); elsewhere the operands are upcast."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 def _setup(ctx, inputs, output):
     x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep = inputs
     ctx.save_for_backward(x, w1, b1, w2, output[1], geometry)
@@ -126,7 +137,7 @@ def _backward(ctx, dy, dpooled_extra):
     if dy is not None:
         dw2, db2 = linear_grads(dy, pooled, need_w2, need_b2 and ctx.has_b2)
         if need_x or need_w1 or (need_b1 and ctx.has_b1):
-            dpooled = dy @ w2
+            dpooled = _mm_fp32(dy, w2)
     dpooled = add_grads(dpooled, dpooled_extra)
     if dpooled is not None and (need_x or need_w1 or (need_b1 and ctx.has_b1)):
         dz = deco.mlp_pool_act_backward(x, w1, b1, dpooled, geometry, ctx.activation, ctx.mode)

@@ -50,11 +50,18 @@ def add_grads(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | 
 
 def linear_grads(g: torch.Tensor, a: torch.Tensor, need_w: bool, need_b: bool):
     """(dW, db) of a Linear with output gradient ``g`` (rows, out) and input ``a`` (rows, in); None
-    where not needed. db is one reduction kernel that accumulates 16-bit ``g`` in fp32, as cuBLAS
-    accumulates dW (and as eager ``nn.Linear``'s backward sums it)."""
+    where not needed."""
     dw = g.t() @ a if need_w else None
-    db = g.sum(0) if need_b else None
+    db = reference.bias_grad(g) if need_b else None
     return dw, db
+
+
+def activation_backward(dy, w2, pre, activation: str, need_db1: bool):
+    """``(dz, act(pre), db1)`` of the MLP's activation, ``dz = (dy @ w2) * act'(pre)``, ``db1`` the
+    column sums of ``dz`` taken in the same pass (None unless ``need_db1``); callers that add another
+    gradient to ``dz`` afterwards sum ``db1`` themselves."""
+    dz, act, db1 = deco.mlp_activation_backward(dy, w2, pre, activation, need_db1)
+    return dz, act, db1 if need_db1 else None
 
 
 def mlp_backward(ctx, dy, dpre_extra, w1, w2, pooled, pre):
@@ -66,13 +73,15 @@ def mlp_backward(ctx, dy, dpre_extra, w1, w2, pooled, pre):
     (x, w1, b1, w2, b2 first) and ``ctx.has_b1``/``ctx.has_b2``.
     """
     need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+    need_b1 = need_b1 and ctx.has_b1
     dz = dpooled = dw1 = db1 = dw2 = db2 = None
     if dy is not None:
-        dz, act = deco.mlp_activation_backward(dy, w2, pre, ctx.activation)
+        dz, act, db1 = activation_backward(dy, w2, pre, ctx.activation, need_b1 and dpre_extra is None)
         dw2, db2 = linear_grads(dy, act, need_w2, need_b2 and ctx.has_b2)
     dz = add_grads(dz, dpre_extra)
     if dz is not None:
-        dw1, db1 = linear_grads(dz, pooled, need_w1, need_b1 and ctx.has_b1)
+        dw1, db1_of_sum = linear_grads(dz, pooled, need_w1, need_b1 and db1 is None)
+        db1 = db1_of_sum if db1 is None else db1
         if need_x:
             dpooled = dz @ w1
     return dpooled, dw1, db1, dw2, db2
@@ -151,22 +160,28 @@ register_autograd(_pool_linear, _pool_linear_backward, _pool_linear_setup)
 
 @custom_op("mlp_activation_backward")
 def _mlp_activation_backward(
-    dy: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, activation: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dy @ w2 * act'(pre), act(pre)) for 2D dy (rows, out), w2 (out, hidden), pre (rows, hidden)."""
+    dy: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, activation: str, need_db1: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dy @ w2 * act'(pre), act(pre), db1) for 2D dy (rows, out), w2 (out, hidden), pre (rows,
+    hidden); db1 = the first output's column sums (hidden,) when ``need_db1``, else empty."""
     on_triton = _backend.use_triton(dy.device)
+
+    def fused():
+        dz, act = gemm_act_grad.gemm_act_grad(dy, w2, pre, activation)
+        return dz, act, reference.bias_grad(dz) if need_db1 else _empty(dz)
+
     return strategy.run(
         on_triton=on_triton,
         key=lambda: strategy.make_key("mlp_activation_backward", dy.device, dy.dtype, True, rows=strategy.bucket(dy.shape[0]),
                                       out=dy.shape[1], hidden=pre.shape[1], act=activation),
-        fused=(lambda: gemm_act_grad.gemm_act_grad(dy, w2, pre, activation)) if on_triton else None,
-        composed=lambda: reference.mlp_activation_backward(dy, w2, pre, activation),
+        fused=fused if on_triton else None,
+        composed=lambda: composed.mlp_activation_backward(dy, w2, pre, activation, need_db1, on_triton),
     )
 
 
 @_mlp_activation_backward.register_fake
-def _(dy, w2, pre, activation):
-    return torch.empty_like(pre), torch.empty_like(pre)
+def _(dy, w2, pre, activation, need_db1=False):
+    return torch.empty_like(pre), torch.empty_like(pre), pre.new_empty((pre.shape[1] if need_db1 else 0,))
 
 
 @custom_op("pool_mlp")

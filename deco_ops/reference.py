@@ -29,12 +29,16 @@ def adaptive_avg_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
 
 
 def unpool_tokens(grad: torch.Tensor, grid, out_grid) -> torch.Tensor:
-    """Gradient of ``adaptive_avg_pool_tokens`` w.r.t. its input, by PyTorch's own backward."""
-    B, _, C = grad.shape
-    like = grad.new_empty(()).expand(B, C, *grid)
+    """Gradient of ``adaptive_avg_pool_tokens`` w.r.t. its input, by PyTorch's own backward.
+
+    In the tokens' own layout: (B, N, C) tokens viewed as an image are channels-last, the layout
+    ATen's CPU kernels pool fastest, and the gradient comes back (B, N, C)-contiguous without a copy
+    (a contiguous NCHW image would cost a transpose on the way in and out, 6x the kernel here)."""
+    B, N, C = grad.shape[0], math.prod(grid), grad.shape[2]
+    like = _as_image(grad.new_empty((B, N, C)), grid)  # strides only: the kernel's output layout
     backward = torch.ops.aten._adaptive_avg_pool2d_backward if len(grid) == 2 else torch.ops.aten._adaptive_avg_pool3d_backward
-    dx = backward(_as_image(grad, out_grid).contiguous(), like)
-    return dx.reshape(B, C, math.prod(grid)).transpose(1, 2)
+    dx = backward(_as_image(grad, out_grid), like)
+    return dx.reshape(B, C, N).transpose(1, 2)
 
 
 def pool_linear(x, w, b, grid, out_grid):
@@ -78,6 +82,13 @@ _ATEN_ACTIVATION_BACKWARD = {
     "gelu_tanh": lambda g, z: torch.ops.aten.gelu_backward(g, z, approximate="tanh"),
     "silu": torch.ops.aten.silu_backward,
 }
+
+
+def bias_grad(g: torch.Tensor) -> torch.Tensor:
+    """db of a Linear with output gradient ``g`` (rows, out): one reduction kernel that accumulates
+    16-bit ``g`` in fp32 and rounds once, as cuBLAS accumulates dW (and as eager ``nn.Linear``'s
+    backward sums it)."""
+    return g.sum(0)
 
 
 def mlp_activation_backward(dy, w2, pre, activation):

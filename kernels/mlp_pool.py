@@ -6,7 +6,9 @@ second GEMM's A-operand load, so the second GEMM runs on pooled rows only (pool 
 one, so pooling commutes with the affine Linear2). The token-sized hidden activation is written
 once and read once; nothing token-sized is kept for backward except ``x`` itself.
 
-Backward, with ``dpa = dy @ W2`` (pooled rows only, cuBLAS), this kernel computes
+Backward, with ``dpa = dy @ W2`` (pooled rows only, cuBLAS, kept in fp32: where a token lies in
+several windows their gradients may cancel, so they are summed before any 16-bit rounding), this
+kernel computes
 
     dz[m, n] = act'( sum_k x[m, k] * W1[n, k] + b1[n] ) * unpool(dpa)[m, n]      m = token
 
@@ -16,7 +18,7 @@ the largest tensor of the op) and gathering the un-pooled gradient of each token
 un-pooled gradient ever exists in memory. dW1 = dz.T @ x, db1 and dx = dz @ W1 stay on cuBLAS.
 
 Counts: flops = 2*M*N*K (the recomputed GEMM; the gather adds ~taps*M*N);
-bytes = (M*K + N*K + N + M*N + P*N * taps) * elem, P = pooled rows.
+bytes = (M*K + N*K + N + M*N) * elem + P*N * taps * 4, P = pooled rows.
 """
 
 import torch
@@ -39,21 +41,23 @@ def cuda_configs() -> list[triton.Config]:
     ])
 
 
-def fits(config: triton.Config, elem_bytes: int, activation: int) -> bool:
+def fits(config: triton.Config, elem_bytes: int, activation: int, mode: int) -> bool:
     """Whether ``config`` runs without register spills (measured by ``python -m deco_ops.aot`` on
-    sm_80 and sm_90 with triton 3.6 and 3.9): the epilogue holds the gathered gradient tile and
-    its pointers beside the accumulator, so the 16-bit tiles take 8 warps below 128 rows (on 4,
-    32x32 and 32x64 tiles spill under triton 3.6), the 128-row tile does not fit tanh-GELU's
-    derivative, and fp32 operands only fit 32x64 on 8 warps."""
+    sm_90 with triton 3.9, fp32 gathered gradient): the epilogue holds the gathered fp32 gradient
+    tile and its pointers beside the accumulator, so 16-bit operands fit 64x64 on 8 warps, the
+    128-row tile only erf-GELU's derivative, the 32-row tile only average pooling's taps (not
+    bilinear's weights); fp32 operands only fit 32x64 on 8 warps."""
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
     if elem_bytes == 4:
         return tile == (32, 64, 8)
-    return tile[0] < 128 or activation != activations.GELU_TANH
+    if tile[0] == 128:
+        return activation == activations.GELU
+    return tile[0] == 64 or mode == MODES["average"]
 
 
 def _prune(configs, named_args, **constexprs):
     elem = named_args["x_ptr"].element_size()
-    return [c for c in configs if fits(c, elem, constexprs["ACTIVATION"])]
+    return [c for c in configs if fits(c, elem, constexprs["ACTIVATION"], constexprs["MODE"])]
 
 
 @autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K", "MODE", "ACTIVATION"], buckets=("M",),
@@ -86,6 +90,7 @@ def gemm_unpool_act_grad_kernel(
 
     T, H, W, OT, OH, OW, tok0, row0 = packed_geometry(rows, row_mask, image_ptr, geometry_ptr)
     da = unpooled_tile(g_ptr, sgp, sgn, rows - tok0, T, H, W, OT, OH, OW, row0, row_mask, cols, col_mask, MODE)
+    # rounded to dpa's dtype as the composed twin's un-pooling stores it (a no-op for fp32 dpa)
     da = da.to(g_ptr.dtype.element_ty).to(tl.float32)
     dz = da * activations.derivative(z, ACTIVATION)
     out_mask = row_mask[:, None] & col_mask[None, :]
@@ -102,7 +107,7 @@ def gemm_unpool_act_grad(
     activation: str,
     mode: str,
 ) -> torch.Tensor:
-    """x (tokens, K), w1 (N, K) nn.Linear layout, dpa (pooled rows, N) -> dz (tokens, N)."""
+    """x (tokens, K), w1 (N, K) nn.Linear layout, dpa (pooled rows, N) fp32 -> dz (tokens, N)."""
     M, K = x.shape
     N = w1.shape[0]
     dz = torch.empty((M, N), device=x.device, dtype=x.dtype)

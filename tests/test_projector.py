@@ -8,7 +8,7 @@ import torch
 
 import deco_ops
 from deco_ops import reference
-from deco_ops.kernels import adaptive_pool, gemm_act_grad, pool_gemm
+from deco_ops.kernels import activation_backward, adaptive_pool, gemm_act_grad, pool_gemm
 from harness import DTYPES, assert_close, guarded, leaf, poisoned_empty, randn, saved_bytes
 
 GRIDS = [
@@ -20,6 +20,9 @@ GRIDS = [
     ((3, 2), (4, 5)),
     ((4, 6, 6), (2, 3, 3)),
 ]
+
+
+ACTIVATION_NAMES = ["gelu", "gelu_tanh", "silu", "quick_gelu"]
 
 
 def _mlp_case(grid, out_grid, dtype, B=2, C=37, hidden=48, out=29, bias=True, seed=0):
@@ -125,6 +128,24 @@ def test_inference_keeps_no_residuals():
     assert pooled.numel() == 0 and pre.numel() == 0 and y.shape == (2, 9, 29)
 
 
+@pytest.mark.parametrize("strategy", ["fused", "composed"])
+def test_gradient_of_the_pre_activation_output_joins_db1(strategy):
+    """deco::pool_mlp's residual outputs are differentiable too: a loss on the pre-activation adds
+    to dz after the activation backward, so db1 is summed from the total, not taken from the pass."""
+    params, dy = _mlp_case((4, 6), (2, 3), torch.float32)
+    dpre = randn(2, 6, 48, generator=torch.Generator().manual_seed(5))
+    leaves = [leaf(p) for p in params]
+    with deco_ops.use_backend("triton"), deco_ops.use_strategy(strategy):
+        y, _, pre = torch.ops.deco.pool_mlp(*leaves, [4, 6], [2, 3], "gelu", True)
+        ((y * dy).sum() + (pre * dpre).sum()).backward()
+    ref = [leaf(p, torch.float64) for p in params]
+    pre64 = torch.nn.functional.linear(reference.adaptive_avg_pool_tokens(ref[0], (4, 6), (2, 3)), ref[1], ref[2])
+    y64 = torch.nn.functional.linear(reference.ACTIVATIONS["gelu"](pre64), ref[3], ref[4])
+    ((y64 * dy.double()).sum() + (pre64 * dpre.double()).sum()).backward()
+    for name, got, want in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref):
+        assert_close(got.grad, want.grad, torch.float32, f"grad {name}")
+
+
 @pytest.mark.parametrize("tokens_require_grad", [True, False])
 def test_saved_for_backward_bytes(tokens_require_grad, capsys):
     """The fused projector keeps the pooled input and the pre-activation; eager keeps the patch
@@ -162,6 +183,7 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.deco.adaptive_avg_pool_tokens, (leaves[0], [4, 6], [2, 3]))
         torch.library.opcheck(torch.ops.deco.unpool_tokens, (torch.randn(2, 6, 37, requires_grad=True), [4, 6], [2, 3]))
         torch.library.opcheck(torch.ops.deco.mlp_activation_backward, (torch.randn(5, 29), params[3], torch.randn(5, 48), "silu"))
+        torch.library.opcheck(torch.ops.deco.mlp_activation_backward, (torch.randn(5, 29), params[3], torch.randn(5, 48), "gelu", True))
 
 
 def _good_args():
@@ -208,17 +230,76 @@ def test_reference_activation_grads_match_autograd(activation):
     torch.testing.assert_close(reference.ACTIVATION_GRADS[activation](z.detach()), expected)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu", "quick_gelu"])
-def test_epilogue_activation_and_derivative_to_a_few_ulps(activation):
+@pytest.mark.parametrize("path", ["gemm_act_grad", "activation_backward"])
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+def test_epilogue_activation_and_derivative_to_a_few_ulps(activation, path):
     """The kernels' act(z) and act'(z) on their own: through gemm_act_grad with dy = 1 and an
-    identity w2 (an exact fp32 GEMM), dz = act'(z) and the second output is act(z), compared with
-    the float64 closed forms at a few fp32 ulps (a 1e-4 GEMM tolerance hides a wrong constant)."""
+    identity w2 (an exact fp32 GEMM), or the composed twin's elementwise pass with dh = 1, dz =
+    act'(z) and the second output is act(z), compared with the float64 closed forms at a few fp32
+    ulps (a 1e-4 GEMM tolerance hides a wrong constant)."""
     z = torch.linspace(-8, 8, 257, dtype=torch.float64).reshape(1, 257)
     ones, eye = torch.ones(1, 257, dtype=torch.float32), torch.eye(257, dtype=torch.float32)
-    dz, act = gemm_act_grad.gemm_act_grad(ones, eye, z.float(), activation)
+    if path == "gemm_act_grad":
+        dz, act = gemm_act_grad.gemm_act_grad(ones, eye, z.float(), activation)
+    else:
+        dz, act, _ = activation_backward.activation_backward(ones, z.float(), activation, False)
     bound = dict(rtol=8 * torch.finfo(torch.float32).eps, atol=8 * torch.finfo(torch.float32).eps)
     torch.testing.assert_close(act.double(), reference.ACTIVATIONS[activation](z), **bound)
     torch.testing.assert_close(dz.double(), reference.ACTIVATION_GRADS[activation](z), **bound)
+
+
+@pytest.mark.parametrize("need_db1", [True, False], ids=["db1", "no-db1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+def test_composed_activation_backward_is_one_pass(activation, dtype, need_db1):
+    """The composed twin on the Triton backend: dh = dy @ w2 by torch (cuBLAS on a GPU), then one
+    elementwise launch writing dz = dh * act'(pre) and act(pre) and summing db1 = dz.sum(0) in
+    the same pass. 150 rows (two full 64-row chunks and a ragged one, not a multiple of the
+    16-row tile), 200 hidden (not a multiple of the 128-column block), strided NaN-guarded inputs."""
+    gen = torch.Generator().manual_seed(3)
+    dy = randn(150, 29, dtype=dtype, generator=gen)
+    w2 = randn(29, 200, dtype=dtype, scale=29**-0.5, generator=gen)
+    pre = randn(150, 200, dtype=dtype, scale=2.0, generator=gen)
+    kernel = activation_backward.activation_backward_kernel
+    with deco_ops.use_backend("triton"), deco_ops.use_strategy("composed"), poisoned_empty(), \
+            mock.patch.object(kernel, "run", wraps=kernel.run) as launches, \
+            mock.patch.object(reference, "mlp_activation_backward") as eager_path:
+        dz, act, db1 = torch.ops.deco.mlp_activation_backward(guarded(dy), guarded(w2), guarded(pre), activation, need_db1)
+    launches.assert_called_once()
+    eager_path.assert_not_called()
+    z64 = pre.double()
+    dz64 = (dy.double() @ w2.double()) * reference.ACTIVATION_GRADS[activation](z64)
+    assert dz.dtype == act.dtype == dtype
+    assert_close(dz, dz64, dtype, "dz")
+    assert_close(act, reference.ACTIVATIONS[activation](z64), dtype, "act")
+    # as eager's activation backward (ATen's kernel: fp32 math, one rounding): fp32 within a few
+    # ulps (tanh by sigmoid differs by ~2), fp16 the same rounding but for rare one-ulp ties
+    eager_dz, eager_act = reference.mlp_activation_backward(dy, w2, pre, activation)
+    eps = torch.finfo(dtype).eps
+    as_eager = 4 * eps if dtype == torch.float32 else 0.1 * eps
+    assert_close(dz, eager_dz.double(), dtype, "dz vs eager", tol=as_eager)
+    assert_close(act, eager_act.double(), dtype, "act vs eager", tol=as_eager)
+    if need_db1:
+        assert db1.dtype == dtype
+        assert_close(db1, dz64.sum(0), dtype, "db1")
+        assert_close(db1, dz.double().sum(0), dtype, "db1 = sum of the stored dz", tol=2 * eps)
+    else:
+        assert db1.numel() == 0
+
+
+@pytest.mark.parametrize("bias,dtype", [(True, torch.float16), (False, torch.float32)], ids=["bias-fp16", "no-bias-fp32"])
+def test_composed_backward_takes_db1_from_the_activation_pass(bias, dtype):
+    """pool_mlp's composed backward on the Triton backend: one elementwise launch, db1 out of it,
+    db2 one reduction (no separate pass over dz for db1); without biases nothing is summed."""
+    params, dy = _mlp_case((3, 2), (9, 8), dtype, B=1, bias=bias)  # 72 pooled rows: a ragged second chunk
+    kernel = activation_backward.activation_backward_kernel
+    with deco_ops.use_backend("triton"), deco_ops.use_strategy("composed"), \
+            mock.patch.object(kernel, "run", wraps=kernel.run) as launches, \
+            mock.patch.object(reference, "bias_grad", wraps=reference.bias_grad) as reductions:
+        _check_mlp(params, dy, (3, 2), (9, 8), dtype, "gelu")
+    launches.assert_called_once()
+    assert launches.call_args.kwargs["BIAS_GRAD"] is bias
+    assert reductions.call_count == (1 if bias else 0)  # db2 only
 
 
 def test_windows_too_large_to_unroll_take_the_runtime_loop_path(monkeypatch):

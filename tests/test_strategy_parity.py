@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import deco_ops
 from deco_ops import composed, composed_attention, reference, reference_attention
-from deco_ops.kernels import cross_attention_fwd, gemm_act_grad, pool_gemm
+from deco_ops.kernels import activation_backward, cross_attention_fwd, gemm_act_grad, pool_gemm
 from deco_ops.kernels import mlp_pool as mlp_pool_kernel
 from harness import assert_close, guarded, leaf, poisoned_empty, randn
 from test_cross_attention import _case as _attention_case
@@ -87,8 +87,8 @@ MARKERS = {
 }
 # backward: (fused kernel launcher, composed function)
 BACKWARD_MARKERS = {
-    "pool_mlp": ((gemm_act_grad, "gemm_act_grad"), (reference, "mlp_activation_backward")),
-    "pool_mlp_packed": ((gemm_act_grad, "gemm_act_grad"), (reference, "mlp_activation_backward")),
+    "pool_mlp": ((gemm_act_grad, "gemm_act_grad"), (activation_backward, "activation_backward")),
+    "pool_mlp_packed": ((gemm_act_grad, "gemm_act_grad"), (activation_backward, "activation_backward")),
     "mlp_pool": ((mlp_pool_kernel, "gemm_unpool_act_grad"), (composed, "mlp_pool_act_backward")),
     "mlp_pool_packed": ((mlp_pool_kernel, "gemm_unpool_act_grad"), (composed, "mlp_pool_act_backward")),
 }
