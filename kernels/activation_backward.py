@@ -23,6 +23,7 @@ import triton.language as tl
 
 from . import activations
 from ._device import on_input_device
+from ._traceable import launcher
 
 # One fixed config (an elementwise pass needs no tuning): 16 x 128 tiles, 64 rows per program, so
 # the partial sums are 1/64 of dz's rows and a LLaVA-sized pass (B*144 rows, hidden 4096) still
@@ -71,7 +72,7 @@ def activation_backward(
     partials = torch.empty((chunks, N), device=z.device, dtype=torch.float32) if bias_grad else None
     if M == 0 or N == 0:
         return dz, a, (torch.zeros(N, device=z.device, dtype=torch.float32) if bias_grad else None)
-    activation_backward_kernel[(chunks, triton.cdiv(N, BLOCK_N))](
+    launcher(activation_backward_kernel, z)[(chunks, triton.cdiv(N, BLOCK_N))](
         dh, z, dz, a, partials if bias_grad else dz,
         M, N, *dh.stride(), *z.stride(),
         ACTIVATION=activations.CODES[activation], BIAS_GRAD=bias_grad,
