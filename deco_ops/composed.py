@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .kernels import _tuning, tma_gemm
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -39,6 +40,28 @@ def pool_mlp(pooled: torch.Tensor, w1, b1, w2, b2, activation: str, keep_residua
     if not keep_residuals:
         return y, _empty(pooled), _empty(pooled)
     return y, pooled, pre
+
+
+def tma_applies(pooled: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None) -> bool:
+    """Whether ``pool_mlp_tma`` can run the call: a Hopper GPU (TMA descriptors, wgmma) and 16-bit
+    operands whose rows TMA can read (``tma_gemm.tma_compatible``); hidden a multiple of 8 so the
+    output rows are 16-byte aligned too."""
+    return (pooled.device.type == "cuda" and _tuning.device_arch(pooled.device) == 90
+            and pooled.is_contiguous() and (b1 is None or b1.dtype == pooled.dtype) and w1.shape[0] % 8 == 0
+            and tma_gemm.tma_compatible(pooled.view(-1, pooled.shape[-1]), w1))
+
+
+def pool_mlp_tma(pooled: torch.Tensor, w1, b1, w2, b2, activation: str, keep_residuals: bool):
+    """``pool_mlp`` with the first Linear, its bias and the activation in one persistent TMA GEMM
+    (``kernels/tma_gemm.py``, sm_90) instead of ``F.linear`` plus a PyTorch activation: the
+    pre-activation is written only when kept, the activation never round-trips through memory.
+    The second Linear stays on cuBLAS. ``pooled`` (B, P, C) contiguous; see ``tma_applies``."""
+    B, P, C = pooled.shape
+    act, pre = tma_gemm.tma_linear_act(pooled.view(B * P, C), w1, b1, activation, store_pre=keep_residuals)
+    y = F.linear(act, w2, b2).view(B, P, w2.shape[0])
+    if not keep_residuals:
+        return y, _empty(pooled), _empty(pooled)
+    return y, pooled, pre.view(B, P, w1.shape[0])
 
 
 def mlp_pool(x: torch.Tensor, w1, b1, w2, b2, pool: Callable[[torch.Tensor], torch.Tensor], activation: str,

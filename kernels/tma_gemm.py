@@ -20,8 +20,11 @@ Triton's persistent-matmul tutorial writes Hopper GEMMs that reach cuBLAS:
   descriptor loads with ``num_warps=4`` (its conditions are otherwise silently unmet), hence the
   configs below; ``python -m deco_ops.aot`` checks each config's SASS for TMA, USETMAXREG and HGMMA.
 
-The epilogue runs in two column halves (the tutorial's EPILOGUE_SUBTILE): a whole BLOCK_N-wide
-tile of z, act'(z) and act(z) next to the accumulator would not fit the consumers' registers.
+The epilogue works on the whole tile. The tutorial's EPILOGUE_SUBTILE (column halves through
+reshape/permute/split, as ``gemm_act_grad.py`` does) stops triton 3.6's warp specialisation: its
+data partitioning of the consumers fails the compile ("unsupported op type", WSDataPartition.cpp). So the tile
+sizes carry the epilogue instead: 128x128 for BIAS_ACT, 128x64 for ACT_GRAD, whose z, act'(z) and
+act(z) beside a 128-wide accumulator spill (``fits``).
 
 Counts (16-bit operands, ``elem`` bytes):
     flops = 2 * M * N * K
@@ -39,7 +42,6 @@ from triton.runtime import _allocation
 from . import activations
 from ._device import on_input_device
 from .dot import dot
-from .gemm_act_grad import _halves
 from .tiling import INTERPRET_CONFIG, gemm_configs, grouped_tile
 from ._tuning import INTERPRET, autotuned, device_smem_limit, dot_dtype_workaround
 
@@ -53,28 +55,29 @@ def cuda_configs() -> list[triton.Config]:
     specialisation gives the tile a producer warpgroup and two 64-row consumer warpgroups."""
     return gemm_configs([
         (128, 128, 64, 4, 4),
-        (128, 256, 64, 4, 3),
         (128, 128, 64, 4, 3),
+        (128, 64, 64, 4, 4),
     ])
 
 
 def smem_bytes(config: triton.Config, elem_bytes: int) -> int:
-    """Shared memory of a config: its A and W stages plus one epilogue half-tile staged for the
-    TMA store (and the z half-tile it loads in ACT_GRAD)."""
+    """Shared memory of a config: its A and W stages plus two output tiles staged for TMA (the
+    stored tile and the pre-activation or z / act(z) beside it)."""
     bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    return (config.num_stages * (bm + bn) * bk + 2 * bm * (bn // 2)) * elem_bytes
+    return (config.num_stages * (bm + bn) * bk + 2 * bm * bn) * elem_bytes
 
 
 def fits(config: triton.Config, elem_bytes: int, smem_limit: int, epilogue: int) -> bool:
     """Whether ``config`` fits shared memory and compiles without spills (measured by
-    ``python -m deco_ops.aot``): the 256-wide tile's ACT_GRAD epilogue spills 40 B to 27 KB."""
-    if epilogue == ACT_GRAD and config.kwargs["BLOCK_N"] > 128:
+    ``python -m deco_ops.aot``, triton 3.6): the ACT_GRAD epilogue (z, act'(z) and act(z) beside
+    the accumulator) spills 1.6-2 KB on 128-wide tiles, so it takes 64-wide ones."""
+    if epilogue == ACT_GRAD and config.kwargs["BLOCK_N"] > 64:
         return False
     return smem_bytes(config, elem_bytes) <= smem_limit
 
 
 @triton.jit
-def _bias_act_half(acc, off_m, off_n, N, b_ptr, out_desc, pre_desc,
+def _bias_act(acc, off_m, off_n, N, b_ptr, out_desc, pre_desc,
                    HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, ACTIVATION: tl.constexpr):
     """Stores ``act(acc + b)`` (and ``acc + b`` when ``STORE_PRE``) at (off_m, off_n)."""
     if HAS_BIAS:
@@ -86,7 +89,7 @@ def _bias_act_half(acc, off_m, off_n, N, b_ptr, out_desc, pre_desc,
 
 
 @triton.jit
-def _act_grad_half(acc, off_m, off_n, z_desc, out_desc, aux_desc, ACTIVATION: tl.constexpr):
+def _act_grad(acc, off_m, off_n, z_desc, out_desc, aux_desc, ACTIVATION: tl.constexpr):
     """Stores ``acc * act'(z)`` and ``act(z)`` at (off_m, off_n)."""
     z = z_desc.load([off_m, off_n]).to(tl.float32)
     out_desc.store([off_m, off_n], (acc * activations.derivative(z, ACTIVATION)).to(out_desc.dtype))
@@ -94,12 +97,12 @@ def _act_grad_half(acc, off_m, off_n, z_desc, out_desc, aux_desc, ACTIVATION: tl
 
 
 @triton.jit
-def _epilogue_half(acc, off_m, off_n, N, b_ptr, z_desc, out_desc, aux_desc,
+def _epilogue(acc, off_m, off_n, N, b_ptr, z_desc, out_desc, aux_desc,
                    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, ACTIVATION: tl.constexpr):
     if EPILOGUE == 0:  # BIAS_ACT: aux is the pre-activation
-        _bias_act_half(acc, off_m, off_n, N, b_ptr, out_desc, aux_desc, HAS_BIAS, STORE_PRE, ACTIVATION)
+        _bias_act(acc, off_m, off_n, N, b_ptr, out_desc, aux_desc, HAS_BIAS, STORE_PRE, ACTIVATION)
     else:  # ACT_GRAD: aux is act(z)
-        _act_grad_half(acc, off_m, off_n, z_desc, out_desc, aux_desc, ACTIVATION)
+        _act_grad(acc, off_m, off_n, z_desc, out_desc, aux_desc, ACTIVATION)
 
 
 def _prune(configs, named_args, **constexprs):
@@ -116,15 +119,14 @@ def tma_gemm_kernel(
     DOT_FP32: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    HALF_N: tl.constexpr = BLOCK_N // 2
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[sam, 1], block_shape=[BLOCK_M, BLOCK_K])
     if EPILOGUE == 0:  # w (N, K), read as W^T tiles
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[swr, 1], block_shape=[BLOCK_N, BLOCK_K])
     else:  # w (K, N)
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[swr, 1], block_shape=[BLOCK_K, BLOCK_N])
-    z_desc = tl.make_tensor_descriptor(z_ptr, shape=[M, N], strides=[szm, 1], block_shape=[BLOCK_M, HALF_N])
-    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, HALF_N])
-    aux_desc = tl.make_tensor_descriptor(aux_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, HALF_N])
+    z_desc = tl.make_tensor_descriptor(z_ptr, shape=[M, N], strides=[szm, 1], block_shape=[BLOCK_M, BLOCK_N])
+    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    aux_desc = tl.make_tensor_descriptor(aux_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
 
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -140,10 +142,7 @@ def tma_gemm_kernel(
             else:
                 w = w_desc.load([ki * BLOCK_K, off_n])
             acc = dot(a, w, acc, DOT_FP32, "tf32")
-        lo, hi = _halves(acc)
-        _epilogue_half(lo, off_m, off_n, N, b_ptr, z_desc, out_desc, aux_desc, EPILOGUE, HAS_BIAS, STORE_PRE, ACTIVATION)
-        _epilogue_half(hi, off_m, off_n + HALF_N, N, b_ptr, z_desc, out_desc, aux_desc, EPILOGUE, HAS_BIAS, STORE_PRE,
-                       ACTIVATION)
+        _epilogue(acc, off_m, off_n, N, b_ptr, z_desc, out_desc, aux_desc, EPILOGUE, HAS_BIAS, STORE_PRE, ACTIVATION)
 
 
 # Programs of the persistent grid under the interpreter: fewer than the tiles of the tests' shapes,

@@ -120,3 +120,27 @@ def test_rejects_what_tma_cannot_read():
                                    torch.randn(8, 16, dtype=torch.float16), "gelu")
     assert not tma_gemm.tma_compatible(torch.randn(8, 16, dtype=torch.float16)[:, 1:9])  # 2-byte offset base
     assert tma_gemm.tma_compatible(torch.randn(8, 16, dtype=torch.float16)[:, 8:])
+
+
+@pytest.mark.parametrize("keep_residuals", [True, False])
+def test_pool_mlp_tma_matches_float64(keep_residuals):
+    """The composed projector with its first GEMM + bias + GELU on the TMA kernel (the candidate
+    for pool_mlp on Hopper): pooled (B, P, C) -> Linear2(gelu(Linear1(pooled)))."""
+    from deco_ops import composed
+
+    gen = torch.Generator().manual_seed(17)
+    pooled, w1, b1, w2, b2 = (torch.randn(*s, generator=gen).to(torch.float16)
+                              for s in ((2, 36, 64), (72, 64), (72,), (40, 72), (40,)))
+    with poisoned_empty():
+        y, kept, pre = composed.pool_mlp_tma(pooled, w1, b1, w2, b2, "gelu", keep_residuals)
+    ref_pre = F.linear(pooled.double(), w1.double(), b1.double())
+    ref_y = F.linear(F.gelu(ref_pre), w2.double(), b2.double())
+    eager_y, *_ = composed.pool_mlp(pooled, w1, b1, w2, b2, "gelu", keep_residuals)
+    assert_close(y, ref_y, torch.float16, "y", eager=eager_y)
+    if keep_residuals:
+        assert kept is pooled
+        assert_close(pre, ref_pre, torch.float16, "pre-activation")
+    else:
+        assert kept.numel() == 0 and pre.numel() == 0
+    assert composed.tma_applies(pooled, w1, b1) is (DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) == (9, 0))
+    assert not composed.tma_applies(pooled.float(), w1.float(), b1.float())
