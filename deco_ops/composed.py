@@ -42,13 +42,15 @@ def pool_mlp(pooled: torch.Tensor, w1, b1, w2, b2, activation: str, keep_residua
     return y, pooled, pre
 
 
-def tma_applies(pooled: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None) -> bool:
-    """Whether ``pool_mlp_tma`` can run the call: a Hopper GPU (TMA descriptors, wgmma) and 16-bit
-    operands whose rows TMA can read (``tma_gemm.tma_compatible``); hidden a multiple of 8 so the
-    output rows are 16-byte aligned too."""
-    return (pooled.device.type == "cuda" and _tuning.device_arch(pooled.device) == 90
-            and pooled.is_contiguous() and (b1 is None or b1.dtype == pooled.dtype) and w1.shape[0] % 8 == 0
-            and tma_gemm.tma_compatible(pooled.view(-1, pooled.shape[-1]), w1))
+def tma_applies(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None) -> bool:
+    """Whether ``pool_mlp_tma`` can run pool_mlp's call on ``x`` (tokens or pooled rows: only the
+    device, dtype and channel count matter, the pooled rows being a fresh contiguous tensor): a
+    Hopper GPU (TMA descriptors, wgmma), 16-bit operands of one dtype, channel and hidden rows
+    16-byte multiples (``tma_gemm.tma_compatible``)."""
+    row_bytes = x.shape[-1] * x.element_size()
+    return (x.device.type == "cuda" and _tuning.device_arch(x.device) == 90 and w1.dtype == x.dtype
+            and (b1 is None or b1.dtype == x.dtype) and w1.shape[0] % 8 == 0 and w1.shape[-1] == x.shape[-1]
+            and row_bytes % tma_gemm.TMA_ALIGN_BYTES == 0 and tma_gemm.tma_compatible(w1))
 
 
 def pool_mlp_tma(pooled: torch.Tensor, w1, b1, w2, b2, activation: str, keep_residuals: bool):

@@ -43,7 +43,7 @@ from . import activations
 from ._device import on_input_device
 from .dot import dot
 from .tiling import INTERPRET_CONFIG, gemm_configs, grouped_tile
-from ._tuning import INTERPRET, autotuned, device_smem_limit, dot_dtype_workaround
+from ._tuning import INTERPRET, autotuned, device_arch, device_smem_limit, dot_dtype_workaround
 
 BIAS_ACT, ACT_GRAD = 0, 1
 # TMA needs 16-byte aligned base addresses and row strides.
@@ -178,6 +178,10 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
 
 
 def _check(named: dict[str, torch.Tensor]) -> None:
+    device = next(iter(named.values())).device
+    if device.type == "cuda" and device_arch(device) < 90:
+        raise RuntimeError(f"tma_gemm: TMA descriptors and wgmma need an sm_90 (Hopper) or newer GPU, {device} is "
+                           f"sm_{device_arch(device)}")
     for name, t in named.items():
         if not tma_compatible(t):
             raise ValueError(
