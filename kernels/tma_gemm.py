@@ -78,7 +78,7 @@ def fits(config: triton.Config, elem_bytes: int, smem_limit: int, epilogue: int)
 
 @triton.jit
 def _bias_act(acc, off_m, off_n, N, b_ptr, out_desc, pre_desc,
-                   HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, ACTIVATION: tl.constexpr):
+              HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, ACTIVATION: tl.constexpr):
     """Stores ``act(acc + b)`` (and ``acc + b`` when ``STORE_PRE``) at (off_m, off_n)."""
     if HAS_BIAS:
         cols = off_n + tl.arange(0, acc.shape[1])
@@ -98,7 +98,8 @@ def _act_grad(acc, off_m, off_n, z_desc, out_desc, aux_desc, ACTIVATION: tl.cons
 
 @triton.jit
 def _epilogue(acc, off_m, off_n, N, b_ptr, z_desc, out_desc, aux_desc,
-                   EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, ACTIVATION: tl.constexpr):
+              EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, ACTIVATION: tl.constexpr):
+    """The tile's epilogue, BIAS_ACT or ACT_GRAD (constexpr literals: jit code reads no Python globals)."""
     if EPILOGUE == 0:  # BIAS_ACT: aux is the pre-activation
         _bias_act(acc, off_m, off_n, N, b_ptr, out_desc, aux_desc, HAS_BIAS, STORE_PRE, ACTIVATION)
     else:  # ACT_GRAD: aux is act(z)
