@@ -30,7 +30,8 @@ TMA_PTX = ("\tcp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_
            "\tcp.async.bulk.commit_group ;\n")
 WS_PTX = ("\tsetmaxnreg.dec.sync.aligned.u32 \t40;\n\tsetmaxnreg.inc.sync.aligned.u32 \t232;\n"
           "\tsetmaxnreg.inc.sync.aligned.u32 \t232;\n\tsetmaxnreg.dec.sync.aligned.u32 \t120;\n")
-PLAIN_PTX = "\tcp.async.cg.shared.global [%r1], [%rd1], 16;\n\tcp.async.commit_group;\n\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f1};\n"
+PLAIN_PTX = ("\tcp.async.cg.shared.global [%r1], [%rd1], 16;\n\tcp.async.commit_group;\n"
+             "\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f1};\n")
 
 
 @pytest.mark.parametrize("sass,ptx,expected", [
