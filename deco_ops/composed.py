@@ -6,6 +6,10 @@ They return exactly the fused paths' residuals (the pooled input and the pre-act
 pooled activation for ``mlp_pool``), so one backward serves both. On the PyTorch backend they are
 the projectors' only implementation.
 
+``pool_mlp_tma`` is the same composition with the first Linear and its activation on our
+persistent TMA GEMM (Hopper only, ``tma_applies``), the candidate issue 22 asks the strategy to
+weigh against cuBLAS.
+
 No cuBLASLt epilogue: ``torch._addmm_activation``'s GELU epilogue is the tanh approximation
 applied to the fp32 accumulator, so it is not erf-GELU (``nn.GELU()``, the default here) and not
 bit-identical to ``F.gelu(approximate="tanh")`` on the rounded pre-activation either; and under
