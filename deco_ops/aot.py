@@ -11,10 +11,14 @@ representative constexpr sets (activation, pooling window, ...), it compiles the
 the ``cuobjdump`` that ships with Triton: registers per thread, spill bytes (ptxas' own count),
 shared memory per program (Triton's dynamic allocation + static), and the tensor-core instruction
 in the SASS (``HGMMA`` = Hopper warpgroup MMA, which sm_90 GEMMs need to reach their roofline;
-``HMMA`` = the Ampere-style warp MMA).
+``HMMA`` = the Ampere-style warp MMA), whether tiles move through Hopper's tensor memory accelerator
+(``tma``: UTMALDG/UTMASTG/UBLKCP in the SASS, ``cp.async.bulk`` in the PTX) and whether the kernel
+is warp-specialised (``warp_specialized``: producer/consumer warpgroups that resize their register
+files, USETMAXREG / ``setmaxnreg``).
 
 It prints a markdown table and exits non-zero on any compile error, any spill, shared memory over
-the target's per-block limit, or an fp16/bf16 GEMM config whose sm_90 SASS has no HGMMA.
+the target's per-block limit, an fp16/bf16 GEMM config whose sm_90 SASS has no HGMMA, or a kernel
+written for TMA and warp specialisation whose sm_90 SASS lacks either.
 
 Kernels are compiled the way the JIT would compile them for a representative launch: integer
 arguments are specialised from real-model values exactly as ``JITFunction`` does (a value of 1
@@ -70,12 +74,16 @@ class Variant:
     ``args`` maps every non-config parameter of the kernel to a representative value: a pointer
     type string (``"*fp16"``), a Python int/float (specialised as the JIT would), or the value of
     a ``tl.constexpr`` parameter. ``hgmma`` says whether the sm_90 SASS must contain HGMMA (tensor
-    core dots on fp16/bf16 operands)."""
+    core dots on fp16/bf16 operands); ``tma`` and ``warp_specialized`` whether it must show TMA
+    copies and producer/consumer warpgroups (the kernels written for Hopper's TMA and Triton's
+    automatic warp specialisation, which is silently off when its conditions are not met)."""
 
     label: str
     dtype: str
     args: dict[str, Any]
     hgmma: bool = False
+    tma: bool = False
+    warp_specialized: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +121,7 @@ _WINDOWS = {"2x2": 12, "4x4": 6}  # window label -> pooled side of a 24x24 grid
 _PACKED_MODES = {0: "average", 1: "bilinear"}  # packed_pool.MODES
 _FP32_PRECISIONS = ("ieee", "tf32")  # torch's default (allow_tf32=False) and allow_tf32=True
 _ACTIVATIONS = ACTIVATIONS  # the projector's; each GEMM epilogue is compiled with each
+_H100_SMS = 132  # the persistent kernels' grid (H100 SXM and H200: 132 SMs)
 
 
 def _dtype_variants(dtypes: list[str]):
@@ -184,6 +193,33 @@ def _gemm_act_grad_variants(module, dtypes):
             )
             out.append(Variant(f"{dlabel} {act}", dtype, args, hgmma=tensor_cores))
     return out
+
+
+def _tma_gemm_variants(module, dtypes):
+    """kernels/tma_gemm.py, 16-bit only: the projector's first GEMM in its training forward (bias,
+    activation, pre-activation kept; LLaVA-1.5-7B pooled 2x2: x (B*144, 1024), w1 (4096, 1024)) and
+    the backward's dH GEMM (dz = dy @ w2 * act'(z), act(z); dy (B*144, 4096), w2 (4096, 4096))."""
+    from .kernels import activations
+
+    out = []
+    M = _B * 144
+    for dtype, _, dlabel, _ in _dtype_variants([d for d in dtypes if d != "fp32"]):
+        for epilogue, elabel, K in ((module.BIAS_ACT, "bias_act", _C), (module.ACT_GRAD, "act_grad", _HIDDEN)):
+            for act in _ACTIVATIONS:
+                args = dict(
+                    a_ptr=_ptr(dtype), w_ptr=_ptr(dtype), b_ptr=_ptr(dtype), z_ptr=_ptr(dtype), out_ptr=_ptr(dtype),
+                    aux_ptr=_ptr(dtype), M=M, N=_HIDDEN, K=K, sam=K, swr=K if epilogue == module.BIAS_ACT else _HIDDEN,
+                    szm=_HIDDEN, EPILOGUE=epilogue, HAS_BIAS=epilogue == module.BIAS_ACT,
+                    STORE_PRE=epilogue == module.BIAS_ACT, ACTIVATION=activations.CODES[act], DOT_FP32=False,
+                    NUM_SMS=_H100_SMS,
+                )
+                out.append(Variant(f"{dlabel} {elabel} {act}", dtype, args, hgmma=True, tma=True, warp_specialized=True))
+    return out
+
+
+def _tma_gemm_launchable(module, config, variant, arch) -> bool:
+    # TMA descriptors and wgmma are Hopper's: the launcher runs this kernel on sm_90 only.
+    return arch == 90 and module.fits(config, _elem(variant), SMEM_LIMIT[arch], variant.args["EPILOGUE"])
 
 
 def _mlp_pool_variants(module, dtypes):
@@ -506,6 +542,8 @@ REGISTRY: list[Entry] = [
     Entry("gemm_act_grad", "deco_ops.kernels.gemm_act_grad", "gemm_act_grad_kernel",
           configs=lambda m: m.cuda_configs(), variants=_gemm_act_grad_variants,
           launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant))),
+    Entry("tma_gemm", "deco_ops.kernels.tma_gemm", "tma_gemm_kernel",
+          configs=lambda m: m.cuda_configs(), variants=_tma_gemm_variants, launchable=_tma_gemm_launchable),
     Entry("gemm_unpool_act_grad", "deco_ops.kernels.mlp_pool", "gemm_unpool_act_grad_kernel",
           configs=lambda m: m.cuda_configs(), variants=_mlp_pool_variants,
           launchable=lambda m, config, variant, arch: m.fits(config, _elem(variant), variant.args["ACTIVATION"], variant.args["MODE"])),
@@ -615,6 +653,32 @@ _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _MMA = re.compile(r"\b((?:HGMMA|HMMA|IMMA|QGMMA|UTCHMMA)\.[\w.]+)")
+# Hopper's tensor memory accelerator: tiled (UTMALDG/UTMASTG/UTMAPF/UTMAREDG) and plain bulk
+# (UBLKCP/UBLKRED) copies in SASS; cp.async.bulk / cp.reduce.async.bulk in PTX.
+_TMA_SASS = re.compile(r"\b(?:UTMALDG|UTMASTG|UTMAPF|UTMAREDG|UBLKCP|UBLKRED)\b")
+_TMA_PTX = re.compile(r"\bcp\.(?:reduce\.)?async\.bulk\b")
+# Warp specialisation as Triton lowers it on sm_90: producer and consumer warpgroups resize their
+# register files (setmaxnreg.inc/.dec, SASS USETMAXREG). A kernel without it is one warpgroup role.
+_WS_SASS = re.compile(r"\bUSETMAXREG\b")
+_WS_PTX = re.compile(r"\bsetmaxnreg\b")
+_SETMAXNREG = re.compile(r"\bsetmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)")
+
+
+def uses_tma(sass: str, ptx: str = "") -> bool:
+    """Whether the kernel copies tiles with the TMA / bulk-copy engine (SASS, else PTX)."""
+    return bool(_TMA_SASS.search(sass) or _TMA_PTX.search(ptx))
+
+
+def warp_specialized(sass: str, ptx: str = "") -> bool:
+    """Whether the kernel runs producer/consumer warpgroups with register reallocation."""
+    return bool(_WS_SASS.search(sass) or _WS_PTX.search(ptx))
+
+
+def warpgroup_registers(ptx: str) -> list[int]:
+    """The per-thread register counts the warpgroups resize to (``setmaxnreg``), ascending: the
+    producer's is the smallest, the consumers' the largest. The ``registers`` column is the
+    count at entry, before any warpgroup resizes."""
+    return sorted({int(n) for n in _SETMAXNREG.findall(ptx)})
 
 
 def config_label(config) -> str:
@@ -650,7 +714,9 @@ def compile_job(name: str, config_index: int, variant_index: int, dtypes: list[s
         variant = entry.variants(module, dtypes)[variant_index]
         row.update(config=config_label(config), variant=variant.label, dtype=variant.dtype,
                    num_warps=config.num_warps, num_stages=config.num_stages,
-                   expect_hgmma=variant.hgmma and arch >= 90 and wgmma_eligible(config))
+                   expect_hgmma=variant.hgmma and arch >= 90 and wgmma_eligible(config),
+                   expect_tma=variant.tma and arch >= 90,
+                   expect_warp_specialized=variant.warp_specialized and arch >= 90)
         start = time.perf_counter()
         import triton
         from triton.backends.compiler import GPUTarget
@@ -688,6 +754,9 @@ def compile_job(name: str, config_index: int, variant_index: int, dtypes: list[s
             local_bytes=int(res.group(4)) if res else None,
             shared_bytes=int(kernel.metadata.shared) + (int(res.group(3)) if res else 0),
             hgmma=any(m.startswith("HGMMA") for m in mma),
+            tma=uses_tma(sass, kernel.asm["ptx"]),
+            warp_specialized=warp_specialized(sass, kernel.asm["ptx"]),
+            warpgroup_registers=warpgroup_registers(kernel.asm["ptx"]),
             mma=mma[0].split(".")[0] + "." + mma[0].split(".")[1] if mma else "",
             error="",
         )
@@ -732,22 +801,53 @@ def _problems(row: dict) -> list[str]:
         out.append(f"smem > {SMEM_LIMIT[row['arch']]}")
     if row["expect_hgmma"] and not row["hgmma"]:
         out.append("no HGMMA")
+    if row.get("expect_tma") and not row["tma"]:
+        out.append("no TMA")
+    if row.get("expect_warp_specialized") and not row["warp_specialized"]:
+        out.append("not warp-specialised")
     return out
 
 
+def _yes_no(row: dict, field: str) -> str:
+    """A row's sm_90 SASS feature as a table cell ("?" for rows saved before the field existed)."""
+    if row["arch"] < 90:
+        return "n/a"
+    return "?" if field not in row else ("yes" if row[field] else "no")
+
+
+def _ws_cell(row: dict) -> str:
+    """The WS cell of the full table: yes/no, and the warpgroups' register counts where resized."""
+    regs = row.get("warpgroup_registers")
+    return _yes_no(row, "warp_specialized") + (f" ({'/'.join(map(str, regs))})" if regs else "")
+
+
+def _share(rows: list[dict], field: str) -> str:
+    """How many of a config's variants show a SASS feature: "yes" (all), "some", "no" (none, but
+    some were expected to) or "-" (none, none expected); "?" for rows saved before the field existed."""
+    if any(field not in r for r in rows):
+        return "?"
+    have = [bool(r[field]) for r in rows]
+    if all(have):
+        return "yes"
+    if any(have):
+        return "some"
+    return "no" if any(r.get("expect_" + field) for r in rows) else "-"
+
+
 def markdown(rows: list[dict]) -> str:
-    head = "| kernel | variant | config | target | regs | spill st/ld (B) | smem (B) | MMA | HGMMA | s | status |"
+    head = ("| kernel | variant | config | target | regs | spill st/ld (B) | smem (B) | MMA | HGMMA | TMA | WS "
+            "| s | status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['kernel']} | {r['variant']} | {r['config']} | {r['target']} | | | | | | | "
+            lines.append(f"| {r['kernel']} | {r['variant']} | {r['config']} | {r['target']} | | | | | | | | | "
                          f"ERROR {r['error'][:200].replace('|', '/')} |")
             continue
-        hg = ("yes" if r["hgmma"] else "no") if r["arch"] >= 90 else "n/a"
         status = ", ".join(r["problems"]) or "ok"
         lines.append(
             f"| {r['kernel']} | {r['variant']} | {r['config']} | {r['target']} | {r['registers']} | "
-            f"{r['spill_stores']}/{r['spill_loads']} | {r['shared_bytes']} | {r['mma'] or '-'} | {hg} | "
+            f"{r['spill_stores']}/{r['spill_loads']} | {r['shared_bytes']} | {r['mma'] or '-'} | "
+            f"{_yes_no(r, 'hgmma')} | {_yes_no(r, 'tma')} | {_ws_cell(r)} | "
             f"{r['compile_s']} | {status} |"
         )
     return "\n".join(lines)
@@ -762,7 +862,8 @@ def summary(data: dict, arch: int = 90, labels: tuple[str, ...] = ("bf16", "fp32
     def dlabel(r):
         return r["variant"].split(" ")[0] if r.get("variant") else "?"
 
-    head = "| dtype | kernel | config | variants | worst variant | regs | spill st/ld (B) | smem (B) | HGMMA | status |"
+    head = ("| dtype | kernel | config | variants | worst variant | regs | spill st/ld (B) | smem (B) | HGMMA | TMA | WS "
+            "| status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for label in labels:
         groups: dict[tuple, list[dict]] = {}
@@ -773,19 +874,18 @@ def summary(data: dict, arch: int = 90, labels: tuple[str, ...] = ("bf16", "fp32
             ok = [r for r in rs if not r.get("error")]
             problems = sorted({p for r in rs for p in (r.get("problems") or _problems(r))})
             if not ok:
-                lines.append(f"| {label} | {kernel} | {config} | {len(rs)} | | | | | | {', '.join(problems)} |")
+                lines.append(f"| {label} | {kernel} | {config} | {len(rs)} | | | | | | | | {', '.join(problems)} |")
                 continue
             worst = max(ok, key=lambda r: (r["registers"], (r["spill_stores"] or 0) + (r["spill_loads"] or 0)))
             st = max(r["spill_stores"] or 0 for r in ok)
             ld = max(r["spill_loads"] or 0 for r in ok)
             smem = max(r["shared_bytes"] for r in ok)
-            if not any(r["expect_hgmma"] or r["hgmma"] for r in ok):
-                hg = "-"
-            else:
-                hg = "yes" if all(r["hgmma"] for r in ok) else ("no" if not any(r["hgmma"] for r in ok) else "some")
+            regs = worst.get("warpgroup_registers")
+            features = " | ".join(_share(ok, field) for field in ("hgmma", "tma", "warp_specialized"))
+            features += f" ({'/'.join(map(str, regs))})" if regs else ""
             variant = " ".join(worst["variant"].split(" ")[1:]) or "-"
             lines.append(f"| {label} | {kernel} | {config} | {len(rs)} | {variant} | {worst['registers']} | "
-                         f"{st}/{ld} | {smem} | {hg} | {', '.join(problems) or 'ok'} |")
+                         f"{st}/{ld} | {smem} | {features} | {', '.join(problems) or 'ok'} |")
     lines.append("")
     totals = []
     for target in sorted({r["target"] for r in rows}, reverse=True):

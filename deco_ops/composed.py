@@ -10,6 +10,9 @@ The backward through the activation is cuBLAS's ``dy @ W2`` then, on the Triton 
 elementwise Triton pass (``kernels/activation_backward.py``: dz, act and db1 from one read of the
 pre-activation); on the PyTorch backend ATen's own activation backward kernel.
 
+``pool_mlp_tma`` is the same composition with the first Linear and its activation on our
+persistent TMA GEMM (Hopper only, ``tma_applies``), a candidate the strategy weighs against cuBLAS.
+
 No cuBLASLt epilogue: ``torch._addmm_activation``'s GELU epilogue is the tanh approximation
 applied to the fp32 accumulator, so it is not erf-GELU (``nn.GELU()``, the default here) and not
 bit-identical to ``F.gelu(approximate="tanh")`` on the rounded pre-activation either; and under
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .kernels import activation_backward
+from .kernels import _tuning, activation_backward, tma_gemm
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +47,30 @@ def pool_mlp(pooled: torch.Tensor, w1, b1, w2, b2, activation: str, keep_residua
     if not keep_residuals:
         return y, _empty(pooled), _empty(pooled)
     return y, pooled, pre
+
+
+def tma_applies(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None) -> bool:
+    """Whether ``pool_mlp_tma`` can run pool_mlp's call on ``x`` (tokens or pooled rows: only the
+    device, dtype and channel count matter, the pooled rows being a fresh contiguous tensor): a
+    Hopper GPU (TMA descriptors, wgmma), 16-bit operands of one dtype, channel and hidden rows
+    16-byte multiples (``tma_gemm.tma_compatible``)."""
+    row_bytes = x.shape[-1] * x.element_size()
+    return (x.device.type == "cuda" and _tuning.device_arch(x.device) == 90 and w1.dtype == x.dtype
+            and (b1 is None or b1.dtype == x.dtype) and w1.shape[0] % 8 == 0 and w1.shape[-1] == x.shape[-1]
+            and row_bytes % tma_gemm.TMA_ALIGN_BYTES == 0 and tma_gemm.tma_compatible(w1))
+
+
+def pool_mlp_tma(pooled: torch.Tensor, w1, b1, w2, b2, activation: str, keep_residuals: bool):
+    """``pool_mlp`` with the first Linear, its bias and the activation in one persistent TMA GEMM
+    (``kernels/tma_gemm.py``, sm_90) instead of ``F.linear`` plus a PyTorch activation: the
+    pre-activation is written only when kept, the activation never round-trips through memory.
+    The second Linear stays on cuBLAS. ``pooled`` (B, P, C) contiguous; see ``tma_applies``."""
+    B, P, C = pooled.shape
+    act, pre = tma_gemm.tma_linear_act(pooled.view(B * P, C), w1, b1, activation, store_pre=keep_residuals)
+    y = F.linear(act, w2, b2).view(B, P, w2.shape[0])
+    if not keep_residuals:
+        return y, _empty(pooled), _empty(pooled)
+    return y, pooled, pre.view(B, P, w1.shape[0])
 
 
 def mlp_pool(x: torch.Tensor, w1, b1, w2, b2, pool: Callable[[torch.Tensor], torch.Tensor], activation: str,

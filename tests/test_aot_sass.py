@@ -1,0 +1,80 @@
+"""``deco_ops.aot``'s reading of a compiled kernel: TMA copies and warp specialisation, from SASS
+(cuobjdump) and PTX lines as Triton's sm_90 compiles print them, and the problems they raise when
+a kernel written for them compiles without them. No compiling here (tests/test_aot.py compiles)."""
+
+import pytest
+
+from deco_ops import aot
+
+# Lines from `python -m deco_ops.aot --kernels tma_gemm` (triton 3.9, sm_90) and from pool_gemm's
+# cp.async pipeline, which is not TMA.
+TMA_SASS = """
+        /*0a50*/                   UTMALDG.2D [UR20], [UR6] ;
+        /*0c80*/                   SYNCS.ARRIVE.TRANS64 RZ, [UR19+0x24100], R3 ;
+        /*1f30*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*2400*/                   UTMASTG.2D [UR24], [UR6] ;
+"""
+WS_SASS = """
+        /*0090*/                   USETMAXREG.DEALLOC.CTAPOOL 0x28 ;
+        /*0b10*/                   USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xe8 ;
+"""
+BULK_SASS = "        /*0400*/                   UBLKCP.S.G [UR8], [UR4], UR10 ;\n"
+PLAIN_SASS = """
+        /*0300*/                   LDGSTS.E.BYPASS.LTC128B.128 [R3], desc[UR6][R4.64] ;
+        /*0310*/                   LDGDEPBAR ;
+        /*0400*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0500*/                   STG.E.128 desc[UR6][R8.64], R12 ;
+        /*0600*/                   MOV R1, c[0x0][0x28] ;
+"""
+TMA_PTX = ("\tcp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd2, {%r3, %r4}], [%r5];\n"
+           "\tcp.async.bulk.commit_group ;\n")
+WS_PTX = ("\tsetmaxnreg.dec.sync.aligned.u32 \t40;\n\tsetmaxnreg.inc.sync.aligned.u32 \t232;\n"
+          "\tsetmaxnreg.inc.sync.aligned.u32 \t232;\n\tsetmaxnreg.dec.sync.aligned.u32 \t120;\n")
+PLAIN_PTX = ("\tcp.async.cg.shared.global [%r1], [%rd1], 16;\n\tcp.async.commit_group;\n"
+             "\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f1};\n")
+
+
+@pytest.mark.parametrize("sass,ptx,expected", [
+    (TMA_SASS, "", True), (BULK_SASS, "", True), ("", TMA_PTX, True),
+    (PLAIN_SASS, PLAIN_PTX, False), (WS_SASS, WS_PTX, False),
+])
+def test_tma_is_read_from_sass_or_ptx(sass, ptx, expected):
+    assert aot.uses_tma(sass, ptx) is expected
+
+
+@pytest.mark.parametrize("sass,ptx,expected", [
+    (WS_SASS, "", True), ("", WS_PTX, True), (TMA_SASS, TMA_PTX, False), (PLAIN_SASS, PLAIN_PTX, False),
+])
+def test_warp_specialisation_is_read_from_sass_or_ptx(sass, ptx, expected):
+    assert aot.warp_specialized(sass, ptx) is expected
+
+
+def test_warpgroup_registers_are_the_distinct_setmaxnreg_counts():
+    assert aot.warpgroup_registers(WS_PTX) == [40, 120, 232]
+    assert aot.warpgroup_registers(PLAIN_PTX) == []
+
+
+def _row(**features):
+    row = dict(kernel="tma_gemm", variant="bf16 bias_act gelu", config="M128 N128 K64 G8 w4 s4", arch=90, target="sm_90",
+               registers=168, spill_stores=0, spill_loads=0, local_bytes=0, shared_bytes=149096, hgmma=True,
+               expect_hgmma=True, tma=True, warp_specialized=True, expect_tma=True, expect_warp_specialized=True, error="")
+    row.update(features)
+    return row
+
+
+def test_a_hopper_kernel_without_tma_or_warp_specialisation_is_a_problem():
+    assert aot._problems(_row()) == []
+    assert aot._problems(_row(tma=False)) == ["no TMA"]
+    assert aot._problems(_row(warp_specialized=False)) == ["not warp-specialised"]
+    # kernels not written for them (every other kernel) are fine without either
+    assert aot._problems(_row(tma=False, warp_specialized=False, expect_tma=False, expect_warp_specialized=False)) == []
+
+
+def test_the_tables_show_the_columns():
+    rows = [_row(warpgroup_registers=[40, 232], mma="HGMMA.64x128x16", compile_s=3.0, problems=[])]
+    assert "| HGMMA.64x128x16 | yes | yes | yes (40/232) | 3.0 | ok |" in aot.markdown(rows)
+    assert "| 168 | 0/0 | 149096 | yes | yes | yes (40/232) | ok |" in aot.summary({"rows": rows})
+    no_ws = [_row(tma=False, warp_specialized=False, expect_tma=False, expect_warp_specialized=False, problems=[])]
+    assert "| yes | - | - | ok |" in aot.summary({"rows": no_ws})
+    some = rows + [_row(variant="bf16 bias_act silu", tma=False, warpgroup_registers=[40, 232])]
+    assert "| yes | some | yes (40/232) | no TMA |" in aot.summary({"rows": some})
