@@ -72,7 +72,7 @@ def _check_qformer(ours, eager, lengths, device):
     q, enc = torch.randn(2, 8, 32, generator=gen), torch.randn(2, 20, 24, generator=gen)
     mask = None if lengths is None else _encoder_mask(lengths, 20)
     on_device = None if mask is None else mask.to(device)
-    leaves = [q.to(device).requires_grad_(), enc.to(device).requires_grad_()]
+    leaves = [q.to(device, copy=True).requires_grad_(), enc.to(device, copy=True).requires_grad_()]
     refs = [q.double().requires_grad_(), enc.double().requires_grad_()]
     y = ours(query_embeds=leaves[0], encoder_hidden_states=leaves[1], encoder_attention_mask=on_device).last_hidden_state
     y64 = eager(query_embeds=refs[0], encoder_hidden_states=refs[1], encoder_attention_mask=mask).last_hidden_state

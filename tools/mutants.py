@@ -221,7 +221,8 @@ MUTANTS: tuple[Mutant, ...] = (
            _long("cross_attention and single_pass"), "a 16-bit intermediate: the LSE kept for backward rounded to fp16 (P off by ~0.4%)"),
     Mutant("pool_gemm_window_sum_rounded", "kernels/pool_gemm.py",
            "a = a * inv_count[:, None]", "a = a.to(x_ptr.dtype.element_ty).to(tl.float32) * inv_count[:, None]",
-           _long("pool_gemm"), "a 16-bit intermediate: the window's sum rounded before the division (two roundings, not one)"),
+           ("tests/test_projector.py", "-k", "bit_for_bit"),
+           "a 16-bit intermediate: the window's sum rounded before the division (two roundings, not one)"),
     # ------------------------------------------------------------------------------------------
     # composed twins (deco_ops/composed.py; on CPU the PyTorch backend runs them under "auto")
     Mutant("composed_pool_mlp_activation", "deco_ops/composed.py",
