@@ -48,6 +48,6 @@ def test_a_timeout_is_not_a_kill(tmp_path, capsys):
     mutants = MUTANTS[:4]
     results = {m.name: Result(s, "", 1.0) for m, s in zip(mutants, (KILLED, TIMEOUT, SURVIVED, ERROR))}
     assert score(results) == (1, 3)
-    assert summarize(mutants, results) == 1
+    assert summarize(mutants, results, "abc1234 (2026-12-03)") == 1
     out = capsys.readouterr().out
-    assert "1/3 killed = 33.3%" in out and f"timeout {mutants[1].name}" in out
+    assert "at abc1234 (2026-12-03): 1/3 killed = 33.3%" in out and f"timeout {mutants[1].name}" in out

@@ -270,7 +270,7 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_autocast.py", "-k", "test_op_under_autocast"), "the GEMM/attention ops ignore autocast and run in their inputs' dtype"),
     Mutant("autocast_casts_float64", "deco_ops/_validate.py",
            "and t.dtype != torch.float64\n", "\n",
-           ("tests/test_autocast.py", "-k", "mixed_dtypes_refused"), "autocast casts float64 inputs too (nn.Linear leaves them alone)"),
+           ("tests/test_autocast.py", "-k", "float64_alone"), "autocast casts float64 inputs too (nn.Linear leaves them alone)"),
     # ------------------------------------------------------------------------------------------
     # autograd formulas (deco_ops/)
     Mutant("pool_linear_flags_swapped", "deco_ops/projector.py",

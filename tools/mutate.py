@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         list_mutants(mutants)
         return 0
     os.nice(max(0, NICENESS - os.nice(0)))
+    ran_at = revision()  # the tree the scratch copies are made from (HEAD may move during a long run)
 
     with tempfile.TemporaryDirectory(prefix="deco_ops-mutants-") as tmp:
         copies = [scratch_copy(ROOT, Path(tmp) / f"copy{i}") for i in range(max(1, args.jobs))]
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             results[mutant.name] = result
             print(f"{result.status:>8}  {mutant.name:<34} {result.seconds:6.1f} s  {result.detail}", flush=True)
 
-    return summarize(mutants, results)
+    return summarize(mutants, results, ran_at)
 
 
 def revision() -> str:
@@ -212,13 +213,13 @@ def score(results: dict[str, Result]) -> tuple[int, int]:
     return statuses.count(KILLED), len(statuses) - statuses.count(ERROR)
 
 
-def summarize(mutants: list[Mutant], results: dict[str, Result]) -> int:
+def summarize(mutants: list[Mutant], results: dict[str, Result], ran_at: str) -> int:
     """Prints the score and every mutant not killed; the exit status: 0 when each is killed or
     explained as equivalent."""
     by_status = {s: [m for m in mutants if results[m.name].status == s] for s in (KILLED, SURVIVED, TIMEOUT, ERROR)}
     killed, judged = score(results)
     equivalent = sum(1 for m in by_status[SURVIVED] if m.equivalent)
-    print(f"\nmutation score at {revision()}: {killed}/{judged} killed = {100 * killed / max(judged, 1):.1f}%"
+    print(f"\nmutation score at {ran_at}: {killed}/{judged} killed = {100 * killed / max(judged, 1):.1f}%"
           f" ({killed}/{judged - equivalent} = {100 * killed / max(judged - equivalent, 1):.1f}% of the non-equivalent);"
           f" {len(by_status[TIMEOUT])} timeouts, {len(by_status[SURVIVED])} survivors, {len(by_status[ERROR])} errors"
           f" of {len(mutants)} mutants")
