@@ -19,7 +19,7 @@ import torch
 import triton
 
 import deco_ops
-from deco_ops import reference
+from deco_ops import reference, strategy
 from deco_ops.kernels import _tuning
 from harness import DEVICE, DTYPES, assert_close, guarded, leaf, poisoned_empty, randn
 from test_cross_attention import _case as attention_case
@@ -111,6 +111,18 @@ def only(kernel: _tuning.TunedKernel, config):
         yield
 
 
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+    """Autotuning on and the strategy measured, as for a user; decisions kept in a scratch cache
+    and forgotten afterwards (the rest of the suite runs fixed configs, fused)."""
+    monkeypatch.setenv("DECO_OPS_AUTOTUNE", "1")
+    monkeypatch.setenv(strategy.CACHE_DIR_ENV, str(tmp_path))
+    strategy.forget()
+    with deco_ops.use_backend("auto"), deco_ops.use_strategy("auto"):
+        yield
+    strategy.forget()
+
+
 def _check(results, dtype, what: str) -> None:
     for name, got, want in results:
         assert got.dtype == dtype, f"{what}: {name}"
@@ -153,19 +165,16 @@ def test_every_admitted_config(case, dtype):
 @CUDA_ONLY
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_auto_with_autotuning(case, dtype, monkeypatch):
+def test_auto_with_autotuning(case, dtype, measured):
     """What a user's call does: the strategy measured (fused or composed) and the kernels'
     configs from the GPU's table or timed."""
-    monkeypatch.setenv("DECO_OPS_AUTOTUNE", "1")
-    with deco_ops.use_backend("auto"), deco_ops.use_strategy("auto"):
-        _check(CASES[case](dtype), dtype, "auto")
+    _check(CASES[case](dtype), dtype, "auto")
 
 
 @CUDA_ONLY
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_modules_under_auto(dtype, monkeypatch):
+def test_modules_under_auto(dtype, measured):
     """DeCoProjector and the nn.MultiheadAttention drop-in under ``auto``, against float64 eager."""
-    monkeypatch.setenv("DECO_OPS_AUTOTUNE", "1")
     torch.manual_seed(0)
     proj = deco_ops.DeCoProjector(C, OUT, hidden_features=HIDDEN, grid=(4, 5), out_grid=(2, 3)).to(dtype)
     attn = deco_ops.CrossAttention(OUT, 1, batch_first=True).to(dtype)
@@ -174,9 +183,8 @@ def test_modules_under_auto(dtype, monkeypatch):
     gen = torch.Generator().manual_seed(3)
     x = randn(2, 20, C, dtype=dtype, generator=gen)
     queries = randn(2, 5, OUT, dtype=dtype, generator=gen)
-    with deco_ops.use_backend("auto"), deco_ops.use_strategy("auto"):
-        tokens = proj(guarded(x))
-        out = attn(queries, tokens, tokens, need_weights=False)[0]
+    tokens = proj(guarded(x))
+    out = attn(queries, tokens, tokens, need_weights=False)[0]
     p64 = [t.detach().double() for t in (proj.fc1.weight, proj.fc1.bias, proj.fc2.weight, proj.fc2.bias)]
     tokens64 = reference.pool_mlp(x.double(), *p64, (4, 5), (2, 3))
     assert_close(tokens, tokens64, dtype, "DeCoProjector")
