@@ -233,5 +233,6 @@ def summarize(mutants: list[Mutant], results: dict[str, Result], ran_at: str) ->
     unexplained = [m for m in by_status[SURVIVED] if not m.equivalent]
     return 1 if by_status[ERROR] or by_status[TIMEOUT] or unexplained else 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
