@@ -272,6 +272,14 @@ def test_mixed_dtypes_refused_outside_autocast():
             deco_ops.pool_linear(x, w.double(), grid=GRID, out_grid=OUT_GRID)
 
 
+def test_autocast_leaves_float64_alone():
+    """As for nn.Linear: float64 inputs stay float64 inside an autocast region (PyTorch backend on
+    CPU tensors; the Triton kernels take no float64 outside the interpreter's gradchecks)."""
+    with torch.device("cpu"), deco_ops.use_backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
+        x, w = torch.randn(1, 24, C, dtype=torch.float64), torch.randn(OUT, C, dtype=torch.float64)
+        assert deco_ops.pool_linear(x, w, grid=GRID, out_grid=OUT_GRID).dtype == torch.float64
+
+
 def _dense_model(projector, attention, x, q, kv):
     """A compiled region using every dense op and both modules."""
     tokens = projector(x)

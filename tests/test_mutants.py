@@ -36,3 +36,18 @@ def test_every_kernel_file_and_autograd_formula_has_a_mutant():
     assert kernels and formulas
     assert not kernels - mutated, f"kernel files without a mutant: {sorted(kernels - mutated)}"
     assert not formulas - mutated, f"autograd formulas without a mutant: {sorted(formulas - mutated)}"
+
+
+def test_a_timeout_is_not_a_kill(tmp_path, capsys):
+    """A selection that hangs is reported as a timeout, counts against the score and fails the
+    run; errors (selections pytest could not run) are left out of the score."""
+    from tools.mutate import ERROR, KILLED, SURVIVED, TIMEOUT, Result, run_tests, score, summarize
+
+    (tmp_path / "test_hang.py").write_text("import time\n\ndef test_hang():\n    time.sleep(60)\n")
+    assert run_tests(tmp_path, ("test_hang.py",), timeout=2).status == TIMEOUT
+    mutants = MUTANTS[:4]
+    results = {m.name: Result(s, "", 1.0) for m, s in zip(mutants, (KILLED, TIMEOUT, SURVIVED, ERROR))}
+    assert score(results) == (1, 3)
+    assert summarize(mutants, results, "abc1234 (2026-12-03)") == 1
+    out = capsys.readouterr().out
+    assert "at abc1234 (2026-12-03): 1/3 killed = 33.3%" in out and f"timeout {mutants[1].name}" in out

@@ -313,3 +313,15 @@ def test_windows_too_large_to_unroll_take_the_runtime_loop_path(monkeypatch):
             got = deco_ops.pool_mlp(*params, grid=(12, 12), out_grid=(3, 2))
     packed.assert_called_once()
     assert_close(got, expected, torch.float32)
+
+
+def test_saved_pooled_rows_are_eager_pooling_bit_for_bit():
+    """pool_gemm sums each window in fp32 and rounds the mean once, as fp16 F.adaptive_avg_pool2d
+    on the CPU does: the saved residual (dW's operand) equals it bit for bit, 3x3 windows included
+    (a count that is not a power of two, where rounding the window's sum first differs)."""
+    g = torch.Generator().manual_seed(5)
+    x = randn(2, 36, 64, dtype=torch.float16, generator=g)
+    w = randn(16, 64, dtype=torch.float16, generator=g)
+    with deco_ops.use_backend("triton"):
+        _, pooled = torch.ops.deco.pool_linear(x, w, None, [6, 6], [2, 2], True)
+    assert torch.equal(pooled.view(2, 4, 64), reference.adaptive_avg_pool_tokens(x.cpu(), (6, 6), (2, 2)).to(x.device))

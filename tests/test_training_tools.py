@@ -1,5 +1,5 @@
-"""The ops in the tools of a training run: DDP and FSDP2 (``fully_shard``) in 2 CPU processes on
-gloo give one process's loss and gradients; ``torch.utils.checkpoint`` (non-reentrant) around
+"""The ops in the tools of a training run: DDP and FSDP2 (``fully_shard``) in 2 processes (NCCL
+on two GPUs where the machine has them, else gloo on CPU tensors) give one process's loss and gradients; ``torch.utils.checkpoint`` (non-reentrant) around
 every op and module gives the gradients without it, dropout included; ``torch.compile`` with
 dynamic batch and key counts compiles once, not once per batch size."""
 
@@ -36,8 +36,19 @@ def _model():
     return Tiny()
 
 
-def _batch(batch=4):
-    return randn(batch, 16, C, generator=torch.Generator().manual_seed(1))
+def _batch(device: torch.device, batch=4):
+    return randn(batch, 16, C, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def _distributed() -> tuple[str, str]:
+    """(process-group backend, device type) of the two-process test: NCCL with one GPU per rank
+    where there are two, else gloo on CPU tensors (one GPU cannot host two NCCL ranks)."""
+    return ("nccl", "cuda") if torch.cuda.device_count() >= 2 else ("gloo", "cpu")
+
+
+def _rank_device(rank: int) -> torch.device:
+    kind = _distributed()[1]
+    return torch.device(kind, rank) if kind == "cuda" else torch.device("cpu")
 
 
 def _loss(model, x):
@@ -54,7 +65,7 @@ def _wrap(model, mode, world):
         return nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
 
-    mesh = dist.device_mesh.init_device_mesh("cpu", (world,))
+    mesh = dist.device_mesh.init_device_mesh(_distributed()[1], (world,))
     for child in (model.proj, model.attn, model):
         fully_shard(child, mesh=mesh)
     return model
@@ -62,17 +73,21 @@ def _wrap(model, mode, world):
 
 def _worker(rank, world, store_path, out_path):
     """One training step per mode on this rank's half of the batch; rank 0 saves what it sees."""
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    backend, _ = _distributed()
+    device = _rank_device(rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     results = {}
     try:
-        with deco_ops.use_backend("auto"):
+        with torch.device(device), deco_ops.use_backend("auto"):
             for mode in MODES:
                 model = _model()
                 wrapped = _wrap(model, mode, world)  # DDP's reducer lives as long as the wrapper: keep it through backward
-                loss = _loss(wrapped, _batch().chunk(world)[rank])
+                loss = _loss(wrapped, _batch(device).chunk(world)[rank])
                 loss.backward()
                 mean_loss = loss.detach().clone()
-                dist.all_reduce(mean_loss)  # gloo has no AVG: sum, then divide
+                dist.all_reduce(mean_loss)  # gloo has no AVG: sum, then divide (NCCL alike here)
                 results[mode] = {"loss": mean_loss / world, "grads": _full_grads(model)}
         if rank == 0:
             torch.save(results, out_path)
@@ -86,22 +101,21 @@ MODES = ("ddp", "fsdp2")
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     """Both modes in one spawn of 2 processes (process start-up dominates the cost)."""
-    tmp = tmp_path_factory.mktemp("gloo")
+    tmp = tmp_path_factory.mktemp("distributed")
     mp.spawn(_worker, args=(2, str(tmp / "store"), str(tmp / "rank0.pt")), nprocs=2, join=True)
     return torch.load(tmp / "rank0.pt")
 
 
-@pytest.mark.skipif(DEVICE.type == "cuda", reason="gloo ranks on CPU tensors (one GPU cannot host two NCCL ranks); "
-                    "the CUDA suite's tensors default to the GPU")
 @pytest.mark.parametrize("mode", MODES)
 def test_data_parallel_two_processes_match_one(two_process_results, mode):
-    """Each of 2 gloo ranks takes half the batch; their averaged loss and gradients equal one
-    process's over the whole batch (DDP all-reduces gradients; FSDP2 shards parameters, gathers
-    them for forward and backward and reduce-scatters gradients)."""
+    """Each of 2 ranks (``_distributed``) takes half the batch; their averaged loss and gradients
+    equal one process's over the whole batch on rank 0's device (DDP all-reduces gradients; FSDP2
+    shards parameters, gathers them for forward and backward and reduce-scatters gradients)."""
     got = two_process_results[mode]
-    with deco_ops.use_backend("auto"):
+    device = _rank_device(0)
+    with torch.device(device), deco_ops.use_backend("auto"):
         model = _model()
-        loss = _loss(model, _batch())
+        loss = _loss(model, _batch(device))
         loss.backward()
     assert_close(got["loss"], loss.detach(), torch.float32, f"{mode} loss")
     want = _full_grads(model)

@@ -7,6 +7,8 @@ one that turns the mask into ``kv_lens``) runs the Triton kernels and the others
 path; tests/test_cross_attention.py holds the two backends to each other.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ pytest.importorskip("transformers")
 import deco_ops  # noqa: E402
 import deco_ops.integrations.transformers as hf_deco  # noqa: E402
 from deco_ops.integrations.transformers._require import transformers_module  # noqa: E402
-from harness import assert_close  # noqa: E402
+from harness import DEVICE, assert_close  # noqa: E402
 from transformers import (  # noqa: E402
     Blip2Config,
     Blip2ForConditionalGeneration,
@@ -56,35 +58,42 @@ pytestmark = pytest.mark.usefixtures("cpu_tensors", "auto_backend")
 
 @pytest.mark.parametrize("lengths,backend", [(None, "auto"), ((20, 13), "triton")])
 def test_blip2_qformer_matches_eager_forward_and_backward(qformers, lengths, backend):
+    # The Triton backend runs on the suite's device: the interpreter on a CPU, the compiled kernels
+    # on a GPU (which has no interpreter for CPU tensors).
+    device = DEVICE if backend == "triton" else torch.device("cpu")
+    ours, eager = qformers
     with deco_ops.use_backend(backend):
-        _check_qformer(*qformers, lengths)
+        _check_qformer(copy.deepcopy(ours).to(device), eager, lengths, device)
 
 
-def _check_qformer(ours, eager, lengths):
+def _check_qformer(ours, eager, lengths, device):
+    """``ours`` on ``device`` against the float64 ``eager`` on the CPU."""
     gen = torch.Generator().manual_seed(1)
     q, enc = torch.randn(2, 8, 32, generator=gen), torch.randn(2, 20, 24, generator=gen)
     mask = None if lengths is None else _encoder_mask(lengths, 20)
-    leaves = [q.clone().requires_grad_(), enc.clone().requires_grad_()]
+    on_device = None if mask is None else mask.to(device)
+    leaves = [q.to(device, copy=True).requires_grad_(), enc.to(device, copy=True).requires_grad_()]
     refs = [q.double().requires_grad_(), enc.double().requires_grad_()]
-    y = ours(query_embeds=leaves[0], encoder_hidden_states=leaves[1], encoder_attention_mask=mask).last_hidden_state
+    y = ours(query_embeds=leaves[0], encoder_hidden_states=leaves[1], encoder_attention_mask=on_device).last_hidden_state
     y64 = eager(query_embeds=refs[0], encoder_hidden_states=refs[1], encoder_attention_mask=mask).last_hidden_state
-    assert_close(y, y64, torch.float32, tol=1e-5)
+    assert_close(y.cpu(), y64, torch.float32, tol=1e-5)
     dy = torch.randn(y.shape, generator=gen)
     ours.zero_grad(), eager.zero_grad()
-    y.backward(dy)
+    y.backward(dy.to(device))
     y64.backward(dy.double())
-    assert_close(leaves[0].grad, refs[0].grad, torch.float32, "grad query_embeds", tol=1e-5)
-    assert_close(leaves[1].grad, refs[1].grad, torch.float32, "grad encoder_hidden_states", tol=1e-5)
+    assert_close(leaves[0].grad.cpu(), refs[0].grad, torch.float32, "grad query_embeds", tol=1e-5)
+    assert_close(leaves[1].grad.cpu(), refs[1].grad, torch.float32, "grad encoder_hidden_states", tol=1e-5)
     for (name, p), p64 in zip(ours.named_parameters(), eager.parameters()):
         if name.endswith("key.bias"):  # softmax ignores a per-row shift: exactly zero, up to rounding
             assert p.grad.abs().max() < 1e-5
         elif p64.grad is not None:
-            assert_close(p.grad, p64.grad, torch.float32, f"grad {name}", tol=1e-5)
+            assert_close(p.grad.cpu(), p64.grad, torch.float32, f"grad {name}", tol=1e-5)
     if lengths is not None:  # padded image tokens are never read: NaN there changes nothing
         poisoned = enc.clone()
         poisoned[1, lengths[1]:] = float("nan")
         with torch.no_grad():
-            again = ours(query_embeds=q, encoder_hidden_states=poisoned, encoder_attention_mask=mask).last_hidden_state
+            again = ours(query_embeds=q.to(device), encoder_hidden_states=poisoned.to(device),
+                         encoder_attention_mask=on_device).last_hidden_state
         assert torch.equal(again, y.detach())
 
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the
 import deco_ops  # noqa: E402
 from deco_ops.integrations.transformers import DeCoLlavaProcessor, llava_to_deco  # noqa: E402
 from deco_ops.modules import HF_ACTIVATIONS  # noqa: E402
-from harness import assert_close  # noqa: E402
+from harness import DEVICE, assert_close  # noqa: E402
 from tiny_models import PROMPT, image, tiny_llava  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 
@@ -29,17 +29,19 @@ pytestmark = pytest.mark.usefixtures("cpu_tensors", "auto_backend")
 def test_projector_keeps_weights_and_pools(strategy, prefix):
     model, processor = tiny_llava(vision_feature_select_strategy=strategy)
     hf_projector = copy.deepcopy(model.model.multi_modal_projector).double()
-    pixels = processor(images=image(), text=PROMPT, return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        tokens = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]  # 8x8 grid, CLS dropped
     llava_to_deco(model)
+    # The forced Triton backend runs on the suite's device (a GPU has no interpreter for CPU tensors).
+    model.to(DEVICE)
+    pixels = processor(images=image(), text=PROMPT, return_tensors="pt")["pixel_values"].to(DEVICE)
+    with torch.no_grad():
+        tokens = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:].cpu()  # 8x8 grid, CLS dropped
     deco = model.model.multi_modal_projector
     assert isinstance(deco, deco_ops.DeCoProjector) and deco.num_prefix_tokens == prefix
     assert (deco.grid, deco.out_grid, model.config.image_seq_length) == ((8, 8), (4, 4), 16)
     pooled = F.adaptive_avg_pool2d(tokens.double().transpose(1, 2).reshape(1, 32, 8, 8), (4, 4)).flatten(2).transpose(1, 2)
     with torch.no_grad(), deco_ops.use_backend("triton"):
         features = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
-    assert_close(features, hf_projector(pooled)[0], torch.float32)
+    assert_close(features.cpu(), hf_projector(pooled)[0], torch.float32)
 
 
 def test_processor_and_generate_end_to_end():

@@ -43,6 +43,18 @@ def _error(case: str) -> tuple[str, ...]:
 _ACTIVATIONS = ("tests/test_activations_exact.py",)
 _MERGE = ("tests/test_merge.py",)
 
+
+def _long(k: str) -> tuple[str, ...]:
+    return ("tests/test_long_reductions.py", "-k", k)
+
+
+def _rounded_per_step(name: str, file: str, step: str, dtype: str, acc: str, tests: tuple[str, ...], what: str) -> Mutant:
+    """The running sum rounded to the operand dtype (``dtype``) after every K step ``step``, the bug
+    of a kernel that accumulates in 16 bits: invisible at K <= 96, several times eager's error at
+    K = 1024 (issue 24)."""
+    return Mutant(name, file, step, step.replace("INPUT_PRECISION)", f"INPUT_PRECISION).to({dtype}).to({acc})", 1),
+                  tests, f"{what}: the accumulator rounded to 16 bits at every step")
+
 MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------------------------------------------------
     # kernels/activations.py
@@ -180,6 +192,85 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("attention_shared_dq_direct", "kernels/cross_attention_bwd.py",
            "direct = num_splits == 1 and not shared", "direct = num_splits == 1",
            _grad_matrix("test_cross_attention and single_pass-dense"), "shared queries' dQ written per batch into one q-sized buffer"),
+    # ------------------------------------------------------------------------------------------
+    # precision at real reduction lengths (tests/test_long_reductions.py, K = 1024)
+    _rounded_per_step("pool_gemm_acc_rounded_per_step", "kernels/pool_gemm.py",
+                      "acc = dot(a, wt, acc, DOT_FP32, INPUT_PRECISION)", "x_ptr.dtype.element_ty", "tl.float32",
+                      _long("pool_gemm"), "pool_gemm's K loop"),
+    _rounded_per_step("act_grad_acc_rounded_per_step", "kernels/gemm_act_grad.py",
+                      "acc = dot(g, wt, acc, DOT_FP32, INPUT_PRECISION)", "dy_ptr.dtype.element_ty", "tl.float32",
+                      _long("act_grad"), "gemm_act_grad's dy @ W2"),
+    _rounded_per_step("mlp_pool_acc_rounded_per_step", "kernels/mlp_pool.py",
+                      "acc = dot(a, wt, acc, DOT_FP32, INPUT_PRECISION)", "x_ptr.dtype.element_ty", "tl.float32",
+                      _long("mlp_pool"), "mlp_pool's recomputed pre-activation"),
+    _rounded_per_step("merge_gemm_acc_rounded_per_step", "kernels/merge_gemm.py",
+                      "acc = dot(a, wt, acc, DOT_FP32, INPUT_PRECISION)", "x_ptr.dtype.element_ty", "tl.float32",
+                      _long("merge_gemm"), "merge_gemm's K loop over sub-tokens and channels"),
+    _rounded_per_step("attention_fwd_acc_rounded_per_step", "kernels/cross_attention_fwd.py",
+                      "acc = dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_FP32, INPUT_PRECISION)", "v.dtype", "ACC",
+                      _long("cross_attention"), "the forward's P @ V over the key blocks"),
+    _rounded_per_step("attention_dq_single_pass_rounded_per_step", "kernels/cross_attention_bwd.py",
+                      "dq = dot(ds.to(k.dtype), k, dq, DOT_FP32, INPUT_PRECISION)\n        store_rows", "k.dtype", "ACC",
+                      _long("cross_attention and single_pass"), "the single-pass backward's dQ = dS @ K"),
+    _rounded_per_step("attention_dq_fa2_rounded_per_step", "kernels/cross_attention_bwd.py",
+                      "dq = dot(ds.to(k.dtype), k, dq, DOT_FP32, INPUT_PRECISION)\n    store_rows", "k.dtype", "ACC",
+                      _long("cross_attention and fa2"), "the FA2 dQ kernel's dS @ K"),
+    Mutant("attention_lse_16bit", "kernels/cross_attention_fwd.py",
+           "tl.store(lse_ptr + bh.to(tl.int64) * M + rows, lse, mask=row_mask)",
+           "tl.store(lse_ptr + bh.to(tl.int64) * M + rows, lse.to(tl.float16), mask=row_mask)",
+           _long("cross_attention and single_pass"), "a 16-bit intermediate: the LSE kept for backward rounded to fp16 (P off by ~0.4%)"),
+    Mutant("pool_gemm_window_sum_rounded", "kernels/pool_gemm.py",
+           "a = a * inv_count[:, None]", "a = a.to(x_ptr.dtype.element_ty).to(tl.float32) * inv_count[:, None]",
+           ("tests/test_projector.py", "-k", "bit_for_bit"),
+           "a 16-bit intermediate: the window's sum rounded before the division (two roundings, not one)"),
+    # ------------------------------------------------------------------------------------------
+    # composed twins (deco_ops/composed.py; on CPU the PyTorch backend runs them under "auto")
+    Mutant("composed_pool_mlp_activation", "deco_ops/composed.py",
+           "y = F.linear(reference.ACTIVATIONS[activation](pre), w2, b2)", "y = F.linear(F.gelu(pre), w2, b2)",
+           ("tests/test_projector.py", "-k", "test_pool_mlp_activations and auto"), "the composed MLP always applies erf-GELU"),
+    Mutant("composed_pool_mlp_residual", "deco_ops/composed.py",
+           "return y, pooled, pre", "return y, pooled, reference.ACTIVATIONS[activation](pre)",
+           ("tests/test_strategy_parity.py", "-k", "test_projector_strategies_agree and pool_mlp and composed"),
+           "the composed MLP keeps act(pre) where the shared backward expects the pre-activation"),
+    Mutant("composed_mlp_pool_order", "deco_ops/composed.py",
+           "pooled = pool(reference.ACTIVATIONS[activation](F.linear(x, w1, b1)))",
+           "pooled = reference.ACTIVATIONS[activation](pool(F.linear(x, w1, b1)))",
+           ("tests/test_strategy_parity.py", "-k", "test_projector_strategies_agree and mlp_pool and composed"),
+           "project-then-pool's composed twin pools before the activation"),
+    # ------------------------------------------------------------------------------------------
+    # strategy choice (deco_ops/strategy.py)
+    Mutant("strategy_key_drops_dtype", "deco_ops/strategy.py",
+           'return "|".join((op, name, str(dtype).removeprefix("torch."), fields,', 'return "|".join((op, name, "", fields,',
+           ("tests/test_strategy.py",), "the decision key forgets the dtype: a bf16 winner is reused for fp32"),
+    Mutant("strategy_slowest_wins", "deco_ops/strategy.py",
+           "winner = min(times, key=times.get)", "winner = max(times, key=times.get)",
+           ("tests/test_strategy.py",), "the slower candidate is kept"),
+    Mutant("strategy_remembered_winner_unfiltered", "deco_ops/strategy.py",
+           "if known in usable:", "if known in candidates:",
+           ("tests/test_strategy.py", "-k", "deterministic"),
+           "a winner remembered without deterministic mode is reused under it (a non-deterministic path runs)"),
+    # ------------------------------------------------------------------------------------------
+    # tuning tables and buckets (kernels/_tuning.py, deco_ops/tuning_tables.py)
+    Mutant("tuning_bucket_off_by_one", "kernels/_tuning.py",
+           "return 1 << max(0, n - 1).bit_length()", "return 1 << max(0, n).bit_length()",
+           ("tests/test_tuning.py", "-k", "bucket"), "a power of two lands in the next bucket (1024 rows tuned as 2048)"),
+    Mutant("tuning_label_unbucketed", "kernels/_tuning.py",
+           "{bucket(args[k]) if k in self.buckets else args[k]}", "{args[k]}",
+           ("tests/test_tuning.py", "-k", "bucket"), "bucket labels keep exact row counts: every batch size is timed again"),
+    Mutant("tuning_autotune_off_ignored", "kernels/_tuning.py",
+           "if not autotune_enabled() or len(candidates) == 1:", "if len(candidates) == 1:",
+           ("tests/test_tuning.py", "-k", "autotune_off"), "DECO_OPS_AUTOTUNE=0 still times the configs"),
+    Mutant("tuning_table_strategies_dropped", "deco_ops/tuning_tables.py",
+           'strategy.preload(table.get("strategies", {}))', "strategy.preload({})",
+           ("tests/test_tuning.py", "-k", "strategies_preloaded"), "a GPU table's strategy decisions are never loaded"),
+    # ------------------------------------------------------------------------------------------
+    # autocast rules (deco_ops/_autocast.py, deco_ops/_validate.py)
+    Mutant("autocast_gemm_ops_not_cast", "deco_ops/_autocast.py",
+           "_register(_name, _device_type, cast=True)", "_register(_name, _device_type, cast=False)",
+           ("tests/test_autocast.py", "-k", "test_op_under_autocast"), "the GEMM/attention ops ignore autocast and run in their inputs' dtype"),
+    Mutant("autocast_casts_float64", "deco_ops/_validate.py",
+           "and t.dtype != torch.float64\n", "\n",
+           ("tests/test_autocast.py", "-k", "float64_alone"), "autocast casts float64 inputs too (nn.Linear leaves them alone)"),
     # ------------------------------------------------------------------------------------------
     # autograd formulas (deco_ops/)
     Mutant("pool_linear_flags_swapped", "deco_ops/projector.py",

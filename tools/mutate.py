@@ -11,9 +11,14 @@ The copy holds the working tree's tracked and untracked-but-not-ignored files (s
 tests count), plus the ``deco_ops/kernels -> ../kernels`` link, and is checked to import its own
 ``deco_ops`` and kernels before anything runs. Each test selection first runs on the unmutated
 copy (skip with ``--no-baseline``): a selection that fails, or selects nothing, there would make
-its mutant look killed. A mutant is killed when its tests fail (pytest exit code 1), crash the
-interpreter, or run past ``--timeout``; it survives when they pass. Runs on demand, not in CI;
-the process lowers its own priority to nice 15 (the machine is shared).
+its mutant look killed. A mutant is killed when its tests fail (pytest exit code 1) or crash the
+interpreter; it survives when they pass. A run past ``--timeout`` is a *timeout*, not a kill: a
+mutant that only makes the tests slow (an endless loop, a hang) was not caught by any assertion.
+
+The score is killed / (mutants - errors): timeouts and survivors count against it, errors (pytest
+could not run the selection) are left out and listed. The summary names the commit it ran at and
+whether the working tree had changes. Runs on demand, not in CI; the process lowers its own
+priority to nice 15 (the machine is shared).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from .mutants import MUTANTS, Mutant
 
 ROOT = Path(__file__).resolve().parent.parent
 NICENESS = 15
-KILLED, SURVIVED, ERROR = "killed", "survived", "error"
+KILLED, SURVIVED, TIMEOUT, ERROR = "killed", "survived", "timeout", "error"
 
 
 def repository_files(root: Path) -> list[str]:
@@ -81,8 +86,9 @@ class Result:
 
 
 def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> Result:
-    """pytest ``tests`` in ``copy``: KILLED on failures, a crash or a timeout, SURVIVED when they
-    pass, ERROR when pytest could not run them (usage error, nothing selected, internal error)."""
+    """pytest ``tests`` in ``copy``: KILLED on failures or a crash, SURVIVED when they pass,
+    TIMEOUT past ``timeout`` seconds, ERROR when pytest could not run them (usage error, nothing
+    selected, internal error)."""
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=copy, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -92,7 +98,7 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> Result:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        return Result(KILLED, f"timeout after {timeout:.0f} s", time.monotonic() - start)
+        return Result(TIMEOUT, f"no result after {timeout:.0f} s", time.monotonic() - start)
     seconds = time.monotonic() - start
     summary = out.strip().splitlines()[-1] if out.strip() else ""
     if proc.returncode == 0:
@@ -166,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run only these mutants (repeatable, or comma-separated)")
     parser.add_argument("--jobs", type=int, default=1, help="scratch copies run side by side (default 1)")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per test run before the mutant counts as killed")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per test run before it counts as a timeout (not a kill)")
     parser.add_argument("--no-baseline", action="store_true", help="skip running each test selection unmutated first")
     args = parser.parse_args(argv)
 
@@ -179,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         list_mutants(mutants)
         return 0
     os.nice(max(0, NICENESS - os.nice(0)))
+    ran_at = revision()  # the tree the scratch copies are made from (HEAD may move during a long run)
 
     with tempfile.TemporaryDirectory(prefix="deco_ops-mutants-") as tmp:
         copies = [scratch_copy(ROOT, Path(tmp) / f"copy{i}") for i in range(max(1, args.jobs))]
@@ -190,17 +197,41 @@ def main(argv: list[str] | None = None) -> int:
             results[mutant.name] = result
             print(f"{result.status:>8}  {mutant.name:<34} {result.seconds:6.1f} s  {result.detail}", flush=True)
 
-    by_status = {s: [m for m in mutants if results[m.name].status == s] for s in (KILLED, SURVIVED, ERROR)}
-    killed, judged = len(by_status[KILLED]), len(by_status[KILLED]) + len(by_status[SURVIVED])
+    return summarize(mutants, results, ran_at)
+
+
+def revision() -> str:
+    """``<commit> (<date>)`` of the repository, ``+ uncommitted changes`` where the tree differs."""
+    log = subprocess.run(["git", "log", "-1", "--format=%h (%cs)"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return log + (" + uncommitted changes" if dirty else "")
+
+
+def score(results: dict[str, Result]) -> tuple[int, int]:
+    """(killed, mutants judged): every mutant but the errors; timeouts and survivors are not kills."""
+    statuses = [r.status for r in results.values()]
+    return statuses.count(KILLED), len(statuses) - statuses.count(ERROR)
+
+
+def summarize(mutants: list[Mutant], results: dict[str, Result], ran_at: str) -> int:
+    """Prints the score and every mutant not killed; the exit status: 0 when each is killed or
+    explained as equivalent."""
+    by_status = {s: [m for m in mutants if results[m.name].status == s] for s in (KILLED, SURVIVED, TIMEOUT, ERROR)}
+    killed, judged = score(results)
     equivalent = sum(1 for m in by_status[SURVIVED] if m.equivalent)
-    print(f"\nmutation score: {killed}/{judged} killed = {100 * killed / max(judged, 1):.1f}%"
-          f" ({killed}/{judged - equivalent} = {100 * killed / max(judged - equivalent, 1):.1f}% of the non-equivalent)")
+    print(f"\nmutation score at {ran_at}: {killed}/{judged} killed = {100 * killed / max(judged, 1):.1f}%"
+          f" ({killed}/{judged - equivalent} = {100 * killed / max(judged - equivalent, 1):.1f}% of the non-equivalent);"
+          f" {len(by_status[TIMEOUT])} timeouts, {len(by_status[SURVIVED])} survivors, {len(by_status[ERROR])} errors"
+          f" of {len(mutants)} mutants")
     for m in by_status[SURVIVED]:
         reason = f"equivalent: {m.equivalent}" if m.equivalent else "NOT EXPLAINED: add a test that kills it, or say why it is equivalent"
         print(f"  survivor {m.name} ({m.file}): {m.bug}\n      {reason}")
+    for m in by_status[TIMEOUT]:
+        print(f"  timeout {m.name} ({m.file}): {results[m.name].detail}; not a kill: make a test fail on it, or raise --timeout")
     for m in by_status[ERROR]:
         print(f"  error {m.name}: {results[m.name].detail}")
-    return 1 if by_status[ERROR] or any(not m.equivalent for m in by_status[SURVIVED]) else 0
+    unexplained = [m for m in by_status[SURVIVED] if not m.equivalent]
+    return 1 if by_status[ERROR] or by_status[TIMEOUT] or unexplained else 0
 
 
 if __name__ == "__main__":

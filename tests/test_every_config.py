@@ -1,0 +1,191 @@
+"""Every config the kernels ship, on a GPU: each call below is planned (``_tuning.planning``: which
+autotuned kernels it launches and the CUDA configs each one's fit rules admit for it), then run
+once per admitted config of each kernel (that kernel forced to the config, the others on their
+first) against float64. The rest of the CUDA suite runs with ``DECO_OPS_AUTOTUNE=0`` (the first
+config only) and ``DECO_OPS_STRATEGY=fused``; here the calls also run under ``auto`` with autotuning
+on, the way a user's first call picks a config (the GPU's table or a timing) and a strategy.
+
+On a CPU the CUDA runs skip; the enumeration itself (planning prunes as for an H100) and the
+forcing of one config run there: every autotuned kernel is reached and each launch admits a config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+import triton
+
+import deco_ops
+from deco_ops import reference, strategy
+from deco_ops.kernels import _tuning
+from harness import DEVICE, DTYPES, assert_close, guarded, leaf, poisoned_empty, randn
+from test_cross_attention import _case as attention_case
+from test_cross_attention import _forced as forced_schedule
+from test_cross_attention import _reference as attention_reference
+from test_cross_attention import _run as attention_run
+from test_merge import _case as merge_case
+from test_merge import eager_merge_mlp
+from test_packed import _mlp_params
+from test_strategy_parity import C, HIDDEN, OPS, OUT
+
+CUDA_ONLY = pytest.mark.skipif(DEVICE.type != "cuda", reason="compiled configs: CUDA only (the interpreter runs one fixed config)")
+KERNELS = {k.name: k for k in _tuning.TUNED_KERNELS}
+
+
+def _projector(op: str, dtype: torch.dtype) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(what, deco_ops's, float64's) of a projector op of ``test_strategy_parity.OPS``, forward
+    and every gradient."""
+    call, ref_fn, x_shape, dy_shape = OPS[op]
+    gen = torch.Generator().manual_seed(1)
+    x = randn(*x_shape, dtype=dtype, generator=gen)
+    params = [x, *_mlp_params(C, HIDDEN, OUT, dtype, seed=2)]
+    dy = randn(*dy_shape, dtype=dtype, generator=gen)
+    leaves = [leaf(guarded(p)) for p in params]
+    with poisoned_empty():
+        y = call(*leaves)
+        y.backward(guarded(dy))
+    ref = [leaf(p, torch.float64) for p in params]
+    y64 = ref_fn(*ref)
+    y64.backward(dy.double())
+    return [("y", y, y64)] + [(f"grad {n}", a.grad, b.grad) for n, a, b in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref)]
+
+
+def _attention(num_splits: int, single_pass: bool):
+    """cross_attention with the forward split ``num_splits`` ways (2+: the combine kernel too)
+    and the single-pass or the FA2 backward."""
+
+    def results(dtype):
+        q, k, v, dout, kv_lens = attention_case(2, 1, 17, 300, 2, 64, [300, 150], dtype)
+        patches = forced_schedule(num_splits, single_pass)
+        with patches[0], patches[1], patches[2]:
+            got = attention_run(q, k, v, dout, kv_lens)
+        want = attention_reference(q, k, v, dout, kv_lens)
+        return list(zip(("out", "dq", "dk", "dv"), got, want))
+
+    return results
+
+
+def _merge(dtype):
+    """merge_mlp (norm statistics, merged GEMM, activation gradient, norm backward)."""
+    params, dy = merge_case(dtype)
+    leaves = [leaf(guarded(p)) for p in params]
+    with poisoned_empty():
+        y = deco_ops.merge_mlp(*leaves)
+        y.backward(guarded(dy))
+    ref = [leaf(p, torch.float64) for p in params]
+    y64 = eager_merge_mlp(*ref)
+    y64.backward(dy.double())
+    names = ("x", "norm_weight", "norm_bias", "w1", "b1", "w2", "b2")
+    return [("y", y, y64)] + [(f"grad {n}", a.grad, b.grad) for n, a, b in zip(names, leaves, ref)]
+
+
+# name -> results(dtype): one small shape per kernel family, forward and backward
+CASES = {
+    **{op: (lambda dtype, op=op: _projector(op, dtype)) for op in ("pool_mlp", "mlp_pool", "pool_mlp_packed")},
+    "attention_split_single_pass": _attention(3, True),
+    "attention_fa2": _attention(1, False),
+    "merge_mlp": _merge,
+}
+
+
+def launches(case: str, dtype: torch.dtype) -> dict[str, list]:
+    """kernel name -> the CUDA configs its fit rules admit in ``case`` (first launch of each
+    kernel; nothing runs)."""
+    with deco_ops.use_backend("triton"), _tuning.planning() as plan:
+        CASES[case](dtype)
+    admitted = {}
+    for name, _, candidates in plan:
+        admitted.setdefault(name, candidates)
+    return admitted
+
+
+@contextlib.contextmanager
+def only(kernel: _tuning.TunedKernel, config):
+    """``kernel`` launches ``config`` (with ``DECO_OPS_AUTOTUNE=0``, the first fitting config is
+    launched untimed; here the only one), with fresh caches so no earlier choice is reused."""
+    with mock.patch.object(kernel, "configs", [config]), mock.patch.object(kernel, "cache", {}), \
+            mock.patch.object(kernel, "chosen", {}), mock.patch.object(kernel, "_pending", None):
+        yield
+
+
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+    """Autotuning on and the strategy measured, as for a user; decisions kept in a scratch cache
+    and forgotten afterwards (the rest of the suite runs fixed configs, fused)."""
+    monkeypatch.setenv("DECO_OPS_AUTOTUNE", "1")
+    monkeypatch.setenv(strategy.CACHE_DIR_ENV, str(tmp_path))
+    strategy.forget()
+    with deco_ops.use_backend("auto"), deco_ops.use_strategy("auto"):
+        yield
+    strategy.forget()
+
+
+def _check(results, dtype, what: str) -> None:
+    for name, got, want in results:
+        assert got.dtype == dtype, f"{what}: {name}"
+        assert_close(got, want, dtype, f"{what}: {name}")
+
+
+def test_every_autotuned_kernel_is_planned_with_admitted_configs():
+    reached = {}
+    for case in CASES:
+        for dtype in DTYPES:
+            for name, configs in launches(case, dtype).items():
+                assert configs, f"{case} {dtype}: no config of {name} fits"
+                assert all(c in KERNELS[name].cuda_configs for c in configs), name
+                reached.setdefault(name, set()).update(_tuning.config_label(c) for c in configs)
+    assert set(reached) == set(KERNELS), f"kernels no case launches: {sorted(set(KERNELS) - set(reached))}"
+
+
+def test_forcing_a_config_launches_it():
+    """``only`` on the interpreter: a tile other than the interpreter's own runs and is right."""
+    kernel = KERNELS["pool_gemm_kernel"]
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2})
+    with deco_ops.use_backend("triton"), only(kernel, config), \
+            mock.patch.object(kernel, "run", wraps=kernel.run) as run:
+        _check(_projector("pool_mlp", torch.float32), torch.float32, "forced config")
+        assert kernel.best_config is config
+    assert run.called
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_admitted_config(case, dtype):
+    with deco_ops.use_backend("triton"):
+        for name, configs in launches(case, dtype).items():
+            for config in configs:
+                with only(KERNELS[name], config):
+                    _check(CASES[case](dtype), dtype, f"{name} {_tuning.config_label(config)}")
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_auto_with_autotuning(case, dtype, measured):
+    """What a user's call does: the strategy measured (fused or composed) and the kernels'
+    configs from the GPU's table or timed."""
+    _check(CASES[case](dtype), dtype, "auto")
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_modules_under_auto(dtype, measured):
+    """DeCoProjector and the nn.MultiheadAttention drop-in under ``auto``, against float64 eager."""
+    torch.manual_seed(0)
+    proj = deco_ops.DeCoProjector(C, OUT, hidden_features=HIDDEN, grid=(4, 5), out_grid=(2, 3)).to(dtype)
+    attn = deco_ops.CrossAttention(OUT, 1, batch_first=True).to(dtype)
+    mha = torch.nn.MultiheadAttention(OUT, 1, batch_first=True, dtype=torch.float64)
+    mha.load_state_dict(attn.state_dict())
+    gen = torch.Generator().manual_seed(3)
+    x = randn(2, 20, C, dtype=dtype, generator=gen)
+    queries = randn(2, 5, OUT, dtype=dtype, generator=gen)
+    tokens = proj(guarded(x))
+    out = attn(queries, tokens, tokens, need_weights=False)[0]
+    p64 = [t.detach().double() for t in (proj.fc1.weight, proj.fc1.bias, proj.fc2.weight, proj.fc2.bias)]
+    tokens64 = reference.pool_mlp(x.double(), *p64, (4, 5), (2, 3))
+    assert_close(tokens, tokens64, dtype, "DeCoProjector")
+    assert_close(out, mha(queries.double(), tokens.double(), tokens.double(), need_weights=False)[0], dtype, "CrossAttention")
