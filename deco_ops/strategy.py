@@ -204,14 +204,15 @@ def _traced_choice(candidates: Mapping[str, Candidate], key: Callable[[], str]) 
     the graph keeps what is chosen here): the decision known for the key (made by an eager call,
     preloaded, on disk or in the GPU's tuning table), else the default. Symbolic sizes (dynamic
     shapes) have no key: the default."""
-    default = next(iter(candidates))
+    usable = _usable(candidates)
+    default = next(iter(usable))
     try:
         known_key = key()
     except AttributeError:  # bucket() of a SymInt: int.bit_length has no symbolic twin
         return default
     _preload_shipped_table(known_key)
     known = _decisions.get(known_key) or _read_disk().get(known_key)
-    return known if known in candidates else default
+    return known if known in usable else default
 
 
 def _preload_shipped_table(key: str) -> None:
@@ -247,10 +248,7 @@ def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Calla
     rank under torch.distributed. Under ``torch.use_deterministic_algorithms(True)`` only
     deterministic candidates compete (the first candidate if none is). A candidate that raises
     while it is timed drops out of the competition, with a warning."""
-    default = next(iter(candidates))
-    usable = dict(candidates)
-    if torch.are_deterministic_algorithms_enabled():
-        usable = {name: c for name, c in usable.items() if c.deterministic} or {default: candidates[default]}
+    usable = _usable(candidates)
     known = _decisions.get(key)
     if known in usable:
         return known
@@ -262,6 +260,15 @@ def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Calla
     winner = _agree(key, usable, lambda: _measure(key, usable, timer)) if synchronised else _measure(key, usable, timer)
     _decisions[key] = winner
     return winner
+
+
+def _usable(candidates: Mapping[str, Candidate]) -> dict[str, Candidate]:
+    """The candidates that may run: under ``torch.use_deterministic_algorithms(True)`` the
+    deterministic ones (the first candidate if none is), else all."""
+    if torch.are_deterministic_algorithms_enabled():
+        default = next(iter(candidates))
+        return {name: c for name, c in candidates.items() if c.deterministic} or {default: candidates[default]}
+    return dict(candidates)
 
 
 def capturing() -> bool:
