@@ -20,12 +20,13 @@ import os
 
 import torch
 
-from ._setting import Setting
+from ._setting import Setting, environ_entry
 
 ENV_VAR = "DECO_OPS_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
 
 SETTING = Setting(ENV_VAR, BACKENDS, "backend")
+_INTERPRET_ENVIRON, _INTERPRET_KEY = environ_entry("TRITON_INTERPRET")
 
 
 def selected() -> str:
@@ -54,7 +55,8 @@ _switch_on_interpreter()
 
 def interpreting() -> bool:
     """Whether Triton kernels in this process run through the interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    raw = _INTERPRET_ENVIRON.get(_INTERPRET_KEY)
+    return raw == b"1" or raw == "1"
 
 
 def use_triton(device: torch.device) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _validate, composed, reference, strategy
+from . import _backend, _plan, _validate, composed, reference, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import gemm_act_grad, pool_gemm
 from .pooling import as_3d, check_pool_input
@@ -169,6 +169,36 @@ def _(dy, w2, pre, activation):
     return torch.empty_like(pre), torch.empty_like(pre)
 
 
+def _pool_mlp_fused(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals):
+    B, P = x.shape[0], torch.Size(out_grid).numel()
+    act, pre, pooled = pool_gemm.pool_gemm(
+        x, as_3d(grid), as_3d(out_grid), w1.contiguous(), None if b1 is None else b1.contiguous(),
+        activation, store_pre=keep_residuals, store_pooled=keep_residuals,
+    )
+    y = F.linear(act, w2, b2).view(B, P, w2.shape[0])
+    if not keep_residuals:
+        return y, None, None
+    return y, pooled.view(B, P, x.shape[2]), pre.view(B, P, w1.shape[0])
+
+
+def _pool_mlp_composed(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals):
+    pooled = deco.adaptive_avg_pool_tokens.body(x, grid, out_grid)
+    return composed.pool_mlp(pooled, w1, b1, w2, b2, activation, True)  # the residuals are intermediates anyway
+
+
+def _pool_mlp_implementation(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals):
+    """The function that runs ``deco::pool_mlp`` on these arguments (the strategy's choice). It
+    returns (y, pooled, pre) where the residuals are kept, else y and anything (None or the
+    intermediates): the custom op's body puts the empty tensors of its schema in their place,
+    which a direct call that wants y alone does not pay for."""
+    on_triton = _backend.use_triton(x.device)
+    return strategy.implementation(
+        (x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals), on_triton=on_triton,
+        key=lambda: _key("pool_mlp", x, grid, out_grid, keep_residuals, hidden=w1.shape[0], out=w2.shape[0], act=activation),
+        fused=_pool_mlp_fused if on_triton else None, composed=_pool_mlp_composed,
+    )
+
+
 @custom_op("pool_mlp")
 def _pool_mlp(
     x: torch.Tensor,
@@ -181,28 +211,9 @@ def _pool_mlp(
     activation: str,
     keep_residuals: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, P = x.shape[0], torch.Size(out_grid).numel()
-    on_triton = _backend.use_triton(x.device)
-
-    def fused():
-        act, pre, pooled = pool_gemm.pool_gemm(
-            x, as_3d(grid), as_3d(out_grid), w1.contiguous(), None if b1 is None else b1.contiguous(),
-            activation, store_pre=keep_residuals, store_pooled=keep_residuals,
-        )
-        y = F.linear(act, w2, b2).view(B, P, w2.shape[0])
-        if not keep_residuals:
-            return y, _empty(x), _empty(x)
-        return y, pooled.view(B, P, x.shape[2]), pre.view(B, P, w1.shape[0])
-
-    def composed_():
-        pooled = deco.adaptive_avg_pool_tokens.body(x, grid, out_grid)
-        return composed.pool_mlp(pooled, w1, b1, w2, b2, activation, keep_residuals)
-
-    return strategy.run(
-        on_triton=on_triton,
-        key=lambda: _key("pool_mlp", x, grid, out_grid, keep_residuals, hidden=w1.shape[0], out=w2.shape[0], act=activation),
-        fused=fused if on_triton else None, composed=composed_,
-    )
+    args = (x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals)
+    y, pooled, pre = _pool_mlp_implementation(*args)(*args)
+    return (y, pooled, pre) if keep_residuals else (y, _empty(x), _empty(x))
 
 
 @_pool_mlp.register_fake
@@ -274,6 +285,22 @@ def pool_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     return deco.pool_linear(x, w, b, g, o, needs_residuals(x, w, b))[0]
 
 
+def _pool_mlp_plan(eager: bool, x, w1, b1, w2, b2, grid, out_grid, activation) -> tuple:
+    """Validates a ``pool_mlp`` call: (what runs it, grid, out_grid, whether residuals are kept)."""
+    _validate.tensor("x", x, 3)
+    _validate.linear("w1", w1, "b1", b1, x.shape[2], "x.shape[-1]")
+    _validate.linear("w2", w2, "b2", b2, w1.shape[0], "w1.shape[0] (hidden features)")
+    _validate.activation(activation, ACTIVATIONS)
+    g, o = _check_common(x, grid, out_grid, w1=w1, b1=b1, w2=w2, b2=b2)
+    keep = needs_residuals(x, w1, b1, w2, b2)
+    if not eager:
+        return deco.pool_mlp, g, o, keep
+    return _plan.runner(deco.pool_mlp, _pool_mlp_implementation, (x, w1, b1, w2, b2, g, o, activation, keep), keep), g, o, keep
+
+
+_pool_mlp_plans = _plan.Plans(_pool_mlp_plan)
+
+
 def pool_mlp(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -296,9 +323,5 @@ def pool_mlp(
     Returns:
         ``(B, prod(out_grid), out)``.
     """
-    _validate.tensor("x", x, 3)
-    _validate.linear("w1", w1, "b1", b1, x.shape[2], "x.shape[-1]")
-    _validate.linear("w2", w2, "b2", b2, w1.shape[0], "w1.shape[0] (hidden features)")
-    _validate.activation(activation, ACTIVATIONS)
-    g, o = _check_common(x, grid, out_grid, w1=w1, b1=b1, w2=w2, b2=b2)
-    return deco.pool_mlp(x, w1, b1, w2, b2, g, o, activation, needs_residuals(x, w1, b1, w2, b2))[0]
+    run, g, o, keep = _pool_mlp_plans(x, w1, b1, w2, b2, grid, out_grid, activation)
+    return run(x, w1, b1, w2, b2, g, o, activation, keep)[0]

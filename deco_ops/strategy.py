@@ -41,6 +41,7 @@ Winners are candidate names: ``fused`` or ``composed``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -142,16 +143,23 @@ def _preload_shipped_table(key: str) -> None:
     tuning_tables.load_named(key.split("|")[1])
 
 
+def implementation(args: tuple, *, on_triton: bool, key: Callable[[], str], fused: Callable | None = None,
+                   composed: Callable | None = None, composed_deterministic: bool = True) -> Callable:
+    """The function that runs an op's call with ``args``: ``fused`` (None where this backend has
+    no fused path) or ``composed`` (None where the composed twin cannot express the call), chosen
+    by ``choose`` (a measurement, where one is needed, runs them on ``args``). The choice depends
+    on ``args``' signature only, so ``deco_ops._plan`` keeps it per signature."""
+    ways = {name: f for name, f in (("fused", fused), ("composed", composed)) if f is not None}
+    candidates = {name: Candidate(functools.partial(f, *args), name != "composed" or composed_deterministic)
+                  for name, f in ways.items()}
+    return ways[choose(candidates, on_triton=on_triton, key=key)]
+
+
 def run(*, on_triton: bool, key: Callable[[], str], fused: Callable[[], object] | None = None,
         composed: Callable[[], object] | None = None, composed_deterministic: bool = True):
-    """Run an op the chosen way: ``fused`` (None where this backend has no fused path) or
-    ``composed`` (None where the composed twin cannot express the call)."""
-    candidates = {}
-    if fused is not None:
-        candidates["fused"] = Candidate(fused)
-    if composed is not None:
-        candidates["composed"] = Candidate(composed, composed_deterministic)
-    return candidates[choose(candidates, on_triton=on_triton, key=key)].run()
+    """Run an op the chosen way (``implementation``, for closures over the call's arguments)."""
+    return implementation((), on_triton=on_triton, key=key, fused=fused, composed=composed,
+                          composed_deterministic=composed_deterministic)()
 
 
 def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Callable[[], object]], float]) -> str:
@@ -208,6 +216,7 @@ def preload(table: Mapping[str, str]) -> None:
         if winner not in CANDIDATES:
             raise ValueError(f"preload: the winner of {key!r} must be one of {CANDIDATES}, got {winner!r}")
     _decisions.update(table)
+    _drop_plans()
 
 
 def forget() -> None:
@@ -215,6 +224,14 @@ def forget() -> None:
     global _disk
     _decisions.clear()
     _disk = None
+    _drop_plans()
+
+
+def _drop_plans() -> None:
+    """The ops' per-signature plans hold decisions (``deco_ops._plan``): drop them when decisions change."""
+    from . import _plan  # _plan imports this module
+
+    _plan.clear()
 
 
 def cache_path() -> Path:
