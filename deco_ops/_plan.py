@@ -67,27 +67,27 @@ def signature(args: tuple) -> tuple | None:
 
 
 class Plans:
-    """The plans of one op: ``plans(*args)`` returns ``build(eager, *args)``, built (and so
-    validated) once per signature of a plain eager call (``eager`` True), afresh for any other
-    call (``eager`` False: the plan must take the full path). ``build`` raises on bad arguments,
-    and then nothing is remembered."""
+    """The plans of one op: ``plans.get(*args)`` returns ``build(*args)`` for a plain eager call,
+    built (and so validated) once per signature of ``args``, and None for any other call (it
+    takes the op's full path). ``build`` raises on bad arguments, and then nothing is remembered;
+    it may return None for a signature that has no plan (the call then takes the full path)."""
 
-    def __init__(self, build: Callable[..., tuple]):
+    def __init__(self, build: Callable[..., tuple | None]):
         self._build = build
-        self._plans: dict[tuple, tuple] = {}
+        self._plans: dict[tuple, tuple | None] = {}
         _all.append(self)
 
-    def __call__(self, *args) -> tuple:
+    def get(self, *args) -> tuple | None:
         key = signature(args)
         if key is None:
-            return self._build(False, *args)
+            return None
         try:
             return self._plans[key]
         except KeyError:
             pass
-        except TypeError:  # an unhashable argument (e.g. a list inside a grid): validation decides
-            return self._build(True, *args)
-        plan = self._plans[key] = self._build(True, *args)
+        except TypeError:  # an unhashable argument (e.g. a list inside a grid): the full path validates it
+            return None
+        plan = self._plans[key] = self._build(*args)
         if len(self._plans) > MAX_PLANS:
             del self._plans[next(iter(self._plans))]
         return plan

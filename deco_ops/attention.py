@@ -236,13 +236,14 @@ def cross_attention(
         ``(B, M, H, D)`` in q's dtype. fp16/bf16/fp32 (fp32 dots follow torch.matmul's fp32
         precision, ``torch.backends.cuda.matmul.fp32_precision``); softmax statistics in fp32.
     """
-    if cu_seqlens_k is not None:  # the offsets' values size the launch (and the strategy key): read on every call
+    plan = _plans.get(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k)
+    if plan is None:
         kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p = _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k)
         run = deco.cross_attention
     else:
-        run, scale, dropout_p = _plans(q, k, v, kv_lens, softmax_scale, dropout_p, generator)
+        run, scale, dropout_p = plan
         max_seqlen_k = k.shape[1]
-        if kv_lens is not None:  # values are checked on every call (where value checks are on)
+        if kv_lens is not None:  # its values are checked on every call (where value checks are on)
             kv_lens = _check.kv_lens(kv_lens, k.shape[0], max_seqlen_k, q.device)
     rng = _draw_rng(generator, q.device) if dropout_p > 0 else None
     return run(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng)[0]
@@ -268,11 +269,12 @@ def _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k
     return kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p
 
 
-def _plan_of(eager: bool, q, k, v, kv_lens, softmax_scale, dropout_p, generator) -> tuple:
-    """Validates a call without packed keys: (what runs it, scale, dropout_p)."""
+def _plan_of(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k) -> tuple | None:
+    """A plain eager call's plan: (what runs it, scale, dropout_p); none with packed keys (the
+    offsets' values size the launch and the strategy key)."""
+    if cu_seqlens_k is not None:
+        return None
     kv_lens, _, N, scale, dropout_p = _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, None)
-    if not eager:
-        return deco.cross_attention, scale, dropout_p
     records = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     # no dropout seed: drawing one here would move the generator; a call with dropout has one candidate (nothing is timed)
     args = (q, k, v, kv_lens, None, N, scale, dropout_p, None)

@@ -285,16 +285,19 @@ def pool_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     return deco.pool_linear(x, w, b, g, o, needs_residuals(x, w, b))[0]
 
 
-def _pool_mlp_plan(eager: bool, x, w1, b1, w2, b2, grid, out_grid, activation) -> tuple:
-    """Validates a ``pool_mlp`` call: (what runs it, grid, out_grid, whether residuals are kept)."""
+def _pool_mlp_checked(x, w1, b1, w2, b2, grid, out_grid, activation) -> tuple[list[int], list[int], bool]:
+    """Every check of ``pool_mlp``: (grid, out_grid, whether autograd needs the residuals)."""
     _validate.tensor("x", x, 3)
     _validate.linear("w1", w1, "b1", b1, x.shape[2], "x.shape[-1]")
     _validate.linear("w2", w2, "b2", b2, w1.shape[0], "w1.shape[0] (hidden features)")
     _validate.activation(activation, ACTIVATIONS)
     g, o = _check_common(x, grid, out_grid, w1=w1, b1=b1, w2=w2, b2=b2)
-    keep = needs_residuals(x, w1, b1, w2, b2)
-    if not eager:
-        return deco.pool_mlp, g, o, keep
+    return g, o, needs_residuals(x, w1, b1, w2, b2)
+
+
+def _pool_mlp_plan(x, w1, b1, w2, b2, grid, out_grid, activation) -> tuple:
+    """A plain eager call's plan: (what runs it, grid, out_grid, whether residuals are kept)."""
+    g, o, keep = _pool_mlp_checked(x, w1, b1, w2, b2, grid, out_grid, activation)
     return _plan.runner(deco.pool_mlp, _pool_mlp_implementation, (x, w1, b1, w2, b2, g, o, activation, keep), keep), g, o, keep
 
 
@@ -323,5 +326,8 @@ def pool_mlp(
     Returns:
         ``(B, prod(out_grid), out)``.
     """
-    run, g, o, keep = _pool_mlp_plans(x, w1, b1, w2, b2, grid, out_grid, activation)
+    plan = _pool_mlp_plans.get(x, w1, b1, w2, b2, grid, out_grid, activation)
+    if plan is None:
+        plan = (deco.pool_mlp, *_pool_mlp_checked(x, w1, b1, w2, b2, grid, out_grid, activation))
+    run, g, o, keep = plan
     return run(x, w1, b1, w2, b2, g, o, activation, keep)[0]
