@@ -18,9 +18,11 @@ the above gives another signature, hence another plan. ``strategy.forget``/``pre
 plan (a plan holds a strategy decision). At most ``MAX_PLANS`` per op; the oldest is dropped first.
 
 Only *plain eager* calls use plans (``_direct``: not compiling, no dispatch mode, no functorch
-transform, autocast off, every tensor a plain ``torch.Tensor`` or ``nn.Parameter``); every other
-call builds its plan afresh, i.e. takes the full path. A plan never holds a tensor. Checks that read
-tensor *values* (``kv_lens`` in range) are not part of a plan: the ops run them on every call.
+transform, no autocast region, every tensor a plain ``torch.Tensor`` or ``nn.Parameter``, every
+other argument None, a bool, int, float, str or a tuple/list of them); every other call takes the
+op's full path (validation, then ``torch.ops.deco``), which is also what ``torch.compile`` traces.
+A plan never holds a tensor. Checks that read tensor *values* (``kv_lens`` in range) are not part
+of a plan: the ops run them on every call.
 """
 
 from __future__ import annotations
