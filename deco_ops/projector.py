@@ -88,26 +88,37 @@ def _key(op: str, x: torch.Tensor, grid, out_grid, keep_residuals: bool, **dims)
                              grid=grid, out_grid=out_grid, **dims)
 
 
+def _pool_linear_fused(x, w, b, grid, out_grid, keep_residuals):
+    B, P = x.shape[0], torch.Size(out_grid).numel()
+    y, _, pooled = pool_gemm.pool_gemm(
+        x, as_3d(grid), as_3d(out_grid), w.contiguous(), None if b is None else b.contiguous(),
+        "identity", store_pre=False, store_pooled=keep_residuals,
+    )
+    return y.view(B, P, w.shape[0]), pooled.view(B, P, x.shape[2]) if keep_residuals else None
+
+
+def _pool_linear_composed(x, w, b, grid, out_grid, keep_residuals):
+    return composed.pool_linear(deco.adaptive_avg_pool_tokens.body(x, grid, out_grid), w, b, True)
+
+
+def _pool_linear_implementation(x, w, b, grid, out_grid, keep_residuals):
+    """The function that runs ``deco::pool_linear`` on these arguments (the strategy's choice); it
+    returns (y, pooled) where the residual is kept, else y and anything (``_pool_mlp_implementation``)."""
+    on_triton = _backend.use_triton(x.device)
+    return strategy.implementation(
+        (x, w, b, grid, out_grid, keep_residuals), on_triton=on_triton,
+        key=lambda: _key("pool_linear", x, grid, out_grid, keep_residuals, out=w.shape[0]),
+        fused=_pool_linear_fused if on_triton else None, composed=_pool_linear_composed,
+    )
+
+
 @custom_op("pool_linear")
 def _pool_linear(
     x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, grid: list[int], out_grid: list[int], keep_residuals: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    B, P = x.shape[0], torch.Size(out_grid).numel()
-    on_triton = _backend.use_triton(x.device)
-
-    def fused():
-        y, _, pooled = pool_gemm.pool_gemm(
-            x, as_3d(grid), as_3d(out_grid), w.contiguous(), None if b is None else b.contiguous(),
-            "identity", store_pre=False, store_pooled=keep_residuals,
-        )
-        pooled = pooled.view(B, P, x.shape[2]) if keep_residuals else _empty(x)
-        return y.view(B, P, w.shape[0]), pooled
-
-    return strategy.run(
-        on_triton=on_triton, key=lambda: _key("pool_linear", x, grid, out_grid, keep_residuals, out=w.shape[0]),
-        fused=fused if on_triton else None,
-        composed=lambda: composed.pool_linear(deco.adaptive_avg_pool_tokens.body(x, grid, out_grid), w, b, keep_residuals),
-    )
+    args = (x, w, b, grid, out_grid, keep_residuals)
+    y, pooled = _pool_linear_implementation(*args)(*args)
+    return (y, pooled) if keep_residuals else (y, _empty(x))
 
 
 @_pool_linear.register_fake
@@ -279,10 +290,28 @@ def pool_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     Returns:
         ``(B, prod(out_grid), out)``.
     """
+    plan = _pool_linear_plans.get(x, w, b, grid, out_grid)
+    if plan is None:
+        plan = (deco.pool_linear, *_pool_linear_checked(x, w, b, grid, out_grid))
+    run, g, o, keep = plan
+    return run(x, w, b, g, o, keep)[0]
+
+
+def _pool_linear_checked(x, w, b, grid, out_grid) -> tuple[list[int], list[int], bool]:
+    """Every check of ``pool_linear``: (grid, out_grid, whether autograd needs the residual)."""
     _validate.tensor("x", x, 3)
     _validate.linear("w", w, "b", b, x.shape[2], "x.shape[-1]")
     g, o = _check_common(x, grid, out_grid, w=w, b=b)
-    return deco.pool_linear(x, w, b, g, o, needs_residuals(x, w, b))[0]
+    return g, o, needs_residuals(x, w, b)
+
+
+def _pool_linear_plan(x, w, b, grid, out_grid) -> tuple:
+    """A plain eager call's plan: (what runs it, grid, out_grid, whether the residual is kept)."""
+    g, o, keep = _pool_linear_checked(x, w, b, grid, out_grid)
+    return _plan.runner(deco.pool_linear, _pool_linear_implementation, (x, w, b, g, o, keep), keep), g, o, keep
+
+
+_pool_linear_plans = _plan.Plans(_pool_linear_plan)
 
 
 def _pool_mlp_checked(x, w1, b1, w2, b2, grid, out_grid, activation) -> tuple[list[int], list[int], bool]:

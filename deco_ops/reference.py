@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = {
-    "gelu": lambda z: F.gelu(z),
+    "gelu": F.gelu,
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
     "silu": F.silu,
     "quick_gelu": lambda z: z * torch.sigmoid(1.702 * z),
