@@ -84,11 +84,10 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 def forward(q, k, v, kv_lens, scale, need_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(O ``(B, M, H, D)`` in q's dtype, LSE ``(B, H, M)``), as ``deco::cross_attention``.
 
-    Without ``need_lse`` (no input requires grad: no backward will read the LSE), the output comes
-    from ``F.scaled_dot_product_attention``, which picks PyTorch's fastest kernel for the call (on
-    CUDA cuDNN, flash or memory-efficient: the first GPU run measured cuDNN 1.3-2x faster than the
-    memory-efficient kernel on BLIP-2 and Qwen-VL shapes; on CPU the same flash kernel, without the
-    Python cost of calling an ATen op through ``torch.ops``), and the LSE is left unwritten."""
+    Without ``need_lse`` (no input requires grad: no backward will read the LSE) on CUDA, the
+    output comes from ``F.scaled_dot_product_attention``, which picks PyTorch's fastest kernel for
+    the call (cuDNN, flash or memory-efficient; the first GPU run measured cuDNN 1.3-2x faster than
+    the memory-efficient kernel on BLIP-2 and Qwen-VL shapes), and the LSE is left unwritten."""
     M = q.shape[1]
     cuda = q.device.type == "cuda"
     if cuda and need_lse:
@@ -97,14 +96,13 @@ def forward(q, k, v, kv_lens, scale, need_lse: bool = True) -> tuple[torch.Tenso
     if cuda and need_lse:
         out, lse, *_ = torch.ops.aten._efficient_attention_forward(q, k, v, bias, None, None, None, None, 0.0, 0, True, scale=scale)
         lse = lse[:, :, :M]
-    elif not need_lse:
+    elif cuda:
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=scale
         ).transpose(1, 2)
-        stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # as the op's fake
-        lse = torch.empty((q.shape[0], q.shape[2], M), device=q.device, dtype=stat_dtype)
+        lse = torch.empty((q.shape[0], q.shape[2], M), device=q.device, dtype=torch.float32)
     else:
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        o, lse = torch._scaled_dot_product_flash_attention_for_cpu(  # the ATen op's Python binding: no torch.ops lookup per call
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias, scale=scale
         )
         out = o.transpose(1, 2)
