@@ -91,6 +91,12 @@ CASES = [
         _projector_inputs, 1,
     ),
     Case(
+        "mlp_pool",
+        lambda x, w1, b1, w2, b2: deco_ops.mlp_pool(x, w1, b1, w2, b2, grid=GRID, out_grid=OUT_GRID),
+        lambda x, w1, b1, w2, b2: _pool_tokens_eager(F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2), GRID, OUT_GRID),
+        _projector_inputs, 5,
+    ),
+    Case(
         "cross_attention",
         lambda q, k, v: deco_ops.cross_attention(q, k, v),
         lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2),
