@@ -80,15 +80,15 @@ class Plans:
         _all.append(self)
 
     def get(self, *args) -> tuple | None:
-        key = signature(args)
-        if key is None:
-            return None
         try:
+            key = signature(args)
+            if key is None:
+                return None
             return self._plans[key]
         except KeyError:
             pass
-        except TypeError:  # an unhashable argument (e.g. a list inside a grid): the full path validates it
-            return None
+        except (TypeError, RuntimeError):  # an unhashable argument (a list inside a grid), a nested
+            return None  # tensor's shape: the full path says what is wrong
         plan = self._plans[key] = self._build(*args)
         if len(self._plans) > MAX_PLANS:
             del self._plans[next(iter(self._plans))]
