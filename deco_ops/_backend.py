@@ -37,9 +37,10 @@ def _switch_on_interpreter() -> None:
 
 _switch_on_interpreter()
 
-from ._setting import Setting  # noqa: E402  (after the switch)
+from ._setting import Setting, environ_entry  # noqa: E402  (after the switch)
 
 SETTING = Setting(ENV_VAR, BACKENDS, "backend")
+_INTERPRET_ENVIRON, _INTERPRET_KEY = environ_entry("TRITON_INTERPRET")
 
 
 def selected() -> str:
@@ -55,7 +56,8 @@ def use_backend(name: str) -> contextlib.AbstractContextManager[None]:
 
 def interpreting() -> bool:
     """Whether Triton kernels in this process run through the interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    raw = _INTERPRET_ENVIRON.get(_INTERPRET_KEY)
+    return raw == b"1" or raw == "1"
 
 
 def use_triton(device: torch.device) -> bool:

@@ -17,6 +17,8 @@ no input that requires grad: backward formulas, inference). Any other call goes 
 
 ``deco.<name>.body(*args)`` is the implementation alone: what one op's body calls for another op's
 work (a body runs below autograd, with autocast already applied, on real tensors).
+``deco.<name>.runner(impl, records)`` is what a plain eager call of the op runs when ``impl`` is
+the implementation its strategy chose (``deco_ops._plan`` keeps it per call signature).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from ._triton_op import triton_op
 from ._validate import AUTOCAST_DEVICE_TYPES
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+# autograd.Function.apply without its Python wrapper, which only matters under functorch
+# transforms (and binds arguments to a setup_context that these Functions do not define): a
+# plain eager call has none, and the wrapper's per-argument checks cost more than the op's checks
+_function_apply = torch._C._FunctionBase.__dict__["apply"]
 _peek_functorch = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 
 
@@ -88,16 +94,16 @@ def plain_eager(args: tuple) -> bool:
 class Op:
     """One deco op, callable as ``torch.ops.deco.<name>`` is (positional arguments)."""
 
-    __slots__ = ("name", "body", "_function", "_formula")
+    __slots__ = ("name", "body", "_functions", "_formula")
 
     def __init__(self, name: str, body: Callable):
         self.name, self.body = name, body
-        self._function: type[torch.autograd.Function] | None = None
+        self._functions: dict[Callable, type[torch.autograd.Function]] = {}
         self._formula: tuple[Callable, Callable] | None = None
 
     def set_autograd(self, backward: Callable, setup_context: Callable) -> None:
         self._formula = (backward, setup_context)
-        self._function = None
+        self._functions.clear()
 
     @property
     def overload(self):
@@ -112,23 +118,37 @@ class Op:
             return self.function().apply(*args)
         return self.body(*args)
 
-    def function(self) -> type[torch.autograd.Function]:
-        """The op's implementation and autograd formula as a ``torch.autograd.Function``."""
-        if self._function is None:
-            body, (backward, setup) = self.body, self._formula
+    def runner(self, impl: Callable, records: bool) -> Callable:
+        """What a plain eager call runs when ``impl`` is its implementation (the body, or the one
+        implementation the op's strategy chose): ``impl`` itself, or ``impl`` inside the op's
+        autograd Function when autograd records the call (``records``: grad mode on and an input
+        requires grad)."""
+        if not records:
+            return impl
+        if self._formula is None:  # no autograd formula: the op's own error, unchanged
+            return self.overload
+        return _function_apply.__get__(None, self.function(impl))
+
+    def function(self, impl: Callable | None = None) -> type[torch.autograd.Function]:
+        """The op's implementation (default: its body) and autograd formula as a
+        ``torch.autograd.Function``."""
+        impl = self.body if impl is None else impl
+        function = self._functions.get(impl)
+        if function is None:
+            backward, setup = self._formula
 
             # forward(ctx, ...) rather than a separate setup_context: Function.apply then skips
             # binding the arguments to forward's signature (inspect) on every call
             def forward(ctx, *args):
-                output = body(*args)
+                output = impl(*args)
                 setup(ctx, args, output)
                 return output
 
             # built with type() so that autograd names its node after the op (deco_pool_mlpBackward)
-            DecoOp = type(f"deco_{self.name}", (torch.autograd.Function,),
-                          {"forward": staticmethod(forward), "backward": staticmethod(backward)})
-            self._function = DecoOp
-        return self._function
+            function = self._functions[impl] = type(
+                f"deco_{self.name}", (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+            )
+        return function
 
 
 class Namespace:

@@ -12,18 +12,33 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
+
+
+def environ_entry(name: str) -> tuple[Mapping, object]:
+    """(mapping, key) such that ``mapping.get(key)`` reads ``$name`` in one dictionary lookup: on
+    CPython ``os.environ``'s own dict (which ``os.environ[...] = ...`` and ``monkeypatch.setenv``
+    update) and the key encoded once, the value left as stored (bytes on POSIX; ``decode`` gives
+    the string). ``os.environ.get`` runs four Python functions per read (Mapping.get,
+    __getitem__, the key's encoding), paid by every op call that reads a setting."""
+    data = getattr(os.environ, "_data", None)
+    return (os.environ, name) if data is None else (data, os.environ.encodekey(name))
+
+
+def decode(raw) -> str:
+    return os.fsdecode(raw) if isinstance(raw, bytes) else raw
 
 
 class Setting:
     def __init__(self, var: str, choices: tuple[str, ...], what: str):
         self.var = var
+        self._environ, self._key = environ_entry(var)
         self.choices = choices
         self.what = what  # how the error of a bad ``use(name)`` names the argument
         self._override: contextvars.ContextVar[str | None] = contextvars.ContextVar(f"deco_ops_{what}", default=None)
-        self._parsed: dict[str, str] = {}  # raw environment value -> its checked setting
+        self._parsed: dict[object, str] = {}  # raw environment value -> its checked setting
 
     def check(self, name: str, source: str) -> str:
         if name not in self.choices:
@@ -41,10 +56,11 @@ class Setting:
         forced = self.override()
         if forced is not None:
             return forced
-        raw = os.environ.get(self.var, "auto")
+        raw = self._environ.get(self._key)
         name = self._parsed.get(raw)
         if name is None:
-            name = self._parsed[raw] = self.check(raw.strip().lower() or "auto", self.var)
+            value = "auto" if raw is None else decode(raw)
+            name = self._parsed[raw] = self.check(value.strip().lower() or "auto", self.var)
         return name
 
     @contextlib.contextmanager

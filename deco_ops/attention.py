@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from . import _backend, composed_attention, strategy
+from . import _backend, _plan, composed_attention, strategy
 from ._direct import custom_op, deco, register_autograd
 from . import _validate_attention as _check
 from . import reference_attention as reference
@@ -60,10 +60,40 @@ def _key(op, q, B, N, kv_lens, cu_seqlens_k, needs_grad, **more) -> str:
 
 def _composed_candidates(q, kv_lens, cu_seqlens_k, dropout_p, run, deterministic=lambda kernel: True):
     """The strategy's candidates for the composed kernels that express this call (see
-    ``composed_attention.kernels``): ``run(kernel)`` computes the call with one of them."""
+    ``composed_attention.kernels``): ``run`` computes the call with the kernel named by its
+    ``kernel`` keyword."""
     masked = kv_lens is not None or cu_seqlens_k is not None
-    return {kernel: strategy.Candidate(functools.partial(run, kernel), deterministic(kernel))
+    return {kernel: strategy.Candidate(functools.partial(run, kernel=kernel), deterministic(kernel))
             for kernel in composed_attention.kernels(q, masked, dropout_p)}
+
+
+def _cross_attention_kernels(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng):
+    B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
+    return cross_attention_fwd.cross_attention_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng)
+
+
+def _cross_attention_reference(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng):
+    kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, max_seqlen_k)
+    return reference.attention_fwd(q, kp, vp, lens, scale, dropout_p, _rng_pair(rng))
+
+
+def _cross_attention_composed(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, *, kernel):
+    kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, max_seqlen_k)
+    return composed_attention.forward(q, kp, vp, lens, scale, kernel=kernel)
+
+
+def _cross_attention_implementation(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng):
+    """The function that runs ``deco::cross_attention`` on these arguments (the strategy's choice):
+    the kernels (the reference path on the PyTorch backend) or a composed twin on SDPA."""
+    B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
+    on_triton = _backend.use_triton(q.device)
+    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
+    return strategy.implementation(
+        (q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng), on_triton=on_triton,
+        key=lambda: _key("cross_attention", q, B, N, kv_lens, cu_seqlens_k, needs_grad),
+        fused=_cross_attention_kernels if on_triton else _cross_attention_reference,
+        composed_kernels=_composed_candidates(q, kv_lens, cu_seqlens_k, dropout_p, _cross_attention_composed),
+    )
 
 
 @custom_op("cross_attention")
@@ -78,24 +108,8 @@ def _cross_attention(
     dropout_p: float,
     rng: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
-    on_triton = _backend.use_triton(q.device)
-
-    def fused():
-        if on_triton:
-            return cross_attention_fwd.cross_attention_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng)
-        kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, N)
-        return reference.attention_fwd(q, kp, vp, lens, scale, dropout_p, _rng_pair(rng))
-
-    def composed(kernel):
-        kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, N)
-        return composed_attention.forward(q, kp, vp, lens, scale, need_lse=needs_grad, kernel=kernel)
-
-    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
-    return strategy.run(
-        on_triton=on_triton, key=lambda: _key("cross_attention", q, B, N, kv_lens, cu_seqlens_k, needs_grad),
-        fused=fused, composed_kernels=_composed_candidates(q, kv_lens, cu_seqlens_k, dropout_p, composed),
-    )
+    args = (q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng)
+    return _cross_attention_implementation(*args)(*args)
 
 
 @_cross_attention.register_fake
@@ -146,7 +160,7 @@ def _cross_attention_backward(
             )
         return on_padded_keys(lambda kp, vp, lens: reference.attention_bwd(dout, q, kp, vp, out, lse, lens, scale, dropout_p, _rng_pair(rng)))
 
-    def composed(kernel):
+    def composed(*, kernel):
         return on_padded_keys(lambda kp, vp, lens: composed_attention.backward(
             dout, q, kp, vp, out, lse, lens, scale, need_dq, need_dkv, kernel=kernel))
 
@@ -234,6 +248,22 @@ def cross_attention(
         ``(B, M, H, D)`` in q's dtype. fp16/bf16/fp32 (fp32 dots follow torch.matmul's fp32
         precision, ``torch.backends.cuda.matmul.fp32_precision``); softmax statistics in fp32.
     """
+    plan = _plans.get(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k)
+    if plan is None:
+        kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p = _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k)
+        run = deco.cross_attention
+    else:
+        run, scale, dropout_p = plan
+        max_seqlen_k = k.shape[1]
+        if kv_lens is not None:  # its values are checked on every call (where value checks are on)
+            kv_lens = _check.kv_lens(kv_lens, k.shape[0], max_seqlen_k, q.device)
+    rng = _draw_rng(generator, q.device) if dropout_p > 0 else None
+    return run(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng)[0]
+
+
+def _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k) -> tuple:
+    """Every check of ``cross_attention``, in order: (kv_lens as int32, cu_seqlens_k, the longest
+    key sequence, scale, dropout_p)."""
     packed = cu_seqlens_k is not None
     H, D = _check.qkv(q, k, v, packed)
     if packed:
@@ -248,5 +278,19 @@ def cross_attention(
     kv_lens = _check.kv_lens(kv_lens, B, N, q.device)
     scale = _check.scale(softmax_scale, D)
     dropout_p = _check.dropout(dropout_p, generator)
-    rng = _draw_rng(generator, q.device) if dropout_p > 0 else None
-    return deco.cross_attention(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng)[0]
+    return kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p
+
+
+def _plan_of(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k) -> tuple | None:
+    """A plain eager call's plan: (what runs it, scale, dropout_p); none with packed keys (the
+    offsets' values size the launch and the strategy key)."""
+    if cu_seqlens_k is not None:
+        return None
+    kv_lens, _, N, scale, dropout_p = _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, None)
+    records = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    # no dropout seed: drawing one here would move the generator; a call with dropout has one candidate (nothing is timed)
+    args = (q, k, v, kv_lens, None, N, scale, dropout_p, None)
+    return _plan.runner(deco.cross_attention, _cross_attention_implementation, args, records), scale, dropout_p
+
+
+_plans = _plan.Plans(_plan_of)

@@ -134,12 +134,9 @@ def _heads_first(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.transpose(1, 2) for t in tensors)
 
 
-def normalised_lse(lse: torch.Tensor | None, B: int, H: int, M: int, device: torch.device) -> torch.Tensor:
+def normalised_lse(lse: torch.Tensor, B: int, H: int, M: int) -> torch.Tensor:
     """A kernel's LSE (``(B, H, M)``, ``(B, H, M, 1)`` or ``(B, H, >= M)`` padded; fp32, fp64 for
-    fp64 inputs on CPU) as the op's ``(B, H, M)`` (a view where it already is); an unwritten
-    ``(B, H, M)`` fp32 tensor where the kernel computed none (None or empty)."""
-    if lse is None or lse.numel() == 0:
-        return torch.empty((B, H, M), device=device, dtype=torch.float32)
+    fp64 inputs on CPU) as the op's ``(B, H, M)`` (a view where it already is)."""
     return lse.reshape(B, H, -1)[:, :, :M]
 
 
@@ -151,20 +148,21 @@ def _cudnn_lse_rank() -> int:
     return torch.ops.aten._scaled_dot_product_cudnn_attention(x, x, x, None, True)[1].dim()
 
 
-def forward(q, k, v, kv_lens, scale, need_lse: bool = True, kernel: str = "composed") -> tuple[torch.Tensor, torch.Tensor]:
+def forward(q, k, v, kv_lens, scale, kernel: str = "composed") -> tuple[torch.Tensor, torch.Tensor]:
     """(O ``(B, M, H, D)`` in q's dtype, LSE ``(B, H, M)`` fp32), as ``deco::cross_attention``, by the
-    named composed ``kernel`` (one ``kernels`` lists for the call). Without ``need_lse`` (no input
-    requires grad: no backward will read it) the kernels that can skip the LSE do, and it is left
-    unwritten."""
+    named composed ``kernel`` (one ``kernels`` lists for the call). The LSE is always computed:
+    the op cannot tell whether a backward will read it (under torch.compile its body runs on
+    detached inputs inside a graph that has one)."""
     B, H, M = k.shape[0], q.shape[2], q.shape[1]
     if kernel == "composed":
         q, k, v, bias, has_keys = _inputs(q, k, v, kv_lens)
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_heads_first(q, k, v), 0.0, False, attn_mask=bias, scale=scale)
+        # the ATen op's Python binding: no torch.ops lookup per call
+        o, lse = torch._scaled_dot_product_flash_attention_for_cpu(*_heads_first(q, k, v), 0.0, False, attn_mask=bias, scale=scale)
         out = o.transpose(1, 2)
     elif kernel == "composed_efficient":
         q, k, v = (_aligned(t) for t in (q, k, v))
         q, k, v, bias, has_keys = _inputs(q, k, v, kv_lens, _BIAS_ALIGN_EFFICIENT, per_head=True)
-        out, lse, *_ = torch.ops.aten._efficient_attention_forward(q, k, v, bias, None, None, None, None, 0.0, 0, need_lse, scale=scale)
+        out, lse, *_ = torch.ops.aten._efficient_attention_forward(q, k, v, bias, None, None, None, None, 0.0, 0, True, scale=scale)
     else:
         q = _aligned(q.expand(B, -1, -1, -1).contiguous())
         k, v = _aligned(k), _aligned(v)
@@ -172,9 +170,9 @@ def forward(q, k, v, kv_lens, scale, need_lse: bool = True, kernel: str = "compo
         if kernel == "composed_flash":
             o, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(*_heads_first(q, k, v), 0.0, False, False, scale=scale)
         else:
-            o, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(*_heads_first(q, k, v), None, need_lse, 0.0, False, False, scale=scale)
+            o, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(*_heads_first(q, k, v), None, True, 0.0, False, False, scale=scale)
         out = o.transpose(1, 2)
-    lse = normalised_lse(lse, B, H, M, q.device)
+    lse = normalised_lse(lse, B, H, M)
     if has_keys is not None:
         out = torch.where(has_keys[:, None, None, None], out, 0.0)
         lse = torch.where(has_keys[:, None, None], lse, float("inf"))

@@ -8,10 +8,11 @@ order flow and both are opaque, graph-break-free nodes under ``torch.compile``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
-from . import _backend, _validate, reference
+from . import _backend, _plan, _validate, reference
 from ._direct import custom_op, deco, register_autograd
 from .kernels import adaptive_pool
 
@@ -21,11 +22,22 @@ def as_3d(grid) -> tuple[int, int, int]:
     return tuple(grid) if len(grid) == 3 else (1, *grid)
 
 
+def _pool_kernel(x, grid, out_grid):
+    return adaptive_pool.pool_tokens(x, as_3d(grid), as_3d(out_grid))
+
+
+def _pool_reference(x, grid, out_grid):
+    return reference.adaptive_avg_pool_tokens(x, grid, out_grid).contiguous()
+
+
+def pool_implementation(x, grid, out_grid) -> Callable:
+    """The function that runs ``deco::adaptive_avg_pool_tokens`` on these arguments (the backend's)."""
+    return _pool_kernel if _backend.use_triton(x.device) else _pool_reference
+
+
 @custom_op("adaptive_avg_pool_tokens")
 def _pool(x: torch.Tensor, grid: list[int], out_grid: list[int]) -> torch.Tensor:
-    if _backend.use_triton(x.device):
-        return adaptive_pool.pool_tokens(x, as_3d(grid), as_3d(out_grid))
-    return reference.adaptive_avg_pool_tokens(x, grid, out_grid).contiguous()
+    return pool_implementation(x, grid, out_grid)(x, grid, out_grid)
 
 
 @_pool.register_fake
@@ -86,5 +98,23 @@ def adaptive_avg_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
     Returns:
         ``(B, prod(out_grid), C)``; window ``i`` of an axis covers ``floor(i*L/O) .. ceil((i+1)*L/O)``.
     """
+    plan = _plans.get(x, grid, out_grid)
+    if plan is None:
+        plan = (deco.adaptive_avg_pool_tokens, *_checked(x, grid, out_grid))
+    run, g, o = plan
+    return run(x, g, o)
+
+
+def _checked(x, grid, out_grid) -> tuple[list[int], list[int]]:
     g, o = check_pool_input(x, grid, out_grid)
-    return deco.adaptive_avg_pool_tokens(x, list(g), list(o))
+    return list(g), list(o)
+
+
+def _plan_of(x, grid, out_grid) -> tuple:
+    """A plain eager call's plan: (what runs it, grid, out_grid)."""
+    g, o = _checked(x, grid, out_grid)
+    records = torch.is_grad_enabled() and x.requires_grad
+    return _plan.runner(deco.adaptive_avg_pool_tokens, pool_implementation, (x, g, o), records), g, o
+
+
+_plans = _plan.Plans(_plan_of)

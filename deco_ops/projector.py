@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _validate, composed, reference, strategy
+from . import _backend, _plan, _validate, composed, reference, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import gemm_act_grad, pool_gemm
 from .pooling import as_3d, check_pool_input
@@ -97,26 +97,37 @@ def _key(op: str, x: torch.Tensor, grid, out_grid, keep_residuals: bool, **dims)
                              grid=grid, out_grid=out_grid, **dims)
 
 
+def _pool_linear_fused(x, w, b, grid, out_grid, keep_residuals):
+    B, P = x.shape[0], torch.Size(out_grid).numel()
+    y, _, pooled = pool_gemm.pool_gemm(
+        x, as_3d(grid), as_3d(out_grid), w.contiguous(), None if b is None else b.contiguous(),
+        "identity", store_pre=False, store_pooled=keep_residuals,
+    )
+    return y.view(B, P, w.shape[0]), pooled.view(B, P, x.shape[2]) if keep_residuals else None
+
+
+def _pool_linear_composed(x, w, b, grid, out_grid, keep_residuals):
+    return composed.pool_linear(deco.adaptive_avg_pool_tokens.body(x, grid, out_grid), w, b, True)
+
+
+def _pool_linear_implementation(x, w, b, grid, out_grid, keep_residuals):
+    """The function that runs ``deco::pool_linear`` on these arguments (the strategy's choice); it
+    returns (y, pooled) where the residual is kept, else y and anything (``_pool_mlp_implementation``)."""
+    on_triton = _backend.use_triton(x.device)
+    return strategy.implementation(
+        (x, w, b, grid, out_grid, keep_residuals), on_triton=on_triton,
+        key=lambda: _key("pool_linear", x, grid, out_grid, keep_residuals, out=w.shape[0]),
+        fused=_pool_linear_fused if on_triton else None, composed=_pool_linear_composed,
+    )
+
+
 @custom_op("pool_linear")
 def _pool_linear(
     x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, grid: list[int], out_grid: list[int], keep_residuals: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    B, P = x.shape[0], torch.Size(out_grid).numel()
-    on_triton = _backend.use_triton(x.device)
-
-    def fused():
-        y, _, pooled = pool_gemm.pool_gemm(
-            x, as_3d(grid), as_3d(out_grid), w.contiguous(), None if b is None else b.contiguous(),
-            "identity", store_pre=False, store_pooled=keep_residuals,
-        )
-        pooled = pooled.view(B, P, x.shape[2]) if keep_residuals else _empty(x)
-        return y.view(B, P, w.shape[0]), pooled
-
-    return strategy.run(
-        on_triton=on_triton, key=lambda: _key("pool_linear", x, grid, out_grid, keep_residuals, out=w.shape[0]),
-        fused=fused if on_triton else None,
-        composed=lambda: composed.pool_linear(deco.adaptive_avg_pool_tokens.body(x, grid, out_grid), w, b, keep_residuals),
-    )
+    args = (x, w, b, grid, out_grid, keep_residuals)
+    y, pooled = _pool_linear_implementation(*args)(*args)
+    return (y, pooled) if keep_residuals else (y, _empty(x))
 
 
 @_pool_linear.register_fake
@@ -184,6 +195,36 @@ def _(dy, w2, pre, activation, need_db1=False):
     return torch.empty_like(pre), torch.empty_like(pre), pre.new_empty((pre.shape[1] if need_db1 else 0,))
 
 
+def _pool_mlp_fused(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals):
+    B, P = x.shape[0], torch.Size(out_grid).numel()
+    act, pre, pooled = pool_gemm.pool_gemm(
+        x, as_3d(grid), as_3d(out_grid), w1.contiguous(), None if b1 is None else b1.contiguous(),
+        activation, store_pre=keep_residuals, store_pooled=keep_residuals,
+    )
+    y = F.linear(act, w2, b2).view(B, P, w2.shape[0])
+    if not keep_residuals:
+        return y, None, None
+    return y, pooled.view(B, P, x.shape[2]), pre.view(B, P, w1.shape[0])
+
+
+def _pool_mlp_composed(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals):
+    pooled = deco.adaptive_avg_pool_tokens.body(x, grid, out_grid)
+    return composed.pool_mlp(pooled, w1, b1, w2, b2, activation, True)  # the residuals are intermediates anyway
+
+
+def _pool_mlp_implementation(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals):
+    """The function that runs ``deco::pool_mlp`` on these arguments (the strategy's choice). It
+    returns (y, pooled, pre) where the residuals are kept, else y and anything (None or the
+    intermediates): the custom op's body puts the empty tensors of its schema in their place,
+    which a direct call that wants y alone does not pay for."""
+    on_triton = _backend.use_triton(x.device)
+    return strategy.implementation(
+        (x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals), on_triton=on_triton,
+        key=lambda: _key("pool_mlp", x, grid, out_grid, keep_residuals, hidden=w1.shape[0], out=w2.shape[0], act=activation),
+        fused=_pool_mlp_fused if on_triton else None, composed=_pool_mlp_composed,
+    )
+
+
 @custom_op("pool_mlp")
 def _pool_mlp(
     x: torch.Tensor,
@@ -196,28 +237,9 @@ def _pool_mlp(
     activation: str,
     keep_residuals: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, P = x.shape[0], torch.Size(out_grid).numel()
-    on_triton = _backend.use_triton(x.device)
-
-    def fused():
-        act, pre, pooled = pool_gemm.pool_gemm(
-            x, as_3d(grid), as_3d(out_grid), w1.contiguous(), None if b1 is None else b1.contiguous(),
-            activation, store_pre=keep_residuals, store_pooled=keep_residuals,
-        )
-        y = F.linear(act, w2, b2).view(B, P, w2.shape[0])
-        if not keep_residuals:
-            return y, _empty(x), _empty(x)
-        return y, pooled.view(B, P, x.shape[2]), pre.view(B, P, w1.shape[0])
-
-    def composed_():
-        pooled = deco.adaptive_avg_pool_tokens.body(x, grid, out_grid)
-        return composed.pool_mlp(pooled, w1, b1, w2, b2, activation, keep_residuals)
-
-    return strategy.run(
-        on_triton=on_triton,
-        key=lambda: _key("pool_mlp", x, grid, out_grid, keep_residuals, hidden=w1.shape[0], out=w2.shape[0], act=activation),
-        fused=fused if on_triton else None, composed=composed_,
-    )
+    args = (x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals)
+    y, pooled, pre = _pool_mlp_implementation(*args)(*args)
+    return (y, pooled, pre) if keep_residuals else (y, _empty(x), _empty(x))
 
 
 @_pool_mlp.register_fake
@@ -283,10 +305,47 @@ def pool_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     Returns:
         ``(B, prod(out_grid), out)``.
     """
+    plan = _pool_linear_plans.get(x, w, b, grid, out_grid)
+    if plan is None:
+        plan = (deco.pool_linear, *_pool_linear_checked(x, w, b, grid, out_grid))
+    run, g, o, keep = plan
+    return run(x, w, b, g, o, keep)[0]
+
+
+def _pool_linear_checked(x, w, b, grid, out_grid) -> tuple[list[int], list[int], bool]:
+    """Every check of ``pool_linear``: (grid, out_grid, whether autograd needs the residual)."""
     _validate.tensor("x", x, 3)
     _validate.linear("w", w, "b", b, x.shape[2], "x.shape[-1]")
     g, o = _check_common(x, grid, out_grid, w=w, b=b)
-    return deco.pool_linear(x, w, b, g, o, needs_residuals(x, w, b))[0]
+    return g, o, needs_residuals(x, w, b)
+
+
+def _pool_linear_plan(x, w, b, grid, out_grid) -> tuple:
+    """A plain eager call's plan: (what runs it, grid, out_grid, whether the residual is kept)."""
+    g, o, keep = _pool_linear_checked(x, w, b, grid, out_grid)
+    return _plan.runner(deco.pool_linear, _pool_linear_implementation, (x, w, b, g, o, keep), keep), g, o, keep
+
+
+_pool_linear_plans = _plan.Plans(_pool_linear_plan)
+
+
+def _pool_mlp_checked(x, w1, b1, w2, b2, grid, out_grid, activation) -> tuple[list[int], list[int], bool]:
+    """Every check of ``pool_mlp``: (grid, out_grid, whether autograd needs the residuals)."""
+    _validate.tensor("x", x, 3)
+    _validate.linear("w1", w1, "b1", b1, x.shape[2], "x.shape[-1]")
+    _validate.linear("w2", w2, "b2", b2, w1.shape[0], "w1.shape[0] (hidden features)")
+    _validate.activation(activation, ACTIVATIONS)
+    g, o = _check_common(x, grid, out_grid, w1=w1, b1=b1, w2=w2, b2=b2)
+    return g, o, needs_residuals(x, w1, b1, w2, b2)
+
+
+def _pool_mlp_plan(x, w1, b1, w2, b2, grid, out_grid, activation) -> tuple:
+    """A plain eager call's plan: (what runs it, grid, out_grid, whether residuals are kept)."""
+    g, o, keep = _pool_mlp_checked(x, w1, b1, w2, b2, grid, out_grid, activation)
+    return _plan.runner(deco.pool_mlp, _pool_mlp_implementation, (x, w1, b1, w2, b2, g, o, activation, keep), keep), g, o, keep
+
+
+_pool_mlp_plans = _plan.Plans(_pool_mlp_plan)
 
 
 def pool_mlp(
@@ -311,9 +370,8 @@ def pool_mlp(
     Returns:
         ``(B, prod(out_grid), out)``.
     """
-    _validate.tensor("x", x, 3)
-    _validate.linear("w1", w1, "b1", b1, x.shape[2], "x.shape[-1]")
-    _validate.linear("w2", w2, "b2", b2, w1.shape[0], "w1.shape[0] (hidden features)")
-    _validate.activation(activation, ACTIVATIONS)
-    g, o = _check_common(x, grid, out_grid, w1=w1, b1=b1, w2=w2, b2=b2)
-    return deco.pool_mlp(x, w1, b1, w2, b2, g, o, activation, needs_residuals(x, w1, b1, w2, b2))[0]
+    plan = _pool_mlp_plans.get(x, w1, b1, w2, b2, grid, out_grid, activation)
+    if plan is None:
+        plan = (deco.pool_mlp, *_pool_mlp_checked(x, w1, b1, w2, b2, grid, out_grid, activation))
+    run, g, o, keep = plan
+    return run(x, w1, b1, w2, b2, g, o, activation, keep)[0]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = {
-    "gelu": lambda z: F.gelu(z),
+    "gelu": F.gelu,
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
     "silu": F.silu,
     "quick_gelu": lambda z: z * torch.sigmoid(1.702 * z),
@@ -22,10 +22,11 @@ def _as_image(x: torch.Tensor, grid) -> torch.Tensor:
 
 
 def adaptive_avg_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
-    """F.adaptive_avg_pool2d/3d applied to the token grid."""
-    B, _, C = x.shape
+    """F.adaptive_avg_pool2d/3d applied to the token grid, viewed as a channels-last image (no copy,
+    the same bits as a (B, C, *grid) copy: each window is summed in the same order); the 2D
+    pooling keeps channels-last, so its (B, P, C) result is contiguous."""
     pool = F.adaptive_avg_pool2d if len(grid) == 2 else F.adaptive_avg_pool3d
-    return pool(_as_image(x, grid), tuple(out_grid)).reshape(B, C, math.prod(out_grid)).transpose(1, 2)
+    return pool(x.reshape(x.shape[0], *grid, x.shape[2]).movedim(-1, 1), tuple(out_grid)).flatten(2).transpose(1, 2)
 
 
 def unpool_tokens(grad: torch.Tensor, grid, out_grid) -> torch.Tensor:

@@ -223,21 +223,28 @@ def _preload_shipped_table(key: str) -> None:
     tuning_tables.load_named(key.split("|")[1])
 
 
+def implementation(args: tuple, *, on_triton: bool, key: Callable[[], str], fused: Callable | None = None,
+                   composed: Callable | None = None, composed_deterministic: bool = True,
+                   composed_kernels: Mapping[str, Candidate] | None = None) -> Callable:
+    """The function that runs an op's call with ``args``: ``fused`` (None where this backend has
+    no fused path), ``composed`` (None where the composed twin cannot express the call) or, for an
+    op with several composed twins, one of ``composed_kernels`` (named candidates whose ``run``
+    takes ``args``, in order of preference), chosen by ``choose`` (a measurement, where one is
+    needed, runs them on ``args``). The choice depends on ``args``' signature only, so
+    ``deco_ops._plan`` keeps it per signature."""
+    ways = {name: Candidate(f, name != "composed" or composed_deterministic)
+            for name, f in (("fused", fused), ("composed", composed)) if f is not None}
+    ways.update(composed_kernels or {})
+    candidates = {name: Candidate(functools.partial(c.run, *args), c.deterministic) for name, c in ways.items()}
+    return ways[choose(candidates, on_triton=on_triton, key=key)].run
+
+
 def run(*, on_triton: bool, key: Callable[[], str], fused: Callable[[], object] | None = None,
         composed: Callable[[], object] | None = None, composed_deterministic: bool = True,
         composed_kernels: Mapping[str, Candidate] | None = None):
-    """Run an op the chosen way: ``fused`` (None where this backend has no fused path),
-    ``composed`` (None where the composed twin cannot express the call), or, for an op with
-    several composed twins, one of ``composed_kernels`` (named candidates that express the call,
-    in order of preference)."""
-    candidates = {}
-    if fused is not None:
-        candidates["fused"] = Candidate(fused)
-    if composed is not None:
-        candidates["composed"] = Candidate(composed, composed_deterministic)
-    if composed_kernels:
-        candidates.update(composed_kernels)
-    return candidates[choose(candidates, on_triton=on_triton, key=key)].run()
+    """Run an op the chosen way (``implementation``, for closures over the call's arguments)."""
+    return implementation((), on_triton=on_triton, key=key, fused=fused, composed=composed,
+                          composed_deterministic=composed_deterministic, composed_kernels=composed_kernels)()
 
 
 def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Callable[[], object]], float]) -> str:
@@ -355,6 +362,7 @@ def preload(table: Mapping[str, str]) -> None:
         if winner not in CANDIDATES:
             raise ValueError(f"preload: the winner of {key!r} must be one of {CANDIDATES}, got {winner!r}")
     _decisions.update(table)
+    _drop_plans()
 
 
 def forget() -> None:
@@ -362,6 +370,14 @@ def forget() -> None:
     global _disk
     _decisions.clear()
     _disk = None
+    _drop_plans()
+
+
+def _drop_plans() -> None:
+    """The ops' per-signature plans hold decisions (``deco_ops._plan``): drop them when decisions change."""
+    from . import _plan  # _plan imports this module
+
+    _plan.clear()
 
 
 def cache_path() -> Path:

@@ -1,0 +1,166 @@
+"""``python -m benchmarks.host_cost``: the host cost of one deco_ops call against the eager PyTorch
+code it replaces, on tiny CPU tensors on the default backend (the PyTorch path), where the host
+path is all there is to measure (issue 20: ours ≤ 1.2× eager, ≤ 60 Python-level calls).
+
+For each op and mode it reports, deco_ops and eager side by side, measured in the same run:
+
+* ``us``: microseconds per call, the best of many short rounds in which the two alternate (a
+  shared, busy machine slows rounds, never speeds them up: the minimum is the cost of the code);
+* ``calls``: ``cProfile``'s ``total_calls`` for one call (deterministic, unlike the time): Python
+  functions and C functions called from Python, including the case's own function and the
+  profiler's ``disable``, as ``python -m cProfile`` counts them.
+
+Modes: ``infer`` (no input requires grad), ``grad`` (the forward only, inputs and parameters
+requiring grad: what autograd records), ``fwd+bwd`` (forward and ``backward``).
+
+    python -m benchmarks.host_cost [--ops NAMES] [--modes NAMES] [--rounds N]
+
+``tests/test_host_path.py`` pins the ``calls`` of deco_ops' side of every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import deco_ops
+
+MODES = ("infer", "grad", "fwd+bwd")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op on fixed tiny inputs: ``ours(*inputs)`` and ``eager(*inputs)`` compute the same."""
+
+    name: str
+    ours: Callable
+    eager: Callable
+    inputs: Callable[[], list[torch.Tensor]]  # fresh inputs (float32, CPU, seeded)
+    differentiable: int  # how many leading inputs take gradients in the grad modes
+
+
+def _randn(*shape, generator):
+    return torch.randn(*shape, generator=generator)
+
+
+def _pool_tokens_eager(x, grid, out_grid):
+    B, _, C = x.shape
+    pooled = F.adaptive_avg_pool2d(x.view(B, *grid, C).permute(0, 3, 1, 2), out_grid)
+    return pooled.flatten(2).transpose(1, 2)
+
+
+GRID, OUT_GRID = (4, 4), (2, 2)
+
+
+def _projector_inputs():
+    g = torch.Generator().manual_seed(0)
+    return [_randn(1, 16, 16, generator=g), _randn(32, 16, generator=g), _randn(32, generator=g),
+            _randn(16, 32, generator=g), _randn(16, generator=g)]
+
+
+def _attention_inputs():
+    g = torch.Generator().manual_seed(1)
+    return [_randn(2, 4, 2, 8, generator=g), _randn(2, 8, 2, 8, generator=g), _randn(2, 8, 2, 8, generator=g)]
+
+
+CASES = [
+    Case(
+        "pool_mlp",
+        lambda x, w1, b1, w2, b2: deco_ops.pool_mlp(x, w1, b1, w2, b2, grid=GRID, out_grid=OUT_GRID),
+        lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(_pool_tokens_eager(x, GRID, OUT_GRID), w1, b1)), w2, b2),
+        _projector_inputs, 5,
+    ),
+    Case(
+        "pool_linear",
+        lambda x, w1, b1, *_: deco_ops.pool_linear(x, w1, b1, grid=GRID, out_grid=OUT_GRID),
+        lambda x, w1, b1, *_: F.linear(_pool_tokens_eager(x, GRID, OUT_GRID), w1, b1),
+        _projector_inputs, 3,
+    ),
+    Case(
+        "adaptive_avg_pool_tokens",
+        lambda x, *_: deco_ops.adaptive_avg_pool_tokens(x, GRID, OUT_GRID),
+        lambda x, *_: _pool_tokens_eager(x, GRID, OUT_GRID),
+        _projector_inputs, 1,
+    ),
+    Case(
+        "mlp_pool",
+        lambda x, w1, b1, w2, b2: deco_ops.mlp_pool(x, w1, b1, w2, b2, grid=GRID, out_grid=OUT_GRID),
+        lambda x, w1, b1, w2, b2: _pool_tokens_eager(F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2), GRID, OUT_GRID),
+        _projector_inputs, 5,
+    ),
+    Case(
+        "cross_attention",
+        lambda q, k, v: deco_ops.cross_attention(q, k, v),
+        lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2),
+        _attention_inputs, 3,
+    ),
+]
+
+
+def call_of(case: Case, impl: Callable, mode: str) -> Callable[[], object]:
+    """A zero-argument function that makes one call of ``impl`` in ``mode``."""
+    inputs = case.inputs()
+    if mode != "infer":
+        inputs = [t.requires_grad_(i < case.differentiable) for i, t in enumerate(inputs)]
+    if mode != "fwd+bwd":
+        return lambda: impl(*inputs)
+    grad = torch.randn(impl(*inputs).shape, generator=torch.Generator().manual_seed(2))
+    return lambda: impl(*inputs).backward(grad)
+
+
+def python_calls(run: Callable[[], object]) -> int:
+    """``cProfile``'s total_calls of one call of ``run`` (warm: the first call of a signature
+    builds its plan)."""
+    run()
+    profile = cProfile.Profile()
+    profile.enable()
+    run()
+    profile.disable()
+    return pstats.Stats(profile).total_calls
+
+
+def best_us(runs: list[Callable[[], object]], rounds: int, calls_per_round: int = 50) -> list[float]:
+    """Microseconds per call of each run: the best round, the runs alternating round by round."""
+    best = [float("inf")] * len(runs)
+    for run in runs:
+        for _ in range(calls_per_round):
+            run()
+    for _ in range(rounds):
+        for i, run in enumerate(runs):
+            t0 = time.perf_counter()
+            for _ in range(calls_per_round):
+                run()
+            best[i] = min(best[i], (time.perf_counter() - t0) / calls_per_round * 1e6)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", nargs="+", default=[c.name for c in CASES], choices=[c.name for c in CASES])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--rounds", type=int, default=200)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # host cost, not intra-op parallelism (and no oversubscribed cores)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, CPU tensors, backend {deco_ops._backend.selected()}")
+    print(f"{'op':<26}{'mode':<9}{'ours_us':>9}{'eager_us':>10}{'ratio':>7}{'ours_calls':>12}{'eager_calls':>13}")
+    for case in CASES:
+        if case.name not in args.ops:
+            continue
+        for mode in args.modes:
+            ours, eager = call_of(case, case.ours, mode), call_of(case, case.eager, mode)
+            ours_us, eager_us = best_us([ours, eager], args.rounds)
+            print(f"{case.name:<26}{mode:<9}{ours_us:>9.1f}{eager_us:>10.1f}{ours_us / eager_us:>7.2f}"
+                  f"{python_calls(ours):>12}{python_calls(eager):>13}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Per-signature call plans: the host work of an op call that depends only on the call's
+*signature* runs once per signature, not once per call (docs/host-path.md).
+
+A public op (``pool_mlp``, ``cross_attention``, ...) validates its arguments, normalises the
+geometry (grids as lists, the softmax scale), decides whether autograd needs the residuals, picks
+its implementation (``deco_ops.strategy``: fused kernel or composed twin) and wraps it in its
+autograd Function. All of that reads only the signature:
+
+* each tensor's type, shape, dtype, device and ``requires_grad`` (not its values, not its strides:
+  no check and no choice reads them; the kernels read strides at every launch);
+* the other arguments, by value *and type* (``(4, 4)`` and ``(4, 4.0)`` or ``True`` and ``1`` are
+  equal in Python but not to validation);
+* the global state: grad mode, deterministic mode, the backend and strategy settings (their
+  ``with`` blocks and environment variables), whether Triton runs through its interpreter.
+
+``Plans`` remembers the result (a *plan*: a tuple the op unpacks) per signature. Changing any of
+the above gives another signature, hence another plan. ``strategy.forget``/``preload`` drop every
+plan (a plan holds a strategy decision). At most ``MAX_PLANS`` per op; the oldest is dropped first.
+
+Only *plain eager* calls use plans (``_direct``: not compiling, no dispatch mode, no functorch
+transform, no autocast region, every tensor a plain ``torch.Tensor`` or ``nn.Parameter``, every
+other argument None, a bool, int, float, str or a tuple/list of them); every other call takes the
+op's full path (validation, then ``torch.ops.deco``), which is also what ``torch.compile`` traces.
+A plan never holds a tensor. Checks that read tensor *values* (``kv_lens`` in range) are not part
+of a plan: the ops run them on every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import _backend, strategy
+
+MAX_PLANS = 256  # per op; a real model calls each op with a handful of signatures
+
+_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_VALUES = (type(None), bool, int, float, str)
+_SEQUENCES = (tuple, list)
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_any_autocast = torch._C._is_any_autocast_enabled
+_deterministic = torch._C._get_deterministic_algorithms  # torch.are_deterministic_algorithms_enabled's answer
+_peek_functorch = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
+_all: list[Plans] = []  # every op's plans, for clear()
+
+
+def signature(args: tuple) -> tuple | None:
+    """The key of a plain eager call with ``args`` (module docstring), None for any other call."""
+    if _is_compiling() or _dispatch_modes() or _any_autocast() or _peek_functorch() is not None:
+        return None
+    # a flat list (cheaper than nested tuples), unambiguous: a tensor's entries start with its
+    # torch.Size, any other argument's with a type
+    key = [torch.is_grad_enabled(), _deterministic(), _backend.SETTING.selected(), _backend.interpreting(),
+           strategy.SETTING.selected()]
+    for a in args:
+        kind = type(a)
+        if kind in _TENSORS:
+            key += (a.shape, a.dtype, a.device, a.requires_grad)
+        elif kind in _VALUES:
+            key += (kind, a)
+        elif kind in _SEQUENCES:
+            key += (kind, tuple(a), tuple(map(type, a)))
+        else:
+            return None
+    return tuple(key)
+
+
+class Plans:
+    """The plans of one op: ``plans.get(*args)`` returns ``build(*args)`` for a plain eager call,
+    built (and so validated) once per signature of ``args``, and None for any other call (it
+    takes the op's full path). ``build`` raises on bad arguments, and then nothing is remembered;
+    it may return None for a signature that has no plan (the call then takes the full path)."""
+
+    def __init__(self, build: Callable[..., tuple | None]):
+        self._build = build
+        self._plans: dict[tuple, tuple | None] = {}
+        _all.append(self)
+
+    def get(self, *args) -> tuple | None:
+        try:
+            key = signature(args)
+            if key is None:
+                return None
+            return self._plans[key]
+        except KeyError:
+            pass
+        except (TypeError, RuntimeError):  # an unhashable argument (a list inside a grid), a nested
+            return None  # tensor's shape: the full path says what is wrong
+        plan = self._plans[key] = self._build(*args)
+        if len(self._plans) > MAX_PLANS:
+            del self._plans[next(iter(self._plans))]
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+
+def runner(op, implementation: Callable[..., Callable], args: tuple, records: bool) -> Callable:
+    """What a plain eager call of ``op`` (a ``deco.<name>``) with ``args`` runs: the
+    implementation that ``implementation(*args)`` chooses (``strategy.implementation``), wrapped in
+    the op's autograd Function where autograd ``records`` the call."""
+    with torch.no_grad():  # a strategy measurement runs the candidates as the op's body runs them: below autograd
+        impl = implementation(*args)
+    return op.runner(impl, records)
+
+
+def clear() -> None:
+    """Drop every op's plans (``strategy.forget``/``preload`` changed the decisions they hold)."""
+    for plans in _all:
+        plans.clear()
