@@ -2,6 +2,7 @@
 what a call computes or raises, and a pinned number of Python-level calls per op call (cProfile's
 count is deterministic; the time it stands for is ``python -m benchmarks.host_cost``'s to report)."""
 
+import contextvars
 import contextlib
 import gc
 import weakref
@@ -41,7 +42,7 @@ def user_settings(monkeypatch):
     """No backend or strategy chosen anywhere, as in a user's process: both read from the
     (unset) environment on every call."""
     for setting in (_backend.SETTING, strategy.SETTING):
-        monkeypatch.setattr(setting, "override", None)
+        monkeypatch.setattr(setting, "_override", contextvars.ContextVar(setting.var, default=None))
         monkeypatch.delenv(setting.var, raising=False)
 
 
