@@ -7,6 +7,12 @@ graph-break-free nodes under ``torch.compile``. What autograd keeps: q, k, v, th
 fp32 LSE (B, H, M), plus the int lengths and the (seed, offset) of the dropout RNG. Never the
 M x N attention matrix, never the dropout mask: backward recomputes both.
 
+Masks: ``attn_mask`` (SDPA's convention) reaches every path as one additive bias, a (B, H, M, N)
+view whose broadcast dims have stride 0 (a bool mask becomes a 0 / -inf float tensor at its own
+size first); the kernels add it per key block (``HAS_BIAS``), the reference path per key chunk,
+SDPA as its ``attn_mask``. ``need_weights``: the probabilities ``exp(S + bias - LSE)`` from the
+saved LSE (``kernels/cross_attention_weights.py``), op ``torch.ops.deco.cross_attention_weights``.
+
 Strategies (``deco_ops.strategy``): the kernels below, or the composed twin on SDPA's own kernels
 (``deco_ops.composed_attention``), which returns the same O and LSE, so either backward follows
 either forward; on the PyTorch backend ``auto`` runs the twin.
@@ -26,7 +32,7 @@ from ._direct import custom_op, deco, register_autograd
 from . import _validate_attention as _check
 from . import reference_attention as reference
 from ._transfer import to_device
-from .kernels import cross_attention_bwd, cross_attention_fwd
+from .kernels import cross_attention_bwd, cross_attention_fwd, cross_attention_weights
 
 
 def _batch_and_keys(k: torch.Tensor, cu_seqlens_k: torch.Tensor | None, max_seqlen_k: int) -> tuple[int, int]:
@@ -49,9 +55,10 @@ def _padded(k, v, kv_lens, cu_seqlens_k, N):
     return kp, vp, lens, real
 
 
-def _key(op, q, B, N, kv_lens, cu_seqlens_k, needs_grad, **more) -> str:
+def _key(op, q, B, N, kv_lens, cu_seqlens_k, attn_bias, needs_grad, **more) -> str:
     _, M, H, D = q.shape
     mask = "packed" if cu_seqlens_k is not None else "lens" if kv_lens is not None else "none"
+    mask += "+bias" if attn_bias is not None else ""
     return strategy.make_key(op, q.device, q.dtype, needs_grad, batch=strategy.bucket(B), M=strategy.bucket(M),
                              N=strategy.bucket(N), H=H, D=D, q="shared" if q.shape[0] == 1 else "per-batch", mask=mask, **more)
 
@@ -67,29 +74,30 @@ def _cross_attention(
     scale: float,
     dropout_p: float,
     rng: torch.Tensor | None,
+    attn_bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
     on_triton = _backend.use_triton(q.device)
 
     def fused():
         if on_triton:
-            return cross_attention_fwd.cross_attention_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng)
+            return cross_attention_fwd.cross_attention_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, attn_bias)
         kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, N)
-        return reference.attention_fwd(q, kp, vp, lens, scale, dropout_p, _rng_pair(rng))
+        return reference.attention_fwd(q, kp, vp, lens, scale, dropout_p, _rng_pair(rng), attn_bias)
 
     def composed():
         kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, N)
-        return composed_attention.forward(q, kp, vp, lens, scale, need_lse=needs_grad)
+        return composed_attention.forward(q, kp, vp, lens, scale, need_lse=needs_grad, bias=attn_bias)
 
     needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
     return strategy.run(
-        on_triton=on_triton, key=lambda: _key("cross_attention", q, B, N, kv_lens, cu_seqlens_k, needs_grad),
+        on_triton=on_triton, key=lambda: _key("cross_attention", q, B, N, kv_lens, cu_seqlens_k, attn_bias, needs_grad),
         fused=fused, composed=composed if composed_attention.expressible(q, dropout_p) else None,
     )
 
 
 @_cross_attention.register_fake
-def _(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng):
+def _(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias):
     B, _ = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
     _, M, H, D = q.shape
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -117,6 +125,7 @@ def _cross_attention_backward(
     rng: torch.Tensor | None,
     need_dq: bool,
     need_dkv: bool,
+    attn_bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv); a gradient not asked for comes back as an empty (0,) tensor."""
     B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
@@ -132,16 +141,19 @@ def _cross_attention_backward(
     def fused():
         if on_triton:
             return cross_attention_bwd.cross_attention_bwd(
-                dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, need_dq, need_dkv
+                dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, need_dq, need_dkv, attn_bias
             )
-        return on_padded_keys(lambda kp, vp, lens: reference.attention_bwd(dout, q, kp, vp, out, lse, lens, scale, dropout_p, _rng_pair(rng)))
+        return on_padded_keys(lambda kp, vp, lens: reference.attention_bwd(
+            dout, q, kp, vp, out, lse, lens, scale, dropout_p, _rng_pair(rng), attn_bias))
 
     def composed():
-        return on_padded_keys(lambda kp, vp, lens: composed_attention.backward(dout, q, kp, vp, out, lse, lens, scale, need_dq, need_dkv))
+        return on_padded_keys(lambda kp, vp, lens: composed_attention.backward(
+            dout, q, kp, vp, out, lse, lens, scale, need_dq, need_dkv, bias=attn_bias))
 
     dq, dk, dv = strategy.run(
         on_triton=on_triton,
-        key=lambda: _key("cross_attention_backward", q, B, N, kv_lens, cu_seqlens_k, True, need=f"{'q' * need_dq}{'kv' * need_dkv}"),
+        key=lambda: _key("cross_attention_backward", q, B, N, kv_lens, cu_seqlens_k, attn_bias, True,
+                         need=f"{'q' * need_dq}{'kv' * need_dkv}"),
         fused=fused, composed=composed if composed_attention.expressible(q, dropout_p) else None,
         composed_deterministic=composed_attention.deterministic_backward(q.device),
     )
@@ -149,33 +161,91 @@ def _cross_attention_backward(
 
 
 @_cross_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, need_dq, need_dkv):
+def _(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, need_dq, need_dkv, attn_bias):
     dq = _or_empty(q.new_empty(q.shape), need_dq, q)
     return dq, _or_empty(k.new_empty(k.shape), need_dkv, q), _or_empty(v.new_empty(v.shape), need_dkv, q)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], kv_lens, cu_seqlens_k, rng)
+    q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], kv_lens, cu_seqlens_k, rng, attn_bias)
     ctx.max_seqlen_k, ctx.scale, ctx.dropout_p = max_seqlen_k, scale, dropout_p
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
     """The LSE output is an auxiliary statistic: its gradient is not propagated. Gradients that
-    nothing produced arrive as None (no zero-filled tensors)."""
-    q, k, v, out, lse, kv_lens, cu_seqlens_k, rng = ctx.saved_tensors
+    nothing produced arrive as None (no zero-filled tensors). The additive mask gets none (the
+    public function refuses one that requires grad)."""
+    q, k, v, out, lse, kv_lens, cu_seqlens_k, rng, attn_bias = ctx.saved_tensors
     need_dq = ctx.needs_input_grad[0]
     need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     if dout is None or not (need_dq or need_dkv):
-        return (None,) * 9
+        return (None,) * 10
     dq, dk, dv = deco.cross_attention_backward(
-        dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, ctx.max_seqlen_k, ctx.scale, ctx.dropout_p, rng, need_dq, need_dkv
+        dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, ctx.max_seqlen_k, ctx.scale, ctx.dropout_p, rng, need_dq, need_dkv,
+        attn_bias,
     )
-    return (dq if need_dq else None), (dk if need_dkv else None), (dv if need_dkv else None), None, None, None, None, None, None
+    return (dq if need_dq else None), (dk if need_dkv else None), (dv if need_dkv else None), *(None,) * 7
 
 
 register_autograd(_cross_attention, _backward, _setup)
+
+
+@custom_op("cross_attention_weights")
+def _cross_attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    kv_lens: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_k: int,
+    scale: float,
+    dropout_p: float,
+    rng: torch.Tensor | None,
+    attn_bias: torch.Tensor | None,
+    average: bool,
+) -> torch.Tensor:
+    """The forward's attention probabilities from its LSE: (B, M, N) averaged over heads or (B, H, M, N)."""
+    B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
+    if _backend.use_triton(q.device):
+        return cross_attention_weights.cross_attention_weights(
+            q, k, lse, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, attn_bias, average)
+    kp, _, lens, _ = _padded(k, k, kv_lens, cu_seqlens_k, N)
+    return reference.attention_weights(q, kp, lse, lens, scale, dropout_p, _rng_pair(rng), attn_bias, average)
+
+
+@_cross_attention_weights.register_fake
+def _(q, k, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, average):
+    B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
+    _, M, H, _ = q.shape
+    return q.new_empty((B, M, N) if average else (B, H, M, N))
+
+
+def _weights_setup(ctx, inputs, output):
+    q, k, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, average = inputs
+    ctx.save_for_backward(q, k, lse, kv_lens, cu_seqlens_k, rng, attn_bias)
+    ctx.max_seqlen_k, ctx.scale, ctx.dropout_p, ctx.average = max_seqlen_k, scale, dropout_p, average
+
+
+def _weights_backward(ctx, dw):
+    """Softmax's backward through the returned weights (``reference.weights_backward``, PyTorch on
+    the M x N matrix the weights already are): gradients for q and k; none for the LSE, whose
+    dependence on q and k that formula already includes."""
+    q, k, lse, kv_lens, cu_seqlens_k, rng, attn_bias = ctx.saved_tensors
+    need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if dw is None or not (need_dq or need_dk):
+        return (None,) * 11
+    B, N = _batch_and_keys(k, cu_seqlens_k, ctx.max_seqlen_k)
+    kp, _, lens, real = _padded(k, k, kv_lens, cu_seqlens_k, N)
+    p = deco.cross_attention_weights(q, k, lse, kv_lens, cu_seqlens_k, ctx.max_seqlen_k, ctx.scale, 0.0, None, attn_bias, False)
+    dq, dk = reference.weights_backward(dw, p, q, kp, lens, ctx.scale, ctx.dropout_p, _rng_pair(rng), ctx.average)
+    if cu_seqlens_k is not None:
+        dk = reference.pack_keys(dk, cu_seqlens_k, real, k.shape[0])
+    return (dq if need_dq else None), (dk if need_dk else None), *(None,) * 9
+
+
+register_autograd(_cross_attention_weights, _weights_backward, _weights_setup)
 
 
 def _draw_rng(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -196,8 +266,11 @@ def cross_attention(
     dropout_p: float = 0.0,
     generator: torch.Generator | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Softmax cross-attention ``softmax(scale * q k^T) v`` per batch and head, FlashAttention-style.
+    attn_mask: torch.Tensor | None = None,
+    need_weights: bool = False,
+    average_attn_weights: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Softmax cross-attention ``softmax(scale * q k^T + mask) v`` per batch and head, FlashAttention-style.
 
     Args:
         q: ``(B, M, H, D)`` queries, or ``(1, M, H, D)``: queries shared by the whole batch (learned
@@ -205,9 +278,10 @@ def cross_attention(
             is reduced over the batch.
         k, v: ``(B, N, H, D)`` (FlashAttention's layout, so projections need no transpose); with
             ``cu_seqlens_k``, packed ``(total_N, H, D)``.
-        kv_lens: optional int32/int64 ``(B,)`` in ``[0, N]``: keys at positions >= ``kv_lens[b]`` are
-            ignored completely (their values may be garbage or NaN; their gradients are exactly
-            zero). ``kv_lens[b] == 0`` gives a zero output row and zero gradients.
+        kv_lens: optional int32/int64 ``(B,)``: keys at positions >= ``kv_lens[b]`` are ignored
+            completely (their values may be garbage or NaN; their gradients are exactly zero).
+            ``kv_lens[b] == 0`` gives a zero output row and zero gradients. Values outside
+            ``[0, N]`` are clamped into it (never read on the host; the same on every device).
         softmax_scale: default ``D ** -0.5``.
         dropout_p: attention dropout in ``[0, 1)`` applied to the probabilities (pass 0 in eval).
             The mask comes from a counter-based RNG seeded from ``generator``, is never stored and
@@ -218,9 +292,23 @@ def cross_attention(
             ``kv_lens``. Reads the offsets on the host once (one sync when they live on the GPU:
             the longest length sizes the launch), so it is not traced by
             ``torch.compile(fullgraph=True)``.
+        attn_mask: optional mask with ``F.scaled_dot_product_attention``'s semantics, computed in
+            the fused kernels forward and backward: bool (True = attend) or floating (added to the
+            scores; -inf drops a key), of up to 4 dims broadcastable to ``(B, H, M, N)`` (e.g.
+            ``(B, 1, 1, N)`` per key, ``(M, N)`` per query x key, ``(B, H, M, N)``); broadcast dims
+            are read through zero strides, never expanded. Any pattern (holes, left padding).
+            Dropped keys are still read: NaN in k there is ignored, NaN in v is not (use
+            ``kv_lens`` for garbage padding). A row whose keys are all dropped gives zeros (output,
+            weights, gradients), as ``kv_lens == 0`` and SDPA do. No gradient flows to the mask:
+            one that requires grad raises. With packed keys, N is the longest sequence.
+        need_weights: also return the attention probabilities, computed from the saved
+            log-sum-exp (exact softmax, the same masks and dropout mask as the output). They are
+            differentiable w.r.t. q and k.
+        average_attn_weights: with ``need_weights``: ``(B, M, N)`` averaged over the heads (True)
+            or ``(B, H, M, N)`` per head, as ``nn.MultiheadAttention``.
 
     Returns:
-        ``(B, M, H, D)`` in q's dtype. fp16/bf16/fp32 (fp32 dots follow torch.matmul's fp32
+        ``(B, M, H, D)`` in q's dtype (with ``need_weights``: ``(output, weights)``, weights in q's dtype). fp16/bf16/fp32 (fp32 dots follow torch.matmul's fp32
         precision, ``torch.backends.cuda.matmul.fp32_precision``); softmax statistics in fp32.
     """
     packed = cu_seqlens_k is not None
@@ -234,8 +322,26 @@ def cross_attention(
         B, N = k.shape[0], k.shape[1]
         max_seqlen_k = N
     _check.query_batch(q, B)
-    kv_lens = _check.kv_lens(kv_lens, B, N, q.device)
+    kv_lens = _check.kv_lens(kv_lens, B, q.device)
+    attn_bias = _as_bias(_check.attn_mask(attn_mask, (B, H, q.shape[1], N), q.device), (B, H, q.shape[1], N))
     scale = _check.scale(softmax_scale, D)
     dropout_p = _check.dropout(dropout_p, generator)
     rng = _draw_rng(generator, q.device) if dropout_p > 0 else None
-    return deco.cross_attention(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng)[0]
+    out, lse = deco.cross_attention(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias)
+    if not need_weights:
+        return out
+    weights = deco.cross_attention_weights(
+        q, k, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, bool(average_attn_weights))
+    return out, weights
+
+
+def _as_bias(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> torch.Tensor | None:
+    """An SDPA ``attn_mask`` as the additive bias every path reads: a (B, H, M, N) view with zero
+    strides where broadcast. A bool mask becomes 0 / -inf fp32 at its own size first (one small
+    elementwise kernel; the kernels then have a single mask path, and a byte mask would save
+    nothing next to reading K and V)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, device=mask.device, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+    return mask.expand(shape)

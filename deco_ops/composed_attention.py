@@ -17,9 +17,12 @@ How the call is expressed:
 * shared queries ``(1, M, H, D)`` are expanded to the batch (a stride-0 view, never a copy, except
   in the CUDA backward: see ``backward``); their gradient is summed over the batch;
 * ``kv_lens`` becomes an additive ``0 / -inf`` mask. Keys at or past ``kv_lens[b]`` are replaced by
-  zeros first, because SDPA still reads masked keys and ``0 * NaN`` would leak their garbage; a
-  batch without keys attends to its zeroed keys and its rows are then set to zero output and
-  ``+inf`` LSE, which makes every gradient of that batch exactly zero in backward.
+  zeros first, because SDPA still reads masked keys and ``0 * NaN`` would leak their garbage;
+* the caller's additive mask (``bias``, ``deco_ops.cross_attention``'s ``attn_mask`` as a
+  (B, H, M, N) view) is added to it at its compact (unbroadcast) shape;
+* a row whose keys are all masked ("dead") attends to every key instead (SDPA would give NaN or
+  a meaningless LSE) and its output is then set to zero and its LSE to ``+inf``, which makes every
+  gradient of that row exactly zero in backward, as on the fused path.
 
 Not expressible, so the fused path runs: dropout (SDPA draws its own mask; ours is Philox,
 reproduced bit for bit by the reference path) and, on CUDA, head dims that are not a multiple of 8
@@ -48,27 +51,37 @@ def deterministic_backward(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
-def _inputs(q, k, v, kv_lens):
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """A broadcast view at its own size: every zero-stride dim narrowed to 1."""
+    return t[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in t.stride())]
+
+
+def _inputs(q, k, v, kv_lens, user_bias=None):
     """q expanded to the batch (a view), k and v (zeroed past ``kv_lens``), the additive mask
-    ``(B, 1 or H, 1 or M, N)`` or None, and the (B,) bool "batch has keys" or None; layouts as given."""
+    ``(B or 1, 1 or H, 1 or M, N)`` (expanded to (B, H, M, N) on CUDA) or None, and the bool "row has
+    no key" ``(B or 1, 1 or H, 1 or M)`` or None; layouts as given."""
     B, N, H, _ = k.shape
     M = q.shape[1]
     q = q.expand(B, -1, -1, -1)
-    if kv_lens is None:
+    if kv_lens is None and user_bias is None:
         return q, k, v, None, None
-    valid = torch.arange(N, device=k.device)[None, :] < kv_lens.to(device=k.device, dtype=torch.int64)[:, None]
-    has_keys = kv_lens > 0
-    k = torch.where(valid[:, :, None, None], k, 0.0)
-    v = torch.where(valid[:, :, None, None], v, 0.0)
-    attend = valid | ~has_keys[:, None]
+    bias = torch.zeros((1, 1, 1, N), dtype=q.dtype, device=q.device)
+    if kv_lens is not None:
+        valid = torch.arange(N, device=k.device)[None, :] < kv_lens.to(device=k.device, dtype=torch.int64)[:, None]
+        k = torch.where(valid[:, :, None, None], k, 0.0)
+        v = torch.where(valid[:, :, None, None], v, 0.0)
+        bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
+    if user_bias is not None:
+        bias = bias + _compact(user_bias).to(q.dtype)
+    dead = (bias == float("-inf")).all(-1)
     cuda = q.device.type == "cuda"
     width = -(-N // _BIAS_ALIGN_CUDA) * _BIAS_ALIGN_CUDA if cuda else N
-    bias = torch.zeros((B, 1, 1, width), dtype=q.dtype, device=q.device)
-    bias[..., :N].masked_fill_(~attend[:, None, None, :], float("-inf"))
-    bias = bias[..., :N]
+    aligned = torch.zeros((*bias.shape[:-1], width), dtype=q.dtype, device=q.device)
+    aligned[..., :N] = bias.masked_fill(dead[..., None], 0.0)
+    bias = aligned[..., :N]
     if cuda:
         bias = bias.expand(B, H, M, N)
-    return q, k, v, bias, has_keys
+    return q, k, v, bias, dead
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -81,7 +94,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def forward(q, k, v, kv_lens, scale, need_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(q, k, v, kv_lens, scale, need_lse: bool = True, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(O ``(B, M, H, D)`` in q's dtype, LSE ``(B, H, M)``), as ``deco::cross_attention``.
 
     Without ``need_lse`` (no input requires grad: no backward will read the LSE) on CUDA, the
@@ -92,7 +105,7 @@ def forward(q, k, v, kv_lens, scale, need_lse: bool = True) -> tuple[torch.Tenso
     cuda = q.device.type == "cuda"
     if cuda and need_lse:
         q, k, v = (_aligned(t) for t in (q, k, v))
-    q, k, v, bias, has_keys = _inputs(q, k, v, kv_lens)
+    q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias)
     if cuda and need_lse:
         out, lse, *_ = torch.ops.aten._efficient_attention_forward(q, k, v, bias, None, None, None, None, 0.0, 0, True, scale=scale)
         lse = lse[:, :, :M]
@@ -106,18 +119,18 @@ def forward(q, k, v, kv_lens, scale, need_lse: bool = True) -> tuple[torch.Tenso
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias, scale=scale
         )
         out = o.transpose(1, 2)
-    if has_keys is not None:
-        out = torch.where(has_keys[:, None, None, None], out, 0.0)
-        lse = torch.where(has_keys[:, None, None], lse, float("inf"))
+    if dead is not None:
+        out = torch.where(dead.transpose(1, 2)[..., None], 0.0, out)
+        lse = torch.where(dead, float("inf"), lse)
     return out.contiguous(), lse.contiguous()
 
 
-def backward(dout, q, k, v, out, lse, kv_lens, scale, need_dq: bool, need_dkv: bool):
+def backward(dout, q, k, v, out, lse, kv_lens, scale, need_dq: bool, need_dkv: bool, bias=None):
     """(dq, dk, dv) from the residuals of either forward (None where not needed); dq of shared
     queries summed over the batch."""
     shared = q.shape[0] == 1
     M, N = q.shape[1], k.shape[1]
-    q, k, v, bias, _ = _inputs(q, k, v, kv_lens)
+    q, k, v, bias, _ = _inputs(q, k, v, kv_lens, bias)
     if q.device.type == "cuda":
         # q is materialised: the kernel may lay dq out like q, and a stride-0 batch would alias it
         q = q.contiguous()
