@@ -113,8 +113,10 @@ class CrossAttention(nn.Module):
       ``nn.MultiheadAttention`` does (its masks get zero columns for them).
     * A query whose keys are all masked gives NaN output (and NaN weights), as in
       ``nn.MultiheadAttention``.
-    * ``is_causal`` is a hint that ``attn_mask`` is causal: the mask is used; without ``attn_mask``
-      it raises, as in ``nn.MultiheadAttention``.
+    * ``is_causal`` is a hint that ``attn_mask`` is causal; without ``attn_mask`` it raises. As in
+      ``nn.MultiheadAttention``, with ``need_weights=False`` and no ``key_padding_mask`` the causal
+      mask SDPA's ``is_causal`` builds (top-left aligned) replaces ``attn_mask``; otherwise
+      ``attn_mask`` is used.
 
     The one call that runs PyTorch's ``F.multi_head_attention_forward`` instead: a mask that
     requires grad (a learned additive bias), since the kernels give masks no gradient.
@@ -237,20 +239,23 @@ class CrossAttention(nn.Module):
         elif not batched:
             query, key, value = (t.unsqueeze(0) for t in (query, key, value))
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
-        out, weights = self._fused_attention(query, key, value, key_padding_mask, attn_mask, need_weights, average_attn_weights)
+        causal = is_causal and key_padding_mask is None and not need_weights  # what nn.MultiheadAttention runs
+        out, weights = self._fused_attention(
+            query, key, value, key_padding_mask, None if causal else attn_mask, need_weights, average_attn_weights, causal)
         if not batched:
             return out.squeeze(0), (None if weights is None else weights.squeeze(0))
         return (out if self.batch_first else out.transpose(0, 1)), weights
 
-    def _fused_attention(self, query, key, value, key_padding_mask, attn_mask, need_weights, average_attn_weights):
-        """Batch-first (B, L, E) inputs through ``deco_ops.cross_attention``: (out, weights or None)."""
+    def _fused_attention(self, query, key, value, key_padding_mask, attn_mask, need_weights, average_attn_weights, causal):
+        """Batch-first (B, L, E) inputs through ``deco_ops.cross_attention``: (out, weights or None).
+        ``causal``: SDPA's top-left causal mask over every key, the extra ones included."""
         B, M, _ = query.shape
         N = key.shape[1]
+        bias = mha_masks_to_bias(key_padding_mask, attn_mask, B, self.num_heads, M, N)  # raises before any work
         wq, wk, wv = self._projection_weights()
         bq, bk, bv = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
         q = F.linear(query, wq, bq)
         k, v = F.linear(key, wk, bk), F.linear(value, wv, bv)
-        bias = mha_masks_to_bias(key_padding_mask, attn_mask, B, self.num_heads, M, N)
         extra_k, extra_v = [], []
         if self.bias_k is not None:
             extra_k.append(self.bias_k.expand(B, 1, -1).to(k.dtype))
@@ -261,6 +266,9 @@ class CrossAttention(nn.Module):
         if extra_k:  # after the given keys, as nn.MultiheadAttention: the weights' columns line up
             k, v = torch.cat([k, *extra_k], 1), torch.cat([v, *extra_v], 1)
             bias = None if bias is None else F.pad(bias, (0, len(extra_k)))
+        if causal:
+            allowed = torch.ones(M, k.shape[1], dtype=torch.bool, device=q.device).tril()
+            bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))[None, None]
         shape = (B, -1, self.num_heads, self.head_dim)
         result = cross_attention(
             q.view(shape), k.view(shape), v.view(shape), attn_mask=bias, dropout_p=self.dropout if self.training else 0.0,
