@@ -228,20 +228,46 @@ def _weights_setup(ctx, inputs, output):
     ctx.max_seqlen_k, ctx.scale, ctx.dropout_p, ctx.average = max_seqlen_k, scale, dropout_p, average
 
 
+@custom_op("cross_attention_weights_backward")
+def _cross_attention_weights_backward(
+    dw: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    kv_lens: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_k: int,
+    scale: float,
+    dropout_p: float,
+    rng: torch.Tensor | None,
+    attn_bias: torch.Tensor | None,
+    average: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dq, dk) through the weights: softmax's backward (``reference.weights_backward``, PyTorch on
+    the M x N matrix the weights already are) from the per-head probabilities, recomputed."""
+    B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
+    kp, _, lens, real = _padded(k, k, kv_lens, cu_seqlens_k, N)
+    p = deco.cross_attention_weights.body(q, k, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, 0.0, None, attn_bias, False)
+    dq, dk = reference.weights_backward(dw, p, q, kp, lens, scale, dropout_p, _rng_pair(rng), average)
+    if cu_seqlens_k is not None:
+        dk = reference.pack_keys(dk, cu_seqlens_k, real, k.shape[0])
+    return dq, dk
+
+
+@_cross_attention_weights_backward.register_fake
+def _(dw, q, k, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, average):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
 def _weights_backward(ctx, dw):
-    """Softmax's backward through the returned weights (``reference.weights_backward``, PyTorch on
-    the M x N matrix the weights already are): gradients for q and k; none for the LSE, whose
-    dependence on q and k that formula already includes."""
+    """Gradients for q and k through the weights; none for the LSE, whose dependence on q and k
+    softmax's backward formula already includes."""
     q, k, lse, kv_lens, cu_seqlens_k, rng, attn_bias = ctx.saved_tensors
     need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if dw is None or not (need_dq or need_dk):
         return (None,) * 11
-    B, N = _batch_and_keys(k, cu_seqlens_k, ctx.max_seqlen_k)
-    kp, _, lens, real = _padded(k, k, kv_lens, cu_seqlens_k, N)
-    p = deco.cross_attention_weights(q, k, lse, kv_lens, cu_seqlens_k, ctx.max_seqlen_k, ctx.scale, 0.0, None, attn_bias, False)
-    dq, dk = reference.weights_backward(dw, p, q, kp, lens, ctx.scale, ctx.dropout_p, _rng_pair(rng), ctx.average)
-    if cu_seqlens_k is not None:
-        dk = reference.pack_keys(dk, cu_seqlens_k, real, k.shape[0])
+    dq, dk = deco.cross_attention_weights_backward(
+        dw, q, k, lse, kv_lens, cu_seqlens_k, ctx.max_seqlen_k, ctx.scale, ctx.dropout_p, rng, attn_bias, ctx.average)
     return (dq if need_dq else None), (dk if need_dk else None), *(None,) * 9
 
 
