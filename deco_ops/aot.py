@@ -488,7 +488,10 @@ def _attn_entries() -> list[Entry]:
               launchable=lambda m, config, variant, arch: m.fa2_fits(
                   "dq", config, _elem(variant), variant.args["DROPOUT"], variant.args["BLOCK_D"], arch)),
         Entry("cross_attention_weights", weights, "cross_attention_weights_kernel", lambda m: m.cuda_configs(),
-              _attn_variants("cross_attention_weights_kernel"), optional=True),
+              _attn_variants("cross_attention_weights_kernel"), optional=True,
+              launchable=lambda m, config, variant, arch: m.fits(
+                  config, _elem(variant), variant.args["INPUT_PRECISION"] == "ieee",
+                  variant.args["DROPOUT"] or variant.args["HAS_BIAS"])),
     ]
 
 

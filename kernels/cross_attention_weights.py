@@ -36,11 +36,31 @@ def cuda_configs() -> list[triton.Config]:
     ]
 
 
+def fits(config: triton.Config, elem_bytes: int, ieee: bool, extra_tiles: bool) -> bool:
+    """Whether ``config`` compiles without register spills (``python -m deco_ops.aot``, sm_90,
+    triton 3.9, head dims 64 and 128): 16x64 tiles on 4 warps always; 16-bit inputs also 32x128 on
+    8 warps, and every config without dropout and mask tiles (``extra_tiles``); exact fp32 dots
+    (``ieee``: FMA) only 16x64; tf32 every config without the extra tiles."""
+    tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
+    if tile == (16, 64, 4):
+        return True
+    if elem_bytes == 2 and tile == (32, 128, 8):
+        return True
+    return not ieee and not extra_tiles
+
+
+def _prune(configs, named_args, **constexprs):
+    ieee = constexprs["INPUT_PRECISION"] == "ieee"
+    extra = constexprs["DROPOUT"] or constexprs["HAS_BIAS"]
+    return [c for c in configs if fits(c, named_args["q_ptr"].element_size(), ieee, extra)]
+
+
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 
 
 @autotuned(cuda_configs(), INTERPRET_CONFIG,
-           key=["M", "N", "BLOCK_D", "KV_MODE", "HAS_BIAS", "DROPOUT", "AVERAGE", "INPUT_PRECISION"], buckets=("M", "N"))
+           key=["M", "N", "BLOCK_D", "KV_MODE", "HAS_BIAS", "DROPOUT", "AVERAGE", "INPUT_PRECISION"], buckets=("M", "N"),
+           prune=_prune)
 @triton.jit
 def cross_attention_weights_kernel(
     q_ptr, k_ptr, lse_ptr, w_ptr, lens_ptr, cu_ptr, rng_ptr, bias_ptr,
