@@ -391,7 +391,8 @@ def _attn_args(fn, dtype: str, precision: str, D: int, shape=None, training: boo
                           "dropout_p": 0.1 if training else 0.0}[name]
     import triton.language as tl
 
-    defaults = dict(KV_MODE=1 if training else 0, HAS_BIAS=training, DROPOUT=training, AVERAGE=True, ACC=tl.float32, DOT_FP32=False, INPUT_PRECISION=precision,
+    defaults = dict(KV_MODE=1 if training else 0, HAS_BIAS=training, DROPOUT=training, AVERAGE=True, ACC=tl.float32,
+                    DOT_FP32=False, INPUT_PRECISION=precision,
                     BLOCK_D=max(16, triton.next_power_of_2(D)), SPLIT=False,
                     BLOCK_M=max(16, triton.next_power_of_2(M)))  # single-pass bwd: all queries in one block
     configured = set().union(*(c.kwargs for c in _ATTN_CONFIGS.get(fn.__name__, lambda: [])()))
@@ -469,7 +470,8 @@ def _attn_entries() -> list[Entry]:
         Entry("cross_attention_fwd", fwd, "cross_attention_fwd_kernel", lambda m: m.cuda_configs(),
               _attn_variants("cross_attention_fwd_kernel", splits=(False, True)), optional=True,
               launchable=lambda m, config, variant, arch: m.fits(
-                  config, _elem(variant), variant.args["INPUT_PRECISION"] == "ieee", variant.args["DROPOUT"], arch)),
+                  config, _elem(variant), variant.args["INPUT_PRECISION"] == "ieee", variant.args["DROPOUT"], arch,
+                  variant.args["HAS_BIAS"])),
         Entry("cross_attention_combine", fwd, "cross_attention_combine_kernel", lambda m: m.combine_cuda_configs(),
               _attn_variants("cross_attention_combine_kernel", gemm=False), optional=True),
         Entry("cross_attention_bwd_preprocess", bwd, "cross_attention_bwd_preprocess_kernel",

@@ -188,7 +188,7 @@ def cuda_configs() -> list[triton.Config]:
     ]
 
 
-def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch: int) -> bool:
+def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch: int, bias: bool = False) -> bool:
     """Whether ``config`` compiles without register spills (measured with ``python -m deco_ops.aot``
     on sm_80 and sm_90 at head dims 64 and 128, split or not, with triton 3.6 and 3.9): 16-bit inputs
     take up to 64 queries a tile (128-query tiles spill at D=128; without wgmma, on sm_80, 64x128
@@ -196,19 +196,22 @@ def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch
     fp32 operands take 16x16 tiles on 4 warps (with tf32, 32x64 on 8 warps spills at D=128 under
     triton 3.6 and with dropout under 3.9 since B*H moved to grid axis 0); exact fp32
     dots (``ieee``: FMA, no tensor cores) spill somewhere in every larger shape tried (16x32 to
-    32x64 tiles on 4 or 8 warps)."""
+    32x64 tiles on 4 or 8 warps). An additive mask (``bias``: one more tile per key block) was
+    measured together with dropout and kv_lens: it keeps dropout's tile limit, and on sm_80 the
+    16x128 tile spills 16 B at D=128, so 128-key blocks are left out there."""
     bm, bn, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
     if elem_bytes == 2:
-        if arch < 90 and bm * bn > 64 * 64 and warps == 4:
+        if arch < 90 and (bm * bn > 64 * 64 and warps == 4 or bias and bn >= 128):
             return False
-        return bm <= 64 and (bm * bn <= 32 * 64 or not dropout)
+        return bm <= 64 and (bm * bn <= 32 * 64 or not (dropout or bias))
     return (bm, bn, warps) == (16, 16, 4)
 
 
 def _prune(configs, named_args, **constexprs):
     ieee = constexprs["INPUT_PRECISION"] == "ieee"
     q = named_args["q_ptr"]
-    return [c for c in configs if fits(c, q.element_size(), ieee, constexprs["DROPOUT"], device_arch(q.device))]
+    return [c for c in configs
+            if fits(c, q.element_size(), ieee, constexprs["DROPOUT"], device_arch(q.device), constexprs["HAS_BIAS"])]
 
 
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
