@@ -39,6 +39,8 @@ OWN_DTYPE = (
     "mlp_activation_backward",
     "mlp_pool_act_backward",
     "cross_attention_backward",
+    "cross_attention_weights",  # q, k and the fp32 LSE as given: an fp16 LSE would cost the weights 3 digits
+    "cross_attention_weights_backward",
     "merge_norm_backward",
 )
 

@@ -1,9 +1,9 @@
 """Argument checks of ``deco_ops.cross_attention``: each raises ValueError/TypeError naming the
 argument, before anything is launched.
 
-Host syncs: the ``kv_lens`` range check reads device values, so it runs only where
-``deco_ops._checks.value_checks`` allows it (off on CUDA by default) and never while
-``torch.compile`` traces; the kernels clamp every length into [0, N] regardless. Packed keys
+Host syncs: none for ``kv_lens`` (its values are never read on the host: every path clamps each length
+into [0, N], on CPU and CUDA alike, with value checks on or off) nor for ``attn_mask`` (any pattern is
+computed exactly, so there is nothing to check in its values). Packed keys
 (``cu_seqlens_k``) need their longest length on the host to size the launch: that is one
 documented transfer (one ``tolist()``), and the offsets are checked from that host copy for free."""
 
@@ -13,14 +13,10 @@ import math
 
 import torch
 
-from . import _backend, _checks, _validate
+from . import _backend, _validate
 
 MAX_HEAD_DIM = 256
 INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-def _tracing() -> bool:
-    return torch.compiler.is_compiling()
 
 
 def floating(name: str, value: torch.Tensor, use_triton: bool) -> None:
@@ -66,8 +62,9 @@ def query_batch(q: torch.Tensor, B: int) -> None:
         raise ValueError(f"q has batch {q.shape[0]}; it must be 1 (queries shared by the batch) or the key batch {B}")
 
 
-def kv_lens(value, B: int, N: int, device: torch.device) -> torch.Tensor | None:
-    """(B,) int32/int64 lengths in [0, N] on q's device; returned as contiguous int32."""
+def kv_lens(value, B: int, device: torch.device) -> torch.Tensor | None:
+    """(B,) int32/int64 lengths on q's device; returned as contiguous int32. Values are not read:
+    every path clamps them into [0, N] (documented behaviour, the same on every device)."""
     if value is None:
         return None
     _validate.tensor("kv_lens", value, 1)
@@ -77,9 +74,31 @@ def kv_lens(value, B: int, N: int, device: torch.device) -> torch.Tensor | None:
         raise ValueError(f"kv_lens has {value.shape[0]} entries but the batch is {B}")
     if value.device != device:
         raise ValueError(f"kv_lens is on {value.device} but q is on {device}")
-    if B and not _tracing() and _checks.value_checks(device) and bool(((value < 0) | (value > N)).any()):
-        raise ValueError(f"kv_lens must lie in [0, N={N}], got {value.tolist()}")
     return value.to(torch.int32).contiguous()
+
+
+def attn_mask(value, shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor | None:
+    """``F.scaled_dot_product_attention``'s ``attn_mask``: bool (True = attend) or floating (added to
+    the scores), of up to 4 dims broadcastable to ``shape`` = (B, H, M, N), on q's device. A mask
+    that requires grad raises: no gradient flows to it."""
+    if value is None:
+        return None
+    _validate.tensor("attn_mask", value)
+    if not (value.dtype == torch.bool or value.is_floating_point()):
+        raise TypeError(f"attn_mask must be bool (True = attend) or floating (added to the scores), got {value.dtype}")
+    if value.dim() > 4 or any(n not in (1, want) for n, want in zip(reversed(value.shape), reversed(shape))):
+        raise ValueError(
+            f"attn_mask of shape {tuple(value.shape)} does not broadcast to (B, H, M, N) = {shape} "
+            "(batch, heads, queries, keys; SDPA's convention)"
+        )
+    if value.device != device:
+        raise ValueError(f"attn_mask is on {value.device} but q is on {device}")
+    if value.requires_grad:
+        raise ValueError(
+            "attn_mask requires grad: deco_ops.cross_attention computes no gradient for an additive mask; "
+            "pass attn_mask.detach(), or use F.scaled_dot_product_attention to learn the bias"
+        )
+    return value
 
 
 def cu_seqlens(value, total: int, device: torch.device) -> tuple[torch.Tensor, int, int]:

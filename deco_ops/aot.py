@@ -372,7 +372,8 @@ def _merge_norm_configs(module):
 # Representative shapes: BLIP-2 Q-Former (B=64, M=32 queries, N=257 keys, H=12, D=64) and the
 # Qwen-VL resampler (M=256, N=1024, H=32, D=128); head dim 80 is padded to a 128 block. Every
 # kernel with dots is compiled twice per head dim: inference (dense keys, no dropout) and BLIP-2's
-# training path (``kv_lens`` and dropout, whose in-loop Philox mask takes the most registers).
+# training path (``kv_lens``, dropout, whose in-loop Philox mask takes the most registers, and an
+# additive mask, ``HAS_BIAS``: one more tile loaded per key block).
 _ATTN_HEAD_DIMS = (64, 80, 128)
 # The default run compiles the representative subset below; ``--full`` (DECO_OPS_AOT_FULL=1 in the
 # workers) compiles every variant. Head dim 80 pads to BLOCK_D=128 and compiles to the same code as
@@ -398,8 +399,9 @@ _FA2_SHAPE = (16, 256, 1024, 32)
 _FP32_BUFFERS = ("lse_ptr", "m_ptr", "l_ptr", "delta_ptr", "part_o_ptr", "part_m_ptr", "part_l_ptr")
 # Dense keys and no dropout: the launchers pass the fp32 ``lse`` tensor for the unused kv_lens /
 # cu_seqlens_k (int32 when used) and rng (int64 (seed, offset) when used) pointers.
-_UNUSED_PTRS = ("lens_ptr", "cu_ptr", "rng_ptr")
-_TRAINING_PTRS = {"lens_ptr": "*i32", "rng_ptr": "*i64"}  # kv_lens as the launchers pass it; (seed, offset)
+_UNUSED_PTRS = ("lens_ptr", "cu_ptr", "rng_ptr", "bias_ptr")
+# kv_lens as the launchers pass it; (seed, offset); a bool mask as converted (fp32 0 / -inf)
+_TRAINING_PTRS = {"lens_ptr": "*i32", "rng_ptr": "*i64", "bias_ptr": "*fp32"}
 _STRIDE = re.compile(r"^s(q|k|v|o|do|dq|dk|dv)(s?)(b|m|n|h|d)$")
 
 
@@ -426,6 +428,10 @@ def _attn_args(fn, dtype: str, precision: str, D: int, shape=None, training: boo
                 args[name] = _ptr(dtype)
         elif name == "sdqs":  # split stride of the single pass's dQ: 0 when written directly (one split)
             args[name] = B * M * H * D if split else 0
+        elif name in ("sbb", "sbh", "sbm", "sbn"):  # a per-key mask (B, 1, 1, N) broadcast: zero strides
+            args[name] = {"sbb": N, "sbh": 0, "sbm": 0, "sbn": 1}[name]
+        elif name in ("swb", "swh", "swm", "swn"):  # head-averaged weights (B, M, N)
+            args[name] = {"swb": M * N, "swh": 0, "swm": N, "swn": 1}[name]
         elif m := _STRIDE.match(name):
             L = N if m.group(1) in ("k", "v", "dk", "dv") else M
             args[name] = {"b": L * H * D, "m": H * D, "n": H * D, "h": D, "d": 1}[m.group(3)]
@@ -439,7 +445,8 @@ def _attn_args(fn, dtype: str, precision: str, D: int, shape=None, training: boo
                           "dropout_p": 0.1 if training else 0.0}[name]
     import triton.language as tl
 
-    defaults = dict(KV_MODE=1 if training else 0, DROPOUT=training, ACC=tl.float32, DOT_FP32=False, INPUT_PRECISION=precision,
+    defaults = dict(KV_MODE=1 if training else 0, HAS_BIAS=training, DROPOUT=training, AVERAGE=True, ACC=tl.float32,
+                    DOT_FP32=False, INPUT_PRECISION=precision,
                     BLOCK_D=max(16, triton.next_power_of_2(D)), SPLIT=False,
                     BLOCK_M=max(16, triton.next_power_of_2(M)))  # single-pass bwd: all queries in one block
     configured = set().union(*(c.kwargs for c in _ATTN_CONFIGS.get(fn.__name__, lambda: [])()))
@@ -483,7 +490,7 @@ def _attn_variants(attr: str, splits=(False,), gemm: bool = True):
                         if split and D != max(_attn_head_dims()) and not _full():
                             continue
                         args = _attn_args(fn, dtype, precision, D, shape, training=training, SPLIT=split)
-                        label = f"{dlabel} D{D}{slabel}" + (" split" if split else "") + (" drop+lens" if training else "")
+                        label = f"{dlabel} D{D}{slabel}" + (" split" if split else "") + (" drop+lens+bias" if training else "")
                         out.append(Variant(label, dtype, args, hgmma=tensor_cores and gemm))
         return out
 
@@ -497,6 +504,7 @@ def _elem(variant: Variant) -> int:
 def _attn_entries() -> list[Entry]:
     """The cross-attention kernels (kernels/cross_attention_fwd.py, kernels/cross_attention_bwd.py)."""
     fwd, bwd = "deco_ops.kernels.cross_attention_fwd", "deco_ops.kernels.cross_attention_bwd"
+    weights = "deco_ops.kernels.cross_attention_weights"
 
     def configs(module_name, fn_name):
         def get():
@@ -510,12 +518,14 @@ def _attn_entries() -> list[Entry]:
         "cross_attention_bwd_single_pass_kernel": configs(bwd, "single_pass_cuda_configs"),
         "cross_attention_bwd_dkdv_kernel": configs(bwd, "fa2_cuda_configs"),
         "cross_attention_bwd_dq_kernel": configs(bwd, "fa2_cuda_configs"),
+        "cross_attention_weights_kernel": configs(weights, "cuda_configs"),
     })
     return [
         Entry("cross_attention_fwd", fwd, "cross_attention_fwd_kernel", lambda m: m.cuda_configs(),
               _attn_variants("cross_attention_fwd_kernel", splits=(False, True)), optional=True,
               launchable=lambda m, config, variant, arch: m.fits(
-                  config, _elem(variant), variant.args["INPUT_PRECISION"] == "ieee", variant.args["DROPOUT"], arch)),
+                  config, _elem(variant), variant.args["INPUT_PRECISION"] == "ieee", variant.args["DROPOUT"], arch,
+                  variant.args["HAS_BIAS"])),
         Entry("cross_attention_combine", fwd, "cross_attention_combine_kernel", lambda m: m.combine_cuda_configs(),
               _attn_variants("cross_attention_combine_kernel", gemm=False), optional=True),
         Entry("cross_attention_bwd_preprocess", bwd, "cross_attention_bwd_preprocess_kernel",
@@ -533,6 +543,11 @@ def _attn_entries() -> list[Entry]:
               _attn_variants("cross_attention_bwd_dq_kernel"), optional=True,
               launchable=lambda m, config, variant, arch: m.fa2_fits(
                   "dq", config, _elem(variant), variant.args["DROPOUT"], variant.args["BLOCK_D"], arch)),
+        Entry("cross_attention_weights", weights, "cross_attention_weights_kernel", lambda m: m.cuda_configs(),
+              _attn_variants("cross_attention_weights_kernel"), optional=True,
+              launchable=lambda m, config, variant, arch: m.fits(
+                  config, _elem(variant), variant.args["INPUT_PRECISION"] == "ieee",
+                  variant.args["DROPOUT"] or variant.args["HAS_BIAS"])),
     ]
 
 

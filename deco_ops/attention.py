@@ -7,6 +7,12 @@ graph-break-free nodes under ``torch.compile``. What autograd keeps: q, k, v, th
 fp32 LSE (B, H, M), plus the int lengths and the (seed, offset) of the dropout RNG. Never the
 M x N attention matrix, never the dropout mask: backward recomputes both.
 
+Masks: ``attn_mask`` (SDPA's convention) reaches every path as one additive bias, a (B, H, M, N)
+view whose broadcast dims have stride 0 (a bool mask becomes a 0 / -inf float tensor at its own
+size first); the kernels add it per key block (``HAS_BIAS``), the reference path per key chunk,
+SDPA as its ``attn_mask``. ``need_weights``: the probabilities ``exp(S + bias - LSE)`` from the
+saved LSE (``kernels/cross_attention_weights.py``), op ``torch.ops.deco.cross_attention_weights``.
+
 Strategies (``deco_ops.strategy``): the kernels below, or the composed twin on SDPA's own kernels
 (``deco_ops.composed_attention``), which returns the same O and LSE, so either backward follows
 either forward; on the PyTorch backend ``auto`` runs the twin.
@@ -28,7 +34,7 @@ from ._direct import custom_op, deco, register_autograd
 from . import _validate_attention as _check
 from . import reference_attention as reference
 from ._transfer import to_device
-from .kernels import cross_attention_bwd, cross_attention_fwd
+from .kernels import cross_attention_bwd, cross_attention_fwd, cross_attention_weights
 
 
 def _batch_and_keys(k: torch.Tensor, cu_seqlens_k: torch.Tensor | None, max_seqlen_k: int) -> tuple[int, int]:
@@ -51,48 +57,49 @@ def _padded(k, v, kv_lens, cu_seqlens_k, N):
     return kp, vp, lens, real
 
 
-def _key(op, q, B, N, kv_lens, cu_seqlens_k, needs_grad, **more) -> str:
+def _key(op, q, B, N, kv_lens, cu_seqlens_k, attn_bias, needs_grad, **more) -> str:
     _, M, H, D = q.shape
     mask = "packed" if cu_seqlens_k is not None else "lens" if kv_lens is not None else "none"
+    mask += "+bias" if attn_bias is not None else ""
     return strategy.make_key(op, q.device, q.dtype, needs_grad, batch=strategy.bucket(B), M=strategy.bucket(M),
                              N=strategy.bucket(N), H=H, D=D, q="shared" if q.shape[0] == 1 else "per-batch", mask=mask, **more)
 
 
-def _composed_candidates(q, kv_lens, cu_seqlens_k, dropout_p, run, deterministic=lambda kernel: True):
+def _composed_candidates(q, kv_lens, cu_seqlens_k, attn_bias, dropout_p, run, deterministic=lambda kernel: True):
     """The strategy's candidates for the composed kernels that express this call (see
     ``composed_attention.kernels``): ``run`` computes the call with the kernel named by its
     ``kernel`` keyword."""
-    masked = kv_lens is not None or cu_seqlens_k is not None
+    masked = kv_lens is not None or cu_seqlens_k is not None or attn_bias is not None
     return {kernel: strategy.Candidate(functools.partial(run, kernel=kernel), deterministic(kernel))
             for kernel in composed_attention.kernels(q, masked, dropout_p)}
 
 
-def _cross_attention_kernels(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng):
+def _cross_attention_kernels(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias):
     B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
-    return cross_attention_fwd.cross_attention_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng)
+    return cross_attention_fwd.cross_attention_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, attn_bias)
 
 
-def _cross_attention_reference(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng):
+def _cross_attention_reference(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias):
     kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, max_seqlen_k)
-    return reference.attention_fwd(q, kp, vp, lens, scale, dropout_p, _rng_pair(rng))
+    return reference.attention_fwd(q, kp, vp, lens, scale, dropout_p, _rng_pair(rng), attn_bias)
 
 
-def _cross_attention_composed(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, *, kernel):
+def _cross_attention_composed(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, *, kernel):
     kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, max_seqlen_k)
-    return composed_attention.forward(q, kp, vp, lens, scale, kernel=kernel)
+    return composed_attention.forward(q, kp, vp, lens, scale, kernel=kernel, bias=attn_bias)
 
 
-def _cross_attention_implementation(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng):
+def _cross_attention_implementation(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias):
     """The function that runs ``deco::cross_attention`` on these arguments (the strategy's choice):
     the kernels (the reference path on the PyTorch backend) or a composed twin on SDPA."""
     B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
     on_triton = _backend.use_triton(q.device)
     needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
     return strategy.implementation(
-        (q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng), on_triton=on_triton,
-        key=lambda: _key("cross_attention", q, B, N, kv_lens, cu_seqlens_k, needs_grad),
+        (q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias), on_triton=on_triton,
+        key=lambda: _key("cross_attention", q, B, N, kv_lens, cu_seqlens_k, attn_bias, needs_grad),
         fused=_cross_attention_kernels if on_triton else _cross_attention_reference,
-        composed_kernels=_composed_candidates(q, kv_lens, cu_seqlens_k, dropout_p, _cross_attention_composed),
+        composed_kernels=_composed_candidates(q, kv_lens, cu_seqlens_k, attn_bias, dropout_p, _cross_attention_composed),
     )
 
 
@@ -107,13 +114,14 @@ def _cross_attention(
     scale: float,
     dropout_p: float,
     rng: torch.Tensor | None,
+    attn_bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng)
+    args = (q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias)
     return _cross_attention_implementation(*args)(*args)
 
 
 @_cross_attention.register_fake
-def _(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng):
+def _(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias):
     B, _ = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
     _, M, H, D = q.shape
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -141,6 +149,7 @@ def _cross_attention_backward(
     rng: torch.Tensor | None,
     need_dq: bool,
     need_dkv: bool,
+    attn_bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv); a gradient not asked for comes back as an empty (0,) tensor."""
     B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
@@ -156,51 +165,138 @@ def _cross_attention_backward(
     def fused():
         if on_triton:
             return cross_attention_bwd.cross_attention_bwd(
-                dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, need_dq, need_dkv
+                dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, need_dq, need_dkv, attn_bias
             )
-        return on_padded_keys(lambda kp, vp, lens: reference.attention_bwd(dout, q, kp, vp, out, lse, lens, scale, dropout_p, _rng_pair(rng)))
+        return on_padded_keys(lambda kp, vp, lens: reference.attention_bwd(
+            dout, q, kp, vp, out, lse, lens, scale, dropout_p, _rng_pair(rng), attn_bias))
 
     def composed(*, kernel):
         return on_padded_keys(lambda kp, vp, lens: composed_attention.backward(
-            dout, q, kp, vp, out, lse, lens, scale, need_dq, need_dkv, kernel=kernel))
+            dout, q, kp, vp, out, lse, lens, scale, need_dq, need_dkv, kernel=kernel, bias=attn_bias))
 
     dq, dk, dv = strategy.run(
         on_triton=on_triton,
-        key=lambda: _key("cross_attention_backward", q, B, N, kv_lens, cu_seqlens_k, True, need=f"{'q' * need_dq}{'kv' * need_dkv}"),
+        key=lambda: _key("cross_attention_backward", q, B, N, kv_lens, cu_seqlens_k, attn_bias, True,
+                         need=f"{'q' * need_dq}{'kv' * need_dkv}"),
         fused=fused,
-        composed_kernels=_composed_candidates(q, kv_lens, cu_seqlens_k, dropout_p, composed, composed_attention.deterministic_backward),
+        composed_kernels=_composed_candidates(q, kv_lens, cu_seqlens_k, attn_bias, dropout_p, composed,
+                                              composed_attention.deterministic_backward),
     )
     return _or_empty(dq, need_dq, q), _or_empty(dk, need_dkv, q), _or_empty(dv, need_dkv, q)
 
 
 @_cross_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, need_dq, need_dkv):
+def _(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, need_dq, need_dkv, attn_bias):
     dq = _or_empty(q.new_empty(q.shape), need_dq, q)
     return dq, _or_empty(k.new_empty(k.shape), need_dkv, q), _or_empty(v.new_empty(v.shape), need_dkv, q)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], kv_lens, cu_seqlens_k, rng)
+    q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], kv_lens, cu_seqlens_k, rng, attn_bias)
     ctx.max_seqlen_k, ctx.scale, ctx.dropout_p = max_seqlen_k, scale, dropout_p
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
     """The LSE output is an auxiliary statistic: its gradient is not propagated. Gradients that
-    nothing produced arrive as None (no zero-filled tensors)."""
-    q, k, v, out, lse, kv_lens, cu_seqlens_k, rng = ctx.saved_tensors
+    nothing produced arrive as None (no zero-filled tensors). The additive mask gets none (the
+    public function refuses one that requires grad)."""
+    q, k, v, out, lse, kv_lens, cu_seqlens_k, rng, attn_bias = ctx.saved_tensors
     need_dq = ctx.needs_input_grad[0]
     need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     if dout is None or not (need_dq or need_dkv):
-        return (None,) * 9
+        return (None,) * 10
     dq, dk, dv = deco.cross_attention_backward(
-        dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, ctx.max_seqlen_k, ctx.scale, ctx.dropout_p, rng, need_dq, need_dkv
+        dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, ctx.max_seqlen_k, ctx.scale, ctx.dropout_p, rng, need_dq, need_dkv,
+        attn_bias,
     )
-    return (dq if need_dq else None), (dk if need_dkv else None), (dv if need_dkv else None), None, None, None, None, None, None
+    return (dq if need_dq else None), (dk if need_dkv else None), (dv if need_dkv else None), *(None,) * 7
 
 
 register_autograd(_cross_attention, _backward, _setup)
+
+
+@custom_op("cross_attention_weights")
+def _cross_attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    kv_lens: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_k: int,
+    scale: float,
+    dropout_p: float,
+    rng: torch.Tensor | None,
+    attn_bias: torch.Tensor | None,
+    average: bool,
+) -> torch.Tensor:
+    """The forward's attention probabilities from its LSE: (B, M, N) averaged over heads or (B, H, M, N)."""
+    B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
+    if _backend.use_triton(q.device):
+        return cross_attention_weights.cross_attention_weights(
+            q, k, lse, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, attn_bias, average)
+    kp, _, lens, _ = _padded(k, k, kv_lens, cu_seqlens_k, N)
+    return reference.attention_weights(q, kp, lse, lens, scale, dropout_p, _rng_pair(rng), attn_bias, average)
+
+
+@_cross_attention_weights.register_fake
+def _(q, k, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, average):
+    B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
+    _, M, H, _ = q.shape
+    return q.new_empty((B, M, N) if average else (B, H, M, N))
+
+
+def _weights_setup(ctx, inputs, output):
+    q, k, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, average = inputs
+    ctx.save_for_backward(q, k, lse, kv_lens, cu_seqlens_k, rng, attn_bias)
+    ctx.max_seqlen_k, ctx.scale, ctx.dropout_p, ctx.average = max_seqlen_k, scale, dropout_p, average
+
+
+@custom_op("cross_attention_weights_backward")
+def _cross_attention_weights_backward(
+    dw: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    kv_lens: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_k: int,
+    scale: float,
+    dropout_p: float,
+    rng: torch.Tensor | None,
+    attn_bias: torch.Tensor | None,
+    average: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dq, dk) through the weights: softmax's backward (``reference.weights_backward``, PyTorch on
+    the M x N matrix the weights already are) from the per-head probabilities, recomputed."""
+    B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
+    kp, _, lens, real = _padded(k, k, kv_lens, cu_seqlens_k, N)
+    p = deco.cross_attention_weights.body(q, k, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, 0.0, None, attn_bias, False)
+    dq, dk = reference.weights_backward(dw, p, q, kp, lens, scale, dropout_p, _rng_pair(rng), average)
+    if cu_seqlens_k is not None:
+        dk = reference.pack_keys(dk, cu_seqlens_k, real, k.shape[0])
+    return dq, dk
+
+
+@_cross_attention_weights_backward.register_fake
+def _(dw, q, k, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, average):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _weights_backward(ctx, dw):
+    """Gradients for q and k through the weights; none for the LSE, whose dependence on q and k
+    softmax's backward formula already includes."""
+    q, k, lse, kv_lens, cu_seqlens_k, rng, attn_bias = ctx.saved_tensors
+    need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if dw is None or not (need_dq or need_dk):
+        return (None,) * 11
+    dq, dk = deco.cross_attention_weights_backward(
+        dw, q, k, lse, kv_lens, cu_seqlens_k, ctx.max_seqlen_k, ctx.scale, ctx.dropout_p, rng, attn_bias, ctx.average)
+    return (dq if need_dq else None), (dk if need_dk else None), *(None,) * 9
+
+
+register_autograd(_cross_attention_weights, _weights_backward, _weights_setup)
 
 
 def _draw_rng(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -221,8 +317,11 @@ def cross_attention(
     dropout_p: float = 0.0,
     generator: torch.Generator | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Softmax cross-attention ``softmax(scale * q k^T) v`` per batch and head, FlashAttention-style.
+    attn_mask: torch.Tensor | None = None,
+    need_weights: bool = False,
+    average_attn_weights: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Softmax cross-attention ``softmax(scale * q k^T + mask) v`` per batch and head, FlashAttention-style.
 
     Args:
         q: ``(B, M, H, D)`` queries, or ``(1, M, H, D)``: queries shared by the whole batch (learned
@@ -230,9 +329,10 @@ def cross_attention(
             is reduced over the batch.
         k, v: ``(B, N, H, D)`` (FlashAttention's layout, so projections need no transpose); with
             ``cu_seqlens_k``, packed ``(total_N, H, D)``.
-        kv_lens: optional int32/int64 ``(B,)`` in ``[0, N]``: keys at positions >= ``kv_lens[b]`` are
-            ignored completely (their values may be garbage or NaN; their gradients are exactly
-            zero). ``kv_lens[b] == 0`` gives a zero output row and zero gradients.
+        kv_lens: optional int32/int64 ``(B,)``: keys at positions >= ``kv_lens[b]`` are ignored
+            completely (their values may be garbage or NaN; their gradients are exactly zero).
+            ``kv_lens[b] == 0`` gives a zero output row and zero gradients. Values outside
+            ``[0, N]`` are clamped into it (never read on the host; the same on every device).
         softmax_scale: default ``D ** -0.5``.
         dropout_p: attention dropout in ``[0, 1)`` applied to the probabilities (pass 0 in eval).
             The mask comes from a counter-based RNG seeded from ``generator``, is never stored and
@@ -243,27 +343,60 @@ def cross_attention(
             ``kv_lens``. Reads the offsets on the host once (one sync when they live on the GPU:
             the longest length sizes the launch), so it is not traced by
             ``torch.compile(fullgraph=True)``.
+        attn_mask: optional mask with ``F.scaled_dot_product_attention``'s semantics, computed in
+            the fused kernels forward and backward: bool (True = attend) or floating (added to the
+            scores; -inf drops a key), of up to 4 dims broadcastable to ``(B, H, M, N)`` (e.g.
+            ``(B, 1, 1, N)`` per key, ``(M, N)`` per query x key, ``(B, H, M, N)``); broadcast dims
+            are read through zero strides, never expanded. Any pattern (holes, left padding).
+            Dropped keys are still read: NaN in k there is ignored, NaN in v is not (use
+            ``kv_lens`` for garbage padding). A row whose keys are all dropped gives zeros (output,
+            weights, gradients), as ``kv_lens == 0`` and SDPA do. No gradient flows to the mask:
+            one that requires grad raises. With packed keys, N is the longest sequence.
+        need_weights: also return the attention probabilities, computed from the saved
+            log-sum-exp (exact softmax, the same masks and dropout mask as the output). They are
+            differentiable w.r.t. q and k.
+        average_attn_weights: with ``need_weights``: ``(B, M, N)`` averaged over the heads (True)
+            or ``(B, H, M, N)`` per head, as ``nn.MultiheadAttention``.
 
     Returns:
-        ``(B, M, H, D)`` in q's dtype. fp16/bf16/fp32 (fp32 dots follow torch.matmul's fp32
+        ``(B, M, H, D)`` in q's dtype (with ``need_weights``: ``(output, weights)``, weights in q's dtype). fp16/bf16/fp32 (fp32 dots follow torch.matmul's fp32
         precision, ``torch.backends.cuda.matmul.fp32_precision``); softmax statistics in fp32.
     """
-    plan = _plans.get(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k)
+    plan = None if attn_mask is not None or need_weights else _plans.get(
+        q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k)
     if plan is None:
-        kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p = _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k)
+        kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, attn_bias = _checked(
+            q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k, attn_mask)
         run = deco.cross_attention
     else:
         run, scale, dropout_p = plan
-        max_seqlen_k = k.shape[1]
-        if kv_lens is not None:  # its values are checked on every call (where value checks are on)
-            kv_lens = _check.kv_lens(kv_lens, k.shape[0], max_seqlen_k, q.device)
+        max_seqlen_k, attn_bias = k.shape[1], None
+        if kv_lens is not None:
+            kv_lens = _check.kv_lens(kv_lens, k.shape[0], q.device)
     rng = _draw_rng(generator, q.device) if dropout_p > 0 else None
-    return run(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng)[0]
+    out, lse = run(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias)
+    if not need_weights:
+        return out
+    weights = deco.cross_attention_weights(
+        q, k, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, bool(average_attn_weights))
+    return out, weights
 
 
-def _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k) -> tuple:
+def _as_bias(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> torch.Tensor | None:
+    """An SDPA ``attn_mask`` as the additive bias every path reads: a (B, H, M, N) view with zero
+    strides where broadcast. A bool mask becomes 0 / -inf fp32 at its own size first (one small
+    elementwise kernel; the kernels then have a single mask path, and a byte mask would save
+    nothing next to reading K and V)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, device=mask.device, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+    return mask.expand(shape)
+
+
+def _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k, attn_mask) -> tuple:
     """Every check of ``cross_attention``, in order: (kv_lens as int32, cu_seqlens_k, the longest
-    key sequence, scale, dropout_p)."""
+    key sequence, scale, dropout_p, the additive bias)."""
     packed = cu_seqlens_k is not None
     H, D = _check.qkv(q, k, v, packed)
     if packed:
@@ -275,21 +408,22 @@ def _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k
         B, N = k.shape[0], k.shape[1]
         max_seqlen_k = N
     _check.query_batch(q, B)
-    kv_lens = _check.kv_lens(kv_lens, B, N, q.device)
+    kv_lens = _check.kv_lens(kv_lens, B, q.device)
+    attn_bias = _as_bias(_check.attn_mask(attn_mask, (B, H, q.shape[1], N), q.device), (B, H, q.shape[1], N))
     scale = _check.scale(softmax_scale, D)
     dropout_p = _check.dropout(dropout_p, generator)
-    return kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p
+    return kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, attn_bias
 
 
 def _plan_of(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k) -> tuple | None:
-    """A plain eager call's plan: (what runs it, scale, dropout_p); none with packed keys (the
-    offsets' values size the launch and the strategy key)."""
+    """A plain eager call's plan (no mask, no weights): (what runs it, scale, dropout_p); none with
+    packed keys (the offsets' values size the launch and the strategy key)."""
     if cu_seqlens_k is not None:
         return None
-    kv_lens, _, N, scale, dropout_p = _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, None)
+    kv_lens, _, N, scale, dropout_p, _ = _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, None, None)
     records = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     # no dropout seed: drawing one here would move the generator; a call with dropout has one candidate (nothing is timed)
-    args = (q, k, v, kv_lens, None, N, scale, dropout_p, None)
+    args = (q, k, v, kv_lens, None, N, scale, dropout_p, None, None)
     return _plan.runner(deco.cross_attention, _cross_attention_implementation, args, records), scale, dropout_p
 
 

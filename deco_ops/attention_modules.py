@@ -42,50 +42,42 @@ def _reads_values(device: torch.device) -> bool:
     return not torch.compiler.is_compiling() and value_checks(device)
 
 
-def padding_mask_to_lengths(key_padding_mask: torch.Tensor, B: int, N: int) -> torch.Tensor:
-    """``nn.MultiheadAttention``'s ``key_padding_mask`` (B, N) as ``kv_lens`` (B,), without a
-    host synchronisation: bool (True = ignore) or float (added to the scores: 0 keeps a key,
-    -inf, or anything at or below the dtype's most negative finite value, ignores it).
-
-    Only right padding is representable (the valid keys of every row are a prefix). Where
-    ``deco_ops._checks.value_checks`` allows reading the mask (CPU by default; not while
-    ``torch.compile`` traces) other masks raise ValueError, a float mask with other values (a
-    real additive bias, which ``kv_lens`` cannot express) raises ValueError, and a bool row that
-    ignores every key warns: it is what a Hugging Face keep-mask (True = keep) looks like when
-    passed uninverted. Unchecked, a non-prefix mask gives wrong results and any nonzero float
-    entry counts as ignored.
-    """
-    if not isinstance(key_padding_mask, torch.Tensor) or not (
-        key_padding_mask.dtype == torch.bool or key_padding_mask.is_floating_point()
-    ):
-        got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
-        raise TypeError(f"key_padding_mask must be a bool or float tensor (True or -inf = ignore this key), got {got}")
-    if tuple(key_padding_mask.shape) != (B, N):
-        raise ValueError(f"key_padding_mask must have shape (batch, keys) = {(B, N)}, got {tuple(key_padding_mask.shape)}")
-    valid = ~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask == 0
-    lengths = valid.sum(1, dtype=torch.int32)
-    if _reads_values(valid.device):
-        _check_padding_mask(key_padding_mask, valid, lengths)
-    return lengths
+def _additive(name: str, mask: torch.Tensor) -> torch.Tensor:
+    """An ``nn.MultiheadAttention`` mask as an additive float mask: bool True (= not allowed)
+    becomes -inf, a float mask is added as it is."""
+    if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.is_floating_point()):
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"{name} must be a bool or float tensor (True or -inf = not allowed), got {got}")
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, device=mask.device, dtype=torch.float32).masked_fill_(mask, float("-inf"))
 
 
-def _check_padding_mask(key_padding_mask: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor) -> None:
-    """The value checks of ``padding_mask_to_lengths`` (they read the mask on the host)."""
-    if key_padding_mask.is_floating_point():
-        ignored = key_padding_mask <= torch.finfo(key_padding_mask.dtype).min
-        if not bool((valid | ignored).all()):
+def mha_masks_to_bias(key_padding_mask, attn_mask, B: int, H: int, M: int, N: int) -> torch.Tensor | None:
+    """``nn.MultiheadAttention``'s ``key_padding_mask`` (B, N) and ``attn_mask`` ((M, N) or
+    (B * H, M, N)), bool (True = not allowed) or float (added), as one additive mask of shape
+    (B, 1 or H, 1 or M, N) for ``deco_ops.cross_attention``'s ``attn_mask``: any pattern (holes,
+    left padding), never read on the host. None without masks."""
+    terms = []
+    if key_padding_mask is not None:
+        kpm = _additive("key_padding_mask", key_padding_mask)
+        if tuple(kpm.shape) != (B, N):
+            raise ValueError(f"key_padding_mask must have shape (batch, keys) = {(B, N)}, got {tuple(kpm.shape)}")
+        terms.append(kpm[:, None, None, :])
+    if attn_mask is not None:
+        am = _additive("attn_mask", attn_mask)
+        if am.dim() == 2 and tuple(am.shape) == (M, N):
+            terms.append(am[None, None])
+        elif am.dim() == 3 and tuple(am.shape) == (B * H, M, N):
+            terms.append(am.view(B, H, M, N))
+        else:
             raise ValueError(
-                "a float key_padding_mask must hold only 0 (keep) and -inf (ignore): other additive values "
-                "cannot be expressed by the kernel's key lengths; call with need_weights=True for the PyTorch path"
+                f"attn_mask must have shape (queries, keys) = {(M, N)} or (batch * num_heads, queries, keys) = "
+                f"{(B * H, M, N)}, got {tuple(am.shape)}"
             )
-    prefix = torch.arange(valid.shape[1], device=valid.device)[None, :] < lengths[:, None]
-    if not torch.equal(prefix, valid):
-        raise ValueError(
-            "key_padding_mask must mark a contiguous prefix of valid keys per row (right padding: "
-            f"False...False True...True); move the valid keys to the front first. {_hf_hint(key_padding_mask)}"
-        )
-    if key_padding_mask.dtype == torch.bool:
-        _warn_if_every_key_ignored(key_padding_mask)
+    if not terms:
+        return None
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
 def _warn_if_every_key_ignored(key_padding_mask: torch.Tensor) -> None:
@@ -94,8 +86,8 @@ def _warn_if_every_key_ignored(key_padding_mask: torch.Tensor) -> None:
     rows = torch.nonzero(key_padding_mask.reshape(-1, key_padding_mask.shape[-1]).all(-1)).flatten().tolist()
     if rows:
         warnings.warn(
-            f"key_padding_mask ignores every key of batch rows {rows} (nn.MultiheadAttention gives NaN there, "
-            f"the fused kernel a zero attention output). {_hf_hint(key_padding_mask)}",
+            f"key_padding_mask ignores every key of batch rows {rows} (their output is NaN, as in "
+            f"nn.MultiheadAttention). {_hf_hint(key_padding_mask)}",
             stacklevel=4,
         )
 
@@ -106,20 +98,28 @@ class CrossAttention(nn.Module):
     (``in_proj_weight`` or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``, ``in_proj_bias``,
     ``bias_k``/``bias_v``, ``out_proj.*``), so ``load_state_dict`` works both ways.
 
-    Two paths:
+    Every call runs ``deco_ops.cross_attention``'s fused kernels, ``nn.MultiheadAttention``'s default
+    call included:
 
-    * ``need_weights=False`` and no ``attn_mask``: the fused kernel ``deco_ops.cross_attention``.
-      ``key_padding_mask`` (bool, True = ignore; or float, 0 / -inf) must be right padding (see
-      ``padding_mask_to_lengths``); ``add_bias_kv`` and ``add_zero_attn`` become extra keys placed
-      first (softmax attention does not depend on the order of keys); ``is_causal`` without
-      ``attn_mask`` raises, as in ``nn.MultiheadAttention``. A row whose keys are all masked
-      gives ``out_proj.bias`` where ``nn.MultiheadAttention`` gives NaN. Returns ``(out, None)``.
-    * ``need_weights=True`` (``nn.MultiheadAttention``'s default) or an ``attn_mask``: PyTorch's own
-      ``F.multi_head_attention_forward`` on these parameters, which forms the (L, S) attention
-      matrix per head: every mask and option exactly as ``nn.MultiheadAttention``, at its speed and
-      memory. Returns ``(out, weights)`` (``None`` with ``need_weights=False``).
+    * ``key_padding_mask`` (B, N) and ``attn_mask`` ((L, S) or (B * num_heads, L, S)), bool (True =
+      not allowed) or float (added to the scores), any pattern (holes, left padding), become one
+      additive mask computed in the kernels (``mha_masks_to_bias``); nothing is read on the host, so
+      results are the same with value checks on or off.
+    * ``need_weights=True`` (the default) returns the attention weights computed from the kernel's
+      log-sum-exp, head-averaged (B, L, S) or per head (B, num_heads, L, S) with
+      ``average_attn_weights=False``, after dropout as ``nn.MultiheadAttention`` returns them;
+      they carry gradients to the inputs and parameters.
+    * ``add_bias_kv`` and ``add_zero_attn`` append their keys after the given ones, as
+      ``nn.MultiheadAttention`` does (its masks get zero columns for them).
+    * A query whose keys are all masked gives NaN output (and NaN weights), as in
+      ``nn.MultiheadAttention``.
+    * ``is_causal`` is a hint that ``attn_mask`` is causal; without ``attn_mask`` it raises. As in
+      ``nn.MultiheadAttention``, with ``need_weights=False`` and no ``key_padding_mask`` the causal
+      mask SDPA's ``is_causal`` builds (top-left aligned) replaces ``attn_mask``; otherwise
+      ``attn_mask`` is used.
 
-    Pass ``need_weights=False`` to run the kernel.
+    The one call that runs PyTorch's ``F.multi_head_attention_forward`` instead: a mask that
+    requires grad (a learned additive bias), since the kernels give masks no gradient.
     """
 
     def __init__(
@@ -226,32 +226,36 @@ class CrossAttention(nn.Module):
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batched = self._check_inputs(query, key, value, key_padding_mask)
-        if need_weights or attn_mask is not None:
+        if any(isinstance(m, torch.Tensor) and m.requires_grad for m in (key_padding_mask, attn_mask)):
             return self._pytorch_attention(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, batched)
-        if is_causal:
+        if is_causal and attn_mask is None:
             raise ValueError(
-                "is_causal is a hint that attn_mask is the causal mask (nn.MultiheadAttention's contract): pass attn_mask "
-                "too. Causal masks run on the PyTorch path; the kernel expresses key padding only"
+                "is_causal is a hint that attn_mask is the causal mask (nn.MultiheadAttention's contract): pass attn_mask too"
             )
+        if key_padding_mask is not None and key_padding_mask.dtype == torch.bool and _reads_values(key_padding_mask.device):
+            _warn_if_every_key_ignored(key_padding_mask)
         if batched and not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         elif not batched:
             query, key, value = (t.unsqueeze(0) for t in (query, key, value))
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
-        out = self._fused_attention(query, key, value, key_padding_mask)
+        causal = is_causal and key_padding_mask is None and not need_weights  # what nn.MultiheadAttention runs
+        out, weights = self._fused_attention(
+            query, key, value, key_padding_mask, None if causal else attn_mask, need_weights, average_attn_weights, causal)
         if not batched:
-            return out.squeeze(0), None
-        return (out if self.batch_first else out.transpose(0, 1)), None
+            return out.squeeze(0), (None if weights is None else weights.squeeze(0))
+        return (out if self.batch_first else out.transpose(0, 1)), weights
 
-    def _fused_attention(self, query, key, value, key_padding_mask) -> torch.Tensor:
-        """Batch-first (B, L, E) inputs through ``deco_ops.cross_attention``."""
+    def _fused_attention(self, query, key, value, key_padding_mask, attn_mask, need_weights, average_attn_weights, causal):
+        """Batch-first (B, L, E) inputs through ``deco_ops.cross_attention``: (out, weights or None).
+        ``causal``: SDPA's top-left causal mask over every key, the extra ones included."""
         B, M, _ = query.shape
         N = key.shape[1]
+        bias = mha_masks_to_bias(key_padding_mask, attn_mask, B, self.num_heads, M, N)  # raises before any work
         wq, wk, wv = self._projection_weights()
         bq, bk, bv = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
         q = F.linear(query, wq, bq)
         k, v = F.linear(key, wk, bk), F.linear(value, wv, bv)
-        kv_lens = None if key_padding_mask is None else padding_mask_to_lengths(key_padding_mask, B, N)
         extra_k, extra_v = [], []
         if self.bias_k is not None:
             extra_k.append(self.bias_k.expand(B, 1, -1).to(k.dtype))
@@ -259,20 +263,29 @@ class CrossAttention(nn.Module):
         if self.add_zero_attn:
             extra_k.append(k.new_zeros((B, 1, self.embed_dim)))
             extra_v.append(v.new_zeros((B, 1, self.embed_dim)))
-        if extra_k:  # never-masked keys: first, so that right padding stays a prefix
-            k, v = torch.cat([*extra_k, k], 1), torch.cat([*extra_v, v], 1)
-            kv_lens = None if kv_lens is None else kv_lens + len(extra_k)
+        if extra_k:  # after the given keys, as nn.MultiheadAttention: the weights' columns line up
+            k, v = torch.cat([k, *extra_k], 1), torch.cat([v, *extra_v], 1)
+            bias = None if bias is None else F.pad(bias, (0, len(extra_k)))
+        if causal:
+            allowed = torch.ones(M, k.shape[1], dtype=torch.bool, device=q.device).tril()
+            bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))[None, None]
         shape = (B, -1, self.num_heads, self.head_dim)
-        o = cross_attention(
-            q.view(shape), k.view(shape), v.view(shape), kv_lens=kv_lens, dropout_p=self.dropout if self.training else 0.0
+        result = cross_attention(
+            q.view(shape), k.view(shape), v.view(shape), attn_mask=bias, dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights, average_attn_weights=average_attn_weights,
         )
-        return self.out_proj(o.reshape(B, M, self.embed_dim))
+        o, weights = result if need_weights else (result, None)
+        if bias is not None:  # queries without any allowed key: NaN, as nn.MultiheadAttention gives
+            dead = (bias == float("-inf")).all(-1)  # (B, 1 or H, 1 or M)
+            o = torch.where(dead.transpose(1, 2)[..., None], float("nan"), o)
+            if weights is not None:
+                dead_w = dead.any(1) if average_attn_weights else dead
+                weights = torch.where(dead_w[..., None], float("nan"), weights)
+        return self.out_proj(o.reshape(B, M, self.embed_dim)), weights
 
     def _pytorch_attention(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, batched):
-        """``nn.MultiheadAttention.forward``'s computation on these parameters: the attention
-        matrix is formed, so weights, attention masks and arbitrary key masks are exact."""
-        if key_padding_mask is not None and key_padding_mask.dtype == torch.bool and _reads_values(key_padding_mask.device):
-            _warn_if_every_key_ignored(key_padding_mask)
+        """``nn.MultiheadAttention.forward``'s computation on these parameters, for masks that require
+        grad (the kernels give masks no gradient)."""
         if batched and self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         out, weights = F.multi_head_attention_forward(
@@ -296,8 +309,12 @@ class QueryResampler(nn.Module):
         k, v = k_proj(LayerNorm_kv(x)), v_proj(LayerNorm_kv(x))
         out = out_proj(cross_attention(q, k, v, kv_lens))
 
-    ``forward(x, kv_lens=None)`` takes ``(B, N, kv_dim)`` and returns ``(B, num_queries, embed_dim)``,
-    the same token budget interface as ``DeCoProjector``'s output.
+    ``forward(x, kv_lens=None, key_padding_mask=None)`` takes ``(B, N, kv_dim)`` and returns
+    ``(B, num_queries, embed_dim)``, the same token budget interface as ``DeCoProjector``'s output.
+    Padding: ``kv_lens`` (B,) (right padding, the padded keys never read) or ``key_padding_mask``
+    (B, N) as ``nn.MultiheadAttention`` takes it (bool True = ignore, or float added to the scores),
+    any pattern, computed in the kernels. A batch row with every key ignored gives
+    ``out_proj(0)`` (``deco_ops.cross_attention``'s zero row).
     """
 
     def __init__(
@@ -331,13 +348,15 @@ class QueryResampler(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         nn.init.trunc_normal_(self.queries, std=0.02)
 
-    def forward(self, x: torch.Tensor, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_lens: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.kv_dim:
             raise ValueError(f"x must be (batch, tokens, kv_dim={self.kv_dim}), got {getattr(x, 'shape', x)!r}")
         B, N, _ = x.shape
+        bias = mha_masks_to_bias(key_padding_mask, None, B, self.num_heads, self.num_queries, N)
         q = self.q_proj(self.ln_q(self.queries)).view(1, self.num_queries, self.num_heads, self.head_dim)
         kv = self.ln_kv(x)
         k = self.k_proj(kv).view(B, N, self.num_heads, self.head_dim)
         v = self.v_proj(kv).view(B, N, self.num_heads, self.head_dim)
-        o = cross_attention(q, k, v, kv_lens=kv_lens, dropout_p=self.dropout if self.training else 0.0)
+        o = cross_attention(q, k, v, kv_lens=kv_lens, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(o.reshape(B, self.num_queries, self.embed_dim))

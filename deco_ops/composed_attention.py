@@ -39,9 +39,13 @@ How a call is expressed:
   read it; a copy where a kernel might write dq laid out like q, and for flash/cuDNN, which get a
   materialised query of a few rows); their gradient is summed over the batch;
 * ``kv_lens`` becomes an additive ``0 / -inf`` mask. Keys at or past ``kv_lens[b]`` are replaced by
-  zeros first, because SDPA still reads masked keys and ``0 * NaN`` would leak their garbage; a
-  batch without keys attends to its zeroed keys and its rows are then set to zero output and
-  ``+inf`` LSE, which makes every gradient of that batch exactly zero in backward.
+  zeros first, because SDPA still reads masked keys and ``0 * NaN`` would leak their garbage;
+* the caller's additive mask (``bias``, ``deco_ops.cross_attention``'s ``attn_mask`` as a
+  (B, H, M, N) view) is added to it at its compact (unbroadcast) shape; a masked call runs on the
+  CPU kernel or the memory-efficient one (flash takes no mask; cuDNN's is not relied on);
+* a row whose keys are all masked ("dead") attends to every key instead (SDPA would give NaN or
+  a meaningless LSE) and its output is then set to zero and its LSE to ``+inf``, which makes every
+  gradient of that row exactly zero in backward, as on the fused path.
 
 Not expressible, so the fused path runs: dropout (SDPA draws its own mask; ours is Philox,
 reproduced bit for bit by the reference path) and, on CUDA, head dims that are not a multiple of 8.
@@ -66,7 +70,7 @@ CUDA_KERNELS = ("composed_efficient", *_HALF_KERNELS)
 
 def kernels(q: torch.Tensor, masked: bool, dropout_p: float) -> tuple[str, ...]:
     """The composed candidates that compute this call exactly, in order of preference (empty if
-    none does). ``masked``: whether some keys are masked out (``kv_lens``, packed keys)."""
+    none does). ``masked``: whether some keys are masked out (``kv_lens``, packed keys, an ``attn_mask``)."""
     if dropout_p > 0:
         return ()
     if q.device.type == "cpu":
@@ -96,27 +100,37 @@ def deterministic_backward(kernel: str) -> bool:
     return False
 
 
-def _inputs(q, k, v, kv_lens, align: int = 1, per_head: bool = False):
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """A broadcast view at its own size: every zero-stride dim narrowed to 1."""
+    return t[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in t.stride())]
+
+
+def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = False):
     """q expanded to the batch (a view), k and v (zeroed past ``kv_lens``), the additive mask
-    ``(B, 1 or H, 1 or M, N)`` (rows allocated ``align``-element aligned; expanded to every head
-    and query if ``per_head``) or None, and the (B,) bool "batch has keys" or None; layouts as given."""
+    ``(B or 1, 1 or H, 1 or M, N)`` (rows allocated ``align``-element aligned; expanded to
+    ``(B, H, M, N)`` if ``per_head``) or None, and the bool "row has no key"
+    ``(B or 1, 1 or H, 1 or M)`` or None; layouts as given."""
     B, N, H, _ = k.shape
     M = q.shape[1]
     q = q.expand(B, -1, -1, -1)
-    if kv_lens is None:
+    if kv_lens is None and user_bias is None:
         return q, k, v, None, None
-    valid = torch.arange(N, device=k.device)[None, :] < kv_lens.to(device=k.device, dtype=torch.int64)[:, None]
-    has_keys = kv_lens > 0
-    k = torch.where(valid[:, :, None, None], k, 0.0)
-    v = torch.where(valid[:, :, None, None], v, 0.0)
-    attend = valid | ~has_keys[:, None]
+    bias = torch.zeros((1, 1, 1, N), dtype=q.dtype, device=q.device)
+    if kv_lens is not None:
+        valid = torch.arange(N, device=k.device)[None, :] < kv_lens.to(device=k.device, dtype=torch.int64)[:, None]
+        k = torch.where(valid[:, :, None, None], k, 0.0)
+        v = torch.where(valid[:, :, None, None], v, 0.0)
+        bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
+    if user_bias is not None:
+        bias = bias + _compact(user_bias).to(q.dtype)
+    dead = (bias == float("-inf")).all(-1)
     width = -(-N // align) * align
-    bias = torch.zeros((B, 1, 1, width), dtype=q.dtype, device=q.device)
-    bias[..., :N].masked_fill_(~attend[:, None, None, :], float("-inf"))
-    bias = bias[..., :N]
+    aligned = torch.zeros((*bias.shape[:-1], width), dtype=q.dtype, device=q.device)
+    aligned[..., :N] = bias.masked_fill(dead[..., None], 0.0)
+    bias = aligned[..., :N]
     if per_head:
         bias = bias.expand(B, H, M, N)
-    return q, k, v, bias, has_keys
+    return q, k, v, bias, dead
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -148,50 +162,50 @@ def _cudnn_lse_rank() -> int:
     return torch.ops.aten._scaled_dot_product_cudnn_attention(x, x, x, None, True)[1].dim()
 
 
-def forward(q, k, v, kv_lens, scale, kernel: str = "composed") -> tuple[torch.Tensor, torch.Tensor]:
+def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(O ``(B, M, H, D)`` in q's dtype, LSE ``(B, H, M)`` fp32), as ``deco::cross_attention``, by the
     named composed ``kernel`` (one ``kernels`` lists for the call). The LSE is always computed:
     the op cannot tell whether a backward will read it (under torch.compile its body runs on
     detached inputs inside a graph that has one)."""
     B, H, M = k.shape[0], q.shape[2], q.shape[1]
     if kernel == "composed":
-        q, k, v, bias, has_keys = _inputs(q, k, v, kv_lens)
+        q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias)
         # the ATen op's Python binding: no torch.ops lookup per call
         o, lse = torch._scaled_dot_product_flash_attention_for_cpu(*_heads_first(q, k, v), 0.0, False, attn_mask=bias, scale=scale)
         out = o.transpose(1, 2)
     elif kernel == "composed_efficient":
         q, k, v = (_aligned(t) for t in (q, k, v))
-        q, k, v, bias, has_keys = _inputs(q, k, v, kv_lens, _BIAS_ALIGN_EFFICIENT, per_head=True)
+        q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias, _BIAS_ALIGN_EFFICIENT, per_head=True)
         out, lse, *_ = torch.ops.aten._efficient_attention_forward(q, k, v, bias, None, None, None, None, 0.0, 0, True, scale=scale)
     else:
         q = _aligned(q.expand(B, -1, -1, -1).contiguous())
         k, v = _aligned(k), _aligned(v)
-        has_keys = None  # no kv_lens here (``kernels``)
+        dead = None  # no kv_lens, no mask here (``kernels``)
         if kernel == "composed_flash":
             o, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(*_heads_first(q, k, v), 0.0, False, False, scale=scale)
         else:
             o, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(*_heads_first(q, k, v), None, True, 0.0, False, False, scale=scale)
         out = o.transpose(1, 2)
     lse = normalised_lse(lse, B, H, M)
-    if has_keys is not None:
-        out = torch.where(has_keys[:, None, None, None], out, 0.0)
-        lse = torch.where(has_keys[:, None, None], lse, float("inf"))
+    if dead is not None:
+        out = torch.where(dead.transpose(1, 2)[..., None], 0.0, out)
+        lse = torch.where(dead, float("inf"), lse)
     return out.contiguous(), lse.contiguous()
 
 
-def backward(dout, q, k, v, out, lse, kv_lens, scale, need_dq: bool, need_dkv: bool, kernel: str = "composed"):
+def backward(dout, q, k, v, out, lse, kv_lens, scale, need_dq: bool, need_dkv: bool, kernel: str = "composed", bias=None):
     """(dq, dk, dv) from the residuals of any forward (None where not needed), by the named
     composed ``kernel``; dq of shared queries summed over the batch."""
     shared = q.shape[0] == 1
     B, M, N = k.shape[0], q.shape[1], k.shape[1]
     if kernel == "composed":
-        q, k, v, bias, _ = _inputs(q, k, v, kv_lens)
+        q, k, v, bias, _ = _inputs(q, k, v, kv_lens, bias)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             *_heads_first(dout, q, k, v, out), lse, 0.0, False, attn_mask=bias, scale=scale
         )
         dq, dk, dv = _heads_first(*grads)
     elif kernel == "composed_efficient":
-        q, k, v, bias, _ = _inputs(q, k, v, kv_lens, _BIAS_ALIGN_EFFICIENT, per_head=True)
+        q, k, v, bias, _ = _inputs(q, k, v, kv_lens, bias, _BIAS_ALIGN_EFFICIENT, per_head=True)
         # q is materialised: the kernel may lay dq out like q, and a stride-0 batch would alias it
         q = q.contiguous()
         dout, k, v, out = (_aligned(t) for t in (dout, k, v, out))

@@ -8,6 +8,10 @@ float64 references the tests compare with.
   algorithm in PyTorch, in fp32 for half inputs).
 * ``dropout_keep``: Triton's Philox ``tl.rand`` in PyTorch, bit for bit, so both backends drop the
   same elements for a given (seed, offset) and gradients compare across backends.
+* ``attention_weights``: the probabilities ``exp(S - LSE)`` (``need_weights``), per head or averaged.
+
+An additive mask ``bias`` ((B, H, M, N), broadcast views welcome) enters the scores as in the kernels
+(``add_bias``): -inf drops a key exactly, finite values are clamped at ``MIN_BIAS``.
 
 Layouts as in the kernels: q (B or 1, M, H, D), k and v (B, N, H, D); LSE (B, H, M), natural log,
 +inf for a row without keys.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import torch
 
 CHUNK = 1024
+MIN_BIAS = -1e30  # the kernels' clamp of finite additive biases (kernels/cross_attention_fwd.py)
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_ROUND_A = 0xD2511F53
@@ -82,21 +87,30 @@ def _valid_keys(kv_lens: torch.Tensor | None, B: int, start: int, stop: int, dev
     return (cols[None, :] < kv_lens.to(device=device, dtype=torch.int64)[:, None])[:, None, None, :]
 
 
-def attention_dense(q, k, v, kv_lens=None, scale=None, keep=None, dropout_p=0.0):
+def add_bias(s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Scores plus an additive mask as the kernels add it: -inf drops the key (even a NaN score),
+    finite values are clamped at ``MIN_BIAS``."""
+    if bias is None:
+        return s
+    bias = bias.to(s.dtype)
+    return torch.where(bias == float("-inf"), float("-inf"), s + bias.clamp(min=MIN_BIAS))
+
+
+def attention_dense(q, k, v, kv_lens=None, scale=None, keep=None, dropout_p=0.0, bias=None):
     """Softmax attention with the whole (B, H, M, N) matrix, in the inputs' dtype (tests pass
-    float64). ``keep`` (B, H, M, N) bool applies dropout. Rows without keys give zeros."""
+    float64). ``keep`` (B, H, M, N) bool applies dropout, ``bias`` is an additive mask. Rows
+    without keys give zeros."""
     B, N, H, D = k.shape
     scale = D**-0.5 if scale is None else scale
     valid = _valid_keys(kv_lens, B, 0, N, k.device)
     if valid is not None:
         real = valid[:, 0, 0, :, None, None]
         k, v = torch.where(real, k, 0.0), torch.where(real, v, 0.0)
-    s = torch.einsum("bmhd,bnhd->bhmn", q.expand(B, -1, -1, -1), k) * scale
+    s = add_bias(torch.einsum("bmhd,bnhd->bhmn", q.expand(B, -1, -1, -1), k) * scale, bias)
     if valid is not None:
-        s = s.masked_fill(~valid, float("-inf")).masked_fill(~valid.any(-1, keepdim=True), 0.0)
-    p = torch.softmax(s, dim=-1)
-    if valid is not None:
-        p = p.masked_fill(~valid, 0.0)
+        s = s.masked_fill(~valid, float("-inf"))
+    dead = (s == float("-inf")).all(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(s == float("-inf"), 0.0)
     if keep is not None:
         p = torch.where(keep, p / (1.0 - dropout_p), 0.0)
     return torch.einsum("bhmn,bnhd->bmhd", p, v)
@@ -106,8 +120,9 @@ def _chunks(N: int):
     return ((start, min(start + CHUNK, N)) for start in range(0, N, CHUNK))
 
 
-def _chunk_scores(qc, k, valid, start, stop, scale):
+def _chunk_scores(qc, k, valid, bias, start, stop, scale):
     s = torch.einsum("bmhd,bnhd->bhmn", qc, k[:, start:stop].to(qc.dtype)) * scale
+    s = add_bias(s, None if bias is None else bias[..., start:stop])
     return s if valid is None else s.masked_fill(~valid, float("-inf"))
 
 
@@ -116,7 +131,7 @@ def _chunk_values(v, valid, start, stop, dtype):
     return vc if valid is None else vc.masked_fill(~valid[:, 0, 0, :, None, None], 0.0)
 
 
-def attention_fwd(q, k, v, kv_lens, scale, dropout_p, rng):
+def attention_fwd(q, k, v, kv_lens, scale, dropout_p, rng, bias=None):
     """(O in q's dtype, LSE (B, H, M)): online softmax over key chunks of ``CHUNK`` keys."""
     B, N, H, D = k.shape
     M = q.shape[1]
@@ -127,7 +142,7 @@ def attention_fwd(q, k, v, kv_lens, scale, dropout_p, rng):
     acc = torch.zeros((B, H, M, D), dtype=ct, device=q.device)
     for start, stop in _chunks(N):
         valid = _valid_keys(kv_lens, B, start, stop, q.device)
-        s = _chunk_scores(qc, k, valid, start, stop, scale)
+        s = _chunk_scores(qc, k, valid, bias, start, stop, scale)
         m_new = torch.maximum(m, s.amax(-1))
         m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
         p = torch.exp(s - m_safe[..., None])
@@ -143,7 +158,7 @@ def attention_fwd(q, k, v, kv_lens, scale, dropout_p, rng):
     return out.permute(0, 2, 1, 3).to(q.dtype).contiguous(), lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, kv_lens, scale, dropout_p, rng):
+def attention_bwd(dout, q, k, v, out, lse, kv_lens, scale, dropout_p, rng, bias=None):
     """(dq, dk, dv): each key chunk's probabilities recomputed from the LSE,
     dS = P o (dP - rowsum(dO o O)). dq of a shared (1, M, H, D) q is summed over the batch."""
     B, N, H, D = k.shape
@@ -157,7 +172,7 @@ def attention_bwd(dout, q, k, v, out, lse, kv_lens, scale, dropout_p, rng):
     dv = torch.zeros((B, N, H, D), dtype=ct, device=q.device)
     for start, stop in _chunks(N):
         valid = _valid_keys(kv_lens, B, start, stop, q.device)
-        p = torch.exp(_chunk_scores(qc, k, valid, start, stop, scale) - lse.to(ct)[..., None])
+        p = torch.exp(_chunk_scores(qc, k, valid, bias, start, stop, scale) - lse.to(ct)[..., None])
         vc = _chunk_values(v, valid, start, stop, ct).permute(0, 2, 1, 3)
         dp = do @ vc.transpose(-1, -2)
         pz = p
@@ -176,6 +191,41 @@ def attention_bwd(dout, q, k, v, out, lse, kv_lens, scale, dropout_p, rng):
     if q.shape[0] == 1 and B > 1:
         dq = dq.sum(0, keepdim=True)
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def attention_weights(q, k, lse, kv_lens, scale, dropout_p, rng, bias, average: bool) -> torch.Tensor:
+    """The forward's probabilities ``exp(S + bias - LSE)`` (with its dropout mask) in q's dtype:
+    (B, M, N) averaged over the heads, or (B, H, M, N). Rows without keys are zeros."""
+    B, N, H, _ = k.shape
+    M = q.shape[1]
+    ct = _compute_dtype(q.dtype)
+    valid = _valid_keys(kv_lens, B, 0, N, q.device)
+    s = _chunk_scores(q.to(ct).expand(B, -1, -1, -1), k, valid, bias, 0, N, scale)
+    w = torch.exp(s - lse.to(ct)[..., None])
+    if dropout_p > 0:
+        w = torch.where(_chunk_keep(rng, B, H, M, N, 0, N, dropout_p, q.device), w / (1.0 - dropout_p), 0.0)
+    return (w.mean(1) if average else w).to(q.dtype)
+
+
+def weights_backward(dw, p, q, k, kv_lens, scale, dropout_p, rng, average: bool):
+    """(dq, dk) through ``attention_weights``: softmax's backward dS = P o (dP - rowsum(dP o P)) from
+    the per-head probabilities ``p`` (B, H, M, N) without dropout, dP = dW (spread over the heads
+    when averaged) through the dropout mask. dq of a shared (1, M, H, D) q is summed over the batch."""
+    B, N, H, _ = k.shape
+    M = q.shape[1]
+    ct = _compute_dtype(q.dtype)
+    p = p.to(ct)
+    dp = (dw.to(ct)[:, None] / H) if average else dw.to(ct)
+    if dropout_p > 0:
+        dp = torch.where(_chunk_keep(rng, B, H, M, N, 0, N, dropout_p, q.device), dp / (1.0 - dropout_p), 0.0)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+    valid = _valid_keys(kv_lens, B, 0, N, q.device)
+    kc = k.to(ct) if valid is None else k.to(ct).masked_fill(~valid[:, 0, 0, :, None, None], 0.0)  # padding may hold NaN
+    dq = torch.einsum("bhmn,bnhd->bmhd", ds, kc)
+    if q.shape[0] == 1 and B > 1:
+        dq = dq.sum(0, keepdim=True)
+    dk = torch.einsum("bhmn,bmhd->bnhd", ds, q.to(ct).expand(B, -1, -1, -1))
+    return dq.to(q.dtype), dk.to(k.dtype)
 
 
 def unpack_keys(k: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,6 +7,8 @@ and the gradients follow (Delta = rowsum(dO o O), computed once by a preprocess 
     dK = scale * dS^T Q,   dQ = scale * dS K.
 Keys at or past ``kv_lens[b]`` are masked out of every tile (never loaded), so their dK, dV are
 written as exact zeros; a batch without keys gets zero dQ (its LSE is +inf, no key is visited).
+An additive mask (``HAS_BIAS``) enters S exactly as in the forward (``add_bias``), so P, and with
+it every gradient, sees the same masked scores; the mask itself gets no gradient.
 
 Two schedules, chosen by ``use_single_pass(M, D)``:
 
@@ -49,8 +51,8 @@ from ._device import on_input_device
 from ._tuning import autotuned, device_arch, dot_dtype_workaround
 from .dot import dot
 from .cross_attention_fwd import (
-    KV_PACKED, LOG2E, acc_dtype, choose_num_splits, dot_precision, dropout_keep, dropout_stream, kv_extent,
-    kv_mode, kv_strides, load_rows, split_ranges,
+    KV_PACKED, LOG2E, acc_dtype, add_bias, bias_args, choose_num_splits, dot_precision, dropout_keep, dropout_stream,
+    kv_extent, kv_mode, kv_strides, load_bias, load_rows, split_ranges,
 )
 
 SINGLE_PASS_MAX_M = 128
@@ -71,13 +73,15 @@ def use_single_pass(M: int, D: int, elem: int = 2) -> bool:
 
 @triton.jit
 def grad_tile(q, do, lse2, delta, k, v, rows, cols, valid, seed, rng_offset, bh, M, N, qk_scale, dropout_p,
+              bias_base, sbm, sbn, HAS_BIAS: tl.constexpr,
               DROPOUT: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEYS_MAJOR: tl.constexpr):
     """(Pz, dS) of one (query block, key block) tile, queries x keys, or with KEYS_MAJOR its
     transpose, keys x queries (S^T = K Q^T, as the dK/dV kernel consumes it: its dots then need no
     register transpose, which keeps the exact-fp32 FMA dots free of spills). ``valid`` masks missing
     queries and keys, shaped like the tile. ``lse2`` is LSE * log2(e), ``qk_scale`` = softmax scale *
-    log2(e); dS excludes the scale."""
+    log2(e); dS excludes the scale. With HAS_BIAS the additive mask at ``bias_base`` (this batch and
+    head; query and key strides ``sbm``, ``sbn``) is added to S as in the forward."""
     if KEYS_MAJOR:
         zero = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
         s = dot(k, tl.trans(q), zero, DOT_FP32, INPUT_PRECISION) * qk_scale
@@ -94,6 +98,8 @@ def grad_tile(q, do, lse2, delta, k, v, rows, cols, valid, seed, rng_offset, bh,
         delta = delta[:, None]
         rows = rows[:, None]
         cols = cols[None, :]
+    if HAS_BIAS:
+        s = add_bias(s, load_bias(bias_base, rows, cols, valid, sbm, sbn))
     p = tl.where(valid, tl.exp2(s - lse2), 0.0)
     if DROPOUT:
         keep = dropout_keep(seed, rng_offset, bh, M, N, rows, cols, dropout_p)
@@ -190,17 +196,17 @@ def _single_pass_prune(configs, named_args, **constexprs):
 
 @autotuned(
     single_pass_cuda_configs(), SINGLE_PASS_INTERPRET_CONFIG,
-    key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "INPUT_PRECISION"], buckets=("M", "N"),
+    key=["M", "N", "BLOCK_D", "KV_MODE", "HAS_BIAS", "DROPOUT", "INPUT_PRECISION"], buckets=("M", "N"),
     prune=_single_pass_prune,
 )
 @triton.jit
 def cross_attention_bwd_single_pass_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, lens_ptr, cu_ptr, rng_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, lens_ptr, cu_ptr, rng_ptr, bias_ptr,
     H, M, N, D, keys_per_split,
-    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdom, sdoh, sdod,
+    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdom, sdoh, sdod, sbb, sbh, sbm, sbn,
     sdqs, sdqb, sdqm, sdqh, sdqd, sdkb, sdkn, sdkh, sdkd, sdvb, sdvn, sdvh, sdvd,
     qk_scale, scale, dropout_p,
-    KV_MODE: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
+    KV_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -223,6 +229,7 @@ def cross_attention_bwd_single_pass_kernel(
     v_base = v_ptr + b64 * svb + kv_start * svn + h * svh
     dk_base = dk_ptr + b64 * sdkb + kv_start * sdkn + h * sdkh
     dv_base = dv_ptr + b64 * sdvb + kv_start * sdvn + h * sdvh
+    bias_base = bias_ptr + b64 * sbb + h.to(tl.int64) * sbh
     lo = split.to(tl.int64) * keys_per_split
     hi = tl.minimum(lo + keys_per_split, kv_len)
     seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
@@ -234,7 +241,7 @@ def cross_attention_bwd_single_pass_kernel(
         k = load_rows(k_base, cols, col_mask, skn, dims, dim_mask, skd)
         v = load_rows(v_base, cols, col_mask, svn, dims, dim_mask, svd)
         pz, ds = grad_tile(q, do, lse2, delta, k, v, rows, cols, row_mask[:, None] & col_mask[None, :],
-                           seed, rng_offset, bh, M, N, qk_scale, dropout_p,
+                           seed, rng_offset, bh, M, N, qk_scale, dropout_p, bias_base, sbm, sbn, HAS_BIAS,
                            DROPOUT, ACC, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, False)
         zero = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
         dv = dot(tl.trans(pz).to(do.dtype), do, zero, DOT_FP32, INPUT_PRECISION)
@@ -310,16 +317,16 @@ def _fa2_prune(kernel: str):
     return prune
 
 
-@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "INPUT_PRECISION"],
+@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "HAS_BIAS", "DROPOUT", "INPUT_PRECISION"],
            buckets=("M", "N"), prune=_fa2_prune("dkdv"))
 @triton.jit
 def cross_attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, lens_ptr, cu_ptr, rng_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, lens_ptr, cu_ptr, rng_ptr, bias_ptr,
     H, M, N, D,
-    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdom, sdoh, sdod,
+    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdom, sdoh, sdod, sbb, sbh, sbm, sbn,
     sdkb, sdkn, sdkh, sdkd, sdvb, sdvn, sdvh, sdvd,
     qk_scale, scale, dropout_p,
-    KV_MODE: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
+    KV_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -336,6 +343,7 @@ def cross_attention_bwd_dkdv_kernel(
     k = load_rows(k_ptr + b64 * skb + kv_start * skn + h * skh, cols, col_mask, skn, dims, dim_mask, skd)
     v = load_rows(v_ptr + b64 * svb + kv_start * svn + h * svh, cols, col_mask, svn, dims, dim_mask, svd)
     seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
+    bias_base = bias_ptr + b64 * sbb + h.to(tl.int64) * sbh
 
     q_base = q_ptr + b64 * sqb + h * sqh
     do_base = do_ptr + b64 * sdob + h * sdoh
@@ -348,7 +356,7 @@ def cross_attention_bwd_dkdv_kernel(
         q, do, lse2, delta = load_query_rows(q_base, do_base, lse_ptr, delta_ptr, bh, M, rows, row_mask,
                                              sqm, sqd, sdom, sdod, dims, dim_mask)
         pz_t, ds_t = grad_tile(q, do, lse2, delta, k, v, rows, cols, col_mask[:, None] & row_mask[None, :],
-                               seed, rng_offset, bh, M, N, qk_scale, dropout_p,
+                               seed, rng_offset, bh, M, N, qk_scale, dropout_p, bias_base, sbm, sbn, HAS_BIAS,
                                DROPOUT, ACC, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, True)
         dv = dot(pz_t.to(do.dtype), do, dv, DOT_FP32, INPUT_PRECISION)
         dk = dot(ds_t.to(q.dtype), q, dk, DOT_FP32, INPUT_PRECISION)
@@ -359,16 +367,16 @@ def cross_attention_bwd_dkdv_kernel(
     store_rows(dv_ptr + b64 * sdvb + kv_start * sdvn + h * sdvh, dv, cols, owned, sdvn, dims, dim_mask, sdvd)
 
 
-@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "INPUT_PRECISION"],
+@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "HAS_BIAS", "DROPOUT", "INPUT_PRECISION"],
            buckets=("M", "N"), prune=_fa2_prune("dq"))
 @triton.jit
 def cross_attention_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, lens_ptr, cu_ptr, rng_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, lens_ptr, cu_ptr, rng_ptr, bias_ptr,
     H, M, N, D,
-    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdom, sdoh, sdod,
+    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdom, sdoh, sdod, sbb, sbh, sbm, sbn,
     sdqb, sdqm, sdqh, sdqd,
     qk_scale, scale, dropout_p,
-    KV_MODE: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
+    KV_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -387,6 +395,7 @@ def cross_attention_bwd_dq_kernel(
     k_base = k_ptr + b64 * skb + kv_start * skn + h * skh
     v_base = v_ptr + b64 * svb + kv_start * svn + h * svh
     seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
+    bias_base = bias_ptr + b64 * sbb + h.to(tl.int64) * sbh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start in range(0, kv_len, BLOCK_N):
@@ -395,7 +404,7 @@ def cross_attention_bwd_dq_kernel(
         k = load_rows(k_base, cols, col_mask, skn, dims, dim_mask, skd)
         v = load_rows(v_base, cols, col_mask, svn, dims, dim_mask, svd)
         _, ds = grad_tile(q, do, lse2, delta, k, v, rows, cols, row_mask[:, None] & col_mask[None, :],
-                          seed, rng_offset, bh, M, N, qk_scale, dropout_p,
+                          seed, rng_offset, bh, M, N, qk_scale, dropout_p, bias_base, sbm, sbn, HAS_BIAS,
                           DROPOUT, ACC, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, False)
         dq = dot(ds.to(k.dtype), k, dq, DOT_FP32, INPUT_PRECISION)
     store_rows(dq_ptr + b64 * sdqb + h * sdqh, dq * scale, rows, row_mask, sdqm, dims, dim_mask, sdqd)
@@ -422,13 +431,15 @@ def cross_attention_bwd(
     rng: torch.Tensor | None,
     need_dq: bool = True,
     need_dkv: bool = True,
+    bias: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dq shaped like q, dk, dv shaped like k, v), None for a gradient not asked for (only the
     FA2 schedule can skip work; the single pass always computes all three).
 
     Layouts and arguments as ``cross_attention_fwd``; ``dout`` is (B, M, H, D) and ``out``/``lse``
-    are the forward's outputs. ``num_splits`` overrides the single pass's key-split heuristic.
+    are the forward's outputs; ``bias`` the forward's additive mask. ``num_splits`` overrides the
+    single pass's key-split heuristic.
     """
     _, M, H, D = q.shape
     if B == 0:
@@ -440,14 +451,15 @@ def cross_attention_bwd(
     BLOCK_D = max(16, triton.next_power_of_2(D))
     mode = kv_mode(kv_lens, cu_seqlens_k)
     aux = dict(
-        KV_MODE=mode, DROPOUT=dropout_p > 0, ACC=ACC,
+        KV_MODE=mode, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, ACC=ACC,
         DOT_FP32=dot_dtype_workaround(q.dtype == torch.bfloat16), INPUT_PRECISION=dot_precision(q.dtype),
         BLOCK_D=BLOCK_D,
     )
+    bias_ptr, *bias_strides = bias_args(bias, lse)
     extras = (kv_lens if kv_lens is not None else lse, cu_seqlens_k if cu_seqlens_k is not None else lse,
-              rng if rng is not None else lse)
+              rng if rng is not None else lse, bias_ptr)
     sqb = 0 if q.shape[0] == 1 else q.stride(0)
-    in_strides = (sqb, *q.stride()[1:], *kv_strides(k), *kv_strides(v), *dout.stride())
+    in_strides = (sqb, *q.stride()[1:], *kv_strides(k), *kv_strides(v), *dout.stride(), *bias_strides)
     scales = (scale * LOG2E, scale, dropout_p)
 
     delta = torch.empty((B, H, M), device=q.device, dtype=stat_dtype)

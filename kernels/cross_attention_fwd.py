@@ -13,6 +13,14 @@ are never loaded (masked loads), and their scores are replaced by -inf with ``tl
 garbage in the padding cannot leak. A row with no keys ends with l == 0: its output is written as
 zeros and its LSE as +inf, which makes every backward probability exp(S - LSE) zero.
 
+Additive mask (``HAS_BIAS``, a compile-time flag: without it the loop is unchanged): S += bias, with
+the bias tile of each key block loaded through four strides (batch, head, query, key), so a mask
+broadcast over batch, heads or queries is read through zero strides, never expanded in memory.
+A bias of -inf drops the key (S = -inf exactly, whatever the dot gave); finite biases are clamped at
+``MIN_BIAS`` before the scale to base 2, so finfo(fp32).min (Hugging Face's "masked") cannot
+overflow into -inf: a row whose keys all carry it stays a uniform average, as in PyTorch. A row
+whose every key is -inf has no keys (l == 0), as above.
+
 Grids: every kernel puts B * H on grid axis 0, whose limit is 2**31 - 1; axes 1 and 2 (query or
 key blocks, key splits) stop at 65535, which B * H passes in BLIP-2 feature extraction (12 heads,
 B >= 5462). Program ids are read, never divided: a flattened (head, block) index cost the
@@ -55,6 +63,11 @@ LOG2E = 1.4426950408889634
 
 # How a batch finds its keys: all N of them, the first kv_lens[b], or rows cu[b]..cu[b+1] (packed).
 KV_DENSE, KV_LENS, KV_PACKED = 0, 1, 2
+
+# Finite additive biases are clamped here (natural-log units): far below any real score, far above
+# fp32's -3.4e38 once scaled by log2(e).
+MIN_BIAS = tl.constexpr(-1e30)
+LOG2E_JIT = tl.constexpr(LOG2E)  # the same constant, readable inside @triton.jit
 
 H100_SMS = 132
 MIN_KEYS_PER_SPLIT = 128
@@ -131,6 +144,22 @@ def dropout_stream(rng_ptr, DROPOUT: tl.constexpr):
 
 
 @triton.jit
+def load_bias(base, rows, cols, valid, stride_row, stride_col):
+    """The additive-mask tile at query ``rows`` and key ``cols`` (shaped for the tile, as in
+    ``dropout_keep``); ``base`` is at the (batch, head). Positions outside ``valid`` read 0."""
+    ptrs = base + rows.to(tl.int64) * stride_row + cols.to(tl.int64) * stride_col
+    return tl.load(ptrs, mask=valid, other=0.0)
+
+
+@triton.jit
+def add_bias(s, bias):
+    """Scores ``s`` (base-2 units, scale folded in) plus an additive mask in natural units: -inf
+    drops the key exactly (even where the dot gave NaN); finite values are clamped at MIN_BIAS."""
+    bias = bias.to(s.dtype)
+    return tl.where(bias == float("-inf"), float("-inf"), s + tl.maximum(bias, MIN_BIAS) * LOG2E_JIT)
+
+
+@triton.jit
 def load_rows(base, rows, row_mask, stride_row, dims, dim_mask, stride_dim):
     """A (rows x dims) tile; masked rows/dims read as 0 and are never touched in memory."""
     ptrs = base + rows.to(tl.int64)[:, None] * stride_row + dims[None, :] * stride_dim
@@ -159,7 +188,7 @@ def cuda_configs() -> list[triton.Config]:
     ]
 
 
-def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch: int) -> bool:
+def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch: int, bias: bool = False) -> bool:
     """Whether ``config`` compiles without register spills (measured with ``python -m deco_ops.aot``
     on sm_80 and sm_90 at head dims 64 and 128, split or not, with triton 3.6 and 3.9): 16-bit inputs
     take up to 64 queries a tile (128-query tiles spill at D=128; without wgmma, on sm_80, 64x128
@@ -167,33 +196,36 @@ def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch
     fp32 operands take 16x16 tiles on 4 warps (with tf32, 32x64 on 8 warps spills at D=128 under
     triton 3.6 and with dropout under 3.9 since B*H moved to grid axis 0); exact fp32
     dots (``ieee``: FMA, no tensor cores) spill somewhere in every larger shape tried (16x32 to
-    32x64 tiles on 4 or 8 warps)."""
+    32x64 tiles on 4 or 8 warps). An additive mask (``bias``: one more tile per key block) was
+    measured together with dropout and kv_lens: it keeps dropout's tile limit, and on sm_80 the
+    16x128 tile spills 16 B at D=128, so 128-key blocks are left out there."""
     bm, bn, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
     if elem_bytes == 2:
-        if arch < 90 and bm * bn > 64 * 64 and warps == 4:
+        if arch < 90 and (bm * bn > 64 * 64 and warps == 4 or bias and bn >= 128):
             return False
-        return bm <= 64 and (bm * bn <= 32 * 64 or not dropout)
+        return bm <= 64 and (bm * bn <= 32 * 64 or not (dropout or bias))
     return (bm, bn, warps) == (16, 16, 4)
 
 
 def _prune(configs, named_args, **constexprs):
     ieee = constexprs["INPUT_PRECISION"] == "ieee"
     q = named_args["q_ptr"]
-    return [c for c in configs if fits(c, q.element_size(), ieee, constexprs["DROPOUT"], device_arch(q.device))]
+    return [c for c in configs
+            if fits(c, q.element_size(), ieee, constexprs["DROPOUT"], device_arch(q.device), constexprs["HAS_BIAS"])]
 
 
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 
 
-@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "DROPOUT", "SPLIT", "INPUT_PRECISION"],
+@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "HAS_BIAS", "DROPOUT", "SPLIT", "INPUT_PRECISION"],
            buckets=("M", "N"), prune=_prune)
 @triton.jit
 def cross_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, m_ptr, l_ptr, lens_ptr, cu_ptr, rng_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, m_ptr, l_ptr, lens_ptr, cu_ptr, rng_ptr, bias_ptr,
     H, M, N, D, keys_per_split,
-    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, som, soh, sod,
+    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, som, soh, sod, sbb, sbh, sbm, sbn,
     qk_scale, dropout_p,
-    KV_MODE: tl.constexpr, DROPOUT: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr,
+    KV_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -216,6 +248,7 @@ def cross_attention_fwd_kernel(
     kv_start, kv_len = kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE)
     k_base = k_ptr + b.to(tl.int64) * skb + kv_start * skn + h * skh
     v_base = v_ptr + b.to(tl.int64) * svb + kv_start * svn + h * svh
+    bias_base = bias_ptr + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     lo = split.to(tl.int64) * keys_per_split
     hi = tl.minimum(lo + keys_per_split, kv_len)
     seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
@@ -229,6 +262,8 @@ def cross_attention_fwd_kernel(
         col_mask = cols < hi
         k = load_rows(k_base, cols, col_mask, skn, dims, dim_mask, skd)
         s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC), DOT_FP32, INPUT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            s = add_bias(s, load_bias(bias_base, rows[:, None], cols[None, :], row_mask[:, None] & col_mask[None, :], sbm, sbn))
         s = tl.where(col_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -320,6 +355,12 @@ def kv_mode(kv_lens: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None) -> 
     return KV_DENSE if kv_lens is None else KV_LENS
 
 
+def bias_args(bias: torch.Tensor | None, fallback: torch.Tensor) -> tuple:
+    """(pointer, batch, head, query, key strides) of the additive mask, a (B, H, M, N) view whose
+    broadcast dims have stride 0; ``fallback`` and zero strides without one (never read)."""
+    return (fallback, 0, 0, 0, 0) if bias is None else (bias, *bias.stride())
+
+
 def kv_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     """(batch, key, head, dim) strides of a (B, N, H, D) or packed (total_N, H, D) tensor."""
     return (0, *t.stride()) if t.dim() == 3 else tuple(t.stride())
@@ -337,6 +378,7 @@ def cross_attention_fwd(
     scale: float,
     dropout_p: float,
     rng: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(O (B, M, H, D) in q's dtype, LSE (B, H, M) fp32 (fp64 for float64)).
@@ -344,7 +386,8 @@ def cross_attention_fwd(
     ``q`` is (B, M, H, D) or (1, M, H, D) (shared, zero batch stride); ``k``/``v`` are (B, N, H, D),
     or packed (total_N, H, D) with ``cu_seqlens_k`` (B + 1,) and N the longest sequence.
     ``kv_lens``/``cu_seqlens_k`` are int32 on q's device; ``rng`` is int64 (seed, offset) when
-    ``dropout_p > 0``. ``num_splits`` overrides ``choose_num_splits``.
+    ``dropout_p > 0``. ``bias`` is an optional additive mask, a floating (B, H, M, N) view (zero
+    strides where broadcast). ``num_splits`` overrides ``choose_num_splits``.
     """
     _, M, H, D = q.shape
     out = torch.empty((B, M, H, D), device=q.device, dtype=q.dtype)
@@ -363,6 +406,7 @@ def cross_attention_fwd(
     BLOCK_D = max(16, triton.next_power_of_2(D))
     mode = kv_mode(kv_lens, cu_seqlens_k)
     sqb = 0 if q.shape[0] == 1 else q.stride(0)
+    bias_ptr, *bias_strides = bias_args(bias, lse)
 
     def grid(meta):
         return (B * H, triton.cdiv(M, meta["BLOCK_M"]), num_splits)
@@ -370,11 +414,11 @@ def cross_attention_fwd(
     cross_attention_fwd_kernel[grid](
         q, k, v, part_o if split else out, lse, part_m if split else lse, part_l if split else lse,
         kv_lens if kv_lens is not None else lse, cu_seqlens_k if cu_seqlens_k is not None else lse,
-        rng if rng is not None else lse,
+        rng if rng is not None else lse, bias_ptr,
         H, M, N, D, keys_per_split,
-        sqb, *q.stride()[1:], *kv_strides(k), *kv_strides(v), *out.stride(),
+        sqb, *q.stride()[1:], *kv_strides(k), *kv_strides(v), *out.stride(), *bias_strides,
         scale * LOG2E, dropout_p,
-        KV_MODE=mode, DROPOUT=dropout_p > 0, SPLIT=split, ACC=acc_dtype(q.dtype),
+        KV_MODE=mode, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, SPLIT=split, ACC=acc_dtype(q.dtype),
         DOT_FP32=dot_dtype_workaround(q.dtype == torch.bfloat16), INPUT_PRECISION=dot_precision(q.dtype),
         BLOCK_D=BLOCK_D,
     )

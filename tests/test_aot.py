@@ -20,7 +20,7 @@ import pytest
 KERNELS = "pool_gemm,gemm_act_grad,gemm_unpool_act_grad,pool_packed,unpool_packed,pool_tokens,unpool_tokens"
 GEMMS = ("pool_gemm", "gemm_act_grad", "gemm_unpool_act_grad")
 ATTENTION = ("cross_attention_fwd,cross_attention_combine,cross_attention_bwd_preprocess,"
-             "cross_attention_bwd_single_pass,cross_attention_bwd_dkdv,cross_attention_bwd_dq")
+             "cross_attention_bwd_single_pass,cross_attention_bwd_dkdv,cross_attention_bwd_dq,cross_attention_weights")
 
 
 def _run(tmp_path_factory, *args):
@@ -81,7 +81,8 @@ def test_aot_gemms_use_hgmma_on_sm90(aot_run):
 def test_aot_attention_fp32_sm90(tmp_path_factory):
     """fp32 attention, exact (FMA) and tf32 dots: the dK/dV kernel's keys-major tiles and the small
     fp32 tiles of every other attention kernel compile without spills at head dims 64 and 128."""
-    kernels = "cross_attention_fwd,cross_attention_bwd_single_pass,cross_attention_bwd_dkdv,cross_attention_bwd_dq"
+    kernels = ("cross_attention_fwd,cross_attention_bwd_single_pass,cross_attention_bwd_dkdv,cross_attention_bwd_dq,"
+               "cross_attention_weights")
     proc, data = _run(tmp_path_factory, "--kernels", kernels, "--dtypes", "fp32", "--targets", "90")
     print(proc.stdout)
     assert data is not None, proc.stderr[-4000:]

@@ -338,12 +338,16 @@ def test_opcheck(backend):
     k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     rng = torch.tensor([7, 0], dtype=torch.int64)
-    torch.library.opcheck(torch.ops.deco.cross_attention, (*leaves, kv_lens, None, 40, 0.25, 0.0, None))
-    torch.library.opcheck(torch.ops.deco.cross_attention, (*leaves, None, None, 40, 0.25, 0.2, rng))
-    out, lse = torch.ops.deco.cross_attention(q, k, v, kv_lens, None, 40, 0.25, 0.2, rng)
+    bias = torch.randn(2, 1, 1, 40).masked_fill(torch.rand(2, 1, 1, 40) > 0.7, float("-inf")).expand(2, 2, 5, 40)
+    torch.library.opcheck(torch.ops.deco.cross_attention, (*leaves, kv_lens, None, 40, 0.25, 0.0, None, None))
+    torch.library.opcheck(torch.ops.deco.cross_attention, (*leaves, None, None, 40, 0.25, 0.2, rng, bias))
+    out, lse = torch.ops.deco.cross_attention(q, k, v, kv_lens, None, 40, 0.25, 0.2, rng, bias)
     torch.library.opcheck(
-        torch.ops.deco.cross_attention_backward, (dout, q, k, v, out, lse, kv_lens, None, 40, 0.25, 0.2, rng, True, True)
+        torch.ops.deco.cross_attention_backward, (dout, q, k, v, out, lse, kv_lens, None, 40, 0.25, 0.2, rng, True, True, bias)
     )
+    for average in (True, False):
+        torch.library.opcheck(torch.ops.deco.cross_attention_weights,
+                              (*leaves[:2], lse, kv_lens, None, 40, 0.25, 0.2, rng, bias, average))
 
 
 def test_empty_batch(backend):
@@ -373,8 +377,9 @@ def _packed(cu, dtype=torch.int32):
         ({"q": torch.randn(2, 4, 2, 300), "k": torch.randn(2, 9, 2, 300), "v": torch.randn(2, 9, 2, 300)}, ValueError, "head dim must be"),
         ({"kv_lens": torch.tensor([9, 9, 9])}, ValueError, "kv_lens has 3 entries"),
         ({"kv_lens": torch.tensor([9.0, 1.0])}, TypeError, "kv_lens must be int32 or int64"),
-        ({"kv_lens": torch.tensor([10, 1])}, ValueError, r"kv_lens must lie in \[0, N=9\]"),
-        ({"kv_lens": torch.tensor([-1, 1])}, ValueError, "kv_lens must lie"),
+        ({"attn_mask": torch.zeros(4, 8)}, ValueError, "attn_mask of shape"),
+        ({"attn_mask": torch.zeros(4, 9, dtype=torch.int64)}, TypeError, "attn_mask must be bool"),
+        ({"attn_mask": torch.zeros(4, 9, device="meta")}, ValueError, "attn_mask is on meta"),
         ({"kv_lens": torch.tensor([[1, 1]])}, ValueError, "kv_lens must have 1 dimensions"),
         ({"kv_lens": torch.tensor([1, 1], device="meta")}, ValueError, "kv_lens is on meta"),
         ({"k": torch.randn(2, 9, 2, 16, device="meta"), "v": torch.randn(2, 9, 2, 16, device="meta")}, ValueError, "k is on meta"),

@@ -243,7 +243,7 @@ def test_pool_tokens_double_backward(backend, grid, out_grid):
 
 
 # ----------------------------------------------------------------------------------------------
-# cross_attention: q, k, v; kv_lens or cu_seqlens_k; shared or per-sample queries; both schedules
+# cross_attention: q, k, v; kv_lens, cu_seqlens_k or attn_mask; shared or per-sample queries; both schedules
 
 
 M, N, H, D = 3, 7, 2, 16
@@ -266,6 +266,15 @@ def _attention_case(keys: str, shared: bool):
             qs = q.expand(B, -1, -1, -1)
             return torch.cat([reference_attention.attention_dense(qs[b: b + 1], k[None, cu[b]: cu[b + 1]], v[None, cu[b]: cu[b + 1]])
                               for b in range(B)])
+    elif keys == "attn_mask":  # per query x key, with holes; key 0 always kept
+        k, v = randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
+        keep = torch.rand(B, 1, M, N, generator=g) > 0.4
+        keep[..., 0] = True
+        extra["attn_mask"] = keep
+        bias = torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+
+        def attention64(q, k, v):
+            return reference_attention.attention_dense(q, k, v, bias=bias)
     else:
         k, v = randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
         lens = torch.tensor(LENS) if keys == "kv_lens" else None
@@ -279,11 +288,11 @@ def _attention_case(keys: str, shared: bool):
 
 
 def attention_matrix():
-    """Both Triton schedules: every subset with dense keys, the diagonal with kv_lens or packed keys;
-    the default backend: each input alone with dense keys, everything with the others."""
+    """Both Triton schedules: every subset with dense keys, the diagonal with kv_lens, packed keys or
+    attn_mask; the default backend: each input alone with dense keys, everything with the others."""
     params = []
     for backend, schedule in (("triton", "single_pass"), ("triton", "fa2"), ("auto", "reference")):
-        for keys in ("dense", "kv_lens", "cu_seqlens_k"):
+        for keys in ("dense", "kv_lens", "cu_seqlens_k", "attn_mask"):
             for trainable in subsets(("q", "k", "v")):
                 if backend == "auto" and (not trainable or (keys != "dense" and len(trainable) < 3)):
                     continue
@@ -437,9 +446,9 @@ def test_cross_attention_module(backend, trainable, masked, params):
     mha = _MHA64(ours)
     g = torch.Generator().manual_seed(1)
     inputs = {"query": randn(B, M, E, generator=g), "key": randn(B, N, E, generator=g), "value": randn(B, N, E, generator=g)}
-    mask = (torch.arange(N)[None, :] >= torch.tensor(LENS)[:, None]) if masked else None
+    mask = (torch.arange(N)[None, :] % 3 == torch.tensor([1, 0])[:, None]) if masked else None  # holes, first key masked
     frozen = {"in_proj_weight", "in_proj_bias", "out_proj"} if params == "frozen" else set()
-    extra = {"key_padding_mask": mask, "need_weights": False}  # need_weights=True takes PyTorch's path
+    extra = {"key_padding_mask": mask, "need_weights": False}
     _module_check(ours, mha, inputs, trainable, frozen, extra, randn(B, M, E, generator=g), backend)
 
 

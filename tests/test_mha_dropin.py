@@ -2,8 +2,9 @@
 order, defaults), forward signature and return values, state_dict both ways; compared with a
 float64 ``nn.MultiheadAttention`` on the same weights over every option the kernel runs
 (batch_first, kdim/vdim, bias, add_bias_kv, add_zero_attn, bool and float padding masks,
-unbatched input), forward and gradients, on both backends; the PyTorch path (weights,
-attn_mask, is_causal); rejected combinations raise; a Hugging Face keep-mask is recognised."""
+unbatched input), forward and gradients, on both backends; need_weights, attn_mask and is_causal
+on the kernels too (tests/test_masks.py: any mask pattern); rejected combinations raise; a Hugging
+Face keep-mask is recognised."""
 
 import inspect
 import itertools
@@ -17,7 +18,7 @@ from torch import nn
 
 import deco_ops
 from deco_ops import CrossAttention, attention_modules
-from deco_ops.attention_modules import padding_mask_to_lengths
+from deco_ops.attention_modules import mha_masks_to_bias
 from harness import assert_close, leaf, randn
 
 E, H, B, L, S = 16, 2, 3, 4, 7
@@ -147,8 +148,8 @@ def _causal(kind):
     ids=str,
 )
 @pytest.mark.parametrize("config", ["defaults", "zero_attn_bias_kv_kdim"])
-def test_pytorch_path_matches_multihead_attention(config, kwargs):
-    """need_weights=True (the default) or an attn_mask: nn.MultiheadAttention's own computation."""
+def test_weights_and_attn_mask_match_multihead_attention(config, kwargs):
+    """need_weights=True (the default), an attn_mask, is_causal with its mask: on the kernels."""
     ours, mha = _pair(CONFIGS[config])
     kwargs = dict(kwargs)
     if "key_padding_mask" in kwargs:
@@ -172,10 +173,10 @@ def test_state_dict_both_ways(config):
     "call,error,match",
     [
         (lambda m, q, k: m(q, k, k, need_weights=False, is_causal=True), ValueError, "is_causal is a hint"),
-        (lambda m, q, k: m(q, k, k, _mask("bool").flip(1), need_weights=False), ValueError, "contiguous prefix"),
-        (lambda m, q, k: m(q, k, k, ~_mask("bool"), need_weights=False), ValueError, "Hugging Face"),
-        (lambda m, q, k: m(q, k, k, _mask("float") - 0.5, need_weights=False), ValueError, "only 0 .keep. and -inf"),
         (lambda m, q, k: m(q, k, k, _mask("bool").int(), need_weights=False), TypeError, "bool or float"),
+        (lambda m, q, k: m(q, k, k, attn_mask=torch.zeros(L, S, dtype=torch.int8)), TypeError, "attn_mask must be a bool or float"),
+        (lambda m, q, k: m(q, k, k, attn_mask=torch.zeros(L, S + 1)), ValueError, r"attn_mask must have shape \(queries, keys\)"),
+        (lambda m, q, k: m(q, k, k, attn_mask=torch.zeros(B, L, S)), ValueError, r"\(batch \* num_heads, queries, keys\)"),
         (lambda m, q, k: m(q, k, k, _mask("bool")[:, 1:], need_weights=False), ValueError, "shape"),
         (lambda m, q, k: m(q, k[:, :2], k[:, :2], need_weights=False), ValueError, "query has batch 3 but key has 2"),
         (lambda m, q, k: m(q[..., :8], k, k), ValueError, "query has 8 features"),
@@ -214,19 +215,16 @@ def test_hugging_face_keep_mask_warns():
         ours(q, k, k, _mask("bool"), need_weights=False)
 
 
-def test_padding_mask_conversion_reads_no_values_when_checks_are_off(monkeypatch):
-    """With value checks off (CUDA's default) the mask becomes kv_lens on the device: no host
-    read, so no synchronisation (and no right-padding check)."""
-    monkeypatch.setenv("DECO_OPS_CHECKS", "0")
+def test_masks_become_a_bias_without_reading_values():
+    """Any key_padding_mask / attn_mask becomes an additive bias on the device: no host read (so no
+    synchronisation), whatever the pattern (left padding here) and the value-check setting."""
     host_read = mock.Mock(side_effect=AssertionError("host read"))
-    mask = _mask("bool").flip(1)
+    kpm, attn = _mask("bool").flip(1), _causal("bool")
     with mock.patch.object(torch.Tensor, "__bool__", host_read), mock.patch.object(torch.Tensor, "tolist", host_read), \
             mock.patch.object(torch.Tensor, "item", host_read), mock.patch("torch.equal", host_read):
-        lengths = padding_mask_to_lengths(mask, B, S)
-    assert lengths.tolist() == LENGTHS.tolist()
-    monkeypatch.setenv("DECO_OPS_CHECKS", "1")
-    with pytest.raises(ValueError, match="contiguous prefix"):
-        padding_mask_to_lengths(mask, B, S)
+        bias = mha_masks_to_bias(kpm, attn, B, H, L, S)
+    want = torch.zeros(B, 1, L, S).masked_fill(kpm[:, None, None, :] | attn, float("-inf"))
+    assert bias.shape == (B, 1, L, S) and torch.equal(bias, want)
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
@@ -247,8 +245,8 @@ def test_torch_compile_fullgraph_with_padding_mask(need_weights):
 
 
 def test_which_path_runs():
-    """need_weights=False without attn_mask runs the kernel and never forms the attention matrix;
-    need_weights=True or an attn_mask runs PyTorch's F.multi_head_attention_forward."""
+    """Every call runs the kernel, need_weights=True (the default) and attn_mask included;
+    F.multi_head_attention_forward runs only for a mask that requires grad."""
     ours, _ = _pair(CONFIGS["zero_attn_bias_kv_kdim"])
     q, k, v = _inputs(CONFIGS["zero_attn_bias_kv_kdim"])
     with mock.patch.object(attention_modules, "cross_attention", wraps=attention_modules.cross_attention) as kernel, \
@@ -256,9 +254,8 @@ def test_which_path_runs():
         # a TorchFunctionMode (the CUDA suite's default device) re-enters the patched function, so
         # each call is checked for reaching PyTorch at all, not counted
         ours(q, k, v, _mask("bool"), need_weights=False)
-        assert (kernel.call_count, pytorch.call_count) == (1, 0)
         ours(q, k, v, _mask("bool"))
-        assert (kernel.call_count, pytorch.call_count > 0) == (1, True)
-        reached = pytorch.call_count
         ours(q, k, v, need_weights=False, attn_mask=_causal("bool"))
-        assert (kernel.call_count, pytorch.call_count > reached) == (1, True)
+        assert (kernel.call_count, pytorch.call_count) == (3, 0)
+        ours(q, k, v, attn_mask=_causal("float").requires_grad_(True))
+        assert (kernel.call_count, pytorch.call_count > 0) == (3, True)

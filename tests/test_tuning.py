@@ -114,7 +114,7 @@ def test_every_kernel_buckets_rows_and_key_lengths():
         assert "M" in k.buckets, name
         assert k.buckets == ({"M", "N"} if name in (
             "cross_attention_fwd_kernel", "cross_attention_bwd_single_pass_kernel", "cross_attention_bwd_dkdv_kernel",
-            "cross_attention_bwd_dq_kernel") else {"M"}), name
+            "cross_attention_bwd_dq_kernel", "cross_attention_weights_kernel") else {"M"}), name
 
 
 @pytest.fixture

@@ -7,27 +7,25 @@ transformers selects attention through two registries, both keyed by ``config._a
 missing from the second makes transformers return *no mask at all* for it, silently dropping the
 padding; so both are registered here.
 
-What deco_ops expresses: bidirectional (non-causal) attention, every query seeing every key, with
-optional **key padding on the right** (each batch row's valid keys are a prefix). That covers the
-BLIP-2 / InstructBLIP Q-Former (self-attention among the learned queries and text, cross-attention
-to the image tokens with an encoder padding mask) and ViT-style encoders. The mask function below
-turns transformers' 2D padding mask into a ``(B, 1, 1, N)`` bool keep-mask (SDPA's convention, so
-model code that slices 4D masks still works); the attention function turns it into ``kv_lens``.
+What deco_ops expresses: bidirectional (non-causal) attention with any mask the layer passes. The
+mask function below gives transformers' 2D padding mask back as a ``(B, 1, 1, N)`` bool keep-mask
+(SDPA's convention, so model code that slices 4D masks still works), and the attention function
+passes every mask straight to ``deco_ops.cross_attention``'s ``attn_mask``, computed in the fused
+kernels: 2D ``(B, N)`` keep-masks, 4D ``(B or 1, 1 or H, 1 or M, N)`` bool keep-masks or additive
+float masks (0 / the dtype's minimum, or any bias), padding on either side, holes, per query or
+per head. That covers the BLIP-2 / InstructBLIP Q-Former (self-attention among the learned queries
+and text, cross-attention to the image tokens with an encoder padding mask) and ViT-style encoders.
+No mask value is read on the host, with value checks on or off.
 
-Anything else raises ``ValueError`` naming what cannot be expressed: causal or sliding-window
-masks, per-head or per-query masks, additive biases other than 0 / dtype-minimum, left padding or
-holes, soft-capping, attention sinks. Never a silent fallback to another implementation.
-
-Checks that read mask values (right padding, a 4D mask equal across queries, a float mask of 0 and
--inf only) run only where ``deco_ops._checks.value_checks`` allows them: on CPU, or on CUDA with
-``DECO_OPS_CHECKS=1``. The default CUDA path never synchronises with the host.
+Raises ``ValueError`` for what the layer asks and deco_ops does not run: causal layers and causal,
+sliding-window or chunked mask functions, soft-capping, attention sinks. Never a silent fallback to
+another implementation.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ... import _checks
 from ...attention import cross_attention
 from ._require import transformers_module
 
@@ -51,8 +49,8 @@ def deco_ops_mask(
     **kwargs,
 ) -> torch.Tensor | None:
     """transformers' mask function for ``"deco_ops"``: None without padding, else the key padding as
-    a bool ``(B, 1, 1, kv_length)`` keep-mask (True = attend). Raises for any pattern other than
-    bidirectional (causal, sliding window, chunked, custom overlays)."""
+    a bool ``(B, 1, 1, kv_length)`` keep-mask (True = attend; any pattern). Raises for any mask
+    function other than bidirectional (causal, sliding window, chunked, custom overlays)."""
     if mask_function is not _masking_utils.bidirectional_mask_function:
         name = getattr(mask_function, "__name__", type(mask_function).__name__)
         raise ValueError(
@@ -69,51 +67,15 @@ def deco_ops_mask(
     return keep[:, None, None, :]
 
 
-def _keep_mask(mask: torch.Tensor, batch: int, queries: int, keys: int) -> torch.Tensor:
-    """A ``(B, N)`` bool keep-mask from the attention mask a layer passes: 2D ``(B, N)`` (1/True =
-    keep), or 4D ``(B or 1, 1, 1 or M, N)`` bool (True = keep) or float (0 = keep, dtype minimum or
-    -inf = drop)."""
+def _attn_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The mask a layer passes as ``cross_attention``'s ``attn_mask`` (SDPA's convention): 2D
+    ``(B, N)`` keep-masks (1/True = keep) become ``(B, 1, 1, N)`` bool; 4D bool or integer masks
+    are keep-masks, floating ones additive. Shapes are checked by ``cross_attention``."""
     if mask.dim() == 2:
         mask = mask[:, None, None, :]
     if mask.dim() != 4:
-        raise ValueError(f"attention_mask must be (B, N) or (B, 1, M, N), got shape {tuple(mask.shape)}")
-    b, h, m, n = mask.shape
-    if n != keys or b not in (1, batch) or m not in (1, queries):
-        raise ValueError(
-            f"attention_mask has shape {tuple(mask.shape)}; attn_implementation='{NAME}' needs key padding of "
-            f"shape ({batch} or 1, 1, 1 or {queries}, {keys}) for queries {queries} and keys {keys}"
-        )
-    if h != 1:
-        raise ValueError(f"attention_mask has {h} heads; attn_implementation='{NAME}' expresses one padding mask for every head")
-    check = _checks.value_checks(mask.device) and not torch.compiler.is_compiling()
-    if mask.is_floating_point():
-        drop = mask <= torch.finfo(mask.dtype).min / 2
-        if check and not bool(((mask == 0) | drop).all()):
-            raise ValueError(
-                f"attention_mask holds additive biases other than 0 (keep) and the dtype's minimum or -inf (drop); "
-                f"attn_implementation='{NAME}' cannot express them"
-            )
-        keep = ~drop
-    else:
-        keep = mask.bool()
-    if m > 1:
-        if check and not bool((keep == keep[:, :, :1]).all()):
-            raise ValueError(f"attention_mask differs between queries; attn_implementation='{NAME}' expresses key padding only")
-        keep = keep[:, :, :1]
-    return keep.reshape(b, n).expand(batch, n)
-
-
-def _kv_lens(keep: torch.Tensor) -> torch.Tensor:
-    """Per-row count of kept keys, after checking (where values may be read) that they are a prefix."""
-    kv_lens = keep.sum(-1, dtype=torch.int32)
-    if _checks.value_checks(keep.device) and not torch.compiler.is_compiling():
-        prefix = torch.arange(keep.shape[-1], device=keep.device) < kv_lens[:, None]
-        if not bool((keep == prefix).all()):
-            raise ValueError(
-                f"attention_mask keeps keys that are not a prefix of each row (left padding or holes); "
-                f"attn_implementation='{NAME}' expresses padding as lengths: pad on the right"
-            )
-    return kv_lens
+        raise ValueError(f"attention_mask must be (B, N) or (B, H, M, N), got shape {tuple(mask.shape)}")
+    return mask if mask.is_floating_point() else mask.bool()
 
 
 def deco_ops_attention(
@@ -145,13 +107,9 @@ def deco_ops_attention(
             raise ValueError(f"query has {heads} heads, not a multiple of key/value's {kv_heads}")
         key = key.repeat_interleave(heads // kv_heads, dim=1)
         value = value.repeat_interleave(heads // kv_heads, dim=1)
-    kv_lens = None
-    if attention_mask is not None:
-        batch = max(query.shape[0], key.shape[0])
-        kv_lens = _kv_lens(_keep_mask(attention_mask, batch, query.shape[2], key.shape[2]))
     out = cross_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-        kv_lens=kv_lens, softmax_scale=scaling, dropout_p=dropout,
+        attn_mask=None if attention_mask is None else _attn_mask(attention_mask), softmax_scale=scaling, dropout_p=dropout,
     )
     return out, None
 

@@ -1,0 +1,305 @@
+"""Masks in the fused kernels and attention weights from the saved LSE (docs/masks.md).
+
+* ``deco_ops.cross_attention(attn_mask=...)`` (SDPA's semantics: bool True = attend, float added)
+  against a float64 softmax written out here: per key with holes and left padding, per query x key,
+  per head, bool and float, with ``kv_lens`` too, shared queries, both backward schedules and the
+  split forward, keys >= 1024; forward and gradients, NaN-poisoned outputs, NaN-guarded inputs,
+  value checks off; a Triton launch is asserted on the Triton backend.
+* ``need_weights``: averaged and per head, equal to the softmax and differentiable; with dropout
+  they are exactly the weights the output used (out == W V).
+* ``CrossAttention`` against ``nn.MultiheadAttention`` (float64) on the calls real models make,
+  ``need_weights=True`` (its default) included: the kernels run, weights and gradients match.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import deco_ops
+from deco_ops import CrossAttention, QueryResampler, cross_attention
+from harness import assert_close, guarded, leaf, poisoned_empty, randn
+from hot_path import Launches
+
+NEG = float("-inf")
+
+
+@pytest.fixture(autouse=True)
+def checks_off(monkeypatch):
+    """CUDA's default: nothing about a mask is read on the host, results must still be right."""
+    monkeypatch.setenv("DECO_OPS_CHECKS", "0")
+
+
+def _softmax_reference(q, k, v, bias, scale=None):
+    """float64 (out, per-head weights) of softmax(q k^T * scale + bias) v; a row with no allowed key
+    gives zeros (deco_ops' and SDPA's convention)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    B = k.shape[0]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.einsum("bmhd,bnhd->bhmn", q.expand(B, -1, -1, -1), k) * scale + bias.double()
+    dead = (s == NEG).all(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(s == NEG, 0.0)
+    return torch.einsum("bhmn,bnhd->bmhd", p, v), p
+
+
+def _additive(mask):
+    return torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, NEG) if mask.dtype == torch.bool else mask
+
+
+def _masks(kind, B, H, M, N, g):
+    """(attn_mask as passed, its additive float64 form broadcast to (B, H, M, N))."""
+    if kind == "holes":  # bool per key, random holes; batch 1 keeps nothing
+        mask = torch.rand(B, 1, 1, N, generator=g) > 0.4
+        mask[:, ..., 0] = True
+        mask[-1] = False
+    elif kind == "left-padding":
+        mask = (torch.arange(N) >= torch.arange(B)[:, None] * (N // 3))[:, None, None, :]
+    elif kind == "float-query-key":  # (M, N): a relative-position-style bias with -inf entries
+        mask = randn(M, N, generator=g).double().masked_fill(torch.rand(M, N, generator=g) > 0.7, NEG)
+        mask[:, 1] = 0.0
+    elif kind == "float-per-head":
+        mask = randn(B, H, M, N, generator=g).double().masked_fill(torch.rand(B, H, M, N, generator=g) > 0.5, NEG)
+        mask[0, 0, 1] = NEG  # one dead row
+    else:
+        raise ValueError(kind)
+    return mask, _additive(mask).expand(B, H, M, N)
+
+
+def _launched(backend, launches, *names):
+    if backend == "triton":
+        for name in names:
+            assert launches.counts[name] >= 1, f"{name} not launched: {dict(launches.counts)}"
+
+
+# (B, q batch, M, N, H, D): single pass + split forward, FA2 backward, shared queries; every mask
+# kind on the first two, and two kinds at >= 1024 keys (the interpreter's cost grows with N)
+KINDS = ("holes", "left-padding", "float-query-key", "float-per-head")
+CASES = [
+    *(pytest.param(kind, 2, 1, 5, 300, 2, 16, id=f"shared-split-M5-N300-{kind}") for kind in KINDS),
+    *(pytest.param(kind, 2, 2, 144, 40, 1, 32, id=f"fa2-M144-N40-{kind}") for kind in KINDS),
+    *(pytest.param(kind, 2, 2, 3, 1030, 1, 16, id=f"N1030-{kind}") for kind in ("holes", "float-per-head")),
+]
+
+
+@pytest.mark.parametrize("kind,B,Bq,M,N,H,D", CASES)
+def test_attn_mask_matches_softmax_forward_and_backward(backend, kind, B, Bq, M, N, H, D):
+    g = torch.Generator().manual_seed(hash((kind, N)) % 1000)
+    q, k, v = randn(Bq, M, H, D, generator=g), randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
+    dout = randn(B, M, H, D, generator=g)
+    mask, bias = _masks(kind, B, H, M, N, g)
+    if mask.is_floating_point():
+        mask = mask.float()
+    leaves = [guarded(t).requires_grad_(True) for t in (q, k, v)]
+    with Launches() as launches, poisoned_empty():
+        out = cross_attention(*leaves, attn_mask=mask)
+        out.backward(guarded(dout))
+    _launched(backend, launches, "cross_attention_fwd_kernel")
+    refs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref, _ = _softmax_reference(*refs, bias)
+    ref.backward(dout.double())
+    assert_close(out, ref, torch.float32, "out")
+    for name, got, want in zip(("dq", "dk", "dv"), (t.grad for t in leaves), (t.grad for t in refs)):
+        assert_close(got, want, torch.float32, name)
+    dead = (bias == NEG).all(-1)  # (B, H, M): zero output, zero gradient contribution
+    assert dead.any() == (kind in ("holes", "float-per-head"))
+    assert torch.equal(out.detach().transpose(1, 2)[dead], torch.zeros_like(out.transpose(1, 2)[dead]))
+
+
+def test_attn_mask_with_kv_lens_and_clamped_lengths(backend):
+    """A mask and kv_lens together; lengths past N or below 0 are clamped (never read on the host),
+    the same on every backend and with value checks on or off."""
+    g = torch.Generator().manual_seed(3)
+    B, M, N, H, D = 3, 4, 40, 2, 16
+    q, k, v = randn(B, M, H, D, generator=g), randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
+    mask = torch.rand(B, 1, M, N, generator=g) > 0.3
+    lens = torch.tensor([50, -3, 17])
+    k[2, 17:], v[2, 17:] = float("nan"), float("nan")  # padding past kv_lens is never read
+    valid = torch.arange(N)[None, :] < lens.clamp(0, N)[:, None]
+    bias = _additive(mask).masked_fill(~valid[:, None, None, :], NEG).expand(B, H, M, N)
+    ref, _ = _softmax_reference(q, k.nan_to_num(), v.nan_to_num(), bias)
+    for checks in ("0", "1"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DECO_OPS_CHECKS", checks)
+            out = cross_attention(q, k, v, attn_mask=mask, kv_lens=lens)
+        assert_close(out, ref, torch.float32, f"out (checks={checks})")
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_weights_match_softmax_and_carry_gradients(backend, average):
+    g = torch.Generator().manual_seed(4)
+    B, M, N, H, D = 2, 6, 70, 2, 16
+    q, k, v = randn(1, M, H, D, generator=g), randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
+    mask, bias = _masks("float-per-head", B, H, M, N, g)
+    leaves = [leaf(t) for t in (q, k, v)]
+    with Launches() as launches, poisoned_empty():
+        out, weights = cross_attention(*leaves, attn_mask=mask.float(), need_weights=True, average_attn_weights=average)
+    _launched(backend, launches, "cross_attention_fwd_kernel", "cross_attention_weights_kernel")
+    refs = [leaf(t, torch.float64) for t in (q, k, v)]
+    ref, p = _softmax_reference(*refs, bias)
+    ref_w = p.mean(1) if average else p
+    assert weights.shape == ref_w.shape and weights.dtype == torch.float32
+    assert_close(out, ref, torch.float32, "out")
+    assert_close(weights, ref_w, torch.float32, "weights")
+    dw = randn(*weights.shape, generator=g)
+    alone = torch.autograd.grad(weights, leaves[:2], dw, retain_graph=True)  # the output unused
+    want = torch.autograd.grad(ref_w, refs[:2], dw.double(), retain_graph=True)
+    for name, a, b in zip(("dq", "dk"), alone, want):
+        assert_close(a, b, torch.float32, f"{name} through the weights")
+    got = torch.autograd.grad((weights * dw).sum() + out.sum(), leaves)
+    want = torch.autograd.grad((ref_w * dw.double()).sum() + ref.sum(), refs)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert_close(a, b, torch.float32, name)
+
+
+def test_weights_under_dropout_are_the_ones_the_output_used(backend):
+    g = torch.Generator().manual_seed(5)
+    B, M, N, H, D = 2, 5, 45, 2, 16
+    q, k, v = randn(B, M, H, D, generator=g), randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
+    mask = torch.rand(B, 1, 1, N, generator=g) > 0.3
+    out, w = cross_attention(q, k, v, attn_mask=mask, dropout_p=0.3, generator=torch.Generator().manual_seed(9),
+                             need_weights=True, average_attn_weights=False)
+    assert (w == 0).float().mean() > 0.3  # dropped and masked entries
+    assert_close(out, torch.einsum("bhmn,bnhd->bmhd", w.double(), v.double()), torch.float32, "out vs W V")
+
+
+@pytest.mark.parametrize(
+    "mask,error,match",
+    [
+        (torch.zeros(2, 3, dtype=torch.int32), TypeError, "attn_mask must be bool"),
+        (torch.zeros(5, 7), ValueError, r"does not broadcast to \(B, H, M, N\)"),
+        (torch.zeros(1, 1, 1, 1, 9), ValueError, "does not broadcast"),
+        (torch.zeros(4, 9, requires_grad=True), ValueError, "attn_mask requires grad"),
+    ],
+)
+def test_bad_attn_mask_raises(mask, error, match):
+    q, k = randn(2, 4, 2, 8), randn(2, 9, 2, 8)
+    with pytest.raises(error, match=match):
+        cross_attention(q, k, k, attn_mask=mask)
+
+
+# --- nn.MultiheadAttention's calls --------------------------------------------------------------
+
+E, H, B, L, S = 16, 2, 3, 4, 9
+
+
+def _pair(**config):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, **config).double()
+    ours = CrossAttention(E, H, **config)
+    ours.load_state_dict(mha.state_dict())
+    return ours, mha
+
+
+def _mha_masks(kind, g, keys=S):
+    ignore = torch.rand(B, keys, generator=g) > 0.6
+    ignore[:, 1] = False
+    if kind == "left-padding":
+        return {"key_padding_mask": torch.arange(keys)[None, :] < torch.tensor([0, 3, keys - 2])[:, None]}
+    if kind == "holes":
+        return {"key_padding_mask": ignore}
+    if kind == "float-per-key":
+        return {"key_padding_mask": randn(B, keys, generator=g).masked_fill(ignore, NEG)}
+    if kind == "float-query-key":
+        return {"attn_mask": randn(L, keys, generator=g).masked_fill(torch.rand(L, keys, generator=g) > 0.8, NEG)}
+    if kind == "bool-per-head+padding":
+        return {"attn_mask": torch.rand(B * H, L, keys, generator=g) > 0.8, "key_padding_mask": ignore}
+    raise ValueError(kind)
+
+
+def _forward_backward(module, inputs, dtype, **kwargs):
+    leaves = [leaf(t, dtype) for t in inputs]
+    kwargs = {n: m.to(dtype) if isinstance(m, torch.Tensor) and m.is_floating_point() else m for n, m in kwargs.items()}
+    out, weights = module(*leaves, **kwargs)
+    loss = (out * randn(*out.shape, generator=torch.Generator().manual_seed(7)).to(dtype)).nansum()
+    if weights is not None:
+        loss = loss + (weights * randn(*weights.shape, generator=torch.Generator().manual_seed(8)).to(dtype)).nansum()
+    loss.backward()
+    grads = {n: p.grad for n, p in module.named_parameters()} | {f"input {i}": t.grad for i, t in enumerate(leaves)}
+    return out.detach(), None if weights is None else weights.detach(), grads
+
+
+@pytest.mark.parametrize("kind", ["left-padding", "holes", "float-per-key", "float-query-key", "bool-per-head+padding"])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("average", [True, False])
+def test_multihead_attention_default_call_runs_the_kernels(kind, batch_first, average):
+    """need_weights=True (MHA's default) with any mask: our kernels end to end (forward, weights,
+    backward), equal to nn.MultiheadAttention in float64 with value checks off."""
+    ours, mha = _pair(batch_first=batch_first)
+    g = torch.Generator().manual_seed(11)
+    shape = (lambda n: (B, n, E)) if batch_first else (lambda n: (n, B, E))
+    inputs = (randn(*shape(L), generator=g), randn(*shape(S), generator=g), randn(*shape(S), generator=g))
+    masks = _mha_masks(kind, g)
+    with deco_ops.use_backend("triton"), Launches() as launches:
+        out, weights, grads = _forward_backward(ours, inputs, torch.float32, average_attn_weights=average, **masks)
+    for name in ("cross_attention_fwd_kernel", "cross_attention_weights_kernel", "cross_attention_bwd_single_pass_kernel"):
+        assert launches.counts[name] >= 1, f"{name} not launched: {dict(launches.counts)}"
+    ref, ref_weights, ref_grads = _forward_backward(mha, inputs, torch.float64, average_attn_weights=average, **masks)
+    assert_close(out, ref, torch.float32, "attn_output")
+    assert_close(weights, ref_weights, torch.float32, "attn_output_weights")
+    for name, got in grads.items():
+        assert_close(got, ref_grads[name], torch.float32, f"grad {name}")
+
+
+def test_queries_without_keys_give_nan_as_multihead_attention():
+    ours, mha = _pair(batch_first=True)
+    g = torch.Generator().manual_seed(16)
+    q, k = randn(B, L, E, generator=g), randn(B, S, E, generator=g)
+    ignore = torch.rand(B, S, generator=g) > 0.5
+    ignore[1] = True
+    attn_mask = torch.zeros(L, S, dtype=torch.bool)
+    attn_mask[2] = True  # query 2 sees nothing in any batch
+    for average in (True, False):
+        with deco_ops.use_backend("triton"):
+            out, weights = ours(q, k, k, key_padding_mask=ignore, attn_mask=attn_mask, average_attn_weights=average)
+        ref, ref_weights = mha(q.double(), k.double(), k.double(), key_padding_mask=ignore, attn_mask=attn_mask,
+                               average_attn_weights=average)
+        assert torch.isnan(ref[1]).all() and torch.isnan(ref[:, 2]).all()
+        assert_close(out, ref, torch.float32, "attn_output")  # the same NaN positions, the rest close
+        assert_close(weights, ref_weights, torch.float32, "attn_output_weights")
+
+
+@pytest.mark.slow  # ~20 s in the interpreter; the fast suite covers 1030 keys at the op level
+def test_multihead_attention_long_keys_bias_kv_zero_attn():
+    """1030 keys, add_bias_kv and add_zero_attn (extra keys and zero mask columns after the given
+    ones, as MHA), left padding, need_weights: our kernels, MHA's values."""
+    ours, mha = _pair(add_bias_kv=True, add_zero_attn=True, batch_first=True)
+    g = torch.Generator().manual_seed(12)
+    batch, keys = 2, 1030
+    inputs = (randn(batch, L, E, generator=g), randn(batch, keys, E, generator=g), randn(batch, keys, E, generator=g))
+    masks = {"key_padding_mask": torch.arange(keys)[None, :] < torch.tensor([5, 1000])[:, None]}
+    with deco_ops.use_backend("triton"), Launches() as launches:
+        out, weights, grads = _forward_backward(ours, inputs, torch.float32, **masks)
+    assert launches.counts["cross_attention_fwd_kernel"] >= 1
+    ref, ref_weights, ref_grads = _forward_backward(mha, inputs, torch.float64, **masks)
+    assert weights.shape == (batch, L, keys + 2)
+    assert_close(out, ref, torch.float32, "attn_output")
+    assert_close(weights, ref_weights, torch.float32, "attn_output_weights")
+    for name, got in grads.items():
+        assert_close(got, ref_grads[name], torch.float32, f"grad {name}")
+
+
+def test_learned_mask_runs_pytorch():
+    """A mask that requires grad (a learned bias) runs F.multi_head_attention_forward: the kernels
+    give masks no gradient."""
+    ours, mha = _pair()
+    g = torch.Generator().manual_seed(13)
+    q, k = randn(L, B, E, generator=g), randn(S, B, E, generator=g)
+    bias = randn(L, S, generator=g).requires_grad_(True)
+    with Launches() as launches:
+        out, _ = ours(q, k, k, attn_mask=bias)
+    assert launches.total() == 0
+    out.sum().backward()
+    assert bias.grad is not None and torch.isfinite(bias.grad).all()
+
+
+def test_query_resampler_key_padding_mask_with_holes(backend):
+    torch.manual_seed(0)
+    m = QueryResampler(4, 16, 12, 2)
+    x = randn(2, 30, 12, generator=torch.Generator().manual_seed(14))
+    ignore = torch.rand(2, 30, generator=torch.Generator().manual_seed(15)) > 0.5
+    ignore[:, 0] = False
+    x_nan = x.masked_fill(ignore[..., None], 1e4)  # ignored tokens must not matter
+    out = m(x_nan, key_padding_mask=ignore)
+    for b in range(2):  # each row alone, only its kept tokens
+        alone = m(x[b:b + 1, ~ignore[b]])
+        assert_close(out[b:b + 1], alone, torch.float32, f"batch {b}")
