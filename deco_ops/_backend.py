@@ -40,7 +40,7 @@ _switch_on_interpreter()
 from ._setting import Setting, environ_entry  # noqa: E402  (after the switch)
 
 SETTING = Setting(ENV_VAR, BACKENDS, "backend")
-_INTERPRET_ENVIRON, _INTERPRET_KEY = environ_entry("TRITON_INTERPRET")
+INTERPRET_ENTRY = environ_entry("TRITON_INTERPRET")  # (mapping, key): ``TRITON_INTERPRET`` in one lookup
 
 
 def selected() -> str:
@@ -56,7 +56,8 @@ def use_backend(name: str) -> contextlib.AbstractContextManager[None]:
 
 def interpreting() -> bool:
     """Whether Triton kernels in this process run through the interpreter."""
-    raw = _INTERPRET_ENVIRON.get(_INTERPRET_KEY)
+    environ, key = INTERPRET_ENTRY
+    raw = environ.get(key)
     return raw == b"1" or raw == "1"
 
 

@@ -46,6 +46,14 @@ _peek_functorch = getattr(torch._C._functorch, "peek_interpreter_stack", lambda:
 
 _all: list[Plans] = []  # every op's plans, for clear()
 
+# The settings enter a signature raw (the override in force, the environment variable as stored):
+# two dictionary lookups each instead of their checked value (``Setting.selected``, five calls);
+# building a plan reads them checked, so a bad value still raises there.
+_settings = tuple((s.overrides.get, s.environ.get, s.env_key) for s in (_backend.SETTING, strategy.SETTING))
+(_backend_override, _backend_env, _backend_key), (_strategy_override, _strategy_env, _strategy_key) = _settings
+_interpret_environ, _interpret_key = _backend.INTERPRET_ENTRY
+_interpret_env = _interpret_environ.get
+
 
 def signature(args: tuple) -> tuple | None:
     """The key of a plain eager call with ``args`` (module docstring), None for any other call."""
@@ -53,8 +61,8 @@ def signature(args: tuple) -> tuple | None:
         return None
     # a flat list (cheaper than nested tuples), unambiguous: a tensor's entries start with its
     # torch.Size, any other argument's with a type
-    key = [torch.is_grad_enabled(), _deterministic(), _backend.SETTING.selected(), _backend.interpreting(),
-           strategy.SETTING.selected()]
+    key = [torch.is_grad_enabled(), _deterministic(), _backend_override(), _backend_env(_backend_key),
+           _interpret_env(_interpret_key), _strategy_override(), _strategy_env(_strategy_key)]
     for a in args:
         kind = type(a)
         if kind in _TENSORS:

@@ -34,10 +34,11 @@ def decode(raw) -> str:
 class Setting:
     def __init__(self, var: str, choices: tuple[str, ...], what: str):
         self.var = var
-        self._environ, self._key = environ_entry(var)
+        self.environ, self.env_key = environ_entry(var)  # ``environ.get(env_key)``: the raw value
         self.choices = choices
         self.what = what  # how the error of a bad ``use(name)`` names the argument
-        self._override: contextvars.ContextVar[str | None] = contextvars.ContextVar(f"deco_ops_{what}", default=None)
+        # the innermost ``use`` block's choice in this context (None: none)
+        self.overrides: contextvars.ContextVar[str | None] = contextvars.ContextVar(f"deco_ops_{what}", default=None)
         self._parsed: dict[object, str] = {}  # raw environment value -> its checked setting
 
     def check(self, name: str, source: str) -> str:
@@ -48,7 +49,7 @@ class Setting:
     @torch.compiler.assume_constant_result
     def override(self) -> str | None:
         """The innermost ``use`` block's choice in the current context, or None."""
-        return self._override.get()
+        return self.overrides.get()
 
     def selected(self) -> str:
         """The innermost ``use`` block's choice, else ``$var``, normalised and checked once per
@@ -56,7 +57,7 @@ class Setting:
         forced = self.override()
         if forced is not None:
             return forced
-        raw = self._environ.get(self._key)
+        raw = self.environ.get(self.env_key)
         name = self._parsed.get(raw)
         if name is None:
             value = "auto" if raw is None else decode(raw)
@@ -66,8 +67,8 @@ class Setting:
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[None]:
         """Force ``name`` inside a ``with`` block, in the current thread / context only."""
-        token = self._override.set(self.check(name, self.what))
+        token = self.overrides.set(self.check(name, self.what))
         try:
             yield
         finally:
-            self._override.reset(token)
+            self.overrides.reset(token)
