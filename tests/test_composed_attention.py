@@ -126,7 +126,7 @@ def _flash_backward(dout, q, k, v, out, lse, cu_q, cu_k, M, N, dropout_p, is_cau
     return _cpu_backward(dout, q, k, v, out, lse, None, scale)
 
 
-def _cudnn_forward(q, k, v, bias, compute_lse, dropout_p, is_causal, debug_mask, *, scale):
+def _cudnn_forward(q, k, v, bias, compute_lse, dropout_p=0.0, is_causal=False, debug_mask=False, *, scale=None):  # the schema's defaults
     assert bias is None and (dropout_p, is_causal, debug_mask) == (0.0, False, False)
     o, lse = _cpu(q, k, v, None, scale)
     return o, lse[..., None] if compute_lse else None, None, None, q.shape[2], k.shape[2], None, None, None
