@@ -148,10 +148,10 @@ def _heads_first(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.transpose(1, 2) for t in tensors)
 
 
-def normalised_lse(lse: torch.Tensor, B: int, H: int, M: int) -> torch.Tensor:
+def normalised_lse(lse: torch.Tensor, M: int) -> torch.Tensor:
     """A kernel's LSE (``(B, H, M)``, ``(B, H, M, 1)`` or ``(B, H, >= M)`` padded; fp32, fp64 for
     fp64 inputs on CPU) as the op's ``(B, H, M)`` (a view where it already is)."""
-    return lse.reshape(B, H, -1)[:, :, :M]
+    return lse.flatten(2)[:, :, :M]  # flatten, not reshape(B, H, -1): an empty batch has no -1
 
 
 @functools.cache
@@ -186,7 +186,7 @@ def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None) -> tup
         else:
             o, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(*_heads_first(q, k, v), None, True, 0.0, False, False, scale=scale)
         out = o.transpose(1, 2)
-    lse = normalised_lse(lse, B, H, M)
+    lse = normalised_lse(lse, M)
     if dead is not None:
         out = torch.where(dead.transpose(1, 2)[..., None], 0.0, out)
         lse = torch.where(dead, float("inf"), lse)

@@ -78,11 +78,11 @@ def test_aten_schemas_and_layouts(kernel):
 
 def test_lse_normalisation():
     lse = torch.randn(2, 3, 5)
-    assert torch.equal(ca.normalised_lse(lse, 2, 3, 5), lse)
-    assert torch.equal(ca.normalised_lse(lse[..., None], 2, 3, 5), lse)  # cuDNN (B, H, M, 1)
+    assert torch.equal(ca.normalised_lse(lse, 5), lse)
+    assert torch.equal(ca.normalised_lse(lse[..., None], 5), lse)  # cuDNN (B, H, M, 1)
     padded = torch.full((2, 3, 32), float("nan"))
     padded[..., :5] = lse
-    assert torch.equal(ca.normalised_lse(padded, 2, 3, 5), lse)  # memory-efficient: ceil(M / 32) * 32
+    assert torch.equal(ca.normalised_lse(padded, 5), lse)  # memory-efficient: ceil(M / 32) * 32
 
 
 # ----------------------------------------------------------------------------------------------
