@@ -256,6 +256,15 @@ def test_queries_without_keys_give_nan_as_multihead_attention():
         assert torch.isnan(ref[1]).all() and torch.isnan(ref[:, 2]).all()
         assert_close(out, ref, torch.float32, "attn_output")  # the same NaN positions, the rest close
         assert_close(weights, ref_weights, torch.float32, "attn_output_weights")
+    per_head = torch.zeros(B * H, L, S, dtype=torch.bool)
+    per_head[H * 1 + 0, 3] = True  # batch 1, head 0, query 3 sees nothing; head 1 sees every key
+    for average in (True, False):
+        with deco_ops.use_backend("triton"):
+            out, weights = ours(q, k, k, attn_mask=per_head, average_attn_weights=average)
+        ref, ref_weights = mha(q.double(), k.double(), k.double(), attn_mask=per_head, average_attn_weights=average)
+        assert torch.isnan(ref_weights[1, 3] if average else ref_weights[1, 0, 3]).all()
+        assert_close(out, ref, torch.float32, "attn_output (one head without keys)")
+        assert_close(weights, ref_weights, torch.float32, "attn_output_weights (one head without keys)")
 
 
 @pytest.mark.slow  # ~20 s in the interpreter; the fast suite covers 1030 keys at the op level
