@@ -20,7 +20,7 @@ import triton
 
 import deco_ops
 from deco_ops import reference, strategy
-from deco_ops.kernels import _tuning
+from deco_ops.kernels import _tuning, tma_gemm
 from harness import DEVICE, DTYPES, assert_close, guarded, leaf, poisoned_empty, randn
 from test_cross_attention import _case as attention_case
 from test_cross_attention import _forced as forced_schedule
@@ -82,12 +82,38 @@ def _merge(dtype):
     return [("y", y, y64)] + [(f"grad {n}", a.grad, b.grad) for n, a, b in zip(names, leaves, ref)]
 
 
+def _attention_weights(dtype):
+    """cross_attention with a boolean mask and per-head weights (the weights kernel), forward."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (randn(*shape, dtype=dtype, generator=gen) for shape in ((2, 17, 2, 64), (2, 90, 2, 64), (2, 90, 2, 64)))
+    mask = torch.rand(2, 1, 17, 90, generator=gen).to(DEVICE) > 0.3
+    with poisoned_empty():
+        out, weights = deco_ops.cross_attention(q, k, v, attn_mask=mask, need_weights=True, average_attn_weights=False)
+    scores = torch.einsum("bmhd,bnhd->bhmn", q.double(), k.double()) * 64 ** -0.5
+    p64 = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+    return [("out", out, torch.einsum("bhmn,bnhd->bmhd", p64, v.double())), ("weights", weights, p64)]
+
+
+def _tma_linear_act(dtype):
+    """The Hopper TMA GEMM (16-bit only) with its bias + GELU epilogue, forward."""
+    if dtype == torch.float32:
+        return []
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = randn(40, 64, dtype=dtype, generator=gen), randn(48, 64, dtype=dtype, generator=gen), randn(48, dtype=dtype, generator=gen)
+    with poisoned_empty():
+        act, pre = tma_gemm.tma_linear_act(x, w, b, "gelu", store_pre=True)
+    pre64 = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    return [("pre", pre, pre64), ("act", act, torch.nn.functional.gelu(pre64))]
+
+
 # name -> results(dtype): one small shape per kernel family, forward and backward
 CASES = {
     **{op: (lambda dtype, op=op: _projector(op, dtype)) for op in ("pool_mlp", "mlp_pool", "pool_mlp_packed")},
     "attention_split_single_pass": _attention(3, True),
     "attention_fa2": _attention(1, False),
     "merge_mlp": _merge,
+    "attention_weights": _attention_weights,
+    "tma_linear_act": _tma_linear_act,
 }
 
 
