@@ -3,7 +3,7 @@ memory over the limit, and the fp16/bf16 GEMMs use Hopper's wgmma (HGMMA) on sm_
 (triton.compile + cuobjdump).
 
 The default test compiles every non-attention kernel (every config that can launch, every
-representative variant) in fp16/bf16 for both targets (~130 compiles, ~1-2 min on 2 CPU cores).
+representative variant) in bf16 for both targets (the full run adds fp16 and fp32).
 The fp32 cross-attention kernels (exact and tf32 dots, sm_90) have their own test; every
 attention kernel in every dtype on both targets is a slow test (``--runslow``). The full check is
 ``python -m deco_ops.aot``. The tool runs from this process's environment,
@@ -32,7 +32,9 @@ def _run(tmp_path_factory, *args):
 
 @pytest.fixture(scope="module")
 def aot_run(tmp_path_factory):
-    return _run(tmp_path_factory, "--kernels", KERNELS, "--dtypes", "fp16,bf16")
+    # bf16 only in CI (3.5 min for both 16-bit dtypes on 2 cores; fp16 compiles to the same
+    # registers, docs/aot.md): the full run, `python -m deco_ops.aot`, compiles every dtype
+    return _run(tmp_path_factory, "--kernels", KERNELS, "--dtypes", "bf16")
 
 
 def _check_rows(rows):
@@ -55,7 +57,7 @@ def test_aot_rows_cover_every_kernel_target_and_dtype_without_spills(aot_run):
     rows = data["rows"]
     assert {r["target"] for r in rows} == {"sm_90", "sm_80"}
     assert {r["kernel"] for r in rows} == set(KERNELS.split(","))
-    assert {(r["kernel"], r["dtype"]) for r in rows} == {(k, d) for k in KERNELS.split(",") for d in ("fp16", "bf16")}
+    assert {(r["kernel"], r["dtype"]) for r in rows} == {(k, "bf16") for k in KERNELS.split(",")}
     _check_rows(rows)
 
 
