@@ -497,6 +497,36 @@ def _attn_variants(attr: str, splits=(False,), gemm: bool = True):
     return variants
 
 
+# kernels/cross_attention_tma.py: BLIP-2's Q-Former (two heads per program; split keys at batch 1),
+# the Qwen-VL resampler (M=256, N=1024, H=16, D=128: the warp-specialised 128 x 128 tile) and the
+# plain 64-query tile between them.
+_TMA_ATTN_SHAPES = {"blip2": (64, 32, 257, 12, 64), "blip2 B1": (1, 32, 257, 12, 64), "qwenvl": (16, 256, 1024, 16, 128),
+                    "M64": (16, 64, 1024, 16, 128)}  # a 64-query tile, one head per program
+
+
+def _attn_tma_variants(module, dtypes):
+    """16-bit only (the strategy offers the kernel for fp16/bf16 on sm_90); dense keys and
+    ``kv_lens`` at each shape, split keys where the launcher splits (BLIP-2 at batch 1)."""
+    fn = _raw_jit_function(module.cross_attention_tma_kernel)
+    out = []
+    for dtype, precision, dlabel, _ in _dtype_variants([d for d in dtypes if d != "fp32"]):
+        for name, (B, M, N, H, D) in _TMA_ATTN_SHAPES.items():
+            block_m, heads, ws = module.tile(M, H, D)
+            split = B == 1
+            for lens in (False, True):
+                args = _attn_args(fn, dtype, precision, D, (B, M, N, H), SPLIT=split, BLOCK_M=block_m)
+                args.update(KV_MODE=int(lens), lens_ptr="*i32" if lens else "*fp32", HEADS=heads, WARP_SPECIALIZE=ws)
+                label = f"{dlabel} {name} D{D} heads{heads}" + (" split" if split else "") + (" lens" if lens else "")
+                out.append(Variant(label, dtype, args, hgmma=ws, tma=True, warp_specialized=ws))
+    return out
+
+
+def _attn_tma_launchable(module, config, variant, arch) -> bool:
+    # TMA descriptors are Hopper's: the strategy offers this kernel on sm_90 only.
+    a = variant.args
+    return arch == 90 and module.fits(config, a["BLOCK_M"], a["HEADS"], a["BLOCK_D"], _elem(variant), SMEM_LIMIT[arch])
+
+
 def _elem(variant: Variant) -> int:
     return 4 if variant.dtype == "fp32" else 2
 
@@ -526,6 +556,8 @@ def _attn_entries() -> list[Entry]:
               launchable=lambda m, config, variant, arch: m.fits(
                   config, _elem(variant), variant.args["INPUT_PRECISION"] == "ieee", variant.args["DROPOUT"], arch,
                   variant.args["HAS_BIAS"])),
+        Entry("cross_attention_tma", "deco_ops.kernels.cross_attention_tma", "cross_attention_tma_kernel",
+              lambda m: m.cuda_configs(), _attn_tma_variants, launchable=_attn_tma_launchable),
         Entry("cross_attention_combine", fwd, "cross_attention_combine_kernel", lambda m: m.combine_cuda_configs(),
               _attn_variants("cross_attention_combine_kernel", gemm=False), optional=True),
         Entry("cross_attention_bwd_preprocess", bwd, "cross_attention_bwd_preprocess_kernel",

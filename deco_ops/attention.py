@@ -15,7 +15,10 @@ saved LSE (``kernels/cross_attention_weights.py``), op ``torch.ops.deco.cross_at
 
 Strategies (``deco_ops.strategy``): the kernels below, or the composed twin on SDPA's own kernels
 (``deco_ops.composed_attention``), which returns the same O and LSE, so either backward follows
-either forward; on the PyTorch backend ``auto`` runs the twin.
+either forward; on the PyTorch backend ``auto`` runs the twin. The forward has one more candidate,
+``fused_tma`` (``kernels/cross_attention_tma.py``: TMA descriptors, warp-specialised 128-query
+tiles; Hopper, 16-bit, no dropout or mask, ``_tma_applies``), opt-in until a GPU has measured it:
+it runs only under ``use_strategy("fused_tma")`` / ``DECO_OPS_STRATEGY=fused_tma``.
 
 Backends (``deco_ops._backend``): the Triton kernels in ``kernels/cross_attention_fwd.py`` and
 ``kernels/cross_attention_bwd.py``, or the PyTorch reference path of
@@ -34,7 +37,7 @@ from ._direct import custom_op, deco, register_autograd
 from . import _validate_attention as _check
 from . import reference_attention as reference
 from ._transfer import to_device
-from .kernels import cross_attention_bwd, cross_attention_fwd, cross_attention_weights
+from .kernels import _tuning, cross_attention_bwd, cross_attention_fwd, cross_attention_tma, cross_attention_weights
 
 
 def _batch_and_keys(k: torch.Tensor, cu_seqlens_k: torch.Tensor | None, max_seqlen_k: int) -> tuple[int, int]:
@@ -79,6 +82,19 @@ def _cross_attention_kernels(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale
     return cross_attention_fwd.cross_attention_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, attn_bias)
 
 
+def _cross_attention_tma(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias):
+    B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
+    return cross_attention_tma.cross_attention_tma_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale)
+
+
+def _tma_applies(q, k, v, dropout_p, attn_bias) -> bool:
+    """Whether the ``fused_tma`` forward can run the call: the Triton backend on an sm_90 GPU (or its
+    interpreter), fp16/bf16, no dropout and no additive mask (per-tile work its mask-free key loop
+    leaves out), every tensor readable through TMA descriptors (16-byte aligned, unit dim stride)."""
+    return (_tuning.device_arch(q.device) == 90 and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
+            and attn_bias is None and all(map(cross_attention_tma.tma_compatible, (q, k, v))))
+
+
 def _cross_attention_reference(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias):
     kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, max_seqlen_k)
     return reference.attention_fwd(q, kp, vp, lens, scale, dropout_p, _rng_pair(rng), attn_bias)
@@ -99,7 +115,11 @@ def _cross_attention_implementation(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k
         (q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias), on_triton=on_triton,
         key=lambda: _key("cross_attention", q, B, N, kv_lens, cu_seqlens_k, attn_bias, needs_grad),
         fused=_cross_attention_kernels if on_triton else _cross_attention_reference,
-        composed_kernels=_composed_candidates(q, kv_lens, cu_seqlens_k, attn_bias, dropout_p, _cross_attention_composed),
+        composed_kernels={
+            **({"fused_tma": strategy.Candidate(_cross_attention_tma, opt_in=True)}
+               if on_triton and _tma_applies(q, k, v, dropout_p, attn_bias) else {}),
+            **_composed_candidates(q, kv_lens, cu_seqlens_k, attn_bias, dropout_p, _cross_attention_composed),
+        },
     )
 
 

@@ -2,7 +2,8 @@
 the pieces a careful user would use (our pooling kernel + cuBLAS ``addmm`` + the activation in
 PyTorch; the scaled-dot-product-attention kernels of PyTorch for attention).
 
-Candidates, by name (``CANDIDATES``): ``fused``; ``composed`` (an op's one composed twin);
+Candidates, by name (``CANDIDATES``): ``fused``; ``fused_tma`` (attention's forward on TMA
+descriptors for Hopper, ``kernels/cross_attention_tma.py``: *opt-in*, see below); ``composed`` (an op's one composed twin);
 attention's composed twins on CUDA, one per SDPA kernel that returns the log-sum-exp
 (``composed_efficient``, ``composed_flash``, ``composed_cudnn``: ``deco_ops.composed_attention``
 says which applies to which call). An op offers those that can express the call, the fused one
@@ -25,6 +26,11 @@ the current thread or context only, the innermost block winning):
   ones first in deterministic mode). Never timed.
 * ``composed_efficient`` / ``composed_flash`` / ``composed_cudnn``: that kernel where it applies,
   else as ``composed``.
+
+Opt-in candidates (``Candidate.opt_in``): kernels no GPU has verified yet. They run only where
+selected by name (``DECO_OPS_STRATEGY=fused_tma`` or ``use_strategy("fused_tma")``, for the calls
+they can express; other calls take ``fused``); ``auto`` never times or picks them, and a cached or
+preloaded decision naming one is ignored (re-measured without it).
 
 What is timed: one custom op's own work. Forward and backward are separate custom ops with their
 own decisions; every forward returns the same residuals (the output and the fp32 log-sum-exp in
@@ -87,7 +93,7 @@ from .kernels import _tuning
 ENV_VAR = "DECO_OPS_STRATEGY"
 CACHE_DIR_ENV = "DECO_OPS_CACHE_DIR"
 SYNC_ENV = "DECO_OPS_STRATEGY_SYNC"
-CANDIDATES = ("fused", "composed", "composed_efficient", "composed_flash", "composed_cudnn")
+CANDIDATES = ("fused", "fused_tma", "composed", "composed_efficient", "composed_flash", "composed_cudnn")
 STRATEGIES = ("auto", *CANDIDATES)
 CACHE_FILE = "strategy.json"
 KEY_FIELDS = 7
@@ -106,8 +112,8 @@ def selected() -> str:
 
 
 def use_strategy(name: str) -> contextlib.AbstractContextManager[None]:
-    """Force ``"fused"``, ``"composed"`` or one named composed candidate (or restore ``"auto"``)
-    inside a ``with`` block, in the current thread or context only; the innermost block wins."""
+    """Force ``"fused"``, ``"composed"``, one named composed candidate or an opt-in one such as
+    ``"fused_tma"`` (or restore ``"auto"``) inside a ``with`` block, in the current thread or context only; the innermost block wins."""
     return SETTING.use(name)
 
 
@@ -158,6 +164,7 @@ class Candidate:
 
     run: Callable[[], object]
     deterministic: bool = True  # bitwise reproducible from run to run
+    opt_in: bool = False  # never verified on a GPU: runs only when selected by name, never under auto
 
 
 def choose(candidates: Mapping[str, Candidate], *, on_triton: bool, key: Callable[[], str]) -> str:
@@ -235,7 +242,7 @@ def implementation(args: tuple, *, on_triton: bool, key: Callable[[], str], fuse
     ways = {name: Candidate(f, name != "composed" or composed_deterministic)
             for name, f in (("fused", fused), ("composed", composed)) if f is not None}
     ways.update(composed_kernels or {})
-    candidates = {name: Candidate(functools.partial(c.run, *args), c.deterministic) for name, c in ways.items()}
+    candidates = {name: Candidate(functools.partial(c.run, *args), c.deterministic, c.opt_in) for name, c in ways.items()}
     return ways[choose(candidates, on_triton=on_triton, key=key)].run
 
 
@@ -270,8 +277,10 @@ def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Calla
 
 
 def _usable(candidates: Mapping[str, Candidate]) -> dict[str, Candidate]:
-    """The candidates that may run: under ``torch.use_deterministic_algorithms(True)`` the
-    deterministic ones (the first candidate if none is), else all."""
+    """The candidates ``auto`` may run: never the opt-in ones; under
+    ``torch.use_deterministic_algorithms(True)`` the deterministic ones (the first candidate if none
+    is), else all."""
+    candidates = {name: c for name, c in candidates.items() if not c.opt_in}
     if torch.are_deterministic_algorithms_enabled():
         default = next(iter(candidates))
         return {name: c for name, c in candidates.items() if c.deterministic} or {default: candidates[default]}

@@ -279,16 +279,23 @@ def cross_attention_fwd_kernel(
 
     if SPLIT:
         state = (split * tl.num_programs(0) + bh).to(tl.int64) * M + rows
-        tl.store(o_ptr + state[:, None] * D + dims[None, :], acc, mask=row_mask[:, None] & dim_mask[None, :])
-        tl.store(m_ptr + state, m_i, mask=row_mask)
-        tl.store(l_ptr + state, l_i, mask=row_mask)
+        store_partial(o_ptr, m_ptr, l_ptr, acc, m_i, l_i, state, row_mask, dims, dim_mask, D)
     else:
         store_output(o_ptr, lse_ptr, acc, m_i, l_i, b, h, bh, M, rows, row_mask, dims, dim_mask, sob, som, soh, sod)
 
 
 @triton.jit
+def store_partial(o_ptr, m_ptr, l_ptr, acc, m_i, l_i, state, row_mask, dims, dim_mask, D):
+    """A key split's fp32 partial state of rows ``state`` (index into (S, B, H, M)): unnormalised O, m, l."""
+    tl.store(o_ptr + state[:, None] * D + dims[None, :], acc, mask=row_mask[:, None] & dim_mask[None, :])
+    tl.store(m_ptr + state, m_i, mask=row_mask)
+    tl.store(l_ptr + state, l_i, mask=row_mask)
+
+
+@triton.jit
 def store_output(o_ptr, lse_ptr, acc, m_i, l_i, b, h, bh, M, rows, row_mask, dims, dim_mask, sob, som, soh, sod):
-    """O = acc / l (zero rows where l == 0) and LSE = (m + log2 l) * ln 2 (+inf where l == 0)."""
+    """O = acc / l (zero rows where l == 0) and LSE = (m + log2 l) * ln 2 (+inf where l == 0). ``h``
+    and ``bh`` may be per row (``h`` shaped (rows, 1)) for a program over several heads."""
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     o_ptrs = o_ptr + b.to(tl.int64) * sob + h * soh + rows.to(tl.int64)[:, None] * som + dims[None, :] * sod
@@ -400,9 +407,7 @@ def cross_attention_fwd(
     keys_per_split, num_splits = split_ranges(N, num_splits)
     split = num_splits > 1
     if split:
-        part_o = torch.empty((num_splits, B, H, M, D), device=q.device, dtype=stat_dtype)
-        part_m = torch.empty((num_splits, B, H, M), device=q.device, dtype=stat_dtype)
-        part_l = torch.empty_like(part_m)
+        part_o, part_m, part_l = partial_states(num_splits, B, H, M, D, q.device, stat_dtype)
     BLOCK_D = max(16, triton.next_power_of_2(D))
     mode = kv_mode(kv_lens, cu_seqlens_k)
     sqb = 0 if q.shape[0] == 1 else q.stride(0)
@@ -423,12 +428,24 @@ def cross_attention_fwd(
         BLOCK_D=BLOCK_D,
     )
     if split:
-        cross_attention_combine_kernel[lambda meta: (B * H, triton.cdiv(M, meta["BLOCK_M"]))](
-            part_o, part_m, part_l, out, lse,
-            B * H, H, M, D, num_splits, *out.stride(),
-            ACC=acc_dtype(q.dtype), BLOCK_D=BLOCK_D,
-        )
+        combine(part_o, part_m, part_l, out, lse)
     return out, lse
+
+
+def partial_states(num_splits: int, B: int, H: int, M: int, D: int, device: torch.device, dtype: torch.dtype):
+    """Buffers of the split-key partial states: unnormalised O (S, B, H, M, D), m and l (S, B, H, M)."""
+    part_m = torch.empty((num_splits, B, H, M), device=device, dtype=dtype)
+    return torch.empty((num_splits, B, H, M, D), device=device, dtype=dtype), part_m, torch.empty_like(part_m)
+
+
+def combine(part_o: torch.Tensor, part_m: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merges the partial states into O (B, M, H, D) and the LSE (``cross_attention_combine_kernel``)."""
+    num_splits, B, H, M, D = part_o.shape
+    cross_attention_combine_kernel[lambda meta: (B * H, triton.cdiv(M, meta["BLOCK_M"]))](
+        part_o, part_m, part_l, out, lse,
+        B * H, H, M, D, num_splits, *out.stride(),
+        ACC=acc_dtype(out.dtype), BLOCK_D=max(16, triton.next_power_of_2(D)),
+    )
 
 
 def flops(B: int, H: int, M: int, N: int, D: int) -> int:

@@ -162,7 +162,7 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _ensure_allocator() -> None:
+def ensure_allocator() -> None:
     """Installs ``_scratch`` as Triton's allocator unless the caller installed their own."""
     if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
         triton.set_allocator(_scratch)
@@ -233,7 +233,7 @@ def _launch(a, w, b, z, out, aux, K, epilogue, activation, store_pre) -> None:
     M, N = out.shape
     programs = INTERPRET_PROGRAMS if INTERPRET else _num_sms(out.device)
     if not INTERPRET:
-        _ensure_allocator()
+        ensure_allocator()
     grid = lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
     tma_gemm_kernel[grid](
         a, w, out if b is None else b, out if z is None else z, out, out if aux is None else aux,
