@@ -161,3 +161,32 @@ def test_aot_tma_gemm_every_config_sm90(tmp_path_factory):
     assert {r["target"] for r in rows} == {"sm_90"}
     assert {r["variant"].split(" ")[1] for r in rows} == {"bias_act", "act_grad"}
     _check_hopper_rows(rows)
+
+
+def test_aot_attention_tma_two_compiles_sm90():
+    """The TMA attention forward (bf16, sm_90, ~20 s): the Qwen-VL resampler's warp-specialised
+    128 x 128 tile (TMA, producer/consumer warpgroups, HGMMA) and BLIP-2's two-heads-per-program
+    tile with kv_lens (TMA; batched dots run mma.sync), both without spills."""
+    code = ("import json; from deco_ops import aot; rows = [aot.compile_job('cross_attention_tma', c, v, ['bf16'], 90) "
+            "for c, v in ((3, 4), (0, 1))]; [r.update(problems=aot._problems(r)) for r in rows]; print(json.dumps(rows))")
+    proc = subprocess.run([sys.executable, "-c", code], env=_compiled_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ws, heads = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ws["variant"] == "bf16 qwenvl D128 heads1" and ws["config"] == "N128 w4 s2", ws
+    _check_hopper_rows([ws])
+    assert heads["variant"] == "bf16 blip2 D64 heads2 lens" and heads["config"] == "N64 w4 s4", heads
+    _check_rows([heads])
+    assert heads["tma"] and not heads["warp_specialized"], heads
+
+
+@pytest.mark.slow
+def test_aot_attention_tma_every_config_sm90(tmp_path_factory):
+    """Every admitted config and variant of the TMA attention forward in fp16/bf16; sm_80 is pruned."""
+    proc, data = _run(tmp_path_factory, "--kernels", "cross_attention_tma", "--targets", "90,80", "--dtypes", "fp16,bf16")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = data["rows"]
+    assert {r["target"] for r in rows} == {"sm_90"}
+    _check_rows(rows)
+    assert all(r["tma"] for r in rows) and all(r["warp_specialized"] == ("qwenvl" in r["variant"]) for r in rows)
+    _check_hopper_rows([r for r in rows if "qwenvl" in r["variant"]])
+

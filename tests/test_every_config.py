@@ -20,7 +20,7 @@ import triton
 
 import deco_ops
 from deco_ops import reference, strategy
-from deco_ops.kernels import _tuning, tma_gemm
+from deco_ops.kernels import _tuning, cross_attention_tma, tma_gemm
 from harness import DEVICE, DTYPES, assert_close, guarded, leaf, poisoned_empty, randn
 from test_cross_attention import _case as attention_case
 from test_cross_attention import _forced as forced_schedule
@@ -106,6 +106,16 @@ def _tma_linear_act(dtype):
     return [("pre", pre, pre64), ("act", act, torch.nn.functional.gelu(pre64))]
 
 
+def _attention_tma(dtype):
+    """The TMA attention forward (opt-in ``fused_tma``, 16-bit, sm_90): two heads per program, kv_lens."""
+    if dtype == torch.float32:
+        return []
+    q, k, v, dout, kv_lens = attention_case(2, 2, 32, 70, 2, 32, [70, 30], dtype)
+    with poisoned_empty():
+        out, _ = cross_attention_tma.cross_attention_tma_fwd(*(guarded(t, 8) for t in (q, k, v)), kv_lens, None, 2, 70, 32**-0.5)
+    return [("out", out, attention_reference(q, k, v, dout, kv_lens)[0])]
+
+
 # name -> results(dtype): one small shape per kernel family, forward and backward
 CASES = {
     **{op: (lambda dtype, op=op: _projector(op, dtype)) for op in ("pool_mlp", "mlp_pool", "pool_mlp_packed")},
@@ -114,6 +124,7 @@ CASES = {
     "merge_mlp": _merge,
     "attention_weights": _attention_weights,
     "tma_linear_act": _tma_linear_act,
+    "attention_tma": _attention_tma,
 }
 
 

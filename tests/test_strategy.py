@@ -94,6 +94,22 @@ def test_measured_once_then_remembered(cache_dir):
     assert not [p for p in cache_dir.iterdir() if p.name != strategy.CACHE_FILE]  # no temporary file left behind
 
 
+def test_opt_in_candidates_run_only_when_selected_by_name(cache_dir):
+    """A candidate no GPU has verified (``fused_tma``) never competes under ``auto``, even when it
+    would time fastest or a cached decision names it; selected by name it runs."""
+    with_tma = {**_candidates(), "fused_tma": strategy.Candidate(lambda: "fused_tma", opt_in=True)}
+    timer = FakeTimer({"fused": 2.0, "composed": 3.0, "fused_tma": 0.1})
+    key = f"cross_attention|GPU|float16|M=256,N=1024|infer|any|{strategy.versions()}"
+    assert strategy.decide(key, with_tma, timer) == "fused"
+    assert "fused_tma" not in timer.calls
+    strategy.forget()
+    strategy.preload({key: "fused_tma"})
+    assert strategy.decide(key, with_tma, FakeTimer({"fused": 2.0, "composed": 3.0})) == "fused"
+    with deco_ops.use_strategy("fused_tma"):
+        assert strategy.choose(with_tma, on_triton=True, key=lambda: key) == "fused_tma"
+        assert strategy.choose(_candidates(), on_triton=True, key=lambda: key) == "fused"  # an op without it
+
+
 def test_preload_is_used_as_is(cache_dir):
     key = f"cross_attention|GPU|float16|M=32,N=512,H=12,D=64,lens=0|infer|any|{strategy.versions()}"
     strategy.preload({key: "fused"})
