@@ -12,7 +12,8 @@ Gradients are reset to None at the start of every call, so no call pays for accu
 deco_ops itself appears three times: ``deco_ops``, the strategy it picks by itself (``auto``: measured
 per shape bucket on CUDA, the composed twin on the PyTorch backend), and ``deco_ops_fused`` /
 ``deco_ops_composed``, each candidate forced (``deco_ops.use_strategy``), so the fused kernels' own
-speed is never hidden behind the winner. On the PyTorch backend the projectors have only their
+speed is never hidden behind the winner; attention adds ``deco_ops_fused_tma``, its opt-in TMA
+forward (sm_90 GPUs only; then the fused backward). On the PyTorch backend the projectors have only their
 composed twin, and attention's ``fused`` is the chunked online-softmax reference.
 
 Baselines:
@@ -47,7 +48,9 @@ DIRECTIONS = ("fwd", "fwd_bwd", "fwd_bwd_dx")
 STRATEGY_IMPLS = ("deco_ops_fused", "deco_ops_composed")
 POOL_IMPLS = ("deco_ops", *STRATEGY_IMPLS, "eager", "compile")
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
-ATTENTION_IMPLS = ("deco_ops", *STRATEGY_IMPLS, *(f"sdpa_{b}" for b in SDPA_BACKENDS), "eager_softmax", "compile")
+# the opt-in TMA forward (``fused_tma``, sm_90 only), forced under its own name; never picked by ``auto`` yet
+ATTENTION_IMPLS = ("deco_ops", *STRATEGY_IMPLS, "deco_ops_fused_tma", *(f"sdpa_{b}" for b in SDPA_BACKENDS), "eager_softmax",
+                   "compile")
 # which callable a baseline's column in the report stands for
 BASELINE_KIND = {"eager": "eager", "compile": "compile", "eager_softmax": "eager_softmax",
                  **{f"sdpa_{b}": "sdpa" for b in SDPA_BACKENDS}}
@@ -458,6 +461,14 @@ def attention_groups(name: str, env: Env, directions) -> list[Group]:
             return make(lambda: deco_ops.cross_attention(q, k, v, kv_lens=kv_lens, softmax_scale=scale),
                         lambda: _deco(env, strategy))()
 
+        def tma_factory(q=q, k=k, v=v, f=deco_factory):
+            # forced elsewhere, fused_tma quietly runs fused: shown only where the TMA forward itself runs
+            with deco_ops.use_backend(env.backend):
+                on_triton = deco_ops._backend.use_triton(env.device)
+            if not (on_triton and env.device.type == "cuda" and deco_ops.attention._tma_applies(q, k, v, 0.0, None)):
+                raise Unavailable("the TMA attention forward (fused_tma) runs on sm_90 GPUs, 16-bit, TMA-aligned tensors")
+            return f("fused_tma")
+
         def sdpa_forward(q, k, v):
             qt = q.transpose(1, 2).expand(B, H, M, D)
             out = F.scaled_dot_product_attention(qt, k.transpose(1, 2), v.transpose(1, 2), attn_mask=bool_mask,
@@ -483,6 +494,7 @@ def attention_groups(name: str, env: Env, directions) -> list[Group]:
         impls = {"deco_ops": deco_factory}
         for strategy in ("fused", "composed"):  # on the PyTorch backend "fused" is the chunked online-softmax reference
             impls[f"deco_ops_{strategy}"] = lambda strategy=strategy, f=deco_factory: f(strategy)
+        impls["deco_ops_fused_tma"] = tma_factory
         for b in SDPA_BACKENDS:
             impls[f"sdpa_{b}"] = lambda b=b, f=sdpa_factory: f(b)
         impls["eager_softmax"] = make(lambda q=q, k=k, v=v: eager_softmax_attention(q, k, v, additive, scale))
