@@ -163,25 +163,24 @@ def test_aot_tma_gemm_every_config_sm90(tmp_path_factory):
     _check_hopper_rows(rows)
 
 
-def test_aot_attention_tma_two_compiles_sm90():
-    """The TMA attention forward (bf16, sm_90, ~20 s): the Qwen-VL resampler's warp-specialised
-    128 x 128 tile (TMA, producer/consumer warpgroups, HGMMA) and BLIP-2's two-heads-per-program
-    tile with kv_lens (TMA; batched dots run mma.sync), both without spills."""
-    code = ("import json; from deco_ops import aot; rows = [aot.compile_job('cross_attention_tma', c, v, ['bf16'], 90) "
-            "for c, v in ((3, 4), (0, 1))]; [r.update(problems=aot._problems(r)) for r in rows]; print(json.dumps(rows))")
+def test_aot_attention_tma_warp_specialised_sm90():
+    """One compile of the TMA attention forward (bf16, sm_90, ~15 s): the Qwen-VL resampler's
+    128 x 128 tile shows TMA, producer/consumer warpgroups and HGMMA, no spills. Triton 3.6 drops
+    the warp specialisation of this loop silently when its conditions are unmet (docs/aot.md)."""
+    code = ("import json; from deco_ops import aot; r = aot.compile_job('cross_attention_tma', 3, 4, ['bf16'], 90); "
+            "r['problems'] = aot._problems(r); print(json.dumps(r))")
     proc = subprocess.run([sys.executable, "-c", code], env=_compiled_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ws, heads = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert ws["variant"] == "bf16 qwenvl D128 heads1" and ws["config"] == "N128 w4 s2", ws
-    _check_hopper_rows([ws])
-    assert heads["variant"] == "bf16 blip2 D64 heads2 lens" and heads["config"] == "N64 w4 s4", heads
-    _check_rows([heads])
-    assert heads["tma"] and not heads["warp_specialized"], heads
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["variant"] == "bf16 qwenvl D128 heads1" and row["config"] == "N128 w4 s2", row
+    _check_hopper_rows([row])
 
 
 @pytest.mark.slow
 def test_aot_attention_tma_every_config_sm90(tmp_path_factory):
-    """Every admitted config and variant of the TMA attention forward in fp16/bf16; sm_80 is pruned."""
+    """Every admitted config and variant of the TMA attention forward in fp16/bf16 (~36 compiles): TMA
+    everywhere, warp specialisation on the 128 x 128 tile only (BLIP-2's two heads per program run
+    batched mma.sync dots), no spills; sm_80 is pruned."""
     proc, data = _run(tmp_path_factory, "--kernels", "cross_attention_tma", "--targets", "90,80", "--dtypes", "fp16,bf16")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = data["rows"]
