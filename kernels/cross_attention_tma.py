@@ -92,7 +92,9 @@ def fits(config: triton.Config, block_m: int, heads: int, block_d: int, elem_byt
     """Whether ``config`` fits shared memory and compiles without spills (``python -m deco_ops.aot``,
     sm_90 bf16, triton 3.6): the 128-query warp-specialised tile takes 128-key blocks (the issue's
     128 x 128 tile), 2 stages at head dim 128 (3 stages take 247,200 B of shared memory); several
-    heads per program take 64-key blocks (128-key blocks spill 0.9 KB); 4-byte operands 64-key blocks."""
+    heads per program take 64-key blocks (128-key blocks spill 0.9 KB); 4-byte operands 64-key blocks.
+    fp32 is for the interpreter's parity tests only: compiled with exact (FMA) dots a 32 x 64 tile
+    spills 24 KB, so the strategy offers this kernel for fp16/bf16 alone."""
     bn = config.kwargs["BLOCK_N"]
     if block_m == WS_BLOCK_M and bn != 128 or heads > 1 and bn > 64 or elem_bytes == 4 and bn > 64:
         return False
