@@ -29,7 +29,7 @@ compiled kernel. The type is part of the key because ``1``, ``1.0`` and ``True``
 alike in Python while Triton compiles them as i32, fp32 and i1.
 
 The normal launch runs instead whenever the direct one could differ from it (``_fallback_reason``
-for what makes a signature keep Triton's path, checked when it is first seen; ``launch`` for what
+for what makes a signature keep Triton's path, checked when it is first seen; ``run`` for what
 is checked on every call): a new signature; an argument of another type (a tensor subclass, a
 tensor descriptor, a string), an unhashable one or a keyword argument that is not a constexpr;
 ``warmup``; a launch hook installed (a profiler such as proton: its hooks get the launch metadata
@@ -47,7 +47,7 @@ Versions: the launcher is called with the same positional arguments in 3.6 (``Cu
 __call__(gridX, gridY, gridZ, stream, function, *args)``) and 3.9 (every argument named), checked
 by tests/test_compiled_launch.py against what each version's ``JITFunction.run`` passes.
 
-Switched on by the torch side (``deco_ops._direct_launch`` installs ``enabled``); off by default
+Switched on by the torch side (``deco_ops._compiled_launch_setting`` installs ``enabled``); off by default
 until a GPU run has compared it with the normal launch. Never used under Triton's interpreter (its
 kernels are not ``JITFunction``s) nor while ``torch.compile`` traces an op body (``_traceable``
 routes those launches first). Inside a CUDA graph capture it is used: it records the same launcher
@@ -72,7 +72,7 @@ from triton.runtime.jit import JITFunction
 
 MAX_SIGNATURES = 64  # per kernel; a model launches each kernel with a handful of signatures
 
-# installed by deco_ops._direct_launch: whether launches go through the compiled kernel now
+# installed by deco_ops._compiled_launch_setting: whether launches go through the compiled kernel now
 enabled: Callable[[], bool] = lambda: False  # noqa: E731
 
 _PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
@@ -157,9 +157,9 @@ class CompiledLaunch:
         _all.add(self)
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+        return lambda *args, warmup=False, **kwargs: self.run(grid, args, kwargs, warmup)
 
-    def launch(self, grid, args: tuple, kwargs: dict, warmup: bool = False):
+    def run(self, grid, args: tuple, kwargs: dict, warmup: bool = False):
         """``kernel[grid](*args, **kwargs)``: through the compiled kernel kept for the signature,
         else through Triton (which then resolves the signature's compiled kernel)."""
         if warmup or not kwargs.keys() <= self.constexprs or not hooks_idle():
@@ -204,18 +204,28 @@ class CompiledLaunch:
         if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in self.jit.signature.parameters.values()):
             return "the kernel takes *args"
         if self.tuned is not None:
-            config = self.tuned.best_config
-            if config.pre_hook is not None:
-                return "the config has a pre_hook"
             named = {**dict(zip(self.names, args)), **kwargs}
             if any(isinstance(named.get(k), torch.Tensor) for k in self.tuned.keys):
                 return "a tensor in the autotuner's key (keyed by identity, not in the signature)"
+            config = self._config(args, kwargs)
+            if config is None:
+                return "the autotuner cached no config for the key"
+            if config.pre_hook is not None:
+                return "the config has a pre_hook"
         return ""
+
+    def _config(self, args: tuple, kwargs: dict):
+        """The config the autotuner launches for these arguments, as ``Autotuner.run`` picks it:
+        its only one, else the one cached under the launch's key (not ``best_config``, the last
+        launch's, which another thread may have set since)."""
+        if len(self.tuned.configs) == 1:
+            return self.tuned.configs[0]
+        return self.tuned.cache.get(self.tuned.triton_key({**dict(zip(self.names, args)), **kwargs}))
 
     def _tail(self, args: tuple, kwargs: dict) -> dict:
         """The parameters after the positional ones, by name, in declaration order, as Triton binds
         them: keyword arguments, then the autotuner config's, then the defaults."""
-        config = self.tuned.best_config.kwargs if self.tuned is not None else {}
+        config = self._config(args, kwargs).kwargs if self.tuned is not None else {}
         parameters = self.jit.signature.parameters
         tail = {}
         for name in self.names[len(args):]:
@@ -229,7 +239,6 @@ class CompiledLaunch:
 
     def clear(self) -> None:
         self.signatures.clear()
-
 
 
 _ATTRIBUTE = "deco_ops_direct_launches"  # a JITFunction's CompiledLaunch, kept on the kernel itself

@@ -76,14 +76,13 @@ TUNED_KERNELS: list[TunedKernel] = []
 @contextlib.contextmanager
 def planning() -> Iterator[list[tuple[str, str, list[triton.Config]]]]:
     """Inside the block no Triton kernel runs: autotuned kernels record (name, bucket label,
-    candidate configs) and return, plain ``@triton.jit`` launches return at once; the outputs they
-    would write stay unwritten."""
+    candidate configs) and return, plain ``@triton.jit`` launches (direct ones too) return at once;
+    the outputs they would write stay unwritten."""
     from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
 
     global _plan
     previous, _plan = _plan, []
-    launchers = [(cls, cls.run) for cls in (JITFunction, InterpretedFunction)]
+    launchers = [(cls, cls.run) for cls in (JITFunction, InterpretedFunction, _compiled_launch.CompiledLaunch)]
     for cls, _ in launchers:
         cls.run = lambda self, *args, **kwargs: None
     try:
@@ -216,7 +215,7 @@ class TunedKernel(Autotuner):
             _plan.append((self.name, self.bucket_label({**nargs, **kwargs}), self.candidates(self.cuda_configs, nargs, kwargs)))
             return None
         if self.direct is not None and _compiled_launch.enabled():
-            return self.direct.launch(kwargs.pop("grid"), args, kwargs, kwargs.pop("warmup", False))
+            return self.direct.run(kwargs.pop("grid"), args, kwargs, kwargs.pop("warmup", False))
         return super().run(*args, **kwargs)
 
 

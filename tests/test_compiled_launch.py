@@ -10,6 +10,7 @@ bit, launched both ways.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -258,6 +259,28 @@ def test_autotuned_launch_passes_the_chosen_config(fake_driver, monkeypatch):
         assert direct_call[:6] + direct_call[9:] == triton_call[:6] + triton_call[9:]
 
 
+def test_the_config_kept_is_the_keys_not_the_last_launched(fake_driver, monkeypatch):
+    """Another thread's launch of another key between Triton's launch and the keeping (it sets the
+    autotuner's ``best_config``) does not change the config kept for this key."""
+    jit = fake_jit()
+    kernel = _tuned(monkeypatch, jit)
+    monkeypatch.setattr(_compiled_launch, "enabled", lambda: True)
+    x, y = tensor(8), tensor(8)
+    autotuner_run = kernel.direct.normal
+
+    def then_another_key(*args, **kwargs):
+        compiled = autotuner_run(*args, **kwargs)
+        autotuner_run(x, y, 5000, 1, 0.5, True, grid=(1,), warmup=False)
+        return compiled
+
+    monkeypatch.setattr(kernel.direct, "normal", then_another_key)
+    kernel[(1,)](x, y, 100, 1, 0.5, True)
+    assert kernel.best_config.kwargs["BLOCK"] == 128
+    kernel[(1,)](x, y, 100, 1, 0.5, True)
+    small = next(k for k in jit.compiled if k.calls[0][9 + 2] == 100)
+    assert [call[9 + 6] for call in small.calls] == [16, 16]
+
+
 def test_a_config_pre_hook_keeps_tritons_path(fake_driver, monkeypatch):
     jit = fake_jit()
     kernel = _tuned(monkeypatch, jit)
@@ -301,7 +324,7 @@ def test_triton_path_runs_where_the_direct_launch_could_differ(fake_driver, what
         jit.add_pre_run_hook(lambda *a, **k: None)
     try:
         for _ in range(3):
-            launches.launch((1,), tuple(args), dict(kwargs), warmup)
+            launches.run((1,), tuple(args), dict(kwargs), warmup)
     except TypeError:
         assert what == "list argument"  # Triton rejects it itself; no signature was kept
     else:
@@ -357,11 +380,22 @@ def test_off_means_tritons_own_launch(fake_driver, monkeypatch):
     kernel = _tuned(monkeypatch, jit)
     with _compiled_launch_setting.SETTING.use("0"):
         assert _traceable.launcher(jit, tensor(8)) is jit
-        monkeypatch.setattr(kernel.direct, "launch", None)  # would fail if called
+        monkeypatch.setattr(kernel.direct, "run", None)  # would fail if called
         kernel[(1,)](tensor(8), tensor(8), 100, 1, 0.5, True)
     assert len(jit.compiled) == 1 and len(jit.compiled[0].calls) == 1
     with _compiled_launch_setting.SETTING.use("1"):
         assert isinstance(_traceable.launcher(jit, tensor(8)), _compiled_launch.CompiledLaunch)
+
+
+def test_planning_launches_nothing_directly(fake_driver, monkeypatch):
+    """``_tuning.planning()`` (``deco_ops.tune --dry-run``) runs no kernel, kept signatures included."""
+    jit = fake_jit()
+    args = (tensor(8), tensor(8), 100, 1, 0.5, True)
+    with _compiled_launch_setting.SETTING.use("1"):
+        for planned in (False, True, True):
+            with _tuning.planning() if planned else contextlib.nullcontext():
+                _traceable.launcher(jit, args[0])[(1,)](*args, BLOCK=32)
+    assert len(jit.compiled[0].calls) == 1
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's kernels")
@@ -376,29 +410,53 @@ def test_never_under_the_interpreter():
 # on a GPU
 
 
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="compiled kernels: CUDA only")
+CUDA_ONLY = pytest.mark.skipif(DEVICE.type != "cuda", reason="compiled kernels: CUDA only")
+
+
+@CUDA_ONLY
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_kernel_launched_directly_gives_the_same_bits(dtype):
     """Every case of test_every_config (together they reach every kernel), run with Triton's
-    launch, then twice with direct launches (the first resolves each signature through Triton, the
-    second launches directly): bit for bit the same outputs, and every launched kernel kept a
-    signature."""
-    from test_every_config import CASES
+    launch, then twice with direct launches (the first resolves each new signature through Triton,
+    the second launches directly): bit for bit the same outputs, and every kernel the cases launch
+    kept a signature."""
+    from test_every_config import CASES, KERNELS, launches
 
     def outputs(case):
         return [got for _, got, _ in CASES[case](dtype)]
 
+    _compiled_launch.clear()
+    autotuned = set()
     with deco_ops.use_backend("triton"):
         for case in CASES:
+            autotuned |= set(launches(case, dtype))
             with _compiled_launch_setting.SETTING.use("0"):
                 want = outputs(case)
-            _compiled_launch.clear()
             with _compiled_launch_setting.SETTING.use("1"):
                 outputs(case)
                 got = outputs(case)
             assert len(got) == len(want), case
             for i, (a, b) in enumerate(zip(got, want)):
                 assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{case} output {i}"
-    unused = [k.name for k in _tuning.TUNED_KERNELS if not any(k.direct.signatures.values())]
-    assert not unused, f"kernels never launched directly: {unused}"
-    assert all(any(launches.signatures.values()) for launches in _compiled_launch._all if launches.tuned is None)
+    assert autotuned
+    unused = sorted(name for name in autotuned if not any(KERNELS[name].direct.signatures.values()))
+    assert not unused, f"autotuned kernels never launched directly: {unused}"
+    package = _compiled_launch.__name__.rpartition(".")[0]  # deco_ops.kernels, not this file's toys
+    plain = [launches for launches in _compiled_launch._all
+             if launches.tuned is None and launches.jit.fn.__module__.startswith(package)]
+    assert plain and all(any(launches.signatures.values()) for launches in plain)
+
+
+@CUDA_ONLY
+def test_direct_launches_are_captured_in_cuda_graphs(monkeypatch):
+    """A capture records the direct launches (the warm-up call outside it resolves each signature;
+    inside, the launcher is called on the capture's stream): replays match eager bit for bit."""
+    import test_cuda_graphs
+
+    monkeypatch.setenv("DECO_OPS_CHECKS", "0")  # no host reads of values inside a capture
+    _compiled_launch.clear()
+    with _compiled_launch_setting.SETTING.use("1"):
+        test_cuda_graphs.test_pooling_ops_capture()
+        test_cuda_graphs.test_projector_ops_capture()
+        test_cuda_graphs.test_cross_attention_captures("kv_lens")
+    assert any(any(launches.signatures.values()) for launches in _compiled_launch._all)
