@@ -40,8 +40,9 @@ anything but a ``CompiledKernel`` (3.6's asynchronous compilation returns a futu
 What it does not re-read after a signature's first launch (Triton's path re-reads them on every
 launch): the compile-option knobs (``TRITON_DEBUG``, the instrumentation mode; 3.9's fpsan casts),
 the values of the globals a kernel reads (Triton raises if they changed; ours are module
-constants), and the autotuner's cache (it never changes a key's config once chosen; ``clear()``
-drops every kept signature if something resets it).
+constants), and the autotuner's cache in place (Triton never changes a key's config once chosen;
+``clear()`` after emptying it). A cache *replaced* by another dict (``test_every_config.only``
+forcing a config) is seen: the signature is resolved again.
 
 Versions: the launcher is called with the same positional arguments in 3.6 (``CudaLauncher.
 __call__(gridX, gridY, gridZ, stream, function, *args)``) and 3.9 (every argument named), checked
@@ -132,10 +133,11 @@ class _Signature:
     """What one signature's launches need: the launcher, its fixed arguments, and the trailing
     parameters (after the positional ones) in declaration order."""
 
-    __slots__ = ("compiled", "launcher", "function", "packed_metadata", "tail", "meta")
+    __slots__ = ("compiled", "launcher", "function", "packed_metadata", "tail", "meta", "tuning")
 
-    def __init__(self, compiled: CompiledKernel, tail: dict):
+    def __init__(self, compiled: CompiledKernel, tail: dict, tuning: dict | None):
         self.compiled = compiled
+        self.tuning = tuning  # the autotuner's cache the config came from (None: no autotuner)
         self.launcher = compiled.run  # the driver's launcher (the first launch loaded the module)
         self.function = compiled.function
         self.packed_metadata = compiled.packed_metadata
@@ -175,6 +177,8 @@ class CompiledLaunch:
             kept = None
         if kept is None:  # Triton's path (``_fallback_reason`` says why where a signature was kept as None)
             return self.normal(*args, grid=grid, warmup=False, **kwargs)
+        if kept.tuning is not (None if self.tuned is None else self.tuned.cache):
+            return self._first(key, grid, args, kwargs)  # the autotuner's cache was replaced: choose again
         if callable(grid):
             grid = grid(dict(zip(self.names, args), **kept.meta))
         size = len(grid)
@@ -190,7 +194,8 @@ class CompiledLaunch:
         if not isinstance(compiled, CompiledKernel):  # 3.6 compiling asynchronously: a future, resolved next time
             return compiled
         reason = self._fallback_reason(args, kwargs)
-        self.signatures[key] = None if reason else _Signature(compiled, self._tail(args, kwargs))
+        tuning = None if self.tuned is None else self.tuned.cache
+        self.signatures[key] = None if reason else _Signature(compiled, self._tail(args, kwargs), tuning)
         if len(self.signatures) > MAX_SIGNATURES:
             del self.signatures[next(iter(self.signatures))]
         return compiled

@@ -281,6 +281,23 @@ def test_the_config_kept_is_the_keys_not_the_last_launched(fake_driver, monkeypa
     assert [call[9 + 6] for call in small.calls] == [16, 16]
 
 
+def test_a_replaced_autotuner_cache_chooses_again(fake_driver, monkeypatch):
+    """Forcing a config the way test_every_config's ``only`` does (new configs, a new cache) takes
+    effect on a signature already kept."""
+    jit = fake_jit()
+    kernel = _tuned(monkeypatch, jit)
+    monkeypatch.setattr(_compiled_launch, "enabled", lambda: True)
+    x, y = tensor(8), tensor(8)
+    for _ in range(2):
+        kernel[(1,)](x, y, 100, 1, 0.5, True)
+    monkeypatch.setattr(kernel, "configs", kernel.configs[1:])
+    monkeypatch.setattr(kernel, "cache", {})
+    for _ in range(2):
+        kernel[(1,)](x, y, 100, 1, 0.5, True)
+    blocks = [call[9 + 6] for compiled in jit.compiled for call in compiled.calls]
+    assert blocks == [16, 16, 128, 128]
+
+
 def test_a_config_pre_hook_keeps_tritons_path(fake_driver, monkeypatch):
     jit = fake_jit()
     kernel = _tuned(monkeypatch, jit)
