@@ -9,7 +9,11 @@ each strategy, eager PyTorch, the best SDPA), it reports per call:
 so ``host_us > gpu_us`` means the call is host-bound. Then, for deco_ops, the profiler's top rows
 by host time and by GPU time, and a ``cProfile`` of the Python functions that cost the host most.
 
-    python -m benchmarks.profile_ops [--shapes NAMES] [--impls NAMES] [--out FILE]
+    python -m benchmarks.profile_ops [--shapes NAMES] [--impls NAMES] [--out FILE] [--launches]
+
+It starts with the host time of one Triton launch with direct launches through the compiled kernel
+off and on (``DECO_OPS_DIRECT_LAUNCH``); ``--launches`` stops there. ``DECO_OPS_DIRECT_LAUNCH=1``
+in the environment runs the whole report with them on.
 
 Made for the one short GPU run a session gets: each case takes a second or two after its kernels
 are compiled. Without a GPU it runs the tiny shapes on the CPU (a smoke test of the script).
@@ -124,6 +128,43 @@ def host_pieces(device: torch.device) -> list[tuple[str, float]]:
     return results
 
 
+def launch_us(device: torch.device) -> list[tuple[str, float, float]]:
+    """Host microseconds per Triton launch, with direct launches through the compiled kernel off and
+    on (``DECO_OPS_DIRECT_LAUNCH``, ``kernels/_compiled_launch.py``): (what, off, on), best of 5 runs
+    of 300 launches after 20 warm-up calls, which resolve each signature once. Each launcher call
+    allocates its outputs too: ``torch.empty`` is measured alone beside them. On a CPU, only under
+    Triton's interpreter (one launch of each, tiny; direct launches never apply there: off = on)."""
+    from deco_ops import _backend
+    from deco_ops._compiled_launch_setting import SETTING
+    from deco_ops.kernels import adaptive_pool, pool_gemm
+
+    cuda = device.type == "cuda"
+    if not (cuda or _backend.interpreting()):  # compiled kernels and no GPU: nothing can launch
+        return []
+    n, warm, rounds = (300, 20, 5) if cuda else (1, 1, 1)
+    side = 24 if cuda else 4  # LLaVA's 24x24 -> 12x12 on a GPU, a tiny grid for the interpreter
+    x = torch.randn(1, side * side, 64, device=device)
+    w = torch.randn(128, 64, device=device)
+    grid, out_grid = (1, side, side), (1, side // 2, side // 2)
+    launches = {
+        "torch.empty, for scale": lambda: torch.empty((side * side // 4, 128), device=device),
+        "pool_tokens_kernel (plain @triton.jit)": lambda: adaptive_pool.pool_tokens(x, grid, out_grid),
+        "pool_gemm_kernel (autotuned)": lambda: pool_gemm.pool_gemm(x, grid, out_grid, w, None, "gelu", False, False),
+    }
+    results = []
+    with torch.no_grad():
+        for label, fn in launches.items():
+            us = []
+            for setting in ("0", "1"):
+                with SETTING.use(setting):
+                    for _ in range(warm):
+                        fn()
+                    _sync(device)
+                    us.append(min(host_and_wall_us(fn, device, n)[0] for _ in range(rounds)))
+            results.append((label, *us))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_ops", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES)
@@ -131,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--directions", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
     p.add_argument("--calls", type=int, default=30, help="calls per host/wall measurement")
     p.add_argument("--out", help="write the report here too")
+    p.add_argument("--launches", action="store_true", help="only the host us per Triton launch, direct launches off/on")
     args = p.parse_args(argv)
 
     env = cases.Env.default(compile=False)
@@ -144,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
 
     say(f"# host vs GPU time per call, {torch.cuda.get_device_name() if env.device.type == 'cuda' else 'CPU (smoke)'}, "
         f"torch {torch.__version__}")
+    say(f"{'launch (DECO_OPS_DIRECT_LAUNCH)':<44} {'off_us':>9} {'on_us':>9}")
+    for label, off, on in launch_us(env.device):
+        say(f"{label:<44} {off:9.1f} {on:9.1f}")
+    say()
+    if args.launches:
+        if report:
+            report.close()
+        return 0
     say(f"{'host piece':<44} {'host_us':>9}")
     for label, us in host_pieces(env.device):
         say(f"{label:<44} {us:9.1f}")

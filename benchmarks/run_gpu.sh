@@ -98,6 +98,7 @@ if has_step tests; then
   echo "pytest exit ${PIPESTATUS[0]} (124 = timed out)" | tee -a "$OUT_DIR/pytest.log"
   DECO_OPS_AUTOTUNE=0 timeout -s INT -k 10 $((T / 5)) $PY -m pytest benchmarks -q -p no:cacheprovider $XDIST \
     --benchmark-disable -k "agrees or counts" 2>&1 | tee -a "$OUT_DIR/pytest.log" | tail -5
+  DECO_OPS_AUTOTUNE=0 timeout -k 5 60 $PY -m benchmarks.profile_ops --launches 2>&1 | tee "$OUT_DIR/launch_us.txt" | tail -4  # host us per launch, DECO_OPS_DIRECT_LAUNCH off/on
 fi
 wait  # the sanitizer and the warm-up
 if has_step sanitizer; then

@@ -1,6 +1,8 @@
 """``python -m benchmarks.profile_ops`` runs (here on the CPU's tiny shapes) and reports each piece
 and each case, so the GPU run's one call of it cannot fail on the script."""
 
+import pytest
+import torch
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
@@ -15,12 +17,25 @@ def test_profile_ops_reports_pieces_and_cases(tmp_path):
         assert profile_ops.main(["--shapes", "infer_b1", "--directions", "fwd", "--impls", "deco_ops", "eager",
                                  "--calls", "2", "--out", str(out)]) == 0
     text = out.read_text()
-    for line in ("strategy.make_key", "deco_ops.pool_mlp, no grad", "pool_mlp-infer_b1-fwd", "deco_ops: profiler, by host time",
+    for line in ("launch (DECO_OPS_DIRECT_LAUNCH)", "strategy.make_key", "deco_ops.pool_mlp, no grad", "pool_mlp-infer_b1-fwd", "deco_ops: profiler, by host time",
                  "deco_ops: Python functions"):
         assert line in text, line
     rows = [r for r in text.splitlines() if r.startswith("pool_mlp-infer_b1-fwd ")]
     assert {r.split()[1] for r in rows} == {"deco_ops", "eager"}
     assert all(float(r.split()[2]) > 0 for r in rows)  # host_us measured
+
+
+def test_launch_host_time_off_and_on():
+    """The GPU run's per-launch host time, direct launches off and on: every launch measured both
+    ways (on a CPU under the interpreter, the only place a CPU can launch the kernels)."""
+    from deco_ops import _backend
+
+    if not _backend.interpreting():
+        pytest.skip("the kernels launch on a CPU only under Triton's interpreter")
+    rows = profile_ops.launch_us(torch.device("cpu"))
+    assert [r[0] for r in rows] == ["torch.empty, for scale", "pool_tokens_kernel (plain @triton.jit)",
+                                    "pool_gemm_kernel (autotuned)"]
+    assert all(off > 0 and on > 0 for _, off, on in rows)
 
 
 def test_gpu_time_counts_each_kernel_once():

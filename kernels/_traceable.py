@@ -28,6 +28,8 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from . import _compiled_launch
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -57,9 +59,10 @@ class _Traced:
 
 
 def launcher(kernel, like: torch.Tensor):
-    """What a launch site indexes with its grid: ``kernel`` itself in eager mode, a graph-node
+    """What a launch site indexes with its grid: ``kernel`` itself in eager mode (or its launches
+    through the compiled kernel, where switched on: ``_compiled_launch.direct``), a graph-node
     launcher when ``like`` (one of the launch's tensors) is being traced."""
-    return _Traced(kernel) if tracing((like,)) else kernel
+    return _Traced(kernel) if tracing((like,)) else _compiled_launch.direct(kernel)
 
 
 # ----------------------------------------------------------------------------------------------

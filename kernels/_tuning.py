@@ -30,8 +30,9 @@ from collections.abc import Callable, Iterator
 import torch
 import triton
 from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
-from . import _traceable
+from . import _compiled_launch, _traceable
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE_ENV = "DECO_OPS_AUTOTUNE"
@@ -75,14 +76,13 @@ TUNED_KERNELS: list[TunedKernel] = []
 @contextlib.contextmanager
 def planning() -> Iterator[list[tuple[str, str, list[triton.Config]]]]:
     """Inside the block no Triton kernel runs: autotuned kernels record (name, bucket label,
-    candidate configs) and return, plain ``@triton.jit`` launches return at once; the outputs they
-    would write stay unwritten."""
+    candidate configs) and return, plain ``@triton.jit`` launches (direct ones too) return at once;
+    the outputs they would write stay unwritten."""
     from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
 
     global _plan
     previous, _plan = _plan, []
-    launchers = [(cls, cls.run) for cls in (JITFunction, InterpretedFunction)]
+    launchers = [(cls, cls.run) for cls in (JITFunction, InterpretedFunction, _compiled_launch.CompiledLaunch)]
     for cls, _ in launchers:
         cls.run = lambda self, *args, **kwargs: None
     try:
@@ -115,6 +115,9 @@ class TunedKernel(Autotuner):
         self._untimed = False  # the current new key launches a preset config
         self._pending: tuple[str, tuple, bool] | None = None  # (label, key, timed) of the last new key
         self._traced: dict[triton.Config, Autotuner] = {}  # config -> the one-config autotuner traces record
+        # launches through the compiled kernel (``_compiled_launch``); None under the interpreter
+        self.direct = (_compiled_launch.CompiledLaunch(self.fn, super().run, self)
+                       if type(self.fn) is JITFunction else None)
         TUNED_KERNELS.append(self)
 
     def triton_key(self, args: dict) -> tuple:
@@ -211,6 +214,8 @@ class TunedKernel(Autotuner):
             nargs = dict(zip(self.arg_names, args))
             _plan.append((self.name, self.bucket_label({**nargs, **kwargs}), self.candidates(self.cuda_configs, nargs, kwargs)))
             return None
+        if self.direct is not None and _compiled_launch.enabled():
+            return self.direct.run(kwargs.pop("grid"), args, kwargs, kwargs.pop("warmup", False))
         return super().run(*args, **kwargs)
 
 

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from . import activations
 from ._device import on_input_device
+from ._host_arith import cdiv
 from ._traceable import launcher
 
 # One fixed config (an elementwise pass needs no tuning): 16 x 128 tiles, 64 rows per program, so
@@ -68,11 +69,11 @@ def activation_backward(
     M, N = z.shape
     dz = torch.empty((M, N), device=z.device, dtype=z.dtype)
     a = torch.empty((M, N), device=z.device, dtype=z.dtype)
-    chunks = triton.cdiv(M, ROWS)
+    chunks = cdiv(M, ROWS)
     partials = torch.empty((chunks, N), device=z.device, dtype=torch.float32) if bias_grad else None
     if M == 0 or N == 0:
         return dz, a, (torch.zeros(N, device=z.device, dtype=torch.float32) if bias_grad else None)
-    launcher(activation_backward_kernel, z)[(chunks, triton.cdiv(N, BLOCK_N))](
+    launcher(activation_backward_kernel, z)[(chunks, cdiv(N, BLOCK_N))](
         dh, z, dz, a, partials if bias_grad else dz,
         M, N, *dh.stride(), *z.stride(),
         ACTIVATION=activations.CODES[activation], BIAS_GRAD=bias_grad,

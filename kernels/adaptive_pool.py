@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._host_arith import cdiv, next_power_of_2
 from ._traceable import launcher
 from .adaptive_window import max_window, window, windows_containing
 
@@ -99,7 +100,7 @@ def unpool_tokens_kernel(
 
 
 def _block_c(C: int, limit: int) -> int:
-    return min(limit, triton.next_power_of_2(C))
+    return min(limit, next_power_of_2(C))
 
 
 def pool_tile(C: int, H: int, W: int, OH: int, OW: int) -> tuple[int, int, int]:
@@ -107,8 +108,8 @@ def pool_tile(C: int, H: int, W: int, OH: int, OW: int) -> tuple[int, int, int]:
     KH as many of its rows as keep the tile at most 16 tokens (all of them for LLaVA's 2x2 and
     SigLIP's 27->12 windows, 4x4 at most), and the channel block fills 4096 elements (16-byte
     loads per thread for 16-bit tokens), at least 32 channels."""
-    KW = triton.next_power_of_2(max_window(W, OW))
-    KH = triton.next_power_of_2(max_window(H, OH))
+    KW = next_power_of_2(max_window(W, OW))
+    KH = next_power_of_2(max_window(H, OH))
     KH = KH if KH * KW <= 16 else 1
     return _block_c(C, max(32, TILE // (KH * KW))), KH, KW
 
@@ -124,7 +125,7 @@ def pool_tokens(x: torch.Tensor, grid: tuple[int, int, int], out_grid: tuple[int
     if out.numel() == 0:
         return out
     block, KH, KW = pool_tile(C, H, W, OH, OW)
-    launcher(pool_tokens_kernel, x)[(B * P, triton.cdiv(C, block))](
+    launcher(pool_tokens_kernel, x)[(B * P, cdiv(C, block))](
         x, out, C, T, H, W, OT, OH, OW, *x.stride(), *out.stride(), BLOCK_C=block, KH=KH, KW=KW,
     )
     return out
@@ -141,7 +142,7 @@ def unpool_tokens(grad: torch.Tensor, grid: tuple[int, int, int], out_grid: tupl
     if dx.numel() == 0:
         return dx
     block = _block_c(C, UNPOOL_BLOCK_C)
-    launcher(unpool_tokens_kernel, grad)[(B * N, triton.cdiv(C, block))](
+    launcher(unpool_tokens_kernel, grad)[(B * N, cdiv(C, block))](
         grad, dx, C, T, H, W, OT, OH, OW, *grad.stride(), *dx.stride(), BLOCK_C=block,
     )
     return dx

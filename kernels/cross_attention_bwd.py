@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._host_arith import cdiv, next_power_of_2
 from ._tuning import autotuned, device_arch, dot_dtype_workaround
 from .dot import dot
 from .cross_attention_fwd import (
@@ -62,8 +63,8 @@ SINGLE_PASS_MAX_TILE = 4096  # BLOCK_M * BLOCK_D for 2-byte inputs; half for fp3
 def use_single_pass(M: int, D: int, elem: int = 2) -> bool:
     """Whether one program can hold all M queries of a (batch, head) (``elem``: bytes per input
     element): see the module docstring."""
-    block_m = max(16, triton.next_power_of_2(M))
-    tile = block_m * max(16, triton.next_power_of_2(D)) * max(elem, 2) // 2
+    block_m = max(16, next_power_of_2(M))
+    tile = block_m * max(16, next_power_of_2(D)) * max(elem, 2) // 2
     return M <= SINGLE_PASS_MAX_M and tile <= SINGLE_PASS_MAX_TILE
 
 
@@ -448,7 +449,7 @@ def cross_attention_bwd(
     shared = q.shape[0] == 1 and B > 1
     stat_dtype = lse.dtype
     ACC = acc_dtype(q.dtype)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_D = max(16, next_power_of_2(D))
     mode = kv_mode(kv_lens, cu_seqlens_k)
     aux = dict(
         KV_MODE=mode, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, ACC=ACC,
@@ -463,7 +464,7 @@ def cross_attention_bwd(
     scales = (scale * LOG2E, scale, dropout_p)
 
     delta = torch.empty((B, H, M), device=q.device, dtype=stat_dtype)
-    cross_attention_bwd_preprocess_kernel[lambda meta: (B * H, triton.cdiv(M, meta["BLOCK_M"]))](
+    cross_attention_bwd_preprocess_kernel[lambda meta: (B * H, cdiv(M, meta["BLOCK_M"]))](
         out, dout, delta, H, M, D, *out.stride(), *dout.stride(), ACC=ACC, BLOCK_D=BLOCK_D,
     )
     # Gradients are contiguous (as the op's fake implementation says). Packed keys: rows outside
@@ -483,7 +484,7 @@ def cross_attention_bwd(
         cross_attention_bwd_single_pass_kernel[(B * H, num_splits)](
             q, k, v, dout, lse, delta, dq_part, dk, dv, *extras,
             H, M, N, D, keys_per_split, *in_strides, *dq_strides, *kv_strides(dk), *kv_strides(dv), *scales,
-            BLOCK_M=max(16, triton.next_power_of_2(M)), **aux,
+            BLOCK_M=max(16, next_power_of_2(M)), **aux,
         )
         dq = dq_part if direct else reduce_dq(dq_part.flatten(0, 1) if shared else dq_part, shared, q.dtype)
         return (dq if need_dq else None), (dk if need_dkv else None), (dv if need_dkv else None)
@@ -491,13 +492,13 @@ def cross_attention_bwd(
     dq = dk = dv = None
     if need_dkv:
         dk, dv = new_kv(k), new_kv(v)
-        cross_attention_bwd_dkdv_kernel[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"]))](
+        cross_attention_bwd_dkdv_kernel[lambda meta: (B * H, cdiv(N, meta["BLOCK_N"]))](
             q, k, v, dout, lse, delta, dk, dv, *extras,
             H, M, N, D, *in_strides, *kv_strides(dk), *kv_strides(dv), *scales, **aux,
         )
     if need_dq:
         dq_part = torch.empty((B, M, H, D), device=q.device, dtype=stat_dtype if shared else q.dtype)
-        cross_attention_bwd_dq_kernel[lambda meta: (B * H, triton.cdiv(M, meta["BLOCK_M"]))](
+        cross_attention_bwd_dq_kernel[lambda meta: (B * H, cdiv(M, meta["BLOCK_M"]))](
             q, k, v, dout, lse, delta, dq_part, *extras,
             H, M, N, D, *in_strides, *dq_part.stride(), *scales, **aux,
         )

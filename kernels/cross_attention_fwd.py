@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._host_arith import cdiv, next_power_of_2
 from ._tuning import autotuned, device_arch, dot_dtype_workaround, input_precision
 from .dot import dot
 
@@ -92,13 +93,13 @@ def choose_num_splits(work: int, N: int, device: torch.device) -> int:
     sms = sm_count(device)
     if work >= 0.8 * sms:
         return 1
-    return max(1, min(triton.cdiv(sms, work), triton.cdiv(N, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+    return max(1, min(cdiv(sms, work), cdiv(N, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
 def split_ranges(N: int, num_splits: int) -> tuple[int, int]:
     """(keys per split, effective number of splits): splits cover whole 16-key groups."""
-    per_split = triton.cdiv(triton.cdiv(N, num_splits), 16) * 16
-    return per_split, triton.cdiv(N, per_split)
+    per_split = cdiv(cdiv(N, num_splits), 16) * 16
+    return per_split, cdiv(N, per_split)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,18 +404,18 @@ def cross_attention_fwd(
     if B == 0:
         return out, lse
     if num_splits is None:
-        num_splits = choose_num_splits(B * H * triton.cdiv(M, 64), N, q.device)
+        num_splits = choose_num_splits(B * H * cdiv(M, 64), N, q.device)
     keys_per_split, num_splits = split_ranges(N, num_splits)
     split = num_splits > 1
     if split:
         part_o, part_m, part_l = partial_states(num_splits, B, H, M, D, q.device, stat_dtype)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_D = max(16, next_power_of_2(D))
     mode = kv_mode(kv_lens, cu_seqlens_k)
     sqb = 0 if q.shape[0] == 1 else q.stride(0)
     bias_ptr, *bias_strides = bias_args(bias, lse)
 
     def grid(meta):
-        return (B * H, triton.cdiv(M, meta["BLOCK_M"]), num_splits)
+        return (B * H, cdiv(M, meta["BLOCK_M"]), num_splits)
 
     cross_attention_fwd_kernel[grid](
         q, k, v, part_o if split else out, lse, part_m if split else lse, part_l if split else lse,
@@ -441,10 +442,10 @@ def partial_states(num_splits: int, B: int, H: int, M: int, D: int, device: torc
 def combine(part_o: torch.Tensor, part_m: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Merges the partial states into O (B, M, H, D) and the LSE (``cross_attention_combine_kernel``)."""
     num_splits, B, H, M, D = part_o.shape
-    cross_attention_combine_kernel[lambda meta: (B * H, triton.cdiv(M, meta["BLOCK_M"]))](
+    cross_attention_combine_kernel[lambda meta: (B * H, cdiv(M, meta["BLOCK_M"]))](
         part_o, part_m, part_l, out, lse,
         B * H, H, M, D, num_splits, *out.stride(),
-        ACC=acc_dtype(out.dtype), BLOCK_D=max(16, triton.next_power_of_2(D)),
+        ACC=acc_dtype(out.dtype), BLOCK_D=max(16, next_power_of_2(D)),
     )
 
 

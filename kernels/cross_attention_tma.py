@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._host_arith import cdiv, next_power_of_2
 from ._tuning import INTERPRET, autotuned, device_smem_limit, dot_dtype_workaround, input_precision
 from .cross_attention_fwd import (
     LOG2E, choose_num_splits, combine, kv_extent, kv_mode, kv_strides, load_rows, partial_states, split_ranges, store_output,
@@ -72,10 +73,10 @@ def tile(M: int, H: int, D: int) -> tuple[int, int, bool]:
     of them, and as many heads as divide H within ``MAX_HEAD_ROWS`` rows and ``MAX_HEAD_COLS`` dims."""
     if M >= WS_BLOCK_M:
         return WS_BLOCK_M, 1, True
-    block_m = max(16, triton.next_power_of_2(M))
+    block_m = max(16, next_power_of_2(M))
     if block_m > 64:
         return 64, 1, False
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     heads = 1
     while H % (2 * heads) == 0 and 2 * heads * block_m <= MAX_HEAD_ROWS and 2 * heads * block_d <= MAX_HEAD_COLS:
         heads *= 2
@@ -283,14 +284,14 @@ def cross_attention_tma_fwd(
         return out, lse
     block_m, heads, warp_specialize = tile(M, H, D)
     if num_splits is None:
-        num_splits = choose_num_splits(B * H // heads * triton.cdiv(M, block_m), N, q.device)
+        num_splits = choose_num_splits(B * H // heads * cdiv(M, block_m), N, q.device)
     keys_per_split, num_splits = split_ranges(N, num_splits)
     split = num_splits > 1
     if split:
         part_o, part_m, part_l = partial_states(num_splits, B, H, M, D, q.device, torch.float32)
     if not INTERPRET:
         ensure_allocator()
-    cross_attention_tma_kernel[(B * H // heads, triton.cdiv(M, block_m), num_splits)](
+    cross_attention_tma_kernel[(B * H // heads, cdiv(M, block_m), num_splits)](
         q, k, v, part_o if split else out, lse, part_m if split else lse, part_l if split else lse,
         kv_lens if kv_lens is not None else lse, cu_seqlens_k if cu_seqlens_k is not None else lse,
         B, H, M, N, D, keys_per_split,
@@ -298,7 +299,7 @@ def cross_attention_tma_fwd(
         scale * LOG2E,
         KV_MODE=kv_mode(kv_lens, cu_seqlens_k), SPLIT=split, ACC=tl.float32,
         DOT_FP32=dot_dtype_workaround(q.dtype == torch.bfloat16), INPUT_PRECISION=input_precision(q.dtype),
-        HEADS=heads, WARP_SPECIALIZE=warp_specialize, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        HEADS=heads, WARP_SPECIALIZE=warp_specialize, BLOCK_M=block_m, BLOCK_D=max(16, next_power_of_2(D)),
     )
     if split:
         combine(part_o, part_m, part_l, out, lse)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._host_arith import cdiv, next_power_of_2
 from ._tuning import autotuned, dot_dtype_workaround
 from .cross_attention_fwd import (
     LOG2E, LOG2E_JIT, acc_dtype, add_bias, bias_args, dot_precision, dropout_keep, dropout_stream, kv_extent, kv_mode, kv_strides,
@@ -139,7 +140,7 @@ def cross_attention_weights(
     sqb = 0 if q.shape[0] == 1 else q.stride(0)
 
     def grid(meta):
-        return (B * (1 if average else H), triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
+        return (B * (1 if average else H), cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))
 
     cross_attention_weights_kernel[grid](
         q, k, lse, w, kv_lens if kv_lens is not None else lse, cu_seqlens_k if cu_seqlens_k is not None else lse,
@@ -149,6 +150,6 @@ def cross_attention_weights(
         scale * LOG2E, dropout_p,
         KV_MODE=kv_mode(kv_lens, cu_seqlens_k), HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, AVERAGE=average,
         ACC=acc_dtype(q.dtype), DOT_FP32=dot_dtype_workaround(q.dtype == torch.bfloat16),
-        INPUT_PRECISION=dot_precision(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(D)),
+        INPUT_PRECISION=dot_precision(q.dtype), BLOCK_D=max(16, next_power_of_2(D)),
     )
     return w

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_input_device
+from ._host_arith import cdiv, next_power_of_2
 from ._traceable import launcher
 from ._tuning import INTERPRET
 from .merge_rows import (
@@ -167,7 +168,7 @@ def merge_norm_backward_kernel(
 def _launch_config(C: int) -> dict:
     config = cuda_configs()[0]
     block_r = BLOCK_R_INTERPRET if INTERPRET else config.kwargs["BLOCK_R"]
-    block_c = min(config.kwargs["BLOCK_C"], triton.next_power_of_2(max(C, 1)))
+    block_c = min(config.kwargs["BLOCK_C"], next_power_of_2(max(C, 1)))
     return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=config.num_warps)
 
 
@@ -190,7 +191,7 @@ def merge_norm_stats(x, merge, order, grid, geometry, image, norm, pre, eps) -> 
         return stats
     launch = _launch_config(C)
     packed = geometry is not None
-    launcher(merge_norm_stats_kernel, x)[(triton.cdiv(M, launch["BLOCK_R"]),)](
+    launcher(merge_norm_stats_kernel, x)[(cdiv(M, launch["BLOCK_R"]),)](
         x, stats, image if packed else stats, geometry if packed else stats,
         M, C, P, H, W, *x.stride(), eps,
         ORDER=ORDERS[order], PACKED=packed, MERGE=merge, NORM=NORMS[norm], PRE=pre, **launch,
@@ -208,7 +209,7 @@ def merge_norm_backward(x, stats, wn, bn, dn, merge, order, grid, geometry, imag
     C = x.shape[2]
     K = merge * merge * C
     launch = _launch_config(C)
-    programs = triton.cdiv(M, launch["BLOCK_R"])
+    programs = cdiv(M, launch["BLOCK_R"])
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_dx else None
     n = torch.empty((M, K), device=x.device, dtype=x.dtype) if store_n else None
     dwn = torch.empty((programs, K), device=x.device, dtype=torch.float32) if need_dwn else None

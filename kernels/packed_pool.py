@@ -38,6 +38,7 @@ import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ._device import on_input_device
+from ._host_arith import cdiv, next_power_of_2
 from ._traceable import launcher, tracing
 from ._tuning import INTERPRET
 from .adaptive_window import window, windows_containing
@@ -298,7 +299,7 @@ def _launch_config(C: int, elem_bytes: int) -> dict:
     """BLOCK_R, BLOCK_C and num_warps of a launch over C channels of ``elem_bytes``-wide inputs."""
     config = next(c for c in cuda_configs() if fits(c, elem_bytes))
     block_r = BLOCK_R_INTERPRET if INTERPRET else config.kwargs["BLOCK_R"]
-    block_c = min(config.kwargs["BLOCK_C"], triton.next_power_of_2(max(C, 1)))
+    block_c = min(config.kwargs["BLOCK_C"], next_power_of_2(max(C, 1)))
     return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=config.num_warps)
 
 
@@ -311,7 +312,7 @@ def _resample(kernel, src: torch.Tensor, geometry: torch.Tensor, rows: int, kind
         return dst
     image = image_index(geometry, kind, rows)
     launch = _launch_config(C, src.element_size())
-    launcher(kernel, src)[(triton.cdiv(rows, launch["BLOCK_R"]), triton.cdiv(C, launch["BLOCK_C"]))](
+    launcher(kernel, src)[(cdiv(rows, launch["BLOCK_R"]), cdiv(C, launch["BLOCK_C"]))](
         src, dst, image, geometry, rows, C, *src.stride(), *dst.stride(), MODE=MODES[mode], **launch,
     )
     return dst

@@ -4,6 +4,8 @@ configs, the launch grid (one program per tile) and each program's tile."""
 import triton
 import triton.language as tl
 
+from ._host_arith import cdiv
+
 
 def gemm_configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
     """Autotune candidates from ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` rows, all
@@ -20,7 +22,7 @@ INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "
 
 def tile_grid(M: int, N: int):
     """The launch grid of an (M, N) output: one program per tile of the config being launched."""
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    return lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
 
 @triton.jit

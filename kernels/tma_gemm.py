@@ -41,6 +41,7 @@ from triton.runtime import _allocation
 
 from . import activations
 from ._device import on_input_device
+from ._host_arith import cdiv
 from .dot import dot
 from .tiling import INTERPRET_CONFIG, gemm_configs, grouped_tile
 from ._tuning import INTERPRET, autotuned, device_arch, device_smem_limit, dot_dtype_workaround
@@ -234,7 +235,7 @@ def _launch(a, w, b, z, out, aux, K, epilogue, activation, store_pre) -> None:
     programs = INTERPRET_PROGRAMS if INTERPRET else _num_sms(out.device)
     if not INTERPRET:
         ensure_allocator()
-    grid = lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+    grid = lambda meta: (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
     tma_gemm_kernel[grid](
         a, w, out if b is None else b, out if z is None else z, out, out if aux is None else aux,
         M, N, K, a.stride(0), w.stride(0), N if z is None else z.stride(0),

@@ -44,6 +44,10 @@ _ACTIVATIONS = ("tests/test_activations_exact.py",)
 _MERGE = ("tests/test_merge.py",)
 
 
+def _direct(k: str) -> tuple[str, ...]:
+    return ("tests/test_compiled_launch.py", "-k", k)
+
+
 def _long(k: str) -> tuple[str, ...]:
     return ("tests/test_long_reductions.py", "-k", k)
 
@@ -430,4 +434,57 @@ MUTANTS: tuple[Mutant, ...] = (
            "candidates = {name: c for name, c in candidates.items() if not c.opt_in}", "candidates = dict(candidates)",
            ("tests/test_strategy.py", "-k", "test_opt_in_candidates_run_only_when_selected_by_name"),
            "auto times and picks a candidate no GPU has verified"),
+    # direct launches through the compiled kernel (kernels/_compiled_launch.py, DECO_OPS_DIRECT_LAUNCH)
+    Mutant("direct_alignment_8_bytes", "kernels/_compiled_launch.py",
+           "operator.or_, pointers, 0) % 16", "operator.or_, pointers, 0) % 8",
+           _direct("signature"), "tensors aligned to 8 bytes share the signature (and compiled kernel) of 16-byte aligned ones"),
+    Mutant("direct_argument_types_dropped", "kernels/_compiled_launch.py",
+           "return (device, types, layout[1](args)", "return (device, len(types), layout[1](args)",
+           _direct("signature"), "1, 1.0 and True passed positionally share a compiled kernel (i32, fp32, i1 in Triton)"),
+    Mutant("direct_constexpr_types_dropped", "kernels/_compiled_launch.py",
+           "tuple(kwargs.items()), tuple(map(type, kwargs.values())))", "tuple(kwargs.items()))",
+           _direct("signature"), "constexprs 1, 1.0 and True share a compiled kernel"),
+    Mutant("direct_device_dropped", "kernels/_compiled_launch.py",
+           "return (device, types, layout[1](args)", "return (0, types, layout[1](args)",
+           _direct("signature or device"), "a launch on another GPU reuses the kernel loaded on the first"),
+    Mutant("direct_subclass_kept", "kernels/_compiled_launch.py",
+           "if not _KNOWN.issuperset(types):", "if False:",
+           _direct("triton_path_runs"), "a tensor subclass (keyed by identity) is kept alive in the signature cache"),
+    Mutant("direct_launch_hooks_ignored", "kernels/_compiled_launch.py",
+           "or not hooks_idle():", ":",
+           _direct("triton_path_runs"), "a profiler's launch hooks are skipped by direct launches"),
+    Mutant("direct_pre_run_hooks_ignored", "kernels/_compiled_launch.py",
+           "if self.jit.pre_run_hooks:", "if False:",
+           _direct("triton_path_runs"), "a kernel's pre-run hooks are skipped after the first launch"),
+    Mutant("direct_config_pre_hook_ignored", "kernels/_compiled_launch.py",
+           "if config.pre_hook is not None:", "if False:",
+           _direct("pre_hook"), "a config's pre_hook runs only on a signature's first launch"),
+    Mutant("direct_config_last_launched", "kernels/_compiled_launch.py",
+           "return self.tuned.cache.get(self.tuned.triton_key({**dict(zip(self.names, args)), **kwargs}))",
+           "return self.tuned.best_config",
+           _direct("config"), "the config kept for a key is whichever the autotuner launched last (another thread's)"),
+    Mutant("direct_tail_ignores_config", "kernels/_compiled_launch.py",
+           "elif name in config:", "elif False:",
+           _direct("autotuned"), "the autotuner's config is not passed to the launcher (nor to the grid)"),
+    Mutant("direct_grid_y_dropped", "kernels/_compiled_launch.py",
+           "grid[1] if size > 1 else 1", "grid[1] if size > 2 else 1",
+           _direct("passes_what_triton_passes"), "a 2-D grid launches one row of programs"),
+    Mutant("direct_future_kept", "kernels/_compiled_launch.py",
+           "if not isinstance(compiled, CompiledKernel):", "if False:",
+           _direct("future"), "triton 3.6's asynchronous-compile future is kept as the compiled kernel"),
+    Mutant("direct_signatures_unbounded", "kernels/_compiled_launch.py",
+           "if len(self.signatures) > MAX_SIGNATURES:", "if False:",
+           _direct("bounded"), "every signature ever launched is kept"),
+    Mutant("direct_interpreted_kernels", "kernels/_compiled_launch.py",
+           "if type(kernel) is not JITFunction or not enabled():", "if not enabled():",
+           _direct("interpreter or off_means"), "interpreted kernels are handed to the direct launcher"),
+    Mutant("direct_planning_launches", "kernels/_tuning.py",
+           "(JITFunction, InterpretedFunction, _compiled_launch.CompiledLaunch)", "(JITFunction, InterpretedFunction)",
+           _direct("planning"), "deco_ops.tune --dry-run launches the plain kernels whose signatures were kept"),
+    Mutant("direct_replaced_cache_ignored", "kernels/_compiled_launch.py",
+           "if kept.tuning is not (None if self.tuned is None else self.tuned.cache):", "if False:",
+           _direct("replaced"), "a config forced by replacing the autotuner's cache is ignored by kept signatures"),
+    Mutant("direct_on_by_default", "deco_ops/_compiled_launch_setting.py",
+           'return SETTING.selected() == "1"', 'return SETTING.selected() != "0"',
+           _direct("off_by_default"), "direct launches are on before a GPU run verified them"),
 )
