@@ -287,7 +287,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "deco.adaptive_avg_pool_tokens(grad, ctx.out_grid, ctx.grid)",
            _grad_matrix("double_backward"), "the un-pooling's own gradient pools with the grids swapped"),
     Mutant("direct_path_records_no_autograd", "deco_ops/_direct.py",
-           "if torch.is_grad_enabled() and any(", "if not torch.is_grad_enabled() and any(",
+           "return torch.is_grad_enabled() and any(", "return not torch.is_grad_enabled() and any(",
            _grad_matrix("test_pool_mlp and not packed"), "eager calls that need gradients skip the autograd Function"),
     Mutant("mlp_backward_flags", "deco_ops/projector.py",
            "need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]",
