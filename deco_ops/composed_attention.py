@@ -152,7 +152,7 @@ def _heads_first(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def normalised_lse(lse: torch.Tensor, M: int) -> torch.Tensor:
     """A kernel's LSE (``(B, H, M)``, ``(B, H, M, 1)`` or ``(B, H, >= M)`` padded; fp32, fp64 for
     fp64 inputs on CPU) as the op's ``(B, H, M)`` (a view where it already is)."""
-    return lse.flatten(2)[:, :, :M]  # flatten, not reshape(B, H, -1): an empty batch has no -1
+    return lse.flatten(2).narrow(2, 0, M)  # flatten, not reshape(B, H, -1): an empty batch has no -1; narrow: no index parsing
 
 
 @functools.cache
@@ -170,9 +170,11 @@ def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None, need_l
     memory-efficient and cuDNN kernels skip it (flash and the CPU kernel always compute it). The
     caller decides: the op's body cannot tell (under torch.compile it runs on detached inputs
     inside a graph that has a backward)."""
-    B, H, M = k.shape[0], q.shape[2], q.shape[1]
     if kernel == "composed":
-        q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias)
+        if kv_lens is None and bias is None and q.shape[0] == k.shape[0]:
+            dead = None  # no mask, a query row per batch: ``_inputs`` would return the tensors as they are
+        else:
+            q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias)
         # the ATen op's Python binding: no torch.ops lookup per call
         o, lse = torch._scaled_dot_product_flash_attention_for_cpu(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias, scale=scale)
@@ -182,7 +184,7 @@ def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None, need_l
         q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias, _BIAS_ALIGN_EFFICIENT, per_head=True)
         out, lse, *_ = torch.ops.aten._efficient_attention_forward(q, k, v, bias, None, None, None, None, 0.0, 0, need_lse, scale=scale)
     else:
-        q = _aligned(q.expand(B, -1, -1, -1).contiguous())
+        q = _aligned(q.expand(k.shape[0], -1, -1, -1).contiguous())
         k, v = _aligned(k), _aligned(v)
         dead = None  # no kv_lens, no mask here (``kernels``)
         if kernel == "composed_flash":
@@ -195,7 +197,7 @@ def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None, need_l
         out = torch.where(dead.transpose(1, 2)[..., None], 0.0, out)
     if not need_lse:
         return out.contiguous(), None
-    lse = normalised_lse(lse, M)
+    lse = normalised_lse(lse, out.shape[1])
     if dead is not None:
         lse = torch.where(dead, float("inf"), lse)
     return out.contiguous(), lse.contiguous()
