@@ -288,7 +288,7 @@ MUTANTS: tuple[Mutant, ...] = (
            _grad_matrix("double_backward"), "the un-pooling's own gradient pools with the grids swapped"),
     Mutant("direct_path_records_no_autograd", "deco_ops/_direct.py",
            "return torch.is_grad_enabled() and any(", "return not torch.is_grad_enabled() and any(",
-           _grad_matrix("test_pool_mlp and not packed"), "eager calls that need gradients skip the autograd Function"),
+           _grad_matrix("double_backward"), "eager calls that need gradients (a backward under create_graph) skip the autograd Function"),
     Mutant("mlp_backward_flags", "deco_ops/projector.py",
            "need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]",
            "need_x, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:5]",
