@@ -10,10 +10,13 @@ autograd Function. All of that reads only the signature:
   no check and no choice reads them; the kernels read strides at every launch);
 * the other arguments, by value *and type* (``(4, 4)`` and ``(4, 4.0)`` or ``True`` and ``1`` are
   equal in Python but not to validation);
-* the global state: grad mode, deterministic mode (and its warn-only flag), the backend and strategy settings (their
-  ``with`` blocks and environment variables), whether Triton runs through its interpreter.
+* the global state: grad mode, deterministic mode (and its warn-only flag), the backend and
+  strategy settings (their ``with`` blocks and environment variables, ``Setting.state``), whether
+  Triton runs through its interpreter.
 
-``Plans`` remembers the result (a *plan*: a tuple the op unpacks) per signature. Changing any of
+``Plans`` remembers the result (a *plan*: a tuple the public function unpacks, or for an op that
+autograd formulas call, ``deco.<name>`` registered with ``plan=``, the callable that runs it) per
+signature. Changing any of
 the above gives another signature, hence another plan. ``strategy.forget``/``preload`` drop every
 plan (a plan holds a strategy decision). At most ``MAX_PLANS`` per op; the oldest is dropped first.
 
