@@ -18,7 +18,9 @@ no input that requires grad: backward formulas, inference). Any other call goes 
 ``deco.<name>.body(*args)`` is the implementation alone: what one op's body calls for another op's
 work (a body runs below autograd, with autocast already applied, on real tensors).
 ``deco.<name>.runner(impl, records)`` is what a plain eager call of the op runs when ``impl`` is
-the implementation its strategy chose (``deco_ops._plan`` keeps it per call signature).
+the implementation its strategy chose (``deco_ops._plan`` keeps it per call signature: the public
+functions for their op, ``deco.<name>`` itself for an op registered with ``plan=``, the backward
+ops that autograd formulas call).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import _plan
 from ._triton_op import triton_op
 from ._validate import AUTOCAST_DEVICE_TYPES
 
@@ -42,13 +45,15 @@ _peek_functorch = getattr(torch._C._functorch, "peek_interpreter_stack", lambda:
 _names: dict[object, str] = {}  # custom op definition -> its name in ``deco``
 
 
-def custom_op(name: str) -> Callable:
+def custom_op(name: str, plan: Callable[..., Callable] | None = None) -> Callable:
     """``torch.library.triton_op("deco::<name>", mutates_args=())`` (``_triton_op``: compiled
-    graphs see its kernels), remembering the implementation for ``deco.<name>``."""
+    graphs see its kernels), remembering the implementation for ``deco.<name>``. With ``plan``
+    (the function that returns the implementation that runs a call's arguments: the backend's or
+    the strategy's choice), ``deco.<name>`` keeps that choice per call signature (``Op.__call__``)."""
 
     def register(fn: Callable):
         opdef = triton_op(f"deco::{name}", fn)
-        deco.add(name, fn)
+        deco.add(name, fn, plan)
         _names[opdef] = name
         return opdef
 
@@ -91,15 +96,24 @@ def plain_eager(args: tuple) -> bool:
     return device_type not in AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type)
 
 
+def records(args: tuple) -> bool:
+    """Whether autograd records a call with ``args``: grad mode on and a tensor argument requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
 class Op:
     """One deco op, callable as ``torch.ops.deco.<name>`` is (positional arguments)."""
 
-    __slots__ = ("name", "body", "_functions", "_formula")
+    __slots__ = ("name", "body", "_functions", "_formula", "_plans")
 
-    def __init__(self, name: str, body: Callable):
+    def __init__(self, name: str, body: Callable, implementation: Callable[..., Callable] | None = None):
         self.name, self.body = name, body
         self._functions: dict[Callable, type[torch.autograd.Function]] = {}
         self._formula: tuple[Callable, Callable] | None = None
+        # what a plain eager call runs, per call signature: ``implementation``'s choice, in the
+        # op's autograd Function where autograd records the call
+        self._plans = None if implementation is None else _plan.Plans(
+            lambda *args: _plan.runner(self, implementation, args, records(args)))
 
     def set_autograd(self, backward: Callable, setup_context: Callable) -> None:
         self._formula = (backward, setup_context)
@@ -110,9 +124,12 @@ class Op:
         return getattr(torch.ops.deco, self.name).default
 
     def __call__(self, *args):
+        run = None if self._plans is None else self._plans.get(*args)
+        if run is not None:
+            return run(*args)
         if torch.compiler.is_compiling() or not plain_eager(args):
             return self.overload(*args)
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        if records(args):
             if self._formula is None:  # no autograd formula: the op's own error, unchanged
                 return self.overload(*args)
             return self.function().apply(*args)
@@ -154,8 +171,8 @@ class Op:
 class Namespace:
     """``deco.<name>``: the ops registered through ``custom_op``."""
 
-    def add(self, name: str, body: Callable) -> None:
-        setattr(self, name, Op(name, body))
+    def add(self, name: str, body: Callable, implementation: Callable[..., Callable] | None = None) -> None:
+        setattr(self, name, Op(name, body, implementation))
 
 
 deco = Namespace()

@@ -10,10 +10,13 @@ autograd Function. All of that reads only the signature:
   no check and no choice reads them; the kernels read strides at every launch);
 * the other arguments, by value *and type* (``(4, 4)`` and ``(4, 4.0)`` or ``True`` and ``1`` are
   equal in Python but not to validation);
-* the global state: grad mode, deterministic mode, the backend and strategy settings (their
-  ``with`` blocks and environment variables), whether Triton runs through its interpreter.
+* the global state: grad mode, deterministic mode (and its warn-only flag), the backend and
+  strategy settings (their ``with`` blocks and environment variables, ``Setting.state``), whether
+  Triton runs through its interpreter.
 
-``Plans`` remembers the result (a *plan*: a tuple the op unpacks) per signature. Changing any of
+``Plans`` remembers the result (a *plan*: a tuple the public function unpacks, or for an op that
+autograd formulas call, ``deco.<name>`` registered with ``plan=``, the callable that runs it) per
+signature. Changing any of
 the above gives another signature, hence another plan. ``strategy.forget``/``preload`` drop every
 plan (a plan holds a strategy decision). At most ``MAX_PLANS`` per op; the oldest is dropped first.
 
@@ -35,22 +38,22 @@ from . import _backend, strategy
 
 MAX_PLANS = 256  # per op; a real model calls each op with a handful of signatures
 
-_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter
 _VALUES = (type(None), bool, int, float, str)
-_SEQUENCES = (tuple, list)
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _any_autocast = torch._C._is_any_autocast_enabled
+_grad_enabled = torch.is_grad_enabled
 _deterministic = torch._C._get_deterministic_algorithms  # torch.are_deterministic_algorithms_enabled's answer
+_warn_only = torch._C._get_deterministic_algorithms_warn_only  # ... and is_deterministic_algorithms_warn_only_enabled's
 _peek_functorch = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 
 _all: list[Plans] = []  # every op's plans, for clear()
 
-# The settings enter a signature raw (the override in force, the environment variable as stored):
-# two dictionary lookups each instead of their checked value (``Setting.selected``, five calls);
-# building a plan reads them checked, so a bad value still raises there.
-_settings = tuple((s.overrides.get, s.environ.get, s.env_key) for s in (_backend.SETTING, strategy.SETTING))
-(_backend_override, _backend_env, _backend_key), (_strategy_override, _strategy_env, _strategy_key) = _settings
+# The settings enter a signature as their state (``Setting.state``: the override and the
+# environment variable as stored); building a plan reads them checked (``selected``), so a bad
+# value still raises there. Whether Triton interprets is read as ``_backend.interpreting`` reads it.
+_backend_state, _strategy_state = _backend.SETTING.state, strategy.SETTING.state
 _interpret_environ, _interpret_key = _backend.INTERPRET_ENTRY
 _interpret_env = _interpret_environ.get
 
@@ -61,15 +64,14 @@ def signature(args: tuple) -> tuple | None:
         return None
     # a flat list (cheaper than nested tuples), unambiguous: a tensor's entries start with its
     # torch.Size, any other argument's with a type
-    key = [torch.is_grad_enabled(), _deterministic(), _backend_override(), _backend_env(_backend_key),
-           _interpret_env(_interpret_key), _strategy_override(), _strategy_env(_strategy_key)]
+    key = [_grad_enabled(), _deterministic(), _warn_only(), _backend_state(), _interpret_env(_interpret_key), _strategy_state()]
     for a in args:
         kind = type(a)
-        if kind in _TENSORS:
+        if kind is _TENSOR or kind is _PARAMETER:
             key += (a.shape, a.dtype, a.device, a.requires_grad)
         elif kind in _VALUES:
             key += (kind, a)
-        elif kind in _SEQUENCES:
+        elif kind is tuple or kind is list:
             key += (kind, tuple(a), tuple(map(type, a)))
         else:
             return None
@@ -82,12 +84,12 @@ class Plans:
     takes the op's full path). ``build`` raises on bad arguments, and then nothing is remembered;
     it may return None for a signature that has no plan (the call then takes the full path)."""
 
-    def __init__(self, build: Callable[..., tuple | None]):
+    def __init__(self, build: Callable[..., object]):
         self._build = build
-        self._plans: dict[tuple, tuple | None] = {}
+        self._plans: dict[tuple, object] = {}
         _all.append(self)
 
-    def get(self, *args) -> tuple | None:
+    def get(self, *args) -> object:
         try:
             key = signature(args)
             if key is None:

@@ -51,6 +51,14 @@ class Setting:
         """The innermost ``use`` block's choice in the current context, or None."""
         return self.overrides.get()
 
+    def state(self) -> tuple[str | None, object]:
+        """What the setting's value is a function of: (the innermost ``use`` block's choice or None,
+        ``$var`` as stored). The one rule for reading a setting: code that acts on it asks
+        ``selected()`` (checked); code that only tells settings apart (a plan's key,
+        ``deco_ops._plan``) holds ``state()``, two dictionary lookups, and asks ``selected()``
+        when it acts (building the plan), so a bad value raises there, once per value."""
+        return self.overrides.get(), self.environ.get(self.env_key)
+
     def selected(self) -> str:
         """The innermost ``use`` block's choice, else ``$var``, normalised and checked once per
         distinct value (every op call asks)."""

@@ -28,8 +28,6 @@ dropout mask bit for bit.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import _backend, _plan, composed_attention, strategy
@@ -68,21 +66,20 @@ def _key(op, q, B, N, kv_lens, cu_seqlens_k, attn_bias, needs_grad, **more) -> s
                              N=strategy.bucket(N), H=H, D=D, q="shared" if q.shape[0] == 1 else "per-batch", mask=mask, **more)
 
 
-def _composed_candidates(q, kv_lens, cu_seqlens_k, attn_bias, dropout_p, run, deterministic=lambda kernel: True):
+def _composed_candidates(q, kv_lens, cu_seqlens_k, attn_bias, dropout_p, runs, deterministic=lambda kernel: True):
     """The strategy's candidates for the composed kernels that express this call (see
-    ``composed_attention.kernels``): ``run`` computes the call with the kernel named by its
-    ``kernel`` keyword."""
+    ``composed_attention.kernels``): ``runs[kernel]`` computes the call with that kernel."""
     masked = kv_lens is not None or cu_seqlens_k is not None or attn_bias is not None
-    return {kernel: strategy.Candidate(functools.partial(run, kernel=kernel), deterministic(kernel))
+    return {kernel: strategy.Candidate(runs[kernel], deterministic(kernel))
             for kernel in composed_attention.kernels(q, masked, dropout_p)}
 
 
-def _cross_attention_kernels(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias):
+def _cross_attention_kernels(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse):
     B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
     return cross_attention_fwd.cross_attention_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, attn_bias)
 
 
-def _cross_attention_tma(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias):
+def _cross_attention_tma(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse):
     B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
     return cross_attention_tma.cross_attention_tma_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale)
 
@@ -95,30 +92,40 @@ def _tma_applies(q, k, v, dropout_p, attn_bias) -> bool:
             and attn_bias is None and all(map(cross_attention_tma.tma_compatible, (q, k, v))))
 
 
-def _cross_attention_reference(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias):
+def _cross_attention_reference(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse):
     kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, max_seqlen_k)
     return reference.attention_fwd(q, kp, vp, lens, scale, dropout_p, _rng_pair(rng), attn_bias)
 
 
-def _cross_attention_composed(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, *, kernel):
-    kp, vp, lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, max_seqlen_k)
-    return composed_attention.forward(q, kp, vp, lens, scale, kernel=kernel, bias=attn_bias)
+def _composed_forward(kernel: str):
+    """``deco::cross_attention`` by the composed ``kernel``; the LSE only where ``need_lse``."""
+
+    def composed_forward(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse):
+        if cu_seqlens_k is not None:
+            k, v, kv_lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, max_seqlen_k)
+        return composed_attention.forward(q, k, v, kv_lens, scale, kernel=kernel, bias=attn_bias, need_lse=need_lse)
+
+    return composed_forward
 
 
-def _cross_attention_implementation(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias):
+_COMPOSED_FORWARD = {kernel: _composed_forward(kernel) for kernel in composed_attention.KERNELS}
+
+
+def _cross_attention_implementation(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse):
     """The function that runs ``deco::cross_attention`` on these arguments (the strategy's choice):
-    the kernels (the reference path on the PyTorch backend) or a composed twin on SDPA."""
+    the kernels (the reference path on the PyTorch backend) or a composed twin on SDPA. It returns
+    (out, lse) where ``need_lse``, else out and anything (the op's body puts the schema's empty
+    tensor in its place)."""
     B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
     on_triton = _backend.use_triton(q.device)
-    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
     return strategy.implementation(
-        (q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias), on_triton=on_triton,
-        key=lambda: _key("cross_attention", q, B, N, kv_lens, cu_seqlens_k, attn_bias, needs_grad),
+        (q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse), on_triton=on_triton,
+        key=lambda: _key("cross_attention", q, B, N, kv_lens, cu_seqlens_k, attn_bias, need_lse),
         fused=_cross_attention_kernels if on_triton else _cross_attention_reference,
         composed_kernels={
             **({"fused_tma": strategy.Candidate(_cross_attention_tma, opt_in=True)}
                if on_triton and _tma_applies(q, k, v, dropout_p, attn_bias) else {}),
-            **_composed_candidates(q, kv_lens, cu_seqlens_k, attn_bias, dropout_p, _cross_attention_composed),
+            **_composed_candidates(q, kv_lens, cu_seqlens_k, attn_bias, dropout_p, _COMPOSED_FORWARD),
         },
     )
 
@@ -135,17 +142,23 @@ def _cross_attention(
     dropout_p: float,
     rng: torch.Tensor | None,
     attn_bias: torch.Tensor | None,
+    need_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias)
-    return _cross_attention_implementation(*args)(*args)
+    """(out, lse); ``need_lse``: whether anything reads the LSE (a backward, the weights), decided
+    by the caller, where grad mode and ``requires_grad`` are known (under torch.compile this body
+    runs on detached inputs inside a graph that has a backward). Without it the LSE is an empty
+    (0,) tensor and the composed twins make the cheapest SDPA call."""
+    args = (q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse)
+    out, lse = _cross_attention_implementation(*args)(*args)
+    return out, lse if need_lse else q.new_empty((0,))
 
 
 @_cross_attention.register_fake
-def _(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias):
+def _(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse):
     B, _ = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
     _, M, H, D = q.shape
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty((B, M, H, D)), q.new_empty((B, H, M), dtype=stat_dtype)
+    return q.new_empty((B, M, H, D)), q.new_empty((B, H, M) if need_lse else (0,), dtype=stat_dtype if need_lse else q.dtype)
 
 
 def _or_empty(grad: torch.Tensor | None, needed: bool, like: torch.Tensor) -> torch.Tensor:
@@ -153,7 +166,66 @@ def _or_empty(grad: torch.Tensor | None, needed: bool, like: torch.Tensor) -> to
     return grad if needed else like.new_empty((0,))
 
 
-@custom_op("cross_attention_backward")
+def _returned(grads, need_dq: bool, need_dkv: bool, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``deco::cross_attention_backward``'s outputs from (dq, dk, dv): a gradient not asked for
+    comes back as an empty (0,) tensor."""
+    dq, dk, dv = grads
+    return _or_empty(dq, need_dq, q), _or_empty(dk, need_dkv, q), _or_empty(dv, need_dkv, q)
+
+
+def _packed_grads(grads, k, v, cu_seqlens_k, real):
+    """(dq, dk, dv) computed on keys padded by ``_padded``, with dk and dv packed back where the keys were packed."""
+    dq, dk, dv = grads
+    if cu_seqlens_k is None or dk is None:
+        return grads
+    return dq, reference.pack_keys(dk, cu_seqlens_k, real, k.shape[0]), reference.pack_keys(dv, cu_seqlens_k, real, v.shape[0])
+
+
+def _backward_kernels(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, need_dq, need_dkv, attn_bias):
+    B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
+    grads = cross_attention_bwd.cross_attention_bwd(
+        dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, need_dq, need_dkv, attn_bias)
+    return _returned(grads, need_dq, need_dkv, q)
+
+
+def _backward_reference(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, need_dq, need_dkv, attn_bias):
+    kp, vp, lens, real = _padded(k, v, kv_lens, cu_seqlens_k, max_seqlen_k)
+    grads = reference.attention_bwd(dout, q, kp, vp, out, lse, lens, scale, dropout_p, _rng_pair(rng), attn_bias)
+    return _returned(_packed_grads(grads, k, v, cu_seqlens_k, real), need_dq, need_dkv, q)
+
+
+def _composed_backward(kernel: str):
+    """``deco::cross_attention_backward`` by the composed ``kernel``."""
+
+    def composed_backward(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, need_dq, need_dkv,
+                          attn_bias):
+        kp, vp, lens, real = _padded(k, v, kv_lens, cu_seqlens_k, max_seqlen_k)
+        grads = composed_attention.backward(dout, q, kp, vp, out, lse, lens, scale, need_dq, need_dkv, kernel=kernel, bias=attn_bias)
+        return _returned(_packed_grads(grads, k, v, cu_seqlens_k, real), need_dq, need_dkv, q)
+
+    return composed_backward
+
+
+_COMPOSED_BACKWARD = {kernel: _composed_backward(kernel) for kernel in composed_attention.KERNELS}
+
+
+def _backward_implementation(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, need_dq, need_dkv,
+                             attn_bias):
+    """The function that runs ``deco::cross_attention_backward`` on these arguments (the strategy's choice)."""
+    B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
+    on_triton = _backend.use_triton(q.device)
+    return strategy.implementation(
+        (dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, need_dq, need_dkv, attn_bias),
+        on_triton=on_triton,
+        key=lambda: _key("cross_attention_backward", q, B, N, kv_lens, cu_seqlens_k, attn_bias, True,
+                         need=f"{'q' * need_dq}{'kv' * need_dkv}"),
+        fused=_backward_kernels if on_triton else _backward_reference,
+        composed_kernels=_composed_candidates(q, kv_lens, cu_seqlens_k, attn_bias, dropout_p, _COMPOSED_BACKWARD,
+                                              composed_attention.deterministic_backward),
+    )
+
+
+@custom_op("cross_attention_backward", plan=_backward_implementation)
 def _cross_attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -172,37 +244,8 @@ def _cross_attention_backward(
     attn_bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv); a gradient not asked for comes back as an empty (0,) tensor."""
-    B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
-    on_triton = _backend.use_triton(q.device)
-
-    def on_padded_keys(backward):
-        kp, vp, lens, real = _padded(k, v, kv_lens, cu_seqlens_k, N)
-        dq, dk, dv = backward(kp, vp, lens)
-        if cu_seqlens_k is None or dk is None:
-            return dq, dk, dv
-        return dq, reference.pack_keys(dk, cu_seqlens_k, real, k.shape[0]), reference.pack_keys(dv, cu_seqlens_k, real, v.shape[0])
-
-    def fused():
-        if on_triton:
-            return cross_attention_bwd.cross_attention_bwd(
-                dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, need_dq, need_dkv, attn_bias
-            )
-        return on_padded_keys(lambda kp, vp, lens: reference.attention_bwd(
-            dout, q, kp, vp, out, lse, lens, scale, dropout_p, _rng_pair(rng), attn_bias))
-
-    def composed(*, kernel):
-        return on_padded_keys(lambda kp, vp, lens: composed_attention.backward(
-            dout, q, kp, vp, out, lse, lens, scale, need_dq, need_dkv, kernel=kernel, bias=attn_bias))
-
-    dq, dk, dv = strategy.run(
-        on_triton=on_triton,
-        key=lambda: _key("cross_attention_backward", q, B, N, kv_lens, cu_seqlens_k, attn_bias, True,
-                         need=f"{'q' * need_dq}{'kv' * need_dkv}"),
-        fused=fused,
-        composed_kernels=_composed_candidates(q, kv_lens, cu_seqlens_k, attn_bias, dropout_p, composed,
-                                              composed_attention.deterministic_backward),
-    )
-    return _or_empty(dq, need_dq, q), _or_empty(dk, need_dkv, q), _or_empty(dv, need_dkv, q)
+    args = (dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, need_dq, need_dkv, attn_bias)
+    return _backward_implementation(*args)(*args)
 
 
 @_cross_attention_backward.register_fake
@@ -212,9 +255,9 @@ def _(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropo
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias = inputs
+    q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], kv_lens, cu_seqlens_k, rng, attn_bias)
-    ctx.max_seqlen_k, ctx.scale, ctx.dropout_p = max_seqlen_k, scale, dropout_p
+    ctx.max_seqlen_k, ctx.scale, ctx.dropout_p, ctx.need_lse = max_seqlen_k, scale, dropout_p, need_lse
     ctx.set_materialize_grads(False)
 
 
@@ -226,12 +269,14 @@ def _backward(ctx, dout, dlse):
     need_dq = ctx.needs_input_grad[0]
     need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     if dout is None or not (need_dq or need_dkv):
-        return (None,) * 10
+        return (None,) * 11
+    if not ctx.need_lse:
+        raise RuntimeError("deco::cross_attention ran with need_lse=False; call deco_ops.cross_attention to differentiate it")
     dq, dk, dv = deco.cross_attention_backward(
         dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, ctx.max_seqlen_k, ctx.scale, ctx.dropout_p, rng, need_dq, need_dkv,
         attn_bias,
     )
-    return (dq if need_dq else None), (dk if need_dkv else None), (dv if need_dkv else None), *(None,) * 7
+    return (dq if need_dq else None), (dk if need_dkv else None), (dv if need_dkv else None), *(None,) * 8
 
 
 register_autograd(_cross_attention, _backward, _setup)
@@ -387,14 +432,14 @@ def cross_attention(
     if plan is None:
         kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, attn_bias = _checked(
             q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k, attn_mask)
-        run = deco.cross_attention
+        run, need_lse = deco.cross_attention, need_weights or _needs_lse(q, k, v)
     else:
-        run, scale, dropout_p = plan
+        run, scale, dropout_p, need_lse = plan
         max_seqlen_k, attn_bias = k.shape[1], None
         if kv_lens is not None:
             kv_lens = _check.kv_lens(kv_lens, k.shape[0], q.device)
     rng = _draw_rng(generator, q.device) if dropout_p > 0 else None
-    out, lse = run(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias)
+    out, lse = run(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse)
     if not need_weights:
         return out
     weights = deco.cross_attention_weights(
@@ -435,16 +480,22 @@ def _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k
     return kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, attn_bias
 
 
+def _needs_lse(q, k, v) -> bool:
+    """Whether a backward will read the LSE: autograd records the call (grad mode on, an input
+    requires grad). Known here, not in the op's body (``_cross_attention``)."""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
 def _plan_of(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k) -> tuple | None:
-    """A plain eager call's plan (no mask, no weights): (what runs it, scale, dropout_p); none with
-    packed keys (the offsets' values size the launch and the strategy key)."""
+    """A plain eager call's plan (no mask, no weights): (what runs it, scale, dropout_p, need_lse);
+    none with packed keys (the offsets' values size the launch and the strategy key)."""
     if cu_seqlens_k is not None:
         return None
     kv_lens, _, N, scale, dropout_p, _ = _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, None, None)
-    records = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    records = _needs_lse(q, k, v)
     # no dropout seed: drawing one here would move the generator; a call with dropout has one candidate (nothing is timed)
-    args = (q, k, v, kv_lens, None, N, scale, dropout_p, None, None)
-    return _plan.runner(deco.cross_attention, _cross_attention_implementation, args, records), scale, dropout_p
+    args = (q, k, v, kv_lens, None, N, scale, dropout_p, None, None, records)
+    return _plan.runner(deco.cross_attention, _cross_attention_implementation, args, records), scale, dropout_p, records
 
 
 _plans = _plan.Plans(_plan_of)

@@ -66,6 +66,7 @@ _HALF_KERNELS = {
     "composed_cudnn": ("_scaled_dot_product_cudnn_attention", 128),
 }
 CUDA_KERNELS = ("composed_efficient", *_HALF_KERNELS)
+KERNELS = ("composed", *CUDA_KERNELS)
 
 
 def kernels(q: torch.Tensor, masked: bool, dropout_p: float) -> tuple[str, ...]:
@@ -151,7 +152,7 @@ def _heads_first(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def normalised_lse(lse: torch.Tensor, M: int) -> torch.Tensor:
     """A kernel's LSE (``(B, H, M)``, ``(B, H, M, 1)`` or ``(B, H, >= M)`` padded; fp32, fp64 for
     fp64 inputs on CPU) as the op's ``(B, H, M)`` (a view where it already is)."""
-    return lse.flatten(2)[:, :, :M]  # flatten, not reshape(B, H, -1): an empty batch has no -1
+    return lse.flatten(2).narrow(2, 0, M)  # flatten, not reshape(B, H, -1): an empty batch has no -1; narrow: no index parsing
 
 
 @functools.cache
@@ -162,33 +163,42 @@ def _cudnn_lse_rank() -> int:
     return torch.ops.aten._scaled_dot_product_cudnn_attention(x, x, x, None, True)[1].dim()
 
 
-def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(O ``(B, M, H, D)`` in q's dtype, LSE ``(B, H, M)`` fp32), as ``deco::cross_attention``, by the
-    named composed ``kernel`` (one ``kernels`` lists for the call). The LSE is always computed:
-    the op cannot tell whether a backward will read it (under torch.compile its body runs on
-    detached inputs inside a graph that has one)."""
-    B, H, M = k.shape[0], q.shape[2], q.shape[1]
+def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None, need_lse: bool = True):
+    """(O ``(B, M, H, D)`` in q's dtype, LSE ``(B, H, M)`` fp32 or None), as ``deco::cross_attention``,
+    by the named composed ``kernel`` (one ``kernels`` lists for the call). The LSE where
+    ``need_lse`` (a backward or the weights read it), else None and the cheapest call: the
+    memory-efficient and cuDNN kernels skip it (flash and the CPU kernel always compute it). The
+    caller decides: the op's body cannot tell (under torch.compile it runs on detached inputs
+    inside a graph that has a backward)."""
     if kernel == "composed":
-        q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias)
+        if kv_lens is None and bias is None and q.shape[0] == k.shape[0]:
+            dead = None  # no mask, a query row per batch: ``_inputs`` would return the tensors as they are
+        else:
+            q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias)
         # the ATen op's Python binding: no torch.ops lookup per call
-        o, lse = torch._scaled_dot_product_flash_attention_for_cpu(*_heads_first(q, k, v), 0.0, False, attn_mask=bias, scale=scale)
+        o, lse = torch._scaled_dot_product_flash_attention_for_cpu(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias, scale=scale)
         out = o.transpose(1, 2)
     elif kernel == "composed_efficient":
         q, k, v = (_aligned(t) for t in (q, k, v))
         q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias, _BIAS_ALIGN_EFFICIENT, per_head=True)
-        out, lse, *_ = torch.ops.aten._efficient_attention_forward(q, k, v, bias, None, None, None, None, 0.0, 0, True, scale=scale)
+        out, lse, *_ = torch.ops.aten._efficient_attention_forward(q, k, v, bias, None, None, None, None, 0.0, 0, need_lse, scale=scale)
     else:
-        q = _aligned(q.expand(B, -1, -1, -1).contiguous())
+        q = _aligned(q.expand(k.shape[0], -1, -1, -1).contiguous())
         k, v = _aligned(k), _aligned(v)
         dead = None  # no kv_lens, no mask here (``kernels``)
         if kernel == "composed_flash":
             o, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(*_heads_first(q, k, v), 0.0, False, False, scale=scale)
         else:
-            o, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(*_heads_first(q, k, v), None, True, 0.0, False, False, scale=scale)
+            o, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                *_heads_first(q, k, v), None, need_lse, 0.0, False, False, scale=scale)
         out = o.transpose(1, 2)
-    lse = normalised_lse(lse, M)
     if dead is not None:
         out = torch.where(dead.transpose(1, 2)[..., None], 0.0, out)
+    if not need_lse:
+        return out.contiguous(), None
+    lse = normalised_lse(lse, out.shape[1])
+    if dead is not None:
         lse = torch.where(dead, float("inf"), lse)
     return out.contiguous(), lse.contiguous()
 

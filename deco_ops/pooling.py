@@ -31,8 +31,12 @@ def _pool_reference(x, grid, out_grid):
 
 
 def pool_implementation(x, grid, out_grid) -> Callable:
-    """The function that runs ``deco::adaptive_avg_pool_tokens`` on these arguments (the backend's)."""
+    """The function that runs ``deco::adaptive_avg_pool_tokens`` on these arguments (the backend's),
+    one of ``POOL_IMPLEMENTATIONS``."""
     return _pool_kernel if _backend.use_triton(x.device) else _pool_reference
+
+
+POOL_IMPLEMENTATIONS = (_pool_kernel, _pool_reference)
 
 
 @custom_op("adaptive_avg_pool_tokens")
@@ -45,11 +49,22 @@ def _(x, grid, out_grid):
     return x.new_empty((x.shape[0], math.prod(out_grid), x.shape[2]))
 
 
-@custom_op("unpool_tokens")
-def _unpool(grad: torch.Tensor, grid: list[int], out_grid: list[int]) -> torch.Tensor:
-    if _backend.use_triton(grad.device):
-        return adaptive_pool.unpool_tokens(grad, as_3d(grid), as_3d(out_grid))
+def _unpool_kernel(grad, grid, out_grid):
+    return adaptive_pool.unpool_tokens(grad, as_3d(grid), as_3d(out_grid))
+
+
+def _unpool_reference(grad, grid, out_grid):
     return reference.unpool_tokens(grad, grid, out_grid).contiguous()
+
+
+def _unpool_implementation(grad, grid, out_grid) -> Callable:
+    """The function that runs ``deco::unpool_tokens`` on these arguments (the backend's)."""
+    return _unpool_kernel if _backend.use_triton(grad.device) else _unpool_reference
+
+
+@custom_op("unpool_tokens", plan=_unpool_implementation)
+def _unpool(grad: torch.Tensor, grid: list[int], out_grid: list[int]) -> torch.Tensor:
+    return _unpool_implementation(grad, grid, out_grid)(grad, grid, out_grid)
 
 
 @_unpool.register_fake

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _plan, _validate, composed, reference, strategy
+from . import _backend, _plan, _validate, composed, pooling, reference, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import gemm_act_grad, pool_gemm
 from .pooling import as_3d, check_pool_input
@@ -106,18 +106,31 @@ def _pool_linear_fused(x, w, b, grid, out_grid, keep_residuals):
     return y.view(B, P, w.shape[0]), pooled.view(B, P, x.shape[2]) if keep_residuals else None
 
 
-def _pool_linear_composed(x, w, b, grid, out_grid, keep_residuals):
-    return composed.pool_linear(deco.adaptive_avg_pool_tokens.body(x, grid, out_grid), w, b, True)
+def _composed_twins(pool):
+    """(pool_linear's, pool_mlp's) composed twin over ``pool``, one of the pooling op's
+    implementations: chosen with the strategy (once per plan), not by the pooling op on every call."""
+
+    def pool_linear_composed(x, w, b, grid, out_grid, keep_residuals):
+        return composed.pool_linear(pool(x, grid, out_grid), w, b, True)
+
+    def pool_mlp_composed(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals):
+        return composed.pool_mlp(pool(x, grid, out_grid), w1, b1, w2, b2, activation, True)  # the residuals are intermediates anyway
+
+    return pool_linear_composed, pool_mlp_composed
+
+
+_COMPOSED = {pool: _composed_twins(pool) for pool in pooling.POOL_IMPLEMENTATIONS}
 
 
 def _pool_linear_implementation(x, w, b, grid, out_grid, keep_residuals):
     """The function that runs ``deco::pool_linear`` on these arguments (the strategy's choice); it
     returns (y, pooled) where the residual is kept, else y and anything (``_pool_mlp_implementation``)."""
     on_triton = _backend.use_triton(x.device)
+    composed_twin, _ = _COMPOSED[pooling.pool_implementation(x, grid, out_grid)]
     return strategy.implementation(
         (x, w, b, grid, out_grid, keep_residuals), on_triton=on_triton,
         key=lambda: _key("pool_linear", x, grid, out_grid, keep_residuals, out=w.shape[0]),
-        fused=_pool_linear_fused if on_triton else None, composed=_pool_linear_composed,
+        fused=_pool_linear_fused if on_triton else None, composed=composed_twin,
     )
 
 
@@ -169,25 +182,42 @@ register_autograd(_pool_linear, _pool_linear_backward, _pool_linear_setup)
 # pool -> Linear -> activation -> Linear
 
 
-@custom_op("mlp_activation_backward")
+def _activation_backward_fused(dy, w2, pre, activation, need_db1):
+    dz, act = gemm_act_grad.gemm_act_grad(dy, w2, pre, activation)
+    return dz, act, reference.bias_grad(dz) if need_db1 else _empty(dz)
+
+
+def _activation_backward_composed(elementwise_kernel: bool):
+    """The composed twin of ``deco::mlp_activation_backward`` (``elementwise_kernel``: the Triton backend's)."""
+
+    def composed_backward(dy, w2, pre, activation, need_db1):
+        return composed.mlp_activation_backward(dy, w2, pre, activation, need_db1, elementwise_kernel)
+
+    return composed_backward
+
+
+_ACTIVATION_BACKWARD_COMPOSED = {on_triton: _activation_backward_composed(on_triton) for on_triton in (False, True)}
+
+
+def _activation_backward_implementation(dy, w2, pre, activation, need_db1=False):
+    """The function that runs ``deco::mlp_activation_backward`` on these arguments (the strategy's choice)."""
+    on_triton = _backend.use_triton(dy.device)
+    return strategy.implementation(
+        (dy, w2, pre, activation, need_db1), on_triton=on_triton,
+        key=lambda: strategy.make_key("mlp_activation_backward", dy.device, dy.dtype, True, rows=strategy.bucket(dy.shape[0]),
+                                      out=dy.shape[1], hidden=pre.shape[1], act=activation),
+        fused=_activation_backward_fused if on_triton else None, composed=_ACTIVATION_BACKWARD_COMPOSED[on_triton],
+    )
+
+
+@custom_op("mlp_activation_backward", plan=_activation_backward_implementation)
 def _mlp_activation_backward(
     dy: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor, activation: str, need_db1: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dy @ w2 * act'(pre), act(pre), db1) for 2D dy (rows, out), w2 (out, hidden), pre (rows,
     hidden); db1 = the first output's column sums (hidden,) when ``need_db1``, else empty."""
-    on_triton = _backend.use_triton(dy.device)
-
-    def fused():
-        dz, act = gemm_act_grad.gemm_act_grad(dy, w2, pre, activation)
-        return dz, act, reference.bias_grad(dz) if need_db1 else _empty(dz)
-
-    return strategy.run(
-        on_triton=on_triton,
-        key=lambda: strategy.make_key("mlp_activation_backward", dy.device, dy.dtype, True, rows=strategy.bucket(dy.shape[0]),
-                                      out=dy.shape[1], hidden=pre.shape[1], act=activation),
-        fused=fused if on_triton else None,
-        composed=lambda: composed.mlp_activation_backward(dy, w2, pre, activation, need_db1, on_triton),
-    )
+    args = (dy, w2, pre, activation, need_db1)
+    return _activation_backward_implementation(*args)(*args)
 
 
 @_mlp_activation_backward.register_fake
@@ -207,21 +237,17 @@ def _pool_mlp_fused(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residual
     return y, pooled.view(B, P, x.shape[2]), pre.view(B, P, w1.shape[0])
 
 
-def _pool_mlp_composed(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals):
-    pooled = deco.adaptive_avg_pool_tokens.body(x, grid, out_grid)
-    return composed.pool_mlp(pooled, w1, b1, w2, b2, activation, True)  # the residuals are intermediates anyway
-
-
 def _pool_mlp_implementation(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals):
     """The function that runs ``deco::pool_mlp`` on these arguments (the strategy's choice). It
     returns (y, pooled, pre) where the residuals are kept, else y and anything (None or the
     intermediates): the custom op's body puts the empty tensors of its schema in their place,
     which a direct call that wants y alone does not pay for."""
     on_triton = _backend.use_triton(x.device)
+    _, composed_twin = _COMPOSED[pooling.pool_implementation(x, grid, out_grid)]
     return strategy.implementation(
         (x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals), on_triton=on_triton,
         key=lambda: _key("pool_mlp", x, grid, out_grid, keep_residuals, hidden=w1.shape[0], out=w2.shape[0], act=activation),
-        fused=_pool_mlp_fused if on_triton else None, composed=_pool_mlp_composed,
+        fused=_pool_mlp_fused if on_triton else None, composed=composed_twin,
     )
 
 

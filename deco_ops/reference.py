@@ -21,12 +21,18 @@ def _as_image(x: torch.Tensor, grid) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, C, *grid)
 
 
+# F.adaptive_avg_pool2d/3d's ATen bindings: their Python wrappers only fill in None entries of the
+# output size (out_grid has none) for three more Python calls; the bindings dispatch
+# ``__torch_function__`` overrides and modes as the wrappers do
+_ADAPTIVE_AVG_POOL = {2: torch._C._nn.adaptive_avg_pool2d, 3: torch._C._nn.adaptive_avg_pool3d}
+
+
 def adaptive_avg_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
     """F.adaptive_avg_pool2d/3d applied to the token grid, viewed as a channels-last image (no copy,
     the same bits as a (B, C, *grid) copy: each window is summed in the same order); the 2D
     pooling keeps channels-last, so its (B, P, C) result is contiguous."""
-    pool = F.adaptive_avg_pool2d if len(grid) == 2 else F.adaptive_avg_pool3d
-    return pool(x.reshape(x.shape[0], *grid, x.shape[2]).movedim(-1, 1), tuple(out_grid)).flatten(2).transpose(1, 2)
+    pool = _ADAPTIVE_AVG_POOL[len(grid)]
+    return pool(x.reshape(x.shape[0], *grid, x.shape[2]).movedim(-1, 1), out_grid).flatten(2).transpose(1, 2)
 
 
 def unpool_tokens(grad: torch.Tensor, grid, out_grid) -> torch.Tensor:

@@ -339,9 +339,10 @@ def test_opcheck(backend):
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     rng = torch.tensor([7, 0], dtype=torch.int64)
     bias = torch.randn(2, 1, 1, 40).masked_fill(torch.rand(2, 1, 1, 40) > 0.7, float("-inf")).expand(2, 2, 5, 40)
-    torch.library.opcheck(torch.ops.deco.cross_attention, (*leaves, kv_lens, None, 40, 0.25, 0.0, None, None))
-    torch.library.opcheck(torch.ops.deco.cross_attention, (*leaves, None, None, 40, 0.25, 0.2, rng, bias))
-    out, lse = torch.ops.deco.cross_attention(q, k, v, kv_lens, None, 40, 0.25, 0.2, rng, bias)
+    torch.library.opcheck(torch.ops.deco.cross_attention, (*leaves, kv_lens, None, 40, 0.25, 0.0, None, None, True))
+    torch.library.opcheck(torch.ops.deco.cross_attention, (*leaves, None, None, 40, 0.25, 0.2, rng, bias, True))
+    torch.library.opcheck(torch.ops.deco.cross_attention, (q, k, v, kv_lens, None, 40, 0.25, 0.0, None, None, False))  # inference: no LSE
+    out, lse = torch.ops.deco.cross_attention(q, k, v, kv_lens, None, 40, 0.25, 0.2, rng, bias, True)
     torch.library.opcheck(
         torch.ops.deco.cross_attention_backward, (dout, q, k, v, out, lse, kv_lens, None, 40, 0.25, 0.2, rng, True, True, bias)
     )

@@ -73,8 +73,8 @@ def cross_attention_module(mask=None, **change):
 
 
 def backward_without_residuals(op, *args):
-    """A custom op run with keep_residuals=False, then differentiated (only deco_ops' own
-    functions choose keep_residuals, so this is a misuse of the raw op)."""
+    """A custom op run without its residuals (keep_residuals=False, need_lse=False), then
+    differentiated (only deco_ops' own functions choose them, so this is a misuse of the raw op)."""
     leaves = [a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
     with deco_ops.use_backend("torch"):
         op(*leaves)[0].sum().backward()
@@ -226,7 +226,7 @@ CASES = [
     ("out-grids-rows", lambda mp: packed(stride=None, out_grids=torch.tensor([[2, 2]])), ValueError,
      "out_grids has 1 rows but grids has 2 images"),
     ("packed-tokens", lambda mp: packed(x=torch.randn(27, 4)), ValueError, r"x has 27 tokens but grids need sum\(prod\(grids\)\) = 28"),
-    # keep_residuals=False ops differentiated
+    # ops run without their residuals (keep_residuals=False, need_lse=False) differentiated
     ("pool-linear-residuals", lambda mp: backward_without_residuals(torch.ops.deco.pool_linear, torch.randn(1, 16, 4),
                                                                     torch.randn(8, 4), None, [4, 4], [2, 2], False),
      RuntimeError, "deco::pool_linear ran with keep_residuals=False; call deco_ops.pool_linear"),
@@ -239,6 +239,9 @@ CASES = [
     ("mlp-pool-residuals", lambda mp: backward_without_residuals(
         torch.ops.deco.mlp_pool_packed, *NO_RESIDUALS, deco_ops.packed.Packing([(4, 4)], [(2, 2)]).geometry, 4, "gelu", "average", False),
      RuntimeError, "deco::mlp_pool_packed ran with keep_residuals=False"),
+    ("cross-attention-no-lse", lambda mp: backward_without_residuals(
+        torch.ops.deco.cross_attention, *(torch.randn(1, 2, 1, 8) for _ in range(3)), None, None, 2, 0.25, 0.0, None, None, False),
+     RuntimeError, "deco::cross_attention ran with need_lse=False; call deco_ops.cross_attention"),
     # aot (the compile checker's own consistency checks)
     ("aot-not-jit", lambda mp: aot._raw_jit_function(object()), TypeError, "not a triton JITFunction"),
     ("aot-registry-args", lambda mp: aot.specialize(_fake_kernel(), {}, SimpleNamespace(kwargs={})), ValueError,

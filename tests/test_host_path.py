@@ -12,21 +12,23 @@ import torch
 
 import deco_ops
 from benchmarks import host_cost
-from deco_ops import _backend, _plan, composed_attention, projector, strategy
+from deco_ops import _backend, _direct, _plan, composed_attention, projector, strategy
 from harness import DEVICE
 
 cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="counts the PyTorch path's calls on CPU tensors")
 
 # op -> {mode: cProfile total_calls of one warm call with the user's default settings (no backend
 # or strategy chosen: the PyTorch path on CPU tensors)}: measured, plus a margin of 2 for harmless
-# drift. Issue 20 asks for <= 60; the eager code these ops replace makes 21, 19, 18 and 8 calls,
-# counted the same way (python -m benchmarks.host_cost).
+# drift. Issue 20 asks for <= 60 per op call (the forward modes); the eager code these ops replace
+# makes 21, 19, 18 and 8 calls, counted the same way (python -m benchmarks.host_cost). fwd+bwd
+# counts torch's own backward() too (eager: 65-68 calls); pinned so that the backward ops' plans stay.
 CALLS = {
-    "pool_mlp": {"infer": 50 + 2, "grad": 57 + 2},
-    "pool_linear": {"infer": 48 + 2, "grad": 55 + 2},
-    "adaptive_avg_pool_tokens": {"infer": 36 + 2, "grad": 42 + 2},
-    "cross_attention": {"infer": 37 + 2, "grad": 44 + 2},
+    "pool_mlp": {"infer": 35 + 2, "grad": 42 + 2, "fwd+bwd": 174 + 2},
+    "pool_linear": {"infer": 33 + 2, "grad": 40 + 2, "fwd+bwd": 137 + 2},
+    "adaptive_avg_pool_tokens": {"infer": 30 + 2, "grad": 36 + 2, "fwd+bwd": 124 + 2},
+    "cross_attention": {"infer": 29 + 2, "grad": 40 + 2, "fwd+bwd": 150 + 2},
 }
+FORWARD_LIMIT = 60  # issue 20
 
 
 @pytest.fixture
@@ -53,7 +55,8 @@ def user_settings(monkeypatch):
 def test_python_calls_per_call(op, mode, user_settings):
     case = next(c for c in host_cost.CASES if c.name == op)
     calls = host_cost.python_calls(host_cost.call_of(case, case.ours, mode))
-    assert calls <= CALLS[op][mode] <= 60, f"{op} {mode}: {calls} Python-level calls per call"
+    assert calls <= CALLS[op][mode], f"{op} {mode}: {calls} Python-level calls per call"
+    assert mode == "fwd+bwd" or CALLS[op][mode] <= FORWARD_LIMIT
 
 
 def _pool_mlp(x, *params, grid=(4, 4)):
@@ -151,6 +154,11 @@ def test_deterministic_mode_and_autocast_are_not_reused(monkeypatch):
     monkeypatch.setattr(_plan, "_deterministic", lambda: True)
     assert _plan.signature((x, (4, 4))) != key
     monkeypatch.undo()
+    # warn-only deterministic mode runs flash's non-deterministic backward (composed_attention.deterministic_backward)
+    assert _plan._warn_only is torch._C._get_deterministic_algorithms_warn_only
+    monkeypatch.setattr(_plan, "_warn_only", lambda: True)
+    assert _plan.signature((x, (4, 4))) != key
+    monkeypatch.undo()
     assert _plan.signature((x, (4, 4))) == key
 
 
@@ -173,3 +181,52 @@ def test_plans_are_bounded_and_hold_no_tensor(default_path, monkeypatch):
     del x
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.parametrize("op,backward_op", [("pool_mlp", "mlp_activation_backward"), ("pool_linear", "unpool_tokens"),
+                                            ("cross_attention", "cross_attention_backward")])
+def test_backward_ops_are_planned(op, backward_op, default_path):
+    """The ops that autograd formulas call keep their implementation per signature too, and a
+    planned backward gives the dispatched op's gradients."""
+    case = next(c for c in host_cost.CASES if c.name == op)
+    plans = getattr(_direct.deco, backward_op)._plans
+    plans.clear()
+    grads = []
+    for dispatched in (False, False, True):
+        leaves = [t.to(DEVICE).requires_grad_(i < case.differentiable) for i, t in enumerate(case.inputs())]
+        with mock.patch.object(_plan, "signature", return_value=None) if dispatched else contextlib.nullcontext():
+            y = case.ours(*leaves)
+            y.backward(torch.ones_like(y))
+        grads.append([t.grad for t in leaves[:case.differentiable]])
+        if not dispatched:
+            assert len(plans._plans) == 1
+    for a, b in zip(grads[1], grads[2]):
+        assert torch.equal(a, b)
+
+
+def test_inference_leaves_the_lse_out(default_path, monkeypatch):
+    """``need_lse`` is decided where grad mode and requires_grad are known: an inference call asks
+    the composed forward for no LSE (the cheapest SDPA call on CUDA), a call autograd records does."""
+    q, k, v = (t.to(DEVICE) for t in host_cost._attention_inputs())
+    asked = []
+    real_forward = composed_attention.forward
+    monkeypatch.setattr(composed_attention, "forward", lambda *a, need_lse=True, **kw: asked.append(need_lse) or real_forward(
+        *a, need_lse=need_lse, **kw))
+    with deco_ops.use_strategy("composed"):
+        out = deco_ops.cross_attention(q, k, v)
+        with torch.no_grad():
+            deco_ops.cross_attention(q, k, v.requires_grad_(True))
+        trained = deco_ops.cross_attention(q, k, v)
+    assert asked == [False, False, True]
+    assert torch.equal(out, trained.detach())
+
+
+def test_an_op_run_without_the_lse_refuses_to_differentiate(backend):
+    q, k, v = (t.to(DEVICE).requires_grad_(True) for t in host_cost._attention_inputs())
+    args = (None, None, k.shape[1], 0.25, 0.0, None, None)
+    out, lse = torch.ops.deco.cross_attention(q, k, v, *args, False)
+    assert lse.shape == (0,)
+    full, full_lse = torch.ops.deco.cross_attention(q, k, v, *args, True)
+    assert torch.equal(out, full) and full_lse.shape == (2, 2, 4)
+    with pytest.raises(RuntimeError, match="need_lse=False"):
+        out.sum().backward()
