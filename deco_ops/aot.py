@@ -245,7 +245,8 @@ def _mlp_pool_variants(module, dtypes):
 
 def _activation_backward_variants(module, dtypes):
     """activation_backward (the composed MLP backward's elementwise pass after cuBLAS's dh = dy @ W2):
-    dz, act and db1's partial sums over LLaVA's B*144 pooled rows x hidden 4096 (no dots)."""
+    dz, act and db1 (partial sums, then the last program's sum) over LLaVA's B*144 pooled rows x hidden
+    4096 (no dots)."""
     from .kernels import activations
 
     out = []
@@ -254,6 +255,7 @@ def _activation_backward_variants(module, dtypes):
         for act in _ACTIVATIONS:
             args = dict(
                 dh_ptr=_ptr(dtype), z_ptr=_ptr(dtype), dz_ptr=_ptr(dtype), a_ptr=_ptr(dtype), partial_ptr=_ptr("fp32"),
+                count_ptr="*i32", db_ptr=_ptr(dtype),
                 M=M, N=N, sdm=N, sdn=1, szm=N, szn=1, ACTIVATION=activations.CODES[act], BIAS_GRAD=True,
             )
             out.append(Variant(f"{dtype} {act}", dtype, args))
