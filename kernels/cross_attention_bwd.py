@@ -26,9 +26,10 @@ Two schedules, chosen by ``use_single_pass(M, D)``:
   recomputed in both (7 matmuls per tile instead of 5), in exchange for bounded registers. The dQ
   kernel computes its rows' Delta from O (each row once, as a preprocess kernel would) and stores
   it for the dK/dV kernel: recomputing it there instead would read O once per key block (at Qwen-VL's
-  resampler, B=16 M=256 N=1024 H=32 D=128 bf16 with 64-key blocks, 16 x 34 MB = 537 MB more than
-  the 34 MB of one pass, against 8 MB of fp32 Delta read back). Only when dQ is not wanted (frozen
-  queries) does dK/dV recompute Delta (``DELTA_FROM_O``), which still saves a launch. The
+  resampler, B=16 M=256 N=1024 H=32 D=128 bf16 with 64-key blocks, 16 x 34 MB = 537 MB of O read
+  instead of 34 MB once, against 16 x 0.5 MB = 8 MB of fp32 Delta read back). Only when dQ is not wanted (frozen
+  queries, rare) does dK/dV recompute Delta (``DELTA_FROM_O``): O is then read once per key block,
+  as Q and dO already are (mostly from L2), in exchange for the preprocess launch. The
   dK/dV kernel forms its tiles keys-major (S^T = K Q^T, dV += Pz^T dO, dK += dS^T Q with the
   transposed tiles as left operands): with exact fp32 dots (FMA) the queries-major form, which
   transposes P and dS in registers, spilled in every config.
