@@ -552,7 +552,8 @@ def _attn_entries() -> list[Entry]:
         Entry("cross_attention_bwd_dkdv", bwd, "cross_attention_bwd_dkdv_kernel", lambda m: m.fa2_cuda_configs(),
               _attn_variants("cross_attention_bwd_dkdv_kernel", alternate="DELTA_FROM_O"), optional=True,
               launchable=lambda m, config, variant, arch: m.fa2_fits(
-                  "dkdv", config, _elem(variant), variant.args["DROPOUT"], variant.args["BLOCK_D"], arch)),
+                  "dkdv", config, _elem(variant), variant.args["DROPOUT"], variant.args["BLOCK_D"], arch,
+                  variant.args["DELTA_FROM_O"])),
         Entry("cross_attention_bwd_dq", bwd, "cross_attention_bwd_dq_kernel", lambda m: m.fa2_cuda_configs(),
               _attn_variants("cross_attention_bwd_dq_kernel"), optional=True,
               launchable=lambda m, config, variant, arch: m.fa2_fits(

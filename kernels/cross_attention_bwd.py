@@ -312,29 +312,32 @@ FA2_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 FA2_SMALLEST_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in [*fa2_cuda_configs(), FA2_INTERPRET_CONFIG])  # most dQ counters
 
 
-def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool, block_d: int, arch: int) -> bool:
+def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool, block_d: int, arch: int,
+             delta_from_o: bool = False) -> bool:
     """Whether ``config`` compiles without register spills for the dK/dV (``kernel="dkdv"``) or
     dQ (``"dq"``) kernel, as measured with ``python -m deco_ops.aot`` on sm_80 and sm_90 at head
     dims 64 and 128, with triton 3.6 and 3.9.
 
-    dK/dV keeps two BLOCK_N x D accumulators: 16-bit inputs fit 64 keys x 64 queries on 8 warps,
-    64 x 32 on 4, and 32 x 32 on 8 warps, the only one left with dropout's in-loop Philox mask;
-    fp32 (exact or tf32) fits 32 x 32 on 8 warps. dQ keeps one: 16-bit inputs fit up to 64 queries
-    x 128 keys on Hopper's wgmma, 32 queries elsewhere, and with dropout 32 x 64 on 4 warps or
-    32 x 32 on 8; fp32 fits 32 queries on 8 warps, and with dropout 16 x 64 on 8 warps at head dim
-    64, 16 x 16 on 4 warps above (with tf32 the 16 x 64 tile spills 8 B at head dim 128 since B*H
-    moved to grid axis 0; above 128 it needs more shared memory than an A100 has)."""
+    dK/dV keeps two BLOCK_N x D accumulators: 16-bit inputs fit 64 keys x 64 queries on 8 warps
+    (not when it also computes Delta from O, ``delta_from_o``: 44-108 B of spills), 64 x 32 on 4,
+    and 32 x 32 on 8 warps, the only one left with dropout's in-loop Philox mask; fp32 (exact or
+    tf32) fits 32 x 32 on 8 warps. dQ keeps one (and, since it computes Delta and may sum the
+    batch's dQ partials, a little more): 16-bit inputs fit up to 64 queries x 128 keys on Hopper's
+    wgmma, 32 queries elsewhere, and with dropout 32 x 32 on 8 warps (32 x 64 on 4 spills 8-24 B);
+    fp32 fits 32 x 32 queries x keys on 8 warps (32 x 64 too on sm_90), and with dropout 16 x 64 on
+    8 warps at head dim 64, 16 x 16 on 4 warps above (with tf32 the 16 x 64 tile spills 8 B at head
+    dim 128 since B*H moved to grid axis 0; above 128 it needs more shared memory than an A100 has)."""
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
     if kernel == "dkdv":
         if elem_bytes == 4:
             return tile == (32, 32, 8)
-        return tile == (32, 32, 8) or (tile in ((32, 64, 4), (64, 64, 8)) and not dropout)
+        return tile == (32, 32, 8) or (not dropout and (tile == (32, 64, 4) or (tile == (64, 64, 8) and not delta_from_o)))
     if elem_bytes == 4:
         if dropout:
             return tile == ((16, 64, 8) if block_d <= 64 else (16, 16, 4))
-        return tile in ((32, 32, 8), (32, 64, 8))
+        return tile == (32, 32, 8) or (tile == (32, 64, 8) and arch >= 90)
     if dropout:
-        return tile in ((32, 64, 4), (32, 32, 8))
+        return tile == (32, 32, 8)
     if arch >= 90:
         return tile in ((64, 128, 8), (64, 64, 4), (32, 128, 4))
     return tile in ((32, 64, 4), (32, 128, 4))
@@ -343,13 +346,12 @@ def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool,
 def _fa2_prune(kernel: str):
     def prune(configs, named_args, **constexprs):
         q = named_args["q_ptr"]
-        return [c for c in configs
-                if fa2_fits(kernel, c, q.element_size(), constexprs["DROPOUT"], constexprs["BLOCK_D"], device_arch(q.device))]
+        return [c for c in configs if fa2_fits(kernel, c, q.element_size(), constexprs["DROPOUT"], constexprs["BLOCK_D"],
+                                               device_arch(q.device), constexprs.get("DELTA_FROM_O", False))]
     return prune
 
 
-@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG,
-           key=["M", "N", "BLOCK_D", "KV_MODE", "HAS_BIAS", "DROPOUT", "INPUT_PRECISION", "DELTA_FROM_O"],
+@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "HAS_BIAS", "DROPOUT", "INPUT_PRECISION"],
            buckets=("M", "N"), prune=_fa2_prune("dkdv"))
 @triton.jit
 def cross_attention_bwd_dkdv_kernel(
@@ -402,8 +404,7 @@ def cross_attention_bwd_dkdv_kernel(
     store_rows(dv_ptr + b64 * sdvb + kv_start * sdvn + h * sdvh, dv, cols, owned, sdvn, dims, dim_mask, sdvd)
 
 
-@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG,
-           key=["M", "N", "BLOCK_D", "KV_MODE", "HAS_BIAS", "DROPOUT", "INPUT_PRECISION"],
+@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "HAS_BIAS", "DROPOUT", "INPUT_PRECISION"],
            buckets=("M", "N"), prune=_fa2_prune("dq"))
 @triton.jit(do_not_specialize=["dq_batches"])
 def cross_attention_bwd_dq_kernel(
