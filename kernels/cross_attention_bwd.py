@@ -191,7 +191,7 @@ def single_pass_cuda_configs() -> list[triton.Config]:
     Key blocks of 64 take 8 warps: with 4 (or with 128-key blocks) the resident Q/dO/dQ tiles spill."""
     return [
         triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn, w, s in [(32, 4, 2), (32, 8, 3), (64, 8, 2), (32, 8, 2), (16, 8, 2)]
+        for bn, w, s in [(32, 4, 2), (32, 8, 3), (64, 8, 2), (32, 8, 2)]
     ]
 
 
@@ -203,13 +203,13 @@ def single_pass_fits(config: triton.Config, block_m: int, block_d: int, elem_byt
     """Whether ``config`` compiles without spills (measured by ``python -m deco_ops.aot`` with
     triton 3.6 and 3.9). fp32 inputs, exact or tf32, take 32-key blocks on 8 warps and 3 stages.
     Dropout regenerates the Philox mask inside the loop: every input width then takes 32-key blocks
-    on 8 warps and 2 stages. Otherwise, on sm_80 the 64-key block spills once the resident query tiles
+    on 8 warps and 2 stages (with 16-bit 64x64 resident tiles on sm_80 at 255 registers: it spilled
+    8 B while Delta was read from a preprocess kernel's buffer, and compiles clean since Delta is
+    computed at the program's start). Otherwise, on sm_80 the 64-key block spills once the resident query tiles
     reach 64x64 (Hopper's wgmma keeps its accumulators in fewer registers and runs it clean)."""
     bn, warps, stages = config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
-    if dropout:
-        return (bn, warps, stages) in ((32, 8, 2), (16, 8, 2))
-    if elem_bytes == 4:
-        return (bn, warps, stages) == (32, 8, 3)
+    if dropout or elem_bytes == 4:
+        return (bn, warps, stages) == (32, 8, 2 if dropout else 3)
     return not (arch < 90 and bn >= 64 and block_m * block_d >= 64 * 64)
 
 
@@ -319,8 +319,9 @@ def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool,
     dims 64 and 128, with triton 3.6 and 3.9.
 
     dK/dV keeps two BLOCK_N x D accumulators: 16-bit inputs fit 64 keys x 64 queries on 8 warps
-    (not when it also computes Delta from O, ``delta_from_o``: 44-108 B of spills), 64 x 32 on 4,
-    and 32 x 32 on 8 warps, the only one left with dropout's in-loop Philox mask; fp32 (exact or
+    (not when it also computes Delta from O, ``delta_from_o``: 44-108 B of spills), 64 x 32 on 4
+    (with ``delta_from_o`` only on sm_90: 12 B on sm_80 under triton 3.6), and 32 x 32 on 8 warps,
+    the only one left with dropout's in-loop Philox mask; fp32 (exact or
     tf32) fits 32 x 32 on 8 warps. dQ keeps one (and, since it computes Delta and may sum the
     batch's dQ partials, a little more): 16-bit inputs fit up to 64 queries x 128 keys on Hopper's
     wgmma, 32 queries elsewhere, and with dropout 32 x 32 on 8 warps (32 x 64 on 4 spills 8-24 B);
@@ -331,7 +332,10 @@ def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool,
     if kernel == "dkdv":
         if elem_bytes == 4:
             return tile == (32, 32, 8)
-        return tile == (32, 32, 8) or (not dropout and (tile == (32, 64, 4) or (tile == (64, 64, 8) and not delta_from_o)))
+        if dropout:
+            return tile == (32, 32, 8)
+        return tile == (32, 32, 8) or (tile == (32, 64, 4) and (arch >= 90 or not delta_from_o)) or \
+            (tile == (64, 64, 8) and not delta_from_o)
     if elem_bytes == 4:
         if dropout:
             return tile == ((16, 64, 8) if block_d <= 64 else (16, 16, 4))
