@@ -321,13 +321,13 @@ def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool,
     dK/dV keeps two BLOCK_N x D accumulators: 16-bit inputs fit 64 keys x 64 queries on 8 warps
     (not when it also computes Delta from O, ``delta_from_o``: 44-108 B of spills), 64 x 32 on 4
     (with ``delta_from_o`` only on sm_90: 12 B on sm_80 under triton 3.6), and 32 x 32 on 8 warps,
-    the only one left with dropout's in-loop Philox mask; fp32 (exact or
-    tf32) fits 32 x 32 on 8 warps. dQ keeps one (and, since it computes Delta and may sum the
-    batch's dQ partials, a little more): 16-bit inputs fit up to 64 queries x 128 keys on Hopper's
-    wgmma, 32 queries elsewhere, and with dropout 32 x 32 on 8 warps (32 x 64 on 4 spills 8-24 B);
-    fp32 fits 32 x 32 queries x keys on 8 warps (32 x 64 too on sm_90), and with dropout 16 x 64 on
-    8 warps at head dim 64, 16 x 16 on 4 warps above (with tf32 the 16 x 64 tile spills 8 B at head
-    dim 128 since B*H moved to grid axis 0; above 128 it needs more shared memory than an A100 has)."""
+    the only one left with dropout's in-loop Philox mask; fp32 (exact or tf32) fits 32 x 32 on 8
+    warps. dQ keeps one (and, since it computes Delta and may sum the batch's dQ partials, a little
+    more): 16-bit inputs fit up to 64 queries x 128 keys on Hopper's wgmma, 32 queries elsewhere,
+    and with dropout 32 x 32 on 8 warps (32 x 64 on 4 spills 8-24 B); fp32 fits 32 x 32 queries x
+    keys on 8 warps (32 x 64 too on sm_90), and with dropout 16 x 64 on 8 warps at head dim 64,
+    16 x 16 on 4 warps above (with tf32 the 16 x 64 tile spills 8 B at head dim 128 since B*H moved
+    to grid axis 0; above 128 it needs more shared memory than an A100 has)."""
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
     if kernel == "dkdv":
         if elem_bytes == 4:
