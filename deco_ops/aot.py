@@ -245,7 +245,8 @@ def _mlp_pool_variants(module, dtypes):
 
 def _activation_backward_variants(module, dtypes):
     """activation_backward (the composed MLP backward's elementwise pass after cuBLAS's dh = dy @ W2):
-    dz, act and db1's partial sums over LLaVA's B*144 pooled rows x hidden 4096 (no dots)."""
+    dz, act and db1 (partial sums, then the last program's sum) over LLaVA's B*144 pooled rows x hidden
+    4096 (no dots)."""
     from .kernels import activations
 
     out = []
@@ -254,6 +255,7 @@ def _activation_backward_variants(module, dtypes):
         for act in _ACTIVATIONS:
             args = dict(
                 dh_ptr=_ptr(dtype), z_ptr=_ptr(dtype), dz_ptr=_ptr(dtype), a_ptr=_ptr(dtype), partial_ptr=_ptr("fp32"),
+                count_ptr="*i32", db_ptr=_ptr(dtype),
                 M=M, N=N, sdm=N, sdn=1, szm=N, szn=1, ACTIVATION=activations.CODES[act], BIAS_GRAD=True,
             )
             out.append(Variant(f"{dtype} {act}", dtype, args))
@@ -402,6 +404,8 @@ _FP32_BUFFERS = ("lse_ptr", "m_ptr", "l_ptr", "delta_ptr", "part_o_ptr", "part_m
 _UNUSED_PTRS = ("lens_ptr", "cu_ptr", "rng_ptr", "bias_ptr")
 # kv_lens as the launchers pass it; (seed, offset); a bool mask as converted (fp32 0 / -inf)
 _TRAINING_PTRS = {"lens_ptr": "*i32", "rng_ptr": "*i64", "bias_ptr": "*fp32"}
+# The backward's in-kernel dQ sum: fp32 partials and int32 arrival counters (empty when unused).
+_DQ_SUM_PTRS = {"dq_part_ptr": "*fp32", "count_ptr": "*i32"}
 _STRIDE = re.compile(r"^s(q|k|v|o|do|dq|dk|dv)(s?)(b|m|n|h|d)$")
 
 
@@ -420,14 +424,18 @@ def _attn_args(fn, dtype: str, precision: str, D: int, shape=None, training: boo
     args: dict[str, Any] = {}
     for name in fn.arg_names:
         if name.endswith("_ptr"):
-            if training and name in _TRAINING_PTRS:
+            if name in _DQ_SUM_PTRS:
+                args[name] = _DQ_SUM_PTRS[name]
+            elif training and name in _TRAINING_PTRS:
                 args[name] = _TRAINING_PTRS[name]
             elif name in _UNUSED_PTRS or name in _FP32_BUFFERS or (split and name in ("o_ptr", "dq_ptr")):
                 args[name] = "*fp32"
             else:
                 args[name] = _ptr(dtype)
-        elif name == "sdqs":  # split stride of the single pass's dQ: 0 when written directly (one split)
-            args[name] = B * M * H * D if split else 0
+        elif name == "sdqs":  # split stride of the single pass's dQ partials
+            args[name] = B * M * H * D
+        elif name == "dq_batches":  # batches sharing one query set (never specialised: one binary)
+            args[name] = B
         elif name in ("sbb", "sbh", "sbm", "sbn"):  # a per-key mask (B, 1, 1, N) broadcast: zero strides
             args[name] = {"sbb": N, "sbh": 0, "sbm": 0, "sbn": 1}[name]
         elif name in ("swb", "swh", "swm", "swn"):  # head-averaged weights (B, M, N)
@@ -446,6 +454,7 @@ def _attn_args(fn, dtype: str, precision: str, D: int, shape=None, training: boo
     import triton.language as tl
 
     defaults = dict(KV_MODE=1 if training else 0, HAS_BIAS=training, DROPOUT=training, AVERAGE=True, ACC=tl.float32,
+                    DELTA_FROM_O=False,
                     DOT_FP32=False, INPUT_PRECISION=precision,
                     BLOCK_D=max(16, triton.next_power_of_2(D)), SPLIT=False,
                     BLOCK_M=max(16, triton.next_power_of_2(M)))  # single-pass bwd: all queries in one block
@@ -463,7 +472,9 @@ def _single_pass_shapes(D: int, elem: int):
 
     B, M, N, H = _ATTN_SHAPES[64]
     largest = min(SINGLE_PASS_MAX_M, SINGLE_PASS_MAX_TILE * 2 // elem // max(16, 1 << (D - 1).bit_length()))
-    out = [("", (B, M, N, H)), (f" M{largest}", (B, largest, N, H))] if _full() else [(f" M{largest}", (B, largest, N, H))]
+    out = [(f" M{largest}", (B, largest, N, H))]
+    if _full() and largest != M and use_single_pass(M, D, elem):  # fp32 at head dim 128 runs BLIP-2 in FA2
+        out.insert(0, ("", (B, M, N, H)))
     assert all(use_single_pass(shape[1], D, elem) for _, shape in out)
     return out
 
@@ -471,7 +482,9 @@ def _single_pass_shapes(D: int, elem: int):
 _ATTN_CONFIGS: dict[str, Callable[[], list]] = {}  # kernel name -> its config list (set by _attn_entries)
 
 
-def _attn_variants(attr: str, splits=(False,), gemm: bool = True):
+def _attn_variants(attr: str, splits=(False,), gemm: bool = True, alternate: str | None = None):
+    """``alternate``: a constexpr switching on a second code path (dK/dV's own Delta), compiled
+    with dense keys (the training path without it); ``--full`` compiles both paths on both."""
     def variants(module, dtypes):
         fn = _raw_jit_function(getattr(module, attr))
         out = []
@@ -486,11 +499,16 @@ def _attn_variants(attr: str, splits=(False,), gemm: bool = True):
                 else:
                     shapes = [("", None)]
                 for slabel, shape in shapes:
-                    for split, training in [(split, False) for split in splits] + [(False, True)] * gemm:
+                    both = (False, True) if alternate and _full() else ()
+                    combos = [(split, False, alt) for split in splits for alt in both or (alternate is not None,)]
+                    combos += [(False, True, alt) for alt in both or (False,)] if gemm else []
+                    for split, training, alt in combos:
                         if split and D != max(_attn_head_dims()) and not _full():
                             continue
-                        args = _attn_args(fn, dtype, precision, D, shape, training=training, SPLIT=split)
-                        label = f"{dlabel} D{D}{slabel}" + (" split" if split else "") + (" drop+lens+bias" if training else "")
+                        args = _attn_args(fn, dtype, precision, D, shape, training=training, SPLIT=split,
+                                          **({alternate: True} if alt else {}))
+                        label = (f"{dlabel} D{D}{slabel}" + (" split" if split else "") + (" drop+lens+bias" if training else "")
+                                 + (f" {alternate}" if alt else ""))
                         out.append(Variant(label, dtype, args, hgmma=tensor_cores and gemm))
         return out
 
@@ -544,7 +562,6 @@ def _attn_entries() -> list[Entry]:
     _ATTN_CONFIGS.update({
         "cross_attention_fwd_kernel": configs(fwd, "cuda_configs"),
         "cross_attention_combine_kernel": configs(fwd, "combine_cuda_configs"),
-        "cross_attention_bwd_preprocess_kernel": configs(bwd, "preprocess_cuda_configs"),
         "cross_attention_bwd_single_pass_kernel": configs(bwd, "single_pass_cuda_configs"),
         "cross_attention_bwd_dkdv_kernel": configs(bwd, "fa2_cuda_configs"),
         "cross_attention_bwd_dq_kernel": configs(bwd, "fa2_cuda_configs"),
@@ -560,17 +577,15 @@ def _attn_entries() -> list[Entry]:
               lambda m: m.cuda_configs(), _attn_tma_variants, launchable=_attn_tma_launchable),
         Entry("cross_attention_combine", fwd, "cross_attention_combine_kernel", lambda m: m.combine_cuda_configs(),
               _attn_variants("cross_attention_combine_kernel", gemm=False), optional=True),
-        Entry("cross_attention_bwd_preprocess", bwd, "cross_attention_bwd_preprocess_kernel",
-              lambda m: m.preprocess_cuda_configs(), _attn_variants("cross_attention_bwd_preprocess_kernel", gemm=False),
-              optional=True),
         Entry("cross_attention_bwd_single_pass", bwd, "cross_attention_bwd_single_pass_kernel",
               lambda m: m.single_pass_cuda_configs(), _attn_variants("cross_attention_bwd_single_pass_kernel"), optional=True,
               launchable=lambda m, config, variant, arch: m.single_pass_fits(
                   config, variant.args["BLOCK_M"], variant.args["BLOCK_D"], _elem(variant), variant.args["DROPOUT"], arch)),
         Entry("cross_attention_bwd_dkdv", bwd, "cross_attention_bwd_dkdv_kernel", lambda m: m.fa2_cuda_configs(),
-              _attn_variants("cross_attention_bwd_dkdv_kernel"), optional=True,
+              _attn_variants("cross_attention_bwd_dkdv_kernel", alternate="DELTA_FROM_O"), optional=True,
               launchable=lambda m, config, variant, arch: m.fa2_fits(
-                  "dkdv", config, _elem(variant), variant.args["DROPOUT"], variant.args["BLOCK_D"], arch)),
+                  "dkdv", config, _elem(variant), variant.args["DROPOUT"], variant.args["BLOCK_D"], arch,
+                  variant.args["DELTA_FROM_O"])),
         Entry("cross_attention_bwd_dq", bwd, "cross_attention_bwd_dq_kernel", lambda m: m.fa2_cuda_configs(),
               _attn_variants("cross_attention_bwd_dq_kernel"), optional=True,
               launchable=lambda m, config, variant, arch: m.fa2_fits(

@@ -96,6 +96,6 @@ def mlp_activation_backward(dy: torch.Tensor, w2, pre: torch.Tensor, activation:
     same read, or (PyTorch backend) ATen's activation backward kernel and one reduction."""
     if elementwise_kernel:
         dz, act, db1 = activation_backward.activation_backward(dy @ w2, pre, activation, need_db1)
-        return dz, act, db1.to(dz.dtype) if need_db1 else _empty(dz)
+        return dz, act, db1 if need_db1 else _empty(dz)
     dz, act = reference.mlp_activation_backward(dy, w2, pre, activation)
     return dz, act, reference.bias_grad(dz) if need_db1 else _empty(dz)

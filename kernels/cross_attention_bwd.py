@@ -2,7 +2,8 @@
 
 With the forward's LSE, each (query block, key block) tile recomputes its probabilities
     P = exp(scale * Q K^T - LSE),   Pz = P o Z / (1 - p)     (Z: the forward's dropout mask, regenerated)
-and the gradients follow (Delta = rowsum(dO o O), computed once by a preprocess kernel):
+and the gradients follow (Delta = rowsum(dO o O), computed from O where a kernel loads its query rows:
+no preprocess launch):
     dV = Pz^T dO,   dP = (dO V^T) o Z / (1 - p),   dS = P o (dP - Delta),
     dK = scale * dS^T Q,   dQ = scale * dS K.
 Keys at or past ``kv_lens[b]`` are masked out of every tile (never loaded), so their dK, dV are
@@ -14,14 +15,21 @@ Two schedules, chosen by ``use_single_pass(M, D)``:
 
 * Single pass (few queries): one program per (batch, head, key split) keeps *all* M queries' Q, dO,
   LSE, Delta and the fp32 dQ accumulator in registers and sweeps its keys once, writing each key
-  block's dK and dV directly. K and V are read once, Q and dO once per split, and P is recomputed
-  once (5 matmuls per tile). Each key split writes its own fp32 dQ partial; the launcher's caller
-  sums the partials in a fixed order (``torch.sum``), never with atomics. The key splits follow the
+  block's dK and dV directly. K and V are read once, Q, dO and O (for Delta, once at the start)
+  once per split, and P is recomputed once (5 matmuls per tile). With several key splits each
+  writes an fp32 dQ partial and the last split to finish sums them in a fixed order (``write_dq``),
+  in the same launch and without float atomics. The key splits follow the
   forward's rule (``choose_num_splits`` with B * H programs), so BLIP-2's 32 queries at batch 1 fill
   the GPU.
-* FlashAttention-2 (many queries): a dK/dV kernel, one program per key block, loops over all query
-  blocks; a separate dQ kernel, one program per query block, loops over the key blocks. P is
-  recomputed in both (7 matmuls per tile instead of 5), in exchange for bounded registers. The
+* FlashAttention-2 (many queries): a dQ kernel, one program per query block, loops over the key
+  blocks; then a dK/dV kernel, one program per key block, loops over all query blocks. P is
+  recomputed in both (7 matmuls per tile instead of 5), in exchange for bounded registers. The dQ
+  kernel computes its rows' Delta from O (each row once, as a preprocess kernel would) and stores
+  it for the dK/dV kernel: recomputing it there instead would read O once per key block (at Qwen-VL's
+  resampler, B=16 M=256 N=1024 H=32 D=128 bf16 with 64-key blocks, 16 x 34 MB = 537 MB of O read
+  instead of 34 MB once, against 16 x 0.5 MB = 8 MB of fp32 Delta read back). Only when dQ is not wanted (frozen
+  queries, rare) does dK/dV recompute Delta (``DELTA_FROM_O``): O is then read once per key block,
+  as Q and dO already are (mostly from L2), in exchange for the preprocess launch. The
   dK/dV kernel forms its tiles keys-major (S^T = K Q^T, dV += Pz^T dO, dK += dS^T Q with the
   transposed tiles as left operands): with exact fp32 dots (FMA) the queries-major form, which
   transposes P and dS in registers, spilled in every config.
@@ -35,12 +43,15 @@ FA2 schedule's extra QK^T recompute costs less than the spills. BLIP-2 (M = 32, 
 pass; Qwen-VL's resampler (M = 256, D = 128) runs FA2.
 
 Queries shared by the batch (zero batch stride): dQ is produced per batch (and per key split) in
-fp32 and reduced over the batch by the caller's deterministic ``torch.sum``.
+fp32 and summed over the batch inside the launch by the group's last program (``write_dq``: an
+int32 arrival counter per group, zero-filled by the launcher, then a fixed-order sum). Float
+atomics would do without the final sum but still need a zero-filled fp32 buffer (and a cast for
+16-bit q), and their order, hence the bits, would change from run to run.
 
 Counts (the benchmarks report TFLOP/s and GB/s from these):
     flops = 10 * B*H*M*N*D (single pass)  or  14 * B*H*M*N*D (FA2)
-    bytes = (2*B*M*H*D [O, dO for Delta] + reads of Q, dO + 2*B*N*H*D [K, V] + B*M*H*D [dQ]
-             + 2*B*N*H*D [dK, dV]) * elem + B*H*M * 4 * 3 [LSE, Delta written and read]
+    bytes = (B*M*H*D [O for Delta] + reads of Q, dO + 2*B*N*H*D [K, V] + B*M*H*D [dQ]
+             + 2*B*N*H*D [dK, dV]) * elem + B*H*M * 4 * (1 [LSE] or 3 [FA2: LSE, Delta written and read])
 """
 
 import torch
@@ -119,45 +130,57 @@ def store_rows(base, tile, rows, row_mask, stride_row, dims, dim_mask, stride_di
 
 
 @triton.jit
-def load_query_rows(q_base, do_base, lse_ptr, delta_ptr, bh, M, rows, row_mask, sqm, sqd, sdom, sdod, dims, dim_mask):
-    """Q and dO tiles of the query ``rows`` of (batch * H + head) ``bh`` (``q_base``/``do_base``
-    already at its batch and head), with their LSE * log2(e) and Delta."""
+def load_query_rows(q_base, do_base, o_base, lse_ptr, delta_ptr, bh, M, rows, row_mask, sqm, sqd, sdom, sdod, som, sod,
+                    dims, dim_mask, ACC: tl.constexpr, DELTA_FROM_O: tl.constexpr):
+    """Q and dO tiles of the query ``rows`` of (batch * H + head) ``bh`` (``q_base``/``do_base``/``o_base``
+    already at its batch and head), with their LSE * log2(e) and Delta = rowsum(dO o O): computed here
+    from the forward's O with DELTA_FROM_O (one more read of O's rows, no preprocess launch), else
+    read from ``delta_ptr``, where the dQ kernel stored it."""
     q = load_rows(q_base, rows, row_mask, sqm, dims, dim_mask, sqd)
     do = load_rows(do_base, rows, row_mask, sdom, dims, dim_mask, sdod)
     offs = bh.to(tl.int64) * M + rows
     lse2 = tl.load(lse_ptr + offs, mask=row_mask, other=0.0) * 1.4426950408889634
-    return q, do, lse2, tl.load(delta_ptr + offs, mask=row_mask, other=0.0)
+    if DELTA_FROM_O:
+        o = load_rows(o_base, rows, row_mask, som, dims, dim_mask, sod)
+        delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
+    else:
+        delta = tl.load(delta_ptr + offs, mask=row_mask, other=0.0)
+    return q, do, lse2, delta
 
 
-# ----------------------------------------------------------------------------------------------
-# Delta = rowsum(dO o O)
-
-
-def preprocess_cuda_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in [(32, 4), (64, 4), (128, 8)]]
-
-
-PREPROCESS_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32})
-
-
-@autotuned(preprocess_cuda_configs(), PREPROCESS_INTERPRET_CONFIG, key=["M", "BLOCK_D"], buckets=("M",))
 @triton.jit
-def cross_attention_bwd_preprocess_kernel(
-    o_ptr, do_ptr, delta_ptr, H, M, D,
-    sob, som, soh, sod, sdob, sdom, sdoh, sdod,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Grid (B * H, ceil(M / BLOCK_M)): Delta (B, H, M) = rowsum(dO o O) in the accumulator dtype."""
-    bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < D
-    o = load_rows(o_ptr + b * sob + h * soh, rows, row_mask, som, dims, dim_mask, sod).to(ACC)
-    do = load_rows(do_ptr + b * sdob + h * sdoh, rows, row_mask, sdom, dims, dim_mask, sdod).to(ACC)
-    tl.store(delta_ptr + bh.to(tl.int64) * M + rows, tl.sum(o * do, 1), mask=row_mask)
+def write_dq(dq, dq_ptr, dq_part_ptr, count_ptr, b, h, H, dq_batches, split, splits, block, blocks,
+             sdqs, sdqb, sdqm, sdqh, sdqd, rows, row_mask, dims, dim_mask):
+    """Writes the fp32 ``dq`` of batch ``b``, head ``h``, key split ``split`` of ``splits``, query
+    block ``block`` of ``blocks`` to dq_ptr at batch b // dq_batches (0 when the batch shares the
+    queries): directly when it is the only program of its group (the dq_batches batches sharing the
+    queries, times the splits), else summed over the group inside this launch, without float
+    atomics (a runtime branch: one binary serves both, ``dq_batches`` is not specialised). Each
+    program of a group stores its partial (dq_part_ptr + split * sdqs + b * sdqb; rows, heads and
+    dims as dq_ptr), then counts itself in (one int32 counter per group and query block, acquire-release at GPU scope);
+    the last to arrive sums the group's partials in a fixed order (batch, then split) and writes dQ,
+    so the bits never depend on which program finished last."""
+    group = b // dq_batches
+    dq_rows = dq_ptr + group.to(tl.int64) * sdqb + h * sdqh
+    members = dq_batches * splits
+    if members > 1:
+        part_head = dq_part_ptr + h * sdqh
+        store_rows(part_head + tl.cast(split, tl.int64) * sdqs + b.to(tl.int64) * sdqb, dq, rows, row_mask, sdqm, dims,
+                   dim_mask, sdqd)
+        tl.debug_barrier()  # every thread's partial is stored before the count releases it
+        counter = count_ptr + (group * H + h) * blocks + block
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == members - 1:
+            total = tl.zeros_like(dq)
+            offs = rows.to(tl.int64)[:, None] * sdqm + dims[None, :] * sdqd
+            for i in range(members):
+                batch, key_split = group * dq_batches + i // splits, i % splits
+                member = tl.cast(batch, tl.int64) * sdqb + tl.cast(key_split, tl.int64) * sdqs
+                # .cg: read at L2, where the other programs' partials are, never from a stale L1 line
+                total += tl.load(part_head + member + offs, mask=row_mask[:, None] & dim_mask[None, :], other=0.0,
+                                 cache_modifier=".cg")
+            store_rows(dq_rows, total, rows, row_mask, sdqm, dims, dim_mask, sdqd)
+    else:
+        store_rows(dq_rows, dq, rows, row_mask, sdqm, dims, dim_mask, sdqd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +204,9 @@ def single_pass_fits(config: triton.Config, block_m: int, block_d: int, elem_byt
     """Whether ``config`` compiles without spills (measured by ``python -m deco_ops.aot`` with
     triton 3.6 and 3.9). fp32 inputs, exact or tf32, take 32-key blocks on 8 warps and 3 stages.
     Dropout regenerates the Philox mask inside the loop: every input width then takes 32-key blocks
-    on 8 warps and 2 stages. Otherwise, on sm_80 the 64-key block spills once the resident query tiles
+    on 8 warps and 2 stages (with 16-bit 64x64 resident tiles on sm_80 at 255 registers: it spilled
+    8 B while Delta was read from a preprocess kernel's buffer, and compiles clean since Delta is
+    computed at the program's start). Otherwise, on sm_80 the 64-key block spills once the resident query tiles
     reach 64x64 (Hopper's wgmma keeps its accumulators in fewer registers and runs it clean)."""
     bn, warps, stages = config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
     if dropout or elem_bytes == 4:
@@ -200,18 +225,22 @@ def _single_pass_prune(configs, named_args, **constexprs):
     key=["M", "N", "BLOCK_D", "KV_MODE", "HAS_BIAS", "DROPOUT", "INPUT_PRECISION"], buckets=("M", "N"),
     prune=_single_pass_prune,
 )
-@triton.jit
+@triton.jit(do_not_specialize=["dq_batches"])
 def cross_attention_bwd_single_pass_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, lens_ptr, cu_ptr, rng_ptr, bias_ptr,
-    H, M, N, D, keys_per_split,
-    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdom, sdoh, sdod, sbb, sbh, sbm, sbn,
-    sdqs, sdqb, sdqm, sdqh, sdqd, sdkb, sdkn, sdkh, sdkd, sdvb, sdvn, sdvh, sdvd,
+    q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, dq_ptr, dq_part_ptr, count_ptr, dk_ptr, dv_ptr, lens_ptr, cu_ptr,
+    rng_ptr, bias_ptr,
+    H, M, N, D, keys_per_split, dq_batches,
+    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdom, sdoh, sdod, sob, som, soh, sod,
+    sbb, sbh, sbm, sbn, sdqs, sdqb, sdqm, sdqh, sdqd, sdkb, sdkn, sdkh, sdkd, sdvb, sdvn, sdvh, sdvd,
     qk_scale, scale, dropout_p,
     KV_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (B * H, splits). dQ partial of split s goes to dq_ptr + s * sdqs (+ batch, row, head, dim)."""
+    """Grid (B * H, splits). Delta comes from O at the start (all rows are resident). dQ goes to
+    dq_ptr (+ batch // dq_batches, row, head, dim), written directly, or summed in this launch over
+    the dq_batches batches sharing the queries and the splits (fp32 partial of split s, batch b at
+    dq_part_ptr + s * sdqs + b * sdqb; one int32 counter per group at count_ptr)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
@@ -222,8 +251,9 @@ def cross_attention_bwd_single_pass_kernel(
     row_mask = rows < M
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
-    q, do, lse2, delta = load_query_rows(q_ptr + b64 * sqb + h * sqh, do_ptr + b64 * sdob + h * sdoh, lse_ptr,
-                                         delta_ptr, bh, M, rows, row_mask, sqm, sqd, sdom, sdod, dims, dim_mask)
+    q, do, lse2, delta = load_query_rows(
+        q_ptr + b64 * sqb + h * sqh, do_ptr + b64 * sdob + h * sdoh, o_ptr + b64 * sob + h * soh, lse_ptr, lse_ptr,
+        bh, M, rows, row_mask, sqm, sqd, sdom, sdod, som, sod, dims, dim_mask, ACC, True)
 
     kv_start, kv_len = kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE)
     k_base = k_ptr + b64 * skb + kv_start * skn + h * skh
@@ -261,8 +291,8 @@ def cross_attention_bwd_single_pass_kernel(
         store_rows(dk_base, zero, cols, col_mask, sdkn, dims, dim_mask, sdkd)
         store_rows(dv_base, zero, cols, col_mask, sdvn, dims, dim_mask, sdvd)
 
-    dq_base = dq_ptr + split.to(tl.int64) * sdqs + b64 * sdqb + h * sdqh
-    store_rows(dq_base, dq * scale, rows, row_mask, sdqm, dims, dim_mask, sdqd)
+    write_dq(dq * scale, dq_ptr, dq_part_ptr, count_ptr, b, h, H, dq_batches, split, tl.num_programs(1), 0, 1,
+             sdqs, sdqb, sdqm, sdqh, sdqd, rows, row_mask, dims, dim_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,31 +310,39 @@ def fa2_cuda_configs() -> list[triton.Config]:
 
 
 FA2_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
+FA2_SMALLEST_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in [*fa2_cuda_configs(), FA2_INTERPRET_CONFIG])  # most dQ counters
 
 
-def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool, block_d: int, arch: int) -> bool:
+def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool, block_d: int, arch: int,
+             delta_from_o: bool = False) -> bool:
     """Whether ``config`` compiles without register spills for the dK/dV (``kernel="dkdv"``) or
     dQ (``"dq"``) kernel, as measured with ``python -m deco_ops.aot`` on sm_80 and sm_90 at head
     dims 64 and 128, with triton 3.6 and 3.9.
 
-    dK/dV keeps two BLOCK_N x D accumulators: 16-bit inputs fit 64 keys x 64 queries on 8 warps,
-    64 x 32 on 4, and 32 x 32 on 8 warps, the only one left with dropout's in-loop Philox mask;
-    fp32 (exact or tf32) fits 32 x 32 on 8 warps. dQ keeps one: 16-bit inputs fit up to 64 queries
-    x 128 keys on Hopper's wgmma, 32 queries elsewhere, and with dropout 32 x 64 on 4 warps or
-    32 x 32 on 8; fp32 fits 32 queries on 8 warps, and with dropout 16 x 64 on 8 warps at head dim
-    64, 16 x 16 on 4 warps above (with tf32 the 16 x 64 tile spills 8 B at head dim 128 since B*H
-    moved to grid axis 0; above 128 it needs more shared memory than an A100 has)."""
+    dK/dV keeps two BLOCK_N x D accumulators: 16-bit inputs fit 64 keys x 64 queries on 8 warps
+    (not when it also computes Delta from O, ``delta_from_o``: 44-108 B of spills), 64 x 32 on 4
+    (with ``delta_from_o`` only on sm_90: 12 B on sm_80 under triton 3.6), and 32 x 32 on 8 warps,
+    the only one left with dropout's in-loop Philox mask; fp32 (exact or tf32) fits 32 x 32 on 8
+    warps. dQ keeps one (and, since it computes Delta and may sum the batch's dQ partials, a little
+    more): 16-bit inputs fit up to 64 queries x 128 keys on Hopper's wgmma, 32 queries elsewhere,
+    and with dropout 32 x 32 on 8 warps (32 x 64 on 4 spills 8-24 B); fp32 fits 32 x 32 queries x
+    keys on 8 warps (32 x 64 too on sm_90), and with dropout 16 x 64 on 8 warps at head dim 64,
+    16 x 16 on 4 warps above (with tf32 the 16 x 64 tile spills 8 B at head dim 128 since B*H moved
+    to grid axis 0; above 128 it needs more shared memory than an A100 has)."""
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
     if kernel == "dkdv":
         if elem_bytes == 4:
             return tile == (32, 32, 8)
-        return tile == (32, 32, 8) or (tile in ((32, 64, 4), (64, 64, 8)) and not dropout)
+        if dropout:
+            return tile == (32, 32, 8)
+        return tile == (32, 32, 8) or (tile == (32, 64, 4) and (arch >= 90 or not delta_from_o)) or \
+            (tile == (64, 64, 8) and not delta_from_o)
     if elem_bytes == 4:
         if dropout:
             return tile == ((16, 64, 8) if block_d <= 64 else (16, 16, 4))
-        return tile in ((32, 32, 8), (32, 64, 8))
+        return tile == (32, 32, 8) or (tile == (32, 64, 8) and arch >= 90)
     if dropout:
-        return tile in ((32, 64, 4), (32, 32, 8))
+        return tile == (32, 32, 8)
     if arch >= 90:
         return tile in ((64, 128, 8), (64, 64, 4), (32, 128, 4))
     return tile in ((32, 64, 4), (32, 128, 4))
@@ -313,8 +351,8 @@ def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool,
 def _fa2_prune(kernel: str):
     def prune(configs, named_args, **constexprs):
         q = named_args["q_ptr"]
-        return [c for c in configs
-                if fa2_fits(kernel, c, q.element_size(), constexprs["DROPOUT"], constexprs["BLOCK_D"], device_arch(q.device))]
+        return [c for c in configs if fa2_fits(kernel, c, q.element_size(), constexprs["DROPOUT"], constexprs["BLOCK_D"],
+                                               device_arch(q.device), constexprs.get("DELTA_FROM_O", False))]
     return prune
 
 
@@ -322,16 +360,18 @@ def _fa2_prune(kernel: str):
            buckets=("M", "N"), prune=_fa2_prune("dkdv"))
 @triton.jit
 def cross_attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, lens_ptr, cu_ptr, rng_ptr, bias_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, lens_ptr, cu_ptr, rng_ptr, bias_ptr,
     H, M, N, D,
-    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdom, sdoh, sdod, sbb, sbh, sbm, sbn,
-    sdkb, sdkn, sdkh, sdkd, sdvb, sdvn, sdvh, sdvd,
+    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdom, sdoh, sdod, sob, som, soh, sod,
+    sbb, sbh, sbm, sbn, sdkb, sdkn, sdkh, sdkd, sdvb, sdvn, sdvh, sdvd,
     qk_scale, scale, dropout_p,
-    KV_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    KV_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, DELTA_FROM_O: tl.constexpr,
+    ACC: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (B * H, ceil(N / BLOCK_N)): one key block's dK, dV, looping over every query block."""
+    """Grid (B * H, ceil(N / BLOCK_N)): one key block's dK, dV, looping over every query block.
+    Delta is read from delta_ptr (stored by the dQ kernel, launched first), or with DELTA_FROM_O
+    (no dQ wanted) recomputed from O for every query block: O read once per key block."""
     bh = tl.program_id(0)
     b = bh // H
     b64 = b.to(tl.int64)
@@ -348,14 +388,15 @@ def cross_attention_bwd_dkdv_kernel(
 
     q_base = q_ptr + b64 * sqb + h * sqh
     do_base = do_ptr + b64 * sdob + h * sdoh
+    o_base = o_ptr + b64 * sob + h * soh
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     m_end = tl.where(tl.program_id(1) * BLOCK_N < kv_len, M, 0)
     for start_m in range(0, m_end, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_mask = rows < M
-        q, do, lse2, delta = load_query_rows(q_base, do_base, lse_ptr, delta_ptr, bh, M, rows, row_mask,
-                                             sqm, sqd, sdom, sdod, dims, dim_mask)
+        q, do, lse2, delta = load_query_rows(q_base, do_base, o_base, lse_ptr, delta_ptr, bh, M, rows, row_mask,
+                                             sqm, sqd, sdom, sdod, som, sod, dims, dim_mask, ACC, DELTA_FROM_O)
         pz_t, ds_t = grad_tile(q, do, lse2, delta, k, v, rows, cols, col_mask[:, None] & row_mask[None, :],
                                seed, rng_offset, bh, M, N, qk_scale, dropout_p, bias_base, sbm, sbn, HAS_BIAS,
                                DROPOUT, ACC, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, True)
@@ -370,18 +411,23 @@ def cross_attention_bwd_dkdv_kernel(
 
 @autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "HAS_BIAS", "DROPOUT", "INPUT_PRECISION"],
            buckets=("M", "N"), prune=_fa2_prune("dq"))
-@triton.jit
+@triton.jit(do_not_specialize=["dq_batches"])
 def cross_attention_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, lens_ptr, cu_ptr, rng_ptr, bias_ptr,
-    H, M, N, D,
-    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdom, sdoh, sdod, sbb, sbh, sbm, sbn,
-    sdqb, sdqm, sdqh, sdqd,
+    q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dq_ptr, dq_part_ptr, count_ptr, lens_ptr, cu_ptr, rng_ptr,
+    bias_ptr,
+    H, M, N, D, dq_batches,
+    sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdom, sdoh, sdod, sob, som, soh, sod,
+    sbb, sbh, sbm, sbn, sdqb, sdqm, sdqh, sdqd,
     qk_scale, scale, dropout_p,
     KV_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (B * H, ceil(M / BLOCK_M)): one query block's dQ (per batch), looping over the keys."""
+    """Grid (B * H, ceil(M / BLOCK_M)): one query block's dQ, looping over the keys. Computes its
+    rows' Delta from O and stores it to delta_ptr for the dK/dV kernel launched after it. dQ goes
+    to dq_ptr directly, or (queries shared by the dq_batches batches) summed in this launch over
+    the batch: fp32 partial of batch b at dq_part_ptr + b * sdqb, one int32 counter per (head,
+    query block) at count_ptr."""
     bh = tl.program_id(0)
     b = bh // H
     b64 = b.to(tl.int64)
@@ -390,8 +436,10 @@ def cross_attention_bwd_dq_kernel(
     row_mask = rows < M
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
-    q, do, lse2, delta = load_query_rows(q_ptr + b64 * sqb + h * sqh, do_ptr + b64 * sdob + h * sdoh, lse_ptr,
-                                         delta_ptr, bh, M, rows, row_mask, sqm, sqd, sdom, sdod, dims, dim_mask)
+    q, do, lse2, delta = load_query_rows(
+        q_ptr + b64 * sqb + h * sqh, do_ptr + b64 * sdob + h * sdoh, o_ptr + b64 * sob + h * soh, lse_ptr, delta_ptr,
+        bh, M, rows, row_mask, sqm, sqd, sdom, sdod, som, sod, dims, dim_mask, ACC, True)
+    tl.store(delta_ptr + bh.to(tl.int64) * M + rows, delta, mask=row_mask)
     kv_start, kv_len = kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE)
     k_base = k_ptr + b64 * skb + kv_start * skn + h * skh
     v_base = v_ptr + b64 * svb + kv_start * svn + h * svh
@@ -408,7 +456,8 @@ def cross_attention_bwd_dq_kernel(
                           seed, rng_offset, bh, M, N, qk_scale, dropout_p, bias_base, sbm, sbn, HAS_BIAS,
                           DROPOUT, ACC, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, False)
         dq = dot(ds.to(k.dtype), k, dq, DOT_FP32, INPUT_PRECISION)
-    store_rows(dq_ptr + b64 * sdqb + h * sdqh, dq * scale, rows, row_mask, sdqm, dims, dim_mask, sdqd)
+    write_dq(dq * scale, dq_ptr, dq_part_ptr, count_ptr, b, h, H, dq_batches, 0, 1, tl.program_id(1), tl.num_programs(1),
+             0, sdqb, sdqm, sdqh, sdqd, rows, row_mask, dims, dim_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,56 +509,57 @@ def cross_attention_bwd(
     extras = (kv_lens if kv_lens is not None else lse, cu_seqlens_k if cu_seqlens_k is not None else lse,
               rng if rng is not None else lse, bias_ptr)
     sqb = 0 if q.shape[0] == 1 else q.stride(0)
-    in_strides = (sqb, *q.stride()[1:], *kv_strides(k), *kv_strides(v), *dout.stride(), *bias_strides)
+    in_strides = (sqb, *q.stride()[1:], *kv_strides(k), *kv_strides(v), *dout.stride(), *out.stride(), *bias_strides)
     scales = (scale * LOG2E, scale, dropout_p)
+    dq_batches = B if shared else 1
 
-    delta = torch.empty((B, H, M), device=q.device, dtype=stat_dtype)
-    cross_attention_bwd_preprocess_kernel[lambda meta: (B * H, cdiv(M, meta["BLOCK_M"]))](
-        out, dout, delta, H, M, D, *out.stride(), *dout.stride(), ACC=ACC, BLOCK_D=BLOCK_D,
-    )
     # Gradients are contiguous (as the op's fake implementation says). Packed keys: rows outside
     # every sequence must read as zero gradient, and no program owns them.
     def new_kv(t):
         return (torch.zeros if mode == KV_PACKED else torch.empty)(t.shape, device=t.device, dtype=t.dtype)
+
+    def new_dq(splits: int, blocks: int):
+        """(dq, fp32 partials (splits, B, M, H, D), zeroed int32 counters (per query set, head and
+        one of ``blocks`` query blocks), the partials' strides): the kernels sum the partials
+        themselves where key splits or a shared query set give a dQ row more than one program;
+        otherwise dQ is written directly and the two buffers are empty."""
+        dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        if splits == 1 and not shared:
+            return dq, lse.new_empty((0,)), torch.empty((0,), device=q.device, dtype=torch.int32), (0, *dq.stride())
+        part = torch.empty((splits, B, M, H, D), device=q.device, dtype=stat_dtype)
+        count = torch.zeros(B // dq_batches * H * blocks, device=q.device, dtype=torch.int32)
+        return dq, part, count, part.stride()
 
     if use_single_pass(M, D, q.element_size()):
         if num_splits is None:
             num_splits = choose_num_splits(B * H, N, q.device)
         keys_per_split, num_splits = split_ranges(N, num_splits)
         dk, dv = new_kv(k), new_kv(v)
-        direct = num_splits == 1 and not shared
-        dq_part = torch.empty(q.shape, device=q.device, dtype=q.dtype) if direct else \
-            torch.empty((num_splits, B, M, H, D), device=q.device, dtype=stat_dtype)
-        dq_strides = (0, *dq_part.stride()) if direct else dq_part.stride()
+        dq, dq_part, count, dq_strides = new_dq(num_splits, 1)
         cross_attention_bwd_single_pass_kernel[(B * H, num_splits)](
-            q, k, v, dout, lse, delta, dq_part, dk, dv, *extras,
-            H, M, N, D, keys_per_split, *in_strides, *dq_strides, *kv_strides(dk), *kv_strides(dv), *scales,
+            q, k, v, dout, out, lse, dq, dq_part, count, dk, dv, *extras,
+            H, M, N, D, keys_per_split, dq_batches, *in_strides, *dq_strides, *kv_strides(dk), *kv_strides(dv), *scales,
             BLOCK_M=max(16, next_power_of_2(M)), **aux,
         )
-        dq = dq_part if direct else reduce_dq(dq_part.flatten(0, 1) if shared else dq_part, shared, q.dtype)
         return (dq if need_dq else None), (dk if need_dkv else None), (dv if need_dkv else None)
 
+    # The dQ kernel runs first and leaves Delta for the dK/dV kernel; without it, dK/dV computes
+    # Delta itself (frozen queries).
     dq = dk = dv = None
+    delta = torch.empty((B, H, M), device=q.device, dtype=stat_dtype)
+    if need_dq:
+        dq, dq_part, count, dq_strides = new_dq(1, cdiv(M, FA2_SMALLEST_BLOCK_M))
+        cross_attention_bwd_dq_kernel[lambda meta: (B * H, cdiv(M, meta["BLOCK_M"]))](
+            q, k, v, dout, out, lse, delta, dq, dq_part, count, *extras,
+            H, M, N, D, dq_batches, *in_strides, *dq_strides[1:], *scales, **aux,
+        )
     if need_dkv:
         dk, dv = new_kv(k), new_kv(v)
         cross_attention_bwd_dkdv_kernel[lambda meta: (B * H, cdiv(N, meta["BLOCK_N"]))](
-            q, k, v, dout, lse, delta, dk, dv, *extras,
-            H, M, N, D, *in_strides, *kv_strides(dk), *kv_strides(dv), *scales, **aux,
+            q, k, v, dout, out, lse, delta, dk, dv, *extras,
+            H, M, N, D, *in_strides, *kv_strides(dk), *kv_strides(dv), *scales, DELTA_FROM_O=not need_dq, **aux,
         )
-    if need_dq:
-        dq_part = torch.empty((B, M, H, D), device=q.device, dtype=stat_dtype if shared else q.dtype)
-        cross_attention_bwd_dq_kernel[lambda meta: (B * H, cdiv(M, meta["BLOCK_M"]))](
-            q, k, v, dout, lse, delta, dq_part, *extras,
-            H, M, N, D, *in_strides, *dq_part.stride(), *scales, **aux,
-        )
-        dq = reduce_dq(dq_part, True, q.dtype) if shared else dq_part
     return dq, dk, dv
-
-
-def reduce_dq(partials: torch.Tensor, keepdim: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Sum fp32 dQ partials over their leading dim (key splits and/or batches of a shared q) with
-    ``torch.sum``: a fixed reduction order, the same bits every run. Cast to q's dtype."""
-    return partials.sum(0, keepdim=keepdim).to(dtype)
 
 
 def flops(B: int, H: int, M: int, N: int, D: int, elem: int = 2) -> int:
@@ -518,9 +568,11 @@ def flops(B: int, H: int, M: int, N: int, D: int, elem: int = 2) -> int:
 
 
 def bytes_moved(B: int, H: int, M: int, N: int, D: int, elem: int, shared_q: bool = False) -> int:
-    """Fewest bytes the backward moves: O and dO read for Delta; Q, dO, K, V read by the gradient
-    kernels (FA2 reads K, V twice: once per kernel); dQ, dK, dV written; fp32 LSE and Delta."""
+    """Fewest bytes the backward moves: O read for Delta; Q, dO, K, V read by the gradient kernels
+    (FA2 reads K, V twice: once per kernel); dQ, dK, dV written; fp32 LSE (and FA2's Delta, stored
+    by its dQ kernel and read by its dK/dV kernel)."""
     q_rows = M if shared_q else B * M
-    kv_reads = 2 if use_single_pass(M, D, elem) else 4
-    tensors = 2 * B * M * H * D + (q_rows + B * M) * H * D + kv_reads * B * N * H * D + q_rows * H * D + 2 * B * N * H * D
-    return tensors * elem + 3 * B * H * M * 4
+    single_pass = use_single_pass(M, D, elem)
+    kv_reads = 2 if single_pass else 4
+    tensors = B * M * H * D + (q_rows + B * M) * H * D + kv_reads * B * N * H * D + q_rows * H * D + 2 * B * N * H * D
+    return tensors * elem + (1 if single_pass else 3) * B * H * M * 4
