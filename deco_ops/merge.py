@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from . import _backend, _validate, merge_reference, reference, strategy
+from . import _backend, _plan, _validate, merge_reference, reference, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import merge_gemm, merge_norm, packed_pool
 from ._transfer import to_device
@@ -55,6 +55,45 @@ def _layout(grid: list[int]) -> tuple[int, int, int]:
     return tuple(grid) if grid else (1, 1, 1)
 
 
+def _fused(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals):
+    B, N, _ = x.shape
+    layout = _layout(grid)
+    image = _image_table(geometry, B * N // (merge * merge))
+    stats = merge_norm.merge_norm_stats(x, merge, order, layout, geometry, image, norm, pre, eps)
+    act, pre_act = merge_gemm.merge_gemm(
+        x, stats, _contiguous(norm_weight), _contiguous(norm_bias), w1.contiguous(), _contiguous(b1),
+        merge, order, layout, geometry, image, norm, pre, activation, store_pre=keep_residuals,
+    )
+    w2t = w2.t()
+    y = torch.addmm(b2, act, w2t) if b2 is not None else act @ w2t
+    return y.view(B, N // (merge * merge), w2.shape[0]), pre_act
+
+
+def _composed(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals):
+    B, N, _ = x.shape
+    y, pre_act = merge_reference.composed_forward(
+        x, norm_weight, norm_bias, w1, b1, w2, b2, merge, order, _layout(grid), geometry, norm, pre, eps, activation)
+    return y.view(B, N // (merge * merge), w2.shape[0]), pre_act
+
+
+def _implementation(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation,
+                    keep_residuals):
+    """The function that runs ``deco::merge_mlp`` on these arguments (the strategy's choice). It
+    returns (y, pre-activation) where the residual is kept, else y and anything: the custom op's
+    body puts the empty tensor of its schema in its place (``projector._pool_mlp_implementation``)."""
+    B, N, C = x.shape
+
+    def key():
+        return strategy.make_key(
+            "merge_mlp", x.device, x.dtype, keep_residuals, rows=strategy.bucket(B * N // (merge * merge)), C=C,
+            hidden=w1.shape[0], out=w2.shape[0], merge=merge, order=order, packed=geometry is not None, norm=norm,
+            pre=pre, activation=activation)
+
+    on_triton = _backend.use_triton(x.device)
+    args = (x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals)
+    return strategy.implementation(args, on_triton=on_triton, key=key, fused=_fused if on_triton else None, composed=_composed)
+
+
 @custom_op("merge_mlp")
 def _merge_mlp(
     x: torch.Tensor,
@@ -74,33 +113,8 @@ def _merge_mlp(
     activation: str,
     keep_residuals: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    B, N, C = x.shape
-    M = B * N // (merge * merge)
-    layout = _layout(grid)
-
-    def fused():
-        image = _image_table(geometry, M)
-        stats = merge_norm.merge_norm_stats(x, merge, order, layout, geometry, image, norm, pre, eps)
-        act, pre_act = merge_gemm.merge_gemm(
-            x, stats, _contiguous(norm_weight), _contiguous(norm_bias), w1.contiguous(), _contiguous(b1),
-            merge, order, layout, geometry, image, norm, pre, activation, store_pre=keep_residuals,
-        )
-        w2t = w2.t()
-        return torch.addmm(b2, act, w2t) if b2 is not None else act @ w2t, pre_act
-
-    def composed():
-        return merge_reference.composed_forward(
-            x, norm_weight, norm_bias, w1, b1, w2, b2, merge, order, layout, geometry, norm, pre, eps, activation)
-
-    def key():
-        return strategy.make_key(
-            "merge_mlp", x.device, x.dtype, keep_residuals, rows=strategy.bucket(M), C=C, hidden=w1.shape[0],
-            out=w2.shape[0], merge=merge, order=order, packed=geometry is not None, norm=norm, pre=pre,
-            activation=activation)
-
-    on_triton = _backend.use_triton(x.device)
-    y, pre_act = strategy.run(on_triton=on_triton, key=key, fused=fused if on_triton else None, composed=composed)
-    y = y.view(B, N // (merge * merge), w2.shape[0])
+    args = (x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals)
+    y, pre_act = _implementation(*args)(*args)
     return y, pre_act if keep_residuals else x.new_empty((0,))
 
 
@@ -314,6 +328,19 @@ def merge_mlp(
         ``(B, N / S², out)`` (``(N / S², out)`` for 2D ``x``), merged rows in block order
         (``"block"``) or row-major over the merged ``(T, H/S, W/S)`` grid (``"grid"``).
     """
+    plan = _plans.get(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation)
+    if plan is None:
+        plan = (deco.merge_mlp, *_checked(
+            x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation))
+    run, batched, layout, merge, pre, eps, keep = plan
+    x3 = x if batched else x[None]
+    y = run(x3, norm_weight, norm_bias, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps, activation, keep)[0]
+    return y if batched else y[0]
+
+
+def _checked(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation):
+    """Every check of ``merge_mlp``: (whether x is batched (B, N, C), the dense grid's layout,
+    merge size, whether the norm is pre-merge, eps as a float, whether autograd needs the residual)."""
     _validate.tensor("x", x)
     if x.dim() not in (2, 3):
         raise ValueError(f"x must have 2 (N, C) or 3 (B, N, C) dimensions, got shape {tuple(x.shape)}")
@@ -332,8 +359,19 @@ def merge_mlp(
             raise ValueError(f"x has {N} tokens, not a multiple of merge_size**2 = {merge * merge} (order='block')")
         layout = []
     keep = needs_residuals(x, norm_weight, norm_bias, w1, b1, w2, b2)
-    y = deco.merge_mlp(x3, norm_weight, norm_bias, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps, activation, keep)[0]
-    return y if x.dim() == 3 else y[0]
+    return x.dim() == 3, layout, merge, pre, eps, keep
+
+
+def _plan_of(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation):
+    """A plain eager call's plan: (what runs it, then ``_checked``'s answers)."""
+    checked = _checked(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation)
+    batched, layout, merge, pre, eps, keep = checked
+    args = (x if batched else x[None], norm_weight, norm_bias, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps,
+            activation, keep)
+    return _plan.runner(deco.merge_mlp, _implementation, args, keep), *checked
+
+
+_plans = _plan.Plans(_plan_of)
 
 
 def merge_mlp_packed(

@@ -173,15 +173,41 @@ def _geometry_rows(geometry: torch.Tensor):
         yield (T, H, W), (OT, OH, OW), tok0, row0
 
 
+def _resample(img: torch.Tensor, out_grid, mode: str) -> torch.Tensor:
+    if mode == "average":
+        return (F.adaptive_avg_pool2d if len(out_grid) == 2 else F.adaptive_avg_pool3d)(img, out_grid)
+    return F.interpolate(img, size=out_grid, mode="trilinear", align_corners=False)
+
+
+def _dense_batch(table: list[list[int]]) -> int:
+    """How many images a geometry table (as a list) holds if they share one grid and out-grid and
+    lie back to back (a dense batch, as ``dense_geometry`` builds it), else 0."""
+    first = table[0][:6]
+    n, p = math.prod(first[:3]), math.prod(first[3:])
+    return len(table) if table == [[*first, i * n, i * p] for i in range(len(table))] else 0
+
+
+def _reference_dense(x: torch.Tensor, batch: int, grid, out_grid, mode: str) -> torch.Tensor:
+    """``reference_pool`` of a dense batch: one PyTorch call for every image, on the rows viewed as
+    a channels-last image (no copy). Average pooling of a 2D grid (T = OT = 1) is
+    ``F.adaptive_avg_pool2d``, which keeps channels-last, so the pooled rows are a view too."""
+    if mode == "average" and grid[0] == out_grid[0] == 1:
+        grid, out_grid = grid[1:], out_grid[1:]
+    C = x.shape[1]
+    return _resample(x.reshape(batch, *grid, C).movedim(-1, 1), out_grid, mode).movedim(1, -1).reshape(-1, C)
+
+
 def reference_pool(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: str) -> torch.Tensor:
+    """PyTorch's pooling (``F.adaptive_avg_pool3d`` or ``F.interpolate``) of each image; a dense
+    batch's images in one call (each output element still reads its own image's window)."""
+    table = geometry.tolist()
+    batch = _dense_batch(table)
+    if batch:
+        return _reference_dense(x, batch, table[0][:3], table[0][3:6], mode)
     out = x.new_empty((num_out, x.shape[1]))
-    for g, o, tok0, row0 in _geometry_rows(geometry):
-        xi = x[tok0: tok0 + math.prod(g)]
-        if mode == "average":
-            yi = F.adaptive_avg_pool3d(_image(xi, g), o)
-        else:
-            yi = F.interpolate(_image(xi, g), size=o, mode="trilinear", align_corners=False)
-        out[row0: row0 + math.prod(o)] = _rows(yi)
+    for T, H, W, OT, OH, OW, tok0, row0 in table:
+        yi = _resample(_image(x[tok0: tok0 + T * H * W], (T, H, W)), (OT, OH, OW), mode)
+        out[row0: row0 + OT * OH * OW] = _rows(yi)
     return out
 
 
