@@ -36,8 +36,7 @@ import torch
 from . import _backend, _plan, _validate, merge_reference, reference, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import merge_gemm, merge_norm, packed_pool
-from ._transfer import to_device
-from .packed import Packing, _grid_table
+from .packed import Packing, PackedPlans, _grid_table, device_tables
 from .projector import ACTIVATIONS, activation_backward, add_grads, linear_grads, needs_residuals
 
 ORDERS = ("block", "grid")
@@ -406,6 +405,19 @@ def merge_mlp_packed(
         back; ``cu_seqlens`` int32 ``(num_images + 1,)`` offsets of each image's rows in ``y``.
         One statistics launch and one fused GEMM launch for the whole batch.
     """
+    args = (x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, order, norm, norm_position, eps, activation)
+    plan = _packed_plans.get((grids,), *args)
+    if plan is None:
+        plan = (deco.merge_mlp, *_packed_checked(*args))
+    run, geometry, cu_seqlens, merge, pre, eps, keep = plan
+    geometry, cu_seqlens = device_tables(geometry, cu_seqlens, x.device)
+    y = run(x[None], norm_weight, norm_bias, w1, b1, w2, b2, geometry, [], merge, order, norm, pre, eps, activation, keep)[0]
+    return y[0], cu_seqlens
+
+
+def _packed_checked(x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, order, norm, norm_position, eps, activation):
+    """Every check of ``merge_mlp_packed``: (the geometry table (``order="grid"``) or None, cu_seqlens,
+    merge size, whether the norm is pre-merge, eps as a float, whether autograd needs the residual)."""
     _validate.tensor("x", x, 2)
     merge, pre, eps = _check_params(x, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, norm, norm_position, eps, activation)
     _choice("order", order, ORDERS)
@@ -416,8 +428,17 @@ def merge_mlp_packed(
     packing = Packing(g, [(*r[:-2], r[-2] // merge, r[-1] // merge) for r in g])
     if x.shape[0] != packing.num_tokens:
         raise ValueError(f"x has {x.shape[0]} tokens but grids need sum(prod(grids)) = {packing.num_tokens}")
-    geometry = to_device(packing.geometry, x.device) if order == "grid" else None
     keep = needs_residuals(x, norm_weight, norm_bias, w1, b1, w2, b2)
-    y = deco.merge_mlp(
-        x.unsqueeze(0), norm_weight, norm_bias, w1, b1, w2, b2, geometry, [], merge, order, norm, pre, eps, activation, keep)[0]
-    return y[0], to_device(packing.cu_seqlens, x.device)
+    return packing.geometry if order == "grid" else None, packing.cu_seqlens, merge, pre, eps, keep
+
+
+def _packed_plan(x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, order, norm, norm_position, eps, activation):
+    """A plain eager call's plan: (what runs it, then ``_packed_checked``'s answers)."""
+    checked = _packed_checked(x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, order, norm, norm_position, eps,
+                              activation)
+    geometry, _, merge, pre, eps, keep = checked
+    args = (x[None], norm_weight, norm_bias, w1, b1, w2, b2, geometry, [], merge, order, norm, pre, eps, activation, keep)
+    return _plan.runner(deco.merge_mlp, _implementation, args, keep), *checked
+
+
+_packed_plans = PackedPlans(_packed_plan)

@@ -22,17 +22,16 @@ Registered ops: ``deco::mlp_pool_packed`` and ``deco::mlp_pool_act_backward``.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import torch
 
-from . import _backend, _plan, _validate, composed, strategy
+from . import _backend, composed, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import mlp_pool as mlp_pool_kernel
 from .kernels import packed_pool, pool_gemm
-from ._transfer import to_device
-from .packed import check_mlp, check_tokens, dense_geometry, packed_key, parse, reference_pool
-from .projector import ACTIVATIONS, add_grads, linear_grads, needs_residuals
+from .packed import dense_mlp, dense_mlp_plans, packed_key, packed_mlp, packed_mlp_implementation, packed_mlp_plans, reference_pool
+from .projector import add_grads, linear_grads
 
 
 def _fused(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals):
@@ -57,17 +56,11 @@ def _reference(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_resi
     return composed.mlp_pool(x, w1, b1, w2, b2, activation, reference_pool, geometry, num_out, mode)
 
 
-def _implementation(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals):
-    """The function that runs ``deco::mlp_pool_packed`` on these arguments (the strategy's choice).
-    It returns (y, pooled activation) where the residual is kept, else y and anything: the custom
-    op's body puts the empty tensor of its schema in its place (``projector._pool_mlp_implementation``)."""
-    on_triton = _backend.use_triton(x.device)
-    return strategy.implementation(
-        (x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals), on_triton=on_triton,
-        key=lambda: packed_key("mlp_pool_packed", x, num_out, keep_residuals, hidden=w1.shape[0], out=w2.shape[0],
-                               act=activation, mode=mode),
-        fused=_fused if on_triton else None, composed=_composed if on_triton else _reference,
-    )
+def _implementation(*args) -> Callable:
+    """What runs ``deco::mlp_pool_packed`` on ``args``. It returns (y, pooled activation) where the
+    residual is kept, else y and anything: the custom op's body puts the empty tensor of its schema
+    in its place (``projector._pool_mlp_implementation``)."""
+    return packed_mlp_implementation("mlp_pool_packed", args, _fused, _composed, _reference)
 
 
 @custom_op("mlp_pool_packed")
@@ -188,37 +181,7 @@ def mlp_pool(
     Returns:
         ``(B, prod(out_grid), out)``, computed as ``Linear2(pool(act(Linear1(x))))``.
     """
-    plan = _plans.get(x, w1, b1, w2, b2, grid, out_grid, activation, mode)
-    if plan is None:
-        plan = (deco.mlp_pool_packed, *_checked(x, w1, b1, w2, b2, grid, out_grid, activation, mode))
-    run, geometry, P, keep = plan
-    B, N, C = x.shape
-    y = run(x.reshape(B * N, C), w1, b1, w2, b2, geometry, B * P, activation, mode, keep)[0]
-    return y.view(B, P, -1)
-
-
-def _checked(x, w1, b1, w2, b2, grid, out_grid, activation, mode) -> tuple[torch.Tensor, int, bool]:
-    """Every check of ``mlp_pool``: (the batch's geometry table, pooled rows per image, whether
-    autograd needs the residual)."""
-    _validate.tensor("x", x, 3)
-    _validate.floating("x", x, _backend.use_triton(x.device))
-    check_mlp(x, w1, b1, w2, b2, activation, mode, ACTIVATIONS)
-    g, o = _validate.grids(grid, out_grid)
-    _validate.tokens(x, g)
-    return dense_geometry(g, o, x.shape[0], x.device), math.prod(o), needs_residuals(x, w1, b1, w2, b2)
-
-
-def _plan_of(x, w1, b1, w2, b2, grid, out_grid, activation, mode) -> tuple:
-    """A plain eager call's plan: (what runs it, the geometry table, pooled rows per image, whether
-    the residual is kept). The table is ``dense_geometry``'s (cached per grid, out_grid, batch and
-    device anyway), not derived from any input: a plan still holds none of the call's tensors."""
-    geometry, P, keep = _checked(x, w1, b1, w2, b2, grid, out_grid, activation, mode)
-    B, N, C = x.shape
-    args = (x.reshape(B * N, C), w1, b1, w2, b2, geometry, B * P, activation, mode, keep)
-    return _plan.runner(deco.mlp_pool_packed, _implementation, args, keep), geometry, P, keep
-
-
-_plans = _plan.Plans(_plan_of)
+    return dense_mlp(deco.mlp_pool_packed, _dense_plans, x, w1, b1, w2, b2, grid, out_grid, activation, mode)
 
 
 def mlp_pool_packed(
@@ -235,10 +198,8 @@ def mlp_pool_packed(
     mode: str = "average",
 ):
     """``mlp_pool`` over a packed ragged batch (arguments as ``pool_mlp_packed``) -> ``(y, cu_seqlens)``."""
-    check_tokens(x)
-    check_mlp(x, w1, b1, w2, b2, activation, mode, ACTIVATIONS)
-    packing = parse(x, grids, out_grids, stride)
-    geometry = to_device(packing.geometry, x.device)
-    keep = needs_residuals(x, w1, b1, w2, b2)
-    y = deco.mlp_pool_packed(x, w1, b1, w2, b2, geometry, packing.num_out, activation, mode, keep)[0]
-    return y, to_device(packing.cu_seqlens, x.device)
+    return packed_mlp(deco.mlp_pool_packed, _packed_plans, x, grids, w1, b1, w2, b2, out_grids, stride, activation, mode)
+
+
+_dense_plans = dense_mlp_plans(deco.mlp_pool_packed, _implementation)
+_packed_plans = packed_mlp_plans(deco.mlp_pool_packed, _implementation)
