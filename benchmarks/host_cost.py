@@ -71,6 +71,22 @@ def _attention_inputs():
     return [_randn(2, 4, 2, 8, generator=g), _randn(2, 8, 2, 8, generator=g), _randn(2, 8, 2, 8, generator=g)]
 
 
+def _packed_inputs():
+    """Two images of 4x4 and 3x4 tokens (16 channels), each pooled to 2x2; the grid tables on the CPU."""
+    g = torch.Generator().manual_seed(4)
+    return [_randn(28, 16, generator=g), _randn(32, 16, generator=g), _randn(32, generator=g), _randn(16, 32, generator=g),
+            _randn(16, generator=g), torch.tensor([[4, 4], [3, 4]]), torch.tensor([[2, 2], [2, 2]])]
+
+
+def _pool_packed_eager(x, grids, out_grids):
+    """A loop over the images, what a user writes without a packed op (the tables read once)."""
+    parts, start = [], 0
+    for (h, w), out_grid in zip(grids.tolist(), out_grids.tolist()):
+        parts.append(_pool_tokens_eager(x[None, start: start + h * w], (h, w), out_grid)[0])
+        start += h * w
+    return torch.cat(parts)
+
+
 def _merge_inputs(pre: bool):
     """Tokens (1, 16, 8) of a 4x4 grid merged 2x2: rows of 32 channels, hidden 32, out 16; the
     norm spans 8 channels (pre-merge) or 32 (post-merge)."""
@@ -116,6 +132,12 @@ CASES = [
         lambda x, w1, b1, w2, b2: deco_ops.mlp_pool(x, w1, b1, w2, b2, grid=GRID, out_grid=OUT_GRID),
         lambda x, w1, b1, w2, b2: _pool_tokens_eager(F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2), GRID, OUT_GRID),
         _projector_inputs, 5,
+    ),
+    Case(
+        "pool_mlp_packed",
+        lambda x, w1, b1, w2, b2, grids, out_grids: deco_ops.pool_mlp_packed(x, grids, w1, b1, w2, b2, out_grids=out_grids)[0],
+        lambda x, w1, b1, w2, b2, grids, out_grids: F.linear(F.gelu(F.linear(_pool_packed_eager(x, grids, out_grids), w1, b1)), w2, b2),
+        _packed_inputs, 5,
     ),
     Case(  # Qwen2-VL's PatchMerger: LayerNorm per token, the 2x2 block's tokens consecutive
         "merge_mlp",

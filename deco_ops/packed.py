@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch._C import _nn
 
 from . import _backend, _plan, _validate, composed, strategy
 from ._direct import Op, custom_op, deco, register_autograd
@@ -131,10 +132,9 @@ def parse(x, grids, out_grids, stride) -> Packing:
 def _table_key(value) -> tuple | None:
     """The values of a grid table (``grids``, ``out_grids``) as part of a plan's key: rows of ints,
     read to the host once (a sync where the table lives on the GPU, as the full path's read; a
-    planned call reads them nowhere else). None where ``value`` is no plain integer tensor of rows
-    (the plan's build, or the full path, says what is wrong) and while compiling (the full path
-    reads them)."""
-    if torch.compiler.is_compiling() or type(value) is not torch.Tensor or value.dtype not in _INT_DTYPES:
+    planned call reads them nowhere else). None where ``value`` is no plain integer tensor of rows:
+    the plan's build, or the full path, says what is wrong."""
+    if type(value) is not torch.Tensor or value.dtype not in _INT_DTYPES:
         return None
     try:
         return tuple(map(tuple, value.tolist()))
@@ -155,16 +155,19 @@ class PackedPlans:
         self.plans = _plan.Plans(lambda tables, *args: build(*args))
 
     def get(self, tables: tuple, *args) -> tuple | None:
+        if torch.compiler.is_compiling():  # no plan (``_plan.signature``), and the full path reads the tables
+            return None
         return self.plans.get(tuple(map(_table_key, tables)), *args)
 
 
 def device_tables(geometry: torch.Tensor | None, cu_seqlens: torch.Tensor,
                   device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The host tables of a packed call (the geometry table, if any) on ``device`` (``to_device``:
-    pinned, non-blocking), ``cu_seqlens`` always a fresh tensor: the caller gets it, a plan keeps
-    the original."""
-    cu = to_device(cu_seqlens, device)
-    return None if geometry is None else to_device(geometry, device), cu.clone() if cu is cu_seqlens else cu
+    """A packed call's host tables (CPU tensors: the geometry table, if any, and cu_seqlens) on
+    ``device`` (``to_device``: pinned, non-blocking), cu_seqlens always a fresh tensor: the caller
+    gets it, and a plan keeps the original."""
+    if device.type == "cpu":
+        return geometry, cu_seqlens.clone()
+    return None if geometry is None else to_device(geometry, device), to_device(cu_seqlens, device)
 
 
 # Images per cached dense geometry table: 128 KiB of int32 per (grid, out_grid, device).
@@ -217,41 +220,48 @@ def _geometry_rows(geometry: torch.Tensor):
         yield (T, H, W), (OT, OH, OW), tok0, row0
 
 
-def _resample(img: torch.Tensor, out_grid, mode: str) -> torch.Tensor:
-    if mode == "average":
-        return (F.adaptive_avg_pool2d if len(out_grid) == 2 else F.adaptive_avg_pool3d)(img, out_grid)
-    return F.interpolate(img, size=out_grid, mode="trilinear", align_corners=False)
+def _trilinear(img: torch.Tensor, out_grid) -> torch.Tensor:
+    """``F.interpolate(img, size=out_grid, mode="trilinear", align_corners=False)``, by the ATen
+    function it calls (with a size and no scale factor its Python wrapper only checks arguments)."""
+    return _nn.upsample_trilinear3d(img, out_grid, False, None)
 
 
 def _dense_batch(table: list[list[int]]) -> int:
     """How many images a geometry table (as a list) holds if they share one grid and out-grid and
     lie back to back (a dense batch, as ``dense_geometry`` builds it), else 0."""
     first = table[0][:6]
+    if table[-1][:6] != first:  # most mixed batches, at once
+        return 0
     n, p = math.prod(first[:3]), math.prod(first[3:])
     return len(table) if table == [[*first, i * n, i * p] for i in range(len(table))] else 0
 
 
-def _reference_dense(x: torch.Tensor, batch: int, grid, out_grid, mode: str) -> torch.Tensor:
-    """``reference_pool`` of a dense batch: one PyTorch call for every image, on the rows viewed as
-    a channels-last image (no copy). Average pooling of a 2D grid (T = OT = 1) is
-    ``F.adaptive_avg_pool2d``, which keeps channels-last, so the pooled rows are a view too."""
-    if mode == "average" and grid[0] == out_grid[0] == 1:
-        grid, out_grid = grid[1:], out_grid[1:]
+def _pool_images(x: torch.Tensor, batch: int, grid, out_grid, mode: str) -> torch.Tensor:
+    """PyTorch's pooling of ``batch`` images of one grid whose rows lie back to back in ``x``: one
+    call on the rows viewed as a channels-last image (no copy). Average pooling is
+    ``F.adaptive_avg_pool3d``'s ATen function (its Python wrapper only checks arguments), 2D
+    (``F.adaptive_avg_pool2d``'s) for a 2D grid (T = OT = 1), which keeps channels-last: the pooled
+    rows are a view too."""
+    if mode == "bilinear":
+        resample = _trilinear
+    elif grid[0] == out_grid[0] == 1:
+        grid, out_grid, resample = grid[1:], out_grid[1:], _nn.adaptive_avg_pool2d
+    else:
+        resample = _nn.adaptive_avg_pool3d
     C = x.shape[1]
-    return _resample(x.reshape(batch, *grid, C).movedim(-1, 1), out_grid, mode).movedim(1, -1).reshape(-1, C)
+    return resample(x.reshape(batch, *grid, C).movedim(-1, 1), out_grid).movedim(1, -1).reshape(-1, C)
 
 
 def reference_pool(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: str) -> torch.Tensor:
-    """PyTorch's pooling (``F.adaptive_avg_pool3d`` or ``F.interpolate``) of each image; a dense
-    batch's images in one call (each output element still reads its own image's window)."""
+    """PyTorch's pooling of each image; a dense batch's images in one call (each output element
+    still reads its own image's window)."""
     table = geometry.tolist()
     batch = _dense_batch(table)
     if batch:
-        return _reference_dense(x, batch, table[0][:3], table[0][3:6], mode)
+        return _pool_images(x, batch, table[0][:3], table[0][3:6], mode)
     out = x.new_empty((num_out, x.shape[1]))
     for T, H, W, OT, OH, OW, tok0, row0 in table:
-        yi = _resample(_image(x[tok0: tok0 + T * H * W], (T, H, W)), (OT, OH, OW), mode)
-        out[row0: row0 + OT * OH * OW] = _rows(yi)
+        out[row0: row0 + OT * OH * OW] = _pool_images(x[tok0: tok0 + T * H * W], 1, (T, H, W), (OT, OH, OW), mode)
     return out
 
 
