@@ -409,15 +409,15 @@ def merge_mlp_packed(
     plan = _packed_plans.get((grids,), *args)
     if plan is None:
         plan = (deco.merge_mlp, *_packed_checked(*args))
-    run, geometry, cu_seqlens, merge, pre, eps, keep = plan
+    run, geometry, merge, pre, eps, keep, cu_seqlens = plan
     geometry, cu_seqlens = device_tables(geometry, cu_seqlens, x.device)
     y = run(x[None], norm_weight, norm_bias, w1, b1, w2, b2, geometry, [], merge, order, norm, pre, eps, activation, keep)[0]
     return y[0], cu_seqlens
 
 
 def _packed_checked(x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, order, norm, norm_position, eps, activation):
-    """Every check of ``merge_mlp_packed``: (the geometry table (``order="grid"``) or None, cu_seqlens,
-    merge size, whether the norm is pre-merge, eps as a float, whether autograd needs the residual)."""
+    """Every check of ``merge_mlp_packed``: (the geometry table (``order="grid"``) or None, merge
+    size, whether the norm is pre-merge, eps as a float, whether autograd needs the residual, cu_seqlens)."""
     _validate.tensor("x", x, 2)
     merge, pre, eps = _check_params(x, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, norm, norm_position, eps, activation)
     _choice("order", order, ORDERS)
@@ -429,14 +429,14 @@ def _packed_checked(x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size
     if x.shape[0] != packing.num_tokens:
         raise ValueError(f"x has {x.shape[0]} tokens but grids need sum(prod(grids)) = {packing.num_tokens}")
     keep = needs_residuals(x, norm_weight, norm_bias, w1, b1, w2, b2)
-    return packing.geometry if order == "grid" else None, packing.cu_seqlens, merge, pre, eps, keep
+    return packing.geometry if order == "grid" else None, merge, pre, eps, keep, packing.cu_seqlens
 
 
 def _packed_plan(x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, order, norm, norm_position, eps, activation):
     """A plain eager call's plan: (what runs it, then ``_packed_checked``'s answers)."""
     checked = _packed_checked(x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, order, norm, norm_position, eps,
                               activation)
-    geometry, _, merge, pre, eps, keep = checked
+    geometry, merge, pre, eps, keep, _ = checked
     args = (x[None], norm_weight, norm_bias, w1, b1, w2, b2, geometry, [], merge, order, norm, pre, eps, activation, keep)
     return _plan.runner(deco.merge_mlp, _implementation, args, keep), *checked
 

@@ -52,7 +52,7 @@ def _composed(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_resid
 
 
 def _reference(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals):
-    """The PyTorch backend's: PyTorch's pooling, image by image."""
+    """The PyTorch backend's: PyTorch's pooling (``reference_pool``)."""
     return composed.mlp_pool(x, w1, b1, w2, b2, activation, reference_pool, geometry, num_out, mode)
 
 

@@ -146,27 +146,32 @@ class PackedPlans:
     """``_plan.Plans`` for an op over a packed batch, ``get(tables, *args)``: keyed on the call's
     signature (``args``) and on the values of its grid ``tables`` (they size the launch: they give
     the geometry table, the output rows and ``cu_seqlens``). A plan holds those host tables (CPU
-    tensors built from the values, none of the call's inputs); a planned call skips the checks,
-    the parsing and the building of the tables, and still copies them to the device as the full path
-    does (``device_tables``). Every batch layout is a signature: a workload whose layouts never
-    repeat builds a plan per call (the full path's work, plus a dictionary entry)."""
+    tensors built from the values, none of the call's inputs; ``cu_seqlens`` last in the plan's
+    tuple); a planned call skips the checks, the parsing and the building of the tables, and still
+    copies them to the device as the full path does (``device_tables``). Every batch layout is a
+    signature: a workload whose layouts never repeat builds a plan per call (the full path's work,
+    plus a dictionary entry)."""
 
     def __init__(self, build: Callable[..., tuple]):
         self.plans = _plan.Plans(lambda tables, *args: build(*args))
 
     def get(self, tables: tuple, *args) -> tuple | None:
+        """The plan, with a copy of its ``cu_seqlens`` (the caller returns it to the user, who may
+        write to it); None for a call that takes the full path."""
         if torch.compiler.is_compiling():  # no plan (``_plan.signature``), and the full path reads the tables
             return None
-        return self.plans.get(tuple(map(_table_key, tables)), *args)
+        plan = self.plans.get(tuple(map(_table_key, tables)), *args)
+        return None if plan is None else (*plan[:-1], plan[-1].clone())
 
 
 def device_tables(geometry: torch.Tensor | None, cu_seqlens: torch.Tensor,
                   device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
     """A packed call's host tables (CPU tensors: the geometry table, if any, and cu_seqlens) on
-    ``device`` (``to_device``: pinned, non-blocking), cu_seqlens always a fresh tensor: the caller
-    gets it, and a plan keeps the original."""
+    ``device`` (``to_device``: pinned, non-blocking). On a GPU a new copy of the geometry per call
+    (so its image index is built per call, as before plans): a plan holding a device copy would let
+    a CUDA graph capture the call, and a replay after the plan is dropped read freed memory."""
     if device.type == "cpu":
-        return geometry, cu_seqlens.clone()
+        return geometry, cu_seqlens
     return None if geometry is None else to_device(geometry, device), to_device(cu_seqlens, device)
 
 
@@ -570,11 +575,12 @@ def pool_mlp_resampled(x, w1, b1, w2, b2, *, grid, out_grid, activation="gelu", 
 
 
 def _packed_mlp_checked(x, grids, w1, b1, w2, b2, out_grids, stride, activation, mode) -> tuple:
-    """Every check of a packed projector: (the host tables (``Packing``), whether autograd needs the residuals)."""
+    """Every check of a packed projector: (the geometry table, output rows, whether autograd needs
+    the residuals, cu_seqlens)."""
     check_tokens(x)
     check_mlp(x, w1, b1, w2, b2, activation, mode, ACTIVATIONS)
     packing = parse(x, grids, out_grids, stride)
-    return packing.geometry, packing.num_out, packing.cu_seqlens, needs_residuals(x, w1, b1, w2, b2)
+    return packing.geometry, packing.num_out, needs_residuals(x, w1, b1, w2, b2), packing.cu_seqlens
 
 
 def packed_mlp_plans(op: Op, implementation: Callable) -> PackedPlans:
@@ -582,7 +588,7 @@ def packed_mlp_plans(op: Op, implementation: Callable) -> PackedPlans:
 
     def build(x, grids, w1, b1, w2, b2, out_grids, stride, activation, mode) -> tuple:
         checked = _packed_mlp_checked(x, grids, w1, b1, w2, b2, out_grids, stride, activation, mode)
-        geometry, num_out, _, keep = checked
+        geometry, num_out, keep, _ = checked
         args = (x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep)
         return _plan.runner(op, implementation, args, keep), *checked
 
@@ -595,7 +601,7 @@ def packed_mlp(op: Op, plans: PackedPlans, x, grids, w1, b1, w2, b2, out_grids, 
     plan = plans.get((grids, out_grids), *args)
     if plan is None:
         plan = (op, *_packed_mlp_checked(*args))
-    run, geometry, num_out, cu_seqlens, keep = plan
+    run, geometry, num_out, keep, cu_seqlens = plan
     geometry, cu_seqlens = device_tables(geometry, cu_seqlens, x.device)
     return run(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep)[0], cu_seqlens
 
