@@ -71,6 +71,43 @@ def _attention_inputs():
     return [_randn(2, 4, 2, 8, generator=g), _randn(2, 8, 2, 8, generator=g), _randn(2, 8, 2, 8, generator=g)]
 
 
+def _packed_inputs():
+    """Two images of 4x4 and 3x4 tokens (16 channels), each pooled to 2x2; the grid tables on the CPU."""
+    g = torch.Generator().manual_seed(4)
+    return [_randn(28, 16, generator=g), _randn(32, 16, generator=g), _randn(32, generator=g), _randn(16, 32, generator=g),
+            _randn(16, generator=g), torch.tensor([[4, 4], [3, 4]]), torch.tensor([[2, 2], [2, 2]])]
+
+
+def _pool_packed_eager(x, grids, out_grids):
+    """A loop over the images, what a user writes without a packed op (the tables read once)."""
+    parts, start = [], 0
+    for (h, w), out_grid in zip(grids.tolist(), out_grids.tolist()):
+        parts.append(_pool_tokens_eager(x[None, start: start + h * w], (h, w), out_grid)[0])
+        start += h * w
+    return torch.cat(parts)
+
+
+def _merge_inputs(pre: bool):
+    """Tokens (1, 16, 8) of a 4x4 grid merged 2x2: rows of 32 channels, hidden 32, out 16; the
+    norm spans 8 channels (pre-merge) or 32 (post-merge)."""
+    g = torch.Generator().manual_seed(3)
+    width = 8 if pre else 32
+    return [_randn(1, 16, 8, generator=g), 1 + 0.1 * _randn(width, generator=g), _randn(width, generator=g),
+            _randn(32, 32, generator=g), _randn(32, generator=g), _randn(16, 32, generator=g), _randn(16, generator=g)]
+
+
+def _merge_eager(merged, nw, nb, w1, b1, w2, b2):
+    """The projector's MLP (HF's ``mlp`` / ``linear_1, act, linear_2``) on merged rows."""
+    return F.linear(F.gelu(F.linear(merged, w1, b1)), w2, b2)
+
+
+def _pixel_shuffle(x, grid):
+    """InternVL's ``pixel_shuffle`` (2x2) of row-major tokens, as ``merge_reference._blocks``."""
+    B, _, C = x.shape
+    H, W = grid
+    return x.reshape(B, H // 2, 2, W // 2, 2, C).transpose(2, 3).reshape(B, -1, 4 * C)
+
+
 CASES = [
     Case(
         "pool_mlp",
@@ -95,6 +132,24 @@ CASES = [
         lambda x, w1, b1, w2, b2: deco_ops.mlp_pool(x, w1, b1, w2, b2, grid=GRID, out_grid=OUT_GRID),
         lambda x, w1, b1, w2, b2: _pool_tokens_eager(F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2), GRID, OUT_GRID),
         _projector_inputs, 5,
+    ),
+    Case(
+        "pool_mlp_packed",
+        lambda x, w1, b1, w2, b2, grids, out_grids: deco_ops.pool_mlp_packed(x, grids, w1, b1, w2, b2, out_grids=out_grids)[0],
+        lambda x, w1, b1, w2, b2, grids, out_grids: F.linear(F.gelu(F.linear(_pool_packed_eager(x, grids, out_grids), w1, b1)), w2, b2),
+        _packed_inputs, 5,
+    ),
+    Case(  # Qwen2-VL's PatchMerger: LayerNorm per token, the 2x2 block's tokens consecutive
+        "merge_mlp",
+        lambda x, nw, nb, *mlp: deco_ops.merge_mlp(x, nw, nb, *mlp),
+        lambda x, nw, nb, *mlp: _merge_eager(F.layer_norm(x, (8,), nw, nb, 1e-6).view(-1, 32), nw, nb, *mlp),
+        lambda: _merge_inputs(pre=True), 7,
+    ),
+    Case(  # InternVL's projector: pixel_shuffle of the row-major grid, LayerNorm over the merged row
+        "merge_mlp_grid",
+        lambda x, nw, nb, *mlp: deco_ops.merge_mlp(x, nw, nb, *mlp, grid=GRID, order="grid", norm_position="post", eps=1e-5),
+        lambda x, nw, nb, *mlp: _merge_eager(F.layer_norm(_pixel_shuffle(x, GRID), (32,), nw, nb, 1e-5), nw, nb, *mlp),
+        lambda: _merge_inputs(pre=False), 7,
     ),
     Case(
         "cross_attention",

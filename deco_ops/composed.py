@@ -73,11 +73,12 @@ def pool_mlp_tma(pooled: torch.Tensor, w1, b1, w2, b2, activation: str, keep_res
     return y, pooled, pre.view(B, P, w1.shape[0])
 
 
-def mlp_pool(x: torch.Tensor, w1, b1, w2, b2, pool: Callable[[torch.Tensor], torch.Tensor], activation: str,
-             keep_residuals: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``Linear2(pool(act(Linear1(x))))``, the pooled activation or empty), as ``deco::mlp_pool_packed``."""
-    pooled = pool(reference.ACTIVATIONS[activation](F.linear(x, w1, b1)))
-    return F.linear(pooled, w2, b2), pooled if keep_residuals else _empty(x)
+def mlp_pool(x: torch.Tensor, w1, b1, w2, b2, activation: str, pool: Callable[..., torch.Tensor],
+             *where) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``Linear2(pool(act(Linear1(x)), *where))``, the pooled activation), as
+    ``deco::mlp_pool_packed`` (the residual is an intermediate anyway)."""
+    pooled = pool(reference.ACTIVATIONS[activation](F.linear(x, w1, b1)), *where)
+    return F.linear(pooled, w2, b2), pooled
 
 
 def mlp_pool_act_backward(x: torch.Tensor, w1, b1, dpooled: torch.Tensor, unpool: Callable[[torch.Tensor], torch.Tensor],

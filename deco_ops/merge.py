@@ -33,11 +33,10 @@ import math
 
 import torch
 
-from . import _backend, _validate, merge_reference, reference, strategy
+from . import _backend, _plan, _validate, merge_reference, reference, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import merge_gemm, merge_norm, packed_pool
-from ._transfer import to_device
-from .packed import Packing, _grid_table
+from .packed import Packing, PackedPlans, _grid_table, device_tables
 from .projector import ACTIVATIONS, activation_backward, add_grads, linear_grads, needs_residuals
 
 ORDERS = ("block", "grid")
@@ -53,6 +52,45 @@ def _image_table(geometry: torch.Tensor | None, rows: int) -> torch.Tensor | Non
 
 def _layout(grid: list[int]) -> tuple[int, int, int]:
     return tuple(grid) if grid else (1, 1, 1)
+
+
+def _fused(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals):
+    B, N, _ = x.shape
+    layout = _layout(grid)
+    image = _image_table(geometry, B * N // (merge * merge))
+    stats = merge_norm.merge_norm_stats(x, merge, order, layout, geometry, image, norm, pre, eps)
+    act, pre_act = merge_gemm.merge_gemm(
+        x, stats, _contiguous(norm_weight), _contiguous(norm_bias), w1.contiguous(), _contiguous(b1),
+        merge, order, layout, geometry, image, norm, pre, activation, store_pre=keep_residuals,
+    )
+    w2t = w2.t()
+    y = torch.addmm(b2, act, w2t) if b2 is not None else act @ w2t
+    return y.view(B, N // (merge * merge), w2.shape[0]), pre_act
+
+
+def _composed(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals):
+    B, N, _ = x.shape
+    y, pre_act = merge_reference.composed_forward(
+        x, norm_weight, norm_bias, w1, b1, w2, b2, merge, order, _layout(grid), geometry, norm, pre, eps, activation)
+    return y.view(B, N // (merge * merge), w2.shape[0]), pre_act
+
+
+def _implementation(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation,
+                    keep_residuals):
+    """The function that runs ``deco::merge_mlp`` on these arguments (the strategy's choice). It
+    returns (y, pre-activation) where the residual is kept, else y and anything: the custom op's
+    body puts the empty tensor of its schema in its place (``projector._pool_mlp_implementation``)."""
+    B, N, C = x.shape
+
+    def key():
+        return strategy.make_key(
+            "merge_mlp", x.device, x.dtype, keep_residuals, rows=strategy.bucket(B * N // (merge * merge)), C=C,
+            hidden=w1.shape[0], out=w2.shape[0], merge=merge, order=order, packed=geometry is not None, norm=norm,
+            pre=pre, activation=activation)
+
+    on_triton = _backend.use_triton(x.device)
+    args = (x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals)
+    return strategy.implementation(args, on_triton=on_triton, key=key, fused=_fused if on_triton else None, composed=_composed)
 
 
 @custom_op("merge_mlp")
@@ -74,33 +112,8 @@ def _merge_mlp(
     activation: str,
     keep_residuals: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    B, N, C = x.shape
-    M = B * N // (merge * merge)
-    layout = _layout(grid)
-
-    def fused():
-        image = _image_table(geometry, M)
-        stats = merge_norm.merge_norm_stats(x, merge, order, layout, geometry, image, norm, pre, eps)
-        act, pre_act = merge_gemm.merge_gemm(
-            x, stats, _contiguous(norm_weight), _contiguous(norm_bias), w1.contiguous(), _contiguous(b1),
-            merge, order, layout, geometry, image, norm, pre, activation, store_pre=keep_residuals,
-        )
-        w2t = w2.t()
-        return torch.addmm(b2, act, w2t) if b2 is not None else act @ w2t, pre_act
-
-    def composed():
-        return merge_reference.composed_forward(
-            x, norm_weight, norm_bias, w1, b1, w2, b2, merge, order, layout, geometry, norm, pre, eps, activation)
-
-    def key():
-        return strategy.make_key(
-            "merge_mlp", x.device, x.dtype, keep_residuals, rows=strategy.bucket(M), C=C, hidden=w1.shape[0],
-            out=w2.shape[0], merge=merge, order=order, packed=geometry is not None, norm=norm, pre=pre,
-            activation=activation)
-
-    on_triton = _backend.use_triton(x.device)
-    y, pre_act = strategy.run(on_triton=on_triton, key=key, fused=fused if on_triton else None, composed=composed)
-    y = y.view(B, N // (merge * merge), w2.shape[0])
+    args = (x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals)
+    y, pre_act = _implementation(*args)(*args)
     return y, pre_act if keep_residuals else x.new_empty((0,))
 
 
@@ -314,6 +327,19 @@ def merge_mlp(
         ``(B, N / S², out)`` (``(N / S², out)`` for 2D ``x``), merged rows in block order
         (``"block"``) or row-major over the merged ``(T, H/S, W/S)`` grid (``"grid"``).
     """
+    plan = _plans.get(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation)
+    if plan is None:
+        plan = (deco.merge_mlp, *_checked(
+            x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation))
+    run, batched, layout, merge, pre, eps, keep = plan
+    x3 = x if batched else x[None]
+    y = run(x3, norm_weight, norm_bias, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps, activation, keep)[0]
+    return y if batched else y[0]
+
+
+def _checked(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation):
+    """Every check of ``merge_mlp``: (whether x is batched (B, N, C), the dense grid's layout,
+    merge size, whether the norm is pre-merge, eps as a float, whether autograd needs the residual)."""
     _validate.tensor("x", x)
     if x.dim() not in (2, 3):
         raise ValueError(f"x must have 2 (N, C) or 3 (B, N, C) dimensions, got shape {tuple(x.shape)}")
@@ -332,8 +358,19 @@ def merge_mlp(
             raise ValueError(f"x has {N} tokens, not a multiple of merge_size**2 = {merge * merge} (order='block')")
         layout = []
     keep = needs_residuals(x, norm_weight, norm_bias, w1, b1, w2, b2)
-    y = deco.merge_mlp(x3, norm_weight, norm_bias, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps, activation, keep)[0]
-    return y if x.dim() == 3 else y[0]
+    return x.dim() == 3, layout, merge, pre, eps, keep
+
+
+def _plan_of(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation):
+    """A plain eager call's plan: (what runs it, then ``_checked``'s answers)."""
+    checked = _checked(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation)
+    batched, layout, merge, pre, eps, keep = checked
+    args = (x if batched else x[None], norm_weight, norm_bias, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps,
+            activation, keep)
+    return _plan.runner(deco.merge_mlp, _implementation, args, keep), *checked
+
+
+_plans = _plan.Plans(_plan_of)
 
 
 def merge_mlp_packed(
@@ -368,6 +405,19 @@ def merge_mlp_packed(
         back; ``cu_seqlens`` int32 ``(num_images + 1,)`` offsets of each image's rows in ``y``.
         One statistics launch and one fused GEMM launch for the whole batch.
     """
+    args = (x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, order, norm, norm_position, eps, activation)
+    plan = _packed_plans.get((grids,), *args)
+    if plan is None:
+        plan = (deco.merge_mlp, *_packed_checked(*args))
+    run, geometry, merge, pre, eps, keep, cu_seqlens = plan
+    geometry, cu_seqlens = device_tables(geometry, cu_seqlens, x.device)
+    y = run(x[None], norm_weight, norm_bias, w1, b1, w2, b2, geometry, [], merge, order, norm, pre, eps, activation, keep)[0]
+    return y[0], cu_seqlens
+
+
+def _packed_checked(x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, order, norm, norm_position, eps, activation):
+    """Every check of ``merge_mlp_packed``: (the geometry table (``order="grid"``) or None, merge
+    size, whether the norm is pre-merge, eps as a float, whether autograd needs the residual, cu_seqlens)."""
     _validate.tensor("x", x, 2)
     merge, pre, eps = _check_params(x, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, norm, norm_position, eps, activation)
     _choice("order", order, ORDERS)
@@ -378,8 +428,17 @@ def merge_mlp_packed(
     packing = Packing(g, [(*r[:-2], r[-2] // merge, r[-1] // merge) for r in g])
     if x.shape[0] != packing.num_tokens:
         raise ValueError(f"x has {x.shape[0]} tokens but grids need sum(prod(grids)) = {packing.num_tokens}")
-    geometry = to_device(packing.geometry, x.device) if order == "grid" else None
     keep = needs_residuals(x, norm_weight, norm_bias, w1, b1, w2, b2)
-    y = deco.merge_mlp(
-        x.unsqueeze(0), norm_weight, norm_bias, w1, b1, w2, b2, geometry, [], merge, order, norm, pre, eps, activation, keep)[0]
-    return y[0], to_device(packing.cu_seqlens, x.device)
+    return packing.geometry if order == "grid" else None, merge, pre, eps, keep, packing.cu_seqlens
+
+
+def _packed_plan(x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, order, norm, norm_position, eps, activation):
+    """A plain eager call's plan: (what runs it, then ``_packed_checked``'s answers)."""
+    checked = _packed_checked(x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, order, norm, norm_position, eps,
+                              activation)
+    geometry, merge, pre, eps, keep, _ = checked
+    args = (x[None], norm_weight, norm_bias, w1, b1, w2, b2, geometry, [], merge, order, norm, pre, eps, activation, keep)
+    return _plan.runner(deco.merge_mlp, _implementation, args, keep), *checked
+
+
+_packed_plans = PackedPlans(_packed_plan)

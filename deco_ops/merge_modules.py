@@ -18,6 +18,8 @@ KEY_LAYOUTS = {
     "qwen3_vl": ("norm", "linear_fc1", "linear_fc2"),  # Qwen3VLVisionPatchMerger
     "internvl": ("layer_norm", "linear_1", "linear_2"),  # HF InternVLMultiModalProjector
 }
+# The same paths split at the dots, for ``_at``.
+_PATHS = {keys: tuple(tuple(path.split(".")) for path in paths) for keys, paths in KEY_LAYOUTS.items()}
 # The original InternVL checkpoints' mlp1 = Sequential(LayerNorm, Linear, GELU, Linear).
 INTERNVL_ORIGINAL = ("mlp1.0", "mlp1.1", "mlp1.3")
 
@@ -26,6 +28,14 @@ _ACTIVATION_CLASSES = {
     "GELUActivation": "gelu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
     "NewGELUActivation": "gelu_tanh", "SiLU": "silu", "SiLUActivation": "silu", "QuickGELUActivation": "quick_gelu",
 }
+
+
+def _at(module: nn.Module, path: tuple[str, ...]) -> nn.Module:
+    """The submodule at ``path``, as ``get_submodule`` finds it (through each level's registered
+    modules) without its Python calls per level: ``forward`` looks up three on every call."""
+    for name in path:
+        module = module._modules[name]
+    return module
 
 
 def _activation_of(module: nn.Module) -> str:
@@ -143,15 +153,15 @@ class PatchMergerProjector(nn.Module):
 
     @property
     def norm_layer(self) -> nn.Module:
-        return self.get_submodule(KEY_LAYOUTS[self.keys][0])
+        return _at(self, _PATHS[self.keys][0])
 
     @property
     def fc1(self) -> nn.Linear:
-        return self.get_submodule(KEY_LAYOUTS[self.keys][1])
+        return _at(self, _PATHS[self.keys][1])
 
     @property
     def fc2(self) -> nn.Linear:
-        return self.get_submodule(KEY_LAYOUTS[self.keys][2])
+        return _at(self, _PATHS[self.keys][2])
 
     def _accept_other_layouts(self, state_dict, prefix, *args) -> None:
         ours = KEY_LAYOUTS[self.keys]
@@ -229,9 +239,10 @@ class PatchMergerProjector(nn.Module):
                 if side * side != x.shape[1]:
                     raise ValueError(f"x has {x.shape[1]} tokens, not a square grid; pass grid=(H, W) (drop any CLS token first)")
                 grid = (side, side)
-        norm = self.norm_layer
+        norm_path, fc1_path, fc2_path = _PATHS[self.keys]
+        norm, fc1, fc2 = _at(self, norm_path), _at(self, fc1_path), _at(self, fc2_path)
         return merge_mlp(
-            x, norm.weight, getattr(norm, "bias", None), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+            x, norm.weight, getattr(norm, "bias", None), fc1.weight, fc1.bias, fc2.weight, fc2.bias,
             grid=grid, merge_size=self.merge_size, order=self.order, norm=self.norm_type, norm_position=self.norm_position,
             eps=self.eps, activation=self.activation,
         )

@@ -22,17 +22,45 @@ Registered ops: ``deco::mlp_pool_packed`` and ``deco::mlp_pool_act_backward``.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import torch
 
-from . import _backend, _validate, composed, strategy
+from . import _backend, composed, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import mlp_pool as mlp_pool_kernel
-from .kernels import pool_gemm
-from ._transfer import to_device
-from .packed import check_mlp, check_tokens, dense_geometry, packed_key, parse
-from .projector import ACTIVATIONS, add_grads, linear_grads, needs_residuals
+from .kernels import packed_pool, pool_gemm
+from .packed import dense_mlp, dense_mlp_plans, packed_key, packed_mlp, packed_mlp_implementation, packed_mlp_plans, reference_pool
+from .projector import add_grads, linear_grads
+
+
+def _fused(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals):
+    act, _, _ = pool_gemm.pool_gemm(
+        x.unsqueeze(0), (1, 1, x.shape[0]), (1, 1, x.shape[0]), w1.contiguous(), None if b1 is None else b1.contiguous(),
+        activation, store_pre=False, store_pooled=False,
+    )
+    y, _, pooled = pool_gemm.pool_gemm_packed(
+        act, geometry, num_out, mode, w2.contiguous(), None if b2 is None else b2.contiguous(),
+        "identity", store_pre=False, store_pooled=keep_residuals,
+    )
+    return y, pooled
+
+
+def _composed(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals):
+    """The composed twin on the Triton backend: our packed pooling kernel between the torch ops."""
+    return composed.mlp_pool(x, w1, b1, w2, b2, activation, packed_pool.pool_packed, geometry, num_out, mode)
+
+
+def _reference(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals):
+    """The PyTorch backend's: PyTorch's pooling (``reference_pool``)."""
+    return composed.mlp_pool(x, w1, b1, w2, b2, activation, reference_pool, geometry, num_out, mode)
+
+
+def _implementation(*args) -> Callable:
+    """What runs ``deco::mlp_pool_packed`` on ``args``. It returns (y, pooled activation) where the
+    residual is kept, else y and anything: the custom op's body puts the empty tensor of its schema
+    in its place (``projector._pool_mlp_implementation``)."""
+    return packed_mlp_implementation("mlp_pool_packed", args, _fused, _composed, _reference)
 
 
 @custom_op("mlp_pool_packed")
@@ -48,30 +76,9 @@ def _mlp_pool(
     mode: str,
     keep_residuals: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    M = x.shape[0]
-    on_triton = _backend.use_triton(x.device)
-
-    def fused():
-        act, _, _ = pool_gemm.pool_gemm(
-            x.unsqueeze(0), (1, 1, M), (1, 1, M), w1.contiguous(), None if b1 is None else b1.contiguous(),
-            activation, store_pre=False, store_pooled=False,
-        )
-        y, _, pooled = pool_gemm.pool_gemm_packed(
-            act, geometry, num_out, mode, w2.contiguous(), None if b2 is None else b2.contiguous(),
-            "identity", store_pre=False, store_pooled=keep_residuals,
-        )
-        return y, pooled if keep_residuals else x.new_empty((0,))
-
-    def composed_():
-        pool = lambda a: deco.pool_tokens_packed.body(a, geometry, num_out, mode)  # noqa: E731
-        return composed.mlp_pool(x, w1, b1, w2, b2, pool, activation, keep_residuals)
-
-    return strategy.run(
-        on_triton=on_triton,
-        key=lambda: packed_key("mlp_pool_packed", x, num_out, keep_residuals, hidden=w1.shape[0], out=w2.shape[0],
-                               act=activation, mode=mode),
-        fused=fused if on_triton else None, composed=composed_,
-    )
+    args = (x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals)
+    y, pooled = _implementation(*args)(*args)
+    return y, pooled if keep_residuals else x.new_empty((0,))
 
 
 @_mlp_pool.register_fake
@@ -174,17 +181,7 @@ def mlp_pool(
     Returns:
         ``(B, prod(out_grid), out)``, computed as ``Linear2(pool(act(Linear1(x))))``.
     """
-    _validate.tensor("x", x, 3)
-    _validate.floating("x", x, _backend.use_triton(x.device))
-    check_mlp(x, w1, b1, w2, b2, activation, mode, ACTIVATIONS)
-    g, o = _validate.grids(grid, out_grid)
-    _validate.tokens(x, g)
-    B, N, C = x.shape
-    P = math.prod(o)
-    geometry = dense_geometry(g, o, B, x.device)
-    keep = needs_residuals(x, w1, b1, w2, b2)
-    y = deco.mlp_pool_packed(x.reshape(B * N, C), w1, b1, w2, b2, geometry, B * P, activation, mode, keep)[0]
-    return y.view(B, P, -1)
+    return dense_mlp(deco.mlp_pool_packed, _dense_plans, x, w1, b1, w2, b2, grid, out_grid, activation, mode)
 
 
 def mlp_pool_packed(
@@ -201,10 +198,8 @@ def mlp_pool_packed(
     mode: str = "average",
 ):
     """``mlp_pool`` over a packed ragged batch (arguments as ``pool_mlp_packed``) -> ``(y, cu_seqlens)``."""
-    check_tokens(x)
-    check_mlp(x, w1, b1, w2, b2, activation, mode, ACTIVATIONS)
-    packing = parse(x, grids, out_grids, stride)
-    geometry = to_device(packing.geometry, x.device)
-    keep = needs_residuals(x, w1, b1, w2, b2)
-    y = deco.mlp_pool_packed(x, w1, b1, w2, b2, geometry, packing.num_out, activation, mode, keep)[0]
-    return y, to_device(packing.cu_seqlens, x.device)
+    return packed_mlp(deco.mlp_pool_packed, _packed_plans, x, grids, w1, b1, w2, b2, out_grids, stride, activation, mode)
+
+
+_dense_plans = dense_mlp_plans(deco.mlp_pool_packed, _implementation)
+_packed_plans = packed_mlp_plans(deco.mlp_pool_packed, _implementation)

@@ -28,12 +28,14 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch._C import _nn
 
-from . import _backend, _validate, composed, strategy
-from ._direct import custom_op, deco, register_autograd
+from . import _backend, _plan, _validate, composed, strategy
+from ._direct import Op, custom_op, deco, register_autograd
 from ._transfer import to_device
 from .kernels import packed_pool, pool_gemm
 from .projector import ACTIVATIONS, add_grads, mlp_backward, needs_residuals
@@ -123,6 +125,56 @@ def parse(x, grids, out_grids, stride) -> Packing:
     return packing
 
 
+# ----------------------------------------------------------------------------------------------
+# plans of packed calls: keyed on the grid tables' values too
+
+
+def _table_key(value) -> tuple | None:
+    """The values of a grid table (``grids``, ``out_grids``) as part of a plan's key: rows of ints,
+    read to the host once (a sync where the table lives on the GPU, as the full path's read; a
+    planned call reads them nowhere else). None where ``value`` is no plain integer tensor of rows:
+    the plan's build, or the full path, says what is wrong."""
+    if type(value) is not torch.Tensor or value.dtype not in _INT_DTYPES:
+        return None
+    try:
+        return tuple(map(tuple, value.tolist()))
+    except (TypeError, RuntimeError, NotImplementedError):  # no rows (a 1D table), a meta tensor
+        return None
+
+
+class PackedPlans:
+    """``_plan.Plans`` for an op over a packed batch, ``get(tables, *args)``: keyed on the call's
+    signature (``args``) and on the values of its grid ``tables`` (they size the launch: they give
+    the geometry table, the output rows and ``cu_seqlens``). A plan holds those host tables (CPU
+    tensors built from the values, none of the call's inputs; ``cu_seqlens`` last in the plan's
+    tuple); a planned call skips the checks, the parsing and the building of the tables, and still
+    copies them to the device as the full path does (``device_tables``). Every batch layout is a
+    signature: a workload whose layouts never repeat builds a plan per call (the full path's work,
+    plus a dictionary entry)."""
+
+    def __init__(self, build: Callable[..., tuple]):
+        self.plans = _plan.Plans(lambda tables, *args: build(*args))
+
+    def get(self, tables: tuple, *args) -> tuple | None:
+        """The plan, with a copy of its ``cu_seqlens`` (the caller returns it to the user, who may
+        write to it); None for a call that takes the full path."""
+        if torch.compiler.is_compiling():  # no plan (``_plan.signature``), and the full path reads the tables
+            return None
+        plan = self.plans.get(tuple(map(_table_key, tables)), *args)
+        return None if plan is None else (*plan[:-1], plan[-1].clone())
+
+
+def device_tables(geometry: torch.Tensor | None, cu_seqlens: torch.Tensor,
+                  device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """A packed call's host tables (CPU tensors: the geometry table, if any, and cu_seqlens) on
+    ``device`` (``to_device``: pinned, non-blocking). On a GPU a new copy of the geometry per call
+    (so its image index is built per call, as before plans): a plan holding a device copy would let
+    a CUDA graph capture the call, and a replay after the plan is dropped read freed memory."""
+    if device.type == "cpu":
+        return geometry, cu_seqlens
+    return None if geometry is None else to_device(geometry, device), to_device(cu_seqlens, device)
+
+
 # Images per cached dense geometry table: 128 KiB of int32 per (grid, out_grid, device).
 DENSE_GEOMETRY_CAPACITY = 4096
 
@@ -173,15 +225,48 @@ def _geometry_rows(geometry: torch.Tensor):
         yield (T, H, W), (OT, OH, OW), tok0, row0
 
 
+def _trilinear(img: torch.Tensor, out_grid) -> torch.Tensor:
+    """``F.interpolate(img, size=out_grid, mode="trilinear", align_corners=False)``, by the ATen
+    function it calls (with a size and no scale factor its Python wrapper only checks arguments)."""
+    return _nn.upsample_trilinear3d(img, out_grid, False, None)
+
+
+def _dense_batch(table: list[list[int]]) -> int:
+    """How many images a geometry table (as a list) holds if they share one grid and out-grid and
+    lie back to back (a dense batch, as ``dense_geometry`` builds it), else 0."""
+    first = table[0][:6]
+    if table[-1][:6] != first:  # most mixed batches, at once
+        return 0
+    n, p = math.prod(first[:3]), math.prod(first[3:])
+    return len(table) if table == [[*first, i * n, i * p] for i in range(len(table))] else 0
+
+
+def _pool_images(x: torch.Tensor, batch: int, grid, out_grid, mode: str) -> torch.Tensor:
+    """PyTorch's pooling of ``batch`` images of one grid whose rows lie back to back in ``x``: one
+    call on the rows viewed as a channels-last image (no copy). Average pooling is
+    ``F.adaptive_avg_pool3d``'s ATen function (its Python wrapper only checks arguments), 2D
+    (``F.adaptive_avg_pool2d``'s) for a 2D grid (T = OT = 1), which keeps channels-last: the pooled
+    rows are a view too."""
+    if mode == "bilinear":
+        resample = _trilinear
+    elif grid[0] == out_grid[0] == 1:
+        grid, out_grid, resample = grid[1:], out_grid[1:], _nn.adaptive_avg_pool2d
+    else:
+        resample = _nn.adaptive_avg_pool3d
+    C = x.shape[1]
+    return resample(x.reshape(batch, *grid, C).movedim(-1, 1), out_grid).movedim(1, -1).reshape(-1, C)
+
+
 def reference_pool(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: str) -> torch.Tensor:
+    """PyTorch's pooling of each image; a dense batch's images in one call (each output element
+    still reads its own image's window)."""
+    table = geometry.tolist()
+    batch = _dense_batch(table)
+    if batch:
+        return _pool_images(x, batch, table[0][:3], table[0][3:6], mode)
     out = x.new_empty((num_out, x.shape[1]))
-    for g, o, tok0, row0 in _geometry_rows(geometry):
-        xi = x[tok0: tok0 + math.prod(g)]
-        if mode == "average":
-            yi = F.adaptive_avg_pool3d(_image(xi, g), o)
-        else:
-            yi = F.interpolate(_image(xi, g), size=o, mode="trilinear", align_corners=False)
-        out[row0: row0 + math.prod(o)] = _rows(yi)
+    for T, H, W, OT, OH, OW, tok0, row0 in table:
+        out[row0: row0 + OT * OH * OW] = _pool_images(x[tok0: tok0 + T * H * W], 1, (T, H, W), (OT, OH, OW), mode)
     return out
 
 
@@ -202,11 +287,14 @@ def reference_unpool(grad: torch.Tensor, geometry: torch.Tensor, num_tokens: int
 # pooling ops
 
 
+def pool_implementation(x, geometry, num_out, mode) -> Callable:
+    """The function that runs ``deco::pool_tokens_packed`` on these arguments (the backend's)."""
+    return packed_pool.pool_packed if _backend.use_triton(x.device) else reference_pool
+
+
 @custom_op("pool_tokens_packed")
 def _pool(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: str) -> torch.Tensor:
-    if _backend.use_triton(x.device):
-        return packed_pool.pool_packed(x, geometry, num_out, mode)
-    return reference_pool(x, geometry, num_out, mode)
+    return pool_implementation(x, geometry, num_out, mode)(x, geometry, num_out, mode)
 
 
 @_pool.register_fake
@@ -255,12 +343,31 @@ def check_tokens(x) -> None:
     _validate.floating("x", x, _backend.use_triton(x.device))
 
 
-def _resample_packed(x, grids, out_grids, stride, resample_mode):
+def _resample_checked(x, grids, out_grids, stride) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Every check of the packed pooling ops: the batch's host tables (``Packing``)."""
     check_tokens(x)
     packing = parse(x, grids, out_grids, stride)
-    geometry = to_device(packing.geometry, x.device)
-    y = deco.pool_tokens_packed(x, geometry, packing.num_out, resample_mode)
-    return y, to_device(packing.cu_seqlens, x.device)
+    return packing.geometry, packing.num_out, packing.cu_seqlens
+
+
+def _resample_plan(x, grids, out_grids, stride, resample_mode) -> tuple:
+    """A plain eager call's plan: (what runs it, the geometry table, output rows, cu_seqlens)."""
+    tables = _resample_checked(x, grids, out_grids, stride)
+    records = torch.is_grad_enabled() and x.requires_grad
+    args = (x, tables[0], tables[1], resample_mode)
+    return _plan.runner(deco.pool_tokens_packed, pool_implementation, args, records), *tables
+
+
+_resample_plans = PackedPlans(_resample_plan)
+
+
+def _resample_packed(x, grids, out_grids, stride, resample_mode):
+    plan = _resample_plans.get((grids, out_grids), x, grids, out_grids, stride, resample_mode)
+    if plan is None:
+        plan = (deco.pool_tokens_packed, *_resample_checked(x, grids, out_grids, stride))
+    run, geometry, num_out, cu_seqlens = plan
+    geometry, cu_seqlens = device_tables(geometry, cu_seqlens, x.device)
+    return run(x, geometry, num_out, resample_mode), cu_seqlens
 
 
 def adaptive_avg_pool_tokens_packed(x: torch.Tensor, grids: torch.Tensor, *, out_grids: torch.Tensor | None = None, stride=None):
@@ -289,14 +396,33 @@ def bilinear_pool_tokens_packed(x: torch.Tensor, grids: torch.Tensor, *, out_gri
 def bilinear_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
     """``F.interpolate(mode="bilinear"`` (2D grid) or ``"trilinear"`` (3D), ``align_corners=False)``
     on a dense ``(B, prod(grid), C)`` token grid -> ``(B, prod(out_grid), C)``, with its backward."""
+    plan = _bilinear_plans.get(x, grid, out_grid)
+    if plan is None:
+        plan = (deco.pool_tokens_packed, *_bilinear_checked(x, grid, out_grid))
+    run, geometry, P = plan
+    B, N, C = x.shape
+    return run(x.reshape(B * N, C), geometry, B * P, "bilinear").view(B, P, C)
+
+
+def _bilinear_checked(x, grid, out_grid) -> tuple[torch.Tensor, int]:
+    """Every check of ``bilinear_pool_tokens``: (the batch's geometry table, pooled rows per image)."""
     _validate.tensor("x", x, 3)
     _validate.floating("x", x, _backend.use_triton(x.device))
     g, o = _validate.grids(grid, out_grid)
     _validate.tokens(x, g)
+    return dense_geometry(g, o, x.shape[0], x.device), math.prod(o)
+
+
+def _bilinear_plan(x, grid, out_grid) -> tuple:
+    """A plain eager call's plan: (what runs it, the geometry table, pooled rows per image)."""
+    geometry, P = _bilinear_checked(x, grid, out_grid)
     B, N, C = x.shape
-    geometry = dense_geometry(g, o, B, x.device)
-    y = deco.pool_tokens_packed(x.reshape(B * N, C), geometry, B * math.prod(o), "bilinear")
-    return y.view(B, math.prod(o), C)
+    records = torch.is_grad_enabled() and x.requires_grad
+    args = (x.reshape(B * N, C), geometry, B * P, "bilinear")
+    return _plan.runner(deco.pool_tokens_packed, pool_implementation, args, records), geometry, P
+
+
+_bilinear_plans = _plan.Plans(_bilinear_plan)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,6 +433,44 @@ def packed_key(op: str, x: torch.Tensor, num_out: int, keep_residuals: bool, **d
     """The strategy key of a packed projector: token and output row counts bucketed."""
     return strategy.make_key(op, x.device, x.dtype, keep_residuals, tokens=strategy.bucket(x.shape[0]),
                              rows=strategy.bucket(num_out), C=x.shape[1], **dims)
+
+
+def _pool_mlp_fused(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals):
+    act, pre, pooled = pool_gemm.pool_gemm_packed(
+        x, geometry, num_out, mode, w1.contiguous(), None if b1 is None else b1.contiguous(),
+        activation, store_pre=keep_residuals, store_pooled=keep_residuals,
+    )
+    return F.linear(act, w2, b2), pooled, pre
+
+
+def _pool_mlp_composed(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals):
+    """The composed twin on the Triton backend: our packed pooling kernel, then the torch ops."""
+    return composed.pool_mlp(packed_pool.pool_packed(x, geometry, num_out, mode), w1, b1, w2, b2, activation, True)
+
+
+def _pool_mlp_reference(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals):
+    """The PyTorch backend's: PyTorch's pooling, then the torch ops."""
+    return composed.pool_mlp(reference_pool(x, geometry, num_out, mode), w1, b1, w2, b2, activation, True)
+
+
+def packed_mlp_implementation(op: str, args: tuple, fused: Callable, composed_kernel: Callable, reference: Callable) -> Callable:
+    """The function that runs the packed projector ``deco::<op>`` on ``args`` (x, w1, b1, w2, b2,
+    geometry, num_out, activation, mode, keep_residuals): the strategy's choice between ``fused``
+    and the composed twin (``composed_kernel`` on the Triton backend, ``reference`` on PyTorch's)."""
+    x, w1, _, w2, _, _, num_out, activation, mode, keep_residuals = args
+    on_triton = _backend.use_triton(x.device)
+    return strategy.implementation(
+        args, on_triton=on_triton,
+        key=lambda: packed_key(op, x, num_out, keep_residuals, hidden=w1.shape[0], out=w2.shape[0], act=activation, mode=mode),
+        fused=fused if on_triton else None, composed=composed_kernel if on_triton else reference,
+    )
+
+
+def _pool_mlp_implementation(*args) -> Callable:
+    """What runs ``deco::pool_mlp_packed`` on ``args``. It returns (y, pooled, pre) where the
+    residuals are kept, else y and anything: the custom op's body puts the empty tensors of its
+    schema in their place (``projector._pool_mlp_implementation``)."""
+    return packed_mlp_implementation("pool_mlp_packed", args, _pool_mlp_fused, _pool_mlp_composed, _pool_mlp_reference)
 
 
 @custom_op("pool_mlp_packed")
@@ -322,26 +486,9 @@ def _pool_mlp(
     mode: str,
     keep_residuals: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    on_triton = _backend.use_triton(x.device)
-
-    def fused():
-        act, pre, pooled = pool_gemm.pool_gemm_packed(
-            x, geometry, num_out, mode, w1.contiguous(), None if b1 is None else b1.contiguous(),
-            activation, store_pre=keep_residuals, store_pooled=keep_residuals,
-        )
-        y = F.linear(act, w2, b2)
-        return (y, pooled, pre) if keep_residuals else (y, x.new_empty((0,)), x.new_empty((0,)))
-
-    def composed_():
-        pooled = deco.pool_tokens_packed.body(x, geometry, num_out, mode)
-        return composed.pool_mlp(pooled, w1, b1, w2, b2, activation, keep_residuals)
-
-    return strategy.run(
-        on_triton=on_triton,
-        key=lambda: packed_key("pool_mlp_packed", x, num_out, keep_residuals, hidden=w1.shape[0], out=w2.shape[0],
-                               act=activation, mode=mode),
-        fused=fused if on_triton else None, composed=composed_,
-    )
+    args = (x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals)
+    y, pooled, pre = _pool_mlp_implementation(*args)(*args)
+    return (y, pooled, pre) if keep_residuals else (y, x.new_empty((0,)), x.new_empty((0,)))
 
 
 @_pool_mlp.register_fake
@@ -413,26 +560,85 @@ def pool_mlp_packed(
         ``(y, cu_seqlens)``: ``y`` ``(sum(prod(out_grids)), out)``, cu_seqlens int32 ``(num_images+1,)``.
         One fused pool+GEMM launch for the whole batch (cuBLAS for the second Linear).
     """
-    check_tokens(x)
-    check_mlp(x, w1, b1, w2, b2, activation, mode, ACTIVATIONS)
-    packing = parse(x, grids, out_grids, stride)
-    geometry = to_device(packing.geometry, x.device)
-    keep = needs_residuals(x, w1, b1, w2, b2)
-    y = deco.pool_mlp_packed(x, w1, b1, w2, b2, geometry, packing.num_out, activation, mode, keep)[0]
-    return y, to_device(packing.cu_seqlens, x.device)
+    return packed_mlp(deco.pool_mlp_packed, _pool_mlp_packed_plans, x, grids, w1, b1, w2, b2, out_grids, stride, activation, mode)
 
 
 def pool_mlp_resampled(x, w1, b1, w2, b2, *, grid, out_grid, activation="gelu", mode="average"):
     """Dense ``(B, prod(grid), C)`` ``pool_mlp`` with either resampling mode (the packed kernel on
     B images of one grid); what ``DeCoProjector(mode="bilinear")`` runs."""
+    return dense_mlp(deco.pool_mlp_packed, _pool_mlp_resampled_plans, x, w1, b1, w2, b2, grid, out_grid, activation, mode)
+
+
+# ----------------------------------------------------------------------------------------------
+# the projectors over packed batches (pool_mlp_packed, mlp_pool_packed) and over dense batches
+# run as B packed images of one grid (pool_mlp_resampled, mlp_pool): checks and plans
+
+
+def _packed_mlp_checked(x, grids, w1, b1, w2, b2, out_grids, stride, activation, mode) -> tuple:
+    """Every check of a packed projector: (the geometry table, output rows, whether autograd needs
+    the residuals, cu_seqlens)."""
+    check_tokens(x)
+    check_mlp(x, w1, b1, w2, b2, activation, mode, ACTIVATIONS)
+    packing = parse(x, grids, out_grids, stride)
+    return packing.geometry, packing.num_out, needs_residuals(x, w1, b1, w2, b2), packing.cu_seqlens
+
+
+def packed_mlp_plans(op: Op, implementation: Callable) -> PackedPlans:
+    """The plans of the packed projector ``op`` (a ``deco.<name>``) whose strategy's choice is ``implementation``."""
+
+    def build(x, grids, w1, b1, w2, b2, out_grids, stride, activation, mode) -> tuple:
+        checked = _packed_mlp_checked(x, grids, w1, b1, w2, b2, out_grids, stride, activation, mode)
+        geometry, num_out, keep, _ = checked
+        args = (x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep)
+        return _plan.runner(op, implementation, args, keep), *checked
+
+    return PackedPlans(build)
+
+
+def packed_mlp(op: Op, plans: PackedPlans, x, grids, w1, b1, w2, b2, out_grids, stride, activation, mode):
+    """``(y, cu_seqlens)`` of the packed projector ``op`` (``plans``: its ``packed_mlp_plans``)."""
+    args = (x, grids, w1, b1, w2, b2, out_grids, stride, activation, mode)
+    plan = plans.get((grids, out_grids), *args)
+    if plan is None:
+        plan = (op, *_packed_mlp_checked(*args))
+    run, geometry, num_out, keep, cu_seqlens = plan
+    geometry, cu_seqlens = device_tables(geometry, cu_seqlens, x.device)
+    return run(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep)[0], cu_seqlens
+
+
+def _dense_mlp_checked(x, w1, b1, w2, b2, grid, out_grid, activation, mode) -> tuple[torch.Tensor, int, bool]:
+    """Every check of a dense projector: (the batch's geometry table, pooled rows per image,
+    whether autograd needs the residuals)."""
     _validate.tensor("x", x, 3)
     _validate.floating("x", x, _backend.use_triton(x.device))
     check_mlp(x, w1, b1, w2, b2, activation, mode, ACTIVATIONS)
     g, o = _validate.grids(grid, out_grid)
     _validate.tokens(x, g)
+    return dense_geometry(g, o, x.shape[0], x.device), math.prod(o), needs_residuals(x, w1, b1, w2, b2)
+
+
+def dense_mlp_plans(op: Op, implementation: Callable) -> _plan.Plans:
+    """The plans of a dense projector run by the packed op ``op`` (a ``deco.<name>``). A plan holds the geometry
+    table (``dense_geometry``'s, cached per grid, out_grid, batch and device anyway), no input."""
+
+    def build(x, w1, b1, w2, b2, grid, out_grid, activation, mode) -> tuple:
+        geometry, P, keep = _dense_mlp_checked(x, w1, b1, w2, b2, grid, out_grid, activation, mode)
+        B, N, C = x.shape
+        args = (x.reshape(B * N, C), w1, b1, w2, b2, geometry, B * P, activation, mode, keep)
+        return _plan.runner(op, implementation, args, keep), geometry, P, keep
+
+    return _plan.Plans(build)
+
+
+def dense_mlp(op: Op, plans: _plan.Plans, x, w1, b1, w2, b2, grid, out_grid, activation, mode) -> torch.Tensor:
+    """``(B, P, out)``: the dense projector run by ``op`` (``plans``: its ``dense_mlp_plans``)."""
+    plan = plans.get(x, w1, b1, w2, b2, grid, out_grid, activation, mode)
+    if plan is None:
+        plan = (op, *_dense_mlp_checked(x, w1, b1, w2, b2, grid, out_grid, activation, mode))
+    run, geometry, P, keep = plan
     B, N, C = x.shape
-    P = math.prod(o)
-    geometry = dense_geometry(g, o, B, x.device)
-    keep = needs_residuals(x, w1, b1, w2, b2)
-    y = deco.pool_mlp_packed(x.reshape(B * N, C), w1, b1, w2, b2, geometry, B * P, activation, mode, keep)[0]
-    return y.view(B, P, -1)
+    return run(x.reshape(B * N, C), w1, b1, w2, b2, geometry, B * P, activation, mode, keep)[0].view(B, P, -1)
+
+
+_pool_mlp_packed_plans = packed_mlp_plans(deco.pool_mlp_packed, _pool_mlp_implementation)
+_pool_mlp_resampled_plans = dense_mlp_plans(deco.pool_mlp_packed, _pool_mlp_implementation)

@@ -20,13 +20,18 @@ cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="counts the PyTorch p
 # op -> {mode: cProfile total_calls of one warm call with the user's default settings (no backend
 # or strategy chosen: the PyTorch path on CPU tensors)}: measured, plus a margin of 2 for harmless
 # drift. Issue 20 asks for <= 60 per op call (the forward modes); the eager code these ops replace
-# makes 21, 19, 18 and 8 calls, counted the same way (python -m benchmarks.host_cost). fwd+bwd
-# counts torch's own backward() too (eager: 65-68 calls); pinned so that the backward ops' plans stay.
+# makes 21, 19, 18, 21, 13, 16, 8 and (two images) 36 calls, counted the same way
+# (python -m benchmarks.host_cost). fwd+bwd counts torch's own backward() too (eager: 65-68 calls);
+# pinned so that the backward ops' plans stay.
 CALLS = {
     "pool_mlp": {"infer": 35 + 2, "grad": 42 + 2, "fwd+bwd": 174 + 2},
     "pool_linear": {"infer": 33 + 2, "grad": 40 + 2, "fwd+bwd": 137 + 2},
     "adaptive_avg_pool_tokens": {"infer": 30 + 2, "grad": 36 + 2, "fwd+bwd": 124 + 2},
+    "mlp_pool": {"infer": 40 + 2, "grad": 47 + 2},
+    "merge_mlp": {"infer": 31 + 2, "grad": 38 + 2},
+    "merge_mlp_grid": {"infer": 35 + 2, "grad": 42 + 2},
     "cross_attention": {"infer": 29 + 2, "grad": 40 + 2, "fwd+bwd": 150 + 2},
+    "pool_mlp_packed": {"infer": 49 + 2, "grad": 56 + 2},
 }
 FORWARD_LIMIT = 60  # issue 20
 
@@ -230,3 +235,58 @@ def test_an_op_run_without_the_lse_refuses_to_differentiate(backend):
     assert torch.equal(out, full) and full_lse.shape == (2, 2, 4)
     with pytest.raises(RuntimeError, match="need_lse=False"):
         out.sum().backward()
+
+
+def _case_inputs(op):
+    """``op``'s host_cost case and its inputs on the test device (grid tables stay on the CPU)."""
+    case = next(c for c in host_cost.CASES if c.name == op)
+    return case, [t.to(DEVICE) if t.is_floating_point() else t for t in case.inputs()]
+
+
+@pytest.mark.parametrize("op", ["mlp_pool", "merge_mlp", "merge_mlp_grid", "pool_mlp_packed"])
+def test_plans_of_the_projectors_run_what_the_full_path_runs(op, default_path):
+    """Planned calls of the dense, merge and packed projectors against the dispatched op: the same
+    bits, forward and backward."""
+    case, inputs = _case_inputs(op)
+    runs = []
+    for dispatched in (False, False, True):
+        leaves = [t.clone().requires_grad_(i < case.differentiable) for i, t in enumerate(inputs)]
+        with mock.patch.object(_plan, "signature", return_value=None) if dispatched else contextlib.nullcontext():
+            y = case.ours(*leaves)
+        y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE).view(y.shape))
+        runs.append([y.detach(), *(t.grad for t in leaves[:case.differentiable])])
+    for planned, full in zip(runs[1], runs[2]):
+        assert torch.equal(planned, full)
+
+
+def _pool_mlp_packed(inputs, grids, out_grids):
+    x, w1, b1, w2, b2 = inputs[:5]
+    return deco_ops.pool_mlp_packed(x, torch.tensor(grids), w1, b1, w2, b2, out_grids=torch.tensor(out_grids))
+
+
+def test_packed_plans_are_keyed_on_the_tables_values(default_path):
+    """Grid tables of one shape and other values take their own plan; the caller owns the
+    cu_seqlens a planned call returns (writing to it changes no later call)."""
+    _, inputs = _case_inputs("pool_mlp_packed")
+    layouts = [([[4, 4], [3, 4]], [[2, 2], [2, 2]]), ([[3, 4], [4, 4]], [[1, 3], [2, 2]]), ([[4, 4], [3, 4]], [[3, 1], [2, 2]])]
+    for grids, out_grids in layouts:
+        with mock.patch.object(_plan, "signature", return_value=None):
+            want, want_cu = _pool_mlp_packed(inputs, grids, out_grids)
+        for _ in range(2):  # the first call builds the plan, the second runs it
+            y, cu = _pool_mlp_packed(inputs, grids, out_grids)
+            assert torch.equal(y, want) and torch.equal(cu, want_cu)
+            cu.fill_(-1)
+
+
+@pytest.mark.parametrize("grids,error,match", [
+    ([[4, 4], [0, 4]], ValueError, r"grids\[1\] = \(0, 4\): entries must be >= 1"),
+    ([[4, 4], [4, 4]], ValueError, "x has 28 tokens but grids need"),
+    ([[4.0, 4.0], [3.0, 4.0]], TypeError, "grids must be an integer tensor"),
+])
+def test_packed_tables_are_checked_on_every_new_layout(grids, error, match, default_path):
+    _, inputs = _case_inputs("pool_mlp_packed")
+    out_grids = [[2, 2], [2, 2]]
+    for _ in range(2):
+        _pool_mlp_packed(inputs, [[4, 4], [3, 4]], out_grids)
+    with pytest.raises(error, match=match):
+        _pool_mlp_packed(inputs, grids, out_grids)

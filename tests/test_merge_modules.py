@@ -113,6 +113,21 @@ def test_state_dicts_load_unchanged_both_ways():
         assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), hf.state_dict().values())), name
 
 
+@pytest.mark.parametrize("keys", list(deco_ops.merge_modules.KEY_LAYOUTS))
+def test_forward_runs_the_submodules_registered_now(keys):
+    """forward finds its norm and Linears through the registered modules (not get_submodule, which
+    costs Python calls per level): a submodule replaced after construction is the one that runs."""
+    torch.manual_seed(0)
+    ours = deco_ops.PatchMergerProjector(C, D, keys=keys)
+    paths = deco_ops.merge_modules.KEY_LAYOUTS[keys]
+    assert [ours.norm_layer, ours.fc1, ours.fc2] == [ours.get_submodule(path) for path in paths]
+    ours.set_submodule(paths[2], _init(torch.nn.Linear(4 * C, D), seed=7))
+    x = torch.randn(8, C)
+    norm, fc1, fc2 = (ours.get_submodule(path) for path in paths)
+    want = deco_ops.merge_mlp(x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    assert torch.equal(ours(x), want)
+
+
 def test_loads_other_layouts_and_original_internvl_mlp1_keys():
     """An InternVL-configured projector loads the original checkpoints' mlp1.{0,1,3}.* keys and
     HF's layer_norm/linear_1/linear_2; a Qwen2-VL one loads Qwen3-VL's norm/linear_fc1/linear_fc2."""

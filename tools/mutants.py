@@ -249,8 +249,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_strategy_parity.py", "-k", "test_projector_strategies_agree and pool_mlp and composed"),
            "the composed MLP keeps act(pre) where the shared backward expects the pre-activation"),
     Mutant("composed_mlp_pool_order", "deco_ops/composed.py",
-           "pooled = pool(reference.ACTIVATIONS[activation](F.linear(x, w1, b1)))",
-           "pooled = reference.ACTIVATIONS[activation](pool(F.linear(x, w1, b1)))",
+           "pooled = pool(reference.ACTIVATIONS[activation](F.linear(x, w1, b1)), *where)",
+           "pooled = reference.ACTIVATIONS[activation](pool(F.linear(x, w1, b1), *where))",
            ("tests/test_strategy_parity.py", "-k", "test_projector_strategies_agree and mlp_pool and composed"),
            "project-then-pool's composed twin pools before the activation"),
     # ------------------------------------------------------------------------------------------
