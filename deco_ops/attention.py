@@ -89,7 +89,7 @@ def _tma_applies(q, k, v, dropout_p, attn_bias) -> bool:
     interpreter), fp16/bf16, no dropout and no additive mask (per-tile work its mask-free key loop
     leaves out), every tensor readable through TMA descriptors (16-byte aligned, unit dim stride)."""
     return (_tuning.device_arch(q.device) == 90 and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
-            and attn_bias is None and all(map(cross_attention_tma.tma_compatible, (q, k, v))))
+            and attn_bias is None and all(map(cross_attention_tma.tma_addressable, (q, k, v))))
 
 
 def _cross_attention_reference(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse):

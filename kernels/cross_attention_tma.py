@@ -48,7 +48,7 @@ from .cross_attention_fwd import (
     store_partial,
 )
 from .dot import dot
-from .tma_gemm import TMA_ALIGN_BYTES, ensure_allocator
+from .tma_gemm import ensure_allocator, tma_addressable
 
 # A query tile of 128 rows runs warp-specialised: one producer and two 64-row consumer warpgroups.
 WS_BLOCK_M = 128
@@ -251,14 +251,6 @@ def cross_attention_tma_kernel(
 # launcher
 
 
-def tma_compatible(t: torch.Tensor) -> bool:
-    """Whether a (B, L, H, D) or packed (total_N, H, D) tensor can be read through a TMA descriptor:
-    unit dim stride, every other stride and the base address 16-byte aligned."""
-    strides = t.stride()[:-1]
-    return (t.stride(-1) == 1 and t.data_ptr() % TMA_ALIGN_BYTES == 0
-            and all(s * t.element_size() % TMA_ALIGN_BYTES == 0 for s in strides))
-
-
 @on_input_device
 def cross_attention_tma_fwd(
     q: torch.Tensor,
@@ -272,9 +264,9 @@ def cross_attention_tma_fwd(
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(O (B, M, H, D) in q's dtype, LSE (B, H, M) fp32), as ``cross_attention_fwd.cross_attention_fwd``
-    without dropout or an additive mask; ``k``/``v`` must be ``tma_compatible`` (fp16, bf16 or fp32)."""
+    without dropout or an additive mask; ``k``/``v`` must be ``tma_addressable`` (fp16, bf16 or fp32)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not tma_compatible(t) or t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if not tma_addressable(t) or t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"cross_attention_tma_fwd: {name} must be fp16/bf16/fp32 with unit dim stride and 16-byte "
                              f"aligned base and strides (TMA descriptors), got {t.dtype} strides {t.stride()}")
     _, M, H, D = q.shape

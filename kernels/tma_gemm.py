@@ -169,12 +169,18 @@ def ensure_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
+def tma_addressable(t: torch.Tensor) -> bool:
+    """Whether a tensor of any rank can be read or written through a TMA descriptor: unit stride in
+    its last dim, every other stride and the base address 16-byte aligned."""
+    return (t.stride(-1) == 1 and t.data_ptr() % TMA_ALIGN_BYTES == 0
+            and all(s * t.element_size() % TMA_ALIGN_BYTES == 0 for s in t.stride()[:-1]))
+
+
 def tma_compatible(*tensors: torch.Tensor) -> bool:
-    """Whether every tensor can be read or written through a TMA descriptor: 2-D, non-empty,
-    fp16/bf16, unit column stride, row stride and base address 16-byte aligned."""
+    """Whether every tensor is a GEMM operand the TMA kernel takes: 2-D, non-empty, fp16/bf16 and
+    ``tma_addressable``."""
     return all(
-        t.dim() == 2 and t.numel() > 0 and t.dtype in (torch.float16, torch.bfloat16) and t.stride(1) == 1
-        and (t.stride(0) * t.element_size()) % TMA_ALIGN_BYTES == 0 and t.data_ptr() % TMA_ALIGN_BYTES == 0
+        t.dim() == 2 and t.numel() > 0 and t.dtype in (torch.float16, torch.bfloat16) and tma_addressable(t)
         for t in tensors
     )
 

@@ -104,8 +104,8 @@ def test_rejects_what_tma_cannot_read():
     q, k, v = (torch.randn(1, 8, 2, 12, dtype=torch.float16) for _ in range(3))  # 24-byte head stride
     with pytest.raises(ValueError, match="q must be"):
         tma.cross_attention_tma_fwd(q, k, v, None, None, 1, 8, 0.3)
-    assert not tma.tma_compatible(torch.randn(1, 8, 2, 16, dtype=torch.float16)[..., 1:9])  # 2-byte offset base
-    assert tma.tma_compatible(torch.randn(1, 8, 2, 16, dtype=torch.float16)[..., 8:])
+    assert not tma.tma_addressable(torch.randn(1, 8, 2, 16, dtype=torch.float16)[..., 1:9])  # 2-byte offset base
+    assert tma.tma_addressable(torch.randn(1, 8, 2, 16, dtype=torch.float16)[..., 8:])
 
 
 def _inputs(lens=(70, 30)):
