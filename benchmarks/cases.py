@@ -12,8 +12,9 @@ Gradients are reset to None at the start of every call, so no call pays for accu
 deco_ops itself appears three times: ``deco_ops``, the strategy it picks by itself (``auto``: measured
 per shape bucket on CUDA, the composed twin on the PyTorch backend), and ``deco_ops_fused`` /
 ``deco_ops_composed``, each candidate forced (``deco_ops.use_strategy``), so the fused kernels' own
-speed is never hidden behind the winner; attention adds ``deco_ops_fused_tma``, its opt-in TMA
-forward (sm_90 GPUs only; then the fused backward). On the PyTorch backend the projectors have only their
+speed is never hidden behind the winner; ``deco_ops_fused_tma`` forces the opt-in TMA kernels
+(sm_90 GPUs only): attention's forward (then the fused backward), pool_mlp's and merge_mlp's first
+GEMM and their backward's dz GEMM. On the PyTorch backend the projectors have only their
 composed twin, and attention's ``fused`` is the chunked online-softmax reference.
 
 Baselines:
@@ -46,9 +47,9 @@ DIRECTIONS = ("fwd", "fwd_bwd", "fwd_bwd_dx")
 # "deco_ops" runs the strategy deco_ops picks (``auto``); these force each candidate, so the fused
 # kernels' own speed stays visible beside the winner
 STRATEGY_IMPLS = ("deco_ops_fused", "deco_ops_composed")
-POOL_IMPLS = ("deco_ops", *STRATEGY_IMPLS, "eager", "compile")
+# the opt-in TMA kernels (``fused_tma``, sm_90 only), forced under their own name; never picked by ``auto`` yet
+POOL_IMPLS = ("deco_ops", *STRATEGY_IMPLS, "deco_ops_fused_tma", "eager", "compile")
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
-# the opt-in TMA forward (``fused_tma``, sm_90 only), forced under its own name; never picked by ``auto`` yet
 ATTENTION_IMPLS = ("deco_ops", *STRATEGY_IMPLS, "deco_ops_fused_tma", *(f"sdpa_{b}" for b in SDPA_BACKENDS), "eager_softmax",
                    "compile")
 # which callable a baseline's column in the report stands for
@@ -235,8 +236,9 @@ def _pool_setup(s, env: Env, order: str = "pool_mlp", mode: str = "average"):
 
 
 def _pool_group(op: str, name: str, s, env: Env, direction: str, deco_forward, eager, weights, x, dy, flops_bytes,
-                extra=None, more_deco=None) -> Group:
-    """``more_deco``: name -> forward of further deco_ops variants timed beside the baselines."""
+                extra=None, more_deco=None, tma_w1=None) -> Group:
+    """``more_deco``: name -> forward of further deco_ops variants timed beside the baselines.
+    ``tma_w1``: the first Linear's weight of an op with a ``fused_tma`` candidate (pool_mlp, merge_mlp)."""
     grad = direction != "fwd"
     tokens_grad = direction == "fwd_bwd_dx"
     xin = x.detach().requires_grad_(tokens_grad)
@@ -257,11 +259,21 @@ def _pool_group(op: str, name: str, s, env: Env, direction: str, deco_forward, e
 
         return factory
 
+    def tma():
+        # forced elsewhere, fused_tma quietly runs fused: shown only where the TMA GEMM itself runs
+        with deco_ops.use_backend(env.backend):
+            on_triton = deco_ops._backend.use_triton(env.device)
+        if not (tma_w1 is not None and on_triton and env.device.type == "cuda"
+                and deco_ops.composed.tma_applies(x, tma_w1, None)):
+            raise Unavailable("the TMA GEMM (fused_tma) runs pool_mlp and merge_mlp on sm_90 GPUs, 16-bit, 16-byte rows")
+        return forced("fused_tma")()
+
     flops, nbytes = flops_bytes(tokens_grad)
     impls = {
         "deco_ops": make(lambda: deco_forward(xin), lambda: _deco(env)),
         "deco_ops_fused": forced("fused"),
         "deco_ops_composed": forced("composed"),
+        "deco_ops_fused_tma": tma,
         "eager": make(lambda: eager(xin)),
         "compile": compiled,
     }
@@ -279,7 +291,7 @@ def pool_mlp_groups(name: str, env: Env, directions) -> list[Group]:
 
     return [
         _pool_group("pool_mlp", name, s, env, d, deco_forward, eager, (w1, b1, w2, b2), x, dy,
-                    lambda tg, d=d: counts.pool_mlp_shape(s, env.elem, "fwd" if d == "fwd" else "fwd_bwd", tg))
+                    lambda tg, d=d: counts.pool_mlp_shape(s, env.elem, "fwd" if d == "fwd" else "fwd_bwd", tg), tma_w1=w1)
         for d in directions
     ]
 
@@ -575,7 +587,8 @@ def merge_groups(name: str, env: Env, directions) -> list[Group]:
 
     return [
         _pool_group("merge_mlp", name, s, env, d, deco_forward, eager, weights, x, dy,
-                    lambda tg, d=d: counts.merge_mlp_shape(s, env.elem, "fwd" if d == "fwd" else "fwd_bwd", tg))
+                    lambda tg, d=d: counts.merge_mlp_shape(s, env.elem, "fwd" if d == "fwd" else "fwd_bwd", tg),
+                    tma_w1=eager.mlp[0].weight)
         for d in directions
     ]
 

@@ -10,8 +10,10 @@ The backward through the activation is cuBLAS's ``dy @ W2`` then, on the Triton 
 elementwise Triton pass (``kernels/activation_backward.py``: dz, act and db1 from one read of the
 pre-activation); on the PyTorch backend ATen's own activation backward kernel.
 
-``pool_mlp_tma`` is the same composition with the first Linear and its activation on our
-persistent TMA GEMM (Hopper only, ``tma_applies``), a candidate the strategy weighs against cuBLAS.
+``linear_act_linear_tma`` is the same MLP with the first Linear and its activation on our persistent
+TMA GEMM (Hopper only, ``tma_applies``): ``pool_mlp``'s and ``merge_mlp``'s opt-in ``fused_tma``
+candidate, as ``tma_gemm.tma_gemm_act_grad`` is ``mlp_activation_backward``'s (``deco_ops.strategy``:
+opt-in until a GPU has measured them against cuBLAS).
 
 No cuBLASLt epilogue: ``torch._addmm_activation``'s GELU epilogue is the tanh approximation
 applied to the fp32 accumulator, so it is not erf-GELU (``nn.GELU()``, the default here) and not
@@ -50,27 +52,44 @@ def pool_mlp(pooled: torch.Tensor, w1, b1, w2, b2, activation: str, keep_residua
 
 
 def tma_applies(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None) -> bool:
-    """Whether ``pool_mlp_tma`` can run pool_mlp's call on ``x`` (tokens or pooled rows: only the
-    device, dtype and channel count matter, the pooled rows being a fresh contiguous tensor): a
-    Hopper GPU (TMA descriptors, wgmma), 16-bit operands of one dtype, channel and hidden rows
-    16-byte multiples (``tma_gemm.tma_compatible``)."""
-    row_bytes = x.shape[-1] * x.element_size()
-    return (x.device.type == "cuda" and _tuning.device_arch(x.device) == 90 and w1.dtype == x.dtype
-            and (b1 is None or b1.dtype == x.dtype) and w1.shape[0] % 8 == 0 and w1.shape[-1] == x.shape[-1]
-            and row_bytes % tma_gemm.TMA_ALIGN_BYTES == 0 and tma_gemm.tma_compatible(w1))
+    """Whether ``linear_act_linear_tma`` can run the first Linear of a projector on rows made from
+    ``x`` (pooled or normalised merged rows: a fresh contiguous (rows, w1.shape[1]) tensor, so only
+    the device, dtype and widths matter): an sm_90 device (Hopper's TMA descriptors and wgmma; the
+    interpreter plans for one on the CPU), 16-bit operands of one dtype, input and hidden rows
+    16-byte multiples, ``w1`` readable through a descriptor (``tma_gemm.tma_compatible``)."""
+    return (_tuning.device_arch(x.device) == 90 and w1.dtype == x.dtype and (b1 is None or b1.dtype == x.dtype)
+            and w1.shape[1] * w1.element_size() % tma_gemm.TMA_ALIGN_BYTES == 0
+            and w1.shape[0] * w1.element_size() % tma_gemm.TMA_ALIGN_BYTES == 0 and tma_gemm.tma_compatible(w1))
+
+
+def linear_act_linear_tma(rows: torch.Tensor, w1, b1, w2, b2, activation: str,
+                          keep_pre: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(``Linear2(act(Linear1(rows)))``, the pre-activation or None) for 2-D contiguous ``rows``,
+    the first Linear, its bias and the activation in one persistent TMA GEMM
+    (``kernels/tma_gemm.py``, sm_90) instead of ``F.linear`` plus a PyTorch activation: the
+    pre-activation is written only when kept, the activation never round-trips through memory.
+    The second Linear stays on cuBLAS. See ``tma_applies``."""
+    act, pre = tma_gemm.tma_linear_act(rows, w1, b1, activation, store_pre=keep_pre)
+    return F.linear(act, w2, b2), pre
 
 
 def pool_mlp_tma(pooled: torch.Tensor, w1, b1, w2, b2, activation: str, keep_residuals: bool):
-    """``pool_mlp`` with the first Linear, its bias and the activation in one persistent TMA GEMM
-    (``kernels/tma_gemm.py``, sm_90) instead of ``F.linear`` plus a PyTorch activation: the
-    pre-activation is written only when kept, the activation never round-trips through memory.
-    The second Linear stays on cuBLAS. ``pooled`` (B, P, C) contiguous; see ``tma_applies``."""
+    """``pool_mlp`` on ``linear_act_linear_tma``, with pool_mlp's residuals. ``pooled`` (B, P, C)
+    contiguous."""
     B, P, C = pooled.shape
-    act, pre = tma_gemm.tma_linear_act(pooled.view(B * P, C), w1, b1, activation, store_pre=keep_residuals)
-    y = F.linear(act, w2, b2).view(B, P, w2.shape[0])
+    y, pre = linear_act_linear_tma(pooled.view(B * P, C), w1, b1, w2, b2, activation, keep_residuals)
+    y = y.view(B, P, w2.shape[0])
     if not keep_residuals:
         return y, _empty(pooled), _empty(pooled)
     return y, pooled, pre.view(B, P, w1.shape[0])
+
+
+def act_grad_tma_applies(dy: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor) -> bool:
+    """Whether ``tma_gemm.tma_gemm_act_grad`` can run ``deco::mlp_activation_backward``'s call: an
+    sm_90 device, dy, w2 and pre of one 16-bit dtype and readable through descriptors, hidden rows
+    of the new dz a 16-byte multiple."""
+    return (_tuning.device_arch(dy.device) == 90 and dy.dtype == w2.dtype == pre.dtype
+            and tma_gemm.tma_compatible(dy, w2, pre) and pre.shape[1] * pre.element_size() % tma_gemm.TMA_ALIGN_BYTES == 0)
 
 
 def mlp_pool(x: torch.Tensor, w1, b1, w2, b2, activation: str, pool: Callable[..., torch.Tensor],

@@ -11,8 +11,10 @@ norm is applied there from the statistics, bias + activation in the epilogue), t
 ``torch.addmm`` for the second Linear. Its composed twin is the HF modules' own sequence
 (``merge_reference.composed_forward``), the only path on the PyTorch backend; on CUDA
 ``deco_ops.strategy`` picks between them per shape bucket (``DECO_OPS_STRATEGY`` /
-``use_strategy`` force one), and the norm backward likewise between its kernels (statistics
-pre-pass + backward) and ``merge_reference.norm_stats`` + ``norm_backward``.
+``use_strategy`` force one). On Hopper an opt-in ``fused_tma`` candidate runs the composed norm
+and merge, then the first GEMM, its bias and activation on the persistent TMA GEMM
+(``composed.linear_act_linear_tma``). The strategy picks the norm backward likewise, between its
+kernels (statistics pre-pass + backward) and ``merge_reference.norm_stats`` + ``norm_backward``.
 
 Kept for backward (only when autograd needs it): the pre-activation ``(M, hidden)``, plus the
 tokens ``x`` (an input) only when a gradient needs them (``x``, the norm's parameters or ``w1``).
@@ -33,7 +35,7 @@ import math
 
 import torch
 
-from . import _backend, _plan, _validate, merge_reference, reference, strategy
+from . import _backend, _plan, _validate, composed, merge_reference, reference, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import merge_gemm, merge_norm, packed_pool
 from .packed import Packing, PackedPlans, _grid_table, device_tables
@@ -75,6 +77,15 @@ def _composed(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, 
     return y.view(B, N // (merge * merge), w2.shape[0]), pre_act
 
 
+def _tma(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals):
+    """The norm and merge in PyTorch (as the composed twin), then the MLP with its first GEMM on the
+    persistent TMA GEMM (``composed.linear_act_linear_tma``)."""
+    B, N, _ = x.shape
+    rows = merge_reference.norm_forward(x, norm_weight, norm_bias, merge, order, _layout(grid), geometry, norm, pre, eps)
+    y, pre_act = composed.linear_act_linear_tma(rows.contiguous(), w1, b1, w2, b2, activation, keep_residuals)
+    return y.view(B, N // (merge * merge), w2.shape[0]), pre_act
+
+
 def _implementation(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation,
                     keep_residuals):
     """The function that runs ``deco::merge_mlp`` on these arguments (the strategy's choice). It
@@ -90,7 +101,9 @@ def _implementation(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, m
 
     on_triton = _backend.use_triton(x.device)
     args = (x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals)
-    return strategy.implementation(args, on_triton=on_triton, key=key, fused=_fused if on_triton else None, composed=_composed)
+    tma = {"fused_tma": strategy.Candidate(_tma, opt_in=True)} if on_triton and composed.tma_applies(x, w1, b1) else None
+    return strategy.implementation(args, on_triton=on_triton, key=key, fused=_fused if on_triton else None, composed=_composed,
+                                   composed_kernels=tma)
 
 
 @custom_op("merge_mlp")

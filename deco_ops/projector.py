@@ -11,7 +11,9 @@ formula can only save inputs and outputs; the public functions return the projec
 
 Each op and backward GEMM has a composed twin (``deco_ops.composed``: our pooling kernel, then
 cuBLAS, then the activation in PyTorch) returning the same residuals; ``deco_ops.strategy`` picks
-which runs. On the PyTorch backend the composed twin is the implementation.
+which runs. On the PyTorch backend the composed twin is the implementation. On Hopper,
+``pool_mlp``'s first GEMM and the backward's ``dz`` GEMM have a ``fused_tma`` candidate on the
+persistent TMA GEMM (``kernels/tma_gemm.py``), opt-in until a GPU has measured it.
 
 Backward: one Triton GEMM computes ``dz = (dy @ W2) * act'(z)`` and rebuilds ``act(z)`` in its
 epilogue; dW2, dW1 and d(pooled) are cuBLAS GEMMs; the input gradient is un-pooled by a
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from . import _backend, _plan, _validate, composed, pooling, reference, strategy
 from ._direct import custom_op, deco, register_autograd
-from .kernels import gemm_act_grad, pool_gemm
+from .kernels import gemm_act_grad, pool_gemm, tma_gemm
 from .pooling import as_3d, check_pool_input
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "quick_gelu")
@@ -107,8 +109,8 @@ def _pool_linear_fused(x, w, b, grid, out_grid, keep_residuals):
 
 
 def _composed_twins(pool):
-    """(pool_linear's, pool_mlp's) composed twin over ``pool``, one of the pooling op's
-    implementations: chosen with the strategy (once per plan), not by the pooling op on every call."""
+    """(pool_linear's, pool_mlp's, pool_mlp's TMA) composed twin over ``pool``, one of the pooling
+    op's implementations: chosen with the strategy (once per plan), not by the pooling op on every call."""
 
     def pool_linear_composed(x, w, b, grid, out_grid, keep_residuals):
         return composed.pool_linear(pool(x, grid, out_grid), w, b, True)
@@ -116,7 +118,10 @@ def _composed_twins(pool):
     def pool_mlp_composed(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals):
         return composed.pool_mlp(pool(x, grid, out_grid), w1, b1, w2, b2, activation, True)  # the residuals are intermediates anyway
 
-    return pool_linear_composed, pool_mlp_composed
+    def pool_mlp_tma(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals):
+        return composed.pool_mlp_tma(pool(x, grid, out_grid), w1, b1, w2, b2, activation, keep_residuals)
+
+    return pool_linear_composed, pool_mlp_composed, pool_mlp_tma
 
 
 _COMPOSED = {pool: _composed_twins(pool) for pool in pooling.POOL_IMPLEMENTATIONS}
@@ -126,7 +131,7 @@ def _pool_linear_implementation(x, w, b, grid, out_grid, keep_residuals):
     """The function that runs ``deco::pool_linear`` on these arguments (the strategy's choice); it
     returns (y, pooled) where the residual is kept, else y and anything (``_pool_mlp_implementation``)."""
     on_triton = _backend.use_triton(x.device)
-    composed_twin, _ = _COMPOSED[pooling.pool_implementation(x, grid, out_grid)]
+    composed_twin, *_ = _COMPOSED[pooling.pool_implementation(x, grid, out_grid)]
     return strategy.implementation(
         (x, w, b, grid, out_grid, keep_residuals), on_triton=on_triton,
         key=lambda: _key("pool_linear", x, grid, out_grid, keep_residuals, out=w.shape[0]),
@@ -182,9 +187,19 @@ register_autograd(_pool_linear, _pool_linear_backward, _pool_linear_setup)
 # pool -> Linear -> activation -> Linear
 
 
-def _activation_backward_fused(dy, w2, pre, activation, need_db1):
-    dz, act = gemm_act_grad.gemm_act_grad(dy, w2, pre, activation)
-    return dz, act, reference.bias_grad(dz) if need_db1 else _empty(dz)
+def _activation_backward_on(gemm):
+    """``deco::mlp_activation_backward`` on one of our act' GEMMs (``gemm(dy, w2, pre, activation)
+    -> (dz, act)``), db1 one reduction of dz."""
+
+    def activation_backward_gemm(dy, w2, pre, activation, need_db1):
+        dz, act = gemm(dy, w2, pre, activation)
+        return dz, act, reference.bias_grad(dz) if need_db1 else _empty(dz)
+
+    return activation_backward_gemm
+
+
+_activation_backward_fused = _activation_backward_on(gemm_act_grad.gemm_act_grad)
+_activation_backward_tma = _activation_backward_on(tma_gemm.tma_gemm_act_grad)
 
 
 def _activation_backward_composed(elementwise_kernel: bool):
@@ -207,6 +222,8 @@ def _activation_backward_implementation(dy, w2, pre, activation, need_db1=False)
         key=lambda: strategy.make_key("mlp_activation_backward", dy.device, dy.dtype, True, rows=strategy.bucket(dy.shape[0]),
                                       out=dy.shape[1], hidden=pre.shape[1], act=activation),
         fused=_activation_backward_fused if on_triton else None, composed=_ACTIVATION_BACKWARD_COMPOSED[on_triton],
+        composed_kernels=({"fused_tma": strategy.Candidate(_activation_backward_tma, opt_in=True)}
+                          if on_triton and composed.act_grad_tma_applies(dy, w2, pre) else None),
     )
 
 
@@ -243,11 +260,13 @@ def _pool_mlp_implementation(x, w1, b1, w2, b2, grid, out_grid, activation, keep
     intermediates): the custom op's body puts the empty tensors of its schema in their place,
     which a direct call that wants y alone does not pay for."""
     on_triton = _backend.use_triton(x.device)
-    _, composed_twin = _COMPOSED[pooling.pool_implementation(x, grid, out_grid)]
+    _, composed_twin, tma_twin = _COMPOSED[pooling.pool_implementation(x, grid, out_grid)]
     return strategy.implementation(
         (x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals), on_triton=on_triton,
         key=lambda: _key("pool_mlp", x, grid, out_grid, keep_residuals, hidden=w1.shape[0], out=w2.shape[0], act=activation),
         fused=_pool_mlp_fused if on_triton else None, composed=composed_twin,
+        composed_kernels=({"fused_tma": strategy.Candidate(tma_twin, opt_in=True)}
+                          if on_triton and composed.tma_applies(x, w1, b1) else None),
     )
 
 

@@ -2,8 +2,9 @@
 the pieces a careful user would use (our pooling kernel + cuBLAS ``addmm`` + the activation in
 PyTorch; the scaled-dot-product-attention kernels of PyTorch for attention).
 
-Candidates, by name (``CANDIDATES``): ``fused``; ``fused_tma`` (attention's forward on TMA
-descriptors for Hopper, ``kernels/cross_attention_tma.py``: *opt-in*, see below); ``composed`` (an op's one composed twin);
+Candidates, by name (``CANDIDATES``): ``fused``; ``fused_tma`` (Hopper's TMA-descriptor kernels:
+attention's forward, ``kernels/cross_attention_tma.py``; the projectors' first GEMM and the
+backward's dz GEMM, ``kernels/tma_gemm.py``: *opt-in*, see below); ``composed`` (an op's one composed twin);
 attention's composed twins on CUDA, one per SDPA kernel that returns the log-sum-exp
 (``composed_efficient``, ``composed_flash``, ``composed_cudnn``: ``deco_ops.composed_attention``
 says which applies to which call). An op offers those that can express the call, the fused one

@@ -171,9 +171,12 @@ def ensure_allocator() -> None:
 
 def tma_addressable(t: torch.Tensor) -> bool:
     """Whether a tensor of any rank can be read or written through a TMA descriptor: unit stride in
-    its last dim, every other stride and the base address 16-byte aligned."""
+    its last dim, every other stride and the base address 16-byte aligned, and no broadcast dim (a
+    stride-0 dim of several elements, e.g. ``y.sum()``'s expanded gradient: a descriptor walks
+    real rows; such a tensor takes the pointer-load kernels)."""
     return (t.stride(-1) == 1 and t.data_ptr() % TMA_ALIGN_BYTES == 0
-            and all(s * t.element_size() % TMA_ALIGN_BYTES == 0 for s in t.stride()[:-1]))
+            and all(s * t.element_size() % TMA_ALIGN_BYTES == 0 and (s > 0 or n == 1)
+                    for s, n in zip(t.stride()[:-1], t.shape[:-1])))
 
 
 def tma_compatible(*tensors: torch.Tensor) -> bool:

@@ -8,10 +8,13 @@ start NaN-filled, so a tile the persistent loop skips stays NaN. Shapes are not 
 tile, and have more tiles than the interpreter's 3 persistent programs.
 """
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import deco_ops
 from harness import DEVICE, assert_close, guarded, poisoned_empty, rel_err
 from deco_ops import reference
 from deco_ops.kernels import tma_gemm
@@ -142,5 +145,98 @@ def test_pool_mlp_tma_matches_float64(keep_residuals):
         assert_close(pre, ref_pre, torch.float16, "pre-activation")
     else:
         assert kept.numel() == 0 and pre.numel() == 0
-    assert composed.tma_applies(pooled, w1, b1) is (DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) == (9, 0))
-    assert not composed.tma_applies(pooled.float(), w1.float(), b1.float())
+    assert composed.tma_applies(pooled, w1, b1) is (DEVICE.type != "cuda" or torch.cuda.get_device_capability(DEVICE) == (9, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# the opt-in ``fused_tma`` candidates of pool_mlp, merge_mlp and mlp_activation_backward
+
+
+def _projector_call(op, gen, dtype):
+    """(call(x, *weights), x, weights): pool_mlp over a 6x6 -> 3x3 grid, or Qwen2-VL's merge_mlp
+    (LayerNorm before a 2x2 merge, block order); widths 16-byte multiples, as TMA needs."""
+    if op == "pool_mlp":
+        x = torch.randn(2, 36, 64, generator=gen)
+        shapes = ((72, 64), (72,), (40, 72), (40,))
+
+        def call(x, w1, b1, w2, b2):
+            return deco_ops.pool_mlp(x, w1, b1, w2, b2, grid=(6, 6), out_grid=(3, 3))
+    else:
+        x = torch.randn(64, 32, generator=gen)
+        shapes = ((32,), (32,), (64, 128), (64,), (48, 64), (48,))
+
+        def call(x, nw, nb, w1, b1, w2, b2):
+            return deco_ops.merge_mlp(x, nw, nb, w1, b1, w2, b2, merge_size=2, norm="layernorm", norm_position="pre")
+    weights = [torch.randn(*s, generator=gen) / (s[-1] ** 0.5 if len(s) == 2 else 1.0) + (len(s) == 1) for s in shapes]
+    return call, x.to(dtype), [w.to(dtype) for w in weights]
+
+
+def _run(call, x, weights, dy):
+    leaves = [t.detach().requires_grad_() for t in (x, *weights)]
+    y = call(*leaves)
+    y.backward(dy)
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+SM90_ONLY = pytest.mark.skipif(DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) != (9, 0),
+                               reason="the TMA candidates are offered on sm_90 only")
+
+
+@SM90_ONLY
+@pytest.mark.parametrize("op", ["pool_mlp", "merge_mlp"])
+def test_opt_in_candidates_run_through_the_ops(op):
+    """``use_strategy("fused_tma")`` runs the op's first GEMM (bias + GELU epilogue) and the
+    backward's dz GEMM (act' epilogue) on the TMA kernel; output and every gradient match the op in
+    float64 within 2x eager fp16's error. Under ``auto`` the TMA kernel never runs (opt-in)."""
+    gen = torch.Generator().manual_seed(29)
+    call, x, weights = _projector_call(op, gen, torch.float16)
+    dy = torch.randn(call(x, *weights).shape, generator=gen).to(torch.float16)
+    with deco_ops.use_backend("torch"):
+        ref = _run(call, x.double(), [w.double() for w in weights], dy.double())
+    with deco_ops.use_strategy("composed"):
+        eager = _run(call, x, weights, dy)
+    launches, choose = mock.Mock(wraps=tma_gemm._launch), mock.Mock(wraps=deco_ops.strategy.choose)
+    with mock.patch.object(tma_gemm, "_launch", launches), mock.patch.object(deco_ops.strategy, "choose", choose):
+        with deco_ops.use_strategy("fused_tma"), poisoned_empty():
+            out = _run(call, x, weights, dy)
+        assert [c.args[7] for c in launches.call_args_list] == [tma_gemm.BIAS_ACT, tma_gemm.ACT_GRAD]
+        _run(call, x, weights, dy)
+        assert launches.call_count == 2, "auto ran the opt-in TMA GEMM"
+    # the interpreter's auto runs fused anyway: a GPU's auto leaves these out because they are opt-in
+    offered = [c.args[0]["fused_tma"] for c in choose.call_args_list if "fused_tma" in c.args[0]]
+    assert len(offered) >= 2 and all(c.opt_in for c in offered)  # forward and backward, once per plan
+    names = ["y", "dx", *(f"d{name}" for name in ("w1", "b1", "w2", "b2") if op == "pool_mlp")]
+    names += [f"d{name}" for name in ("norm_w", "norm_b", "w1", "b1", "w2", "b2") if op == "merge_mlp"]
+    for name, o, r, e in zip(names, out, ref, eager):
+        assert_close(o, r, torch.float16, name, eager=e)
+
+
+@SM90_ONLY
+def test_candidates_only_where_tma_can_read():
+    """The fit rules (``composed.tma_applies``, ``act_grad_tma_applies``) refuse what a descriptor
+    cannot address or the kernel does not take; a forced ``fused_tma`` then runs the op's ``fused``
+    path, as right as ever. The backward of ``y.sum()`` gets a stride-0 dy: no TMA for dz."""
+    from deco_ops import composed
+
+    gen = torch.Generator().manual_seed(31)
+    x, w1, b1, dy, pre = (torch.randn(*s, generator=gen).to(torch.float16) for s in ((2, 36, 64), (72, 64), (72,), (5, 40), (5, 72)))
+    w2 = torch.randn(40, 72, generator=gen).to(torch.float16)
+    assert composed.tma_applies(x, w1, b1) and composed.act_grad_tma_applies(dy, w2, pre)
+    assert not composed.tma_applies(x.float(), w1.float(), b1.float())  # fp32
+    assert not composed.tma_applies(x, w1[:36], b1[:36])  # 36 hidden rows of 72 bytes: dz/act rows unaligned
+    assert not composed.tma_applies(x[..., :60], w1[:, :60], b1)  # 120-byte input rows, a strided w1
+    assert not composed.tma_applies(x, w1, b1.float())  # a bias of another dtype
+    assert not composed.act_grad_tma_applies(dy[:1].expand(5, 40), w2, pre)  # y.sum()'s dy
+    assert not composed.act_grad_tma_applies(dy, w2.float(), pre)
+    assert not composed.act_grad_tma_applies(dy, w2[:, :36], pre[:, :36])
+
+    w1n, b1n, w2n = (t.detach().requires_grad_() for t in (w1[:36].contiguous(), b1[:36].clone(), w2[:, :36].contiguous()))
+    xg = x.detach().requires_grad_()
+    launches = mock.Mock(wraps=tma_gemm._launch)
+    with mock.patch.object(tma_gemm, "_launch", launches), deco_ops.use_strategy("fused_tma"):
+        y = deco_ops.pool_mlp(xg, w1n, b1n, w2n, None, grid=(6, 6), out_grid=(3, 3))
+        y.float().sum().backward()
+    assert launches.call_count == 0
+    pooled = F.adaptive_avg_pool2d(x.double().view(2, 6, 6, 64).permute(0, 3, 1, 2), (3, 3)).flatten(2).transpose(1, 2)
+    ref = F.linear(F.gelu(F.linear(pooled, w1n.double(), b1n.double())), w2n.double())
+    assert_close(y, ref, torch.float16, "y")
