@@ -100,12 +100,12 @@ def mlp_pool(x: torch.Tensor, w1, b1, w2, b2, activation: str, pool: Callable[..
     return F.linear(pooled, w2, b2), pooled
 
 
-def mlp_pool_act_backward(x: torch.Tensor, w1, b1, dpooled: torch.Tensor, unpool: Callable[[torch.Tensor], torch.Tensor],
-                          activation: str) -> torch.Tensor:
-    """``unpool(dpooled) * act'(x @ w1.T + b1)``, the pre-activation recomputed, act' in at least fp32."""
+def mlp_pool_act_backward(x: torch.Tensor, w1, b1, dpooled: torch.Tensor, activation: str,
+                          unpool: Callable[..., torch.Tensor], *where) -> torch.Tensor:
+    """``unpool(dpooled, *where) * act'(x @ w1.T + b1)``, the pre-activation recomputed, act' in at least fp32."""
     z = F.linear(x, w1, b1)
     z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-    return (unpool(dpooled).to(z.dtype) * reference.ACTIVATION_GRADS[activation](z)).to(x.dtype)
+    return (unpool(dpooled, *where).to(z.dtype) * reference.ACTIVATION_GRADS[activation](z)).to(x.dtype)
 
 
 def mlp_activation_backward(dy: torch.Tensor, w2, pre: torch.Tensor, activation: str, need_db1: bool,

@@ -142,7 +142,44 @@ def _(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, n
     return y, x.new_empty((M, w1.shape[0])) if keep_residuals else x.new_empty((0,))
 
 
-@custom_op("merge_norm_backward")
+def _norm_grads(x, grads) -> tuple[torch.Tensor, ...]:
+    """``deco::merge_norm_backward``'s outputs: an empty tensor for each one not requested (None)."""
+    return tuple([x.new_empty((0,)) if t is None else t for t in grads])  # a list: no generator frame per item
+
+
+def _norm_backward_fused(x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps, *flags):
+    layout = _layout(grid)
+    image = _image_table(geometry, x.shape[0] * x.shape[1] // (merge * merge))
+    stats = merge_norm.merge_norm_stats(x, merge, order, layout, geometry, image, norm, pre, eps)
+    return _norm_grads(x, merge_norm.merge_norm_backward(
+        x, stats, norm_weight, norm_bias, dn, merge, order, layout, geometry, image, norm, pre, *flags))
+
+
+def _norm_backward_composed(x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps, *flags):
+    layout = _layout(grid)
+    stats = merge_reference.norm_stats(x, merge, order, layout, geometry, norm, pre, eps)
+    return _norm_grads(x, merge_reference.norm_backward(
+        x, stats, norm_weight, norm_bias, dn, merge, order, layout, geometry, norm, pre, *flags))
+
+
+def _norm_backward_implementation(x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps,
+                                  need_dx, store_n, need_dwn, need_dbn):
+    """The function that runs ``deco::merge_norm_backward`` on these arguments (the strategy's choice)."""
+    args = (x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps, need_dx, store_n, need_dwn, need_dbn)
+
+    def key():
+        flags = (need_dx, store_n, need_dwn, need_dbn)
+        return strategy.make_key(
+            "merge_norm_backward", x.device, x.dtype, False, rows=strategy.bucket(x.shape[0] * x.shape[1] // (merge * merge)),
+            C=x.shape[2], merge=merge, order=order, packed=geometry is not None, norm=norm, pre=pre,
+            flags="".join(str(int(f)) for f in flags))
+
+    on_triton = _backend.use_triton(x.device)
+    return strategy.implementation(
+        args, on_triton=on_triton, key=key, fused=_norm_backward_fused if on_triton else None, composed=_norm_backward_composed)
+
+
+@custom_op("merge_norm_backward", plan=_norm_backward_implementation)
 def _norm_backward(
     x: torch.Tensor,
     norm_weight: torch.Tensor | None,
@@ -162,29 +199,8 @@ def _norm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, norm output (M, K), fp32 dweight, fp32 dbias); empty where not requested. The norm
     statistics are recomputed from the tokens by the forward's own pre-pass, not saved."""
-    M = x.shape[0] * x.shape[1] // (merge * merge)
-    layout = _layout(grid)
-    flags = (need_dx, store_n, need_dwn, need_dbn)
-
-    def fused():
-        image = _image_table(geometry, M)
-        stats = merge_norm.merge_norm_stats(x, merge, order, layout, geometry, image, norm, pre, eps)
-        return merge_norm.merge_norm_backward(
-            x, stats, norm_weight, norm_bias, dn, merge, order, layout, geometry, image, norm, pre, *flags)
-
-    def composed():
-        stats = merge_reference.norm_stats(x, merge, order, layout, geometry, norm, pre, eps)
-        return merge_reference.norm_backward(
-            x, stats, norm_weight, norm_bias, dn, merge, order, layout, geometry, norm, pre, *flags)
-
-    def key():
-        return strategy.make_key(
-            "merge_norm_backward", x.device, x.dtype, False, rows=strategy.bucket(M), C=x.shape[2],
-            merge=merge, order=order, packed=geometry is not None, norm=norm, pre=pre, flags="".join(str(int(f)) for f in flags))
-
-    on_triton = _backend.use_triton(x.device)
-    out = strategy.run(on_triton=on_triton, key=key, fused=fused if on_triton else None, composed=composed)
-    return tuple(x.new_empty((0,)) if t is None else t for t in out)
+    args = (x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps, need_dx, store_n, need_dwn, need_dbn)
+    return _norm_backward_implementation(*args)(*args)
 
 
 @_norm_backward.register_fake

@@ -68,11 +68,6 @@ def unmerge_tokens(m: torch.Tensor, shape, merge: int, order: str, grid, geometr
     return torch.cat(parts, 1)
 
 
-def _tiled(p: torch.Tensor | None, merge: int, pre: bool) -> torch.Tensor | None:
-    """A pre-merge norm's (C,) parameter repeated over the S² tokens of a merged row."""
-    return p.repeat(merge * merge) if p is not None and pre else p
-
-
 def _rms_rstd(xf: torch.Tensor, eps: float) -> torch.Tensor:
     """Qwen2.5-VL's RMSNorm scale ``rsqrt(mean(x²) + eps)`` of fp32 rows, keepdim."""
     return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -124,33 +119,32 @@ def composed_forward(x, nw, nb, w1, b1, w2, b2, merge, order, grid, geometry, no
 def norm_backward(x, stats, nw, nb, dn, merge, order, grid, geometry, norm, pre,
                   need_dx, store_n, need_dwn, need_dbn):
     """(dx, norm output (M, K), dweight, dbias), each None unless requested: the PyTorch twin of
-    ``kernels/merge_norm.merge_norm_backward``, in at least fp32."""
+    ``kernels/merge_norm.merge_norm_backward``, in at least fp32. Rows are viewed as (M, groups,
+    width), the norm's span last, so the norm's parameters (width,) broadcast over a pre-merge
+    row's S² tokens without being tiled."""
     acc = stats.dtype
-    groups = stats.shape[1]
-    M = stats.shape[0]
-    xm = merge_tokens(x, merge, order, grid, geometry).to(acc).view(M, groups, -1)
-    xhat = ((xm - stats[..., :1]) * stats[..., 1:]).view(M, -1)
-    wn, bn = _tiled(nw, merge, pre), _tiled(nb, merge, pre)
+    M, groups = stats.shape[:2]
+    rstd = stats[..., 1:]
+    xhat = (merge_tokens(x, merge, order, grid, geometry).to(acc).view(M, groups, -1) - stats[..., :1]) * rstd
     C = x.shape[-1]
 
     def per_channel(t):  # sum over rows, then over the S² tokens for a pre-merge norm
-        total = t.sum(0)
+        total = t.view(M, -1).sum(0)
         return total.view(merge * merge, C).sum(0) if pre else total
 
     dx = n = dwn = dbn = None
     if store_n:
-        n = xhat * wn if wn is not None else xhat
-        n = (n + bn if bn is not None else n).to(x.dtype)
+        n = xhat * nw if nw is not None else xhat
+        n = (n + nb if nb is not None else n).to(x.dtype).view(M, -1)
     if need_dwn or need_dbn or need_dx:
-        g = dn.to(acc)
+        g = dn.to(acc).reshape(M, groups, -1)
         if need_dwn:
             dwn = per_channel(g * xhat)
         if need_dbn:
             dbn = per_channel(g)
         if need_dx:
-            dxhat = (g * wn if wn is not None else g).view(M, groups, -1)
-            xh = xhat.view(M, groups, -1)
+            dxhat = g * nw if nw is not None else g
             centred = dxhat - dxhat.mean(-1, keepdim=True) if norm == "layernorm" else dxhat
-            d = (centred - xh * (dxhat * xh).mean(-1, keepdim=True)) * stats[..., 1:]
+            d = (centred - xhat * (dxhat * xhat).mean(-1, keepdim=True)) * rstd
             dx = unmerge_tokens(d.view(M, -1).to(x.dtype), x.shape, merge, order, grid, geometry)
     return dx, n, dwn, dbn

@@ -30,7 +30,8 @@ from . import _backend, composed, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import mlp_pool as mlp_pool_kernel
 from .kernels import packed_pool, pool_gemm
-from .packed import dense_mlp, dense_mlp_plans, packed_key, packed_mlp, packed_mlp_implementation, packed_mlp_plans, reference_pool
+from .packed import (dense_mlp, dense_mlp_plans, packed_key, packed_mlp, packed_mlp_implementation, packed_mlp_plans, reference_pool,
+                     reference_unpool)
 from .projector import add_grads, linear_grads
 
 
@@ -87,27 +88,39 @@ def _(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals):
     return x.new_empty((num_out, w2.shape[0])), pooled
 
 
-@custom_op("mlp_pool_act_backward")
+def _act_backward_fused(x, w1, b1, dpooled, geometry, activation, mode):
+    return mlp_pool_kernel.gemm_unpool_act_grad(
+        x, w1.contiguous(), None if b1 is None else b1.contiguous(), dpooled, geometry, activation, mode)
+
+
+def _act_backward_composed(x, w1, b1, dpooled, geometry, activation, mode):
+    """The composed twin on the Triton backend: our packed un-pooling kernel between the torch ops."""
+    return composed.mlp_pool_act_backward(x, w1, b1, dpooled, activation, packed_pool.unpool_packed, geometry, x.shape[0], mode)
+
+
+def _act_backward_reference(x, w1, b1, dpooled, geometry, activation, mode):
+    """The PyTorch backend's: PyTorch's un-pooling (``reference_unpool``)."""
+    return composed.mlp_pool_act_backward(x, w1, b1, dpooled, activation, reference_unpool, geometry, x.shape[0], mode)
+
+
+def _act_backward_implementation(x, w1, b1, dpooled, geometry, activation, mode) -> Callable:
+    """The function that runs ``deco::mlp_pool_act_backward`` on these arguments (the strategy's choice)."""
+    on_triton = _backend.use_triton(x.device)
+    return strategy.implementation(
+        (x, w1, b1, dpooled, geometry, activation, mode), on_triton=on_triton,
+        key=lambda: packed_key("mlp_pool_act_backward", x, dpooled.shape[0], True, hidden=w1.shape[0], act=activation, mode=mode),
+        fused=_act_backward_fused if on_triton else None,
+        composed=_act_backward_composed if on_triton else _act_backward_reference,
+    )
+
+
+@custom_op("mlp_pool_act_backward", plan=_act_backward_implementation)
 def _act_backward(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, dpooled: torch.Tensor, geometry: torch.Tensor, activation: str, mode: str
 ) -> torch.Tensor:
     """dz = unpool(dpooled) * act'(x @ w1.T + b1), (tokens, hidden), the pre-activation recomputed."""
-    on_triton = _backend.use_triton(x.device)
-
-    def fused():
-        return mlp_pool_kernel.gemm_unpool_act_grad(
-            x, w1.contiguous(), None if b1 is None else b1.contiguous(), dpooled, geometry, activation, mode
-        )
-
-    def composed_():
-        unpool = lambda d: deco.unpool_tokens_packed.body(d, geometry, x.shape[0], mode)  # noqa: E731
-        return composed.mlp_pool_act_backward(x, w1, b1, dpooled, unpool, activation)
-
-    return strategy.run(
-        on_triton=on_triton,
-        key=lambda: packed_key("mlp_pool_act_backward", x, dpooled.shape[0], True, hidden=w1.shape[0], act=activation, mode=mode),
-        fused=fused if on_triton else None, composed=composed_,
-    )
+    args = (x, w1, b1, dpooled, geometry, activation, mode)
+    return _act_backward_implementation(*args)(*args)
 
 
 @_act_backward.register_fake

@@ -302,11 +302,14 @@ def _(x, geometry, num_out, mode):
     return x.new_empty((num_out, x.shape[1]))
 
 
-@custom_op("unpool_tokens_packed")
+def unpool_implementation(grad, geometry, num_tokens, mode) -> Callable:
+    """The function that runs ``deco::unpool_tokens_packed`` on these arguments (the backend's)."""
+    return packed_pool.unpool_packed if _backend.use_triton(grad.device) else reference_unpool
+
+
+@custom_op("unpool_tokens_packed", plan=unpool_implementation)
 def _unpool(grad: torch.Tensor, geometry: torch.Tensor, num_tokens: int, mode: str) -> torch.Tensor:
-    if _backend.use_triton(grad.device):
-        return packed_pool.unpool_packed(grad, geometry, num_tokens, mode)
-    return reference_unpool(grad, geometry, num_tokens, mode)
+    return unpool_implementation(grad, geometry, num_tokens, mode)(grad, geometry, num_tokens, mode)
 
 
 @_unpool.register_fake
