@@ -14,7 +14,8 @@ per shape bucket on CUDA, the composed twin on the PyTorch backend), and ``deco_
 ``deco_ops_composed``, each candidate forced (``deco_ops.use_strategy``), so the fused kernels' own
 speed is never hidden behind the winner; ``deco_ops_fused_tma`` forces the opt-in TMA kernels
 (sm_90 GPUs only): attention's forward (then the fused backward), pool_mlp's and merge_mlp's first
-GEMM and their backward's dz GEMM. On the PyTorch backend the projectors have only their
+GEMM and their backward's dz GEMM; attention's ``deco_ops_fused_one_kernel`` its opt-in one-kernel
+backward (many queries). On the PyTorch backend the projectors have only their
 composed twin, and attention's ``fused`` is the chunked online-softmax reference.
 
 Baselines:
@@ -50,7 +51,7 @@ STRATEGY_IMPLS = ("deco_ops_fused", "deco_ops_composed")
 # the opt-in TMA kernels (``fused_tma``, sm_90 only), forced under their own name; never picked by ``auto`` yet
 POOL_IMPLS = ("deco_ops", *STRATEGY_IMPLS, "deco_ops_fused_tma", "eager", "compile")
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
-ATTENTION_IMPLS = ("deco_ops", *STRATEGY_IMPLS, "deco_ops_fused_tma", *(f"sdpa_{b}" for b in SDPA_BACKENDS), "eager_softmax",
+ATTENTION_IMPLS = ("deco_ops", *STRATEGY_IMPLS, "deco_ops_fused_tma", "deco_ops_fused_one_kernel", *(f"sdpa_{b}" for b in SDPA_BACKENDS), "eager_softmax",
                    "compile")
 # which callable a baseline's column in the report stands for
 BASELINE_KIND = {"eager": "eager", "compile": "compile", "eager_softmax": "eager_softmax",
@@ -481,6 +482,13 @@ def attention_groups(name: str, env: Env, directions) -> list[Group]:
                 raise Unavailable("the TMA attention forward (fused_tma) runs on sm_90 GPUs, 16-bit, TMA-aligned tensors")
             return f("fused_tma")
 
+        def one_kernel_factory(f, grad=grad):
+            with deco_ops.use_backend(env.backend):
+                on_triton = deco_ops._backend.use_triton(env.device)
+            if not (grad and on_triton and deco_ops.kernels.cross_attention_bwd.one_kernel_applies(M, D, env.elem, True, True)):
+                raise Unavailable("the one-kernel backward (fused_one_kernel) runs fwd_bwd with many queries on the Triton backend")
+            return f("fused_one_kernel")
+
         def sdpa_forward(q, k, v):
             qt = q.transpose(1, 2).expand(B, H, M, D)
             out = F.scaled_dot_product_attention(qt, k.transpose(1, 2), v.transpose(1, 2), attn_mask=bool_mask,
@@ -507,6 +515,7 @@ def attention_groups(name: str, env: Env, directions) -> list[Group]:
         for strategy in ("fused", "composed"):  # on the PyTorch backend "fused" is the chunked online-softmax reference
             impls[f"deco_ops_{strategy}"] = lambda strategy=strategy, f=deco_factory: f(strategy)
         impls["deco_ops_fused_tma"] = tma_factory
+        impls["deco_ops_fused_one_kernel"] = lambda f=deco_factory: one_kernel_factory(f)
         for b in SDPA_BACKENDS:
             impls[f"sdpa_{b}"] = lambda b=b, f=sdpa_factory: f(b)
         impls["eager_softmax"] = make(lambda q=q, k=k, v=v: eager_softmax_attention(q, k, v, additive, scale))

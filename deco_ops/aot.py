@@ -398,7 +398,7 @@ _ATTN_SHAPES = {  # head dim -> (B, M queries, N keys, H): BLIP-2 Q-Former, padd
 # The FA2 backward (dkdv, dq) runs only where the single pass cannot (cross_attention_bwd.use_single_pass:
 # M > 128 or BLOCK_M * BLOCK_D > 8192): Qwen-VL's 256 queries at every head dim.
 _FA2_SHAPE = (16, 256, 1024, 32)
-_FP32_BUFFERS = ("lse_ptr", "m_ptr", "l_ptr", "delta_ptr", "part_o_ptr", "part_m_ptr", "part_l_ptr")
+_FP32_BUFFERS = ("lse_ptr", "m_ptr", "l_ptr", "delta_ptr", "part_o_ptr", "part_m_ptr", "part_l_ptr", "dq_acc_ptr")
 # Dense keys and no dropout: the launchers pass the fp32 ``lse`` tensor for the unused kv_lens /
 # cu_seqlens_k (int32 when used) and rng (int64 (seed, offset) when used) pointers.
 _UNUSED_PTRS = ("lens_ptr", "cu_ptr", "rng_ptr", "bias_ptr")
@@ -454,7 +454,7 @@ def _attn_args(fn, dtype: str, precision: str, D: int, shape=None, training: boo
     import triton.language as tl
 
     defaults = dict(KV_MODE=1 if training else 0, HAS_BIAS=training, DROPOUT=training, AVERAGE=True, ACC=tl.float32,
-                    DELTA_FROM_O=False,
+                    DELTA_FROM_O=False, DQ_ATOMIC=False,
                     DOT_FP32=False, INPUT_PRECISION=precision,
                     BLOCK_D=max(16, triton.next_power_of_2(D)), SPLIT=False,
                     BLOCK_M=max(16, triton.next_power_of_2(M)))  # single-pass bwd: all queries in one block
@@ -482,9 +482,10 @@ def _single_pass_shapes(D: int, elem: int):
 _ATTN_CONFIGS: dict[str, Callable[[], list]] = {}  # kernel name -> its config list (set by _attn_entries)
 
 
-def _attn_variants(attr: str, splits=(False,), gemm: bool = True, alternate: str | None = None):
+def _attn_variants(attr: str, splits=(False,), gemm: bool = True, alternate: str | None = None, fixed: dict | None = None):
     """``alternate``: a constexpr switching on a second code path (dK/dV's own Delta), compiled
-    with dense keys (the training path without it); ``--full`` compiles both paths on both."""
+    with dense keys (the training path without it); ``--full`` compiles both paths on both.
+    ``fixed``: constexprs set in every variant (the dK/dV kernel's one-kernel schedule)."""
     def variants(module, dtypes):
         fn = _raw_jit_function(getattr(module, attr))
         out = []
@@ -506,7 +507,7 @@ def _attn_variants(attr: str, splits=(False,), gemm: bool = True, alternate: str
                         if split and D != max(_attn_head_dims()) and not _full():
                             continue
                         args = _attn_args(fn, dtype, precision, D, shape, training=training, SPLIT=split,
-                                          **({alternate: True} if alt else {}))
+                                          **({alternate: True} if alt else {}), **(fixed or {}))
                         label = (f"{dlabel} D{D}{slabel}" + (" split" if split else "") + (" drop+lens+bias" if training else "")
                                  + (f" {alternate}" if alt else ""))
                         out.append(Variant(label, dtype, args, hgmma=tensor_cores and gemm))
@@ -586,6 +587,11 @@ def _attn_entries() -> list[Entry]:
               launchable=lambda m, config, variant, arch: m.fa2_fits(
                   "dkdv", config, _elem(variant), variant.args["DROPOUT"], variant.args["BLOCK_D"], arch,
                   variant.args["DELTA_FROM_O"])),
+        Entry("cross_attention_bwd_one_kernel", bwd, "cross_attention_bwd_dkdv_kernel", lambda m: m.fa2_cuda_configs(),
+              _attn_variants("cross_attention_bwd_dkdv_kernel", fixed={"DELTA_FROM_O": True, "DQ_ATOMIC": True}),
+              optional=True,
+              launchable=lambda m, config, variant, arch: m.fa2_fits(
+                  "one_kernel", config, _elem(variant), variant.args["DROPOUT"], variant.args["BLOCK_D"], arch)),
         Entry("cross_attention_bwd_dq", bwd, "cross_attention_bwd_dq_kernel", lambda m: m.fa2_cuda_configs(),
               _attn_variants("cross_attention_bwd_dq_kernel"), optional=True,
               launchable=lambda m, config, variant, arch: m.fa2_fits(

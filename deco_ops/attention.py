@@ -181,11 +181,23 @@ def _packed_grads(grads, k, v, cu_seqlens_k, real):
     return dq, reference.pack_keys(dk, cu_seqlens_k, real, k.shape[0]), reference.pack_keys(dv, cu_seqlens_k, real, v.shape[0])
 
 
-def _backward_kernels(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, need_dq, need_dkv, attn_bias):
-    B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
-    grads = cross_attention_bwd.cross_attention_bwd(
-        dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, need_dq, need_dkv, attn_bias)
-    return _returned(grads, need_dq, need_dkv, q)
+def _backward_on_kernels(one_kernel: bool):
+    """``deco::cross_attention_backward`` on the gradient kernels; ``one_kernel``: many queries'
+    dQ added up by float atomics inside the dK/dV kernel (``fused_one_kernel``) instead of the FA2
+    dQ kernel."""
+
+    def backward_kernels(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, need_dq, need_dkv,
+                         attn_bias):
+        B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
+        grads = cross_attention_bwd.cross_attention_bwd(
+            dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, need_dq, need_dkv, attn_bias,
+            one_kernel=one_kernel)
+        return _returned(grads, need_dq, need_dkv, q)
+
+    return backward_kernels
+
+
+_backward_kernels, _backward_one_kernel = _backward_on_kernels(False), _backward_on_kernels(True)
 
 
 def _backward_reference(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, need_dq, need_dkv, attn_bias):
@@ -220,8 +232,14 @@ def _backward_implementation(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max
         key=lambda: _key("cross_attention_backward", q, B, N, kv_lens, cu_seqlens_k, attn_bias, True,
                          need=f"{'q' * need_dq}{'kv' * need_dkv}"),
         fused=_backward_kernels if on_triton else _backward_reference,
-        composed_kernels=_composed_candidates(q, kv_lens, cu_seqlens_k, attn_bias, dropout_p, _COMPOSED_BACKWARD,
-                                              composed_attention.deterministic_backward),
+        composed_kernels={
+            **({"fused_one_kernel": strategy.Candidate(_backward_one_kernel, deterministic=False, opt_in=True)}
+               if on_triton and not torch.are_deterministic_algorithms_enabled()
+               and cross_attention_bwd.one_kernel_applies(q.shape[1], q.shape[3], q.element_size(), need_dq, need_dkv)
+               else {}),
+            **_composed_candidates(q, kv_lens, cu_seqlens_k, attn_bias, dropout_p, _COMPOSED_BACKWARD,
+                                   composed_attention.deterministic_backward),
+        },
     )
 
 

@@ -4,7 +4,9 @@ PyTorch; the scaled-dot-product-attention kernels of PyTorch for attention).
 
 Candidates, by name (``CANDIDATES``): ``fused``; ``fused_tma`` (Hopper's TMA-descriptor kernels:
 attention's forward, ``kernels/cross_attention_tma.py``; the projectors' first GEMM and the
-backward's dz GEMM, ``kernels/tma_gemm.py``: *opt-in*, see below); ``composed`` (an op's one composed twin);
+backward's dz GEMM, ``kernels/tma_gemm.py``: *opt-in*, see below); ``fused_one_kernel`` (the
+attention backward for many queries in one kernel, dQ added up by float atomics: not bitwise
+reproducible, *opt-in*); ``composed`` (an op's one composed twin);
 attention's composed twins on CUDA, one per SDPA kernel that returns the log-sum-exp
 (``composed_efficient``, ``composed_flash``, ``composed_cudnn``: ``deco_ops.composed_attention``
 says which applies to which call). An op offers those that can express the call, the fused one
@@ -94,7 +96,7 @@ from .kernels import _tuning
 ENV_VAR = "DECO_OPS_STRATEGY"
 CACHE_DIR_ENV = "DECO_OPS_CACHE_DIR"
 SYNC_ENV = "DECO_OPS_STRATEGY_SYNC"
-CANDIDATES = ("fused", "fused_tma", "composed", "composed_efficient", "composed_flash", "composed_cudnn")
+CANDIDATES = ("fused", "fused_tma", "fused_one_kernel", "composed", "composed_efficient", "composed_flash", "composed_cudnn")
 STRATEGIES = ("auto", *CANDIDATES)
 CACHE_FILE = "strategy.json"
 KEY_FIELDS = 7

@@ -1,4 +1,5 @@
-"""Cross-attention backward, deterministic (no float atomics: the same bits on every run).
+"""Cross-attention backward, deterministic (no float atomics: the same bits on every run), except
+the opt-in one-kernel schedule below.
 
 With the forward's LSE, each (query block, key block) tile recomputes its probabilities
     P = exp(scale * Q K^T - LSE),   Pz = P o Z / (1 - p)     (Z: the forward's dropout mask, regenerated)
@@ -33,6 +34,11 @@ Two schedules, chosen by ``use_single_pass(M, D)``:
   dK/dV kernel forms its tiles keys-major (S^T = K Q^T, dV += Pz^T dO, dK += dS^T Q with the
   transposed tiles as left operands): with exact fp32 dots (FMA) the queries-major form, which
   transposes P and dS in registers, spilled in every config.
+
+* One kernel (opt-in, ``one_kernel=True``; FA2's case with every gradient wanted): the dK/dV
+  kernel alone, with Delta from O and each tile's dS K added to an fp32 dQ buffer by float atomics
+  (``DQ_ATOMIC``); the last program of a query set writes dQ. P is recomputed once (10 matmul
+  FLOPs per score, as the single pass), at the price of dQ's bits changing from run to run.
 
 Crossover: single pass while ``M <= 128`` and ``next_pow2(M) * next_pow2(D) * elem <= 8 KiB``, i.e.
 for fp16/bf16 up to 64 queries at head dim 64 and 32 at head dim 80-128 (fp32: half that). There
@@ -69,6 +75,12 @@ from .cross_attention_fwd import (
 
 SINGLE_PASS_MAX_M = 128
 SINGLE_PASS_MAX_TILE = 4096  # BLOCK_M * BLOCK_D for 2-byte inputs; half for fp32
+
+
+def one_kernel_applies(M: int, D: int, elem: int, need_dq: bool, need_dkv: bool) -> bool:
+    """Whether ``cross_attention_bwd(..., one_kernel=True)`` changes anything: the FA2 schedule with
+    both of its kernels (many queries, every gradient wanted)."""
+    return need_dq and need_dkv and not use_single_pass(M, D, elem)
 
 
 def use_single_pass(M: int, D: int, elem: int = 2) -> bool:
@@ -316,7 +328,8 @@ FA2_SMALLEST_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in [*fa2_cuda_configs(), FA
 def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool, block_d: int, arch: int,
              delta_from_o: bool = False) -> bool:
     """Whether ``config`` compiles without register spills for the dK/dV (``kernel="dkdv"``) or
-    dQ (``"dq"``) kernel, as measured with ``python -m deco_ops.aot`` on sm_80 and sm_90 at head
+    dQ (``"dq"``) kernel, or the dK/dV kernel's one-kernel schedule (``"one_kernel"``: Delta from O,
+    and each tile's fp32 dS K partial beside the dK, dV accumulators), as measured with ``python -m deco_ops.aot`` on sm_80 and sm_90 at head
     dims 64 and 128, with triton 3.6 and 3.9.
 
     dK/dV keeps two BLOCK_N x D accumulators: 16-bit inputs fit 64 keys x 64 queries on 8 warps
@@ -328,8 +341,16 @@ def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool,
     and with dropout 32 x 32 on 8 warps (32 x 64 on 4 spills 8-24 B); fp32 fits 32 x 32 queries x
     keys on 8 warps (32 x 64 too on sm_90), and with dropout 16 x 64 on 8 warps at head dim 64,
     16 x 16 on 4 warps above (with tf32 the 16 x 64 tile spills 8 B at head dim 128 since B*H moved
-    to grid axis 0; above 128 it needs more shared memory than an A100 has)."""
+    to grid axis 0; above 128 it needs more shared memory than an A100 has). The one-kernel schedule
+    (8 warps throughout) fits 16-bit inputs at 16 x 64 queries x keys, 32 x 64 without dropout and
+    32 x 32 on sm_90 (on sm_80 triton 3.6 spills it at head dim 128); fp32 at 32 x 32 on sm_90 and
+    16 x 64 below (each spills on the other arch under triton 3.6), with dropout only at 16 x 16 on
+    4 warps (tf32 at head dim 128 spills every larger tile on sm_90)."""
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
+    if kernel == "one_kernel":
+        if elem_bytes == 4:
+            return tile == ((16, 16, 4) if dropout else (32, 32, 8) if arch >= 90 else (16, 64, 8))
+        return tile == (16, 64, 8) or (tile == (32, 64, 8) and not dropout) or (tile == (32, 32, 8) and arch >= 90)
     if kernel == "dkdv":
         if elem_bytes == 4:
             return tile == (32, 32, 8)
@@ -351,27 +372,54 @@ def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool,
 def _fa2_prune(kernel: str):
     def prune(configs, named_args, **constexprs):
         q = named_args["q_ptr"]
-        return [c for c in configs if fa2_fits(kernel, c, q.element_size(), constexprs["DROPOUT"], constexprs["BLOCK_D"],
+        fits_as = "one_kernel" if constexprs.get("DQ_ATOMIC", False) else kernel
+        return [c for c in configs if fa2_fits(fits_as, c, q.element_size(), constexprs["DROPOUT"], constexprs["BLOCK_D"],
                                                device_arch(q.device), constexprs.get("DELTA_FROM_O", False))]
     return prune
 
 
-@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "HAS_BIAS", "DROPOUT", "INPUT_PRECISION"],
-           buckets=("M", "N"), prune=_fa2_prune("dkdv"))
 @triton.jit
+def write_dq_accumulated(dq_acc_ptr, dq_ptr, count_ptr, group, h, H, M, members, sdqb, sdqm, sdqh, sdqd, dims, dim_mask,
+                         BLOCK_M: tl.constexpr):
+    """The one-kernel schedule's dQ: each of the ``members`` programs adding into the fp32 rows of
+    (query set ``group``, head ``h``) counts itself in once its atomics are issued; the last to
+    arrive reads the sums (at L2, .cg) and writes them to dq_ptr in its dtype."""
+    tl.debug_barrier()  # every thread's atomics are issued before the count releases them
+    if tl.atomic_add(count_ptr + group * H + h, 1, sem="acq_rel", scope="gpu") == members - 1:
+        base = group.to(tl.int64) * sdqb + h * sdqh
+        for start_m in range(0, M, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            row_mask = rows < M
+            offs = rows.to(tl.int64)[:, None] * sdqm + dims[None, :] * sdqd
+            total = tl.load(dq_acc_ptr + base + offs, mask=row_mask[:, None] & dim_mask[None, :], other=0.0,
+                            cache_modifier=".cg")
+            store_rows(dq_ptr + base, total, rows, row_mask, sdqm, dims, dim_mask, sdqd)
+
+
+@autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG,
+           key=["M", "N", "BLOCK_D", "KV_MODE", "HAS_BIAS", "DROPOUT", "DELTA_FROM_O", "DQ_ATOMIC", "INPUT_PRECISION"],
+           buckets=("M", "N"), prune=_fa2_prune("dkdv"))
+@triton.jit(do_not_specialize=["dq_batches"])
 def cross_attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, lens_ptr, cu_ptr, rng_ptr, bias_ptr,
-    H, M, N, D,
+    q_ptr, k_ptr, v_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr, dq_ptr, count_ptr,
+    lens_ptr, cu_ptr, rng_ptr, bias_ptr,
+    H, M, N, D, dq_batches,
     sqb, sqm, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdob, sdom, sdoh, sdod, sob, som, soh, sod,
-    sbb, sbh, sbm, sbn, sdkb, sdkn, sdkh, sdkd, sdvb, sdvn, sdvh, sdvd,
+    sbb, sbh, sbm, sbn, sdkb, sdkn, sdkh, sdkd, sdvb, sdvn, sdvh, sdvd, sdqb, sdqm, sdqh, sdqd,
     qk_scale, scale, dropout_p,
     KV_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, DELTA_FROM_O: tl.constexpr,
-    ACC: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (B * H, ceil(N / BLOCK_N)): one key block's dK, dV, looping over every query block.
     Delta is read from delta_ptr (stored by the dQ kernel, launched first), or with DELTA_FROM_O
-    (no dQ wanted) recomputed from O for every query block: O read once per key block."""
+    (no dQ kernel) recomputed from O for every query block: O read once per key block.
+
+    DQ_ATOMIC (with DELTA_FROM_O; the one-kernel schedule): the tile's dQ contribution dS K is
+    added to an fp32 accumulator (dq_acc_ptr, zero-filled, laid out as dq_ptr) with float atomics,
+    so no second kernel recomputes P; the last of the dq_batches * key-block programs of a (query
+    set, head) to finish (an int32 counter at count_ptr, acquire-release) writes dQ in q's dtype.
+    The atomics' order, hence dQ's last bits, changes from run to run."""
     bh = tl.program_id(0)
     b = bh // H
     b64 = b.to(tl.int64)
@@ -402,11 +450,20 @@ def cross_attention_bwd_dkdv_kernel(
                                DROPOUT, ACC, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, True)
         dv = dot(pz_t.to(do.dtype), do, dv, DOT_FP32, INPUT_PRECISION)
         dk = dot(ds_t.to(q.dtype), q, dk, DOT_FP32, INPUT_PRECISION)
+        if DQ_ATOMIC:
+            dq = dot(tl.trans(ds_t.to(k.dtype)), k, tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC), DOT_FP32, INPUT_PRECISION)
+            offs = rows.to(tl.int64)[:, None] * sdqm + dims[None, :] * sdqd
+            tl.atomic_add(dq_acc_ptr + (b // dq_batches).to(tl.int64) * sdqb + h * sdqh + offs, dq * scale,
+                          mask=row_mask[:, None] & dim_mask[None, :], sem="relaxed")
 
     # Written for every key the batch owns: zeros past kv_lens[b]; packed batches own kv_len rows.
     owned = cols < (N if KV_MODE != 2 else kv_len)
     store_rows(dk_ptr + b64 * sdkb + kv_start * sdkn + h * sdkh, dk * scale, cols, owned, sdkn, dims, dim_mask, sdkd)
     store_rows(dv_ptr + b64 * sdvb + kv_start * sdvn + h * sdvh, dv, cols, owned, sdvn, dims, dim_mask, sdvd)
+    if DQ_ATOMIC:
+        write_dq_accumulated(dq_acc_ptr, dq_ptr, count_ptr, b // dq_batches, h, H, M, dq_batches * tl.num_programs(1),
+                             sdqb, sdqm, sdqh, sdqd, dims, dim_mask, BLOCK_M)
+
 
 
 @autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG, key=["M", "N", "BLOCK_D", "KV_MODE", "HAS_BIAS", "DROPOUT", "INPUT_PRECISION"],
@@ -483,13 +540,16 @@ def cross_attention_bwd(
     need_dkv: bool = True,
     bias: torch.Tensor | None = None,
     num_splits: int | None = None,
+    one_kernel: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dq shaped like q, dk, dv shaped like k, v), None for a gradient not asked for (only the
     FA2 schedule can skip work; the single pass always computes all three).
 
     Layouts and arguments as ``cross_attention_fwd``; ``dout`` is (B, M, H, D) and ``out``/``lse``
     are the forward's outputs; ``bias`` the forward's additive mask. ``num_splits`` overrides the
-    single pass's key-split heuristic.
+    single pass's key-split heuristic. ``one_kernel``: where the FA2 schedule would run both of
+    its kernels, the one-kernel schedule instead (dQ by float atomics inside the dK/dV kernel:
+    not bitwise reproducible; see ``one_kernel_applies``).
     """
     _, M, H, D = q.shape
     if B == 0:
@@ -544,10 +604,15 @@ def cross_attention_bwd(
         return (dq if need_dq else None), (dk if need_dkv else None), (dv if need_dkv else None)
 
     # The dQ kernel runs first and leaves Delta for the dK/dV kernel; without it, dK/dV computes
-    # Delta itself (frozen queries).
+    # Delta itself (frozen queries, or the one-kernel schedule, which also adds up dQ).
     dq = dk = dv = None
     delta = torch.empty((B, H, M), device=q.device, dtype=stat_dtype)
-    if need_dq:
+    atomic = one_kernel and need_dq and need_dkv
+    if atomic:
+        dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        dq_acc = torch.zeros(q.shape, device=q.device, dtype=stat_dtype)
+        count = torch.zeros(q.shape[0] * H, device=q.device, dtype=torch.int32)
+    elif need_dq:
         dq, dq_part, count, dq_strides = new_dq(1, cdiv(M, FA2_SMALLEST_BLOCK_M))
         cross_attention_bwd_dq_kernel[lambda meta: (B * H, cdiv(M, meta["BLOCK_M"]))](
             q, k, v, dout, out, lse, delta, dq, dq_part, count, *extras,
@@ -555,9 +620,11 @@ def cross_attention_bwd(
         )
     if need_dkv:
         dk, dv = new_kv(k), new_kv(v)
+        dq_args = (dq_acc, dq, count) if atomic else (lse, lse, lse)  # unused pointers: any tensor
         cross_attention_bwd_dkdv_kernel[lambda meta: (B * H, cdiv(N, meta["BLOCK_N"]))](
-            q, k, v, dout, out, lse, delta, dk, dv, *extras,
-            H, M, N, D, *in_strides, *kv_strides(dk), *kv_strides(dv), *scales, DELTA_FROM_O=not need_dq, **aux,
+            q, k, v, dout, out, lse, delta, dk, dv, *dq_args, *extras,
+            H, M, N, D, dq_batches, *in_strides, *kv_strides(dk), *kv_strides(dv), *(dq if atomic else q).stride(), *scales,
+            DELTA_FROM_O=atomic or not need_dq, DQ_ATOMIC=atomic, **aux,
         )
     return dq, dk, dv
 

@@ -409,3 +409,41 @@ def test_flop_and_byte_counts():
     shared = cross_attention_fwd.bytes_moved(8, 12, 32, 577, 64, 2, shared_q=True)
     assert shared < cross_attention_fwd.bytes_moved(8, 12, 32, 577, 64, 2)
     assert cross_attention_bwd.bytes_moved(8, 12, 32, 577, 64, 2) > 4 * 8 * 577 * 12 * 64 * 2
+
+
+# (B, q batch, M, N, H, D, kv_lens, dtype): many queries (the FA2 schedule), shared queries with a
+# batch without keys, per-batch queries off the block sizes
+ONE_KERNEL_CASES = [
+    pytest.param(3, 1, 144, 70, 2, 32, [70, 33, 0], torch.float16, id="shared-lens0-fp16"),
+    pytest.param(2, 2, 130, 45, 1, 64, None, torch.float32, id="M130-N45-fp32"),
+]
+
+
+@pytest.mark.parametrize("B,Bq,M,N,H,D,lens,dtype", ONE_KERNEL_CASES)
+def test_one_kernel_backward(B, Bq, M, N, H, D, lens, dtype):
+    """``use_strategy("fused_one_kernel")``: many queries' backward in the dK/dV kernel alone, dQ
+    added up by float atomics (the FA2 dQ kernel never runs); dQ, dK, dV match float64, and dK, dV
+    are the FA2 schedule's bits (the same tiles, Delta from O either way). Opt-in and not
+    deterministic: ``auto`` never runs it and deterministic mode never offers it."""
+    q, k, v, dout, kv_lens = _case(B, Bq, M, N, H, D, lens, dtype, seed=11)
+    dkdv, dq_kernel = cross_attention_bwd.cross_attention_bwd_dkdv_kernel, cross_attention_bwd.cross_attention_bwd_dq_kernel
+    with deco_ops.use_backend("triton"), mock.patch.object(dkdv, "run", wraps=dkdv.run) as dkdv_run, \
+            mock.patch.object(dq_kernel, "run", wraps=dq_kernel.run) as dq_run, \
+            mock.patch.object(deco_ops.strategy, "choose", wraps=deco_ops.strategy.choose) as choose:
+        with deco_ops.use_strategy("fused_one_kernel"):
+            got = _run(q, k, v, dout, kv_lens)
+        offered = [c.args[0]["fused_one_kernel"] for c in choose.call_args_list if "fused_one_kernel" in c.args[0]]
+        assert offered and all(c.opt_in and not c.deterministic for c in offered)
+        assert (dkdv_run.call_count, dq_run.call_count) == (1, 0)
+        assert dkdv_run.call_args.kwargs["DQ_ATOMIC"]
+        fa2 = _run(q, k, v, dout, kv_lens)
+        assert (dkdv_run.call_count, dq_run.call_count) == (2, 1), "auto ran the opt-in one-kernel backward"
+        torch._C._set_deterministic_algorithms(True)  # the flag alone: use_deterministic_algorithms costs seconds here
+        try:
+            with deco_ops.use_strategy("fused_one_kernel"):
+                _run(q, k, v, dout, kv_lens)
+        finally:
+            torch._C._set_deterministic_algorithms(False)
+        assert (dkdv_run.call_count, dq_run.call_count) == (3, 2), "deterministic mode ran the float-atomic dQ"
+    _check(got, _reference(q, k, v, dout, kv_lens), dtype, kv_lens, N)
+    assert torch.equal(got[2], fa2[2]) and torch.equal(got[3], fa2[3])

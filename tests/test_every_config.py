@@ -68,6 +68,14 @@ def _attention(num_splits: int, single_pass: bool):
     return results
 
 
+def _attention_one_kernel(dtype):
+    """cross_attention's opt-in one-kernel backward (144 queries: the FA2 case), shared queries."""
+    q, k, v, dout, kv_lens = attention_case(2, 1, 144, 100, 2, 64, [100, 37], dtype)
+    with deco_ops.use_strategy("fused_one_kernel"):
+        got = attention_run(q, k, v, dout, kv_lens)
+    return list(zip(("out", "dq", "dk", "dv"), got, attention_reference(q, k, v, dout, kv_lens)))
+
+
 def _merge(dtype):
     """merge_mlp (norm statistics, merged GEMM, activation gradient, norm backward)."""
     params, dy = merge_case(dtype)
@@ -121,6 +129,7 @@ CASES = {
     **{op: (lambda dtype, op=op: _projector(op, dtype)) for op in ("pool_mlp", "mlp_pool", "pool_mlp_packed")},
     "attention_split_single_pass": _attention(3, True),
     "attention_fa2": _attention(1, False),
+    "attention_one_kernel": _attention_one_kernel,
     "merge_mlp": _merge,
     "attention_weights": _attention_weights,
     "tma_linear_act": _tma_linear_act,
