@@ -49,7 +49,8 @@ def test_anyres_grids_follow_llava_next_unpad_and_packing_saves_flops():
     env = cases.Env(device=torch.device("cpu"), dtype=torch.float32)
     for group in cases.packed_groups("anyres_5tiles", env, ("fwd", "fwd_bwd")):  # the tiny twin on CPU
         assert group.extra["padded_flops"] > group.flops
-        assert set(group.impls) == {"deco_ops", "deco_ops_fused", "deco_ops_composed", "eager", "compile", "deco_ops_padded"}
+        assert set(group.impls) == {"deco_ops", "deco_ops_fused", "deco_ops_composed", "deco_ops_fused_tma", "eager", "compile",
+                                     "deco_ops_padded"}
 
 
 def test_shapes_are_named_once_and_have_tiny_twins():

@@ -187,19 +187,19 @@ register_autograd(_pool_linear, _pool_linear_backward, _pool_linear_setup)
 # pool -> Linear -> activation -> Linear
 
 
-def _activation_backward_on(gemm):
+def _activation_backward_on(gemm, dy, w2, pre, activation, need_db1):
     """``deco::mlp_activation_backward`` on one of our act' GEMMs (``gemm(dy, w2, pre, activation)
     -> (dz, act)``), db1 one reduction of dz."""
-
-    def activation_backward_gemm(dy, w2, pre, activation, need_db1):
-        dz, act = gemm(dy, w2, pre, activation)
-        return dz, act, reference.bias_grad(dz) if need_db1 else _empty(dz)
-
-    return activation_backward_gemm
+    dz, act = gemm(dy, w2, pre, activation)
+    return dz, act, reference.bias_grad(dz) if need_db1 else _empty(dz)
 
 
-_activation_backward_fused = _activation_backward_on(gemm_act_grad.gemm_act_grad)
-_activation_backward_tma = _activation_backward_on(tma_gemm.tma_gemm_act_grad)
+def _activation_backward_fused(dy, w2, pre, activation, need_db1):
+    return _activation_backward_on(gemm_act_grad.gemm_act_grad, dy, w2, pre, activation, need_db1)
+
+
+def _activation_backward_tma(dy, w2, pre, activation, need_db1):
+    return _activation_backward_on(tma_gemm.tma_gemm_act_grad, dy, w2, pre, activation, need_db1)
 
 
 def _activation_backward_composed(elementwise_kernel: bool):
