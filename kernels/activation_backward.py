@@ -28,6 +28,7 @@ from . import activations
 from ._device import on_input_device
 from ._host_arith import cdiv
 from ._traceable import launcher
+from .arrival import last_to_arrive
 
 # One fixed config (an elementwise pass needs no tuning): 16 x 128 tiles, 64 rows per program, so
 # the partial sums are 1/64 of dz's rows and a LLaVA-sized pass (B*144 rows, hidden 4096) still
@@ -61,12 +62,10 @@ def activation_backward_kernel(
             colsum += tl.sum(dz.to(tl.float32), axis=0)
     if BIAS_GRAD:
         tl.store(partial_ptr + pid_m.to(tl.int64) * N + cols, colsum, mask=col_mask)
-        tl.debug_barrier()  # every thread's partial is stored before the count releases it
         chunks = tl.num_programs(0)
-        if tl.atomic_add(count_ptr + tl.program_id(1), 1, sem="acq_rel", scope="gpu") == chunks - 1:
+        if last_to_arrive(count_ptr + tl.program_id(1), chunks):
             db = tl.zeros([BLOCK_N], dtype=tl.float32)
             for chunk in range(chunks):
-                # .cg: read at L2, where the other programs' partials are, never from a stale L1 line
                 db += tl.load(partial_ptr + tl.cast(chunk, tl.int64) * N + cols, mask=col_mask, other=0.0,
                               cache_modifier=".cg")
             tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_mask)

@@ -67,6 +67,7 @@ import triton.language as tl
 from ._device import on_input_device
 from ._host_arith import cdiv, next_power_of_2
 from ._tuning import autotuned, device_arch, dot_dtype_workaround
+from .arrival import last_to_arrive
 from .dot import dot
 from .cross_attention_fwd import (
     KV_PACKED, LOG2E, acc_dtype, add_bias, bias_args, choose_num_splits, dot_precision, dropout_keep, dropout_stream,
@@ -179,15 +180,12 @@ def write_dq(dq, dq_ptr, dq_part_ptr, count_ptr, b, h, H, dq_batches, split, spl
         part_head = dq_part_ptr + h * sdqh
         store_rows(part_head + tl.cast(split, tl.int64) * sdqs + b.to(tl.int64) * sdqb, dq, rows, row_mask, sdqm, dims,
                    dim_mask, sdqd)
-        tl.debug_barrier()  # every thread's partial is stored before the count releases it
-        counter = count_ptr + (group * H + h) * blocks + block
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == members - 1:
+        if last_to_arrive(count_ptr + (group * H + h) * blocks + block, members):
             total = tl.zeros_like(dq)
             offs = rows.to(tl.int64)[:, None] * sdqm + dims[None, :] * sdqd
             for i in range(members):
                 batch, key_split = group * dq_batches + i // splits, i % splits
                 member = tl.cast(batch, tl.int64) * sdqb + tl.cast(key_split, tl.int64) * sdqs
-                # .cg: read at L2, where the other programs' partials are, never from a stale L1 line
                 total += tl.load(part_head + member + offs, mask=row_mask[:, None] & dim_mask[None, :], other=0.0,
                                  cache_modifier=".cg")
             store_rows(dq_rows, total, rows, row_mask, sdqm, dims, dim_mask, sdqd)
@@ -379,14 +377,11 @@ def _fa2_prune(kernel: str):
 
 
 @triton.jit
-def write_dq_accumulated(dq_acc_ptr, dq_ptr, count_ptr, group, h, H, M, members, sdqb, sdqm, sdqh, sdqd, dims, dim_mask,
-                         BLOCK_M: tl.constexpr):
-    """The one-kernel schedule's dQ: each of the ``members`` programs adding into the fp32 rows of
-    (query set ``group``, head ``h``) counts itself in once its atomics are issued; the last to
-    arrive reads the sums (at L2, .cg) and writes them to dq_ptr in its dtype."""
-    tl.debug_barrier()  # every thread's atomics are issued before the count releases them
-    if tl.atomic_add(count_ptr + group * H + h, 1, sem="acq_rel", scope="gpu") == members - 1:
-        base = group.to(tl.int64) * sdqb + h * sdqh
+def write_dq_accumulated(dq_acc_ptr, dq_ptr, counter, base, M, members, sdqm, sdqd, dims, dim_mask, BLOCK_M: tl.constexpr):
+    """The one-kernel schedule's dQ: each of the ``members`` programs adding into the fp32 rows at
+    ``base`` (a query set and head) counts itself in at ``counter`` once its atomics are issued;
+    the last to arrive reads the sums and writes them to dq_ptr in its dtype."""
+    if last_to_arrive(counter, members):
         for start_m in range(0, M, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
             row_mask = rows < M
@@ -453,6 +448,7 @@ def cross_attention_bwd_dkdv_kernel(
         if DQ_ATOMIC:
             dq = dot(tl.trans(ds_t.to(k.dtype)), k, tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC), DOT_FP32, INPUT_PRECISION)
             offs = rows.to(tl.int64)[:, None] * sdqm + dims[None, :] * sdqd
+            # the query set's rows, computed here: hoisted above the loop it spills on sm_90 (bf16, D128)
             tl.atomic_add(dq_acc_ptr + (b // dq_batches).to(tl.int64) * sdqb + h * sdqh + offs, dq * scale,
                           mask=row_mask[:, None] & dim_mask[None, :], sem="relaxed")
 
@@ -461,8 +457,9 @@ def cross_attention_bwd_dkdv_kernel(
     store_rows(dk_ptr + b64 * sdkb + kv_start * sdkn + h * sdkh, dk * scale, cols, owned, sdkn, dims, dim_mask, sdkd)
     store_rows(dv_ptr + b64 * sdvb + kv_start * sdvn + h * sdvh, dv, cols, owned, sdvn, dims, dim_mask, sdvd)
     if DQ_ATOMIC:
-        write_dq_accumulated(dq_acc_ptr, dq_ptr, count_ptr, b // dq_batches, h, H, M, dq_batches * tl.num_programs(1),
-                             sdqb, sdqm, sdqh, sdqd, dims, dim_mask, BLOCK_M)
+        group = b // dq_batches
+        write_dq_accumulated(dq_acc_ptr, dq_ptr, count_ptr + group * H + h, group.to(tl.int64) * sdqb + h * sdqh, M,
+                             dq_batches * tl.num_programs(1), sdqm, sdqd, dims, dim_mask, BLOCK_M)
 
 
 
