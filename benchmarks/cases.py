@@ -126,12 +126,17 @@ def _deco(env: Env, strategy: str = "auto"):
         yield
 
 
+def _on_triton(env: Env) -> bool:
+    """Whether deco_ops runs this environment's calls on its Triton backend."""
+    with deco_ops.use_backend(env.backend):
+        return deco_ops._backend.use_triton(env.device)
+
+
 def _projectors_fused(env: Env) -> None:
     """Raises Unavailable where the projectors have no fused path: the PyTorch backend runs only
     their composed twin (pooling, then ``F.linear``)."""
-    with deco_ops.use_backend(env.backend):
-        if not deco_ops._backend.use_triton(env.device):
-            raise Unavailable("the PyTorch backend has one projector path, the composed one")
+    if not _on_triton(env):
+        raise Unavailable("the PyTorch backend has one projector path, the composed one")
 
 
 def _compiled(fn, env: Env):
@@ -262,9 +267,7 @@ def _pool_group(op: str, name: str, s, env: Env, direction: str, deco_forward, e
 
     def tma():
         # forced elsewhere, fused_tma quietly runs fused: shown only where the TMA GEMM itself runs
-        with deco_ops.use_backend(env.backend):
-            on_triton = deco_ops._backend.use_triton(env.device)
-        if not (tma_w1 is not None and on_triton and env.device.type == "cuda"
+        if not (tma_w1 is not None and _on_triton(env) and env.device.type == "cuda"
                 and deco_ops.composed.tma_applies(x, tma_w1, None)):
             raise Unavailable("the TMA GEMM (fused_tma) runs pool_mlp and merge_mlp on sm_90 GPUs, 16-bit, 16-byte rows")
         return forced("fused_tma")()
@@ -476,16 +479,12 @@ def attention_groups(name: str, env: Env, directions) -> list[Group]:
 
         def tma_factory(q=q, k=k, v=v, f=deco_factory):
             # forced elsewhere, fused_tma quietly runs fused: shown only where the TMA forward itself runs
-            with deco_ops.use_backend(env.backend):
-                on_triton = deco_ops._backend.use_triton(env.device)
-            if not (on_triton and env.device.type == "cuda" and deco_ops.attention._tma_applies(q, k, v, 0.0, None)):
+            if not (_on_triton(env) and env.device.type == "cuda" and deco_ops.attention._tma_applies(q, k, v, 0.0, None)):
                 raise Unavailable("the TMA attention forward (fused_tma) runs on sm_90 GPUs, 16-bit, TMA-aligned tensors")
             return f("fused_tma")
 
         def one_kernel_factory(f, grad=grad):
-            with deco_ops.use_backend(env.backend):
-                on_triton = deco_ops._backend.use_triton(env.device)
-            if not (grad and on_triton and deco_ops.kernels.cross_attention_bwd.one_kernel_applies(M, D, env.elem, True, True)):
+            if not (grad and _on_triton(env) and deco_ops.kernels.cross_attention_bwd.one_kernel_applies(M, D, env.elem, True, True)):
                 raise Unavailable("the one-kernel backward (fused_one_kernel) runs fwd_bwd with many queries on the Triton backend")
             return f("fused_one_kernel")
 
