@@ -358,12 +358,20 @@ def merge_mlp(
     """
     plan = _plans.get(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation)
     if plan is None:
-        plan = (deco.merge_mlp, *_checked(
+        plan = _through(deco.merge_mlp, order, norm, activation, *_checked(
             x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation))
-    run, batched, layout, merge, pre, eps, keep = plan
-    x3 = x if batched else x[None]
-    y = run(x3, norm_weight, norm_bias, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps, activation, keep)[0]
-    return y if batched else y[0]
+    return plan(x, norm_weight, norm_bias, w1, b1, w2, b2)
+
+
+def _through(run, order, norm, activation, batched, layout, merge, pre, eps, keep):
+    """``merge_mlp``'s call ``(x, norm_weight, norm_bias, w1, b1, w2, b2) -> y`` through ``run``
+    (``deco.merge_mlp``, or what a plan runs in its place), given ``_checked``'s answers."""
+
+    def call(x, nw, nb, w1, b1, w2, b2):
+        y = run(x if batched else x[None], nw, nb, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps, activation, keep)[0]
+        return y if batched else y[0]
+
+    return call
 
 
 def _checked(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation):
@@ -391,12 +399,28 @@ def _checked(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order,
 
 
 def _plan_of(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation):
-    """A plain eager call's plan: (what runs it, then ``_checked``'s answers)."""
+    """A plain eager call's plan: the function ``(x, norm_weight, norm_bias, w1, b1, w2, b2) -> y``
+    that runs it. Where that is the composed twin on its own (``_runner``), the twin's ATen ops
+    for this signature (``merge_reference.forward_of``)."""
     checked = _checked(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation)
     batched, layout, merge, pre, eps, keep = checked
     args = (x if batched else x[None], norm_weight, norm_bias, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps,
             activation, keep)
-    return _plan.runner(deco.merge_mlp, _implementation, args, keep), *checked
+    run = _runner(args)
+    if run is _composed:
+        return merge_reference.forward_of(x.shape, merge, order, _layout(layout), norm, pre, eps, activation, w2.shape[0])
+    return _through(run, order, norm, activation, *checked)
+
+
+def _runner(args):
+    """What a plain eager call of ``deco::merge_mlp`` with ``args`` runs. On the Triton backend,
+    the strategy's choice inside the op's autograd Function where autograd records the call (the
+    memory-saving formula: ``_backward``). On the PyTorch backend, the composed twin on its own,
+    the HF modules' ATen ops, which autograd records as it records them in eager PyTorch: their
+    backward is ATen's (``native_layer_norm_backward``, ``addmm``'s, ...), as for the HF modules
+    (docs/host-path.md). The strategy is asked on both backends (it checks its setting)."""
+    keep = args[-1]
+    return _plan.runner(deco.merge_mlp, _implementation, args, keep and _backend.use_triton(args[0].device))
 
 
 _plans = _plan.Plans(_plan_of)
@@ -467,7 +491,7 @@ def _packed_plan(x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, o
                               activation)
     geometry, merge, pre, eps, keep, _ = checked
     args = (x[None], norm_weight, norm_bias, w1, b1, w2, b2, geometry, [], merge, order, norm, pre, eps, activation, keep)
-    return _plan.runner(deco.merge_mlp, _implementation, args, keep), *checked
+    return _runner(args), *checked
 
 
 _packed_plans = PackedPlans(_packed_plan)

@@ -1,9 +1,11 @@
 """The patch-merge projector composed of PyTorch ops, the way the Hugging Face modules run it:
-the norm (``torch.native_layer_norm``, or Qwen2.5-VL's RMSNorm sequence), the merge as a
-``view`` (Qwen's block order) or ``view``/``permute`` (InternVL's ``pixel_shuffle``), and two
-cuBLAS Linears. It is the default CPU backend and the composed twin of the fused kernels, and it
-returns the same residual (the pre-activation), so both paths share one backward formula
-(``norm_stats`` and ``norm_backward`` here, ``kernels/merge_norm.py`` on the Triton backend).
+the norm (``torch.layer_norm``, what ``F.layer_norm`` calls, or Qwen2.5-VL's RMSNorm sequence),
+the merge as a ``view`` (Qwen's block order) or ``view``/``permute`` (InternVL's
+``pixel_shuffle``), and two cuBLAS Linears. As the composed twin of the fused kernels it returns
+the same residual (the pre-activation), so both paths share one backward formula (``norm_stats``
+and ``norm_backward`` here, ``kernels/merge_norm.py`` on the Triton backend). On the PyTorch
+backend a plain eager call runs ``forward_of``'s function, the same ATen ops, and autograd
+records them: the backward is ATen's own, as for the HF modules in eager PyTorch.
 
 Layouts: tokens ``x`` are ``(B, N, C)``; ``grid`` ``(T, H, W)`` for the dense ``"grid"`` order, or
 the int32 ``geometry`` table of a packed batch (``packed_pool`` layout; read on the host here).
@@ -11,6 +13,9 @@ Merged rows are ``(M, K)``, ``K = S*S*C``, channel ``(dh*S + dw)*C + c``.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +33,17 @@ def _images(geometry: torch.Tensor):
         yield T, H, W, tok0
 
 
+def _shuffled(t: torch.Tensor, split: tuple[int, ...], rows: tuple[int, ...]) -> torch.Tensor:
+    """Row-major grid tokens -> merged rows (InternVL's pixel_shuffle channel order): ``t`` split
+    as (..., T, H/S, S, W/S, S, C), the two middle axes swapped, then shaped as ``rows``."""
+    return t.reshape(*split).transpose(-4, -3).reshape(*rows)  # unpacked: a tuple argument parses slower
+
+
 def _blocks(t: torch.Tensor, T: int, H: int, W: int, S: int) -> torch.Tensor:
-    """(B, T*H*W, C) row-major grid -> (B, T*(H/S)*(W/S), S*S*C) merged rows (InternVL's
-    pixel_shuffle channel order). Swapping axes 3 and 4 is its own inverse."""
+    """(B, T*H*W, C) row-major grid -> (B, T*(H/S)*(W/S), S*S*C) merged rows. Swapping axes 3 and
+    4 is its own inverse."""
     B, _, C = t.shape
-    return t.reshape(B, T, H // S, S, W // S, S, C).transpose(3, 4).reshape(B, -1, S * S * C)
+    return _shuffled(t, (B, T, H // S, S, W // S, S, C), (B, -1, S * S * C))
 
 
 def _unblocks(m: torch.Tensor, T: int, H: int, W: int, S: int) -> torch.Tensor:
@@ -78,17 +89,19 @@ def _norm_source(x, merge, order, grid, geometry, pre) -> torch.Tensor:
     return x if pre else merge_tokens(x, merge, order, grid, geometry)
 
 
+def _rms_normalized(t, nw, eps) -> torch.Tensor:
+    """Qwen2.5-VL's RMSNorm over ``t``'s last axis: ``t.float() * rsqrt(mean(t²) + eps)``, rounded
+    to t's dtype, times the weight."""
+    xf = t.to(stats_dtype(t.dtype))
+    out = (xf * _rms_rstd(xf, eps)).to(t.dtype)
+    return out * nw if nw is not None else out
+
+
 def norm_forward(x, nw, nb, merge, order, grid, geometry, norm, pre, eps):
-    """Merged norm output (M, K) in x's dtype, as the HF modules compute the norm:
-    ``native_layer_norm`` or Qwen2.5-VL's RMSNorm (``x.float() * rsqrt(mean(x²) + eps)``,
-    rounded, times the weight)."""
+    """Merged norm output (M, K) in x's dtype, as the HF modules compute the norm: ``layer_norm``
+    or Qwen2.5-VL's RMSNorm (``_rms_normalized``)."""
     src = _norm_source(x, merge, order, grid, geometry, pre)
-    if norm == "layernorm":
-        out = torch.native_layer_norm(src, [src.shape[-1]], nw, nb, eps)[0]
-    else:
-        xf = src.to(stats_dtype(x.dtype))
-        out = (xf * _rms_rstd(xf, eps)).to(x.dtype)
-        out = out * nw if nw is not None else out
+    out = torch.layer_norm(src, [src.shape[-1]], nw, nb, eps) if norm == "layernorm" else _rms_normalized(src, nw, eps)
     if pre:
         out = merge_tokens(out, merge, order, grid, geometry)
     return out.reshape(-1, merge * merge * x.shape[-1])
@@ -114,6 +127,44 @@ def composed_forward(x, nw, nb, w1, b1, w2, b2, merge, order, grid, geometry, no
     """(y (M, out), pre-activation (M, hidden)): the HF sequence, cuBLAS for both Linears."""
     pre_act = F.linear(norm_forward(x, nw, nb, merge, order, grid, geometry, norm, pre, eps), w1, b1)
     return F.linear(reference.ACTIVATIONS[activation](pre_act), w2, b2), pre_act
+
+
+def forward_of(shape, merge, order, grid, norm, pre, eps, activation, out_features) -> Callable[..., torch.Tensor]:
+    """``composed_forward`` for one dense signature: tokens of ``shape`` ((B, N, C) or (N, C)),
+    merged in ``order`` (``grid``: (T, H, W)), as a function ``(x, nw, nb, w1, b1, w2, b2) -> y``
+    of the op's output shape, ``(..., N / S², out_features)``. The same ATen ops on the same
+    operands (the same bits), its shapes worked out here once; no residual: autograd records the
+    ops themselves where the call needs gradients."""
+    *lead, N, C = shape
+    M, K = math.prod(lead) * N // (merge * merge), merge * merge * C
+    out_shape = (*lead, N // (merge * merge), out_features)
+    act = reference.ACTIVATIONS[activation]
+    if order == "block":
+        def merged(t):
+            return t.reshape(M, K)
+    else:
+        T, H, W = grid
+        split = (*lead, T, H // merge, merge, W // merge, merge, C)
+
+        def merged(t):
+            return _shuffled(t, split, (M, K))
+
+    if norm == "layernorm":
+        span = [C if pre else K]
+
+        def normalized(t, nw, nb):
+            return torch.layer_norm(t, span, nw, nb, eps)
+    else:
+        def normalized(t, nw, nb):
+            return _rms_normalized(t, nw, eps)
+
+    if pre:
+        def forward(x, nw, nb, w1, b1, w2, b2):
+            return F.linear(act(F.linear(merged(normalized(x, nw, nb)), w1, b1)), w2, b2).view(*out_shape)
+    else:
+        def forward(x, nw, nb, w1, b1, w2, b2):
+            return F.linear(act(F.linear(normalized(merged(x), nw, nb), w1, b1)), w2, b2).view(*out_shape)
+    return forward
 
 
 def norm_backward(x, stats, nw, nb, dn, merge, order, grid, geometry, norm, pre,
