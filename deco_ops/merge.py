@@ -400,27 +400,18 @@ def _checked(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order,
 
 def _plan_of(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation):
     """A plain eager call's plan: the function ``(x, norm_weight, norm_bias, w1, b1, w2, b2) -> y``
-    that runs it. Where that is the composed twin on its own (``_runner``), the twin's ATen ops
-    for this signature (``merge_reference.forward_of``)."""
+    that runs it. Where that is the composed twin on its own (the PyTorch backend, or the
+    strategy's choice on the Triton one, where autograd records nothing), the twin's ATen ops for
+    this signature (``merge_reference.forward_of``): the same bits, without the op's generic
+    argument handling."""
     checked = _checked(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation)
     batched, layout, merge, pre, eps, keep = checked
     args = (x if batched else x[None], norm_weight, norm_bias, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps,
             activation, keep)
-    run = _runner(args)
+    run = _plan.runner(deco.merge_mlp, _implementation, args, keep)
     if run is _composed:
         return merge_reference.forward_of(x.shape, merge, order, _layout(layout), norm, pre, eps, activation, w2.shape[0])
     return _through(run, order, norm, activation, *checked)
-
-
-def _runner(args):
-    """What a plain eager call of ``deco::merge_mlp`` with ``args`` runs. On the Triton backend,
-    the strategy's choice inside the op's autograd Function where autograd records the call (the
-    memory-saving formula: ``_backward``). On the PyTorch backend, the composed twin on its own,
-    the HF modules' ATen ops, which autograd records as it records them in eager PyTorch: their
-    backward is ATen's (``native_layer_norm_backward``, ``addmm``'s, ...), as for the HF modules
-    (docs/host-path.md). The strategy is asked on both backends (it checks its setting)."""
-    keep = args[-1]
-    return _plan.runner(deco.merge_mlp, _implementation, args, keep and _backend.use_triton(args[0].device))
 
 
 _plans = _plan.Plans(_plan_of)
@@ -491,7 +482,7 @@ def _packed_plan(x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, o
                               activation)
     geometry, merge, pre, eps, keep, _ = checked
     args = (x[None], norm_weight, norm_bias, w1, b1, w2, b2, geometry, [], merge, order, norm, pre, eps, activation, keep)
-    return _runner(args), *checked
+    return _plan.runner(deco.merge_mlp, _implementation, args, keep), *checked
 
 
 _packed_plans = PackedPlans(_packed_plan)

@@ -1,11 +1,11 @@
 """The patch-merge projector composed of PyTorch ops, the way the Hugging Face modules run it:
 the norm (``torch.layer_norm``, what ``F.layer_norm`` calls, or Qwen2.5-VL's RMSNorm sequence),
 the merge as a ``view`` (Qwen's block order) or ``view``/``permute`` (InternVL's
-``pixel_shuffle``), and two cuBLAS Linears. As the composed twin of the fused kernels it returns
-the same residual (the pre-activation), so both paths share one backward formula (``norm_stats``
-and ``norm_backward`` here, ``kernels/merge_norm.py`` on the Triton backend). On the PyTorch
-backend a plain eager call runs ``forward_of``'s function, the same ATen ops, and autograd
-records them: the backward is ATen's own, as for the HF modules in eager PyTorch.
+``pixel_shuffle``), and two cuBLAS Linears. It is the default CPU backend and the composed twin of
+the fused kernels, and it returns the same residual (the pre-activation), so both paths share one
+backward formula (``norm_stats`` and ``norm_backward`` here, ``kernels/merge_norm.py`` on the
+Triton backend). A plain eager call that autograd does not record runs ``forward_of``'s function
+instead: the same ATen ops, its shapes worked out once per signature.
 
 Layouts: tokens ``x`` are ``(B, N, C)``; ``grid`` ``(T, H, W)`` for the dense ``"grid"`` order, or
 the int32 ``geometry`` table of a packed batch (``packed_pool`` layout; read on the host here).
@@ -39,11 +39,17 @@ def _shuffled(t: torch.Tensor, split: tuple[int, ...], rows: tuple[int, ...]) ->
     return t.reshape(*split).transpose(-4, -3).reshape(*rows)  # unpacked: a tuple argument parses slower
 
 
+def _grid_split(lead: tuple[int, ...], grid, S: int, C: int) -> tuple[int, ...]:
+    """``_shuffled``'s split of (*lead, T*H*W, C) row-major tokens of a (T, H, W) ``grid``."""
+    T, H, W = grid
+    return (*lead, T, H // S, S, W // S, S, C)
+
+
 def _blocks(t: torch.Tensor, T: int, H: int, W: int, S: int) -> torch.Tensor:
     """(B, T*H*W, C) row-major grid -> (B, T*(H/S)*(W/S), S*S*C) merged rows. Swapping axes 3 and
     4 is its own inverse."""
     B, _, C = t.shape
-    return _shuffled(t, (B, T, H // S, S, W // S, S, C), (B, -1, S * S * C))
+    return _shuffled(t, _grid_split((B,), (T, H, W), S, C), (B, -1, S * S * C))
 
 
 def _unblocks(m: torch.Tensor, T: int, H: int, W: int, S: int) -> torch.Tensor:
@@ -59,7 +65,7 @@ def merge_tokens(x: torch.Tensor, merge: int, order: str, grid, geometry) -> tor
     if order == "block":
         return x.reshape(-1, K)
     if geometry is None:
-        return _blocks(x, *grid, merge).reshape(-1, K)
+        return _shuffled(x, _grid_split((B,), grid, merge, C), (-1, K))
     return torch.cat([_blocks(x[:, tok0: tok0 + T * H * W], T, H, W, merge) for T, H, W, tok0 in _images(geometry)], 1).reshape(-1, K)
 
 
@@ -98,13 +104,11 @@ def _rms_normalized(t, nw, eps) -> torch.Tensor:
 
 
 def norm_forward(x, nw, nb, merge, order, grid, geometry, norm, pre, eps):
-    """Merged norm output (M, K) in x's dtype, as the HF modules compute the norm: ``layer_norm``
+    """Merged norm output (M, K) in x's dtype (``merge_tokens``' rows), as the HF modules compute the norm: ``layer_norm``
     or Qwen2.5-VL's RMSNorm (``_rms_normalized``)."""
     src = _norm_source(x, merge, order, grid, geometry, pre)
     out = torch.layer_norm(src, [src.shape[-1]], nw, nb, eps) if norm == "layernorm" else _rms_normalized(src, nw, eps)
-    if pre:
-        out = merge_tokens(out, merge, order, grid, geometry)
-    return out.reshape(-1, merge * merge * x.shape[-1])
+    return merge_tokens(out, merge, order, grid, geometry) if pre else out
 
 
 def norm_stats(x, merge, order, grid, geometry, norm, pre, eps) -> torch.Tensor:
@@ -133,8 +137,8 @@ def forward_of(shape, merge, order, grid, norm, pre, eps, activation, out_featur
     """``composed_forward`` for one dense signature: tokens of ``shape`` ((B, N, C) or (N, C)),
     merged in ``order`` (``grid``: (T, H, W)), as a function ``(x, nw, nb, w1, b1, w2, b2) -> y``
     of the op's output shape, ``(..., N / S², out_features)``. The same ATen ops on the same
-    operands (the same bits), its shapes worked out here once; no residual: autograd records the
-    ops themselves where the call needs gradients."""
+    operands (the same bits), its shapes worked out here once; no residual (for calls that
+    autograd does not record)."""
     *lead, N, C = shape
     M, K = math.prod(lead) * N // (merge * merge), merge * merge * C
     out_shape = (*lead, N // (merge * merge), out_features)
@@ -143,8 +147,7 @@ def forward_of(shape, merge, order, grid, norm, pre, eps, activation, out_featur
         def merged(t):
             return t.reshape(M, K)
     else:
-        T, H, W = grid
-        split = (*lead, T, H // merge, merge, W // merge, merge, C)
+        split = _grid_split(lead, grid, merge, C)
 
         def merged(t):
             return _shuffled(t, split, (M, K))

@@ -28,8 +28,8 @@ CALLS = {
     "pool_linear": {"infer": 33 + 2, "grad": 40 + 2, "fwd+bwd": 137 + 2},
     "adaptive_avg_pool_tokens": {"infer": 30 + 2, "grad": 36 + 2, "fwd+bwd": 124 + 2},
     "mlp_pool": {"infer": 43 + 2, "grad": 50 + 2, "fwd+bwd": 161 + 2},
-    "merge_mlp": {"infer": 30 + 2, "grad": 30 + 2, "fwd+bwd": 77 + 2},
-    "merge_mlp_grid": {"infer": 33 + 2, "grad": 33 + 2, "fwd+bwd": 80 + 2},
+    "merge_mlp": {"infer": 30 + 2, "grad": 41 + 2, "fwd+bwd": 191 + 2},
+    "merge_mlp_grid": {"infer": 33 + 2, "grad": 45 + 2, "fwd+bwd": 202 + 2},
     "cross_attention": {"infer": 29 + 2, "grad": 40 + 2, "fwd+bwd": 150 + 2},
     "pool_mlp_packed": {"infer": 52 + 2, "grad": 59 + 1, "fwd+bwd": 196 + 2},
 }
@@ -202,7 +202,7 @@ def test_backward_ops_are_planned(op, backward_op, default_path):
     grads = []
     for dispatched in (False, False, True):
         leaves = [t.clone().requires_grad_(i < case.differentiable) for i, t in enumerate(inputs)]
-        with _formula_backend(op), mock.patch.object(_plan, "signature", return_value=None) if dispatched else contextlib.nullcontext():
+        with mock.patch.object(_plan, "signature", return_value=None) if dispatched else contextlib.nullcontext():
             y = case.ours(*leaves)
             y.backward(torch.ones_like(y))
         grads.append([t.grad for t in leaves[:case.differentiable]])
@@ -240,14 +240,6 @@ def test_an_op_run_without_the_lse_refuses_to_differentiate(backend):
         out.sum().backward()
 
 
-def _formula_backend(op):
-    """Where plain eager calls of ``op`` run the op's own autograd formula, as the dispatched op
-    does: the default backend, but the Triton one for the merge projectors (on the PyTorch
-    backend their plain calls are the HF sequence's ATen ops, differentiated by autograd: not the
-    dispatched op's gradient bits, test_merge.py::test_plain_calls_on_the_pytorch_backend_are_eager_pytorch)."""
-    return deco_ops.use_backend("triton") if op.startswith("merge") else contextlib.nullcontext()
-
-
 def _case_inputs(op):
     """``op``'s host_cost case and its inputs on the test device (grid tables stay on the CPU)."""
     case = next(c for c in host_cost.CASES if c.name == op)
@@ -262,7 +254,7 @@ def test_plans_of_the_projectors_run_what_the_full_path_runs(op, default_path):
     runs = []
     for dispatched in (False, False, True):
         leaves = [t.clone().requires_grad_(i < case.differentiable) for i, t in enumerate(inputs)]
-        with _formula_backend(op), mock.patch.object(_plan, "signature", return_value=None) if dispatched else contextlib.nullcontext():
+        with mock.patch.object(_plan, "signature", return_value=None) if dispatched else contextlib.nullcontext():
             y = case.ours(*leaves)
         y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE).view(y.shape))
         runs.append([y.detach(), *(t.grad for t in leaves[:case.differentiable])])
