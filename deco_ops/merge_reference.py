@@ -3,8 +3,8 @@ the norm (``torch.layer_norm``, what ``F.layer_norm`` calls, or Qwen2.5-VL's RMS
 the merge as a ``view`` (Qwen's block order) or ``view``/``permute`` (InternVL's
 ``pixel_shuffle``), and two cuBLAS Linears. It is the default CPU backend and the composed twin of
 the fused kernels, and it returns the same residual (the pre-activation), so both paths share one
-backward formula (``norm_stats`` and ``norm_backward`` here, ``kernels/merge_norm.py`` on the
-Triton backend). A plain eager call that autograd does not record runs ``forward_of``'s function
+autograd formula; the norm's backward is ATen's for LayerNorm (``layer_norm_backward``) and the
+twin of ``kernels/merge_norm.py``'s for RMSNorm (``rms_norm_stats``, ``rms_norm_backward``). A plain eager call that autograd does not record runs ``forward_of``'s function
 instead: the same ATen ops, its shapes worked out once per signature.
 
 Layouts: tokens ``x`` are ``(B, N, C)``; ``grid`` ``(T, H, W)`` for the dense ``"grid"`` order, or
@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+
+_native_layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default  # the overload: no packet lookup per call
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -111,17 +113,12 @@ def norm_forward(x, nw, nb, merge, order, grid, geometry, norm, pre, eps):
     return merge_tokens(out, merge, order, grid, geometry) if pre else out
 
 
-def norm_stats(x, merge, order, grid, geometry, norm, pre, eps) -> torch.Tensor:
-    """(M, groups, 2) per-group mean and rstd in at least fp32, recomputed from the tokens for
-    backward: the PyTorch twin of ``kernels/merge_norm.merge_norm_stats`` (RMSNorm's mean is 0)."""
+def rms_norm_stats(x, merge, order, grid, geometry, pre, eps) -> torch.Tensor:
+    """(M, groups, 2) per-group mean (0) and rstd of an RMSNorm in at least fp32, recomputed from the
+    tokens for backward: the PyTorch twin of ``kernels/merge_norm.merge_norm_stats``."""
     xf = _norm_source(x, merge, order, grid, geometry, pre).to(stats_dtype(x.dtype))
-    if norm == "layernorm":
-        var, mean = torch.var_mean(xf, -1, correction=0)
-        rstd = torch.rsqrt(var + eps)
-    else:
-        rstd = _rms_rstd(xf, eps)[..., 0]
-        mean = torch.zeros_like(rstd)
-    stats = torch.stack((mean, rstd), -1)
+    rstd = _rms_rstd(xf, eps)[..., 0]
+    stats = torch.stack((torch.zeros_like(rstd), rstd), -1)
     if pre:
         stats = merge_tokens(stats.reshape(*x.shape[:2], 2), merge, order, grid, geometry)
     return stats.reshape(-1, merge * merge if pre else 1, 2)
@@ -170,35 +167,47 @@ def forward_of(shape, merge, order, grid, norm, pre, eps, activation, out_featur
     return forward
 
 
-def norm_backward(x, stats, nw, nb, dn, merge, order, grid, geometry, norm, pre,
-                  need_dx, store_n, need_dwn, need_dbn):
-    """(dx, norm output (M, K), dweight, dbias), each None unless requested: the PyTorch twin of
-    ``kernels/merge_norm.merge_norm_backward``, in at least fp32. Rows are viewed as (M, groups,
-    width), the norm's span last, so the norm's parameters (width,) broadcast over a pre-merge
-    row's S² tokens without being tiled."""
+def rms_norm_backward(x, stats, nw, dn, merge, order, grid, geometry, pre, need_dx, store_n, need_dwn):
+    """(dx, norm output (M, K), dweight), each None unless requested, of an RMSNorm: the PyTorch
+    twin of ``kernels/merge_norm.merge_norm_backward``, in at least fp32 (ATen has no RMSNorm
+    backward). Rows are viewed as (M, groups, width), the norm's span last, so the norm's weight
+    (width,) broadcasts over a pre-merge row's S² tokens without being tiled."""
     acc = stats.dtype
     M, groups = stats.shape[:2]
     rstd = stats[..., 1:]
     xhat = (merge_tokens(x, merge, order, grid, geometry).to(acc).view(M, groups, -1) - stats[..., :1]) * rstd
     C = x.shape[-1]
-
-    def per_channel(t):  # sum over rows, then over the S² tokens for a pre-merge norm
-        total = t.view(M, -1).sum(0)
-        return total.view(merge * merge, C).sum(0) if pre else total
-
-    dx = n = dwn = dbn = None
+    dx = n = dwn = None
     if store_n:
-        n = xhat * nw if nw is not None else xhat
-        n = (n + nb if nb is not None else n).to(x.dtype).view(M, -1)
-    if need_dwn or need_dbn or need_dx:
+        n = (xhat * nw if nw is not None else xhat).to(x.dtype).view(M, -1)
+    if need_dwn or need_dx:
         g = dn.to(acc).reshape(M, groups, -1)
-        if need_dwn:
-            dwn = per_channel(g * xhat)
-        if need_dbn:
-            dbn = per_channel(g)
+        if need_dwn:  # sum over rows, then over the S² tokens for a pre-merge norm
+            dwn = (g * xhat).view(M, -1).sum(0)
+            dwn = dwn.view(merge * merge, C).sum(0) if pre else dwn
         if need_dx:
             dxhat = g * nw if nw is not None else g
-            centred = dxhat - dxhat.mean(-1, keepdim=True) if norm == "layernorm" else dxhat
-            d = (centred - xhat * (dxhat * xhat).mean(-1, keepdim=True)) * rstd
+            d = (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True)) * rstd
             dx = unmerge_tokens(d.view(M, -1).to(x.dtype), x.shape, merge, order, grid, geometry)
+    return dx, n, dwn
+
+
+def layer_norm_backward(x, nw, nb, dn, merge, order, grid, geometry, pre, eps, need_dx, store_n, need_dwn, need_dbn):
+    """(dx, norm output (M, K), dweight, dbias), each None unless requested, of a LayerNorm: ATen's
+    own, as eager autograd runs it for ``F.layer_norm``: ``native_layer_norm`` recomputes the
+    statistics (and the norm output: the forward's bits) and ``native_layer_norm_backward`` takes
+    them, one call where a composed formula makes ~30. dweight and dbias in at least fp32."""
+    src = _norm_source(x, merge, order, grid, geometry, pre)
+    span = [src.shape[-1]]
+    out, mean, rstd = torch.native_layer_norm(src, span, nw, nb, eps)
+    n = (merge_tokens(out, merge, order, grid, geometry) if pre else out) if store_n else None
+    dx = dwn = dbn = None
+    if need_dx or need_dwn or need_dbn:
+        g = unmerge_tokens(dn, x.shape, merge, order, grid, geometry) if pre else dn
+        dx, dwn, dbn = _native_layer_norm_backward(g, src, span, mean, rstd, nw, nb, [need_dx, need_dwn, need_dbn])
+        acc = stats_dtype(x.dtype)
+        dx = (dx if pre else unmerge_tokens(dx, x.shape, merge, order, grid, geometry)) if need_dx else None
+        dwn = dwn.to(acc) if need_dwn else None
+        dbn = dbn.to(acc) if need_dbn else None
     return dx, n, dwn, dbn
+

@@ -203,7 +203,8 @@ REQUIRES = [set(), set(NAMES), {"x"}, {"norm_weight", "norm_bias", "w1"}, {"w2",
 def test_planned_calls_give_the_full_paths_bits(order, norm, position, affine):
     """On the PyTorch backend, inference (nothing requires grad, or grad mode off) runs
     ``forward_of``'s function, a call autograd records the op's Function: both give the bits of
-    the path they replaced, forward and every gradient asked for."""
+    the path they replaced, forward and every gradient asked for, and the norm's composed backward
+    (ATen's for LayerNorm) is right for each subset of gradients."""
     params, dy = _case(torch.float32, B=2, N=16, C=8, hidden=16, out=8, norm=norm, norm_position=position,
                        bias=(affine, affine, True, affine), seed=len(order + norm + position) + affine)
     kw = dict(grid=(4, 4) if order == "grid" else None, order=order, norm=norm, norm_position=position, eps=1e-5)
@@ -213,6 +214,8 @@ def test_planned_calls_give_the_full_paths_bits(order, norm, position, affine):
         for name, got, want in zip(NAMES, grads, grads_full):
             assert (got is None) == (want is None), name
             assert got is None or torch.equal(got, want), f"grad {name} ({sorted(requires)})"
+        with deco_ops.use_backend("torch"):  # and right: each subset of gradients against float64
+            _check(params, dy, torch.float32, requires if grad_mode else set(), **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -295,7 +298,8 @@ def test_kernel_launches(frozen):
         for t in leaves[:4]:
             t.requires_grad_(False)
     with deco_ops.use_backend("triton"), mock.patch.multiple(
-            "deco_ops.merge_reference", composed_forward=mock.DEFAULT, norm_stats=mock.DEFAULT, norm_backward=mock.DEFAULT):
+            "deco_ops.merge_reference", composed_forward=mock.DEFAULT, rms_norm_stats=mock.DEFAULT, rms_norm_backward=mock.DEFAULT,
+            layer_norm_backward=mock.DEFAULT):
         spies, mocks = _spy(KERNELS)
         try:
             deco_ops.merge_mlp(*leaves).backward(dy)
