@@ -28,8 +28,8 @@ CALLS = {
     "pool_linear": {"infer": 33 + 2, "grad": 40 + 2, "fwd+bwd": 137 + 2},
     "adaptive_avg_pool_tokens": {"infer": 30 + 2, "grad": 36 + 2, "fwd+bwd": 124 + 2},
     "mlp_pool": {"infer": 43 + 2, "grad": 50 + 2, "fwd+bwd": 161 + 2},
-    "merge_mlp": {"infer": 30 + 2, "grad": 41 + 2, "fwd+bwd": 191 + 2},
-    "merge_mlp_grid": {"infer": 33 + 2, "grad": 45 + 2, "fwd+bwd": 202 + 2},
+    "merge_mlp": {"infer": 30 + 2, "grad": 41 + 2, "fwd+bwd": 167 + 2},
+    "merge_mlp_grid": {"infer": 33 + 2, "grad": 45 + 2, "fwd+bwd": 179 + 2},
     "cross_attention": {"infer": 29 + 2, "grad": 40 + 2, "fwd+bwd": 150 + 2},
     "pool_mlp_packed": {"infer": 52 + 2, "grad": 59 + 1, "fwd+bwd": 196 + 2},
 }
