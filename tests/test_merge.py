@@ -221,19 +221,21 @@ def test_planned_calls_give_the_full_paths_bits(order, norm, position, affine):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("order,norm,position", [("block", "rmsnorm", "pre"), ("grid", "layernorm", "pre"), ("grid", "rmsnorm", "post")])
 def test_planned_inference_keeps_the_forward_bits(dtype, order, norm, position):
-    """16-bit tokens, 2D (N, C) and transposed tokens: the planned inference equals the full path
-    bit for bit."""
+    """16-bit tokens, 2D (N, C), transposed and empty batches, and the composed strategy on the
+    Triton backend: the planned inference equals the full path bit for bit."""
     params, dy = _case(dtype, B=1, N=16, C=8, hidden=16, out=8, norm=norm, norm_position=position)
     kw = dict(grid=(4, 4) if order == "grid" else None, order=order, norm=norm, norm_position=position)
     (y, _), (y_full, _) = _planned_and_full(params, dy, set(), **kw)
     assert torch.equal(y, y_full)
     x = params[0][0]
-    with deco_ops.use_backend("torch"):
-        for tokens in (x, x.t().contiguous().t()):
-            got = deco_ops.merge_mlp(tokens, *params[1:], **kw)
-            with mock.patch.object(_plan, "signature", return_value=None):
-                want = deco_ops.merge_mlp(tokens, *params[1:], **kw)
-            assert got.shape == (4, 8) and torch.equal(got, want) and torch.equal(got, y[0])
+    for backend, name in (("torch", "auto"), ("triton", "composed")):
+        with deco_ops.use_backend(backend), deco_ops.use_strategy(name):
+            for tokens in (x, x.t().contiguous().t(), params[0][:0]):
+                got = deco_ops.merge_mlp(tokens, *params[1:], **kw)
+                with mock.patch.object(_plan, "signature", return_value=None):
+                    want = deco_ops.merge_mlp(tokens, *params[1:], **kw)
+                assert got.shape == want.shape and torch.equal(got, want)
+                assert tokens.shape[0] == 0 or torch.equal(got, y[0])
 
 
 # ----------------------------------------------------------------------------------------------
