@@ -163,6 +163,22 @@ def _cudnn_lse_rank() -> int:
     return torch.ops.aten._scaled_dot_product_cudnn_attention(x, x, x, None, True)[1].dim()
 
 
+_cpu_kernel = torch._scaled_dot_product_flash_attention_for_cpu  # the ATen op's Python binding: no torch.ops lookup per call
+
+
+def cpu_sdpa(q, k, v, scale: float | None = None, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's CPU kernel on ``(B, L, H, D)`` tensors of one batch size: (O ``(B, M, H, D)``, a
+    view; its LSE as the kernel lays it out). ``scale`` None: the kernel's own ``1 / sqrt(D)``.
+    Differentiable: under autograd it records the ATen op's node, whose backward is the op that
+    ``backward`` runs for ``composed`` on the same residuals."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if scale is None and bias is None:  # keyword arguments cost the binding ~0.5 us a call
+        o, lse = _cpu_kernel(qt, kt, vt)
+    else:
+        o, lse = _cpu_kernel(qt, kt, vt, attn_mask=bias, scale=scale)
+    return o.transpose(1, 2), lse
+
+
 def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None, need_lse: bool = True):
     """(O ``(B, M, H, D)`` in q's dtype, LSE ``(B, H, M)`` fp32 or None), as ``deco::cross_attention``,
     by the named composed ``kernel`` (one ``kernels`` lists for the call). The LSE where
@@ -175,10 +191,7 @@ def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None, need_l
             dead = None  # no mask, a query row per batch: ``_inputs`` would return the tensors as they are
         else:
             q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias)
-        # the ATen op's Python binding: no torch.ops lookup per call
-        o, lse = torch._scaled_dot_product_flash_attention_for_cpu(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias, scale=scale)
-        out = o.transpose(1, 2)
+        out, lse = cpu_sdpa(q, k, v, scale, bias)
     elif kernel == "composed_efficient":
         q, k, v = (_aligned(t) for t in (q, k, v))
         q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias, _BIAS_ALIGN_EFFICIENT, per_head=True)
