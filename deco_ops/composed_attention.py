@@ -116,19 +116,21 @@ def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = F
     q = q.expand(B, -1, -1, -1)
     if kv_lens is None and user_bias is None:
         return q, k, v, None, None
-    bias = torch.zeros((1, 1, 1, N), dtype=q.dtype, device=q.device)
-    if kv_lens is not None:
+    if kv_lens is None:  # the caller's mask alone, at its compact shape
+        bias = _compact(user_bias).to(q.dtype)
+    else:
         valid = torch.arange(N, device=k.device)[None, :] < kv_lens.to(device=k.device, dtype=torch.int64)[:, None]
         k = torch.where(valid[:, :, None, None], k, 0.0)
         v = torch.where(valid[:, :, None, None], v, 0.0)
-        bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
-    if user_bias is not None:
-        bias = bias + _compact(user_bias).to(q.dtype)
+        bias = torch.zeros((1, 1, 1, N), dtype=q.dtype, device=q.device).masked_fill(~valid[:, None, None, :], float("-inf"))
+        if user_bias is not None:
+            bias = bias + _compact(user_bias).to(q.dtype)
     dead = (bias == float("-inf")).all(-1)
-    width = -(-N // align) * align
-    aligned = torch.zeros((*bias.shape[:-1], width), dtype=q.dtype, device=q.device)
-    aligned[..., :N] = bias.masked_fill(dead[..., None], 0.0)
-    bias = aligned[..., :N]
+    bias = bias.masked_fill(dead[..., None], 0.0)  # a new tensor: never the caller's mask
+    if align > 1:
+        aligned = torch.zeros((*bias.shape[:-1], -(-N // align) * align), dtype=q.dtype, device=q.device)
+        aligned[..., :N] = bias
+        bias = aligned[..., :N]
     if per_head:
         bias = bias.expand(B, H, M, N)
     return q, k, v, bias, dead

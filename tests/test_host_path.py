@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import deco_ops
 from benchmarks import host_cost
-from deco_ops import _backend, _direct, _plan, composed_attention, projector, reference_attention, strategy
+from deco_ops import _backend, _direct, _plan, attention, composed_attention, projector, reference_attention, strategy
 from harness import DEVICE
 
 cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="counts the PyTorch path's calls on CPU tensors")
@@ -353,3 +353,37 @@ def test_dense_cpu_attention_is_sdpas_own_op(dtype, shared, D, scale, default_pa
         assert torch.equal(runs[1][0], F.scaled_dot_product_attention(*leaves, scale=scale).transpose(1, 2))
     assert (runs[1][0].double() - reference_attention.attention_dense(q, k, v, scale=scale)).abs().max() < (
         1e-13 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 5e-2)
+
+
+@pytest.mark.parametrize("mask_shape,dtype,lens,weights", [
+    ((2, 1, 1, 37), torch.bool, None, None), ((5, 37), torch.float32, [37, 11], None), ((2, 2, 5, 37), torch.bool, [37, 11], True),
+    ((1, 2, 1, 1), torch.float32, None, False), (None, None, None, True), (None, None, [37, 11], False)])
+def test_masked_calls_are_planned(mask_shape, dtype, lens, weights, backend):
+    """A call with a mask or the weights is planned too (its own table: ``_masked_plans``): the
+    checks and the strategy once per signature, the mask's values read on every call (a second
+    mask of the same signature is the one applied), the dispatched op's bits forward and backward."""
+    g = torch.Generator().manual_seed(len(mask_shape or ()) + (lens is None) + 3 * (weights is None))
+    B, M, N, H, D = 2, 5, 37, 2, 16
+    q, k, v = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((1, M, H, D), (B, N, H, D), (B, N, H, D)))
+    kv_lens = None if lens is None else torch.tensor(lens, device=DEVICE)
+    masks = []
+    for _ in range(2 if mask_shape else 0):  # two masks of one signature
+        values = torch.rand(mask_shape, generator=g)
+        masks.append((values > 0.4) if dtype == torch.bool else torch.where(values > 0.4, values, float("-inf")))
+    if mask_shape and mask_shape[-2] > 1:  # the second one with a query that sees no key: zeros
+        masks[1][..., 0, :] = False if dtype == torch.bool else float("-inf")
+    masks = masks or [None, None]
+    kwargs = {} if weights is None else {"need_weights": True, "average_attn_weights": weights}
+    runs = []
+    for mask, dispatched in ((masks[0], False), (masks[1], False), (masks[1], True)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        with mock.patch.object(_plan, "signature", return_value=None) if dispatched else contextlib.nullcontext():
+            result = deco_ops.cross_attention(*leaves, kv_lens=kv_lens, attn_mask=mask if mask is None else mask.to(DEVICE), **kwargs)
+        outputs = list(result) if weights is not None else [result]
+        sum(o.sum() for o in outputs).backward()
+        runs.append([o.detach() for o in outputs] + [t.grad for t in leaves])
+    for planned, full in zip(runs[1], runs[2]):
+        assert torch.equal(planned, full)
+    if mask_shape:
+        assert not torch.equal(runs[0][0], runs[1][0])  # the second mask, not the first, was applied
+    assert attention._masked_plans._plans
