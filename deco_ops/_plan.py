@@ -30,6 +30,7 @@ of a plan: the ops run them on every call.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import torch
@@ -39,7 +40,8 @@ from . import _backend, strategy
 MAX_PLANS = 256  # per op; a real model calls each op with a handful of signatures
 
 _TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter
-_VALUES = (type(None), bool, int, float, str)
+_VALUES = (bool, int, float, str)
+_tensor_signature = operator.attrgetter("shape", "dtype", "device", "requires_grad")  # one C call for the four
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _any_autocast = torch._C._is_any_autocast_enabled
@@ -51,9 +53,11 @@ _peek_functorch = getattr(torch._C._functorch, "peek_interpreter_stack", lambda:
 _all: list[Plans] = []  # every op's plans, for clear()
 
 # The settings enter a signature as their state (``Setting.state``: the override and the
-# environment variable as stored); building a plan reads them checked (``selected``), so a bad
-# value still raises there. Whether Triton interprets is read as ``_backend.interpreting`` reads it.
-_backend_state, _strategy_state = _backend.SETTING.state, strategy.SETTING.state
+# environment variable as stored; read here as it reads them, without its frame and tuple);
+# building a plan reads them checked (``selected``), so a bad value still raises there. Whether
+# Triton interprets is read as ``_backend.interpreting`` reads it.
+_backend_override, _backend_env, _backend_key = _backend.SETTING.overrides.get, _backend.SETTING.environ.get, _backend.SETTING.env_key
+_strategy_override, _strategy_env, _strategy_key = strategy.SETTING.overrides.get, strategy.SETTING.environ.get, strategy.SETTING.env_key
 _interpret_environ, _interpret_key = _backend.INTERPRET_ENTRY
 _interpret_env = _interpret_environ.get
 
@@ -62,17 +66,18 @@ def signature(args: tuple) -> tuple | None:
     """The key of a plain eager call with ``args`` (module docstring), None for any other call."""
     if _is_compiling() or _dispatch_modes() or _any_autocast() or _peek_functorch() is not None:
         return None
-    # a flat list (cheaper than nested tuples), unambiguous: a tensor's entries start with its
-    # torch.Size, any other argument's with a type
-    key = [_grad_enabled(), _deterministic(), _warn_only(), _backend_state(), _interpret_env(_interpret_key), _strategy_state()]
-    for a in args:
+    key = [_grad_enabled(), _deterministic(), _warn_only(), _backend_override(), _backend_env(_backend_key),
+           _strategy_override(), _strategy_env(_strategy_key), _interpret_env(_interpret_key)]
+    for a in args:  # one entry per argument: its position says which argument it is
         kind = type(a)
         if kind is _TENSOR or kind is _PARAMETER:
-            key += (a.shape, a.dtype, a.device, a.requires_grad)
+            key += (_tensor_signature(a),)
+        elif a is None:
+            key += (None,)
         elif kind in _VALUES:
-            key += (kind, a)
+            key += ((kind, a),)
         elif kind is tuple or kind is list:
-            key += (kind, tuple(a), tuple(map(type, a)))
+            key += ((kind, tuple(a), tuple(map(type, a))),)
         else:
             return None
     return tuple(key)
@@ -108,13 +113,18 @@ class Plans:
         self._plans.clear()
 
 
+def chosen(implementation: Callable[..., Callable], args: tuple) -> Callable:
+    """The implementation that ``implementation(*args)`` chooses for a call with ``args``
+    (``strategy.implementation``)."""
+    with torch.no_grad():  # a strategy measurement runs the candidates as the op's body runs them: below autograd
+        return implementation(*args)
+
+
 def runner(op, implementation: Callable[..., Callable], args: tuple, records: bool) -> Callable:
     """What a plain eager call of ``op`` (a ``deco.<name>``) with ``args`` runs: the
-    implementation that ``implementation(*args)`` chooses (``strategy.implementation``), wrapped in
-    the op's autograd Function where autograd ``records`` the call."""
-    with torch.no_grad():  # a strategy measurement runs the candidates as the op's body runs them: below autograd
-        impl = implementation(*args)
-    return op.runner(impl, records)
+    implementation that ``implementation(*args)`` chooses, wrapped in the op's autograd Function
+    where autograd ``records`` the call."""
+    return op.runner(chosen(implementation, args), records)
 
 
 def clear() -> None:

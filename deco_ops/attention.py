@@ -28,6 +28,10 @@ dropout mask bit for bit.
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
+
 import torch
 
 from . import _backend, _plan, composed_attention, strategy
@@ -416,7 +420,7 @@ def cross_attention(
             completely (their values may be garbage or NaN; their gradients are exactly zero).
             ``kv_lens[b] == 0`` gives a zero output row and zero gradients. Values outside
             ``[0, N]`` are clamped into it (never read on the host; the same on every device).
-        softmax_scale: default ``D ** -0.5``.
+        softmax_scale: default ``1 / sqrt(D)``, as SDPA computes it.
         dropout_p: attention dropout in ``[0, 1)`` applied to the probabilities (pass 0 in eval).
             The mask comes from a counter-based RNG seeded from ``generator``, is never stored and
             is regenerated in backward; with a generator in a fixed state the op is deterministic.
@@ -445,19 +449,18 @@ def cross_attention(
         ``(B, M, H, D)`` in q's dtype (with ``need_weights``: ``(output, weights)``, weights in q's dtype). fp16/bf16/fp32 (fp32 dots follow torch.matmul's fp32
         precision, ``torch.backends.cuda.matmul.fp32_precision``); softmax statistics in fp32.
     """
-    plan = None if attn_mask is not None or need_weights else _plans.get(
-        q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k)
-    if plan is None:
-        kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, attn_bias = _checked(
-            q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k, attn_mask)
-        run, need_lse = deco.cross_attention, need_weights or _needs_lse(q, k, v)
+    if attn_mask is None and not need_weights:  # the common call: a shorter signature
+        plan = _plans.get(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k)
     else:
-        run, scale, dropout_p, need_lse = plan
-        max_seqlen_k, attn_bias = k.shape[1], None
-        if kv_lens is not None:
-            kv_lens = _check.kv_lens(kv_lens, k.shape[0], q.device)
+        plan = _masked_plans.get(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k, attn_mask, need_weights,
+                                 average_attn_weights)
+    if plan is not None:
+        return plan(q, k, v, kv_lens, attn_mask)
+    kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, attn_bias = _checked(
+        q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k, attn_mask)
+    need_lse = need_weights or _needs_lse(q, k, v)
     rng = _draw_rng(generator, q.device) if dropout_p > 0 else None
-    out, lse = run(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse)
+    out, lse = deco.cross_attention(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse)
     if not need_weights:
         return out
     weights = deco.cross_attention_weights(
@@ -473,7 +476,7 @@ def _as_bias(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> tor
     if mask is None:
         return None
     if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, device=mask.device, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+        mask = torch.full(mask.shape, float("-inf"), device=mask.device, dtype=torch.float32).masked_fill_(mask, 0.0)
     return mask.expand(shape)
 
 
@@ -504,16 +507,48 @@ def _needs_lse(q, k, v) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
-def _plan_of(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k) -> tuple | None:
-    """A plain eager call's plan (no mask, no weights): (what runs it, scale, dropout_p, need_lse);
-    none with packed keys (the offsets' values size the launch and the strategy key)."""
+def _plan_of(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k, attn_mask=None, need_weights=False,
+             average_attn_weights=True) -> Callable | None:
+    """A plain eager call's plan (no generator: a ``torch.Generator`` has no signature),
+    ``plan(q, k, v, kv_lens, attn_mask)`` -> what ``cross_attention`` returns; none with packed keys
+    (the offsets' values size the launch and the strategy key)."""
     if cu_seqlens_k is not None:
         return None
-    kv_lens, _, N, scale, dropout_p, _ = _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, None, None)
+    kv_lens, _, N, scale, dropout_p, attn_bias = _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, None, attn_mask)
     records = _needs_lse(q, k, v)
+    need_lse = bool(need_weights) or records
     # no dropout seed: drawing one here would move the generator; a call with dropout has one candidate (nothing is timed)
-    args = (q, k, v, kv_lens, None, N, scale, dropout_p, None, None, records)
-    return _plan.runner(deco.cross_attention, _cross_attention_implementation, args, records), scale, dropout_p, records
+    args = (q, k, v, kv_lens, None, N, scale, dropout_p, None, attn_bias, need_lse)
+    impl = _plan.chosen(_cross_attention_implementation, args)
+    if impl is _COMPOSED_FORWARD["composed"] and kv_lens is None and attn_bias is None and not need_weights:
+        # SDPA's CPU kernel is the whole call (no mask, no dropout: composed_attention.forward), and its
+        # own backward is what the composed backward runs on the same residuals: called
+        # differentiably, autograd records the ATen node, with no Python Function around it
+        default = scale == 1.0 / math.sqrt(q.shape[-1])  # the kernel's own scale, computed as it computes it
+        return functools.partial(_on_cpu_sdpa, None if default else scale, q.shape[0] != k.shape[0])
+    mask_shape = None if attn_bias is None else attn_bias.shape  # (B, H, M, N): the next calls' masks are converted to it
+    weights = None if not need_weights else bool(average_attn_weights)
+    return functools.partial(_planned, deco.cross_attention.runner(impl, records), scale, dropout_p, need_lse, mask_shape, weights)
 
 
-_plans = _plan.Plans(_plan_of)
+def _planned(run, scale, dropout_p, need_lse, mask_shape, weights, q, k, v, kv_lens, attn_mask):
+    """A planned call's work left (``_plan_of``): the value check of ``kv_lens``, the mask as a bias,
+    the dropout seed, ``run``; and the weights (``weights``: None, or whether they are averaged over
+    the heads)."""
+    if kv_lens is not None:
+        kv_lens = _check.kv_lens(kv_lens, k.shape[0], q.device)
+    attn_bias = None if mask_shape is None else _as_bias(attn_mask, mask_shape)
+    rng = _draw_rng(None, q.device) if dropout_p > 0 else None
+    N = k.shape[1]
+    out, lse = run(q, k, v, kv_lens, None, N, scale, dropout_p, rng, attn_bias, need_lse)
+    if weights is None:
+        return out
+    return out, deco.cross_attention_weights(q, k, lse, kv_lens, None, N, scale, dropout_p, rng, attn_bias, weights)
+
+
+def _on_cpu_sdpa(scale, shared, q, k, v, kv_lens, attn_mask):
+    """A planned dense call on SDPA's CPU kernel (``_plan_of``); ``shared``: one query set for the batch."""
+    return composed_attention.cpu_sdpa(q.expand(k.shape[0], -1, -1, -1) if shared else q, k, v, scale)[0]
+
+
+_plans, _masked_plans = _plan.Plans(_plan_of), _plan.Plans(_plan_of)  # calls without / with a mask or the weights

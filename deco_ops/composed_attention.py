@@ -116,19 +116,21 @@ def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = F
     q = q.expand(B, -1, -1, -1)
     if kv_lens is None and user_bias is None:
         return q, k, v, None, None
-    bias = torch.zeros((1, 1, 1, N), dtype=q.dtype, device=q.device)
-    if kv_lens is not None:
+    if kv_lens is None:  # the caller's mask alone, at its compact shape
+        bias = _compact(user_bias).to(q.dtype)
+    else:
         valid = torch.arange(N, device=k.device)[None, :] < kv_lens.to(device=k.device, dtype=torch.int64)[:, None]
         k = torch.where(valid[:, :, None, None], k, 0.0)
         v = torch.where(valid[:, :, None, None], v, 0.0)
-        bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
-    if user_bias is not None:
-        bias = bias + _compact(user_bias).to(q.dtype)
+        bias = torch.zeros((1, 1, 1, N), dtype=q.dtype, device=q.device).masked_fill(~valid[:, None, None, :], float("-inf"))
+        if user_bias is not None:
+            bias = bias + _compact(user_bias).to(q.dtype)
     dead = (bias == float("-inf")).all(-1)
-    width = -(-N // align) * align
-    aligned = torch.zeros((*bias.shape[:-1], width), dtype=q.dtype, device=q.device)
-    aligned[..., :N] = bias.masked_fill(dead[..., None], 0.0)
-    bias = aligned[..., :N]
+    bias = bias.masked_fill(dead[..., None], 0.0)  # a new tensor: never the caller's mask
+    if align > 1:
+        aligned = torch.zeros((*bias.shape[:-1], -(-N // align) * align), dtype=q.dtype, device=q.device)
+        aligned[..., :N] = bias
+        bias = aligned[..., :N]
     if per_head:
         bias = bias.expand(B, H, M, N)
     return q, k, v, bias, dead
@@ -163,6 +165,22 @@ def _cudnn_lse_rank() -> int:
     return torch.ops.aten._scaled_dot_product_cudnn_attention(x, x, x, None, True)[1].dim()
 
 
+_cpu_kernel = torch._scaled_dot_product_flash_attention_for_cpu  # the ATen op's Python binding: no torch.ops lookup per call
+
+
+def cpu_sdpa(q, k, v, scale: float | None = None, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's CPU kernel on ``(B, L, H, D)`` tensors of one batch size: (O ``(B, M, H, D)``, a
+    view; its LSE as the kernel lays it out). ``scale`` None: the kernel's own ``1 / sqrt(D)``.
+    Differentiable: under autograd it records the ATen op's node, whose backward is the op that
+    ``backward`` runs for ``composed`` on the same residuals."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if scale is None and bias is None:  # keyword arguments cost the binding ~0.5 us a call
+        o, lse = _cpu_kernel(qt, kt, vt)
+    else:
+        o, lse = _cpu_kernel(qt, kt, vt, attn_mask=bias, scale=scale)
+    return o.transpose(1, 2), lse
+
+
 def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None, need_lse: bool = True):
     """(O ``(B, M, H, D)`` in q's dtype, LSE ``(B, H, M)`` fp32 or None), as ``deco::cross_attention``,
     by the named composed ``kernel`` (one ``kernels`` lists for the call). The LSE where
@@ -175,10 +193,7 @@ def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None, need_l
             dead = None  # no mask, a query row per batch: ``_inputs`` would return the tensors as they are
         else:
             q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias)
-        # the ATen op's Python binding: no torch.ops lookup per call
-        o, lse = torch._scaled_dot_product_flash_attention_for_cpu(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias, scale=scale)
-        out = o.transpose(1, 2)
+        out, lse = cpu_sdpa(q, k, v, scale, bias)
     elif kernel == "composed_efficient":
         q, k, v = (_aligned(t) for t in (q, k, v))
         q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias, _BIAS_ALIGN_EFFICIENT, per_head=True)

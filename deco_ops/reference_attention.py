@@ -19,6 +19,8 @@ Layouts as in the kernels: q (B or 1, M, H, D), k and v (B, N, H, D); LSE (B, H,
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 CHUNK = 1024
@@ -101,7 +103,7 @@ def attention_dense(q, k, v, kv_lens=None, scale=None, keep=None, dropout_p=0.0,
     float64). ``keep`` (B, H, M, N) bool applies dropout, ``bias`` is an additive mask. Rows
     without keys give zeros."""
     B, N, H, D = k.shape
-    scale = D**-0.5 if scale is None else scale
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     valid = _valid_keys(kv_lens, B, 0, N, k.device)
     if valid is not None:
         real = valid[:, 0, 0, :, None, None]

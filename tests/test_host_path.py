@@ -9,10 +9,11 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import deco_ops
 from benchmarks import host_cost
-from deco_ops import _backend, _direct, _plan, composed_attention, projector, strategy
+from deco_ops import _backend, _direct, _plan, attention, composed_attention, projector, reference_attention, strategy
 from harness import DEVICE
 
 cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="counts the PyTorch path's calls on CPU tensors")
@@ -24,14 +25,14 @@ cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="counts the PyTorch p
 # (python -m benchmarks.host_cost). fwd+bwd counts torch's own backward() too (eager: 56-85 calls);
 # pinned so that the backward ops' plans stay (test_backward_ops_are_planned checks each plan itself).
 CALLS = {
-    "pool_mlp": {"infer": 35 + 2, "grad": 42 + 2, "fwd+bwd": 174 + 2},
-    "pool_linear": {"infer": 33 + 2, "grad": 40 + 2, "fwd+bwd": 137 + 2},
-    "adaptive_avg_pool_tokens": {"infer": 30 + 2, "grad": 36 + 2, "fwd+bwd": 124 + 2},
-    "mlp_pool": {"infer": 43 + 2, "grad": 50 + 2, "fwd+bwd": 161 + 2},
-    "merge_mlp": {"infer": 30 + 2, "grad": 41 + 2, "fwd+bwd": 167 + 2},
-    "merge_mlp_grid": {"infer": 33 + 2, "grad": 45 + 2, "fwd+bwd": 179 + 2},
-    "cross_attention": {"infer": 29 + 2, "grad": 40 + 2, "fwd+bwd": 150 + 2},
-    "pool_mlp_packed": {"infer": 52 + 2, "grad": 59 + 1, "fwd+bwd": 196 + 2},
+    "pool_mlp": {"infer": 33 + 2, "grad": 40 + 2, "fwd+bwd": 168 + 2},
+    "pool_linear": {"infer": 31 + 2, "grad": 38 + 2, "fwd+bwd": 133 + 2},
+    "adaptive_avg_pool_tokens": {"infer": 28 + 2, "grad": 34 + 2, "fwd+bwd": 120 + 2},
+    "mlp_pool": {"infer": 41 + 2, "grad": 48 + 2, "fwd+bwd": 157 + 2},
+    "merge_mlp": {"infer": 28 + 2, "grad": 39 + 2, "fwd+bwd": 161 + 2},
+    "merge_mlp_grid": {"infer": 31 + 2, "grad": 43 + 2, "fwd+bwd": 173 + 2},
+    "cross_attention": {"infer": 26 + 2, "grad": 26 + 2, "fwd+bwd": 77 + 2},
+    "pool_mlp_packed": {"infer": 50 + 2, "grad": 57 + 2, "fwd+bwd": 190 + 2},
 }
 FORWARD_LIMIT = 60  # issue 20
 
@@ -129,7 +130,7 @@ def test_settings_are_part_of_the_signature(default_path, monkeypatch):
     a strategy set through the environment, and a decision table that changed."""
     q, k, v = host_cost._attention_inputs()
     monkeypatch.delenv(strategy.ENV_VAR, raising=False)
-    with mock.patch.object(composed_attention, "forward", wraps=composed_attention.forward) as twin:
+    with mock.patch.object(composed_attention, "cpu_sdpa", wraps=composed_attention.cpu_sdpa) as twin:
         deco_ops.cross_attention(q, k, v)
         assert twin.call_count == 1  # auto on the PyTorch backend: SDPA
         with deco_ops.use_strategy("fused"):
@@ -189,7 +190,7 @@ def test_plans_are_bounded_and_hold_no_tensor(default_path, monkeypatch):
 
 
 @pytest.mark.parametrize("op,backward_op", [("pool_mlp", "mlp_activation_backward"), ("pool_linear", "unpool_tokens"),
-                                            ("cross_attention", "cross_attention_backward"),
+                                            ("cross_attention_lens", "cross_attention_backward"),
                                             ("mlp_pool", "mlp_pool_act_backward"), ("merge_mlp", "merge_norm_backward"),
                                             ("merge_mlp_grid", "merge_norm_backward"),
                                             ("pool_mlp_packed", "unpool_tokens_packed")])
@@ -216,15 +217,16 @@ def test_inference_leaves_the_lse_out(default_path, monkeypatch):
     """``need_lse`` is decided where grad mode and requires_grad are known: an inference call asks
     the composed forward for no LSE (the cheapest SDPA call on CUDA), a call autograd records does."""
     q, k, v = (t.to(DEVICE) for t in host_cost._attention_inputs())
+    lens = torch.tensor([k.shape[1], 3], device=DEVICE)  # masked: not the dense call SDPA's own op runs whole on CPU
     asked = []
     real_forward = composed_attention.forward
     monkeypatch.setattr(composed_attention, "forward", lambda *a, need_lse=True, **kw: asked.append(need_lse) or real_forward(
         *a, need_lse=need_lse, **kw))
     with deco_ops.use_strategy("composed"):
-        out = deco_ops.cross_attention(q, k, v)
+        out = deco_ops.cross_attention(q, k, v, kv_lens=lens)
         with torch.no_grad():
-            deco_ops.cross_attention(q, k, v.requires_grad_(True))
-        trained = deco_ops.cross_attention(q, k, v)
+            deco_ops.cross_attention(q, k, v.requires_grad_(True), kv_lens=lens)
+        trained = deco_ops.cross_attention(q, k, v, kv_lens=lens)
     assert asked == [False, False, True]
     assert torch.equal(out, trained.detach())
 
@@ -240,9 +242,16 @@ def test_an_op_run_without_the_lse_refuses_to_differentiate(backend):
         out.sum().backward()
 
 
+# cross_attention with kv_lens: masked, so not SDPA's CPU op whole (test_dense_cpu_attention_is_sdpas_own_op);
+# deco's autograd Function and backward op run
+_ATTENTION_LENS = host_cost.Case(
+    "cross_attention_lens", lambda q, k, v: deco_ops.cross_attention(q, k, v, kv_lens=torch.tensor([k.shape[1], 3], device=k.device)),
+    None, host_cost._attention_inputs, 3)
+
+
 def _case_inputs(op):
     """``op``'s host_cost case and its inputs on the test device (grid tables stay on the CPU)."""
-    case = next(c for c in host_cost.CASES if c.name == op)
+    case = next(c for c in (*host_cost.CASES, _ATTENTION_LENS) if c.name == op)
     return case, [t.to(DEVICE) if t.is_floating_point() else t for t in case.inputs()]
 
 
@@ -293,3 +302,88 @@ def test_packed_tables_are_checked_on_every_new_layout(grids, error, match, defa
         _pool_mlp_packed(inputs, [[4, 4], [3, 4]], out_grids)
     with pytest.raises(error, match=match):
         _pool_mlp_packed(inputs, grids, out_grids)
+
+
+def _graph_nodes(tensor):
+    """The names of the autograd nodes ``tensor``'s gradient runs through."""
+    names, todo = [], [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None:
+            names.append(type(node).__name__)
+            todo += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
+def _in_nan_buffer(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in a strided view of a NaN-filled buffer (a wider last dim)."""
+    buffer = torch.full((*t.shape[:-1], t.shape[-1] + 3), float("nan"), dtype=t.dtype, device=t.device)
+    buffer[..., : t.shape[-1]] = t
+    return buffer[..., : t.shape[-1]]
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shared,D,scale", [(False, 8, None), (True, 8, None), (False, 80, None), (False, 64, 0.1),
+                                            (True, 24, 0.3), (False, 24, 24**-0.5)])
+def test_dense_cpu_attention_is_sdpas_own_op(dtype, shared, D, scale, default_path):
+    """On the PyTorch backend a dense call (no kv_lens, mask or dropout) is SDPA's CPU kernel whole,
+    forward and backward: planned, it calls that ATen op differentiably, so autograd records the
+    op's own node and no Python Function; its output and gradients are the bits of the dispatched
+    op (composed forward, deco's backward op on the same kernel), and within eager float64's reach."""
+    g = torch.Generator().manual_seed(D + shared)
+    B, M, N, H = 3, 5, 37, 2
+    q = torch.randn(1 if shared else B, M, H, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, N, H, D, generator=g, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(B, M, H, D, generator=g, dtype=torch.float64)
+    runs = []
+    for dispatched in (False, False, True):
+        leaves = [_in_nan_buffer(t.to(dtype)).requires_grad_(True) for t in (q, k, v)]
+        with mock.patch.object(_plan, "signature", return_value=None) if dispatched else contextlib.nullcontext():
+            out = deco_ops.cross_attention(*leaves, softmax_scale=scale)
+        names = _graph_nodes(out)
+        assert not any(name.startswith("deco_") for name in names) != dispatched, names
+        out.backward(dout.to(dtype))
+        runs.append([out.detach(), *(t.grad for t in leaves)])
+    for planned, full in zip(runs[1], runs[2]):
+        assert torch.equal(planned, full)
+    if dtype != torch.float64:  # the bits of F.scaled_dot_product_attention itself (its default scale is ours),
+        # which runs this kernel for fp32 and 16-bit inputs (its math path for float64)
+        leaves = [t.to(dtype).transpose(1, 2) for t in (q.expand(B, -1, -1, -1), k, v)]
+        assert torch.equal(runs[1][0], F.scaled_dot_product_attention(*leaves, scale=scale).transpose(1, 2))
+    assert (runs[1][0].double() - reference_attention.attention_dense(q, k, v, scale=scale)).abs().max() < (
+        1e-13 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 5e-2)
+
+
+@pytest.mark.parametrize("mask_shape,dtype,lens,weights", [
+    ((2, 1, 1, 37), torch.bool, None, None), ((5, 37), torch.float32, [37, 11], None), ((2, 2, 5, 37), torch.bool, [37, 11], True),
+    ((1, 2, 1, 1), torch.float32, None, False), (None, None, None, True), (None, None, [37, 11], False)])
+def test_masked_calls_are_planned(mask_shape, dtype, lens, weights, backend):
+    """A call with a mask or the weights is planned too (its own table: ``_masked_plans``): the
+    checks and the strategy once per signature, the mask's values read on every call (a second
+    mask of the same signature is the one applied), the dispatched op's bits forward and backward."""
+    g = torch.Generator().manual_seed(len(mask_shape or ()) + (lens is None) + 3 * (weights is None))
+    B, M, N, H, D = 2, 5, 37, 2, 16
+    q, k, v = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((1, M, H, D), (B, N, H, D), (B, N, H, D)))
+    kv_lens = None if lens is None else torch.tensor(lens, device=DEVICE)
+    masks = []
+    for _ in range(2 if mask_shape else 0):  # two masks of one signature
+        values = torch.rand(mask_shape, generator=g)
+        masks.append((values > 0.4) if dtype == torch.bool else torch.where(values > 0.4, values, float("-inf")))
+    if mask_shape and mask_shape[-2] > 1:  # the second one with a query that sees no key: zeros
+        masks[1][..., 0, :] = False if dtype == torch.bool else float("-inf")
+    masks = masks or [None, None]
+    kwargs = {} if weights is None else {"need_weights": True, "average_attn_weights": weights}
+    runs = []
+    for mask, dispatched in ((masks[0], False), (masks[1], False), (masks[1], True)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        with mock.patch.object(_plan, "signature", return_value=None) if dispatched else contextlib.nullcontext():
+            result = deco_ops.cross_attention(*leaves, kv_lens=kv_lens, attn_mask=mask if mask is None else mask.to(DEVICE), **kwargs)
+        outputs = list(result) if weights is not None else [result]
+        sum(o.sum() for o in outputs).backward()
+        runs.append([o.detach() for o in outputs] + [t.grad for t in leaves])
+    for planned, full in zip(runs[1], runs[2]):
+        assert torch.equal(planned, full)
+    if mask_shape:
+        assert not torch.equal(runs[0][0], runs[1][0])  # the second mask, not the first, was applied
+    assert attention._masked_plans._plans

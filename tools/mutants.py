@@ -543,4 +543,17 @@ MUTANTS: tuple[Mutant, ...] = (
            "strategy.Candidate(_backward_one_kernel, deterministic=False)",
            ("tests/test_cross_attention.py", "-k", "test_one_kernel_backward"),
            "the one-kernel backward competes under auto before a GPU has measured it"),
+    # a dense attention call on the PyTorch backend: SDPA's CPU op whole (deco_ops/attention.py _plan_of)
+    Mutant("dense_cpu_sdpa_ignores_lens", "deco_ops/attention.py",
+           'if impl is _COMPOSED_FORWARD["composed"] and kv_lens is None and', 'if impl is _COMPOSED_FORWARD["composed"] and',
+           ("tests/test_host_path.py", "-k", "kv_lens_values or dense_cpu or backward_ops_are_planned"),
+           "a planned call with kv_lens runs SDPA's CPU op on every key"),
+    Mutant("dense_cpu_sdpa_default_scale", "deco_ops/attention.py",
+           "None if default else scale, q.shape[0] != k.shape[0]", "None, q.shape[0] != k.shape[0]",
+           ("tests/test_host_path.py", "-k", "dense_cpu"),
+           "a planned dense call on CPU ignores an explicit softmax_scale"),
+    Mutant("masked_plan_keeps_first_mask", "deco_ops/attention.py",
+           "attn_bias = None if mask_shape is None else _as_bias(attn_mask, mask_shape)", "attn_bias = None",
+           ("tests/test_host_path.py", "-k", "masked_calls"),
+           "a planned call with a mask runs without it"),
 )
