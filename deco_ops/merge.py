@@ -14,7 +14,9 @@ norm is applied there from the statistics, bias + activation in the epilogue), t
 ``use_strategy`` force one). On Hopper an opt-in ``fused_tma`` candidate runs the composed norm
 and merge, then the first GEMM, its bias and activation on the persistent TMA GEMM
 (``composed.linear_act_linear_tma``). The strategy picks the norm backward likewise, between its
-kernels (statistics pre-pass + backward) and ``merge_reference.norm_stats`` + ``norm_backward``.
+kernels (statistics pre-pass + backward) and its composed twin: ATen's LayerNorm backward
+(``merge_reference.layer_norm_backward``, what eager autograd runs for ``F.layer_norm``) or the
+RMSNorm formula (``rms_norm_stats`` + ``rms_norm_backward``).
 
 Kept for backward (only when autograd needs it): the pre-activation ``(M, hidden)``, plus the
 tokens ``x`` (an input) only when a gradient needs them (``x``, the norm's parameters or ``w1``).
@@ -155,11 +157,17 @@ def _norm_backward_fused(x, norm_weight, norm_bias, dn, geometry, grid, merge, o
         x, stats, norm_weight, norm_bias, dn, merge, order, layout, geometry, image, norm, pre, *flags))
 
 
-def _norm_backward_composed(x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps, *flags):
+def _layer_norm_backward_composed(x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps, *flags):
+    return _norm_grads(x, merge_reference.layer_norm_backward(
+        x, norm_weight, norm_bias, dn, merge, order, _layout(grid), geometry, pre, eps, *flags))
+
+
+def _rms_norm_backward_composed(x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps,
+                                need_dx, store_n, need_dwn, need_dbn):
     layout = _layout(grid)
-    stats = merge_reference.norm_stats(x, merge, order, layout, geometry, norm, pre, eps)
-    return _norm_grads(x, merge_reference.norm_backward(
-        x, stats, norm_weight, norm_bias, dn, merge, order, layout, geometry, norm, pre, *flags))
+    stats = merge_reference.rms_norm_stats(x, merge, order, layout, geometry, pre, eps)
+    return _norm_grads(x, (*merge_reference.rms_norm_backward(
+        x, stats, norm_weight, dn, merge, order, layout, geometry, pre, need_dx, store_n, need_dwn), None))
 
 
 def _norm_backward_implementation(x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps,
@@ -175,8 +183,9 @@ def _norm_backward_implementation(x, norm_weight, norm_bias, dn, geometry, grid,
             flags="".join(str(int(f)) for f in flags))
 
     on_triton = _backend.use_triton(x.device)
+    composed = _layer_norm_backward_composed if norm == "layernorm" else _rms_norm_backward_composed
     return strategy.implementation(
-        args, on_triton=on_triton, key=key, fused=_norm_backward_fused if on_triton else None, composed=_norm_backward_composed)
+        args, on_triton=on_triton, key=key, fused=_norm_backward_fused if on_triton else None, composed=composed)
 
 
 @custom_op("merge_norm_backward", plan=_norm_backward_implementation)
@@ -358,12 +367,20 @@ def merge_mlp(
     """
     plan = _plans.get(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation)
     if plan is None:
-        plan = (deco.merge_mlp, *_checked(
+        plan = _through(deco.merge_mlp, order, norm, activation, *_checked(
             x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation))
-    run, batched, layout, merge, pre, eps, keep = plan
-    x3 = x if batched else x[None]
-    y = run(x3, norm_weight, norm_bias, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps, activation, keep)[0]
-    return y if batched else y[0]
+    return plan(x, norm_weight, norm_bias, w1, b1, w2, b2)
+
+
+def _through(run, order, norm, activation, batched, layout, merge, pre, eps, keep):
+    """``merge_mlp``'s call ``(x, norm_weight, norm_bias, w1, b1, w2, b2) -> y`` through ``run``
+    (``deco.merge_mlp``, or what a plan runs in its place), given ``_checked``'s answers."""
+
+    def call(x, nw, nb, w1, b1, w2, b2):
+        y = run(x if batched else x[None], nw, nb, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps, activation, keep)[0]
+        return y if batched else y[0]
+
+    return call
 
 
 def _checked(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation):
@@ -391,12 +408,19 @@ def _checked(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order,
 
 
 def _plan_of(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation):
-    """A plain eager call's plan: (what runs it, then ``_checked``'s answers)."""
+    """A plain eager call's plan: the function ``(x, norm_weight, norm_bias, w1, b1, w2, b2) -> y``
+    that runs it. Where that is the composed twin on its own (the PyTorch backend, or the
+    strategy's choice on the Triton one, where autograd records nothing), the twin's ATen ops for
+    this signature (``merge_reference.forward_of``): the same bits, without the op's generic
+    argument handling."""
     checked = _checked(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation)
     batched, layout, merge, pre, eps, keep = checked
     args = (x if batched else x[None], norm_weight, norm_bias, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps,
             activation, keep)
-    return _plan.runner(deco.merge_mlp, _implementation, args, keep), *checked
+    run = _plan.runner(deco.merge_mlp, _implementation, args, keep)
+    if run is _composed:
+        return merge_reference.forward_of(x.shape, merge, order, _layout(layout), norm, pre, eps, activation, w2.shape[0])
+    return _through(run, order, norm, activation, *checked)
 
 
 _plans = _plan.Plans(_plan_of)

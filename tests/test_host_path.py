@@ -29,8 +29,8 @@ CALLS = {
     "pool_linear": {"infer": 31 + 2, "grad": 38 + 2, "fwd+bwd": 133 + 2},
     "adaptive_avg_pool_tokens": {"infer": 28 + 2, "grad": 34 + 2, "fwd+bwd": 120 + 2},
     "mlp_pool": {"infer": 41 + 2, "grad": 48 + 2, "fwd+bwd": 157 + 2},
-    "merge_mlp": {"infer": 32 + 2, "grad": 39 + 2, "fwd+bwd": 185 + 2},
-    "merge_mlp_grid": {"infer": 36 + 2, "grad": 43 + 2, "fwd+bwd": 196 + 2},
+    "merge_mlp": {"infer": 28 + 2, "grad": 39 + 2, "fwd+bwd": 161 + 2},
+    "merge_mlp_grid": {"infer": 31 + 2, "grad": 43 + 2, "fwd+bwd": 173 + 2},
     "cross_attention": {"infer": 26 + 2, "grad": 26 + 2, "fwd+bwd": 77 + 2},
     "pool_mlp_packed": {"infer": 50 + 2, "grad": 57 + 2, "fwd+bwd": 190 + 2},
 }

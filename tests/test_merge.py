@@ -1,6 +1,7 @@
 """merge_mlp / merge_mlp_packed, forward and every gradient, against float64 eager PyTorch written
 the way the HF modules compute it (Qwen's ``view``, InternVL's ``pixel_shuffle``)."""
 
+import contextlib
 import itertools
 import math
 from unittest import mock
@@ -12,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import deco_ops
-from deco_ops import reference
+from deco_ops import _plan, reference
 from deco_ops.kernels import gemm_act_grad, merge_gemm, merge_norm
 from fuzz import dtypes, examples
 from harness import DEVICE, assert_close, guarded, leaf, poisoned_empty, randn
@@ -176,6 +177,68 @@ def test_fuzzed(dtype, batch, merge_size, blocks, frames, C, hidden, out, order,
 
 
 # ----------------------------------------------------------------------------------------------
+# plain eager calls that autograd does not record: the composed twin's ATen ops, planned
+
+
+def _planned_and_full(params, dy, requires, grad_mode=True, **kw):
+    """(y, grads) of a planned call (``merge_reference.forward_of`` where autograd records nothing)
+    and of the full path (``torch.ops.deco.merge_mlp``, the path the plan replaced) on the PyTorch
+    backend, from guard-banded (strided) inputs."""
+    runs = []
+    for full in (False, True):
+        leaves = [None if p is None else guarded(p).requires_grad_(n in requires) for n, p in zip(NAMES, params)]
+        with deco_ops.use_backend("torch"), torch.set_grad_enabled(grad_mode), (
+                mock.patch.object(_plan, "signature", return_value=None) if full else contextlib.nullcontext()):
+            y = deco_ops.merge_mlp(*leaves, **kw)
+        if y.requires_grad:
+            y.backward(dy.view_as(y))
+        runs.append((y.detach(), [None if t is None else t.grad for t in leaves]))
+    return runs
+
+
+REQUIRES = [set(), set(NAMES), {"x"}, {"norm_weight", "norm_bias", "w1"}, {"w2", "b2"}, {"x", "b1"}]
+
+
+@pytest.mark.parametrize("order,norm,position,affine", [(*m, a) for m in MATRIX for a in (True, False)])
+def test_planned_calls_give_the_full_paths_bits(order, norm, position, affine):
+    """On the PyTorch backend, inference (nothing requires grad, or grad mode off) runs
+    ``forward_of``'s function, a call autograd records the op's Function: both give the bits of
+    the path they replaced, forward and every gradient asked for, and the norm's composed backward
+    (ATen's for LayerNorm) is right for each subset of gradients."""
+    params, dy = _case(torch.float32, B=2, N=16, C=8, hidden=16, out=8, norm=norm, norm_position=position,
+                       bias=(affine, affine, True, affine), seed=len(order + norm + position) + affine)
+    kw = dict(grid=(4, 4) if order == "grid" else None, order=order, norm=norm, norm_position=position, eps=1e-5)
+    for requires, grad_mode in [(r, True) for r in REQUIRES] + [(set(NAMES), False)]:
+        (y, grads), (y_full, grads_full) = _planned_and_full(params, dy, requires, grad_mode, **kw)
+        assert torch.equal(y, y_full), (requires, grad_mode)
+        for name, got, want in zip(NAMES, grads, grads_full):
+            assert (got is None) == (want is None), name
+            assert got is None or torch.equal(got, want), f"grad {name} ({sorted(requires)})"
+        with deco_ops.use_backend("torch"):  # and right: each subset of gradients against float64
+            _check(params, dy, torch.float32, requires if grad_mode else set(), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("order,norm,position", [("block", "rmsnorm", "pre"), ("grid", "layernorm", "pre"), ("grid", "rmsnorm", "post")])
+def test_planned_inference_keeps_the_forward_bits(dtype, order, norm, position):
+    """16-bit tokens, 2D (N, C), transposed and empty batches, and the composed strategy on the
+    Triton backend: the planned inference equals the full path bit for bit."""
+    params, dy = _case(dtype, B=1, N=16, C=8, hidden=16, out=8, norm=norm, norm_position=position)
+    kw = dict(grid=(4, 4) if order == "grid" else None, order=order, norm=norm, norm_position=position)
+    (y, _), (y_full, _) = _planned_and_full(params, dy, set(), **kw)
+    assert torch.equal(y, y_full)
+    x = params[0][0]
+    for backend, name in (("torch", "auto"), ("triton", "composed")):
+        with deco_ops.use_backend(backend), deco_ops.use_strategy(name):
+            for tokens in (x, x.t().contiguous().t(), params[0][:0]):
+                got = deco_ops.merge_mlp(tokens, *params[1:], **kw)
+                with mock.patch.object(_plan, "signature", return_value=None):
+                    want = deco_ops.merge_mlp(tokens, *params[1:], **kw)
+                assert got.shape == want.shape and torch.equal(got, want)
+                assert tokens.shape[0] == 0 or torch.equal(got, y[0])
+
+
+# ----------------------------------------------------------------------------------------------
 # packed batches
 
 
@@ -237,7 +300,8 @@ def test_kernel_launches(frozen):
         for t in leaves[:4]:
             t.requires_grad_(False)
     with deco_ops.use_backend("triton"), mock.patch.multiple(
-            "deco_ops.merge_reference", composed_forward=mock.DEFAULT, norm_stats=mock.DEFAULT, norm_backward=mock.DEFAULT):
+            "deco_ops.merge_reference", composed_forward=mock.DEFAULT, rms_norm_stats=mock.DEFAULT, rms_norm_backward=mock.DEFAULT,
+            layer_norm_backward=mock.DEFAULT):
         spies, mocks = _spy(KERNELS)
         try:
             deco_ops.merge_mlp(*leaves).backward(dy)

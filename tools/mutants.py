@@ -556,4 +556,14 @@ MUTANTS: tuple[Mutant, ...] = (
            "attn_bias = None if mask_shape is None else _as_bias(attn_mask, mask_shape)", "attn_bias = None",
            ("tests/test_host_path.py", "-k", "masked_calls"),
            "a planned call with a mask runs without it"),
+    # merge_mlp on the PyTorch backend: planned inference (merge_reference.forward_of) and ATen's LayerNorm backward
+    Mutant("merge_forward_of_block_shape", "deco_ops/merge_reference.py",
+           "            return t.reshape(M, K)\n", "            return t.reshape(K, M).t()\n",
+           ("tests/test_merge.py", "-k", "planned"),
+           "planned inference merges the rows in the wrong order"),
+    Mutant("merge_layer_norm_backward_post_dx_unmerged", "deco_ops/merge_reference.py",
+           "dx = (dx if pre else unmerge_tokens(dx, x.shape, merge, order, grid, geometry)) if need_dx else None",
+           "dx = (dx if pre else dx.reshape(x.shape)) if need_dx else None",
+           ("tests/test_merge.py", "-k", "planned or test_merge_mlp"),
+           "a post-merge LayerNorm's dx is not scattered back to the grid's token order"),
 )
