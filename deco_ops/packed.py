@@ -224,6 +224,8 @@ _UPSAMPLE_TRILINEAR_BACKWARD = torch.ops.aten.upsample_trilinear3d_backward.defa
 def _dense_batch(table: list[list[int]]) -> int:
     """How many images a geometry table (as a list) holds if they share one grid and out-grid and
     lie back to back (a dense batch, as ``dense_geometry`` builds it), else 0."""
+    if not table:  # no image: the loop over images makes the empty result
+        return 0
     first = table[0][:6]
     if table[-1][:6] != first:  # most mixed batches, at once
         return 0
