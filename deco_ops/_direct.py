@@ -40,6 +40,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # plain eager call has none, and the wrapper's per-argument checks cost more than the op's checks
 _function_apply = torch._C._FunctionBase.__dict__["apply"]
 _peek_functorch = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+_copy_context = contextvars.copy_context
 
 
 _names: dict[object, str] = {}  # custom op definition -> its name in ``deco``
@@ -63,24 +64,35 @@ def custom_op(name: str, plan: Callable[..., Callable] | None = None) -> Callabl
 def register_autograd(opdef, backward: Callable, setup_context: Callable) -> None:
     """``opdef.register_autograd``, remembering the formula for ``deco.<name>``'s eager path; the
     backward runs in the forward's context (``_in_forward_context``)."""
-    backward, setup_context = _in_forward_context(backward, setup_context)
-    opdef.register_autograd(backward, setup_context=setup_context)
+    backward = _in_forward_context(backward)
+    opdef.register_autograd(backward, setup_context=_keeping_context(setup_context))
     getattr(deco, _names[opdef]).set_autograd(backward, setup_context)
 
 
-def _in_forward_context(backward: Callable, setup_context: Callable) -> tuple[Callable, Callable]:
-    """The formula with its backward run in a copy of the ``contextvars`` context its forward ran
-    in: ``use_backend`` / ``use_strategy`` blocks hold per context, and autograd runs the backward
-    of CUDA tensors on its own device thread, which would otherwise see none of them."""
+# ``use_backend`` / ``use_strategy`` blocks hold per ``contextvars`` context, and autograd runs the
+# backward of CUDA tensors on its own device thread, which would otherwise see none of them: the
+# setup keeps a copy of the context the forward ran in (``contextvars.copy_context``: a new
+# reference to the same immutable mapping, no copy of its entries) and the backward runs in it.
+
+
+def _keeping_context(setup_context: Callable) -> Callable:
+    """``setup_context``, then the forward's context kept on ``ctx`` (the torch.library path's
+    setup; ``Op.function``'s forward does the same inline)."""
 
     def setup(ctx, inputs, output):
         setup_context(ctx, inputs, output)
-        ctx.forward_context = contextvars.copy_context()
+        ctx.forward_context = _copy_context()
+
+    return setup
+
+
+def _in_forward_context(backward: Callable) -> Callable:
+    """``backward`` run in the context its forward ran in (kept by the setup)."""
 
     def in_context(ctx, *grads):
         return ctx.forward_context.run(backward, ctx, *grads)
 
-    return in_context, setup
+    return in_context
 
 
 def plain_eager(args: tuple) -> bool:
@@ -152,13 +164,15 @@ class Op:
         impl = self.body if impl is None else impl
         function = self._functions.get(impl)
         if function is None:
-            backward, setup = self._formula
+            backward, setup_context = self._formula
 
             # forward(ctx, ...) rather than a separate setup_context: Function.apply then skips
-            # binding the arguments to forward's signature (inspect) on every call
+            # binding the arguments to forward's signature (inspect) on every call. The context
+            # is kept as ``_keeping_context`` keeps it, without that function's frame.
             def forward(ctx, *args):
                 output = impl(*args)
-                setup(ctx, args, output)
+                setup_context(ctx, args, output)
+                ctx.forward_context = _copy_context()
                 return output
 
             # built with type() so that autograd names its node after the op (deco_pool_mlpBackward)

@@ -163,7 +163,7 @@ def _backward(ctx, dy, dpooled_extra):
         dz = deco.mlp_pool_act_backward(x, w1, b1, dpooled, geometry, ctx.activation, ctx.mode)
         dw1, db1 = linear_grads(dz, x, need_w1, need_b1 and ctx.has_b1)
         if need_x:
-            dx = dz @ w1
+            dx = torch.mm(dz, w1)
     return dx, dw1, db1, dw2, db2, None, None, None, None, None
 
 

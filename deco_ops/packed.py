@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch._C import _nn
 
-from . import _backend, _plan, _validate, composed, strategy
+from . import _backend, _plan, _validate, composed, reference, strategy
 from ._direct import Op, custom_op, deco, register_autograd
 from ._transfer import to_device
 from .kernels import packed_pool, pool_gemm
@@ -212,28 +212,20 @@ def dense_geometry(grid, out_grid, batch: int, device: torch.device) -> torch.Te
 # PyTorch reference path (default CPU backend): a loop over images
 
 
-def _image(x: torch.Tensor, grid) -> torch.Tensor:
-    return x.t().reshape(1, x.shape[1], *grid)
-
-
-def _rows(img: torch.Tensor) -> torch.Tensor:
-    return img.reshape(img.shape[1], -1).t()
-
-
-def _geometry_rows(geometry: torch.Tensor):
-    for T, H, W, OT, OH, OW, tok0, row0 in geometry.tolist():
-        yield (T, H, W), (OT, OH, OW), tok0, row0
-
-
 def _trilinear(img: torch.Tensor, out_grid) -> torch.Tensor:
     """``F.interpolate(img, size=out_grid, mode="trilinear", align_corners=False)``, by the ATen
     function it calls (with a size and no scale factor its Python wrapper only checks arguments)."""
     return _nn.upsample_trilinear3d(img, out_grid, False, None)
 
 
+_UPSAMPLE_TRILINEAR_BACKWARD = torch.ops.aten.upsample_trilinear3d_backward.default
+
+
 def _dense_batch(table: list[list[int]]) -> int:
     """How many images a geometry table (as a list) holds if they share one grid and out-grid and
     lie back to back (a dense batch, as ``dense_geometry`` builds it), else 0."""
+    if not table:  # no image: the loop over images makes the empty result
+        return 0
     first = table[0][:6]
     if table[-1][:6] != first:  # most mixed batches, at once
         return 0
@@ -270,16 +262,30 @@ def reference_pool(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: 
     return out
 
 
-def reference_unpool(grad: torch.Tensor, geometry: torch.Tensor, num_tokens: int, mode: str) -> torch.Tensor:
-    dx = grad.new_empty((num_tokens, grad.shape[1]))
+def _unpool_images(grad: torch.Tensor, batch: int, grid, out_grid, mode: str) -> torch.Tensor:
+    """The gradient of ``_pool_images`` w.r.t. its rows, by PyTorch's own backward: one call on
+    the gradient rows viewed as a channels-last image, as the forward pools; average un-pooling is
+    ``reference.unpool_tokens`` (2D for a 2D grid, whose gradient comes back as rows without a
+    copy)."""
     C = grad.shape[1]
-    for g, o, tok0, row0 in _geometry_rows(geometry):
-        gi = _image(grad[row0: row0 + math.prod(o)], o).contiguous()
-        if mode == "average":
-            di = torch.ops.aten._adaptive_avg_pool3d_backward(gi, gi.new_empty(()).expand(1, C, *g))
-        else:
-            di = torch.ops.aten.upsample_trilinear3d_backward(gi, list(o), [1, C, *g], False)
-        dx[tok0: tok0 + math.prod(g)] = _rows(di)
+    if mode == "bilinear":
+        image = grad.reshape(batch, *out_grid, C).movedim(-1, 1)
+        return _UPSAMPLE_TRILINEAR_BACKWARD(image, list(out_grid), [batch, C, *grid], False).movedim(1, -1).reshape(-1, C)
+    if grid[0] == out_grid[0] == 1:
+        grid, out_grid = grid[1:], out_grid[1:]
+    return reference.unpool_tokens(grad.reshape(batch, -1, C), grid, out_grid).reshape(-1, C)
+
+
+def reference_unpool(grad: torch.Tensor, geometry: torch.Tensor, num_tokens: int, mode: str) -> torch.Tensor:
+    """PyTorch's un-pooling of each image (``reference_pool``'s gradient); a dense batch's images
+    in one call."""
+    table = geometry.tolist()
+    batch = _dense_batch(table)
+    if batch:
+        return _unpool_images(grad, batch, table[0][:3], table[0][3:6], mode).contiguous()
+    dx = grad.new_empty((num_tokens, grad.shape[1]))
+    for T, H, W, OT, OH, OW, tok0, row0 in table:
+        dx[tok0: tok0 + T * H * W] = _unpool_images(grad[row0: row0 + OT * OH * OW], 1, (T, H, W), (OT, OH, OW), mode)
     return dx
 
 

@@ -53,7 +53,7 @@ def add_grads(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | 
 def linear_grads(g: torch.Tensor, a: torch.Tensor, need_w: bool, need_b: bool):
     """(dW, db) of a Linear with output gradient ``g`` (rows, out) and input ``a`` (rows, in); None
     where not needed."""
-    dw = g.t() @ a if need_w else None
+    dw = torch.mm(g.t(), a) if need_w else None
     db = reference.bias_grad(g) if need_b else None
     return dw, db
 
@@ -85,7 +85,7 @@ def mlp_backward(ctx, dy, dpre_extra, w1, w2, pooled, pre):
         dw1, db1_of_sum = linear_grads(dz, pooled, need_w1, need_b1 and db1 is None)
         db1 = db1_of_sum if db1 is None else db1
         if need_x:
-            dpooled = dz @ w1
+            dpooled = torch.mm(dz, w1)
     return dpooled, dw1, db1, dw2, db2
 
 
@@ -173,7 +173,7 @@ def _pool_linear_backward(ctx, dy, dpooled_extra):
         dy2 = _rows(dy)
         dw, db = linear_grads(dy2, _rows(pooled), need_w, need_b and ctx.has_bias)
         if need_x:
-            dpooled = (dy2 @ w).view(pooled.shape)
+            dpooled = torch.mm(dy2, w).view(pooled.shape)
     dpooled = add_grads(dpooled, dpooled_extra)
     if need_x and dpooled is not None:
         dx = deco.unpool_tokens(dpooled, ctx.grid, ctx.out_grid)

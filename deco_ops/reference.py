@@ -3,6 +3,7 @@ tests compare with (in float64). Tokens are (B, N, C) with N = prod(grid) in row
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,15 +17,11 @@ ACTIVATIONS = {
 }
 
 
-def _as_image(x: torch.Tensor, grid) -> torch.Tensor:
-    B, _, C = x.shape
-    return x.transpose(1, 2).reshape(B, C, *grid)
-
-
 # F.adaptive_avg_pool2d/3d's ATen bindings: their Python wrappers only fill in None entries of the
 # output size (out_grid has none) for three more Python calls; the bindings dispatch
 # ``__torch_function__`` overrides and modes as the wrappers do
 _ADAPTIVE_AVG_POOL = {2: torch._C._nn.adaptive_avg_pool2d, 3: torch._C._nn.adaptive_avg_pool3d}
+_ADAPTIVE_AVG_POOL_BACKWARD = {2: torch.ops.aten._adaptive_avg_pool2d_backward.default, 3: torch.ops.aten._adaptive_avg_pool3d_backward.default}
 
 
 def adaptive_avg_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
@@ -38,14 +35,17 @@ def adaptive_avg_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
 def unpool_tokens(grad: torch.Tensor, grid, out_grid) -> torch.Tensor:
     """Gradient of ``adaptive_avg_pool_tokens`` w.r.t. its input, by PyTorch's own backward.
 
-    In the tokens' own layout: (B, N, C) tokens viewed as an image are channels-last, the layout
-    ATen's CPU kernels pool fastest, and the gradient comes back (B, N, C)-contiguous without a copy
-    (a contiguous NCHW image would cost a transpose on the way in and out, 6x the kernel here)."""
-    B, N, C = grad.shape[0], math.prod(grid), grad.shape[2]
-    like = _as_image(grad.new_empty((B, N, C)), grid)  # strides only: the kernel's output layout
-    backward = torch.ops.aten._adaptive_avg_pool2d_backward if len(grid) == 2 else torch.ops.aten._adaptive_avg_pool3d_backward
-    dx = backward(_as_image(grad, out_grid), like)
-    return dx.reshape(B, C, N).transpose(1, 2)
+    In the tokens' own layout: (B, N, C) tokens viewed as an image (``movedim``, as the forward
+    does) are channels-last, the layout ATen's CPU kernels pool fastest, and the 2D gradient comes
+    back (B, N, C)-contiguous without a copy (a contiguous NCHW image would cost a transpose on the
+    way in and out, 6x the kernel here). The views keep the batch stride ``N * C`` even for one
+    image: ATen reads a channels-last layout from all four strides, and a batch stride of ``C``
+    (what ``transpose(1, 2).reshape`` gives at B = 1) made it copy the gradient to NCHW and back
+    (the same bits either way: each kernel sums a token's windows in the same order)."""
+    B, C = grad.shape[0], grad.shape[2]
+    like = grad.new_empty((B, *grid, C)).movedim(-1, 1)  # strides only: the kernel's output layout
+    dx = _ADAPTIVE_AVG_POOL_BACKWARD[len(grid)](grad.reshape(B, *out_grid, C).movedim(-1, 1), like)
+    return dx.movedim(1, -1).reshape(B, math.prod(grid), C)
 
 
 def pool_linear(x, w, b, grid, out_grid):
@@ -84,10 +84,12 @@ ACTIVATION_GRADS = {"gelu": _gelu_grad, "gelu_tanh": _gelu_tanh_grad, "silu": _s
 
 # PyTorch's own backward kernels, one elementwise pass each (what eager autograd launches for
 # nn.GELU / nn.SiLU): fp32 math inside, one rounding, as the closed forms below in fp32.
+# The overloads themselves, partial over the approximation: no Python frame of our own and no
+# overload resolution per call.
 _ATEN_ACTIVATION_BACKWARD = {
-    "gelu": lambda g, z: torch.ops.aten.gelu_backward(g, z, approximate="none"),
-    "gelu_tanh": lambda g, z: torch.ops.aten.gelu_backward(g, z, approximate="tanh"),
-    "silu": torch.ops.aten.silu_backward,
+    "gelu": functools.partial(torch.ops.aten.gelu_backward.default, approximate="none"),
+    "gelu_tanh": functools.partial(torch.ops.aten.gelu_backward.default, approximate="tanh"),
+    "silu": torch.ops.aten.silu_backward.default,
 }
 
 
@@ -100,7 +102,7 @@ def bias_grad(g: torch.Tensor) -> torch.Tensor:
 
 def mlp_activation_backward(dy, w2, pre, activation):
     """(dy @ w2 * act'(pre), act(pre)), the activation math in at least fp32."""
-    g = dy @ w2
+    g = torch.mm(dy, w2)
     backward = _ATEN_ACTIVATION_BACKWARD.get(activation)
     if backward is not None:
         return backward(g, pre), ACTIVATIONS[activation](pre)

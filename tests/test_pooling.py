@@ -55,6 +55,24 @@ def test_reference_is_pytorch_pooling():
     torch.testing.assert_close(reference.adaptive_avg_pool_tokens(x, (27, 27), (12, 12)), expected)
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_reference_unpooling_writes_token_rows(B):
+    """The PyTorch backend's un-pooling views the gradient as a channels-last image with the
+    tokens' batch stride, one image included (at B = 1 a batch stride of C reads as NCHW): ATen's
+    kernel then reads the gradient rows and writes the (B, N, C) rows itself, no copy in or out;
+    and the gradient is eager autograd's through F.adaptive_avg_pool2d, bit for bit."""
+    for grid, out_grid in (((4, 4), (2, 2)), ((5, 7), (3, 2)), ((3, 5), (5, 7))):
+        x, dy = _pool_case(grid, out_grid, torch.float32, B=B, C=8)
+        x.requires_grad_(True)
+        eager = torch.nn.functional.adaptive_avg_pool2d(x.view(B, *grid, 8).permute(0, 3, 1, 2), out_grid)
+        (want,) = torch.autograd.grad(eager.flatten(2).transpose(1, 2), x, dy)
+        assert torch.equal(reference.unpool_tokens(guarded(dy), grid, out_grid), want), (grid, out_grid)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = reference.unpool_tokens(dy, grid, out_grid)
+        copies = [e.name for e in prof.events() if e.name in ("aten::clone", "aten::copy_")]
+        assert got.is_contiguous() and not copies, (grid, out_grid, copies)
+
+
 def test_unpool_is_deterministic_gather():
     _, dy = _pool_case((11, 11), (4, 4), torch.float32, B=1, C=300)
     with deco_ops.use_backend("triton"):

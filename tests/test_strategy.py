@@ -339,6 +339,29 @@ def test_backward_runs_under_the_forward_s_overrides():
     assert all(t.grad is not None for t in leaves)
 
 
+def test_direct_backward_runs_under_the_forward_s_backend_not_the_caller_s(monkeypatch):
+    """The same for the ops' direct path (``deco.<name>``'s Function, which keeps the context in
+    its forward): a pooling run under ``use_backend("torch")`` un-pools with PyTorch even when its
+    backward is started under another override, on the calling thread (CPU autograd), and with
+    the environment asking for Triton (what an empty context would see)."""
+    from unittest import mock
+
+    from deco_ops import _backend, reference
+    from deco_ops.kernels import adaptive_pool
+
+    monkeypatch.setenv(_backend.SETTING.var, "triton")
+    x = torch.randn(2, 16, 3, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    with deco_ops.use_backend("torch"):
+        out = deco_ops.adaptive_avg_pool_tokens(x, (4, 4), (2, 2))
+    assert type(out.grad_fn).__name__ == "deco_adaptive_avg_pool_tokensBackward"  # the direct path's Function
+    with deco_ops.use_backend("triton"), \
+            mock.patch.object(adaptive_pool, "unpool_tokens", wraps=adaptive_pool.unpool_tokens) as kernel, \
+            mock.patch.object(reference, "unpool_tokens", wraps=reference.unpool_tokens) as pytorch:
+        out.sum().backward()
+    assert pytorch.call_count == 1 and not kernel.called
+    torch.testing.assert_close(x.grad, torch.full_like(x, 0.25))
+
+
 def _rank_decides(rank: int, world: int, init_file: str, cache_root: str, results) -> None:
     """One gloo rank: decides a key whose timing disagrees between the ranks, then a key the ranks
     name differently."""

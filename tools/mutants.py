@@ -566,4 +566,15 @@ MUTANTS: tuple[Mutant, ...] = (
            "dx = (dx if pre else dx.reshape(x.shape)) if need_dx else None",
            ("tests/test_merge.py", "-k", "planned or test_merge_mlp"),
            "a post-merge LayerNorm's dx is not scattered back to the grid's token order"),
+    # the host path (issue 20): the direct path's Function keeps the forward's context inline
+    Mutant("direct_forward_context_not_kept", "deco_ops/_direct.py",
+           "ctx.forward_context = _copy_context()\n                return output",
+           "ctx.forward_context = contextvars.Context()\n                return output",
+           ("tests/test_strategy.py", "-k", "test_direct_backward_runs_under_the_forward_s_backend"),
+           "a direct call's backward runs under the caller's backend and strategy, not the forward's"),
+    Mutant("reference_unpool_batch_stride_c", "deco_ops/reference.py",
+           "(grad.reshape(B, *out_grid, C).movedim(-1, 1), like)",
+           "(grad.transpose(1, 2).reshape(B, C, *out_grid), like)",
+           ("tests/test_pooling.py", "-k", "test_reference_unpooling_writes_token_rows"),
+           "the gradient viewed with a batch stride of C: read as NCHW at B = 1, ATen copies it"),
 )
