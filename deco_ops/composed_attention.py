@@ -168,11 +168,21 @@ def _cudnn_lse_rank() -> int:
 _cpu_kernel = torch._scaled_dot_product_flash_attention_for_cpu  # the ATen op's Python binding: no torch.ops lookup per call
 
 
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a unit stride on the head dim, as SDPA's CPU kernels read it: they index rows by
+    the other strides and assume this one is 1 (``F.scaled_dot_product_attention`` checks it and
+    falls back to its math path; called directly, the kernels read the wrong elements, or past
+    the tensor). Copied only where it is not."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def cpu_sdpa(q, k, v, scale: float | None = None, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
     """SDPA's CPU kernel on ``(B, L, H, D)`` tensors of one batch size: (O ``(B, M, H, D)``, a
     view; its LSE as the kernel lays it out). ``scale`` None: the kernel's own ``1 / sqrt(D)``.
     Differentiable: under autograd it records the ATen op's node, whose backward is the op that
     ``backward`` runs for ``composed`` on the same residuals."""
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:  # inline: three frames fewer on every call
+        q, k, v = map(_unit_stride, (q, k, v))
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if scale is None and bias is None:  # keyword arguments cost the binding ~0.5 us a call
         o, lse = _cpu_kernel(qt, kt, vt)
@@ -226,7 +236,7 @@ def backward(dout, q, k, v, out, lse, kv_lens, scale, need_dq: bool, need_dkv: b
     if kernel == "composed":
         q, k, v, bias, _ = _inputs(q, k, v, kv_lens, bias)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            *_heads_first(dout, q, k, v, out), lse, 0.0, False, attn_mask=bias, scale=scale
+            *_heads_first(*map(_unit_stride, (dout, q, k, v, out))), lse, 0.0, False, attn_mask=bias, scale=scale
         )
         dq, dk, dv = _heads_first(*grads)
     elif kernel == "composed_efficient":

@@ -132,6 +132,30 @@ def test_zero_length_and_nan_padding(backend):
     torch.testing.assert_close(out[1], v[1, :1].expand(5, -1, -1))
 
 
+def _head_strided(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` (B, L, H, D) whose head dim has stride H + 3, not 1 (a transposed
+    (B, L, D, H) tensor's view), inside a NaN-filled buffer."""
+    return guarded(t.transpose(-1, -2)).transpose(-1, -2)
+
+
+@pytest.mark.parametrize("Bq,lens,masked,strided", [
+    (2, None, False, "qkv"), (1, None, False, "k"), (1, [5, 2], False, "qkv"), (2, [5, 0], True, "v")])
+def test_head_dim_of_any_stride(backend, Bq, lens, masked, strided):
+    """q, k, v (those named by ``strided``) and dout whose head dim is not unit-stride give the
+    float64 reference, on the first call of a signature and on the planned one. SDPA's CPU kernels
+    (the PyTorch backend) assume a unit stride there, which ``F.scaled_dot_product_attention``
+    checks; called directly they read other elements, and past q (outputs of 1e276)."""
+    q, k, v, dout, kv_lens = _case(2, Bq, 4, 5, 3, 16, lens, torch.float32, seed=7)
+    mask = randn(2, 1, 4, 5, generator=torch.Generator().manual_seed(8)) if masked else None
+    want = _reference(q, k, v, dout, kv_lens, bias=None if mask is None else mask.double().expand(2, 3, 4, 5))
+    for _ in range(2):
+        leaves = [(_head_strided(t) if name in strided else guarded(t)).requires_grad_(True) for name, t in zip("qkv", (q, k, v))]
+        with poisoned_empty():
+            out = cross_attention(*leaves, kv_lens=kv_lens, attn_mask=mask)
+            out.backward(_head_strided(dout))
+        _check((out.detach(), *(t.grad for t in leaves)), want, torch.float32, kv_lens, 5)
+
+
 @pytest.mark.parametrize("single_pass", [True, False])
 def test_backward_is_bitwise_deterministic(single_pass):
     q, k, v, dout, kv_lens = _case(3, 1, 40, 300, 2, 64, [300, 77, 0], torch.float32, seed=3)
