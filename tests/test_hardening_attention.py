@@ -1,6 +1,7 @@
 """Hardening of cross_attention and of the compressors together: fuzzed parity on the Triton
-kernels (interpreter on a CPU), strided and shared inputs, and torch.compile of a model that
-chains both compressors."""
+kernels (interpreter on a CPU) and on the default backend (SDPA's kernels), strided (a head dim
+that is not unit-stride too) and shared inputs, and torch.compile of a model that chains both
+compressors."""
 
 import pytest
 import torch
@@ -26,16 +27,17 @@ def attention_shapes(draw):
     return B, M, N, H, D
 
 
+@pytest.mark.parametrize("backend_name", ["triton", "auto"])
 @examples(12)
 @given(
     shape=attention_shapes(),
     shared=st.booleans(),
     with_lens=st.booleans(),
-    layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
+    layout=st.sampled_from(["contiguous", "transposed", "sliced", "head_strided"]),
     dtype=dtypes,
     seed=st.integers(0, 2**16),
 )
-def test_fuzz_cross_attention(shape, shared, with_lens, layout, dtype, seed):
+def test_fuzz_cross_attention(backend_name, shape, shared, with_lens, layout, dtype, seed):
     B, M, N, H, D = shape
     g = torch.Generator().manual_seed(seed)
     q = randn(1 if shared else B, M, H, D, dtype=dtype, generator=g)
@@ -49,9 +51,11 @@ def test_fuzz_cross_attention(shape, shared, with_lens, layout, dtype, seed):
         k, v = (t.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3) for t in (k, v))
     elif layout == "sliced":  # rows of D inside a NaN-padded buffer (guard bands between heads)
         k, v = guarded(k), guarded(v)
+    elif layout == "head_strided":  # (..., D, H) storage: the head dim is not unit-stride, in q too
+        q, k, v = (guarded(t.transpose(-1, -2)).transpose(-1, -2) for t in (q, k, v))
     dout = randn(B, M, H, D, dtype=dtype, generator=g)
     leaves = [t.requires_grad_(True) for t in (q, k, v)]
-    with deco_ops.use_backend("triton"), poisoned_empty():
+    with deco_ops.use_backend(backend_name), poisoned_empty():
         out = deco_ops.cross_attention(*leaves, kv_lens=kv_lens)
         grads = torch.autograd.grad(out, leaves, dout) if B else [torch.zeros_like(t) for t in leaves]
     ref = [t.detach().double().nan_to_num(0.0).requires_grad_(True) for t in leaves]
