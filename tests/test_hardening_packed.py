@@ -1,4 +1,5 @@
-"""Fuzzed parity of the remaining public ops on the Triton kernels (interpreter on a CPU):
+"""Fuzzed parity of the remaining public ops on the Triton kernels (interpreter on a CPU) and on
+the default backend:
 pool_linear, the packed ragged-batch ops, bilinear resampling and the project-then-pool order,
 each against float64 PyTorch (F.adaptive_avg_pool*/F.interpolate, F.linear)."""
 
@@ -18,6 +19,10 @@ from harness import assert_close, poisoned_empty, randn
 pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
+# the fuzzed ops on the Triton kernels and on the default backend (PyTorch's kernels on CPU tensors)
+FUZZ_BACKENDS = ["triton", "auto"]
+
+
 @pytest.fixture
 def triton_backend():
     with deco_ops.use_backend("triton"):
@@ -34,17 +39,18 @@ def _resample64(x, grid, out_grid, mode):
     return out.reshape(B, C, math.prod(out_grid)).transpose(1, 2)
 
 
+@pytest.mark.parametrize("backend_name", FUZZ_BACKENDS)
 @examples(6)
 @given(grids=grid_pairs(max_side=20, max_tokens=400), B=st.integers(1, 3), C=st.integers(1, 70), out=st.integers(1, 70),
        bias=st.booleans(), dtype=dtypes, layout=layouts, seed=st.integers(0, 2**16))
-def test_fuzz_pool_linear(grids, B, C, out, bias, dtype, layout, seed):
+def test_fuzz_pool_linear(backend_name, grids, B, C, out, bias, dtype, layout, seed):
     grid, out_grid = grids
     g = torch.Generator().manual_seed(seed)
     x = lay_out(randn(B, math.prod(grid), C, dtype=dtype, generator=g), layout).requires_grad_(True)
     w = randn(out, C, dtype=dtype, scale=C**-0.5, generator=g).requires_grad_(True)
     b = randn(out, dtype=dtype, generator=g).requires_grad_(True) if bias else None
     dy = randn(B, math.prod(out_grid), out, dtype=dtype, generator=g)
-    with poisoned_empty():
+    with deco_ops.use_backend(backend_name), poisoned_empty():
         y = deco_ops.pool_linear(x, w, b, grid=grid, out_grid=out_grid)
         y.backward(dy)
     ref = [t.detach().double().requires_grad_(True) if t is not None else None for t in (x, w, b)]
@@ -68,14 +74,15 @@ def packed_batches(draw):
     return grids, outs
 
 
+@pytest.mark.parametrize("backend_name", FUZZ_BACKENDS)
 @examples(6)
 @given(batch=packed_batches(), C=st.integers(1, 70), mode=st.sampled_from(["average", "bilinear"]), dtype=dtypes, seed=st.integers(0, 2**16))
-def test_fuzz_packed_pool(batch, C, mode, dtype, seed):
+def test_fuzz_packed_pool(backend_name, batch, C, mode, dtype, seed):
     grids, outs = batch
     g = torch.Generator().manual_seed(seed)
     x = randn(sum(math.prod(s) for s in grids), C, dtype=dtype, generator=g).requires_grad_(True)
     op = deco_ops.adaptive_avg_pool_tokens_packed if mode == "average" else deco_ops.bilinear_pool_tokens_packed
-    with poisoned_empty():
+    with deco_ops.use_backend(backend_name), poisoned_empty():
         y, cu = op(x, torch.tensor(grids), out_grids=torch.tensor(outs))
     dy = randn(*y.shape, dtype=dtype, generator=g)
     (dx,) = torch.autograd.grad(y, x, dy)
@@ -92,11 +99,12 @@ def test_fuzz_packed_pool(batch, C, mode, dtype, seed):
     assert_close(dx, dx64, dtype, "grad x")
 
 
+@pytest.mark.parametrize("backend_name", FUZZ_BACKENDS)
 @examples(6)
 @given(grids=grid_pairs(max_side=14, max_tokens=200), B=st.integers(1, 2), C=st.integers(1, 48), hidden=st.integers(1, 64),
        out=st.integers(1, 48), mode=st.sampled_from(["average", "bilinear"]), activation=st.sampled_from(["gelu", "gelu_tanh", "silu"]),
        dtype=dtypes, seed=st.integers(0, 2**16))
-def test_fuzz_mlp_pool(grids, B, C, hidden, out, mode, activation, dtype, seed):
+def test_fuzz_mlp_pool(backend_name, grids, B, C, hidden, out, mode, activation, dtype, seed):
     grid, out_grid = grids
     g = torch.Generator().manual_seed(seed)
     x = randn(B, math.prod(grid), C, dtype=dtype, generator=g)
@@ -104,7 +112,7 @@ def test_fuzz_mlp_pool(grids, B, C, hidden, out, mode, activation, dtype, seed):
               randn(out, hidden, dtype=dtype, scale=hidden**-0.5, generator=g), randn(out, dtype=dtype, generator=g)]
     leaves = [t.requires_grad_(True) for t in [x, *params]]
     dy = randn(B, math.prod(out_grid), out, dtype=dtype, generator=g)
-    with poisoned_empty():
+    with deco_ops.use_backend(backend_name), poisoned_empty():
         y = deco_ops.mlp_pool(*leaves, grid=grid, out_grid=out_grid, activation=activation, mode=mode)
         y.backward(dy)
 
@@ -122,11 +130,12 @@ def test_fuzz_mlp_pool(grids, B, C, hidden, out, mode, activation, dtype, seed):
         assert_close(got.grad, want.grad, dtype, f"grad {name}", eager=base.grad)
 
 
+@pytest.mark.parametrize("backend_name", FUZZ_BACKENDS)
 @examples(6)
 @given(batch=packed_batches(), C=st.integers(1, 48), hidden=st.integers(1, 64), out=st.integers(1, 48),
        mode=st.sampled_from(["average", "bilinear"]), order=st.sampled_from(["pool_mlp", "mlp_pool"]),
        dtype=dtypes, seed=st.integers(0, 2**16))
-def test_fuzz_packed_projectors(batch, C, hidden, out, mode, order, dtype, seed):
+def test_fuzz_packed_projectors(backend_name, batch, C, hidden, out, mode, order, dtype, seed):
     """pool_mlp_packed and mlp_pool_packed against a float64 loop over the images."""
     grids, outs = batch
     g = torch.Generator().manual_seed(seed)
@@ -135,7 +144,7 @@ def test_fuzz_packed_projectors(batch, C, hidden, out, mode, order, dtype, seed)
               randn(out, hidden, dtype=dtype, scale=hidden**-0.5, generator=g), randn(out, dtype=dtype, generator=g)]
     leaves = [t.requires_grad_(True) for t in [x, *params]]
     op = deco_ops.pool_mlp_packed if order == "pool_mlp" else deco_ops.mlp_pool_packed
-    with poisoned_empty():
+    with deco_ops.use_backend(backend_name), poisoned_empty():
         y, _ = op(leaves[0], torch.tensor(grids), *leaves[1:], out_grids=torch.tensor(outs), mode=mode)
     dy = randn(*y.shape, dtype=dtype, generator=g)
     y.backward(dy)

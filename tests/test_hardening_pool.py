@@ -1,5 +1,6 @@
-"""Hardening of the pooling ops and the DeCo projector: fuzzed parity, strides, determinism,
-NaN propagation and 64-bit offsets, all on the Triton kernels (interpreter on a CPU)."""
+"""Hardening of the pooling ops and the DeCo projector: fuzzed parity and strides (on the Triton
+kernels, through the interpreter on a CPU, and on the default backend), determinism, NaN
+propagation and 64-bit offsets (on the Triton kernels)."""
 
 import math
 
@@ -16,20 +17,25 @@ from harness import assert_close, guarded, poisoned_empty, randn
 pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
+# the fuzzed ops on the Triton kernels and on the default backend (PyTorch's kernels on CPU tensors)
+FUZZ_BACKENDS = ["triton", "auto"]
+
+
 @pytest.fixture
 def triton_backend():
     with deco_ops.use_backend("triton"):
         yield
 
 
+@pytest.mark.parametrize("backend_name", FUZZ_BACKENDS)
 @examples(6)  # up to ~20 s each through the interpreter (1600 tokens x 300 channels); --runslow runs 60
 @given(grids=grid_pairs(), B=st.integers(0, 5), C=st.integers(1, 300), dtype=dtypes, layout=layouts, seed=st.integers(0, 2**16))
-def test_fuzz_pool(grids, B, C, dtype, layout, seed):
+def test_fuzz_pool(backend_name, grids, B, C, dtype, layout, seed):
     grid, out_grid = grids
     g = torch.Generator().manual_seed(seed)
     x = lay_out(randn(B, math.prod(grid), C, dtype=dtype, generator=g), layout).requires_grad_(True)
     dy = randn(B, math.prod(out_grid), C, dtype=dtype, generator=g)
-    with poisoned_empty():
+    with deco_ops.use_backend(backend_name), poisoned_empty():
         y = deco_ops.adaptive_avg_pool_tokens(x, grid, out_grid)
         (dx,) = torch.autograd.grad(y, x, guarded(dy)) if B else (torch.zeros_like(x),)
     x64 = x.detach().double().requires_grad_(True)
@@ -40,6 +46,7 @@ def test_fuzz_pool(grids, B, C, dtype, layout, seed):
         assert_close(dx, dx64, dtype, "grad x")
 
 
+@pytest.mark.parametrize("backend_name", FUZZ_BACKENDS)
 @examples(8)
 @given(
     grids=grid_pairs(max_side=16, max_tokens=300),
@@ -53,7 +60,7 @@ def test_fuzz_pool(grids, B, C, dtype, layout, seed):
     layout=layouts,
     seed=st.integers(0, 2**16),
 )
-def test_fuzz_pool_mlp(grids, B, C, hidden, out, bias, activation, dtype, layout, seed):
+def test_fuzz_pool_mlp(backend_name, grids, B, C, hidden, out, bias, activation, dtype, layout, seed):
     grid, out_grid = grids
     g = torch.Generator().manual_seed(seed)
     x = lay_out(randn(B, math.prod(grid), C, dtype=dtype, generator=g), layout)
@@ -65,7 +72,7 @@ def test_fuzz_pool_mlp(grids, B, C, hidden, out, bias, activation, dtype, layout
     ]
     leaves = [t.requires_grad_(True) if t is not None else None for t in [x, *params]]
     dy = randn(B, math.prod(out_grid), out, dtype=dtype, generator=g)
-    with poisoned_empty():
+    with deco_ops.use_backend(backend_name), poisoned_empty():
         y = deco_ops.pool_mlp(*leaves, grid=grid, out_grid=out_grid, activation=activation)
         y.backward(guarded(dy))
     ref = [t.detach().double().requires_grad_(True) if t is not None else None for t in leaves]
