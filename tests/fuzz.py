@@ -30,6 +30,10 @@ def examples(default: int):
     )
 
 
+
+# the fuzzed ops run on the Triton kernels and on the default backend (PyTorch's kernels on CPU tensors)
+BACKENDS = ["triton", "auto"]
+
 dtypes = st.sampled_from(DTYPES)
 LAYOUTS = ("contiguous", "sliced", "transposed", "expanded")
 layouts = st.sampled_from(LAYOUTS)

@@ -110,6 +110,12 @@ def guarded(t: torch.Tensor, pad: int = 3) -> torch.Tensor:
     return body.view(*lead, last) if lead else body.view(last)
 
 
+
+def head_strided(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` (..., H, D) whose last dim is not unit-stride (stride H + 3: a transposed
+    (..., D, H) tensor's view), inside a NaN-filled buffer (``guarded``)."""
+    return guarded(t.transpose(-1, -2)).transpose(-1, -2)
+
 @contextlib.contextmanager
 def poisoned_empty():
     """Inside the block, torch.empty / empty_like / new_empty return NaN-filled floating tensors."""

@@ -13,7 +13,7 @@ import deco_ops
 from deco_ops import reference_attention as reference
 from deco_ops.attention import cross_attention
 from deco_ops.kernels import cross_attention_bwd, cross_attention_fwd
-from harness import DTYPES, assert_close, guarded, poisoned_empty, randint, randn
+from harness import DTYPES, assert_close, guarded, head_strided, poisoned_empty, randint, randn
 
 FWD_KERNELS = [cross_attention_fwd.cross_attention_fwd_kernel, cross_attention_fwd.cross_attention_combine_kernel]
 BWD_KERNELS = [
@@ -132,12 +132,6 @@ def test_zero_length_and_nan_padding(backend):
     torch.testing.assert_close(out[1], v[1, :1].expand(5, -1, -1))
 
 
-def _head_strided(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` (B, L, H, D) whose head dim has stride H + 3, not 1 (a transposed
-    (B, L, D, H) tensor's view), inside a NaN-filled buffer."""
-    return guarded(t.transpose(-1, -2)).transpose(-1, -2)
-
-
 @pytest.mark.parametrize("Bq,lens,masked,strided", [
     (2, None, False, "qkv"), (1, None, False, "k"), (1, [5, 2], False, "qkv"), (2, [5, 0], True, "v")])
 def test_head_dim_of_any_stride(backend, Bq, lens, masked, strided):
@@ -149,10 +143,10 @@ def test_head_dim_of_any_stride(backend, Bq, lens, masked, strided):
     mask = randn(2, 1, 4, 5, generator=torch.Generator().manual_seed(8)) if masked else None
     want = _reference(q, k, v, dout, kv_lens, bias=None if mask is None else mask.double().expand(2, 3, 4, 5))
     for _ in range(2):
-        leaves = [(_head_strided(t) if name in strided else guarded(t)).requires_grad_(True) for name, t in zip("qkv", (q, k, v))]
+        leaves = [(head_strided(t) if name in strided else guarded(t)).requires_grad_(True) for name, t in zip("qkv", (q, k, v))]
         with poisoned_empty():
             out = cross_attention(*leaves, kv_lens=kv_lens, attn_mask=mask)
-            out.backward(_head_strided(dout))
+            out.backward(head_strided(dout))
         _check((out.detach(), *(t.grad for t in leaves)), want, torch.float32, kv_lens, 5)
 
 

@@ -13,14 +13,10 @@ from hypothesis import strategies as st
 
 import deco_ops
 from deco_ops import reference
-from fuzz import dtypes, examples, grid_pairs, lay_out, layouts
+from fuzz import BACKENDS, dtypes, examples, grid_pairs, lay_out, layouts
 from harness import assert_close, poisoned_empty, randn
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
-
-
-# the fuzzed ops on the Triton kernels and on the default backend (PyTorch's kernels on CPU tensors)
-FUZZ_BACKENDS = ["triton", "auto"]
 
 
 @pytest.fixture
@@ -39,7 +35,7 @@ def _resample64(x, grid, out_grid, mode):
     return out.reshape(B, C, math.prod(out_grid)).transpose(1, 2)
 
 
-@pytest.mark.parametrize("backend_name", FUZZ_BACKENDS)
+@pytest.mark.parametrize("backend_name", BACKENDS)
 @examples(6)
 @given(grids=grid_pairs(max_side=20, max_tokens=400), B=st.integers(1, 3), C=st.integers(1, 70), out=st.integers(1, 70),
        bias=st.booleans(), dtype=dtypes, layout=layouts, seed=st.integers(0, 2**16))
@@ -74,7 +70,7 @@ def packed_batches(draw):
     return grids, outs
 
 
-@pytest.mark.parametrize("backend_name", FUZZ_BACKENDS)
+@pytest.mark.parametrize("backend_name", BACKENDS)
 @examples(6)
 @given(batch=packed_batches(), C=st.integers(1, 70), mode=st.sampled_from(["average", "bilinear"]), dtype=dtypes, seed=st.integers(0, 2**16))
 def test_fuzz_packed_pool(backend_name, batch, C, mode, dtype, seed):
@@ -99,7 +95,7 @@ def test_fuzz_packed_pool(backend_name, batch, C, mode, dtype, seed):
     assert_close(dx, dx64, dtype, "grad x")
 
 
-@pytest.mark.parametrize("backend_name", FUZZ_BACKENDS)
+@pytest.mark.parametrize("backend_name", BACKENDS)
 @examples(6)
 @given(grids=grid_pairs(max_side=14, max_tokens=200), B=st.integers(1, 2), C=st.integers(1, 48), hidden=st.integers(1, 64),
        out=st.integers(1, 48), mode=st.sampled_from(["average", "bilinear"]), activation=st.sampled_from(["gelu", "gelu_tanh", "silu"]),
@@ -130,7 +126,7 @@ def test_fuzz_mlp_pool(backend_name, grids, B, C, hidden, out, mode, activation,
         assert_close(got.grad, want.grad, dtype, f"grad {name}", eager=base.grad)
 
 
-@pytest.mark.parametrize("backend_name", FUZZ_BACKENDS)
+@pytest.mark.parametrize("backend_name", BACKENDS)
 @examples(6)
 @given(batch=packed_batches(), C=st.integers(1, 48), hidden=st.integers(1, 64), out=st.integers(1, 48),
        mode=st.sampled_from(["average", "bilinear"]), order=st.sampled_from(["pool_mlp", "mlp_pool"]),

@@ -11,14 +11,10 @@ from hypothesis import strategies as st
 
 import deco_ops
 from deco_ops import reference
-from fuzz import dtypes, examples, grid_pairs, lay_out, layouts
+from fuzz import BACKENDS, dtypes, examples, grid_pairs, lay_out, layouts
 from harness import assert_close, guarded, poisoned_empty, randn
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
-
-
-# the fuzzed ops on the Triton kernels and on the default backend (PyTorch's kernels on CPU tensors)
-FUZZ_BACKENDS = ["triton", "auto"]
 
 
 @pytest.fixture
@@ -27,7 +23,7 @@ def triton_backend():
         yield
 
 
-@pytest.mark.parametrize("backend_name", FUZZ_BACKENDS)
+@pytest.mark.parametrize("backend_name", BACKENDS)
 @examples(6)  # up to ~20 s each through the interpreter (1600 tokens x 300 channels); --runslow runs 60
 @given(grids=grid_pairs(), B=st.integers(0, 5), C=st.integers(1, 300), dtype=dtypes, layout=layouts, seed=st.integers(0, 2**16))
 def test_fuzz_pool(backend_name, grids, B, C, dtype, layout, seed):
@@ -46,7 +42,7 @@ def test_fuzz_pool(backend_name, grids, B, C, dtype, layout, seed):
         assert_close(dx, dx64, dtype, "grad x")
 
 
-@pytest.mark.parametrize("backend_name", FUZZ_BACKENDS)
+@pytest.mark.parametrize("backend_name", BACKENDS)
 @examples(8)
 @given(
     grids=grid_pairs(max_side=16, max_tokens=300),
