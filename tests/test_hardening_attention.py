@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 import deco_ops
 from deco_ops import reference_attention
-from fuzz import BACKENDS, dtypes, examples
-from harness import assert_close, guarded, head_strided, poisoned_empty, randint, randn
+from fuzz import dtypes, examples
+from harness import assert_close, guarded, poisoned_empty, randint, randn
 
 
 @st.composite
@@ -27,7 +27,7 @@ def attention_shapes(draw):
     return B, M, N, H, D
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name", ["triton", "auto"])
 @examples(12)
 @given(
     shape=attention_shapes(),
@@ -52,7 +52,7 @@ def test_fuzz_cross_attention(backend_name, shape, shared, with_lens, layout, dt
     elif layout == "sliced":  # rows of D inside a NaN-padded buffer (guard bands between heads)
         k, v = guarded(k), guarded(v)
     elif layout == "head_strided":  # (..., D, H) storage: the head dim is not unit-stride, in q too
-        q, k, v = (head_strided(t) for t in (q, k, v))
+        q, k, v = (guarded(t.transpose(-1, -2)).transpose(-1, -2) for t in (q, k, v))
     dout = randn(B, M, H, D, dtype=dtype, generator=g)
     leaves = [t.requires_grad_(True) for t in (q, k, v)]
     with deco_ops.use_backend(backend_name), poisoned_empty():
