@@ -20,6 +20,11 @@ signature. Changing any of
 the above gives another signature, hence another plan. ``strategy.forget``/``preload`` drop every
 plan (a plan holds a strategy decision). At most ``MAX_PLANS`` per op; the oldest is dropped first.
 
+An op called again with one of the last two signatures that took the key (a model's every step)
+does not build the key at all: ``Recent`` checks the arguments against each directly, the tensors
+with dynamo's C++ ``TensorGuards`` (shape, dtype, device, ``requires_grad``, type and dispatch keys,
+not strides), the rest by type and value, for about two thirds of the key's cost (docs/host-path.md).
+
 Only *plain eager* calls use plans (``_direct``: not compiling, no dispatch mode, no functorch
 transform, no autocast region, every tensor a plain ``torch.Tensor`` or ``nn.Parameter``, every
 other argument None, a bool, int, float, str or a tuple/list of them); every other call takes the
@@ -31,9 +36,11 @@ of a plan: the ops run them on every call.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from itertools import repeat
 
 import torch
+from torch._C._dynamo.guards import TensorGuards
 
 from . import _backend, strategy
 
@@ -62,16 +69,25 @@ _interpret_environ, _interpret_key = _backend.INTERPRET_ENTRY
 _interpret_env = _interpret_environ.get
 
 
+def _state() -> tuple:
+    """The global state a signature starts with (module docstring), then what makes a call not
+    plain (module docstring; 0, False, None in every signature): one tuple for ``Recent`` to compare."""
+    return (_grad_enabled(), _deterministic(), _warn_only(), _backend_override(), _backend_env(_backend_key),
+            _strategy_override(), _strategy_env(_strategy_key), _interpret_env(_interpret_key),
+            _dispatch_modes(), _any_autocast(), _peek_functorch())
+
+
 def signature(args: tuple) -> tuple | None:
     """The key of a plain eager call with ``args`` (module docstring), None for any other call."""
-    if _is_compiling() or _dispatch_modes() or _any_autocast() or _peek_functorch() is not None:
+    if _is_compiling():
         return None
-    key = [_grad_enabled(), _deterministic(), _warn_only(), _backend_override(), _backend_env(_backend_key),
-           _strategy_override(), _strategy_env(_strategy_key), _interpret_env(_interpret_key)]
+    key = [*_state()]
+    if key[-3] or key[-2] or key[-1] is not None:  # a dispatch mode, autocast, a functorch transform
+        return None
     for a in args:  # one entry per argument: its position says which argument it is
         kind = type(a)
-        if kind is _TENSOR or kind is _PARAMETER:
-            key += (_tensor_signature(a),)
+        if kind is _TENSOR or kind is _PARAMETER:  # its type too: a Parameter's plan checks for a Parameter (``Recent``)
+            key += (kind, _tensor_signature(a))
         elif a is None:
             key += (None,)
         elif kind in _VALUES:
@@ -83,6 +99,42 @@ def signature(args: tuple) -> tuple | None:
     return tuple(key)
 
 
+def _picker(positions: Sequence[int]) -> Callable[[tuple], tuple]:
+    """``args -> tuple(args[i] for i in positions)`` in one C call where there are two or more."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    return (lambda args: (args[positions[0]],)) if positions else (lambda args: ())
+
+
+class Recent:
+    """One signature and its plan, in the form ``Plans.get`` checks a call against without building
+    its key: the global state, each argument's type, the values (compared once the types match,
+    so no tensor meets ``==``), the types of a sequence's items (``(4, 4) == (4, 4.0)``), and the
+    tensors' shape, dtype, device and ``requires_grad`` (and, stricter than the key, their exact
+    type and dispatch keys; not strides) through dynamo's C++ ``TensorGuards``. Holds no tensor
+    (the guard keeps metadata only)."""
+
+    __slots__ = ("state", "types", "values", "pick_values", "item_types", "pick_sequences", "guard", "pick_tensors", "plan")
+
+    def __init__(self, args: tuple, plan: object):
+        self.state, self.types, self.plan = _state(), tuple(map(type, args)), plan
+        tensors = [i for i, kind in enumerate(self.types) if kind is _TENSOR or kind is _PARAMETER]
+        values = [i for i, kind in enumerate(self.types) if not (kind is _TENSOR or kind is _PARAMETER)]
+        sequences = [i for i, kind in enumerate(self.types) if kind is tuple or kind is list]
+        self.pick_values, self.pick_tensors = _picker(values), _picker(tensors)
+        self.values = self.pick_values(args)
+        self.pick_sequences = _picker(sequences) if sequences else None
+        self.item_types = self.pick_sequences and _item_types(self.pick_sequences(args))
+        shapes = [list(a.shape) for a in self.pick_tensors(args)]
+        self.guard = TensorGuards(*self.pick_tensors(args), dynamic_dims_sizes=shapes,
+                                  dynamic_dims_strides=[[None] * len(shape) for shape in shapes])
+
+
+def _item_types(sequences: tuple) -> tuple:
+    """The types of each sequence's items, as ``Plans.get`` computes them inline (C calls only)."""
+    return tuple(map(tuple, map(map, repeat(type), sequences)))
+
+
 class Plans:
     """The plans of one op: ``plans.get(*args)`` returns ``build(*args)`` for a plain eager call,
     built (and so validated) once per signature of ``args``, and None for any other call (it
@@ -91,26 +143,43 @@ class Plans:
 
     def __init__(self, build: Callable[..., object]):
         self._build = build
-        self._plans: dict[tuple, object] = {}
+        self._plans: dict[tuple, Recent] = {}
+        self._recent: tuple[Recent, ...] = ()  # the last two signatures used, the last first
         _all.append(self)
 
     def get(self, *args) -> object:
+        recents = self._recent
+        if recents and not _is_compiling():  # first: a traced call never reaches the guards
+            state, types = _state(), tuple(map(type, args))
+            for recent in recents:  # checked inline (``Recent``): a frame costs what the check does
+                if (
+                    state == recent.state
+                    and types == recent.types
+                    and recent.guard.check(*recent.pick_tensors(args))
+                    and recent.pick_values(args) == recent.values
+                    and (recent.pick_sequences is None
+                         or tuple(map(tuple, map(map, repeat(type), recent.pick_sequences(args)))) == recent.item_types)
+                ):
+                    if recent is not recents[0]:  # most recent first: one signature repeated checks one
+                        self._recent = (recent, recents[0])
+                    return recent.plan
         try:
             key = signature(args)
             if key is None:
                 return None
-            return self._plans[key]
-        except KeyError:
-            pass
+            recent = self._plans.get(key)
         except (TypeError, RuntimeError):  # an unhashable argument (a list inside a grid), a nested
             return None  # tensor's shape: the full path says what is wrong
-        plan = self._plans[key] = self._build(*args)
-        if len(self._plans) > MAX_PLANS:
-            del self._plans[next(iter(self._plans))]
-        return plan
+        if recent is None:
+            recent = self._plans[key] = Recent(args, self._build(*args))
+            if len(self._plans) > MAX_PLANS:
+                del self._plans[next(iter(self._plans))]
+        self._recent = (recent, recents[0]) if recents and recents[0] is not recent else (recent,)
+        return recent.plan
 
     def clear(self) -> None:
         self._plans.clear()
+        self._recent = ()
 
 
 def chosen(implementation: Callable[..., Callable], args: tuple) -> Callable:

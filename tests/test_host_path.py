@@ -10,6 +10,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import deco_ops
 from benchmarks import host_cost
@@ -25,14 +26,14 @@ cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="counts the PyTorch p
 # (python -m benchmarks.host_cost). fwd+bwd counts torch's own backward() too (eager: 56-85 calls);
 # pinned so that the backward ops' plans stay (test_backward_ops_are_planned checks each plan itself).
 CALLS = {
-    "pool_mlp": {"infer": 33 + 2, "grad": 39 + 2, "fwd+bwd": 166 + 2},
-    "pool_linear": {"infer": 31 + 2, "grad": 37 + 2, "fwd+bwd": 131 + 2},
-    "adaptive_avg_pool_tokens": {"infer": 28 + 2, "grad": 33 + 2, "fwd+bwd": 116 + 2},
-    "mlp_pool": {"infer": 41 + 2, "grad": 47 + 2, "fwd+bwd": 164 + 2},
-    "merge_mlp": {"infer": 28 + 2, "grad": 38 + 2, "fwd+bwd": 160 + 2},
-    "merge_mlp_grid": {"infer": 31 + 2, "grad": 42 + 2, "fwd+bwd": 172 + 2},
-    "cross_attention": {"infer": 29 + 2, "grad": 29 + 2, "fwd+bwd": 80 + 2},
-    "pool_mlp_packed": {"infer": 50 + 2, "grad": 56 + 2, "fwd+bwd": 191 + 2},
+    "pool_mlp": {"infer": 34 + 2, "grad": 40 + 2, "fwd+bwd": 170 + 2},
+    "pool_linear": {"infer": 32 + 2, "grad": 38 + 2, "fwd+bwd": 134 + 2},
+    "adaptive_avg_pool_tokens": {"infer": 30 + 2, "grad": 35 + 2, "fwd+bwd": 120 + 2},
+    "mlp_pool": {"infer": 42 + 2, "grad": 48 + 2, "fwd+bwd": 166 + 2},
+    "merge_mlp": {"infer": 29 + 2, "grad": 39 + 2, "fwd+bwd": 164 + 2},
+    "merge_mlp_grid": {"infer": 33 + 2, "grad": 44 + 2, "fwd+bwd": 177 + 2},
+    "cross_attention": {"infer": 30 + 2, "grad": 30 + 2, "fwd+bwd": 81 + 2},
+    "pool_mlp_packed": {"infer": 52 + 2, "grad": 58 + 2, "fwd+bwd": 195 + 2},
 }
 FORWARD_LIMIT = 60  # issue 20
 
@@ -79,7 +80,7 @@ def test_plans_give_the_full_paths_bits_and_gradients(default_path):
     outputs = []
     for dispatched in (False, False, True):
         leaves = [t.clone().requires_grad_(True) for t in inputs]
-        with mock.patch.object(_plan, "signature", return_value=None) if dispatched else contextlib.nullcontext():
+        with mock.patch.object(_plan.Plans, "get", return_value=None) if dispatched else contextlib.nullcontext():
             y = _pool_mlp(*leaves)
         y.backward(torch.ones_like(y))
         outputs.append([y.detach(), *(t.grad for t in leaves)])
@@ -105,12 +106,79 @@ def test_grad_mode_and_requires_grad_select_their_own_plan(default_path):
     ((2, 4), ValueError, "x has 16 tokens but grid"),
 ])
 def test_arguments_equal_to_a_planned_call_still_raise(grid, error, match, default_path):
-    """``(4, 4.0)`` and ``(True, 16)`` hash like ``(4, 4)`` and ``(1, 16)``: a signature keeps the types."""
+    """``(4, 4.0)`` and ``(True, 16)`` hash like ``(4, 4)`` and ``(1, 16)``: a signature keeps the
+    types, as the last call's check does (each planned grid once as the last call, once as a plan
+    remembered behind another)."""
     inputs = _projector_inputs()
-    _pool_mlp(*inputs)
-    _pool_mlp(*inputs, grid=(1, 16))
-    with pytest.raises(error, match=match):
-        _pool_mlp(*inputs, grid=grid)
+    for planned in ((1, 16), (4, 4), (1, 16)):
+        _pool_mlp(*inputs, grid=planned)
+        with pytest.raises(error, match=match):
+            _pool_mlp(*inputs, grid=grid)
+
+
+class _SeesOps(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _variants(x, w):
+    """(name, arguments, whether their signature is (x, w, (4, 4), 0.5)'s) for ``Plans.get``."""
+    yield "same", (x, w, (4, 4), 0.5), True
+    yield "strides", (x.t().contiguous().t(), w, (4, 4), 0.5), True  # strides are not part of a signature
+    yield "dtype", (x.double(), w, (4, 4), 0.5), False
+    yield "shape", (x[:, :2], w, (4, 4), 0.5), False
+    yield "requires_grad", (x.clone().requires_grad_(True), w, (4, 4), 0.5), False
+    yield "parameter", (torch.nn.Parameter(x.clone()), w, (4, 4), 0.5), False
+    yield "none for a tensor", (x, None, (4, 4), 0.5), False
+    yield "tensor for a value", (x, w, (4, 4), torch.tensor(0.5)), False
+    yield "item type", (x, w, (4, 4.0), 0.5), False
+    yield "bool for an int", (x, w, (True, 4), 0.5), False
+    yield "list for a tuple", (x, w, [4, 4], 0.5), False
+    yield "value", (x, w, (4, 4), 0.25), False
+    yield "int for a float", (x, w, (4, 4), 1), False
+
+
+@pytest.mark.parametrize("variant", [name for name, _, _ in _variants(torch.ones(3, 4), torch.ones(4))])
+def test_the_last_signatures_are_checked_as_their_key_is(variant):
+    """``Plans.get`` answers a call that repeats one of the last two signatures without building
+    its key (``_plan.Recent``): every difference the key tells apart (module docstring) must miss
+    there, in either slot and with a third signature cycling through the dictionary; strides alone
+    must hit."""
+    x, w = torch.randn(3, 4), torch.randn(4)
+    _, args, same = next(v for v in _variants(x, w) if v[0] == variant)
+    built = []
+    plans = _plan.Plans(lambda *a: built.append(a) or len(built))
+    base, third = (x, w, (4, 4), 0.5), (x[:1], w, (4, 4), 0.5)
+    assert plans.get(*base) == 1 and plans.get(*base) == 1
+    assert plans.get(*args) == (1 if same else 2)  # checked against the last call's signature
+    assert plans.get(*base) == 1  # the second slot, or the first
+    assert plans.get(*base) == 1
+    assert plans.get(*args) == (1 if same else 2)
+    for _ in range(2):  # three signatures in turn: each one in neither slot when it comes
+        assert [plans.get(*base), plans.get(*args), plans.get(*third)] == [1, 1 if same else 2, 2 if same else 3]
+    assert len(built) == (2 if same else 3)
+    assert _plan.signature(args) == _plan.signature(base) if same else _plan.signature(args) != _plan.signature(base)
+
+
+def test_the_last_signatures_include_the_global_state(default_path):
+    """Grad mode, a strategy or backend block, autocast, a dispatch mode: the last calls' plans are
+    not reused (a new plan, or the full path: None)."""
+    x = torch.randn(3, 4)
+    plans = _plan.Plans(lambda *a: object())
+    planned = plans.get(x, (4, 4))
+    assert plans.get(x, (4, 4)) is planned
+    with torch.no_grad():
+        assert plans.get(x, (4, 4)) not in (planned, None)
+    with deco_ops.use_strategy("composed"):
+        assert plans.get(x, (4, 4)) not in (planned, None)
+    with deco_ops.use_backend("torch"):
+        assert plans.get(x, (4, 4)) not in (planned, None)
+    assert plans.get(x, (4, 4)) is planned
+    with torch.autocast("cpu"):
+        assert plans.get(x, (4, 4)) is None
+    with _SeesOps():
+        assert plans.get(x, (4, 4)) is None
+    assert plans.get(x, (4, 4)) is planned
 
 
 def test_kv_lens_values_are_read_on_every_call(default_path):
@@ -203,7 +271,7 @@ def test_backward_ops_are_planned(op, backward_op, default_path):
     grads = []
     for dispatched in (False, False, True):
         leaves = [t.clone().requires_grad_(i < case.differentiable) for i, t in enumerate(inputs)]
-        with mock.patch.object(_plan, "signature", return_value=None) if dispatched else contextlib.nullcontext():
+        with mock.patch.object(_plan.Plans, "get", return_value=None) if dispatched else contextlib.nullcontext():
             y = case.ours(*leaves)
             y.backward(torch.ones_like(y))
         grads.append([t.grad for t in leaves[:case.differentiable]])
@@ -263,7 +331,7 @@ def test_plans_of_the_projectors_run_what_the_full_path_runs(op, default_path):
     runs = []
     for dispatched in (False, False, True):
         leaves = [t.clone().requires_grad_(i < case.differentiable) for i, t in enumerate(inputs)]
-        with mock.patch.object(_plan, "signature", return_value=None) if dispatched else contextlib.nullcontext():
+        with mock.patch.object(_plan.Plans, "get", return_value=None) if dispatched else contextlib.nullcontext():
             y = case.ours(*leaves)
         y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE).view(y.shape))
         runs.append([y.detach(), *(t.grad for t in leaves[:case.differentiable])])
@@ -282,7 +350,7 @@ def test_packed_plans_are_keyed_on_the_tables_values(default_path):
     _, inputs = _case_inputs("pool_mlp_packed")
     layouts = [([[4, 4], [3, 4]], [[2, 2], [2, 2]]), ([[3, 4], [4, 4]], [[1, 3], [2, 2]]), ([[4, 4], [3, 4]], [[3, 1], [2, 2]])]
     for grids, out_grids in layouts:
-        with mock.patch.object(_plan, "signature", return_value=None):
+        with mock.patch.object(_plan.Plans, "get", return_value=None):
             want, want_cu = _pool_mlp_packed(inputs, grids, out_grids)
         for _ in range(2):  # the first call builds the plan, the second runs it
             y, cu = _pool_mlp_packed(inputs, grids, out_grids)
@@ -339,7 +407,7 @@ def test_dense_cpu_attention_is_sdpas_own_op(dtype, shared, D, scale, default_pa
     runs = []
     for dispatched in (False, False, True):
         leaves = [_in_nan_buffer(t.to(dtype)).requires_grad_(True) for t in (q, k, v)]
-        with mock.patch.object(_plan, "signature", return_value=None) if dispatched else contextlib.nullcontext():
+        with mock.patch.object(_plan.Plans, "get", return_value=None) if dispatched else contextlib.nullcontext():
             out = deco_ops.cross_attention(*leaves, softmax_scale=scale)
         names = _graph_nodes(out)
         assert not any(name.startswith("deco_") for name in names) != dispatched, names
@@ -377,7 +445,7 @@ def test_masked_calls_are_planned(mask_shape, dtype, lens, weights, backend):
     runs = []
     for mask, dispatched in ((masks[0], False), (masks[1], False), (masks[1], True)):
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-        with mock.patch.object(_plan, "signature", return_value=None) if dispatched else contextlib.nullcontext():
+        with mock.patch.object(_plan.Plans, "get", return_value=None) if dispatched else contextlib.nullcontext():
             result = deco_ops.cross_attention(*leaves, kv_lens=kv_lens, attn_mask=mask if mask is None else mask.to(DEVICE), **kwargs)
         outputs = list(result) if weights is not None else [result]
         sum(o.sum() for o in outputs).backward()
