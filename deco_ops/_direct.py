@@ -108,6 +108,22 @@ def plain_eager(args: tuple) -> bool:
     return device_type not in AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type)
 
 
+_AUTODIFF_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+
+
+def _refuse_functorch_autodiff(name: str) -> None:
+    """deco's ops differentiate through ``torch.autograd`` (their formulas are reverse mode, for
+    ``backward()``/``torch.autograd.grad``); under ``torch.func``'s grad or jvp transforms (also
+    ``jacrev``, ``jacfwd``, ``hessian``, at any depth of the transform stack) PyTorch would fail
+    inside with an internal message (grad) or hand back zero tangents, silently (jvp). Refused
+    with an error that says so; ``torch.func.vmap`` is supported."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    if any(interpreter.key() in _AUTODIFF_TRANSFORMS for interpreter in stack):
+        raise NotImplementedError(
+            f"deco_ops' {name} does not support torch.func's grad and jvp transforms (grad, jvp, jacrev, jacfwd, "
+            "hessian): differentiate with torch.autograd (loss.backward() or torch.autograd.grad); torch.func.vmap works")
+
+
 def records(args: tuple) -> bool:
     """Whether autograd records a call with ``args``: grad mode on and a tensor argument requires grad."""
     return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
@@ -139,7 +155,10 @@ class Op:
         run = None if self._plans is None else self._plans.get(*args)
         if run is not None:
             return run(*args)
-        if torch.compiler.is_compiling() or not plain_eager(args):
+        if torch.compiler.is_compiling():
+            return self.overload(*args)
+        if not plain_eager(args):
+            _refuse_functorch_autodiff(self.name)
             return self.overload(*args)
         if records(args):
             if self._formula is None:  # no autograd formula: the op's own error, unchanged

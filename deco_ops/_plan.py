@@ -122,7 +122,7 @@ class Recent:
         values = [i for i, kind in enumerate(self.types) if not (kind is _TENSOR or kind is _PARAMETER)]
         sequences = [i for i, kind in enumerate(self.types) if kind is tuple or kind is list]
         self.pick_values, self.pick_tensors = _picker(values), _picker(tensors)
-        self.values = self.pick_values(args)
+        self.values = tuple([*a] if type(a) is list else a for a in self.pick_values(args))  # a copy of each list: the caller may change theirs
         self.pick_sequences = _picker(sequences) if sequences else None
         self.item_types = self.pick_sequences and _item_types(self.pick_sequences(args))
         shapes = [list(a.shape) for a in self.pick_tensors(args)]

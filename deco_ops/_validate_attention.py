@@ -64,7 +64,9 @@ def query_batch(q: torch.Tensor, B: int) -> None:
 
 def kv_lens(value, B: int, device: torch.device) -> torch.Tensor | None:
     """(B,) int32/int64 lengths on q's device; returned as contiguous int32. Values are not read:
-    every path clamps them into [0, N] (documented behaviour, the same on every device)."""
+    every path clamps them into [0, N] (documented behaviour, the same on every device); int64
+    lengths are clamped into int32's range first, on the device (a cast alone wraps 2**31 to a
+    negative length and 2**32 + 5 to 5)."""
     if value is None:
         return None
     _validate.tensor("kv_lens", value, 1)
@@ -74,6 +76,8 @@ def kv_lens(value, B: int, device: torch.device) -> torch.Tensor | None:
         raise ValueError(f"kv_lens has {value.shape[0]} entries but the batch is {B}")
     if value.device != device:
         raise ValueError(f"kv_lens is on {value.device} but q is on {device}")
+    if value.dtype == torch.int64:
+        value = value.clamp(0, 2**31 - 1)
     return value.to(torch.int32).contiguous()
 
 

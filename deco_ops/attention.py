@@ -193,6 +193,8 @@ def _backward_on_kernels(one_kernel: bool):
     def backward_kernels(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, need_dq, need_dkv,
                          attn_bias):
         B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
+        if attn_bias is not None and need_dq:  # one elementwise pass over K: NaN at masked keys must not reach dQ
+            k = reference.keys_without_nan(k)
         grads = cross_attention_bwd.cross_attention_bwd(
             dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, B, N, scale, dropout_p, rng, need_dq, need_dkv, attn_bias,
             one_kernel=one_kernel)

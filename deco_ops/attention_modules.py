@@ -19,6 +19,15 @@ def _positive(name: str, value) -> int:
     return value
 
 
+def _dropout(value) -> float:
+    """A module's attention dropout probability, checked (a float or int in [0, 1); not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"dropout must be a float in [0, 1), got {type(value).__name__} {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {value!r}")
+    return float(value)
+
+
 def _head_dim(embed_dim: int, num_heads: int) -> int:
     _positive("embed_dim", embed_dim)
     _positive("num_heads", num_heads)
@@ -143,9 +152,7 @@ class CrossAttention(nn.Module):
         self.kdim = embed_dim if kdim is None else _positive("kdim", kdim)
         self.vdim = embed_dim if vdim is None else _positive("vdim", vdim)
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        self.dropout = float(dropout)
+        self.dropout = _dropout(dropout)
         self.batch_first = bool(batch_first)
         self.add_zero_attn = bool(add_zero_attn)
         if self._qkv_same_embed_dim:
@@ -336,9 +343,7 @@ class QueryResampler(nn.Module):
         self.kv_dim = _positive("kv_dim", kv_dim)
         self.head_dim = _head_dim(embed_dim, num_heads)
         self.embed_dim, self.num_heads = embed_dim, num_heads
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.dropout = float(dropout)
+        self.dropout = _dropout(dropout)
         self.queries = nn.Parameter(torch.empty((num_queries, embed_dim), **factory))
         self.ln_q = nn.LayerNorm(embed_dim, eps=eps, **factory)
         self.ln_kv = nn.LayerNorm(kv_dim, eps=eps, **factory)

@@ -41,8 +41,12 @@ How a call is expressed:
 * ``kv_lens`` becomes an additive ``0 / -inf`` mask. Keys at or past ``kv_lens[b]`` are replaced by
   zeros first, because SDPA still reads masked keys and ``0 * NaN`` would leak their garbage;
 * the caller's additive mask (``bias``, ``deco_ops.cross_attention``'s ``attn_mask`` as a
-  (B, H, M, N) view) is added to it at its compact (unbroadcast) shape; a masked call runs on the
-  CPU kernel or the memory-efficient one (flash takes no mask; cuDNN's is not relied on);
+  (B, H, M, N) view) is added to it at its compact (unbroadcast) shape, finite values clamped as
+  the fused kernels clamp them, in fp32 for 16-bit queries on the CPU kernel (which takes an fp32
+  mask with them; the memory-efficient kernel takes q's dtype only); keys it drops for every query
+  of their batch entry are zeroed in k first (NaN there is ignored, as on the fused path); a masked
+  call runs on the CPU kernel or the memory-efficient one (flash takes no mask; cuDNN's is not
+  relied on);
 * a row whose keys are all masked ("dead") attends to every key instead (SDPA would give NaN or
   a meaningless LSE) and its output is then set to zero and its LSE to ``+inf``, which makes every
   gradient of that row exactly zero in backward, as on the fused path.
@@ -56,6 +60,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from . import reference_attention
 
 _LSE_ALIGN_EFFICIENT = 32  # the memory-efficient kernel's LSE holds ceil(M / 32) * 32 queries
 _BIAS_ALIGN_EFFICIENT = 16  # ... and wants its additive mask's rows 16-element aligned
@@ -106,29 +112,53 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in t.stride())]
 
 
-def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = False):
-    """q expanded to the batch (a view), k and v (zeroed past ``kv_lens``), the additive mask
-    ``(B or 1, 1 or H, 1 or M, N)`` (rows allocated ``align``-element aligned; expanded to
-    ``(B, H, M, N)`` if ``per_head``) or None, and the bool "row has no key"
-    ``(B or 1, 1 or H, 1 or M)`` or None; layouts as given."""
+def _mask_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype the CPU kernel adds a mask in: fp32 for 16-bit queries (it takes an fp32 mask
+    with them, so a user's fp32 bias is not rounded to 16 bits, and ``finfo(float32).min`` does
+    not overflow into ``-inf``), else q's."""
+    return torch.float32 if q.dtype in _HALF else q.dtype
+
+
+def _user_bias(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The caller's additive mask at its compact shape in ``dtype``, finite values clamped as the
+    fused kernels clamp them (at ``reference_attention.MIN_BIAS``, or at the lowest finite value of
+    ``dtype`` or of the mask's own dtype if higher): a finite bias never becomes ``-inf``, so a row
+    of ``finfo.min`` stays a uniform average on every path; ``-inf`` stays ``-inf``."""
+    bias = _compact(bias)
+    floor = max(reference_attention.MIN_BIAS, torch.finfo(dtype).min, torch.finfo(bias.dtype).min)
+    return torch.where(bias == float("-inf"), bias, bias.clamp(min=floor)).to(dtype)
+
+
+def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = False, mask_dtype=None):
+    """q expanded to the batch (a view), k and v (zeroed past ``kv_lens``, and k at the keys the
+    caller's mask drops for every query of their batch entry, so NaN there is ignored as the fused
+    kernels ignore it), the additive mask ``(B or 1, 1 or H, 1 or M, N)`` in ``mask_dtype``
+    (default q's; rows allocated ``align``-element aligned; expanded to ``(B, H, M, N)`` if
+    ``per_head``) or None, and the bool "row has no key" ``(B or 1, 1 or H, 1 or M)`` or None;
+    layouts as given."""
     B, N, H, _ = k.shape
     M = q.shape[1]
     q = q.expand(B, -1, -1, -1)
     if kv_lens is None and user_bias is None:
         return q, k, v, None, None
+    mask_dtype = mask_dtype or q.dtype
+    if user_bias is not None:
+        user_bias = _user_bias(user_bias, mask_dtype)
+        unread = (user_bias == float("-inf")).all(2).all(1)  # (B or 1, N): keys no query of the entry reads
+        k = torch.where(unread[:, :, None, None], 0.0, k)
     if kv_lens is None:  # the caller's mask alone, at its compact shape
-        bias = _compact(user_bias).to(q.dtype)
+        bias = user_bias
     else:
         valid = torch.arange(N, device=k.device)[None, :] < kv_lens.to(device=k.device, dtype=torch.int64)[:, None]
         k = torch.where(valid[:, :, None, None], k, 0.0)
         v = torch.where(valid[:, :, None, None], v, 0.0)
-        bias = torch.zeros((1, 1, 1, N), dtype=q.dtype, device=q.device).masked_fill(~valid[:, None, None, :], float("-inf"))
+        bias = torch.zeros((1, 1, 1, N), dtype=mask_dtype, device=q.device).masked_fill(~valid[:, None, None, :], float("-inf"))
         if user_bias is not None:
-            bias = bias + _compact(user_bias).to(q.dtype)
+            bias = bias + user_bias
     dead = (bias == float("-inf")).all(-1)
     bias = bias.masked_fill(dead[..., None], 0.0)  # a new tensor: never the caller's mask
     if align > 1:
-        aligned = torch.zeros((*bias.shape[:-1], -(-N // align) * align), dtype=q.dtype, device=q.device)
+        aligned = torch.zeros((*bias.shape[:-1], -(-N // align) * align), dtype=mask_dtype, device=q.device)
         aligned[..., :N] = bias
         bias = aligned[..., :N]
     if per_head:
@@ -202,7 +232,7 @@ def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None, need_l
         if kv_lens is None and bias is None and q.shape[0] == k.shape[0]:
             dead = None  # no mask, a query row per batch: ``_inputs`` would return the tensors as they are
         else:
-            q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias)
+            q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias, mask_dtype=_mask_dtype(q))
         out, lse = cpu_sdpa(q, k, v, scale, bias)
     elif kernel == "composed_efficient":
         q, k, v = (_aligned(t) for t in (q, k, v))
@@ -234,7 +264,7 @@ def backward(dout, q, k, v, out, lse, kv_lens, scale, need_dq: bool, need_dkv: b
     shared = q.shape[0] == 1
     B, M, N = k.shape[0], q.shape[1], k.shape[1]
     if kernel == "composed":
-        q, k, v, bias, _ = _inputs(q, k, v, kv_lens, bias)
+        q, k, v, bias, _ = _inputs(q, k, v, kv_lens, bias, mask_dtype=_mask_dtype(q))
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             *_heads_first(*map(_unit_stride, (dout, q, k, v, out))), lse, 0.0, False, attn_mask=bias, scale=scale
         )

@@ -246,6 +246,8 @@ def _pool_images(x: torch.Tensor, batch: int, grid, out_grid, mode: str) -> torc
     else:
         resample = _nn.adaptive_avg_pool3d
     C = x.shape[1]
+    if C == 0:  # an empty hidden layer: ATen's pooling and resampling reject images of no channel
+        return x.new_zeros((batch * math.prod(out_grid), 0))
     return resample(x.reshape(batch, *grid, C).movedim(-1, 1), out_grid).movedim(1, -1).reshape(-1, C)
 
 
@@ -268,6 +270,8 @@ def _unpool_images(grad: torch.Tensor, batch: int, grid, out_grid, mode: str) ->
     ``reference.unpool_tokens`` (2D for a 2D grid, whose gradient comes back as rows without a
     copy)."""
     C = grad.shape[1]
+    if C == 0:  # an empty hidden layer (``_pool_images``)
+        return grad.new_zeros((batch * math.prod(grid), 0))
     if mode == "bilinear":
         image = grad.reshape(batch, *out_grid, C).movedim(-1, 1)
         return _UPSAMPLE_TRILINEAR_BACKWARD(image, list(out_grid), [batch, C, *grid], False).movedim(1, -1).reshape(-1, C)
@@ -646,7 +650,7 @@ def dense_mlp(op: Op, plans: _plan.Plans, x, w1, b1, w2, b2, grid, out_grid, act
         plan = (op, *_dense_mlp_checked(x, w1, b1, w2, b2, grid, out_grid, activation, mode))
     run, geometry, P, keep = plan
     B, N, C = x.shape
-    return run(x.reshape(B * N, C), w1, b1, w2, b2, geometry, B * P, activation, mode, keep)[0].view(B, P, -1)
+    return run(x.reshape(B * N, C), w1, b1, w2, b2, geometry, B * P, activation, mode, keep)[0].view(B, P, w2.shape[0])
 
 
 _pool_mlp_packed_plans = packed_mlp_plans(deco.pool_mlp_packed, _pool_mlp_implementation)

@@ -160,6 +160,14 @@ def attention_fwd(q, k, v, kv_lens, scale, dropout_p, rng, bias=None):
     return out.permute(0, 2, 1, 3).to(q.dtype).contiguous(), lse
 
 
+def keys_without_nan(k: torch.Tensor) -> torch.Tensor:
+    """K as a masked backward reads it, NaN as zero (this path's dQ, and the kernels' whole backward,
+    ``attention._backward_on_kernels``): a key a mask drops has P = dS = 0 and NaN in its k is
+    ignored (docs/masks.md), but dQ = dS K would give 0 * NaN = NaN; a row that attends a key with
+    NaN in k has a NaN LSE from the forward, so its P and dS stay NaN whatever S is recomputed from."""
+    return torch.where(k == k, k, 0.0)
+
+
 def attention_bwd(dout, q, k, v, out, lse, kv_lens, scale, dropout_p, rng, bias=None):
     """(dq, dk, dv): each key chunk's probabilities recomputed from the LSE,
     dS = P o (dP - rowsum(dO o O)). dq of a shared (1, M, H, D) q is summed over the batch."""
@@ -186,7 +194,7 @@ def attention_bwd(dout, q, k, v, out, lse, kv_lens, scale, dropout_p, rng, bias=
         kc = k[:, start:stop].to(ct).permute(0, 2, 1, 3)
         if valid is not None:
             kc = kc.masked_fill(~valid[:, :, 0, :, None], 0.0)
-        dq += ds @ kc
+        dq += ds @ (kc if bias is None else keys_without_nan(kc))
         dk[:, start:stop] = (ds.transpose(-1, -2) @ qc.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
         dv[:, start:stop] = (pz.transpose(-1, -2) @ do).permute(0, 2, 1, 3)
     dq = dq.permute(0, 2, 1, 3)
@@ -223,7 +231,7 @@ def weights_backward(dw, p, q, k, kv_lens, scale, dropout_p, rng, average: bool)
     ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
     valid = _valid_keys(kv_lens, B, 0, N, q.device)
     kc = k.to(ct) if valid is None else k.to(ct).masked_fill(~valid[:, 0, 0, :, None, None], 0.0)  # padding may hold NaN
-    dq = torch.einsum("bhmn,bnhd->bmhd", ds, kc)
+    dq = torch.einsum("bhmn,bnhd->bmhd", ds, keys_without_nan(kc))
     if q.shape[0] == 1 and B > 1:
         dq = dq.sum(0, keepdim=True)
     dk = torch.einsum("bhmn,bmhd->bnhd", ds, q.to(ct).expand(B, -1, -1, -1))

@@ -26,8 +26,9 @@ def windows_containing(j, L, O):
 
 @functools.lru_cache(maxsize=None)
 def max_window(L: int, O: int) -> int:
-    """Largest window along one axis: the unrolled trip count of the pooled A-tile loads."""
-    return max(((i + 1) * L + O - 1) // O - (i * L) // O for i in range(O))
+    """Largest window along one axis: the unrolled trip count of the pooled A-tile loads (0 for
+    an axis of no output: an empty batch's rows, run as one image)."""
+    return max((((i + 1) * L + O - 1) // O - (i * L) // O for i in range(O)), default=0)
 
 
 @functools.lru_cache(maxsize=None)

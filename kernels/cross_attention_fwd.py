@@ -155,9 +155,12 @@ def load_bias(base, rows, cols, valid, stride_row, stride_col):
 @triton.jit
 def add_bias(s, bias):
     """Scores ``s`` (base-2 units, scale folded in) plus an additive mask in natural units: -inf
-    drops the key exactly (even where the dot gave NaN); finite values are clamped at MIN_BIAS."""
-    bias = bias.to(s.dtype)
-    return tl.where(bias == float("-inf"), float("-inf"), s + tl.maximum(bias, MIN_BIAS) * LOG2E_JIT)
+    drops the key exactly (even where the dot gave NaN); finite values are clamped at MIN_BIAS in
+    the mask's own dtype, before the cast to the scores' (fp64's lowest finite value would become
+    -inf in fp32 and drop a row that PyTorch averages)."""
+    dropped = bias == float("-inf")
+    bias = tl.maximum(bias, MIN_BIAS).to(s.dtype)
+    return tl.where(dropped, float("-inf"), s + bias * LOG2E_JIT)
 
 
 @triton.jit

@@ -96,3 +96,33 @@ def test_double_backward_through_the_direct_path():
     P = torch.stack([reference.adaptive_avg_pool_tokens(e.view(1, 12, 1), (3, 4), (2, 3)).flatten() for e in eye], 1)
     want = (2 * P.t() @ P @ torch.ones(12, dtype=torch.float64, device=x.device)).view(1, 12, 1).expand(1, 12, 2)
     assert torch.allclose(gg, want, atol=1e-12)
+
+
+def _func_cases():
+    g = torch.Generator().manual_seed(11)
+    w1, w2 = torch.randn(12, 8, generator=g), torch.randn(6, 12, generator=g)
+    k, v = torch.randn(2, 5, 2, 8, generator=g), torch.randn(2, 5, 2, 8, generator=g)
+    return [
+        ("pool", lambda x: deco_ops.adaptive_avg_pool_tokens(x, (4, 4), (2, 2)), torch.randn(2, 16, 8, generator=g)),
+        ("pool_mlp", lambda x: deco_ops.pool_mlp(x, w1, None, w2, None, grid=(4, 4), out_grid=(2, 2)), torch.randn(2, 16, 8, generator=g)),
+        ("cross_attention", lambda q: deco_ops.cross_attention(q, k, v), torch.randn(2, 3, 2, 8, generator=g)),
+    ]
+
+
+@pytest.mark.parametrize("case", ["pool", "pool_mlp", "cross_attention"])
+def test_torch_func_autodiff_is_refused_and_vmap_works(case):
+    """torch.func's grad and jvp transforms are refused with an error that names them (PyTorch
+    would hand back zero tangents under jvp, silently); vmap runs the op per sample."""
+    _, f, x = next(c for c in _func_cases() if c[0] == case)
+    transforms = {
+        "jvp": lambda: torch.func.jvp(f, (x,), (torch.ones_like(x),)),
+        "jacfwd": lambda: torch.func.jacfwd(f)(x),
+        "grad": lambda: torch.func.grad(lambda t: f(t).sum())(x),
+        "jacrev": lambda: torch.func.jacrev(f)(x),
+        "vmap(grad)": lambda: torch.vmap(torch.func.grad(lambda t: f(t).sum()))(x[None]),
+    }
+    for name, run in transforms.items():
+        with pytest.raises(NotImplementedError, match="torch.func's grad and jvp transforms"):
+            run()
+    batched = torch.stack([x, 2 * x + 1])
+    torch.testing.assert_close(torch.vmap(f)(batched), torch.stack([f(t) for t in batched]))

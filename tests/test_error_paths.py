@@ -192,7 +192,9 @@ CASES = [
     ("mha-is-causal", lambda mp: deco_ops.CrossAttention(16, 1)(torch.randn(3, 1, 16), torch.randn(4, 1, 16), torch.randn(4, 1, 16),
                                                                 need_weights=False, is_causal=True),
      ValueError, "is_causal is a hint that attn_mask is the causal mask"),
-    ("resampler-dropout", lambda mp: deco_ops.QueryResampler(4, 16, 8, 2, dropout=-0.1), ValueError, r"dropout must be in \[0, 1\)"),
+    ("resampler-dropout", lambda mp: deco_ops.QueryResampler(4, 16, 8, 2, dropout=-0.1), ValueError, r"dropout must be a float in \[0, 1\), got -0.1"),
+    ("resampler-dropout-none", lambda mp: deco_ops.QueryResampler(4, 16, 8, 2, dropout=None), TypeError, r"dropout must be a float in \[0, 1\), got NoneType"),
+    ("mha-dropout-bool", lambda mp: deco_ops.CrossAttention(16, 2, dropout=True), TypeError, r"dropout must be a float in \[0, 1\), got bool"),
     ("resampler-x", lambda mp: deco_ops.QueryResampler(4, 16, 24, 2)(torch.randn(1, 4, 16)), ValueError,
      r"x must be \(batch, tokens, kv_dim=24\)"),
     # modules

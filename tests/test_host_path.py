@@ -160,6 +160,21 @@ def test_the_last_signatures_are_checked_as_their_key_is(variant):
     assert _plan.signature(args) == _plan.signature(base) if same else _plan.signature(args) != _plan.signature(base)
 
 
+def test_a_list_changed_in_place_is_another_signature(default_path):
+    """A grid passed as a list and then changed in place by the caller is a new signature: the
+    last signatures hold copies of list arguments, not the caller's lists (same token counts, so
+    only the windows tell the plans apart)."""
+    x, *params = _projector_inputs()
+    grid, out_grid = [4, 4], [2, 2]
+    first = deco_ops.pool_mlp(x, *params, grid=grid, out_grid=out_grid)
+    assert torch.equal(deco_ops.pool_mlp(x, *params, grid=grid, out_grid=out_grid), first)
+    grid[:], out_grid[:] = [2, 8], [1, 4]
+    want = deco_ops.pool_mlp(x, *params, grid=(2, 8), out_grid=(1, 4))
+    assert not torch.equal(want, first)
+    assert torch.equal(deco_ops.pool_mlp(x, *params, grid=grid, out_grid=out_grid), want)
+    assert torch.equal(deco_ops.pool_mlp(x, *params, grid=[2, 8], out_grid=[1, 4]), want)
+
+
 def test_the_last_signatures_include_the_global_state(default_path):
     """Grad mode, a strategy or backend block, autocast, a dispatch mode: the last calls' plans are
     not reused (a new plan, or the full path: None)."""

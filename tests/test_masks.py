@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import deco_ops
-from deco_ops import CrossAttention, QueryResampler, cross_attention
+from deco_ops import CrossAttention, QueryResampler, cross_attention, reference_attention
 from harness import assert_close, guarded, leaf, poisoned_empty, randn
 from hot_path import Launches
 
@@ -111,17 +111,98 @@ def test_attn_mask_with_kv_lens_and_clamped_lengths(backend):
     B, M, N, H, D = 3, 4, 40, 2, 16
     q, k, v = randn(B, M, H, D, generator=g), randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
     mask = torch.rand(B, 1, M, N, generator=g) > 0.3
-    lens = torch.tensor([50, -3, 17])
     k[2, 17:], v[2, 17:] = float("nan"), float("nan")  # padding past kv_lens is never read
-    valid = torch.arange(N)[None, :] < lens.clamp(0, N)[:, None]
-    bias = _additive(mask).masked_fill(~valid[:, None, None, :], NEG).expand(B, H, M, N)
-    ref, _ = _softmax_reference(q, k.nan_to_num(), v.nan_to_num(), bias)
-    for checks in ("0", "1"):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("DECO_OPS_CHECKS", checks)
-            out = cross_attention(q, k, v, attn_mask=mask, kv_lens=lens)
-        assert_close(out, ref, torch.float32, f"out (checks={checks})")
-    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    # int64 lengths past int32's range clamp to N too (a cast alone wraps 2**31 to a negative length, 2**32 + 5 to 5)
+    for lens in (torch.tensor([50, -3, 17]), torch.tensor([2**31, -2**40, 17]), torch.tensor([2**32 + 5, -3, 17])):
+        valid = torch.arange(N)[None, :] < lens.clamp(0, N)[:, None]
+        bias = _additive(mask).masked_fill(~valid[:, None, None, :], NEG).expand(B, H, M, N)
+        ref, _ = _softmax_reference(q, k.nan_to_num(), v.nan_to_num(), bias)
+        for checks in ("0", "1"):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("DECO_OPS_CHECKS", checks)
+                out = cross_attention(q, k, v, attn_mask=mask, kv_lens=lens)
+            assert_close(out, ref, torch.float32, f"out (lens={lens.tolist()}, checks={checks})")
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_mask_is_added_in_fp32_for_16bit_queries(backend, dtype):
+    """An fp32 float mask with 16-bit q is added in fp32 on every path (docs/masks.md), as
+    ``F.scaled_dot_product_attention`` adds it: a bias of ~40 rounded to bf16 first (steps of 0.25)
+    would be 13x less accurate. A row of ``finfo(float32).min`` (Hugging Face's "masked") stays a
+    uniform average: cast to 16 bits first it would overflow into -inf and give zeros."""
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("bf16 tl.dot in Triton's interpreter is not bf16")
+    g = torch.Generator().manual_seed(5)
+    B, M, N, H, D = 2, 6, 48, 2, 32
+    q, k, v = (randn(*shape, dtype=dtype, generator=g) for shape in ((B, M, H, D), (B, N, H, D), (B, N, H, D)))
+    mask = randn(B, 1, M, N, generator=g) * 4 + 40
+    leaves = [guarded(t).requires_grad_(True) for t in (q, k, v)]
+    dout = randn(B, M, H, D, dtype=dtype, generator=g)
+    with poisoned_empty():
+        out = cross_attention(*leaves, attn_mask=mask)
+        grads = torch.autograd.grad(out, leaves, dout)
+    refs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref, _ = _softmax_reference(*refs, mask.double().expand(B, H, M, N))
+    ref_grads = torch.autograd.grad(ref, refs, dout.double())
+    eager = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    heads_first = [t.transpose(1, 2) for t in eager]
+    eager_out = torch.nn.functional.scaled_dot_product_attention(*heads_first, attn_mask=mask).transpose(1, 2)
+    eager_grads = torch.autograd.grad(eager_out, eager, dout)
+    for name, got, want, by_eager in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), (eager_out, *eager_grads)):
+        assert_close(got, want, dtype, name, eager=by_eager, eager_factor=1.5, tighten=True)
+    mask[1, 0, 2] = torch.finfo(torch.float32).min
+    out = cross_attention(q, k, v, attn_mask=mask)
+    uniform = v[1].double().mean(0)  # (H, D): the masked row averages every value
+    assert (out[1, 2].double() - uniform).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("dtype,mask_dtype", [(torch.float32, torch.float64), (torch.float16, torch.float32),
+                                              (torch.float16, torch.float16), (torch.bfloat16, torch.float64)])
+def test_rows_of_the_lowest_finite_bias_stay_uniform(backend, dtype, mask_dtype):
+    """A row whose every key carries the mask dtype's lowest finite value (Hugging Face's "masked")
+    is softmax(S + bias) as PyTorch computes it, on every path and for every pair of dtypes: the bias
+    is clamped at -1e30 (``reference_attention.MIN_BIAS``), never cast into -inf (a dead row:
+    zeros). Past about -1e8 the scores are lost next to it and the row averages every value."""
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("bf16 tl.dot in Triton's interpreter is not bf16")
+    g = torch.Generator().manual_seed(7)
+    B, M, N, H, D = 2, 4, 24, 2, 16
+    q, k, v = (randn(*shape, dtype=dtype, generator=g) for shape in ((B, M, H, D), (B, N, H, D), (B, N, H, D)))
+    mask = torch.zeros(B, 1, M, N, dtype=mask_dtype)
+    mask[1, 0, 3] = torch.finfo(mask_dtype).min
+    mask[0, 0, :, 5:] = NEG
+    out, weights = cross_attention(q, k, v, attn_mask=mask, need_weights=True, average_attn_weights=False)
+    assert torch.isfinite(out).all() and torch.isfinite(weights).all()
+    bias = mask.double()
+    bias = torch.where(bias == NEG, NEG, bias.clamp(min=reference_attention.MIN_BIAS))
+    ref, _ = _softmax_reference(q, k, v, bias.expand(B, H, M, N))
+    assert_close(out, ref, dtype, "out")
+    if torch.finfo(mask_dtype).min < -1e8:  # the scores are lost: every value averaged
+        assert (out[1, 3].double() - v[1].double().mean(0)).abs().max() < 2e-2
+
+
+def test_nan_keys_dropped_for_every_query_are_ignored(backend):
+    """NaN in k at keys a padding mask drops for every query of the batch entry is ignored on every
+    path (the fused kernels set such a score to -inf; SDPA's kernels would add the mask to a NaN
+    score, so the PyTorch path zeroes those keys first); output, weights and gradients (dQ = dS K
+    reads NaN keys as zeros: 0 * NaN would be NaN)."""
+    g = torch.Generator().manual_seed(6)
+    B, M, N, H, D = 3, 5, 40, 2, 16
+    q, k, v = randn(1, M, H, D, generator=g), randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
+    keep = torch.arange(N)[None, :] < torch.tensor([40, 23, 9])[:, None]
+    for mask in (keep[:, None, None, :], torch.zeros(B, 1, 1, N).masked_fill(~keep[:, None, None, :], NEG)):
+        k_nan = k.masked_fill(~keep[:, :, None, None], float("nan"))
+        leaves = [guarded(t).requires_grad_(True) for t in (q, k_nan, v)]
+        dout, dw = randn(B, M, H, D, generator=g), randn(B, M, N, generator=g)
+        out, weights = cross_attention(*leaves, attn_mask=mask, need_weights=True)
+        grads = torch.autograd.grad((out, weights), leaves, (dout, dw))
+        refs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+        ref, ref_p = _softmax_reference(*refs, _additive(mask).double().expand(B, H, M, N))
+        ref_weights = ref_p.mean(1)
+        ref_grads = torch.autograd.grad((ref, ref_weights), refs, (dout.double(), dw.double()))
+        for name, got, want in zip(("out", "weights", "dq", "dk", "dv"), (out, weights, *grads), (ref, ref_weights, *ref_grads)):
+            assert_close(got, want, torch.float32, f"{name} ({mask.dtype} mask)")
 
 
 @pytest.mark.parametrize("average", [True, False])

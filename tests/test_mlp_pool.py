@@ -258,3 +258,24 @@ def test_projector_bad_switches():
         deco_ops.DeCoProjector(4, 4, order="pool_then_mlp")
     with pytest.raises(ValueError, match="mode must be one of"):
         deco_ops.DeCoProjector(4, 4, mode="nearest")
+
+
+@pytest.mark.parametrize("mode", ["average", "bilinear"])
+@pytest.mark.parametrize("B,hidden", [(0, 48), (2, 0)], ids=["empty-batch", "empty-hidden-layer"])
+def test_mlp_pool_of_nothing(backend, mode, B, hidden):
+    """An empty batch gives a (0, P, out) output and empty gradients; an empty hidden layer gives
+    b2 at every pooled token (the pooled constant), as ``pool_mlp`` and eager PyTorch do (no
+    reshape of zero elements to -1)."""
+    g = torch.Generator().manual_seed(3)
+    C, out = 8, 6
+    x, w1, b1 = randn(B, 16, C, generator=g), randn(hidden, C, generator=g), randn(hidden, generator=g)
+    w2, b2 = randn(out, hidden, generator=g), randn(out, generator=g)
+    leaves = [t.requires_grad_(True) for t in (x, w1, b1, w2, b2)]
+    y = deco_ops.mlp_pool(*leaves, grid=(4, 4), out_grid=(3, 3), mode=mode)
+    assert y.shape == (B, 9, out)
+    assert torch.equal(y, b2.detach().expand(B, 9, out))  # no hidden unit, or no token: b2 alone
+    dy = randn(B, 9, out, generator=g)
+    grads = torch.autograd.grad(y, leaves, dy, allow_unused=True)
+    assert [tuple(gr.shape) for gr in grads] == [tuple(t.shape) for t in leaves]
+    assert torch.allclose(grads[4], dy.sum((0, 1)))
+    assert all(not gr.any() for gr in grads[:4])
