@@ -108,20 +108,25 @@ def plain_eager(args: tuple) -> bool:
     return device_type not in AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type)
 
 
-_AUTODIFF_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+_functorch = torch._C._functorch
 
 
-def _refuse_functorch_autodiff(name: str) -> None:
+def _refuse_functorch_autodiff(name: str, args: tuple) -> None:
     """deco's ops differentiate through ``torch.autograd`` (their formulas are reverse mode, for
-    ``backward()``/``torch.autograd.grad``); under ``torch.func``'s grad or jvp transforms (also
-    ``jacrev``, ``jacfwd``, ``hessian``, at any depth of the transform stack) PyTorch would fail
-    inside with an internal message (grad) or hand back zero tangents, silently (jvp). Refused
-    with an error that says so; ``torch.func.vmap`` is supported."""
-    stack = torch._C._functorch.get_interpreter_stack() or ()
-    if any(interpreter.key() in _AUTODIFF_TRANSFORMS for interpreter in stack):
-        raise NotImplementedError(
-            f"deco_ops' {name} does not support torch.func's grad and jvp transforms (grad, jvp, jacrev, jacfwd, "
-            "hessian): differentiate with torch.autograd (loss.backward() or torch.autograd.grad); torch.func.vmap works")
+    ``backward()``/``torch.autograd.grad``); an input that ``torch.func``'s grad or jvp transforms
+    differentiate (``grad``, ``jvp``, ``jacrev``, ``jacfwd``, ``hessian``, at any depth of the
+    transform stack: a grad-tracking wrapper anywhere around the tensor) would make PyTorch fail
+    inside with an internal message (grad) or hand back zero tangents, silently (jvp). Refused with
+    an error that says so. Inputs those transforms do not differentiate (a frozen feature map under
+    ``grad`` of a head's weights) and ``torch.func.vmap`` run as before."""
+    for a in args:
+        while isinstance(a, torch.Tensor) and _functorch.is_functorch_wrapped_tensor(a):
+            if _functorch.is_gradtrackingtensor(a):
+                raise NotImplementedError(
+                    f"deco_ops' {name} does not differentiate under torch.func's grad and jvp transforms (grad, jvp, "
+                    "jacrev, jacfwd, hessian): differentiate with torch.autograd (loss.backward() or "
+                    "torch.autograd.grad); torch.func.vmap works")
+            a = _functorch.get_unwrapped(a)
 
 
 def records(args: tuple) -> bool:
@@ -158,7 +163,7 @@ class Op:
         if torch.compiler.is_compiling():
             return self.overload(*args)
         if not plain_eager(args):
-            _refuse_functorch_autodiff(self.name)
+            _refuse_functorch_autodiff(self.name, args)
             return self.overload(*args)
         if records(args):
             if self._formula is None:  # no autograd formula: the op's own error, unchanged

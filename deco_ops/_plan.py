@@ -77,6 +77,9 @@ def _state() -> tuple:
             _dispatch_modes(), _any_autocast(), _peek_functorch())
 
 
+_STATE_SIZE = len(_state())  # a signature's first entries
+
+
 def signature(args: tuple) -> tuple | None:
     """The key of a plain eager call with ``args`` (module docstring), None for any other call."""
     if _is_compiling():
@@ -116,8 +119,8 @@ class Recent:
 
     __slots__ = ("state", "types", "values", "pick_values", "item_types", "pick_sequences", "guard", "pick_tensors", "plan")
 
-    def __init__(self, args: tuple, plan: object):
-        self.state, self.types, self.plan = _state(), tuple(map(type, args)), plan
+    def __init__(self, args: tuple, state: list, plan: object):
+        self.state, self.types, self.plan = tuple(state), tuple(map(type, args)), plan
         tensors = [i for i, kind in enumerate(self.types) if kind is _TENSOR or kind is _PARAMETER]
         values = [i for i, kind in enumerate(self.types) if not (kind is _TENSOR or kind is _PARAMETER)]
         sequences = [i for i, kind in enumerate(self.types) if kind is tuple or kind is list]
@@ -148,17 +151,19 @@ class Plans:
         _all.append(self)
 
     def get(self, *args) -> object:
+        if _is_compiling():  # first, before any state is read: a traced call takes the full path, never guards on it
+            return None
         recents = self._recent
-        if recents and not _is_compiling():  # first: a traced call never reaches the guards
+        if recents:
             state, types = _state(), tuple(map(type, args))
             for recent in recents:  # checked inline (``Recent``): a frame costs what the check does
                 if (
                     state == recent.state
                     and types == recent.types
                     and recent.guard.check(*recent.pick_tensors(args))
-                    and recent.pick_values(args) == recent.values
                     and (recent.pick_sequences is None
                          or tuple(map(tuple, map(map, repeat(type), recent.pick_sequences(args)))) == recent.item_types)
+                    and recent.pick_values(args) == recent.values  # last: every item is a plain value by now
                 ):
                     if recent is not recents[0]:  # most recent first: one signature repeated checks one
                         self._recent = (recent, recents[0])
@@ -171,9 +176,11 @@ class Plans:
         except (TypeError, RuntimeError):  # an unhashable argument (a list inside a grid), a nested
             return None  # tensor's shape: the full path says what is wrong
         if recent is None:
-            recent = self._plans[key] = Recent(args, self._build(*args))
+            recent = Recent(args, key[:_STATE_SIZE], self._build(*args))
+            self._plans[key] = recent
             if len(self._plans) > MAX_PLANS:
                 del self._plans[next(iter(self._plans))]
+        recents = self._recent  # again: the build may have cleared the plans (a strategy decision changed)
         self._recent = (recent, recents[0]) if recents and recents[0] is not recent else (recent,)
         return recent.plan
 

@@ -479,7 +479,12 @@ def _as_bias(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> tor
         return None
     if mask.dtype == torch.bool:
         mask = torch.full(mask.shape, float("-inf"), device=mask.device, dtype=torch.float32).masked_fill_(mask, 0.0)
+    elif mask.dtype not in _MASK_DTYPES:  # float8: no -inf, no clamp on every device; its values are exact in fp32
+        mask = mask.float()
     return mask.expand(shape)
+
+
+_MASK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what every path adds as it is
 
 
 def _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k, attn_mask) -> tuple:

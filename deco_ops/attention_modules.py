@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import torch
@@ -20,8 +21,8 @@ def _positive(name: str, value) -> int:
 
 
 def _dropout(value) -> float:
-    """A module's attention dropout probability, checked (a float or int in [0, 1); not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A module's attention dropout probability, checked (a real number in [0, 1), numpy's too; not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"dropout must be a float in [0, 1), got {type(value).__name__} {value!r}")
     if not 0.0 <= value < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {value!r}")

@@ -91,11 +91,13 @@ def _valid_keys(kv_lens: torch.Tensor | None, B: int, start: int, stop: int, dev
 
 def add_bias(s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Scores plus an additive mask as the kernels add it: -inf drops the key (even a NaN score),
-    finite values are clamped at ``MIN_BIAS``."""
+    finite values are clamped at ``MIN_BIAS`` in the mask's own dtype, before the cast to the
+    scores' (fp64's lowest finite value would become -inf in fp32)."""
     if bias is None:
         return s
-    bias = bias.to(s.dtype)
-    return torch.where(bias == float("-inf"), float("-inf"), s + bias.clamp(min=MIN_BIAS))
+    dropped = bias == float("-inf")
+    floor = max(MIN_BIAS, torch.finfo(bias.dtype).min)  # a 16-bit mask cannot hold MIN_BIAS (nor go below its own lowest)
+    return torch.where(dropped, float("-inf"), s + bias.clamp(min=floor).to(s.dtype))
 
 
 def attention_dense(q, k, v, kv_lens=None, scale=None, keep=None, dropout_p=0.0, bias=None):

@@ -111,8 +111,9 @@ def _func_cases():
 
 @pytest.mark.parametrize("case", ["pool", "pool_mlp", "cross_attention"])
 def test_torch_func_autodiff_is_refused_and_vmap_works(case):
-    """torch.func's grad and jvp transforms are refused with an error that names them (PyTorch
-    would hand back zero tangents under jvp, silently); vmap runs the op per sample."""
+    """torch.func's grad and jvp transforms of a deco op's input are refused with an error that names
+    them (PyTorch would hand back zero tangents under jvp, silently); vmap runs the op per sample,
+    and a grad transform that does not differentiate the op's inputs runs it as before."""
     _, f, x = next(c for c in _func_cases() if c[0] == case)
     transforms = {
         "jvp": lambda: torch.func.jvp(f, (x,), (torch.ones_like(x),)),
@@ -126,3 +127,7 @@ def test_torch_func_autodiff_is_refused_and_vmap_works(case):
             run()
     batched = torch.stack([x, 2 * x + 1])
     torch.testing.assert_close(torch.vmap(f)(batched), torch.stack([f(t) for t in batched]))
+    # an input the transform does not differentiate (a frozen feature map, the head's weights differentiated)
+    w = torch.randn(f(x).shape, dtype=x.dtype)
+    frozen = torch.func.grad(lambda w: (f(x) * w.sin()).sum())(w)
+    torch.testing.assert_close(frozen, f(x) * w.cos())

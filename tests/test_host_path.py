@@ -103,6 +103,7 @@ def test_grad_mode_and_requires_grad_select_their_own_plan(default_path):
     ((True, 16), TypeError, "grid entries must be ints"),
     ([4, 4.0], TypeError, "grid entries must be ints"),
     ((4, [4]), TypeError, "grid entries must be ints"),
+    ((torch.tensor([4, 4]), 4), TypeError, "grid entries must be ints"),  # no tensor meets == in the last signatures' check
     ((2, 4), ValueError, "x has 16 tokens but grid"),
 ])
 def test_arguments_equal_to_a_planned_call_still_raise(grid, error, match, default_path):

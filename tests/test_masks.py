@@ -159,7 +159,8 @@ def test_fp32_mask_is_added_in_fp32_for_16bit_queries(backend, dtype):
 
 @pytest.mark.parametrize("dtype,mask_dtype", [(torch.float32, torch.float64), (torch.float16, torch.float32),
                                               (torch.float16, torch.float16), (torch.bfloat16, torch.float64)])
-def test_rows_of_the_lowest_finite_bias_stay_uniform(backend, dtype, mask_dtype):
+@pytest.mark.parametrize("strategy", ["auto", "fused"])  # on the PyTorch backend: SDPA's CPU kernel, the reference path
+def test_rows_of_the_lowest_finite_bias_stay_uniform(backend, dtype, mask_dtype, strategy):
     """A row whose every key carries the mask dtype's lowest finite value (Hugging Face's "masked")
     is softmax(S + bias) as PyTorch computes it, on every path and for every pair of dtypes: the bias
     is clamped at -1e30 (``reference_attention.MIN_BIAS``), never cast into -inf (a dead row:
@@ -172,17 +173,30 @@ def test_rows_of_the_lowest_finite_bias_stay_uniform(backend, dtype, mask_dtype)
     mask = torch.zeros(B, 1, M, N, dtype=mask_dtype)
     mask[1, 0, 3] = torch.finfo(mask_dtype).min
     mask[0, 0, :, 5:] = NEG
-    out, weights = cross_attention(q, k, v, attn_mask=mask, need_weights=True, average_attn_weights=False)
+    with deco_ops.use_strategy(strategy):
+        out, weights = cross_attention(q, k, v, attn_mask=mask, need_weights=True, average_attn_weights=False)
     assert torch.isfinite(out).all() and torch.isfinite(weights).all()
     bias = mask.double()
     bias = torch.where(bias == NEG, NEG, bias.clamp(min=reference_attention.MIN_BIAS))
-    ref, _ = _softmax_reference(q, k, v, bias.expand(B, H, M, N))
+    ref, ref_p = _softmax_reference(q, k, v, bias.expand(B, H, M, N))
     assert_close(out, ref, dtype, "out")
+    others = torch.ones(B, M, dtype=torch.bool)
+    others[1, 3] = False  # that row's weights sum to N where the bias hides the scores (docs/masks.md)
+    assert_close(weights.transpose(1, 2)[others], ref_p.transpose(1, 2)[others], dtype, "weights of the other rows")
     if torch.finfo(mask_dtype).min < -1e8:  # the scores are lost: every value averaged
         assert (out[1, 3].double() - v[1].double().mean(0)).abs().max() < 2e-2
 
 
-def test_nan_keys_dropped_for_every_query_are_ignored(backend):
+def test_float8_mask_is_its_fp32_values(backend):
+    """A float8 mask (no -inf in e4m3fn, no clamp kernel for it) is added as its fp32 values."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = randn(2, 3, 2, 16, generator=g), randn(2, 9, 2, 16, generator=g), randn(2, 9, 2, 16, generator=g)
+    mask = (randn(2, 1, 3, 9, generator=g) * 2).to(torch.float8_e4m3fn)
+    torch.testing.assert_close(cross_attention(q, k, v, attn_mask=mask), cross_attention(q, k, v, attn_mask=mask.float()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "fused"])  # on the PyTorch backend: SDPA's CPU kernel, the reference path
+def test_nan_keys_dropped_for_every_query_are_ignored(backend, strategy):
     """NaN in k at keys a padding mask drops for every query of the batch entry is ignored on every
     path (the fused kernels set such a score to -inf; SDPA's kernels would add the mask to a NaN
     score, so the PyTorch path zeroes those keys first); output, weights and gradients (dQ = dS K
@@ -195,8 +209,9 @@ def test_nan_keys_dropped_for_every_query_are_ignored(backend):
         k_nan = k.masked_fill(~keep[:, :, None, None], float("nan"))
         leaves = [guarded(t).requires_grad_(True) for t in (q, k_nan, v)]
         dout, dw = randn(B, M, H, D, generator=g), randn(B, M, N, generator=g)
-        out, weights = cross_attention(*leaves, attn_mask=mask, need_weights=True)
-        grads = torch.autograd.grad((out, weights), leaves, (dout, dw))
+        with deco_ops.use_strategy(strategy):
+            out, weights = cross_attention(*leaves, attn_mask=mask, need_weights=True)
+            grads = torch.autograd.grad((out, weights), leaves, (dout, dw))
         refs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
         ref, ref_p = _softmax_reference(*refs, _additive(mask).double().expand(B, H, M, N))
         ref_weights = ref_p.mean(1)
