@@ -97,7 +97,7 @@ def _in_forward_context(backward: Callable) -> Callable:
 
 def plain_eager(args: tuple) -> bool:
     """Whether a call with ``args`` may skip the dispatcher (module docstring)."""
-    if torch._C._len_torch_dispatch_stack() or _peek_functorch() is not None:
+    if torch._C._len_torch_dispatch_stack() or _peek_functorch() is not None or _forward_ad._current_level >= 0:
         return False
     device_type = None
     for a in args:
@@ -109,24 +109,33 @@ def plain_eager(args: tuple) -> bool:
 
 
 _functorch = torch._C._functorch
+_forward_ad = torch.autograd.forward_ad
 
 
-def _refuse_functorch_autodiff(name: str, args: tuple) -> None:
+def _refuse_forward_and_functorch_autodiff(name: str, args: tuple) -> None:
     """deco's ops differentiate through ``torch.autograd`` (their formulas are reverse mode, for
     ``backward()``/``torch.autograd.grad``); an input that ``torch.func``'s grad or jvp transforms
     differentiate (``grad``, ``jvp``, ``jacrev``, ``jacfwd``, ``hessian``, at any depth of the
     transform stack: a grad-tracking wrapper anywhere around the tensor) would make PyTorch fail
     inside with an internal message (grad) or hand back zero tangents, silently (jvp). Refused with
     an error that says so. Inputs those transforms do not differentiate (a frozen feature map under
-    ``grad`` of a head's weights) and ``torch.func.vmap`` run as before."""
+    ``grad`` of a head's weights) and ``torch.func.vmap`` run as before. The same for a dual tensor
+    of ``torch.autograd.forward_ad`` (no forward-mode formula: the kernels would drop its tangent)."""
     for a in args:
-        while isinstance(a, torch.Tensor) and _functorch.is_functorch_wrapped_tensor(a):
-            if _functorch.is_gradtrackingtensor(a):
+        if not isinstance(a, torch.Tensor):
+            continue
+        inner = a
+        while _functorch.is_functorch_wrapped_tensor(inner):
+            if _functorch.is_gradtrackingtensor(inner):
                 raise NotImplementedError(
                     f"deco_ops' {name} does not differentiate under torch.func's grad and jvp transforms (grad, jvp, "
                     "jacrev, jacfwd, hessian): differentiate with torch.autograd (loss.backward() or "
                     "torch.autograd.grad); torch.func.vmap works")
-            a = _functorch.get_unwrapped(a)
+            inner = _functorch.get_unwrapped(inner)
+        if _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(a).tangent is not None:
+            raise NotImplementedError(
+                f"deco_ops' {name} has no forward-mode AD formula (a dual tensor from torch.autograd.forward_ad): the "
+                "Triton kernels would drop its tangent; differentiate with torch.autograd (reverse mode)")
 
 
 def records(args: tuple) -> bool:
@@ -163,7 +172,7 @@ class Op:
         if torch.compiler.is_compiling():
             return self.overload(*args)
         if not plain_eager(args):
-            _refuse_functorch_autodiff(self.name, args)
+            _refuse_forward_and_functorch_autodiff(self.name, args)
             return self.overload(*args)
         if records(args):
             if self._formula is None:  # no autograd formula: the op's own error, unchanged

@@ -26,7 +26,7 @@ with dynamo's C++ ``TensorGuards`` (shape, dtype, device, ``requires_grad``, typ
 not strides), the rest by type and value, for about two thirds of the key's cost (docs/host-path.md).
 
 Only *plain eager* calls use plans (``_direct``: not compiling, no dispatch mode, no functorch
-transform, no autocast region, every tensor a plain ``torch.Tensor`` or ``nn.Parameter``, every
+transform, no autocast region, no forward-mode AD level, every tensor a plain ``torch.Tensor`` or ``nn.Parameter``, every
 other argument None, a bool, int, float, str or a tuple/list of them); every other call takes the
 op's full path (validation, then ``torch.ops.deco``), which is also what ``torch.compile`` traces.
 A plan never holds a tensor. Checks that read tensor *values* (``kv_lens`` in range) are not part
@@ -56,6 +56,7 @@ _grad_enabled = torch.is_grad_enabled
 _deterministic = torch._C._get_deterministic_algorithms  # torch.are_deterministic_algorithms_enabled's answer
 _warn_only = torch._C._get_deterministic_algorithms_warn_only  # ... and is_deterministic_algorithms_warn_only_enabled's
 _peek_functorch = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+_forward_ad = torch.autograd.forward_ad  # its _current_level: -1 outside ``dual_level()``
 
 _all: list[Plans] = []  # every op's plans, for clear()
 
@@ -71,12 +72,14 @@ _interpret_env = _interpret_environ.get
 
 def _state() -> tuple:
     """The global state a signature starts with (module docstring), then what makes a call not
-    plain (module docstring; 0, False, None in every signature): one tuple for ``Recent`` to compare."""
+    plain (module docstring; ``_PLAIN`` in every signature): one tuple for ``Recent`` to compare."""
     return (_grad_enabled(), _deterministic(), _warn_only(), _backend_override(), _backend_env(_backend_key),
             _strategy_override(), _strategy_env(_strategy_key), _interpret_env(_interpret_key),
-            _dispatch_modes(), _any_autocast(), _peek_functorch())
+            _dispatch_modes(), _any_autocast(), _peek_functorch(), _forward_ad._current_level)
 
 
+# no dispatch mode, no autocast, no functorch transform, no forward-mode AD level (dual tensors)
+_PLAIN = (0, False, None, -1)
 _STATE_SIZE = len(_state())  # a signature's first entries
 
 
@@ -85,7 +88,7 @@ def signature(args: tuple) -> tuple | None:
     if _is_compiling():
         return None
     key = [*_state()]
-    if key[-3] or key[-2] or key[-1] is not None:  # a dispatch mode, autocast, a functorch transform
+    if tuple(key[-len(_PLAIN):]) != _PLAIN:
         return None
     for a in args:  # one entry per argument: its position says which argument it is
         kind = type(a)

@@ -131,3 +131,18 @@ def test_torch_func_autodiff_is_refused_and_vmap_works(case):
     w = torch.randn(f(x).shape, dtype=x.dtype)
     frozen = torch.func.grad(lambda w: (f(x) * w.sin()).sum())(w)
     torch.testing.assert_close(frozen, f(x) * w.cos())
+
+
+@pytest.mark.parametrize("case", ["pool", "pool_mlp", "cross_attention"])
+def test_forward_mode_dual_tensors_are_refused(backend, case):
+    """A dual tensor of torch.autograd.forward_ad is refused with an error that says so (the Triton
+    kernels dropped its tangent: None, read as zero); a plain tensor inside a dual level runs, the
+    second call too (a signature is never planned inside a level)."""
+    _, f, x = next(c for c in _func_cases() if c[0] == case)
+    want = f(x)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match="no forward-mode AD formula"):
+            f(dual)
+        for _ in range(2):
+            torch.testing.assert_close(f(x), want)
