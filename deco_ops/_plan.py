@@ -131,9 +131,9 @@ class Recent:
         self.values = tuple([*a] if type(a) is list else a for a in self.pick_values(args))  # a copy of each list: the caller may change theirs
         self.pick_sequences = _picker(sequences) if sequences else None
         self.item_types = self.pick_sequences and _item_types(self.pick_sequences(args))
-        shapes = [list(a.shape) for a in self.pick_tensors(args)]
-        self.guard = TensorGuards(*self.pick_tensors(args), dynamic_dims_sizes=shapes,
-                                  dynamic_dims_strides=[[None] * len(shape) for shape in shapes])
+        tensors = self.pick_tensors(args)
+        shapes = [list(a.shape) for a in tensors]
+        self.guard = TensorGuards(*tensors, dynamic_dims_sizes=shapes, dynamic_dims_strides=[[None] * len(shape) for shape in shapes])
 
 
 def _item_types(sequences: tuple) -> tuple:

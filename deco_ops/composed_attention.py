@@ -119,16 +119,6 @@ def _mask_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float32 if q.dtype in _HALF else q.dtype
 
 
-def _user_bias(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The caller's additive mask at its compact shape in ``dtype``, finite values clamped as the
-    fused kernels clamp them (at ``reference_attention.MIN_BIAS``, or at the lowest finite value of
-    ``dtype`` or of the mask's own dtype if higher): a finite bias never becomes ``-inf``, so a row
-    of ``finfo.min`` stays a uniform average on every path; ``-inf`` stays ``-inf``."""
-    bias = _compact(bias)
-    floor = max(reference_attention.MIN_BIAS, torch.finfo(dtype).min, torch.finfo(bias.dtype).min)
-    return torch.where(bias == float("-inf"), bias, bias.clamp(min=floor)).to(dtype)
-
-
 def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = False, mask_dtype=None):
     """q expanded to the batch (a view), k and v (zeroed past ``kv_lens``, and k at the keys the
     caller's mask drops for every query of their batch entry, so NaN there is ignored as the fused
@@ -142,19 +132,20 @@ def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = F
     if kv_lens is None and user_bias is None:
         return q, k, v, None, None
     mask_dtype = mask_dtype or q.dtype
-    if user_bias is not None:
-        user_bias = _user_bias(user_bias, mask_dtype)
-        unread = (user_bias == float("-inf")).all(2).all(1)  # (B or 1, N): keys no query of the entry reads
-        k = torch.where(unread[:, :, None, None], 0.0, k)
-    if kv_lens is None:  # the caller's mask alone, at its compact shape
+    read = None  # (B or 1, N): the keys some query reads; k is zeroed at the others in one pass
+    if user_bias is not None:  # at its compact shape, clamped as the kernels clamp it
+        user_bias = reference_attention.clamped_bias(_compact(user_bias), mask_dtype)
+        read = ~(user_bias == float("-inf")).all(2).all(1)
+    if kv_lens is None:  # the caller's mask alone
         bias = user_bias
     else:
         valid = torch.arange(N, device=k.device)[None, :] < kv_lens.to(device=k.device, dtype=torch.int64)[:, None]
-        k = torch.where(valid[:, :, None, None], k, 0.0)
         v = torch.where(valid[:, :, None, None], v, 0.0)
+        read = valid if read is None else valid & read
         bias = torch.zeros((1, 1, 1, N), dtype=mask_dtype, device=q.device).masked_fill(~valid[:, None, None, :], float("-inf"))
         if user_bias is not None:
             bias = bias + user_bias
+    k = torch.where(read[:, :, None, None], k, 0.0)
     dead = (bias == float("-inf")).all(-1)
     bias = bias.masked_fill(dead[..., None], 0.0)  # a new tensor: never the caller's mask
     if align > 1:

@@ -89,15 +89,22 @@ def _valid_keys(kv_lens: torch.Tensor | None, B: int, start: int, stop: int, dev
     return (cols[None, :] < kv_lens.to(device=device, dtype=torch.int64)[:, None])[:, None, None, :]
 
 
+def clamped_bias(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An additive mask in ``dtype`` as every path adds it: finite values clamped at ``MIN_BIAS``
+    (or at the lowest finite value of ``dtype`` or of the mask's own dtype, if higher) in the mask's
+    own dtype, before the cast (fp64's lowest finite value would become -inf in fp32, and drop a row
+    that PyTorch averages); -inf stays -inf."""
+    floor = max(MIN_BIAS, torch.finfo(dtype).min, torch.finfo(bias.dtype).min)
+    return torch.where(bias == float("-inf"), bias, bias.clamp(min=floor)).to(dtype)
+
+
 def add_bias(s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Scores plus an additive mask as the kernels add it: -inf drops the key (even a NaN score),
-    finite values are clamped at ``MIN_BIAS`` in the mask's own dtype, before the cast to the
-    scores' (fp64's lowest finite value would become -inf in fp32)."""
+    finite values are clamped (``clamped_bias``)."""
     if bias is None:
         return s
-    dropped = bias == float("-inf")
-    floor = max(MIN_BIAS, torch.finfo(bias.dtype).min)  # a 16-bit mask cannot hold MIN_BIAS (nor go below its own lowest)
-    return torch.where(dropped, float("-inf"), s + bias.clamp(min=floor).to(s.dtype))
+    bias = clamped_bias(bias, s.dtype)
+    return torch.where(bias == float("-inf"), float("-inf"), s + bias)
 
 
 def attention_dense(q, k, v, kv_lens=None, scale=None, keep=None, dropout_p=0.0, bias=None):
