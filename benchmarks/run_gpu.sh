@@ -91,9 +91,10 @@ if has_step tests; then
   XDIST=""
   $PY -c "import xdist" 2>/dev/null && XDIST="-n $TEST_WORKERS"
   echo "== pytest tests/ on CUDA, DECO_OPS_AUTOTUNE=0, ${XDIST:-one process} (cap ${T}s, then the benchmarks' agreement checks)"
-  # SIGINT first: pytest then still prints its summary of what ran
-  DECO_OPS_AUTOTUNE=0 timeout -s INT -k 15 $((T * 4 / 5)) $PY -m pytest tests -q -p no:cacheprovider $XDIST \
-    --maxfail=25 --ignore=tests/test_aot.py --durations=15 2>&1 | tee "$OUT_DIR/pytest.log" \
+  # SIGINT first: pytest then still prints its summary of what ran. -v writes each test's outcome as
+  # it ends: an interrupted xdist session can lose its summary (seen on the H200, 2026-12-04)
+  DECO_OPS_AUTOTUNE=0 timeout -s INT -k 15 $((T * 4 / 5)) $PY -m pytest tests -v -rfE -p no:cacheprovider $XDIST \
+    --maxfail=200 --ignore=tests/test_aot.py --durations=15 2>&1 | tee "$OUT_DIR/pytest.log" \
     | grep -E "passed|failed|FAILED|ERROR" | tail -30
   echo "pytest exit ${PIPESTATUS[0]} (124 = timed out)" | tee -a "$OUT_DIR/pytest.log"
   DECO_OPS_AUTOTUNE=0 timeout -s INT -k 10 $((T / 5)) $PY -m pytest benchmarks -q -p no:cacheprovider $XDIST \

@@ -31,6 +31,18 @@ def decode(raw) -> str:
     return os.fsdecode(raw) if isinstance(raw, bytes) else raw
 
 
+# Each setting's ``use`` overrides by the setting's ``what`` (a string: see ``_override``)
+_OVERRIDES: dict[str, contextvars.ContextVar[str | None]] = {}
+
+
+@torch.compiler.assume_constant_result
+def _override(what: str) -> str | None:
+    """The innermost ``use`` block's choice of the setting named ``what`` in the current context, or
+    None. A function of a string, not a method: torch 2.11's dynamo calls an assume_constant_result
+    function only with constant arguments, and a ``Setting`` is not one (seen on the H200)."""
+    return _OVERRIDES[what].get()
+
+
 class Setting:
     def __init__(self, var: str, choices: tuple[str, ...], what: str):
         self.var = var
@@ -39,17 +51,13 @@ class Setting:
         self.what = what  # how the error of a bad ``use(name)`` names the argument
         # the innermost ``use`` block's choice in this context (None: none)
         self.overrides: contextvars.ContextVar[str | None] = contextvars.ContextVar(f"deco_ops_{what}", default=None)
+        _OVERRIDES[what] = self.overrides
         self._parsed: dict[object, str] = {}  # raw environment value -> its checked setting
 
     def check(self, name: str, source: str) -> str:
         if name not in self.choices:
             raise ValueError(f"{source} must be one of {self.choices}, got {name!r}")
         return name
-
-    @torch.compiler.assume_constant_result
-    def override(self) -> str | None:
-        """The innermost ``use`` block's choice in the current context, or None."""
-        return self.overrides.get()
 
     def state(self) -> tuple[str | None, object]:
         """What the setting's value is a function of: (the innermost ``use`` block's choice or None,
@@ -62,7 +70,7 @@ class Setting:
     def selected(self) -> str:
         """The innermost ``use`` block's choice, else ``$var``, normalised and checked once per
         distinct value (every op call asks)."""
-        forced = self.override()
+        forced = _override(self.what)
         if forced is not None:
             return forced
         raw = self.environ.get(self.env_key)

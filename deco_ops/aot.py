@@ -530,9 +530,9 @@ def _attn_tma_variants(module, dtypes):
     out = []
     for dtype, precision, dlabel, _ in _dtype_variants([d for d in dtypes if d != "fp32"]):
         for name, (B, M, N, H, D) in _TMA_ATTN_SHAPES.items():
-            block_m, heads, ws = module.tile(M, H, D)
             split = B == 1
             for lens in (False, True):
+                block_m, heads, ws = module.tile(M, H, D, ragged=lens)
                 args = _attn_args(fn, dtype, precision, D, (B, M, N, H), SPLIT=split, BLOCK_M=block_m)
                 args.update(KV_MODE=int(lens), lens_ptr="*i32" if lens else "*fp32", HEADS=heads, WARP_SPECIALIZE=ws)
                 label = f"{dlabel} {name} D{D} heads{heads}" + (" split" if split else "") + (" lens" if lens else "")
@@ -664,9 +664,10 @@ def _int_type(value: int) -> str:
     return "i32" if -(2**31) <= value < 2**31 else ("i64" if -(2**63) <= value < 2**63 else "u64")
 
 
-def specialize(fn, args: dict[str, Any], config) -> tuple[dict, dict, dict]:
+def specialize(fn, args: dict[str, Any], config, float_type: str = "fp32") -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) for ``triton.compiler.ASTSource``, as the JIT builds them
-    for a launch with these argument values and this autotune config."""
+    for a launch with these argument values and this autotune config. ``float_type``: what the
+    launcher passes Python floats as (Triton's JIT: fp32; torch.compile's Inductor: fp64)."""
     values = {**args, **config.kwargs}
     names = [p.name for p in fn.params]
     missing = [n for n in names if n not in values]
@@ -691,7 +692,7 @@ def specialize(fn, args: dict[str, Any], config) -> tuple[dict, dict, dict]:
                 if v % 16 == 0 and not p.do_not_specialize:
                     attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
-            signature[p.name] = "fp32"
+            signature[p.name] = float_type
         else:
             raise TypeError(f"{fn.__name__}: cannot specialise argument {p.name}={v!r}")
     return signature, constexprs, attrs

@@ -40,7 +40,7 @@ import torch
 from . import _backend, _plan, _validate, composed, merge_reference, reference, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import merge_gemm, merge_norm, packed_pool
-from .packed import Packing, PackedPlans, _grid_table, device_tables
+from .packed import Packing, PackedPlans, _grid_table, device_geometry, device_tables
 from .projector import ACTIVATIONS, activation_backward, add_grads, linear_grads, needs_residuals
 
 ORDERS = ("block", "grid")
@@ -490,7 +490,8 @@ def _packed_plan(x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, o
     checked = _packed_checked(x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, order, norm, norm_position, eps,
                               activation)
     geometry, merge, pre, eps, keep, _ = checked
-    args = (x[None], norm_weight, norm_bias, w1, b1, w2, b2, geometry, [], merge, order, norm, pre, eps, activation, keep)
+    args = (x[None], norm_weight, norm_bias, w1, b1, w2, b2, device_geometry(geometry, x.device), [], merge, order, norm,
+            pre, eps, activation, keep)
     return _plan.runner(deco.merge_mlp, _implementation, args, keep), *checked
 
 

@@ -172,7 +172,13 @@ def device_tables(geometry: torch.Tensor | None, cu_seqlens: torch.Tensor,
     a CUDA graph capture the call, and a replay after the plan is dropped read freed memory."""
     if device.type == "cpu":
         return geometry, cu_seqlens
-    return None if geometry is None else to_device(geometry, device), to_device(cu_seqlens, device)
+    return device_geometry(geometry, device), to_device(cu_seqlens, device)
+
+
+def device_geometry(geometry: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """The host geometry table (or None) on ``device``: also what a plan's strategy measurement
+    runs the candidates with (the kernels read it; a CPU table on a GPU is an invalid pointer)."""
+    return geometry if geometry is None or device.type == "cpu" else to_device(geometry, device)
 
 
 # Images per cached dense geometry table: 128 KiB of int32 per (grid, out_grid, device).
@@ -367,7 +373,7 @@ def _resample_plan(x, grids, out_grids, stride, resample_mode) -> tuple:
     """A plain eager call's plan: (what runs it, the geometry table, output rows, cu_seqlens)."""
     tables = _resample_checked(x, grids, out_grids, stride)
     records = torch.is_grad_enabled() and x.requires_grad
-    args = (x, tables[0], tables[1], resample_mode)
+    args = (x, device_geometry(tables[0], x.device), tables[1], resample_mode)
     return _plan.runner(deco.pool_tokens_packed, pool_implementation, args, records), *tables
 
 
@@ -602,7 +608,7 @@ def packed_mlp_plans(op: Op, implementation: Callable) -> PackedPlans:
     def build(x, grids, w1, b1, w2, b2, out_grids, stride, activation, mode) -> tuple:
         checked = _packed_mlp_checked(x, grids, w1, b1, w2, b2, out_grids, stride, activation, mode)
         geometry, num_out, keep, _ = checked
-        args = (x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep)
+        args = (x, w1, b1, w2, b2, device_geometry(geometry, x.device), num_out, activation, mode, keep)
         return _plan.runner(op, implementation, args, keep), *checked
 
     return PackedPlans(build)

@@ -292,8 +292,10 @@ def _usable(candidates: Mapping[str, Candidate]) -> dict[str, Candidate]:
 
 def capturing() -> bool:
     """Whether the current CUDA stream is capturing a CUDA graph (timing there would record the
-    timed runs into the graph, and the synchronisation it needs is illegal)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    timed runs into the graph, and the synchronisation it needs is illegal). Never where this
+    process has not initialised CUDA (no capture can be running): asking would initialise it, which
+    fails in a worker forked from a process that has (seen on the H200: a gloo rank deciding a key)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def _untimed(key: str, usable: Mapping[str, Candidate], synchronised: bool) -> str:

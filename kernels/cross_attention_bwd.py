@@ -73,6 +73,7 @@ from .cross_attention_fwd import (
     KV_PACKED, LOG2E, acc_dtype, add_bias, bias_args, choose_num_splits, dot_precision, dropout_keep, dropout_stream,
     kv_extent, kv_mode, kv_strides, load_bias, load_rows, split_ranges,
 )
+from .scalars import fp32_scalar
 
 SINGLE_PASS_MAX_M = 128
 SINGLE_PASS_MAX_TILE = 4096  # BLOCK_M * BLOCK_D for 2-byte inputs; half for fp32
@@ -251,6 +252,7 @@ def cross_attention_bwd_single_pass_kernel(
     dq_ptr (+ batch // dq_batches, row, head, dim), written directly, or summed in this launch over
     the dq_batches batches sharing the queries and the splits (fp32 partial of split s, batch b at
     dq_part_ptr + s * sdqs + b * sdqb; one int32 counter per group at count_ptr)."""
+    qk_scale, scale, dropout_p = fp32_scalar(qk_scale), fp32_scalar(scale), fp32_scalar(dropout_p)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
@@ -415,6 +417,7 @@ def cross_attention_bwd_dkdv_kernel(
     so no second kernel recomputes P; the last of the dq_batches * key-block programs of a (query
     set, head) to finish (an int32 counter at count_ptr, acquire-release) writes dQ in q's dtype.
     The atomics' order, hence dQ's last bits, changes from run to run."""
+    qk_scale, scale, dropout_p = fp32_scalar(qk_scale), fp32_scalar(scale), fp32_scalar(dropout_p)
     bh = tl.program_id(0)
     b = bh // H
     b64 = b.to(tl.int64)
@@ -482,6 +485,7 @@ def cross_attention_bwd_dq_kernel(
     to dq_ptr directly, or (queries shared by the dq_batches batches) summed in this launch over
     the batch: fp32 partial of batch b at dq_part_ptr + b * sdqb, one int32 counter per (head,
     query block) at count_ptr."""
+    qk_scale, scale, dropout_p = fp32_scalar(qk_scale), fp32_scalar(scale), fp32_scalar(dropout_p)
     bh = tl.program_id(0)
     b = bh // H
     b64 = b.to(tl.int64)

@@ -59,6 +59,7 @@ from ._device import on_input_device
 from ._host_arith import cdiv, next_power_of_2
 from ._tuning import autotuned, device_arch, dot_dtype_workaround, input_precision
 from .dot import dot
+from .scalars import fp32_scalar
 
 LOG2E = 1.4426950408889634
 
@@ -237,6 +238,7 @@ def cross_attention_fwd_kernel(
 
     SPLIT: write the fp32 partial state (unnormalised O at o_ptr, laid out (S, B, H, M, D), and m,
     l at m_ptr/l_ptr, (S, B, H, M)); otherwise O (strided, input dtype) and the LSE (B, H, M)."""
+    qk_scale, dropout_p = fp32_scalar(qk_scale), fp32_scalar(dropout_p)
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)

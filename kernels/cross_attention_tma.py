@@ -21,7 +21,7 @@ forward's residuals. What differs is how K and V reach the tensor cores:
   wider TMA box) and runs the HEADS dots as one batched (3-D) ``tl.dot``, so few-query calls such
   as BLIP-2's (32 queries, 12 heads, d=64) move twice the bytes per program and per TMA message.
   Batched dots lower to mma.sync (HMMA), not wgmma: the memory-bound case does not need wgmma.
-* **Warp specialisation** (``WARP_SPECIALIZE``: 128-query tiles, from 128 queries on): the key
+* **Warp specialisation** (``WARP_SPECIALIZE``: 128-query tiles, from 128 queries on, dense keys only: ``tile``): the key
   loop is ``tl.range(..., warp_specialize=True, flatten=False)`` with ``num_warps=4``; triton 3.6
   then splits the program into a TMA producer warpgroup and two 64-row wgmma consumer warpgroups
   on sm_90. It does so only when that loop is the program's one place with descriptor loads and
@@ -48,6 +48,7 @@ from .cross_attention_fwd import (
     store_partial,
 )
 from .dot import dot
+from .scalars import fp32_scalar
 from .tma_gemm import ensure_allocator, tma_addressable
 
 # A query tile of 128 rows runs warp-specialised: one producer and two 64-row consumer warpgroups.
@@ -67,11 +68,15 @@ def cuda_configs() -> list[triton.Config]:
     ]
 
 
-def tile(M: int, H: int, D: int) -> tuple[int, int, bool]:
+def tile(M: int, H: int, D: int, ragged: bool = False) -> tuple[int, int, bool]:
     """(BLOCK_M, HEADS, WARP_SPECIALIZE) for M queries of H heads of dim D: 128-query warp-specialised
     tiles from 128 queries on; 64-query tiles between 64 and 128; below 64 queries one tile holds all
-    of them, and as many heads as divide H within ``MAX_HEAD_ROWS`` rows and ``MAX_HEAD_COLS`` dims."""
-    if M >= WS_BLOCK_M:
+    of them, and as many heads as divide H within ``MAX_HEAD_ROWS`` rows and ``MAX_HEAD_COLS`` dims.
+    ``ragged`` keys (``kv_lens`` or ``cu_seqlens_k``) never take the warp-specialised tile: on the
+    H200 (triton 3.6, 2026-12-04) it returned NaN for a whole 128-query tile (M=130, kv_lens 75 and
+    33, the keys past each length NaN), where the other tiles, with the same descriptors ending at
+    each batch's length, were right; the cause needs a GPU to find (docs/aot.md)."""
+    if M >= WS_BLOCK_M and not ragged:
         return WS_BLOCK_M, 1, True
     block_m = max(16, next_power_of_2(M))
     if block_m > 64:
@@ -173,6 +178,7 @@ def cross_attention_tma_kernel(
 ):
     """Grid (B * H / HEADS, ceil(M / BLOCK_M), splits). K and V (B, N, H, D), or packed (total_N, H, D),
     with unit dim stride; outputs as ``cross_attention_fwd_kernel``."""
+    qk_scale = fp32_scalar(qk_scale)
     bg = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -274,7 +280,7 @@ def cross_attention_tma_fwd(
     lse = torch.empty((B, H, M), device=q.device, dtype=torch.float32)
     if B == 0:
         return out, lse
-    block_m, heads, warp_specialize = tile(M, H, D)
+    block_m, heads, warp_specialize = tile(M, H, D, ragged=kv_lens is not None or cu_seqlens_k is not None)
     if num_splits is None:
         num_splits = choose_num_splits(B * H // heads * cdiv(M, block_m), N, q.device)
     keys_per_split, num_splits = split_ranges(N, num_splits)

@@ -27,6 +27,7 @@ from .cross_attention_fwd import (
     load_bias, load_rows,
 )
 from .dot import dot
+from .scalars import fp32_scalar
 
 
 def cuda_configs() -> list[triton.Config]:
@@ -74,6 +75,7 @@ def cross_attention_weights_kernel(
 ):
     """Grid (B * (1 if AVERAGE else H), ceil(M / BLOCK_M), ceil(N / BLOCK_N)). AVERAGE: the mean
     over the heads at w_ptr (head stride unused); else head h's weights."""
+    qk_scale, dropout_p = fp32_scalar(qk_scale), fp32_scalar(dropout_p)
     pid = tl.program_id(0).to(tl.int64)  # int64 heads: the loop's offsets below need no casts
     if AVERAGE:
         b = pid

@@ -37,6 +37,7 @@ from .merge_rows import (
     NORMS, ORDERS, affine, group_stats, groups, load_token_tile, merged_rows, norm_channels, scale,
     standardized_tile,
 )
+from .scalars import fp32_scalar
 
 BLOCK_R_INTERPRET = 64  # few, wide programs: the interpreter's cost is per program and per op
 
@@ -53,6 +54,7 @@ def merge_norm_stats_kernel(
     ORDER: tl.constexpr, PACKED: tl.constexpr, MERGE: tl.constexpr, NORM: tl.constexpr, PRE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    eps = fp32_scalar(eps)
     GROUPS: tl.constexpr = MERGE * MERGE if PRE else 1
     TOKENS: tl.constexpr = MERGE * MERGE // GROUPS  # tokens per group
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -189,7 +191,7 @@ def merge_norm_stats(x, merge, order, grid, geometry, image, norm, pre, eps) -> 
     stats = torch.empty((M, groups(merge, pre), 2), device=x.device, dtype=torch.float32)
     if M == 0:
         return stats
-    launch = _launch_config(C)
+    launch = _launch_config(int(C))  # int: a traced C (SymInt) specialises the graph's config
     packed = geometry is not None
     launcher(merge_norm_stats_kernel, x)[(cdiv(M, launch["BLOCK_R"]),)](
         x, stats, image if packed else stats, geometry if packed else stats,
@@ -208,7 +210,7 @@ def merge_norm_backward(x, stats, wn, bn, dn, merge, order, grid, geometry, imag
     M, P, H, W = _layout(x, merge, grid)
     C = x.shape[2]
     K = merge * merge * C
-    launch = _launch_config(C)
+    launch = _launch_config(int(C))  # int: a traced C (SymInt) specialises the graph's config
     programs = cdiv(M, launch["BLOCK_R"])
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_dx else None
     n = torch.empty((M, K), device=x.device, dtype=x.dtype) if store_n else None

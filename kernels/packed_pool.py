@@ -311,7 +311,7 @@ def _resample(kernel, src: torch.Tensor, geometry: torch.Tensor, rows: int, kind
     if dst.numel() == 0:
         return dst
     image = image_index(geometry, kind, rows)
-    launch = _launch_config(C, src.element_size())
+    launch = _launch_config(int(C), src.element_size())  # int: a traced C (SymInt) specialises the graph's config
     launcher(kernel, src)[(cdiv(rows, launch["BLOCK_R"]), cdiv(C, launch["BLOCK_C"]))](
         src, dst, image, geometry, rows, C, *src.stride(), *dst.stride(), MODE=MODES[mode], **launch,
     )

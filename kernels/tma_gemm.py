@@ -42,6 +42,7 @@ from triton.runtime import _allocation
 from . import activations
 from ._device import on_input_device
 from ._host_arith import cdiv
+from ._traceable import tracing
 from .dot import dot
 from .tiling import INTERPRET_CONFIG, gemm_configs, grouped_tile
 from ._tuning import INTERPRET, autotuned, device_arch, device_smem_limit, dot_dtype_workaround
@@ -173,7 +174,11 @@ def tma_addressable(t: torch.Tensor) -> bool:
     """Whether a tensor of any rank can be read or written through a TMA descriptor: unit stride in
     its last dim, every other stride and the base address 16-byte aligned, and no broadcast dim (a
     stride-0 dim of several elements, e.g. ``y.sum()``'s expanded gradient: a descriptor walks
-    real rows; such a tensor takes the pointer-load kernels)."""
+    real rows; such a tensor takes the pointer-load kernels). Never while ``torch.compile`` traces
+    (a FakeTensor has no address, and the graph must not bake in one call's alignment: its guards
+    do not check the next call's)."""
+    if tracing((t,)):
+        return False
     return (t.stride(-1) == 1 and t.data_ptr() % TMA_ALIGN_BYTES == 0
             and all(s * t.element_size() % TMA_ALIGN_BYTES == 0 and (s > 0 or n == 1)
                     for s, n in zip(t.stride()[:-1], t.shape[:-1])))

@@ -1,9 +1,10 @@
 """Instruments for the hot-path tests: what an op launches and whether it synchronises.
 
 * ``Launches``: patches the launch entry point of Triton's interpreter (``InterpretedFunction.run``,
-  which the autotuner calls once per launch) to count every Triton kernel launch by name, record
-  its resolved grid and the device guard it ran under; with ``execute=False`` it only records
-  (grid-limit checks at sizes the interpreter could not run).
+  which the autotuner calls once per launch) and of compiled Triton (``JITFunction.run``, the same on
+  a GPU, where direct launches are off by default) to count every Triton kernel launch by name,
+  record its resolved grid and the device guard it ran under; with ``execute=False`` it only
+  records (grid-limit checks at sizes the interpreter could not run).
 * ``TorchOps``: a ``TorchDispatchMode`` counting the aten ops that launch device work (views,
   allocations and ``detach`` excluded), including those inside deco_ops' custom ops (their Python
   implementations are re-entered under the mode) but not the interpreter's own bookkeeping while a
@@ -22,6 +23,7 @@ import torch
 from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 from deco_ops.kernels import _device
 
@@ -46,9 +48,11 @@ class Launches:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self):
-        real_run, real_guard, launches = InterpretedFunction.run, _device.device_guard, self
+        real_runs = {cls: cls.run for cls in (InterpretedFunction, JITFunction)}
+        real_guard, launches = _device.device_guard, self
 
         def run(fn, *args, grid, warmup, **kwargs):
+            real_run = real_runs[InterpretedFunction if isinstance(fn, InterpretedFunction) else JITFunction]
             if warmup:
                 return real_run(fn, *args, grid=grid, warmup=warmup, **kwargs)
             name = fn.fn.__name__
@@ -76,7 +80,8 @@ class Launches:
             finally:
                 launches._guarded.pop()
 
-        self._stack.enter_context(_patched(InterpretedFunction, "run", run))
+        for cls in real_runs:
+            self._stack.enter_context(_patched(cls, "run", run))
         self._stack.enter_context(_patched(_device, "device_guard", guard))
         return self
 

@@ -87,6 +87,23 @@ def test_projector_kernels_in_compiled_graph(traced_triton):
     assert any(node.target is torch.ops.aten.addmm.default for node in backend.graphs[0].graph.nodes)
 
 
+def test_16bit_projector_traces_without_reading_addresses(traced_triton):
+    """In bf16 an eager call may run the first Linear on the TMA GEMM, which needs the operands'
+    addresses (16-byte alignment); a trace has FakeTensors, without addresses, and must not bake one
+    call's alignment into the graph: it records the pointer-load kernel (on the H200 the trace read
+    a FakeTensor's data_ptr and failed)."""
+    torch.manual_seed(0)
+    proj = deco_ops.DeCoProjector(16, 24, hidden_features=32, grid=(4, 4), out_grid=(2, 2)).to(torch.bfloat16)
+    x = torch.randn(2, 16, 16, dtype=torch.bfloat16)
+    backend = RecordingBackend()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(proj, backend=backend, fullgraph=True)(x)
+        want = proj(x)
+    assert [name for name, _ in backend.launches(0)] == ["pool_gemm_kernel"]
+    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+
+
 def test_cross_attention_kernels_in_compiled_graph(traced_triton):
     torch.manual_seed(0)
     attn = deco_ops.CrossAttention(32, 2, batch_first=True)

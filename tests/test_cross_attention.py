@@ -57,7 +57,7 @@ def _check(got, want, dtype, kv_lens, N, tol=None):
         assert g.dtype == dtype and g.shape == w.shape, name
         assert_close(g, w, dtype, name, tol)
     if kv_lens is not None:
-        pad = torch.arange(N)[None, :] >= kv_lens[:, None].long()
+        pad = torch.arange(N, device=got[2].device)[None, :] >= kv_lens.to(got[2].device)[:, None].long()
         for name, g in (("dk", got[2]), ("dv", got[3])):
             assert torch.equal(g[pad], torch.zeros_like(g[pad])), f"{name} of padding keys must be exactly 0"
 

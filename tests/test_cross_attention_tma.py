@@ -6,7 +6,8 @@ Inputs live inside NaN-filled buffers whose padding keeps every stride 16-byte a
 keys past ``kv_lens`` are NaN, so a descriptor that reads past a batch's keys, a head's dims or a
 split's end turns the result into NaN; outputs start NaN-filled, so a row or split left unwritten
 stays NaN. Key counts are not multiples of the key block (257), and the shapes reach each tile the
-launcher picks: several heads per program (M < 64), a 64-query tile, the warp-specialised 128-query tile.
+launcher picks: several heads per program (M < 64), a 64-query tile, the warp-specialised 128-query
+tile (dense keys only: ragged keys take 64-query tiles, ``tile``).
 """
 
 import functools
@@ -65,7 +66,8 @@ CASES = [
     pytest.param(1, 1, 32, 257, 2, 64, [200], torch.float16, 3, id="heads2-split3-lens"),
     pytest.param(2, 2, 17, 70, 3, 80, [70, 0], torch.float32, None, id="M17-heads1-D80-fp32-empty"),
     pytest.param(1, 1, 70, 75, 2, 32, None, torch.float16, 2, id="M70-tile64-split2"),
-    pytest.param(2, 2, 130, 75, 1, 32, [75, 33], torch.float16, None, id="M130-ws128-lens"),
+    pytest.param(2, 2, 130, 75, 1, 32, None, torch.float16, None, id="M130-ws128"),
+    pytest.param(2, 2, 130, 75, 1, 32, [75, 33], torch.float16, None, id="M130-tile64-lens"),
 ]
 
 
@@ -83,6 +85,7 @@ def test_tiles_of_the_cases():
     assert tma.tile(32, 4, 64) == (32, 2, False) and tma.tile(32, 12, 64) == (32, 2, False)
     assert tma.tile(17, 3, 80) == (32, 1, False) and tma.tile(70, 2, 32) == (64, 1, False)
     assert tma.tile(130, 1, 32) == (128, 1, True) and tma.tile(256, 16, 128) == (128, 1, True)
+    assert tma.tile(130, 1, 32, ragged=True) == (64, 1, False)  # ragged keys: never warp-specialised
 
 
 def test_packed_keys():

@@ -10,7 +10,7 @@ import torch
 import triton
 
 import deco_ops
-from deco_ops import strategy
+from deco_ops import _setting, strategy
 
 
 @pytest.fixture
@@ -233,7 +233,7 @@ def test_nothing_is_timed_inside_a_cuda_graph_capture(cache_dir, monkeypatch):
     """While the current stream captures: a decision this process holds, else the on-disk one, else
     the first candidate (fused), never timed and not remembered; after the capture the key is measured."""
     capturing = [True]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     assert strategy.capturing()
     never = FakeTimer({})  # a call fails: no timing allowed
@@ -311,7 +311,7 @@ def test_overrides_hold_per_thread():
         for t in threads:
             t.join()
         fresh = {}
-        probe = threading.Thread(target=lambda: fresh.update(overridden=strategy.SETTING.override()))
+        probe = threading.Thread(target=lambda: fresh.update(overridden=_setting._override(strategy.SETTING.what)))
         probe.start()
         probe.join()
         assert strategy.selected() == "composed_cudnn"

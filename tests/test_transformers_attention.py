@@ -172,7 +172,8 @@ def test_every_mask_passes_through_to_the_kernels(mask, monkeypatch):
     from hot_path import Launches
 
     monkeypatch.setenv("DECO_OPS_CHECKS", "0")
-    q, k, v = _qkv()
+    q, k, v = (t.to(DEVICE) for t in _qkv())
+    mask = mask.to(DEVICE)
     with deco_ops.use_backend("triton"), Launches() as launches:
         out, _ = hf_deco.deco_ops_attention(_Layer(), q, k, v, mask, scaling=0.4)
     assert launches.counts["cross_attention_fwd_kernel"] == 1
