@@ -157,6 +157,8 @@ def _on_the_cpu(tensors):
 def stand_ins(monkeypatch):
     for name, fn in STAND_INS.items():
         monkeypatch.setattr(torch.ops.aten, name, fn)
+    with torch.device("cpu"):  # SDPA's CPU kernel, also where the CUDA suite makes CUDA the default device
+        yield
 
 
 @pytest.mark.parametrize("case", [
