@@ -18,11 +18,18 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     buffer that the host allocator hands out again after the capture, so a replay would read
     whatever lies there then (docs/cuda-graphs.md: which calls capture)."""
     if t.device.type == "cpu" and device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "deco_ops: this call copies a host table to the GPU (a packed batch's geometry, its cu_seqlens, or a "
-                "dropout seed drawn from a CPU generator), which a CUDA graph cannot capture; capture the dense ops, "
-                "or dropout with a CUDA generator (docs/cuda-graphs.md)"
-            )
+        refuse_capture()
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def refuse_capture() -> None:
+    """The clear error of a call that moves a table between the host and the GPU (a packed batch's
+    geometry, its cu_seqlens or grids, or a dropout seed drawn from a CPU generator) while the
+    current stream captures a CUDA graph; nothing where none is captured."""
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "deco_ops: this call moves a table between the host and the GPU (a packed batch's geometry, its cu_seqlens "
+            "or grids, or a dropout seed drawn from a CPU generator), which a CUDA graph cannot capture; capture the "
+            "dense ops, or dropout with a CUDA generator (docs/cuda-graphs.md)"
+        )

@@ -48,8 +48,15 @@ def _batch_and_keys(k: torch.Tensor, cu_seqlens_k: torch.Tensor | None, max_seql
     return cu_seqlens_k.shape[0] - 1, max_seqlen_k
 
 
-def _rng_pair(rng: torch.Tensor | None) -> tuple[int, int] | None:
-    return None if rng is None else tuple(int(x) for x in rng.tolist())
+def _rng_pair(rng: torch.Tensor | None) -> tuple[int, int] | tuple[torch.Tensor, torch.Tensor] | None:
+    """The dropout stream (seed, offset) for the PyTorch paths: Python ints, or 0-d tensors where
+    ``rng`` has no values to read (a FakeTensor while torch.compile or opcheck traces the op, which
+    failed on the H200 as a data-dependent read); the reference's Philox draws the same from either."""
+    if rng is None:
+        return None
+    if type(rng) is not torch.Tensor:
+        return rng[0], rng[1]
+    return tuple(int(x) for x in rng.tolist())
 
 
 def _padded(k, v, kv_lens, cu_seqlens_k, N):

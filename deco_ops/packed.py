@@ -36,7 +36,7 @@ from torch._C import _nn
 
 from . import _backend, _plan, _validate, composed, reference, strategy
 from ._direct import Op, custom_op, deco, register_autograd
-from ._transfer import to_device
+from ._transfer import refuse_capture, to_device
 from .kernels import packed_pool, pool_gemm
 from .projector import ACTIVATIONS, add_grads, mlp_backward, needs_residuals
 
@@ -136,6 +136,8 @@ def _table_key(value) -> tuple | None:
     the plan's build, or the full path, says what is wrong."""
     if type(value) is not torch.Tensor or value.dtype not in _INT_DTYPES:
         return None
+    if value.is_cuda:  # reading grids on the GPU syncs: never inside a capture (PyTorch's own error says less)
+        refuse_capture()
     try:
         return tuple(map(tuple, value.tolist()))
     except (TypeError, RuntimeError, NotImplementedError):  # no rows (a 1D table), a meta tensor

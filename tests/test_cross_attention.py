@@ -350,6 +350,24 @@ def test_saved_for_backward_bytes(capsys):
     assert ratio <= 0.5
 
 
+def test_dropout_stream_of_a_traced_call_is_not_read():
+    """While torch.compile or opcheck traces an op with dropout its seed tensor is a FakeTensor,
+    without values (on the H200 opcheck failed on the read): the PyTorch paths get 0-d tensors, on
+    which the reference's Philox draws exactly what it draws from the ints of an eager call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from deco_ops.attention import _rng_pair
+
+    rng = torch.tensor([2**40 + 17, 96], dtype=torch.int64)
+    with FakeTensorMode() as mode:
+        seed, offset = _rng_pair(mode.from_tensor(rng))
+        assert seed.shape == offset.shape == () and seed.dtype == torch.int64
+    ints = _rng_pair(rng)
+    assert ints == (2**40 + 17, 96)
+    counter = torch.arange(4096, dtype=torch.int64) * 7919 + ints[1]
+    assert torch.equal(reference.philox_uniform(ints[0], counter), reference.philox_uniform(rng[0], counter))
+
+
 def test_opcheck(backend):
     q, k, v, dout, kv_lens = _case(2, 1, 5, 40, 2, 16, [40, 13], torch.float32)
     k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)

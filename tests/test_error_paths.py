@@ -26,7 +26,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 import deco_ops
-from deco_ops import _backend, _checks, aot
+from deco_ops import _backend, _checks, _setting, aot
 
 PACKAGE = Path(os.path.realpath(deco_ops.__file__)).parent
 
@@ -98,7 +98,7 @@ NO_RESIDUALS = [torch.randn(16, 4), torch.randn(8, 4), None, torch.randn(5, 8), 
 CASES = [
     # _backend
     ("backend-name", lambda mp: use("fast"), ValueError, r"backend must be one of \('auto', 'triton', 'torch'\), got 'fast'"),
-    ("backend-env", lambda mp: (mp.setenv("DECO_OPS_BACKEND", "cuda"), mp.setattr(_backend.SETTING, "override", lambda: None), _backend.selected()), ValueError,
+    ("backend-env", lambda mp: (mp.setenv("DECO_OPS_BACKEND", "cuda"), mp.setattr(_setting, "_override", lambda what: None), _backend.selected()), ValueError,
      "DECO_OPS_BACKEND must be one of"),
     ("backend-no-interpreter", lambda mp: (mp.setattr(_backend, "interpreting", lambda: False), on_cpu(mlp)), RuntimeError,
      "DECO_OPS_BACKEND=triton on CPU tensors needs Triton's interpreter"),

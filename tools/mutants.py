@@ -128,7 +128,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "tokens - tok0, T, H, W, OT, OH, OW, row0", "tokens - row0, T, H, W, OT, OH, OW, row0",
            _uneven("test_pool_tokens_packed"), "packed un-pooling indexes tokens from the image's first output row"),
     # ------------------------------------------------------------------------------------------
-    # kernels/tiling.py, kernels/dot.py, kernels/gemm_act_grad.py, kernels/mlp_pool.py
+    # kernels/tiling.py, kernels/scalars.py, kernels/dot.py, kernels/gemm_act_grad.py, kernels/mlp_pool.py
     Mutant("grouped_tile_last_group", "kernels/tiling.py",
            "group_rows = min(num_m - first_m, GROUP_M)", "group_rows = GROUP_M",
            ("tests/test_projector.py", "-k", "test_pool_mlp_activations and triton and dtype0"),
@@ -137,6 +137,10 @@ MUTANTS: tuple[Mutant, ...] = (
            "return pid_m, pid_n, rows, cols, rows < M, cols < N", "return pid_m, pid_n, rows, cols, rows >= 0, cols < N",
            ("tests/test_projector.py", "-k", "test_pool_mlp_activations and triton and dtype0"),
            "the last row tile reads and writes past the M rows of its output"),
+    Mutant("float_argument_kept_as_given", "kernels/scalars.py",
+           "return tl.cast(x, tl.float32)", "return x",
+           ("tests/test_aot.py", "-k", "float_arguments"),
+           "a float argument Inductor passes as fp64 promotes the attention statistics to fp64 (no compile)"),
     Mutant("dot_drops_accumulator", "kernels/dot.py",
            "return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)", "return tl.dot(a, b, input_precision=INPUT_PRECISION)",
            ("tests/test_projector.py", "-k", "test_pool_mlp_activations and triton and dtype0"),
@@ -315,6 +319,10 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("mlp_pool_b1_alone", "deco_ops/mlp_pool.py",
            "if need_x or need_w1 or (need_b1 and ctx.has_b1):", "if need_x or need_w1:",
            _grad_matrix("test_mlp_pool and not packed"), "mlp_pool skips the fused backward when only b1 needs a gradient"),
+    Mutant("dropout_seed_read_while_tracing", "deco_ops/attention.py",
+           "    if type(rng) is not torch.Tensor:\n        return rng[0], rng[1]\n", "",
+           ("tests/test_cross_attention.py", "-k", "dropout_stream"),
+           "a traced op with dropout reads its FakeTensor seed's values (data-dependent, fails)"),
     Mutant("attention_need_dkv_v", "deco_ops/attention.py",
            "need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]", "need_dkv = ctx.needs_input_grad[1]",
            _grad_matrix("test_cross_attention and dense and not module"), "v's gradient only when k needs one too"),
@@ -378,6 +386,10 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("merge_tokens_for_dw1", "deco_ops/merge.py",
            "tokens = x if need_x or need_nw or need_nb or need_w1 else None", "tokens = x if need_x or need_nw or need_nb else None",
            _MERGE, "the tokens are not kept when only W1 needs a gradient (its A operand is rebuilt from them)"),
+    Mutant("tma_decided_while_tracing", "kernels/tma_gemm.py",
+           "    if tracing((t,)):\n        return False\n", "",
+           ("tests/test_compile_graph.py", "-k", "16bit"),
+           "a trace reads a FakeTensor's address to decide on the TMA GEMM (fails to compile)"),
     Mutant("tma_gemm_persistent_stride", "kernels/tma_gemm.py",
            "num_tiles, NUM_SMS, flatten=False", "num_tiles, NUM_SMS + 1, flatten=False",
            ("tests/test_tma_gemm.py", "-k", "test_linear_act_matches_float64"),
@@ -426,6 +438,10 @@ MUTANTS: tuple[Mutant, ...] = (
            "a tuning table from another triton major.minor is used as is"),
     # ------------------------------------------------------------------------------------------
     # kernels/cross_attention_tma.py (the opt-in TMA attention forward) and its strategy rule
+    Mutant("tma_attention_ragged_keys_warp_specialised", "kernels/cross_attention_tma.py",
+           "if M >= WS_BLOCK_M and not ragged:", "if M >= WS_BLOCK_M:",
+           ("tests/test_cross_attention_tma.py", "-k", "test_tiles_of_the_cases"),
+           "ragged keys take the warp-specialised tile that returned NaN on the H200"),
     Mutant("tma_attention_tail_unmasked", "kernels/cross_attention_tma.py",
            's = tl.where(valid[None, :], s, float("-inf"))', "s = s",
            ("tests/test_cross_attention_tma.py", "-k", "test_forward_matches_float64 and ws128"),
