@@ -2,19 +2,21 @@
 # Everything the GPU has to do, in one device call of at most 10 minutes. Each
 # stage has its own time budget (seconds), so a slow stage cannot eat the ones after it:
 #   1. nvidia-smi and versions                                   -> env.txt
-#   2. pytest tests/ on CUDA tensors, DECO_OPS_AUTOTUNE=0        -> pytest.log   (TESTS_S=150; plus the
-#      (one fixed config per kernel, nothing timed; test_aot is     benchmark suite's agreement checks
-#      compile-only and covered by the CPU suite)                   at the real shapes)
+#   2. pytest tests/ on CUDA tensors, DECO_OPS_AUTOTUNE=0        -> pytest.log   (TESTS_S=270; the last 45 s
+#      (one fixed config per kernel, nothing timed; test_aot is     go to the benchmark suite's agreement checks
+#      compile-only and covered by the CPU suite)                   at the real shapes; 16 workers ran the
+#                                                                   whole suite in 227 s on the H200)
 #   3. compute-sanitizer, one tiny case per kernel               -> sanitizer.log (SANITIZER_S=60)
-#   4. python -m deco_ops.tune: the GPU's tuning table           -> tuning/<GPU>.json + tune.log (TUNE_S=120),
-#      copied into deco_ops/tuning/ so stage 5 (and anything run after this script) launches tuned configs
-#   5. acceptance_bench.py, when copied into the repository root -> acceptance_bench.json + acceptance.log
-#      (the team's independent speed check, ../shared/gpu/)           (ACCEPT_S=130)
-#   6. python -m benchmarks, every named shape                   -> results/{results.json,results.md,speedup.png}
-#                                                                   + benchmarks.log (BENCH_S=150)
+#   4. acceptance_bench.py, when copied into the repository root -> acceptance_bench.json + acceptance.log
+#      (the team's independent speed check, ../shared/gpu/)           (ACCEPT_S=110)
+#   5. python -m benchmarks, every named shape                   -> results/{results.json,results.md,speedup.png}
+#                                                                   + benchmarks.log (BENCH_S=130)
+#   6. python -m benchmarks.profile_ops: host vs GPU per call    -> profile.txt (PROFILE_S=45)
+#   7. python -m deco_ops.tune, if time remains: the GPU's table -> tuning/<GPU>.json + tune.log (TUNE_S=120),
+#      copied into deco_ops/tuning/ for anything run after this script (commit it with the results)
 # Stages 2 and 3 check correctness only, so they run side by side (pytest on TEST_WORKERS xdist
 # workers where pytest-xdist is installed: compiling hundreds of kernel variants is CPU-bound), and
-# beside them a warm-up (step "warm", -> warm.log) runs stages 5 and 6 once untimed-for-the-record:
+# beside them a warm-up (step "warm", -> warm.log) runs stages 4 and 5 once untimed-for-the-record:
 # their torch.compile baselines and Triton kernels compile then, into the on-disk caches, so the
 # timed stages, which run alone, spend their budget timing. The warm-up's strategy choices
 # (measured while the tests load the GPU) go to a throwaway DECO_OPS_CACHE_DIR. DECO_OPS_GPU_PACK=FILE.tgz packs OUT_DIR into one archive after every
@@ -24,8 +26,8 @@
 # Usage, from the repository root (on the device: the tool's $OUT is the default folder):
 #   DECO_OPS_COMMIT=$(git rev-parse HEAD) bash benchmarks/run_gpu.sh [OUT_DIR]
 # Knobs: DECO_OPS_GPU_BUDGET (seconds for the whole script, default 570; no stage starts past it),
-#        DECO_OPS_GPU_STEPS (any of "warm tests sanitizer tune accept bench", default all six),
-#        TESTS_S / SANITIZER_S / TUNE_S / ACCEPT_S / BENCH_S (stage budgets), TEST_WORKERS (default 12),
+#        DECO_OPS_GPU_STEPS (any of "warm tests sanitizer accept bench profile tune", default all seven),
+#        TESTS_S / SANITIZER_S / ACCEPT_S / BENCH_S / PROFILE_S / TUNE_S (stage budgets), TEST_WORKERS (default 16),
 #        DECO_OPS_TUNE_ARGS (extra arguments to python -m deco_ops.tune, e.g. "--dtypes bf16 fp16"),
 #        DECO_OPS_BENCH_ARGS (extra arguments to python -m benchmarks, e.g. "--shapes llava15_7b").
 # Then copy OUT_DIR/results to benchmarks/results/<device>-<date>/ and OUT_DIR/tuning/*.json to
@@ -35,9 +37,9 @@ set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-benchmarks/results/gpu-run}}
 BUDGET=${DECO_OPS_GPU_BUDGET:-570}
-STEPS=${DECO_OPS_GPU_STEPS:-"warm tests sanitizer tune accept bench"}
-TESTS_S=${TESTS_S:-150} SANITIZER_S=${SANITIZER_S:-60} TUNE_S=${TUNE_S:-120} ACCEPT_S=${ACCEPT_S:-130}
-BENCH_S=${BENCH_S:-150} TEST_WORKERS=${TEST_WORKERS:-12} PACK=${DECO_OPS_GPU_PACK:-}
+STEPS=${DECO_OPS_GPU_STEPS:-"warm tests sanitizer accept bench profile tune"}
+TESTS_S=${TESTS_S:-270} SANITIZER_S=${SANITIZER_S:-60} ACCEPT_S=${ACCEPT_S:-110} BENCH_S=${BENCH_S:-130}
+PROFILE_S=${PROFILE_S:-45} TUNE_S=${TUNE_S:-120} TEST_WORKERS=${TEST_WORKERS:-16} PACK=${DECO_OPS_GPU_PACK:-}
 mkdir -p "$OUT_DIR/results" "$OUT_DIR/tuning"
 export PYTHONUNBUFFERED=1
 unset DECO_OPS_BACKEND TRITON_INTERPRET
@@ -93,11 +95,11 @@ if has_step tests; then
   echo "== pytest tests/ on CUDA, DECO_OPS_AUTOTUNE=0, ${XDIST:-one process} (cap ${T}s, then the benchmarks' agreement checks)"
   # SIGINT first: pytest then still prints its summary of what ran. -v writes each test's outcome as
   # it ends: an interrupted xdist session can lose its summary (seen on the H200, 2026-12-04)
-  DECO_OPS_AUTOTUNE=0 timeout -s INT -k 15 $((T * 4 / 5)) $PY -m pytest tests -v -rfE -p no:cacheprovider $XDIST \
+  DECO_OPS_AUTOTUNE=0 timeout -s INT -k 15 $((T > 90 ? T - 45 : T * 4 / 5)) $PY -m pytest tests -v -rfE -p no:cacheprovider $XDIST \
     --maxfail=200 --ignore=tests/test_aot.py --durations=15 2>&1 | tee "$OUT_DIR/pytest.log" \
     | grep -E "passed|failed|FAILED|ERROR" | tail -30
   echo "pytest exit ${PIPESTATUS[0]} (124 = timed out)" | tee -a "$OUT_DIR/pytest.log"
-  DECO_OPS_AUTOTUNE=0 timeout -s INT -k 10 $((T / 5)) $PY -m pytest benchmarks -q -p no:cacheprovider $XDIST \
+  DECO_OPS_AUTOTUNE=0 timeout -s INT -k 10 $((T > 90 ? 45 : T / 5)) $PY -m pytest benchmarks -q -p no:cacheprovider $XDIST \
     --benchmark-disable -k "agrees or counts" 2>&1 | tee -a "$OUT_DIR/pytest.log" | tail -5
   DECO_OPS_AUTOTUNE=0 timeout -k 5 60 $PY -m benchmarks.profile_ops --launches 2>&1 | tee "$OUT_DIR/launch_us.txt" | tail -4  # host us per launch, DECO_OPS_DIRECT_LAUNCH off/on
 fi
@@ -106,17 +108,6 @@ if has_step sanitizer; then
   grep -E "ran|skipped|FAILED|ERROR SUMMARY|Invalid|exit" "$OUT_DIR/sanitizer.log" | head -20
 fi
 pack
-
-if has_step tune; then
-  T=$(cap "$TUNE_S")
-  echo "== python -m deco_ops.tune (cap ${T}s; starts no new shape after $((T * 2 / 3))s)"
-  timeout -k 10 "$T" $PY -m deco_ops.tune --out "$OUT_DIR/tuning/" --time-limit $((T * 2 / 3)) \
-    ${DECO_OPS_TUNE_ARGS:-} >"$OUT_DIR/tune.log" 2>&1
-  echo "tune exit $? (124 = timed out; the table holds the shapes finished before)" >>"$OUT_DIR/tune.log"
-  tail -4 "$OUT_DIR/tune.log"
-  cp "$OUT_DIR"/tuning/*.json deco_ops/tuning/ 2>/dev/null && echo "table installed in deco_ops/tuning/"
-  pack
-fi
 
 if has_step accept; then
   if [ -f acceptance_bench.py ]; then
@@ -141,4 +132,24 @@ if has_step bench; then
   tail -40 "$OUT_DIR/benchmarks.log"
   pack
 fi
+if has_step profile; then
+  T=$(cap "$PROFILE_S")
+  echo "== python -m benchmarks.profile_ops (cap ${T}s)"
+  timeout -k 5 "$T" $PY -m benchmarks.profile_ops --out "$OUT_DIR/profile.txt" >"$OUT_DIR/profile.log" 2>&1
+  echo "profile exit $? (124 = timed out)"
+  grep -E "^(pool_mlp|cross_attention|merge_mlp)-" "$OUT_DIR/profile.txt" | head -40
+  pack
+fi
+
+if has_step tune; then
+  T=$(cap "$TUNE_S")
+  echo "== python -m deco_ops.tune (cap ${T}s; starts no new shape after $((T * 2 / 3))s)"
+  timeout -k 10 "$T" $PY -m deco_ops.tune --out "$OUT_DIR/tuning/" --time-limit $((T * 2 / 3)) \
+    ${DECO_OPS_TUNE_ARGS:-} >"$OUT_DIR/tune.log" 2>&1
+  echo "tune exit $? (124 = timed out; the table holds the shapes finished before)" >>"$OUT_DIR/tune.log"
+  tail -4 "$OUT_DIR/tune.log"
+  cp "$OUT_DIR"/tuning/*.json deco_ops/tuning/ 2>/dev/null && echo "table installed in deco_ops/tuning/ (for later runs)"
+  pack
+fi
+
 echo "== done in ${SECONDS}s; files under $OUT_DIR"
