@@ -124,8 +124,8 @@ fi
 
 if has_step bench; then
   T=$(cap "$BENCH_S")
-  echo "== python -m benchmarks (cap ${T}s; starts no new shape after $((T > 90 ? T - 75 : 15))s)"
-  timeout -k 10 "$T" $PY -m benchmarks --out "$OUT_DIR/results" --time-limit $((T > 90 ? T - 75 : 15)) \
+  echo "== python -m benchmarks (cap ${T}s; starts no new shape after $((T > 60 ? T - 40 : 15))s)"
+  timeout -k 10 "$T" $PY -m benchmarks --out "$OUT_DIR/results" --time-limit $((T > 60 ? T - 40 : 15)) \
     ${DECO_OPS_BENCH_ARGS:-} >"$OUT_DIR/benchmarks.log" 2>&1
   echo "benchmarks exit $?"
   # the end of the log is the bar check; the markdown tables are in results/results.md
