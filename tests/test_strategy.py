@@ -229,6 +229,27 @@ def test_keys_carry_the_versions_and_the_cache_serves_only_its_own(cache_dir):
     assert json.loads((cache_dir / strategy.CACHE_FILE).read_text()) == {older: "composed", key: "fused"}
 
 
+def test_capture_is_asked_only_where_cuda_is_initialised(monkeypatch):
+    """A process that has not initialised CUDA cannot be capturing, and asking would initialise it,
+    which fails in a worker forked from one that has (a gloo rank on the H200): neither the strategy
+    nor a host-table copy asks there."""
+    from deco_ops import _transfer
+
+    def initialises(*_):
+        raise AssertionError("asked whether the stream captures, initialising CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine's forked worker
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", initialises)
+    assert not strategy.capturing()
+    _transfer.refuse_capture()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert strategy.capturing()
+    with pytest.raises(RuntimeError, match="moves a table between the host and the GPU.*CUDA graph cannot capture"):
+        _transfer.to_device(torch.arange(3), torch.device("cuda"))  # refused before any copy
+
+
 def test_nothing_is_timed_inside_a_cuda_graph_capture(cache_dir, monkeypatch):
     """While the current stream captures: a decision this process holds, else the on-disk one, else
     the first candidate (fused), never timed and not remembered; after the capture the key is measured."""

@@ -259,6 +259,16 @@ MUTANTS: tuple[Mutant, ...] = (
            "project-then-pool's composed twin pools before the activation"),
     # ------------------------------------------------------------------------------------------
     # strategy choice (deco_ops/strategy.py)
+    Mutant("strategy_capture_asked_before_cuda_init", "deco_ops/strategy.py",
+           "return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()",
+           "return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()",
+           ("tests/test_strategy.py", "-k", "capture_is_asked"),
+           "a process that never initialised CUDA initialises it to ask about a capture (fails in forked ranks)"),
+    Mutant("host_copy_capture_asked_before_cuda_init", "deco_ops/_transfer.py",
+           "if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():",
+           "if torch.cuda.is_current_stream_capturing():",
+           ("tests/test_strategy.py", "-k", "capture_is_asked"),
+           "the capture check of a host-table copy initialises CUDA where nothing else has"),
     Mutant("strategy_key_drops_dtype", "deco_ops/strategy.py",
            'return "|".join((op, name, str(dtype).removeprefix("torch."), fields,', 'return "|".join((op, name, "", fields,',
            ("tests/test_strategy.py",), "the decision key forgets the dtype: a bf16 winner is reused for fp32"),
