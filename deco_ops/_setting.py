@@ -51,6 +51,8 @@ class Setting:
         self.what = what  # how the error of a bad ``use(name)`` names the argument
         # the innermost ``use`` block's choice in this context (None: none)
         self.overrides: contextvars.ContextVar[str | None] = contextvars.ContextVar(f"deco_ops_{what}", default=None)
+        if what in _OVERRIDES:  # ``_override`` finds a setting's overrides by this name alone
+            raise ValueError(f"a setting named {what!r} exists already")
         _OVERRIDES[what] = self.overrides
         self._parsed: dict[object, str] = {}  # raw environment value -> its checked setting
 

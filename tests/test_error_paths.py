@@ -100,6 +100,8 @@ CASES = [
     ("backend-name", lambda mp: use("fast"), ValueError, r"backend must be one of \('auto', 'triton', 'torch'\), got 'fast'"),
     ("backend-env", lambda mp: (mp.setenv("DECO_OPS_BACKEND", "cuda"), mp.setattr(_setting, "_override", lambda what: None), _backend.selected()), ValueError,
      "DECO_OPS_BACKEND must be one of"),
+    ("setting-name-taken", lambda mp: _setting.Setting("DECO_OPS_OTHER", ("auto",), "backend"), ValueError,
+     "a setting named 'backend' exists already"),
     ("backend-no-interpreter", lambda mp: (mp.setattr(_backend, "interpreting", lambda: False), on_cpu(mlp)), RuntimeError,
      "DECO_OPS_BACKEND=triton on CPU tensors needs Triton's interpreter"),
     ("backend-no-kernels", lambda mp: _backend.use_triton(META), RuntimeError, "no kernels for device meta"),
