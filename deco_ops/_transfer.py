@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .strategy import capturing
+
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device``; a CPU tensor goes to a GPU without a blocking copy (pinned staging).
@@ -26,8 +28,8 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def refuse_capture() -> None:
     """The clear error of a call that moves a table between the host and the GPU (a packed batch's
     geometry, its cu_seqlens or grids, or a dropout seed drawn from a CPU generator) while the
-    current stream captures a CUDA graph; nothing where none is captured."""
-    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+    current stream captures a CUDA graph (``strategy.capturing``); nothing where none is captured."""
+    if capturing():
         raise RuntimeError(
             "deco_ops: this call moves a table between the host and the GPU (a packed batch's geometry, its cu_seqlens "
             "or grids, or a dropout seed drawn from a CPU generator), which a CUDA graph cannot capture; capture the "

@@ -375,7 +375,7 @@ def _resample_plan(x, grids, out_grids, stride, resample_mode) -> tuple:
     """A plain eager call's plan: (what runs it, the geometry table, output rows, cu_seqlens)."""
     tables = _resample_checked(x, grids, out_grids, stride)
     records = torch.is_grad_enabled() and x.requires_grad
-    args = (x, device_geometry(tables[0], x.device), tables[1], resample_mode)
+    args = (x, tables[0], tables[1], resample_mode)  # the backend's choice: nothing runs on the table
     return _plan.runner(deco.pool_tokens_packed, pool_implementation, args, records), *tables
 
 
