@@ -1,6 +1,7 @@
 """deco_ops.strategy: the env var and context manager, the selection rules, the measured choice
 (fake candidates and a fake timer: nothing is timed for real), the decision cache."""
 
+import functools
 import json
 import os
 import threading
@@ -92,6 +93,54 @@ def test_measured_once_then_remembered(cache_dir):
     assert strategy.decide(other, _candidates(), FakeTimer({"fused": 1.0, "composed": 3.0})) == "fused"
     assert json.loads((cache_dir / strategy.CACHE_FILE).read_text()) == {key: "composed", other: "fused"}
     assert not [p for p in cache_dir.iterdir() if p.name != strategy.CACHE_FILE]  # no temporary file left behind
+
+
+class HostClock:
+    """A fake clock that the candidates advance by their host cost per call (milliseconds), and
+    their fake GPU times: what ``_time_cuda`` measures, without a GPU or a real clock."""
+
+    def __init__(self, host_ms, gpu_ms):
+        self.now, self.host_ms, self.gpu_ms = 0.0, host_ms, gpu_ms
+
+    def candidates(self):
+        return {name: strategy.Candidate(lambda name=name: self.call(name)) for name in self.host_ms}
+
+    def call(self, name):
+        self.now += self.host_ms[name] / 1e3
+        return name
+
+    def clock(self):
+        return self.now
+
+
+def test_host_time_counts_where_it_outlasts_the_gpu(cache_dir, monkeypatch):
+    """``auto`` times a call as a model's stream of calls pays it: the larger of its GPU time and
+    its host time per call. A candidate with the faster kernels but 0.2 ms of host work per call
+    loses to one whose kernels take 0.1 ms behind 0.02 ms of host work (GPU time alone, what
+    ``do_bench`` sees behind its L2 flush, would pick the first); where the GPU work outlasts the
+    host work, the GPU time decides."""
+    fake = HostClock(host_ms={"fused": 0.2, "composed": 0.02}, gpu_ms={"fused": 0.05, "composed": 0.1})
+    monkeypatch.setattr(strategy, "_gpu_ms", lambda run: fake.gpu_ms[run()])
+    monkeypatch.setattr(strategy.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(strategy, "_back_to_back_ms", functools.partial(strategy._back_to_back_ms, clock=fake.clock))
+    assert strategy._time_cuda(fake.candidates()["fused"].run) == pytest.approx(0.2)
+    assert strategy.decide("pool_mlp|GPU|bfloat16|rows=1|grad|any", fake.candidates(), strategy._time_cuda) == "composed"
+    fake.gpu_ms = {"fused": 0.5, "composed": 0.6}  # GPU-bound: the host work hides behind the kernels
+    assert strategy._time_cuda(fake.candidates()["composed"].run) == pytest.approx(0.6)
+    assert strategy.decide("pool_mlp|GPU|bfloat16|rows=4096|grad|any", fake.candidates(), strategy._time_cuda) == "fused"
+
+
+def test_back_to_back_rounds_keep_the_best():
+    """A round slowed by a busy host (one call taking 10x) does not count against the candidate;
+    the calls per round cover about a millisecond of GPU work, at least 3 and at most 50."""
+    fake = HostClock(host_ms={"fused": 0.1}, gpu_ms={})
+    slow = iter([1.0] + [0.1] * 100)
+
+    def run():
+        fake.now += next(slow) / 1e3
+
+    assert strategy._back_to_back_ms(run, lambda: None, calls=4, clock=fake.clock) == pytest.approx(0.1)
+    assert [strategy._calls_per_round(ms) for ms in (0.0, 0.01, 0.3, 5.0)] == [50, 50, 4, 3]
 
 
 def test_opt_in_candidates_run_only_when_selected_by_name(cache_dir):
