@@ -3,6 +3,12 @@
 Registered as ``torch.ops.deco.adaptive_avg_pool_tokens`` and its adjoint
 ``torch.ops.deco.unpool_tokens``; each one's autograd formula is the other, so gradients of any
 order flow and both are opaque, graph-break-free nodes under ``torch.compile``.
+
+Each has a fused candidate (our Triton kernel, ``kernels/adaptive_pool.py``) and a composed one
+(ATen's adaptive pooling and its backward on the channels-last view of the tokens,
+``reference``); ``deco_ops.strategy`` picks per shape bucket on CUDA, the composed one on the
+PyTorch backend. ATen's CUDA pooling backward is not deterministic (float atomics where windows
+overlap), so ``torch.use_deterministic_algorithms(True)`` keeps the kernel for the unpooling.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import _backend, _plan, _validate, reference
+from . import _backend, _plan, _validate, reference, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import adaptive_pool
 
@@ -30,10 +36,18 @@ def _pool_reference(x, grid, out_grid):
     return reference.adaptive_avg_pool_tokens(x, grid, out_grid).contiguous()
 
 
+def _key(op: str, t: torch.Tensor, grid, out_grid) -> str:
+    return strategy.make_key(op, t.device, t.dtype, False, rows=strategy.bucket(t.shape[0] * math.prod(out_grid)),
+                             C=t.shape[2], grid=grid, out_grid=out_grid)
+
+
 def pool_implementation(x, grid, out_grid) -> Callable:
-    """The function that runs ``deco::adaptive_avg_pool_tokens`` on these arguments (the backend's),
-    one of ``POOL_IMPLEMENTATIONS``."""
-    return _pool_kernel if _backend.use_triton(x.device) else _pool_reference
+    """The function that runs ``deco::adaptive_avg_pool_tokens`` on these arguments (the strategy's
+    choice), one of ``POOL_IMPLEMENTATIONS``."""
+    on_triton = _backend.use_triton(x.device)
+    return strategy.implementation((x, grid, out_grid), on_triton=on_triton,
+                                   key=lambda: _key("adaptive_avg_pool_tokens", x, grid, out_grid),
+                                   fused=_pool_kernel if on_triton else None, composed=_pool_reference)
 
 
 POOL_IMPLEMENTATIONS = (_pool_kernel, _pool_reference)
@@ -58,8 +72,12 @@ def _unpool_reference(grad, grid, out_grid):
 
 
 def _unpool_implementation(grad, grid, out_grid) -> Callable:
-    """The function that runs ``deco::unpool_tokens`` on these arguments (the backend's)."""
-    return _unpool_kernel if _backend.use_triton(grad.device) else _unpool_reference
+    """The function that runs ``deco::unpool_tokens`` on these arguments (the strategy's choice)."""
+    on_triton = _backend.use_triton(grad.device)
+    return strategy.implementation((grad, grid, out_grid), on_triton=on_triton,
+                                   key=lambda: _key("unpool_tokens", grad, grid, out_grid),
+                                   fused=_unpool_kernel if on_triton else None, composed=_unpool_reference,
+                                   composed_deterministic=grad.device.type != "cuda")
 
 
 @custom_op("unpool_tokens", plan=_unpool_implementation)

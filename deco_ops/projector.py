@@ -9,15 +9,15 @@ pre-activation ``(B, P, hidden)``. Never the patch tokens, never the activation.
 return these residuals as extra outputs (empty when not kept) because a ``torch.library`` autograd
 formula can only save inputs and outputs; the public functions return the projection alone.
 
-Each op and backward GEMM has a composed twin (``deco_ops.composed``: our pooling kernel, then
-cuBLAS, then the activation in PyTorch) returning the same residuals; ``deco_ops.strategy`` picks
+Each op and backward GEMM has a composed twin (``deco_ops.composed``: the pooling op's own
+choice, our kernel or ATen's (``deco_ops.pooling``), then cuBLAS, then the activation in PyTorch) returning the same residuals; ``deco_ops.strategy`` picks
 which runs. On the PyTorch backend the composed twin is the implementation. On Hopper,
 ``pool_mlp``'s first GEMM and the backward's ``dz`` GEMM have a ``fused_tma`` candidate on the
 persistent TMA GEMM (``kernels/tma_gemm.py``), opt-in until a GPU has measured it.
 
 Backward: one Triton GEMM computes ``dz = (dy @ W2) * act'(z)`` and rebuilds ``act(z)`` in its
-epilogue; dW2, dW1 and d(pooled) are cuBLAS GEMMs; the input gradient is un-pooled by a
-deterministic Triton gather, and only computed when ``x`` requires grad (a frozen vision tower
+epilogue; dW2, dW1 and d(pooled) are cuBLAS GEMMs; the input gradient is un-pooled by ``deco::unpool_tokens`` (a
+deterministic Triton gather, or ATen's pooling backward where the strategy picks it), and only computed when ``x`` requires grad (a frozen vision tower
 costs nothing).
 """
 

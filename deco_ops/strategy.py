@@ -1,6 +1,7 @@
 """Which implementation of an op runs: its fused Triton kernel, or a *composed* twin built from
-the pieces a careful user would use (our pooling kernel + cuBLAS ``addmm`` + the activation in
-PyTorch; the scaled-dot-product-attention kernels of PyTorch for attention).
+the pieces a careful user would use (ATen's adaptive pooling, or our pooling kernel, + cuBLAS
+``addmm`` + the activation in PyTorch; the scaled-dot-product-attention kernels of PyTorch for
+attention).
 
 Candidates, by name (``CANDIDATES``): ``fused``; ``fused_tma`` (Hopper's TMA-descriptor kernels:
 attention's forward, ``kernels/cross_attention_tma.py``; the projectors' first GEMM and the

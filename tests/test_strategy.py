@@ -211,7 +211,8 @@ def test_unreadable_cache_is_ignored(cache_dir):
 def test_ops_measure_once_per_key(cache_dir, monkeypatch):
     """The ops' wiring of the measured path, as on CUDA: the first call of a key times both
     candidates (a fake timer here), the winner runs and is remembered under the op's key string;
-    a batch size in the same bucket is not timed again."""
+    a batch size in the same bucket is not timed again. ``pool_mlp``'s composed twin pools with
+    the pooling op's own choice, measured first under its own key."""
     from types import SimpleNamespace
     from unittest import mock
 
@@ -232,18 +233,40 @@ def test_ops_measure_once_per_key(cache_dir, monkeypatch):
     with deco_ops.use_backend("triton"), deco_ops.use_strategy("auto"):
         with mock.patch.object(composed, "pool_mlp", wraps=composed.pool_mlp) as twin:
             deco_ops.pool_mlp(randn(3, 16, 8), w1, None, w2, None, grid=(4, 4), out_grid=(2, 2))
-        assert len(timed) == 2 and twin.call_count == 2  # timed once (the fake timer runs once), then run
+        assert len(timed) == 4 and twin.call_count == 2  # timed once (the fake timer runs once), then run
         assert strategy.choices() == {
-            f"pool_mlp|cpu|float32|rows=16,C=8,grid=4x4,out_grid=2x2,hidden=6,out=5,act=gelu|infer|any|{strategy.versions()}": "composed"
+            f"adaptive_avg_pool_tokens|cpu|float32|rows=16,C=8,grid=4x4,out_grid=2x2|infer|any|{strategy.versions()}": "composed",
+            f"pool_mlp|cpu|float32|rows=16,C=8,grid=4x4,out_grid=2x2,hidden=6,out=5,act=gelu|infer|any|{strategy.versions()}": "composed",
         }
         with mock.patch.object(pool_gemm, "pool_gemm", wraps=pool_gemm.pool_gemm) as kernel:
             deco_ops.pool_mlp(randn(4, 16, 8), w1, None, w2, None, grid=(4, 4), out_grid=(2, 2))  # 16 rows: same bucket
-        assert len(timed) == 2 and not kernel.called
+        assert len(timed) == 4 and not kernel.called
         q, k = randn(1, 5, 2, 16), randn(3, 9, 2, 16)
         deco_ops.cross_attention(q, k, k, kv_lens=torch.tensor([9, 0, 4]))
-        assert len(timed) == 4
+        assert len(timed) == 6
         key = f"cross_attention|cpu|float32|batch=4,M=8,N=16,H=2,D=16,q=shared,mask=lens|infer|any|{strategy.versions()}"
         assert strategy.choices()[key] == "composed"
+
+
+def test_cuda_unpooling_by_aten_is_not_deterministic(monkeypatch):
+    """ATen's CUDA adaptive-pooling backward adds with float atomics where windows overlap
+    (``torch.use_deterministic_algorithms`` rejects it), so on CUDA the composed unpooling is
+    declared non-deterministic and deterministic mode keeps our kernel; on the CPU it is
+    deterministic. The pooling forward is deterministic on both."""
+    from types import SimpleNamespace
+
+    from deco_ops import pooling
+
+    offered = []
+    monkeypatch.setattr(pooling.strategy, "implementation", lambda args, **kw: offered.append(kw))
+    for device, deterministic in (("cuda", False), ("cpu", True)):
+        tokens = SimpleNamespace(device=torch.device(device))
+        with deco_ops.use_backend("auto"):
+            pooling._unpool_implementation(tokens, [4, 4], [3, 3])
+            pooling.pool_implementation(tokens, [4, 4], [3, 3])
+        unpool, pool = offered[-2:]
+        assert unpool.get("composed_deterministic", True) is deterministic, device
+        assert pool.get("composed_deterministic", True) is True, device
 
 
 def test_shipped_table_decides_before_anything_is_timed(cache_dir, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import deco_ops
 from deco_ops import composed, composed_attention, reference, reference_attention
-from deco_ops.kernels import activation_backward, cross_attention_fwd, gemm_act_grad, pool_gemm
+from deco_ops.kernels import activation_backward, adaptive_pool, cross_attention_fwd, gemm_act_grad, pool_gemm
 from deco_ops.kernels import mlp_pool as mlp_pool_kernel
 from harness import assert_close, guarded, leaf, poisoned_empty, randn
 from test_cross_attention import _case as _attention_case
@@ -50,6 +50,11 @@ def _pool64(x, grid, out_grid):
 
 # op -> (deco_ops call on (x, w1, b1, w2, b2), float64 reference, x shape, dy rows)
 OPS = {
+    "adaptive_avg_pool_tokens": (
+        lambda x, *w: deco_ops.adaptive_avg_pool_tokens(x, GRID, OUT_GRID),
+        lambda x, *w: _pool64(x, GRID, OUT_GRID),
+        (2, math.prod(GRID), C), (2, math.prod(OUT_GRID), C),
+    ),
     "pool_linear": (
         lambda x, w1, b1, w2, b2: deco_ops.pool_linear(x, w1, b1, grid=GRID, out_grid=OUT_GRID),
         lambda x, w1, b1, w2, b2: F.linear(_pool64(x, GRID, OUT_GRID), w1, b1),
@@ -79,6 +84,7 @@ OPS = {
 
 # op -> (function the fused path launches, function only the composed path calls)
 MARKERS = {
+    "adaptive_avg_pool_tokens": ((adaptive_pool, "pool_tokens"), (reference, "adaptive_avg_pool_tokens")),
     "pool_linear": ((pool_gemm, "pool_gemm"), (composed, "pool_linear")),
     "pool_mlp": ((pool_gemm, "pool_gemm"), (composed, "pool_mlp")),
     "mlp_pool": ((pool_gemm, "pool_gemm_packed"), (composed, "mlp_pool")),
@@ -87,6 +93,7 @@ MARKERS = {
 }
 # backward: (fused kernel launcher, composed function)
 BACKWARD_MARKERS = {
+    "adaptive_avg_pool_tokens": ((adaptive_pool, "unpool_tokens"), (reference, "unpool_tokens")),
     "pool_mlp": ((gemm_act_grad, "gemm_act_grad"), (activation_backward, "activation_backward")),
     "pool_mlp_packed": ((gemm_act_grad, "gemm_act_grad"), (activation_backward, "activation_backward")),
     "mlp_pool": ((mlp_pool_kernel, "gemm_unpool_act_grad"), (composed, "mlp_pool_act_backward")),
