@@ -212,6 +212,14 @@ def _activation_backward_composed(elementwise_kernel: bool):
 
 
 _ACTIVATION_BACKWARD_COMPOSED = {on_triton: _activation_backward_composed(on_triton) for on_triton in (False, True)}
+# The Triton backend's other candidates, by whether the TMA GEMM applies: the PyTorch backend's
+# twin (ATen's activation backward and one reduction after cuBLAS) beside ours, for the calls where
+# a Triton launch's host time outweighs the elementwise passes it saves.
+_ACTIVATION_BACKWARD_KERNELS = {
+    tma: {"composed_aten": strategy.Candidate(_ACTIVATION_BACKWARD_COMPOSED[False]),
+          **({"fused_tma": strategy.Candidate(_activation_backward_tma, opt_in=True)} if tma else {})}
+    for tma in (False, True)
+}
 
 
 def _activation_backward_implementation(dy, w2, pre, activation, need_db1=False):
@@ -222,8 +230,7 @@ def _activation_backward_implementation(dy, w2, pre, activation, need_db1=False)
         key=lambda: strategy.make_key("mlp_activation_backward", dy.device, dy.dtype, True, rows=strategy.bucket(dy.shape[0]),
                                       out=dy.shape[1], hidden=pre.shape[1], act=activation),
         fused=_activation_backward_fused if on_triton else None, composed=_ACTIVATION_BACKWARD_COMPOSED[on_triton],
-        composed_kernels=({"fused_tma": strategy.Candidate(_activation_backward_tma, opt_in=True)}
-                          if on_triton and composed.act_grad_tma_applies(dy, w2, pre) else None),
+        composed_kernels=_ACTIVATION_BACKWARD_KERNELS[on_triton and composed.act_grad_tma_applies(dy, w2, pre)] if on_triton else None,
     )
 
 

@@ -10,8 +10,10 @@ attention backward for many queries in one kernel, dQ added up by float atomics:
 reproducible, *opt-in*); ``composed`` (an op's one composed twin);
 attention's composed twins on CUDA, one per SDPA kernel that returns the log-sum-exp
 (``composed_efficient``, ``composed_flash``, ``composed_cudnn``: ``deco_ops.composed_attention``
-says which applies to which call). An op offers those that can express the call, the fused one
-first.
+says which applies to which call); ``composed_aten`` (the MLP backward's activation step in ATen's
+elementwise kernels, where ``composed`` runs our one fused elementwise pass: three ATen launches
+against one Triton launch, whose host cost can outweigh the passes it saves). An op offers those
+that can express the call, the fused one first.
 
 ``DECO_OPS_STRATEGY`` selects (``deco_ops.use_strategy`` overrides it inside a ``with`` block, in
 the current thread or context only, the innermost block winning):
@@ -28,7 +30,7 @@ the current thread or context only, the innermost block winning):
   attention dropout with our Philox mask, so such calls keep the fused path); among several, the
   one this process measured or preloaded for the key, else the first that applies (deterministic
   ones first in deterministic mode). Never timed.
-* ``composed_efficient`` / ``composed_flash`` / ``composed_cudnn``: that kernel where it applies,
+* ``composed_efficient`` / ``composed_flash`` / ``composed_cudnn`` / ``composed_aten``: that kernel where it applies,
   else as ``composed``.
 
 Opt-in candidates (``Candidate.opt_in``): kernels no GPU has verified yet. They run only where
@@ -100,7 +102,8 @@ from .kernels import _tuning
 ENV_VAR = "DECO_OPS_STRATEGY"
 CACHE_DIR_ENV = "DECO_OPS_CACHE_DIR"
 SYNC_ENV = "DECO_OPS_STRATEGY_SYNC"
-CANDIDATES = ("fused", "fused_tma", "fused_one_kernel", "composed", "composed_efficient", "composed_flash", "composed_cudnn")
+CANDIDATES = ("fused", "fused_tma", "fused_one_kernel", "composed", "composed_efficient", "composed_flash", "composed_cudnn",
+              "composed_aten")
 STRATEGIES = ("auto", *CANDIDATES)
 CACHE_FILE = "strategy.json"
 KEY_FIELDS = 7

@@ -143,6 +143,31 @@ def test_projector_strategies_agree(op, strategy, dtype, device):
             assert_close(got.grad, want.grad, dtype, f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("op", ["pool_mlp", "pool_mlp_packed"])
+def test_aten_activation_backward_candidate(op, dtype, device):
+    """``composed_aten``: the MLP backward's activation step in ATen's kernels after cuBLAS, where
+    ``composed`` runs our elementwise pass and ``fused`` the act' GEMM; forward and every gradient
+    against float64. The op's other steps take their composed twins (it names no other kernel)."""
+    call, ref_fn, x_shape, dy_shape = OPS[op]
+    gen = torch.Generator().manual_seed(5)
+    x, dy = randn(*x_shape, dtype=dtype, generator=gen), randn(*dy_shape, dtype=dtype, generator=gen)
+    params = [x, *_mlp_params(C, HIDDEN, OUT, dtype, seed=6)]
+    leaves = [leaf(guarded(p.to(device))) for p in params]
+    with mock.patch.object(reference, "mlp_activation_backward", wraps=reference.mlp_activation_backward) as aten, \
+            mock.patch.object(activation_backward, "activation_backward") as ours, \
+            mock.patch.object(gemm_act_grad, "gemm_act_grad") as act_grad_gemm, \
+            deco_ops.use_strategy("composed_aten"), poisoned_empty():
+        y = call(*leaves)
+        y.backward(guarded(dy.to(device)))
+    assert aten.call_count == 1 and not ours.called and not act_grad_gemm.called
+    ref = [leaf(p, torch.float64) for p in params]
+    ref_fn(*ref).backward(dy.double())
+    assert_close(y, ref_fn(*[r.detach() for r in ref]), dtype, "y")
+    for name, got, want in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref):
+        assert_close(got.grad, want.grad, dtype, f"grad {name}")
+
+
 ATTENTION_CASES = [
     pytest.param(2, 1, 17, 37, 2, 64, [37, 0], id="shared-q-lens-with-empty-batch"),
     pytest.param(2, 2, 5, 9, 1, 32, None, id="per-batch-q-no-mask"),
