@@ -9,9 +9,9 @@ call, nested ops paying it again (the first GPU run: a LLaVA-1.5 batch-1 forward
 ``deco.<name>(*args)`` (the namespace below) runs the same implementation and the same autograd
 formula directly when the call is *plain eager*: not compiling, no functorch transform, no
 dispatch mode (FakeTensorMode, FlopCounterMode, a test's mode), every tensor argument a plain
-``torch.Tensor`` or ``nn.Parameter`` (no FakeTensor, FunctionalTensor, DTensor), and autocast off
-for the tensors' device. Then autograd records a ``torch.autograd.Function`` built from the op's
-``setup_context`` and backward, or nothing at all where it would record nothing (grad mode off, or
+``torch.Tensor`` or ``nn.Parameter`` (no FakeTensor, FunctionalTensor, DTensor), no autocast region
+and no forward-mode AD level (``_plan.plain``, the one definition). Then autograd records a
+``torch.autograd.Function`` built from the op's ``setup_context`` and backward, or nothing at all where it would record nothing (grad mode off, or
 no input that requires grad: backward formulas, inference). Any other call goes through
 ``torch.ops.deco.<name>``, exactly as before.
 
@@ -32,14 +32,11 @@ import torch
 
 from . import _plan
 from ._triton_op import triton_op
-from ._validate import AUTOCAST_DEVICE_TYPES
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 # autograd.Function.apply without its Python wrapper, which only matters under functorch
 # transforms (and binds arguments to a setup_context that these Functions do not define): a
 # plain eager call has none, and the wrapper's per-argument checks cost more than the op's checks
 _function_apply = torch._C._FunctionBase.__dict__["apply"]
-_peek_functorch = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 _copy_context = contextvars.copy_context
 
 
@@ -95,17 +92,7 @@ def _in_forward_context(backward: Callable) -> Callable:
     return in_context
 
 
-def plain_eager(args: tuple) -> bool:
-    """Whether a call with ``args`` may skip the dispatcher (module docstring)."""
-    if torch._C._len_torch_dispatch_stack() or _peek_functorch() is not None or _forward_ad._current_level >= 0:
-        return False
-    device_type = None
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            if type(a) not in _PLAIN:
-                return False
-            device_type = device_type or a.device.type
-    return device_type not in AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type)
+plain_eager = _plan.plain  # whether a call may skip the dispatcher (module docstring): a plain call as plans define it
 
 
 _functorch = torch._C._functorch

@@ -25,10 +25,10 @@ does not build the key at all: ``Recent`` checks the arguments against each dire
 with dynamo's C++ ``TensorGuards`` (shape, dtype, device, ``requires_grad``, type and dispatch keys,
 not strides), the rest by type and value, for about two thirds of the key's cost (docs/host-path.md).
 
-Only *plain eager* calls use plans (``_direct``: not compiling, no dispatch mode, no functorch
-transform, no autocast region, no forward-mode AD level, every tensor a plain ``torch.Tensor`` or ``nn.Parameter``, every
-other argument None, a bool, int, float, str or a tuple/list of them); every other call takes the
-op's full path (validation, then ``torch.ops.deco``), which is also what ``torch.compile`` traces.
+Only *plain eager* calls use plans (``plain``: not compiling, no dispatch mode, no functorch
+transform, no autocast region, no forward-mode AD level, every tensor a plain ``torch.Tensor`` or
+``nn.Parameter``; for a plan, every other argument None, a bool, int, float, str or a tuple/list of
+them); every other call takes the op's full path (validation, then ``torch.ops.deco``), which is also what ``torch.compile`` traces.
 A plan never holds a tensor. Checks that read tensor *values* (``kv_lens`` in range) are not part
 of a plan: the ops run them on every call.
 """
@@ -81,6 +81,17 @@ def _state() -> tuple:
 # no dispatch mode, no autocast, no functorch transform, no forward-mode AD level (dual tensors)
 _PLAIN = (0, False, None, -1)
 _STATE_SIZE = len(_state())  # a signature's first entries
+_SETTINGS_SIZE = _STATE_SIZE - len(_PLAIN)  # ... of which the settings, then what ``_PLAIN`` compares
+
+
+def plain(args: tuple) -> bool:
+    """Whether a call with ``args`` is plain eager (module docstring), compiling apart (its callers
+    ask that first): the global state ``_PLAIN``, every tensor a plain ``torch.Tensor`` or
+    ``nn.Parameter``. The one definition: ``signature`` admits such calls only, and ``_direct``
+    runs the ones without a plan past the dispatcher by it."""
+    if _state()[_SETTINGS_SIZE:] != _PLAIN:
+        return False
+    return all(type(a) is _TENSOR or type(a) is _PARAMETER for a in args if isinstance(a, torch.Tensor))
 
 
 def signature(args: tuple) -> tuple | None:
@@ -88,7 +99,7 @@ def signature(args: tuple) -> tuple | None:
     if _is_compiling():
         return None
     key = [*_state()]
-    if tuple(key[-len(_PLAIN):]) != _PLAIN:
+    if tuple(key[_SETTINGS_SIZE:]) != _PLAIN:  # ``plain``'s test, on the state the key holds anyway
         return None
     for a in args:  # one entry per argument: its position says which argument it is
         kind = type(a)
