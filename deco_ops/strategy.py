@@ -367,7 +367,8 @@ def _time_cuda(run: Callable[[], object]) -> float:
     (0.80x pool_mlp, 0.63x BLIP-2 forward+backward, docs/strategy.md). Wall time alone sees
     warm-L2 reruns of the same inputs, which a model's call does not get."""
     gpu = _gpu_ms(run)
-    return max(gpu, _back_to_back_ms(run, torch.cuda.synchronize, calls=_calls_per_round(gpu)))
+    calls, rounds = _back_to_back_rounds(gpu)
+    return max(gpu, _back_to_back_ms(run, torch.cuda.synchronize, calls, rounds))
 
 
 def _gpu_ms(run: Callable[[], object]) -> float:
@@ -377,13 +378,16 @@ def _gpu_ms(run: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median"))
 
 
-def _calls_per_round(gpu_ms: float) -> int:
-    """Calls per round of ``_back_to_back_ms``: enough for about a millisecond of GPU work, so the
-    tail of the last call (the round's closing synchronisation waits for it) is a small part."""
-    return max(3, min(50, math.ceil(1.0 / max(gpu_ms, 1e-3))))
+def _back_to_back_rounds(gpu_ms: float) -> tuple[int, int]:
+    """(calls per round, rounds) of ``_back_to_back_ms`` for a call of ``gpu_ms``: rounds of about a
+    millisecond of GPU work (3 to 50 calls), so the tail of the last call (the round's closing
+    synchronisation waits for it) is a small part; up to 5 rounds within about 5 ms, at least one
+    (a call of 100 ms costs 3 more, where ``do_bench`` runs it about 7 times)."""
+    calls = max(3, min(50, math.ceil(1.0 / max(gpu_ms, 1e-3))))
+    return calls, max(1, min(5, math.floor(5.0 / (calls * max(gpu_ms, 1e-3)))))
 
 
-def _back_to_back_ms(run: Callable[[], object], synchronize: Callable[[], object], calls: int, rounds: int = 5,
+def _back_to_back_ms(run: Callable[[], object], synchronize: Callable[[], object], calls: int, rounds: int,
                      clock: Callable[[], float] = time.perf_counter) -> float:
     """Wall milliseconds per call of ``run`` called ``calls`` times back to back between two
     ``synchronize()`` (host and device overlap as in a model), the best of ``rounds``: a busy host

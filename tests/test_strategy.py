@@ -132,15 +132,16 @@ def test_host_time_counts_where_it_outlasts_the_gpu(cache_dir, monkeypatch):
 
 def test_back_to_back_rounds_keep_the_best():
     """A round slowed by a busy host (one call taking 10x) does not count against the candidate;
-    the calls per round cover about a millisecond of GPU work, at least 3 and at most 50."""
+    a round covers about a millisecond of GPU work (3 to 50 calls), the rounds about 5 ms (1 to 5)."""
     fake = HostClock(host_ms={"fused": 0.1}, gpu_ms={})
     slow = iter([1.0] + [0.1] * 100)
 
     def run():
         fake.now += next(slow) / 1e3
 
-    assert strategy._back_to_back_ms(run, lambda: None, calls=4, clock=fake.clock) == pytest.approx(0.1)
-    assert [strategy._calls_per_round(ms) for ms in (0.0, 0.01, 0.3, 5.0)] == [50, 50, 4, 3]
+    assert strategy._back_to_back_ms(run, lambda: None, 4, 5, clock=fake.clock) == pytest.approx(0.1)
+    plans = [strategy._back_to_back_rounds(ms) for ms in (0.0, 0.01, 0.3, 5.0, 100.0)]
+    assert plans == [(50, 5), (50, 5), (4, 4), (3, 1), (3, 1)]
 
 
 def test_opt_in_candidates_run_only_when_selected_by_name(cache_dir):

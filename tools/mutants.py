@@ -271,7 +271,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "winner = min(times, key=times.get)", "winner = max(times, key=times.get)",
            ("tests/test_strategy.py",), "the slower candidate is kept"),
     Mutant("strategy_times_gpu_only", "deco_ops/strategy.py",
-           "return max(gpu, _back_to_back_ms(run, torch.cuda.synchronize, calls=_calls_per_round(gpu)))", "return gpu",
+           "return max(gpu, _back_to_back_ms(run, torch.cuda.synchronize, calls, rounds))", "return gpu",
            ("tests/test_strategy.py", "-k", "host_time_counts"),
            "auto times the GPU work alone: a candidate whose host work outlasts its kernels wins and is slower end to end"),
     Mutant("aten_unpooling_deemed_deterministic", "deco_ops/pooling.py",
