@@ -12,6 +12,7 @@
 #   5. python -m benchmarks, every named shape                   -> results/{results.json,results.md,speedup.png}
 #                                                                   + benchmarks.log (BENCH_S=120)
 #   6. python -m benchmarks.profile_ops: host vs GPU per call    -> profile.txt (PROFILE_S=40)
+#      (after each stage: the strategy decisions of stages 4-6   -> strategy.json)
 #   7. python -m deco_ops.tune, if time remains: the GPU's table -> tuning/<GPU>.json + tune.log (TUNE_S=120),
 #      copied into deco_ops/tuning/ for anything run after this script (commit it with the results)
 # Stages 2 and 3 check correctness only, so they run side by side (pytest on TEST_WORKERS xdist
@@ -47,7 +48,12 @@ PY=${PYTHON:-python3}
 # seconds a stage may run: its budget, never past the script's (at least 1)
 cap() { local l=$((BUDGET - SECONDS)); local want=$(( $1 < l ? $1 : l )); echo $(( want < 1 ? 1 : want )); }
 has_step() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
-pack() { [ -z "$PACK" ] || tar -C "$OUT_DIR" -czf "$PACK" . ; }
+# each timed stage's strategy decisions (key -> winning candidate) are kept beside its results:
+# which of fused, composed_*, the ATen pooling ... auto picked where, host time included
+pack() {
+  cp "${DECO_OPS_CACHE_DIR:-$HOME/.cache/deco_ops}/strategy.json" "$OUT_DIR/strategy.json" 2>/dev/null
+  [ -z "$PACK" ] || tar -C "$OUT_DIR" -czf "$PACK" . ;
+}
 
 {
   echo "== $(date -u +%FT%TZ)  commit ${DECO_OPS_COMMIT:-unknown}"
