@@ -9,7 +9,7 @@ import torch
 import deco_ops
 from deco_ops import reference
 from deco_ops.kernels import adaptive_pool
-from harness import DTYPES, assert_close, guarded, poisoned_empty, randn
+from harness import DEVICE, DTYPES, assert_close, guarded, poisoned_empty, randn
 
 GRIDS = [
     ((24, 24), (12, 12)),  # CLIP ViT-L/14-336 -> DeCo 144
@@ -99,9 +99,18 @@ def test_triton_kernels_launch():
     assert fwd.call_count == 1 and bwd.call_count == 1
 
 
-def test_empty_batch(backend):
-    x = torch.randn(0, 36, 8)
-    assert deco_ops.adaptive_avg_pool_tokens(x, (6, 6), (2, 2)).shape == (0, 4, 8)
+@pytest.mark.parametrize("strategy", ["fused", "composed"])
+@pytest.mark.parametrize("grid,out_grid", [((6, 6), (2, 2)), ((2, 3, 6), (1, 2, 4))], ids=["2d", "3d"])
+@pytest.mark.parametrize("B,C", [(0, 8), (2, 0)], ids=["no-batch", "no-channel"])
+def test_empty_tokens(backend, strategy, grid, out_grid, B, C):
+    """An empty batch or zero channels: empty results of the right shapes, forward and backward, on
+    every path (ATen's 3D pooling and its backward reject 0 channels: the PyTorch path answers
+    without calling them)."""
+    x = torch.randn(B, math.prod(grid), C, device=DEVICE, requires_grad=True)
+    with deco_ops.use_strategy(strategy):
+        y = deco_ops.adaptive_avg_pool_tokens(x, grid, out_grid)
+        y.sum().backward()
+    assert y.shape == (B, math.prod(out_grid), C) and x.grad.shape == x.shape
 
 
 @pytest.mark.parametrize(
