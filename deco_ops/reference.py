@@ -29,8 +29,8 @@ def adaptive_avg_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
     the same bits as a (B, C, *grid) copy: each window is summed in the same order); the 2D
     pooling keeps channels-last, so its (B, P, C) result is contiguous."""
     pool = _ADAPTIVE_AVG_POOL[len(grid)]
-    if not x.shape[2]:  # ATen's 3D pooling rejects 0 channels (its 2D one and the kernels return the empty result)
-        return x.new_empty((x.shape[0], math.prod(out_grid), 0))
+    if not (x.shape[0] and x.shape[2]):  # no element: ATen's 3D pooling rejects 0 channels; no empty launch
+        return x.new_empty((x.shape[0], math.prod(out_grid), x.shape[2]))
     return pool(x.reshape(x.shape[0], *grid, x.shape[2]).movedim(-1, 1), out_grid).flatten(2).transpose(1, 2)
 
 
@@ -45,8 +45,8 @@ def unpool_tokens(grad: torch.Tensor, grid, out_grid) -> torch.Tensor:
     (what ``transpose(1, 2).reshape`` gives at B = 1) made it copy the gradient to NCHW and back
     (the same bits either way: each kernel sums a token's windows in the same order)."""
     B, C = grad.shape[0], grad.shape[2]
-    if not C:  # nothing to scatter; ATen's pooling backward rejects 0 channels
-        return grad.new_empty((B, math.prod(grid), 0))
+    if not (B and C):  # nothing to scatter: ATen's pooling backward rejects 0 channels (and see the forward)
+        return grad.new_empty((B, math.prod(grid), C))
     like = grad.new_empty((B, *grid, C)).movedim(-1, 1)  # strides only: the kernel's output layout
     dx = _ADAPTIVE_AVG_POOL_BACKWARD[len(grid)](grad.reshape(B, *out_grid, C).movedim(-1, 1), like)
     return dx.movedim(1, -1).reshape(B, math.prod(grid), C)
