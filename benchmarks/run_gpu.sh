@@ -48,10 +48,14 @@ PY=${PYTHON:-python3}
 # seconds a stage may run: its budget, never past the script's (at least 1)
 cap() { local l=$((BUDGET - SECONDS)); local want=$(( $1 < l ? $1 : l )); echo $(( want < 1 ? 1 : want )); }
 has_step() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
-# each timed stage's strategy decisions (key -> winning candidate) are kept beside its results:
-# which of fused, composed_*, the ATen pooling ... auto picked where, host time included
+# Strategy decisions made while the tests, the sanitizer and the warm-up load the GPU go to a
+# throwaway cache; the timed stages (4-7) decide afresh into their own, kept beside the results as
+# strategy.json (key -> winning candidate: which of fused, composed_*, ATen's pooling ... auto
+# picked where, host time included).
+TIMED_CACHE=$(mktemp -d)
+export DECO_OPS_CACHE_DIR=$(mktemp -d)
 pack() {
-  cp "${DECO_OPS_CACHE_DIR:-$HOME/.cache/deco_ops}/strategy.json" "$OUT_DIR/strategy.json" 2>/dev/null
+  cp "$TIMED_CACHE/strategy.json" "$OUT_DIR/strategy.json" 2>/dev/null
   [ -z "$PACK" ] || tar -C "$OUT_DIR" -czf "$PACK" . ;
 }
 
@@ -114,6 +118,7 @@ if has_step sanitizer; then
   grep -E "ran|skipped|FAILED|ERROR SUMMARY|Invalid|exit" "$OUT_DIR/sanitizer.log" | head -20
 fi
 pack
+export DECO_OPS_CACHE_DIR=$TIMED_CACHE
 
 if has_step accept; then
   if [ -f acceptance_bench.py ]; then

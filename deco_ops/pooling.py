@@ -9,6 +9,10 @@ Each has a fused candidate (our Triton kernel, ``kernels/adaptive_pool.py``) and
 ``reference``); ``deco_ops.strategy`` picks per shape bucket on CUDA, the composed one on the
 PyTorch backend. ATen's CUDA pooling backward is not deterministic (float atomics where windows
 overlap), so ``torch.use_deterministic_algorithms(True)`` keeps the kernel for the unpooling.
+ATen's numerics are eager PyTorch's: on CUDA in 16 bits its 2D kernels scale by a 16-bit
+``1 / window`` and sum the backward in 16 bits, where the kernels accumulate in fp32 and divide
+once; and its CUDA kernels index in 32 bits, so the composed candidate hands tensors past 2**31
+elements to the kernels (``_aten_reaches``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,30 @@ def _pool_reference(x, grid, out_grid):
     return reference.adaptive_avg_pool_tokens(x, grid, out_grid).contiguous()
 
 
+# ATen's CUDA adaptive-pooling kernels index in 32 bits: the channels-last 2D ones cut strides and
+# offsets to int32 (PyTorch's AdaptiveAveragePooling.cu); its CPU kernels index in 64 bits.
+_ATEN_CUDA_INDEX_LIMIT = 2**31
+
+
+def _aten_reaches(t: torch.Tensor, out_numel: int) -> bool:
+    """Whether ATen's adaptive pooling (or its backward) reads ``t`` and writes ``out_numel``
+    elements correctly: on CUDA, ``t``'s last element fewer than 2**31 elements past its storage's
+    start and both sizes under 2**31; on the CPU, always."""
+    if not t.is_cuda:
+        return True
+    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return max(last, t.numel(), out_numel) < _ATEN_CUDA_INDEX_LIMIT
+
+
+def _pool_composed(x, grid, out_grid):
+    """The Triton backend's composed candidate: ATen's pooling, or the kernel for tokens that ATen's
+    CUDA kernels cannot index (a far-strided view, 2**31 elements): the decision, one per shape
+    bucket, never sees strides, so a choice made on one call must hold for any layout."""
+    if _aten_reaches(x, x.shape[0] * math.prod(out_grid) * x.shape[2]):
+        return _pool_reference(x, grid, out_grid)
+    return _pool_kernel(x, grid, out_grid)
+
+
 def _key(op: str, t: torch.Tensor, grid, out_grid) -> str:
     return strategy.make_key(op, t.device, t.dtype, False, rows=strategy.bucket(t.shape[0] * math.prod(out_grid)),
                              C=t.shape[2], grid=grid, out_grid=out_grid)
@@ -47,10 +75,11 @@ def pool_implementation(x, grid, out_grid) -> Callable:
     on_triton = _backend.use_triton(x.device)
     return strategy.implementation((x, grid, out_grid), on_triton=on_triton,
                                    key=lambda: _key("adaptive_avg_pool_tokens", x, grid, out_grid),
-                                   fused=_pool_kernel if on_triton else None, composed=_pool_reference)
+                                   fused=_pool_kernel if on_triton else None,
+                                   composed=_pool_composed if on_triton else _pool_reference)
 
 
-POOL_IMPLEMENTATIONS = (_pool_kernel, _pool_reference)
+POOL_IMPLEMENTATIONS = (_pool_kernel, _pool_composed, _pool_reference)
 
 
 @custom_op("adaptive_avg_pool_tokens")
@@ -71,12 +100,21 @@ def _unpool_reference(grad, grid, out_grid):
     return reference.unpool_tokens(grad, grid, out_grid).contiguous()
 
 
+def _unpool_composed(grad, grid, out_grid):
+    """The Triton backend's composed candidate: ATen's pooling backward, or the gather where ATen's
+    CUDA kernels cannot index the tensors (``_pool_composed``)."""
+    if _aten_reaches(grad, grad.shape[0] * math.prod(grid) * grad.shape[2]):
+        return _unpool_reference(grad, grid, out_grid)
+    return _unpool_kernel(grad, grid, out_grid)
+
+
 def _unpool_implementation(grad, grid, out_grid) -> Callable:
     """The function that runs ``deco::unpool_tokens`` on these arguments (the strategy's choice)."""
     on_triton = _backend.use_triton(grad.device)
     return strategy.implementation((grad, grid, out_grid), on_triton=on_triton,
                                    key=lambda: _key("unpool_tokens", grad, grid, out_grid),
-                                   fused=_unpool_kernel if on_triton else None, composed=_unpool_reference,
+                                   fused=_unpool_kernel if on_triton else None,
+                                   composed=_unpool_composed if on_triton else _unpool_reference,
                                    composed_deterministic=grad.device.type != "cuda")
 
 

@@ -25,9 +25,10 @@ _ADAPTIVE_AVG_POOL_BACKWARD = {2: torch.ops.aten._adaptive_avg_pool2d_backward.d
 
 
 def adaptive_avg_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
-    """F.adaptive_avg_pool2d/3d applied to the token grid, viewed as a channels-last image (no copy,
-    the same bits as a (B, C, *grid) copy: each window is summed in the same order); the 2D
-    pooling keeps channels-last, so its (B, P, C) result is contiguous."""
+    """F.adaptive_avg_pool2d/3d applied to the token grid, viewed as a channels-last image (no copy;
+    on the CPU the same bits as a (B, C, *grid) copy: each window is summed in the same order; on
+    CUDA ATen's channels-last 2D kernel rounds differently in 16 bits); the 2D pooling keeps
+    channels-last, so its (B, P, C) result is contiguous."""
     pool = _ADAPTIVE_AVG_POOL[len(grid)]
     if not (x.shape[0] and x.shape[2]):  # no element: ATen's 3D pooling rejects 0 channels; no empty launch
         return x.new_empty((x.shape[0], math.prod(out_grid), x.shape[2]))

@@ -28,10 +28,14 @@ the current thread or context only, the innermost block winning):
   mirrors it, e.g. the chunked online softmax of ``reference_attention``).
 * ``composed``: the composed twin where the op has one for this call (SDPA cannot express
   attention dropout with our Philox mask, so such calls keep the fused path); among several, the
-  one this process measured or preloaded for the key, else the first that applies (deterministic
-  ones first in deterministic mode). Never timed.
+  one this process measured or preloaded for the key, else the first that applies. In
+  deterministic mode only deterministic ones (none: the default). Never timed.
 * ``composed_efficient`` / ``composed_flash`` / ``composed_cudnn`` / ``composed_aten``: that kernel where it applies,
   else as ``composed``.
+
+Deterministic mode wins over a forced name: a candidate that is not bitwise reproducible (ATen's
+CUDA pooling backward, SDPA's memory-efficient backward) never runs under
+``torch.use_deterministic_algorithms(True)``, forced or not.
 
 Opt-in candidates (``Candidate.opt_in``): kernels no GPU has verified yet. They run only where
 selected by name (``DECO_OPS_STRATEGY=fused_tma`` or ``use_strategy("fused_tma")``, for the calls
@@ -194,7 +198,7 @@ def choose(candidates: Mapping[str, Candidate], *, on_triton: bool, key: Callabl
         measured_key = key()
         _preload_shipped_table(measured_key)
         return decide(measured_key, candidates, _time_cuda)
-    if forced in candidates:
+    if forced in candidates and (candidates[forced].deterministic or not torch.are_deterministic_algorithms_enabled()):
         return forced
     if forced == "auto" or is_composed(forced):
         return _composed_choice(candidates, key) or default
@@ -204,11 +208,12 @@ def choose(candidates: Mapping[str, Candidate], *, on_triton: bool, key: Callabl
 def _composed_choice(candidates: Mapping[str, Candidate], key: Callable[[], str]) -> str | None:
     """The composed candidate a forced ``composed`` (or the PyTorch backend's ``auto``) runs, None
     if there is none: among several, the one measured or preloaded for the key if any, else the
-    first listed; deterministic ones only under ``torch.use_deterministic_algorithms(True)``
-    where there is one."""
+    first listed; under ``torch.use_deterministic_algorithms(True)`` deterministic ones only (None
+    if no composed one is: the caller's default runs, e.g. our un-pooling gather where ATen's CUDA
+    pooling backward would raise)."""
     composed = [name for name in candidates if is_composed(name)]
     if torch.are_deterministic_algorithms_enabled():
-        composed = [name for name in composed if candidates[name].deterministic] or composed
+        composed = [name for name in composed if candidates[name].deterministic]
     if len(composed) > 1:
         known = _decisions.get(key())
         if known in composed:
@@ -367,8 +372,7 @@ def _time_cuda(run: Callable[[], object]) -> float:
     (0.80x pool_mlp, 0.63x BLIP-2 forward+backward, docs/strategy.md). Wall time alone sees
     warm-L2 reruns of the same inputs, which a model's call does not get."""
     gpu = _gpu_ms(run)
-    calls, rounds = _back_to_back_rounds(gpu)
-    return max(gpu, _back_to_back_ms(run, torch.cuda.synchronize, calls, rounds))
+    return max(gpu, _back_to_back_ms(run, torch.cuda.synchronize, gpu))
 
 
 def _gpu_ms(run: Callable[[], object]) -> float:
@@ -378,29 +382,28 @@ def _gpu_ms(run: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(run, warmup=10, rep=40, return_mode="median"))
 
 
-def _back_to_back_rounds(gpu_ms: float) -> tuple[int, int]:
-    """(calls per round, rounds) of ``_back_to_back_ms`` for a call of ``gpu_ms``: rounds of about a
-    millisecond of GPU work (3 to 50 calls), so the tail of the last call (the round's closing
-    synchronisation waits for it) is a small part; up to 5 rounds within about 5 ms, at least one
-    (a call of 100 ms costs 3 more, where ``do_bench`` runs it about 7 times)."""
-    calls = max(3, min(50, math.ceil(1.0 / max(gpu_ms, 1e-3))))
-    return calls, max(1, min(5, math.floor(5.0 / (calls * max(gpu_ms, 1e-3)))))
-
-
-def _back_to_back_ms(run: Callable[[], object], synchronize: Callable[[], object], calls: int, rounds: int,
+def _back_to_back_ms(run: Callable[[], object], synchronize: Callable[[], object], gpu_ms: float,
                      clock: Callable[[], float] = time.perf_counter) -> float:
-    """Wall milliseconds per call of ``run`` called ``calls`` times back to back between two
-    ``synchronize()`` (host and device overlap as in a model), the best of ``rounds``: a busy host
-    slows a round, never speeds it up."""
-    best = math.inf
-    for _ in range(rounds):
+    """Wall milliseconds per call of ``run`` (``gpu_ms`` of GPU work) called back to back between
+    two ``synchronize()`` (host and device overlap as in a model), the best of up to 5 rounds: a
+    busy host slows a round, never speeds it up. A first round of 3 calls measures the call; the
+    later ones make about a millisecond of calls each (3 to 50: the tail of the last call, which
+    the closing synchronisation waits for, stays a small part), until 5 rounds or about 5 ms of
+    calls in all: a 100 ms call runs 3 more times (``do_bench`` runs it about 7), a call of 1 ms
+    of host work 6 times, a 10 us call 203 times."""
+    best, spent, calls = math.inf, 0.0, 3
+    for _ in range(5):
         synchronize()
         start = clock()
         for _ in range(calls):
             run()
         synchronize()
-        best = min(best, (clock() - start) / calls)
-    return best * 1e3
+        elapsed = (clock() - start) * 1e3
+        best, spent = min(best, elapsed / calls), spent + elapsed
+        if spent >= 5.0:
+            break
+        calls = max(3, min(50, math.ceil(1.0 / max(gpu_ms, best, 1e-3))))
+    return best
 
 
 # ----------------------------------------------------------------------------------------------

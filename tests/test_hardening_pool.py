@@ -150,3 +150,51 @@ def test_offsets_past_2_31_elements(case):
     g.copy_(randn(*g.shape, dtype=g.dtype))
     dx = torch.ops.deco.unpool_tokens(g, list(grid), list(out_grid))
     assert torch.equal(dx, torch.ops.deco.unpool_tokens(g.contiguous(), list(grid), list(out_grid)))
+
+
+def test_aten_is_asked_only_for_what_its_cuda_kernels_can_index():
+    """ATen's CUDA adaptive pooling indexes in 32 bits: the composed candidate gives it tensors whose
+    last element lies within 2**31 elements of the storage's start and outputs under 2**31
+    elements; on the CPU (64-bit kernels) anything."""
+    from types import SimpleNamespace
+
+    from deco_ops.pooling import _aten_reaches
+
+    def tensor(shape, stride, offset=0, cuda=True):
+        return SimpleNamespace(is_cuda=cuda, shape=shape, stride=lambda: stride, storage_offset=lambda: offset,
+                               numel=lambda: math.prod(shape))
+
+    assert _aten_reaches(tensor((3, 16, 8), (128, 8, 1)), 96)
+    assert not _aten_reaches(tensor((3, 16, 8), (2**30 + 64, 8, 1)), 96)  # batch 2 starts past 2**31
+    assert _aten_reaches(tensor((2, 16, 8), (2**30 - 64, 8, 1)), 64)  # its last element just inside
+    assert not _aten_reaches(tensor((1, 16, 8), (128, 8, 1), offset=2**31), 32)  # the view starts past it
+    assert not _aten_reaches(tensor((1, 16, 8), (128, 8, 1)), 2**31)  # the output is too large
+    assert not _aten_reaches(tensor((2**21, 1024, 1), (1024, 1, 1)), 8)  # 2**31 elements
+    assert _aten_reaches(tensor((3, 16, 8), (2**30 + 64, 8, 1), cuda=False), 96)
+    assert _aten_reaches(tensor((0, 16, 8), (128, 8, 1)), 0)  # empty
+
+
+def test_composed_candidate_hands_unreachable_tensors_to_the_kernels(monkeypatch):
+    """Where ATen's kernels cannot index the tokens (``_aten_reaches`` False: a far-strided CUDA
+    view here stood in for by the CPU interpreter), the composed candidate pools and un-pools with
+    the kernels, forward and backward, and the results match ATen's."""
+    from unittest import mock
+
+    from deco_ops import pooling
+    from deco_ops.kernels import adaptive_pool
+
+    x = randn(2, 20, 6).requires_grad_()
+    dy = randn(2, 6, 6)
+    with deco_ops.use_strategy("composed"):
+        want = deco_ops.adaptive_avg_pool_tokens(x, (4, 5), (2, 3))
+        (want_dx,) = torch.autograd.grad(want, x, dy)
+        monkeypatch.setattr(pooling, "_aten_reaches", lambda t, out_numel: False)
+        with mock.patch.object(adaptive_pool, "pool_tokens", wraps=adaptive_pool.pool_tokens) as pool, \
+                mock.patch.object(adaptive_pool, "unpool_tokens", wraps=adaptive_pool.unpool_tokens) as unpool, \
+                mock.patch.object(reference, "adaptive_avg_pool_tokens") as aten_pool, \
+                mock.patch.object(reference, "unpool_tokens") as aten_unpool:
+            got = deco_ops.adaptive_avg_pool_tokens(x, (4, 5), (2, 3))
+            (dx,) = torch.autograd.grad(got, x, dy)
+    assert pool.called and unpool.called and not aten_pool.called and not aten_unpool.called
+    assert_close(got, want, torch.float32, "y")
+    assert_close(dx, want_dx, torch.float32, "dx")

@@ -16,14 +16,15 @@ pool+GEMM; ``mlp_pool``'s pooled second GEMM and its fused un-pool + act' backwa
 """
 
 import math
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import deco_ops
-from deco_ops import pooling, reference
-from deco_ops.kernels import pool_gemm
+from deco_ops import _plan, pooling, reference
+from deco_ops.kernels import adaptive_pool, pool_gemm
 from harness import assert_close, guarded, leaf, poisoned_empty, randn
 from test_packed import _t, loop64
 
@@ -106,16 +107,19 @@ def test_pool_linear_unrolled_windows(grid, out_grid):
 
 @pytest.mark.parametrize("path", ["unrolled", "runtime_loops", "composed"])
 @pytest.mark.parametrize("grid,out_grid", CASES)
-def test_pool_mlp(grid, out_grid, path, monkeypatch):
+def test_pool_mlp(grid, out_grid, path, monkeypatch, request):
     if path == "runtime_loops":  # what a GPU runs when no tile can stage the unrolled window taps
         monkeypatch.setattr(pool_gemm, "unrolled_windows_fit", lambda x, taps: False)
     strategy = "composed" if path == "composed" else "fused"
     if path == "composed":  # the twin with the pooling kernel, then F.linear (auto's pick where each times faster)
         monkeypatch.setattr(pooling, "pool_implementation", lambda *args: pooling._pool_kernel)
+        _plan.clear()  # a plan keeps the pooling choice it was built with
+        request.addfinalizer(_plan.clear)
     inputs = [randn(1, math.prod(grid), C), *_params()]
     dy = randn(1, math.prod(out_grid), OUT)
-    with deco_ops.use_strategy(strategy):
+    with deco_ops.use_strategy(strategy), mock.patch.object(adaptive_pool, "pool_tokens", wraps=adaptive_pool.pool_tokens) as kernel:
         got = _run(lambda *p: deco_ops.pool_mlp(*p, grid=grid, out_grid=out_grid), inputs, dy)
+    assert kernel.called == (path == "composed")  # fused: pool_gemm pools in its operand loads
     want = _reference(lambda *p: reference.pool_mlp(*p, grid, out_grid), inputs, dy)
     _compare(got, want, ["x", "w1", "b1", "w2", "b2"])
 
