@@ -246,9 +246,9 @@ def _backward_implementation(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max
                          need=f"{'q' * need_dq}{'kv' * need_dkv}"),
         fused=_backward_kernels if on_triton else _backward_reference,
         composed_kernels={
+            # not deterministic: never run in deterministic mode, forced or not (strategy.choose)
             **({"fused_one_kernel": strategy.Candidate(_backward_one_kernel, deterministic=False, opt_in=True)}
-               if on_triton and not torch.are_deterministic_algorithms_enabled()
-               and cross_attention_bwd.one_kernel_applies(q.shape[1], q.shape[3], q.element_size(), need_dq, need_dkv)
+               if on_triton and cross_attention_bwd.one_kernel_applies(q.shape[1], q.shape[3], q.element_size(), need_dq, need_dkv)
                else {}),
             **_composed_candidates(q, kv_lens, cu_seqlens_k, attn_bias, dropout_p, _COMPOSED_BACKWARD,
                                    composed_attention.deterministic_backward),
