@@ -11,8 +11,9 @@ formula directly when the call is *plain eager*: not compiling, no functorch tra
 dispatch mode (FakeTensorMode, FlopCounterMode, a test's mode), every tensor argument a plain
 ``torch.Tensor`` or ``nn.Parameter`` (no FakeTensor, FunctionalTensor, DTensor), no autocast region
 and no forward-mode AD level (``_plan.plain``, the one definition). Then autograd records a
-``torch.autograd.Function`` built from the op's ``setup_context`` and backward, or nothing at all where it would record nothing (grad mode off, or
-no input that requires grad: backward formulas, inference). Any other call goes through
+``torch.autograd.Function`` built from the op's ``setup_context`` and backward, or nothing at all
+where it would record nothing (grad mode off, or no input that requires grad: backward formulas,
+inference). Any other call goes through
 ``torch.ops.deco.<name>``, exactly as before.
 
 ``deco.<name>.body(*args)`` is the implementation alone: what one op's body calls for another op's
@@ -92,9 +93,6 @@ def _in_forward_context(backward: Callable) -> Callable:
     return in_context
 
 
-plain_eager = _plan.plain  # whether a call may skip the dispatcher (module docstring): a plain call as plans define it
-
-
 _functorch = torch._C._functorch
 _forward_ad = torch.autograd.forward_ad
 
@@ -158,7 +156,7 @@ class Op:
             return run(*args)
         if torch.compiler.is_compiling():
             return self.overload(*args)
-        if not plain_eager(args):
+        if not _plan.plain(args):
             _refuse_forward_and_functorch_autodiff(self.name, args)
             return self.overload(*args)
         if records(args):

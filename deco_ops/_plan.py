@@ -28,7 +28,8 @@ not strides), the rest by type and value, for about two thirds of the key's cost
 Only *plain eager* calls use plans (``plain``: not compiling, no dispatch mode, no functorch
 transform, no autocast region, no forward-mode AD level, every tensor a plain ``torch.Tensor`` or
 ``nn.Parameter``; for a plan, every other argument None, a bool, int, float, str or a tuple/list of
-them); every other call takes the op's full path (validation, then ``torch.ops.deco``), which is also what ``torch.compile`` traces.
+them); every other call takes the op's full path (validation, then ``torch.ops.deco``), which is
+also what ``torch.compile`` traces.
 A plan never holds a tensor. Checks that read tensor *values* (``kv_lens`` in range) are not part
 of a plan: the ops run them on every call.
 """

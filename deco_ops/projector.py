@@ -230,7 +230,7 @@ def _activation_backward_implementation(dy, w2, pre, activation, need_db1=False)
         key=lambda: strategy.make_key("mlp_activation_backward", dy.device, dy.dtype, True, rows=strategy.bucket(dy.shape[0]),
                                       out=dy.shape[1], hidden=pre.shape[1], act=activation),
         fused=_activation_backward_fused if on_triton else None, composed=_ACTIVATION_BACKWARD_COMPOSED[on_triton],
-        composed_kernels=_ACTIVATION_BACKWARD_KERNELS[on_triton and composed.act_grad_tma_applies(dy, w2, pre)] if on_triton else None,
+        composed_kernels=_ACTIVATION_BACKWARD_KERNELS[composed.act_grad_tma_applies(dy, w2, pre)] if on_triton else None,
     )
 
 

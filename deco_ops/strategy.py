@@ -30,8 +30,8 @@ the current thread or context only, the innermost block winning):
   attention dropout with our Philox mask, so such calls keep the fused path); among several, the
   one this process measured or preloaded for the key, else the first that applies. In
   deterministic mode only deterministic ones (none: the default). Never timed.
-* ``composed_efficient`` / ``composed_flash`` / ``composed_cudnn`` / ``composed_aten``: that kernel where it applies,
-  else as ``composed``.
+* ``composed_efficient`` / ``composed_flash`` / ``composed_cudnn`` / ``composed_aten``: that
+  kernel where it applies, else as ``composed``.
 
 Deterministic mode wins over a forced name: a candidate that is not bitwise reproducible (ATen's
 CUDA pooling backward, SDPA's memory-efficient backward) never runs under
@@ -43,8 +43,8 @@ they can express; other calls take ``fused``); ``auto`` never times or picks the
 preloaded decision naming one is ignored (re-measured without it).
 
 What is timed: one custom op's own work, host included (``_time_cuda``: the larger of its GPU
-time and its wall time per call back to back). Forward and backward are separate custom ops with their
-own decisions; every forward returns the same residuals (the output and the fp32 log-sum-exp in
+time and its wall time per call back to back). Forward and backward are separate custom ops with
+their own decisions; every forward returns the same residuals (the output and the fp32 log-sum-exp in
 the op's own layout), so any backward follows any forward and the pair is optimised piece by piece.
 
 Measuring is made safe for training:

@@ -8,7 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import deco_ops
-from deco_ops import _direct, reference
+from deco_ops import _plan, reference
 from harness import DEVICE, randn
 
 
@@ -71,16 +71,16 @@ def test_plain_eager_calls_skip_the_dispatcher(backend):
 def test_what_counts_as_plain_eager():
     x = randn(2, 3)
     w = torch.nn.Parameter(randn(3, 3))
-    assert _direct.plain_eager((x, w, None, [1, 2], "gelu", True))
-    assert _direct.plain_eager(([4, 4], "mode"))  # no tensor at all
+    assert _plan.plain((x, w, None, [1, 2], "gelu", True))
+    assert _plan.plain(([4, 4], "mode"))  # no tensor at all
     with CountingMode():
-        assert not _direct.plain_eager((x,))
+        assert not _plan.plain((x,))
     with FakeTensorMode() as fake_mode:
         fake = fake_mode.from_tensor(x)
-    assert not _direct.plain_eager((fake,))
+    assert not _plan.plain((fake,))
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-        assert not _direct.plain_eager((x,))
-    assert _direct.plain_eager((x,))
+        assert not _plan.plain((x,))
+    assert _plan.plain((x,))
 
 
 def test_double_backward_through_the_direct_path():
