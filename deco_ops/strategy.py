@@ -182,12 +182,14 @@ class Candidate(NamedTuple):
     opt_in: bool = False  # never verified on a GPU: runs only when selected by name, never under auto
 
 
-def choose(candidates: Mapping[str, Candidate], *, on_triton: bool, key: Callable[[], str]) -> str:
+def choose(candidates: Mapping[str, Candidate], *, on_triton: bool, key: Callable[[], str],
+           device: torch.device | None = None) -> str:
     """The name of the candidate to run; the first one listed is the default (``"fused"`` where
     the op has a fused path on this backend).
 
     ``on_triton``: whether the op runs on the Triton backend (else the PyTorch one). ``key``
     builds the decision's key string; it is only called when a decision may be looked up.
+    ``device``: the call's device, where a measurement runs (``_on_device``).
     """
     default = next(iter(candidates))
     forced = selected()
@@ -198,12 +200,24 @@ def choose(candidates: Mapping[str, Candidate], *, on_triton: bool, key: Callabl
             return _traced_choice(candidates, key)
         measured_key = key()
         _preload_shipped_table(measured_key)
-        return decide(measured_key, candidates, _time_cuda)
+        with _on_device(device):
+            return decide(measured_key, candidates, _time_cuda)
     if forced in candidates and (candidates[forced].deterministic or not torch.are_deterministic_algorithms_enabled()):
         return forced
     if forced == "auto" or is_composed(forced):
         return _composed_choice(candidates, key) or default
     return default
+
+
+def _on_device(device: torch.device | None) -> contextlib.AbstractContextManager:
+    """Makes the call's CUDA device current for its decision. The launchers run the candidates
+    on their inputs' device (``kernels/_device.py``), but the timer's CUDA events, its
+    synchronisations and the capture check act on the current device: for inputs on ``cuda:1``
+    while ``cuda:0`` is current (Hugging Face ``device_map="auto"``) they would time nothing of
+    the candidates' GPU work and decide on host time alone."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _composed_choice(candidates: Mapping[str, Candidate], key: Callable[[], str]) -> str | None:
@@ -259,15 +273,8 @@ def implementation(args: tuple, *, on_triton: bool, key: Callable[[], str], fuse
             for name, f in (("fused", fused), ("composed", composed)) if f is not None}
     ways.update(composed_kernels or {})
     candidates = {name: Candidate(functools.partial(c.run, *args), c.deterministic, c.opt_in) for name, c in ways.items()}
-    return ways[choose(candidates, on_triton=on_triton, key=key)].run
-
-
-def run(*, on_triton: bool, key: Callable[[], str], fused: Callable[[], object] | None = None,
-        composed: Callable[[], object] | None = None, composed_deterministic: bool = True,
-        composed_kernels: Mapping[str, Candidate] | None = None):
-    """Run an op the chosen way (``implementation``, for closures over the call's arguments)."""
-    return implementation((), on_triton=on_triton, key=key, fused=fused, composed=composed,
-                          composed_deterministic=composed_deterministic, composed_kernels=composed_kernels)()
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    return ways[choose(candidates, on_triton=on_triton, key=key, device=device)].run
 
 
 def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Callable[[], object]], float]) -> str:

@@ -162,6 +162,37 @@ def test_back_to_back_rounds_keep_the_best():
     assert strategy._back_to_back_ms(run, fake.synchronize, 0.0, clock=fake.clock) == pytest.approx(0.1)
 
 
+def test_decisions_are_timed_on_the_call_s_device(cache_dir, monkeypatch):
+    """The candidates' kernels run on their inputs' device (the launchers' device guard); the
+    timer's events and synchronisations, and the capture check, must act on that device too, not
+    on the current one (inputs on ``cuda:1`` while ``cuda:0`` is current would time nothing of the
+    GPU work). ``implementation`` passes the device of its arguments' first tensor."""
+    import contextlib
+    from unittest import mock
+
+    current = ["cuda:0"]
+
+    @contextlib.contextmanager
+    def fake_device(device):  # torch.cuda.device, without a GPU
+        before, current[0] = current[0], str(device)
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    timed_on = []
+    monkeypatch.setattr(strategy.torch.cuda, "device", fake_device)
+    monkeypatch.setattr(strategy._backend, "interpreting", lambda: False)
+    monkeypatch.setattr(strategy, "_time_cuda", lambda run: timed_on.append(current[0]) or {"fused": 2.0, "composed": 1.0}[run()])
+    key = f"pool_mlp|GPU|bfloat16|rows=64|infer|any|{strategy.versions()}"
+    assert strategy.choose(_candidates(), on_triton=True, key=lambda: key, device=torch.device("cuda", 1)) == "composed"
+    assert timed_on == ["cuda:1", "cuda:1"] and current == ["cuda:0"]
+    x = torch.randn(3)
+    with mock.patch.object(strategy, "choose", return_value="fused") as choose:
+        strategy.implementation((2, x), on_triton=True, key=lambda: key, fused=lambda *args: None)
+    assert choose.call_args.kwargs["device"] == x.device
+
+
 def test_opt_in_candidates_run_only_when_selected_by_name(cache_dir):
     """A candidate no GPU has verified (``fused_tma``) never competes under ``auto``, even when it
     would time fastest or a cached decision names it; selected by name it runs."""
