@@ -156,10 +156,14 @@ def load_bias(base, rows, cols, valid, stride_row, stride_col):
 @triton.jit
 def add_bias(s, bias):
     """Scores ``s`` (base-2 units, scale folded in) plus an additive mask in natural units: -inf
-    drops the key exactly (even where the dot gave NaN); finite values are clamped at MIN_BIAS in
-    the mask's own dtype, before the cast to the scores' (fp64's lowest finite value would become
-    -inf in fp32 and drop a row that PyTorch averages)."""
+    drops the key exactly (even where the dot gave NaN); finite values are clamped at MIN_BIAS,
+    an fp64 mask in its own dtype before the cast to the scores' (its lowest finite value would
+    become -inf in fp32 and drop a row that PyTorch averages), a 16-bit one after its exact cast
+    to fp32 (Triton's interpreter keeps bf16 as raw 16-bit integers, whose maximum with MIN_BIAS
+    is MIN_BIAS: every key of a bf16 mask read as dropped there)."""
     dropped = bias == float("-inf")
+    if bias.dtype != tl.float64:
+        bias = bias.to(tl.float32)
     bias = tl.maximum(bias, MIN_BIAS).to(s.dtype)
     return tl.where(dropped, float("-inf"), s + bias * LOG2E_JIT)
 

@@ -187,6 +187,27 @@ def test_rows_of_the_lowest_finite_bias_stay_uniform(backend, dtype, mask_dtype,
         assert (out[1, 3].double() - v[1].double().mean(0)).abs().max() < 2e-2
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bfloat16, torch.float16])
+def test_16bit_mask_is_added_as_its_values(backend, mask_dtype):
+    """A 16-bit float mask (what autocast makes of an fp32 one, or 16-bit queries' own) is added
+    as its values, forward, weights and backward, with fp32 queries so that every dot is fp32 in
+    the interpreter too. (Triton's interpreter keeps bf16 as 16-bit integers: a clamp in bf16 read
+    every key of a bf16 mask as dropped there, an LSE of -1e30.)"""
+    g = torch.Generator().manual_seed(9)
+    B, M, N, H, D = 2, 5, 24, 2, 16
+    q, k, v = randn(B, M, H, D, generator=g), randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
+    mask = (randn(B, H, M, N, generator=g) * 3).masked_fill(torch.rand(B, H, M, N, generator=g) > 0.7, NEG).to(mask_dtype)
+    leaves = [leaf(t) for t in (q, k, v)]
+    out, weights = cross_attention(*leaves, attn_mask=mask, need_weights=True)
+    dout, dw = randn(B, M, H, D, generator=g), randn(B, M, N, generator=g)
+    grads = torch.autograd.grad((out, weights), leaves, (dout, dw))
+    refs = [leaf(t, torch.float64) for t in (q, k, v)]
+    ref, p = _softmax_reference(*refs, mask.double())
+    ref_grads = torch.autograd.grad((ref, p.mean(1)), refs, (dout.double(), dw.double()))
+    for name, got, want in zip(("out", "weights", "dq", "dk", "dv"), (out, weights, *grads), (ref, p.mean(1), *ref_grads)):
+        assert_close(got, want, torch.float32, f"{name} ({mask_dtype} mask)")
+
+
 def test_float8_mask_is_its_fp32_values(backend):
     """A float8 mask (no -inf in e4m3fn, no clamp kernel for it) is added as its fp32 values."""
     g = torch.Generator().manual_seed(8)
