@@ -11,7 +11,11 @@ For each op and mode it reports, deco_ops and eager side by side, measured in th
   profiler's ``disable``, as ``python -m cProfile`` counts them.
 
 Modes: ``infer`` (no input requires grad), ``grad`` (the forward only, inputs and parameters
-requiring grad: what autograd records), ``fwd+bwd`` (forward and ``backward``).
+requiring grad: what autograd records), ``fwd+bwd`` (forward and ``backward``); and the same fp32
+inputs inside ``torch.autocast("cpu", dtype=torch.bfloat16)`` (mixed-precision training, as
+Hugging Face's Trainer runs it): ``autocast`` (inference, the whole measurement inside one region)
+and ``autocast+bwd`` (each call's forward inside a region, ``backward`` after it, as a training
+step does; entering the region is part of both sides' time).
 
     python -m benchmarks.host_cost [--ops NAMES] [--modes NAMES] [--rounds N]
 
@@ -21,6 +25,7 @@ requiring grad: what autograd records), ``fwd+bwd`` (forward and ``backward``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pstats
 import sys
@@ -33,7 +38,8 @@ import torch.nn.functional as F
 
 import deco_ops
 
-MODES = ("infer", "grad", "fwd+bwd")
+MODES = ("infer", "grad", "fwd+bwd", "autocast", "autocast+bwd")
+AUTOCAST_DTYPE = torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -161,14 +167,29 @@ CASES = [
 
 
 def call_of(case: Case, impl: Callable, mode: str) -> Callable[[], object]:
-    """A zero-argument function that makes one call of ``impl`` in ``mode``."""
+    """A zero-argument function that makes one call of ``impl`` in ``mode`` (``autocast``: to be
+    run inside ``region(mode)``)."""
     inputs = case.inputs()
-    if mode != "infer":
+    if mode not in ("infer", "autocast"):
         inputs = [t.requires_grad_(i < case.differentiable) for i, t in enumerate(inputs)]
-    if mode != "fwd+bwd":
+    if mode in ("infer", "grad", "autocast"):
         return lambda: impl(*inputs)
-    grad = torch.randn(impl(*inputs).shape, generator=torch.Generator().manual_seed(2))
-    return lambda: impl(*inputs).backward(grad)
+    forward = (lambda: impl(*inputs)) if mode == "fwd+bwd" else _in_autocast(impl, inputs)
+    grad = torch.randn(forward().shape, generator=torch.Generator().manual_seed(2))
+    return lambda: forward().backward(grad)
+
+
+def _in_autocast(impl: Callable, inputs: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+    def forward():
+        with torch.autocast("cpu", dtype=AUTOCAST_DTYPE):
+            return impl(*inputs)
+
+    return forward
+
+
+def region(mode: str) -> contextlib.AbstractContextManager:
+    """Where ``mode``'s calls run: ``autocast`` inside one autocast region, the others outside."""
+    return torch.autocast("cpu", dtype=AUTOCAST_DTYPE) if mode == "autocast" else contextlib.nullcontext()
 
 
 def python_calls(run: Callable[[], object]) -> int:
@@ -205,15 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # host cost, not intra-op parallelism (and no oversubscribed cores)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, CPU tensors, backend {deco_ops._backend.selected()}")
-    print(f"{'op':<26}{'mode':<9}{'ours_us':>9}{'eager_us':>10}{'ratio':>7}{'ours_calls':>12}{'eager_calls':>13}")
+    print(f"{'op':<26}{'mode':<13}{'ours_us':>9}{'eager_us':>10}{'ratio':>7}{'ours_calls':>12}{'eager_calls':>13}")
     for case in CASES:
         if case.name not in args.ops:
             continue
         for mode in args.modes:
             ours, eager = call_of(case, case.ours, mode), call_of(case, case.eager, mode)
-            ours_us, eager_us = best_us([ours, eager], args.rounds)
-            print(f"{case.name:<26}{mode:<9}{ours_us:>9.1f}{eager_us:>10.1f}{ours_us / eager_us:>7.2f}"
-                  f"{python_calls(ours):>12}{python_calls(eager):>13}")
+            with region(mode):
+                ours_us, eager_us = best_us([ours, eager], args.rounds)
+                ours_calls, eager_calls = python_calls(ours), python_calls(eager)
+            print(f"{case.name:<26}{mode:<13}{ours_us:>9.1f}{eager_us:>10.1f}{ours_us / eager_us:>7.2f}"
+                  f"{ours_calls:>12}{eager_calls:>13}")
     return 0
 
 

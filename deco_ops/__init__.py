@@ -21,7 +21,9 @@ from .attention_modules import CrossAttention, QueryResampler
 from ._version import __version__
 from . import tuning_tables  # noqa: F401,E402  (installs the per-GPU tuning tables into the autotuner)
 from . import _compiled_launch_setting  # noqa: F401,E402  (DECO_OPS_DIRECT_LAUNCH, read by every launch)
-from . import _autocast  # noqa: F401  (autocast rules of every torch.ops.deco op, once they exist)
+from . import _autocast  # noqa: E402
+
+_autocast.register()  # the autocast rules of every torch.ops.deco op, once they exist
 
 __all__ = [
     "adaptive_avg_pool_tokens",

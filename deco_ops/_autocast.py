@@ -26,8 +26,14 @@ while ``torch.autocast(device, dtype=...)`` chooses fp16 or bf16 per region.
 
 from __future__ import annotations
 
+import functools
+import operator
+from collections.abc import Callable
+
 import torch
 
+from . import _plan
+from ._direct import deco
 from ._validate import AUTOCAST_DEVICE_TYPES, dtype_under_autocast
 
 LOWER_PRECISION = ("pool_linear", "pool_mlp", "pool_mlp_packed", "mlp_pool_packed", "cross_attention", "merge_mlp")
@@ -47,32 +53,85 @@ OWN_DTYPE = (
 _lib = torch.library.Library("deco", "FRAGMENT")
 
 
+def _cast_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``_validate.dtype_under_autocast`` says (``Tensor.to`` by keyword: its positional
+    overloads cost a third more to resolve)."""
+    dtype = dtype_under_autocast(t)
+    return t if t.dtype is dtype else t.to(dtype=dtype)
+
+
 def _cast(value):
     """Tensors (also inside lists) as ``_validate.dtype_under_autocast`` says: the one rule that
     the public functions' dtype checks apply too."""
     if isinstance(value, torch.Tensor):
-        return value.to(dtype_under_autocast(value))
+        return _cast_tensor(value)
     if isinstance(value, (list, tuple)):
         return type(value)(_cast(v) for v in value)
     return value
 
 
-def _register(name: str, device_type: str, cast: bool) -> None:
-    key = "Autocast" + device_type.upper()  # AutocastCPU, AutocastCUDA
-    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-    op = getattr(torch.ops.deco, name).default
+def _excluding(device_types: tuple[str, ...]) -> torch._C.DispatchKeySet:
+    """The autocast dispatch keys of ``device_types`` (AutocastCPU, AutocastCUDA): excluded, their
+    autocast is off (``torch.is_autocast_enabled`` reads that exclusion)."""
+    keys = [torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, "Autocast" + t.upper())) for t in device_types]
+    return functools.reduce(operator.or_, keys)
 
-    def kernel(_keyset, *args):
+
+_EVERY_DEVICE = _excluding(AUTOCAST_DEVICE_TYPES)
+
+
+def _cast_then(call, cast: bool, excluded: torch._C.DispatchKeySet):
+    """``run(*args)``: ``call(*args)`` on arguments cast by the op's rule (``cast``: lower
+    precision, else as they are), with autocast off for the devices of ``excluded``."""
+
+    def run(*args):
         if cast:
             args = _cast(args)
         with torch._C._ExcludeDispatchKeyGuard(excluded):
-            return op(*args)
+            return call(*args)
 
-    _lib.impl(name, kernel, key, with_keyset=True)
+    return run
 
 
-for _device_type in AUTOCAST_DEVICE_TYPES:
-    for _name in LOWER_PRECISION:
-        _register(_name, _device_type, cast=True)
-    for _name in OWN_DTYPE:
-        _register(_name, _device_type, cast=False)
+def _register(name: str, cast: bool) -> None:
+    """The op's autocast rule twice: as the dispatcher's autocast kernel of each device type (for
+    calls through ``torch.ops.deco``, its own device's autocast off), and as ``deco.<name>``'s
+    ``under_autocast`` (a call that is plain but for autocast, ``deco_ops._direct``: every rule's
+    device off, so the op called again is a plain call, not the dispatcher's)."""
+    for device_type in AUTOCAST_DEVICE_TYPES:
+        run = _cast_then(getattr(torch.ops.deco, name).default, cast, _excluding((device_type,)))
+        _lib.impl(name, lambda _keyset, *args, run=run: run(*args), "Autocast" + device_type.upper(), with_keyset=True)
+    op = getattr(deco, name)
+    op.under_autocast = _cast_then(op, cast, _EVERY_DEVICE)
+
+
+def register() -> None:
+    """Every op's autocast rule, once every op exists (``deco_ops/__init__.py``)."""
+    for name in LOWER_PRECISION:
+        _register(name, cast=True)
+    for name in OWN_DTYPE:
+        _register(name, cast=False)
+
+
+NOT_PLAIN = object()  # ``plain_call``'s answer for a call it does not run
+
+
+def plain_call(public: Callable, name: str, args: tuple, kwargs: dict | None = None):
+    """``public(*args, **kwargs)``, the front of op ``name`` (its public function, or the helper
+    that runs it), as a plain eager call where the call is plain but for autocast
+    (``_plan.plain_but_autocast``): its tensors cast by the op's rule, then ``public`` called
+    again with autocast off, where it takes its plan (checks, choice and bookkeeping made once per
+    signature) instead of checking every call and crossing the dispatcher. ``NOT_PLAIN`` for any
+    other call, and for one whose cast arguments are refused: the caller then takes its full path,
+    whose checks name the arguments as given (a refusal comes before any launch)."""
+    kwargs = kwargs or {}
+    if not _plan.plain_but_autocast((*args, *kwargs.values())):
+        return NOT_PLAIN
+    if name in LOWER_PRECISION:  # a public function's tensors are its arguments (no list of them)
+        args = tuple(_cast_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {key: _cast_tensor(a) if isinstance(a, torch.Tensor) else a for key, a in kwargs.items()}
+    with torch._C._ExcludeDispatchKeyGuard(_EVERY_DEVICE):
+        try:
+            return public(*args, **kwargs)
+        except (TypeError, ValueError):
+            return NOT_PLAIN

@@ -13,8 +13,10 @@ dispatch mode (FakeTensorMode, FlopCounterMode, a test's mode), every tensor arg
 and no forward-mode AD level (``_plan.plain``, the one definition). Then autograd records a
 ``torch.autograd.Function`` built from the op's ``setup_context`` and backward, or nothing at all
 where it would record nothing (grad mode off, or no input that requires grad: backward formulas,
-inference). Any other call goes through
-``torch.ops.deco.<name>``, exactly as before.
+inference). A call that would be plain but for a CPU or CUDA autocast region (the backward
+formulas' ops when ``backward()`` runs inside one) does what the op's autocast kernel does
+(``deco_ops._autocast``: cast by the op's rule, autocast off) and then runs as a plain one, past
+the dispatcher. Any other call goes through ``torch.ops.deco.<name>``, exactly as before.
 
 ``deco.<name>.body(*args)`` is the implementation alone: what one op's body calls for another op's
 work (a body runs below autograd, with autocast already applied, on real tensors).
@@ -131,10 +133,13 @@ def records(args: tuple) -> bool:
 class Op:
     """One deco op, callable as ``torch.ops.deco.<name>`` is (positional arguments)."""
 
-    __slots__ = ("name", "body", "_functions", "_formula", "_plans")
+    __slots__ = ("name", "body", "under_autocast", "_functions", "_formula", "_plans")
 
     def __init__(self, name: str, body: Callable, implementation: Callable[..., Callable] | None = None):
         self.name, self.body = name, body
+        # ``(*args) -> output``: a call inside ``torch.autocast`` run as the op's autocast rule runs it
+        # (``deco_ops._autocast`` sets it): cast, then a plain eager call with autocast off
+        self.under_autocast: Callable[..., object] | None = None
         self._functions: dict[Callable, type[torch.autograd.Function]] = {}
         self._formula: tuple[Callable, Callable] | None = None
         # what a plain eager call runs, per call signature: ``implementation``'s choice, in the
@@ -157,6 +162,8 @@ class Op:
         if torch.compiler.is_compiling():
             return self.overload(*args)
         if not _plan.plain(args):
+            if self.under_autocast is not None and _plan.plain_but_autocast(args):
+                return self.under_autocast(*args)
             _refuse_forward_and_functorch_autodiff(self.name, args)
             return self.overload(*args)
         if records(args):

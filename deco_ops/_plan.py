@@ -44,6 +44,7 @@ import torch
 from torch._C._dynamo.guards import TensorGuards
 
 from . import _backend, strategy
+from ._validate import AUTOCAST_DEVICE_TYPES
 
 MAX_PLANS = 256  # per op; a real model calls each op with a handful of signatures
 
@@ -53,6 +54,7 @@ _tensor_signature = operator.attrgetter("shape", "dtype", "device", "requires_gr
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _any_autocast = torch._C._is_any_autocast_enabled
+_autocast_enabled = torch.is_autocast_enabled  # (device_type)
 _grad_enabled = torch.is_grad_enabled
 _deterministic = torch._C._get_deterministic_algorithms  # torch.are_deterministic_algorithms_enabled's answer
 _warn_only = torch._C._get_deterministic_algorithms_warn_only  # ... and is_deterministic_algorithms_warn_only_enabled's
@@ -91,6 +93,20 @@ def plain(args: tuple) -> bool:
     ``nn.Parameter``. The one definition: ``signature`` admits such calls only, and ``_direct``
     runs the ones without a plan past the dispatcher by it."""
     if _state()[_SETTINGS_SIZE:] != _PLAIN:
+        return False
+    return all(type(a) is _TENSOR or type(a) is _PARAMETER for a in args if isinstance(a, torch.Tensor))
+
+
+_AUTOCAST_ONLY = (0, True, None, -1)  # ``_PLAIN`` but for an autocast region
+
+
+def plain_but_autocast(args: tuple) -> bool:
+    """Whether a call with ``args`` would be plain eager (``plain``) outside the autocast region
+    it runs in, one of a device type the ops have autocast rules for (CPU, CUDA):
+    ``deco_ops._autocast`` casts its arguments and runs it as a plain call, with those switched off."""
+    if _is_compiling() or _state()[_SETTINGS_SIZE:] != _AUTOCAST_ONLY:
+        return False
+    if not any(map(_autocast_enabled, AUTOCAST_DEVICE_TYPES)):
         return False
     return all(type(a) is _TENSOR or type(a) is _PARAMETER for a in args if isinstance(a, torch.Tensor))
 
@@ -183,6 +199,8 @@ class Plans:
                     if recent is not recents[0]:  # most recent first: one signature repeated checks one
                         self._recent = (recent, recents[0])
                     return recent.plan
+            if state[_SETTINGS_SIZE:] != _PLAIN:  # ``signature``'s answer, known already
+                return None
         try:
             key = signature(args)
             if key is None:

@@ -34,15 +34,13 @@ def dtype_under_autocast(t: torch.Tensor) -> torch.dtype:
     """The dtype an op that runs in the autocast dtype (``deco_ops._autocast.LOWER_PRECISION``)
     computes ``t`` in: inside ``torch.autocast`` for ``t``'s device, floating tensors other than
     float64 are cast to the autocast dtype (as for ``nn.Linear``); elsewhere ``t.dtype``."""
-    device_type = t.device.type
-    if (
-        device_type in AUTOCAST_DEVICE_TYPES
-        and torch.is_autocast_enabled(device_type)
-        and t.is_floating_point()
-        and t.dtype != torch.float64
-    ):
+    dtype = t.dtype
+    if dtype is torch.float64 or not t.is_floating_point():
+        return dtype
+    device_type = "cuda" if t.is_cuda else "cpu" if t.is_cpu else None  # AUTOCAST_DEVICE_TYPES, without a device object
+    if device_type is not None and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
-    return t.dtype
+    return dtype
 
 
 def same_dtype(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:

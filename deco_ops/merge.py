@@ -37,7 +37,7 @@ import math
 
 import torch
 
-from . import _backend, _plan, _validate, composed, merge_reference, reference, strategy
+from . import _autocast, _backend, _plan, _validate, composed, merge_reference, reference, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import merge_gemm, merge_norm, packed_pool
 from .packed import Packing, PackedPlans, _grid_table, device_geometry, device_tables
@@ -367,6 +367,11 @@ def merge_mlp(
     """
     plan = _plans.get(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation)
     if plan is None:
+        kwargs = {"grid": grid, "merge_size": merge_size, "order": order, "norm": norm, "norm_position": norm_position, "eps": eps,
+                  "activation": activation}
+        out = _autocast.plain_call(merge_mlp, "merge_mlp", (x, norm_weight, norm_bias, w1, b1, w2, b2), kwargs)
+        if out is not _autocast.NOT_PLAIN:
+            return out
         plan = _through(deco.merge_mlp, order, norm, activation, *_checked(
             x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation))
     return plan(x, norm_weight, norm_bias, w1, b1, w2, b2)
@@ -461,6 +466,11 @@ def merge_mlp_packed(
     args = (x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, order, norm, norm_position, eps, activation)
     plan = _packed_plans.get((grids,), *args)
     if plan is None:
+        kwargs = {"merge_size": merge_size, "order": order, "norm": norm, "norm_position": norm_position, "eps": eps,
+                  "activation": activation}
+        out = _autocast.plain_call(merge_mlp_packed, "merge_mlp", args[:8], kwargs)
+        if out is not _autocast.NOT_PLAIN:
+            return out
         plan = (deco.merge_mlp, *_packed_checked(*args))
     run, geometry, merge, pre, eps, keep, cu_seqlens = plan
     geometry, cu_seqlens = device_tables(geometry, cu_seqlens, x.device)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch._C import _nn
 
-from . import _backend, _plan, _validate, composed, reference, strategy
+from . import _autocast, _backend, _plan, _validate, composed, reference, strategy
 from ._direct import Op, custom_op, deco, register_autograd
 from ._transfer import refuse_capture, to_device
 from .kernels import packed_pool, pool_gemm
@@ -385,6 +385,9 @@ _resample_plans = PackedPlans(_resample_plan)
 def _resample_packed(x, grids, out_grids, stride, resample_mode):
     plan = _resample_plans.get((grids, out_grids), x, grids, out_grids, stride, resample_mode)
     if plan is None:
+        out = _autocast.plain_call(_resample_packed, "pool_tokens_packed", (x, grids, out_grids, stride, resample_mode))
+        if out is not _autocast.NOT_PLAIN:
+            return out
         plan = (deco.pool_tokens_packed, *_resample_checked(x, grids, out_grids, stride))
     run, geometry, num_out, cu_seqlens = plan
     geometry, cu_seqlens = device_tables(geometry, cu_seqlens, x.device)
@@ -419,6 +422,9 @@ def bilinear_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
     on a dense ``(B, prod(grid), C)`` token grid -> ``(B, prod(out_grid), C)``, with its backward."""
     plan = _bilinear_plans.get(x, grid, out_grid)
     if plan is None:
+        out = _autocast.plain_call(bilinear_pool_tokens, "pool_tokens_packed", (x, grid, out_grid))
+        if out is not _autocast.NOT_PLAIN:
+            return out
         plan = (deco.pool_tokens_packed, *_bilinear_checked(x, grid, out_grid))
     run, geometry, P = plan
     B, N, C = x.shape
@@ -621,6 +627,9 @@ def packed_mlp(op: Op, plans: PackedPlans, x, grids, w1, b1, w2, b2, out_grids, 
     args = (x, grids, w1, b1, w2, b2, out_grids, stride, activation, mode)
     plan = plans.get((grids, out_grids), *args)
     if plan is None:
+        out = _autocast.plain_call(packed_mlp, op.name, (op, plans, *args))
+        if out is not _autocast.NOT_PLAIN:
+            return out
         plan = (op, *_packed_mlp_checked(*args))
     run, geometry, num_out, keep, cu_seqlens = plan
     geometry, cu_seqlens = device_tables(geometry, cu_seqlens, x.device)
@@ -655,6 +664,9 @@ def dense_mlp(op: Op, plans: _plan.Plans, x, w1, b1, w2, b2, grid, out_grid, act
     """``(B, P, out)``: the dense projector run by ``op`` (``plans``: its ``dense_mlp_plans``)."""
     plan = plans.get(x, w1, b1, w2, b2, grid, out_grid, activation, mode)
     if plan is None:
+        out = _autocast.plain_call(dense_mlp, op.name, (op, plans, x, w1, b1, w2, b2, grid, out_grid, activation, mode))
+        if out is not _autocast.NOT_PLAIN:
+            return out
         plan = (op, *_dense_mlp_checked(x, w1, b1, w2, b2, grid, out_grid, activation, mode))
     run, geometry, P, keep = plan
     B, N, C = x.shape

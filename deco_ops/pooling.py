@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import _backend, _plan, _validate, reference, strategy
+from . import _autocast, _backend, _plan, _validate, reference, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import adaptive_pool
 
@@ -171,6 +171,9 @@ def adaptive_avg_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
     """
     plan = _plans.get(x, grid, out_grid)
     if plan is None:
+        out = _autocast.plain_call(adaptive_avg_pool_tokens, "adaptive_avg_pool_tokens", (x, grid, out_grid))
+        if out is not _autocast.NOT_PLAIN:
+            return out
         plan = (deco.adaptive_avg_pool_tokens, *_checked(x, grid, out_grid))
     run, g, o = plan
     return run(x, g, o)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _plan, _validate, composed, pooling, reference, strategy
+from . import _autocast, _backend, _plan, _validate, composed, pooling, reference, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import gemm_act_grad, pool_gemm, tma_gemm
 from .pooling import as_3d, check_pool_input
@@ -359,6 +359,9 @@ def pool_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     """
     plan = _pool_linear_plans.get(x, w, b, grid, out_grid)
     if plan is None:
+        out = _autocast.plain_call(pool_linear, "pool_linear", (x, w, b), {"grid": grid, "out_grid": out_grid})
+        if out is not _autocast.NOT_PLAIN:
+            return out
         plan = (deco.pool_linear, *_pool_linear_checked(x, w, b, grid, out_grid))
     run, g, o, keep = plan
     return run(x, w, b, g, o, keep)[0]
@@ -424,6 +427,10 @@ def pool_mlp(
     """
     plan = _pool_mlp_plans.get(x, w1, b1, w2, b2, grid, out_grid, activation)
     if plan is None:
+        out = _autocast.plain_call(pool_mlp, "pool_mlp",
+                                   (x, w1, b1, w2, b2), {"grid": grid, "out_grid": out_grid, "activation": activation})
+        if out is not _autocast.NOT_PLAIN:
+            return out
         plan = (deco.pool_mlp, *_pool_mlp_checked(x, w1, b1, w2, b2, grid, out_grid, activation))
     run, g, o, keep = plan
     return run(x, w1, b1, w2, b2, g, o, activation, keep)[0]

@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 import deco_ops
-from deco_ops import _autocast
+from deco_ops import _autocast, _direct, _plan
 from harness import DEVICE, assert_close, randn
 from test_attention_modules import PlainResampler
 
@@ -250,6 +250,74 @@ def test_module_under_autocast(backend, name, dtype=torch.bfloat16):
         if key == "inner.k_proj.bias":  # softmax ignores a shift shared by all keys: exactly 0, rounding noise here
             continue
         assert_close(p.grad, ref_params[key].grad, dtype, f"{name}.{key} grad", eager=eager_params[key].grad)
+
+
+def _masked_attention(device="cpu"):
+    """Attention with the masks whose dtype the public function sets (a bool mask becomes an fp32
+    bias there, a float one is cast) and with the weights: name -> (callable, input shapes)."""
+    keep = torch.tensor([[True] * 6 + [False] * 3, [False, True] * 4 + [True]], device=device)[:, None, None, :]
+    bias = randn(2, 2, 3, 9, generator=torch.Generator().manual_seed(3)).to(device)
+    qkv = [(2, 3, 2, 8), (2, 9, 2, 8), (2, 9, 2, 8)]
+    return {
+        "cross_attention_bool_mask": (lambda q, k, v: deco_ops.cross_attention(q, k, v, attn_mask=keep), qkv),
+        "cross_attention_float_mask": (lambda q, k, v: deco_ops.cross_attention(q, k, v, attn_mask=bias), qkv),
+        "cross_attention_weights": (
+            lambda q, k, v: torch.cat([t.flatten() for t in deco_ops.cross_attention(q, k, v, attn_mask=keep, need_weights=True)]),
+            qkv,
+        ),
+    }
+
+
+def _plain_call_cases(device="cpu"):
+    return {**{name: (fn, shapes) for name, (fn, _, shapes) in _ops(device).items()}, **_masked_attention(device)}
+
+
+@pytest.mark.parametrize("name", list(_plain_call_cases()))
+def test_autocast_calls_run_as_plain_calls(backend, name, monkeypatch):
+    """A call that would be plain eager but for its autocast region runs as the plain call of its
+    cast arguments: the public function's plan (``_autocast.plain_call``), or where that declines,
+    the op's own ``under_autocast`` (``deco_ops._direct``); neither crosses the dispatcher, forward
+    or backward. Both give, bit for bit, what the dispatcher's autocast kernels give: the same
+    casts of the same tensors, then the same implementation."""
+    deco_fn, shapes = _plain_call_cases(DEVICE.type)[name]
+    g = torch.Generator().manual_seed(0)
+    inputs = [randn(*s, generator=g, scale=0.5).to(DEVICE) for s in shapes]
+
+    def run():
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            return _run(deco_fn, leaves)
+
+    answers = []
+
+    def plain_call(*args, real=_autocast.plain_call):
+        answers.append(real(*args))
+        return answers[-1]
+
+    dispatched = property(lambda op: pytest.fail(f"{name}: deco::{op.name} went through the dispatcher"))
+    with monkeypatch.context() as patch:
+        patch.setattr(_direct.Op, "overload", dispatched)
+        patch.setattr(_autocast, "plain_call", plain_call)
+        planned = run()
+        # the outer call's answer comes last (a call inside it without a plan, packed keys, asks too: NOT_PLAIN)
+        assert answers and answers[-1] is not _autocast.NOT_PLAIN, f"{name}: not run as a plain call"
+        patch.setattr(_autocast, "plain_call", lambda *args: _autocast.NOT_PLAIN)
+        op_level = run()
+    monkeypatch.setattr(_plan, "plain_but_autocast", lambda args: False)
+    out, grads = run()
+    for path, (got, got_grads) in (("plan", planned), ("deco op", op_level)):
+        assert got.dtype == out.dtype and torch.equal(got, out), f"{name}: {path} output"
+        for i, (a, b) in enumerate(zip(got_grads, grads)):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{name}: {path} grad of input {i}"
+
+
+def test_autocast_refusals_name_the_arguments_as_given():
+    """A call refused after its casts (a float64 x meets weights autocast casts to bf16) takes the
+    full path, whose checks name the dtypes the caller passed, not the cast ones."""
+    x, w = torch.randn(1, 24, C, dtype=torch.float64), torch.randn(OUT, C)
+    with deco_ops.use_backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):  # the backend that takes float64
+        with pytest.raises(TypeError, match="w has dtype torch.float32 but x has torch.float64"):
+            deco_ops.pool_linear(x, w, grid=GRID, out_grid=OUT_GRID)
 
 
 def test_every_op_declares_its_autocast_rule():

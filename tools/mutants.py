@@ -274,6 +274,18 @@ MUTANTS: tuple[Mutant, ...] = (
            "return max(gpu, _back_to_back_ms(run, torch.cuda.synchronize, gpu))", "return gpu",
            ("tests/test_strategy.py", "-k", "host_time_counts"),
            "auto times the GPU work alone: a candidate whose host work outlasts its kernels wins and is slower end to end"),
+    Mutant("autocast_refusal_names_cast_dtypes", "deco_ops/_autocast.py",
+           "except (TypeError, ValueError):\n            return NOT_PLAIN", "except ZeroDivisionError:\n            return NOT_PLAIN",
+           ("tests/test_autocast.py", "-k", "as_given"),
+           "an autocast call refused after its casts raises naming the cast dtypes, not the ones the caller passed"),
+    Mutant("autocast_plain_call_uncast", "deco_ops/_autocast.py",
+           "if name in LOWER_PRECISION:  # a public", "if name in OWN_DTYPE:  # a public",
+           ("tests/test_autocast.py", "-k", "plain_calls"),
+           "an autocast call of a GEMM op is not cast: refused, it falls back to the slow path every call"),
+    Mutant("autocast_op_level_dispatched", "deco_ops/_direct.py",
+           "if self.under_autocast is not None and _plan.plain_but_autocast(args):", "if False:",
+           ("tests/test_autocast.py", "-k", "plain_calls"),
+           "a deco op called inside autocast crosses the dispatcher (4x the host time)"),
     Mutant("bias_clamped_in_16bit", "kernels/cross_attention_fwd.py",
            "    if bias.dtype != tl.float64:\n        bias = bias.to(tl.float32)\n", "",
            ("tests/test_masks.py", "-k", "16bit_mask"),
@@ -331,10 +343,11 @@ MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------------------------------------------------
     # autocast rules (deco_ops/_autocast.py, deco_ops/_validate.py)
     Mutant("autocast_gemm_ops_not_cast", "deco_ops/_autocast.py",
-           "_register(_name, _device_type, cast=True)", "_register(_name, _device_type, cast=False)",
-           ("tests/test_autocast.py", "-k", "test_op_under_autocast"), "the GEMM/attention ops ignore autocast and run in their inputs' dtype"),
+           "_register(name, cast=True)", "_register(name, cast=False)",
+           ("tests/test_autocast.py", "-k", "test_op_under_autocast or plain_calls"),
+           "the GEMM/attention ops ignore autocast and run in their inputs' dtype (through the dispatcher, or called as deco ops)"),
     Mutant("autocast_casts_float64", "deco_ops/_validate.py",
-           "and t.dtype != torch.float64\n", "\n",
+           "if dtype is torch.float64 or not t.is_floating_point():", "if not t.is_floating_point():",
            ("tests/test_autocast.py", "-k", "float64_alone"), "autocast casts float64 inputs too (nn.Linear leaves them alone)"),
     # ------------------------------------------------------------------------------------------
     # autograd formulas (deco_ops/)
