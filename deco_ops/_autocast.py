@@ -34,7 +34,7 @@ import torch
 
 from . import _plan
 from ._direct import deco
-from ._validate import AUTOCAST_DEVICE_TYPES, dtype_under_autocast
+from ._validate import AUTOCAST_DEVICE_TYPES, FLOAT_DTYPES, dtype_under_autocast
 
 LOWER_PRECISION = ("pool_linear", "pool_mlp", "pool_mlp_packed", "mlp_pool_packed", "cross_attention", "merge_mlp")
 OWN_DTYPE = (
@@ -54,8 +54,13 @@ _lib = torch.library.Library("deco", "FRAGMENT")
 
 
 def _cast_tensor(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as ``_validate.dtype_under_autocast`` says (``Tensor.to`` by keyword: its positional
-    overloads cost a third more to resolve)."""
+    """``t`` as ``_validate.dtype_under_autocast`` says where its dtype is one the ops take (fp16,
+    bf16, fp32), else as it is: a float8 tensor, which the rule would cast, stays float8 for the
+    public functions' checks to refuse as they do outside autocast (``plain_call`` casts before
+    them); none reaches an op. ``Tensor.to`` by keyword: its positional overloads cost a third
+    more to resolve."""
+    if t.dtype not in FLOAT_DTYPES:
+        return t
     dtype = dtype_under_autocast(t)
     return t if t.dtype is dtype else t.to(dtype=dtype)
 
@@ -122,8 +127,10 @@ def plain_call(public: Callable, name: str, args: tuple, kwargs: dict | None = N
     (``_plan.plain_but_autocast``): its tensors cast by the op's rule, then ``public`` called
     again with autocast off, where it takes its plan (checks, choice and bookkeeping made once per
     signature) instead of checking every call and crossing the dispatcher. ``NOT_PLAIN`` for any
-    other call, and for one whose cast arguments are refused: the caller then takes its full path,
-    whose checks name the arguments as given (a refusal comes before any launch)."""
+    other call, and for one whose cast arguments its plan refuses to be built for: the caller then
+    takes its full path, whose checks name the arguments as given (the refusal came from the
+    checks, before any launch; an error of the call's run propagates as it is). A cast call that
+    has no plan (a ``torch.Generator``, packed keys) takes its full path inside, autocast off."""
     kwargs = kwargs or {}
     if not _plan.plain_but_autocast((*args, *kwargs.values())):
         return NOT_PLAIN
@@ -133,5 +140,7 @@ def plain_call(public: Callable, name: str, args: tuple, kwargs: dict | None = N
     with torch._C._ExcludeDispatchKeyGuard(_EVERY_DEVICE):
         try:
             return public(*args, **kwargs)
-        except (TypeError, ValueError):
-            return NOT_PLAIN
+        except (TypeError, ValueError) as e:
+            if getattr(e, "deco_refusal", False):
+                return NOT_PLAIN
+            raise

@@ -209,7 +209,12 @@ class Plans:
         except (TypeError, RuntimeError):  # an unhashable argument (a list inside a grid), a nested
             return None  # tensor's shape: the full path says what is wrong
         if recent is None:
-            recent = Recent(args, key[:_STATE_SIZE], self._build(*args))
+            try:
+                plan = self._build(*args)
+            except (TypeError, ValueError) as e:  # the arguments refused (``build`` validates them first)
+                e.deco_refusal = True  # what ``_autocast.plain_call`` falls back on; nothing else
+                raise
+            recent = Recent(args, key[:_STATE_SIZE], plan)
             self._plans[key] = recent
             if len(self._plans) > MAX_PLANS:
                 del self._plans[next(iter(self._plans))]

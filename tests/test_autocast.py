@@ -268,8 +268,23 @@ def _masked_attention(device="cpu"):
     }
 
 
+def _merges(device="cpu"):
+    """The patch-merge projectors, whose norm weights autocast casts too: name -> (callable, input shapes)."""
+    grids = torch.tensor([[4, 4], [2, 4]])
+    mlp = [(HIDDEN, 4 * C), (HIDDEN,), (OUT, HIDDEN), (OUT,)]
+    return {
+        "merge_mlp": (lambda x, nw, nb, *p: deco_ops.merge_mlp(x, nw, nb, *p), [(2, 16, C), (C,), (C,), *mlp]),
+        "merge_mlp_grid_rmsnorm_post": (
+            lambda x, nw, *p: deco_ops.merge_mlp(x, nw, None, *p, grid=(4, 4), order="grid", norm="rmsnorm", norm_position="post"),
+            [(2, 16, C), (4 * C,), *mlp],
+        ),
+        "merge_mlp_packed": (lambda x, nw, nb, *p: deco_ops.merge_mlp_packed(x, grids, nw, nb, *p)[0], [(24, C), (C,), (C,), *mlp]),
+    }
+
+
 def _plain_call_cases(device="cpu"):
-    return {**{name: (fn, shapes) for name, (fn, _, shapes) in _ops(device).items()}, **_masked_attention(device)}
+    ops = {name: (fn, shapes) for name, (fn, _, shapes) in _ops(device).items()}
+    return {**ops, **_masked_attention(device), **_merges(device)}
 
 
 @pytest.mark.parametrize("name", list(_plain_call_cases()))
@@ -313,11 +328,35 @@ def test_autocast_calls_run_as_plain_calls(backend, name, monkeypatch):
 
 def test_autocast_refusals_name_the_arguments_as_given():
     """A call refused after its casts (a float64 x meets weights autocast casts to bf16) takes the
-    full path, whose checks name the dtypes the caller passed, not the cast ones."""
+    full path, whose checks name the dtypes the caller passed, not the cast ones. A float8 input,
+    which autocast's rule would cast, is refused as outside autocast (and as under torch.compile)."""
     x, w = torch.randn(1, 24, C, dtype=torch.float64), torch.randn(OUT, C)
     with deco_ops.use_backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):  # the backend that takes float64
         with pytest.raises(TypeError, match="w has dtype torch.float32 but x has torch.float64"):
             deco_ops.pool_linear(x, w, grid=GRID, out_grid=OUT_GRID)
+        with pytest.raises(TypeError, match="x has dtype torch.float8_e4m3fn"):
+            deco_ops.pool_linear(x.to(torch.float8_e4m3fn), w, grid=GRID, out_grid=OUT_GRID)
+
+
+def test_autocast_errors_of_the_run_propagate_once(monkeypatch):
+    """Only the checks' refusals fall back to the full path: an error raised while a planned call
+    runs (after its checks, maybe after launches and a dropout seed drawn) propagates at once, the
+    call not run a second time."""
+    from deco_ops import composed_attention
+
+    q, k = torch.randn(2, 3, 2, 8), torch.randn(2, 9, 2, 8)
+    runs = []
+
+    def failing(*args, **kwargs):
+        runs.append(args)
+        raise ValueError("the run failed")
+
+    with deco_ops.use_backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
+        deco_ops.cross_attention(q, k, k.clone())  # the plan, built (SDPA's CPU kernel)
+        monkeypatch.setattr(composed_attention, "cpu_sdpa", failing)
+        with pytest.raises(ValueError, match="the run failed"):
+            deco_ops.cross_attention(q, k, k.clone())
+    assert len(runs) == 1
 
 
 def test_every_op_declares_its_autocast_rule():
