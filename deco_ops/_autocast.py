@@ -53,12 +53,12 @@ OWN_DTYPE = (
 _lib = torch.library.Library("deco", "FRAGMENT")
 
 
-def _cast_tensor(t: torch.Tensor) -> torch.Tensor:
+def cast_tensor(t: torch.Tensor) -> torch.Tensor:
     """``t`` as ``_validate.dtype_under_autocast`` says where its dtype is one the ops take (fp16,
     bf16, fp32), else as it is: a float8 tensor, which the rule would cast, stays float8 for the
     public functions' checks to refuse as they do outside autocast (``plain_call`` casts before
-    them); none reaches an op. ``Tensor.to`` by keyword: its positional overloads cost a third
-    more to resolve."""
+    them); none reaches an op. Also what ``cross_attention``'s full path casts for its weights.
+    ``Tensor.to`` by keyword: its positional overloads cost a third more to resolve."""
     if t.dtype not in FLOAT_DTYPES:
         return t
     dtype = dtype_under_autocast(t)
@@ -69,7 +69,7 @@ def _cast(value):
     """Tensors (also inside lists) as ``_validate.dtype_under_autocast`` says: the one rule that
     the public functions' dtype checks apply too."""
     if isinstance(value, torch.Tensor):
-        return _cast_tensor(value)
+        return cast_tensor(value)
     if isinstance(value, (list, tuple)):
         return type(value)(_cast(v) for v in value)
     return value
@@ -135,8 +135,8 @@ def plain_call(public: Callable, name: str, args: tuple, kwargs: dict | None = N
     if not _plan.plain_but_autocast((*args, *kwargs.values())):
         return NOT_PLAIN
     if name in LOWER_PRECISION:  # a public function's tensors are its arguments (no list of them)
-        args = tuple(_cast_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {key: _cast_tensor(a) if isinstance(a, torch.Tensor) else a for key, a in kwargs.items()}
+        args = tuple(cast_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {key: cast_tensor(a) if isinstance(a, torch.Tensor) else a for key, a in kwargs.items()}
     with torch._C._ExcludeDispatchKeyGuard(_EVERY_DEVICE):
         try:
             return public(*args, **kwargs)

@@ -38,7 +38,6 @@ from . import _autocast, _backend, _plan, composed_attention, strategy
 from ._direct import custom_op, deco, register_autograd
 from . import _validate_attention as _check
 from . import reference_attention as reference
-from ._validate import dtype_under_autocast
 from ._transfer import to_device
 from .kernels import _tuning, cross_attention_bwd, cross_attention_fwd, cross_attention_tma, cross_attention_weights
 
@@ -476,7 +475,7 @@ def cross_attention(
     if need_weights:  # inside autocast the forward's op casts these and the weights' op does not (its LSE stays
         # fp32): cast once here for both, as a plain call does (``_autocast.plain_call``), or the weights are
         # the probabilities of other scores than the LSE's
-        q, k, attn_bias = (None if t is None else t.to(dtype=dtype_under_autocast(t)) for t in (q, k, attn_bias))
+        q, k, attn_bias = (None if t is None else _autocast.cast_tensor(t) for t in (q, k, attn_bias))
     need_lse = need_weights or _needs_lse(q, k, v)
     rng = _draw_rng(generator, q.device) if dropout_p > 0 else None
     out, lse = deco.cross_attention(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse)
