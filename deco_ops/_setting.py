@@ -71,7 +71,10 @@ class Setting:
 
     def selected(self) -> str:
         """The innermost ``use`` block's choice, else ``$var``, normalised and checked once per
-        distinct value (every op call asks)."""
+        distinct value (every op call asks). Not remembered while ``torch.compile`` traces: Dynamo
+        guards the compiled code on the cache missing the value, and an entry added later in the
+        same compile (AOTAutograd tracing the ops' bodies) fails that guard at once (a process
+        whose first call was compiled raised "Guard failed on the same frame it was created")."""
         forced = _override(self.what)
         if forced is not None:
             return forced
@@ -79,7 +82,9 @@ class Setting:
         name = self._parsed.get(raw)
         if name is None:
             value = "auto" if raw is None else decode(raw)
-            name = self._parsed[raw] = self.check(value.strip().lower() or "auto", self.var)
+            name = self.check(value.strip().lower() or "auto", self.var)
+            if not torch.compiler.is_compiling():
+                self._parsed[raw] = name
         return name
 
     @contextlib.contextmanager

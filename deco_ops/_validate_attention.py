@@ -125,7 +125,7 @@ def cu_seqlens(value, total: int, device: torch.device) -> tuple[torch.Tensor, i
 def scale(value, D: int) -> float:
     if value is None:
         return 1.0 / math.sqrt(D)  # SDPA's default, computed as it computes it (``D ** -0.5`` may differ in the last bit)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -math.inf < value < math.inf:  # a SymFloat too
         raise TypeError(f"softmax_scale must be a finite float or None, got {value!r}")
     return float(value)
 

@@ -293,7 +293,7 @@ def _check_params(x, norm_weight, norm_bias, w1, b1, w2, b2, merge, norm, norm_p
     merge = positive_int("merge_size", merge)
     _choice("norm", norm, NORMS)
     pre = _choice("norm_position", norm_position, NORM_POSITIONS) == "pre"
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or math.isinf(eps):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:  # comparisons: a SymFloat under torch.compile
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     width, width_name = (C, "x.shape[-1]") if pre else (merge * merge * C, "merge_size**2 * x.shape[-1]")
     for name, p in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):

@@ -235,7 +235,7 @@ class PatchMergerProjector(nn.Module):
         if self.order == "grid":
             _validate.tensor("x", x, 3)
             if grid is None:
-                side = math.isqrt(x.shape[1])
+                side = round(math.sqrt(x.shape[1]))  # math.isqrt cannot take torch.compile's symbolic token count
                 if side * side != x.shape[1]:
                     raise ValueError(f"x has {x.shape[1]} tokens, not a square grid; pass grid=(H, W) (drop any CLS token first)")
                 grid = (side, side)

@@ -244,7 +244,9 @@ def weights_backward(dw, p, q, k, kv_lens, scale, dropout_p, rng, average: bool)
     if q.shape[0] == 1 and B > 1:
         dq = dq.sum(0, keepdim=True)
     dk = torch.einsum("bhmn,bmhd->bnhd", ds, q.to(ct).expand(B, -1, -1, -1))
-    return dq.to(q.dtype), dk.to(k.dtype)
+    # einsum lays its results out in its own order; the op promises contiguous gradients (its fake
+    # implementation, from which Inductor plans and asserts the strides)
+    return dq.contiguous().to(q.dtype), dk.contiguous().to(k.dtype)
 
 
 def unpack_keys(k: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

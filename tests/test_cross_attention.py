@@ -386,6 +386,21 @@ def test_opcheck(backend):
                               (*leaves[:2], lse, kv_lens, None, 40, 0.25, 0.2, rng, bias, average))
 
 
+def test_compiles_with_dynamic_shapes_and_scale():
+    """``torch.compile(dynamic=True)`` makes the key count and the float arguments symbolic: the
+    checks compare them (a ``math`` function of a SymFloat breaks the graph), one graph serves
+    every key count and scale."""
+    def attend(q, k, v, scale):
+        return cross_attention(q, k, v, softmax_scale=scale, kv_lens=torch.tensor([k.shape[1], 2]))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True, dynamic=True, backend="aot_eager")
+    with deco_ops.use_backend("torch"):
+        for n, scale in ((7, 0.3), (9, 0.5)):
+            q, k, v = randn(2, 3, 2, 8), randn(2, n, 2, 8), randn(2, n, 2, 8)
+            assert_close(compiled(q, k, v, scale), attend(q.double(), k.double(), v.double(), scale), torch.float32)
+
+
 def test_empty_batch(backend):
     q, k, v = torch.randn(1, 3, 2, 16), torch.randn(0, 5, 2, 16), torch.randn(0, 5, 2, 16)
     assert cross_attention(q, k, v).shape == (0, 3, 2, 16)

@@ -172,6 +172,19 @@ def test_internvl_square_grid_by_default():
             ours(torch.randn(2, 24, C))
 
 
+def test_internvl_square_grid_compiles_for_any_token_count():
+    """``torch.compile(dynamic=True)``: the square side from a symbolic token count, and the
+    norm's eps a symbolic float; one graph for two image sizes."""
+    hf = _init(internvl_projector(), seed=7)
+    ours = from_hf(hf, "internvl")
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, dynamic=True, backend="aot_eager")
+    with deco_ops.use_backend("torch"):
+        for side in (6, 8):
+            x = torch.randn(2, side * side, C)
+            assert_close(compiled(x), internvl_stage(hf, x, (side, side)), torch.float32)
+
+
 def test_from_hf_rejects_other_modules():
     with pytest.raises(TypeError, match="from_hf does not know Linear"):
         deco_ops.PatchMergerProjector.from_hf(torch.nn.Linear(4, 4))

@@ -58,6 +58,26 @@ def test_env_var_and_context_manager(monkeypatch):
         pass
 
 
+@pytest.mark.parametrize("env", [None, "auto"])
+def test_first_call_of_a_process_may_be_compiled(monkeypatch, env):
+    """A process whose first deco_ops call is a compiled one: the settings have read nothing yet
+    (their caches empty, as after import) when Dynamo traces the ops' checks, and AOTAutograd
+    (``aot_eager``, as Inductor) then traces the ops' bodies, which read them too."""
+    if env is None:
+        monkeypatch.delenv(deco_ops._backend.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(deco_ops._backend.ENV_VAR, env)
+    for setting in (deco_ops._backend.SETTING, strategy.SETTING):
+        monkeypatch.setattr(setting, "_parsed", {})
+    torch._dynamo.reset()
+    proj = deco_ops.DeCoProjector(8, 6, grid=(4, 4), out_grid=(2, 2))
+    x = torch.randn(2, 16, 8)
+    compiled = torch.compile(proj, fullgraph=True, backend="aot_eager")
+    first = compiled(x)
+    assert torch.equal(first, proj(x))
+    assert torch.equal(compiled(x), first)
+
+
 def test_selection_rules(monkeypatch):
     monkeypatch.delenv(strategy.ENV_VAR, raising=False)
     monkeypatch.setattr(strategy._backend, "interpreting", lambda: True)  # the same rules on a GPU machine
