@@ -283,12 +283,14 @@ class CrossAttention(nn.Module):
             need_weights=need_weights, average_attn_weights=average_attn_weights,
         )
         o, weights = result if need_weights else (result, None)
-        if bias is not None:  # queries without any allowed key: NaN, as nn.MultiheadAttention gives
+        if weights is not None and bias is not None:
+            # Queries without any allowed key, as nn.MultiheadAttention gives them: NaN (output and
+            # weights) where it returns weights (its softmax of a row of -inf); without weights its
+            # SDPA call attends to nothing, zeros before out_proj, as the kernels do.
             dead = (bias == float("-inf")).all(-1)  # (B, 1 or H, 1 or M)
             o = torch.where(dead.transpose(1, 2)[..., None], float("nan"), o)
-            if weights is not None:
-                dead_w = dead.any(1) if average_attn_weights else dead
-                weights = torch.where(dead_w[..., None], float("nan"), weights)
+            dead_w = dead.any(1) if average_attn_weights else dead
+            weights = torch.where(dead_w[..., None], float("nan"), weights)
         return self.out_proj(o.reshape(B, M, self.embed_dim)), weights
 
     def _pytorch_attention(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, batched):

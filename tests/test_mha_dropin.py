@@ -159,6 +159,31 @@ def test_weights_and_attn_mask_match_multihead_attention(config, kwargs):
     _compare(ours, mha, _inputs(CONFIGS[config]), **kwargs)
 
 
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("config", ["defaults", "kdim_vdim_no_bias_batch_first"])
+def test_queries_without_keys_match_multihead_attention(backend, config, need_weights):
+    """A batch row whose padding mask ignores every key, and a query whose attn_mask row blocks
+    every key: NaN (output and weights) where MHA returns weights (its softmax of a row of -inf);
+    without weights MHA's SDPA call attends to nothing, so the output is out_proj's bias and the
+    gradients are finite. (``add_bias_kv`` / ``add_zero_attn`` keys are never masked.)"""
+    ours, mha = _pair(CONFIGS[config])
+    ignore = torch.zeros(B, S, dtype=torch.bool)
+    ignore[1] = True
+    blocked = torch.zeros(L, S, dtype=torch.bool)
+    blocked[0] = True
+    kwargs = dict(key_padding_mask=ignore, attn_mask=blocked, need_weights=need_weights)
+    inputs = _inputs(CONFIGS[config])
+    if not need_weights:
+        _compare(ours, mha, inputs, **kwargs)
+        return
+    with torch.no_grad():  # MHA's gradients are NaN throughout here
+        out, weights = ours(*inputs, **kwargs)
+        ref, ref_weights = mha(*(t.double() for t in inputs), **kwargs)
+    assert out.isnan().any() and weights.isnan().any()
+    assert_close(out, ref, torch.float32, "attn_output")  # NaN exactly where MHA's are
+    assert_close(weights, ref_weights, torch.float32, "attn_output_weights")
+
+
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_state_dict_both_ways(config):
     ours, mha = _pair(CONFIGS[config])
