@@ -183,6 +183,63 @@ def test_every_mask_passes_through_to_the_kernels(mask, monkeypatch):
     assert_close(out, expected.transpose(1, 2), torch.float32)
 
 
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_position_bias_joins_the_mask_as_sdpa_joins_them(mask):
+    """A T5-style relative position bias (B or 1, H, M, N) with no mask, a bool keep-mask or a float
+    mask: the output of transformers' own SDPA attention function, in float64."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, k, v = _qkv()
+    bias = torch.randn(1, 4, 3, 6, generator=torch.Generator().manual_seed(7)) * 2
+    keep = _encoder_mask((6, 4), 6).bool()[:, None, None]
+    masks = {None: None, "bool": keep, "float": torch.zeros(keep.shape).masked_fill(~keep, -3.0)}
+    out, _ = hf_deco.deco_ops_attention(_Layer(), q, k, v, masks[mask], scaling=0.4, position_bias=bias)
+    m64 = masks[mask] if mask != "float" else masks[mask].double()
+    expected, _ = sdpa_attention_forward(_Layer(), q.double(), k.double(), v.double(), m64, scaling=0.4,
+                                         position_bias=bias.double())
+    assert_close(out, expected, torch.float32)
+
+
+def test_layoutlmv3_relative_position_bias_matches_eager():
+    """LayoutLMv3 passes its 1D and 2D relative position biases (gathered without grad) as
+    ``position_bias``, nothing else carries them: output and every gradient match eager attention
+    in float64, with padding."""
+    from transformers import LayoutLMv3Config, LayoutLMv3Model
+
+    config = LayoutLMv3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                              has_relative_attention_bias=True, has_spatial_attention_bias=True, visual_embed=False,
+                              rel_pos_bins=8, max_rel_pos=16, rel_2d_pos_bins=8, max_rel_2d_pos=32, vocab_size=100,
+                              coordinate_size=6, shape_size=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ours, eager = _pair(LayoutLMv3Model, config)
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():  # bias tables far from their near-zero initialisation
+        for (name, p), p64 in zip(ours.named_parameters(), eager.parameters()):
+            if "rel_pos" in name:
+                p64.copy_(p.normal_(0, 2.0, generator=gen))
+    ids = torch.randint(0, 100, (2, 12), generator=gen)
+    corner = torch.randint(0, 400, (2, 12, 2), generator=gen)
+    bbox = torch.cat([corner, corner + torch.randint(1, 90, (2, 12, 2), generator=gen)], -1)
+    mask = _encoder_mask((12, 9), 12)
+    dy = torch.randn(2, 12, 32, generator=gen)
+    got = ours.train()(input_ids=ids, bbox=bbox, attention_mask=mask).last_hidden_state
+    expected = eager.train()(input_ids=ids, bbox=bbox, attention_mask=mask).last_hidden_state
+    got.backward(dy)
+    expected.backward(dy.double())
+    assert_close(got, expected, torch.float32)
+    for (name, p), p64 in zip(ours.named_parameters(), eager.parameters()):
+        if name.endswith("key.bias"):  # softmax ignores a shift shared by all keys: 0 up to rounding
+            assert p.grad.abs().max() < 1e-5 and p64.grad.abs().max() < 1e-12
+        elif p64.grad is not None:
+            assert_close(p.grad, p64.grad, torch.float32, f"grad {name}")
+
+
+def test_position_bias_that_requires_grad_raises():
+    """A learned bias in training (T5's relative attention bias): no silent zero gradient."""
+    bias = torch.randn(1, 4, 3, 6, requires_grad=True)
+    with pytest.raises(ValueError, match="position_bias.*requires grad"):
+        hf_deco.deco_ops_attention(_Layer(), *_qkv(), None, position_bias=bias)
+
+
 def test_mask_of_the_wrong_shape_raises():
     with pytest.raises(ValueError, match=r"attn_mask of shape \(2, 1, 1, 5\) does not broadcast"):
         hf_deco.deco_ops_attention(_Layer(), *_qkv(), torch.ones(2, 1, 1, 5, dtype=torch.bool))

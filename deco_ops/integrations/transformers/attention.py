@@ -15,11 +15,14 @@ kernels: 2D ``(B, N)`` keep-masks, 4D ``(B or 1, 1 or H, 1 or M, N)`` bool keep-
 float masks (0 / the dtype's minimum, or any bias), padding on either side, holes, per query or
 per head. That covers the BLIP-2 / InstructBLIP Q-Former (self-attention among the learned queries
 and text, cross-attention to the image tokens with an encoder padding mask) and ViT-style encoders.
-No mask value is read on the host, with value checks on or off.
+A ``position_bias`` (T5-style relative position bias: LayoutLMv3, Pix2Struct, the T5 encoder) joins
+the mask as SDPA's path joins them: the bias where the mask keeps a key, the dtype's minimum
+elsewhere, added to a float mask. No mask value is read on the host, with value checks on or off.
 
 Raises ``ValueError`` for what the layer asks and deco_ops does not run: causal layers and causal,
-sliding-window or chunked mask functions, soft-capping, attention sinks. Never a silent fallback to
-another implementation.
+sliding-window or chunked mask functions, soft-capping, attention sinks, a ``position_bias`` that
+requires grad (the kernels give masks no gradient: a learned bias in training). Never a silent
+fallback to another implementation.
 """
 
 from __future__ import annotations
@@ -78,6 +81,24 @@ def _attn_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.is_floating_point() else mask.bool()
 
 
+def _with_position_bias(position_bias: torch.Tensor, mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor:
+    """One additive mask from a layer's ``position_bias`` and its mask, as transformers' SDPA path
+    builds it (``create_position_bias_mask``, non-causal): the bias where a bool mask keeps a key
+    and the smallest value both dtypes hold elsewhere, the bias plus a float mask."""
+    if position_bias.requires_grad:
+        raise ValueError(
+            f"attn_implementation='{NAME}' computes no gradient for position_bias (an additive mask to the kernels), "
+            "and this one requires grad (a learned relative position bias in training): use 'sdpa' for this layer"
+        )
+    if mask is None:
+        return position_bias
+    mask = _attn_mask(mask)
+    if mask.dtype == torch.bool:
+        fill = max(torch.finfo(key.dtype).min, torch.finfo(position_bias.dtype).min)
+        return torch.where(mask, position_bias, fill)
+    return position_bias + mask
+
+
 def deco_ops_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -107,6 +128,9 @@ def deco_ops_attention(
             raise ValueError(f"query has {heads} heads, not a multiple of key/value's {kv_heads}")
         key = key.repeat_interleave(heads // kv_heads, dim=1)
         value = value.repeat_interleave(heads // kv_heads, dim=1)
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        attention_mask = _with_position_bias(position_bias, attention_mask, key)
     out = cross_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
         attn_mask=None if attention_mask is None else _attn_mask(attention_mask), softmax_scale=scaling, dropout_p=dropout,
