@@ -91,6 +91,11 @@ def _cross_attention_kernels(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale
 
 
 def _cross_attention_tma(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse):
+    """The TMA forward, or the pointer kernels for tensors a descriptor cannot read: a plan keeps
+    the choice made for its first call, and its key holds no strides or addresses (a later call
+    of the same signature may pass a misaligned view)."""
+    if not all(map(cross_attention_tma.tma_addressable, (q, k, v))):
+        return _cross_attention_kernels(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse)
     B, N = _batch_and_keys(k, cu_seqlens_k, max_seqlen_k)
     return cross_attention_tma.cross_attention_tma_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale)
 

@@ -68,9 +68,15 @@ def linear_act_linear_tma(rows: torch.Tensor, w1, b1, w2, b2, activation: str,
     the first Linear, its bias and the activation in one persistent TMA GEMM
     (``kernels/tma_gemm.py``, sm_90) instead of ``F.linear`` plus a PyTorch activation: the
     pre-activation is written only when kept, the activation never round-trips through memory.
-    The second Linear stays on cuBLAS. See ``tma_applies``."""
-    act, pre = tma_gemm.tma_linear_act(rows, w1, b1, activation, store_pre=keep_pre)
-    return F.linear(act, w2, b2), pre
+    The second Linear stays on cuBLAS. See ``tma_applies``; a ``w1`` a descriptor cannot read (a plan
+    keeps the choice of its first call, and its key holds no strides or addresses) takes
+    ``F.linear`` and the activation in PyTorch instead."""
+    if tma_gemm.tma_compatible(w1):
+        act, pre = tma_gemm.tma_linear_act(rows, w1, b1, activation, store_pre=keep_pre)
+    else:
+        pre = F.linear(rows, w1, b1)
+        act = reference.ACTIVATIONS[activation](pre)
+    return F.linear(act, w2, b2), pre if keep_pre else None
 
 
 def pool_mlp_tma(pooled: torch.Tensor, w1, b1, w2, b2, activation: str, keep_residuals: bool):

@@ -199,7 +199,10 @@ def _activation_backward_fused(dy, w2, pre, activation, need_db1):
 
 
 def _activation_backward_tma(dy, w2, pre, activation, need_db1):
-    return _activation_backward_on(tma_gemm.tma_gemm_act_grad, dy, w2, pre, activation, need_db1)
+    """On the TMA GEMM, or the pointer GEMM where a descriptor cannot read the operands: a plan keeps
+    the choice of its first call, and ``y.sum()``'s later stride-0 ``dy`` has the same key."""
+    gemm = tma_gemm.tma_gemm_act_grad if tma_gemm.tma_compatible(dy, w2, pre) else gemm_act_grad.gemm_act_grad
+    return _activation_backward_on(gemm, dy, w2, pre, activation, need_db1)
 
 
 def _activation_backward_composed(elementwise_kernel: bool):

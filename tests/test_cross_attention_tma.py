@@ -154,3 +154,24 @@ def test_fit_rule_refuses_what_the_kernel_leaves_out(change):
     assert not attention._tma_applies(q, k, v, dropout_p, bias)
     base = functools.partial(attention._tma_applies, dropout_p=0.0, attn_bias=None)
     assert base(*(t.half() for t in (q, k, v))) is (change != "unaligned")
+
+
+def test_a_plan_made_on_aligned_tensors_reads_misaligned_views_with_pointers():
+    """A plan keeps the choice of its first call, and its key holds no strides or addresses: views
+    of the same shapes that TMA cannot read, later, run the pointer-load kernels (before: the TMA
+    launcher refused them with a ValueError)."""
+    (q, k, v), kv_lens = _inputs()
+    misaligned = [torch.full((*t.shape[:-1], t.shape[-1] + 1), float("nan"), dtype=t.dtype)[..., 1:] for t in (q, k, v)]
+    for view, t in zip(misaligned, (q, k, v)):
+        view.copy_(t.detach())
+    assert not any(map(tma.tma_addressable, misaligned))
+    runs = mock.Mock(wraps=tma.cross_attention_tma_fwd)
+    deco_ops.strategy.forget()
+    with mock.patch.object(tma, "cross_attention_tma_fwd", runs), deco_ops.use_strategy("fused_tma"), poisoned_empty():
+        first = deco_ops.cross_attention(q.detach(), k.detach(), v.detach(), kv_lens=kv_lens)
+        assert runs.call_count == 1
+        second = deco_ops.cross_attention(*misaligned, kv_lens=kv_lens)
+        assert runs.call_count == 1
+    ref = reference.attention_dense(*(t.detach().double() for t in (q, k, v)), kv_lens)
+    assert_close(first, ref, q.dtype, "O, TMA")
+    assert_close(second, ref, q.dtype, "O, pointer kernels")
