@@ -133,8 +133,11 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     token in several windows (overlap, up-sampling, bilinear) sums their gradients, and where
     they cancel, rounding each to 16 bits first loses the difference (eager PyTorch un-pools ``dy``
     before its GEMM, so it rounds after the cancellation). cuBLAS writes the fp32 accumulator
-    directly (``out_dtype``, CUDA only); elsewhere the operands are upcast."""
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+    directly (``out_dtype``, CUDA only); elsewhere 16-bit operands are upcast. fp32 and float64
+    (the PyTorch backend's reference dtype) stay as they are."""
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        return a @ b
+    if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
 

@@ -10,7 +10,9 @@ the other suites pass every bias or none and make every input require grad.
 Tiny shapes with overlapping windows (3x3 -> 2x2, two images). On the Triton kernels (the
 interpreter on a CPU): every subset with all optional inputs present, and the "diagonal" (nothing,
 each input alone, everything) for each way of leaving them out. The default backend runs the
-diagonal, enough for the autograd formulas both backends share.
+diagonal, enough for the autograd formulas both backends share, and (``FLOAT64``) everything
+requiring grad on float64 tensors, which it takes as they are: every gradient to float64's
+precision, where a step computed in fp32 (an upcast meant for 16-bit inputs) shows as 1e-8.
 """
 
 import copy
@@ -35,6 +37,15 @@ GRID, OUT_GRID = (3, 3), (2, 2)
 B, C, HIDDEN, OUT = 2, 5, 6, 4
 IMAGES, IMAGE_OUTS = [(3, 3), (2, 4)], [(2, 2), (1, 3)]
 BACKENDS = ("triton", "auto")
+FLOAT64 = "float64"  # the default backend on float64 tensors
+
+
+def _dtype(backend: str) -> torch.dtype:
+    return torch.float64 if backend == FLOAT64 else torch.float32
+
+
+def _backend(backend: str) -> str:
+    return "auto" if backend == FLOAT64 else backend
 
 
 def subsets(names):
@@ -50,16 +61,18 @@ def matrix(inputs: tuple[str, ...], optional: tuple[str, ...]):
     """pytest params (backend, absent optional inputs, trainable inputs). On the Triton backend:
     every subset with every optional input present, and the diagonal for each way of leaving
     optional inputs out. On the default backend (the same autograd formulas): each input alone and
-    everything, for each way of leaving them out."""
+    everything, for each way of leaving them out; in float64, everything."""
     params = []
-    for backend in BACKENDS:
+    for backend in (*BACKENDS, FLOAT64):
         for absent in subsets(optional):
             present = [n for n in inputs if n not in absent]
             for trainable in subsets(present):
                 full = backend == "triton" and not absent
                 if not full and not diagonal(trainable, present):
                     continue
-                if backend == "auto" and not trainable:
+                if backend != "triton" and not trainable:
+                    continue
+                if backend == FLOAT64 and len(trainable) < len(present):
                     continue
                 name = ",".join(n for n in inputs if n in trainable) or "frozen"
                 if absent:
@@ -78,18 +91,20 @@ def reference_grads(fn64, values: dict, dy: torch.Tensor) -> dict:
 def check(call, values: dict, trainable, dy, want: dict, backend: str):
     """Runs ``call(**inputs)`` (inputs NaN-guarded, outputs NaN-poisoned) with exactly ``trainable``
     requiring grad; compares their gradients with ``want`` and asserts the others are None."""
-    leaves = {n: None if t is None else guarded(t).detach().requires_grad_(n in trainable) for n, t in values.items()}
-    with deco_ops.use_backend(backend), poisoned_empty():
+    dtype = _dtype(backend)
+    leaves = {n: None if t is None else guarded(t.to(dtype)).detach().requires_grad_(n in trainable) for n, t in values.items()}
+    with deco_ops.use_backend(_backend(backend)), poisoned_empty():
         y = call(**leaves)
+        assert y.dtype == dtype
         assert y.requires_grad == bool(trainable)
         if trainable:
-            y.backward(guarded(dy))
+            y.backward(guarded(dy.to(dtype)))
     for name, t in leaves.items():
         if t is None:
             continue
         if name in trainable:
             assert t.grad is not None, f"{name} requires grad but got none"
-            assert_close(t.grad, want[name], torch.float32, f"grad {name}")
+            assert_close(t.grad, want[name], dtype, f"grad {name}")
         else:
             assert t.grad is None, f"{name} does not require grad but got one"
 
@@ -205,7 +220,7 @@ def _dense_pool64(mode):
 
 @pytest.mark.parametrize("trainable", [frozenset(), frozenset({"x"})], ids=["frozen", "x"])
 @pytest.mark.parametrize("mode", ["average", "bilinear"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", (*BACKENDS, FLOAT64))
 def test_pool_tokens(backend, mode, trainable):
     values = {"x": randn(B, math.prod(GRID), C)}
     dy = randn(B, math.prod(OUT_GRID), C)
@@ -217,7 +232,7 @@ def test_pool_tokens(backend, mode, trainable):
 @pytest.mark.parametrize("trainable", [frozenset(), frozenset({"x"})], ids=["frozen", "x"])
 @pytest.mark.parametrize("by", ["out_grids", "stride"])
 @pytest.mark.parametrize("mode", ["average", "bilinear"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", (*BACKENDS, FLOAT64))
 def test_pool_tokens_packed(backend, mode, by, trainable):
     outs = IMAGE_OUTS if by == "out_grids" else [tuple(-(-s // 2) for s in g) for g in IMAGES]
     kwargs = {"out_grids": _t(outs)} if by == "out_grids" else {"stride": 2}
@@ -289,17 +304,21 @@ def _attention_case(keys: str, shared: bool):
 
 def attention_matrix():
     """Both Triton schedules: every subset with dense keys, the diagonal with kv_lens, packed keys or
-    attn_mask; the default backend: each input alone with dense keys, everything with the others."""
+    attn_mask; the default backend: each input alone with dense keys, everything with the others,
+    and in float64 everything."""
     params = []
-    for backend, schedule in (("triton", "single_pass"), ("triton", "fa2"), ("auto", "reference")):
+    for backend, schedule in (("triton", "single_pass"), ("triton", "fa2"), ("auto", "reference"), (FLOAT64, "reference")):
         for keys in ("dense", "kv_lens", "cu_seqlens_k", "attn_mask"):
             for trainable in subsets(("q", "k", "v")):
                 if backend == "auto" and (not trainable or (keys != "dense" and len(trainable) < 3)):
                     continue
+                if backend == FLOAT64 and len(trainable) < 3:
+                    continue
                 if keys != "dense" and not diagonal(trainable, "qkv"):
                     continue
                 name = ",".join(n for n in "qkv" if n in trainable) or "frozen"
-                params.append(pytest.param(backend, schedule, keys, trainable, id=f"{schedule}-{keys}-{name}"))
+                schedule_id = FLOAT64 if backend == FLOAT64 else schedule
+                params.append(pytest.param(backend, schedule, keys, trainable, id=f"{schedule_id}-{keys}-{name}"))
     return params
 
 

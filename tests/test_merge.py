@@ -106,6 +106,16 @@ def test_merge_mlp(backend, order, norm, position):
            norm_position=position, eps=1e-5)
 
 
+@pytest.mark.parametrize("order,norm,position", MATRIX)
+def test_merge_mlp_float64(order, norm, position):
+    """The default backend takes float64 as it is: every gradient to float64's precision (a step
+    computed in fp32 would show as 1e-8)."""
+    params, dy = _case(torch.float64, norm=norm, norm_position=position)
+    with deco_ops.use_backend("auto"):
+        _check(params, dy, torch.float64, grid=(4, 6) if order == "grid" else None, order=order, norm=norm,
+               norm_position=position, eps=1e-5)
+
+
 @pytest.mark.parametrize("requires", [set(s) for r in range(5) for s in itertools.combinations(("x", "norm_weight", "norm_bias", "w1"), r)],
                          ids=lambda s: "+".join(sorted(s)) or "only_b1_w2_b2")
 def test_every_subset_requiring_grad(requires):
