@@ -192,27 +192,35 @@ def _capacity(grid: tuple[int, ...], out_grid: tuple[int, ...]) -> int:
     return min(DENSE_GEOMETRY_CAPACITY, (2**31 - 1) // max(math.prod(grid), math.prod(out_grid)))
 
 
-@torch.compiler.assume_constant_result
-def _dense_geometry_table(grid: tuple[int, ...], out_grid: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), _capacity(grid, out_grid), device)
-
-
 @functools.lru_cache(maxsize=256)
 def _dense_geometry_view(grid: tuple[int, ...], out_grid: tuple[int, ...], batch: int, device: torch.device) -> torch.Tensor:
-    return _dense_geometry_table(grid, out_grid, device)[:batch]
+    return packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), _capacity(grid, out_grid), device)[:batch]
+
+
+def _geometry_by_tensor_ops(grid: tuple[int, ...], out_grid: tuple[int, ...], batch, device: torch.device) -> torch.Tensor:
+    """``dense_geometry``'s table built by tensor ops in the call's own mode, cached nowhere: under
+    ``torch.compile`` / ``torch.export`` a graph of a symbolic batch and grid (slicing a constant
+    table pinned the batch size; a constant-result lookup could not take a symbolic grid), under
+    FakeTensorMode a fake table (a cached one served later real calls). On the meta device the
+    table is built on the CPU, where the PyTorch path reads its values."""
+    g, o = as_3d(grid), as_3d(out_grid)
+    device = torch.device("cpu") if device.type == "meta" else device
+    image = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
+    steps = torch.tensor([math.prod(g), math.prod(o)], dtype=torch.int32, device=device)
+    return torch.cat([torch.tensor([*g, *o], dtype=torch.int32, device=device).expand(batch, 6), image * steps], 1)
 
 
 def dense_geometry(grid, out_grid, batch: int, device: torch.device) -> torch.Tensor:
-    """The geometry of a dense (B, N, C) batch seen as B packed images of one grid: the first B rows
-    of a table built once per (grid, out_grid, device). Eager calls get the same tensor for the same
-    batch (so its index tables are cached too). Under ``torch.compile`` the table enters the graph
-    as a constant, looked up once while tracing, and the graph only slices it (any batch size,
-    dynamic ones included, up to ``DENSE_GEOMETRY_CAPACITY``; larger batches build their own)."""
+    """The geometry of a dense (B, N, C) batch seen as B packed images of one grid. An eager call
+    gets the first B rows of a table built once per (grid, out_grid, device) (the same tensor for
+    the same batch, so its index tables are cached too; larger batches than the table build their
+    own); a call traced or run under a mode (FakeTensorMode, the meta device) gets one built by
+    tensor ops (``_geometry_by_tensor_ops``)."""
     grid, out_grid = tuple(grid), tuple(out_grid)
+    if torch.compiler.is_compiling() or device.type == "meta" or torch._C._len_torch_dispatch_stack():
+        return _geometry_by_tensor_ops(grid, out_grid, batch, device)
     if batch > _capacity(grid, out_grid):
         return packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), batch, device)
-    if torch.compiler.is_compiling():
-        return _dense_geometry_table(grid, out_grid, device)[:batch]
     return _dense_geometry_view(grid, out_grid, batch, device)
 
 

@@ -260,10 +260,13 @@ def tokens_per_image(geometry: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=256)
 def dense_geometry(grid: tuple[int, int, int], out_grid: tuple[int, int, int], batch: int, device: torch.device) -> torch.Tensor:
     """The geometry of a dense (B, T*H*W, C) batch seen as B packed images of one grid: built and
-    copied to ``device`` once per (grid, out_grid, batch, device), never per call."""
+    copied to ``device`` once per (grid, out_grid, batch, device), never per call. Never an
+    inference tensor, whatever mode the first call ran in: a later training call saves it for
+    backward."""
     tokens, out_rows = math.prod(grid), math.prod(out_grid)
     rows = [[*grid, *out_grid, i * tokens, i * out_rows] for i in range(batch)]
-    return torch.tensor(rows, dtype=torch.int32, device=device).reshape(batch, GEOMETRY_FIELDS)
+    with torch.inference_mode(False):
+        return torch.tensor(rows, dtype=torch.int32, device=device).reshape(batch, GEOMETRY_FIELDS)
 
 
 ROWS_PER_IMAGE = {"out_rows": out_rows_per_image, "tokens": tokens_per_image}

@@ -232,6 +232,60 @@ def test_unpool_gradient_is_pool(backend):
         assert_close(dg, loop64(w.double(), grids, outs, mode), torch.float32)
 
 
+def _dense_resamplers(device="cpu"):
+    """The ops that run a dense batch through the packed machinery (``packed.dense_geometry``)."""
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(6, 8).to(device), torch.randn(5, 6).to(device)
+    return {
+        "bilinear_pool_tokens": lambda x, grid=(4, 4), out=(3, 3): deco_ops.bilinear_pool_tokens(x, grid, out),
+        "mlp_pool": lambda x, grid=(4, 4), out=(3, 3): deco_ops.mlp_pool(x, w1, None, w2, None, grid=grid, out_grid=out),
+    }
+
+
+@pytest.mark.parametrize("op", ["bilinear_pool_tokens", "mlp_pool"])
+def test_a_call_under_a_mode_leaves_later_calls_as_they_were(op, auto_backend):
+    """The dense geometry table is cached across calls: built under ``torch.inference_mode`` (an
+    evaluation pass) it must not be an inference tensor (the next training call saves it for
+    backward), and a call under FakeTensorMode or on the meta device must not cache a fake or meta
+    table (later real calls read it)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fn = _dense_resamplers()[op]
+    x = randn(2, 16, 8)
+
+    def train():
+        leaf_x = x.clone().requires_grad_(True)
+        y = fn(leaf_x)
+        y.backward(torch.ones_like(y))
+        assert torch.isfinite(leaf_x.grad).all() and not y.is_inference()
+        return y.detach()
+
+    with torch.inference_mode():
+        fn(x)
+    want = train()
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake:  # the weights stay real
+        assert fn(fake.from_tensor(x)).shape == want.shape
+    assert torch.equal(train(), want)
+    assert _dense_resamplers("meta")[op](x.to("meta")).shape == want.shape
+    assert torch.equal(train(), want)
+
+
+@pytest.mark.parametrize("op", ["bilinear_pool_tokens", "mlp_pool"])
+def test_dense_resampling_compiles_once_for_every_batch_and_grid(op, auto_backend):
+    """``torch.compile(dynamic=True)``: one graph for every batch size and grid (the table is built
+    in the graph from the symbolic sizes), the eager values."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    fn = _dense_resamplers()[op]
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
+    for batch, grid, out in ((3, (4, 4), (3, 3)), (5, (4, 4), (3, 3)), (2, (6, 4), (2, 3))):
+        x = randn(batch, math.prod(grid), 8)
+        assert torch.equal(compiled(x, grid, out), fn(x, grid, out))
+    assert counter.frame_count == 1
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_opcheck(mode):
     packing = deco_ops.packed.Packing([(4, 5), (3, 3)], [(2, 3), (2, 2)])
