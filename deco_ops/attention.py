@@ -493,13 +493,13 @@ def cross_attention(
 
 def _as_bias(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> torch.Tensor | None:
     """An SDPA ``attn_mask`` as the additive bias every path reads: a (B, H, M, N) view with zero
-    strides where broadcast. A bool mask becomes 0 / -inf fp32 at its own size first (one small
+    strides where broadcast. A bool mask becomes 0 / -inf (fp32, the default float dtype) at its own size first (one small
     elementwise kernel; the kernels then have a single mask path, and a byte mask would save
     nothing next to reading K and V)."""
     if mask is None:
         return None
-    if mask.dtype == torch.bool:
-        mask = torch.full(mask.shape, float("-inf"), device=mask.device, dtype=torch.float32).masked_fill_(mask, 0.0)
+    if mask.dtype == torch.bool:  # not in place: a vmapped mask fills a batched result
+        mask = torch.where(mask, 0.0, float("-inf"))
     elif mask.dtype not in _MASK_DTYPES:  # float8: no -inf, no clamp on every device; its values are exact in fp32
         mask = mask.float()
     return mask.expand(shape)

@@ -46,10 +46,12 @@ def _hf_hint(key_padding_mask: torch.Tensor) -> str:
     )
 
 
-def _reads_values(device: torch.device) -> bool:
+def _reads_values(mask: torch.Tensor) -> bool:
     """Whether checks may read a mask's values on the host: never while ``torch.compile`` traces
-    (they would be data-dependent), elsewhere as ``deco_ops._checks.value_checks`` says."""
-    return not torch.compiler.is_compiling() and value_checks(device)
+    (they would be data-dependent) or inside a ``torch.func`` transform (a vmapped mask has no one
+    value per element), elsewhere as ``deco_ops._checks.value_checks`` says."""
+    return (not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(mask)
+            and value_checks(mask.device))
 
 
 def _additive(name: str, mask: torch.Tensor) -> torch.Tensor:
@@ -60,7 +62,21 @@ def _additive(name: str, mask: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{name} must be a bool or float tensor (True or -inf = not allowed), got {got}")
     if mask.dtype != torch.bool:
         return mask
-    return torch.zeros(mask.shape, device=mask.device, dtype=torch.float32).masked_fill_(mask, float("-inf"))
+    return torch.where(mask, float("-inf"), 0.0)  # not in place: a vmapped mask fills a batched result
+
+
+def _attention_learning_the_bias(q, k, v, kv_lens, bias, dropout_p: float) -> torch.Tensor:
+    """(B, M, H, D) attention by ``F.scaled_dot_product_attention``, which differentiates ``bias``
+    (as ``CrossAttention`` runs ``F.multi_head_attention_forward`` for such a mask), with
+    ``kv_lens`` (clamped into [0, N], as the kernels take it) as -inf past each row's keys."""
+    B, N = k.shape[:2]
+    if kv_lens is not None:
+        past = torch.arange(N, device=k.device) >= kv_lens.clamp(0, N)[:, None]
+        bias = bias.masked_fill(past[:, None, None, :], float("-inf"))
+    q = q.expand(B, -1, -1, -1)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,
+                                       dropout_p=dropout_p)
+    return o.transpose(1, 2)
 
 
 def mha_masks_to_bias(key_padding_mask, attn_mask, B: int, H: int, M: int, N: int) -> torch.Tensor | None:
@@ -240,7 +256,7 @@ class CrossAttention(nn.Module):
             raise ValueError(
                 "is_causal is a hint that attn_mask is the causal mask (nn.MultiheadAttention's contract): pass attn_mask too"
             )
-        if key_padding_mask is not None and key_padding_mask.dtype == torch.bool and _reads_values(key_padding_mask.device):
+        if key_padding_mask is not None and key_padding_mask.dtype == torch.bool and _reads_values(key_padding_mask):
             _warn_if_every_key_ignored(key_padding_mask)
         if batched and not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
@@ -366,5 +382,9 @@ class QueryResampler(nn.Module):
         kv = self.ln_kv(x)
         k = self.k_proj(kv).view(B, N, self.num_heads, self.head_dim)
         v = self.v_proj(kv).view(B, N, self.num_heads, self.head_dim)
-        o = cross_attention(q, k, v, kv_lens=kv_lens, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if bias is not None and bias.requires_grad:  # a learned mask: the kernels give masks no gradient
+            o = _attention_learning_the_bias(q, k, v, kv_lens, bias, dropout)
+        else:
+            o = cross_attention(q, k, v, kv_lens=kv_lens, attn_mask=bias, dropout_p=dropout)
         return self.out_proj(o.reshape(B, self.num_queries, self.embed_dim))

@@ -39,7 +39,7 @@ class PlainResampler(nn.Module):
         super().__init__()
         self.ours = ours
 
-    def forward(self, x, kv_lens=None):
+    def forward(self, x, kv_lens=None, padding_bias=None):
         m = self.ours
         B, N, _ = x.shape
         q = m.q_proj(m.ln_q(m.queries)).expand(B, -1, -1).view(B, -1, m.num_heads, m.head_dim).transpose(1, 2)
@@ -47,6 +47,9 @@ class PlainResampler(nn.Module):
         k = m.k_proj(kv).view(B, N, m.num_heads, m.head_dim).transpose(1, 2)
         v = m.v_proj(kv).view(B, N, m.num_heads, m.head_dim).transpose(1, 2)
         mask = None if kv_lens is None else (torch.arange(N)[None, :] < kv_lens[:, None])[:, None, None, :]
+        if padding_bias is not None:  # a float key_padding_mask: added to the scores
+            bias = padding_bias[:, None, None, :]
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return m.out_proj(o.transpose(1, 2).reshape(B, -1, m.embed_dim))
 
@@ -74,6 +77,26 @@ def test_query_resampler_matches_plain_pytorch(backend, with_lens):
             assert want.grad.abs().max() < 1e-12 and got.grad.abs().max() < 1e-5
             continue
         assert_close(got.grad, want.grad, torch.float32, f"grad {name}")
+
+
+def test_query_resampler_learns_a_float_padding_mask(auto_backend):
+    """A ``key_padding_mask`` that requires grad (a learned bias), with ``kv_lens``: PyTorch's
+    attention, which differentiates it, as ``CrossAttention`` (and ``nn.MultiheadAttention``) do;
+    output and the mask's gradient against float64."""
+    torch.manual_seed(0)
+    ours = QueryResampler(5, 16, 12, 2)
+    plain = PlainResampler(QueryResampler(5, 16, 12, 2).double())
+    plain.ours.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(6)
+    x, bias, dout = randn(2, 7, 12, generator=g), randn(2, 7, generator=g), randn(2, 5, 16, generator=g)
+    kv_lens = torch.tensor([7, 4])
+    learned, learned64 = bias.clone().requires_grad_(True), bias.double().requires_grad_(True)
+    out = ours(x, kv_lens=kv_lens, key_padding_mask=learned)
+    out.backward(dout)
+    ref = plain(x.double(), kv_lens, padding_bias=learned64)
+    ref.backward(dout.double())
+    assert_close(out, ref, torch.float32, "output")
+    assert_close(learned.grad, learned64.grad, torch.float32, "grad key_padding_mask")
 
 
 def test_query_resampler_shares_queries():
@@ -113,3 +136,30 @@ def test_torch_compile_fullgraph(backend):
         CrossAttention(32, 2, batch_first=True), torch.randn(2, 5, 32), torch.randn(2, 11, 32), torch.randn(2, 11, 32), need_weights=False
     )
     _compiled_matches_eager(QueryResampler(6, 32, 24, 2), torch.randn(2, 13, 24), torch.tensor([13, 4]))
+
+
+def test_vmap_over_bool_masks(auto_backend, monkeypatch):
+    """``torch.func.vmap`` over an ensemble axis of inputs and bool masks, value checks on: a bool
+    mask becomes a bias out of place (filling a fresh tensor in place cannot take a vmapped mask),
+    and no mask value is read on the host inside the transform. Each equals the loop of calls."""
+    from torch.func import vmap
+
+    monkeypatch.setenv("DECO_OPS_CHECKS", "1")
+    g = torch.Generator().manual_seed(5)
+    E = 3
+    q, k, v = randn(E, 2, 3, 2, 4, generator=g), randn(E, 2, 5, 2, 4, generator=g), randn(E, 2, 5, 2, 4, generator=g)
+    keep = torch.rand(E, 2, 1, 1, 5, generator=g) > 0.4
+    keep[..., 0] = True
+    x = randn(E, 2, 5, 8, generator=g)
+    ignore = torch.rand(E, 2, 5, generator=g) > 0.6
+    ignore[..., 0] = False
+    torch.manual_seed(0)
+    xattn, resampler = CrossAttention(8, 2, batch_first=True), QueryResampler(4, 8, 8, 2)
+    calls = [
+        (lambda q, k, v, m: deco_ops.cross_attention(q, k, v, attn_mask=m), (q, k, v, keep)),
+        (lambda x, m: xattn(x[:, :3], x, x, key_padding_mask=m)[0], (x, ignore)),
+        (lambda x, m: resampler(x, key_padding_mask=m), (x, ignore)),
+    ]
+    for fn, args in calls:
+        want = torch.stack([fn(*(a[i] for a in args)) for i in range(E)])
+        assert_close(vmap(fn)(*args), want, torch.float32)
