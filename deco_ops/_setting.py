@@ -55,6 +55,11 @@ class Setting:
             raise ValueError(f"a setting named {what!r} exists already")
         _OVERRIDES[what] = self.overrides
         self._parsed: dict[object, str] = {}  # raw environment value -> its checked setting
+        # The value at import, known before any call: a process's first call, if compiled, then
+        # guards on it being there instead of missing (which the next eager call would change,
+        # recompiling the graph once). A bad value raises where it is used, naming the variable.
+        with contextlib.suppress(ValueError):
+            self._parse(self.environ.get(self.env_key))
 
     def check(self, name: str, source: str) -> str:
         if name not in self.choices:
@@ -71,20 +76,23 @@ class Setting:
 
     def selected(self) -> str:
         """The innermost ``use`` block's choice, else ``$var``, normalised and checked once per
-        distinct value (every op call asks). Not remembered while ``torch.compile`` traces: Dynamo
-        guards the compiled code on the cache missing the value, and an entry added later in the
-        same compile (AOTAutograd tracing the ops' bodies) fails that guard at once (a process
-        whose first call was compiled raised "Guard failed on the same frame it was created")."""
+        distinct value (every op call asks)."""
         forced = _override(self.what)
         if forced is not None:
             return forced
         raw = self.environ.get(self.env_key)
         name = self._parsed.get(raw)
-        if name is None:
-            value = "auto" if raw is None else decode(raw)
-            name = self.check(value.strip().lower() or "auto", self.var)
-            if not torch.compiler.is_compiling():
-                self._parsed[raw] = name
+        return self._parse(raw) if name is None else name
+
+    def _parse(self, raw) -> str:
+        """``raw`` ($var as stored, or None) checked, and remembered but while ``torch.compile``
+        traces: Dynamo guards the compiled code on the cache missing the value, and an entry added
+        later in the same compile (AOTAutograd tracing the ops' bodies) fails that guard at once (a
+        process whose first call was compiled raised "Guard failed on the same frame it was
+        created")."""
+        name = self.check(("auto" if raw is None else decode(raw)).strip().lower() or "auto", self.var)
+        if not torch.compiler.is_compiling():
+            self._parsed[raw] = name
         return name
 
     @contextlib.contextmanager

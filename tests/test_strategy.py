@@ -78,6 +78,31 @@ def test_first_call_of_a_process_may_be_compiled(monkeypatch, env):
     assert torch.equal(compiled(x), first)
 
 
+def test_a_process_whose_first_call_is_compiled_compiles_it_once(tmp_path):
+    """The settings know the environment's values from import: the first compiled frame guards on
+    them being known, so the eager calls inside it change nothing and the next identical call
+    reuses the graph (it used to fail that guard and recompile once). A fresh process."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "first_call.py"
+    script.write_text(
+        "import torch, deco_ops\n"
+        "from torch._dynamo.testing import CompileCounterWithBackend\n"
+        "counter = CompileCounterWithBackend('aot_eager')\n"
+        "proj = torch.compile(deco_ops.DeCoProjector(8, 6, grid=(4, 4), out_grid=(2, 2)), backend=counter, fullgraph=True)\n"
+        "x = torch.randn(2, 16, 8)\n"
+        "for _ in range(3):\n"
+        "    proj(x)\n"
+        "print(counter.frame_count)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DECO_OPS_BACKEND", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(deco_ops.__file__)), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == "1"
+
+
 def test_selection_rules(monkeypatch):
     monkeypatch.delenv(strategy.ENV_VAR, raising=False)
     monkeypatch.setattr(strategy._backend, "interpreting", lambda: True)  # the same rules on a GPU machine
