@@ -32,6 +32,10 @@ _LAYER_NAMES = {
     "linear_1.": "0.", "linear_2.": "2.",                    # Hugging Face LlavaMultiModalProjector
     "mlp_projector.0.": "0.", "mlp_projector.2.": "2.",      # DeCo's AvgPoolProjector
 }
+# The names a DeCoProjector registers its two Linear layers under (``keys``): LLaVA's
+# mm_projector, or Hugging Face's LlavaMultiModalProjector (``llava_to_deco``: its state_dict keys
+# and its named_parameters then agree with the model's, as distributed checkpointing needs).
+KEY_LAYOUTS = {"llava": ("0", "2"), "hf": ("linear_1", "linear_2")}
 # Where a whole-model checkpoint keeps the projector (a key must match prefix + layer + param exactly).
 PROJECTOR_PREFIXES = (
     "model.multi_modal_projector.",  # Hugging Face LLaVA, transformers >= 4.52
@@ -74,7 +78,8 @@ class DeCoProjector(nn.Module):
 
     The two Linear layers are registered as children ``"0"`` and ``"2"``, exactly as in LLaVA's
     ``mlp2x_gelu`` projector ``nn.Sequential(Linear, GELU, Linear)``, so its ``state_dict``
-    (``0.weight``, ``0.bias``, ``2.weight``, ``2.bias``) loads unchanged and ours loads into it.
+    (``0.weight``, ``0.bias``, ``2.weight``, ``2.bias``) loads unchanged and ours loads into it;
+    with ``keys="hf"`` as ``"linear_1"`` and ``"linear_2"``, Hugging Face's names.
     ``load_state_dict`` also takes Hugging Face's ``linear_1.*``/``linear_2.*`` keys and the DeCo
     paper's ``mlp_projector.0.*``/``mlp_projector.2.*``, each with or without the prefix a whole-model
     checkpoint gives them (``PROJECTOR_PREFIXES``: ``model.multi_modal_projector.``,
@@ -103,6 +108,7 @@ class DeCoProjector(nn.Module):
         mode: str = "average",
         num_prefix_tokens: int = 0,
         bias: bool = True,
+        keys: str = "llava",
         device=None,
         dtype=None,
     ) -> None:
@@ -121,21 +127,26 @@ class DeCoProjector(nn.Module):
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         self.order, self.mode = order, check_mode(mode)
         self.num_prefix_tokens = num_prefix_tokens
+        if not isinstance(keys, str) or keys not in KEY_LAYOUTS:
+            raise ValueError(f"keys must be one of {tuple(KEY_LAYOUTS)}, got {keys!r}")
+        self.keys = keys
         factory = {"device": device, "dtype": dtype}
-        self.add_module("0", nn.Linear(in_features, hidden_features, bias=bias, **factory))
-        self.add_module("2", nn.Linear(hidden_features, out_features, bias=bias, **factory))
-        self._register_load_state_dict_pre_hook(self._rename_projector_keys)
+        first, second = KEY_LAYOUTS[keys]
+        self.add_module(first, nn.Linear(in_features, hidden_features, bias=bias, **factory))
+        self.add_module(second, nn.Linear(hidden_features, out_features, bias=bias, **factory))
+        self._register_load_state_dict_pre_hook(self._rename_projector_keys, with_module=True)
 
     @property
     def fc1(self) -> nn.Linear:
-        return self._modules["0"]
+        return self._modules[KEY_LAYOUTS[self.keys][0]]
 
     @property
     def fc2(self) -> nn.Linear:
-        return self._modules["2"]
+        return self._modules[KEY_LAYOUTS[self.keys][1]]
 
     @staticmethod
-    def _rename_projector_keys(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    def _rename_projector_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                               error_msgs) -> None:
         """Renames every recognised projector key under ``prefix`` to ours; reports (through
         ``error_msgs``, which ``load_state_dict`` raises whatever ``strict`` says) two keys naming
         the same parameter. Keys it does not recognise are left for ``load_state_dict`` to report
@@ -149,8 +160,10 @@ class DeCoProjector(nn.Module):
                 error_msgs.append(f"both {renamed[ours]!r} and {key!r} name the projector's {ours!r}; pass one checkpoint format")
                 return
             renamed[ours] = key
+        layers = dict(zip(("0", "2"), KEY_LAYOUTS[module.keys]))
         for ours, key in renamed.items():
-            state_dict[prefix + ours] = state_dict.pop(key)
+            layer, param = ours.split(".")
+            state_dict[f"{prefix}{layers[layer]}.{param}"] = state_dict.pop(key)
 
     def forward(self, x: torch.Tensor, *, grid=None, out_grid=None) -> torch.Tensor:
         grid, out_grid = _validate.grids(self.grid if grid is None else grid, self.out_grid if out_grid is None else out_grid)

@@ -164,7 +164,7 @@ CASES = [
     ("cu-decreasing", lambda mp: packed_keys([0, 5, 4]), ValueError, r"never decrease.*got \[0, 5, 4\]"),
     ("cu-past-total", lambda mp: packed_keys([0, 4, 10]), ValueError, r"end at most at total_N=9, got \[0, 4, 10\]"),
     ("scale-type", lambda mp: attention(softmax_scale="big"), TypeError, "softmax_scale must be a finite float or None, got 'big'"),
-    ("scale-inf", lambda mp: attention(softmax_scale=float("inf")), TypeError, "softmax_scale must be a finite float"),
+    ("scale-inf", lambda mp: attention(softmax_scale=float("inf")), ValueError, "softmax_scale must be a finite float"),
     ("dropout-p", lambda mp: attention(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\), got 1.0"),
     ("generator", lambda mp: attention(dropout_p=0.1, generator=3), TypeError, "generator must be a torch.Generator or None, got int"),
     # attention
@@ -204,6 +204,7 @@ CASES = [
     ("hidden-module", lambda mp: deco_ops.DeCoProjector(4, 4, hidden_features=True), ValueError,
      "hidden_features must be a positive int, got True"),
     ("prefix-module", lambda mp: deco_ops.DeCoProjector(4, 4, num_prefix_tokens=-1), ValueError, "num_prefix_tokens must be an int >= 0"),
+    ("keys-module", lambda mp: deco_ops.DeCoProjector(4, 4, keys="timm"), ValueError, r"keys must be one of \('llava', 'hf'\)"),
     ("activation-module", lambda mp: deco_ops.DeCoProjector(4, 4, activation="relu"), ValueError,
      r"activation must be one of .* or a Hugging Face name .*got 'relu'"),
     ("order-module", lambda mp: deco_ops.DeCoProjector(4, 4, order="pool_then_mlp"), ValueError,

@@ -65,6 +65,21 @@ def test_frozen_projector_stays_frozen_and_bad_models_are_refused():
         llava_to_deco(torch.nn.Linear(2, 2))
 
 
+def test_converted_model_names_its_parameters_as_its_state_dict():
+    """The projector holds Hugging Face's ``linear_1``/``linear_2`` as its layers: the state_dict
+    keys are the parameters' names (distributed checkpointing, ``get_model_state_dict`` for FSDP2,
+    resolves every key to a parameter), and the plain LLaVA's keys."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    model, _ = tiny_llava()
+    plain_keys = set(model.state_dict())
+    llava_to_deco(model)
+    projector = model.model.multi_modal_projector
+    assert set(projector.state_dict()) == {name for name, _ in projector.named_parameters()} == {
+        "linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+    assert set(model.state_dict()) == set(get_model_state_dict(model)) == plain_keys
+
+
 @pytest.mark.parametrize("hf_name", sorted(HF_ACTIVATIONS))
 def test_hf_activation_names_match_act2fn(hf_name):
     torch.manual_seed(5)

@@ -51,14 +51,6 @@ class DeCoLlavaProcessor(_transformers.LlavaProcessor):
         )
 
 
-def _save_with_hf_names(module, state_dict, prefix, local_metadata) -> None:
-    """State_dict post-hook: the projector's ``0.*``/``2.*`` keys under Hugging Face's ``linear_1.*``/
-    ``linear_2.*`` (``DeCoProjector`` loads both)."""
-    for ours, theirs in (("0.", "linear_1."), ("2.", "linear_2.")):
-        for key in [k for k in state_dict if k.startswith(prefix + ours)]:
-            state_dict[prefix + theirs + key[len(prefix + ours):]] = state_dict.pop(key)
-
-
 def _pair(value, name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
@@ -116,12 +108,11 @@ def llava_to_deco(model, processor=None, *, out_grid=None, num_prefix_tokens: in
     deco = DeCoProjector(
         first.in_features, second.out_features, hidden_features=first.out_features, grid=grid, out_grid=out_grid,
         activation=config.projector_hidden_act, order=order, mode=mode, num_prefix_tokens=num_prefix_tokens,
-        bias=first.bias is not None, device=first.weight.device, dtype=first.weight.dtype,
+        bias=first.bias is not None, keys="hf", device=first.weight.device, dtype=first.weight.dtype,
     )
     deco.load_state_dict(projector.state_dict())
     for ours, theirs in zip(deco.parameters(), projector.parameters()):
         ours.requires_grad_(theirs.requires_grad)
-    deco.register_state_dict_post_hook(_save_with_hf_names)
     base.multi_modal_projector = deco
     config.image_seq_length = math.prod(deco.out_grid)
     if processor is None:
