@@ -125,8 +125,10 @@ def cu_seqlens(value, total: int, device: torch.device) -> tuple[torch.Tensor, i
 def scale(value, D: int) -> float:
     if value is None:
         return 1.0 / math.sqrt(D)  # SDPA's default, computed as it computes it (``D ** -0.5`` may differ in the last bit)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -math.inf < value < math.inf:  # a SymFloat too
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"softmax_scale must be a finite float or None, got {value!r}")
+    if not -math.inf < value < math.inf:  # comparisons: a SymFloat under torch.compile too
+        raise ValueError(f"softmax_scale must be a finite float or None, got {value!r}")
     return float(value)
 
 

@@ -4,8 +4,9 @@ checked against the same model's eager attention.
     python examples/blip2_qformer.py [--device cuda]
 
 ``import deco_ops.integrations.transformers`` registers the attention function and the mask
-function; the image tokens' padding mask becomes per-row key lengths (``kv_lens``). For a whole
-``Blip2ForConditionalGeneration`` keep the causal language model on its own implementation:
+function; the image tokens' padding mask reaches the kernels as ``attn_mask`` (any pattern).
+For a whole ``Blip2ForConditionalGeneration`` keep the causal language model on its own
+implementation:
 ``model.set_attn_implementation({"vision_config": "deco_ops", "qformer_config": "deco_ops"})``.
 The Q-Former here is a tiny random-init one (``tiny_models.py``).
 """
