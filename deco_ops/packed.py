@@ -210,14 +210,24 @@ def _geometry_by_tensor_ops(grid: tuple[int, ...], out_grid: tuple[int, ...], ba
     return torch.cat([torch.tensor([*g, *o], dtype=torch.int32, device=device).expand(batch, 6), image * steps], 1)
 
 
+_TRACING_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY)
+
+
+def _traced(device: torch.device) -> bool:
+    """Whether a call's tensors are traced, not run: ``torch.compile`` / ``torch.export``, a
+    FakeTensorMode or ``make_fx``'s proxy mode (other dispatch modes, a profiler's or a kernel
+    counter's, run real tensors), or the meta device."""
+    return (torch.compiler.is_compiling() or device.type == "meta"
+            or any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES))
+
+
 def dense_geometry(grid, out_grid, batch: int, device: torch.device) -> torch.Tensor:
     """The geometry of a dense (B, N, C) batch seen as B packed images of one grid. An eager call
     gets the first B rows of a table built once per (grid, out_grid, device) (the same tensor for
     the same batch, so its index tables are cached too; larger batches than the table build their
-    own); a call traced or run under a mode (FakeTensorMode, the meta device) gets one built by
-    tensor ops (``_geometry_by_tensor_ops``)."""
+    own); a traced call (``_traced``) gets one built by tensor ops (``_geometry_by_tensor_ops``)."""
     grid, out_grid = tuple(grid), tuple(out_grid)
-    if torch.compiler.is_compiling() or device.type == "meta" or torch._C._len_torch_dispatch_stack():
+    if _traced(device):
         return _geometry_by_tensor_ops(grid, out_grid, batch, device)
     if batch > _capacity(grid, out_grid):
         return packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), batch, device)
