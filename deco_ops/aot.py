@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import importlib
 import io
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -375,8 +376,12 @@ def _merge_norm_configs(module):
 # Qwen-VL resampler (M=256, N=1024, H=32, D=128); head dim 80 is padded to a 128 block. Every
 # kernel with dots is compiled twice per head dim: inference (dense keys, no dropout) and BLIP-2's
 # training path (``kv_lens``, dropout, whose in-loop Philox mask takes the most registers, and an
-# additive mask, ``HAS_BIAS``: one more tile loaded per key block).
+# additive mask, ``HAS_BIAS``: one more tile loaded per key block). ``--full`` also compiles every
+# other combination of the three (a mask alone in inference, dropout alone, ...): ptxas's register
+# allocation is not monotone in them, so a tile clean with all three can spill with fewer (triton
+# 3.9: the forward's 16x128 tile on 4 warps at head dim 128, with dropout alone).
 _ATTN_HEAD_DIMS = (64, 80, 128)
+_EXTRAS = ("drop", "lens", "bias")  # dropout, kv_lens, an additive mask: BLIP-2's training path
 # The default run compiles the representative subset below; ``--full`` (DECO_OPS_AOT_FULL=1 in the
 # workers) compiles every variant. Head dim 80 pads to BLOCK_D=128 and compiles to the same code as
 # 128 (only runtime ints differ, all multiples of 16), the split forward differs from the plain one
@@ -390,6 +395,14 @@ def _full() -> bool:
 
 def _attn_head_dims() -> tuple[int, ...]:
     return _ATTN_HEAD_DIMS if _full() else (64, 128)
+
+
+def _attn_extras() -> list[tuple[str, ...]]:
+    """The non-empty combinations of ``_EXTRAS`` compiled: all three together, or with ``--full``
+    every one."""
+    if not _full():
+        return [_EXTRAS]
+    return [c for r in range(1, len(_EXTRAS) + 1) for c in itertools.combinations(_EXTRAS, r)]
 
 
 _ATTN_SHAPES = {  # head dim -> (B, M queries, N keys, H): BLIP-2 Q-Former, padded D=80, Qwen-VL resampler
@@ -409,11 +422,13 @@ _DQ_SUM_PTRS = {"dq_part_ptr": "*fp32", "count_ptr": "*i32"}
 _STRIDE = re.compile(r"^s(q|k|v|o|do|dq|dk|dv)(s?)(b|m|n|h|d)$")
 
 
-def _attn_args(fn, dtype: str, precision: str, D: int, shape=None, training: bool = False,
+def _attn_args(fn, dtype: str, precision: str, D: int, shape=None, extras: tuple[str, ...] = (),
                **constexprs) -> dict[str, Any]:
     """Representative arguments of a cross-attention kernel, from its parameter names: (B, L, H, D)
-    contiguous tensors, fp32 statistics, as the launchers pass them; dense keys and no dropout, or
-    with ``training`` BLIP-2's training path, ``kv_lens`` and dropout 0.1 (the most live values)."""
+    contiguous tensors, fp32 statistics, as the launchers pass them; dense keys, no dropout and no
+    mask, but for ``extras`` (of ``_EXTRAS``): dropout 0.1, ``kv_lens``, a per-key mask."""
+    pointer_of = {"drop": "rng_ptr", "lens": "lens_ptr", "bias": "bias_ptr"}
+    used = {pointer_of[e] for e in extras}
     import triton
 
     from .kernels.cross_attention_fwd import split_ranges
@@ -426,7 +441,7 @@ def _attn_args(fn, dtype: str, precision: str, D: int, shape=None, training: boo
         if name.endswith("_ptr"):
             if name in _DQ_SUM_PTRS:
                 args[name] = _DQ_SUM_PTRS[name]
-            elif training and name in _TRAINING_PTRS:
+            elif name in used:
                 args[name] = _TRAINING_PTRS[name]
             elif name in _UNUSED_PTRS or name in _FP32_BUFFERS or (split and name in ("o_ptr", "dq_ptr")):
                 args[name] = "*fp32"
@@ -450,10 +465,10 @@ def _attn_args(fn, dtype: str, precision: str, D: int, shape=None, training: boo
                           "keys_per_split": split_ranges(N, S)[0]}[name]
         elif name in ("qk_scale", "scale", "dropout_p"):
             args[name] = {"qk_scale": D ** -0.5 * 1.4426950408889634, "scale": D ** -0.5,
-                          "dropout_p": 0.1 if training else 0.0}[name]
+                          "dropout_p": 0.1 if "drop" in extras else 0.0}[name]
     import triton.language as tl
 
-    defaults = dict(KV_MODE=1 if training else 0, HAS_BIAS=training, DROPOUT=training, AVERAGE=True, ACC=tl.float32,
+    defaults = dict(KV_MODE=int("lens" in extras), HAS_BIAS="bias" in extras, DROPOUT="drop" in extras, AVERAGE=True, ACC=tl.float32,
                     DELTA_FROM_O=False, DQ_ATOMIC=False,
                     DOT_FP32=False, INPUT_PRECISION=precision,
                     BLOCK_D=max(16, triton.next_power_of_2(D)), SPLIT=False,
@@ -501,14 +516,14 @@ def _attn_variants(attr: str, splits=(False,), gemm: bool = True, alternate: str
                     shapes = [("", None)]
                 for slabel, shape in shapes:
                     both = (False, True) if alternate and _full() else ()
-                    combos = [(split, False, alt) for split in splits for alt in both or (alternate is not None,)]
-                    combos += [(False, True, alt) for alt in both or (False,)] if gemm else []
-                    for split, training, alt in combos:
+                    combos = [(split, (), alt) for split in splits for alt in both or (alternate is not None,)]
+                    combos += [(False, extras, alt) for extras in _attn_extras() for alt in both or (False,)] if gemm else []
+                    for split, extras, alt in combos:
                         if split and D != max(_attn_head_dims()) and not _full():
                             continue
-                        args = _attn_args(fn, dtype, precision, D, shape, training=training, SPLIT=split,
+                        args = _attn_args(fn, dtype, precision, D, shape, extras=extras, SPLIT=split,
                                           **({alternate: True} if alt else {}), **(fixed or {}))
-                        label = (f"{dlabel} D{D}{slabel}" + (" split" if split else "") + (" drop+lens+bias" if training else "")
+                        label = (f"{dlabel} D{D}{slabel}" + (" split" if split else "") + (" " + "+".join(extras) if extras else "")
                                  + (f" {alternate}" if alt else ""))
                         out.append(Variant(label, dtype, args, hgmma=tensor_cores and gemm))
         return out
@@ -573,7 +588,7 @@ def _attn_entries() -> list[Entry]:
               _attn_variants("cross_attention_fwd_kernel", splits=(False, True)), optional=True,
               launchable=lambda m, config, variant, arch: m.fits(
                   config, _elem(variant), variant.args["INPUT_PRECISION"] == "ieee", variant.args["DROPOUT"], arch,
-                  variant.args["HAS_BIAS"])),
+                  variant.args["HAS_BIAS"], variant.args["BLOCK_D"])),
         Entry("cross_attention_tma", "deco_ops.kernels.cross_attention_tma", "cross_attention_tma_kernel",
               lambda m: m.cuda_configs(), _attn_tma_variants, launchable=_attn_tma_launchable),
         Entry("cross_attention_combine", fwd, "cross_attention_combine_kernel", lambda m: m.combine_cuda_configs(),
@@ -586,7 +601,7 @@ def _attn_entries() -> list[Entry]:
               _attn_variants("cross_attention_bwd_dkdv_kernel", alternate="DELTA_FROM_O"), optional=True,
               launchable=lambda m, config, variant, arch: m.fa2_fits(
                   "dkdv", config, _elem(variant), variant.args["DROPOUT"], variant.args["BLOCK_D"], arch,
-                  variant.args["DELTA_FROM_O"])),
+                  variant.args["DELTA_FROM_O"], variant.args["HAS_BIAS"])),
         Entry("cross_attention_bwd_one_kernel", bwd, "cross_attention_bwd_dkdv_kernel", lambda m: m.fa2_cuda_configs(),
               _attn_variants("cross_attention_bwd_dkdv_kernel", fixed={"DELTA_FROM_O": True, "DQ_ATOMIC": True}),
               optional=True,
@@ -595,7 +610,8 @@ def _attn_entries() -> list[Entry]:
         Entry("cross_attention_bwd_dq", bwd, "cross_attention_bwd_dq_kernel", lambda m: m.fa2_cuda_configs(),
               _attn_variants("cross_attention_bwd_dq_kernel"), optional=True,
               launchable=lambda m, config, variant, arch: m.fa2_fits(
-                  "dq", config, _elem(variant), variant.args["DROPOUT"], variant.args["BLOCK_D"], arch)),
+                  "dq", config, _elem(variant), variant.args["DROPOUT"], variant.args["BLOCK_D"], arch,
+                  bias=variant.args["HAS_BIAS"])),
         Entry("cross_attention_weights", weights, "cross_attention_weights_kernel", lambda m: m.cuda_configs(),
               _attn_variants("cross_attention_weights_kernel"), optional=True,
               launchable=lambda m, config, variant, arch: m.fits(

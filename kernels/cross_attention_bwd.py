@@ -326,7 +326,7 @@ FA2_SMALLEST_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in [*fa2_cuda_configs(), FA
 
 
 def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool, block_d: int, arch: int,
-             delta_from_o: bool = False) -> bool:
+             delta_from_o: bool = False, bias: bool = False) -> bool:
     """Whether ``config`` compiles without register spills for the dK/dV (``kernel="dkdv"``) or
     dQ (``"dq"``) kernel, or the dK/dV kernel's one-kernel schedule (``"one_kernel"``: Delta from O,
     and each tile's fp32 dS K partial beside the dK, dV accumulators), as measured with ``python -m deco_ops.aot`` on sm_80 and sm_90 at head
@@ -345,7 +345,12 @@ def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool,
     (8 warps throughout) fits 16-bit inputs at 16 x 64 queries x keys, 32 x 64 without dropout and
     32 x 32 on sm_90 (on sm_80 triton 3.6 spills it at head dim 128); fp32 at 32 x 32 on sm_90 and
     16 x 64 below (each spills on the other arch under triton 3.6), with dropout only at 16 x 16 on
-    4 warps (tf32 at head dim 128 spills every larger tile on sm_90)."""
+    4 warps (tf32 at head dim 128 spills every larger tile on sm_90).
+
+    An additive mask (``bias``), compiled apart from dropout and kv_lens (``--full``): with 16-bit
+    inputs above head dim 64 the dK/dV kernel's 64 x 32 tile on 4 warps spills 8-36 B on both
+    targets, and on sm_90 dQ keeps 64 x 64 on 4 warps only (64 x 128 on 8 warps spills 84-296 B
+    under triton 3.9, 32 x 128 on 4 warps 28-68 B under both); at head dim 64 dQ leaves 64 x 128 out."""
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps)
     if kernel == "one_kernel":
         if elem_bytes == 4:
@@ -356,8 +361,8 @@ def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool,
             return tile == (32, 32, 8)
         if dropout:
             return tile == (32, 32, 8)
-        return tile == (32, 32, 8) or (tile == (32, 64, 4) and (arch >= 90 or not delta_from_o)) or \
-            (tile == (64, 64, 8) and not delta_from_o)
+        return tile == (32, 32, 8) or (tile == (32, 64, 4) and (arch >= 90 or not delta_from_o) and not (bias and block_d > 64)) \
+            or (tile == (64, 64, 8) and not delta_from_o)
     if elem_bytes == 4:
         if dropout:
             return tile == ((16, 64, 8) if block_d <= 64 else (16, 16, 4))
@@ -365,6 +370,8 @@ def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool,
     if dropout:
         return tile == (32, 32, 8)
     if arch >= 90:
+        if bias:
+            return tile == (64, 64, 4) or (tile == (32, 128, 4) and block_d <= 64)
         return tile in ((64, 128, 8), (64, 64, 4), (32, 128, 4))
     return tile in ((32, 64, 4), (32, 128, 4))
 
@@ -374,7 +381,8 @@ def _fa2_prune(kernel: str):
         q = named_args["q_ptr"]
         fits_as = "one_kernel" if constexprs.get("DQ_ATOMIC", False) else kernel
         return [c for c in configs if fa2_fits(fits_as, c, q.element_size(), constexprs["DROPOUT"], constexprs["BLOCK_D"],
-                                               device_arch(q.device), constexprs.get("DELTA_FROM_O", False))]
+                                               device_arch(q.device), constexprs.get("DELTA_FROM_O", False),
+                                               constexprs["HAS_BIAS"])]
     return prune
 
 

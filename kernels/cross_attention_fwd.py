@@ -197,7 +197,8 @@ def cuda_configs() -> list[triton.Config]:
     ]
 
 
-def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch: int, bias: bool = False) -> bool:
+def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch: int, bias: bool = False,
+         block_d: int = 64) -> bool:
     """Whether ``config`` compiles without register spills (measured with ``python -m deco_ops.aot``
     on sm_80 and sm_90 at head dims 64 and 128, split or not, with triton 3.6 and 3.9): 16-bit inputs
     take up to 64 queries a tile (128-query tiles spill at D=128; without wgmma, on sm_80, 64x128
@@ -207,10 +208,21 @@ def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch
     dots (``ieee``: FMA, no tensor cores) spill somewhere in every larger shape tried (16x32 to
     32x64 tiles on 4 or 8 warps). An additive mask (``bias``: one more tile per key block) was
     measured together with dropout and kv_lens: it keeps dropout's tile limit, and on sm_80 the
-    16x128 tile spills 16 B at D=128, so 128-key blocks are left out there."""
+    16x128 tile spills 16 B at D=128, so 128-key blocks are left out there.
+
+    Every combination of dropout, kv_lens and a mask, compiled apart (``--full``, both triton
+    versions: ptxas's allocation is not monotone in them), left more 16-bit tiles spilling 4-36 B
+    at head dims above 64 (``block_d``): a mask alone fits only 16-query tiles there (32x64 spills
+    on 4 and 8 warps), dropout no 16x128 tile, dropout with a mask no 4-warp tile above 16x16
+    (also at head dim 64 on sm_80); on sm_80 the 32x128 tile spills above head dim 64."""
     bm, bn, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
     if elem_bytes == 2:
-        if arch < 90 and (bm * bn > 64 * 64 and warps == 4 or bias and bn >= 128):
+        wide = block_d > 64
+        if arch < 90 and (bm * bn > 64 * 64 and warps == 4 or bias and bn >= 128 or wide and (bm, bn, warps) == (32, 128, 4)):
+            return False
+        if wide and bias and not dropout:
+            return bm == 16
+        if dropout and (wide and (bn >= 128 or bias) or arch < 90 and bias) and warps == 4 and bm * bn > 16 * 16:
             return False
         return bm <= 64 and (bm * bn <= 32 * 64 or not (dropout or bias))
     return (bm, bn, warps) == (16, 16, 4)
@@ -220,7 +232,8 @@ def _prune(configs, named_args, **constexprs):
     ieee = constexprs["INPUT_PRECISION"] == "ieee"
     q = named_args["q_ptr"]
     return [c for c in configs
-            if fits(c, q.element_size(), ieee, constexprs["DROPOUT"], device_arch(q.device), constexprs["HAS_BIAS"])]
+            if fits(c, q.element_size(), ieee, constexprs["DROPOUT"], device_arch(q.device), constexprs["HAS_BIAS"],
+                    constexprs["BLOCK_D"])]
 
 
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
