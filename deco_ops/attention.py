@@ -493,9 +493,9 @@ def cross_attention(
 
 def _as_bias(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> torch.Tensor | None:
     """An SDPA ``attn_mask`` as the additive bias every path reads: a (B, H, M, N) view with zero
-    strides where broadcast. A bool mask becomes 0 / -inf (fp32, the default float dtype) at its own size first (one small
-    elementwise kernel; the kernels then have a single mask path, and a byte mask would save
-    nothing next to reading K and V)."""
+    strides where broadcast. A bool mask becomes 0 / -inf (fp32, the default float dtype) at its
+    own size first (one small elementwise kernel; the kernels then have a single mask path, and a
+    byte mask would save nothing next to reading K and V)."""
     if mask is None:
         return None
     if mask.dtype == torch.bool:  # not in place: a vmapped mask fills a batched result

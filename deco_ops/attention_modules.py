@@ -68,14 +68,16 @@ def _additive(name: str, mask: torch.Tensor) -> torch.Tensor:
 def _attention_learning_the_bias(q, k, v, kv_lens, bias, dropout_p: float) -> torch.Tensor:
     """(B, M, H, D) attention by ``F.scaled_dot_product_attention``, which differentiates ``bias``
     (as ``CrossAttention`` runs ``F.multi_head_attention_forward`` for such a mask), with
-    ``kv_lens`` (clamped into [0, N], as the kernels take it) as -inf past each row's keys."""
+    ``kv_lens`` (clamped into [0, N], as the kernels take it) as -inf past each row's keys; the
+    bias in the queries' dtype, as SDPA takes it (an fp32 bias with bf16 projections under
+    autocast)."""
     B, N = k.shape[:2]
     if kv_lens is not None:
         past = torch.arange(N, device=k.device) >= kv_lens.clamp(0, N)[:, None]
         bias = bias.masked_fill(past[:, None, None, :], float("-inf"))
     q = q.expand(B, -1, -1, -1)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,
-                                       dropout_p=dropout_p)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=bias.to(q.dtype), dropout_p=dropout_p)
     return o.transpose(1, 2)
 
 
