@@ -37,7 +37,7 @@ GRID, OUT_GRID = (3, 3), (2, 2)
 B, C, HIDDEN, OUT = 2, 5, 6, 4
 IMAGES, IMAGE_OUTS = [(3, 3), (2, 4)], [(2, 2), (1, 3)]
 BACKENDS = ("triton", "auto")
-FLOAT64 = "float64"  # the default backend on float64 tensors
+FLOAT64 = "float64"  # the PyTorch backend (the default on CPU tensors) on float64 tensors
 
 
 def _dtype(backend: str) -> torch.dtype:
@@ -45,7 +45,7 @@ def _dtype(backend: str) -> torch.dtype:
 
 
 def _backend(backend: str) -> str:
-    return "auto" if backend == FLOAT64 else backend
+    return "torch" if backend == FLOAT64 else backend
 
 
 def subsets(names):

@@ -108,10 +108,10 @@ def test_merge_mlp(backend, order, norm, position):
 
 @pytest.mark.parametrize("order,norm,position", MATRIX)
 def test_merge_mlp_float64(order, norm, position):
-    """The default backend takes float64 as it is: every gradient to float64's precision (a step
+    """The PyTorch backend (the default on CPU tensors) takes float64 as it is: every gradient to float64's precision (a step
     computed in fp32 would show as 1e-8)."""
     params, dy = _case(torch.float64, norm=norm, norm_position=position)
-    with deco_ops.use_backend("auto"):
+    with deco_ops.use_backend("torch"):
         _check(params, dy, torch.float64, grid=(4, 6) if order == "grid" else None, order=order, norm=norm,
                norm_position=position, eps=1e-5)
 
