@@ -114,8 +114,8 @@ def _warn_if_every_key_ignored(key_padding_mask: torch.Tensor) -> None:
     rows = torch.nonzero(key_padding_mask.reshape(-1, key_padding_mask.shape[-1]).all(-1)).flatten().tolist()
     if rows:
         warnings.warn(
-            f"key_padding_mask ignores every key of batch rows {rows} (their output is NaN, as in "
-            f"nn.MultiheadAttention). {_hf_hint(key_padding_mask)}",
+            f"key_padding_mask ignores every key of batch rows {rows} (their output is NaN with need_weights=True, "
+            f"out_proj's bias without, as in nn.MultiheadAttention). {_hf_hint(key_padding_mask)}",
             stacklevel=4,
         )
 
@@ -139,8 +139,8 @@ class CrossAttention(nn.Module):
       they carry gradients to the inputs and parameters.
     * ``add_bias_kv`` and ``add_zero_attn`` append their keys after the given ones, as
       ``nn.MultiheadAttention`` does (its masks get zero columns for them).
-    * A query whose keys are all masked gives NaN output (and NaN weights), as in
-      ``nn.MultiheadAttention``.
+    * A query whose keys are all masked gives what ``nn.MultiheadAttention`` gives: NaN output and
+      weights with ``need_weights=True``, zero attention (``out_proj``'s bias) without.
     * ``is_causal`` is a hint that ``attn_mask`` is causal; without ``attn_mask`` it raises. As in
       ``nn.MultiheadAttention``, with ``need_weights=False`` and no ``key_padding_mask`` the causal
       mask SDPA's ``is_causal`` builds (top-left aligned) replaces ``attn_mask``; otherwise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -134,7 +135,9 @@ class DeCoProjector(nn.Module):
         first, second = KEY_LAYOUTS[keys]
         self.add_module(first, nn.Linear(in_features, hidden_features, bias=bias, **factory))
         self.add_module(second, nn.Linear(hidden_features, out_features, bias=bias, **factory))
-        self._register_load_state_dict_pre_hook(self._rename_projector_keys, with_module=True)
+        self._register_load_state_dict_pre_hook(functools.partial(self._rename_projector_keys, layers=KEY_LAYOUTS[keys]))
+
+    keys = "llava"  # the layout of a module pickled before ``keys`` existed
 
     @property
     def fc1(self) -> nn.Linear:
@@ -145,9 +148,10 @@ class DeCoProjector(nn.Module):
         return self._modules[KEY_LAYOUTS[self.keys][1]]
 
     @staticmethod
-    def _rename_projector_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                               error_msgs) -> None:
-        """Renames every recognised projector key under ``prefix`` to ours; reports (through
+    def _rename_projector_keys(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,
+                               layers: tuple[str, str] = KEY_LAYOUTS["llava"]) -> None:
+        """Renames every recognised projector key under ``prefix`` to ours (``layers``: the names of
+        the module's ``keys`` layout, registered with the hook); reports (through
         ``error_msgs``, which ``load_state_dict`` raises whatever ``strict`` says) two keys naming
         the same parameter. Keys it does not recognise are left for ``load_state_dict`` to report
         as unexpected (and our parameters as missing), as any ``nn.Module`` does."""
@@ -160,10 +164,10 @@ class DeCoProjector(nn.Module):
                 error_msgs.append(f"both {renamed[ours]!r} and {key!r} name the projector's {ours!r}; pass one checkpoint format")
                 return
             renamed[ours] = key
-        layers = dict(zip(("0", "2"), KEY_LAYOUTS[module.keys]))
+        names = dict(zip(("0", "2"), layers))  # ``layers`` defaults to LLaVA's: the hook pickled before ``keys``
         for ours, key in renamed.items():
             layer, param = ours.split(".")
-            state_dict[f"{prefix}{layers[layer]}.{param}"] = state_dict.pop(key)
+            state_dict[f"{prefix}{names[layer]}.{param}"] = state_dict.pop(key)
 
     def forward(self, x: torch.Tensor, *, grid=None, out_grid=None) -> torch.Tensor:
         grid, out_grid = _validate.grids(self.grid if grid is None else grid, self.out_grid if out_grid is None else out_grid)

@@ -169,6 +169,25 @@ def test_load_without_any_projector_key_follows_strict():
     assert all(torch.equal(proj.state_dict()[k], v) for k, v in before.items())
 
 
+def test_a_module_pickled_before_keys_existed_still_runs_and_loads():
+    """``torch.save(module)`` of a DeCoProjector from before ``keys``: no ``keys`` attribute, and its
+    load pre-hook the bare function (LLaVA's names, the default layout)."""
+    import io
+
+    proj = deco_ops.DeCoProjector(8, 10, grid=(2, 2), out_grid=(1, 1))
+    del proj.keys
+    proj._load_state_dict_pre_hooks.clear()
+    proj._register_load_state_dict_pre_hook(deco_ops.DeCoProjector._rename_projector_keys)
+    buffer = io.BytesIO()
+    torch.save(proj, buffer)
+    buffer.seek(0)
+    old = torch.load(buffer, weights_only=False)
+    fc1, fc2 = nn.Linear(8, 10), nn.Linear(10, 10)
+    old.load_state_dict({"linear_1.weight": fc1.weight, "linear_1.bias": fc1.bias,
+                         "linear_2.weight": fc2.weight, "linear_2.bias": fc2.bias})
+    assert torch.equal(old.fc1.weight, fc1.weight) and old(torch.randn(1, 4, 8)).shape == (1, 1, 10)
+
+
 def test_two_formats_for_one_parameter_raise():
     proj = deco_ops.DeCoProjector(8, 10, grid=(2, 2), out_grid=(1, 1))
     sd = dict(proj.state_dict())
