@@ -38,6 +38,7 @@ from . import _autocast, _backend, _plan, _validate, composed, reference, strate
 from ._direct import Op, custom_op, deco, register_autograd
 from ._transfer import refuse_capture, to_device
 from .kernels import packed_pool, pool_gemm
+from .kernels._traceable import tracing
 from .projector import ACTIVATIONS, add_grads, mlp_backward, needs_residuals
 
 MODES = ("average", "bilinear")
@@ -210,24 +211,17 @@ def _geometry_by_tensor_ops(grid: tuple[int, ...], out_grid: tuple[int, ...], ba
     return torch.cat([torch.tensor([*g, *o], dtype=torch.int32, device=device).expand(batch, 6), image * steps], 1)
 
 
-_TRACING_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY)
-
-
-def _traced(device: torch.device) -> bool:
-    """Whether a call's tensors are traced, not run: ``torch.compile`` / ``torch.export``, a
-    FakeTensorMode or ``make_fx``'s proxy mode (other dispatch modes, a profiler's or a kernel
-    counter's, run real tensors), or the meta device."""
-    return (torch.compiler.is_compiling() or device.type == "meta"
-            or any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES))
-
-
-def dense_geometry(grid, out_grid, batch: int, device: torch.device) -> torch.Tensor:
-    """The geometry of a dense (B, N, C) batch seen as B packed images of one grid. An eager call
-    gets the first B rows of a table built once per (grid, out_grid, device) (the same tensor for
-    the same batch, so its index tables are cached too; larger batches than the table build their
-    own); a traced call (``_traced``) gets one built by tensor ops (``_geometry_by_tensor_ops``)."""
+def dense_geometry(grid, out_grid, x: torch.Tensor) -> torch.Tensor:
+    """The geometry of the dense (B, N, C) batch ``x`` seen as B packed images of one grid. An
+    eager call gets the first B rows of a table built once per (grid, out_grid, device) (the same
+    tensor for the same batch, so its index tables are cached too; larger batches than the table
+    build their own); a traced call (``torch.compile`` / ``torch.export``, ``x`` a FakeTensor or
+    another subclass the kernels' launches call traced, ``tracing``; a profiler's or a kernel
+    counter's dispatch mode runs plain tensors) or a meta ``x`` gets one built by tensor ops
+    (``_geometry_by_tensor_ops``)."""
     grid, out_grid = tuple(grid), tuple(out_grid)
-    if _traced(device):
+    batch, device = x.shape[0], x.device
+    if torch.compiler.is_compiling() or device.type == "meta" or tracing((x,)):
         return _geometry_by_tensor_ops(grid, out_grid, batch, device)
     if batch > _capacity(grid, out_grid):
         return packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), batch, device)
@@ -455,7 +449,7 @@ def _bilinear_checked(x, grid, out_grid) -> tuple[torch.Tensor, int]:
     _validate.floating("x", x, _backend.use_triton(x.device))
     g, o = _validate.grids(grid, out_grid)
     _validate.tokens(x, g)
-    return dense_geometry(g, o, x.shape[0], x.device), math.prod(o)
+    return dense_geometry(g, o, x), math.prod(o)
 
 
 def _bilinear_plan(x, grid, out_grid) -> tuple:
@@ -662,7 +656,7 @@ def _dense_mlp_checked(x, w1, b1, w2, b2, grid, out_grid, activation, mode) -> t
     check_mlp(x, w1, b1, w2, b2, activation, mode, ACTIVATIONS)
     g, o = _validate.grids(grid, out_grid)
     _validate.tokens(x, g)
-    return dense_geometry(g, o, x.shape[0], x.device), math.prod(o), needs_residuals(x, w1, b1, w2, b2)
+    return dense_geometry(g, o, x), math.prod(o), needs_residuals(x, w1, b1, w2, b2)
 
 
 def dense_mlp_plans(op: Op, implementation: Callable) -> _plan.Plans:

@@ -265,7 +265,9 @@ def test_a_call_under_a_mode_leaves_later_calls_as_they_were(op, auto_backend):
     want = train()
     with FakeTensorMode(allow_non_fake_inputs=True) as fake:  # the weights stay real
         assert fn(fake.from_tensor(x)).shape == want.shape
+        assert fn(fake.from_tensor(x), (4, 4), (2, 2)).shape == (2, 4, want.shape[-1])  # a grid nothing cached yet
     assert_close(train(), want, torch.float32)
+    assert_close(fn(x, (4, 4), (2, 2)), fn(x.clone(), (4, 4), (2, 2)), torch.float32)  # a real table for that grid
     assert _dense_resamplers("meta")[op](x.to("meta")).shape == want.shape
     assert_close(train(), want, torch.float32)
 
