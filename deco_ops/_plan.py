@@ -6,8 +6,9 @@ geometry (grids as lists, the softmax scale), decides whether autograd needs the
 its implementation (``deco_ops.strategy``: fused kernel or composed twin) and wraps it in its
 autograd Function. All of that reads only the signature:
 
-* each tensor's type, shape, dtype, device and ``requires_grad`` (not its values, not its strides:
-  no check and no choice reads them; the kernels read strides at every launch);
+* each tensor's type, shape, dtype, device and ``requires_grad``, and whether its last dim's stride
+  is 1 (a plan may call an ATen kernel that assumes it: SDPA's CPU kernel); not its values, not its
+  other strides (no check and no choice reads them; the kernels read strides at every launch);
 * the other arguments, by value *and type* (``(4, 4)`` and ``(4, 4.0)`` or ``True`` and ``1`` are
   equal in Python but not to validation);
 * the global state: grad mode, deterministic mode (and its warn-only flag), the backend and
@@ -23,7 +24,8 @@ plan (a plan holds a strategy decision). At most ``MAX_PLANS`` per op; the oldes
 An op called again with one of the last two signatures that took the key (a model's every step)
 does not build the key at all: ``Recent`` checks the arguments against each directly, the tensors
 with dynamo's C++ ``TensorGuards`` (shape, dtype, device, ``requires_grad``, type and dispatch keys,
-not strides), the rest by type and value, for about two thirds of the key's cost (docs/host-path.md).
+the last dim's stride), the rest by type and value, in a closure installed as ``Plans.get`` for the
+last signature: about a third of the key's cost (docs/host-path.md).
 
 Only *plain eager* calls use plans (``plain``: not compiling, no dispatch mode, no functorch
 transform, no autocast region, no forward-mode AD level, every tensor a plain ``torch.Tensor`` or
@@ -36,8 +38,9 @@ of a plan: the ops run them on every call.
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
 
 import torch
@@ -121,7 +124,7 @@ def signature(args: tuple) -> tuple | None:
     for a in args:  # one entry per argument: its position says which argument it is
         kind = type(a)
         if kind is _TENSOR or kind is _PARAMETER:  # its type too: a Parameter's plan checks for a Parameter (``Recent``)
-            key += (kind, _tensor_signature(a))
+            key += (kind, _tensor_signature(a), _unit_last_stride(a))
         elif a is None:
             key += (None,)
         elif kind in _VALUES:
@@ -133,6 +136,11 @@ def signature(args: tuple) -> tuple | None:
     return tuple(key)
 
 
+def _unit_last_stride(t: torch.Tensor) -> bool:
+    """Whether ``t``'s last dim has stride 1 (False for a 0-dim tensor)."""
+    return t.stride()[-1:] == (1,)
+
+
 def _picker(positions: Sequence[int]) -> Callable[[tuple], tuple]:
     """``args -> tuple(args[i] for i in positions)`` in one C call where there are two or more."""
     if len(positions) > 1:
@@ -140,32 +148,75 @@ def _picker(positions: Sequence[int]) -> Callable[[tuple], tuple]:
     return (lambda args: (args[positions[0]],)) if positions else (lambda args: ())
 
 
+_MISS = object()  # ``Recent.test``'s answer for a call of another signature
+
+
+def _missed(args: tuple, state: tuple) -> object:
+    return _MISS
+
+
+def _no_plan(*args) -> None:
+    return None
+
+
 class Recent:
-    """One signature and its plan, in the form ``Plans.get`` checks a call against without building
-    its key: the global state, each argument's type, the values (compared once the types match,
-    so no tensor meets ``==``), the types of a sequence's items (``(4, 4) == (4, 4.0)``), and the
-    tensors' shape, dtype, device and ``requires_grad`` (and, stricter than the key, their exact
-    type and dispatch keys; not strides) through dynamo's C++ ``TensorGuards``. Holds no tensor
-    (the guard keeps metadata only)."""
+    """One signature and its plan, with two checks of a call against it that build no key:
+    ``get(*args)`` (``Plans.get`` while this is the last signature; any other call goes on to
+    ``Plans._miss``) and ``test(*args)`` (``_MISS`` for any other call). Each checks the global
+    state, the tensors' shape, dtype, device, ``requires_grad`` and last dim's stride (and,
+    stricter than the key, their exact type and dispatch keys) through dynamo's C++
+    ``TensorGuards``, which also fails a non-tensor where a tensor was; then the other arguments'
+    types, the types of a sequence's items (``(4, 4) == (4, 4.0)``) and last their values, so no
+    tensor meets ``==``. Holds no tensor (the guard keeps metadata only)."""
 
-    __slots__ = ("state", "types", "values", "pick_values", "item_types", "pick_sequences", "guard", "pick_tensors", "plan")
+    __slots__ = ("plan", "get", "test")
 
-    def __init__(self, args: tuple, state: list, plan: object):
-        self.state, self.types, self.plan = tuple(state), tuple(map(type, args)), plan
-        tensors = [i for i, kind in enumerate(self.types) if kind is _TENSOR or kind is _PARAMETER]
-        values = [i for i, kind in enumerate(self.types) if not (kind is _TENSOR or kind is _PARAMETER)]
-        sequences = [i for i, kind in enumerate(self.types) if kind is tuple or kind is list]
-        self.pick_values, self.pick_tensors = _picker(values), _picker(tensors)
-        self.values = tuple([*a] if type(a) is list else a for a in self.pick_values(args))  # a copy of each list: the caller may change theirs
-        self.pick_sequences = _picker(sequences) if sequences else None
-        self.item_types = self.pick_sequences and _item_types(self.pick_sequences(args))
-        tensors = self.pick_tensors(args)
-        shapes = [list(a.shape) for a in tensors]
-        self.guard = TensorGuards(*tensors, dynamic_dims_sizes=shapes, dynamic_dims_strides=[[None] * len(shape) for shape in shapes])
+    def __init__(self, args: tuple, state: list, plan: object, miss: Callable[[tuple, tuple], object]):
+        self.plan = plan
+        self.get, self.test = _checkers(args, tuple(state), plan, (miss, _missed))
+
+
+def _checkers(args: tuple, state: tuple, plan: object, misses: tuple[Callable[[tuple, tuple], object], ...]) -> tuple[Callable[..., object], ...]:
+    """Per ``otherwise`` in ``misses``, ``check(*call_args)``: ``plan`` for a plain call of
+    ``args``' signature (``Recent``), else ``otherwise(call_args, the global state)``; None while compiling. A
+    closure over what it compares: no attribute loads and no frame but its own (≈ 0.45 µs of a
+    1.1 µs lookup for three tensors)."""
+    types = tuple(map(type, args))
+    tensors = [i for i, kind in enumerate(types) if kind is _TENSOR or kind is _PARAMETER]
+    others = [i for i, kind in enumerate(types) if not (kind is _TENSOR or kind is _PARAMETER)]
+    sequences = [i for i, kind in enumerate(types) if kind is tuple or kind is list]
+    pick_tensors, pick_values = _picker(tensors), _picker(others) if others else None
+    value_types = tuple(types[i] for i in others)
+    values = tuple([*args[i]] if types[i] is list else args[i] for i in others)  # a copy of each list: the caller may change theirs
+    pick_sequences = _picker(sequences) if sequences else None
+    item_types = pick_sequences and _item_types(pick_sequences(args))
+    picked = pick_tensors(args)
+    shapes = [list(a.shape) for a in picked]
+    strides = [[None] * (len(shape) - 1) + [a.stride(-1)] if shape else [] for a, shape in zip(picked, shapes)]
+    check = TensorGuards(*picked, dynamic_dims_sizes=shapes, dynamic_dims_strides=strides).check
+
+    def checker(otherwise: Callable[[tuple, tuple], object]) -> Callable[..., object]:
+        def checked(*call):
+            if _is_compiling():  # first, before any state is read: a traced call takes the full path, never guards on it
+                return None
+            now = _state()
+            if now == state and check(*pick_tensors(call)):
+                if pick_values is None:
+                    return plan
+                given = pick_values(call)
+                if (tuple(map(type, given)) == value_types
+                        and (pick_sequences is None or tuple(map(tuple, map(map, repeat(type), pick_sequences(call)))) == item_types)
+                        and given == values):  # last: every item is a plain value by now
+                    return plan
+            return otherwise(call, now)
+
+        return checked
+
+    return tuple(map(checker, misses))
 
 
 def _item_types(sequences: tuple) -> tuple:
-    """The types of each sequence's items, as ``Plans.get`` computes them inline (C calls only)."""
+    """The types of each sequence's items, as a check computes them inline (C calls only)."""
     return tuple(map(tuple, map(map, repeat(type), sequences)))
 
 
@@ -173,34 +224,39 @@ class Plans:
     """The plans of one op: ``plans.get(*args)`` returns ``build(*args)`` for a plain eager call,
     built (and so validated) once per signature of ``args``, and None for any other call (it
     takes the op's full path). ``build`` raises on bad arguments, and then nothing is remembered;
-    it may return None for a signature that has no plan (the call then takes the full path)."""
+    it may return None for a signature that has no plan (the call then takes the full path).
+
+    ``get`` is an instance attribute: the last signature's ``Recent.get``, which checks a call
+    against that signature and hands any other to ``_miss`` (the signature before, then the key)."""
 
     def __init__(self, build: Callable[..., object]):
         self._build = build
         self._plans: dict[tuple, Recent] = {}
         self._recent: tuple[Recent, ...] = ()  # the last two signatures used, the last first
+        self._install()
         _all.append(self)
 
-    def get(self, *args) -> object:
-        if _is_compiling():  # first, before any state is read: a traced call takes the full path, never guards on it
+    def _install(self) -> None:
+        self.get = _no_plan if _unplanned else self._recent[0].get if self._recent else self._first
+
+    def _first(self, *args) -> object:
+        """``get`` while no signature is recent."""
+        if _is_compiling():
+            return None
+        return self._miss(args, _state())
+
+    def _miss(self, args: tuple, state: tuple) -> object:
+        """A call of any signature but the last one's, or no plain call (the full path's: one
+        test), in the global ``state``."""
+        if state[_SETTINGS_SIZE:] != _PLAIN:  # ``signature``'s answer, sooner
             return None
         recents = self._recent
-        if recents:
-            state, types = _state(), tuple(map(type, args))
-            for recent in recents:  # checked inline (``Recent``): a frame costs what the check does
-                if (
-                    state == recent.state
-                    and types == recent.types
-                    and recent.guard.check(*recent.pick_tensors(args))
-                    and (recent.pick_sequences is None
-                         or tuple(map(tuple, map(map, repeat(type), recent.pick_sequences(args)))) == recent.item_types)
-                    and recent.pick_values(args) == recent.values  # last: every item is a plain value by now
-                ):
-                    if recent is not recents[0]:  # most recent first: one signature repeated checks one
-                        self._recent = (recent, recents[0])
-                    return recent.plan
-            if state[_SETTINGS_SIZE:] != _PLAIN:  # ``signature``'s answer, known already
-                return None
+        if len(recents) > 1:
+            plan = recents[1].test(*args)
+            if plan is not _MISS:  # most recent first: alternating signatures check one each
+                self._recent = (recents[1], recents[0])
+                self._install()
+                return plan
         try:
             key = signature(args)
             if key is None:
@@ -214,17 +270,38 @@ class Plans:
             except (TypeError, ValueError) as e:  # the arguments refused (``build`` validates them first)
                 e.deco_refusal = True  # what ``_autocast.plain_call`` falls back on; nothing else
                 raise
-            recent = Recent(args, key[:_STATE_SIZE], plan)
+            recent = Recent(args, key[:_STATE_SIZE], plan, self._miss)
             self._plans[key] = recent
             if len(self._plans) > MAX_PLANS:
                 del self._plans[next(iter(self._plans))]
         recents = self._recent  # again: the build may have cleared the plans (a strategy decision changed)
         self._recent = (recent, recents[0]) if recents and recents[0] is not recent else (recent,)
+        self._install()
         return recent.plan
 
     def clear(self) -> None:
         self._plans.clear()
         self._recent = ()
+        self._install()
+
+
+_unplanned = False  # ``unplanned()``: every Plans.get answers None
+
+
+@contextlib.contextmanager
+def unplanned() -> Iterator[None]:
+    """Inside the block every call takes its op's full path, as if it had no plan (tests compare
+    a planned call with the full path's)."""
+    global _unplanned
+    _unplanned = True
+    try:
+        for plans in _all:
+            plans._install()
+        yield
+    finally:
+        _unplanned = False
+        for plans in _all:
+            plans._install()
 
 
 def chosen(implementation: Callable[..., Callable], args: tuple) -> Callable:

@@ -186,7 +186,7 @@ def _cudnn_lse_rank() -> int:
     return torch.ops.aten._scaled_dot_product_cudnn_attention(x, x, x, None, True)[1].dim()
 
 
-_cpu_kernel = torch._scaled_dot_product_flash_attention_for_cpu  # the ATen op's Python binding: no torch.ops lookup per call
+cpu_kernel = torch._scaled_dot_product_flash_attention_for_cpu  # the ATen op's Python binding: no torch.ops lookup per call
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -206,9 +206,9 @@ def cpu_sdpa(q, k, v, scale: float | None = None, bias=None) -> tuple[torch.Tens
         q, k, v = map(_unit_stride, (q, k, v))
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if scale is None and bias is None:  # keyword arguments cost the binding ~0.5 us a call
-        o, lse = _cpu_kernel(qt, kt, vt)
+        o, lse = cpu_kernel(qt, kt, vt)
     else:
-        o, lse = _cpu_kernel(qt, kt, vt, attn_mask=bias, scale=scale)
+        o, lse = cpu_kernel(qt, kt, vt, attn_mask=bias, scale=scale)
     return o.transpose(1, 2), lse
 
 

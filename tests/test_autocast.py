@@ -353,7 +353,7 @@ def test_autocast_errors_of_the_run_propagate_once(monkeypatch):
 
     with deco_ops.use_backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
         deco_ops.cross_attention(q, k, k.clone())  # the plan, built (SDPA's CPU kernel)
-        monkeypatch.setattr(composed_attention, "cpu_sdpa", failing)
+        monkeypatch.setattr(composed_attention, "cpu_kernel", failing)
         with pytest.raises(ValueError, match="the run failed"):
             deco_ops.cross_attention(q, k, k.clone())
     assert len(runs) == 1

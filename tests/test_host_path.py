@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import deco_ops
 from benchmarks import host_cost
 from deco_ops import _backend, _direct, _plan, attention, composed_attention, projector, reference_attention, strategy
-from harness import DEVICE
+from harness import DEVICE, head_strided
 
 cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="counts the PyTorch path's calls on CPU tensors")
 
@@ -28,14 +28,14 @@ cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="counts the PyTorch p
 # autocast: fp32 inputs inside a bf16 autocast region, run as the plain call of the cast inputs
 # (``_autocast.plain_call``: the casts, then the op's plan); through the dispatcher 183-389 calls.
 CALLS = {
-    "pool_mlp": {"infer": 34 + 2, "grad": 40 + 2, "fwd+bwd": 170 + 2, "autocast": 129 + 2, "autocast+bwd": 292 + 2},
-    "pool_linear": {"infer": 32 + 2, "grad": 38 + 2, "fwd+bwd": 134 + 2, "autocast": 105 + 2, "autocast+bwd": 234 + 2},
-    "adaptive_avg_pool_tokens": {"infer": 30 + 2, "grad": 35 + 2, "fwd+bwd": 120 + 2, "autocast": 70 + 2, "autocast+bwd": 187 + 2},
-    "mlp_pool": {"infer": 42 + 2, "grad": 48 + 2, "fwd+bwd": 166 + 2, "autocast": 149 + 2, "autocast+bwd": 301 + 2},
-    "merge_mlp": {"infer": 29 + 2, "grad": 39 + 2, "fwd+bwd": 164 + 2, "autocast": 152 + 2, "autocast+bwd": 314 + 2},
-    "merge_mlp_grid": {"infer": 33 + 2, "grad": 44 + 2, "fwd+bwd": 177 + 2, "autocast": 156 + 2, "autocast+bwd": 327 + 2},
-    "cross_attention": {"infer": 30 + 2, "grad": 30 + 2, "fwd+bwd": 81 + 2, "autocast": 115 + 2, "autocast+bwd": 193 + 2},
-    "pool_mlp_packed": {"infer": 52 + 2, "grad": 58 + 2, "fwd+bwd": 195 + 2, "autocast": 177 + 2, "autocast+bwd": 347 + 2},
+    "pool_mlp": {"infer": 34 + 2, "grad": 40 + 2, "fwd+bwd": 171 + 2, "autocast": 130 + 2, "autocast+bwd": 293 + 2},
+    "pool_linear": {"infer": 32 + 2, "grad": 38 + 2, "fwd+bwd": 135 + 2, "autocast": 106 + 2, "autocast+bwd": 235 + 2},
+    "adaptive_avg_pool_tokens": {"infer": 30 + 2, "grad": 35 + 2, "fwd+bwd": 121 + 2, "autocast": 71 + 2, "autocast+bwd": 188 + 2},
+    "mlp_pool": {"infer": 42 + 2, "grad": 48 + 2, "fwd+bwd": 165 + 2, "autocast": 150 + 2, "autocast+bwd": 302 + 2},
+    "merge_mlp": {"infer": 29 + 2, "grad": 39 + 2, "fwd+bwd": 165 + 2, "autocast": 153 + 2, "autocast+bwd": 315 + 2},
+    "merge_mlp_grid": {"infer": 33 + 2, "grad": 44 + 2, "fwd+bwd": 178 + 2, "autocast": 157 + 2, "autocast+bwd": 328 + 2},
+    "cross_attention": {"infer": 26 + 2, "grad": 26 + 2, "fwd+bwd": 78 + 2, "autocast": 112 + 2, "autocast+bwd": 190 + 2},
+    "pool_mlp_packed": {"infer": 52 + 2, "grad": 58 + 2, "fwd+bwd": 196 + 2, "autocast": 174 + 2, "autocast+bwd": 344 + 2},
 }
 FORWARD_LIMIT = 60  # issue 20
 
@@ -84,7 +84,7 @@ def test_plans_give_the_full_paths_bits_and_gradients(default_path):
     outputs = []
     for dispatched in (False, False, True):
         leaves = [t.clone().requires_grad_(True) for t in inputs]
-        with mock.patch.object(_plan.Plans, "get", return_value=None) if dispatched else contextlib.nullcontext():
+        with _plan.unplanned() if dispatched else contextlib.nullcontext():
             y = _pool_mlp(*leaves)
         y.backward(torch.ones_like(y))
         outputs.append([y.detach(), *(t.grad for t in leaves)])
@@ -129,7 +129,8 @@ class _SeesOps(TorchDispatchMode):
 def _variants(x, w):
     """(name, arguments, whether their signature is (x, w, (4, 4), 0.5)'s) for ``Plans.get``."""
     yield "same", (x, w, (4, 4), 0.5), True
-    yield "strides", (x.t().contiguous().t(), w, (4, 4), 0.5), True  # strides are not part of a signature
+    yield "strides", (torch.cat([x, x], 1)[:, :4], w, (4, 4), 0.5), True  # the other strides are not part of a signature
+    yield "last stride", (x.t().contiguous().t(), w, (4, 4), 0.5), False  # whether the last is 1 is
     yield "dtype", (x.double(), w, (4, 4), 0.5), False
     yield "shape", (x[:, :2], w, (4, 4), 0.5), False
     yield "requires_grad", (x.clone().requires_grad_(True), w, (4, 4), 0.5), False
@@ -148,7 +149,7 @@ def test_the_last_signatures_are_checked_as_their_key_is(variant):
     """``Plans.get`` answers a call that repeats one of the last two signatures without building
     its key (``_plan.Recent``): every difference the key tells apart (module docstring) must miss
     there, in either slot and with a third signature cycling through the dictionary; strides alone
-    must hit."""
+    but the last must hit."""
     x, w = torch.randn(3, 4), torch.randn(4)
     _, args, same = next(v for v in _variants(x, w) if v[0] == variant)
     built = []
@@ -218,7 +219,7 @@ def test_settings_are_part_of_the_signature(default_path, monkeypatch):
     a strategy set through the environment, and a decision table that changed."""
     q, k, v = host_cost._attention_inputs()
     monkeypatch.delenv(strategy.ENV_VAR, raising=False)
-    with mock.patch.object(composed_attention, "cpu_sdpa", wraps=composed_attention.cpu_sdpa) as twin:
+    with mock.patch.object(composed_attention, "cpu_kernel", wraps=composed_attention.cpu_kernel) as twin:
         deco_ops.cross_attention(q, k, v)
         assert twin.call_count == 1  # auto on the PyTorch backend: SDPA
         with deco_ops.use_strategy("fused"):
@@ -257,10 +258,15 @@ def test_deterministic_mode_and_autocast_are_not_reused(monkeypatch):
 
 
 def test_strategy_decisions_drop_the_plans(default_path):
+    plans = projector._pool_mlp_plans
     _pool_mlp(*_projector_inputs())
-    assert projector._pool_mlp_plans._plans
+    assert plans._plans
     strategy.preload({})
-    assert not projector._pool_mlp_plans._plans
+    assert not plans._plans
+    with mock.patch.object(plans, "_build", wraps=plans._build) as build:
+        _pool_mlp(*_projector_inputs())  # the last signature's check went with its plan: built again, once
+        _pool_mlp(*_projector_inputs())
+    assert build.call_count == 1
 
 
 def test_plans_are_bounded_and_hold_no_tensor(default_path, monkeypatch):
@@ -291,7 +297,7 @@ def test_backward_ops_are_planned(op, backward_op, default_path):
     grads = []
     for dispatched in (False, False, True):
         leaves = [t.clone().requires_grad_(i < case.differentiable) for i, t in enumerate(inputs)]
-        with mock.patch.object(_plan.Plans, "get", return_value=None) if dispatched else contextlib.nullcontext():
+        with _plan.unplanned() if dispatched else contextlib.nullcontext():
             y = case.ours(*leaves)
             y.backward(torch.ones_like(y))
         grads.append([t.grad for t in leaves[:case.differentiable]])
@@ -351,7 +357,7 @@ def test_plans_of_the_projectors_run_what_the_full_path_runs(op, default_path):
     runs = []
     for dispatched in (False, False, True):
         leaves = [t.clone().requires_grad_(i < case.differentiable) for i, t in enumerate(inputs)]
-        with mock.patch.object(_plan.Plans, "get", return_value=None) if dispatched else contextlib.nullcontext():
+        with _plan.unplanned() if dispatched else contextlib.nullcontext():
             y = case.ours(*leaves)
         y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE).view(y.shape))
         runs.append([y.detach(), *(t.grad for t in leaves[:case.differentiable])])
@@ -370,7 +376,7 @@ def test_packed_plans_are_keyed_on_the_tables_values(default_path):
     _, inputs = _case_inputs("pool_mlp_packed")
     layouts = [([[4, 4], [3, 4]], [[2, 2], [2, 2]]), ([[3, 4], [4, 4]], [[1, 3], [2, 2]]), ([[4, 4], [3, 4]], [[3, 1], [2, 2]])]
     for grids, out_grids in layouts:
-        with mock.patch.object(_plan.Plans, "get", return_value=None):
+        with _plan.unplanned():
             want, want_cu = _pool_mlp_packed(inputs, grids, out_grids)
         for _ in range(2):  # the first call builds the plan, the second runs it
             y, cu = _pool_mlp_packed(inputs, grids, out_grids)
@@ -427,7 +433,7 @@ def test_dense_cpu_attention_is_sdpas_own_op(dtype, shared, D, scale, default_pa
     runs = []
     for dispatched in (False, False, True):
         leaves = [_in_nan_buffer(t.to(dtype)).requires_grad_(True) for t in (q, k, v)]
-        with mock.patch.object(_plan.Plans, "get", return_value=None) if dispatched else contextlib.nullcontext():
+        with _plan.unplanned() if dispatched else contextlib.nullcontext():
             out = deco_ops.cross_attention(*leaves, softmax_scale=scale)
         names = _graph_nodes(out)
         assert not any(name.startswith("deco_") for name in names) != dispatched, names
@@ -441,6 +447,32 @@ def test_dense_cpu_attention_is_sdpas_own_op(dtype, shared, D, scale, default_pa
         assert torch.equal(runs[1][0], F.scaled_dot_product_attention(*leaves, scale=scale).transpose(1, 2))
     assert (runs[1][0].double() - reference_attention.attention_dense(q, k, v, scale=scale)).abs().max() < (
         1e-13 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 5e-2)
+
+
+@cpu_only
+@pytest.mark.parametrize("strided", ["q", "k", "v", "qkv"])
+@pytest.mark.parametrize("between", [False, True])
+def test_head_stride_is_part_of_the_signature(strided, between, default_path):
+    """The plan of a dense call whose head dims are unit-stride calls SDPA's CPU kernel on them as
+    they are (``attention._on_cpu_sdpa``); a call of the same shapes with a strided head dim
+    (``strided``: which of q, k, v) is another signature, found as such right after (``Recent``'s
+    guard) and, with another signature ``between``, by its key: it gives the float64 reference
+    forward and backward. On the unit-stride plan the kernel reads other elements of the buffer."""
+    g = torch.Generator().manual_seed(len(strided) + 5 * between)
+    B, M, N, H, D = 2, 5, 37, 3, 16
+    q, k, v, dout = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((B, M, H, D), (B, N, H, D), (B, N, H, D), (B, M, H, D)))
+    want = reference_attention.attention_dense(q, k, v)
+    want_grads = torch.autograd.grad(reference_attention.attention_dense(*(t.requires_grad_(True) for t in (q, k, v))), (q, k, v), dout)
+    deco_ops.cross_attention(*(_in_nan_buffer(t.float()) for t in (q, k, v)))  # the unit-stride plan
+    if between:
+        deco_ops.cross_attention(*(t[:1].float() for t in (q, k, v)))
+        deco_ops.cross_attention(*(t[1:].float() for t in (q, k, v)))
+    leaves = [(head_strided(t.detach().float()) if name in strided else t.detach().float()).requires_grad_(True)
+              for name, t in zip("qkv", (q, k, v))]
+    out = deco_ops.cross_attention(*leaves)
+    out.backward(head_strided(dout.float()))
+    for got, expected in zip((out.detach(), *(t.grad for t in leaves)), (want, *want_grads)):
+        assert (got.double() - expected).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("mask_shape,dtype,lens,weights", [
@@ -465,7 +497,7 @@ def test_masked_calls_are_planned(mask_shape, dtype, lens, weights, backend):
     runs = []
     for mask, dispatched in ((masks[0], False), (masks[1], False), (masks[1], True)):
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-        with mock.patch.object(_plan.Plans, "get", return_value=None) if dispatched else contextlib.nullcontext():
+        with _plan.unplanned() if dispatched else contextlib.nullcontext():
             result = deco_ops.cross_attention(*leaves, kv_lens=kv_lens, attn_mask=mask if mask is None else mask.to(DEVICE), **kwargs)
         outputs = list(result) if weights is not None else [result]
         sum(o.sum() for o in outputs).backward()

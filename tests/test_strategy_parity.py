@@ -181,13 +181,13 @@ def test_attention_strategies_agree(strategy, dtype, B, Bq, M, N, H, D, lens, de
     with deco_ops.use_strategy(strategy), \
             mock.patch.object(composed_attention, "forward", wraps=composed_attention.forward) as sdpa_fwd, \
             mock.patch.object(composed_attention, "backward", wraps=composed_attention.backward) as sdpa_bwd, \
-            mock.patch.object(composed_attention, "cpu_sdpa", wraps=composed_attention.cpu_sdpa) as cpu_sdpa, \
+            mock.patch.object(composed_attention, "cpu_kernel", wraps=composed_attention.cpu_kernel) as cpu_kernel, \
             mock.patch.object(cross_attention_fwd, "cross_attention_fwd", wraps=cross_attention_fwd.cross_attention_fwd) as kernel:
         got = _run_attention(q, k, v, dout, kv_lens)
     # composed, dense, on CPU: SDPA's CPU op whole, its own node's backward (tests/test_host_path.py)
     whole = strategy != "fused" and device.type == "cpu" and kv_lens is None
     assert (sdpa_fwd.called, sdpa_bwd.called, kernel.called) == ((False, False, True) if strategy == "fused" else (not whole, not whole, False))
-    assert cpu_sdpa.called == (strategy != "fused" and device.type == "cpu")
+    assert cpu_kernel.called == (strategy != "fused" and device.type == "cpu")
     _check_attention(got, _attention_reference(q, k, v, dout, kv_lens), dtype, kv_lens, N)
 
 
