@@ -543,8 +543,8 @@ def _plan_of(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k
     """A plain eager call's plan (no generator: a ``torch.Generator`` has no signature),
     ``plan(q, k, v, kv_lens, attn_mask)`` -> what ``cross_attention`` returns; none with packed keys
     (the offsets' values size the launch and the strategy key)."""
-    if cu_seqlens_k is not None:
-        return None
+    if cu_seqlens_k is not None or isinstance(need_weights, torch.Tensor) or isinstance(average_attn_weights, torch.Tensor):
+        return None  # flags given as tensors: a signature holds their metadata, the call reads their values
     kv_lens, _, N, scale, dropout_p, attn_bias = _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, None, attn_mask)
     records = _needs_lse(q, k, v)
     need_lse = bool(need_weights) or records
@@ -584,14 +584,15 @@ def _on_cpu_sdpa(q, k, v, kv_lens, attn_mask):
     """A planned dense call on SDPA's CPU kernel (``_plan_of``) with its own scale, a query set per
     batch row and unit-stride head dims, which is what the kernel reads: the kernel alone, its
     output back in ``(B, M, H, D)``, as ``composed_attention.cpu_sdpa`` calls it (two frames and
-    three stride tests fewer, ≈ 0.6 µs of a ≈ 10 µs call)."""
-    return composed_attention.cpu_kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))[0].transpose(1, 2)
+    three stride tests fewer, ≈ 0.6 µs of a ≈ 10 µs call), contiguous as the full path returns it
+    (the kernel lays its output out as q's storage is: heads first for a heads-first q)."""
+    return composed_attention.cpu_kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))[0].transpose(1, 2).contiguous()
 
 
 def _on_cpu_sdpa_as_given(scale, shared, q, k, v, kv_lens, attn_mask):
     """A planned dense call on SDPA's CPU kernel (``_plan_of``), any other: ``shared``, one query
     set for the batch; any head-dim strides (``cpu_sdpa`` copies what the kernel cannot read)."""
-    return composed_attention.cpu_sdpa(q.expand(k.shape[0], -1, -1, -1) if shared else q, k, v, scale)[0]
+    return composed_attention.cpu_sdpa(q.expand(k.shape[0], -1, -1, -1) if shared else q, k, v, scale)[0].contiguous()
 
 
 def _dense_plan_of(q, k, v) -> Callable | None:

@@ -103,8 +103,9 @@ class Packing:
         for g, o, n, p in zip(grids, out_grids, self.tokens, self.outs):
             rows.append([*as_3d(g), *as_3d(o), tok0, row0])
             tok0, row0 = tok0 + n, row0 + p
-        self.geometry = torch.tensor(rows, dtype=torch.int32).reshape(-1, packed_pool.GEOMETRY_FIELDS)
-        self.cu_seqlens = torch.tensor([0, *itertools.accumulate(self.outs)], dtype=torch.int32)
+        # on the host whatever a ``torch.device`` context makes the default (a plan keeps them)
+        self.geometry = torch.tensor(rows, dtype=torch.int32, device="cpu").reshape(-1, packed_pool.GEOMETRY_FIELDS)
+        self.cu_seqlens = torch.tensor([0, *itertools.accumulate(self.outs)], dtype=torch.int32, device="cpu")
 
 
 def parse(x, grids, out_grids, stride) -> Packing:
@@ -130,11 +131,14 @@ def parse(x, grids, out_grids, stride) -> Packing:
 # plans of packed calls: keyed on the grid tables' values too
 
 
-def _table_key(value) -> tuple | None:
+def _table_key(value) -> tuple | bool | None:
     """The values of a grid table (``grids``, ``out_grids``) as part of a plan's key: rows of ints,
     read to the host once (a sync where the table lives on the GPU, as the full path's read; a
-    planned call reads them nowhere else). None where ``value`` is no plain integer tensor of rows:
-    the plan's build, or the full path, says what is wrong."""
+    planned call reads them nowhere else); False for no table (``out_grids`` where a stride is
+    given). None where ``value`` is no plain integer tensor of rows: the call takes the full path,
+    which reads them and says what is wrong."""
+    if value is None:
+        return False
     if type(value) is not torch.Tensor or value.dtype not in _INT_DTYPES:
         return None
     if value.is_cuda:  # reading grids on the GPU syncs: never inside a capture (PyTorch's own error says less)
@@ -163,7 +167,10 @@ class PackedPlans:
         write to it); None for a call that takes the full path."""
         if torch.compiler.is_compiling():  # no plan (``_plan.signature``), and the full path reads the tables
             return None
-        plan = self.plans.get(tuple(map(_table_key, tables)), *args)
+        keys = tuple(map(_table_key, tables))
+        if None in keys:  # values that cannot key a plan (an integer Parameter, a 1D table): the full path reads
+            return None  # them on every call
+        plan = self.plans.get(keys, *args)
         return None if plan is None else (*plan[:-1], plan[-1].clone())
 
 

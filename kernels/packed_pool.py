@@ -281,7 +281,7 @@ def image_index(geometry: torch.Tensor, kind: str, total: int) -> torch.Tensor:
     """int32 (total,): the image of every output row (``kind="out_rows"``) or every input token
     (``"tokens"``), built on the device without a host sync the first time a geometry asks (every
     time while a trace builds it: the graph holds the ops, the cache only real tensors)."""
-    if tracing((geometry,)):
+    if tracing((geometry,)) or geometry.is_inference():  # an inference tensor has no version to check a cache by
         return _index(geometry, kind, total)
     version, tables = _image_tables.get(geometry, (None, None))
     if version != geometry._version:  # new geometry, or written in place since: rebuild

@@ -483,6 +483,37 @@ def test_cpu_pooling_with_grad_is_atens_own_op(dtype, shape, grid, out_grid, def
     assert not want.numel() or (runs[1][0].double() - want).abs().max() < (1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_planned_attention_output_is_contiguous(scale, backend):
+    """A planned call returns its output ``(B, M, H, D)``-contiguous, as the full path does, whatever
+    the layout of q's storage (heads first: SDPA's CPU kernel lays its output out as q is)."""
+    g = torch.Generator().manual_seed(21)
+    B, M, N, H, D = 2, 3, 5, 2, 4
+    q = torch.randn(B, H, M, D, generator=g).to(DEVICE).transpose(1, 2)  # heads-first storage
+    k, v = (torch.randn(B, N, H, D, generator=g).to(DEVICE) for _ in range(2))
+    want = reference_attention.attention_dense(q.double(), k.double(), v.double(), scale=scale)
+    for _ in range(2):
+        out = deco_ops.cross_attention(q, k, v, softmax_scale=scale)
+        assert out.is_contiguous()
+        assert (out.double() - want).abs().max() < 1e-5
+
+
+def test_flags_given_as_tensors_are_read_on_every_call(backend):
+    """``need_weights`` and ``average_attn_weights`` given as 0-d tensors (truthy as the bools they
+    hold) are read on every call: a plan's signature holds a tensor's metadata, not its value."""
+    g = torch.Generator().manual_seed(22)
+    q, k, v = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((2, 3, 2, 4), (2, 5, 2, 4), (2, 5, 2, 4)))
+    mask = torch.rand(3, 5, generator=g).to(DEVICE) > 0.3
+    for need, average, attn_mask in ((True, True, None), (True, False, None), (False, True, None), (True, True, None),
+                                     (False, False, mask), (True, False, mask), (False, True, mask), (True, True, mask)):
+        got = deco_ops.cross_attention(q, k, v, attn_mask=attn_mask, need_weights=torch.tensor(need),  # each flag
+                                       average_attn_weights=average if attn_mask is not None else torch.tensor(average))  # alone
+        want = deco_ops.cross_attention(q, k, v, attn_mask=attn_mask, need_weights=need, average_attn_weights=average)
+        assert type(got) is type(want)
+        for a, b in zip(got if need else (got,), want if need else (want,)):
+            assert a.shape == b.shape and torch.equal(a, b)
+
+
 @cpu_only
 @pytest.mark.parametrize("strided", ["q", "k", "v", "qkv"])
 @pytest.mark.parametrize("between", [False, True])

@@ -373,3 +373,55 @@ def test_pool_packed_fuzz_large(seed):
         (dx64,) = torch.autograd.grad(y64, x64, dy.double())
         assert_close(y, y64, torch.float32)
         assert_close(dx, dx64, torch.float32)
+
+
+def _packed_pool_reference(x, grids, out_grids):
+    """float64 pooling of each image of a packed batch (rows back to back)."""
+    outs, start = [], 0
+    for g, o in zip(grids.tolist(), out_grids.tolist()):
+        n = math.prod(g)
+        outs.append(deco_ops.reference.adaptive_avg_pool_tokens(x[start: start + n].double()[None], g, o)[0])
+        start += n
+    return torch.cat(outs)
+
+
+def test_tables_that_cannot_key_a_plan_are_read_on_every_call(backend):
+    """A packed call's plan is keyed on its grid tables' values. Tables whose values cannot key one
+    (an integer ``nn.Parameter``) take the full path on every call: a second call with other values
+    of the same shape pools by its own grids, not the first call's."""
+    x = randn(24, 8, generator=torch.Generator().manual_seed(11))
+    for rows, outs in (([[4, 4], [2, 4]], [[2, 2], [1, 3]]), ([[2, 4], [4, 4]], [[1, 3], [2, 2]]), ([[3, 4], [3, 4]], [[2, 2], [3, 1]])):
+        grids = torch.nn.Parameter(torch.tensor(rows, device=DEVICE), requires_grad=False)
+        out_grids = torch.nn.Parameter(torch.tensor(outs, device=DEVICE), requires_grad=False)
+        y, cu = deco_ops.adaptive_avg_pool_tokens_packed(x, grids, out_grids=out_grids)
+        assert_close(y, _packed_pool_reference(x, grids, out_grids), x.dtype, "pooled")
+        assert cu.tolist() == [0, math.prod(outs[0]), math.prod(outs[0]) + math.prod(outs[1])]
+
+
+def test_plan_made_under_a_device_context_keeps_host_tables(backend):
+    """A packed call's plan holds host tables built on the CPU whatever ``torch.device`` context the
+    call that built them ran in; the later calls of its signature use them, outside the context too."""
+    x = randn(24, 8, generator=torch.Generator().manual_seed(12))
+    grids, out_grids = torch.tensor([[4, 4], [2, 4]], device=DEVICE), torch.tensor([[2, 2], [1, 1]], device=DEVICE)
+    with torch.device("meta"):
+        y, cu = deco_ops.adaptive_avg_pool_tokens_packed(x, grids, out_grids=out_grids)
+    for _ in range(2):
+        assert y.device == cu.device == x.device
+        assert_close(y, _packed_pool_reference(x, grids, out_grids), x.dtype, "pooled")
+        y, cu = deco_ops.adaptive_avg_pool_tokens_packed(x, grids, out_grids=out_grids)
+
+
+def test_packed_calls_under_inference_mode(backend):
+    """Under ``torch.inference_mode()`` the geometry tables are inference tensors, which have no
+    version counter: the kernels' image index is built for them without its cache; a plan made
+    there serves the ``no_grad`` calls of its signature too."""
+    x = randn(24, 8, generator=torch.Generator().manual_seed(13))
+    grids, out_grids = torch.tensor([[4, 4], [2, 4]], device=DEVICE), torch.tensor([[2, 2], [1, 1]], device=DEVICE)
+    w1, b1, w2, b2 = randn(6, 8, generator=torch.Generator().manual_seed(14)), randn(6, generator=torch.Generator().manual_seed(15)), randn(5, 6, generator=torch.Generator().manual_seed(16)), randn(5, generator=torch.Generator().manual_seed(17))
+    want = _packed_pool_reference(x, grids, out_grids)
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+        with mode():
+            y, _ = deco_ops.adaptive_avg_pool_tokens_packed(x, grids, out_grids=out_grids)
+            z, _ = deco_ops.pool_mlp_packed(x, grids, w1, b1, w2, b2, out_grids=out_grids)
+        assert_close(y, want, x.dtype, "pooled")
+        assert_close(z, F.linear(F.gelu(F.linear(want, w1.double(), b1.double())), w2.double(), b2.double()), x.dtype, "projected")
