@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _validate_attention
 from ._checks import value_checks
 from .attention import cross_attention
 
@@ -54,12 +55,30 @@ def _reads_values(mask: torch.Tensor) -> bool:
             and value_checks(mask.device))
 
 
-def _additive(name: str, mask: torch.Tensor) -> torch.Tensor:
-    """An ``nn.MultiheadAttention`` mask as an additive float mask: bool True (= not allowed)
-    becomes -inf, a float mask is added as it is."""
+def _check_mask_kind(name: str, mask) -> None:
+    """An ``nn.MultiheadAttention`` mask is a bool or float tensor."""
     if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.is_floating_point()):
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise TypeError(f"{name} must be a bool or float tensor (True or -inf = not allowed), got {got}")
+
+
+def _check_key_padding_mask(key_padding_mask, batch: int | None, keys: int, device: torch.device) -> None:
+    """A module's ``key_padding_mask``: a bool or float tensor of shape (``batch``, ``keys``), or
+    (``keys``,) for unbatched inputs (``batch`` None), on the inputs' ``device``; checked before
+    anything reads it."""
+    _check_mask_kind("key_padding_mask", key_padding_mask)
+    shape = (keys,) if batch is None else (batch, keys)
+    if tuple(key_padding_mask.shape) != shape:
+        what = "unbatched inputs take a key_padding_mask of shape (keys,)" if batch is None else "key_padding_mask must have shape (batch, keys)"
+        raise ValueError(f"{what} = {shape}, got {tuple(key_padding_mask.shape)}")
+    if key_padding_mask.device != device:
+        raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but the inputs are on {device}")
+
+
+def _additive(name: str, mask: torch.Tensor) -> torch.Tensor:
+    """An ``nn.MultiheadAttention`` mask as an additive float mask: bool True (= not allowed)
+    becomes -inf, a float mask is added as it is."""
+    _check_mask_kind(name, mask)
     if mask.dtype != torch.bool:
         return mask
     return torch.where(mask, float("-inf"), 0.0)  # not in place: a vmapped mask fills a batched result
@@ -87,11 +106,8 @@ def mha_masks_to_bias(key_padding_mask, attn_mask, B: int, H: int, M: int, N: in
     (B, 1 or H, 1 or M, N) for ``deco_ops.cross_attention``'s ``attn_mask``: any pattern (holes,
     left padding), never read on the host. None without masks."""
     terms = []
-    if key_padding_mask is not None:
-        kpm = _additive("key_padding_mask", key_padding_mask)
-        if tuple(kpm.shape) != (B, N):
-            raise ValueError(f"key_padding_mask must have shape (batch, keys) = {(B, N)}, got {tuple(kpm.shape)}")
-        terms.append(kpm[:, None, None, :])
+    if key_padding_mask is not None:  # checked by the caller (``_check_key_padding_mask``)
+        terms.append(_additive("key_padding_mask", key_padding_mask)[:, None, None, :])
     if attn_mask is not None:
         am = _additive("attn_mask", attn_mask)
         if am.dim() == 2 and tuple(am.shape) == (M, N):
@@ -236,8 +252,9 @@ class CrossAttention(nn.Module):
         batch_dim = 0 if self.batch_first else 1
         if batched and query.shape[batch_dim] != key.shape[batch_dim]:
             raise ValueError(f"query has batch {query.shape[batch_dim]} but key has {key.shape[batch_dim]} ({layout})")
-        if not batched and isinstance(key_padding_mask, torch.Tensor) and key_padding_mask.dim() != 1:
-            raise ValueError(f"unbatched inputs take a key_padding_mask of shape (keys,), got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask is not None:
+            keys = key.shape[-2] if batched and self.batch_first else key.shape[0]
+            _check_key_padding_mask(key_padding_mask, key.shape[batch_dim] if batched else None, keys, query.device)
         return batched
 
     def forward(
@@ -295,9 +312,9 @@ class CrossAttention(nn.Module):
         if causal:
             allowed = torch.ones(M, k.shape[1], dtype=torch.bool, device=q.device).tril()
             bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))[None, None]
-        shape = (B, -1, self.num_heads, self.head_dim)
+        heads = (self.num_heads, self.head_dim)
         result = cross_attention(
-            q.view(shape), k.view(shape), v.view(shape), attn_mask=bias, dropout_p=self.dropout if self.training else 0.0,
+            q.view(B, M, *heads), k.view(B, k.shape[1], *heads), v.view(B, v.shape[1], *heads), attn_mask=bias, dropout_p=self.dropout if self.training else 0.0,
             need_weights=need_weights, average_attn_weights=average_attn_weights,
         )
         o, weights = result if need_weights else (result, None)
@@ -379,6 +396,8 @@ class QueryResampler(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.kv_dim:
             raise ValueError(f"x must be (batch, tokens, kv_dim={self.kv_dim}), got {getattr(x, 'shape', x)!r}")
         B, N, _ = x.shape
+        if key_padding_mask is not None:
+            _check_key_padding_mask(key_padding_mask, B, N, x.device)
         bias = mha_masks_to_bias(key_padding_mask, None, B, self.num_heads, self.num_queries, N)
         q = self.q_proj(self.ln_q(self.queries)).view(1, self.num_queries, self.num_heads, self.head_dim)
         kv = self.ln_kv(x)
@@ -386,7 +405,7 @@ class QueryResampler(nn.Module):
         v = self.v_proj(kv).view(B, N, self.num_heads, self.head_dim)
         dropout = self.dropout if self.training else 0.0
         if bias is not None and bias.requires_grad:  # a learned mask: the kernels give masks no gradient
-            o = _attention_learning_the_bias(q, k, v, kv_lens, bias, dropout)
+            o = _attention_learning_the_bias(q, k, v, _validate_attention.kv_lens(kv_lens, B, x.device), bias, dropout)
         else:
             o = cross_attention(q, k, v, kv_lens=kv_lens, attn_mask=bias, dropout_p=dropout)
         return self.out_proj(o.reshape(B, self.num_queries, self.embed_dim))

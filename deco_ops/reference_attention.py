@@ -163,7 +163,7 @@ def attention_fwd(q, k, v, kv_lens, scale, dropout_p, rng, bias=None):
             p = torch.where(_chunk_keep(rng, B, H, M, N, start, stop, dropout_p, q.device), p / (1.0 - dropout_p), 0.0)
         acc = acc * alpha[..., None] + p @ _chunk_values(v, valid, start, stop, ct).permute(0, 2, 1, 3)
         m = m_new
-    has_keys = l > 0
+    has_keys = l != 0  # NaN (a NaN in the mask) too, as the kernels' ``store_output``
     out = acc / torch.where(has_keys, l, 1.0)[..., None]
     lse = torch.where(has_keys, m + torch.log(torch.where(has_keys, l, 1.0)), float("inf"))
     return out.permute(0, 2, 1, 3).to(q.dtype).contiguous(), lse

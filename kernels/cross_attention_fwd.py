@@ -156,7 +156,8 @@ def load_bias(base, rows, cols, valid, stride_row, stride_col):
 @triton.jit
 def add_bias(s, bias):
     """Scores ``s`` (base-2 units, scale folded in) plus an additive mask in natural units: -inf
-    drops the key exactly (even where the dot gave NaN); finite values are clamped at MIN_BIAS,
+    drops the key exactly (even where the dot gave NaN); NaN is added as NaN (the row's output is
+    NaN, as SDPA's; a plain maximum would clamp it to MIN_BIAS); finite values are clamped at MIN_BIAS,
     an fp64 mask in its own dtype before the cast to the scores' (its lowest finite value would
     become -inf in fp32 and drop a row that PyTorch averages), a 16-bit one after its exact cast
     to fp32 (Triton's interpreter keeps bf16 as raw 16-bit integers, whose maximum with MIN_BIAS
@@ -164,7 +165,7 @@ def add_bias(s, bias):
     dropped = bias == float("-inf")
     if bias.dtype != tl.float64:
         bias = bias.to(tl.float32)
-    bias = tl.maximum(bias, MIN_BIAS).to(s.dtype)
+    bias = tl.maximum(bias, MIN_BIAS, propagate_nan=tl.PropagateNan.ALL).to(s.dtype)  # a NaN stays NaN, as SDPA adds it
     return tl.where(dropped, float("-inf"), s + bias * LOG2E_JIT)
 
 
@@ -318,8 +319,9 @@ def store_partial(o_ptr, m_ptr, l_ptr, acc, m_i, l_i, state, row_mask, dims, dim
 @triton.jit
 def store_output(o_ptr, lse_ptr, acc, m_i, l_i, b, h, bh, M, rows, row_mask, dims, dim_mask, sob, som, soh, sod):
     """O = acc / l (zero rows where l == 0) and LSE = (m + log2 l) * ln 2 (+inf where l == 0). ``h``
-    and ``bh`` may be per row (``h`` shaped (rows, 1)) for a program over several heads."""
-    has_keys = l_i > 0
+    and ``bh`` may be per row (``h`` shaped (rows, 1)) for a program over several heads. A NaN l
+    (a NaN in the mask) is a row with keys: its output and LSE are NaN, so are its weights, as SDPA's."""
+    has_keys = l_i != 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     o_ptrs = o_ptr + b.to(tl.int64) * sob + h * soh + rows.to(tl.int64)[:, None] * som + dims[None, :] * sod
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])

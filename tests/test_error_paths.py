@@ -178,6 +178,8 @@ CASES = [
      "key_padding_mask must be a bool or float tensor .*got torch.int64"),
     ("mask-shape", lambda mp: cross_attention_module(torch.zeros(1, 5, dtype=torch.bool)), ValueError,
      r"key_padding_mask must have shape \(batch, keys\) = \(1, 4\)"),
+    ("mha-mask-device", lambda mp: cross_attention_module(torch.zeros(1, 4, dtype=torch.bool, device="meta")), ValueError,
+     "key_padding_mask is on meta but the inputs are on cpu"),
     ("mha-attn-mask-shape", lambda mp: cross_attention_module(attn_mask=torch.zeros(3, 5)), ValueError,
      r"attn_mask must have shape \(queries, keys\) = \(3, 4\) or \(batch \* num_heads, queries, keys\)"),
     ("mha-dropout", lambda mp: deco_ops.CrossAttention(16, 2, dropout=1.5), ValueError, r"dropout must be a float in \[0, 1\), got 1.5"),
@@ -195,6 +197,9 @@ CASES = [
     ("mha-is-causal", lambda mp: deco_ops.CrossAttention(16, 1)(torch.randn(3, 1, 16), torch.randn(4, 1, 16), torch.randn(4, 1, 16),
                                                                 need_weights=False, is_causal=True),
      ValueError, "is_causal is a hint that attn_mask is the causal mask"),
+    ("resampler-learned-mask-lens", lambda mp: deco_ops.QueryResampler(4, 16, 8, 2)(
+        torch.randn(2, 5, 8), kv_lens=torch.tensor([5.0, 3.0]), key_padding_mask=torch.zeros(2, 5, requires_grad=True)),
+     TypeError, "kv_lens must be int32 or int64, got torch.float32"),
     ("resampler-dropout", lambda mp: deco_ops.QueryResampler(4, 16, 8, 2, dropout=-0.1), ValueError, r"dropout must be a float in \[0, 1\), got -0.1"),
     ("resampler-dropout-none", lambda mp: deco_ops.QueryResampler(4, 16, 8, 2, dropout=None), TypeError, r"dropout must be a float in \[0, 1\), got NoneType"),
     ("mha-dropout-bool", lambda mp: deco_ops.CrossAttention(16, 2, dropout=True), TypeError, r"dropout must be a float in \[0, 1\), got bool"),

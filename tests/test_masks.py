@@ -241,6 +241,29 @@ def test_nan_keys_dropped_for_every_query_are_ignored(backend, strategy):
             assert_close(got, want, torch.float32, f"{name} ({mask.dtype} mask)")
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("strategy", ["auto", "fused"])
+def test_nan_in_a_float_mask_gives_the_rows_it_reaches_nan(backend, mask_dtype, strategy):
+    """A NaN in a float mask is added as NaN, as ``F.scaled_dot_product_attention`` adds it: the
+    query rows it reaches are NaN (output and weights), every other row is the softmax of its own
+    scores. (The kernels' clamp at -1e30 once turned NaN into -1e30: a key silently dropped.)"""
+    g = torch.Generator().manual_seed(10)
+    B, M, N, H, D = 2, 4, 24, 2, 16
+    q, k, v = randn(B, M, H, D, generator=g), randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
+    mask = randn(B, H, M, N, generator=g).to(mask_dtype)
+    mask[1, 0, 2, 7] = float("nan")
+    with deco_ops.use_strategy(strategy):
+        out, weights = cross_attention(q, k, v, attn_mask=mask, need_weights=True, average_attn_weights=False)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*(t.double().transpose(1, 2) for t in (q, k, v)), attn_mask=mask.double())
+    assert torch.equal(torch.isnan(out), torch.isnan(sdpa.transpose(1, 2)))
+    assert torch.isnan(out[1, 2, 0]).all() and not torch.isnan(out[1, 2, 1]).any() and torch.isnan(out).sum() == D
+    assert torch.isnan(weights[1, 0, 2]).all() and torch.isnan(weights).sum() == N
+    ref, ref_p = _softmax_reference(q, k, v, mask.double().nan_to_num(0.0))
+    rows = ~torch.isnan(out)
+    assert_close(out[rows], ref[rows], torch.float32, "out of the other rows")
+    assert_close(weights[~torch.isnan(weights)], ref_p[~torch.isnan(weights)], torch.float32, "weights of the other rows")
+
+
 @pytest.mark.parametrize("average", [True, False])
 def test_weights_match_softmax_and_carry_gradients(backend, average):
     g = torch.Generator().manual_seed(4)

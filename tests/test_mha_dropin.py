@@ -131,6 +131,21 @@ def test_unbatched_fused_path(backend):
     _compare(ours, mha, inputs, key_padding_mask=_mask("bool", batched=False), need_weights=False)
 
 
+@pytest.mark.parametrize("config", ["defaults", "bias_kv", "zero_attn_bias_kv_kdim"])
+def test_empty_batch_matches_multihead_attention(backend, config):
+    """A batch of no entry (B = 0, a data loader's last empty shard) gives what
+    nn.MultiheadAttention gives with its default need_weights=True: outputs and weights of no
+    element, of its shapes; without the weights (where MHA's own reshape fails), the output."""
+    ours, mha = _pair(CONFIGS[config])
+    layout = (lambda n, d: torch.randn(0, n, d)) if CONFIGS[config].get("batch_first") else (lambda n, d: torch.randn(n, 0, d))
+    inputs = layout(L, E), layout(S, CONFIGS[config].get("kdim", E)), layout(S, CONFIGS[config].get("vdim", E))
+    kpm = torch.zeros(0, S, dtype=torch.bool)
+    got, want = ours(*inputs, key_padding_mask=kpm), mha(*(t.double() for t in inputs), key_padding_mask=kpm)
+    assert got[0].shape == want[0].shape and got[1].shape == want[1].shape
+    out, weights = ours(*inputs, key_padding_mask=kpm, need_weights=False)
+    assert out.shape == want[0].shape and weights is None
+
+
 def _causal(kind):
     allowed = torch.ones(L, S, dtype=torch.bool).tril(S - L)
     return ~allowed if kind == "bool" else torch.zeros(L, S).masked_fill(~allowed, float("-inf"))
