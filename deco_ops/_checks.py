@@ -1,12 +1,15 @@
-"""Whether validation may read tensor *values* (``kv_lens`` in range, ``cu_seqlens_k`` monotone,
-a padding mask that is right padding).
+"""Whether checks may read tensor *values* on the host. One does: the attention modules' warning
+about a bool ``key_padding_mask`` row that ignores every key (a Hugging Face keep-mask passed
+uninverted). Nothing else needs to: ``kv_lens`` values are never read (every path clamps them into
+``[0, N]``, so a bad length gives a defined answer, never an out-of-bounds access), and
+``cu_seqlens_k`` is always read (its values size the launch).
 
 Reading a CUDA tensor's values on the host blocks until the GPU has caught up with the stream, so
-on CUDA such checks are off by default: the hot path never synchronises. The kernels clamp what
-they read to the tensors' bounds, so an unchecked bad value gives a wrong answer, never an
-out-of-bounds access. On the CPU a value read costs nothing, so the checks are on by default.
+on CUDA such checks are off by default: the hot path never synchronises. On the CPU a value read
+costs nothing, so they are on by default.
 
-``DECO_OPS_CHECKS=1`` turns them on everywhere (debugging), ``DECO_OPS_CHECKS=0`` off everywhere.
+``DECO_OPS_CHECKS=1`` turns them on everywhere (debugging), ``DECO_OPS_CHECKS=0`` off everywhere;
+any other value raises where a check would read it.
 """
 
 from __future__ import annotations

@@ -287,14 +287,20 @@ def positive_int(name: str, value) -> int:
     return value
 
 
+def check_eps(eps) -> float:
+    """The norm's epsilon: a finite real number >= 0 (a SymFloat under torch.compile: comparisons only)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    return eps
+
+
 def _check_params(x, norm_weight, norm_bias, w1, b1, w2, b2, merge, norm, norm_position, eps, activation):
     """Checks every argument but the token layout; returns (norm, pre, eps)."""
     C = x.shape[-1]
     merge = positive_int("merge_size", merge)
     _choice("norm", norm, NORMS)
     pre = _choice("norm_position", norm_position, NORM_POSITIONS) == "pre"
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:  # comparisons: a SymFloat under torch.compile
-        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    check_eps(eps)
     width, width_name = (C, "x.shape[-1]") if pre else (merge * merge * C, "merge_size**2 * x.shape[-1]")
     for name, p in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         if p is not None:

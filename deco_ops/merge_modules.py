@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import _validate
-from .merge import NORM_POSITIONS, NORMS, ORDERS, merge_mlp, positive_int
+from .merge import NORM_POSITIONS, NORMS, ORDERS, check_eps, merge_mlp, positive_int
 from .projector import ACTIVATIONS
 
 # Where each family keeps (norm, first Linear, second Linear) in its state_dict.
@@ -128,7 +128,7 @@ class PatchMergerProjector(nn.Module):
             if not isinstance(value, str) or value not in choices:
                 raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
         self.merge_size, self.order, self.norm_type, self.norm_position = merge_size, order, norm, norm_position
-        self.eps, self.activation = float(eps), _validate.activation(activation, ACTIVATIONS)
+        self.eps, self.activation = float(check_eps(eps)), _validate.activation(activation, ACTIVATIONS)
         self.grid = None if grid is None else _validate.grid("grid", grid)
         if self.grid is not None and order != "grid":
             raise ValueError("grid is only used with order='grid'")

@@ -281,3 +281,12 @@ def test_saved_for_backward_bytes(name, c, d, capsys):
     with capsys.disabled():
         print(f"\nsaved-for-backward bytes, PatchMergerProjector / eager HF {name}: {ratio:.4f} ({fused} / {eager}), target <= {bound}")
     assert ratio <= bound
+
+
+@pytest.mark.parametrize("eps,error", [(-1.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError), ("a", ValueError),
+                                       (None, ValueError), (True, ValueError)])
+def test_bad_eps_raises_when_the_module_is_built(eps, error):
+    """The norm's eps is checked where the module is built, with the op's message naming it, not
+    at its first forward (or by ``float()``'s message)."""
+    with pytest.raises(error, match="eps must be a finite float >= 0"):
+        deco_ops.PatchMergerProjector(8, 16, eps=eps)

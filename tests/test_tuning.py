@@ -285,3 +285,14 @@ def test_tune_dry_run_of_own_shape_only(capsys):
     with pytest.raises(SystemExit):
         tune.main(["--dry-run", "--shape", "pool_mlp:batch=3"])
     assert "lacks ['grid'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["missing.json", "."])
+def test_a_table_named_but_not_there_raises_naming_the_variable(where, tmp_path, monkeypatch):
+    """``DECO_OPS_TUNING_TABLE`` naming no file (a typo, a directory) raises where the table is
+    loaded, naming the variable, instead of running without the table the user asked for."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(tuning_tables, "_tables", {})
+    monkeypatch.setenv(tuning_tables.ENV_VAR, str(tmp_path / where))
+    with pytest.raises(ValueError, match="DECO_OPS_TUNING_TABLE=.* is not a file"):
+        tuning_tables.load_named("Fake GPU")
