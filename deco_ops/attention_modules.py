@@ -22,12 +22,30 @@ def _positive(name: str, value) -> int:
 
 
 def _dropout(value) -> float:
-    """A module's attention dropout probability, checked (a real number in [0, 1), numpy's too; not a bool)."""
+    """A module's attention dropout probability, checked (a real number in [0, 1], numpy's too; not
+    a bool): 1.0 too, as ``nn.MultiheadAttention`` takes it (``_dropped``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"dropout must be a float in [0, 1), got {type(value).__name__} {value!r}")
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {value!r}")
+        raise TypeError(f"dropout must be a float in [0, 1], got {type(value).__name__} {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1], got {value!r}")
     return float(value)
+
+
+def _dropped(t: torch.Tensor | None, dropout_p: float) -> torch.Tensor | None:
+    """``t`` (attention output or weights computed without dropout) as dropout with ``dropout_p``
+    = 1 leaves it: every probability times 0, as ``F.dropout(p=1)`` drops them in
+    ``nn.MultiheadAttention`` (NaN stays NaN; gradients are zeros, not absent). The kernels take
+    dropout in [0, 1): a module runs p = 1 as no dropout, then this."""
+    return t if t is None or dropout_p < 1.0 else t * 0.0
+
+
+def _no_attention(q: torch.Tensor, shape: tuple[int, int, int, int, int], need_weights: bool, average: bool) -> tuple:
+    """(the (B, M, H, D) attention output, the weights or None) of a call with no query or no key
+    (``shape`` = (B, M, N, H, D), M or N = 0), as ``nn.MultiheadAttention``'s empty softmax gives
+    them: zeros (its output is ``out_proj``'s bias), weights of no element; the kernels take
+    neither. In q's dtype and device."""
+    B, M, N, H, D = shape
+    return q.new_zeros((B, M, H, D)), (q.new_zeros((B, M, N) if average else (B, H, M, N)) if need_weights else None)
 
 
 def _head_dim(embed_dim: int, num_heads: int) -> int:
@@ -127,6 +145,8 @@ def mha_masks_to_bias(key_padding_mask, attn_mask, B: int, H: int, M: int, N: in
 def _warn_if_every_key_ignored(key_padding_mask: torch.Tensor) -> None:
     """A bool row of all True ignores every key: what a Hugging Face keep-mask (True = keep) of an
     unpadded row looks like when passed uninverted."""
+    if not key_padding_mask.shape[-1]:  # no key to ignore (nn.MultiheadAttention's empty softmax: ``_no_attention``)
+        return
     rows = torch.nonzero(key_padding_mask.reshape(-1, key_padding_mask.shape[-1]).all(-1)).flatten().tolist()
     if rows:
         warnings.warn(
@@ -157,6 +177,9 @@ class CrossAttention(nn.Module):
       ``nn.MultiheadAttention`` does (its masks get zero columns for them).
     * A query whose keys are all masked gives what ``nn.MultiheadAttention`` gives: NaN output and
       weights with ``need_weights=True``, zero attention (``out_proj``'s bias) without.
+    * Shapes and settings MHA takes that the kernels do not: no query or no key (L or S = 0: zero
+      attention, ``out_proj``'s bias, and weights of no element), and ``dropout=1.0`` (every
+      probability times 0 in training, as ``F.dropout(p=1)``).
     * ``is_causal`` is a hint that ``attn_mask`` is causal; without ``attn_mask`` it raises. As in
       ``nn.MultiheadAttention``, with ``need_weights=False`` and no ``key_padding_mask`` the causal
       mask SDPA's ``is_causal`` builds (top-left aligned) replaces ``attn_mask``; otherwise
@@ -309,15 +332,20 @@ class CrossAttention(nn.Module):
         if extra_k:  # after the given keys, as nn.MultiheadAttention: the weights' columns line up
             k, v = torch.cat([k, *extra_k], 1), torch.cat([v, *extra_v], 1)
             bias = None if bias is None else F.pad(bias, (0, len(extra_k)))
+        if not (M and k.shape[1]):
+            o, weights = _no_attention(q, (B, M, k.shape[1], self.num_heads, self.head_dim), need_weights, average_attn_weights)
+            return self.out_proj(o.reshape(B, M, self.embed_dim)), weights
         if causal:
             allowed = torch.ones(M, k.shape[1], dtype=torch.bool, device=q.device).tril()
             bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))[None, None]
         heads = (self.num_heads, self.head_dim)
+        dropout = self.dropout if self.training else 0.0
         result = cross_attention(
-            q.view(B, M, *heads), k.view(B, k.shape[1], *heads), v.view(B, v.shape[1], *heads), attn_mask=bias, dropout_p=self.dropout if self.training else 0.0,
-            need_weights=need_weights, average_attn_weights=average_attn_weights,
+            q.view(B, M, *heads), k.view(B, k.shape[1], *heads), v.view(B, v.shape[1], *heads), attn_mask=bias,
+            dropout_p=dropout if dropout < 1.0 else 0.0, need_weights=need_weights, average_attn_weights=average_attn_weights,
         )
         o, weights = result if need_weights else (result, None)
+        o, weights = _dropped(o, dropout), _dropped(weights, dropout)
         if weights is not None and bias is not None:
             # Queries without any allowed key, as nn.MultiheadAttention gives them: NaN (output and
             # weights) where it returns weights (its softmax of a row of -inf); without weights its
@@ -404,8 +432,11 @@ class QueryResampler(nn.Module):
         k = self.k_proj(kv).view(B, N, self.num_heads, self.head_dim)
         v = self.v_proj(kv).view(B, N, self.num_heads, self.head_dim)
         dropout = self.dropout if self.training else 0.0
-        if bias is not None and bias.requires_grad:  # a learned mask: the kernels give masks no gradient
-            o = _attention_learning_the_bias(q, k, v, _validate_attention.kv_lens(kv_lens, B, x.device), bias, dropout)
+        kernel_dropout = dropout if dropout < 1.0 else 0.0  # p = 1: ``_dropped``
+        if not N:
+            o, _ = _no_attention(q, (B, self.num_queries, N, self.num_heads, self.head_dim), False, True)
+        elif bias is not None and bias.requires_grad:  # a learned mask: the kernels give masks no gradient
+            o = _attention_learning_the_bias(q, k, v, _validate_attention.kv_lens(kv_lens, B, x.device), bias, kernel_dropout)
         else:
-            o = cross_attention(q, k, v, kv_lens=kv_lens, attn_mask=bias, dropout_p=dropout)
-        return self.out_proj(o.reshape(B, self.num_queries, self.embed_dim))
+            o = cross_attention(q, k, v, kv_lens=kv_lens, attn_mask=bias, dropout_p=kernel_dropout)
+        return self.out_proj(_dropped(o, dropout).reshape(B, self.num_queries, self.embed_dim))

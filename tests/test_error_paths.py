@@ -182,7 +182,7 @@ CASES = [
      "key_padding_mask is on meta but the inputs are on cpu"),
     ("mha-attn-mask-shape", lambda mp: cross_attention_module(attn_mask=torch.zeros(3, 5)), ValueError,
      r"attn_mask must have shape \(queries, keys\) = \(3, 4\) or \(batch \* num_heads, queries, keys\)"),
-    ("mha-dropout", lambda mp: deco_ops.CrossAttention(16, 2, dropout=1.5), ValueError, r"dropout must be a float in \[0, 1\), got 1.5"),
+    ("mha-dropout", lambda mp: deco_ops.CrossAttention(16, 2, dropout=1.5), ValueError, r"dropout must be a float in \[0, 1\], got 1.5"),
     ("mha-not-a-tensor", lambda mp: cross_attention_module(query=[[0.0]]), TypeError, "query must be a torch.Tensor, got list"),
     ("mha-rank", lambda mp: cross_attention_module(query=torch.randn(3, 16)), ValueError,
      r"query, key and value must all be batched \(batch, tokens, features\) or all unbatched"),
@@ -200,9 +200,9 @@ CASES = [
     ("resampler-learned-mask-lens", lambda mp: deco_ops.QueryResampler(4, 16, 8, 2)(
         torch.randn(2, 5, 8), kv_lens=torch.tensor([5.0, 3.0]), key_padding_mask=torch.zeros(2, 5, requires_grad=True)),
      TypeError, "kv_lens must be int32 or int64, got torch.float32"),
-    ("resampler-dropout", lambda mp: deco_ops.QueryResampler(4, 16, 8, 2, dropout=-0.1), ValueError, r"dropout must be a float in \[0, 1\), got -0.1"),
-    ("resampler-dropout-none", lambda mp: deco_ops.QueryResampler(4, 16, 8, 2, dropout=None), TypeError, r"dropout must be a float in \[0, 1\), got NoneType"),
-    ("mha-dropout-bool", lambda mp: deco_ops.CrossAttention(16, 2, dropout=True), TypeError, r"dropout must be a float in \[0, 1\), got bool"),
+    ("resampler-dropout", lambda mp: deco_ops.QueryResampler(4, 16, 8, 2, dropout=-0.1), ValueError, r"dropout must be a float in \[0, 1\], got -0.1"),
+    ("resampler-dropout-none", lambda mp: deco_ops.QueryResampler(4, 16, 8, 2, dropout=None), TypeError, r"dropout must be a float in \[0, 1\], got NoneType"),
+    ("mha-dropout-bool", lambda mp: deco_ops.CrossAttention(16, 2, dropout=True), TypeError, r"dropout must be a float in \[0, 1\], got bool"),
     ("resampler-x", lambda mp: deco_ops.QueryResampler(4, 16, 24, 2)(torch.randn(1, 4, 16)), ValueError,
      r"x must be \(batch, tokens, kv_dim=24\)"),
     # modules

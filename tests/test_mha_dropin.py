@@ -146,6 +146,54 @@ def test_empty_batch_matches_multihead_attention(backend, config):
     assert out.shape == want[0].shape and weights is None
 
 
+@pytest.mark.parametrize("config", ["defaults", "bias_kv", "zero_attn_bias_kv_kdim"])
+@pytest.mark.parametrize("queries,keys", [(0, S), (L, 0), (0, 0)])
+@pytest.mark.parametrize("need_weights,average", [(True, True), (True, False), (False, True)])
+def test_no_query_or_no_key_matches_multihead_attention(backend, config, queries, keys, need_weights, average):
+    """No query or no key (L or S = 0), which nn.MultiheadAttention takes: its output (zero
+    attention, out_proj's bias, or with add_bias_kv / add_zero_attn the keys those add) and weights
+    of its shapes, forward and backward; a bool padding mask of no key warns of nothing."""
+    ours, mha = _pair(CONFIGS[config])
+    g = torch.Generator().manual_seed(queries + 3 * keys)
+    first = CONFIGS[config].get("batch_first")
+    layout = (lambda n, d: randn(B, n, d, generator=g)) if first else (lambda n, d: randn(n, B, d, generator=g))
+    inputs = layout(queries, E), layout(keys, CONFIGS[config].get("kdim", E)), layout(keys, CONFIGS[config].get("vdim", E))
+    kwargs = {"need_weights": need_weights, "average_attn_weights": average, "key_padding_mask": torch.zeros(B, keys, dtype=torch.bool)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, weights, grads = _run(ours, inputs, torch.float32, **kwargs)
+    if not need_weights and not keys and config == "defaults":  # MHA's SDPA call cannot reshape keys of no element:
+        assert weights is None and torch.equal(out, ours.out_proj.bias.detach().expand_as(out))  # its empty softmax's answer
+        return
+    ref, ref_weights, _ = _run(mha, inputs, torch.float64, **kwargs)
+    assert out.shape == ref.shape and (weights is None) == (ref_weights is None)
+    assert_close(out, ref, torch.float32, "attn_output")
+    if weights is not None:
+        assert weights.shape == ref_weights.shape
+        assert_close(weights, ref_weights, torch.float32, "attn_output_weights")
+    assert all(grad is None or torch.isfinite(grad).all() for grad in grads.values())
+
+
+@pytest.mark.parametrize("config", ["defaults", "zero_attn_bias_kv_kdim"])
+def test_dropout_of_one_matches_multihead_attention(backend, config):
+    """``dropout=1.0``, which nn.MultiheadAttention takes: in training every probability is dropped
+    (the output is out_proj's bias, the weights zeros, gradients to the projections zeros); in eval
+    no dropout at all. The QueryResampler takes it too."""
+    config = {**CONFIGS[config], "dropout": 1.0}
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, **config).double()
+    ours = CrossAttention(E, H, **config)
+    ours.load_state_dict(mha.state_dict())
+    inputs = _inputs(config)
+    _compare(ours, mha, inputs, key_padding_mask=_mask("bool"))
+    ours.eval(), mha.eval()
+    _compare(ours, mha, inputs, key_padding_mask=_mask("bool"))
+    resampler = deco_ops.QueryResampler(4, E, 6, H, dropout=1.0)
+    x = randn(B, S, 6, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(resampler(x), resampler.out_proj.bias.expand(B, 4, E))
+    assert not torch.equal(resampler.eval()(x), resampler.out_proj.bias.expand(B, 4, E))
+
+
 def _causal(kind):
     allowed = torch.ones(L, S, dtype=torch.bool).tril(S - L)
     return ~allowed if kind == "bool" else torch.zeros(L, S).masked_fill(~allowed, float("-inf"))
