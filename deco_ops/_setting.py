@@ -97,8 +97,9 @@ class Setting:
 
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[None]:
-        """Force ``name`` inside a ``with`` block, in the current thread / context only."""
-        token = self.overrides.set(self.check(name, self.what))
+        """Force ``name`` inside a ``with`` block, in the current thread / context only; spelled as
+        the environment variable may be (any case, surrounding spaces)."""
+        token = self.overrides.set(self.check(name.strip().lower() if isinstance(name, str) else name, self.what))
         try:
             yield
         finally:

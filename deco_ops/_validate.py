@@ -4,12 +4,22 @@ argument, before anything is launched."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REFERENCE_ONLY_DTYPES = (torch.float64,)
+
+
+def positive_int(name: str, value, minimum: int = 1) -> int:
+    """A size argument: an integer (numpy's too, as ``nn`` modules take them; not a bool) of at
+    least ``minimum``, as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
 
 
 def tensor(name: str, value, ndim: int | None = None) -> torch.Tensor:

@@ -10,15 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _validate_attention
+from . import _validate, _validate_attention
 from ._checks import value_checks
 from .attention import cross_attention
-
-
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _dropout(value) -> float:
@@ -48,12 +42,12 @@ def _no_attention(q: torch.Tensor, shape: tuple[int, int, int, int, int], need_w
     return q.new_zeros((B, M, H, D)), (q.new_zeros((B, M, N) if average else (B, H, M, N)) if need_weights else None)
 
 
-def _head_dim(embed_dim: int, num_heads: int) -> int:
-    _positive("embed_dim", embed_dim)
-    _positive("num_heads", num_heads)
+def _heads(embed_dim, num_heads) -> tuple[int, int, int]:
+    """(embed_dim, num_heads, head_dim) as Python ints, checked."""
+    embed_dim, num_heads = _validate.positive_int("embed_dim", embed_dim), _validate.positive_int("num_heads", num_heads)
     if embed_dim % num_heads:
         raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
-    return embed_dim // num_heads
+    return embed_dim, num_heads, embed_dim // num_heads
 
 
 def _hf_hint(key_padding_mask: torch.Tensor) -> str:
@@ -205,10 +199,10 @@ class CrossAttention(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.head_dim = _head_dim(embed_dim, num_heads)
+        embed_dim, num_heads, self.head_dim = _heads(embed_dim, num_heads)
         self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.kdim = embed_dim if kdim is None else _positive("kdim", kdim)
-        self.vdim = embed_dim if vdim is None else _positive("vdim", vdim)
+        self.kdim = embed_dim if kdim is None else _validate.positive_int("kdim", kdim)
+        self.vdim = embed_dim if vdim is None else _validate.positive_int("vdim", vdim)
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         self.dropout = _dropout(dropout)
         self.batch_first = bool(batch_first)
@@ -405,9 +399,9 @@ class QueryResampler(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.num_queries = _positive("num_queries", num_queries)
-        self.kv_dim = _positive("kv_dim", kv_dim)
-        self.head_dim = _head_dim(embed_dim, num_heads)
+        self.num_queries = _validate.positive_int("num_queries", num_queries)
+        self.kv_dim = _validate.positive_int("kv_dim", kv_dim)
+        embed_dim, num_heads, self.head_dim = _heads(embed_dim, num_heads)
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.dropout = _dropout(dropout)
         self.queries = nn.Parameter(torch.empty((num_queries, embed_dim), **factory))
@@ -421,8 +415,9 @@ class QueryResampler(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_lens: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.kv_dim:
-            raise ValueError(f"x must be (batch, tokens, kv_dim={self.kv_dim}), got {getattr(x, 'shape', x)!r}")
+        _validate.tensor("x", x, 3)
+        if x.shape[-1] != self.kv_dim:
+            raise ValueError(f"x must be (batch, tokens, kv_dim={self.kv_dim}), got {tuple(x.shape)}")
         B, N, _ = x.shape
         if key_padding_mask is not None:
             _check_key_padding_mask(key_padding_mask, B, N, x.device)

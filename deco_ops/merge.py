@@ -281,12 +281,6 @@ def _choice(name: str, value, choices) -> str:
     return value
 
 
-def positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def check_eps(eps) -> float:
     """The norm's epsilon: a finite real number >= 0 (a SymFloat under torch.compile: comparisons only)."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
@@ -297,7 +291,7 @@ def check_eps(eps) -> float:
 def _check_params(x, norm_weight, norm_bias, w1, b1, w2, b2, merge, norm, norm_position, eps, activation):
     """Checks every argument but the token layout; returns (norm, pre, eps)."""
     C = x.shape[-1]
-    merge = positive_int("merge_size", merge)
+    merge = _validate.positive_int("merge_size", merge)
     _choice("norm", norm, NORMS)
     pre = _choice("norm_position", norm_position, NORM_POSITIONS) == "pre"
     check_eps(eps)
@@ -323,13 +317,20 @@ def _check_params(x, norm_weight, norm_bias, w1, b1, w2, b2, merge, norm, norm_p
     return merge, pre, float(eps)
 
 
+def check_merge_grid(grid, merge: int) -> tuple[int, ...]:
+    """A "grid"-order input's grid, checked against the merge size (also where a module is built)."""
+    g = _validate.grid("grid", grid)
+    if g[-2] % merge or g[-1] % merge:
+        raise ValueError(f"grid {g}: H and W must be multiples of merge_size = {merge}")
+    return g
+
+
 def _merge_grid(grid, merge: int, tokens: int) -> list[int]:
     """(T, H, W) of a dense "grid"-order input, checked against the token count and merge size."""
     g = _validate.grid("grid", grid)
     if math.prod(g) != tokens:
         raise ValueError(f"x has {tokens} tokens but grid {g} needs {math.prod(g)}")
-    if g[-2] % merge or g[-1] % merge:
-        raise ValueError(f"grid {g}: H and W must be multiples of merge_size = {merge}")
+    g = check_merge_grid(g, merge)
     return [1, *g] if len(g) == 2 else list(g)
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import _validate
-from .merge import NORM_POSITIONS, NORMS, ORDERS, check_eps, merge_mlp, positive_int
+from .merge import NORM_POSITIONS, NORMS, ORDERS, check_eps, check_merge_grid, merge_mlp
 from .projector import ACTIVATIONS
 
 # Where each family keeps (norm, first Linear, second Linear) in its state_dict.
@@ -75,7 +75,7 @@ def _config_merge_size(config) -> int:
     for candidate in (config, getattr(config, "vision_config", None)):
         side = getattr(candidate, "spatial_merge_size", None)
         if side is not None:
-            return positive_int("config's spatial_merge_size", side)
+            return _validate.positive_int("config's spatial_merge_size", side)
     raise ValueError(
         f"config ({type(config).__name__}) has no downsample_ratio (InternVL) or spatial_merge_size (Qwen-VL) "
         "to give merge_size; pass merge_size="
@@ -119,19 +119,19 @@ class PatchMergerProjector(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features), ("merge_size", merge_size)):
-            positive_int(name, value)
+        in_features, out_features, merge_size = (_validate.positive_int(name, value) for name, value in (
+            ("in_features", in_features), ("out_features", out_features), ("merge_size", merge_size)))
         merged = merge_size * merge_size * in_features
-        hidden_features = positive_int("hidden_features", merged if hidden_features is None else hidden_features)
+        hidden_features = _validate.positive_int("hidden_features", merged if hidden_features is None else hidden_features)
         for name, value, choices in (("order", order, ORDERS), ("norm", norm, NORMS),
                                      ("norm_position", norm_position, NORM_POSITIONS), ("keys", keys, tuple(KEY_LAYOUTS))):
             if not isinstance(value, str) or value not in choices:
                 raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
         self.merge_size, self.order, self.norm_type, self.norm_position = merge_size, order, norm, norm_position
         self.eps, self.activation = float(check_eps(eps)), _validate.activation(activation, ACTIVATIONS)
-        self.grid = None if grid is None else _validate.grid("grid", grid)
-        if self.grid is not None and order != "grid":
+        if grid is not None and order != "grid":
             raise ValueError("grid is only used with order='grid'")
+        self.grid = None if grid is None else check_merge_grid(grid, merge_size)
         self.keys = keys
         factory = {"device": device, "dtype": dtype}
         width = in_features if norm_position == "pre" else merged
@@ -204,7 +204,7 @@ class PatchMergerProjector(nn.Module):
             raise TypeError(f"from_hf does not know {kind}; expected a Qwen2-VL/Qwen2.5-VL/Qwen3-VL patch merger or InternVLMultiModalProjector")
         sources = {}
         if merge_size is not None:
-            sources["merge_size"] = positive_int("merge_size", merge_size)
+            sources["merge_size"] = _validate.positive_int("merge_size", merge_size)
         if config is not None:
             sources["config"] = _config_merge_size(config)
         if inferred is not None:

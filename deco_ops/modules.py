@@ -114,14 +114,9 @@ class DeCoProjector(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        hidden_features = out_features if hidden_features is None else hidden_features
-        if isinstance(hidden_features, bool) or not isinstance(hidden_features, int) or hidden_features < 1:
-            raise ValueError(f"hidden_features must be a positive int, got {hidden_features!r}")
-        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+        in_features, out_features = (_validate.positive_int(name, value) for name, value in (("in_features", in_features), ("out_features", out_features)))
+        hidden_features = _validate.positive_int("hidden_features", out_features if hidden_features is None else hidden_features)
+        num_prefix_tokens = _validate.positive_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
         self.grid, self.out_grid = _validate.grids(grid, out_grid)
         self.activation = activation_name(activation)
         if not isinstance(order, str) or order not in ORDERS:

@@ -203,6 +203,7 @@ CASES = [
     ("resampler-dropout", lambda mp: deco_ops.QueryResampler(4, 16, 8, 2, dropout=-0.1), ValueError, r"dropout must be a float in \[0, 1\], got -0.1"),
     ("resampler-dropout-none", lambda mp: deco_ops.QueryResampler(4, 16, 8, 2, dropout=None), TypeError, r"dropout must be a float in \[0, 1\], got NoneType"),
     ("mha-dropout-bool", lambda mp: deco_ops.CrossAttention(16, 2, dropout=True), TypeError, r"dropout must be a float in \[0, 1\], got bool"),
+    ("resampler-x-type", lambda mp: deco_ops.QueryResampler(4, 16, 24, 2)([[0.0]]), TypeError, "x must be a torch.Tensor, got list"),
     ("resampler-x", lambda mp: deco_ops.QueryResampler(4, 16, 24, 2)(torch.randn(1, 4, 16)), ValueError,
      r"x must be \(batch, tokens, kv_dim=24\)"),
     # modules

@@ -290,3 +290,14 @@ def test_bad_eps_raises_when_the_module_is_built(eps, error):
     at its first forward (or by ``float()``'s message)."""
     with pytest.raises(error, match="eps must be a finite float >= 0"):
         deco_ops.PatchMergerProjector(8, 16, eps=eps)
+
+
+def test_grid_that_merge_size_does_not_divide_raises_when_built():
+    """A fixed grid whose H or W is no multiple of merge_size is refused where the module is built,
+    with the op's message, not at its first forward; sizes may be numpy integers, as nn's take them."""
+    import numpy as np
+
+    with pytest.raises(ValueError, match=r"grid \(3, 3\): H and W must be multiples of merge_size = 2"):
+        deco_ops.PatchMergerProjector(8, 16, order="grid", grid=(3, 3))
+    module = deco_ops.PatchMergerProjector(np.int64(8), np.int64(16), merge_size=np.int64(2), order="grid", grid=(4, 6))
+    assert module(torch.randn(1, 24, 8)).shape == (1, 6, 16)

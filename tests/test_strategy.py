@@ -541,25 +541,28 @@ def test_backward_runs_under_the_forward_s_overrides():
 
 def test_direct_backward_runs_under_the_forward_s_backend_not_the_caller_s(monkeypatch):
     """The same for the ops' direct path (``deco.<name>``'s Function, which keeps the context in
-    its forward): a pooling run under ``use_backend("torch")`` un-pools with PyTorch even when its
-    backward is started under another override, on the calling thread (CPU autograd), and with
-    the environment asking for Triton (what an empty context would see)."""
+    its forward): a ``pool_linear`` run under ``use_backend("torch")`` un-pools with PyTorch even
+    when its backward is started under another override, on the calling thread (CPU autograd), and
+    with the environment asking for Triton (what an empty context would see). (A pooling call
+    alone is ATen's own op there, whose backward has no backend to choose.)"""
     from unittest import mock
 
     from deco_ops import _backend, reference
     from deco_ops.kernels import adaptive_pool
 
     monkeypatch.setenv(_backend.SETTING.var, "triton")
-    x = torch.randn(2, 16, 3, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 3, generator=g).requires_grad_()
+    w, b = torch.randn(5, 3, generator=g), torch.randn(5, generator=g)
     with deco_ops.use_backend("torch"):
-        out = deco_ops.adaptive_avg_pool_tokens(x, (4, 4), (2, 2))
-    assert type(out.grad_fn).__name__ == "deco_adaptive_avg_pool_tokensBackward"  # the direct path's Function
+        out = deco_ops.pool_linear(x, w, b, grid=(4, 4), out_grid=(2, 2))
+    assert type(out.grad_fn).__name__ == "deco_pool_linearBackward"  # the direct path's Function
     with deco_ops.use_backend("triton"), \
             mock.patch.object(adaptive_pool, "unpool_tokens", wraps=adaptive_pool.unpool_tokens) as kernel, \
             mock.patch.object(reference, "unpool_tokens", wraps=reference.unpool_tokens) as pytorch:
         out.sum().backward()
     assert pytorch.call_count == 1 and not kernel.called
-    torch.testing.assert_close(x.grad, torch.full_like(x, 0.25))
+    torch.testing.assert_close(x.grad, w.sum(0).expand_as(x) / 4)
 
 
 def _rank_decides(rank: int, world: int, init_file: str, cache_root: str, results) -> None:
@@ -609,3 +612,14 @@ def test_sync_setting(monkeypatch):
         strategy._synchronised()
     monkeypatch.setenv(strategy.SYNC_ENV, "1")
     assert not strategy._synchronised()  # no process group here
+
+
+def test_overrides_are_spelled_as_the_environment_variables_may_be(monkeypatch):
+    """``use_backend``/``use_strategy`` take a name in any case with surrounding spaces, as
+    ``DECO_OPS_BACKEND``/``DECO_OPS_STRATEGY`` do; a name that is none of the choices still raises."""
+    with deco_ops.use_backend(" TORCH "), deco_ops.use_strategy("Composed"):
+        assert deco_ops._backend.selected() == "torch" and strategy.SETTING.selected() == "composed"
+    monkeypatch.setenv(strategy.ENV_VAR, " Fused ")
+    assert strategy.SETTING.selected() == "fused"
+    with pytest.raises(ValueError, match="strategy must be one of"), deco_ops.use_strategy("FAST"):
+        pass
