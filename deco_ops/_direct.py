@@ -196,6 +196,16 @@ class Op:
             # is kept as ``_keeping_context`` keeps it, without that function's frame.
             def forward(ctx, *args):
                 output = impl(*args)
+                # The first output, the one the public call returns, detached where it is a view of
+                # a tensor the op made (a GEMM's rows as ``y.view(B, P, N)``): the same storage,
+                # sizes and strides, no view in autograd's sense, which refuses in-place changes to
+                # a view that a Function of several outputs returns; the eager code an op replaces
+                # allows them (``y = projector(x); y += pos``). The others are residuals the caller
+                # never sees. A view of an argument would stay one (autograd must know it aliases).
+                # Inline: no frame on every recorded call.
+                first = output[0] if type(output) is tuple else output
+                if first is not None and first._is_view() and id(first._base) not in map(id, args):
+                    output = first.detach() if first is output else (first.detach(), *output[1:])
                 setup_context(ctx, args, output)
                 ctx.forward_context = _copy_context()
                 return output

@@ -274,6 +274,11 @@ class CrossAttention(nn.Module):
             _check_key_padding_mask(key_padding_mask, key.shape[batch_dim] if batched else None, keys, query.device)
         return batched
 
+    # nn.TransformerEncoderLayer's inference fast path asks its ``self_attn`` to merge the masks
+    # before it runs its own fused kernel on the layer's parameters (ours, under MHA's names); the
+    # method reads ``num_heads`` only
+    merge_masks = nn.MultiheadAttention.merge_masks
+
     def forward(
         self,
         query: torch.Tensor,

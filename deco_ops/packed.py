@@ -131,22 +131,27 @@ def parse(x, grids, out_grids, stride) -> Packing:
 # plans of packed calls: keyed on the grid tables' values too
 
 
-def _table_key(value) -> tuple | bool | None:
-    """The values of a grid table (``grids``, ``out_grids``) as part of a plan's key: rows of ints,
-    read to the host once (a sync where the table lives on the GPU, as the full path's read; a
-    planned call reads them nowhere else); False for no table (``out_grids`` where a stride is
-    given). None where ``value`` is no plain integer tensor of rows: the call takes the full path,
-    which reads them and says what is wrong."""
-    if value is None:
-        return False
-    if type(value) is not torch.Tensor or value.dtype not in _INT_DTYPES:
-        return None
-    if value.is_cuda:  # reading grids on the GPU syncs: never inside a capture (PyTorch's own error says less)
-        refuse_capture()
-    try:
-        return tuple(map(tuple, value.tolist()))
-    except (TypeError, RuntimeError, NotImplementedError):  # no rows (a 1D table), a meta tensor
-        return None
+def _tables_key(tables: tuple) -> tuple | None:
+    """The values of a call's grid tables (``grids``, ``out_grids``) as part of a plan's key: rows
+    of ints, read to the host once (a sync where a table lives on the GPU, as the full path's read;
+    a planned call reads them nowhere else); False for no table (``out_grids`` where a stride is
+    given). None where a table is no plain integer tensor of rows: the call takes the full path,
+    which reads them on every call and says what is wrong. One frame for the tables, and no call
+    but the reads' (every op call on a packed batch pays this)."""
+    keys = ()
+    for value in tables:
+        if value is None:
+            keys += (False,)
+            continue
+        if value.__class__ is not torch.Tensor or value.dtype not in _INT_DTYPES:
+            return None
+        if value.is_cuda:  # reading grids on the GPU syncs: never inside a capture (PyTorch's own error says less)
+            refuse_capture()
+        try:
+            keys += (tuple(map(tuple, value.tolist())),)
+        except (TypeError, RuntimeError, NotImplementedError):  # no rows (a 1D table), a meta tensor
+            return None
+    return keys
 
 
 class PackedPlans:
@@ -167,8 +172,8 @@ class PackedPlans:
         write to it); None for a call that takes the full path."""
         if torch.compiler.is_compiling():  # no plan (``_plan.signature``), and the full path reads the tables
             return None
-        keys = tuple(map(_table_key, tables))
-        if None in keys:  # values that cannot key a plan (an integer Parameter, a 1D table): the full path reads
+        keys = _tables_key(tables)
+        if keys is None:  # values that cannot key a plan (an integer Parameter, a 1D table): the full path reads
             return None  # them on every call
         plan = self.plans.get(keys, *args)
         return None if plan is None else (*plan[:-1], plan[-1].clone())

@@ -194,6 +194,28 @@ def test_dropout_of_one_matches_multihead_attention(backend, config):
     assert not torch.equal(resampler.eval()(x), resampler.out_proj.bias.expand(B, 4, E))
 
 
+@pytest.mark.parametrize("mask", [None, "bool"])
+def test_transformer_encoder_layer_takes_it_as_self_attention(mask):
+    """In ``nn.TransformerEncoderLayer`` as ``self_attn`` (MHA's parameters and state_dict keys),
+    training and the inference fast path (``merge_masks``, then PyTorch's fused layer on the same
+    parameters) give the layer's outputs with MHA."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=32, dropout=0.0, batch_first=True).double()
+    ours = nn.TransformerEncoderLayer(E, H, dim_feedforward=32, dropout=0.0, batch_first=True).double()
+    ours.self_attn = CrossAttention(E, H, batch_first=True, dtype=torch.float64)
+    ours.load_state_dict(layer.state_dict())
+    x = randn(B, S, E, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    kpm = None if mask is None else _mask("bool")
+    assert_close(ours(x, src_key_padding_mask=kpm), layer(x, src_key_padding_mask=kpm), torch.float32, "train")
+    ours.eval(), layer.eval()
+    with torch.no_grad():
+        got, want = ours(x, src_key_padding_mask=kpm), layer(x, src_key_padding_mask=kpm)
+    if kpm is not None:  # the fast path returns a nested tensor's padding as zeros: compare the real tokens
+        keep = ~kpm[..., None]
+        got, want = got * keep, want * keep
+    assert_close(got, want, torch.float32, "fast path")
+
+
 def _causal(kind):
     allowed = torch.ones(L, S, dtype=torch.bool).tril(S - L)
     return ~allowed if kind == "bool" else torch.zeros(L, S).masked_fill(~allowed, float("-inf"))

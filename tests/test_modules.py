@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import deco_ops
-from harness import assert_close
+from harness import DEVICE, assert_close, randn
 
 
 class AvgPoolProjector(nn.Module):
@@ -199,3 +199,44 @@ def test_two_formats_for_one_parameter_raise():
 @pytest.mark.parametrize("hf_name,ours", sorted(deco_ops.modules.HF_ACTIVATIONS.items()))
 def test_hf_activation_names(hf_name, ours):
     assert deco_ops.DeCoProjector(8, 8, grid=(2, 2), out_grid=(1, 1), activation=hf_name).activation == ours
+
+
+def _grids():
+    return torch.tensor([[4, 4], [2, 4]], device=DEVICE), torch.tensor([[2, 2], [1, 2]], device=DEVICE)
+
+
+_IN_PLACE_CASES = {
+    "pool_mlp": lambda x, xp, w: deco_ops.pool_mlp(x, *w, grid=(4, 4), out_grid=(2, 2)),
+    "pool_linear": lambda x, xp, w: deco_ops.pool_linear(x, *w[:2], grid=(4, 4), out_grid=(2, 2)),
+    "mlp_pool": lambda x, xp, w: deco_ops.mlp_pool(x, *w, grid=(4, 4), out_grid=(2, 2)),
+    "adaptive_avg_pool_tokens": lambda x, xp, w: deco_ops.adaptive_avg_pool_tokens(x, (4, 4), (2, 2)),
+    "bilinear_pool_tokens": lambda x, xp, w: deco_ops.bilinear_pool_tokens(x, (4, 4), (3, 3)),
+    "merge_mlp": lambda x, xp, w: deco_ops.merge_mlp(x, None, None, torch.ones(6, 32, device=DEVICE), None, w[2], w[3]),
+    "merge_mlp 2D": lambda x, xp, w: deco_ops.merge_mlp(x[0], None, None, torch.ones(6, 32, device=DEVICE), None, w[2], w[3]),
+    "pool_mlp_packed": lambda x, xp, w: deco_ops.pool_mlp_packed(xp, _grids()[0], *w, out_grids=_grids()[1])[0],
+    "bilinear_pool_tokens_packed": lambda x, xp, w: deco_ops.bilinear_pool_tokens_packed(xp, _grids()[0], out_grids=_grids()[1])[0],
+    "merge_mlp_packed": lambda x, xp, w: deco_ops.merge_mlp_packed(xp, _grids()[0], None, None, torch.ones(6, 32, device=DEVICE), None, w[2], w[3])[0],
+    "cross_attention weights": lambda x, xp, w: deco_ops.cross_attention(
+        x.view(2, 4, 4, 8)[:, :3], x.view(2, 4, 4, 8), x.view(2, 4, 4, 8), need_weights=True)[1],
+}
+
+
+@pytest.mark.parametrize("op", list(_IN_PLACE_CASES))
+def test_outputs_may_be_changed_in_place_as_eager_ones(op, backend):
+    """What an op returns can be changed in place before backward, as the eager code it replaces
+    allows (``y = projector(x); y += pos_embed``): autograd refuses that for a view that a Function
+    of several outputs returns, and the ops' bodies return their GEMM rows as such views. The
+    gradients are those of the unchanged call (adding a constant)."""
+    g = torch.Generator().manual_seed(4)
+    x, xp = randn(2, 16, 8, generator=g), randn(24, 8, generator=g)
+    weights = [randn(*shape, generator=g) for shape in ((6, 8), (6,), (5, 6), (5,))]
+    grads = []
+    for in_place in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (x, xp, *weights)]
+        y = _IN_PLACE_CASES[op](leaves[0], leaves[1], leaves[2:])
+        if in_place:
+            y += 1.0
+        y.sum().backward()
+        grads.append([t.grad for t in leaves])
+    for plain, changed in zip(*grads):
+        assert (plain is None) == (changed is None) and (plain is None or torch.equal(plain, changed))
