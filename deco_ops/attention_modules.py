@@ -33,13 +33,16 @@ def _dropped(t: torch.Tensor | None, dropout_p: float) -> torch.Tensor | None:
     return t if t is None or dropout_p < 1.0 else t * 0.0
 
 
-def _no_attention(q: torch.Tensor, shape: tuple[int, int, int, int, int], need_weights: bool, average: bool) -> tuple:
+def _no_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_weights: bool, average: bool) -> tuple:
     """(the (B, M, H, D) attention output, the weights or None) of a call with no query or no key
-    (``shape`` = (B, M, N, H, D), M or N = 0), as ``nn.MultiheadAttention``'s empty softmax gives
-    them: zeros (its output is ``out_proj``'s bias), weights of no element; the kernels take
-    neither. In q's dtype and device."""
-    B, M, N, H, D = shape
-    return q.new_zeros((B, M, H, D)), (q.new_zeros((B, M, N) if average else (B, H, M, N)) if need_weights else None)
+    (q (B, M, H, D), k and v (B, N, H, D), M or N = 0), which the kernels take neither of: the
+    softmax and product as ``nn.MultiheadAttention`` computes them, PyTorch's ops on tensors of no
+    element. The output is zeros (``out_proj``'s bias after it), the weights have no element, and
+    the gradients reach the projections as zeros, not as None (optimizers step them, DDP sees them
+    used)."""
+    w = torch.softmax(q.transpose(1, 2) @ k.permute(0, 2, 3, 1), -1)  # (B, H, M, N)
+    o = (w @ v.transpose(1, 2)).transpose(1, 2)
+    return o, ((w.mean(1) if average else w) if need_weights else None)
 
 
 def _heads(embed_dim, num_heads) -> tuple[int, int, int]:
@@ -331,17 +334,18 @@ class CrossAttention(nn.Module):
         if extra_k:  # after the given keys, as nn.MultiheadAttention: the weights' columns line up
             k, v = torch.cat([k, *extra_k], 1), torch.cat([v, *extra_v], 1)
             bias = None if bias is None else F.pad(bias, (0, len(extra_k)))
+        heads = (self.num_heads, self.head_dim)
+        q, k, v = q.view(B, M, *heads), k.view(B, k.shape[1], *heads), v.view(B, v.shape[1], *heads)
         if not (M and k.shape[1]):
-            o, weights = _no_attention(q, (B, M, k.shape[1], self.num_heads, self.head_dim), need_weights, average_attn_weights)
+            o, weights = _no_attention(q, k, v, need_weights, average_attn_weights)
             return self.out_proj(o.reshape(B, M, self.embed_dim)), weights
         if causal:
             allowed = torch.ones(M, k.shape[1], dtype=torch.bool, device=q.device).tril()
             bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))[None, None]
-        heads = (self.num_heads, self.head_dim)
         dropout = self.dropout if self.training else 0.0
         result = cross_attention(
-            q.view(B, M, *heads), k.view(B, k.shape[1], *heads), v.view(B, v.shape[1], *heads), attn_mask=bias,
-            dropout_p=dropout if dropout < 1.0 else 0.0, need_weights=need_weights, average_attn_weights=average_attn_weights,
+            q, k, v, attn_mask=bias, dropout_p=dropout if dropout < 1.0 else 0.0, need_weights=need_weights,
+            average_attn_weights=average_attn_weights,
         )
         o, weights = result if need_weights else (result, None)
         o, weights = _dropped(o, dropout), _dropped(weights, dropout)
@@ -434,7 +438,7 @@ class QueryResampler(nn.Module):
         dropout = self.dropout if self.training else 0.0
         kernel_dropout = dropout if dropout < 1.0 else 0.0  # p = 1: ``_dropped``
         if not N:
-            o, _ = _no_attention(q, (B, self.num_queries, N, self.num_heads, self.head_dim), False, True)
+            o, _ = _no_attention(q.expand(B, -1, -1, -1), k, v, False, True)
         elif bias is not None and bias.requires_grad:  # a learned mask: the kernels give masks no gradient
             o = _attention_learning_the_bias(q, k, v, _validate_attention.kv_lens(kv_lens, B, x.device), bias, kernel_dropout)
         else:

@@ -188,13 +188,7 @@ def _plan_of(x, grid, out_grid) -> tuple:
     """A plain eager call's plan: (what runs it, grid, out_grid)."""
     g, o = _checked(x, grid, out_grid)
     records = torch.is_grad_enabled() and x.requires_grad
-    run = _plan.runner(deco.adaptive_avg_pool_tokens, pool_implementation, (x, g, o), records)
-    if records and _plan.chosen(pool_implementation, (x, g, o)) is _pool_reference and x.shape[0] and x.shape[2]:
-        # ATen's pooling is the whole op, and its backward is what the op's backward runs on the same
-        # gradient (``_unpool_reference``): called differentiably, autograd records ATen's C++ nodes, no
-        # Python Function (tokens with no element: the reference's empty result has no graph)
-        run = _pool_reference
-    return run, g, o
+    return _plan.runner(deco.adaptive_avg_pool_tokens, pool_implementation, (x, g, o), records), g, o
 
 
 _plans = _plan.Plans(_plan_of)

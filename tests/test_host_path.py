@@ -4,7 +4,6 @@ count is deterministic; the time it stands for is ``python -m benchmarks.host_co
 
 import contextlib
 import gc
-import math
 import weakref
 from unittest import mock
 
@@ -15,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import deco_ops
 from benchmarks import host_cost
-from deco_ops import _backend, _direct, _plan, attention, composed_attention, projector, reference, reference_attention, strategy
+from deco_ops import _backend, _direct, _plan, attention, composed_attention, projector, reference_attention, strategy
 from harness import DEVICE, head_strided
 
 cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="counts the PyTorch path's calls on CPU tensors")
@@ -31,7 +30,7 @@ cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="counts the PyTorch p
 CALLS = {
     "pool_mlp": {"infer": 34 + 2, "grad": 43 + 2, "fwd+bwd": 174 + 2, "autocast": 130 + 2, "autocast+bwd": 296 + 2},
     "pool_linear": {"infer": 32 + 2, "grad": 41 + 2, "fwd+bwd": 138 + 2, "autocast": 106 + 2, "autocast+bwd": 238 + 2},
-    "adaptive_avg_pool_tokens": {"infer": 30 + 2, "grad": 30 + 2, "fwd+bwd": 78 + 2, "autocast": 71 + 2, "autocast+bwd": 145 + 2},
+    "adaptive_avg_pool_tokens": {"infer": 30 + 2, "grad": 38 + 2, "fwd+bwd": 124 + 2, "autocast": 71 + 2, "autocast+bwd": 191 + 2},
     "mlp_pool": {"infer": 42 + 2, "grad": 49 + 2, "fwd+bwd": 166 + 2, "autocast": 150 + 2, "autocast+bwd": 303 + 2},
     "merge_mlp": {"infer": 29 + 2, "grad": 42 + 2, "fwd+bwd": 168 + 2, "autocast": 153 + 2, "autocast+bwd": 318 + 2},
     "merge_mlp_grid": {"infer": 33 + 2, "grad": 47 + 2, "fwd+bwd": 181 + 2, "autocast": 157 + 2, "autocast+bwd": 331 + 2},
@@ -448,39 +447,6 @@ def test_dense_cpu_attention_is_sdpas_own_op(dtype, shared, D, scale, default_pa
         assert torch.equal(runs[1][0], F.scaled_dot_product_attention(*leaves, scale=scale).transpose(1, 2))
     assert (runs[1][0].double() - reference_attention.attention_dense(q, k, v, scale=scale)).abs().max() < (
         1e-13 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 5e-2)
-
-
-@cpu_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("shape,grid,out_grid", [((3, 576, 40), (24, 24), (12, 12)), ((2, 729, 24), (27, 27), (5, 7)),
-                                                 ((2, 60, 16), (3, 4, 5), (2, 3, 3)), ((1, 16, 8), (4, 4), (6, 5)),
-                                                 ((0, 16, 8), (4, 4), (2, 2)), ((2, 16, 0), (4, 4), (2, 2))])
-def test_cpu_pooling_with_grad_is_atens_own_op(dtype, shape, grid, out_grid, default_path):
-    """On the PyTorch backend a pooling call that autograd records is ATen's adaptive pooling on the
-    channels-last view whole (``pooling._plan_of``): no Python Function, and the output and the
-    gradients of the first and second order are the bits of the dispatched op (deco's backward op,
-    ATen's pooling backward on the same view). Tokens with no element keep deco's Function, whose
-    result has a graph."""
-    g = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-    dy = torch.randn(shape[0], math.prod(out_grid), shape[2], generator=g, dtype=torch.float64).to(dtype)
-    ddx = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-    runs = []
-    for dispatched in (False, False, True):
-        leaf = _in_nan_buffer(x).requires_grad_(True) if x.numel() else x.clone().requires_grad_(True)
-        with _plan.unplanned() if dispatched else contextlib.nullcontext():
-            y = deco_ops.adaptive_avg_pool_tokens(leaf, grid, out_grid)
-        names = _graph_nodes(y)
-        assert any(name.startswith("deco_") for name in names) == (dispatched or not x.numel()), names
-        gy = dy.clone().requires_grad_(True)
-        dx, = torch.autograd.grad(y, leaf, gy, create_graph=True)
-        ddy, = torch.autograd.grad(dx, gy, ddx)  # the second order: the pooling of ddx
-        runs.append([y.detach(), dx.detach(), ddy])
-    for planned, full in zip(runs[1], runs[2]):
-        assert torch.equal(planned, full)
-    want = reference.adaptive_avg_pool_tokens(x.double(), grid, out_grid)
-    assert runs[1][0].shape == want.shape
-    assert not want.numel() or (runs[1][0].double() - want).abs().max() < (1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
 @pytest.mark.parametrize("scale", [None, 0.3])

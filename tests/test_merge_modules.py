@@ -299,5 +299,6 @@ def test_grid_that_merge_size_does_not_divide_raises_when_built():
 
     with pytest.raises(ValueError, match=r"grid \(3, 3\): H and W must be multiples of merge_size = 2"):
         deco_ops.PatchMergerProjector(8, 16, order="grid", grid=(3, 3))
-    module = deco_ops.PatchMergerProjector(np.int64(8), np.int64(16), merge_size=np.int64(2), order="grid", grid=(4, 6))
+    module = deco_ops.PatchMergerProjector(np.int64(8), np.int64(16), merge_size=np.int64(2), order="grid", grid=(4, 6),
+                                           eps=np.float32(1e-5))
     assert module(torch.randn(1, 24, 8)).shape == (1, 6, 16)

@@ -543,8 +543,7 @@ def test_direct_backward_runs_under_the_forward_s_backend_not_the_caller_s(monke
     """The same for the ops' direct path (``deco.<name>``'s Function, which keeps the context in
     its forward): a ``pool_linear`` run under ``use_backend("torch")`` un-pools with PyTorch even
     when its backward is started under another override, on the calling thread (CPU autograd), and
-    with the environment asking for Triton (what an empty context would see). (A pooling call
-    alone is ATen's own op there, whose backward has no backend to choose.)"""
+    with the environment asking for Triton (what an empty context would see)."""
     from unittest import mock
 
     from deco_ops import _backend, reference
