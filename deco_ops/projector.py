@@ -200,7 +200,8 @@ def _activation_backward_fused(dy, w2, pre, activation, need_db1):
 
 def _activation_backward_tma(dy, w2, pre, activation, need_db1):
     """On the TMA GEMM, or the pointer GEMM where a descriptor cannot read the operands: a plan keeps
-    the choice of its first call, and ``y.sum()``'s later stride-0 ``dy`` has the same key."""
+    the choice of its first call, and a later ``dy`` of the same key may be unreadable to one (a
+    view whose rows are not 16-byte aligned; a stride-0 ``dy`` is another key: its last stride)."""
     gemm = tma_gemm.tma_gemm_act_grad if tma_gemm.tma_compatible(dy, w2, pre) else gemm_act_grad.gemm_act_grad
     return _activation_backward_on(gemm, dy, w2, pre, activation, need_db1)
 

@@ -244,20 +244,25 @@ def test_candidates_only_where_tma_can_read():
 
 @SM90_ONLY
 def test_a_plan_made_on_aligned_operands_takes_what_tma_cannot_read():
-    """A plan keeps the choice of its first call, and its key holds no strides or addresses. After
-    a TMA call: a misaligned view of w1 (same shape) runs the first Linear in PyTorch, and
-    ``y.sum()``'s stride-0 dy the pointer act' GEMM (before: the TMA launchers raised)."""
+    """A plan keeps the choice of its first call, and its key holds no addresses and of the strides
+    only whether the last is 1. After a TMA call: a misaligned view of w1 (same shape) runs the
+    first Linear in PyTorch, ``y.sum()``'s stride-0 dy the pointer act' GEMM, and so does a dy of
+    the first call's signature whose rows are not 16-byte aligned (before: the TMA launchers
+    raised)."""
     gen = torch.Generator().manual_seed(37)
     x, w1, b1, w2 = (torch.randn(*s, generator=gen).to(torch.float16) for s in ((2, 36, 64), (72, 64), (72,), (40, 72)))
     w1_view = torch.full((72, 65), float("nan"), dtype=torch.float16)[:, 1:]
     w1_view.copy_(w1)
     assert not tma_gemm.tma_compatible(w1_view)
     dy = torch.randn(2, 9, 40, generator=gen).to(torch.float16)
+    dy_view = torch.full((2, 9, 41), float("nan"), dtype=torch.float16)[..., 1:]  # unit last stride, rows misaligned
+    dy_view.copy_(dy)
+    assert not tma_gemm.tma_compatible(dy_view)
     launches = mock.Mock(wraps=tma_gemm._launch)
     deco_ops.strategy.forget()
     results = []
     with mock.patch.object(tma_gemm, "_launch", launches), deco_ops.use_strategy("fused_tma"):
-        for weight, grad in ((w1, dy), (w1_view, None)):
+        for weight, grad in ((w1, dy), (w1_view, None), (w1, dy_view)):
             xg = x.detach().requires_grad_()
             y = deco_ops.pool_mlp(xg, weight, b1, w2, None, grid=(6, 6), out_grid=(3, 3))
             if grad is None:
@@ -265,13 +270,13 @@ def test_a_plan_made_on_aligned_operands_takes_what_tma_cannot_read():
             else:
                 y.backward(grad)
             results.append((y.detach(), xg.grad))
-            if grad is not None:
+            if grad is dy:
                 assert [c.args[7] for c in launches.call_args_list] == [tma_gemm.BIAS_ACT, tma_gemm.ACT_GRAD]
-    assert launches.call_count == 2
+    assert [c.args[7] for c in launches.call_args_list] == [tma_gemm.BIAS_ACT, tma_gemm.ACT_GRAD, tma_gemm.BIAS_ACT]
     x64 = x.double().requires_grad_()
     pooled = F.adaptive_avg_pool2d(x64.view(2, 6, 6, 64).permute(0, 3, 1, 2), (3, 3)).flatten(2).transpose(1, 2)
     ref = F.linear(F.gelu(F.linear(pooled, w1.double(), b1.double())), w2.double())
-    for (y, dx), grad in zip(results, (dy.double(), torch.ones_like(ref))):
+    for (y, dx), grad in zip(results, (dy.double(), torch.ones_like(ref), dy.double())):
         (dx_ref,) = torch.autograd.grad(ref, x64, grad, retain_graph=True)
         assert_close(y, ref, torch.float16, "y")
         assert_close(dx, dx_ref, torch.float16, "dx")

@@ -876,7 +876,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "gemm = tma_gemm.tma_gemm_act_grad if tma_gemm.tma_compatible(dy, w2, pre) else gemm_act_grad.gemm_act_grad",
            "gemm = tma_gemm.tma_gemm_act_grad",
            ("tests/test_tma_gemm.py", "-k", "plan_made"),
-           "a fused_tma backward plan refuses y.sum()'s stride-0 dy"),
+           "a fused_tma backward plan hands the TMA GEMM a dy view its descriptors cannot read"),
     Mutant("dense_geometry_cached_as_inference_tensor", "kernels/packed_pool.py",
            "    with torch.inference_mode(False):\n        return torch.tensor(rows",
            "    with torch.inference_mode(torch.is_inference_mode_enabled()):\n        return torch.tensor(rows",
