@@ -284,7 +284,7 @@ def _choice(name: str, value, choices) -> str:
 
 def check_eps(eps) -> float:
     """The norm's epsilon: a finite real number >= 0 (a SymFloat under torch.compile: comparisons only)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, numbers.Real)) or not 0 <= eps < math.inf:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     return eps
 

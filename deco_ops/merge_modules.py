@@ -119,8 +119,9 @@ class PatchMergerProjector(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        in_features, out_features, merge_size = (_validate.positive_int(name, value) for name, value in (
-            ("in_features", in_features), ("out_features", out_features), ("merge_size", merge_size)))
+        in_features = _validate.positive_int("in_features", in_features)
+        out_features = _validate.positive_int("out_features", out_features)
+        merge_size = _validate.positive_int("merge_size", merge_size)
         merged = merge_size * merge_size * in_features
         hidden_features = _validate.positive_int("hidden_features", merged if hidden_features is None else hidden_features)
         for name, value, choices in (("order", order, ORDERS), ("norm", norm, NORMS),

@@ -114,7 +114,8 @@ class DeCoProjector(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        in_features, out_features = (_validate.positive_int(name, value) for name, value in (("in_features", in_features), ("out_features", out_features)))
+        in_features = _validate.positive_int("in_features", in_features)
+        out_features = _validate.positive_int("out_features", out_features)
         hidden_features = _validate.positive_int("hidden_features", out_features if hidden_features is None else hidden_features)
         num_prefix_tokens = _validate.positive_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
         self.grid, self.out_grid = _validate.grids(grid, out_grid)
