@@ -3,8 +3,9 @@ again in backward) and the norm's backward, both reading the tokens through the 
 
 ``merge_norm_stats``: per norm group (a token, or a merged row) the mean and ``1/sqrt(var + eps)``
 in fp32, two passes over the group (mean first, then the centred squares: no cancellation when
-the mean is large against the spread, as ViT activations often are). The fused GEMM
-(``merge_gemm.py``) applies them while it loads its A tiles; backward runs the pre-pass again
+the mean is large against the spread, as ViT activations often are), the second pass also
+correcting the mean's rounding (so a constant group standardises to exactly 0, as in PyTorch).
+The fused GEMM (``merge_gemm.py``) applies them while it loads its A tiles; backward runs the pre-pass again
 rather than keeping them, so neither they nor the normalised tensor outlive the forward.
 
 ``merge_norm_backward``: given ``dn`` (the gradient of the norm's output in merged layout,
@@ -73,6 +74,7 @@ def merge_norm_stats_kernel(
                     total += tl.sum(load_token_tile(x_ptr, base, step_h, sxn, sxc, g * TOKENS + t, c, mask, MERGE), axis=1)
             mean = total / width
         squares = tl.zeros([BLOCK_R], dtype=tl.float32)
+        residual = tl.zeros([BLOCK_R], dtype=tl.float32)
         for t in range(TOKENS):
             for c0 in range(0, C, BLOCK_C):
                 c = c0 + cs
@@ -80,7 +82,17 @@ def merge_norm_stats_kernel(
                 x = load_token_tile(x_ptr, base, step_h, sxn, sxc, g * TOKENS + t, c, mask, MERGE)
                 d = tl.where(mask, x - mean[:, None], 0.0)
                 squares += tl.sum(d * d, axis=1)
-        rstd = 1.0 / tl.sqrt(squares / width + eps)
+                residual += tl.sum(d, axis=1)
+        variance = squares / width
+        if NORM == 0:
+            # Corrected two-pass: `total / width` is off by rounding, which on a constant group
+            # leaves every x - mean an ulp from 0 and 1/sigma near 1/sqrt(eps) magnifies it. The
+            # centred values' own mean is that error: move the mean by it and take its square
+            # out of the variance (which is then exactly 0 for a constant group).
+            shift = residual / width
+            mean += shift
+            variance = tl.maximum(variance - shift * shift, 0.0)
+        rstd = 1.0 / tl.sqrt(variance + eps)
         out = stats_ptr + (rows * GROUPS + g) * 2
         tl.store(out, mean, mask=row_mask)
         tl.store(out + 1, rstd, mask=row_mask)
