@@ -66,6 +66,8 @@ def _grid_table(name: str, value, ndim: int | None = None) -> list[tuple[int, ..
         raise ValueError(f"{name} must hold at least one image, got shape {tuple(value.shape)}")
     if ndim is not None and value.shape[1] != ndim:
         raise ValueError(f"{name} has {value.shape[1]} columns but grids has {ndim}; they must match")
+    if value.device.type == "meta":
+        raise ValueError(f"{name} must hold its values (a CPU or GPU tensor), got a tensor on the meta device")
     rows = [tuple(int(v) for v in r) for r in value.tolist()]  # the one host read (sync if on GPU)
     for i, r in enumerate(rows):
         if min(r) < 1:
@@ -244,13 +246,19 @@ def dense_geometry(grid, out_grid, x: torch.Tensor) -> torch.Tensor:
 # PyTorch reference path (default CPU backend): a loop over images
 
 
-def _trilinear(img: torch.Tensor, out_grid) -> torch.Tensor:
-    """``F.interpolate(img, size=out_grid, mode="trilinear", align_corners=False)``, by the ATen
-    function it calls (with a size and no scale factor its Python wrapper only checks arguments)."""
+def _interpolate(img: torch.Tensor, out_grid) -> torch.Tensor:
+    """``F.interpolate(img, size=out_grid, mode="bilinear"`` (2D) or ``"trilinear"`` (3D),
+    ``align_corners=False)``, by the ATen function it calls (with a size and no scale factor its
+    Python wrapper only checks arguments)."""
+    if len(out_grid) == 2:
+        return _nn.upsample_bilinear2d(img, out_grid, False, None)
     return _nn.upsample_trilinear3d(img, out_grid, False, None)
 
 
-_UPSAMPLE_TRILINEAR_BACKWARD = torch.ops.aten.upsample_trilinear3d_backward.default
+# ``_interpolate``'s backward by the grid's rank: a 2D grid through trilinear's kernel would read
+# its one frame twice, once with weight 0 (an inf becomes NaN) and round 16-bit outputs twice.
+_INTERPOLATE_BACKWARD = {2: torch.ops.aten.upsample_bilinear2d_backward.default,
+                         3: torch.ops.aten.upsample_trilinear3d_backward.default}
 
 
 def _dense_batch(table: list[list[int]]) -> int:
@@ -268,13 +276,15 @@ def _dense_batch(table: list[list[int]]) -> int:
 def _pool_images(x: torch.Tensor, batch: int, grid, out_grid, mode: str) -> torch.Tensor:
     """PyTorch's pooling of ``batch`` images of one grid whose rows lie back to back in ``x``: one
     call on the rows viewed as a channels-last image (no copy). Average pooling is
-    ``F.adaptive_avg_pool3d``'s ATen function (its Python wrapper only checks arguments), 2D
-    (``F.adaptive_avg_pool2d``'s) for a 2D grid (T = OT = 1), which keeps channels-last: the pooled
-    rows are a view too."""
+    ``F.adaptive_avg_pool3d``'s ATen function (its Python wrapper only checks arguments), bilinear
+    ``_interpolate``; a 2D grid (T = OT = 1) takes the 2D functions, as the user's code would
+    (2D average pooling keeps channels-last: the pooled rows are a view too)."""
+    if grid[0] == out_grid[0] == 1:
+        grid, out_grid = grid[1:], out_grid[1:]
     if mode == "bilinear":
-        resample = _trilinear
-    elif grid[0] == out_grid[0] == 1:
-        grid, out_grid, resample = grid[1:], out_grid[1:], _nn.adaptive_avg_pool2d
+        resample = _interpolate
+    elif len(grid) == 2:
+        resample = _nn.adaptive_avg_pool2d
     else:
         resample = _nn.adaptive_avg_pool3d
     C = x.shape[1]
@@ -304,11 +314,12 @@ def _unpool_images(grad: torch.Tensor, batch: int, grid, out_grid, mode: str) ->
     C = grad.shape[1]
     if C == 0:  # an empty hidden layer (``_pool_images``)
         return grad.new_zeros((batch * math.prod(grid), 0))
-    if mode == "bilinear":
-        image = grad.reshape(batch, *out_grid, C).movedim(-1, 1)
-        return _UPSAMPLE_TRILINEAR_BACKWARD(image, list(out_grid), [batch, C, *grid], False).movedim(1, -1).reshape(-1, C)
     if grid[0] == out_grid[0] == 1:
         grid, out_grid = grid[1:], out_grid[1:]
+    if mode == "bilinear":
+        image = grad.reshape(batch, *out_grid, C).movedim(-1, 1)
+        backward = _INTERPOLATE_BACKWARD[len(grid)]
+        return backward(image, list(out_grid), [batch, C, *grid], False).movedim(1, -1).reshape(-1, C)
     return reference.unpool_tokens(grad.reshape(batch, -1, C), grid, out_grid).reshape(-1, C)
 
 

@@ -13,14 +13,17 @@ Two resampling modes, both separable over the (t, h, w) axes:
   an axis averages inputs ``floor(o*L/O) .. ceil((o+1)*L/O) - 1``.
 * ``MODE = BILINEAR`` (1): ``F.interpolate(mode="bilinear"/"trilinear", align_corners=False,
   antialias=False)``: ``src = max((o + 0.5) * L/O - 0.5, 0)``, taps ``floor(src)`` and the next input
-  (the same one on the last input), weights ``1 - frac(src)`` and ``frac(src)``, in fp32 as PyTorch.
+  (the same one on the last input and on an axis that is not resampled, ``L == O``), weights
+  ``1 - frac(src)`` and ``frac(src)``, in fp32 as PyTorch. A tap is read even where its weight is 0
+  (``src`` a whole number), as PyTorch's kernels read it: a NaN there reaches the output (0 * NaN).
 
 Forward (``pooled_tile``) sums ``weight * token`` over each output row's taps. The loop bounds are
 the largest tap count of the rows in the tile (runtime values), so a tile pays only for its own
 windows, and one compiled kernel serves every mix of grids. Backward (``unpooled_tile``) is the
 adjoint as a deterministic *gather*: every input token walks the outputs that read it (for
-bilinear a small superset, weight 0 where the output does not read it) in a fixed order and
-accumulates ``weight * grad``; every input gradient is written exactly once, no atomics.
+bilinear a small superset, skipped where the output does not read it) in a fixed order and
+accumulates ``weight * grad``, also from outputs that read it with weight 0 (a NaN gradient
+reaches it, as PyTorch's scatter); every input gradient is written exactly once, no atomics.
 
 The tile helpers are shared with the fused GEMMs (``pool_gemm`` forms its A operand with
 ``pooled_tile``; ``mlp_pool`` gathers its epilogue's gradient with ``unpooled_tile``).
@@ -44,6 +47,11 @@ from ._tuning import INTERPRET
 from .adaptive_window import window, windows_containing
 
 AVERAGE, BILINEAR = 0, 1
+# The weight of a bilinear tap that is none (no second input on an axis; an output that does not
+# read the token): the product over the axes is then inf or NaN (inf * 0), never finite, where 0
+# would be taken for a tap of weight exactly 0, which PyTorch reads (a NaN there reaches the
+# output, or the token's gradient). Average taps weigh 1/n, so 0 marks none there.
+NOT_A_TAP = tl.constexpr(float("inf"))
 MODES = {"average": AVERAGE, "bilinear": BILINEAR}
 GEOMETRY_FIELDS = 8  # T, H, W, OT, OH, OW, tok0, row0
 
@@ -70,14 +78,16 @@ def packed_geometry(idx, mask, image_ptr, geometry_ptr):
 
 @triton.jit
 def bilinear_taps(o, L, O):
-    """Inputs (i0, i1) and fp32 weights (w0, w1) of output ``o``; on the last input w1 = 0."""
+    """Inputs (i0, i1) and fp32 weights (w0, w1) of output ``o``, both read even where w1 = 0 (as
+    PyTorch's kernels do: a NaN there reaches the output). On the last input and where the axis is
+    not resampled (``L == O``, a copy in PyTorch) i1 = i0 with w1 = 0: no neighbour is read."""
     src = tl.maximum((L.to(tl.float32) / O.to(tl.float32)) * (o.to(tl.float32) + 0.5) - 0.5, 0.0)
     i0 = tl.minimum(src.to(tl.int32), L - 1)
     frac = src - i0.to(tl.float32)
-    last = i0 >= L - 1
-    w0 = tl.where(last, 1.0, 1.0 - frac)
-    w1 = tl.where(last, 0.0, frac)
-    return i0, tl.where(last, i0, i0 + 1), w0, w1
+    single = (i0 >= L - 1) | (L == O)
+    w0 = tl.where(single, 1.0, 1.0 - frac)
+    w1 = tl.where(single, 0.0, frac)
+    return i0, tl.where(single, i0, i0 + 1), w0, w1
 
 
 @triton.jit
@@ -87,14 +97,15 @@ def source_count(o, L, O, MODE: tl.constexpr):
         s, e = window(o, L, O)
         n = e - s
     else:
-        _, _, _, w1 = bilinear_taps(o, L, O)
-        n = 1 + (w1 != 0.0).to(tl.int32)
+        i0, i1, _, _ = bilinear_taps(o, L, O)
+        n = 1 + (i1 != i0).to(tl.int32)
     return n
 
 
 @triton.jit
 def source_tap(o, d, L, O, MODE: tl.constexpr):
-    """(input index, weight) of tap ``d`` of output ``o`` along an axis; weight 0 past its taps."""
+    """(input index, weight) of tap ``d`` of output ``o`` along an axis; past its taps the weight
+    is 0 (average) or ``NOT_A_TAP`` (bilinear, whose taps may weigh 0)."""
     if MODE == 0:
         s, e = window(o, L, O)
         i = s + d
@@ -102,7 +113,7 @@ def source_tap(o, d, L, O, MODE: tl.constexpr):
     else:
         i0, i1, w0, w1 = bilinear_taps(o, L, O)
         i = tl.where(d == 0, i0, i1)
-        wgt = tl.where(d == 0, w0, tl.where(d == 1, w1, 0.0))
+        wgt = tl.where(d == 0, w0, tl.where((d == 1) & (i1 != i0), w1, NOT_A_TAP))
     return i, wgt
 
 
@@ -121,15 +132,29 @@ def target_span(j, L, O, MODE: tl.constexpr):
 
 
 @triton.jit
-def target_weight(o, j, L, O, MODE: tl.constexpr):
-    """Weight with which output ``o`` reads input ``j`` along an axis (0 if it does not)."""
+def target_tap(o, j, L, O, in_span, MODE: tl.constexpr):
+    """Weight with which output ``o`` (``in_span``: within the token's ``target_span``) reads input
+    ``j`` along an axis; where it does not, 0 (average) or ``NOT_A_TAP`` (bilinear, whose reads may
+    weigh 0)."""
     if MODE == 0:
         s, e = window(o, L, O)
-        wgt = tl.where((s <= j) & (j < e) & (o < O), 1.0 / (e - s).to(tl.float32), 0.0)
+        wgt = tl.where(in_span & (s <= j) & (j < e) & (o < O), 1.0 / (e - s).to(tl.float32), 0.0)
     else:
         i0, i1, w0, w1 = bilinear_taps(o, L, O)
-        wgt = tl.where(o < O, tl.where(i0 == j, w0, 0.0) + tl.where(i1 == j, w1, 0.0), 0.0)
+        reads = in_span & (o < O) & ((i0 == j) | (i1 == j))
+        wgt = tl.where(reads, tl.where(i0 == j, w0, 0.0) + tl.where(i1 == j, w1, 0.0), NOT_A_TAP)
     return wgt
+
+
+@triton.jit
+def tap_use(wgt, rmask, MODE: tl.constexpr):
+    """(whether to read, weight to apply) of a tap whose per-axis weights multiply to ``wgt``."""
+    if MODE == 0:
+        use = rmask & (wgt != 0.0)
+    else:
+        use = rmask & (wgt < NOT_A_TAP)  # false for inf and NaN
+        wgt = tl.where(use, wgt, 0.0)
+    return use, wgt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,8 +178,7 @@ def pooled_tile(x_ptr, sxn, sxc, cell, T, H, W, OT, OH, OW, tok0, rmask, k, kmas
             h, wh = source_tap(oh, dh, H, OH, MODE)
             for dw in range(0, nw):
                 w, ww = source_tap(ow, dw, W, OW, MODE)
-                wgt = wt * wh * ww
-                use = rmask & (wgt != 0.0)
+                use, wgt = tap_use(wt * wh * ww, rmask, MODE)
                 token = (tok0 + (t * H + h) * W + w).to(tl.int64)
                 v = tl.load(x_k + token[:, None] * sxn, mask=use[:, None] & kmask[None, :], other=0.0)
                 acc += wgt[:, None] * v.to(tl.float32)
@@ -178,15 +202,14 @@ def unpooled_tile(g_ptr, sgn, sgc, j, T, H, W, OT, OH, OW, row0, rmask, c, cmask
     g_c = g_ptr + c[None, :] * sgc
     for dt in range(0, nt):
         ot = ft + dt
-        wt = tl.where(dt < ct, target_weight(ot, t, T, OT, MODE), 0.0)
+        wt = target_tap(ot, t, T, OT, dt < ct, MODE)
         for dh in range(0, nh):
             oh = fh + dh
-            wh = tl.where(dh < ch, target_weight(oh, h, H, OH, MODE), 0.0)
+            wh = target_tap(oh, h, H, OH, dh < ch, MODE)
             for dw in range(0, nw):
                 ow = fw + dw
-                ww = tl.where(dw < cw, target_weight(ow, w, W, OW, MODE), 0.0)
-                wgt = wt * wh * ww
-                use = rmask & (wgt != 0.0)
+                ww = target_tap(ow, w, W, OW, dw < cw, MODE)
+                use, wgt = tap_use(wt * wh * ww, rmask, MODE)
                 row = (row0 + (ot * OH + oh) * OW + ow).to(tl.int64)
                 v = tl.load(g_c + row[:, None] * sgn, mask=use[:, None] & cmask[None, :], other=0.0)
                 acc += wgt[:, None] * v.to(tl.float32)

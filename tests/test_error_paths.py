@@ -228,6 +228,8 @@ CASES = [
     ("out-grids-columns", lambda mp: packed(stride=None, out_grids=torch.tensor([[2, 2, 1], [2, 2, 1]])), ValueError,
      "out_grids has 3 columns but grids has 2; they must match"),
     ("grids-entry", lambda mp: packed(grids=torch.tensor([[4, 4], [0, 4]])), ValueError, r"grids\[1\] = \(0, 4\): entries must be >= 1"),
+    ("grids-meta", lambda mp: packed(grids=torch.tensor([[4, 4], [3, 4]], device="meta")), ValueError,
+     "grids must hold its values .* got a tensor on the meta device"),
     ("stride-shape", lambda mp: packed(stride=(2, 2, 2)), ValueError, r"stride must be an int or a tuple of 2 ints"),
     ("stride-type", lambda mp: packed(stride=(2.0, 2)), TypeError, r"stride entries must be ints, got \(2.0, 2\)"),
     ("stride-zero", lambda mp: packed(stride=0), ValueError, "stride entries must be >= 1, got 0"),

@@ -117,6 +117,42 @@ def test_nan_propagates_like_the_reference():
     assert torch.isinf(dx[0, :3 * 27, 0]).sum() == 9 and torch.isfinite(dx[0, :, 1:]).all()
 
 
+def _interpolate_tokens(x, grid, out_grid):
+    """PyTorch's own ``F.interpolate`` on (B, N, C) tokens: the semantics the kernels copy."""
+    B, _, C = x.shape
+    mode = "bilinear" if len(grid) == 2 else "trilinear"
+    frames = x.transpose(1, 2).reshape(B, C, *grid)
+    y = torch.nn.functional.interpolate(frames, size=out_grid, mode=mode, align_corners=False)
+    return y.reshape(B, C, -1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("grid,out_grid", [
+    ((27, 27), (9, 9)),  # SigLIP 3x down-sample: every output's second tap has weight exactly 0
+    ((6, 10), (6, 4)),  # rows not resampled: PyTorch copies them, reading no neighbour row
+    ((4, 6, 6), (4, 3, 3)),  # per-frame bilinear of a video (T == OT)
+    ((2, 3), (6, 9)),  # up-sampling: zero-weight taps and the clamped last input
+])
+def test_bilinear_nan_reaches_what_pytorch_reads(grid, out_grid):
+    """Channel c holds one NaN, at token c (forward) or output row c (backward), so one launch
+    checks a NaN at every position: the NaN pattern of the output and of the input gradient is
+    PyTorch's, including taps read with weight exactly 0."""
+    N, R = math.prod(grid), math.prod(out_grid)
+    x = randn(1, N, max(N, R))
+    x[0, torch.arange(N), torch.arange(N)] = float("nan")
+    x.requires_grad_(True)
+    y = deco_ops.bilinear_pool_tokens(x, grid, out_grid)
+    ref = _interpolate_tokens(x.detach(), grid, out_grid)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    dy = randn(1, R, max(N, R))
+    dy[0, torch.arange(R), torch.arange(R)] = float("nan")
+    (dx,) = torch.autograd.grad(y, x, dy)
+    x_ref = x.detach().clone().requires_grad_(True)
+    (dx_ref,) = torch.autograd.grad(_interpolate_tokens(x_ref, grid, out_grid), x_ref, dy)
+    assert torch.equal(torch.isnan(dx), torch.isnan(dx_ref))
+    finite = ~torch.isnan(dx_ref)
+    assert_close(dx[finite], dx_ref[finite], torch.float32, "dx")
+
+
 def _far_strided(shape, stride, dtype=torch.float16):
     """A view whose last elements lie past 2**31 elements into a lazily allocated buffer: only the
     touched pages are ever committed, so a 4-9 GB buffer costs a few MB of RAM."""

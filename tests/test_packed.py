@@ -145,6 +145,32 @@ def test_bilinear_pool_tokens(backend, grid, out_grid, dtype):
     assert_close(dx, dx64, dtype, "grad x")
 
 
+@pytest.mark.parametrize("grid,out_grid", [((27, 27), (14, 14)), ((1, 1), (3, 3)), ((4, 6, 6), (2, 3, 3))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_pytorch_backend_bilinear_is_f_interpolate_bitwise(grid, out_grid, dtype):
+    """The PyTorch backend is ``F.interpolate``'s own: bilinear's kernel for a 2D grid (trilinear's
+    on a 2D grid reads its one frame twice, once with weight 0, so an inf became NaN, and rounds
+    16-bit outputs differently), trilinear's for 3D; the same bits forward and backward, an inf
+    token included."""
+    gen = torch.Generator().manual_seed(2)
+    x = randn(2, math.prod(grid), 3, dtype=dtype, generator=gen)
+    x[0, -1, 2] = float("inf")
+    dy = randn(2, math.prod(out_grid), 3, dtype=dtype, generator=gen)
+    mode = "bilinear" if len(grid) == 2 else "trilinear"
+
+    def eager(t):
+        image = t.transpose(1, 2).reshape(2, 3, *grid)
+        return F.interpolate(image, size=out_grid, mode=mode, align_corners=False).reshape(2, 3, -1).transpose(1, 2)
+
+    with deco_ops.use_backend("torch"):
+        for op in (lambda t: deco_ops.bilinear_pool_tokens(t, grid, out_grid),
+                   lambda t: deco_ops.bilinear_pool_tokens_packed(t.reshape(-1, 3), _t([grid, grid]), out_grids=_t([out_grid, out_grid]))[0].reshape(2, -1, 3)):
+            xs = [x.clone().requires_grad_(True) for _ in range(2)]
+            ys = [op(xs[0]), eager(xs[1])]
+            for got, want in (ys, [torch.autograd.grad(y, t, dy)[0] for y, t in zip(ys, xs)]):
+                assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 def _mlp_params(C, hidden, out, dtype, bias=True, seed=0):
     gen = torch.Generator().manual_seed(seed)
     w1 = randn(hidden, C, dtype=dtype, scale=C**-0.5, generator=gen)

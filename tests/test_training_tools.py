@@ -225,3 +225,24 @@ def test_torch_compile_dynamic_batch_and_keys_compiles_once():
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
             compiles.setdefault(name, []).append(counter.frame_count)
     assert all(counts[0] >= 1 and counts == counts[:1] * 4 for counts in compiles.values()), compiles
+
+
+@pytest.mark.parametrize("name", ["pool_mlp", "mlp_pool", "merge_mlp", "cross_attention"])
+def test_second_order_through_a_backward_without_formula_raises(name):
+    """docs/api.md: these ops' backward ops have no autograd formula of their own, so a backward
+    through their gradients (``create_graph=True``) must raise, never return a wrong value (a
+    gradient that treated the backward as constant would be silently wrong)."""
+    g = torch.Generator().manual_seed(0)
+    x = randn(2, 16, 8, generator=g).requires_grad_(True)
+    w1, b1 = randn(12, 8, generator=g), randn(12, generator=g)
+    w2, b2 = randn(6, 12, generator=g), randn(6, generator=g)
+    ops = {
+        "pool_mlp": lambda: deco_ops.pool_mlp(x, w1, b1, w2, b2, grid=GRID, out_grid=OUT_GRID),
+        "mlp_pool": lambda: deco_ops.mlp_pool(x, w1, b1, w2, b2, grid=GRID, out_grid=OUT_GRID),
+        "merge_mlp": lambda: deco_ops.merge_mlp(x, torch.ones_like(x[0, 0]), None, randn(12, 32, generator=g),
+                                                b1, w2, b2),
+        "cross_attention": lambda: deco_ops.cross_attention(x.view(2, 4, 4, 8)[:, :2], x.view(2, 4, 4, 8), x.view(2, 4, 4, 8)),
+    }
+    (grad,) = torch.autograd.grad(ops[name]().square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="autograd formula|not implemented"):
+        grad.square().sum().backward()
