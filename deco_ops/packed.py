@@ -209,7 +209,12 @@ def _capacity(grid: tuple[int, ...], out_grid: tuple[int, ...]) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _dense_geometry_view(grid: tuple[int, ...], out_grid: tuple[int, ...], batch: int, device: torch.device) -> torch.Tensor:
-    return packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), _capacity(grid, out_grid), device)[:batch]
+    view = packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), _capacity(grid, out_grid), device)[:batch]
+    # What the PyTorch path would read back from it by a host copy and a comparison of every row
+    # (``_dense_images``), known here: kept on the view, which no one writes to.
+    if batch:  # no image: the loop over images makes the empty result
+        view.dense_images = (batch, list(as_3d(grid)), list(as_3d(out_grid)))
+    return view
 
 
 def _geometry_by_tensor_ops(grid: tuple[int, ...], out_grid: tuple[int, ...], batch, device: torch.device) -> torch.Tensor:
@@ -246,47 +251,46 @@ def dense_geometry(grid, out_grid, x: torch.Tensor) -> torch.Tensor:
 # PyTorch reference path (default CPU backend): a loop over images
 
 
-def _interpolate(img: torch.Tensor, out_grid) -> torch.Tensor:
-    """``F.interpolate(img, size=out_grid, mode="bilinear"`` (2D) or ``"trilinear"`` (3D),
-    ``align_corners=False)``, by the ATen function it calls (with a size and no scale factor its
-    Python wrapper only checks arguments)."""
-    if len(out_grid) == 2:
-        return _nn.upsample_bilinear2d(img, out_grid, False, None)
+# ``F.interpolate(img, size=out_grid, mode="bilinear"`` (a 2D grid) or ``"trilinear"`` (3D),
+# ``align_corners=False)``, by the ATen functions it calls (with a size and no scale factor its
+# Python wrapper only checks arguments), and their backward. A 2D grid through trilinear's kernel
+# would read its one frame twice, once with weight 0 (an inf becomes NaN), and round 16-bit
+# outputs differently.
+def _bilinear(img: torch.Tensor, out_grid) -> torch.Tensor:
+    return _nn.upsample_bilinear2d(img, out_grid, False, None)
+
+
+def _trilinear(img: torch.Tensor, out_grid) -> torch.Tensor:
     return _nn.upsample_trilinear3d(img, out_grid, False, None)
 
 
-# ``_interpolate``'s backward by the grid's rank: a 2D grid through trilinear's kernel would read
-# its one frame twice, once with weight 0 (an inf becomes NaN) and round 16-bit outputs twice.
-_INTERPOLATE_BACKWARD = {2: torch.ops.aten.upsample_bilinear2d_backward.default,
-                         3: torch.ops.aten.upsample_trilinear3d_backward.default}
+_BILINEAR_BACKWARD = torch.ops.aten.upsample_bilinear2d_backward.default
+_TRILINEAR_BACKWARD = torch.ops.aten.upsample_trilinear3d_backward.default
 
 
-def _dense_batch(table: list[list[int]]) -> int:
-    """How many images a geometry table (as a list) holds if they share one grid and out-grid and
-    lie back to back (a dense batch, as ``dense_geometry`` builds it), else 0."""
+def _dense_images(table: list[list[int]]) -> tuple | None:
+    """(batch, grid, out_grid) if a geometry table (as a list) holds images that share one grid
+    and out-grid and lie back to back (a dense batch, as ``dense_geometry`` builds it), else None."""
     if not table:  # no image: the loop over images makes the empty result
-        return 0
+        return None
     first = table[0][:6]
     if table[-1][:6] != first:  # most mixed batches, at once
-        return 0
+        return None
     n, p = math.prod(first[:3]), math.prod(first[3:])
-    return len(table) if table == [[*first, i * n, i * p] for i in range(len(table))] else 0
+    return (len(table), first[:3], first[3:]) if table == [[*first, i * n, i * p] for i in range(len(table))] else None
 
 
 def _pool_images(x: torch.Tensor, batch: int, grid, out_grid, mode: str) -> torch.Tensor:
     """PyTorch's pooling of ``batch`` images of one grid whose rows lie back to back in ``x``: one
     call on the rows viewed as a channels-last image (no copy). Average pooling is
     ``F.adaptive_avg_pool3d``'s ATen function (its Python wrapper only checks arguments), bilinear
-    ``_interpolate``; a 2D grid (T = OT = 1) takes the 2D functions, as the user's code would
-    (2D average pooling keeps channels-last: the pooled rows are a view too)."""
+    ``_trilinear``; a 2D grid (T = OT = 1) takes the 2D functions, as the user's code would (2D
+    average pooling keeps channels-last: the pooled rows are a view too)."""
     if grid[0] == out_grid[0] == 1:
         grid, out_grid = grid[1:], out_grid[1:]
-    if mode == "bilinear":
-        resample = _interpolate
-    elif len(grid) == 2:
-        resample = _nn.adaptive_avg_pool2d
+        resample = _bilinear if mode == "bilinear" else _nn.adaptive_avg_pool2d
     else:
-        resample = _nn.adaptive_avg_pool3d
+        resample = _trilinear if mode == "bilinear" else _nn.adaptive_avg_pool3d
     C = x.shape[1]
     if C == 0:  # an empty hidden layer: ATen's pooling and resampling reject images of no channel
         return x.new_zeros((batch * math.prod(out_grid), 0))
@@ -296,10 +300,14 @@ def _pool_images(x: torch.Tensor, batch: int, grid, out_grid, mode: str) -> torc
 def reference_pool(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: str) -> torch.Tensor:
     """PyTorch's pooling of each image; a dense batch's images in one call (each output element
     still reads its own image's window)."""
-    table = geometry.tolist()
-    batch = _dense_batch(table)
-    if batch:
-        return _pool_images(x, batch, table[0][:3], table[0][3:6], mode)
+    known = geometry.__dict__  # a ``_dense_geometry_view`` knows it (read without a call: the packed path pays nothing)
+    if "dense_images" in known and not geometry._version:
+        dense = known["dense_images"]
+    else:
+        table = geometry.tolist()
+        dense = _dense_images(table)
+    if dense:
+        return _pool_images(x, *dense, mode)
     out = x.new_empty((num_out, x.shape[1]))
     for T, H, W, OT, OH, OW, tok0, row0 in table:
         out[row0: row0 + OT * OH * OW] = _pool_images(x[tok0: tok0 + T * H * W], 1, (T, H, W), (OT, OH, OW), mode)
@@ -314,11 +322,12 @@ def _unpool_images(grad: torch.Tensor, batch: int, grid, out_grid, mode: str) ->
     C = grad.shape[1]
     if C == 0:  # an empty hidden layer (``_pool_images``)
         return grad.new_zeros((batch * math.prod(grid), 0))
-    if grid[0] == out_grid[0] == 1:
+    flat = grid[0] == out_grid[0] == 1
+    if flat:
         grid, out_grid = grid[1:], out_grid[1:]
     if mode == "bilinear":
         image = grad.reshape(batch, *out_grid, C).movedim(-1, 1)
-        backward = _INTERPOLATE_BACKWARD[len(grid)]
+        backward = _BILINEAR_BACKWARD if flat else _TRILINEAR_BACKWARD
         return backward(image, list(out_grid), [batch, C, *grid], False).movedim(1, -1).reshape(-1, C)
     return reference.unpool_tokens(grad.reshape(batch, -1, C), grid, out_grid).reshape(-1, C)
 
@@ -326,10 +335,14 @@ def _unpool_images(grad: torch.Tensor, batch: int, grid, out_grid, mode: str) ->
 def reference_unpool(grad: torch.Tensor, geometry: torch.Tensor, num_tokens: int, mode: str) -> torch.Tensor:
     """PyTorch's un-pooling of each image (``reference_pool``'s gradient); a dense batch's images
     in one call."""
-    table = geometry.tolist()
-    batch = _dense_batch(table)
-    if batch:
-        return _unpool_images(grad, batch, table[0][:3], table[0][3:6], mode).contiguous()
+    known = geometry.__dict__  # a ``_dense_geometry_view`` knows it (read without a call: the packed path pays nothing)
+    if "dense_images" in known and not geometry._version:
+        dense = known["dense_images"]
+    else:
+        table = geometry.tolist()
+        dense = _dense_images(table)
+    if dense:
+        return _unpool_images(grad, *dense, mode).contiguous()
     dx = grad.new_empty((num_tokens, grad.shape[1]))
     for T, H, W, OT, OH, OW, tok0, row0 in table:
         dx[tok0: tok0 + T * H * W] = _unpool_images(grad[row0: row0 + OT * OH * OW], 1, (T, H, W), (OT, OH, OW), mode)
