@@ -38,6 +38,7 @@ def _switch_on_interpreter() -> None:
 _switch_on_interpreter()
 
 from ._setting import Setting, environ_entry  # noqa: E402  (after the switch)
+from .kernels import _tuning  # noqa: E402  (after the switch: it reads TRITON_INTERPRET)
 
 SETTING = Setting(ENV_VAR, BACKENDS, "backend")
 INTERPRET_ENTRY = environ_entry("TRITON_INTERPRET")  # (mapping, key): ``TRITON_INTERPRET`` in one lookup
@@ -55,10 +56,10 @@ def use_backend(name: str) -> contextlib.AbstractContextManager[None]:
 
 
 def interpreting() -> bool:
-    """Whether Triton kernels in this process run through the interpreter."""
+    """Whether Triton kernels in this process run through the interpreter (``TRITON_INTERPRET``
+    read as triton reads it, ``kernels._tuning.env_true``)."""
     environ, key = INTERPRET_ENTRY
-    raw = environ.get(key)
-    return raw == b"1" or raw == "1"
+    return _tuning.env_true(environ.get(key))
 
 
 def use_triton(device: torch.device) -> bool:

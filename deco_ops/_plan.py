@@ -265,11 +265,14 @@ class Plans:
         except (TypeError, RuntimeError):  # an unhashable argument (a list inside a grid), a nested
             return None  # tensor's shape: the full path says what is wrong
         if recent is None:
+            provisional = strategy.provisional
             try:
                 plan = self._build(*args)
             except (TypeError, ValueError) as e:  # the arguments refused (``build`` validates them first)
                 e.deco_refusal = True  # what ``_autocast.plain_call`` falls back on; nothing else
                 raise
+            if strategy.provisional != provisional:  # a choice made inside a CUDA graph capture, untimed:
+                return plan  # not kept, so the first call after the capture measures
             recent = Recent(args, key[:_STATE_SIZE], plan, self._miss)
             self._plans[key] = recent
             if len(self._plans) > MAX_PLANS:

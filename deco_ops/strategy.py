@@ -59,7 +59,9 @@ Measuring is made safe for training:
   rank 0 makes each new decision (from its cache or by timing) and broadcasts it; every rank adopts
   it (``DECO_OPS_STRATEGY_SYNC=0`` lets each rank decide alone). Every rank must then meet new keys
   in the same order, as data-parallel replicas do; a rank that receives rank 0's decision for
-  another key raises.
+  another key raises, and so does every rank where rank 0's decision raises. A decision a rank made
+  alone (before the process group started) is decided again with the others; a ``torch.compile``
+  trace never reads the per-rank on-disk cache there.
 * *Determinism*: the key records the mode, and deterministic mode admits only candidates whose
   result is bitwise reproducible.
 
@@ -85,23 +87,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.metadata
 import json
 import math
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import triton
 
-from . import _backend
+from . import _backend, _version
 from ._setting import Setting
 from .kernels import _tuning
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): cache writers are not serialised (``_locked``)
+    fcntl = None
 
 ENV_VAR = "DECO_OPS_STRATEGY"
 CACHE_DIR_ENV = "DECO_OPS_CACHE_DIR"
@@ -110,10 +116,18 @@ CANDIDATES = ("fused", "fused_tma", "fused_one_kernel", "composed", "composed_ef
               "composed_aten")
 STRATEGIES = ("auto", *CANDIDATES)
 CACHE_FILE = "strategy.json"
+LOCK_SUFFIX = ".lock"  # the cache's lock file: strategy.json.lock
 KEY_FIELDS = 7
 
 _decisions: dict[str, str] = {}  # measured, agreed or preloaded in this process: key -> winner
+# keys of ``_decisions`` this process made alone (before the process group started, or with
+# ``DECO_OPS_STRATEGY_SYNC=0``): another rank may hold another winner, so not used while synchronised
+_unagreed: set[str] = set()
 _disk: dict[str, str] | None = None  # the on-disk cache, read once on first need
+# How many choices ``decide`` made without deciding (inside a CUDA graph capture): a plan built
+# while it grew holds one, and ``deco_ops._plan`` does not keep it, so the next call outside the
+# capture measures.
+provisional = 0
 _device_names: dict[torch.device, str] = {}  # device -> the name its keys carry
 
 
@@ -149,12 +163,10 @@ def bucket(n: int) -> int:
 
 @functools.cache
 def versions() -> str:
-    """The last field of every key: the versions whose kernels a decision was measured with."""
-    try:
-        own = importlib.metadata.version("deco-ops")
-    except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
-        own = "source"
-    return f"deco_ops={own},torch={torch.__version__},triton={triton.__version__}"
+    """The last field of every key: the versions whose kernels a decision was measured with
+    (``deco_ops.__version__``: a source checkout's is its pyproject.toml's, so two checkouts of
+    different versions never share a decision)."""
+    return f"deco_ops={_version.version()},torch={torch.__version__},triton={triton.__version__}"
 
 
 def make_key(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, **shape) -> str:
@@ -230,7 +242,9 @@ def _composed_choice(candidates: Mapping[str, Candidate], key: Callable[[], str]
     if torch.are_deterministic_algorithms_enabled():
         composed = [name for name in composed if candidates[name].deterministic]
     if len(composed) > 1:
-        known = _decisions.get(key())
+        known_key = key()
+        _drop_unagreed(known_key)
+        known = _decisions.get(known_key)
         if known in composed:
             return known
     return composed[0] if composed else None
@@ -238,9 +252,10 @@ def _composed_choice(candidates: Mapping[str, Candidate], key: Callable[[], str]
 
 def _traced_choice(candidates: Mapping[str, Candidate], key: Callable[[], str]) -> str:
     """The choice while ``torch.compile`` traces an op body (FakeTensors: nothing can be timed, and
-    the graph keeps what is chosen here): the decision known for the key (made by an eager call,
-    preloaded, on disk or in the GPU's tuning table), else the default. Symbolic sizes (dynamic
-    shapes) have no key: the default."""
+    the graph keeps what is chosen here): the decision held for the key (made by an eager call,
+    preloaded or in the GPU's tuning table), else as inside a capture (``_untimed``: the on-disk
+    one but under torch.distributed, where each rank's disk may differ and ranks would compile
+    different graphs), else the default. Symbolic sizes (dynamic shapes) have no key: the default."""
     usable = _usable(candidates)
     default = next(iter(usable))
     try:
@@ -248,8 +263,9 @@ def _traced_choice(candidates: Mapping[str, Candidate], key: Callable[[], str]) 
     except AttributeError:  # bucket() of a SymInt: int.bit_length has no symbolic twin
         return default
     _preload_shipped_table(known_key)
-    known = _decisions.get(known_key) or _read_disk().get(known_key)
-    return known if known in usable else default
+    _drop_unagreed(known_key)
+    known = _decisions.get(known_key)
+    return known if known in usable else _untimed(known_key, usable, _synchronised())
 
 
 def _preload_shipped_table(key: str) -> None:
@@ -286,6 +302,7 @@ def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Calla
     deterministic candidates compete (the first candidate if none is). A candidate that raises
     while it is timed drops out of the competition, with a warning."""
     usable = _usable(candidates)
+    _drop_unagreed(key)
     known = _decisions.get(key)
     if known in usable:
         return known
@@ -293,10 +310,25 @@ def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Calla
         return next(iter(usable))
     synchronised = _synchronised()
     if capturing():
+        global provisional
+        provisional += 1
         return _untimed(key, usable, synchronised)
     winner = _agree(key, usable, lambda: _measure(key, usable, timer)) if synchronised else _measure(key, usable, timer)
     _decisions[key] = winner
+    if synchronised:
+        _unagreed.discard(key)
+    else:
+        _unagreed.add(key)
     return winner
+
+
+def _drop_unagreed(key: str) -> None:
+    """Under torch.distributed, drop the decision this rank made alone for ``key`` (before the
+    process group started, or with ``DECO_OPS_STRATEGY_SYNC=0``): using it would skip the
+    broadcast the other ranks wait in, and theirs may differ. Agreed and preloaded ones stay."""
+    if key in _unagreed and _synchronised():
+        _unagreed.discard(key)
+        del _decisions[key]
 
 
 def _usable(candidates: Mapping[str, Candidate]) -> dict[str, Candidate]:
@@ -319,8 +351,9 @@ def capturing() -> bool:
 
 
 def _untimed(key: str, usable: Mapping[str, Candidate], synchronised: bool) -> str:
-    """The choice inside a capture: the on-disk cache's (not under torch.distributed, where each
-    rank's disk may differ), else the first usable candidate; not remembered."""
+    """The choice where nothing can be timed (a capture, a ``torch.compile`` trace) and no
+    decision is held: the on-disk cache's (not under torch.distributed, where each rank's disk may
+    differ), else the first usable candidate; not remembered."""
     known = None if synchronised else _read_disk().get(key)
     return known if known in usable else next(iter(usable))
 
@@ -357,11 +390,23 @@ def _synchronised() -> bool:
 
 def _agree(key: str, usable: Mapping[str, Candidate], decide_here: Callable[[], str]) -> str:
     """Rank 0's decision for ``key``, broadcast to every rank (``decide_here`` runs on rank 0 only;
-    the other ranks wait in the broadcast)."""
+    the other ranks wait in the broadcast). Where ``decide_here`` raises, rank 0 broadcasts the
+    failure before raising it, and every other rank raises too instead of waiting in the
+    broadcast until the process group's timeout."""
     dist = torch.distributed
-    message = [key, decide_here() if dist.get_rank() == 0 else None]
+    message, error = [key, None, None], None  # [rank 0's key, its winner, its failure]
+    if dist.get_rank() == 0:
+        try:
+            message[1] = decide_here()
+        except Exception as e:  # noqa: BLE001 - re-raised below, once the other ranks know
+            message[2], error = f"{type(e).__name__}: {e}", e
     dist.broadcast_object_list(message, src=0)
-    agreed_key, winner = message
+    if error is not None:
+        raise error
+    agreed_key, winner, failure = message
+    if failure is not None:
+        raise RuntimeError(f"deco_ops: rank {dist.get_rank()} decides {key!r}, but rank 0 failed to decide "
+                           f"{agreed_key!r}: {failure}")
     if agreed_key != key or winner not in usable:
         raise RuntimeError(
             f"deco_ops: rank {dist.get_rank()} decides {key!r} while rank 0 decided {agreed_key!r} -> {winner!r}: "
@@ -432,14 +477,20 @@ def preload(table: Mapping[str, str]) -> None:
         if winner not in CANDIDATES:
             raise ValueError(f"preload: the winner of {key!r} must be one of {CANDIDATES}, got {winner!r}")
     _decisions.update(table)
+    _unagreed.difference_update(table)
     _drop_plans()
 
 
 def forget() -> None:
-    """Drop this process's decisions and its copy of the on-disk cache (the file stays)."""
+    """Drop this process's decisions and its copy of the on-disk cache (the file stays), and the
+    tuning tables read so far: the next decision preloads its GPU's table again."""
+    from . import tuning_tables  # tuning_tables imports this module
+
     global _disk
     _decisions.clear()
+    _unagreed.clear()
     _disk = None
+    tuning_tables.forget()
     _drop_plans()
 
 
@@ -451,9 +502,10 @@ def _drop_plans() -> None:
 
 
 def cache_path() -> Path:
-    """Where measured decisions persist: ``$DECO_OPS_CACHE_DIR/strategy.json`` or ``~/.cache/deco_ops/strategy.json``."""
+    """Where measured decisions persist: ``$DECO_OPS_CACHE_DIR/strategy.json`` or
+    ``~/.cache/deco_ops/strategy.json`` (a leading ``~`` expanded, as a shell would have)."""
     root = os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "deco_ops"
-    return Path(root) / CACHE_FILE
+    return Path(root).expanduser() / CACHE_FILE
 
 
 def _load(path: Path) -> dict[str, str]:
@@ -477,20 +529,36 @@ def _read_disk() -> dict[str, str]:
 
 
 def _write_disk(key: str, winner: str) -> None:
-    """Add one decision to the cache file: re-read it (another process may have written), then
-    replace it atomically (write a temporary file beside it, ``os.replace``)."""
+    """Add one decision to the cache file: under its lock (``_locked``), re-read it (another
+    process may have written), then replace it atomically (write a temporary file beside it,
+    ``os.replace``)."""
     path = cache_path()
-    table = _load(path)
-    table[key] = winner
     _read_disk()[key] = winner
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".strategy-", suffix=".json", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(table, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        with _locked(path):
+            table = _load(path)
+            table[key] = winner
+            fd, tmp = tempfile.mkstemp(prefix=".strategy-", suffix=".json", dir=path.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump(table, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
     except OSError as e:
         warnings.warn(f"deco_ops: could not write the strategy cache {path}: {e}", stacklevel=3)
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Holds an exclusive ``fcntl.flock`` on ``<path>.lock`` (kept beside the cache): writers
+    then re-read, merge and replace the cache one at a time. Two at once (ranks of one node, jobs
+    sharing a home) would each replace it with their own merge, the first one's entry lost.
+    Without fcntl (not POSIX): no lock."""
+    if fcntl is None:
+        yield
+        return
+    with open(path.with_name(path.name + LOCK_SUFFIX), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield

@@ -12,7 +12,9 @@ with a new bucket times the kernel's candidate configs (``deco_ops.kernels._tuni
 tables are switched off while tuning), and the winners and timings are written as the GPU's table
 (``deco_ops.tuning_tables``): ``--out`` names a file, or a folder to hold ``<GPU name>.json``
 (default: ``deco_ops/tuning/`` of this checkout). An existing table at that path is extended,
-its entries for re-measured buckets replaced. The fused-vs-composed choices ``deco_ops.strategy``
+its entries for re-measured buckets replaced, where it was measured on this GPU under this
+triton's major.minor; otherwise it is replaced (another triton's with a printed warning: its
+configs and timings would otherwise be stamped with this one's version). The fused-vs-composed choices ``deco_ops.strategy``
 measures on the same calls (afresh: its on-disk cache is set aside) go into the table's
 ``strategies``.
 
@@ -176,6 +178,22 @@ def table(device: torch.device, shape_names: list[str], previous: dict) -> dict:
     }
 
 
+def extendable(previous: dict, device_name: str, path: Path) -> dict:
+    """The part of ``previous`` (the table at ``path``) that this run extends: all of it where it
+    was measured on ``device_name`` under the installed triton's major.minor, else nothing (the
+    table this run writes says so: its ``device`` and ``triton``)."""
+    import triton
+
+    if previous.get("device") != device_name:
+        return {}
+    recorded = previous.get("triton")
+    if not isinstance(recorded, str) or tuning_tables.major_minor(recorded) != tuning_tables.major_minor(triton.__version__):
+        print(f"deco_ops.tune: warning: {path} was measured under triton {recorded}, this is triton {triton.__version__}: "
+              "its entries are dropped, not extended", flush=True)
+        return {}
+    return previous
+
+
 def output_path(out: Path | None, device_name: str) -> Path:
     """``--out``: a ``.json`` file as given, else a folder for ``<GPU name>.json``."""
     if out is not None and out.suffix == ".json":
@@ -236,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         strategy.forget()
         device_name = torch.cuda.get_device_name(device)
         path = output_path(args.out, device_name)
-        previous = tuning_tables.read(path)
-        previous = previous if previous.get("device") == device_name else {}
+        previous = extendable(tuning_tables.read(path), device_name, path)
 
     start = time.perf_counter()
     done = []

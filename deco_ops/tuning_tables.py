@@ -8,7 +8,9 @@ table lacks is timed once per process and then serves every other batch size in 
 the call (configs changed since it was written) is ignored, never launched.
 
 ``DECO_OPS_TUNING_TABLE``: a JSON file to use instead of the shipped table (for every GPU), or
-``none`` for no table at all.
+``none`` for no table at all. A table that is not valid JSON, has a section of the wrong type or a
+strategy key or winner ``strategy.preload`` refuses raises a ValueError naming the file (and the
+variable where it named it).
 
 A table recorded under another triton major.minor than the installed one (its ``triton`` field;
 a table without one counts as another) is ignored as a whole, with a warning: tile configs are
@@ -69,14 +71,24 @@ def table_path(device_name: str) -> Path | None:
     return Path(setting)
 
 
+# The fields a table is read by: their Python types and JSON names (a null ``triton`` is no record)
+SECTIONS = {"triton": ((str, type(None)), "a string"), "kernels": (dict, "an object"), "strategies": (dict, "an object")}
+
+
 def read(path: Path) -> dict:
-    """The table at ``path`` ({} if there is none), checked for its format."""
+    """The table at ``path`` ({} if there is none), checked for its format and the types of
+    ``SECTIONS``; a ValueError names the file."""
     if not path.is_file():
         return {}
-    with open(path) as f:
-        table = json.load(f)
+    try:
+        table = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(table, dict) or table.get("format") != FORMAT:
         raise ValueError(f"{path}: not a deco_ops tuning table of format {FORMAT} (write it with python -m deco_ops.tune)")
+    for field, (kinds, expected) in SECTIONS.items():
+        if field in table and not isinstance(table[field], kinds):
+            raise ValueError(f"{path}: its {field!r} must be {expected}, got {json.dumps(table[field])[:80]}")
     return table
 
 
@@ -115,12 +127,33 @@ def load_named(device_name: str) -> dict:
     table = _tables.get(setting)
     if table is None:
         path = table_path(device_name)
-        table = {} if path is None else read(path)
-        if table and not same_triton(table, path):
-            table = {}
-        strategy.preload(table.get("strategies", {}))
+        try:
+            table = _adopt(path)
+        except ValueError as e:
+            if setting[1].strip():  # the user's file: say which setting named it
+                raise ValueError(f"{ENV_VAR}: {e}") from e
+            raise
         _tables[setting] = table
     return table
+
+
+def _adopt(path: Path | None) -> dict:
+    """The table at ``path`` (None: no table) with its strategies preloaded; ``{}`` for one of
+    another triton major.minor. A ValueError names the file."""
+    table = {} if path is None else read(path)
+    if table and not same_triton(table, path):
+        table = {}
+    try:
+        strategy.preload(table.get("strategies", {}))
+    except ValueError as e:  # a key or winner preload refuses
+        raise ValueError(f"{path}: {e}") from e
+    return table
+
+
+def forget() -> None:
+    """Drop the tables read so far (``strategy.forget``, which drops their preloaded decisions):
+    the next lookup reads each again and preloads its strategies."""
+    _tables.clear()
 
 
 def lookup(kernel: str, device: torch.device, label: str) -> dict | None:

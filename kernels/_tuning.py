@@ -24,6 +24,7 @@ lists each kernel's buckets and candidates without a GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 
@@ -34,7 +35,19 @@ from triton.runtime.jit import JITFunction
 
 from . import _compiled_launch, _traceable
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRUE_VALUES = ("1", "true", "on", "yes", "y")  # triton's boolean knobs (``getenv_bool``), in any case
+
+
+@functools.cache  # a handful of distinct values; every strategy choice asks (``deco_ops._backend.interpreting``)
+def env_true(raw: str | bytes | None) -> bool:
+    """Whether an environment variable's value as stored (bytes on POSIX; None: unset) is true as
+    triton reads ``TRITON_INTERPRET`` and its other boolean knobs (``triton.knobs.env_bool``: one
+    of ``TRUE_VALUES`` in any case, nothing stripped), so Triton and deco_ops always agree on
+    whether kernels are interpreted."""
+    return raw is not None and os.fsdecode(raw).lower() in TRUE_VALUES
+
+
+INTERPRET = env_true(os.environ.get("TRITON_INTERPRET"))
 AUTOTUNE_ENV = "DECO_OPS_AUTOTUNE"
 
 

@@ -137,7 +137,8 @@ def test_measured_once_then_remembered(cache_dir):
     other = "pool_mlp|GPU|bfloat16|rows=512|grad|any"
     assert strategy.decide(other, _candidates(), FakeTimer({"fused": 1.0, "composed": 3.0})) == "fused"
     assert json.loads((cache_dir / strategy.CACHE_FILE).read_text()) == {key: "composed", other: "fused"}
-    assert not [p for p in cache_dir.iterdir() if p.name != strategy.CACHE_FILE]  # no temporary file left behind
+    leftover = [p.name for p in cache_dir.iterdir() if p.name != strategy.CACHE_FILE]
+    assert leftover == [strategy.CACHE_FILE + strategy.LOCK_SUFFIX]  # its lock file, no temporary file
 
 
 class FakeStream:
@@ -396,7 +397,7 @@ def test_keys_carry_the_versions_and_the_cache_serves_only_its_own(cache_dir):
     """A decision measured under other deco_ops / torch / triton versions is never served: the
     versions end every key, so an older key in the cache file simply does not match."""
     own, rest = strategy.versions().split(",", 1)
-    assert own.startswith("deco_ops=") and len(own) > len("deco_ops=")  # the installed version, or "source"
+    assert own == f"deco_ops={deco_ops.__version__}"  # a source checkout's too: its pyproject.toml's version
     assert rest == f"torch={torch.__version__},triton={triton.__version__}"
     key = strategy.make_key("pool_mlp", torch.device("cpu"), torch.bfloat16, True, rows=256)
     assert key.endswith(f"|{strategy.versions()}") and key.count("|") == strategy.KEY_FIELDS - 1
@@ -448,6 +449,28 @@ def test_nothing_is_timed_inside_a_cuda_graph_capture(cache_dir, monkeypatch):
     timer = FakeTimer({"fused": 2.0, "composed": 1.0})
     assert strategy.decide(key, _candidates(), timer) == "composed"
     assert sorted(timer.calls) == ["composed", "fused"]
+
+
+@pytest.mark.skipif(not deco_ops._backend.interpreting(), reason="runs the Triton kernels on CPU tensors (interpreter)")
+def test_a_call_inside_a_capture_leaves_no_plan(cache_dir, monkeypatch):
+    """An op called inside a capture runs the untimed default, and its per-signature plan is not
+    kept: the same call after the capture measures (a kept plan would run the default for good)."""
+    from types import SimpleNamespace
+
+    from harness import randn
+
+    capturing, timed = [True], []
+    monkeypatch.setattr(strategy, "_backend", SimpleNamespace(interpreting=lambda: False))
+    monkeypatch.setattr(strategy, "_time_cuda", lambda run: (timed.append(run), run(), 1.0 + len(timed) % 2)[-1])
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    x, w1, w2 = randn(3, 16, 8), randn(6, 8), randn(5, 6)
+    with deco_ops.use_backend("triton"), deco_ops.use_strategy("auto"):
+        deco_ops.pool_mlp(x, w1, None, w2, None, grid=(4, 4), out_grid=(2, 2))
+        assert timed == [] and strategy.choices() == {}
+        capturing[0] = False
+        deco_ops.pool_mlp(x, w1, None, w2, None, grid=(4, 4), out_grid=(2, 2))
+    assert len(timed) == 4 and len(strategy.choices()) == 2  # pooling's key and pool_mlp's, measured
 
 
 def _named_candidates(flash_deterministic=False):
@@ -622,3 +645,107 @@ def test_overrides_are_spelled_as_the_environment_variables_may_be(monkeypatch):
     assert strategy.SETTING.selected() == "fused"
     with pytest.raises(ValueError, match="strategy must be one of"), deco_ops.use_strategy("FAST"):
         pass
+
+
+def test_cache_dir_may_start_with_a_tilde(monkeypatch, tmp_path):
+    """``DECO_OPS_CACHE_DIR=~/x`` (quoted in a launcher's env file, so no shell expanded it) is the
+    home's ``x``, not a folder named ``~`` under the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv(strategy.CACHE_DIR_ENV, "~/x")
+    assert strategy.cache_path() == tmp_path / "x" / strategy.CACHE_FILE
+
+
+def test_forget_brings_the_table_s_decisions_back(cache_dir, tmp_path, monkeypatch):
+    """``forget`` drops every decision, the tuning table's too: the next decision preloads the
+    table again instead of measuring what the table decides."""
+    from deco_ops import tuning_tables
+
+    key = strategy.make_key("pool_mlp", torch.device("cpu"), torch.bfloat16, True, rows=256, C=1024)
+    table = tmp_path / "table.json"
+    tuning_tables.write({"format": tuning_tables.FORMAT, "triton": triton.__version__, "strategies": {key: "composed"}}, table)
+    monkeypatch.setenv(tuning_tables.ENV_VAR, str(table))
+    monkeypatch.setattr(tuning_tables, "_tables", {})
+    never = FakeTimer({})  # a call fails: the table decides
+    strategy._preload_shipped_table(key)
+    assert strategy.decide(key, _candidates(), never) == "composed"
+    strategy.forget()
+    assert strategy.choices() == {}
+    strategy._preload_shipped_table(key)
+    assert strategy.decide(key, _candidates(), never) == "composed" and never.calls == []
+
+
+def _writes_decisions(rank: int, cache: str, keys: int) -> None:
+    """One process adding ``keys`` decisions of its own to the cache file, each write slowed down
+    between reading the file and replacing it (where an unlocked writer loses the other's entries)."""
+    import time
+
+    os.environ[strategy.CACHE_DIR_ENV] = cache
+    load = strategy._load
+
+    def slow_load(path):
+        table = load(path)
+        time.sleep(0.003)
+        return table
+
+    strategy._load = slow_load
+    for i in range(keys):
+        strategy._write_disk(f"op|GPU|bfloat16|rows={i}|grad|any|rank{rank}", "fused")
+
+
+def test_concurrent_writers_keep_every_decision(tmp_path):
+    """Two processes writing the cache at once (ranks of one node) keep each other's entries: the
+    read-merge-replace runs under the cache's lock."""
+    torch.multiprocessing.start_processes(_writes_decisions, args=(str(tmp_path), 20), nprocs=2, join=True,
+                                          start_method="fork")
+    assert len(json.loads((tmp_path / strategy.CACHE_FILE).read_text())) == 40
+
+
+def _rank_meets_hazards(rank: int, world: int, init_file: str, cache_root: str, results) -> None:
+    """One gloo rank: a decision made alone before the process group, a traced choice where only
+    rank 0's disk knows the key, and a decision that fails on rank 0."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ[strategy.CACHE_DIR_ENV] = os.path.join(cache_root, str(rank))
+    strategy.forget()
+    alone, on_disk, failing = (f"pool_mlp|GPU|bfloat16|rows={rows}|grad|any|v" for rows in (256, 512, 1024))
+    if rank == 0:
+        os.makedirs(os.environ[strategy.CACHE_DIR_ENV])
+        with open(os.path.join(os.environ[strategy.CACHE_DIR_ENV], strategy.CACHE_FILE), "w") as f:
+            json.dump({on_disk: "composed"}, f)
+    else:  # decided before the process group starts: rank 0 never saw it
+        strategy.decide(alone, _candidates(), FakeTimer({"fused": 1.0, "composed": 2.0}))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=10))  # a hang fails the test in 10 s
+    try:
+        agreed = strategy.decide(alone, _candidates(), FakeTimer({"fused": 2.0, "composed": 1.0}))
+        traced = strategy._traced_choice(_candidates(), lambda: on_disk)
+
+        def fused():
+            if rank == 0:
+                raise RuntimeError("fused cannot run on rank 0")
+            return "fused"
+
+        try:
+            strategy.decide(failing, {**_candidates(), "fused": strategy.Candidate(fused)}, FakeTimer({"composed": 1.0}))
+            failure = None
+        except RuntimeError as e:
+            failure = str(e)
+        results.put((rank, agreed, traced, failure))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_ranks_never_decide_alone(tmp_path):
+    """Two gloo processes. A decision a rank made before the process group started is agreed
+    again (rank 0's wins); a ``torch.compile`` trace reads no rank's own disk (each would compile
+    its own choice); where rank 0's decision raises, it raises and so does every other rank,
+    naming the key, instead of waiting in the broadcast until the timeout."""
+    results = torch.multiprocessing.get_context("fork").SimpleQueue()
+    torch.multiprocessing.start_processes(_rank_meets_hazards, args=(2, str(tmp_path / "init"), str(tmp_path), results),
+                                          nprocs=2, join=True, start_method="fork")
+    by_rank = dict((rank, rest) for rank, *rest in (results.get() for _ in range(2)))
+    assert [by_rank[r][:2] for r in (0, 1)] == [["composed", "fused"], ["composed", "fused"]]
+    assert by_rank[0][2] == "fused cannot run on rank 0"
+    assert "rows=1024" in by_rank[1][2] and "rank 0 failed" in by_rank[1][2] and "fused cannot run on rank 0" in by_rank[1][2]

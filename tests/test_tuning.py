@@ -296,3 +296,66 @@ def test_a_table_named_but_not_there_raises_naming_the_variable(where, tmp_path,
     monkeypatch.setenv(tuning_tables.ENV_VAR, str(tmp_path / where))
     with pytest.raises(ValueError, match="DECO_OPS_TUNING_TABLE=.* is not a file"):
         tuning_tables.load_named("Fake GPU")
+
+
+def test_extending_a_table_of_another_triton_drops_its_entries(tmp_path, monkeypatch, capsys):
+    """``python -m deco_ops.tune`` extends an existing table only where this GPU measured it under
+    this triton's major.minor: another triton's configs and timings would otherwise be written on
+    under the new version, which then serves them as its own."""
+    major, minor, *_ = triton.__version__.split(".")
+    path = tmp_path / "t.json"
+    old = {"format": tuning_tables.FORMAT, "device": "Fake GPU", "triton": f"{major}.{int(minor) + 1}.0",
+           "shapes": ["old"], "kernels": {"k": {"M=1 | float16": {"config": {}, "timings_ms": {}}}},
+           "strategies": {"pool_mlp|Fake GPU|bfloat16|rows=1|grad|any|v": "composed"}}
+    assert tune.extendable(old, "Fake GPU", path) == {}
+    assert f"{path} was measured under triton {major}.{int(minor) + 1}.0" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(_tuning, "TUNED_KERNELS", [])
+    monkeypatch.setattr(strategy, "_decisions", {})
+    written = tune.table(torch.device("cuda", 0), ["new"], tune.extendable(old, "Fake GPU", path))
+    assert (written["kernels"], written["strategies"], written["shapes"]) == ({}, {}, ["new"])
+    same = {**old, "triton": f"{major}.{minor}.99"}  # another patch release: extended
+    assert tune.extendable(same, "Fake GPU", path) is same
+    assert tune.extendable(same, "Other GPU", path) == {}
+
+
+@pytest.mark.parametrize("text,problem", [
+    ('{"format": 1, "triton": "3.6.0", ', "not valid JSON"),
+    ('{"format": 1, "strategies": ["x"]}', "its 'strategies' must be an object"),
+    ('{"format": 1, "kernels": 3}', "its 'kernels' must be an object"),
+    ('{"format": 1, "triton": 3.9}', "its 'triton' must be a string, got 3.9"),
+    ('{"format": 1, "triton": "%s", "strategies": {"a|b": "fused"}}' % triton.__version__, "'a|b' is not a strategy key"),
+])
+@pytest.mark.parametrize("named", [True, False])
+def test_a_bad_table_raises_naming_the_file_and_the_variable(text, problem, named, tmp_path, monkeypatch):
+    """A table that is no deco_ops table raises a ValueError that names the file, and
+    ``DECO_OPS_TUNING_TABLE`` where the variable named it, with what is wrong."""
+    path = tmp_path / tuning_tables.file_name("Fake GPU")
+    path.write_text(text)
+    monkeypatch.setattr(tuning_tables, "_tables", {})
+    monkeypatch.setattr(tuning_tables, "TABLE_DIR", tmp_path)
+    if named:
+        monkeypatch.setenv(tuning_tables.ENV_VAR, str(path))
+    else:
+        monkeypatch.delenv(tuning_tables.ENV_VAR, raising=False)
+    with pytest.raises(ValueError) as raised:
+        tuning_tables.load_named("Fake GPU")
+    message = str(raised.value)
+    assert str(path) in message and problem in message
+    assert message.startswith(f"{tuning_tables.ENV_VAR}: ") is named
+
+
+def test_interpreter_switch_is_read_as_triton_reads_it(monkeypatch):
+    """``TRITON_INTERPRET`` is true for deco_ops exactly where it is for triton (any case of 1,
+    true, on, yes, y; nothing stripped): where they disagreed, deco_ops would launch interpreter
+    configs on a GPU or compiled ones in the interpreter."""
+    from triton._C.libtriton import getenv_bool
+
+    for value in ("1", "true", "TRUE", "On", "yes", "Y", "0", "", "off", "no", " 1", "1 ", "2", "t"):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        expected = getenv_bool("TRITON_INTERPRET", False)
+        assert deco_ops._backend.interpreting() is expected, value
+        assert _tuning.env_true(value) is expected and _tuning.env_true(value.encode()) is expected, value
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not deco_ops._backend.interpreting() and not _tuning.env_true(None)
