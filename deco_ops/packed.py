@@ -211,7 +211,7 @@ def _capacity(grid: tuple[int, ...], out_grid: tuple[int, ...]) -> int:
 def _dense_geometry_view(grid: tuple[int, ...], out_grid: tuple[int, ...], batch: int, device: torch.device) -> torch.Tensor:
     view = packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), _capacity(grid, out_grid), device)[:batch]
     # What the PyTorch path would read back from it by a host copy and a comparison of every row
-    # (``_dense_images``), known here: kept on the view, which no one writes to.
+    # (``_images``), known here: kept on the view, which no one writes to.
     if batch:  # no image: the loop over images makes the empty result
         view.dense_images = (batch, list(as_3d(grid)), list(as_3d(out_grid)))
     return view
@@ -268,16 +268,22 @@ _BILINEAR_BACKWARD = torch.ops.aten.upsample_bilinear2d_backward.default
 _TRILINEAR_BACKWARD = torch.ops.aten.upsample_trilinear3d_backward.default
 
 
-def _dense_images(table: list[list[int]]) -> tuple | None:
-    """(batch, grid, out_grid) if a geometry table (as a list) holds images that share one grid
-    and out-grid and lie back to back (a dense batch, as ``dense_geometry`` builds it), else None."""
+def _images(geometry: torch.Tensor) -> tuple[tuple | None, list]:
+    """((batch, grid, out_grid) if a geometry table holds a dense batch: images of one grid and
+    out-grid back to back, as ``dense_geometry`` builds them; else None) and the table's rows as
+    lists ([] where a ``_dense_geometry_view`` knew the answer: no host copy, no comparison)."""
+    known = geometry.__dict__  # read without a call: the packed path pays nothing for the check
+    if "dense_images" in known and not geometry._version:
+        return known["dense_images"], []
+    table = geometry.tolist()
     if not table:  # no image: the loop over images makes the empty result
-        return None
+        return None, table
     first = table[0][:6]
     if table[-1][:6] != first:  # most mixed batches, at once
-        return None
+        return None, table
     n, p = math.prod(first[:3]), math.prod(first[3:])
-    return (len(table), first[:3], first[3:]) if table == [[*first, i * n, i * p] for i in range(len(table))] else None
+    dense = table == [[*first, i * n, i * p] for i in range(len(table))]
+    return ((len(table), first[:3], first[3:]) if dense else None), table
 
 
 def _pool_images(x: torch.Tensor, batch: int, grid, out_grid, mode: str) -> torch.Tensor:
@@ -300,12 +306,7 @@ def _pool_images(x: torch.Tensor, batch: int, grid, out_grid, mode: str) -> torc
 def reference_pool(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: str) -> torch.Tensor:
     """PyTorch's pooling of each image; a dense batch's images in one call (each output element
     still reads its own image's window)."""
-    known = geometry.__dict__  # a ``_dense_geometry_view`` knows it (read without a call: the packed path pays nothing)
-    if "dense_images" in known and not geometry._version:
-        dense = known["dense_images"]
-    else:
-        table = geometry.tolist()
-        dense = _dense_images(table)
+    dense, table = _images(geometry)
     if dense:
         return _pool_images(x, *dense, mode)
     out = x.new_empty((num_out, x.shape[1]))
@@ -335,12 +336,7 @@ def _unpool_images(grad: torch.Tensor, batch: int, grid, out_grid, mode: str) ->
 def reference_unpool(grad: torch.Tensor, geometry: torch.Tensor, num_tokens: int, mode: str) -> torch.Tensor:
     """PyTorch's un-pooling of each image (``reference_pool``'s gradient); a dense batch's images
     in one call."""
-    known = geometry.__dict__  # a ``_dense_geometry_view`` knows it (read without a call: the packed path pays nothing)
-    if "dense_images" in known and not geometry._version:
-        dense = known["dense_images"]
-    else:
-        table = geometry.tolist()
-        dense = _dense_images(table)
+    dense, table = _images(geometry)
     if dense:
         return _unpool_images(grad, *dense, mode).contiguous()
     dx = grad.new_empty((num_tokens, grad.shape[1]))

@@ -31,7 +31,7 @@ CALLS = {
     "pool_mlp": {"infer": 34 + 2, "grad": 43 + 2, "fwd+bwd": 174 + 2, "autocast": 130 + 2, "autocast+bwd": 296 + 2},
     "pool_linear": {"infer": 32 + 2, "grad": 41 + 2, "fwd+bwd": 138 + 2, "autocast": 106 + 2, "autocast+bwd": 238 + 2},
     "adaptive_avg_pool_tokens": {"infer": 30 + 2, "grad": 38 + 2, "fwd+bwd": 124 + 2, "autocast": 71 + 2, "autocast+bwd": 191 + 2},
-    "mlp_pool": {"infer": 35 + 2, "grad": 42 + 2, "fwd+bwd": 152 + 2, "autocast": 143 + 2, "autocast+bwd": 289 + 2},
+    "mlp_pool": {"infer": 36 + 2, "grad": 43 + 2, "fwd+bwd": 154 + 2, "autocast": 144 + 2, "autocast+bwd": 291 + 2},
     "merge_mlp": {"infer": 29 + 2, "grad": 42 + 2, "fwd+bwd": 168 + 2, "autocast": 153 + 2, "autocast+bwd": 318 + 2},
     "merge_mlp_grid": {"infer": 33 + 2, "grad": 47 + 2, "fwd+bwd": 181 + 2, "autocast": 157 + 2, "autocast+bwd": 331 + 2},
     "cross_attention": {"infer": 27 + 2, "grad": 27 + 2, "fwd+bwd": 79 + 2, "autocast": 113 + 2, "autocast+bwd": 191 + 2},
