@@ -13,7 +13,7 @@ autograd Function. All of that reads only the signature:
   equal in Python but not to validation);
 * the global state: grad mode, deterministic mode (and its warn-only flag), the backend and
   strategy settings (their ``with`` blocks and environment variables, ``Setting.state``), whether
-  Triton runs through its interpreter.
+  Triton runs through its interpreter, whether torch.distributed's default process group is up.
 
 ``Plans`` remembers the result (a *plan*: a tuple the public function unpacks, or for an op that
 autograd formulas call, ``deco.<name>`` registered with ``plan=``, the callable that runs it) per
@@ -76,11 +76,28 @@ _interpret_environ, _interpret_key = _backend.INTERPRET_ENTRY
 _interpret_env = _interpret_environ.get
 
 
+# Whether torch.distributed's default process group is up: a plan built before
+# ``init_process_group`` holds a choice its rank made alone, and a rank that kept it while another
+# rank missed would leave that one waiting in the strategy's broadcast; so plans are per side of
+# the start, and every rank decides again together. Read as ``dist.is_initialized`` reads it, past
+# its two property calls (a signature check runs on every op call).
+try:
+    _c10d = torch.distributed.distributed_c10d
+    _c10d._world._default_pg
+except AttributeError:  # torch built without distributed, or c10d's internals moved: the public call
+    _c10d = None
+
+
+def _process_group_up() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _state() -> tuple:
     """The global state a signature starts with (module docstring), then what makes a call not
     plain (module docstring; ``_PLAIN`` in every signature): one tuple for ``Recent`` to compare."""
     return (_grad_enabled(), _deterministic(), _warn_only(), _backend_override(), _backend_env(_backend_key),
             _strategy_override(), _strategy_env(_strategy_key), _interpret_env(_interpret_key),
+            _c10d._world._default_pg is not None if _c10d is not None else _process_group_up(),
             _dispatch_modes(), _any_autocast(), _peek_functorch(), _forward_ad._current_level)
 
 

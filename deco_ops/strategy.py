@@ -86,6 +86,7 @@ Winners are candidate names (``CANDIDATES``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
@@ -104,6 +105,7 @@ from . import _backend, _version
 from ._setting import Setting
 from .kernels import _tuning
 
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # flock's errors where a filesystem has none
 try:
     import fcntl
 except ImportError:  # not POSIX (Windows): cache writers are not serialised (``_locked``)
@@ -328,7 +330,7 @@ def _drop_unagreed(key: str) -> None:
     broadcast the other ranks wait in, and theirs may differ. Agreed and preloaded ones stay."""
     if key in _unagreed and _synchronised():
         _unagreed.discard(key)
-        del _decisions[key]
+        _decisions.pop(key, None)  # another thread may have dropped it first
 
 
 def _usable(candidates: Mapping[str, Candidate]) -> dict[str, Candidate]:
@@ -560,5 +562,9 @@ def _locked(path: Path) -> Iterator[None]:
         yield
         return
     with open(path.with_name(path.name + LOCK_SUFFIX), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        except OSError as e:  # a filesystem without flock (some network mounts): written unlocked
+            if e.errno not in _NO_FLOCK:
+                raise
         yield

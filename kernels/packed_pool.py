@@ -80,7 +80,7 @@ def packed_geometry(idx, mask, image_ptr, geometry_ptr):
 def bilinear_taps(o, L, O):
     """Inputs (i0, i1) and fp32 weights (w0, w1) of output ``o``, both read even where w1 = 0 (as
     PyTorch's kernels do: a NaN there reaches the output). On the last input and where the axis is
-    not resampled (``L == O``, a copy in PyTorch) i1 = i0 with w1 = 0: no neighbour is read."""
+    not resampled (``L == O``, a copy in PyTorch's CPU kernel) i1 = i0 with w1 = 0: no neighbour is read."""
     src = tl.maximum((L.to(tl.float32) / O.to(tl.float32)) * (o.to(tl.float32) + 0.5) - 0.5, 0.0)
     i0 = tl.minimum(src.to(tl.int32), L - 1)
     frac = src - i0.to(tl.float32)

@@ -110,7 +110,7 @@ def test_nan_propagates_like_the_reference():
     y = deco_ops.adaptive_avg_pool_tokens(x, (27, 27), (12, 12))
     ref = reference.adaptive_avg_pool_tokens(x.detach().double(), (27, 27), (12, 12))
     # token (5, 13) lies in window row 2 and window columns 5 and 6 of the 12x12 output
-    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(y).sum() == 2
+    assert torch.equal(torch.isnan(y).cpu(), torch.isnan(ref)) and torch.isnan(y).sum() == 2
     dy = torch.zeros_like(y)
     dy[0, 0, 0] = float("inf")
     (dx,) = torch.autograd.grad(y, x, dy)
@@ -118,7 +118,10 @@ def test_nan_propagates_like_the_reference():
 
 
 def _interpolate_tokens(x, grid, out_grid):
-    """PyTorch's own ``F.interpolate`` on (B, N, C) tokens: the semantics the kernels copy."""
+    """PyTorch's own ``F.interpolate`` on (B, N, C) tokens, on the CPU: the rule the kernels copy
+    (docs/deco-projector.md: CUDA's kernel also reads the next input, with weight 0, on an axis
+    that is not resampled)."""
+    x = x.cpu()
     B, _, C = x.shape
     mode = "bilinear" if len(grid) == 2 else "trilinear"
     frames = x.transpose(1, 2).reshape(B, C, *grid)
@@ -135,19 +138,20 @@ def _interpolate_tokens(x, grid, out_grid):
 def test_bilinear_nan_reaches_what_pytorch_reads(grid, out_grid):
     """Channel c holds one NaN, at token c (forward) or output row c (backward), so one launch
     checks a NaN at every position: the NaN pattern of the output and of the input gradient is
-    PyTorch's, including taps read with weight exactly 0."""
+    PyTorch's (its CPU kernel's), including taps read with weight exactly 0."""
     N, R = math.prod(grid), math.prod(out_grid)
     x = randn(1, N, max(N, R))
     x[0, torch.arange(N), torch.arange(N)] = float("nan")
     x.requires_grad_(True)
     y = deco_ops.bilinear_pool_tokens(x, grid, out_grid)
     ref = _interpolate_tokens(x.detach(), grid, out_grid)
-    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(torch.isnan(y).cpu(), torch.isnan(ref))
     dy = randn(1, R, max(N, R))
     dy[0, torch.arange(R), torch.arange(R)] = float("nan")
     (dx,) = torch.autograd.grad(y, x, dy)
-    x_ref = x.detach().clone().requires_grad_(True)
-    (dx_ref,) = torch.autograd.grad(_interpolate_tokens(x_ref, grid, out_grid), x_ref, dy)
+    x_ref = x.detach().cpu().requires_grad_(True)
+    (dx_ref,) = torch.autograd.grad(_interpolate_tokens(x_ref, grid, out_grid), x_ref, dy.cpu())
+    dx = dx.cpu()
     assert torch.equal(torch.isnan(dx), torch.isnan(dx_ref))
     finite = ~torch.isnan(dx_ref)
     assert_close(dx[finite], dx_ref[finite], torch.float32, "dx")

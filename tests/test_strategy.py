@@ -692,6 +692,21 @@ def _writes_decisions(rank: int, cache: str, keys: int) -> None:
         strategy._write_disk(f"op|GPU|bfloat16|rows={i}|grad|any|rank{rank}", "fused")
 
 
+@pytest.mark.skipif(strategy.fcntl is None, reason="no fcntl (not POSIX): nothing is locked")
+def test_a_filesystem_without_locks_still_gets_the_cache(cache_dir, monkeypatch):
+    """Where flock fails for want of support (ENOLCK on some network mounts), the decision is still
+    written (unlocked, as before locks), not dropped with a warning on every decision."""
+    import errno
+    from types import SimpleNamespace
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(strategy, "fcntl", SimpleNamespace(flock=no_locks, LOCK_EX=strategy.fcntl.LOCK_EX))
+    strategy._write_disk("op|GPU|bfloat16|rows=1|grad|any|v", "composed")
+    assert json.loads((cache_dir / strategy.CACHE_FILE).read_text()) == {"op|GPU|bfloat16|rows=1|grad|any|v": "composed"}
+
+
 def test_concurrent_writers_keep_every_decision(tmp_path):
     """Two processes writing the cache at once (ranks of one node) keep each other's entries: the
     read-merge-replace runs under the cache's lock."""
@@ -749,3 +764,24 @@ def test_distributed_ranks_never_decide_alone(tmp_path):
     assert [by_rank[r][:2] for r in (0, 1)] == [["composed", "fused"], ["composed", "fused"]]
     assert by_rank[0][2] == "fused cannot run on rank 0"
     assert "rows=1024" in by_rank[1][2] and "rank 0 failed" in by_rank[1][2] and "fused cannot run on rank 0" in by_rank[1][2]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_plans_are_not_kept_across_the_process_group_start(tmp_path, monkeypatch):
+    """A per-signature plan built before ``init_process_group`` holds a choice its rank made
+    alone: after the start every call misses and decides again (together, ``strategy._agree``);
+    a rank whose plan hit while another missed would leave that one waiting in the broadcast."""
+    from deco_ops import pooling
+
+    build, builds = pooling._plans._build, []
+    monkeypatch.setattr(pooling._plans, "_build", lambda *args: builds.append(args) or build(*args))
+    x = torch.randn(3, 15, 7)  # a signature no other test plans
+    for _ in range(2):
+        deco_ops.adaptive_avg_pool_tokens(x, (5, 3), (2, 2))
+    assert len(builds) == 1
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        deco_ops.adaptive_avg_pool_tokens(x, (5, 3), (2, 2))
+        assert len(builds) == 2
+    finally:
+        torch.distributed.destroy_process_group()

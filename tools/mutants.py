@@ -381,6 +381,10 @@ MUTANTS: tuple[Mutant, ...] = (
            "    tuning_tables.forget()\n", "",
            ("tests/test_strategy.py", "-k", "forget_brings"),
            "after strategy.forget() the tuning table's decisions never come back (the table is not read again)"),
+    Mutant("plan_kept_across_process_group_start", "deco_ops/_plan.py",
+           "_c10d._world._default_pg is not None if _c10d is not None else _process_group_up(),", "False,",
+           ("tests/test_strategy.py", "-k", "process_group_start"),
+           "a plan built before init_process_group serves calls after it: one rank hits, another waits in the broadcast"),
     Mutant("plan_kept_after_capture", "deco_ops/_plan.py",
            "            if strategy.provisional != provisional:  # a choice made inside a CUDA graph capture, untimed:\n"
            "                return plan  # not kept, so the first call after the capture measures\n", "",
