@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import deco_ops
+from deco_ops import packed
 from deco_ops.kernels import packed_pool, pool_gemm
 from harness import DEVICE, DTYPES, assert_close, guarded, leaf, poisoned_empty, randn
 
@@ -294,6 +295,8 @@ def test_a_call_under_a_mode_leaves_later_calls_as_they_were(op, auto_backend):
         assert fn(fake.from_tensor(x), (4, 4), (2, 2)).shape == (2, 4, want.shape[-1])  # a grid nothing cached yet
     assert_close(train(), want, torch.float32)
     assert_close(fn(x, (4, 4), (2, 2)), fn(x.clone(), (4, 4), (2, 2)), torch.float32)  # a real table for that grid
+    # what the kernels read (the PyTorch path reads the table's shape only: a dense view knows it)
+    assert type(packed.dense_geometry((4, 4), (2, 2), x)) is torch.Tensor
     assert _dense_resamplers("meta")[op](x.to("meta")).shape == want.shape
     assert_close(train(), want, torch.float32)
 
