@@ -70,10 +70,10 @@ def _case(dtype, *, B=2, N=24, C=12, hidden=40, out=24, merge_size=2, norm="laye
     return [x, nw, nb, w1, b1, w2, b2], dy
 
 
-def _check(params, dy, dtype, requires=None, tighten=False, **kw):
+def _check(params, dy, dtype, requires=None, tighten=False, eager_factor=2.0, **kw):
     """Fused op on guard-banded inputs with NaN-poisoned outputs vs float64 eager; ``requires``:
-    the names of the inputs that require grad (default all present); ``tighten``: as in
-    ``assert_close``."""
+    the names of the inputs that require grad (default all present); ``tighten``, ``eager_factor``:
+    as in ``assert_close``."""
     requires = set(NAMES) if requires is None else requires
     leaves = [None if p is None else leaf(guarded(p)).requires_grad_(n in requires) for n, p in zip(NAMES, params)]
     with poisoned_empty():
@@ -87,12 +87,12 @@ def _check(params, dy, dtype, requires=None, tighten=False, **kw):
     y_same = eager_merge_mlp(*same, **kw)
     y_same.backward(dy)
     assert y.dtype == dtype
-    assert_close(y, y64, dtype, "y", eager=y_same, tighten=tighten)
+    assert_close(y, y64, dtype, "y", eager=y_same, tighten=tighten, eager_factor=eager_factor)
     for name, got, want, base in zip(NAMES, leaves, ref, same):
         if got is None:
             continue
         if name in requires:
-            assert_close(got.grad, want.grad, dtype, f"grad {name}", eager=base.grad, tighten=tighten)
+            assert_close(got.grad, want.grad, dtype, f"grad {name}", eager=base.grad, tighten=tighten, eager_factor=eager_factor)
         else:
             assert got.grad is None, name
 
@@ -112,10 +112,11 @@ def test_constant_groups_standardise_to_zero(backend, order, position):
     """A LayerNorm group whose values are all equal (a blank or padded patch) is exactly 0 after
     centring in PyTorch; a mean one rounding off (``total / width``) would leave an ulp that
     ``1/sqrt(eps)`` magnifies to 1e-4 of the output. Image 0 is one constant, image 1 random;
-    judged within twice eager fp32's own error."""
+    judged within 8x eager fp32's own error (such a mean gives 30-40x; 8x leaves room for a GPU's
+    other summation order)."""
     params, dy = _case(torch.float32, N=64, C=20, norm_position=position)
     params[0][0] = 0.1 + 0.2 * params[0][0, 0, 0]
-    _check(params, dy, torch.float32, tighten=True, grid=(8, 8) if order == "grid" else None, order=order,
+    _check(params, dy, torch.float32, tighten=True, eager_factor=8.0, grid=(8, 8) if order == "grid" else None, order=order,
            norm="layernorm", norm_position=position, eps=1e-5)
 
 
