@@ -82,7 +82,8 @@ def merge_norm_stats_kernel(
                 x = load_token_tile(x_ptr, base, step_h, sxn, sxc, g * TOKENS + t, c, mask, MERGE)
                 d = tl.where(mask, x - mean[:, None], 0.0)
                 squares += tl.sum(d * d, axis=1)
-                residual += tl.sum(d, axis=1)
+                if NORM == 0:  # RMSNorm has no mean to correct
+                    residual += tl.sum(d, axis=1)
         variance = squares / width
         if NORM == 0:
             # Corrected two-pass: `total / width` is off by rounding, which on a constant group
