@@ -244,9 +244,7 @@ def _composed_choice(candidates: Mapping[str, Candidate], key: Callable[[], str]
     if torch.are_deterministic_algorithms_enabled():
         composed = [name for name in composed if candidates[name].deterministic]
     if len(composed) > 1:
-        known_key = key()
-        _drop_unagreed(known_key)
-        known = _decisions.get(known_key)
+        known = _held(key())
         if known in composed:
             return known
     return composed[0] if composed else None
@@ -265,8 +263,7 @@ def _traced_choice(candidates: Mapping[str, Candidate], key: Callable[[], str]) 
     except AttributeError:  # bucket() of a SymInt: int.bit_length has no symbolic twin
         return default
     _preload_shipped_table(known_key)
-    _drop_unagreed(known_key)
-    known = _decisions.get(known_key)
+    known = _held(known_key)
     return known if known in usable else _untimed(known_key, usable, _synchronised())
 
 
@@ -304,8 +301,7 @@ def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Calla
     deterministic candidates compete (the first candidate if none is). A candidate that raises
     while it is timed drops out of the competition, with a warning."""
     usable = _usable(candidates)
-    _drop_unagreed(key)
-    known = _decisions.get(key)
+    known = _held(key)
     if known in usable:
         return known
     if len(usable) == 1:
@@ -324,13 +320,15 @@ def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Calla
     return winner
 
 
-def _drop_unagreed(key: str) -> None:
-    """Under torch.distributed, drop the decision this rank made alone for ``key`` (before the
-    process group started, or with ``DECO_OPS_STRATEGY_SYNC=0``): using it would skip the
-    broadcast the other ranks wait in, and theirs may differ. Agreed and preloaded ones stay."""
+def _held(key: str) -> str | None:
+    """The decision this process holds for ``key``, if any. Under torch.distributed one this rank
+    made alone (before the process group started, or with ``DECO_OPS_STRATEGY_SYNC=0``) is dropped
+    instead: using it would skip the broadcast the other ranks wait in, and theirs may differ.
+    Agreed and preloaded ones stay."""
     if key in _unagreed and _synchronised():
         _unagreed.discard(key)
         _decisions.pop(key, None)  # another thread may have dropped it first
+    return _decisions.get(key)
 
 
 def _usable(candidates: Mapping[str, Candidate]) -> dict[str, Candidate]:

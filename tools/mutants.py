@@ -354,7 +354,7 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_strategy.py", "-k", "deterministic_mode_filters"),
            "a forced composed with no deterministic twin runs a non-deterministic one in deterministic mode"),
     Mutant("strategy_remembered_winner_unfiltered", "deco_ops/strategy.py",
-           "    known = _decisions.get(key)\n    if known in usable:", "    known = _decisions.get(key)\n    if known in candidates:",
+           "    known = _held(key)\n    if known in usable:", "    known = _held(key)\n    if known in candidates:",
            ("tests/test_strategy.py", "-k", "deterministic"),
            "a winner remembered without deterministic mode is reused under it (a non-deterministic path runs)"),
     Mutant("strategy_rank_reuses_decision_made_alone", "deco_ops/strategy.py",
