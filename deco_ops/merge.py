@@ -320,7 +320,10 @@ def _check_params(x, norm_weight, norm_bias, w1, b1, w2, b2, merge, norm, norm_p
 
 def check_merge_grid(grid, merge: int) -> tuple[int, ...]:
     """A "grid"-order input's grid, checked against the merge size (also where a module is built)."""
-    g = _validate.grid("grid", grid)
+    return _merge_multiples(_validate.grid("grid", grid), merge)
+
+
+def _merge_multiples(g: tuple[int, ...], merge: int) -> tuple[int, ...]:
     if g[-2] % merge or g[-1] % merge:
         raise ValueError(f"grid {g}: H and W must be multiples of merge_size = {merge}")
     return g
@@ -331,7 +334,7 @@ def _merge_grid(grid, merge: int, tokens: int) -> list[int]:
     g = _validate.grid("grid", grid)
     if math.prod(g) != tokens:
         raise ValueError(f"x has {tokens} tokens but grid {g} needs {math.prod(g)}")
-    g = check_merge_grid(g, merge)
+    g = _merge_multiples(g, merge)
     return [1, *g] if len(g) == 2 else list(g)
 
 
