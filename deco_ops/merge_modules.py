@@ -20,8 +20,10 @@ KEY_LAYOUTS = {
 }
 # The same paths split at the dots, for ``_at``.
 _PATHS = {keys: tuple(tuple(path.split(".")) for path in paths) for keys, paths in KEY_LAYOUTS.items()}
-# The original InternVL checkpoints' mlp1 = Sequential(LayerNorm, Linear, GELU, Linear).
-INTERNVL_ORIGINAL = ("mlp1.0", "mlp1.1", "mlp1.3")
+# The original InternVL checkpoints' mlp1 = Sequential(LayerNorm, Linear, GELU, Linear): its own
+# keys (the projector standing where mlp1 was: ``model.mlp1 = projector``, then the model's
+# state_dict), and the model's (its state_dict loaded into the projector).
+INTERNVL_ORIGINAL = (("0", "1", "3"), ("mlp1.0", "mlp1.1", "mlp1.3"))
 
 # Activation modules of nn / transformers (by class name: transformers is optional) -> our names.
 _ACTIVATION_CLASSES = {
@@ -53,6 +55,26 @@ def _norm_eps(norm: nn.Module) -> float:
 
 def _is_rms(norm: nn.Module) -> bool:
     return not isinstance(norm, nn.LayerNorm)
+
+
+def _norm_width(kind: str, norm: nn.Module) -> int:
+    """The norm's width, from its weight (``_check_supported`` names a norm without one)."""
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        raise ValueError(f"{kind}'s norm has no weight (elementwise_affine=False): PatchMergerProjector's norm is affine")
+    return weight.shape[0]
+
+
+def _check_supported(kind: str, norm: nn.Module, fc1: nn.Linear, fc2: nn.Linear) -> None:
+    """What ``PatchMergerProjector`` cannot hold, refused by name before any weight is copied: a
+    norm without weight, a LayerNorm without bias, Linears of which one has a bias and one not
+    (no HF merger has any of these)."""
+    _norm_width(kind, norm)
+    if not _is_rms(norm) and norm.bias is None:
+        raise ValueError(f"{kind}'s LayerNorm has no bias (bias=False): PatchMergerProjector's LayerNorm has one")
+    if (fc1.bias is None) != (fc2.bias is None):
+        raise ValueError(f"{kind}'s Linears differ in bias (first: {fc1.bias is not None}, second: {fc2.bias is not None}): "
+                         "PatchMergerProjector's bias= covers both")
 
 
 def _merge_from_widths(merged: int, channels: int) -> int | None:
@@ -166,7 +188,7 @@ class PatchMergerProjector(nn.Module):
 
     def _accept_other_layouts(self, state_dict, prefix, *args) -> None:
         ours = KEY_LAYOUTS[self.keys]
-        for theirs in (*KEY_LAYOUTS.values(), INTERNVL_ORIGINAL):
+        for theirs in (*KEY_LAYOUTS.values(), *INTERNVL_ORIGINAL):
             if theirs == ours:
                 continue
             for old, new in zip(theirs, ours):
@@ -177,7 +199,7 @@ class PatchMergerProjector(nn.Module):
     @classmethod
     def from_hf(cls, module: nn.Module, *, config=None, merge_size: int | None = None, grid=None) -> PatchMergerProjector:
         """A projector with ``module``'s configuration and a copy of its weights, for HF's Qwen2-VL
-        ``PatchMerger``, ``Qwen2_5_VLPatchMerger``, ``Qwen3VLVisionPatchMerger`` or
+        ``PatchMerger``, ``Qwen2_5_VLPatchMerger``, ``Qwen3VLVisionPatchMerger``, ``Qwen3OmniMoeVisionPatchMerger`` or
         ``InternVLMultiModalProjector``; ``grid`` as in ``__init__``.
 
         The merge size S is read from the module's weights where they determine it (Qwen2/2.5-VL,
@@ -188,21 +210,24 @@ class PatchMergerProjector(nn.Module):
         ``ValueError``. Sources that are given must agree."""
         kind = type(module).__name__
         inferred = None  # the merge size the weights determine, where they do
-        if hasattr(module, "ln_q"):  # Qwen2-VL / Qwen2.5-VL
+        if hasattr(module, "ln_q"):  # Qwen2-VL / Qwen2.5-VL; Qwen3-Omni (its use_postshuffle_norm as Qwen3-VL's)
             norm, fc1, fc2, act = module.ln_q, module.mlp[0], module.mlp[2], module.mlp[1]
-            inferred = _merge_from_widths(fc1.in_features, norm.weight.shape[0])
-            keys, order, position = "qwen2_vl", "block", "pre"
+            position = "post" if getattr(module, "use_postshuffle_norm", False) else "pre"
+            if position == "pre":
+                inferred = _merge_from_widths(fc1.in_features, _norm_width(kind, norm))
+            keys, order = "qwen2_vl", "block"
         elif hasattr(module, "linear_fc1") and hasattr(module, "use_postshuffle_norm"):  # Qwen3-VL
             norm, fc1, fc2, act = module.norm, module.linear_fc1, module.linear_fc2, module.act_fn
             position = "post" if module.use_postshuffle_norm else "pre"
             if position == "pre":
-                inferred = _merge_from_widths(fc1.in_features, norm.weight.shape[0])
+                inferred = _merge_from_widths(fc1.in_features, _norm_width(kind, norm))
             keys, order = "qwen3_vl", "block"
         elif hasattr(module, "layer_norm") and hasattr(module, "linear_1"):  # InternVL
             norm, fc1, fc2, act = module.layer_norm, module.linear_1, module.linear_2, module.act
             keys, order, position = "internvl", "grid", "post"
         else:
             raise TypeError(f"from_hf does not know {kind}; expected a Qwen2-VL/Qwen2.5-VL/Qwen3-VL patch merger or InternVLMultiModalProjector")
+        _check_supported(kind, norm, fc1, fc2)
         sources = {}
         if merge_size is not None:
             sources["merge_size"] = _validate.positive_int("merge_size", merge_size)

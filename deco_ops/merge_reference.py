@@ -76,7 +76,7 @@ def unmerge_tokens(m: torch.Tensor, shape, merge: int, order: str, grid, geometr
     B, N, C = shape
     if order == "block":
         return m.reshape(shape)
-    m = m.reshape(B, -1, m.shape[-1])
+    m = m.reshape(B, N // (merge * merge), m.shape[-1])  # not -1: B may be 0
     if geometry is None:
         return _unblocks(m, *grid, merge)
     parts, row0 = [], 0
@@ -175,20 +175,21 @@ def rms_norm_backward(x, stats, nw, dn, merge, order, grid, geometry, pre, need_
     acc = stats.dtype
     M, groups = stats.shape[:2]
     rstd = stats[..., 1:]
-    xhat = (merge_tokens(x, merge, order, grid, geometry).to(acc).view(M, groups, -1) - stats[..., :1]) * rstd
     C = x.shape[-1]
+    K = merge * merge * C  # sizes spelled out: a -1 cannot be inferred where M is 0
+    xhat = (merge_tokens(x, merge, order, grid, geometry).to(acc).view(M, groups, K // groups) - stats[..., :1]) * rstd
     dx = n = dwn = None
     if store_n:
-        n = (xhat * nw if nw is not None else xhat).to(x.dtype).view(M, -1)
+        n = (xhat * nw if nw is not None else xhat).to(x.dtype).view(M, K)
     if need_dwn or need_dx:
-        g = dn.to(acc).reshape(M, groups, -1)
+        g = dn.to(acc).reshape(M, groups, K // groups)
         if need_dwn:  # sum over rows, then over the S² tokens for a pre-merge norm
-            dwn = (g * xhat).view(M, -1).sum(0)
+            dwn = (g * xhat).view(M, K).sum(0)
             dwn = dwn.view(merge * merge, C).sum(0) if pre else dwn
         if need_dx:
             dxhat = g * nw if nw is not None else g
             d = (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True)) * rstd
-            dx = unmerge_tokens(d.view(M, -1).to(x.dtype), x.shape, merge, order, grid, geometry)
+            dx = unmerge_tokens(d.view(M, K).to(x.dtype), x.shape, merge, order, grid, geometry)
     return dx, n, dwn
 
 

@@ -218,8 +218,10 @@ def merge_norm_stats(x, merge, order, grid, geometry, image, norm, pre, eps) -> 
 def merge_norm_backward(x, stats, wn, bn, dn, merge, order, grid, geometry, image, norm, pre,
                         need_dx: bool, store_n: bool, need_dwn: bool, need_dbn: bool):
     """(dx like x, norm output (M, K), dweight, dbias), each None unless requested. ``dn`` (M, K)
-    contiguous is read only when a gradient is requested; dweight/dbias are fp32 sums over rows
-    per norm channel."""
+    is read only when a gradient is requested; dweight/dbias are fp32 sums over rows per norm
+    channel. The kernel indexes ``wn``, ``bn`` and ``dn`` as contiguous: a strided view (a
+    caller's weight) is copied first."""
+    wn, bn, dn = (None if t is None else t.contiguous() for t in (wn, bn, dn))
     M, P, H, W = _layout(x, merge, grid)
     C = x.shape[2]
     K = merge * merge * C

@@ -111,6 +111,12 @@ def guarded(t: torch.Tensor, pad: int = 3) -> torch.Tensor:
 
 
 
+def guarded_strided(t: torch.Tensor) -> torch.Tensor:
+    """``guarded(t)``, and a vector (a bias, a norm's weight) at stride 4 in it: NaNs between its
+    elements, so a kernel that reads one as contiguous reads NaN."""
+    return guarded(t[:, None]).squeeze(1) if t.dim() == 1 else guarded(t)
+
+
 def head_strided(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` (..., H, D) whose last dim is not unit-stride (stride H + 3: a transposed
     (..., D, H) tensor's view), inside a NaN-filled buffer (``guarded``)."""

@@ -16,7 +16,7 @@ import deco_ops
 from deco_ops import _plan, reference
 from deco_ops.kernels import gemm_act_grad, merge_gemm, merge_norm
 from fuzz import dtypes, examples
-from harness import DEVICE, assert_close, guarded, leaf, poisoned_empty, randn
+from harness import DEVICE, assert_close, guarded, guarded_strided, leaf, poisoned_empty, randn
 
 NAMES = ("x", "norm_weight", "norm_bias", "w1", "b1", "w2", "b2")
 KERNELS = [merge_norm.merge_norm_stats_kernel, merge_gemm.merge_gemm_kernel, gemm_act_grad.gemm_act_grad_kernel,
@@ -71,11 +71,11 @@ def _case(dtype, *, B=2, N=24, C=12, hidden=40, out=24, merge_size=2, norm="laye
 
 
 def _check(params, dy, dtype, requires=None, tighten=False, eager_factor=2.0, **kw):
-    """Fused op on guard-banded inputs with NaN-poisoned outputs vs float64 eager; ``requires``:
+    """Fused op on guard-banded inputs (vectors at stride 4) with NaN-poisoned outputs vs float64 eager; ``requires``:
     the names of the inputs that require grad (default all present); ``tighten``, ``eager_factor``:
     as in ``assert_close``."""
     requires = set(NAMES) if requires is None else requires
-    leaves = [None if p is None else leaf(guarded(p)).requires_grad_(n in requires) for n, p in zip(NAMES, params)]
+    leaves = [None if p is None else leaf(guarded_strided(p)).requires_grad_(n in requires) for n, p in zip(NAMES, params)]
     with poisoned_empty():
         y = deco_ops.merge_mlp(*leaves, **kw)
         if any(t is not None and t.requires_grad for t in leaves):
@@ -198,6 +198,26 @@ def test_fuzzed(dtype, batch, merge_size, blocks, frames, C, hidden, out, order,
     with deco_ops.use_backend("triton"):
         _check(params, dy, dtype, grid=grid if order == "grid" else None, merge_size=merge_size, order=order, norm=norm,
                norm_position=position)
+
+
+@pytest.mark.parametrize("order,norm,position", MATRIX)
+def test_no_tokens_forward_and_backward(backend, order, norm, position):
+    """A batch of no images (B = 0, and Qwen's flat (0, C) tokens): no output rows, and a backward
+    that gives an empty token gradient and zero parameter gradients (a sum over no rows), as eager
+    PyTorch's Qwen mergers do (the PyTorch path's norm backward viewed its rows with a -1 that
+    0 elements cannot give; InternVL's own pixel_shuffle has the same trouble at B = 0)."""
+    params, _ = _case(torch.float32, B=0, norm=norm, norm_position=position)
+    C, out = params[0].shape[-1], params[5].shape[0]
+    kw = dict(grid=(4, 6), order=order) if order == "grid" else {}
+    flat = [params[0].reshape(0, C)] if order == "block" else []
+    for x in [params[0], *flat]:
+        leaves = [leaf(p) for p in (x, *params[1:])]
+        y = deco_ops.merge_mlp(*leaves, norm=norm, norm_position=position, eps=1e-5, **kw)
+        assert y.shape == ((0, 6, out) if x.dim() == 3 else (0, out))
+        y.sum().backward()
+        for name, t in zip(NAMES, leaves):
+            if t is not None:
+                assert t.grad.shape == t.shape and not t.grad.any(), name
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ qwen2_vl = pytest.importorskip("transformers.models.qwen2_vl.modeling_qwen2_vl")
 qwen2_5_vl = pytest.importorskip("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl")
 qwen3_vl = pytest.importorskip("transformers.models.qwen3_vl.modeling_qwen3_vl")
 internvl = pytest.importorskip("transformers.models.internvl.modeling_internvl")
-from transformers import InternVLConfig, Qwen2_5_VLConfig, Qwen3VLVisionConfig  # noqa: E402
+qwen3_omni = pytest.importorskip("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe")
+from transformers import InternVLConfig, Qwen2_5_VLConfig, Qwen3OmniMoeVisionEncoderConfig, Qwen3VLVisionConfig  # noqa: E402
 
 C, D = 16, 24
 
@@ -34,6 +35,11 @@ def qwen3_config(c: int = C, d: int = D, merge: int = 2):
 
 def qwen3_merger(post: bool, c: int = C, d: int = D, merge: int = 2):
     return qwen3_vl.Qwen3VLVisionPatchMerger(qwen3_config(c, d, merge), use_postshuffle_norm=post)
+
+
+def qwen3_omni_config(c: int = C, d: int = D, merge: int = 2):
+    return Qwen3OmniMoeVisionEncoderConfig(hidden_size=c, spatial_merge_size=merge, out_hidden_size=d, depth=1, num_heads=2,
+                                           intermediate_size=32)
 
 
 def internvl_config(c: int = C, d: int = D, ratio: float = 0.5):
@@ -60,10 +66,13 @@ MODULES = {
     "qwen2_5_vl": lambda: qwen2_5_vl.Qwen2_5_VLPatchMerger(D, C),
     "qwen3_vl": lambda: qwen3_merger(False),
     "qwen3_vl_postshuffle": lambda: qwen3_merger(True),
+    # Qwen3-Omni's mergers: Qwen2-VL's module names, Qwen3-VL's use_postshuffle_norm
+    "qwen3_omni": lambda: qwen3_omni.Qwen3OmniMoeVisionPatchMerger(qwen3_omni_config(), use_postshuffle_norm=False),
+    "qwen3_omni_postshuffle": lambda: qwen3_omni.Qwen3OmniMoeVisionPatchMerger(qwen3_omni_config(), use_postshuffle_norm=True),
     "internvl": internvl_projector,
 }
 # the HF config from_hf needs where the module's weights hold only merge_size**2 * C
-CONFIGS = {"qwen3_vl_postshuffle": qwen3_config, "internvl": internvl_config}
+CONFIGS = {"qwen3_vl_postshuffle": qwen3_config, "qwen3_omni_postshuffle": qwen3_omni_config, "internvl": internvl_config}
 
 
 def from_hf(hf, name):
@@ -128,15 +137,40 @@ def test_forward_runs_the_submodules_registered_now(keys):
     assert torch.equal(ours(x), want)
 
 
+class _InternVLChat(torch.nn.Module):
+    """The original InternVL chat model's projector: ``mlp1 = Sequential(LayerNorm, Linear, GELU, Linear)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp1 = torch.nn.Sequential(torch.nn.LayerNorm(4 * C), torch.nn.Linear(4 * C, D), torch.nn.GELU(), torch.nn.Linear(D, D))
+
+
 def test_loads_other_layouts_and_original_internvl_mlp1_keys():
-    """An InternVL-configured projector loads the original checkpoints' mlp1.{0,1,3}.* keys and
-    HF's layer_norm/linear_1/linear_2; a Qwen2-VL one loads Qwen3-VL's norm/linear_fc1/linear_fc2."""
-    hf = _init(internvl_projector(), seed=5)
-    ours = deco_ops.PatchMergerProjector(C, D, hidden_features=D, order="grid", norm_position="post", eps=1e-5, keys="internvl")
-    original = {f"mlp1.{i}.{k.split('.')[-1]}": v for k, v in hf.state_dict().items()
-                for i, head in ((0, "layer_norm"), (1, "linear_1"), (3, "linear_2")) if k.startswith(head + ".")}
-    ours.load_state_dict(original)
+    """An InternVL-configured projector loads the original checkpoints' mlp1 keys where the
+    projector replaces mlp1 in the model (``model.mlp1.{0,1,3}.*``), from the Sequential itself
+    (``{0,1,3}.*``) and the model's keys into the projector (``mlp1.{0,1,3}.*``), and HF's
+    layer_norm/linear_1/linear_2; a Qwen2-VL one loads Qwen3-VL's norm/linear_fc1/linear_fc2."""
+    original = _init(_InternVLChat(), seed=5)
     x = _tokens("internvl", torch.float32)
+    feats = internvl.InternVLModel.pixel_shuffle(None, x.reshape(2, 4, 6, C), scale_factor=0.5)
+    want = original.mlp1(feats.reshape(2, -1, 4 * C))
+
+    def projector():
+        return deco_ops.PatchMergerProjector(C, D, hidden_features=D, order="grid", norm_position="post", eps=1e-5, keys="internvl")
+
+    model = _InternVLChat()
+    model.mlp1 = projector()
+    model.load_state_dict(original.state_dict())
+    loaded = [model.mlp1]
+    for state in (original.mlp1.state_dict(), original.state_dict()):
+        loaded.append(projector())
+        loaded[-1].load_state_dict(state)
+    with deco_ops.use_backend("torch"):
+        for ours in loaded:
+            assert_close(ours(x, grid=(4, 6)), want, torch.float32)
+    hf = _init(internvl_projector(), seed=5)
+    ours = projector()
+    ours.load_state_dict(hf.state_dict())
     with deco_ops.use_backend("torch"):
         assert_close(ours(x, grid=(4, 6)), internvl_stage(hf, x, (4, 6)), torch.float32)
     qwen3 = _init(qwen3_merger(False), seed=6)
@@ -188,6 +222,25 @@ def test_internvl_square_grid_compiles_for_any_token_count():
 def test_from_hf_rejects_other_modules():
     with pytest.raises(TypeError, match="from_hf does not know Linear"):
         deco_ops.PatchMergerProjector.from_hf(torch.nn.Linear(4, 4))
+
+
+def _without(attribute: str, module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` (an HF merger) with one of its parameters removed, as the variant modules
+    (``elementwise_affine=False``, ``bias=False``) build it."""
+    owner, name = attribute.rsplit(".", 1)
+    setattr(module.get_submodule(owner), name, None)
+    return module
+
+
+@pytest.mark.parametrize("attribute,match", [
+    ("ln_q.weight", "norm has no weight"), ("ln_q.bias", "LayerNorm has no bias"),
+    ("mlp.0.bias", r"Linears differ in bias \(first: False, second: True\)"),
+    ("mlp.2.bias", r"Linears differ in bias \(first: True, second: False\)")])
+def test_from_hf_refuses_what_the_projector_cannot_hold(attribute, match):
+    """A norm without weight or bias, or Linears of which only one has a bias: refused by name
+    (``ValueError``), not an AttributeError or a state_dict error from inside."""
+    with pytest.raises(ValueError, match=match):
+        deco_ops.PatchMergerProjector.from_hf(_without(attribute, qwen2_vl.PatchMerger(D, C)))
 
 
 # merge size S of each HF module, and what from_hf is given to know it: nothing where the module's
