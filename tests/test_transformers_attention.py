@@ -98,6 +98,24 @@ def _check_qformer(ours, eager, lengths, device):
         assert torch.equal(again, y.detach())
 
 
+def test_output_attentions_returns_eager_s_weights(qformers):
+    """``output_attentions=True`` returns what eager attention returns, the (B, H, M, N)
+    probabilities of every self- and cross-attention layer (from the kernels' saved LSE), padded
+    image tokens at weight 0; never an empty tuple."""
+    ours, eager = qformers
+    gen = torch.Generator().manual_seed(2)
+    q, enc = torch.randn(2, 8, 32, generator=gen), torch.randn(2, 20, 24, generator=gen)
+    mask = _encoder_mask((20, 13), 20)
+    got = ours(query_embeds=q, encoder_hidden_states=enc, encoder_attention_mask=mask, output_attentions=True)
+    want = eager(query_embeds=q.double(), encoder_hidden_states=enc.double(), encoder_attention_mask=mask, output_attentions=True)
+    for kind in ("attentions", "cross_attentions"):
+        assert len(getattr(got, kind)) == len(getattr(want, kind)) > 0, kind
+        for a, b in zip(getattr(got, kind), getattr(want, kind)):
+            assert a.shape == b.shape
+            assert_close(a, b, torch.float32, kind, tol=1e-5)
+    assert not got.cross_attentions[0][1, :, :, 13:].any()
+
+
 def test_instructblip_qformer_text_padding_matches_eager():
     """InstructBLIP's Q-Former attends over [queries, instruction text] with the text's padding mask."""
     config = InstructBlipQFormerConfig(**QFORMER)

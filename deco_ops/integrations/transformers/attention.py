@@ -110,8 +110,8 @@ def deco_ops_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention function for ``"deco_ops"``: ``query`` ``(B, H, M, D)``, ``key``/``value``
-    ``(B, H_kv, N, D)`` (grouped heads are repeated), returns ``((B, M, H, D), None)`` like SDPA's
-    (attention weights are never formed)."""
+    ``(B, H_kv, N, D)`` (grouped heads are repeated), returns ``((B, M, H, D), None)`` like SDPA's,
+    or with ``output_attentions=True`` the ``(B, H, M, N)`` weights in place of None, as eager's."""
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", False)
@@ -131,11 +131,15 @@ def deco_ops_attention(
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         attention_mask = _with_position_bias(position_bias, attention_mask, key)
+    # ``output_attentions=True``: the probabilities eager attention returns (after dropout, per head),
+    # from the kernels' saved log-sum-exp; otherwise none are formed
+    need_weights = bool(kwargs.get("output_attentions"))
     out = cross_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
         attn_mask=None if attention_mask is None else _attn_mask(attention_mask), softmax_scale=scaling, dropout_p=dropout,
+        need_weights=need_weights, average_attn_weights=False,
     )
-    return out, None
+    return out if need_weights else (out, None)
 
 
 def register() -> None:
