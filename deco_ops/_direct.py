@@ -45,26 +45,6 @@ _copy_context = contextvars.copy_context
 
 _names: dict[object, str] = {}  # custom op definition -> its name in ``deco``
 
-# Implementations made of ATen ops whose own autograd computes, with the same ATen kernels, what
-# the op's formula would (``aten_differentiable``): a plain eager call that autograd records runs
-# them bare, as the eager code they replace runs, without the op's Function around them (≈ 2-3 µs
-# of a 7-15 µs call on the host: the Python forward, the context kept, the saved tensors).
-_ATEN_DIFFERENTIABLE: set[Callable] = set()
-
-
-def aten_differentiable(implementation: Callable) -> Callable:
-    """Marks ``implementation`` as one whose ATen autograd is its op's formula, kernel for kernel
-    (the PyTorch path's pooling and pooled Linear: ``F.adaptive_avg_pool2d``/``3d``'s backward is
-    the op's un-pooling there, ``F.linear``'s its GEMMs, and they keep the same tensors). Not for an
-    implementation whose op saves less than ATen would (the MLPs recompute their activation) or
-    un-pools by the strategy's choice (the Triton backend's composed twins)."""
-    _ATEN_DIFFERENTIABLE.add(implementation)
-    return implementation
-
-
-def is_aten_differentiable(implementation: Callable) -> bool:
-    return implementation in _ATEN_DIFFERENTIABLE
-
 
 def custom_op(name: str, plan: Callable[..., Callable] | None = None) -> Callable:
     """``torch.library.triton_op("deco::<name>", mutates_args=())`` (``_triton_op``: compiled
@@ -196,8 +176,8 @@ class Op:
         """What a plain eager call runs when ``impl`` is its implementation (the body, or the one
         implementation the op's strategy chose): ``impl`` itself, or ``impl`` inside the op's
         autograd Function when autograd records the call (``records``: grad mode on and an input
-        requires grad), or bare where ATen's autograd is the op's formula (``aten_differentiable``)."""
-        if not records or is_aten_differentiable(impl):
+        requires grad)."""
+        if not records:
             return impl
         if self._formula is None:  # no autograd formula: the op's own error, unchanged
             return self.overload

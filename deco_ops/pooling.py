@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from . import _autocast, _backend, _plan, _validate, reference, strategy
-from ._direct import aten_differentiable, custom_op, deco, register_autograd
+from ._direct import custom_op, deco, register_autograd
 from .kernels import adaptive_pool
 
 
@@ -36,7 +36,6 @@ def _pool_kernel(x, grid, out_grid):
     return adaptive_pool.pool_tokens(x, as_3d(grid), as_3d(out_grid))
 
 
-@aten_differentiable
 def _pool_reference(x, grid, out_grid):
     return reference.adaptive_avg_pool_tokens(x, grid, out_grid).contiguous()
 

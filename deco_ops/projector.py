@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _autocast, _backend, _plan, _validate, composed, pooling, reference, strategy
-from ._direct import aten_differentiable, custom_op, deco, is_aten_differentiable, register_autograd
+from ._direct import custom_op, deco, register_autograd
 from .kernels import gemm_act_grad, pool_gemm, tma_gemm
 from .pooling import as_3d, check_pool_input
 
@@ -120,9 +120,6 @@ def _composed_twins(pool):
 
     def pool_mlp_tma(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals):
         return composed.pool_mlp_tma(pool(x, grid, out_grid), w1, b1, w2, b2, activation, keep_residuals)
-
-    if is_aten_differentiable(pool):  # the PyTorch path's pooling: F.linear over it is ATen's too (the MLP's
-        aten_differentiable(pool_linear_composed)  # formula saves less than ATen would: it keeps its Function)
 
     return pool_linear_composed, pool_mlp_composed, pool_mlp_tma
 

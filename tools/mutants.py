@@ -986,10 +986,4 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("merge_eps_math_on_symfloat", "deco_ops/merge.py", "not 0 <= eps < math.inf:", "not eps >= 0 or math.isinf(eps):",
            ("tests/test_merge_modules.py", "-k", "compiles"),
            "merge_mlp's eps check breaks the graph under torch.compile(dynamic=True)"),
-    Mutant("pooling_reference_in_its_function", "deco_ops/pooling.py", "@aten_differentiable\ndef _pool_reference", "def _pool_reference",
-           ("tests/test_host_path.py", "-k", "records_aten"),
-           "the PyTorch path's pooling runs inside deco's Function where ATen's autograd is its formula (host time)"),
-    Mutant("mlp_twin_recorded_by_aten", "deco_ops/projector.py", "aten_differentiable(pool_linear_composed)",
-           "aten_differentiable(pool_mlp_composed)", ("tests/test_host_path.py", "-k", "select_their_own_plan"),
-           "the PyTorch path's pool_mlp records ATen's nodes: it keeps the activation its formula recomputes"),
 )
