@@ -85,7 +85,7 @@ def _tma(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order
     persistent TMA GEMM (``composed.linear_act_linear_tma``)."""
     B, N, _ = x.shape
     rows = merge_reference.norm_forward(x, norm_weight, norm_bias, merge, order, _layout(grid), geometry, norm, pre, eps)
-    y, pre_act = composed.linear_act_linear_tma(rows.contiguous(), w1, b1, w2, b2, activation, keep_residuals)
+    y, pre_act = composed.linear_act_linear_tma(rows.to(w1.dtype).contiguous(), w1, b1, w2, b2, activation, keep_residuals)
     return y.view(B, N // (merge * merge), w2.shape[0]), pre_act
 
 
@@ -100,7 +100,7 @@ def _implementation(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, m
         return strategy.make_key(
             "merge_mlp", x.device, x.dtype, keep_residuals, rows=strategy.bucket(B * N // (merge * merge)), C=C,
             hidden=w1.shape[0], out=w2.shape[0], merge=merge, order=order, packed=geometry is not None, norm=norm,
-            pre=pre, activation=activation)
+            pre=pre, activation=activation, **({} if w1.dtype == x.dtype else {"mlp_dtype": str(w1.dtype)}))
 
     on_triton = _backend.use_triton(x.device)
     args = (x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals)
@@ -130,7 +130,7 @@ def _merge_mlp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals)
     y, pre_act = _implementation(*args)(*args)
-    return y, pre_act if keep_residuals else x.new_empty((0,))
+    return y, pre_act if keep_residuals else w1.new_empty((0,))
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -141,8 +141,8 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
 def _(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals):
     B, N, _ = x.shape
     M = B * N // (merge * merge)
-    y = x.new_empty((B, N // (merge * merge), w2.shape[0]))
-    return y, x.new_empty((M, w1.shape[0])) if keep_residuals else x.new_empty((0,))
+    y = w2.new_empty((B, N // (merge * merge), w2.shape[0]))  # the MLP's dtype (a float32 norm may precede it)
+    return y, w1.new_empty((M, w1.shape[0])) if keep_residuals else w1.new_empty((0,))
 
 
 def _norm_grads(x, grads) -> tuple[torch.Tensor, ...]:
@@ -262,7 +262,7 @@ def _backward(ctx, dy, dpre_extra):
         dn = dz @ w1 if need_x or need_nw or need_nb else None
         dx, n, dnw, dnb = deco.merge_norm_backward(
             x, nw, nb, dn, geometry, grid, merge, order, norm, pre, eps, need_x, need_w1, need_nw, need_nb)
-        dw1 = dz.t() @ n if need_w1 else None
+        dw1 = dz.t() @ n.to(dz.dtype) if need_w1 else None  # a float32 norm's rows, rounded as the forward rounded them
         dx = dx if need_x else None
         dnw = dnw.to(nw.dtype) if need_nw else None
         dnb = dnb.to(nb.dtype) if need_nb else None
@@ -313,9 +313,28 @@ def _check_params(x, norm_weight, norm_bias, w1, b1, w2, b2, merge, norm, norm_p
     for name, value in params.items():
         if value is not None:
             _validate.floating(name, value, use_triton)
-    _validate.same_dtype("x", x, **params)
+    _check_dtypes(x, norm_weight, norm_bias, w1, b1, w2, b2)
     _validate.same_device("x", x, **params)
     return merge, pre, float(eps)
+
+
+_NORM_IN_FP32_FOR = (torch.float16, torch.bfloat16)  # MLP dtypes that may follow a float32 norm
+
+
+def _check_dtypes(x, norm_weight, norm_bias, w1, b1, w2, b2) -> None:
+    """One dtype for the tokens and the norm's parameters, one for the MLP's weights; the two
+    equal, or a float32 norm in front of a 16-bit MLP (what ``torch.autocast`` runs: the norm in
+    float32, as it runs ``F.layer_norm``, the Linears in its dtype; ``_autocast`` casts the
+    arguments so). Inside an autocast region the dtypes are judged as that cast leaves them."""
+    norm_dtype = _validate.norm_dtype_under_autocast(x)
+    for name, value in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if value is not None and _validate.norm_dtype_under_autocast(value) != norm_dtype:
+            raise TypeError(f"{name} has dtype {value.dtype} but x has {x.dtype}; cast them to one dtype")
+    _validate.same_dtype("w1", w1, b1=b1, w2=w2, b2=b2)
+    mlp_dtype = _validate.dtype_under_autocast(w1)
+    if mlp_dtype != norm_dtype and not (norm_dtype is torch.float32 and mlp_dtype in _NORM_IN_FP32_FOR):
+        raise TypeError(f"w1 has dtype {w1.dtype} but x has {x.dtype}; merge_mlp takes one dtype, or float32 tokens and norm "
+                        "with a float16/bfloat16 MLP")
 
 
 def check_merge_grid(grid, merge: int) -> tuple[int, ...]:
@@ -380,7 +399,7 @@ def merge_mlp(
     if plan is None:
         kwargs = {"grid": grid, "merge_size": merge_size, "order": order, "norm": norm, "norm_position": norm_position, "eps": eps,
                   "activation": activation}
-        out = _autocast.plain_call(merge_mlp, "merge_mlp", (x, norm_weight, norm_bias, w1, b1, w2, b2), kwargs)
+        out = _autocast.plain_call(merge_mlp, "merge_mlp", (x, norm_weight, norm_bias, w1, b1, w2, b2), kwargs, norm_args=3)
         if out is not _autocast.NOT_PLAIN:
             return out
         plan = _through(deco.merge_mlp, order, norm, activation, *_checked(
@@ -435,7 +454,8 @@ def _plan_of(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order,
             activation, keep)
     run = _plan.runner(deco.merge_mlp, _implementation, args, keep)
     if run is _composed:
-        return merge_reference.forward_of(x.shape, merge, order, _layout(layout), norm, pre, eps, activation, w2.shape[0])
+        return merge_reference.forward_of(x.shape, merge, order, _layout(layout), norm, pre, eps, activation, w2.shape[0],
+                                          None if w1.dtype == x.dtype else w1.dtype)
     return _through(run, order, norm, activation, *checked)
 
 
@@ -479,7 +499,7 @@ def merge_mlp_packed(
     if plan is None:
         kwargs = {"merge_size": merge_size, "order": order, "norm": norm, "norm_position": norm_position, "eps": eps,
                   "activation": activation}
-        out = _autocast.plain_call(merge_mlp_packed, "merge_mlp", args[:8], kwargs)
+        out = _autocast.plain_call(merge_mlp_packed, "merge_mlp", args[:8], kwargs, norm_args=4)  # x, grids, the norm's
         if out is not _autocast.NOT_PLAIN:
             return out
         plan = (deco.merge_mlp, *_packed_checked(*args))

@@ -125,17 +125,20 @@ def rms_norm_stats(x, merge, order, grid, geometry, pre, eps) -> torch.Tensor:
 
 
 def composed_forward(x, nw, nb, w1, b1, w2, b2, merge, order, grid, geometry, norm, pre, eps, activation):
-    """(y (M, out), pre-activation (M, hidden)): the HF sequence, cuBLAS for both Linears."""
-    pre_act = F.linear(norm_forward(x, nw, nb, merge, order, grid, geometry, norm, pre, eps), w1, b1)
+    """(y (M, out), pre-activation (M, hidden)): the HF sequence, cuBLAS for both Linears; a
+    float32 norm's rows rounded to a 16-bit MLP's dtype, as autocast's Linear casts them."""
+    pre_act = F.linear(norm_forward(x, nw, nb, merge, order, grid, geometry, norm, pre, eps).to(w1.dtype), w1, b1)
     return F.linear(reference.ACTIVATIONS[activation](pre_act), w2, b2), pre_act
 
 
-def forward_of(shape, merge, order, grid, norm, pre, eps, activation, out_features) -> Callable[..., torch.Tensor]:
+def forward_of(shape, merge, order, grid, norm, pre, eps, activation, out_features,
+               rows_dtype: torch.dtype | None = None) -> Callable[..., torch.Tensor]:
     """``composed_forward`` for one dense signature: tokens of ``shape`` ((B, N, C) or (N, C)),
     merged in ``order`` (``grid``: (T, H, W)), as a function ``(x, nw, nb, w1, b1, w2, b2) -> y``
     of the op's output shape, ``(..., N / S², out_features)``. The same ATen ops on the same
     operands (the same bits), its shapes worked out here once; no residual (for calls that
-    autograd does not record)."""
+    autograd does not record). ``rows_dtype``: the MLP's dtype where it differs from the norm's
+    (a float32 norm, a 16-bit MLP), the norm's rows cast to it."""
     *lead, N, C = shape
     M, K = math.prod(lead) * N // (merge * merge), merge * merge * C
     out_shape = (*lead, N // (merge * merge), out_features)
@@ -158,12 +161,15 @@ def forward_of(shape, merge, order, grid, norm, pre, eps, activation, out_featur
         def normalized(t, nw, nb):
             return _rms_normalized(t, nw, eps)
 
+    cast = rows_dtype is not None
     if pre:
         def forward(x, nw, nb, w1, b1, w2, b2):
-            return F.linear(act(F.linear(merged(normalized(x, nw, nb)), w1, b1)), w2, b2).view(*out_shape)
+            h = merged(normalized(x, nw, nb))
+            return F.linear(act(F.linear(h.to(rows_dtype) if cast else h, w1, b1)), w2, b2).view(*out_shape)
     else:
         def forward(x, nw, nb, w1, b1, w2, b2):
-            return F.linear(act(F.linear(normalized(merged(x), nw, nb), w1, b1)), w2, b2).view(*out_shape)
+            h = normalized(merged(x), nw, nb)
+            return F.linear(act(F.linear(h.to(rows_dtype) if cast else h, w1, b1)), w2, b2).view(*out_shape)
     return forward
 
 
@@ -201,6 +207,7 @@ def layer_norm_backward(x, nw, nb, dn, merge, order, grid, geometry, pre, eps, n
     src = _norm_source(x, merge, order, grid, geometry, pre)
     span = [src.shape[-1]]
     out, mean, rstd = torch.native_layer_norm(src, span, nw, nb, eps)
+    dn = None if dn is None else dn.to(x.dtype)  # a 16-bit MLP's gradient into a float32 norm
     n = (merge_tokens(out, merge, order, grid, geometry) if pre else out) if store_n else None
     dx = dwn = dbn = None
     if need_dx or need_dwn or need_dbn:

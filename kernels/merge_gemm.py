@@ -67,9 +67,9 @@ def fits(config: triton.Config, elem_bytes: int, ieee_fp32: bool, arch: int) -> 
 
 
 def _prune(configs, named_args, **constexprs):
-    x = named_args["x_ptr"]
-    ieee = x.dtype == torch.float32 and constexprs["INPUT_PRECISION"] == "ieee"
-    return [c for c in configs if fits(c, x.element_size(), ieee, device_arch(x.device))]
+    w = named_args["w_ptr"]  # the dot's operand dtype (the tokens may be float32 in front of a 16-bit MLP)
+    ieee = w.dtype == torch.float32 and constexprs["INPUT_PRECISION"] == "ieee"
+    return [c for c in configs if fits(c, w.element_size(), ieee, device_arch(w.device))]
 
 
 @autotuned(
@@ -102,7 +102,7 @@ def merge_gemm_kernel(
             c = c0 + ks
             xhat, c_mask = standardized_tile(x_ptr, base, step_h, sxn, sxc, q, c, C, row_mask, mean, rstd, NORM, MERGE)
             a = affine(xhat, wn_ptr, bn_ptr, norm_channels(q, c, C, PRE), c_mask, HAS_WN, HAS_BN)
-            a = a.to(x_ptr.dtype.element_ty)
+            a = a.to(w_ptr.dtype.element_ty)  # rounded to the GEMM's dtype once, as eager's Linear casts the norm's output
             k = (q * C + c).to(tl.int64)
             wt = tl.load(w_cols + k[:, None] * swk, mask=c_mask[:, None] & col_mask[None, :], other=0.0)
             acc = dot(a, wt, acc, DOT_FP32, INPUT_PRECISION)
@@ -113,14 +113,16 @@ def merge_gemm_kernel(
 @on_input_device
 def merge_gemm(x, stats, wn, bn, w, b, merge, order, grid, geometry, image, norm, pre, activation, store_pre):
     """act(norm(merge(x)) @ w.T + b) for x (B, N, C) -> (M, hidden) with M = B*N/merge**2, plus
-    the pre-activation on request. ``stats`` from ``merge_norm.merge_norm_stats``; ``w``, ``b``,
-    ``wn``, ``bn`` contiguous; ``grid`` (T, H, W) for dense ``"grid"`` order, ``geometry``/``image``
-    for packed grids."""
+    the pre-activation on request, in ``w``'s dtype (x and the norm's ``wn``, ``bn`` may be
+    float32 before a 16-bit ``w``: the norm runs in float32 and its rows are rounded to ``w``'s
+    dtype). ``stats`` from ``merge_norm.merge_norm_stats``; ``w``, ``b``, ``wn``, ``bn``
+    contiguous; ``grid`` (T, H, W) for dense ``"grid"`` order, ``geometry``/``image`` for packed
+    grids."""
     B, N, C = x.shape
     P = N // (merge * merge)
     M, Nout = B * P, w.shape[0]
-    out = torch.empty((M, Nout), device=x.device, dtype=x.dtype)
-    pre_act = torch.empty((M, Nout), device=x.device, dtype=x.dtype) if store_pre else None
+    out = torch.empty((M, Nout), device=x.device, dtype=w.dtype)
+    pre_act = torch.empty((M, Nout), device=x.device, dtype=w.dtype) if store_pre else None
     if M == 0 or Nout == 0:
         return out, pre_act
     packed = geometry is not None
@@ -132,7 +134,7 @@ def merge_gemm(x, stats, wn, bn, w, b, merge, order, grid, geometry, image, norm
         ORDER=ORDERS[order], PACKED=packed, MERGE=merge, NORM=NORMS[norm], PRE=pre,
         HAS_WN=wn is not None, HAS_BN=bn is not None, HAS_BIAS=b is not None,
         ACTIVATION=activations.CODES[activation], STORE_PRE=store_pre,
-        DOT_FP32=dot_dtype_workaround(x.dtype == torch.bfloat16), INPUT_PRECISION=input_precision(x.dtype),
+        DOT_FP32=dot_dtype_workaround(w.dtype == torch.bfloat16), INPUT_PRECISION=input_precision(w.dtype),
     )
     return out, pre_act
 

@@ -305,8 +305,8 @@ def test_autocast_calls_run_as_plain_calls(backend, name, monkeypatch):
 
     answers = []
 
-    def plain_call(*args, real=_autocast.plain_call):
-        answers.append(real(*args))
+    def plain_call(*args, real=_autocast.plain_call, **kwargs):
+        answers.append(real(*args, **kwargs))
         return answers[-1]
 
     dispatched = property(lambda op: pytest.fail(f"{name}: deco::{op.name} went through the dispatcher"))
@@ -316,7 +316,7 @@ def test_autocast_calls_run_as_plain_calls(backend, name, monkeypatch):
         planned = run()
         # the outer call's answer comes last (a call inside it without a plan, packed keys, asks too: NOT_PLAIN)
         assert answers and answers[-1] is not _autocast.NOT_PLAIN, f"{name}: not run as a plain call"
-        patch.setattr(_autocast, "plain_call", lambda *args: _autocast.NOT_PLAIN)
+        patch.setattr(_autocast, "plain_call", lambda *args, **kwargs: _autocast.NOT_PLAIN)
         op_level = run()
     monkeypatch.setattr(_plan, "plain_but_autocast", lambda args: False)
     out, grads = run()

@@ -34,7 +34,8 @@ def pixel_shuffle(x, scale):
 
 def eager_merge_mlp(x, nw, nb, w1, b1, w2, b2, *, grid=None, merge_size=2, order="block", norm="layernorm",
                     norm_position="pre", eps=1e-6, activation="gelu"):
-    """The HF modules' sequence in plain PyTorch (differentiable): norm, merge, Linear, act, Linear."""
+    """The HF modules' sequence in plain PyTorch (differentiable): norm, merge, Linear, act, Linear;
+    the norm's rows cast to the Linears' dtype where it differs (a float32 norm, a 16-bit MLP)."""
     S, C = merge_size, x.shape[-1]
 
     def normalize(t):
@@ -51,6 +52,7 @@ def eager_merge_mlp(x, nw, nb, w1, b1, w2, b2, *, grid=None, merge_size=2, order
         return pixel_shuffle(frames, 1 / S).reshape(t.shape[0], -1, S * S * t.shape[-1])
 
     h = merged(normalize(x)) if norm_position == "pre" else normalize(merged(x))
+    h = h if torch.is_autocast_enabled(h.device.type) else h.to(w1.dtype)
     return F.linear(reference.ACTIVATIONS[activation](F.linear(h, w1, b1)), w2, b2)
 
 
@@ -455,6 +457,10 @@ def _good():
         ({"w1": torch.randn(16, 8)}, ValueError, r"w1 has shape \(16, 8\): its in_features 8 must equal merge_size\*\*2"),
         ({"b2": torch.randn(9)}, ValueError, "b2 has shape"),
         ({"norm_bias": torch.randn(8, dtype=torch.float16)}, TypeError, "norm_bias has dtype"),
+        ({"b2": torch.randn(8, dtype=torch.float16)}, TypeError, "b2 has dtype torch.float16 but w1 has torch.float32"),
+        ({"x": torch.randn(1, 16, 8, dtype=torch.float16), "norm_weight": torch.randn(8, dtype=torch.float16),
+          "norm_bias": torch.randn(8, dtype=torch.float16)}, TypeError,
+         "w1 has dtype torch.float32 but x has torch.float16; merge_mlp takes one dtype, or float32 tokens and norm with a"),
         ({"activation": "relu"}, ValueError, "activation must be one of"),
         ({"norm_weight": [1.0] * 8}, TypeError, "norm_weight must be a torch.Tensor"),
         ({"w1": torch.randn(16, 32, device="meta")}, ValueError, "w1 is on meta"),
@@ -485,6 +491,44 @@ def test_bad_packed_input(grids, kw, error, match):
         with pytest.raises(error, match=match):
             deco_ops.merge_mlp_packed(x, grids, *(p[n] for n in NAMES[1:]), **kw)
     launch.assert_not_called()
+
+
+@pytest.mark.parametrize("order,norm,position", MATRIX)
+def test_autocast_norm_runs_in_float32_as_eager(backend, order, norm, position):
+    """Inside ``torch.autocast`` the norm runs in float32 from the float32 tokens, as autocast runs
+    ``F.layer_norm`` (and Qwen2.5-VL's RMSNorm upcasts), and only the Linears in the autocast dtype:
+    tokens with a ViT-like mean of 50 keep their low bits. Output and every gradient within eager's
+    own error under the same autocast (tightened: a norm of fp16-cast tokens is 10-60x that)."""
+    params, dy = _case(torch.float32, B=2, N=16, C=16, hidden=32, out=16, norm=norm, norm_position=position)
+    params[0] = params[0] + 50.0
+    kw = dict(grid=(4, 4), order=order, norm=norm, norm_position=position, eps=1e-5) if order == "grid" else dict(
+        norm=norm, norm_position=position, eps=1e-5)
+    leaves, eager = ([leaf(p) for p in params] for _ in range(2))
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        y = deco_ops.merge_mlp(*(guarded(t) if t is not None else None for t in leaves), **kw)
+        y_eager = eager_merge_mlp(*eager, **kw)
+    ref = [leaf(p, torch.float64) for p in params]
+    y64 = eager_merge_mlp(*ref, **kw)
+    assert y.dtype == y_eager.dtype == torch.float16
+    assert_close(y, y64, torch.float16, "y", eager=y_eager, tighten=True)
+    for out, grads in ((y, leaves), (y_eager, eager), (y64, ref)):
+        out.backward(dy.to(out.dtype))
+    for name, got, want, base in zip(NAMES, leaves, ref, eager):
+        if got is not None:
+            assert got.grad.dtype == torch.float32, name
+            assert_close(got.grad, want.grad, torch.float16, f"grad {name}", eager=base.grad, tighten=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_norm_before_a_16_bit_mlp(backend, dtype):
+    """What autocast runs, called directly: float32 tokens and norm, 16-bit Linears; the norm's
+    rows are rounded to the MLP's dtype once, the output is in it, each gradient in its input's
+    dtype. Against float64 within eager's error (the same sequence with the rows cast)."""
+    if backend == "triton" and dtype == torch.bfloat16 and DEVICE.type == "cpu":
+        pytest.skip("bf16 tl.dot: the interpreter's bf16 dots are not the GPU's")
+    params, dy = _case(torch.float32, B=2, N=16, C=16, hidden=32, out=16)
+    params = [p if i < 3 else p.to(dtype) for i, p in enumerate(params)]
+    _check(params, dy.to(dtype), dtype, eps=1e-5)
 
 
 def test_autocast_runs_in_the_autocast_dtype():

@@ -986,4 +986,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("merge_eps_math_on_symfloat", "deco_ops/merge.py", "not 0 <= eps < math.inf:", "not eps >= 0 or math.isinf(eps):",
            ("tests/test_merge_modules.py", "-k", "compiles"),
            "merge_mlp's eps check breaks the graph under torch.compile(dynamic=True)"),
+    Mutant("merge_norm_in_autocast_dtype", "deco_ops/merge.py", "kwargs, norm_args=3)", "kwargs, norm_args=0)",
+           ("tests/test_merge.py", "-k", "norm_runs_in_float32"),
+           "merge_mlp under autocast casts the tokens to bf16/fp16 before the LayerNorm (HF runs it in fp32): low bits lost"),
 )
