@@ -23,6 +23,8 @@ costs nothing).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +37,9 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "quick_gelu")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
+    """``t`` as ``(rows, features)``; the row count spelled out, as a -1 cannot be inferred from a
+    zero-width tensor (a layer of 0 features)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:

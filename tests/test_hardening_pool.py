@@ -92,6 +92,33 @@ def _projector_step(x, params):
     return [y] + [t.grad for t in leaves]
 
 
+@pytest.mark.parametrize("op", ["pool_linear", "pool_mlp", "mlp_pool"])
+@pytest.mark.parametrize("C,hidden", [(0, 5), (4, 0)], ids=["no-channels", "no-hidden"])
+def test_zero_width_layers_differentiate(backend, op, C, hidden):
+    """A layer of 0 features (no channels, or a hidden width of 0) gives eager PyTorch's output and
+    gradients (the biases' are not empty: the output is the biases' MLP), not a reshape error."""
+    g = torch.Generator().manual_seed(7)
+    params = [randn(2, 16, C, generator=g), randn(hidden, C, generator=g), randn(hidden, generator=g),
+              randn(3, hidden, generator=g), randn(3, generator=g)]
+    if op == "pool_linear":
+        params = params[:3]
+    ours, eager = ([p.clone().requires_grad_() for p in params] for _ in range(2))
+    y = getattr(deco_ops, op)(*ours, grid=(4, 4), out_grid=(2, 2))
+
+    def pool(t):  # the 2x2 windows as a mean (ATen's pooling backward refuses 0 channels)
+        return t.reshape(2, 2, 2, 2, 2, t.shape[-1]).mean((2, 4)).reshape(2, 4, t.shape[-1])
+
+    mlp = (lambda t, w1, b1: torch.nn.functional.linear(t, w1, b1)) if op == "pool_linear" else (
+        lambda t, w1, b1, w2, b2: torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(t, w1, b1)), w2, b2))
+    want = pool(mlp(*eager)) if op == "mlp_pool" else mlp(pool(eager[0]), *eager[1:])
+    assert_close(y, want, torch.float32)
+    dy = randn(*y.shape, generator=g)
+    y.backward(dy), want.backward(dy)
+    for i, (a, b) in enumerate(zip(ours, eager)):
+        assert a.grad.shape == b.grad.shape, i
+        assert_close(a.grad, b.grad, torch.float32, f"grad {i}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bitwise_deterministic(dtype):
     g = torch.Generator().manual_seed(0)
