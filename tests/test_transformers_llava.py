@@ -65,6 +65,31 @@ def test_frozen_projector_stays_frozen_and_bad_models_are_refused():
         llava_to_deco(torch.nn.Linear(2, 2))
 
 
+def test_other_llava_families_are_refused_before_any_change():
+    """LLaVA-NeXT shares LLaVA's projector layout but tiles each image into a variable number of
+    crops, which one fixed out_grid cannot pool: refused by name, the model left as it was."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    plain, _ = tiny_llava()
+    config = LlavaNextConfig(vision_config=plain.config.vision_config.to_dict(), text_config=plain.config.text_config.to_dict(),
+                             image_token_index=plain.config.image_token_id)
+    model = LlavaNextForConditionalGeneration(config)
+    projector = model.model.multi_modal_projector
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration or LlavaModel .* got LlavaNextForConditionalGeneration"):
+        llava_to_deco(model)
+    assert model.model.multi_modal_projector is projector
+
+
+@pytest.mark.parametrize("out_grid,error,match", [
+    (12, TypeError, "out_grid must be a tuple of 2 or 3 ints, got 12"),
+    ((0, 2), ValueError, r"out_grid entries must be >= 1, got \(0, 2\)")])
+def test_bad_out_grid_is_named(out_grid, error, match):
+    model, _ = tiny_llava()
+    with pytest.raises(error, match=match):
+        llava_to_deco(model, out_grid=out_grid)
+    assert not isinstance(model.model.multi_modal_projector, deco_ops.DeCoProjector)
+
+
 def test_converted_model_names_its_parameters_as_its_state_dict():
     """The projector holds Hugging Face's ``linear_1``/``linear_2`` as its layers: the state_dict
     keys are the parameters' names (distributed checkpointing, ``get_model_state_dict`` for FSDP2,

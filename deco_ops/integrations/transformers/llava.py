@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+from ... import _validate
 from ...modules import DeCoProjector
 from ._require import transformers_module
 
@@ -93,7 +94,10 @@ def llava_to_deco(model, processor=None, *, out_grid=None, num_prefix_tokens: in
     """
     base = getattr(model, "model", model)
     projector = getattr(base, "multi_modal_projector", None)
-    if not all(hasattr(projector, name) for name in ("linear_1", "linear_2")):
+    # LLaVA-NeXT / OneVision (model_type "llava_next", "llava_onevision") share the projector's
+    # layout but tile each image into a variable number of crops: one fixed out_grid breaks them
+    if getattr(getattr(model, "config", None), "model_type", None) != "llava" or not all(
+            hasattr(projector, name) for name in ("linear_1", "linear_2")):
         raise TypeError(
             f"model must be a Hugging Face LlavaForConditionalGeneration or LlavaModel with a linear_1/act/linear_2 "
             f"multi_modal_projector, got {type(model).__name__}"
@@ -101,7 +105,7 @@ def llava_to_deco(model, processor=None, *, out_grid=None, num_prefix_tokens: in
     config = model.config
     vision = config.vision_config
     grid = tuple(s // p for s, p in zip(_pair(vision.image_size, "image_size"), _pair(vision.patch_size, "patch_size")))
-    out_grid = tuple(math.ceil(g / 2) for g in grid) if out_grid is None else tuple(out_grid)
+    out_grid = tuple(math.ceil(g / 2) for g in grid) if out_grid is None else _validate.grid("out_grid", out_grid)
     if num_prefix_tokens is None:
         num_prefix_tokens = _prefix_tokens(base.vision_tower, grid, config.vision_feature_select_strategy)
     first, second = projector.linear_1, projector.linear_2
