@@ -166,6 +166,7 @@ def _picker(positions: Sequence[int]) -> Callable[[tuple], tuple]:
 
 
 _MISS = object()  # ``Recent.test``'s answer for a call of another signature
+_NO_STATE = (object(),)  # a global state that ``_state()`` never returns
 
 
 def _missed(args: tuple, state: tuple) -> object:
@@ -250,17 +251,16 @@ class Plans:
         self._build = build
         self._plans: dict[tuple, Recent] = {}
         self._recent: tuple[Recent, ...] = ()  # the last two signatures used, the last first
+
+        # ``get`` while no signature is recent: a check that no state passes, so every call goes
+        # to ``_miss``. The same code as every signature's check: ``torch.compile`` guards on
+        # ``get.__code__``, and a compiled caller would recompile once an eager call installed one.
+        self._first = _checkers((), _NO_STATE, None, (self._miss,))[0]
         self._install()
         _all.append(self)
 
     def _install(self) -> None:
         self.get = _no_plan if _unplanned else self._recent[0].get if self._recent else self._first
-
-    def _first(self, *args) -> object:
-        """``get`` while no signature is recent."""
-        if _is_compiling():
-            return None
-        return self._miss(args, _state())
 
     def _miss(self, args: tuple, state: tuple) -> object:
         """A call of any signature but the last one's, or no plain call (the full path's: one

@@ -146,6 +146,23 @@ def test_modules_compile_without_graph_breaks(backend_name):
             assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), (type(module).__name__, explanation.break_reasons)
 
 
+def test_eager_calls_between_compiled_ones_cause_no_recompile():
+    """A compiled module next to eager calls of the same op (evaluation in eager, training
+    compiled): the eager calls install their signatures' plan checks, and the compiled code, which
+    guards on the plan lookup's code, keeps running (one frame for every batch size)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    module = deco_ops.DeCoProjector(8, 6, hidden_features=7, grid=(4, 4), out_grid=(2, 2), num_prefix_tokens=1)
+    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend=counter)
+    for batch in (2, 3, 4):
+        compiled(torch.randn(batch, 17, 8))
+        with torch.no_grad():
+            module(torch.randn(batch + 20, 17, 8))
+    assert counter.frame_count == 1
+
+
 def _scale(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(out_ptr + offs, 2 * tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
