@@ -113,6 +113,24 @@ def test_empty_tokens(backend, strategy, grid, out_grid, B, C):
     assert y.shape == (B, math.prod(out_grid), C) and x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("op", ["adaptive_avg_pool_tokens", "pool_linear"])
+def test_tokens_are_not_kept_for_backward(backend, op):
+    """Un-pooling needs the grids alone (and ``pool_linear``'s weight gradient the pooled rows): no
+    token-sized tensor is saved for backward, where ``F.adaptive_avg_pool2d``'s autograd keeps its
+    input, the whole vision-tower output when that is not a leaf (4.7 MB at B=2, 24x24x1024)."""
+    g = torch.Generator().manual_seed(3)
+    x = randn(2, 64, 16, generator=g).to(DEVICE).requires_grad_() * 1.0  # a tower's output: nothing else keeps it
+    w, b = (randn(*shape, generator=g).to(DEVICE).requires_grad_() for shape in ((12, 16), (12,)))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        if op == "pool_linear":
+            y = deco_ops.pool_linear(x, w, b, grid=(8, 8), out_grid=(4, 4))
+        else:
+            y = deco_ops.adaptive_avg_pool_tokens(x, (8, 8), (4, 4))
+    assert all(n < x.numel() for n in saved), saved
+    y.sum().backward()
+
+
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
