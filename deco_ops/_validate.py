@@ -25,6 +25,8 @@ def positive_int(name: str, value, minimum: int = 1) -> int:
 def tensor(name: str, value, ndim: int | None = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout is not torch.strided:  # sparse or nested: the kernels and the plans index strided memory
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
     return value
@@ -40,29 +42,30 @@ def floating(name: str, value: torch.Tensor, use_triton: bool) -> None:
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
 
 
-def _autocast_casts(t: torch.Tensor) -> bool:
-    """Whether an autocast region of ``t``'s device is on and would cast ``t`` (floating, not float64)."""
-    if t.dtype is torch.float64 or not t.is_floating_point():
-        return False
-    device_type = "cuda" if t.is_cuda else "cpu" if t.is_cpu else None  # AUTOCAST_DEVICE_TYPES, without a device object
-    return device_type is not None and torch.is_autocast_enabled(device_type)
-
-
 def dtype_under_autocast(t: torch.Tensor) -> torch.dtype:
     """The dtype an op that runs in the autocast dtype (``deco_ops._autocast.LOWER_PRECISION``)
     computes ``t`` in: inside ``torch.autocast`` for ``t``'s device, floating tensors other than
     float64 are cast to the autocast dtype (as for ``nn.Linear``); elsewhere ``t.dtype``."""
-    if _autocast_casts(t):
-        return torch.get_autocast_dtype("cuda" if t.is_cuda else "cpu")
-    return t.dtype
+    dtype = t.dtype
+    if dtype is torch.float64 or not t.is_floating_point():
+        return dtype
+    device_type = "cuda" if t.is_cuda else "cpu" if t.is_cpu else None  # AUTOCAST_DEVICE_TYPES, without a device object
+    if device_type is not None and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
 
 
 def norm_dtype_under_autocast(t: torch.Tensor) -> torch.dtype:
     """The dtype a norm in front of a GEMM (``merge_mlp``'s tokens and the norm's parameters)
-    computes ``t`` in: float32 inside ``torch.autocast`` for ``t``'s device, as autocast runs
-    ``F.layer_norm`` (the GEMMs after it run in the autocast dtype); elsewhere, and for float64,
-    ``t.dtype``."""
-    return torch.float32 if _autocast_casts(t) else t.dtype
+    computes ``t`` in: float32 inside ``torch.autocast`` for ``t``'s device (whatever the region's
+    dtype, and for a tensor already in it), as autocast runs ``F.layer_norm``; elsewhere, and for
+    float64, ``t.dtype``. Not on any per-call path but ``merge_mlp``'s inside a region."""
+    if dtype_under_autocast(t) is not t.dtype:
+        return torch.float32
+    # t may be in the region's dtype already (no cast, the same answer): the region itself then
+    in_region = t.dtype is not torch.float64 and t.is_floating_point() and (
+        t.is_cuda and torch.is_autocast_enabled("cuda") or t.is_cpu and torch.is_autocast_enabled("cpu"))
+    return torch.float32 if in_region else t.dtype
 
 
 def same_dtype(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:

@@ -51,13 +51,15 @@ def pool_mlp(pooled: torch.Tensor, w1, b1, w2, b2, activation: str, keep_residua
     return y, pooled, pre
 
 
-def tma_applies(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None) -> bool:
+def tma_applies(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, rows_dtype: torch.dtype | None = None) -> bool:
     """Whether ``linear_act_linear_tma`` can run the first Linear of a projector on rows made from
     ``x`` (pooled or normalised merged rows: a fresh contiguous (rows, w1.shape[1]) tensor, so only
-    the device, dtype and widths matter): an sm_90 device (Hopper's TMA descriptors and wgmma; the
-    interpreter plans for one on the CPU), 16-bit operands of one dtype, input and hidden rows
-    16-byte multiples, ``w1`` readable through a descriptor (``tma_gemm.tma_compatible``)."""
-    return (_tuning.device_arch(x.device) == 90 and w1.dtype == x.dtype and (b1 is None or b1.dtype == x.dtype)
+    the device, dtype and widths matter; ``rows_dtype``: theirs where it is not x's, a float32
+    norm's rows rounded to a 16-bit MLP's dtype): an sm_90 device (Hopper's TMA descriptors and
+    wgmma; the interpreter plans for one on the CPU), 16-bit operands of one dtype, input and
+    hidden rows 16-byte multiples, ``w1`` readable through a descriptor (``tma_gemm.tma_compatible``)."""
+    dtype = x.dtype if rows_dtype is None else rows_dtype
+    return (_tuning.device_arch(x.device) == 90 and w1.dtype == dtype and (b1 is None or b1.dtype == dtype)
             and w1.shape[1] * w1.element_size() % tma_gemm.TMA_ALIGN_BYTES == 0
             and w1.shape[0] * w1.element_size() % tma_gemm.TMA_ALIGN_BYTES == 0 and tma_gemm.tma_compatible(w1))
 

@@ -100,11 +100,11 @@ def _implementation(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, m
         return strategy.make_key(
             "merge_mlp", x.device, x.dtype, keep_residuals, rows=strategy.bucket(B * N // (merge * merge)), C=C,
             hidden=w1.shape[0], out=w2.shape[0], merge=merge, order=order, packed=geometry is not None, norm=norm,
-            pre=pre, activation=activation, **({} if w1.dtype == x.dtype else {"mlp_dtype": str(w1.dtype)}))
+            pre=pre, activation=activation, **({} if w1.dtype == x.dtype else {"mlp_dtype": str(w1.dtype).removeprefix("torch.")}))
 
     on_triton = _backend.use_triton(x.device)
     args = (x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals)
-    tma = {"fused_tma": strategy.Candidate(_tma, opt_in=True)} if on_triton and composed.tma_applies(x, w1, b1) else None
+    tma = {"fused_tma": strategy.Candidate(_tma, opt_in=True)} if on_triton and composed.tma_applies(x, w1, b1, w1.dtype) else None
     return strategy.implementation(args, on_triton=on_triton, key=key, fused=_fused if on_triton else None, composed=_composed,
                                    composed_kernels=tma)
 
@@ -181,7 +181,8 @@ def _norm_backward_implementation(x, norm_weight, norm_bias, dn, geometry, grid,
         return strategy.make_key(
             "merge_norm_backward", x.device, x.dtype, False, rows=strategy.bucket(x.shape[0] * x.shape[1] // (merge * merge)),
             C=x.shape[2], merge=merge, order=order, packed=geometry is not None, norm=norm, pre=pre,
-            flags="".join(str(int(f)) for f in flags))
+            flags="".join(str(int(f)) for f in flags),
+            **({} if dn is None or dn.dtype == x.dtype else {"mlp_dtype": str(dn.dtype).removeprefix("torch.")}))
 
     on_triton = _backend.use_triton(x.device)
     composed = _layer_norm_backward_composed if norm == "layernorm" else _rms_norm_backward_composed
@@ -262,7 +263,8 @@ def _backward(ctx, dy, dpre_extra):
         dn = dz @ w1 if need_x or need_nw or need_nb else None
         dx, n, dnw, dnb = deco.merge_norm_backward(
             x, nw, nb, dn, geometry, grid, merge, order, norm, pre, eps, need_x, need_w1, need_nw, need_nb)
-        dw1 = dz.t() @ n.to(dz.dtype) if need_w1 else None  # a float32 norm's rows, rounded as the forward rounded them
+        if need_w1:  # a float32 norm's rows rounded to a 16-bit MLP's dtype, as the forward rounded them
+            dw1 = dz.t() @ (n if n.dtype is dz.dtype else n.to(dz.dtype))
         dx = dx if need_x else None
         dnw = dnw.to(nw.dtype) if need_nw else None
         dnb = dnb.to(nb.dtype) if need_nb else None

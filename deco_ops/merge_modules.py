@@ -86,7 +86,8 @@ def _merge_from_widths(merged: int, channels: int) -> int | None:
 
 def _config_merge_size(config) -> int:
     """S from a Hugging Face config or model: InternVL's ``1 / downsample_ratio``, Qwen-VL's
-    ``spatial_merge_size`` (on the config or its ``vision_config``)."""
+    ``spatial_merge_size`` (on the config, its ``vision_config``, or Qwen3-Omni's
+    ``thinker_config.vision_config``)."""
     config = getattr(config, "config", config)  # a model: its config
     ratio = getattr(config, "downsample_ratio", None)
     if ratio is not None:
@@ -94,7 +95,8 @@ def _config_merge_size(config) -> int:
         if side < 1 or abs(side * ratio - 1) > 1e-6:
             raise ValueError(f"config.downsample_ratio {ratio!r} is not 1 / merge_size for an integer merge_size")
         return side
-    for candidate in (config, getattr(config, "vision_config", None)):
+    thinker = getattr(config, "thinker_config", None)
+    for candidate in (config, getattr(config, "vision_config", None), getattr(thinker, "vision_config", None)):
         side = getattr(candidate, "spatial_merge_size", None)
         if side is not None:
             return _validate.positive_int("config's spatial_merge_size", side)
@@ -226,7 +228,8 @@ class PatchMergerProjector(nn.Module):
             norm, fc1, fc2, act = module.layer_norm, module.linear_1, module.linear_2, module.act
             keys, order, position = "internvl", "grid", "post"
         else:
-            raise TypeError(f"from_hf does not know {kind}; expected a Qwen2-VL/Qwen2.5-VL/Qwen3-VL patch merger or InternVLMultiModalProjector")
+            raise TypeError(f"from_hf does not know {kind}; expected a Qwen2-VL/Qwen2.5-VL/Qwen3-VL/Qwen3-Omni patch merger or "
+                            "InternVLMultiModalProjector")
         _check_supported(kind, norm, fc1, fc2)
         sources = {}
         if merge_size is not None:

@@ -127,7 +127,8 @@ def rms_norm_stats(x, merge, order, grid, geometry, pre, eps) -> torch.Tensor:
 def composed_forward(x, nw, nb, w1, b1, w2, b2, merge, order, grid, geometry, norm, pre, eps, activation):
     """(y (M, out), pre-activation (M, hidden)): the HF sequence, cuBLAS for both Linears; a
     float32 norm's rows rounded to a 16-bit MLP's dtype, as autocast's Linear casts them."""
-    pre_act = F.linear(norm_forward(x, nw, nb, merge, order, grid, geometry, norm, pre, eps).to(w1.dtype), w1, b1)
+    rows = norm_forward(x, nw, nb, merge, order, grid, geometry, norm, pre, eps)
+    pre_act = F.linear(rows if rows.dtype is w1.dtype else rows.to(w1.dtype), w1, b1)
     return F.linear(reference.ACTIVATIONS[activation](pre_act), w2, b2), pre_act
 
 
@@ -207,7 +208,8 @@ def layer_norm_backward(x, nw, nb, dn, merge, order, grid, geometry, pre, eps, n
     src = _norm_source(x, merge, order, grid, geometry, pre)
     span = [src.shape[-1]]
     out, mean, rstd = torch.native_layer_norm(src, span, nw, nb, eps)
-    dn = None if dn is None else dn.to(x.dtype)  # a 16-bit MLP's gradient into a float32 norm
+    if dn is not None and dn.dtype is not x.dtype:  # a 16-bit MLP's gradient into a float32 norm
+        dn = dn.to(x.dtype)
     n = (merge_tokens(out, merge, order, grid, geometry) if pre else out) if store_n else None
     dx = dwn = dbn = None
     if need_dx or need_dwn or need_dbn:

@@ -23,8 +23,6 @@ costs nothing).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -37,9 +35,9 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "quick_gelu")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as ``(rows, features)``; the row count spelled out, as a -1 cannot be inferred from a
-    zero-width tensor (a layer of 0 features)."""
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+    """``t`` as ``(rows, features)``: the leading dims flattened (a reshape to ``(-1, features)``
+    cannot infer the rows of a zero-width tensor, a layer of 0 features)."""
+    return t.flatten(0, -2)
 
 
 def _empty(x: torch.Tensor) -> torch.Tensor:

@@ -110,6 +110,7 @@ CASES = [
      "DECO_OPS_CHECKS must be 0 or 1, got 'yes'"),
     # _validate, through pool_mlp
     ("not-a-tensor", lambda mp: mlp(x=[[1.0]]), TypeError, "x must be a torch.Tensor, got list"),
+    ("layout", lambda mp: mlp(w1=torch.randn(8, 4).to_sparse()), TypeError, "w1 must be a dense \\(strided\\) tensor, got layout torch.sparse_coo"),
     ("rank", lambda mp: mlp(x=torch.randn(2, 16)), ValueError, r"x must have 3 dimensions, got shape \(2, 16\)"),
     ("dtype", lambda mp: mlp(x=torch.randn(2, 16, 4, dtype=torch.float64)), TypeError,
      "x has dtype torch.float64; supported here: float16, bfloat16, float32"),

@@ -532,8 +532,9 @@ def test_float32_norm_before_a_16_bit_mlp(backend, dtype):
 
 
 def test_autocast_runs_in_the_autocast_dtype():
-    """Inside ``torch.autocast`` fp32 weights meet bf16 tokens (as nn.Linear would): the op runs in
-    bf16 and the fp32 parameters get fp32 gradients."""
+    """Inside ``torch.autocast`` fp32 weights meet bf16 tokens: the norm runs in fp32 (the tokens
+    upcast, as autocast runs ``F.layer_norm``), the Linears and the output in bf16, and the fp32
+    parameters get fp32 gradients, the bf16 tokens a bf16 one."""
     params, dy = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8)
     leaves = [leaf(p) for p in params]
     x = leaves[0].detach().bfloat16().requires_grad_(True)

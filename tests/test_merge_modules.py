@@ -14,7 +14,8 @@ qwen2_5_vl = pytest.importorskip("transformers.models.qwen2_5_vl.modeling_qwen2_
 qwen3_vl = pytest.importorskip("transformers.models.qwen3_vl.modeling_qwen3_vl")
 internvl = pytest.importorskip("transformers.models.internvl.modeling_internvl")
 qwen3_omni = pytest.importorskip("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe")
-from transformers import InternVLConfig, Qwen2_5_VLConfig, Qwen3OmniMoeVisionEncoderConfig, Qwen3VLVisionConfig  # noqa: E402
+from transformers import (  # noqa: E402
+    InternVLConfig, Qwen2_5_VLConfig, Qwen3OmniMoeConfig, Qwen3OmniMoeVisionEncoderConfig, Qwen3VLVisionConfig)
 
 C, D = 16, 24
 
@@ -256,6 +257,9 @@ MERGES = {
     "qwen2_vl_merge3": ("qwen2_vl", 3, dict),
     "qwen2_5_vl_merge3": ("qwen2_5_vl", 3, dict),
     "qwen2_5_vl_merge3_config": ("qwen2_5_vl", 3, lambda: {"config": Qwen2_5_VLConfig(vision_config={"spatial_merge_size": 3})}),
+    # Qwen3-Omni keeps its vision config under thinker_config
+    "qwen3_omni_postshuffle_merge3_config": ("qwen3_omni_postshuffle", 3, lambda: {"config": Qwen3OmniMoeConfig(
+        thinker_config={"vision_config": qwen3_omni_config(merge=3).to_dict()})}),
 }
 
 
@@ -264,6 +268,8 @@ def _hf_module(name, merge):
         return internvl_projector(ratio=1 / merge)
     if name.startswith("qwen3_vl"):
         return qwen3_merger(name.endswith("postshuffle"), merge=merge)
+    if name.startswith("qwen3_omni"):
+        return qwen3_omni.Qwen3OmniMoeVisionPatchMerger(qwen3_omni_config(merge=merge), use_postshuffle_norm=name.endswith("postshuffle"))
     return (qwen2_vl.PatchMerger if name == "qwen2_vl" else qwen2_5_vl.Qwen2_5_VLPatchMerger)(D, C, spatial_merge_size=merge)
 
 

@@ -212,6 +212,28 @@ def test_opt_in_candidates_run_through_the_ops(op):
 
 
 @SM90_ONLY
+def test_merge_mlp_float32_norm_before_a_16_bit_mlp_keeps_tma():
+    """The mix autocast hands ``merge_mlp`` (fp32 tokens and norm, fp16 Linears) still offers the
+    TMA candidate: the rows it feeds the GEMM are the MLP's fp16. Output and every gradient as the
+    composed twin's within 2x its error against float64."""
+    gen = torch.Generator().manual_seed(37)
+    call, x, weights = _projector_call("merge_mlp", gen, torch.float16)
+    x, weights = x.float(), [w.float() if i < 2 else w for i, w in enumerate(weights)]
+    dy = torch.randn(call(x, *weights).shape, generator=gen).to(torch.float16)
+    with deco_ops.use_backend("torch"):
+        ref = _run(call, x.double(), [w.double() for w in weights], dy.double())
+    with deco_ops.use_strategy("composed"):
+        eager = _run(call, x, weights, dy)
+    launches = mock.Mock(wraps=tma_gemm._launch)
+    with mock.patch.object(tma_gemm, "_launch", launches), deco_ops.use_strategy("fused_tma"):
+        out = _run(call, x, weights, dy)
+    assert [c.args[7] for c in launches.call_args_list] == [tma_gemm.BIAS_ACT, tma_gemm.ACT_GRAD]
+    assert out[0].dtype == torch.float16 and out[1].dtype == torch.float32
+    for name, o, r, e in zip(["y", "dx", "dnorm_w", "dnorm_b", "dw1", "db1", "dw2", "db2"], out, ref, eager):
+        assert_close(o, r, torch.float16, name, eager=e)
+
+
+@SM90_ONLY
 def test_candidates_only_where_tma_can_read():
     """The fit rules (``composed.tma_applies``, ``act_grad_tma_applies``) refuse what a descriptor
     cannot address or the kernel does not take; a forced ``fused_tma`` then runs the op's ``fused``

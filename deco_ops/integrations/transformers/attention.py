@@ -108,7 +108,7 @@ def deco_ops_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' attention function for ``"deco_ops"``: ``query`` ``(B, H, M, D)``, ``key``/``value``
     ``(B, H_kv, N, D)`` (grouped heads are repeated), returns ``((B, M, H, D), None)`` like SDPA's,
     or with ``output_attentions=True`` the ``(B, H, M, N)`` weights in place of None, as eager's."""
