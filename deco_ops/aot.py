@@ -330,22 +330,31 @@ def _merge_layout(dtype: str, C: int, order: int, packed: bool, pre: bool, norm:
     )
 
 
+def _norm_dtypes(dtype: str, label: str) -> tuple[tuple[str, str], ...]:
+    """(tokens' and norm's dtype, label suffix) of a merge variant: its own dtype, and for a 16-bit
+    Qwen2-VL variant the fp32 tokens and norm ``torch.autocast`` gives it (``_autocast.NORM_IN_FP32``)."""
+    if dtype == "fp32" or label != "qwen2vl":
+        return ((dtype, ""),)
+    return (dtype, ""), ("fp32", " fp32-norm")
+
+
 def _merge_gemm_variants(module, dtypes):
     from .kernels import activations
 
     out = []
     for dtype, precision, dlabel, tensor_cores in _dtype_variants(dtypes):
         for label, (C, hidden, order, packed, norm, pre, bias) in _MERGE_VARIANTS.items():
-            for act in (_ACTIVATIONS if label == "qwen2vl" else ("gelu",)):
-                args = _merge_layout(dtype, C, order, packed, pre, norm, bias)
+            for (norm_dtype, suffix), act in [(n, a) for n in _norm_dtypes(dtype, label)
+                                              for a in (_ACTIVATIONS if label == "qwen2vl" and not n[1] else ("gelu",))]:
+                args = _merge_layout(norm_dtype, C, order, packed, pre, norm, bias)
                 args.update(
-                    wn_ptr=_ptr(dtype), bn_ptr=_ptr(dtype), w_ptr=_ptr(dtype), b_ptr=_ptr(dtype), out_ptr=_ptr(dtype),
+                    wn_ptr=_ptr(norm_dtype), bn_ptr=_ptr(norm_dtype), w_ptr=_ptr(dtype), b_ptr=_ptr(dtype), out_ptr=_ptr(dtype),
                     pre_ptr=_ptr(dtype), M=_MERGE_ROWS, N=hidden, swn=4 * C, swk=1,
                     # training forward: the pre-activation is kept
                     HAS_WN=True, HAS_BN=bias, HAS_BIAS=True, ACTIVATION=activations.CODES[act], STORE_PRE=True,
                     DOT_FP32=False, INPUT_PRECISION=precision,
                 )
-                out.append(Variant(f"{dlabel} {act} {label}", dtype, args, hgmma=tensor_cores))
+                out.append(Variant(f"{dlabel} {act} {label}{suffix}", dtype, args, hgmma=tensor_cores))
     return out
 
 
@@ -353,17 +362,18 @@ def _merge_norm_variants(module, dtypes, backward: bool):
     out = []
     for dtype in dtypes:
         for label, (C, _, order, packed, norm, pre, bias) in _MERGE_VARIANTS.items():
-            args = _merge_layout(dtype, C, order, packed, pre, norm, bias)
-            args["M"] = _MERGE_ROWS
-            if backward:  # every gradient requested: the most live tiles
-                args.update(
-                    wn_ptr=_ptr(dtype), bn_ptr=_ptr(dtype), dn_ptr=_ptr(dtype), dx_ptr=_ptr(dtype), n_ptr=_ptr(dtype),
-                    dwn_ptr="*fp32", dbn_ptr="*fp32", sdb=args["sxb"], sdn=C, sdc=1, HAS_WN=True, HAS_BN=bias,
-                    NEED_DX=True, STORE_N=True, NEED_DWN=True, NEED_DBN=bias,
-                )
-            else:
-                args["eps"] = 1e-6
-            out.append(Variant(f"{dtype} {label}", dtype, args))
+            for norm_dtype, suffix in _norm_dtypes(dtype, label) if backward else ((dtype, ""),):
+                args = _merge_layout(norm_dtype, C, order, packed, pre, norm, bias)
+                args["M"] = _MERGE_ROWS
+                if backward:  # every gradient requested: the most live tiles (dn in the MLP's dtype)
+                    args.update(
+                        wn_ptr=_ptr(norm_dtype), bn_ptr=_ptr(norm_dtype), dn_ptr=_ptr(dtype), dx_ptr=_ptr(norm_dtype),
+                        n_ptr=_ptr(norm_dtype), dwn_ptr="*fp32", dbn_ptr="*fp32", sdb=args["sxb"], sdn=C, sdc=1, HAS_WN=True,
+                        HAS_BN=bias, NEED_DX=True, STORE_N=True, NEED_DWN=True, NEED_DBN=bias,
+                    )
+                else:
+                    args["eps"] = 1e-6
+                out.append(Variant(f"{dtype} {label}{suffix}", dtype, args))
     return out
 
 
@@ -646,8 +656,9 @@ REGISTRY: list[Entry] = [
           configs=_unpool_tokens_configs, variants=lambda m, d: _pool_tokens_variants(m, d, unpool=True)),
     Entry("merge_gemm", "deco_ops.kernels.merge_gemm", "merge_gemm_kernel",
           configs=lambda m: m.cuda_configs(), variants=_merge_gemm_variants,
-          launchable=lambda m, config, variant, arch: m.fits(
-              config, _elem(variant), variant.dtype == "fp32" and variant.args["INPUT_PRECISION"] == "ieee", arch)),
+          launchable=lambda m, config, variant, arch: m.fits(  # as its _prune: fp32 tokens hold fp32 tiles
+              config, 4 if "*fp32" in (variant.args["x_ptr"], variant.args["w_ptr"]) else 2,
+              variant.dtype == "fp32" and variant.args["INPUT_PRECISION"] == "ieee", arch)),
     Entry("merge_norm_stats", "deco_ops.kernels.merge_norm", "merge_norm_stats_kernel",
           configs=_merge_norm_configs, variants=lambda m, d: _merge_norm_variants(m, d, backward=False)),
     Entry("merge_norm_backward", "deco_ops.kernels.merge_norm", "merge_norm_backward_kernel",
