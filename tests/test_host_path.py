@@ -32,8 +32,8 @@ CALLS = {
     "pool_linear": {"infer": 32 + 2, "grad": 41 + 2, "fwd+bwd": 138 + 2, "autocast": 106 + 2, "autocast+bwd": 238 + 2},
     "adaptive_avg_pool_tokens": {"infer": 30 + 2, "grad": 38 + 2, "fwd+bwd": 124 + 2, "autocast": 71 + 2, "autocast+bwd": 191 + 2},
     "mlp_pool": {"infer": 36 + 2, "grad": 43 + 2, "fwd+bwd": 154 + 2, "autocast": 144 + 2, "autocast+bwd": 291 + 2},
-    "merge_mlp": {"infer": 29 + 2, "grad": 42 + 2, "fwd+bwd": 168 + 2, "autocast": 153 + 2, "autocast+bwd": 318 + 2},
-    "merge_mlp_grid": {"infer": 33 + 2, "grad": 47 + 2, "fwd+bwd": 181 + 2, "autocast": 157 + 2, "autocast+bwd": 331 + 2},
+    "merge_mlp": {"infer": 29 + 2, "grad": 42 + 2, "fwd+bwd": 168 + 2, "autocast": 146 + 2, "autocast+bwd": 313 + 2},
+    "merge_mlp_grid": {"infer": 33 + 2, "grad": 47 + 2, "fwd+bwd": 181 + 2, "autocast": 150 + 2, "autocast+bwd": 326 + 2},
     "cross_attention": {"infer": 27 + 2, "grad": 27 + 2, "fwd+bwd": 79 + 2, "autocast": 113 + 2, "autocast+bwd": 191 + 2},
     "pool_mlp_packed": {"infer": 51 + 2, "grad": 58 + 2, "fwd+bwd": 196 + 2, "autocast": 172 + 2, "autocast+bwd": 343 + 2},
 }
