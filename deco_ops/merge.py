@@ -89,6 +89,13 @@ def _tma(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order
     return y.view(B, N // (merge * merge), w2.shape[0]), pre_act
 
 
+def _mlp_dtype_field(x: torch.Tensor, mlp: torch.Tensor | None) -> dict:
+    """A strategy key's field for an MLP tensor (w1, or the backward's dn) of another dtype than
+    the tokens' (a float32 norm before a 16-bit MLP); none where they agree, so the keys of
+    one-dtype calls are as they always were."""
+    return {} if mlp is None or mlp.dtype == x.dtype else {"mlp_dtype": mlp.dtype}
+
+
 def _implementation(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation,
                     keep_residuals):
     """The function that runs ``deco::merge_mlp`` on these arguments (the strategy's choice). It
@@ -100,7 +107,7 @@ def _implementation(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, m
         return strategy.make_key(
             "merge_mlp", x.device, x.dtype, keep_residuals, rows=strategy.bucket(B * N // (merge * merge)), C=C,
             hidden=w1.shape[0], out=w2.shape[0], merge=merge, order=order, packed=geometry is not None, norm=norm,
-            pre=pre, activation=activation, **({} if w1.dtype == x.dtype else {"mlp_dtype": str(w1.dtype).removeprefix("torch.")}))
+            pre=pre, activation=activation, **_mlp_dtype_field(x, w1))
 
     on_triton = _backend.use_triton(x.device)
     args = (x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals)
@@ -181,8 +188,7 @@ def _norm_backward_implementation(x, norm_weight, norm_bias, dn, geometry, grid,
         return strategy.make_key(
             "merge_norm_backward", x.device, x.dtype, False, rows=strategy.bucket(x.shape[0] * x.shape[1] // (merge * merge)),
             C=x.shape[2], merge=merge, order=order, packed=geometry is not None, norm=norm, pre=pre,
-            flags="".join(str(int(f)) for f in flags),
-            **({} if dn is None or dn.dtype == x.dtype else {"mlp_dtype": str(dn.dtype).removeprefix("torch.")}))
+            flags="".join(str(int(f)) for f in flags), **_mlp_dtype_field(x, dn))
 
     on_triton = _backend.use_triton(x.device)
     composed = _layer_norm_backward_composed if norm == "layernorm" else _rms_norm_backward_composed

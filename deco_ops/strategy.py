@@ -177,9 +177,18 @@ def make_key(op: str, device: torch.device, dtype: torch.dtype, needs_grad: bool
     name = _device_names.get(device)
     if name is None:
         name = _device_names[device] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    fields = ",".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}" for k, v in shape.items())
+    fields = ",".join(f"{k}={_field(v)}" for k, v in shape.items())
     determinism = "deterministic" if torch.are_deterministic_algorithms_enabled() else "any"
-    return "|".join((op, name, str(dtype).removeprefix("torch."), fields, "grad" if needs_grad else "infer", determinism, versions()))
+    return "|".join((op, name, _field(dtype), fields, "grad" if needs_grad else "infer", determinism, versions()))
+
+
+def _field(value) -> str:
+    """A key field: a sequence as ``AxB``, a dtype by its name (``bfloat16``), anything else as ``str``."""
+    if isinstance(value, (tuple, list)):
+        return "x".join(map(str, value))
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return str(value)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -284,7 +284,7 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_strategy.py", "-k", "capture_is_asked"),
            "a process that never initialised CUDA initialises it to ask about a capture (fails in forked ranks)"),
     Mutant("strategy_key_drops_dtype", "deco_ops/strategy.py",
-           'return "|".join((op, name, str(dtype).removeprefix("torch."), fields,', 'return "|".join((op, name, "", fields,',
+           'return "|".join((op, name, _field(dtype), fields,', 'return "|".join((op, name, "", fields,',
            ("tests/test_strategy.py",), "the decision key forgets the dtype: a bf16 winner is reused for fp32"),
     Mutant("strategy_slowest_wins", "deco_ops/strategy.py",
            "winner = min(times, key=times.get)", "winner = max(times, key=times.get)",
