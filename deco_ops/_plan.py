@@ -29,8 +29,8 @@ last signature: about a third of the key's cost (docs/host-path.md).
 
 Only *plain eager* calls use plans (``plain``: not compiling, no dispatch mode, no functorch
 transform, no autocast region, no forward-mode AD level, every tensor a plain ``torch.Tensor`` or
-``nn.Parameter``; for a plan, every other argument None, a bool, int, float, str or a tuple/list of
-them); every other call takes the op's full path (validation, then ``torch.ops.deco``), which is
+``nn.Parameter``; for a plan, every other argument None, a bool, int, float, str, a ``torch.dtype``
+or a tuple/list of them); every other call takes the op's full path (validation, then ``torch.ops.deco``), which is
 also what ``torch.compile`` traces.
 A plan never holds a tensor. Checks that read tensor *values* (``kv_lens`` in range) are not part
 of a plan: the ops run them on every call.
@@ -52,7 +52,7 @@ from ._validate import AUTOCAST_DEVICE_TYPES
 MAX_PLANS = 256  # per op; a real model calls each op with a handful of signatures
 
 _TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter
-_VALUES = (bool, int, float, str)
+_VALUES = (bool, int, float, str, torch.dtype)
 _tensor_signature = operator.attrgetter("shape", "dtype", "device", "requires_grad")  # one C call for the four
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack

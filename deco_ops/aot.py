@@ -365,10 +365,10 @@ def _merge_norm_variants(module, dtypes, backward: bool):
             for norm_dtype, suffix in _norm_dtypes(dtype, label) if backward else ((dtype, ""),):
                 args = _merge_layout(norm_dtype, C, order, packed, pre, norm, bias)
                 args["M"] = _MERGE_ROWS
-                if backward:  # every gradient requested: the most live tiles (dn in the MLP's dtype)
+                if backward:  # every gradient requested: the most live tiles (dn and n in the MLP's dtype)
                     args.update(
                         wn_ptr=_ptr(norm_dtype), bn_ptr=_ptr(norm_dtype), dn_ptr=_ptr(dtype), dx_ptr=_ptr(norm_dtype),
-                        n_ptr=_ptr(norm_dtype), dwn_ptr="*fp32", dbn_ptr="*fp32", sdb=args["sxb"], sdn=C, sdc=1, HAS_WN=True,
+                        n_ptr=_ptr(dtype), dwn_ptr="*fp32", dbn_ptr="*fp32", sdb=args["sxb"], sdn=C, sdc=1, HAS_WN=True,
                         HAS_BN=bias, NEED_DX=True, STORE_N=True, NEED_DWN=True, NEED_DBN=bias,
                     )
                 else:

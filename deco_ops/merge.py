@@ -89,11 +89,11 @@ def _tma(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order
     return y.view(B, N // (merge * merge), w2.shape[0]), pre_act
 
 
-def _mlp_dtype_field(x: torch.Tensor, mlp: torch.Tensor | None) -> dict:
-    """A strategy key's field for an MLP tensor (w1, or the backward's dn) of another dtype than
-    the tokens' (a float32 norm before a 16-bit MLP); none where they agree, so the keys of
-    one-dtype calls are as they always were."""
-    return {} if mlp is None or mlp.dtype == x.dtype else {"mlp_dtype": mlp.dtype}
+def _mlp_dtype_field(x: torch.Tensor, mlp: torch.dtype | None) -> dict:
+    """A strategy key's field for the MLP's dtype where it is not the tokens' (a float32 norm
+    before a 16-bit MLP); none where they agree, so the keys of one-dtype calls are as they always
+    were."""
+    return {} if mlp is None or mlp == x.dtype else {"mlp_dtype": mlp}
 
 
 def _implementation(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation,
@@ -107,7 +107,7 @@ def _implementation(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, m
         return strategy.make_key(
             "merge_mlp", x.device, x.dtype, keep_residuals, rows=strategy.bucket(B * N // (merge * merge)), C=C,
             hidden=w1.shape[0], out=w2.shape[0], merge=merge, order=order, packed=geometry is not None, norm=norm,
-            pre=pre, activation=activation, **_mlp_dtype_field(x, w1))
+            pre=pre, activation=activation, **_mlp_dtype_field(x, w1.dtype))
 
     on_triton = _backend.use_triton(x.device)
     args = (x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals)
@@ -171,24 +171,24 @@ def _layer_norm_backward_composed(x, norm_weight, norm_bias, dn, geometry, grid,
 
 
 def _rms_norm_backward_composed(x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps,
-                                need_dx, store_n, need_dwn, need_dbn):
+                                need_dx, n_dtype, need_dwn, need_dbn):
     layout = _layout(grid)
     stats = merge_reference.rms_norm_stats(x, merge, order, layout, geometry, pre, eps)
     return _norm_grads(x, (*merge_reference.rms_norm_backward(
-        x, stats, norm_weight, dn, merge, order, layout, geometry, pre, need_dx, store_n, need_dwn), None))
+        x, stats, norm_weight, dn, merge, order, layout, geometry, pre, need_dx, n_dtype, need_dwn), None))
 
 
 def _norm_backward_implementation(x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps,
-                                  need_dx, store_n, need_dwn, need_dbn):
+                                  need_dx, n_dtype, need_dwn, need_dbn):
     """The function that runs ``deco::merge_norm_backward`` on these arguments (the strategy's choice)."""
-    args = (x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps, need_dx, store_n, need_dwn, need_dbn)
+    args = (x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps, need_dx, n_dtype, need_dwn, need_dbn)
 
     def key():
-        flags = (need_dx, store_n, need_dwn, need_dbn)
+        flags = (need_dx, n_dtype is not None, need_dwn, need_dbn)
         return strategy.make_key(
             "merge_norm_backward", x.device, x.dtype, False, rows=strategy.bucket(x.shape[0] * x.shape[1] // (merge * merge)),
             C=x.shape[2], merge=merge, order=order, packed=geometry is not None, norm=norm, pre=pre,
-            flags="".join(str(int(f)) for f in flags), **_mlp_dtype_field(x, dn))
+            flags="".join(str(int(f)) for f in flags), **_mlp_dtype_field(x, n_dtype if dn is None else dn.dtype))
 
     on_triton = _backend.use_triton(x.device)
     composed = _layer_norm_backward_composed if norm == "layernorm" else _rms_norm_backward_composed
@@ -210,25 +210,27 @@ def _norm_backward(
     pre: bool,
     eps: float,
     need_dx: bool,
-    store_n: bool,
+    n_dtype: torch.dtype | None,
     need_dwn: bool,
     need_dbn: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, norm output (M, K), fp32 dweight, fp32 dbias); empty where not requested. The norm
-    statistics are recomputed from the tokens by the forward's own pre-pass, not saved."""
-    args = (x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps, need_dx, store_n, need_dwn, need_dbn)
+    """(dx, norm output (M, K) in ``n_dtype`` (dW1's operand, in the MLP's dtype: a float32 norm's
+    rows rounded once, as the forward rounded them), fp32 dweight, fp32 dbias); empty where not
+    requested (``n_dtype`` None: no norm output). The norm statistics are recomputed from the tokens
+    by the forward's own pre-pass, not saved."""
+    args = (x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps, need_dx, n_dtype, need_dwn, need_dbn)
     return _norm_backward_implementation(*args)(*args)
 
 
 @_norm_backward.register_fake
-def _(x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps, need_dx, store_n, need_dwn, need_dbn):
+def _(x, norm_weight, norm_bias, dn, geometry, grid, merge, order, norm, pre, eps, need_dx, n_dtype, need_dwn, need_dbn):
     width = x.shape[2] * (1 if pre else merge * merge)
     rows = x.shape[0] * x.shape[1] // (merge * merge)
     acc = merge_reference.stats_dtype(x.dtype)
     empty = x.new_empty((0,))
     return (
         x.new_empty(x.shape) if need_dx else empty,
-        x.new_empty((rows, merge * merge * x.shape[2])) if store_n else empty,
+        x.new_empty((rows, merge * merge * x.shape[2]), dtype=n_dtype) if n_dtype is not None else empty,
         x.new_empty((width,), dtype=acc) if need_dwn else empty,
         x.new_empty((width,), dtype=acc) if need_dbn else empty,
     )
@@ -268,9 +270,9 @@ def _backward(ctx, dy, dpre_extra):
     if need_x or need_nw or need_nb or need_w1:
         dn = dz @ w1 if need_x or need_nw or need_nb else None
         dx, n, dnw, dnb = deco.merge_norm_backward(
-            x, nw, nb, dn, geometry, grid, merge, order, norm, pre, eps, need_x, need_w1, need_nw, need_nb)
-        if need_w1:  # a float32 norm's rows rounded to a 16-bit MLP's dtype, as the forward rounded them
-            dw1 = dz.t() @ (n if n.dtype is dz.dtype else n.to(dz.dtype))
+            x, nw, nb, dn, geometry, grid, merge, order, norm, pre, eps, need_x, w1.dtype if need_w1 else None, need_nw, need_nb)
+        if need_w1:
+            dw1 = dz.t() @ n
         dx = dx if need_x else None
         dnw = dnw.to(nw.dtype) if need_nw else None
         dnb = dnb.to(nb.dtype) if need_nb else None

@@ -174,8 +174,8 @@ def forward_of(shape, merge, order, grid, norm, pre, eps, activation, out_featur
     return forward
 
 
-def rms_norm_backward(x, stats, nw, dn, merge, order, grid, geometry, pre, need_dx, store_n, need_dwn):
-    """(dx, norm output (M, K), dweight), each None unless requested, of an RMSNorm: the PyTorch
+def rms_norm_backward(x, stats, nw, dn, merge, order, grid, geometry, pre, need_dx, n_dtype, need_dwn):
+    """(dx, norm output (M, K) in ``n_dtype``, dweight), each None unless requested, of an RMSNorm: the PyTorch
     twin of ``kernels/merge_norm.merge_norm_backward``, in at least fp32 (ATen has no RMSNorm
     backward). Rows are viewed as (M, groups, width), the norm's span last, so the norm's weight
     (width,) broadcasts over a pre-merge row's S² tokens without being tiled."""
@@ -186,8 +186,8 @@ def rms_norm_backward(x, stats, nw, dn, merge, order, grid, geometry, pre, need_
     K = merge * merge * C  # sizes spelled out: a -1 cannot be inferred where M is 0
     xhat = (merge_tokens(x, merge, order, grid, geometry).to(acc).view(M, groups, K // groups) - stats[..., :1]) * rstd
     dx = n = dwn = None
-    if store_n:
-        n = (xhat * nw if nw is not None else xhat).to(x.dtype).view(M, K)
+    if n_dtype is not None:
+        n = (xhat * nw if nw is not None else xhat).to(n_dtype).view(M, K)
     if need_dwn or need_dx:
         g = dn.to(acc).reshape(M, groups, K // groups)
         if need_dwn:  # sum over rows, then over the S² tokens for a pre-merge norm
@@ -200,8 +200,8 @@ def rms_norm_backward(x, stats, nw, dn, merge, order, grid, geometry, pre, need_
     return dx, n, dwn
 
 
-def layer_norm_backward(x, nw, nb, dn, merge, order, grid, geometry, pre, eps, need_dx, store_n, need_dwn, need_dbn):
-    """(dx, norm output (M, K), dweight, dbias), each None unless requested, of a LayerNorm: ATen's
+def layer_norm_backward(x, nw, nb, dn, merge, order, grid, geometry, pre, eps, need_dx, n_dtype, need_dwn, need_dbn):
+    """(dx, norm output (M, K) in ``n_dtype``, dweight, dbias), each None unless requested, of a LayerNorm: ATen's
     own, as eager autograd runs it for ``F.layer_norm``: ``native_layer_norm`` recomputes the
     statistics (and the norm output: the forward's bits) and ``native_layer_norm_backward`` takes
     them, one call where a composed formula makes ~30. dweight and dbias in at least fp32."""
@@ -210,7 +210,7 @@ def layer_norm_backward(x, nw, nb, dn, merge, order, grid, geometry, pre, eps, n
     out, mean, rstd = torch.native_layer_norm(src, span, nw, nb, eps)
     if dn is not None and dn.dtype is not x.dtype:  # a 16-bit MLP's gradient into a float32 norm
         dn = dn.to(x.dtype)
-    n = (merge_tokens(out, merge, order, grid, geometry) if pre else out) if store_n else None
+    n = (merge_tokens(out, merge, order, grid, geometry) if pre else out).to(n_dtype) if n_dtype is not None else None
     dx = dwn = dbn = None
     if need_dx or need_dwn or need_dbn:
         g = unmerge_tokens(dn, x.shape, merge, order, grid, geometry) if pre else dn

@@ -216,8 +216,9 @@ def merge_norm_stats(x, merge, order, grid, geometry, image, norm, pre, eps) -> 
 
 @on_input_device
 def merge_norm_backward(x, stats, wn, bn, dn, merge, order, grid, geometry, image, norm, pre,
-                        need_dx: bool, store_n: bool, need_dwn: bool, need_dbn: bool):
-    """(dx like x, norm output (M, K), dweight, dbias), each None unless requested. ``dn`` (M, K)
+                        need_dx: bool, n_dtype: torch.dtype | None, need_dwn: bool, need_dbn: bool):
+    """(dx like x, norm output (M, K) in ``n_dtype`` (None: not stored), dweight, dbias), each None
+    unless requested. ``dn`` (M, K)
     is read only when a gradient is requested; dweight/dbias are fp32 sums over rows per norm
     channel. The kernel indexes ``wn``, ``bn`` and ``dn`` as contiguous: a strided view (a
     caller's weight) is copied first."""
@@ -228,7 +229,7 @@ def merge_norm_backward(x, stats, wn, bn, dn, merge, order, grid, geometry, imag
     launch = _launch_config(int(C))  # int: a traced C (SymInt) specialises the graph's config
     programs = cdiv(M, launch["BLOCK_R"])
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_dx else None
-    n = torch.empty((M, K), device=x.device, dtype=x.dtype) if store_n else None
+    n = torch.empty((M, K), device=x.device, dtype=n_dtype) if n_dtype is not None else None
     dwn = torch.empty((programs, K), device=x.device, dtype=torch.float32) if need_dwn else None
     dbn = torch.empty((programs, K), device=x.device, dtype=torch.float32) if need_dbn else None
     if M > 0:
@@ -241,7 +242,7 @@ def merge_norm_backward(x, stats, wn, bn, dn, merge, order, grid, geometry, imag
             M, C, P, H, W, *x.stride(), *(dx.stride() if need_dx else x.stride()),
             ORDER=ORDERS[order], PACKED=packed, MERGE=merge, NORM=NORMS[norm], PRE=pre,
             HAS_WN=wn is not None, HAS_BN=bn is not None,
-            NEED_DX=need_dx, STORE_N=store_n, NEED_DWN=need_dwn, NEED_DBN=need_dbn, **launch,
+            NEED_DX=need_dx, STORE_N=n is not None, NEED_DWN=need_dwn, NEED_DBN=need_dbn, **launch,
         )
 
     def reduce(partial):

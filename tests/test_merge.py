@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import deco_ops
 from deco_ops import _plan, reference
+from deco_ops._direct import deco
 from deco_ops.kernels import gemm_act_grad, merge_gemm, merge_norm
 from fuzz import dtypes, examples
 from harness import DEVICE, assert_close, guarded, guarded_strided, leaf, poisoned_empty, randn
@@ -529,6 +530,30 @@ def test_float32_norm_before_a_16_bit_mlp(backend, dtype):
     params, dy = _case(torch.float32, B=2, N=16, C=16, hidden=32, out=16)
     params = [p if i < 3 else p.to(dtype) for i, p in enumerate(params)]
     _check(params, dy.to(dtype), dtype, eps=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_norm_backward_writes_the_norm_output_in_the_mlp_dtype(backend, norm):
+    """A float32 norm before a 16-bit MLP: ``merge_norm_backward`` writes dW1's operand, the norm's
+    rows, in the MLP's dtype (the float32 rows rounded once, as the forward rounds them), not in
+    float32 for a cast afterwards; the same through a plan (``deco``) and the dispatcher."""
+    params, _ = _case(torch.float32, B=2, N=16, C=16, norm=norm)
+    x, nw, nb = params[:3]
+    dn = randn(8, 64, dtype=torch.bfloat16)
+    args = (guarded(x), nw, nb, guarded(dn), None, [], 2, "block", norm, True, 1e-6, True, torch.bfloat16, True, nb is not None)
+    with poisoned_empty():
+        planned = deco.merge_norm_backward(*args)
+        dispatched = torch.ops.deco.merge_norm_backward(*args)
+    x64 = x.double()
+    if norm == "layernorm":
+        rows = F.layer_norm(x64, (16,), nw.double(), nb.double(), 1e-6)
+    else:
+        rows = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * nw.double()
+    for dx, n, *_ in (planned, dispatched):
+        assert n.dtype == torch.bfloat16 and dx.dtype == torch.float32
+        torch.testing.assert_close(n.double(), rows.reshape(8, 64), rtol=2**-7, atol=1e-6)  # one bf16 rounding
+    for a, b in zip(planned, dispatched):
+        assert torch.equal(a, b)
 
 
 def test_autocast_runs_in_the_autocast_dtype():
