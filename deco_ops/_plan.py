@@ -77,9 +77,9 @@ _interpret_env = _interpret_environ.get
 
 
 # Whether torch.distributed's default process group is up: a plan built before
-# ``init_process_group`` holds a choice its rank made alone, and a rank that kept it while another
-# rank missed would leave that one waiting in the strategy's broadcast; so plans are per side of
-# the start, and every rank decides again together. Read as ``dist.is_initialized`` reads it, past
+# ``init_process_group`` holds a choice its rank made alone, which another rank may have made
+# otherwise; so plans are per side of the start, and each key is decided again for the group
+# (``strategy._agree``). Read as ``dist.is_initialized`` reads it, past
 # its two property calls (a signature check runs on every op call).
 try:
     _c10d = torch.distributed.distributed_c10d

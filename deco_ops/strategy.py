@@ -56,12 +56,13 @@ Measuring is made safe for training:
   on the Triton backend); such a default is not remembered, the next call outside a capture
   measures.
 * *torch.distributed*: once the default process group is initialised with more than one rank,
-  rank 0 makes each new decision (from its cache or by timing) and broadcasts it; every rank adopts
-  it (``DECO_OPS_STRATEGY_SYNC=0`` lets each rank decide alone). Every rank must then meet new keys
-  in the same order, as data-parallel replicas do; a rank that receives rank 0's decision for
-  another key raises, and so does every rank where rank 0's decision raises. A decision a rank made
-  alone (before the process group started) is decided again with the others; a ``torch.compile``
-  trace never reads the per-rank on-disk cache there.
+  each key is decided once for the whole group: the first rank that meets it decides (from its
+  cache or by timing) and publishes the winner in the process group's key-value store, and every
+  rank uses what the store holds (``DECO_OPS_STRATEGY_SYNC=0`` lets each rank decide alone). No
+  rank waits for another, so ranks may meet keys in any order, or never (per-rank image sizes in
+  other buckets). A decision a rank made alone (before the process group started) is decided again
+  with the others; a capture or a ``torch.compile`` trace reads the store, never the per-rank
+  on-disk cache.
 * *Determinism*: the key records the mode, and deterministic mode admits only candidates whose
   result is bitwise reproducible.
 
@@ -262,9 +263,9 @@ def _composed_choice(candidates: Mapping[str, Candidate], key: Callable[[], str]
 def _traced_choice(candidates: Mapping[str, Candidate], key: Callable[[], str]) -> str:
     """The choice while ``torch.compile`` traces an op body (FakeTensors: nothing can be timed, and
     the graph keeps what is chosen here): the decision held for the key (made by an eager call,
-    preloaded or in the GPU's tuning table), else as inside a capture (``_untimed``: the on-disk
-    one but under torch.distributed, where each rank's disk may differ and ranks would compile
-    different graphs), else the default. Symbolic sizes (dynamic shapes) have no key: the default."""
+    preloaded or in the GPU's tuning table), else as inside a capture (``_untimed``: under
+    torch.distributed the group's published one, not the rank's own disk, which may differ and
+    make ranks compile different graphs; else the on-disk one), else the default. Symbolic sizes (dynamic shapes) have no key: the default."""
     usable = _usable(candidates)
     default = next(iter(usable))
     try:
@@ -305,8 +306,8 @@ def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Calla
     """The measured choice for ``key`` (the rules of the module docstring): a decision made,
     agreed or preloaded earlier in this process; else, inside a CUDA graph capture, one that
     needs no timing; else one from the on-disk cache or the fastest candidate by
-    ``timer(run) -> ms`` (remembered in memory and on disk), made by rank 0 and adopted by every
-    rank under torch.distributed. Under ``torch.use_deterministic_algorithms(True)`` only
+    ``timer(run) -> ms`` (remembered in memory and on disk), under torch.distributed decided once
+    for the process group (``_agree``). Under ``torch.use_deterministic_algorithms(True)`` only
     deterministic candidates compete (the first candidate if none is). A candidate that raises
     while it is timed drops out of the competition, with a warning."""
     usable = _usable(candidates)
@@ -332,7 +333,7 @@ def decide(key: str, candidates: Mapping[str, Candidate], timer: Callable[[Calla
 def _held(key: str) -> str | None:
     """The decision this process holds for ``key``, if any. Under torch.distributed one this rank
     made alone (before the process group started, or with ``DECO_OPS_STRATEGY_SYNC=0``) is dropped
-    instead: using it would skip the broadcast the other ranks wait in, and theirs may differ.
+    instead: another rank may hold another winner, and the group's is agreed (``_agree``).
     Agreed and preloaded ones stay."""
     if key in _unagreed and _synchronised():
         _unagreed.discard(key)
@@ -361,9 +362,10 @@ def capturing() -> bool:
 
 def _untimed(key: str, usable: Mapping[str, Candidate], synchronised: bool) -> str:
     """The choice where nothing can be timed (a capture, a ``torch.compile`` trace) and no
-    decision is held: the on-disk cache's (not under torch.distributed, where each rank's disk may
-    differ), else the first usable candidate; not remembered."""
-    known = None if synchronised else _read_disk().get(key)
+    decision is held: under torch.distributed the group's published one (``_published``; never a
+    rank's own disk, which may differ), else the on-disk cache's, else the first usable candidate;
+    not remembered."""
+    known = _published(key) if synchronised else _read_disk().get(key)
     return known if known in usable else next(iter(usable))
 
 
@@ -397,32 +399,38 @@ def _synchronised() -> bool:
     return torch.distributed.get_world_size() > 1
 
 
+STORE_PREFIX = "deco_ops/strategy/"  # the group's decisions in its key-value store: prefix + key -> winner
+
+
 def _agree(key: str, usable: Mapping[str, Candidate], decide_here: Callable[[], str]) -> str:
-    """Rank 0's decision for ``key``, broadcast to every rank (``decide_here`` runs on rank 0 only;
-    the other ranks wait in the broadcast). Where ``decide_here`` raises, rank 0 broadcasts the
-    failure before raising it, and every other rank raises too instead of waiting in the
-    broadcast until the process group's timeout."""
-    dist = torch.distributed
-    message, error = [key, None, None], None  # [rank 0's key, its winner, its failure]
-    if dist.get_rank() == 0:
-        try:
-            message[1] = decide_here()
-        except Exception as e:  # noqa: BLE001 - re-raised below, once the other ranks know
-            message[2], error = f"{type(e).__name__}: {e}", e
-    dist.broadcast_object_list(message, src=0)
-    if error is not None:
-        raise error
-    agreed_key, winner, failure = message
-    if failure is not None:
-        raise RuntimeError(f"deco_ops: rank {dist.get_rank()} decides {key!r}, but rank 0 failed to decide "
-                           f"{agreed_key!r}: {failure}")
-    if agreed_key != key or winner not in usable:
+    """The process group's one decision for ``key``: the one published in the group's key-value
+    store, else this rank's own (``decide_here``: its on-disk cache or its timing), published with
+    ``compare_set`` (set only where the key is missing, atomically: two ranks deciding at once both
+    adopt the first write). Every rank reads the store on its own, without waiting for another (a
+    broadcast would leave a rank waiting for one that never meets the key: per-rank image sizes in
+    another bucket, a rank that forces a strategy), so ranks may meet keys in any order."""
+    winner = _published(key)
+    if winner is None:
+        winner = _store().compare_set(STORE_PREFIX + key, "", decide_here()).decode()
+    if winner not in usable:
         raise RuntimeError(
-            f"deco_ops: rank {dist.get_rank()} decides {key!r} while rank 0 decided {agreed_key!r} -> {winner!r}: "
-            "the ranks meet different op calls (shapes, dtypes or order). Decide on one rank and preload the "
+            f"deco_ops: rank {torch.distributed.get_rank()} decides {key!r}, and the process group's decision is "
+            f"{winner!r}, which cannot run here (candidates: {tuple(usable)}). Decide on one rank and preload the "
             f"decisions on every rank (strategy.choices() / strategy.preload()), or set {SYNC_ENV}=0 to let each rank decide alone."
         )
     return winner
+
+
+def _store() -> torch.distributed.Store:
+    """The default process group's key-value store (the one ``init_process_group`` rendezvoused
+    through: TCP, file or hash store), which every rank reads and writes without a collective."""
+    return torch.distributed.distributed_c10d._get_default_store()
+
+
+def _published(key: str) -> str | None:
+    """The process group's decision for ``key`` if a rank has published one, else None (never waits)."""
+    store, name = _store(), STORE_PREFIX + key
+    return store.get(name).decode() if store.check([name]) else None
 
 
 def _time_cuda(run: Callable[[], object]) -> float:

@@ -588,44 +588,61 @@ def test_direct_backward_runs_under_the_forward_s_backend_not_the_caller_s(monke
 
 
 def _rank_decides(rank: int, world: int, init_file: str, cache_root: str, results) -> None:
-    """One gloo rank: decides a key whose timing disagrees between the ranks, then a key the ranks
-    name differently."""
+    """One gloo rank (a 10 s timeout: a rank left waiting fails the test instead of hanging it):
+    a key rank 0 decides first, a key only rank 1 meets before the next collective, a key both
+    decide at once; each rank's clock prefers another candidate."""
+    import datetime
+
     import torch.distributed as dist
 
     os.environ[strategy.CACHE_DIR_ENV] = os.path.join(cache_root, str(rank))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=10))
     try:
-        key = "pool_mlp|GPU|bfloat16|rows=256|grad|any|v"
-        # rank 0 finds composed faster, rank 1 would pick fused
-        timer = FakeTimer({"fused": 2.0, "composed": 1.0} if rank == 0 else {"fused": 1.0, "composed": 2.0})
-        winner = strategy.decide(key, _candidates(), timer)
-        again = strategy.decide(key, _candidates(), FakeTimer({}))  # agreed once: no second broadcast
-        other = "pool_mlp|GPU|bfloat16|rows=512|grad|any|v" if rank == 0 else "pool_mlp|GPU|bfloat16|rows=1024|grad|any|v"
-        try:
-            strategy.decide(other, _candidates(), FakeTimer({"fused": 1.0, "composed": 2.0}))
-            mismatch = None
-        except RuntimeError as e:
-            mismatch = str(e)
-        results.put((rank, winner, again, timer.calls, mismatch))
+        first, only_one, both = (f"pool_mlp|GPU|bfloat16|rows={rows}|grad|any|v" for rows in (256, 512, 1024))
+        timed = {}
+
+        def decide(key):  # rank 0's clock finds composed faster, rank 1's fused
+            timer = FakeTimer({"fused": 2.0, "composed": 1.0} if rank == 0 else {"fused": 1.0, "composed": 2.0})
+            strategy.decide(key, _candidates(), timer)
+            timed[key] = bool(timer.calls)
+
+        if rank == 0:
+            decide(first)
+        dist.barrier()
+        if rank == 1:
+            decide(first)  # rank 0's decision, untimed
+            decide(only_one)  # no other rank meets it: nobody waits
+        dist.barrier()  # the next step's collective
+        if rank == 0:
+            decide(only_one)  # rank 1's decision, untimed
+        decide(both)  # at once: the first write wins, on both
+        again = strategy.decide(first, _candidates(), FakeTimer({}))  # held: neither timed nor read again
+        dist.barrier()
+        results.put((rank, {k: strategy.choices()[k] for k in (first, only_one, both)}, again, timed))
     finally:
         dist.destroy_process_group()
 
 
-def test_distributed_ranks_adopt_rank_0_decisions(tmp_path):
-    """Two gloo processes: rank 0 times and decides, rank 1 adopts the decision without timing, even
-    though its own clock would pick the other candidate; ranks that meet different keys are told."""
+def test_distributed_ranks_use_one_decision_per_key(tmp_path):
+    """Two gloo processes: each key is decided once for the group, by the first rank that meets it,
+    and adopted by the other without timing, though its own clock would pick the other candidate;
+    a key that only one rank meets leaves no rank waiting (per-rank image sizes in other buckets),
+    and two ranks deciding at once adopt one winner."""
     # forked, as DataLoader workers are: a spawned rank would spend seconds importing deco_ops again
     results = torch.multiprocessing.get_context("fork").SimpleQueue()
     torch.multiprocessing.start_processes(_rank_decides, args=(2, str(tmp_path / "init"), str(tmp_path), results),
                                           nprocs=2, join=True, start_method="fork")
-    by_rank = {}
-    for _ in range(2):
-        rank, *rest = results.get()
-        by_rank[rank] = rest
-    assert by_rank[0][:3] == ["composed", "composed", ["fused", "composed"]]
-    assert by_rank[1][:3] == ["composed", "composed", []]  # rank 1 never timed
-    assert by_rank[0][3] is None  # rank 0 sends; the receiver notices
-    assert "rows=1024" in by_rank[1][3] and "rows=512" in by_rank[1][3] and strategy.SYNC_ENV in by_rank[1][3]
+    by_rank = dict((rank, rest) for rank, *rest in (results.get() for _ in range(2)))
+    (decided0, again0, timed0), (decided1, again1, timed1) = by_rank[0], by_rank[1]
+    assert decided0 == decided1
+    first, only_one, both = decided0.values()
+    assert (first, only_one, again0, again1) == ("composed", "fused", "composed", "composed")
+    assert both in ("fused", "composed")
+    # each key timed by the rank that met it first and by no other (the shared one maybe by both)
+    first_key, only_one_key, both_key = decided0
+    assert (timed0[first_key], timed0[only_one_key], timed1[first_key], timed1[only_one_key]) == (True, False, False, True)
+    assert timed0[both_key] or timed1[both_key]
 
 
 def test_sync_setting(monkeypatch):
@@ -734,7 +751,10 @@ def _rank_meets_hazards(rank: int, world: int, init_file: str, cache_root: str, 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=10))  # a hang fails the test in 10 s
     try:
-        agreed = strategy.decide(alone, _candidates(), FakeTimer({"fused": 2.0, "composed": 1.0}))
+        if rank == 0:
+            strategy.decide(alone, _candidates(), FakeTimer({"fused": 2.0, "composed": 1.0}))
+        dist.barrier()
+        agreed = strategy.decide(alone, _candidates(), FakeTimer({}))  # rank 1: the group's, not its own
         traced = strategy._traced_choice(_candidates(), lambda: on_disk)
 
         def fused():
@@ -742,35 +762,36 @@ def _rank_meets_hazards(rank: int, world: int, init_file: str, cache_root: str, 
                 raise RuntimeError("fused cannot run on rank 0")
             return "fused"
 
-        try:
-            strategy.decide(failing, {**_candidates(), "fused": strategy.Candidate(fused)}, FakeTimer({"composed": 1.0}))
-            failure = None
-        except RuntimeError as e:
-            failure = str(e)
+        failure = None
+        for turn in range(world):  # rank 0 first: it fails and publishes nothing, rank 1 then decides
+            if turn == rank:
+                try:
+                    failure = strategy.decide(failing, {**_candidates(), "fused": strategy.Candidate(fused)},
+                                              FakeTimer({"fused": 2.0, "composed": 1.0}))
+                except RuntimeError as e:
+                    failure = str(e)
+            dist.barrier()
         results.put((rank, agreed, traced, failure))
     finally:
         dist.destroy_process_group()
 
 
 def test_distributed_ranks_never_decide_alone(tmp_path):
-    """Two gloo processes. A decision a rank made before the process group started is agreed
-    again (rank 0's wins); a ``torch.compile`` trace reads no rank's own disk (each would compile
-    its own choice); where rank 0's decision raises, it raises and so does every other rank,
-    naming the key, instead of waiting in the broadcast until the timeout."""
+    """Two gloo processes. A decision a rank made before the process group started gives way to
+    the group's; a ``torch.compile`` trace reads no rank's own disk (each would compile its own
+    choice); where one rank's default candidate raises, that rank raises and the other goes on."""
     results = torch.multiprocessing.get_context("fork").SimpleQueue()
     torch.multiprocessing.start_processes(_rank_meets_hazards, args=(2, str(tmp_path / "init"), str(tmp_path), results),
                                           nprocs=2, join=True, start_method="fork")
     by_rank = dict((rank, rest) for rank, *rest in (results.get() for _ in range(2)))
     assert [by_rank[r][:2] for r in (0, 1)] == [["composed", "fused"], ["composed", "fused"]]
-    assert by_rank[0][2] == "fused cannot run on rank 0"
-    assert "rows=1024" in by_rank[1][2] and "rank 0 failed" in by_rank[1][2] and "fused cannot run on rank 0" in by_rank[1][2]
+    assert by_rank[0][2] == "fused cannot run on rank 0" and by_rank[1][2] == "composed"
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 def test_plans_are_not_kept_across_the_process_group_start(tmp_path, monkeypatch):
     """A per-signature plan built before ``init_process_group`` holds a choice its rank made
-    alone: after the start every call misses and decides again (together, ``strategy._agree``);
-    a rank whose plan hit while another missed would leave that one waiting in the broadcast."""
+    alone: after the start every call misses and decides again, for the group (``strategy._agree``)."""
     from deco_ops import pooling
 
     build, builds = pooling._plans._build, []
