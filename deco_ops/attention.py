@@ -100,12 +100,16 @@ def _cross_attention_tma(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dr
     return cross_attention_tma.cross_attention_tma_fwd(q, k, v, kv_lens, cu_seqlens_k, B, N, scale)
 
 
-def _tma_applies(q, k, v, dropout_p, attn_bias) -> bool:
+def _tma_applies(q, k, v, kv_lens, cu_seqlens_k, dropout_p, attn_bias) -> bool:
     """Whether the ``fused_tma`` forward can run the call: the Triton backend on an sm_90 GPU (or its
     interpreter), fp16/bf16, no dropout and no additive mask (per-tile work its mask-free key loop
-    leaves out), every tensor readable through TMA descriptors (16-byte aligned, unit dim stride)."""
+    leaves out), every tensor readable through TMA descriptors (16-byte aligned, unit dim stride), a
+    tile that fits the GPU's shared memory (head dims up to 128: ``cross_attention_tma.applies``)."""
+    _, M, H, D = q.shape
     return (_tuning.device_arch(q.device) == 90 and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
-            and attn_bias is None and all(map(cross_attention_tma.tma_addressable, (q, k, v))))
+            and attn_bias is None and all(map(cross_attention_tma.tma_addressable, (q, k, v)))
+            and cross_attention_tma.applies(M, H, D, q.element_size(), _tuning.device_smem_limit(q.device),
+                                            ragged=kv_lens is not None or cu_seqlens_k is not None))
 
 
 def _cross_attention_reference(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse):
@@ -140,7 +144,7 @@ def _cross_attention_implementation(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k
         fused=_cross_attention_kernels if on_triton else _cross_attention_reference,
         composed_kernels={
             **({"fused_tma": strategy.Candidate(_cross_attention_tma, opt_in=True)}
-               if on_triton and _tma_applies(q, k, v, dropout_p, attn_bias) else {}),
+               if on_triton and _tma_applies(q, k, v, kv_lens, cu_seqlens_k, dropout_p, attn_bias) else {}),
             **_composed_candidates(q, kv_lens, cu_seqlens_k, attn_bias, dropout_p, _COMPOSED_FORWARD),
         },
     )

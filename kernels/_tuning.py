@@ -156,6 +156,9 @@ class TunedKernel(Autotuner):
     def preset(self, label: str, candidates: list[triton.Config], device: torch.device) -> triton.Config | None:
         """The config to launch untimed for a new key in bucket ``label``, or None to let Triton
         time ``candidates``."""
+        if not candidates:  # a caller's fit rule must refuse such a call first; never an IndexError or min() of nothing
+            raise RuntimeError(f"deco_ops: no config of {self.name} fits the launch {label} on {device}: its fit rules pruned "
+                               "every one (the op's dispatch should not have chosen this kernel)")
         if not autotune_enabled() or len(candidates) == 1:
             return candidates[0]
         known = self.chosen.get(label)

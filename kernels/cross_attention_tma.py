@@ -88,6 +88,15 @@ def tile(M: int, H: int, D: int, ragged: bool = False) -> tuple[int, int, bool]:
     return block_m, heads, False
 
 
+def applies(M: int, H: int, D: int, elem_bytes: int, smem_limit: int, ragged: bool) -> bool:
+    """Whether a config fits a call (``tile``, ``fits``): on Hopper's shared memory head dims up to
+    128; at 256 neither a 64- nor a 128-query tile fits any stage count, so no config would be left
+    to launch (the caller keeps the pointer-load kernels)."""
+    block_m, heads, _ = tile(M, H, D, ragged)
+    block_d = max(16, next_power_of_2(D))
+    return any(fits(c, block_m, heads, block_d, elem_bytes, smem_limit) for c in cuda_configs())
+
+
 def smem_bytes(config: triton.Config, block_m: int, heads: int, block_d: int, elem_bytes: int) -> int:
     """Shared memory of a config, an upper bound: the K and V stages, the Q tile and a P tile."""
     bn = config.kwargs["BLOCK_N"]

@@ -23,8 +23,8 @@ Triton's persistent-matmul tutorial writes Hopper GEMMs that reach cuBLAS:
 The epilogue works on the whole tile. The tutorial's EPILOGUE_SUBTILE (column halves through
 reshape/permute/split, as ``gemm_act_grad.py`` does) stops triton 3.6's warp specialisation: its
 data partitioning of the consumers fails the compile ("unsupported op type", WSDataPartition.cpp). So the tile
-sizes carry the epilogue instead: 128x128 for BIAS_ACT, 128x64 for ACT_GRAD, whose z, act'(z) and
-act(z) beside a 128-wide accumulator spill (``fits``).
+sizes carry the epilogue instead: 128x128 or 128x64 for BIAS_ACT, 128x64 only for ACT_GRAD, whose
+z, act'(z) and act(z) beside a 128-wide accumulator spill (``fits``).
 
 Counts (16-bit operands, ``elem`` bytes):
     flops = 2 * M * N * K
@@ -113,7 +113,9 @@ def _prune(configs, named_args, **constexprs):
     return [c for c in configs if fits(c, a.element_size(), device_smem_limit(a.device), constexprs["EPILOGUE"])]
 
 
-@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K"], buckets=("M",), prune=_prune)
+# EPILOGUE in the key: the forward and the backward GEMM of a square MLP (4096 -> 4096) share M, N
+# and K, and the backward spills 2 KB in the forward's 128x128 tile (``fits``)
+@autotuned(cuda_configs(), INTERPRET_CONFIG, key=["M", "N", "K", "EPILOGUE"], buckets=("M",), prune=_prune)
 @triton.jit
 def tma_gemm_kernel(
     a_ptr, w_ptr, b_ptr, z_ptr, out_ptr, aux_ptr,
@@ -224,7 +226,8 @@ def tma_linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act
     out = x.new_empty((M, N))
     pre = x.new_empty((M, N)) if store_pre else None
     _check({"x": x, "w": w, "out (M, N)": out})
-    _launch(x, w, b, None, out, pre, K, BIAS_ACT, activation, store_pre)
+    # the epilogue reads the bias as N consecutive elements: a strided or expanded (stride 0) one is copied
+    _launch(x, w, None if b is None else b.contiguous(), None, out, pre, K, BIAS_ACT, activation, store_pre)
     return out, pre
 
 

@@ -19,6 +19,7 @@ import torch
 import deco_ops
 from deco_ops import attention, reference_attention as reference
 from deco_ops.kernels import cross_attention_tma as tma
+from deco_ops.kernels._tuning import device_smem_limit
 from harness import DEVICE, assert_close, guarded, poisoned_empty, randn
 
 if DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE) != (9, 0):
@@ -71,11 +72,23 @@ CASES = [
 ]
 
 
+def _rows_guarded(t: torch.Tensor, extra: int = 128) -> torch.Tensor:
+    """``t`` (B, N, H, D) as the first N rows of each batch of a NaN-filled (B, N + extra, H, D + PAD)
+    buffer: a descriptor that does not stop at N reads NaN in every batch (``guarded`` leaves the
+    next batch's finite keys after an earlier batch's last row)."""
+    B, N, H, D = t.shape
+    buffer = torch.full((B, N + extra, H, D + PAD), float("nan"), dtype=t.dtype, device=t.device)
+    view = buffer[:, :N, :, :D]
+    view.copy_(t)
+    return view
+
+
 @pytest.mark.parametrize("B,Bq,M,N,H,D,lens,dtype,splits", CASES)
 def test_forward_matches_float64(B, Bq, M, N, H, D, lens, dtype, splits):
     q, k, v, kv_lens = _case(B, Bq, M, N, H, D, lens, dtype, seed=M + N)
     with poisoned_empty():
-        out, lse = tma.cross_attention_tma_fwd(*(guarded(t, PAD) for t in (q, k, v)), kv_lens, None, B, N, D**-0.5, splits)
+        out, lse = tma.cross_attention_tma_fwd(guarded(q, PAD), _rows_guarded(k), _rows_guarded(v), kv_lens, None, B, N,
+                                               D**-0.5, splits)
     _check(out, lse, q, k, v, kv_lens, dtype)
 
 
@@ -151,9 +164,26 @@ def test_fit_rule_refuses_what_the_kernel_leaves_out(change):
         q, k, v = (t.float() for t in (q, k, v))
     else:
         k = torch.randn(2, 70, 2, 34, dtype=torch.float16)[..., 1:33]
-    assert not attention._tma_applies(q, k, v, dropout_p, bias)
-    base = functools.partial(attention._tma_applies, dropout_p=0.0, attn_bias=None)
+    assert not attention._tma_applies(q, k, v, kv_lens, None, dropout_p, bias)
+    base = functools.partial(attention._tma_applies, kv_lens=kv_lens, cu_seqlens_k=None, dropout_p=0.0, attn_bias=None)
     assert base(*(t.half() for t in (q, k, v))) is (change != "unaligned")
+
+
+def test_head_dims_past_128_stay_on_the_pointer_kernels_from_64_queries():
+    """Head dim 256: no 64- or 128-query tile fits Hopper's shared memory at any stage count, so the
+    fit rule refuses the candidate there and a forced ``fused_tma`` runs the pointer-load kernels
+    (before: an autotuner with no config left raised). 32 queries still fit (one 32-row tile)."""
+    limit = device_smem_limit(DEVICE)
+    assert tma.applies(32, 2, 256, 2, limit, ragged=False)
+    for M, ragged in ((64, False), (130, False), (130, True)):
+        assert not tma.applies(M, 2, 256, 2, limit, ragged)
+    assert tma.applies(130, 2, 128, 2, limit, ragged=False)
+    q, k, v, _ = _case(1, 1, 64, 70, 1, 256, None, torch.float16, seed=17)
+    runs = mock.Mock(wraps=tma.cross_attention_tma_fwd)
+    with mock.patch.object(tma, "cross_attention_tma_fwd", runs), deco_ops.use_strategy("fused_tma"), poisoned_empty():
+        out = deco_ops.cross_attention(*(guarded(t, PAD) for t in (q, k, v)))
+    assert runs.call_count == 0
+    assert_close(out, reference.attention_dense(q.double(), k.double(), v.double(), None), q.dtype, "O")
 
 
 def test_a_plan_made_on_aligned_tensors_reads_misaligned_views_with_pointers():

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import deco_ops
-from harness import DEVICE, assert_close, guarded, poisoned_empty, rel_err
+from harness import DEVICE, assert_close, guarded, guarded_strided, poisoned_empty, rel_err
 from deco_ops import reference
 from deco_ops.kernels import tma_gemm
 
@@ -53,6 +53,19 @@ def test_linear_act_matches_float64(activation, has_bias, store_pre):
         assert_close(pre, ref_pre, torch.float16, "pre-activation")
     else:
         assert pre is None
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_linear_act_reads_a_strided_or_expanded_bias(layout):
+    """A bias at stride 4 between NaNs, or one value expanded over N (stride 0, one element
+    allocated): the epilogue reads N consecutive elements, so the launcher copies it first."""
+    gen = torch.Generator().manual_seed(13)
+    x, w = _inputs(gen, torch.float16, (45, 64), (72, 64))
+    b = torch.randn(72, generator=gen).to(torch.float16)
+    b = guarded_strided(b) if layout == "strided" else b[:1].expand(72)
+    with poisoned_empty():
+        out, _ = tma_gemm.tma_linear_act(x, w, b, "gelu", False)
+    assert_close(out, F.gelu(F.linear(x.double(), w.double(), b.double())), torch.float16, "gelu(x @ w.T + b)")
 
 
 def test_linear_act_bf16():

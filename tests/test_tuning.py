@@ -359,3 +359,11 @@ def test_interpreter_switch_is_read_as_triton_reads_it(monkeypatch):
         assert _tuning.env_true(value) is expected and _tuning.env_true(value.encode()) is expected, value
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not deco_ops._backend.interpreting() and not _tuning.env_true(None)
+
+
+def test_a_launch_no_config_fits_raises_naming_the_kernel(kernel, monkeypatch):
+    """A launch whose fit rules leave no config (its op's dispatch should have refused it) raises
+    an error naming the kernel and the bucket, not an IndexError or Triton's ``min()`` of nothing."""
+    monkeypatch.setattr(kernel, "early_config_prune", lambda configs, named_args, **constexprs: [])
+    with pytest.raises(RuntimeError, match=r"no config of stand_in_kernel fits the launch M=128 N=4096 FLAG=True"):
+        launch(kernel, 100)
