@@ -4,8 +4,9 @@
 Overrides live in a ``contextvars.ContextVar``: a ``use`` block affects the thread (or asyncio
 task) that entered it and nothing else, so two threads that force different choices never see
 each other's. A new thread starts without overrides (it reads the environment variable).
-torch.compile cannot trace ``ContextVar.get``: code it traces (the ops' argument checks) keeps the
-override in force when it traced the graph; the ops themselves read it when they run."""
+torch.compile cannot trace ``ContextVar.get`` nor guard on it: code it traces (the ops' argument
+checks, and on CUDA the ops' bodies with their strategy choice) keeps the override in force when it
+traced the graph; an op that stays one opaque node reads it when it runs (docs/strategy.md)."""
 
 from __future__ import annotations
 

@@ -254,7 +254,9 @@ def _composed_choice(candidates: Mapping[str, Candidate], key: Callable[[], str]
     if torch.are_deterministic_algorithms_enabled():
         composed = [name for name in composed if candidates[name].deterministic]
     if len(composed) > 1:
-        known = _held(key())
+        known_key = key()
+        _preload_shipped_table(known_key)  # as an auto decision would: the choice must not depend on which came first
+        known = _held(known_key)
         if known in composed:
             return known
     return composed[0] if composed else None
@@ -534,8 +536,14 @@ def _load(path: Path) -> dict[str, str]:
         warnings.warn(f"deco_ops: ignoring the unreadable strategy cache {path}: {e}", stacklevel=3)
         return {}
     if not isinstance(table, dict):
+        warnings.warn(f"deco_ops: ignoring the strategy cache {path}: not a JSON object of key -> winner", stacklevel=3)
         return {}
-    return {k: v for k, v in table.items() if isinstance(k, str) and v in CANDIDATES}
+    kept = {k: v for k, v in table.items() if isinstance(k, str) and v in CANDIDATES}
+    if len(kept) < len(table):
+        dropped = [k for k in table if k not in kept]
+        warnings.warn(f"deco_ops: ignoring {len(dropped)} entries of the strategy cache {path} whose winner is not one of "
+                      f"{CANDIDATES}, e.g. {dropped[0]!r} -> {table[dropped[0]]!r}", stacklevel=3)
+    return kept
 
 
 def _read_disk() -> dict[str, str]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -89,6 +90,11 @@ def read(path: Path) -> dict:
     for field, (kinds, expected) in SECTIONS.items():
         if field in table and not isinstance(table[field], kinds):
             raise ValueError(f"{path}: its {field!r} must be {expected}, got {json.dumps(table[field])[:80]}")
+    for kernel, buckets in table.get("kernels", {}).items():  # read at a kernel's launch: checked here, by name
+        entries = buckets.values() if isinstance(buckets, dict) else [None]
+        if not all(isinstance(entry, dict) and isinstance(entry.get("config"), dict) for entry in entries):
+            raise ValueError(f"{path}: its kernels[{kernel!r}] must map bucket labels to {{\"config\": {{...}}}} objects, "
+                             f"got {json.dumps(buckets)[:80]}")
     return table
 
 
@@ -108,10 +114,19 @@ def same_triton(table: dict, path: Path) -> bool:
 
 
 def write(table: dict, path: Path) -> None:
+    """Write ``table`` to ``path`` atomically (a temporary file beside it, then ``os.replace``):
+    ``python -m deco_ops.tune`` rewrites its table after every shape, and a run killed mid-write
+    must not leave a truncated table that every later op call refuses."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(table, f, indent=1, sort_keys=True)
-        f.write("\n")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def load(device: torch.device) -> dict:

@@ -393,6 +393,35 @@ def test_shipped_table_decides_before_anything_is_timed(cache_dir, tmp_path, mon
     assert strategy.choose(_candidates(), on_triton=True, key=lambda: key) == "composed"
 
 
+def test_a_forced_composed_reads_the_table_as_auto_would(cache_dir, tmp_path, monkeypatch):
+    """A forced ``composed`` among several composed twins takes the GPU table's choice for the key
+    from its first call, not only after an auto decision happened to load the table (the choice
+    would depend on the calls' order, and differ between ranks)."""
+    from deco_ops import tuning_tables
+
+    key = strategy.make_key("cross_attention_backward", torch.device("cpu"), torch.bfloat16, True, M=48)
+    table = tmp_path / "table.json"
+    tuning_tables.write({"format": tuning_tables.FORMAT, "triton": triton.__version__, "kernels": {},
+                         "strategies": {key: "composed_flash"}}, table)
+    monkeypatch.setenv(tuning_tables.ENV_VAR, str(table))
+    monkeypatch.setattr(tuning_tables, "_tables", {})
+    with deco_ops.use_strategy("composed"):
+        assert strategy.choose(_named_candidates(), on_triton=True, key=lambda: key) == "composed_flash"
+
+
+@pytest.mark.parametrize("text,warning", [
+    ('["fused"]', "not a JSON object"),
+    ('{"op|GPU|bfloat16|rows=1|grad|any|v": "Fused", "op|GPU|bfloat16|rows=2|grad|any|v": "fused"}',
+     "ignoring 1 entries of the strategy cache .* 'Fused'"),
+])
+def test_a_hand_edited_cache_warns_before_it_is_rewritten(text, warning, cache_dir):
+    """A cache file that is not ``{key: winner}``, or an entry whose winner is not a candidate's
+    name, is ignored with a warning (the next decision rewrites the file without it), never silently."""
+    (cache_dir / strategy.CACHE_FILE).write_text(text)
+    with pytest.warns(UserWarning, match=warning):
+        strategy.decide("k|d|t|s|grad|any|v", _candidates(), FakeTimer({"fused": 1.0, "composed": 2.0}))
+
+
 def test_keys_carry_the_versions_and_the_cache_serves_only_its_own(cache_dir):
     """A decision measured under other deco_ops / torch / triton versions is never served: the
     versions end every key, so an older key in the cache file simply does not match."""

@@ -325,6 +325,9 @@ def test_extending_a_table_of_another_triton_drops_its_entries(tmp_path, monkeyp
     ('{"format": 1, "strategies": ["x"]}', "its 'strategies' must be an object"),
     ('{"format": 1, "kernels": 3}', "its 'kernels' must be an object"),
     ('{"format": 1, "triton": 3.9}', "its 'triton' must be a string, got 3.9"),
+    ('{"format": 1, "kernels": {"pool_gemm_kernel": []}}', "its kernels['pool_gemm_kernel'] must map bucket labels"),
+    ('{"format": 1, "kernels": {"k": {"M=1 | float16": "x"}}}', "its kernels['k'] must map bucket labels"),
+    ('{"format": 1, "kernels": {"k": {"M=1 | float16": {"ms": 1.0}}}}', "its kernels['k'] must map bucket labels"),
     ('{"format": 1, "triton": "%s", "strategies": {"a|b": "fused"}}' % triton.__version__, "'a|b' is not a strategy key"),
 ])
 @pytest.mark.parametrize("named", [True, False])
@@ -367,3 +370,21 @@ def test_a_launch_no_config_fits_raises_naming_the_kernel(kernel, monkeypatch):
     monkeypatch.setattr(kernel, "early_config_prune", lambda configs, named_args, **constexprs: [])
     with pytest.raises(RuntimeError, match=r"no config of stand_in_kernel fits the launch M=128 N=4096 FLAG=True"):
         launch(kernel, 100)
+
+
+def test_a_table_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """``tuning_tables.write`` replaces the file atomically: a write that fails half-way (a tuning
+    run killed) leaves the previous table readable and no temporary file beside it."""
+    path = tmp_path / "table.json"
+    table = {"format": tuning_tables.FORMAT, "triton": triton.__version__, "kernels": {}, "strategies": {}}
+    tuning_tables.write(table, path)
+
+    def dump_half(obj, f, **kwargs):
+        f.write('{"format": 1, "kern')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuning_tables.json, "dump", dump_half)
+    with pytest.raises(KeyboardInterrupt):
+        tuning_tables.write({**table, "kernels": {"k": {}}}, path)
+    monkeypatch.undo()
+    assert tuning_tables.read(path) == table and [p.name for p in tmp_path.iterdir()] == ["table.json"]
