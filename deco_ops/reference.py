@@ -24,15 +24,28 @@ _ADAPTIVE_AVG_POOL = {2: torch._C._nn.adaptive_avg_pool2d, 3: torch._C._nn.adapt
 _ADAPTIVE_AVG_POOL_BACKWARD = {2: torch.ops.aten._adaptive_avg_pool2d_backward.default, 3: torch.ops.aten._adaptive_avg_pool3d_backward.default}
 
 
+def sums_in_16_bits(t: torch.Tensor) -> bool:
+    """Whether ATen's 3D average pooling of ``t`` would sum its windows in 16 bits: its CPU kernels
+    in fp16/bf16 do (5.5x the error of a sum in fp32 rounded once, bf16 16x24x24 -> 5x7x9, forward;
+    1.6x backward); its 2D and CUDA kernels accumulate in fp32. Such a call pools in fp32 and rounds
+    once, as the kernels accumulate and as ``torch.autocast`` runs ``F.adaptive_avg_pool3d`` on CPU.
+    (Asked for 3D grids only: a 2D call pays no Python call for it.)"""
+    return t.dtype in (torch.float16, torch.bfloat16) and t.device.type == "cpu"
+
+
 def adaptive_avg_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
     """F.adaptive_avg_pool2d/3d applied to the token grid, viewed as a channels-last image (no copy;
     on the CPU the same bits as a (B, C, *grid) copy: each window is summed in the same order; on
     CUDA ATen's channels-last 2D kernel rounds differently in 16 bits); the 2D pooling keeps
-    channels-last, so its (B, P, C) result is contiguous."""
-    pool = _ADAPTIVE_AVG_POOL[len(grid)]
+    channels-last, so its (B, P, C) result is contiguous. 16-bit 3D pooling on the CPU sums in fp32
+    (``sums_in_16_bits``)."""
+    dims = len(grid)
     if not (x.shape[0] and x.shape[2]):  # no element: ATen's 3D pooling rejects 0 channels; no empty launch
         return x.new_empty((x.shape[0], math.prod(out_grid), x.shape[2]))
-    return pool(x.reshape(x.shape[0], *grid, x.shape[2]).movedim(-1, 1), out_grid).flatten(2).transpose(1, 2)
+    image = x.reshape(x.shape[0], *grid, x.shape[2]).movedim(-1, 1)
+    if dims == 3 and sums_in_16_bits(x):
+        return _ADAPTIVE_AVG_POOL[3](image.float(), out_grid).to(x.dtype).flatten(2).transpose(1, 2)
+    return _ADAPTIVE_AVG_POOL[dims](image, out_grid).flatten(2).transpose(1, 2)
 
 
 def unpool_tokens(grad: torch.Tensor, grid, out_grid) -> torch.Tensor:
@@ -48,8 +61,14 @@ def unpool_tokens(grad: torch.Tensor, grid, out_grid) -> torch.Tensor:
     B, C = grad.shape[0], grad.shape[2]
     if not (B and C):  # nothing to scatter: ATen's pooling backward rejects 0 channels (and see the forward)
         return grad.new_empty((B, math.prod(grid), C))
-    like = grad.new_empty((B, *grid, C)).movedim(-1, 1)  # strides only: the kernel's output layout
-    dx = _ADAPTIVE_AVG_POOL_BACKWARD[len(grid)](grad.reshape(B, *out_grid, C).movedim(-1, 1), like)
+    dims = len(grid)
+    image = grad.reshape(B, *out_grid, C).movedim(-1, 1)
+    if dims == 3 and sums_in_16_bits(grad):  # as the forward: summed in fp32, rounded once
+        like = image.new_empty((B, *grid, C), dtype=torch.float32).movedim(-1, 1)
+        dx = _ADAPTIVE_AVG_POOL_BACKWARD[3](image.float(), like).to(grad.dtype)
+    else:
+        like = grad.new_empty((B, *grid, C)).movedim(-1, 1)  # strides only: the kernel's output layout
+        dx = _ADAPTIVE_AVG_POOL_BACKWARD[dims](image, like)
     return dx.movedim(1, -1).reshape(B, math.prod(grid), C)
 
 

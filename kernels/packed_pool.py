@@ -120,12 +120,15 @@ def source_tap(o, d, L, O, MODE: tl.constexpr):
 @triton.jit
 def target_span(j, L, O, MODE: tl.constexpr):
     """(first, count) of the outputs along an axis that may read input ``j`` (exact for average, a
-    superset for bilinear: outputs whose source lies in [j - 1, j + 1), one spare on each side)."""
+    superset for bilinear: outputs whose source lies in [j - 1, j + 1), one spare on each side, and
+    for input 1 every output from 0: up-sampling by r clamps the source of the first (r - 1) / 2
+    outputs to 0, and they read input 1 with weight 0, which a NaN or inf gradient must still reach)."""
     if MODE == 0:
         f, e = windows_containing(j, L, O)
     else:
         r = O.to(tl.float32) / L.to(tl.float32)
         f = tl.maximum(tl.floor((j.to(tl.float32) - 0.5) * r - 0.5).to(tl.int32) - 1, 0)
+        f = tl.where(j == 1, 0, f)
         e = tl.minimum(tl.ceil((j.to(tl.float32) + 1.5) * r - 0.5).to(tl.int32) + 1, O)
         e = tl.maximum(e, f)
     return f, e - f

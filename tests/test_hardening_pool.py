@@ -161,6 +161,8 @@ def _interpolate_tokens(x, grid, out_grid):
     ((6, 10), (6, 4)),  # rows not resampled: PyTorch copies them, reading no neighbour row
     ((4, 6, 6), (4, 3, 3)),  # per-frame bilinear of a video (T == OT)
     ((2, 3), (6, 9)),  # up-sampling: zero-weight taps and the clamped last input
+    ((2, 3), (10, 15)),  # 5x: the first two outputs' source clamped to 0, input 1 read with weight 0
+    ((3, 3), (30, 3)),  # 10x along one axis only
 ])
 def test_bilinear_nan_reaches_what_pytorch_reads(grid, out_grid):
     """Channel c holds one NaN, at token c (forward) or output row c (backward), so one launch
