@@ -84,14 +84,14 @@ def same_device(reference_name: str, reference: torch.Tensor, **others: torch.Te
 
 
 def grid(name: str, value) -> tuple[int, ...]:
-    """A 2D (H, W) or 3D (T, H, W) grid of positive ints."""
+    """A 2D (H, W) or 3D (T, H, W) grid of positive ints (numpy's too, as ``positive_int`` takes them), as Python ints."""
     if isinstance(value, torch.Tensor) or not isinstance(value, Sequence) or isinstance(value, str):
         raise TypeError(f"{name} must be a tuple of 2 or 3 ints, got {value!r}")
     if len(value) not in (2, 3):
         raise ValueError(f"{name} must have 2 (H, W) or 3 (T, H, W) entries, got {tuple(value)}")
     out = []
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise TypeError(f"{name} entries must be ints, got {tuple(value)}")
         if v < 1:
             raise ValueError(f"{name} entries must be >= 1, got {tuple(value)}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -76,15 +77,16 @@ def _grid_table(name: str, value, ndim: int | None = None) -> list[tuple[int, ..
 
 
 def _stride(value, ndim: int) -> tuple[int, ...]:
-    entries = (value,) * ndim if isinstance(value, int) and not isinstance(value, bool) else value
+    """``stride``: an int or one per grid axis (numpy's ints too), as a tuple of Python ints."""
+    entries = (value,) * ndim if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
     if isinstance(entries, torch.Tensor) or not isinstance(entries, (tuple, list)) or len(entries) != ndim:
         raise ValueError(f"stride must be an int or a tuple of {ndim} ints (one per grid axis), got {value!r}")
     for v in entries:
-        if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise TypeError(f"stride entries must be ints, got {value!r}")
         if v < 1:
             raise ValueError(f"stride entries must be >= 1, got {value!r}")
-    return tuple(entries)
+    return tuple(int(v) for v in entries)
 
 
 def as_3d(g) -> tuple[int, int, int]:

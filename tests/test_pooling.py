@@ -71,6 +71,17 @@ def test_16_bit_video_pools_in_float32_on_the_pytorch_path(dtype, packed):
         assert out.dtype == dtype and rel_err(out, ref) <= 1.5 * rounded, (name, rel_err(out, ref), rounded)
 
 
+def test_numpy_ints_are_sizes_as_the_modules_take_them():
+    """Grids, output grids and a packed stride given as numpy integers (read from a config array)
+    run as Python ints do, as the modules' size arguments accept them."""
+    np = pytest.importorskip("numpy")
+    x = torch.randn(2, 16, 3)
+    assert torch.equal(deco_ops.adaptive_avg_pool_tokens(x, (np.int64(4), np.int32(4)), (np.int64(2), 2)),
+                       deco_ops.adaptive_avg_pool_tokens(x, (4, 4), (2, 2)))
+    packed = deco_ops.adaptive_avg_pool_tokens_packed(x[0], torch.tensor([[4, 4]]), stride=np.int64(2))[0]
+    assert torch.equal(packed, deco_ops.adaptive_avg_pool_tokens(x[:1], (4, 4), (2, 2))[0])
+
+
 def test_reference_is_pytorch_pooling():
     """The float64 reference really is F.adaptive_avg_pool2d on the (B, C, H, W) image."""
     x = torch.randn(2, 27 * 27, 5, dtype=torch.float64)
