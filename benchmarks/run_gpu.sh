@@ -21,12 +21,16 @@
 # their torch.compile baselines and Triton kernels compile then, into the on-disk caches, so the
 # timed stages, which run alone, spend their budget timing. The warm-up's strategy choices
 # (measured while the tests load the GPU) go to a throwaway DECO_OPS_CACHE_DIR. DECO_OPS_GPU_PACK=FILE.tgz packs OUT_DIR into one archive after every
-# stage (the device tool brings back at most 8 files, so the run's 11 travel as one).
+# stage, written beside and then moved into place (a call killed mid-pack keeps the previous one):
+# the device tool brings back at most 8 files, and the run writes about 16. FILE must lie outside
+# OUT_DIR (the script refuses otherwise: the archive would hold itself and travel beside 16 files).
 # Installs nothing beyond making this checkout importable (pip install -e . --no-deps, offline).
 #
-# Usage, from the repository root (on the device: the tool's $OUT is the default folder):
+# Usage, from the repository root (on the device, where the tool sets $OUT: with no OUT_DIR the
+# run writes to a temporary folder and packs it into $OUT/gpu_run.tgz):
 #   DECO_OPS_COMMIT=$(git rev-parse HEAD) bash benchmarks/run_gpu.sh [OUT_DIR]
-# Knobs: DECO_OPS_GPU_BUDGET (seconds for the whole script, default 585; no stage starts past it),
+# Knobs: DECO_OPS_GPU_BUDGET (seconds for the whole script, default 560: a 600 s device call keeps
+#        40 s for the last stage's kill margin and the final pack; no stage starts with under 20 s left),
 #        DECO_OPS_GPU_STEPS (any of "warm tests sanitizer accept bench profile tune", default all seven),
 #        TESTS_S / SANITIZER_S / ACCEPT_S / BENCH_S / PROFILE_S / TUNE_S (stage budgets), TEST_WORKERS (default 16),
 #        DECO_OPS_TUNE_ARGS (extra arguments to python -m deco_ops.tune, e.g. "--dtypes bf16 fp16"),
@@ -36,18 +40,33 @@
 # refreshes the README table.
 set -u
 cd "$(dirname "$0")/.."
-OUT_DIR=${1:-${OUT:-benchmarks/results/gpu-run}}
-BUDGET=${DECO_OPS_GPU_BUDGET:-585}
+PACK=${DECO_OPS_GPU_PACK:-}
+if [ -n "${1:-}" ]; then
+  OUT_DIR=$1
+elif [ -n "${OUT:-}" ]; then  # the device tool's folder: only its 8 largest files come back, so one archive
+  OUT_DIR=$(mktemp -d)
+  PACK=${PACK:-$OUT/gpu_run.tgz}
+else
+  OUT_DIR=benchmarks/results/gpu-run
+fi
+mkdir -p "$OUT_DIR/results" "$OUT_DIR/tuning"
+if [ -n "$PACK" ]; then
+  case "$(realpath -m "$PACK")/" in "$(realpath -m "$OUT_DIR")"/*)
+    echo "DECO_OPS_GPU_PACK=$PACK lies inside OUT_DIR=$OUT_DIR: pack to a file outside it (e.g. \$OUT/gpu_run.tgz with OUT_DIR under /tmp)"
+    exit 2;;
+  esac
+fi
+BUDGET=${DECO_OPS_GPU_BUDGET:-560}
 STEPS=${DECO_OPS_GPU_STEPS:-"warm tests sanitizer accept bench profile tune"}
 TESTS_S=${TESTS_S:-310} SANITIZER_S=${SANITIZER_S:-60} ACCEPT_S=${ACCEPT_S:-100} BENCH_S=${BENCH_S:-120}
-PROFILE_S=${PROFILE_S:-40} TUNE_S=${TUNE_S:-120} TEST_WORKERS=${TEST_WORKERS:-16} PACK=${DECO_OPS_GPU_PACK:-}
-mkdir -p "$OUT_DIR/results" "$OUT_DIR/tuning"
+PROFILE_S=${PROFILE_S:-40} TUNE_S=${TUNE_S:-120} TEST_WORKERS=${TEST_WORKERS:-16}
 export PYTHONUNBUFFERED=1
 unset DECO_OPS_BACKEND TRITON_INTERPRET
 PY=${PYTHON:-python3}
 # seconds a stage may run: its budget, never past the script's (at least 1)
 cap() { local l=$((BUDGET - SECONDS)); local want=$(( $1 < l ? $1 : l )); echo $(( want < 1 ? 1 : want )); }
-has_step() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
+# whether a stage is selected and at least 20 s of the budget remain to start it
+has_step() { case " $STEPS " in *" $1 "*) [ $((BUDGET - SECONDS)) -ge 20 ] && return 0 || echo "== $1: skipped, $((BUDGET - SECONDS))s left";; esac; return 1; }
 # Strategy decisions made while the tests, the sanitizer and the warm-up load the GPU go to a
 # throwaway cache; the timed stages (4-7) decide afresh into their own, kept beside the results as
 # strategy.json (key -> winning candidate: which of fused, composed_*, ATen's pooling ... auto
@@ -56,7 +75,7 @@ TIMED_CACHE=$(mktemp -d)
 export DECO_OPS_CACHE_DIR=$(mktemp -d)
 pack() {
   cp "$TIMED_CACHE/strategy.json" "$OUT_DIR/strategy.json" 2>/dev/null
-  [ -z "$PACK" ] || tar -C "$OUT_DIR" -czf "$PACK" . ;
+  [ -z "$PACK" ] || { tar -C "$OUT_DIR" -czf "$PACK.tmp" . && mv -f "$PACK.tmp" "$PACK"; }
 }
 
 {
@@ -78,7 +97,8 @@ if has_step sanitizer; then
   if command -v compute-sanitizer >/dev/null; then
     S=$(cap "$SANITIZER_S")
     echo "== compute-sanitizer memcheck (cap ${S}s), beside the tests"
-    (PYTORCH_NO_CUDA_MEMORY_CACHING=1 DECO_OPS_AUTOTUNE=0 timeout -k 10 "$S" \
+    # strategy fused: the kernels themselves are what memcheck is for, and nothing is timed under it
+    (PYTORCH_NO_CUDA_MEMORY_CACHING=1 DECO_OPS_AUTOTUNE=0 DECO_OPS_STRATEGY=fused timeout -k 10 "$S" \
       compute-sanitizer --tool memcheck --error-exitcode 99 $PY -m benchmarks.sanitize_cases \
       >"$OUT_DIR/sanitizer.log" 2>&1
      echo "sanitizer exit $? (99 = memcheck errors; 124 = timed out)" >>"$OUT_DIR/sanitizer.log") &
@@ -106,12 +126,13 @@ if has_step tests; then
   # SIGINT first: pytest then still prints its summary of what ran. -v writes each test's outcome as
   # it ends: an interrupted xdist session can lose its summary (seen on the H200, 2026-12-04)
   DECO_OPS_AUTOTUNE=0 timeout -s INT -k 15 $((T > 90 ? T - 45 : T * 4 / 5)) $PY -m pytest tests -v -rfE -p no:cacheprovider $XDIST \
-    --maxfail=200 --ignore=tests/test_aot.py --durations=15 2>&1 | tee "$OUT_DIR/pytest.log" \
+    --maxfail=200 --ignore=tests/test_aot.py --ignore=tests/test_aot_doc.py --ignore=tests/test_packaging.py \
+    --ignore=tests/test_mutants.py --durations=15 2>&1 | tee "$OUT_DIR/pytest.log" \
     | grep -E "passed|failed|FAILED|ERROR" | tail -30
   echo "pytest exit ${PIPESTATUS[0]} (124 = timed out)" | tee -a "$OUT_DIR/pytest.log"
   DECO_OPS_AUTOTUNE=0 timeout -s INT -k 10 $((T > 90 ? 45 : T / 5)) $PY -m pytest benchmarks -q -p no:cacheprovider $XDIST \
     --benchmark-disable -k "agrees or counts" 2>&1 | tee -a "$OUT_DIR/pytest.log" | tail -5
-  DECO_OPS_AUTOTUNE=0 timeout -k 5 60 $PY -m benchmarks.profile_ops --launches 2>&1 | tee "$OUT_DIR/launch_us.txt" | tail -4  # host us per launch, DECO_OPS_DIRECT_LAUNCH off/on
+  DECO_OPS_AUTOTUNE=0 timeout -k 5 "$(cap 60)" $PY -m benchmarks.profile_ops --launches 2>&1 | tee "$OUT_DIR/launch_us.txt" | tail -4  # host us per launch, DECO_OPS_DIRECT_LAUNCH off/on
 fi
 wait  # the sanitizer and the warm-up
 if has_step sanitizer; then

@@ -57,6 +57,34 @@ def case_cross_attention():  # fwd (incl. kv_lens masking), bwd
     deco_ops.cross_attention(q, k, v, kv_lens=kv_lens).float().sum().backward()
 
 
+def case_cross_attention_mask_weights():  # an additive mask in the forward, the weights kernel and its backward
+    q = _r(2, 17, 2, 64, grad=True)
+    k, v = _r(2, 70, 2, 64, grad=True), _r(2, 70, 2, 64, grad=True)
+    mask = torch.randn(2, 1, 17, 70, device="cuda") > -1.0
+    out, weights = deco_ops.cross_attention(q, k, v, attn_mask=mask, need_weights=True, average_attn_weights=False)
+    (out.float().sum() + weights.float().sum()).backward()
+
+
+def case_merge_mlp():  # merge_norm_stats + merge_gemm (fwd), merge_norm_backward (bwd): Qwen2-VL's and InternVL's layouts
+    for kw, width in (({}, 40), ({"grid": (6, 10), "order": "grid", "norm_position": "post"}, 160)):
+        x = _r(2, 60, 40, grad=True)
+        nw, nb = _r(width, grad=True), _r(width, grad=True)
+        w1, b1, w2, b2 = _r(72, 160, grad=True), _r(72, grad=True), _r(48, 72, grad=True), _r(48, grad=True)
+        deco_ops.merge_mlp(x, nw, nb, w1, b1, w2, b2, **kw).float().sum().backward()
+
+
+def case_tma():  # the opt-in Hopper kernels (sm_90): the TMA GEMM forward and act' backward, the TMA attention forward
+    if torch.cuda.get_device_capability() != (9, 0):
+        print("tma: skipped (not sm_90)", flush=True)
+        return
+    with deco_ops.use_strategy("fused_tma"):
+        case_pool_mlp()
+        q = _r(2, 130, 2, 64, grad=True)
+        k, v = _r(2, 300, 2, 64, grad=True), _r(2, 300, 2, 64, grad=True)
+        deco_ops.cross_attention(q, k, v).float().sum().backward()  # the warp-specialised 128-query tile
+        deco_ops.cross_attention(q[:, :32], k, v, kv_lens=torch.tensor([300, 77], dtype=torch.int32, device="cuda"))
+
+
 CASES = {
     "pool_mlp": (case_pool_mlp, "pool_mlp"),
     "pool_linear_3d": (case_pool_linear_3d, "pool_linear"),
@@ -64,6 +92,9 @@ CASES = {
     "mlp_pool": (case_mlp_pool, "mlp_pool"),
     "pool_mlp_packed": (case_pool_mlp_packed, "pool_mlp_packed"),
     "cross_attention": (case_cross_attention, "cross_attention"),
+    "cross_attention_mask_weights": (case_cross_attention_mask_weights, "cross_attention"),
+    "merge_mlp": (case_merge_mlp, "merge_mlp"),
+    "tma": (case_tma, "pool_mlp"),
 }
 
 

@@ -221,4 +221,5 @@ def test_every_cuda_kernel_against_float64(case, dtype):
     for fwd in kernels:  # the residual contract on the real kernels
         out, lse = ca.forward(q, k, v, kv_lens, scale, kernel=fwd)
         for bwd in kernels:
-            _check((out, *ca.backward(dout, q, k, v, out, lse, kv_lens, scale, True, True, kernel=bwd)), want, dtype, lens, k.shape[1])
+            _check((out, *ca.backward(dout, q, k, v, out, lse, kv_lens, scale, True, True, kernel=bwd)), want, dtype, kv_lens,
+                   k.shape[1])
