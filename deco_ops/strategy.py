@@ -92,7 +92,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -103,6 +102,7 @@ import torch
 import triton
 
 from . import _backend, _version
+from ._files import write_json_atomically
 from ._setting import Setting
 from .kernels import _tuning
 
@@ -365,10 +365,14 @@ def capturing() -> bool:
 def _untimed(key: str, usable: Mapping[str, Candidate], synchronised: bool) -> str:
     """The choice where nothing can be timed (a capture, a ``torch.compile`` trace) and no
     decision is held: under torch.distributed the group's published one (``_published``; never a
-    rank's own disk, which may differ), else the on-disk cache's, else the first usable candidate;
-    not remembered."""
+    rank's own disk, which may differ: held from now on, as agreed), else the on-disk cache's, else
+    the first usable candidate (neither remembered)."""
     known = _published(key) if synchronised else _read_disk().get(key)
-    return known if known in usable else next(iter(usable))
+    if known not in usable:
+        return next(iter(usable))
+    if synchronised:  # the group's decision: agreed, so held from now on (a default or a rank's disk is not)
+        _decisions[key] = known
+    return known
 
 
 def _measure(key: str, usable: Mapping[str, Candidate], timer: Callable[[Callable[[], object]], float]) -> str:
@@ -398,7 +402,8 @@ def _synchronised() -> bool:
         raise ValueError(f"{SYNC_ENV} must be 0 or 1, got {setting!r}")
     if setting == "0" or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return False
-    return torch.distributed.get_world_size() > 1
+    # the fake backend: one process standing in for many (compile or memory estimates), nothing to agree with
+    return torch.distributed.get_world_size() > 1 and torch.distributed.get_backend() != "fake"
 
 
 STORE_PREFIX = "deco_ops/strategy/"  # the group's decisions in its key-value store: prefix + key -> winner
@@ -413,7 +418,12 @@ def _agree(key: str, usable: Mapping[str, Candidate], decide_here: Callable[[], 
     another bucket, a rank that forces a strategy), so ranks may meet keys in any order."""
     winner = _published(key)
     if winner is None:
-        winner = _store().compare_set(STORE_PREFIX + key, "", decide_here()).decode()
+        mine = decide_here()
+        try:
+            winner = _store().compare_set(STORE_PREFIX + key, "", mine).decode()
+        except RuntimeError as e:  # a store that cannot (``_store_cannot_agree``)
+            _store_cannot_agree(e)
+            winner = mine
     if winner not in usable:
         raise RuntimeError(
             f"deco_ops: rank {torch.distributed.get_rank()} decides {key!r}, and the process group's decision is "
@@ -425,14 +435,32 @@ def _agree(key: str, usable: Mapping[str, Candidate], decide_here: Callable[[], 
 
 def _store() -> torch.distributed.Store:
     """The default process group's key-value store (the one ``init_process_group`` rendezvoused
-    through: TCP, file or hash store), which every rank reads and writes without a collective."""
+    through, or was given as ``store=``), which every rank reads and writes without a collective."""
     return torch.distributed.distributed_c10d._get_default_store()
 
 
 def _published(key: str) -> str | None:
     """The process group's decision for ``key`` if a rank has published one, else None (never waits)."""
     store, name = _store(), STORE_PREFIX + key
-    return store.get(name).decode() if store.check([name]) else None
+    try:
+        return store.get(name).decode() if store.check([name]) else None
+    except RuntimeError as e:
+        _store_cannot_agree(e)
+        return None
+
+
+_store_refused = False  # whether ``_store_cannot_agree`` warned in this process
+
+
+def _store_cannot_agree(error: RuntimeError) -> None:
+    """A store without ``check``/``compare_set`` (MPI's placeholder, a Python store that leaves them
+    out: c10d's "pure virtual function" error) or one that fails them: each rank decides alone,
+    with one warning per process."""
+    global _store_refused
+    if not _store_refused:
+        _store_refused = True
+        warnings.warn(f"deco_ops: the process group's store cannot agree strategy decisions ({error}); each rank decides "
+                      "alone: preload one table on every rank (strategy.preload) for identical kernels", stacklevel=4)
 
 
 def _time_cuda(run: Callable[[], object]) -> float:
@@ -555,24 +583,17 @@ def _read_disk() -> dict[str, str]:
 
 def _write_disk(key: str, winner: str) -> None:
     """Add one decision to the cache file: under its lock (``_locked``), re-read it (another
-    process may have written), then replace it atomically (write a temporary file beside it,
-    ``os.replace``)."""
+    process may have written), then replace it atomically (``_files.write_json_atomically``)."""
     path = cache_path()
     _read_disk()[key] = winner
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(path):
             table = _load(path)
             table[key] = winner
-            fd, tmp = tempfile.mkstemp(prefix=".strategy-", suffix=".json", dir=path.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump(table, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
+            write_json_atomically(path, table)
     except OSError as e:
         warnings.warn(f"deco_ops: could not write the strategy cache {path}: {e}", stacklevel=3)
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @contextlib.contextmanager

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -44,6 +43,7 @@ import torch
 import triton
 
 from . import strategy
+from ._files import write_json_atomically
 from .kernels import _tuning
 
 ENV_VAR = "DECO_OPS_TUNING_TABLE"
@@ -116,17 +116,8 @@ def same_triton(table: dict, path: Path) -> bool:
 def write(table: dict, path: Path) -> None:
     """Write ``table`` to ``path`` atomically (a temporary file beside it, then ``os.replace``):
     ``python -m deco_ops.tune`` rewrites its table after every shape, and a run killed mid-write
-    must not leave a truncated table that every later op call refuses."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(table, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    must not leave a truncated table that every later op call refuses (``_files``: its mode kept)."""
+    write_json_atomically(path, table)
 
 
 def load(device: torch.device) -> dict:

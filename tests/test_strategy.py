@@ -631,8 +631,14 @@ def _rank_decides(rank: int, world: int, init_file: str, cache_root: str, result
         first, only_one, both = (f"pool_mlp|GPU|bfloat16|rows={rows}|grad|any|v" for rows in (256, 512, 1024))
         timed = {}
 
-        def decide(key):  # rank 0's clock finds composed faster, rank 1's fused
-            timer = FakeTimer({"fused": 2.0, "composed": 1.0} if rank == 0 else {"fused": 1.0, "composed": 2.0})
+        class BarrierTimer(FakeTimer):  # both ranks past the store's lookup before either publishes
+            def __call__(self, run):
+                if not self.calls:
+                    dist.barrier()
+                return super().__call__(run)
+
+        def decide(key, timer_type=FakeTimer):  # rank 0's clock finds composed faster, rank 1's fused
+            timer = timer_type({"fused": 2.0, "composed": 1.0} if rank == 0 else {"fused": 1.0, "composed": 2.0})
             strategy.decide(key, _candidates(), timer)
             timed[key] = bool(timer.calls)
 
@@ -645,7 +651,7 @@ def _rank_decides(rank: int, world: int, init_file: str, cache_root: str, result
         dist.barrier()  # the next step's collective
         if rank == 0:
             decide(only_one)  # rank 1's decision, untimed
-        decide(both)  # at once: the first write wins, on both
+        decide(both, BarrierTimer)  # both time it, then publish at once: the first write wins, on both
         again = strategy.decide(first, _candidates(), FakeTimer({}))  # held: neither timed nor read again
         dist.barrier()
         results.put((rank, {k: strategy.choices()[k] for k in (first, only_one, both)}, again, timed))
@@ -668,10 +674,42 @@ def test_distributed_ranks_use_one_decision_per_key(tmp_path):
     first, only_one, both = decided0.values()
     assert (first, only_one, again0, again1) == ("composed", "fused", "composed", "composed")
     assert both in ("fused", "composed")
-    # each key timed by the rank that met it first and by no other (the shared one maybe by both)
+    # each key timed by the rank that met it first and by no other; the shared one by both
     first_key, only_one_key, both_key = decided0
     assert (timed0[first_key], timed0[only_one_key], timed1[first_key], timed1[only_one_key]) == (True, False, False, True)
-    assert timed0[both_key] or timed1[both_key]
+    assert timed0[both_key] and timed1[both_key]
+
+
+def test_a_store_that_cannot_agree_leaves_each_rank_deciding_alone(cache_dir, monkeypatch):
+    """A process group whose store has no ``check``/``compare_set`` (MPI's placeholder store, a
+    Python store that leaves them out: c10d raises "pure virtual function") does not fail the op:
+    the rank decides alone, with one warning; so does a capture's or a trace's lookup."""
+    class NoAgreement:
+        def check(self, keys):
+            raise RuntimeError('Tried to call pure virtual function "::c10d::Store::check"')
+
+        def compare_set(self, key, expected, desired):
+            raise RuntimeError('Tried to call pure virtual function "::c10d::Store::compareSet"')
+
+    monkeypatch.setattr(strategy, "_store", NoAgreement)
+    monkeypatch.setattr(strategy, "_synchronised", lambda: True)
+    monkeypatch.setattr(strategy, "_store_refused", False)
+    with pytest.warns(UserWarning, match="store cannot agree strategy decisions .*pure virtual"):
+        assert strategy.decide("k|d|t|s|grad|any|v", _candidates(), FakeTimer({"fused": 2.0, "composed": 1.0})) == "composed"
+    assert strategy._traced_choice(_candidates(), lambda: "k|d|t|s|grad|any|w") == "fused"
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_the_fake_backend_is_not_synchronised(tmp_path):
+    """``init_process_group("fake")`` (one process standing in for a world of ranks, to compile or
+    estimate memory) has no ranks to agree with: decisions are not synchronised."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
+    try:
+        assert not strategy._synchronised()
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_sync_setting(monkeypatch):

@@ -388,3 +388,6 @@ def test_a_table_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         tuning_tables.write({**table, "kernels": {"k": {}}}, path)
     monkeypatch.undo()
     assert tuning_tables.read(path) == table and [p.name for p in tmp_path.iterdir()] == ["table.json"]
+    path.chmod(0o644)  # a table shared between users stays readable to them once rewritten
+    tuning_tables.write(table, path)
+    assert path.stat().st_mode & 0o777 == 0o644
