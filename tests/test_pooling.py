@@ -71,6 +71,33 @@ def test_16_bit_video_pools_in_float32_on_the_pytorch_path(dtype, packed):
         assert out.dtype == dtype and rel_err(out, ref) <= 1.5 * rounded, (name, rel_err(out, ref), rounded)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("grid,out_grid", [((27, 27), (12, 12)), ((5, 7), (3, 4)), ((3, 4), (7, 9)), ((3, 5, 7), (2, 3, 4))])
+def test_unpooling_sums_a_token_s_windows_before_rounding(backend, grid, out_grid, packed):
+    """fp16 gradients that nearly cancel across the overlapping windows of a token (neighbouring
+    outputs get opposite gradients plus 1% noise): the un-pooling sums every window's share in fp32
+    and rounds once, within 1.5x one fp16 rounding of the float64 gradient (a share rounded to
+    16 bits before the sum: 2x). The kernels only: the PyTorch path's 2D backward is ATen's own, which
+    rounds each share to fp16 (2-3x one rounding here; its 3D backward sums in fp32, ``sums_in_16_bits``)."""
+    if backend != "triton":
+        pytest.skip("the PyTorch path's un-pooling is ATen's own backward")
+    P = math.prod(out_grid)
+    gen = torch.Generator().manual_seed(P)
+    x = randn(1, math.prod(grid), 6, dtype=torch.float16, generator=gen).requires_grad_(True)
+    sign = torch.tensor([(-1.0) ** (i + i // out_grid[-1]) for i in range(P)], dtype=torch.float64)
+    dy = sign[:, None] * torch.randn(1, 6, dtype=torch.float64, generator=gen) + 0.01 * torch.randn(P, 6, dtype=torch.float64, generator=gen)
+    dy = dy[None].to(torch.float16)
+    if packed:
+        y = deco_ops.adaptive_avg_pool_tokens_packed(x[0], torch.tensor([grid]), out_grids=torch.tensor([out_grid]))[0][None]
+    else:
+        y = deco_ops.adaptive_avg_pool_tokens(x, grid, out_grid)
+    (dx,) = torch.autograd.grad(y, x, dy.to(y.device))
+    x64 = x.detach().double().requires_grad_(True)
+    (dx64,) = torch.autograd.grad(reference.adaptive_avg_pool_tokens(x64, grid, out_grid), x64, dy.double().to(x.device))
+    rounded = rel_err(dx64.half(), dx64)
+    assert rel_err(dx, dx64) <= 1.5 * rounded, (rel_err(dx, dx64), rounded)
+
+
 def test_numpy_ints_are_sizes_as_the_modules_take_them():
     """Grids, output grids and a packed stride given as numpy integers (read from a config array)
     run as Python ints do, as the modules' size arguments accept them."""
