@@ -201,6 +201,27 @@ def test_forcing_a_config_launches_it():
     assert run.called
 
 
+@pytest.mark.parametrize("block_n", [256, 128, 64])
+def test_act_grad_epilogue_of_every_tile_width(block_n):
+    """``gemm_act_grad`` stores a tile in quarters (BLOCK_N >= 256, its 128x256 config) or halves
+    (narrower): each width forced through the interpreter on a hidden width of 300, wide enough
+    that every quarter of a 256-wide tile holds columns and the second column tile is partial
+    (the suite's own cases, 40 wide, leave three quarters masked out), against float64."""
+    from deco_ops.kernels import gemm_act_grad
+
+    kernel = KERNELS["gemm_act_grad_kernel"]
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": 16, "GROUP_M": 2})
+    gen = torch.Generator().manual_seed(block_n)
+    M, K, N = 37, 48, 300
+    dy, w2, z = randn(M, K, generator=gen), randn(K, N, scale=K**-0.5, generator=gen), randn(M, N, generator=gen)
+    with deco_ops.use_backend("triton"), only(kernel, config), poisoned_empty():
+        dz, act = gemm_act_grad.gemm_act_grad(guarded(dy), guarded(w2), guarded(z), "gelu")
+        assert kernel.best_config is config
+    z64 = z.double()
+    assert_close(dz, (dy.double() @ w2.double()) * reference.ACTIVATION_GRADS["gelu"](z64), torch.float32, "dz")
+    assert_close(act, reference.ACTIVATIONS["gelu"](z64), torch.float32, "act(z)")
+
+
 @CUDA_ONLY
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
