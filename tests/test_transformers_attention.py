@@ -8,7 +8,9 @@ the mask cases run the Triton kernels and the others the default CPU path;
 tests/test_cross_attention.py holds the two backends to each other.
 """
 
+import contextlib
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ pytest.importorskip("transformers")
 
 import deco_ops  # noqa: E402
 import deco_ops.integrations.transformers as hf_deco  # noqa: E402
+from deco_ops.integrations.transformers import attention as hf_attention  # noqa: E402
 from deco_ops.integrations.transformers._require import transformers_module  # noqa: E402
 from harness import DEVICE, assert_close  # noqa: E402
 from transformers import (  # noqa: E402
@@ -67,6 +70,15 @@ def test_blip2_qformer_matches_eager_forward_and_backward(qformers, lengths, bac
         _check_qformer(copy.deepcopy(ours).to(device), eager, lengths, device)
 
 
+@contextlib.contextmanager
+def _through_deco_ops(layers: int):
+    """The block's model calls reach ``deco_ops.cross_attention`` once per attention layer at least
+    (a silent fallback to SDPA or eager attention would match eager too)."""
+    with mock.patch.object(hf_attention, "cross_attention", wraps=hf_attention.cross_attention) as calls:
+        yield
+    assert calls.call_count >= layers, f"deco_ops.cross_attention ran {calls.call_count} times for {layers} attention layers"
+
+
 def _check_qformer(ours, eager, lengths, device):
     """``ours`` on ``device`` against the float64 ``eager`` on the CPU."""
     gen = torch.Generator().manual_seed(1)
@@ -75,7 +87,8 @@ def _check_qformer(ours, eager, lengths, device):
     on_device = None if mask is None else mask.to(device)
     leaves = [q.to(device, copy=True).requires_grad_(), enc.to(device, copy=True).requires_grad_()]
     refs = [q.double().requires_grad_(), enc.double().requires_grad_()]
-    y = ours(query_embeds=leaves[0], encoder_hidden_states=leaves[1], encoder_attention_mask=on_device).last_hidden_state
+    with _through_deco_ops(ours.config.num_hidden_layers):
+        y = ours(query_embeds=leaves[0], encoder_hidden_states=leaves[1], encoder_attention_mask=on_device).last_hidden_state
     y64 = eager(query_embeds=refs[0], encoder_hidden_states=refs[1], encoder_attention_mask=mask).last_hidden_state
     assert_close(y.cpu(), y64, torch.float32, tol=1e-5)
     dy = torch.randn(y.shape, generator=gen)
@@ -124,7 +137,8 @@ def test_instructblip_qformer_text_padding_matches_eager():
     ids = torch.randint(0, 50, (2, 5), generator=gen)
     mask = torch.cat([torch.ones(2, 8, dtype=torch.long), _encoder_mask((5, 2), 5)], 1)
     q, enc = torch.randn(2, 8, 32, generator=gen), torch.randn(2, 20, 24, generator=gen)
-    y = ours(input_ids=ids, attention_mask=mask, query_embeds=q, encoder_hidden_states=enc).last_hidden_state
+    with _through_deco_ops(config.num_hidden_layers):
+        y = ours(input_ids=ids, attention_mask=mask, query_embeds=q, encoder_hidden_states=enc).last_hidden_state
     y64 = eager(input_ids=ids, attention_mask=mask, query_embeds=q.double(), encoder_hidden_states=enc.double()).last_hidden_state
     assert_close(y, y64, torch.float32, tol=1e-5)
 
@@ -239,7 +253,8 @@ def test_layoutlmv3_relative_position_bias_matches_eager():
     bbox = torch.cat([corner, corner + torch.randint(1, 90, (2, 12, 2), generator=gen)], -1)
     mask = _encoder_mask((12, 9), 12)
     dy = torch.randn(2, 12, 32, generator=gen)
-    got = ours.train()(input_ids=ids, bbox=bbox, attention_mask=mask).last_hidden_state
+    with _through_deco_ops(config.num_hidden_layers):
+        got = ours.train()(input_ids=ids, bbox=bbox, attention_mask=mask).last_hidden_state
     expected = eager.train()(input_ids=ids, bbox=bbox, attention_mask=mask).last_hidden_state
     got.backward(dy)
     expected.backward(dy.double())
