@@ -148,6 +148,25 @@ STAND_INS = {
 }
 
 
+@pytest.mark.parametrize("name", list(STAND_INS))
+def test_stand_ins_take_the_real_ops_arguments(name):
+    """Each CPU stand-in takes what its CUDA op's schema takes, at the same positions: as many
+    positional parameters (a default only where the schema has one), and keyword-only ones the schema
+    names, so the calls the stand-ins accept are calls the real ops accept (their meta kernels
+    cannot check them all: torch 2.13's ``_efficient_attention_backward`` meta drops ``out``)."""
+    import inspect
+
+    schema = getattr(torch.ops.aten, name).default._schema
+    positional = [a for a in schema.arguments if not a.kwarg_only]
+    keyword = {a.name for a in schema.arguments if a.kwarg_only}
+    params = inspect.signature(STAND_INS[name]).parameters.values()
+    ours = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    assert len(ours) == len(positional), (name, [p.name for p in ours], [a.name for a in positional])
+    for p, a in zip(ours, positional):
+        assert p.default is inspect.Parameter.empty or a.has_default_value(), (name, p.name, a.name)
+    assert {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY} <= keyword, name
+
+
 def _on_the_cpu(tensors):
     """A case's tensors on the CPU, where the stand-ins run (also in the CUDA suite)."""
     return [t if t is None else t.cpu() for t in tensors]
