@@ -16,7 +16,7 @@ Two rules, declared once for every op:
   only autograd formulas call (their inputs already carry the forward's dtypes) run in the dtype of
   their inputs. PyTorch's autocast runs ``F.interpolate`` in fp32 on CUDA and
   ``F.adaptive_avg_pool3d`` in fp32 on CPU; the pooling kernels accumulate in fp32 whatever their
-  input dtype, and the PyTorch path does on the CPU (``reference.sums_in_16_bits``), so they keep
+  input dtype, and the PyTorch path does on the CPU (``reference.adaptive_avg_pool3d``), so they keep
   one rule on every device.
 
 The public functions check dtypes as the op will see them (``_validate.dtype_under_autocast``,

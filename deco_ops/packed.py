@@ -294,19 +294,16 @@ def _pool_images(x: torch.Tensor, batch: int, grid, out_grid, mode: str) -> torc
     ``F.adaptive_avg_pool3d``'s ATen function (its Python wrapper only checks arguments), bilinear
     ``_trilinear``; a 2D grid (T = OT = 1) takes the 2D functions, as the user's code would (2D
     average pooling keeps channels-last: the pooled rows are a view too); 16-bit 3D average pooling
-    on the CPU sums in fp32 (``reference.sums_in_16_bits``)."""
+    on the CPU sums in fp32 (``reference.adaptive_avg_pool3d``)."""
     if grid[0] == out_grid[0] == 1:
         grid, out_grid = grid[1:], out_grid[1:]
         resample = _bilinear if mode == "bilinear" else _nn.adaptive_avg_pool2d
     else:
-        resample = _trilinear if mode == "bilinear" else _nn.adaptive_avg_pool3d
+        resample = _trilinear if mode == "bilinear" else reference.adaptive_avg_pool3d
     C = x.shape[1]
     if C == 0:  # an empty hidden layer: ATen's pooling and resampling reject images of no channel
         return x.new_zeros((batch * math.prod(out_grid), 0))
-    image = x.reshape(batch, *grid, C).movedim(-1, 1)
-    if resample is _nn.adaptive_avg_pool3d and reference.sums_in_16_bits(x):
-        return resample(image.float(), out_grid).to(x.dtype).movedim(1, -1).reshape(-1, C)
-    return resample(image, out_grid).movedim(1, -1).reshape(-1, C)
+    return resample(x.reshape(batch, *grid, C).movedim(-1, 1), out_grid).movedim(1, -1).reshape(-1, C)
 
 
 def reference_pool(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: str) -> torch.Tensor:

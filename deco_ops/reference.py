@@ -17,20 +17,35 @@ ACTIVATIONS = {
 }
 
 
+# ATen's CPU 3D average pooling sums 16-bit windows in 16 bits: 5.5x the error of a sum in fp32
+# rounded once (bf16 16x24x24 -> 5x7x9; its backward 1.6x); its 2D and CUDA kernels accumulate in
+# fp32. The 3D functions below pool a 16-bit CPU image in fp32 and round once, as the kernels
+# accumulate and as torch.autocast runs F.adaptive_avg_pool3d on the CPU.
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+_pool3d, _pool3d_backward = torch._C._nn.adaptive_avg_pool3d, torch.ops.aten._adaptive_avg_pool3d_backward.default
+
+
+def adaptive_avg_pool3d(image: torch.Tensor, out_grid) -> torch.Tensor:
+    """``F.adaptive_avg_pool3d`` of a (B, C, T, H, W) image, its ATen binding; summed in fp32 for a
+    16-bit image on the CPU (above)."""
+    if image.dtype in _SIXTEEN_BIT and image.device.type == "cpu":
+        return _pool3d(image.float(), out_grid).to(image.dtype)
+    return _pool3d(image, out_grid)
+
+
+def _adaptive_avg_pool3d_backward(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """ATen's 3D pooling backward of ``grad`` into ``like``'s shape and layout; summed in fp32 for
+    16-bit CPU gradients, as ``adaptive_avg_pool3d`` pools."""
+    if grad.dtype in _SIXTEEN_BIT and grad.device.type == "cpu":
+        return _pool3d_backward(grad.float(), torch.empty_like(like, dtype=torch.float32)).to(grad.dtype)
+    return _pool3d_backward(grad, like)
+
+
 # F.adaptive_avg_pool2d/3d's ATen bindings: their Python wrappers only fill in None entries of the
 # output size (out_grid has none) for three more Python calls; the bindings dispatch
 # ``__torch_function__`` overrides and modes as the wrappers do
-_ADAPTIVE_AVG_POOL = {2: torch._C._nn.adaptive_avg_pool2d, 3: torch._C._nn.adaptive_avg_pool3d}
-_ADAPTIVE_AVG_POOL_BACKWARD = {2: torch.ops.aten._adaptive_avg_pool2d_backward.default, 3: torch.ops.aten._adaptive_avg_pool3d_backward.default}
-
-
-def sums_in_16_bits(t: torch.Tensor) -> bool:
-    """Whether ATen's 3D average pooling of ``t`` would sum its windows in 16 bits: its CPU kernels
-    in fp16/bf16 do (5.5x the error of a sum in fp32 rounded once, bf16 16x24x24 -> 5x7x9, forward;
-    1.6x backward); its 2D and CUDA kernels accumulate in fp32. Such a call pools in fp32 and rounds
-    once, as the kernels accumulate and as ``torch.autocast`` runs ``F.adaptive_avg_pool3d`` on CPU.
-    (Asked for 3D grids only: a 2D call pays no Python call for it.)"""
-    return t.dtype in (torch.float16, torch.bfloat16) and t.device.type == "cpu"
+_ADAPTIVE_AVG_POOL = {2: torch._C._nn.adaptive_avg_pool2d, 3: adaptive_avg_pool3d}
+_ADAPTIVE_AVG_POOL_BACKWARD = {2: torch.ops.aten._adaptive_avg_pool2d_backward.default, 3: _adaptive_avg_pool3d_backward}
 
 
 def adaptive_avg_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
@@ -38,14 +53,11 @@ def adaptive_avg_pool_tokens(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
     on the CPU the same bits as a (B, C, *grid) copy: each window is summed in the same order; on
     CUDA ATen's channels-last 2D kernel rounds differently in 16 bits); the 2D pooling keeps
     channels-last, so its (B, P, C) result is contiguous. 16-bit 3D pooling on the CPU sums in fp32
-    (``sums_in_16_bits``)."""
-    dims = len(grid)
+    (``adaptive_avg_pool3d``)."""
+    pool = _ADAPTIVE_AVG_POOL[len(grid)]
     if not (x.shape[0] and x.shape[2]):  # no element: ATen's 3D pooling rejects 0 channels; no empty launch
         return x.new_empty((x.shape[0], math.prod(out_grid), x.shape[2]))
-    image = x.reshape(x.shape[0], *grid, x.shape[2]).movedim(-1, 1)
-    if dims == 3 and sums_in_16_bits(x):
-        return _ADAPTIVE_AVG_POOL[3](image.float(), out_grid).to(x.dtype).flatten(2).transpose(1, 2)
-    return _ADAPTIVE_AVG_POOL[dims](image, out_grid).flatten(2).transpose(1, 2)
+    return pool(x.reshape(x.shape[0], *grid, x.shape[2]).movedim(-1, 1), out_grid).flatten(2).transpose(1, 2)
 
 
 def unpool_tokens(grad: torch.Tensor, grid, out_grid) -> torch.Tensor:
@@ -61,14 +73,8 @@ def unpool_tokens(grad: torch.Tensor, grid, out_grid) -> torch.Tensor:
     B, C = grad.shape[0], grad.shape[2]
     if not (B and C):  # nothing to scatter: ATen's pooling backward rejects 0 channels (and see the forward)
         return grad.new_empty((B, math.prod(grid), C))
-    dims = len(grid)
-    image = grad.reshape(B, *out_grid, C).movedim(-1, 1)
-    if dims == 3 and sums_in_16_bits(grad):  # as the forward: summed in fp32, rounded once
-        like = image.new_empty((B, *grid, C), dtype=torch.float32).movedim(-1, 1)
-        dx = _ADAPTIVE_AVG_POOL_BACKWARD[3](image.float(), like).to(grad.dtype)
-    else:
-        like = grad.new_empty((B, *grid, C)).movedim(-1, 1)  # strides only: the kernel's output layout
-        dx = _ADAPTIVE_AVG_POOL_BACKWARD[dims](image, like)
+    like = grad.new_empty((B, *grid, C)).movedim(-1, 1)  # strides only: the kernel's output layout
+    dx = _ADAPTIVE_AVG_POOL_BACKWARD[len(grid)](grad.reshape(B, *out_grid, C).movedim(-1, 1), like)
     return dx.movedim(1, -1).reshape(B, math.prod(grid), C)
 
 

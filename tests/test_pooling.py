@@ -78,7 +78,7 @@ def test_unpooling_sums_a_token_s_windows_before_rounding(backend, grid, out_gri
     outputs get opposite gradients plus 1% noise): the un-pooling sums every window's share in fp32
     and rounds once, within 1.5x one fp16 rounding of the float64 gradient (a share rounded to
     16 bits before the sum: 2x). The kernels only: the PyTorch path's 2D backward is ATen's own, which
-    rounds each share to fp16 (2-3x one rounding here; its 3D backward sums in fp32, ``sums_in_16_bits``)."""
+    rounds each share to fp16 (2-3x one rounding here; its 3D backward sums in fp32, ``adaptive_avg_pool3d``)."""
     if backend != "triton":
         pytest.skip("the PyTorch path's un-pooling is ATen's own backward")
     P = math.prod(out_grid)
