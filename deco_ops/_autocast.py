@@ -159,12 +159,13 @@ def plain_call(public: Callable, name: str, args: tuple, kwargs: dict | None = N
     kwargs = kwargs or {}
     if not _plan.plain_but_autocast((*args, *kwargs.values())):
         return NOT_PLAIN
-    if name in LOWER_PRECISION and norm_args:  # a public function's tensors are its arguments (no list of them)
-        args = (*(norm_cast_tensor(a) if isinstance(a, torch.Tensor) else a for a in args[:norm_args]),
-                *(cast_tensor(a) if isinstance(a, torch.Tensor) else a for a in args[norm_args:]))
-    elif name in LOWER_PRECISION:
-        args = tuple(cast_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {key: cast_tensor(a) if isinstance(a, torch.Tensor) else a for key, a in kwargs.items()}
+    if name in LOWER_PRECISION:  # a public function's tensors are its arguments (no list of them)
+        if norm_args:  # ``_cast_args`` inline: one frame fewer per call
+            args = (*(norm_cast_tensor(a) if isinstance(a, torch.Tensor) else a for a in args[:norm_args]),
+                    *(cast_tensor(a) if isinstance(a, torch.Tensor) else a for a in args[norm_args:]))
+        else:
+            args = tuple(cast_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+            kwargs = {key: cast_tensor(a) if isinstance(a, torch.Tensor) else a for key, a in kwargs.items()}
     with torch._C._ExcludeDispatchKeyGuard(_EVERY_DEVICE):
         try:
             return public(*args, **kwargs)

@@ -318,7 +318,7 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_autocast.py", "-k", "as_given"),
            "an autocast call refused after its casts raises naming the cast dtypes, not the ones the caller passed"),
     Mutant("autocast_plain_call_uncast", "deco_ops/_autocast.py",
-           "elif name in LOWER_PRECISION:", "elif name in OWN_DTYPE:",
+           "if name in LOWER_PRECISION:  # a public function's", "if name in OWN_DTYPE:  # a public function's",
            ("tests/test_autocast.py", "-k", "plain_calls"),
            "an autocast call of a GEMM op is not cast: refused, it falls back to the slow path every call"),
     Mutant("autocast_op_level_dispatched", "deco_ops/_direct.py",
