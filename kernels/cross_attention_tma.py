@@ -68,6 +68,11 @@ def cuda_configs() -> list[triton.Config]:
     ]
 
 
+def head_block(D: int) -> int:
+    """The head-dim block of head dim ``D`` (a power of two, at least 16: the TMA box and the dots)."""
+    return max(16, next_power_of_2(D))
+
+
 def tile(M: int, H: int, D: int, ragged: bool = False) -> tuple[int, int, bool]:
     """(BLOCK_M, HEADS, WARP_SPECIALIZE) for M queries of H heads of dim D: 128-query warp-specialised
     tiles from 128 queries on; 64-query tiles between 64 and 128; below 64 queries one tile holds all
@@ -81,9 +86,9 @@ def tile(M: int, H: int, D: int, ragged: bool = False) -> tuple[int, int, bool]:
     block_m = max(16, next_power_of_2(M))
     if block_m > 64:
         return 64, 1, False
-    block_d = max(16, next_power_of_2(D))
+    width = head_block(D)
     heads = 1
-    while H % (2 * heads) == 0 and 2 * heads * block_m <= MAX_HEAD_ROWS and 2 * heads * block_d <= MAX_HEAD_COLS:
+    while H % (2 * heads) == 0 and 2 * heads * block_m <= MAX_HEAD_ROWS and 2 * heads * width <= MAX_HEAD_COLS:
         heads *= 2
     return block_m, heads, False
 
@@ -93,8 +98,7 @@ def applies(M: int, H: int, D: int, elem_bytes: int, smem_limit: int, ragged: bo
     128; at 256 neither a 64- nor a 128-query tile fits any stage count, so no config would be left
     to launch (the caller keeps the pointer-load kernels)."""
     block_m, heads, _ = tile(M, H, D, ragged)
-    block_d = max(16, next_power_of_2(D))
-    return any(fits(c, block_m, heads, block_d, elem_bytes, smem_limit) for c in cuda_configs())
+    return any(fits(c, block_m, heads, head_block(D), elem_bytes, smem_limit) for c in cuda_configs())
 
 
 def smem_bytes(config: triton.Config, block_m: int, heads: int, block_d: int, elem_bytes: int) -> int:
@@ -306,7 +310,7 @@ def cross_attention_tma_fwd(
         scale * LOG2E,
         KV_MODE=kv_mode(kv_lens, cu_seqlens_k), SPLIT=split, ACC=tl.float32,
         DOT_FP32=dot_dtype_workaround(q.dtype == torch.bfloat16), INPUT_PRECISION=input_precision(q.dtype),
-        HEADS=heads, WARP_SPECIALIZE=warp_specialize, BLOCK_M=block_m, BLOCK_D=max(16, next_power_of_2(D)),
+        HEADS=heads, WARP_SPECIALIZE=warp_specialize, BLOCK_M=block_m, BLOCK_D=head_block(D),
     )
     if split:
         combine(part_o, part_m, part_l, out, lse)

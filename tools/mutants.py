@@ -709,7 +709,7 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_tma_gemm.py", "-k", "strided_or_expanded_bias"),
            "a strided or expanded bias reaches the TMA GEMM's epilogue, which reads N consecutive elements"),
     Mutant("tma_attention_head_dim_unchecked", "kernels/cross_attention_tma.py",
-           "    return any(fits(c, block_m, heads, block_d, elem_bytes, smem_limit) for c in cuda_configs())",
+           "    return any(fits(c, block_m, heads, head_block(D), elem_bytes, smem_limit) for c in cuda_configs())",
            "    return True",
            ("tests/test_cross_attention_tma.py", "-k", "head_dims_past_128"),
            "fused_tma attention is offered at head dim 256, where no config fits: the autotuner has nothing to launch"),
