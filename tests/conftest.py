@@ -11,31 +11,11 @@ their reason.
 """
 
 import os
-import sys
 
 import pytest
 import torch
 
 from harness import DEVICE, SeededDrawsFollowDevice, skip_reason, suite_env
-
-
-def _hugging_face_kernels_first() -> None:
-    """transformers >= 5.25 requires and imports Hugging Face's ``kernels`` package. From this
-    checkout's root, which ``python -m pytest`` puts on sys.path, our ``kernels/`` directory (the
-    wheel installs it as ``deco_ops.kernels`` only) would shadow it and break ``import
-    transformers``: import theirs first, with the root out of the path."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
-    try:
-        import kernels  # noqa: F401  (Hugging Face's, where installed)
-    except ImportError:
-        pass
-    finally:
-        sys.path[:] = saved
-
-
-_hugging_face_kernels_first()
 
 os.environ.setdefault("DECO_OPS_BACKEND", "triton")
 for name, value in suite_env(DEVICE).items():

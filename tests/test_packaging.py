@@ -124,3 +124,22 @@ def test_checkout_version_without_metadata_is_pyprojects(monkeypatch):
 
     monkeypatch.setattr(_version.metadata, "version", not_installed)
     assert _version.version() == PYPROJECT_VERSION
+
+
+def test_checkout_root_leaves_the_name_kernels_to_its_owner(tmp_path):
+    """From the checkout's root (``python -m pytest``, a script run there) our ``kernels/`` folder
+    stands first on sys.path under the name that Hugging Face's ``kernels`` package owns, and
+    ``import transformers`` imports that package: the folder hands the name over to the next
+    ``kernels`` on sys.path, and without one fails as a missing package does."""
+    other = tmp_path / "elsewhere" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("OWNER = 'the other kernels'\nfrom . import sub\n")
+    (other / "sub.py").write_text("")
+    probe = ("import sys; sys.path[1:1] = [sys.argv[1]]; import kernels, kernels.sub; "
+             "print(kernels.OWNER, kernels.__file__ == sys.modules['kernels'].__file__)")
+    out = subprocess.run([sys.executable, "-c", probe, str(other.parent)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split() == ["the", "other", "kernels", "True"], out.stderr
+    missing = ("import sys\ntry:\n    import kernels\nexcept ModuleNotFoundError as e:\n"
+               "    print(e.name, 'kernels' in sys.modules)")
+    out = subprocess.run([sys.executable, "-S", "-c", missing], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.split() == ["kernels", "False"], (out.stdout, out.stderr)
