@@ -53,7 +53,10 @@ MAX_PLANS = 256  # per op; a real model calls each op with a handful of signatur
 
 _TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter
 _VALUES = (bool, int, float, str, torch.dtype)
-_tensor_signature = operator.attrgetter("shape", "dtype", "device", "requires_grad")  # one C call for the four
+_tensor_signature = operator.attrgetter("shape", "dtype", "device", "requires_grad", "layout")  # one C call for the five
+# A strided nested tensor aborts the process inside ``TensorGuards.check`` (its strides throw a C++
+# error there): the checks look for one first, inline (``True in map(...)`` profiles as no call).
+_is_nested = operator.attrgetter("is_nested")
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _any_autocast = torch._C._is_any_autocast_enabled
@@ -141,7 +144,7 @@ def signature(args: tuple) -> tuple | None:
     for a in args:  # one entry per argument: its position says which argument it is
         kind = type(a)
         if kind is _TENSOR or kind is _PARAMETER:  # its type too: a Parameter's plan checks for a Parameter (``Recent``)
-            key += (kind, _tensor_signature(a), _unit_last_stride(a))
+            key += (kind, _tensor_signature(a), _unit_last_stride(a), a.is_neg())  # the guard tells a negated view by its dispatch key
         elif a is None:
             key += (None,)
         elif kind in _VALUES:
@@ -218,7 +221,12 @@ def _checkers(args: tuple, state: tuple, plan: object, misses: tuple[Callable[[t
             if _is_compiling():  # first, before any state is read: a traced call takes the full path, never guards on it
                 return None
             now = _state()
-            if now == state and check(*pick_tensors(call)):
+            tensors = pick_tensors(call)
+            try:
+                nested = True in map(_is_nested, tensors)
+            except AttributeError:  # not a tensor where the signature had one: the guard fails it
+                nested = False
+            if now == state and not nested and check(*tensors):
                 if pick_values is None:
                     return plan
                 given = pick_values(call)

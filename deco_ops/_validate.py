@@ -25,8 +25,12 @@ def positive_int(name: str, value, minimum: int = 1) -> int:
 def tensor(name: str, value, ndim: int | None = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.layout is not torch.strided:  # sparse or nested: the kernels and the plans index strided memory
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
+    if value.layout is not torch.strided or value.is_nested:  # the kernels and the plans index strided memory
+        kind = "a nested tensor" if value.is_nested else f"layout {value.layout}"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {kind}")
+    if value.is_neg():  # its memory holds -value: the kernels and the reference's strided views read memory
+        raise TypeError(f"{name} is a lazily negated view (negative bit set, e.g. from z.conj().imag): "
+                        f"pass {name}.resolve_neg()")
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
     return value

@@ -1,0 +1,70 @@
+"""Tensors whose memory the kernels cannot index as they read it: nested, sparse and mkldnn tensors
+and lazily negated views. Each op refuses them with a TypeError naming the argument, on the first
+call of a signature and after a plan for a similar call exists (a plan skips the checks: its key
+and its fast check must tell these tensors apart)."""
+
+import warnings
+
+import pytest
+import torch
+
+import deco_ops
+
+from harness import DEVICE
+
+W1, W2 = torch.randn(6, 8), torch.randn(5, 6)
+Q, V = torch.randn(2, 3, 2, 8), torch.randn(2, 7, 2, 8)
+
+OPS = {
+    "pool": lambda x: deco_ops.adaptive_avg_pool_tokens(x, (4, 4), (2, 2)),
+    "pool_mlp": lambda x: deco_ops.pool_mlp(x, W1, None, W2, None, grid=(4, 4), out_grid=(2, 2)),
+    "merge_mlp": lambda x: deco_ops.merge_mlp(x, None, None, torch.randn(6, 32), None, W2, None),
+    "cross_attention": lambda k: deco_ops.cross_attention(Q, k, V),
+}
+
+
+def _plain(op):
+    return torch.randn(2, 7, 2, 8) if op == "cross_attention" else torch.randn(2, 16, 8)
+
+
+def _strided_last(op):
+    """The same shape as ``_plain`` with its last stride 2: sparse tensors report a last stride of 0."""
+    return (torch.randn(2, 7, 2, 16) if op == "cross_attention" else torch.randn(2, 16, 16))[..., ::2]
+
+
+KINDS = {
+    "nested": (lambda t: torch.nested.nested_tensor(list(t)), "a nested tensor"),
+    "sparse": (lambda t: t.to_sparse(), "layout torch.sparse_coo"),
+    "mkldnn": (lambda t: t.to_mkldnn(), "layout torch._mkldnn"),
+}
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="mkldnn and nested CPU tensors")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("first", ["none", "plain", "strided_last"])
+@pytest.mark.parametrize("op", OPS)
+def test_undense_tensors_are_refused_with_or_without_a_plan(op, first, kind):
+    make, what = KINDS[kind]
+    if first != "none":
+        OPS[op]({"plain": _plain, "strided_last": _strided_last}[first](op))
+    name = "k" if op == "cross_attention" else "x"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the nested tensor API's prototype warning
+        bad = make(_plain(op))
+    with pytest.raises(TypeError, match=f"{name} must be a dense \\(strided\\) tensor, got {what}"):
+        OPS[op](bad)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("op", OPS)
+def test_negated_views_are_refused(op, backend):
+    """``z.conj().imag`` is a view with the negative bit set: its memory holds the value's negation
+    (the Triton kernels, and merge_mlp's PyTorch path, read the memory: wrong by sign)."""
+    x = _plain(op)
+    negated = torch._neg_view(-x)
+    assert negated.is_neg() and torch.equal(negated, x)
+    name = "k" if op == "cross_attention" else "x"
+    with deco_ops.use_backend(backend):
+        OPS[op](x)  # a plan for the plain tensor first
+        with pytest.raises(TypeError, match=f"{name} is a lazily negated view"):
+            OPS[op](negated)
