@@ -51,7 +51,7 @@ def _blocks(t: torch.Tensor, T: int, H: int, W: int, S: int) -> torch.Tensor:
     """(B, T*H*W, C) row-major grid -> (B, T*(H/S)*(W/S), S*S*C) merged rows. Swapping axes 3 and
     4 is its own inverse."""
     B, _, C = t.shape
-    return _shuffled(t, _grid_split((B,), (T, H, W), S, C), (B, -1, S * S * C))
+    return _shuffled(t, _grid_split((B,), (T, H, W), S, C), (B, T * (H // S) * (W // S), S * S * C))
 
 
 def _unblocks(m: torch.Tensor, T: int, H: int, W: int, S: int) -> torch.Tensor:
@@ -61,14 +61,14 @@ def _unblocks(m: torch.Tensor, T: int, H: int, W: int, S: int) -> torch.Tensor:
 
 
 def merge_tokens(x: torch.Tensor, merge: int, order: str, grid, geometry) -> torch.Tensor:
-    """(B, N, C) tokens -> (B*N/S², S²·C) merged rows."""
+    """(B, N, C) tokens -> (B*N/S², S²·C) merged rows (their count given: with C = 0 a -1 is ambiguous)."""
     B, N, C = x.shape
-    K = merge * merge * C
+    rows, K = B * N // (merge * merge), merge * merge * C
     if order == "block":
-        return x.reshape(-1, K)
+        return x.reshape(rows, K)
     if geometry is None:
-        return _shuffled(x, _grid_split((B,), grid, merge, C), (-1, K))
-    return torch.cat([_blocks(x[:, tok0: tok0 + T * H * W], T, H, W, merge) for T, H, W, tok0 in _images(geometry)], 1).reshape(-1, K)
+        return _shuffled(x, _grid_split((B,), grid, merge, C), (rows, K))
+    return torch.cat([_blocks(x[:, tok0: tok0 + T * H * W], T, H, W, merge) for T, H, W, tok0 in _images(geometry)], 1).reshape(rows, K)
 
 
 def unmerge_tokens(m: torch.Tensor, shape, merge: int, order: str, grid, geometry) -> torch.Tensor:

@@ -223,6 +223,39 @@ def test_no_tokens_forward_and_backward(backend, order, norm, position):
                 assert t.grad.shape == t.shape and not t.grad.any(), name
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("order,norm,position", MATRIX)
+def test_no_channels_forward_and_backward(backend, order, norm, position, packed):
+    """C = 0 tokens: the first layer has no inputs, so every row is W2 gelu(b1) + b2, and only b1,
+    W2 and b2 get nonzero gradients (the PyTorch path's merged rows were shaped with a -1 that
+    0 elements cannot give, dense and packed)."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    g = torch.Generator().manual_seed(1)
+    params = [randn(2, 24, 0, dtype=dtype, generator=g), randn(0, dtype=dtype, generator=g),
+              randn(0, dtype=dtype, generator=g) if norm == "layernorm" else None, randn(40, 0, dtype=dtype, generator=g),
+              randn(40, dtype=dtype, generator=g), randn(24, 40, dtype=dtype, generator=g) * 0.2,
+              randn(24, dtype=dtype, generator=g)]
+    dy = randn(2, 6, 24, dtype=dtype, generator=g)
+    leaves = [leaf(p) for p in params]
+    x, nw, nb, w1, b1, w2, b2 = leaves
+    if packed:
+        grids = torch.tensor([[1, 4, 6]] * x.shape[0])
+        y = deco_ops.merge_mlp_packed(x.reshape(48, 0), grids, *leaves[1:], norm=norm, norm_position=position,
+                                      order=order)[0]
+    else:
+        kw = dict(grid=(4, 6), order=order) if order == "grid" else {}
+        y = deco_ops.merge_mlp(*leaves, norm=norm, norm_position=position, **kw)
+    row = torch.nn.functional.linear(torch.nn.functional.gelu(b1.detach()), w2.detach(), b2.detach())
+    torch.testing.assert_close(y.reshape(-1, row.shape[0]), row.expand(y.numel() // row.shape[0], -1))
+    y.backward(dy.reshape(y.shape))
+    rows = dy.reshape(-1, dy.shape[-1])
+    d_hidden = rows.sum(0) @ w2.detach() * torch.func.grad(lambda t: torch.nn.functional.gelu(t).sum())(b1.detach())
+    torch.testing.assert_close(b1.grad, d_hidden)
+    torch.testing.assert_close(b2.grad, rows.sum(0))
+    assert x.grad.shape == x.shape and w1.grad.shape == w1.shape
+    assert all(not t.grad.any() for t in (nw, nb) if t is not None)
+
+
 # ----------------------------------------------------------------------------------------------
 # plain eager calls that autograd does not record: the composed twin's ATen ops, planned
 
