@@ -80,6 +80,8 @@ def same_dtype(reference_name: str, reference: torch.Tensor, **others: torch.Ten
     want = dtype_under_autocast(reference)
     for name, value in others.items():
         if value is not None and dtype_under_autocast(value) != want:
+            if value.device != reference.device:  # autocast casts per device: it is the devices that differ
+                same_device(reference_name, reference, **{name: value})
             raise TypeError(f"{name} has dtype {value.dtype} but {reference_name} has {reference.dtype}; cast them to one dtype")
 
 
@@ -102,6 +104,8 @@ def grid(name: str, value) -> tuple[int, ...]:
         if v < 1:
             raise ValueError(f"{name} entries must be >= 1, got {tuple(value)}")
         out.append(int(v))
+    if math.prod(out) >= 2**31:  # as the packed ops' tables: the kernels' and ATen's per-image indices
+        raise ValueError(f"{name} {tuple(out)} has {math.prod(out)} positions; at most 2**31 - 1 per image")
     return tuple(out)
 
 

@@ -102,7 +102,8 @@ class Packing:
         self.outs = [math.prod(o) for o in out_grids]
         self.num_tokens, self.num_out = sum(self.tokens), sum(self.outs)
         if max(self.num_tokens, self.num_out) >= 2**31:
-            raise ValueError(f"packed batches are limited to 2**31 - 1 tokens and outputs, got {self.num_tokens} and {self.num_out}")
+            raise ValueError(f"packed batches are limited to 2**31 - 1 tokens and outputs: grids give {self.num_tokens} "
+                             f"tokens, out_grids {self.num_out} outputs")
         rows, tok0, row0 = [], 0, 0
         for g, o, n, p in zip(grids, out_grids, self.tokens, self.outs):
             rows.append([*as_3d(g), *as_3d(o), tok0, row0])

@@ -85,6 +85,12 @@ def on_cpu(fn):
         return fn()
 
 
+def under_autocast(fn):
+    """``fn()`` inside a bf16 autocast region of the suite's device."""
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        return fn()
+
+
 def use(backend):
     with deco_ops.use_backend(backend):
         pass
@@ -121,11 +127,15 @@ CASES = [
     ("mixed-dtype", lambda mp: mlp(w1=torch.randn(8, 4).half()), TypeError,
      "w1 has dtype torch.float16 but x has torch.float32; cast them to one dtype"),
     ("mixed-device", lambda mp: mlp(w2=torch.randn(5, 8, device=META)), ValueError, "w2 is on meta but x is on (cpu|cuda)"),
+    ("mixed-device-autocast", lambda mp: under_autocast(lambda: mlp(w2=torch.randn(5, 8, device=META))), ValueError,
+     "w2 is on meta but x is on (cpu|cuda)"),
     ("grid-type", lambda mp: mlp(grid=torch.tensor([4, 4])), TypeError, "grid must be a tuple of 2 or 3 ints"),
     ("grid-rank", lambda mp: mlp(grid=(16,)), ValueError, r"grid must have 2 \(H, W\) or 3 \(T, H, W\) entries, got \(16,\)"),
     ("grid-int", lambda mp: mlp(grid=(4.0, 4)), TypeError, r"grid entries must be ints, got \(4.0, 4\)"),
     ("grid-bool", lambda mp: mlp(out_grid=(True, 2)), TypeError, "out_grid entries must be ints"),
     ("out-grid-zero", lambda mp: mlp(out_grid=(0, 2)), ValueError, r"out_grid entries must be >= 1, got \(0, 2\)"),
+    ("out-grid-huge", lambda mp: mlp(out_grid=(2**16, 2**15)), ValueError,
+     r"out_grid \(65536, 32768\) has 2147483648 positions; at most 2\*\*31 - 1 per image"),
     ("grid-ranks-differ", lambda mp: mlp(out_grid=(2, 2, 1)), ValueError,
      r"out_grid \(2, 2, 1\) must have as many entries as grid \(4, 4\)"),
     ("tokens", lambda mp: mlp(x=torch.randn(2, 17, 4)), ValueError,
@@ -239,7 +249,7 @@ CASES = [
     ("stride-type", lambda mp: packed(stride=(2.0, 2)), TypeError, r"stride entries must be ints, got \(2.0, 2\)"),
     ("stride-zero", lambda mp: packed(stride=0), ValueError, "stride entries must be >= 1, got 0"),
     ("packed-limit", lambda mp: packed(grids=torch.tensor([[65536, 32768]]), stride=1), ValueError,
-     "packed batches are limited to 2\\*\\*31 - 1 tokens and outputs, got 2147483648"),
+     "packed batches are limited to 2\\*\\*31 - 1 tokens and outputs: grids give 2147483648 tokens, out_grids 2147483648 outputs"),
     ("stride-or-out-grids", lambda mp: packed(stride=None), ValueError, "pass exactly one of out_grids .* or stride"),
     ("stride-and-out-grids", lambda mp: packed(out_grids=torch.tensor([[2, 2], [2, 2]])), ValueError, "pass exactly one of out_grids"),
     ("out-grids-rows", lambda mp: packed(stride=None, out_grids=torch.tensor([[2, 2]])), ValueError,
