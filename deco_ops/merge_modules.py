@@ -49,12 +49,37 @@ def _activation_of(module: nn.Module) -> str:
     return name
 
 
-def _norm_eps(norm: nn.Module) -> float:
+# Hugging Face's RMSNorm classes in the supported mergers (Qwen2.5-VL's, under its names across
+# transformers versions), known by module and class name since transformers is optional: each
+# computes weight * x * rsqrt(mean(x**2) + variance_epsilon), merge_mlp's "rmsnorm".
+_HF_RMS_NORMS = ("Qwen2RMSNorm", "Qwen2_5_VLRMSNorm")
+
+
+def _norm_eps(norm: nn.Module) -> float | None:
     return norm.eps if hasattr(norm, "eps") else norm.variance_epsilon
 
 
 def _is_rms(norm: nn.Module) -> bool:
-    return not isinstance(norm, nn.LayerNorm)
+    """Whether ``norm`` (one ``_check_norm_class`` accepted) is an RMSNorm."""
+    return type(norm) is not nn.LayerNorm
+
+
+def _check_norm_class(kind: str, norm: nn.Module) -> None:
+    """Only norms whose computation merge_mlp reproduces, by exact class: a subclass or a look-alike
+    may compute something else under the same parameters (Gemma's RMSNorm scales by 1 + weight,
+    GroupNorm and BatchNorm normalise over other axes), which a copied state_dict would hide or a
+    probe input would miss (BatchNorm's result depends on its running statistics and mode)."""
+    cls = type(norm)
+    if cls in (nn.LayerNorm, nn.RMSNorm) or (cls.__module__.startswith("transformers.") and cls.__name__ in _HF_RMS_NORMS):
+        return
+    raise TypeError(f"{kind}'s norm is a {cls.__module__}.{cls.__qualname__}, which PatchMergerProjector cannot reproduce; "
+                    f"it converts nn.LayerNorm, nn.RMSNorm and Hugging Face's {', '.join(_HF_RMS_NORMS)}")
+
+
+def _rms_norm_default_eps(x: torch.Tensor) -> float:
+    """``nn.RMSNorm``'s eps when given None: ``torch.finfo`` of the dtype its kernel computes in,
+    float32 for 16-bit inputs too (their opmath type), float64 for float64."""
+    return torch.finfo(torch.float64 if x.dtype is torch.float64 else torch.float32).eps
 
 
 def _norm_width(kind: str, norm: nn.Module) -> int:
@@ -67,8 +92,9 @@ def _norm_width(kind: str, norm: nn.Module) -> int:
 
 def _check_supported(kind: str, norm: nn.Module, fc1: nn.Linear, fc2: nn.Linear) -> None:
     """What ``PatchMergerProjector`` cannot hold, refused by name before any weight is copied: a
-    norm without weight, a LayerNorm without bias, Linears of which one has a bias and one not
-    (no HF merger has any of these)."""
+    norm of another class, a norm without weight, a LayerNorm without bias, Linears of which one
+    has a bias and one not (no HF merger has any of these)."""
+    _check_norm_class(kind, norm)
     _norm_width(kind, norm)
     if not _is_rms(norm) and norm.bias is None:
         raise ValueError(f"{kind}'s LayerNorm has no bias (bias=False): PatchMergerProjector's LayerNorm has one")
@@ -134,7 +160,7 @@ class PatchMergerProjector(nn.Module):
         order: str = "block",
         norm: str = "layernorm",
         norm_position: str = "pre",
-        eps: float = 1e-6,
+        eps: float | None = 1e-6,
         activation: str = "gelu",
         grid=None,
         keys: str = "qwen2_vl",
@@ -153,7 +179,9 @@ class PatchMergerProjector(nn.Module):
             if not isinstance(value, str) or value not in choices:
                 raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
         self.merge_size, self.order, self.norm_type, self.norm_position = merge_size, order, norm, norm_position
-        self.eps, self.activation = float(check_eps(eps)), _validate.activation(activation, ACTIVATIONS)
+        # eps=None is nn.RMSNorm's default: the machine epsilon of the dtype it computes in, per call
+        self.eps = None if eps is None and norm == "rmsnorm" else float(check_eps(eps))
+        self.activation = _validate.activation(activation, ACTIVATIONS)
         if grid is not None and order != "grid":
             raise ValueError("grid is only used with order='grid'")
         self.grid = None if grid is None else check_merge_grid(grid, merge_size)
@@ -209,20 +237,20 @@ class PatchMergerProjector(nn.Module):
         post-shuffle merger hold only S²·C, so for them pass ``config`` (the model's or vision
         tower's HF config, or the model itself: ``downsample_ratio`` gives S = 1 / ratio,
         ``spatial_merge_size`` gives S) or ``merge_size``; without either, ``from_hf`` raises
-        ``ValueError``. Sources that are given must agree."""
+        ``ValueError``. Sources that are given must agree.
+
+        The norm must be an ``nn.LayerNorm``, an ``nn.RMSNorm`` (``eps=None`` too: the machine
+        epsilon of the dtype it computes in, per call) or Hugging Face's Qwen2.5-VL RMSNorm; any
+        other class raises ``TypeError`` naming it. Each parameter's ``requires_grad`` and the
+        module's train/eval mode are copied."""
         kind = type(module).__name__
-        inferred = None  # the merge size the weights determine, where they do
         if hasattr(module, "ln_q"):  # Qwen2-VL / Qwen2.5-VL; Qwen3-Omni (its use_postshuffle_norm as Qwen3-VL's)
             norm, fc1, fc2, act = module.ln_q, module.mlp[0], module.mlp[2], module.mlp[1]
             position = "post" if getattr(module, "use_postshuffle_norm", False) else "pre"
-            if position == "pre":
-                inferred = _merge_from_widths(fc1.in_features, _norm_width(kind, norm))
             keys, order = "qwen2_vl", "block"
         elif hasattr(module, "linear_fc1") and hasattr(module, "use_postshuffle_norm"):  # Qwen3-VL
             norm, fc1, fc2, act = module.norm, module.linear_fc1, module.linear_fc2, module.act_fn
             position = "post" if module.use_postshuffle_norm else "pre"
-            if position == "pre":
-                inferred = _merge_from_widths(fc1.in_features, _norm_width(kind, norm))
             keys, order = "qwen3_vl", "block"
         elif hasattr(module, "layer_norm") and hasattr(module, "linear_1"):  # InternVL
             norm, fc1, fc2, act = module.layer_norm, module.linear_1, module.linear_2, module.act
@@ -231,6 +259,8 @@ class PatchMergerProjector(nn.Module):
             raise TypeError(f"from_hf does not know {kind}; expected a Qwen2-VL/Qwen2.5-VL/Qwen3-VL/Qwen3-Omni patch merger or "
                             "InternVLMultiModalProjector")
         _check_supported(kind, norm, fc1, fc2)
+        # a per-token norm's width is C, so the first Linear's S²·C gives S
+        inferred = _merge_from_widths(fc1.in_features, _norm_width(kind, norm)) if position == "pre" else None
         sources = {}
         if merge_size is not None:
             sources["merge_size"] = _validate.positive_int("merge_size", merge_size)
@@ -257,23 +287,32 @@ class PatchMergerProjector(nn.Module):
             device=weight.device, dtype=weight.dtype,
         )
         out.load_state_dict(module.state_dict())
-        return out
+        # a frozen or evaluating merger stays so: the same keys, so the same parameter names
+        theirs = dict(module.named_parameters())
+        for name, p in out.named_parameters():
+            p.requires_grad_(theirs[name].requires_grad)
+        return out.train(module.training)
 
     def forward(self, x: torch.Tensor, grid=None) -> torch.Tensor:
         grid = self.grid if grid is None else grid
-        if self.order == "grid":
-            _validate.tensor("x", x, 3)
-            if grid is None:
-                side = round(math.sqrt(x.shape[1]))  # math.isqrt cannot take torch.compile's symbolic token count
-                if side * side != x.shape[1]:
-                    raise ValueError(f"x has {x.shape[1]} tokens, not a square grid; pass grid=(H, W) (drop any CLS token first)")
-                grid = (side, side)
         norm_path, fc1_path, fc2_path = _PATHS[self.keys]
         norm, fc1, fc2 = _at(self, norm_path), _at(self, fc1_path), _at(self, fc2_path)
+        _validate.tensor("x", x, 3 if self.order == "grid" else None)
+        blocks = self.merge_size * self.merge_size
+        if x.dim() >= 2 and x.shape[-1] * blocks != fc1.weight.shape[-1]:  # named here: merge_mlp would name w1 or norm_weight
+            raise ValueError(f"x has {x.shape[-1]} channels (x.shape[-1]) but this PatchMergerProjector takes "
+                             f"in_features = {fc1.weight.shape[-1] // blocks}")
+        if self.order == "grid" and grid is None:
+            if not x.shape[1]:
+                raise ValueError("x has no tokens: order='grid' merges each image's (H, W) grid of vision tokens, so it needs at least one")
+            side = round(math.sqrt(x.shape[1]))  # math.isqrt cannot take torch.compile's symbolic token count
+            if side * side != x.shape[1]:
+                raise ValueError(f"x has {x.shape[1]} tokens, not a square grid; pass grid=(H, W) (drop any CLS token first)")
+            grid = (side, side)
         return merge_mlp(
             x, norm.weight, getattr(norm, "bias", None), fc1.weight, fc1.bias, fc2.weight, fc2.bias,
             grid=grid, merge_size=self.merge_size, order=self.order, norm=self.norm_type, norm_position=self.norm_position,
-            eps=self.eps, activation=self.activation,
+            eps=_rms_norm_default_eps(x) if self.eps is None else self.eps, activation=self.activation,
         )
 
     def extra_repr(self) -> str:

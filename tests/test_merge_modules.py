@@ -361,3 +361,70 @@ def test_grid_that_merge_size_does_not_divide_raises_when_built():
     module = deco_ops.PatchMergerProjector(np.int64(8), np.int64(16), merge_size=np.int64(2), order="grid", grid=(4, 6),
                                            eps=np.float32(1e-5))
     assert module(torch.randn(1, 24, 8)).shape == (1, 6, 16)
+
+
+class _GemmaRMSNorm(torch.nn.Module):
+    """Gemma's RMSNorm: the same parameters as Qwen2.5-VL's, scaled by 1 + weight."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(width))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+
+class _LayerNormSubclass(torch.nn.LayerNorm):
+    """A subclass may compute anything under nn.LayerNorm's parameters."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize("norm", [_GemmaRMSNorm(C), torch.nn.GroupNorm(1, C), torch.nn.BatchNorm1d(C), _LayerNormSubclass(C)],
+                         ids=lambda norm: type(norm).__name__)
+def test_from_hf_refuses_norms_it_cannot_reproduce(norm):
+    """Only nn.LayerNorm, nn.RMSNorm and HF's Qwen2.5-VL RMSNorm convert: any other norm raises
+    TypeError naming its class, not a silent conversion (Gemma's 1 + weight) or a state_dict error."""
+    hf = qwen2_vl.PatchMerger(D, C)
+    hf.ln_q = norm
+    with pytest.raises(TypeError, match=f"PatchMerger's norm is a .*{type(norm).__name__}, which PatchMergerProjector cannot reproduce"):
+        deco_ops.PatchMergerProjector.from_hf(hf)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eps", [None, 1e-5])
+def test_from_hf_takes_nn_rmsnorm_and_its_default_eps(eps, dtype):
+    """nn.RMSNorm(C) with eps=None uses the machine epsilon of the dtype it computes in at each
+    call (float32's for 16-bit inputs); tiny tokens make a wrong eps visible."""
+    hf = qwen2_vl.PatchMerger(D, C)
+    hf.ln_q = torch.nn.RMSNorm(C, eps=eps)
+    hf = _init(hf, seed=9).to(dtype)
+    ours = deco_ops.PatchMergerProjector.from_hf(hf)
+    assert ours.norm_type == "rmsnorm" and ours.eps == eps
+    x = (torch.randn(16, C, generator=torch.Generator().manual_seed(9)) * 1e-3).to(dtype)
+    with deco_ops.use_backend("torch"):
+        assert_close(ours(x), hf.double()(x.double()), dtype, "y", eager=hf.to(dtype)(x))
+
+
+def test_from_hf_keeps_requires_grad_and_mode():
+    hf = _init(qwen2_vl.PatchMerger(D, C), seed=10).eval()
+    hf.ln_q.requires_grad_(False)
+    ours = deco_ops.PatchMergerProjector.from_hf(hf)
+    assert {name: p.requires_grad for name, p in ours.named_parameters()} == {
+        name: p.requires_grad for name, p in hf.named_parameters()}
+    assert not any(m.training for m in ours.modules())
+    assert all(m.training for m in deco_ops.PatchMergerProjector.from_hf(hf.train()).modules())
+
+
+@pytest.mark.parametrize("order,x", [("block", torch.randn(8, C - 1)), ("block", torch.randn(2, 8, C + 1)), ("grid", torch.randn(2, 16, C - 1))])
+def test_wrong_input_width_names_x_and_in_features(order, x):
+    """Not the op's w1 or norm_weight, which the caller never passed."""
+    with pytest.raises(ValueError, match=fr"x has {x.shape[-1]} channels \(x.shape\[-1\]\) but this PatchMergerProjector takes in_features = {C}"):
+        deco_ops.PatchMergerProjector(C, D, order=order)(x)
+
+
+def test_grid_order_without_tokens_says_so():
+    with pytest.raises(ValueError, match="x has no tokens: order='grid' merges each image's"):
+        deco_ops.PatchMergerProjector(C, D, order="grid")(torch.randn(2, 0, C))

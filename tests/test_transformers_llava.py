@@ -58,8 +58,10 @@ def test_processor_and_generate_end_to_end():
 def test_frozen_projector_stays_frozen_and_bad_models_are_refused():
     model, _ = tiny_llava()
     model.model.multi_modal_projector.requires_grad_(False)
+    model.eval()
     llava_to_deco(model, out_grid=(3, 3))
     assert not any(p.requires_grad for p in model.model.multi_modal_projector.parameters())
+    assert not any(m.training for m in model.modules())
     assert model.config.image_seq_length == 9
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
         llava_to_deco(torch.nn.Linear(2, 2))

@@ -80,7 +80,7 @@ def llava_to_deco(model, processor=None, *, out_grid=None, num_prefix_tokens: in
     Args:
         model: the LLaVA model. Its ``multi_modal_projector`` (``linear_1``, act, ``linear_2``) is
             replaced by a ``DeCoProjector`` holding the same weights (same dtype, device and
-            ``requires_grad``), with ``config.projector_hidden_act`` as its activation.
+            ``requires_grad``) in the same train/eval mode, with ``config.projector_hidden_act`` as its activation.
         processor: optional ``LlavaProcessor``; a ``DeCoLlavaProcessor`` built from its parts is
             returned, writing ``prod(out_grid)`` ``<image>`` tokens per image.
         out_grid: the pooled grid, default half the patch grid per side rounded up (DeCo's 2x2
@@ -117,6 +117,7 @@ def llava_to_deco(model, processor=None, *, out_grid=None, num_prefix_tokens: in
     deco.load_state_dict(projector.state_dict())
     for ours, theirs in zip(deco.parameters(), projector.parameters()):
         ours.requires_grad_(theirs.requires_grad)
+    deco.train(projector.training)  # a model in eval mode keeps every submodule in it
     base.multi_modal_projector = deco
     config.image_seq_length = math.prod(deco.out_grid)
     if processor is None:
