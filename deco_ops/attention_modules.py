@@ -9,6 +9,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from . import _validate, _validate_attention
 from ._checks import value_checks
@@ -224,7 +225,9 @@ class CrossAttention(nn.Module):
             self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
         else:
             self.register_parameter("in_proj_bias", None)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        # nn.MultiheadAttention's class: quantize_dynamic({nn.Linear}) skips it (its forward passes
+        # out_proj.weight to the functional op, which a quantized Linear has not)
+        self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
             self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))

@@ -310,6 +310,19 @@ def test_rejected_combinations_raise(call, error, match):
         call(ours, q, k)
 
 
+def test_out_proj_is_multihead_attentions_class_and_stays_float_under_quantize_dynamic():
+    """quantize_dynamic({nn.Linear}) quantizes neither module's out_proj (MHA's forward reads
+    out_proj.weight, which a dynamically quantized Linear does not have) and both outputs stay close."""
+    ours, mha = _pair({})
+    mha = mha.float()
+    assert type(ours.out_proj) is type(mha.out_proj)
+    q, k, _ = _inputs({})
+    for module in (ours, mha):
+        quantized = torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8)
+        assert type(quantized.out_proj) is type(module.out_proj)
+        assert_close(quantized(q, k, k)[0], module(q, k, k)[0], torch.float32, "attn_output")
+
+
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="divisible"):
         CrossAttention(30, 4)
