@@ -14,6 +14,8 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from . import _validate, _validate_attention
 from ._checks import value_checks
 from .attention import cross_attention
+from .merge import check_eps
+from .modules import check_parameter_dtype
 
 
 def _dropout(value) -> float:
@@ -47,11 +49,15 @@ def _no_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_weight
 
 
 def _heads(embed_dim, num_heads) -> tuple[int, int, int]:
-    """(embed_dim, num_heads, head_dim) as Python ints, checked."""
+    """(embed_dim, num_heads, head_dim) as Python ints, checked: a head dim the kernels take."""
     embed_dim, num_heads = _validate.positive_int("embed_dim", embed_dim), _validate.positive_int("num_heads", num_heads)
     if embed_dim % num_heads:
         raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
-    return embed_dim, num_heads, embed_dim // num_heads
+    head_dim = embed_dim // num_heads
+    if head_dim > _validate_attention.MAX_HEAD_DIM:
+        raise ValueError(f"embed_dim {embed_dim} / num_heads {num_heads} = head dim {head_dim}; deco_ops.cross_attention "
+                         f"takes head dims up to {_validate_attention.MAX_HEAD_DIM}: use more heads")
+    return embed_dim, num_heads, head_dim
 
 
 def _hf_hint(key_padding_mask: torch.Tensor) -> str:
@@ -202,6 +208,7 @@ class CrossAttention(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        check_parameter_dtype(dtype)
         factory = {"device": device, "dtype": dtype}
         embed_dim, num_heads, self.head_dim = _heads(embed_dim, num_heads)
         self.embed_dim, self.num_heads = embed_dim, num_heads
@@ -410,12 +417,14 @@ class QueryResampler(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        check_parameter_dtype(dtype)
         factory = {"device": device, "dtype": dtype}
         self.num_queries = _validate.positive_int("num_queries", num_queries)
         self.kv_dim = _validate.positive_int("kv_dim", kv_dim)
         embed_dim, num_heads, self.head_dim = _heads(embed_dim, num_heads)
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.dropout = _dropout(dropout)
+        eps = check_eps(eps)  # here, not as NaN (eps < 0) or layer_norm's TypeError at the first forward
         self.queries = nn.Parameter(torch.empty((num_queries, embed_dim), **factory))
         self.ln_q = nn.LayerNorm(embed_dim, eps=eps, **factory)
         self.ln_kv = nn.LayerNorm(kv_dim, eps=eps, **factory)

@@ -10,6 +10,7 @@ from torch import nn
 
 from . import _validate
 from .merge import NORM_POSITIONS, NORMS, ORDERS, check_eps, check_merge_grid, merge_mlp
+from .modules import check_parameter_dtype
 from .projector import ACTIVATIONS
 
 # Where each family keeps (norm, first Linear, second Linear) in its state_dict.
@@ -169,6 +170,7 @@ class PatchMergerProjector(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        check_parameter_dtype(dtype)
         in_features = _validate.positive_int("in_features", in_features)
         out_features = _validate.positive_int("out_features", out_features)
         merge_size = _validate.positive_int("merge_size", merge_size)

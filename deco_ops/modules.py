@@ -60,6 +60,18 @@ def _projector_key(rest: str) -> str | None:
     return None
 
 
+# The dtypes a module's parameters may have: the kernels' and float64, which the PyTorch path runs.
+PARAMETER_DTYPES = _validate.FLOAT_DTYPES + _validate.REFERENCE_ONLY_DTYPES
+
+
+def check_parameter_dtype(dtype) -> None:
+    """A module's ``dtype=`` factory argument: None (torch's default dtype) or one of
+    ``PARAMETER_DTYPES``, refused by name before torch's error about integer parameters."""
+    if dtype is not None and dtype not in PARAMETER_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in PARAMETER_DTYPES)
+        raise TypeError(f"dtype must be None or one of {names}, got {dtype!r}")
+
+
 def activation_name(value) -> str:
     """Our activation name for one of ours or a Hugging Face name (``gelu_pytorch_tanh``, ...)."""
     value = HF_ACTIVATIONS.get(value, value) if isinstance(value, str) else value
@@ -114,6 +126,7 @@ class DeCoProjector(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        check_parameter_dtype(dtype)
         in_features = _validate.positive_int("in_features", in_features)
         out_features = _validate.positive_int("out_features", out_features)
         hidden_features = _validate.positive_int("hidden_features", out_features if hidden_features is None else hidden_features)

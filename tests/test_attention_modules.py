@@ -32,6 +32,22 @@ def test_module_bad_arguments():
         QueryResampler(4, 16, 24, 2)(torch.randn(1, 4, 16))
 
 
+@pytest.mark.parametrize("eps", [-1.0, float("nan"), "a", None, True])
+def test_query_resampler_checks_eps_when_built(eps):
+    """Not NaN outputs (eps < 0) or layer_norm's TypeError at the first forward."""
+    with pytest.raises(ValueError, match="eps must be a finite float >= 0"):
+        QueryResampler(4, 8, 6, 2, eps=eps)
+
+
+@pytest.mark.parametrize("make", [lambda: CrossAttention(1024, 2), lambda: QueryResampler(4, 600, 6, 2)], ids=["CrossAttention", "QueryResampler"])
+def test_head_dim_above_the_kernels_limit_raises_when_built(make):
+    """Named by embed_dim and num_heads where the module is built, not by q's shape at its first forward."""
+    limit = deco_ops._validate_attention.MAX_HEAD_DIM
+    with pytest.raises(ValueError, match=fr"embed_dim \d+ / num_heads 2 = head dim \d+; .* takes head dims up to {limit}"):
+        make()
+    assert CrossAttention(2 * limit, 2).head_dim == limit
+
+
 class PlainResampler(nn.Module):
     """The same computation with eager PyTorch ops: expanded queries, masked softmax attention."""
 

@@ -281,6 +281,11 @@ CASES = [
     ("aot-entry", lambda mp: aot._entry("no_such_kernel"), KeyError, "no_such_kernel"),
     ("aot-reexec", lambda mp: (mp.setenv(aot._REEXEC_MARK, "1"), aot._reexec_clean([])), SystemExit,
      "TRITON_INTERPRET is still set in the clean subprocess"),
+    # modules and attention_modules: constructor and forward checks of the drop-ins
+    ("module-dtype", lambda mp: deco_ops.DeCoProjector(4, 4, dtype=torch.int32), TypeError,
+     "dtype must be None or one of float16, bfloat16, float32, float64, got torch.int32"),
+    ("module-head-dim", lambda mp: deco_ops.CrossAttention(1024, 2), ValueError,
+     r"embed_dim 1024 / num_heads 2 = head dim 512; deco_ops.cross_attention takes head dims up to 256"),
 ]
 
 

@@ -116,6 +116,19 @@ def test_bad_construction(kwargs, match):
         deco_ops.DeCoProjector(args.pop("in_features"), args.pop("out_features"), **args)
 
 
+@pytest.mark.parametrize("make", [
+    lambda dtype: deco_ops.DeCoProjector(8, 8, dtype=dtype), lambda dtype: deco_ops.CrossAttention(8, 2, dtype=dtype),
+    lambda dtype: deco_ops.QueryResampler(4, 8, 6, 2, dtype=dtype), lambda dtype: deco_ops.PatchMergerProjector(8, 8, dtype=dtype)],
+    ids=["DeCoProjector", "CrossAttention", "QueryResampler", "PatchMergerProjector"])
+def test_every_module_names_a_dtype_its_parameters_cannot_have(make):
+    """An integer or bool dtype raises TypeError naming dtype (not torch's RuntimeError about
+    gradients of integer tensors); float64 builds, for the PyTorch path."""
+    for dtype in (torch.int32, torch.bool, "float32"):
+        with pytest.raises(TypeError, match=r"dtype must be None or one of float16, bfloat16, float32, float64, got"):
+            make(dtype)
+    assert {p.dtype for p in make(torch.float64).parameters()} == {torch.float64}
+
+
 def test_wrong_token_count_names_prefix():
     proj = deco_ops.DeCoProjector(8, 8, grid=(4, 4), out_grid=(2, 2))
     with pytest.raises(ValueError, match="num_prefix_tokens"):
