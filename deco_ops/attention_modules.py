@@ -60,6 +60,22 @@ def _heads(embed_dim, num_heads) -> tuple[int, int, int]:
     return embed_dim, num_heads, head_dim
 
 
+def _check_against_parameters(parameter: torch.Tensor, **inputs: torch.Tensor) -> None:
+    """Inputs the module's projections can take with ``parameter`` (one of its weights): floating,
+    in its dtype once autocast has cast both (bf16 tokens into an fp32 module inside
+    ``torch.autocast``, as ``nn.MultiheadAttention`` takes them), on its device; named here, not by
+    ``F.linear``'s RuntimeError."""
+    for name, t in inputs.items():
+        if t.dtype is not parameter.dtype:
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+            if _validate.dtype_under_autocast(t) is not _validate.dtype_under_autocast(parameter):
+                raise TypeError(f"{name} has dtype {t.dtype} but the module's parameters have {parameter.dtype}; "
+                                "cast one to the other (module.to(dtype)) or run inside torch.autocast")
+        if t.device != parameter.device:
+            raise ValueError(f"{name} is on {t.device} but the module's parameters are on {parameter.device}")
+
+
 def _hf_hint(key_padding_mask: torch.Tensor) -> str:
     return (
         "key_padding_mask uses PyTorch's convention (True or -inf = ignore this key); a Hugging Face "
@@ -278,6 +294,7 @@ class CrossAttention(nn.Module):
                 raise ValueError(f"{name} has {t.shape[-1]} features but the module expects {dim}")
         if key.shape[:-1] != value.shape[:-1]:
             raise ValueError(f"key and value must have the same tokens and batch, got {tuple(key.shape)} and {tuple(value.shape)}")
+        _check_against_parameters(self.out_proj.weight, query=query, key=key, value=value)
         batched = query.dim() == 3
         batch_dim = 0 if self.batch_first else 1
         if batched and query.shape[batch_dim] != key.shape[batch_dim]:
@@ -439,6 +456,7 @@ class QueryResampler(nn.Module):
         _validate.tensor("x", x, 3)
         if x.shape[-1] != self.kv_dim:
             raise ValueError(f"x must be (batch, tokens, kv_dim={self.kv_dim}), got {tuple(x.shape)}")
+        _check_against_parameters(self.queries, x=x)
         B, N, _ = x.shape
         if key_padding_mask is not None:
             _check_key_padding_mask(key_padding_mask, B, N, x.device)
@@ -450,6 +468,7 @@ class QueryResampler(nn.Module):
         dropout = self.dropout if self.training else 0.0
         kernel_dropout = dropout if dropout < 1.0 else 0.0  # p = 1: ``_dropped``
         if not N:
+            _validate_attention.kv_lens(kv_lens, B, x.device)  # as cross_attention checks it, though no key is left to read
             o, _ = _no_attention(q.expand(B, -1, -1, -1), k, v, False, True)
         elif bias is not None and bias.requires_grad:  # a learned mask: the kernels give masks no gradient
             o = _attention_learning_the_bias(q, k, v, _validate_attention.kv_lens(kv_lens, B, x.device), bias, kernel_dropout)

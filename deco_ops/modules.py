@@ -187,9 +187,12 @@ class DeCoProjector(nn.Module):
                 f"x has {x.shape[1]} tokens but DeCoProjector expects num_prefix_tokens + prod(grid) = "
                 f"{self.num_prefix_tokens} + {math.prod(grid)} = {expected} (grid {grid})"
             )
+        fc1, fc2 = self.fc1, self.fc2
+        if x.shape[2] != fc1.weight.shape[1]:  # named here: the op would name w1, which the caller never passed
+            raise ValueError(f"x has {x.shape[2]} features (x.shape[-1]) but this DeCoProjector takes in_features = {fc1.weight.shape[1]}")
         if self.num_prefix_tokens:
             x = x[:, self.num_prefix_tokens:]
-        params = (x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        params = (x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         if self.order == "mlp_pool":
             return mlp_pool(*params, grid=grid, out_grid=out_grid, activation=self.activation, mode=self.mode)
         if self.mode != "average":

@@ -32,6 +32,29 @@ def test_module_bad_arguments():
         QueryResampler(4, 16, 24, 2)(torch.randn(1, 4, 16))
 
 
+@pytest.mark.parametrize("x,error,match", [
+    (torch.randn(2, 5, 6).int(), TypeError, "x must be a floating tensor, got torch.int32"),
+    (torch.randn(2, 5, 6).half(), TypeError, "x has dtype torch.float16 but the module's parameters have torch.float32"),
+    (torch.randn(2, 5, 6).double(), TypeError, "x has dtype torch.float64 but the module's parameters have torch.float32"),
+    (torch.randn(2, 5, 6, device="meta"), ValueError, "x is on meta but the module's parameters are on cpu"),
+], ids=["int", "fp16", "fp64", "meta"])
+def test_query_resampler_names_tokens_its_parameters_cannot_take(x, error, match):
+    """Named before layer_norm's or F.linear's RuntimeError; bf16 tokens run inside torch.autocast."""
+    resampler = QueryResampler(4, 8, 6, 2)
+    with pytest.raises(error, match=match):
+        resampler(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert resampler(torch.randn(2, 5, 6).half()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kv_lens,error,match", [(torch.tensor([1.0, 2.0]), TypeError, "kv_lens must be int32 or int64"),
+                                                 (torch.tensor([1, 2, 3]), ValueError, "kv_lens has 3 entries but the batch is 2")])
+def test_query_resampler_checks_kv_lens_without_tokens(kv_lens, error, match):
+    """No key to read (N = 0) is no reason to take a kv_lens every other call refuses."""
+    with pytest.raises(error, match=match):
+        QueryResampler(4, 8, 6, 2)(torch.randn(2, 0, 6), kv_lens=kv_lens)
+
+
 @pytest.mark.parametrize("eps", [-1.0, float("nan"), "a", None, True])
 def test_query_resampler_checks_eps_when_built(eps):
     """Not NaN outputs (eps < 0) or layer_norm's TypeError at the first forward."""

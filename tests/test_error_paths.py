@@ -286,6 +286,14 @@ CASES = [
      "dtype must be None or one of float16, bfloat16, float32, float64, got torch.int32"),
     ("module-head-dim", lambda mp: deco_ops.CrossAttention(1024, 2), ValueError,
      r"embed_dim 1024 / num_heads 2 = head dim 512; deco_ops.cross_attention takes head dims up to 256"),
+    ("module-width", lambda mp: deco_ops.DeCoProjector(4, 5, grid=(4, 4), out_grid=(2, 2))(torch.randn(2, 16, 3)), ValueError,
+     r"x has 3 features \(x.shape\[-1\]\) but this DeCoProjector takes in_features = 4"),
+    ("mha-query-int", lambda mp: cross_attention_module(query=torch.ones(1, 3, 16, dtype=torch.int64)), TypeError,
+     "query must be a floating tensor, got torch.int64"),
+    ("mha-key-dtype", lambda mp: cross_attention_module(key=torch.randn(1, 4, 16, dtype=torch.float64)), TypeError,
+     "key has dtype torch.float64 but the module's parameters have torch.float32"),
+    ("resampler-x-device", lambda mp: deco_ops.QueryResampler(4, 16, 24, 2)(torch.randn(1, 4, 24, device=META)), ValueError,
+     "x is on meta but the module's parameters are on (cpu|cuda)"),
 ]
 
 

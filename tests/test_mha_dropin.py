@@ -323,6 +323,36 @@ def test_out_proj_is_multihead_attentions_class_and_stays_float_under_quantize_d
         assert_close(quantized(q, k, k)[0], module(q, k, k)[0], torch.float32, "attn_output")
 
 
+@pytest.mark.parametrize("name", ["query", "key", "value"])
+@pytest.mark.parametrize("change,error,match", [
+    (lambda t: t.int(), TypeError, "{name} must be a floating tensor, got torch.int32"),
+    (lambda t: t > 0, TypeError, "{name} must be a floating tensor, got torch.bool"),
+    (lambda t: t.half(), TypeError, r"{name} has dtype torch.float16 but the module's parameters have torch.float32; cast"),
+    (lambda t: t.double(), TypeError, r"{name} has dtype torch.float64 but the module's parameters have torch.float32"),
+    (lambda t: t.to("meta"), ValueError, "{name} is on meta but the module's parameters are on cpu"),
+], ids=["int", "bool", "fp16", "fp64", "meta"])
+def test_inputs_the_parameters_cannot_take_are_named(name, change, error, match):
+    """Named before F.linear's RuntimeError, on both paths (a mask that requires grad runs PyTorch's)."""
+    ours, _ = _pair({})
+    inputs = dict(zip(("query", "key", "value"), _inputs({})))
+    inputs[name] = change(inputs[name])
+    for mask in (None, torch.zeros(B, S, requires_grad=True)):
+        with pytest.raises(error, match=match.format(name=name)):
+            ours(**inputs, key_padding_mask=mask)
+
+
+def test_mixed_dtypes_inside_autocast_run_as_in_multihead_attention():
+    """Inside torch.autocast an fp32 module takes bf16 or fp16 tokens, as nn.MultiheadAttention does."""
+    ours, mha = _pair({})
+    mha = mha.float()
+    q, k, v = _inputs({})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (torch.bfloat16, torch.float16):
+            out, ref = ours(q.to(dtype), k, v.to(dtype))[0], mha(q.to(dtype), k, v.to(dtype))[0]
+            assert out.dtype == ref.dtype == torch.bfloat16
+            assert_close(out, ref, torch.bfloat16, "attn_output")
+
+
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="divisible"):
         CrossAttention(30, 4)

@@ -129,6 +129,14 @@ def test_every_module_names_a_dtype_its_parameters_cannot_have(make):
     assert {p.dtype for p in make(torch.float64).parameters()} == {torch.float64}
 
 
+@pytest.mark.parametrize("order,mode", [("pool_mlp", "average"), ("pool_mlp", "bilinear"), ("mlp_pool", "average")])
+def test_wrong_input_width_names_x_and_in_features(order, mode):
+    """Not the op's w1, which the caller never passed."""
+    proj = deco_ops.DeCoProjector(8, 4, grid=(4, 4), out_grid=(2, 2), order=order, mode=mode, num_prefix_tokens=1)
+    with pytest.raises(ValueError, match=r"x has 7 features \(x.shape\[-1\]\) but this DeCoProjector takes in_features = 8"):
+        proj(torch.randn(2, 17, 7))
+
+
 def test_wrong_token_count_names_prefix():
     proj = deco_ops.DeCoProjector(8, 8, grid=(4, 4), out_grid=(2, 2))
     with pytest.raises(ValueError, match="num_prefix_tokens"):
