@@ -138,25 +138,31 @@ def _attention_learning_the_bias(q, k, v, kv_lens, bias, dropout_p: float) -> to
     return o.transpose(1, 2)
 
 
+def _check_attn_mask(attn_mask, B: int, H: int, M: int, N: int, device: torch.device) -> None:
+    """A module's ``attn_mask``: a bool or float tensor of shape (``M``, ``N``) or (``B`` * ``H``,
+    ``M``, ``N``), as ``nn.MultiheadAttention`` takes it, on the inputs' ``device``."""
+    _check_mask_kind("attn_mask", attn_mask)
+    if tuple(attn_mask.shape) not in ((M, N), (B * H, M, N)):
+        raise ValueError(
+            f"attn_mask must have shape (queries, keys) = {(M, N)} or (batch * num_heads, queries, keys) = "
+            f"{(B * H, M, N)}, got {tuple(attn_mask.shape)}"
+        )
+    if attn_mask.device != device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but the inputs are on {device}")
+
+
 def mha_masks_to_bias(key_padding_mask, attn_mask, B: int, H: int, M: int, N: int) -> torch.Tensor | None:
     """``nn.MultiheadAttention``'s ``key_padding_mask`` (B, N) and ``attn_mask`` ((M, N) or
     (B * H, M, N)), bool (True = not allowed) or float (added), as one additive mask of shape
     (B, 1 or H, 1 or M, N) for ``deco_ops.cross_attention``'s ``attn_mask``: any pattern (holes,
-    left padding), never read on the host. None without masks."""
+    left padding), never read on the host. None without masks. Both masks are checked by the
+    caller (``_check_key_padding_mask``, ``_check_attn_mask``)."""
     terms = []
-    if key_padding_mask is not None:  # checked by the caller (``_check_key_padding_mask``)
+    if key_padding_mask is not None:
         terms.append(_additive("key_padding_mask", key_padding_mask)[:, None, None, :])
     if attn_mask is not None:
         am = _additive("attn_mask", attn_mask)
-        if am.dim() == 2 and tuple(am.shape) == (M, N):
-            terms.append(am[None, None])
-        elif am.dim() == 3 and tuple(am.shape) == (B * H, M, N):
-            terms.append(am.view(B, H, M, N))
-        else:
-            raise ValueError(
-                f"attn_mask must have shape (queries, keys) = {(M, N)} or (batch * num_heads, queries, keys) = "
-                f"{(B * H, M, N)}, got {tuple(am.shape)}"
-            )
+        terms.append(am[None, None] if am.dim() == 2 else am.view(B, H, M, N))
     if not terms:
         return None
     return terms[0] if len(terms) == 1 else terms[0] + terms[1]
@@ -278,8 +284,9 @@ class CrossAttention(nn.Module):
             return self.in_proj_weight.chunk(3)
         return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
-    def _check_inputs(self, query, key, value, key_padding_mask) -> bool:
-        """Shapes as ``nn.MultiheadAttention`` takes them; returns whether the input is batched."""
+    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
+        """Inputs and masks as ``nn.MultiheadAttention`` takes them, for both paths (the kernels' and
+        PyTorch's for a mask that requires grad); returns whether the input is batched."""
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -299,9 +306,12 @@ class CrossAttention(nn.Module):
         batch_dim = 0 if self.batch_first else 1
         if batched and query.shape[batch_dim] != key.shape[batch_dim]:
             raise ValueError(f"query has batch {query.shape[batch_dim]} but key has {key.shape[batch_dim]} ({layout})")
+        token_dim = 1 if batched and self.batch_first else 0
+        queries, keys = query.shape[token_dim], key.shape[token_dim]
         if key_padding_mask is not None:
-            keys = key.shape[-2] if batched and self.batch_first else key.shape[0]
             _check_key_padding_mask(key_padding_mask, key.shape[batch_dim] if batched else None, keys, query.device)
+        if attn_mask is not None:
+            _check_attn_mask(attn_mask, key.shape[batch_dim] if batched else 1, self.num_heads, queries, keys, query.device)
         return batched
 
     # nn.TransformerEncoderLayer's inference fast path asks its ``self_attn`` to merge the masks
@@ -320,7 +330,11 @@ class CrossAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batched = self._check_inputs(query, key, value, key_padding_mask)
+        batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
+        if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
+            # nn.MultiheadAttention's warning (F._canonical_mask), here pointing at the caller's line
+            warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for both instead.",
+                          stacklevel=4)
         if any(isinstance(m, torch.Tensor) and m.requires_grad for m in (key_padding_mask, attn_mask)):
             return self._pytorch_attention(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, batched)
         if is_causal and attn_mask is None:
@@ -391,6 +405,13 @@ class CrossAttention(nn.Module):
         grad (the kernels give masks no gradient)."""
         if batched and self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        # additive masks in the query's dtype, as nn.MultiheadAttention.forward hands them on: the
+        # functional's matmuls refuse another float dtype (float64, fp16 beside fp32), which the
+        # kernels take, and it would warn about a bool beside a float mask a second time
+        if key_padding_mask is not None:
+            key_padding_mask = _additive("key_padding_mask", key_padding_mask).to(query.dtype)
+        if attn_mask is not None:
+            attn_mask = _additive("attn_mask", attn_mask).to(query.dtype)
         out, weights = F.multi_head_attention_forward(
             query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
             self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,

@@ -294,6 +294,8 @@ CASES = [
      "key has dtype torch.float64 but the module's parameters have torch.float32"),
     ("resampler-x-device", lambda mp: deco_ops.QueryResampler(4, 16, 24, 2)(torch.randn(1, 4, 24, device=META)), ValueError,
      "x is on meta but the module's parameters are on (cpu|cuda)"),
+    ("mha-attn-mask-device", lambda mp: cross_attention_module(attn_mask=torch.zeros(3, 4, device=META, requires_grad=True)), ValueError,
+     "attn_mask is on meta but the inputs are on (cpu|cuda)"),
 ]
 
 

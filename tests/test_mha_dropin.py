@@ -353,6 +353,62 @@ def test_mixed_dtypes_inside_autocast_run_as_in_multihead_attention():
             assert_close(out, ref, torch.bfloat16, "attn_output")
 
 
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["kernels", "learned_mask"])
+@pytest.mark.parametrize("masks,error,match", [
+    (lambda: {"attn_mask": torch.zeros(L, S + 1)}, ValueError, r"attn_mask must have shape \(queries, keys\) = \(4, 7\)"),
+    (lambda: {"attn_mask": torch.zeros(B, H, L, S)}, ValueError, r"\(batch \* num_heads, queries, keys\) = \(6, 4, 7\), got \(3, 2, 4, 7\)"),
+    (lambda: {"attn_mask": torch.zeros(B + 2, L, S)}, ValueError, r"\(batch \* num_heads, queries, keys\) = \(6, 4, 7\), got \(5, 4, 7\)"),
+    (lambda: {"attn_mask": torch.zeros(L, S, device="meta")}, ValueError, "attn_mask is on meta but the inputs are on cpu"),
+    (lambda: {"key_padding_mask": torch.zeros(B, S - 1)}, ValueError, r"key_padding_mask must have shape \(batch, keys\)"),
+    (lambda: {"key_padding_mask": torch.zeros(B, S, device="meta")}, ValueError, "key_padding_mask is on meta but the inputs are on cpu"),
+], ids=["attn_mask_keys", "attn_mask_4d", "attn_mask_batch", "attn_mask_meta", "kpm_keys", "kpm_meta"])
+def test_masks_are_checked_on_both_paths(masks, error, match, requires_grad):
+    """A mask that requires grad runs PyTorch's F.multi_head_attention_forward: it is checked as on
+    the kernels' path first (not the functional's RuntimeError / AssertionError, nor a meta mask
+    accepted with weights on meta)."""
+    ours, _ = _pair({})
+    q, k, v = _inputs({})
+    masks = {name: mask.requires_grad_(requires_grad) for name, mask in masks().items()}
+    with pytest.raises(error, match=match):
+        ours(q, k, v, **masks)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("name", ["key_padding_mask", "attn_mask"])
+def test_learned_masks_of_another_float_dtype_run_as_on_the_kernels(name, mask_dtype):
+    """A float64 or fp16 mask beside fp32 inputs runs on the kernels; one that requires grad runs on
+    PyTorch's path with the same result and gets its gradient (the functional alone raises)."""
+    ours, mha = _pair({})
+    q, k, v = _inputs({})
+    mask = (_mask("float") if name == "key_padding_mask" else _causal("float")).to(mask_dtype)
+    learned = mask.clone().requires_grad_(True)
+    out, weights = ours(q, k, v, **{name: learned})
+    ref, ref_weights = mha(q.double(), k.double(), v.double(), **{name: mask.double()})
+    assert_close(out, ref, torch.float32, "attn_output", eager=ours(q, k, v, **{name: mask})[0])
+    assert_close(weights, ref_weights, torch.float32, "attn_output_weights")
+    out.sum().backward()
+    assert learned.grad is not None and learned.grad.dtype == mask_dtype
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["kernels", "learned_mask"])
+@pytest.mark.parametrize("kpm_kind,attn_kind", [("bool", "float"), ("float", "bool")])
+def test_mismatched_mask_types_warn_as_multihead_attention(kpm_kind, attn_kind, requires_grad):
+    """The same warning as nn.MultiheadAttention's (category and text), once per call."""
+    ours, mha = _pair({})
+    q, k, v = _inputs({})
+    kpm, attn = _mask(kpm_kind), _causal(attn_kind)
+    for mask in (kpm, attn):
+        mask.requires_grad_(requires_grad and mask.is_floating_point())
+    caught = {}
+    for module, inputs in ((mha, [t.double() for t in (q, k, v)]), (ours, [q, k, v])):
+        with warnings.catch_warnings(record=True) as caught[module]:
+            warnings.simplefilter("always")
+            module(*inputs, kpm.double() if module is mha and kpm.is_floating_point() else kpm,
+                   attn_mask=attn.double() if module is mha and attn.is_floating_point() else attn)
+    assert [(w.category, str(w.message)) for w in caught[ours]] == [(w.category, str(w.message)) for w in caught[mha]]
+    assert len(caught[ours]) == 1 and "Support for mismatched key_padding_mask and attn_mask" in str(caught[ours][0].message)
+
+
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="divisible"):
         CrossAttention(30, 4)
