@@ -50,10 +50,11 @@ def _activation_of(module: nn.Module) -> str:
     return name
 
 
-# Hugging Face's RMSNorm classes in the supported mergers (Qwen2.5-VL's, under its names across
-# transformers versions), known by module and class name since transformers is optional: each
-# computes weight * x * rsqrt(mean(x**2) + variance_epsilon), merge_mlp's "rmsnorm".
-_HF_RMS_NORMS = ("Qwen2RMSNorm", "Qwen2_5_VLRMSNorm")
+# Hugging Face's RMSNorm classes in the supported mergers (Qwen2.5-VL's under its names across
+# transformers versions, Qwen2.5-Omni's and EXAONE 4.5's, both Qwen2-VL's module layout), known by
+# module and class name since transformers is optional: each computes
+# weight * x * rsqrt(mean(x**2) + variance_epsilon), merge_mlp's "rmsnorm".
+_HF_RMS_NORMS = ("Qwen2RMSNorm", "Qwen2_5_VLRMSNorm", "Qwen2_5OmniRMSNorm", "Exaone4_5_RMSNorm")
 
 
 def _norm_eps(norm: nn.Module) -> float | None:

@@ -62,9 +62,17 @@ def internvl_stage(projector, x, grid, ratio=0.5):
     return projector(feats.reshape(B, -1, feats.shape[-1]))
 
 
+def _hf_class(model: str, name: str):
+    """A class of transformers' ``models.<model>``, the test skipped where this version has none."""
+    return getattr(pytest.importorskip(f"transformers.models.{model}.modeling_{model}"), name)
+
+
 MODULES = {
     "qwen2_vl": lambda: qwen2_vl.PatchMerger(D, C),
     "qwen2_5_vl": lambda: qwen2_5_vl.Qwen2_5_VLPatchMerger(D, C),
+    # Qwen2-VL's module names with an RMSNorm of their own class each
+    "qwen2_5_omni": lambda: _hf_class("qwen2_5_omni", "Qwen2_5OmniPatchMerger")(D, C),
+    "exaone4_5": lambda: _hf_class("exaone4_5", "Exaone4_5_PatchMerger")(D, C),
     "qwen3_vl": lambda: qwen3_merger(False),
     "qwen3_vl_postshuffle": lambda: qwen3_merger(True),
     # Qwen3-Omni's mergers: Qwen2-VL's module names, Qwen3-VL's use_postshuffle_norm
