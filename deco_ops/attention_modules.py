@@ -203,6 +203,12 @@ class CrossAttention(nn.Module):
       ``nn.MultiheadAttention`` does (its masks get zero columns for them).
     * A query whose keys are all masked gives what ``nn.MultiheadAttention`` gives: NaN output and
       weights with ``need_weights=True``, zero attention (``out_proj``'s bias) without.
+    * Not as ``nn.MultiheadAttention``: a query whose every key carries a finite float mask below
+      about -1e8 (``torch.finfo(dtype).min``) gets the right output (the uniform average), but with
+      ``need_weights=True`` weights that sum to its key count and gradients that many times MHA's
+      (the saved log-sum-exp, one fp32 number, cannot hold log(n) beside 1e30; MHA with
+      ``need_weights=False`` shares this through SDPA). Mask such keys with ``-inf`` or a bool
+      mask: docs/masks.md.
     * Shapes and settings MHA takes that the kernels do not: no query or no key (L or S = 0: zero
       attention, ``out_proj``'s bias, and weights of no element), and ``dropout=1.0`` (every
       probability times 0 in training, as ``F.dropout(p=1)``).
