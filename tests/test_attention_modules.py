@@ -62,6 +62,13 @@ def test_query_resampler_checks_eps_when_built(eps):
         QueryResampler(4, 8, 6, 2, eps=eps)
 
 
+def test_query_resampler_norms_default_to_qwen_vls_eps():
+    """Qwen-VL's resampler builds its query and key norms as LayerNorm(eps=1e-6) (``norm_layer``),
+    not nn.LayerNorm's 1e-5: a checkpoint loaded into the defaults computes what it was trained with."""
+    resampler = QueryResampler(4, 8, 6, 2)
+    assert resampler.ln_q.eps == resampler.ln_kv.eps == 1e-6
+
+
 @pytest.mark.parametrize("make", [lambda: CrossAttention(1024, 2), lambda: QueryResampler(4, 600, 6, 2)], ids=["CrossAttention", "QueryResampler"])
 def test_head_dim_above_the_kernels_limit_raises_when_built(make):
     """Named by embed_dim and num_heads where the module is built, not by q's shape at its first forward."""

@@ -225,6 +225,10 @@ def test_transformer_encoder_layer_takes_it_as_self_attention(mask):
 
 
 def _causal(kind):
+    """A bottom-right aligned causal mask (SDPA's ``is_causal`` aligns top-left: another mask), or
+    ``per_head``: a random additive mask of shape (B * H, L, S), each batch and head its own."""
+    if kind == "per_head":
+        return randn(B * H, L, S, generator=torch.Generator().manual_seed(5)) * 2
     allowed = torch.ones(L, S, dtype=torch.bool).tril(S - L)
     return ~allowed if kind == "bool" else torch.zeros(L, S).masked_fill(~allowed, float("-inf"))
 
@@ -237,6 +241,9 @@ def _causal(kind):
         {"attn_mask": "bool", "need_weights": False},
         {"attn_mask": "bool", "is_causal": True, "need_weights": False},
         {"attn_mask": "float", "key_padding_mask": "float"},
+        # with a key_padding_mask, MHA runs attn_mask itself, not SDPA's is_causal
+        {"attn_mask": "bool", "is_causal": True, "need_weights": False, "key_padding_mask": "bool"},
+        {"attn_mask": "per_head", "key_padding_mask": "bool"},  # batch-major (B * H) rows
     ],
     ids=str,
 )
@@ -250,6 +257,20 @@ def test_weights_and_attn_mask_match_multihead_attention(config, kwargs):
     if "attn_mask" in kwargs:
         kwargs["attn_mask"] = _causal(kwargs["attn_mask"])
     _compare(ours, mha, _inputs(CONFIGS[config]), **kwargs)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_initialisation_is_multihead_attentions(config):
+    """The same seed gives the same parameters as nn.MultiheadAttention (_reset_parameters: xavier
+    projections, zero in/out-projection biases, normal bias_k/bias_v)."""
+    torch.manual_seed(3)
+    mha = nn.MultiheadAttention(E, H, **CONFIGS[config])
+    torch.manual_seed(3)
+    ours = CrossAttention(E, H, **CONFIGS[config])
+    theirs = mha.state_dict()
+    assert ours.state_dict().keys() == theirs.keys()
+    for name, value in ours.state_dict().items():
+        assert torch.equal(value, theirs[name]), name
 
 
 @pytest.mark.parametrize("need_weights", [False, True])

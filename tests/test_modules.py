@@ -79,7 +79,8 @@ def test_per_call_grid(backend):
 
 def test_hidden_features_and_activation():
     proj = deco_ops.DeCoProjector(16, 24, hidden_features=40, activation="silu", bias=False, grid=(4, 4), out_grid=(2, 2))
-    assert proj.fc1.weight.shape == (40, 16) and proj.fc2.weight.shape == (24, 40) and proj.fc1.bias is None
+    assert proj.fc1.weight.shape == (40, 16) and proj.fc2.weight.shape == (24, 40)
+    assert proj.fc1.bias is None and proj.fc2.bias is None  # bias=False: neither Linear has one
     assert "silu" in repr(proj)
 
 
