@@ -132,3 +132,6 @@ def test_offsets_past_2_31_elements():
             results.append([out, *torch.autograd.grad(out, leaves, dout)])
     for far, near in zip(*results):
         assert torch.equal(far, near)
+    with deco_ops.use_backend("triton"):  # the weights kernel's offsets too
+        weights = [deco_ops.cross_attention(q, keys, v.contiguous(), need_weights=True)[1] for keys in (k, k.contiguous())]
+    assert torch.equal(*weights)
