@@ -104,8 +104,9 @@ def grid(name: str, value) -> tuple[int, ...]:
         if v < 1:
             raise ValueError(f"{name} entries must be >= 1, got {tuple(value)}")
         out.append(int(v))
-    if math.prod(out) >= 2**31:  # as the packed ops' tables: the kernels' and ATen's per-image indices
-        raise ValueError(f"{name} {tuple(out)} has {math.prod(out)} positions; at most 2**31 - 1 per image")
+    positions = math.prod(out)
+    if positions >= 2**31:  # as the packed ops' tables: the kernels' and ATen's per-image indices
+        raise ValueError(f"{name} {tuple(out)} has {positions} positions; at most 2**31 - 1 per image")
     return tuple(out)
 
 

@@ -243,8 +243,9 @@ class PatchMergerProjector(nn.Module):
         ``ValueError``. Sources that are given must agree.
 
         The norm must be an ``nn.LayerNorm``, an ``nn.RMSNorm`` (``eps=None`` too: the machine
-        epsilon of the dtype it computes in, per call) or Hugging Face's Qwen2.5-VL RMSNorm; any
-        other class raises ``TypeError`` naming it. Each parameter's ``requires_grad`` and the
+        epsilon of the dtype it computes in, per call) or one of Hugging Face's RMSNorm classes in
+        ``_HF_RMS_NORMS`` (Qwen2.5-VL's, Qwen2.5-Omni's, EXAONE 4.5's); any other class raises
+        ``TypeError`` naming it. Each parameter's ``requires_grad`` and the
         module's train/eval mode are copied."""
         kind = type(module).__name__
         if hasattr(module, "ln_q"):  # Qwen2-VL / Qwen2.5-VL; Qwen3-Omni (its use_postshuffle_norm as Qwen3-VL's)

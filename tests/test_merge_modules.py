@@ -393,7 +393,7 @@ class _LayerNormSubclass(torch.nn.LayerNorm):
 @pytest.mark.parametrize("norm", [_GemmaRMSNorm(C), torch.nn.GroupNorm(1, C), torch.nn.BatchNorm1d(C), _LayerNormSubclass(C)],
                          ids=lambda norm: type(norm).__name__)
 def test_from_hf_refuses_norms_it_cannot_reproduce(norm):
-    """Only nn.LayerNorm, nn.RMSNorm and HF's Qwen2.5-VL RMSNorm convert: any other norm raises
+    """Only nn.LayerNorm, nn.RMSNorm and HF's RMSNorms of the supported mergers convert: any other norm raises
     TypeError naming its class, not a silent conversion (Gemma's 1 + weight) or a state_dict error."""
     hf = qwen2_vl.PatchMerger(D, C)
     hf.ln_q = norm
