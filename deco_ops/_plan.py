@@ -58,6 +58,10 @@ _tensor_signature = operator.attrgetter("shape", "dtype", "device", "requires_gr
 # error there): the checks look for one first, inline (``True in map(...)`` profiles as no call).
 _is_nested = operator.attrgetter("is_nested")
 _is_compiling = torch.compiler.is_compiling
+# A lazily negated view (``z.conj().imag``) holds -value in its memory, which the kernels read: the
+# dispatcher's fallback for the negative bit hands an op a resolved copy, so such a call is not
+# plain and has no plan (an output gradient reaches a backward op as one). A C call in ``map``.
+_is_neg = operator.methodcaller("is_neg")
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _any_autocast = torch._C._is_any_autocast_enabled
 _autocast_enabled = torch.is_autocast_enabled  # (device_type)
@@ -117,7 +121,8 @@ def plain(args: tuple) -> bool:
     runs the ones without a plan past the dispatcher by it."""
     if _state()[_SETTINGS_SIZE:] != _PLAIN:
         return False
-    return all(type(a) is _TENSOR or type(a) is _PARAMETER for a in args if isinstance(a, torch.Tensor))
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    return all(type(a) is _TENSOR or type(a) is _PARAMETER for a in tensors) and not (True in map(_is_neg, tensors))
 
 
 _AUTOCAST_ONLY = (0, True, None, -1)  # ``_PLAIN`` but for an autocast region
@@ -144,7 +149,9 @@ def signature(args: tuple) -> tuple | None:
     for a in args:  # one entry per argument: its position says which argument it is
         kind = type(a)
         if kind is _TENSOR or kind is _PARAMETER:  # its type too: a Parameter's plan checks for a Parameter (``Recent``)
-            key += (kind, _tensor_signature(a), _unit_last_stride(a), a.is_neg())  # the guard tells a negated view by its dispatch key
+            if a.is_neg():  # no plan and no plain call (``plain``): the dispatcher resolves a lazily negated view
+                return None
+            key += (kind, _tensor_signature(a), _unit_last_stride(a))
         elif a is None:
             key += (None,)
         elif kind in _VALUES:

@@ -68,3 +68,48 @@ def test_negated_views_are_refused(op, backend):
         OPS[op](x)  # a plan for the plain tensor first
         with pytest.raises(TypeError, match=f"{name} is a lazily negated view"):
             OPS[op](negated)
+
+
+def _grad_cases():
+    """op -> (inputs, ``f(*inputs) -> output``), every float input requiring grad."""
+    def leaf(*shape):
+        return torch.randn(*shape, device=DEVICE, requires_grad=True)
+
+    grids = torch.tensor([[4, 4], [2, 4]], device=DEVICE)
+    return {
+        "pool": ([leaf(2, 16, 8)], lambda x: deco_ops.adaptive_avg_pool_tokens(x, (4, 4), (3, 3))),
+        "bilinear": ([leaf(2, 16, 8)], lambda x: deco_ops.bilinear_pool_tokens(x, (4, 4), (3, 3))),
+        "pool_linear": ([leaf(2, 16, 8), leaf(6, 8), leaf(6)],
+                        lambda x, w, b: deco_ops.pool_linear(x, w, b, grid=(4, 4), out_grid=(2, 2))),
+        "pool_mlp": ([leaf(2, 16, 8), leaf(6, 8), leaf(6), leaf(5, 6), leaf(5)],
+                     lambda x, *p: deco_ops.pool_mlp(x, *p, grid=(4, 4), out_grid=(2, 2))),
+        "mlp_pool": ([leaf(2, 16, 8), leaf(6, 8), leaf(6), leaf(5, 6), leaf(5)],
+                     lambda x, *p: deco_ops.mlp_pool(x, *p, grid=(4, 4), out_grid=(2, 2))),
+        "merge_mlp": ([leaf(2, 16, 8), leaf(8), leaf(8), leaf(6, 32), leaf(6), leaf(5, 6), leaf(5)],
+                      lambda x, *p: deco_ops.merge_mlp(x, *p)),
+        "cross_attention": ([leaf(2, 3, 2, 8), leaf(2, 7, 2, 8), leaf(2, 7, 2, 8)], deco_ops.cross_attention),
+        "pool_packed": ([leaf(24, 8)], lambda x: deco_ops.adaptive_avg_pool_tokens_packed(x, grids, stride=2)[0]),
+        "pool_mlp_packed": ([leaf(24, 8), leaf(6, 8), leaf(6), leaf(5, 6), leaf(5)],
+                            lambda x, *p: deco_ops.pool_mlp_packed(x, grids, *p, stride=2)[0]),
+        "merge_mlp_packed": ([leaf(24, 8), leaf(8), leaf(8), leaf(6, 32), leaf(6), leaf(5, 6), leaf(5)],
+                             lambda x, *p: deco_ops.merge_mlp_packed(x, grids, *p)[0]),
+    }
+
+
+@pytest.mark.parametrize("setting", [("triton", "fused"), ("triton", "composed"), ("torch", "auto")], ids="-".join)
+@pytest.mark.parametrize("op", list(_grad_cases()))
+def test_a_negated_output_gradient_is_read_as_its_value(op, setting):
+    """An output gradient that is a lazily negated view (``torch.autograd.grad``'s ``grad_outputs``
+    as the user made it) reaches the backward ops as one: they run past the plans, through the
+    dispatcher, which resolves it; the gradients equal those of the same values in plain memory."""
+    inputs, f = _grad_cases()[op]
+    backend, strategy = setting
+    with deco_ops.use_backend(backend), deco_ops.use_strategy(strategy):
+        y = f(*inputs)
+        g = torch.randn_like(y)
+        negated = torch._neg_view(-g)
+        assert negated.is_neg() and torch.equal(negated, g)
+        expected = torch.autograd.grad(y, inputs, g, retain_graph=True)  # a plan for the plain gradient first
+        got = torch.autograd.grad(y, inputs, negated)
+    for name, e, a in zip("abcdefg", expected, got):
+        torch.testing.assert_close(a, e, rtol=0, atol=0, msg=lambda m: f"{op} input {name}: {m}")
