@@ -58,10 +58,13 @@ _tensor_signature = operator.attrgetter("shape", "dtype", "device", "requires_gr
 # error there): the checks look for one first, inline (``True in map(...)`` profiles as no call).
 _is_nested = operator.attrgetter("is_nested")
 _is_compiling = torch.compiler.is_compiling
-# A lazily negated view (``z.conj().imag``) holds -value in its memory, which the kernels read: the
-# dispatcher's fallback for the negative bit hands an op a resolved copy, so such a call is not
-# plain and has no plan (an output gradient reaches a backward op as one). A C call in ``map``.
+# A lazily negated view (``z.conj().imag``) holds -value in its memory, and a lazy zero tensor
+# (``torch._efficientzerotensor``, which autograd may pass as a gradient) has none; the kernels read
+# memory. The dispatcher's fallbacks for the negative bit and for zero tensors hand an op a resolved
+# copy or real zeros, so such a call is not plain and has no plan (an output gradient reaches a
+# backward op as one). C calls in ``map``.
 _is_neg = operator.methodcaller("is_neg")
+_is_zerotensor = operator.methodcaller("_is_zerotensor")
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _any_autocast = torch._C._is_any_autocast_enabled
 _autocast_enabled = torch.is_autocast_enabled  # (device_type)
@@ -122,7 +125,8 @@ def plain(args: tuple) -> bool:
     if _state()[_SETTINGS_SIZE:] != _PLAIN:
         return False
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    return all(type(a) is _TENSOR or type(a) is _PARAMETER for a in tensors) and not (True in map(_is_neg, tensors))
+    return (all(type(a) is _TENSOR or type(a) is _PARAMETER for a in tensors)
+            and not (True in map(_is_neg, tensors) or True in map(_is_zerotensor, tensors)))
 
 
 _AUTOCAST_ONLY = (0, True, None, -1)  # ``_PLAIN`` but for an autocast region
@@ -149,7 +153,7 @@ def signature(args: tuple) -> tuple | None:
     for a in args:  # one entry per argument: its position says which argument it is
         kind = type(a)
         if kind is _TENSOR or kind is _PARAMETER:  # its type too: a Parameter's plan checks for a Parameter (``Recent``)
-            if a.is_neg():  # no plan and no plain call (``plain``): the dispatcher resolves a lazily negated view
+            if a.is_neg() or a._is_zerotensor():  # no plan and no plain call (``plain``): the dispatcher resolves them
                 return None
             key += (kind, _tensor_signature(a), _unit_last_stride(a))
         elif a is None:

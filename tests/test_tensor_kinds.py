@@ -96,20 +96,28 @@ def _grad_cases():
     }
 
 
+LAZY_GRADIENTS = {
+    # (what the user passes, the same values in plain memory)
+    "negated": lambda g: (torch._neg_view(-g), g),
+    "zero": lambda g: (torch._efficientzerotensor(g.shape, dtype=g.dtype, device=g.device), torch.zeros_like(g)),
+}
+
+
+@pytest.mark.parametrize("kind", LAZY_GRADIENTS)
 @pytest.mark.parametrize("setting", [("triton", "fused"), ("triton", "composed"), ("torch", "auto")], ids="-".join)
 @pytest.mark.parametrize("op", list(_grad_cases()))
-def test_a_negated_output_gradient_is_read_as_its_value(op, setting):
-    """An output gradient that is a lazily negated view (``torch.autograd.grad``'s ``grad_outputs``
-    as the user made it) reaches the backward ops as one: they run past the plans, through the
-    dispatcher, which resolves it; the gradients equal those of the same values in plain memory."""
+def test_a_lazy_output_gradient_is_read_as_its_value(op, setting, kind):
+    """An output gradient that is a lazily negated view or a lazy zero tensor (autograd passes the
+    latter itself; a user may pass either as ``grad_outputs``) reaches the backward ops as one: they
+    run past the plans, through the dispatcher, which resolves it; the gradients equal those of the
+    same values in plain memory (the kernels read -g, or a null pointer, before)."""
     inputs, f = _grad_cases()[op]
     backend, strategy = setting
     with deco_ops.use_backend(backend), deco_ops.use_strategy(strategy):
         y = f(*inputs)
-        g = torch.randn_like(y)
-        negated = torch._neg_view(-g)
-        assert negated.is_neg() and torch.equal(negated, g)
-        expected = torch.autograd.grad(y, inputs, g, retain_graph=True)  # a plan for the plain gradient first
-        got = torch.autograd.grad(y, inputs, negated)
+        lazy, plain = LAZY_GRADIENTS[kind](torch.randn_like(y))
+        assert torch.equal(lazy, plain) and (lazy.is_neg() or lazy._is_zerotensor())
+        expected = torch.autograd.grad(y, inputs, plain, retain_graph=True)  # a plan for the plain gradient first
+        got = torch.autograd.grad(y, inputs, lazy)
     for name, e, a in zip("abcdefg", expected, got):
         torch.testing.assert_close(a, e, rtol=0, atol=0, msg=lambda m: f"{op} input {name}: {m}")
