@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import _plan
+from . import _checkpoint, _plan
 from ._triton_op import triton_op
 
 # autograd.Function.apply without its Python wrapper, which only matters under functorch
@@ -41,6 +41,7 @@ from ._triton_op import triton_op
 # plain eager call has none, and the wrapper's per-argument checks cost more than the op's checks
 _function_apply = torch._C._FunctionBase.__dict__["apply"]
 _copy_context = contextvars.copy_context
+_saved_tensors_hooks = _checkpoint.saved_tensors_hooks
 
 
 _names: dict[object, str] = {}  # custom op definition -> its name in ``deco``
@@ -72,7 +73,8 @@ def register_autograd(opdef, backward: Callable, setup_context: Callable) -> Non
 # ``use_backend`` / ``use_strategy`` blocks hold per ``contextvars`` context, and autograd runs the
 # backward of CUDA tensors on its own device thread, which would otherwise see none of them: the
 # setup keeps a copy of the context the forward ran in (``contextvars.copy_context``: a new
-# reference to the same immutable mapping, no copy of its entries) and the backward runs in it.
+# reference to the same immutable mapping, no copy of its entries) and the backward runs in it;
+# so does an activation checkpoint's recompute of the region (``_checkpoint``).
 
 
 def _keeping_context(setup_context: Callable) -> Callable:
@@ -82,6 +84,9 @@ def _keeping_context(setup_context: Callable) -> Callable:
     def setup(ctx, inputs, output):
         setup_context(ctx, inputs, output)
         ctx.forward_context = _copy_context()
+        hooks = _saved_tensors_hooks(False)
+        if hooks is not None:
+            _checkpoint.recompute_in_this_context(hooks)
 
     return setup
 
@@ -208,6 +213,9 @@ class Op:
                     output = first.detach() if first is output else (first.detach(), *output[1:])
                 setup_context(ctx, args, output)
                 ctx.forward_context = _copy_context()
+                hooks = _saved_tensors_hooks(False)
+                if hooks is not None:  # a checkpointed region's forward: its recompute runs in this context
+                    _checkpoint.recompute_in_this_context(hooks)
                 return output
 
             # built with type() so that autograd names its node after the op (deco_pool_mlpBackward)

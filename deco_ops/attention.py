@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import _autocast, _backend, _plan, composed_attention, strategy
+from . import _autocast, _backend, _checkpoint, _plan, composed_attention, strategy
 from ._direct import custom_op, deco, register_autograd
 from . import _validate_attention as _check
 from . import reference_attention as reference
@@ -562,8 +562,10 @@ def _plan_of(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k
         default = scale == 1.0 / math.sqrt(q.shape[-1])  # the kernel's own scale, computed as it computes it
         shared = q.shape[0] != k.shape[0]
         if default and not shared and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:  # the common call, and
-            return _on_cpu_sdpa  # a signature fixes these strides (``_plan``)
-        return functools.partial(_on_cpu_sdpa_as_given, None if default else scale, shared)
+            native = _on_cpu_sdpa  # a signature fixes these strides (``_plan``)
+        else:
+            native = functools.partial(_on_cpu_sdpa_as_given, None if default else scale, shared)
+        return _checkpoint.recording(native) if records else native
     mask_shape = None if attn_bias is None else attn_bias.shape  # (B, H, M, N): the next calls' masks are converted to it
     weights = None if not need_weights else bool(average_attn_weights)
     return functools.partial(_planned, deco.cross_attention.runner(impl, records), scale, dropout_p, need_lse, mask_shape, weights)

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 import deco_ops
@@ -246,3 +247,61 @@ def test_second_order_through_a_backward_without_formula_raises(name):
     (grad,) = torch.autograd.grad(ops[name]().square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="autograd formula|not implemented"):
         grad.square().sum().backward()
+
+
+def _regions_ending_in_a_torch_op():
+    """name -> (region, leaf shapes): each ends in a PyTorch op whose backward runs first and so
+    unpacks first, starting the recompute outside any op of ours."""
+    torch.manual_seed(0)
+    resampler = deco_ops.QueryResampler(3, 16, C, 2)
+    w = torch.randn(5, 16)
+    mlp = [torch.randn(12, C), torch.randn(12), torch.randn(16, 12), torch.randn(16)]
+    return {
+        "QueryResampler": (lambda x: resampler(x), [(2, 7, C)]),
+        "cross_attention": (lambda q, k, v: F.linear(deco_ops.cross_attention(q, k, v).flatten(2), w),
+                            [(1, 3, 2, 8), (2, 7, 2, 8), (2, 7, 2, 8)]),
+        "pool_mlp": (lambda x: F.linear(deco_ops.pool_mlp(x, *mlp, grid=GRID, out_grid=OUT_GRID), w), [(2, 16, C)]),
+    }
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton kernels on CPU tensors (the interpreter) against the PyTorch path")
+@pytest.mark.parametrize("determinism_check", ["default", "none"])
+@pytest.mark.parametrize("forward_backend,backward_backend", [("triton", "auto"), ("torch", "triton")])
+@pytest.mark.parametrize("name", list(_regions_ending_in_a_torch_op()))
+def test_checkpoint_recomputes_under_the_forward_s_settings(name, forward_backend, backward_backend, determinism_check):
+    """The recompute of a non-reentrant checkpoint starts when backward first unpacks one of the
+    region's tensors, here in a PyTorch op, in the context backward runs in: with the forward in a
+    ``use_backend`` block and ``backward()`` outside it (or on CUDA's autograd thread, which sees no
+    block), the region was recomputed on the other backend (a CheckpointError; with the check off,
+    kernels handed tensors of other shapes: a heap corruption in the interpreter). It now runs
+    under the forward's blocks: the gradients are those of the same forward without checkpoint."""
+    fn, shapes = _regions_ending_in_a_torch_op()[name]
+    g = torch.Generator().manual_seed(5)
+    inputs = [randn(*s, generator=g) for s in shapes]
+    grads = []
+    for checkpointed in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        with deco_ops.use_backend(forward_backend):
+            out = checkpoint(fn, *leaves, use_reentrant=False, determinism_check=determinism_check) if checkpointed else fn(*leaves)
+        with deco_ops.use_backend(backward_backend):
+            grads.append(torch.autograd.grad(out.square().sum(), leaves))
+    for i, (got, want) in enumerate(zip(*grads[::-1])):
+        assert torch.equal(got, want), f"{name}: gradient {i} differs under checkpoint"
+
+
+def test_checkpoint_frame_is_found():
+    """``deco_ops._checkpoint`` finds a checkpoint's frame through PyTorch internals (no public
+    hook): this fails where a PyTorch release moves them, before a recompute silently stops
+    following the forward's settings."""
+    from deco_ops import _checkpoint
+
+    found = []
+
+    def region(x):
+        hooks = _checkpoint.saved_tensors_hooks(False)
+        found.append(hooks is not None and _checkpoint._checkpoint_frame(hooks[0]) is not None)
+        return x.sin()
+
+    x = randn(3).requires_grad_(True)
+    checkpoint(region, x, use_reentrant=False).sum().backward()
+    assert found == [True, False]  # the forward's frame; the recompute runs under other hooks

@@ -1,0 +1,71 @@
+"""Activation checkpointing recomputes a region under the settings its forward ran with.
+
+``torch.utils.checkpoint`` (non-reentrant, the default that Hugging Face's and PyTorch's training
+code use) frees a region's activations and recomputes the region the first time backward unpacks
+one of them. It restores the RNG and autocast state of the forward for that recompute, but not our
+``use_backend`` / ``use_strategy`` blocks (``contextvars``): the recompute runs in whatever context
+backward runs in, which is the caller's outside the block, and on CUDA autograd's device thread,
+which sees no block at all. A region whose forward ran its ops on one backend or strategy was then
+recomputed on another; the recomputed residuals did not match the ones the forward saved
+(a ``CheckpointError``, or with ``determinism_check="none"`` kernels handed tensors of other shapes).
+Our own backward formulas already run in their forward's context (``_direct``); an op's first
+recorded call inside a checkpointed forward also makes the region's recompute run in a copy of the
+forward's context.
+
+``torch.utils.checkpoint`` has no public hook for this (``context_fn`` is the caller's argument):
+the region's frame is found through the saved-tensor hooks it installs around its forward (the pack
+hook's closure holds the frame, since torch 2.1). Where that layout is not found, nothing changes;
+``tests/test_training_tools.py`` fails if it moves. A nested checkpoint's outer region and the
+reentrant variant (``use_reentrant=True``, which recomputes and differentiates a fresh graph, so it
+cannot mismatch) keep their recompute as it is.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from collections.abc import Callable
+
+import torch
+
+_KEPT = "_deco_ops_context"  # set on a frame whose recompute already runs in its forward's context
+# (pack, unpack) of the innermost ``saved_tensors_hooks`` in force (a checkpoint's forward installs
+# its own), or None: what an op's recorded forward asks before ``recompute_in_this_context``
+saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+
+
+def recompute_in_this_context(hooks: tuple) -> None:
+    """Called from an op's recorded forward while saved-tensor ``hooks`` (pack, unpack) are
+    installed: if they are a non-reentrant checkpoint's, its region will be recomputed in a copy
+    of the current context (a copy of its own: an op's backward may already be running in the
+    context it keeps, and a context cannot be entered twice)."""
+    frame = _checkpoint_frame(hooks[0])
+    if frame is None or getattr(frame, _KEPT, False):
+        return
+    frame.recompute_fn = functools.partial(contextvars.copy_context().run, frame.recompute_fn)
+    setattr(frame, _KEPT, True)
+
+
+def _checkpoint_frame(pack_hook) -> object | None:
+    """The ``torch.utils.checkpoint._CheckpointFrame`` that ``pack_hook`` saves tensors for, or None."""
+    for cell in getattr(pack_hook, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if type(value).__name__ == "_CheckpointFrame" and callable(getattr(value, "recompute_fn", None)):
+            return value
+    return None
+
+
+def recording(run: Callable) -> Callable:
+    """``run``, a plan that autograd records as ATen's own nodes (no op Function of ours: SDPA's
+    CPU kernel), doing what an op's recorded forward does under a checkpoint first."""
+
+    def recorded(*args):
+        hooks = saved_tensors_hooks(False)
+        if hooks is not None:
+            recompute_in_this_context(hooks)
+        return run(*args)
+
+    return recorded
