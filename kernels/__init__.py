@@ -13,10 +13,11 @@ if __name__ == "kernels":
     import os
     import sys
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # Skipped: every checkout of deco_ops on sys.path (this one, another on PYTHONPATH), whose
+    # kernels/ would hand the name on again; one is told by a kernel file of ours in it.
     _spec = importlib.machinery.PathFinder.find_spec(
-        __name__, [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
-    del sys.modules[__name__]
+        __name__, [p for p in sys.path if not os.path.isfile(os.path.join(p or os.curdir, __name__, "pool_gemm.py"))])
+    sys.modules.pop(__name__, None)
     if _spec is None:
         raise ModuleNotFoundError(f"No module named {__name__!r} (this checkout's kernels/ is deco_ops.kernels)",
                                   name=__name__)
@@ -25,5 +26,5 @@ if __name__ == "kernels":
     try:
         _spec.loader.exec_module(_module)
     except BaseException:
-        del sys.modules[__name__]
+        sys.modules.pop(__name__, None)
         raise

@@ -135,9 +135,12 @@ def test_checkout_root_leaves_the_name_kernels_to_its_owner(tmp_path):
     other.mkdir(parents=True)
     (other / "__init__.py").write_text("OWNER = 'the other kernels'\nfrom . import sub\n")
     (other / "sub.py").write_text("")
-    probe = ("import sys; sys.path[1:1] = [sys.argv[1]]; import kernels, kernels.sub; "
+    another_checkout = tmp_path / "another_checkout"  # as on a PYTHONPATH: its kernels/ hands the name on too
+    shutil.copytree(ROOT / "kernels", another_checkout / "kernels")
+    probe = ("import sys; sys.path[1:1] = sys.argv[1:]; import kernels, kernels.sub; "
              "print(kernels.OWNER, kernels.__file__ == sys.modules['kernels'].__file__)")
-    out = subprocess.run([sys.executable, "-c", probe, str(other.parent)], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", probe, str(another_checkout), str(other.parent)], cwd=ROOT,
+                         capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.split() == ["the", "other", "kernels", "True"], out.stderr
     missing = ("import sys\ntry:\n    import kernels\nexcept ModuleNotFoundError as e:\n"
                "    print(e.name, 'kernels' in sys.modules)")
