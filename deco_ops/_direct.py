@@ -10,7 +10,7 @@ call, nested ops paying it again (the first GPU run: a LLaVA-1.5 batch-1 forward
 formula directly when the call is *plain eager*: not compiling, no functorch transform, no
 dispatch mode (FakeTensorMode, FlopCounterMode, a test's mode), every tensor argument a plain
 ``torch.Tensor`` or ``nn.Parameter`` (no FakeTensor, FunctionalTensor, DTensor), no autocast region
-and no forward-mode AD level (``_plan.plain``, the one definition). Then autograd records a
+and no forward-mode AD level, not under ``torch.jit.trace`` (``_plan.plain``, the one definition). Then autograd records a
 ``torch.autograd.Function`` built from the op's ``setup_context`` and backward, or nothing at all
 where it would record nothing (grad mode off, or no input that requires grad: backward formulas,
 inference). A call that would be plain but for a CPU or CUDA autocast region (the backward

@@ -28,7 +28,8 @@ the last dim's stride), the rest by type and value, in a closure installed as ``
 last signature: about a third of the key's cost (docs/host-path.md).
 
 Only *plain eager* calls use plans (``plain``: not compiling, no dispatch mode, no functorch
-transform, no autocast region, no forward-mode AD level, every tensor a plain ``torch.Tensor`` or
+transform, no autocast region, no forward-mode AD level, no ``torch.jit.trace``, no lazily negated
+or zero tensor, every tensor a plain ``torch.Tensor`` or
 ``nn.Parameter``; for a plan, every other argument None, a bool, int, float, str, a ``torch.dtype``
 or a tuple/list of them); every other call takes the op's full path (validation, then ``torch.ops.deco``), which is
 also what ``torch.compile`` traces.
@@ -58,6 +59,10 @@ _tensor_signature = operator.attrgetter("shape", "dtype", "device", "requires_gr
 # error there): the checks look for one first, inline (``True in map(...)`` profiles as no call).
 _is_nested = operator.attrgetter("is_nested")
 _is_compiling = torch.compiler.is_compiling
+# What a check asks first: True only while dynamo traces it (dynamo answers the call), one call
+# where ``is_compiling`` makes two. The other tracers (export's non-strict mode, AOT autograd) run
+# the ops on FakeTensors under a dispatch mode: no check passes them (``_state``, the guards).
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 # A lazily negated view (``z.conj().imag``) holds -value in its memory, and a lazy zero tensor
 # (``torch._efficientzerotensor``, which autograd may pass as a gradient) has none; the kernels read
 # memory. The dispatcher's fallbacks for the negative bit and for zero tensors hand an op a resolved
@@ -73,6 +78,7 @@ _deterministic = torch._C._get_deterministic_algorithms  # torch.are_determinist
 _warn_only = torch._C._get_deterministic_algorithms_warn_only  # ... and is_deterministic_algorithms_warn_only_enabled's
 _peek_functorch = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 _forward_ad = torch.autograd.forward_ad  # its _current_level: -1 outside ``dual_level()``
+_tracing_state = torch._C._get_tracing_state  # None outside ``torch.jit.trace``
 
 _all: list[Plans] = []  # every op's plans, for clear()
 
@@ -108,11 +114,12 @@ def _state() -> tuple:
     return (_grad_enabled(), _deterministic(), _warn_only(), _backend_override(), _backend_env(_backend_key),
             _strategy_override(), _strategy_env(_strategy_key), _interpret_env(_interpret_key),
             _c10d._world._default_pg is not None if _c10d is not None else _process_group_up(),
-            _dispatch_modes(), _any_autocast(), _peek_functorch(), _forward_ad._current_level)
+            _dispatch_modes(), _any_autocast(), _peek_functorch(), _forward_ad._current_level, _tracing_state())
 
 
-# no dispatch mode, no autocast, no functorch transform, no forward-mode AD level (dual tensors)
-_PLAIN = (0, False, None, -1)
+# no dispatch mode, no autocast, no functorch transform, no forward-mode AD level (dual tensors),
+# no ``torch.jit.trace`` (it records the dispatcher's ops: a traced call goes through ``torch.ops.deco``)
+_PLAIN = (0, False, None, -1, None)
 _STATE_SIZE = len(_state())  # a signature's first entries
 _SETTINGS_SIZE = _STATE_SIZE - len(_PLAIN)  # ... of which the settings, then what ``_PLAIN`` compares
 
@@ -129,7 +136,7 @@ def plain(args: tuple) -> bool:
             and not (True in map(_is_neg, tensors) or True in map(_is_zerotensor, tensors)))
 
 
-_AUTOCAST_ONLY = (0, True, None, -1)  # ``_PLAIN`` but for an autocast region
+_AUTOCAST_ONLY = (0, True, None, -1, None)  # ``_PLAIN`` but for an autocast region
 
 
 def plain_but_autocast(args: tuple) -> bool:
@@ -141,6 +148,16 @@ def plain_but_autocast(args: tuple) -> bool:
     if not any(map(_autocast_enabled, AUTOCAST_DEVICE_TYPES)):
         return False
     return all(type(a) is _TENSOR or type(a) is _PARAMETER for a in args if isinstance(a, torch.Tensor))
+
+
+def needs_residuals(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call must keep what its backward reads (pooled input, pre-activation, the LSE):
+    autograd records it (grad mode on, a tensor requires grad), or ``torch.jit.trace`` records it,
+    whose graph must not depend on grad mode (its check replays the function under ``no_grad``;
+    the traced module may be differentiated)."""
+    if _tracing_state() is not None:
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def signature(args: tuple) -> tuple | None:
@@ -229,7 +246,7 @@ def _checkers(args: tuple, state: tuple, plan: object, misses: tuple[Callable[[t
 
     def checker(otherwise: Callable[[tuple, tuple], object]) -> Callable[..., object]:
         def checked(*call):
-            if _is_compiling():  # first, before any state is read: a traced call takes the full path, never guards on it
+            if _is_dynamo_compiling():  # first, before any state is read: a traced call takes the full path, never guards on it
                 return None
             now = _state()
             tensors = pick_tensors(call)

@@ -22,6 +22,20 @@ def positive_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+tracing_state = torch._C._get_tracing_state  # None outside ``torch.jit.trace``
+
+
+def not_traced(name: str) -> None:
+    """Refuses a call under ``torch.jit.trace`` that reads ``name``'s values on the host (grids,
+    key offsets: they size the launch): the trace would keep this call's values as constants and
+    replay them for any other (a silent wrong answer)."""
+    if tracing_state() is not None:
+        raise RuntimeError(
+            f"torch.jit.trace cannot record {name}: deco_ops reads its values on the host (they size the launch), "
+            f"so a trace would replay this call's {name} for every other. Call this op outside the traced code, "
+            "or use torch.compile (the host read is a graph break there)")
+
+
 def tensor(name: str, value, ndim: int | None = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

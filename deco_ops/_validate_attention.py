@@ -115,6 +115,7 @@ def cu_seqlens(value, total: int, device: torch.device) -> tuple[torch.Tensor, i
         raise ValueError(f"cu_seqlens_k must have B + 1 >= 2 entries, got {value.shape[0]}")
     if value.device != device:
         raise ValueError(f"cu_seqlens_k is on {value.device} but q is on {device}")
+    _validate.not_traced("cu_seqlens_k")
     offsets = value.tolist()  # the one host transfer (a sync when on the GPU): sizes the launch
     lens = [b - a for a, b in zip(offsets, offsets[1:])]
     if offsets[0] != 0 or min(lens) < 0 or offsets[-1] > total:

@@ -537,9 +537,9 @@ def _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k
 
 
 def _needs_lse(q, k, v) -> bool:
-    """Whether a backward will read the LSE: autograd records the call (grad mode on, an input
-    requires grad). Known here, not in the op's body (``_cross_attention``)."""
-    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    """Whether a backward will read the LSE (``_plan.needs_residuals``). Known here, not in the op's
+    body (``_cross_attention``)."""
+    return _plan.needs_residuals(q, k, v)
 
 
 def _plan_of(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k, attn_mask=None, need_weights=False,

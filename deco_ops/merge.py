@@ -42,7 +42,8 @@ from . import _autocast, _backend, _plan, _validate, composed, merge_reference, 
 from ._direct import custom_op, deco, register_autograd
 from .kernels import merge_gemm, merge_norm, packed_pool
 from .packed import Packing, PackedPlans, _grid_table, device_geometry, device_tables
-from .projector import ACTIVATIONS, activation_backward, add_grads, linear_grads, needs_residuals
+from ._plan import needs_residuals
+from .projector import ACTIVATIONS, activation_backward, add_grads, linear_grads
 
 ORDERS = ("block", "grid")
 NORMS = ("layernorm", "rmsnorm")

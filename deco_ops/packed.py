@@ -40,7 +40,8 @@ from ._direct import Op, custom_op, deco, register_autograd
 from ._transfer import refuse_capture, to_device
 from .kernels import packed_pool, pool_gemm
 from .kernels._traceable import tracing
-from .projector import ACTIVATIONS, add_grads, mlp_backward, needs_residuals
+from ._plan import needs_residuals
+from .projector import ACTIVATIONS, add_grads, mlp_backward
 
 MODES = ("average", "bilinear")
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -69,6 +70,7 @@ def _grid_table(name: str, value, ndim: int | None = None) -> list[tuple[int, ..
         raise ValueError(f"{name} has {value.shape[1]} columns but grids has {ndim}; they must match")
     if value.device.type == "meta":
         raise ValueError(f"{name} must hold its values (a CPU or GPU tensor), got a tensor on the meta device")
+    _validate.not_traced(name)  # a traced call is not plain (``_plan``): it has no plan and comes here
     rows = [tuple(int(v) for v in r) for r in value.tolist()]  # the one host read (sync if on GPU)
     for i, r in enumerate(rows):
         if min(r) < 1:

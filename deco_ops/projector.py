@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from . import _autocast, _backend, _plan, _validate, composed, pooling, reference, strategy
 from ._direct import custom_op, deco, register_autograd
 from .kernels import gemm_act_grad, pool_gemm, tma_gemm
+from ._plan import needs_residuals
 from .pooling import as_3d, check_pool_input
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "quick_gelu")
@@ -336,11 +337,6 @@ register_autograd(_pool_mlp, _pool_mlp_backward, _pool_mlp_setup)
 
 # ----------------------------------------------------------------------------------------------
 # public API
-
-
-def needs_residuals(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd will need the ops' residuals (pooled input, pre-activation)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_common(x, grid, out_grid, **params):

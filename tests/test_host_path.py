@@ -21,21 +21,21 @@ cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="counts the PyTorch p
 
 # op -> {mode: cProfile total_calls of one warm call with the user's default settings (no backend
 # or strategy chosen: the PyTorch path on CPU tensors)}: measured, plus a margin of 2 for harmless
-# drift. Issue 20 asks for <= 60 per op call (the forward modes); the eager code these ops replace
+# drift (1 where 2 would pass issue 20's limit). Issue 20 asks for <= 60 per op call (the forward modes); the eager code these ops replace
 # makes 21, 19, 18, 21, 13, 16, 8 and (two images) 36 calls, counted the same way
 # (python -m benchmarks.host_cost). fwd+bwd counts torch's own backward() too (eager: 56-85 calls);
 # pinned so that the backward ops' plans stay (test_backward_ops_are_planned checks each plan itself).
 # autocast: fp32 inputs inside a bf16 autocast region, run as the plain call of the cast inputs
 # (``_autocast.plain_call``: the casts, then the op's plan); through the dispatcher 183-389 calls.
 CALLS = {
-    "pool_mlp": {"infer": 34 + 2, "grad": 43 + 2, "fwd+bwd": 174 + 2, "autocast": 130 + 2, "autocast+bwd": 296 + 2},
-    "pool_linear": {"infer": 32 + 2, "grad": 41 + 2, "fwd+bwd": 138 + 2, "autocast": 106 + 2, "autocast+bwd": 238 + 2},
-    "adaptive_avg_pool_tokens": {"infer": 30 + 2, "grad": 38 + 2, "fwd+bwd": 124 + 2, "autocast": 71 + 2, "autocast+bwd": 191 + 2},
-    "mlp_pool": {"infer": 36 + 2, "grad": 43 + 2, "fwd+bwd": 154 + 2, "autocast": 144 + 2, "autocast+bwd": 291 + 2},
-    "merge_mlp": {"infer": 29 + 2, "grad": 42 + 2, "fwd+bwd": 168 + 2, "autocast": 146 + 2, "autocast+bwd": 313 + 2},
-    "merge_mlp_grid": {"infer": 33 + 2, "grad": 47 + 2, "fwd+bwd": 181 + 2, "autocast": 150 + 2, "autocast+bwd": 326 + 2},
-    "cross_attention": {"infer": 27 + 2, "grad": 27 + 2, "fwd+bwd": 79 + 2, "autocast": 113 + 2, "autocast+bwd": 191 + 2},
-    "pool_mlp_packed": {"infer": 51 + 2, "grad": 58 + 2, "fwd+bwd": 196 + 2, "autocast": 172 + 2, "autocast+bwd": 343 + 2},
+    "pool_mlp": {"infer": 34 + 2, "grad": 44 + 2, "fwd+bwd": 175 + 2, "autocast": 131 + 2, "autocast+bwd": 298 + 2},
+    "pool_linear": {"infer": 32 + 2, "grad": 42 + 2, "fwd+bwd": 139 + 2, "autocast": 107 + 2, "autocast+bwd": 240 + 2},
+    "adaptive_avg_pool_tokens": {"infer": 30 + 2, "grad": 39 + 2, "fwd+bwd": 125 + 2, "autocast": 73 + 2, "autocast+bwd": 194 + 2},
+    "mlp_pool": {"infer": 36 + 2, "grad": 44 + 2, "fwd+bwd": 155 + 2, "autocast": 145 + 2, "autocast+bwd": 293 + 2},
+    "merge_mlp": {"infer": 29 + 2, "grad": 43 + 2, "fwd+bwd": 170 + 2, "autocast": 147 + 2, "autocast+bwd": 315 + 2},
+    "merge_mlp_grid": {"infer": 33 + 2, "grad": 48 + 2, "fwd+bwd": 183 + 2, "autocast": 151 + 2, "autocast+bwd": 328 + 2},
+    "cross_attention": {"infer": 27 + 2, "grad": 29 + 2, "fwd+bwd": 81 + 2, "autocast": 114 + 2, "autocast+bwd": 194 + 2},
+    "pool_mlp_packed": {"infer": 51 + 2, "grad": 59 + 1, "fwd+bwd": 197 + 2, "autocast": 173 + 2, "autocast+bwd": 345 + 2},
 }
 FORWARD_LIMIT = 60  # issue 20
 
