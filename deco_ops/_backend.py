@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 
@@ -32,6 +33,8 @@ def _switch_on_interpreter() -> None:
         return
     if torch.cuda.is_available():
         return
+    if "triton" in sys.modules:  # its own jit functions (tl.sum, ...) are compiled-mode already: the
+        return  # kernels would call them from the interpreter and fail inside; ``use_triton`` says why instead
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
@@ -79,7 +82,8 @@ def use_triton(device: torch.device) -> bool:
     if device.type == "cpu":
         raise RuntimeError(
             "DECO_OPS_BACKEND=triton on CPU tensors needs Triton's interpreter, which deco_ops switches "
-            "on only when DECO_OPS_BACKEND=triton is set before `import deco_ops` in a process without "
-            "a GPU. Move the tensors to CUDA or use the 'torch' backend."
+            "on only when DECO_OPS_BACKEND=triton is set before `import deco_ops` and before anything "
+            "imports triton (transformers and torch._inductor do), in a process without a GPU; or set "
+            "TRITON_INTERPRET=1 before triton is imported. Move the tensors to CUDA or use the 'torch' backend."
         )
     raise RuntimeError(f"the triton backend has no kernels for device {device}")

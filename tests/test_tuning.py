@@ -6,6 +6,8 @@ Triton's own ``Autotuner.run`` with its timer (``do_bench``) replaced by a fake 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import triton
@@ -362,6 +364,32 @@ def test_interpreter_switch_is_read_as_triton_reads_it(monkeypatch):
         assert _tuning.env_true(value) is expected and _tuning.env_true(value.encode()) is expected, value
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not deco_ops._backend.interpreting() and not _tuning.env_true(None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is switched on only without a GPU")
+@pytest.mark.parametrize("first", ["deco_ops", "triton"])
+def test_backend_variable_switches_the_interpreter_on_only_before_triton(first):
+    """``DECO_OPS_BACKEND=triton`` on a CPU-only machine switches Triton's interpreter on at
+    ``import deco_ops``; where triton was imported first (``import transformers`` does it), its
+    own jit functions are compiled-mode already and every kernel failed inside the interpreter
+    (``InterpretedFunction`` calling a ``JITFunction``). Then the switch stays off and the op says why."""
+    import subprocess
+    import sys
+
+    script = ("import triton\n" if first == "triton" else "") + (
+        "import torch, deco_ops\n"
+        "try:\n"
+        "    print(tuple(deco_ops.adaptive_avg_pool_tokens(torch.randn(2, 16, 8), (4, 4), (2, 2)).shape))\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"DECO_OPS_BACKEND": "triton"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(deco_ops.__file__)), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    if first == "deco_ops":
+        assert run.stdout.strip() == "(2, 4, 8)", run.stdout
+    else:
+        assert "needs Triton's interpreter" in run.stdout and "before anything imports triton" in run.stdout, run.stdout
 
 
 def test_a_launch_no_config_fits_raises_naming_the_kernel(kernel, monkeypatch):
