@@ -42,11 +42,6 @@ def tensor(name: str, value, ndim: int | None = None) -> torch.Tensor:
     if value.layout is not torch.strided or value.is_nested:  # the kernels and the plans index strided memory
         kind = "a nested tensor" if value.is_nested else f"layout {value.layout}"
         raise TypeError(f"{name} must be a dense (strided) tensor, got {kind}")
-    # A lazily negated view's memory holds -value: the kernels and the reference's strided views
-    # read memory. (Not asked while dynamo traces: it cannot put the answer in a graph.)
-    if not torch.compiler.is_compiling() and value.is_neg():
-        raise TypeError(f"{name} is a lazily negated view (negative bit set, e.g. from z.conj().imag): "
-                        f"pass {name}.resolve_neg()")
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
     return value

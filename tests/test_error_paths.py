@@ -119,8 +119,6 @@ CASES = [
     ("layout", lambda mp: mlp(w1=torch.randn(8, 4).to_sparse()), TypeError, "w1 must be a dense \\(strided\\) tensor, got layout torch.sparse_coo"),
     ("nested", lambda mp: mlp(x=torch.nested.nested_tensor([torch.randn(16, 4)] * 2)), TypeError,
      r"x must be a dense \(strided\) tensor, got a nested tensor"),
-    ("negated-view", lambda mp: mlp(x=torch._neg_view(torch.randn(2, 16, 4))), TypeError,
-     r"x is a lazily negated view \(negative bit set, e.g. from z.conj\(\).imag\): pass x.resolve_neg\(\)"),
     ("rank", lambda mp: mlp(x=torch.randn(2, 16)), ValueError, r"x must have 3 dimensions, got shape \(2, 16\)"),
     ("dtype", lambda mp: mlp(x=torch.randn(2, 16, 4, dtype=torch.float64)), TypeError,
      "x has dtype torch.float64; supported here: float16, bfloat16, float32"),
