@@ -83,7 +83,7 @@ def use_triton(device: torch.device) -> bool:
         raise RuntimeError(
             "DECO_OPS_BACKEND=triton on CPU tensors needs Triton's interpreter, which deco_ops switches "
             "on only when DECO_OPS_BACKEND=triton is set before `import deco_ops` and before anything "
-            "imports triton (transformers and torch._inductor do), in a process without a GPU; or set "
+            "imports triton (transformers, torch._dynamo, torch._inductor and torch.utils.checkpoint do), in a process without a GPU; or set "
             "TRITON_INTERPRET=1 before triton is imported. Move the tensors to CUDA or use the 'torch' backend."
         )
     raise RuntimeError(f"the triton backend has no kernels for device {device}")

@@ -8,9 +8,11 @@ backward runs in, which is the caller's outside the block, and on CUDA autograd'
 which sees no block at all. A region whose forward ran its ops on one backend or strategy was then
 recomputed on another; the recomputed residuals did not match the ones the forward saved
 (a ``CheckpointError``, or with ``determinism_check="none"`` kernels handed tensors of other shapes).
-Our own backward formulas already run in their forward's context (``_direct``); an op's first
-recorded call inside a checkpointed forward also makes the region's recompute run in a copy of the
-forward's context.
+Our own backward formulas already run in their forward's context (``_direct``); the first of an
+op's recorded calls and a block's entry inside a checkpointed forward also makes the region's
+recompute run in a copy of the context at that point. A region with neither (its ops all frozen,
+no block inside) is recomputed as before: no mismatch (an unrecorded op saves nothing), but its
+activations may come from another backend than the forward's.
 
 ``torch.utils.checkpoint`` has no public hook for this (``context_fn`` is the caller's argument):
 the region's frame is found through the saved-tensor hooks it installs around its forward (the pack
@@ -23,7 +25,6 @@ cannot mismatch) keep their recompute as it is.
 from __future__ import annotations
 
 import contextvars
-import functools
 from collections.abc import Callable
 
 import torch
@@ -55,14 +56,23 @@ saved_tensors_hooks = _top_hooks()
 
 
 def recompute_in_this_context(hooks: tuple) -> None:
-    """Called from an op's recorded forward while saved-tensor ``hooks`` (pack, unpack) are
-    installed: if they are a non-reentrant checkpoint's, its region will be recomputed in a copy
-    of the current context (a copy of its own: an op's backward may already be running in the
-    context it keeps, and a context cannot be entered twice)."""
+    """Called from an op's recorded forward, or a ``use_backend``/``use_strategy`` block being
+    entered (before its setting), while saved-tensor ``hooks`` (pack, unpack) are installed: if
+    they are a non-reentrant checkpoint's whose recompute runs as it was, the region will be
+    recomputed in a copy of the current context. The first of these inside a region decides: a
+    block entered inside it, then left, is entered and left again by the recompute, as in the
+    forward."""
     frame = _checkpoint_frame(hooks[0])
     if frame is None or getattr(frame, _KEPT, False):
         return
-    frame.recompute_fn = functools.partial(contextvars.copy_context().run, frame.recompute_fn)
+    context, recompute = contextvars.copy_context(), frame.recompute_fn
+
+    def in_forward_context(*args):
+        # a copy per recompute: backward passes on two threads may recompute the region at once,
+        # and one context cannot be entered twice
+        return context.copy().run(recompute, *args)
+
+    frame.recompute_fn = in_forward_context
     setattr(frame, _KEPT, True)
 
 

@@ -49,6 +49,7 @@ from torch._C._dynamo.guards import TensorGuards
 
 from . import _backend, strategy
 from ._validate import AUTOCAST_DEVICE_TYPES
+from ._validate import tracing_state as _tracing_state  # None outside ``torch.jit.trace``
 
 MAX_PLANS = 256  # per op; a real model calls each op with a handful of signatures
 
@@ -78,7 +79,6 @@ _deterministic = torch._C._get_deterministic_algorithms  # torch.are_determinist
 _warn_only = torch._C._get_deterministic_algorithms_warn_only  # ... and is_deterministic_algorithms_warn_only_enabled's
 _peek_functorch = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 _forward_ad = torch.autograd.forward_ad  # its _current_level: -1 outside ``dual_level()``
-_tracing_state = torch._C._get_tracing_state  # None outside ``torch.jit.trace``
 
 _all: list[Plans] = []  # every op's plans, for clear()
 

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from . import _checkpoint
+
 
 def environ_entry(name: str) -> tuple[Mapping, object]:
     """(mapping, key) such that ``mapping.get(key)`` reads ``$name`` in one dictionary lookup: on
@@ -100,7 +102,11 @@ class Setting:
     def use(self, name: str) -> Iterator[None]:
         """Force ``name`` inside a ``with`` block, in the current thread / context only; spelled as
         the environment variable may be (any case, surrounding spaces)."""
-        token = self.overrides.set(self.check(name.strip().lower() if isinstance(name, str) else name, self.what))
+        name = self.check(name.strip().lower() if isinstance(name, str) else name, self.what)
+        hooks = _checkpoint.saved_tensors_hooks(False)
+        if hooks is not None:  # a block opened inside a checkpointed region: its recompute starts outside it
+            _checkpoint.recompute_in_this_context(hooks)
+        token = self.overrides.set(name)
         try:
             yield
         finally:

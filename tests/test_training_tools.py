@@ -318,3 +318,70 @@ def test_checkpoint_hook_lookup_on_older_torch():
     hooks = (print, print)
     assert _checkpoint._top_hooks(SimpleNamespace(_top_saved_tensors_default_hooks=lambda: hooks))(False) is hooks
     assert _checkpoint._top_hooks(SimpleNamespace(_top_saved_tensors_default_hooks=lambda flag: hooks))(False) is hooks
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton kernels on CPU tensors (the interpreter) against the PyTorch path")
+def test_checkpoint_recompute_leaves_a_block_opened_inside_the_region():
+    """A ``use_backend`` block opened inside the region, around its first op of ours: the recompute
+    must start outside it, as the forward did, so the ops after the block run on the outer backend
+    again (a context copied at the first op held the block's setting, and leaving the block in the
+    recompute restored it: the attention after it was recomputed on the kernels, a CheckpointError)."""
+    torch.manual_seed(0)
+    mlp = [torch.randn(12, C), torch.randn(12), torch.randn(16, 12), torch.randn(16)]
+    w = torch.randn(5, 16)
+
+    def region(x, q, k, v):
+        with deco_ops.use_backend("triton"):
+            y = deco_ops.pool_mlp(x, *mlp, grid=GRID, out_grid=OUT_GRID)
+        return F.linear(deco_ops.cross_attention(q, k, v).flatten(2), w).square().sum() + y.square().sum()
+
+    g = torch.Generator().manual_seed(6)
+    inputs = [randn(*s, generator=g) for s in [(2, 16, C), (2, 3, 2, 8), (2, 7, 2, 8), (2, 7, 2, 8)]]
+    grads = []
+    for checkpointed in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        with deco_ops.use_backend("torch"):
+            out = checkpoint(region, *leaves, use_reentrant=False) if checkpointed else region(*leaves)
+            grads.append(torch.autograd.grad(out, leaves))
+    for i, (got, want) in enumerate(zip(*grads[::-1])):
+        assert torch.equal(got, want), f"gradient {i} differs under checkpoint"
+
+
+def test_checkpoint_recomputes_on_two_threads_at_once():
+    """Two outputs of one region, differentiated on two threads at the same time: each backward
+    recomputes the region, both in the forward's context (a single kept context entered twice
+    raised RuntimeError: cannot enter context)."""
+    import threading
+    import time
+
+    w = randn(5, 16)
+    calls = []
+
+    def region(q, k, v):
+        calls.append(None)
+        time.sleep(0.2)  # the two recomputes overlap
+        o = deco_ops.cross_attention(q, k, v).flatten(2)
+        return F.linear(o, w), F.linear(o, 2 * w)
+
+    leaves = [randn(*s).requires_grad_(True) for s in [(2, 3, 2, 8), (2, 7, 2, 8), (2, 7, 2, 8)]]
+    outputs = checkpoint(region, *leaves, use_reentrant=False)
+    expected = [torch.autograd.grad(region(*leaves)[i].sum(), leaves) for i in range(2)]
+    calls.clear()
+    results, errors = [None, None], []
+
+    def differentiate(i):
+        try:
+            results[i] = torch.autograd.grad(outputs[i].sum(), leaves, retain_graph=True)
+        except Exception as e:  # reported below, with the thread's error
+            errors.append(e)
+
+    threads = [threading.Thread(target=differentiate, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(calls) == 2, "each backward recomputes the region"
+    for got, want in zip(results, expected):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
