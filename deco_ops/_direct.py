@@ -95,7 +95,9 @@ def _in_forward_context(backward: Callable) -> Callable:
     """``backward`` run in the context its forward ran in (kept by the setup)."""
 
     def in_context(ctx, *grads):
-        return ctx.forward_context.run(backward, ctx, *grads)
+        # a copy per call: backward passes on two threads (retain_graph) may run one node at once,
+        # and one context cannot be entered twice
+        return ctx.forward_context.copy().run(backward, ctx, *grads)
 
     return in_context
 

@@ -350,7 +350,8 @@ def test_checkpoint_recompute_leaves_a_block_opened_inside_the_region():
 def test_checkpoint_recomputes_on_two_threads_at_once():
     """Two outputs of one region, differentiated on two threads at the same time: each backward
     recomputes the region, both in the forward's context (a single kept context entered twice
-    raised RuntimeError: cannot enter context)."""
+    raised RuntimeError: cannot enter context). The recompute runs on the backend of the forward's
+    block, though neither thread is inside it."""
     import threading
     import time
 
@@ -364,8 +365,9 @@ def test_checkpoint_recomputes_on_two_threads_at_once():
         return F.linear(o, w), F.linear(o, 2 * w)
 
     leaves = [randn(*s).requires_grad_(True) for s in [(2, 3, 2, 8), (2, 7, 2, 8), (2, 7, 2, 8)]]
-    outputs = checkpoint(region, *leaves, use_reentrant=False)
-    expected = [torch.autograd.grad(region(*leaves)[i].sum(), leaves) for i in range(2)]
+    with deco_ops.use_backend("torch"):  # Triton's interpreter is not thread-safe (a GPU's kernels are)
+        outputs = checkpoint(region, *leaves, use_reentrant=False)
+        expected = [torch.autograd.grad(region(*leaves)[i].sum(), leaves) for i in range(2)]
     calls.clear()
     results, errors = [None, None], []
 
@@ -385,3 +387,33 @@ def test_checkpoint_recomputes_on_two_threads_at_once():
     for got, want in zip(results, expected):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_one_backward_node_runs_on_two_threads_at_once():
+    """Two backward passes over one graph (``retain_graph=True``) on two threads may run the same
+    node of ours at once: each runs in its own copy of the forward's context (one kept context
+    entered by both raised RuntimeError: cannot enter context)."""
+    import contextvars
+    import threading
+    from types import SimpleNamespace
+
+    from deco_ops import _direct
+
+    inside, release = threading.Event(), threading.Event()
+
+    def backward(ctx, grad):
+        if not inside.is_set():
+            inside.set()
+            release.wait(10)  # the first call stays inside until the second has run
+        return grad
+
+    run = _direct._in_forward_context(backward)
+    ctx = SimpleNamespace(forward_context=contextvars.copy_context())
+    first = threading.Thread(target=run, args=(ctx, 1))
+    first.start()
+    assert inside.wait(10)
+    try:
+        assert run(ctx, 2) == 2
+    finally:
+        release.set()
+        first.join()
