@@ -51,18 +51,19 @@ def _top_hooks(autograd=torch._C._autograd) -> Callable[[bool], tuple | None]:
 
 
 # (pack, unpack) of the innermost ``saved_tensors_hooks`` in force (a checkpoint's forward installs
-# its own), or None: what an op's recorded forward asks before ``recompute_in_this_context``
+# its own), or None: what the hot callers (an op's recorded forward) ask inline, one C call, before
+# ``recompute_in_this_context``
 saved_tensors_hooks = _top_hooks()
 
 
-def recompute_in_this_context(hooks: tuple) -> None:
+def recompute_in_this_context() -> None:
     """Called from an op's recorded forward, or a ``use_backend``/``use_strategy`` block being
-    entered (before its setting), while saved-tensor ``hooks`` (pack, unpack) are installed: if
-    they are a non-reentrant checkpoint's whose recompute runs as it was, the region will be
-    recomputed in a copy of the current context. The first of these inside a region decides: a
-    block entered inside it, then left, is entered and left again by the recompute, as in the
-    forward."""
-    frame = _checkpoint_frame(hooks[0])
+    entered (before its setting): if the innermost saved-tensor hooks are a non-reentrant
+    checkpoint's whose recompute runs as it was, the region will be recomputed in a copy of the
+    current context. The first of these inside a region decides: a block entered inside it, then
+    left, is entered and left again by the recompute, as in the forward."""
+    hooks = saved_tensors_hooks(False)
+    frame = None if hooks is None else _checkpoint_frame(hooks[0])
     if frame is None or getattr(frame, _KEPT, False):
         return
     context, recompute = contextvars.copy_context(), frame.recompute_fn
@@ -93,9 +94,8 @@ def recording(run: Callable) -> Callable:
     CPU kernel), doing what an op's recorded forward does under a checkpoint first."""
 
     def recorded(*args):
-        hooks = saved_tensors_hooks(False)
-        if hooks is not None:
-            recompute_in_this_context(hooks)
+        if saved_tensors_hooks(False) is not None:
+            recompute_in_this_context()
         return run(*args)
 
     return recorded

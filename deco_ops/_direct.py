@@ -84,9 +84,7 @@ def _keeping_context(setup_context: Callable) -> Callable:
     def setup(ctx, inputs, output):
         setup_context(ctx, inputs, output)
         ctx.forward_context = _copy_context()
-        hooks = _saved_tensors_hooks(False)
-        if hooks is not None:
-            _checkpoint.recompute_in_this_context(hooks)
+        _checkpoint.recompute_in_this_context()
 
     return setup
 
@@ -215,9 +213,8 @@ class Op:
                     output = first.detach() if first is output else (first.detach(), *output[1:])
                 setup_context(ctx, args, output)
                 ctx.forward_context = _copy_context()
-                hooks = _saved_tensors_hooks(False)
-                if hooks is not None:  # a checkpointed region's forward: its recompute runs in this context
-                    _checkpoint.recompute_in_this_context(hooks)
+                if _saved_tensors_hooks(False) is not None:  # a checkpointed region's forward: its recompute runs in this context
+                    _checkpoint.recompute_in_this_context()
                 return output
 
             # built with type() so that autograd names its node after the op (deco_pool_mlpBackward)

@@ -103,9 +103,7 @@ class Setting:
         """Force ``name`` inside a ``with`` block, in the current thread / context only; spelled as
         the environment variable may be (any case, surrounding spaces)."""
         name = self.check(name.strip().lower() if isinstance(name, str) else name, self.what)
-        hooks = _checkpoint.saved_tensors_hooks(False)
-        if hooks is not None:  # a block opened inside a checkpointed region: its recompute starts outside it
-            _checkpoint.recompute_in_this_context(hooks)
+        _checkpoint.recompute_in_this_context()  # a block opened inside a checkpointed region: its recompute starts outside it
         token = self.overrides.set(name)
         try:
             yield

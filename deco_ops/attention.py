@@ -488,7 +488,7 @@ def cross_attention(
         # fp32): cast once here for both, as a plain call does (``_autocast.plain_call``), or the weights are
         # the probabilities of other scores than the LSE's
         q, k, attn_bias = (None if t is None else _autocast.cast_tensor(t) for t in (q, k, attn_bias))
-    need_lse = need_weights or _needs_lse(q, k, v)
+    need_lse = need_weights or _plan.needs_residuals(q, k, v)  # known here, not in the op's body
     rng = _draw_rng(generator, q.device) if dropout_p > 0 else None
     out, lse = deco.cross_attention(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse)
     if not need_weights:
@@ -536,12 +536,6 @@ def _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k
     return kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, attn_bias
 
 
-def _needs_lse(q, k, v) -> bool:
-    """Whether a backward will read the LSE (``_plan.needs_residuals``). Known here, not in the op's
-    body (``_cross_attention``)."""
-    return _plan.needs_residuals(q, k, v)
-
-
 def _plan_of(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k, attn_mask=None, need_weights=False,
              average_attn_weights=True) -> Callable | None:
     """A plain eager call's plan (no generator: a ``torch.Generator`` has no signature),
@@ -550,7 +544,7 @@ def _plan_of(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k
     if cu_seqlens_k is not None or isinstance(need_weights, torch.Tensor) or isinstance(average_attn_weights, torch.Tensor):
         return None  # flags given as tensors: a signature holds their metadata, the call reads their values
     kv_lens, _, N, scale, dropout_p, attn_bias = _checked(q, k, v, kv_lens, softmax_scale, dropout_p, generator, None, attn_mask)
-    records = _needs_lse(q, k, v)
+    records = _plan.needs_residuals(q, k, v)
     need_lse = bool(need_weights) or records
     # no dropout seed: drawing one here would move the generator; a call with dropout has one candidate (nothing is timed)
     args = (q, k, v, kv_lens, None, N, scale, dropout_p, None, attn_bias, need_lse)
