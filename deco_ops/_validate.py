@@ -26,14 +26,22 @@ tracing_state = torch._C._get_tracing_state  # None outside ``torch.jit.trace``
 
 
 def not_traced(name: str) -> None:
-    """Refuses a call under ``torch.jit.trace`` that reads ``name``'s values on the host (grids,
-    key offsets: they size the launch): the trace would keep this call's values as constants and
-    replay them for any other (a silent wrong answer)."""
+    """Refuses a call that reads ``name``'s values on the host (grids, key offsets: they size the
+    launch) while a whole-graph recorder runs: under ``torch.jit.trace`` the trace would keep this
+    call's values as constants and replay them for any other (a silent wrong answer); under
+    ``torch.export`` the values are data-dependent symbols, and PyTorch's own error names a
+    comparison inside deco_ops instead of the argument. ``torch.compile`` (no export) breaks the
+    graph at the host read and runs it eagerly."""
     if tracing_state() is not None:
         raise RuntimeError(
             f"torch.jit.trace cannot record {name}: deco_ops reads its values on the host (they size the launch), "
             f"so a trace would replay this call's {name} for every other. Call this op outside the traced code, "
             "or use torch.compile (the host read is a graph break there)")
+    if torch.compiler.is_exporting():
+        raise RuntimeError(
+            f"torch.export cannot record {name}: deco_ops reads its values on the host (they size the launch), "
+            "and an exported graph has no host reads. Export the model around this op (call it outside the "
+            "exported module), or use torch.compile without fullgraph (the host read is a graph break there)")
 
 
 def tensor(name: str, value, ndim: int | None = None) -> torch.Tensor:

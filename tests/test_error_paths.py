@@ -67,6 +67,14 @@ def packed_keys(cu, dtype=torch.int32, **change):
     return attention(k=torch.randn(9, 2, 16), v=torch.randn(9, 2, 16), cu_seqlens_k=torch.tensor(cu, dtype=dtype), **change)
 
 
+def exported(fn, example):
+    """``torch.export`` (non-strict) of a module whose forward is ``fn``."""
+    class Wrapped(torch.nn.Module):
+        def forward(self, x):
+            return fn(x)
+    return torch.export.export(Wrapped(), (example,), strict=False)
+
+
 def cross_attention_module(mask=None, **change):
     args = {"query": torch.randn(1, 3, 16), "key": torch.randn(1, 4, 16), "value": torch.randn(1, 4, 16)} | change
     return deco_ops.CrossAttention(16, 1, batch_first=True)(**args, key_padding_mask=mask, need_weights=False)
@@ -172,6 +180,10 @@ CASES = [
      RuntimeError, "torch.jit.trace cannot record cu_seqlens_k"),
     ("grids-traced", lambda mp: torch.jit.trace(lambda x: packed(x=x), (torch.randn(28, 4),)), RuntimeError,
      "torch.jit.trace cannot record grids"),
+    ("cu-exported", lambda mp: exported(lambda q: packed_keys([0, 4, 9], q=q), torch.randn(2, 4, 2, 16)),
+     RuntimeError, "torch.export cannot record cu_seqlens_k"),
+    ("grids-exported", lambda mp: exported(lambda x: packed(x=x), torch.randn(28, 4)), RuntimeError,
+     "torch.export cannot record grids"),
     ("cu-dtype", lambda mp: packed_keys([0, 4, 9], torch.int64), TypeError, "cu_seqlens_k must be int32"),
     ("cu-length", lambda mp: packed_keys([0]), ValueError, r"cu_seqlens_k must have B \+ 1 >= 2 entries, got 1"),
     ("cu-device", lambda mp: attention(k=torch.randn(9, 2, 16), v=torch.randn(9, 2, 16),

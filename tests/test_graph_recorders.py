@@ -1,0 +1,157 @@
+"""Whole-graph recorders of the modules: ``torch.jit.trace`` and ``torch.export``.
+
+``torch.jit.trace``: the trace records ``torch.ops.deco`` nodes (a traced call is not plain eager,
+``_plan``), the same graph in grad mode and under ``no_grad`` (its own check replays the function
+under ``no_grad``; the ops keep their residuals whenever traced), on both backends; the traced
+module computes what the module computes, forward and backward, after a save/load round trip.
+``torch.export``: strict and non-strict, with a dynamic batch, the same after ``torch.export.save``
+/ ``load`` at another batch size. The packed ops and packed keys read grids / offsets on the host:
+refused under either recorder, naming the argument (a trace would replay the traced values for
+any other; an exported graph has no host reads)."""
+
+import io
+import warnings
+
+import pytest
+import torch
+
+import deco_ops
+
+from harness import DEVICE, randn
+
+GRID, OUT_GRID, C = (4, 4), (2, 2), 8
+
+
+def _modules():
+    """name -> (module, input shape)."""
+    torch.manual_seed(0)
+    return {
+        "DeCoProjector": (deco_ops.DeCoProjector(C, 16, grid=GRID, out_grid=OUT_GRID), (2, 16, C)),
+        "PatchMergerProjector": (deco_ops.PatchMergerProjector(C, 16, hidden_features=32), (2, 16, C)),
+        "QueryResampler": (deco_ops.QueryResampler(3, 16, C, 2), (2, 7, C)),
+        "CrossAttention": (_SelfAttending(deco_ops.CrossAttention(C, 2, batch_first=True)), (2, 7, C)),
+    }
+
+
+class _SelfAttending(torch.nn.Module):
+    def __init__(self, attention):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x):
+        return self.attention(x[:, :3], x, x, need_weights=False)[0]
+
+
+def _backends():
+    return ["torch", "triton"] if DEVICE.type == "cpu" else ["auto"]
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("name", list(_modules()))
+def test_traced_module_matches_the_module(name, backend, grad):
+    module, shape = _modules()[name]
+    module.to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    x, other = randn(*shape, generator=g), randn(*shape, generator=g)
+    with deco_ops.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        with torch.set_grad_enabled(grad):
+            traced = torch.jit.trace(module, (x,))  # check_trace on: replays under no_grad
+        assert "deco::" in str(traced.inlined_graph), "the trace did not record the ops"
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        buffer.seek(0)
+        _assert_computes_as(module, torch.jit.load(buffer), other, g, name)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("name", list(_modules()))
+def test_exported_module_matches_the_module(name, backend, strict):
+    module, shape = _modules()[name]
+    module.to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    batch = torch.export.Dim("batch", max=64)
+    with deco_ops.use_backend(backend):
+        exported = torch.export.export(module, (randn(*shape, generator=g),), dynamic_shapes=({0: batch},),
+                                       strict=strict)
+        assert any(str(n.target).startswith("deco.") for n in exported.graph.nodes), "the export did not record the ops"
+        buffer = io.BytesIO()
+        torch.export.save(exported, buffer)
+        buffer.seek(0)
+        other = randn(3, *shape[1:], generator=g)  # another batch than the exported example's
+        _assert_computes_as(module, torch.export.load(buffer).module(), other, g, name)
+
+
+def _assert_computes_as(module, recorded, x, g, name):
+    """``recorded`` (a loaded trace or export of ``module``) computes what ``module`` computes at
+    ``x``: the output and the gradients of x and of every parameter (the recorded copies), bitwise."""
+    leaves = [x.clone().requires_grad_(True) for _ in range(2)]
+    want, got = module(leaves[0]), recorded(leaves[1])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    dy = randn(*want.shape, generator=g)
+    names = [n for n, _ in module.named_parameters()]  # a strict export may list them in another order
+    copies = dict(recorded.named_parameters())
+    want_grads = torch.autograd.grad(want, [leaves[0], *module.parameters()], dy)
+    got_grads = torch.autograd.grad(got, [leaves[1], *(copies[n] for n in names)], dy)
+    for what, a, b in zip(["x", *names], got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{name}: gradient of {what}: {m}")
+
+
+HOST_READS = ["pool_packed", "pool_mlp_packed", "merge_mlp_packed", "cross_attention_packed"]
+
+
+def _host_read(case: str):
+    """(a function of one tensor that reads grids or offsets on the host, the argument's name, the
+    tensor), the function called once so that a plan for the layout exists (a planned call must be
+    refused too)."""
+    grids = torch.tensor([[4, 4], [2, 2]], device=DEVICE)
+    w1, w2 = randn(6, C), randn(5, 6)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
+    q = randn(2, 3, 2, 4)
+    fn, name = {
+        "pool_packed": (lambda x: deco_ops.adaptive_avg_pool_tokens_packed(x, grids, stride=2)[0], "grids"),
+        "pool_mlp_packed": (lambda x: deco_ops.pool_mlp_packed(x, grids, w1, None, w2, None, stride=2)[0], "grids"),
+        "merge_mlp_packed": (lambda x: deco_ops.merge_mlp_packed(x, grids, None, None, randn(6, 4 * C), None, w2, None)[0],
+                             "grids"),
+        "cross_attention_packed": (lambda x: deco_ops.cross_attention(q, x.view(9, 2, 4), x.view(9, 2, 4), cu_seqlens_k=cu),
+                                   "cu_seqlens_k"),
+    }[case]
+    x = randn(20, C) if case != "cross_attention_packed" else randn(9, 8)
+    fn(x)
+    return fn, name, x
+
+
+@pytest.mark.parametrize("case", HOST_READS)
+def test_host_reads_are_refused_under_tracing(case):
+    """A trace would keep this call's grids (offsets) and replay them for any other: the output
+    and ``cu_seqlens`` of the traced layout, silently (a wrong answer before it was refused)."""
+    fn, name, x = _host_read(case)
+    with pytest.raises(RuntimeError, match=f"torch.jit.trace cannot record {name}"):
+        torch.jit.trace(fn, (x,))
+
+
+class _Calls(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+@pytest.mark.parametrize("case", HOST_READS)
+def test_host_reads_are_refused_under_export(case, strict):
+    """The values are data-dependent symbols in an exported graph: PyTorch's own error named a
+    comparison inside deco_ops (``min(r) < 1``), not the argument. Strict export wraps the error in
+    Dynamo's, which quotes it."""
+    fn, name, x = _host_read(case)
+    with pytest.raises(RuntimeError) as caught:
+        torch.export.export(_Calls(fn), (x,), strict=strict)
+    chain, error = [], caught.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert f"torch.export cannot record {name}" in "\n".join(chain), chain[0][:500]
