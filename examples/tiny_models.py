@@ -30,16 +30,17 @@ def tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_llava(vision_feature_select_strategy: str = "default", seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def tiny_llava(vision_feature_select_strategy: str = "default", seed: int = 0,
+               image_size: int = IMAGE_SIZE) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A LLaVA-1.5-shaped model (CLIP tower with a CLS token, mlp2x_gelu projector, Llama LM) at
-    hidden size 32, and its processor."""
+    hidden size 32, and its processor; ``image_size / PATCH_SIZE`` patches per side."""
     config = LlavaConfig(
         vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=16),
+                           num_attention_heads=4, image_size=image_size, patch_size=PATCH_SIZE, projection_dim=16),
         text_config=dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(WORDS), max_position_embeddings=256),
         image_token_index=WORDS.index("<image>"), projector_hidden_act="gelu", vision_feature_layer=-2,
-        vision_feature_select_strategy=vision_feature_select_strategy, image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        vision_feature_select_strategy=vision_feature_select_strategy, image_seq_length=(image_size // PATCH_SIZE) ** 2,
         pad_token_id=0,
     )
     from transformers import CLIPImageProcessor  # imported here: without torchvision it warns on import
@@ -47,7 +48,7 @@ def tiny_llava(vision_feature_select_strategy: str = "default", seed: int = 0) -
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer(), patch_size=PATCH_SIZE, vision_feature_select_strategy=vision_feature_select_strategy,
         num_additional_image_tokens=1,
     )

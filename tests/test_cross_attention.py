@@ -136,19 +136,29 @@ def test_zero_length_and_nan_padding(backend):
 @pytest.mark.parametrize("Bq,lens,masked,strided", [
     (2, None, False, "qkv"), (1, None, False, "k"), (1, [5, 2], False, "qkv"), (2, [5, 0], True, "v")])
 def test_head_dim_of_any_stride(backend, Bq, lens, masked, strided):
-    """q, k, v (those named by ``strided``) and dout whose head dim is not unit-stride give the
-    float64 reference, on the first call of a signature and on the planned one. SDPA's CPU kernels
-    (the PyTorch backend) assume a unit stride there, which ``F.scaled_dot_product_attention``
-    checks; called directly they read other elements, and past q (outputs of 1e276)."""
+    """q, k, v (those named by ``strided``) and dout whose head dim is not unit-stride, and kv_lens
+    as a strided view, give the float64 reference (outputs, gradients and per-head weights), on the
+    first call of a signature and on the planned one. SDPA's CPU kernels (the PyTorch backend)
+    assume a unit stride there, which ``F.scaled_dot_product_attention`` checks; called directly
+    they read other elements, and past q (outputs of 1e276)."""
     q, k, v, dout, kv_lens = _case(2, Bq, 4, 5, 3, 16, lens, torch.float32, seed=7)
     mask = randn(2, 1, 4, 5, generator=torch.Generator().manual_seed(8)) if masked else None
-    want = _reference(q, k, v, dout, kv_lens, bias=None if mask is None else mask.double().expand(2, 3, 4, 5))
+    bias = torch.zeros(2, 3, 4, 5, dtype=torch.float64) if mask is None else mask.double().expand(2, 3, 4, 5)
+    want = _reference(q, k, v, dout, kv_lens, bias=None if mask is None else bias)
+    if kv_lens is not None:  # every other element a length of 1: read as if contiguous, kv_lens[1] would be 1
+        kv_lens = torch.stack((kv_lens, torch.ones_like(kv_lens)), 1)[:, 0]
+        bias = bias.masked_fill(torch.arange(5)[None, None, None, :] >= kv_lens[:, None, None, None], -math.inf)
+    scores = torch.einsum("bmhd,bnhd->bhmn", q.double().expand(2, -1, -1, -1), k.double().nan_to_num()) / 4 + bias
+    want_weights = torch.softmax(scores, -1).nan_to_num()  # a row without keys: zero weights
     for _ in range(2):
         leaves = [(head_strided(t) if name in strided else guarded(t)).requires_grad_(True) for name, t in zip("qkv", (q, k, v))]
         with poisoned_empty():
             out = cross_attention(*leaves, kv_lens=kv_lens, attn_mask=mask)
             out.backward(head_strided(dout))
+            _, weights = cross_attention(*leaves, kv_lens=kv_lens, attn_mask=mask, need_weights=True,
+                                         average_attn_weights=False)
         _check((out.detach(), *(t.grad for t in leaves)), want, torch.float32, kv_lens, 5)
+        assert_close(weights, want_weights, torch.float32, "weights")
 
 
 @pytest.mark.parametrize("single_pass", [True, False])

@@ -25,20 +25,25 @@ from transformers.activations import ACT2FN  # noqa: E402
 pytestmark = pytest.mark.usefixtures("cpu_tensors", "auto_backend")
 
 
-@pytest.mark.parametrize("strategy,prefix", [("default", 0), ("full", 1)])
-def test_projector_keeps_weights_and_pools(strategy, prefix):
-    model, processor = tiny_llava(vision_feature_select_strategy=strategy)
+@pytest.mark.parametrize("strategy,prefix,side,out_side", [
+    ("default", 0, 8, 4), ("full", 1, 8, 4),
+    ("default", 0, 9, 5)])  # an odd grid (SigLIP's 27x27 -> 14x14): half, rounded up
+def test_projector_keeps_weights_and_pools(strategy, prefix, side, out_side):
+    model, processor = tiny_llava(vision_feature_select_strategy=strategy, image_size=4 * side)
     hf_projector = copy.deepcopy(model.model.multi_modal_projector).double()
-    llava_to_deco(model)
+    _, deco_processor = llava_to_deco(model, processor)
     # The forced Triton backend runs on the suite's device (a GPU has no interpreter for CPU tensors).
     model.to(DEVICE)
-    pixels = processor(images=image(), text=PROMPT, return_tensors="pt")["pixel_values"].to(DEVICE)
-    with torch.no_grad():
-        tokens = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:].cpu()  # 8x8 grid, CLS dropped
+    inputs = deco_processor(images=image(), text=PROMPT, return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == out_side ** 2
+    pixels = inputs["pixel_values"].to(DEVICE)
+    with torch.no_grad():  # the patch grid, CLS dropped
+        tokens = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:].cpu()
     deco = model.model.multi_modal_projector
     assert isinstance(deco, deco_ops.DeCoProjector) and deco.num_prefix_tokens == prefix
-    assert (deco.grid, deco.out_grid, model.config.image_seq_length) == ((8, 8), (4, 4), 16)
-    pooled = F.adaptive_avg_pool2d(tokens.double().transpose(1, 2).reshape(1, 32, 8, 8), (4, 4)).flatten(2).transpose(1, 2)
+    assert (deco.grid, deco.out_grid, model.config.image_seq_length) == ((side, side), (out_side, out_side), out_side ** 2)
+    image_tokens = tokens.double().transpose(1, 2).reshape(1, 32, side, side)
+    pooled = F.adaptive_avg_pool2d(image_tokens, (out_side, out_side)).flatten(2).transpose(1, 2)
     with torch.no_grad(), deco_ops.use_backend("triton"):
         features = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
     assert_close(features.cpu(), hf_projector(pooled)[0], torch.float32)
