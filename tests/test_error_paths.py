@@ -132,6 +132,8 @@ CASES = [
      "x has dtype torch.float64; supported here: float16, bfloat16, float32"),
     ("mixed-dtype", lambda mp: mlp(w1=torch.randn(8, 4).half()), TypeError,
      "w1 has dtype torch.float16 but x has torch.float32; cast them to one dtype"),
+    ("mixed-dtype-last", lambda mp: mlp(b2=torch.randn(5).half()), TypeError,
+     "b2 has dtype torch.float16 but x has torch.float32; cast them to one dtype"),
     ("mixed-device", lambda mp: mlp(w2=torch.randn(5, 8, device=META)), ValueError, "w2 is on meta but x is on (cpu|cuda)"),
     ("mixed-device-autocast", lambda mp: under_autocast(lambda: mlp(w2=torch.randn(5, 8, device=META))), ValueError,
      "w2 is on meta but x is on (cpu|cuda)"),

@@ -365,21 +365,25 @@ def test_plans_of_the_projectors_run_what_the_full_path_runs(op, default_path):
         assert torch.equal(planned, full)
 
 
-def _pool_mlp_packed(inputs, grids, out_grids):
+def _packed_call(inputs, grids, out_grids, op="pool_mlp_packed"):
     x, w1, b1, w2, b2 = inputs[:5]
+    if op != "pool_mlp_packed":  # the resampling ops: x alone
+        return getattr(deco_ops, op)(x, torch.tensor(grids), out_grids=torch.tensor(out_grids))
     return deco_ops.pool_mlp_packed(x, torch.tensor(grids), w1, b1, w2, b2, out_grids=torch.tensor(out_grids))
 
 
-def test_packed_plans_are_keyed_on_the_tables_values(default_path):
-    """Grid tables of one shape and other values take their own plan; the caller owns the
-    cu_seqlens a planned call returns (writing to it changes no later call)."""
+@pytest.mark.parametrize("op", ["pool_mlp_packed", "adaptive_avg_pool_tokens_packed", "bilinear_pool_tokens_packed"])
+def test_packed_plans_are_keyed_on_the_tables_values(op, default_path):
+    """Grid tables of one shape and other values (input or output grids) take their own plan; the
+    caller owns the cu_seqlens a planned call returns (writing to it changes no later call)."""
     _, inputs = _case_inputs("pool_mlp_packed")
-    layouts = [([[4, 4], [3, 4]], [[2, 2], [2, 2]]), ([[3, 4], [4, 4]], [[1, 3], [2, 2]]), ([[4, 4], [3, 4]], [[3, 1], [2, 2]])]
+    layouts = [([[4, 4], [3, 4]], [[2, 2], [2, 2]]), ([[3, 4], [4, 4]], [[1, 3], [2, 2]]), ([[4, 4], [3, 4]], [[3, 1], [2, 2]]),
+               ([[4, 4], [3, 4]], [[1, 1], [2, 2]])]
     for grids, out_grids in layouts:
         with _plan.unplanned():
-            want, want_cu = _pool_mlp_packed(inputs, grids, out_grids)
+            want, want_cu = _packed_call(inputs, grids, out_grids, op)
         for _ in range(2):  # the first call builds the plan, the second runs it
-            y, cu = _pool_mlp_packed(inputs, grids, out_grids)
+            y, cu = _packed_call(inputs, grids, out_grids, op)
             assert torch.equal(y, want) and torch.equal(cu, want_cu)
             cu.fill_(-1)
 
@@ -393,9 +397,9 @@ def test_packed_tables_are_checked_on_every_new_layout(grids, error, match, defa
     _, inputs = _case_inputs("pool_mlp_packed")
     out_grids = [[2, 2], [2, 2]]
     for _ in range(2):
-        _pool_mlp_packed(inputs, [[4, 4], [3, 4]], out_grids)
+        _packed_call(inputs, [[4, 4], [3, 4]], out_grids)
     with pytest.raises(error, match=match):
-        _pool_mlp_packed(inputs, grids, out_grids)
+        _packed_call(inputs, grids, out_grids)
 
 
 def _graph_nodes(tensor):

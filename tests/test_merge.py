@@ -163,10 +163,10 @@ def test_activations(activation):
 
 
 def test_merge_size_3_and_video_grid():
-    """3x3 merges of a (T, H, W) grid (each frame merged on its own) and of consecutive blocks."""
-    params, dy = _case(torch.float32, B=1, N=2 * 36, C=8, hidden=16, out=8, merge_size=3)
+    """3x3 merges of a (T, H, W) grid with H != W (each frame merged on its own) and of consecutive blocks."""
+    params, dy = _case(torch.float32, B=1, N=2 * 54, C=8, hidden=16, out=8, merge_size=3)
     with deco_ops.use_backend("triton"):
-        _check(params, dy, torch.float32, grid=(2, 6, 6), order="grid", merge_size=3)
+        _check(params, dy, torch.float32, grid=(2, 6, 9), order="grid", merge_size=3)
     params, dy = _case(torch.float32, B=1, N=2 * 36, C=8, hidden=16, out=8, merge_size=3, norm_position="post")
     with deco_ops.use_backend("triton"):
         _check(params, dy, torch.float32, merge_size=3, norm_position="post")
@@ -351,13 +351,16 @@ def test_packed_equals_a_loop_over_images(order, position):
 
 
 def test_packed_video_grids():
-    grids = torch.tensor([[2, 4, 4], [1, 2, 6]])
-    params, _ = _case(torch.float32, B=1, N=44, C=8, hidden=16, out=8)
+    grids = torch.tensor([[2, 4, 6], [1, 2, 6]])  # frames with H != W: a frame's offset is H * W rows
+    params, _ = _case(torch.float32, B=1, N=60, C=8, hidden=16, out=8)
     with deco_ops.use_backend("triton"):
         y, cu = deco_ops.merge_mlp_packed(params[0][0], grids, *params[1:], order="grid")
-        first = deco_ops.merge_mlp(params[0][:, :32], *params[1:], grid=(2, 4, 4), order="grid")[0]
-    assert cu.tolist() == [0, 8, 11]
-    assert_close(y[:8], first, torch.float32)
+        first = deco_ops.merge_mlp(params[0][:, :48], *params[1:], grid=(2, 4, 6), order="grid")[0]
+    assert cu.tolist() == [0, 12, 15]
+    with deco_ops.use_backend("torch"):
+        want = deco_ops.merge_mlp(params[0][:, :48], *params[1:], grid=(2, 4, 6), order="grid")[0]
+    assert_close(first, want, torch.float32)
+    assert_close(y[:12], first, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -390,11 +390,13 @@ class _LayerNormSubclass(torch.nn.LayerNorm):
         return super().forward(x) * 2
 
 
-@pytest.mark.parametrize("norm", [_GemmaRMSNorm(C), torch.nn.GroupNorm(1, C), torch.nn.BatchNorm1d(C), _LayerNormSubclass(C)],
+@pytest.mark.parametrize("norm", [_GemmaRMSNorm(C), torch.nn.GroupNorm(1, C), torch.nn.BatchNorm1d(C), _LayerNormSubclass(C),
+                                  type("Qwen2RMSNorm", (_GemmaRMSNorm,), {})(C)],
                          ids=lambda norm: type(norm).__name__)
 def test_from_hf_refuses_norms_it_cannot_reproduce(norm):
     """Only nn.LayerNorm, nn.RMSNorm and HF's RMSNorms of the supported mergers convert: any other norm raises
-    TypeError naming its class, not a silent conversion (Gemma's 1 + weight) or a state_dict error."""
+    TypeError naming its class, not a silent conversion (Gemma's 1 + weight) or a state_dict error; a
+    class outside transformers named as HF's (Qwen2RMSNorm) is not HF's."""
     hf = qwen2_vl.PatchMerger(D, C)
     hf.ln_q = norm
     with pytest.raises(TypeError, match=f"PatchMerger's norm is a .*{type(norm).__name__}, which PatchMergerProjector cannot reproduce"):
@@ -414,6 +416,31 @@ def test_from_hf_takes_nn_rmsnorm_and_its_default_eps(eps, dtype):
     x = (torch.randn(16, C, generator=torch.Generator().manual_seed(9)) * 1e-3).to(dtype)
     with deco_ops.use_backend("torch"):
         assert_close(ours(x), hf.double()(x.double()), dtype, "y", eager=hf.to(dtype)(x))
+
+
+def _activations():
+    from transformers import activations
+
+    return {"nn.GELU": torch.nn.GELU(), "nn.GELU-tanh": torch.nn.GELU(approximate="tanh"), "nn.SiLU": torch.nn.SiLU(),
+            "NewGELUActivation": activations.NewGELUActivation(), "GELUActivation": activations.GELUActivation(),
+            "QuickGELUActivation": activations.QuickGELUActivation()}
+
+
+@pytest.mark.parametrize("activation", list(_activations()))
+def test_from_hf_takes_the_mergers_activation(activation):
+    """Whatever activation module the merger's MLP holds (nn's, transformers' tanh and erf GELUs,
+    QuickGELU), the projector computes it: tokens of scale 3, where the tanh and erf GELUs differ
+    by ~1e-4."""
+    hf = _init(qwen2_vl.PatchMerger(D, C), seed=11)
+    hf.mlp[1] = _activations()[activation]
+    ours = deco_ops.PatchMergerProjector.from_hf(hf)
+    x = torch.randn(16, C, generator=torch.Generator().manual_seed(11)) * 3
+    with deco_ops.use_backend("torch"):
+        y = ours(x).double()
+    want = hf.double()(x.double())
+    eager = hf.float()(x).double()
+    error, eager_error = ((t - want).abs().max() / want.abs().max() for t in (y, eager))
+    assert error <= max(10 * eager_error, 1e-6), (error, eager_error)  # the other GELU: ~1e-4
 
 
 def test_from_hf_keeps_requires_grad_and_mode():

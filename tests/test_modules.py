@@ -60,13 +60,16 @@ def test_matches_deco_paper_projector_forward_and_grads(backend):
     assert_close(proj.fc2.bias.grad, paper.mlp_projector[2].bias.grad, torch.float32, "grad b2")
 
 
-def test_prefix_tokens_are_dropped(backend):
-    proj = deco_ops.DeCoProjector(16, 24, grid=(4, 4), out_grid=(2, 2), num_prefix_tokens=1)
-    x = torch.randn(2, 17, 16)
-    x_nan_cls = x.clone()
-    x_nan_cls[:, 0] = float("nan")
-    assert torch.equal(proj(x_nan_cls), proj(x))
-    assert proj(x).shape == (2, 4, 24)
+@pytest.mark.parametrize("prefix", [1, 5])  # a CLS token; CLS and four registers (DINOv2-reg, SigLIP2-style towers)
+def test_prefix_tokens_are_dropped(backend, prefix):
+    proj = deco_ops.DeCoProjector(16, 24, grid=(4, 4), out_grid=(2, 2), num_prefix_tokens=prefix)
+    x = torch.randn(2, prefix + 16, 16)
+    x_nan_prefix = x.clone()
+    x_nan_prefix[:, :prefix] = float("nan")
+    y = proj(x)
+    assert torch.equal(proj(x_nan_prefix), y)
+    assert torch.equal(y, deco_ops.pool_mlp(x[:, prefix:], proj.fc1.weight, proj.fc1.bias, proj.fc2.weight, proj.fc2.bias,
+                                            grid=(4, 4), out_grid=(2, 2)))
 
 
 def test_per_call_grid(backend):

@@ -279,12 +279,31 @@ def test_mask_of_the_wrong_shape_raises():
 
 
 def test_causal_layers_and_unsupported_arguments_raise():
+    """A causal layer, or a call that asks for causality (the ``is_causal`` argument overrides the
+    layer's attribute, as in transformers' SDPA function), and every argument the kernels do not
+    implement raise; ``is_causal=False`` runs a layer marked causal."""
     causal = _Layer()
     causal.is_causal = True
     with pytest.raises(ValueError, match="non-causal"):
         hf_deco.deco_ops_attention(causal, *_qkv(), None)
-    with pytest.raises(ValueError, match="sliding_window"):
-        hf_deco.deco_ops_attention(_Layer(), *_qkv(), None, sliding_window=4)
+    with pytest.raises(ValueError, match="non-causal"):
+        hf_deco.deco_ops_attention(_Layer(), *_qkv(), None, is_causal=True)
+    out, _ = hf_deco.deco_ops_attention(causal, *_qkv(), None, is_causal=False)
+    assert_close(out, hf_deco.deco_ops_attention(_Layer(), *_qkv(), None)[0], torch.float32)
+    for name, value in (("sliding_window", 4), ("softcap", 30.0), ("s_aux", torch.zeros(4))):
+        with pytest.raises(ValueError, match=f"does not implement {name}="):
+            hf_deco.deco_ops_attention(_Layer(), *_qkv(), None, **{name: value})
+
+
+def test_padding_mask_longer_than_the_keys_is_cut_to_them():
+    """transformers may pass a 2D padding mask longer than ``kv_length`` (a padded cache): the mask
+    function keeps its first ``kv_length`` columns, as its own padding-mask helpers do."""
+    from transformers.masking_utils import bidirectional_mask_function
+
+    padding = torch.tensor([[1, 1, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    mask = hf_deco.deco_ops_mask(2, 3, 4, mask_function=bidirectional_mask_function, attention_mask=padding)
+    assert mask.shape == (2, 1, 1, 4) and mask.dtype == torch.bool
+    assert torch.equal(mask[:, 0, 0], padding[:, :4].bool())
 
 
 def test_missing_transformers_says_how_to_install():
