@@ -30,13 +30,15 @@ def tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_llava(vision_feature_select_strategy: str = "default", seed: int = 0,
-               image_size: int = IMAGE_SIZE) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A LLaVA-1.5-shaped model (CLIP tower with a CLS token, mlp2x_gelu projector, Llama LM) at
-    hidden size 32, and its processor; ``image_size / PATCH_SIZE`` patches per side."""
+def tiny_llava(vision_feature_select_strategy: str = "default", seed: int = 0, image_size: int = IMAGE_SIZE,
+               tower: str = "clip_vision_model") -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A LLaVA-1.5-shaped model (CLIP tower with a CLS token, or ``tower="siglip_vision_model"``:
+    none, mlp2x_gelu projector, Llama LM) at hidden size 32, and its processor; ``image_size /
+    PATCH_SIZE`` patches per side."""
     config = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, image_size=image_size, patch_size=PATCH_SIZE, projection_dim=16),
+        vision_config=dict(model_type=tower, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=image_size, patch_size=PATCH_SIZE,
+                           **({"projection_dim": 16} if tower == "clip_vision_model" else {})),
         text_config=dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(WORDS), max_position_embeddings=256),
         image_token_index=WORDS.index("<image>"), projector_hidden_act="gelu", vision_feature_layer=-2,
@@ -50,7 +52,7 @@ def tiny_llava(vision_feature_select_strategy: str = "default", seed: int = 0,
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer(), patch_size=PATCH_SIZE, vision_feature_select_strategy=vision_feature_select_strategy,
-        num_additional_image_tokens=1,
+        num_additional_image_tokens=1 if tower == "clip_vision_model" else 0,
     )
     return model, processor
 

@@ -298,6 +298,23 @@ def test_queries_without_keys_match_multihead_attention(backend, config, need_we
     assert_close(weights, ref_weights, torch.float32, "attn_output_weights")
 
 
+@pytest.mark.parametrize("average", [True, False])
+def test_a_query_without_keys_in_one_head_matches_multihead_attention(backend, average):
+    """A per-head attn_mask ``(B * H, L, S)`` that blocks every key of one query in one head only:
+    MHA's weights of that query are NaN in that head and, averaged over the heads, NaN for the
+    query; the other heads' weights and the other queries stay finite."""
+    ours, mha = _pair({})
+    blocked = torch.zeros(B * H, L, S, dtype=torch.bool)
+    blocked[1, 0] = True  # batch 0, head 1, query 0
+    inputs = _inputs({})
+    with torch.no_grad():
+        out, weights = ours(*inputs, attn_mask=blocked, average_attn_weights=average)
+        ref, ref_weights = mha(*(t.double() for t in inputs), attn_mask=blocked, average_attn_weights=average)
+    assert weights.isnan().any() and not weights.isnan().all()
+    assert_close(out, ref, torch.float32, "attn_output")
+    assert_close(weights, ref_weights, torch.float32, "attn_output_weights")
+
+
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_state_dict_both_ways(config):
     ours, mha = _pair(CONFIGS[config])

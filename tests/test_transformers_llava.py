@@ -49,6 +49,23 @@ def test_projector_keeps_weights_and_pools(strategy, prefix, side, out_side):
     assert_close(features.cpu(), hf_projector(pooled)[0], torch.float32)
 
 
+def test_tower_without_cls_token_has_no_prefix():
+    """A SigLIP tower emits no CLS token: with ``vision_feature_select_strategy="full"`` the
+    projector sees the patch grid alone (num_prefix_tokens 0), and pools it."""
+    model, _ = tiny_llava(vision_feature_select_strategy="full", tower="siglip_vision_model")
+    hf_projector = copy.deepcopy(model.model.multi_modal_projector).double()
+    llava_to_deco(model)
+    deco = model.model.multi_modal_projector
+    assert (deco.num_prefix_tokens, deco.grid, deco.out_grid) == (0, (8, 8), (4, 4))
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        tokens = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2]  # 64 patches, no CLS
+        features = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
+    assert tokens.shape[1] == 64
+    pooled = F.adaptive_avg_pool2d(tokens.double().transpose(1, 2).reshape(1, 32, 8, 8), (4, 4)).flatten(2).transpose(1, 2)
+    assert_close(features, hf_projector(pooled)[0], torch.float32)
+
+
 def test_processor_and_generate_end_to_end():
     model, processor = tiny_llava()
     model, deco_processor = llava_to_deco(model, processor)
