@@ -163,6 +163,7 @@ def _interpolate_tokens(x, grid, out_grid):
     ((2, 3), (6, 9)),  # up-sampling: zero-weight taps and the clamped last input
     ((2, 3), (10, 15)),  # 5x: the first two outputs' source clamped to 0, input 1 read with weight 0
     ((3, 3), (30, 3)),  # 10x along one axis only
+    ((1, 7), (1, 23)),  # 23/7: output 11 reads input 2 with a weight of one float ulp
 ])
 def test_bilinear_nan_reaches_what_pytorch_reads(grid, out_grid):
     """Channel c holds one NaN, at token c (forward) or output row c (backward), so one launch

@@ -232,6 +232,22 @@ def test_position_bias_joins_the_mask_as_sdpa_joins_them(mask):
     assert_close(out, expected, torch.float32)
 
 
+def test_position_bias_fill_fits_the_16_bit_keys():
+    """fp16 keys with an fp32 position bias (autocast) and a bool mask that hides every key of a
+    batch row: the masked scores take the smallest value both dtypes hold (fp16's), as
+    transformers' ``create_position_bias_mask`` fills them, so that row still follows its scores
+    (float32's minimum would swamp them: a uniform average)."""
+    q, k, v = (t.half() for t in _qkv())
+    bias = torch.randn(1, 4, 3, 6, generator=torch.Generator().manual_seed(9))
+    keep = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    keep[0, ..., 4:] = False
+    keep[1] = False  # nothing to attend to
+    out, _ = hf_deco.deco_ops_attention(_Layer(), q, k, v, keep, scaling=0.4, position_bias=bias)
+    filled = torch.where(keep, bias.double(), torch.finfo(torch.float16).min)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), filled, scale=0.4)
+    assert_close(out, expected.transpose(1, 2), torch.float16)
+
+
 def test_layoutlmv3_relative_position_bias_matches_eager():
     """LayoutLMv3 passes its 1D and 2D relative position biases (gathered without grad) as
     ``position_bias``, nothing else carries them: output and every gradient match eager attention
