@@ -162,6 +162,23 @@ def test_activations(activation):
         _check(params, dy, torch.float32, activation=activation)
 
 
+@pytest.mark.interpreter_only
+@pytest.mark.parametrize("pre", [True, False], ids=["pre", "post"])
+def test_norm_statistics_of_tokens_far_from_zero(pre):
+    """Tokens whose mean is large against their spread (1e4 + 0.01 * randn: a shared offset, as
+    vision towers' outlier channels have): the stats kernel's mean and 1/sigma per normalised row
+    (a token before the merge, a merged block after it) against float64, at fp32's accuracy. The
+    rounded mean's error must leave the variance (a corrected two-pass); without that 1/sigma is
+    ~4e-3 off, which the end-to-end output cannot show: fp32 tokens this far from zero lose ~1e-2
+    of their spread in any fp32 LayerNorm, eager's included."""
+    x = 1e4 + 0.01 * randn(1, 16, 64, generator=torch.Generator().manual_seed(0))
+    stats = merge_norm.merge_norm_stats(x, 2, "block", (1, 4, 4), None, None, "layernorm", pre, 1e-6)
+    rows = x.double().reshape(16 if pre else 4, -1)  # "block" order: a merged row is 4 consecutive tokens
+    mean, rstd = rows.mean(1), 1 / torch.sqrt(rows.var(1, unbiased=False) + 1e-6)
+    torch.testing.assert_close(stats[..., 0].reshape(-1).double(), mean, rtol=1e-7, atol=0)
+    torch.testing.assert_close(stats[..., 1].reshape(-1).double(), rstd, rtol=1e-5, atol=0)
+
+
 def test_merge_size_3_and_video_grid():
     """3x3 merges of a (T, H, W) grid with H != W (each frame merged on its own) and of consecutive blocks."""
     params, dy = _case(torch.float32, B=1, N=2 * 54, C=8, hidden=16, out=8, merge_size=3)

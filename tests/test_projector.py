@@ -9,7 +9,7 @@ import torch
 import deco_ops
 from deco_ops import reference
 from deco_ops.kernels import activation_backward, adaptive_pool, gemm_act_grad, pool_gemm
-from harness import DTYPES, assert_close, guarded, leaf, poisoned_empty, randn, saved_bytes
+from harness import DEVICE, DTYPES, assert_close, guarded, leaf, poisoned_empty, randn, saved_bytes
 
 GRIDS = [
     ((24, 24), (12, 12)),
@@ -285,6 +285,22 @@ def test_composed_activation_backward_is_one_pass(activation, dtype, need_db1):
         assert_close(db1, dz.double().sum(0), dtype, "db1 = sum of the stored dz", tol=2 * eps)
     else:
         assert db1.numel() == 0
+
+
+def test_db1_sums_dz_as_stored():
+    """db1 is the sum of dz as stored in 16 bits, as eager's ``dz.sum(0)``: half the rows have
+    dh = 1 at z = 0.3, half dh = -fp16(gelu'(0.3)) at z = 10 (gelu' = 1), so the stored dz cancel
+    exactly and db1 is 0; summing the unrounded products instead leaves 64 times their rounding
+    (-3.7e-3)."""
+    z = torch.full((128, 8), 0.3, dtype=torch.float16, device=DEVICE)
+    z[64:] = 10.0
+    slope = torch.ops.aten.gelu_backward(torch.ones_like(z[:1]), z[:1])
+    dh = torch.ones_like(z)
+    dh[64:] = -slope
+    with deco_ops.use_backend("triton"):
+        dz, _, db1 = activation_backward.activation_backward(dh, z, "gelu", True)
+    assert torch.equal(dz.float().sum(0), torch.zeros(8, device=DEVICE))
+    assert torch.equal(db1, torch.zeros_like(db1))
 
 
 @pytest.mark.parametrize("bias,dtype", [(True, torch.float16), (False, torch.float32)], ids=["bias-fp16", "no-bias-fp32"])
