@@ -325,6 +325,20 @@ def test_packed_keys(backend, single_pass):
     assert torch.equal(got[2][-5:], torch.zeros_like(got[2][-5:]))
 
 
+def test_packed_keys_all_empty(backend):
+    """Every batch row owns no key (cu_seqlens_k all 0: a batch of images with no tokens): zero
+    output and zero gradients, as kv_lens of 0 give, the weights too."""
+    g = torch.Generator().manual_seed(1)
+    q, dout = randn(2, 3, 2, 8, generator=g), randn(2, 3, 2, 8, generator=g)
+    k, v = randn(4, 2, 8, generator=g), randn(4, 2, 8, generator=g)
+    cu = torch.zeros(3, dtype=torch.int32)
+    out, dq, dk, dv = _run(q, k, v, dout, None, cu_seqlens_k=cu)
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.equal(t, torch.zeros_like(t)), name
+    _, weights = cross_attention(q, k, v, cu_seqlens_k=cu, need_weights=True)
+    assert weights.shape[:2] == (2, 3) and torch.equal(weights, torch.zeros_like(weights))
+
+
 # ----------------------------------------------------------------------------------------------
 # memory, torch.library, bad input
 

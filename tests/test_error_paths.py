@@ -196,6 +196,7 @@ CASES = [
     ("cu-past-total", lambda mp: packed_keys([0, 4, 10]), ValueError, r"end at most at total_N=9, got \[0, 4, 10\]"),
     ("scale-type", lambda mp: attention(softmax_scale="big"), TypeError, "softmax_scale must be a finite float or None, got 'big'"),
     ("scale-inf", lambda mp: attention(softmax_scale=float("inf")), ValueError, "softmax_scale must be a finite float"),
+    ("scale-minus-inf", lambda mp: attention(softmax_scale=float("-inf")), ValueError, "softmax_scale must be a finite float"),
     ("dropout-p", lambda mp: attention(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\), got 1.0"),
     ("dropout-p-bool", lambda mp: attention(dropout_p=False), ValueError, r"dropout_p must be a float in \[0, 1\), got False"),
     ("generator", lambda mp: attention(dropout_p=0.1, generator=3), TypeError, "generator must be a torch.Generator or None, got int"),

@@ -258,7 +258,8 @@ def test_composed_candidate_hands_unreachable_tensors_to_the_kernels(monkeypatch
     with deco_ops.use_strategy("composed"):
         want = deco_ops.adaptive_avg_pool_tokens(x, (4, 5), (2, 3))
         (want_dx,) = torch.autograd.grad(want, x, dy)
-        monkeypatch.setattr(pooling, "_aten_reaches", lambda t, out_numel: False)
+        asked = []  # (input's numel, output's numel) of each question: pooling, then un-pooling
+        monkeypatch.setattr(pooling, "_aten_reaches", lambda t, out_numel: asked.append((t.numel(), out_numel)) and False)
         with mock.patch.object(adaptive_pool, "pool_tokens", wraps=adaptive_pool.pool_tokens) as pool, \
                 mock.patch.object(adaptive_pool, "unpool_tokens", wraps=adaptive_pool.unpool_tokens) as unpool, \
                 mock.patch.object(reference, "adaptive_avg_pool_tokens") as aten_pool, \
@@ -266,5 +267,6 @@ def test_composed_candidate_hands_unreachable_tensors_to_the_kernels(monkeypatch
             got = deco_ops.adaptive_avg_pool_tokens(x, (4, 5), (2, 3))
             (dx,) = torch.autograd.grad(got, x, dy)
     assert pool.called and unpool.called and not aten_pool.called and not aten_unpool.called
+    assert asked == [(2 * 20 * 6, 2 * 6 * 6), (2 * 6 * 6, 2 * 20 * 6)]  # each asked of the tensor it writes
     assert_close(got, want, torch.float32, "y")
     assert_close(dx, want_dx, torch.float32, "dx")

@@ -285,6 +285,11 @@ def test_weights_match_softmax_and_carry_gradients(backend, average):
     want = torch.autograd.grad(ref_w, refs[:2], dw.double(), retain_graph=True)
     for name, a, b in zip(("dq", "dk"), alone, want):
         assert_close(a, b, torch.float32, f"{name} through the weights")
+    for live in (0, 1):  # q or k alone requiring grad (frozen keys, a frozen query table)
+        parts = [t.detach().requires_grad_(i == live) for i, t in enumerate((q, k, v))]
+        _, w = cross_attention(*parts, attn_mask=mask.float(), need_weights=True, average_attn_weights=average)
+        (got,) = torch.autograd.grad(w, parts[live], dw)
+        assert_close(got, want[live], torch.float32, f"{'dq' if live == 0 else 'dk'} through the weights, the other frozen")
     got = torch.autograd.grad((weights * dw).sum() + out.sum(), leaves)
     want = torch.autograd.grad((ref_w * dw.double()).sum() + ref.sum(), refs)
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
@@ -300,6 +305,27 @@ def test_weights_under_dropout_are_the_ones_the_output_used(backend):
                              need_weights=True, average_attn_weights=False)
     assert (w == 0).float().mean() > 0.3  # dropped and masked entries
     assert_close(out, torch.einsum("bhmn,bnhd->bmhd", w.double(), v.double()), torch.float32, "out vs W V")
+
+
+def test_weights_gradient_under_dropout(backend):
+    """The weights returned under dropout are keep * P / (1 - p) with the output's own keep mask
+    (read back from the weights: P > 0 everywhere here), so their gradient is softmax's backward
+    of keep * dW / (1 - p): against float64 with that mask."""
+    g = torch.Generator().manual_seed(6)
+    B, M, N, H, D = 2, 5, 45, 2, 16
+    q, k, v = randn(B, M, H, D, generator=g), randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
+    leaves = [leaf(t) for t in (q, k)]
+    _, w = cross_attention(*leaves, v, dropout_p=0.4, generator=torch.Generator().manual_seed(9), need_weights=True,
+                           average_attn_weights=False)
+    keep = (w != 0).double()
+    assert 0.2 < 1 - keep.mean() < 0.6
+    dw = randn(*w.shape, generator=g)
+    got = torch.autograd.grad(w, leaves, dw)
+    refs = [leaf(t, torch.float64) for t in (q, k)]
+    _, p = _softmax_reference(*refs, v, torch.zeros(B, H, M, N))
+    want = torch.autograd.grad(p * keep / 0.6, refs, dw.double())
+    for name, a, b in zip(("dq", "dk"), got, want):
+        assert_close(a, b, torch.float32, f"{name} through the weights under dropout")
 
 
 @pytest.mark.parametrize(

@@ -515,6 +515,11 @@ def _good():
         ({"x": torch.randn(1, 16, 8, dtype=torch.float16), "norm_weight": torch.randn(8, dtype=torch.float16),
           "norm_bias": torch.randn(8, dtype=torch.float16)}, TypeError,
          "w1 has dtype torch.float32 but x has torch.float16; merge_mlp takes one dtype, or float32 tokens and norm with a"),
+        ({"x": torch.randn(1, 16, 8, dtype=torch.float16), "norm_weight": torch.randn(8, dtype=torch.float16),
+          "norm_bias": torch.randn(8, dtype=torch.float16), "w1": torch.randn(16, 32, dtype=torch.bfloat16),
+          "b1": torch.randn(16, dtype=torch.bfloat16), "w2": torch.randn(8, 16, dtype=torch.bfloat16),
+          "b2": torch.randn(8, dtype=torch.bfloat16)}, TypeError,
+         "w1 has dtype torch.bfloat16 but x has torch.float16"),  # 16-bit tokens take an MLP of their own dtype only
         ({"activation": "relu"}, ValueError, "activation must be one of"),
         ({"norm_weight": [1.0] * 8}, TypeError, "norm_weight must be a torch.Tensor"),
         ({"w1": torch.randn(16, 32, device="meta")}, ValueError, "w1 is on meta"),
@@ -533,6 +538,7 @@ def test_bad_input(change, error, match):
     "grids,kw,error,match",
     [
         (torch.tensor([[4, 4], [2, 3]]), {}, ValueError, r"grids\[1\] = \(2, 3\): H and W must be multiples"),
+        (torch.tensor([[3, 4], [2, 4]]), {}, ValueError, r"grids\[0\] = \(3, 4\): H and W must be multiples"),
         (torch.tensor([[4, 4]]), {}, ValueError, "x has 20 tokens but grids need"),
         (torch.tensor([[4.0, 5.0]]), {}, TypeError, "grids must be an integer tensor"),
         (torch.tensor([[4, 4], [2, 2]]), {"order": "rows"}, ValueError, "order must be one of"),

@@ -287,6 +287,46 @@ def test_composed_activation_backward_is_one_pass(activation, dtype, need_db1):
         assert db1.numel() == 0
 
 
+@pytest.mark.parametrize("op", ["pool_linear", "pool_mlp", "pool_mlp_packed", "mlp_pool_packed"])
+def test_residual_outputs_carry_gradients(op):
+    """The raw ops return their residuals (the pooled rows; mlp_pool's pooled activation) as
+    outputs: a loss on them (anyone calling ``torch.ops.deco`` directly may write one) gets its
+    gradient in dx, as the float64 composition of pooling, the Linears and GELU gives."""
+    g = torch.Generator().manual_seed(12)
+    x = randn(2, 16, 8, generator=g)
+    w1, b1, w2, b2 = randn(6, 8, generator=g), randn(6, generator=g), randn(5, 6, generator=g), randn(5, generator=g)
+    geometry = deco_ops.packed.parse(x.view(32, 8), torch.tensor([[4, 4]] * 2), torch.tensor([[2, 2]] * 2), None).geometry
+
+    def ours(t):  # (y, pooled) of the raw op; the packed op sees the two images as one sequence
+        if op == "pool_linear":
+            return torch.ops.deco.pool_linear(t, w1, b1, [4, 4], [2, 2], True)
+        if op == "pool_mlp":
+            return torch.ops.deco.pool_mlp(t, w1, b1, w2, b2, [4, 4], [2, 2], "gelu", True)[:2]
+        y, pooled = getattr(torch.ops.deco, op)(t.reshape(32, 8), w1, b1, w2, b2, geometry, 8, "gelu", "average", True)[:2]
+        return y.view(2, 4, -1), pooled.view(2, 4, -1)
+
+    def float64(t):
+        if op == "mlp_pool_packed":
+            hidden = reference.ACTIVATIONS["gelu"](torch.nn.functional.linear(t, w1.double(), b1.double()))
+            pooled = reference.adaptive_avg_pool_tokens(hidden, (4, 4), (2, 2))
+            return torch.nn.functional.linear(pooled, w2.double(), b2.double()), pooled
+        pooled = reference.adaptive_avg_pool_tokens(t, (4, 4), (2, 2))
+        h = torch.nn.functional.linear(pooled, w1.double(), b1.double())
+        if op == "pool_linear":
+            return h, pooled
+        return torch.nn.functional.linear(reference.ACTIVATIONS["gelu"](h), w2.double(), b2.double()), pooled
+
+    dy = randn(2, 4, 6 if op == "pool_linear" else 5, generator=g)
+    dpooled = randn(2, 4, 6 if op == "mlp_pool_packed" else 8, generator=g)
+    x_ours, x64 = leaf(x), leaf(x, torch.float64)
+    with deco_ops.use_backend("triton"):
+        y, pooled = ours(x_ours)
+        (got,) = torch.autograd.grad((y * dy).sum() + (pooled * dpooled).sum(), x_ours)
+    y64, pooled64 = float64(x64)
+    (want,) = torch.autograd.grad((y64 * dy.double()).sum() + (pooled64 * dpooled.double()).sum(), x64)
+    assert_close(got, want, torch.float32, "dx")
+
+
 def test_db1_sums_dz_as_stored():
     """db1 is the sum of dz as stored in 16 bits, as eager's ``dz.sum(0)``: half the rows have
     dh = 1 at z = 0.3, half dh = -fp16(gelu'(0.3)) at z = 10 (gelu' = 1), so the stored dz cancel

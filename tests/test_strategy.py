@@ -297,6 +297,10 @@ def test_deterministic_mode_filters_candidates(cache_dir, monkeypatch):
         assert strategy.choose(named, on_triton=True, key=no_key) == "composed_aten"  # deterministic: it runs
     with deco_ops.use_strategy("composed"):
         assert strategy.choose(named, on_triton=True, key=no_key) == "composed_aten"  # the only deterministic twin
+    # no deterministic candidate at all: the first (the op's default) runs, as without a choice
+    nondeterministic = {name: strategy.Candidate(c.run, deterministic=False) for name, c in _candidates().items()}
+    timer = FakeTimer({"fused": 2.0, "composed": 1.0})
+    assert strategy.decide(key_det, nondeterministic, timer) == "fused" and timer.calls == []
 
 
 def test_keys_and_buckets():
