@@ -89,13 +89,18 @@ def _checkpoint_frame(pack_hook) -> object | None:
     return None
 
 
-def recording(run: Callable) -> Callable:
-    """``run``, a plan that autograd records as ATen's own nodes (no op Function of ours: SDPA's
-    CPU kernel), doing what an op's recorded forward does under a checkpoint first."""
+def recording(native: Callable, function: Callable) -> Callable:
+    """A plan that autograd records as ATen's own nodes (``native``: SDPA's CPU kernel, no op
+    Function of ours), except inside a checkpointed region (or under any saved-tensor hooks),
+    where the op's Function runs (``function``), as an op's recorded forward does: its recompute
+    then runs in this context, and saves what the forward saved whichever path it takes. A
+    recompute outside a dispatch mode the forward ran under (a FLOP counter around the forward
+    only) takes the plain path where the forward took the dispatcher's, whose node is the op's
+    Function too: ATen's node saves other tensors (a CheckpointError)."""
 
     def recorded(*args):
         if saved_tensors_hooks(False) is not None:
-            recompute_in_this_context()
-        return run(*args)
+            return function(*args)
+        return native(*args)
 
     return recorded

@@ -549,6 +549,7 @@ def _plan_of(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k
     # no dropout seed: drawing one here would move the generator; a call with dropout has one candidate (nothing is timed)
     args = (q, k, v, kv_lens, None, N, scale, dropout_p, None, attn_bias, need_lse)
     impl = _plan.chosen(_cross_attention_implementation, args)
+    native = None
     if impl is _COMPOSED_FORWARD["composed"] and kv_lens is None and attn_bias is None and not need_weights:
         # SDPA's CPU kernel is the whole call (no mask, no dropout: composed_attention.forward), and its
         # own backward is what the composed backward runs on the same residuals: called
@@ -559,10 +560,12 @@ def _plan_of(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k
             native = _on_cpu_sdpa  # a signature fixes these strides (``_plan``)
         else:
             native = functools.partial(_on_cpu_sdpa_as_given, None if default else scale, shared)
-        return _checkpoint.recording(native) if records else native
+        if not records:
+            return native
     mask_shape = None if attn_bias is None else attn_bias.shape  # (B, H, M, N): the next calls' masks are converted to it
     weights = None if not need_weights else bool(average_attn_weights)
-    return functools.partial(_planned, deco.cross_attention.runner(impl, records), scale, dropout_p, need_lse, mask_shape, weights)
+    function = functools.partial(_planned, deco.cross_attention.runner(impl, records), scale, dropout_p, need_lse, mask_shape, weights)
+    return _checkpoint.recording(native, function) if native is not None else function
 
 
 def _planned(run, scale, dropout_p, need_lse, mask_shape, weights, q, k, v, kv_lens, attn_mask):

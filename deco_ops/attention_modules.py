@@ -178,7 +178,7 @@ def _warn_if_every_key_ignored(key_padding_mask: torch.Tensor) -> None:
         warnings.warn(
             f"key_padding_mask ignores every key of batch rows {rows} (their output is NaN with need_weights=True, "
             f"out_proj's bias without, as in nn.MultiheadAttention). {_hf_hint(key_padding_mask)}",
-            stacklevel=4,
+            stacklevel=5,  # here, forward, Module's two call frames, then the caller's line
         )
 
 

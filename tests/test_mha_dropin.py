@@ -126,10 +126,31 @@ def test_fused_path_on_triton_kernels(config, mask):
         _compare(ours, mha, _inputs(CONFIGS[config]), key_padding_mask=_mask(mask), need_weights=False)
 
 
-def test_unbatched_fused_path(backend):
-    ours, mha = _pair(CONFIGS["zero_attn_bias_kv_kdim"])
-    inputs = _inputs(CONFIGS["zero_attn_bias_kv_kdim"], batched=False)
+@pytest.mark.parametrize("config", ["zero_attn_bias_kv_kdim", "kdim_vdim_no_bias_batch_first"])
+def test_unbatched_fused_path(backend, config):
+    """Unbatched (L, E) inputs, whatever batch_first says (it concerns batched inputs only)."""
+    ours, mha = _pair(CONFIGS[config])
+    inputs = _inputs(CONFIGS[config], batched=False)
     _compare(ours, mha, inputs, key_padding_mask=_mask("bool", batched=False), need_weights=False)
+
+
+@pytest.mark.parametrize("config", [{"kdim": 12}, {"vdim": 10, "batch_first": True}], ids=["kdim", "vdim"])
+def test_kdim_or_vdim_alone_matches_multihead_attention(config):
+    """One of kdim / vdim given, the other defaulting to embed_dim (not to each other): separate
+    projection weights exactly where nn.MultiheadAttention has them, so its state_dict loads."""
+    ours, mha = _pair(config)
+    assert ours.state_dict().keys() == mha.state_dict().keys()
+    _compare(ours, mha, _inputs(config), key_padding_mask=_mask("bool"), need_weights=False)
+
+
+def test_learned_padding_mask_in_eval_drops_nothing():
+    """A float key_padding_mask that requires grad takes the PyTorch path; in eval mode its
+    attention dropout is off, as nn.MultiheadAttention's."""
+    config = {"dropout": 0.5, "batch_first": True}
+    ours, mha = _pair(config)
+    ours.eval(), mha.eval()
+    learned = torch.zeros(B, S).masked_fill(_mask("bool"), -3.0).requires_grad_(True)
+    _compare(ours, mha, _inputs(config), key_padding_mask=learned, need_weights=False)
 
 
 @pytest.mark.parametrize("config", ["defaults", "bias_kv", "zero_attn_bias_kv_kdim"])
@@ -463,8 +484,9 @@ def test_hugging_face_keep_mask_warns():
     keep = ~_mask("bool")
     keep[1:] = True
     for need_weights in (False, True):
-        with pytest.warns(UserWarning, match=r"ignores every key of batch rows \[0, 1, 2\].*Hugging Face"):
+        with pytest.warns(UserWarning, match=r"ignores every key of batch rows \[0, 1, 2\].*Hugging Face") as caught:
             ours(q, k, k, keep, need_weights=need_weights)
+        assert caught[0].filename == __file__  # the caller's line, not torch's module call
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours(q, k, k, _mask("bool"), need_weights=False)

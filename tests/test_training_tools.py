@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import deco_ops
@@ -283,6 +284,36 @@ def test_checkpoint_recomputes_under_the_forward_s_settings(name, forward_backen
         leaves = [t.clone().requires_grad_(True) for t in inputs]
         with deco_ops.use_backend(forward_backend):
             out = checkpoint(fn, *leaves, use_reentrant=False, determinism_check=determinism_check) if checkpointed else fn(*leaves)
+        with deco_ops.use_backend(backward_backend):
+            grads.append(torch.autograd.grad(out.square().sum(), leaves))
+    for i, (got, want) in enumerate(zip(*grads[::-1])):
+        assert torch.equal(got, want), f"{name}: gradient {i} differs under checkpoint"
+
+
+class _PassThrough(TorchDispatchMode):
+    """A dispatch mode that changes nothing (as profilers' and debuggers' modes): under it a call
+    is not plain eager and goes through ``torch.ops.deco``, whose registered autograd's setup
+    keeps the context."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton kernels on CPU tensors (the interpreter) against the PyTorch path")
+@pytest.mark.parametrize("forward_backend,backward_backend", [("triton", "auto"), ("torch", "triton")])
+@pytest.mark.parametrize("name", ["cross_attention", "pool_mlp"])
+def test_checkpoint_recomputes_under_the_forward_s_settings_through_the_dispatcher(name, forward_backend, backward_backend):
+    """As above, for a region whose op runs through the dispatcher (a dispatch mode active in the
+    forward): its registered autograd's setup fixes the recompute's context as the eager path's
+    forward does."""
+    fn, shapes = _regions_ending_in_a_torch_op()[name]
+    g = torch.Generator().manual_seed(6)
+    inputs = [randn(*s, generator=g) for s in shapes]
+    grads = []
+    for checkpointed in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        with deco_ops.use_backend(forward_backend), _PassThrough():
+            out = checkpoint(fn, *leaves, use_reentrant=False) if checkpointed else fn(*leaves)
         with deco_ops.use_backend(backward_backend):
             grads.append(torch.autograd.grad(out.square().sum(), leaves))
     for i, (got, want) in enumerate(zip(*grads[::-1])):

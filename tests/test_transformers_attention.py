@@ -311,6 +311,18 @@ def test_causal_layers_and_unsupported_arguments_raise():
             hf_deco.deco_ops_attention(_Layer(), *_qkv(), None, **{name: value})
 
 
+def test_attention_dropout_reaches_the_kernels():
+    """A layer in training passes its attention dropout: the call is ``cross_attention`` with that
+    ``dropout_p`` under the same seed, not the undropped attention."""
+    q, k, v = _qkv()
+    torch.manual_seed(5)
+    out, _ = hf_deco.deco_ops_attention(_Layer(), q, k, v, None, scaling=0.4, dropout=0.5)
+    torch.manual_seed(5)
+    want = deco_ops.cross_attention(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=0.4, dropout_p=0.5)
+    assert torch.equal(out, want)
+    assert not torch.equal(out, hf_deco.deco_ops_attention(_Layer(), q, k, v, None, scaling=0.4)[0])
+
+
 def test_padding_mask_longer_than_the_keys_is_cut_to_them():
     """transformers may pass a 2D padding mask longer than ``kv_length`` (a padded cache): the mask
     function keeps its first ``kv_length`` columns, as its own padding-mask helpers do."""
