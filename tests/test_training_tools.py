@@ -3,6 +3,7 @@ on two GPUs where the machine has them, else gloo on CPU tensors) give one proce
 every op and module gives the gradients without it, dropout included; ``torch.compile`` with
 dynamic batch and key counts compiles once, not once per batch size."""
 
+import contextlib
 import gc
 
 import pytest
@@ -265,55 +266,37 @@ def _regions_ending_in_a_torch_op():
     }
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton kernels on CPU tensors (the interpreter) against the PyTorch path")
-@pytest.mark.parametrize("determinism_check", ["default", "none"])
-@pytest.mark.parametrize("forward_backend,backward_backend", [("triton", "auto"), ("torch", "triton")])
-@pytest.mark.parametrize("name", list(_regions_ending_in_a_torch_op()))
-def test_checkpoint_recomputes_under_the_forward_s_settings(name, forward_backend, backward_backend, determinism_check):
-    """The recompute of a non-reentrant checkpoint starts when backward first unpacks one of the
-    region's tensors, here in a PyTorch op, in the context backward runs in: with the forward in a
-    ``use_backend`` block and ``backward()`` outside it (or on CUDA's autograd thread, which sees no
-    block), the region was recomputed on the other backend (a CheckpointError; with the check off,
-    kernels handed tensors of other shapes: a heap corruption in the interpreter). It now runs
-    under the forward's blocks: the gradients are those of the same forward without checkpoint."""
-    fn, shapes = _regions_ending_in_a_torch_op()[name]
-    g = torch.Generator().manual_seed(5)
-    inputs = [randn(*s, generator=g) for s in shapes]
-    grads = []
-    for checkpointed in (False, True):
-        leaves = [t.clone().requires_grad_(True) for t in inputs]
-        with deco_ops.use_backend(forward_backend):
-            out = checkpoint(fn, *leaves, use_reentrant=False, determinism_check=determinism_check) if checkpointed else fn(*leaves)
-        with deco_ops.use_backend(backward_backend):
-            grads.append(torch.autograd.grad(out.square().sum(), leaves))
-    for i, (got, want) in enumerate(zip(*grads[::-1])):
-        assert torch.equal(got, want), f"{name}: gradient {i} differs under checkpoint"
-
-
 class _PassThrough(TorchDispatchMode):
-    """A dispatch mode that changes nothing (as profilers' and debuggers' modes): under it a call
-    is not plain eager and goes through ``torch.ops.deco``, whose registered autograd's setup
-    keeps the context."""
+    """A dispatch mode that changes nothing (as profilers' and debuggers' modes, a FLOP counter):
+    under it a call is not plain eager and goes through ``torch.ops.deco``."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton kernels on CPU tensors (the interpreter) against the PyTorch path")
+@pytest.mark.parametrize("mode", ["plain", "dispatch_mode"])
+@pytest.mark.parametrize("determinism_check", ["default", "none"])
 @pytest.mark.parametrize("forward_backend,backward_backend", [("triton", "auto"), ("torch", "triton")])
-@pytest.mark.parametrize("name", ["cross_attention", "pool_mlp"])
-def test_checkpoint_recomputes_under_the_forward_s_settings_through_the_dispatcher(name, forward_backend, backward_backend):
-    """As above, for a region whose op runs through the dispatcher (a dispatch mode active in the
-    forward): its registered autograd's setup fixes the recompute's context as the eager path's
-    forward does."""
+@pytest.mark.parametrize("name", list(_regions_ending_in_a_torch_op()))
+def test_checkpoint_recomputes_under_the_forward_s_settings(name, forward_backend, backward_backend, determinism_check, mode):
+    """The recompute of a non-reentrant checkpoint starts when backward first unpacks one of the
+    region's tensors, here in a PyTorch op, in the context backward runs in: with the forward in a
+    ``use_backend`` block and ``backward()`` outside it (or on CUDA's autograd thread, which sees no
+    block), the region was recomputed on the other backend (a CheckpointError; with the check off,
+    kernels handed tensors of other shapes: a heap corruption in the interpreter). It now runs
+    under the forward's blocks: the gradients are those of the same forward without checkpoint.
+    ``dispatch_mode``: the forward under a dispatch mode (the op through ``torch.ops.deco``), the
+    recompute without it (the plain path): both record the op's Function (SDPA's own node, which
+    dense attention records outside a checkpoint, saves other tensors: a CheckpointError)."""
     fn, shapes = _regions_ending_in_a_torch_op()[name]
-    g = torch.Generator().manual_seed(6)
+    g = torch.Generator().manual_seed(5)
     inputs = [randn(*s, generator=g) for s in shapes]
     grads = []
     for checkpointed in (False, True):
         leaves = [t.clone().requires_grad_(True) for t in inputs]
-        with deco_ops.use_backend(forward_backend), _PassThrough():
-            out = checkpoint(fn, *leaves, use_reentrant=False) if checkpointed else fn(*leaves)
+        with deco_ops.use_backend(forward_backend), _PassThrough() if mode == "dispatch_mode" else contextlib.nullcontext():
+            out = checkpoint(fn, *leaves, use_reentrant=False, determinism_check=determinism_check) if checkpointed else fn(*leaves)
         with deco_ops.use_backend(backward_backend):
             grads.append(torch.autograd.grad(out.square().sum(), leaves))
     for i, (got, want) in enumerate(zip(*grads[::-1])):

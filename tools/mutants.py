@@ -913,7 +913,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "or through the dispatcher, whose node saves other tensors (CheckpointError)"),
     Mutant("checkpointed_attention_on_the_native_node", "deco_ops/_checkpoint.py",
            "        if saved_tensors_hooks(False) is not None:\n            return function(*args)\n", "",
-           ("tests/test_training_tools.py", "-k", "through_the_dispatcher"),
+           ("tests/test_training_tools.py", "-k", "recomputes_under and dispatch_mode"),
            "a checkpointed dense attention recorded under a dispatch mode and recomputed without it: CheckpointError"),
     Mutant("plain_admits_zero_tensors", "deco_ops/_plan.py",
            " or True in map(_is_zerotensor, tensors)", "",
