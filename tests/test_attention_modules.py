@@ -145,6 +145,20 @@ def test_query_resampler_learns_a_float_padding_mask(auto_backend):
     assert_close(learned.grad, learned64.grad, torch.float32, "grad key_padding_mask")
 
 
+def test_query_resampler_takes_a_learned_mask_of_another_dtype():
+    """A float64 learned padding bias beside float32 tokens (a bias table kept in double): cast to
+    the tokens' dtype as the attention needs it; the output in the tokens' dtype, the bias's
+    gradient in its own."""
+    torch.manual_seed(0)
+    ours = QueryResampler(4, 32, 16, 2)
+    x = randn(2, 8, 16, generator=torch.Generator().manual_seed(2))
+    bias = torch.zeros(2, 8, dtype=torch.float64).masked_fill(torch.arange(8) >= 6, -2.0).requires_grad_(True)
+    out = ours(x, key_padding_mask=bias)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and bias.grad.dtype == torch.float64
+    assert_close(out, ours(x, key_padding_mask=bias.detach().float().requires_grad_(True)), torch.float32, "output")
+
+
 def test_query_resampler_shares_queries():
     """The learned queries reach the op as (1, M, H, D): never expanded over the batch."""
     ours = QueryResampler(4, 32, 16, 2)

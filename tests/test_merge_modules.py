@@ -443,6 +443,32 @@ def test_from_hf_takes_the_mergers_activation(activation):
     assert error <= max(10 * eager_error, 1e-6), (error, eager_error)  # the other GELU: ~1e-4
 
 
+def test_from_hf_takes_nn_rmsnorm_default_eps_in_float64():
+    """nn.RMSNorm(eps=None) in float64 uses float64's machine epsilon (float32's for every other
+    dtype): tokens of 1e-5 make the difference visible."""
+    hf = qwen2_vl.PatchMerger(D, C)
+    hf.ln_q = torch.nn.RMSNorm(C, eps=None)
+    hf = _init(hf, seed=12).double()
+    ours = deco_ops.PatchMergerProjector.from_hf(hf)
+    x = torch.randn(16, C, generator=torch.Generator().manual_seed(12), dtype=torch.float64) * 1e-5
+    with deco_ops.use_backend("torch"):
+        torch.testing.assert_close(ours(x), hf(x))
+
+
+def test_from_hf_takes_linears_without_bias():
+    """A merger whose Linears have no bias converts to a projector without them (its state_dict
+    loads: no bias keys expected) and computes the same."""
+    hf = qwen2_vl.PatchMerger(D, C)
+    hf.mlp[0] = torch.nn.Linear(hf.mlp[0].in_features, hf.mlp[0].out_features, bias=False)
+    hf.mlp[2] = torch.nn.Linear(hf.mlp[2].in_features, hf.mlp[2].out_features, bias=False)
+    hf = _init(hf, seed=13)
+    ours = deco_ops.PatchMergerProjector.from_hf(hf)
+    assert ours.state_dict().keys() == hf.state_dict().keys()
+    x = torch.randn(16, C, generator=torch.Generator().manual_seed(13))
+    with deco_ops.use_backend("torch"):
+        assert_close(ours(x), hf.double()(x.double()), torch.float32, "y")
+
+
 def test_from_hf_keeps_requires_grad_and_mode():
     hf = _init(qwen2_vl.PatchMerger(D, C), seed=10).eval()
     hf.ln_q.requires_grad_(False)

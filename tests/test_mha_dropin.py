@@ -143,6 +143,25 @@ def test_kdim_or_vdim_alone_matches_multihead_attention(config):
     _compare(ours, mha, _inputs(config), key_padding_mask=_mask("bool"), need_weights=False)
 
 
+@pytest.mark.parametrize("average", [True, False])
+def test_learned_padding_mask_weights_per_head_or_averaged(average):
+    """A key_padding_mask that requires grad (the PyTorch path) returns the weights as asked:
+    averaged over the heads, or per head, as nn.MultiheadAttention."""
+    config = {"batch_first": True}
+    ours, mha = _pair(config)
+    learned = torch.zeros(B, S).masked_fill(_mask("bool"), -3.0).requires_grad_(True)
+    _compare(ours, mha, _inputs(config), key_padding_mask=learned, average_attn_weights=average)
+
+
+def test_float_padding_mask_never_warns():
+    """The every-key-ignored warning concerns bool masks only: a float mask of any values is a bias."""
+    ours, _ = _pair({})
+    q, k, _ = _inputs({})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours(q, k, k, torch.full((B, S), 0.5), need_weights=False)
+
+
 def test_learned_padding_mask_in_eval_drops_nothing():
     """A float key_padding_mask that requires grad takes the PyTorch path; in eval mode its
     attention dropout is off, as nn.MultiheadAttention's."""
@@ -358,6 +377,7 @@ def test_state_dict_both_ways(config):
         (lambda m, q, k: m(q, k[:, :2], k[:, :2], need_weights=False), ValueError, "query has batch 3 but key has 2"),
         (lambda m, q, k: m(q[..., :8], k, k), ValueError, "query has 8 features"),
         (lambda m, q, k: m(q, k[:3], k, need_weights=False), ValueError, "same tokens and batch"),
+        (lambda m, q, k: m(q, k, k[:, :2], need_weights=False), ValueError, "same tokens and batch"),  # batch differs
         (lambda m, q, k: m(q[0], k, k), ValueError, "all be batched"),
         (lambda m, q, k: m(q[:, 0], k[:, 0], k[:, 0], _mask("bool"), need_weights=False), ValueError, "unbatched inputs take"),
     ],

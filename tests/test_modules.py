@@ -72,6 +72,17 @@ def test_prefix_tokens_are_dropped(backend, prefix):
                                             grid=(4, 4), out_grid=(2, 2)))
 
 
+@pytest.mark.parametrize("mode", ["average", "bilinear"])
+def test_project_then_pool_takes_the_mode(backend, mode):
+    """order="mlp_pool" pools the projected tokens with the module's mode (bilinear: LLaVA-OneVision's
+    interpolation), as deco_ops.mlp_pool does."""
+    proj = deco_ops.DeCoProjector(8, 8, grid=(4, 4), out_grid=(3, 3), order="mlp_pool", mode=mode)
+    x = torch.randn(1, 16, 8)
+    expected = deco_ops.mlp_pool(x, proj.fc1.weight, proj.fc1.bias, proj.fc2.weight, proj.fc2.bias, grid=(4, 4),
+                                 out_grid=(3, 3), mode=mode)
+    assert torch.equal(proj(x), expected)
+
+
 def test_per_call_grid(backend):
     proj = deco_ops.DeCoProjector(16, 24, grid=(4, 4), out_grid=(2, 2))
     x = torch.randn(2, 6 * 5, 16)
