@@ -554,6 +554,7 @@ def _plan_of(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k
         # SDPA's CPU kernel is the whole call (no mask, no dropout: composed_attention.forward), and its
         # own backward is what the composed backward runs on the same residuals: called
         # differentiably, autograd records the ATen node, with no Python Function around it
+        # (outside saved-tensor hooks: ``_checkpoint.recording``)
         default = scale == 1.0 / math.sqrt(q.shape[-1])  # the kernel's own scale, computed as it computes it
         shared = q.shape[0] != k.shape[0]
         if default and not shared and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:  # the common call, and

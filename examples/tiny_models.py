@@ -32,9 +32,9 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_llava(vision_feature_select_strategy: str = "default", seed: int = 0, image_size: int = IMAGE_SIZE,
                tower: str = "clip_vision_model") -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A LLaVA-1.5-shaped model (CLIP tower with a CLS token, or ``tower="siglip_vision_model"``:
-    none, mlp2x_gelu projector, Llama LM) at hidden size 32, and its processor; ``image_size /
-    PATCH_SIZE`` patches per side."""
+    """A LLaVA-1.5-shaped model (a CLIP tower, whose tokens start with a CLS token, or with
+    ``tower="siglip_vision_model"`` a SigLIP tower, without one; an mlp2x_gelu projector; a Llama
+    LM) at hidden size 32, and its processor; ``image_size / PATCH_SIZE`` patches per side."""
     config = LlavaConfig(
         vision_config=dict(model_type=tower, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                            num_attention_heads=4, image_size=image_size, patch_size=PATCH_SIZE,

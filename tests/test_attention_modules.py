@@ -153,10 +153,13 @@ def test_query_resampler_takes_a_learned_mask_of_another_dtype():
     ours = QueryResampler(4, 32, 16, 2)
     x = randn(2, 8, 16, generator=torch.Generator().manual_seed(2))
     bias = torch.zeros(2, 8, dtype=torch.float64).masked_fill(torch.arange(8) >= 6, -2.0).requires_grad_(True)
-    out = ours(x, key_padding_mask=bias)
+    single = bias.detach().float().requires_grad_(True)
+    out, want = ours(x, key_padding_mask=bias), ours(x, key_padding_mask=single)
     out.sum().backward()
+    want.sum().backward()
     assert out.dtype == torch.float32 and bias.grad.dtype == torch.float64
-    assert_close(out, ours(x, key_padding_mask=bias.detach().float().requires_grad_(True)), torch.float32, "output")
+    assert_close(out, want, torch.float32, "output")
+    assert_close(bias.grad, single.grad.double(), torch.float32, "grad key_padding_mask")
 
 
 def test_query_resampler_shares_queries():

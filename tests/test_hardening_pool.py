@@ -259,7 +259,12 @@ def test_composed_candidate_hands_unreachable_tensors_to_the_kernels(monkeypatch
         want = deco_ops.adaptive_avg_pool_tokens(x, (4, 5), (2, 3))
         (want_dx,) = torch.autograd.grad(want, x, dy)
         asked = []  # (input's numel, output's numel) of each question: pooling, then un-pooling
-        monkeypatch.setattr(pooling, "_aten_reaches", lambda t, out_numel: asked.append((t.numel(), out_numel)) and False)
+
+        def unreachable(t, out_numel):
+            asked.append((t.numel(), out_numel))
+            return False
+
+        monkeypatch.setattr(pooling, "_aten_reaches", unreachable)
         with mock.patch.object(adaptive_pool, "pool_tokens", wraps=adaptive_pool.pool_tokens) as pool, \
                 mock.patch.object(adaptive_pool, "unpool_tokens", wraps=adaptive_pool.unpool_tokens) as unpool, \
                 mock.patch.object(reference, "adaptive_avg_pool_tokens") as aten_pool, \

@@ -912,7 +912,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "cross_attention on SDPA's CPU node inside a checkpoint: recomputed on the Triton backend (heap corruption), "
            "or through the dispatcher, whose node saves other tensors (CheckpointError)"),
     Mutant("checkpointed_attention_on_the_native_node", "deco_ops/_checkpoint.py",
-           "        if saved_tensors_hooks(False) is not None:\n            return function(*args)\n", "",
+           "            return function(*args)\n", "            recompute_in_this_context()\n",
            ("tests/test_training_tools.py", "-k", "recomputes_under and dispatch_mode"),
            "a checkpointed dense attention recorded under a dispatch mode and recomputed without it: CheckpointError"),
     Mutant("plain_admits_zero_tensors", "deco_ops/_plan.py",
