@@ -204,6 +204,17 @@ def randint(low: int, high: int, shape: tuple[int, ...], generator: torch.Genera
     return torch.randint(low, high, shape, generator=generator, dtype=dtype, device=generator.device).to(DEVICE)
 
 
+class Calls(torch.nn.Module):
+    """A module whose forward is ``fn`` (what ``torch.export`` takes of a plain function)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
 def leaf(t: torch.Tensor | None, dtype=None) -> torch.Tensor | None:
     """A fresh leaf requiring grad (optionally cast), or None."""
     if t is None:

@@ -17,7 +17,7 @@ import torch
 
 import deco_ops
 
-from harness import DEVICE, randn
+from harness import DEVICE, Calls, randn
 
 GRID, OUT_GRID, C = (4, 4), (2, 2), 8
 
@@ -59,10 +59,7 @@ def test_traced_module_matches_the_module(name, backend, grad):
         with torch.set_grad_enabled(grad):
             traced = torch.jit.trace(module, (x,))  # check_trace on: replays under no_grad
         assert "deco::" in str(traced.inlined_graph), "the trace did not record the ops"
-        buffer = io.BytesIO()
-        torch.jit.save(traced, buffer)
-        buffer.seek(0)
-        _assert_computes_as(module, torch.jit.load(buffer), other, g, name)
+        _assert_computes_as(module, _saved_and_loaded(traced, torch.jit.save, torch.jit.load), other, g, name)
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
@@ -77,11 +74,17 @@ def test_exported_module_matches_the_module(name, backend, strict):
         exported = torch.export.export(module, (randn(*shape, generator=g),), dynamic_shapes=({0: batch},),
                                        strict=strict)
         assert any(str(n.target).startswith("deco.") for n in exported.graph.nodes), "the export did not record the ops"
-        buffer = io.BytesIO()
-        torch.export.save(exported, buffer)
-        buffer.seek(0)
+        loaded = _saved_and_loaded(exported, torch.export.save, torch.export.load).module()
         other = randn(3, *shape[1:], generator=g)  # another batch than the exported example's
-        _assert_computes_as(module, torch.export.load(buffer).module(), other, g, name)
+        _assert_computes_as(module, loaded, other, g, name)
+
+
+def _saved_and_loaded(recorded, save, load):
+    """``recorded`` through ``save`` into a buffer and back through ``load``."""
+    buffer = io.BytesIO()
+    save(recorded, buffer)
+    buffer.seek(0)
+    return load(buffer)
 
 
 def _assert_computes_as(module, recorded, x, g, name):
@@ -132,15 +135,6 @@ def test_host_reads_are_refused_under_tracing(case):
         torch.jit.trace(fn, (x,))
 
 
-class _Calls(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
-
-
 @pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
 @pytest.mark.parametrize("case", HOST_READS)
 def test_host_reads_are_refused_under_export(case, strict):
@@ -149,7 +143,7 @@ def test_host_reads_are_refused_under_export(case, strict):
     Dynamo's, which quotes it."""
     fn, name, x = _host_read(case)
     with pytest.raises(RuntimeError) as caught:
-        torch.export.export(_Calls(fn), (x,), strict=strict)
+        torch.export.export(Calls(fn), (x,), strict=strict)
     chain, error = [], caught.value
     while error is not None:
         chain.append(str(error))

@@ -42,11 +42,16 @@ def test_projector_keeps_weights_and_pools(strategy, prefix, side, out_side):
     deco = model.model.multi_modal_projector
     assert isinstance(deco, deco_ops.DeCoProjector) and deco.num_prefix_tokens == prefix
     assert (deco.grid, deco.out_grid, model.config.image_seq_length) == ((side, side), (out_side, out_side), out_side ** 2)
-    image_tokens = tokens.double().transpose(1, 2).reshape(1, 32, side, side)
-    pooled = F.adaptive_avg_pool2d(image_tokens, (out_side, out_side)).flatten(2).transpose(1, 2)
+    pooled = _pooled64(tokens, side, out_side)
     with torch.no_grad(), deco_ops.use_backend("triton"):
         features = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
     assert_close(features.cpu(), hf_projector(pooled)[0], torch.float32)
+
+
+def _pooled64(tokens, side, out_side):
+    """(1, side * side, 32) tokens pooled to out_side x out_side by PyTorch's own pooling, in float64."""
+    image = tokens.double().transpose(1, 2).reshape(1, 32, side, side)
+    return F.adaptive_avg_pool2d(image, (out_side, out_side)).flatten(2).transpose(1, 2)
 
 
 def test_tower_without_cls_token_has_no_prefix():
@@ -62,7 +67,7 @@ def test_tower_without_cls_token_has_no_prefix():
         tokens = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2]  # 64 patches, no CLS
         features = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
     assert tokens.shape[1] == 64
-    pooled = F.adaptive_avg_pool2d(tokens.double().transpose(1, 2).reshape(1, 32, 8, 8), (4, 4)).flatten(2).transpose(1, 2)
+    pooled = _pooled64(tokens, 8, 4)
     assert_close(features, hf_projector(pooled)[0], torch.float32)
 
 
