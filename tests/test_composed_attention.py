@@ -16,7 +16,7 @@ import torch
 import deco_ops
 from deco_ops import composed_attention as ca
 from deco_ops import strategy
-from harness import assert_close
+from harness import assert_close, randn
 from test_cross_attention import _case, _check, _reference, _run
 
 CUDA = torch.device("cuda", 0)
@@ -83,6 +83,24 @@ def test_lse_normalisation():
     padded = torch.full((2, 3, 32), float("nan"))
     padded[..., :5] = lse
     assert torch.equal(ca.normalised_lse(padded, 5), lse)  # memory-efficient: ceil(M / 32) * 32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_efficient_kernels_mask_keeps_the_lowest_finite_bias_finite(dtype):
+    """The memory-efficient kernel takes its additive mask in q's dtype: a bias below that dtype's
+    range (Hugging Face's ``finfo(float32).min`` for "masked") is clamped to the dtype's lowest
+    finite value, not rounded to -inf, so a query whose every key carries it keeps a uniform average
+    (as in PyTorch, and on the fused path) instead of becoming a row without keys (zeros)."""
+    g = torch.Generator().manual_seed(5)
+    B, M, N, H, D = 2, 3, 7, 2, 16
+    q, k, v = (randn(*shape, dtype=dtype, generator=g) for shape in ((B, M, H, D), (B, N, H, D), (B, N, H, D)))
+    user = randn(B, 1, M, N, generator=g)
+    user[0, :, 1] = torch.finfo(torch.float32).min  # every key of a query
+    user[1, :, :, 4:] = torch.finfo(torch.float32).min
+    _, _, _, bias, dead = ca._inputs(q, k, v, None, user.expand(B, H, M, N), 16, per_head=True)  # as composed_efficient calls it
+    assert not dead.any()
+    floor = max(ca.reference_attention.MIN_BIAS, torch.finfo(dtype).min)  # fp16's -65504; bf16 reaches the kernels' -1e30
+    assert bias.dtype == dtype and torch.equal(bias, user.clamp(min=floor).to(dtype).expand(B, H, M, N))
 
 
 # ----------------------------------------------------------------------------------------------

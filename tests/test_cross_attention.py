@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 import deco_ops
-from deco_ops import reference_attention as reference
+from deco_ops import attention, reference_attention as reference
 from deco_ops.attention import cross_attention
 from deco_ops.kernels import cross_attention_bwd, cross_attention_fwd
 from harness import DTYPES, assert_close, guarded, head_strided, poisoned_empty, randint, randn
@@ -254,6 +254,27 @@ def test_dropout_same_mask_on_both_backends(single_pass):
     no_dropout = _reference(q, k, v, dout, kv_lens)
     assert (got[0] - no_dropout[0]).abs().max() > 0.1
     _check(got, want, torch.float32, kv_lens, 90)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_chunked_reference_past_one_chunk(dropout_p):
+    """The PyTorch backend's chunked online softmax (strategy ``fused``: the path every CPU call with
+    dropout takes) over more keys than one chunk (``reference.CHUNK``), the later keys scored highest
+    so the running maximum grows between chunks (the sum and the output must be rescaled): output and
+    gradients against float64 softmax attention; under dropout with the kernels' mask at every key
+    (``reference.dropout_keep`` with the call's (seed, offset), counted over all N keys)."""
+    B, M, H, N = 2, 3, 2, reference.CHUNK + 37
+    q, k, v, dout, kv_lens = _case(B, 1, M, N, H, 8, [N, reference.CHUNK + 5], torch.float32, seed=2)
+    k[:, reference.CHUNK:] *= 4
+    rng = torch.tensor([2**40 + 3, 2**20 + 11])
+    keep = None
+    if dropout_p:
+        index = [torch.arange(n).view([-1 if i == d else 1 for i in range(4)]) for d, n in enumerate((B, H, M, N))]
+        keep = reference.dropout_keep(tuple(rng.tolist()), H, M, N, *index, dropout_p)
+    with deco_ops.use_backend("torch"), deco_ops.use_strategy("fused"), \
+            mock.patch.object(attention, "_draw_rng", return_value=rng):
+        got = _run(q, k, v, dout, kv_lens, dropout_p=dropout_p)
+    _check(got, _reference(q, k, v, dout, kv_lens, keep=keep, dropout_p=dropout_p), torch.float32, kv_lens, N)
 
 
 @pytest.mark.interpreter_only  # float64

@@ -195,7 +195,9 @@ CASES = [
     ("scale-type", lambda mp: attention(softmax_scale="big"), TypeError, "softmax_scale must be a finite float or None, got 'big'"),
     ("scale-inf", lambda mp: attention(softmax_scale=float("inf")), ValueError, "softmax_scale must be a finite float"),
     ("scale-minus-inf", lambda mp: attention(softmax_scale=float("-inf")), ValueError, "softmax_scale must be a finite float"),
+    ("scale-bool", lambda mp: attention(softmax_scale=True), TypeError, "softmax_scale must be a finite float or None, got True"),
     ("dropout-p", lambda mp: attention(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\), got 1.0"),
+    ("dropout-p-negative", lambda mp: attention(dropout_p=-0.1), ValueError, r"dropout_p must be a float in \[0, 1\), got -0.1"),
     ("dropout-p-bool", lambda mp: attention(dropout_p=False), ValueError, r"dropout_p must be a float in \[0, 1\), got False"),
     ("generator", lambda mp: attention(dropout_p=0.1, generator=3), TypeError, "generator must be a torch.Generator or None, got int"),
     # attention

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import deco_ops
 from benchmarks import host_cost
 from deco_ops import _backend, _direct, _plan, attention, composed_attention, projector, reference_attention, strategy
-from harness import DEVICE, head_strided
+from harness import DEVICE, assert_close, head_strided, randn
 
 cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="counts the PyTorch path's calls on CPU tensors")
 
@@ -323,6 +323,20 @@ def test_inference_leaves_the_lse_out(default_path, monkeypatch):
         trained = deco_ops.cross_attention(q, k, v, kv_lens=lens)
     assert asked == [False, False, True]
     assert torch.equal(out, trained.detach())
+
+
+def test_inference_calls_with_weights_keep_the_lse_when_planned(backend):
+    """An inference call that asks for the weights (``nn.MultiheadAttention``'s default, in eval)
+    needs the LSE they are normalised by, on its planned calls too (the second call of a signature
+    runs the plan the first one made), though no backward will read it."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (randn(*shape, generator=g) for shape in ((2, 3, 2, 8), (2, 7, 2, 8), (2, 7, 2, 8)))
+    want = torch.softmax(torch.einsum("bmhd,bnhd->bhmn", q.double(), k.double()) / 8**0.5, -1)
+    with torch.no_grad():
+        for call in ("first", "planned"):
+            out, weights = deco_ops.cross_attention(q, k, v, need_weights=True, average_attn_weights=False)
+            assert_close(weights, want, torch.float32, f"weights, {call} call")
+            assert_close(out, torch.einsum("bhmn,bnhd->bmhd", want, v.double()), torch.float32, f"output, {call} call")
 
 
 def test_an_op_run_without_the_lse_refuses_to_differentiate(backend):

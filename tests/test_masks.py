@@ -236,6 +236,12 @@ def test_nan_keys_dropped_for_every_query_are_ignored(backend, strategy):
         refs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
         ref, ref_p = _softmax_reference(*refs, _additive(mask).double().expand(B, H, M, N))
         ref_weights = ref_p.mean(1)
+        if mask.dtype == torch.bool:  # frozen keys and values (a frozen encoder's), only the queries trained: dQ alone
+            q_alone = guarded(q).requires_grad_(True)
+            with deco_ops.use_strategy(strategy):
+                (dq_alone,) = torch.autograd.grad(cross_attention(q_alone, guarded(k_nan), guarded(v), attn_mask=mask), q_alone, dout)
+            assert_close(dq_alone, torch.autograd.grad(ref, refs[0], dout.double(), retain_graph=True)[0], torch.float32,
+                         "dq, frozen keys")
         ref_grads = torch.autograd.grad((ref, ref_weights), refs, (dout.double(), dw.double()))
         for name, got, want in zip(("out", "weights", "dq", "dk", "dv"), (out, weights, *grads), (ref, ref_weights, *ref_grads)):
             assert_close(got, want, torch.float32, f"{name} ({mask.dtype} mask)")
