@@ -3,6 +3,7 @@
 a kernel written for them compiles without them. No compiling here (tests/test_aot.py compiles)."""
 
 import pytest
+import triton
 
 from deco_ops import aot
 
@@ -78,3 +79,29 @@ def test_the_tables_show_the_columns():
     assert "| yes | - | - | ok |" in aot.summary({"rows": no_ws})
     some = rows + [_row(variant="bf16 bias_act silu", tma=False, warpgroup_registers=[40, 232])]
     assert "| yes | some | yes (40/232) | no TMA |" in aot.summary({"rows": some})
+
+
+def test_missing_hgmma_any_spill_and_smem_past_the_limit_are_problems():
+    """A wgmma-eligible kernel without HGMMA, spill stores or loads alone, local memory, and shared
+    memory past the opt-in limit (the limit itself fits) are problems; wgmma is expected from tiles
+    of 64 rows on warpgroups, and TMA is read from a load, a store or a bulk reduction alone."""
+    assert aot._problems(_row(hgmma=False)) == ["no HGMMA"]
+    assert aot._problems(_row(hgmma=False, expect_hgmma=False)) == []
+    for spill in ({"spill_stores": 8}, {"spill_loads": 8}, {"local_bytes": 16}):
+        assert aot._problems(_row(**spill)) == ["spills"], spill
+    limit = aot.SMEM_LIMIT[90]
+    assert aot._problems(_row(shared_bytes=limit)) == []
+    assert aot._problems(_row(shared_bytes=limit + 1)) == [f"smem > {limit}"]
+    tile = lambda m, n, w: triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 32}, num_warps=w, num_stages=3)  # noqa: E731
+    assert aot.wgmma_eligible(tile(64, 64, 4)) and aot.wgmma_eligible(tile(128, 64, 8))
+    assert not aot.wgmma_eligible(tile(32, 64, 4)) and not aot.wgmma_eligible(tile(64, 64, 2))
+    assert aot.uses_tma("        /*0a50*/                   UTMALDG.2D [UR20], [UR6] ;\n")
+    assert aot.uses_tma("", "\tcp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%rd1, {%r1, %r2}], [%r3];\n")
+
+
+def test_the_summary_shows_each_config_s_largest_spill_and_shared_memory():
+    """A config's summary row names its worst variant (most registers) but reports the largest
+    spill and shared memory of any variant: a spill in a variant with fewer registers still shows."""
+    rows = [_row(registers=200, shared_bytes=100000, problems=[]),
+            _row(variant="bf16 bias_act silu", registers=160, spill_stores=24, spill_loads=16, shared_bytes=149096)]
+    assert "| 2 | bias_act gelu | 200 | 24/16 | 149096 | yes | yes | yes | spills |" in aot.summary({"rows": rows})

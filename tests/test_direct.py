@@ -121,6 +121,7 @@ def test_torch_func_autodiff_is_refused_and_vmap_works(case):
         "grad": lambda: torch.func.grad(lambda t: f(t).sum())(x),
         "jacrev": lambda: torch.func.jacrev(f)(x),
         "vmap(grad)": lambda: torch.vmap(torch.func.grad(lambda t: f(t).sum()))(x[None]),
+        "grad(vmap)": lambda: torch.func.grad(lambda t: torch.vmap(f)(t[None]).sum())(x),  # grad below vmap's wrapper
     }
     for name, run in transforms.items():
         with pytest.raises(NotImplementedError, match="torch.func's grad and jvp transforms"):

@@ -579,6 +579,27 @@ def test_autocast_norm_runs_in_float32_as_eager(backend, order, norm, position):
             assert_close(got.grad, want.grad, torch.float16, f"grad {name}", eager=base.grad, tighten=True)
 
 
+@pytest.mark.parametrize("tokens", [torch.float32, torch.float16])
+def test_autocast_norm_from_16_bit_tokens_and_through_the_dispatcher(backend, tokens):
+    """Under autocast the norm runs in float32 with float32 weights from float32 tokens or tokens
+    already in the region's dtype (a vision tower run under it), also where the call is not plain
+    (a dispatch mode around it: the op's autocast kernel casts the norm's weight and bias with the
+    tokens): within eager's error of float64, and the two paths give the same output."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params, _ = _case(torch.float32, B=2, N=16, C=16, hidden=32, out=16)
+    params[0] = (params[0] + 50.0).to(tokens)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        y = deco_ops.merge_mlp(*params, eps=1e-5)
+        with FlopCounterMode(display=False):
+            y_mode = deco_ops.merge_mlp(*params, eps=1e-5)
+        y_eager = eager_merge_mlp(*params, eps=1e-5)
+    y64 = eager_merge_mlp(*(None if p is None else p.double() for p in params), eps=1e-5)
+    assert y.dtype == y_mode.dtype == torch.float16
+    assert_close(y, y64, torch.float16, "y", eager=y_eager, tighten=True)
+    assert torch.equal(y_mode, y)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_float32_norm_before_a_16_bit_mlp(backend, dtype):
     """What autocast runs, called directly: float32 tokens and norm, 16-bit Linears; the norm's

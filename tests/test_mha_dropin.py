@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deco_ops
-from deco_ops import CrossAttention, attention_modules
+from deco_ops import CrossAttention, _checks, attention_modules
 from deco_ops.attention_modules import mha_masks_to_bias
 from harness import assert_close, leaf, randn
 
@@ -511,6 +511,24 @@ def test_hugging_face_keep_mask_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours(q, k, k, _mask("bool"), need_weights=False)
+
+
+def test_value_checks_are_off_on_cuda_by_default_and_off_everywhere_at_0(monkeypatch):
+    """The keep-mask warning reads the mask on the host: by default on CPU tensors only (on CUDA
+    the read would synchronise every call), ``DECO_OPS_CHECKS=1`` everywhere, and
+    ``DECO_OPS_CHECKS=0`` nowhere: a CPU keep-mask then passes without the warning."""
+    monkeypatch.delenv("DECO_OPS_CHECKS", raising=False)
+    assert _checks.value_checks(torch.device("cpu")) and not _checks.value_checks(torch.device("cuda"))
+    monkeypatch.setenv("DECO_OPS_CHECKS", "1 ")  # spaces around, as in an env file
+    assert _checks.value_checks(torch.device("cuda"))
+    monkeypatch.setenv("DECO_OPS_CHECKS", " 0")
+    ours, _ = _pair({})
+    q, k, _ = _inputs({})
+    keep = ~_mask("bool")
+    keep[1:] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours(q, k, k, keep, need_weights=False)
 
 
 def test_masks_become_a_bias_without_reading_values():

@@ -270,6 +270,8 @@ def test_preload_is_used_as_is(cache_dir):
         strategy.preload({"pool_mlp": "fused"})
     with pytest.raises(ValueError, match="not a strategy key string"):  # a key from before versions were recorded
         strategy.preload({key.rsplit("|", 1)[0]: "fused"})
+    with pytest.raises(ValueError, match="not a strategy key string"):  # a field too many
+        strategy.preload({f"{key}|extra": "fused"})
 
 
 def test_deterministic_mode_filters_candidates(cache_dir, monkeypatch):
@@ -411,6 +413,27 @@ def test_a_forced_composed_reads_the_table_as_auto_would(cache_dir, tmp_path, mo
     monkeypatch.setattr(tuning_tables, "_tables", {})
     with deco_ops.use_strategy("composed"):
         assert strategy.choose(_named_candidates(), on_triton=True, key=lambda: key) == "composed_flash"
+
+
+def test_a_forced_composed_never_runs_fused_and_a_failing_default_raises(cache_dir):
+    """A forced ``composed`` among several twins runs a composed one where the key's decision (an
+    auto measurement) is ``fused``. While timing, the default candidate's error propagates (the
+    op's own error); another candidate's only drops it, with a warning."""
+    key = strategy.make_key("cross_attention_backward", torch.device("cpu"), torch.bfloat16, True, M=96)
+    strategy.preload({key: "fused"})
+    with deco_ops.use_strategy("composed"):
+        assert strategy.choose(_named_candidates(), on_triton=True, key=lambda: key) == "composed_efficient"
+
+    def broken():
+        raise RuntimeError("this candidate cannot run")
+
+    other = key.replace("M=96", "M=192")
+    with pytest.raises(RuntimeError, match="this candidate cannot run"):
+        strategy.decide(other, {"fused": strategy.Candidate(broken), "composed": strategy.Candidate(lambda: "composed")},
+                        FakeTimer({"composed": 1.0}))
+    with pytest.warns(UserWarning, match="the composed candidate failed"):
+        assert strategy.decide(other, {"fused": strategy.Candidate(lambda: "fused"), "composed": strategy.Candidate(broken)},
+                               FakeTimer({"fused": 1.0})) == "fused"
 
 
 @pytest.mark.parametrize("text,warning", [
@@ -726,11 +749,15 @@ def test_sync_setting(monkeypatch):
 
 def test_overrides_are_spelled_as_the_environment_variables_may_be(monkeypatch):
     """``use_backend``/``use_strategy`` take a name in any case with surrounding spaces, as
-    ``DECO_OPS_BACKEND``/``DECO_OPS_STRATEGY`` do; a name that is none of the choices still raises."""
+    ``DECO_OPS_BACKEND``/``DECO_OPS_STRATEGY`` do (set but empty, they are ``auto``); a name that is
+    none of the choices still raises."""
     with deco_ops.use_backend(" TORCH "), deco_ops.use_strategy("Composed"):
         assert deco_ops._backend.selected() == "torch" and strategy.SETTING.selected() == "composed"
     monkeypatch.setenv(strategy.ENV_VAR, " Fused ")
     assert strategy.SETTING.selected() == "fused"
+    for empty in ("", "  "):
+        monkeypatch.setenv(strategy.ENV_VAR, empty)
+        assert strategy.SETTING.selected() == "auto", repr(empty)
     with pytest.raises(ValueError, match="strategy must be one of"), deco_ops.use_strategy("FAST"):
         pass
 

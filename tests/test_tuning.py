@@ -6,6 +6,7 @@ Triton's own ``Autotuner.run`` with its timer (``do_bench``) replaced by a fake 
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 import triton
 
 import deco_ops  # noqa: F401  (installs the tuning-table lookup)
-from deco_ops import strategy, tune, tuning_tables
+from deco_ops import shapes, strategy, tune, tuning_tables
 from deco_ops.kernels import _tuning
 
 CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w, num_stages=2) for b, w in [(128, 8), (64, 4), (32, 4), (16, 2)]]
@@ -291,6 +292,25 @@ def test_tune_dry_run_of_own_shape_only(capsys):
     assert "lacks ['grid'" in capsys.readouterr().err
 
 
+def test_a_tuned_shape_runs_inference_then_trained_weights_then_its_tokens_too():
+    """Each shape runs with no gradient, then with the weights needing one, then with the tokens
+    too, so every kernel variant of the op launches; only the current set requires a gradient."""
+    shape = shapes.parse("pool_mlp:name=mine,batch=1,grid=4x4,out_grid=2x2,in_features=8,hidden=16,out_features=8")
+    work = tune.workload(shape, torch.device("cpu"), torch.float32)
+    forward, seen = work.forward, []
+
+    def recorded():
+        seen.append((torch.is_grad_enabled(), [t.requires_grad for t in work.leaves]))
+        return forward()
+
+    work.forward = recorded
+    work.run()
+    w, x = [False] * 4, [False]  # leaves: the weights first (w1, b1, w2, b2), then the tokens
+    assert [t.shape for t in work.leaves] == [(16, 8), (16,), (8, 16), (8,), (1, 16, 8)]
+    assert seen == [(False, w + x), (True, [True] * 4 + x), (True, [True] * 5)]
+    assert all(t.grad is not None and t.grad.isfinite().all() for t in work.leaves)
+
+
 @pytest.mark.parametrize("where", ["missing.json", "."])
 def test_a_table_named_but_not_there_raises_naming_the_variable(where, tmp_path, monkeypatch):
     """``DECO_OPS_TUNING_TABLE`` naming no file (a typo, a directory) raises where the table is
@@ -322,6 +342,31 @@ def test_extending_a_table_of_another_triton_drops_its_entries(tmp_path, monkeyp
     same = {**old, "triton": f"{major}.{minor}.99"}  # another patch release: extended
     assert tune.extendable(same, "Fake GPU", path) is same
     assert tune.extendable(same, "Other GPU", path) == {}
+
+
+def test_extending_a_table_keeps_its_entries_and_replaces_what_was_measured_again(kernel, monkeypatch):
+    """A table of this GPU and triton is extended: its other buckets (of a re-measured kernel too),
+    kernels, strategy decisions and shapes stay; a bucket or decision measured again takes the new
+    winner. Timings are Triton's medians (the first of median, p20, p80), None for a config that failed."""
+    launch(kernel, 100)  # times the bucket M=128 N=4096 FLAG=True
+    label = "M=128 N=4096 FLAG=True | float16"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    old = {"config": _tuning.config_dict(CONFIGS[0]), "timings_ms": {"BLOCK=128,w8,s2": 2.0}}
+    other = {"config": _tuning.config_dict(CONFIGS[3]), "timings_ms": {"BLOCK=16,w2,s2": 0.5}}
+    key = "pool_mlp|Fake GPU|bfloat16|rows=1|grad|any|v"
+    previous = {"format": tuning_tables.FORMAT, "device": "Fake GPU", "triton": triton.__version__, "shapes": ["old"],
+                "kernels": {kernel.name: {label: old, "M=1 N=8 FLAG=True | float16": other}, "other_kernel": {"M=1 | float16": other}},
+                "strategies": {key: "composed", key.replace("rows=1", "rows=2"): "fused"}}
+    monkeypatch.setattr(strategy, "_decisions", {key: "fused"})
+    written = tune.table(torch.device("cuda", 0), ["new"], previous)
+    measured = {"config": _tuning.config_dict(FAST),
+                "timings_ms": {"BLOCK=64,w4,s2": 1.064, "BLOCK=32,w4,s2": 0.1, "BLOCK=16,w2,s2": 1.016}}
+    assert written["kernels"] == {kernel.name: {label: measured, "M=1 N=8 FLAG=True | float16": other},
+                                  "other_kernel": {"M=1 | float16": other}}
+    assert written["strategies"] == {key: "fused", key.replace("rows=1", "rows=2"): "fused"}
+    assert written["shapes"] == ["new", "old"]
+    assert tune._ms([0.4, 0.3, 0.6]) == 0.4 and tune._ms(0.25) == 0.25 and tune._ms([math.inf] * 3) is None
 
 
 @pytest.mark.parametrize("text,problem", [
