@@ -34,7 +34,21 @@ def _pool_case(grid, out_grid, dtype, B=2, C=19, seed=0):
 @pytest.mark.parametrize("grid,out_grid", GRIDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pool_forward_backward(backend, grid, out_grid, dtype):
-    x, dy = _pool_case(grid, out_grid, dtype, B=1 if math.prod(grid) > 200 else 2)
+    _check_pool(*_pool_case(grid, out_grid, dtype, B=1 if math.prod(grid) > 200 else 2), grid, out_grid, dtype)
+
+
+def test_channels_span_several_blocks():
+    """More channels than one program takes (pooling's block: 4096 elements over the window's taps,
+    at most 1024; un-pooling's: 1024): each channel block of grid axis 1 pools and un-pools its
+    own slice of the channels, forward and backward."""
+    grid, out_grid, C = (2, 2), (1, 1), adaptive_pool.UNPOOL_BLOCK_C + 16
+    assert adaptive_pool.pool_tile(C, *grid, *out_grid)[0] < C
+    with deco_ops.use_backend("triton"):
+        _check_pool(*_pool_case(grid, out_grid, torch.float32, B=1, C=C), grid, out_grid, torch.float32)
+
+
+def _check_pool(x, dy, grid, out_grid, dtype):
+    """Pooling of (guarded) ``x`` and its gradient for ``dy`` against float64 PyTorch."""
     xg = guarded(x).requires_grad_(True)
     with poisoned_empty():
         y = deco_ops.adaptive_avg_pool_tokens(xg, grid, out_grid)
@@ -42,7 +56,7 @@ def test_pool_forward_backward(backend, grid, out_grid, dtype):
     x64 = x.double().requires_grad_(True)
     y64 = reference.adaptive_avg_pool_tokens(x64, grid, out_grid)
     (dx64,) = torch.autograd.grad(y64, x64, dy.double())
-    assert y.dtype == dtype and y.shape == (x.shape[0], math.prod(out_grid), 19)
+    assert y.dtype == dtype and y.shape == (x.shape[0], math.prod(out_grid), x.shape[2])
     assert_close(y, y64, dtype, "pooled")
     assert_close(dx, dx64, dtype, "grad x")
 

@@ -9,7 +9,7 @@ import torch
 import deco_ops
 from deco_ops import reference
 from deco_ops.kernels import activation_backward, adaptive_pool, gemm_act_grad, pool_gemm
-from harness import DEVICE, DTYPES, assert_close, guarded, leaf, poisoned_empty, randn, saved_bytes
+from harness import DEVICE, DTYPES, assert_close, guarded, guarded_strided, leaf, poisoned_empty, randn, saved_bytes
 
 GRIDS = [
     ((24, 24), (12, 12)),
@@ -37,7 +37,8 @@ def _mlp_case(grid, out_grid, dtype, B=2, C=37, hidden=48, out=29, bias=True, se
 
 
 def _check_mlp(params, dy, grid, out_grid, dtype, activation, requires_x=True):
-    leaves = [leaf(guarded(p) if p is not None else None) for p in params]
+    # the biases at stride 4 between NaNs: the kernels read each as contiguous (the ops copy one that is not)
+    leaves = [leaf(guarded_strided(p) if p is not None else None) for p in params]
     if not requires_x:
         leaves[0].requires_grad_(False)
     with poisoned_empty():
@@ -82,7 +83,7 @@ def test_pool_mlp_without_bias_and_frozen_tokens(backend, dtype):
 def test_pool_linear(backend, grid, out_grid, dtype, bias):
     (x, w, b, _, _), _ = _mlp_case(grid, out_grid, dtype, B=1, bias=bias)
     dy = randn(1, math.prod(out_grid), w.shape[0], dtype=dtype)
-    leaves = [leaf(guarded(x)), leaf(guarded(w)), leaf(b)]
+    leaves = [leaf(guarded(x)), leaf(guarded(w)), leaf(b if b is None else guarded_strided(b))]
     with poisoned_empty():
         y = deco_ops.pool_linear(*leaves, grid=grid, out_grid=out_grid)
         y.backward(guarded(dy))
@@ -218,9 +219,18 @@ def test_bad_input(change, error, match):
     launch.assert_not_called()
 
 
-def test_empty_batch(backend):
+@pytest.mark.parametrize("strategy", ["fused", "composed"])
+def test_empty_batch(backend, strategy):
+    """No image: an empty output and zero weight and bias gradients (the composed backward takes db1
+    from the activation pass, which has no row to sum)."""
     params, _ = _mlp_case((4, 4), (2, 2), torch.float32, B=0)
-    assert deco_ops.pool_mlp(*params, grid=(4, 4), out_grid=(2, 2)).shape == (0, 4, 29)
+    leaves = [leaf(p) for p in params]
+    with deco_ops.use_strategy(strategy), poisoned_empty():
+        y = deco_ops.pool_mlp(*leaves, grid=(4, 4), out_grid=(2, 2))
+        y.sum().backward()
+    assert y.shape == (0, 4, 29) and leaves[0].grad.shape == leaves[0].shape
+    for t in leaves[1:]:
+        assert torch.equal(t.grad, torch.zeros_like(t))
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu", "quick_gelu"])
@@ -341,6 +351,21 @@ def test_db1_sums_dz_as_stored():
         dz, _, db1 = activation_backward.activation_backward(dh, z, "gelu", True)
     assert torch.equal(dz.float().sum(0), torch.zeros(8, device=DEVICE))
     assert torch.equal(db1, torch.zeros_like(db1))
+
+
+def test_db1_adds_the_row_chunks_partial_sums_in_fp32():
+    """db1 adds the per-chunk (64-row) partial column sums in fp32 and rounds once: at z = 10
+    (gelu' = 1, so dz = dh) the first chunk's dz sum to about +150, the second's to about -150 + 0.3,
+    so db1 is about 0.3; partial sums rounded to 16 bits (ulp 0.125 at 150) would be off by ~10%."""
+    gen = torch.Generator().manual_seed(5)
+    first = randn(64, 8, dtype=torch.float16, generator=gen).abs() + 1.5
+    dh = torch.cat([first, -first])
+    dh[64] += 0.3
+    z = torch.full_like(dh, 10.0)
+    with deco_ops.use_backend("triton"), poisoned_empty():
+        dz, _, db1 = activation_backward.activation_backward(dh, z, "gelu", True)
+    assert torch.equal(dz, dh)
+    assert_close(db1, dz.double().sum(0), torch.float16, "db1", tol=torch.finfo(torch.float16).eps)
 
 
 @pytest.mark.parametrize("bias,dtype", [(True, torch.float16), (False, torch.float32)], ids=["bias-fp16", "no-bias-fp32"])

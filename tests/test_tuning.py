@@ -280,6 +280,18 @@ def test_shape_spec_gives_each_kind_and_names_what_is_wrong():
             shapes.parse(spec)
 
 
+def test_shape_spec_booleans_and_anyres_grids():
+    """A spec's booleans are true/false (any case) or 1/0, and the AnyRes
+    benchmark's unpadded grids are LLaVA-NeXT's own ``unpad_image`` crops of the 48x48 tile grid."""
+    from deco_ops import shapes
+
+    spec = "cross_attention:batch=1,M=2,N=3,heads=1,head_dim=8,shared_q="
+    assert [shapes.parse(spec + v).shared_q for v in ("1", "0", "True", "false")] == [True, False, True, False]
+    unpad_image = pytest.importorskip("transformers.models.llava_next.modeling_llava_next").unpad_image
+    for width, height in shapes._ANYRES_IMAGES:
+        assert shapes.llava_next_unpadded_grid(width, height) == tuple(unpad_image(torch.empty(1, 48, 48), (height, width)).shape[1:])
+
+
 def test_tune_dry_run_of_own_shape_only(capsys):
     """--shape alone plans that shape and no named one; a bad spec is a usage error naming it."""
     assert tune.main(["--dry-run", "--shape", "pool_mlp:name=mine,batch=3,grid=20x20,out_grid=10x10,"
