@@ -280,11 +280,14 @@ def test_shape_spec_gives_each_kind_and_names_what_is_wrong():
             shapes.parse(spec)
 
 
-def test_shape_spec_booleans_and_anyres_grids():
-    """A spec's booleans are true/false (any case) or 1/0, and the AnyRes
-    benchmark's unpadded grids are LLaVA-NeXT's own ``unpad_image`` crops of the 48x48 tile grid."""
+def test_shape_spec_booleans_anyres_grids_and_device_choice():
+    """A spec's booleans are true/false (any case) or 1/0; the AnyRes benchmark's unpadded grids
+    are LLaVA-NeXT's own ``unpad_image`` crops of the 48x48 tile grid; a GPU (a torch.device or its
+    name) gets the real shape, anything else its tiny twin."""
     from deco_ops import shapes
 
+    real = shapes.ALL["llava15_7b"]
+    assert [shapes.for_device(real, d) for d in (torch.device("cuda", 0), "cuda", torch.device("cpu"))] == [real, real, real.tiny]
     spec = "cross_attention:batch=1,M=2,N=3,heads=1,head_dim=8,shared_q="
     assert [shapes.parse(spec + v).shared_q for v in ("1", "0", "True", "false")] == [True, False, True, False]
     unpad_image = pytest.importorskip("transformers.models.llava_next.modeling_llava_next").unpad_image
