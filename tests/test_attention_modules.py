@@ -55,6 +55,37 @@ def test_query_resampler_checks_kv_lens_without_tokens(kv_lens, error, match):
         QueryResampler(4, 8, 6, 2)(torch.randn(2, 0, 6), kv_lens=kv_lens)
 
 
+@pytest.mark.parametrize("mask", [torch.zeros(1, 7, dtype=torch.bool), torch.zeros(7, dtype=torch.bool), torch.zeros(2, 8)],
+                         ids=["one_row", "unbatched", "keys"])
+def test_query_resampler_checks_the_padding_mask_shape(mask):
+    """(batch, keys) exactly, as nn.MultiheadAttention takes it: a (1, N) mask is not broadcast over
+    the batch, nor is another shape left to an IndexError or the op's broadcast error."""
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, keys\) = \(2, 7\)"):
+        QueryResampler(4, 8, 6, 2)(torch.randn(2, 7, 6), key_padding_mask=mask)
+
+
+def test_query_resampler_without_bias_and_its_initialisation():
+    """bias=False: none of the four projections has a bias; the learned queries start as Qwen-VL's
+    (trunc_normal_ with std 0.02)."""
+    torch.manual_seed(0)
+    resampler = QueryResampler(64, 32, 6, 2, bias=False)
+    assert [m.bias for m in (resampler.q_proj, resampler.k_proj, resampler.v_proj, resampler.out_proj)] == [None] * 4
+    assert 0.017 < resampler.queries.std().item() < 0.023 and resampler.queries.abs().max().item() < 0.1
+
+
+def test_query_resampler_learned_mask_path_drops_in_training_only(auto_backend):
+    """A key_padding_mask that requires grad runs PyTorch's attention: its dropout applies in
+    training and not in eval, as on the kernels' path."""
+    torch.manual_seed(0)
+    resampler = QueryResampler(4, 16, 12, 2, dropout=0.5)
+    g = torch.Generator().manual_seed(3)
+    x, learned = randn(2, 7, 12, generator=g), randn(2, 7, generator=g).requires_grad_(True)
+    trained = resampler(x, key_padding_mask=learned)  # not under no_grad: the mask must require grad
+    resampler.eval()
+    a, b = resampler(x, key_padding_mask=learned), resampler(x, key_padding_mask=learned)
+    assert trained.requires_grad and torch.equal(a, b) and not torch.allclose(trained, a)
+
+
 @pytest.mark.parametrize("eps", [-1.0, float("nan"), "a", None, True])
 def test_query_resampler_checks_eps_when_built(eps):
     """Not NaN outputs (eps < 0) or layer_norm's TypeError at the first forward."""

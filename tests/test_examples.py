@@ -41,7 +41,16 @@ def test_llava_deco(capsys):
 
 
 def test_blip2_qformer_parity_printed(capsys):
-    _run("blip2_qformer.py")
+    """The table compares two implementations: deco_ops's attention and transformers' eager one
+    each run (an example comparing deco_ops with itself would print zeros)."""
+    from transformers.models.blip_2 import modeling_blip_2
+
+    from deco_ops.integrations.transformers import attention as hf_attention
+
+    with mock.patch.object(modeling_blip_2, "eager_attention_forward", wraps=modeling_blip_2.eager_attention_forward) as eager, \
+            mock.patch.object(hf_attention, "cross_attention", wraps=hf_attention.cross_attention) as ours:
+        _run("blip2_qformer.py")
+    assert eager.call_count > 0 and ours.call_count > 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| none", "| padding"))]
     assert len(rows) == 2
     for row in rows:
@@ -55,6 +64,20 @@ def test_compressors_table_and_png(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| DeCo (2x2 pool + MLP) |" in out and "| Q-Former resampler |" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compressors_saved_bytes_are_the_harness_count():
+    """The table's bytes kept for backward: what autograd saves, parameters excluded (the harness's
+    count), for both compressors."""
+    sys.modules.pop("compressors", None)
+    import compressors
+    from harness import randn, saved_bytes
+
+    torch.manual_seed(0)
+    x = randn(2, 36, 8, generator=torch.Generator().manual_seed(1))
+    for module in (deco_ops.DeCoProjector(8, 16, grid=(6, 6), out_grid=(3, 3)), deco_ops.QueryResampler(9, 16, 8, 2)):
+        got = compressors.saved_bytes(module, x)
+        assert got > 0 and got == saved_bytes(lambda: module(x), module.parameters()), type(module).__name__
 
 
 def test_compressors_flop_formulas_match_the_flop_counter():

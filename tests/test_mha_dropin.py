@@ -153,6 +153,34 @@ def test_learned_padding_mask_weights_per_head_or_averaged(average):
     _compare(ours, mha, _inputs(config), key_padding_mask=learned, average_attn_weights=average)
 
 
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_learned_padding_mask_on_every_configuration(config):
+    """A key_padding_mask that requires grad runs PyTorch's path with each constructor option
+    (separate kdim/vdim projections, bias_k/bias_v and the zero key appended, batch_first), batched
+    and unbatched, as nn.MultiheadAttention: output, weights and gradients."""
+    g = torch.Generator().manual_seed(9)
+    for batched, shape in ((True, (B, S)), (False, (S,))):
+        ours, mha = _pair(CONFIGS[config])
+        learned = randn(*shape, generator=g).requires_grad_(True)
+        _compare(ours, mha, _inputs(CONFIGS[config], batched=batched), key_padding_mask=learned)
+
+
+def test_learned_attn_mask_with_is_causal_runs_as_multihead_attention():
+    """is_causal with an attn_mask that requires grad, need_weights=False and no padding mask: MHA
+    runs SDPA's top-left causal mask in place of the given one (its contract), on this path too."""
+    ours, mha = _pair({})
+    learned = (_causal("float") + randn(L, S, generator=torch.Generator().manual_seed(10))).requires_grad_(True)
+    _compare(ours, mha, _inputs({}), attn_mask=learned, is_causal=True, need_weights=False)
+
+
+def test_unbatched_inputs_take_a_per_head_attn_mask(auto_backend):
+    """Unbatched inputs take an attn_mask of shape (num_heads, L, S), as nn.MultiheadAttention does."""
+    ours, mha = _pair({})
+    blocked = torch.rand(H, L, S, generator=torch.Generator().manual_seed(11)) > 0.6
+    blocked[..., 0] = False
+    _compare(ours, mha, _inputs({}, batched=False), attn_mask=blocked, average_attn_weights=False)
+
+
 def test_float_padding_mask_never_warns():
     """The every-key-ignored warning concerns bool masks only: a float mask of any values is a bias."""
     ours, _ = _pair({})
@@ -280,6 +308,7 @@ def _causal(kind):
         {"average_attn_weights": False, "key_padding_mask": "bool"},
         {"attn_mask": "bool", "need_weights": False},
         {"attn_mask": "bool", "is_causal": True, "need_weights": False},
+        {"attn_mask": "bool", "is_causal": True},  # need_weights: MHA runs attn_mask itself, not SDPA's is_causal
         {"attn_mask": "float", "key_padding_mask": "float"},
         # with a key_padding_mask, MHA runs attn_mask itself, not SDPA's is_causal
         {"attn_mask": "bool", "is_causal": True, "need_weights": False, "key_padding_mask": "bool"},
@@ -486,6 +515,7 @@ def test_mismatched_mask_types_warn_as_multihead_attention(kpm_kind, attn_kind, 
                    attn_mask=attn.double() if module is mha and attn.is_floating_point() else attn)
     assert [(w.category, str(w.message)) for w in caught[ours]] == [(w.category, str(w.message)) for w in caught[mha]]
     assert len(caught[ours]) == 1 and "Support for mismatched key_padding_mask and attn_mask" in str(caught[ours][0].message)
+    assert caught[ours][0].filename == __file__  # the caller's line, not torch's module call
 
 
 def test_bad_constructor_arguments():

@@ -45,7 +45,7 @@ def test_loads_llava_mm_projector_state_dict(backend):
 def test_matches_deco_paper_projector_forward_and_grads(backend):
     torch.manual_seed(1)
     paper = AvgPoolProjector(144, 64, 96).double()
-    proj = deco_ops.DeCoProjector(64, 96, grid=(24, 24), out_grid=(12, 12))
+    proj = deco_ops.DeCoProjector(64, 96)  # the defaults: the paper's 24x24 -> 12x12 grids (576 -> 144 tokens)
     proj.load_state_dict(paper.state_dict())
     x = torch.randn(1, 576, 64)
     x_ours, x_ref = x.clone().requires_grad_(True), x.double().requires_grad_(True)

@@ -306,6 +306,8 @@ def test_causal_layers_and_unsupported_arguments_raise():
         hf_deco.deco_ops_attention(_Layer(), *_qkv(), None, is_causal=True)
     out, _ = hf_deco.deco_ops_attention(causal, *_qkv(), None, is_causal=False)
     assert_close(out, hf_deco.deco_ops_attention(_Layer(), *_qkv(), None)[0], torch.float32)
+    with pytest.raises(ValueError, match="query has 4 heads, not a multiple of key/value's 3"):
+        hf_deco.deco_ops_attention(_Layer(), *_qkv(kv_heads=3), None)
     for name, value in (("sliding_window", 4), ("softcap", 30.0), ("s_aux", torch.zeros(4))):
         with pytest.raises(ValueError, match=f"does not implement {name}="):
             hf_deco.deco_ops_attention(_Layer(), *_qkv(), None, **{name: value})
@@ -332,6 +334,16 @@ def test_padding_mask_longer_than_the_keys_is_cut_to_them():
     mask = hf_deco.deco_ops_mask(2, 3, 4, mask_function=bidirectional_mask_function, attention_mask=padding)
     assert mask.shape == (2, 1, 1, 4) and mask.dtype == torch.bool
     assert torch.equal(mask[:, 0, 0], padding[:, :4].bool())
+
+
+def test_cached_key_offsets_raise():
+    """A mask over keys past a cache offset (kv_offset != 0) is not the padding mask's first
+    columns: refused, not returned for the wrong keys."""
+    from transformers.masking_utils import bidirectional_mask_function
+
+    padding = torch.tensor([[1, 1, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    with pytest.raises(ValueError, match=r"cached key/value offsets \(kv_offset=2\)"):
+        hf_deco.deco_ops_mask(2, 3, 4, kv_offset=2, mask_function=bidirectional_mask_function, attention_mask=padding)
 
 
 def test_missing_transformers_says_how_to_install():

@@ -71,6 +71,26 @@ def test_tower_without_cls_token_has_no_prefix():
     assert_close(features, hf_projector(pooled)[0], torch.float32)
 
 
+def test_projector_of_other_widths_keeps_them():
+    """A vision tower narrower than the language model (LLaVA-1.5: 1024 -> 4096; here 32 -> 48):
+    the DeCoProjector takes the tower's width and gives the LM's, with the same weights."""
+    model, _ = tiny_llava(text_hidden_size=48)
+    hf_projector = copy.deepcopy(model.model.multi_modal_projector).double()
+    llava_to_deco(model)
+    deco = model.model.multi_modal_projector
+    assert (deco.fc1.weight.shape, deco.fc2.weight.shape) == ((48, 32), (48, 48))
+    tokens = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert_close(deco(tokens), hf_projector(_pooled64(tokens, 8, 4)), torch.float32)
+
+
+@pytest.mark.parametrize("count", [0, -1, True, 2.0])
+def test_processor_token_count_must_be_a_positive_int(count):
+    _, processor = tiny_llava()
+    with pytest.raises(ValueError, match="num_image_tokens must be a positive int"):
+        DeCoLlavaProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer, num_image_tokens=count)
+
+
 def test_processor_and_generate_end_to_end():
     model, processor = tiny_llava()
     model, deco_processor = llava_to_deco(model, processor)
