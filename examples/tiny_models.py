@@ -31,18 +31,20 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llava(vision_feature_select_strategy: str = "default", seed: int = 0, image_size: int = IMAGE_SIZE,
-               tower: str = "clip_vision_model", text_hidden_size: int = 32) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+               tower: str = "clip_vision_model", text_hidden_size: int = 32,
+               projector_bias: bool = True) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A LLaVA-1.5-shaped model (a CLIP tower, whose tokens start with a CLS token, or with
     ``tower="siglip_vision_model"`` a SigLIP tower, without one; an mlp2x_gelu projector; a Llama
-    LM) at hidden size 32 (the LM's ``text_hidden_size``), and its processor; ``image_size /
-    PATCH_SIZE`` patches per side."""
+    LM) at hidden size 32 (the LM's ``text_hidden_size``; the projector's Linears with biases
+    unless ``projector_bias=False``), and its processor; ``image_size / PATCH_SIZE`` patches per side."""
     config = LlavaConfig(
         vision_config=dict(model_type=tower, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                            num_attention_heads=4, image_size=image_size, patch_size=PATCH_SIZE,
                            **({"projection_dim": 16} if tower == "clip_vision_model" else {})),
         text_config=dict(model_type="llama", hidden_size=text_hidden_size, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(WORDS), max_position_embeddings=256),
-        image_token_index=WORDS.index("<image>"), projector_hidden_act="gelu", vision_feature_layer=-2,
+        image_token_index=WORDS.index("<image>"), projector_hidden_act="gelu", multimodal_projector_bias=projector_bias,
+        vision_feature_layer=-2,
         vision_feature_select_strategy=vision_feature_select_strategy, image_seq_length=(image_size // PATCH_SIZE) ** 2,
         pad_token_id=0,
     )

@@ -73,16 +73,20 @@ def test_query_resampler_without_bias_and_its_initialisation():
     assert 0.017 < resampler.queries.std().item() < 0.023 and resampler.queries.abs().max().item() < 0.1
 
 
-def test_query_resampler_learned_mask_path_drops_in_training_only(auto_backend):
+@pytest.mark.parametrize("make,call", [
+    (lambda: QueryResampler(4, 16, 12, 2, dropout=0.5), lambda m, x, mask: m(x, key_padding_mask=mask)),
+    (lambda: CrossAttention(12, 2, dropout=0.5, batch_first=True), lambda m, x, mask: m(x[:, :3], x, x, mask, need_weights=False)[0]),
+], ids=["QueryResampler", "CrossAttention"])
+def test_learned_mask_path_drops_in_training_only(auto_backend, make, call):
     """A key_padding_mask that requires grad runs PyTorch's attention: its dropout applies in
     training and not in eval, as on the kernels' path."""
     torch.manual_seed(0)
-    resampler = QueryResampler(4, 16, 12, 2, dropout=0.5)
+    module = make()
     g = torch.Generator().manual_seed(3)
     x, learned = randn(2, 7, 12, generator=g), randn(2, 7, generator=g).requires_grad_(True)
-    trained = resampler(x, key_padding_mask=learned)  # not under no_grad: the mask must require grad
-    resampler.eval()
-    a, b = resampler(x, key_padding_mask=learned), resampler(x, key_padding_mask=learned)
+    trained = call(module, x, learned)  # not under no_grad: the mask must require grad
+    module.eval()
+    a, b = call(module, x, learned), call(module, x, learned)
     assert trained.requires_grad and torch.equal(a, b) and not torch.allclose(trained, a)
 
 
@@ -98,6 +102,8 @@ def test_query_resampler_norms_default_to_qwen_vls_eps():
     not nn.LayerNorm's 1e-5: a checkpoint loaded into the defaults computes what it was trained with."""
     resampler = QueryResampler(4, 8, 6, 2)
     assert resampler.ln_q.eps == resampler.ln_kv.eps == 1e-6
+    given = QueryResampler(4, 8, 6, 2, eps=1e-5)  # and both take the eps given
+    assert given.ln_q.eps == given.ln_kv.eps == 1e-5
 
 
 @pytest.mark.parametrize("make", [lambda: CrossAttention(1024, 2), lambda: QueryResampler(4, 600, 6, 2)], ids=["CrossAttention", "QueryResampler"])

@@ -71,17 +71,21 @@ def test_tower_without_cls_token_has_no_prefix():
     assert_close(features, hf_projector(pooled)[0], torch.float32)
 
 
-def test_projector_of_other_widths_keeps_them():
-    """A vision tower narrower than the language model (LLaVA-1.5: 1024 -> 4096; here 32 -> 48):
-    the DeCoProjector takes the tower's width and gives the LM's, with the same weights."""
-    model, _ = tiny_llava(text_hidden_size=48)
+def test_projector_of_other_widths_bias_and_dtype_keeps_them():
+    """A vision tower narrower than the language model (LLaVA-1.5: 1024 -> 4096; here 32 -> 48), a
+    projector without biases (``multimodal_projector_bias=False``), a bfloat16 model: the
+    DeCoProjector takes the tower's width and gives the LM's, without biases, in bfloat16, with
+    the same weights."""
+    model, _ = tiny_llava(text_hidden_size=48, projector_bias=False)
+    model.to(torch.bfloat16)
     hf_projector = copy.deepcopy(model.model.multi_modal_projector).double()
     llava_to_deco(model)
     deco = model.model.multi_modal_projector
     assert (deco.fc1.weight.shape, deco.fc2.weight.shape) == ((48, 32), (48, 48))
-    tokens = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(4))
+    assert deco.fc1.bias is None and deco.fc2.bias is None and {p.dtype for p in deco.parameters()} == {torch.bfloat16}
+    tokens = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(4)).bfloat16()
     with torch.no_grad():
-        assert_close(deco(tokens), hf_projector(_pooled64(tokens, 8, 4)), torch.float32)
+        assert_close(deco(tokens), hf_projector(_pooled64(tokens, 8, 4)), torch.bfloat16)
 
 
 @pytest.mark.parametrize("count", [0, -1, True, 2.0])
