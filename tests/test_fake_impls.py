@@ -65,6 +65,8 @@ def _merge():
     yield deco_ops.merge_mlp(x, nw[:C], None, w1, b1, w2, b2, grid=(4, 4), order="grid", norm="rmsnorm")
     grids = torch.tensor([[1, 4, 4], [1, 2, 4]])
     yield deco_ops.merge_mlp_packed(x.reshape(-1, C)[:24], grids, nw[:C], nb[:C], w1, b1, w2, b2)[0]
+    # float32 tokens and norm before a 16-bit MLP: the output and dW1's operand (the norm's rows) in the MLP's dtype
+    yield deco_ops.merge_mlp(x, nw[:C], nb[:C], *(t.half() for t in (w1, b1, w2, b2)))
 
 
 FAMILIES = {"pooling": _pooling, "packed": _packed, "attention": _attention, "merge": _merge}

@@ -17,7 +17,7 @@ from deco_ops import _plan, reference
 from deco_ops._direct import deco
 from deco_ops.kernels import gemm_act_grad, merge_gemm, merge_norm
 from fuzz import dtypes, examples
-from harness import DEVICE, assert_close, guarded, guarded_strided, leaf, poisoned_empty, randn
+from harness import DEVICE, assert_close, guarded, guarded_strided, head_strided, leaf, poisoned_empty, randn
 
 NAMES = ("x", "norm_weight", "norm_bias", "w1", "b1", "w2", "b2")
 KERNELS = [merge_norm.merge_norm_stats_kernel, merge_gemm.merge_gemm_kernel, gemm_act_grad.gemm_act_grad_kernel,
@@ -73,12 +73,13 @@ def _case(dtype, *, B=2, N=24, C=12, hidden=40, out=24, merge_size=2, norm="laye
     return [x, nw, nb, w1, b1, w2, b2], dy
 
 
-def _check(params, dy, dtype, requires=None, tighten=False, eager_factor=2.0, **kw):
+def _check(params, dy, dtype, requires=None, tighten=False, eager_factor=2.0, tokens=guarded_strided, **kw):
     """Fused op on guard-banded inputs (vectors at stride 4) with NaN-poisoned outputs vs float64 eager; ``requires``:
     the names of the inputs that require grad (default all present); ``tighten``, ``eager_factor``:
-    as in ``assert_close``."""
+    as in ``assert_close``; ``tokens``: how x is laid out (``harness.head_strided``: channels not unit-stride)."""
     requires = set(NAMES) if requires is None else requires
-    leaves = [None if p is None else leaf(guarded_strided(p)).requires_grad_(n in requires) for n, p in zip(NAMES, params)]
+    leaves = [None if p is None else leaf((tokens if n == "x" else guarded_strided)(p)).requires_grad_(n in requires)
+              for n, p in zip(NAMES, params)]
     with poisoned_empty():
         y = deco_ops.merge_mlp(*leaves, **kw)
         if any(t is not None and t.requires_grad for t in leaves):
@@ -187,6 +188,24 @@ def test_merge_size_3_and_video_grid():
     params, dy = _case(torch.float32, B=1, N=2 * 36, C=8, hidden=16, out=8, merge_size=3, norm_position="post")
     with deco_ops.use_backend("triton"):
         _check(params, dy, torch.float32, merge_size=3, norm_position="post")
+
+
+@pytest.mark.parametrize("order,norm,position", [("block", "layernorm", "pre"), ("grid", "rmsnorm", "post")])
+def test_tokens_with_strided_channels(order, norm, position):
+    """Tokens whose channels are not unit-stride (a (B, C, N) feature map viewed as (B, N, C)):
+    the kernels read them by their strides, and the norm backward writes dx, a fresh contiguous
+    tensor, by dx's own strides, not x's."""
+    params, dy = _case(torch.float32, B=2, N=16, C=8, hidden=16, out=8, norm=norm, norm_position=position)
+    with deco_ops.use_backend("triton"):
+        _check(params, dy, torch.float32, tokens=head_strided, grid=(4, 4) if order == "grid" else None, order=order,
+               norm=norm, norm_position=position)
+
+
+def test_eps_zero_is_a_norm_without_epsilon():
+    """eps = 0 is a valid norm epsilon (``nn.LayerNorm(eps=0)``; merge_mlp takes any finite eps >= 0)."""
+    params, dy = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8)
+    with deco_ops.use_backend("torch"):
+        _check(params, dy, torch.float32, eps=0.0)
 
 
 def test_two_dimensional_tokens_are_one_sequence():
@@ -343,23 +362,23 @@ GRIDS = torch.tensor([[4, 6], [2, 2], [6, 4], [8, 2]])
 
 
 @pytest.mark.parametrize("order,position", [("block", "pre"), ("grid", "post")])
-def test_packed_equals_a_loop_over_images(order, position):
+def test_packed_equals_a_loop_over_images(backend, order, position):
     """One launch per stage for images of different grids == the single-image op per image,
-    forward and backward (Qwen2-VL's grid_thw batches in block order; row-major grids)."""
+    forward and backward (Qwen2-VL's grid_thw batches in block order; row-major grids), on the
+    kernels and on the composed path (each image's tokens and gradients at its own offset)."""
     sizes = GRIDS.prod(1).tolist()
     params, _ = _case(torch.float32, B=1, N=sum(sizes), C=8, hidden=16, out=8, norm_position=position)
     x = params[0][0]
     dy = randn(sum(sizes) // 4, 8)
-    with deco_ops.use_backend("triton"):
-        leaves = [leaf(t) for t in (x, *params[1:])]
-        y, cu = deco_ops.merge_mlp_packed(leaves[0], GRIDS, *leaves[1:], order=order, norm_position=position)
-        y.backward(dy)
-        loop = [leaf(t) for t in (x, *params[1:])]
-        parts = []
-        for (H, W), xi in zip(GRIDS.tolist(), torch.split(loop[0], sizes)):
-            grid = (H, W) if order == "grid" else None
-            parts.append(deco_ops.merge_mlp(xi[None], *loop[1:], grid=grid, order=order, norm_position=position)[0])
-        torch.cat(parts).backward(dy)
+    leaves = [leaf(t) for t in (x, *params[1:])]
+    y, cu = deco_ops.merge_mlp_packed(leaves[0], GRIDS, *leaves[1:], order=order, norm_position=position)
+    y.backward(dy)
+    loop = [leaf(t) for t in (x, *params[1:])]
+    parts = []
+    for (H, W), xi in zip(GRIDS.tolist(), torch.split(loop[0], sizes)):
+        grid = (H, W) if order == "grid" else None
+        parts.append(deco_ops.merge_mlp(xi[None], *loop[1:], grid=grid, order=order, norm_position=position)[0])
+    torch.cat(parts).backward(dy)
     assert cu.tolist() == [0, 6, 7, 13, 17]
     assert_close(y, torch.cat(parts).detach(), torch.float32)
     for name, a, b in zip(NAMES, leaves, loop):
@@ -502,6 +521,7 @@ def _good():
         ({"grid": (4, 4)}, ValueError, "grid is only used with order='grid'"),
         ({"order": "grid", "grid": (4, 5)}, ValueError, "x has 16 tokens but grid"),
         ({"order": "grid", "grid": (1, 16)}, ValueError, "multiples of merge_size"),
+        ({"order": "grid", "grid": (16, 1)}, ValueError, r"grid \(16, 1\): H and W must be multiples of merge_size"),
         ({"norm": "batchnorm"}, ValueError, "norm must be one of"),
         ({"norm_position": "middle"}, ValueError, "norm_position must be one of"),
         ({"norm_weight": torch.randn(32)}, ValueError, "norm_weight has shape .* pre-merge norm spans x.shape"),
@@ -510,7 +530,10 @@ def _good():
         ({"eps": -1.0}, ValueError, "eps must be a finite float >= 0"),
         ({"w1": torch.randn(16, 8)}, ValueError, r"w1 has shape \(16, 8\): its in_features 8 must equal merge_size\*\*2"),
         ({"b2": torch.randn(9)}, ValueError, "b2 has shape"),
+        ({"w2": torch.randn(8, 12)}, ValueError, r"w2 has shape \(8, 12\): its in_features 12 must equal w1.shape\[0\]"),
         ({"norm_bias": torch.randn(8, dtype=torch.float16)}, TypeError, "norm_bias has dtype"),
+        ({"norm_weight": torch.randn(8, dtype=torch.float16)}, TypeError, "norm_weight has dtype torch.float16 but x has"),
+        ({"b1": torch.randn(16, dtype=torch.float16)}, TypeError, "b1 has dtype torch.float16 but w1 has torch.float32"),
         ({"b2": torch.randn(8, dtype=torch.float16)}, TypeError, "b2 has dtype torch.float16 but w1 has torch.float32"),
         ({"x": torch.randn(1, 16, 8, dtype=torch.float16), "norm_weight": torch.randn(8, dtype=torch.float16),
           "norm_bias": torch.randn(8, dtype=torch.float16)}, TypeError,
@@ -610,6 +633,11 @@ def test_float32_norm_before_a_16_bit_mlp(backend, dtype):
     params, dy = _case(torch.float32, B=2, N=16, C=16, hidden=32, out=16)
     params = [p if i < 3 else p.to(dtype) for i, p in enumerate(params)]
     _check(params, dy.to(dtype), dtype, eps=1e-5)
+    with torch.no_grad():  # inference: a planned call (the composed twin's ATen ops) casts the rows too
+        planned = deco_ops.merge_mlp(*params, eps=1e-5)
+        with _plan.unplanned():
+            full = deco_ops.merge_mlp(*params, eps=1e-5)
+    assert planned.dtype == dtype and torch.equal(planned, full)
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])

@@ -371,6 +371,25 @@ def test_grid_that_merge_size_does_not_divide_raises_when_built():
     assert module(torch.randn(1, 24, 8)).shape == (1, 6, 16)
 
 
+def test_grid_order_takes_batched_tokens_and_a_grid_only_with_it():
+    """A grid at construction is for order='grid' only, refused when built; grid order takes
+    (B, N, C) tokens, not a flat (N, C) sequence whose channels would be read as its tokens."""
+    with pytest.raises(ValueError, match="grid is only used with order='grid'"):
+        deco_ops.PatchMergerProjector(C, D, grid=(4, 4))
+    with pytest.raises(ValueError, match=r"x must have 3 dimensions, got shape \(16, 16\)"):
+        deco_ops.PatchMergerProjector(C, D, order="grid")(torch.randn(16, C))
+
+
+def test_grid_given_to_forward_overrides_the_built_one():
+    """The grid given at construction is forward's default: a call's own grid replaces it."""
+    hf = _init(internvl_projector(), seed=14)
+    ours = deco_ops.PatchMergerProjector.from_hf(hf, config=internvl_config(), grid=(6, 4))
+    x = torch.randn(2, 24, C, generator=torch.Generator().manual_seed(14), dtype=torch.float64) * 1.5 + 0.5
+    with deco_ops.use_backend("torch"):
+        for grid in ((4, 6), None):
+            assert_close(ours(x.float(), grid=grid), internvl_stage(hf.double(), x, grid or (6, 4)), torch.float32, f"grid {grid}")
+
+
 class _GemmaRMSNorm(torch.nn.Module):
     """Gemma's RMSNorm: the same parameters as Qwen2.5-VL's, scaled by 1 + weight."""
 
@@ -441,6 +460,20 @@ def test_from_hf_takes_the_mergers_activation(activation):
     eager = hf.float()(x).double()
     error, eager_error = ((t - want).abs().max() / want.abs().max() for t in (y, eager))
     assert error <= max(10 * eager_error, 1e-6), (error, eager_error)  # the other GELU: ~1e-4
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen2_5_omni", "exaone4_5"])
+def test_from_hf_takes_hf_rmsnorms_eps(name):
+    """Hugging Face's RMSNorms keep their eps as ``variance_epsilon``: a merger built with another
+    eps than the default 1e-6 converts with it (tokens of 1e-2, where eps 1e-3 and 1e-6 differ)."""
+    hf = MODULES[name]()
+    hf.ln_q = type(hf.ln_q)(C, eps=1e-3)
+    hf = _init(hf, seed=15)
+    ours = deco_ops.PatchMergerProjector.from_hf(hf)
+    assert ours.eps == 1e-3
+    x = torch.randn(16, C, generator=torch.Generator().manual_seed(15), dtype=torch.float64) * 1e-2
+    with deco_ops.use_backend("torch"):
+        assert_close(ours(x.float()), hf.double()(x), torch.float32, "y", eager=hf.float()(x.float()))
 
 
 def test_from_hf_takes_nn_rmsnorm_default_eps_in_float64():
