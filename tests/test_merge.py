@@ -201,6 +201,15 @@ def test_tokens_with_strided_channels(order, norm, position):
                norm=norm, norm_position=position)
 
 
+def test_more_merged_rows_than_one_program():
+    """72 merged rows: more than one program of the norm kernels under the interpreter (64 rows
+    each; 16 on a GPU), so each program's rows and its partial sums of the norm's parameter
+    gradients must sit at the program's own offset."""
+    params, dy = _case(torch.float32, B=2, N=144, C=4, hidden=8, out=4, norm_position="post")
+    with deco_ops.use_backend("triton"):
+        _check(params, dy, torch.float32, grid=(12, 12), order="grid", norm_position="post")
+
+
 def test_eps_zero_is_a_norm_without_epsilon():
     """eps = 0 is a valid norm epsilon (``nn.LayerNorm(eps=0)``; merge_mlp takes any finite eps >= 0)."""
     params, dy = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8)
