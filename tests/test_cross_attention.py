@@ -325,11 +325,13 @@ def test_dropout_expectation_is_no_dropout(backend):
 @pytest.mark.parametrize("single_pass", [True, False])
 def test_packed_keys(backend, single_pass):
     """cu_seqlens_k: k, v packed (total_N, H, D); batch b owns rows cu[b]..cu[b+1]; rows of no batch
-    get zero gradients."""
+    get zero gradients. The offsets come as a strided view (every other element a 0: read as if
+    contiguous, batch 0 would own no key and batch 1 all of batch 0's)."""
     lens = [37, 0, 90, 1]
     H, D, M = 2, 32, 9
     total = sum(lens) + 5
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    cu = torch.stack((cu, torch.zeros_like(cu)), 1)[:, 0]
     g = torch.Generator().manual_seed(0)
     q = randn(len(lens), M, H, D, generator=g)
     k, v = randn(total, H, D, generator=g), randn(total, H, D, generator=g)
@@ -344,6 +346,21 @@ def test_packed_keys(backend, single_pass):
     want[3] = reference.pack_keys(want[3], cu, real, total)
     _check(got, want, torch.float32, None, total)
     assert torch.equal(got[2][-5:], torch.zeros_like(got[2][-5:]))
+
+
+def test_packed_keys_filling_k(backend):
+    """FlashAttention's usual packing: cu_seqlens_k ends at total_N (every row owned), the last
+    sequence shorter than the longest; the reference pads each sequence itself (not by
+    ``reference.unpack_keys``, which the PyTorch path runs)."""
+    lens, H, D, M = [5, 2, 3], 2, 8, 3
+    g = torch.Generator().manual_seed(2)
+    q, dout = randn(1, M, H, D, generator=g), randn(len(lens), M, H, D, generator=g)
+    k, v = randn(sum(lens), H, D, generator=g), randn(sum(lens), H, D, generator=g)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    pad = [torch.nn.utils.rnn.pad_sequence(t.split(lens), batch_first=True) for t in (k, v)]
+    want = list(_reference(q, *pad, dout, torch.tensor(lens)))
+    want[2], want[3] = (torch.cat([w[b, :n] for b, n in enumerate(lens)]) for w in want[2:])
+    _check(_run(q, k, v, dout, None, cu_seqlens_k=cu), want, torch.float32, None, max(lens))
 
 
 def test_packed_keys_all_empty(backend):

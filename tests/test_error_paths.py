@@ -252,6 +252,7 @@ CASES = [
      ValueError, r"x has 16 tokens but DeCoProjector expects num_prefix_tokens \+ prod\(grid\) = 1 \+ 16 = 17"),
     # packed
     ("mode", lambda mp: packed_mlp(mode="area"), ValueError, r"mode must be one of \('average', 'bilinear'\), got 'area'"),
+    ("packed-mlp-mixed-device", lambda mp: packed_mlp(w1=torch.randn(8, 4, device=META)), ValueError, "w1 is on meta but x is on (cpu|cuda)"),
     ("grids-type", lambda mp: packed(grids=[[4, 4]]), TypeError, "grids must be an int torch.Tensor of shape"),
     ("grids-dtype", lambda mp: packed(grids=torch.tensor([[4.0, 4.0]])), TypeError, "grids must be an integer tensor, got dtype torch.float32"),
     ("grids-shape", lambda mp: packed(grids=torch.tensor([4, 4])), ValueError,
@@ -272,6 +273,8 @@ CASES = [
     ("out-grids-rows", lambda mp: packed(stride=None, out_grids=torch.tensor([[2, 2]])), ValueError,
      "out_grids has 1 rows but grids has 2 images"),
     ("packed-tokens", lambda mp: packed(x=torch.randn(27, 4)), ValueError, r"x has 27 tokens but grids need sum\(prod\(grids\)\) = 28"),
+    ("bilinear-tokens", lambda mp: deco_ops.bilinear_pool_tokens(torch.randn(2, 20, 4), (4, 4), (2, 2)), ValueError,
+     r"x has 20 tokens but grid \(4, 4\) needs 16"),
     # ops run without their residuals (keep_residuals=False, need_lse=False) differentiated
     ("pool-linear-residuals", lambda mp: backward_without_residuals(torch.ops.deco.pool_linear, torch.randn(1, 16, 4),
                                                                     torch.randn(8, 4), None, [4, 4], [2, 2], False),

@@ -87,10 +87,10 @@ def test_pool_packed_forward_backward(backend, ndim, seed, num, mode, dtype):
     _check_pool_packed(grids, outs, mode, dtype, seed)
 
 
-def _check_pool_packed(grids, outs, mode, dtype, seed):
+def _check_pool_packed(grids, outs, mode, dtype, seed, C=11):
     """The packed op's output, cu_seqlens and input gradient against a float64 loop over the images;
     returns cu_seqlens."""
-    x, dy = _case(grids, outs, dtype, C=11, seed=seed)
+    x, dy = _case(grids, outs, dtype, C=C, seed=seed)
     xg = guarded(x).requires_grad_(True)
     with poisoned_empty():
         y, cu = _pool_fn(mode)(xg, _t(grids), out_grids=_t(outs))
@@ -112,6 +112,22 @@ def test_pool_packed_first_and_last_images_alike(backend, mode):
     each image pooled as its own, forward and backward."""
     cu = _check_pool_packed([(2, 2), (4, 4), (2, 2)], [(1, 1), (2, 2), (1, 1)], mode, torch.float32, seed=4)
     assert cu.tolist() == [0, 1, 5, 6]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_packed_videos_to_one_frame(backend, mode):
+    """Videos pooled to a single frame (T > 1, OT = 1), which the random mixes may never draw: a
+    3D grid, not a 2D one, forward and backward."""
+    cu = _check_pool_packed([(3, 4, 5), (2, 3, 3)], [(1, 2, 3), (1, 3, 2)], mode, torch.float32, seed=6)
+    assert cu.tolist() == [0, 6, 12]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_packed_wider_than_one_channel_block(mode):
+    """70 channels on the kernels: two channel blocks of 64 (the other cases' 11 fit in one),
+    forward and backward."""
+    with deco_ops.use_backend("triton"):
+        _check_pool_packed([(5, 7), (3, 3)], [(3, 2), (2, 2)], mode, torch.float32, seed=7, C=70)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -262,6 +278,19 @@ def test_unpool_packed_is_deterministic_gather():
         assert torch.equal(runs[0], runs[1])
 
 
+def test_geometry_written_in_place_is_read_again():
+    """The kernels' image index is cached per geometry tensor; one written in place since (a reused
+    buffer holding the next batch's layout: the same output rows, other images') gets a new index."""
+    grids, first, second = [(4, 4), (3, 3)], [(2, 2), (1, 1)], [(1, 1), (2, 2)]
+    x, _ = _case(grids, first, torch.float32, C=6, seed=10)
+    geometry = packed.Packing(grids, first).geometry.to(DEVICE)
+    with deco_ops.use_backend("triton"):
+        assert_close(torch.ops.deco.pool_tokens_packed(x, geometry, 5, "average"), loop64(x.double(), grids, first, "average"), torch.float32)
+        geometry.copy_(packed.Packing(grids, second).geometry)
+        y = torch.ops.deco.pool_tokens_packed(x, geometry, 5, "average")
+    assert_close(y, loop64(x.double(), grids, second, "average"), torch.float32)
+
+
 def test_unpool_gradient_is_pool(backend):
     """unpool's autograd formula is pool (its adjoint): gradients of any order flow."""
     grids, outs = [(5, 7), (3, 3)], [(3, 2), (2, 2)]
@@ -333,6 +362,25 @@ def test_dense_resampling_compiles_once_for_every_batch_and_grid(op, auto_backen
     assert counter.frame_count == 1
 
 
+def test_dense_upsampling_past_the_cached_geometry_table(auto_backend):
+    """A dense batch's geometry comes from a table cached per (grid, out_grid) with room for as many
+    images as int32 row offsets allow: of the outputs too, where up-sampling makes them more than
+    the tokens (2x2 -> 726x726: 527,076 rows an image, room for 4,074 images, not 4,096)."""
+    x = randn(1, 4, 2, generator=torch.Generator().manual_seed(7))
+    y = deco_ops.bilinear_pool_tokens(x, (2, 2), (726, 726))
+    assert_close(y[0], resample64(x[0].double(), (2, 2), (726, 726), "bilinear"), torch.float32)
+
+
+def test_unpool_of_a_dense_video_keeps_the_fake_layout(auto_backend):
+    """One video of a dense batch un-pooled on the default backend comes back contiguous, as the
+    fake implementation promises (ATen's 3D pooling backward returns a channels-first image, a
+    transposed view of the token rows)."""
+    x = randn(1, 40, 6, generator=torch.Generator().manual_seed(8))
+    geometry = packed.dense_geometry((2, 4, 5), (1, 2, 3), x)
+    grad = randn(6, 6, generator=torch.Generator().manual_seed(9))
+    torch.library.opcheck(torch.ops.deco.unpool_tokens_packed, (grad, geometry, 40, "average"), test_utils="test_faketensor")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_opcheck(mode):
     packing = deco_ops.packed.Packing([(4, 5), (3, 3)], [(2, 3), (2, 2)])
@@ -362,6 +410,7 @@ G = torch.tensor([[4, 5], [3, 3]])
         ({"x": [1.0]}, TypeError, "x must be a torch.Tensor"),
         ({"x": torch.randint(0, 3, (29, 4))}, TypeError, "x has dtype"),
         ({"x": torch.randn(28, 4)}, ValueError, r"sum\(prod\(grids\)\) = 29"),
+        ({"x": torch.randn(30, 4)}, ValueError, r"x has 30 tokens but grids need sum\(prod\(grids\)\) = 29"),
         ({"grids": [[4, 5], [3, 3]]}, TypeError, "grids must be an int torch.Tensor"),
         ({"grids": G.float()}, TypeError, "grids must be an integer tensor"),
         ({"grids": torch.tensor([4, 5])}, ValueError, "grids must have shape"),

@@ -143,6 +143,26 @@ def test_projector_strategies_agree(op, strategy, dtype, device):
             assert_close(got.grad, want.grad, dtype, f"grad {name}")
 
 
+def test_composed_pool_mlp_packed_resamples_by_its_mode(device):
+    """The composed twin of ``pool_mlp_packed`` pools by the call's mode (the parity test above
+    pools by average): bilinear, forward and every gradient, against float64."""
+    gen = torch.Generator().manual_seed(7)
+    x = randn(sum(map(math.prod, GRIDS)), C, generator=gen)
+    dy = randn(sum(map(math.prod, OUT_GRIDS)), OUT, generator=gen)
+    params = [x, *_mlp_params(C, HIDDEN, OUT, torch.float32, seed=8)]
+    leaves = [leaf(guarded(p.to(device))) for p in params]
+    with mock.patch.object(composed, "pool_mlp", wraps=composed.pool_mlp) as twin, deco_ops.use_strategy("composed"), poisoned_empty():
+        y, _ = deco_ops.pool_mlp_packed(leaves[0], torch.tensor(GRIDS), *leaves[1:], out_grids=torch.tensor(OUT_GRIDS), mode="bilinear")
+        y.backward(guarded(dy.to(device)))
+    assert twin.called
+    ref = [leaf(p, torch.float64) for p in params]
+    y64 = _mlp64(loop64(ref[0], GRIDS, OUT_GRIDS, "bilinear"), *ref[1:])
+    y64.backward(dy.double())
+    assert_close(y, y64, torch.float32, "y")
+    for name, got, want in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref):
+        assert_close(got.grad, want.grad, torch.float32, f"grad {name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("op", ["pool_mlp", "pool_mlp_packed"])
 def test_aten_activation_backward_candidate(op, dtype, device):

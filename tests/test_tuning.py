@@ -264,6 +264,8 @@ def test_shape_spec_gives_each_kind_and_names_what_is_wrong():
     assert pool.name.startswith("pool_mlp:batch=8")
     attention = shapes.parse("cross_attention:name=mine,batch=3,M=64,N=700,heads=8,head_dim=80,shared_q=false,kv_lens=700x650x3")
     assert attention == shapes.AttentionShape("mine", 3, 64, 700, 8, 80, shared_q=False, kv_lens=(700, 650, 3))
+    assert [shapes.parse(f"cross_attention:batch=1,M=2,N=3,heads=1,head_dim=8,shared_q={text}").shared_q
+            for text in ("1", "True", "0")] == [True, True, False]
     merge = shapes.parse("merge_mlp:batch=2,grid=32x32,in_features=1024,hidden=4096,out_features=4096,order=grid,"
                          "norm=layernorm,norm_position=post,eps=1e-5,merge=4")
     assert (merge.merge, merge.eps, merge.order) == (4, 1e-5, "grid")
