@@ -1730,4 +1730,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "real = pos[None, :] < lens[:, None]", "real = pos[None, :] <= lens[:, None]",
            ("tests/test_cross_attention.py", "-k", "filling_k"),
            "the PyTorch path pads each packed sequence with the next one's first key: IndexError where cu_seqlens_k ends at total_N"),
+    Mutant("packed_limit_by_tokens_only", "deco_ops/packed.py",
+           "if max(self.num_tokens, self.num_out) >= 2**31:", "if self.num_tokens >= 2**31:",
+           ("tests/test_error_paths.py", "-k", "packed-out-limit"),
+           "packed out_grids of 2**31 outputs from few tokens pass the limit check: int32 overflow inside torch, not the ValueError"),
 )
