@@ -264,8 +264,6 @@ def test_shape_spec_gives_each_kind_and_names_what_is_wrong():
     assert pool.name.startswith("pool_mlp:batch=8")
     attention = shapes.parse("cross_attention:name=mine,batch=3,M=64,N=700,heads=8,head_dim=80,shared_q=false,kv_lens=700x650x3")
     assert attention == shapes.AttentionShape("mine", 3, 64, 700, 8, 80, shared_q=False, kv_lens=(700, 650, 3))
-    assert [shapes.parse(f"cross_attention:batch=1,M=2,N=3,heads=1,head_dim=8,shared_q={text}").shared_q
-            for text in ("1", "True", "0")] == [True, True, False]
     merge = shapes.parse("merge_mlp:batch=2,grid=32x32,in_features=1024,hidden=4096,out_features=4096,order=grid,"
                          "norm=layernorm,norm_position=post,eps=1e-5,merge=4")
     assert (merge.merge, merge.eps, merge.order) == (4, 1e-5, "grid")
@@ -286,8 +284,6 @@ def test_shape_spec_booleans_anyres_grids_and_device_choice():
     """A spec's booleans are true/false (any case) or 1/0; the AnyRes benchmark's unpadded grids
     are LLaVA-NeXT's own ``unpad_image`` crops of the 48x48 tile grid; a GPU (a torch.device or its
     name) gets the real shape, anything else its tiny twin."""
-    from deco_ops import shapes
-
     real = shapes.ALL["llava15_7b"]
     assert [shapes.for_device(real, d) for d in (torch.device("cuda", 0), "cuda", torch.device("cpu"))] == [real, real, real.tiny]
     spec = "cross_attention:batch=1,M=2,N=3,heads=1,head_dim=8,shared_q="
