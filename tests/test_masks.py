@@ -302,6 +302,21 @@ def test_weights_match_softmax_and_carry_gradients(backend, average):
         assert_close(a, b, torch.float32, name)
 
 
+@pytest.mark.parametrize("average", [True, False])
+def test_weights_of_more_queries_than_one_program(average):
+    """33 queries: two query blocks of the weights kernel's grid axis 1 (32 rows a program under the
+    interpreter), each writing the weights of its own rows, per head and averaged."""
+    g = torch.Generator().manual_seed(6)
+    B, M, N, H, D = 1, 33, 5, 2, 16
+    q, k, v = randn(B, M, H, D, generator=g), randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
+    mask, bias = _masks("float-per-head", B, H, M, N, g)
+    with deco_ops.use_backend("triton"), Launches() as launches, poisoned_empty():
+        _, weights = cross_attention(q, k, v, attn_mask=mask.float(), need_weights=True, average_attn_weights=average)
+    _launched("triton", launches, "cross_attention_weights_kernel")
+    _, p = _softmax_reference(q, k, v, bias)
+    assert_close(weights, p.mean(1) if average else p, torch.float32, "weights")
+
+
 def test_weights_under_dropout_are_the_ones_the_output_used(backend):
     g = torch.Generator().manual_seed(5)
     B, M, N, H, D = 2, 5, 45, 2, 16

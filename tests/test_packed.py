@@ -124,10 +124,12 @@ def test_pool_packed_videos_to_one_frame(backend, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_pool_packed_wider_than_one_channel_block(mode):
-    """70 channels on the kernels: two channel blocks of 64 (the other cases' 11 fit in one),
-    forward and backward."""
+    """More channels than one program takes (BLOCK_C, grid axis 1; the other cases' 11 fit in
+    one): each channel block pools and un-pools its own slice of the channels, forward and backward."""
+    C = packed_pool.cuda_configs()[0].kwargs["BLOCK_C"] + 6
+    assert packed_pool._launch_config(C, 4)["BLOCK_C"] < C
     with deco_ops.use_backend("triton"):
-        _check_pool_packed([(5, 7), (3, 3)], [(3, 2), (2, 2)], mode, torch.float32, seed=7, C=70)
+        _check_pool_packed([(5, 7), (3, 3)], [(3, 2), (2, 2)], mode, torch.float32, seed=7, C=C)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

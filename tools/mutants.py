@@ -1730,4 +1730,14 @@ MUTANTS: tuple[Mutant, ...] = (
            "if max(self.num_tokens, self.num_out) >= 2**31:", "if self.num_tokens >= 2**31:",
            ("tests/test_error_paths.py", "-k", "packed-out-limit"),
            "packed out_grids of 2**31 outputs from few tokens pass the limit check: int32 overflow inside torch, not the ValueError"),
+    # planted-bug hunt 2026-12-06b: grid
+    Mutant("packed_pool_channel_block_offset", "kernels/packed_pool.py",
+           "c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)\n    rmask = rows < M",
+           "c = tl.arange(0, BLOCK_C)\n    rmask = rows < M",
+           ("tests/test_packed.py", "-k", "wider_than_one_channel_block"),
+           "every channel block of the packed pooling pools the first block's channels (C past 64)"),
+    Mutant("weights_query_block_offset", "kernels/cross_attention_weights.py",
+           "rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)", "rows = tl.arange(0, BLOCK_M)",
+           ("tests/test_masks.py", "-k", "more_queries_than_one_program"),
+           "every query block of the weights kernel computes the first block's rows: past 32 queries, unwritten"),
 )
