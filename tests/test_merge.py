@@ -408,6 +408,70 @@ def test_packed_video_grids():
     assert_close(y[:12], first, torch.float32)
 
 
+VIDEO_GRIDS = torch.tensor([[2, 4, 6], [1, 2, 2], [1, 6, 4]])  # a video (T = 2, H != W) before two images
+
+
+def _check_packed(params, dy, grids, requires=frozenset(NAMES), **kw):
+    """``merge_mlp_packed`` in grid order on guard-banded inputs with NaN-poisoned outputs vs float64
+    eager run per image (``eager_merge_mlp``); ``params[0]``: the (total, C) packed tokens, ``dy``:
+    (total / S², out); only the inputs named in ``requires`` require grad."""
+    leaves = [None if p is None else leaf(guarded_strided(p)).requires_grad_(n in requires) for n, p in zip(NAMES, params)]
+    with poisoned_empty():
+        y, cu = deco_ops.merge_mlp_packed(leaves[0], grids, *leaves[1:], order="grid", **kw)
+        y.backward(guarded(dy))
+    sizes = grids.prod(1).tolist()
+    runs = []
+    for dtype in (torch.float64, None):
+        ref = [leaf(p, dtype) for p in params]
+        parts = [eager_merge_mlp(xi[None], *ref[1:], grid=tuple(g), order="grid", **kw)[0]
+                 for g, xi in zip(grids.tolist(), torch.split(ref[0], sizes))]
+        out = torch.cat(parts)
+        out.backward(dy.to(out.dtype))
+        runs.append((out, ref))
+    (y64, ref), (y_same, same) = runs
+    assert cu.tolist() == [0, *itertools.accumulate(s // 4 for s in sizes)]
+    assert_close(y, y64, torch.float32, "y", eager=y_same)
+    for name, got, want, base in zip(NAMES, leaves, ref, same):
+        if got is not None and name in requires:
+            assert_close(got.grad, want.grad, torch.float32, f"grad {name}", eager=base.grad)
+        elif got is not None:
+            assert got.grad is None, name
+
+
+@pytest.mark.parametrize("norm,position", [("layernorm", "pre"), ("rmsnorm", "pre"), ("rmsnorm", "post")])
+def test_packed_video_and_images_match_float64(backend, norm, position):
+    """A packed grid-order batch of a video (two frames, H != W) and two images, under a pre-merge
+    LayerNorm or RMSNorm and a post-merge RMSNorm: output and every gradient against float64 eager
+    run per image, on the kernels and on the composed path, whose per-image merge and un-merge
+    (of the tokens, the norm's statistics, its output for dW1 and dx) walk the geometry table, each
+    image's T frames included."""
+    N = int(VIDEO_GRIDS.prod(1).sum())
+    params, dy = _case(torch.float32, B=1, N=N, C=8, hidden=16, out=8, norm=norm, norm_position=position, seed=3)
+    _check_packed([params[0][0], *params[1:]], dy[0], VIDEO_GRIDS, norm=norm, norm_position=position, eps=1e-5)
+
+
+def test_packed_tokens_alone_require_grad():
+    """Trainable tokens under a frozen norm and MLP (a tower trained through a frozen projector):
+    the packed op still keeps what its backward needs, and dx is right."""
+    grids = torch.tensor([[4, 4], [2, 4]])
+    params, dy = _case(torch.float32, B=1, N=24, C=8, hidden=16, out=8)
+    with deco_ops.use_backend("triton"):
+        _check_packed([params[0][0], *params[1:]], dy[0], grids, requires={"x"})
+
+
+def test_packed_plans_are_keyed_on_the_grids_values():
+    """Two packed layouts of the same grids shape and token count take their own plans: each
+    call's output and cu_seqlens are those of the full (unplanned) path for its own grids."""
+    params, _ = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8)
+    x = params[0][0]
+    for grids in ([[2, 4], [4, 2]], [[4, 2], [2, 4]], [[2, 4], [4, 2]]):
+        with _plan.unplanned():
+            want, want_cu = deco_ops.merge_mlp_packed(x, torch.tensor(grids), *params[1:], order="grid")
+        for _ in range(2):  # the first call builds the plan, the second runs it
+            y, cu = deco_ops.merge_mlp_packed(x, torch.tensor(grids), *params[1:], order="grid")
+            assert torch.equal(y, want) and cu.tolist() == want_cu.tolist() == [0, 2, 4]
+
+
 # ----------------------------------------------------------------------------------------------
 # launches, residuals, registration
 
@@ -572,13 +636,16 @@ def test_bad_input(change, error, match):
         (torch.tensor([[4, 4], [2, 3]]), {}, ValueError, r"grids\[1\] = \(2, 3\): H and W must be multiples"),
         (torch.tensor([[3, 4], [2, 4]]), {}, ValueError, r"grids\[0\] = \(3, 4\): H and W must be multiples"),
         (torch.tensor([[4, 4]]), {}, ValueError, "x has 20 tokens but grids need"),
+        (torch.tensor([[4, 4], [2, 4]]), {}, ValueError, r"x has 20 tokens but grids need sum\(prod\(grids\)\) = 24"),
+        (torch.tensor([[4, 4]]), {"x": torch.randn(16, 1, 8)}, ValueError, r"x must have 2 dimensions, got shape \(16, 1, 8\)"),
         (torch.tensor([[4.0, 5.0]]), {}, TypeError, "grids must be an integer tensor"),
         (torch.tensor([[4, 4], [2, 2]]), {"order": "rows"}, ValueError, "order must be one of"),
     ],
 )
 def test_bad_packed_input(grids, kw, error, match):
     p = _good()
-    x = torch.randn(20, 8)
+    kw = dict(kw)
+    x = kw.pop("x", torch.randn(20, 8))
     with deco_ops.use_backend("triton"), mock.patch.object(merge_gemm.merge_gemm_kernel, "run") as launch:
         with pytest.raises(error, match=match):
             deco_ops.merge_mlp_packed(x, grids, *(p[n] for n in NAMES[1:]), **kw)

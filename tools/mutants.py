@@ -40,6 +40,14 @@ def _error(case: str) -> tuple[str, ...]:
     return ("tests/test_error_paths.py", "-k", case)
 
 
+def _without_geometry(name: str, file: str, call: str, norm: str, what: str) -> Mutant:
+    """``call``'s packed ``geometry`` passed as None: a packed grid-order batch's rows taken as one
+    dense grid on the composed path (a shape error), seen by the packed video test under ``norm``."""
+    return Mutant(name, file, call, call.replace(", geometry", ", None", 1),
+                  ("tests/test_merge.py", "-k", f"packed_video_and and auto and {norm}"),
+                  f"{what} as one dense grid, not per packed image (a shape error)")
+
+
 _ACTIVATIONS = ("tests/test_activations_exact.py",)
 _MERGE = ("tests/test_merge.py",)
 
@@ -1740,4 +1748,48 @@ MUTANTS: tuple[Mutant, ...] = (
            "rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)", "rows = tl.arange(0, BLOCK_M)",
            ("tests/test_masks.py", "-k", "more_queries_than_one_program"),
            "every query block of the weights kernel computes the first block's rows: past 32 queries, unwritten"),
+    # planted-bug hunt 2026-12-06b: mpk
+    Mutant("merge_packed_unmerge_rows_without_frames", "deco_ops/merge_reference.py", "rows = T * H * W // (merge * merge)",
+           "rows = H * W // (merge * merge)", ("tests/test_merge.py", "-k", "packed_video_and and auto and layernorm"),
+           "the composed path un-merges a packed video's gradient by one frame's rows: its other frames' rows go to the next image"),
+    Mutant("merge_packed_video_merged_as_one_frame", "deco_ops/merge_reference.py",
+           "_blocks(x[:, tok0: tok0 + T * H * W], T, H, W, merge)", "_blocks(x[:, tok0: tok0 + T * H * W], 1, H, W, merge)",
+           ("tests/test_merge.py", "-k", "packed_video_and and auto and layernorm"),
+           "the composed path merges a packed video's frames as one tall frame (a shape error)"),
+    _without_geometry("merge_packed_rms_stats_without_geometry", "deco_ops/merge_reference.py",
+                      "stats = merge_tokens(stats.reshape(*x.shape[:2], 2), merge, order, grid, geometry)", "rmsnorm",
+                      "a pre-merge RMSNorm's statistics merged (composed backward)"),
+    _without_geometry("merge_packed_rms_dx_without_geometry", "deco_ops/merge_reference.py",
+                      "dx = unmerge_tokens(d.view(M, K).to(x.dtype), x.shape, merge, order, grid, geometry)", "rmsnorm",
+                      "an RMSNorm's composed dx un-merged"),
+    _without_geometry("merge_packed_rms_backward_stats_without_geometry", "deco_ops/merge.py",
+                      "stats = merge_reference.rms_norm_stats(x, merge, order, layout, geometry, pre, eps)", "rmsnorm",
+                      "the composed RMSNorm backward's statistics recomputed"),
+    _without_geometry("merge_packed_pre_ln_gradient_without_geometry", "deco_ops/merge_reference.py",
+                      "g = unmerge_tokens(dn, x.shape, merge, order, grid, geometry) if pre else dn", "layernorm",
+                      "a pre-merge LayerNorm's composed dn un-merged"),
+    _without_geometry("merge_packed_pre_norm_rows_without_geometry", "deco_ops/merge_reference.py",
+                      "return merge_tokens(out, merge, order, grid, geometry) if pre else out", "layernorm",
+                      "a pre-merge norm's composed output merged"),
+    _without_geometry("merge_packed_pre_ln_dw1_rows_without_geometry", "deco_ops/merge_reference.py",
+                      "n = (merge_tokens(out, merge, order, grid, geometry) if pre else out)", "layernorm",
+                      "a pre-merge LayerNorm's composed dW1 operand merged"),
+    Mutant("merge_packed_fewer_tokens_accepted", "deco_ops/merge.py",
+           "    if x.shape[0] != packing.num_tokens:\n        raise ValueError(f\"x has {x.shape[0]} tokens but grids need sum(prod(grids))",
+           "    if x.shape[0] > packing.num_tokens:\n        raise ValueError(f\"x has {x.shape[0]} tokens but grids need sum(prod(grids))",
+           ("tests/test_merge.py", "-k", "bad_packed"),
+           "merge_mlp_packed takes x with fewer tokens than its grids: y has fewer rows than cu_seqlens says, the kernels read past x"),
+    Mutant("merge_packed_plans_keyed_without_grids", "deco_ops/merge.py", "plan = _packed_plans.get((grids,), *args)",
+           "plan = _packed_plans.get((), *args)", ("tests/test_merge.py", "-k", "keyed_on_the_grids"),
+           "a packed merge with other grids of the same shape reuses the first layout's plan: its geometry and cu_seqlens"),
+    Mutant("merge_packed_x_dims_unchecked", "deco_ops/merge.py",
+           '    _validate.tensor("x", x, 2)\n    merge, pre, eps = _check_params(x,',
+           '    _validate.tensor("x", x)\n    merge, pre, eps = _check_params(x,',
+           ("tests/test_merge.py", "-k", "bad_packed"),
+           "merge_mlp_packed takes 3D x: an unpacking error inside the op, not the message naming x's dimensions"),
+    Mutant("merge_packed_residual_not_kept_for_x", "deco_ops/merge.py",
+           "    keep = needs_residuals(x, norm_weight, norm_bias, w1, b1, w2, b2)\n    return packing.geometry",
+           "    keep = needs_residuals(norm_weight, norm_bias, w1, b1, w2, b2)\n    return packing.geometry",
+           ("tests/test_merge.py", "-k", "tokens_alone"),
+           "trainable packed tokens under a frozen norm and MLP: the fused op keeps no residual and y has no gradient"),
 )
