@@ -370,31 +370,6 @@ def test_planned_inference_keeps_the_forward_bits(dtype, order, norm, position):
 GRIDS = torch.tensor([[4, 6], [2, 2], [6, 4], [8, 2]])
 
 
-@pytest.mark.parametrize("order,position", [("block", "pre"), ("grid", "post")])
-def test_packed_equals_a_loop_over_images(backend, order, position):
-    """One launch per stage for images of different grids == the single-image op per image,
-    forward and backward (Qwen2-VL's grid_thw batches in block order; row-major grids), on the
-    kernels and on the composed path (each image's tokens and gradients at its own offset)."""
-    sizes = GRIDS.prod(1).tolist()
-    params, _ = _case(torch.float32, B=1, N=sum(sizes), C=8, hidden=16, out=8, norm_position=position)
-    x = params[0][0]
-    dy = randn(sum(sizes) // 4, 8)
-    leaves = [leaf(t) for t in (x, *params[1:])]
-    y, cu = deco_ops.merge_mlp_packed(leaves[0], GRIDS, *leaves[1:], order=order, norm_position=position)
-    y.backward(dy)
-    loop = [leaf(t) for t in (x, *params[1:])]
-    parts = []
-    for (H, W), xi in zip(GRIDS.tolist(), torch.split(loop[0], sizes)):
-        grid = (H, W) if order == "grid" else None
-        parts.append(deco_ops.merge_mlp(xi[None], *loop[1:], grid=grid, order=order, norm_position=position)[0])
-    torch.cat(parts).backward(dy)
-    assert cu.tolist() == [0, 6, 7, 13, 17]
-    assert_close(y, torch.cat(parts).detach(), torch.float32)
-    for name, a, b in zip(NAMES, leaves, loop):
-        if a is not None:
-            assert_close(a.grad, b.grad, torch.float32, f"grad {name}")
-
-
 def test_packed_video_grids():
     grids = torch.tensor([[2, 4, 6], [1, 2, 6]])  # frames with H != W: a frame's offset is H * W rows
     params, _ = _case(torch.float32, B=1, N=60, C=8, hidden=16, out=8)
@@ -411,19 +386,19 @@ def test_packed_video_grids():
 VIDEO_GRIDS = torch.tensor([[2, 4, 6], [1, 2, 2], [1, 6, 4]])  # a video (T = 2, H != W) before two images
 
 
-def _check_packed(params, dy, grids, requires=frozenset(NAMES), **kw):
-    """``merge_mlp_packed`` in grid order on guard-banded inputs with NaN-poisoned outputs vs float64
-    eager run per image (``eager_merge_mlp``); ``params[0]``: the (total, C) packed tokens, ``dy``:
-    (total / S², out); only the inputs named in ``requires`` require grad."""
+def _check_packed(params, dy, grids, requires=frozenset(NAMES), order="grid", **kw):
+    """``merge_mlp_packed`` on guard-banded inputs with NaN-poisoned outputs vs float64 eager run per
+    image (``eager_merge_mlp``); ``params[0]``: the (total, C) packed tokens, ``dy``: (total / S²,
+    out); only the inputs named in ``requires`` require grad."""
     leaves = [None if p is None else leaf(guarded_strided(p)).requires_grad_(n in requires) for n, p in zip(NAMES, params)]
     with poisoned_empty():
-        y, cu = deco_ops.merge_mlp_packed(leaves[0], grids, *leaves[1:], order="grid", **kw)
+        y, cu = deco_ops.merge_mlp_packed(leaves[0], grids, *leaves[1:], order=order, **kw)
         y.backward(guarded(dy))
     sizes = grids.prod(1).tolist()
     runs = []
     for dtype in (torch.float64, None):
         ref = [leaf(p, dtype) for p in params]
-        parts = [eager_merge_mlp(xi[None], *ref[1:], grid=tuple(g), order="grid", **kw)[0]
+        parts = [eager_merge_mlp(xi[None], *ref[1:], grid=tuple(g), order=order, **kw)[0]
                  for g, xi in zip(grids.tolist(), torch.split(ref[0], sizes))]
         out = torch.cat(parts)
         out.backward(dy.to(out.dtype))
@@ -436,6 +411,15 @@ def _check_packed(params, dy, grids, requires=frozenset(NAMES), **kw):
             assert_close(got.grad, want.grad, torch.float32, f"grad {name}", eager=base.grad)
         elif got is not None:
             assert got.grad is None, name
+
+
+@pytest.mark.parametrize("order,position", [("block", "pre"), ("grid", "post")])
+def test_packed_equals_a_loop_over_images(backend, order, position):
+    """One launch per stage for images of different grids (Qwen2-VL's grid_thw batches in block
+    order; row-major grids) == float64 eager run per image, forward and every gradient, on the
+    kernels and on the composed path (each image's tokens and gradients at its own offset)."""
+    params, dy = _case(torch.float32, B=1, N=int(GRIDS.prod(1).sum()), C=8, hidden=16, out=8, norm_position=position)
+    _check_packed([params[0][0], *params[1:]], dy[0], GRIDS, order=order, norm_position=position)
 
 
 @pytest.mark.parametrize("norm,position", [("layernorm", "pre"), ("rmsnorm", "pre"), ("rmsnorm", "post")])
