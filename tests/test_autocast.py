@@ -336,6 +336,11 @@ def test_autocast_refusals_name_the_arguments_as_given():
             deco_ops.pool_linear(x, w, grid=GRID, out_grid=OUT_GRID)
         with pytest.raises(TypeError, match="x has dtype torch.float8_e4m3fn"):
             deco_ops.pool_linear(x.to(torch.float8_e4m3fn), w, grid=GRID, out_grid=OUT_GRID)
+        # the arguments autocast casts to float32 for merge_mlp's norm: float8 stays float8 there too
+        tokens, nw, w1, w2 = torch.randn(1, 16, C), torch.randn(C), torch.randn(HIDDEN, 4 * C), torch.randn(OUT, HIDDEN)
+        for name, args in (("x", (tokens.to(torch.float8_e4m3fn), nw)), ("norm_weight", (tokens, nw.to(torch.float8_e4m3fn)))):
+            with pytest.raises(TypeError, match=f"{name} has dtype torch.float8_e4m3fn"):
+                deco_ops.merge_mlp(*args, None, w1, None, w2, None)
 
 
 def test_autocast_errors_of_the_run_propagate_once(monkeypatch):

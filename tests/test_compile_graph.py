@@ -11,6 +11,7 @@ the tensors the kernels store to (PyTorch reads that from each kernel's Triton I
 
 import pytest
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch._functorch.aot_autograd import aot_module_simplified
@@ -18,8 +19,9 @@ from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from triton.runtime.jit import JITFunction
 
 import deco_ops
-from deco_ops._triton_op import trace_interpreted_kernels
+from deco_ops._triton_op import trace_interpreted_kernels, traced
 from deco_ops.kernels import _tuning
+from harness import assert_close
 
 pytestmark = pytest.mark.interpreter_only  # on a GPU the same graphs come from Inductor (test_cuda_graphs.py)
 
@@ -79,7 +81,9 @@ def traced_triton():
 def test_projector_kernels_in_compiled_graph(traced_triton):
     torch.manual_seed(0)
     proj = deco_ops.DeCoProjector(16, 24, hidden_features=32, grid=(4, 4), out_grid=(2, 2))
+    active_driver = triton.runtime.driver._active
     backend = _compiled_run(proj, [torch.randn(2, 16, 16)])
+    assert triton.runtime.driver._active is active_driver  # the sm_90 target lent to the trace is given back
     forward, backward = backend.launches(0), backend.launches(1)
     assert forward == [("pool_gemm_kernel", ["out_ptr", "pre_ptr", "pooled_ptr"])]
     assert [name for name, _ in backward] == ["gemm_act_grad_kernel", "unpool_tokens_kernel"]
@@ -126,6 +130,33 @@ def test_patch_merger_kernels_in_compiled_graph(traced_triton):
     backend = _compiled_run(merger, [torch.randn(16, 8)])
     forward = [name for name, _ in backend.launches(0)]
     assert "merge_gemm_kernel" in forward
+
+
+def test_bodies_traced_only_on_the_triton_backend_inside_the_block():
+    """On CPU tensors a trace goes through an op body only inside ``trace_interpreted_kernels()``
+    (an inner block leaves the outer one in force) and on the Triton backend: on the PyTorch
+    backend the op stays one opaque node, its eager code run as it is, inside the block too."""
+    cpu = torch.device("cpu")
+    with deco_ops.use_backend("triton"):
+        assert not traced(cpu)
+        with trace_interpreted_kernels():
+            with trace_interpreted_kernels():
+                assert traced(cpu)
+            assert traced(cpu)
+        assert not traced(cpu)
+    backend = RecordingBackend()
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 16, 8, generator=g), torch.randn(6, 8, generator=g)
+    with deco_ops.use_backend("torch"), trace_interpreted_kernels(), torch.no_grad():
+        assert not traced(cpu)
+        pool_linear = lambda x, w: deco_ops.pool_linear(x, w, grid=(4, 4), out_grid=(2, 2))  # noqa: E731
+        out = torch.compile(pool_linear, backend=backend, fullgraph=True)(x, w)
+    targets = [node.target for node in backend.graphs[0].graph.nodes]
+    assert torch.ops.deco.pool_linear.default in targets and torch.ops.aten.mm.default not in targets
+    pooled = F.adaptive_avg_pool2d(x.double().transpose(1, 2).reshape(2, 8, 4, 4), (2, 2)).flatten(2).transpose(1, 2)
+    want = F.linear(pooled, w.double())
+    assert_close(out, want, torch.float32)
 
 
 @pytest.mark.parametrize("backend_name", ["triton", "auto"])

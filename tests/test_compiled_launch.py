@@ -218,12 +218,14 @@ def test_a_new_alignment_or_value_is_resolved_by_triton(fake_driver):
     kept one of another signature."""
     jit = fake_jit()
     launches = _compiled_launch.CompiledLaunch(jit, Counted(jit.run))
-    for args in [(tensor(8), tensor(8), 32, 16), (tensor(8, offset=1), tensor(8), 32, 16), (tensor(8), tensor(8), 33, 16),
-                 (tensor(8), tensor(8), 1, 16), (tensor(8), tensor(8), 32, 16), (tensor(8, offset=1), tensor(8), 32, 16)]:
+    for args, block in [((tensor(8), tensor(8), 32, 16), 32), ((tensor(8, offset=1), tensor(8), 32, 16), 32),
+                        ((tensor(8), tensor(8), 33, 16), 32), ((tensor(8), tensor(8), 1, 16), 32),
+                        ((tensor(8), tensor(8), 32, 16), 64),  # another constexpr value, of the same type
+                        ((tensor(8), tensor(8), 32, 16), 32), ((tensor(8, offset=1), tensor(8), 32, 16), 32)]:
         full = (*args, 0.5, True)
-        got = launches[(1,)](*full, BLOCK=32)
-        assert got is jit.run(*full, grid=(1,), warmup=True, BLOCK=32)
-    assert len(jit.compiled) == 4 and launches.normal.calls == 4
+        got = launches[(1,)](*full, BLOCK=block)
+        assert got is jit.run(*full, grid=(1,), warmup=True, BLOCK=block)
+    assert len(jit.compiled) == 5 and launches.normal.calls == 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,6 +300,45 @@ def test_a_replaced_autotuner_cache_chooses_again(fake_driver, monkeypatch):
     assert blocks == [16, 16, 128, 128]
 
 
+def test_a_tensor_in_the_autotuner_key_keeps_tritons_path(fake_driver, monkeypatch):
+    """Triton keys a tensor of the autotuner's key by identity, the signature by dtype and
+    alignment: two such tensors of one signature may get other configs (here the prune rules read
+    the tensor's size), so every launch takes Triton's path and nothing is kept."""
+    jit = fake_jit()
+    small, large = triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 128})
+    monkeypatch.setattr(_tuning, "TUNED_KERNELS", [])
+    monkeypatch.setenv("DECO_OPS_AUTOTUNE", "0")
+    kernel = _tuning.TunedKernel(jit, [small, large], [small, large], key=["x_ptr"],
+                                 prune=lambda configs, named, **kw: configs if named["x_ptr"].numel() < 100 else configs[::-1])
+    monkeypatch.setattr(_compiled_launch, "enabled", lambda: True)
+    few, many, y = tensor(8), tensor(200), tensor(8)
+    for x in (few, many, few, many):
+        kernel[(1,)](x, y, 100, 1, 0.5, True)
+    launched = sorted((call[9].numel(), call[9 + 6]) for compiled in jit.compiled for call in compiled.calls)
+    assert launched == [(8, 16), (8, 16), (200, 128), (200, 128)]
+    assert all(kept is None for kept in kernel.direct.signatures.values())
+
+
+def test_a_key_missing_from_the_autotuners_cache_keeps_tritons_path(fake_driver, monkeypatch):
+    """The autotuner's cache emptied between Triton's launch and the keeping (another thread, or
+    a test forcing a config): no config to keep, so the signature keeps Triton's path (never a
+    launch that fails looking up the config)."""
+    jit = fake_jit()
+    kernel = _tuned(monkeypatch, jit)
+    monkeypatch.setattr(_compiled_launch, "enabled", lambda: True)
+    autotuner_run = kernel.direct.normal
+
+    def then_emptied(*args, **kwargs):
+        compiled = autotuner_run(*args, **kwargs)
+        kernel.cache.clear()
+        return compiled
+
+    monkeypatch.setattr(kernel.direct, "normal", Counted(then_emptied))
+    for _ in range(3):
+        kernel[(1,)](tensor(8), tensor(8), 100, 1, 0.5, True)
+    assert kernel.direct.normal.calls == 3 and list(kernel.direct.signatures.values()) == [None]
+
+
 def test_a_config_pre_hook_keeps_tritons_path(fake_driver, monkeypatch):
     jit = fake_jit()
     kernel = _tuned(monkeypatch, jit)
@@ -318,8 +359,9 @@ class Subclass(torch.Tensor):
     pass
 
 
-@pytest.mark.parametrize("what", ["warmup", "tensor keyword", "list argument", "tensor subclass", "launch hook", "pre-run hook"])
-def test_triton_path_runs_where_the_direct_launch_could_differ(fake_driver, what):
+@pytest.mark.parametrize("what", ["warmup", "tensor keyword", "list argument", "tensor subclass", "launch hook", "launch exit hook",
+                                  "pre-run hook", "stages hook"])
+def test_triton_path_runs_where_the_direct_launch_could_differ(fake_driver, monkeypatch, what):
     """Each launch below goes through ``JITFunction.run``, every time, and keeps nothing that
     could hold a tensor alive."""
     jit = fake_jit()
@@ -337,8 +379,14 @@ def test_triton_path_runs_where_the_direct_launch_could_differ(fake_driver, what
         args[0] = args[0].as_subclass(Subclass)
     elif what == "launch hook":
         knobs.runtime.launch_enter_hook.add(hook)
+    elif what == "launch exit hook":  # alone: its metadata too only Triton's path builds
+        knobs.runtime.launch_exit_hook.add(hook)
     elif what == "pre-run hook":
         jit.add_pre_run_hook(lambda *a, **k: None)
+    elif what == "stages hook":  # triton 3.9: part of Triton's key (custom compiler stages)
+        if not hasattr(knobs.runtime, "add_stages_inspection_hook"):
+            pytest.skip("this triton has no compiler stages hook")
+        monkeypatch.setattr(knobs.runtime, "add_stages_inspection_hook", lambda: ("stages", "hash"))
     try:
         for _ in range(3):
             launches.run((1,), tuple(args), dict(kwargs), warmup)
@@ -348,6 +396,7 @@ def test_triton_path_runs_where_the_direct_launch_could_differ(fake_driver, what
         assert normal.calls == 3, what
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
+        knobs.runtime.launch_exit_hook.remove(hook)
     assert all(kept is None for kept in launches.signatures.values()), what
     if what in ("tensor subclass", "list argument"):
         assert not launches.signatures
@@ -401,7 +450,9 @@ def test_off_means_tritons_own_launch(fake_driver, monkeypatch):
         kernel[(1,)](tensor(8), tensor(8), 100, 1, 0.5, True)
     assert len(jit.compiled) == 1 and len(jit.compiled[0].calls) == 1
     with _compiled_launch_setting.SETTING.use("1"):
-        assert isinstance(_traceable.launcher(jit, tensor(8)), _compiled_launch.CompiledLaunch)
+        launches = _traceable.launcher(jit, tensor(8))
+        assert isinstance(launches, _compiled_launch.CompiledLaunch)
+        assert _traceable.launcher(jit, tensor(8)) is launches  # kept on the kernel: its signatures last
 
 
 def test_planning_launches_nothing_directly(fake_driver, monkeypatch):

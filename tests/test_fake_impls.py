@@ -35,6 +35,7 @@ def _pooling():
     yield deco_ops.bilinear_pool_tokens(x, GRID, OUT_GRID)
     yield deco_ops.pool_linear(x, w1, b1, grid=GRID, out_grid=OUT_GRID)
     yield deco_ops.pool_mlp(x, w1, b1, w2, b2, grid=GRID, out_grid=OUT_GRID)
+    yield deco_ops.pool_mlp(x, w1, None, w2, None, grid=GRID, out_grid=(2, 2))  # no db1: its output empty
     yield deco_ops.mlp_pool(x, w1, b1, w2, b2, grid=GRID, out_grid=OUT_GRID)
 
 
@@ -67,6 +68,8 @@ def _merge():
     yield deco_ops.merge_mlp_packed(x.reshape(-1, C)[:24], grids, nw[:C], nb[:C], w1, b1, w2, b2)[0]
     # float32 tokens and norm before a 16-bit MLP: the output and dW1's operand (the norm's rows) in the MLP's dtype
     yield deco_ops.merge_mlp(x, nw[:C], nb[:C], *(t.half() for t in (w1, b1, w2, b2)))
+    # bf16 throughout: the norm's weight and bias gradients in fp32 (its statistics' dtype)
+    yield deco_ops.merge_mlp(*(t.bfloat16() for t in (x, nw[:C], nb[:C], w1, b1, w2, b2)))
 
 
 FAMILIES = {"pooling": _pooling, "packed": _packed, "attention": _attention, "merge": _merge}
@@ -92,3 +95,11 @@ def test_fake_outputs_are_laid_out_as_the_real_ones(backend, family):
     its real one in shape, dtype or strides raises ``MetadataMismatchError``."""
     with CrossRefFakeMode(ignore_op_fn=lambda op: op.namespace != "deco"):
         sum(y.float().square().sum() for y in FAMILIES[family]()).backward()
+
+
+def test_fake_outputs_without_residuals(auto_backend):
+    """Inference (grad mode off): the ops keep no residuals, and their fakes promise the empty
+    tensors the real ones return in their place (Inductor asserts those shapes too)."""
+    with torch.no_grad(), CrossRefFakeMode(ignore_op_fn=lambda op: op.namespace != "deco"):
+        for family in FAMILIES.values():
+            assert all(not y.requires_grad for y in family())

@@ -618,23 +618,34 @@ def test_backward_runs_under_the_forward_s_overrides():
     assert all(t.grad is not None for t in leaves)
 
 
-def test_direct_backward_runs_under_the_forward_s_backend_not_the_caller_s(monkeypatch):
+@pytest.mark.parametrize("path", ["direct", "dispatcher"])
+def test_direct_backward_runs_under_the_forward_s_backend_not_the_caller_s(monkeypatch, path):
     """The same for the ops' direct path (``deco.<name>``'s Function, which keeps the context in
     its forward): a ``pool_linear`` run under ``use_backend("torch")`` un-pools with PyTorch even
     when its backward is started under another override, on the calling thread (CPU autograd), and
-    with the environment asking for Triton (what an empty context would see)."""
+    with the environment asking for Triton (what an empty context would see). ``dispatcher``: the
+    forward under a dispatch mode, through ``torch.ops.deco`` (its autograd formula's setup keeps
+    the context)."""
+    import contextlib
     from unittest import mock
+
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     from deco_ops import _backend, reference
     from deco_ops.kernels import adaptive_pool
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
 
     monkeypatch.setenv(_backend.SETTING.var, "triton")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 16, 3, generator=g).requires_grad_()
     w, b = torch.randn(5, 3, generator=g), torch.randn(5, generator=g)
-    with deco_ops.use_backend("torch"):
+    with deco_ops.use_backend("torch"), PassThrough() if path == "dispatcher" else contextlib.nullcontext():
         out = deco_ops.pool_linear(x, w, b, grid=(4, 4), out_grid=(2, 2))
-    assert type(out.grad_fn).__name__ == "deco_pool_linearBackward"  # the direct path's Function
+    # the direct path's Function, or the op's own autograd node
+    assert (type(out.grad_fn).__name__ == "deco_pool_linearBackward") == (path == "direct")
     with deco_ops.use_backend("triton"), \
             mock.patch.object(adaptive_pool, "unpool_tokens", wraps=adaptive_pool.unpool_tokens) as kernel, \
             mock.patch.object(reference, "unpool_tokens", wraps=reference.unpool_tokens) as pytorch:

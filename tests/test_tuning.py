@@ -426,6 +426,23 @@ def test_interpreter_switch_is_read_as_triton_reads_it(monkeypatch):
     assert not deco_ops._backend.interpreting() and not _tuning.env_true(None)
 
 
+def test_interpreter_switch_keeps_a_triton_interpret_the_caller_set(monkeypatch):
+    """``DECO_OPS_BACKEND=triton`` without a GPU switches the interpreter on where
+    ``TRITON_INTERPRET`` is unset; a value the caller set (``0``: the op then says why it cannot
+    run) is left as it is. Run in this process as at import, before triton is (no GPU, no triton)."""
+    import sys
+
+    monkeypatch.setenv("DECO_OPS_BACKEND", " Triton ")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delitem(sys.modules, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    deco_ops._backend._switch_on_interpreter()
+    assert os.environ["TRITON_INTERPRET"] == "0"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    deco_ops._backend._switch_on_interpreter()
+    assert os.environ["TRITON_INTERPRET"] == "1"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is switched on only without a GPU")
 @pytest.mark.parametrize("first", ["deco_ops", "triton"])
 def test_backend_variable_switches_the_interpreter_on_only_before_triton(first):

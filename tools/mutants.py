@@ -67,6 +67,15 @@ def _rounded_per_step(name: str, file: str, step: str, dtype: str, acc: str, tes
     return Mutant(name, file, step, step.replace("INPUT_PRECISION)", f"INPUT_PRECISION).to({dtype}).to({acc})", 1),
                   tests, f"{what}: the accumulator rounded to 16 bits at every step")
 
+def _fake_residual_kept(name: str, file: str, fake: str, op: str, residual: str) -> Mutant:
+    """``op``'s fake (``fake``: ``kept if keep_residuals else empty``) promising its ``residual``
+    residual in inference too, where the op returns an empty tensor: seen by the fakes checked
+    with grad mode off."""
+    return Mutant(name, file, fake, fake.split(" if keep_residuals else ")[0],
+                  ("tests/test_fake_impls.py", "-k", "without_residuals"),
+                  f"{op}'s fake promises its {residual} residual in inference, where the op returns an empty tensor")
+
+
 MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------------------------------------------------
     # kernels/activations.py
@@ -1792,4 +1801,66 @@ MUTANTS: tuple[Mutant, ...] = (
            "    keep = needs_residuals(norm_weight, norm_bias, w1, b1, w2, b2)\n    return packing.geometry",
            ("tests/test_merge.py", "-k", "tokens_alone"),
            "trainable packed tokens under a frozen norm and MLP: the fused op keeps no residual and y has no gradient"),
+    # planted-bug hunt 2026-12-06c: compile
+    Mutant("direct_exit_hook_ignored", "kernels/_compiled_launch.py",
+           "return _hook_idle(runtime.launch_enter_hook) and _hook_idle(runtime.launch_exit_hook)",
+           "return _hook_idle(runtime.launch_enter_hook)", _direct("exit"),
+           "a launch exit hook alone (a profiler's) is never called: direct launches pass None for it"),
+    Mutant("direct_tensor_in_tuning_key_kept", "kernels/_compiled_launch.py",
+           "if any(isinstance(named.get(k), torch.Tensor) for k in self.tuned.keys):", "if False:",
+           _direct("tensor_in_the_autotuner_key"),
+           "a tensor in the autotuner's key (Triton keys it by identity): a second tensor of the same signature launches the first one's config"),
+    Mutant("direct_missing_config_kept", "kernels/_compiled_launch.py", "if config is None:", "if False:",
+           _direct("missing_from"),
+           "an autotuner cache emptied after Triton's launch: keeping the signature fails (None.kwargs) instead of keeping Triton's path"),
+    Mutant("direct_launches_not_kept_on_kernel", "kernels/_compiled_launch.py",
+           "        setattr(kernel, _ATTRIBUTE, launches)", "        pass", _direct("off_means"),
+           "a new CompiledLaunch per launch site call: no signature ever kept, every launch through Triton's path"),
+    Mutant("direct_constexpr_values_dropped", "kernels/_compiled_launch.py",
+           "tuple(kwargs.items()), tuple(map(type, kwargs.values()))", "tuple(kwargs), tuple(map(type, kwargs.values()))",
+           _direct("new_alignment"),
+           "the signature keys constexprs by name and type only: BLOCK=64 launches the kernel compiled for BLOCK=32"),
+    Mutant("direct_stages_hook_ignored", "kernels/_compiled_launch.py",
+           'if getattr(knobs.runtime, "add_stages_inspection_hook", None) is not None:', "if False:", _direct("stages"),
+           "triton 3.9's compiler stages hook installed: direct launches skip what Triton's key adds for it"),
+    Mutant("trace_block_exit_forgets_outer", "deco_ops/_triton_op.py",
+           "        _trace_interpreted = previous", "        _trace_interpreted = False",
+           ("tests/test_compile_graph.py", "-k", "bodies_traced"),
+           "leaving a nested trace_interpreted_kernels() block switches tracing off inside the outer one"),
+    Mutant("torch_backend_bodies_traced", "deco_ops/_triton_op.py",
+           "return _backend.use_triton(device) and (device.type", "return (device.type",
+           ("tests/test_compile_graph.py", "-k", "bodies_traced"),
+           "the PyTorch backend's op bodies traced inside trace_interpreted_kernels (and on CUDA): no opaque deco node"),
+    Mutant("trace_driver_not_restored", "kernels/_traceable.py",
+           "        driver._active = previous_driver", "        pass",
+           ("tests/test_compile_graph.py", "-k", "projector_kernels"),
+           "the sm_90 target lent to a traced launch's IR generation stays Triton's active driver afterwards"),
+    Mutant("dispatched_backward_context_empty", "deco_ops/_direct.py",
+           "        ctx.forward_context = _copy_context()\n        _checkpoint",
+           "        ctx.forward_context = contextvars.Context()\n        _checkpoint",
+           ("tests/test_strategy.py", "-k", "test_direct_backward_runs and dispatcher"),
+           "an op called through torch.ops.deco (under a dispatch mode) runs its backward without the forward's use_backend block"),
+    Mutant("autocast_norm_casts_float8", "deco_ops/_autocast.py",
+           "    if t.dtype not in FLOAT_DTYPES:\n        return t\n    dtype = norm_dtype_under_autocast(t)",
+           "    dtype = norm_dtype_under_autocast(t)", ("tests/test_autocast.py", "-k", "as_given"),
+           "merge_mlp's float8 tokens or norm weight cast to float32 under autocast: accepted, not refused as outside it"),
+    _fake_residual_kept("fake_pool_linear_residual_kept", "deco_ops/projector.py",
+                        "    pooled = x.new_empty((B, P, x.shape[2])) if keep_residuals else _empty(x)", "pool_linear", "pooled"),
+    _fake_residual_kept("fake_merge_residual_kept", "deco_ops/merge.py",
+                        "return y, w1.new_empty((M, w1.shape[0])) if keep_residuals else w1.new_empty((0,))", "merge_mlp", "norm-rows"),
+    _fake_residual_kept("fake_mlp_pool_residual_kept", "deco_ops/mlp_pool.py",
+                        "pooled = x.new_empty((num_out, w1.shape[0])) if keep_residuals else x.new_empty((0,))", "mlp_pool",
+                        "pooled-activation"),
+    Mutant("fake_norm_grads_in_token_dtype", "deco_ops/merge.py",
+           "        x.new_empty((width,), dtype=acc) if need_dwn else empty,", "        x.new_empty((width,)) if need_dwn else empty,",
+           ("tests/test_fake_impls.py", "-k", "laid_out and merge"),
+           "merge_norm_backward's fake gives a bf16 merge's norm weight gradient in bf16; the op returns fp32"),
+    Mutant("fake_db1_always_sized", "deco_ops/projector.py",
+           "pre.new_empty((pre.shape[1] if need_db1 else 0,))", "pre.new_empty((pre.shape[1],))",
+           ("tests/test_fake_impls.py", "-k", "laid_out and pooling"),
+           "mlp_activation_backward's fake promises db1 for a bias-free first Linear, where the op returns an empty tensor"),
+    Mutant("interpreter_overrides_callers_setting", "deco_ops/_backend.py",
+           'os.environ.setdefault("TRITON_INTERPRET", "1")', 'os.environ["TRITON_INTERPRET"] = "1"',
+           ("tests/test_tuning.py", "-k", "keeps_a_triton_interpret"),
+           "DECO_OPS_BACKEND=triton overwrites a TRITON_INTERPRET=0 the caller set"),
 )
