@@ -213,6 +213,11 @@ def test_custom_scale_and_dtype_float64_on_interpreter(backend):
     q, k, v, dout, kv_lens = _case(2, 2, 6, 45, 1, 16, [45, 9], torch.float64)
     got = _run(q, k, v, dout, kv_lens, softmax_scale=0.3)
     _check(got, _reference(q, k, v, dout, kv_lens, scale=0.3), torch.float64, kv_lens, 45, tol=1e-6)
+    _, lse = torch.ops.deco.cross_attention(q, k, v, kv_lens, None, 45, 0.3, 0.0, None, None, True)
+    scores = torch.einsum("bmhd,bnhd->bhmn", q, k.nan_to_num()) * 0.3
+    want = scores.masked_fill(torch.arange(45)[None, None, None, :] >= kv_lens[:, None, None, None], -math.inf).logsumexp(-1)
+    assert lse.dtype == torch.float64, "the LSE of float64 inputs is float64, as the op's fake says"
+    assert_close(lse, want, torch.float64, "lse", tol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,6 +366,12 @@ def test_packed_keys_filling_k(backend):
     want = list(_reference(q, *pad, dout, torch.tensor(lens)))
     want[2], want[3] = (torch.cat([w[b, :n] for b, n in enumerate(lens)]) for w in want[2:])
     _check(_run(q, k, v, dout, None, cu_seqlens_k=cu), want, torch.float32, None, max(lens))
+    # the weights too: each batch's keys from its own first row cu[b]
+    scores = torch.einsum("bmhd,bnhd->bhmn", q.double().expand(len(lens), -1, -1, -1), pad[0].double()) * D**-0.5
+    dropped = torch.arange(max(lens))[None, :] >= torch.tensor(lens)[:, None]
+    with poisoned_empty():
+        _, weights = cross_attention(q, k, v, cu_seqlens_k=cu, need_weights=True, average_attn_weights=False)
+    assert_close(weights, torch.softmax(scores.masked_fill(dropped[:, None, None, :], -math.inf), -1), torch.float32, "weights")
 
 
 def test_packed_keys_all_empty(backend):

@@ -2,7 +2,8 @@
 references through Triton's interpreter (triton 3.9's interpreter runs tensor descriptors and
 warp-specialised loops; on a GPU the same tests run the compiled kernel, sm_90 only).
 
-Inputs live inside NaN-filled buffers whose padding keeps every stride 16-byte aligned (TMA), and
+Inputs live inside NaN-filled buffers whose padding keeps every stride 16-byte aligned (TMA), v's
+wider than k's (every v stride differs from k's: a kernel reading v with k's strides fails), and
 keys past ``kv_lens`` are NaN, so a descriptor that reads past a batch's keys, a head's dims or a
 split's end turns the result into NaN; outputs start NaN-filled, so a row or split left unwritten
 stays NaN. Key counts are not multiples of the key block (257), and the shapes reach each tile the
@@ -72,12 +73,12 @@ CASES = [
 ]
 
 
-def _rows_guarded(t: torch.Tensor, extra: int = 128) -> torch.Tensor:
-    """``t`` (B, N, H, D) as the first N rows of each batch of a NaN-filled (B, N + extra, H, D + PAD)
+def _rows_guarded(t: torch.Tensor, extra: int = 128, pad: int = PAD) -> torch.Tensor:
+    """``t`` (B, N, H, D) as the first N rows of each batch of a NaN-filled (B, N + extra, H, D + pad)
     buffer: a descriptor that does not stop at N reads NaN in every batch (``guarded`` leaves the
     next batch's finite keys after an earlier batch's last row)."""
     B, N, H, D = t.shape
-    buffer = torch.full((B, N + extra, H, D + PAD), float("nan"), dtype=t.dtype, device=t.device)
+    buffer = torch.full((B, N + extra, H, D + pad), float("nan"), dtype=t.dtype, device=t.device)
     view = buffer[:, :N, :, :D]
     view.copy_(t)
     return view
@@ -87,8 +88,8 @@ def _rows_guarded(t: torch.Tensor, extra: int = 128) -> torch.Tensor:
 def test_forward_matches_float64(B, Bq, M, N, H, D, lens, dtype, splits):
     q, k, v, kv_lens = _case(B, Bq, M, N, H, D, lens, dtype, seed=M + N)
     with poisoned_empty():
-        out, lse = tma.cross_attention_tma_fwd(guarded(q, PAD), _rows_guarded(k), _rows_guarded(v), kv_lens, None, B, N,
-                                               D**-0.5, splits)
+        out, lse = tma.cross_attention_tma_fwd(guarded(q, PAD), _rows_guarded(k), _rows_guarded(v, 160, 2 * PAD), kv_lens, None,
+                                               B, N, D**-0.5, splits)
     _check(out, lse, q, k, v, kv_lens, dtype)
 
 
@@ -101,16 +102,21 @@ def test_tiles_of_the_cases():
     assert tma.tile(130, 1, 32, ragged=True) == (64, 1, False)  # ragged keys: never warp-specialised
 
 
-def test_packed_keys():
-    """cu_seqlens_k: each batch's descriptor starts at its own first row and ends at its length."""
-    dtype, M, H, D = torch.float16, 32, 2, 64
+@pytest.mark.parametrize("M", [32, 130])
+def test_packed_keys(M):
+    """cu_seqlens_k: each batch's descriptor starts at its own first row and ends at its length.
+    Packed keys are ragged: from 128 queries they take the 64-query tile, never the warp-specialised
+    one (``tile``: NaN on the H200)."""
+    dtype, H, D = torch.float16, 2, 64
     lens = [40, 0, 97]
     cu = torch.tensor([0, 40, 40, 137], dtype=torch.int32)
     g = torch.Generator().manual_seed(5)
     q = randn(3, M, H, D, dtype=dtype, generator=g)
     kp, vp = (randn(137, H, D, dtype=dtype, generator=g) for _ in range(2))
-    with poisoned_empty():
-        out, lse = tma.cross_attention_tma_fwd(*(guarded(t, PAD) for t in (q, kp, vp)), None, cu, 3, 97, D**-0.5)
+    kernel = tma.cross_attention_tma_kernel
+    with poisoned_empty(), mock.patch.object(kernel, "run", wraps=kernel.run) as launch:
+        out, lse = tma.cross_attention_tma_fwd(guarded(q, PAD), guarded(kp, PAD), guarded(vp, 2 * PAD), None, cu, 3, 97, D**-0.5)
+    assert (launch.call_args.kwargs["BLOCK_M"], launch.call_args.kwargs["WARP_SPECIALIZE"]) == (min(M, 64), False)
     k, kv_lens, _ = reference.unpack_keys(kp, cu, 97)
     v, _, _ = reference.unpack_keys(vp, cu, 97)
     _check(out, lse, q, k, v, kv_lens.to(torch.int32), dtype)
@@ -119,6 +125,9 @@ def test_packed_keys():
 def test_rejects_what_tma_cannot_read():
     q, k, v = (torch.randn(1, 8, 2, 12, dtype=torch.float16) for _ in range(3))  # 24-byte head stride
     with pytest.raises(ValueError, match="q must be"):
+        tma.cross_attention_tma_fwd(q, k, v, None, None, 1, 8, 0.3)
+    q, k, v = (torch.randn(1, 8, 2, 16, dtype=torch.float64) for _ in range(3))  # aligned, but no float64 kernel
+    with pytest.raises(ValueError, match="q must be fp16/bf16/fp32"):
         tma.cross_attention_tma_fwd(q, k, v, None, None, 1, 8, 0.3)
     assert not tma.tma_addressable(torch.randn(1, 8, 2, 16, dtype=torch.float16)[..., 1:9])  # 2-byte offset base
     assert tma.tma_addressable(torch.randn(1, 8, 2, 16, dtype=torch.float16)[..., 8:])

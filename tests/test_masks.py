@@ -322,10 +322,15 @@ def test_weights_under_dropout_are_the_ones_the_output_used(backend):
     B, M, N, H, D = 2, 5, 45, 2, 16
     q, k, v = randn(B, M, H, D, generator=g), randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
     mask = torch.rand(B, 1, 1, N, generator=g) > 0.3
-    out, w = cross_attention(q, k, v, attn_mask=mask, dropout_p=0.3, generator=torch.Generator().manual_seed(9),
-                             need_weights=True, average_attn_weights=False)
+    kv_lens = torch.tensor([N, 30])  # batch 1's dropout counters still count N keys a query row
+    out, w = cross_attention(q, k, v, attn_mask=mask, kv_lens=kv_lens, dropout_p=0.3,
+                             generator=torch.Generator().manual_seed(9), need_weights=True, average_attn_weights=False)
     assert (w == 0).float().mean() > 0.3  # dropped and masked entries
     assert_close(out, torch.einsum("bhmn,bnhd->bmhd", w.double(), v.double()), torch.float32, "out vs W V")
+    # averaged over the heads (one program sums them): each head with its own keep mask, as the output
+    _, w_avg = cross_attention(q, k, v, attn_mask=mask, kv_lens=kv_lens, dropout_p=0.3,
+                               generator=torch.Generator().manual_seed(9), need_weights=True)
+    assert_close(w_avg, w.double().mean(1), torch.float32, "averaged weights vs the per-head ones")
 
 
 def test_weights_gradient_under_dropout(backend):
