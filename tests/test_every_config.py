@@ -114,6 +114,20 @@ def _tma_linear_act(dtype):
     return [("pre", pre, pre64), ("act", act, torch.nn.functional.gelu(pre64))]
 
 
+def _tma_act_grad(dtype):
+    """The Hopper TMA GEMM (16-bit only) with its act' epilogue (dz of the MLP backward), whose fit
+    rule admits other tiles than the bias + GELU epilogue's."""
+    if dtype == torch.float32:
+        return []
+    gen = torch.Generator().manual_seed(6)
+    dy, w2, z = randn(40, 48, dtype=dtype, generator=gen), randn(48, 64, dtype=dtype, generator=gen), randn(40, 64, dtype=dtype, generator=gen)
+    with poisoned_empty():
+        dz, act = tma_gemm.tma_gemm_act_grad(dy, w2, z, "gelu")
+    z64 = z.double()
+    return [("dz", dz, (dy.double() @ w2.double()) * reference.ACTIVATION_GRADS["gelu"](z64)),
+            ("act", act, torch.nn.functional.gelu(z64))]
+
+
 def _attention_tma(dtype):
     """The TMA attention forward (opt-in ``fused_tma``, 16-bit, sm_90): two heads per program, kv_lens."""
     if dtype == torch.float32:
@@ -137,6 +151,7 @@ CASES = {
     "merge_mlp": _merge,
     "attention_weights": _attention_weights,
     "tma_linear_act": _tma_linear_act,
+    "tma_act_grad": _tma_act_grad,
     "attention_tma": _attention_tma,
 }
 

@@ -164,15 +164,18 @@ def test_activations(activation):
 
 
 @pytest.mark.interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("pre", [True, False], ids=["pre", "post"])
-def test_norm_statistics_of_tokens_far_from_zero(pre):
+def test_norm_statistics_of_tokens_far_from_zero(pre, dtype):
     """Tokens whose mean is large against their spread (1e4 + 0.01 * randn: a shared offset, as
     vision towers' outlier channels have): the stats kernel's mean and 1/sigma per normalised row
     (a token before the merge, a merged block after it) against float64, at fp32's accuracy. The
     rounded mean's error must leave the variance (a corrected two-pass); without that 1/sigma is
     ~4e-3 off, which the end-to-end output cannot show: fp32 tokens this far from zero lose ~1e-2
-    of their spread in any fp32 LayerNorm, eager's included."""
-    x = 1e4 + 0.01 * randn(1, 16, 64, generator=torch.Generator().manual_seed(0))
+    of their spread in any fp32 LayerNorm, eager's included. fp16 tokens (100 + randn) get fp32
+    statistics too: stored in 16 bits, the mean would be off by up to 1/32, 1/sigma by 5e-4."""
+    g = torch.Generator().manual_seed(0)
+    x = 1e4 + 0.01 * randn(1, 16, 64, generator=g) if dtype == torch.float32 else 100 + randn(1, 16, 64, dtype=dtype, generator=g)
     stats = merge_norm.merge_norm_stats(x, 2, "block", (1, 4, 4), None, None, "layernorm", pre, 1e-6)
     rows = x.double().reshape(16 if pre else 4, -1)  # "block" order: a merged row is 4 consecutive tokens
     mean, rstd = rows.mean(1), 1 / torch.sqrt(rows.var(1, unbiased=False) + 1e-6)
@@ -208,6 +211,29 @@ def test_more_merged_rows_than_one_program():
     params, dy = _case(torch.float32, B=2, N=144, C=4, hidden=8, out=4, norm_position="post")
     with deco_ops.use_backend("triton"):
         _check(params, dy, torch.float32, grid=(12, 12), order="grid", norm_position="post")
+
+
+def test_norm_parameter_grads_add_the_programs_partial_sums_in_fp32():
+    """The norm's dweight and dbias add the programs' partial sums (64 merged rows each under the
+    interpreter, 16 on a GPU) in fp32: fp16 tokens whose second 64 merged rows repeat the first,
+    with dn negated there and 0.3 added to one row, leave partial sums of +-16 to +-150 that cancel
+    to ~0.3 * xhat (dweight) and ~0.3 (dbias); partials rounded to 16 bits (ulp 1/64 at 16, 1/8 at
+    150) would be off by several percent."""
+    g = torch.Generator().manual_seed(9)
+    first = randn(1, 256, 4, dtype=torch.float16, generator=g)  # 64 merged rows of 2 x 2 tokens ("block" order)
+    x = torch.cat([first, first], 1)
+    dn_first = randn(64, 16, dtype=torch.float16, generator=g).abs() + 1.5
+    dn = torch.cat([dn_first, -dn_first])
+    dn[64] += 0.3
+    with deco_ops.use_backend("triton"), poisoned_empty():
+        stats = merge_norm.merge_norm_stats(x, 2, "block", (1, 1, 1), None, None, "layernorm", False, 1e-6)
+        _, _, dwn, dbn = merge_norm.merge_norm_backward(x, stats, None, None, dn, 2, "block", (1, 1, 1), None, None,
+                                                        "layernorm", False, False, None, True, True)
+    rows = x.double().reshape(128, 16)
+    xhat = (rows - rows.mean(1, keepdim=True)) / torch.sqrt(rows.var(1, unbiased=False, keepdim=True) + 1e-6)
+    eps = torch.finfo(torch.float16).eps
+    assert_close(dwn, (dn.double() * xhat).sum(0), torch.float16, "dweight", tol=eps)
+    assert_close(dbn, dn.double().sum(0), torch.float16, "dbias", tol=eps)
 
 
 def test_eps_zero_is_a_norm_without_epsilon():

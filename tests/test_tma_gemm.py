@@ -134,6 +134,15 @@ def test_rejects_what_tma_cannot_read():
     with pytest.raises(ValueError, match="do not match"):
         tma_gemm.tma_gemm_act_grad(torch.randn(8, 16, dtype=torch.float16), torch.randn(16, 24, dtype=torch.float16),
                                    torch.randn(8, 16, dtype=torch.float16), "gelu")
+    x, w = torch.randn(8, 16, dtype=torch.float16), torch.randn(24, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="do not make a Linear"):  # 25 bias values: the epilogue would read 24
+        tma_gemm.tma_linear_act(x, w, torch.randn(25, dtype=torch.float16), "gelu", False)
+    with pytest.raises(TypeError, match="b must be torch.float16"):
+        tma_gemm.tma_linear_act(x, w, torch.randn(24), "gelu", False)
+    with pytest.raises(ValueError, match="x must be"):  # no rows
+        tma_gemm.tma_linear_act(x[:0], w, None, "gelu", False)
+    with pytest.raises(ValueError, match="z must be"):  # 50-byte rows
+        tma_gemm.tma_gemm_act_grad(x, w.T.contiguous(), torch.randn(8, 25, dtype=torch.float16)[:, :24], "gelu")
     assert not tma_gemm.tma_compatible(torch.randn(8, 16, dtype=torch.float16)[:, 1:9])  # 2-byte offset base
     assert tma_gemm.tma_compatible(torch.randn(8, 16, dtype=torch.float16)[:, 8:])
 
@@ -261,8 +270,10 @@ def test_candidates_only_where_tma_can_read():
     assert not composed.tma_applies(x, w1[:36], b1[:36])  # 36 hidden rows of 72 bytes: dz/act rows unaligned
     assert not composed.tma_applies(x[..., :60], w1[:, :60], b1)  # 120-byte input rows, a strided w1
     assert not composed.tma_applies(x, w1, b1.float())  # a bias of another dtype
+    assert not composed.tma_applies(x, w1.bfloat16(), None)  # a w1 of another dtype than the rows
     assert not composed.act_grad_tma_applies(dy[:1].expand(5, 40), w2, pre)  # y.sum()'s dy
     assert not composed.act_grad_tma_applies(dy, w2.float(), pre)
+    assert not composed.act_grad_tma_applies(dy, w2, pre.bfloat16())  # pre of another dtype than dy and w2
     assert not composed.act_grad_tma_applies(dy, w2[:, :36], pre[:, :36])
 
     w1n, b1n, w2n = (t.detach().requires_grad_() for t in (w1[:36].contiguous(), b1[:36].clone(), w2[:, :36].contiguous()))

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("triton_backend")
 # ids: the window sizes along each axis
 CASES = [
     pytest.param((5, 2, 5), (3, 3, 3), id="t2,3,2-h1,2,1-w2,3,2"),
-    pytest.param((5, 4, 4), (3, 2, 2), id="t2,3,2-h2,2-w2,2"),
+    pytest.param((5, 4, 6), (3, 2, 3), id="t2,3,2-h2,2-w2,2,2"),  # a video grid of 2 x 3 cells: OH != OW
     pytest.param((5, 7), (3, 4), id="h2,3,2-w2,3,3,2"),
 ]
 C, HIDDEN, OUT = 3, 8, 5

@@ -52,6 +52,10 @@ _ACTIVATIONS = ("tests/test_activations_exact.py",)
 _MERGE = ("tests/test_merge.py",)
 
 
+def _tma(k: str) -> tuple[str, ...]:
+    return ("tests/test_tma_gemm.py", "-k", k)
+
+
 def _direct(k: str) -> tuple[str, ...]:
     return ("tests/test_compiled_launch.py", "-k", k)
 
@@ -1907,4 +1911,52 @@ MUTANTS: tuple[Mutant, ...] = (
            "kv_start * svn + h0 * svh", "kv_start * svn + h0 * skh",
            ("tests/test_cross_attention_tma.py", "-k", "test_forward_matches_float64"),
            "the TMA forward steps to a program's first value head with k's head stride"),
+    # planted-bug hunt 2026-12-06c: gemmk
+    Mutant("pool_gemm_output_row_wrapped_by_width", "kernels/pool_gemm.py",
+           "h0, h1 = window((cell // OW) % OH, H, OH)", "h0, h1 = window((cell // OW) % OW, H, OH)",
+           _uneven("pool_linear_unrolled"),
+           "a pooled row's output row wrapped by the output width, not its height: a video pooled to OH != OW cells "
+           "pools the wrong rows in every frame after the first"),
+    Mutant("tma_linear_act_bias_dtype_unchecked", "kernels/tma_gemm.py",
+           '    if b is not None and b.dtype != x.dtype:\n        raise TypeError(f"tma_linear_act: b must be {x.dtype}, got {b.dtype}")\n',
+           "", _tma("rejects"),
+           "tma_linear_act takes a bias of another dtype than x and w (no TypeError)"),
+    Mutant("tma_linear_act_bias_shape_unchecked", "kernels/tma_gemm.py",
+           "if w.shape[1] != K or (b is not None and tuple(b.shape) != (N,)):", "if w.shape[1] != K:",
+           _tma("rejects"),
+           "tma_linear_act takes a bias of N + 1 values and reads its first N (no ValueError)"),
+    Mutant("tma_compatible_takes_empty", "kernels/tma_gemm.py", "t.dim() == 2 and t.numel() > 0 and", "t.dim() == 2 and",
+           _tma("rejects"),
+           "an empty operand counts as TMA-addressable: tma_linear_act of no rows raises nothing"),
+    Mutant("tma_gemm_act_grad_z_unchecked", "kernels/tma_gemm.py",
+           '_check({"dy": dy, "w2": w2, "z": z, "dz (M, N)": dz})', '_check({"dy": dy, "w2": w2, "dz (M, N)": dz})',
+           _tma("rejects"),
+           "tma_gemm_act_grad reads a z whose rows a TMA descriptor cannot address (no ValueError)"),
+    Mutant("tma_applies_w1_dtype_unchecked", "deco_ops/composed.py",
+           "_tuning.device_arch(x.device) == 90 and w1.dtype == dtype and (b1", "_tuning.device_arch(x.device) == 90 and (b1",
+           _tma("candidates_only"),
+           "the TMA candidate offered for fp16 rows before a bf16 w1 (the kernel then refuses the mix)"),
+    Mutant("act_grad_tma_applies_pre_dtype_unchecked", "deco_ops/composed.py",
+           "dy.dtype == w2.dtype == pre.dtype", "dy.dtype == w2.dtype",
+           _tma("candidates_only"),
+           "the TMA act' candidate offered for a pre-activation of another dtype than dy and w2"),
+    Mutant("tma_fits_act_grad_refuses_64_wide", "kernels/tma_gemm.py",
+           'config.kwargs["BLOCK_N"] > 64', 'config.kwargs["BLOCK_N"] >= 64',
+           ("tests/test_every_config.py", "-k", "planned"),
+           "the act' epilogue's fit rule refuses its 64-wide tiles too: no config of the TMA act' GEMM fits on sm_90"),
+    Mutant("merge_norm_dweight_partials_16bit", "kernels/merge_norm.py",
+           "dwn = torch.empty((programs, K), device=x.device, dtype=torch.float32)",
+           "dwn = torch.empty((programs, K), device=x.device, dtype=x.dtype)",
+           ("tests/test_merge.py", "-k", "partial_sums_in_fp32"),
+           "the norm weight's per-program partial sums rounded to the tokens' 16 bits before they are added"),
+    Mutant("merge_norm_dbias_partials_16bit", "kernels/merge_norm.py",
+           "dbn = torch.empty((programs, K), device=x.device, dtype=torch.float32)",
+           "dbn = torch.empty((programs, K), device=x.device, dtype=x.dtype)",
+           ("tests/test_merge.py", "-k", "partial_sums_in_fp32"),
+           "the norm bias's per-program partial sums rounded to the tokens' 16 bits before they are added"),
+    Mutant("merge_norm_stats_16bit", "kernels/merge_norm.py",
+           "stats = torch.empty((M, groups(merge, pre), 2), device=x.device, dtype=torch.float32)",
+           "stats = torch.empty((M, groups(merge, pre), 2), device=x.device, dtype=x.dtype)",
+           ("tests/test_merge.py", "-k", "far_from_zero"),
+           "16-bit tokens' norm statistics stored in 16 bits: the mean off by up to half an ulp of the tokens' offset"),
 )
