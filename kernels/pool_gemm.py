@@ -224,6 +224,11 @@ def _launch(x, x_strides, dims, windows, image, geometry, M, mode, w, b, activat
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     pre = torch.empty((M, N), device=x.device, dtype=x.dtype) if store_pre else None
     pooled = torch.empty((M, K), device=x.device, dtype=x.dtype) if store_pooled else None
+    if N == 0 and M and store_pooled:
+        # A layer of width 0 still owes its pooled rows (the op's residual output), but a grid of
+        # no column tiles runs no program: pool through one zero column and keep the rows alone.
+        pooled = _launch(x, x_strides, dims, windows, image, geometry, M, mode, w.new_zeros((1, K)), None,
+                         activation, False, True)[2]
     if M == 0 or N == 0:
         return out, pre, pooled
     packed = geometry is not None

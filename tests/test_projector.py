@@ -297,6 +297,26 @@ def test_composed_activation_backward_is_one_pass(activation, dtype, need_db1):
         assert db1.numel() == 0
 
 
+@pytest.mark.parametrize("op", ["pool_linear", "pool_mlp", "pool_mlp_packed"])
+def test_a_zero_width_layer_still_returns_the_pooled_rows(backend, op):
+    """A first Linear of 0 features (``nn.Linear(C, 0)``) has nothing to multiply, yet the raw
+    op's residual output is still the pooled rows (float64 pooling; outputs NaN-poisoned)."""
+    g = torch.Generator().manual_seed(13)
+    x = randn(2, 36, 8, generator=g)
+    w1, b1, w2, b2 = randn(0, 8, generator=g), randn(0, generator=g), randn(5, 0, generator=g), randn(5, generator=g)
+    grids = torch.tensor([[6, 6]] * 2)
+    geometry = deco_ops.packed.parse(x.view(72, 8), grids, torch.tensor([[3, 2]] * 2), None).geometry
+    with poisoned_empty():
+        if op == "pool_linear":
+            pooled = torch.ops.deco.pool_linear(x, w1, b1, [6, 6], [3, 2], True)[1]
+        elif op == "pool_mlp":
+            pooled = torch.ops.deco.pool_mlp(x, w1, b1, w2, b2, [6, 6], [3, 2], "gelu", True)[1]
+        else:
+            pooled = torch.ops.deco.pool_mlp_packed(x.view(72, 8), w1, b1, w2, b2, geometry, 12, "gelu", "average", True)[1]
+    want = reference.adaptive_avg_pool_tokens(x.double(), (6, 6), (3, 2))
+    assert_close(pooled.view(2, 6, 8), want, torch.float32)
+
+
 @pytest.mark.parametrize("op", ["pool_linear", "pool_mlp", "pool_mlp_packed", "mlp_pool_packed"])
 def test_residual_outputs_carry_gradients(op):
     """The raw ops return their residuals (the pooled rows; mlp_pool's pooled activation) as

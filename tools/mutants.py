@@ -71,6 +71,7 @@ def _rounded_per_step(name: str, file: str, step: str, dtype: str, acc: str, tes
     return Mutant(name, file, step, step.replace("INPUT_PRECISION)", f"INPUT_PRECISION).to({dtype}).to({acc})", 1),
                   tests, f"{what}: the accumulator rounded to 16 bits at every step")
 
+
 def _fake_residual_kept(name: str, file: str, fake: str, op: str, residual: str) -> Mutant:
     """``op``'s fake (``fake``: ``kept if keep_residuals else empty``) promising its ``residual``
     residual in inference too, where the op returns an empty tensor: seen by the fakes checked
@@ -1959,4 +1960,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "stats = torch.empty((M, groups(merge, pre), 2), device=x.device, dtype=x.dtype)",
            ("tests/test_merge.py", "-k", "far_from_zero"),
            "16-bit tokens' norm statistics stored in 16 bits: the mean off by up to half an ulp of the tokens' offset"),
+    # defect fixed 2026-12-06c (found by the GEMM hunt)
+    Mutant("pool_gemm_zero_width_pooled_unwritten", "kernels/pool_gemm.py", "if N == 0 and M and store_pooled:", "if False:",
+           ("tests/test_projector.py", "-k", "zero_width_layer_still and triton"),
+           "a first Linear of width 0: the Triton path returns the pooled residual unwritten (no column tile, no program)"),
 )
