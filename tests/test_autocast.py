@@ -341,6 +341,11 @@ def test_autocast_refusals_name_the_arguments_as_given():
         for name, args in (("x", (tokens.to(torch.float8_e4m3fn), nw)), ("norm_weight", (tokens, nw.to(torch.float8_e4m3fn)))):
             with pytest.raises(TypeError, match=f"{name} has dtype torch.float8_e4m3fn"):
                 deco_ops.merge_mlp(*args, None, w1, None, w2, None)
+        # merge_mlp's norm runs in float32 in a region, but float64 tokens stay float64 (as in F.layer_norm): a
+        # float32 norm weight beside them is refused by name, the MLP float64 too
+        w1, w2 = torch.randn(8, 4 * C, dtype=torch.float64), torch.randn(OUT, 8, dtype=torch.float64)
+        with pytest.raises(TypeError, match="norm_weight has dtype torch.float32 but x has torch.float64"):
+            deco_ops.merge_mlp(x, torch.randn(C), None, w1, None, w2, None)
 
 
 def test_autocast_errors_of_the_run_propagate_once(monkeypatch):

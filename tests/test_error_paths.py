@@ -120,12 +120,15 @@ CASES = [
     # _checks
     ("checks-env", lambda mp: (mp.setenv("DECO_OPS_CHECKS", "yes"), _checks.value_checks(torch.device("cpu"))), ValueError,
      "DECO_OPS_CHECKS must be 0 or 1, got 'yes'"),
+    ("checks-env-word", lambda mp: (mp.setenv("DECO_OPS_CHECKS", "true"), _checks.value_checks(torch.device("cpu"))), ValueError,
+     "DECO_OPS_CHECKS must be 0 or 1, got 'true'"),
     # _validate, through pool_mlp
     ("not-a-tensor", lambda mp: mlp(x=[[1.0]]), TypeError, "x must be a torch.Tensor, got list"),
     ("layout", lambda mp: mlp(w1=torch.randn(8, 4).to_sparse()), TypeError, "w1 must be a dense \\(strided\\) tensor, got layout torch.sparse_coo"),
     ("nested", lambda mp: mlp(x=torch.nested.nested_tensor([torch.randn(16, 4)] * 2)), TypeError,
      r"x must be a dense \(strided\) tensor, got a nested tensor"),
     ("rank", lambda mp: mlp(x=torch.randn(2, 16)), ValueError, r"x must have 3 dimensions, got shape \(2, 16\)"),
+    ("rank-above", lambda mp: mlp(x=torch.randn(2, 16, 1, 4)), ValueError, r"x must have 3 dimensions, got shape \(2, 16, 1, 4\)"),
     ("dtype", lambda mp: mlp(x=torch.randn(2, 16, 4, dtype=torch.float64)), TypeError,
      "x has dtype torch.float64; supported here: float16, bfloat16, float32"),
     ("mixed-dtype", lambda mp: mlp(w1=torch.randn(8, 4).half()), TypeError,
@@ -133,6 +136,7 @@ CASES = [
     ("mixed-dtype-last", lambda mp: mlp(b2=torch.randn(5).half()), TypeError,
      "b2 has dtype torch.float16 but x has torch.float32; cast them to one dtype"),
     ("mixed-device", lambda mp: mlp(w2=torch.randn(5, 8, device=META)), ValueError, "w2 is on meta but x is on (cpu|cuda)"),
+    ("mixed-device-bias", lambda mp: mlp(b1=torch.randn(8, device=META)), ValueError, "b1 is on meta but x is on (cpu|cuda)"),
     ("mixed-device-autocast", lambda mp: under_autocast(lambda: mlp(w2=torch.randn(5, 8, device=META))), ValueError,
      "w2 is on meta but x is on (cpu|cuda)"),
     ("grid-type", lambda mp: mlp(grid=torch.tensor([4, 4])), TypeError, "grid must be a tuple of 2 or 3 ints"),
@@ -150,6 +154,7 @@ CASES = [
      r"w1 has shape \(8, 3\): its in_features 3 must equal x.shape\[-1\] = 4"),
     ("hidden-features", lambda mp: mlp(w2=torch.randn(5, 7)), ValueError, r"w2 has shape \(5, 7\): its in_features 7 must equal w1"),
     ("bias", lambda mp: mlp(b1=torch.randn(7)), ValueError, r"b1 has shape \(7,\) but w1 has 8 output features"),
+    ("bias-rank", lambda mp: mlp(b1=torch.randn(8, 1)), ValueError, r"b1 must have 1 dimensions, got shape \(8, 1\)"),
     ("activation", lambda mp: mlp(activation="relu"), ValueError, r"activation must be one of \('gelu', .*'silu'.*\), got 'relu'"),
     # _validate_attention, through cross_attention
     ("k-layout", lambda mp: attention(k=torch.randn(2, 9, 32)), ValueError, r"k must be \(B, N, H, D\), got shape \(2, 9, 32\)"),

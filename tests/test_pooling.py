@@ -218,6 +218,7 @@ def test_tokens_are_not_kept_for_backward(backend, op):
         ({"out_grid": (0, 3)}, ValueError, "out_grid entries must be >= 1"),
         ({"out_grid": (3, 3, 1)}, ValueError, "as many entries"),
         ({"grid": (6.0, 6)}, TypeError, "grid entries must be ints"),
+        ({"grid": "6x6"}, TypeError, "grid must be a tuple of 2 or 3 ints, got '6x6'"),
         ({"x": torch.randint(0, 3, (2, 36, 4))}, TypeError, "x has dtype"),
     ],
 )

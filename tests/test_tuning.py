@@ -262,13 +262,15 @@ def test_shape_spec_gives_each_kind_and_names_what_is_wrong():
     pool = shapes.parse("pool_mlp:batch=8,grid=27x27,out_grid=12x12,in_features=1152,hidden=3584,out_features=3584")
     assert pool == shapes.PoolMLPShape(pool.name, 8, (27, 27), (12, 12), 1152, 3584, 3584)
     assert pool.name.startswith("pool_mlp:batch=8")
-    attention = shapes.parse("cross_attention:name=mine,batch=3,M=64,N=700,heads=8,head_dim=80,shared_q=false,kv_lens=700x650x3")
+    attention = shapes.parse("cross_attention:name= mine ,batch=3,M=64,N=700,heads=8,head_dim=80,shared_q=false,kv_lens=700x650x3")
     assert attention == shapes.AttentionShape("mine", 3, 64, 700, 8, 80, shared_q=False, kv_lens=(700, 650, 3))
+    assert shapes.parse("cross_attention:batch=3,M=64,N=700,heads=8,head_dim=80").shared_q  # the default: one query set
     merge = shapes.parse("merge_mlp:batch=2,grid=32x32,in_features=1024,hidden=4096,out_features=4096,order=grid,"
                          "norm=layernorm,norm_position=post,eps=1e-5,merge=4")
     assert (merge.merge, merge.eps, merge.order) == (4, 1e-5, "grid")
     assert shapes.parse("mlp_pool:batch=1,grid=8x27x27,out_grid=8x14x14,in_features=1152,hidden=3584,"
                         "out_features=3584,mode=bilinear").mode == "bilinear"
+    assert shapes.parse("mlp_pool:batch=1,grid=8x8,out_grid=4x4,in_features=8,hidden=8,out_features=8").mode == "average"
     for spec, message in [("pool_mlp", "must be KIND:field=value"), ("resampler:batch=1", "KIND one of"),
                           ("pool_mlp:batch=8", r"lacks \['grid', 'out_grid', 'in_features', 'hidden', 'out_features'\]"),
                           ("pool_mlp:batch=8,heads=2", "'heads=2' is not field=value with a field of pool_mlp"),
@@ -278,6 +280,8 @@ def test_shape_spec_gives_each_kind_and_names_what_is_wrong():
                           ("pool_mlp:grid=24,24", "'24' is not field=value")]:
         with pytest.raises(ValueError, match=message):
             shapes.parse(spec)
+    with pytest.raises(ValueError, match=r"unknown shape\(s\) \['llava15'\]"):  # a misspelt --shapes name, not an empty run
+        shapes.select(["llava15", "infer_b1"])
 
 
 def test_shape_spec_booleans_anyres_grids_and_device_choice():
@@ -286,8 +290,11 @@ def test_shape_spec_booleans_anyres_grids_and_device_choice():
     name) gets the real shape, anything else its tiny twin."""
     real = shapes.ALL["llava15_7b"]
     assert [shapes.for_device(real, d) for d in (torch.device("cuda", 0), "cuda", torch.device("cpu"))] == [real, real, real.tiny]
+    assert all(shapes.for_device(s, "cpu") is s for s in shapes.CPU_PATH.values())  # no twin: the real shape everywhere
     spec = "cross_attention:batch=1,M=2,N=3,heads=1,head_dim=8,shared_q="
     assert [shapes.parse(spec + v).shared_q for v in ("1", "0", "True", "false")] == [True, False, True, False]
+    anyres = shapes.PACKED["anyres_5tiles"]  # each image's base grid, then its own crop (width x height, not transposed)
+    assert anyres.grids[1::2] == tuple(shapes.llava_next_unpadded_grid(w, h) for w, h in shapes._ANYRES_IMAGES)
     unpad_image = pytest.importorskip("transformers.models.llava_next.modeling_llava_next").unpad_image
     for width, height in shapes._ANYRES_IMAGES:
         assert shapes.llava_next_unpadded_grid(width, height) == tuple(unpad_image(torch.empty(1, 48, 48), (height, width)).shape[1:])

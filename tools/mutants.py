@@ -64,6 +64,11 @@ def _long(k: str) -> tuple[str, ...]:
     return ("tests/test_long_reductions.py", "-k", k)
 
 
+def _shapes(k: str) -> tuple[str, ...]:
+    """The named shapes' and ``--shape`` specs' tests."""
+    return ("tests/test_tuning.py", "-k", k)
+
+
 def _rounded_per_step(name: str, file: str, step: str, dtype: str, acc: str, tests: tuple[str, ...], what: str) -> Mutant:
     """The running sum rounded to the operand dtype (``dtype``) after every K step ``step``, the bug
     of a kernel that accumulates in 16 bits: invisible at K <= 96, several times eager's error at
@@ -1964,4 +1969,44 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("pool_gemm_zero_width_pooled_unwritten", "kernels/pool_gemm.py", "if N == 0 and M and store_pooled:", "if False:",
            ("tests/test_projector.py", "-k", "zero_width_layer_still and triton"),
            "a first Linear of width 0: the Triton path returns the pooled residual unwritten (no column tile, no program)"),
+    # planted-bug hunt 2026-12-06c: geom
+    Mutant("tensor_rank_checked_as_at_least", "deco_ops/_validate.py",
+           "if ndim is not None and value.dim() != ndim:", "if ndim is not None and value.dim() < ndim:",
+           _error("rank-above"), "a 4D x (or a 3D weight) passes the rank check: an unpacking or reshape error inside the op, not one naming x"),
+    Mutant("linear_bias_rank_unchecked", "deco_ops/_validate.py", "tensor(b_name, b, 1)", "tensor(b_name, b)",
+           _error("bias-rank"), "an (out, 1) bias is taken: the PyTorch path broadcasts it to (out, out) columns, the kernels read it as a vector"),
+    Mutant("value_checks_take_true_and_false", "deco_ops/_checks.py",
+           'if setting not in ("", "0", "1"):', 'if setting not in ("", "0", "1", "true", "false"):',
+           _error("checks-env-word"), "DECO_OPS_CHECKS=true is taken, and read as off (it is not \"1\"), instead of refused"),
+    Mutant("norm_region_dtype_casts_float64", "deco_ops/_validate.py",
+           "in_region = t.dtype is not torch.float64 and t.is_floating_point() and (", "in_region = t.is_floating_point() and (",
+           ("tests/test_autocast.py", "-k", "refusals_name"),
+           "float64 tokens in an autocast region judged as a float32 norm's: a float32 norm weight beside them passes the "
+           "checks (ATen's mixed-dtype error), a float32/bf16 MLP runs them in its dtype"),
+    Mutant("same_device_checks_matrices_only", "deco_ops/_validate.py",
+           "if value is not None and value.device != reference.device:",
+           "if value is not None and value.device != reference.device and value.dim() > 1:",
+           _error("mixed-device-bias"), "a bias on another device than x passes the checks: ATen's or a copy's error, not one naming b1"),
+    Mutant("grid_string_taken_as_a_sequence", "deco_ops/_validate.py",
+           "if isinstance(value, torch.Tensor) or not isinstance(value, Sequence) or isinstance(value, str):",
+           "if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):",
+           ("tests/test_pooling.py", "-k", "bad_input"),
+           "a grid given as a string (\"6x6\", the --shape spelling) is read character by character: the error names its entries, not the type"),
+    Mutant("shape_select_ignores_unknown_names", "deco_ops/shapes.py",
+           "unknown = [n for n in names if n not in ALL]", "unknown = []",
+           _shapes("spec_gives_each_kind"), "a misspelt --shapes name runs nothing instead of raising"),
+    Mutant("anyres_crop_of_transposed_image", "deco_ops/shapes.py",
+           "grids += [(base, base), llava_next_unpadded_grid(w, h, side)]", "grids += [(base, base), llava_next_unpadded_grid(h, w, side)]",
+           _shapes("booleans_anyres"), "each AnyRes image gets the crop of its transpose (a landscape image's crop is portrait)"),
+    Mutant("for_device_twin_of_a_shape_without_one", "deco_ops/shapes.py",
+           "return shape if is_cuda or shape.tiny is None else shape.tiny", "return shape if is_cuda else shape.tiny",
+           _shapes("booleans_anyres"), "a CPU path shape (no tiny twin) is None on the CPU"),
+    Mutant("mlp_pool_shape_default_bilinear", "deco_ops/shapes.py", 'mode: str = "average"', 'mode: str = "bilinear"',
+           _shapes("spec_gives_each_kind"), "an mlp_pool --shape without mode tunes bilinear resampling"),
+    Mutant("attention_shape_default_per_sample_queries", "deco_ops/shapes.py", "shared_q: bool = True", "shared_q: bool = False",
+           _shapes("spec_gives_each_kind"),
+           "a cross_attention --shape without shared_q (and the named Q-Former shapes) run per-sample queries"),
+    Mutant("shape_spec_name_unstripped", "deco_ops/shapes.py", 'values[key] = text.strip() if key == "name" else',
+           'values[key] = text if key == "name" else', _shapes("spec_gives_each_kind"),
+           "a spec's name keeps the spaces around it, where every other value is stripped"),
 )
