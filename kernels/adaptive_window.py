@@ -29,9 +29,3 @@ def max_window(L: int, O: int) -> int:
     """Largest window along one axis: the unrolled trip count of the pooled A-tile loads (0 for
     an axis of no output: an empty batch's rows, run as one image)."""
     return max((((i + 1) * L + O - 1) // O - (i * L) // O for i in range(O)), default=0)
-
-
-@functools.lru_cache(maxsize=None)
-def max_windows_containing(L: int, O: int) -> int:
-    """Most windows any one input belongs to along one axis (>1 when windows overlap or O > L)."""
-    return max(((j + 1) * O + L - 1) // L - (j * O) // L for j in range(L))
