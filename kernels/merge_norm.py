@@ -252,8 +252,3 @@ def merge_norm_backward(x, stats, wn, bn, dn, merge, order, grid, geometry, imag
         return total.view(merge * merge, C).sum(0) if pre else total
 
     return dx, n, reduce(dwn), reduce(dbn)
-
-
-def stats_bytes(M: int, K: int, groups_per_row: int, elem: int) -> int:
-    """Fewest bytes the statistics pre-pass moves (two reads of the tokens, 8 bytes per group)."""
-    return 2 * M * K * elem + 8 * M * groups_per_row
