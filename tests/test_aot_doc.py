@@ -19,7 +19,8 @@ def _row(variant, registers, spill=0, arch=90, kernel="pool_gemm", hopper=False)
 
 def test_doc_block_is_regenerated_and_notes_are_kept(tmp_path):
     rows = [_row("bf16 quick_gelu 2x2", 170), _row("bf16 gelu 2x2", 168), _row("bf16 silu 2x2", 160, spill=8, arch=80),
-            _row("bf16 bias_act gelu", 168, kernel="tma_gemm", hopper=True)]
+            _row("bf16 bias_act gelu", 168, kernel="tma_gemm", hopper=True), _row("fp32/ieee gelu 2x2", 180),
+            _row("fp32/tf32 gelu 2x2", 190)]
     saved = tmp_path / "rows.json"
     saved.write_text(json.dumps({"triton_version": "3.9.0", "elapsed_s": 1.0, "rows": rows}))
     doc = tmp_path / "aot.md"
@@ -31,6 +32,8 @@ def test_doc_block_is_regenerated_and_notes_are_kept(tmp_path):
     assert "| bf16 | pool_gemm | M64 N64 K32 G8 w4 s3 | 2 | quick_gelu 2x2 | 170 | 0/0 | 50176 | yes | - | - | ok |" in block
     assert "| bf16 | tma_gemm | M64 N64 K32 G8 w4 s3 | 1 | bias_act gelu | 168 | 0/0 | 50176 | yes | yes | yes (40/232) | ok |" in block
     assert "sm_80 bf16: 1 compiles, 1 with problems (0 errors, 1 spill" in block
+    # exact fp32 (PyTorch's default), not tf32: the doc's table is the one users run
+    assert "| fp32/ieee | pool_gemm | M64 N64 K32 G8 w4 s3 | 1 | gelu 2x2 | 180 |" in block and "| fp32/tf32 |" not in block
 
 
 def test_committed_doc_has_the_generated_block():

@@ -2,6 +2,8 @@
 (cuobjdump) and PTX lines as Triton's sm_90 compiles print them, and the problems they raise when
 a kernel written for them compiles without them. No compiling here (tests/test_aot.py compiles)."""
 
+from types import SimpleNamespace
+
 import pytest
 import triton
 
@@ -95,6 +97,7 @@ def test_missing_hgmma_any_spill_and_smem_past_the_limit_are_problems():
     tile = lambda m, n, w: triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 32}, num_warps=w, num_stages=3)  # noqa: E731
     assert aot.wgmma_eligible(tile(64, 64, 4)) and aot.wgmma_eligible(tile(128, 64, 8))
     assert not aot.wgmma_eligible(tile(32, 64, 4)) and not aot.wgmma_eligible(tile(64, 64, 2))
+    assert not aot.wgmma_eligible(tile(128, 32, 4))  # every side counts, BLOCK_N too
     assert aot.uses_tma("        /*0a50*/                   UTMALDG.2D [UR20], [UR6] ;\n")
     assert aot.uses_tma("", "\tcp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%rd1, {%r1, %r2}], [%r3];\n")
 
@@ -105,3 +108,42 @@ def test_the_summary_shows_each_config_s_largest_spill_and_shared_memory():
     rows = [_row(registers=200, shared_bytes=100000, problems=[]),
             _row(variant="bf16 bias_act silu", registers=160, spill_stores=24, spill_loads=16, shared_bytes=149096)]
     assert "| 2 | bias_act gelu | 200 | 24/16 | 149096 | yes | yes | yes | spills |" in aot.summary({"rows": rows})
+
+
+def test_a_config_s_row_shows_a_variant_s_compile_error_and_the_totals_count_shared_memory():
+    """A config whose variants partly failed to compile says so beside the others' worst; the totals
+    line counts the compiles over the shared memory limit."""
+    rows = [_row(problems=[]), _row(variant="bf16 bias_act silu", error="CompilationError: out of resources", problems=["compile error"]),
+            _row(config="M64 N128 K64 G8 w4 s4", shared_bytes=aot.SMEM_LIMIT[90] + 1)]
+    table = aot.summary({"rows": rows})
+    assert "| 2 | bias_act gelu | 168 | 0/0 | 149096 | yes | yes | yes | compile error |" in table
+    assert "sm_90 bf16: 3 compiles, 2 with problems (1 errors, 0 spill, 1 smem over limit)" in table
+
+
+def test_arguments_are_specialised_as_the_jit_specialises_them():
+    """Pointers 16-byte aligned; an int of 1 a constant and a multiple of 16 divisible, except where
+    the kernel says ``do_not_specialize``; ints past int32 as i64; bools as i1; floats as the
+    launcher passes them (``float_type``); config values as constexprs."""
+    names = [("p", False), ("one", False), ("big", False), ("last", False), ("flag", False), ("scale", False), ("keep", True),
+             ("steps", True), ("BLOCK", False)]
+    fn = SimpleNamespace(__name__="k", params=[SimpleNamespace(name=n, is_constexpr=n == "BLOCK", do_not_specialize=d)
+                                               for n, d in names])
+    args = {"p": "*bf16", "one": 1, "big": 2**31, "last": 2**31 - 16, "flag": True, "scale": 0.5, "keep": 1, "steps": 32}
+    signature, constexprs, attrs = aot.specialize(fn, args, triton.Config({"BLOCK": 64}), float_type="fp64")
+    assert signature == {"p": "*bf16", "one": "constexpr", "big": "i64", "last": "i32", "flag": "i1", "scale": "fp64",
+                         "keep": "i32", "steps": "i32", "BLOCK": "constexpr"}
+    assert constexprs == {"one": 1, "BLOCK": 64}
+    assert attrs == {(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]], (3,): [["tt.divisibility", 16]]}
+
+
+def test_hopper_only_kernels_are_compiled_for_sm90_only_and_fp32_expects_no_hgmma():
+    """The TMA GEMM (descriptors, wgmma) is not compiled for sm_80, where it never launches; fp32
+    variants (FMA or tf32 dots) are not expected to use HGMMA, 16-bit ones are."""
+    import importlib
+
+    jobs, skipped = aot._jobs(["tma_gemm"], ["bf16"], [90, 80])
+    assert jobs and {arch for *_, arch in jobs} == {90} and any(s.endswith("sm_80: pruned by the autotuner (does not fit)")
+                                                              for s in skipped)
+    entry = aot._entry("gemm_act_grad")
+    variants = entry.variants(importlib.import_module(entry.module), ["fp32", "bf16"])
+    assert {(v.label.split(" ")[0], v.hgmma) for v in variants} == {("fp32/ieee", False), ("fp32/tf32", False), ("bf16", True)}

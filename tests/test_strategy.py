@@ -239,7 +239,7 @@ def test_decisions_are_timed_on_the_call_s_device(cache_dir, monkeypatch):
     assert choose.call_args.kwargs["device"] == x.device
 
 
-def test_opt_in_candidates_run_only_when_selected_by_name(cache_dir):
+def test_opt_in_candidates_run_only_when_selected_by_name(cache_dir, monkeypatch):
     """A candidate no GPU has verified (``fused_tma``) never competes under ``auto``, even when it
     would time fastest or a cached decision names it; selected by name it runs."""
     with_tma = {**_candidates(), "fused_tma": strategy.Candidate(lambda: "fused_tma", opt_in=True)}
@@ -249,7 +249,14 @@ def test_opt_in_candidates_run_only_when_selected_by_name(cache_dir):
     assert "fused_tma" not in timer.calls
     strategy.forget()
     strategy.preload({key: "fused_tma"})
+    assert strategy._traced_choice(with_tma, lambda: key) == "fused"  # nor in a torch.compile trace
     assert strategy.decide(key, with_tma, FakeTimer({"fused": 2.0, "composed": 3.0})) == "fused"
+    # an op offering it (``implementation``, as attention and the projectors do) never times it either
+    monkeypatch.setattr(strategy._backend, "interpreting", lambda: False)
+    monkeypatch.setattr(strategy, "_time_cuda", FakeTimer({"fused": 2.0, "composed": 3.0, "fused_tma": 0.1}))
+    run = strategy.implementation((), on_triton=True, key=lambda: key.replace("M=256", "M=512"), fused=lambda: "fused",
+                                  composed=lambda: "composed", composed_kernels={"fused_tma": with_tma["fused_tma"]})
+    assert run() == "fused"
     with deco_ops.use_strategy("fused_tma"):
         assert strategy.choose(with_tma, on_triton=True, key=lambda: key) == "fused_tma"
         assert strategy.choose(_candidates(), on_triton=True, key=lambda: key) == "fused"  # an op without it
@@ -319,6 +326,11 @@ def test_unreadable_cache_is_ignored(cache_dir):
     with pytest.warns(UserWarning, match="unreadable strategy cache"):
         assert strategy.decide("k|d|t|s|grad|any", _candidates(), FakeTimer({"fused": 1.0, "composed": 2.0})) == "fused"
     assert json.loads((cache_dir / strategy.CACHE_FILE).read_text()) == {"k|d|t|s|grad|any": "fused"}
+    (cache_dir / strategy.CACHE_FILE).unlink()
+    (cache_dir / strategy.CACHE_FILE).mkdir()  # not a file at all: read and written with a warning each
+    strategy.forget()
+    with pytest.warns(UserWarning, match="unreadable strategy cache"), pytest.warns(UserWarning, match="could not write the strategy cache"):
+        assert strategy.decide("k|d|t|s|grad|any", _candidates(), FakeTimer({"fused": 2.0, "composed": 1.0})) == "composed"
 
 
 @pytest.mark.skipif(not deco_ops._backend.interpreting(), reason="runs the Triton kernels on CPU tensors (interpreter)")
@@ -383,19 +395,28 @@ def test_cuda_unpooling_by_aten_is_not_deterministic(monkeypatch):
         assert pool.get("composed_deterministic", True) is True, device
 
 
-def test_shipped_table_decides_before_anything_is_timed(cache_dir, tmp_path, monkeypatch):
-    """On CUDA a key's first measurement consults the GPU's tuning table first: its decision is
-    used as it is, even when no kernel has launched yet (which is when kernels read the table)."""
+@pytest.mark.parametrize("named", [True, False], ids=["variable", "shipped"])
+def test_shipped_table_decides_before_anything_is_timed(named, cache_dir, tmp_path, monkeypatch):
+    """On CUDA a key's first measurement, or a torch.compile trace's first choice, consults the
+    GPU's tuning table first (``DECO_OPS_TUNING_TABLE``'s, or the one shipped for the GPU the key
+    names): its decision is used as it is, even when no kernel has launched yet (which is when
+    kernels read the table)."""
     from deco_ops import tuning_tables
 
     key = strategy.make_key("pool_mlp", torch.device("cpu"), torch.bfloat16, True, rows=256, C=1024)
-    table = tmp_path / "table.json"
+    table = tmp_path / ("table.json" if named else tuning_tables.file_name("cpu"))  # the key's device: cpu
     tuning_tables.write({"format": tuning_tables.FORMAT, "triton": triton.__version__, "kernels": {}, "strategies": {key: "composed"}}, table)
-    monkeypatch.setenv(tuning_tables.ENV_VAR, str(table))
+    if named:
+        monkeypatch.setenv(tuning_tables.ENV_VAR, str(table))
+    else:
+        monkeypatch.delenv(tuning_tables.ENV_VAR, raising=False)
+        monkeypatch.setattr(tuning_tables, "TABLE_DIR", tmp_path)
     monkeypatch.setattr(tuning_tables, "_tables", {})
     monkeypatch.setattr(strategy._backend, "interpreting", lambda: False)
     monkeypatch.setattr(strategy, "_time_cuda", lambda run: pytest.fail("a table decision must not be timed"))
     monkeypatch.delenv(strategy.ENV_VAR, raising=False)
+    assert strategy._traced_choice(_candidates(), lambda: key) == "composed"
+    strategy.forget()
     assert strategy.choose(_candidates(), on_triton=True, key=lambda: key) == "composed"
 
 
@@ -500,11 +521,26 @@ def test_nothing_is_timed_inside_a_cuda_graph_capture(cache_dir, monkeypatch):
     assert strategy.decide(key, _candidates(), never) == "fused"
     assert strategy.decide(on_disk, _candidates(), never) == "composed"
     assert strategy.decide(held, _candidates(), never) == "composed"
-    assert key not in strategy.choices() and never.calls == []
+    assert key not in strategy.choices() and on_disk not in strategy.choices() and never.calls == []
     capturing[0] = False
     timer = FakeTimer({"fused": 2.0, "composed": 1.0})
     assert strategy.decide(key, _candidates(), timer) == "composed"
     assert sorted(timer.calls) == ["composed", "fused"]
+
+
+def test_a_cached_winner_the_call_cannot_offer_is_not_used(cache_dir, monkeypatch):
+    """A winner in the on-disk cache that is not among the call's candidates (an SDPA kernel
+    switched off since it was measured) never runs: inside a capture the first candidate does,
+    outside one the key is measured anew."""
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    key = "op|GPU|bfloat16|rows=1|grad|any|v"
+    (cache_dir / strategy.CACHE_FILE).write_text(json.dumps({key: "composed_flash"}))
+    assert strategy.decide(key, _candidates(), FakeTimer({})) == "fused"
+    capturing[0] = False
+    timer = FakeTimer({"fused": 2.0, "composed": 1.0})
+    assert strategy.decide(key, _candidates(), timer) == "composed" and sorted(timer.calls) == ["composed", "fused"]
 
 
 @pytest.mark.skipif(not deco_ops._backend.interpreting(), reason="runs the Triton kernels on CPU tensors (interpreter)")
@@ -737,6 +773,30 @@ def test_a_store_that_cannot_agree_leaves_each_rank_deciding_alone(cache_dir, mo
     assert strategy._traced_choice(_candidates(), lambda: "k|d|t|s|grad|any|w") == "fused"
 
 
+def test_a_synchronised_rank_keeps_preloaded_decisions_and_refuses_what_it_cannot_run(cache_dir, monkeypatch):
+    """Under torch.distributed a decision the rank made alone is decided again with the group, but
+    one preloaded since (a table every rank loads) is agreed: used without asking the store. A
+    published winner that is not among this rank's candidates raises, naming it."""
+    key = "k|d|t|s|grad|any|v"
+    assert strategy.decide(key, _candidates(), FakeTimer({"fused": 1.0, "composed": 2.0})) == "fused"  # alone
+    strategy.preload({key: "composed"})
+    monkeypatch.setattr(strategy, "_synchronised", lambda: True)
+    monkeypatch.setattr(strategy, "_store", lambda: pytest.fail("a preloaded decision is not asked of the store"))
+    assert strategy.decide(key, _candidates(), FakeTimer({})) == "composed"
+
+    class Published:  # the group's store, where another rank published a kernel this rank lacks
+        def check(self, keys):
+            return True
+
+        def get(self, key):
+            return b"composed_flash"
+
+    monkeypatch.setattr(strategy, "_store", Published)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    with pytest.raises(RuntimeError, match="rank 1 decides .* decision is 'composed_flash', which cannot run here"):
+        strategy.decide(key.replace("|s|", "|t|"), _candidates(), FakeTimer({}))
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 def test_the_fake_backend_is_not_synchronised(tmp_path):
     """``init_process_group("fake")`` (one process standing in for a world of ranks, to compile or
@@ -756,6 +816,12 @@ def test_sync_setting(monkeypatch):
         strategy._synchronised()
     monkeypatch.setenv(strategy.SYNC_ENV, "1")
     assert not strategy._synchronised()  # no process group here
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # a gloo group, without starting one
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
+    for world, setting, synchronised in ((2, " 1 ", True), (2, "0", False), (1, "1", False)):
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None, world=world: world)
+        monkeypatch.setenv(strategy.SYNC_ENV, setting)
+        assert strategy._synchronised() is synchronised, (world, setting)
 
 
 def test_overrides_are_spelled_as_the_environment_variables_may_be(monkeypatch):
@@ -777,8 +843,12 @@ def test_cache_dir_may_start_with_a_tilde(monkeypatch, tmp_path):
     """``DECO_OPS_CACHE_DIR=~/x`` (quoted in a launcher's env file, so no shell expanded it) is the
     home's ``x``, not a folder named ``~`` under the working directory."""
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv(strategy.CACHE_DIR_ENV, "~/x")
-    assert strategy.cache_path() == tmp_path / "x" / strategy.CACHE_FILE
+    monkeypatch.setenv(strategy.CACHE_DIR_ENV, "~/x/y")
+    assert strategy.cache_path() == tmp_path / "x" / "y" / strategy.CACHE_FILE
+    strategy.forget()
+    strategy._write_disk("k|d|t|s|grad|any|v", "fused")  # the folders are made, as the default ~/.cache/deco_ops
+    assert json.loads(strategy.cache_path().read_text()) == {"k|d|t|s|grad|any|v": "fused"}
+    strategy.forget()
 
 
 def test_forget_brings_the_table_s_decisions_back(cache_dir, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -94,8 +95,18 @@ def test_bucket_is_timed_once_and_serves_other_sizes(kernel):
                                      "M=512 N=4096 FLAG=True | float16"]
 
 
+def test_a_bucket_s_config_is_never_launched_where_it_does_not_fit(kernel, monkeypatch):
+    """Fit rules read the exact call (a size the bucket rounds, a stride): a config chosen earlier
+    for the bucket that they drop for this launch is not launched; the fitting ones are timed."""
+    monkeypatch.setattr(kernel, "early_config_prune",
+                        lambda configs, named_args, **kw: [c for c in configs[1:] if c is not FAST or named_args["M"] <= 100])
+    assert launch(kernel, 100) == as_launched(FAST)
+    assert launch(kernel, 120) == as_launched(CONFIGS[3])  # bucket 128 chose FAST, which 120 rows cannot run
+    assert kernel.timed == [*CONFIGS[1:], CONFIGS[1], CONFIGS[3]]
+
+
 def test_autotune_off_launches_the_first_fitting_config_untimed(kernel, monkeypatch):
-    monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "0")
+    monkeypatch.setenv(_tuning.AUTOTUNE_ENV, " 0\n")  # spaces around it (an env file) are free, as in every setting
     assert launch(kernel, 100, flag=True) == as_launched(CONFIGS[1])  # CONFIGS[0] pruned
     assert launch(kernel, 100, flag=False) == as_launched(CONFIGS[0])
     assert kernel.timed == []
@@ -111,6 +122,8 @@ def test_single_candidate_is_not_timed(kernel, monkeypatch):
 
 
 def test_every_kernel_buckets_rows_and_key_lengths():
+    with pytest.raises(ValueError, match=r"buckets \['rows'\] are not in the autotune key \['M', 'N', 'FLAG'\]"):
+        _tuning.TunedKernel(StandIn(), CONFIGS, CONFIGS, key=["M", "N", "FLAG"], buckets=("rows",))  # M unbucketed
     kernels = {k.name: k for k in _tuning.TUNED_KERNELS if k.base_fn.__module__.startswith("deco_ops.kernels")}
     assert len(kernels) == 12  # 9 + the attention weights kernel + the TMA GEMM + the TMA attention forward
     for name, k in kernels.items():
@@ -148,7 +161,7 @@ def fresh(kernel, monkeypatch):
 def test_table_round_trip_launches_its_config_untimed(kernel, table_file, monkeypatch):
     table = tuning_tables.read(table_file)
     entry = table["kernels"]["stand_in_kernel"]["M=128 N=4096 FLAG=True | float16"]
-    assert entry["config"] == _tuning.config_dict(FAST)
+    assert entry["config"] == _tuning.config_dict(FAST) == {"kwargs": {"BLOCK": 32}, "num_warps": 4, "num_stages": 2}
     assert entry["timings_ms"][_tuning.config_label(FAST)] == 0.1
     k = fresh(kernel, monkeypatch)
     assert launch(k, 77) == as_launched(FAST)  # bucket 128 is in the table
@@ -202,7 +215,9 @@ def test_no_table_and_table_strategies_preloaded(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     monkeypatch.setattr(tuning_tables, "_tables", {})
     monkeypatch.setenv(tuning_tables.ENV_VAR, "none")
-    assert tuning_tables.lookup("pool_gemm_kernel", torch.device("cuda", 0), "M=1") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no table is no table of another triton: nothing to warn about
+        assert tuning_tables.lookup("pool_gemm_kernel", torch.device("cuda", 0), "M=1") is None
     monkeypatch.setenv(tuning_tables.ENV_VAR, " None ")  # the setting's spelling, as every variable's, is free
     assert tuning_tables.table_path("Fake GPU") is None
     preloaded = []
@@ -219,6 +234,11 @@ def test_no_table_and_table_strategies_preloaded(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning_tables, "_tables", {})
     with pytest.raises(ValueError, match="not a deco_ops tuning table"):
         tuning_tables.load(torch.device("cuda", 0))
+    monkeypatch.delenv(tuning_tables.ENV_VAR)  # a GPU no table was shipped for: no table, no error
+    monkeypatch.setattr(tuning_tables, "TABLE_DIR", tmp_path / "shipped")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tuning_tables.load_named("Fake GPU") == {} and tuning_tables.read(tmp_path / "t2.json") == {}
 
 
 def test_output_path_names_the_gpu(tmp_path):
@@ -238,6 +258,9 @@ def test_tune_dry_run_lists_ops_buckets_and_candidates(capsys):
     assert "cross_attention_fwd_kernel  [M=32 N=512 BLOCK_D=64" in out
     assert "cross_attention_bwd_single_pass_kernel  [M=32 N=512" in out
     assert "5 candidates (timed):\n      BLOCK_M=128,BLOCK_N=128,BLOCK_K=64,GROUP_M=8,w8,s2" in out
+    # pruned as for an H100 on a CPU: BLIP-2's forward keeps its 64x128 tile, which an A100 (sm_80) cannot fit
+    forward = out.split("  cross_attention_fwd_kernel  [M=32 N=512")[1].split("  cross_attention_bwd")[0]
+    assert "]  7 candidates (timed):" in forward and "      BLOCK_M=64,BLOCK_N=128,w4,s3\n" in forward
 
 
 def test_tune_dry_run_plans_every_kind_of_named_shape(capsys):
@@ -254,6 +277,7 @@ def test_tune_dry_run_plans_every_kind_of_named_shape(capsys):
     for name in kinds.values():
         assert f"\n{name}  " in f"\n{out}", name
     assert "merge_gemm_kernel  [" in out
+    assert "PACKED=True MODE=0 INPUT_PRECISION=tf32 | bfloat16" in out and "]  1 candidates (single candidate, not timed):" in out
 
 
 def test_shape_spec_gives_each_kind_and_names_what_is_wrong():
@@ -331,6 +355,34 @@ def test_a_tuned_shape_runs_inference_then_trained_weights_then_its_tokens_too()
     assert all(t.grad is not None and t.grad.isfinite().all() for t in work.leaves)
 
 
+def test_tuned_attention_and_merge_shapes_run_as_their_models_do():
+    """An attention shape runs its shared queries (one set for the batch) over its ``kv_lens``, then
+    with q, k and v all needing a gradient; a merge shape with a pre-merge LayerNorm runs its norm's
+    weight and bias, trained beside the MLP's weights, then its tokens too."""
+    from harness import assert_close
+
+    from deco_ops import reference_attention
+
+    spec = "cross_attention:name=a,batch=2,M=3,N=5,heads=1,head_dim=8,shared_q=true,kv_lens=5x2"
+    attention = tune.workload(shapes.parse(spec), torch.device("cpu"), torch.float32)
+    q, k, v = attention.leaves
+    assert q.shape == (1, 3, 1, 8) and k.shape == v.shape == (2, 5, 1, 8)
+    ref = reference_attention.attention_dense(q.double().expand(2, -1, -1, -1), k.double(), v.double(),
+                                              kv_lens=torch.tensor([5, 2]))
+    assert_close(attention.forward(), ref, torch.float32)
+    spec = ("merge_mlp:name=m,batch=1,grid=4x4,in_features=3,hidden=8,out_features=5,order=block,norm=layernorm,"
+            "norm_position=pre,eps=1e-5")
+    merge = tune.workload(shapes.parse(spec), torch.device("cpu"), torch.float32)
+    assert [tuple(t.shape) for t in merge.leaves] == [(8, 12), (8,), (5, 8), (5,), (3,), (3,), (16, 3)]
+    for work, trained in ((attention, 3), (merge, 6)):
+        forward, seen = work.forward, []
+        work.forward = lambda forward=forward, work=work: seen.append([t.requires_grad for t in work.leaves]) or forward()
+        work.run()
+        n = len(work.leaves)
+        assert seen == [[False] * n, [True] * trained + [False] * (n - trained), [True] * n][:len(work.grad_sets)], work.op
+        assert all(t.grad is not None and t.grad.isfinite().all() for t in work.leaves), work.op
+
+
 @pytest.mark.parametrize("where", ["missing.json", "."])
 def test_a_table_named_but_not_there_raises_naming_the_variable(where, tmp_path, monkeypatch):
     """``DECO_OPS_TUNING_TABLE`` naming no file (a typo, a directory) raises where the table is
@@ -386,11 +438,14 @@ def test_extending_a_table_keeps_its_entries_and_replaces_what_was_measured_agai
                                   "other_kernel": {"M=1 | float16": other}}
     assert written["strategies"] == {key: "fused", key.replace("rows=1", "rows=2"): "fused"}
     assert written["shapes"] == ["new", "old"]
+    assert (written["device"], written["capability"], written["triton"]) == ("Fake GPU", [9, 0], triton.__version__)
     assert tune._ms([0.4, 0.3, 0.6]) == 0.4 and tune._ms(0.25) == 0.25 and tune._ms([math.inf] * 3) is None
 
 
 @pytest.mark.parametrize("text,problem", [
     ('{"format": 1, "triton": "3.6.0", ', "not valid JSON"),
+    ('["format", 1]', "not a deco_ops tuning table of format 1"),
+    ('{"kernels": {}, "strategies": {}}', "not a deco_ops tuning table of format 1"),
     ('{"format": 1, "strategies": ["x"]}', "its 'strategies' must be an object"),
     ('{"format": 1, "kernels": 3}', "its 'kernels' must be an object"),
     ('{"format": 1, "triton": 3.9}', "its 'triton' must be a string, got 3.9"),
@@ -399,15 +454,18 @@ def test_extending_a_table_keeps_its_entries_and_replaces_what_was_measured_agai
     ('{"format": 1, "kernels": {"k": {"M=1 | float16": {"ms": 1.0}}}}', "its kernels['k'] must map bucket labels"),
     ('{"format": 1, "triton": "%s", "strategies": {"a|b": "fused"}}' % triton.__version__, "'a|b' is not a strategy key"),
 ])
-@pytest.mark.parametrize("named", [True, False])
+@pytest.mark.parametrize("named", [True, False, None], ids=["named", "unset", "blank"])
 def test_a_bad_table_raises_naming_the_file_and_the_variable(text, problem, named, tmp_path, monkeypatch):
     """A table that is no deco_ops table raises a ValueError that names the file, and
-    ``DECO_OPS_TUNING_TABLE`` where the variable named it, with what is wrong."""
+    ``DECO_OPS_TUNING_TABLE`` where the variable named it (not where it is unset or blank: the
+    shipped table), with what is wrong."""
     path = tmp_path / tuning_tables.file_name("Fake GPU")
     path.write_text(text)
     monkeypatch.setattr(tuning_tables, "_tables", {})
     monkeypatch.setattr(tuning_tables, "TABLE_DIR", tmp_path)
-    if named:
+    if named is None:
+        monkeypatch.setenv(tuning_tables.ENV_VAR, " ")
+    elif named:
         monkeypatch.setenv(tuning_tables.ENV_VAR, str(path))
     else:
         monkeypatch.delenv(tuning_tables.ENV_VAR, raising=False)
@@ -415,7 +473,7 @@ def test_a_bad_table_raises_naming_the_file_and_the_variable(text, problem, name
         tuning_tables.load_named("Fake GPU")
     message = str(raised.value)
     assert str(path) in message and problem in message
-    assert message.startswith(f"{tuning_tables.ENV_VAR}: ") is named
+    assert message.startswith(f"{tuning_tables.ENV_VAR}: ") is bool(named)
 
 
 def test_interpreter_switch_is_read_as_triton_reads_it(monkeypatch):
