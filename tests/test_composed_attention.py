@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import deco_ops
+from deco_ops import attention, strategy
 from deco_ops import composed_attention as ca
-from deco_ops import strategy
 from harness import assert_close, randn
 from test_cross_attention import _case, _check, _reference, _run
 
@@ -41,16 +41,31 @@ def test_which_kernels_apply(hopper, monkeypatch):
     assert ca.kernels(_fake_q(D=72), False, 0.0) == ALL_CUDA
     assert ca.kernels(_fake_q(D=160), False, 0.0) == ("composed_efficient", "composed_flash")  # cuDNN backward: D <= 128
     assert ca.kernels(_fake_q(D=264), False, 0.0) == ("composed_efficient",)  # flash: D <= 256
+    assert ca.kernels(_fake_q(D=128), False, 0.0) == ALL_CUDA  # each limit itself is in
+    assert ca.kernels(_fake_q(D=256), False, 0.0) == ("composed_efficient", "composed_flash")
     assert ca.kernels(_fake_q(D=36), False, 0.0) == ()  # not a multiple of 8: the fused kernel
     assert ca.kernels(_fake_q(), True, 0.0) == ("composed_efficient",)  # padded keys need the additive mask
     assert ca.kernels(_fake_q(), False, 0.1) == ()  # dropout: our Philox mask, fused only
     assert ca.kernels(_fake_q(dtype=torch.float32, device=torch.device("cpu")), True, 0.0) == ("composed",)
     assert ca.kernels(_fake_q(device=torch.device("cpu")), False, 0.2) == ()
+    # the op's candidates: kv_lens, packed keys and an attn_mask each mask keys (flash and cuDNN would ignore them)
+    mask = object()  # only compared with None
+    runs = dict.fromkeys(ca.KERNELS)
+    assert tuple(attention._composed_candidates(_fake_q(), None, None, None, 0.0, runs)) == ALL_CUDA
+    for masks in ((mask, None, None), (None, mask, None), (None, None, mask)):
+        assert tuple(attention._composed_candidates(_fake_q(), *masks, 0.0, runs)) == ("composed_efficient",), masks
     monkeypatch.setattr(ca, "_HALF_KERNELS", {**ca._HALF_KERNELS, "composed_cudnn": ("_no_such_attention_op", 128)})
     assert ca.kernels(_fake_q(), False, 0.0) == ("composed_efficient", "composed_flash")  # an older torch without the op
     monkeypatch.setattr(ca, "_sm80_or_newer", lambda device: False)
     assert ca.kernels(_fake_q(), False, 0.0) == ("composed_efficient",)
     assert set(ALL_CUDA) | {"composed"} <= set(strategy.CANDIDATES) and ca.CUDA_KERNELS == ALL_CUDA
+
+
+def test_flash_and_cudnn_from_sm80(monkeypatch):
+    """FlashAttention-2 and cuDNN's SDPA run from sm_80 (A100) on."""
+    for capability, newer in (((7, 5), False), ((8, 0), True), ((8, 6), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert ca._sm80_or_newer.__wrapped__(CUDA) is newer, capability  # the function under its cache
 
 
 def test_backward_determinism(monkeypatch):
@@ -116,9 +131,20 @@ def _cpu_backward(dout, q, k, v, out, lse, bias, scale):
                                                                                attn_mask=bias, scale=scale)
 
 
+def _assert_aligned(*tensors, bias=None):
+    """What the memory-efficient kernel requires of its operands ("no kernel found to launch"
+    otherwise): a 16-byte aligned start and strides, a unit stride on the last dim; its mask's rows
+    16-element aligned (``composed_attention``'s docstring)."""
+    for i, t in enumerate((*tensors, bias)):
+        if t is not None:
+            step = 16 if t is bias else 16 // t.element_size()
+            assert t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % step == 0 for s in t.stride()[:-1]), (i, t.stride())
+
+
 def _efficient_forward(q, k, v, bias, cu_q, cu_k, max_q, max_k, dropout_p, mask_type, compute_lse, *, scale):
     """(B, L, H, D) inputs, an expanded (B, H, M, N) bias, LSE padded to 32 queries (NaN past M)."""
     assert (cu_q, cu_k, max_q, max_k, dropout_p, mask_type) == (None, None, None, None, 0.0, 0)
+    _assert_aligned(q, k, v, bias=bias)
     assert bias is None or bias.shape == (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     o, lse = _cpu(*(t.transpose(1, 2) for t in (q, k, v)), bias, scale)
     M = q.shape[1]
@@ -129,6 +155,7 @@ def _efficient_forward(q, k, v, bias, cu_q, cu_k, max_q, max_k, dropout_p, mask_
 
 def _efficient_backward(dout, q, k, v, bias, out, cu_q, cu_k, M, N, lse, dropout_p, seed, offset, mask_type, bias_grad, *, scale):
     assert lse.shape[-1] % 32 == 0 and (cu_q, cu_k, dropout_p, mask_type, bias_grad) == (None, None, 0.0, 0, False)
+    _assert_aligned(dout, q, k, v, out, bias=bias)
     grads = _cpu_backward(*(t.transpose(1, 2) for t in (dout, q, k, v, out)), lse[..., :M].contiguous(), bias, scale)
     return (*(g.transpose(1, 2) for g in grads), None)
 
@@ -206,6 +233,7 @@ def stand_ins(monkeypatch):
 def test_every_backward_follows_every_forward(stand_ins, case):
     *shape, lens = case
     q, k, v, dout, kv_lens = _on_the_cpu(_case(*shape, lens, torch.float32))
+    k = torch.cat((k.new_zeros(1), k.flatten()))[1:].view(k.shape)  # k one element into its buffer: aligned strides, not its start
     kernels = ("composed", "composed_efficient") if lens else ("composed", *ALL_CUDA)
     want = _reference(q, k, v, dout, kv_lens)
     scale = q.shape[-1] ** -0.5

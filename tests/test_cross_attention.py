@@ -13,7 +13,7 @@ import deco_ops
 from deco_ops import attention, reference_attention as reference
 from deco_ops.attention import cross_attention
 from deco_ops.kernels import cross_attention_bwd, cross_attention_fwd
-from harness import DTYPES, assert_close, guarded, head_strided, poisoned_empty, randint, randn
+from harness import DTYPES, assert_close, guarded, head_strided, leaf, poisoned_empty, randint, randn
 
 FWD_KERNELS = [cross_attention_fwd.cross_attention_fwd_kernel, cross_attention_fwd.cross_attention_combine_kernel]
 BWD_KERNELS = [
@@ -131,6 +131,22 @@ def test_zero_length_and_nan_padding(backend):
     assert torch.equal(dk[0], torch.zeros_like(dk[0])) and torch.equal(dv[0], torch.zeros_like(dv[0]))
     assert torch.isfinite(out).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
     torch.testing.assert_close(out[1], v[1, :1].expand(5, -1, -1))
+
+
+def test_weights_gradients_read_infinite_padding_as_zeros():
+    """Keys past kv_lens may hold any garbage, +-inf too: the gradients through the weights (dQ = dS K
+    with dS = 0 there) read them as zeros."""
+    q, k, v, _, kv_lens = _case(2, 1, 3, 6, 2, 8, [6, 4], torch.float32, seed=9)
+    k = k.nan_to_num(nan=float("inf"))
+    leaves = [leaf(t) for t in (q, k)]
+    with deco_ops.use_backend("auto"):
+        _, weights = cross_attention(*leaves, v, kv_lens=kv_lens, need_weights=True)
+    dw = randn(*weights.shape, generator=torch.Generator().manual_seed(10))
+    refs = [leaf(t, torch.float64) for t in (q, k.nan_to_num(posinf=0.0))]
+    scores = torch.einsum("bmhd,bnhd->bhmn", refs[0].expand(2, -1, -1, -1), refs[1]) * 8**-0.5
+    p = torch.softmax(scores.masked_fill(torch.arange(6) >= kv_lens[:, None, None, None], -math.inf), -1).mean(1)
+    for name, got, want in zip(("dq", "dk"), torch.autograd.grad(weights, leaves, dw), torch.autograd.grad(p, refs, dw.double())):
+        assert_close(got, want, torch.float32, name)
 
 
 @pytest.mark.parametrize("Bq,lens,masked,strided", [
@@ -265,11 +281,12 @@ def test_dropout_same_mask_on_both_backends(single_pass):
 def test_chunked_reference_past_one_chunk(dropout_p):
     """The PyTorch backend's chunked online softmax (strategy ``fused``: the path every CPU call with
     dropout takes) over more keys than one chunk (``reference.CHUNK``), the later keys scored highest
-    so the running maximum grows between chunks (the sum and the output must be rescaled): output and
-    gradients against float64 softmax attention; under dropout with the kernels' mask at every key
-    (``reference.dropout_keep`` with the call's (seed, offset), counted over all N keys)."""
-    B, M, H, N = 2, 3, 2, reference.CHUNK + 37
-    q, k, v, dout, kv_lens = _case(B, 1, M, N, H, 8, [N, reference.CHUNK + 5], torch.float32, seed=2)
+    so the running maximum grows between chunks (the sum and the output must be rescaled), and a batch
+    entry without keys (zeros): output and gradients against float64 softmax attention; under
+    dropout with the kernels' mask at every key (``reference.dropout_keep`` with the call's (seed,
+    offset), counted over all N keys)."""
+    B, M, H, N = 3, 3, 2, reference.CHUNK + 37
+    q, k, v, dout, kv_lens = _case(B, 1, M, N, H, 8, [N, reference.CHUNK + 5, 0], torch.float32, seed=2)
     k[:, reference.CHUNK:] *= 4
     rng = torch.tensor([2**40 + 3, 2**20 + 11])
     keep = None
@@ -372,6 +389,45 @@ def test_packed_keys_filling_k(backend):
     with poisoned_empty():
         _, weights = cross_attention(q, k, v, cu_seqlens_k=cu, need_weights=True, average_attn_weights=False)
     assert_close(weights, torch.softmax(scores.masked_fill(dropped[:, None, None, :], -math.inf), -1), torch.float32, "weights")
+
+
+def test_packed_keys_with_a_mask_and_weights():
+    """Packed keys on the default backend (each sequence padded to the longest, gradients packed
+    back), against float64 per sequence: dQ alone (frozen keys and values), and with an ``attn_mask``
+    over the longest sequence the output, the per-head weights and the gradients of both."""
+    lens, H, D, M = [5, 2, 3], 2, 8, 3
+    g = torch.Generator().manual_seed(4)
+    q, k, v = randn(1, M, H, D, generator=g), randn(sum(lens), H, D, generator=g), randn(sum(lens), H, D, generator=g)
+    dout = randn(len(lens), M, H, D, generator=g)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    mask = torch.rand(len(lens), 1, M, max(lens), generator=g) > 0.3  # per query x key, over the longest sequence
+    mask[..., 0] = True
+    refs = [leaf(t, torch.float64) for t in (q, k, v)]
+    keys, values = (torch.nn.utils.rnn.pad_sequence(t.split(lens), batch_first=True) for t in refs[1:])
+    padding = torch.arange(max(lens)) >= torch.tensor(lens)[:, None, None, None]
+    scores = torch.einsum("bmhd,bnhd->bhmn", refs[0].expand(len(lens), -1, -1, -1), keys) * D**-0.5
+    q_alone = leaf(q)
+    with deco_ops.use_backend("auto"):
+        (dq,) = torch.autograd.grad(cross_attention(q_alone, k, v, cu_seqlens_k=cu), q_alone, dout)
+        leaves = [leaf(t) for t in (q, k, v)]
+        out, weights = cross_attention(*leaves, cu_seqlens_k=cu, attn_mask=mask, need_weights=True, average_attn_weights=False)
+    unmasked = torch.einsum("bhmn,bnhd->bmhd", torch.softmax(scores.masked_fill(padding, -math.inf), -1), values)
+    assert_close(dq, torch.autograd.grad(unmasked, refs[0], dout.double(), retain_graph=True)[0], torch.float32, "dq alone")
+    p = torch.softmax(scores.masked_fill(~mask | padding, -math.inf), -1)
+    ref = torch.einsum("bhmn,bnhd->bmhd", p, values)
+    dw = randn(*weights.shape, generator=g)
+    grads = torch.autograd.grad((out, weights), leaves, (dout, dw))
+    ref_grads = torch.autograd.grad((ref, p), refs, (dout.double(), dw.double()))
+    for name, got, expected in zip(("out", "weights", "dq", "dk", "dv"), (out, weights, *grads), (ref, p, *ref_grads)):
+        assert_close(got, expected, torch.float32, name)
+
+
+@pytest.mark.parametrize("D", [1, 256])
+def test_head_dims_at_the_limits(D):
+    """Head dims 1 and 256 (``MAX_HEAD_DIM``), the range's ends, are computed, not refused."""
+    q, k, v, dout, kv_lens = _case(2, 1, 3, 5, 1, D, [5, 2], torch.float32, seed=D)
+    with deco_ops.use_backend("torch"):
+        _check(_run(q, k, v, dout, kv_lens), _reference(q, k, v, dout, kv_lens), torch.float32, kv_lens, 5)
 
 
 def test_packed_keys_all_empty(backend):

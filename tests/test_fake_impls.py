@@ -57,6 +57,7 @@ def _attention():
     yield from deco_ops.cross_attention(shared, k, v, attn_mask=keep, need_weights=True, average_attn_weights=False)
     cu = torch.tensor([0, 4, 11], dtype=torch.int32)
     yield from deco_ops.cross_attention(q, k[0], v[0], cu_seqlens_k=cu, need_weights=True)
+    yield deco_ops.cross_attention(*(t.double() for t in (shared, k, v)))  # float64: its statistics too
 
 
 def _merge():

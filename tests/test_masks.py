@@ -112,8 +112,9 @@ def test_attn_mask_with_kv_lens_and_clamped_lengths(backend):
     q, k, v = randn(B, M, H, D, generator=g), randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
     mask = torch.rand(B, 1, M, N, generator=g) > 0.3
     k[2, 17:], v[2, 17:] = float("nan"), float("nan")  # padding past kv_lens is never read
-    # int64 lengths past int32's range clamp to N too (a cast alone wraps 2**31 to a negative length, 2**32 + 5 to 5)
-    for lens in (torch.tensor([50, -3, 17]), torch.tensor([2**31, -2**40, 17]), torch.tensor([2**32 + 5, -3, 17])):
+    # int64 lengths past int32's range clamp to N or 0 too (a cast alone wraps 2**31 to a negative length, 2**32 + 5
+    # and -2**32 + 5 to 5)
+    for lens in (torch.tensor([50, -3, 17]), torch.tensor([2**31, -2**40, 17]), torch.tensor([2**32 + 5, -2**32 + 5, 17])):
         valid = torch.arange(N)[None, :] < lens.clamp(0, N)[:, None]
         bias = _additive(mask).masked_fill(~valid[:, None, None, :], NEG).expand(B, H, M, N)
         ref, _ = _softmax_reference(q, k.nan_to_num(), v.nan_to_num(), bias)

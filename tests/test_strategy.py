@@ -372,6 +372,9 @@ def test_ops_measure_once_per_key(cache_dir, monkeypatch):
         assert len(timed) == 6
         key = f"cross_attention|cpu|float32|batch=4,M=8,N=16,H=2,D=16,q=shared,mask=lens|infer|any|{strategy.versions()}"
         assert strategy.choices()[key] == "composed"
+        deco_ops.cross_attention(q, k, k, kv_lens=torch.tensor([9, 0, 4]), attn_mask=torch.ones(9, dtype=torch.bool))
+        assert len(timed) == 8  # a mask is another key
+        assert strategy.choices()[key.replace("mask=lens", "mask=lens+bias")] == "composed"
 
 
 def test_cuda_unpooling_by_aten_is_not_deterministic(monkeypatch):
