@@ -21,6 +21,7 @@ import contextlib
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._device import _device_constructors
 
 TOL = {
@@ -237,3 +238,11 @@ def saved_bytes(fn, params) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
+
+
+class PassThrough(TorchDispatchMode):
+    """A dispatch mode that changes nothing (as profilers' and debuggers' modes, a FLOP counter):
+    under it a call is not plain eager and goes through ``torch.ops.deco``."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))

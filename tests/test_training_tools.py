@@ -12,11 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import deco_ops
-from harness import DEVICE, assert_close, randn
+from harness import DEVICE, PassThrough, assert_close, randn
 
 GRID, OUT_GRID, C = (4, 4), (2, 2), 16
 
@@ -266,14 +265,6 @@ def _regions_ending_in_a_torch_op():
     }
 
 
-class _PassThrough(TorchDispatchMode):
-    """A dispatch mode that changes nothing (as profilers' and debuggers' modes, a FLOP counter):
-    under it a call is not plain eager and goes through ``torch.ops.deco``."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton kernels on CPU tensors (the interpreter) against the PyTorch path")
 @pytest.mark.parametrize("mode", ["plain", "dispatch_mode"])
 @pytest.mark.parametrize("determinism_check", ["default", "none"])
@@ -295,7 +286,7 @@ def test_checkpoint_recomputes_under_the_forward_s_settings(name, forward_backen
     grads = []
     for checkpointed in (False, True):
         leaves = [t.clone().requires_grad_(True) for t in inputs]
-        with deco_ops.use_backend(forward_backend), _PassThrough() if mode == "dispatch_mode" else contextlib.nullcontext():
+        with deco_ops.use_backend(forward_backend), PassThrough() if mode == "dispatch_mode" else contextlib.nullcontext():
             out = checkpoint(fn, *leaves, use_reentrant=False, determinism_check=determinism_check) if checkpointed else fn(*leaves)
         with deco_ops.use_backend(backward_backend):
             grads.append(torch.autograd.grad(out.square().sum(), leaves))
