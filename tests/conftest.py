@@ -22,6 +22,11 @@ for name, value in suite_env(DEVICE).items():
     os.environ.setdefault(name, value)
 
 import deco_ops  # noqa: E402  (switches the interpreter on before any kernel is decorated)
+import interpreter_speed  # noqa: E402
+from deco_ops import _backend  # noqa: E402
+
+if _backend.interpreting():
+    interpreter_speed.install()
 
 if DEVICE.type == "cuda":
     # Tensors the tests create without a device (at collection time too) land on the GPU.
