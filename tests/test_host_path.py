@@ -127,21 +127,22 @@ class _SeesOps(TorchDispatchMode):
 
 
 def _variants(x, w):
-    """(name, arguments, whether their signature is (x, w, (4, 4), 0.5)'s) for ``Plans.get``."""
-    yield "same", (x, w, (4, 4), 0.5), True
-    yield "strides", (torch.cat([x, x], 1)[:, :4], w, (4, 4), 0.5), True  # the other strides are not part of a signature
-    yield "last stride", (x.t().contiguous().t(), w, (4, 4), 0.5), False  # whether the last is 1 is
-    yield "dtype", (x.double(), w, (4, 4), 0.5), False
-    yield "shape", (x[:, :2], w, (4, 4), 0.5), False
-    yield "requires_grad", (x.clone().requires_grad_(True), w, (4, 4), 0.5), False
-    yield "parameter", (torch.nn.Parameter(x.clone()), w, (4, 4), 0.5), False
-    yield "none for a tensor", (x, None, (4, 4), 0.5), False
-    yield "tensor for a value", (x, w, (4, 4), torch.tensor(0.5)), False
-    yield "item type", (x, w, (4, 4.0), 0.5), False
-    yield "bool for an int", (x, w, (True, 4), 0.5), False
-    yield "list for a tuple", (x, w, [4, 4], 0.5), False
+    """(name, arguments, whether their signature is (x, w, (4, 4), 1.0)'s) for ``Plans.get``; ``1 == 1.0``
+    and ``hash(1) == hash(1.0)``: only the value's type tells them apart."""
+    yield "same", (x, w, (4, 4), 1.0), True
+    yield "strides", (torch.cat([x, x], 1)[:, :4], w, (4, 4), 1.0), True  # the other strides are not part of a signature
+    yield "last stride", (x.t().contiguous().t(), w, (4, 4), 1.0), False  # whether the last is 1 is
+    yield "dtype", (x.double(), w, (4, 4), 1.0), False
+    yield "shape", (x[:, :2], w, (4, 4), 1.0), False
+    yield "requires_grad", (x.clone().requires_grad_(True), w, (4, 4), 1.0), False
+    yield "parameter", (torch.nn.Parameter(x.clone()), w, (4, 4), 1.0), False
+    yield "none for a tensor", (x, None, (4, 4), 1.0), False
+    yield "tensor for a value", (x, w, (4, 4), torch.tensor(1.0)), False
+    yield "item type", (x, w, (4, 4.0), 1.0), False
+    yield "bool for an int", (x, w, (True, 4), 1.0), False
+    yield "list for a tuple", (x, w, [4, 4], 1.0), False
     yield "value", (x, w, (4, 4), 0.25), False
-    yield "int for a float", (x, w, (4, 4), 1), False
+    yield "int for a float", (x, w, (4, 4), 1), False  # equal and hashed alike: the type tells
 
 
 @pytest.mark.parametrize("variant", [name for name, _, _ in _variants(torch.ones(3, 4), torch.ones(4))])
@@ -154,7 +155,7 @@ def test_the_last_signatures_are_checked_as_their_key_is(variant):
     _, args, same = next(v for v in _variants(x, w) if v[0] == variant)
     built = []
     plans = _plan.Plans(lambda *a: built.append(a) or len(built))
-    base, third = (x, w, (4, 4), 0.5), (x[:1], w, (4, 4), 0.5)
+    base, third = (x, w, (4, 4), 1.0), (x[:1], w, (4, 4), 1.0)
     assert plans.get(*base) == 1 and plans.get(*base) == 1
     assert plans.get(*args) == (1 if same else 2)  # checked against the last call's signature
     assert plans.get(*base) == 1  # the second slot, or the first
@@ -182,8 +183,8 @@ def test_a_list_changed_in_place_is_another_signature(default_path):
 
 
 def test_the_last_signatures_include_the_global_state(default_path):
-    """Grad mode, a strategy or backend block, autocast, a dispatch mode: the last calls' plans are
-    not reused (a new plan, or the full path: None)."""
+    """Grad mode, a strategy or backend block, autocast, a dispatch mode, ``unplanned``: the last
+    calls' plans are not reused (a new plan, or the full path: None)."""
     x = torch.randn(3, 4)
     plans = _plan.Plans(lambda *a: object())
     planned = plans.get(x, (4, 4))
@@ -195,6 +196,8 @@ def test_the_last_signatures_include_the_global_state(default_path):
     with deco_ops.use_backend("torch"):
         assert plans.get(x, (4, 4)) not in (planned, None)
     assert plans.get(x, (4, 4)) is planned
+    with _plan.unplanned():  # every call takes its full path
+        assert plans.get(x, (4, 4)) is None
     with torch.autocast("cpu"):
         assert plans.get(x, (4, 4)) is None
     with _SeesOps():
@@ -239,6 +242,25 @@ def test_settings_are_part_of_the_signature(default_path, monkeypatch):
             assert kernel.call_count == 1
 
 
+def test_environment_variables_are_part_of_the_signature(user_settings, monkeypatch):
+    """``DECO_OPS_BACKEND`` and ``TRITON_INTERPRET`` changed after a call was planned are read
+    again, as on a first call: a bad backend raises, and so does the triton backend on CPU tensors
+    once the interpreter is off (a plan holds neither)."""
+    inputs = _projector_inputs()
+    _pool_mlp(*inputs)
+    monkeypatch.setenv(_backend.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="DECO_OPS_BACKEND must be one of"):
+        _pool_mlp(*inputs)
+    if DEVICE.type != "cpu" or not _backend.interpreting():
+        return
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    monkeypatch.setenv(strategy.ENV_VAR, "fused")  # the kernels, untimed
+    _pool_mlp(*inputs)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs Triton's interpreter"):
+        _pool_mlp(*inputs)
+
+
 def test_deterministic_mode_and_autocast_are_not_reused(monkeypatch):
     x = torch.randn(2, 3)
     key = _plan.signature((x, (4, 4)))
@@ -274,7 +296,13 @@ def test_plans_are_bounded_and_hold_no_tensor(default_path, monkeypatch):
     x, *params = _projector_inputs()
     for batch in range(1, 6):
         _pool_mlp(x.expand(batch, -1, -1), *params)
-    assert len(projector._pool_mlp_plans._plans) == 3
+    plans = projector._pool_mlp_plans
+    assert len(plans._plans) == 3
+    with mock.patch.object(plans, "_build", wraps=plans._build) as build:  # the oldest went first: batch 3 kept, 1 built again
+        _pool_mlp(x.expand(3, -1, -1), *params)
+        assert build.call_count == 0
+        _pool_mlp(x.expand(1, -1, -1), *params)
+        assert build.call_count == 1
     x = torch.randn(7, 16, 16, device=DEVICE)
     alive = weakref.ref(x)
     _pool_mlp(x, *params)

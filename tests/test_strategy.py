@@ -56,6 +56,8 @@ def test_env_var_and_context_manager(monkeypatch):
         strategy.selected()
     with pytest.raises(ValueError, match="strategy must be one of"), deco_ops.use_strategy("cublas"):
         pass
+    with pytest.raises(ValueError, match="a setting named 'strategy' exists already"):  # its blocks would replace use_strategy's
+        _setting.Setting("DECO_OPS_OTHER", ("auto",), "strategy")
 
 
 @pytest.mark.parametrize("env", [None, "auto"])

@@ -6,6 +6,7 @@ Triton's own ``Autotuner.run`` with its timer (``do_bench``) replaced by a fake 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -243,6 +244,7 @@ def test_no_table_and_table_strategies_preloaded(tmp_path, monkeypatch):
 
 def test_output_path_names_the_gpu(tmp_path):
     assert tuning_tables.file_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3.json"
+    assert tuning_tables.file_name(" Fake GPU 1.5 (PCIe) ") == "Fake_GPU_1.5_PCIe.json"
     assert tune.output_path(tmp_path, "NVIDIA H100 80GB HBM3") == tmp_path / "NVIDIA_H100_80GB_HBM3.json"
     assert tune.output_path(tmp_path / "t.json", "x") == tmp_path / "t.json"
     assert tune.output_path(None, "A100").parent == tuning_tables.TABLE_DIR
@@ -504,6 +506,10 @@ def test_interpreter_switch_keeps_a_triton_interpret_the_caller_set(monkeypatch)
     deco_ops._backend._switch_on_interpreter()
     assert os.environ["TRITON_INTERPRET"] == "0"
     monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # never with a GPU: its tensors run compiled
+    deco_ops._backend._switch_on_interpreter()
+    assert "TRITON_INTERPRET" not in os.environ
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     deco_ops._backend._switch_on_interpreter()
     assert os.environ["TRITON_INTERPRET"] == "1"
 
@@ -545,7 +551,8 @@ def test_a_launch_no_config_fits_raises_naming_the_kernel(kernel, monkeypatch):
 
 def test_a_table_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """``tuning_tables.write`` replaces the file atomically: a write that fails half-way (a tuning
-    run killed) leaves the previous table readable and no temporary file beside it."""
+    run killed) leaves the previous table readable and no temporary file beside it. A rewrite keeps
+    the file's mode; a new file, in a folder made for it, gets the mode ``open()`` gives (``_files``)."""
     path = tmp_path / "table.json"
     table = {"format": tuning_tables.FORMAT, "triton": triton.__version__, "kernels": {}, "strategies": {}}
     tuning_tables.write(table, path)
@@ -559,6 +566,12 @@ def test_a_table_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         tuning_tables.write({**table, "kernels": {"k": {}}}, path)
     monkeypatch.undo()
     assert tuning_tables.read(path) == table and [p.name for p in tmp_path.iterdir()] == ["table.json"]
-    path.chmod(0o644)  # a table shared between users stays readable to them once rewritten
-    tuning_tables.write(table, path)
-    assert path.stat().st_mode & 0o777 == 0o644
+    for mode in (0o644, 0o600):  # a table shared between users stays readable to them once rewritten, a private one private
+        path.chmod(mode)
+        tuning_tables.write(table, path)
+        assert path.stat().st_mode & 0o777 == mode
+    assert path.read_text() == json.dumps(table, indent=1, sort_keys=True) + "\n"
+    new = tmp_path / "new" / "table.json"  # a new file in a new folder (``tune --output``) gets open()'s mode
+    tuning_tables.write(table, new)
+    (tmp_path / "plain").open("w").close()
+    assert new.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
