@@ -101,15 +101,18 @@ def test_double_backward_through_the_direct_path():
 def _func_cases():
     g = torch.Generator().manual_seed(11)
     w1, w2 = torch.randn(12, 8, generator=g), torch.randn(6, 12, generator=g)
+    x_w2 = torch.randn(2, 16, 8, generator=g)
     k, v = torch.randn(2, 5, 2, 8, generator=g), torch.randn(2, 5, 2, 8, generator=g)
     return [
         ("pool", lambda x: deco_ops.adaptive_avg_pool_tokens(x, (4, 4), (2, 2)), torch.randn(2, 16, 8, generator=g)),
         ("pool_mlp", lambda x: deco_ops.pool_mlp(x, w1, None, w2, None, grid=(4, 4), out_grid=(2, 2)), torch.randn(2, 16, 8, generator=g)),
+        # the differentiated input after a None (b1): every tensor argument is looked at, not those before the first non-tensor
+        ("pool_mlp_w2", lambda w: deco_ops.pool_mlp(x_w2, w1, None, w, None, grid=(4, 4), out_grid=(2, 2)), w2.clone()),
         ("cross_attention", lambda q: deco_ops.cross_attention(q, k, v), torch.randn(2, 3, 2, 8, generator=g)),
     ]
 
 
-@pytest.mark.parametrize("case", ["pool", "pool_mlp", "cross_attention"])
+@pytest.mark.parametrize("case", ["pool", "pool_mlp", "pool_mlp_w2", "cross_attention"])
 def test_torch_func_autodiff_is_refused_and_vmap_works(case):
     """torch.func's grad and jvp transforms of a deco op's input are refused with an error that names
     them (PyTorch would hand back zero tangents under jvp, silently); vmap runs the op per sample,

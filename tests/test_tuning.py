@@ -512,6 +512,10 @@ def test_interpreter_switch_keeps_a_triton_interpret_the_caller_set(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     deco_ops._backend._switch_on_interpreter()
     assert os.environ["TRITON_INTERPRET"] == "1"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("DECO_OPS_BACKEND")  # the default backend (auto) asks for no interpreter
+    deco_ops._backend._switch_on_interpreter()
+    assert "TRITON_INTERPRET" not in os.environ
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is switched on only without a GPU")

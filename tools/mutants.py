@@ -2254,4 +2254,13 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("setting_duplicate_name_allowed", "deco_ops/_setting.py", "if what in _OVERRIDES:  # ``_override`` finds", "if False:  # ``_override`` finds",
            ("tests/test_strategy.py", "-k", "env_var_and_context"),
            "a second setting of an existing name replaces the first's overrides: use_strategy blocks read another ContextVar"),
+    Mutant("func_refusal_stops_at_a_none", "deco_ops/_direct.py",
+           "        if not isinstance(a, torch.Tensor):\n            continue\n        inner = a",
+           "        if not isinstance(a, torch.Tensor):\n            break\n        inner = a",
+           ("tests/test_direct.py", "-k", "torch_func"),
+           "torch.func's grad/jvp of an input after a None argument (w2 after b1=None) not refused: an internal error, or a zero tangent"),
+    Mutant("interpreter_switched_on_by_default", "deco_ops/_backend.py",
+           'os.environ.get(ENV_VAR, "auto").strip().lower() != "triton"', 'os.environ.get(ENV_VAR, "triton").strip().lower() != "triton"',
+           ("tests/test_tuning.py", "-k", "keeps_a_triton_interpret"),
+           "an unset DECO_OPS_BACKEND switches Triton's interpreter on in every CPU-only process that imports deco_ops"),
 )
