@@ -291,6 +291,23 @@ def test_strategy_decisions_drop_the_plans(default_path):
     assert build.call_count == 1
 
 
+def test_a_build_that_drops_the_plans_leaves_none_of_before():
+    """A plan's build may drop every plan (its strategy choice loads a tuning table, whose decisions
+    ``strategy.preload`` hands over): the signature before it is built again, not answered from the
+    last signatures as they were before the drop."""
+    x = torch.randn(3, 4)
+    built = []
+
+    def build(x, grid):
+        built.append(grid)
+        if grid == (2, 8):
+            strategy.preload({})
+        return len(built)
+
+    plans = _plan.Plans(build)
+    assert [plans.get(x, (4, 4)), plans.get(x, (4, 4)), plans.get(x, (2, 8)), plans.get(x, (4, 4))] == [1, 1, 2, 3]
+
+
 def test_plans_are_bounded_and_hold_no_tensor(default_path, monkeypatch):
     monkeypatch.setattr(_plan, "MAX_PLANS", 3)
     x, *params = _projector_inputs()

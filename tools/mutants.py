@@ -2263,4 +2263,8 @@ MUTANTS: tuple[Mutant, ...] = (
            'os.environ.get(ENV_VAR, "auto").strip().lower() != "triton"', 'os.environ.get(ENV_VAR, "triton").strip().lower() != "triton"',
            ("tests/test_tuning.py", "-k", "keeps_a_triton_interpret"),
            "an unset DECO_OPS_BACKEND switches Triton's interpreter on in every CPU-only process that imports deco_ops"),
+    Mutant("plans_stale_recents_after_build", "deco_ops/_plan.py",
+           "        recents = self._recent  # again: the build may have cleared the plans (a strategy decision changed)\n", "",
+           ("tests/test_host_path.py", "-k", "drops_the_plans_leaves"),
+           "a build that dropped every plan (a tuning table's decisions preloaded) keeps the last signatures of before: a stale plan runs"),
 )
