@@ -54,6 +54,7 @@ def _attention():
     keep[..., 0] = True
     lens = torch.tensor([N, 5])
     yield from deco_ops.cross_attention(q, k, v, kv_lens=lens, need_weights=True)
+    yield deco_ops.cross_attention(q.detach(), k, v, kv_lens=lens)  # frozen queries: the backward's dK and dV alone
     yield from deco_ops.cross_attention(shared, k, v, attn_mask=keep, need_weights=True, average_attn_weights=False)
     cu = torch.tensor([0, 4, 11], dtype=torch.int32)
     yield from deco_ops.cross_attention(q, k[0], v[0], cu_seqlens_k=cu, need_weights=True)

@@ -34,9 +34,10 @@ def pixel_shuffle(x, scale):
 
 
 def eager_merge_mlp(x, nw, nb, w1, b1, w2, b2, *, grid=None, merge_size=2, order="block", norm="layernorm",
-                    norm_position="pre", eps=1e-6, activation="gelu"):
+                    norm_position="pre", eps=1e-6, activation="gelu", with_pre=False):
     """The HF modules' sequence in plain PyTorch (differentiable): norm, merge, Linear, act, Linear;
-    the norm's rows cast to the Linears' dtype where it differs (a float32 norm, a 16-bit MLP)."""
+    the norm's rows cast to the Linears' dtype where it differs (a float32 norm, a 16-bit MLP).
+    ``with_pre``: (output, pre-activation), the raw op's two outputs."""
     S, C = merge_size, x.shape[-1]
 
     def normalize(t):
@@ -54,7 +55,9 @@ def eager_merge_mlp(x, nw, nb, w1, b1, w2, b2, *, grid=None, merge_size=2, order
 
     h = merged(normalize(x)) if norm_position == "pre" else normalize(merged(x))
     h = h if torch.is_autocast_enabled(h.device.type) else h.to(w1.dtype)
-    return F.linear(reference.ACTIVATIONS[activation](F.linear(h, w1, b1)), w2, b2)
+    pre = F.linear(h, w1, b1)
+    y = F.linear(reference.ACTIVATIONS[activation](pre), w2, b2)
+    return (y, pre) if with_pre else y
 
 
 def _case(dtype, *, B=2, N=24, C=12, hidden=40, out=24, merge_size=2, norm="layernorm", norm_position="pre",
@@ -134,16 +137,19 @@ def test_merge_mlp_float64(order, norm, position):
                norm_position=position, eps=1e-5)
 
 
-@pytest.mark.parametrize("requires", [set(s) for r in range(5) for s in itertools.combinations(("x", "norm_weight", "norm_bias", "w1"), r)],
-                         ids=lambda s: "+".join(sorted(s)) or "only_b1_w2_b2")
+@pytest.mark.parametrize("requires", [
+    *(pytest.param(set(s) | {"b1", "w2", "b2"}, id="+".join(sorted(s)) or "only_b1_w2_b2")
+      for r in range(5) for s in itertools.combinations(("x", "norm_weight", "norm_bias", "w1"), r)),
+    pytest.param({"b1", "b2"}, id="biases_alone"),
+])
 def test_every_subset_requiring_grad(requires):
     """Each subset of the inputs whose gradients the norm backward kernel serves (its NEED_DX /
     NEED_DWN / NEED_DBN / STORE_N flags), b1, w2 and b2 requiring grad (plain reductions and cuBLAS
-    GEMMs); the frozen ones get no gradient."""
+    GEMMs); and the biases alone under frozen weights (each bias's gradient by its own flag, not
+    its weight's); the frozen ones get no gradient."""
     params, dy = _case(torch.float32, B=1, N=8, C=8, hidden=16, out=8, norm_position="post", merge_size=1)
     with deco_ops.use_backend("triton"):
-        _check(params, dy, torch.float32, requires=requires | {"b1", "w2", "b2"}, grid=(2, 4), order="grid",
-               norm_position="post", merge_size=1)
+        _check(params, dy, torch.float32, requires=requires, grid=(2, 4), order="grid", norm_position="post", merge_size=1)
 
 
 @pytest.mark.parametrize("norm,present", [("layernorm", (False, True, True, True)), ("layernorm", (True, False, True, True)),
@@ -554,11 +560,42 @@ def test_frozen_tokens_and_first_layer_save_no_tokens():
     assert saved and not any(t.data_ptr() == x.data_ptr() for t in saved)
 
 
+@pytest.mark.parametrize("strategy", ["fused", "composed"])
+def test_gradient_of_the_pre_activation_output_joins_db1(strategy):
+    """deco::merge_mlp's residual output, the pre-activation, is differentiable too (anyone calling
+    ``torch.ops.deco`` directly may put a loss on it): its gradient joins dz after the activation
+    backward, so db1 is summed from the total, not taken from the pass, and every gradient below
+    the activation sees it; against float64 eager."""
+    params, dy = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8)
+    dpre = randn(4, 16, generator=torch.Generator().manual_seed(9))
+    leaves = [leaf(p) for p in params]
+    with deco_ops.use_backend("triton"), deco_ops.use_strategy(strategy), poisoned_empty():
+        y, pre = torch.ops.deco.merge_mlp(*leaves, None, [], 2, "block", "layernorm", True, 1e-6, "gelu", True)
+        ((y * dy).sum() + (pre * dpre).sum()).backward()
+    ref = [leaf(p, torch.float64) for p in params]
+    y64, pre64 = eager_merge_mlp(*ref, with_pre=True)
+    ((y64 * dy.double()).sum() + (pre64[0] * dpre.double()).sum()).backward()
+    for name, got, want in zip(NAMES, leaves, ref):
+        assert_close(got.grad, want.grad, torch.float32, f"grad {name}")
+
+
 def test_inference_keeps_no_residuals():
     params, _ = _case(torch.float32)
     with torch.no_grad(), deco_ops.use_backend("triton"):
         y, pre = torch.ops.deco.merge_mlp(*params, None, [], 2, "block", "layernorm", True, 1e-6, "gelu", False)
     assert pre.numel() == 0 and y.shape == (2, 6, 24)
+
+
+def test_backward_without_the_residual_is_refused():
+    """The raw op run without its residual (``keep_residuals=False``: merge_mlp passes it only where
+    autograd records nothing) and then differentiated: refused by name, not a shape error inside
+    the activation backward."""
+    params, _ = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8)
+    leaves = [leaf(p) for p in params]
+    y, pre = torch.ops.deco.merge_mlp(*leaves, None, [], 2, "block", "layernorm", True, 1e-6, "gelu", False)
+    assert pre.numel() == 0
+    with pytest.raises(RuntimeError, match="deco::merge_mlp ran with keep_residuals=False; call deco_ops.merge_mlp"):
+        y.sum().backward()
 
 
 def test_opcheck():

@@ -162,11 +162,15 @@ def test_grad_x_where_windows_overlap_is_as_accurate_as_eager(backend_name, dtyp
                 assert got <= 1.5 * eager + eps, f"seed {seed} {grid}->{out_grid} {mode} {strategy}: grad x {got:.2e}, eager {eager:.2e}"
 
 
-def test_act_grad_at_the_rounded_pre_activation():
-    """The fused backward recomputes z = x @ w1.T + b1 and takes act' at z rounded to the operand
+@pytest.mark.parametrize("backend_name,strategy", [("triton", "fused"), ("triton", "composed"), ("torch", "auto")],
+                         ids=["kernel", "composed", "torch"])
+def test_act_grad_at_the_rounded_pre_activation(backend_name, strategy):
+    """The backward recomputes z = x @ w1.T + b1 and takes act' at z rounded to the operand
     dtype, as the forward stored it and eager's ``gelu_backward`` sees it: exact fp16 products
     (multiples of 1/64) and b1 = -0.75 put z near the root of gelu', where one fp16 ulp of z moves
-    act' by ~10%. One 2x2 image pooled to 1x1: each token's gradient is act' / 4."""
+    act' by ~10%. One 2x2 image pooled to 1x1: each token's gradient is act' / 4. The fused kernel,
+    and the composed twins (act' in fp32 from the rounded z: its closed form in fp16 arithmetic
+    cancels near the root, 0.15 off)."""
     from deco_ops.kernels.packed_pool import dense_geometry
 
     g = torch.Generator().manual_seed(0)
@@ -174,8 +178,8 @@ def test_act_grad_at_the_rounded_pre_activation():
     w1 = (torch.randint(-1, 2, (64, 16), generator=g) / 64).half().to(DEVICE)
     b1 = torch.full((64,), -0.75, dtype=torch.float16, device=DEVICE)
     geometry = dense_geometry((1, 2, 2), (1, 1, 1), 1, DEVICE)
-    with deco_ops.use_backend("triton"):
-        dz = mlp_pool_kernel.gemm_unpool_act_grad(x, w1, b1, torch.ones(1, 64, device=DEVICE), geometry, "gelu", "average")
+    with deco_ops.use_backend(backend_name), deco_ops.use_strategy(strategy), poisoned_empty():
+        dz = torch.ops.deco.mlp_pool_act_backward(x, w1, b1, torch.ones(1, 64, device=DEVICE), geometry, "gelu", "average")
     z = (x.double() @ w1.double().T + b1.double()).half().double()  # what the forward stored
     want = reference.ACTIVATION_GRADS["gelu"](z) / 4
     assert rel_err(dz, want) < 2e-3

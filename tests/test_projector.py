@@ -297,6 +297,26 @@ def test_composed_activation_backward_is_one_pass(activation, dtype, need_db1):
         assert db1.numel() == 0
 
 
+def test_fused_activation_backward_reads_strided_operands():
+    """The fused twin of the pass above (gemm_act_grad: dz and act(pre) in the GEMM's epilogue, db1
+    one reduction) on the same kind of operands: strided and NaN-guarded, pre's rows 3 elements
+    longer than hidden (the raw op takes any strides; a residual saved by the forward is
+    contiguous), against float64."""
+    gen = torch.Generator().manual_seed(4)
+    dy = randn(150, 29, generator=gen)
+    w2 = randn(29, 200, scale=29**-0.5, generator=gen)
+    pre = randn(150, 200, scale=2.0, generator=gen)
+    kernel = gemm_act_grad.gemm_act_grad_kernel
+    with deco_ops.use_backend("triton"), deco_ops.use_strategy("fused"), poisoned_empty(), \
+            mock.patch.object(kernel, "run", wraps=kernel.run) as launches:
+        dz, act, db1 = torch.ops.deco.mlp_activation_backward(guarded(dy), guarded(w2), guarded(pre), "gelu", True)
+    launches.assert_called_once()
+    dz64 = (dy.double() @ w2.double()) * reference.ACTIVATION_GRADS["gelu"](pre.double())
+    assert_close(dz, dz64, torch.float32, "dz")
+    assert_close(act, reference.ACTIVATIONS["gelu"](pre.double()), torch.float32, "act")
+    assert_close(db1, dz64.sum(0), torch.float32, "db1")
+
+
 @pytest.mark.parametrize("op", ["pool_linear", "pool_mlp", "pool_mlp_packed"])
 def test_a_zero_width_layer_still_returns_the_pooled_rows(backend, op):
     """A first Linear of 0 features (``nn.Linear(C, 0)``) has nothing to multiply, yet the raw
@@ -315,6 +335,25 @@ def test_a_zero_width_layer_still_returns_the_pooled_rows(backend, op):
             pooled = torch.ops.deco.pool_mlp_packed(x.view(72, 8), w1, b1, w2, b2, geometry, 12, "gelu", "average", True)[1]
     want = reference.adaptive_avg_pool_tokens(x.double(), (6, 6), (3, 2))
     assert_close(pooled.view(2, 6, 8), want, torch.float32)
+
+
+@pytest.mark.parametrize("op", ["pool_linear", "pool_mlp"])
+def test_a_zero_width_layer_backward(backend, op):
+    """A Linear of 0 features (pool_linear's only one, pool_mlp's first) in backward: its rows
+    (B, P, 0) are flattened to (B * P, 0) rows, which a reshape to (-1, 0) cannot infer; every
+    gradient against float64 eager (zero for x and the layer, dy's sums for b2), NaN-poisoned."""
+    g = torch.Generator().manual_seed(14)
+    x, w1, b1 = randn(2, 36, 8, generator=g), randn(0, 8, generator=g), randn(0, generator=g)
+    w2, b2 = randn(5, 0, generator=g), randn(5, generator=g)
+    params = (x, w1, b1) if op == "pool_linear" else (x, w1, b1, w2, b2)
+    leaves, ref = [leaf(p) for p in params], [leaf(p, torch.float64) for p in params]
+    with poisoned_empty():
+        y = getattr(deco_ops, op)(*leaves, grid=(6, 6), out_grid=(3, 2))
+        dy = randn(*y.shape, generator=g)
+        y.backward(guarded(dy))
+    getattr(reference, op)(*ref, (6, 6), (3, 2)).backward(dy.double())
+    for name, got, want in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref):
+        assert_close(got.grad, want.grad, torch.float32, f"grad {name}")
 
 
 @pytest.mark.parametrize("op", ["pool_linear", "pool_mlp", "pool_mlp_packed", "mlp_pool_packed"])
