@@ -137,20 +137,27 @@ class PlainResampler(nn.Module):
         return m.out_proj(o.transpose(1, 2).reshape(B, -1, m.embed_dim))
 
 
-@pytest.mark.parametrize("with_lens", [False, True])
-def test_query_resampler_matches_plain_pytorch(backend, with_lens):
+@pytest.mark.parametrize("with_lens,with_mask", [(False, False), (True, False), (True, True)],
+                         ids=["dense", "kv_lens", "kv_lens_and_padding_mask"])
+def test_query_resampler_matches_plain_pytorch(backend, with_lens, with_mask):
+    """Without padding, with kv_lens, and with kv_lens beside a bool key_padding_mask with holes
+    (a mask that does not require grad: computed in the kernels)."""
     torch.manual_seed(0)
     ours = QueryResampler(9, 64, 48, 4)
     plain = PlainResampler(QueryResampler(9, 64, 48, 4).double())
     plain.ours.load_state_dict(ours.state_dict())
     x = torch.randn(3, 37, 48)
     kv_lens = torch.tensor([37, 5, 20]) if with_lens else None
+    ignore = None
+    if with_mask:
+        ignore = torch.rand(3, 37, generator=torch.Generator().manual_seed(8)) > 0.6
+        ignore[:, 0] = False
     dout = torch.randn(3, 9, 64)
     xs = x.clone().requires_grad_(True)
-    out = ours(xs, kv_lens=kv_lens)
+    out = ours(xs, kv_lens=kv_lens, key_padding_mask=ignore)
     out.backward(dout)
     xd = x.double().requires_grad_(True)
-    ref = plain(xd, kv_lens)
+    ref = plain(xd, kv_lens, None if ignore is None else torch.zeros(3, 37, dtype=torch.float64).masked_fill(ignore, float("-inf")))
     ref.backward(dout.double())
     assert out.shape == (3, 9, 64)
     assert_close(out, ref, torch.float32, "output")

@@ -144,6 +144,8 @@ def test_forward_runs_the_submodules_registered_now(keys):
     norm, fc1, fc2 = (ours.get_submodule(path) for path in paths)
     want = deco_ops.merge_mlp(x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
     assert torch.equal(ours(x), want)
+    batched = x.view(2, 4, C)  # block order takes a batch too: no grid, whatever the token count
+    assert torch.equal(ours(batched), deco_ops.merge_mlp(batched, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias))
 
 
 class _InternVLChat(torch.nn.Module):
@@ -186,6 +188,10 @@ def test_loads_other_layouts_and_original_internvl_mlp1_keys():
     ours = deco_ops.PatchMergerProjector(C, D)
     ours.load_state_dict(qwen3.state_dict())
     assert torch.equal(ours.fc1.weight, qwen3.linear_fc1.weight) and torch.equal(ours.norm_layer.bias, qwen3.norm.bias)
+    parent = torch.nn.Module()  # inside a model: the keys carry the parent's prefix
+    parent.merger = deco_ops.PatchMergerProjector(C, D)
+    parent.load_state_dict({f"merger.{k}": v for k, v in qwen3.state_dict().items()})
+    assert torch.equal(parent.merger.fc2.weight, qwen3.linear_fc2.weight) and torch.equal(parent.merger.norm_layer.weight, qwen3.norm.weight)
 
 
 @pytest.mark.parametrize("make", [lambda: deco_ops.PatchMergerProjector(C, D, keys="internvl"),
@@ -442,7 +448,9 @@ def _activations():
 
     return {"nn.GELU": torch.nn.GELU(), "nn.GELU-tanh": torch.nn.GELU(approximate="tanh"), "nn.SiLU": torch.nn.SiLU(),
             "NewGELUActivation": activations.NewGELUActivation(), "GELUActivation": activations.GELUActivation(),
-            "QuickGELUActivation": activations.QuickGELUActivation()}
+            "QuickGELUActivation": activations.QuickGELUActivation(),
+            # ACT2FN's "gelu_pytorch_tanh" and "silu" (InternVL's projector_hidden_act)
+            "GELUTanh": activations.GELUTanh(), "SiLUActivation": activations.SiLUActivation()}
 
 
 @pytest.mark.parametrize("activation", list(_activations()))

@@ -132,7 +132,9 @@ def test_bad_construction(kwargs, match):
 
 
 @pytest.mark.parametrize("make", [
-    lambda dtype: deco_ops.DeCoProjector(8, 8, dtype=dtype), lambda dtype: deco_ops.CrossAttention(8, 2, dtype=dtype),
+    lambda dtype: deco_ops.DeCoProjector(8, 8, dtype=dtype),
+    # separate k/v projections and bias_k/bias_v: every parameter MHA can have
+    lambda dtype: deco_ops.CrossAttention(8, 2, add_bias_kv=True, kdim=6, vdim=4, dtype=dtype),
     lambda dtype: deco_ops.QueryResampler(4, 8, 6, 2, dtype=dtype), lambda dtype: deco_ops.PatchMergerProjector(8, 8, dtype=dtype)],
     ids=["DeCoProjector", "CrossAttention", "QueryResampler", "PatchMergerProjector"])
 def test_every_module_names_a_dtype_its_parameters_cannot_have(make):
@@ -174,9 +176,11 @@ def test_loads_every_checkpoint_format_and_prefix(fmt, outer):
     names = {"0.": first, "2.": second}
     checkpoint = {outer + names[k[:2]] + k[2:]: v for k, v in weights.items()}
     checkpoint["model.language_model.layers.0.weight"] = torch.randn(3)  # the rest of a whole-model checkpoint
+    checkpoint[outer + first + "weight_scale"] = torch.randn(1)  # not a parameter of ours: reported under its own name
     proj = deco_ops.DeCoProjector(8, 10, hidden_features=12, grid=(2, 2), out_grid=(1, 1))
     result = proj.load_state_dict(checkpoint, strict=False)
-    assert result.missing_keys == [] and result.unexpected_keys == ["model.language_model.layers.0.weight"]
+    assert result.missing_keys == [] and sorted(result.unexpected_keys) == sorted(
+        ["model.language_model.layers.0.weight", outer + first + "weight_scale"])
     for key, value in weights.items():
         assert torch.equal(proj.state_dict()[key], value), key
 

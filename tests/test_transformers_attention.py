@@ -215,18 +215,19 @@ def test_every_mask_passes_through_to_the_kernels(mask, monkeypatch):
     assert_close(out, expected.transpose(1, 2), torch.float32)
 
 
-@pytest.mark.parametrize("mask", [None, "bool", "float"])
+@pytest.mark.parametrize("mask", [None, "bool", "float", "int-2d"])
 def test_position_bias_joins_the_mask_as_sdpa_joins_them(mask):
-    """A T5-style relative position bias (B or 1, H, M, N) with no mask, a bool keep-mask or a float
-    mask: the output of transformers' own SDPA attention function, in float64."""
+    """A T5-style relative position bias (B or 1, H, M, N) with no mask, a bool keep-mask, a float
+    mask or a 2D integer keep-mask (B, N) (a keep-mask as the bool one, not added): the output of
+    transformers' own SDPA attention function, in float64."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q, k, v = _qkv()
     bias = torch.randn(1, 4, 3, 6, generator=torch.Generator().manual_seed(7)) * 2
     keep = _encoder_mask((6, 4), 6).bool()[:, None, None]
-    masks = {None: None, "bool": keep, "float": torch.zeros(keep.shape).masked_fill(~keep, -3.0)}
+    masks = {None: None, "bool": keep, "float": torch.zeros(keep.shape).masked_fill(~keep, -3.0), "int-2d": _encoder_mask((6, 4), 6)}
     out, _ = hf_deco.deco_ops_attention(_Layer(), q, k, v, masks[mask], scaling=0.4, position_bias=bias)
-    m64 = masks[mask] if mask != "float" else masks[mask].double()
+    m64 = {"float": masks["float"].double(), "int-2d": keep}.get(mask, masks[mask])
     expected, _ = sdpa_attention_forward(_Layer(), q.double(), k.double(), v.double(), m64, scaling=0.4,
                                          position_bias=bias.double())
     assert_close(out, expected, torch.float32)
@@ -305,6 +306,8 @@ def test_causal_layers_and_unsupported_arguments_raise():
     with pytest.raises(ValueError, match="non-causal"):
         hf_deco.deco_ops_attention(_Layer(), *_qkv(), None, is_causal=True)
     out, _ = hf_deco.deco_ops_attention(causal, *_qkv(), None, is_causal=False)
+    assert_close(out, hf_deco.deco_ops_attention(_Layer(), *_qkv(), None)[0], torch.float32)
+    out, _ = hf_deco.deco_ops_attention(torch.nn.Module(), *_qkv(), None)  # a layer that says nothing is not causal
     assert_close(out, hf_deco.deco_ops_attention(_Layer(), *_qkv(), None)[0], torch.float32)
     with pytest.raises(ValueError, match="query has 4 heads, not a multiple of key/value's 3"):
         hf_deco.deco_ops_attention(_Layer(), *_qkv(kv_heads=3), None)

@@ -88,6 +88,24 @@ def test_projector_of_other_widths_bias_and_dtype_keeps_them():
         assert_close(deco(tokens), hf_projector(_pooled64(tokens, 8, 4)), torch.bfloat16)
 
 
+def test_conversion_takes_its_arguments_and_the_models_activation():
+    """order, mode and num_prefix_tokens as given (not the defaults, nor the prefix the tower
+    implies), and config.projector_hidden_act: the projector computes the float64
+    pool(Linear2(act(Linear1(x)))) of its patch tokens (bilinear resampling), the prefix dropped."""
+    model, _ = tiny_llava()  # "default": the tower implies no prefix token
+    model.config.projector_hidden_act = "silu"
+    model.model.multi_modal_projector.act = ACT2FN["silu"]
+    hf_projector = copy.deepcopy(model.model.multi_modal_projector).double()
+    llava_to_deco(model, out_grid=(3, 3), num_prefix_tokens=1, order="mlp_pool", mode="bilinear")
+    deco = model.model.multi_modal_projector
+    tokens = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        y = deco(torch.cat([torch.full((1, 1, 32), float("nan")), tokens], 1))
+        projected = hf_projector(tokens.double()).transpose(1, 2).reshape(1, 32, 8, 8)
+    want = F.interpolate(projected, size=(3, 3), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    assert_close(y, want, torch.float32)
+
+
 @pytest.mark.parametrize("count", [0, -1, True, 2.0])
 def test_processor_token_count_must_be_a_positive_int(count):
     _, processor = tiny_llava()
@@ -97,8 +115,9 @@ def test_processor_token_count_must_be_a_positive_int(count):
 
 def test_processor_and_generate_end_to_end():
     model, processor = tiny_llava()
+    processor.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
     model, deco_processor = llava_to_deco(model, processor)
-    assert isinstance(deco_processor, DeCoLlavaProcessor)
+    assert isinstance(deco_processor, DeCoLlavaProcessor) and deco_processor.chat_template == processor.chat_template
     inputs = deco_processor(images=image(), text=PROMPT, return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16
     assert deco_processor._get_num_multimodal_tokens(image_sizes=[[40, 48]]).num_image_tokens == [16]
@@ -114,6 +133,14 @@ def test_frozen_projector_stays_frozen_and_bad_models_are_refused():
     assert not any(p.requires_grad for p in model.model.multi_modal_projector.parameters())
     assert not any(m.training for m in model.modules())
     assert model.config.image_seq_length == 9
+    model, _ = tiny_llava()  # each parameter keeps its own flag, the projector its own mode
+    model.model.multi_modal_projector.linear_1.requires_grad_(False)
+    model.train().model.multi_modal_projector.eval()
+    llava_to_deco(model)
+    deco = model.model.multi_modal_projector
+    assert {name: p.requires_grad for name, p in deco.named_parameters()} == {
+        "linear_1.weight": False, "linear_1.bias": False, "linear_2.weight": True, "linear_2.bias": True}
+    assert not deco.training and model.training
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
         llava_to_deco(torch.nn.Linear(2, 2))
 
