@@ -17,7 +17,7 @@ import deco_ops  # noqa: E402
 from deco_ops.integrations.transformers import DeCoLlavaProcessor, llava_to_deco  # noqa: E402
 from deco_ops.modules import HF_ACTIVATIONS  # noqa: E402
 from harness import DEVICE, assert_close  # noqa: E402
-from tiny_models import PROMPT, image, tiny_llava  # noqa: E402
+from tiny_models import PROMPT, WORDS, image, tiny_llava  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 
 
@@ -104,6 +104,25 @@ def test_conversion_takes_its_arguments_and_the_models_activation():
         projected = hf_projector(tokens.double()).transpose(1, 2).reshape(1, 32, 8, 8)
     want = F.interpolate(projected, size=(3, 3), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
     assert_close(y, want, torch.float32)
+
+
+def test_processor_keeps_an_image_token_the_tokenizer_does_not_name():
+    """A tokenizer without an ``image_token`` attribute and a processor given ``image_token="<img>"``
+    (the model's image token id): the DeCoLlavaProcessor writes that token, not the default
+    ``<image>``, which this vocabulary does not hold."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+
+    model, processor = tiny_llava()
+    words = Tokenizer(models.WordLevel({("<img>" if w == "<image>" else w): i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>",
+                                        additional_special_tokens=["<img>"])
+    processor = LlavaProcessor(image_processor=processor.image_processor, tokenizer=tokenizer, patch_size=processor.patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<img>")
+    _, deco_processor = llava_to_deco(model, processor)
+    ids = deco_processor(images=image(), text=PROMPT.replace("<image>", "<img>"), return_tensors="pt")["input_ids"]
+    assert deco_processor.image_token == "<img>" and int((ids == model.config.image_token_id).sum()) == 16
 
 
 @pytest.mark.parametrize("count", [0, -1, True, 2.0])

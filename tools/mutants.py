@@ -2382,4 +2382,8 @@ MUTANTS: tuple[Mutant, ...] = (
            'if self.order == "grid" and grid is None:', "if grid is None and x.dim() == 3:",
            ("tests/test_merge_modules.py", "-k", "registered_now"),
            "a square grid inferred for any batched input: block-order (B, N, C) tokens refused (a grid with order='block')"),
+    Mutant("llava_processor_image_token_dropped", "deco_ops/integrations/transformers/llava.py",
+           "        image_token=processor.image_token,\n", "",
+           ("tests/test_transformers_llava.py", "-k", "does_not_name"),
+           "the DeCoLlavaProcessor takes the default <image>, not the processor's image token, where the tokenizer names none"),
 )
