@@ -214,6 +214,9 @@ CASES = [
     # attention_modules
     ("positive", lambda mp: deco_ops.QueryResampler(0, 16, 8, 2), ValueError, "num_queries must be a positive int, got 0"),
     ("divisible", lambda mp: deco_ops.CrossAttention(30, 4), ValueError, "embed_dim 30 must be divisible by num_heads 4"),
+    ("mha-vdim", lambda mp: deco_ops.CrossAttention(16, 2, vdim=0), ValueError, "vdim must be a positive int, got 0"),
+    ("mha-num-heads", lambda mp: deco_ops.CrossAttention(16, 0), ValueError, "num_heads must be a positive int, got 0"),
+    ("resampler-kv-dim", lambda mp: deco_ops.QueryResampler(4, 16, 0, 2), ValueError, "kv_dim must be a positive int, got 0"),
     ("mask-dtype", lambda mp: cross_attention_module(torch.zeros(1, 4, dtype=torch.int64)), TypeError,
      "key_padding_mask must be a bool or float tensor .*got torch.int64"),
     ("mask-shape", lambda mp: cross_attention_module(torch.zeros(1, 5, dtype=torch.bool)), ValueError,
@@ -248,6 +251,13 @@ CASES = [
      r"x must be \(batch, tokens, kv_dim=24\)"),
     # modules
     ("in-features-module", lambda mp: deco_ops.DeCoProjector(0, 4), ValueError, "in_features must be a positive int, got 0"),
+    ("out-features-module", lambda mp: deco_ops.DeCoProjector(4, 0), ValueError, "out_features must be a positive int, got 0"),
+    ("out-features-merger", lambda mp: deco_ops.PatchMergerProjector(4, 0), ValueError, "out_features must be a positive int, got 0"),
+    ("merge-size-merger", lambda mp: deco_ops.PatchMergerProjector(4, 4, merge_size=0), ValueError,
+     "merge_size must be a positive int, got 0"),
+    ("in-features-merger", lambda mp: deco_ops.PatchMergerProjector(0, 4), ValueError, "in_features must be a positive int, got 0"),
+    ("hidden-merger", lambda mp: deco_ops.PatchMergerProjector(4, 4, hidden_features=0), ValueError,
+     "hidden_features must be a positive int, got 0"),
     ("hidden-module", lambda mp: deco_ops.DeCoProjector(4, 4, hidden_features=True), ValueError,
      "hidden_features must be a positive int, got True"),
     ("prefix-module", lambda mp: deco_ops.DeCoProjector(4, 4, num_prefix_tokens=-1), ValueError, "num_prefix_tokens must be an int >= 0"),
