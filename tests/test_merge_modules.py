@@ -365,6 +365,14 @@ def test_bad_eps_raises_when_the_module_is_built(eps, error):
         deco_ops.PatchMergerProjector(8, 16, eps=eps)
 
 
+@pytest.mark.parametrize("switch,value", [("order", "rows"), ("norm", "batchnorm"), ("norm_position", "middle"), ("keys", "llava")])
+def test_bad_switch_raises_when_built(switch, value):
+    """Each string switch is checked by name where the module is built: not built to fail at its
+    first forward, nor a KeyError from the layouts."""
+    with pytest.raises(ValueError, match=f"{switch} must be one of .*, got '{value}'"):
+        deco_ops.PatchMergerProjector(8, 16, **{switch: value})
+
+
 def test_grid_that_merge_size_does_not_divide_raises_when_built():
     """A fixed grid whose H or W is no multiple of merge_size is refused where the module is built,
     with the op's message, not at its first forward; sizes may be numpy integers, as nn's take them."""
