@@ -2,8 +2,10 @@
 memory over the limit, and the fp16/bf16 GEMMs use Hopper's wgmma (HGMMA) on sm_90. No GPU needed
 (triton.compile + cuobjdump).
 
-The default test compiles every non-attention kernel (every config that can launch, every
-representative variant) in bf16 for both targets (the full run adds fp16 and fp32).
+The default test compiles the pooling projector's kernels (pooling and un-pooling, dense and
+packed; the three GEMMs; the activation backward: every config that can launch, every
+representative variant) in bf16 for both targets (the full run adds fp16 and fp32); the TMA GEMM
+and attention forward have a one-compile test each, the merge kernels a slow one.
 The fp32 cross-attention kernels (exact and tf32 dots, sm_90) have their own test; every
 attention kernel in every dtype on both targets is a slow test (``--runslow``). The full check is
 ``python -m deco_ops.aot``. The tool runs from this process's environment,
@@ -17,7 +19,7 @@ import sys
 
 import pytest
 
-KERNELS = "pool_gemm,gemm_act_grad,gemm_unpool_act_grad,pool_packed,unpool_packed,pool_tokens,unpool_tokens"
+KERNELS = "pool_gemm,gemm_act_grad,gemm_unpool_act_grad,activation_backward,pool_packed,unpool_packed,pool_tokens,unpool_tokens"
 GEMMS = ("pool_gemm", "gemm_act_grad", "gemm_unpool_act_grad")
 ATTENTION = ("cross_attention_fwd,cross_attention_combine,"
              "cross_attention_bwd_single_pass,cross_attention_bwd_dkdv,cross_attention_bwd_dq,cross_attention_weights")
