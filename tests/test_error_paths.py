@@ -296,6 +296,8 @@ CASES = [
     ("packed-tokens", lambda mp: packed(x=torch.randn(27, 4)), ValueError, r"x has 27 tokens but grids need sum\(prod\(grids\)\) = 28"),
     ("bilinear-tokens", lambda mp: deco_ops.bilinear_pool_tokens(torch.randn(2, 20, 4), (4, 4), (2, 2)), ValueError,
      r"x has 20 tokens but grid \(4, 4\) needs 16"),
+    ("bilinear-dtype", lambda mp: deco_ops.bilinear_pool_tokens(torch.randint(0, 3, (2, 16, 4)), (4, 4), (2, 2)), TypeError,
+     "x has dtype torch.int64; supported here: float16, bfloat16, float32"),
     # ops run without their residuals (keep_residuals=False, need_lse=False) differentiated
     ("pool-linear-residuals", lambda mp: backward_without_residuals(torch.ops.deco.pool_linear, torch.randn(1, 16, 4),
                                                                     torch.randn(8, 4), None, [4, 4], [2, 2], False),

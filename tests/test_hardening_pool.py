@@ -187,6 +187,21 @@ def test_bilinear_nan_reaches_what_pytorch_reads(grid, out_grid):
     assert_close(dx[finite], dx_ref[finite], torch.float32, "dx")
 
 
+def test_bilinear_inf_reaches_what_pytorch_reads():
+    """Up-sampling (3, 4) -> (5, 7), channel c holding +inf at token c: the outputs that read it are
+    +inf or NaN as PyTorch's (NaN where it is read with weight 0). The last input's outputs read it
+    once (their second tap is none): a second read with weight 0 would make them NaN (0 * inf)."""
+    grid, out_grid = (3, 4), (5, 7)
+    N = math.prod(grid)
+    x = randn(1, N, N, generator=torch.Generator().manual_seed(23))
+    x[0, torch.arange(N), torch.arange(N)] = float("inf")
+    y = deco_ops.bilinear_pool_tokens(x, grid, out_grid).cpu()
+    ref = _interpolate_tokens(x, grid, out_grid)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    assert_close(y[finite], ref[finite], torch.float32)
+
+
 def _far_strided(shape, stride, dtype=torch.float16):
     """A view whose last elements lie past 2**31 elements into a lazily allocated buffer: only the
     touched pages are ever committed, so a 4-9 GB buffer costs a few MB of RAM."""

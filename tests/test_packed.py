@@ -149,7 +149,7 @@ def test_pool_packed_equals_single_image_loop(backend, dtype):
     assert_close(dx, torch.cat(dxs), dtype, "grad vs loop")
 
 
-@pytest.mark.parametrize("stride,ndim", [(2, 2), ((2, 3), 2), (2, 3), ((1, 2, 2), 3)])
+@pytest.mark.parametrize("stride,ndim", [(2, 2), ((2, 3), 2), ([3, 2], 2), (2, 3), ((1, 2, 2), 3)])
 @pytest.mark.parametrize("mode", MODES)
 def test_stride(backend, stride, ndim, mode):
     grids = [(7, 5), (4, 4), (1, 3)] if ndim == 2 else [(3, 5, 4), (2, 2, 2)]
@@ -371,6 +371,9 @@ def test_dense_upsampling_past_the_cached_geometry_table(auto_backend):
     x = randn(1, 4, 2, generator=torch.Generator().manual_seed(7))
     y = deco_ops.bilinear_pool_tokens(x, (2, 2), (726, 726))
     assert_close(y[0], resample64(x[0].double(), (2, 2), (726, 726), "bilinear"), torch.float32)
+    # a meta batch past the table's room (4,096 images of 2x2 -> 1x1): its table built by tensor ops
+    meta = deco_ops.bilinear_pool_tokens(torch.empty(4097, 4, 2, device="meta"), (2, 2), (1, 1))
+    assert meta.shape == (4097, 1, 2) and meta.device.type == "meta"
 
 
 def test_unpool_of_a_dense_video_keeps_the_fake_layout(auto_backend):
@@ -395,9 +398,13 @@ def test_opcheck(mode):
 
 
 def test_grids_on_any_int_dtype_and_2d_3d_sizes(backend):
+    """Grid tables of any integer dtype (int8 and uint8 too: a compact table of small grids) pool
+    as the int64 table does."""
     x = torch.randn(20 + 18, 3)
-    y, cu = deco_ops.adaptive_avg_pool_tokens_packed(x, torch.tensor([[4, 5], [3, 6]], dtype=torch.int32), stride=(2, 2))
-    assert y.shape == (6 + 6, 3) and cu.tolist() == [0, 6, 12]
+    want, _ = deco_ops.adaptive_avg_pool_tokens_packed(x, torch.tensor([[4, 5], [3, 6]]), stride=(2, 2))
+    for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+        y, cu = deco_ops.adaptive_avg_pool_tokens_packed(x, torch.tensor([[4, 5], [3, 6]], dtype=dtype), stride=(2, 2))
+        assert y.shape == (6 + 6, 3) and cu.tolist() == [0, 6, 12] and torch.equal(y, want), dtype
     y, cu = deco_ops.adaptive_avg_pool_tokens_packed(torch.randn(12, 3), torch.tensor([[3, 2, 2]]), out_grids=torch.tensor([[1, 1, 1]]))
     assert y.shape == (1, 3) and cu.tolist() == [0, 1]
 
@@ -427,6 +434,7 @@ G = torch.tensor([[4, 5], [3, 3]])
         ({"out_grids": None, "stride": 0}, ValueError, "stride entries must be >= 1"),
         ({"out_grids": None, "stride": (2, 2, 2)}, ValueError, "stride must be an int or a tuple of 2"),
         ({"out_grids": None, "stride": 2.0}, ValueError, "stride must be an int"),
+        ({"out_grids": None, "stride": True}, ValueError, "stride must be an int or a tuple of 2 ints .*, got True"),
     ],
 )
 def test_bad_input(kwargs, error, match):
@@ -435,6 +443,24 @@ def test_bad_input(kwargs, error, match):
         with pytest.raises(error, match=match):
             deco_ops.adaptive_avg_pool_tokens_packed(args["x"], args["grids"], out_grids=args["out_grids"], stride=args["stride"])
     launch.assert_not_called()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float64_on_the_pytorch_backend(mode):
+    """The PyTorch backend resamples float64 tokens and projects them with float64 weights (the
+    kernels take 16- and 32-bit ones), packed and dense."""
+    grids, outs = [(4, 5), (3, 3)], [(2, 3), (2, 2)]
+    x, _ = _case(grids, outs, torch.float64, C=4, seed=24)
+    w1, b1, w2, b2 = _mlp_params(4, 8, 5, torch.float64, seed=25)
+    want = loop64(x, grids, outs, mode)
+    with deco_ops.use_backend("torch"):
+        y, _ = _pool_fn(mode)(x, _t(grids), out_grids=_t(outs))
+        z, _ = deco_ops.pool_mlp_packed(x, _t(grids), w1, b1, w2, b2, out_grids=_t(outs), mode=mode)
+        dense = deco_ops.bilinear_pool_tokens(x[:20][None], (4, 5), (2, 3))
+    assert y.dtype == z.dtype == dense.dtype == torch.float64
+    assert_close(y, want, torch.float64, "pooled")
+    assert_close(z, F.linear(F.gelu(F.linear(want, w1, b1)), w2, b2), torch.float64, "projected")
+    assert_close(dense[0], loop64(x[:20], grids[:1], outs[:1], "bilinear"), torch.float64, "bilinear")
 
 
 def test_bad_mlp_input():
@@ -447,6 +473,8 @@ def test_bad_mlp_input():
         deco_ops.pool_mlp_packed(x, G, w1[:, :3], b1, w2, b2, out_grids=outs)
     with pytest.raises(TypeError, match="w2 has dtype"):
         deco_ops.pool_mlp_packed(x, G, w1, b1, w2.double(), b2, out_grids=outs)
+    with pytest.raises(TypeError, match="w1 has dtype torch.float16 but x has torch.float32"):
+        deco_ops.pool_mlp_packed(x, G, w1.half(), b1.half(), w2.half(), b2.half(), out_grids=outs)
     with pytest.raises(ValueError, match="activation must be one of"):
         deco_ops.pool_mlp_packed(x, G, w1, b1, w2, b2, out_grids=outs, activation="relu")
 
@@ -521,3 +549,65 @@ def test_packed_calls_under_inference_mode(backend):
             z, _ = deco_ops.pool_mlp_packed(x, grids, w1, b1, w2, b2, out_grids=out_grids)
         assert_close(y, want, x.dtype, "pooled")
         assert_close(z, F.linear(F.gelu(F.linear(want, w1.double(), b1.double())), w2.double(), b2.double()), x.dtype, "projected")
+
+
+def test_cu_seqlens_written_by_the_caller_leave_the_next_call_alone(backend):
+    """A packed call's plan holds its ``cu_seqlens``; each call returns its own copy: a caller that
+    writes to the one it got (offsetting it in place into a longer sequence) leaves the next call's
+    offsets as they were."""
+    x = randn(24, 8, generator=torch.Generator().manual_seed(18))
+    grids, out_grids = torch.tensor([[4, 4], [2, 4]]), torch.tensor([[2, 2], [1, 3]])
+    for _ in range(2):
+        y, cu = deco_ops.adaptive_avg_pool_tokens_packed(x, grids, out_grids=out_grids)
+        assert cu.tolist() == [0, 4, 7]
+        assert_close(y, _packed_pool_reference(x, grids, out_grids), x.dtype, "pooled")
+        cu += 100
+
+
+def test_dense_geometry_written_in_place_is_read_again():
+    """A dense batch's cached geometry table knows its layout without a host read (the PyTorch path
+    pools it in one call); written in place since (a buffer reused for another batch's layout), the
+    PyTorch path reads the rows again and pools each image by its own."""
+    x = randn(2, 16, 3, generator=torch.Generator().manual_seed(19))
+    grids, outs = [(4, 4), (4, 4)], [(1, 1), (2, 2)]
+    geometry = packed.dense_geometry((4, 4), (2, 2), x)
+    dense_rows = geometry.clone()
+    try:
+        geometry.copy_(packed.Packing(grids, outs).geometry)
+        with deco_ops.use_backend("torch"), poisoned_empty():
+            y = torch.ops.deco.pool_tokens_packed(x.reshape(32, 3), geometry, 5, "average")
+        assert_close(y, loop64(x.reshape(32, 3).double(), grids, outs, "average"), torch.float32)
+    finally:  # the cached table (plans hold it too) gets its rows back; later tables are new ones
+        geometry.copy_(dense_rows)
+        packed._dense_geometry_view.cache_clear()
+        packed_pool.dense_geometry.cache_clear()
+
+
+@pytest.mark.parametrize("weight", ["w2", "b2"])
+def test_second_layer_alone_trains_under_a_dispatch_mode(backend, weight):
+    """Only the second Linear's weight or bias requires grad, under a dispatch mode (a profiler's,
+    a FLOP counter's: the call goes through ``torch.ops.deco`` and the op's own autograd formula,
+    where a plain call's ``F.linear`` records those gradients itself): the op keeps its residuals
+    and the gradient is float64's, packed and dense."""
+    from harness import PassThrough
+
+    grids, outs = [(4, 4), (3, 4)], [(2, 2), (2, 3)]
+    x, _ = _case(grids, outs, torch.float32, C=4, seed=20)
+    params = _mlp_params(4, 8, 5, torch.float32, seed=21)
+    index = ("w1", "b1", "w2", "b2").index(weight)
+    dy = randn(10, 5, generator=torch.Generator().manual_seed(22))
+    ref = [leaf(p, torch.float64) for p in params]
+    F.linear(F.gelu(F.linear(loop64(x.double(), grids, outs, "average"), ref[0], ref[1])), ref[2], ref[3]).backward(dy.double())
+    dense_ref = [leaf(p, torch.float64) for p in params]
+    dense_x = x[:16].view(1, 16, 4)
+    y64 = F.linear(F.gelu(F.linear(loop64(x[:16].double(), grids[:1], outs[:1], "average"), dense_ref[0], dense_ref[1])), dense_ref[2], dense_ref[3])
+    y64.backward(dy[:4].double())
+    for call, got_dy, want in (
+        (lambda p: deco_ops.pool_mlp_packed(x, _t(grids), *p, out_grids=_t(outs))[0], dy, ref[index].grad),
+        (lambda p: packed.pool_mlp_resampled(dense_x, *p, grid=(4, 4), out_grid=(2, 2))[0], dy[:4], dense_ref[index].grad),
+    ):
+        trained = [p.clone().requires_grad_(i == index) for i, p in enumerate(params)]
+        with PassThrough(), poisoned_empty():
+            y = call(trained)
+            y.backward(got_dy)
+        assert_close(trained[index].grad, want, torch.float32, f"grad {weight}")

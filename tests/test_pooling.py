@@ -123,6 +123,22 @@ def test_numpy_ints_are_sizes_as_the_modules_take_them():
     assert torch.equal(packed, deco_ops.adaptive_avg_pool_tokens(x[:1], (4, 4), (2, 2))[0])
 
 
+def test_float64_tokens_on_the_pytorch_backend():
+    """The PyTorch backend pools float64 tokens (the kernels take 16- and 32-bit ones): as
+    ``F.adaptive_avg_pool2d``, forward and backward."""
+    x, dy = _pool_case((5, 7), (3, 2), torch.float64, B=2, C=3, seed=4)
+    x.requires_grad_(True)
+    with deco_ops.use_backend("torch"):
+        y = deco_ops.adaptive_avg_pool_tokens(x, (5, 7), (3, 2))
+        (dx,) = torch.autograd.grad(y, x, dy)
+    x64 = x.detach().requires_grad_(True)
+    y64 = reference.adaptive_avg_pool_tokens(x64, (5, 7), (3, 2))
+    (dx64,) = torch.autograd.grad(y64, x64, dy)
+    assert y.dtype == dx.dtype == torch.float64
+    assert_close(y, y64, torch.float64, "pooled")
+    assert_close(dx, dx64, torch.float64, "grad x")
+
+
 def test_reference_is_pytorch_pooling():
     """The float64 reference really is F.adaptive_avg_pool2d on the (B, C, H, W) image."""
     x = torch.randn(2, 27 * 27, 5, dtype=torch.float64)

@@ -377,6 +377,11 @@ def test_ops_measure_once_per_key(cache_dir, monkeypatch):
         deco_ops.cross_attention(q, k, k, kv_lens=torch.tensor([9, 0, 4]), attn_mask=torch.ones(9, dtype=torch.bool))
         assert len(timed) == 8  # a mask is another key
         assert strategy.choices()[key.replace("mask=lens", "mask=lens+bias")] == "composed"
+        deco_ops.pool_mlp_packed(randn(24, 8), torch.tensor([[4, 4], [2, 4]]), w1, None, w2, None,
+                                 out_grids=torch.tensor([[2, 2], [1, 3]]))
+        assert len(timed) == 10
+        key = f"pool_mlp_packed|cpu|float32|tokens=32,rows=8,C=8,hidden=6,out=5,act=gelu,mode=average|infer|any|{strategy.versions()}"
+        assert strategy.choices()[key] == "composed"
 
 
 def test_cuda_unpooling_by_aten_is_not_deterministic(monkeypatch):
