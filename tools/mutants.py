@@ -2294,7 +2294,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "merge_mlp's db1 not summed when dy and the pre-activation's gradient both arrive: b1 gets none"),
     Mutant("projector_rows_by_reshape", "deco_ops/projector.py",
            "    return t.flatten(0, -2)", "    return t.reshape(-1, t.shape[-1])",
-           ("tests/test_projector.py", "-k", "zero_width_layer_backward"),
+           ("tests/test_hardening_pool.py", "-k", "zero_width_layers_differentiate"),
            "the projectors' (B, P, N) rows reshaped to (-1, N): a layer of 0 features cannot infer the rows, backward raises"),
     Mutant("composed_mlp_pool_act_grad_in_16_bits", "deco_ops/composed.py",
            "    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z\n", "",
