@@ -35,6 +35,10 @@ def _toy(x_ptr, y_ptr, n, stride, scale, flag, BLOCK: tl.constexpr, MODE: tl.con
     pass
 
 
+def _toy_star(x_ptr, *rest):
+    pass
+
+
 class FakeCompiled(CompiledKernel):
     """A compiled kernel whose launcher records its arguments (no module, no GPU)."""
 
@@ -294,10 +298,13 @@ def test_a_replaced_autotuner_cache_chooses_again(fake_driver, monkeypatch):
         kernel[(1,)](x, y, 100, 1, 0.5, True)
     monkeypatch.setattr(kernel, "configs", kernel.configs[1:])
     monkeypatch.setattr(kernel, "cache", {})
+    normal = Counted(kernel.direct.normal)
+    monkeypatch.setattr(kernel.direct, "normal", normal)
     for _ in range(2):
         kernel[(1,)](x, y, 100, 1, 0.5, True)
     blocks = [call[9 + 6] for compiled in jit.compiled for call in compiled.calls]
     assert blocks == [16, 16, 128, 128]
+    assert normal.calls == 1  # the new config is kept: its later launches are direct again
 
 
 def test_a_tensor_in_the_autotuner_key_keeps_tritons_path(fake_driver, monkeypatch):
@@ -360,11 +367,12 @@ class Subclass(torch.Tensor):
 
 
 @pytest.mark.parametrize("what", ["warmup", "tensor keyword", "list argument", "tensor subclass", "launch hook", "launch exit hook",
-                                  "pre-run hook", "stages hook"])
+                                  "pre-run hook", "stages hook", "star args"])
 def test_triton_path_runs_where_the_direct_launch_could_differ(fake_driver, monkeypatch, what):
     """Each launch below goes through ``JITFunction.run``, every time, and keeps nothing that
-    could hold a tensor alive."""
-    jit = fake_jit()
+    could hold a tensor alive. ``*args``: Triton passes the extra arguments as one tuple, the
+    direct launch would spread them."""
+    jit = fake_jit(_toy_star if what == "star args" else _toy)
     normal = Counted(jit.run)
     launches = _compiled_launch.CompiledLaunch(jit, normal)
     args, kwargs, warmup = [tensor(8), tensor(8), 100, 1, 0.5, True], {"BLOCK": 32}, False
@@ -387,6 +395,8 @@ def test_triton_path_runs_where_the_direct_launch_could_differ(fake_driver, monk
         if not hasattr(knobs.runtime, "add_stages_inspection_hook"):
             pytest.skip("this triton has no compiler stages hook")
         monkeypatch.setattr(knobs.runtime, "add_stages_inspection_hook", lambda: ("stages", "hash"))
+    elif what == "star args":
+        args, kwargs = args[:3], {}
     try:
         for _ in range(3):
             launches.run((1,), tuple(args), dict(kwargs), warmup)
@@ -446,6 +456,7 @@ def test_off_means_tritons_own_launch(fake_driver, monkeypatch):
     kernel = _tuned(monkeypatch, jit)
     with _compiled_launch_setting.SETTING.use("0"):
         assert _traceable.launcher(jit, tensor(8)) is jit
+        assert _traceable.launcher(jit, torch.nn.Parameter(tensor(8))) is jit  # a weight is as plain as a tensor
         monkeypatch.setattr(kernel.direct, "run", None)  # would fail if called
         kernel[(1,)](tensor(8), tensor(8), 100, 1, 0.5, True)
     assert len(jit.compiled) == 1 and len(jit.compiled[0].calls) == 1

@@ -18,7 +18,7 @@ import torch
 import deco_ops
 from deco_ops import _backend, reference
 from deco_ops import reference_attention
-from deco_ops.kernels import _tuning, adaptive_pool, cross_attention_bwd, cross_attention_fwd, packed_pool, pool_gemm
+from deco_ops.kernels import _host_arith, _tuning, adaptive_pool, cross_attention_bwd, cross_attention_fwd, packed_pool, pool_gemm
 from harness import assert_close, guarded, randn
 from hot_path import Launches, TorchOps, count
 
@@ -234,6 +234,7 @@ def test_fp32_precision_new_api():
         for setting, expected in (("tf32", "tf32"), ("ieee", "ieee"), ("none", "ieee")):
             matmul.fp32_precision = setting
             assert _tuning.input_precision(torch.float32) == expected
+            assert _tuning.input_precision(torch.float16) == _tuning.input_precision(torch.bfloat16) == "tf32"  # 16-bit dots ignore it
         matmul.fp32_precision = "tf32"
         with deco_ops.use_backend("triton"):
             y = deco_ops.pool_mlp(x, *p, grid=(4, 4), out_grid=(2, 2))
@@ -243,6 +244,16 @@ def test_fp32_precision_new_api():
         assert_close(o, reference_attention.attention_dense(q.double(), k.double(), v.double(), None), torch.float32, tol=1e-3)
     finally:
         matmul.fp32_precision = "none"
+
+
+def test_host_arith_is_exact_past_int32():
+    """The launchers' grids, splits and block sizes come from ``_host_arith`` (Triton's own helpers
+    without their wrapper): exact at multiples, where an off-by-one adds a program or doubles a
+    tile, and past 2**31 rows."""
+    for n in (1, 15, 16, 17, 64, 1000, 2**31 - 1, 2**31, 2**31 + 1, 3 * 2**32):
+        assert _host_arith.next_power_of_2(n) == 1 << (n - 1).bit_length(), n
+        for d in (1, 16, 64, 1000):
+            assert _host_arith.cdiv(n, d) == -(-n // d), (n, d)
 
 
 @cuda_only

@@ -517,6 +517,26 @@ def test_capture_is_asked_only_where_cuda_is_initialised(monkeypatch):
         _transfer.to_device(torch.arange(3), torch.device("cuda"))  # refused before any copy
 
 
+def test_host_tables_go_to_the_gpu_pinned_and_non_blocking(monkeypatch):
+    """A host table bound for a GPU is staged in pinned memory and copied with ``non_blocking``
+    (a pageable or blocking copy makes the host wait for the stream, every call); one that stays
+    on the CPU is not copied at all. Without a GPU: the pinned buffer stands in."""
+    from deco_ops import _transfer
+
+    copies = []
+
+    class Pinned:
+        def to(self, device, non_blocking=False):
+            copies.append((device, non_blocking))
+            return self
+
+    pinned = Pinned()
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned)
+    table, cuda = torch.arange(3), torch.device("cuda")
+    assert _transfer.to_device(table, cuda) is pinned and copies == [(cuda, True)]
+    assert _transfer.to_device(table, torch.device("cpu")) is table
+
+
 def test_nothing_is_timed_inside_a_cuda_graph_capture(cache_dir, monkeypatch):
     """While the current stream captures: a decision this process holds, else the on-disk one, else
     the first candidate (fused), never timed and not remembered; after the capture the key is measured."""

@@ -104,6 +104,8 @@ def test_a_bucket_s_config_is_never_launched_where_it_does_not_fit(kernel, monke
     assert launch(kernel, 100) == as_launched(FAST)
     assert launch(kernel, 120) == as_launched(CONFIGS[3])  # bucket 128 chose FAST, which 120 rows cannot run
     assert kernel.timed == [*CONFIGS[1:], CONFIGS[1], CONFIGS[3]]
+    assert launch(kernel, 90) == as_launched(FAST)  # the bucket keeps its first choice, untimed
+    assert len(kernel.timed) == 5
 
 
 def test_autotune_off_launches_the_first_fitting_config_untimed(kernel, monkeypatch):
@@ -111,9 +113,10 @@ def test_autotune_off_launches_the_first_fitting_config_untimed(kernel, monkeypa
     assert launch(kernel, 100, flag=True) == as_launched(CONFIGS[1])  # CONFIGS[0] pruned
     assert launch(kernel, 100, flag=False) == as_launched(CONFIGS[0])
     assert kernel.timed == []
-    monkeypatch.setenv(_tuning.AUTOTUNE_ENV, "2")
-    with pytest.raises(ValueError, match="DECO_OPS_AUTOTUNE must be 0 or 1"):
-        launch(kernel, 2048)
+    for bad in ("2", ""):  # set but empty is no switch either
+        monkeypatch.setenv(_tuning.AUTOTUNE_ENV, bad)
+        with pytest.raises(ValueError, match="DECO_OPS_AUTOTUNE must be 0 or 1"):
+            launch(kernel, 2048)
 
 
 def test_single_candidate_is_not_timed(kernel, monkeypatch):

@@ -77,6 +77,12 @@ def _rounded_per_step(name: str, file: str, step: str, dtype: str, acc: str, tes
                   tests, f"{what}: the accumulator rounded to 16 bits at every step")
 
 
+def _host_table_copy(name: str, replacement: str, bug: str) -> Mutant:
+    """The copy of a host table to the GPU (``_transfer.to_device``) written otherwise."""
+    return Mutant(name, "deco_ops/_transfer.py", "return t.pin_memory().to(device, non_blocking=True)", replacement,
+                  ("tests/test_strategy.py", "-k", "pinned"), bug)
+
+
 def _fake_residual_kept(name: str, file: str, fake: str, op: str, residual: str) -> Mutant:
     """``op``'s fake (``fake``: ``kept if keep_residuals else empty``) promising its ``residual``
     residual in inference too, where the op returns an empty tensor: seen by the fakes checked
@@ -2509,4 +2515,42 @@ MUTANTS: tuple[Mutant, ...] = (
            "not isinstance(entries, (tuple, list))", "not isinstance(entries, tuple)",
            ("tests/test_packed.py", "-k", "test_stride"),
            "a per-axis stride given as a list ([3, 2]) refused: only a tuple taken"),
+    # planted-bug hunt 2026-12-06e: infra
+    Mutant("direct_star_args_kept", "kernels/_compiled_launch.py",
+           "        if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in self.jit.signature.parameters.values()):",
+           "        if False:", _direct("star"),
+           "a kernel taking *args launched directly: its extra arguments spread where Triton passes them as one tuple"),
+    Mutant("direct_replaced_cache_never_kept_again", "kernels/_compiled_launch.py",
+           "            return self._first(key, grid, args, kwargs)  # the autotuner",
+           "            return self.normal(*args, grid=grid, warmup=False, **kwargs)  # the autotuner",
+           _direct("replaced"),
+           "after the autotuner's cache is replaced, a kept signature takes Triton's path on every launch, never kept again"),
+    Mutant("tuning_bucket_choice_overwritten", "kernels/_tuning.py",
+           "        self.chosen.setdefault(label, self.cache[key])", "        self.chosen[label] = self.cache[key]",
+           ("tests/test_tuning.py", "-k", "never_launched_where"),
+           "a bucket's choice replaced by the config timed for a size its first choice did not fit: later sizes launch that one"),
+    Mutant("tuning_autotune_empty_means_off", "kernels/_tuning.py",
+           '    if setting not in ("0", "1"):', '    if setting not in ("0", "1", ""):',
+           ("tests/test_tuning.py", "-k", "autotune_off"),
+           "DECO_OPS_AUTOTUNE set but empty switches autotuning off instead of raising"),
+    Mutant("input_precision_for_16_bit_dots", "kernels/_tuning.py",
+           '    if dtype == torch.float32 and fp32_matmul_precision() == "ieee":',
+           '    if fp32_matmul_precision() == "ieee":',
+           ("tests/test_hot_path.py", "-k", "fp32_precision"),
+           "16-bit dots given input_precision='ieee' under an ieee fp32 setting (another compiled variant than aot's)"),
+    Mutant("host_cdiv_off_by_one", "kernels/_host_arith.py",
+           "cdiv = triton.cdiv.fn", "cdiv = lambda x, y: (x + y) // y",
+           ("tests/test_hot_path.py", "-k", "host_arith"),
+           "cdiv one too large at exact multiples: an extra program per grid axis, other key splits"),
+    Mutant("host_next_power_of_2_doubles_powers", "kernels/_host_arith.py",
+           "next_power_of_2 = triton.next_power_of_2.fn", "next_power_of_2 = lambda n: 1 << n.bit_length()",
+           ("tests/test_hot_path.py", "-k", "host_arith"),
+           "next_power_of_2 of a power of two doubles it: tiles and windows twice as wide"),
+    _host_table_copy("transfer_pageable_copy", "return t.to(device, non_blocking=True)",
+                     "host tables copied to the GPU from pageable memory: the host waits for the stream every call"),
+    _host_table_copy("transfer_blocking_copy", "return t.pin_memory().to(device)",
+                     "host tables copied to the GPU with a blocking copy"),
+    Mutant("trace_parameter_launches_as_traced", "kernels/_traceable.py",
+           "_PLAIN = (torch.Tensor, torch.nn.Parameter)", "_PLAIN = (torch.Tensor,)", _direct("off_means"),
+           "an eager launch whose first tensor is an nn.Parameter goes through wrap_triton's graph-node path (and never the direct launch)"),
 )
