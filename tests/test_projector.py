@@ -8,7 +8,7 @@ import torch
 
 import deco_ops
 from deco_ops import reference
-from deco_ops.kernels import activation_backward, adaptive_pool, gemm_act_grad, pool_gemm
+from deco_ops.kernels import activation_backward, adaptive_pool, gemm_act_grad, mlp_pool, packed_pool, pool_gemm
 from harness import DEVICE, DTYPES, assert_close, guarded, guarded_strided, leaf, poisoned_empty, randn, saved_bytes
 
 GRIDS = [
@@ -258,6 +258,39 @@ def test_epilogue_activation_and_derivative_to_a_few_ulps(activation, path):
     torch.testing.assert_close(dz.double(), reference.ACTIVATION_GRADS[activation](z), **bound)
 
 
+@pytest.mark.parametrize("kernel", ["pool_gemm", "gemm_act_grad", "gemm_unpool_act_grad"])
+def test_16_bit_epilogues_round_once(kernel):
+    """fp16 gelu(pool(x) @ w.T + b) with its pre-activation (one-token windows: the pooled rows are
+    x), the act' GEMM's dz = (dy @ w2) * gelu'(z) with gelu(z), and mlp_pool's un-pool + act' GEMM's
+    dz = unpool(dpa) * gelu'(z): each the fp32 result rounded once, so all but a few equal the
+    float64 value rounded (measured under 1%: fp32 error at a tie). An epilogue that rounds the
+    pre-activation, dy @ w2 or the un-pooled gradient to 16 bits first (eager PyTorch's two
+    roundings) moves a quarter to a third of them by an ulp, below any relative tolerance."""
+    gen = torch.Generator().manual_seed(17)
+    a, b = randn(40, 16, dtype=torch.float16, generator=gen), randn(72, dtype=torch.float16, generator=gen)
+    w = randn(72, 16, dtype=torch.float16, scale=0.25, generator=gen)
+    with poisoned_empty():
+        if kernel == "pool_gemm":
+            out, pre, _ = pool_gemm.pool_gemm(guarded(a[None]), (1, 5, 8), (1, 5, 8), w, b, "gelu", True, False)
+            pre64 = torch.nn.functional.linear(a.double(), w.double(), b.double())
+            results = [("pre-activation", pre, pre64), ("gelu", out, reference.ACTIVATIONS["gelu"](pre64))]
+        elif kernel == "gemm_act_grad":
+            z = randn(40, 72, dtype=torch.float16, generator=gen)
+            dz, act = gemm_act_grad.gemm_act_grad(guarded(a), guarded(w.T), guarded(z), "gelu")
+            z64 = z.double()
+            results = [("dz", dz, (a.double() @ w.T.double()) * reference.ACTIVATION_GRADS["gelu"](z64)),
+                       ("gelu", act, reference.ACTIVATIONS["gelu"](z64))]
+        else:  # mlp_pool's backward: dz = unpool(dpa) * gelu'(z), z rounded to fp16 as the forward stored it
+            dpa = randn(40, 72, generator=gen)  # fp32, as the op passes it
+            geometry = packed_pool.dense_geometry((1, 5, 8), (1, 5, 8), 1, a.device)
+            dz = mlp_pool.gemm_unpool_act_grad(guarded(a), w, b, guarded(dpa), geometry, "gelu", "average")
+            z16 = torch.nn.functional.linear(a.double(), w.double(), b.double()).to(torch.float16).double()
+            results = [("dz", dz, dpa.double() * reference.ACTIVATION_GRADS["gelu"](z16))]
+    for what, got, want in results:
+        off = (got != want.to(torch.float16)).float().mean().item()
+        assert off <= 0.02, f"{kernel} {what}: {off:.1%} of the outputs are not the float64 value rounded once"
+
+
 @pytest.mark.parametrize("need_db1", [True, False], ids=["db1", "no-db1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("activation", ACTIVATION_NAMES)
@@ -310,11 +343,17 @@ def test_fused_activation_backward_reads_strided_operands():
     with deco_ops.use_backend("triton"), deco_ops.use_strategy("fused"), poisoned_empty(), \
             mock.patch.object(kernel, "run", wraps=kernel.run) as launches:
         dz, act, db1 = torch.ops.deco.mlp_activation_backward(guarded(dy), guarded(w2), guarded(pre), "gelu", True)
-    launches.assert_called_once()
+        # and each operand column-strided (a transposed view, as a tied or transposed weight is), 40 rows
+        dz_t, act_t, db1_t = torch.ops.deco.mlp_activation_backward(
+            *(guarded(t.T).T for t in (dy[:40], w2, pre[:40])), "gelu", True)
+    assert launches.call_count == 2
     dz64 = (dy.double() @ w2.double()) * reference.ACTIVATION_GRADS["gelu"](pre.double())
     assert_close(dz, dz64, torch.float32, "dz")
     assert_close(act, reference.ACTIVATIONS["gelu"](pre.double()), torch.float32, "act")
     assert_close(db1, dz64.sum(0), torch.float32, "db1")
+    assert_close(dz_t, dz64[:40], torch.float32, "dz of column-strided operands")
+    assert_close(act_t, reference.ACTIVATIONS["gelu"](pre[:40].double()), torch.float32, "act of column-strided operands")
+    assert_close(db1_t, dz64[:40].sum(0), torch.float32, "db1 of column-strided operands")
 
 
 @pytest.mark.parametrize("op", ["pool_linear", "pool_mlp", "pool_mlp_packed"])
@@ -436,13 +475,28 @@ def test_windows_too_large_to_unroll_take_the_runtime_loop_path(monkeypatch):
     assert_close(got, expected, torch.float32)
 
 
+def test_the_unroll_decision_counts_every_axis_taps():
+    """The launcher asks ``unrolled_windows_fit`` about the largest window's taps over all three
+    axes (a video 5x4x6 -> 3x2x3: windows up to 3x2x2, 12 taps); a count that leaves out time
+    would unroll windows no config can stage on a GPU (always true under the interpreter)."""
+    x, w = randn(2, 5 * 4 * 6, 3), randn(8, 3)
+    with mock.patch.object(pool_gemm, "unrolled_windows_fit", return_value=True) as fit:
+        out, _, _ = pool_gemm.pool_gemm(x, (5, 4, 6), (3, 2, 3), w, None, "identity", False, False)
+    fit.assert_called_once_with(x, 12)
+    want = torch.nn.functional.linear(reference.adaptive_avg_pool_tokens(x.double(), (5, 4, 6), (3, 2, 3)), w.double())
+    assert_close(out, want.reshape(-1, 8), torch.float32)
+
+
 def test_saved_pooled_rows_are_eager_pooling_bit_for_bit():
-    """pool_gemm sums each window in fp32 and rounds the mean once, as fp16 F.adaptive_avg_pool2d
-    on the CPU does: the saved residual (dW's operand) equals it bit for bit, 3x3 windows included
-    (a count that is not a power of two, where rounding the window's sum first differs)."""
+    """pool_gemm (and the pooling kernel) sums each window in fp32 and rounds the mean once, as fp16
+    F.adaptive_avg_pool2d on the CPU does: the saved residual (dW's operand) and the pooled tokens
+    equal it bit for bit, 3x3 windows included (a count that is not a power of two, where rounding
+    the window's sum first differs)."""
     g = torch.Generator().manual_seed(5)
     x = randn(2, 36, 64, dtype=torch.float16, generator=g)
     w = randn(16, 64, dtype=torch.float16, generator=g)
     with deco_ops.use_backend("triton"):
         _, pooled = torch.ops.deco.pool_linear(x, w, None, [6, 6], [2, 2], True)
-    assert torch.equal(pooled.view(2, 4, 64), reference.adaptive_avg_pool_tokens(x.cpu(), (6, 6), (2, 2)).to(x.device))
+    eager = reference.adaptive_avg_pool_tokens(x.cpu(), (6, 6), (2, 2)).to(x.device)
+    assert torch.equal(pooled.view(2, 4, 64), eager)
+    assert torch.equal(adaptive_pool.pool_tokens(x, (1, 6, 6), (1, 2, 2)), eager)  # the pooling kernel alike
