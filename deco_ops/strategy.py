@@ -396,8 +396,8 @@ def _measure(key: str, usable: Mapping[str, Candidate], timer: Callable[[Callabl
 
 def _synchronised() -> bool:
     """Whether decisions are agreed across ranks: the default process group is initialised with
-    more than one rank and ``$DECO_OPS_STRATEGY_SYNC`` is not ``0``."""
-    setting = os.environ.get(SYNC_ENV, "1").strip()
+    more than one rank and ``$DECO_OPS_STRATEGY_SYNC`` is not ``0`` (unset or empty: the default, ``1``)."""
+    setting = os.environ.get(SYNC_ENV, "").strip() or "1"
     if setting not in ("0", "1"):
         raise ValueError(f"{SYNC_ENV} must be 0 or 1, got {setting!r}")
     if setting == "0" or not torch.distributed.is_available() or not torch.distributed.is_initialized():

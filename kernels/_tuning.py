@@ -52,8 +52,9 @@ AUTOTUNE_ENV = "DECO_OPS_AUTOTUNE"
 
 
 def autotune_enabled() -> bool:
-    """False when ``DECO_OPS_AUTOTUNE=0``: every kernel launches its first fitting config untimed."""
-    setting = os.environ.get(AUTOTUNE_ENV, "1").strip()
+    """False when ``DECO_OPS_AUTOTUNE=0``: every kernel launches its first fitting config untimed.
+    Unset or empty: the default, on (as every deco_ops switch reads an empty value)."""
+    setting = os.environ.get(AUTOTUNE_ENV, "").strip() or "1"
     if setting not in ("0", "1"):
         raise ValueError(f"{AUTOTUNE_ENV} must be 0 or 1, got {setting!r}")
     return setting == "1"

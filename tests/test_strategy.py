@@ -843,7 +843,7 @@ def test_sync_setting(monkeypatch):
     assert not strategy._synchronised()  # no process group here
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # a gloo group, without starting one
     monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
-    for world, setting, synchronised in ((2, " 1 ", True), (2, "0", False), (1, "1", False)):
+    for world, setting, synchronised in ((2, " 1 ", True), (2, "", True), (2, "0", False), (1, "1", False)):
         monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None, world=world: world)
         monkeypatch.setenv(strategy.SYNC_ENV, setting)
         assert strategy._synchronised() is synchronised, (world, setting)
