@@ -20,7 +20,7 @@ import triton
 
 import deco_ops
 from deco_ops import reference, strategy
-from deco_ops.kernels import _tuning, cross_attention_tma, tma_gemm
+from deco_ops.kernels import _tuning, cross_attention_tma, merge_gemm, tma_gemm
 from harness import DEVICE, DTYPES, assert_close, guarded, leaf, poisoned_empty, randn
 from test_cross_attention import _case as attention_case
 from test_cross_attention import _forced as forced_schedule
@@ -203,6 +203,36 @@ def test_every_autotuned_kernel_is_planned_with_admitted_configs():
                 assert all(c in KERNELS[name].cuda_configs for c in configs), name
                 reached.setdefault(name, set()).update(_tuning.config_label(c) for c in configs)
     assert set(reached) == set(KERNELS), f"kernels no case launches: {sorted(set(KERNELS) - set(reached))}"
+
+
+def test_merge_gemm_admits_the_tiles_that_compiled_without_spills():
+    """merge_gemm's fit rule as ``python -m deco_ops.aot`` measured it (``merge_gemm.fits``): planned
+    as for an H100, 16-bit operands take every tile, fp32 tokens only the 64x64 ones, also before a
+    16-bit MLP (autocast's case: the fp32 A tile is held until its rounding), exact fp32 dots only
+    64x64x32; on sm_80 16-bit operands take tiles of at most 64x64, fp32 ones only 32x64x32."""
+
+    def tile(c):
+        return tuple(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+
+    def planned(x_dtype, w_dtype):
+        params, _ = merge_case(torch.float32, B=1, N=16, C=8, hidden=16, out=8)
+        params = [p.to(x_dtype if i < 3 else w_dtype) for i, p in enumerate(params)]
+        with deco_ops.use_backend("triton"), _tuning.planning() as plan:
+            deco_ops.merge_mlp(*params)
+        return {tile(c) for name, _, configs in plan if name == "merge_gemm_kernel" for c in configs}
+
+    def fitting(elem_bytes, ieee, arch):
+        return {tile(c) for c in merge_gemm.cuda_configs() if merge_gemm.fits(c, elem_bytes, ieee, arch)}
+
+    square = {(64, 64, 64), (64, 64, 32)}
+    if _tuning.device_arch(DEVICE) == 90:  # a CPU plans as an H100
+        assert planned(torch.float16, torch.float16) == {tile(c) for c in merge_gemm.cuda_configs()}
+        assert planned(torch.float32, torch.float16) == square
+        ieee = _tuning.input_precision(torch.float32) == "ieee"
+        assert planned(torch.float32, torch.float32) == ({(64, 64, 32)} if ieee else square)
+    assert fitting(4, False, 90) == square and fitting(4, True, 90) == {(64, 64, 32)}
+    assert fitting(2, False, 80) == square | {(32, 64, 32)}
+    assert fitting(4, False, 80) == fitting(4, True, 80) == {(32, 64, 32)}
 
 
 def test_forcing_a_config_launches_it():

@@ -258,6 +258,33 @@ def test_two_dimensional_tokens_are_one_sequence():
     assert y2.shape == (4, 8) and torch.equal(y2, y3[0])
 
 
+
+def test_packed_defaults_are_qwen2_vl_patch_merger():
+    """Called without keywords, merge_mlp_packed is Qwen2-VL's PatchMerger, as merge_mlp is: 2x2 blocks of
+    consecutive tokens (``order="block"``), a pre-merge LayerNorm of eps 1e-6, erf GELU. Tokens of spread
+    1e-3 (a variance the size of eps, so another default eps shows); one 4x4 image, whose grid order
+    would merge other tokens."""
+    params, _ = _case(torch.float32, B=1, N=16, C=8, hidden=16, out=8)
+    params[0] = params[0] * 1e-3
+    with poisoned_empty():
+        y, cu = deco_ops.merge_mlp_packed(params[0][0], torch.tensor([[4, 4]]), *params[1:])
+    kw = dict(merge_size=2, order="block", norm="layernorm", norm_position="pre", eps=1e-6, activation="gelu")
+    y64 = eager_merge_mlp(*(None if p is None else p.double() for p in params), **kw)[0]
+    assert cu.tolist() == [0, 4]
+    assert_close(y, y64, torch.float32, "y", eager=eager_merge_mlp(*params, **kw)[0])
+
+
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_rmsnorm_squares_16_bit_tokens_in_float32(backend, position):
+    """Qwen2.5-VL's RMSNorm squares the tokens in float32: fp16 tokens of a few hundred (squares past
+    65504) are normalised, not zeroed by an inf mean square, on the kernels and the PyTorch path."""
+    params, _ = _case(torch.float16, B=1, N=16, C=8, hidden=16, out=8, norm="rmsnorm", norm_position=position)
+    params[0] = params[0] * 200
+    with poisoned_empty():
+        y = deco_ops.merge_mlp(*params, norm="rmsnorm", norm_position=position)
+    y64 = eager_merge_mlp(*(None if p is None else p.double() for p in params), norm="rmsnorm", norm_position=position)
+    assert_close(y, y64, torch.float16)
+
 @given(
     dtype=dtypes, batch=st.integers(0, 3), merge_size=st.integers(1, 3), blocks=st.tuples(st.integers(1, 4), st.integers(1, 4)),
     frames=st.integers(1, 2), C=st.integers(1, 40), hidden=st.integers(1, 48), out=st.integers(1, 40),

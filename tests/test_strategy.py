@@ -382,6 +382,18 @@ def test_ops_measure_once_per_key(cache_dir, monkeypatch):
         assert len(timed) == 10
         key = f"pool_mlp_packed|cpu|float32|tokens=32,rows=8,C=8,hidden=6,out=5,act=gelu,mode=average|infer|any|{strategy.versions()}"
         assert strategy.choices()[key] == "composed"
+        w1m = randn(6, 32)
+        deco_ops.merge_mlp(randn(1, 16, 8), None, None, w1m, None, w2, None, grid=(4, 4), order="grid")
+        assert len(timed) == 12
+        key = (f"merge_mlp|cpu|float32|rows=4,C=8,hidden=6,out=5,merge=2,order=grid,packed=False,norm=layernorm,pre=True,"
+               f"activation=gelu|infer|any|{strategy.versions()}")
+        assert strategy.choices()[key] == "composed"
+        deco_ops.merge_mlp(randn(1, 16, 8), None, None, w1m, None, w2, None)
+        assert len(timed) == 14  # block order is another key
+        assert strategy.choices()[key.replace("order=grid", "order=block")] == "composed"
+        deco_ops.merge_mlp(randn(1, 16, 8), None, None, w1m.half(), None, w2.half(), None)
+        assert len(timed) == 16  # so is a 16-bit MLP after a float32 norm
+        assert strategy.choices()[key.replace("order=grid", "order=block").replace("gelu|", "gelu,mlp_dtype=float16|")] == "composed"
 
 
 def test_cuda_unpooling_by_aten_is_not_deterministic(monkeypatch):
