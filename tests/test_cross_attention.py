@@ -121,6 +121,8 @@ def test_split_heuristic():
     assert cross_attention_fwd.choose_num_splits(1, 100_000, cpu) == cross_attention_fwd.MAX_SPLITS
     assert cross_attention_bwd.use_single_pass(32, 128) and cross_attention_bwd.use_single_pass(64, 64)
     assert not cross_attention_bwd.use_single_pass(64, 128) and not cross_attention_bwd.use_single_pass(144, 16)
+    # the query limit itself (M <= 128) runs single pass, one query more does not
+    assert cross_attention_bwd.use_single_pass(128, 16) and not cross_attention_bwd.use_single_pass(129, 16)
 
 
 def test_zero_length_and_nan_padding(backend):
@@ -221,6 +223,23 @@ def test_triton_kernels_launch(single_pass):
                 s.stop()
     expected = [1, 1, 1, 0, 0] if single_pass else [1, 1, 0, 1, 1]
     assert [m.call_count for m in mocks] == expected
+
+
+def test_schedule_follows_the_element_size():
+    """The launcher picks the backward schedule by the inputs' element size: 64 queries at head dim
+    64 fit the single pass's registers in fp16, not in fp32 (FA2's two kernels). Launches only
+    counted (``run`` mocked)."""
+    for dtype, want in ((torch.float16, [1, 0, 0]), (torch.float32, [0, 1, 1])):
+        q, k, v, dout, _ = _case(1, 1, 64, 40, 1, 64, None, dtype)
+        lse = randn(1, 1, 64, generator=torch.Generator().manual_seed(1))
+        spies = [mock.patch.object(kernel, "run") for kernel in BWD_KERNELS]
+        mocks = [s.start() for s in spies]
+        try:
+            cross_attention_bwd.cross_attention_bwd(dout, q, k, v, dout, lse, None, None, 1, 40, 0.125, 0.0, None)
+        finally:
+            for s in spies:
+                s.stop()
+        assert [m.call_count for m in mocks] == want, dtype
 
 
 @pytest.mark.interpreter_only

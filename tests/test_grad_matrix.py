@@ -281,9 +281,9 @@ def _attention_case(keys: str, shared: bool):
             qs = q.expand(B, -1, -1, -1)
             return torch.cat([reference_attention.attention_dense(qs[b: b + 1], k[None, cu[b]: cu[b + 1]], v[None, cu[b]: cu[b + 1]])
                               for b in range(B)])
-    elif keys == "attn_mask":  # per query x key, with holes; key 0 always kept
+    elif keys == "attn_mask":  # per head x query x key (each kernel's head offset), with holes; key 0 always kept
         k, v = randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
-        keep = torch.rand(B, 1, M, N, generator=g) > 0.4
+        keep = torch.rand(B, H, M, N, generator=g) > 0.4
         keep[..., 0] = True
         extra["attn_mask"] = keep
         bias = torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, float("-inf"))

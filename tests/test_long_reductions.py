@@ -18,6 +18,7 @@ outputs and gradients, 2.2-2.9x for attention), so a 1.5x bound would measure th
 not the kernels. The compiled kernels round to nearest even.
 """
 
+import contextlib
 import math
 from unittest import mock
 
@@ -136,11 +137,12 @@ def test_merge_gemm(dtype):
                   dtype)
 
 
-@pytest.mark.parametrize("single_pass", [True, False], ids=["single_pass", "fa2"])
+@pytest.mark.parametrize("schedule", ["single_pass", "fa2", "one_kernel"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cross_attention(dtype, single_pass):
+def test_cross_attention(dtype, schedule):
     """cross_attention over 1024 keys, unsplit (one program walks every key, as on a GPU with enough
-    batch x heads): the forward's P @ V and the backward's dQ = dS @ K reduce over 1024 keys."""
+    batch x heads): the forward's P @ V and the backward's dQ = dS @ K reduce over 1024 keys (in the
+    one-kernel schedule 32 key blocks' programs add dS @ K into dQ's accumulator)."""
     g = torch.Generator().manual_seed(3)
     M, H, D = 8, 1, 32
     q = randn(1, M, H, D, dtype=dtype, generator=g)
@@ -155,9 +157,36 @@ def test_cross_attention(dtype, single_pass):
 
     with mock.patch.object(cross_attention_fwd, "choose_num_splits", return_value=1), \
             mock.patch.object(cross_attention_bwd, "choose_num_splits", return_value=1), \
-            mock.patch.object(cross_attention_bwd, "use_single_pass", return_value=single_pass):
+            mock.patch.object(cross_attention_bwd, "use_single_pass", return_value=schedule == "single_pass"), \
+            (deco_ops.use_strategy("fused_one_kernel") if schedule == "one_kernel" else contextlib.nullcontext()):
         results = _three_ways(attention, [q, k, v], dout, ("q", "k", "v"), output="out")
     _within_eager(results, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_attention_dkdv_over_many_queries(dtype):
+    """The FA2 schedule's dK = dS^T Q and dV = P^T dO reduce over the queries: 1024 of them (one
+    dK/dV program walks 32 query blocks), the op's backward alone with frozen queries (its dK/dV
+    kernel only), from the float64 output rounded to ``dtype`` and its fp32 LSE."""
+    g = torch.Generator().manual_seed(5)
+    N, H, D = 8, 1, 16
+    q, dout = randn(1, K, H, D, dtype=dtype, generator=g), randn(1, K, H, D, dtype=dtype, generator=g)
+    k, v = randn(1, N, H, D, dtype=dtype, generator=g), randn(1, N, H, D, dtype=dtype, generator=g)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    ref, eager = [leaf(t, torch.float64) for t in (k, v)], [leaf(t) for t in (k, v)]
+    out = sdpa(q.double(), *ref)
+    out.backward(dout.double())
+    sdpa(q, *eager).backward(dout)
+    lse = (torch.einsum("bmhd,bnhd->bhmn", q.double(), k.double()) * D**-0.5).logsumexp(-1).float()
+    with deco_ops.use_backend("triton"), poisoned_empty(), \
+            mock.patch.object(cross_attention_bwd, "use_single_pass", return_value=False):
+        _, dk, dv = torch.ops.deco.cross_attention_backward(
+            guarded(dout), guarded(q), guarded(k), guarded(v), out.detach().to(dtype), lse, None, None, N, D**-0.5, 0.0, None, False,
+            True, None)
+    _within_eager({"grad k": (dk, ref[0].grad, eager[0].grad), "grad v": (dv, ref[1].grad, eager[1].grad)}, dtype)
 
 
 @pytest.mark.interpreter_only
