@@ -258,7 +258,6 @@ def test_two_dimensional_tokens_are_one_sequence():
     assert y2.shape == (4, 8) and torch.equal(y2, y3[0])
 
 
-
 def test_packed_defaults_are_qwen2_vl_patch_merger():
     """Called without keywords, merge_mlp_packed is Qwen2-VL's PatchMerger, as merge_mlp is: 2x2 blocks of
     consecutive tokens (``order="block"``), a pre-merge LayerNorm of eps 1e-6, erf GELU. Tokens of spread
@@ -284,6 +283,7 @@ def test_rmsnorm_squares_16_bit_tokens_in_float32(backend, position):
         y = deco_ops.merge_mlp(*params, norm="rmsnorm", norm_position=position)
     y64 = eager_merge_mlp(*(None if p is None else p.double() for p in params), norm="rmsnorm", norm_position=position)
     assert_close(y, y64, torch.float16)
+
 
 @given(
     dtype=dtypes, batch=st.integers(0, 3), merge_size=st.integers(1, 3), blocks=st.tuples(st.integers(1, 4), st.integers(1, 4)),
