@@ -13,7 +13,7 @@ import deco_ops
 from deco_ops import reference
 from deco_ops.kernels import mlp_pool as mlp_pool_kernel
 from deco_ops.kernels import pool_gemm
-from harness import DEVICE, DTYPES, assert_close, guarded, guarded_strided, leaf, poisoned_empty, randn, rel_err
+from harness import DEVICE, DTYPES, assert_close, guarded, guarded_strided, head_strided, leaf, poisoned_empty, randn, rel_err
 from test_packed import _mlp_params, _t, loop64, random_mix, resample64
 
 GRIDS = [
@@ -67,6 +67,24 @@ def _check(params, dy, grid, out_grid, dtype, activation="gelu", mode="average",
 def test_mlp_pool(backend, grid, out_grid, mode, dtype):
     params, dy = _case(grid, out_grid, dtype, B=1 if math.prod(grid) > 200 else 2, C=24, hidden=40, out=20)
     _check(params, dy, grid, out_grid, dtype, mode=mode)
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_mlp_pool_reads_channel_strided_tokens(backend, B):
+    """Tokens whose channels are strided (a (B, C, N) map's transposed view, inside NaN padding):
+    at B = 1 the op's (N, C) rows are that view (at B > 1 its reshape copies them), and the forward
+    GEMM and the backward's un-pool + act' GEMM read them by their strides."""
+    params, dy = _case((6, 6), (3, 3), torch.float32, B=B, C=8, hidden=16, out=8)
+    leaves = [leaf(head_strided(params[0])), *map(leaf, params[1:])]
+    with poisoned_empty():
+        y = deco_ops.mlp_pool(*leaves, grid=(6, 6), out_grid=(3, 3))
+        y.backward(guarded(dy))
+    ref = [leaf(p, torch.float64) for p in params]
+    y64 = eager64(ref, (6, 6), (3, 3), "gelu", "average")
+    y64.backward(dy.double())
+    assert_close(y, y64, torch.float32, "y")
+    for name, got, want in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref):
+        assert_close(got.grad, want.grad, torch.float32, f"grad {name}")
 
 
 @pytest.mark.parametrize("activation", ["gelu_tanh", "silu", "quick_gelu"])

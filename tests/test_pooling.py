@@ -9,7 +9,7 @@ import torch
 import deco_ops
 from deco_ops import reference
 from deco_ops.kernels import adaptive_pool
-from harness import DEVICE, DTYPES, assert_close, guarded, poisoned_empty, randn, rel_err
+from harness import DEVICE, DTYPES, assert_close, guarded, head_strided, poisoned_empty, randn, rel_err
 
 GRIDS = [
     ((24, 24), (12, 12)),  # CLIP ViT-L/14-336 -> DeCo 144
@@ -170,6 +170,22 @@ def test_unpool_is_deterministic_gather():
     with deco_ops.use_backend("triton"):
         runs = [torch.ops.deco.unpool_tokens(dy, [11, 11], [4, 4]) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
+
+
+def test_kernels_read_channel_strided_tokens_and_gradients(backend):
+    """Tokens and gradients whose channels are strided (a (B, C, N) map's transposed view, inside
+    NaN padding) are read by their strides: by the pooling, by the pooling GEMM (pool_linear) and
+    by the raw un-pooling op (the public ops hand it a contiguous gradient)."""
+    x, dy = _pool_case((5, 7), (3, 2), torch.float32, C=8)
+    w = randn(6, 8, generator=torch.Generator().manual_seed(2))
+    with poisoned_empty():
+        pooled = deco_ops.adaptive_avg_pool_tokens(head_strided(x), (5, 7), (3, 2))
+        y = deco_ops.pool_linear(head_strided(x), w, None, grid=(5, 7), out_grid=(3, 2))
+        dx = torch.ops.deco.unpool_tokens(head_strided(dy), [5, 7], [3, 2])
+    pooled64 = reference.adaptive_avg_pool_tokens(x.double(), (5, 7), (3, 2))
+    assert_close(pooled, pooled64, torch.float32, "pooled")
+    assert_close(y, torch.nn.functional.linear(pooled64, w.double()), torch.float32, "pool_linear")
+    assert_close(dx, reference.unpool_tokens(dy.double(), (5, 7), (3, 2)), torch.float32, "unpooled")
 
 
 def test_unpool_gradient_is_pool(backend):
