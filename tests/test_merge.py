@@ -276,13 +276,22 @@ def test_packed_defaults_are_qwen2_vl_patch_merger():
 @pytest.mark.parametrize("position", ["pre", "post"])
 def test_rmsnorm_squares_16_bit_tokens_in_float32(backend, position):
     """Qwen2.5-VL's RMSNorm squares the tokens in float32: fp16 tokens of a few hundred (squares past
-    65504) are normalised, not zeroed by an inf mean square, on the kernels and the PyTorch path."""
-    params, _ = _case(torch.float16, B=1, N=16, C=8, hidden=16, out=8, norm="rmsnorm", norm_position=position)
+    65504) are normalised, not zeroed by an inf mean square, forward and backward (whose statistics
+    are recomputed from the tokens), on the kernels and the PyTorch path."""
+    params, dy = _case(torch.float16, B=1, N=16, C=8, hidden=16, out=8, norm="rmsnorm", norm_position=position)
     params[0] = params[0] * 200
+    leaves = [None if p is None else leaf(guarded_strided(p)) for p in params]
     with poisoned_empty():
-        y = deco_ops.merge_mlp(*params, norm="rmsnorm", norm_position=position)
-    y64 = eager_merge_mlp(*(None if p is None else p.double() for p in params), norm="rmsnorm", norm_position=position)
-    assert_close(y, y64, torch.float16)
+        y = deco_ops.merge_mlp(*leaves, norm="rmsnorm", norm_position=position)
+        y.backward(guarded(dy))
+    ref = [leaf(p, torch.float64) for p in params]
+    y64 = eager_merge_mlp(*ref, norm="rmsnorm", norm_position=position)
+    y64.backward(dy.double())
+    # the dtype's bound alone: this file's eager sequence squares in the tokens' dtype, so its own error is ~1
+    assert_close(y, y64, torch.float16, "y")
+    for name, got, want in zip(NAMES, leaves, ref):
+        if got is not None:
+            assert_close(got.grad, want.grad, torch.float16, f"grad {name}")
 
 
 @given(

@@ -2700,4 +2700,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "a = tl.load(x_rows + k[None, :] * sxk,", "a = tl.load(x_rows + k[None, :],",
            ("tests/test_mlp_pool.py", "-k", "channel_strided"),
            "mlp_pool's backward GEMM reads the tokens' channels as contiguous: a one-image batch of transposed-storage tokens gets a wrong grad x"),
+    Mutant("merge_rms_backward_stats_in_16_bits", "deco_ops/merge_reference.py",
+           "    xf = _norm_source(x, merge, order, grid, geometry, pre).to(stats_dtype(x.dtype))",
+           "    xf = _norm_source(x, merge, order, grid, geometry, pre)",
+           ("tests/test_merge.py", "-k", "rmsnorm_squares"),
+           "the PyTorch path's RMSNorm backward recomputes its statistics from fp16 tokens in fp16: squares past 65504 give rstd 0"),
 )
