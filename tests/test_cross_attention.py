@@ -1,6 +1,7 @@
 """cross_attention forward and dQ/dK/dV against float64 softmax attention, on the Triton kernels
 (interpreter) and the default backend; dropout, determinism, schedules, packed keys, bad input."""
 
+import contextlib
 import math
 from unittest import mock
 
@@ -207,6 +208,14 @@ def test_frozen_inputs_skip_work():
     assert_close(vv.grad, want[3], torch.float32, "dv")
 
 
+@contextlib.contextmanager
+def _runs_counted(kernels, call_through: bool):
+    """Each kernel's ``run`` replaced by a mock (launching the kernel where ``call_through``), the mocks in order."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(mock.patch.object(kernel, "run", wraps=kernel.run if call_through else None))
+               for kernel in kernels]
+
+
 @pytest.mark.parametrize("single_pass", [True, False])
 def test_triton_kernels_launch(single_pass):
     q, k, v, dout, kv_lens = _case(2, 1, 20, 50, 2, 32, [50, 20], torch.float16)
@@ -214,13 +223,8 @@ def test_triton_kernels_launch(single_pass):
     patches = _forced(2, single_pass)
     with deco_ops.use_backend("triton"), patches[0], patches[1], patches[2], \
             mock.patch.multiple(reference, attention_fwd=mock.DEFAULT, attention_bwd=mock.DEFAULT):
-        spies = [mock.patch.object(kernel, "run", wraps=kernel.run) for kernel in kernels]
-        mocks = [s.start() for s in spies]
-        try:
+        with _runs_counted(kernels, call_through=True) as mocks:
             _run(q, k, v, dout, kv_lens)
-        finally:
-            for s in spies:
-                s.stop()
     expected = [1, 1, 1, 0, 0] if single_pass else [1, 1, 0, 1, 1]
     assert [m.call_count for m in mocks] == expected
 
@@ -232,13 +236,8 @@ def test_schedule_follows_the_element_size():
     for dtype, want in ((torch.float16, [1, 0, 0]), (torch.float32, [0, 1, 1])):
         q, k, v, dout, _ = _case(1, 1, 64, 40, 1, 64, None, dtype)
         lse = randn(1, 1, 64, generator=torch.Generator().manual_seed(1))
-        spies = [mock.patch.object(kernel, "run") for kernel in BWD_KERNELS]
-        mocks = [s.start() for s in spies]
-        try:
+        with _runs_counted(BWD_KERNELS, call_through=False) as mocks:
             cross_attention_bwd.cross_attention_bwd(dout, q, k, v, dout, lse, None, None, 1, 40, 0.125, 0.0, None)
-        finally:
-            for s in spies:
-                s.stop()
         assert [m.call_count for m in mocks] == want, dtype
 
 

@@ -70,6 +70,11 @@ def _mlp(C: int, hidden: int, out: int, dtype, g):
             randn(out, hidden, dtype=dtype, scale=hidden**-0.5, generator=g), randn(out, dtype=dtype, generator=g)]
 
 
+def _sdpa(q, k, v):
+    """Eager SDPA on deco_ops' (B, N, H, D) layout."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pool_gemm_and_act_grad(dtype):
     """pool_mlp: pool_gemm reduces over C = 1024 input features (forward), gemm_act_grad over the
@@ -151,9 +156,7 @@ def test_cross_attention(dtype, schedule):
     dout = randn(1, M, H, D, dtype=dtype, generator=g)
 
     def attention(q, k, v, fused):
-        if fused:
-            return deco_ops.cross_attention(q, k, v)
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        return deco_ops.cross_attention(q, k, v) if fused else _sdpa(q, k, v)
 
     with mock.patch.object(cross_attention_fwd, "choose_num_splits", return_value=1), \
             mock.patch.object(cross_attention_bwd, "choose_num_splits", return_value=1), \
@@ -173,13 +176,10 @@ def test_cross_attention_dkdv_over_many_queries(dtype):
     q, dout = randn(1, K, H, D, dtype=dtype, generator=g), randn(1, K, H, D, dtype=dtype, generator=g)
     k, v = randn(1, N, H, D, dtype=dtype, generator=g), randn(1, N, H, D, dtype=dtype, generator=g)
 
-    def sdpa(q, k, v):
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-
     ref, eager = [leaf(t, torch.float64) for t in (k, v)], [leaf(t) for t in (k, v)]
-    out = sdpa(q.double(), *ref)
+    out = _sdpa(q.double(), *ref)
     out.backward(dout.double())
-    sdpa(q, *eager).backward(dout)
+    _sdpa(q, *eager).backward(dout)
     lse = (torch.einsum("bmhd,bnhd->bhmn", q.double(), k.double()) * D**-0.5).logsumexp(-1).float()
     with deco_ops.use_backend("triton"), poisoned_empty(), \
             mock.patch.object(cross_attention_bwd, "use_single_pass", return_value=False):

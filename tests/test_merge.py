@@ -76,10 +76,12 @@ def _case(dtype, *, B=2, N=24, C=12, hidden=40, out=24, merge_size=2, norm="laye
     return [x, nw, nb, w1, b1, w2, b2], dy
 
 
-def _check(params, dy, dtype, requires=None, tighten=False, eager_factor=2.0, tokens=guarded_strided, **kw):
+def _check(params, dy, dtype, requires=None, tighten=False, eager_factor=2.0, tokens=guarded_strided, eager_bound=True, **kw):
     """Fused op on guard-banded inputs (vectors at stride 4) with NaN-poisoned outputs vs float64 eager; ``requires``:
     the names of the inputs that require grad (default all present); ``tighten``, ``eager_factor``:
-    as in ``assert_close``; ``tokens``: how x is laid out (``harness.head_strided``: channels not unit-stride)."""
+    as in ``assert_close``; ``tokens``: how x is laid out (``harness.head_strided``: channels not unit-stride);
+    ``eager_bound=False``: the dtype's bound alone, where ``eager_merge_mlp``'s own error in ``dtype`` is no
+    measure (its RMSNorm squares in the tokens' dtype)."""
     requires = set(NAMES) if requires is None else requires
     leaves = [None if p is None else leaf((tokens if n == "x" else guarded_strided)(p)).requires_grad_(n in requires)
               for n, p in zip(NAMES, params)]
@@ -94,12 +96,13 @@ def _check(params, dy, dtype, requires=None, tighten=False, eager_factor=2.0, to
     y_same = eager_merge_mlp(*same, **kw)
     y_same.backward(dy)
     assert y.dtype == dtype
-    assert_close(y, y64, dtype, "y", eager=y_same, tighten=tighten, eager_factor=eager_factor)
+    assert_close(y, y64, dtype, "y", eager=y_same if eager_bound else None, tighten=tighten, eager_factor=eager_factor)
     for name, got, want, base in zip(NAMES, leaves, ref, same):
         if got is None:
             continue
         if name in requires:
-            assert_close(got.grad, want.grad, dtype, f"grad {name}", eager=base.grad, tighten=tighten, eager_factor=eager_factor)
+            assert_close(got.grad, want.grad, dtype, f"grad {name}", eager=base.grad if eager_bound else None, tighten=tighten,
+                         eager_factor=eager_factor)
         else:
             assert got.grad is None, name
 
@@ -280,18 +283,8 @@ def test_rmsnorm_squares_16_bit_tokens_in_float32(backend, position):
     are recomputed from the tokens), on the kernels and the PyTorch path."""
     params, dy = _case(torch.float16, B=1, N=16, C=8, hidden=16, out=8, norm="rmsnorm", norm_position=position)
     params[0] = params[0] * 200
-    leaves = [None if p is None else leaf(guarded_strided(p)) for p in params]
-    with poisoned_empty():
-        y = deco_ops.merge_mlp(*leaves, norm="rmsnorm", norm_position=position)
-        y.backward(guarded(dy))
-    ref = [leaf(p, torch.float64) for p in params]
-    y64 = eager_merge_mlp(*ref, norm="rmsnorm", norm_position=position)
-    y64.backward(dy.double())
     # the dtype's bound alone: this file's eager sequence squares in the tokens' dtype, so its own error is ~1
-    assert_close(y, y64, torch.float16, "y")
-    for name, got, want in zip(NAMES, leaves, ref):
-        if got is not None:
-            assert_close(got.grad, want.grad, torch.float16, f"grad {name}")
+    _check(params, dy, torch.float16, eager_bound=False, norm="rmsnorm", norm_position=position)
 
 
 @given(

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import deco_ops
-from harness import DEVICE, assert_close, guarded, guarded_strided, poisoned_empty, rel_err
+from harness import DEVICE, assert_close, assert_rounded_once, guarded, guarded_strided, poisoned_empty, rel_err
 from deco_ops import reference
 from deco_ops.kernels import tma_gemm
 
@@ -128,8 +128,7 @@ def test_linear_act_rounds_its_16_bit_outputs_once():
         out, pre = tma_gemm.tma_linear_act(x, w, b, "gelu", True)
     pre64 = F.linear(x.double(), w.double(), b.double())
     for what, got, want in (("pre-activation", pre, pre64), ("gelu", out, F.gelu(pre64))):
-        off = (got != want.to(torch.float16)).float().mean().item()
-        assert off <= 0.02, f"{what}: {off:.1%} of the outputs are not the float64 value rounded once"
+        assert_rounded_once(got, want, what)
 
 
 def test_refuses_a_gpu_before_hopper():
