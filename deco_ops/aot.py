@@ -887,6 +887,21 @@ def _ptxas_verbose(kernel) -> str:
 # driver
 
 
+def compile_labelled(name: str, config: str, variant: str, dtypes: list[str], arch: int) -> dict:
+    """``compile_job`` of the config and variant with these labels (as the rows print them), the row's
+    problems filled in: one named compile, for tests that pin a kernel's worst tile."""
+    entry = _entry(name)
+    module = importlib.import_module(entry.module)
+    configs = [config_label(c) for c in entry.configs(module)]
+    variants = [v.label for v in entry.variants(module, dtypes)]
+    for label, labels in ((config, configs), (variant, variants)):
+        if labels.count(label) != 1:
+            raise KeyError(f"{name}: {label!r} names {labels.count(label)} of {labels}")
+    row = compile_job(name, configs.index(config), variants.index(variant), dtypes, arch)
+    row["problems"] = _problems(row)
+    return row
+
+
 def _problems(row: dict) -> list[str]:
     out = []
     if row.get("error"):
