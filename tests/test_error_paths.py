@@ -322,6 +322,8 @@ CASES = [
      r"k: cannot specialise argument a=\[1\]"),
     ("aot-tool", lambda mp: aot._tool("no-such-cuda-tool"), FileNotFoundError, "no-such-cuda-tool not found next to triton"),
     ("aot-entry", lambda mp: aot._entry("no_such_kernel"), KeyError, "no_such_kernel"),
+    ("aot-label", lambda mp: aot.compile_labelled("merge_norm_stats", "R16 C128 w4 s3", "bf16 no such variant", ["bf16"], 90),
+     KeyError, "'bf16 no such variant' names 0 of"),
     ("aot-reexec", lambda mp: (mp.setenv(aot._REEXEC_MARK, "1"), aot._reexec_clean([])), SystemExit,
      "TRITON_INTERPRET is still set in the clean subprocess"),
     # modules and attention_modules: constructor and forward checks of the drop-ins
