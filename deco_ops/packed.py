@@ -199,8 +199,11 @@ def device_tables(geometry: torch.Tensor | None, cu_seqlens: torch.Tensor,
 
 def device_geometry(geometry: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     """The host geometry table (or None) on ``device``: also what a plan's strategy measurement
-    runs the candidates with (the kernels read it; a CPU table on a GPU is an invalid pointer)."""
-    return geometry if geometry is None or device.type == "cpu" else to_device(geometry, device)
+    runs the candidates with (the kernels read it; a CPU table on a GPU is an invalid pointer). For
+    ``device`` meta the host table itself: only the PyTorch path runs meta tensors, and it reads the
+    table's values on the host (a meta copy has none), as a dense meta batch's table is built there
+    (``_geometry_by_tensor_ops``)."""
+    return geometry if geometry is None or device.type in ("cpu", "meta") else to_device(geometry, device)
 
 
 # Images per cached dense geometry table: 128 KiB of int32 per (grid, out_grid, device).

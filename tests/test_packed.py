@@ -611,3 +611,29 @@ def test_second_layer_alone_trains_under_a_dispatch_mode(backend, weight):
             y = call(trained)
             y.backward(got_dy)
         assert_close(trained[index].grad, want, torch.float32, f"grad {weight}")
+
+
+def test_packed_ops_on_meta_tensors(auto_backend):
+    """Meta tokens run the packed ops as they run the dense ones (shapes only, forward and backward,
+    as a loop of PyTorch's pooling over the images does): the PyTorch path reads the host geometry
+    table, which a meta copy of it has no values for (every packed op but the merge's block order
+    raised NotImplementedError, "Cannot copy out of meta tensor")."""
+    grids, grids_thw = torch.tensor([[4, 4], [3, 5]]), torch.tensor([[1, 4, 4], [1, 2, 6]])
+    w1, w1_merge, w2 = (torch.empty(*shape, device="meta", requires_grad=True) for shape in ((6, 8), (6, 32), (5, 6)))
+    norm_weight = torch.empty(8, device="meta", requires_grad=True)
+    ops = {
+        "adaptive_avg_pool_tokens_packed": (31, lambda x: deco_ops.adaptive_avg_pool_tokens_packed(x, grids, stride=2), 8),
+        "bilinear_pool_tokens_packed": (31, lambda x: deco_ops.bilinear_pool_tokens_packed(x, grids, stride=2), 8),
+        "pool_mlp_packed": (31, lambda x: deco_ops.pool_mlp_packed(x, grids, w1, None, w2, None, stride=2), 5),
+        "mlp_pool_packed": (31, lambda x: deco_ops.mlp_pool_packed(x, grids, w1, None, w2, None, stride=2), 5),
+        "merge_mlp_packed grid": (28, lambda x: deco_ops.merge_mlp_packed(x, grids_thw, norm_weight, None, w1_merge, None, w2, None,
+                                                                           order="grid"), 5),
+    }
+    for name, (tokens, op, width) in ops.items():
+        x = torch.empty(tokens, 8, device="meta", requires_grad=True)
+        y, cu = op(x)
+        want_rows = 10 if tokens == 31 else 7
+        assert y.shape == (want_rows, width) and y.device.type == "meta", name
+        assert cu.shape == (3,) and cu.dtype == torch.int32, name
+        y.sum().backward()
+        assert x.grad.shape == x.shape and x.grad.device.type == "meta", name
