@@ -51,10 +51,11 @@ def _batch_and_keys(k: torch.Tensor, cu_seqlens_k: torch.Tensor | None, max_seql
 def _rng_pair(rng: torch.Tensor | None) -> tuple[int, int] | tuple[torch.Tensor, torch.Tensor] | None:
     """The dropout stream (seed, offset) for the PyTorch paths: Python ints, or 0-d tensors where
     ``rng`` has no values to read (a FakeTensor while torch.compile or opcheck traces the op, which
-    failed on the H200 as a data-dependent read); the reference's Philox draws the same from either."""
+    failed on the H200 as a data-dependent read, or a meta draw: meta tensors have no values); the
+    reference's Philox draws the same from either."""
     if rng is None:
         return None
-    if type(rng) is not torch.Tensor:
+    if type(rng) is not torch.Tensor or rng.is_meta:
         return rng[0], rng[1]
     return tuple(int(x) for x in rng.tolist())
 

@@ -646,3 +646,20 @@ def test_one_kernel_backward(B, Bq, M, N, H, D, lens, dtype):
         assert (dkdv_run.call_count, dq_run.call_count) == (3, 2), "deterministic mode ran the float-atomic dQ"
     _check(got, _reference(q, k, v, dout, kv_lens), dtype, kv_lens, N)
     assert torch.equal(got[2], fa2[2]) and torch.equal(got[3], fa2[3])
+
+
+def test_dropout_on_meta_tensors():
+    """Meta q, k, v with dropout run as SDPA runs them there (shapes, forward and backward, the
+    weights too): the dropout seed drawn on the meta device has no values, and the PyTorch path read
+    them (NotImplementedError "Cannot copy out of meta tensor")."""
+    def meta(*shape, **kwargs):
+        return torch.empty(*shape, device="meta", **kwargs)
+
+    q, k = meta(2, 3, 2, 8, requires_grad=True), meta(2, 5, 2, 8, requires_grad=True)
+    with deco_ops.use_backend("auto"):
+        out, weights = cross_attention(q, k, k, dropout_p=0.2, need_weights=True, kv_lens=meta(2, dtype=torch.int32))
+        (out.sum() + weights.sum()).backward()
+        assert out.shape == (2, 3, 2, 8) and weights.shape == (2, 3, 5) and out.device.type == "meta"
+        assert q.grad.shape == q.shape and k.grad.shape == k.shape
+        module = deco_ops.CrossAttention(16, 2, dropout=0.1, device="meta")
+        assert module(meta(3, 2, 16), meta(5, 2, 16), meta(5, 2, 16))[0].shape == (3, 2, 16)
