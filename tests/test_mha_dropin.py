@@ -561,6 +561,22 @@ def test_value_checks_are_off_on_cuda_by_default_and_off_everywhere_at_0(monkeyp
         ours(q, k, k, keep, need_weights=False)
 
 
+@pytest.mark.parametrize("checks", ["", "1"])
+def test_a_meta_padding_mask_is_never_read(checks, monkeypatch, auto_backend):
+    """A bool key_padding_mask on the meta device has no values for the keep-mask warning to read:
+    the module runs as ``nn.MultiheadAttention`` does there (shapes), with value checks on by
+    default or forced (it raised NotImplementedError from ``nonzero`` on meta)."""
+    monkeypatch.setenv("DECO_OPS_CHECKS", checks)
+    mha, ours = (cls(E, H, device="meta") for cls in (nn.MultiheadAttention, CrossAttention))
+    q, k = torch.empty(L, B, E, device="meta"), torch.empty(S, B, E, device="meta")
+    kpm = torch.empty(B, S, dtype=torch.bool, device="meta")
+    for need_weights in (True, False):
+        want = mha(q, k, k, kpm, need_weights=need_weights)
+        got = ours(q, k, k, kpm, need_weights=need_weights)
+        assert got[0].shape == want[0].shape and got[0].device.type == "meta"
+        assert (got[1] is None) == (want[1] is None) and (got[1] is None or got[1].shape == want[1].shape)
+
+
 def test_masks_become_a_bias_without_reading_values():
     """Any key_padding_mask / attn_mask becomes an additive bias on the device: no host read (so no
     synchronisation), whatever the pattern (left padding here) and the value-check setting."""
