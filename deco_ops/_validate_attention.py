@@ -115,6 +115,9 @@ def cu_seqlens(value, total: int, device: torch.device) -> tuple[torch.Tensor, i
         raise ValueError(f"cu_seqlens_k must have B + 1 >= 2 entries, got {value.shape[0]}")
     if value.device != device:
         raise ValueError(f"cu_seqlens_k is on {value.device} but q is on {device}")
+    if value.is_meta:  # as packed grids: the offsets are read on the host, and a meta tensor has none
+        raise ValueError("cu_seqlens_k must hold its values (a CPU or GPU tensor; its offsets size the launch), "
+                         "got a tensor on the meta device")
     _validate.not_traced("cu_seqlens_k")
     offsets = value.tolist()  # the one host transfer (a sync when on the GPU): sizes the launch
     lens = [b - a for a, b in zip(offsets, offsets[1:])]

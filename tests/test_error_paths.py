@@ -91,6 +91,12 @@ def on_cpu(fn):
         return fn()
 
 
+def on_auto(fn):
+    """``fn()`` on the default backend (meta tensors: the Triton backend has no kernels for them)."""
+    with deco_ops.use_backend("auto"):
+        return fn()
+
+
 def under_autocast(fn):
     """``fn()`` inside a bf16 autocast region of the suite's device."""
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
@@ -197,6 +203,10 @@ CASES = [
     ("cu-device", lambda mp: attention(k=torch.randn(9, 2, 16), v=torch.randn(9, 2, 16),
                                        cu_seqlens_k=torch.tensor([0, 9], dtype=torch.int32, device=META)),
      ValueError, "cu_seqlens_k is on meta but q is on (cpu|cuda)"),
+    ("cu-meta", lambda mp: on_auto(lambda: attention(
+        q=torch.empty(2, 4, 2, 16, device=META), k=torch.empty(9, 2, 16, device=META), v=torch.empty(9, 2, 16, device=META),
+        cu_seqlens_k=torch.tensor([0, 4, 9], dtype=torch.int32, device=META))),
+     ValueError, "cu_seqlens_k must hold its values .* got a tensor on the meta device"),
     ("cu-start", lambda mp: packed_keys([1, 4, 9]), ValueError, r"cu_seqlens_k must start at 0.*got \[1, 4, 9\]"),
     ("cu-decreasing", lambda mp: packed_keys([0, 5, 4]), ValueError, r"never decrease.*got \[0, 5, 4\]"),
     ("cu-past-total", lambda mp: packed_keys([0, 4, 10]), ValueError, r"end at most at total_N=9, got \[0, 4, 10\]"),
