@@ -10,6 +10,7 @@ documented transfer (one ``tolist()``), and the offsets are checked from that ho
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -129,7 +130,7 @@ def cu_seqlens(value, total: int, device: torch.device) -> tuple[torch.Tensor, i
 def scale(value, D: int) -> float:
     if value is None:
         return 1.0 / math.sqrt(D)  # SDPA's default, computed as it computes it (``D ** -0.5`` may differ in the last bit)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):  # numpy's too, as SDPA takes them
         raise TypeError(f"softmax_scale must be a finite float or None, got {value!r}")
     if not -math.inf < value < math.inf:  # comparisons: a SymFloat under torch.compile too
         raise ValueError(f"softmax_scale must be a finite float or None, got {value!r}")
@@ -137,7 +138,7 @@ def scale(value, D: int) -> float:
 
 
 def dropout(p, generator) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+    if isinstance(p, bool) or not isinstance(p, (int, float, numbers.Real)) or not 0.0 <= p < 1.0:  # numpy's too, as SDPA
         raise ValueError(f"dropout_p must be a float in [0, 1), got {p!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")

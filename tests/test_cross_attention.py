@@ -663,3 +663,19 @@ def test_dropout_on_meta_tensors():
         assert q.grad.shape == q.shape and k.grad.shape == k.shape
         module = deco_ops.CrossAttention(16, 2, dropout=0.1, device="meta")
         assert module(meta(3, 2, 16), meta(5, 2, 16), meta(5, 2, 16))[0].shape == (3, 2, 16)
+
+
+def test_numpy_scalars_for_scale_and_dropout(backend):
+    """``softmax_scale`` and ``dropout_p`` as numpy's float32 scalars, as SDPA takes them (and as the
+    modules take numpy's reals for their dropout): the same result as the Python floats (a
+    TypeError for the scale and a ValueError 'dropout_p must be a float in [0, 1), got
+    np.float32(0.0)' for a dropout in range before)."""
+    np = pytest.importorskip("numpy")
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (randn(2, n, 2, 16, generator=gen) for n in (4, 9, 9))
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *(t.double().transpose(1, 2) for t in (q, k, v)), scale=float(np.float32(0.3))).transpose(1, 2)
+    got = cross_attention(q, k, v, softmax_scale=np.float32(0.3), dropout_p=np.float32(0.0))
+    assert_close(got, want, torch.float32)
+    seeded = [cross_attention(q, k, v, dropout_p=p, generator=torch.Generator().manual_seed(3)) for p in (np.float32(0.25), 0.25)]
+    assert torch.equal(seeded[0], seeded[1])
