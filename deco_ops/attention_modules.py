@@ -142,10 +142,13 @@ def _check_attn_mask(attn_mask, B: int, H: int, M: int, N: int, device: torch.de
     """A module's ``attn_mask``: a bool or float tensor of shape (``M``, ``N``) or (``B`` * ``H``,
     ``M``, ``N``), as ``nn.MultiheadAttention`` takes it, on the inputs' ``device``."""
     _check_mask_kind("attn_mask", attn_mask)
-    if tuple(attn_mask.shape) not in ((M, N), (B * H, M, N)):
+    shape = tuple(attn_mask.shape)
+    # == rather than ``in``: while torch.compile traces, ``in`` compares a static mask shape with
+    # the symbolic sizes of a recompile as different objects (False), where == compares values
+    if not (shape == (M, N) or shape == (B * H, M, N)):
         raise ValueError(
             f"attn_mask must have shape (queries, keys) = {(M, N)} or (batch * num_heads, queries, keys) = "
-            f"{(B * H, M, N)}, got {tuple(attn_mask.shape)}"
+            f"{(B * H, M, N)}, got {shape}"
         )
     if attn_mask.device != device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but the inputs are on {device}")

@@ -84,6 +84,7 @@ def _compare(ours, mha, inputs, **kwargs):
         assert_close(weights, ref_weights, torch.float32, "attn_output_weights")
     assert grads.keys() == ref_grads.keys()
     for name, got in grads.items():
+        name = name.removeprefix("_orig_mod.")  # the compiled wrapper's names for ours
         assert_close(got, ref_grads[name], torch.float32, f"grad {name}")
 
 
@@ -621,3 +622,24 @@ def test_which_path_runs():
         assert (kernel.call_count, pytorch.call_count) == (3, 0)
         ours(q, k, v, attn_mask=_causal("float").requires_grad_(True))
         assert (kernel.call_count, pytorch.call_count > 0) == (3, True)
+
+
+def test_torch_compile_takes_an_attn_mask_first_seen_after_a_dynamic_recompile():
+    """A compiled module called without a mask, then with one at other sizes: the recompile makes
+    the query and key counts symbolic while the new mask's shape is static, and the shape check
+    compared them with ``in`` (False while Dynamo traces): it raised its ValueError on a mask
+    nn.MultiheadAttention takes. Outputs, weights and gradients as MHA's in float64."""
+    torch._dynamo.reset()
+    ours, mha = _pair(CONFIGS["bias_kv"])
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(3)
+    compiled(*(randn(B, n, E, generator=g) for n in (L, S, S)))
+    inputs = tuple(randn(B, n, E, generator=g) for n in (L + 1, S + 2, S + 2))
+    mask = randn(L + 1, S + 2, generator=g)
+    out, weights, grads = _run(compiled, inputs, torch.float32, attn_mask=mask)
+    ref, ref_weights, ref_grads = _run(mha, inputs, torch.float64, attn_mask=mask)
+    assert_close(out, ref, torch.float32, "attn_output")
+    assert_close(weights, ref_weights, torch.float32, "attn_output_weights")
+    for name, got in grads.items():
+        name = name.removeprefix("_orig_mod.")  # the compiled wrapper's names for ours
+        assert_close(got, ref_grads[name], torch.float32, f"grad {name}")
