@@ -91,7 +91,9 @@ def attn_mask(value, shape: tuple[int, int, int, int], device: torch.device) -> 
     _validate.tensor("attn_mask", value)
     if not (value.dtype == torch.bool or value.is_floating_point()):
         raise TypeError(f"attn_mask must be bool (True = attend) or floating (added to the scores), got {value.dtype}")
-    if value.dim() > 4 or any(n not in (1, want) for n, want in zip(reversed(value.shape), reversed(shape))):
+    # != rather than ``in``: while torch.compile traces, ``in`` compares a static mask size with the
+    # symbolic sizes of a recompile as different objects, where != compares values
+    if value.dim() > 4 or any(n != 1 and n != want for n, want in zip(reversed(value.shape), reversed(shape))):
         raise ValueError(
             f"attn_mask of shape {tuple(value.shape)} does not broadcast to (B, H, M, N) = {shape} "
             "(batch, heads, queries, keys; SDPA's convention)"

@@ -505,3 +505,28 @@ def test_query_resampler_key_padding_mask_with_holes(backend):
     for b in range(2):  # each row alone, only its kept tokens
         alone = m(x[b:b + 1, ~ignore[b]])
         assert_close(out[b:b + 1], alone, torch.float32, f"batch {b}")
+
+
+def test_torch_compile_takes_a_mask_first_seen_after_a_dynamic_recompile():
+    """``cross_attention`` compiled, called without a mask, then with a per-key mask at other sizes:
+    the recompile makes B, M and N symbolic while the new mask's shape is static, and the broadcast
+    check compared them with ``in`` (False while Dynamo traces), raising its ValueError on a mask
+    that broadcasts. Forward and gradients against the float64 softmax."""
+    torch._dynamo.reset()
+    compiled = torch.compile(cross_attention, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(0)
+    H, D = 2, 8
+    compiled(*(randn(2, n, H, D, generator=g) for n in (4, 5, 5)))
+    B, M, N = 3, 6, 9
+    q, k, v = (leaf(randn(B, n, H, D, generator=g), torch.float32) for n in (M, N, N))
+    mask = torch.rand(B, 1, 1, N, generator=g) > 0.3
+    mask[..., 0] = True
+    out = compiled(q, k, v, attn_mask=mask)
+    dout = randn(*out.shape, generator=g)
+    out.backward(dout)
+    ref_inputs = [leaf(t.detach(), torch.float64) for t in (q, k, v)]
+    ref, _ = _softmax_reference(*ref_inputs, _additive(mask).expand(B, H, M, N))
+    ref.backward(dout.double())
+    assert_close(out, ref, torch.float32)
+    for name, got, want in zip("qkv", (q.grad, k.grad, v.grad), ref_inputs):
+        assert_close(got, want.grad, torch.float32, f"grad {name}")
