@@ -59,7 +59,7 @@ def qkv(q, k, v, packed: bool) -> tuple[int, int]:
 
 
 def query_batch(q: torch.Tensor, B: int) -> None:
-    if q.shape[0] not in (1, B):
+    if q.shape[0] != 1 and q.shape[0] != B:  # != rather than ``in``: as attn_mask's check, for torch.compile's symbolic sizes
         raise ValueError(f"q has batch {q.shape[0]}; it must be 1 (queries shared by the batch) or the key batch {B}")
 
 

@@ -2748,4 +2748,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "not isinstance(value, (int, float, numbers.Real))", "not isinstance(value, (int, float))",
            ("tests/test_cross_attention.py", "-k", "numpy_scalars"),
            "a numpy float32 softmax_scale refused with a TypeError where SDPA takes it"),
+    # exploratory hunt 2026-12-06f: drop-in modules (masks first seen after torch.compile's dynamic recompile)
+    Mutant("mha_attn_mask_shape_by_in", "deco_ops/attention_modules.py",
+           "if not (shape == (M, N) or shape == (B * H, M, N)):", "if shape not in ((M, N), (B * H, M, N)):",
+           ("tests/test_mha_dropin.py", "-k", "recompile"),
+           "CrossAttention's attn_mask shape checked with `in`: Dynamo finds a static mask shape not in the symbolic sizes, ValueError"),
+    Mutant("attn_mask_broadcast_by_in", "deco_ops/_validate_attention.py",
+           "any(n != 1 and n != want for", "any(n not in (1, want) for",
+           ("tests/test_masks.py", "-k", "recompile"),
+           "cross_attention's mask broadcast checked with `in`: a mask first seen after a dynamic recompile refused"),
 )
