@@ -39,6 +39,7 @@ of a plan: the ops run them on every call.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import operator
 from collections.abc import Callable, Iterator, Sequence
@@ -285,7 +286,10 @@ class Plans:
 
     def __init__(self, build: Callable[..., object]):
         self._build = build
-        self._plans: dict[tuple, Recent] = {}
+        # insertion-ordered; ``popitem(last=False)`` drops the oldest in one call, where picking it by
+        # ``next(iter(...))`` and then deleting it raised ``KeyError`` (another thread dropped it in
+        # between) or "dictionary changed size during iteration" (another thread added one)
+        self._plans: collections.OrderedDict[tuple, Recent] = collections.OrderedDict()
         self._recent: tuple[Recent, ...] = ()  # the last two signatures used, the last first
 
         # ``get`` while no signature is recent: a check that no state passes, so every call goes
@@ -328,8 +332,9 @@ class Plans:
                 return plan  # not kept, so the first call after the capture measures
             recent = Recent(args, key[:_STATE_SIZE], plan, self._miss)
             self._plans[key] = recent
-            if len(self._plans) > MAX_PLANS:
-                del self._plans[next(iter(self._plans))]
+            if len(self._plans) > MAX_PLANS:  # one C call: threads building plans at once may both drop one
+                with contextlib.suppress(KeyError):  # (another thread's ``clear`` emptied them meanwhile)
+                    self._plans.popitem(last=False)
         recents = self._recent  # again: the build may have cleared the plans (a strategy decision changed)
         self._recent = (recent, recents[0]) if recents and recents[0] is not recent else (recent,)
         self._install()

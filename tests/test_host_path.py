@@ -328,6 +328,29 @@ def test_plans_are_bounded_and_hold_no_tensor(default_path, monkeypatch):
     assert alive() is None
 
 
+def test_dropping_the_oldest_plan_while_another_thread_does(default_path, monkeypatch):
+    """Threads building plans past ``MAX_PLANS`` at once (a serving process whose packed layouts or
+    lengths vary) both dropped the oldest plan: picked by ``next(iter(plans))``, then deleted, so
+    the second delete raised ``KeyError`` out of the op call, or the pick "dictionary changed size
+    during iteration" (4 threads, 3000 pooling calls each of varying lengths: one of either). Here
+    "another thread" drops the oldest plan as soon as one is picked by iterating."""
+    monkeypatch.setattr(_plan, "MAX_PLANS", 2)
+    plans = projector._pool_mlp_plans
+
+    class DroppedMeanwhile(type(plans._plans)):
+        def __iter__(self):
+            for key in list(super().__iter__()):
+                self.pop(key, None)
+                yield key
+
+    monkeypatch.setattr(plans, "_plans", DroppedMeanwhile())
+    x, *params = _projector_inputs()
+    for batch in range(1, 6):
+        y = _pool_mlp(x.expand(batch, -1, -1), *params)
+        assert_close(y, _pool_mlp(x.double().expand(batch, -1, -1), *(p.double() for p in params)), torch.float32)
+    assert len(plans._plans) <= 2
+
+
 @pytest.mark.parametrize("op,backward_op", [("pool_mlp", "mlp_activation_backward"), ("pool_linear", "unpool_tokens"),
                                             ("cross_attention_lens", "cross_attention_backward"),
                                             ("mlp_pool", "mlp_pool_act_backward"), ("merge_mlp", "merge_norm_backward"),
