@@ -58,6 +58,8 @@ takes Triton's path (whose autotuner then launches its preset config untimed, ``
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import inspect
 import operator
@@ -155,7 +157,7 @@ class CompiledLaunch:
         self.tuned = tuned
         self.names = tuple(jit.arg_names)
         self.constexprs = frozenset(jit.arg_names[i] for i in jit.constexprs)
-        self.signatures: dict[tuple, _Signature | None] = {}
+        self.signatures: collections.OrderedDict[tuple, _Signature | None] = collections.OrderedDict()  # oldest first
         _all.add(self)
 
     def __getitem__(self, grid):
@@ -196,8 +198,9 @@ class CompiledLaunch:
         reason = self._fallback_reason(args, kwargs)
         tuning = None if self.tuned is None else self.tuned.cache
         self.signatures[key] = None if reason else _Signature(compiled, self._tail(args, kwargs), tuning)
-        if len(self.signatures) > MAX_SIGNATURES:
-            del self.signatures[next(iter(self.signatures))]
+        if len(self.signatures) > MAX_SIGNATURES:  # one C call, as _plan.Plans drops its oldest plan:
+            with contextlib.suppress(KeyError):  # threads launching new signatures at once may both drop one
+                self.signatures.popitem(last=False)
         return compiled
 
     def _fallback_reason(self, args: tuple, kwargs: dict) -> str:

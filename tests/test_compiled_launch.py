@@ -433,6 +433,26 @@ def test_signatures_per_kernel_are_bounded(fake_driver):
     assert not launches.signatures
 
 
+def test_dropping_the_oldest_signature_while_another_thread_does(fake_driver, monkeypatch):
+    """Threads launching new signatures past ``MAX_SIGNATURES`` at once both drop the oldest: picked
+    by iterating, then deleted, the second delete raised ``KeyError`` out of the launch (as
+    ``_plan.Plans`` did, tests/test_host_path.py). Here "another thread" drops each key as it is picked."""
+    monkeypatch.setattr(_compiled_launch, "MAX_SIGNATURES", 2)
+    jit = fake_jit()
+    launches = _compiled_launch.CompiledLaunch(jit, Counted(jit.run))
+
+    class DroppedMeanwhile(type(launches.signatures)):
+        def __iter__(self):
+            for key in list(super().__iter__()):
+                self.pop(key, None)
+                yield key
+
+    launches.signatures = DroppedMeanwhile()
+    for n in range(5):
+        launches[(1,)](tensor(8), tensor(8), n, 1, 0.5, True, BLOCK=32)
+    assert 1 <= len(launches.signatures) <= 2 and launches.normal.calls == 5
+
+
 # ----------------------------------------------------------------------------------------------
 # the setting
 

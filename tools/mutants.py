@@ -2220,7 +2220,7 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_host_path.py", "-k", "last_signatures"),
            "a signature holds a plain argument's value without its type: 1 and 1.0 (True and 1) share a plan"),
     Mutant("plans_evict_newest", "deco_ops/_plan.py",
-           "del self._plans[next(iter(self._plans))]", "del self._plans[next(reversed(self._plans))]",
+           "self._plans.popitem(last=False)", "self._plans.popitem(last=True)",
            ("tests/test_host_path.py", "-k", "bounded"),
            "past MAX_PLANS the plan just built is dropped, not the oldest: a model's new signatures are built again on every call"),
     Mutant("unplanned_is_a_noop", "deco_ops/_plan.py", "    _unplanned = True\n    try:", "    _unplanned = False\n    try:",
@@ -2757,4 +2757,17 @@ MUTANTS: tuple[Mutant, ...] = (
            "any(n != 1 and n != want for", "any(n not in (1, want) for",
            ("tests/test_masks.py", "-k", "recompile"),
            "cross_attention's mask broadcast checked with `in`: a mask first seen after a dynamic recompile refused"),
+    # exploratory hunt 2026-12-06f: threads (the oldest plan / launch signature dropped by two threads at once)
+    Mutant("plans_drop_oldest_in_two_steps", "deco_ops/_plan.py",
+           "                with contextlib.suppress(KeyError):  # (another thread's ``clear`` emptied them meanwhile)\n"
+           "                    self._plans.popitem(last=False)\n",
+           "                del self._plans[next(iter(self._plans))]\n",
+           ("tests/test_host_path.py", "-k", "another_thread"),
+           "the oldest plan picked, then deleted: a second thread dropping it meanwhile makes the op call raise KeyError"),
+    Mutant("launch_signatures_drop_oldest_in_two_steps", "kernels/_compiled_launch.py",
+           "            with contextlib.suppress(KeyError):  # threads launching new signatures at once may both drop one\n"
+           "                self.signatures.popitem(last=False)\n",
+           "            del self.signatures[next(iter(self.signatures))]\n",
+           ("tests/test_compiled_launch.py", "-k", "another_thread"),
+           "the oldest launch signature picked, then deleted: a second thread dropping it meanwhile makes the launch raise KeyError"),
 )
