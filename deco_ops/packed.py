@@ -244,11 +244,15 @@ def dense_geometry(grid, out_grid, x: torch.Tensor) -> torch.Tensor:
     tensor for the same batch, so its index tables are cached too; larger batches than the table
     build their own); a traced call (``torch.compile`` / ``torch.export``, ``x`` a FakeTensor or
     another subclass the kernels' launches call traced, ``tracing``; a profiler's or a kernel
-    counter's dispatch mode runs plain tensors) or a meta ``x`` gets one built by tensor ops
-    (``_geometry_by_tensor_ops``)."""
+    counter's dispatch mode runs plain tensors; ``torch.jit.trace``, whose graph must record the
+    table as ops of the batch size: a cached table is a constant, sliced at its capacity on replay,
+    and one built by the first call is not the constant its check's replay finds) or a meta ``x``
+    gets one built by tensor ops (``_geometry_by_tensor_ops``)."""
     grid, out_grid = tuple(grid), tuple(out_grid)
     batch, device = x.shape[0], x.device
     if torch.compiler.is_compiling() or device.type == "meta" or tracing((x,)):
+        return _geometry_by_tensor_ops(grid, out_grid, batch, device)
+    if _validate.tracing_state() is not None:  # torch.jit.trace: recorded, never a cached constant
         return _geometry_by_tensor_ops(grid, out_grid, batch, device)
     if batch > _capacity(grid, out_grid):
         return packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), batch, device)

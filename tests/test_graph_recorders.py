@@ -62,6 +62,56 @@ def test_traced_module_matches_the_module(name, backend, grad):
         _assert_computes_as(module, _saved_and_loaded(traced, torch.jit.save, torch.jit.load), other, g, name)
 
 
+def _dense_geometry_modules():
+    """name -> module of the ops that read a dense batch's geometry table (bilinear resampling,
+    project-then-pool)."""
+    torch.manual_seed(0)
+    return {
+        "bilinear_pool_tokens": Calls(lambda x: deco_ops.bilinear_pool_tokens(x, GRID, OUT_GRID)),
+        "mlp_pool": deco_ops.DeCoProjector(C, 16, grid=GRID, out_grid=OUT_GRID, order="mlp_pool"),
+        "pool_mlp_bilinear": deco_ops.DeCoProjector(C, 16, grid=GRID, out_grid=OUT_GRID, mode="bilinear"),
+    }
+
+
+def _trace_with_fresh_tables(module, x, monkeypatch, capacity):
+    """``torch.jit.trace(module, (x,))`` (its check on) with the dense geometry tables' caches
+    empty and at most ``capacity`` images per cached table."""
+    from deco_ops import packed
+    from deco_ops.kernels import packed_pool
+
+    monkeypatch.setattr(packed, "DENSE_GEOMETRY_CAPACITY", capacity)
+    packed._dense_geometry_view.cache_clear()
+    packed_pool.dense_geometry.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return torch.jit.trace(module, (x,))
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("name", list(_dense_geometry_modules()))
+def test_traced_dense_geometry_passes_the_check(name, backend, monkeypatch):
+    """The geometry table of a dense batch is recorded as tensor ops, never as the cached table:
+    the first call built it (ops in the graph) and the check's replay found it cached (a constant),
+    two graphs, so the trace raised TracingCheckError."""
+    module = _dense_geometry_modules()[name].to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    with deco_ops.use_backend(backend):
+        traced = _trace_with_fresh_tables(module, randn(2, 16, C, generator=g), monkeypatch, 3)
+        _assert_computes_as(module, traced, randn(2, 16, C, generator=g), g, name)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the PyTorch backend's path (the kernels' take their row count as a traced constant)")
+@pytest.mark.parametrize("name", list(_dense_geometry_modules()))
+def test_traced_dense_geometry_follows_the_batch(name, monkeypatch):
+    """A trace replayed at a batch larger than the cached table (sliced from a constant table, it
+    stopped at the table's capacity: an error) runs it on the PyTorch backend."""
+    module = _dense_geometry_modules()[name].to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    with deco_ops.use_backend("torch"):
+        traced = _trace_with_fresh_tables(module, randn(2, 16, C, generator=g), monkeypatch, 3)
+        _assert_computes_as(module, traced, randn(5, 16, C, generator=g), g, name)
+
+
 @pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("name", list(_modules()))
