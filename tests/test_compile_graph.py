@@ -132,6 +132,58 @@ def test_patch_merger_kernels_in_compiled_graph(traced_triton):
     assert "merge_gemm_kernel" in forward
 
 
+def _pooled64(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
+    """float64 ``F.adaptive_avg_pool2d`` of the (B, H*W, C) token grid, as (B, OH*OW, C)."""
+    B, _, C = x.shape
+    image = x.double().transpose(1, 2).reshape(B, C, *grid)
+    return F.adaptive_avg_pool2d(image, out_grid).flatten(2).transpose(1, 2)
+
+
+def _mlp64(x: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+    return F.linear(F.gelu(F.linear(x.double(), w1.double(), b1.double())), w2.double(), b2.double())
+
+
+def test_project_then_pool_compiles_for_a_new_batch(traced_triton):
+    """``DeCoProjector(order="mlp_pool")`` compiled, then called with another batch size
+    (automatic dynamic shapes: the batch is symbolic in the recompiled graph): the first GEMM pools
+    the token axis to itself, whose window was looked up in a cache by its symbolic length, an
+    unhashable SymInt (BackendCompilerFailed). Values and gradients of float64's."""
+    torch.manual_seed(0)
+    proj = deco_ops.DeCoProjector(8, 12, hidden_features=16, grid=(4, 4), out_grid=(2, 2), order="mlp_pool")
+    (w1, b1), (w2, b2) = ((layer.weight, layer.bias) for layer in (getattr(proj, "0"), getattr(proj, "2")))
+    torch._dynamo.reset()
+    compiled = torch.compile(proj, backend="aot_eager", fullgraph=True)
+    for batch in (2, 3):
+        x = torch.randn(batch, 16, 8, requires_grad=True)
+        y = compiled(x)
+        want = _pooled64(_mlp64(x, w1, b1, w2, b2), (4, 4), (2, 2))
+        assert_close(y, want, torch.float32)
+        dy = torch.randn_like(y)
+        got = torch.autograd.grad(y, [x, w1], dy)
+        wanted = torch.autograd.grad(want, [x, w1], dy.double())
+        for what, a, b in zip(["x", "w1"], got, wanted):
+            assert_close(a, b, torch.float32, what=f"gradient of {what}")
+
+
+@pytest.mark.parametrize("op", ["adaptive_avg_pool_tokens", "pool_mlp"])
+def test_symbolic_grids_compile(op, traced_triton):
+    """``torch.compile(dynamic=True)`` of a call whose grids are arguments: they are symbolic, and
+    the pooling kernels' unrolled windows (constexprs) were looked up in a cache by them, an
+    unhashable SymInt (BackendCompilerFailed); the windows now specialise the graph on the grids."""
+    torch.manual_seed(0)
+    w1, b1, w2, b2 = torch.randn(16, 8) * 0.3, torch.randn(16), torch.randn(12, 16) * 0.3, torch.randn(12)
+    fn, ref = {
+        "adaptive_avg_pool_tokens": (deco_ops.adaptive_avg_pool_tokens, _pooled64),
+        "pool_mlp": (lambda x, g, o: deco_ops.pool_mlp(x, w1, b1, w2, b2, grid=g, out_grid=o),
+                     lambda x, g, o: _mlp64(_pooled64(x, g, o), w1, b1, w2, b2)),
+    }[op]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch, grid, out_grid in ((2, (4, 4), (2, 2)), (3, (6, 4), (3, 2))):
+        x = torch.randn(batch, grid[0] * grid[1], 8)
+        assert_close(compiled(x, grid, out_grid), ref(x, grid, out_grid), torch.float32)
+
+
 def test_bodies_traced_only_on_the_triton_backend_inside_the_block():
     """On CPU tensors a trace goes through an op body only inside ``trace_interpreted_kernels()``
     (an inner block leaves the outer one in force) and on the Triton backend: on the PyTorch
