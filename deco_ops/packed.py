@@ -250,9 +250,8 @@ def dense_geometry(grid, out_grid, x: torch.Tensor) -> torch.Tensor:
     gets one built by tensor ops (``_geometry_by_tensor_ops``)."""
     grid, out_grid = tuple(grid), tuple(out_grid)
     batch, device = x.shape[0], x.device
-    if torch.compiler.is_compiling() or device.type == "meta" or tracing((x,)):
-        return _geometry_by_tensor_ops(grid, out_grid, batch, device)
-    if _validate.tracing_state() is not None:  # torch.jit.trace: recorded, never a cached constant
+    if (torch.compiler.is_compiling() or device.type == "meta" or tracing((x,))
+            or _validate.tracing_state() is not None):  # torch.jit.trace: recorded, never a cached constant
         return _geometry_by_tensor_ops(grid, out_grid, batch, device)
     if batch > _capacity(grid, out_grid):
         return packed_pool.dense_geometry(as_3d(grid), as_3d(out_grid), batch, device)

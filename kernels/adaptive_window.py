@@ -9,8 +9,8 @@ Grids are handled as (T, H, W); a 2D grid is (1, H, W).
 import functools
 
 import triton
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 import triton.language as tl  # noqa: F401  (Triton's interpreter asserts every jit function's module sees it)
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 
 @triton.jit
