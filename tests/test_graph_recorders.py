@@ -100,7 +100,7 @@ def test_traced_dense_geometry_passes_the_check(name, backend, monkeypatch):
         _assert_computes_as(module, traced, randn(2, 16, C, generator=g), g, name)
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="the PyTorch backend's path (the kernels' take their row count as a traced constant)")
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the PyTorch backend's path (the kernels take their row count as a traced constant, docs/integrations.md)")
 @pytest.mark.parametrize("name", list(_dense_geometry_modules()))
 def test_traced_dense_geometry_follows_the_batch(name, monkeypatch):
     """A trace replayed at a batch larger than the cached table (sliced from a constant table, it
