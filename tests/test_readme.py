@@ -34,7 +34,7 @@ def test_readme_is_a_front_page():
     assert len(EXAMPLE.findall(text)) >= 3, "a quick start per compressor family"
     # the commands CI runs (.ci/run), as the README gives them
     ci = (ROOT / ".ci" / "run").read_text().replace(" -q", "")
-    for command in ('pip install torch==2.13.0', 'pip install -e ".[dev]"', "python -m pytest"):
+    for command in ('pip install torch==2.13.0', 'pip install -e ".[dev]"', "python -m pytest -n 2 --dist loadscope"):
         assert command in text and command in ci, command
     links = set(re.findall(r"\]\((docs/[^)#]+)", text))
     assert links >= WRITTEN_ELSEWHERE | {"docs/strategy.md", "docs/aot.md"}
