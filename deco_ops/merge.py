@@ -432,25 +432,34 @@ def _through(run, order, norm, activation, batched, layout, merge, pre, eps, kee
 def _checked(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation):
     """Every check of ``merge_mlp``: (whether x is batched (B, N, C), the dense grid's layout,
     merge size, whether the norm is pre-merge, eps as a float, whether autograd needs the residual)."""
+    x3 = as_batch(x)
+    merge, pre, eps = _check_params(x3, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, norm, norm_position, eps, activation)
+    _choice("order", order, ORDERS)
+    layout = token_layout(x3.shape[1], grid, merge, order)
+    keep = needs_residuals(x, norm_weight, norm_bias, w1, b1, w2, b2)
+    return x.dim() == 3, layout, merge, pre, eps, keep
+
+
+def as_batch(x: torch.Tensor) -> torch.Tensor:
+    """``merge_mlp``'s tokens as a batch: ``(B, N, C)`` as they are, ``(N, C)`` as one image."""
     _validate.tensor("x", x)
     if x.dim() not in (2, 3):
         raise ValueError(f"x must have 2 (N, C) or 3 (B, N, C) dimensions, got shape {tuple(x.shape)}")
-    x3 = x if x.dim() == 3 else x.unsqueeze(0)
-    merge, pre, eps = _check_params(x3, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, norm, norm_position, eps, activation)
-    _choice("order", order, ORDERS)
-    N = x3.shape[1]
+    return x if x.dim() == 3 else x.unsqueeze(0)
+
+
+def token_layout(tokens: int, grid, merge: int, order: str) -> list[int]:
+    """The dense grid ``[T, H, W]`` of an ``order="grid"`` input (``[]`` for ``"block"``), checked
+    against its token count and the merge size."""
     if order == "grid":
         if grid is None:
             raise ValueError("order='grid' needs grid=(H, W) or (T, H, W), the row-major token grid")
-        layout = _merge_grid(grid, merge, N)
-    else:
-        if grid is not None:
-            raise ValueError(f"grid is only used with order='grid' (row-major tokens), got grid={grid!r} with order='block'")
-        if N % (merge * merge):
-            raise ValueError(f"x has {N} tokens, not a multiple of merge_size**2 = {merge * merge} (order='block')")
-        layout = []
-    keep = needs_residuals(x, norm_weight, norm_bias, w1, b1, w2, b2)
-    return x.dim() == 3, layout, merge, pre, eps, keep
+        return _merge_grid(grid, merge, tokens)
+    if grid is not None:
+        raise ValueError(f"grid is only used with order='grid' (row-major tokens), got grid={grid!r} with order='block'")
+    if tokens % (merge * merge):
+        raise ValueError(f"x has {tokens} tokens, not a multiple of merge_size**2 = {merge * merge} (order='block')")
+    return []
 
 
 def _plan_of(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation):

@@ -8,8 +8,8 @@ import math
 import torch
 from torch import nn
 
-from . import _validate
-from .merge import NORM_POSITIONS, NORMS, ORDERS, check_eps, check_merge_grid, merge_mlp
+from . import _children, _validate, merge_reference, reference
+from .merge import NORM_POSITIONS, NORMS, ORDERS, as_batch, check_eps, check_merge_grid, merge_mlp, token_layout
 from .modules import check_parameter_dtype
 from .projector import ACTIVATIONS
 
@@ -31,6 +31,10 @@ _ACTIVATION_CLASSES = {
     "GELUActivation": "gelu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
     "NewGELUActivation": "gelu_tanh", "SiLU": "silu", "SiLUActivation": "silu", "QuickGELUActivation": "quick_gelu",
 }
+
+
+_LINEAR_FORWARD = nn.Linear.forward
+_NORM_FORWARDS = {"layernorm": nn.LayerNorm.forward, "rmsnorm": nn.RMSNorm.forward}
 
 
 def _at(module: nn.Module, path: tuple[str, ...]) -> nn.Module:
@@ -302,8 +306,9 @@ class PatchMergerProjector(nn.Module):
         norm_path, fc1_path, fc2_path = _PATHS[self.keys]
         norm, fc1, fc2 = _at(self, norm_path), _at(self, fc1_path), _at(self, fc2_path)
         _validate.tensor("x", x, 3 if self.order == "grid" else None)
+        direct = _children.read_directly((norm, _NORM_FORWARDS[self.norm_type]), (fc1, _LINEAR_FORWARD), (fc2, _LINEAR_FORWARD))
         blocks = self.merge_size * self.merge_size
-        if x.dim() >= 2 and x.shape[-1] * blocks != fc1.weight.shape[-1]:  # named here: merge_mlp would name w1 or norm_weight
+        if direct and x.dim() >= 2 and x.shape[-1] * blocks != fc1.weight.shape[-1]:  # named here: merge_mlp would name w1 or norm_weight
             raise ValueError(f"x has {x.shape[-1]} channels (x.shape[-1]) but this PatchMergerProjector takes "
                              f"in_features = {fc1.weight.shape[-1] // blocks}")
         if self.order == "grid" and grid is None:
@@ -313,11 +318,27 @@ class PatchMergerProjector(nn.Module):
             if side * side != x.shape[1]:
                 raise ValueError(f"x has {x.shape[1]} tokens, not a square grid; pass grid=(H, W) (drop any CLS token first)")
             grid = (side, side)
+        if not direct:
+            return self._calling_children(x, grid, norm, fc1, fc2)
         return merge_mlp(
             x, norm.weight, getattr(norm, "bias", None), fc1.weight, fc1.bias, fc2.weight, fc2.bias,
             grid=grid, merge_size=self.merge_size, order=self.order, norm=self.norm_type, norm_position=self.norm_position,
             eps=_rms_norm_default_eps(x) if self.eps is None else self.eps, activation=self.activation,
         )
+
+    def _calling_children(self, x, grid, norm: nn.Module, fc1: nn.Module, fc2: nn.Module) -> torch.Tensor:
+        """The replaced merger's computation with its norm and Linears called, where reading their
+        parameters would not be the same (``_children``: LoRA adapters, hooks, a subclass's forward)."""
+        x3, S = as_batch(x), self.merge_size
+        layout = token_layout(x3.shape[1], grid, S, self.order)
+
+        def merged(t: torch.Tensor) -> torch.Tensor:
+            return merge_reference.merge_tokens(t, S, self.order, layout, None)
+
+        rows = merged(norm(x3)) if self.norm_position == "pre" else norm(merged(x3))
+        y = fc2(reference.ACTIVATIONS[self.activation](fc1(rows)))
+        y = y.view(x3.shape[0], x3.shape[1] // (S * S), y.shape[-1])
+        return y if x.dim() == 3 else y[0]
 
     def extra_repr(self) -> str:
         return (

@@ -8,12 +8,14 @@ import math
 import torch
 from torch import nn
 
-from . import _validate
+from . import _children, _validate, reference
 from .projector import ACTIVATIONS, pool_mlp
 from .mlp_pool import mlp_pool
-from .packed import check_mode, pool_mlp_resampled
+from .packed import bilinear_pool_tokens, check_mode, pool_mlp_resampled
+from .pooling import adaptive_avg_pool_tokens
 
 ORDERS = ("pool_mlp", "mlp_pool")
+_LINEAR_FORWARD = nn.Linear.forward
 
 # Hugging Face activation names (``config.projector_hidden_act``, ``transformers.ACT2FN``) -> ours.
 # gelu_new and gelu_pytorch_tanh are the same tanh approximation of GELU; swish is SiLU.
@@ -188,6 +190,8 @@ class DeCoProjector(nn.Module):
                 f"{self.num_prefix_tokens} + {math.prod(grid)} = {expected} (grid {grid})"
             )
         fc1, fc2 = self.fc1, self.fc2
+        if not _children.read_directly((fc1, _LINEAR_FORWARD), (fc2, _LINEAR_FORWARD)):
+            return self._calling_children(x[:, self.num_prefix_tokens:], grid, out_grid, fc1, fc2)
         if x.shape[2] != fc1.weight.shape[1]:  # named here: the op would name w1, which the caller never passed
             raise ValueError(f"x has {x.shape[2]} features (x.shape[-1]) but this DeCoProjector takes in_features = {fc1.weight.shape[1]}")
         if self.num_prefix_tokens:
@@ -198,6 +202,16 @@ class DeCoProjector(nn.Module):
         if self.mode != "average":
             return pool_mlp_resampled(*params, grid=grid, out_grid=out_grid, activation=self.activation, mode=self.mode)
         return pool_mlp(*params, grid=grid, out_grid=out_grid, activation=self.activation)
+
+    def _calling_children(self, x, grid, out_grid, fc1: nn.Module, fc2: nn.Module) -> torch.Tensor:
+        """The replaced projector's computation with its Linears called, where reading their
+        parameters would not be the same (``_children``: LoRA adapters, hooks, a subclass's forward);
+        the pooling is still ours."""
+        pool = adaptive_avg_pool_tokens if self.mode == "average" else bilinear_pool_tokens
+        act = reference.ACTIVATIONS[self.activation]
+        if self.order == "mlp_pool":
+            return pool(fc2(act(fc1(x))), grid, out_grid)
+        return fc2(act(fc1(pool(x, grid, out_grid))))
 
     def extra_repr(self) -> str:
         return (
