@@ -214,3 +214,18 @@ def test_peft_lora_adapters_apply_and_train(kind, monkeypatch):
         peft.get_peft_model(module, peft.LoraConfig(r=4, target_modules=list(pair.paths[-2:]), init_lora_weights=False))
     assert sum("lora_" in name for name, _ in pair.ours.named_parameters()) == 4
     _check_calling_children(pair, monkeypatch)
+
+
+@pytest.mark.parametrize("kind", ["pool_mlp", "qwen2_vl"])
+def test_dynamically_quantized_linears_run(kind, backend, monkeypatch):
+    """``torch.ao.quantization.quantize_dynamic`` (CPU inference) swaps the Linears for int8 ones
+    whose ``weight`` is a method: ours runs them as the replaced module does (float32 both: the
+    quantized Linear takes nothing else). Before, reading ``weight`` raised."""
+    pair = Pair(kind)
+    pair.replaced.float()
+    for module in (pair.ours, pair.named):
+        torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    calls = _fused_calls(monkeypatch)
+    with torch.no_grad():
+        assert_close(pair.run(pair.ours, pair.x), pair.run(pair.replaced, pair.x), torch.float32)
+    assert not calls
