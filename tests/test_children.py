@@ -209,11 +209,17 @@ def test_peft_lora_adapters_apply_and_train(kind, monkeypatch):
     weights frozen, the adapters' gradients as the replaced module's."""
     peft = pytest.importorskip("peft")
     pair = Pair(kind)
+    wrapped = []
     for module in (pair.ours, pair.named):
         torch.manual_seed(0)  # the same adapter weights on both
-        peft.get_peft_model(module, peft.LoraConfig(r=4, target_modules=list(pair.paths[-2:]), init_lora_weights=False))
+        wrapped.append(peft.get_peft_model(module, peft.LoraConfig(r=4, target_modules=list(pair.paths[-2:]), init_lora_weights=False)))
     assert sum("lora_" in name for name, _ in pair.ours.named_parameters()) == 4
     _check_calling_children(pair, monkeypatch)
+    for model in wrapped:  # the adapters merged into the weights: plain Linears again, the fused op again
+        model.merge_and_unload()
+    calls = _fused_calls(monkeypatch)
+    pair.check()
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("kind", ["pool_mlp", "qwen2_vl"])
