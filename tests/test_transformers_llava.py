@@ -231,3 +231,64 @@ def test_save_pretrained_round_trip(tmp_path):
     reloaded, _ = llava_to_deco(reloaded)
     assert torch.equal(reloaded.model.multi_modal_projector.fc1.weight, trained)
     assert DeCoLlavaProcessor.from_pretrained(tmp_path).num_image_tokens == 16
+
+
+def test_projector_keeps_its_parameter_objects_so_an_existing_optimizer_trains_it():
+    """The converted projector holds the LLaVA's own Linear modules, not copies: an optimizer built
+    before the conversion (or anything else holding the parameters: tied references, param groups)
+    still updates the parameters the model runs. With copies, its steps went to orphaned tensors and
+    the projector never trained, silently."""
+    model, _ = tiny_llava()
+    old = model.model.multi_modal_projector
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    llava_to_deco(model)
+    deco = model.model.multi_modal_projector
+    assert deco.fc1 is old.linear_1 and deco.fc2 is old.linear_2
+    before = deco.fc1.weight.detach().clone()
+    x = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(4))
+    deco(x).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(deco.fc1.weight, before)
+
+
+def test_projector_with_lora_adapters_converts_and_keeps_them():
+    """peft's LoRA on the projector's Linears before the conversion (the PeftModel's LLaVA passed):
+    the DeCo projector runs the adapters, as the LoRA'd LLaVA projector does on the pooled grid
+    (float64 reference); the conversion raised on the adapters' state_dict keys before."""
+    peft = pytest.importorskip("peft")
+    model, _ = tiny_llava()
+    model.double()
+    torch.manual_seed(2)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["linear_1", "linear_2"], init_lora_weights=False))
+    llava = wrapped.base_model.model
+    reference = copy.deepcopy(llava.model.multi_modal_projector)
+    llava_to_deco(llava)
+    deco = llava.model.multi_modal_projector
+    assert isinstance(deco, deco_ops.DeCoProjector)
+    x = torch.randn(2, 64, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    out = deco(x)
+    assert_close(out, reference(torch.cat([_pooled64(x[i:i + 1], 8, 4) for i in range(2)])), torch.float32)
+    out.sum().backward()
+    assert all(p.grad is not None for n, p in deco.named_parameters() if "lora_" in n)
+
+
+def test_projector_offloaded_by_accelerate_converts(tmp_path):
+    """``from_pretrained(device_map=...)`` that offloads the projector (its weights on the meta device,
+    loaded by accelerate's hooks on each Linear per call): the converted model gives the logits of
+    the same checkpoint converted in memory. Its weights were copied from meta before: the forward
+    raised 'w1 is on meta'."""
+    pytest.importorskip("accelerate")
+    from transformers import LlavaForConditionalGeneration
+
+    model, processor = tiny_llava()
+    model, processor = llava_to_deco(model, processor)
+    model.save_pretrained(tmp_path / "model")
+    placement = {"model.vision_tower": "cpu", "model.language_model": "cpu", "lm_head": "cpu", "model.multi_modal_projector": "disk"}
+    offloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model", device_map=placement,
+                                                              offload_folder=tmp_path / "offload")
+    assert offloaded.model.multi_modal_projector.linear_1.weight.is_meta
+    llava_to_deco(offloaded)
+    assert hasattr(offloaded.model.multi_modal_projector, "_hf_hook")  # the dispatch's hook on the projector, carried
+    inputs = processor(images=image(), text=PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(offloaded(**inputs).logits, model(**inputs).logits)

@@ -21,6 +21,7 @@ split the projector's output by their own patch counts.
 
 from __future__ import annotations
 
+import importlib
 import math
 
 from ... import _validate
@@ -79,8 +80,9 @@ def llava_to_deco(model, processor=None, *, out_grid=None, num_prefix_tokens: in
 
     Args:
         model: the LLaVA model. Its ``multi_modal_projector`` (``linear_1``, act, ``linear_2``) is
-            replaced by a ``DeCoProjector`` holding the same weights (same dtype, device and
-            ``requires_grad``) in the same train/eval mode, with ``config.projector_hidden_act`` as its activation.
+            replaced by a ``DeCoProjector`` holding the same two Linear modules (the same parameter
+            objects; LoRA layers, accelerate's hooks and quantised Linears kept and run) in the same
+            train/eval mode, with ``config.projector_hidden_act`` as its activation.
         processor: optional ``LlavaProcessor``; a ``DeCoLlavaProcessor`` built from its parts is
             returned, writing ``prod(out_grid)`` ``<image>`` tokens per image.
         out_grid: the pooled grid, default half the patch grid per side rounded up (DeCo's 2x2
@@ -112,12 +114,19 @@ def llava_to_deco(model, processor=None, *, out_grid=None, num_prefix_tokens: in
     deco = DeCoProjector(
         first.in_features, second.out_features, hidden_features=first.out_features, grid=grid, out_grid=out_grid,
         activation=config.projector_hidden_act, order=order, mode=mode, num_prefix_tokens=num_prefix_tokens,
-        bias=first.bias is not None, keys="hf", device=first.weight.device, dtype=first.weight.dtype,
+        bias=first.bias is not None, keys="hf", device="meta",
     )
-    deco.load_state_dict(projector.state_dict())
-    for ours, theirs in zip(deco.parameters(), projector.parameters()):
-        ours.requires_grad_(theirs.requires_grad)
-    deco.train(projector.training)  # a model in eval mode keeps every submodule in it
+    # The projector's own Linear modules, not copies of their weights: the same parameter objects
+    # (an optimizer built before the conversion still trains them), and whatever wraps them stays
+    # and runs (peft's LoRA layers, accelerate's offloading hooks holding meta weights, quantised
+    # Linears): DeCoProjector calls such children (deco_ops._children). Copying lost all of these.
+    deco.linear_1, deco.linear_2 = first, second
+    deco.training = projector.training  # the children keep their own modes
+    # accelerate's hook on the projector itself (a device_map dispatch: moves its input to the
+    # projector's device) goes with it, as it would for the module replaced
+    hook = getattr(projector, "_hf_hook", None)
+    if hook is not None:
+        importlib.import_module("accelerate.hooks").add_hook_to_module(deco, hook)  # set only where accelerate is installed
     base.multi_modal_projector = deco
     config.image_seq_length = math.prod(deco.out_grid)
     if processor is None:
