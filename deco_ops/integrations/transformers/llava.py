@@ -21,7 +21,6 @@ split the projector's output by their own patch counts.
 
 from __future__ import annotations
 
-import importlib
 import math
 
 from ... import _validate
@@ -125,8 +124,10 @@ def llava_to_deco(model, processor=None, *, out_grid=None, num_prefix_tokens: in
     # accelerate's hook on the projector itself (a device_map dispatch: moves its input to the
     # projector's device) goes with it, as it would for the module replaced
     hook = getattr(projector, "_hf_hook", None)
-    if hook is not None:
-        importlib.import_module("accelerate.hooks").add_hook_to_module(deco, hook)  # set only where accelerate is installed
+    if hook is not None:  # set by accelerate, so installed
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(deco, hook)
     base.multi_modal_projector = deco
     config.image_seq_length = math.prod(deco.out_grid)
     if processor is None:
