@@ -243,6 +243,11 @@ def _setup(ctx, inputs, output):
     # The tokens are needed for dx, the norm's parameter gradients and dW1 (its A operand is
     # rebuilt from them); a frozen tower under a frozen first layer keeps nothing token-sized.
     tokens = x if need_x or need_nw or need_nb or need_w1 else None
+    if tokens is not None and tokens.is_inference():
+        # Tokens made under torch.inference_mode (a frozen tower run in it) cannot be saved for
+        # backward; eager PyTorch saves the norm's output, an ordinary tensor, and trains the
+        # layers after them: a copy of the tokens is saved instead (the size of what eager keeps)
+        tokens = tokens.clone()
     ctx.save_for_backward(tokens, nw, nb, w1, w2, geometry, output[1])
     ctx.set_materialize_grads(False)  # outputs nothing used (the residual) bring None, not zeros
     ctx.args = (grid, merge, order, norm, pre, eps)

@@ -422,3 +422,43 @@ def test_one_backward_node_runs_on_two_threads_at_once():
     finally:
         release.set()
         first.join()
+
+
+def _merge_reference(x, nw, w1, b1, w2, b2, norm):
+    """Qwen2/2.5-VL's merger in eager PyTorch: each token normed over C, 2x2 blocks concatenated, MLP."""
+    n = F.layer_norm(x, x.shape[-1:], nw, None, 1e-6) if norm == "layernorm" else F.rms_norm(x, x.shape[-1:], nw, 1e-6)
+    return F.linear(F.gelu(F.linear(n.reshape(*x.shape[:-2], -1, 4 * x.shape[-1]), w1, b1)), w2, b2)
+
+
+# name -> (fused op, eager twin, which of (norm weight, w1, b1, w2, b2) train): the cases that eager
+# PyTorch trains on tokens made under torch.inference_mode (it saves no inference tensor for them)
+INFERENCE_TOKEN_CASES = {
+    "merge_mlp rmsnorm": (lambda x, nw, w1, b1, w2, b2: deco_ops.merge_mlp(x, nw, None, w1, b1, w2, b2, norm="rmsnorm"),
+                          lambda *a: _merge_reference(*a, "rmsnorm"), (True, True, True, True, True)),
+    "merge_mlp layernorm frozen": (lambda x, nw, w1, b1, w2, b2: deco_ops.merge_mlp(x, nw, None, w1, b1, w2, b2),
+                                   lambda *a: _merge_reference(*a, "layernorm"), (False, True, True, True, True)),
+}
+
+
+@pytest.mark.parametrize("name", list(INFERENCE_TOKEN_CASES))
+def test_tokens_made_under_inference_mode_train_the_layers_after_them(backend, name):
+    """A frozen vision tower run under ``torch.inference_mode()`` hands the projector inference
+    tensors, which autograd cannot save for backward. Eager PyTorch trains the layers after them
+    where it saves none (an RMSNorm's output, the first Linear's output, not the tokens); the
+    fused ops raised "Inference tensors cannot be saved for backward" there (they kept the
+    tokens to rebuild the norm or the pre-activation in the backward)."""
+    fused, eager, trains = INFERENCE_TOKEN_CASES[name]
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        x = randn(2, 16, 8, generator=g)
+    params = [randn(8, generator=g) if name.startswith("merge") else None, randn(12, 32 if name.startswith("merge") else 8, generator=g),
+              randn(12, generator=g), randn(6, 12, generator=g), randn(6, generator=g)]
+    params = [p if p is None else p.requires_grad_(t) for p, t in zip(params, trains)]
+    wrt = [p for p in params if p is not None and p.requires_grad]
+    leaves = [p if p is None else p.detach().double().requires_grad_(p.requires_grad) for p in params]
+    out, ref = fused(x, *params), eager(x.double(), *leaves)
+    grad = randn(*ref.shape, generator=g)
+    assert_close(out, ref, torch.float32)
+    wants = torch.autograd.grad(ref, [p for p in leaves if p is not None and p.requires_grad], grad.double())
+    for got, want in zip(torch.autograd.grad(out, wrt, grad), wants, strict=True):
+        assert_close(got, want, torch.float32, "gradient")
