@@ -144,6 +144,14 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _setup(ctx, inputs, output):
     x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep = inputs
+    # The tokens rebuild the pre-activation for dx, dW1 and db1; with only the second Linear
+    # trained nothing reads them. Tokens made under torch.inference_mode (a frozen tower run in it)
+    # cannot be saved for backward, where eager PyTorch, which saves the first Linear's output,
+    # trains the layers after them: a copy is saved instead.
+    if not any(ctx.needs_input_grad[:3]):
+        x = None
+    elif x.is_inference():
+        x = x.clone()
     ctx.save_for_backward(x, w1, b1, w2, output[1], geometry)
     ctx.activation, ctx.mode, ctx.keep = activation, mode, keep
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None

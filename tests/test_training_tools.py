@@ -430,6 +430,11 @@ def _merge_reference(x, nw, w1, b1, w2, b2, norm):
     return F.linear(F.gelu(F.linear(n.reshape(*x.shape[:-2], -1, 4 * x.shape[-1]), w1, b1)), w2, b2)
 
 
+def _mlp_pool_reference(x, _, w1, b1, w2, b2):
+    y = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    return F.adaptive_avg_pool2d(y.transpose(1, 2).unflatten(2, GRID), OUT_GRID).flatten(2).transpose(1, 2)
+
+
 # name -> (fused op, eager twin, which of (norm weight, w1, b1, w2, b2) train): the cases that eager
 # PyTorch trains on tokens made under torch.inference_mode (it saves no inference tensor for them)
 INFERENCE_TOKEN_CASES = {
@@ -437,6 +442,10 @@ INFERENCE_TOKEN_CASES = {
                           lambda *a: _merge_reference(*a, "rmsnorm"), (True, True, True, True, True)),
     "merge_mlp layernorm frozen": (lambda x, nw, w1, b1, w2, b2: deco_ops.merge_mlp(x, nw, None, w1, b1, w2, b2),
                                    lambda *a: _merge_reference(*a, "layernorm"), (False, True, True, True, True)),
+    "mlp_pool w1 frozen": (lambda x, _, w1, b1, w2, b2: deco_ops.mlp_pool(x, w1, b1, w2, b2, grid=GRID, out_grid=OUT_GRID),
+                           _mlp_pool_reference, (False, False, True, True, True)),
+    "mlp_pool second layer": (lambda x, _, w1, b1, w2, b2: deco_ops.mlp_pool(x, w1, b1, w2, b2, grid=GRID, out_grid=OUT_GRID),
+                              _mlp_pool_reference, (False, False, False, True, True)),
 }
 
 
