@@ -2812,4 +2812,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "    deco.load_state_dict(projector.state_dict(), assign=True)\n",
            ("tests/test_transformers_llava.py", "-k", "optimizer or lora or offloaded"),
            "llava_to_deco copies the projector's weights: an optimizer built before trains orphans, LoRA and offload hooks lost"),
+    # exploratory hunt 2026-12-07a: tokens made under torch.inference_mode
+    Mutant("merge_inference_tokens_saved_as_they_are", "deco_ops/merge.py",
+           "        tokens = tokens.clone()\n", "        tokens = tokens\n",
+           ("tests/test_training_tools.py", "-k", "inference_mode"),
+           "merge_mlp saves inference-mode tokens for backward: 'Inference tensors cannot be saved' where eager trains"),
+    Mutant("mlp_pool_inference_tokens_saved_as_they_are", "deco_ops/mlp_pool.py",
+           "        x = x.clone()\n", "        x = x\n",
+           ("tests/test_training_tools.py", "-k", "inference_mode"),
+           "mlp_pool saves inference-mode tokens for backward: 'Inference tensors cannot be saved' where eager trains"),
 )
