@@ -129,10 +129,15 @@ def cu_seqlens(value, total: int, device: torch.device) -> tuple[torch.Tensor, i
     return value.contiguous(), value.shape[0] - 1, max(1, max(lens))
 
 
+# A real number, numpy's too, as SDPA takes them. int and float first: isinstance against a tuple
+# stops at the first match, where numbers.Real alone takes the ABC's instance check on every call.
+_REALS = (int, float, numbers.Real)
+
+
 def scale(value, D: int) -> float:
     if value is None:
         return 1.0 / math.sqrt(D)  # SDPA's default, computed as it computes it (``D ** -0.5`` may differ in the last bit)
-    if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):  # numpy's too, as SDPA takes them
+    if isinstance(value, bool) or not isinstance(value, _REALS):
         raise TypeError(f"softmax_scale must be a finite float or None, got {value!r}")
     if not -math.inf < value < math.inf:  # comparisons: a SymFloat under torch.compile too
         raise ValueError(f"softmax_scale must be a finite float or None, got {value!r}")
@@ -140,7 +145,7 @@ def scale(value, D: int) -> float:
 
 
 def dropout(p, generator) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float, numbers.Real)) or not 0.0 <= p < 1.0:  # numpy's too, as SDPA
+    if isinstance(p, bool) or not isinstance(p, _REALS) or not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {p!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
