@@ -308,9 +308,12 @@ class PatchMergerProjector(nn.Module):
         _validate.tensor("x", x, 3 if self.order == "grid" else None)
         direct = _children.read_directly((norm, _NORM_FORWARDS[self.norm_type]), (fc1, _LINEAR_FORWARD), (fc2, _LINEAR_FORWARD))
         blocks = self.merge_size * self.merge_size
-        if direct and x.dim() >= 2 and x.shape[-1] * blocks != fc1.weight.shape[-1]:  # named here: merge_mlp would name w1 or norm_weight
+        # named here: merge_mlp would name w1 or norm_weight; a wrapped Linear (LoRA, int8) tells
+        # its width by in_features, as nn.Linear does
+        width = fc1.weight.shape[-1] if direct else getattr(fc1, "in_features", None)
+        if width is not None and x.dim() >= 2 and x.shape[-1] * blocks != width:
             raise ValueError(f"x has {x.shape[-1]} channels (x.shape[-1]) but this PatchMergerProjector takes "
-                             f"in_features = {fc1.weight.shape[-1] // blocks}")
+                             f"in_features = {width // blocks}")
         if self.order == "grid" and grid is None:
             if not x.shape[1]:
                 raise ValueError("x has no tokens: order='grid' merges each image's (H, W) grid of vision tokens, so it needs at least one")

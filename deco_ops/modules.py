@@ -190,10 +190,14 @@ class DeCoProjector(nn.Module):
                 f"{self.num_prefix_tokens} + {math.prod(grid)} = {expected} (grid {grid})"
             )
         fc1, fc2 = self.fc1, self.fc2
-        if not _children.read_directly((fc1, _LINEAR_FORWARD), (fc2, _LINEAR_FORWARD)):
+        direct = _children.read_directly((fc1, _LINEAR_FORWARD), (fc2, _LINEAR_FORWARD))
+        # named here, before the pooling runs: the op would name w1, which the caller never passed; a
+        # wrapped Linear (LoRA, int8) tells its width by in_features, as nn.Linear does
+        width = fc1.weight.shape[1] if direct else getattr(fc1, "in_features", x.shape[2])
+        if x.shape[2] != width:
+            raise ValueError(f"x has {x.shape[2]} features (x.shape[-1]) but this DeCoProjector takes in_features = {width}")
+        if not direct:
             return self._calling_children(x[:, self.num_prefix_tokens:], grid, out_grid, fc1, fc2)
-        if x.shape[2] != fc1.weight.shape[1]:  # named here: the op would name w1, which the caller never passed
-            raise ValueError(f"x has {x.shape[2]} features (x.shape[-1]) but this DeCoProjector takes in_features = {fc1.weight.shape[1]}")
         if self.num_prefix_tokens:
             x = x[:, self.num_prefix_tokens:]
         params = (x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)

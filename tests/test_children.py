@@ -235,3 +235,16 @@ def test_dynamically_quantized_linears_run(kind, backend, monkeypatch):
     with torch.no_grad():
         assert_close(pair.run(pair.ours, pair.x), pair.run(pair.replaced, pair.x), torch.float32)
     assert not calls
+
+
+@pytest.mark.parametrize("kind", ["pool_mlp", "qwen2_vl", "internvl"])
+def test_a_wrapped_linear_still_names_a_wrong_input_width(kind):
+    """The calling path checks x's width against the first Linear's ``in_features`` (a LoRA or
+    int8 Linear has no plain ``weight`` to read), by name, as the fused path does
+    (tests/test_error_paths.py: ``module-width``)."""
+    pair = Pair(kind)
+    pair.wrap(_lora, pair.paths[-2])
+    x = pair.x[..., :-1]
+    what = "features" if kind == "pool_mlp" else "channels"
+    with pytest.raises(ValueError, match=fr"x has {C - 1} {what} \(x.shape\[-1\]\) but this \w+ takes in_features = {C}"):
+        pair.run(pair.ours, x)

@@ -73,6 +73,13 @@ def exported(fn, example):
     return torch.export.export(Calls(fn), (example,), strict=False)
 
 
+def hooked(module):
+    """``module`` with a forward hook on its first Linear: it calls its Linears (``deco_ops._children``);
+    its input width is still checked by name, before the pooling runs."""
+    module.fc1.register_forward_hook(lambda _, args, out: out)
+    return module
+
+
 def cross_attention_module(mask=None, **change):
     args = {"query": torch.randn(1, 3, 16), "key": torch.randn(1, 4, 16), "value": torch.randn(1, 4, 16)} | change
     return deco_ops.CrossAttention(16, 1, batch_first=True)(**args, key_padding_mask=mask, need_weights=False)
@@ -343,6 +350,8 @@ CASES = [
      r"embed_dim 1024 / num_heads 2 = head dim 512; deco_ops.cross_attention takes head dims up to 256"),
     ("module-width", lambda mp: deco_ops.DeCoProjector(4, 5, grid=(4, 4), out_grid=(2, 2))(torch.randn(2, 16, 3)), ValueError,
      r"x has 3 features \(x.shape\[-1\]\) but this DeCoProjector takes in_features = 4"),
+    ("module-width-hooked", lambda mp: hooked(deco_ops.DeCoProjector(4, 5, grid=(4, 4), out_grid=(2, 2)))(torch.randn(2, 16, 3)),
+     ValueError, r"x has 3 features \(x.shape\[-1\]\) but this DeCoProjector takes in_features = 4"),
     ("mha-query-int", lambda mp: cross_attention_module(query=torch.ones(1, 3, 16, dtype=torch.int64)), TypeError,
      "query must be a floating tensor, got torch.int64"),
     ("mha-key-dtype", lambda mp: cross_attention_module(key=torch.randn(1, 4, 16, dtype=torch.float64)), TypeError,
