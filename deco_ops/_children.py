@@ -29,6 +29,9 @@ _GLOBAL_HOOKS = (_module._global_forward_pre_hooks, _module._global_forward_hook
                  _module._global_backward_pre_hooks, _module._global_backward_hooks)
 
 
+LINEAR_FORWARD = nn.Linear.forward
+
+
 def read_directly(*children: tuple[nn.Module, Callable]) -> bool:
     """Whether calling each ``(child, forward)`` pair's child would run exactly ``forward`` (the
     base class's, e.g. ``nn.Linear.forward``) on its own parameters: no override of it on the class

@@ -33,7 +33,6 @@ _ACTIVATION_CLASSES = {
 }
 
 
-_LINEAR_FORWARD = nn.Linear.forward
 _NORM_FORWARDS = {"layernorm": nn.LayerNorm.forward, "rmsnorm": nn.RMSNorm.forward}
 
 
@@ -306,7 +305,8 @@ class PatchMergerProjector(nn.Module):
         norm_path, fc1_path, fc2_path = _PATHS[self.keys]
         norm, fc1, fc2 = _at(self, norm_path), _at(self, fc1_path), _at(self, fc2_path)
         _validate.tensor("x", x, 3 if self.order == "grid" else None)
-        direct = _children.read_directly((norm, _NORM_FORWARDS[self.norm_type]), (fc1, _LINEAR_FORWARD), (fc2, _LINEAR_FORWARD))
+        linear = _children.LINEAR_FORWARD
+        direct = _children.read_directly((norm, _NORM_FORWARDS[self.norm_type]), (fc1, linear), (fc2, linear))
         blocks = self.merge_size * self.merge_size
         # named here: merge_mlp would name w1 or norm_weight; a wrapped Linear (LoRA, int8) tells
         # its width by in_features, as nn.Linear does

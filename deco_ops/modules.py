@@ -15,7 +15,6 @@ from .packed import bilinear_pool_tokens, check_mode, pool_mlp_resampled
 from .pooling import adaptive_avg_pool_tokens
 
 ORDERS = ("pool_mlp", "mlp_pool")
-_LINEAR_FORWARD = nn.Linear.forward
 
 # Hugging Face activation names (``config.projector_hidden_act``, ``transformers.ACT2FN``) -> ours.
 # gelu_new and gelu_pytorch_tanh are the same tanh approximation of GELU; swish is SiLU.
@@ -190,11 +189,11 @@ class DeCoProjector(nn.Module):
                 f"{self.num_prefix_tokens} + {math.prod(grid)} = {expected} (grid {grid})"
             )
         fc1, fc2 = self.fc1, self.fc2
-        direct = _children.read_directly((fc1, _LINEAR_FORWARD), (fc2, _LINEAR_FORWARD))
+        direct = _children.read_directly((fc1, _children.LINEAR_FORWARD), (fc2, _children.LINEAR_FORWARD))
         # named here, before the pooling runs: the op would name w1, which the caller never passed; a
         # wrapped Linear (LoRA, int8) tells its width by in_features, as nn.Linear does
-        width = fc1.weight.shape[1] if direct else getattr(fc1, "in_features", x.shape[2])
-        if x.shape[2] != width:
+        width = fc1.weight.shape[1] if direct else getattr(fc1, "in_features", None)
+        if width is not None and x.shape[2] != width:
             raise ValueError(f"x has {x.shape[2]} features (x.shape[-1]) but this DeCoProjector takes in_features = {width}")
         if not direct:
             return self._calling_children(x[:, self.num_prefix_tokens:], grid, out_grid, fc1, fc2)
