@@ -77,8 +77,8 @@ WRAPS = {"lora": _lora, "pre_hook": _pre_hook, "forward_hook": _forward_hook, "f
          "pruned": _pruned, "instance_forward": _instance_forward}
 
 
-def _linear_only_hook(_, args, out):
-    return out * 0.5 + 1.0 if isinstance(_, nn.Linear) else None
+def _linear_only_hook(module, args, out):
+    return out * 0.5 + 1.0 if isinstance(module, nn.Linear) else None
 
 
 class LLaVAProjector(nn.Module):
