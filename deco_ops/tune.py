@@ -20,7 +20,7 @@ measures on the same calls (afresh: its on-disk cache is set aside) go into the 
 
 ``--dry-run`` needs no GPU: it lists, per shape, the ops, each kernel's buckets and the candidate
 configs that tuning would time there (pruned as for an H100 when run on a CPU), launching nothing
-(GEMMs on the host are skipped too, so real shapes list in seconds).
+(GEMMs and random fills on the host are skipped too, so real shapes list in seconds).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_map
 import deco_ops
 
 from . import _backend, shapes, strategy, tuning_tables
+from ._direct import deco
 from .kernels import _tuning
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -119,19 +120,31 @@ def workload(shape, device: torch.device, dtype: torch.dtype) -> Workload:
     return Workload(op, forward, [[], w, [*w, x]])
 
 
-class SkipHostGemms(TorchDispatchMode):
-    """Dry run: matrix products return uninitialised tensors of the right shape (nothing reads
-    their values; the kernels that would are not launched), so real shapes plan in seconds on a CPU."""
+class SkipHostWork(TorchDispatchMode):
+    """Dry run: matrix products and random fills return uninitialised tensors of the right shape
+    (nothing reads their values; the kernels that would are not launched), so real shapes plan in
+    seconds on a CPU.
 
-    GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-             torch.ops.aten.baddbmm.default}
+    A deco op's body runs below the dispatcher, where this mode is no longer on the stack: the
+    mode runs the body itself, with the mode pushed again, so the GEMMs inside (the composed
+    paths, the second Linear after a fused kernel, the weight gradients) reach it too."""
+
+    # linear and matmul too: below autograd (a body runs there) they arrive undecomposed
+    SKIPPED = {torch.ops.aten.linear, torch.ops.aten.matmul, torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm,
+               torch.ops.aten.baddbmm, torch.ops.aten._addmm_activation, torch.ops.aten.randn, torch.ops.aten.randn_like}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in self.GEMMS:
+        if func.namespace == "deco":
+            with self:
+                return getattr(deco, func._opname).body(*args, **kwargs)
+        if func.overloadpacket not in self.SKIPPED:
             return func(*args, **kwargs)
-        device = args[0].device
-        meta = func(*tree_map(lambda a: a.to("meta") if isinstance(a, torch.Tensor) else a, args), **kwargs)
+        if "out" in kwargs:
+            return kwargs["out"]
+        device = args[0].device if isinstance(args[0], torch.Tensor) else kwargs.get("device", "cpu")
+        on_meta = {**kwargs, "device": "meta"} if "device" in kwargs else kwargs
+        meta = func(*tree_map(lambda a: a.to("meta") if isinstance(a, torch.Tensor) else a, args), **on_meta)
         return torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device=device)
 
 
@@ -264,13 +277,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for dtype_name in args.dtypes:
             torch.manual_seed(0)
-            work = workload(shape=shape, device=device, dtype=DTYPES[dtype_name])
             with deco_ops.use_backend("triton"):
                 if args.dry_run:
-                    with _tuning.planning() as plan, SkipHostGemms():
+                    with _tuning.planning() as plan, SkipHostWork():
+                        work = workload(shape=shape, device=device, dtype=DTYPES[dtype_name])
                         work.run()
                     print("\n".join(_plan_lines(name, work.op, dtype_name, plan)), flush=True)
                 else:
+                    work = workload(shape=shape, device=device, dtype=DTYPES[dtype_name])
                     t0 = time.perf_counter()
                     work.run()
                     torch.cuda.synchronize(device)

@@ -2831,4 +2831,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "width = fc1.weight.shape[-1] if direct else None",
            ("tests/test_children.py", "-k", "width"),
            "a PatchMergerProjector with a wrapped first Linear fails inside F.linear on a too-narrow x"),
+    # 2026-12-07b: tune --dry-run ran the host GEMMs inside the ops' bodies
+    Mutant("tune_dry_run_gemms_inside_ops_run", "deco_ops/tune.py",
+           'if func.namespace == "deco":', 'if False:',
+           ("tests/test_tuning.py", "-k", "skips_the_gemms"),
+           "tune --dry-run runs the GEMMs inside deco ops' bodies on the host (minutes for real shapes)"),
+
+
 )
