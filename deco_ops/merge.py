@@ -454,8 +454,9 @@ def as_batch(x: torch.Tensor) -> torch.Tensor:
 
 
 def token_layout(tokens: int, grid, merge: int, order: str) -> list[int]:
-    """The dense grid ``[T, H, W]`` of an ``order="grid"`` input (``[]`` for ``"block"``), checked
-    against its token count and the merge size."""
+    """The dense grid ``[T, H, W]`` of an ``order="grid"`` input (``[1, 1, 1]``, what ``_layout``
+    makes of it, for ``"block"``: an empty list reaches an AOTInductor package's op call as None),
+    checked against its token count and the merge size."""
     if order == "grid":
         if grid is None:
             raise ValueError("order='grid' needs grid=(H, W) or (T, H, W), the row-major token grid")
@@ -464,7 +465,7 @@ def token_layout(tokens: int, grid, merge: int, order: str) -> list[int]:
         raise ValueError(f"grid is only used with order='grid' (row-major tokens), got grid={grid!r} with order='block'")
     if tokens % (merge * merge):
         raise ValueError(f"x has {tokens} tokens, not a multiple of merge_size**2 = {merge * merge} (order='block')")
-    return []
+    return [1, 1, 1]
 
 
 def _plan_of(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation):

@@ -129,6 +129,22 @@ def test_exported_module_matches_the_module(name, backend, strict):
         _assert_computes_as(module, loaded, other, g, name)
 
 
+def test_aoti_package_of_the_merger_matches_the_module(tmp_path):
+    """``order="block"`` passed an empty grid list to ``deco::merge_mlp``, which an AOTInductor
+    package's call of the op received as None: ``aoti_load_package(...)(x)`` raised "Expected a
+    value of type 'List[int]' for argument 'grid' but instead found type 'NoneType'"."""
+    torch.manual_seed(0)
+    module = deco_ops.PatchMergerProjector(C, 16, hidden_features=32).to(DEVICE).eval()
+    g = torch.Generator().manual_seed(1)
+    batch = torch.export.Dim("batch", max=64)
+    exported = torch.export.export(module, (randn(2, 16, C, generator=g),), dynamic_shapes=({0: batch},))
+    package = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "merger.pt2")))
+    x = randn(3, 16, C, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(package(x), module(x))
+
+
 def _saved_and_loaded(recorded, save, load):
     """``recorded`` through ``save`` into a buffer and back through ``load``."""
     buffer = io.BytesIO()
