@@ -15,7 +15,7 @@ from . import _validate, _validate_attention
 from ._checks import value_checks
 from .attention import cross_attention
 from .merge import check_eps
-from .modules import check_parameter_dtype
+from .modules import check_parameter_dtype, not_scriptable
 
 
 def _dropout(value) -> float:
@@ -273,6 +273,8 @@ class CrossAttention(nn.Module):
             self.bias_k = self.bias_v = None
         self._reset_parameters()
 
+    __prepare_scriptable__ = not_scriptable
+
     def _reset_parameters(self) -> None:
         """``nn.MultiheadAttention``'s initialisation."""
         if self._qkv_same_embed_dim:
@@ -480,6 +482,8 @@ class QueryResampler(nn.Module):
         self.v_proj = nn.Linear(kv_dim, embed_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         nn.init.trunc_normal_(self.queries, std=0.02)
+
+    __prepare_scriptable__ = not_scriptable
 
     def forward(self, x: torch.Tensor, kv_lens: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:

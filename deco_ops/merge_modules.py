@@ -10,7 +10,7 @@ from torch import nn
 
 from . import _children, _validate, merge_reference, reference
 from .merge import NORM_POSITIONS, NORMS, ORDERS, as_batch, check_eps, check_merge_grid, merge_mlp, token_layout
-from .modules import check_parameter_dtype
+from .modules import check_parameter_dtype, not_scriptable
 from .projector import ACTIVATIONS
 
 # Where each family keeps (norm, first Linear, second Linear) in its state_dict.
@@ -200,6 +200,8 @@ class PatchMergerProjector(nn.Module):
         for path, module in zip(KEY_LAYOUTS[keys], parts):
             self._register_at(path, module)
         self._register_load_state_dict_pre_hook(self._accept_other_layouts)
+
+    __prepare_scriptable__ = not_scriptable
 
     def _register_at(self, path: str, module: nn.Module) -> None:
         parent = self

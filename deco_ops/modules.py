@@ -73,6 +73,16 @@ def check_parameter_dtype(dtype) -> None:
         raise TypeError(f"dtype must be None or one of {names}, got {dtype!r}")
 
 
+def not_scriptable(self) -> None:
+    """``__prepare_scriptable__`` of the modules: ``torch.jit.script`` (of the module or of a model
+    holding it) calls it first. TorchScript cannot compile the ops' Python, and failed deep inside
+    it (``Expression of type dots cannot be used in a type expression``), naming no alternative."""
+    raise RuntimeError(
+        f"torch.jit.script cannot compile {type(self).__name__}: deco_ops' ops are Python (torch.library custom ops); "
+        "record the model with torch.jit.trace or torch.export, or use torch.compile"
+    )
+
+
 def activation_name(value) -> str:
     """Our activation name for one of ours or a Hugging Face name (``gelu_pytorch_tanh``, ...)."""
     value = HF_ACTIVATIONS.get(value, value) if isinstance(value, str) else value
@@ -148,6 +158,7 @@ class DeCoProjector(nn.Module):
         self._register_load_state_dict_pre_hook(functools.partial(self._rename_projector_keys, layers=KEY_LAYOUTS[keys]))
 
     keys = "llava"  # the layout of a module pickled before ``keys`` existed
+    __prepare_scriptable__ = not_scriptable
 
     @property
     def fc1(self) -> nn.Linear:

@@ -348,6 +348,9 @@ CASES = [
      "dtype must be None or one of float16, bfloat16, float32, float64, got torch.int32"),
     ("module-head-dim", lambda mp: deco_ops.CrossAttention(1024, 2), ValueError,
      r"embed_dim 1024 / num_heads 2 = head dim 512; deco_ops.cross_attention takes head dims up to 256"),
+    ("module-script", lambda mp: torch.jit.script(torch.nn.Sequential(deco_ops.CrossAttention(4, 1))), RuntimeError,
+     r"torch.jit.script cannot compile CrossAttention: deco_ops' ops are Python \(torch.library custom ops\); record the model "
+     "with torch.jit.trace or torch.export"),
     ("module-width", lambda mp: deco_ops.DeCoProjector(4, 5, grid=(4, 4), out_grid=(2, 2))(torch.randn(2, 16, 3)), ValueError,
      r"x has 3 features \(x.shape\[-1\]\) but this DeCoProjector takes in_features = 4"),
     ("module-width-hooked", lambda mp: hooked(deco_ops.DeCoProjector(4, 5, grid=(4, 4), out_grid=(2, 2)))(torch.randn(2, 16, 3)),

@@ -62,6 +62,18 @@ def test_traced_module_matches_the_module(name, backend, grad):
         _assert_computes_as(module, _saved_and_loaded(traced, torch.jit.save, torch.jit.load), other, g, name)
 
 
+@pytest.mark.parametrize("name", list(_modules()))
+def test_scripting_is_refused_by_name(name):
+    """``torch.jit.script`` failed inside TorchScript's compiler on the ops' Python (``Expression of
+    type dots cannot be used in a type expression``, ``cannot statically infer the expected size of
+    a list``), naming neither the module nor what to use instead; scripting a model that holds one
+    did the same."""
+    module = _modules()[name][0]
+    for scripted in (module, torch.nn.Sequential(module)):
+        with pytest.raises(RuntimeError, match="torch.jit.script cannot compile .*: deco_ops' ops are Python .*torch.jit.trace or torch.export"):
+            torch.jit.script(scripted)
+
+
 def _dense_geometry_modules():
     """name -> module of the ops that read a dense batch's geometry table (bilinear resampling,
     project-then-pool)."""
