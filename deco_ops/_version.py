@@ -1,5 +1,7 @@
-"""``deco_ops.__version__``: the installed distribution's version (its metadata), or, for a source
-checkout imported without being installed, the version its pyproject.toml declares."""
+"""``deco_ops.__version__``: for a source checkout (a pyproject.toml of ``deco-ops`` beside the
+package), the version its pyproject.toml declares, installed or not (the metadata of an editable
+install, or of another checkout's, may name another version); else the installed distribution's
+version (its metadata)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ DISTRIBUTION = "deco-ops"
 
 
 def version() -> str:
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    text = pyproject.read_text() if pyproject.is_file() else ""
+    found = re.search(r'^version\s*=\s*"([^"]+)"', text, re.M)
+    if found and re.search(rf'^name\s*=\s*"{DISTRIBUTION}"', text, re.M):
+        return found.group(1)
     try:
         return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
-        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
-        found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M) if pyproject.is_file() else None
-        return found.group(1) if found else "0+unknown"
+        return "0+unknown"
 
 
 __version__ = version()

@@ -126,6 +126,17 @@ def test_checkout_version_without_metadata_is_pyprojects(monkeypatch):
     assert _version.version() == PYPROJECT_VERSION
 
 
+def test_checkout_version_is_pyprojects_whatever_is_installed(monkeypatch):
+    """A source checkout reports its pyproject.toml's version also where deco-ops is installed at
+    another one (an editable install of another checkout, or metadata left from before a version
+    bump): the strategy's keys carry it, so two versions must never share a decision. Reported
+    the installed metadata's until 2026-12-07."""
+    from deco_ops import _version
+
+    monkeypatch.setattr(_version.metadata, "version", lambda name: "0.0.1")
+    assert _version.version() == PYPROJECT_VERSION
+
+
 def test_checkout_root_leaves_the_name_kernels_to_its_owner(tmp_path):
     """From the checkout's root (``python -m pytest``, a script run there) our ``kernels/`` folder
     stands first on sys.path under the name that Hugging Face's ``kernels`` package owns, and
