@@ -145,12 +145,14 @@ def load_named(device_name: str) -> dict:
 
 def _adopt(path: Path | None) -> dict:
     """The table at ``path`` (None: no table) with its strategies preloaded; ``{}`` for one of
-    another triton major.minor. A ValueError names the file."""
+    another triton major.minor. A decision this process already holds as agreed (the user's own
+    ``strategy.preload``, the process group's) keeps its winner. A ValueError names the file."""
     table = {} if path is None else read(path)
     if table and not same_triton(table, path):
         table = {}
+    strategies, held = table.get("strategies", {}), strategy.choices()
     try:
-        strategy.preload(table.get("strategies", {}))
+        strategy.preload({**strategies, **{k: held[k] for k in strategies if k in held and k not in strategy._unagreed}})
     except ValueError as e:  # a key or winner preload refuses
         raise ValueError(f"{path}: {e}") from e
     return table

@@ -442,6 +442,28 @@ def test_shipped_table_decides_before_anything_is_timed(named, cache_dir, tmp_pa
     assert strategy.choose(_candidates(), on_triton=True, key=lambda: key) == "composed"
 
 
+def test_a_table_loaded_later_keeps_the_user_s_preloaded_decisions(cache_dir, tmp_path, monkeypatch):
+    """A decision the user preloaded before the first call keeps its winner when the GPU's tuning
+    table, read at that call, holds another for the key (until 2026-12-07 the table's replaced
+    it, silently: ``preload`` then the first op call ran the table's choice). A key the user did
+    not preload still takes the table's."""
+    from deco_ops import tuning_tables
+
+    key = strategy.make_key("pool_mlp", torch.device("cpu"), torch.bfloat16, True, rows=256, C=1024)
+    other = key.replace("rows=256", "rows=512")
+    table = tmp_path / "table.json"
+    tuning_tables.write({"format": tuning_tables.FORMAT, "triton": triton.__version__, "kernels": {},
+                         "strategies": {key: "fused", other: "composed"}}, table)
+    monkeypatch.setenv(tuning_tables.ENV_VAR, str(table))
+    monkeypatch.setattr(tuning_tables, "_tables", {})
+    monkeypatch.setattr(strategy._backend, "interpreting", lambda: False)
+    monkeypatch.setattr(strategy, "_time_cuda", lambda run: pytest.fail("a preloaded decision must not be timed"))
+    monkeypatch.delenv(strategy.ENV_VAR, raising=False)
+    strategy.preload({key: "composed"})
+    assert strategy.choose(_candidates(), on_triton=True, key=lambda: key) == "composed"
+    assert strategy.choices() == {key: "composed", other: "composed"}
+
+
 def test_a_forced_composed_reads_the_table_as_auto_would(cache_dir, tmp_path, monkeypatch):
     """A forced ``composed`` among several composed twins takes the GPU table's choice for the key
     from its first call, not only after an auto decision happened to load the table (the choice
