@@ -13,7 +13,7 @@ tables are switched off while tuning), and the winners and timings are written a
 (``deco_ops.tuning_tables``): ``--out`` names a file, or a folder to hold ``<GPU name>.json``
 (default: ``deco_ops/tuning/`` of this checkout). An existing table at that path is extended,
 its entries for re-measured buckets replaced, where it was measured on this GPU under this
-triton's major.minor; otherwise it is replaced (another triton's with a printed warning: its
+triton's major.minor; otherwise it is replaced, with a printed warning (another triton's: its
 configs and timings would otherwise be stamped with this one's version). The fused-vs-composed choices ``deco_ops.strategy``
 measures on the same calls (afresh: its on-disk cache is set aside) go into the table's
 ``strategies``.
@@ -197,7 +197,11 @@ def extendable(previous: dict, device_name: str, path: Path) -> dict:
     table this run writes says so: its ``device`` and ``triton``)."""
     import triton
 
+    if not previous:
+        return {}
     if previous.get("device") != device_name:
+        print(f"deco_ops.tune: warning: {path} was measured on {previous.get('device')}, this is {device_name}: "
+              "its entries are dropped, not extended", flush=True)
         return {}
     recorded = previous.get("triton")
     if not isinstance(recorded, str) or tuning_tables.major_minor(recorded) != tuning_tables.major_minor(triton.__version__):

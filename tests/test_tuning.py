@@ -437,6 +437,18 @@ def test_a_table_named_but_not_there_raises_naming_the_variable(where, tmp_path,
         tuning_tables.load_named("Fake GPU")
 
 
+def test_extending_a_table_of_another_gpu_drops_its_entries_with_a_warning(tmp_path, capsys):
+    """``--out t.json`` naming a table measured on another GPU: its entries are dropped, with a
+    printed warning, as docs/strategy.md says (until 2026-12-07 silently, unlike another triton's);
+    no table at the path drops nothing and says nothing."""
+    path = tmp_path / "t.json"
+    old = {"format": tuning_tables.FORMAT, "device": "Other GPU", "triton": triton.__version__, "kernels": {}}
+    assert tune.extendable(old, "Fake GPU", path) == {}
+    assert f"{path} was measured on Other GPU, this is Fake GPU" in capsys.readouterr().out
+    assert tune.extendable({}, "Fake GPU", path) == {}
+    assert capsys.readouterr().out == ""
+
+
 def test_extending_a_table_of_another_triton_drops_its_entries(tmp_path, monkeypatch, capsys):
     """``python -m deco_ops.tune`` extends an existing table only where this GPU measured it under
     this triton's major.minor: another triton's configs and timings would otherwise be written on
