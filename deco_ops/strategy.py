@@ -560,7 +560,7 @@ def _load(path: Path) -> dict[str, str]:
         table = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested past Python's stack
         warnings.warn(f"deco_ops: ignoring the unreadable strategy cache {path}: {e}", stacklevel=3)
         return {}
     if not isinstance(table, dict):

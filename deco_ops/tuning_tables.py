@@ -83,7 +83,7 @@ def read(path: Path) -> dict:
         return {}
     try:
         table = json.loads(path.read_text())
-    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bytes that are not UTF-8, nesting past Python's stack
         raise ValueError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(table, dict) or table.get("format") != FORMAT:
         raise ValueError(f"{path}: not a deco_ops tuning table of format {FORMAT} (write it with python -m deco_ops.tune)")
