@@ -550,8 +550,10 @@ def _drop_plans() -> None:
 
 def cache_path() -> Path:
     """Where measured decisions persist: ``$DECO_OPS_CACHE_DIR/strategy.json`` or
-    ``~/.cache/deco_ops/strategy.json`` (a leading ``~`` expanded, as a shell would have)."""
-    root = os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "deco_ops"
+    ``~/.cache/deco_ops/strategy.json`` (a leading ``~`` expanded, as a shell would have; set but
+    blank, the default, as every deco_ops setting reads a blank value)."""
+    root = os.environ.get(CACHE_DIR_ENV, "")
+    root = root if root.strip() else Path.home() / ".cache" / "deco_ops"
     return Path(root).expanduser() / CACHE_FILE
 
 

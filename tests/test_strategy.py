@@ -911,6 +911,16 @@ def test_cache_dir_may_start_with_a_tilde(monkeypatch, tmp_path):
     strategy.forget()
 
 
+def test_a_blank_cache_dir_is_the_default(monkeypatch, tmp_path):
+    """``DECO_OPS_CACHE_DIR`` set but blank (``" "`` from a launcher's env file) is the default
+    ``~/.cache/deco_ops``, as every other deco_ops setting reads a blank value; until 2026-12-07 a
+    blank of spaces wrote the cache into a folder named ``" "`` under the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for blank in ("", " ", "\t"):
+        monkeypatch.setenv(strategy.CACHE_DIR_ENV, blank)
+        assert strategy.cache_path() == tmp_path / ".cache" / "deco_ops" / strategy.CACHE_FILE, repr(blank)
+
+
 def test_forget_brings_the_table_s_decisions_back(cache_dir, tmp_path, monkeypatch):
     """``forget`` drops every decision, the tuning table's too: the next decision preloads the
     table again instead of measuring what the table decides."""
