@@ -61,15 +61,16 @@ def file_name(device_name: str) -> str:
 def table_path(device_name: str) -> Path | None:
     """The table a GPU named ``device_name`` uses: ``$DECO_OPS_TUNING_TABLE``, else the shipped
     one; None when ``DECO_OPS_TUNING_TABLE=none``. A path the variable names must be a file: a
-    table the user asked for is never silently replaced by none."""
+    table the user asked for is never silently replaced by none. A leading ``~`` is expanded, as
+    a shell would have (and as ``DECO_OPS_CACHE_DIR``'s is)."""
     setting = os.environ.get(ENV_VAR, "").strip()
     if setting.lower() == "none":
         return None
     if not setting:
         return TABLE_DIR / file_name(device_name)
-    if not Path(setting).is_file():
+    if not Path(setting).expanduser().is_file():
         raise ValueError(f"{ENV_VAR}={setting!r} is not a file: a table written by python -m deco_ops.tune, or 'none'")
-    return Path(setting)
+    return Path(setting).expanduser()
 
 
 # The fields a table is read by: their Python types and JSON names (a null ``triton`` is no record)

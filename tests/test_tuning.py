@@ -426,6 +426,18 @@ def test_tuned_attention_and_merge_shapes_run_as_their_models_do():
         assert all(t.grad is not None and t.grad.isfinite().all() for t in work.leaves), work.op
 
 
+def test_a_named_table_may_start_with_a_tilde(tmp_path, monkeypatch):
+    """``DECO_OPS_TUNING_TABLE=~/t.json`` (quoted in a launcher's env file, so no shell expanded
+    it) is the home's ``t.json``, as ``DECO_OPS_CACHE_DIR``'s ``~`` is; until 2026-12-07 every op
+    call raised that it is not a file."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tuning_tables.write({"format": tuning_tables.FORMAT, "triton": triton.__version__, "kernels": {}}, tmp_path / "t.json")
+    monkeypatch.setattr(tuning_tables, "_tables", {})
+    monkeypatch.setenv(tuning_tables.ENV_VAR, "~/t.json")
+    assert tuning_tables.table_path("Fake GPU") == tmp_path / "t.json"
+    assert tuning_tables.load_named("Fake GPU")["format"] == tuning_tables.FORMAT
+
+
 @pytest.mark.parametrize("where", ["missing.json", "."])
 def test_a_table_named_but_not_there_raises_naming_the_variable(where, tmp_path, monkeypatch):
     """``DECO_OPS_TUNING_TABLE`` naming no file (a typo, a directory) raises where the table is
