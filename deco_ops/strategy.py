@@ -515,14 +515,18 @@ def choices() -> dict[str, str]:
     return dict(_decisions)
 
 
-def preload(table: Mapping[str, str]) -> None:
+def preload(table: Mapping[str, str], *, keep_agreed: bool = False) -> None:
     """Adopt decisions (e.g. from a per-GPU tuning table): they are used as they are, never re-timed.
-    Under torch.distributed, preload the same decisions on every rank."""
+    Under torch.distributed, preload the same decisions on every rank. With ``keep_agreed`` (a
+    tuning table read at the first call) a key this process already holds preloaded or agreed
+    keeps its winner; one it measured alone gives way."""
     for key, winner in table.items():
         if not isinstance(key, str) or key.count("|") != KEY_FIELDS - 1:
             raise ValueError(f"preload: {key!r} is not a strategy key string (op|device|dtype|shape|grad|determinism|versions)")
         if winner not in CANDIDATES:
             raise ValueError(f"preload: the winner of {key!r} must be one of {CANDIDATES}, got {winner!r}")
+    if keep_agreed:
+        table = {key: winner for key, winner in table.items() if key not in _decisions or key in _unagreed}
     _decisions.update(table)
     _unagreed.difference_update(table)
     _drop_plans()

@@ -151,9 +151,8 @@ def _adopt(path: Path | None) -> dict:
     table = {} if path is None else read(path)
     if table and not same_triton(table, path):
         table = {}
-    strategies, held = table.get("strategies", {}), strategy.choices()
     try:
-        strategy.preload({**strategies, **{k: held[k] for k in strategies if k in held and k not in strategy._unagreed}})
+        strategy.preload(table.get("strategies", {}), keep_agreed=True)
     except ValueError as e:  # a key or winner preload refuses
         raise ValueError(f"{path}: {e}") from e
     return table

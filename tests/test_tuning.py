@@ -226,7 +226,7 @@ def test_no_table_and_table_strategies_preloaded(tmp_path, monkeypatch):
     monkeypatch.setenv(tuning_tables.ENV_VAR, " None ")  # the setting's spelling, as every variable's, is free
     assert tuning_tables.table_path("Fake GPU") is None
     preloaded = []
-    monkeypatch.setattr(strategy, "preload", preloaded.append)
+    monkeypatch.setattr(strategy, "preload", lambda table, keep_agreed: preloaded.append(table))
     path = tmp_path / "t.json"
     key = "pool_mlp|Fake GPU|bfloat16|M=256,N=4096|grad|any"
     tuning_tables.write({"format": tuning_tables.FORMAT, "triton": triton.__version__, "kernels": {},
