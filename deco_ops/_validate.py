@@ -30,8 +30,9 @@ def not_traced(name: str) -> None:
     launch) while a whole-graph recorder runs: under ``torch.jit.trace`` the trace would keep this
     call's values as constants and replay them for any other (a silent wrong answer); under
     ``torch.export`` the values are data-dependent symbols, and PyTorch's own error names a
-    comparison inside deco_ops instead of the argument. ``torch.compile`` (no export) breaks the
-    graph at the host read and runs it eagerly."""
+    comparison inside deco_ops instead of the argument. ``torch.compile`` breaks the graph here,
+    before the host read, and runs it eagerly; under ``fullgraph=True`` the break is the error, and
+    it says why (the read itself failed on a data-dependent guard inside deco_ops)."""
     if tracing_state() is not None:
         raise RuntimeError(
             f"torch.jit.trace cannot record {name}: deco_ops reads its values on the host (they size the launch), "
@@ -42,6 +43,17 @@ def not_traced(name: str) -> None:
             f"torch.export cannot record {name}: deco_ops reads its values on the host (they size the launch), "
             "and an exported graph has no host reads. Export the model around this op (call it outside the "
             "exported module), or use torch.compile without fullgraph (the host read is a graph break there)")
+    if torch.compiler.is_compiling():
+        why = (f"deco_ops reads the values of {name} on the host (they size the launch), so torch.compile(fullgraph=True) "
+               "cannot trace this call: compile without fullgraph (the graph breaks here) or call this op outside the "
+               "compiled code")
+        if _BREAK_SAYS_WHY:
+            torch._dynamo.graph_break(msg=why)
+        else:
+            torch._dynamo.graph_break()
+
+
+_BREAK_SAYS_WHY = torch.__version__ >= "2.7"  # torch._dynamo.graph_break(msg=...): 2.6 has no msg
 
 
 def tensor(name: str, value, ndim: int | None = None) -> torch.Tensor:

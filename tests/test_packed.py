@@ -364,6 +364,39 @@ def test_dense_resampling_compiles_once_for_every_batch_and_grid(op, auto_backen
     assert counter.frame_count == 1
 
 
+def test_fullgraph_refuses_packed_calls_by_name_and_plain_compile_runs_them(auto_backend):
+    """The packed ops read their grids (``cross_attention`` its ``cu_seqlens_k``) on the host: under
+    ``torch.compile(fullgraph=True)`` the refusal names the argument (it was PyTorch's
+    data-dependent guard error on ``min(r) < 1`` inside deco_ops, suggesting ``torch._check``);
+    without fullgraph the graph breaks there and two numbers of images give the eager values."""
+    from torch._dynamo.exc import Unsupported
+
+    w1, b1, w2, b2 = _mlp_params(4, 8, 3, torch.float32)
+
+    def project(x, grids):
+        return deco_ops.pool_mlp_packed(x, grids, w1, b1, w2, b2, stride=2)[0]
+
+    def merge(x, grids):
+        return deco_ops.merge_mlp_packed(x, grids, None, None, randn(8, 16), None, randn(3, 8), None, norm="rmsnorm")[0]
+
+    def attend(q, k, cu):
+        return deco_ops.cross_attention(q, k, k, cu_seqlens_k=cu)
+
+    q, k = randn(2, 3, 2, 8), randn(9, 2, 8)
+    calls = ((project, (randn(25, 4), torch.tensor([[4, 4], [3, 3]])), "grids"),
+             (merge, (randn(24, 4), torch.tensor([[4, 4], [2, 4]])), "grids"),
+             (attend, (q, k, torch.tensor([0, 4, 9], dtype=torch.int32)), "cu_seqlens_k"))
+    for fn, args, name in calls:
+        torch._dynamo.reset()
+        with pytest.raises(Unsupported, match=f"deco_ops reads the values of {name} on the host"):
+            torch.compile(fn, fullgraph=True, backend="eager")(*args)
+    torch._dynamo.reset()
+    compiled = torch.compile(project, backend="aot_eager")
+    for grids in ([[4, 4], [3, 5]], [[4, 4], [3, 5], [7, 2], [1, 1]]):
+        x = randn(sum(h * w for h, w in grids), 4)
+        assert_close(compiled(x, torch.tensor(grids)), project(x, torch.tensor(grids)), torch.float32)
+
+
 def test_dense_upsampling_past_the_cached_geometry_table(auto_backend):
     """A dense batch's geometry comes from a table cached per (grid, out_grid) with room for as many
     images as int32 row offsets allow: of the outputs too, where up-sampling makes them more than
