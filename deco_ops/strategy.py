@@ -520,6 +520,8 @@ def preload(table: Mapping[str, str], *, keep_agreed: bool = False) -> None:
     Under torch.distributed, preload the same decisions on every rank. With ``keep_agreed`` (a
     tuning table read at the first call) a key this process already holds preloaded or agreed
     keeps its winner; one it measured alone gives way."""
+    if not isinstance(table, Mapping):
+        raise TypeError(f"preload: table must be a mapping of strategy key strings to winners, got {type(table).__name__}")
     for key, winner in table.items():
         if not isinstance(key, str) or key.count("|") != KEY_FIELDS - 1:
             raise ValueError(f"preload: {key!r} is not a strategy key string (op|device|dtype|shape|grad|determinism|versions)")

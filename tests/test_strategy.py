@@ -281,6 +281,8 @@ def test_preload_is_used_as_is(cache_dir):
         strategy.preload({key.rsplit("|", 1)[0]: "fused"})
     with pytest.raises(ValueError, match="not a strategy key string"):  # a field too many
         strategy.preload({f"{key}|extra": "fused"})
+    with pytest.raises(TypeError, match=r"preload: table must be a mapping .*, got list"):  # was AttributeError: .items
+        strategy.preload([(key, "fused")])
 
 
 def test_deterministic_mode_filters_candidates(cache_dir, monkeypatch):
