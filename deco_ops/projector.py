@@ -160,7 +160,8 @@ def _(x, w, b, grid, out_grid, keep_residuals):
 
 def _pool_linear_setup(ctx, inputs, output):
     _, w, b, grid, out_grid, keep = inputs
-    ctx.save_for_backward(w, output[1])
+    # the pooled input is read for dW alone: with a frozen w it is not kept
+    ctx.save_for_backward(w, output[1] if ctx.needs_input_grad[1] else None)
     ctx.grid, ctx.out_grid, ctx.keep, ctx.has_bias = grid, out_grid, keep, b is not None
     ctx.set_materialize_grads(False)
 
@@ -174,9 +175,9 @@ def _pool_linear_backward(ctx, dy, dpooled_extra):
     dx = dw = db = dpooled = None
     if dy is not None:
         dy2 = _rows(dy)
-        dw, db = linear_grads(dy2, _rows(pooled), need_w, need_b and ctx.has_bias)
+        dw, db = linear_grads(dy2, _rows(pooled) if need_w else None, need_w, need_b and ctx.has_bias)
         if need_x:
-            dpooled = torch.mm(dy2, w).view(pooled.shape)
+            dpooled = torch.mm(dy2, w).view(dy.shape[:-1] + w.shape[1:])
     dpooled = add_grads(dpooled, dpooled_extra)
     if need_x and dpooled is not None:
         dx = deco.unpool_tokens(dpooled, ctx.grid, ctx.out_grid)

@@ -499,3 +499,19 @@ def test_saved_pooled_rows_are_eager_pooling_bit_for_bit():
     eager = reference.adaptive_avg_pool_tokens(x.cpu(), (6, 6), (2, 2)).to(x.device)
     assert torch.equal(pooled.view(2, 4, 64), eager)
     assert torch.equal(adaptive_pool.pool_tokens(x, (1, 6, 6), (1, 2, 2)), eager)  # the pooling kernel alike
+
+
+def test_pool_linear_with_frozen_weight_keeps_no_pooled_input():
+    """The pooled input is read for dW alone: with a frozen w (only x trains), as eager's Linear,
+    nothing but w (a parameter) is kept; dx is unchanged (float64 eager)."""
+    params, _ = _mlp_case((24, 24), (12, 12), torch.float32, C=64, hidden=256)
+    x, w, b = leaf(params[0]), params[1], params[2]
+    assert saved_bytes(lambda: deco_ops.pool_linear(x, w, b, grid=(24, 24), out_grid=(12, 12)), [x, w]) == 0
+    y = deco_ops.pool_linear(x, w, b, grid=(24, 24), out_grid=(12, 12))
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64 = leaf(params[0], torch.float64)
+    y64 = torch.nn.functional.linear(reference.adaptive_avg_pool_tokens(x64, (24, 24), (12, 12)), w.double(), b.double())
+    y64.backward(dy.double())
+    assert_close(x.grad, x64.grad, torch.float32, "grad x")
+
