@@ -313,7 +313,8 @@ def _(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals):
 
 def _pool_mlp_setup(ctx, inputs, output):
     _, w1, b1, w2, b2, grid, out_grid, activation, keep = inputs
-    ctx.save_for_backward(w1, w2, output[1], output[2])
+    # the pooled input is read for dW1 alone: with a frozen w1 it is not kept
+    ctx.save_for_backward(w1, w2, output[1] if ctx.needs_input_grad[1] else None, output[2])
     ctx.grid, ctx.out_grid, ctx.activation, ctx.keep = grid, out_grid, activation, keep
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
     ctx.set_materialize_grads(False)
@@ -325,8 +326,8 @@ def _pool_mlp_backward(ctx, dy, dpooled_extra, dpre_extra):
         raise RuntimeError("deco::pool_mlp ran with keep_residuals=False; call deco_ops.pool_mlp to differentiate it")
     dy2 = None if dy is None else _rows(dy)
     dpre2 = None if dpre_extra is None else _rows(dpre_extra)
-    dpooled, *param_grads = mlp_backward(ctx, dy2, dpre2, w1, w2, _rows(pooled), _rows(pre))
-    dpooled = add_grads(None if dpooled is None else dpooled.view(pooled.shape), dpooled_extra)
+    dpooled, *param_grads = mlp_backward(ctx, dy2, dpre2, w1, w2, None if pooled is None else _rows(pooled), _rows(pre))
+    dpooled = add_grads(None if dpooled is None else dpooled.view(pre.shape[:-1] + w1.shape[1:]), dpooled_extra)
     dx = None
     if ctx.needs_input_grad[0] and dpooled is not None:
         dx = deco.unpool_tokens(dpooled, ctx.grid, ctx.out_grid)

@@ -515,3 +515,21 @@ def test_pool_linear_with_frozen_weight_keeps_no_pooled_input():
     y64.backward(dy.double())
     assert_close(x.grad, x64.grad, torch.float32, "grad x")
 
+
+def test_pool_mlp_with_frozen_first_linear_keeps_no_pooled_input():
+    """The pooled input is read for dW1 alone: with frozen weights (only x trains) pool_mlp keeps
+    the pre-activation, as eager does, and not the pooled rows; dx is unchanged (float64 eager)."""
+    params, _ = _mlp_case((24, 24), (12, 12), torch.float32, C=64, hidden=256)
+    x, (w1, b1, w2, b2) = leaf(params[0]), params[1:]
+
+    def run():
+        return deco_ops.pool_mlp(x, w1, b1, w2, b2, grid=(24, 24), out_grid=(12, 12))
+
+    assert saved_bytes(run, [x, w1, w2]) == 2 * 144 * 256 * 4  # the pre-activation alone
+    y = run()
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64 = leaf(params[0], torch.float64)
+    pre64 = torch.nn.functional.linear(reference.adaptive_avg_pool_tokens(x64, (24, 24), (12, 12)), w1.double(), b1.double())
+    torch.nn.functional.linear(reference.ACTIVATIONS["gelu"](pre64), w2.double(), b2.double()).backward(dy.double())
+    assert_close(x.grad, x64.grad, torch.float32, "grad x")
