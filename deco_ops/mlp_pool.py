@@ -153,7 +153,7 @@ def _setup(ctx, inputs, output):
         x = None
     elif x.is_inference():
         x = x.clone()
-    ctx.save_for_backward(x, w1, b1, w2, output[1], geometry)
+    ctx.save_for_backward(x, w1, b1, w2, output[1] if need[3] else None, geometry)  # the pooled activation: for dW2 alone
     ctx.activation, ctx.mode, ctx.keep = activation, mode, keep
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
     ctx.set_materialize_grads(False)

@@ -321,3 +321,25 @@ def test_mlp_pool_of_nothing(backend, mode, B, hidden):
     assert [tuple(gr.shape) for gr in grads] == [tuple(t.shape) for t in leaves]
     assert torch.allclose(grads[4], dy.sum((0, 1)))
     assert all(not gr.any() for gr in grads[:4])
+
+
+@pytest.mark.parametrize("mode", ["average", "bilinear"])
+def test_frozen_second_linear_keeps_no_pooled_activation(mode):
+    """The pooled activation is read for dW2 alone: with frozen weights (only x trains) nothing is
+    kept but the inputs (x, the weights, the geometry); dx is unchanged (float64 eager)."""
+    params, dy = _case((24, 24), (12, 12), torch.float32, C=64, hidden=256, out=64)
+    x, (w1, b1, w2, b2) = leaf(params[0]), params[1:]
+    kept = {}
+
+    def pack(t):
+        if t.shape == (2 * 144, 256):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = deco_ops.mlp_pool(x, w1, b1, w2, b2, grid=(24, 24), out_grid=(12, 12), mode=mode)
+    assert not kept  # no (P, hidden) pooled activation
+    y.backward(dy)
+    x64 = leaf(params[0], torch.float64)
+    eager64([x64, *(p.double() for p in params[1:])], (24, 24), (12, 12), "gelu", mode).backward(dy.double())
+    assert_close(x.grad, x64.grad, torch.float32, "grad x")
