@@ -584,7 +584,7 @@ def _(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals):
 
 def _pool_mlp_setup(ctx, inputs, output):
     x, w1, b1, w2, b2, geometry, num_out, activation, mode_, keep = inputs
-    ctx.save_for_backward(w1, w2, output[1], output[2], geometry)
+    ctx.save_for_backward(w1, w2, output[1] if ctx.needs_input_grad[1] else None, output[2], geometry)  # pooled: for dW1 alone
     ctx.num_tokens, ctx.activation, ctx.mode, ctx.keep = x.shape[0], activation, mode_, keep
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
     ctx.set_materialize_grads(False)

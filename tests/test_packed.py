@@ -670,3 +670,23 @@ def test_packed_ops_on_meta_tensors(auto_backend):
         assert cu.shape == (3,) and cu.dtype == torch.int32, name
         y.sum().backward()
         assert x.grad.shape == x.shape and x.grad.device.type == "meta", name
+
+
+def test_pool_mlp_packed_with_frozen_first_linear_keeps_no_pooled_input():
+    """The pooled input is read for dW1 alone: with frozen weights (only x trains) only the
+    pre-activation is kept, as eager does; dx equals the dense op's."""
+    g = torch.Generator().manual_seed(0)
+    x = randn(2, 576, 64, generator=g)
+    w1, b1 = randn(256, 64, scale=0.125, generator=g), randn(256, generator=g)
+    w2, b2 = randn(256, 256, scale=0.0625, generator=g), randn(256, generator=g)
+    xp = leaf(x.reshape(1152, 64))
+    grids = torch.tensor([[24, 24], [24, 24]])
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+        y, _ = deco_ops.pool_mlp_packed(xp, grids, w1, b1, w2, b2, out_grids=torch.tensor([[12, 12], [12, 12]]))
+    assert (288, 64) not in kept and (288, 256) in kept  # no pooled input, the pre-activation
+    dy = randn(288, 256, generator=g)
+    y.backward(dy)
+    xd = leaf(x)
+    deco_ops.pool_mlp(xd, w1, b1, w2, b2, grid=(24, 24), out_grid=(12, 12)).backward(dy.view(2, 144, 256))
+    assert_close(xp.grad, xd.grad.view(1152, 64), torch.float32, "grad x")
