@@ -179,6 +179,26 @@ def test_other_llava_families_are_refused_before_any_change():
     assert model.model.multi_modal_projector is projector
 
 
+@pytest.mark.parametrize("num_prefix_tokens", [None, 0])
+def test_pixtral_tower_is_refused_before_any_change(num_prefix_tokens):
+    """A LLaVA with a Pixtral tower (model_type "llava": Pixtral / Mistral checkpoints) takes each image
+    at its own size and splits the projector's output by each image's patch count. Before, the
+    conversion asked for num_prefix_tokens, then converted, and the forward failed inside
+    ``torch.split`` ("split_with_sizes expects split_sizes to sum exactly to 16")."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    plain, _ = tiny_llava()
+    config = LlavaConfig(vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=4, image_size=32, patch_size=4, head_dim=8),
+                         text_config=plain.config.text_config.to_dict(), image_token_index=plain.config.image_token_id,
+                         vision_feature_layer=-1, vision_feature_select_strategy="full")
+    model = LlavaForConditionalGeneration(config)
+    projector = model.model.multi_modal_projector
+    with pytest.raises(ValueError, match="does not support a Pixtral vision tower"):
+        llava_to_deco(model, num_prefix_tokens=num_prefix_tokens)
+    assert model.model.multi_modal_projector is projector
+
+
 @pytest.mark.parametrize("out_grid,error,match", [
     (12, TypeError, "out_grid must be a tuple of 2 or 3 ints, got 12"),
     ((0, 2), ValueError, r"out_grid entries must be >= 1, got \(0, 2\)")])

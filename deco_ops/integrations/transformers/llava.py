@@ -16,7 +16,7 @@ A converted model saves its projector under Hugging Face's names (``linear_1``, 
 (as the plain LLaVA, with the trained weights); call ``llava_to_deco`` again after loading it.
 
 Not covered: vision towers called with ``image_sizes`` (Pixtral-style variable resolution), which
-split the projector's output by their own patch counts.
+split the projector's output by their own patch counts; a Pixtral tower is refused with a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -105,6 +105,13 @@ def llava_to_deco(model, processor=None, *, out_grid=None, num_prefix_tokens: in
         )
     config = model.config
     vision = config.vision_config
+    # Pixtral towers (LLaVA checkpoints of Pixtral / Mistral) take each image at its own size and
+    # LLaVA splits the projector's output by every image's patch count: no fixed grid pools them
+    if getattr(vision, "model_type", None) == "pixtral":
+        raise ValueError(
+            "llava_to_deco does not support a Pixtral vision tower (vision_config.model_type='pixtral'): it emits a "
+            "variable patch grid per image (image_sizes), which one fixed grid/out_grid cannot pool"
+        )
     grid = tuple(s // p for s, p in zip(_pair(vision.image_size, "image_size"), _pair(vision.patch_size, "patch_size")))
     out_grid = tuple(math.ceil(g / 2) for g in grid) if out_grid is None else _validate.grid("out_grid", out_grid)
     if num_prefix_tokens is None:
