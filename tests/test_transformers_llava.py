@@ -71,6 +71,17 @@ def test_tower_without_cls_token_has_no_prefix():
     assert_close(features, hf_projector(pooled)[0], torch.float32)
 
 
+def test_tower_without_cls_token_under_default_strategy_is_refused():
+    """``vision_feature_select_strategy="default"`` drops each image's first token; a SigLIP tower
+    has no CLS token, so LLaVA hands the projector 63 of its 8x8 patches. Before, the conversion
+    took it and every forward raised "x has 63 tokens but DeCoProjector expects ... 0 + 64"."""
+    model, _ = tiny_llava(vision_feature_select_strategy="default", tower="siglip_vision_model")
+    projector = model.model.multi_modal_projector
+    with pytest.raises(ValueError, match="'default' drops the first token .* SiglipVisionModel emits no CLS token .* 63 of the 64"):
+        llava_to_deco(model)
+    assert model.model.multi_modal_projector is projector
+
+
 def test_projector_of_other_widths_bias_and_dtype_keeps_them():
     """A vision tower narrower than the language model (LLaVA-1.5: 1024 -> 4096; here 32 -> 48), a
     projector without biases (``multimodal_projector_bias=False``), a bfloat16 model: the

@@ -62,10 +62,19 @@ def _pair(value, name: str) -> tuple[int, int]:
 def _prefix_tokens(vision_tower, grid: tuple[int, int], strategy: str) -> int:
     """Tokens before the patch grid in what LLaVA hands its projector: none after ``"default"``
     drops the CLS token, else the tower's extra positions (CLIP: the CLS token, SigLIP: none)."""
-    if strategy == "default":
-        return 0
     embeddings = getattr(getattr(vision_tower, "vision_model", vision_tower), "embeddings", None)
     positions = getattr(embeddings, "num_positions", None)
+    if strategy == "default":
+        # "default" drops each image's first token as its CLS token; a tower without one (SigLIP)
+        # loses a patch, and the projector gets prod(grid) - 1 tokens, which no grid pools
+        if positions == math.prod(grid):
+            raise ValueError(
+                f"vision_feature_select_strategy='default' drops the first token as a CLS token, but "
+                f"{type(vision_tower).__name__} emits no CLS token before its {grid} patch grid: LLaVA hands the "
+                f"projector {math.prod(grid) - 1} of the {math.prod(grid)} patches, which no grid pools; use "
+                "vision_feature_select_strategy='full' for this tower"
+            )
+        return 0
     if not isinstance(positions, int) or positions < math.prod(grid):
         raise ValueError(
             f"cannot tell how many prefix (CLS) tokens {type(vision_tower).__name__} emits before its {grid} patch grid; "
