@@ -157,3 +157,14 @@ def test_checkout_root_leaves_the_name_kernels_to_its_owner(tmp_path):
                "    print(e.name, 'kernels' in sys.modules)")
     out = subprocess.run([sys.executable, "-S", "-c", missing], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.split() == ["kernels", "False"], (out.stdout, out.stderr)
+
+
+def test_readme_states_the_dependency_floors_pyproject_installs():
+    """The README's requirements row and its CPU-build note name the torch and triton floors that
+    ``pip install`` resolves (they said torch >= 2.6 and triton >= 3.4 while deco_ops did not import
+    under triton 3.4 and called APIs torch 2.6 and 2.7 lack)."""
+    dependencies = re.search(r"^dependencies = \[(.*)\]", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    floors = dict(re.findall(r'"(torch|triton)>=([\d.]+)"', dependencies))
+    readme = (ROOT / "README.md").read_text()
+    assert f"torch ≥ {floors['torch']}, triton ≥ {floors['triton']}." in readme
+    assert f"`torch>={floors['torch']}`" in readme
