@@ -68,9 +68,10 @@ def table_path(device_name: str) -> Path | None:
         return None
     if not setting:
         return TABLE_DIR / file_name(device_name)
-    if not Path(setting).expanduser().is_file():
+    path = Path(setting).expanduser()
+    if not path.is_file():
         raise ValueError(f"{ENV_VAR}={setting!r} is not a file: a table written by python -m deco_ops.tune, or 'none'")
-    return Path(setting).expanduser()
+    return path
 
 
 # The fields a table is read by: their Python types and JSON names (a null ``triton`` is no record)
