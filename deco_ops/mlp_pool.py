@@ -10,8 +10,8 @@ bias + activation in its epilogue, then ``pool_gemm`` (packed) pooling that acti
 A-operand loads and applying ``Linear2``'s bias. One launch per stage for a whole packed batch.
 
 Saved for backward: ``x`` (an input, so it costs no memory; dW1 needs it anyway), the weights,
-and the pooled activation ``(P, hidden)`` where dW2 is needed (nothing else reads it). Not the token-sized
-pre-activation nor the activation: backward recomputes the pre-activation in
+and the pooled activation ``(P, hidden)`` where dW2 is needed (nothing else reads it). Not the
+token-sized pre-activation nor the activation: backward recomputes the pre-activation in
 ``kernels/mlp_pool.py``, whose epilogue also gathers the un-pooled gradient and applies act'.
 
 Both ops have composed twins (``deco_ops.composed``: ``F.linear``, the activation and our packed

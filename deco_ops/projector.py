@@ -5,9 +5,10 @@ Forward on the Triton backend: one kernel pools while it loads the first GEMM's 
 bias + activation in its epilogue; the second Linear is ``torch.addmm`` (cuBLAS).
 
 What is kept for backward (only when autograd needs it): the pooled input ``(B, P, C)`` where
-the first weight's gradient is needed (nothing else reads it) and the pre-activation ``(B, P, hidden)``. Never the patch tokens, never the activation. The custom ops
-return these residuals as extra outputs (empty when not kept) because a ``torch.library`` autograd
-formula can only save inputs and outputs; the public functions return the projection alone.
+the first weight's gradient is needed (nothing else reads it) and the pre-activation
+``(B, P, hidden)``. Never the patch tokens, never the activation. The custom ops return these
+residuals as extra outputs (empty when not kept) because a ``torch.library`` autograd formula can
+only save inputs and outputs; the public functions return the projection alone.
 
 Each op and backward GEMM has a composed twin (``deco_ops.composed``: the pooling op's own
 choice, our kernel or ATen's (``deco_ops.pooling``), then cuBLAS, then the activation in PyTorch) returning the same residuals; ``deco_ops.strategy`` picks
