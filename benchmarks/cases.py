@@ -616,8 +616,3 @@ OPS = {
 def groups_for(name: str, env: Env, directions=("fwd", "fwd_bwd")) -> list[Group]:
     """Every group of one named shape (raises Unavailable if its op does not exist in deco_ops)."""
     return OPS[name](name, env, directions)
-
-
-def op_of(name: str) -> str:
-    return {pool_mlp_groups: "pool_mlp", attention_groups: "cross_attention", packed_groups: "pool_mlp_packed",
-            mlp_pool_groups: "mlp_pool", merge_groups: "merge_mlp"}[OPS[name]]

@@ -21,13 +21,10 @@ Conventions (the same counts credit deco_ops and every baseline, so TFLOP/s and 
 
 from __future__ import annotations
 
-import math
-
 from deco_ops.kernels import adaptive_pool, gemm_act_grad, merge_gemm, pool_gemm
 
 from deco_ops.kernels.cross_attention_fwd import flops as _attention_fwd_flops
 
-ATTENTION_FWD_FACTOR = 4
 ATTENTION_BWD_FACTOR = 10
 
 
@@ -160,12 +157,3 @@ def cross_attention_shape(shape, elem: int, direction: str) -> tuple[int, int]:
 def saved_bytes_eager_attention(B: int, M: int, N: int, H: int, elem: int) -> int:
     """What eager softmax attention keeps for backward beyond its inputs: the M x N probabilities."""
     return B * H * M * N * elem
-
-
-def roofline_seconds(flops: int, nbytes: int, peak_flops: float, peak_bytes: float) -> float:
-    """Floor on the time: the larger of FLOPs at the matmul rate and bytes at the copy bandwidth."""
-    return max(flops / peak_flops if peak_flops else 0.0, nbytes / peak_bytes if peak_bytes else 0.0)
-
-
-def prod(xs) -> int:
-    return math.prod(xs)
