@@ -31,7 +31,6 @@ Baselines:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -323,16 +322,12 @@ def pooling_groups(name: str, env: Env, directions) -> list[Group]:
 
 
 def mlp_pool_groups(name: str, env: Env, directions) -> list[Group]:
-    if not hasattr(deco_ops, "mlp_pool"):
-        raise Unavailable("deco_ops.mlp_pool does not exist in this version")
     s = shapes.for_device(shapes.MLP_POOL[name], env.device)
-    takes_mode = "mode" in inspect.signature(deco_ops.mlp_pool).parameters
-    mode = s.mode if takes_mode else "average"
+    mode = s.mode
     eager, (w1, b1, w2, b2), x, dy = _pool_setup(s, env, order="mlp_pool", mode=mode)
-    kw = {"mode": mode} if takes_mode else {}
 
     def deco_forward(xin):
-        return deco_ops.mlp_pool(xin, w1, b1, w2, b2, grid=s.grid, out_grid=s.out_grid, activation="gelu", **kw)
+        return deco_ops.mlp_pool(xin, w1, b1, w2, b2, grid=s.grid, out_grid=s.out_grid, activation="gelu", mode=mode)
 
     def fb(tg, d):
         return counts.mlp_pool_shape(s, env.elem, "fwd" if d == "fwd" else "fwd_bwd", tg)
@@ -445,7 +440,6 @@ def eager_softmax_attention(q, k, v, additive_mask, scale, dropout_p: float = 0.
 
 def attention_groups(name: str, env: Env, directions) -> list[Group]:
     s = shapes.for_device(shapes.ALL[name], env.device)
-    has_op = hasattr(deco_ops, "cross_attention")
     gen = _generator(env, 2)
     B, M, N, H, D = s.batch, s.M, s.N, s.heads, s.head_dim
     q0 = _randn((1 if s.shared_q else B, M, H, D), env, gen)
@@ -472,8 +466,6 @@ def attention_groups(name: str, env: Env, directions) -> list[Group]:
             return (lambda: _grad_runner(forward, leaves, dy, ctx)) if grad else (lambda: _fwd_runner(forward, ctx))
 
         def deco_factory(strategy="auto", q=q, k=k, v=v, make=make):
-            if not has_op:
-                raise Unavailable("deco_ops.cross_attention does not exist in this version")
             return make(lambda: deco_ops.cross_attention(q, k, v, kv_lens=kv_lens, softmax_scale=scale),
                         lambda: _deco(env, strategy))()
 
@@ -614,5 +606,5 @@ OPS = {
 
 
 def groups_for(name: str, env: Env, directions=("fwd", "fwd_bwd")) -> list[Group]:
-    """Every group of one named shape (raises Unavailable if its op does not exist in deco_ops)."""
+    """Every group of one named shape."""
     return OPS[name](name, env, directions)
