@@ -47,13 +47,7 @@ def not_traced(name: str) -> None:
         why = (f"deco_ops reads the values of {name} on the host (they size the launch), so torch.compile(fullgraph=True) "
                "cannot trace this call: compile without fullgraph (the graph breaks here) or call this op outside the "
                "compiled code")
-        if _BREAK_SAYS_WHY:
-            torch._dynamo.graph_break(msg=why)
-        else:
-            torch._dynamo.graph_break()
-
-
-_BREAK_SAYS_WHY = torch.__version__ >= "2.7"  # torch._dynamo.graph_break(msg=...): 2.6 has no msg
+        torch._dynamo.graph_break(msg=why)
 
 
 def tensor(name: str, value, ndim: int | None = None) -> torch.Tensor:

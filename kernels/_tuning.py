@@ -273,18 +273,15 @@ def dot_dtype_workaround(dtype_is_bf16: bool) -> bool:
 def fp32_matmul_precision() -> str:
     """``"tf32"`` or ``"ieee"``: what torch.matmul does with fp32 CUDA operands right now.
 
-    PyTorch >= 2.9 keeps the setting in ``torch.backends.cuda.matmul.fp32_precision`` (``"none"``
-    inherits ``torch.backends.fp32_precision``; the legacy ``allow_tf32`` and
-    ``torch.set_float32_matmul_precision`` write it too). Reading ``allow_tf32`` or
-    ``torch.get_float32_matmul_precision()`` once the new API was used raises ("mix of the legacy
-    and new APIs"), so the legacy flag is read only where the new attribute does not exist.
+    The setting lives in ``torch.backends.cuda.matmul.fp32_precision`` (``"none"`` inherits
+    ``torch.backends.fp32_precision``; the legacy ``allow_tf32`` and
+    ``torch.set_float32_matmul_precision`` write it too). It is read instead of the legacy
+    ``allow_tf32`` or ``torch.get_float32_matmul_precision()``, which raise once the new API was
+    used ("mix of the legacy and new APIs").
     """
-    matmul = torch.backends.cuda.matmul
-    setting = getattr(matmul, "fp32_precision", None)
-    if setting is None:
-        return "tf32" if matmul.allow_tf32 else "ieee"
+    setting = torch.backends.cuda.matmul.fp32_precision
     if setting == "none":
-        setting = getattr(torch.backends, "fp32_precision", "none")
+        setting = torch.backends.fp32_precision
     return "tf32" if setting == "tf32" else "ieee"
 
 

@@ -221,11 +221,9 @@ def test_grid_axes_within_limits():
 
 
 def test_fp32_precision_new_api():
-    """torch >= 2.9's ``fp32_precision`` decides fp32 dots; reading it never raises (the legacy
-    ``allow_tf32`` does, once the new API was used), and fp32 ops run under "tf32"."""
+    """``fp32_precision`` decides fp32 dots; reading it never raises (the legacy ``allow_tf32``
+    does, once the new API was used), and fp32 ops run under "tf32"."""
     matmul = torch.backends.cuda.matmul
-    if not hasattr(matmul, "fp32_precision"):
-        pytest.skip("torch without the fp32_precision API")
     g = torch.Generator().manual_seed(5)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     x, p = randn(2, 16, 8, generator=g).to(dev), [t.to(dev) for t in _mlp(C=8)]
