@@ -270,7 +270,7 @@ def _keep_kernel(out_ptr, rng_ptr, bh, M, N, p, BLOCK_M: tl.constexpr, BLOCK_N: 
 def test_reference_dropout_mask_is_the_kernels():
     """deco_ops.reference_attention.dropout_keep reproduces the kernels' tl.rand mask bit for bit."""
     rng = torch.tensor([2**61 + 12345, 2**33 + 7], dtype=torch.int64)
-    B, H, M, N = 3, 5, 16, 64
+    H, M, N = 5, 16, 64
     got = torch.empty(M, N, dtype=torch.int8)
     _keep_kernel[(1,)](got, rng, 2 * H + 3, M, N, 0.37, BLOCK_M=M, BLOCK_N=N)
     want = reference.dropout_keep(tuple(rng.tolist()), H, M, N, torch.tensor(2), torch.tensor(3),

@@ -108,8 +108,7 @@ def test_packed_keys(M):
     Packed keys are ragged: from 128 queries they take the 64-query tile, never the warp-specialised
     one (``tile``: NaN on the H200)."""
     dtype, H, D = torch.float16, 2, 64
-    lens = [40, 0, 97]
-    cu = torch.tensor([0, 40, 40, 137], dtype=torch.int32)
+    cu = torch.tensor([0, 40, 40, 137], dtype=torch.int32)  # key lengths 40, 0, 97
     g = torch.Generator().manual_seed(5)
     q = randn(3, M, H, D, dtype=dtype, generator=g)
     kp, vp = (randn(137, H, D, dtype=dtype, generator=g) for _ in range(2))

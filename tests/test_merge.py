@@ -38,7 +38,7 @@ def eager_merge_mlp(x, nw, nb, w1, b1, w2, b2, *, grid=None, merge_size=2, order
     """The HF modules' sequence in plain PyTorch (differentiable): norm, merge, Linear, act, Linear;
     the norm's rows cast to the Linears' dtype where it differs (a float32 norm, a 16-bit MLP).
     ``with_pre``: (output, pre-activation), the raw op's two outputs."""
-    S, C = merge_size, x.shape[-1]
+    S = merge_size
 
     def normalize(t):
         if norm == "layernorm":
