@@ -32,28 +32,10 @@ import torch
 _KEPT = "_deco_ops_context"  # set on a frame whose recompute already runs in its forward's context
 
 
-def _no_hooks(ignore_is_tracing: bool) -> None:
-    return None
-
-
-def _top_hooks(autograd=torch._C._autograd) -> Callable[[bool], tuple | None]:
-    """``torch._C._autograd._top_saved_tensors_default_hooks``, the innermost hooks' (pack,
-    unpack) or None, as ``f(ignore_is_tracing)``; a release without it (before torch 2.8) gets
-    ``_no_hooks`` (its recompute stays as it was) and one whose function takes no argument a wrapper."""
-    top = getattr(autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None:
-        return _no_hooks
-    try:
-        top(False)
-    except TypeError:
-        return lambda ignore_is_tracing: top()
-    return top
-
-
 # (pack, unpack) of the innermost ``saved_tensors_hooks`` in force (a checkpoint's forward installs
-# its own), or None: what the hot callers (an op's recorded forward) ask inline, one C call, before
-# ``recompute_in_this_context``
-saved_tensors_hooks = _top_hooks()
+# its own), or None, as ``f(ignore_is_tracing)``: what the hot callers (an op's recorded forward) ask
+# inline, one C call, before ``recompute_in_this_context`` (torch >= 2.10, the floor, has it)
+saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 
 def recompute_in_this_context() -> None:

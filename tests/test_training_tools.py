@@ -312,19 +312,6 @@ def test_checkpoint_frame_is_found():
     assert found == [True, False]  # the forward's frame; the recompute runs under other hooks
 
 
-def test_checkpoint_hook_lookup_on_older_torch():
-    """Before torch 2.8 PyTorch had no ``_top_saved_tensors_default_hooks`` (importing deco_ops must
-    not fail there: the recompute stays as it was), and some releases took no argument."""
-    from types import SimpleNamespace
-
-    from deco_ops import _checkpoint
-
-    assert _checkpoint._top_hooks(SimpleNamespace())(False) is None
-    hooks = (print, print)
-    assert _checkpoint._top_hooks(SimpleNamespace(_top_saved_tensors_default_hooks=lambda: hooks))(False) is hooks
-    assert _checkpoint._top_hooks(SimpleNamespace(_top_saved_tensors_default_hooks=lambda flag: hooks))(False) is hooks
-
-
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton kernels on CPU tensors (the interpreter) against the PyTorch path")
 def test_checkpoint_recompute_leaves_a_block_opened_inside_the_region():
     """A ``use_backend`` block opened inside the region, around its first op of ours: the recompute
