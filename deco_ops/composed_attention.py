@@ -157,12 +157,19 @@ def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = F
     return q, k, v, bias, dead
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensors with an address; a traced one has none
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` as the CUDA kernels accept it: a 16-byte aligned start and strides, unit stride on the
     last dim (the memory-efficient kernel's alignment check fails otherwise, "no kernel found to
-    launch", e.g. for a view that starts mid-buffer). Anything else is copied; an aligned tensor is not."""
+    launch", e.g. for a view that starts mid-buffer). Anything else is copied; an aligned tensor is not.
+    While ``torch.compile`` traces the op's body (FunctionalTensors, FakeTensors: no address, and
+    ``data_ptr`` raises) the start is judged by the storage offset, as Inductor judges its inputs'
+    alignment (and copies a graph input that is not aligned at run time)."""
     step = 16 // t.element_size()
-    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % step == 0 for s in t.stride()[:-1]):
+    start = t.data_ptr() if type(t) in _PLAIN else t.storage_offset() * t.element_size()
+    if t.stride(-1) == 1 and start % 16 == 0 and all(s % step == 0 for s in t.stride()[:-1]):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 

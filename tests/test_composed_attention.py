@@ -9,6 +9,7 @@ which call, their determinism, and the plumbing of every kernel's ATen ops, here
 and on a GPU, every candidate that applies against float64, forced through the op."""
 
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -89,6 +90,41 @@ def test_aten_schemas_and_layouts(kernel):
     assert out.shape == (B, M, H, D) and out.is_contiguous() and lse.shape == (B, H, M) and lse.dtype == torch.float32
     dq, dk, dv = ca.backward(out, q, k, v, out, lse, None, 0.125, True, True, kernel=kernel)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape  # dq of shared queries summed
+
+
+def _traced(*tensors):
+    """Meta tensors as ``torch.compile`` hands them to a ``triton_op``'s body: FunctionalTensors
+    (AOTAutograd's tracing mode), which have no address (``data_ptr`` raises)."""
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return [None if t is None else FunctionalTensor.to_functional(t) for t in tensors]
+
+
+@pytest.mark.parametrize("kernel", ["composed_flash", "composed_cudnn"])
+def test_cuda_kernels_trace_under_torch_compile(kernel):
+    """On CUDA, ``torch.compile`` traces the op's body (``deco_ops._triton_op``) with the candidate
+    held for the key or forced (an eager ``auto`` step that picked an SDPA kernel, then compiling):
+    the operand alignment check must not read an address. A view that starts mid-buffer is still
+    judged by its storage offset and copied (as Inductor judges its inputs)."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    B, M, N, H, D = 3, 5, 9, 2, 64
+    starts = []  # (storage offset in, out) of every operand the alignment check saw
+
+    def spy(t, aligned=ca._aligned):
+        starts.append((t.storage_offset(), aligned(t).storage_offset()))
+        return aligned(t)
+
+    q = torch.empty(1, M, H, D, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(B * N * H * D + 1, device="meta", dtype=torch.bfloat16)[1:].view(B, N, H, D)  # 2 bytes into its buffer
+    v = torch.empty(B, N, H, D, device="meta", dtype=torch.bfloat16)
+    with FunctionalTensorMode(), mock.patch.object(ca, "_aligned", spy):
+        q, k, v = _traced(q, k, v)
+        out, lse = ca.forward(q, k, v, None, 0.125, kernel=kernel)
+        assert out.shape == (B, M, H, D) and lse.shape == (B, H, M) and lse.dtype == torch.float32
+        dq, dk, dv = ca.backward(out, q, k, v, out, lse, None, 0.125, True, True, kernel=kernel)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert (1, 0) in starts and all(after == 0 for _, after in starts)  # the misaligned k copied, no other
 
 
 def test_lse_normalisation():
@@ -249,7 +285,6 @@ def test_every_backward_follows_every_forward(stand_ins, case):
 @pytest.mark.parametrize("kernel", ALL_CUDA)
 def test_the_op_runs_the_forced_kernel(stand_ins, monkeypatch, kernel):
     """``use_strategy(<kernel>)`` reaches that kernel's forward and backward through the op."""
-    from unittest import mock
 
     monkeypatch.setattr(ca, "kernels", lambda q, masked, dropout_p: ALL_CUDA)
     q, k, v, dout, kv_lens = _on_the_cpu(_case(2, 1, 6, 21, 2, 16, None, torch.float32))
