@@ -13,8 +13,11 @@ Candidates (``kernels``: those that express a call, in order of preference; ``fo
 
 * ``composed`` (CPU): ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward (SDPA's
   CPU kernel), on ``(B, H, L, D)`` views, with an additive mask for ``kv_lens``.
-* ``composed_efficient`` (CUDA): ``aten._efficient_attention_forward`` / ``_backward`` (SDPA's
-  memory-efficient kernel), which read our ``(B, L, H, D)`` layout as it is. Any float dtype, head
+* ``composed_efficient`` (CUDA): ``aten._efficient_attention_forward`` and
+  ``_scaled_dot_product_efficient_attention_backward`` (SDPA's memory-efficient kernel; the backward
+  is SDPA's wrapper of ``_efficient_attention_backward``, the same call on the same memory, whose
+  meta kernel, unlike that op's, matches its schema: ``torch.compile`` traces it), which read our
+  ``(B, L, H, D)`` layout as it is. Any float dtype, head
   dims that are multiples of 8, ``kv_lens`` as an additive mask. Its LSE holds ``ceil(M / 32) * 32``
   queries per row; its mask rows must be 16-element aligned. Listed first: ``use_strategy("composed")``
   without a measured decision runs it, the kernel the first GPU runs validated in training.
@@ -275,9 +278,11 @@ def backward(dout, q, k, v, out, lse, kv_lens, scale, need_dq: bool, need_dkv: b
         padded = -(-M // _LSE_ALIGN_EFFICIENT) * _LSE_ALIGN_EFFICIENT
         lse = torch.nn.functional.pad(lse.float(), (0, padded - M))
         unused_rng = torch.zeros((), dtype=torch.int64)  # the Philox seed and offset, read only with dropout
-        dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
-            dout, q, k, v, bias, out, None, None, M, N, lse, 0.0, unused_rng, unused_rng, 0, False, scale=scale
+        grads = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            *_heads_first(dout, q, k, v), bias, out.transpose(1, 2), lse, unused_rng, unused_rng, 0.0, [True, True, True, False], False,
+            scale=scale,
         )
+        dq, dk, dv = _heads_first(*grads[:3])  # the fourth, the mask's gradient, is not asked for
     else:
         q = _aligned(q.expand(B, -1, -1, -1).contiguous())
         k, v = _aligned(k), _aligned(v)

@@ -100,11 +100,13 @@ def _traced(*tensors):
     return [None if t is None else FunctionalTensor.to_functional(t) for t in tensors]
 
 
-@pytest.mark.parametrize("kernel", ["composed_flash", "composed_cudnn"])
+@pytest.mark.parametrize("kernel", ALL_CUDA)
 def test_cuda_kernels_trace_under_torch_compile(kernel):
     """On CUDA, ``torch.compile`` traces the op's body (``deco_ops._triton_op``) with the candidate
     held for the key or forced (an eager ``auto`` step that picked an SDPA kernel, then compiling):
-    the operand alignment check must not read an address. A view that starts mid-buffer is still
+    the operand alignment check must not read an address, and every ATen op must have a meta kernel
+    that takes the call (``aten._efficient_attention_backward``'s drops its ``out`` argument, so the
+    memory-efficient backward calls SDPA's wrapper of it). A view that starts mid-buffer is still
     judged by its storage offset and copied (as Inductor judges its inputs)."""
     from torch._subclasses.functional_tensor import FunctionalTensorMode
 
@@ -118,12 +120,16 @@ def test_cuda_kernels_trace_under_torch_compile(kernel):
     q = torch.empty(1, M, H, D, device="meta", dtype=torch.bfloat16)
     k = torch.empty(B * N * H * D + 1, device="meta", dtype=torch.bfloat16)[1:].view(B, N, H, D)  # 2 bytes into its buffer
     v = torch.empty(B, N, H, D, device="meta", dtype=torch.bfloat16)
-    with FunctionalTensorMode(), mock.patch.object(ca, "_aligned", spy):
-        q, k, v = _traced(q, k, v)
-        out, lse = ca.forward(q, k, v, None, 0.125, kernel=kernel)
-        assert out.shape == (B, M, H, D) and lse.shape == (B, H, M) and lse.dtype == torch.float32
-        dq, dk, dv = ca.backward(out, q, k, v, out, lse, None, 0.125, True, True, kernel=kernel)
-    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    masks = [(None, None)]
+    if kernel == "composed_efficient":  # the one that takes kv_lens and a mask
+        masks += [(torch.empty(B, dtype=torch.int32, device="meta"), torch.empty(1, 1, M, N, device="meta").expand(B, H, M, N))]
+    for kv_lens, bias in masks:
+        with FunctionalTensorMode(), mock.patch.object(ca, "_aligned", spy):
+            q_, k_, v_, kv_lens, bias = _traced(q, k, v, kv_lens, bias)
+            out, lse = ca.forward(q_, k_, v_, kv_lens, 0.125, kernel=kernel, bias=bias)
+            assert out.shape == (B, M, H, D) and lse.shape == (B, H, M) and lse.dtype == torch.float32
+            dq, dk, dv = ca.backward(out, q_, k_, v_, out, lse, kv_lens, 0.125, True, True, kernel=kernel, bias=bias)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert (1, 0) in starts and all(after == 0 for _, after in starts)  # the misaligned k copied, no other
 
 
@@ -189,11 +195,12 @@ def _efficient_forward(q, k, v, bias, cu_q, cu_k, max_q, max_k, dropout_p, mask_
     return o.transpose(1, 2), padded if compute_lse else torch.empty(0), None, None, M, k.shape[1]
 
 
-def _efficient_backward(dout, q, k, v, bias, out, cu_q, cu_k, M, N, lse, dropout_p, seed, offset, mask_type, bias_grad, *, scale):
-    assert lse.shape[-1] % 32 == 0 and (cu_q, cu_k, dropout_p, mask_type, bias_grad) == (None, None, 0.0, 0, False)
+def _efficient_backward(dout, q, k, v, bias, out, lse, seed, offset, dropout_p, grad_input_mask, is_causal=False, *, scale):
+    """SDPA's wrapper of the memory-efficient backward: (B, H, L, D) views of what the kernel reads."""
+    M = q.shape[2]
+    assert lse.shape[-1] % 32 == 0 and (dropout_p, tuple(grad_input_mask), is_causal) == (0.0, (True, True, True, False), False)
     _assert_aligned(dout, q, k, v, out, bias=bias)
-    grads = _cpu_backward(*(t.transpose(1, 2) for t in (dout, q, k, v, out)), lse[..., :M].contiguous(), bias, scale)
-    return (*(g.transpose(1, 2) for g in grads), None)
+    return (*_cpu_backward(dout, q, k, v, out, lse[..., :M].contiguous(), bias, scale), None)
 
 
 def _flash_forward(q, k, v, dropout_p, is_causal, debug_mask, *, scale):
@@ -221,7 +228,7 @@ def _cudnn_backward(dout, q, k, v, out, lse, seed, offset, bias, cu_q, cu_k, M, 
 
 STAND_INS = {
     "_efficient_attention_forward": _efficient_forward,
-    "_efficient_attention_backward": _efficient_backward,
+    "_scaled_dot_product_efficient_attention_backward": _efficient_backward,
     "_scaled_dot_product_flash_attention": _flash_forward,
     "_scaled_dot_product_flash_attention_backward": _flash_backward,
     "_scaled_dot_product_cudnn_attention": _cudnn_forward,
@@ -234,7 +241,7 @@ def test_stand_ins_take_the_real_ops_arguments(name):
     """Each CPU stand-in takes what its CUDA op's schema takes, at the same positions: as many
     positional parameters (a default only where the schema has one), and keyword-only ones the schema
     names, so the calls the stand-ins accept are calls the real ops accept (their meta kernels
-    cannot check them all: torch 2.13's ``_efficient_attention_backward`` meta drops ``out``)."""
+    check them too: ``test_cuda_kernels_trace_under_torch_compile``)."""
     import inspect
 
     schema = getattr(torch.ops.aten, name).default._schema
