@@ -292,7 +292,6 @@ def test_every_backward_follows_every_forward(stand_ins, case):
 @pytest.mark.parametrize("kernel", ALL_CUDA)
 def test_the_op_runs_the_forced_kernel(stand_ins, monkeypatch, kernel):
     """``use_strategy(<kernel>)`` reaches that kernel's forward and backward through the op."""
-
     monkeypatch.setattr(ca, "kernels", lambda q, masked, dropout_p: ALL_CUDA)
     q, k, v, dout, kv_lens = _on_the_cpu(_case(2, 1, 6, 21, 2, 16, None, torch.float32))
     with deco_ops.use_backend("torch"), deco_ops.use_strategy(kernel), \
