@@ -17,7 +17,7 @@ import torch
 import deco_ops
 from deco_ops import attention, strategy
 from deco_ops import composed_attention as ca
-from harness import assert_close, randn
+from harness import assert_close, guarded, randn
 from test_cross_attention import _case, _check, _reference, _run
 
 CUDA = torch.device("cuda", 0)
@@ -329,3 +329,24 @@ def test_every_cuda_kernel_against_float64(case, dtype):
         for bwd in kernels:
             _check((out, *ca.backward(dout, q, k, v, out, lse, kv_lens, scale, True, True, kernel=bwd)), want, dtype, kv_lens,
                    k.shape[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's CUDA kernels")
+@pytest.mark.parametrize("lens", [None, [257, 100]], ids=["dense", "kv-lens"])
+def test_every_cuda_kernel_under_torch_compile(lens):
+    """What ``test_cuda_kernels_trace_under_torch_compile`` traces on meta tensors, compiled and run:
+    each SDPA kernel that applies, forced, forward and backward through ``torch.compile(fullgraph=True)``
+    (Inductor traces the op's body), against float64. No test compiled a forced composed candidate
+    before; its operand alignment check raised on every one."""
+    dtype = torch.bfloat16
+    q, k, v, dout, kv_lens = (t if t is None else t.cuda() for t in _case(2, 1, 32, 257, 2, 64, lens, dtype))
+    want = _reference(q, k, v, dout, kv_lens)
+    for kernel in ca.kernels(q, kv_lens is not None, 0.0):
+        torch._dynamo.reset()
+        compiled = torch.compile(deco_ops.cross_attention, fullgraph=True)
+        leaves = [guarded(t, 3).requires_grad_(True) for t in (q, k, v)]
+        with deco_ops.use_strategy(kernel), mock.patch.object(ca, "forward", wraps=ca.forward) as fwd:
+            out = compiled(*leaves, kv_lens=kv_lens)
+            out.backward(dout)
+        assert fwd.call_args.kwargs["kernel"] == kernel, kernel
+        _check((out.detach(), *(t.grad for t in leaves)), want, dtype, kv_lens, k.shape[1])
