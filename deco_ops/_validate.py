@@ -38,7 +38,7 @@ def not_traced(name: str) -> None:
             f"torch.jit.trace cannot record {name}: deco_ops reads its values on the host (they size the launch), "
             f"so a trace would replay this call's {name} for every other. Call this op outside the traced code, "
             "or use torch.compile (the host read is a graph break there)")
-    if torch.compiler.is_exporting():
+    if _exporting():
         raise RuntimeError(
             f"torch.export cannot record {name}: deco_ops reads its values on the host (they size the launch), "
             "and an exported graph has no host reads. Export the model around this op (call it outside the "
@@ -48,6 +48,19 @@ def not_traced(name: str) -> None:
                "cannot trace this call: compile without fullgraph (the graph breaks here) or call this op outside the "
                "compiled code")
         torch._dynamo.graph_break(msg=why)
+
+
+def _exporting_flag() -> bool:
+    return torch.compiler._is_exporting_flag
+
+
+# ``torch.compiler.is_exporting()``, also while dynamo traces. Before torch 2.13 dynamo folded that call to
+# True while tracing anything, ``torch.compile`` included (pytorch/pytorch#176347, fixed by #176499), so a
+# packed call under ``torch.compile(fullgraph=True)`` was refused as ``torch.export``'s (found on torch 2.10
+# and 2.11, the GPU machines' version). There read the flag it returns in eager: ``torch.export`` sets it,
+# strict and non-strict, and dynamo reads a module attribute at trace time. Bound once: no extra call.
+_exporting = (_exporting_flag if torch.__version__ < "2.13" and hasattr(torch.compiler, "_is_exporting_flag")
+              else torch.compiler.is_exporting)
 
 
 def tensor(name: str, value, ndim: int | None = None) -> torch.Tensor:

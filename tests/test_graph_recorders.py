@@ -220,6 +220,10 @@ def test_host_reads_are_refused_under_export(case, strict):
     comparison inside deco_ops (``min(r) < 1``), not the argument. Strict export wraps the error in
     Dynamo's, which quotes it."""
     fn, name, x = _host_read(case)
+    _assert_export_refuses(fn, name, x, strict)
+
+
+def _assert_export_refuses(fn, name: str, x: torch.Tensor, strict: bool) -> None:
     with pytest.raises(RuntimeError) as caught:
         torch.export.export(Calls(fn), (x,), strict=strict)
     chain, error = [], caught.value
@@ -227,3 +231,24 @@ def test_host_reads_are_refused_under_export(case, strict):
         chain.append(str(error))
         error = error.__cause__ or error.__context__
     assert f"torch.export cannot record {name}" in "\n".join(chain), chain[0][:500]
+
+
+@pytest.mark.parametrize("case", ["pool_mlp_packed", "cross_attention_packed"])
+def test_host_reads_tell_export_from_compile_through_the_flag(case, monkeypatch):
+    """Before torch 2.13 dynamo folded ``torch.compiler.is_exporting()`` to True while tracing
+    ``torch.compile`` too (pytorch/pytorch#176347), so under ``fullgraph=True`` a packed call was
+    refused as ``torch.export``'s (torch 2.10 and 2.11, the GPU machines'); there ``_validate``
+    reads the flag ``torch.export`` sets. Forced here on any torch: export (strict and not) is still
+    refused by name, and ``torch.compile(fullgraph=True)`` breaks the graph with its own message."""
+    from torch._dynamo.exc import Unsupported
+
+    from deco_ops import _validate
+
+    monkeypatch.setattr(_validate, "_exporting", _validate._exporting_flag)
+    fn, name, x = _host_read(case)
+    for strict in (False, True):
+        _assert_export_refuses(fn, name, x, strict)
+    torch._dynamo.reset()
+    with pytest.raises(Unsupported, match=f"deco_ops reads the values of {name} on the host"):
+        torch.compile(fn, fullgraph=True, backend="eager")(x)
+    torch._dynamo.reset()
