@@ -2907,4 +2907,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "        if positions == math.prod(grid):\n", "        if False:\n",
            ("tests/test_transformers_llava.py", "-k", "default_strategy_is_refused"),
            "llava_to_deco takes 'default' selection on a SigLIP tower; every forward then fails on a token count"),
+    Mutant("export_flag_not_read", "deco_ops/_validate.py",
+           "    return torch.compiler._is_exporting_flag", "    return False",
+           ("tests/test_graph_recorders.py", "-k", "through_the_flag"),
+           "before torch 2.13 (the GPU machines' 2.11) torch.export of a packed call is no longer refused by name"),
 )
