@@ -40,7 +40,7 @@ def _group_cache():
 
 @pytest.fixture
 def bench_group(bench_env, _group_cache):
-    """``bench_group(shape, direction) -> cases.Group`` (built once per shape; skips if the op is missing)."""
+    """``bench_group(shape, direction) -> cases.Group`` (built once per shape; skips a shape `cases` reports unavailable)."""
 
     def get(shape: str, direction: str) -> cases.Group:
         if shape not in _group_cache:
