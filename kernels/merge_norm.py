@@ -100,19 +100,21 @@ def merge_norm_stats_kernel(
 
 
 @triton.jit
-def _grad_tile(x_ptr, dn_ptr, base, step_h, sxn, sxc, rows, row_mask, q, c, C, K, mean, rstd,
+def _grad_tile(x_ptr, dn_ptr, base, step_h, sxn, sxc, row_mask, merged, q, c, C, mean, rstd,
                NORM: tl.constexpr, MERGE: tl.constexpr, READ_DN: tl.constexpr):
     """What both backward passes read of sub-token ``q``'s channels ``c``: ``(xhat, dn, c_mask,
-    mask, merged)``, with ``dn`` in fp32 (zeros unless ``READ_DN``) and ``merged`` the tile's
-    offsets into the merged ``(M, K)`` layout."""
+    mask)``, with ``dn`` (at ``merged``, the tile's offsets into the merged ``(M, K)`` layout) in
+    fp32, zeros unless ``READ_DN``. ``merged`` comes in rather than out: torch.compile reads which
+    tensors a kernel writes from its Triton IR and takes a store's address computed from a helper's
+    result as possibly written through every pointer the helper got (x and dn would be cloned, and
+    on torch < 2.13 a trained merger failed to compile)."""
     xhat, c_mask = standardized_tile(x_ptr, base, step_h, sxn, sxc, q, c, C, row_mask, mean, rstd, NORM, MERGE)
     mask = row_mask[:, None] & c_mask[None, :]
-    merged = rows[:, None] * K + (q * C + c)[None, :]
     if READ_DN:
         dn = tl.load(dn_ptr + merged, mask=mask, other=0.0).to(tl.float32)
     else:
         dn = tl.zeros_like(xhat)
-    return xhat, dn, c_mask, mask, merged
+    return xhat, dn, c_mask, mask
 
 
 @triton.jit
@@ -145,8 +147,9 @@ def merge_norm_backward_kernel(
                 q = g * TOKENS + t
                 for c0 in range(0, C, BLOCK_C):
                     c = c0 + cs
-                    xhat, dn, c_mask, _, _ = _grad_tile(x_ptr, dn_ptr, base, step_h, sxn, sxc, rows, row_mask, q, c, C, K,
-                                                        mean, rstd, NORM, MERGE, True)
+                    merged = rows[:, None] * K + (q * C + c)[None, :]
+                    xhat, dn, c_mask, _ = _grad_tile(x_ptr, dn_ptr, base, step_h, sxn, sxc, row_mask, merged, q, c, C,
+                                                     mean, rstd, NORM, MERGE, True)
                     dxhat = scale(dn, wn_ptr, norm_channels(q, c, C, PRE), c_mask, HAS_WN)
                     sum_d += tl.sum(dxhat, axis=1)
                     sum_dx += tl.sum(dxhat * xhat, axis=1)
@@ -156,8 +159,9 @@ def merge_norm_backward_kernel(
             q = g * TOKENS + t
             for c0 in range(0, C, BLOCK_C):
                 c = c0 + cs
-                xhat, dn, c_mask, mask, merged = _grad_tile(x_ptr, dn_ptr, base, step_h, sxn, sxc, rows, row_mask, q, c, C,
-                                                            K, mean, rstd, NORM, MERGE, READ_DN)
+                merged = rows[:, None] * K + (q * C + c)[None, :]
+                xhat, dn, c_mask, mask = _grad_tile(x_ptr, dn_ptr, base, step_h, sxn, sxc, row_mask, merged, q, c, C,
+                                                    mean, rstd, NORM, MERGE, READ_DN)
                 channel = norm_channels(q, c, C, PRE)
                 if NEED_DX:
                     dxhat = scale(dn, wn_ptr, channel, c_mask, HAS_WN)

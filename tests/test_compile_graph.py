@@ -132,6 +132,37 @@ def test_patch_merger_kernels_in_compiled_graph(traced_triton):
     assert "merge_gemm_kernel" in forward
 
 
+
+@pytest.mark.parametrize("make, inputs", [
+    (lambda: deco_ops.DeCoProjector(16, 24, hidden_features=32, grid=(4, 4), out_grid=(2, 2)), lambda: [torch.randn(2, 16, 16)]),
+    (lambda: deco_ops.PatchMergerProjector(8, 16, hidden_features=24), lambda: [torch.randn(16, 8)]),
+    (lambda: deco_ops.PatchMergerProjector(8, 16, hidden_features=24, norm="rmsnorm", order="grid", grid=(4, 4)),
+     lambda: [torch.randn(2, 16, 8)]),
+    (lambda: deco_ops.PatchMergerProjector(8, 16, hidden_features=24, norm_position="post"), lambda: [torch.randn(16, 8)]),
+    (lambda: deco_ops.CrossAttention(32, 2, batch_first=True), lambda: [torch.randn(2, 5, 32), torch.randn(2, 11, 32), torch.randn(2, 11, 32)]),
+], ids=["projector", "merger", "merger_rms_grid", "merger_post_norm", "cross_attention"])
+def test_no_kernel_writes_what_its_graph_was_given(make, inputs, traced_triton):
+    """Every kernel writes only buffers its op allocated. PyTorch reads what a kernel writes from its
+    Triton IR and counts a store whose address came out of a helper ``@triton.jit`` function as a
+    write through every pointer that helper got: the tensor is then cloned before the launch, and
+    where it is a graph input (tokens, weights, saved activations), the graph mutates its input. The
+    merger's norm backward computed its stores' offsets inside the helper that loads the tokens and
+    ``dn``: both were cloned, and on torch < 2.13 a merger trained under ``torch.compile`` failed
+    ("a leaf Variable that requires grad is being used in an in-place operation")."""
+    torch.manual_seed(0)
+    module = make()
+    kwargs = {"need_weights": False} if isinstance(module, deco_ops.CrossAttention) else {}
+    backend = _compiled_run(module, inputs(), **kwargs)
+    written = []
+    for graph in backend.graphs:
+        given = {node for node in graph.graph.nodes if node.op == "placeholder"}
+        for node in graph.graph.nodes:
+            if node.target is WRAPPER:
+                name = _kernel_name(kernel_side_table.get_kernel(node.kwargs["kernel_idx"]))
+                written += [(name, arg) for arg in node.kwargs["tensors_to_clone"] if node.kwargs["kwargs"][arg] in given]
+    assert len(backend.graphs) == 2 and written == []
+
+
 def _pooled64(x: torch.Tensor, grid, out_grid) -> torch.Tensor:
     """float64 ``F.adaptive_avg_pool2d`` of the (B, H*W, C) token grid, as (B, OH*OW, C)."""
     B, _, C = x.shape
