@@ -80,6 +80,23 @@ def test_first_call_of_a_process_may_be_compiled(monkeypatch, env):
     assert torch.equal(compiled(x), first)
 
 
+
+def test_a_setting_read_while_a_compile_runs_is_not_remembered(monkeypatch):
+    """Before torch 2.13 ``torch.compiler.is_compiling()`` is False while AOTAutograd runs the
+    traced graph (its metadata pass), which reads the settings again: remembering the value there
+    failed the guard Dynamo had just built on the cache (the test above, on torch 2.10 and 2.11).
+    Any read inside a compile's context leaves the cache as it was; outside, it is remembered."""
+    monkeypatch.delenv(deco_ops._backend.ENV_VAR, raising=False)
+    setting = deco_ops._backend.SETTING
+    monkeypatch.setattr(setting, "_parsed", {})
+    assert not torch.compiler.is_compiling()
+    with torch._guards.compile_context(torch._guards.CompileContext(None)):
+        assert setting.selected() == "auto"
+    assert setting._parsed == {}
+    assert setting.selected() == "auto"
+    assert setting._parsed == {None: "auto"}
+
+
 def test_a_process_whose_first_call_is_compiled_compiles_it_once(tmp_path):
     """The settings know the environment's values from import: the first compiled frame guards on
     them being known, so the eager calls inside it change nothing and the next identical call
