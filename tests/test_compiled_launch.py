@@ -400,8 +400,8 @@ def test_triton_path_runs_where_the_direct_launch_could_differ(fake_driver, monk
     try:
         for _ in range(3):
             launches.run((1,), tuple(args), dict(kwargs), warmup)
-    except TypeError:
-        assert what == "list argument"  # Triton rejects it itself; no signature was kept
+    except TypeError:  # Triton rejects it itself (triton 3.6 any ``*args`` kernel); no signature was kept
+        assert what == "list argument" or (what == "star args" and normal.calls == 1)
     else:
         assert normal.calls == 3, what
     finally:
