@@ -214,7 +214,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_aot.py", "-k", "float_arguments"),
            "a float argument Inductor passes as fp64 promotes the attention statistics to fp64 (no compile)"),
     Mutant("dot_drops_accumulator", "kernels/dot.py",
-           "return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)", "return tl.dot(a, b, input_precision=INPUT_PRECISION)",
+           "return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)",
+           "return tl.dot(a, b, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)",
            ("tests/test_projector.py", "-k", "test_pool_mlp_activations and triton and dtype0"),
            "each K step of a GEMM replaces the running sum instead of adding to it"),
     Mutant("act_grad_applies_activation", "kernels/gemm_act_grad.py",
@@ -1336,7 +1337,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_fake_impls.py", "-k", "attention"),
            "the weights' backward returns einsum's permuted layout where its fake promises contiguous (Inductor's stride assert)"),
     Mutant("setting_cached_while_compiling", "deco_ops/_setting.py",
-           "        if not torch.compiler.is_compiling():\n            self._parsed[raw] = name\n",
+           "        if not (torch.compiler.is_compiling() or torch._guards.CompileContext.try_get() is not None):\n"
+           "            self._parsed[raw] = name\n",
            "        self._parsed[raw] = name\n",
            ("tests/test_strategy.py", "-k", "first_call"),
            "a process whose first call is compiled fails Dynamo's guard on the setting's cache"),
@@ -2902,4 +2904,15 @@ MUTANTS: tuple[Mutant, ...] = (
            "    return torch.compiler._is_exporting_flag", "    return False",
            ("tests/test_graph_recorders.py", "-k", "through_the_flag"),
            "before torch 2.13 (the GPU machines' 2.11) torch.export of a packed call is no longer refused by name"),
+    Mutant("merge_norm_store_address_from_the_token_helper", "kernels/merge_norm.py",
+           "tl.store(n_ptr + merged,", "tl.store(n_ptr + merged + (xhat * 0).to(tl.int64),",
+           ("tests/test_compile_graph.py", "-k", "writes_what_its_graph"),
+           "the norm output's store address comes out of the helper that loads x and dn: torch.compile clones both, "
+           "and on torch < 2.13 (the GPU machines' 2.11) a merger trained under torch.compile fails"),
+    Mutant("setting_remembered_inside_a_compile", "deco_ops/_setting.py",
+           "if not (torch.compiler.is_compiling() or torch._guards.CompileContext.try_get() is not None):",
+           "if not torch.compiler.is_compiling():",
+           ("tests/test_strategy.py", "-k", "while_a_compile_runs"),
+           "before torch 2.13 (the GPU machines' 2.11) a setting first read by AOTAutograd's metadata pass is cached "
+           "inside the compile, failing the guard Dynamo built on the cache (a first compiled call raises)"),
 )
