@@ -92,7 +92,7 @@ class Setting:
         traces: Dynamo guards the compiled code on the cache missing the value, and an entry added
         later in the same compile (AOTAutograd tracing the ops' bodies) fails that guard at once (a
         process whose first call was compiled raised "Guard failed on the same frame it was
-        created"). Before torch 2.13 ``is_compiling()`` is False while AOTAutograd runs the graph
+        created"). On torch 2.10 and 2.11 ``is_compiling()`` is False while AOTAutograd runs the graph
         (its metadata pass), so the compile's own context is asked too."""
         name = self.check(("auto" if raw is None else decode(raw)).strip().lower() or "auto", self.var)
         if not (torch.compiler.is_compiling() or torch._guards.CompileContext.try_get() is not None):

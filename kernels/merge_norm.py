@@ -107,7 +107,7 @@ def _grad_tile(x_ptr, dn_ptr, base, step_h, sxn, sxc, row_mask, merged, q, c, C,
     fp32, zeros unless ``READ_DN``. ``merged`` comes in rather than out: torch.compile reads which
     tensors a kernel writes from its Triton IR and takes a store's address computed from a helper's
     result as possibly written through every pointer the helper got (x and dn would be cloned, and
-    on torch < 2.13 a trained merger failed to compile)."""
+    on torch 2.10 and 2.11 a trained merger failed to compile)."""
     xhat, c_mask = standardized_tile(x_ptr, base, step_h, sxn, sxc, q, c, C, row_mask, mean, rstd, NORM, MERGE)
     mask = row_mask[:, None] & c_mask[None, :]
     if READ_DN:

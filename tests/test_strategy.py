@@ -82,7 +82,7 @@ def test_first_call_of_a_process_may_be_compiled(monkeypatch, env):
 
 
 def test_a_setting_read_while_a_compile_runs_is_not_remembered(monkeypatch):
-    """Before torch 2.13 ``torch.compiler.is_compiling()`` is False while AOTAutograd runs the
+    """On torch 2.10 and 2.11 ``torch.compiler.is_compiling()`` is False while AOTAutograd runs the
     traced graph (its metadata pass), which reads the settings again: remembering the value there
     failed the guard Dynamo had just built on the cache (the test above, on torch 2.10 and 2.11).
     Any read inside a compile's context leaves the cache as it was; outside, it is remembered."""
