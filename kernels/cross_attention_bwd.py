@@ -71,7 +71,7 @@ from .arrival import last_to_arrive
 from .dot import dot
 from .cross_attention_fwd import (
     KV_PACKED, LOG2E, acc_dtype, add_bias, bias_args, choose_num_splits, dot_precision, dropout_keep, dropout_stream,
-    kv_extent, kv_mode, kv_strides, load_bias, load_rows, split_ranges,
+    kv_at, kv_extent, kv_mode, kv_strides, load_bias, load_rows, split_ranges,
 )
 from .scalars import fp32_scalar
 
@@ -267,7 +267,8 @@ def cross_attention_bwd_single_pass_kernel(
         q_ptr + b64 * sqb + h * sqh, do_ptr + b64 * sdob + h * sdoh, o_ptr + b64 * sob + h * soh, lse_ptr, lse_ptr,
         bh, M, rows, row_mask, sqm, sqd, sdom, sdod, som, sod, dims, dim_mask, ACC, True)
 
-    kv_start, kv_len = kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE)
+    at = kv_at(b, lens_ptr, cu_ptr, KV_MODE)
+    kv_start, kv_len = kv_extent(b, tl.load(at, mask=KV_MODE != 0, other=0), tl.load(at + 1, mask=KV_MODE == 2, other=0), N, KV_MODE)
     k_base = k_ptr + b64 * skb + kv_start * skn + h * skh
     v_base = v_ptr + b64 * svb + kv_start * svn + h * svh
     dk_base = dk_ptr + b64 * sdkb + kv_start * sdkn + h * sdkh
@@ -432,7 +433,8 @@ def cross_attention_bwd_dkdv_kernel(
     h = bh % H
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
-    kv_start, kv_len = kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE)
+    at = kv_at(b, lens_ptr, cu_ptr, KV_MODE)
+    kv_start, kv_len = kv_extent(b, tl.load(at, mask=KV_MODE != 0, other=0), tl.load(at + 1, mask=KV_MODE == 2, other=0), N, KV_MODE)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < kv_len
     k = load_rows(k_ptr + b64 * skb + kv_start * skn + h * skh, cols, col_mask, skn, dims, dim_mask, skd)
@@ -506,7 +508,8 @@ def cross_attention_bwd_dq_kernel(
         q_ptr + b64 * sqb + h * sqh, do_ptr + b64 * sdob + h * sdoh, o_ptr + b64 * sob + h * soh, lse_ptr, delta_ptr,
         bh, M, rows, row_mask, sqm, sqd, sdom, sdod, som, sod, dims, dim_mask, ACC, True)
     tl.store(delta_ptr + bh.to(tl.int64) * M + rows, delta, mask=row_mask)
-    kv_start, kv_len = kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE)
+    at = kv_at(b, lens_ptr, cu_ptr, KV_MODE)
+    kv_start, kv_len = kv_extent(b, tl.load(at, mask=KV_MODE != 0, other=0), tl.load(at + 1, mask=KV_MODE == 2, other=0), N, KV_MODE)
     k_base = k_ptr + b64 * skb + kv_start * skn + h * skh
     v_base = v_ptr + b64 * svb + kv_start * svn + h * svh
     seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
@@ -649,6 +652,6 @@ def bytes_moved(B: int, H: int, M: int, N: int, D: int, elem: int, shared_q: boo
     by its dQ kernel and read by its dK/dV kernel)."""
     q_rows = M if shared_q else B * M
     single_pass = use_single_pass(M, D, elem)
-    kv_reads = 2 if single_pass else 4
-    tensors = B * M * H * D + (q_rows + B * M) * H * D + kv_reads * B * N * H * D + q_rows * H * D + 2 * B * N * H * D
+    kv_passes = 2 if single_pass else 4
+    tensors = B * M * H * D + (q_rows + B * M) * H * D + kv_passes * B * N * H * D + q_rows * H * D + 2 * B * N * H * D
     return tensors * elem + (1 if single_pass else 3) * B * H * M * 4

@@ -109,17 +109,32 @@ def split_ranges(N: int, num_splits: int) -> tuple[int, int]:
 
 
 @triton.jit
-def kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE: tl.constexpr):
-    """(first key row of batch b within its (packed) key tensor, number of valid keys in [0, N]).
-    KV_MODE: 0 = KV_DENSE (all N keys), 1 = KV_LENS (kv_lens[b]), 2 = KV_PACKED (cu_seqlens_k)."""
-    b64 = b.to(tl.int64)
+def kv_at(b, lens_ptr, cu_ptr, KV_MODE: tl.constexpr):
+    """Where ``kv_extent``'s int32 reads of batch b are: ``kv_lens[b]`` (KV_LENS), or
+    ``cu_seqlens_k[b]`` and the next one (KV_PACKED); dense keys read nothing. Each kernel loads them
+    itself (``tl.load(at, mask=KV_MODE != 0, other=0)`` and ``tl.load(at + 1, mask=KV_MODE == 2,
+    other=0)``): torch.compile reads which tensors a kernel writes from its Triton IR, and a store
+    whose address came out of a helper that loads counts as a write through every pointer the helper
+    got (kv_lens, or the LSE standing in for it, were cloned before the backward kernels and the
+    caller's kv_lens written by the graph)."""
     if KV_MODE == 2:
-        start = tl.load(cu_ptr + b).to(tl.int64)
-        length = tl.load(cu_ptr + b + 1).to(tl.int64) - start
+        return cu_ptr + b
     else:
-        start = b64 * 0
+        return lens_ptr + b
+
+
+@triton.jit
+def kv_extent(b, first, second, N, KV_MODE: tl.constexpr):
+    """(first key row of batch b within its (packed) key tensor, number of valid keys in [0, N])
+    from what the kernel loaded at ``kv_at`` (``first``) and after it (``second``).
+    KV_MODE: 0 = KV_DENSE (all N keys), 1 = KV_LENS (kv_lens[b]), 2 = KV_PACKED (cu_seqlens_k)."""
+    if KV_MODE == 2:
+        start = first.to(tl.int64)
+        length = second.to(tl.int64) - start
+    else:
+        start = b.to(tl.int64) * 0
         if KV_MODE == 1:
-            length = tl.load(lens_ptr + b).to(tl.int64)
+            length = first.to(tl.int64)
         else:
             length = start + N
     return start, tl.minimum(tl.maximum(length, 0), N)
@@ -195,6 +210,7 @@ def cuda_configs() -> list[triton.Config]:
             (32, 64, 4, 2),
             (16, 16, 4, 2),
             (32, 64, 8, 2),
+            (16, 16, 8, 2),
         ]
     ]
 
@@ -205,10 +221,11 @@ def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch
     on sm_80 and sm_90 at head dims 64 and 128, split or not, with triton 3.6 and 3.9): 16-bit inputs
     take up to 64 queries a tile (128-query tiles spill at D=128; without wgmma, on sm_80, 64x128
     tiles on 4 warps spill 40 B at D=128), and with dropout's Philox mask tiles of at most 32x64.
-    fp32 operands take 16x16 tiles on 4 warps (with tf32, 32x64 on 8 warps spills at D=128 under
-    triton 3.6 and with dropout under 3.9 since B*H moved to grid axis 0); exact fp32
-    dots (``ieee``: FMA, no tensor cores) spill somewhere in every larger shape tried (16x32 to
-    32x64 tiles on 4 or 8 warps). An additive mask (``bias``: one more tile per key block) was
+    fp32 operands take 16x16 tiles on 8 warps: clean (at most 128 registers) in all 54 fp32
+    variants of ``--full`` on both targets and versions, where on 4 warps exact-fp32 dots spilled
+    4-8 B in three under 3.6 (its sm_90 default variant among them) and two under 3.9 (2026-12-07); with tf32, 32x64 on 8 warps spills at D=128 under triton 3.6 and with dropout under 3.9 since
+    B*H moved to grid axis 0; exact fp32 dots (``ieee``: FMA, no tensor cores) spill somewhere in
+    every larger shape tried (16x32 to 32x64 tiles on 4 or 8 warps). An additive mask (``bias``: one more tile per key block) was
     measured together with dropout and kv_lens: it keeps dropout's tile limit, and on sm_80 the
     16x128 tile spills 16 B at D=128, so 128-key blocks are left out there.
 
@@ -219,6 +236,8 @@ def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch
     (also at head dim 64 on sm_80); on sm_80 the 32x128 tile spills above head dim 64."""
     bm, bn, warps = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps
     if elem_bytes == 2:
+        if (bm, bn, warps) == (16, 16, 8):  # fp32's tile: 16-bit keeps its own list
+            return False
         wide = block_d > 64
         if arch < 90 and (bm * bn > 64 * 64 and warps == 4 or bias and bn >= 128 or wide and (bm, bn, warps) == (32, 128, 4)):
             return False
@@ -227,7 +246,7 @@ def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch
         if dropout and (wide and (bn >= 128 or bias) or arch < 90 and bias) and warps == 4 and bm * bn > 16 * 16:
             return False
         return bm <= 64 and (bm * bn <= 32 * 64 or not (dropout or bias))
-    return (bm, bn, warps) == (16, 16, 4)
+    return (bm, bn, warps) == (16, 16, 8)
 
 
 def _prune(configs, named_args, **constexprs):
@@ -270,7 +289,8 @@ def cross_attention_fwd_kernel(
     dim_mask = dims < D
     q = load_rows(q_ptr + b.to(tl.int64) * sqb + h * sqh, rows, row_mask, sqm, dims, dim_mask, sqd)
 
-    kv_start, kv_len = kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE)
+    at = kv_at(b, lens_ptr, cu_ptr, KV_MODE)
+    kv_start, kv_len = kv_extent(b, tl.load(at, mask=KV_MODE != 0, other=0), tl.load(at + 1, mask=KV_MODE == 2, other=0), N, KV_MODE)
     k_base = k_ptr + b.to(tl.int64) * skb + kv_start * skn + h * skh
     v_base = v_ptr + b.to(tl.int64) * svb + kv_start * svn + h * svh
     bias_base = bias_ptr + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh

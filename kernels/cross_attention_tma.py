@@ -44,7 +44,7 @@ from ._device import on_input_device
 from ._host_arith import cdiv, next_power_of_2
 from ._tuning import INTERPRET, autotuned, device_smem_limit, dot_dtype_workaround, input_precision
 from .cross_attention_fwd import (
-    LOG2E, choose_num_splits, combine, kv_extent, kv_mode, kv_strides, load_rows, partial_states, split_ranges, store_output,
+    LOG2E, choose_num_splits, combine, kv_at, kv_extent, kv_mode, kv_strides, load_rows, partial_states, split_ranges, store_output,
     store_partial,
 )
 from .dot import dot
@@ -214,7 +214,8 @@ def cross_attention_tma_kernel(
 
     # The program's key range [lo, hi): its split, clipped at the batch's length. The descriptors end
     # at hi, so the partial last tile reads zeros past it (finite V rows: 0 * NaN cannot occur).
-    kv_start, kv_len = kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE)
+    at = kv_at(b, lens_ptr, cu_ptr, KV_MODE)
+    kv_start, kv_len = kv_extent(b, tl.load(at, mask=KV_MODE != 0, other=0), tl.load(at + 1, mask=KV_MODE == 2, other=0), N, KV_MODE)
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, kv_len.to(tl.int32))
     k_desc = kv_descriptor(k_ptr + b.to(tl.int64) * skb + kv_start * skn + h0 * skh, tl.maximum(hi, 1), skn, skh, D, HEADS, BLOCK_N, BLOCK_D)

@@ -23,7 +23,7 @@ from ._device import on_input_device
 from ._host_arith import cdiv, next_power_of_2
 from ._tuning import autotuned, dot_dtype_workaround
 from .cross_attention_fwd import (
-    LOG2E, LOG2E_JIT, acc_dtype, add_bias, bias_args, dot_precision, dropout_keep, dropout_stream, kv_extent, kv_mode, kv_strides,
+    LOG2E, LOG2E_JIT, acc_dtype, add_bias, bias_args, dot_precision, dropout_keep, dropout_stream, kv_at, kv_extent, kv_mode, kv_strides,
     load_bias, load_rows,
 )
 from .dot import dot
@@ -90,7 +90,8 @@ def cross_attention_weights_kernel(
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
-    kv_start, kv_len = kv_extent(b, lens_ptr, cu_ptr, N, KV_MODE)
+    at = kv_at(b, lens_ptr, cu_ptr, KV_MODE)
+    kv_start, kv_len = kv_extent(b, tl.load(at, mask=KV_MODE != 0, other=0), tl.load(at + 1, mask=KV_MODE == 2, other=0), N, KV_MODE)
     col_mask = cols < kv_len
     valid = row_mask[:, None] & col_mask[None, :]
     seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)

@@ -133,6 +133,11 @@ def test_patch_merger_kernels_in_compiled_graph(traced_triton):
 
 
 
+
+class _AttentionWithLengths(torch.nn.Module):
+    def forward(self, q, k, v, kv_lens):
+        return deco_ops.cross_attention(q, k, v, kv_lens=kv_lens)
+
 @pytest.mark.parametrize("make, inputs", [
     (lambda: deco_ops.DeCoProjector(16, 24, hidden_features=32, grid=(4, 4), out_grid=(2, 2)), lambda: [torch.randn(2, 16, 16)]),
     (lambda: deco_ops.PatchMergerProjector(8, 16, hidden_features=24), lambda: [torch.randn(16, 8)]),
@@ -140,15 +145,19 @@ def test_patch_merger_kernels_in_compiled_graph(traced_triton):
      lambda: [torch.randn(2, 16, 8)]),
     (lambda: deco_ops.PatchMergerProjector(8, 16, hidden_features=24, norm_position="post"), lambda: [torch.randn(16, 8)]),
     (lambda: deco_ops.CrossAttention(32, 2, batch_first=True), lambda: [torch.randn(2, 5, 32), torch.randn(2, 11, 32), torch.randn(2, 11, 32)]),
-], ids=["projector", "merger", "merger_rms_grid", "merger_post_norm", "cross_attention"])
+    (lambda: _AttentionWithLengths(), lambda: [*(torch.randn(2, m, 2, 16) for m in (5, 11, 11)), torch.tensor([7, 11], dtype=torch.int32)]),
+    (lambda: _AttentionWithLengths(), lambda: [*(torch.randn(2, m, 2, 64) for m in (80, 11, 11)), torch.tensor([7, 11], dtype=torch.int32)]),
+], ids=["projector", "merger", "merger_rms_grid", "merger_post_norm", "cross_attention", "kv_lens", "kv_lens_two_kernels"])
 def test_no_kernel_writes_what_its_graph_was_given(make, inputs, traced_triton):
     """Every kernel writes only buffers its op allocated. PyTorch reads what a kernel writes from its
     Triton IR and counts a store whose address came out of a helper ``@triton.jit`` function as a
     write through every pointer that helper got: the tensor is then cloned before the launch, and
     where it is a graph input (tokens, weights, saved activations), the graph mutates its input. The
     merger's norm backward computed its stores' offsets inside the helper that loads the tokens and
-    ``dn``: both were cloned, and on torch < 2.13 a merger trained under ``torch.compile`` failed
-    ("a leaf Variable that requires grad is being used in an in-place operation")."""
+    ``dn``: both were cloned, and on torch 2.10 and 2.11 a merger trained under ``torch.compile`` failed
+    ("a leaf Variable that requires grad is being used in an in-place operation"). The attention
+    backward kernels read ``kv_lens`` in a helper whose results placed their dK/dV stores: the graph
+    wrote the caller's ``kv_lens`` (the single pass, and the two-kernel schedule of 80 queries)."""
     torch.manual_seed(0)
     module = make()
     kwargs = {"need_weights": False} if isinstance(module, deco_ops.CrossAttention) else {}
