@@ -242,7 +242,7 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_cross_attention.py", "-k", "test_parity and triton and dtype0 and M17-N37"),
            "online softmax: the accumulator is not rescaled when the running maximum grows"),
     Mutant("attention_packed_length", "kernels/cross_attention_fwd.py",
-           "length = tl.load(cu_ptr + b + 1).to(tl.int64) - start", "length = tl.load(cu_ptr + b + 1).to(tl.int64)",
+           "length = second.to(tl.int64) - start", "length = second.to(tl.int64)",
            _grad_matrix("test_cross_attention and cu_seqlens_k and not module"), "a packed sequence's length taken as its end offset"),
     Mutant("attention_combine_weights", "kernels/cross_attention_fwd.py",
            "l_tot += w * tl.load(part_l_ptr", "l_tot += tl.load(part_l_ptr",
@@ -2908,11 +2908,17 @@ MUTANTS: tuple[Mutant, ...] = (
            "tl.store(n_ptr + merged,", "tl.store(n_ptr + merged + (xhat * 0).to(tl.int64),",
            ("tests/test_compile_graph.py", "-k", "writes_what_its_graph"),
            "the norm output's store address comes out of the helper that loads x and dn: torch.compile clones both, "
-           "and on torch < 2.13 (the GPU machines' 2.11) a merger trained under torch.compile fails"),
+           "and on torch 2.10 and 2.11 (the GPU machines') a merger trained under torch.compile fails"),
     Mutant("setting_remembered_inside_a_compile", "deco_ops/_setting.py",
            "if not (torch.compiler.is_compiling() or torch._guards.CompileContext.try_get() is not None):",
            "if not torch.compiler.is_compiling():",
            ("tests/test_strategy.py", "-k", "while_a_compile_runs"),
-           "before torch 2.13 (the GPU machines' 2.11) a setting first read by AOTAutograd's metadata pass is cached "
+           "on torch 2.10 and 2.11 (the GPU machines') a setting first read by AOTAutograd's metadata pass is cached "
            "inside the compile, failing the guard Dynamo built on the cache (a first compiled call raises)"),
+    Mutant("attention_bwd_store_address_from_a_loading_helper", "kernels/cross_attention_bwd.py",
+           "    dk_base = dk_ptr + b64 * sdkb + kv_start * sdkn + h * sdkh\n",
+           "    dk_base = dk_ptr + b64 * sdkb + kv_start * sdkn + h * sdkh + tl.max(tl.where(row_mask, lse2, 0.0) * 0, axis=0).to(tl.int64)\n",
+           ("tests/test_compile_graph.py", "-k", "writes_what_its_graph"),
+           "the single pass's dK address comes out of the helper that loads Q, dO, O and the LSE: torch.compile clones "
+           "them and the backward graph writes its saved Q"),
 )
