@@ -223,11 +223,13 @@ def fits(config: triton.Config, elem_bytes: int, ieee: bool, dropout: bool, arch
     tiles on 4 warps spill 40 B at D=128), and with dropout's Philox mask tiles of at most 32x64.
     fp32 operands take 16x16 tiles on 8 warps: clean (at most 128 registers) in all 54 fp32
     variants of ``--full`` on both targets and versions, where on 4 warps exact-fp32 dots spilled
-    4-8 B in three under 3.6 (its sm_90 default variant among them) and two under 3.9 (2026-12-07); with tf32, 32x64 on 8 warps spills at D=128 under triton 3.6 and with dropout under 3.9 since
-    B*H moved to grid axis 0; exact fp32 dots (``ieee``: FMA, no tensor cores) spill somewhere in
-    every larger shape tried (16x32 to 32x64 tiles on 4 or 8 warps). An additive mask (``bias``: one more tile per key block) was
-    measured together with dropout and kv_lens: it keeps dropout's tile limit, and on sm_80 the
-    16x128 tile spills 16 B at D=128, so 128-key blocks are left out there.
+    4-8 B in three under 3.6 (its sm_90 default variant among them) and two under 3.9
+    (2026-12-07); with tf32, 32x64 on 8 warps spills at D=128 under triton 3.6 and with dropout
+    under 3.9 since B*H moved to grid axis 0; exact fp32 dots (``ieee``: FMA, no tensor cores)
+    spill somewhere in every larger shape tried (16x32 to 32x64 tiles on 4 or 8 warps). An
+    additive mask (``bias``: one more tile per key block) was measured together with dropout and
+    kv_lens: it keeps dropout's tile limit, and on sm_80 the 16x128 tile spills 16 B at D=128, so
+    128-key blocks are left out there.
 
     Every combination of dropout, kv_lens and a mask, compiled apart (``--full``, both triton
     versions: ptxas's allocation is not monotone in them), left more 16-bit tiles spilling 4-36 B

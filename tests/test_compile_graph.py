@@ -132,11 +132,10 @@ def test_patch_merger_kernels_in_compiled_graph(traced_triton):
     assert "merge_gemm_kernel" in forward
 
 
-
-
 class _AttentionWithLengths(torch.nn.Module):
     def forward(self, q, k, v, kv_lens):
         return deco_ops.cross_attention(q, k, v, kv_lens=kv_lens)
+
 
 @pytest.mark.parametrize("make, inputs", [
     (lambda: deco_ops.DeCoProjector(16, 24, hidden_features=32, grid=(4, 4), out_grid=(2, 2)), lambda: [torch.randn(2, 16, 16)]),

@@ -80,7 +80,6 @@ def test_first_call_of_a_process_may_be_compiled(monkeypatch, env):
     assert torch.equal(compiled(x), first)
 
 
-
 def test_a_setting_read_while_a_compile_runs_is_not_remembered(monkeypatch):
     """On torch 2.10 and 2.11 ``torch.compiler.is_compiling()`` is False while AOTAutograd runs the
     traced graph (its metadata pass), which reads the settings again: remembering the value there
