@@ -100,6 +100,13 @@ def merge_norm_stats_kernel(
 
 
 @triton.jit
+def _merged_offsets(rows, q, c, C, K):
+    """Offsets of sub-token ``q``'s channels ``c`` of ``rows`` in the merged ``(M, K)`` layout (``dn``
+    and the norm output). No pointer goes in: the stores placed by it stay the kernel's own."""
+    return rows[:, None] * K + (q * C + c)[None, :]
+
+
+@triton.jit
 def _grad_tile(x_ptr, dn_ptr, base, step_h, sxn, sxc, row_mask, merged, q, c, C, mean, rstd,
                NORM: tl.constexpr, MERGE: tl.constexpr, READ_DN: tl.constexpr):
     """What both backward passes read of sub-token ``q``'s channels ``c``: ``(xhat, dn, c_mask,
@@ -147,7 +154,7 @@ def merge_norm_backward_kernel(
                 q = g * TOKENS + t
                 for c0 in range(0, C, BLOCK_C):
                     c = c0 + cs
-                    merged = rows[:, None] * K + (q * C + c)[None, :]
+                    merged = _merged_offsets(rows, q, c, C, K)
                     xhat, dn, c_mask, _ = _grad_tile(x_ptr, dn_ptr, base, step_h, sxn, sxc, row_mask, merged, q, c, C,
                                                      mean, rstd, NORM, MERGE, True)
                     dxhat = scale(dn, wn_ptr, norm_channels(q, c, C, PRE), c_mask, HAS_WN)
@@ -159,7 +166,7 @@ def merge_norm_backward_kernel(
             q = g * TOKENS + t
             for c0 in range(0, C, BLOCK_C):
                 c = c0 + cs
-                merged = rows[:, None] * K + (q * C + c)[None, :]
+                merged = _merged_offsets(rows, q, c, C, K)
                 xhat, dn, c_mask, mask = _grad_tile(x_ptr, dn_ptr, base, step_h, sxn, sxc, row_mask, merged, q, c, C,
                                                     mean, rstd, NORM, MERGE, READ_DN)
                 channel = norm_channels(q, c, C, PRE)
