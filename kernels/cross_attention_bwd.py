@@ -257,7 +257,7 @@ def cross_attention_bwd_single_pass_kernel(
     split = tl.program_id(1)
     b = bh // H
     b64 = b.to(tl.int64)
-    h = bh % H
+    h = (bh % H).to(tl.int64)  # int64 offsets: a head-major view's head stride times H can pass 2**31
 
     rows = tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -273,7 +273,7 @@ def cross_attention_bwd_single_pass_kernel(
     v_base = v_ptr + b64 * svb + kv_start * svn + h * svh
     dk_base = dk_ptr + b64 * sdkb + kv_start * sdkn + h * sdkh
     dv_base = dv_ptr + b64 * sdvb + kv_start * sdvn + h * sdvh
-    bias_base = bias_ptr + b64 * sbb + h.to(tl.int64) * sbh
+    bias_base = bias_ptr + b64 * sbb + h * sbh
     lo = split.to(tl.int64) * keys_per_split
     hi = tl.minimum(lo + keys_per_split, kv_len)
     seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
@@ -391,15 +391,18 @@ def _fa2_prune(kernel: str):
 def write_dq_accumulated(dq_acc_ptr, dq_ptr, counter, base, M, members, sdqm, sdqd, dims, dim_mask, BLOCK_M: tl.constexpr):
     """The one-kernel schedule's dQ: each of the ``members`` programs adding into the fp32 rows at
     ``base`` (a query set and head) counts itself in at ``counter`` once its atomics are issued;
-    the last to arrive reads the sums and writes them to dq_ptr in its dtype."""
+    the last to arrive reads the sums, writes them to dq_ptr in its dtype and zeroes the rows it
+    read, so that a launch repeated on the same buffers (the autotuner's timing) adds from zero, as
+    its counter starts a new generation (``arrival``)."""
     if last_to_arrive(counter, members):
         for start_m in range(0, M, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
             row_mask = rows < M
             offs = rows.to(tl.int64)[:, None] * sdqm + dims[None, :] * sdqd
-            total = tl.load(dq_acc_ptr + base + offs, mask=row_mask[:, None] & dim_mask[None, :], other=0.0,
-                            cache_modifier=".cg")
+            mask = row_mask[:, None] & dim_mask[None, :]
+            total = tl.load(dq_acc_ptr + base + offs, mask=mask, other=0.0, cache_modifier=".cg")
             store_rows(dq_ptr + base, total, rows, row_mask, sdqm, dims, dim_mask, sdqd)
+            tl.store(dq_acc_ptr + base + offs, tl.zeros_like(total), mask=mask)
 
 
 @autotuned(fa2_cuda_configs(), FA2_INTERPRET_CONFIG,
@@ -430,7 +433,7 @@ def cross_attention_bwd_dkdv_kernel(
     bh = tl.program_id(0)
     b = bh // H
     b64 = b.to(tl.int64)
-    h = bh % H
+    h = (bh % H).to(tl.int64)  # int64 offsets: a head-major view's head stride times H can pass 2**31
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
     at = kv_at(b, lens_ptr, cu_ptr, KV_MODE)
@@ -440,7 +443,7 @@ def cross_attention_bwd_dkdv_kernel(
     k = load_rows(k_ptr + b64 * skb + kv_start * skn + h * skh, cols, col_mask, skn, dims, dim_mask, skd)
     v = load_rows(v_ptr + b64 * svb + kv_start * svn + h * svh, cols, col_mask, svn, dims, dim_mask, svd)
     seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
-    bias_base = bias_ptr + b64 * sbb + h.to(tl.int64) * sbh
+    bias_base = bias_ptr + b64 * sbb + h * sbh
 
     q_base = q_ptr + b64 * sqb + h * sqh
     do_base = do_ptr + b64 * sdob + h * sdoh
@@ -499,7 +502,7 @@ def cross_attention_bwd_dq_kernel(
     bh = tl.program_id(0)
     b = bh // H
     b64 = b.to(tl.int64)
-    h = bh % H
+    h = (bh % H).to(tl.int64)  # int64 offsets: a head-major view's head stride times H can pass 2**31
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     dims = tl.arange(0, BLOCK_D)
@@ -513,7 +516,7 @@ def cross_attention_bwd_dq_kernel(
     k_base = k_ptr + b64 * skb + kv_start * skn + h * skh
     v_base = v_ptr + b64 * svb + kv_start * svn + h * svh
     seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
-    bias_base = bias_ptr + b64 * sbb + h.to(tl.int64) * sbh
+    bias_base = bias_ptr + b64 * sbb + h * sbh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start in range(0, kv_len, BLOCK_N):

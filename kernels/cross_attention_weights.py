@@ -100,11 +100,12 @@ def cross_attention_weights_kernel(
     total = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for h in range(h_lo, h_hi):
         bh = b * H + h
-        q = load_rows(q_ptr + b * sqb + h * sqh, rows, row_mask, sqm, dims, dim_mask, sqd)
-        k = load_rows(k_ptr + b * skb + kv_start * skn + h * skh, cols, col_mask, skn, dims, dim_mask, skd)
+        b64, h64 = tl.cast(b, tl.int64), tl.cast(h, tl.int64)  # a (B, N, H, D) k of 2**31 elements, a head-major view
+        q = load_rows(q_ptr + b64 * sqb + h64 * sqh, rows, row_mask, sqm, dims, dim_mask, sqd)
+        k = load_rows(k_ptr + b64 * skb + kv_start * skn + h64 * skh, cols, col_mask, skn, dims, dim_mask, skd)
         s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC), DOT_FP32, INPUT_PRECISION) * qk_scale
         if HAS_BIAS:
-            s = add_bias(s, load_bias(bias_ptr + b * sbb + h * sbh, rows[:, None], cols[None, :], valid, sbm, sbn))
+            s = add_bias(s, load_bias(bias_ptr + b64 * sbb + h64 * sbh, rows[:, None], cols[None, :], valid, sbm, sbn))
         lse2 = tl.load(lse_ptr + bh.to(tl.int64) * M + rows, mask=row_mask, other=0.0) * LOG2E_JIT
         p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
         if DROPOUT:
@@ -113,7 +114,7 @@ def cross_attention_weights_kernel(
         total += p
     if AVERAGE:
         total = total / H
-    w_ptrs = w_ptr + b * swb + h_lo * swh + rows.to(tl.int64)[:, None] * swm + cols[None, :] * swn
+    w_ptrs = w_ptr + b.to(tl.int64) * swb + h_lo.to(tl.int64) * swh + rows.to(tl.int64)[:, None] * swm + cols[None, :] * swn
     tl.store(w_ptrs, total.to(w_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols < N)[None, :])
 
 

@@ -113,6 +113,47 @@ def test_schedules(num_splits, single_pass, Bq):
     _check(got, _reference(q, k, v, dout, kv_lens), torch.float32, kv_lens, 300)
 
 
+def _each_launch_twice(kernel, written):
+    """``kernel``'s launches each run twice on the same arguments, as Triton's autotuner runs a new
+    key's launch (every config timed on the call's own buffers, then the winner once more), with
+    the outputs named in ``written`` set to NaN in between: what the second launch fails to write
+    again stays NaN."""
+    run, positions = kernel.fn.run, [kernel.arg_names.index(name) for name in written]
+
+    def twice(*args, **kwargs):
+        run(*args, **kwargs)
+        for i in positions:
+            args[i].fill_(float("nan"))
+        return run(*args, **kwargs)
+
+    return mock.patch.object(kernel.fn, "run", twice)
+
+
+@pytest.mark.parametrize("schedule,Bq,num_splits", [
+    ("single_pass", 2, 3), ("single_pass", 1, 1), ("fa2", 1, 1), ("one_kernel", 1, 1), ("one_kernel", 2, 1)])
+def test_a_launch_repeated_on_its_buffers_gives_the_bits_of_one(schedule, Bq, num_splits):
+    """The backward kernels that sum dQ over programs (key splits, batches sharing the queries, the
+    one-kernel schedule's float atomics) count arrivals on counters the launcher zero-fills once per
+    call. They count in generations of the group's size, and the one-kernel schedule's last program
+    zeroes the fp32 sums it read: a repeated launch found its counters past ``members - 1`` and never
+    wrote dQ again (on a GPU the output kept the first timed config's bits), or added into the last
+    launch's sums."""
+    single_pass, M = (True, 33) if schedule == "single_pass" else (False, 80)
+    q, k, v, dout, kv_lens = _case(2, Bq, M, 150, 2, 32, [150, 70], torch.float32, seed=5)
+    kernel = {"single_pass": cross_attention_bwd.cross_attention_bwd_single_pass_kernel,
+              "fa2": cross_attention_bwd.cross_attention_bwd_dq_kernel,
+              "one_kernel": cross_attention_bwd.cross_attention_bwd_dkdv_kernel}[schedule]
+    strategy = deco_ops.use_strategy("fused_one_kernel" if schedule == "one_kernel" else "fused")
+    patches = _forced(num_splits, single_pass)
+    with deco_ops.use_backend("triton"), strategy, patches[0], patches[1], patches[2]:
+        once = _run(q, k, v, dout, kv_lens)
+        with _each_launch_twice(kernel, ["dq_ptr"]), mock.patch.object(kernel, "run", wraps=kernel.run) as launch:
+            repeated = _run(q, k, v, dout, kv_lens)
+    assert launch.call_count == 1
+    assert all(torch.equal(a, b) for a, b in zip(once, repeated))
+    _check(repeated, _reference(q, k, v, dout, kv_lens), torch.float32, kv_lens, 150)
+
+
 def test_split_heuristic():
     """Split only when B*H*ceil(M/64) < 0.8 * SMs (132 on an H100 / without a GPU), at least 128 keys each."""
     cpu = torch.device("cpu")
