@@ -421,7 +421,7 @@ _ATTN_SHAPES = {  # head dim -> (B, M queries, N keys, H): BLIP-2 Q-Former, padd
 # The FA2 backward (dkdv, dq) runs only where the single pass cannot (cross_attention_bwd.use_single_pass:
 # M > 128 or BLOCK_M * BLOCK_D > 8192): Qwen-VL's 256 queries at every head dim.
 _FA2_SHAPE = (16, 256, 1024, 32)
-_FP32_BUFFERS = ("lse_ptr", "m_ptr", "l_ptr", "delta_ptr", "part_o_ptr", "part_m_ptr", "part_l_ptr", "dq_acc_ptr")
+_FP32_BUFFERS = ("lse_ptr", "m_ptr", "l_ptr", "delta_ptr", "part_o_ptr", "part_m_ptr", "part_l_ptr", "dq_acc_ptr", "sum_ptr")
 # Dense keys and no dropout: the launchers pass the fp32 ``lse`` tensor for the unused kv_lens /
 # cu_seqlens_k (int32 when used) and rng (int64 (seed, offset) when used) pointers.
 _UNUSED_PTRS = ("lens_ptr", "cu_ptr", "rng_ptr", "bias_ptr")
@@ -479,7 +479,7 @@ def _attn_args(fn, dtype: str, precision: str, D: int, shape=None, extras: tuple
     import triton.language as tl
 
     defaults = dict(KV_MODE=int("lens" in extras), HAS_BIAS="bias" in extras, DROPOUT="drop" in extras, AVERAGE=True, ACC=tl.float32,
-                    DELTA_FROM_O=False, DQ_ATOMIC=False,
+                    DELTA_FROM_O=False, DQ_ATOMIC=False, ROW_SUMS=False,
                     DOT_FP32=False, INPUT_PRECISION=precision,
                     BLOCK_D=max(16, triton.next_power_of_2(D)), SPLIT=False,
                     BLOCK_M=max(16, triton.next_power_of_2(M)))  # single-pass bwd: all queries in one block
@@ -565,6 +565,11 @@ def _attn_tma_variants(module, dtypes):
     return out
 
 
+def _weights_launchable(module, config, variant, arch) -> bool:
+    a = variant.args
+    return module.fits(config, _elem(variant), a["INPUT_PRECISION"] == "ieee", a["DROPOUT"] or a["HAS_BIAS"])
+
+
 def _attn_tma_launchable(module, config, variant, arch) -> bool:
     # TMA descriptors are Hopper's: the strategy offers this kernel on sm_90 only.
     a = variant.args
@@ -623,10 +628,11 @@ def _attn_entries() -> list[Entry]:
                   "dq", config, _elem(variant), variant.args["DROPOUT"], variant.args["BLOCK_D"], arch,
                   bias=variant.args["HAS_BIAS"])),
         Entry("cross_attention_weights", weights, "cross_attention_weights_kernel", lambda m: m.cuda_configs(),
-              _attn_variants("cross_attention_weights_kernel"), optional=True,
-              launchable=lambda m, config, variant, arch: m.fits(
-                  config, _elem(variant), variant.args["INPUT_PRECISION"] == "ieee",
-                  variant.args["DROPOUT"] or variant.args["HAS_BIAS"])),
+              _attn_variants("cross_attention_weights_kernel"), optional=True, launchable=_weights_launchable),
+        # the same kernel's first pass: each row's sum over all keys, per head, without dropout
+        Entry("cross_attention_row_sums", weights, "cross_attention_weights_kernel", lambda m: m.cuda_configs(),
+              _attn_variants("cross_attention_weights_kernel", fixed={"ROW_SUMS": True, "AVERAGE": False, "DROPOUT": False}),
+              optional=True, launchable=_weights_launchable),
     ]
 
 

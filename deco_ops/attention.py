@@ -11,7 +11,8 @@ Masks: ``attn_mask`` (SDPA's convention) reaches every path as one additive bias
 view whose broadcast dims have stride 0 (a bool mask becomes a 0 / -inf float tensor at its own
 size first); the kernels add it per key block (``HAS_BIAS``), the reference path per key chunk,
 SDPA as its ``attn_mask``. ``need_weights``: the probabilities ``exp(S + bias - LSE)`` from the
-saved LSE (``kernels/cross_attention_weights.py``), op ``torch.ops.deco.cross_attention_weights``.
+saved LSE, each row divided by its sum (``kernels/cross_attention_weights.py``), op
+``torch.ops.deco.cross_attention_weights``.
 
 Strategies (``deco_ops.strategy``): the kernels below, or the composed twin on SDPA's own kernels
 (``deco_ops.composed_attention``), which returns the same O and LSE, so either backward follows

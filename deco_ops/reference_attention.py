@@ -8,7 +8,7 @@ float64 references the tests compare with.
   algorithm in PyTorch, in fp32 for half inputs).
 * ``dropout_keep``: Triton's Philox ``tl.rand`` in PyTorch, bit for bit, so both backends drop the
   same elements for a given (seed, offset) and gradients compare across backends.
-* ``attention_weights``: the probabilities ``exp(S - LSE)`` (``need_weights``), per head or averaged.
+* ``attention_weights``: the probabilities ``softmax(S)`` (``need_weights``), per head or averaged.
 
 An additive mask ``bias`` ((B, H, M, N), broadcast views welcome) enters the scores as in the kernels
 (``add_bias``): -inf drops a key exactly, finite values are clamped at ``MIN_BIAS``.
@@ -213,14 +213,17 @@ def attention_bwd(dout, q, k, v, out, lse, kv_lens, scale, dropout_p, rng, bias=
 
 
 def attention_weights(q, k, lse, kv_lens, scale, dropout_p, rng, bias, average: bool) -> torch.Tensor:
-    """The forward's probabilities ``exp(S + bias - LSE)`` (with its dropout mask) in q's dtype:
-    (B, M, N) averaged over the heads, or (B, H, M, N). Rows without keys are zeros."""
+    """The forward's probabilities ``softmax(S + bias)`` (with its dropout mask) in q's dtype:
+    (B, M, N) averaged over the heads, or (B, H, M, N). Rows without keys (an infinite LSE) are
+    zeros. Each row is normalised by its own sum, as eager softmax is, not as ``exp(S - LSE)``: an
+    fp32 LSE is off by up to half its ulp, 4e-6 of every weight at logits near 100, and the
+    softmax backward through the weights turns a row sum off 1 into gradient error."""
     B, N, H, _ = k.shape
     M = q.shape[1]
     ct = _compute_dtype(q.dtype)
     valid = _valid_keys(kv_lens, B, 0, N, q.device)
     s = _chunk_scores(q.to(ct).expand(B, -1, -1, -1), k, valid, bias, 0, N, scale)
-    w = torch.exp(s - lse.to(ct)[..., None])
+    w = torch.where(torch.isposinf(lse.to(ct))[..., None], 0.0, torch.softmax(s, -1))
     if dropout_p > 0:
         w = torch.where(_chunk_keep(rng, B, H, M, N, 0, N, dropout_p, q.device), w / (1.0 - dropout_p), 0.0)
     return (w.mean(1) if average else w).to(q.dtype)

@@ -22,7 +22,8 @@ import pytest
 KERNELS = "pool_gemm,gemm_act_grad,gemm_unpool_act_grad,activation_backward,pool_packed,unpool_packed,pool_tokens,unpool_tokens"
 GEMMS = ("pool_gemm", "gemm_act_grad", "gemm_unpool_act_grad")
 ATTENTION = ("cross_attention_fwd,cross_attention_combine,"
-             "cross_attention_bwd_single_pass,cross_attention_bwd_dkdv,cross_attention_bwd_dq,cross_attention_weights")
+             "cross_attention_bwd_single_pass,cross_attention_bwd_dkdv,cross_attention_bwd_dq,cross_attention_weights,"
+             "cross_attention_row_sums")
 
 
 def _run(tmp_path_factory, *args):
@@ -87,7 +88,7 @@ def test_aot_attention_fp32_sm90(tmp_path_factory):
     one-kernel schedule's atomic dQ) and the small fp32 tiles of every other attention kernel compile
     without spills at head dims 64 and 128."""
     kernels = ("cross_attention_fwd,cross_attention_bwd_single_pass,cross_attention_bwd_dkdv,cross_attention_bwd_dq,"
-               "cross_attention_bwd_one_kernel,cross_attention_weights")
+               "cross_attention_bwd_one_kernel,cross_attention_weights,cross_attention_row_sums")
     proc, data = _run(tmp_path_factory, "--kernels", kernels, "--dtypes", "fp32", "--targets", "90")
     print(proc.stdout)
     assert data is not None, proc.stderr[-4000:]
@@ -142,8 +143,9 @@ def _check_hopper_rows(rows):
 
 
 # Kernels known to take float arguments, and how many: the test finds every such registry entry itself
-FLOAT_ARGS = {"cross_attention_fwd": 2, "cross_attention_weights": 2, "cross_attention_bwd_single_pass": 3,
-              "cross_attention_bwd_dkdv": 3, "cross_attention_bwd_dq": 3, "cross_attention_tma": 1, "merge_norm_stats": 1}
+FLOAT_ARGS = {"cross_attention_fwd": 2, "cross_attention_weights": 2, "cross_attention_row_sums": 2,
+              "cross_attention_bwd_single_pass": 3, "cross_attention_bwd_dkdv": 3, "cross_attention_bwd_dq": 3,
+              "cross_attention_tma": 1, "merge_norm_stats": 1}
 
 
 def test_float_arguments_typed_fp64_stay_out_of_the_arithmetic():
@@ -232,7 +234,8 @@ HEAVIEST_BF16 = (
     ("cross_attention_bwd_dkdv", "M32 N64 w4 s2", "bf16 D128 DELTA_FROM_O"),
     ("cross_attention_bwd_dq", "M64 N128 w8 s2", "bf16 D128"),
     ("cross_attention_bwd_one_kernel", "M16 N64 w8 s2", "bf16 D128 drop+lens+bias"),
-    ("cross_attention_weights", "M32 N128 w8 s2", "bf16 D64 drop+lens+bias"),
+    ("cross_attention_weights", "M32 N128 w8 s2", "bf16 D128 drop+lens+bias"),
+    ("cross_attention_row_sums", "M32 N128 w8 s2", "bf16 D64 drop+lens+bias"),
 )
 
 

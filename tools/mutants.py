@@ -1023,8 +1023,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_cross_attention.py", "-k", "head_dim_of_any_stride"),
            "an int32 kv_lens view with a stride reaches the kernels, which read lens[b] as if contiguous"),
     Mutant("weights_keys_with_query_strides", "kernels/cross_attention_weights.py",
-           "kv_start * skn + h64 * skh, cols, col_mask, skn, dims, dim_mask, skd)",
-           "kv_start * skn + h64 * sqh, cols, col_mask, skn, dims, dim_mask, sqd)",
+           "k_base = k_ptr + b * skb + kv_start * skn + h * skh",
+           "k_base = k_ptr + b * skb + kv_start * skn + h * sqh",
            ("tests/test_cross_attention.py", "-k", "head_dim_of_any_stride"),
            "the weights kernel reads k with q's head and dim strides: wrong weights wherever their layouts differ"),
     Mutant("planned_attention_skips_kv_lens_check", "deco_ops/attention.py",
@@ -1876,7 +1876,7 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_masks.py", "-k", "weights_under_dropout_are_the_ones and triton"),
            "head-averaged weights under dropout: every head's keep mask is head 0's, not the one its output used"),
     Mutant("weights_packed_keys_from_row0", "kernels/cross_attention_weights.py",
-           "k = load_rows(k_ptr + b64 * skb + kv_start * skn + h64 * skh", "k = load_rows(k_ptr + b64 * skb + h64 * skh",
+           "k_base = k_ptr + b * skb + kv_start * skn + h * skh", "k_base = k_ptr + b * skb + h * skh",
            ("tests/test_cross_attention.py", "-k", "packed_keys_filling_k and triton"),
            "the weights of packed keys (cu_seqlens_k): every batch reads its keys from row 0, not from cu[b]"),
     Mutant("attention_lse_fp32_for_float64", "kernels/cross_attention_fwd.py",
@@ -2931,4 +2931,18 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_cross_attention.py", "-k", "repeated_on_its_buffers"),
            "the one-kernel backward leaves its fp32 dQ sums in place: a launch repeated on the same buffers adds into "
            "the last launch's and writes twice the gradient"),
+    Mutant("weights_reference_from_the_lse", "deco_ops/reference_attention.py",
+           "torch.softmax(s, -1))", "torch.exp(s - lse.to(ct)[..., None]))",
+           ("tests/test_cross_attention.py", "-k", "as_accurate_as_softmax"),
+           "the PyTorch path's weights are exp(S - LSE): each row off 1 by the fp32 LSE's rounding, 1000x eager's "
+           "error at logits near 100 and 500x in dq through them"),
+    Mutant("weights_kernel_rows_not_divided_by_their_sums", "kernels/cross_attention_weights.py",
+           "            p = p / tl.where(sums == 0.0, 1.0, sums)[:, None]  # a row without keys sums to 0: zeros\n", "",
+           ("tests/test_cross_attention.py", "-k", "as_accurate_as_softmax"),
+           "the kernels' weights are exp(S - LSE) alone: 150x eager's error at logits near 100, 100x in dq through them"),
+    Mutant("weights_kernel_row_without_keys_divided_by_zero", "kernels/cross_attention_weights.py",
+           "p = p / tl.where(sums == 0.0, 1.0, sums)[:, None]", "p = p / sums[:, None]",
+           ("tests/test_cross_attention.py", "tests/test_mha_dropin.py", "-k", "triton and (lens or no_query_or_no_key)"),
+           "a row without keys (kv_lens 0) divides its zeros by a zero sum: NaN weights where nn.MultiheadAttention's "
+           "convention and the docs give zeros"),
 )
