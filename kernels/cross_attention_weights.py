@@ -10,7 +10,7 @@ these (``need_weights=True``), per head (B, H, M, N) or averaged over the heads 
 The LSE alone would normalise every row, but an fp32 LSE is off by up to half its ulp, and that
 error is a factor common to the row: 4e-6 of every weight at logits near 100, where eager softmax
 is off by its rounding alone, and softmax's backward through the weights turns a row sum off 1
-into error in the gradients (8x nn.MultiheadAttention's in dq at such logits). So a first pass
+into error in the gradients (100x eager's in dq at such logits, in fp32). So a first pass
 (``ROW_SUMS``: one program per (batch, head, query block) over all its keys) sums each row, and the
 weights are divided by the sum, which cancels the LSE's error as softmax's own sum would.
 
@@ -21,6 +21,7 @@ A row without keys (LSE = +inf, sum 0) gets zeros.
 Counts: flops = 4 * B*H*M*N*D (QK^T computed in both passes); bytes = (reads of Q and K once per
 key block or query block, twice) + B*(H or 1)*M*N * elem written.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -115,7 +116,6 @@ def cross_attention_weights_kernel(
     at = kv_at(b, lens_ptr, cu_ptr, KV_MODE)
     kv_start, kv_len = kv_extent(b, tl.load(at, mask=KV_MODE != 0, other=0), tl.load(at + 1, mask=KV_MODE == 2, other=0), N, KV_MODE)
     col_mask = cols < kv_len
-    valid = row_mask[:, None] & col_mask[None, :]
     seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
     inv_keep = 1.0 / (1.0 - dropout_p)
 
