@@ -253,16 +253,23 @@ def test_nan_keys_dropped_for_every_query_are_ignored(backend, strategy):
 def test_nan_in_a_float_mask_gives_the_rows_it_reaches_nan(backend, mask_dtype, strategy):
     """A NaN in a float mask is added as NaN, as ``F.scaled_dot_product_attention`` adds it: the
     query rows it reaches are NaN (output and weights), every other row is the softmax of its own
-    scores. (The kernels' clamp at -1e30 once turned NaN into -1e30: a key silently dropped.)"""
+    scores, and the gradients are NaN where SDPA's are (the row's LSE is NaN, not the +inf of a row
+    without keys: then dV would be NaN at the NaN key only). (The kernels' clamp at -1e30 once
+    turned NaN into -1e30: a key silently dropped.)"""
     g = torch.Generator().manual_seed(10)
     B, M, N, H, D = 2, 4, 24, 2, 16
     q, k, v = randn(B, M, H, D, generator=g), randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
     mask = randn(B, H, M, N, generator=g).to(mask_dtype)
     mask[1, 0, 2, 7] = float("nan")
+    leaves, exact = [leaf(t) for t in (q, k, v)], [leaf(t, torch.float64) for t in (q, k, v)]
     with deco_ops.use_strategy(strategy):
-        out, weights = cross_attention(q, k, v, attn_mask=mask, need_weights=True, average_attn_weights=False)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(*(t.double().transpose(1, 2) for t in (q, k, v)), attn_mask=mask.double())
-    assert torch.equal(torch.isnan(out), torch.isnan(sdpa.transpose(1, 2)))
+        out, weights = cross_attention(*leaves, attn_mask=mask, need_weights=True, average_attn_weights=False)
+    out.sum().backward()
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in exact), attn_mask=mask.double())
+    sdpa.sum().backward()
+    assert all(torch.equal(torch.isnan(a.grad), torch.isnan(b.grad)) for a, b in zip(leaves, exact))
+    out, weights = out.detach(), weights.detach()
+    assert torch.equal(torch.isnan(out), torch.isnan(sdpa.detach().transpose(1, 2)))
     assert torch.isnan(out[1, 2, 0]).all() and not torch.isnan(out[1, 2, 1]).any() and torch.isnan(out).sum() == D
     assert torch.isnan(weights[1, 0, 2]).all() and torch.isnan(weights).sum() == N
     ref, ref_p = _softmax_reference(q, k, v, mask.double().nan_to_num(0.0))

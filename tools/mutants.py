@@ -764,7 +764,11 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("one_kernel_counter_per_head", "kernels/cross_attention_bwd.py",
            "count_ptr + group * H + h, group.to", "count_ptr + h, group.to",
            ("tests/test_cross_attention.py", "-k", "test_one_kernel_backward"),
-           "the one-kernel dQ's arrival counter is shared by every query set of a head"),
+           "the one-kernel dQ's arrival counter is shared by every query set of a head",
+           equivalent="in sequential execution since the counters count in generations (kernels/arrival.py): the "
+           "interpreter runs each (batch, head)'s key blocks one after another, so a counter a head's query sets share "
+           "still ends one generation per set; on a GPU the sets' programs interleave and dQ is wrong, which only a GPU "
+           "run of the same test can show"),
     Mutant("one_kernel_dq_per_batch_row", "kernels/cross_attention_bwd.py",
            "tl.atomic_add(dq_acc_ptr + (b // dq_batches).to(tl.int64) * sdqb", "tl.atomic_add(dq_acc_ptr + b.to(tl.int64) * sdqb",
            ("tests/test_cross_attention.py", "-k", "test_one_kernel_backward and shared"),
@@ -846,7 +850,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("nan_row_read_as_keyless", "kernels/cross_attention_fwd.py",
            "has_keys = l_i != 0", "has_keys = l_i > 0",
            ("tests/test_masks.py", "-k", "nan_in_a_float and triton"),
-           "a row with a NaN in its mask gets an LSE of +inf: its weights are zeros but for the NaN key"),
+           "a row with a NaN in its mask gets an LSE of +inf: dV is NaN at the NaN key only, where SDPA's is NaN at every key"),
     Mutant("reference_nan_row_read_as_keyless", "deco_ops/reference_attention.py",
            "has_keys = l != 0", "has_keys = l > 0",
            ("tests/test_masks.py", "-k", "nan_in_a_float and fused"),
