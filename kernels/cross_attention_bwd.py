@@ -257,7 +257,7 @@ def cross_attention_bwd_single_pass_kernel(
     split = tl.program_id(1)
     b = bh // H
     b64 = b.to(tl.int64)
-    h = (bh % H).to(tl.int64)  # int64 offsets: a head-major view's head stride times H can pass 2**31
+    h = bh % H
 
     rows = tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -273,7 +273,7 @@ def cross_attention_bwd_single_pass_kernel(
     v_base = v_ptr + b64 * svb + kv_start * svn + h * svh
     dk_base = dk_ptr + b64 * sdkb + kv_start * sdkn + h * sdkh
     dv_base = dv_ptr + b64 * sdvb + kv_start * sdvn + h * sdvh
-    bias_base = bias_ptr + b64 * sbb + h * sbh
+    bias_base = bias_ptr + b64 * sbb + h.to(tl.int64) * sbh
     lo = split.to(tl.int64) * keys_per_split
     hi = tl.minimum(lo + keys_per_split, kv_len)
     seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
@@ -433,7 +433,7 @@ def cross_attention_bwd_dkdv_kernel(
     bh = tl.program_id(0)
     b = bh // H
     b64 = b.to(tl.int64)
-    h = (bh % H).to(tl.int64)  # int64 offsets: a head-major view's head stride times H can pass 2**31
+    h = bh % H
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < D
     at = kv_at(b, lens_ptr, cu_ptr, KV_MODE)
@@ -443,7 +443,7 @@ def cross_attention_bwd_dkdv_kernel(
     k = load_rows(k_ptr + b64 * skb + kv_start * skn + h * skh, cols, col_mask, skn, dims, dim_mask, skd)
     v = load_rows(v_ptr + b64 * svb + kv_start * svn + h * svh, cols, col_mask, svn, dims, dim_mask, svd)
     seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
-    bias_base = bias_ptr + b64 * sbb + h * sbh
+    bias_base = bias_ptr + b64 * sbb + h.to(tl.int64) * sbh
 
     q_base = q_ptr + b64 * sqb + h * sqh
     do_base = do_ptr + b64 * sdob + h * sdoh
@@ -502,7 +502,7 @@ def cross_attention_bwd_dq_kernel(
     bh = tl.program_id(0)
     b = bh // H
     b64 = b.to(tl.int64)
-    h = (bh % H).to(tl.int64)  # int64 offsets: a head-major view's head stride times H can pass 2**31
+    h = bh % H
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     dims = tl.arange(0, BLOCK_D)
@@ -516,7 +516,7 @@ def cross_attention_bwd_dq_kernel(
     k_base = k_ptr + b64 * skb + kv_start * skn + h * skh
     v_base = v_ptr + b64 * svb + kv_start * svn + h * svh
     seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
-    bias_base = bias_ptr + b64 * sbb + h * sbh
+    bias_base = bias_ptr + b64 * sbb + h.to(tl.int64) * sbh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start in range(0, kv_len, BLOCK_N):

@@ -283,7 +283,7 @@ def cross_attention_fwd_kernel(
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
     b = bh // H
-    h = (bh % H).to(tl.int64)  # int64 offsets: a head-major view's head stride times H can pass 2**31
+    h = bh % H
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -295,7 +295,7 @@ def cross_attention_fwd_kernel(
     kv_start, kv_len = kv_extent(b, tl.load(at, mask=KV_MODE != 0, other=0), tl.load(at + 1, mask=KV_MODE == 2, other=0), N, KV_MODE)
     k_base = k_ptr + b.to(tl.int64) * skb + kv_start * skn + h * skh
     v_base = v_ptr + b.to(tl.int64) * svb + kv_start * svn + h * svh
-    bias_base = bias_ptr + b.to(tl.int64) * sbb + h * sbh
+    bias_base = bias_ptr + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
     lo = split.to(tl.int64) * keys_per_split
     hi = tl.minimum(lo + keys_per_split, kv_len)
     seed, rng_offset = dropout_stream(rng_ptr, DROPOUT)
@@ -346,7 +346,7 @@ def store_output(o_ptr, lse_ptr, acc, m_i, l_i, b, h, bh, M, rows, row_mask, dim
     (a NaN in the mask) is a row with keys: its output and LSE are NaN, so are its weights, as SDPA's."""
     has_keys = l_i != 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    o_ptrs = o_ptr + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows.to(tl.int64)[:, None] * som + dims[None, :] * sod
+    o_ptrs = o_ptr + b.to(tl.int64) * sob + h * soh + rows.to(tl.int64)[:, None] * som + dims[None, :] * sod
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("inf"))
     tl.store(lse_ptr + bh.to(tl.int64) * M + rows, lse, mask=row_mask)

@@ -196,7 +196,7 @@ def cross_attention_tma_kernel(
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
     b = bg // (H // HEADS)
-    h0 = (bg % (H // HEADS) * HEADS).to(tl.int64)  # int64 offsets, as cross_attention_fwd's
+    h0 = bg % (H // HEADS) * HEADS
 
     # Query rows of the program, heads-major: row r is query pid_m * BLOCK_M + r % BLOCK_M of head h0 + r // BLOCK_M.
     r = tl.arange(0, HEADS * BLOCK_M)
