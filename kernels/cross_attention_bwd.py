@@ -71,7 +71,7 @@ from .arrival import last_to_arrive
 from .dot import dot
 from .cross_attention_fwd import (
     KV_PACKED, LOG2E, acc_dtype, add_bias, bias_args, choose_num_splits, dot_precision, dropout_keep, dropout_stream,
-    kv_at, kv_extent, kv_mode, kv_strides, load_bias, load_rows, split_ranges,
+    int32_heads, kv_at, kv_extent, kv_mode, kv_strides, load_bias, load_rows, split_ranges,
 )
 from .scalars import fp32_scalar
 
@@ -566,6 +566,7 @@ def cross_attention_bwd(
     its kernels, the one-kernel schedule instead (dQ by float atomics inside the dK/dV kernel:
     not bitwise reproducible; see ``one_kernel_applies``).
     """
+    dout, q, k, v = int32_heads(dout, q, k, v)
     _, M, H, D = q.shape
     if B == 0:
         dkv = (torch.zeros_like(k), torch.zeros_like(v)) if need_dkv else (None, None)

@@ -45,7 +45,7 @@ from ._host_arith import cdiv, next_power_of_2
 from ._tuning import INTERPRET, autotuned, device_smem_limit, dot_dtype_workaround, input_precision
 from .cross_attention_fwd import (
     LOG2E, choose_num_splits, combine, kv_at, kv_extent, kv_mode, kv_strides, load_rows, partial_states, split_ranges, store_output,
-    store_partial,
+    int32_heads, store_partial,
 )
 from .dot import dot
 from .scalars import fp32_scalar
@@ -285,6 +285,7 @@ def cross_attention_tma_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(O (B, M, H, D) in q's dtype, LSE (B, H, M) fp32), as ``cross_attention_fwd.cross_attention_fwd``
     without dropout or an additive mask; ``k``/``v`` must be ``tma_addressable`` (fp16, bf16 or fp32)."""
+    q, k, v = int32_heads(q, k, v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not tma_addressable(t) or t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"cross_attention_tma_fwd: {name} must be fp16/bf16/fp32 with unit dim stride and 16-byte "

@@ -31,7 +31,7 @@ from ._host_arith import cdiv, next_power_of_2
 from ._tuning import autotuned, dot_dtype_workaround
 from .cross_attention_fwd import (
     LOG2E, LOG2E_JIT, acc_dtype, add_bias, bias_args, dot_precision, dropout_keep, dropout_stream, kv_at, kv_extent, kv_mode, kv_strides,
-    load_bias, load_rows,
+    int32_heads, load_bias, load_rows,
 )
 from .dot import dot
 from .scalars import fp32_scalar
@@ -166,6 +166,7 @@ def cross_attention_weights(
 ) -> torch.Tensor:
     """(B, M, N) head-averaged or (B, H, M, N) per-head weights in q's dtype; arguments as
     ``cross_attention_fwd`` plus its LSE."""
+    q, k = int32_heads(q, k)
     _, M, H, D = q.shape
     w = torch.empty((B, M, N) if average else (B, H, M, N), device=q.device, dtype=q.dtype)
     if B == 0:

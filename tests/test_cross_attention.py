@@ -13,7 +13,7 @@ import triton.language as tl
 import deco_ops
 from deco_ops import attention, reference_attention as reference
 from deco_ops.attention import cross_attention
-from deco_ops.kernels import cross_attention_bwd, cross_attention_fwd
+from deco_ops.kernels import cross_attention_bwd, cross_attention_fwd, cross_attention_weights
 from harness import DTYPES, assert_close, guarded, head_strided, leaf, poisoned_empty, randint, randn
 
 FWD_KERNELS = [cross_attention_fwd.cross_attention_fwd_kernel, cross_attention_fwd.cross_attention_combine_kernel]
@@ -152,6 +152,29 @@ def test_a_launch_repeated_on_its_buffers_gives_the_bits_of_one(schedule, Bq, nu
     assert launch.call_count == 1
     assert all(torch.equal(a, b) for a, b in zip(once, repeated))
     _check(repeated, _reference(q, k, v, dout, kv_lens), torch.float32, kv_lens, 150)
+
+
+def test_views_past_int32_head_offsets_are_copied_before_every_launch(monkeypatch):
+    """The kernels compute a head's and a dim's offsets as int32 products (int64 casts made tiles
+    spill). A view whose last head and dim lie 2**31 elements or more from its first (packed keys
+    as ``(H, total_N, D).transpose(0, 1)`` at about 1M keys of 16 heads x 128 dims) is copied
+    contiguous by every launcher, forward, backward and weights; others are passed as they are. The
+    span is lowered here so that a small head-major view crosses it (no 8 GB through the interpreter)."""
+    wide = torch.empty_strided((1, 2, 1), (1, 2**31, 1), device="meta")  # the last head 2**31 from the first
+    narrow = torch.empty_strided((1, 2, 1), (1, 2**31 - 1, 1), device="meta")
+    assert cross_attention_fwd.int32_heads(wide)[0].is_contiguous() and cross_attention_fwd.int32_heads(narrow)[0] is narrow
+    q, k, v, dout, kv_lens = _case(2, 2, 5, 40, 4, 16, [40, 17], torch.float32, seed=3)
+    k, v = (t.transpose(0, 2).contiguous().transpose(0, 2) for t in (k, v))  # head-major: head stride B*N*D
+    monkeypatch.setattr(cross_attention_fwd, "INT32_SPAN", 2 * k.stride(2))
+    kernels = [cross_attention_fwd.cross_attention_fwd_kernel, *BWD_KERNELS, cross_attention_weights.cross_attention_weights_kernel]
+    with deco_ops.use_backend("triton"), contextlib.ExitStack() as stack:
+        launches = [stack.enter_context(mock.patch.object(kernel, "run", wraps=kernel.run)) for kernel in kernels]
+        leaves = [leaf(t) for t in (q, k, v)]
+        out, weights = cross_attention(*leaves, kv_lens=kv_lens, need_weights=True, average_attn_weights=False)
+        (out * dout).sum().backward()
+    seen = [call.args[1] for launch in launches for call in launch.call_args_list]  # k_ptr, second everywhere
+    assert seen and all(t.is_contiguous() for t in seen)
+    _check((out.detach(), *(t.grad for t in leaves)), _reference(q, k, v, dout, kv_lens), torch.float32, kv_lens, 40)
 
 
 def test_split_heuristic():

@@ -2949,4 +2949,16 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_cross_attention.py", "tests/test_mha_dropin.py", "-k", "triton and (lens or no_query_or_no_key)"),
            "a row without keys (kv_lens 0) divides its zeros by a zero sum: NaN weights where nn.MultiheadAttention's "
            "convention and the docs give zeros"),
+    Mutant("int32_heads_never_copies", "kernels/cross_attention_fwd.py",
+           "                 else t.contiguous() for t in tensors)", "                 else t for t in tensors)",
+           ("tests/test_cross_attention.py", "-k", "int32_head_offsets"),
+           "a head-major view past 2**31 elements reaches the kernels, whose int32 head offsets wrap: wrong reads"),
+    Mutant("int32_heads_not_in_the_backward", "kernels/cross_attention_bwd.py",
+           "    dout, q, k, v = int32_heads(dout, q, k, v)\n", "",
+           ("tests/test_cross_attention.py", "-k", "int32_head_offsets"),
+           "the backward's launcher passes a head-major view past 2**31 elements to kernels with int32 head offsets"),
+    Mutant("int32_heads_not_in_the_weights", "kernels/cross_attention_weights.py",
+           "    q, k = int32_heads(q, k)\n", "",
+           ("tests/test_cross_attention.py", "-k", "int32_head_offsets"),
+           "the weights' launcher passes a head-major view past 2**31 elements to kernels with int32 head offsets"),
 )
