@@ -344,7 +344,8 @@ def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool,
     16 x 16 on 4 warps above (with tf32 the 16 x 64 tile spills 8 B at head dim 128 since B*H moved
     to grid axis 0; above 128 it needs more shared memory than an A100 has). The one-kernel schedule
     (8 warps throughout) fits 16-bit inputs at 16 x 64 queries x keys, 32 x 64 without dropout and
-    32 x 32 on sm_90 (on sm_80 triton 3.6 spills it at head dim 128); fp32 at 32 x 32 on sm_90 and
+    32 x 32 on sm_90 up to head dim 64 (on sm_80 triton 3.6 spills it at head dim 128, and on sm_90
+    8 B at head dim 128 since the last program zeroes the dQ sums it read); fp32 at 32 x 32 on sm_90 and
     16 x 64 below (each spills on the other arch under triton 3.6), with dropout only at 16 x 16 on
     4 warps (tf32 at head dim 128 spills every larger tile on sm_90).
 
@@ -356,7 +357,7 @@ def fa2_fits(kernel: str, config: triton.Config, elem_bytes: int, dropout: bool,
     if kernel == "one_kernel":
         if elem_bytes == 4:
             return tile == ((16, 16, 4) if dropout else (32, 32, 8) if arch >= 90 else (16, 64, 8))
-        return tile == (16, 64, 8) or (tile == (32, 64, 8) and not dropout) or (tile == (32, 32, 8) and arch >= 90)
+        return tile == (16, 64, 8) or (tile == (32, 64, 8) and not dropout) or (tile == (32, 32, 8) and arch >= 90 and block_d <= 64)
     if kernel == "dkdv":
         if elem_bytes == 4:
             return tile == (32, 32, 8)
