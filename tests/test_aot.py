@@ -88,7 +88,7 @@ def test_aot_attention_fp32_sm90(tmp_path_factory):
     one-kernel schedule's atomic dQ) and the small fp32 tiles of every other attention kernel compile
     without spills at head dims 64 and 128."""
     kernels = ("cross_attention_fwd,cross_attention_bwd_single_pass,cross_attention_bwd_dkdv,cross_attention_bwd_dq,"
-               "cross_attention_bwd_one_kernel,cross_attention_weights,cross_attention_row_sums")
+               "cross_attention_bwd_one_kernel,cross_attention_weights")  # the row sums' fp32 pass: slow tests (~40 s)
     proc, data = _run(tmp_path_factory, "--kernels", kernels, "--dtypes", "fp32", "--targets", "90")
     print(proc.stdout)
     assert data is not None, proc.stderr[-4000:]
