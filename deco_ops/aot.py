@@ -121,7 +121,14 @@ _B, _GRID, _C, _HIDDEN = 32, 24, 1024, 4096
 _WINDOWS = {"2x2": 12, "4x4": 6}  # window label -> pooled side of a 24x24 grid
 _PACKED_MODES = {0: "average", 1: "bilinear"}  # packed_pool.MODES
 _FP32_PRECISIONS = ("ieee", "tf32")  # torch's default (allow_tf32=False) and allow_tf32=True
-_ACTIVATIONS = ACTIVATIONS  # the projector's; each GEMM epilogue is compiled with each
+_ACTIVATIONS_ENV = "DECO_OPS_AOT_ACTIVATIONS"  # --activations, read here and in the workers
+
+
+def _activations() -> tuple[str, ...]:
+    """The epilogue activations compiled where a kernel compiles each of the projector's: all of
+    them, or those ``--activations`` names (CI's sm_80 pass: their registers differ by <= 2 there)."""
+    chosen = os.environ.get(_ACTIVATIONS_ENV, "")
+    return tuple(a for a in ACTIVATIONS if a in chosen.split(",")) if chosen else ACTIVATIONS
 _H100_SMS = 132  # the persistent kernels' grid (H100 SXM and H200: 132 SMs)
 
 
@@ -140,7 +147,7 @@ def _pool_gemm_variants(module, dtypes):
 
     out = []
     for dtype, precision, dlabel, tensor_cores in _dtype_variants(dtypes):
-        for wlabel, side, act in [(w, side, a) for w, side in _WINDOWS.items() for a in _ACTIVATIONS
+        for wlabel, side, act in [(w, side, a) for w, side in _WINDOWS.items() for a in _activations()
                                   if a == "gelu" or w == "2x2"]:
             win = adaptive_window.max_window(_GRID, side)
             M, N, K = _B * side * side, _HIDDEN, _C
@@ -186,7 +193,7 @@ def _gemm_act_grad_variants(module, dtypes):
     out = []
     M, N, K = _B * 144, _HIDDEN, _HIDDEN  # dz = dy (M, out) @ w2 (out, hidden)
     for dtype, precision, dlabel, tensor_cores in _dtype_variants(dtypes):
-        for act in _ACTIVATIONS:
+        for act in _activations():
             args = dict(
                 dy_ptr=_ptr(dtype), w_ptr=_ptr(dtype), z_ptr=_ptr(dtype), dz_ptr=_ptr(dtype), a_ptr=_ptr(dtype),
                 M=M, N=N, K=K, sdym=K, sdyk=1, swk=N, swn=1, szm=N, szn=1,
@@ -206,7 +213,7 @@ def _tma_gemm_variants(module, dtypes):
     M = _B * 144
     for dtype, _, dlabel, _ in _dtype_variants([d for d in dtypes if d != "fp32"]):
         for epilogue, elabel, K in ((module.BIAS_ACT, "bias_act", _C), (module.ACT_GRAD, "act_grad", _HIDDEN)):
-            for act in _ACTIVATIONS:
+            for act in _activations():
                 args = dict(
                     a_ptr=_ptr(dtype), w_ptr=_ptr(dtype), b_ptr=_ptr(dtype), z_ptr=_ptr(dtype), out_ptr=_ptr(dtype),
                     aux_ptr=_ptr(dtype), M=M, N=_HIDDEN, K=K, sam=K, swr=K if epilogue == module.BIAS_ACT else _HIDDEN,
@@ -231,7 +238,7 @@ def _mlp_pool_variants(module, dtypes):
     out = []
     M, N, K = _B * _GRID * _GRID, _HIDDEN, _C
     for dtype, precision, dlabel, tensor_cores in _dtype_variants(dtypes):
-        for (mode, mlabel), act in [(m, a) for m in _PACKED_MODES.items() for a in _ACTIVATIONS]:
+        for (mode, mlabel), act in [(m, a) for m in _PACKED_MODES.items() for a in _activations()]:
             args = dict(
                 # dpa = dy @ W2 stays fp32 until un-pooled (deco_ops/mlp_pool.py)
                 x_ptr=_ptr(dtype), w_ptr=_ptr(dtype), b_ptr=_ptr(dtype), g_ptr=_ptr("fp32"), dz_ptr=_ptr(dtype),
@@ -253,7 +260,7 @@ def _activation_backward_variants(module, dtypes):
     out = []
     M, N = _B * 144, _HIDDEN
     for dtype in dtypes:
-        for act in _ACTIVATIONS:
+        for act in _activations():
             args = dict(
                 dh_ptr=_ptr(dtype), z_ptr=_ptr(dtype), dz_ptr=_ptr(dtype), a_ptr=_ptr(dtype), partial_ptr=_ptr("fp32"),
                 count_ptr="*i32", db_ptr=_ptr(dtype),
@@ -345,7 +352,7 @@ def _merge_gemm_variants(module, dtypes):
     for dtype, precision, dlabel, tensor_cores in _dtype_variants(dtypes):
         for label, (C, hidden, order, packed, norm, pre, bias) in _MERGE_VARIANTS.items():
             for (norm_dtype, suffix), act in [(n, a) for n in _norm_dtypes(dtype, label)
-                                              for a in (_ACTIVATIONS if label == "qwen2vl" and not n[1] else ("gelu",))]:
+                                              for a in (_activations() if label == "qwen2vl" and not n[1] else ("gelu",))]:
                 args = _merge_layout(norm_dtype, C, order, packed, pre, norm, bias)
                 args.update(
                     wn_ptr=_ptr(norm_dtype), bn_ptr=_ptr(norm_dtype), w_ptr=_ptr(dtype), b_ptr=_ptr(dtype), out_ptr=_ptr(dtype),
@@ -1091,12 +1098,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="every representative variant (attention head dim 80, split forward at every head dim, "
                         "BLIP-2's 32-query single pass, fp32/ieee for dot-free kernels); default: the subset that "
                         "still covers every kernel x config x dtype x target")
+    parser.add_argument("--activations", help="comma-separated epilogue activations to compile (default: all): "
+                        + ", ".join(ACTIVATIONS))
     parser.add_argument("--summary", type=Path, metavar="JSON",
                         help="print the compact sm_90 bf16 + fp32/tf32 table of a --json file (no compiling)")
     parser.add_argument("--doc", type=Path, metavar="MARKDOWN",
                         help="write the compact sm_90 table of bf16 and exact fp32 into this file (e.g. docs/aot.md) "
                         f"between {DOC_BEGIN} and {DOC_END}, keeping the rest; from this run, or from --summary's file")
     args = parser.parse_args(argv)
+    if args.activations is not None:
+        chosen = [a for a in args.activations.split(",") if a]
+        if not chosen or any(a not in ACTIVATIONS for a in chosen):
+            parser.error(f"--activations: unknown or none {args.activations!r}; known: {list(ACTIVATIONS)}")
+        os.environ[_ACTIVATIONS_ENV] = ",".join(chosen)
     if args.summary:
         data = json.loads(args.summary.read_text())
         print(summary(data))
@@ -1153,7 +1167,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(r['problems'])} {r.get('error', '')}")
     data = {
         "triton_version": triton.__version__, "elapsed_s": round(elapsed, 1), "full": _full(),
-        "jobs_note": f"{len(jobs)} jobs on {args.jobs} workers" + (", --full" if _full() else ""),
+        "jobs_note": f"{len(jobs)} jobs on {args.jobs} workers" + (", --full" if _full() else "")
+        + (f", --activations {args.activations}" if args.activations else ""),
         "skipped": skipped, "rows": rows,
     }
     if args.json:

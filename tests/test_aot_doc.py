@@ -2,7 +2,10 @@
 saved ``--json``), replacing only the marked block, never the notes around it."""
 
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from deco_ops import aot
 
@@ -50,3 +53,12 @@ def test_rows_saved_before_the_tma_columns_show_unknown():
     assert "| bf16 | pool_gemm | M64 N64 K32 G8 w4 s3 | 1 | gelu 2x2 | 168 | 0/0 | 50176 | yes | ? | ? | ok |" in table
     assert "| pool_gemm | bf16 gelu 2x2 | M64 N64 K32 G8 w4 s3 | sm_90 | 168 | 0/0 | 50176 | - | yes | ? | ? |" in aot.markdown(
         [dict(row, mma="", compile_s=1.0)])
+
+
+def test_an_unknown_or_empty_activation_list_is_refused_before_any_compile(capsys, monkeypatch):
+    monkeypatch.delenv("DECO_OPS_AOT_ACTIVATIONS", raising=False)
+    for value in ("gelu,relu", ","):
+        with pytest.raises(SystemExit):
+            aot.main(["--activations", value])
+        assert "--activations: unknown or none" in capsys.readouterr().err
+    assert "DECO_OPS_AOT_ACTIVATIONS" not in os.environ
