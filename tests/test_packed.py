@@ -676,17 +676,17 @@ def test_pool_mlp_packed_with_frozen_first_linear_keeps_no_pooled_input():
     """The pooled input is read for dW1 alone: with frozen weights (only x trains) only the
     pre-activation is kept, as eager does; dx equals the dense op's."""
     g = torch.Generator().manual_seed(0)
-    x = randn(2, 576, 64, generator=g)
+    x = randn(2, 144, 64, generator=g)
     w1, b1 = randn(256, 64, scale=0.125, generator=g), randn(256, generator=g)
     w2, b2 = randn(256, 256, scale=0.0625, generator=g), randn(256, generator=g)
-    xp = leaf(x.reshape(1152, 64))
-    grids = torch.tensor([[24, 24], [24, 24]])
+    xp = leaf(x.reshape(288, 64))
+    grids = torch.tensor([[12, 12], [12, 12]])
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
-        y, _ = deco_ops.pool_mlp_packed(xp, grids, w1, b1, w2, b2, out_grids=torch.tensor([[12, 12], [12, 12]]))
-    assert (288, 64) not in kept and (288, 256) in kept  # no pooled input, the pre-activation
-    dy = randn(288, 256, generator=g)
+        y, _ = deco_ops.pool_mlp_packed(xp, grids, w1, b1, w2, b2, out_grids=torch.tensor([[6, 6], [6, 6]]))
+    assert (72, 64) not in kept and (72, 256) in kept  # no pooled input, the pre-activation
+    dy = randn(72, 256, generator=g)
     y.backward(dy)
     xd = leaf(x)
-    deco_ops.pool_mlp(xd, w1, b1, w2, b2, grid=(24, 24), out_grid=(12, 12)).backward(dy.view(2, 144, 256))
-    assert_close(xp.grad, xd.grad.view(1152, 64), torch.float32, "grad x")
+    deco_ops.pool_mlp(xd, w1, b1, w2, b2, grid=(12, 12), out_grid=(6, 6)).backward(dy.view(2, 36, 256))
+    assert_close(xp.grad, xd.grad.view(288, 64), torch.float32, "grad x")

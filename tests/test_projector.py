@@ -504,14 +504,14 @@ def test_saved_pooled_rows_are_eager_pooling_bit_for_bit():
 def test_pool_linear_with_frozen_weight_keeps_no_pooled_input():
     """The pooled input is read for dW alone: with a frozen w (only x trains), as eager's Linear,
     nothing but w (a parameter) is kept; dx is unchanged (float64 eager)."""
-    params, _ = _mlp_case((24, 24), (12, 12), torch.float32, C=64, hidden=256)
+    params, _ = _mlp_case((12, 12), (6, 6), torch.float32, C=64, hidden=256)
     x, w, b = leaf(params[0]), params[1], params[2]
-    assert saved_bytes(lambda: deco_ops.pool_linear(x, w, b, grid=(24, 24), out_grid=(12, 12)), [x, w]) == 0
-    y = deco_ops.pool_linear(x, w, b, grid=(24, 24), out_grid=(12, 12))
+    assert saved_bytes(lambda: deco_ops.pool_linear(x, w, b, grid=(12, 12), out_grid=(6, 6)), [x, w]) == 0
+    y = deco_ops.pool_linear(x, w, b, grid=(12, 12), out_grid=(6, 6))
     dy = torch.randn_like(y)
     y.backward(dy)
     x64 = leaf(params[0], torch.float64)
-    y64 = torch.nn.functional.linear(reference.adaptive_avg_pool_tokens(x64, (24, 24), (12, 12)), w.double(), b.double())
+    y64 = torch.nn.functional.linear(reference.adaptive_avg_pool_tokens(x64, (12, 12), (6, 6)), w.double(), b.double())
     y64.backward(dy.double())
     assert_close(x.grad, x64.grad, torch.float32, "grad x")
 
@@ -519,17 +519,17 @@ def test_pool_linear_with_frozen_weight_keeps_no_pooled_input():
 def test_pool_mlp_with_frozen_first_linear_keeps_no_pooled_input():
     """The pooled input is read for dW1 alone: with frozen weights (only x trains) pool_mlp keeps
     the pre-activation, as eager does, and not the pooled rows; dx is unchanged (float64 eager)."""
-    params, _ = _mlp_case((24, 24), (12, 12), torch.float32, C=64, hidden=256)
+    params, _ = _mlp_case((12, 12), (6, 6), torch.float32, C=64, hidden=256)
     x, (w1, b1, w2, b2) = leaf(params[0]), params[1:]
 
     def run():
-        return deco_ops.pool_mlp(x, w1, b1, w2, b2, grid=(24, 24), out_grid=(12, 12))
+        return deco_ops.pool_mlp(x, w1, b1, w2, b2, grid=(12, 12), out_grid=(6, 6))
 
-    assert saved_bytes(run, [x, w1, w2]) == 2 * 144 * 256 * 4  # the pre-activation alone
+    assert saved_bytes(run, [x, w1, w2]) == 2 * 36 * 256 * 4  # the pre-activation alone
     y = run()
     dy = torch.randn_like(y)
     y.backward(dy)
     x64 = leaf(params[0], torch.float64)
-    pre64 = torch.nn.functional.linear(reference.adaptive_avg_pool_tokens(x64, (24, 24), (12, 12)), w1.double(), b1.double())
+    pre64 = torch.nn.functional.linear(reference.adaptive_avg_pool_tokens(x64, (12, 12), (6, 6)), w1.double(), b1.double())
     torch.nn.functional.linear(reference.ACTIVATIONS["gelu"](pre64), w2.double(), b2.double()).backward(dy.double())
     assert_close(x.grad, x64.grad, torch.float32, "grad x")
