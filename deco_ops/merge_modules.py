@@ -185,8 +185,9 @@ class PatchMergerProjector(nn.Module):
             if not isinstance(value, str) or value not in choices:
                 raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
         self.merge_size, self.order, self.norm_type, self.norm_position = merge_size, order, norm, norm_position
-        # eps=None is nn.RMSNorm's default: the machine epsilon of the dtype it computes in, per call
-        self.eps = None if eps is None and norm == "rmsnorm" else float(check_eps(eps))
+        # eps=None is nn.RMSNorm's default: the machine epsilon of the dtype it computes in, per call;
+        # kept by the norm child alone (``eps``)
+        eps = None if eps is None and norm == "rmsnorm" else float(check_eps(eps))
         self.activation = _validate.activation(activation, ACTIVATIONS)
         if grid is not None and order != "grid":
             raise ValueError("grid is only used with order='grid'")
@@ -215,6 +216,17 @@ class PatchMergerProjector(nn.Module):
     @property
     def norm_layer(self) -> nn.Module:
         return _at(self, _PATHS[self.keys][0])
+
+    @property
+    def eps(self) -> float | None:
+        """The norm's epsilon: its child's (``norm_layer.eps``), the one value both paths read. A copy
+        kept beside it went stale when the child's was changed (or the child replaced) after the module
+        was built: the fused op normalised with the old epsilon, calling the children with the new one."""
+        return self.norm_layer.eps
+
+    @eps.setter
+    def eps(self, value: float | None) -> None:
+        self.norm_layer.eps = value
 
     @property
     def fc1(self) -> nn.Linear:
@@ -328,7 +340,7 @@ class PatchMergerProjector(nn.Module):
         return merge_mlp(
             x, norm.weight, getattr(norm, "bias", None), fc1.weight, fc1.bias, fc2.weight, fc2.bias,
             grid=grid, merge_size=self.merge_size, order=self.order, norm=self.norm_type, norm_position=self.norm_position,
-            eps=_rms_norm_default_eps(x) if self.eps is None else self.eps, activation=self.activation,
+            eps=_rms_norm_default_eps(x) if norm.eps is None else norm.eps, activation=self.activation,
         )
 
     def _calling_children(self, x, grid, norm: nn.Module, fc1: nn.Module, fc2: nn.Module) -> torch.Tensor:

@@ -451,6 +451,36 @@ def test_from_hf_takes_nn_rmsnorm_and_its_default_eps(eps, dtype):
         assert_close(ours(x), hf.double()(x.double()), dtype, "y", eager=hf.to(dtype)(x))
 
 
+
+@pytest.mark.parametrize("change", ["set", "replaced", "module_eps"])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_the_norm_childs_eps_changed_after_a_call_is_read(norm, change):
+    """The norm's eps is its child's alone: changed on the child (or the child replaced by a norm of
+    another eps, or set as ``module.eps``) after a call, the next call normalises with the new one,
+    as calling the children does (hooked). A copy kept beside the child stayed at the old eps on the
+    fused op's path: silently off by 0.4 here, where tiny tokens make eps visible."""
+    torch.manual_seed(0)
+    ours = _init(deco_ops.PatchMergerProjector(C, D, norm=norm, eps=1e-6), seed=3)
+    x = torch.randn(2, 16, C) * 1e-3
+    ours(x)  # a call before the change
+    if change == "set":
+        ours.norm_layer.eps = 1e-2
+    elif change == "module_eps":
+        ours.eps = 1e-2
+    else:
+        new = (torch.nn.LayerNorm if norm == "layernorm" else torch.nn.RMSNorm)(C, eps=1e-2)
+        new.load_state_dict(ours.ln_q.state_dict())
+        ours.ln_q = new
+    assert ours.eps == ours.norm_layer.eps == 1e-2
+    with torch.no_grad():
+        expected = ours.fc2(torch.nn.functional.gelu(ours.fc1(ours.norm_layer(x).reshape(2, 4, 4 * C))))
+        hooked = ours.fc1.register_forward_pre_hook(lambda *args: None)  # calls the children
+        by_children = ours(x)
+        hooked.remove()
+    torch.testing.assert_close(by_children, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-5)
+
+
 def _activations():
     from transformers import activations
 

@@ -2961,4 +2961,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "    q, k = int32_heads(q, k)\n", "",
            ("tests/test_cross_attention.py", "-k", "int32_head_offsets"),
            "the weights' launcher passes a head-major view past 2**31 elements to kernels with int32 head offsets"),
+    Mutant("merge_module_eps_not_the_childs", "deco_ops/merge_modules.py",
+           "eps=_rms_norm_default_eps(x) if norm.eps is None else norm.eps,", "eps=_rms_norm_default_eps(x) if norm.eps is None else 1e-6,",
+           ("tests/test_merge_modules.py", "-k", "childs_eps"),
+           "PatchMergerProjector's fused path normalises with the eps it was built with, not its norm child's: the child's "
+           "eps changed (or the child replaced) after construction is silently ignored, where calling the children reads it"),
+    Mutant("merge_module_eps_setter_misses_the_child", "deco_ops/merge_modules.py",
+           "        self.norm_layer.eps = value\n", "        self.__dict__[\"eps\"] = value\n",
+           ("tests/test_merge_modules.py", "-k", "childs_eps"),
+           "module.eps = ... is kept beside the norm child instead of on it: neither path normalises with it"),
 )
