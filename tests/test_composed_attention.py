@@ -350,3 +350,40 @@ def test_every_cuda_kernel_under_torch_compile(lens):
             out.backward(dout)
         assert fwd.call_args.kwargs["kernel"] == kernel, kernel
         _check((out.detach(), *(t.grad for t in leaves)), want, dtype, kv_lens, k.shape[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fill", ["random", "huge", "nan", "inf"])
+@pytest.mark.parametrize("masking", ["kv_lens", "bool_mask", "both"])
+def test_cpu_padding_values_never_change_the_bits(dtype, fill, masking):
+    """The CPU path zeroes the keys and values no query reads only where their values could reach
+    the result (``_harmless_keys``/``_harmless_values``; the copies are skipped otherwise): any
+    padding gives the bits of zero padding, forward and backward, a row without keys included."""
+    torch.manual_seed(0)
+    B, M, N, H, D = 3, 5, 37, 2, 16
+    q, k, v = (torch.randn(s, dtype=dtype) for s in ((B, M, H, D), (B, N, H, D), (B, N, H, D)))
+    lens = torch.tensor([N, 20, 0])
+    keep = torch.arange(N)[None, :] < torch.tensor([30, N, 11])[:, None]
+    kv_lens = None if masking == "bool_mask" else lens
+    bias = None if masking == "kv_lens" else torch.where(keep, 0.0, float("-inf"))[:, None, None, :].expand(B, H, M, N)
+    read = torch.ones(B, N, dtype=torch.bool)
+    if kv_lens is not None:
+        read &= torch.arange(N)[None, :] < lens[:, None]
+    if bias is not None:
+        read &= keep
+    value = {"random": 3.0, "huge": 1e30, "nan": float("nan"), "inf": float("inf")}[fill]
+    pad = ~read[:, :, None, None]  # keys: any the masks drop for every query; values: past kv_lens only
+    past = torch.zeros_like(pad) if kv_lens is None else (torch.arange(N)[None, :] >= lens[:, None])[:, :, None, None]
+    noisy_k = torch.where(pad, torch.randn_like(k) * value, k)
+    noisy_v = torch.where(past, torch.randn_like(v) * value, v)
+    clean_k, clean_v = torch.where(pad, 0.0, k).to(dtype), torch.where(past, 0.0, v).to(dtype)
+    o_ref, lse_ref = ca.forward(q, clean_k, clean_v, kv_lens, None, bias=bias)
+    o, lse = ca.forward(q, noisy_k, noisy_v, kv_lens, None, bias=bias)
+    assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
+    dout = torch.randn_like(o)
+    ref = ca.backward(dout, q, clean_k, clean_v, o_ref, lse_ref, kv_lens, None, True, True, bias=bias)
+    got = ca.backward(dout, q, noisy_k, noisy_v, o, lse, kv_lens, None, True, True, bias=bias)
+    assert torch.equal(got[0], ref[0])
+    # gradients of the keys no query reads are zero either way
+    for g, r in zip(got[1:], ref[1:]):
+        assert torch.equal(g, r)
