@@ -772,3 +772,19 @@ def test_numpy_scalars_for_scale_and_dropout(backend):
     assert_close(got, want, torch.float32)
     seeded = [cross_attention(q, k, v, dropout_p=p, generator=torch.Generator().manual_seed(3)) for p in (np.float32(0.25), 0.25)]
     assert torch.equal(seeded[0], seeded[1])
+
+
+def test_unpack_keys_cpu_copies_equal_the_gather():
+    """``reference.unpack_keys`` copies each CPU sequence into zeros; the same tensor as the gather
+    it runs elsewhere (a subclass takes that path here), empty sequences and padding rows included."""
+
+    class Other(torch.Tensor):
+        pass
+
+    torch.manual_seed(0)
+    k = torch.randn(23, 3, 8)
+    cu = torch.tensor([0, 5, 5, 23], dtype=torch.int32)
+    fast = reference.unpack_keys(k, cu, 19)
+    slow = reference.unpack_keys(k.as_subclass(Other), cu, 19)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b.as_subclass(torch.Tensor))
