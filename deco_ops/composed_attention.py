@@ -123,8 +123,8 @@ def _mask_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 def _unread(t: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
-    """The rows of ``t`` (B, N, H, D) at the keys ``read`` (B or 1, N) leaves out, gathered."""
-    return t[~read.expand(t.shape[0], -1)]
+    """The rows of ``t`` (B, N, H, D) at the keys ``read`` (B or 1, N or 1: broadcast) leaves out, gathered."""
+    return t[~read.expand(t.shape[0], t.shape[1])]
 
 
 def _harmless_keys(q: torch.Tensor, k: torch.Tensor, read: torch.Tensor, scale: float | None) -> bool:

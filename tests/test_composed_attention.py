@@ -354,23 +354,29 @@ def test_every_cuda_kernel_under_torch_compile(lens):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fill", ["random", "huge", "nan", "inf"])
-@pytest.mark.parametrize("masking", ["kv_lens", "bool_mask", "both"])
+@pytest.mark.parametrize("masking", ["kv_lens", "bool_mask", "both", "query_rows"])
 def test_cpu_padding_values_never_change_the_bits(dtype, fill, masking):
     """The CPU path zeroes the keys and values no query reads only where their values could reach
     the result (``_harmless_keys``/``_harmless_values``; the copies are skipped otherwise): any
-    padding gives the bits of zero padding, forward and backward, a row without keys included."""
+    padding gives the bits of zero padding, forward and backward, a row without keys included.
+    ``query_rows``: a (B, 1, M, 1) mask, broadcast over the keys, dropping every query of one batch
+    entry (none of its keys is read)."""
     torch.manual_seed(0)
     B, M, N, H, D = 3, 5, 37, 2, 16
     q, k, v = (torch.randn(s, dtype=dtype) for s in ((B, M, H, D), (B, N, H, D), (B, N, H, D)))
     lens = torch.tensor([N, 20, 0])
     keep = torch.arange(N)[None, :] < torch.tensor([30, N, 11])[:, None]
-    kv_lens = None if masking == "bool_mask" else lens
-    bias = None if masking == "kv_lens" else torch.where(keep, 0.0, float("-inf"))[:, None, None, :].expand(B, H, M, N)
+    kv_lens = lens if masking in ("kv_lens", "both") else None
+    bias = {"bool_mask": torch.where(keep, 0.0, float("-inf"))[:, None, None, :].expand(B, H, M, N),
+            "query_rows": torch.where(torch.tensor([[True] * M, [False] * M, [True, False] * 2 + [True]]),
+                                      0.0, float("-inf"))[:, None, :, None]}.get(masking)
+    if masking == "both":
+        bias = torch.where(keep, 0.0, float("-inf"))[:, None, None, :].expand(B, H, M, N)
     read = torch.ones(B, N, dtype=torch.bool)
     if kv_lens is not None:
         read &= torch.arange(N)[None, :] < lens[:, None]
     if bias is not None:
-        read &= keep
+        read &= ~(bias.expand(B, H, M, N) == float("-inf")).all(2).all(1)
     value = {"random": 3.0, "huge": 1e30, "nan": float("nan"), "inf": float("inf")}[fill]
     pad = ~read[:, :, None, None]  # keys: any the masks drop for every query; values: past kv_lens only
     past = torch.zeros_like(pad) if kv_lens is None else (torch.arange(N)[None, :] >= lens[:, None])[:, :, None, None]
