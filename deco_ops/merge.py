@@ -353,6 +353,21 @@ def _check_dtypes(x, norm_weight, norm_bias, w1, b1, w2, b2) -> None:
                         "with a float16/bfloat16 MLP")
 
 
+def tokens_for_norm(x, norm_weight, norm_bias, w1):
+    """``x`` as the norm reads it where 16-bit tokens meet a float32 norm before an MLP in the
+    tokens' dtype (a norm kept in float32, e.g. Hugging Face's ``keep_in_fp32_modules``):
+    ``F.layer_norm``/``F.rms_norm`` take that mix and compute in float32, their output in the
+    tokens' dtype, so the Linears after them run. Here the tokens are cast to float32 (exact,
+    differentiable: their gradient comes back in their dtype) and the float32-norm-before-a-16-bit-MLP
+    path runs, which rounds the norm's rows to the MLP's dtype once, as eager does. Any other mix
+    is left for ``_check_dtypes`` to refuse, as eager's Linear refuses it. Only called where a norm
+    parameter's dtype differs from the tokens'."""
+    if (isinstance(x, torch.Tensor) and x.dtype in _NORM_IN_FP32_FOR and isinstance(w1, torch.Tensor) and w1.dtype is x.dtype
+            and all(p is None or (isinstance(p, torch.Tensor) and p.dtype is torch.float32) for p in (norm_weight, norm_bias))):
+        return x.to(dtype=torch.float32)
+    return x
+
+
 def check_merge_grid(grid, merge: int) -> tuple[int, ...]:
     """A "grid"-order input's grid, checked against the merge size (also where a module is built)."""
     return _merge_multiples(_validate.grid("grid", grid), merge)
@@ -411,6 +426,11 @@ def merge_mlp(
         ``(B, N / S², out)`` (``(N / S², out)`` for 2D ``x``), merged rows in block order
         (``"block"``) or row-major over the merged ``(T, H/S, W/S)`` grid (``"grid"``).
     """
+    try:  # 16-bit tokens before a norm kept in float32 (``tokens_for_norm``); the checks name a non-tensor
+        if norm_weight is not None and norm_weight.dtype is not x.dtype or norm_bias is not None and norm_bias.dtype is not x.dtype:
+            x = tokens_for_norm(x, norm_weight, norm_bias, w1)
+    except AttributeError:
+        pass
     plan = _plans.get(x, norm_weight, norm_bias, w1, b1, w2, b2, grid, merge_size, order, norm, norm_position, eps, activation)
     if plan is None:
         kwargs = {"grid": grid, "merge_size": merge_size, "order": order, "norm": norm, "norm_position": norm_position, "eps": eps,
@@ -520,6 +540,11 @@ def merge_mlp_packed(
         back; ``cu_seqlens`` int32 ``(num_images + 1,)`` offsets of each image's rows in ``y``.
         One statistics launch and one fused GEMM launch for the whole batch.
     """
+    try:  # 16-bit tokens before a norm kept in float32 (``tokens_for_norm``); the checks name a non-tensor
+        if norm_weight is not None and norm_weight.dtype is not x.dtype or norm_bias is not None and norm_bias.dtype is not x.dtype:
+            x = tokens_for_norm(x, norm_weight, norm_bias, w1)
+    except AttributeError:
+        pass
     args = (x, grids, norm_weight, norm_bias, w1, b1, w2, b2, merge_size, order, norm, norm_position, eps, activation)
     plan = _packed_plans.get((grids,), *args)
     if plan is None:

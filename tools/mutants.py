@@ -2987,4 +2987,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "zip(cu[:-1].tolist(), cu[1:].tolist())", "zip(cu[:-1].tolist(), cu[:-1].tolist())",
            ("tests/test_cross_attention.py", "-k", "unpack_keys_cpu"),
            "the CPU unpacking of packed keys copies no key: every sequence zeros, where the gather path copies them"),
+    Mutant("merge_16_bit_tokens_not_widened_for_a_float32_norm", "deco_ops/merge.py",
+           "        return x.to(dtype=torch.float32)\n    return x\n", "        return x\n    return x\n",
+           ("tests/test_merge.py", "-k", "16_bit_tokens_through_a_norm_kept_in_float32"),
+           "16-bit tokens before a norm kept in float32 and a 16-bit MLP are refused (norm_weight's dtype), where "
+           "nn.LayerNorm / nn.RMSNorm take the mix and the eager merger runs"),
 )
