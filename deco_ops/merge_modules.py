@@ -263,7 +263,8 @@ class PatchMergerProjector(nn.Module):
         epsilon of the dtype it computes in, per call) or one of Hugging Face's RMSNorm classes in
         ``_HF_RMS_NORMS`` (Qwen2.5-VL's, Qwen2.5-Omni's, EXAONE 4.5's); any other class raises
         ``TypeError`` naming it. Each parameter's ``requires_grad`` and the
-        module's train/eval mode are copied."""
+        module's train/eval mode are copied, and each part's dtype (a norm kept in float32 before 16-bit
+        Linears stays float32)."""
         kind = type(module).__name__
         if hasattr(module, "ln_q"):  # Qwen2-VL / Qwen2.5-VL; Qwen3-Omni (its use_postshuffle_norm as Qwen3-VL's)
             norm, fc1, fc2, act = module.ln_q, module.mlp[0], module.mlp[2], module.mlp[1]
@@ -307,6 +308,9 @@ class PatchMergerProjector(nn.Module):
             activation=_activation_of(act), grid=grid, keys=keys, bias=fc1.bias is not None,
             device=weight.device, dtype=weight.dtype,
         )
+        norm_dtype = getattr(getattr(norm, "weight", None), "dtype", weight.dtype)
+        if norm_dtype is not weight.dtype:  # a norm kept in float32 before 16-bit Linears stays so, as in the merger
+            out.norm_layer.to(dtype=norm_dtype)
         out.load_state_dict(module.state_dict())
         # a frozen or evaluating merger stays so: the same keys, so the same parameter names
         theirs = dict(module.named_parameters())

@@ -548,6 +548,31 @@ def test_from_hf_takes_linears_without_bias():
         assert_close(ours(x), hf.double()(x.double()), torch.float32, "y")
 
 
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl"])
+def test_from_hf_keeps_a_norm_kept_in_float32(name):
+    """A bf16 merger whose norm is kept in float32 (Hugging Face's ``keep_in_fp32_modules``, a
+    mixed-precision recipe): the projector keeps the norm's float32 parameters (they were rounded to
+    bf16 before, then trained with bf16 gradients) and gives the merger's output and gradients."""
+    hf = _init(MODULES[name](), seed=3).to(torch.bfloat16)
+    norm = hf.ln_q if name == "qwen2_vl" else hf.norm
+    norm.float()
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(norm.weight.shape, generator=torch.Generator().manual_seed(4)) * 1e-3)
+    ours = from_hf(hf, name)
+    theirs = dict(hf.named_parameters())
+    for key, p in ours.named_parameters():
+        assert p.dtype == theirs[key].dtype and torch.equal(p, theirs[key]), key
+    x = _tokens(name, torch.bfloat16)
+    y, eager = ours(x), hf(x)
+    assert y.dtype == eager.dtype == torch.bfloat16
+    y.float().sum().backward()
+    eager.float().sum().backward()
+    for key, p in ours.named_parameters():
+        assert p.grad.dtype == theirs[key].grad.dtype, key
+        assert_close(p.grad, theirs[key].grad, torch.bfloat16, f"grad {key}")
+    assert_close(y, eager, torch.bfloat16, "y")
+
+
 def test_from_hf_keeps_requires_grad_and_mode():
     hf = _init(qwen2_vl.PatchMerger(D, C), seed=10).eval()
     hf.ln_q.requires_grad_(False)

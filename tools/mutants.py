@@ -2992,4 +2992,9 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_merge.py", "-k", "16_bit_tokens_through_a_norm_kept_in_float32"),
            "16-bit tokens before a norm kept in float32 and a 16-bit MLP are refused (norm_weight's dtype), where "
            "nn.LayerNorm / nn.RMSNorm take the mix and the eager merger runs"),
+    Mutant("from_hf_rounds_a_float32_norm_to_the_linears_dtype", "deco_ops/merge_modules.py",
+           "            out.norm_layer.to(dtype=norm_dtype)\n", "            pass\n",
+           ("tests/test_merge_modules.py", "-k", "kept_in_float32"),
+           "from_hf builds the norm in the Linears' dtype: a merger's float32 norm is rounded to bf16 and trained with "
+           "bf16 gradients"),
 )
