@@ -77,13 +77,14 @@ def use_triton(device: torch.device) -> bool:
         return True
     if backend == "auto":
         return False
-    if device.type == "cpu" and interpreting():
+    if device.type == "cpu" and interpreting() and _tuning.INTERPRET:  # the kernels decorated as interpreted at import, too
         return True
     if device.type == "cpu":
         raise RuntimeError(
             "DECO_OPS_BACKEND=triton on CPU tensors needs Triton's interpreter, which deco_ops switches "
             "on only when DECO_OPS_BACKEND=triton is set before `import deco_ops` and before anything "
             "imports triton (transformers, torch._dynamo, torch._inductor and torch.utils.checkpoint do), in a process without a GPU; or set "
-            "TRITON_INTERPRET=1 before triton is imported. Move the tensors to CUDA or use the 'torch' backend."
+            "TRITON_INTERPRET=1 before triton is imported (set after `import deco_ops`, it comes too late: the kernels were decorated "
+            "compiled). Move the tensors to CUDA or use the 'torch' backend."
         )
     raise RuntimeError(f"the triton backend has no kernels for device {device}")

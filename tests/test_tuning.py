@@ -611,6 +611,31 @@ def test_backend_variable_switches_the_interpreter_on_only_before_triton(first):
         assert "needs Triton's interpreter" in run.stdout and "before anything imports triton" in run.stdout, run.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is switched on only without a GPU")
+def test_interpreter_switched_on_after_import_is_refused_by_name():
+    """``TRITON_INTERPRET=1`` (and ``DECO_OPS_BACKEND=triton``) set after ``import deco_ops`` come too
+    late: the kernels were decorated compiled. The op says so, as where triton was imported first,
+    instead of Triton's "0 active drivers" from inside the launch."""
+    import subprocess
+    import sys
+
+    script = ("import os, torch, deco_ops\n"
+              "os.environ['TRITON_INTERPRET'] = '1'\n"
+              "os.environ['DECO_OPS_BACKEND'] = 'triton'\n"
+              "for call in (lambda: deco_ops.adaptive_avg_pool_tokens(torch.randn(2, 16, 8), (4, 4), (2, 2)),\n"
+              "             lambda: deco_ops.cross_attention(*(torch.randn(1, 3, 2, 8) for _ in range(3)))):\n"
+              "    try:\n"
+              "        print(tuple(call().shape))\n"
+              "    except RuntimeError as e:\n"
+              "        print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DECO_OPS_BACKEND")}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(deco_ops.__file__)), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("needs Triton's interpreter" in line and "too late" in line for line in lines), run.stdout
+
+
 def test_a_launch_no_config_fits_raises_naming_the_kernel(kernel, monkeypatch):
     """A launch whose fit rules leave no config (its op's dispatch should have refused it) raises
     an error naming the kernel and the bucket, not an IndexError or Triton's ``min()`` of nothing."""

@@ -2997,4 +2997,9 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_merge_modules.py", "-k", "kept_in_float32"),
            "from_hf builds the norm in the Linears' dtype: a merger's float32 norm is rounded to bf16 and trained with "
            "bf16 gradients"),
+    Mutant("interpreter_switched_on_after_import_launches", "deco_ops/_backend.py",
+           'if device.type == "cpu" and interpreting() and _tuning.INTERPRET:', 'if device.type == "cpu" and interpreting():',
+           ("tests/test_tuning.py", "-k", "after_import"),
+           "TRITON_INTERPRET=1 set after import deco_ops: the triton backend launches the compiled-mode kernels on CPU "
+           "tensors, which fail inside Triton (\"0 active drivers\") instead of the error that names the settings"),
 )
