@@ -61,6 +61,7 @@ reproduced bit for bit by the reference path) and, on CUDA, head dims that are n
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -122,30 +123,32 @@ def _mask_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float32 if q.dtype in _HALF else q.dtype
 
 
-def _unread(t: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
-    """The rows of ``t`` (B, N, H, D) at the keys ``read`` (B or 1, N or 1: broadcast) leaves out, gathered."""
-    return t[~read.expand(t.shape[0], t.shape[1])]
+def _max_abs(t: torch.Tensor) -> float:
+    """max |t| over a non-empty tensor, NaN if it holds one: one pass, no |t| temporary."""
+    low, high = (float(x) for x in torch.aminmax(t))
+    return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
 
 
-def _harmless_keys(q: torch.Tensor, k: torch.Tensor, read: torch.Tensor, scale: float | None) -> bool:
+def _harmless_keys(q: torch.Tensor, k: torch.Tensor, scale: float | None) -> bool:
     """Whether SDPA's CPU kernel computes the same bits with ``k`` as given as with ``k`` zeroed
     at the keys no query reads: their scores are finite (then ``+ (-inf)`` is ``-inf``, as for a
     zeroed key, and their probabilities 0; a row without keys is overwritten after), which
     ``|scale * q.k| <= |scale| * D * max|q| * max|k|`` bounds well inside q's range. NaN or inf
-    anywhere fails the test. Reads the values on the host: the CPU path only."""
-    unread = _unread(k, read)
-    if not unread.numel():
+    anywhere fails the test. The maxima are over every key, not only the keys left out: one
+    reduction each, cheaper than gathering those (and a read key's NaN only costs the copy). Reads
+    the values on the host: the CPU path only."""
+    if not (q.numel() and k.numel()):
         return True
     D = q.shape[-1]
-    bound = abs(D ** -0.5 if scale is None else scale) * D * float(q.abs().amax()) * float(unread.abs().amax())
+    bound = abs(D ** -0.5 if scale is None else scale) * D * _max_abs(q) * _max_abs(k)
     return bound < torch.finfo(q.dtype).max / 4  # False for NaN
 
 
-def _harmless_values(v: torch.Tensor, read: torch.Tensor) -> bool:
-    """Whether ``v`` is finite at the keys no query reads: their probabilities are exactly 0, and
-    ``0 * v`` adds nothing to a row's sum, as a zeroed value does. CPU path only (``_harmless_keys``)."""
-    unread = _unread(v, read)
-    return not unread.numel() or bool(torch.isfinite(unread).all())
+def _harmless_values(v: torch.Tensor) -> bool:
+    """Whether ``v`` is finite (at the keys no query reads, among others): their probabilities are
+    exactly 0, and ``0 * v`` adds nothing to a row's sum, as a zeroed value does. CPU path only
+    (``_harmless_keys``)."""
+    return not v.numel() or math.isfinite(_max_abs(v))
 
 
 def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = False, mask_dtype=None, scale=None):
@@ -156,8 +159,8 @@ def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = F
     ``per_head``) or None, and the bool "row has no key" ``(B or 1, 1 or H, 1 or M)`` or None;
     layouts as given. On the CPU (``scale``: the call's, None for ``1 / sqrt(D)``) the zeroing
     copies of k and v are skipped where the keys left out hold values that cannot reach the
-    result (``_harmless_keys``, ``_harmless_values``: the same bits; the test reads only those
-    keys): a copy of K and of V was ~0.7x of SDPA's own time at BLIP-2's size."""
+    result (``_harmless_keys``, ``_harmless_values``: the same bits; one max-abs reduction of q, k
+    and v decides): a copy of K and of V was ~0.7x of SDPA's own time at BLIP-2's size."""
     B, N, H, _ = k.shape
     M = q.shape[1]
     q = q.expand(B, -1, -1, -1)
@@ -173,13 +176,13 @@ def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = F
         bias = user_bias
     else:
         valid = torch.arange(N, device=k.device)[None, :] < kv_lens.to(device=k.device, dtype=torch.int64)[:, None]
-        if not (cpu and _harmless_values(v, valid)):
+        if not (cpu and _harmless_values(v)):
             v = torch.where(valid[:, :, None, None], v, 0.0)
         read = valid if read is None else valid & read
         bias = torch.zeros((1, 1, 1, N), dtype=mask_dtype, device=q.device).masked_fill(~valid[:, None, None, :], float("-inf"))
         if user_bias is not None:
             bias = bias + user_bias
-    if not (cpu and _harmless_keys(q, k, read, scale)):
+    if not (cpu and _harmless_keys(q, k, scale)):
         k = torch.where(read[:, :, None, None], k, 0.0)
     dead = (bias == float("-inf")).all(-1)
     bias = bias.masked_fill(dead[..., None], 0.0)  # a new tensor: never the caller's mask
