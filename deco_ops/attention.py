@@ -490,6 +490,12 @@ def cross_attention(
         # fp32): cast once here for both, as a plain call does (``_autocast.plain_call``), or the weights are
         # the probabilities of other scores than the LSE's
         q, k, attn_bias = (None if t is None else _autocast.cast_tensor(t) for t in (q, k, attn_bias))
+    if need_weights and cu_seqlens_k is None and _eager_weights_apply(q, k, v, attn_mask, dropout_p):
+        impl = _plan.chosen(_cross_attention_implementation,
+                            (q, k, v, kv_lens, None, max_seqlen_k, scale, dropout_p, None, attn_bias, True))
+        if impl is _COMPOSED_FORWARD["composed"]:
+            return composed_attention.cpu_attention_with_weights(
+                q, k, _autocast.cast_tensor(v), kv_lens, scale, attn_bias, bool(average_attn_weights))
     need_lse = need_weights or _plan.needs_residuals(q, k, v)  # known here, not in the op's body
     rng = _draw_rng(generator, q.device) if dropout_p > 0 else None
     out, lse = deco.cross_attention(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse)
@@ -498,6 +504,22 @@ def cross_attention(
     weights = deco.cross_attention_weights(
         q, k, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, bool(average_attn_weights))
     return out, weights
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_weights_apply(q, k, v, attn_mask, dropout_p) -> bool:
+    """Whether a call with ``need_weights`` (and unpacked keys) may run as eager softmax attention
+    (``composed_attention.cpu_attention_with_weights``) where the strategy picks SDPA's CPU kernel:
+    no dropout (its mask is ours, Philox), plain CPU tensors (the path reads mask and key values on
+    the host: not while torch.compile traces, nor inside a functorch transform), no saved-tensor
+    hooks (a checkpointed region runs the ops, whose recompute saves what their forward saved, as
+    ``_checkpoint.recording``)."""
+    return (dropout_p == 0.0 and q.device.type == "cpu" and not torch.compiler.is_compiling()
+            and _checkpoint.saved_tensors_hooks(False) is None
+            and all(t is None or (type(t) in _PLAIN and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+                    for t in (q, k, v, attn_mask)))
 
 
 def _as_bias(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> torch.Tensor | None:
@@ -567,6 +589,9 @@ def _plan_of(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k
             return native
     mask_shape = None if attn_bias is None else attn_bias.shape  # (B, H, M, N): the next calls' masks are converted to it
     weights = None if not need_weights else bool(average_attn_weights)
+    if weights is not None and impl is _COMPOSED_FORWARD["composed"] and dropout_p == 0.0:
+        function = functools.partial(_planned, deco.cross_attention.runner(impl, records), scale, dropout_p, need_lse, mask_shape, weights)
+        return functools.partial(_planned_eager_weights, function, scale, mask_shape, weights)
     function = functools.partial(_planned, deco.cross_attention.runner(impl, records), scale, dropout_p, need_lse, mask_shape, weights)
     return _checkpoint.recording(native, function) if native is not None else function
 
@@ -575,15 +600,31 @@ def _planned(run, scale, dropout_p, need_lse, mask_shape, weights, q, k, v, kv_l
     """A planned call's work left (``_plan_of``): the value check of ``kv_lens``, the mask as a bias,
     the dropout seed, ``run``; and the weights (``weights``: None, or whether they are averaged over
     the heads)."""
-    if kv_lens is not None:
-        kv_lens = _check.kv_lens(kv_lens, k.shape[0], q.device)
-    attn_bias = None if mask_shape is None else _as_bias(attn_mask, mask_shape)
+    kv_lens, attn_bias = _planned_masks(mask_shape, q, k, kv_lens, attn_mask)
     rng = _draw_rng(None, q.device) if dropout_p > 0 else None
     N = k.shape[1]
     out, lse = run(q, k, v, kv_lens, None, N, scale, dropout_p, rng, attn_bias, need_lse)
     if weights is None:
         return out
     return out, deco.cross_attention_weights(q, k, lse, kv_lens, None, N, scale, dropout_p, rng, attn_bias, weights)
+
+
+def _planned_eager_weights(function, scale, mask_shape, average, q, k, v, kv_lens, attn_mask):
+    """A planned call with the weights whose forward the strategy runs on SDPA's CPU kernel, without
+    dropout (``_plan_of``): eager softmax attention (``composed_attention.cpu_attention_with_weights``)
+    where ``_eager_weights_apply``, else the ops (``function``, the plan ``_planned``)."""
+    if not _eager_weights_apply(q, k, v, attn_mask, 0.0):
+        return function(q, k, v, kv_lens, attn_mask)
+    kv_lens, attn_bias = _planned_masks(mask_shape, q, k, kv_lens, attn_mask)
+    return composed_attention.cpu_attention_with_weights(q, k, v, kv_lens, scale, attn_bias, average)
+
+
+def _planned_masks(mask_shape, q, k, kv_lens, attn_mask):
+    """A planned call's masks: ``kv_lens`` value-checked, the mask as a bias of ``mask_shape`` (or None)."""
+    if kv_lens is not None:
+        kv_lens = _check.kv_lens(kv_lens, k.shape[0], q.device)
+    attn_bias = None if mask_shape is None else _as_bias(attn_mask, mask_shape)
+    return kv_lens, attn_bias
 
 
 def _on_cpu_sdpa(q, k, v, kv_lens, attn_mask):

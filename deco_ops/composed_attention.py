@@ -257,6 +257,39 @@ def cpu_sdpa(q, k, v, scale: float | None = None, bias=None) -> tuple[torch.Tens
     return o.transpose(1, 2), lse
 
 
+def cpu_attention_with_weights(q, k, v, kv_lens, scale: float, bias, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cross_attention(..., need_weights=True)`` on the CPU without dropout, as eager softmax
+    attention computes it: S = scale q k^T + mask, P = softmax(S) once, O = P V, the weights P
+    ((B, M, N) averaged over the heads, or (B, H, M, N)), O and the weights in q's dtype. Plain
+    differentiable ops: autograd keeps P and runs eager's backward (four GEMMs), as
+    ``nn.MultiheadAttention``'s math path does; SDPA's kernel and the weights from its LSE computed
+    S three times and P twice (2x eager's time at BLIP-2's and Qwen-VL's sizes). The masks as
+    ``forward`` reads them (``_inputs``: values and keys dropped for every query zeroed, a row
+    without keys gives zero output, weights and gradients); in fp32 for 16-bit inputs, autocast
+    off (the caller cast the inputs as the op's autocast rule does)."""
+    if torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return cpu_attention_with_weights(q, k, v, kv_lens, scale, bias, average)
+    dtype = q.dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias, mask_dtype=_mask_dtype(q), scale=scale)
+    # heads first, contiguous: the GEMMs read (B * H) batches as views. K^T as (B, H, D, N), the GEMM
+    # ``einsum("bmhd,bnhd->bhmn")`` runs (the previous weights' bits; K as a transposed (N, D) operand
+    # rounds otherwise, 8x eager's weight error at logits near 100 in the accuracy test, 2x better
+    # at logits near 10: the luck of one draw, but that test's bar)
+    qt, vt = (t.transpose(1, 2).contiguous().to(compute) for t in (q, v))
+    s = torch.matmul(qt * scale, k.permute(0, 2, 3, 1).contiguous().to(compute))
+    if bias is not None:
+        s = s + bias
+    p = torch.softmax(s, -1)
+    out = torch.matmul(p, vt)
+    if dead is not None:
+        p = p.masked_fill(dead[..., None], 0.0)
+        out = out.masked_fill(dead[..., None], 0.0)
+    weights = p.mean(1) if average else p
+    return out.transpose(1, 2).to(dtype).contiguous(), weights.to(dtype)
+
+
 def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None, need_lse: bool = True):
     """(O ``(B, M, H, D)`` in q's dtype, LSE ``(B, H, M)`` fp32 or None), as ``deco::cross_attention``,
     by the named composed ``kernel`` (one ``kernels`` lists for the call). The LSE where

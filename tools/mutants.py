@@ -2998,4 +2998,9 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_tuning.py", "-k", "after_import"),
            "TRITON_INTERPRET=1 set after import deco_ops: the triton backend launches the compiled-mode kernels on CPU "
            "tensors, which fail inside Triton (\"0 active drivers\") instead of the error that names the settings"),
+    Mutant("eager_weights_dead_rows_kept", "deco_ops/composed_attention.py",
+           "        p = p.masked_fill(dead[..., None], 0.0)\n", "",
+           ("tests/test_masks.py",),
+           "need_weights on the CPU (eager softmax attention): a row whose keys are all masked returns the "
+           "uniform weights its zeroed mask gave, not zeros"),
 )
