@@ -125,7 +125,7 @@ def _mask_dtype(q: torch.Tensor) -> torch.dtype:
 
 def _max_abs(t: torch.Tensor) -> float:
     """max |t| over a non-empty tensor, NaN if it holds one: one pass, no |t| temporary."""
-    low, high = (float(x) for x in torch.aminmax(t))
+    low, high = (float(x) for x in torch.aminmax(t.detach()))
     return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
 
 

@@ -8,6 +8,7 @@ which call, their determinism, and the plumbing of every kernel's ATen ops, here
 
 and on a GPU, every candidate that applies against float64, forced through the op."""
 
+import warnings
 from types import SimpleNamespace
 from unittest import mock
 
@@ -393,3 +394,22 @@ def test_cpu_padding_values_never_change_the_bits(dtype, fill, masking):
     # gradients of the keys no query reads are zero either way
     for g, r in zip(got[1:], ref[1:]):
         assert torch.equal(g, r)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_cpu_padding_check_warns_nothing_on_inputs_that_require_grad(auto_backend, need_weights):
+    """The CPU padding check reads maxima on the host; with need_weights the call runs as plain
+    differentiable ops, so it sees q, k and v requiring grad: no "requires_grad=True to a scalar"
+    warning (an error under ``-W error``, as test runners and some training scripts set it)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(s, generator=g).requires_grad_(True) for s in ((2, 3, 2, 8), (2, 11, 2, 8), (2, 11, 2, 8)))
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # the warning is torch's once-per-process kind: an earlier test may have used it up
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = deco_ops.cross_attention(q, k, v, kv_lens=torch.tensor([11, 4]), need_weights=need_weights)
+            (out[0] if need_weights else out).sum().backward()
+    finally:
+        torch.set_warn_always(always)
+    assert all(t.grad is not None and t.grad.isfinite().all() for t in (q, k, v))

@@ -3003,4 +3003,9 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_masks.py",),
            "need_weights on the CPU (eager softmax attention): a row whose keys are all masked returns the "
            "uniform weights its zeroed mask gave, not zeros"),
+    Mutant("cpu_padding_check_reads_tensors_requiring_grad", "deco_ops/composed_attention.py",
+           "torch.aminmax(t.detach())", "torch.aminmax(t)",
+           ("tests/test_composed_attention.py", "-k", "warns_nothing"),
+           "the CPU padding check converts maxima of q, k, v requiring grad to floats (the need_weights path runs "
+           "as plain ops): torch's 'requires_grad=True to a scalar' warning on every such call, an error under -W error"),
 )
