@@ -42,6 +42,12 @@ _UNIFORM_SCALE = 4.6566127342e-10  # triton.language.random.uint_to_uniform_floa
 _PHILOX_BLOCK = 1 << 16
 
 
+def _philox_block(device: torch.device, n: int) -> int:
+    """Counters per pass for ``n`` on ``device``: ``_PHILOX_BLOCK`` on the CPU; elsewhere all of them
+    in one pass (a GPU pays per launch, ~90 a pass, not for cache misses)."""
+    return _PHILOX_BLOCK if device.type == "cpu" else max(1, n)
+
+
 def _philox_word(seed, counter: torch.Tensor, rounds: int, bufs: list[torch.Tensor]) -> torch.Tensor:
     """Philox4x32's first output word for a 1-d int64 ``counter`` (``tl.rand``'s draw before its float
     conversion) in the low 32 bits of an int64 tensor whose upper bits are garbage.
@@ -97,10 +103,10 @@ def _philox_blocks(seed, counter: torch.Tensor, rounds: int, out: torch.Tensor, 
     """``finish(word, out_block)`` on ``_philox_word`` of ``counter``'s elements, a block at a time,
     into ``out`` (``counter``'s shape)."""
     flat_counter, flat_out = counter.reshape(-1), out.view(-1)
-    size = min(_PHILOX_BLOCK, flat_counter.shape[0])
-    bufs = [torch.empty(size, dtype=torch.int64, device=counter.device) for _ in range(6)]
-    for lo in range(0, flat_counter.shape[0], _PHILOX_BLOCK):
-        hi = min(lo + _PHILOX_BLOCK, flat_counter.shape[0])
+    block = _philox_block(counter.device, flat_counter.shape[0])
+    bufs = [torch.empty(min(block, flat_counter.shape[0]), dtype=torch.int64, device=counter.device) for _ in range(6)]
+    for lo in range(0, flat_counter.shape[0], block):
+        hi = min(lo + block, flat_counter.shape[0])
         finish(_philox_word(seed, flat_counter[lo:hi], rounds, bufs), flat_out[lo:hi])
     return out
 
@@ -169,7 +175,7 @@ def _chunk_keep(rng, B, H, M, N, start, stop, dropout_p, device, drop: bool = Fa
     if width == 0 or B * H * M == 0:
         return out.view(B, H, M, width)
     finish = _keep_from_word(_keep_threshold(float(dropout_p)), drop)
-    rows_per_block = max(1, _PHILOX_BLOCK // width)
+    rows_per_block = max(1, _philox_block(torch.device(device), B * H * M * width) // width)
     bufs = [torch.empty(rows_per_block * width, dtype=torch.int64, device=device) for _ in range(7)]
     row_base = offset + torch.arange(B * H * M, device=device, dtype=torch.int64) * N
     for lo in range(0, B * H * M, rows_per_block):
