@@ -3008,4 +3008,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_composed_attention.py", "-k", "warns_nothing"),
            "the CPU padding check converts maxima of q, k, v requiring grad to floats (the need_weights path runs "
            "as plain ops): torch's 'requires_grad=True to a scalar' warning on every such call, an error under -W error"),
+    Mutant("reference_dropout_keep_and_drop_swapped", "deco_ops/reference_attention.py",
+           "compare = torch.gt if drop else torch.le", "compare = torch.le if drop else torch.gt",
+           ("tests/test_cross_attention.py", "-k", "dropout"),
+           "the PyTorch path's integer keep test inverted: it keeps what the kernels drop (p and 1 - p swapped)"),
 )
