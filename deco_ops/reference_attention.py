@@ -85,8 +85,8 @@ def _philox_word(seed, counter: torch.Tensor, rounds: int, bufs: list[torch.Tens
         if not c1_zero:
             t0 ^= c1
         t0 ^= k0
-        if r == rounds - 1:
-            return t0
+        if r == rounds - 1:  # the last round: c0 alone
+            break
         t0 &= _MASK32
         # c2' = hi(A * c0) ^ c3 ^ k1, c3' = lo(A * c0)
         c0.mul_(_PHILOX_ROUND_A)
@@ -96,7 +96,7 @@ def _philox_word(seed, counter: torch.Tensor, rounds: int, bufs: list[torch.Tens
         t1 &= _MASK32
         c0, c1, c2, c3, t0, t1 = t0, c2, t1, c0, c1, c3
         c1_zero = False
-    raise AssertionError("unreachable")
+    return t0
 
 
 def _philox_blocks(seed, counter: torch.Tensor, rounds: int, out: torch.Tensor, finish) -> torch.Tensor:
