@@ -506,9 +506,6 @@ def cross_attention(
     return out, weights
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
 def _eager_weights_apply(q, k, v, attn_mask, dropout_p) -> bool:
     """Whether a call with ``need_weights`` (and unpacked keys) may run as eager softmax attention
     (``composed_attention.cpu_attention_with_weights``) where the strategy picks SDPA's CPU kernel:
@@ -518,7 +515,7 @@ def _eager_weights_apply(q, k, v, attn_mask, dropout_p) -> bool:
     ``_checkpoint.recording``)."""
     return (dropout_p == 0.0 and q.device.type == "cpu" and not torch.compiler.is_compiling()
             and _checkpoint.saved_tensors_hooks(False) is None
-            and all(t is None or (type(t) in _PLAIN and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+            and all(t is None or (type(t) in reference.PLAIN_TENSORS and not torch._C._functorch.is_functorch_wrapped_tensor(t))
                     for t in (q, k, v, attn_mask)))
 
 
@@ -589,10 +586,9 @@ def _plan_of(q, k, v, kv_lens, softmax_scale, dropout_p, generator, cu_seqlens_k
             return native
     mask_shape = None if attn_bias is None else attn_bias.shape  # (B, H, M, N): the next calls' masks are converted to it
     weights = None if not need_weights else bool(average_attn_weights)
-    if weights is not None and impl is _COMPOSED_FORWARD["composed"] and dropout_p == 0.0:
-        function = functools.partial(_planned, deco.cross_attention.runner(impl, records), scale, dropout_p, need_lse, mask_shape, weights)
-        return functools.partial(_planned_eager_weights, function, scale, mask_shape, weights)
     function = functools.partial(_planned, deco.cross_attention.runner(impl, records), scale, dropout_p, need_lse, mask_shape, weights)
+    if weights is not None and impl is _COMPOSED_FORWARD["composed"] and dropout_p == 0.0:
+        return functools.partial(_planned_eager_weights, function, scale, mask_shape, weights)
     return _checkpoint.recording(native, function) if native is not None else function
 
 

@@ -151,6 +151,16 @@ def _harmless_values(v: torch.Tensor) -> bool:
     return not v.numel() or math.isfinite(_max_abs(v))
 
 
+def _read_keys(user_bias: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B or 1, N or 1): the keys some query reads, by the caller's compact mask (not -inf for every
+    head and query) and before ``kv_lens`` (``valid``); one of the two is given. ``_inputs`` zeroes k
+    at the others in one pass, where it must."""
+    if user_bias is None:
+        return valid
+    by_mask = ~(user_bias == float("-inf")).all(2).all(1)
+    return by_mask if valid is None else valid & by_mask
+
+
 def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = False, mask_dtype=None, scale=None):
     """q expanded to the batch (a view), k and v (zeroed past ``kv_lens``, and k at the keys the
     caller's mask drops for every query of their batch entry, so NaN there is ignored as the fused
@@ -168,22 +178,20 @@ def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = F
         return q, k, v, None, None
     cpu = q.device.type == "cpu"  # host reads of values cost no sync there
     mask_dtype = mask_dtype or q.dtype
-    read = None  # (B or 1, N): the keys some query reads; k is zeroed at the others in one pass
     if user_bias is not None:  # at its compact shape, clamped as the kernels clamp it
         user_bias = reference_attention.clamped_bias(_compact(user_bias), mask_dtype)
-        read = ~(user_bias == float("-inf")).all(2).all(1)
+    valid = None  # (B, N): the keys before kv_lens
     if kv_lens is None:  # the caller's mask alone
         bias = user_bias
     else:
         valid = torch.arange(N, device=k.device)[None, :] < kv_lens.to(device=k.device, dtype=torch.int64)[:, None]
         if not (cpu and _harmless_values(v)):
             v = torch.where(valid[:, :, None, None], v, 0.0)
-        read = valid if read is None else valid & read
         bias = torch.zeros((1, 1, 1, N), dtype=mask_dtype, device=q.device).masked_fill(~valid[:, None, None, :], float("-inf"))
         if user_bias is not None:
             bias = bias + user_bias
     if not (cpu and _harmless_keys(q, k, scale)):
-        k = torch.where(read[:, :, None, None], k, 0.0)
+        k = torch.where(_read_keys(user_bias, valid)[:, :, None, None], k, 0.0)
     dead = (bias == float("-inf")).all(-1)
     bias = bias.masked_fill(dead[..., None], 0.0)  # a new tensor: never the caller's mask
     if align > 1:
@@ -195,9 +203,6 @@ def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = F
     return q, k, v, bias, dead
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensors with an address; a traced one has none
-
-
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` as the CUDA kernels accept it: a 16-byte aligned start and strides, unit stride on the
     last dim (the memory-efficient kernel's alignment check fails otherwise, "no kernel found to
@@ -206,7 +211,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     ``data_ptr`` raises) the start is judged by the storage offset, as Inductor judges its inputs'
     alignment (and copies a graph input that is not aligned at run time)."""
     step = 16 // t.element_size()
-    start = t.data_ptr() if type(t) in _PLAIN else t.storage_offset() * t.element_size()
+    start = t.data_ptr() if type(t) in reference_attention.PLAIN_TENSORS else t.storage_offset() * t.element_size()
     if t.stride(-1) == 1 and start % 16 == 0 and all(s % step == 0 for s in t.stride()[:-1]):
         return t
     return t.clone(memory_format=torch.contiguous_format)

@@ -34,6 +34,8 @@ _PHILOX_ROUND_B = 0xCD9E8D57
 _PHILOX_KEY_A = 0x9E3779B9
 _PHILOX_KEY_B = 0xBB67AE85
 _UNIFORM_SCALE = 4.6566127342e-10  # triton.language.random.uint_to_uniform_float, 32-bit
+# tensors with an address and values the host may read; a traced, fake or wrapped one has neither
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 # counters per pass of ``_philox_word``: its seven int64 buffers (3.5 MiB) stay in the cache through
@@ -368,7 +370,7 @@ def unpack_keys(k: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen: int) ->
     lens = cu[1:] - cu[:-1]
     pos = torch.arange(max_seqlen, device=k.device)
     real = pos[None, :] < lens[:, None]
-    if k.device.type == "cpu" and type(k) in (torch.Tensor, torch.nn.Parameter) and type(cu) is torch.Tensor:
+    if k.device.type == "cpu" and type(k) in PLAIN_TENSORS and type(cu) is torch.Tensor:
         # the offsets read on the host (no sync on the CPU): one slice copy per sequence into zeros,
         # the same tensor as the gather below, ~4x faster than it (its index op plus a ``where`` pass)
         padded = k.new_zeros((lens.shape[0], max_seqlen, *k.shape[1:]))
