@@ -123,10 +123,18 @@ def _mask_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float32 if q.dtype in _HALF else q.dtype
 
 
+# K's size (elements) from which the CPU path checks whether its zeroing copies can be skipped:
+# the check costs three reductions and ~30 Python-level calls, more host time than the two copies
+# of a small K and V (a tiny kv_lens call made 87 calls with it, 55 without: tests/test_host_path.py)
+_CHECKED_FROM = 1 << 16
+
+
 def _max_abs(t: torch.Tensor) -> float:
-    """max |t| over a non-empty tensor, NaN if it holds one: one pass, no |t| temporary."""
-    low, high = (float(x) for x in torch.aminmax(t.detach()))
-    return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
+    """max |t| over a non-empty tensor, NaN if it holds one (``aminmax`` gives NaN as both): one
+    pass, no |t| temporary."""
+    low, high = torch.aminmax(t.detach())
+    low, high = float(low), float(high)
+    return high if high != high else max(-low, high)
 
 
 def _harmless_keys(q: torch.Tensor, k: torch.Tensor, scale: float | None) -> bool:
@@ -151,32 +159,22 @@ def _harmless_values(v: torch.Tensor) -> bool:
     return not v.numel() or math.isfinite(_max_abs(v))
 
 
-def _read_keys(user_bias: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor:
-    """(B or 1, N or 1): the keys some query reads, by the caller's compact mask (not -inf for every
-    head and query) and before ``kv_lens`` (``valid``); one of the two is given. ``_inputs`` zeroes k
-    at the others in one pass, where it must."""
-    if user_bias is None:
-        return valid
-    by_mask = ~(user_bias == float("-inf")).all(2).all(1)
-    return by_mask if valid is None else valid & by_mask
-
-
 def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = False, mask_dtype=None, scale=None):
     """q expanded to the batch (a view), k and v (zeroed past ``kv_lens``, and k at the keys the
     caller's mask drops for every query of their batch entry, so NaN there is ignored as the fused
     kernels ignore it), the additive mask ``(B or 1, 1 or H, 1 or M, N)`` in ``mask_dtype``
     (default q's; rows allocated ``align``-element aligned; expanded to ``(B, H, M, N)`` if
     ``per_head``) or None, and the bool "row has no key" ``(B or 1, 1 or H, 1 or M)`` or None;
-    layouts as given. On the CPU (``scale``: the call's, None for ``1 / sqrt(D)``) the zeroing
-    copies of k and v are skipped where the keys left out hold values that cannot reach the
-    result (``_harmless_keys``, ``_harmless_values``: the same bits; one max-abs reduction of q, k
+    layouts as given. On the CPU, for K of ``_CHECKED_FROM`` elements or more (``scale``: the
+    call's, None for ``1 / sqrt(D)``), the zeroing copies of k and v are skipped where the keys
+    left out hold values that cannot reach the result (``_harmless_keys``, ``_harmless_values``: the same bits; one max-abs reduction of q, k
     and v decides): a copy of K and of V was ~0.7x of SDPA's own time at BLIP-2's size."""
-    B, N, H, _ = k.shape
+    B, N, H, D = k.shape
     M = q.shape[1]
     q = q.expand(B, -1, -1, -1)
     if kv_lens is None and user_bias is None:
         return q, k, v, None, None
-    cpu = q.device.type == "cpu"  # host reads of values cost no sync there
+    cpu = q.device.type == "cpu" and B * N * H * D >= _CHECKED_FROM  # host reads of values cost no sync there
     mask_dtype = mask_dtype or q.dtype
     if user_bias is not None:  # at its compact shape, clamped as the kernels clamp it
         user_bias = reference_attention.clamped_bias(_compact(user_bias), mask_dtype)
@@ -190,8 +188,12 @@ def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = F
         bias = torch.zeros((1, 1, 1, N), dtype=mask_dtype, device=q.device).masked_fill(~valid[:, None, None, :], float("-inf"))
         if user_bias is not None:
             bias = bias + user_bias
-    if not (cpu and _harmless_keys(q, k, scale)):
-        k = torch.where(_read_keys(user_bias, valid)[:, :, None, None], k, 0.0)
+    if not (cpu and _harmless_keys(q, k, scale)):  # zero k at the keys no query reads, in one pass
+        read = valid  # (B or 1, N or 1): before kv_lens, and not -inf for every head and query of the mask
+        if user_bias is not None:
+            by_mask = ~(user_bias == float("-inf")).all(2).all(1)
+            read = by_mask if valid is None else valid & by_mask
+        k = torch.where(read[:, :, None, None], k, 0.0)
     dead = (bias == float("-inf")).all(-1)
     bias = bias.masked_fill(dead[..., None], 0.0)  # a new tensor: never the caller's mask
     if align > 1:

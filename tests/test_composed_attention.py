@@ -356,12 +356,13 @@ def test_every_cuda_kernel_under_torch_compile(lens):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fill", ["random", "huge", "nan", "inf"])
 @pytest.mark.parametrize("masking", ["kv_lens", "bool_mask", "both", "query_rows"])
-def test_cpu_padding_values_never_change_the_bits(dtype, fill, masking):
+def test_cpu_padding_values_never_change_the_bits(monkeypatch, dtype, fill, masking):
     """The CPU path zeroes the keys and values no query reads only where their values could reach
     the result (``_harmless_keys``/``_harmless_values``; the copies are skipped otherwise): any
     padding gives the bits of zero padding, forward and backward, a row without keys included.
     ``query_rows``: a (B, 1, M, 1) mask, broadcast over the keys, dropping every query of one batch
     entry (none of its keys is read)."""
+    monkeypatch.setattr(ca, "_CHECKED_FROM", 0)  # the check at this small size too
     torch.manual_seed(0)
     B, M, N, H, D = 3, 5, 37, 2, 16
     q, k, v = (torch.randn(s, dtype=dtype) for s in ((B, M, H, D), (B, N, H, D), (B, N, H, D)))
@@ -397,10 +398,11 @@ def test_cpu_padding_values_never_change_the_bits(dtype, fill, masking):
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
-def test_cpu_padding_check_warns_nothing_on_inputs_that_require_grad(auto_backend, need_weights):
+def test_cpu_padding_check_warns_nothing_on_inputs_that_require_grad(auto_backend, monkeypatch, need_weights):
     """The CPU padding check reads maxima on the host; with need_weights the call runs as plain
     differentiable ops, so it sees q, k and v requiring grad: no "requires_grad=True to a scalar"
     warning (an error under ``-W error``, as test runners and some training scripts set it)."""
+    monkeypatch.setattr(ca, "_CHECKED_FROM", 0)  # the check at this small size too
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(s, generator=g).requires_grad_(True) for s in ((2, 3, 2, 8), (2, 11, 2, 8), (2, 11, 2, 8)))
     always = torch.is_warn_always_enabled()

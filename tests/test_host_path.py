@@ -624,3 +624,15 @@ def test_masked_calls_are_planned(mask_shape, dtype, lens, weights, backend):
     if mask_shape:
         assert not torch.equal(runs[0][0], runs[1][0])  # the second mask, not the first, was applied
     assert attention._masked_plans._plans
+
+
+@cpu_only
+def test_a_small_masked_attention_call_skips_the_padding_check(user_settings):
+    """cross_attention with kv_lens on tiny CPU tensors: K is below ``_CHECKED_FROM``, so the two
+    zeroing copies run instead of the check that could skip them (three reductions, ~30 Python-level
+    calls: 87 per call with it; 54 before the check, one more since for the planned masks' shared
+    helper), within issue 20's limit."""
+    run = host_cost.call_of(_ATTENTION_LENS, _ATTENTION_LENS.ours, "infer")
+    with host_cost.region("infer"):
+        calls = host_cost.python_calls(run)
+    assert calls <= 55 <= FORWARD_LIMIT, f"{calls} Python-level calls per call"

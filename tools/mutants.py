@@ -3013,4 +3013,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "compare = torch.gt if drop else torch.le", "compare = torch.le if drop else torch.gt",
            ("tests/test_cross_attention.py", "-k", "dropout"),
            "the PyTorch path's integer keep test inverted: it keeps what the kernels drop (p and 1 - p swapped)"),
+    Mutant("cpu_padding_check_on_every_size", "deco_ops/composed_attention.py",
+           "_CHECKED_FROM = 1 << 16", "_CHECKED_FROM = 0",
+           ("tests/test_host_path.py", "-k", "small_masked"),
+           "the CPU padding check runs on tiny calls too: ~30 Python-level calls more than the two copies it could save (87 a call)"),
 )
