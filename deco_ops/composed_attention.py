@@ -297,6 +297,84 @@ def cpu_attention_with_weights(q, k, v, kv_lens, scale: float, bias, average: bo
     return out.transpose(1, 2).to(dtype).contiguous(), weights.to(dtype)
 
 
+def _stat_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype of the CPU kernel's LSE: float64 for float64 inputs, else float32."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+# mean elements of K per sequence from which packed keys run one call per sequence, and padding
+# (keys of the padded batch per real key) from which they do whatever the mean: below both a padded
+# call measured faster (64 sequences of 16 keys x 12 heads x 64: 26 vs 29 ms forward+backward, of 4
+# keys at 2 x 8: 2.9 vs 8.0 ms; a call costs ~25 us of host time forward, ~100 us with its backward)
+_PER_SEQUENCE_FROM = 1 << 15
+_PER_SEQUENCE_PADDING = 2
+
+
+def packed_on_cpu_kernel(k: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_k: int) -> bool:
+    """Whether a call of the ``composed`` kernel runs per sequence of packed keys
+    (``packed_cpu_forward``, rather than on a padded copy): packed keys whose offsets hold values
+    to read (not while torch.compile traces, where they are fake), sequences long enough for the
+    per-call host time not to count or padding that would more than double the keys."""
+    if type(k) not in reference_attention.PLAIN_TENSORS or type(cu_seqlens_k) is not torch.Tensor:
+        return False
+    batch, keys = cu_seqlens_k.shape[0] - 1, int(cu_seqlens_k[-1])
+    return keys * k[0].numel() >= batch * _PER_SEQUENCE_FROM or batch * max_seqlen_k >= _PER_SEQUENCE_PADDING * keys
+
+
+def _sequences(q, k, v, cu_seqlens_k, bias):
+    """Per sequence of packed keys (offsets read on the host: a CPU tensor, no sync): its batch
+    index, its queries ``(1, M, H, D)``, keys and values ``(1, length, H, D)`` (views of the packed
+    rows) and its mask ``(1, 1 or H, 1 or M, length)`` or None."""
+    offsets = cu_seqlens_k.tolist()
+    shared = q.shape[0] == 1
+    for b, (start, stop) in enumerate(zip(offsets[:-1], offsets[1:])):
+        mask = None if bias is None else bias[0 if bias.shape[0] == 1 else b, None, ..., : stop - start]
+        yield b, q[0 if shared else b, None], k[None, start:stop], v[None, start:stop], mask
+
+
+def packed_cpu_forward(q, k, v, cu_seqlens_k, scale, bias, need_lse: bool):
+    """``forward`` of packed ``(total_N, H, D)`` keys on the CPU kernel, one call per sequence on
+    its own rows: no padded copy of K and V, no mask over the padding (the padded call was 3x the
+    per-sequence calls eager code makes at BLIP-2's size, 4 x 257 keys). A sequence without keys
+    gives zeros and an LSE of +inf, as ``kv_lens == 0`` does."""
+    outs, lses = [], []
+    for _, qb, kb, vb, mask in _sequences(q, k, v, cu_seqlens_k, bias):
+        if kb.shape[1] == 0:
+            outs.append(torch.zeros_like(qb, memory_format=torch.contiguous_format))
+            lses.append(torch.full((1, qb.shape[2], qb.shape[1]), float("inf"), dtype=_stat_dtype(q), device=q.device))
+            continue
+        out, lse = forward(qb, kb, vb, None, scale, bias=mask, need_lse=need_lse)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses) if need_lse else None
+
+
+def packed_cpu_backward(dout, q, k, v, out, lse, cu_seqlens_k, scale, need_dq: bool, need_dkv: bool, bias=None):
+    """``backward`` of ``packed_cpu_forward``, one call per sequence: dK and dV packed as K and V
+    (zeros in rows of no sequence), dQ of shared queries summed over the sequences."""
+    dqs, dks, dvs = [], [], []
+    offsets = cu_seqlens_k.tolist()
+    for b, qb, kb, vb, mask in _sequences(q, k, v, cu_seqlens_k, bias):
+        if kb.shape[1] == 0:
+            dqs.append(torch.zeros_like(qb))
+            continue
+        dq, dk, dv = backward(dout[b, None], qb, kb, vb, out[b, None], lse[b, None], None, scale, need_dq, need_dkv, bias=mask)
+        dqs.append(dq)
+        if need_dkv:
+            dks.append(dk[0])
+            dvs.append(dv[0])
+    dq = (torch.stack(dqs).sum(0) if q.shape[0] == 1 else torch.cat(dqs)) if need_dq else None
+    if not need_dkv:
+        return dq, None, None
+    if not dks:  # no sequence has keys
+        return dq, torch.zeros_like(k), torch.zeros_like(v)
+    tail = k.shape[0] - offsets[-1]  # rows after the last sequence (FlashAttention's offsets may stop short)
+    if tail:
+        dks.append(k.new_zeros((tail, *k.shape[1:])))
+        dvs.append(v.new_zeros((tail, *v.shape[1:])))
+    return dq, torch.cat(dks), torch.cat(dvs)
+
+
 def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None, need_lse: bool = True):
     """(O ``(B, M, H, D)`` in q's dtype, LSE ``(B, H, M)`` fp32 or None), as ``deco::cross_attention``,
     by the named composed ``kernel`` (one ``kernels`` lists for the call). The LSE where

@@ -33,6 +33,7 @@ _PHILOX_ROUND_A = 0xD2511F53
 _PHILOX_ROUND_B = 0xCD9E8D57
 _PHILOX_KEY_A = 0x9E3779B9
 _PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUNDS = 10  # tl.rand's (triton.language.random.N_ROUNDS_DEFAULT)
 _UNIFORM_SCALE = 4.6566127342e-10  # triton.language.random.uint_to_uniform_float, 32-bit
 # tensors with an address and values the host may read; a traced, fake or wrapped one has neither
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -50,7 +51,7 @@ def _philox_block(device: torch.device, n: int) -> int:
     return _PHILOX_BLOCK if device.type == "cpu" else max(1, n)
 
 
-def _philox_word(seed, counter: torch.Tensor, rounds: int, bufs: list[torch.Tensor]) -> torch.Tensor:
+def _philox_word(seed, counter: torch.Tensor, bufs: list[torch.Tensor]) -> torch.Tensor:
     """Philox4x32's first output word for a 1-d int64 ``counter`` (``tl.rand``'s draw before its float
     conversion) in the low 32 bits of an int64 tensor whose upper bits are garbage.
 
@@ -65,21 +66,17 @@ def _philox_word(seed, counter: torch.Tensor, rounds: int, bufs: list[torch.Tens
     c0, c1, c2, c3, t0, t1 = (buf[:n] for buf in bufs)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     torch.bitwise_and(counter, _MASK32, out=c0)
-    if rounds == 0:
-        return c0
     torch.bitwise_right_shift(counter, 32, out=c1)
     c1 &= _MASK32
     # round 1: c0' = c1 ^ k0, c1' = 0, c2' = hi(A * c0) ^ k1, c3' = lo(A * c0)
     c1 ^= k0
-    if rounds == 1:
-        return c1
     c0.mul_(_PHILOX_ROUND_A)
     torch.bitwise_right_shift(c0, 32, out=t1)
     t1 ^= k1
     t1 &= _MASK32
     c0, c1, c2, c3, t0, t1 = c1, c2, t1, c0, t0, c3  # c1 (zero) holds a spare buffer
     c1_zero = True
-    for r in range(1, rounds):
+    for r in range(1, _PHILOX_ROUNDS):
         k0, k1 = (k0 + _PHILOX_KEY_A) & _MASK32, (k1 + _PHILOX_KEY_B) & _MASK32
         # c0' = hi(B * c2) ^ c1 ^ k0, c1' = lo(B * c2)
         c2.mul_(_PHILOX_ROUND_B)
@@ -87,7 +84,7 @@ def _philox_word(seed, counter: torch.Tensor, rounds: int, bufs: list[torch.Tens
         if not c1_zero:
             t0 ^= c1
         t0 ^= k0
-        if r == rounds - 1:  # the last round: c0 alone
+        if r == _PHILOX_ROUNDS - 1:  # the last round: c0 alone
             break
         t0 &= _MASK32
         # c2' = hi(A * c0) ^ c3 ^ k1, c3' = lo(A * c0)
@@ -101,7 +98,7 @@ def _philox_word(seed, counter: torch.Tensor, rounds: int, bufs: list[torch.Tens
     return t0
 
 
-def _philox_blocks(seed, counter: torch.Tensor, rounds: int, out: torch.Tensor, finish) -> torch.Tensor:
+def _philox_blocks(seed, counter: torch.Tensor, out: torch.Tensor, finish) -> torch.Tensor:
     """``finish(word, out_block)`` on ``_philox_word`` of ``counter``'s elements, a block at a time,
     into ``out`` (``counter``'s shape)."""
     flat_counter, flat_out = counter.reshape(-1), out.view(-1)
@@ -109,21 +106,8 @@ def _philox_blocks(seed, counter: torch.Tensor, rounds: int, out: torch.Tensor, 
     bufs = [torch.empty(min(block, flat_counter.shape[0]), dtype=torch.int64, device=counter.device) for _ in range(6)]
     for lo in range(0, flat_counter.shape[0], block):
         hi = min(lo + block, flat_counter.shape[0])
-        finish(_philox_word(seed, flat_counter[lo:hi], rounds, bufs), flat_out[lo:hi])
+        finish(_philox_word(seed, flat_counter[lo:hi], bufs), flat_out[lo:hi])
     return out
-
-
-def _word_to_uniform(word: torch.Tensor, out: torch.Tensor) -> None:
-    """``tl.rand``'s float conversion: the word as int32 x, x < 0 -> -x - 1 (that is ~x), times 2**-31."""
-    x = word.to(torch.int32)  # int64 -> int32 keeps the low 32 bits (two's complement)
-    x ^= x >> 31
-    torch.mul(x.to(torch.float32), torch.tensor(_UNIFORM_SCALE, dtype=torch.float32), out=out)
-
-
-def philox_uniform(seed: int, counter: torch.Tensor, rounds: int = 10) -> torch.Tensor:
-    """``tl.rand(seed, counter)`` for an int64 ``counter`` tensor: float32 uniforms in [0, 1)."""
-    out = torch.empty(counter.shape, dtype=torch.float32, device=counter.device)
-    return _philox_blocks(seed, counter, rounds, out, _word_to_uniform)
 
 
 @functools.lru_cache(maxsize=64)
@@ -164,7 +148,7 @@ def dropout_keep(rng: tuple[int, int], H: int, M: int, N: int, b: torch.Tensor, 
     seed, offset = rng
     counter = offset + ((b * H + h) * M + rows) * N + cols
     out = torch.empty(counter.shape, dtype=torch.bool, device=counter.device)
-    return _philox_blocks(seed, counter, 10, out, _keep_from_word(_keep_threshold(float(dropout_p))))
+    return _philox_blocks(seed, counter, out, _keep_from_word(_keep_threshold(float(dropout_p))))
 
 
 def _chunk_keep(rng, B, H, M, N, start, stop, dropout_p, device, drop: bool = False) -> torch.Tensor:
@@ -184,7 +168,7 @@ def _chunk_keep(rng, B, H, M, N, start, stop, dropout_p, device, drop: bool = Fa
         hi = min(lo + rows_per_block, B * H * M)
         counter = bufs[6][: (hi - lo) * width]
         torch.add(row_base[lo:hi, None], cols[None, :], out=counter.view(hi - lo, width))
-        finish(_philox_word(seed, counter, 10, bufs[:6]), out[lo:hi].view(-1))
+        finish(_philox_word(seed, counter, bufs[:6]), out[lo:hi].view(-1))
     return out.view(B, H, M, width)
 
 

@@ -357,8 +357,3 @@ def pool_packed(x: torch.Tensor, geometry: torch.Tensor, num_out: int, mode: str
 def unpool_packed(grad: torch.Tensor, geometry: torch.Tensor, num_tokens: int, mode: str) -> torch.Tensor:
     """Adjoint of ``pool_packed``: (num_out, C) gradient -> (total_tokens, C)."""
     return _resample(unpool_packed_kernel, grad, geometry, num_tokens, "tokens", mode)
-
-
-def pool_bytes(total_tokens: int, total_out: int, C: int, elem: int) -> int:
-    """Fewest bytes packed pooling must move (the int32 tables are noise)."""
-    return (total_tokens + total_out) * C * elem

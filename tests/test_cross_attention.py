@@ -504,6 +504,64 @@ def test_packed_keys_with_a_mask_and_weights():
         assert_close(got, expected, torch.float32, name)
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-q", "per-batch-q"])
+@pytest.mark.parametrize("per_sequence", [True, False], ids=["per-sequence", "padded"])
+def test_packed_keys_on_the_cpu_kernel_both_ways(auto_backend, monkeypatch, per_sequence, shared):
+    """Packed keys on the default backend, run one SDPA call per sequence or on a padded copy
+    (``composed_attention.packed_on_cpu_kernel``, forced each way), against float64 per sequence:
+    an empty sequence, rows after the last one, a mask over the longest sequence with a query row
+    that drops every key of its sequence, the weights, and every gradient. Inputs inside NaN-filled
+    buffers, outputs and gradients poisoned."""
+    from deco_ops import composed_attention
+    monkeypatch.setattr(composed_attention, "_PER_SEQUENCE_FROM", 0 if per_sequence else 1 << 62)
+    monkeypatch.setattr(composed_attention, "_PER_SEQUENCE_PADDING", 1 if per_sequence else 1 << 62)
+    lens, tail, H, D, M = [6, 0, 9, 2], 3, 2, 8, 3
+    B, longest = len(lens), max(lens)
+    g = torch.Generator().manual_seed(5)
+    q = randn(1 if shared else B, M, H, D, generator=g)
+    k, v = (randn(sum(lens) + tail, H, D, generator=g) for _ in range(2))
+    dout = randn(B, M, H, D, generator=g)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    mask = torch.rand(B, 1, M, longest, generator=g) > 0.3
+    mask[..., 0] = True
+    mask[2, :, 1] = False  # query 1 of sequence 2 reads no key: zeros
+    refs = [leaf(t, torch.float64) for t in (q, k, v)]
+    keys, values = (torch.nn.utils.rnn.pad_sequence(t[: sum(lens)].split(lens), batch_first=True) for t in refs[1:])
+    dropped = ~mask | (torch.arange(longest) >= torch.tensor(lens)[:, None, None, None])
+    scores = torch.einsum("bmhd,bnhd->bhmn", refs[0].expand(B, -1, -1, -1), keys) * D**-0.5
+    p = torch.softmax(scores.masked_fill(dropped, -math.inf), -1).nan_to_num(0.0)
+    ref = torch.einsum("bhmn,bnhd->bmhd", p, values)
+    leaves = [guarded(t, pad).requires_grad_(True) for t, pad in zip((q, k, v), (2, 3, 5))]
+    dw = randn(B, H, M, longest, generator=g)
+    with (poisoned_empty(),
+          mock.patch.object(composed_attention, "packed_cpu_forward", wraps=composed_attention.packed_cpu_forward) as forward,
+          mock.patch.object(composed_attention, "packed_cpu_backward", wraps=composed_attention.packed_cpu_backward) as backward):
+        out, weights = cross_attention(*leaves, cu_seqlens_k=cu, attn_mask=mask, need_weights=True, average_attn_weights=False)
+        grads = torch.autograd.grad((out, weights), leaves, (guarded(dout), dw))
+    assert forward.called == backward.called == per_sequence  # the path forced ran
+    ref_grads = torch.autograd.grad((ref, p), refs, (dout.double(), dw.double()))
+    for name, got, expected in zip(("out", "weights", "dq", "dk", "dv"), (out, weights, *grads), (ref, p, *ref_grads)):
+        assert_close(got, expected, torch.float32, name)
+    assert torch.equal(out[2, 1], torch.zeros_like(out[2, 1])) and torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.equal(grads[1][-tail:], torch.zeros_like(grads[1][-tail:]))
+
+
+def test_packed_keys_run_per_sequence_where_it_measured_faster():
+    """The rule ``packed_on_cpu_kernel`` applies, at the sizes it was measured on (K elements per
+    sequence, padding): BLIP-2's 4 x 257 keys x 12 heads x 64 and two sequences of 1024 and 600
+    keys x 16 x 128 per sequence; 64 short sequences padded; a long sequence among short ones per
+    sequence (its padded copy would be 16x the keys)."""
+    from deco_ops import composed_attention
+
+    def runs_per_sequence(lens, H, D):
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        return composed_attention.packed_on_cpu_kernel(torch.empty(sum(lens), H, D), cu, max(lens))
+
+    assert runs_per_sequence([257] * 4, 12, 64) and runs_per_sequence([1024, 600], 16, 128)
+    assert not runs_per_sequence([16] * 64, 12, 64) and not runs_per_sequence([3, 5, 2, 7] * 16, 2, 8)
+    assert runs_per_sequence([1000] + [4] * 63, 2, 8)
+
+
 @pytest.mark.parametrize("D", [1, 256])
 def test_head_dims_at_the_limits(D):
     """Head dims 1 and 256 (``MAX_HEAD_DIM``), the range's ends, are computed, not refused."""
@@ -576,8 +634,9 @@ def test_dropout_stream_of_a_traced_call_is_not_read():
         assert seed.shape == offset.shape == () and seed.dtype == torch.int64
     ints = _rng_pair(rng)
     assert ints == (2**40 + 17, 96)
-    counter = torch.arange(4096, dtype=torch.int64) * 7919 + ints[1]
-    assert torch.equal(reference.philox_uniform(ints[0], counter), reference.philox_uniform(rng[0], counter))
+    index = torch.arange(4096, dtype=torch.int64) * 7919
+    ints_keep, tensor_keep = (reference.dropout_keep(pair, 1, 1, 1, 0, 0, 0, index, 0.5) for pair in (ints, tuple(rng)))
+    assert torch.equal(ints_keep, tensor_keep) and 0 < int(ints_keep.sum()) < 4096
 
 
 def test_opcheck(backend):
