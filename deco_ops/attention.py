@@ -123,8 +123,8 @@ def _composed_forward(kernel: str):
     """``deco::cross_attention`` by the composed ``kernel``; the LSE only where ``need_lse``."""
 
     def composed_forward(q, k, v, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, attn_bias, need_lse):
-        if cu_seqlens_k is not None and kernel == "composed" and composed_attention.packed_on_cpu_kernel(k, cu_seqlens_k, max_seqlen_k):
-            return composed_attention.packed_cpu_forward(q, k, v, cu_seqlens_k, scale, attn_bias, need_lse)
+        if cu_seqlens_k is not None and kernel == "composed" and composed_attention.per_sequence(k, None, cu_seqlens_k, max_seqlen_k):
+            return composed_attention.ragged_forward(q, k, v, None, cu_seqlens_k, scale, attn_bias, need_lse)
         if cu_seqlens_k is not None:
             k, v, kv_lens, _ = _padded(k, v, kv_lens, cu_seqlens_k, max_seqlen_k)
         return composed_attention.forward(q, k, v, kv_lens, scale, kernel=kernel, bias=attn_bias, need_lse=need_lse)
@@ -237,8 +237,8 @@ def _composed_backward(kernel: str):
 
     def composed_backward(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, max_seqlen_k, scale, dropout_p, rng, need_dq, need_dkv,
                           attn_bias):
-        if cu_seqlens_k is not None and kernel == "composed" and composed_attention.packed_on_cpu_kernel(k, cu_seqlens_k, max_seqlen_k):
-            grads = composed_attention.packed_cpu_backward(dout, q, k, v, out, lse, cu_seqlens_k, scale, need_dq, need_dkv, attn_bias)
+        if cu_seqlens_k is not None and kernel == "composed" and composed_attention.per_sequence(k, None, cu_seqlens_k, max_seqlen_k):
+            grads = composed_attention.ragged_backward(dout, q, k, v, out, lse, None, cu_seqlens_k, scale, need_dq, need_dkv, attn_bias)
             return _returned(grads, need_dq, need_dkv, q)
         kp, vp, lens, real = _padded(k, v, kv_lens, cu_seqlens_k, max_seqlen_k)
         grads = composed_attention.backward(dout, q, kp, vp, out, lse, lens, scale, need_dq, need_dkv, kernel=kernel, bias=attn_bias)

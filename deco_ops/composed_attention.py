@@ -302,43 +302,56 @@ def _stat_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-# mean elements of K per sequence from which packed keys run one call per sequence, and padding
-# (keys of the padded batch per real key) from which they do whatever the mean: below both a padded
-# call measured faster (64 sequences of 16 keys x 12 heads x 64: 26 vs 29 ms forward+backward, of 4
-# keys at 2 x 8: 2.9 vs 8.0 ms; a call costs ~25 us of host time forward, ~100 us with its backward)
+# Ragged keys (packed, or ``kv_lens``) on the CPU kernel run one call per sequence on its own keys
+# (views: no padded copy, no mask, the keys past a length never computed) where the padded keys
+# would hold ``_RAGGED_FROM`` elements or more (below, reading the lengths costs a tiny call more
+# host time than it saves) and either a sequence holds ``_PER_SEQUENCE_FROM`` elements on average or
+# a padded batch would hold ``_PER_SEQUENCE_PADDING`` times the keys. Below that a padded call
+# measured faster: a call costs ~25 us of host time forward, ~100 us with its backward (64 packed
+# sequences of 16 keys x 12 heads x 64: 26 vs 29 ms forward+backward).
+_RAGGED_FROM = 1 << 16
 _PER_SEQUENCE_FROM = 1 << 15
 _PER_SEQUENCE_PADDING = 2
 
 
-def packed_on_cpu_kernel(k: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_k: int) -> bool:
-    """Whether a call of the ``composed`` kernel runs per sequence of packed keys
-    (``packed_cpu_forward``, rather than on a padded copy): packed keys whose offsets hold values
-    to read (not while torch.compile traces, where they are fake), sequences long enough for the
-    per-call host time not to count or padding that would more than double the keys."""
-    if type(k) not in reference_attention.PLAIN_TENSORS or type(cu_seqlens_k) is not torch.Tensor:
+def per_sequence(k: torch.Tensor, kv_lens: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, padded_length: int) -> bool:
+    """Whether a ``composed`` call with ragged keys (``kv_lens`` or packed ``cu_seqlens_k``) runs one
+    call per sequence (``ragged_forward``): its lengths hold values to read (not while torch.compile
+    traces, where they are fake) and the rule above holds. ``padded_length``: N, or the longest
+    packed sequence."""
+    lengths = kv_lens if cu_seqlens_k is None else cu_seqlens_k
+    batch, row = lengths.shape[0] - (cu_seqlens_k is not None), k.shape[-2] * k.shape[-1]
+    if (batch * padded_length * row < _RAGGED_FROM or type(k) not in reference_attention.PLAIN_TENSORS
+            or type(lengths) is not torch.Tensor):
         return False
-    batch, keys = cu_seqlens_k.shape[0] - 1, int(cu_seqlens_k[-1])
-    return keys * k[0].numel() >= batch * _PER_SEQUENCE_FROM or batch * max_seqlen_k >= _PER_SEQUENCE_PADDING * keys
+    keys = int(kv_lens.clamp(0, padded_length).sum()) if cu_seqlens_k is None else int(cu_seqlens_k[-1])
+    return keys * row >= batch * _PER_SEQUENCE_FROM or batch * padded_length >= _PER_SEQUENCE_PADDING * keys
 
 
-def _sequences(q, k, v, cu_seqlens_k, bias):
-    """Per sequence of packed keys (offsets read on the host: a CPU tensor, no sync): its batch
-    index, its queries ``(1, M, H, D)``, keys and values ``(1, length, H, D)`` (views of the packed
-    rows) and its mask ``(1, 1 or H, 1 or M, length)`` or None."""
-    offsets = cu_seqlens_k.tolist()
+def _sequences(q, k, v, kv_lens, cu_seqlens_k, bias):
+    """Per sequence of ragged keys (lengths read on the host: CPU tensors, no sync): its batch
+    index, its queries ``(1, M, H, D)``, keys and values ``(1, length, H, D)`` (views), its mask
+    ``(1, 1 or H, 1 or M, length)`` or None, and how many key rows after its own get a zero
+    gradient (past ``kv_lens``; after the last packed sequence, rows of none)."""
     shared = q.shape[0] == 1
-    for b, (start, stop) in enumerate(zip(offsets[:-1], offsets[1:])):
+    if cu_seqlens_k is None:
+        N = k.shape[1]
+        spans = [(b, 0, length, N - length) for b, length in enumerate(kv_lens.clamp(0, N).tolist())]
+    else:
+        offsets = cu_seqlens_k.tolist()
+        spans = [(None, start, stop, 0) for start, stop in zip(offsets[:-1], offsets[1:])]
+        spans[-1] = (None, offsets[-2], offsets[-1], k.shape[0] - offsets[-1])
+    for b, (row, start, stop, zeros_after) in enumerate(spans):
         mask = None if bias is None else bias[0 if bias.shape[0] == 1 else b, None, ..., : stop - start]
-        yield b, q[0 if shared else b, None], k[None, start:stop], v[None, start:stop], mask
+        kb, vb = (k[None, start:stop], v[None, start:stop]) if row is None else (k[row, None, start:stop], v[row, None, start:stop])
+        yield b, q[0 if shared else b, None], kb, vb, mask, zeros_after
 
 
-def packed_cpu_forward(q, k, v, cu_seqlens_k, scale, bias, need_lse: bool):
-    """``forward`` of packed ``(total_N, H, D)`` keys on the CPU kernel, one call per sequence on
-    its own rows: no padded copy of K and V, no mask over the padding (the padded call was 3x the
-    per-sequence calls eager code makes at BLIP-2's size, 4 x 257 keys). A sequence without keys
-    gives zeros and an LSE of +inf, as ``kv_lens == 0`` does."""
+def ragged_forward(q, k, v, kv_lens, cu_seqlens_k, scale, bias, need_lse: bool):
+    """``forward`` of ragged keys on the CPU kernel, one call per sequence (``_sequences``). A
+    sequence without keys gives zeros and an LSE of +inf, as the padded call does."""
     outs, lses = [], []
-    for _, qb, kb, vb, mask in _sequences(q, k, v, cu_seqlens_k, bias):
+    for _, qb, kb, vb, mask, _ in _sequences(q, k, v, kv_lens, cu_seqlens_k, bias):
         if kb.shape[1] == 0:
             outs.append(torch.zeros_like(qb, memory_format=torch.contiguous_format))
             lses.append(torch.full((1, qb.shape[2], qb.shape[1]), float("inf"), dtype=_stat_dtype(q), device=q.device))
@@ -349,30 +362,28 @@ def packed_cpu_forward(q, k, v, cu_seqlens_k, scale, bias, need_lse: bool):
     return torch.cat(outs), torch.cat(lses) if need_lse else None
 
 
-def packed_cpu_backward(dout, q, k, v, out, lse, cu_seqlens_k, scale, need_dq: bool, need_dkv: bool, bias=None):
-    """``backward`` of ``packed_cpu_forward``, one call per sequence: dK and dV packed as K and V
-    (zeros in rows of no sequence), dQ of shared queries summed over the sequences."""
+def ragged_backward(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, scale, need_dq: bool, need_dkv: bool, bias=None):
+    """``backward`` of ``ragged_forward``, one call per sequence: dK and dV laid out as K and V (zeros
+    past each length, in rows of no sequence), dQ of shared queries summed over the sequences."""
     dqs, dks, dvs = [], [], []
-    offsets = cu_seqlens_k.tolist()
-    for b, qb, kb, vb, mask in _sequences(q, k, v, cu_seqlens_k, bias):
+    for b, qb, kb, vb, mask, zeros_after in _sequences(q, k, v, kv_lens, cu_seqlens_k, bias):
         if kb.shape[1] == 0:
             dqs.append(torch.zeros_like(qb))
-            continue
-        dq, dk, dv = backward(dout[b, None], qb, kb, vb, out[b, None], lse[b, None], None, scale, need_dq, need_dkv, bias=mask)
-        dqs.append(dq)
-        if need_dkv:
-            dks.append(dk[0])
-            dvs.append(dv[0])
+        else:
+            dq, dk, dv = backward(dout[b, None], qb, kb, vb, out[b, None], lse[b, None], None, scale, need_dq, need_dkv, bias=mask)
+            dqs.append(dq)
+            if need_dkv:
+                dks.append(dk[0])
+                dvs.append(dv[0])
+        if need_dkv and zeros_after:
+            dks.append(k.new_zeros((zeros_after, *k.shape[-2:])))
+            dvs.append(v.new_zeros((zeros_after, *v.shape[-2:])))
     dq = (torch.stack(dqs).sum(0) if q.shape[0] == 1 else torch.cat(dqs)) if need_dq else None
     if not need_dkv:
         return dq, None, None
-    if not dks:  # no sequence has keys
+    if not dks:  # no key rows at all
         return dq, torch.zeros_like(k), torch.zeros_like(v)
-    tail = k.shape[0] - offsets[-1]  # rows after the last sequence (FlashAttention's offsets may stop short)
-    if tail:
-        dks.append(k.new_zeros((tail, *k.shape[1:])))
-        dvs.append(v.new_zeros((tail, *v.shape[1:])))
-    return dq, torch.cat(dks), torch.cat(dvs)
+    return dq, torch.cat(dks).view(k.shape), torch.cat(dvs).view(v.shape)
 
 
 def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None, need_lse: bool = True):
@@ -385,6 +396,9 @@ def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None, need_l
     if kernel == "composed":
         if kv_lens is None and bias is None and q.shape[0] == k.shape[0]:
             dead = None  # no mask, a query row per batch: ``_inputs`` would return the tensors as they are
+        elif (kv_lens is not None and k.shape[0] * k.shape[1] * k.shape[2] * k.shape[3] >= _RAGGED_FROM  # inline: no call
+              and per_sequence(k, kv_lens, None, k.shape[1])):  # for a tiny call (tests/test_host_path.py pins them)
+            return ragged_forward(q, k, v, kv_lens, None, scale, bias, need_lse)
         else:
             q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias, mask_dtype=_mask_dtype(q), scale=scale)
         out, lse = cpu_sdpa(q, k, v, scale, bias)
@@ -418,6 +432,8 @@ def backward(dout, q, k, v, out, lse, kv_lens, scale, need_dq: bool, need_dkv: b
     shared = q.shape[0] == 1
     B, M, N = k.shape[0], q.shape[1], k.shape[1]
     if kernel == "composed":
+        if kv_lens is not None and k.shape[0] * k.shape[1] * k.shape[2] * k.shape[3] >= _RAGGED_FROM and per_sequence(k, kv_lens, None, N):
+            return ragged_backward(dout, q, k, v, out, lse, kv_lens, None, scale, need_dq, need_dkv, bias)
         q, k, v, bias, _ = _inputs(q, k, v, kv_lens, bias, mask_dtype=_mask_dtype(q), scale=scale)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             *_heads_first(*map(_unit_stride, (dout, q, k, v, out))), lse, 0.0, False, attn_mask=bias, scale=scale

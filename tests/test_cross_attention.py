@@ -506,60 +506,75 @@ def test_packed_keys_with_a_mask_and_weights():
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-q", "per-batch-q"])
 @pytest.mark.parametrize("per_sequence", [True, False], ids=["per-sequence", "padded"])
-def test_packed_keys_on_the_cpu_kernel_both_ways(auto_backend, monkeypatch, per_sequence, shared):
-    """Packed keys on the default backend, run one SDPA call per sequence or on a padded copy
-    (``composed_attention.packed_on_cpu_kernel``, forced each way), against float64 per sequence:
-    an empty sequence, rows after the last one, a mask over the longest sequence with a query row
-    that drops every key of its sequence, the weights, and every gradient. Inputs inside NaN-filled
-    buffers, outputs and gradients poisoned."""
+@pytest.mark.parametrize("ragged", ["packed", "kv_lens"])
+def test_ragged_keys_on_the_cpu_kernel_both_ways(auto_backend, monkeypatch, ragged, per_sequence, shared):
+    """Packed keys and ``kv_lens`` on the default backend, run one SDPA call per sequence or as one
+    padded call (``composed_attention.per_sequence``, forced each way), against float64 per
+    sequence: an empty sequence, key rows after the last sequence (packed) or NaN past each length
+    (kv_lens), a mask over the longest sequence with a query row that drops every key of its
+    sequence, and every gradient (the weights take eager's softmax on the CPU: ``test_masks``).
+    Inputs inside NaN-filled buffers, outputs and gradients poisoned."""
     from deco_ops import composed_attention
-    monkeypatch.setattr(composed_attention, "_PER_SEQUENCE_FROM", 0 if per_sequence else 1 << 62)
-    monkeypatch.setattr(composed_attention, "_PER_SEQUENCE_PADDING", 1 if per_sequence else 1 << 62)
+    monkeypatch.setattr(composed_attention, "_RAGGED_FROM", 0 if per_sequence else 1 << 62)
+    monkeypatch.setattr(composed_attention, "_PER_SEQUENCE_FROM", 0)
     lens, tail, H, D, M = [6, 0, 9, 2], 3, 2, 8, 3
     B, longest = len(lens), max(lens)
     g = torch.Generator().manual_seed(5)
     q = randn(1 if shared else B, M, H, D, generator=g)
-    k, v = (randn(sum(lens) + tail, H, D, generator=g) for _ in range(2))
     dout = randn(B, M, H, D, generator=g)
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     mask = torch.rand(B, 1, M, longest, generator=g) > 0.3
     mask[..., 0] = True
     mask[2, :, 1] = False  # query 1 of sequence 2 reads no key: zeros
+    if ragged == "packed":
+        k, v = (randn(sum(lens) + tail, H, D, generator=g) for _ in range(2))
+        keys = {"cu_seqlens_k": torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)}
+        padded = lambda t: torch.nn.utils.rnn.pad_sequence(t[: sum(lens)].split(lens), batch_first=True)  # noqa: E731
+    else:
+        k, v, _, kv_lens = _case(B, 1, 1, longest, H, D, lens, torch.float32, seed=5)[1:]
+        keys = {"kv_lens": torch.tensor([6, -3, 40, 2], dtype=torch.int32)}  # outside [0, N]: clamped
+        padded = lambda t: t.nan_to_num(0.0)  # noqa: E731
     refs = [leaf(t, torch.float64) for t in (q, k, v)]
-    keys, values = (torch.nn.utils.rnn.pad_sequence(t[: sum(lens)].split(lens), batch_first=True) for t in refs[1:])
     dropped = ~mask | (torch.arange(longest) >= torch.tensor(lens)[:, None, None, None])
-    scores = torch.einsum("bmhd,bnhd->bhmn", refs[0].expand(B, -1, -1, -1), keys) * D**-0.5
+    scores = torch.einsum("bmhd,bnhd->bhmn", refs[0].expand(B, -1, -1, -1), padded(refs[1])) * D**-0.5
     p = torch.softmax(scores.masked_fill(dropped, -math.inf), -1).nan_to_num(0.0)
-    ref = torch.einsum("bhmn,bnhd->bmhd", p, values)
+    ref = torch.einsum("bhmn,bnhd->bmhd", p, padded(refs[2]))
     leaves = [guarded(t, pad).requires_grad_(True) for t, pad in zip((q, k, v), (2, 3, 5))]
-    dw = randn(B, H, M, longest, generator=g)
     with (poisoned_empty(),
-          mock.patch.object(composed_attention, "packed_cpu_forward", wraps=composed_attention.packed_cpu_forward) as forward,
-          mock.patch.object(composed_attention, "packed_cpu_backward", wraps=composed_attention.packed_cpu_backward) as backward):
-        out, weights = cross_attention(*leaves, cu_seqlens_k=cu, attn_mask=mask, need_weights=True, average_attn_weights=False)
-        grads = torch.autograd.grad((out, weights), leaves, (guarded(dout), dw))
+          mock.patch.object(composed_attention, "ragged_forward", wraps=composed_attention.ragged_forward) as forward,
+          mock.patch.object(composed_attention, "ragged_backward", wraps=composed_attention.ragged_backward) as backward):
+        out = cross_attention(*leaves, **keys, attn_mask=mask)
+        grads = torch.autograd.grad(out, leaves, guarded(dout))
     assert forward.called == backward.called == per_sequence  # the path forced ran
-    ref_grads = torch.autograd.grad((ref, p), refs, (dout.double(), dw.double()))
-    for name, got, expected in zip(("out", "weights", "dq", "dk", "dv"), (out, weights, *grads), (ref, p, *ref_grads)):
-        assert_close(got, expected, torch.float32, name)
+    ref_grads = torch.autograd.grad(ref, refs, dout.double())
+    for name, got, expected in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        assert_close(got, expected.nan_to_num(0.0), torch.float32, name)
     assert torch.equal(out[2, 1], torch.zeros_like(out[2, 1])) and torch.equal(out[1], torch.zeros_like(out[1]))
-    assert torch.equal(grads[1][-tail:], torch.zeros_like(grads[1][-tail:]))
+    if ragged == "packed":
+        assert torch.equal(grads[1][-tail:], torch.zeros_like(grads[1][-tail:]))
+    else:
+        past = torch.arange(longest)[None, :] >= kv_lens[:, None]
+        for name, grad in (("dk", grads[1]), ("dv", grads[2])):
+            assert torch.equal(grad[past], torch.zeros_like(grad[past])), f"{name} past kv_lens must be exactly 0"
 
 
-def test_packed_keys_run_per_sequence_where_it_measured_faster():
-    """The rule ``packed_on_cpu_kernel`` applies, at the sizes it was measured on (K elements per
-    sequence, padding): BLIP-2's 4 x 257 keys x 12 heads x 64 and two sequences of 1024 and 600
-    keys x 16 x 128 per sequence; 64 short sequences padded; a long sequence among short ones per
-    sequence (its padded copy would be 16x the keys)."""
+def test_ragged_keys_run_per_sequence_where_it_measured_faster():
+    """The rule ``per_sequence`` applies, at the sizes it was measured on (K elements per
+    sequence, padding): BLIP-2's 4 x 257 keys x 12 heads x 64, packed or by ``kv_lens``, and two
+    sequences of 1024 and 600 keys x 16 x 128 per sequence; 64 short sequences padded; a long
+    sequence among short ones per sequence (its padded copy would be 16x the keys); tiny keys padded."""
     from deco_ops import composed_attention
 
-    def runs_per_sequence(lens, H, D):
+    def packed(lens, H, D):
         cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-        return composed_attention.packed_on_cpu_kernel(torch.empty(sum(lens), H, D), cu, max(lens))
+        return composed_attention.per_sequence(torch.empty(sum(lens), H, D), None, cu, max(lens))
 
-    assert runs_per_sequence([257] * 4, 12, 64) and runs_per_sequence([1024, 600], 16, 128)
-    assert not runs_per_sequence([16] * 64, 12, 64) and not runs_per_sequence([3, 5, 2, 7] * 16, 2, 8)
-    assert runs_per_sequence([1000] + [4] * 63, 2, 8)
+    def by_lengths(lens, N, H, D):
+        return composed_attention.per_sequence(torch.empty(len(lens), N, H, D), torch.tensor(lens), None, N)
+
+    assert packed([257] * 4, 12, 64) and packed([1024, 600], 16, 128) and by_lengths([257, 200, 150, 257], 257, 12, 64)
+    assert not packed([16] * 64, 12, 64) and not by_lengths([16] * 64, 16, 12, 64) and not packed([3, 5, 2, 7] * 16, 2, 8)
+    assert packed([1000] + [4] * 63, 2, 8) and by_lengths([1000] + [4] * 63, 1000, 2, 8)
+    assert not by_lengths([1, 0], 64, 2, 8)  # 2,048 elements: below ``_RAGGED_FROM``
 
 
 @pytest.mark.parametrize("D", [1, 256])
