@@ -78,6 +78,7 @@ _autocast_enabled = torch.is_autocast_enabled  # (device_type)
 _grad_enabled = torch.is_grad_enabled
 _deterministic = torch._C._get_deterministic_algorithms  # torch.are_deterministic_algorithms_enabled's answer
 _warn_only = torch._C._get_deterministic_algorithms_warn_only  # ... and is_deterministic_algorithms_warn_only_enabled's
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _peek_functorch = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 _forward_ad = torch.autograd.forward_ad  # its _current_level: -1 outside ``dual_level()``
 
@@ -155,10 +156,17 @@ def needs_residuals(*tensors: torch.Tensor | None) -> bool:
     """Whether a call must keep what its backward reads (pooled input, pre-activation, the LSE):
     autograd records it (grad mode on, a tensor requires grad), or ``torch.jit.trace`` records it,
     whose graph must not depend on grad mode (its check replays the function under ``no_grad``;
-    the traced module may be differentiated)."""
+    the traced module may be differentiated). A functorch-wrapped tensor (inside ``vmap``) reports
+    ``requires_grad=False`` whatever the tensor under it does (stacked models' weights differentiated
+    after ``vmap(functional_call)``): with grad mode on, its residuals are kept."""
     if _tracing_state() is not None:
         return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    if any(t is not None and t.requires_grad for t in tensors):
+        return True
+    # (dynamo cannot trace the wrapper test; a compiled graph holds no functorch wrappers)
+    return not _is_compiling() and any(t is not None and _functorch_wrapped(t) for t in tensors)
 
 
 def signature(args: tuple) -> tuple | None:

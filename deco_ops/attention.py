@@ -312,11 +312,11 @@ def _backward(ctx, dout, dlse):
     """The LSE output is an auxiliary statistic: its gradient is not propagated. Gradients that
     nothing produced arrive as None (no zero-filled tensors). The additive mask gets none (the
     public function refuses one that requires grad)."""
-    q, k, v, out, lse, kv_lens, cu_seqlens_k, rng, attn_bias = ctx.saved_tensors
     need_dq = ctx.needs_input_grad[0]
     need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    if dout is None or not (need_dq or need_dkv):
-        return (None,) * 11
+    if dout is None or not (need_dq or need_dkv):  # before the unpack, which checks the saved tensors' versions:
+        return (None,) * 11  # the output changed in place, then only the weights differentiated (eager MHA runs it)
+    q, k, v, out, lse, kv_lens, cu_seqlens_k, rng, attn_bias = ctx.saved_tensors
     if not ctx.need_lse:
         raise RuntimeError("deco::cross_attention ran with need_lse=False; call deco_ops.cross_attention to differentiate it")
     dq, dk, dv = deco.cross_attention_backward(
@@ -449,7 +449,8 @@ def cross_attention(
         dropout_p: attention dropout in ``[0, 1)`` applied to the probabilities (pass 0 in eval).
             The mask comes from a counter-based RNG seeded from ``generator``, is never stored and
             is regenerated in backward; with a generator in a fixed state the op is deterministic.
-        generator: the ``torch.Generator`` the dropout seed is drawn from (default: torch's).
+        generator: the ``torch.Generator`` the dropout seed is drawn from (default: torch's; a
+            generator of your own is not restored by ``torch.utils.checkpoint``: docs/api.md).
         cu_seqlens_k: optional int32 ``(B + 1,)`` offsets into packed ``k``/``v`` (FlashAttention's
             varlen convention: batch ``b`` owns key rows ``cu[b] .. cu[b+1]``). Exclusive with
             ``kv_lens``. Reads the offsets on the host once (one sync when they live on the GPU:

@@ -60,6 +60,18 @@ def _heads(embed_dim, num_heads) -> tuple[int, int, int]:
     return embed_dim, num_heads, head_dim
 
 
+def _as_stored(module: nn.Module, name: str) -> torch.Tensor:
+    """``module``'s tensor ``name`` as stored, for its dtype and device: a parametrized one's
+    original, where reading the attribute computes the parametrization (a spectral norm steps its
+    power iteration) once more per forward than the module replaced does."""
+    parametrizations = module.__dict__.get("_modules", {}).get("parametrizations")
+    if parametrizations is not None and name in parametrizations:
+        original = getattr(parametrizations[name], "original", None)  # none where it has several (original0, ...)
+        if original is not None:
+            return original
+    return getattr(module, name)
+
+
 def _check_against_parameters(parameter: torch.Tensor, **inputs: torch.Tensor) -> None:
     """Inputs the module's projections can take with ``parameter`` (one of its weights): floating,
     in its dtype once autocast has cast both (bf16 tokens into an fp32 module inside
@@ -312,7 +324,7 @@ class CrossAttention(nn.Module):
                 raise ValueError(f"{name} has {t.shape[-1]} features but the module expects {dim}")
         if key.shape[:-1] != value.shape[:-1]:
             raise ValueError(f"key and value must have the same tokens and batch, got {tuple(key.shape)} and {tuple(value.shape)}")
-        _check_against_parameters(self.out_proj.weight, query=query, key=key, value=value)
+        _check_against_parameters(_as_stored(self.out_proj, "weight"), query=query, key=key, value=value)
         batched = query.dim() == 3
         batch_dim = 0 if self.batch_first else 1
         if batched and query.shape[batch_dim] != key.shape[batch_dim]:
@@ -490,7 +502,7 @@ class QueryResampler(nn.Module):
         _validate.tensor("x", x, 3)
         if x.shape[-1] != self.kv_dim:
             raise ValueError(f"x must be (batch, tokens, kv_dim={self.kv_dim}), got {tuple(x.shape)}")
-        _check_against_parameters(self.queries, x=x)
+        _check_against_parameters(_as_stored(self, "queries"), x=x)
         B, N, _ = x.shape
         if key_padding_mask is not None:
             _check_key_padding_mask(key_padding_mask, B, N, x.device)

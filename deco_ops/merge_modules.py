@@ -328,7 +328,8 @@ class PatchMergerProjector(nn.Module):
         blocks = self.merge_size * self.merge_size
         # named here: merge_mlp would name w1 or norm_weight; a wrapped Linear (LoRA, int8) tells
         # its width by in_features, as nn.Linear does
-        width = fc1.weight.shape[-1] if direct else getattr(fc1, "in_features", None)
+        w1 = fc1.weight if direct else None  # read once: a parametrized weight is computed on every read
+        width = w1.shape[-1] if direct else getattr(fc1, "in_features", None)
         if width is not None and x.dim() >= 2 and x.shape[-1] * blocks != width:
             raise ValueError(f"x has {x.shape[-1]} channels (x.shape[-1]) but this PatchMergerProjector takes "
                              f"in_features = {width // blocks}")
@@ -342,7 +343,7 @@ class PatchMergerProjector(nn.Module):
         if not direct:
             return self._calling_children(x, grid, norm, fc1, fc2)
         return merge_mlp(
-            x, norm.weight, getattr(norm, "bias", None), fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+            x, norm.weight, getattr(norm, "bias", None), w1, fc1.bias, fc2.weight, fc2.bias,
             grid=grid, merge_size=self.merge_size, order=self.order, norm=self.norm_type, norm_position=self.norm_position,
             eps=_rms_norm_default_eps(x) if norm.eps is None else norm.eps, activation=self.activation,
         )

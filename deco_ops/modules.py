@@ -203,14 +203,17 @@ class DeCoProjector(nn.Module):
         direct = _children.read_directly((fc1, _children.LINEAR_FORWARD), (fc2, _children.LINEAR_FORWARD))
         # named here, before the pooling runs: the op would name w1, which the caller never passed; a
         # wrapped Linear (LoRA, int8) tells its width by in_features, as nn.Linear does
-        width = fc1.weight.shape[1] if direct else getattr(fc1, "in_features", None)
+        # fc1's weight read once: a parametrized weight is computed on every read (a spectral norm's
+        # power iteration steps its state once per read; eager's Linear reads it once)
+        w1 = fc1.weight if direct else None
+        width = w1.shape[1] if direct else getattr(fc1, "in_features", None)
         if width is not None and x.shape[2] != width:
             raise ValueError(f"x has {x.shape[2]} features (x.shape[-1]) but this DeCoProjector takes in_features = {width}")
         if not direct:
             return self._calling_children(x[:, self.num_prefix_tokens:], grid, out_grid, fc1, fc2)
         if self.num_prefix_tokens:
             x = x[:, self.num_prefix_tokens:]
-        params = (x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        params = (x, w1, fc1.bias, fc2.weight, fc2.bias)
         if self.order == "mlp_pool":
             return mlp_pool(*params, grid=grid, out_grid=out_grid, activation=self.activation, mode=self.mode)
         if self.mode != "average":

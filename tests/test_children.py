@@ -203,6 +203,52 @@ def test_plain_and_parametrized_children_take_the_fused_op(kind, backend, monkey
     assert len(calls) == 2
 
 
+class _Counted(nn.Module):
+    """A parametrization that counts how often the weight is computed (a spectral norm steps its
+    power iteration that often, a stochastic one draws that often)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, weight):
+        self.calls += 1
+        return weight * 1.0
+
+
+@pytest.mark.parametrize("kind", [*PROJECTORS, *MERGERS])
+def test_a_parametrized_weight_is_computed_once_per_forward(kind, backend):
+    """Each parametrized Linear weight is computed as often per forward as in the module replaced
+    (once): the projectors read ``fc1.weight`` once for its width and once for the op (two power
+    iterations of a spectral norm per step, its state drifting from the replaced module's)."""
+    pair = Pair(kind)
+    counters = {}
+    for module in (pair.ours, pair.named):
+        for path in pair.paths[-2:]:
+            counters[module, path] = _Counted()
+            torch.nn.utils.parametrize.register_parametrization(module.get_submodule(path), "weight", counters[module, path])
+            counters[module, path].calls = 0  # registering computes it once, to check it
+    pair.check()
+    for path in pair.paths[-2:]:
+        assert counters[pair.ours, path].calls == counters[pair.named, path].calls == 1, path
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_cross_attention_computes_a_parametrized_out_proj_weight_once(batch_first, auto_backend):
+    """``CrossAttention`` computes a parametrized ``out_proj.weight`` once per forward, as
+    ``nn.MultiheadAttention`` does (its input check read the weight for its dtype and device)."""
+    counts = []
+    for cls in (deco_ops.CrossAttention, nn.MultiheadAttention):
+        module = cls(16, 2, batch_first=batch_first)
+        counted = _Counted()
+        torch.nn.utils.parametrize.register_parametrization(module.out_proj, "weight", counted)
+        counted.calls = 0  # registering computes it once, to check it
+        x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2))
+        module(x, x, x)
+        counts.append(counted.calls)
+    assert counts == [1, 1]
+
+
 @pytest.mark.parametrize("kind", ["pool_mlp", "qwen2_vl"])
 def test_peft_lora_adapters_apply_and_train(kind, monkeypatch):
     """peft's own LoRA layers on both Linears (``target_modules`` as a user names them); the base

@@ -2,6 +2,8 @@
 autograd formula without the dispatcher, every other call goes through ``torch.ops.deco``; both
 give the same bits, forward and backward."""
 
+import warnings
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -135,6 +137,45 @@ def test_torch_func_autodiff_is_refused_and_vmap_works(case):
     w = torch.randn(f(x).shape, dtype=x.dtype)
     frozen = torch.func.grad(lambda w: (f(x) * w.sin()).sum())(w)
     torch.testing.assert_close(frozen, f(x) * w.cos())
+
+
+def _stacked_cases():
+    """op -> (f(stacked) for one model, stacked tensors (3 models) requiring grad): what a model
+    ensemble differentiates after ``vmap(functional_call)``, the shared inputs not requiring grad."""
+    g = torch.Generator().manual_seed(12)
+    x, tokens = torch.randn(2, 16, 8, generator=g), torch.randn(2, 16, 8, generator=g)
+    w1s, w2 = torch.randn(3, 12, 8, generator=g), torch.randn(6, 12, generator=g)
+    q, k, vs = torch.randn(2, 3, 2, 8, generator=g), torch.randn(2, 5, 2, 8, generator=g), torch.randn(3, 2, 5, 2, 8, generator=g)
+    grids = torch.tensor([[4, 4], [2, 4]])
+    packed = torch.randn(24, 8, generator=g)
+    return {
+        "pool_mlp": (lambda w1: deco_ops.pool_mlp(x, w1, None, w2, None, grid=(4, 4), out_grid=(2, 2)), w1s),
+        "pool_linear": (lambda w1: deco_ops.pool_linear(x, w1, None, grid=(4, 4), out_grid=(2, 2)), w1s),
+        "mlp_pool": (lambda w1: deco_ops.mlp_pool(x, w1, None, w2, None, grid=(4, 4), out_grid=(2, 2)), w1s),
+        "merge_mlp": (lambda w1: deco_ops.merge_mlp(tokens, None, None, w1, None, w2, None),
+                      torch.randn(3, 12, 32, generator=g)),
+        "pool_mlp_packed": (lambda w1: deco_ops.pool_mlp_packed(packed, grids, w1, None, w2, None, out_grids=torch.tensor([[2, 2], [1, 2]]))[0],
+                            w1s),
+        "cross_attention": (lambda v: deco_ops.cross_attention(q, k, v), vs),
+    }
+
+
+@pytest.mark.parametrize("case", ["pool_mlp", "pool_linear", "mlp_pool", "merge_mlp", "pool_mlp_packed", "cross_attention"])
+def test_vmap_then_backward_differentiates_the_stacked_tensors(backend, case):
+    """``vmap`` over stacked weights (or values), then ``backward`` outside it: the gradients of a
+    loop over the models. Inside vmap a tensor reports ``requires_grad=False`` whatever the tensor
+    under it does; the ops used to skip their residuals then and refuse the backward ("ran with
+    keep_residuals=False")."""
+    f, stacked = _stacked_cases()[case]
+    leaves = [stacked.clone().requires_grad_(True) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the batching rule's fallback warning
+        out = torch.vmap(f)(leaves[0])
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(13))
+    out.backward(dy)
+    torch.stack([f(w) for w in leaves[1]]).backward(dy)
+    torch.testing.assert_close(out, torch.stack([f(w) for w in stacked]))
+    torch.testing.assert_close(leaves[0].grad, leaves[1].grad)
 
 
 @pytest.mark.parametrize("case", ["pool", "pool_mlp", "cross_attention"])

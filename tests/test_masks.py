@@ -362,6 +362,24 @@ def test_weights_gradient_under_dropout(backend):
         assert_close(a, b, torch.float32, f"{name} through the weights under dropout")
 
 
+def test_weights_differentiated_after_the_output_changed_in_place(backend):
+    """The output changed in place, then only the weights differentiated (``nn.MultiheadAttention``
+    runs it): the forward's node is reached through the LSE the weights read, with no output
+    gradient, and returns before it reads its saved tensors (whose versions the change moved). The
+    gradients are those of a call whose output stayed as it was (the same dropout draw)."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = randn(2, 3, 2, 8, generator=g), randn(2, 6, 2, 8, generator=g), randn(2, 6, 2, 8, generator=g)
+    grads = []
+    for change in (True, False):
+        leaves = [leaf(t) for t in (q, k, v)]
+        out, weights = cross_attention(*leaves, dropout_p=0.3, generator=torch.Generator().manual_seed(1), need_weights=True)
+        if change:
+            out.mul_(3)
+        grads.append(torch.autograd.grad(weights.square().sum(), leaves[:2]))
+    for name, changed, kept in zip(("dq", "dk"), *grads):
+        assert torch.equal(changed, kept), name
+
+
 @pytest.mark.parametrize(
     "mask,error,match",
     [
