@@ -1,6 +1,10 @@
 """Triton kernels of deco_ops, each file one kernel (or one kernel family) with its launcher and
 its FLOP / byte counts. Installed as ``deco_ops.kernels``. No autograd, dispatch or argument
-checking lives here: callers (``deco_ops``) validate inputs before they reach a launcher."""
+checking lives here: callers (``deco_ops``) validate inputs before they reach a launcher. The
+one exception, the Hopper launchers (``tma_gemm``, ``cross_attention_tma``), refuse tensors a TMA
+descriptor cannot address before they build one: a direct call (a benchmark's, a test's) would
+otherwise read out of bounds; the ops never reach those refusals (``deco_ops`` picks the pointer
+kernels for such tensors)."""
 
 if __name__ == "kernels":
     # Imported as the top-level ``kernels``: a checkout's root is on sys.path (``python -m pytest``,
