@@ -396,8 +396,9 @@ def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None, need_l
     if kernel == "composed":
         if kv_lens is None and bias is None and q.shape[0] == k.shape[0]:
             dead = None  # no mask, a query row per batch: ``_inputs`` would return the tensors as they are
-        elif (kv_lens is not None and k.shape[0] * k.shape[1] * k.shape[2] * k.shape[3] >= _RAGGED_FROM  # inline: no call
-              and per_sequence(k, kv_lens, None, k.shape[1])):  # for a tiny call (tests/test_host_path.py pins them)
+        # the size tested inline, as in ``backward``: a tiny call makes no call more (tests/test_host_path.py pins them)
+        elif (kv_lens is not None and k.shape[0] * k.shape[1] * k.shape[2] * k.shape[3] >= _RAGGED_FROM
+              and per_sequence(k, kv_lens, None, k.shape[1])):
             return ragged_forward(q, k, v, kv_lens, None, scale, bias, need_lse)
         else:
             q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias, mask_dtype=_mask_dtype(q), scale=scale)
