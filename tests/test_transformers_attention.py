@@ -10,6 +10,7 @@ tests/test_cross_attention.py holds the two backends to each other.
 
 import contextlib
 import copy
+import functools
 from unittest import mock
 
 import pytest
@@ -337,6 +338,37 @@ def test_padding_mask_longer_than_the_keys_is_cut_to_them():
     mask = hf_deco.deco_ops_mask(2, 3, 4, mask_function=bidirectional_mask_function, attention_mask=padding)
     assert mask.shape == (2, 1, 1, 4) and mask.dtype == torch.bool
     assert torch.equal(mask[:, 0, 0], padding[:, :4].bool())
+
+
+def test_a_padding_mask_that_keeps_every_key_is_dropped_as_for_sdpa(monkeypatch):
+    """Without padding (BLIP-2's all-ones image mask) the mask function returns no mask where
+    transformers asks it to skip one (``allow_is_bidirectional_skip``, as its SDPA mask does), so the
+    mask-free kernels run; a mask with padding, a model that asks for the mask, and a traced call
+    keep it."""
+    from transformers.masking_utils import bidirectional_mask_function
+
+    mask = functools.partial(hf_deco.deco_ops_mask, 2, 3, 4, mask_function=bidirectional_mask_function)
+    ones, padded = torch.ones(2, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    assert mask(attention_mask=ones, allow_is_bidirectional_skip=True) is None
+    assert torch.equal(mask(attention_mask=padded, allow_is_bidirectional_skip=True)[:, 0, 0], padded.bool())
+    assert mask(attention_mask=ones, allow_is_bidirectional_skip=False).all()
+    assert mask(attention_mask=ones).all()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert mask(attention_mask=ones, allow_is_bidirectional_skip=True).all()
+
+
+def test_blip2_qformer_without_image_padding_runs_without_a_mask(qformers):
+    """A Q-Former given an all-ones image mask (what Blip2ForConditionalGeneration passes) calls
+    the kernels without a mask, and matches eager."""
+    ours, eager = qformers
+    gen = torch.Generator().manual_seed(3)
+    q, enc = torch.randn(2, 8, 32, generator=gen), torch.randn(2, 20, 24, generator=gen)
+    ones = torch.ones(2, 20, dtype=torch.long)
+    with mock.patch.object(hf_attention, "cross_attention", wraps=hf_attention.cross_attention) as calls:
+        y = ours(query_embeds=q, encoder_hidden_states=enc, encoder_attention_mask=ones).last_hidden_state
+    assert calls.call_count >= 1 and all(call.kwargs["attn_mask"] is None for call in calls.call_args_list)
+    y64 = eager(query_embeds=q.double(), encoder_hidden_states=enc.double(), encoder_attention_mask=ones).last_hidden_state
+    assert_close(y, y64, torch.float32, tol=1e-5)
 
 
 def test_cached_key_offsets_raise():

@@ -3064,4 +3064,15 @@ MUTANTS: tuple[Mutant, ...] = (
            '_check_against_parameters(_as_stored(self.out_proj, "weight"), query=query', "_check_against_parameters(self.out_proj.weight, query=query",
            ("tests/test_children.py", "-k", "parametrized_out_proj"),
            "CrossAttention's input check computes a parametrized out_proj.weight: twice per forward, nn.MultiheadAttention once"),
+    Mutant("hf_mask_keeping_every_key_kept", "deco_ops/integrations/transformers/attention.py",
+           'if kwargs.get("allow_is_bidirectional_skip") and _keeps_every_key(keep):', "if False:",
+           ("tests/test_transformers_attention.py", "-k", "keeps_every_key or without_image_padding"),
+           "attn_implementation='deco_ops': BLIP-2's all-ones image mask reaches the kernels (the masked path; "
+           "transformers drops it for SDPA)"),
+    Mutant("hf_mask_read_while_tracing", "deco_ops/integrations/transformers/attention.py",
+           "if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(keep) is not torch.Tensor:",
+           "if torch.jit.is_tracing() or type(keep) is not torch.Tensor:",
+           ("tests/test_transformers_attention.py", "-k", "keeps_every_key"),
+           "attn_implementation='deco_ops' under torch.compile branches on the padding mask's values (a graph break, "
+           "or a mask dropped from a graph that later calls carry padding through)"),
 )

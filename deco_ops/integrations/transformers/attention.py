@@ -17,7 +17,9 @@ per head. That covers the BLIP-2 / InstructBLIP Q-Former (self-attention among t
 and text, cross-attention to the image tokens with an encoder padding mask) and ViT-style encoders.
 A ``position_bias`` (T5-style relative position bias: LayoutLMv3, Pix2Struct, the T5 encoder) joins
 the mask as SDPA's path joins them: the bias where the mask keeps a key, the dtype's minimum
-elsewhere, added to a float mask. No mask value is read on the host, with value checks on or off.
+elsewhere, added to a float mask. One mask value is read on the host, where transformers reads it
+for SDPA: a padding mask that keeps every key is dropped (the mask-free kernels run), unless the
+model is being traced or asks for the mask (``allow_is_bidirectional_skip=False``).
 
 Raises ``ValueError`` for what the layer asks and deco_ops does not run: causal layers and causal,
 sliding-window or chunked mask functions, soft-capping, attention sinks, a ``position_bias`` that
@@ -67,7 +69,19 @@ def deco_ops_mask(
     if attention_mask is None:
         return None
     keep = _masking_utils.prepare_padding_mask(attention_mask.bool(), kv_length, 0)[:, :kv_length]
+    if kwargs.get("allow_is_bidirectional_skip") and _keeps_every_key(keep):
+        return None  # the mask-free kernels (as transformers skips it for SDPA: flash and cuDNN take no mask)
     return keep[:, None, None, :]
+
+
+def _keeps_every_key(keep: torch.Tensor) -> bool:
+    """Whether a padding mask keeps every key, read on the host where transformers reads it for
+    SDPA (``_ignore_bidirectional_mask_sdpa``: one sync on a GPU): not while torch.compile, export or
+    ``torch.jit.trace`` traces the model (a branch on values; fake and functional tensors have none),
+    where the mask is kept."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(keep) is not torch.Tensor:
+        return False
+    return bool(keep.all())
 
 
 def _attn_mask(mask: torch.Tensor) -> torch.Tensor:
