@@ -396,13 +396,17 @@ def test_inference_leaves_the_lse_out(default_path, monkeypatch):
 def test_inference_calls_with_weights_keep_the_lse_when_planned(backend):
     """An inference call that asks for the weights (``nn.MultiheadAttention``'s default, in eval)
     needs the LSE they are normalised by, on its planned calls too (the second call of a signature
-    runs the plan the first one made), though no backward will read it."""
+    runs the plan the first one made), though no backward will read it. On the CPU the default
+    backend's plan computes them as eager softmax attention, except under saved-tensor hooks (a
+    checkpointed region), where the ops run: the third call."""
     g = torch.Generator().manual_seed(4)
     q, k, v = (randn(*shape, generator=g) for shape in ((2, 3, 2, 8), (2, 7, 2, 8), (2, 7, 2, 8)))
     want = torch.softmax(torch.einsum("bmhd,bnhd->bhmn", q.double(), k.double()) / 8**0.5, -1)
+    hooks = (contextlib.nullcontext(), contextlib.nullcontext(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
     with torch.no_grad():
-        for call in ("first", "planned"):
-            out, weights = deco_ops.cross_attention(q, k, v, need_weights=True, average_attn_weights=False)
+        for call, hooked in zip(("first", "planned", "planned, hooked"), hooks):
+            with hooked:
+                out, weights = deco_ops.cross_attention(q, k, v, need_weights=True, average_attn_weights=False)
             assert_close(weights, want, torch.float32, f"weights, {call} call")
             assert_close(out, torch.einsum("bhmn,bnhd->bmhd", want, v.double()), torch.float32, f"output, {call} call")
 
