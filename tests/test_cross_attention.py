@@ -200,13 +200,16 @@ def test_zero_length_and_nan_padding(backend):
     torch.testing.assert_close(out[1], v[1, :1].expand(5, -1, -1))
 
 
-def test_weights_gradients_read_infinite_padding_as_zeros():
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "saved-tensor-hooks"])
+def test_weights_gradients_read_infinite_padding_as_zeros(hooked):
     """Keys past kv_lens may hold any garbage, +-inf too: the gradients through the weights (dQ = dS K
-    with dS = 0 there) read them as zeros."""
+    with dS = 0 there) read them as zeros. On the default backend: eager softmax attention on the
+    CPU, and the weights' own backward op where saved-tensor hooks are active (a checkpointed region)."""
     q, k, v, _, kv_lens = _case(2, 1, 3, 6, 2, 8, [6, 4], torch.float32, seed=9)
     k = k.nan_to_num(nan=float("inf"))
     leaves = [leaf(t) for t in (q, k)]
-    with deco_ops.use_backend("auto"):
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if hooked else contextlib.nullcontext()
+    with deco_ops.use_backend("auto"), hooks:
         _, weights = cross_attention(*leaves, v, kv_lens=kv_lens, need_weights=True)
     dw = randn(*weights.shape, generator=torch.Generator().manual_seed(10))
     refs = [leaf(t, torch.float64) for t in (q, k.nan_to_num(posinf=0.0))]
