@@ -789,13 +789,16 @@ def test_one_kernel_backward(B, Bq, M, N, H, D, lens, dtype):
     assert torch.equal(got[2], fa2[2]) and torch.equal(got[3], fa2[3])
 
 
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "saved-tensor-hooks"])
 @pytest.mark.parametrize("logits", [3.0, 10.0], ids=["logits9", "logits100"])
-def test_weights_and_their_gradients_as_accurate_as_softmax(backend, logits):
+def test_weights_and_their_gradients_as_accurate_as_softmax(backend, logits, hooked):
     """``need_weights``' probabilities against float64 softmax, and dQ, dK through them (a loss on
     the weights), within 2x eager fp32 softmax's own error (what nn.MultiheadAttention returns).
     From exp(S - LSE) alone each row was off 1 by the fp32 LSE's rounding: at logits near 100 the
     weights had 1000x and dQ 500x eager's error on the PyTorch path, 150x and 100x on the kernels;
-    each row is now divided by its own sum (kernels/cross_attention_weights.py)."""
+    each row is now divided by its own sum (kernels/cross_attention_weights.py). Under saved-tensor
+    hooks (a checkpointed region) the default backend's CPU path runs the weights' op, not eager
+    softmax attention."""
     B, M, N, H, D = 2, 3, 300, 2, 16
     g = torch.Generator().manual_seed(7)
     q, k = randn(B, M, H, D, generator=g, scale=logits), randn(B, N, H, D, generator=g, scale=logits)
@@ -805,7 +808,9 @@ def test_weights_and_their_gradients_as_accurate_as_softmax(backend, logits):
         return torch.softmax(torch.einsum("bmhd,bnhd->bhmn", qq, kk) * D ** -0.5, -1)
 
     def ours(qq, kk):
-        return cross_attention(qq, kk, v.to(qq.dtype), need_weights=True, average_attn_weights=False)[1]
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if hooked else contextlib.nullcontext()
+        with hooks:
+            return cross_attention(qq, kk, v.to(qq.dtype), need_weights=True, average_attn_weights=False)[1]
 
     def run(fn, dtype):
         qq, kk = leaf(q.to(dtype)), leaf(k.to(dtype))
