@@ -40,6 +40,7 @@ from ._direct import custom_op, deco, register_autograd
 from . import _validate_attention as _check
 from . import reference_attention as reference
 from ._transfer import to_device
+from ._validate import tracing_state as _tracing_state  # None outside ``torch.jit.trace``
 from .kernels import _tuning, cross_attention_bwd, cross_attention_fwd, cross_attention_tma, cross_attention_weights
 
 
@@ -516,10 +517,10 @@ def _eager_weights_apply(q, k, v, attn_mask, dropout_p) -> bool:
     """Whether a call with ``need_weights`` (and unpacked keys) may run as eager softmax attention
     (``composed_attention.cpu_attention_with_weights``) where the strategy picks SDPA's CPU kernel:
     no dropout (its mask is ours, Philox), plain CPU tensors (the path reads mask and key values on
-    the host: not while torch.compile traces, nor inside a functorch transform), no saved-tensor
-    hooks (a checkpointed region runs the ops, whose recompute saves what their forward saved, as
-    ``_checkpoint.recording``)."""
-    return (dropout_p == 0.0 and q.device.type == "cpu" and not torch.compiler.is_compiling()
+    the host: not while torch.compile or ``torch.jit.trace`` traces, which records the ops, nor
+    inside a functorch transform), no saved-tensor hooks (a checkpointed region runs the ops, whose
+    recompute saves what their forward saved, as ``_checkpoint.recording``)."""
+    return (dropout_p == 0.0 and q.device.type == "cpu" and not torch.compiler.is_compiling() and _tracing_state() is None
             and _checkpoint.saved_tensors_hooks(False) is None
             and all(t is None or (type(t) in reference.PLAIN_TENSORS and not torch._C._functorch.is_functorch_wrapped_tensor(t))
                     for t in (q, k, v, attn_mask)))

@@ -155,6 +155,24 @@ def test_processor_and_generate_end_to_end():
     assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
 
 
+def test_processor_saves_and_reloads_every_setting(tmp_path):
+    """``save_pretrained`` keeps LlavaProcessor's settings beside the token count (transformers saves
+    the attributes ``__init__`` names): reloaded, the processor writes the pooled count and its
+    parent class still processes an image. Before, only ``num_image_tokens`` was saved; reloaded,
+    the patch size was None and LlavaProcessor raised inside its token count."""
+    from transformers import LlavaProcessor
+
+    model, processor = tiny_llava()
+    _, deco_processor = llava_to_deco(model, processor)
+    deco_processor.save_pretrained(tmp_path)
+    again = DeCoLlavaProcessor.from_pretrained(tmp_path)
+    for name in ("num_image_tokens", "patch_size", "vision_feature_select_strategy", "num_additional_image_tokens", "image_token"):
+        assert getattr(again, name) == getattr(deco_processor, name), name
+    ids = again(images=image(), text=PROMPT, return_tensors="pt")["input_ids"]
+    assert int((ids == model.config.image_token_id).sum()) == 16
+    LlavaProcessor.from_pretrained(tmp_path)(images=image(), text=PROMPT, return_tensors="pt")
+
+
 def test_frozen_projector_stays_frozen_and_bad_models_are_refused():
     model, _ = tiny_llava()
     model.model.multi_modal_projector.requires_grad_(False)

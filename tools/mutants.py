@@ -3075,4 +3075,21 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_transformers_attention.py", "-k", "keeps_every_key"),
            "attn_implementation='deco_ops' under torch.compile branches on the padding mask's values (a graph break, "
            "or a mask dropped from a graph that later calls carry padding through)"),
+    Mutant("eager_weights_while_traced", "deco_ops/attention.py",
+           "not torch.compiler.is_compiling() and _tracing_state() is None", "not torch.compiler.is_compiling()",
+           ("tests/test_graph_recorders.py", "-k", "weights and traced"),
+           "torch.jit.trace of a module asking for the attention weights on a CPU records eager softmax, not the deco ops "
+           "(its value reads on the host baked into the graph)"),
+    Mutant("llava_processor_settings_as_kwargs", "deco_ops/integrations/transformers/llava.py",
+           "    def __init__(self, image_processor=None, tokenizer=None, patch_size=None, vision_feature_select_strategy=None,\n"
+           "                 chat_template=None, image_token=\"<image>\", num_additional_image_tokens=0, num_image_tokens: int = 144,\n"
+           "                 **kwargs):\n"
+           "        super().__init__(image_processor, tokenizer, patch_size=patch_size,\n"
+           "                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,\n"
+           "                         image_token=image_token, num_additional_image_tokens=num_additional_image_tokens, **kwargs)",
+           "    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: int = 144, **kwargs):\n"
+           "        super().__init__(image_processor, tokenizer, **kwargs)",
+           ("tests/test_transformers_llava.py", "-k", "saves_and_reloads"),
+           "DeCoLlavaProcessor takes LlavaProcessor's settings as **kwargs: save_pretrained drops them (transformers saves "
+           "what __init__ names), the reloaded processor has no patch size"),
 )

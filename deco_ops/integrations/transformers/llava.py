@@ -35,8 +35,15 @@ class DeCoLlavaProcessor(_transformers.LlavaProcessor):
     """``LlavaProcessor`` that writes ``num_image_tokens`` ``<image>`` placeholders per image (the
     DeCo projector's pooled grid) instead of one per vision patch."""
 
-    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: int = 144, **kwargs):
-        super().__init__(image_processor, tokenizer, **kwargs)
+    # LlavaProcessor's settings named, not taken as **kwargs: transformers saves a processor's
+    # attributes named in its ``__init__`` signature (``ProcessorMixin.to_dict``), and a saved
+    # processor without its patch size and feature strategy reloaded unable to process an image
+    def __init__(self, image_processor=None, tokenizer=None, patch_size=None, vision_feature_select_strategy=None,
+                 chat_template=None, image_token="<image>", num_additional_image_tokens=0, num_image_tokens: int = 144,
+                 **kwargs):
+        super().__init__(image_processor, tokenizer, patch_size=patch_size,
+                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
+                         image_token=image_token, num_additional_image_tokens=num_additional_image_tokens, **kwargs)
         if isinstance(num_image_tokens, bool) or not isinstance(num_image_tokens, int) or num_image_tokens < 1:
             raise ValueError(f"num_image_tokens must be a positive int, got {num_image_tokens!r}")
         self.num_image_tokens = num_image_tokens
