@@ -171,6 +171,8 @@ def test_processor_saves_and_reloads_every_setting(tmp_path):
     ids = again(images=image(), text=PROMPT, return_tensors="pt")["input_ids"]
     assert int((ids == model.config.image_token_id).sum()) == 16
     LlavaProcessor.from_pretrained(tmp_path)(images=image(), text=PROMPT, return_tensors="pt")
+    # the token count stays the third positional argument, as before LlavaProcessor's settings were named
+    assert DeCoLlavaProcessor(processor.image_processor, processor.tokenizer, 9).num_image_tokens == 9
 
 
 def test_frozen_projector_stays_frozen_and_bad_models_are_refused():

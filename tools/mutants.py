@@ -3081,8 +3081,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "torch.jit.trace of a module asking for the attention weights on a CPU records eager softmax, not the deco ops "
            "(its value reads on the host baked into the graph)"),
     Mutant("llava_processor_settings_as_kwargs", "deco_ops/integrations/transformers/llava.py",
-           "    def __init__(self, image_processor=None, tokenizer=None, patch_size=None, vision_feature_select_strategy=None,\n"
-           "                 chat_template=None, image_token=\"<image>\", num_additional_image_tokens=0, num_image_tokens: int = 144,\n"
+           "    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: int = 144, patch_size=None,\n"
+           "                 vision_feature_select_strategy=None, chat_template=None, image_token=\"<image>\", num_additional_image_tokens=0,\n"
            "                 **kwargs):\n"
            "        super().__init__(image_processor, tokenizer, patch_size=patch_size,\n"
            "                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,\n"

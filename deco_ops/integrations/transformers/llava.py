@@ -38,8 +38,8 @@ class DeCoLlavaProcessor(_transformers.LlavaProcessor):
     # LlavaProcessor's settings named, not taken as **kwargs: transformers saves a processor's
     # attributes named in its ``__init__`` signature (``ProcessorMixin.to_dict``), and a saved
     # processor without its patch size and feature strategy reloaded unable to process an image
-    def __init__(self, image_processor=None, tokenizer=None, patch_size=None, vision_feature_select_strategy=None,
-                 chat_template=None, image_token="<image>", num_additional_image_tokens=0, num_image_tokens: int = 144,
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: int = 144, patch_size=None,
+                 vision_feature_select_strategy=None, chat_template=None, image_token="<image>", num_additional_image_tokens=0,
                  **kwargs):
         super().__init__(image_processor, tokenizer, patch_size=patch_size,
                          vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
