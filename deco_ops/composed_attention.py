@@ -278,7 +278,7 @@ def cpu_attention_with_weights(q, k, v, kv_lens, scale: float, bias, average: bo
         with torch.autocast("cpu", enabled=False):
             return cpu_attention_with_weights(q, k, v, kv_lens, scale, bias, average)
     dtype = q.dtype
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    compute = reference_attention.compute_dtype(dtype)
     q, k, v, bias, dead = _inputs(q, k, v, kv_lens, bias, mask_dtype=_mask_dtype(q), scale=scale)
     # heads first, contiguous: the GEMMs read (B * H) batches as views. K^T as (B, H, D, N), the GEMM
     # ``einsum("bmhd,bnhd->bhmn")`` runs (the previous weights' bits; K as a transposed (N, D) operand
@@ -295,11 +295,6 @@ def cpu_attention_with_weights(q, k, v, kv_lens, scale: float, bias, average: bo
         out = out.masked_fill(dead[..., None], 0.0)
     weights = p.mean(1) if average else p
     return out.transpose(1, 2).to(dtype).contiguous(), weights.to(dtype)
-
-
-def _stat_dtype(q: torch.Tensor) -> torch.dtype:
-    """The dtype of the CPU kernel's LSE: float64 for float64 inputs, else float32."""
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 # Ragged keys (packed, or ``kv_lens``) on the CPU kernel run one call per sequence on its own keys
@@ -354,7 +349,7 @@ def ragged_forward(q, k, v, kv_lens, cu_seqlens_k, scale, bias, need_lse: bool):
     for _, qb, kb, vb, mask, _ in _sequences(q, k, v, kv_lens, cu_seqlens_k, bias):
         if kb.shape[1] == 0:
             outs.append(torch.zeros_like(qb, memory_format=torch.contiguous_format))
-            lses.append(torch.full((1, qb.shape[2], qb.shape[1]), float("inf"), dtype=_stat_dtype(q), device=q.device))
+            lses.append(torch.full((1, qb.shape[2], qb.shape[1]), float("inf"), dtype=reference_attention.compute_dtype(q.dtype), device=q.device))
             continue
         out, lse = forward(qb, kb, vb, None, scale, bias=mask, need_lse=need_lse)
         outs.append(out)

@@ -98,15 +98,15 @@ def _philox_word(seed, counter: torch.Tensor, bufs: list[torch.Tensor]) -> torch
     return t0
 
 
-def _philox_blocks(seed, counter: torch.Tensor, out: torch.Tensor, finish) -> torch.Tensor:
-    """``finish(word, out_block)`` on ``_philox_word`` of ``counter``'s elements, a block at a time,
-    into ``out`` (``counter``'s shape)."""
-    flat_counter, flat_out = counter.reshape(-1), out.view(-1)
-    block = _philox_block(counter.device, flat_counter.shape[0])
-    bufs = [torch.empty(min(block, flat_counter.shape[0]), dtype=torch.int64, device=counter.device) for _ in range(6)]
-    for lo in range(0, flat_counter.shape[0], block):
-        hi = min(lo + block, flat_counter.shape[0])
-        finish(_philox_word(seed, flat_counter[lo:hi], bufs), flat_out[lo:hi])
+def _philox_blocks(seed, total: int, block: int, counters, finish, out: torch.Tensor, device) -> torch.Tensor:
+    """``finish(word, out[lo:hi])`` on ``_philox_word`` of ``counters(lo, hi)`` (the int64 counters
+    of elements ``lo .. hi`` of ``out``, flat), ``block`` elements at a time, the rounds' buffers
+    allocated once."""
+    bufs = [torch.empty(min(block, total), dtype=torch.int64, device=device) for _ in range(6)]
+    flat_out = out.view(-1)
+    for lo in range(0, total, block):
+        hi = min(lo + block, total)
+        finish(_philox_word(seed, counters(lo, hi), bufs), flat_out[lo:hi])
     return out
 
 
@@ -148,7 +148,9 @@ def dropout_keep(rng: tuple[int, int], H: int, M: int, N: int, b: torch.Tensor, 
     seed, offset = rng
     counter = offset + ((b * H + h) * M + rows) * N + cols
     out = torch.empty(counter.shape, dtype=torch.bool, device=counter.device)
-    return _philox_blocks(seed, counter, out, _keep_from_word(_keep_threshold(float(dropout_p))))
+    flat = counter.reshape(-1)
+    return _philox_blocks(seed, flat.shape[0], _philox_block(counter.device, flat.shape[0]), lambda lo, hi: flat[lo:hi],
+                          _keep_from_word(_keep_threshold(float(dropout_p))), out, counter.device)
 
 
 def _chunk_keep(rng, B, H, M, N, start, stop, dropout_p, device, drop: bool = False) -> torch.Tensor:
@@ -160,19 +162,19 @@ def _chunk_keep(rng, B, H, M, N, start, stop, dropout_p, device, drop: bool = Fa
     out = torch.empty((B * H * M, width), dtype=torch.bool, device=device)
     if width == 0 or B * H * M == 0:
         return out.view(B, H, M, width)
-    finish = _keep_from_word(_keep_threshold(float(dropout_p)), drop)
     rows_per_block = max(1, _philox_block(torch.device(device), B * H * M * width) // width)
-    bufs = [torch.empty(rows_per_block * width, dtype=torch.int64, device=device) for _ in range(7)]
     row_base = offset + torch.arange(B * H * M, device=device, dtype=torch.int64) * N
-    for lo in range(0, B * H * M, rows_per_block):
-        hi = min(lo + rows_per_block, B * H * M)
-        counter = bufs[6][: (hi - lo) * width]
-        torch.add(row_base[lo:hi, None], cols[None, :], out=counter.view(hi - lo, width))
-        finish(_philox_word(seed, counter, bufs[:6]), out[lo:hi].view(-1))
-    return out.view(B, H, M, width)
+    spare = torch.empty(min(rows_per_block, B * H * M) * width, dtype=torch.int64, device=device)
+
+    def counters(lo, hi):  # built in ``spare``, whole rows: a block holds rows_per_block of them
+        return torch.add(row_base[lo // width: hi // width, None], cols[None, :], out=spare[: hi - lo].view(-1, width)).view(-1)
+
+    return _philox_blocks(seed, B * H * M * width, rows_per_block * width, counters,
+                          _keep_from_word(_keep_threshold(float(dropout_p)), drop), out, device).view(B, H, M, width)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the PyTorch paths compute (and their LSE is) in for ``dtype`` inputs: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -241,7 +243,7 @@ def attention_fwd(q, k, v, kv_lens, scale, dropout_p, rng, bias=None):
     """(O in q's dtype, LSE (B, H, M)): online softmax over key chunks of ``CHUNK`` keys."""
     B, N, H, D = k.shape
     M = q.shape[1]
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     qc = q.to(ct).expand(B, -1, -1, -1)
     m = torch.full((B, H, M), float("-inf"), dtype=ct, device=q.device)
     l = torch.zeros((B, H, M), dtype=ct, device=q.device)
@@ -277,7 +279,7 @@ def attention_bwd(dout, q, k, v, out, lse, kv_lens, scale, dropout_p, rng, bias=
     dS = P o (dP - rowsum(dO o O)). dq of a shared (1, M, H, D) q is summed over the batch."""
     B, N, H, D = k.shape
     M = q.shape[1]
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     qc = q.to(ct).expand(B, -1, -1, -1)
     do = dout.to(ct).permute(0, 2, 1, 3)
     delta = (do * out.to(ct).permute(0, 2, 1, 3)).sum(-1)
@@ -315,7 +317,7 @@ def attention_weights(q, k, lse, kv_lens, scale, dropout_p, rng, bias, average: 
     softmax backward through the weights turns a row sum off 1 into gradient error."""
     B, N, H, _ = k.shape
     M = q.shape[1]
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     valid = _valid_keys(kv_lens, B, 0, N, q.device)
     s = _chunk_scores(q.to(ct).expand(B, -1, -1, -1), k, valid, bias, 0, N, scale)
     w = torch.where(torch.isposinf(lse.to(ct))[..., None], 0.0, torch.softmax(s, -1))
@@ -330,7 +332,7 @@ def weights_backward(dw, p, q, k, kv_lens, scale, dropout_p, rng, average: bool)
     when averaged) through the dropout mask. dq of a shared (1, M, H, D) q is summed over the batch."""
     B, N, H, _ = k.shape
     M = q.shape[1]
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     p = p.to(ct)
     dp = (dw.to(ct)[:, None] / H) if average else dw.to(ct)
     if dropout_p > 0:
