@@ -528,12 +528,12 @@ def _pool_mlp_fused(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep
 
 def _pool_mlp_composed(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals):
     """The composed twin on the Triton backend: our packed pooling kernel, then the torch ops."""
-    return composed.pool_mlp(packed_pool.pool_packed(x, geometry, num_out, mode), w1, b1, w2, b2, activation, True)
+    return composed.pool_mlp(packed_pool.pool_packed(x, geometry, num_out, mode), w1, b1, w2, b2, activation, keep_residuals)
 
 
 def _pool_mlp_reference(x, w1, b1, w2, b2, geometry, num_out, activation, mode, keep_residuals):
     """The PyTorch backend's: PyTorch's pooling, then the torch ops."""
-    return composed.pool_mlp(reference_pool(x, geometry, num_out, mode), w1, b1, w2, b2, activation, True)
+    return composed.pool_mlp(reference_pool(x, geometry, num_out, mode), w1, b1, w2, b2, activation, keep_residuals)
 
 
 def packed_mlp_implementation(op: str, args: tuple, fused: Callable, composed_kernel: Callable, reference: Callable) -> Callable:

@@ -117,10 +117,11 @@ def _composed_twins(pool):
     op's implementations: chosen with the strategy (once per plan), not by the pooling op on every call."""
 
     def pool_linear_composed(x, w, b, grid, out_grid, keep_residuals):
-        return composed.pool_linear(pool(x, grid, out_grid), w, b, True)
+        return composed.pool_linear(pool(x, grid, out_grid), w, b, keep_residuals)
 
     def pool_mlp_composed(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals):
-        return composed.pool_mlp(pool(x, grid, out_grid), w1, b1, w2, b2, activation, True)  # the residuals are intermediates anyway
+        # not kept, the pre-activation is freed before the second Linear's output exists (eager's peak)
+        return composed.pool_mlp(pool(x, grid, out_grid), w1, b1, w2, b2, activation, keep_residuals)
 
     def pool_mlp_tma(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals):
         return composed.pool_mlp_tma(pool(x, grid, out_grid), w1, b1, w2, b2, activation, keep_residuals)

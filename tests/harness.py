@@ -249,6 +249,35 @@ def saved_bytes(fn, params) -> int:
     return sum(seen.values())
 
 
+def peak_bytes(fn, device: torch.device = DEVICE) -> int:
+    """The most bytes ``device``'s allocator held at once while ``fn()`` ran, above what it held
+    when ``fn`` started; ``fn``'s result is dropped inside the measurement, so what it returns
+    counts at the peak only. ``fn`` runs once first, unmeasured (its plan, the tile tuning).
+    On CUDA, the caching allocator's peak statistic. On the CPU, which keeps none, the profiler's
+    memory events (allocations and frees, each op's own) in the order they happened: one op is the
+    granularity, so a buffer an ATen op allocates and frees inside itself is not seen. The call
+    takes its normal path either way (no dispatch mode: a plain eager call stays plain)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        del out
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    held = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
 class PassThrough(TorchDispatchMode):
     """A dispatch mode that changes nothing (as profilers' and debuggers' modes, a FLOP counter):
     under it a call is not plain eager and goes through ``torch.ops.deco``."""

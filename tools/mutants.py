@@ -319,10 +319,11 @@ MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------------------------------------------------
     # composed twins (deco_ops/composed.py; on CPU the PyTorch backend runs them under "auto")
     Mutant("composed_pool_mlp_activation", "deco_ops/composed.py",
-           "y = F.linear(reference.ACTIVATIONS[activation](pre), w2, b2)", "y = F.linear(F.gelu(pre), w2, b2)",
+           "F.linear(reference.ACTIVATIONS[activation](F.linear(pooled, w1, b1)), w2, b2)",
+           "F.linear(F.gelu(F.linear(pooled, w1, b1)), w2, b2)",
            ("tests/test_projector.py", "-k", "test_pool_mlp_activations and auto"), "the composed MLP always applies erf-GELU"),
     Mutant("composed_pool_mlp_residual", "deco_ops/composed.py",
-           "    return y, pooled, pre\n", "    return y, pooled, reference.ACTIVATIONS[activation](pre)\n",
+           "(pre), w2, b2), pooled, pre\n", "(pre), w2, b2), pooled, reference.ACTIVATIONS[activation](pre)\n",
            ("tests/test_strategy_parity.py", "-k", "test_projector_strategies_agree and pool_mlp and composed"),
            "the composed MLP keeps act(pre) where the shared backward expects the pre-activation"),
     Mutant("composed_mlp_pool_order", "deco_ops/composed.py",
@@ -3092,4 +3093,21 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_transformers_llava.py", "-k", "saves_and_reloads"),
            "DeCoLlavaProcessor takes LlavaProcessor's settings as **kwargs: save_pretrained drops them (transformers saves "
            "what __init__ names), the reloaded processor has no patch size"),
+    Mutant("projector_twin_keeps_residuals_in_inference", "deco_ops/projector.py",
+           "return composed.pool_mlp(pool(x, grid, out_grid), w1, b1, w2, b2, activation, keep_residuals)",
+           "return composed.pool_mlp(pool(x, grid, out_grid), w1, b1, w2, b2, activation, True)",
+           ("tests/test_projector.py", "-k", "inference_peak"),
+           "pool_mlp's composed twin keeps the pre-activation in inference: one hidden-sized buffer above eager's peak"),
+    Mutant("packed_twin_keeps_residuals_in_inference", "deco_ops/packed.py",
+           "return composed.pool_mlp(reference_pool(x, geometry, num_out, mode), w1, b1, w2, b2, activation, keep_residuals)",
+           "return composed.pool_mlp(reference_pool(x, geometry, num_out, mode), w1, b1, w2, b2, activation, True)",
+           ("tests/test_projector.py", "-k", "inference_peak"),
+           "pool_mlp_packed's PyTorch twin keeps the pre-activation in inference: one hidden-sized buffer above eager's peak"),
+    Mutant("composed_mlp_holds_the_pre_activation", "deco_ops/composed.py",
+           "        return (F.linear(reference.ACTIVATIONS[activation](F.linear(pooled, w1, b1)), w2, b2),\n"
+           "                pooled.new_empty((0,)), pooled.new_empty((0,)))",
+           "        pre = F.linear(pooled, w1, b1)\n"
+           "        return F.linear(reference.ACTIVATIONS[activation](pre), w2, b2), pooled.new_empty((0,)), pooled.new_empty((0,))",
+           ("tests/test_projector.py", "-k", "inference_peak"),
+           "the composed MLP holds the pre-activation in a local while the second Linear runs (inference peak above eager's)"),
 )
