@@ -71,6 +71,27 @@ def test_bar_check_reads_ratios():
     assert all(r["status"] == "not run" for r in rows if r["shape"] != "infer_b1")
 
 
+def test_memory_bar_reads_peaks_against_the_baseline_or_the_fastest_sdpa():
+    """Memory targets: deco_ops' peak at most the baseline's (for "sdpa", the fastest backend's);
+    without peaks (off CUDA) the row says so instead of passing or failing."""
+    pool = {"op": "pool_mlp", "shape": "llava15_7b", "direction": "fwd",
+            "impls": {"deco_ops": {"ms": 1.0, "peak_MiB": 117.0}, "eager": {"ms": 1.2, "peak_MiB": 81.0}}}
+    attn = {"op": "cross_attention", "shape": "blip2_qformer", "direction": "fwd",
+            "impls": {"deco_ops": {"ms": 1.0, "peak_MiB": 3.0, "GBps": 1.0}, "sdpa_flash": {"ms": 1.1, "peak_MiB": 3.1},
+                      "sdpa_math": {"ms": 9.0, "peak_MiB": 200.0}}}
+    no_peak = {"op": "cross_attention", "shape": "qwenvl_resampler", "direction": "fwd",
+               "impls": {"deco_ops": {"ms": 1.0, "peak_MiB": None}, "sdpa_cudnn": {"ms": 1.1, "peak_MiB": None}}}
+    for rec in (pool, attn, no_peak):
+        rec["speedup"] = report.speedups(rec)
+    rows = {(r["op"], r["shape"]): r for r in report.check_bar([pool, attn, no_peak], {"copy_GBps": 1.0}, cpu=False)
+            if r["kind"] == "memory" and r["direction"] == "fwd"}
+    missed, met = rows["pool_mlp", "llava15_7b"], rows["cross_attention", "blip2_qformer"]
+    assert missed["met"] is False and missed["status"].startswith("MISSED: 1.44x eager's peak")
+    assert met["met"] is True and met["against"] == "sdpa_flash" and "0.97x sdpa_flash's peak" in met["status"]
+    assert rows["cross_attention", "qwenvl_resampler"]["met"] is None
+    assert "CUDA only" in rows["cross_attention", "qwenvl_resampler"]["status"]
+
+
 def test_cpu_bar_reads_time_ratios():
     """The CPU path's targets: deco_ops' time within 1.1x of SDPA's (checked on CPU runs only)."""
     recs = []
