@@ -127,7 +127,7 @@ def mlp_activation_backward(dy: torch.Tensor, w2, pre: torch.Tensor, activation:
     backend) one Triton pass over ``dh`` and ``pre`` that writes both tensors and sums db1 in the
     same read, or (PyTorch backend) ATen's activation backward kernel and one reduction."""
     if elementwise_kernel:
-        dz, act, db1 = activation_backward.activation_backward(dy @ w2, pre, activation, need_db1)
+        dz, act, db1 = activation_backward.activation_backward(dy @ w2, pre, activation, need_db1, dh_is_scratch=True)
         return dz, act, db1 if need_db1 else _empty(dz)
     dz, act = reference.mlp_activation_backward(dy, w2, pre, activation)
     return dz, act, reference.bias_grad(dz) if need_db1 else _empty(dz)

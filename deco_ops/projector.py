@@ -84,6 +84,7 @@ def mlp_backward(ctx, dy, dpre_extra, w1, w2, pooled, pre):
     if dy is not None:
         dz, act, db1 = activation_backward(dy, w2, pre, ctx.activation, need_b1 and dpre_extra is None)
         dw2, db2 = linear_grads(dy, act, need_w2, need_b2 and ctx.has_b2)
+        del act  # read by dW2 alone: freed before dW1's GEMM, as eager's autograd frees its saved activation
     dz = add_grads(dz, dpre_extra)
     if dz is not None:
         dw1, db1_of_sum = linear_grads(dz, pooled, need_w1, need_b1 and db1 is None)

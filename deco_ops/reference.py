@@ -131,11 +131,13 @@ def bias_grad(g: torch.Tensor) -> torch.Tensor:
 
 
 def mlp_activation_backward(dy, w2, pre, activation):
-    """(dy @ w2 * act'(pre), act(pre)), the activation math in at least fp32."""
-    g = torch.mm(dy, w2)
+    """(dy @ w2 * act'(pre), act(pre)), the activation math in at least fp32. ``dy @ w2`` is a
+    temporary of the first expression: freed before act(pre) is allocated, so the backward holds no
+    more hidden-sized buffers at once than eager's (which frees its saved activation before)."""
     backward = _ATEN_ACTIVATION_BACKWARD.get(activation)
     if backward is not None:
-        return backward(g, pre), ACTIVATIONS[activation](pre)
+        dz = backward(torch.mm(dy, w2), pre)
+        return dz, ACTIVATIONS[activation](pre)
     z = pre.float() if pre.dtype in (torch.float16, torch.bfloat16) else pre
-    dz = g.to(z.dtype) * ACTIVATION_GRADS[activation](z)
-    return dz.to(pre.dtype), ACTIVATIONS[activation](z).to(pre.dtype)
+    dz = (torch.mm(dy, w2).to(z.dtype) * ACTIVATION_GRADS[activation](z)).to(pre.dtype)
+    return dz, ACTIVATIONS[activation](z).to(pre.dtype)

@@ -73,12 +73,18 @@ def activation_backward_kernel(
 
 @on_input_device
 def activation_backward(
-    dh: torch.Tensor, z: torch.Tensor, activation: str, bias_grad: bool
+    dh: torch.Tensor, z: torch.Tensor, activation: str, bias_grad: bool, dh_is_scratch: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """dh (M, N) = dy @ W2, z (M, N) the pre-activation -> (dz, act(z), db or None), dz, act(z)
-    (M, N) and db (N,) = dz.sum(0) (summed in fp32, rounded once; when ``bias_grad``) in z's dtype."""
+    (M, N) and db (N,) = dz.sum(0) (summed in fp32, rounded once; when ``bias_grad``) in z's dtype.
+    ``dh_is_scratch``: the caller's own temporary, which dz may overwrite (each element is read, then
+    written, by the same program at the same offset): one hidden-sized buffer less at the backward's
+    peak, which then holds what eager's does."""
     M, N = z.shape
-    dz = torch.empty((M, N), device=z.device, dtype=z.dtype)
+    if dh_is_scratch and dh.dtype == z.dtype and dh.is_contiguous():
+        dz = dh
+    else:
+        dz = torch.empty((M, N), device=z.device, dtype=z.dtype)
     a = torch.empty((M, N), device=z.device, dtype=z.dtype)
     if M == 0 or N == 0:
         return dz, a, (torch.zeros(N, device=z.device, dtype=z.dtype) if bias_grad else None)

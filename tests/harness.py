@@ -254,9 +254,10 @@ def peak_bytes(fn, device: torch.device = DEVICE) -> int:
     when ``fn`` started; ``fn``'s result is dropped inside the measurement, so what it returns
     counts at the peak only. ``fn`` runs once first, unmeasured (its plan, the tile tuning).
     On CUDA, the caching allocator's peak statistic. On the CPU, which keeps none, the profiler's
-    memory events (allocations and frees, each op's own) in the order they happened: one op is the
-    granularity, so a buffer an ATen op allocates and frees inside itself is not seen. The call
-    takes its normal path either way (no dispatch mode: a plain eager call stays plain)."""
+    raw memory records: every allocation and free with its time, summed in the order they happened
+    (its per-op summaries will not do: a free inside a Python-level event, a custom Function's
+    backward, is booked at the event's start, before the allocations it follows). The call takes
+    its normal path either way (no dispatch mode: a plain eager call stays plain)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -271,9 +272,10 @@ def peak_bytes(fn, device: torch.device = DEVICE) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     held = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        held += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+    for _, nbytes in records:
+        held += nbytes
         peak = max(peak, held)
     return peak
 

@@ -199,6 +199,38 @@ def test_inference_peak_memory_is_no_more_than_eagers(auto_backend, op, capsys):
     assert ours_peak <= eager_peak + hidden_buffer // 8, (ours_peak, eager_peak)
 
 
+@pytest.mark.parametrize("C,tokens_require_grad,allowance", [(8, True, 1 / 8), (8, False, 1 / 8), (1024, False, 1.0)])
+def test_training_peak_memory_is_no_more_than_eagers(auto_backend, C, tokens_require_grad, allowance, capsys):
+    """Forward and backward (gradients unset before, as ``zero_grad()`` leaves them) hold no more at
+    their peak than eager's: the backward frees ``dy @ W2`` before computing act(pre) for dW2, and
+    act(pre) once dW2 has read it (it held each to the end: one hidden-sized buffer above eager's
+    peak each, where eager frees its saved activation first). Rows outnumber the weights here, so
+    the hidden buffers set the peak; at C = 1024, at dW1's GEMM: there one hidden-sized buffer
+    more is allowed, the pre-activation, saved by the op's one autograd node until its backward
+    returns (eager frees it after GELU's backward)."""
+    g = torch.Generator().manual_seed(12)
+    B, hidden, grid, out_grid = 4, 64, (24, 24), (12, 12)
+    x = randn(B, math.prod(grid), C, generator=g).requires_grad_(tokens_require_grad)
+    params = [randn(hidden, C, generator=g), randn(hidden, generator=g), randn(hidden, hidden, generator=g), randn(hidden, generator=g)]
+    params = [p.requires_grad_() for p in params]
+    dy = randn(B, math.prod(out_grid), hidden, generator=g)
+
+    def step(forward):
+        def run():
+            forward().backward(dy)
+            for t in (x, *params):
+                t.grad = None
+        return run
+
+    ours = step(lambda: deco_ops.pool_mlp(x, *params, grid=grid, out_grid=out_grid))
+    eager = step(lambda: _eager_pool_mlp(x, grid, out_grid, *params))
+    ours_peak, eager_peak = peak_bytes(ours), peak_bytes(eager)
+    with capsys.disabled():
+        print(f"\npool_mlp forward+backward peak (C={C}): ours {ours_peak / 2**10:.0f} KiB, eager {eager_peak / 2**10:.0f} KiB")
+    hidden_buffer = B * math.prod(out_grid) * hidden * 4
+    assert ours_peak <= eager_peak + allowance * hidden_buffer, (ours_peak / hidden_buffer, eager_peak / hidden_buffer)
+
+
 @pytest.mark.parametrize("tokens_require_grad", [True, False])
 def test_saved_for_backward_bytes(tokens_require_grad, capsys):
     """The fused projector keeps the pooled input and the pre-activation; eager keeps the patch
@@ -361,6 +393,9 @@ def test_composed_activation_backward_is_one_pass(activation, dtype, need_db1):
         dz, act, db1 = torch.ops.deco.mlp_activation_backward(guarded(dy), guarded(w2), guarded(pre), activation, need_db1)
     launches.assert_called_once()
     eager_path.assert_not_called()
+    # dz written over dh = dy @ w2, the twin's own temporary: one hidden-sized buffer less at the peak
+    dh_arg, dz_arg = launches.call_args.args[0], launches.call_args.args[2]
+    assert dh_arg.data_ptr() == dz_arg.data_ptr() == dz.data_ptr()
     z64 = pre.double()
     dz64 = (dy.double() @ w2.double()) * reference.ACTIVATION_GRADS[activation](z64)
     assert dz.dtype == act.dtype == dtype
