@@ -412,8 +412,8 @@ def forward(q, k, v, kv_lens, scale, kernel: str = "composed", bias=None, need_l
             o, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
                 *_heads_first(q, k, v), None, need_lse, 0.0, False, False, scale=scale)
         out = o.transpose(1, 2)
-    if dead is not None:
-        out = torch.where(dead.transpose(1, 2)[..., None], 0.0, out)
+    if dead is not None:  # in place: the kernel's output is ours (a copy would double the peak)
+        out = out.masked_fill_(dead.transpose(1, 2)[..., None], 0.0)
     if not need_lse:
         return out.contiguous(), None
     lse = normalised_lse(lse, out.shape[1])

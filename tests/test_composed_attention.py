@@ -18,7 +18,7 @@ import torch
 import deco_ops
 from deco_ops import attention, strategy
 from deco_ops import composed_attention as ca
-from harness import assert_close, guarded, randn
+from harness import assert_close, guarded, peak_bytes, randn
 from test_cross_attention import _case, _check, _reference, _run
 
 CUDA = torch.device("cuda", 0)
@@ -395,6 +395,65 @@ def test_cpu_padding_values_never_change_the_bits(monkeypatch, dtype, fill, mask
     # gradients of the keys no query reads are zero either way
     for g, r in zip(got[1:], ref[1:]):
         assert torch.equal(g, r)
+
+
+def _eager_sdpa(q, k, v, mask):
+    """The eager code ``cross_attention`` replaces: SDPA on heads-first views, shared queries expanded
+    (a view), the mask as given (``kv_lens`` as the equivalent bool mask), the output back in (B, M, H, D)."""
+    qt = q.transpose(1, 2).expand(k.shape[0], -1, -1, -1)
+    return torch.nn.functional.scaled_dot_product_attention(qt, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+
+
+def _eager_softmax_attention(q, k, v):
+    """The eager code ``need_weights=True`` replaces: softmax attention on heads-first views (as
+    ``nn.MultiheadAttention``'s math path computes it), the weights averaged over the heads."""
+    s = q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) * q.shape[-1] ** -0.5
+    p = torch.softmax(s, -1)
+    return (p @ v.transpose(1, 2)).transpose(1, 2), p.mean(1)
+
+
+@pytest.mark.parametrize("case", [
+    "key_mask",  # before 2026-12-07 rows without keys were zeroed into a second output: 1564 KiB against eager's 768
+])
+def test_inference_peak_memory_is_no_more_than_eagers(auto_backend, case, capsys):
+    """Inference on the CPU kernel holds no more at its peak than SDPA called eagerly, beyond the
+    converted mask (one clamped copy at its own size, docs/masks.md) and, for ragged keys run one
+    sequence at a time, that sequence's output. With the weights (eager softmax attention,
+    ``cpu_attention_with_weights``) K^T is materialised as ``(B, H, D, N)`` for its GEMM's bits,
+    which eager's matmul copies too, inside the op, where the CPU measurement does not see it:
+    allowed on top."""
+    g = torch.Generator().manual_seed(13)
+    if case == "ragged_kv_lens":  # a video resampler: per sequence (composed_attention.per_sequence)
+        B, M, N, H, D = 4, 64, 2048, 8, 64
+    else:  # BLIP-2: 32 shared queries over a ViT's 257 tokens
+        B, M, N, H, D = 8, 32, 257, 12, 64
+    q, k, v = randn(1, M, H, D, generator=g), randn(B, N, H, D, generator=g), randn(B, N, H, D, generator=g)
+    kv_lens, mask = None, None
+    if case == "key_mask":
+        mask = torch.rand(B, 1, 1, N, generator=g) > 0.2
+    elif case == "full_float_mask":
+        mask = torch.randn(B, H, M, N, generator=g)
+    elif case == "ragged_kv_lens":
+        kv_lens = torch.tensor([N, N - 548, N // 3, N - 148])
+        assert ca.per_sequence(k, kv_lens, None, N)
+    eager_mask = mask if kv_lens is None else (torch.arange(N) < kv_lens[:, None])[:, None, None, :]
+    weights = case == "weights"
+
+    def run_eager():
+        return _eager_softmax_attention(q, k, v) if weights else _eager_sdpa(q, k, v, eager_mask)
+
+    def run_ours():
+        return deco_ops.cross_attention(q, k, v, kv_lens=kv_lens, attn_mask=mask, need_weights=weights)
+
+    with torch.no_grad():
+        torch.testing.assert_close(run_ours(), run_eager())
+        ours, eager = peak_bytes(run_ours), peak_bytes(run_eager)
+    with capsys.disabled():
+        print(f"\ncross_attention {case} inference peak: ours {ours / 2**10:.0f} KiB, eager {eager / 2**10:.0f} KiB")
+    out_bytes = B * M * H * D * 4
+    allowed = (out_bytes // 16 + (mask.numel() * 4 if case == "full_float_mask" else 0) + (out_bytes // B if kv_lens is not None else 0)
+               + (k.numel() * 4 if weights else 0))
+    assert ours <= eager + allowed, (ours, eager, allowed)
 
 
 @pytest.mark.parametrize("need_weights", [False, True])

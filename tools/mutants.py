@@ -3123,4 +3123,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "pre, activation, need_db1, dh_is_scratch=True)", "pre, activation, need_db1)",
            ("tests/test_projector.py", "-k", "test_composed_activation_backward_is_one_pass"),
            "the Triton twin's activation backward writes dz to a new buffer beside dy @ W2 (one hidden-sized buffer more)"),
+    Mutant("composed_attention_zeroes_dead_rows_into_a_copy", "deco_ops/composed_attention.py",
+           "out = out.masked_fill_(dead.transpose(1, 2)[..., None], 0.0)",
+           "out = torch.where(dead.transpose(1, 2)[..., None], 0.0, out)",
+           ("tests/test_composed_attention.py", "-k", "inference_peak and key_mask"),
+           "the composed forward zeroes the rows without keys into a new tensor: two outputs at its peak (2x SDPA's with a mask)"),
 )
