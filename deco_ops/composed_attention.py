@@ -344,17 +344,20 @@ def _sequences(q, k, v, kv_lens, cu_seqlens_k, bias):
 
 def ragged_forward(q, k, v, kv_lens, cu_seqlens_k, scale, bias, need_lse: bool):
     """``forward`` of ragged keys on the CPU kernel, one call per sequence (``_sequences``). A
-    sequence without keys gives zeros and an LSE of +inf, as the padded call does."""
-    outs, lses = [], []
-    for _, qb, kb, vb, mask, _ in _sequences(q, k, v, kv_lens, cu_seqlens_k, bias):
+    sequence without keys gives zeros and an LSE of +inf, as the padded call does. Each sequence's
+    output is copied into the batch's as it comes (a list joined at the end held the output twice)."""
+    batch = kv_lens.shape[0] if cu_seqlens_k is None else cu_seqlens_k.shape[0] - 1
+    outs, lses = q.new_empty((batch, *q.shape[1:])), []
+    for b, qb, kb, vb, mask, _ in _sequences(q, k, v, kv_lens, cu_seqlens_k, bias):
         if kb.shape[1] == 0:
-            outs.append(torch.zeros_like(qb, memory_format=torch.contiguous_format))
+            outs[b].zero_()
             lses.append(torch.full((1, qb.shape[2], qb.shape[1]), float("inf"), dtype=reference_attention.compute_dtype(q.dtype), device=q.device))
             continue
         out, lse = forward(qb, kb, vb, None, scale, bias=mask, need_lse=need_lse)
-        outs.append(out)
+        outs[b].copy_(out[0])
         lses.append(lse)
-    return torch.cat(outs), torch.cat(lses) if need_lse else None
+        del out  # before the next sequence's exists
+    return outs, torch.cat(lses) if need_lse else None
 
 
 def ragged_backward(dout, q, k, v, out, lse, kv_lens, cu_seqlens_k, scale, need_dq: bool, need_dkv: bool, bias=None):

@@ -3128,4 +3128,20 @@ MUTANTS: tuple[Mutant, ...] = (
            "out = torch.where(dead.transpose(1, 2)[..., None], 0.0, out)",
            ("tests/test_composed_attention.py", "-k", "inference_peak and key_mask"),
            "the composed forward zeroes the rows without keys into a new tensor: two outputs at its peak (2x SDPA's with a mask)"),
+    Mutant("ragged_forward_joins_outputs_by_cat", "deco_ops/composed_attention.py",
+           "    outs, lses = q.new_empty((batch, *q.shape[1:])), []\n"
+           "    for b, qb, kb, vb, mask, _ in _sequences(q, k, v, kv_lens, cu_seqlens_k, bias):\n"
+           "        if kb.shape[1] == 0:\n"
+           "            outs[b].zero_()",
+           "    outs, lses = [], []\n"
+           "    for b, qb, kb, vb, mask, _ in _sequences(q, k, v, kv_lens, cu_seqlens_k, bias):\n"
+           "        if kb.shape[1] == 0:\n"
+           "            outs.append(torch.zeros_like(qb, memory_format=torch.contiguous_format))",
+           ("tests/test_composed_attention.py", "-k", "inference_peak and ragged"),
+           "ragged keys on the CPU kernel: the per-sequence outputs are listed and joined by a cat (the output twice at the peak)"),
+    Mutant("ragged_forward_holds_two_sequence_outputs", "deco_ops/composed_attention.py",
+           "        del out  # before the next sequence's exists\n",
+           "",
+           ("tests/test_composed_attention.py", "-k", "inference_peak and ragged"),
+           "ragged keys on the CPU kernel: a sequence's output is held while the next one's is computed"),
 )
