@@ -195,7 +195,7 @@ def _inputs(q, k, v, kv_lens, user_bias=None, align: int = 1, per_head: bool = F
             read = by_mask if valid is None else valid & by_mask
         k = torch.where(read[:, :, None, None], k, 0.0)
     dead = (bias == float("-inf")).all(-1)
-    bias = bias.masked_fill(dead[..., None], 0.0)  # a new tensor: never the caller's mask
+    bias = bias.masked_fill_(dead[..., None], 0.0)  # in place: a tensor made above (clamped_bias copies the caller's mask)
     if align > 1:
         aligned = torch.zeros((*bias.shape[:-1], -(-N // align) * align), dtype=mask_dtype, device=q.device)
         aligned[..., :N] = bias

@@ -192,7 +192,7 @@ def clamped_bias(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     own dtype, before the cast (fp64's lowest finite value would become -inf in fp32, and drop a row
     that PyTorch averages); -inf stays -inf."""
     floor = max(MIN_BIAS, torch.finfo(dtype).min, torch.finfo(bias.dtype).min)
-    return torch.where(bias == float("-inf"), bias, bias.clamp(min=floor)).to(dtype)
+    return bias.clamp(min=floor).masked_fill_(bias == float("-inf"), float("-inf")).to(dtype)  # in place: one copy of the mask, not two
 
 
 def add_bias(s: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

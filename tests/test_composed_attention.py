@@ -415,6 +415,7 @@ def _eager_softmax_attention(q, k, v):
 @pytest.mark.parametrize("case", [
     "key_mask",  # before 2026-12-07 rows without keys were zeroed into a second output: 1564 KiB against eager's 768
     "ragged_kv_lens",  # before 2026-12-07 the per-sequence outputs were joined by a cat: 1024 KiB against 520
+    "full_float_mask",  # before 2026-12-07 the mask was copied twice (clamp, dead-row fill): 6939 KiB against 768
 ])
 def test_inference_peak_memory_is_no_more_than_eagers(auto_backend, case, capsys):
     """Inference on the CPU kernel holds no more at its peak than SDPA called eagerly, beyond the
