@@ -284,12 +284,14 @@ def cpu_attention_with_weights(q, k, v, kv_lens, scale: float, bias, average: bo
     # ``einsum("bmhd,bnhd->bhmn")`` runs (the previous weights' bits; K as a transposed (N, D) operand
     # rounds otherwise, 8x eager's weight error at logits near 100 in the accuracy test, 2x better
     # at logits near 10: the luck of one draw, but that test's bar)
-    qt, vt = (t.transpose(1, 2).contiguous().to(compute) for t in (q, v))
-    s = torch.matmul(qt * scale, k.permute(0, 2, 3, 1).contiguous().to(compute))
+    # Each operand made when its GEMM runs, and S dropped once softmax has read it: V's copy beside K's
+    # and S, or S beside P and V's, was a buffer more than eager holds at its peak
+    s = torch.matmul(q.transpose(1, 2).contiguous().to(compute) * scale, k.permute(0, 2, 3, 1).contiguous().to(compute))
     if bias is not None:
         s = s + bias
     p = torch.softmax(s, -1)
-    out = torch.matmul(p, vt)
+    del s
+    out = torch.matmul(p, v.transpose(1, 2).contiguous().to(compute))
     if dead is not None:
         p = p.masked_fill(dead[..., None], 0.0)
         out = out.masked_fill(dead[..., None], 0.0)

@@ -416,6 +416,7 @@ def _eager_softmax_attention(q, k, v):
     "key_mask",  # before 2026-12-07 rows without keys were zeroed into a second output: 1564 KiB against eager's 768
     "ragged_kv_lens",  # before 2026-12-07 the per-sequence outputs were joined by a cat: 1024 KiB against 520
     "full_float_mask",  # before 2026-12-07 the mask was copied twice (clamp, dead-row fill): 6939 KiB against 768
+    "weights",  # before 2026-12-07 V's copy was made before S, S held beside P: 16956 KiB against 7193 + K's 6168
 ])
 def test_inference_peak_memory_is_no_more_than_eagers(auto_backend, case, capsys):
     """Inference on the CPU kernel holds no more at its peak than SDPA called eagerly, beyond the

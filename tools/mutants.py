@@ -3154,4 +3154,19 @@ MUTANTS: tuple[Mutant, ...] = (
            "bias = bias.masked_fill(dead[..., None], 0.0)",
            ("tests/test_composed_attention.py", "-k", "inference_peak and full_float_mask"),
            "the composed path fills dead rows' bias into a new tensor: the clamped mask and its copy at once"),
+    Mutant("eager_weights_copy_v_before_the_scores", "deco_ops/composed_attention.py",
+           "    s = torch.matmul(q.transpose(1, 2).contiguous().to(compute) * scale, k.permute(0, 2, 3, 1).contiguous().to(compute))\n"
+           "    if bias is not None:\n"
+           "        s = s + bias\n"
+           "    p = torch.softmax(s, -1)\n"
+           "    del s\n"
+           "    out = torch.matmul(p, v.transpose(1, 2).contiguous().to(compute))\n",
+           "    qt, vt = (t.transpose(1, 2).contiguous().to(compute) for t in (q, v))\n"
+           "    s = torch.matmul(qt * scale, k.permute(0, 2, 3, 1).contiguous().to(compute))\n"
+           "    if bias is not None:\n"
+           "        s = s + bias\n"
+           "    p = torch.softmax(s, -1)\n"
+           "    out = torch.matmul(p, vt)\n",
+           ("tests/test_composed_attention.py", "-k", "inference_peak and weights"),
+           "need_weights on the CPU: V's heads-first copy is made before S (beside K^T's), S is held beside P: a V and an S above eager's peak"),
 )
