@@ -411,6 +411,7 @@ class CrossAttention(nn.Module):
             q, k, v, attn_mask=bias, dropout_p=dropout if dropout < 1.0 else 0.0, need_weights=need_weights,
             average_attn_weights=average_attn_weights,
         )
+        del q, k, v  # before out_proj's output exists, as nn.MultiheadAttention frees its projections
         o, weights = result if need_weights else (result, None)
         o, weights = _dropped(o, dropout), _dropped(weights, dropout)
         if weights is not None and bias is not None:

@@ -12,7 +12,7 @@ from torch import nn
 import deco_ops
 from deco_ops import attention_modules
 from deco_ops.attention_modules import CrossAttention, QueryResampler
-from harness import assert_close, randn
+from harness import assert_close, peak_bytes, randn
 
 
 def test_dropout_only_in_training():
@@ -270,3 +270,23 @@ def test_vmap_over_bool_masks(auto_backend, monkeypatch):
     for fn, args in calls:
         want = torch.stack([fn(*(a[i] for a in args)) for i in range(E)])
         assert_close(vmap(fn)(*args), want, torch.float32)
+
+
+def test_cross_attention_inference_peak_is_no_more_than_multihead_attentions(auto_backend, capsys):
+    """Inference without the weights holds no more at its peak than the ``nn.MultiheadAttention`` it
+    replaces (BLIP-2's shape: 32 queries of 768 over 257 tokens of 1024): the projections are
+    dropped before out_proj's output exists, as MHA drops them. Before 2026-12-07 q, k and v were
+    held through out_proj: one output more (14640 KiB against MHA's 13872)."""
+    torch.manual_seed(21)
+    ours = CrossAttention(768, 12, kdim=1024, vdim=1024, batch_first=True).eval()
+    mha = nn.MultiheadAttention(768, 12, kdim=1024, vdim=1024, batch_first=True).eval()
+    mha.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(22)
+    query, key = randn(8, 32, 768, generator=g), randn(8, 257, 1024, generator=g)
+    with torch.no_grad():
+        assert_close(ours(query, key, key, need_weights=False)[0], mha(query, key, key, need_weights=False)[0], torch.float32, "out")
+        got = peak_bytes(lambda: ours(query, key, key, need_weights=False))
+        eager = peak_bytes(lambda: mha(query, key, key, need_weights=False))
+    with capsys.disabled():
+        print(f"\nCrossAttention inference peak: ours {got / 2**10:.0f} KiB, nn.MultiheadAttention {eager / 2**10:.0f} KiB")
+    assert got <= eager + query.numel() * 4 // 8, (got, eager)

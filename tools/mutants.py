@@ -3169,4 +3169,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "    out = torch.matmul(p, vt)\n",
            ("tests/test_composed_attention.py", "-k", "inference_peak and weights"),
            "need_weights on the CPU: V's heads-first copy is made before S (beside K^T's), S is held beside P: a V and an S above eager's peak"),
+    Mutant("cross_attention_module_holds_projections_through_out_proj", "deco_ops/attention_modules.py",
+           "        del q, k, v  # before out_proj's output exists, as nn.MultiheadAttention frees its projections\n",
+           "",
+           ("tests/test_attention_modules.py", "-k", "inference_peak"),
+           "CrossAttention holds q, k and v while out_proj runs: one output above nn.MultiheadAttention's inference peak"),
 )
