@@ -163,14 +163,21 @@ def forward_of(shape, merge, order, grid, norm, pre, eps, activation, out_featur
             return _rms_normalized(t, nw, eps)
 
     cast = rows_dtype is not None
+    # h is each step's output in turn: the norm's rows are freed once the first Linear has read
+    # them, the pre-activation once the activation has (the eager expression's peak; a local
+    # holding the rows kept them through the activation and the second Linear)
     if pre:
         def forward(x, nw, nb, w1, b1, w2, b2):
             h = merged(normalized(x, nw, nb))
-            return F.linear(act(F.linear(h.to(rows_dtype) if cast else h, w1, b1)), w2, b2).view(*out_shape)
+            h = F.linear(h.to(rows_dtype) if cast else h, w1, b1)
+            h = act(h)
+            return F.linear(h, w2, b2).view(*out_shape)
     else:
         def forward(x, nw, nb, w1, b1, w2, b2):
             h = normalized(merged(x), nw, nb)
-            return F.linear(act(F.linear(h.to(rows_dtype) if cast else h, w1, b1)), w2, b2).view(*out_shape)
+            h = F.linear(h.to(rows_dtype) if cast else h, w1, b1)
+            h = act(h)
+            return F.linear(h, w2, b2).view(*out_shape)
     return forward
 
 

@@ -3174,4 +3174,20 @@ MUTANTS: tuple[Mutant, ...] = (
            "",
            ("tests/test_attention_modules.py", "-k", "inference_peak"),
            "CrossAttention holds q, k and v while out_proj runs: one output above nn.MultiheadAttention's inference peak"),
+    Mutant("merge_forward_of_holds_the_rows_pre", "deco_ops/merge_reference.py",
+           "            h = merged(normalized(x, nw, nb))\n            h = F.linear(h.to(rows_dtype) if cast else h, w1, b1)\n"
+           "            h = act(h)\n            return F.linear(h, w2, b2).view(*out_shape)\n",
+           "            h = merged(normalized(x, nw, nb))\n"
+           "            return F.linear(act(F.linear(h.to(rows_dtype) if cast else h, w1, b1)), w2, b2).view(*out_shape)\n",
+           ("tests/test_merge.py", "-k", "inference_peak"),
+           "planned inference (pre-merge norm) holds the norm's rows through the activation and the second Linear: one "
+           "(M, S*S*C) buffer above eager's peak"),
+    Mutant("merge_forward_of_holds_the_rows_post", "deco_ops/merge_reference.py",
+           "            h = normalized(merged(x), nw, nb)\n            h = F.linear(h.to(rows_dtype) if cast else h, w1, b1)\n"
+           "            h = act(h)\n            return F.linear(h, w2, b2).view(*out_shape)\n",
+           "            h = normalized(merged(x), nw, nb)\n"
+           "            return F.linear(act(F.linear(h.to(rows_dtype) if cast else h, w1, b1)), w2, b2).view(*out_shape)\n",
+           ("tests/test_merge.py", "-k", "inference_peak"),
+           "planned inference (post-merge norm) holds the norm's rows through the activation and the second Linear: one "
+           "(M, S*S*C) buffer above eager's peak"),
 )
