@@ -77,7 +77,8 @@ def _fused(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, ord
 def _composed(x, norm_weight, norm_bias, w1, b1, w2, b2, geometry, grid, merge, order, norm, pre, eps, activation, keep_residuals):
     B, N, _ = x.shape
     y, pre_act = merge_reference.composed_forward(
-        x, norm_weight, norm_bias, w1, b1, w2, b2, merge, order, _layout(grid), geometry, norm, pre, eps, activation)
+        x, norm_weight, norm_bias, w1, b1, w2, b2, merge, order, _layout(grid), geometry, norm, pre, eps, activation,
+        keep_residuals)
     return y.view(B, N // (merge * merge), w2.shape[0]), pre_act
 
 

@@ -124,12 +124,18 @@ def rms_norm_stats(x, merge, order, grid, geometry, pre, eps) -> torch.Tensor:
     return stats.reshape(-1, merge * merge if pre else 1, 2)
 
 
-def composed_forward(x, nw, nb, w1, b1, w2, b2, merge, order, grid, geometry, norm, pre, eps, activation):
-    """(y (M, out), pre-activation (M, hidden)): the HF sequence, cuBLAS for both Linears; a
-    float32 norm's rows rounded to a 16-bit MLP's dtype, as autocast's Linear casts them."""
-    rows = norm_forward(x, nw, nb, merge, order, grid, geometry, norm, pre, eps)
-    pre_act = F.linear(rows if rows.dtype is w1.dtype else rows.to(w1.dtype), w1, b1)
-    return F.linear(reference.ACTIVATIONS[activation](pre_act), w2, b2), pre_act
+def composed_forward(x, nw, nb, w1, b1, w2, b2, merge, order, grid, geometry, norm, pre, eps, activation, keep_residuals):
+    """(y (M, out), pre-activation (M, hidden), None where not ``keep_residuals``): the HF
+    sequence, cuBLAS for both Linears; a float32 norm's rows rounded to a 16-bit MLP's dtype, as
+    autocast's Linear casts them. Each intermediate is freed once the next step has read it (the
+    norm's rows after the first Linear; not kept, the pre-activation after the activation): the
+    peak of the eager sequence, written as one expression."""
+    h = norm_forward(x, nw, nb, merge, order, grid, geometry, norm, pre, eps)
+    h = F.linear(h if h.dtype is w1.dtype else h.to(w1.dtype), w1, b1)
+    if keep_residuals:
+        return F.linear(reference.ACTIVATIONS[activation](h), w2, b2), h
+    h = reference.ACTIVATIONS[activation](h)
+    return F.linear(h, w2, b2), None
 
 
 def forward_of(shape, merge, order, grid, norm, pre, eps, activation, out_features,

@@ -3190,4 +3190,10 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_merge.py", "-k", "inference_peak"),
            "planned inference (post-merge norm) holds the norm's rows through the activation and the second Linear: one "
            "(M, S*S*C) buffer above eager's peak"),
+    Mutant("merge_composed_forward_holds_the_pre_activation", "deco_ops/merge_reference.py",
+           "    if keep_residuals:\n        return F.linear(reference.ACTIVATIONS[activation](h), w2, b2), h\n",
+           "    if True:\n        return F.linear(reference.ACTIVATIONS[activation](h), w2, b2), h\n",
+           ("tests/test_merge.py", "-k", "inference_peak"),
+           "merge_mlp's composed twin holds the pre-activation through the second Linear in inference (merge_mlp_packed on "
+           "the PyTorch backend): one (M, hidden) buffer above eager's peak"),
 )
