@@ -3196,4 +3196,10 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_merge.py", "-k", "inference_peak"),
            "merge_mlp's composed twin holds the pre-activation through the second Linear in inference (merge_mlp_packed on "
            "the PyTorch backend): one (M, hidden) buffer above eager's peak"),
+    Mutant("mlp_pool_act_grad_not_in_place", "deco_ops/composed.py",
+           "    z = reference.ACTIVATION_GRADS[activation](z)\n    z *= unpool(dpooled, *where).to(z.dtype)\n    return z.to(x.dtype)\n",
+           "    return (unpool(dpooled, *where).to(z.dtype) * reference.ACTIVATION_GRADS[activation](z)).to(x.dtype)\n",
+           ("tests/test_mlp_pool.py", "-k", "backward_peak_memory_is_near_eagers"),
+           "mlp_pool's backward multiplies the un-pooled gradient by act' out of place, z held: two token-sized buffers "
+           "above eager's forward + backward peak"),
 )
