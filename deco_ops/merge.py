@@ -268,6 +268,7 @@ def _backward(ctx, dy, dpre_extra):
         dy2 = dy.reshape(-1, dy.shape[-1])
         dz, act, db1 = activation_backward(dy2, w2, pre_act, ctx.activation, need_b1 and dpre_extra is None)
         dw2, db2 = linear_grads(dy2, act, need_w2, need_b2 and ctx.has_b2)
+        del act  # freed before dW1 (eager frees the activation after the second Linear's backward)
     dz = add_grads(dz, dpre_extra)
     if dz is None:
         return dx, dnw, dnb, dw1, db1, dw2, db2, None, None, None, None, None, None, None, None, None
@@ -275,9 +276,8 @@ def _backward(ctx, dy, dpre_extra):
         db1 = reference.bias_grad(dz)
     need_nw, need_nb = need_nw and nw is not None, need_nb and nb is not None
     if need_x or need_nw or need_nb or need_w1:
-        dn = dz @ w1 if need_x or need_nw or need_nb else None
-        dx, n, dnw, dnb = deco.merge_norm_backward(
-            x, nw, nb, dn, geometry, grid, merge, order, norm, pre, eps, need_x, w1.dtype if need_w1 else None, need_nw, need_nb)
+        dx, n, dnw, dnb = deco.merge_norm_backward(  # dn = dz @ W1 an argument: freed before dW1
+            x, nw, nb, dz @ w1 if need_x or need_nw or need_nb else None, geometry, grid, merge, order, norm, pre, eps, need_x, w1.dtype if need_w1 else None, need_nw, need_nb)
         if need_w1:
             dw1 = dz.t() @ n
         dx = dx if need_x else None
@@ -450,7 +450,7 @@ def _through(run, order, norm, activation, batched, layout, merge, pre, eps, kee
 
     def call(x, nw, nb, w1, b1, w2, b2):
         y = run(x if batched else x[None], nw, nb, w1, b1, w2, b2, None, layout, merge, order, norm, pre, eps, activation, keep)[0]
-        return y if batched else y[0]
+        return y if batched else y.squeeze(0)  # a view whose backward is a view (y[0]'s fills a zero buffer)
 
     return call
 

@@ -18,6 +18,7 @@ NaN guard bands around inputs.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -278,6 +279,18 @@ def peak_bytes(fn, device: torch.device = DEVICE) -> int:
         held += nbytes
         peak = max(peak, held)
     return peak
+
+
+def training_step(forward: Callable[[], torch.Tensor], dy: torch.Tensor, leaves) -> Callable[[], None]:
+    """A training step for ``peak_bytes``: ``forward().backward(dy)``, then every leaf's gradient
+    unset, as ``optimizer.zero_grad()`` leaves them (so each measured step starts without them)."""
+
+    def step():
+        forward().backward(dy)
+        for t in leaves:
+            t.grad = None
+
+    return step
 
 
 class PassThrough(TorchDispatchMode):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import deco_ops
 from deco_ops import reference
 from deco_ops.kernels import activation_backward, adaptive_pool, gemm_act_grad, mlp_pool, packed_pool, pool_gemm
-from harness import DEVICE, DTYPES, assert_close, assert_rounded_once, guarded, guarded_strided, leaf, peak_bytes, poisoned_empty, randn, saved_bytes
+from harness import (DEVICE, DTYPES, assert_close, assert_rounded_once, guarded, guarded_strided, leaf, peak_bytes, poisoned_empty, randn,
+                     saved_bytes, training_step)
 
 GRIDS = [
     ((24, 24), (12, 12)),
@@ -215,15 +216,8 @@ def test_training_peak_memory_is_no_more_than_eagers(auto_backend, C, tokens_req
     params = [p.requires_grad_() for p in params]
     dy = randn(B, math.prod(out_grid), hidden, generator=g)
 
-    def step(forward):
-        def run():
-            forward().backward(dy)
-            for t in (x, *params):
-                t.grad = None
-        return run
-
-    ours = step(lambda: deco_ops.pool_mlp(x, *params, grid=grid, out_grid=out_grid))
-    eager = step(lambda: _eager_pool_mlp(x, grid, out_grid, *params))
+    ours = training_step(lambda: deco_ops.pool_mlp(x, *params, grid=grid, out_grid=out_grid), dy, (x, *params))
+    eager = training_step(lambda: _eager_pool_mlp(x, grid, out_grid, *params), dy, (x, *params))
     ours_peak, eager_peak = peak_bytes(ours), peak_bytes(eager)
     with capsys.disabled():
         print(f"\npool_mlp forward+backward peak (C={C}): ours {ours_peak / 2**10:.0f} KiB, eager {eager_peak / 2**10:.0f} KiB")

@@ -3202,4 +3202,20 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_mlp_pool.py", "-k", "backward_peak_memory_is_near_eagers"),
            "mlp_pool's backward multiplies the un-pooled gradient by act' out of place, z held: two token-sized buffers "
            "above eager's forward + backward peak"),
+    Mutant("merge_backward_holds_act", "deco_ops/merge.py",
+           "        del act  # freed before dW1", "        pass  # freed before dW1",
+           ("tests/test_merge.py", "-k", "training_peak"),
+           "merge_mlp's backward holds the activation through the norm's backward and dW1: a hidden-sized buffer above eager's peak"),
+    Mutant("merge_backward_holds_dn", "deco_ops/merge.py",
+           "        dx, n, dnw, dnb = deco.merge_norm_backward(  # dn = dz @ W1 an argument: freed before dW1\n"
+           "            x, nw, nb, dz @ w1 if need_x or need_nw or need_nb else None,",
+           "        dn = dz @ w1 if need_x or need_nw or need_nb else None\n"
+           "        dx, n, dnw, dnb = deco.merge_norm_backward(\n"
+           "            x, nw, nb, dn,",
+           ("tests/test_merge.py", "-k", "training_peak"),
+           "merge_mlp's backward holds dz @ W1 through dW1's GEMM: a rows-sized buffer above eager's peak"),
+    Mutant("merge_2d_output_by_index", "deco_ops/merge.py",
+           "return y if batched else y.squeeze(0)  # a view", "return y if batched else y[0]  # a view",
+           ("tests/test_merge.py", "-k", "training_peak"),
+           "a 2-D merge_mlp call returns y[0]: its backward fills and holds a zero buffer of the output's size"),
 )
