@@ -88,15 +88,18 @@ def pool_mlp(x, w1, b1, w2, b2, grid, out_grid, activation="gelu"):
 
 
 def _gelu_grad(z):
-    # the same ops in the same order, two temporaries of z's size in place (in-place operators: no
-    # call of their own), where the expression held three and its result (mlp_pool's backward runs
-    # it on every token's hidden row)
+    if z.requires_grad and torch.is_grad_enabled():  # recorded by autograd: out of place (the steps below
+        # change exp's output, which exp's backward reads)
+        return 0.5 * (1.0 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    # the same ops in the same order (the same bits), two temporaries of z's size in place (in-place
+    # operators: no call of their own), where the expression held three and its result (mlp_pool's
+    # backward runs it on every token's hidden row)
     grad = torch.erf(z * math.sqrt(0.5))
     grad += 1.0
     grad *= 0.5
     tail = -0.5 * z
     tail *= z
-    tail = torch.exp(tail, out=tail)
+    tail.exp_()
     tail *= z
     tail /= math.sqrt(2.0 * math.pi)
     grad += tail

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from deco_ops import _backend
+from deco_ops import _backend, reference
 from deco_ops.kernels import activations
 
 pytestmark = pytest.mark.skipif(
@@ -92,3 +92,12 @@ def test_activation_and_derivative_at_fp32_ulps(name, device):
     worst_act, worst_grad = int(act_ulps.argmax()), int(grad_ulps.argmax())
     assert act_ulps.max() <= MAX_ULPS, f"{name}({z[worst_act].item()}): {act_ulps.max():.1f} ulps"
     assert grad_ulps.max() <= MAX_ULPS, f"{name}'({z[worst_grad].item()}): {grad_ulps.max():.1f} ulps"
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu", "quick_gelu"])
+def test_reference_derivatives_stay_differentiable(name):
+    """The references' act' is differentiable where autograd records it: ``_gelu_grad`` runs its
+    in-place steps (memory: docs/memory.md) only where nothing is recorded, since they change the
+    output exp's backward reads."""
+    z = torch.randn(7, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    assert torch.autograd.gradcheck(reference.ACTIVATION_GRADS[name], (z,))

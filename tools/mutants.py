@@ -3218,4 +3218,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "return y if batched else y.squeeze(0)  # a view", "return y if batched else y[0]  # a view",
            ("tests/test_merge.py", "-k", "training_peak"),
            "a 2-D merge_mlp call returns y[0]: its backward fills and holds a zero buffer of the output's size"),
+    Mutant("gelu_grad_in_place_while_recorded", "deco_ops/reference.py",
+           "    if z.requires_grad and torch.is_grad_enabled():  # recorded by autograd",
+           "    if False:  # recorded by autograd",
+           ("tests/test_activations_exact.py", "-k", "stay_differentiable"),
+           "the reference GELU derivative runs its in-place steps where autograd records it: its backward raises"),
 )
