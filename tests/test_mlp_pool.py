@@ -13,7 +13,8 @@ import deco_ops
 from deco_ops import reference
 from deco_ops.kernels import mlp_pool as mlp_pool_kernel
 from deco_ops.kernels import pool_gemm
-from harness import DEVICE, DTYPES, assert_close, guarded, guarded_strided, head_strided, leaf, peak_bytes, poisoned_empty, randn, rel_err
+from harness import (DEVICE, DTYPES, assert_close, guarded, guarded_strided, head_strided, leaf, peak_bytes, poisoned_empty, randn, rel_err,
+                     training_step)
 from test_packed import _mlp_params, _t, loop64, random_mix, resample64
 
 GRIDS = [
@@ -256,15 +257,8 @@ def test_backward_peak_memory_is_near_eagers(auto_backend, mode, capsys):
         pooled = F.adaptive_avg_pool2d(act, out_grid) if mode == "average" else F.interpolate(act, size=out_grid, mode="bilinear")
         return F.linear(pooled.flatten(2).transpose(1, 2), w2, b2)
 
-    def step(forward):
-        def run():
-            forward().backward(dy)
-            for t in params:
-                t.grad = None
-        return run
-
-    ours = step(lambda: deco_ops.mlp_pool(x, w1, b1, w2, b2, grid=grid, out_grid=out_grid, mode=mode))
-    ours_peak, eager_peak = peak_bytes(ours), peak_bytes(step(eager))
+    ours = training_step(lambda: deco_ops.mlp_pool(x, w1, b1, w2, b2, grid=grid, out_grid=out_grid, mode=mode), dy, params)
+    ours_peak, eager_peak = peak_bytes(ours), peak_bytes(training_step(eager, dy, params))
     with capsys.disabled():
         print(f"\nmlp_pool ({mode}) forward + backward peak: ours {ours_peak / 2**10:.0f} KiB, eager {eager_peak / 2**10:.0f} KiB")
     token_buffer = x.shape[0] * x.shape[1] * hidden * 4
