@@ -118,7 +118,7 @@ def _composed_twins(pool):
     op's implementations: chosen with the strategy (once per plan), not by the pooling op on every call."""
 
     def pool_linear_composed(x, w, b, grid, out_grid, keep_residuals):
-        return composed.pool_linear(pool(x, grid, out_grid), w, b, keep_residuals)
+        return composed.pool_linear(pool(x, grid, out_grid), w, b, True)  # the residual is an intermediate anyway
 
     def pool_mlp_composed(x, w1, b1, w2, b2, grid, out_grid, activation, keep_residuals):
         # not kept, the pre-activation is freed before the second Linear's output exists (eager's peak)
